@@ -1,0 +1,1 @@
+"""Ray cluster configs and connection helpers."""

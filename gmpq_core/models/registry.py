@@ -1,0 +1,92 @@
+"""Registry of model builders (STYLE.md: registries instead of if/elif chains).
+
+Every builder takes ``num_classes``, ``in_channels`` and ``small_input``: the small-input variant
+replaces the stem by a 3x3 stride-1 conv and drops the max-pool (for 28-32 px images).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torchvision
+from torch import nn
+
+from ..errors import ConfigError
+from .resnet_cifar import ResNetCifar
+
+__all__ = ["ModelSpec", "MODELS", "register_model", "build_model", "list_models", "gradcam_layer_name"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    builder: Callable[..., nn.Module]
+    gradcam_layer: str          # FQN of the last convolutional stage (Grad-CAM feature map)
+    description: str
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, gradcam_layer: str, description: str):
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        MODELS[name] = ModelSpec(name, fn, gradcam_layer, description)
+        return fn
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def _get(name: str) -> ModelSpec:
+    if name not in MODELS:
+        raise ConfigError(f"Unknown model '{name}'. Available models: {', '.join(list_models())}.")
+    return MODELS[name]
+
+
+def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
+                **kwargs) -> nn.Module:
+    """Build a registered model with a fresh random init (seed torch beforehand for reproducibility)."""
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive integer, but got num_classes={num_classes!r}.")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ConfigError(f"in_channels must be a positive integer, but got in_channels={in_channels!r}.")
+    return _get(name).builder(num_classes=num_classes, in_channels=in_channels, small_input=small_input, **kwargs)
+
+
+def gradcam_layer_name(name: str) -> str:
+    return _get(name).gradcam_layer
+
+
+def _resnet_stem(model: torchvision.models.ResNet, in_channels: int, small_input: bool) -> torchvision.models.ResNet:
+    if small_input:
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return model
+
+
+@register_model("resnet18", "layer4", "torchvision ResNet-18 (19 searchable layers)")
+def resnet18(*, num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
+    return _resnet_stem(torchvision.models.resnet18(num_classes=num_classes), in_channels, small_input)
+
+
+@register_model("resnet50", "layer4", "torchvision ResNet-50 (52 searchable layers)")
+def resnet50(*, num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
+    return _resnet_stem(torchvision.models.resnet50(num_classes=num_classes), in_channels, small_input)
+
+
+@register_model("mobilenet_v2", "features.18", "torchvision MobileNetV2 (51 searchable layers)")
+def mobilenet_v2(*, num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
+    model = torchvision.models.mobilenet_v2(num_classes=num_classes)
+    old = model.features[0][0]
+    if small_input or in_channels != 3:
+        model.features[0][0] = nn.Conv2d(in_channels, old.out_channels, 3, 1 if small_input else 2, 1, bias=False)
+    return model
+
+
+@register_model("resnet20", "layer3", "CIFAR-style ResNet-20 (20 searchable layers), fast on CPU")
+def resnet20(*, num_classes: int, in_channels: int, small_input: bool = True, width: int = 16) -> nn.Module:
+    return ResNetCifar(20, num_classes=num_classes, in_channels=in_channels, width=width)

@@ -1,0 +1,170 @@
+"""User-facing choices about bits: candidates, per-layer specs and versioned bit policies."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from .errors import ConfigError, PolicyMismatchError
+from .fileio import atomic_write_json
+from .layers import fingerprint, searchable_layers
+
+__all__ = ["MIN_BITS", "MAX_BITS", "QuantSpec", "BitCandidates", "BitPolicy", "POLICY_VERSION"]
+
+MIN_BITS, MAX_BITS = 1, 8
+POLICY_VERSION = 1
+
+
+def _check_bits(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{what} must be an integer in {MIN_BITS}..{MAX_BITS}, but got {what}={value!r}.")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """Bitwidths of one layer: its weight and its input activation."""
+    w_bits: int
+    a_bits: int
+
+    def __post_init__(self) -> None:
+        _check_bits(self.w_bits, "w_bits")
+        _check_bits(self.a_bits, "a_bits")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BitCandidates:
+    """Candidate bitwidths of the search, for weights and for activations (official: {2,3,4,6})."""
+    w_bits: tuple[int, ...] = (2, 3, 4, 6)
+    a_bits: tuple[int, ...] = (2, 3, 4, 6)
+
+    def __post_init__(self) -> None:
+        for what in ("w_bits", "a_bits"):
+            vals = tuple(getattr(self, what))
+            if not vals:
+                raise ConfigError(f"candidate {what} must not be empty; give e.g. {what}=(2, 3, 4, 6).")
+            for v in vals:
+                _check_bits(v, f"candidate {what}")
+            if len(set(vals)) != len(vals):
+                raise ConfigError(f"candidate {what} must not repeat a value, but got {what}={vals}.")
+            object.__setattr__(self, what, tuple(sorted(vals)))
+
+    @classmethod
+    def from_any(cls, value: Any) -> "BitCandidates":
+        """Accept a BitCandidates, a list (same for both) or a dict {w_bits: [...], a_bits: [...]}."""
+        if isinstance(value, BitCandidates):
+            return value
+        if isinstance(value, Mapping):
+            return cls(w_bits=tuple(value.get("w_bits", (2, 3, 4, 6))), a_bits=tuple(value.get("a_bits", (2, 3, 4, 6))))
+        if isinstance(value, (list, tuple)):
+            return cls(w_bits=tuple(value), a_bits=tuple(value))
+        raise ConfigError(f"candidates must be a list of bitwidths or {{w_bits: [...], a_bits: [...]}}, but got {value!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BitPolicy:
+    """Per-layer bitwidths keyed by fully qualified module name, tied to an architecture fingerprint.
+
+    JSON form: ``{"version": 1, "fingerprint": "...", "layers": {"layer1.0.conv1": {"w_bits": 4,
+    "a_bits": 4}, ...}, "meta": {...}}``.
+    """
+    layers: Mapping[str, QuantSpec]
+    fingerprint: str | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fixed = {}
+        for name, spec in dict(self.layers).items():
+            if isinstance(spec, Mapping):
+                spec = QuantSpec(w_bits=spec.get("w_bits"), a_bits=spec.get("a_bits"))
+            elif isinstance(spec, (tuple, list)) and len(spec) == 2:
+                spec = QuantSpec(w_bits=spec[0], a_bits=spec[1])
+            if not isinstance(spec, QuantSpec):
+                raise PolicyMismatchError(f"layer '{name}' must map to {{w_bits, a_bits}}, but got {spec!r}.")
+            fixed[name] = spec
+        object.__setattr__(self, "layers", fixed)
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, model: nn.Module, w_bits: int, a_bits: int, **scope: bool) -> "BitPolicy":
+        spec = QuantSpec(w_bits=w_bits, a_bits=a_bits)
+        return cls(layers={n: spec for n in searchable_layers(model, **scope)},
+                   fingerprint=fingerprint(model, **scope), meta={"kind": f"uniform W{w_bits}A{a_bits}"})
+
+    # -- views --------------------------------------------------------------------------------
+    def average_bits(self) -> tuple[float, float]:
+        """Plain (unweighted) mean weight and activation bits over layers."""
+        n = max(len(self.layers), 1)
+        return (sum(s.w_bits for s in self.layers.values()) / n, sum(s.a_bits for s in self.layers.values()) / n)
+
+    # -- validation ---------------------------------------------------------------------------
+    def check_fits(self, model: nn.Module, **scope: bool) -> None:
+        """Raise PolicyMismatchError naming the first offending layers if this policy does not fit."""
+        layers = searchable_layers(model, **scope)
+        missing = [n for n in layers if n not in self.layers]
+        extra = [n for n in self.layers if n not in layers]
+        problems = []
+        if missing:
+            problems.append(f"missing layers {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+        if extra:
+            problems.append(f"layers not in the model {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+        if not problems and self.fingerprint is not None:
+            fp = fingerprint(model, **scope)
+            if fp != self.fingerprint:
+                problems.append(f"weight shapes differ (policy fingerprint {self.fingerprint}, model {fp})")
+        if problems:
+            raise PolicyMismatchError(
+                "The bit policy does not fit this model: " + "; ".join(problems) + ". Use a policy searched "
+                "for the same model, input channels and number of classes (see the policy's meta), or "
+                "derive a new one with 'gmpq search'.")
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": POLICY_VERSION, "fingerprint": self.fingerprint,
+                "layers": {n: {"w_bits": s.w_bits, "a_bits": s.a_bits} for n, s in self.layers.items()},
+                "meta": dict(self.meta)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BitPolicy":
+        if not isinstance(d, Mapping) or "layers" not in d:
+            raise PolicyMismatchError("A bit policy must be a JSON object with 'version' and 'layers', "
+                                      f"but got keys {sorted(d) if isinstance(d, Mapping) else type(d).__name__}.")
+        version = d.get("version", POLICY_VERSION)
+        if version != POLICY_VERSION:
+            raise PolicyMismatchError(f"Unsupported policy version {version!r}; this tool reads version "
+                                      f"{POLICY_VERSION}. Re-export the policy with this version of gmpq.")
+        try:
+            return cls(layers=d["layers"], fingerprint=d.get("fingerprint"), meta=d.get("meta", {}))
+        except ConfigError as e:
+            raise PolicyMismatchError(f"Invalid bits in the policy: {e}") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "BitPolicy":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PolicyMismatchError(f"The policy is not valid JSON ({e}).") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "BitPolicy":
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise PolicyMismatchError(f"Cannot read the policy file '{p}' ({e.strerror}). Check the path; "
+                                      "'gmpq search --out DIR' writes DIR/policy.json.") from None
+        try:
+            return cls.from_json(text)
+        except PolicyMismatchError as e:
+            raise PolicyMismatchError(f"Policy file '{p}': {e}") from None

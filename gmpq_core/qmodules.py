@@ -1,0 +1,129 @@
+"""Fixed-policy quantized layers and ``apply_policy_`` (METHOD.md 3, 6).
+
+``QuantConv2d`` / ``QuantLinear`` subclass nn.Conv2d / nn.Linear (same weights, same FQNs), so
+MAC counting, fingerprints and state dicts keep working after a policy is applied.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import searchable_layers, swap_module
+from .policy import BitPolicy, QuantSpec
+from .quantizers import ActQuantizer, quantize_weight
+
+__all__ = ["QuantConv2d", "QuantLinear", "apply_policy_", "calibrate_", "quantized_layers"]
+
+
+class _QuantMixin:
+    w_bits: int
+    act: ActQuantizer
+
+    def _init_quant(self, spec: QuantSpec) -> None:
+        self.w_bits = spec.w_bits
+        self.act = ActQuantizer(spec.a_bits)
+        self._calibrating = False
+
+    @property
+    def a_bits(self) -> int:
+        return self.act.bits
+
+    def _qin(self, x: Tensor) -> Tensor:
+        if self._calibrating:
+            self.act.calibrate(x)
+        return self.act(x)
+
+
+class QuantConv2d(_QuantMixin, nn.Conv2d):
+    """Conv2d whose input is PACT-quantized to ``a_bits`` and weight to ``w_bits`` (STE)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec) -> "QuantConv2d":
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+        q.load_state_dict(conv.state_dict())
+        q._init_quant(spec)
+        return q.to(conv.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self._qin(x), quantize_weight(self.weight, self.w_bits), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+class QuantLinear(_QuantMixin, nn.Linear):
+    """Linear layer with PACT-quantized input and symmetric quantized weight (STE)."""
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, spec: QuantSpec) -> "QuantLinear":
+        q = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                device=lin.weight.device, dtype=lin.weight.dtype)
+        q.load_state_dict(lin.state_dict())
+        q._init_quant(spec)
+        return q.to(lin.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self._qin(x), quantize_weight(self.weight, self.w_bits), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+
+
+def apply_policy_(model: nn.Module, policy: BitPolicy, *, include_stem: bool = False,
+                  include_classifier: bool = False, stem_bits: int = 8) -> nn.Module:
+    """Swap every searchable Conv2d/Linear of ``model`` for its quantized version, in place.
+
+    The policy must fit the model (same searchable layer names and weight shapes), else
+    PolicyMismatchError names the offending layers. With ``include_stem`` / ``include_classifier``
+    the stem and classifier are quantized at ``stem_bits`` (weights and input) unless the policy
+    names them. Returns the model.
+    """
+    policy.check_fits(model)
+    targets = dict(policy.layers)
+    extra = searchable_layers(model, include_stem=include_stem, include_classifier=include_classifier)
+    for name in extra:
+        targets.setdefault(name, QuantSpec(w_bits=stem_bits, a_bits=stem_bits))
+    for name, spec in targets.items():
+        mod = model.get_submodule(name)
+        if isinstance(mod, (QuantConv2d, QuantLinear)):
+            mod.w_bits, mod.act.bits = spec.w_bits, spec.a_bits
+        elif isinstance(mod, nn.Conv2d):
+            swap_module(model, name, QuantConv2d.from_float(mod, spec))
+        elif isinstance(mod, nn.Linear):
+            swap_module(model, name, QuantLinear.from_float(mod, spec))
+    return model
+
+
+@contextlib.contextmanager
+def _calibrating(model: nn.Module) -> Iterator[None]:
+    layers = quantized_layers(model)
+    for m in layers.values():
+        m._calibrating = True
+    try:
+        yield
+    finally:
+        for m in layers.values():
+            m._calibrating = False
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, x: Tensor) -> nn.Module:
+    """Set every quantized layer's activation clip and sign from one batch ``x`` (eval-mode forward)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _calibrating(model):
+            model(x)
+    finally:
+        model.train(was_training)
+    return model

@@ -1,0 +1,81 @@
+"""Uniform quantizers with straight-through estimators (METHOD.md section 3).
+
+One quantizer serves every bitwidth: bits are arguments, not subclasses.
+
+- Weights: symmetric, per tensor, threshold t = max|W| (detached, recomputed each call: ours),
+  step t / (2^(b-1) - 1), levels {-(2^(b-1)-1) .. 2^(b-1)-1} * step. b = 1 is binary:
+  sign(W) * mean|W|.
+- Activations (PACT): unsigned clip to [0, a] with learnable a, step a / (2^b - 1). Inputs that can
+  be negative (e.g. MobileNetV2 block inputs, which have no ReLU) use the signed variant: clip to
+  [-a, a] with step a / (2^(b-1) - 1). Rounding uses a straight-through estimator; the gradient
+  w.r.t. a is PACT's (1 where the input is clipped at a).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["round_ste", "quantize_weight", "quantize_activation", "ActQuantizer"]
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_weight(w: Tensor, bits: int, threshold: Tensor | None = None) -> Tensor:
+    """Symmetric per-tensor fake quantization of a weight with an STE (gradient 1 inside [-t, t])."""
+    if bits >= 32:
+        return w
+    if bits == 1:
+        scale = w.detach().abs().mean()
+        return w + (torch.sign(w.detach()) * scale - w).detach()
+    t = w.detach().abs().amax() if threshold is None else threshold.detach()
+    t = torch.clamp(t, min=1e-8)
+    n = 2 ** (bits - 1) - 1
+    step = t / n
+    wc = torch.clamp(w, -t, t)
+    return wc + (torch.round(wc / step) * step - wc).detach()
+
+
+def quantize_activation(x: Tensor, clip: Tensor, bits: int, signed: bool = False) -> Tensor:
+    """PACT fake quantization of an activation with learnable clip ``clip`` (a 0-d tensor)."""
+    if bits >= 32:
+        return x
+    a = torch.abs(clip) + 1e-8
+    if signed:
+        n = max(2 ** (bits - 1) - 1, 1)
+        y = torch.maximum(torch.minimum(x, a), -a)
+    else:
+        n = 2 ** bits - 1
+        y = torch.minimum(torch.relu(x), a)
+    step = a.detach() / n
+    return y + (torch.round(y / step) * step - y).detach()
+
+
+class ActQuantizer(nn.Module):
+    """PACT activation quantizer at a fixed bitwidth, with a learnable clip and a signed flag.
+
+    ``calibrate(x)`` sets the clip from one batch (the 99.9th percentile of |x|) and the signed
+    flag (whether the batch has negative values).
+    """
+
+    def __init__(self, bits: int, clip_init: float = 6.0, signed: bool = False) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.clip = nn.Parameter(torch.tensor(float(clip_init)))
+        self.register_buffer("signed", torch.tensor(bool(signed)))
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor) -> None:
+        flat = x.detach().float().flatten()
+        if flat.numel() > 1_000_000:
+            flat = flat[torch.linspace(0, flat.numel() - 1, 1_000_000, device=flat.device).long()]
+        self.signed.fill_(bool((flat < 0).any()))
+        self.clip.fill_(max(float(torch.quantile(flat.abs(), 0.999)), 1e-3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return quantize_activation(x, self.clip, self.bits, bool(self.signed))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={bool(self.signed)}"

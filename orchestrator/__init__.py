@@ -1,0 +1,1 @@
+"""The orchestrator: CLI, Ray Tune sweep, Optuna adapters, MLflow sink, Parquet results, Ray Train stage."""
