@@ -6,7 +6,7 @@ Callers can catch ``GMPQError`` for everything the tool raises on purpose, or th
 from __future__ import annotations
 
 __all__ = ["GMPQError", "ConfigError", "BudgetInfeasibleError", "PolicyMismatchError", "DataError",
-           "CheckpointError"]
+           "CheckpointError", "NonFiniteLossError"]
 
 
 class GMPQError(Exception):
@@ -31,3 +31,7 @@ class DataError(GMPQError, RuntimeError):
 
 class CheckpointError(GMPQError, RuntimeError):
     """A checkpoint or result file is missing, truncated or corrupted."""
+
+
+class NonFiniteLossError(GMPQError, RuntimeError):
+    """A training or search loss became NaN or infinite (the trial is failed, not retried silently)."""
