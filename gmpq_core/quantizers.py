@@ -34,7 +34,7 @@ def quantize_weight(w: Tensor, bits: int, threshold: Tensor | None = None) -> Te
     t = torch.clamp(t, min=1e-8)
     n = 2 ** (bits - 1) - 1
     step = t / n
-    wc = torch.clamp(w, -t, t)
+    wc = torch.where(w.detach().abs() <= t, w, torch.maximum(torch.minimum(w.detach(), t), -t))
     return wc + (torch.round(wc / step) * step - wc).detach()
 
 

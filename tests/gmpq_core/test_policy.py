@@ -1,0 +1,83 @@
+import json
+
+import pytest
+import torch
+
+from gmpq_core import BitCandidates, BitPolicy, ConfigError, PolicyMismatchError, QuantSpec, build_model
+from gmpq_core.layers import searchable_layers, stem_and_classifier
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_model("resnet20", in_channels=1)
+
+
+def test_quantspec_rejects_bits_outside_range():
+    with pytest.raises(ConfigError, match="w_bits=9"):
+        QuantSpec(w_bits=9, a_bits=4)
+    with pytest.raises(ConfigError, match="a_bits=0"):
+        QuantSpec(w_bits=4, a_bits=0)
+
+
+def test_candidates_sorted_and_validated():
+    assert BitCandidates(w_bits=(6, 2, 4)).w_bits == (2, 4, 6)
+    with pytest.raises(ConfigError):
+        BitCandidates(w_bits=())
+    with pytest.raises(ConfigError):
+        BitCandidates(a_bits=(2, 2))
+    assert BitCandidates.from_any([1, 8]).a_bits == (1, 8)
+
+
+def test_stem_and_classifier_are_not_searchable(net):
+    stem, cls = stem_and_classifier(net)
+    assert (stem, cls) == ("conv1", "fc")
+    names = searchable_layers(net)
+    assert "conv1" not in names and "fc" not in names and len(names) == 20
+
+
+def test_policy_json_round_trip(tmp_path, net):
+    pol = BitPolicy.uniform(net, 3, 4)
+    path = pol.save(tmp_path / "p.json")
+    back = BitPolicy.load(path)
+    assert back == pol and back.to_dict()["version"] == 1
+    assert json.loads(path.read_text())["fingerprint"] == pol.fingerprint
+    back.check_fits(net)
+
+
+def test_policy_missing_layer_is_named(net):
+    d = BitPolicy.uniform(net, 4, 4).to_dict()
+    del d["layers"]["layer2.0.conv1"]
+    with pytest.raises(PolicyMismatchError, match="layer2.0.conv1"):
+        BitPolicy.from_dict(d).check_fits(net)
+
+
+def test_policy_extra_layer_is_named(net):
+    d = BitPolicy.uniform(net, 4, 4).to_dict()
+    d["layers"]["layer9.conv"] = {"w_bits": 4, "a_bits": 4}
+    with pytest.raises(PolicyMismatchError, match="layer9.conv"):
+        BitPolicy.from_dict(d).check_fits(net)
+
+
+def test_policy_shape_mismatch_detected(net):
+    pol = BitPolicy.uniform(build_model("resnet20", in_channels=1, width=8), 4, 4)
+    with pytest.raises(PolicyMismatchError, match="fingerprint"):
+        pol.check_fits(net)
+
+
+def test_policy_bits_out_of_range_rejected(net):
+    d = BitPolicy.uniform(net, 4, 4).to_dict()
+    d["layers"]["layer1.0.conv1"]["w_bits"] = 12
+    with pytest.raises(PolicyMismatchError, match="w_bits=12"):
+        BitPolicy.from_dict(d)
+
+
+def test_policy_bad_json_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(PolicyMismatchError, match="bad.json"):
+        BitPolicy.load(bad)
+    with pytest.raises(PolicyMismatchError, match="nope.json"):
+        BitPolicy.load(tmp_path / "nope.json")
+    with pytest.raises(PolicyMismatchError, match="version"):
+        BitPolicy.from_dict({"version": 99, "layers": {}})
