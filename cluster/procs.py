@@ -1,0 +1,152 @@
+"""Process-group bookkeeping shared by the local Ray cluster and the MLflow server helpers.
+
+Every long-lived process the tool starts (``ray start --block`` per node, ``mlflow server``) is
+started in a new session (``start_new_session=True``), so it leads its own process group and all
+the processes it spawns (GCS, raylet, Ray workers, uvicorn workers) inherit that group. Stopping
+"exactly what we started" is then: signal the recorded groups, never a name pattern and never
+``ray stop`` (which stops every Ray node of this user on the machine, the ones tests start too).
+
+A recorded group is identified by its leader's pid plus the leader's start time (clock ticks since
+boot, field 22 of ``/proc/<pid>/stat``), so a recycled pid is never signalled.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ProcessGroup", "free_port", "port_in_use", "group_members", "group_alive", "stop_groups",
+           "start_time_of"]
+
+log = logging.getLogger(__name__)
+_PROC = Path("/proc")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProcessGroup:
+    """A process group we started: ``pgid`` equals the leader's pid."""
+
+    name: str
+    pgid: int
+    start_time: int | None  # leader start time in clock ticks since boot; None where /proc is absent
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "pgid": self.pgid, "start_time": self.start_time}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProcessGroup":
+        return cls(name=str(d["name"]), pgid=int(d["pgid"]), start_time=d.get("start_time"))
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the OS says is free now (bind to port 0); a race with other programs is possible."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something accepts TCP connections on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        raw = (_PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after its closing ')'.
+    rest = raw[raw.rfind(")") + 2:].split()
+    return rest  # rest[0] is field 3 (state), rest[2] field 5 (pgrp), rest[19] field 22 (starttime)
+
+
+def start_time_of(pid: int) -> int | None:
+    """The process start time in clock ticks since boot, or None (no such process / no /proc)."""
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (non-zombie) processes whose process group is ``pgid``."""
+    if not _PROC.is_dir():
+        try:
+            os.killpg(pgid, 0)
+            return [pgid]
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            return [pgid]
+    members = []
+    for entry in _PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _is_ours(group: ProcessGroup) -> bool:
+    """False when the leader pid now belongs to another process (recycled pid)."""
+    if group.start_time is None:
+        return True
+    now = start_time_of(group.pgid)
+    return now is None or now == group.start_time
+
+
+def group_alive(group: ProcessGroup) -> bool:
+    """True while any process of the recorded group still runs (and the group is still ours)."""
+    return _is_ours(group) and bool(group_members(group.pgid))
+
+
+def _signal_group(group: ProcessGroup, sig: int) -> None:
+    try:
+        os.killpg(group.pgid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as e:  # EPERM: not ours to signal
+        if e.errno != errno.EPERM:
+            raise
+        log.warning("not allowed to signal process group %d (%s)", group.pgid, group.name)
+
+
+def stop_groups(groups: list[ProcessGroup], *, grace_s: float = 10.0, poll_s: float = 0.2,
+                kill_wait_s: float = 10.0) -> dict[str, str]:
+    """SIGTERM each live group, wait up to ``grace_s`` seconds, then SIGKILL what is left.
+
+    Returns ``{name: "stopped" | "killed" | "not running" | "survived"}`` ("survived" only if a
+    process ignores SIGKILL for ``kill_wait_s`` seconds, e.g. stuck in uninterruptible I/O).
+    """
+    outcome: dict[str, str] = {}
+    live = []
+    for g in groups:
+        if group_alive(g):
+            _signal_group(g, signal.SIGTERM)
+            live.append(g)
+        else:
+            outcome[g.name] = "not running"
+    deadline = time.monotonic() + grace_s
+    while live and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        for g in [g for g in live if not group_members(g.pgid)]:
+            outcome[g.name] = "stopped"
+            live.remove(g)
+    for g in live:
+        log.info("process group %d (%s) still alive after %.0f s: SIGKILL", g.pgid, g.name, grace_s)
+        _signal_group(g, signal.SIGKILL)
+    deadline = time.monotonic() + kill_wait_s
+    while live and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        for g in [g for g in live if not group_members(g.pgid)]:
+            outcome[g.name] = "killed"
+            live.remove(g)
+    for g in live:
+        outcome[g.name] = "survived"
+    return outcome

@@ -1,0 +1,198 @@
+"""Quantization-aware fine-tuning of a policy-quantized model from FP weights (METHOD.md section 6).
+
+Recipe: copy the FP model, apply the bit policy (fixed per-layer PACT/symmetric quantizers),
+calibrate the activation clips on one batch, then train with SGD (Nesterov momentum) and a per-step
+cosine schedule, ``lr_t = lr * (1 + cos(pi * t / T)) / 2``. Optional knowledge distillation from the
+FP model (kept in eval mode, no gradients):
+``L = alpha * T^2 * KL(softmax(z_fp / T) || softmax(z_q / T)) + (1 - alpha) * CE(z_q, y)``.
+
+With ``checkpoint_dir`` the state after each epoch is written atomically to
+``checkpoint_dir/last.pt`` (tensors and plain containers only, read back with
+``torch.load(weights_only=True)``); a later call with the same arguments resumes from it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .bitops import BitOpsReport, count_bitops
+from .errors import CheckpointError, ConfigError
+from .fileio import load_checkpoint, save_checkpoint
+from .policy import BitPolicy, QuantSpec
+from .qmodules import apply_policy_, calibrate_, quantized_layers
+from .reporting import NullReporter, Reporter
+from .train import (Progress, make_cosine_scheduler, make_optimizer, run_epochs, seeded, steps_per_epoch,
+                    validate_sgd_fields)
+
+__all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
+           "CHECKPOINT_NAME"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "last.pt"
+# Fields that must match between a checkpoint and the run resuming from it (they shape the schedule).
+_RESUME_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "seed", "max_steps_per_epoch",
+                "distill", "distill_alpha", "distill_temperature", "include_stem", "include_classifier")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """QAT recipe (official: SGD momentum 0.9, lr 0.01 cosine, wd 4e-5; distillation is our switch).
+
+    ``batch_size`` is for the caller that builds the loaders; ``include_stem`` /
+    ``include_classifier`` quantize those layers too, at 8 bits unless the policy names them.
+    """
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    batch_size: int = 128
+    distill: bool = False
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+    include_stem: bool = False
+    include_classifier: bool = False
+
+    def __post_init__(self) -> None:
+        validate_sgd_fields(self)
+        for name in ("distill", "include_stem", "include_classifier"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, but got {name}={getattr(self, name)!r}.")
+        if isinstance(self.distill_alpha, bool) or not isinstance(self.distill_alpha, (int, float)) \
+                or not 0.0 <= self.distill_alpha <= 1.0:
+            raise ConfigError(f"distill_alpha must be in [0, 1], but got distill_alpha={self.distill_alpha!r}. "
+                              "Use e.g. 0.5 (half soft targets, half labels).")
+        if isinstance(self.distill_temperature, bool) or not isinstance(self.distill_temperature, (int, float)) \
+                or not self.distill_temperature > 0:
+            raise ConfigError("distill_temperature must be > 0, but got "
+                              f"distill_temperature={self.distill_temperature!r}. Use e.g. 4.0.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """The fine-tuned quantized model, its test metrics (%), BitOPs, epochs run, seconds, history."""
+    model: nn.Module
+    top1: float
+    top5: float
+    bitops: BitOpsReport
+    epochs_run: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def prepare_quantized(fp_model: nn.Module, policy: BitPolicy, calib_batch: Tensor, *, include_stem: bool = False,
+                      include_classifier: bool = False) -> nn.Module:
+    """A deep copy of ``fp_model`` with ``policy`` applied and clips calibrated on ``calib_batch``.
+
+    ``calib_batch`` is an input batch ``[B, C, H, W]`` (moved to the model's device). The FP model is
+    not modified. A policy that does not fit raises PolicyMismatchError.
+    """
+    model = copy.deepcopy(fp_model)
+    apply_policy_(model, policy, include_stem=include_stem, include_classifier=include_classifier)
+    p = next(model.parameters())
+    calibrate_(model, calib_batch.to(device=p.device, dtype=p.dtype))
+    return model
+
+
+def effective_policy(model: nn.Module, policy: BitPolicy) -> BitPolicy:
+    """The bits actually in ``model`` (the policy plus any quantized stem/classifier), for BitOPs."""
+    layers = {n: QuantSpec(w_bits=m.w_bits, a_bits=m.a_bits) for n, m in quantized_layers(model).items()}
+    return BitPolicy(layers=layers, fingerprint=policy.fingerprint, meta=policy.meta)
+
+
+def _first_batch(loader: Any) -> Tensor:
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(0)
+    for x, _ in loader:
+        return x
+    raise ConfigError("The training loader is empty; fine-tuning needs at least one batch to calibrate the "
+                      "activation clips (check batch_size and the training split's size).")
+
+
+def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy) -> dict | None:
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler", "history"} <= set(ckpt):
+        raise CheckpointError(f"Checkpoint '{path}' lacks the fine-tune state (epoch, model, optimizer, "
+                              "scheduler, history); delete it to start the fine-tune afresh.")
+    old_cfg = ckpt.get("config", {})
+    diff = [k for k in _RESUME_KEYS if k in old_cfg and old_cfg[k] != getattr(config, k)]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"Checkpoint '{path}' was written with {k}={old_cfg[k]!r} but this run has "
+                              f"{k}={getattr(config, k)!r}; resume with the same settings or delete the "
+                              "checkpoint folder to start afresh.")
+    old_layers = ckpt.get("policy_layers")
+    new_layers = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}
+    if old_layers is not None and old_layers != new_layers:
+        raise CheckpointError(f"Checkpoint '{path}' belongs to a different bit policy; use the policy it was "
+                              "written with or delete the checkpoint folder to start afresh.")
+    return ckpt
+
+
+def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loader: Any, *,
+             config: FinetuneConfig, input_size: int, in_channels: int, reporter: Reporter | None = None,
+             device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
+             progress: Progress | None = None) -> FinetuneResult:
+    """QAT of ``policy`` applied to a copy of ``fp_model``; ``fp_model`` itself is left unchanged.
+
+    Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch and honours
+    ``should_stop()`` between epochs. ``epochs_run`` counts epochs completed in total, including
+    those restored from ``checkpoint_dir``. BitOPs are counted at ``input_size`` px with
+    ``in_channels`` input channels.
+    """
+    reporter = reporter or NullReporter()
+    t0 = time.perf_counter()
+    with seeded(config.seed, device):
+        calib = _first_batch(train_loader)
+    model = prepare_quantized(fp_model, policy, calib, include_stem=config.include_stem,
+                              include_classifier=config.include_classifier).to(device)
+    teacher = None
+    if config.distill:
+        teacher = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)
+    optimizer = make_optimizer(model, config)
+    total_steps = config.epochs * steps_per_epoch(train_loader, config.max_steps_per_epoch)
+    scheduler = make_cosine_scheduler(optimizer, total_steps)
+    history: list[dict] = []
+    start = 0
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    if ckpt_path is not None:
+        state = _load_resume(ckpt_path, config, policy)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            history = [dict(h) for h in state["history"]]
+            start = int(state["epoch"])
+            log.info("resuming the fine-tune from '%s' after epoch %d", ckpt_path, start)
+
+    def save(epoch: int) -> None:
+        if ckpt_path is None:
+            return
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
+            "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}})
+
+    metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,
+                               epochs=config.epochs, start_epoch=start, seed=config.seed,
+                               max_steps=config.max_steps_per_epoch, reporter=reporter, device=device,
+                               progress=progress, history=history, teacher=teacher,
+                               distill_alpha=config.distill_alpha if config.distill else 0.0,
+                               distill_temperature=config.distill_temperature, after_epoch=save)
+    report = count_bitops(model, effective_policy(model, policy), input_size, in_channels)
+    return FinetuneResult(model=model, top1=metrics["top1"], top5=metrics["top5"], bitops=report,
+                          epochs_run=done, seconds=time.perf_counter() - t0, history=history)

@@ -1,0 +1,189 @@
+"""The one thin entry point the CLI and the Ray trainable both call: ``run_search_job(SearchJob)``.
+
+A job names a model and a proxy dataset; it loads the stratified proxy subset, trains (or loads
+from the on-disk cache) the FP teacher on it, and runs ``search_policy``. The returned policy's
+``meta`` carries what ``gmpq finetune`` needs to rebuild the model: model, dataset, in_channels,
+num_classes, small_input, input_size, budget.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from torch import nn
+
+from .bitops import layer_macs
+from .complexity import check_budget
+from .data import load_dataset, make_loader, proxy
+from .errors import CheckpointError, ConfigError
+from .fileio import load_checkpoint, save_checkpoint
+from .layers import searchable_layers
+from .models import build_model, list_models
+from .policy import BitPolicy
+from .reporting import Reporter
+from .search import search_policy
+from .search_config import SearchConfig, SearchResult
+from .train import TrainConfig, seeded, train_fp
+
+__all__ = ["SearchJob", "get_teacher", "teacher_cache_path", "check_job_budget", "run_search_job"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+TEACHER_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchJob:
+    """A search on a proxy dataset. ``proxy_size=None`` uses the whole training split; ``eval_size``
+    test images (stratified; None = the whole test split, 0 = none) measure ``proxy_top1``."""
+    model: str = "resnet20"
+    dataset: str = "fashion_mnist"
+    data_root: str | None = None
+    proxy_size: int | None = 2000
+    proxy_seed: int = 0
+    small_input: bool = True
+    teacher_epochs: int = 3
+    teacher_batch_size: int = 128
+    cache_dir: str = "~/.cache/gmpq"
+    device: str = "cpu"
+    search: SearchConfig = field(default_factory=SearchConfig)
+    eval_size: int | None = 1000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.search, SearchConfig):
+            object.__setattr__(self, "search", SearchConfig.from_dict(self.search or {}))
+        if self.model not in list_models():
+            raise ConfigError(f"Unknown model '{self.model}'. Available models: {', '.join(list_models())}.")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError(f"dataset must be a dataset name such as 'fashion_mnist', but got {self.dataset!r}.")
+        for name, minimum, optional in (("proxy_size", 1, True), ("proxy_seed", 0, False),
+                                        ("teacher_epochs", 1, False), ("eval_size", 0, True),
+                                        ("teacher_batch_size", 1, False)):
+            v = getattr(self, name)
+            if (v is None and optional) or (isinstance(v, int) and not isinstance(v, bool) and v >= minimum):
+                continue
+            raise ConfigError(f"{name} must be an integer >= {minimum}{' or None' if optional else ''}, but got "
+                              f"{name}={v!r}.")
+        if not isinstance(self.small_input, bool):
+            raise ConfigError(f"small_input must be true or false, but got small_input={self.small_input!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["search"] = self.search.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SearchJob":
+        """Job keys at the top level, search keys under ``search:`` (or, for convenience, at the top level)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a search job must be a mapping of its fields, but got {type(d).__name__}.")
+        job_keys = {f.name for f in fields(cls)} - {"search"}
+        search_keys = {f.name for f in fields(SearchConfig)}
+        nested = d.get("search") or {}
+        if not isinstance(nested, Mapping):
+            raise ConfigError(f"'search' must be a mapping of search settings, but got {nested!r}.")
+        unknown = sorted(set(d) - job_keys - search_keys - {"search"})
+        if unknown:
+            raise ConfigError(f"Unknown keys {unknown} in the search job; job keys: {', '.join(sorted(job_keys))}; "
+                              f"search keys (top level or under 'search'): {', '.join(sorted(search_keys))}.")
+        search = {**{k: v for k, v in d.items() if k in search_keys}, **dict(nested)}
+        return cls(**{k: v for k, v in d.items() if k in job_keys}, search=SearchConfig.from_dict(search))
+
+
+def _load_data(job: SearchJob):
+    bundle = load_dataset(job.dataset, root=job.data_root)
+    return bundle, proxy(bundle.train, job.proxy_size, job.proxy_seed)
+
+
+def _teacher_key(job: SearchJob, info: Any) -> dict[str, Any]:
+    return {"version": TEACHER_CACHE_VERSION, "model": job.model, "dataset": job.dataset,
+            "data_root": job.data_root, "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed,
+            "teacher_epochs": job.teacher_epochs, "seed": job.search.seed, "small_input": job.small_input,
+            "batch_size": job.teacher_batch_size, "image_size": info.image_size,
+            "in_channels": info.in_channels, "num_classes": info.num_classes}
+
+
+def teacher_cache_path(job: SearchJob, info: Any) -> Path:
+    """``<cache_dir>/teachers/<model>-<dataset>-<hash>.pt`` (hash of everything the teacher depends on)."""
+    digest = hashlib.sha256(json.dumps(_teacher_key(job, info), sort_keys=True).encode()).hexdigest()[:16]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", job.dataset)[:40]
+    return Path(job.cache_dir).expanduser() / "teachers" / f"{job.model}-{safe}-{digest}.pt"
+
+
+def _fresh_model(job: SearchJob, info: Any) -> nn.Module:
+    with seeded(job.search.seed):
+        return build_model(job.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                           small_input=job.small_input)
+
+
+def check_job_budget(job: SearchJob) -> int | None:
+    """The job's budget in BitOPs (None without one); BudgetInfeasibleError before any training if
+    the candidates cannot meet it on this model and input size."""
+    if job.search.budget is None:
+        return None
+    info = load_dataset(job.dataset, root=job.data_root).info
+    model = _fresh_model(job, info)
+    all_macs = layer_macs(model, info.image_size, info.in_channels)
+    macs = {n: all_macs[n] for n in searchable_layers(model)}
+    budget = job.search.budget.to_bitops(macs)
+    check_budget(budget, macs, job.search.candidates, model_name=job.model, input_size=info.image_size)
+    return budget
+
+
+def get_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: Reporter | None = None) -> nn.Module:
+    """The FP teacher of ``job``: loaded from the cache, else trained on the proxy (SGD + cosine,
+    ``teacher_epochs``) and written to the cache atomically. A damaged cache file is retrained."""
+    bundle, split = _load_data(job)
+    info = bundle.info
+    path = teacher_cache_path(job, info)
+    model = _fresh_model(job, info)
+    if path.is_file():
+        try:
+            ckpt = load_checkpoint(path)
+            model.load_state_dict(ckpt["state_dict"])
+            log.info("teacher loaded from %s", path)
+            return model.to(job.device).eval()
+        except (CheckpointError, KeyError, RuntimeError) as e:
+            log.warning("teacher cache %s is unusable (%s); retraining it", path, e)
+            model = _fresh_model(job, info)
+    loader = make_loader(split, info, batch_size=job.teacher_batch_size, train=True, seed=job.search.seed,
+                         device=job.device)
+    cfg = TrainConfig(epochs=job.teacher_epochs, batch_size=job.teacher_batch_size, seed=job.search.seed)
+    result = train_fp(model, loader, None, config=cfg, reporter=reporter, device=job.device, progress=progress)
+    model.eval()
+    meta = {**_teacher_key(job, info), "train_top1": result.top1, "seconds": result.seconds}
+    save_checkpoint(path, {"state_dict": model.state_dict(), "meta": meta})
+    log.info("teacher trained in %.1f s (train top-1 %.2f%%), cached at %s", result.seconds, result.top1, path)
+    return model
+
+
+def run_search_job(job: SearchJob, *, reporter: Reporter | None = None,
+                   progress: Progress | None = None) -> SearchResult:
+    """Teacher (cached) + ``search_policy`` on the job's proxy; the policy's meta describes the model."""
+    check_job_budget(job)
+    teacher = get_teacher(job, progress=progress)
+    bundle, split = _load_data(job)
+    info = bundle.info
+    train_loader = make_loader(split, info, batch_size=job.search.batch_size, train=True, seed=job.search.seed,
+                               device=job.device)
+    eval_loader = None
+    if job.eval_size != 0:
+        size = None if job.eval_size is None else min(job.eval_size, len(bundle.test))
+        eval_loader = make_loader(proxy(bundle.test, size, job.proxy_seed), info,
+                                  batch_size=max(job.search.batch_size, 256), train=False, device=job.device)
+    result = search_policy(teacher, train_loader, config=job.search, input_size=info.image_size,
+                           in_channels=info.in_channels, eval_loader=eval_loader, reporter=reporter,
+                           device=job.device, model_name=job.model, progress=progress)
+    meta = {**result.policy.meta, "model": job.model, "dataset": job.dataset, "in_channels": info.in_channels,
+            "num_classes": info.num_classes, "small_input": job.small_input, "input_size": info.image_size,
+            "budget": job.search.budget.to_dict() if job.search.budget is not None else None,
+            "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed, "seed": job.search.seed}
+    policy = BitPolicy(layers=result.policy.layers, fingerprint=result.policy.fingerprint, meta=meta)
+    return dataclasses.replace(result, policy=policy)

@@ -1,0 +1,246 @@
+"""The GMPQ search loop: ``search_policy`` (METHOD.md 4, 5).
+
+Per batch (single-level: one backward updates weights and architecture together):
+
+    teacher:  z_t, A_fp = Grad-CAM of the FP teacher (eval mode, detached)
+    student:  z_q, A_q  = Grad-CAM of the supernet (create_graph=True: second order)
+    E         = sum_l MACs_l E[b_w,l] E[b_a,l]                       (expected BitOPs)
+    p         = kappa * mean_l 1 / (E[b_w,l] E[b_a,l])  (detached)  or p_fixed
+    L         = CE(z_q, y) + eta * L_gen(A_q, A_fp; p) + lam * L_comp(E)
+
+After the last epoch: ``derive_policy`` (argmax + budget repair), then the derived policy is
+evaluated (top-1 and ARD against the teacher) on the evaluation data.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attribution import find_feature_layer, gradcam
+from .bitops import count_bitops, layer_macs
+from .complexity import Budget, check_budget, complexity_penalty
+from .derive import derive_policy
+from .errors import ConfigError, NonFiniteLossError
+from .losses import choose_p, generalization_loss, rank_distance
+from .reporting import NullReporter, Reporter
+from .search_config import SearchConfig, SearchResult
+from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
+                       mixed_layers, set_temperature_, weight_parameters)
+from .train import evaluate, seeded
+
+__all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
+           "evaluate_policy"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+def _batches(loader: Iterable, limit: int | None):
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            return
+        yield batch
+
+
+def _steps(loader: Any, limit: int | None) -> int:
+    n = len(loader)
+    return n if limit is None else min(n, limit)
+
+
+def _teacher_mode_(teacher: nn.Module, bn_train: bool) -> nn.Module:
+    """Eval mode; with ``bn_train`` (the official code's behaviour) BatchNorm in training mode."""
+    teacher.eval()
+    if bn_train:
+        for m in teacher.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    return teacher
+
+
+def _make_optimizer(supernet: nn.Module, cfg: SearchConfig) -> torch.optim.SGD:
+    return torch.optim.SGD([
+        {"params": weight_parameters(supernet), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"},
+        {"params": arch_parameters(supernet), "lr": cfg.lr_arch, "weight_decay": cfg.arch_weight_decay,
+         "name": "arch"}], lr=cfg.lr, momentum=cfg.momentum)
+
+
+@torch.no_grad()
+def _recalibrate_bn(model: nn.Module, loader: Iterable, n_batches: int, device: str | torch.device) -> None:
+    """Re-estimate BatchNorm running statistics with a cumulative average over ``n_batches``."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or n_batches <= 0:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    try:
+        for x, _ in _batches(loader, n_batches):
+            model(x.to(device))
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        model.train(was_training)
+
+
+def evaluate_policy(supernet: nn.Module, policy, teacher: nn.Module, loader: Iterable, *, layer: str,
+                    device: str | torch.device = "cpu", max_batches: int | None = None,
+                    bn_loader: Iterable | None = None, bn_batches: int = 20) -> dict[str, float]:
+    """Top-1 (%) and ARD of the supernet fixed to ``policy`` against ``teacher`` on ``loader``.
+
+    The discrete network (``discretize``) has its BN statistics re-estimated on ``bn_loader`` first.
+    """
+    net = discretize(supernet, policy).to(device)
+    _recalibrate_bn(net, bn_loader if bn_loader is not None else loader, bn_batches, device)
+    net.eval()
+    correct = n = 0
+    ard_sum = 0.0
+    for x, y in _batches(loader, max_batches):
+        x, y = x.to(device), y.to(device)
+        logits, maps = gradcam(net, x, layer, mode="detached")
+        _, t_maps = gradcam(teacher, x, layer, mode="detached")
+        correct += int((logits.argmax(1) == y).sum())
+        ard_sum += rank_distance(maps, t_maps) * y.numel()
+        n += y.numel()
+    if n == 0:
+        raise ConfigError("evaluate_policy got an empty loader (0 images).")
+    return {"top1": 100.0 * correct / n, "ard": ard_sum / n}
+
+
+def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig, input_size: int,
+                  in_channels: int, eval_loader: Any = None, reporter: Reporter | None = None,
+                  device: str | torch.device = "cpu", model_name: str | None = None,
+                  progress: Progress | None = None) -> SearchResult:
+    """Search a mixed-precision policy for ``teacher``'s architecture on the proxy ``train_loader``.
+
+    ``teacher`` is the trained FP network (left untouched). Reports once per epoch (1-based)
+    ``{"proxy_top1","ce","l_gen","expected_gbitops","p","ard","lr", ...}``; ``proxy_top1`` is the
+    supernet's top-1 on ``eval_loader`` (the running training top-1 when None). ``should_stop()``
+    is checked between epochs. Deterministic for ``config.seed`` and the loaders' seeds; the global
+    RNG state is left untouched. A NaN/inf loss raises NonFiniteLossError within its epoch.
+    """
+    if not isinstance(config, SearchConfig):
+        raise ConfigError(f"config must be a SearchConfig, but got {type(config).__name__}.")
+    reporter = reporter or NullReporter()
+    t0 = time.perf_counter()
+    cfg = config
+    with seeded(cfg.seed, device):
+        teacher_s = copy.deepcopy(teacher).to(device).requires_grad_(False).eval()  # caller's model untouched
+        supernet = build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp, seed=cfg.seed)
+        supernet.requires_grad_(True)
+        set_temperature_(supernet, cfg.temperature)
+        all_macs = layer_macs(teacher_s, input_size, in_channels)
+        names = list(mixed_layers(supernet))
+        macs = {n: all_macs[n] for n in names}
+        budget_bitops = cfg.budget.to_bitops(macs) if cfg.budget is not None else None
+        if budget_bitops is not None:
+            check_budget(budget_bitops, macs, cfg.candidates, model_name=model_name, input_size=input_size)
+        layer = find_feature_layer(teacher_s, model_name=model_name, override=cfg.gradcam_layer,
+                                   input_size=input_size, in_channels=in_channels)
+        first_macs = macs[names[0]]
+        macs_vec = torch.tensor([float(macs[n]) for n in names], device=device)
+        mode = "second_order" if cfg.second_order else "first_order"
+        x0 = next(iter(train_loader))[0].to(device)
+        calibrate_supernet_(supernet, x0, clips=cfg.calibrate_clips)
+        optimizer = _make_optimizer(supernet, cfg)
+        _teacher_mode_(teacher_s, cfg.teacher_bn_train)
+        history: list[dict] = []
+        p_used = float("nan")
+        epochs_run = 0
+        for epoch in range(1, cfg.epochs + 1):
+            factor = 0.1 ** ((epoch - 1) // cfg.lr_step_epochs)
+            for g, base in zip(optimizer.param_groups, (cfg.lr, cfg.lr_arch)):
+                g["lr"] = base * factor
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch - 1)
+            stats = _run_epoch(supernet, teacher_s, train_loader, optimizer, cfg, epoch=epoch, layer=layer,
+                               mode=mode, macs_vec=macs_vec, budget_bitops=budget_bitops, first_macs=first_macs,
+                               device=device, progress=progress)
+            with torch.no_grad():
+                _, ew, ea = expected_bits(supernet)
+                exp = float((macs_vec * ew * ea).sum())
+            proxy_top1 = (evaluate(supernet, eval_loader, device=device)["top1"] if eval_loader is not None
+                          else stats["train_top1"])
+            p_used = stats["p"]
+            metrics = {"epoch": epoch, "proxy_top1": proxy_top1, **stats, "expected_gbitops": exp / 1e9,
+                       "expected_avg_bits": math.sqrt(exp / float(macs_vec.sum())),
+                       "lr": optimizer.param_groups[0]["lr"], "lr_arch": optimizer.param_groups[1]["lr"],
+                       "seconds": time.perf_counter() - t0}
+            history.append(metrics)
+            epochs_run = epoch
+            reporter.report(epoch, metrics)
+            log.debug("search epoch %d: %s", epoch, metrics)
+            if epoch < cfg.epochs and reporter.should_stop():
+                log.info("search stopped after epoch %d of %d (reporter asked)", epoch, cfg.epochs)
+                break
+        teacher_s.eval()
+        policy = derive_policy(supernet, budget_bitops, macs)
+        report = count_bitops(supernet, policy, input_size, in_channels, macs=all_macs)
+        final = evaluate_policy(supernet, policy, teacher_s, eval_loader if eval_loader is not None else train_loader,
+                                layer=layer, device=device,
+                                max_batches=None if eval_loader is not None else cfg.max_steps_per_epoch,
+                                bn_loader=train_loader, bn_batches=cfg.recalibrate_bn_batches)
+    policy_meta = {**policy.meta, "p_mode": cfg.p_mode, "eta": cfg.eta, "lam": cfg.lam,
+                   "budget": cfg.budget.to_dict() if cfg.budget is not None else None}
+    policy = type(policy)(layers=policy.layers, fingerprint=policy.fingerprint, meta=policy_meta)
+    return SearchResult(policy=policy, bitops_quantized=report.bitops_quantized, bitops_total=report.bitops_total,
+                        budget_bitops=budget_bitops, proxy_top1=final["top1"], ard=final["ard"], p=p_used,
+                        epochs_run=epochs_run, search_seconds=time.perf_counter() - t0, history=history,
+                        arch_probs=arch_probs(supernet))
+
+
+def _run_epoch(supernet: nn.Module, teacher: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
+               cfg: SearchConfig, *, epoch: int, layer: str, mode: str, macs_vec: Tensor,
+               budget_bitops: int | None, first_macs: int, device: str | torch.device,
+               progress: Progress | None) -> dict[str, float]:
+    """One pass over the proxy; returns per-image means of the epoch's training metrics."""
+    supernet.train()
+    total = _steps(loader, cfg.max_steps_per_epoch)
+    sums = {"ce": 0.0, "l_gen": 0.0, "penalty": 0.0, "p": 0.0, "ard": 0.0, "loss": 0.0}
+    correct = n = 0
+    for step, (x, y) in enumerate(_batches(loader, cfg.max_steps_per_epoch), start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
+        logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
+        _, ew, ea = expected_bits(supernet)
+        expected = (macs_vec * ew * ea).sum()
+        p = choose_p(cfg.p_mode, ew, ea, kappa=cfg.kappa, p_fixed=cfg.p_fixed)
+        ce = F.cross_entropy(logits, y)
+        l_gen = generalization_loss(s_maps, t_maps, p)
+        pen = complexity_penalty(expected, mode=cfg.penalty, budget_bitops=budget_bitops, first_layer_macs=first_macs)
+        loss = ce + cfg.eta * l_gen + cfg.lam * pen
+        if cfg.inject_nan_at_epoch == epoch:
+            loss = loss * float("nan")
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"The search loss became {loss_value} at epoch {epoch}, step {step} (ce={float(ce.detach()):.4g}, "
+                f"l_gen={float(l_gen.detach()):.4g}, penalty={float(pen.detach()):.4g}, lr={optimizer.param_groups[0]['lr']:.3g}). "
+                "Lower lr / lr_arch or eta, or check the proxy data for NaN/inf values.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        b = y.numel()
+        for k, v in (("ce", ce), ("l_gen", l_gen), ("penalty", pen), ("loss", loss)):
+            sums[k] += float(v.detach()) * b
+        sums["p"] += p * b
+        sums["ard"] += rank_distance(s_maps.detach(), t_maps) * b
+        correct += int((logits.detach().argmax(1) == y).sum())
+        n += b
+        if progress is not None:
+            progress(step, total)
+    if n == 0:
+        raise ConfigError("the search got an empty training loader (0 images); check the proxy size and batch size.")
+    out = {k: v / n for k, v in sums.items()}
+    out["train_top1"] = 100.0 * correct / n
+    return out

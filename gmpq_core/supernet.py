@@ -1,0 +1,299 @@
+"""The GMPQ supernet: composite mixed-precision layers with architecture logits (METHOD.md 2, 3).
+
+Every searchable Conv2d/Linear becomes a ``MixedConv2d`` / ``MixedLinear`` (subclasses of
+nn.Conv2d / nn.Linear, same FQNs and weight shapes) computing the composite layer
+
+    y = conv( sum_j pa_j * Qa_j(x),  sum_i pw_i * Qw_i(W) ),   pw = softmax(alpha_w / T),
+                                                              pa = softmax(alpha_a / T),
+
+with ONE shared FP weight W and ONE convolution per layer (exact because conv is bilinear). Qw_i is
+the symmetric weight quantizer at w-candidate i, Qa_j the PACT activation quantizer at a-candidate
+j with its own learnable clip (one clip per activation candidate, as the official code), signed
+where the layer's input can be negative (detected by ``calibrate_supernet_``).
+
+The activation mixture below is the straightforward REFERENCE implementation (one full tensor per
+candidate); a fused version belongs elsewhere and must match it. The weight mixture is computed in
+one no-grad pass over all candidates (sharing the threshold t = max|W|) and attached to the graph
+with the exact STE gradients, and it is cached while autograd is off (evaluation).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import searchable_layers, swap_module
+from .policy import BitCandidates, BitPolicy
+from .qmodules import QuantConv2d, QuantLinear
+from .quantizers import ActQuantizer, quantize_activation, quantize_weight
+
+__all__ = ["MixedConv2d", "MixedLinear", "MIXED_TYPES", "build_supernet", "mixed_layers", "arch_parameters",
+           "weight_parameters", "expected_bits", "arch_probs", "set_temperature_", "calibrate_supernet_",
+           "discretize", "DEFAULT_CLIP"]
+
+DEFAULT_CLIP = 6.0
+
+
+class _MixedMixin:
+    """State and maths shared by the mixed conv and linear layers (see the module docstring)."""
+    weight: Tensor
+
+    def _init_mixed(self, candidates: BitCandidates, clip_init: float = DEFAULT_CLIP) -> None:
+        self.w_candidates = tuple(candidates.w_bits)
+        self.a_candidates = tuple(candidates.a_bits)
+        dev, dt = self.weight.device, self.weight.dtype
+        self.alpha_w = nn.Parameter(torch.zeros(len(self.w_candidates), device=dev, dtype=dt))
+        self.alpha_a = nn.Parameter(torch.zeros(len(self.a_candidates), device=dev, dtype=dt))
+        self.clips = nn.Parameter(torch.full((len(self.a_candidates),), float(clip_init), device=dev, dtype=dt))
+        self.signed = False          # PACT variant: True where the input can be negative
+        self.temperature = 1.0       # softmax temperature (1.0 = the official plain softmax)
+        self._calibrating = False
+        self._calib_clips = True
+        self._wcache: tuple[tuple, Tensor] | None = None
+
+    # -- architecture distributions ------------------------------------------------------------
+    def probs_w(self) -> Tensor:
+        """pw = softmax(alpha_w / T), shape [n_w]."""
+        return torch.softmax(self.alpha_w / self.temperature, dim=0)
+
+    def probs_a(self) -> Tensor:
+        """pa = softmax(alpha_a / T), shape [n_a]."""
+        return torch.softmax(self.alpha_a / self.temperature, dim=0)
+
+    def expected_w_bits(self) -> Tensor:
+        """E[b_w] = sum_i pw_i b_i (0-d, differentiable)."""
+        return self.probs_w() @ self.alpha_w.new_tensor(self.w_candidates)
+
+    def expected_a_bits(self) -> Tensor:
+        """E[b_a] = sum_j pa_j b_j (0-d, differentiable)."""
+        return self.probs_a() @ self.alpha_a.new_tensor(self.a_candidates)
+
+    # -- mixtures ------------------------------------------------------------------------------
+    def mixed_weight(self) -> Tensor:
+        """sum_i pw_i Qw_i(W), same shape as W.
+
+        Value and gradients equal the explicit sum of ``quantize_weight(W, b_i)``: d/dpw_i = Qw_i(W)
+        and d/dW = sum_i pw_i (the STE passes 1 inside [-t, t], and t = max|W| covers all of W).
+        """
+        key = (self.weight._version, self.alpha_w._version, self.temperature, self.weight.data_ptr())
+        if not torch.is_grad_enabled() and self._wcache is not None and self._wcache[0] == key:
+            return self._wcache[1]
+        with torch.no_grad():
+            q = torch.stack([quantize_weight(self.weight, b) for b in self.w_candidates])
+        pw = self.probs_w()
+        mix = self.weight - self.weight.detach() + torch.tensordot(pw, q, dims=1)
+        self._wcache = (key, mix.detach()) if not torch.is_grad_enabled() else None
+        return mix
+
+    def mixed_input(self, x: Tensor) -> Tensor:
+        """sum_j pa_j Qa_j(x) with Qa_j = PACT at a-candidate j and clip ``clips[j]`` (reference)."""
+        if self._calibrating:
+            self._calibrate(x)
+        pa = self.probs_a()
+        out = None
+        for j, bits in enumerate(self.a_candidates):
+            term = pa[j] * quantize_activation(x, self.clips[j], bits, self.signed)
+            out = term if out is None else out + term
+        return out
+
+    @torch.no_grad()
+    def _calibrate(self, x: Tensor) -> None:
+        tmp = ActQuantizer(self.a_candidates[0])
+        tmp.calibrate(x)
+        self.signed = bool(tmp.signed)
+        if self._calib_clips:
+            self.clips.fill_(float(tmp.clip))
+
+    # -- state dict: the python-side flags travel with the weights --------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"signed": self.signed, "temperature": self.temperature,
+                "w_candidates": list(self.w_candidates), "a_candidates": list(self.a_candidates)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.signed = bool(state.get("signed", False))
+        self.temperature = float(state.get("temperature", 1.0))
+
+    def _mixed_repr(self) -> str:
+        return f"w_candidates={self.w_candidates}, a_candidates={self.a_candidates}, signed={self.signed}"
+
+
+class MixedConv2d(_MixedMixin, nn.Conv2d):
+    """Conv2d computing the composite mixed-precision layer (one convolution)."""
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, candidates: BitCandidates, clip_init: float = DEFAULT_CLIP) -> "MixedConv2d":
+        m = nn.utils.skip_init(cls, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                               padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                               bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                               device=conv.weight.device, dtype=conv.weight.dtype)  # no global-RNG init
+        with torch.no_grad():
+            m.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                m.bias.copy_(conv.bias)
+        m._init_mixed(candidates, clip_init)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.mixed_input(x), self.mixed_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._mixed_repr()
+
+
+class MixedLinear(_MixedMixin, nn.Linear):
+    """Linear layer computing the composite mixed-precision layer (one matmul)."""
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, candidates: BitCandidates, clip_init: float = DEFAULT_CLIP) -> "MixedLinear":
+        m = nn.utils.skip_init(cls, lin.in_features, lin.out_features, bias=lin.bias is not None,
+                               device=lin.weight.device, dtype=lin.weight.dtype)  # no global-RNG init
+        with torch.no_grad():
+            m.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias)
+        m._init_mixed(candidates, clip_init)
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.mixed_input(x), self.mixed_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", " + self._mixed_repr()
+
+
+MIXED_TYPES = (MixedConv2d, MixedLinear)
+
+
+@torch.no_grad()
+def _reinit_(model: nn.Module, generator: torch.Generator) -> None:
+    """Random init drawn from ``generator`` only (global RNG untouched): Kaiming-normal convs and
+    linears (fan_out), zero biases, BN weight 1 / bias 0 / fresh running statistics."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            m.reset_parameters()
+
+
+def build_supernet(model: nn.Module, candidates: BitCandidates | None = None, *, init_from_fp: bool = True,
+                   seed: int = 0, clip_init: float = DEFAULT_CLIP) -> nn.Module:
+    """A copy of ``model`` whose searchable layers are composite mixed layers (``model`` is untouched).
+
+    init_from_fp=True (ours) keeps the FP weights and BN statistics of ``model``; False (official)
+    re-initialises every parameter from ``torch.Generator().manual_seed(seed)``. Architecture
+    logits start at zero (uniform softmax), clips at ``clip_init`` (see ``calibrate_supernet_``).
+    """
+    candidates = BitCandidates() if candidates is None else BitCandidates.from_any(candidates)
+    net = copy.deepcopy(model)
+    if not init_from_fp:
+        _reinit_(net, torch.Generator().manual_seed(int(seed)))
+    for name, mod in searchable_layers(net).items():
+        if isinstance(mod, MIXED_TYPES):
+            continue
+        cls = MixedConv2d if isinstance(mod, nn.Conv2d) else MixedLinear
+        swap_module(net, name, cls.from_float(mod, candidates, clip_init))
+    return net
+
+
+def mixed_layers(model: nn.Module) -> dict[str, _MixedMixin]:
+    """Mixed layers keyed by FQN, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, MIXED_TYPES)}
+
+
+def arch_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The architecture logits (alpha_w, alpha_a of every mixed layer)."""
+    return [p for n, p in model.named_parameters() if n.rpartition(".")[2] in ("alpha_w", "alpha_a")]
+
+
+def weight_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Everything else: shared weights, biases, BN affine parameters and PACT clips."""
+    arch = {id(p) for p in arch_parameters(model)}
+    return [p for p in model.parameters() if id(p) not in arch]
+
+
+def expected_bits(model: nn.Module) -> tuple[list[str], Tensor, Tensor]:
+    """(names, E[b_w] [L], E[b_a] [L]) under the current softmax, differentiable w.r.t. the logits."""
+    layers = mixed_layers(model)
+    if not layers:
+        raise ValueError("the model has no mixed layers; build it with build_supernet first.")
+    ew = torch.stack([m.expected_w_bits() for m in layers.values()])
+    ea = torch.stack([m.expected_a_bits() for m in layers.values()])
+    return list(layers), ew, ea
+
+
+@torch.no_grad()
+def arch_probs(model: nn.Module) -> dict[str, dict[str, list[float]]]:
+    """Per layer {"w": pw, "a": pa, "w_bits": candidates, "a_bits": candidates} as plain lists."""
+    return {n: {"w": [float(v) for v in m.probs_w()], "a": [float(v) for v in m.probs_a()],
+                "w_bits": list(m.w_candidates), "a_bits": list(m.a_candidates)}
+            for n, m in mixed_layers(model).items()}
+
+
+def set_temperature_(model: nn.Module, temperature: float) -> nn.Module:
+    """Set the softmax temperature T of every mixed layer (T=1 is the official plain softmax)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, but got temperature={temperature!r}.")
+    for m in mixed_layers(model).values():
+        m.temperature = float(temperature)
+    return model
+
+
+@contextlib.contextmanager
+def _calibrating(model: nn.Module, clips: bool) -> Iterator[None]:
+    layers = mixed_layers(model).values()
+    for m in layers:
+        m._calibrating, m._calib_clips = True, clips
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._calibrating = False
+
+
+@torch.no_grad()
+def calibrate_supernet_(model: nn.Module, x: Tensor, *, clips: bool = True) -> nn.Module:
+    """From one batch ``x`` (eval-mode forward): set each layer's signed flag (its input has negative
+    values) and, if ``clips``, every candidate's clip to the 99.9th percentile of |input|."""
+    was_training = model.training
+    model.eval()
+    try:
+        with _calibrating(model, clips):
+            model(x)
+    finally:
+        model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def discretize(supernet: nn.Module, policy: BitPolicy) -> nn.Module:
+    """A copy of ``supernet`` with each mixed layer fixed to the policy's bits: a QuantConv2d /
+    QuantLinear with the shared weight and the clip of the chosen activation candidate."""
+    policy.check_fits(supernet)
+    net = copy.deepcopy(supernet)
+    with torch.random.fork_rng(devices=[]):  # module constructors draw a throw-away init
+        _fix_layers_(net, policy)
+    return net
+
+
+def _fix_layers_(net: nn.Module, policy: BitPolicy) -> None:
+    for name, m in mixed_layers(net).items():
+        spec = policy.layers[name]
+        base = (nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                          dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
+                          padding_mode=m.padding_mode) if isinstance(m, nn.Conv2d)
+                else nn.Linear(m.in_features, m.out_features, bias=m.bias is not None))
+        base = base.to(device=m.weight.device, dtype=m.weight.dtype)
+        base.weight.copy_(m.weight)
+        if m.bias is not None:
+            base.bias.copy_(m.bias)
+        q = (QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear).from_float(base, spec)
+        j = m.a_candidates.index(spec.a_bits) if spec.a_bits in m.a_candidates else 0
+        q.act.clip.copy_(m.clips[j].abs())
+        q.act.signed.fill_(m.signed)
+        swap_module(net, name, q)

@@ -1,0 +1,85 @@
+"""``gmpq bitops``: MACs and BitOPs of a model under a bit policy (or uniform bits), both conventions.
+
+Contract used by other tools: with ``--json`` it prints one JSON object with at least ``macs`` (all
+conv + linear MACs per image), ``bitops_quantized`` (searchable layers, MACs x w x a),
+``bitops_total`` (whole network, other layers at 32 x 32) and ``layers`` (``{name, macs, w_bits,
+a_bits, ...}`` per Conv2d/Linear).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from gmpq_core.bitops import BitOpsReport, count_bitops
+from gmpq_core.errors import ConfigError
+
+from ..common_args import (add_model_args, build_seeded_model, load_policy_arg, policy_meta,
+                           resolve_model_options, uniform_policy)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bitops", help="count MACs and BitOPs of a model under a bit policy",
+        description="Count per-layer MACs and BitOPs of a model under a bit policy (--policy FILE) or uniform "
+                    "bits (--w-bits W --a-bits A). BitOPs are reported in both conventions: over the quantized "
+                    "layers only (GMPQ/EdMIPS) and over the whole network with FP layers at 32x32 (HAWQ/OMPQ).")
+    add_model_args(p)
+    g = p.add_argument_group("bits (give --policy, or --w-bits and --a-bits)")
+    g.add_argument("--policy", default=None, metavar="FILE", help="bit policy JSON")
+    g.add_argument("--w-bits", type=int, default=None, metavar="W", help="weight bits of every searchable layer")
+    g.add_argument("--a-bits", type=int, default=None, metavar="A", help="activation bits of every searchable layer")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+
+
+def _check_bit_args(args: argparse.Namespace) -> None:
+    has_bits = args.w_bits is not None or args.a_bits is not None
+    if args.policy is not None and has_bits:
+        raise ConfigError("Give either --policy FILE or --w-bits/--a-bits, not both (got --policy "
+                          f"{args.policy} and --w-bits {args.w_bits} --a-bits {args.a_bits}).")
+    if args.policy is None and not has_bits:
+        raise ConfigError("No bits given. Pass --policy FILE (a bit policy JSON) or uniform bits with "
+                          "--w-bits W --a-bits A (e.g. --w-bits 4 --a-bits 4).")
+    if args.policy is None and (args.w_bits is None or args.a_bits is None):
+        missing = "--a-bits" if args.a_bits is None else "--w-bits"
+        raise ConfigError(f"Uniform bits need both --w-bits and --a-bits, but {missing} is missing "
+                          "(e.g. --w-bits 4 --a-bits 4).")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_bit_args(args)
+    policy = load_policy_arg(args.policy)
+    opts = resolve_model_options(args, sources=[policy_meta(policy)])
+    model = build_seeded_model(opts, seed=0)
+    if policy is None:
+        policy = uniform_policy(model, args.w_bits, args.a_bits)
+    else:
+        policy.check_fits(model)
+    report = count_bitops(model, policy, opts.input_size, opts.in_channels)
+    avg_w, avg_a = policy.average_bits()
+    summary = {**opts.to_dict(), "policy": args.policy, "avg_w_bits": avg_w, "avg_a_bits": avg_a,
+               "gmacs": report.macs / 1e9}
+    if args.json:
+        print(json.dumps({**report.to_dict(), **summary}))
+    else:
+        print(format_table(report, summary))
+    return 0
+
+
+def format_table(report: BitOpsReport, summary: dict) -> str:
+    """A readable per-layer table plus totals in both BitOPs conventions."""
+    width = max([len(c.name) for c in report.layers] + [5])
+    lines = [f"{summary['model']} at {summary['input_size']}x{summary['input_size']}, "
+             f"{summary['in_channels']} input channel(s), {summary['num_classes']} classes"
+             f"{', small-input stem' if summary['small_input'] else ''}",
+             f"{'layer':<{width}}  {'MACs':>14}  {'W':>2}  {'A':>2}  {'BitOPs':>16}  quantized"]
+    for c in report.layers:
+        lines.append(f"{c.name:<{width}}  {c.macs:>14,}  {c.w_bits:>2}  {c.a_bits:>2}  {c.bitops:>16,}  "
+                     f"{'yes' if c.quantized else 'no (FP, 32x32)'}")
+    lines += [f"MACs (all conv + linear): {report.macs:,} ({report.macs / 1e9:.4f} G)",
+              f"BitOPs, quantized layers only (GMPQ/EdMIPS): {report.bitops_quantized:,} "
+              f"({report.bitops_quantized / 1e9:.3f} G)",
+              f"BitOPs, whole network, FP layers at 32x32 (HAWQ/OMPQ): {report.bitops_total:,} "
+              f"({report.bitops_total / 1e9:.3f} G)",
+              f"mean bits over policy layers: W {summary['avg_w_bits']:.2f}, A {summary['avg_a_bits']:.2f}"]
+    return "\n".join(lines)

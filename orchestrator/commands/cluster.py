@@ -1,0 +1,101 @@
+"""``gmpq cluster up|down|status``: a multi-node Ray cluster on this machine (development, tests).
+
+``up`` prints the cluster address on its last line (``ADDR=$(gmpq cluster up --workers 2 | tail -1)``).
+``down`` stops exactly the process groups ``up`` recorded (never ``ray stop``, which would stop
+every Ray node of this user, including the ones tests or other tools started).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("cluster", help="start/stop/inspect a local multi-node Ray cluster",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cluster_command", metavar="ACTION")
+    up = sub.add_parser("up", help="start a head and N worker nodes; prints the address last")
+    up.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")
+    up.add_argument("--cpus-per-node", type=int, default=None,
+                    help="CPUs each worker advertises (default: this machine's CPUs // workers, at least 1)")
+    up.add_argument("--head-cpus", type=int, default=None,
+                    help="CPUs of the head node (default 0 with workers: trials run on the workers)")
+    up.add_argument("--object-store-mb", type=int, default=100, help="object store per node, MiB (default 100)")
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default 180)")
+    down = sub.add_parser("down", help="stop the nodes `up` started")
+    down.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL (default 5)")
+    down.add_argument("--keep-logs", action="store_true", help="keep Ray's temp dir (session logs)")
+    status = sub.add_parser("status", help="show the recorded nodes and what Ray reports")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    for sp in (up, down, status):
+        sp.add_argument("--dir", default=None,
+                        help="state folder (default ~/.cache/gmpq/cluster or $GMPQ_CLUSTER_DIR)")
+    p.set_defaults(func=run, cluster_command=None)
+    p.set_defaults(_parser=p)
+
+
+def run(args) -> int:
+    if args.cluster_command == "up":
+        return _up(args)
+    if args.cluster_command == "down":
+        return _down(args)
+    if args.cluster_command == "status":
+        return _status(args)
+    args._parser.print_help()
+    return 0
+
+
+def _up(args) -> int:
+    from cluster.local import start_local_cluster
+
+    c = start_local_cluster(workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
+                            state_dir=args.dir, object_store_mb=args.object_store_mb, timeout_s=args.timeout)
+    for n in c.nodes:
+        print(f"{n.name}: pgid {n.group.pgid}, {n.num_cpus} CPUs, resources {json.dumps(n.resources)}, log {n.log_path}")
+    print(f"state: {c.state_dir}/cluster.json; stop with: gmpq cluster down --dir {c.state_dir}")
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        print("Ray token auth is on: drivers joining with this HOST:PORT need RAY_AUTH_MODE=token "
+              "(gmpq's own cluster.connect sets it; --address auto finds it without)")
+    print(c.address, flush=True)
+    return 0
+
+
+def _down(args) -> int:
+    from cluster.local import stop_local_cluster
+
+    outcome = stop_local_cluster(args.dir, grace_s=args.grace, keep_temp=args.keep_logs)
+    if not outcome:
+        print("no local cluster recorded; nothing to stop")
+        return 0
+    for name, what in outcome.items():
+        print(f"{name}: {what}")
+    return 1 if "survived" in outcome.values() else 0
+
+
+def _status(args) -> int:
+    from cluster.connect import alive_nodes, connect, disconnect
+    from cluster.local import load_cluster_state, node_status
+
+    c = load_cluster_state(args.dir)
+    if c is None:
+        print("no local cluster recorded")
+        return 1
+    alive = node_status(c)
+    report = {"address": c.address, "processes": alive, "ray_nodes": None}
+    if alive.get("head"):
+        connect(c.address)
+        try:
+            report["ray_nodes"] = [{"node_id": n["NodeID"], "ip": n["NodeManagerAddress"],
+                                    "resources": n["Resources"]} for n in alive_nodes()]
+        finally:
+            disconnect()
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"address: {c.address}")
+    for name, ok in alive.items():
+        print(f"{name}: {'running' if ok else 'not running'}")
+    if report["ray_nodes"] is not None:
+        print(f"Ray reports {len(report['ray_nodes'])} alive node(s)")
+    return 0 if any(alive.values()) else 1

@@ -1,0 +1,171 @@
+"""``gmpq finetune``: quantization-aware fine-tune of one bit policy from FP weights.
+
+Writes ``DIR/quantized.pt`` (state dict of the quantized model; rebuild it with ``apply_policy_``
+and ``DIR/policy.json`` before loading), ``DIR/finetune_result.json`` (top-1/top-5 of the quantized
+and the FP model, BitOPs in both conventions, the policy summary) and per-epoch checkpoints in
+``DIR/checkpoints/``, from which an interrupted run resumes. Without ``--fp-checkpoint`` the FP
+model is trained first (``--fp-epochs``) and kept as ``DIR/fp.pt``.
+
+The single-policy logic lives in ``run_single_finetune(args)`` so that other modes (a Ray Train
+sweep over many policies) can extend the parser and dispatch from ``run``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from torch import nn
+
+from gmpq_core.errors import ConfigError
+from gmpq_core.fileio import atomic_write_json, save_checkpoint
+from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
+from gmpq_core.policy import BitPolicy
+from gmpq_core.train import evaluate
+
+from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args,
+                           build_seeded_model, check_bits, dataset_source, load_policy_arg, policy_meta,
+                           resolve_device, resolve_model_options, uniform_policy)
+from ..progress import ProgressReporter, make_progress
+from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_WEIGHTS, RESULT, POLICY, CHECKPOINTS = "quantized.pt", "finetune_result.json", "policy.json", "checkpoints"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="quantization-aware fine-tune of a bit policy",
+        description="Apply a bit policy (--policy FILE or --uniform W A) to an FP model, calibrate the "
+                    "activation clips on one batch, then fine-tune with SGD + cosine (optionally distilling "
+                    "from the FP model). Resumes from DIR/checkpoints/ when interrupted.")
+    add_single_args(p)
+    p.set_defaults(func=run)
+
+
+def add_single_args(p: argparse.ArgumentParser) -> None:
+    """The options of a single-policy fine-tune (shared with other fine-tune modes)."""
+    add_policy_args(p)
+    add_model_args(p, default_model="resnet20")
+    add_data_args(p)
+    g = p.add_argument_group("FP model")
+    g.add_argument("--fp-checkpoint", default=None, metavar="FILE",
+                   help="FP state dict (fp.pt from 'gmpq train-fp'); without it the FP model is trained first")
+    g.add_argument("--fp-epochs", type=int, default=2, metavar="E",
+                   help="epochs of the FP training without --fp-checkpoint (default 2)")
+    g.add_argument("--fp-lr", type=float, default=0.1, metavar="LR", help="peak learning rate of that FP training")
+    g = p.add_argument_group("fine-tune")
+    g.add_argument("--train-size", type=int, default=None, metavar="N",
+                   help="fine-tune on a stratified subset of N training images (default: the whole split)")
+    g.add_argument("--epochs", type=int, default=1, metavar="E", help="fine-tune epochs (default 1)")
+    g.add_argument("--lr", type=float, default=0.01, metavar="LR", help="peak learning rate (default 0.01)")
+    g.add_argument("--weight-decay", type=float, default=4e-5, metavar="WD", help="weight decay (default 4e-5)")
+    g.add_argument("--distill", action="store_true", help="distil from the FP model (KL at temperature T + CE)")
+    g.add_argument("--distill-alpha", type=float, default=0.5, metavar="ALPHA",
+                   help="weight of the distillation term (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
+                   help="distillation temperature (default 4)")
+    g.add_argument("--include-stem", action="store_true", help="quantize the stem too (8 bits unless in the policy)")
+    g.add_argument("--include-classifier", action="store_true",
+                   help="quantize the classifier too (8 bits unless in the policy)")
+    g.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
+                   help="cap every epoch at N batches (quick checks)")
+    add_run_args(p, default_out="runs/finetune")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_single_finetune(args)
+
+
+def _policy_from_args(args: argparse.Namespace) -> BitPolicy | None:
+    if (args.policy is None) == (args.uniform is None):
+        raise ConfigError("Give exactly one bit policy: --policy FILE (e.g. DIR/policy.json from 'gmpq search') "
+                          "or --uniform W A (e.g. --uniform 4 4), but got "
+                          + ("both." if args.policy is not None else "neither."))
+    if args.uniform is not None:
+        check_bits("--uniform W", args.uniform[0])
+        check_bits("--uniform A", args.uniform[1])
+    return load_policy_arg(args.policy)
+
+
+def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> tuple[nn.Module, str]:
+    """The FP model: from --fp-checkpoint, from an earlier run's DIR/fp.pt, or trained now."""
+    if args.fp_checkpoint is not None:
+        return load_fp_model(args.fp_checkpoint, opts), str(args.fp_checkpoint)
+    kept = out / FP_WEIGHTS
+    if kept.is_file() and (out / FP_RESULT).is_file():
+        print(f"reusing the FP model {kept} from an earlier run", file=sys.stderr)
+        return load_fp_model(kept, opts), str(kept)
+    print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs)", file=sys.stderr)
+    model, _ = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.fp_epochs, lr=args.fp_lr,
+                              max_steps_per_epoch=args.max_steps_per_epoch)
+    return model, str(kept)
+
+
+def run_single_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    policy = _policy_from_args(args)
+    meta = policy_meta(policy)
+    fp_info = fp_result_beside(args.fp_checkpoint or out / FP_WEIGHTS)  # {} when there is none
+    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                            batch_size=args.batch_size, distill=args.distill, distill_alpha=args.distill_alpha,
+                            distill_temperature=args.distill_temperature, seed=args.seed,
+                            max_steps_per_epoch=args.max_steps_per_epoch, include_stem=args.include_stem,
+                            include_classifier=args.include_classifier)
+    dataset = args.dataset or fp_info.get("dataset") or meta.get("target_dataset") or meta.get("dataset")
+    data = load_data(args, train_size=args.train_size, dataset=dataset,
+                     input_size=args.input_size if args.input_size is not None else fp_info.get("input_size"))
+    info, train_split, test_split = data
+    opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
+    if policy is not None:  # fail before a possibly long FP training
+        policy.check_fits(build_seeded_model(opts, args.seed))
+    fp_model, fp_source = _fp_model(args, out, opts, data)
+    if policy is None:
+        policy = uniform_policy(fp_model, *args.uniform, flags=("--uniform W", "--uniform A"),
+                                meta={**opts.to_dict(), "dataset": info.name})
+    train_loader, test_loader = loaders(info, train_split, test_split, batch_size=args.batch_size,
+                                        seed=args.seed, device=device)
+    fp_eval = evaluate(fp_model.to(device), test_loader, device=device)
+    bar = make_progress("finetune epoch")
+    try:
+        result = finetune(fp_model, policy, train_loader, test_loader, config=config, input_size=opts.input_size,
+                          in_channels=opts.in_channels, device=device, checkpoint_dir=out / CHECKPOINTS,
+                          reporter=ProgressReporter("finetune", total_epochs=config.epochs), progress=bar)
+    finally:
+        bar.close()
+    summary = finetune_summary(result, policy, opts, fp_eval, config=config, dataset=info.name,
+                               policy_source=args.policy or f"uniform W{args.uniform[0]}A{args.uniform[1]}",
+                               fp_source=fp_source, train_size=len(train_split), test_size=len(test_split))
+    policy.save(out / POLICY)
+    save_checkpoint(out / QUANTIZED_WEIGHTS, {k: v.detach().cpu() for k, v in result.model.state_dict().items()})
+    atomic_write_json(out / RESULT, summary)
+    b = summary["bitops"]
+    print(f"FP {opts.model}: top-1 {fp_eval['top1']:.2f}%   quantized ({summary['policy']['name']}, "
+          f"mean W {summary['policy']['avg_w_bits']:.2f} A {summary['policy']['avg_a_bits']:.2f}): "
+          f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% after {result.epochs_run} epoch(s)")
+    print(f"BitOPs: {b['gbitops_quantized']:.4f} G over quantized layers, {b['gbitops_total']:.4f} G whole network "
+          f"(FP layers at 32x32); {b['macs'] / 1e6:.2f} M MACs")
+    print(f"wrote {out / QUANTIZED_WEIGHTS}, {out / POLICY} and {out / RESULT}", file=sys.stderr)
+    return 0
+
+
+def finetune_summary(result: FinetuneResult, policy: BitPolicy, opts: ModelOptions, fp_eval: dict, *,
+                     config: FinetuneConfig, dataset: str, policy_source: str, fp_source: str,
+                     train_size: int, test_size: int) -> dict:
+    """The JSON-able record of one fine-tune (no tensors)."""
+    avg_w, avg_a = policy.average_bits()
+    bitops = result.bitops.to_dict()
+    return {"top1": result.top1, "top5": result.top5, "fp_top1": fp_eval["top1"], "fp_top5": fp_eval["top5"],
+            "top1_drop": fp_eval["top1"] - result.top1, "epochs_run": result.epochs_run,
+            "seconds": result.seconds,
+            "bitops": {k: bitops[k] for k in ("macs", "bitops_quantized", "bitops_total", "gbitops_quantized",
+                                              "gbitops_total")},
+            "policy": {"name": policy_source, "n_layers": len(policy.layers), "avg_w_bits": avg_w,
+                       "avg_a_bits": avg_a, "fingerprint": policy.fingerprint, "meta": dict(policy.meta)},
+            "layers": bitops["layers"], **opts.to_dict(), "dataset": dataset, "fp_checkpoint": fp_source,
+            "train_size": train_size, "test_size": test_size, "config": config.to_dict(),
+            "history": result.history}

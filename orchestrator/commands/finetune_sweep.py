@@ -1,0 +1,87 @@
+"""The ``--sweep DIR`` mode of ``gmpq finetune``: Ray Train fine-tune of a sweep's selected policies.
+
+    gmpq finetune --sweep runs/demo --top-k 2 --workers 2 --epochs 1
+
+Not a subcommand of its own: ``orchestrator/commands/finetune.py`` adds these options with
+``add_sweep_args(parser)`` and calls ``run_sweep_finetune(args)`` when ``--sweep`` is given.
+Options that parser already defines (``--epochs``, ``--lr``, ``--batch-size``, ``--train-size``,
+``--test-size``, ``--max-steps-per-epoch``, ...) are reused, not redefined. Values left unset (None)
+come from the sweep config's ``finetune`` section.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage"]
+
+
+def register(subparsers: Any) -> None:
+    """No subcommand: cli.py discovers every module here, this one only extends ``gmpq finetune``."""
+    return None
+
+
+def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
+    """Add an option unless the parser already has one of these flags (then the existing one serves)."""
+    try:
+        parser.add_argument(*flags, **kwargs)
+    except argparse.ArgumentError:
+        pass
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sweep mode (Ray Train fine-tune of a sweep's selected policies)")
+    g.add_argument("--sweep", default=None, metavar="DIR",
+                   help="sweep folder: fine-tune its selected Pareto policies on the full target data")
+    _add(g, "--top-k", type=int, default=None, metavar="K",
+                   help="reselect K policies first (default: pareto.parquet's selection, else finetune.top_k)")
+    _add(g, "--workers", type=int, default=None, metavar="N",
+                   help="Ray Train data-parallel workers per policy (default: the sweep's finetune.workers)")
+    _add(g, "--test-size", type=int, default=None, metavar="N",
+                   help="evaluate on a stratified slice of N test images (default: the full test split)")
+    _add(g, "--address", default=None, metavar="ADDR",
+                   help="Ray cluster to join ('auto', 'ray://host:10001'; default: the sweep's, else local)")
+    _add(g, "--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: the sweep's)")
+    _add(g, "--epochs", type=int, default=None, metavar="E", help="fine-tune epochs")
+    _add(g, "--lr", type=float, default=None, metavar="LR", help="peak learning rate")
+    _add(g, "--batch-size", type=int, default=None, metavar="B", help="global batch size")
+    _add(g, "--train-size", type=int, default=None, metavar="N", help="train on a stratified slice of N images")
+    _add(g, "--max-steps-per-epoch", type=int, default=None, metavar="N", help="cap the steps per epoch")
+
+
+def format_final_table(final: Any) -> str:
+    """Plain aligned table of final.parquet rows."""
+    head = ["trial_id", "transfer_top1", "final_top1", "final_top5", "GBitOPs", "epochs", "workers", "seconds"]
+    rows = [[str(r["trial_id"]), f"{r['transfer_top1']:.2f}", f"{r['final_top1']:.2f}", f"{r['final_top5']:.2f}",
+             f"{r['gbitops']:.4f}", str(int(r["epochs"])), str(int(r["workers"])), f"{r['seconds']:.0f}"]
+            for r in final.sort_values("gbitops").to_dict("records")]
+    widths = [max([len(h)] + [len(x[i]) for x in rows]) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(x) for x in rows])
+
+
+def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> Any:
+    from orchestrator.train_stage import finetune_selected
+
+    return finetune_selected(
+        sweep_dir, top_k=getattr(args, "top_k", None), workers=getattr(args, "workers", None),
+        epochs=getattr(args, "epochs", None), batch_size=getattr(args, "batch_size", None),
+        lr=getattr(args, "lr", None), max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
+        train_size=getattr(args, "train_size", None), test_size=getattr(args, "test_size", None),
+        tracking_uri=getattr(args, "tracking_uri", None), address=getattr(args, "address", None), say=say)
+
+
+def run_sweep_finetune(args: argparse.Namespace) -> int:
+    from orchestrator.train_stage import FINAL_PNG
+    from orchestrator.results import FINAL_FILE
+
+    sweep_dir = Path(args.sweep).expanduser().resolve()
+    final = finetune_stage(sweep_dir, args,
+                           say=lambda msg: print(f"gmpq finetune: {msg}", file=sys.stderr, flush=True))
+    print(format_final_table(final))
+    print(f"Table: {sweep_dir / FINAL_FILE}\nPlot:  {sweep_dir / FINAL_PNG}")
+    return 0

@@ -1,0 +1,65 @@
+"""``gmpq pareto``: the Pareto front of a sweep and the K policies selected for the final fine-tune.
+
+    gmpq pareto --sweep runs/demo --top-k 3
+
+Reads DIR/trials.parquet; writes DIR/pareto.parquet (non-dominated completed trials on transfer_top1
+up / bitops down, with ``selected`` and ``selection_reason``) and DIR/pareto.png, prints the table,
+and adds both to the sweep's MLflow parent run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run", "pareto_stage"]
+
+
+def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *, mlflow: bool = True) -> Any:
+    """write_pareto + MLflow logging; returns the Pareto DataFrame (shared with ``gmpq run``)."""
+    from orchestrator.mlflow_sink import log_pareto
+    from orchestrator.pareto import PARETO_PNG, write_pareto
+    from orchestrator.results import load_resolved_config
+
+    front = write_pareto(sweep_dir, top_k)
+    if mlflow:
+        uri = tracking_uri or load_resolved_config(sweep_dir).get("tracking_uri")
+        log_pareto(uri, sweep_dir, front, sweep_dir / PARETO_PNG)
+    return front
+
+
+def print_pareto(sweep_dir: Path, front: Any) -> None:
+    from orchestrator.pareto import PARETO_PNG, format_pareto_table
+    from orchestrator.results import PARETO_FILE, load_resolved_config, read_trials
+
+    buckets = load_resolved_config(sweep_dir).get("budget_buckets") or []
+    trials = read_trials(sweep_dir)
+    counts = trials["status"].value_counts().to_dict()
+    print(f"Pareto front of {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}): "
+          f"{len(front)} non-dominated, {int(front['selected'].sum()) if len(front) else 0} selected (*)")
+    print(format_pareto_table(front, buckets))
+    print(f"Table: {sweep_dir / PARETO_FILE}\nPlot:  {sweep_dir / PARETO_PNG}")
+
+
+def run(args: argparse.Namespace) -> int:
+    sweep_dir = Path(args.sweep).expanduser().resolve()
+    front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow)
+    print_pareto(sweep_dir, front)
+    if front.empty:
+        print("gmpq pareto: no completed trial with transfer_top1 and bitops: nothing to select.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("pareto", help="Pareto front of a sweep + selection of K policies",
+                              description=__doc__.replace("``", ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="policies to select (default: the sweep config's finetune.top_k)")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (default: the sweep's, from DIR/sweep_config.yaml)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the table and plot to MLflow")
+    p.set_defaults(func=run)

@@ -1,0 +1,91 @@
+"""``gmpq run``: the whole job in one command: sweep -> Pareto selection -> Ray Train fine-tune.
+
+    gmpq run --preset demo --out runs/demo
+    gmpq run --config my_sweep.yaml --n-trials 12 --top-k 3 --workers 2
+
+Same sweep flags as ``gmpq sweep`` (they override the preset / config file) plus the fine-tune
+stage's ``--top-k``, ``--workers``, ``--finetune-epochs``. ``--resume`` continues every stage of an
+interrupted run in the same folder (finished trials and fine-tune epochs are not redone). Ends with
+the final Pareto table, the plot paths and the command that opens the results in MLflow.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gmpq_core.errors import GMPQError
+
+__all__ = ["register", "run", "mlflow_ui_hint"]
+
+
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} (MLflow tracking server)"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
+def _say(msg: str) -> None:
+    print(f"gmpq run: {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.commands.finetune_sweep import finetune_stage, format_final_table
+    from orchestrator.commands.pareto import pareto_stage, print_pareto
+    from orchestrator.commands.sweep import format_summary, overrides_from_args
+    from orchestrator.ray_env import ray_session
+    from orchestrator.results import FINAL_FILE
+    from orchestrator.sweep_config import load_sweep_config
+    from orchestrator.train_stage import FINAL_PNG
+
+    overrides = {**overrides_from_args(args), "finetune.top_k": args.top_k, "finetune.workers": args.workers,
+                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps}
+    cfg = load_sweep_config(args.config, preset=args.preset, overrides=overrides)   # ConfigError -> exit 2
+    from orchestrator.sweep import run_sweep                                        # lazy: Ray/Optuna imports
+
+    t0 = time.perf_counter()
+    resolved = cfg.resolved()
+    sweep_dir = Path(resolved.out_dir)
+    with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
+        _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
+        summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
+        print(format_summary(summary), flush=True)
+        if summary.n_completed == 0:
+            raise GMPQError(f"No trial of the sweep completed ({summary.n_pruned} pruned, {summary.n_failed} failed), "
+                            f"so there is nothing to select. See {sweep_dir / 'trials.parquet'} and the Ray trial "
+                            "folders; fix the cause and rerun with --resume.")
+        _say("2/3 Pareto front and selection")
+        front = pareto_stage(sweep_dir, None, resolved.tracking_uri)
+        _say(f"3/3 final fine-tune of {int(front['selected'].sum())} policies with Ray Train")
+        ft_args = argparse.Namespace(top_k=None, workers=None, epochs=None, tracking_uri=resolved.tracking_uri,
+                                     address=None)
+        final = finetune_stage(sweep_dir, ft_args, say=_say)
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"\n== gmpq run finished in {minutes:.1f} min: {summary.n_completed} completed, {summary.n_pruned} pruned, "
+          f"{summary.n_failed} failed trials ==")
+    print_pareto(sweep_dir, front)
+    print("\nFinal fine-tune (full target data):")
+    print(format_final_table(final))
+    print(f"Table: {sweep_dir / FINAL_FILE}\nPlot:  {sweep_dir / FINAL_PNG}")
+    print(f"\nOpen the results in MLflow:\n  {mlflow_ui_hint(resolved.tracking_uri)}")
+    if resolved.optuna_storage:
+        print(f"Optuna study:\n  optuna-dashboard {resolved.optuna_storage}")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    from orchestrator.commands.sweep import add_sweep_args
+
+    p = subparsers.add_parser("run", help="sweep -> Pareto -> Ray Train fine-tune, in one command",
+                              description=__doc__.replace("``", ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_args(p)
+    g = p.add_argument_group("final fine-tune")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="policies to fine-tune (finetune.top_k)")
+    g.add_argument("--workers", type=int, default=None, metavar="N", help="Ray Train workers (finetune.workers)")
+    g.add_argument("--finetune-epochs", type=int, default=None, metavar="E", help="fine-tune epochs (finetune.epochs)")
+    g.add_argument("--finetune-max-steps", type=int, default=None, metavar="N",
+                   help="cap the fine-tune steps per epoch (quick checks; finetune.max_steps_per_epoch)")
+    p.set_defaults(func=run)

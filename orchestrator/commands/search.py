@@ -1,0 +1,138 @@
+"""``gmpq search``: one GMPQ search on a proxy dataset; writes ``DIR/policy.json`` and ``DIR/result.json``.
+
+Settings come from the built-in defaults, then ``--config FILE`` (YAML whose keys mirror
+``SearchJob``: model, dataset, proxy_size, ..., and ``search:`` with ``SearchConfig`` keys), then
+the command-line flags. The FP teacher is trained on the proxy once and cached (``cache_dir``).
+``gmpq finetune --policy DIR/policy.json`` deploys the result (the policy's meta names the model).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gmpq_core.errors import ConfigError
+from gmpq_core.fileio import atomic_write_json
+from gmpq_core.jobs import SearchJob, check_job_budget, get_teacher, run_search_job
+from gmpq_core.search_config import SearchResult
+
+from ..progress import ProgressReporter, make_progress
+
+log = logging.getLogger(__name__)
+
+POLICY_FILE, RESULT_FILE = "policy.json", "result.json"
+
+# flag dest -> (level, key): "job" keys live at the top of the YAML, "search" keys under search:
+_FLAG_KEYS = {"model": ("job", "model"), "dataset": ("job", "dataset"), "data_root": ("job", "data_root"),
+              "proxy_size": ("job", "proxy_size"), "teacher_epochs": ("job", "teacher_epochs"),
+              "cache_dir": ("job", "cache_dir"), "device": ("job", "device"), "eval_size": ("job", "eval_size"),
+              "seed": ("search", "seed"), "eta": ("search", "eta"), "lam": ("search", "lam"),
+              "p_mode": ("search", "p_mode"), "penalty": ("search", "penalty"), "epochs": ("search", "epochs"),
+              "batch_size": ("search", "batch_size"), "max_steps_per_epoch": ("search", "max_steps_per_epoch")}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "search", help="search a mixed-precision bit policy with GMPQ on a proxy dataset",
+        description="Search per-layer weight/activation bitwidths with GMPQ (attribution-rank-preserving "
+                    "differentiable search) on a small proxy dataset; writes DIR/policy.json and DIR/result.json.")
+    p.add_argument("--config", metavar="FILE", help="YAML with SearchJob keys and a 'search:' mapping")
+    p.add_argument("--model", help="model name (default resnet20)")
+    p.add_argument("--dataset", help="proxy dataset (default fashion_mnist)")
+    p.add_argument("--data-root", metavar="DIR", help="where the dataset files are")
+    p.add_argument("--proxy-size", type=int, metavar="N", help="stratified proxy of N training images (default 2000)")
+    p.add_argument("--eval-size", type=int, metavar="N", help="test images measuring proxy top-1 (default 1000)")
+    p.add_argument("--seed", type=int, help="seed of the teacher, the supernet and the data order (default 0)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--budget-avg-bits", type=float, metavar="B",
+                        help="budget = BitOPs of the uniform WbAb policy on the searchable layers")
+    budget.add_argument("--budget-gbitops", type=float, metavar="G", help="budget in GBitOPs (quantized layers)")
+    p.add_argument("--eta", type=float, help="weight of the attribution loss (default 40)")
+    p.add_argument("--lam", type=float, help="weight of the complexity penalty (default 3e-4)")
+    p.add_argument("--p-mode", choices=("capacity", "fixed"), help="capacity-aware p (default) or fixed p")
+    p.add_argument("--penalty", choices=("hinge", "official"), help="budget hinge (default) or official lambda-only")
+    p.add_argument("--epochs", type=int, help="search epochs (default 25)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="search batch size (default 256)")
+    p.add_argument("--max-steps-per-epoch", type=int, metavar="N", help="cap every epoch at N batches")
+    p.add_argument("--teacher-epochs", type=int, metavar="E", help="FP teacher epochs on the proxy (default 3)")
+    p.add_argument("--cache-dir", metavar="DIR", help="teacher cache (default ~/.cache/gmpq)")
+    p.add_argument("--device", help="torch device (default cpu)")
+    p.add_argument("--out", default="runs/search", metavar="DIR", help="output folder (default runs/search)")
+    p.set_defaults(func=run)
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"Cannot read the config file '{path}' ({e.strerror}). Check the path.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"The config file '{path}' is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or e}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"The config file '{path}' must hold a mapping of settings (model: ..., search: ...), "
+                          f"but it holds a {type(data).__name__}.")
+    return data
+
+
+def build_job(args: argparse.Namespace) -> SearchJob:
+    """Defaults < YAML (``--config``) < flags."""
+    d = _read_yaml(args.config) if args.config else {}
+    search = d.get("search") or {}
+    if not isinstance(search, dict):
+        raise ConfigError(f"'search' in '{args.config}' must be a mapping of search settings, but got {search!r}.")
+    d, search = dict(d), dict(search)
+    for dest, (level, key) in _FLAG_KEYS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            (d if level == "job" else search)[key] = value
+    if args.budget_avg_bits is not None:
+        search["budget"] = {"avg_bits": args.budget_avg_bits}
+    elif args.budget_gbitops is not None:
+        search["budget"] = {"gbitops": args.budget_gbitops}
+    d["search"] = search
+    return SearchJob.from_dict(d)
+
+
+def format_summary(result: SearchResult, out: Path) -> str:
+    lines = [f"{'layer':28s} {'W':>2s} {'A':>2s}"]
+    lines += [f"{name:28s} {s.w_bits:2d} {s.a_bits:2d}" for name, s in result.policy.layers.items()]
+    w, a = result.policy.average_bits()
+    budget = (f"{result.budget_bitops / 1e9:.4f} GBitOPs" if result.budget_bitops is not None else "none")
+    lines += [f"BitOPs (quantized layers): {result.bitops_quantized / 1e9:.4f} G; budget {budget}; "
+              f"whole network (FP layers at 32x32): {result.bitops_total / 1e9:.4f} G",
+              f"mean bits: W {w:.2f}, A {a:.2f}; proxy top-1 {result.proxy_top1:.2f}%; ARD {result.ard:.4f}; "
+              f"p {result.p:.3f}; {result.epochs_run} epochs in {result.search_seconds:.1f} s",
+              f"wrote {out / POLICY_FILE} and {out / RESULT_FILE}"]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    job = build_job(args)
+    out = Path(args.out)
+    check_job_budget(job)  # an impossible budget fails before the teacher is trained
+    bar = make_progress("teacher epoch")
+    try:
+        get_teacher(job, progress=bar, reporter=ProgressReporter("teacher", total_epochs=job.teacher_epochs))
+    finally:
+        bar.close()
+    bar = make_progress("search epoch")
+    try:
+        result = run_search_job(job, progress=bar, reporter=ProgressReporter("search", total_epochs=job.search.epochs))
+    finally:
+        bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    result.policy.save(out / POLICY_FILE)
+    atomic_write_json(out / RESULT_FILE, {**result.to_dict(), "job": job.to_dict()})
+    print(format_summary(result, out), file=sys.stdout)
+    return 0

@@ -1,0 +1,95 @@
+"""``gmpq sweep``: run (or resume) a Ray Tune + Optuna sweep of GMPQ searches.
+
+    gmpq sweep --preset demo --n-trials 4 --epochs 1 --out runs/demo
+    gmpq sweep --config my_sweep.yaml --name try2
+    gmpq sweep --out runs/demo --resume        (continues from runs/demo/sweep_config.yaml)
+
+Flags override the preset / config file; the resolved config is saved as DIR/sweep_config.yaml.
+``add_sweep_args`` and ``config_from_args`` are shared with ``gmpq run``.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run"]
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    from search_spaces.presets import list_presets
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="FILE", help="sweep config YAML (may name a 'preset:' to start from)")
+    src.add_argument("--preset", metavar="NAME", help=f"bundled preset: {', '.join(list_presets())}")
+    p.add_argument("--n-trials", type=int, default=None, metavar="N", help="number of trials")
+    p.add_argument("--epochs", type=int, default=None, metavar="E", help="search epochs per trial (fixed)")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="K", help="trials running at once")
+    p.add_argument("--out", default=None, metavar="DIR", help="sweep folder (default runs/<name>)")
+    p.add_argument("--name", default=None, help="sweep name (Tune experiment, Optuna study, MLflow experiment)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampler, data slices and teachers")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in the same folder")
+    p.add_argument("--tracking-uri", default=None, metavar="URI",
+                   help="MLflow tracking URI (default sqlite:///<DIR>/mlflow.db; http://host:5000 for a server)")
+    p.add_argument("--optuna-storage", default=None, metavar="URL",
+                   help="Optuna storage URL (default sqlite:///<DIR>/optuna.db)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="join a Ray cluster ('auto', 'ray://host:10001'); default: start a local one")
+    p.add_argument("--storage", default=None, metavar="PATH",
+                   help="Ray Tune storage path (shared by every node; default <DIR>/ray_results)")
+    p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": args.out,
+            "name": args.name, "seed": args.seed, "tracking_uri": args.tracking_uri,
+            "optuna_storage": args.optuna_storage, "address": args.address, "storage_path": args.storage,
+            "space.search_epochs": args.epochs}
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """SweepConfig from --config/--preset and the override flags (ConfigError -> exit 2)."""
+    from pathlib import Path
+
+    from orchestrator.sweep_config import load_sweep_config
+
+    path = args.config
+    if getattr(args, "resume", False) and path is None and args.preset is None and (args.out or args.name):
+        path = Path(args.out or Path("runs") / args.name) / "sweep_config.yaml"   # resume from the saved config
+        if not path.exists():
+            from gmpq_core.errors import ConfigError
+            raise ConfigError(f"Nothing to resume: '{path}' does not exist. Check --out (the sweep folder).")
+    return load_sweep_config(path, preset=args.preset, overrides=overrides_from_args(args))
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
+def format_summary(summary: Any, tracking_uri: str | None = None) -> str:
+    lines = [f"{'trial':<14} {'status':<10} {'budget':>6} {'proxy%':>7} {'transfer%':>9} {'GBitOPs':>8}"]
+    for r in sorted(summary.rows, key=lambda r: (r["status"] != "completed", -(r["transfer_top1"] or 0))):
+        lines.append(f"{r['trial_id']:<14} {r['status']:<10} {_fmt(r['budget_avg_bits'], '.2f'):>6} "
+                     f"{_fmt(r['proxy_top1'], '.2f'):>7} {_fmt(r['transfer_top1'], '.2f'):>9} "
+                     f"{_fmt(r['gbitops'], '.4f'):>8}")
+    lines.append(f"{summary.n_completed} completed, {summary.n_pruned} pruned, {summary.n_failed} failed in "
+                 f"{summary.wall_seconds / 60:.1f} min. Results: {summary.sweep_dir}/trials.parquet")
+    if tracking_uri:
+        lines.append(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import run_sweep
+
+    cfg = config_from_args(args)
+    summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
+    print(format_summary(summary, cfg.resolved().tracking_uri))
+    return 0 if summary.n_completed > 0 else 1
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("sweep", help="Ray Tune + Optuna sweep of GMPQ searches",
+                              description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sweep_args(p)
+    p.set_defaults(func=run)
+

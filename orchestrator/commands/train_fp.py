@@ -1,0 +1,128 @@
+"""``gmpq train-fp``: train a full-precision model and write ``DIR/fp.pt`` + ``DIR/fp_result.json``.
+
+``fp.pt`` is the model's state dict (read back with ``torch.load(weights_only=True)``), written
+atomically; ``fp_result.json`` holds the test metrics, the model options (so later stages can
+rebuild the same architecture) and the per-epoch history.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from gmpq_core.data import load_dataset, make_loader, proxy
+from gmpq_core.errors import CheckpointError
+from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from gmpq_core.train import TrainConfig, TrainResult, train_fp
+
+from ..common_args import (ModelOptions, add_data_args, add_model_args, add_run_args, build_seeded_model,
+                           resolve_device, resolve_model_options)
+from ..progress import ProgressReporter, make_progress
+
+log = logging.getLogger(__name__)
+
+FP_WEIGHTS, FP_RESULT = "fp.pt", "fp_result.json"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train-fp", help="train a full-precision model",
+        description="Train a full-precision model with SGD (Nesterov) and a cosine schedule; write DIR/fp.pt "
+                    "(state dict) and DIR/fp_result.json (top-1/top-5, model options, history).")
+    add_model_args(p, default_model="resnet20")
+    add_data_args(p)
+    p.add_argument("--proxy-size", type=int, default=None, metavar="N",
+                   help="train on a stratified subset of N training images (default: the whole split)")
+    p.add_argument("--epochs", type=int, default=2, metavar="E", help="epochs (default 2)")
+    p.add_argument("--lr", type=float, default=0.1, metavar="LR", help="peak learning rate (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, metavar="WD", help="weight decay (default 5e-4)")
+    p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
+                   help="cap every epoch at N batches (quick checks)")
+    add_run_args(p, default_out="runs/fp")
+    p.set_defaults(func=run)
+
+
+def load_data(args: argparse.Namespace, *, train_size: int | None, input_size: int | None,
+              dataset: str | None = None) -> tuple[Any, Any, Any]:
+    """(info, train split, test split) of ``dataset`` (default: ``--dataset``), subsets stratified by ``--seed``."""
+    name = dataset or args.dataset or args.default_dataset
+    bundle = load_dataset(name, root=args.data_root, image_size=input_size)
+    return (bundle.info, proxy(bundle.train, train_size, seed=args.seed),
+            proxy(bundle.test, args.test_size, seed=args.seed))
+
+
+def loaders(info: Any, train_split: Any, test_split: Any, *, batch_size: int, seed: int, device: str):
+    train = make_loader(train_split, info, batch_size=batch_size, train=True, seed=seed, device=device)
+    test = make_loader(test_split, info, batch_size=max(batch_size, 256), train=False, seed=seed, device=device)
+    return train, test
+
+
+def train_fp_stage(args: argparse.Namespace, *, out: Path, opts: ModelOptions, data: tuple[Any, Any, Any],
+                   epochs: int, lr: float, weight_decay: float = 5e-4,
+                   max_steps_per_epoch: int | None = None) -> tuple[nn.Module, dict]:
+    """Train the FP model ``opts`` on ``data`` = (info, train, test); write ``out/fp.pt`` + ``out/fp_result.json``."""
+    device = resolve_device(args.device)
+    info, train_split, test_split = data
+    model = build_seeded_model(opts, args.seed)
+    config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=args.batch_size,
+                         seed=args.seed, max_steps_per_epoch=max_steps_per_epoch)
+    train_loader, test_loader = loaders(info, train_split, test_split, batch_size=args.batch_size,
+                                        seed=args.seed, device=device)
+    bar = make_progress("train-fp epoch")
+    try:
+        result = train_fp(model, train_loader, test_loader, config=config, device=device, progress=bar,
+                          reporter=ProgressReporter("train-fp", total_epochs=epochs))
+    finally:
+        bar.close()
+    summary = fp_summary(result, opts, info.name, config, train_size=len(train_split), test_size=len(test_split))
+    save_checkpoint(out / FP_WEIGHTS, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    atomic_write_json(out / FP_RESULT, summary)
+    return model, summary
+
+
+def fp_summary(result: TrainResult, opts: ModelOptions, dataset: str, config: TrainConfig, *,
+               train_size: int, test_size: int) -> dict:
+    return {"top1": result.top1, "top5": result.top5, "loss": result.loss, "epochs_run": result.epochs_run,
+            "seconds": result.seconds, **opts.to_dict(), "dataset": dataset, "train_size": train_size,
+            "test_size": test_size, "config": config.to_dict(), "history": result.history}
+
+
+def load_fp_model(path: str | Path, opts: ModelOptions) -> nn.Module:
+    """Build the model for ``opts`` and load the FP state dict at ``path`` (CheckpointError if it does not fit)."""
+    model = build_seeded_model(opts, seed=0)
+    state = load_checkpoint(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' does not hold a state dict; give the fp.pt written by 'gmpq train-fp'.")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"The FP checkpoint '{path}' does not fit model {opts.model} (in_channels={opts.in_channels}, "
+            f"num_classes={opts.num_classes}, small_input={opts.small_input}): "
+            f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}. Pass the --model, --in-channels, "
+            "--num-classes and --small-input it was trained with.") from None
+    return model
+
+
+def fp_result_beside(path: str | Path) -> dict:
+    """The fp_result.json written next to an FP checkpoint, or {} when there is none."""
+    p = Path(path).with_name(FP_RESULT)
+    return read_json(p) if p.is_file() else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    data = load_data(args, train_size=args.proxy_size, input_size=args.input_size)
+    opts = resolve_model_options(args, dataset_info=data[0])
+    _, summary = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.epochs, lr=args.lr,
+                                weight_decay=args.weight_decay, max_steps_per_epoch=args.max_steps_per_epoch)
+    print(f"FP {opts.model} on {summary['dataset']} ({summary['train_size']} training images, "
+          f"{summary['epochs_run']} epochs, {summary['seconds']:.0f} s): test top-1 {summary['top1']:.2f}%, "
+          f"top-5 {summary['top5']:.2f}%")
+    print(f"wrote {out / FP_WEIGHTS} and {out / FP_RESULT}", file=sys.stderr)
+    return 0

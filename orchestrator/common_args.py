@@ -1,0 +1,172 @@
+"""Argparse helpers shared by the subcommands: model, data and run options, and their resolution.
+
+Model options resolve with this precedence: the command line, then the policy's ``meta`` (keys
+``model``, ``dataset``, ``in_channels``, ``num_classes``, ``small_input``, ``input_size``), then an
+FP result file written beside an FP checkpoint, then the dataset, then built-in defaults.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from gmpq_core.errors import ConfigError
+from gmpq_core.models import build_model, list_models
+from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
+from gmpq_core.train import seeded
+
+__all__ = ["add_model_args", "add_data_args", "add_run_args", "add_policy_args", "ModelOptions",
+           "resolve_model_options", "build_seeded_model", "resolve_device", "load_policy_arg",
+           "uniform_policy", "policy_meta", "dataset_source", "check_bits", "SMALL_INPUT_MAX_PX",
+           "META_KEYS"]
+
+log = logging.getLogger(__name__)
+
+SMALL_INPUT_MAX_PX = 64  # images up to this side default to the small-input stem (3x3 stride 1, no max-pool)
+META_KEYS = ("model", "dataset", "target_dataset", "in_channels", "num_classes", "small_input", "input_size")
+
+
+def add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, metavar="NAME",
+                   help=f"model name ({', '.join(list_models())})" + (f"; default {default_model}" if default_model
+                                                                      else ""))
+    g.add_argument("--input-size", type=int, default=None, metavar="PX", help="input image side in pixels")
+    g.add_argument("--in-channels", type=int, default=None, metavar="C", help="input channels")
+    g.add_argument("--num-classes", type=int, default=None, metavar="K", help="number of classes")
+    g.add_argument("--small-input", action=argparse.BooleanOptionalAction, default=None,
+                   help="3x3 stride-1 stem without max-pool (default: on for images up to "
+                        f"{SMALL_INPUT_MAX_PX} px)")
+    p.set_defaults(default_model=default_model)
+
+
+def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion_mnist") -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=None, metavar="NAME",
+                   help=f"dataset name (fashion_mnist, mnist5k, digits, cifar10, imagefolder:PATH); "
+                        f"default {default_dataset}")
+    g.add_argument("--data-root", default=None, metavar="DIR", help="where the dataset files are")
+    g.add_argument("--test-size", type=int, default=None, metavar="N",
+                   help="evaluate on a stratified subset of N test images (default: the whole test split)")
+    g.add_argument("--batch-size", type=int, default=128, metavar="B", help="batch size (default 128)")
+    p.set_defaults(default_dataset=default_dataset)
+
+
+def add_run_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and augmentation")
+    g.add_argument("--out", default=default_out, metavar="DIR", help=f"output folder (default {default_out})")
+
+
+def add_policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("bit policy (one of)")
+    g.add_argument("--policy", default=None, metavar="FILE", help="bit policy JSON (e.g. from 'gmpq search')")
+    g.add_argument("--uniform", nargs=2, type=int, default=None, metavar=("W", "A"),
+                   help="the same W-bit weights and A-bit activations in every searchable layer")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelOptions:
+    model: str
+    input_size: int
+    in_channels: int
+    num_classes: int
+    small_input: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pick(key: str, cli: Any, sources: Sequence[Mapping[str, Any]], default: Any) -> Any:
+    if cli is not None:
+        return cli
+    for src in sources:
+        if src and src.get(key) is not None:
+            return src[key]
+    return default
+
+
+def _positive_int(name: str, flag: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, but got {flag} {value!r}.")
+    return value
+
+
+def dataset_source(info: Any) -> dict:
+    """The model options a dataset implies (input channels, classes, image side)."""
+    return {"in_channels": info.in_channels, "num_classes": info.num_classes, "input_size": info.image_size,
+            "dataset": info.name}
+
+
+def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping[str, Any]] = (),
+                          dataset_info: Any = None) -> ModelOptions:
+    """Model options from ``args``, then each of ``sources`` in order (e.g. an FP result, the policy's
+    meta), then ``dataset_info``; ``small_input`` defaults to on for datasets of small images."""
+    data = dataset_source(dataset_info) if dataset_info is not None else {}
+    model = _pick("model", args.model, sources, getattr(args, "default_model", None))
+    if model is None:
+        raise ConfigError(f"No model given. Pass --model NAME (one of: {', '.join(list_models())}).")
+    if model not in list_models():
+        raise ConfigError(f"Unknown model '{model}'. Available models: {', '.join(list_models())}; "
+                          "pass one of them with --model.")
+    input_size = _pick("input_size", args.input_size, [*sources, data], None)
+    if input_size is None:
+        raise ConfigError("No input size given. Pass --input-size PX (e.g. 224 for ImageNet-sized images, "
+                          "28 for Fashion-MNIST).")
+    input_size = _positive_int("the input size", "--input-size", input_size)
+    in_channels = _positive_int("the number of input channels", "--in-channels",
+                                _pick("in_channels", args.in_channels, [*sources, data], 3))
+    num_classes = _positive_int("the number of classes", "--num-classes",
+                                _pick("num_classes", args.num_classes, [*sources, data], 10))
+    small = _pick("small_input", args.small_input, sources, None)
+    if small is None:
+        small = input_size <= SMALL_INPUT_MAX_PX if dataset_info is not None else False
+    return ModelOptions(model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                        small_input=bool(small))
+
+
+def build_seeded_model(opts: ModelOptions, seed: int) -> nn.Module:
+    """A freshly initialised model for ``opts``; the init depends on ``seed`` only (global RNG untouched)."""
+    with seeded(seed):
+        return build_model(opts.model, num_classes=opts.num_classes, in_channels=opts.in_channels,
+                           small_input=opts.small_input)
+
+
+def resolve_device(name: str) -> str:
+    """Check a torch device string; asking for CUDA on a machine without it raises ConfigError."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"Unknown device {name!r}; use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asks for CUDA, but this machine has no usable GPU; use --device cpu.")
+    return str(dev)
+
+
+def check_bits(flag: str, value: int) -> int:
+    if not MIN_BITS <= value <= MAX_BITS:
+        raise ConfigError(f"{flag} must be in {MIN_BITS}..{MAX_BITS}, but got {flag} {value}. Give a bitwidth "
+                          f"between {MIN_BITS} and {MAX_BITS} (e.g. {flag} 4); 32-bit layers are the FP ones "
+                          "outside the policy.")
+    return value
+
+
+def uniform_policy(model: nn.Module, w_bits: int, a_bits: int, flags: tuple[str, str] = ("--w-bits", "--a-bits"),
+                   meta: Mapping[str, Any] | None = None) -> BitPolicy:
+    policy = BitPolicy.uniform(model, check_bits(flags[0], w_bits), check_bits(flags[1], a_bits))
+    return BitPolicy(layers=policy.layers, fingerprint=policy.fingerprint, meta={**policy.meta, **(meta or {})})
+
+
+def load_policy_arg(path: str | None) -> BitPolicy | None:
+    """Load ``--policy FILE`` (None when not given); unreadable or invalid files raise PolicyMismatchError."""
+    return BitPolicy.load(Path(path)) if path is not None else None
+
+
+def policy_meta(policy: BitPolicy | None) -> dict:
+    return {k: policy.meta[k] for k in META_KEYS if policy is not None and k in policy.meta}

@@ -1,0 +1,370 @@
+"""MLflow view of a sweep, logged from the Ray driver only (SQLite allows one writer at a time).
+
+Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlflow.db``):
+- one parent run per sweep (id kept in ``<sweep_dir>/mlflow_parent.json`` so a resumed sweep reuses it)
+  with the resolved config as a few flattened params and ``sweep_config.yaml`` as artifact; later the
+  Pareto table + plot and the Parquet tables;
+- one child run per trial (tag ``mlflow.parentRunId``; ids kept in ``<sweep_dir>/mlflow_runs.json`` so a
+  resumed sweep does not duplicate them): the trial's config as params, per-epoch metrics with
+  ``step=epoch``, the final metrics, ``policy.json``, tag ``status`` and run status FINISHED (completed),
+  KILLED (pruned) or FAILED (failed);
+- one child run per final fine-tune (``finetune-<trial_id>``).
+
+MLflow is a view: if the tracking store cannot be reached, the sink warns once and does nothing more
+(Parquet stays the source of truth).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+from ray.tune import Callback
+
+from gmpq_core.fileio import atomic_write_json, read_json
+
+from .results import CONFIG_FILE, LAYERS_FILE, TRIALS_FILE, load_resolved_config, resolve_status
+
+__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink", "MLflowCallback",
+           "log_pareto", "log_final"]
+
+log = logging.getLogger(__name__)
+
+PARENT_FILE = "mlflow_parent.json"
+RUNS_FILE = "mlflow_runs.json"
+RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
+FINAL_METRICS = ("proxy_top1", "transfer_top1", "transfer_top5", "bitops", "bitops_total", "budget_bitops",
+                 "budget_avg_bits", "gbitops", "ard", "p", "search_seconds", "transfer_seconds", "epochs_run")
+# Keys Ray adds to every result (not worth a metric series each) or that are not per-epoch metrics.
+_RAY_KEYS = {"time_this_iter_s", "time_total_s", "training_iteration", "timestamp", "pid", "done",
+             "iterations_since_restore", "time_since_restore", "epoch", "budget_bucket", "node_id", "date",
+             "hostname", "node_ip", "trial_id", "experiment_id", "checkpoint_dir_name", "should_checkpoint",
+             "config", "epochs_run"}
+MAX_PARAMS, MAX_PARAM_CHARS = 100, 500
+
+
+def default_tracking_uri(sweep_dir: str | Path) -> str:
+    return f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
+
+
+def flatten_config(d: Mapping[str, Any], *, max_params: int = MAX_PARAMS, max_depth: int = 2) -> dict[str, str]:
+    """Nested config -> at most ``max_params`` ``{"a.b": str}`` params.
+
+    Nesting below ``max_depth`` levels, lists and dicts become one JSON value (e.g. a search-space
+    dimension ``space.eta = {"type": "float", ...}``); values are cut at 500 characters.
+    """
+    out: dict[str, str] = {}
+
+    def walk(x: Mapping[str, Any], path: str) -> None:
+        for k, v in x.items():
+            key = f"{path}{k}"
+            if isinstance(v, Mapping) and v and key.count(".") + 1 < max_depth:
+                walk(v, key + ".")
+            else:
+                s = v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True)
+                out[key] = s if len(s) <= MAX_PARAM_CHARS else s[:MAX_PARAM_CHARS - 3] + "..."
+    walk(d, "")
+    return dict(list(out.items())[:max_params])
+
+
+def _numeric(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    f = float(v)
+    return f if f == f and abs(f) != float("inf") else None
+
+
+def _reachable(uri: str, timeout_s: float = 3.0) -> str | None:
+    """None if an http(s) tracking server answers (any HTTP status), else the reason it does not."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None                     # it answered: reachable
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+class MLflowSink:
+    """Driver-side MLflow writer of one sweep: parent run, child runs, persisted ids, warn-once on failure."""
+
+    def __init__(self, tracking_uri: str | None, sweep_dir: str | Path, *, experiment_name: str | None = None,
+                 resolved_config: Mapping[str, Any] | None = None) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self.tracking_uri = tracking_uri or default_tracking_uri(self.sweep_dir)
+        self.resolved_config = dict(resolved_config or load_resolved_config(self.sweep_dir))
+        if experiment_name is None and (self.sweep_dir / PARENT_FILE).exists():
+            experiment_name = read_json(self.sweep_dir / PARENT_FILE).get("experiment_name")
+        self.experiment_name = experiment_name or str(self.resolved_config.get("name") or self.sweep_dir.name)
+        self.enabled = True
+        self._client = None
+        self.parent_run_id: str | None = None
+        self.runs: dict[str, dict[str, str]] = {"trials": {}, "finetune": {}}
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tuner pickles callbacks into tuner.pkl: drop the client (reconnected lazily after unpickling).
+        state = self.__dict__.copy()
+        state["_client"] = None
+        return state
+
+    # -- failure handling ---------------------------------------------------------------------
+    def _disable(self, what: str, err: BaseException | str) -> None:
+        if self.enabled:
+            msg = (f"MLflow logging disabled: {what} failed on tracking URI '{self.tracking_uri}' ({err}). "
+                   f"The sweep goes on; its results are complete in {self.sweep_dir / TRIALS_FILE}.")
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        self.enabled = False
+
+    def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
+        """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view)."""
+        if not self.enabled or not self.connect():
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # MlflowException, requests/sqlalchemy errors, OSError: all mean "cannot log"
+            self._disable(what, f"{type(e).__name__}: {e}")
+            return None
+
+    # -- connection, parent run and persisted ids ---------------------------------------------
+    def connect(self, *, reopen: bool = False) -> bool:
+        """Connect, find/create the experiment and the parent run (``reopen``: mark it RUNNING again)."""
+        if self._client is not None or not self.enabled:
+            return self.enabled
+        why = _reachable(self.tracking_uri)
+        if why:
+            self._disable("connecting", why)
+            return False
+        try:
+            from mlflow.tracking import MlflowClient
+            client = MlflowClient(tracking_uri=self.tracking_uri)
+            self._client = client
+            self._experiment_id = self._experiment(client)
+            self._load_ids()
+            self.parent_run_id = self._parent(client, reopen=reopen)
+        except Exception as e:  # see call(): any failure here means MLflow is unusable for this sweep
+            self._client = None
+            self._disable("connecting", f"{type(e).__name__}: {e}")
+        return self.enabled
+
+    @property
+    def client(self):
+        return self._client
+
+    def _experiment(self, client) -> str:
+        exp = client.get_experiment_by_name(self.experiment_name)
+        if exp is None:
+            location = None
+            if self.tracking_uri.startswith("sqlite:"):   # keep artifacts beside the sweep, not in the CWD
+                location = (self.sweep_dir.resolve() / "mlartifacts").as_uri()
+            return client.create_experiment(self.experiment_name, artifact_location=location)
+        if exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def _load_ids(self) -> None:
+        path = self.sweep_dir / RUNS_FILE
+        if path.exists():
+            data = read_json(path)
+            if data.get("tracking_uri") == self.tracking_uri:
+                self.runs = {"trials": dict(data.get("trials", {})), "finetune": dict(data.get("finetune", {}))}
+            else:
+                log.warning("%s was written for tracking URI %s; starting new child runs on %s", path,
+                            data.get("tracking_uri"), self.tracking_uri)
+
+    def _save_ids(self) -> None:
+        atomic_write_json(self.sweep_dir / RUNS_FILE, {"tracking_uri": self.tracking_uri, **self.runs})
+
+    def _run_exists(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        from mlflow.exceptions import MlflowException
+        try:
+            return self._client.get_run(run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
+
+    def _parent(self, client, *, reopen: bool) -> str:
+        path = self.sweep_dir / PARENT_FILE
+        if path.exists():
+            data = read_json(path)
+            if data.get("tracking_uri") == self.tracking_uri and self._run_exists(data.get("run_id")):
+                if reopen:
+                    client.update_run(data["run_id"], status="RUNNING")
+                return data["run_id"]
+        run = client.create_run(self._experiment_id, run_name=self.experiment_name,
+                                tags={"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
+        rid = run.info.run_id
+        self._log_params(rid, flatten_config(self.resolved_config))
+        cfg_file = self.sweep_dir / CONFIG_FILE
+        if cfg_file.is_file():
+            client.log_artifact(rid, str(cfg_file))
+        else:
+            import yaml
+            client.log_text(rid, yaml.safe_dump(self.resolved_config, sort_keys=False), CONFIG_FILE)
+        atomic_write_json(path, {"tracking_uri": self.tracking_uri, "experiment_id": self._experiment_id,
+                                 "experiment_name": self.experiment_name, "run_id": rid})
+        return rid
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k[:250], str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+    # -- child runs -----------------------------------------------------------------------------
+    def child_run(self, kind: str, key: str, *, run_name: str, params: Mapping[str, Any],
+                  tags: Mapping[str, str]) -> str | None:
+        """The child run ``kind``/``key`` (reused if persisted and still there, else created)."""
+        def make() -> str:
+            rid = self.runs[kind].get(key)
+            if self._run_exists(rid):
+                self._client.update_run(rid, status="RUNNING")
+                return rid
+            run = self._client.create_run(self._experiment_id, run_name=run_name,
+                                          tags={"mlflow.parentRunId": self.parent_run_id, **tags})
+            rid = run.info.run_id
+            self._log_params(rid, flatten_config(dict(params)))
+            self.runs[kind][key] = rid
+            self._save_ids()
+            return rid
+        return self.call(f"creating the run {run_name}", make)
+
+    def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int = 0) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        items = [Metric(k, v, now, int(step)) for k, v in ((k, _numeric(v)) for k, v in metrics.items())
+                 if v is not None]
+        if run_id and items:
+            self.call("logging metrics", self._client.log_batch, run_id, metrics=items, synchronous=True)
+
+    def finish(self, run_id: str | None, status: str, tags: Mapping[str, str] = ()) -> None:
+        if not run_id:
+            return
+        for k, v in dict(tags).items():
+            self.call("tagging a run", self._client.set_tag, run_id, k, v)
+        self.call("ending a run", self._client.set_terminated, run_id, status)
+
+
+def _phase_key(result: Mapping[str, Any], key: str) -> str:
+    phase = result.get("phase")
+    return key if phase in (None, "search") or key.startswith(str(phase)) else f"{phase}.{key}"
+
+
+class MLflowCallback(Callback):
+    """Ray Tune callback (driver side) logging the sweep to MLflow: parent run + one child run per trial."""
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str, sweep_dir: str | Path,
+                 resolved_config: Mapping[str, Any], status_book: Any = None) -> None:
+        self.sink = MLflowSink(tracking_uri, sweep_dir, experiment_name=experiment_name,
+                               resolved_config=resolved_config)
+        self.status_book = status_book
+        self._run_of: dict[str, str | None] = {}
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.sink.parent_run_id
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_run_of": {}}
+
+    def setup(self, **info: Any) -> None:
+        self._run_of = {}
+        self.sink.connect(reopen=True)
+
+    def _child(self, trial: Any) -> str | None:
+        tid = str(trial.trial_id)
+        if tid not in self._run_of:
+            self._run_of[tid] = self.sink.child_run(
+                "trials", tid, run_name=tid, params=dict(trial.config or {}),
+                tags={"trial_id": tid, "status": "running", "gmpq.role": "trial"})
+        return self._run_of[tid]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._child(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("done"):
+            return                          # the final row: logged once in on_trial_complete
+        step = result.get("epoch", result.get("training_iteration", 0))
+        metrics = {_phase_key(result, k): v for k, v in result.items() if k not in _RAY_KEYS}
+        self.sink.log_metrics(self._child(trial), metrics, step=int(step or 0))
+
+    def _end(self, trial: Any, errored: bool) -> None:
+        tid = str(trial.trial_id)
+        last = dict(trial.last_result or {})
+        status = resolve_status(self.status_book, tid, errored, last)
+        rid = self._child(trial)
+        if rid is None:
+            return
+        self.sink.log_metrics(rid, {k: last.get(k) for k in FINAL_METRICS}, step=int(last.get("epoch") or 0))
+        if last.get("policy_json"):
+            self.sink.call("logging policy.json", self.sink.client.log_text, rid, str(last["policy_json"]),
+                           "policy.json")
+        self.sink.finish(rid, RUN_STATUS[status], {"status": status})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=True)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.sink.finish(self.sink.parent_run_id, "FINISHED")
+
+
+def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.DataFrame,
+               png_path: str | Path | None) -> bool:
+    """Add the Pareto table (JSON table + Parquet), the plot and trials/layers Parquet to the parent run.
+
+    Child runs of front trials get tag ``pareto`` = ``selected`` or ``front``. Returns False when
+    MLflow could not be written (after one warning).
+    """
+    sink = MLflowSink(tracking_uri, sweep_dir)
+    if not sink.connect():
+        return False
+    c, pid, d = sink.client, sink.parent_run_id, Path(sweep_dir)
+    table = pareto_df.drop(columns=[x for x in ("policy_json", "layers_json") if x in pareto_df])
+    sink.call("logging the Pareto table", c.log_table, pid, table, "pareto/pareto_table.json")
+    for f in [d / "pareto.parquet", png_path, d / TRIALS_FILE, d / LAYERS_FILE]:
+        if f is not None and Path(f).is_file():
+            sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
+    sink.log_metrics(pid, {"pareto_size": len(pareto_df),
+                           "n_selected": int(pareto_df["selected"].sum()) if "selected" in pareto_df else 0})
+    for tid, sel in zip(pareto_df.get("trial_id", []), pareto_df.get("selected", [False] * len(pareto_df))):
+        rid = sink.runs["trials"].get(str(tid))
+        if rid:
+            sink.call("tagging a Pareto trial", c.set_tag, rid, "pareto", "selected" if sel else "front")
+    return sink.enabled
+
+
+def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.DataFrame, *,
+              histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None) -> bool:
+    """One child run ``finetune-<trial_id>`` per policy (reused on rerun); final.parquet + plot on the parent."""
+    sink = MLflowSink(tracking_uri, sweep_dir)
+    if not sink.connect():
+        return False
+    for row in final_df.to_dict("records"):
+        tid = str(row["trial_id"])
+        rid = sink.child_run("finetune", tid, run_name=f"finetune-{tid}",
+                             params={k: row.get(k) for k in ("trial_id", "policy_source", "epochs", "workers")},
+                             tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running"})
+        for h in (histories or {}).get(tid, []):
+            sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))
+        sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "bitops_total",
+                                                         "seconds", "transfer_top1")}, step=int(row.get("epochs") or 0))
+        if row.get("policy_json"):
+            sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
+        sink.finish(rid, "FINISHED", {"status": "completed"})
+    d = Path(sweep_dir)
+    for f in [d / "final.parquet", png_path]:
+        if f is not None and Path(f).is_file():
+            sink.call(f"logging {Path(f).name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
+    return sink.enabled

@@ -1,0 +1,211 @@
+"""Pareto front of a sweep on (transfer_top1 up, bitops down) and a spread-out selection of K policies.
+
+A completed trial ``i`` is dominated when some completed trial ``j`` is at least as accurate and at
+most as costly, and strictly better in one of the two:
+``acc_j >= acc_i and bitops_j <= bitops_i and (acc_j > acc_i or bitops_j < bitops_i)``.
+Identical points do not dominate each other (both stay on the front).
+
+Selection of K policies along the front (deterministic; ties broken by lower BitOPs, then trial_id):
+1. the knee: in coordinates normalised to [0, 1] over the front, the point farthest from the straight
+   line through the front's two end points (needs 3+ points and a nonzero distance);
+2. the most accurate point of every budget bucket (buckets are avg-bit edges, e.g. [2.75, 3.5, 4.5]);
+3. if fewer than K were chosen, further front points.
+Within steps 2 and 3, the next point is the one farthest (in normalised coordinates) from the points
+already chosen (greedy max-min spread), so K smaller than the number of buckets still spreads out.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from gmpq_core.errors import ConfigError
+from search_spaces.space import bucket_label
+
+from .results import PARETO_FILE, TRIALS_FILE, load_resolved_config, read_table, rows_to_table, write_table
+
+__all__ = ["DEFAULT_TOP_K", "PARETO_PNG", "dominated_mask", "completed_trials", "pareto_front", "bucket_index",
+           "bucket_label", "select_policies", "write_pareto", "read_pareto", "format_pareto_table"]
+
+DEFAULT_TOP_K = 3
+PARETO_PNG = "pareto.png"
+ACC, COST = "transfer_top1", "bitops"
+
+
+def dominated_mask(acc: Sequence[float], cost: Sequence[float]) -> np.ndarray:
+    """Boolean mask: True where a point is dominated (accuracy up, cost down). O(n^2) memory, n <= ~5k."""
+    a = np.asarray(acc, dtype=float)[:, None]
+    c = np.asarray(cost, dtype=float)[:, None]
+    no_worse = (a.T >= a) & (c.T <= c)             # [i, j]: j is at least as good as i on both axes
+    better = (a.T > a) | (c.T < c)
+    return (no_worse & better).any(axis=1)
+
+
+def completed_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """Completed trials with both objectives present."""
+    if df.empty or ACC not in df or COST not in df:
+        return df.iloc[0:0]
+    ok = (df["status"] == "completed") & df[ACC].notna() & df[COST].notna()
+    return df[ok]
+
+
+def _sorted(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values([COST, ACC, "trial_id"], ascending=[True, False, True], kind="mergesort")
+
+
+def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
+    """Non-dominated completed trials, sorted by BitOPs ascending (then accuracy descending, trial_id)."""
+    done = completed_trials(df)
+    if done.empty:
+        return done.copy()
+    front = done[~dominated_mask(done[ACC].to_numpy(), done[COST].to_numpy())]
+    return _sorted(front).reset_index(drop=True)
+
+
+def bucket_index(df: pd.DataFrame, buckets: Sequence[float]) -> np.ndarray:
+    """Budget bucket per row: the trial's ``budget_bucket`` if reported, else from ``budget_avg_bits``.
+
+    With edges ``e`` (ascending), bucket 0 is ``avg_bits < e[0]``, bucket i is ``e[i-1] <= avg_bits < e[i]``,
+    the last is ``avg_bits >= e[-1]``. Rows with neither value get bucket 0.
+    """
+    n = len(df)
+    out = np.zeros(n, dtype=np.int64)
+    given = df["budget_bucket"].to_numpy(dtype=float) if "budget_bucket" in df else np.full(n, np.nan)
+    bits = df["budget_avg_bits"].to_numpy(dtype=float) if "budget_avg_bits" in df else np.full(n, np.nan)
+    edges = np.asarray(sorted(float(b) for b in buckets), dtype=float)
+    for i in range(n):
+        if not math.isnan(given[i]):
+            out[i] = int(given[i])
+        elif not math.isnan(bits[i]) and len(edges):
+            out[i] = int(np.searchsorted(edges, bits[i], side="right"))   # = search_spaces.space.bucket_of
+    return out
+
+
+def _normalised(front: pd.DataFrame) -> np.ndarray:
+    pts = np.stack([front[COST].to_numpy(dtype=float), front[ACC].to_numpy(dtype=float)], axis=1)
+    lo, span = pts.min(axis=0), np.ptp(pts, axis=0)
+    return (pts - lo) / np.where(span > 0, span, 1.0)
+
+
+def _knee(xy: np.ndarray) -> int | None:
+    """Index of the point farthest from the line through the first and last point (None if all on it)."""
+    if len(xy) < 3:
+        return None
+    p, q = xy[0], xy[-1]
+    d = q - p
+    norm = float(np.hypot(*d))
+    if norm == 0:
+        return None
+    dist = np.abs(d[0] * (p[1] - xy[:, 1]) - d[1] * (p[0] - xy[:, 0])) / norm
+    i = int(np.argmax(dist))            # argmax returns the first maximum: lowest BitOPs wins ties
+    return i if dist[i] > 1e-12 else None
+
+
+def _spread_pick(candidates: list[int], chosen: list[int], xy: np.ndarray, acc: np.ndarray) -> int:
+    """Candidate farthest from the chosen ones (first chosen: the most accurate); ties: lowest position."""
+    if not chosen:
+        return max(candidates, key=lambda i: (acc[i], -i))
+    def gap(i: int) -> float:
+        return min(float(np.hypot(*(xy[i] - xy[j]))) for j in chosen)
+    return max(candidates, key=lambda i: (round(gap(i), 12), -i))
+
+
+def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = ()) -> pd.DataFrame:
+    """The Pareto front of ``df`` with columns ``selected`` (bool) and ``selection_reason`` (str) added."""
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise ConfigError(f"top_k must be a positive integer (how many policies to fine-tune), "
+                          f"but got top_k={top_k!r}.")
+    front = pareto_front(df)
+    reasons: dict[int, list[str]] = {}
+    chosen: list[int] = []
+    if not front.empty:
+        xy, acc = _normalised(front), front[ACC].to_numpy(dtype=float)
+        bucket = bucket_index(front, buckets)
+        knee = _knee(xy)
+        best_of: dict[int, int] = {}
+        for i in range(len(front)):     # front is sorted by BitOPs up, accuracy down: first max wins ties
+            b = int(bucket[i])
+            if b not in best_of or acc[i] > acc[best_of[b]]:
+                best_of[b] = i
+        for b, i in best_of.items():
+            reasons.setdefault(i, []).append(f"best in bucket {b} ({bucket_label(b, buckets)} avg bits)")
+        if knee is not None:
+            reasons.setdefault(knee, []).insert(0, "knee of the front")
+            chosen.append(knee)
+        for step in ("buckets", "spread"):
+            pool = sorted(set(best_of.values()) - set(chosen)) if step == "buckets" else \
+                [i for i in range(len(front)) if i not in chosen]
+            while pool and len(chosen) < top_k:
+                i = _spread_pick(pool, chosen, xy, acc)
+                pool.remove(i)
+                chosen.append(i)
+                if step == "spread":
+                    reasons.setdefault(i, []).append("spread along the front")
+        chosen = chosen[:top_k]
+    front = front.copy()
+    front["selected"] = [i in chosen for i in range(len(front))]
+    front["selection_reason"] = ["; ".join(dict.fromkeys(reasons[i])) if i in chosen else ""
+                                 for i in range(len(front))]
+    return front
+
+
+def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Sequence[float] | None = None,
+                 plot: bool = True) -> pd.DataFrame:
+    """Select from ``<sweep_dir>/trials.parquet``; write ``pareto.parquet`` (atomic) and ``pareto.png``.
+
+    ``top_k`` and ``buckets`` default to the sweep config's ``finetune.top_k`` and ``budget_buckets``.
+    pareto.parquet has the trials.parquet columns (same types) plus ``selected`` and ``selection_reason``.
+    """
+    sweep_dir = Path(sweep_dir)
+    cfg = load_resolved_config(sweep_dir)
+    if top_k is None:
+        top_k = int((cfg.get("finetune") or {}).get("top_k") or DEFAULT_TOP_K)
+    if buckets is None:
+        buckets = [float(b) for b in cfg.get("budget_buckets") or []]
+    table = read_table(sweep_dir / TRIALS_FILE)
+    trials = table.to_pandas()
+    sel = select_policies(trials, top_k, buckets)
+    by_id = {str(r["trial_id"]): r for r in table.to_pylist()}
+    rows = [dict(by_id[str(t)], selected=bool(s), selection_reason=str(r))
+            for t, s, r in zip(sel["trial_id"], sel["selected"], sel["selection_reason"])]
+    schema = table.schema.append(pa.field("selected", pa.bool_())).append(pa.field("selection_reason", pa.string()))
+    out = rows_to_table(rows, schema)
+    write_table(sweep_dir / PARETO_FILE, out)
+    result = out.to_pandas()
+    if plot:
+        from .plots import plot_pareto
+        plot_pareto(trials, result, sweep_dir / PARETO_PNG, buckets=buckets)
+    return result
+
+
+def read_pareto(sweep_dir: str | Path) -> pd.DataFrame:
+    """``<sweep_dir>/pareto.parquet`` (CheckpointError naming the file if missing or damaged)."""
+    return read_table(Path(sweep_dir) / PARETO_FILE).to_pandas()
+
+
+def _fmt(v: Any, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def format_pareto_table(df: pd.DataFrame, buckets: Sequence[float] = ()) -> str:
+    """Plain-text aligned table of a Pareto DataFrame (``*`` marks the selected policies)."""
+    head = ["sel", "trial_id", "transfer_top1", "proxy_top1", "GBitOPs", "avg_bits", "bucket", "reason"]
+    lines = []
+    bucket = bucket_index(df, buckets) if len(df) else []
+    for k, (_, r) in enumerate(df.iterrows()):
+        lines.append(["*" if r.get("selected") else "", str(r["trial_id"]), _fmt(r.get(ACC), ".2f"),
+                      _fmt(r.get("proxy_top1"), ".2f"), _fmt(float(r[COST]) / 1e9, ".4f"),
+                      _fmt(r.get("budget_avg_bits"), ".2f"), str(int(bucket[k])), str(r.get("selection_reason") or "")])
+    widths = [max(len(h), *(len(x[c]) for x in lines)) if lines else len(h) for c, h in enumerate(head)]
+    right = {2, 3, 4, 5, 6}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(x) for x in lines])

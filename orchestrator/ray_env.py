@@ -1,0 +1,75 @@
+"""Start (or join) Ray quietly, sized for small machines (STACK_NOTES.md).
+
+``ray_session(address=None)`` starts a local Ray with one CPU slot per core, no dashboard, a small
+object store and no usage stats, and shuts it down on exit, unless Ray was already running in this
+process (then it is reused and left running: tests share one session that way).
+``address="auto"`` or ``"ray://host:10001"`` joins an existing cluster instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+__all__ = ["quiet_ray_env", "local_cpu_count", "init_ray", "ray_session", "OBJECT_STORE_BYTES"]
+
+log = logging.getLogger(__name__)
+
+OBJECT_STORE_BYTES = 200 * 1024 * 1024
+
+_QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",          # no usage-stats prompt or upload
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_AIR_NEW_OUTPUT": "0",               # no Tune status tables: the sweep prints its own lines
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": None,   # must stay unset: ResultGrid needs the JSON logger
+}
+
+
+def quiet_ray_env() -> None:
+    """Set the environment defaults that keep Ray quiet (the user's explicit settings win)."""
+    for key, value in _QUIET_ENV.items():
+        if value is not None:
+            os.environ.setdefault(key, value)
+
+
+def local_cpu_count() -> int:
+    """CPU cores this process may use (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:   # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+             object_store_memory: int | None = OBJECT_STORE_BYTES, log_to_driver: bool = False) -> bool:
+    """Initialise Ray unless it already is; return True if this call started/joined it."""
+    import ray
+
+    quiet_ray_env()
+    if ray.is_initialized():
+        return False
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": logging.WARNING,
+                    "configure_logging": True}
+    if address is None:
+        kwargs.update(num_cpus=num_cpus or local_cpu_count(), object_store_memory=object_store_memory)
+        if num_gpus is not None:
+            kwargs["num_gpus"] = num_gpus
+    else:
+        kwargs["address"] = address
+    log.info("starting Ray (%s)", address or f"local, {kwargs.get('num_cpus')} CPUs")
+    ray.init(**kwargs)
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, **kwargs) -> Iterator[bool]:
+    """Context manager around ``init_ray``: shuts Ray down on exit only if it started it here."""
+    import ray
+
+    started = init_ray(address, **kwargs)
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,345 @@
+"""Sweep results as Parquet: one row per trial (``trials.parquet``) and per trial x layer (``layers.parquet``).
+
+Parquet is the source of truth of a sweep (MLflow is a view of it). Both files are rewritten whole
+and atomically (temp file + ``os.replace``) after every finished trial, so a crash leaves the last
+complete table, never half of one. On construction the callback loads what a previous run of the
+same sweep wrote and merges by ``trial_id`` (resume: no duplicate rows).
+
+Column types are explicit (``pyarrow`` schema below); the per-trial config is flattened into
+``param_*`` columns whose type is inferred per column (bool, int64, float64 or string; lists and
+dicts are stored as JSON strings). Files are readable with pandas, duckdb or pyarrow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.tune import Callback
+
+from gmpq_core.errors import CheckpointError
+from gmpq_core.fileio import atomic_write
+
+__all__ = ["TRIALS_FILE", "LAYERS_FILE", "PARETO_FILE", "FINAL_FILE", "CONFIG_FILE", "TRIAL_STATUSES",
+           "METRIC_FIELDS", "LAYER_SCHEMA", "trial_schema", "flatten_params", "trial_row", "layer_rows",
+           "rows_to_table", "write_table", "read_table", "read_trials", "read_layers", "write_results",
+           "load_resolved_config", "utc_now_iso", "resolve_status", "ResultsCallback"]
+
+log = logging.getLogger(__name__)
+
+TRIALS_FILE = "trials.parquet"
+LAYERS_FILE = "layers.parquet"
+PARETO_FILE = "pareto.parquet"
+FINAL_FILE = "final.parquet"
+CONFIG_FILE = "sweep_config.yaml"
+TRIAL_STATUSES = ("completed", "pruned", "failed")
+
+_HEAD_FIELDS = [pa.field("trial_id", pa.string(), nullable=False), pa.field("status", pa.string()),
+                pa.field("error", pa.string())]
+# Final metrics of a trial (trainable's final report; null when the trial never got there).
+# "last_epoch" holds the last reported "epoch" and "expected_gbitops" its expected GBitOPs, so
+# pruned trials still say how far they went and at which cost they were aiming.
+METRIC_FIELDS = [
+    pa.field("proxy_top1", pa.float64()), pa.field("transfer_top1", pa.float64()),
+    pa.field("bitops", pa.int64()), pa.field("bitops_total", pa.int64()), pa.field("budget_bitops", pa.int64()),
+    pa.field("budget_avg_bits", pa.float64()), pa.field("budget_bucket", pa.int64()),
+    pa.field("gbitops", pa.float64()), pa.field("expected_gbitops", pa.float64()),
+    pa.field("ard", pa.float64()), pa.field("p", pa.float64()),
+    pa.field("search_seconds", pa.float64()), pa.field("transfer_seconds", pa.float64()),
+    pa.field("epochs_run", pa.int64()), pa.field("last_epoch", pa.int64()),
+    pa.field("policy_json", pa.string()), pa.field("layers_json", pa.string()),
+]
+_TAIL_FIELDS = [pa.field("started_at", pa.string()), pa.field("finished_at", pa.string()),
+                pa.field("wall_seconds", pa.float64()), pa.field("node_id", pa.string()),
+                pa.field("hostname", pa.string()), pa.field("attempt", pa.int64())]
+LAYER_SCHEMA = pa.schema([pa.field("trial_id", pa.string(), nullable=False), pa.field("layer", pa.string()),
+                          pa.field("macs", pa.int64()), pa.field("w_bits", pa.int64()),
+                          pa.field("a_bits", pa.int64()), pa.field("bitops", pa.int64())])
+_RESULT_KEY = {"last_epoch": "epoch"}   # row column -> key in the trainable's report
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def trial_schema(param_types: Mapping[str, pa.DataType] | None = None) -> pa.Schema:
+    """The trials table schema: head, ``param_*`` columns (sorted), final metrics, timings/node."""
+    params = [pa.field(n, t) for n, t in sorted((param_types or {}).items())]
+    return pa.schema(_HEAD_FIELDS + params + METRIC_FIELDS + _TAIL_FIELDS)
+
+
+def flatten_params(config: Mapping[str, Any], prefix: str = "param_") -> dict[str, Any]:
+    """Flatten a (nested) trial config to ``{prefix + "a.b": scalar}``; lists/dicts of scalars -> JSON."""
+    out: dict[str, Any] = {}
+
+    def walk(d: Mapping[str, Any], path: str) -> None:
+        for k, v in d.items():
+            key = f"{path}{k}"
+            if isinstance(v, Mapping) and v:
+                walk(v, f"{key}.")
+            elif v is None or isinstance(v, (bool, int, float, str)):
+                out[prefix + key] = v
+            else:
+                out[prefix + key] = json.dumps(v, sort_keys=True, default=str)
+    walk(config, "")
+    return out
+
+
+def _finite_or_none(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def trial_row(*, trial_id: str, config: Mapping[str, Any], last_result: Mapping[str, Any] | None, status: str,
+              error: str | None = None, started_at: str | None = None, finished_at: str | None = None,
+              wall_seconds: float | None = None, attempt: int = 1) -> dict[str, Any]:
+    """One trials.parquet row from a trial's config and its last report (pure; no Ray needed)."""
+    if status not in TRIAL_STATUSES:
+        raise ValueError(f"status must be one of {TRIAL_STATUSES}, but got status={status!r}.")
+    res = dict(last_result or {})
+    row: dict[str, Any] = {"trial_id": str(trial_id), "status": status, "error": error}
+    row.update(flatten_params(config))
+    for f in METRIC_FIELDS:
+        row[f.name] = _finite_or_none(res.get(_RESULT_KEY.get(f.name, f.name)))
+    if wall_seconds is None and res.get("time_total_s") is not None:
+        wall_seconds = float(res["time_total_s"])
+    row.update(started_at=started_at, finished_at=finished_at or utc_now_iso(), wall_seconds=wall_seconds,
+               node_id=res.get("node_id") or res.get("node_ip"), hostname=res.get("hostname"),
+               attempt=int(attempt))
+    return row
+
+
+def layer_rows(trial_id: str, layers_json: str | None) -> list[dict[str, Any]]:
+    """layers.parquet rows of one trial from its ``layers_json`` ([{name, macs, w_bits, a_bits}, ...])."""
+    if not layers_json:
+        return []
+    try:
+        layers = json.loads(layers_json)
+    except json.JSONDecodeError as e:
+        log.warning("trial %s: layers_json is not valid JSON (%s); no layer rows written", trial_id, e)
+        return []
+    return [{"trial_id": str(trial_id), "layer": d["name"], "macs": int(d["macs"]), "w_bits": int(d["w_bits"]),
+             "a_bits": int(d["a_bits"]), "bitops": int(d["macs"]) * int(d["w_bits"]) * int(d["a_bits"])}
+            for d in layers]
+
+
+def _infer_type(values: Iterable[Any]) -> pa.DataType:
+    vals = [v for v in values if v is not None]
+    if vals and all(isinstance(v, bool) for v in vals):
+        return pa.bool_()
+    if vals and all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+        return pa.int64()
+    if vals and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+        return pa.float64()
+    return pa.string()
+
+
+def _coerce(v: Any, t: pa.DataType) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v) and not pa.types.is_floating(t)):
+        return None
+    if pa.types.is_string(t):
+        return v if isinstance(v, str) else json.dumps(v, default=str)
+    if pa.types.is_integer(t):
+        return int(v)
+    if pa.types.is_floating(t):
+        return float(v)
+    if pa.types.is_boolean(t):
+        return bool(v)
+    return v
+
+
+def rows_to_table(rows: Iterable[Mapping[str, Any]], schema: pa.Schema | None = None) -> pa.Table:
+    """Rows -> Arrow table with the explicit schema (trials schema with inferred param types by default)."""
+    rows = list(rows)
+    if schema is None:
+        names = sorted({k for r in rows for k in r if k.startswith("param_")})
+        schema = trial_schema({n: _infer_type(r.get(n) for r in rows) for n in names})
+    cols = {f.name: [_coerce(r.get(f.name), f.type) for r in rows] for f in schema}
+    return pa.Table.from_pydict(cols, schema=schema)
+
+
+def write_table(path: str | Path, table: pa.Table) -> Path:
+    """Write ``table`` as Parquet atomically (a reader sees the old file or the new one, never half)."""
+    return atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """Read a Parquet file; a missing, truncated or corrupted file raises CheckpointError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Results file not found: '{path}'. Run the stage that writes it first "
+                              "(gmpq sweep writes trials.parquet, gmpq pareto pareto.parquet).")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CheckpointError(f"Parquet file '{path}' cannot be read ({type(e).__name__}: {e}); it is truncated "
+                              "or corrupted: delete it and rerun the stage that writes it (for trials.parquet: "
+                              "'gmpq sweep --resume' rewrites it from the finished trials).") from None
+
+
+def _require(table: pa.Table, path: Path, columns: Iterable[str]) -> pa.Table:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise CheckpointError(f"'{path}' lacks the columns {missing}; it was not written by gmpq or is from an "
+                              "incompatible version. Move it away and rerun the stage that writes it.")
+    return table
+
+
+def read_trials(sweep_dir: str | Path, *, missing_ok: bool = False):
+    """``<sweep_dir>/trials.parquet`` as a pandas DataFrame (empty with the base schema if missing_ok)."""
+    path = Path(sweep_dir) / TRIALS_FILE
+    if missing_ok and not path.exists():
+        return trial_schema().empty_table().to_pandas()
+    return _require(read_table(path), path, ("trial_id", "status")).to_pandas()
+
+
+def read_layers(sweep_dir: str | Path, *, missing_ok: bool = False):
+    path = Path(sweep_dir) / LAYERS_FILE
+    if missing_ok and not path.exists():
+        return LAYER_SCHEMA.empty_table().to_pandas()
+    return _require(read_table(path), path, ("trial_id", "layer")).to_pandas()
+
+
+def write_results(sweep_dir: str | Path, rows: Iterable[Mapping[str, Any]],
+                  layers: Iterable[Mapping[str, Any]]) -> tuple[Path, Path]:
+    """Rewrite trials.parquet and layers.parquet atomically (rows sorted by trial_id, layers kept in order)."""
+    d = Path(sweep_dir)
+    rows = sorted(rows, key=lambda r: str(r["trial_id"]))
+    layers = sorted(layers, key=lambda r: str(r["trial_id"]))   # stable: layer order within a trial kept
+    t = write_table(d / TRIALS_FILE, rows_to_table(rows))
+    l_ = write_table(d / LAYERS_FILE, rows_to_table(layers, LAYER_SCHEMA))
+    return t, l_
+
+
+def load_resolved_config(sweep_dir: str | Path, *, missing_ok: bool = True) -> dict[str, Any]:
+    """The resolved sweep config saved by the sweep (``sweep_config.yaml``) as a plain dict."""
+    import yaml
+    path = Path(sweep_dir) / CONFIG_FILE
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise CheckpointError(f"'{path}' not found: this folder is not a sweep made by 'gmpq sweep' "
+                              "(give the sweep's --out folder).")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"'{path}' is not valid YAML ({e}); restore it or rerun the sweep.") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _error_text(trial: Any) -> str:
+    """Short 'Type: message' of a trial's last error.
+
+    Read from the driver-side copies Ray writes in ``handle_error`` just before ``on_trial_error``
+    (the storage copies are synced later): the pickled exception, else the text trace.
+    """
+    err = None
+    pickled = getattr(trial, "pickled_error_file", None)
+    if pickled and Path(pickled).is_file():
+        try:
+            import ray.cloudpickle as cloudpickle
+            err = cloudpickle.loads(Path(pickled).read_bytes())
+        except Exception as e:  # unpicklable error objects: fall back to the text trace
+            log.debug("cannot read the pickled error of %s: %s", trial.trial_id, e)
+    if err is not None:
+        cause = getattr(err, "cause", None)
+        base = cause if isinstance(cause, BaseException) else err
+        lines = [ln for ln in str(base).strip().splitlines() if ln.strip()]
+        return f"{type(base).__name__}: {lines[-1] if lines else ''}"[:2000]
+    text_file = getattr(trial, "error_file", None)
+    text = Path(text_file).read_text(errors="replace") if text_file and Path(text_file).is_file() else ""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "the trial raised an error (see its Ray trial folder)")[:2000]
+
+
+def resolve_status(status_book: Any, trial_id: str, errored: bool, last_result: Mapping[str, Any]) -> str:
+    """"completed" / "pruned" / "failed" from the sweep's TrialStatusBook (``status_of(trial_id, errored)``).
+
+    Without a book: "failed" if errored, "completed" if the trial reported ``transfer_top1``, else "pruned".
+    """
+    if status_book is not None:
+        return status_book.status_of(trial_id, errored)
+    if errored:
+        return "failed"
+    return "completed" if last_result.get("transfer_top1") is not None else "pruned"
+
+
+class ResultsCallback(Callback):
+    """Ray Tune callback (driver side) keeping trials.parquet and layers.parquet up to date.
+
+    ``status_book`` is the sweep's ``TrialStatusBook`` (``status_of(trial_id, errored) -> str``);
+    without one, a trial is "failed" if it errored, "completed" if it reported ``transfer_top1``,
+    else "pruned".
+    """
+
+    def __init__(self, sweep_dir: str | Path, status_book: Any = None) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self.status_book = status_book
+        self._load()
+
+    def _load(self) -> None:
+        """(Re)load the rows already on disk: a damaged file raises CheckpointError before Ray runs."""
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._layers: dict[str, list[dict[str, Any]]] = {}
+        self._started: dict[str, tuple[str, float]] = {}
+        self._starts: dict[str, int] = {}
+        if (self.sweep_dir / TRIALS_FILE).exists():
+            for r in read_table(self.sweep_dir / TRIALS_FILE).to_pylist():
+                self._rows[str(r["trial_id"])] = r
+        if (self.sweep_dir / LAYERS_FILE).exists():
+            for r in read_table(self.sweep_dir / LAYERS_FILE).to_pylist():
+                self._layers.setdefault(str(r["trial_id"]), []).append(r)
+        if self._rows:
+            log.info("results: resuming with %d trial rows from %s", len(self._rows), self.sweep_dir)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tuner pickles its callbacks (tuner.pkl) and Tuner.restore unpickles them: the rows are
+        # reloaded from disk in setup(), the Parquet files being the source of truth.
+        return {"sweep_dir": self.sweep_dir, "status_book": self.status_book}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._rows, self._layers, self._started, self._starts = {}, {}, {}, {}
+
+    def setup(self, **info: Any) -> None:
+        self._load()
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [self._rows[k] for k in sorted(self._rows)]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tid = str(trial.trial_id)
+        self._started[tid] = (utc_now_iso(), time.monotonic())
+        self._starts[tid] = self._starts.get(tid, 0) + 1
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.record(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.record(trial, errored=True)
+
+    def record(self, trial: Any, *, errored: bool) -> dict[str, Any]:
+        """Build the trial's row (replacing any earlier row of the same trial) and rewrite both files."""
+        tid = str(trial.trial_id)
+        last = dict(trial.last_result or {})
+        prior = self._rows.get(tid)
+        started, t0 = self._started.get(tid, (prior.get("started_at") if prior else None, None))
+        attempt = max(1, ((prior or {}).get("attempt") or 0) + self._starts.get(tid, 0))
+        row = trial_row(trial_id=tid, config=dict(trial.config or {}), last_result=last,
+                        status=resolve_status(self.status_book, tid, errored, last),
+                        error=_error_text(trial) if errored else None,
+                        started_at=started, wall_seconds=(time.monotonic() - t0) if t0 is not None else None,
+                        attempt=attempt)
+        self._rows[tid] = row
+        self._layers[tid] = layer_rows(tid, row.get("layers_json"))
+        self.flush()
+        return row
+
+    def flush(self) -> None:
+        write_results(self.sweep_dir, self._rows.values(), [r for v in self._layers.values() for r in v])

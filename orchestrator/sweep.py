@@ -1,0 +1,270 @@
+"""``run_sweep``: the Ray Tune + Optuna sweep over GMPQ searches (issue 4, items 1, 2 and 7).
+
+Order of work: validate the config (no Ray yet) -> save the resolved config -> train the shared
+artefacts once on the driver (an FP teacher per proxy size, the FP target model) -> start or join
+Ray -> ``Tuner`` with ``OptunaSearch`` (multi-objective: transfer_top1 up, bitops down; persistent
+Optuna storage in the sweep folder), the per-bucket Optuna pruning scheduler, the results/MLflow
+callbacks and a one-line-per-event progress callback -> summary.
+
+``resume=True`` restores the Tune experiment (``Tuner.restore``): finished trials are not rerun,
+interrupted and errored ones are rerun from scratch, and the sampler keeps its Optuna study.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from ray import tune
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+
+from gmpq_core.errors import ConfigError
+from gmpq_core.fileio import atomic_write_json
+from search_spaces.space import bucket_label
+
+from .pruning import OptunaPruningScheduler
+from .sweep_config import SweepConfig, check_sweep_config, save_resolved_config
+from .trainable import build_search_job, make_trainable, trial_device
+from .trial_status import TrialStatusBook
+
+__all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "SweepOptunaSearch",
+           "SweepProgress", "OBJECTIVES"]
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = (("transfer_top1", "max"), ("bitops", "min"))
+SHARED_JSON = "shared.json"
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    sweep_dir: Path
+    n_completed: int
+    n_pruned: int
+    n_failed: int
+    wall_seconds: float
+    resumed: bool = False
+    rows: list[dict] = field(default_factory=list)   # one per trial: id, status, key metrics
+
+    @property
+    def n_trials(self) -> int:
+        return self.n_completed + self.n_pruned + self.n_failed
+
+
+def experiment_path(cfg: SweepConfig) -> Path:
+    """The Tune experiment folder (<storage_path>/<name>)."""
+    r = cfg.resolved()
+    return Path(r.storage_path) / r.name
+
+
+def prepare_shared(cfg: SweepConfig, *, say=None, threads: int | None = None) -> dict[str, Any]:
+    """Train (or load from the cache) what every trial shares; returns the trials' context.
+
+    Teachers: one per proxy size in the space (``gmpq_core.jobs.get_teacher``, cached by its hash
+    in ``cache_dir``). FP target model: ``gmpq_core.transfer.prepare_target_model``. Writes
+    ``<sweep_dir>/shared.json`` (paths and FP accuracies) for later stages. ``threads``: torch threads
+    for this work (default: the sweep's CPU share, resources.cpu x max_concurrent_trials, at most
+    the cores here); the caller's setting is restored afterwards.
+    """
+    import torch
+
+    from .ray_env import local_cpu_count
+
+    cfg = cfg.resolved()
+    if threads is None:
+        threads = max(1, min(local_cpu_count(), int(cfg.resources.cpu * cfg.max_concurrent_trials)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _prepare_shared(cfg, say or (lambda msg: None))
+    finally:
+        torch.set_num_threads(before)
+
+
+def _prepare_shared(cfg: SweepConfig, say) -> dict[str, Any]:
+    from gmpq_core.jobs import get_teacher
+    from gmpq_core.transfer import prepare_target_model
+
+    device = trial_device(cfg)
+    point = cfg.space.first_point()
+    teachers = {}
+    for size in cfg.proxy_sizes():
+        t0 = time.perf_counter()
+        get_teacher(build_search_job(cfg, {**point, "proxy_size": size}, device=device))
+        teachers[str(size)] = round(time.perf_counter() - t0, 2)
+        say(f"teacher for proxy size {size}: ready ({teachers[str(size)]:.1f}s)")
+    target = prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
+                                  cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
+                                  small_input=cfg.small_input, device=device)
+    say(f"FP target model: top1 {target.top1:.2f}% on the {cfg.transfer.test_size or 'full'}-image test slice "
+        f"({'cached' if target.cached else f'{target.seconds:.1f}s'})")
+    shared = {"target_model_path": str(target.path), "target_fp_top1": target.top1, "teacher_seconds": teachers,
+              "cache_dir": cfg.cache_dir}
+    atomic_write_json(Path(cfg.out_dir) / SHARED_JSON, shared)
+    return {"sweep": cfg.to_dict(), "target_model_path": str(target.path)}
+
+
+class SweepOptunaSearch(OptunaSearch):
+    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell."""
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        if result is not None and any(result.get(m) is None for m in metrics):
+            result = None
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class SweepProgress(Callback):
+    """One short stderr line per trial event (start, search epoch, done, pruned, failed)."""
+
+    def __init__(self, n_trials: int, status_book: TrialStatusBook, edges: tuple) -> None:
+        self.n_trials, self.book, self.edges = n_trials, status_book, tuple(edges)
+        self.t0 = time.time()
+        self.index: dict[str, int] = {}
+
+    def _say(self, trial: Any, text: str) -> None:
+        el = int(time.time() - self.t0)
+        i = self.index.setdefault(trial.trial_id, len(self.index) + 1)
+        print(f"[{el // 60:3d}m{el % 60:02d}s] trial {i}/{self.n_trials} {trial.trial_id}: {text}",
+              file=sys.stderr, flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        c = trial.config
+        extra = f", proxy {c['proxy_size']}" if "proxy_size" in c else ""
+        self._say(trial, f"start (budget {c.get('budget_avg_bits', float('nan')):.2f} bits{extra})")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("phase") == "search":
+            self._say(trial, f"search epoch {result.get('epoch')}: proxy_top1 {result.get('proxy_top1', 0):.1f}%, "
+                             f"{result.get('expected_gbitops', 0):.3f} expected GBitOPs, bucket "
+                             f"{bucket_label(result.get('budget_bucket', 0), self.edges)}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        r = trial.last_result or {}
+        if self.book.is_pruned(trial.trial_id):
+            self._say(trial, self.book.reason(trial.trial_id) or "pruned")
+        else:
+            self._say(trial, f"done: transfer_top1 {r.get('transfer_top1', float('nan')):.2f}%, "
+                             f"{r.get('gbitops', float('nan')):.4f} GBitOPs (search {r.get('search_seconds', 0):.0f}s, "
+                             f"transfer {r.get('transfer_seconds', 0):.0f}s)")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, f"FAILED ({trial.error_file or 'see the trial folder'})")
+
+
+def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
+    """ORCH-RESULTS' Parquet and MLflow callbacks (driver-side)."""
+    from .mlflow_sink import MLflowCallback
+    from .results import ResultsCallback
+
+    sweep_dir = Path(cfg.out_dir)
+    return [ResultsCallback(sweep_dir, book),
+            MLflowCallback(cfg.tracking_uri, cfg.name, sweep_dir, cfg.to_dict(), book)]
+
+
+def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
+    """Give a restored Tuner fresh callbacks and scheduler (Tune restores them by unpickling, which
+    would skip their constructors, where the results callback reloads the rows already written)."""
+    internal = getattr(tuner, "_local_tuner", None)
+    if internal is None or not hasattr(internal, "_run_config") or not hasattr(internal, "_tune_config"):
+        log.warning("cannot reach the restored Tuner's config in this Ray version; using the callbacks "
+                    "and scheduler as Tune unpickled them")
+        return
+    internal._run_config.callbacks = callbacks
+    internal._tune_config.scheduler = scheduler
+
+
+def _check_same_config(cfg: SweepConfig) -> None:
+    """A resumed sweep must keep its config (Tune restores the old searcher and space anyway)."""
+    from .sweep_config import load_sweep_config
+
+    saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
+    if not saved_path.exists():
+        return
+    old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
+    diff = sorted(k for k in new if k != "address" and old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"--resume must use the sweep's saved config, but {', '.join(diff)} differ from "
+                          f"'{saved_path}'. Resume with 'gmpq sweep --out {cfg.out_dir} --resume' (no other "
+                          "config flags), or start a new sweep with another --out.")
+
+
+def _summary_rows(grid: Any, book: TrialStatusBook) -> list[dict]:
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        tid = m.get("trial_id") or (r.path and Path(r.path).name)
+        status = book.status_of(tid, errored=r.error is not None)
+        rows.append({"trial_id": tid, "status": status, "budget_avg_bits": (r.config or {}).get("budget_avg_bits"),
+                     "proxy_top1": m.get("proxy_top1"), "transfer_top1": m.get("transfer_top1"),
+                     "gbitops": m.get("gbitops"), "epoch": m.get("epoch")})
+    return rows
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
+              prep_threads: int | None = None) -> SweepSummary:
+    """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
+
+    ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
+    """
+    t0 = time.perf_counter()
+    cfg = cfg.resolved()
+    sweep_dir = Path(cfg.out_dir)
+    check_sweep_config(cfg)                                # everything that can fail does so before Ray
+    exp = experiment_path(cfg)
+    say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+
+    if resume:
+        _check_same_config(cfg)
+    if resume and not tune.Tuner.can_restore(str(exp)):
+        raise ConfigError(f"Nothing to resume: no Tune experiment state in '{exp}'. Run the sweep without "
+                          "--resume first (same --out and --name).")
+    if not resume and exp.exists() and tune.Tuner.can_restore(str(exp)):
+        raise ConfigError(f"The sweep folder already holds a sweep at '{exp}'. Continue it with --resume, or pick "
+                          "another --out or --name.")
+    save_resolved_config(cfg)
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event
+    say(f"preparing shared artefacts in {cfg.cache_dir}")
+    context = prepare_shared(cfg, say=say, threads=prep_threads)
+
+    from .ray_env import ray_session
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with ray_session(cfg.address):
+        book = TrialStatusBook(sweep_dir / "trial_status.json")
+        scheduler = OptunaPruningScheduler(pruner=cfg.pruner.name, pruner_kwargs=cfg.pruner.kwargs, status_book=book,
+                                           storage=cfg.optuna_storage, study_prefix=f"{cfg.name}-prune")
+        callbacks = _results_callbacks(cfg, book)
+        if progress:
+            callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets))
+        trainable = tune.with_resources(make_trainable(context), cfg.resources.to_ray())
+        if resume:
+            say(f"resuming {exp}")
+            tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True, restart_errored=False)
+            _swap_restored(tuner, scheduler, callbacks)
+        else:
+            searcher = SweepOptunaSearch(
+                space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
+                sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                storage=optuna.storages.RDBStorage(cfg.optuna_storage), study_name=cfg.name)
+            tuner = tune.Tuner(
+                trainable, param_space={},
+                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials,
+                                            max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
+                run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.storage_path, verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                          callbacks=callbacks))
+        say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
+            f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")
+        grid = tuner.fit()
+        rows = _summary_rows(grid, book)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed")}
+    return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
+                        n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume, rows=rows)

@@ -1,0 +1,395 @@
+"""The sweep's configuration: one YAML file (or a preset) + CLI overrides -> a frozen ``SweepConfig``.
+
+``load_sweep_config(path, preset=..., overrides=...)`` merges preset <- file <- overrides (nested
+mappings merge key by key; dotted override keys such as ``"space.search_epochs"`` reach inside),
+then ``check_sweep_config(cfg)`` validates everything that needs the model or the data, BEFORE Ray
+starts: unknown model/dataset/pruner (listing the choices), an empty space, a budget range outside
+what the bit candidates reach, proxy or transfer slices larger than the dataset, an out dir that
+cannot be written. Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+from gmpq_core.policy import BitCandidates
+from gmpq_core.transfer import TransferCheck
+from search_spaces.presets import load_preset, load_yaml
+from search_spaces.space import SearchSpace
+
+__all__ = ["CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig", "SweepFacts",
+           "load_sweep_config", "check_sweep_config", "save_resolved_config", "deep_merge",
+           "trial_search_config"]
+
+CONFIG_VERSION = 1
+# Search-config fields the sweep always sets; the fixed `search:` part may not set them (nor space ones).
+_SEARCH_FROM_SWEEP = {"epochs", "budget", "candidates", "seed"}
+_SPACE_TO_SEARCH = {"search_epochs": "epochs", "budget_avg_bits": "budget", "proxy_size": None}
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _is_pos(value: Any, *, integer: bool = False) -> bool:
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    return ok and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _from_mapping(cls: type, section: str, d: Any) -> Any:
+    if isinstance(d, cls):
+        return d
+    _require(d is None or isinstance(d, Mapping), f"'{section}' must be a mapping, but got {d!r}.")
+    d = dict(d or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    _require(not unknown, f"Unknown key(s) {unknown} in '{section}'. Known keys: {sorted(known)}.")
+    return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """Per-trial resources: CPU slots and a GPU fraction (fractions share a GPU without isolation)."""
+    cpu: float = 1.0
+    gpu: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(_is_pos(self.cpu), f"resources.cpu must be > 0, but got cpu={self.cpu!r}.")
+        _require(isinstance(self.gpu, (int, float)) and not isinstance(self.gpu, bool) and self.gpu >= 0,
+                 f"resources.gpu must be >= 0 (e.g. 0.25), but got gpu={self.gpu!r}.")
+
+    def to_ray(self) -> dict[str, float]:
+        return {"cpu": self.cpu, "gpu": self.gpu}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrunerConfig:
+    """An ``optuna.pruners`` pruner by name (median|percentile|successive_halving|hyperband|none)."""
+    name: str = "median"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .pruning import make_pruner
+        _require(isinstance(self.kwargs, Mapping), f"pruner.kwargs must be a mapping, but got {self.kwargs!r}.")
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+        make_pruner(self.name, self.kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneStage:
+    """The final Ray Train fine-tune of the selected policies (read by orchestrator.train_stage)."""
+    top_k: int = 2
+    workers: int = 2
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.01
+    distill: bool = False
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "workers", "epochs", "batch_size"):
+            _require(_is_pos(getattr(self, name), integer=True),
+                     f"finetune.{name} must be a positive integer, but got {name}={getattr(self, name)!r}.")
+        _require(_is_pos(self.lr), f"finetune.lr must be > 0, but got lr={self.lr!r}.")
+        _require(isinstance(self.distill, bool), f"finetune.distill must be true/false, got {self.distill!r}.")
+        _require(self.max_steps_per_epoch is None or _is_pos(self.max_steps_per_epoch, integer=True),
+                 f"finetune.max_steps_per_epoch must be a positive integer or null, got {self.max_steps_per_epoch!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepConfig:
+    """Everything one sweep needs. Paths may be relative (resolved against the working directory)."""
+    name: str = "sweep"
+    out_dir: str | None = None                # None -> runs/<name>
+    model: str = "resnet20"
+    proxy_dataset: str = "fashion_mnist"
+    target_dataset: str = "fashion_mnist"
+    data_root: str | None = None
+    image_size: int | None = None             # None -> the datasets' own size
+    small_input: bool = True
+    candidates: BitCandidates = field(default_factory=BitCandidates)
+    space: SearchSpace = field(default_factory=SearchSpace)
+    n_trials: int = 6
+    max_concurrent_trials: int = 2
+    seed: int = 0
+    resources: Resources = field(default_factory=Resources)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    budget_buckets: tuple[float, ...] = (2.75, 3.5, 4.5)
+    max_failures: int = 0
+    teacher_epochs: int = 3
+    proxy_eval_size: int | None = 1000        # proxy test images measuring proxy_top1 (0 = training top-1)
+    search: Mapping[str, Any] = field(default_factory=dict)
+    transfer: TransferCheck = field(default_factory=TransferCheck)
+    finetune: FinetuneStage = field(default_factory=FinetuneStage)
+    tracking_uri: str | None = None           # None -> sqlite:///<abs out_dir>/mlflow.db
+    optuna_storage: str | None = None         # None -> sqlite:///<abs out_dir>/optuna.db
+    address: str | None = None                # None -> start a local Ray
+    storage_path: str | None = None           # None -> <abs out_dir>/ray_results
+    cache_dir: str | None = None              # None -> <abs out_dir>/cache (teachers, FP target model)
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and self.name and all(c.isalnum() or c in "-_." for c in self.name),
+                 f"name must be a non-empty string of letters, digits, '-', '_' or '.', but got name={self.name!r}.")
+        object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
+        if not isinstance(self.space, SearchSpace):
+            object.__setattr__(self, "space", SearchSpace.from_dict(self.space))
+        for name, cls in (("resources", Resources), ("pruner", PrunerConfig), ("finetune", FinetuneStage)):
+            object.__setattr__(self, name, _from_mapping(cls, name, getattr(self, name)))
+        if not isinstance(self.transfer, TransferCheck):
+            _require(isinstance(self.transfer, Mapping) or self.transfer is None,
+                     f"'transfer' must be a mapping, but got {self.transfer!r}.")
+            object.__setattr__(self, "transfer", TransferCheck.from_dict(self.transfer))
+        _require(self.proxy_eval_size is None or (isinstance(self.proxy_eval_size, int) and not isinstance(
+            self.proxy_eval_size, bool) and self.proxy_eval_size >= 0),
+            f"proxy_eval_size must be an integer >= 0 or null, but got {self.proxy_eval_size!r}.")
+        for name in ("n_trials", "max_concurrent_trials", "teacher_epochs"):
+            _require(_is_pos(getattr(self, name), integer=True),
+                     f"{name} must be a positive integer, but got {name}={getattr(self, name)!r}.")
+        _require(isinstance(self.max_failures, int) and not isinstance(self.max_failures, bool)
+                 and self.max_failures >= 0, f"max_failures must be an integer >= 0, got {self.max_failures!r}.")
+        _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+                 f"seed must be an integer >= 0, but got seed={self.seed!r}.")
+        _require(self.image_size is None or _is_pos(self.image_size, integer=True),
+                 f"image_size must be a positive integer or null, but got image_size={self.image_size!r}.")
+        _require(isinstance(self.small_input, bool), f"small_input must be true/false, got {self.small_input!r}.")
+        edges = self.budget_buckets
+        _require(isinstance(edges, (list, tuple)) and all(_is_pos(e) for e in edges)
+                 and list(edges) == sorted(set(edges)),
+                 f"budget_buckets must be increasing average-bit edges such as [2.75, 3.5, 4.5], but got {edges!r}.")
+        object.__setattr__(self, "budget_buckets", tuple(float(e) for e in edges))
+        _require(isinstance(self.search, Mapping), f"'search' must be a mapping, but got {self.search!r}.")
+        object.__setattr__(self, "search", dict(self.search))
+        from_space = {_SPACE_TO_SEARCH.get(n, n) for n in self.space.dims} - {None}
+        clash = sorted(set(self.search) & (_SEARCH_FROM_SWEEP | from_space))
+        _require(not clash, f"search.{clash[0] if clash else ''} is set by the sweep (space, candidates or seed); "
+                            "move it to 'space' (e.g. as a fixed value) or to the top level.")
+        self._check_space()
+
+    def _check_space(self) -> None:
+        sp = self.space
+        if sp.is_empty():
+            raise ConfigError("The search space is empty: give at least 'budget_avg_bits' and one searched "
+                              "dimension under 'space' (see search_spaces/presets/demo.yaml).")
+        _require("budget_avg_bits" in sp, "The search space needs 'budget_avg_bits' (a range such as "
+                                          "{type: float, low: 2.5, high: 5.0}, or a fixed value).")
+        if not sp.varying() and self.n_trials > 1:
+            raise ConfigError(f"The search space has no dimension that varies, so the {self.n_trials} trials "
+                              "would all be identical: make one dimension a range or a list, or set n_trials: 1.")
+        if "proxy_size" in sp:
+            _require(sp.possible_values("proxy_size") is not None,
+                     "'proxy_size' must be a fixed value or a list (teachers are trained once per proxy size "
+                     f"before the sweep), but got {sp['proxy_size']!r}.")
+
+    # -- resolved paths ------------------------------------------------------------------------------
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.out_dir or os.path.join("runs", self.name)).expanduser().resolve()
+
+    def resolved(self) -> "SweepConfig":
+        """A copy with every None path/URI made concrete (what is saved with the sweep)."""
+        d = self.sweep_dir
+        return replace(self, out_dir=str(d),
+                       tracking_uri=self.tracking_uri or f"sqlite:///{d / 'mlflow.db'}",
+                       optuna_storage=self.optuna_storage or f"sqlite:///{d / 'optuna.db'}",
+                       storage_path=self.storage_path or str(d / "ray_results"),
+                       cache_dir=str(Path(self.cache_dir).expanduser().resolve()) if self.cache_dir else str(d / "cache"))
+
+    def proxy_sizes(self) -> tuple:
+        """Every proxy size a trial may use (None = the whole proxy train split)."""
+        return self.space.possible_values("proxy_size") or (None,)
+
+    # -- (de)serialisation ------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": CONFIG_VERSION}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "candidates":
+                v = {"w_bits": list(v.w_bits), "a_bits": list(v.a_bits)}
+            elif f.name == "space":
+                v = v.to_dict()
+            elif f.name in ("resources", "finetune", "transfer"):
+                v = {g.name: getattr(v, g.name) for g in fields(v)}
+            elif f.name == "pruner":
+                v = {"name": v.name, "kwargs": dict(v.kwargs)}
+            elif f.name == "budget_buckets":
+                v = list(v)
+            elif f.name == "search":
+                v = dict(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SweepConfig":
+        _require(isinstance(d, Mapping), f"A sweep config must be a mapping, but got {type(d).__name__}.")
+        d = dict(d)
+        version = d.pop("version", CONFIG_VERSION)
+        _require(version == CONFIG_VERSION, f"Unsupported sweep config version {version!r}; this gmpq reads "
+                                            f"version {CONFIG_VERSION}.")
+        d.pop("preset", None)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        _require(not unknown, f"Unknown sweep config key(s) {unknown}. Known keys: {sorted(known)}.")
+        return cls(**d)
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``: nested mappings key by key, anything else replaced.
+
+    A ``pruner`` (or a space dimension) that names a new ``name`` (``type``) replaces the old one
+    whole, so its arguments do not mix with the previous pruner's (dimension's).
+    """
+    out = copy.deepcopy(dict(base))
+    for k, v in over.items():
+        old = out.get(k)
+        atomic = isinstance(v, Mapping) and isinstance(old, Mapping) and any(
+            key in v and v[key] != old.get(key) for key in ("name", "type"))
+        if isinstance(v, Mapping) and isinstance(old, Mapping) and not atomic:
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _nest(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def load_sweep_config(path: str | os.PathLike | None = None, preset: str | None = None,
+                      overrides: Mapping[str, Any] | None = None) -> SweepConfig:
+    """preset <- YAML file <- overrides (None values ignored; dotted keys reach nested sections)."""
+    data: dict[str, Any] = {}
+    if preset is not None:
+        data = load_preset(preset)
+    if path is not None:
+        file_data = load_yaml(path)
+        _require(isinstance(file_data, Mapping), f"'{path}' must contain a YAML mapping at the top level.")
+        if "preset" in file_data and preset is None:
+            data = load_preset(file_data["preset"])
+        data = deep_merge(data, file_data)
+    if not data:
+        raise ConfigError("No sweep config given: pass --config FILE or --preset NAME "
+                          "(see 'gmpq sweep --help' for the presets).")
+    data = deep_merge(data, _nest(overrides or {}))
+    return SweepConfig.from_dict(data)
+
+
+@dataclass(frozen=True)
+class SweepFacts:
+    """What validation learnt about the data and the model (reused by the sweep)."""
+    input_size: int
+    in_channels: int
+    proxy_num_classes: int
+    target_num_classes: int
+    proxy_train_size: int
+    target_train_size: int
+    target_test_size: int
+    feasible_avg_bits: tuple[float, float]
+    feasible_gbitops: tuple[float, float]
+
+
+def _check_writable(d: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".gmpq_write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"The sweep folder '{d}' cannot be written ({e.strerror}); pass a writable --out DIR.") from None
+
+
+def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
+    """Validate what needs the model and the data (before Ray starts); returns the facts found."""
+    import torch
+
+    from gmpq_core.complexity import bitops_range
+    from gmpq_core.data import load_dataset
+    from gmpq_core.layers import searchable_layers
+    from gmpq_core.models import build_model, list_models
+    from gmpq_core.search_config import SearchConfig
+
+    _require(cfg.model in list_models(), f"Unknown model '{cfg.model}'. Available models: {', '.join(list_models())}.")
+    proxy = load_dataset(cfg.proxy_dataset, root=cfg.data_root, image_size=cfg.image_size)
+    target = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
+    pi, ti = proxy.info, target.info
+    for size in cfg.proxy_sizes():
+        if size is not None and size > len(proxy.train):
+            raise ConfigError(f"proxy_size {size} is larger than the proxy dataset '{cfg.proxy_dataset}' "
+                              f"({len(proxy.train)} training images); use at most {len(proxy.train)}.")
+        if size is not None and size < pi.num_classes:
+            raise ConfigError(f"proxy_size {size} is smaller than the {pi.num_classes} classes of "
+                              f"'{cfg.proxy_dataset}'; use at least {pi.num_classes}.")
+    tr = cfg.transfer
+    for what, size, split in (("transfer.train_size", tr.train_size, target.train),
+                              ("transfer.fp_train_size", tr.fp_train_size, target.train),
+                              ("transfer.test_size", tr.test_size, target.test)):
+        if size is not None and size > len(split):
+            raise ConfigError(f"{what} {size} is larger than the target dataset '{cfg.target_dataset}' "
+                              f"({len(split)} images in that split); use at most {len(split)}.")
+    with torch.random.fork_rng():
+        net = build_model(cfg.model, num_classes=pi.num_classes, in_channels=pi.in_channels,
+                          small_input=cfg.small_input)
+    from gmpq_core.bitops import layer_macs
+    all_macs = layer_macs(net, pi.image_size, pi.in_channels)
+    macs = {n: all_macs[n] for n in searchable_layers(net)}
+    lo, hi = bitops_range(macs, cfg.candidates)
+    total = sum(macs.values())
+    b_lo, b_hi = math.sqrt(lo / total), math.sqrt(hi / total)
+    low, high = cfg.space.bounds("budget_avg_bits")
+    if low is None or low < b_lo - 1e-9 or high > b_hi + 1e-9:
+        raise BudgetInfeasibleError(
+            f"budget_avg_bits {low}..{high} is outside the feasible range {b_lo:.3g}..{b_hi:.3g} average bits "
+            f"({lo / 1e9:.4g}..{hi / 1e9:.4g} GBitOPs) for {cfg.model} at {pi.image_size} px with candidates "
+            f"w_bits {list(cfg.candidates.w_bits)}, a_bits {list(cfg.candidates.a_bits)}. Choose a budget range "
+            "inside it or change the candidates.")
+    point = cfg.space.first_point()
+    try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
+        trial_search_config(cfg, point)
+    except TypeError as e:
+        known = sorted(f.name for f in fields(SearchConfig))
+        raise ConfigError(f"Bad 'search' settings {sorted(cfg.search)}: {e}. Known search settings: {known}.") from None
+    _check_writable(cfg.sweep_dir)
+    return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
+                      target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
+                      target_train_size=len(target.train), target_test_size=len(target.test),
+                      feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9))
+
+
+def trial_search_config(cfg: SweepConfig, params: Mapping[str, Any]) -> Any:
+    """The ``SearchConfig`` of one trial: the sweep's fixed ``search`` part + the trial's ``params``."""
+    from gmpq_core.complexity import Budget
+    from gmpq_core.search_config import SearchConfig
+
+    kw: dict[str, Any] = dict(cfg.search)
+    for name in ("eta", "lam", "p_mode", "kappa", "p_fixed", "lr_arch", "lr"):
+        if name in params:
+            kw[name] = params[name]
+    if "search_epochs" in params:
+        kw["epochs"] = int(params["search_epochs"])
+    return SearchConfig(candidates=cfg.candidates, budget=Budget(avg_bits=float(params["budget_avg_bits"])),
+                        seed=cfg.seed, **kw)
+
+
+def save_resolved_config(cfg: SweepConfig) -> Path:
+    """Write ``<out_dir>/sweep_config.yaml`` (atomic) with every default made concrete."""
+    import yaml
+
+    from gmpq_core.fileio import atomic_write_text
+
+    resolved = cfg.resolved()
+    text = yaml.safe_dump(resolved.to_dict(), sort_keys=False, default_flow_style=None)
+    return atomic_write_text(Path(resolved.out_dir) / "sweep_config.yaml", text)

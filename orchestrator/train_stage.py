@@ -1,0 +1,357 @@
+"""Final fine-tune of the selected policies with Ray Train (``TorchTrainer``, data parallel).
+
+For each policy selected in ``pareto.parquet``: N workers (gloo on CPU, NCCL on GPU) each take an
+equal, disjoint shard of the FULL target train split, start from the sweep's FP target model with
+the policy applied (``gmpq_core.finetune.prepare_quantized``, clips calibrated on the same batch on
+every rank), and run QAT with SGD + a per-step cosine schedule ``lr_t = lr * (1 + cos(pi t / T)) / 2``
+(``T`` = epochs x steps per epoch). After each epoch rank 0 evaluates on the full target test split
+and reports with a checkpoint; every rank calls ``ray.train.report`` (it is a barrier).
+
+Resume: each run is ``RunConfig(name=f"finetune-{trial_id}", storage_path=<sweep>/ray_results)``;
+rerunning the same call continues from the latest checkpoint (``ray.train.get_checkpoint()``)
+without redoing finished epochs (Ray Train V2 resumes by name + storage path). A policy already
+fine-tuned for the requested epochs (a row in final.parquet) is not run again.
+
+``batch_size`` is the global batch: each worker gets ``batch_size // workers`` images per step.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import pyarrow as pa
+import torch
+
+from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
+from gmpq_core.fileio import load_checkpoint, read_json, save_checkpoint
+from gmpq_core.finetune import FinetuneConfig
+
+from .results import FINAL_FILE, load_resolved_config, read_table, rows_to_table, utc_now_iso, write_table
+
+__all__ = ["FINAL_PNG", "STATE_FILE", "FINAL_SCHEMA", "FinalJob", "shard_indices", "train_loop_per_worker",
+           "run_final_job", "target_fp_checkpoint", "finetune_selected", "read_final"]
+
+log = logging.getLogger(__name__)
+
+FINAL_PNG = "final.png"
+STATE_FILE = "state.pt"
+FINAL_SCHEMA = pa.schema([
+    pa.field("trial_id", pa.string(), nullable=False), pa.field("policy_source", pa.string()),
+    pa.field("final_top1", pa.float64()), pa.field("final_top5", pa.float64()), pa.field("final_loss", pa.float64()),
+    pa.field("transfer_top1", pa.float64()), pa.field("bitops", pa.int64()), pa.field("bitops_total", pa.int64()),
+    pa.field("gbitops", pa.float64()), pa.field("epochs", pa.int64()), pa.field("seconds", pa.float64()),
+    pa.field("workers", pa.int64()), pa.field("resumed_from_epoch", pa.int64()), pa.field("train_images", pa.int64()),
+    pa.field("test_images", pa.int64()), pa.field("finished_at", pa.string()), pa.field("policy_json", pa.string()),
+])
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinalJob:
+    """One policy's final fine-tune (plain data: it travels to every worker as ``train_loop_config``).
+
+    ``train_size``/``test_size``: stratified slices for quick checks (None = the full split).
+    """
+    trial_id: str
+    policy_json: str
+    fp_checkpoint: str
+    dataset: str
+    data_root: str | None = None
+    image_size: int | None = None
+    epochs: int = 1
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    batch_size: int = 128
+    distill: bool = False
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.finetune_config()      # validates the SGD fields with the core's messages
+        for name in ("train_size", "test_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer or None (full split), but got {name}={v!r}.")
+
+    def finetune_config(self) -> FinetuneConfig:
+        return FinetuneConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                              batch_size=self.batch_size, distill=self.distill, seed=self.seed,
+                              max_steps_per_epoch=self.max_steps_per_epoch)
+
+
+def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
+    """Indices of rank ``rank``'s shard: a seeded permutation of ``range(n)`` cut into ``world`` equal parts.
+
+    Every shard has ``n // world`` items (the remainder is dropped) so all ranks run the same number of
+    steps, as DistributedSampler(drop_last=True) would; shards are disjoint.
+    """
+    if not 0 <= rank < world:
+        raise ConfigError(f"rank must be in [0, world), but got rank={rank}, world={world}.")
+    g = torch.Generator().manual_seed(int(seed))
+    per = n // world
+    if per < 1:
+        raise ConfigError(f"{n} training images cannot be shared by {world} workers; use fewer workers.")
+    return torch.randperm(n, generator=g)[rank * per:(rank + 1) * per].sort().values
+
+
+def _set_cosine_position(optimizer: torch.optim.Optimizer, scheduler: Any, done_steps: int, total_steps: int) -> None:
+    """Put a fresh cosine scheduler at step ``done_steps`` of ``total_steps`` (when epochs changed on resume)."""
+    import math
+    t = min(done_steps, total_steps)
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * (1 + math.cos(math.pi * t / max(total_steps, 1))) / 2
+    scheduler.last_epoch = t
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker loop (see the module docstring). ``config`` is ``asdict(FinalJob)``."""
+    import ray.train
+    import ray.train.torch
+
+    from gmpq_core.data import load_dataset, make_loader, proxy
+    from gmpq_core.finetune import prepare_quantized
+    from gmpq_core.policy import BitPolicy
+    from gmpq_core.train import (evaluate, make_cosine_scheduler, make_optimizer, seeded, steps_per_epoch,
+                                 train_one_epoch)
+    from gmpq_core.transfer import load_target_model
+
+    job = FinalJob(**config)
+    ft = job.finetune_config()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    bundle = load_dataset(job.dataset, root=job.data_root, image_size=job.image_size)
+    info = bundle.info
+    train = proxy(bundle.train, job.train_size, seed=job.seed)
+    test = proxy(bundle.test, job.test_size, seed=job.seed)
+    shard = train.subset(shard_indices(len(train), rank, world, job.seed))
+    per_worker = max(1, job.batch_size // world)
+    train_loader = make_loader(shard, info, batch_size=per_worker, train=True, seed=job.seed + rank,
+                               drop_last=True, device=device)
+    calib_loader = make_loader(train, info, batch_size=min(job.batch_size, len(train)), train=True, seed=job.seed)
+    calib_loader.set_epoch(0)
+    with seeded(job.seed):
+        calib = next(iter(calib_loader))[0]          # the same batch on every rank
+    fp, _ = load_target_model(job.fp_checkpoint)
+    policy = BitPolicy.from_json(job.policy_json)
+    model = prepare_quantized(fp, policy, calib)
+    teacher = fp.to(device).eval().requires_grad_(False) if job.distill else None
+
+    steps = steps_per_epoch(train_loader, job.max_steps_per_epoch)
+    total = job.epochs * steps
+    start, history, state = 0, [], None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(Path(d) / STATE_FILE)
+        if state.get("trial_id") != job.trial_id or state.get("policy_json") != job.policy_json:
+            raise CheckpointError(f"The Ray Train checkpoint of finetune-{job.trial_id} belongs to another policy; "
+                                  "delete that run folder under ray_results to start afresh.")
+        model.load_state_dict(state["model"])
+        start, history = int(state["epoch"]), [dict(h) for h in state["history"]]
+    model = ray.train.torch.prepare_model(model)
+    net = getattr(model, "module", model)
+    optimizer = make_optimizer(model, ft)
+    scheduler = make_cosine_scheduler(optimizer, total)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("total_steps") == total:
+            scheduler.load_state_dict(state["scheduler"])
+        else:
+            _set_cosine_position(optimizer, scheduler, start * steps, total)
+    test_loader = make_loader(test, info, batch_size=256, train=False, device=device) if rank == 0 else None
+
+    for epoch in range(start + 1, job.epochs + 1):
+        t0 = time.perf_counter()
+        train_loader.set_epoch(epoch - 1)
+        with seeded(job.seed + epoch, device):
+            tr = train_one_epoch(model, train_loader, optimizer, scheduler=scheduler, teacher=teacher,
+                                 distill_alpha=ft.distill_alpha if job.distill else 0.0,
+                                 distill_temperature=ft.distill_temperature, device=device,
+                                 max_steps=job.max_steps_per_epoch, epoch=epoch)
+        metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
+                   "lr": float(optimizer.param_groups[0]["lr"]), "resumed_from_epoch": start, "world_size": world,
+                   "train_images": len(train), "test_images": len(test)}
+        if rank != 0:
+            ray.train.report(metrics)
+            continue
+        ev = evaluate(net, test_loader, device=device)
+        metrics.update(top1=ev["top1"], top5=ev["top5"], loss=ev["loss"], epoch_seconds=time.perf_counter() - t0)
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint(Path(d) / STATE_FILE, {
+                "trial_id": job.trial_id, "policy_json": job.policy_json, "epoch": epoch, "history": history,
+                "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "total_steps": total})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+@dataclass(frozen=True)
+class FinalRun:
+    """Outcome of one policy's fine-tune: last metrics (rank 0), per-epoch history, wall seconds."""
+    trial_id: str
+    metrics: dict
+    history: list[dict]
+    seconds: float
+    workers: int
+
+
+def run_final_job(job: FinalJob, *, storage_path: str | Path, workers: int, use_gpu: bool = False) -> FinalRun:
+    """Fit (or resume) the TorchTrainer ``finetune-<trial_id>`` under ``storage_path``."""
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t0 = time.perf_counter()
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=asdict(job),
+                           scaling_config=ScalingConfig(num_workers=int(workers), use_gpu=bool(use_gpu)),
+                           run_config=RunConfig(name=f"finetune-{job.trial_id}", storage_path=str(storage_path),
+                                                checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    history: list[dict] = []
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            history = [dict(h) for h in load_checkpoint(Path(d) / STATE_FILE)["history"]]
+    metrics = dict(history[-1]) if history else dict(result.metrics or {})
+    if metrics.get("epoch", 0) < job.epochs:
+        raise GMPQError(f"The fine-tune of {job.trial_id} stopped after epoch {metrics.get('epoch', 0)} of "
+                        f"{job.epochs}; rerun the same command to resume it.")
+    return FinalRun(trial_id=job.trial_id, metrics=metrics, history=history, seconds=time.perf_counter() - t0,
+                    workers=int(workers))
+
+
+def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | None = None) -> Path:
+    """The sweep's FP target model (``shared.json`` written by the sweep); trained and cached if absent."""
+    sweep_dir = Path(sweep_dir)
+    shared = sweep_dir / "shared.json"
+    if shared.is_file():
+        path = Path(read_json(shared).get("target_model_path", ""))
+        if path.is_file() and path.with_suffix(".json").is_file():
+            return path
+    from gmpq_core.transfer import prepare_target_model
+    from .sweep_config import SweepConfig
+
+    cfg = SweepConfig.from_dict(load_resolved_config(sweep_dir, missing_ok=False)).resolved()
+    if say:
+        say(f"no FP target model recorded in {shared}: preparing it ({cfg.model} on {cfg.target_dataset}; "
+            f"read from {cfg.cache_dir} if trained before)")
+    return prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
+                                cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
+                                small_input=cfg.small_input).path
+
+
+def read_final(sweep_dir: str | Path, *, missing_ok: bool = False) -> pd.DataFrame:
+    path = Path(sweep_dir) / FINAL_FILE
+    if missing_ok and not path.exists():
+        return FINAL_SCHEMA.empty_table().to_pandas()
+    return read_table(path).to_pandas()
+
+
+def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None]) -> tuple[int, bool]:
+    import ray
+    res = ray.cluster_resources()
+    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
+    if use_gpu is None:
+        use_gpu = gpus >= 1
+    if use_gpu and gpus < workers:
+        if gpus < 1:
+            raise ConfigError("use_gpu=True but the Ray cluster has no GPU; drop the GPU request.")
+        say(f"only {gpus} GPU(s) in the Ray cluster: using {gpus} workers instead of {workers}")
+        workers = gpus
+    if not use_gpu and workers > cpus:
+        raise ConfigError(f"workers={workers} needs {workers} CPUs but the Ray cluster has {cpus}; "
+                          f"use --workers {max(cpus, 1)} or fewer.")
+    return workers, use_gpu
+
+
+def _final_row(pareto_row: dict, run: FinalRun) -> dict:
+    m = run.metrics
+    tid = run.trial_id
+    return {"trial_id": tid, "policy_source": f"sweep trial {tid} ({pareto_row.get('selection_reason') or 'selected'})",
+            "final_top1": m.get("top1"), "final_top5": m.get("top5"), "final_loss": m.get("loss"),
+            "transfer_top1": pareto_row.get("transfer_top1"), "bitops": pareto_row.get("bitops"),
+            "bitops_total": pareto_row.get("bitops_total"), "gbitops": float(pareto_row["bitops"]) / 1e9,
+            "epochs": int(m["epoch"]), "seconds": run.seconds, "workers": run.workers,
+            "resumed_from_epoch": m.get("resumed_from_epoch"), "train_images": m.get("train_images"),
+            "test_images": m.get("test_images"), "finished_at": utc_now_iso(),
+            "policy_json": str(pareto_row["policy_json"])}
+
+
+def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, workers: int | None = None,
+                      epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+                      max_steps_per_epoch: int | None = None, train_size: int | None = None,
+                      test_size: int | None = None, tracking_uri: str | None = None, use_gpu: bool | None = None,
+                      address: str | None = None, say: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Fine-tune every selected policy of ``<sweep_dir>/pareto.parquet`` on the full target data.
+
+    Unset arguments come from the sweep config's ``finetune`` section. ``top_k`` given (or no
+    pareto.parquet yet) reselects with ``write_pareto``. Writes ``final.parquet`` (atomic, merged by
+    trial_id) after each policy, ``final.png``, and MLflow child runs ``finetune-<trial_id>``.
+    Returns the final.parquet rows of this call's policies.
+    """
+    from .mlflow_sink import log_final
+    from .pareto import PARETO_FILE, read_pareto, write_pareto
+    from .plots import plot_final
+    from .ray_env import ray_session
+    from .results import read_trials
+
+    sweep_dir = Path(sweep_dir)
+    say = say or (lambda msg: None)
+    cfg = load_resolved_config(sweep_dir, missing_ok=False)
+    stage = dict(cfg.get("finetune") or {})
+    pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
+        else read_pareto(sweep_dir)
+    chosen = pareto[pareto["selected"]] if len(pareto) else pareto
+    if chosen.empty:
+        raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
+                        "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
+    workers = int(workers or stage.get("workers") or 1)
+    epochs = int(epochs or stage.get("epochs") or 1)
+    fp_path = target_fp_checkpoint(sweep_dir, say=say)
+    existing = {r["trial_id"]: r for r in read_final(sweep_dir, missing_ok=True).to_dict("records")}
+    final_rows = {t: r for t, r in existing.items()}
+    histories: dict[str, list[dict]] = {}
+    storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results").resolve()
+    done_ids: list[str] = []
+    with ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
+        workers, use_gpu = _ray_devices(workers, use_gpu, say)
+        for i, row in enumerate(chosen.to_dict("records"), start=1):
+            tid = str(row["trial_id"])
+            prev = existing.get(tid)
+            if prev is not None and int(prev.get("epochs") or 0) == epochs:
+                say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s): "
+                    f"top1 {prev['final_top1']:.2f}%")
+                done_ids.append(tid)
+                continue
+            job = FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
+                           dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
+                           image_size=cfg.get("image_size"), epochs=epochs, lr=float(lr or stage.get("lr") or 0.01),
+                           batch_size=int(batch_size or stage.get("batch_size") or 128),
+                           distill=bool(stage.get("distill", False)), seed=int(cfg.get("seed") or 0),
+                           max_steps_per_epoch=max_steps_per_epoch or stage.get("max_steps_per_epoch"),
+                           train_size=train_size, test_size=test_size)
+            say(f"[{i}/{len(chosen)}] {tid}: fine-tuning {epochs} epoch(s) on {workers} worker(s) "
+                f"({'GPU' if use_gpu else 'CPU'}), {row.get('selection_reason')}")
+            run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
+            histories[tid] = run.history
+            final_rows[tid] = _final_row(row, run)
+            write_table(sweep_dir / FINAL_FILE, rows_to_table(sorted(final_rows.values(), key=lambda r: r["trial_id"]),
+                                                              FINAL_SCHEMA))
+            say(f"[{i}/{len(chosen)}] {tid}: final top1 {run.metrics.get('top1', float('nan')):.2f}% "
+                f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s")
+            done_ids.append(tid)
+    final = read_final(sweep_dir)
+    plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
+    ours = final[final["trial_id"].isin(done_ids)].reset_index(drop=True)
+    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours[ours["trial_id"].isin(list(histories))],
+              histories=histories, png_path=sweep_dir / FINAL_PNG)
+    return ours

@@ -1,0 +1,173 @@
+"""The Ray Tune trainable: a thin shim around the core (config dict -> typed config -> core -> report).
+
+One trial = one GMPQ search on the proxy (``gmpq_core.jobs.run_search_job``, teacher loaded from
+the sweep's cache) + the fixed transfer check on the target slices (``gmpq_core.transfer``).
+``run_trial`` does the work and takes the report function as an argument, so it runs without Ray
+in tests; ``make_trainable(context)`` wraps it for Tune with ``ray.tune.report`` (not
+``ray.train.report``, which raises inside Tune trainables in Ray 2.60).
+
+Per-epoch reports: phase, epoch, proxy_top1, ce, l_gen, expected_gbitops, p, ard, budget_bucket,
+prune_value (= proxy_top1, what the pruner sees). The final report adds ``done: True`` and the
+trial-row metrics listed in ``FINAL_KEYS``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from gmpq_core.transfer import load_target_model, run_transfer_check, target_slices
+from search_spaces.space import bucket_of
+
+from .sweep_config import SweepConfig, trial_search_config
+
+__all__ = ["EPOCH_KEYS", "FINAL_KEYS", "TuneReporter", "build_search_job", "run_trial", "make_trainable",
+           "TRIAL_EVENTS"]
+
+log = logging.getLogger(__name__)
+
+EPOCH_KEYS = ("proxy_top1", "ce", "l_gen", "expected_gbitops", "p", "ard")
+FINAL_KEYS = ("proxy_top1", "transfer_top1", "bitops", "bitops_total", "budget_bitops", "budget_avg_bits",
+              "gbitops", "ard", "p", "search_seconds", "transfer_seconds", "epochs_run", "node_id", "hostname",
+              "policy_json", "layers_json")
+TRIAL_EVENTS = "trial_events.jsonl"   # audit log in the sweep dir: one line per trial start/end
+
+ReportFn = Callable[[dict], None]
+
+
+def _float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+class TuneReporter:
+    """``gmpq_core.reporting.Reporter`` that forwards each search epoch to ``report_fn`` (ray.tune.report).
+
+    Stopping is Tune's job (the pruning scheduler stops the actor), so ``should_stop`` is False.
+    """
+
+    def __init__(self, report_fn: ReportFn, *, budget_bucket: int) -> None:
+        self.report_fn = report_fn
+        self.budget_bucket = int(budget_bucket)
+        self.last: dict[str, Any] = {}
+
+    def report(self, step: int, metrics: Mapping[str, Any]) -> None:
+        row: dict[str, Any] = {"phase": "search", "epoch": int(step)}
+        row.update({k: _float(metrics.get(k)) for k in EPOCH_KEYS})
+        if "expected_avg_bits" in metrics:
+            row["expected_avg_bits"] = _float(metrics["expected_avg_bits"])
+        row["budget_bucket"] = self.budget_bucket
+        row["prune_value"] = row["proxy_top1"]
+        self.last = row
+        self.report_fn(row)
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def build_search_job(cfg: SweepConfig, params: Mapping[str, Any], *, device: str = "cpu") -> Any:
+    """The ``SearchJob`` of one trial (the same one the driver used to prepare the teachers)."""
+    from gmpq_core.jobs import SearchJob
+
+    kw: dict[str, Any] = dict(model=cfg.model, dataset=cfg.proxy_dataset, data_root=cfg.data_root,
+                              proxy_size=params.get("proxy_size"), proxy_seed=cfg.seed, small_input=cfg.small_input,
+                              teacher_epochs=cfg.teacher_epochs, cache_dir=cfg.resolved().cache_dir, device=device,
+                              search=trial_search_config(cfg, params), eval_size=cfg.proxy_eval_size)
+    if cfg.image_size is not None and "image_size" in {f.name for f in fields(SearchJob)}:
+        kw["image_size"] = cfg.image_size
+    return SearchJob(**kw)
+
+
+def trial_device(cfg: SweepConfig) -> str:
+    return "cuda" if cfg.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
+
+
+_TARGET_CACHE: dict[tuple, Any] = {}   # per worker process (reused actors keep it): FP model, slices
+
+
+def _target(cfg: SweepConfig, target_model_path: str, device: str) -> tuple:
+    from gmpq_core.data import load_dataset
+
+    key = (target_model_path, device, cfg.target_dataset, cfg.data_root, cfg.image_size, cfg.transfer)
+    if key not in _TARGET_CACHE:
+        _TARGET_CACHE.clear()
+        model, _ = load_target_model(target_model_path, device)
+        bundle = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
+        train, test = target_slices(bundle, cfg.transfer)
+        _TARGET_CACHE[key] = (model, train, test, bundle.info)
+    return _TARGET_CACHE[key]
+
+
+def _log_event(sweep_dir: str | None, event: dict) -> None:
+    if not sweep_dir:
+        return
+    line = json.dumps({**event, "time": time.time(), "pid": os.getpid()}) + "\n"
+    with open(Path(sweep_dir) / TRIAL_EVENTS, "a") as f:   # O_APPEND: short lines stay whole
+        f.write(line)
+
+
+def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: ReportFn, *,
+              trial_id: str = "local", node_id: str = "local") -> dict[str, Any]:
+    """One trial: search on the proxy, transfer check on the target; returns the final report.
+
+    ``context``: {"sweep": resolved SweepConfig dict, "target_model_path": str}.
+    """
+    cfg = SweepConfig.from_dict(context["sweep"])
+    torch.set_num_threads(max(1, int(cfg.resources.cpu)))
+    device = trial_device(cfg)
+    params = dict(params)
+    bucket = bucket_of(params["budget_avg_bits"], cfg.budget_buckets)
+    _log_event(cfg.out_dir, {"event": "start", "trial_id": trial_id, "params": params})
+    from gmpq_core.jobs import run_search_job
+
+    reporter = TuneReporter(report, budget_bucket=bucket)
+    result = run_search_job(build_search_job(cfg, params, device=device), reporter=reporter)
+    model, train, test, info = _target(cfg, context["target_model_path"], device)
+    check = run_transfer_check(model, result.policy, train, test, info, check=cfg.transfer, device=device)
+    target_cost = check["bitops_report"]
+    quantized = [c for c in target_cost.layers if c.quantized]
+    b = float(params["budget_avg_bits"])
+    layers = [{"name": c.name, "macs": int(c.macs), "w_bits": int(c.w_bits), "a_bits": int(c.a_bits)} for c in quantized]
+    final = {**(reporter.last or {"phase": "search", "epoch": result.epochs_run, "budget_bucket": bucket}),
+             "phase": "transfer", "epoch": int(result.epochs_run), "budget_bucket": bucket,
+             "prune_value": float(result.proxy_top1),
+             "proxy_top1": float(result.proxy_top1), "transfer_top1": check["transfer_top1"],
+             "transfer_top5": check["transfer_top5"],
+             "bitops": int(target_cost.bitops_quantized), "bitops_total": int(target_cost.bitops_total),
+             "budget_bitops": int(round(sum(c.macs for c in quantized) * b * b)), "budget_avg_bits": b,
+             "gbitops": target_cost.bitops_quantized / 1e9, "ard": _float(result.ard), "p": _float(result.p),
+             "search_seconds": float(result.search_seconds), "transfer_seconds": check["transfer_seconds"],
+             "epochs_run": int(result.epochs_run), "node_id": node_id, "hostname": socket.gethostname(),
+             "policy_json": result.policy.to_json(), "layers_json": json.dumps(layers), "done": True}
+    if not all(math.isfinite(final[k]) for k in ("transfer_top1", "proxy_top1")):
+        log.warning("trial %s finished with a non-finite accuracy: %s", trial_id,
+                    {k: final[k] for k in ("transfer_top1", "proxy_top1")})
+    _log_event(cfg.out_dir, {"event": "end", "trial_id": trial_id, "transfer_top1": final["transfer_top1"],
+                             "bitops": final["bitops"]})
+    report(final)
+    return final
+
+
+def make_trainable(context: Mapping[str, Any]) -> Callable[[dict], None]:
+    """The Tune function trainable for a sweep (``context`` is small and plain: it travels pickled)."""
+    context = dict(context)
+
+    def gmpq_trial(config: dict) -> None:
+        import ray
+        from ray import tune
+
+        trial_id = tune.get_context().get_trial_id() or "unknown"
+        node_id = ray.get_runtime_context().get_node_id()
+        run_trial(config, context, tune.report, trial_id=trial_id, node_id=node_id)
+
+    return gmpq_trial

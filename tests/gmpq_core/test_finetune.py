@@ -1,0 +1,116 @@
+"""QAT fine-tune: preparation, BitOPs, checkpoint/resume, and (slow) accuracy on real Fashion-MNIST."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from gmpq_core.bitops import count_bitops
+from gmpq_core.errors import CheckpointError, PolicyMismatchError
+from gmpq_core.finetune import CHECKPOINT_NAME, FinetuneConfig, finetune, prepare_quantized
+from gmpq_core.policy import BitPolicy
+from gmpq_core.qmodules import QuantConv2d, quantized_layers
+from gmpq_core.reporting import ListReporter
+
+from test_train import TinyLoader, tiny_net  # same folder (pytest puts it on sys.path)
+
+
+def mixed_policy(model) -> BitPolicy:
+    base = BitPolicy.uniform(model, 4, 4)
+    return BitPolicy(layers={"conv1": {"w_bits": 2, "a_bits": 3}, "conv2": {"w_bits": 4, "a_bits": 6}},
+                     fingerprint=base.fingerprint)
+
+
+def test_prepare_quantized_copies_applies_and_calibrates():
+    fp = tiny_net()
+    before = {k: v.clone() for k, v in fp.state_dict().items()}
+    x = next(iter(TinyLoader()))[0]
+    q = prepare_quantized(fp, mixed_policy(fp), x)
+    assert all(torch.equal(before[k], v) for k, v in fp.state_dict().items())  # FP model untouched
+    assert set(quantized_layers(q)) == {"conv1", "conv2"} and not isinstance(fp.conv1, QuantConv2d)
+    assert (q.conv1.w_bits, q.conv1.a_bits, q.conv2.a_bits) == (2, 3, 6)
+    assert float(q.conv1.act.clip.detach()) != 6.0  # calibrated away from the PACT init
+    q8 = prepare_quantized(fp, mixed_policy(fp), x, include_stem=True, include_classifier=True)
+    assert set(quantized_layers(q8)) == {"stem", "conv1", "conv2", "fc"}
+
+
+def test_policy_that_does_not_fit_raises():
+    fp = tiny_net()
+    bad = BitPolicy(layers={"conv1": {"w_bits": 4, "a_bits": 4}})
+    with pytest.raises(PolicyMismatchError, match="conv2"):
+        finetune(fp, bad, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(), input_size=8, in_channels=1)
+
+
+def test_finetune_reports_per_epoch_and_counts_bitops_of_the_policy():
+    fp, rep = tiny_net(), ListReporter()
+    pol = mixed_policy(fp)
+    res = finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2, distill=True),
+                   input_size=8, in_channels=1, reporter=rep)
+    assert res.epochs_run == 2 and [s for s, _ in rep.records] == [1, 2]
+    assert res.top1 == rep.records[-1][1]["top1"]
+    ref = count_bitops(fp, pol, 8, 1)
+    assert res.bitops.bitops_quantized == ref.bitops_quantized
+    assert res.bitops.bitops_total == ref.bitops_total
+    # hand count: conv1 4->8, 3x3, stride 2 on 8x8 -> 4x4 out; conv2 8->8, 3x3 on 4x4
+    assert ref.bitops_quantized == 4 * 9 * 8 * 16 * 2 * 3 + 8 * 9 * 8 * 16 * 4 * 6
+
+
+def test_finetune_resumes_from_its_checkpoint_like_an_uninterrupted_run(tmp_path):
+    cfg = FinetuneConfig(epochs=3, lr=0.02, distill=True)
+    fp = tiny_net()
+    pol = mixed_policy(fp)
+    full = finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=cfg, input_size=8, in_channels=1)
+
+    ck = tmp_path / "ck"
+    first = finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=cfg, input_size=8, in_channels=1,
+                     checkpoint_dir=ck, reporter=ListReporter(stop_after=1))
+    assert first.epochs_run == 1 and (ck / CHECKPOINT_NAME).is_file()
+    state = torch.load(ck / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "history"}
+
+    rep = ListReporter()
+    resumed = finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=cfg, input_size=8, in_channels=1,
+                       checkpoint_dir=ck, reporter=rep)
+    assert [s for s, _ in rep.records] == [2, 3]
+    assert resumed.epochs_run == full.epochs_run == 3
+    assert resumed.history == full.history
+    assert all(torch.equal(a, b) for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    fp = tiny_net()
+    pol = mixed_policy(fp)
+    finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2), input_size=8,
+             in_channels=1, checkpoint_dir=tmp_path, reporter=ListReporter(stop_after=1))
+    with pytest.raises(CheckpointError, match="lr=0.01"):
+        finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2, lr=0.05),
+                 input_size=8, in_channels=1, checkpoint_dir=tmp_path)
+    other = BitPolicy.uniform(fp, 8, 8)
+    with pytest.raises(CheckpointError, match="different bit policy"):
+        finetune(fp, other, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2),
+                 input_size=8, in_channels=1, checkpoint_dir=tmp_path)
+
+
+@pytest.mark.slow
+def test_resnet20_fashion_mnist_fp_reaches_85_and_w4a4_stays_within_2_points():
+    """Issue 2: FP resnet20 >= 85% test top-1 on Fashion-MNIST in 2 CPU epochs; W4A4 QAT (1 epoch) within 2."""
+    from gmpq_core.data import load_dataset, make_loader
+    from gmpq_core.models import build_model
+    from gmpq_core.train import TrainConfig, train_fp
+
+    bundle = load_dataset("fashion_mnist")
+    train = make_loader(bundle.train, bundle.info, batch_size=128, train=True, seed=0)
+    test = make_loader(bundle.test, bundle.info, batch_size=512, train=False)
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    t0 = time.perf_counter()
+    fp = train_fp(model, train, test, config=TrainConfig(epochs=2, lr=0.1, weight_decay=5e-4, batch_size=128))
+    t1 = time.perf_counter()
+    q = finetune(model, BitPolicy.uniform(model, 4, 4), train, test, config=FinetuneConfig(epochs=1, lr=0.01),
+                 input_size=28, in_channels=1)
+    t2 = time.perf_counter()
+    print(f"\nFP top-1 {fp.top1:.2f}% ({t1 - t0:.0f} s); W4A4 top-1 {q.top1:.2f}% ({t2 - t1:.0f} s); "
+          f"W4A4 {q.bitops.bitops_quantized / 1e9:.3f} GBitOPs quantized layers")
+    assert fp.top1 >= 85.0
+    assert q.top1 >= fp.top1 - 2.0

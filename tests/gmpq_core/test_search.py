@@ -1,0 +1,165 @@
+import json
+import time
+
+import pytest
+import torch
+
+from gmpq_core.complexity import Budget
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError, NonFiniteLossError
+from gmpq_core.models import build_model
+from gmpq_core.reporting import ListReporter
+from gmpq_core.search import SearchConfig, SearchResult, search_policy
+
+REPORT_KEYS = {"proxy_top1", "ce", "l_gen", "expected_gbitops", "p", "ard", "lr"}
+
+
+def _data(seed=0, batches=2, size=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 1, size, size, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(batches)]
+
+
+def _teacher():
+    torch.manual_seed(0)
+    return build_model("resnet20", num_classes=4, in_channels=1, width=4).eval()
+
+
+def _search(cfg, reporter=None, teacher=None, data=None, **kw):
+    return search_policy(teacher or _teacher(), data or _data(), config=cfg, input_size=8, in_channels=1,
+                         reporter=reporter, model_name="resnet20", **kw)
+
+
+def _cfg(**kw):
+    base = dict(epochs=2, batch_size=8, budget=Budget(avg_bits=3), recalibrate_bn_batches=2)
+    return SearchConfig(**{**base, **kw})
+
+
+def test_search_reports_every_epoch_and_returns_a_budget_true_policy():
+    rep = ListReporter()
+    teacher = _teacher()
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    rng = torch.get_rng_state()
+    res = _search(_cfg(), rep, teacher=teacher)
+    assert isinstance(res, SearchResult) and res.epochs_run == 2
+    assert [s for s, _ in rep.records] == [1, 2]
+    assert all(REPORT_KEYS <= set(m) for _, m in rep.records)
+    assert res.budget_bitops is not None and res.bitops_quantized <= res.budget_bitops
+    assert res.bitops_total > res.bitops_quantized
+    assert 0 <= res.proxy_top1 <= 100 and 0 <= res.ard <= 2 and res.p == pytest.approx(24 / 3.75 ** 2, rel=0.05)
+    assert set(res.arch_probs) == set(res.policy.layers) and len(res.policy.layers) == 20
+    json.dumps(res.to_dict())
+    for k, v in teacher.state_dict().items():  # the caller's teacher is untouched
+        assert torch.equal(v, before[k])
+    assert all(p.requires_grad for p in teacher.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_same_seed_gives_the_same_policy():
+    a, b = _search(_cfg(seed=3)), _search(_cfg(seed=3))
+    assert a.policy.layers == b.policy.layers
+    assert a.arch_probs == b.arch_probs
+    assert [h["ce"] for h in a.history] == [h["ce"] for h in b.history]
+
+
+def test_should_stop_is_honoured_between_epochs():
+    rep = ListReporter(stop_after=1)
+    res = _search(_cfg(epochs=3), rep)
+    assert res.epochs_run == 1 and len(rep.records) == 1 and len(res.history) == 1
+
+
+def test_non_finite_loss_raises_within_that_epoch():
+    rep = ListReporter()
+    with pytest.raises(NonFiniteLossError, match="epoch 2, step 1"):
+        _search(_cfg(epochs=3, inject_nan_at_epoch=2), rep)
+    assert [s for s, _ in rep.records] == [1]
+
+
+def test_large_complexity_weight_lowers_expected_bitops_over_epochs():
+    res = _search(_cfg(epochs=3, lam=50.0, lr_arch=0.05, budget=Budget(avg_bits=2.2)))
+    exp = [h["expected_gbitops"] for h in res.history]
+    assert exp[0] > exp[1] > exp[2]
+    assert res.history[-1]["expected_avg_bits"] < 3.6
+
+
+def test_infeasible_budget_is_rejected_before_training():
+    rep = ListReporter()
+    with pytest.raises(BudgetInfeasibleError, match="feasible range"):
+        _search(_cfg(budget=Budget(gbitops=1e-6)), rep)
+    assert rep.records == []
+
+
+def test_official_switches_run():
+    cfg = _cfg(epochs=1, penalty="official", p_mode="fixed", init_from_fp=False, teacher_bn_train=True,
+               target_class="label", second_order=False, calibrate_clips=False, budget=None, temperature=2.0,
+               gradcam_layer="layer2")
+    res = _search(cfg, eval_loader=_data(seed=9, batches=1))
+    assert res.p == 3.0 and res.budget_bitops is None and res.epochs_run == 1
+    assert all(torch.isfinite(torch.tensor(v)) for v in res.history[0].values())
+
+
+def test_search_config_round_trip_and_validation():
+    cfg = SearchConfig(budget=Budget(gbitops=1.5), candidates=[2, 4, 8], eta=20.0, max_steps_per_epoch=5)
+    d = cfg.to_dict()
+    assert d["budget"] == {"gbitops": 1.5} and d["candidates"] == {"w_bits": [2, 4, 8], "a_bits": [2, 4, 8]}
+    assert SearchConfig.from_dict(json.loads(json.dumps(d))) == cfg
+    with pytest.raises(ConfigError, match="Unknown search config keys"):
+        SearchConfig.from_dict({"etaa": 1})
+    for bad, match in [({"penalty": "lagrange"}, "penalty"), ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"),
+                       ({"p_mode": "auto"}, "p_mode"), ({"momentum": 1.0}, "momentum"),
+                       ({"budget": {"avg_bits": 20}}, "avg_bits"), ({"candidates": [0, 2]}, "candidate")]:
+        with pytest.raises(ConfigError, match=match):
+            SearchConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def fmnist_job(tmp_path_factory):
+    pytest.importorskip("gmpq_core.data")
+    from gmpq_core.data import load_dataset
+    from gmpq_core.errors import DataError
+    try:
+        load_dataset("fashion_mnist")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    from gmpq_core.jobs import SearchJob
+    return SearchJob(proxy_size=500, teacher_epochs=1, eval_size=200, cache_dir=str(tmp_path_factory.mktemp("cache")),
+                     search=SearchConfig(epochs=1, batch_size=64, budget=Budget(avg_bits=3)))
+
+
+@pytest.mark.slow
+def test_one_epoch_search_on_a_real_fashion_mnist_proxy_is_fast(fmnist_job):
+    from gmpq_core.jobs import run_search_job
+    t0 = time.perf_counter()
+    rep = ListReporter()
+    res = run_search_job(fmnist_job, reporter=rep)
+    assert time.perf_counter() - t0 < 60
+    assert res.epochs_run == 1 and res.bitops_quantized <= res.budget_bitops
+    assert res.policy.meta["model"] == "resnet20" and res.policy.meta["input_size"] == 28
+    assert res.policy.meta["in_channels"] == 1 and res.policy.meta["num_classes"] == 10
+    assert rep.records[0][1]["proxy_top1"] >= 0 and 0 < res.ard < 2
+
+
+@pytest.mark.slow
+def test_teacher_cache_is_reused_and_a_damaged_file_is_retrained(fmnist_job):
+    from gmpq_core.jobs import get_teacher, teacher_cache_path
+    from gmpq_core.data import load_dataset
+    first = get_teacher(fmnist_job)
+    path = teacher_cache_path(fmnist_job, load_dataset("fashion_mnist").info)
+    assert path.is_file()
+    stamp = path.stat().st_mtime_ns
+    again = get_teacher(fmnist_job)
+    assert path.stat().st_mtime_ns == stamp
+    path.write_bytes(b"truncated")
+    retrained = get_teacher(fmnist_job)
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]) and torch.equal(v, retrained.state_dict()[k])
+
+
+def test_search_job_round_trip_and_flat_search_keys():
+    from gmpq_core.jobs import SearchJob
+    job = SearchJob(proxy_size=300, search=SearchConfig(epochs=2, budget=Budget(avg_bits=3)))
+    assert SearchJob.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    flat = SearchJob.from_dict({"model": "resnet20", "epochs": 3, "search": {"eta": 1.0}})
+    assert flat.search.epochs == 3 and flat.search.eta == 1.0
+    with pytest.raises(ConfigError, match="Unknown model"):
+        SearchJob(model="resnet21")
+    with pytest.raises(ConfigError, match="Unknown keys"):
+        SearchJob.from_dict({"proxysize": 3})

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from gmpq_core.policy import BitPolicy
+from orchestrator.cli import build_parser, main
+from orchestrator.commands.search import build_job
+
+
+def _fmnist_or_skip():
+    from gmpq_core.data import load_dataset
+    from gmpq_core.errors import DataError
+    try:
+        load_dataset("fashion_mnist")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_flags_override_the_yaml_config(tmp_path):
+    cfg = _write(tmp_path / "c.yaml", "model: resnet20\nproxy_size: 300\neta: 5.0\n"
+                                      "search:\n  epochs: 4\n  lam: 0.1\n  budget: {avg_bits: 4}\n")
+    args = build_parser().parse_args(["search", "--config", cfg, "--epochs", "2", "--budget-gbitops", "0.3",
+                                      "--p-mode", "fixed", "--seed", "7"])
+    job = build_job(args)
+    assert job.proxy_size == 300 and job.model == "resnet20"
+    s = job.search
+    assert (s.epochs, s.lam, s.eta, s.p_mode, s.seed) == (2, 0.1, 5.0, "fixed", 7)
+    assert s.budget.gbitops == 0.3 and s.budget.avg_bits is None
+
+
+@pytest.mark.parametrize("text,match", [("model: resnet20\n  bad: [1\n", "line"), ("- 1\n- 2\n", "mapping"),
+                                        ("modle: resnet20\n", "Unknown keys"),
+                                        ("search:\n  p_mode: adaptive\n", "p_mode")])
+def test_bad_config_files_exit_2_without_traceback(tmp_path, capsys, text, match):
+    code = main(["search", "--config", _write(tmp_path / "c.yaml", text), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_infeasible_budget_exits_2_naming_the_feasible_range(tmp_path, capsys):
+    _fmnist_or_skip()
+    code = main(["search", "--proxy-size", "100", "--teacher-epochs", "1", "--batch-size", "50",
+                 "--budget-gbitops", "0.01", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "feasible range" in err and "resnet20 at 28 px" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "policy.json").exists() and not (tmp_path / "cache").exists()  # no teacher trained
+
+
+def test_search_command_writes_policy_and_result(tmp_path, capsys):
+    _fmnist_or_skip()
+    cfg = _write(tmp_path / "c.yaml", "proxy_size: 100\nteacher_epochs: 1\neval_size: 50\n"
+                                      "search:\n  batch_size: 50\n  max_steps_per_epoch: 1\n  recalibrate_bn_batches: 1\n")
+    out = tmp_path / "run"
+    code = main(["search", "--config", cfg, "--epochs", "1", "--budget-avg-bits", "3", "--cache-dir",
+                 str(tmp_path / "cache"), "--out", str(out)])
+    assert code == 0
+    policy = BitPolicy.load(out / "policy.json")
+    assert len(policy.layers) == 20
+    for key, value in {"model": "resnet20", "dataset": "fashion_mnist", "in_channels": 1, "num_classes": 10,
+                       "small_input": True, "input_size": 28, "budget": {"avg_bits": 3}}.items():
+        assert policy.meta[key] == value
+    result = json.loads((out / "result.json").read_text())
+    for key in ("proxy_top1", "bitops_quantized", "bitops_total", "budget_bitops", "ard", "p", "search_seconds",
+                "epochs_run"):
+        assert key in result
+    assert result["bitops_quantized"] <= result["budget_bitops"] and result["epochs_run"] == 1
+    assert "proxy top-1" in capsys.readouterr().out

@@ -1,0 +1,132 @@
+"""trials.parquet / layers.parquet: explicit schema, pandas round trip, atomic rewrite, resume merge."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import orchestrator.results as results
+from gmpq_core.errors import CheckpointError
+from orchestrator.results import (LAYERS_FILE, TRIALS_FILE, ResultsCallback, layer_rows, read_layers, read_trials,
+                                  rows_to_table, trial_row, write_results)
+
+LAYERS = [{"name": "layer1.0.conv1", "macs": 100, "w_bits": 4, "a_bits": 3},
+          {"name": "fc", "macs": 10, "w_bits": 8, "a_bits": 8}]
+
+
+def final_result(acc: float) -> dict:
+    return {"done": True, "proxy_top1": acc - 5, "transfer_top1": acc, "bitops": 1280, "bitops_total": 9999,
+            "budget_bitops": 1500, "budget_avg_bits": 3.5, "budget_bucket": 1, "gbitops": 1.28e-6,
+            "ard": 0.4, "p": float("nan"), "search_seconds": 1.5, "transfer_seconds": 0.5, "epochs_run": 2,
+            "epoch": 1, "node_id": "node-a", "hostname": "box", "policy_json": "{}", "layers_json": json.dumps(LAYERS)}
+
+
+def test_schema_types_are_explicit_and_round_trip_through_pandas(tmp_path):
+    rows = [trial_row(trial_id="t1", config={"eta": 40.0, "epochs": 3, "space": {"p_mode": "capacity"},
+                                             "use_x": True, "cands": [2, 4]}, last_result=final_result(80.0),
+                      status="completed", started_at="2026-01-01T00:00:00+00:00"),
+            trial_row(trial_id="t2", config={"eta": 10, "epochs": 2, "space": {"p_mode": "fixed"}, "use_x": False,
+                                             "cands": [2]}, last_result={"epoch": 0, "proxy_top1": 11.0},
+                      status="pruned")]
+    write_results(tmp_path, rows, layer_rows("t1", rows[0]["layers_json"]))
+    schema = pq.read_schema(tmp_path / TRIALS_FILE)
+    assert schema.field("bitops").type == pa.int64() and schema.field("transfer_top1").type == pa.float64()
+    assert schema.field("param_eta").type == pa.float64()         # int 10 and float 40.0 -> float64
+    assert schema.field("param_epochs").type == pa.int64() and schema.field("param_use_x").type == pa.bool_()
+    assert schema.field("param_space.p_mode").type == pa.string()
+    assert schema.field("param_cands").type == pa.string()        # lists stored as JSON
+    df = pd.read_parquet(tmp_path / TRIALS_FILE)                  # plain pandas reader
+    assert list(df["trial_id"]) == ["t1", "t2"] and list(df["status"]) == ["completed", "pruned"]
+    assert df.loc[0, "transfer_top1"] == 80.0 and np.isnan(df.loc[1, "transfer_top1"])
+    assert np.isnan(df.loc[0, "p"])                               # non-finite metric stored as null
+    assert df.loc[1, "last_epoch"] == 0 and json.loads(df.loc[0, "param_cands"]) == [2, 4]
+    layers = read_layers(tmp_path)
+    assert list(layers["bitops"]) == [1200, 640] and layers["macs"].dtype == np.int64
+
+
+def test_unknown_status_is_rejected():
+    with pytest.raises(ValueError, match="status='done'"):
+        trial_row(trial_id="t", config={}, last_result={}, status="done")
+
+
+def test_rewrite_is_atomic_when_the_writer_dies(tmp_path, monkeypatch):
+    write_results(tmp_path, [trial_row(trial_id="t1", config={}, last_result=final_result(70.0), status="completed")], [])
+    before = (tmp_path / TRIALS_FILE).read_bytes()
+
+    def dies(table, f):
+        f.write(b"PAR1 half a file")
+        raise OSError("disk full")
+    monkeypatch.setattr(results.pq, "write_table", dies)
+    with pytest.raises(OSError, match="disk full"):
+        write_results(tmp_path, [trial_row(trial_id="t2", config={}, last_result={}, status="failed")], [])
+    assert (tmp_path / TRIALS_FILE).read_bytes() == before          # old file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAYERS_FILE, TRIALS_FILE]  # no temp files left
+
+
+def trial(tid: str, acc: float | None, x: float):
+    """Duck-typed stand-in for ray.tune Trial (the attributes the callback reads)."""
+    return SimpleNamespace(trial_id=tid, config={"x": x}, last_result=final_result(acc) if acc else {"epoch": 0},
+                           pickled_error_file=None, error_file=None)
+
+
+def test_callback_resume_merges_by_trial_id_without_duplicates(tmp_path):
+    cb = ResultsCallback(tmp_path)
+    cb.on_trial_start(0, [], trial("a", 70.0, 1.0))
+    cb.on_trial_complete(0, [], trial("a", 70.0, 1.0))
+    cb.on_trial_error(0, [], trial("b", None, 2.0))
+    assert read_trials(tmp_path)["status"].tolist() == ["completed", "failed"]
+    # a new driver (resume): loads both rows, the failed trial reruns and replaces its row
+    cb2 = ResultsCallback(tmp_path)
+    assert [r["trial_id"] for r in cb2.rows] == ["a", "b"]
+    cb2.on_trial_start(0, [], trial("b", 75.0, 2.0))
+    cb2.on_trial_complete(0, [], trial("b", 75.0, 2.0))
+    cb2.on_trial_complete(0, [], trial("c", None, 3.0))
+    df = read_trials(tmp_path)
+    assert df["trial_id"].tolist() == ["a", "b", "c"]
+    assert df["status"].tolist() == ["completed", "completed", "pruned"]
+    assert df["attempt"].tolist() == [1, 2, 1] and df.loc[1, "transfer_top1"] == 75.0
+    layers = read_layers(tmp_path)
+    assert layers.groupby("trial_id").size().to_dict() == {"a": 2, "b": 2}
+
+
+def test_callback_survives_pickling_and_reloads_from_disk(tmp_path):
+    import pickle
+    cb = ResultsCallback(tmp_path)
+    clone = pickle.loads(pickle.dumps(cb))       # what Tuner.restore does with tuner.pkl
+    cb.on_trial_complete(0, [], trial("a", 70.0, 1.0))
+    clone.setup()
+    clone.on_trial_complete(0, [], trial("b", 71.0, 1.0))
+    assert read_trials(tmp_path)["trial_id"].tolist() == ["a", "b"]
+
+
+@pytest.mark.parametrize("name", [TRIALS_FILE, LAYERS_FILE])
+def test_truncated_parquet_raises_checkpoint_error_naming_the_file(tmp_path, name):
+    write_results(tmp_path, [trial_row(trial_id="t1", config={}, last_result=final_result(70.0), status="completed")],
+                  layer_rows("t1", json.dumps(LAYERS)))
+    data = (tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: len(data) // 2])
+    reader = read_trials if name == TRIALS_FILE else read_layers
+    with pytest.raises(CheckpointError, match=name) as e:
+        reader(tmp_path)
+    assert "corrupted" in str(e.value)
+    with pytest.raises(CheckpointError, match=name):
+        ResultsCallback(tmp_path)                 # a resume refuses to overwrite a damaged table
+
+
+def test_missing_or_foreign_tables(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        read_trials(tmp_path)
+    assert read_trials(tmp_path, missing_ok=True).empty
+    pq.write_table(pa.table({"a": [1]}), tmp_path / TRIALS_FILE)
+    with pytest.raises(CheckpointError, match=r"lacks the columns \['trial_id', 'status'\]"):
+        read_trials(tmp_path)
+
+
+def test_rows_to_table_handles_ints_given_as_floats_and_missing_values():
+    t = rows_to_table([{"trial_id": "a", "bitops": 12.0, "epochs_run": None}])
+    assert t.column("bitops").to_pylist() == [12] and t.column("epochs_run").to_pylist() == [None]

@@ -1,0 +1,136 @@
+"""CLI: ``gmpq pareto``, ``gmpq run`` (config errors before Ray; end to end), the finetune --sweep options."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.commands.finetune_sweep import add_sweep_args, format_final_table
+from orchestrator.results import TRIALS_FILE, trial_row, write_results
+
+
+def hand_made_sweep(d: Path) -> None:
+    rows = [trial_row(trial_id=t, config={"budget_avg_bits": b}, status=s, last_result=r) for t, b, s, r in [
+        ("t1", 3.0, "completed", {"transfer_top1": 70.0, "bitops": 2_000_000, "budget_avg_bits": 3.0}),
+        ("t2", 4.0, "completed", {"transfer_top1": 80.0, "bitops": 4_000_000, "budget_avg_bits": 4.0}),
+        ("t3", 4.0, "completed", {"transfer_top1": 75.0, "bitops": 5_000_000, "budget_avg_bits": 4.0}),
+        ("t4", 2.6, "pruned", {"proxy_top1": 12.0, "expected_gbitops": 0.001})]]
+    write_results(d, rows, [])
+    (d / "sweep_config.yaml").write_text("name: hand\nbudget_buckets: [3.25, 4.25]\nfinetune: {top_k: 2}\n")
+
+
+def test_gmpq_pareto_prints_the_table_and_writes_the_files(tmp_path, capsys):
+    hand_made_sweep(tmp_path)
+    assert main(["pareto", "--sweep", str(tmp_path), "--no-mlflow"]) == 0
+    out = capsys.readouterr().out
+    assert "4 trials (3 completed, 1 pruned): 2 non-dominated, 2 selected" in out
+    lines = [ln for ln in out.splitlines() if ln.startswith("*")]
+    assert [ln.split()[1] for ln in lines] == ["t1", "t2"]
+    front = pd.read_parquet(tmp_path / "pareto.parquet")
+    assert front["trial_id"].tolist() == ["t1", "t2"] and front["selected"].all()
+    assert (tmp_path / "pareto.png").exists()
+    assert main(["pareto", "--sweep", str(tmp_path), "--top-k", "1", "--no-mlflow"]) == 0
+    assert pd.read_parquet(tmp_path / "pareto.parquet")["selected"].sum() == 1
+
+
+def test_gmpq_pareto_on_a_damaged_table_exits_2_naming_it(tmp_path, capsys):
+    hand_made_sweep(tmp_path)
+    data = (tmp_path / TRIALS_FILE).read_bytes()
+    (tmp_path / TRIALS_FILE).write_bytes(data[:100])
+    assert main(["pareto", "--sweep", str(tmp_path), "--no-mlflow"]) == 2
+    err = capsys.readouterr().err
+    assert "trials.parquet" in err and "corrupted" in err and "Traceback" not in err
+
+
+def test_gmpq_run_rejects_bad_configs_before_ray_starts(tmp_path, capsys):
+    import ray
+    assert main(["run", "--preset", "no_such_preset", "--out", str(tmp_path / "o")]) == 2
+    assert "no_such_preset" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: demo\nn_trials: [1,\n")
+    assert main(["run", "--config", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "line" in capsys.readouterr().err
+    assert not ray.is_initialized() and not (tmp_path / "o").exists()
+
+
+def test_finetune_sweep_args_reuse_existing_options():
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=1)          # as the single-policy finetune parser has
+    p.add_argument("--lr", type=float, default=0.01)
+    add_sweep_args(p)
+    a = p.parse_args(["--sweep", "D", "--top-k", "2", "--workers", "3", "--epochs", "4", "--test-size", "50"])
+    assert (a.sweep, a.top_k, a.workers, a.epochs, a.test_size, a.max_steps_per_epoch) == ("D", 2, 3, 4, 50, None)
+    from orchestrator.commands.finetune import add_single_args
+    combined = argparse.ArgumentParser()                      # the real single-policy parser + sweep mode
+    add_single_args(combined)
+    add_sweep_args(combined)
+    assert combined.parse_args(["--sweep", "D", "--workers", "2"]).workers == 2
+    fresh = argparse.ArgumentParser()
+    add_sweep_args(fresh)
+    assert fresh.parse_args(["--sweep", "D"]).epochs is None
+
+
+def test_final_table_is_aligned():
+    df = pd.DataFrame([{"trial_id": "abc", "transfer_top1": 70.0, "final_top1": 88.123, "final_top5": 99.0,
+                        "gbitops": 0.25, "epochs": 2, "workers": 2, "seconds": 12.3}])
+    head, rule, row = format_final_table(df).splitlines()
+    assert head.index("final_top1") + len("final_top1") == row.index("88.12") + len("88.12")
+
+
+TINY = """\
+preset: demo
+name: tiny
+proxy_dataset: mnist5k
+target_dataset: mnist5k
+n_trials: 2
+teacher_epochs: 1
+pruner: {name: median, kwargs: {n_startup_trials: 5, n_warmup_steps: 5}}
+space:
+  budget_avg_bits: {type: float, low: 2.5, high: 5.0}
+  proxy_size: [200]
+  eta: {type: float, low: 1, high: 100, log: true}
+  lam: {type: float, low: 1e-5, high: 1e-3, log: true}
+  p_mode: [capacity, fixed]
+  kappa: {type: float, low: 8, high: 48}
+  p_fixed: 3.0
+  lr_arch: {type: float, low: 1e-3, high: 1e-1, log: true}
+  search_epochs: 1
+search: {batch_size: 32, max_steps_per_epoch: 2, recalibrate_bn_batches: 1}
+transfer: {train_size: 200, test_size: 100, epochs: 1, batch_size: 32, fp_epochs: 1, fp_train_size: 200,
+           fp_max_steps_per_epoch: 2, fp_batch_size: 32, max_steps_per_epoch: 2}
+finetune: {top_k: 1, workers: 2, epochs: 1, batch_size: 32, max_steps_per_epoch: 2}
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_gmpq_run_end_to_end_then_resume_redoes_nothing(tmp_path, capsys):
+    import mlflow
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY)
+    out = tmp_path / "out"
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert f"mlflow ui --backend-store-uri sqlite:///{out.resolve() / 'mlflow.db'}" in text
+    assert "Final fine-tune" in text and str(out.resolve() / "pareto.png") in text
+    for f in ("trials.parquet", "layers.parquet", "pareto.parquet", "final.parquet", "pareto.png", "final.png",
+              "mlflow.db", "optuna.db"):
+        assert (out / f).exists(), f
+    trials = pd.read_parquet(out / "trials.parquet")
+    final = pd.read_parquet(out / "final.parquet")
+    assert len(trials) == 2 and len(final) == 1 and final.loc[0, "epochs"] == 1
+    assert json.loads(final.loc[0, "policy_json"])["layers"]
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["tiny"])
+    assert runs["tags.gmpq.role"].value_counts().to_dict() == {"trial": 2, "finetune": 1, "sweep": 1}
+    parent = runs[runs["tags.gmpq.role"] == "sweep"]
+    assert parent["status"].item() == "FINISHED"
+    assert set(runs.loc[runs["tags.gmpq.role"] != "sweep", "tags.mlflow.parentRunId"]) == {parent["run_id"].item()}
+    # Resume: nothing is rerun (same trials, same fine-tune row, no new MLflow runs)
+    assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0
+    assert pd.read_parquet(out / "final.parquet")["seconds"].tolist() == final["seconds"].tolist()
+    assert len(mlflow.search_runs(experiment_names=["tiny"])) == 4

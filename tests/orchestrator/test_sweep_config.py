@@ -1,0 +1,134 @@
+"""Sweep configs: merging, overrides, round trip, and bad configs failing with exit 2 before Ray starts."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+from orchestrator.cli import main
+from orchestrator.sweep_config import (SweepConfig, check_sweep_config, load_sweep_config, save_resolved_config,
+                                       trial_search_config)
+
+
+def _write(tmp_path, data, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def _gmpq_sweep_fails(args, capsys):
+    """Run `gmpq sweep ARGS`; must exit 2 with a message and leave Ray unstarted."""
+    import ray
+
+    code = main(["sweep", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert not ray.is_initialized()
+    assert "Traceback" not in err
+    return " ".join(err.split())
+
+
+def test_flags_override_the_preset(tmp_path):
+    cfg = load_sweep_config(preset="demo", overrides={"n_trials": 3, "space.search_epochs": 1,
+                                                      "out_dir": str(tmp_path), "tracking_uri": None})
+    assert cfg.n_trials == 3 and cfg.space.possible_values("search_epochs") == (1,)
+    assert cfg.space.possible_values("proxy_size") == (500, 1000)          # untouched parts stay
+    r = cfg.resolved()
+    assert r.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db" and r.optuna_storage == f"sqlite:///{tmp_path}/optuna.db"
+    assert r.storage_path == str(tmp_path / "ray_results")
+
+
+def test_config_file_merges_over_its_preset_and_round_trips(tmp_path):
+    path = _write(tmp_path, {"preset": "demo", "name": "mine", "transfer": {"epochs": 2},
+                             "space": {"eta": {"type": "float", "low": 5, "high": 50}}})
+    cfg = load_sweep_config(path)
+    assert cfg.name == "mine" and cfg.transfer.epochs == 2 and cfg.transfer.train_size == 5000
+    assert cfg.space["eta"].low == 5 and "lam" in cfg.space
+    assert SweepConfig.from_dict(cfg.to_dict()) == cfg
+    saved = save_resolved_config(SweepConfig.from_dict({**cfg.to_dict(), "out_dir": str(tmp_path / "s")}))
+    back = load_sweep_config(saved)
+    assert back.out_dir == str(tmp_path / "s") and back.tracking_uri.startswith("sqlite:///")
+
+
+def test_trial_search_config_maps_space_params():
+    cfg = load_sweep_config(preset="demo")
+    sc = trial_search_config(cfg, {"budget_avg_bits": 3.0, "eta": 7.0, "lam": 1e-4, "p_mode": "fixed",
+                                   "p_fixed": 2.0, "lr_arch": 0.02, "search_epochs": 3, "proxy_size": 500})
+    assert (sc.eta, sc.lam, sc.p_mode, sc.p_fixed, sc.lr_arch, sc.epochs) == (7.0, 1e-4, "fixed", 2.0, 0.02, 3)
+    assert sc.budget.avg_bits == 3.0 and sc.max_steps_per_epoch == 8 and sc.batch_size == 64
+
+
+def test_demo_preset_passes_the_full_check(tmp_path):
+    facts = check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}))
+    assert facts.input_size == 28 and facts.in_channels == 1 and facts.feasible_avg_bits == (2.0, 6.0)
+
+
+def test_unknown_preset_exits_2_listing_presets(capsys):
+    err = _gmpq_sweep_fails(["--preset", "nope"], capsys)
+    assert "Unknown preset 'nope'" in err and "demo" in err
+
+
+def test_empty_space_exits_2(tmp_path, capsys):
+    path = _write(tmp_path, "preset: demo\nspace: null\n")
+    cfg_err = _gmpq_sweep_fails(["--config", str(path), "--out", str(tmp_path / "o")], capsys)
+    assert "search space is empty" in cfg_err
+
+
+def test_infeasible_budget_exits_2_with_the_feasible_range(tmp_path, capsys):
+    path = _write(tmp_path, {"preset": "demo", "candidates": [3, 4, 6],
+                             "space": {"budget_avg_bits": {"type": "float", "low": 2.5, "high": 5.0}}})
+    err = _gmpq_sweep_fails(["--config", str(path), "--out", str(tmp_path / "o")], capsys)
+    assert "feasible range 3..6 average bits" in err and "resnet20 at 28 px" in err
+    with pytest.raises(BudgetInfeasibleError):
+        check_sweep_config(load_sweep_config(path, overrides={"out_dir": str(tmp_path / "o")}))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"model": "resnet21"}, "Unknown model 'resnet21'.*resnet20"),
+    ({"proxy_dataset": "fashion"}, "Unknown dataset 'fashion'.*fashion_mnist"),
+    ({"pruner": {"name": "medain"}}, "Unknown pruner 'medain'.*median.*hyperband"),
+    ({"space": {"proxy_size": [500, 70000]}}, "proxy_size 70000 is larger than.*60000"),
+    ({"transfer": {"test_size": 20000}}, "transfer.test_size 20000 is larger.*10000"),
+    ({"transfer": {"lr": 0}}, "transfer.lr must be > 0"),
+    ({"space": {"lam": {"type": "float", "low": 0.0, "high": 1e-3, "log": False}}}, "'lam'.*must be > 0"),
+    ({"space": {"eta": {"type": "float", "low": 0, "high": 10, "log": True}}}, "log-scale range needs low > 0"),
+    ({"space": {"proxy_size": {"type": "int", "low": 500, "high": 1000}}}, "'proxy_size' must be a fixed value or a list"),
+    ({"search": {"epochs": 3}}, "search.epochs is set by the sweep"),
+    ({"search": {"batch_sise": 3}}, "batch_sise"),
+    ({"budget_buckets": [4.0, 3.0]}, "budget_buckets must be increasing"),
+    ({"n_trials": 0}, "n_trials must be a positive integer"),
+    ({"resources": {"cpu": 0}}, "resources.cpu must be > 0"),
+    ({"colour": "red"}, "Unknown sweep config key.*colour"),
+])
+def test_bad_values_fail_before_ray_with_a_clear_message(tmp_path, change, match):
+    import ray
+
+    path = _write(tmp_path, {"preset": "demo", **change})
+    with pytest.raises(ConfigError, match=match):
+        check_sweep_config(load_sweep_config(path, overrides={"out_dir": str(tmp_path / "o")}))
+    assert not ray.is_initialized()
+
+
+def test_unwritable_out_dir_exits_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    err = _gmpq_sweep_fails(["--preset", "demo", "--out", str(blocker / "sweep")], capsys)
+    assert "cannot be written" in err
+
+
+def test_malformed_yaml_names_line_and_column(tmp_path, capsys):
+    path = _write(tmp_path, "preset: demo\nn_trials: [3\n")
+    err = _gmpq_sweep_fails(["--config", str(path)], capsys)
+    assert "not valid YAML at line" in err
+
+
+def test_resume_without_a_sweep_exits_2(tmp_path, capsys):
+    err = _gmpq_sweep_fails(["--preset", "demo", "--out", str(tmp_path / "none"), "--resume"], capsys)
+    assert "Nothing to resume" in err
+
+
+def test_a_new_pruner_or_dimension_type_replaces_the_old_one_whole():
+    cfg = load_sweep_config(preset="demo", overrides={"pruner.name": "none"})
+    assert cfg.pruner.name == "none" and cfg.pruner.kwargs == {}
+    cfg = load_sweep_config(preset="demo", overrides={"space.lam": {"type": "categorical", "choices": [1e-4, 1e-3]}})
+    assert cfg.space.possible_values("lam") == (1e-4, 1e-3)

@@ -1,0 +1,100 @@
+"""Final fine-tune with Ray Train: real TorchTrainer, 2 CPU workers (gloo), checkpoint per epoch, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from gmpq_core.errors import ConfigError
+from orchestrator.train_stage import FinalJob, shard_indices
+
+
+def test_shards_are_disjoint_equal_and_deterministic():
+    shards = [shard_indices(103, r, 4, seed=7) for r in range(4)]
+    assert all(len(s) == 25 for s in shards)
+    allidx = torch.cat(shards)
+    assert len(set(allidx.tolist())) == 100 and int(allidx.max()) < 103
+    assert torch.equal(shard_indices(103, 2, 4, seed=7), shards[2])
+    assert not torch.equal(shard_indices(103, 2, 4, seed=8), shards[2])
+    with pytest.raises(ConfigError, match="use fewer workers"):
+        shard_indices(1, 0, 2, seed=0)
+
+
+def test_final_job_validates_like_the_core_config():
+    with pytest.raises(ConfigError, match="lr"):
+        FinalJob(trial_id="t", policy_json="{}", fp_checkpoint="x", dataset="mnist5k", lr=-1.0)
+    with pytest.raises(ConfigError, match="train_size=0"):
+        FinalJob(trial_id="t", policy_json="{}", fp_checkpoint="x", dataset="mnist5k", train_size=0)
+
+
+def make_sweep(d: Path) -> None:
+    """A sweep folder as the sweep leaves it: resolved config + trials.parquet with one completed trial."""
+    from gmpq_core.bitops import count_bitops
+    from gmpq_core.models import build_model
+    from gmpq_core.policy import BitPolicy
+    from orchestrator.results import trial_row, write_results
+    from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+
+    cfg = load_sweep_config(None, preset="demo", overrides={
+        "out_dir": str(d), "name": "ft", "target_dataset": "mnist5k", "proxy_dataset": "mnist5k",
+        "transfer": {"train_size": 200, "test_size": 100, "fp_epochs": 1, "fp_train_size": 200,
+                     "fp_max_steps_per_epoch": 2, "fp_batch_size": 32, "batch_size": 32},
+        "finetune": {"top_k": 1, "workers": 2, "epochs": 1, "batch_size": 32}})
+    save_resolved_config(cfg)
+    model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    policy = BitPolicy.uniform(model, 3, 4)
+    cost = count_bitops(model, policy, 28, 1)
+    row = trial_row(trial_id="t1", config={"budget_avg_bits": 3.5}, status="completed", last_result={
+        "transfer_top1": 60.0, "bitops": cost.bitops_quantized, "bitops_total": cost.bitops_total,
+        "budget_avg_bits": 3.5, "policy_json": policy.to_json(), "layers_json": "[]"})
+    write_results(d, [row], [])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(tmp_path):
+    import mlflow
+    import ray
+
+    from orchestrator.ray_env import init_ray
+    from orchestrator.train_stage import FINAL_PNG, STATE_FILE, finetune_selected, read_final
+    from gmpq_core.fileio import load_checkpoint
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep)
+    started = init_ray(num_cpus=2)
+    try:
+        knobs = dict(max_steps_per_epoch=2, test_size=100, batch_size=32)
+        first = finetune_selected(sweep, epochs=1, workers=2, **knobs)
+        assert first["epochs"].tolist() == [1] and first["resumed_from_epoch"].tolist() == [0]
+        assert first["workers"].tolist() == [2] and first["train_images"].tolist() == [4000]
+        ckpts = sorted((sweep / "ray_results" / "finetune-t1").glob("checkpoint_20*"))
+        assert len(ckpts) == 1
+        e1 = load_checkpoint(ckpts[0] / STATE_FILE)["history"]
+        # Rerun with more epochs: resumes after epoch 1 (no retraining of epoch 1)
+        second = finetune_selected(sweep, epochs=2, workers=2, **knobs)
+        assert second["epochs"].tolist() == [2] and second["resumed_from_epoch"].tolist() == [1]
+        (ckpt,) = sorted((sweep / "ray_results" / "finetune-t1").glob("checkpoint_20*"))
+        hist = load_checkpoint(ckpt / STATE_FILE)["history"]
+        assert [h["epoch"] for h in hist] == [1, 2]
+        assert hist[0] == e1[0] and hist[1]["resumed_from_epoch"] == 1
+        assert hist[1]["lr"] == pytest.approx(0.0, abs=1e-12)      # the cosine ends at 0 after the last step
+        # A third call with the same epochs finds the policy done and runs nothing.
+        third = finetune_selected(sweep, epochs=2, workers=2, **knobs)
+        assert third["seconds"].tolist() == second["seconds"].tolist()
+    finally:
+        if started:
+            ray.shutdown()
+    final = read_final(sweep)
+    assert len(final) == 1 and 0.0 <= final.loc[0, "final_top1"] <= 100.0
+    assert final.loc[0, "bitops"] > 0 and json.loads(final.loc[0, "policy_json"])["layers"]
+    assert (sweep / FINAL_PNG).stat().st_size > 5000
+    mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ft"])
+    ft = runs[runs["tags.gmpq.role"] == "finetune"]
+    assert len(ft) == 1 and ft["tags.mlflow.runName"].item() == "finetune-t1"
+    assert ft["metrics.final_top1"].item() == pytest.approx(final.loc[0, "final_top1"])
+    parent = runs[runs["tags.gmpq.role"] == "sweep"]["run_id"].item()
+    assert ft["tags.mlflow.parentRunId"].item() == parent
