@@ -90,7 +90,10 @@ def check_budget(budget_bitops: int, macs: Mapping[str, int], candidates: BitCan
     if lo <= budget_bitops <= hi:
         return
     what = model_name or "this model"
-    at = f" at {input_size} px" if isinstance(input_size, int) else (f" at {tuple(input_size)} px" if input_size else "")
+    if isinstance(input_size, int):
+        at = f" at {input_size} px"
+    else:
+        at = f" at {tuple(input_size)} px" if input_size else ""
     wmin, amin, wmax, amax = (min(candidates.w_bits), min(candidates.a_bits), max(candidates.w_bits),
                               max(candidates.a_bits))
     low_name = f"{wmin}-bit" if wmin == amin else f"W{wmin}A{amin}"

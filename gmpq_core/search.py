@@ -29,6 +29,7 @@ from .complexity import Budget, check_budget, complexity_penalty
 from .derive import derive_policy
 from .errors import ConfigError, NonFiniteLossError
 from .losses import choose_p, generalization_loss, rank_distance
+from .policy import BitPolicy
 from .reporting import NullReporter, Reporter
 from .search_config import SearchConfig, SearchResult
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
@@ -93,7 +94,7 @@ def _recalibrate_bn(model: nn.Module, loader: Iterable, n_batches: int, device: 
         model.train(was_training)
 
 
-def evaluate_policy(supernet: nn.Module, policy, teacher: nn.Module, loader: Iterable, *, layer: str,
+def evaluate_policy(supernet: nn.Module, policy: BitPolicy, teacher: nn.Module, loader: Iterable, *, layer: str,
                     device: str | torch.device = "cpu", max_batches: int | None = None,
                     bn_loader: Iterable | None = None, bn_batches: int = 20) -> dict[str, float]:
     """Top-1 (%) and ARD of the supernet fixed to ``policy`` against ``teacher`` on ``loader``.
@@ -184,7 +185,7 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                 log.info("search stopped after epoch %d of %d (reporter asked)", epoch, cfg.epochs)
                 break
         teacher_s.eval()
-        policy = derive_policy(supernet, budget_bitops, macs)
+        policy = derive_policy(supernet, budget_bitops, macs, fill=cfg.fill_budget)
         report = count_bitops(supernet, policy, input_size, in_channels, macs=all_macs)
         final = evaluate_policy(supernet, policy, teacher_s, eval_loader if eval_loader is not None else train_loader,
                                 layer=layer, device=device,
@@ -192,7 +193,7 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                                 bn_loader=train_loader, bn_batches=cfg.recalibrate_bn_batches)
     policy_meta = {**policy.meta, "p_mode": cfg.p_mode, "eta": cfg.eta, "lam": cfg.lam,
                    "budget": cfg.budget.to_dict() if cfg.budget is not None else None}
-    policy = type(policy)(layers=policy.layers, fingerprint=policy.fingerprint, meta=policy_meta)
+    policy = BitPolicy(layers=policy.layers, fingerprint=policy.fingerprint, meta=policy_meta)
     return SearchResult(policy=policy, bitops_quantized=report.bitops_quantized, bitops_total=report.bitops_total,
                         budget_bitops=budget_bitops, proxy_top1=final["top1"], ard=final["ard"], p=p_used,
                         epochs_run=epochs_run, search_seconds=time.perf_counter() - t0, history=history,
@@ -223,10 +224,12 @@ def _run_epoch(supernet: nn.Module, teacher: nn.Module, loader: Any, optimizer: 
             loss = loss * float("nan")
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
+            terms = (("ce", ce), ("l_gen", l_gen), ("penalty", pen))
+            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms)
             raise NonFiniteLossError(
-                f"The search loss became {loss_value} at epoch {epoch}, step {step} (ce={float(ce.detach()):.4g}, "
-                f"l_gen={float(l_gen.detach()):.4g}, penalty={float(pen.detach()):.4g}, lr={optimizer.param_groups[0]['lr']:.3g}). "
-                "Lower lr / lr_arch or eta, or check the proxy data for NaN/inf values.")
+                f"The search loss became {loss_value} at epoch {epoch}, step {step} ({parts}, "
+                f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower lr / lr_arch or eta, or check the proxy data "
+                "for NaN/inf values.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -44,7 +44,8 @@ class SearchConfig:
     ``lr_step_epochs`` epochs. ``lam`` is in the official penalty's units in both penalty modes
     (see complexity.py). Extensions beyond the contract: ``temperature`` (softmax T of the
     architecture distributions), ``calibrate_clips`` (clips from the first batch instead of 6.0),
-    ``recalibrate_bn_batches`` (BN statistics re-estimated for the derived policy's evaluation).
+    ``recalibrate_bn_batches`` (BN statistics re-estimated for the derived policy's evaluation),
+    ``fill_budget`` (after the argmax and repair, raise bits while the policy still fits).
     ``inject_nan_at_epoch`` (1-based) is a testing switch that makes that epoch's loss NaN.
     """
     candidates: BitCandidates = field(default_factory=BitCandidates)
@@ -74,6 +75,7 @@ class SearchConfig:
     temperature: float = 1.0
     calibrate_clips: bool = True
     recalibrate_bn_batches: int = 20
+    fill_budget: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
@@ -93,7 +95,7 @@ class SearchConfig:
         _positive("kappa", self.kappa)
         _positive("p_fixed", self.p_fixed)
         _positive("temperature", self.temperature, hint=" Use 1.0 for the official plain softmax.")
-        for name in ("second_order", "teacher_bn_train", "init_from_fp", "calibrate_clips"):
+        for name in ("second_order", "teacher_bn_train", "init_from_fp", "calibrate_clips", "fill_budget"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, but got {name}={getattr(self, name)!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads on a small shared machine
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

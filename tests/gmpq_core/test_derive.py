@@ -100,3 +100,30 @@ def test_derive_policy_on_a_supernet_with_random_logits():
         unconstrained = derive_policy(net, None, macs)
         for name, m in mixed_layers(net).items():
             assert unconstrained.layers[name].w_bits == m.w_candidates[int(m.alpha_w.argmax())]
+
+
+def test_fill_spends_the_leftover_budget_without_exceeding_it():
+    rng = random.Random(99)
+    for _ in range(300):
+        layers = _random_layers(rng, rng.randint(1, 20))
+        lo = sum(c.macs * c.w_bits[0] * c.a_bits[0] for c in layers)
+        hi = sum(c.macs * c.w_bits[-1] * c.a_bits[-1] for c in layers)
+        budget = rng.randint(lo, hi)
+        plain, filled = select_bits(layers, budget), select_bits(layers, budget, fill=True)
+        assert _cost(layers, plain) <= _cost(layers, filled) <= budget
+        for c in layers:  # fill only raises, and what is left cannot pay for any one-step raise
+            assert filled[c.name].w_bits >= plain[c.name].w_bits and filled[c.name].a_bits >= plain[c.name].a_bits
+            s = filled[c.name]
+            wi, ai = list(c.w_bits).index(s.w_bits), list(c.a_bits).index(s.a_bits)
+            left = budget - _cost(layers, filled)
+            if wi + 1 < len(c.w_bits):
+                assert c.macs * (c.w_bits[wi + 1] - s.w_bits) * s.a_bits > left
+            if ai + 1 < len(c.a_bits):
+                assert c.macs * s.w_bits * (c.a_bits[ai + 1] - s.a_bits) > left
+
+
+def test_fill_raises_where_the_least_probability_is_lost():
+    layers = [LayerChoice(name="a", macs=10, w_bits=(2, 4), a_bits=(2,), pw=(0.9, 0.1), pa=(1.0,)),
+              LayerChoice(name="b", macs=10, w_bits=(2, 4), a_bits=(2,), pw=(0.6, 0.4), pa=(1.0,))]
+    specs = select_bits(layers, 10 * 4 + 10 * 8, fill=True)  # room for exactly one raise
+    assert (specs["a"].w_bits, specs["b"].w_bits) == (2, 4)

@@ -70,7 +70,8 @@ def test_average_ranks_and_spearman_match_scipy_with_ties():
     a = torch.randint(0, 4, (6, 25), generator=g).float()  # many ties, like ReLU'd maps
     b = torch.randint(0, 5, (6, 25), generator=g).float()
     for i in range(6):
-        assert torch.allclose(average_ranks(a)[i], torch.tensor(stats.rankdata(a[i].numpy()) - 1.0, dtype=torch.float64))
+        ref = torch.tensor(stats.rankdata(a[i].numpy()) - 1.0, dtype=torch.float64)
+        assert torch.allclose(average_ranks(a)[i], ref)
         assert float(spearman(a, b)[i]) == pytest.approx(stats.spearmanr(a[i].numpy(), b[i].numpy())[0], abs=1e-9)
 
 

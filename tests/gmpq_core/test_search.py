@@ -15,7 +15,8 @@ REPORT_KEYS = {"proxy_top1", "ce", "l_gen", "expected_gbitops", "p", "ard", "lr"
 
 def _data(seed=0, batches=2, size=8):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(8, 1, size, size, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(batches)]
+    return [(torch.randn(8, 1, size, size, generator=g), torch.randint(0, 4, (8,), generator=g))
+            for _ in range(batches)]
 
 
 def _teacher():

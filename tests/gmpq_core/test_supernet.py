@@ -110,7 +110,7 @@ def test_calibration_detects_signed_inputs_and_sets_clips():
     flags = {n: m.signed for n, m in mixed_layers(net).items()}
     assert flags["features.1.conv.0.0"] is False          # after the stem's ReLU6
     assert flags["features.2.conv.0.0"] is True           # after a linear bottleneck
-    assert all(float(c) != 6.0 for m in mixed_layers(net).values() for c in m.clips)
+    assert all(float(c) != 6.0 for m in mixed_layers(net).values() for c in m.clips.detach())
     sd = net.state_dict()
     fresh = build_supernet(build_model("mobilenet_v2", num_classes=3, small_input=True))
     fresh.load_state_dict(sd)
@@ -168,8 +168,8 @@ def test_temperature_sharpens_the_distribution():
     m = next(iter(mixed_layers(net).values()))
     with torch.no_grad():
         m.alpha_w.copy_(torch.tensor([0.0, 1.0, 0.0, 0.0]))
-    p1 = float(m.probs_w()[1])
+    p1 = float(m.probs_w()[1].detach())
     set_temperature_(net, 0.5)
-    assert float(m.probs_w()[1]) > p1
+    assert float(m.probs_w()[1].detach()) > p1
     with pytest.raises(ValueError):
         set_temperature_(net, 0.0)

@@ -54,7 +54,8 @@ def test_infeasible_budget_exits_2_naming_the_feasible_range(tmp_path, capsys):
 def test_search_command_writes_policy_and_result(tmp_path, capsys):
     _fmnist_or_skip()
     cfg = _write(tmp_path / "c.yaml", "proxy_size: 100\nteacher_epochs: 1\neval_size: 50\n"
-                                      "search:\n  batch_size: 50\n  max_steps_per_epoch: 1\n  recalibrate_bn_batches: 1\n")
+                                      "search:\n  batch_size: 50\n  max_steps_per_epoch: 1\n"
+                                      "  recalibrate_bn_batches: 1\n")
     out = tmp_path / "run"
     code = main(["search", "--config", cfg, "--epochs", "1", "--budget-avg-bits", "3", "--cache-dir",
                  str(tmp_path / "cache"), "--out", str(out)])
