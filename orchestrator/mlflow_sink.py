@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import pandas as pd
 from ray.tune import Callback
 
+from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
 from .results import CONFIG_FILE, LAYERS_FILE, TRIALS_FILE, load_resolved_config, resolve_status
@@ -102,7 +103,10 @@ class MLflowSink:
         self.tracking_uri = tracking_uri or default_tracking_uri(self.sweep_dir)
         self.resolved_config = dict(resolved_config or load_resolved_config(self.sweep_dir))
         if experiment_name is None and (self.sweep_dir / PARENT_FILE).exists():
-            experiment_name = read_json(self.sweep_dir / PARENT_FILE).get("experiment_name")
+            try:
+                experiment_name = read_json(self.sweep_dir / PARENT_FILE).get("experiment_name")
+            except CheckpointError as e:      # damaged id file: a new parent run will be made
+                log.warning("%s", e)
         self.experiment_name = experiment_name or str(self.resolved_config.get("name") or self.sweep_dir.name)
         self.enabled = True
         self._client = None
@@ -172,7 +176,11 @@ class MLflowSink:
     def _load_ids(self) -> None:
         path = self.sweep_dir / RUNS_FILE
         if path.exists():
-            data = read_json(path)
+            try:
+                data = read_json(path)
+            except CheckpointError as e:   # damaged: new child runs rather than no MLflow at all
+                log.warning("%s Starting new child runs.", e)
+                return
             if data.get("tracking_uri") == self.tracking_uri:
                 self.runs = {"trials": dict(data.get("trials", {})), "finetune": dict(data.get("finetune", {}))}
             else:
@@ -194,7 +202,11 @@ class MLflowSink:
     def _parent(self, client, *, reopen: bool) -> str:
         path = self.sweep_dir / PARENT_FILE
         if path.exists():
-            data = read_json(path)
+            try:
+                data = read_json(path)
+            except CheckpointError as e:
+                log.warning("%s Starting a new parent run.", e)
+                data = {}
             if data.get("tracking_uri") == self.tracking_uri and self._run_exists(data.get("run_id")):
                 if reopen:
                     client.update_run(data["run_id"], status="RUNNING")

@@ -65,7 +65,7 @@ _RESULT_KEY = {"last_epoch": "epoch"}   # row column -> key in the trainable's r
 
 
 def utc_now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def trial_schema(param_types: Mapping[str, pa.DataType] | None = None) -> pa.Schema:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
-from gmpq_core.fileio import load_checkpoint, read_json, save_checkpoint
+from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 
 from .results import FINAL_FILE, load_resolved_config, read_table, rows_to_table, utc_now_iso, write_table
@@ -72,6 +73,7 @@ class FinalJob:
     max_steps_per_epoch: int | None = None
     train_size: int | None = None
     test_size: int | None = None
+    progress_file: str | None = None    # rank 0 writes {"epoch", "step", "steps"} here every few seconds
 
     def __post_init__(self) -> None:
         self.finetune_config()      # validates the SGD fields with the core's messages
@@ -109,6 +111,51 @@ def _set_cosine_position(optimizer: torch.optim.Optimizer, scheduler: Any, done_
         g["lr"] = g["initial_lr"] * (1 + math.cos(math.pi * t / max(total_steps, 1))) / 2
     scheduler.last_epoch = t
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+class _StepProgress:
+    """``progress(done, total)`` for rank 0: writes the position to a small JSON file every ``every_s``."""
+
+    def __init__(self, path: str, epoch: int, every_s: float = 5.0) -> None:
+        self.path, self.epoch, self.every_s, self.last = path, epoch, every_s, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.time()
+        if done == total or now - self.last >= self.every_s:
+            self.last = now
+            try:
+                atomic_write_json(self.path, {"epoch": self.epoch, "step": done, "steps": total, "time": now})
+            except OSError as e:      # progress is cosmetic: never fail the training for it
+                log.debug("cannot write %s: %s", self.path, e)
+
+
+class _ProgressWatcher:
+    """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``)."""
+
+    def __init__(self, path: Path, say: Callable[[str], None], prefix: str, epochs: int, every_s: float = 20.0):
+        self.path, self.say, self.prefix, self.epochs, self.every_s = path, say, prefix, epochs, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
+
+    def _run(self) -> None:
+        seen = None
+        while not self._stop.wait(self.every_s):
+            try:
+                p = read_json(self.path)
+            except CheckpointError:
+                continue
+            key = (p.get("epoch"), p.get("step"))
+            if key != seen:
+                seen = key
+                self.say(f"{self.prefix} epoch {p['epoch']}/{self.epochs}: step {p['step']}/{p['steps']}")
+
+    def __enter__(self) -> "_ProgressWatcher":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -172,11 +219,12 @@ def train_loop_per_worker(config: dict) -> None:
     for epoch in range(start + 1, job.epochs + 1):
         t0 = time.perf_counter()
         train_loader.set_epoch(epoch - 1)
+        progress = _StepProgress(job.progress_file, epoch) if rank == 0 and job.progress_file else None
         with seeded(job.seed + epoch, device):
             tr = train_one_epoch(model, train_loader, optimizer, scheduler=scheduler, teacher=teacher,
                                  distill_alpha=ft.distill_alpha if job.distill else 0.0,
                                  distill_temperature=ft.distill_temperature, device=device,
-                                 max_steps=job.max_steps_per_epoch, epoch=epoch)
+                                 max_steps=job.max_steps_per_epoch, epoch=epoch, progress=progress)
         metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "lr": float(optimizer.param_groups[0]["lr"]), "resumed_from_epoch": start, "world_size": world,
                    "train_images": len(train), "test_images": len(test)}
@@ -338,10 +386,12 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                            batch_size=int(batch_size or stage.get("batch_size") or 128),
                            distill=bool(stage.get("distill", False)), seed=int(cfg.get("seed") or 0),
                            max_steps_per_epoch=max_steps_per_epoch or stage.get("max_steps_per_epoch"),
-                           train_size=train_size, test_size=test_size)
+                           train_size=train_size, test_size=test_size,
+                           progress_file=str(storage / f"finetune-{tid}.progress.json"))
             say(f"[{i}/{len(chosen)}] {tid}: fine-tuning {epochs} epoch(s) on {workers} worker(s) "
                 f"({'GPU' if use_gpu else 'CPU'}), {row.get('selection_reason')}")
-            run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
+            with _ProgressWatcher(Path(job.progress_file), say, f"[{i}/{len(chosen)}] {tid}:", epochs):
+                run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
             histories[tid] = run.history
             final_rows[tid] = _final_row(row, run)
             write_table(sweep_dir / FINAL_FILE, rows_to_table(sorted(final_rows.values(), key=lambda r: r["trial_id"]),
