@@ -142,13 +142,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             raise ClusterError(f"could not join the Ray cluster at {resolved.address!r} (from {resolved.source}): "
                                f"{e}. Check that the head runs (`gmpq cluster status` or `ray status`) and the "
                                "port is reachable.") from None
+    from .resources import cluster_totals
+
     nodes = alive_nodes()
-    totals: dict[str, float] = {}
-    for n in nodes:
-        for k, v in n.get("Resources", {}).items():
-            totals[k] = totals.get(k, 0.0) + float(v)
     return ClusterInfo(address=resolved.address, kind=resolved.kind, n_nodes=len(nodes),
-                       hosts=distinct_hosts(nodes), resources=totals)
+                       hosts=distinct_hosts(nodes), resources=cluster_totals(nodes))
 
 
 def _token_available(environ: Mapping[str, str]) -> bool:

@@ -1,7 +1,7 @@
 """A multi-node Ray cluster on this one machine, for development and tests.
 
 ``start_local_cluster(workers=N)`` runs ``ray start --head --block`` and N times
-``ray start --address=HEAD --block``, each in its own session (so each node is one process group:
+``ray start --address=HEAD --block``, each in its own session (so a node is one session of processes:
 see :mod:`cluster.procs`), with its own ports and its CPUs, plus a custom resource ``node_<i>: 1``
 (``node_0`` is the head) so tests can pin tasks to a node. The started groups and the address are
 recorded in ``<state_dir>/cluster.json``; ``stop_local_cluster`` signals exactly those groups.
@@ -12,7 +12,9 @@ Since Ray then writes ``ray_current_cluster`` there and not in ``/tmp/ray``, ``r
 alone does not find this cluster; :func:`cluster.connect.resolve_address` reads the state file.
 
 By default the head gets 0 CPUs (like a production head node, it runs no trials) when there are
-workers, so trials land on the workers; ``head_cpus`` changes that.
+workers, so trials land on the workers; ``head_cpus`` changes that. GPUs: the head then gets 0
+too; each worker advertises ``gpus_per_node`` GPUs, or (None) what Ray detects. All nodes of one
+machine see the same physical GPUs, so with autodetection they oversubscribe them (like the CPUs).
 """
 from __future__ import annotations
 
@@ -42,21 +44,22 @@ _READY_MARK = "This command will now block forever"
 
 @dataclass(frozen=True, kw_only=True)
 class LocalNode:
-    """One ``ray start --block`` process group: ``name`` is ``head`` or ``worker_<i>`` (i >= 1)."""
+    """One ``ray start --block`` session: ``name`` is ``head`` or ``worker_<i>`` (i >= 1)."""
 
     name: str
     group: ProcessGroup
     num_cpus: int
     resources: dict[str, float]
     log_path: str
+    num_gpus: int | None = None   # None: what Ray detects
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "group": self.group.to_dict(), "num_cpus": self.num_cpus,
+        return {"name": self.name, "group": self.group.to_dict(), "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
                 "resources": dict(self.resources), "log_path": self.log_path}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LocalNode":
-        return cls(name=d["name"], group=ProcessGroup.from_dict(d["group"]), num_cpus=int(d["num_cpus"]),
+        return cls(name=d["name"], group=ProcessGroup.from_dict(d["group"]), num_cpus=int(d["num_cpus"]), num_gpus=d.get("num_gpus"),
                    resources=dict(d["resources"]), log_path=d["log_path"])
 
 
@@ -111,7 +114,7 @@ def _client_server_available() -> bool:
     return True
 
 
-def _node_command(*, head: bool, address: str | None, gcs_port: int | None, num_cpus: int,
+def _node_command(*, head: bool, address: str | None, gcs_port: int | None, num_cpus: int, num_gpus: int | None,
                   resources: dict[str, float], temp_dir: str, object_store_mb: int,
                   client_port: int | None) -> list[str]:
     cmd = _ray_executable() + ["start", "--block", "--disable-usage-stats",
@@ -122,6 +125,8 @@ def _node_command(*, head: bool, address: str | None, gcs_port: int | None, num_
                                f"--dashboard-agent-grpc-port={free_port()}",
                                f"--runtime-env-agent-port={free_port()}",
                                f"--metrics-export-port={free_port()}"]
+    if num_gpus is not None:
+        cmd += [f"--num-gpus={num_gpus}"]
     if head:
         cmd += ["--head", f"--port={gcs_port}", "--include-dashboard=false"]
         if client_port is not None:
@@ -191,13 +196,13 @@ def load_cluster_state(state_dir: str | os.PathLike | None = None) -> LocalClust
 
 
 def node_status(cluster: LocalCluster) -> dict[str, bool]:
-    """``{node name: alive}`` from the recorded process groups (no Ray connection needed)."""
+    """``{node name: alive}`` from the recorded sessions (no Ray connection needed)."""
     return {n.name: group_alive(n.group) for n in cluster.nodes}
 
 
 def start_local_cluster(*, workers: int, cpus_per_node: int | None = None, head_cpus: int | None = None,
-                        state_dir: str | os.PathLike | None = None, object_store_mb: int = 100,
-                        timeout_s: float = 180.0) -> LocalCluster:
+                        gpus_per_node: int | None = None, state_dir: str | os.PathLike | None = None,
+                        object_store_mb: int = 100, timeout_s: float = 180.0) -> LocalCluster:
     """Start a head and ``workers`` worker nodes on this machine and record them in ``state_dir``.
 
     ``cpus_per_node`` defaults to ``max(1, os.cpu_count() // workers)`` (oversubscribing a small
@@ -213,7 +218,8 @@ def start_local_cluster(*, workers: int, cpus_per_node: int | None = None, head_
         cpus_per_node = max(1, ncpu // max(1, workers))
     if head_cpus is None:
         head_cpus = 0 if workers > 0 else cpus_per_node
-    for label, value in (("cpus_per_node", cpus_per_node), ("head_cpus", head_cpus)):
+    for label, value in (("cpus_per_node", cpus_per_node), ("head_cpus", head_cpus),
+                         ("gpus_per_node", 0 if gpus_per_node is None else gpus_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ConfigError(f"{label} must be an integer >= 0, but got {label}={value!r}.")
     if workers > 0 and cpus_per_node == 0:
@@ -231,16 +237,18 @@ def start_local_cluster(*, workers: int, cpus_per_node: int | None = None, head_
     auth_env = _auth_env()
     nodes: list[LocalNode] = []
     try:
-        specs = [("head", head_cpus)] + [(f"worker_{i}", cpus_per_node) for i in range(1, workers + 1)]
+        head_gpus = 0 if workers > 0 else gpus_per_node
+        specs = [("head", head_cpus, head_gpus)] + [(f"worker_{i}", cpus_per_node, gpus_per_node)
+                                                    for i in range(1, workers + 1)]
         address = None
-        for index, (name, cpus) in enumerate(specs):
+        for index, (name, cpus, gpus) in enumerate(specs):
             resources = {f"node_{index}": 1.0}
             log_path = state / f"{name}.log"
-            cmd = _node_command(head=index == 0, address=address, gcs_port=gcs_port, num_cpus=cpus,
+            cmd = _node_command(head=index == 0, address=address, gcs_port=gcs_port, num_cpus=cpus, num_gpus=gpus,
                                 resources=resources, temp_dir=temp_dir, object_store_mb=object_store_mb,
                                 client_port=client_port)
             group = _spawn(cmd, log_path, name, auth_env)
-            nodes.append(LocalNode(name=name, group=group, num_cpus=cpus, resources=resources,
+            nodes.append(LocalNode(name=name, group=group, num_cpus=cpus, num_gpus=gpus, resources=resources,
                                    log_path=str(log_path)))
             _wait_ready(group, log_path, name, deadline)
             if index == 0:
@@ -256,13 +264,9 @@ def start_local_cluster(*, workers: int, cpus_per_node: int | None = None, head_
     return cluster
 
 
-def kill_node(cluster: LocalCluster, name: str) -> None:
-    """SIGKILL one node's whole process group at once (simulates a machine dying; for tests)."""
-    import signal
-
-    node = cluster.node(name)
-    if group_alive(node.group):
-        os.killpg(node.group.pgid, signal.SIGKILL)
+def kill_node(cluster: LocalCluster, name: str) -> dict[str, str]:
+    """SIGKILL every process of one node (its session), no SIGTERM first: a machine dying (for tests)."""
+    return stop_groups([cluster.node(name).group], grace_s=0.0)
 
 
 def stop_local_cluster(state_dir: str | os.PathLike | None = None, *, grace_s: float = 5.0,

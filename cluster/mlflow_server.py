@@ -1,6 +1,6 @@
 """An MLflow tracking server for sweeps that log from many processes or machines.
 
-``start_mlflow_server(dir=D)`` runs, in its own process group,
+``start_mlflow_server(dir=D)`` runs, in a session of its own,
 ``mlflow server --backend-store-uri sqlite:///D/mlflow.db --artifacts-destination D/artifacts
 --host 127.0.0.1 --port P --workers 1`` and waits until ``GET /health`` answers. The server holds
 the only SQLite connection pool, so trials on any node may log through ``http://HOST:P`` at once
@@ -166,7 +166,7 @@ def start_mlflow_server(*, dir: str | os.PathLike, host: str = "127.0.0.1", port
 
 
 def stop_mlflow_server(server: MlflowServer | str | os.PathLike, *, grace_s: float = 10.0) -> str:
-    """Stop a server (a handle, or the ``dir`` it was started with): SIGTERM its process group,
+    """Stop a server (a handle, or the ``dir`` it was started with): SIGTERM its session,
     SIGKILL after ``grace_s`` seconds. Returns "stopped", "killed", "not running" or "survived";
     the record file is removed once nothing of it runs."""
     if not isinstance(server, MlflowServer):

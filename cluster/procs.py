@@ -1,13 +1,14 @@
 """Process-group bookkeeping shared by the local Ray cluster and the MLflow server helpers.
 
 Every long-lived process the tool starts (``ray start --block`` per node, ``mlflow server``) is
-started in a new session (``start_new_session=True``), so it leads its own process group and all
-the processes it spawns (GCS, raylet, Ray workers, uvicorn workers) inherit that group. Stopping
-"exactly what we started" is then: signal the recorded groups, never a name pattern and never
+started in a new session (``start_new_session=True``): its pid is the session id, and all the
+processes it spawns stay in that session (GCS, raylet, agents; Ray's task/actor workers move to
+process groups of their own with ``setpgid`` but keep the session). Stopping "exactly what we
+started" is then: signal the members of the recorded sessions, never a name pattern and never
 ``ray stop`` (which stops every Ray node of this user on the machine, the ones tests start too).
 
-A recorded group is identified by its leader's pid plus the leader's start time (clock ticks since
-boot, field 22 of ``/proc/<pid>/stat``), so a recycled pid is never signalled.
+A recorded session is identified by its leader's pid plus the leader's start time (clock ticks
+since boot, field 22 of ``/proc/<pid>/stat``), so a recycled pid is never signalled.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ _PROC = Path("/proc")
 
 @dataclass(frozen=True, kw_only=True)
 class ProcessGroup:
-    """A process group we started: ``pgid`` equals the leader's pid."""
+    """A session we started: ``pgid`` is the leader's pid, which is also the session id."""
 
     name: str
     pgid: int
@@ -64,7 +65,7 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
     # comm (field 2) may contain spaces and parentheses: split after its closing ')'.
     rest = raw[raw.rfind(")") + 2:].split()
-    return rest  # rest[0] is field 3 (state), rest[2] field 5 (pgrp), rest[19] field 22 (starttime)
+    return rest  # rest[0]: field 3 (state), rest[2]: 5 (pgrp), rest[3]: 6 (session), rest[19]: 22 (starttime)
 
 
 def start_time_of(pid: int) -> int | None:
@@ -74,7 +75,7 @@ def start_time_of(pid: int) -> int | None:
 
 
 def group_members(pgid: int) -> list[int]:
-    """Pids of the live (non-zombie) processes whose process group is ``pgid``."""
+    """Pids of the live (non-zombie) processes in the session (or process group) ``pgid``."""
     if not _PROC.is_dir():
         try:
             os.killpg(pgid, 0)
@@ -88,7 +89,7 @@ def group_members(pgid: int) -> list[int]:
         if not entry.name.isdigit():
             continue
         fields = _stat_fields(int(entry.name))
-        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+        if fields and fields[0] != "Z" and pgid in (int(fields[2]), int(fields[3])):
             members.append(int(entry.name))
     return members
 
@@ -107,19 +108,23 @@ def group_alive(group: ProcessGroup) -> bool:
 
 
 def _signal_group(group: ProcessGroup, sig: int) -> None:
-    try:
-        os.killpg(group.pgid, sig)
-    except ProcessLookupError:
-        pass
-    except OSError as e:  # EPERM: not ours to signal
-        if e.errno != errno.EPERM:
-            raise
-        log.warning("not allowed to signal process group %d (%s)", group.pgid, group.name)
+    """Signal every live member of the session, one pid at a time (no killpg: Ray workers sit in
+    process groups of their own inside the session)."""
+    for pid in group_members(group.pgid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+        except OSError as e:  # EPERM: not ours to signal
+            if e.errno != errno.EPERM:
+                raise
+            log.warning("not allowed to signal pid %d of %s", pid, group.name)
 
 
 def stop_groups(groups: list[ProcessGroup], *, grace_s: float = 10.0, poll_s: float = 0.2,
                 kill_wait_s: float = 10.0) -> dict[str, str]:
-    """SIGTERM each live group, wait up to ``grace_s`` seconds, then SIGKILL what is left.
+    """SIGTERM each live group, wait up to ``grace_s`` seconds, then SIGKILL what is left
+    (``grace_s <= 0``: SIGKILL at once, no chance to shut down cleanly, like a machine dying).
 
     Returns ``{name: "stopped" | "killed" | "not running" | "survived"}`` ("survived" only if a
     process ignores SIGKILL for ``kill_wait_s`` seconds, e.g. stuck in uninterruptible I/O).
@@ -128,7 +133,8 @@ def stop_groups(groups: list[ProcessGroup], *, grace_s: float = 10.0, poll_s: fl
     live = []
     for g in groups:
         if group_alive(g):
-            _signal_group(g, signal.SIGTERM)
+            if grace_s > 0:
+                _signal_group(g, signal.SIGTERM)
             live.append(g)
         else:
             outcome[g.name] = "not running"
@@ -139,14 +145,18 @@ def stop_groups(groups: list[ProcessGroup], *, grace_s: float = 10.0, poll_s: fl
             outcome[g.name] = "stopped"
             live.remove(g)
     for g in live:
-        log.info("process group %d (%s) still alive after %.0f s: SIGKILL", g.pgid, g.name, grace_s)
+        if grace_s > 0:
+            log.info("process group %d (%s) still alive after %.0f s: SIGKILL", g.pgid, g.name, grace_s)
         _signal_group(g, signal.SIGKILL)
     deadline = time.monotonic() + kill_wait_s
     while live and time.monotonic() < deadline:
         time.sleep(poll_s)
-        for g in [g for g in live if not group_members(g.pgid)]:
-            outcome[g.name] = "killed"
-            live.remove(g)
+        for g in list(live):
+            if group_members(g.pgid):
+                _signal_group(g, signal.SIGKILL)  # members spawned since the last round
+            else:
+                outcome[g.name] = "killed"
+                live.remove(g)
     for g in live:
         outcome[g.name] = "survived"
     return outcome

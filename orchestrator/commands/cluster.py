@@ -1,7 +1,7 @@
 """``gmpq cluster up|down|status``: a multi-node Ray cluster on this machine (development, tests).
 
 ``up`` prints the cluster address on its last line (``ADDR=$(gmpq cluster up --workers 2 | tail -1)``).
-``down`` stops exactly the process groups ``up`` recorded (never ``ray stop``, which would stop
+``down`` stops exactly the processes of the node sessions ``up`` recorded (never ``ray stop``, which would stop
 every Ray node of this user, including the ones tests or other tools started).
 """
 from __future__ import annotations
@@ -21,6 +21,8 @@ def register(subparsers) -> None:
                     help="CPUs each worker advertises (default: this machine's CPUs // workers, at least 1)")
     up.add_argument("--head-cpus", type=int, default=None,
                     help="CPUs of the head node (default 0 with workers: trials run on the workers)")
+    up.add_argument("--gpus-per-node", type=int, default=None,
+                    help="GPUs each worker advertises (default: what Ray detects; the head gets 0 with workers)")
     up.add_argument("--object-store-mb", type=int, default=100, help="object store per node, MiB (default 100)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for all nodes (default 180)")
     down = sub.add_parser("down", help="stop the nodes `up` started")
@@ -50,13 +52,16 @@ def _up(args) -> int:
     from cluster.local import start_local_cluster
 
     c = start_local_cluster(workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
-                            state_dir=args.dir, object_store_mb=args.object_store_mb, timeout_s=args.timeout)
+                            gpus_per_node=args.gpus_per_node, state_dir=args.dir,
+                            object_store_mb=args.object_store_mb, timeout_s=args.timeout)
     for n in c.nodes:
-        print(f"{n.name}: pgid {n.group.pgid}, {n.num_cpus} CPUs, resources {json.dumps(n.resources)}, log {n.log_path}")
+        gpus = "detected" if n.num_gpus is None else n.num_gpus
+        print(f"{n.name}: pgid {n.group.pgid}, {n.num_cpus} CPUs, GPUs {gpus}, "
+              f"resources {json.dumps(n.resources)}, log {n.log_path}")
     print(f"state: {c.state_dir}/cluster.json; stop with: gmpq cluster down --dir {c.state_dir}")
     if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
-        print("Ray token auth is on: drivers joining with this HOST:PORT need RAY_AUTH_MODE=token "
-              "(gmpq's own cluster.connect sets it; --address auto finds it without)")
+        print("Ray token auth is on: a driver joining with this HOST:PORT needs RAY_AUTH_MODE=token in its "
+              "environment (cluster.connect.connect sets it itself)")
     print(c.address, flush=True)
     return 0
 

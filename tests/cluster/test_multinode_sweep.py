@@ -115,6 +115,43 @@ def test_sweep_trials_run_on_both_workers_and_log_to_the_mlflow_server(stack):
     assert all(c.info.status == "FINISHED" for c in children)
     print(f"\n[sweep A] wall {wall:.1f} s; nodes per trial {per_trial}; MLflow parent {parent_id} with "
           f"{len(children)} child runs (FINISHED), served by {server.uri}")
+    stack["sweep_a"] = out
+
+
+def test_finetune_places_its_two_train_workers_on_different_nodes(stack):
+    """2 Train workers of 1 CPU on two 1-CPU workers (head: 0 CPUs) can only run one per node; we also
+    watch each worker node's session for a RayTrainWorker process while the fine-tune runs."""
+    import pandas as pd
+
+    if "sweep_a" not in stack:
+        pytest.skip("needs the sweep of test_sweep_trials_run_on_both_workers_and_log_to_the_mlflow_server")
+    cluster, server, sweep = stack["cluster"], stack["server"], stack["sweep_a"]
+    code = ("import sys; from orchestrator.train_stage import finetune_selected; "
+            f"df = finetune_selected({str(sweep)!r}, top_k=1, workers=2, epochs=1, batch_size=32, "
+            f"max_steps_per_epoch=3, train_size=600, test_size=300, address={cluster.address!r}, "
+            f"tracking_uri={server.uri!r}, use_gpu=False, say=lambda m: print(m, flush=True)); "
+            "print('ROWS', len(df))")
+    t0 = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=sweep_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen: set[str] = set()
+    try:
+        while proc.poll() is None and time.monotonic() - t0 < 1800:
+            for w in cluster.workers:
+                if any("RayTrainWorker" in _title(pid) for pid in group_members(w.group.pgid)):
+                    seen.add(w.name)
+            time.sleep(0.5)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    assert proc.returncode == 0, out[-4000:]
+    final = pd.read_parquet(sweep / "final.parquet")
+    assert len(final) == 1 and int(final["workers"].iloc[0]) == 2
+    assert seen == {"worker_1", "worker_2"}, f"Train workers seen on {seen}"
+    print(f"\n[finetune] 2 Train workers on {sorted(seen)}; wall {time.monotonic() - t0:.1f} s; "
+          f"final_top1 {final['final_top1'].iloc[0]:.2f}%")
 
 
 def test_killing_a_worker_mid_sweep_retries_its_trials_elsewhere_and_loses_none(stack):
