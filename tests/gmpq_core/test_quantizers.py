@@ -30,9 +30,9 @@ def test_weight_quantization_is_idempotent(bits):
 
 
 def test_one_bit_weights_are_binary():
-    w = torch.randn(100)
-    q = quantize_weight(w, 1)
-    assert len(torch.unique(q)) == 2 and torch.allclose(q.abs(), w.abs().mean().expand(100))
+    w = torch.randn(100, generator=torch.Generator().manual_seed(3))
+    q = quantize_weight(w, 1)  # STE form w + (q - w).detach() may differ from +-scale in the last ulp
+    assert torch.equal(torch.sign(q), torch.sign(w)) and torch.allclose(q.abs(), w.abs().mean().expand(100))
 
 
 def test_weight_ste_gradient_is_one():
