@@ -23,6 +23,7 @@ _QUIET_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "RAY_AIR_NEW_OUTPUT": "0",               # no Tune status tables: the sweep prints its own lines
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": None,   # must stay unset: ResultGrid needs the JSON logger
+    "TUNE_WARN_THRESHOLD_S": "5",            # "operation took 0.8 s" warnings only when really slow
 }
 
 
@@ -49,7 +50,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     quiet_ray_env()
     if ray.is_initialized():
         return False
-    kwargs: dict = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": logging.WARNING,
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": logging.ERROR,
                     "configure_logging": True}
     if address is None:
         kwargs.update(num_cpus=num_cpus or local_cpu_count(), object_store_memory=object_store_memory)

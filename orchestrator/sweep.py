@@ -69,16 +69,15 @@ def prepare_shared(cfg: SweepConfig, *, say=None, threads: int | None = None) ->
     Teachers: one per proxy size in the space (``gmpq_core.jobs.get_teacher``, cached by its hash
     in ``cache_dir``). FP target model: ``gmpq_core.transfer.prepare_target_model``. Writes
     ``<sweep_dir>/shared.json`` (paths and FP accuracies) for later stages. ``threads``: torch threads
-    for this work (default: the sweep's CPU share, resources.cpu x max_concurrent_trials, at most
-    the cores here); the caller's setting is restored afterwards.
+    for this work (default: one trial's CPU share, ``resources.cpu``: on a busy small machine more
+    threads than free cores slow PyTorch training down several times); the caller's setting is
+    restored afterwards.
     """
     import torch
 
-    from .ray_env import local_cpu_count
-
     cfg = cfg.resolved()
     if threads is None:
-        threads = max(1, min(local_cpu_count(), int(cfg.resources.cpu * cfg.max_concurrent_trials)))
+        threads = max(1, int(cfg.resources.cpu))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -214,6 +213,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
     """
     t0 = time.perf_counter()
+    if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
+        log.warning("joining the Ray cluster at %s: trials on other nodes need storage_path and cache_dir on "
+                    "storage every node shares (NFS, S3); the defaults are inside %s", cfg.address, cfg.sweep_dir)
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
     check_sweep_config(cfg)                                # everything that can fail does so before Ray

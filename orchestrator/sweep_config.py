@@ -104,7 +104,12 @@ class FinetuneStage:
 
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    """Everything one sweep needs. Paths may be relative (resolved against the working directory)."""
+    """Everything one sweep needs. Paths may be relative (resolved against the working directory).
+
+    On a multi-node cluster (``address``), ``storage_path`` (Tune state) and ``cache_dir`` (teachers,
+    FP target model) must be on storage that every node shares; the MLflow and Optuna stores are
+    written by the driver only.
+    """
     name: str = "sweep"
     out_dir: str | None = None                # None -> runs/<name>
     model: str = "resnet20"

@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from gmpq_core.transfer import load_target_model, run_transfer_check, target_slices
+from gmpq_core.transfer import load_target_model, prepare_target_model, run_transfer_check, target_slices
 from search_spaces.space import bucket_of
 
 from .sweep_config import SweepConfig, trial_search_config
@@ -101,6 +101,12 @@ def _target(cfg: SweepConfig, target_model_path: str, device: str) -> tuple:
     key = (target_model_path, device, cfg.target_dataset, cfg.data_root, cfg.image_size, cfg.transfer)
     if key not in _TARGET_CACHE:
         _TARGET_CACHE.clear()
+        if not Path(target_model_path).is_file():   # a node that does not share the sweep's cache folder
+            log.warning("FP target model '%s' is not visible on this node; training it here (put cache_dir on "
+                        "shared storage to avoid this)", target_model_path)
+            target_model_path = str(prepare_target_model(
+                model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer, cache_dir=cfg.resolved().cache_dir,
+                data_root=cfg.data_root, image_size=cfg.image_size, small_input=cfg.small_input, device=device).path)
         model, _ = load_target_model(target_model_path, device)
         bundle = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
         train, test = target_slices(bundle, cfg.transfer)
@@ -112,8 +118,11 @@ def _log_event(sweep_dir: str | None, event: dict) -> None:
     if not sweep_dir:
         return
     line = json.dumps({**event, "time": time.time(), "pid": os.getpid()}) + "\n"
-    with open(Path(sweep_dir) / TRIAL_EVENTS, "a") as f:   # O_APPEND: short lines stay whole
-        f.write(line)
+    try:
+        with open(Path(sweep_dir) / TRIAL_EVENTS, "a") as f:   # O_APPEND: short lines stay whole
+            f.write(line)
+    except OSError as e:   # best effort: a node without the sweep folder keeps going
+        log.debug("cannot append to the trial event log in %s: %s", sweep_dir, e)
 
 
 def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: ReportFn, *,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-__all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run"]
+__all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
+           "quiet_libraries"]
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -78,9 +79,21 @@ def format_summary(summary: Any, tracking_uri: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep MLflow's and Alembic's INFO lines (database set-up) out of the progress output."""
+    import logging
+    import os
+
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # read when mlflow is first imported
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(args: argparse.Namespace) -> int:
     from orchestrator.sweep import run_sweep
 
+    quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)
     summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
     print(format_summary(summary, cfg.resolved().tracking_uri))

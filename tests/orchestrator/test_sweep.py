@@ -67,7 +67,6 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump(TINY))
     cfg = load_sweep_config(cfg_path, overrides={"out_dir": str(tmp_path / "sweep"), "cache_dir": str(shared_cache)})
-    t0 = time.time()
     summary = run_sweep(cfg, progress=False, prep_threads=1)   # starts and stops its own local Ray
     sweep_dir = tmp_path / "sweep"
     assert summary.n_trials == 3 and summary.n_failed == 0 and summary.n_completed >= 1
@@ -90,7 +89,6 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     runs = mlflow.search_runs(experiment_names=["tiny"])
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(runs) == 4 and len(children) == 3
-    assert time.time() - t0 < 240
 
 
 def _wait_for(pred, timeout, proc):
@@ -104,6 +102,7 @@ def _wait_for(pred, timeout, proc):
     return False
 
 
+@pytest.mark.slow
 def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_path, shared_cache):
     import pandas as pd
 
@@ -132,6 +131,7 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
         except ProcessLookupError:
             pass
     finished_before = {e["trial_id"] for e in _events(sweep_dir) if e["event"] == "end"}
+    interrupted = {e["trial_id"] for e in _events(sweep_dir) if e["event"] == "start"} - finished_before
     rows_before = pd.read_parquet(sweep_dir / "trials.parquet")
     assert set(rows_before["trial_id"]) == finished_before and len(finished_before) < 3
 
@@ -148,5 +148,7 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
     assert len(ends) == 3                                                 # and each finished exactly once
     for tid in finished_before:                                           # finished trials never ran again
         assert starts[tid] == 1
+    for tid in interrupted:                                               # the interrupted one ran again
+        assert starts[tid] == 2
     df = _check_trials_table(sweep_dir, 3)
     assert set(df["trial_id"]) == set(starts)

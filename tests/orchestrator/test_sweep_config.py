@@ -132,3 +132,16 @@ def test_a_new_pruner_or_dimension_type_replaces_the_old_one_whole():
     assert cfg.pruner.name == "none" and cfg.pruner.kwargs == {}
     cfg = load_sweep_config(preset="demo", overrides={"space.lam": {"type": "categorical", "choices": [1e-4, 1e-3]}})
     assert cfg.space.possible_values("lam") == (1e-4, 1e-3)
+
+
+def test_resume_with_only_out_reads_the_saved_config(tmp_path):
+    from orchestrator.cli import build_parser
+    from orchestrator.commands.sweep import config_from_args
+
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 4})
+    save_resolved_config(cfg)
+    args = build_parser().parse_args(["sweep", "--out", str(tmp_path), "--resume"])
+    assert config_from_args(args).resolved() == cfg.resolved()
+    args = build_parser().parse_args(["sweep", "--out", str(tmp_path / "nothing"), "--resume"])
+    with pytest.raises(ConfigError, match="Nothing to resume"):
+        config_from_args(args)

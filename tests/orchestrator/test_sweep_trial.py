@@ -1,0 +1,91 @@
+"""One sweep trial without Ray: the transfer check (gmpq_core.transfer) and ``run_trial``'s reports."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gmpq_core.data import load_dataset
+from gmpq_core.policy import BitPolicy
+from gmpq_core.transfer import (TransferCheck, load_target_model, prepare_target_model, run_transfer_check,
+                                target_slices)
+
+CHECK = TransferCheck(train_size=64, test_size=50, batch_size=32, fp_epochs=1, fp_train_size=128, fp_batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    return cache, prepare_target_model(model="resnet20", dataset="fashion_mnist", check=CHECK, cache_dir=cache)
+
+
+def test_target_slices_are_fixed_and_stratified():
+    bundle = load_dataset("fashion_mnist")
+    a_train, a_test = target_slices(bundle, CHECK)
+    b_train, b_test = target_slices(bundle, CHECK)
+    assert len(a_train) == 64 and len(a_test) == 50
+    assert torch.equal(a_train.labels, b_train.labels) and torch.equal(a_test.images, b_test.images)
+    assert torch.bincount(a_test.labels, minlength=10).tolist() == [5] * 10
+
+
+def test_target_model_is_trained_once_then_read_from_the_cache(target):
+    cache, first = target
+    assert not first.cached and first.path.is_file() and 0 <= first.top1 <= 100
+    again = prepare_target_model(model="resnet20", dataset="fashion_mnist", check=CHECK, cache_dir=cache)
+    assert again.cached and again.path == first.path and again.top1 == first.top1
+    assert json.loads(first.path.with_suffix(".json").read_text())["meta"]["fp_epochs"] == CHECK.fp_epochs
+
+
+def test_transfer_check_is_identical_for_identical_inputs_and_leaves_the_fp_model_alone(target):
+    _, tm = target
+    model, meta = load_target_model(tm.path)
+    assert meta["num_classes"] == 10 and meta["in_channels"] == 1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bundle = load_dataset("fashion_mnist")
+    train, test = target_slices(bundle, CHECK)
+    policy = BitPolicy.uniform(model, 4, 4)
+    r1 = run_transfer_check(model, policy, train, test, bundle.info, check=CHECK)
+    r2 = run_transfer_check(model, policy, train, test, bundle.info, check=CHECK)
+    assert r1["transfer_top1"] == r2["transfer_top1"] and 0 <= r1["transfer_top1"] <= 100
+    assert r1["bitops_report"].bitops_quantized == sum(c.macs * 16 for c in r1["bitops_report"].layers if c.quantized)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_transfer_check_config_rejects_bad_values():
+    from gmpq_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transfer.lr must be > 0"):
+        TransferCheck(lr=0)
+    with pytest.raises(ConfigError, match="Unknown transfer setting.*epoch"):
+        TransferCheck.from_dict({"epoch": 1})
+
+
+def test_run_trial_reports_every_epoch_then_the_full_row(tmp_path, target):
+    from orchestrator.sweep import prepare_shared
+    from orchestrator.sweep_config import load_sweep_config
+    from orchestrator.trainable import EPOCH_KEYS, FINAL_KEYS, run_trial
+
+    cache, _ = target
+    cfg = load_sweep_config(preset="demo", overrides={
+        "out_dir": str(tmp_path), "cache_dir": str(cache), "teacher_epochs": 1, "proxy_eval_size": 50,
+        "space.proxy_size": [100], "search.batch_size": 32, "search.max_steps_per_epoch": 1,
+        "search.recalibrate_bn_batches": 1, "transfer": CHECK.to_dict()})
+    context = prepare_shared(cfg, threads=1)
+    reports: list[dict] = []
+    params = {"budget_avg_bits": 3.0, "proxy_size": 100, "eta": 10.0, "lam": 1e-4, "p_mode": "fixed",
+              "p_fixed": 3.0, "lr_arch": 0.01, "search_epochs": 2}
+    final = run_trial(params, context, reports.append, trial_id="t0")
+    assert [r["epoch"] for r in reports[:-1]] == [1, 2] and reports[-1] is final
+    for r in reports[:-1]:
+        assert r["phase"] == "search" and set(EPOCH_KEYS) <= set(r) and r["prune_value"] == r["proxy_top1"]
+        assert r["budget_bucket"] == 0                                   # 3.0 bits < the first edge 3.25
+    assert set(FINAL_KEYS) <= set(final) and final["done"] is True and final["phase"] == "transfer"
+    assert final["bitops"] <= final["budget_bitops"]
+    policy = BitPolicy.from_json(final["policy_json"])
+    layers = json.loads(final["layers_json"])
+    assert sorted(entry["name"] for entry in layers) == sorted(policy.layers)
+    assert all(policy.layers[e["name"]].w_bits == e["w_bits"] and policy.layers[e["name"]].a_bits == e["a_bits"]
+               for e in layers)
+    events = [json.loads(line) for line in (tmp_path / "trial_events.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events] == ["start", "end"]
