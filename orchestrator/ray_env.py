@@ -53,6 +53,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     kwargs: dict = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": logging.ERROR,
                     "configure_logging": True}
     if address is None:
+        # A local session stays on loopback (Ray otherwise binds the host's outward-facing address).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         kwargs.update(num_cpus=num_cpus or local_cpu_count(), object_store_memory=object_store_memory)
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus

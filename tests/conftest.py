@@ -5,7 +5,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads on a small shared machine
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("TQDM_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -28,6 +28,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_poli
                            build_seeded_model, check_bits, dataset_source, load_policy_arg, policy_meta,
                            resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
+from .finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "activation clips on one batch, then fine-tune with SGD + cosine (optionally distilling "
                     "from the FP model). Resumes from DIR/checkpoints/ when interrupted.")
     add_single_args(p)
-    p.set_defaults(func=run)
+    add_sweep_args(p)
+    p.set_defaults(func=run, batch_size=None)  # None: SINGLE_DEFAULTS, or the sweep config's with --sweep
 
 
 def add_single_args(p: argparse.ArgumentParser) -> None:
@@ -59,8 +61,10 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("fine-tune")
     g.add_argument("--train-size", type=int, default=None, metavar="N",
                    help="fine-tune on a stratified subset of N training images (default: the whole split)")
-    g.add_argument("--epochs", type=int, default=1, metavar="E", help="fine-tune epochs (default 1)")
-    g.add_argument("--lr", type=float, default=0.01, metavar="LR", help="peak learning rate (default 0.01)")
+    g.add_argument("--epochs", type=int, default=None, metavar="E",
+                   help="fine-tune epochs (default 1; with --sweep: the sweep config's)")
+    g.add_argument("--lr", type=float, default=None, metavar="LR",
+                   help="peak learning rate (default 0.01; with --sweep: the sweep config's)")
     g.add_argument("--weight-decay", type=float, default=4e-5, metavar="WD", help="weight decay (default 4e-5)")
     g.add_argument("--distill", action="store_true", help="distil from the FP model (KL at temperature T + CE)")
     g.add_argument("--distill-alpha", type=float, default=0.5, metavar="ALPHA",
@@ -75,7 +79,15 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p, default_out="runs/finetune")
 
 
+SINGLE_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 128}
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "sweep", None):
+        return run_sweep_finetune(args)
+    for key, value in SINGLE_DEFAULTS.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     return run_single_finetune(args)
 
 
