@@ -9,10 +9,10 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
-           "load_checkpoint"]
+           "load_checkpoint", "check_writable_dir"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
@@ -73,3 +73,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as e:  # torch raises several types for damaged zip/pickle data
         raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it is truncated "
                               "or corrupted: delete it and rerun the stage that writes it.") from None
+
+
+def check_writable_dir(path: str | os.PathLike, *, what: str = "output folder", hint: str = "") -> Path:
+    """Raise ConfigError unless ``path`` is a folder this process can write, or can be created as one.
+
+    Creates nothing (a probe file in the nearest existing folder is made and removed at once), so
+    commands call it before any compute: a bad ``--out`` fails in a second, not after the work.
+    """
+    path = Path(path).expanduser().absolute()
+    probe_dir = path
+    while not probe_dir.exists():
+        if probe_dir.parent == probe_dir:
+            break
+        probe_dir = probe_dir.parent
+    fix = hint or "pass a folder you can write"
+    if not probe_dir.is_dir():
+        raise ConfigError(f"The {what} '{path}' cannot be written: '{probe_dir}' is a file, not a folder; {fix}.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gmpq_write_probe.", dir=probe_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ConfigError(f"The {what} '{path}' cannot be written ({e.strerror} in '{probe_dir}'); {fix}.") from None
+    return path

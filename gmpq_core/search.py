@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -28,16 +29,17 @@ from .bitops import count_bitops, layer_macs
 from .complexity import Budget, check_budget, complexity_penalty
 from .derive import derive_policy
 from .errors import ConfigError, NonFiniteLossError
+from .fused import resolve_mixture_impl
 from .losses import choose_p, generalization_loss, rank_distance
 from .policy import BitPolicy
 from .reporting import NullReporter, Reporter
 from .search_config import SearchConfig, SearchResult
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
-                       mixed_layers, set_temperature_, weight_parameters)
+                       mixed_layers, set_mixture_impl_, set_temperature_, weight_parameters)
 from .train import evaluate, seeded
 
 __all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
-           "evaluate_policy"]
+           "evaluate_policy", "search_step", "StepStats"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
         supernet = build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp, seed=cfg.seed)
         supernet.requires_grad_(True)
         set_temperature_(supernet, cfg.temperature)
+        set_mixture_impl_(supernet, resolve_mixture_impl(cfg.mixture_impl, device))
         all_macs = layer_macs(teacher_s, input_size, in_channels)
         names = list(mixed_layers(supernet))
         macs = {n: all_macs[n] for n in names}
@@ -200,46 +203,75 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                         arch_probs=arch_probs(supernet))
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """Metrics of one search step on one batch: batch means (``ce``, ``l_gen``, ``penalty``,
+    ``loss`` in nats / loss units; ``ard`` in [0, 2]), the exponent ``p``, and ``correct`` of ``n``
+    images classified right by the supernet (before the update)."""
+    loss: float
+    ce: float
+    l_gen: float
+    penalty: float
+    p: float
+    ard: float
+    correct: int
+    n: int
+
+
+def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
+                cfg: SearchConfig, *, layer: str, macs_vec: Tensor, budget_bitops: int | None, first_macs: int,
+                mode: str | None = None, epoch: int = 1, step: int = 1) -> StepStats:
+    """One GMPQ update on the batch (x [B, C, H, W], y [B]) already on the device (module docstring).
+
+    ``teacher`` in its search mode (eval), ``supernet`` in training mode; ``mode`` defaults to
+    ``cfg.second_order``. One host synchronisation reads every scalar at once (and checks them
+    before the update: a NaN/inf loss raises NonFiniteLossError naming ``epoch`` and ``step``).
+    """
+    mode = mode or ("second_order" if cfg.second_order else "first_order")
+    _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
+    logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
+    _, ew, ea = expected_bits(supernet)
+    expected = (macs_vec * ew * ea).sum()
+    p = choose_p(cfg.p_mode, ew, ea, kappa=cfg.kappa, p_fixed=cfg.p_fixed)
+    ce = F.cross_entropy(logits, y)
+    l_gen = generalization_loss(s_maps, t_maps, p)
+    pen = complexity_penalty(expected, mode=cfg.penalty, budget_bitops=budget_bitops, first_layer_macs=first_macs)
+    loss = ce + cfg.eta * l_gen + cfg.lam * pen
+    if cfg.inject_nan_at_epoch == epoch:
+        loss = loss * float("nan")
+    correct = (logits.detach().argmax(1) == y).sum()
+    loss_v, ce_v, l_gen_v, pen_v, correct_v = torch.stack(
+        [t.detach().to(loss.dtype) for t in (loss, ce, l_gen, pen, correct)]).tolist()
+    if not math.isfinite(loss_v):
+        parts = f"ce={ce_v:.4g}, l_gen={l_gen_v:.4g}, penalty={pen_v:.4g}"
+        raise NonFiniteLossError(
+            f"The search loss became {loss_v} at epoch {epoch}, step {step} ({parts}, "
+            f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower lr / lr_arch or eta, or check the proxy data "
+            "for NaN/inf values.")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=float(p),
+                     ard=rank_distance(s_maps.detach(), t_maps), correct=int(correct_v), n=int(y.numel()))
+
+
 def _run_epoch(supernet: nn.Module, teacher: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
                cfg: SearchConfig, *, epoch: int, layer: str, mode: str, macs_vec: Tensor,
                budget_bitops: int | None, first_macs: int, device: str | torch.device,
                progress: Progress | None) -> dict[str, float]:
-    """One pass over the proxy; returns per-image means of the epoch's training metrics."""
+    """One pass over the proxy (``search_step`` per batch); returns per-image means of the epoch."""
     supernet.train()
     total = _steps(loader, cfg.max_steps_per_epoch)
     sums = {"ce": 0.0, "l_gen": 0.0, "penalty": 0.0, "p": 0.0, "ard": 0.0, "loss": 0.0}
     correct = n = 0
     for step, (x, y) in enumerate(_batches(loader, cfg.max_steps_per_epoch), start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
-        logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
-        _, ew, ea = expected_bits(supernet)
-        expected = (macs_vec * ew * ea).sum()
-        p = choose_p(cfg.p_mode, ew, ea, kappa=cfg.kappa, p_fixed=cfg.p_fixed)
-        ce = F.cross_entropy(logits, y)
-        l_gen = generalization_loss(s_maps, t_maps, p)
-        pen = complexity_penalty(expected, mode=cfg.penalty, budget_bitops=budget_bitops, first_layer_macs=first_macs)
-        loss = ce + cfg.eta * l_gen + cfg.lam * pen
-        if cfg.inject_nan_at_epoch == epoch:
-            loss = loss * float("nan")
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            terms = (("ce", ce), ("l_gen", l_gen), ("penalty", pen))
-            parts = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms)
-            raise NonFiniteLossError(
-                f"The search loss became {loss_value} at epoch {epoch}, step {step} ({parts}, "
-                f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower lr / lr_arch or eta, or check the proxy data "
-                "for NaN/inf values.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        b = y.numel()
-        for k, v in (("ce", ce), ("l_gen", l_gen), ("penalty", pen), ("loss", loss)):
-            sums[k] += float(v.detach()) * b
-        sums["p"] += p * b
-        sums["ard"] += rank_distance(s_maps.detach(), t_maps) * b
-        correct += int((logits.detach().argmax(1) == y).sum())
-        n += b
+        st = search_step(supernet, teacher, x, y, optimizer, cfg, layer=layer, macs_vec=macs_vec,
+                         budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, epoch=epoch, step=step)
+        for k in sums:
+            sums[k] += getattr(st, k) * st.n
+        correct += st.correct
+        n += st.n
         if progress is not None:
             progress(step, total)
     if n == 0:

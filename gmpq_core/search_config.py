@@ -16,9 +16,10 @@ from .errors import ConfigError
 from .losses import P_MODES
 from .policy import BitCandidates, BitPolicy
 
-__all__ = ["SearchConfig", "SearchResult", "TARGET_CLASSES"]
+__all__ = ["SearchConfig", "SearchResult", "TARGET_CLASSES", "MIXTURE_IMPLS"]
 
 TARGET_CLASSES = ("pred", "label")
+MIXTURE_IMPLS = ("auto", "reference", "fused", "compiled", "triton")
 
 
 def _positive(name: str, value: Any, *, integer: bool = False, zero_ok: bool = False, hint: str = "") -> None:
@@ -45,7 +46,10 @@ class SearchConfig:
     (see complexity.py). Extensions beyond the contract: ``temperature`` (softmax T of the
     architecture distributions), ``calibrate_clips`` (clips from the first batch instead of 6.0),
     ``recalibrate_bn_batches`` (BN statistics re-estimated for the derived policy's evaluation),
-    ``fill_budget`` (after the argmax and repair, raise bits while the policy still fits).
+    ``fill_budget`` (after the argmax and repair, raise bits while the policy still fits),
+    ``mixture_impl`` (how the quantizer mixtures run, fused.py: "auto" = "triton" on CUDA when
+    Triton imports, else "fused"; "reference", "fused", "compiled" (TorchInductor) or "triton";
+    all give the same values and gradients).
     ``inject_nan_at_epoch`` (1-based) is a testing switch that makes that epoch's loss NaN.
     """
     candidates: BitCandidates = field(default_factory=BitCandidates)
@@ -76,6 +80,7 @@ class SearchConfig:
     calibrate_clips: bool = True
     recalibrate_bn_batches: int = 20
     fill_budget: bool = False
+    mixture_impl: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
@@ -92,6 +97,7 @@ class SearchConfig:
         _choice("penalty", self.penalty, PENALTIES)
         _choice("p_mode", self.p_mode, P_MODES)
         _choice("target_class", self.target_class, TARGET_CLASSES)
+        _choice("mixture_impl", self.mixture_impl, MIXTURE_IMPLS)
         _positive("kappa", self.kappa)
         _positive("p_fixed", self.p_fixed)
         _positive("temperature", self.temperature, hint=" Use 1.0 for the official plain softmax.")

@@ -11,10 +11,11 @@ the symmetric weight quantizer at w-candidate i, Qa_j the PACT activation quanti
 j with its own learnable clip (one clip per activation candidate, as the official code), signed
 where the layer's input can be negative (detected by ``calibrate_supernet_``).
 
-The activation mixture below is the straightforward REFERENCE implementation (one full tensor per
-candidate); a fused version belongs elsewhere and must match it. The weight mixture is computed in
-one no-grad pass over all candidates (sharing the threshold t = max|W|) and attached to the graph
-with the exact STE gradients, and it is cached while autograd is off (evaluation).
+Both mixtures dispatch on the layer's ``mixture_impl`` (``set_mixture_impl_``): ``"reference"`` is
+the straightforward autograd formula (one full tensor per candidate); ``"fused"`` (the default),
+``"compiled"`` and ``"triton"`` are the one-node, recompute-in-backward versions of ``fused.py``,
+which match it in values and gradients. The weight mixture is cached while autograd is off
+(evaluation).
 """
 from __future__ import annotations
 
@@ -26,14 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
+from .fused import IMPLS, act_mixture, act_mixture_reference, mixed_conv2d, weight_mixture
 from .layers import searchable_layers, swap_module
 from .policy import BitCandidates, BitPolicy
 from .qmodules import QuantConv2d, QuantLinear
-from .quantizers import ActQuantizer, quantize_activation, quantize_weight
+from .quantizers import ActQuantizer
 
 __all__ = ["MixedConv2d", "MixedLinear", "MIXED_TYPES", "build_supernet", "mixed_layers", "arch_parameters",
            "weight_parameters", "expected_bits", "arch_probs", "set_temperature_", "calibrate_supernet_",
-           "discretize", "DEFAULT_CLIP"]
+           "discretize", "set_mixture_impl_", "DEFAULT_CLIP"]
 
 DEFAULT_CLIP = 6.0
 
@@ -54,6 +57,7 @@ class _MixedMixin:
         self._calibrating = False
         self._calib_clips = True
         self._wcache: tuple[tuple, Tensor] | None = None
+        self.mixture_impl = "fused"  # see set_mixture_impl_
 
     # -- architecture distributions ------------------------------------------------------------
     def probs_w(self) -> Tensor:
@@ -79,26 +83,23 @@ class _MixedMixin:
         Value and gradients equal the explicit sum of ``quantize_weight(W, b_i)``: d/dpw_i = Qw_i(W)
         and d/dW = sum_i pw_i (the STE passes 1 inside [-t, t], and t = max|W| covers all of W).
         """
-        key = (self.weight._version, self.alpha_w._version, self.temperature, self.weight.data_ptr())
-        if not torch.is_grad_enabled() and self._wcache is not None and self._wcache[0] == key:
-            return self._wcache[1]
-        with torch.no_grad():
-            q = torch.stack([quantize_weight(self.weight, b) for b in self.w_candidates])
-        pw = self.probs_w()
-        mix = self.weight - self.weight.detach() + torch.tensordot(pw, q, dims=1)
-        self._wcache = (key, mix.detach()) if not torch.is_grad_enabled() else None
+        cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cache:
+            key = (self.weight._version, self.alpha_w._version, self.temperature, self.weight.data_ptr(),
+                   self.mixture_impl)
+            if self._wcache is not None and self._wcache[0] == key:
+                return self._wcache[1]
+        mix = weight_mixture(self.weight, self.probs_w(), self.w_candidates, impl=self.mixture_impl)
+        self._wcache = (key, mix.detach()) if cache else None
         return mix
 
     def mixed_input(self, x: Tensor) -> Tensor:
-        """sum_j pa_j Qa_j(x) with Qa_j = PACT at a-candidate j and clip ``clips[j]`` (reference)."""
+        """sum_j pa_j Qa_j(x) with Qa_j = PACT at a-candidate j and clip ``clips[j]``."""
         if self._calibrating:
             self._calibrate(x)
-        pa = self.probs_a()
-        out = None
-        for j, bits in enumerate(self.a_candidates):
-            term = pa[j] * quantize_activation(x, self.clips[j], bits, self.signed)
-            out = term if out is None else out + term
-        return out
+        if self.mixture_impl == "reference":
+            return act_mixture_reference(x, self.probs_a(), self.clips, self.a_candidates, self.signed)
+        return act_mixture(x, self.probs_a(), self.clips, self.a_candidates, self.signed, impl=self.mixture_impl)
 
     @torch.no_grad()
     def _calibrate(self, x: Tensor) -> None:
@@ -138,7 +139,13 @@ class MixedConv2d(_MixedMixin, nn.Conv2d):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.mixed_input(x), self.mixed_weight(), self.bias)
+        if (self.mixture_impl == "reference" or self._calibrating or not torch.is_grad_enabled()
+                or self.padding_mode != "zeros" or isinstance(self.padding, str)):
+            return self._conv_forward(self.mixed_input(x), self.mixed_weight(), self.bias)
+        # training: one node for mixtures + conv, which recomputes the mixed operands in backward
+        return mixed_conv2d(x, self.weight, self.bias, self.probs_a(), self.clips, self.a_candidates, self.signed,
+                            self.probs_w(), self.w_candidates, stride=self.stride, padding=self.padding,
+                            dilation=self.dilation, groups=self.groups, impl=self.mixture_impl)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._mixed_repr()
@@ -241,6 +248,19 @@ def set_temperature_(model: nn.Module, temperature: float) -> nn.Module:
         raise ValueError(f"temperature must be > 0, but got temperature={temperature!r}.")
     for m in mixed_layers(model).values():
         m.temperature = float(temperature)
+    return model
+
+
+def set_mixture_impl_(model: nn.Module, impl: str) -> nn.Module:
+    """Set how every mixed layer computes its mixtures: "reference" (plain autograd), "fused" (one
+    recompute-in-backward node, eager kernels; the default), "compiled" (the same, TorchInductor
+    kernels) or "triton" (CUDA Triton kernels for activations). Values and gradients match (fused.py);
+    ``fused.resolve_mixture_impl`` maps "auto" to a concrete choice for a device."""
+    if impl not in IMPLS:
+        raise ConfigError(f"mixture impl must be one of {', '.join(map(repr, IMPLS))}, but got impl={impl!r}.")
+    for m in mixed_layers(model).values():
+        m.mixture_impl = impl
+        m._wcache = None
     return model
 
 

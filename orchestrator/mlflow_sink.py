@@ -11,12 +11,18 @@ Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlfl
 - one child run per final fine-tune (``finetune-<trial_id>``).
 
 MLflow is a view: if the tracking store cannot be reached, the sink warns once and does nothing more
-(Parquet stays the source of truth).
+(Parquet stays the source of truth); ``gmpq sync-mlflow --sweep DIR`` (``orchestrator.sync``) uploads
+what is missing later. Runs are found again by their persisted ids, else by their tags (``trial_id``,
+``gmpq.role``, parent run; ``gmpq.sweep_dir`` for the parent), so a lost or damaged id file does not
+duplicate them. Against an ``http(s)://`` server the client retries a failed request at most
+``HTTP_RETRY_DEFAULTS`` times (MLflow's own default backs off for about 4 minutes, which would stall
+the sweep driver), unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +36,7 @@ from ray.tune import Callback
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .results import CONFIG_FILE, LAYERS_FILE, TRIALS_FILE, load_resolved_config, resolve_status
+from .results import CONFIG_FILE, LAYERS_FILE, TRIALS_FILE, _error_text, load_resolved_config, resolve_status
 
 __all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink", "MLflowCallback",
            "log_pareto", "log_final"]
@@ -48,6 +54,9 @@ _RAY_KEYS = {"time_this_iter_s", "time_total_s", "training_iteration", "timestam
              "hostname", "node_ip", "trial_id", "experiment_id", "checkpoint_dir_name", "should_checkpoint",
              "config", "epochs_run"}
 MAX_PARAMS, MAX_PARAM_CHARS = 100, 500
+ROLE_OF_KIND = {"trials": "trial", "finetune": "finetune"}
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def default_tracking_uri(sweep_dir: str | Path) -> str:
@@ -123,7 +132,8 @@ class MLflowSink:
     def _disable(self, what: str, err: BaseException | str) -> None:
         if self.enabled:
             msg = (f"MLflow logging disabled: {what} failed on tracking URI '{self.tracking_uri}' ({err}). "
-                   f"The sweep goes on; its results are complete in {self.sweep_dir / TRIALS_FILE}.")
+                   f"The sweep goes on; its results are complete in {self.sweep_dir / TRIALS_FILE}. Once the "
+                   f"server is back, 'gmpq sync-mlflow --sweep {self.sweep_dir}' uploads what is missing.")
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
         self.enabled = False
 
@@ -142,6 +152,9 @@ class MLflowSink:
         """Connect, find/create the experiment and the parent run (``reopen``: mark it RUNNING again)."""
         if self._client is not None or not self.enabled:
             return self.enabled
+        if self.tracking_uri.startswith(("http://", "https://")):
+            for key, value in HTTP_RETRY_DEFAULTS.items():
+                os.environ.setdefault(key, value)
         why = _reachable(self.tracking_uri)
         if why:
             self._disable("connecting", why)
@@ -211,6 +224,12 @@ class MLflowSink:
                 if reopen:
                     client.update_run(data["run_id"], status="RUNNING")
                 return data["run_id"]
+        found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
+        if found is not None:          # the id file is lost or damaged: the tags find the parent again
+            if reopen:
+                client.update_run(found, status="RUNNING")
+            self._save_parent(found)
+            return found
         run = client.create_run(self._experiment_id, run_name=self.experiment_name,
                                 tags={"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
         rid = run.info.run_id
@@ -221,9 +240,26 @@ class MLflowSink:
         else:
             import yaml
             client.log_text(rid, yaml.safe_dump(self.resolved_config, sort_keys=False), CONFIG_FILE)
-        atomic_write_json(path, {"tracking_uri": self.tracking_uri, "experiment_id": self._experiment_id,
-                                 "experiment_name": self.experiment_name, "run_id": rid})
+        self._save_parent(rid)
         return rid
+
+    def _save_parent(self, run_id: str) -> None:
+        atomic_write_json(self.sweep_dir / PARENT_FILE, {
+            "tracking_uri": self.tracking_uri, "experiment_id": self._experiment_id,
+            "experiment_name": self.experiment_name, "run_id": run_id})
+
+    def find_run(self, tags: Mapping[str, str]) -> str | None:
+        """The id of the oldest active run of this experiment carrying all ``tags`` (None if none)."""
+        terms = []
+        for k, v in tags.items():
+            v = str(v)
+            q = "'" if "'" not in v else '"'
+            if q in v:                 # both quote kinds: the filter language cannot say it
+                return None
+            terms.append(f"tags.`{k}` = {q}{v}{q}")
+        runs = self._client.search_runs([self._experiment_id], filter_string=" and ".join(terms), max_results=10,
+                                        order_by=["attributes.start_time ASC"])
+        return runs[0].info.run_id if runs else None
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
@@ -237,6 +273,12 @@ class MLflowSink:
         """The child run ``kind``/``key`` (reused if persisted and still there, else created)."""
         def make() -> str:
             rid = self.runs[kind].get(key)
+            if not self._run_exists(rid) and "trial_id" in tags:
+                rid = self.find_run({"mlflow.parentRunId": self.parent_run_id, "trial_id": tags["trial_id"],
+                                     "gmpq.role": tags.get("gmpq.role", ROLE_OF_KIND.get(kind, kind))})
+                if rid is not None:   # persisted ids lost/damaged: reuse the run its tags identify
+                    self.runs[kind][key] = rid
+                    self._save_ids()
             if self._run_exists(rid):
                 self._client.update_run(rid, status="RUNNING")
                 return rid
@@ -279,16 +321,17 @@ class MLflowCallback(Callback):
                                resolved_config=resolved_config)
         self.status_book = status_book
         self._run_of: dict[str, str | None] = {}
+        self._recoveries: dict[str, int] = {}
 
     @property
     def parent_run_id(self) -> str | None:
         return self.sink.parent_run_id
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_run_of": {}}
+        return {**self.__dict__, "_run_of": {}, "_recoveries": {}}
 
     def setup(self, **info: Any) -> None:
-        self._run_of = {}
+        self._run_of, self._recoveries = {}, {}
         self.sink.connect(reopen=True)
 
     def _child(self, trial: Any) -> str | None:
@@ -316,11 +359,27 @@ class MLflowCallback(Callback):
         rid = self._child(trial)
         if rid is None:
             return
-        self.sink.log_metrics(rid, {k: last.get(k) for k in FINAL_METRICS}, step=int(last.get("epoch") or 0))
+        final = {k: last.get(k) for k in FINAL_METRICS}
+        if last.get("replayed"):          # a finished trial Tune reran after a driver crash: log only what is missing
+            run = self.sink.call("reading a run", self.sink.client.get_run, rid)
+            final = {k: v for k, v in final.items() if run is not None and k not in run.data.metrics}
+        self.sink.log_metrics(rid, final, step=int(last.get("epoch") or 0))
         if last.get("policy_json"):
             self.sink.call("logging policy.json", self.sink.client.log_text, rid, str(last["policy_json"]),
                            "policy.json")
-        self.sink.finish(rid, RUN_STATUS[status], {"status": status})
+        tags = {"status": status}
+        if errored:
+            tags["error"] = _error_text(trial)[:5000]
+        self.sink.finish(rid, RUN_STATUS[status], tags)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed attempt that Tune retries (FailureConfig.max_failures): its error becomes a tag."""
+        rid = self._child(trial)
+        if rid is None:
+            return
+        n = self._recoveries[str(trial.trial_id)] = self._recoveries.get(str(trial.trial_id), 0) + 1
+        for k, v in {f"error.attempt{n}": _error_text(trial)[:5000], "status": "retrying"}.items():
+            self.sink.call("tagging a retried run", self.sink.client.set_tag, rid, k, v)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, errored=False)

@@ -161,6 +161,15 @@ class OptunaPruningScheduler(FIFOScheduler):
                 self._last[trial.trial_id] = value
         self._tell(trial.trial_id, TrialState.COMPLETE)
 
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        tid = trial.trial_id
+        if tid in self._finished and not self.status_book.is_pruned(tid):
+            # a retry after a failed attempt (FailureConfig.max_failures): prune it with a fresh twin
+            self._finished.discard(tid)
+            self._trials.pop(tid, None)
+            self._last.pop(tid, None)
+
     def on_trial_error(self, tune_controller: Any, trial: Any) -> None:
         super().on_trial_error(tune_controller, trial)
         self._tell(trial.trial_id, TrialState.FAIL)

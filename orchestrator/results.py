@@ -288,12 +288,14 @@ class ResultsCallback(Callback):
         self._layers: dict[str, list[dict[str, Any]]] = {}
         self._started: dict[str, tuple[str, float]] = {}
         self._starts: dict[str, int] = {}
+        self._attempts_before: dict[str, int] = {}     # attempts of each trial in earlier driver runs
         if (self.sweep_dir / TRIALS_FILE).exists():
             for r in read_table(self.sweep_dir / TRIALS_FILE).to_pylist():
                 self._rows[str(r["trial_id"])] = r
         if (self.sweep_dir / LAYERS_FILE).exists():
             for r in read_table(self.sweep_dir / LAYERS_FILE).to_pylist():
                 self._layers.setdefault(str(r["trial_id"]), []).append(r)
+        self._attempts_before = {k: int(r.get("attempt") or 0) for k, r in self._rows.items()}
         if self._rows:
             log.info("results: resuming with %d trial rows from %s", len(self._rows), self.sweep_dir)
 
@@ -305,9 +307,33 @@ class ResultsCallback(Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._rows, self._layers, self._started, self._starts = {}, {}, {}, {}
+        self._attempts_before = {}
 
     def setup(self, **info: Any) -> None:
         self._load()
+        self._backfilled = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if not getattr(self, "_backfilled", True):
+            self._backfilled = True
+            self.backfill(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.backfill(trials)
+
+    def backfill(self, trials: list) -> list[str]:
+        """Write the rows of finished trials the table lacks; returns their ids.
+
+        After a driver crash the Tune state may know a finished trial whose row never reached the
+        table (or the table was deleted because it was damaged): the row is rebuilt from the
+        trial's last result, so a resumed sweep loses no finished trial.
+        """
+        missing = [t for t in trials if str(t.trial_id) not in self._rows and t.status in ("TERMINATED", "ERROR")
+                   and t.last_result]
+        for t in missing:
+            log.warning("results: trial %s finished before the restart but had no row; writing it now", t.trial_id)
+            self.record(t, errored=t.status == "ERROR")
+        return [str(t.trial_id) for t in missing]
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -324,13 +350,19 @@ class ResultsCallback(Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.record(trial, errored=True)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed attempt Tune will retry: its row says "failed" with the error until the retry ends."""
+        self.record(trial, errored=True)
+
     def record(self, trial: Any, *, errored: bool) -> dict[str, Any]:
         """Build the trial's row (replacing any earlier row of the same trial) and rewrite both files."""
         tid = str(trial.trial_id)
         last = dict(trial.last_result or {})
         prior = self._rows.get(tid)
+        if last.get("replayed") and prior is not None and not errored:
+            return prior                   # a finished trial Tune reran after a driver crash: row unchanged
         started, t0 = self._started.get(tid, (prior.get("started_at") if prior else None, None))
-        attempt = max(1, ((prior or {}).get("attempt") or 0) + self._starts.get(tid, 0))
+        attempt = max(1, self._attempts_before.get(tid, 0) + self._starts.get(tid, 0))
         row = trial_row(trial_id=tid, config=dict(trial.config or {}), last_result=last,
                         status=resolve_status(self.status_book, tid, errored, last),
                         error=_error_text(trial) if errored else None,

@@ -219,6 +219,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
+    from .results import read_layers, read_trials
+    read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
+    read_layers(sweep_dir, missing_ok=True)
     exp = experiment_path(cfg)
     say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
 

@@ -103,6 +103,32 @@ class FinetuneStage:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FaultInjection:
+    """``testing:`` switches of the reliability tests (leave empty in real sweeps). Trials are named by
+    their 1-based creation number (the ``_<n>_`` in Tune's trial folder names): ``raise_trials`` raise
+    at the start of their first ``raise_attempts`` attempts; ``nan_trials`` get
+    ``SearchConfig.inject_nan_at_epoch = nan_epoch`` (their loss turns NaN in that epoch, every attempt)."""
+    raise_trials: tuple[int, ...] = ()
+    raise_attempts: int = 1
+    nan_trials: tuple[int, ...] = ()
+    nan_epoch: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("raise_trials", "nan_trials"):
+            v = getattr(self, name)
+            _require(isinstance(v, (list, tuple)) and all(_is_pos(n, integer=True) for n in v),
+                     f"testing.{name} must be a list of trial numbers (1, 2, ...), but got {v!r}.")
+            object.__setattr__(self, name, tuple(v))
+        for name in ("raise_attempts", "nan_epoch"):
+            _require(_is_pos(getattr(self, name), integer=True),
+                     f"testing.{name} must be a positive integer, but got {getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"raise_trials": list(self.raise_trials), "raise_attempts": self.raise_attempts,
+                "nan_trials": list(self.nan_trials), "nan_epoch": self.nan_epoch}
+
+
+@dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     """Everything one sweep needs. Paths may be relative (resolved against the working directory).
 
@@ -137,6 +163,7 @@ class SweepConfig:
     address: str | None = None                # None -> start a local Ray
     storage_path: str | None = None           # None -> <abs out_dir>/ray_results
     cache_dir: str | None = None              # None -> <abs out_dir>/cache (teachers, FP target model)
+    testing: FaultInjection = field(default_factory=FaultInjection)   # fault injection, for tests only
 
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name and all(c.isalnum() or c in "-_." for c in self.name),
@@ -144,7 +171,8 @@ class SweepConfig:
         object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
         if not isinstance(self.space, SearchSpace):
             object.__setattr__(self, "space", SearchSpace.from_dict(self.space))
-        for name, cls in (("resources", Resources), ("pruner", PrunerConfig), ("finetune", FinetuneStage)):
+        for name, cls in (("resources", Resources), ("pruner", PrunerConfig), ("finetune", FinetuneStage),
+                          ("testing", FaultInjection)):
             object.__setattr__(self, name, _from_mapping(cls, name, getattr(self, name)))
         if not isinstance(self.transfer, TransferCheck):
             _require(isinstance(self.transfer, Mapping) or self.transfer is None,
@@ -226,6 +254,8 @@ class SweepConfig:
                 v = list(v)
             elif f.name == "search":
                 v = dict(v)
+            elif f.name == "testing":
+                v = v.to_dict()
             out[f.name] = v
         return out
 
@@ -307,14 +337,15 @@ class SweepFacts:
     feasible_gbitops: tuple[float, float]
 
 
-def _check_writable(d: Path) -> None:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-        probe = d / ".gmpq_write_probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"The sweep folder '{d}' cannot be written ({e.strerror}); pass a writable --out DIR.") from None
+def _check_writable(cfg: SweepConfig) -> None:
+    """The sweep folder, the Tune storage path and the cache folder can be written (nothing is created)."""
+    from gmpq_core.fileio import check_writable_dir
+
+    r = cfg.resolved()
+    check_writable_dir(r.out_dir, what="sweep folder", hint="pass a writable --out DIR")
+    if "://" not in str(r.storage_path):     # s3://, gs://: checked by Ray when it connects
+        check_writable_dir(r.storage_path, what="Tune storage path", hint="pass a writable --storage PATH")
+    check_writable_dir(r.cache_dir, what="cache folder", hint="set cache_dir to a writable folder")
 
 
 def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
@@ -367,7 +398,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     except TypeError as e:
         known = sorted(f.name for f in fields(SearchConfig))
         raise ConfigError(f"Bad 'search' settings {sorted(cfg.search)}: {e}. Known search settings: {known}.") from None
-    _check_writable(cfg.sweep_dir)
+    _check_writable(cfg)
     return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
                       target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
                       target_train_size=len(target.train), target_test_size=len(target.test),

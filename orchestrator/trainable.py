@@ -9,6 +9,11 @@ in tests; ``make_trainable(context)`` wraps it for Tune with ``ray.tune.report``
 Per-epoch reports: phase, epoch, proxy_top1, ce, l_gen, expected_gbitops, p, ard, budget_bucket,
 prune_value (= proxy_top1, what the pruner sees). The final report adds ``done: True`` and the
 trial-row metrics listed in ``FINAL_KEYS``.
+
+Reliability: a trial whose row in ``trials.parquet`` is already finished (Tune reruns it when the
+driver died after the row was written but before Tune saved its state) replays that row instead of
+computing again (``replayed: True``). The sweep config's ``testing`` switches inject faults into
+chosen trials (an exception, a NaN loss) for the reliability tests.
 """
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -30,7 +36,7 @@ from search_spaces.space import bucket_of
 from .sweep_config import SweepConfig, trial_search_config
 
 __all__ = ["EPOCH_KEYS", "FINAL_KEYS", "TuneReporter", "build_search_job", "run_trial", "make_trainable",
-           "TRIAL_EVENTS"]
+           "TRIAL_EVENTS", "InjectedFault", "trial_number", "finished_result"]
 
 log = logging.getLogger(__name__)
 
@@ -125,22 +131,76 @@ def _log_event(sweep_dir: str | None, event: dict) -> None:
         log.debug("cannot append to the trial event log in %s: %s", sweep_dir, e)
 
 
+class InjectedFault(RuntimeError):
+    """The exception a ``testing.raise_trials`` trial raises on purpose."""
+
+
+def trial_number(trial_dir: str | None, trial_id: str) -> int | None:
+    """Tune's 1-based creation number of a trial, from its folder name (``<trainable>_<id>_<n>_<params>...``)."""
+    m = re.search(rf"_{re.escape(trial_id)}_(\d+)(?:_|$)", Path(trial_dir).name) if trial_dir else None
+    return int(m.group(1)) if m else None
+
+
+def finished_result(sweep_dir: str | None, trial_id: str) -> dict[str, Any] | None:
+    """The final report of ``trial_id`` rebuilt from its completed or pruned row in trials.parquet (else None)."""
+    from gmpq_core.errors import CheckpointError
+
+    from .results import TRIALS_FILE, read_table
+
+    path = Path(sweep_dir or ".") / TRIALS_FILE
+    if not sweep_dir or not path.is_file():
+        return None
+    try:
+        row = next((r for r in read_table(path).to_pylist() if r["trial_id"] == trial_id), None)
+    except CheckpointError:
+        return None            # the driver reports a damaged table itself; compute as usual
+    if row is None or row.get("status") not in ("completed", "pruned"):
+        return None
+    final = {k: row[k] for k in (*FINAL_KEYS, "budget_bucket", "expected_gbitops") if row.get(k) is not None}
+    final.update(phase="replay", replayed=True, done=True,      # phase: not fed to the pruner again
+                 epoch=int(row.get("last_epoch") or row.get("epochs_run") or 0),
+                 prune_value=final.get("proxy_top1"))
+    return final
+
+
+def _inject_faults(cfg: SweepConfig, job: Any, trial_id: str, number: int | None) -> Any:
+    """Apply the sweep's ``testing`` switches to trial ``number`` (raise now, or a NaN-injecting job)."""
+    t = cfg.testing
+    if number in t.raise_trials:
+        marks = Path(cfg.out_dir) / "faults"
+        done = len(list(marks.glob(f"{trial_id}.raised*"))) if marks.is_dir() else 0
+        if done < t.raise_attempts:
+            marks.mkdir(parents=True, exist_ok=True)
+            (marks / f"{trial_id}.raised{done + 1}").touch()
+            raise InjectedFault(f"injected fault (testing.raise_trials) in trial {number}, attempt {done + 1}")
+    if number in t.nan_trials:
+        job = replace(job, search=replace(job.search, inject_nan_at_epoch=t.nan_epoch))
+    return job
+
+
 def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: ReportFn, *,
-              trial_id: str = "local", node_id: str = "local") -> dict[str, Any]:
+              trial_id: str = "local", node_id: str = "local", number: int | None = None) -> dict[str, Any]:
     """One trial: search on the proxy, transfer check on the target; returns the final report.
 
-    ``context``: {"sweep": resolved SweepConfig dict, "target_model_path": str}.
+    ``context``: {"sweep": resolved SweepConfig dict, "target_model_path": str}. ``number``: the
+    trial's creation number (what the ``testing`` switches name).
     """
     cfg = SweepConfig.from_dict(context["sweep"])
+    done = finished_result(cfg.out_dir, trial_id)
+    if done is not None:                   # finished before a driver crash: report it again, compute nothing
+        _log_event(cfg.out_dir, {"event": "replay", "trial_id": trial_id, "trial_number": number})
+        report(done)
+        return done
     torch.set_num_threads(max(1, int(cfg.resources.cpu)))
     device = trial_device(cfg)
     params = dict(params)
     bucket = bucket_of(params["budget_avg_bits"], cfg.budget_buckets)
-    _log_event(cfg.out_dir, {"event": "start", "trial_id": trial_id, "params": params})
+    _log_event(cfg.out_dir, {"event": "start", "trial_id": trial_id, "trial_number": number, "params": params})
     from gmpq_core.jobs import run_search_job
 
     reporter = TuneReporter(report, budget_bucket=bucket)
-    result = run_search_job(build_search_job(cfg, params, device=device), reporter=reporter)
+    job = _inject_faults(cfg, build_search_job(cfg, params, device=device), trial_id, number)
+    result = run_search_job(job, reporter=reporter)
     model, train, test, info = _target(cfg, context["target_model_path"], device)
     check = run_transfer_check(model, result.policy, train, test, info, check=cfg.transfer, device=device)
     target_cost = check["bitops_report"]
@@ -175,8 +235,10 @@ def make_trainable(context: Mapping[str, Any]) -> Callable[[dict], None]:
         import ray
         from ray import tune
 
-        trial_id = tune.get_context().get_trial_id() or "unknown"
+        ctx = tune.get_context()
+        trial_id = ctx.get_trial_id() or "unknown"
         node_id = ray.get_runtime_context().get_node_id()
-        run_trial(config, context, tune.report, trial_id=trial_id, node_id=node_id)
+        run_trial(config, context, tune.report, trial_id=trial_id, node_id=node_id,
+                  number=trial_number(ctx.get_trial_dir(), trial_id))
 
     return gmpq_trial

@@ -92,6 +92,19 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
                  input_size=8, in_channels=1, checkpoint_dir=tmp_path)
 
 
+class _Echo(ListReporter):
+    """Prints each epoch (seen with -s) so a long run's numbers survive an interruption."""
+
+    def __init__(self, name: str, t0: float) -> None:
+        super().__init__()
+        self.name, self.t0 = name, t0
+
+    def report(self, step, metrics):
+        super().report(step, metrics)
+        print(f"[{self.name}] epoch {step}: top1 {metrics['top1']:.2f} ({time.perf_counter() - self.t0:.0f} s)",
+              flush=True)
+
+
 @pytest.mark.slow
 def test_resnet20_fashion_mnist_fp_reaches_85_and_w4a4_stays_within_2_points():
     """Issue 2: FP resnet20 >= 85% test top-1 on Fashion-MNIST in 2 CPU epochs; W4A4 QAT (1 epoch) within 2."""
@@ -105,10 +118,11 @@ def test_resnet20_fashion_mnist_fp_reaches_85_and_w4a4_stays_within_2_points():
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
     t0 = time.perf_counter()
-    fp = train_fp(model, train, test, config=TrainConfig(epochs=2, lr=0.1, weight_decay=5e-4, batch_size=128))
+    fp = train_fp(model, train, test, config=TrainConfig(epochs=2, lr=0.1, weight_decay=5e-4, batch_size=128),
+                  reporter=_Echo("fp", t0))
     t1 = time.perf_counter()
     q = finetune(model, BitPolicy.uniform(model, 4, 4), train, test, config=FinetuneConfig(epochs=1, lr=0.01),
-                 input_size=28, in_channels=1)
+                 input_size=28, in_channels=1, reporter=_Echo("w4a4", t0))
     t2 = time.perf_counter()
     print(f"\nFP top-1 {fp.top1:.2f}% ({t1 - t0:.0f} s); W4A4 top-1 {q.top1:.2f}% ({t2 - t1:.0f} s); "
           f"W4A4 {q.bitops.bitops_quantized / 1e9:.3f} GBitOPs quantized layers")

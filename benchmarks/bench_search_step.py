@@ -1,0 +1,310 @@
+"""Speed of one GMPQ search step against one full-precision training step, side by side.
+
+For each model, on ONE batch held in memory, this builds the FP model (plain SGD training step),
+the FP teacher and one supernet per variant (same weights, same batch), then interleaves timed
+repetitions: FP step, variant 1 step, variant 2 step, ... so machine noise hits all of them alike.
+The search step is ``gmpq_core.search.search_step``: exactly the per-batch code ``search_policy``
+runs (teacher Grad-CAM, supernet Grad-CAM second order, L_gen with eta = 40, budget penalty, one
+backward, SGD step, metrics with one host sync).
+
+    ratio        = FP images/s / search images/s            (median step times; 1.0 is the limit)
+    memory_ratio = peak step memory of search / that of FP
+                   CUDA: torch.cuda.max_memory_allocated minus the allocation before the steps;
+                   CPU: peak RSS (VmHWM, reset through /proc/self/clear_refs) minus RSS after setup
+                   and one warm-up step, in a fresh subprocess per variant (MALLOC_MMAP_THRESHOLD_
+                   fixed so freed tensors leave RSS).
+
+Variants: reference (plain autograd mixture), fused (one recompute-in-backward node, eager
+kernels), compiled (the same with TorchInductor kernels; its first step includes compilation,
+reported as first_step_s), triton (CUDA only).
+
+    python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
+    python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmpq_core.attribution import find_feature_layer
+from gmpq_core.bitops import layer_macs
+from gmpq_core.complexity import Budget
+from gmpq_core.fused_triton import triton_available
+from gmpq_core.layers import searchable_layers
+from gmpq_core.models import build_model
+from gmpq_core.search import _make_optimizer, search_step  # the optimiser search_policy builds
+from gmpq_core.search_config import SearchConfig
+from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers, set_mixture_impl_
+
+CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
+         "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
+ALL_VARIANTS = ("reference", "fused", "compiled", "triton")
+
+
+@dataclass
+class Bench:
+    """Everything one model's measurements need (built once, same batch for every variant)."""
+    name: str
+    size: int
+    x: torch.Tensor
+    y: torch.Tensor
+    fp: nn.Module
+    fp_opt: torch.optim.Optimizer
+    teacher: nn.Module
+    cfg: SearchConfig
+    layer: str
+    macs_vec: torch.Tensor
+    budget_bitops: int
+    first_macs: int
+    supernets: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
+
+
+def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, variants: list[str],
+                channels_last: bool, seed: int = 0) -> Bench:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(name, num_classes=10, in_channels=in_ch, small_input=False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    x = torch.randn(batch, in_ch, size, size, generator=gen).to(device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # BatchNorm statistics of a "trained" teacher, from a few batches
+        teacher.train()
+        for _ in range(3):
+            teacher(x)
+    teacher.eval()
+    fp = copy.deepcopy(teacher).requires_grad_(True).train()
+    fp_opt = torch.optim.SGD(fp.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    cfg = SearchConfig(budget=Budget(avg_bits=4.0), batch_size=batch)
+    all_macs = layer_macs(teacher, size, in_ch)
+    macs = {n: all_macs[n] for n in searchable_layers(teacher)}
+    bench = Bench(name=name, size=size, x=x, y=y, fp=fp, fp_opt=fp_opt, teacher=teacher, cfg=cfg,
+                  layer=find_feature_layer(teacher, model_name=name),
+                  macs_vec=torch.tensor([float(v) for v in macs.values()], device=device),
+                  budget_bitops=cfg.budget.to_bitops(macs), first_macs=next(iter(macs.values())))
+    for v in variants:
+        net = build_supernet(teacher, cfg.candidates).to(device, memory_format=fmt).requires_grad_(True)
+        calibrate_supernet_(net, x)
+        set_mixture_impl_(net, v)
+        if list(mixed_layers(net)) != list(macs):
+            raise RuntimeError("supernet layers differ from the teacher's searchable layers")
+        bench.supernets[v] = (net.train(), _make_optimizer(net, cfg))
+    return bench
+
+
+def fp_step(b: Bench) -> None:
+    b.fp_opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(b.fp(b.x), b.y)
+    loss.backward()
+    b.fp_opt.step()
+    float(loss.detach())  # the training loop reads its loss each step too
+
+
+def run_step(b: Bench, kind: str) -> None:
+    if kind == "fp":
+        return fp_step(b)
+    net, opt = b.supernets[kind]
+    search_step(net, b.teacher, b.x, b.y, opt, b.cfg, layer=b.layer, macs_vec=b.macs_vec,
+                budget_bitops=b.budget_bitops, first_macs=b.first_macs)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(b: Bench, kind: str, device: str, amp: bool) -> float:
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    _sync(device)
+    t0 = time.perf_counter()
+    with ctx:
+        run_step(b, kind)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure_times(b: Bench, kinds: list[str], device: str, steps: int, warmup: int, amp: bool) -> dict:
+    first = {k: timed(b, k, device, amp) for k in kinds}  # compilation happens here
+    for _ in range(max(warmup - 1, 0)):
+        for k in kinds:
+            timed(b, k, device, amp)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for rep in range(steps):  # interleaved, rotating the order each repetition
+        order = kinds[rep % len(kinds):] + kinds[:rep % len(kinds)]
+        for k in order:
+            times[k].append(timed(b, k, device, amp))
+    return {"first": first, "times": times}
+
+
+def cuda_memory(b: Bench, kind: str, amp: bool) -> int:
+    torch.cuda.synchronize()
+    for m in [b.fp] + [n for n, _ in b.supernets.values()]:
+        m.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    timed(b, kind, "cuda", amp)
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def memory_worker(args: argparse.Namespace) -> int:
+    """Hidden mode: one fresh process, one kind; prints {"extra_mb": peak RSS - RSS after setup}."""
+    import gc
+    torch.set_num_threads(args.threads)
+    name, size, in_ch = args.mem_case.split(":")
+    kinds = [] if args.mem_kind == "fp" else [args.mem_kind]
+    b = build_bench(name, int(size), int(in_ch), args.batch_size, "cpu", kinds, args.channels_last)
+    run_step(b, args.mem_kind)  # warm-up (and compilation)
+    for m in [b.fp] + [n for n, _ in b.supernets.values()]:
+        m.zero_grad(set_to_none=True)
+    gc.collect()
+    base = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS watermark
+    for _ in range(2):
+        run_step(b, args.mem_kind)
+    print(json.dumps({"extra_mb": (_status_kb("VmHWM") - base) / 1024.0, "base_mb": base / 1024.0}))
+    return 0
+
+
+def cpu_memory(case: tuple, kind: str, args: argparse.Namespace) -> float | None:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--mem-case", ":".join(map(str, case)), "--mem-kind", kind,
+           "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    if args.channels_last:
+        cmd.append("--channels-last")
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    if res.returncode != 0:
+        print(f"memory worker failed for {case} {kind}:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return float(json.loads(res.stdout.strip().splitlines()[-1])["extra_mb"])
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):
+        out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 64 on CPU, 256 on CUDA")
+    p.add_argument("--steps", type=int, default=None, help="timed repetitions (default: 4 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 3 CUDA)")
+    p.add_argument("--models", default=None, help="comma list of model:size:in_channels (default per device)")
+    p.add_argument("--variants", default=None, help=f"comma list of {ALL_VARIANTS} (default: all that run here)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CUDA default)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (CUDA default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON list to PATH ('-': stdout)")
+    p.add_argument("--mem-case", help=argparse.SUPPRESS)
+    p.add_argument("--mem-kind", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.batch_size = args.batch_size or (256 if cuda else 64)
+    args.steps = args.steps or (20 if cuda else 4)
+    args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    args.amp = cuda if args.amp is None else args.amp
+    args.channels_last = cuda if args.channels_last is None else args.channels_last
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mem_case:
+        return memory_worker(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here.", file=sys.stderr)
+        return 2
+    if args.amp and args.device != "cuda":
+        print("--amp is for CUDA (bf16 autocast) only.", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    default_variants = [v for v in ALL_VARIANTS if v != "triton" or (args.device == "cuda" and triton_available())]
+    variants = args.variants.split(",") if args.variants else default_variants
+    cases = ([tuple(int(v) if i else v for i, v in enumerate(c.split(":"))) for c in args.models.split(",")]
+             if args.models else CASES[args.device])
+    rows = []
+    for case in cases:
+        name, size, in_ch = case
+        b = build_bench(name, size, in_ch, args.batch_size, args.device, variants, args.channels_last)
+        kinds = ["fp"] + variants
+        res = measure_times(b, kinds, args.device, args.steps, args.warmup, args.amp)
+        med = {k: statistics.median(v) for k, v in res["times"].items()}
+        mem = {}
+        if not args.no_memory:
+            for k in kinds:
+                mem[k] = (cuda_memory(b, k, args.amp) / 2**20 if args.device == "cuda" else cpu_memory(case, k, args))
+        del b
+        for v in variants:
+            fp_img_s, s_img_s = args.batch_size / med["fp"], args.batch_size / med[v]
+            mr = (mem[v] / mem["fp"]) if mem.get(v) is not None and mem.get("fp") else None
+            rows.append({"model": name, "input_size": size, "batch_size": args.batch_size, "device": args.device,
+                         "variant": v, "fp_img_s": round(fp_img_s, 2), "search_img_s": round(s_img_s, 2),
+                         "ratio": round(fp_img_s / s_img_s, 3), "memory_ratio": None if mr is None else round(mr, 3),
+                         "fp_step_mb": None if mem.get("fp") is None else round(mem["fp"], 1),
+                         "search_step_mb": None if mem.get(v) is None else round(mem[v], 1),
+                         "fp_step_s": [round(t, 4) for t in res["times"]["fp"]],
+                         "search_step_s": [round(t, 4) for t in res["times"][v]],
+                         "first_step_s": round(res["first"][v], 2), "amp": args.amp,
+                         "channels_last": args.channels_last, "threads": args.threads,
+                         "memory_method": ("cuda max_memory_allocated - allocated before the step" if args.device == "cuda"
+                                           else "peak RSS - RSS after setup, fresh subprocess per variant"),
+                         "machine": machine()})
+    if args.json:
+        text = json.dumps(rows, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    if args.json != "-":
+        print(f"{'model':9} {'px':>4} {'batch':>5} {'variant':9} {'FP img/s':>9} {'search img/s':>12} {'ratio':>6} "
+              f"{'mem ratio':>9} {'FP MB':>7} {'search MB':>9} {'1st step s':>10}")
+        for r in rows:
+            mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+            print(f"{r['model']:9} {r['input_size']:>4} {r['batch_size']:>5} {r['variant']:9} {r['fp_img_s']:>9.1f} "
+                  f"{r['search_img_s']:>12.1f} {r['ratio']:>6.2f} {mr:>9} {str(r['fp_step_mb']):>7} "
+                  f"{str(r['search_step_mb']):>9} {r['first_step_s']:>10.1f}")
+        print(f"device={args.device} threads={args.threads} amp={args.amp} channels_last={args.channels_last} "
+              f"machine={machine()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

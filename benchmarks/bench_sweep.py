@@ -1,0 +1,149 @@
+"""Where a sweep's wall time goes: trial compute (search + transfer check) versus orchestration.
+
+Runs ``orchestrator.sweep.run_sweep`` on a preset (``demo`` by default) in a fresh folder, then
+reads the per-trial timings in ``trials.parquet`` (``search_seconds + transfer_seconds``) and
+prints:
+
+    compute_fraction = sum over trials of (search_s + transfer_s) / (sweep wall_s x trial slots)
+
+where the trial slots are ``max_concurrent_trials`` (the sweep can keep that many trials computing
+at once; 1.0 means every slot computed all the time). The rest is orchestration, split where it
+can be measured: shared preparation (datasets, FP teachers, FP target model; ``prepare_shared``),
+Ray start and shutdown (``ray_session``), and the remainder of the Tune phase (actor start,
+scheduling, MLflow/Parquet callbacks, and inside the trials their data/teacher loading: the
+difference between a trial's wall_seconds and its compute is printed too). The phases are timed by
+wrapping those two functions for this run only; nothing else changes. Pruned or failed trials have
+no search/transfer timings: their wall_seconds count as compute (an upper bound) and are listed.
+
+    python benchmarks/bench_sweep.py                      # demo preset, as `gmpq sweep --preset demo`
+    python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --json sweep.json
+"""
+from __future__ import annotations
+
+import time
+
+T_START = time.perf_counter()
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _timed_phase(times: dict, key: str, fn):
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            times[key] = times.get(key, 0.0) + time.perf_counter() - t0
+    return wrapper
+
+
+def _timed_session(times: dict, session_cm):
+    @contextlib.contextmanager
+    def wrapper(*a, **k):
+        t0 = time.perf_counter()
+        with session_cm(*a, **k) as s:
+            times["ray_start_s"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            try:
+                yield s
+            finally:
+                times["tune_phase_s"] = time.perf_counter() - t1
+                t2 = time.perf_counter()
+        times["ray_stop_s"] = time.perf_counter() - t2
+    return wrapper
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--n-trials", type=int, default=None, help="default: the preset's")
+    p.add_argument("--epochs", type=int, default=None, help="search epochs per trial (default: the preset's)")
+    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--out", default=None, help="sweep folder (default: a fresh temporary folder, removed after)")
+    p.add_argument("--cold-cache", action="store_true", help="teachers/FP target from scratch (cache in --out)")
+    p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON summary to PATH ('-': stdout)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import pyarrow.parquet as pq
+
+    import orchestrator.ray_env as ray_env
+    import orchestrator.sweep as sweep_mod
+    from orchestrator.sweep_config import load_sweep_config
+    import_s = time.perf_counter() - T_START
+
+    tmp = args.out is None
+    out = Path(tempfile.mkdtemp(prefix="gmpq_bench_sweep_") if tmp else args.out)
+    overrides = {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": str(out),
+                 "space.search_epochs": args.epochs, "name": "bench_sweep"}
+    if args.cold_cache:
+        overrides["cache_dir"] = str(out / "cache")
+    cfg = load_sweep_config(preset=args.preset, overrides={k: v for k, v in overrides.items() if v is not None})
+    times: dict[str, float] = {}
+    orig_prepare, orig_session = sweep_mod.prepare_shared, ray_env.ray_session
+    sweep_mod.prepare_shared = _timed_phase(times, "prepare_s", orig_prepare)
+    ray_env.ray_session = _timed_session(times, orig_session)
+    try:
+        t0 = time.perf_counter()
+        summary = sweep_mod.run_sweep(cfg, progress=True)
+        wall = time.perf_counter() - t0
+    finally:
+        sweep_mod.prepare_shared, ray_env.ray_session = orig_prepare, orig_session
+    rows = pq.read_table(Path(summary.sweep_dir) / "trials.parquet").to_pylist()
+    slots = max(1, int(cfg.resolved().max_concurrent_trials))
+    compute = in_trial_other = 0.0
+    no_timing = []
+    for r in rows:
+        s, t, w = r.get("search_seconds"), r.get("transfer_seconds"), r.get("wall_seconds")
+        if s is None:
+            no_timing.append(r["trial_id"])
+            compute += w or 0.0
+            continue
+        c = s + (t or 0.0)
+        compute += c
+        if w is not None:
+            in_trial_other += max(w - c, 0.0)
+    capacity = wall * slots
+    res = {"preset": args.preset, "n_trials": len(rows), "n_completed": summary.n_completed,
+           "n_pruned": summary.n_pruned, "n_failed": summary.n_failed, "slots": slots,
+           "wall_s": round(wall, 2), "import_s": round(import_s, 2),
+           "prepare_s": round(times.get("prepare_s", 0.0), 2), "ray_start_s": round(times.get("ray_start_s", 0.0), 2),
+           "tune_phase_s": round(times.get("tune_phase_s", 0.0), 2), "ray_stop_s": round(times.get("ray_stop_s", 0.0), 2),
+           "trial_compute_s": round(compute, 2), "in_trial_non_compute_s": round(in_trial_other, 2),
+           "compute_fraction": round(compute / capacity, 4) if capacity > 0 else None,
+           "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
+                                              if times.get("tune_phase_s") else None),
+           "trials_without_timings": no_timing, "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    if args.json:
+        text = json.dumps(res, indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+    if args.json != "-":
+        print(f"sweep '{args.preset}': {res['n_trials']} trials ({res['n_completed']} completed, {res['n_pruned']} "
+              f"pruned, {res['n_failed']} failed), {slots} slot(s), wall {wall:.1f} s (+{import_s:.1f} s imports)")
+        print(f"  trial compute (search + transfer): {compute:.1f} slot-s of {capacity:.1f} -> "
+              f"{100 * res['compute_fraction']:.1f}% of the wall time (goal >= 90%)")
+        print(f"  orchestration: prepare {res['prepare_s']:.1f} s, Ray start {res['ray_start_s']:.1f} s, "
+              f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
+              f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "
+              f"trials but outside compute {in_trial_other:.1f} s")
+        if no_timing:
+            print(f"  {len(no_timing)} trial(s) without search/transfer timings (wall counted as compute): {no_timing}")
+    if tmp:
+        shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

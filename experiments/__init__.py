@@ -1,0 +1,1 @@
+"""Experiments built on gmpq_core and the orchestrator (the generalization study, METHOD.md 7)."""

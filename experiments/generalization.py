@@ -1,0 +1,295 @@
+"""The generalization study (METHOD.md 7): does a policy searched on a small proxy transfer?
+
+A grid of cells (method x proxy x budget x seed). Each cell: get a bit policy (search it on the
+proxy, or uniform / random at the budget), fine-tune it on the FULL target with one fixed recipe
+starting from the target FP model, evaluate it on the target test set. Methods:
+
+    gmpq            capacity-aware p = kappa * mean_l 1 / (E[b_w] E[b_a])     (ours, the paper's claim)
+    gmpq_fixed_p3   p fixed at 3                                              (official released default)
+    eta0            eta = 0: no attribution loss (EdMIPS on the proxy; first-order Grad-CAM, same gradients)
+    target_search   the gmpq search on the whole target training set          (the expensive reference)
+    uniform         the largest uniform WbAb with b*b <= budget^2             (no search)
+    random          random per-layer architecture probabilities -> argmax + budget repair (sanity floor)
+
+This module is pure PyTorch + gmpq_core (no Ray): ``StudyConfig``, ``expand_grid``, ``prepare_models``
+(target FP model and one FP teacher per proxy, cached on disk) and ``run_cell``. The Ray Tune
+runner is ``experiments.generalization_ray``; the analysis is ``orchestrator.study``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+from gmpq_core.policy import BitCandidates
+
+__all__ = ["METHODS", "SEARCHED", "TARGET_PROXY", "NO_PROXY", "ProxySpec", "FPRecipe", "StudyConfig",
+           "load_study_config", "expand_grid", "cell_id", "uniform_bits", "cost_summary", "smoke_version"]
+
+# Search overrides per searched method (on top of StudyConfig.search).
+SEARCH_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gmpq": {"p_mode": "capacity"},
+    "gmpq_fixed_p3": {"p_mode": "fixed", "p_fixed": 3.0},
+    "eta0": {"eta": 0.0, "second_order": False},   # L_gen weight 0: identical gradients, no 2nd-order graph
+    "target_search": {"p_mode": "capacity"},
+}
+METHODS = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random")
+SEARCHED = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search")
+PER_PROXY = ("gmpq", "gmpq_fixed_p3", "eta0")
+TARGET_PROXY = "target"   # proxy column of target_search cells
+NO_PROXY = "none"         # proxy column of uniform / random cells
+
+
+def _int(name: str, v: Any, minimum: int, *, optional: bool = False) -> None:
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}{' or null' if optional else ''}, "
+                          f"but got {name}={v!r}.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProxySpec:
+    """A proxy: ``size`` stratified training images of ``dataset`` (null = its whole training split)."""
+    name: str
+    dataset: str
+    size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or self.name in (TARGET_PROXY, NO_PROXY) \
+                or "|" in self.name:
+            raise ConfigError(f"proxy name must be a short non-empty string other than '{TARGET_PROXY}' / "
+                              f"'{NO_PROXY}' and without '|', but got name={self.name!r} (e.g. 'fmnist500').")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ConfigError(f"proxy dataset must be a dataset name like 'fashion_mnist', but got {self.dataset!r}.")
+        _int(f"size of proxy '{self.name}'", self.size, 10, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FPRecipe:
+    """FP training of the target model / the teachers: ``steps`` SGD steps (whole epochs, the last one
+    cut) at ``batch_size``, cosine from ``lr`` (gmpq_core.train.train_fp)."""
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        _int("steps", self.steps, 1)
+        _int("batch_size", self.batch_size, 1)
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise ConfigError(f"lr must be a number > 0, but got lr={self.lr!r}.")
+
+
+def _recipe(value: Any, what: str) -> FPRecipe:
+    if isinstance(value, FPRecipe):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{what} must be a mapping {{steps, batch_size, lr}}, but got {value!r}.")
+    unknown = sorted(set(value) - {f.name for f in fields(FPRecipe)})
+    if unknown:
+        raise ConfigError(f"Unknown keys {unknown} in {what}; valid: steps, batch_size, lr.")
+    return FPRecipe(**dict(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """The whole study. ``search`` holds the fixed SearchConfig fields (method overrides go on top;
+    ``target_search`` overrides apply to the target-set search only); ``finetune`` the FinetuneConfig
+    fields (the seed is the cell's). ``test_size``: target test images used (null = all, stratified
+    subset otherwise); ``proxy_eval_size``: proxy test images for the proxy-side top-1 and ARD;
+    ``ard_images``: target test images for the target-side ARD of the fine-tuned model."""
+    name: str = "generalization"
+    model: str = "resnet20"
+    small_input: bool = True
+    image_size: int | None = None
+    target: str = "fashion_mnist"
+    data_root: str | None = None
+    proxies: tuple[ProxySpec, ...] = ()
+    budgets: tuple[float, ...] = (3.0,)
+    seeds: tuple[int, ...] = (0, 1)
+    methods: tuple[str, ...] = METHODS
+    candidates: BitCandidates = field(default_factory=BitCandidates)
+    search: Mapping[str, Any] = field(default_factory=dict)
+    target_search: Mapping[str, Any] = field(default_factory=dict)
+    finetune: Mapping[str, Any] = field(default_factory=dict)
+    target_fp: FPRecipe = field(default_factory=FPRecipe)
+    teacher: FPRecipe = field(default_factory=lambda: FPRecipe(steps=100))
+    proxy_seed: int = 0
+    proxy_eval_size: int | None = 1000
+    test_size: int | None = None
+    ard_images: int = 256
+    resources: Mapping[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
+    max_concurrent_trials: int = 2
+    tracking_uri: str | None = None
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("proxies", tuple(p if isinstance(p, ProxySpec) else ProxySpec(**dict(p)) for p in self.proxies or ()))
+        set_("candidates", BitCandidates.from_any(self.candidates))
+        set_("target_fp", _recipe(self.target_fp, "target_fp"))
+        set_("teacher", _recipe(self.teacher, "teacher"))
+        set_("budgets", tuple(float(b) for b in self.budgets))
+        set_("seeds", tuple(self.seeds))
+        set_("methods", tuple(self.methods))
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"methods must be a non-empty subset of {list(METHODS)}, but got {list(self.methods)}.")
+        names = [p.name for p in self.proxies]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"proxy names must be unique, but got {names}.")
+        if any(m in PER_PROXY for m in self.methods) and not self.proxies:
+            raise ConfigError("methods gmpq / gmpq_fixed_p3 / eta0 need at least one proxy under 'proxies'.")
+        if not self.budgets or any(not (1 <= b <= 8) for b in self.budgets):
+            raise ConfigError(f"budgets must be average bits in 1..8, but got {list(self.budgets)}.")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed, e.g. [0, 1].")
+        for s in self.seeds:
+            _int("seed", s, 0)
+        for name, lo, opt in (("proxy_seed", 0, False), ("proxy_eval_size", 10, True), ("test_size", 10, True),
+                              ("ard_images", 0, False), ("max_concurrent_trials", 1, False),
+                              ("image_size", 4, True)):
+            _int(name, getattr(self, name), lo, optional=opt)
+        for key in ("search", "target_search", "finetune"):
+            if not isinstance(getattr(self, key), Mapping):
+                raise ConfigError(f"'{key}' must be a mapping of settings, but got {getattr(self, key)!r}.")
+            set_(key, dict(getattr(self, key)))
+        for key in ("budget", "candidates", "seed"):
+            if key in self.search or key in self.target_search:
+                raise ConfigError(f"'search.{key}' is set by the study (budgets / candidates / seeds); remove it.")
+        if "seed" in self.finetune:
+            raise ConfigError("'finetune.seed' is set per cell from 'seeds'; remove it.")
+        res = dict(self.resources)
+        if set(res) - {"cpu", "gpu"} or any(not isinstance(v, (int, float)) or v < 0 for v in res.values()):
+            raise ConfigError(f"resources must be {{cpu: N, gpu: G}} with numbers >= 0, but got {res}.")
+        set_("resources", {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))})
+        if any(m in SEARCHED for m in self.methods):
+            self.search_config("gmpq", self.budgets[0], 0)   # validates the search settings now
+        self.finetune_config(0)
+
+    # -- derived configs ------------------------------------------------------------------------
+    def search_config(self, method: str, budget: float, seed: int):
+        from gmpq_core.search_config import SearchConfig
+        d = {**self.search, **SEARCH_OVERRIDES[method]}
+        if method == "target_search":
+            d.update(self.target_search)
+        return SearchConfig.from_dict({**d, "candidates": self.candidates, "budget": {"avg_bits": budget},
+                                       "seed": int(seed)})
+
+    def finetune_config(self, seed: int):
+        from gmpq_core.finetune import FinetuneConfig
+        known = {f.name for f in fields(FinetuneConfig)}
+        unknown = sorted(set(self.finetune) - known)
+        if unknown:
+            raise ConfigError(f"Unknown finetune keys {unknown}; valid: {', '.join(sorted(known - {'seed'}))}.")
+        return FinetuneConfig(**{**self.finetune, "seed": int(seed)})
+
+    def proxy(self, name: str) -> ProxySpec:
+        if name == TARGET_PROXY:
+            return ProxySpec(name="target_full", dataset=self.target, size=None)
+        for p in self.proxies:
+            if p.name == name:
+                return p
+        raise ConfigError(f"Unknown proxy '{name}'; the study has {[p.name for p in self.proxies]}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": 1}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "proxies":
+                v = [{"name": p.name, "dataset": p.dataset, "size": p.size} for p in v]
+            elif f.name == "candidates":
+                v = {"w_bits": list(v.w_bits), "a_bits": list(v.a_bits)}
+            elif isinstance(v, FPRecipe):
+                v = {"steps": v.steps, "batch_size": v.batch_size, "lr": v.lr}
+            elif isinstance(v, tuple):
+                v = list(v)
+            elif isinstance(v, Mapping):
+                v = dict(v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "StudyConfig":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a study config must be a mapping, but got {type(d).__name__}.")
+        d = dict(d)
+        version = d.pop("version", 1)
+        if version != 1:
+            raise ConfigError(f"Unsupported study config version {version!r}; this tool reads version 1.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"Unknown study config keys {unknown}; valid keys: {', '.join(sorted(known))}.")
+        return cls(**d)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read a study YAML file; a malformed file gives ConfigError with its line and column."""
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"Cannot read the study config '{p}' ({e.strerror}); see experiments/*.yaml.") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"The study config '{p}' is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
+    return StudyConfig.from_dict(data)
+
+
+# -- the grid ---------------------------------------------------------------------------------
+def cell_id(method: str, proxy: str, budget: float, seed: int) -> str:
+    return f"{method}|{proxy}|b{budget:g}|s{seed}"
+
+
+def expand_grid(cfg: StudyConfig) -> list[dict[str, Any]]:
+    """Every cell as {cell_id, method, proxy, budget, seed}; per-proxy methods at every proxy, the
+    others (target_search, uniform, random) once per budget and seed."""
+    cells = []
+    for budget in cfg.budgets:
+        for seed in cfg.seeds:
+            for method in cfg.methods:
+                proxies = ([p.name for p in cfg.proxies] if method in PER_PROXY
+                           else [TARGET_PROXY] if method == "target_search" else [NO_PROXY])
+                for proxy in proxies:
+                    cells.append({"cell_id": cell_id(method, proxy, budget, seed), "method": method,
+                                  "proxy": proxy, "budget": float(budget), "seed": int(seed)})
+    return cells
+
+
+def uniform_bits(candidates: BitCandidates, avg_bits: float) -> tuple[int, int]:
+    """The largest uniform WbAb (b a candidate for both weights and activations) with b*b <= avg_bits^2,
+    i.e. the uniform policy that fits a budget of ``avg_bits`` average bits."""
+    common = sorted(set(candidates.w_bits) & set(candidates.a_bits))
+    fits = [b for b in common if b * b <= avg_bits * avg_bits * (1 + 1e-9)]
+    if not fits:
+        raise BudgetInfeasibleError(f"no uniform WbAb with b in {common} fits a budget of {avg_bits:g} average "
+                                    f"bits; raise the budget or add a lower candidate.")
+    return fits[-1], fits[-1]
+
+
+def cost_summary(cfg: StudyConfig) -> dict[str, int]:
+    """How many cells of each kind the grid has (for the log and the sizing note)."""
+    cells = expand_grid(cfg)
+    return {"cells": len(cells), "searches": sum(c["method"] in SEARCHED for c in cells),
+            "finetunes": len(cells)}
+
+
+
+def smoke_version(cfg: StudyConfig) -> StudyConfig:
+    """``cfg`` shrunk to minutes (the same code paths): 1 budget, at most 2 proxies and 2 seeds,
+    a couple of steps everywhere, small evaluation sets, and ``<name>_smoke`` as its name."""
+    d = cfg.to_dict()
+    d.update(name=f"{cfg.name}_smoke", budgets=list(cfg.budgets[:1]), seeds=list(cfg.seeds[:2]),
+             proxies=d["proxies"][:2], proxy_eval_size=100, test_size=200, ard_images=16,
+             target_fp={**d["target_fp"], "steps": 8}, teacher={**d["teacher"], "steps": 4})
+    d["search"] = {**d["search"], "epochs": 1, "max_steps_per_epoch": 1, "recalibrate_bn_batches": 1}
+    d["target_search"] = {k: v for k, v in d["target_search"].items() if k not in ("epochs", "max_steps_per_epoch")}
+    d["finetune"] = {**d["finetune"], "epochs": 1, "max_steps_per_epoch": 2}
+    return StudyConfig.from_dict(d)

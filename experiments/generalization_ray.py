@@ -1,0 +1,203 @@
+"""The generalization study on Ray: one Ray Tune run over a grid of cells, results in Parquet, MLflow.
+
+    summary = run_study(cfg, study_dir)
+
+1. The resolved config goes to ``<study_dir>/study_config.yaml``; the grid is expanded and every cell
+   already ``completed`` in ``<study_dir>/study.parquet`` is skipped (rerunning resumes).
+2. The driver prepares the shared models once (FP target model, one FP teacher per proxy; cached).
+3. ``tune.Tuner`` runs the remaining cells as a grid (``tune.grid_search``), with ``reuse_actors``,
+   the config's resources per trial and ``max_concurrent_trials``. Each trial calls ``run_cell`` and
+   reports its row once.
+4. A driver-side callback appends each finished row to ``study.parquet`` (atomic rewrite, merged by
+   ``cell_id``) and logs it to MLflow (one parent run per study, one child run per cell, ids kept in
+   the study folder; default ``sqlite:///<study_dir>/mlflow.db``; MLflow failures only warn).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import pandas as pd
+import torch
+import yaml
+
+from gmpq_core.fileio import atomic_write, atomic_write_text
+
+from .generalization import StudyConfig, expand_grid
+from .generalization_cells import ROW_KEYS, prepare_models, run_cell
+
+__all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "read_study", "write_rows", "run_study", "StudyCallback"]
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.parquet"
+CONFIG_FILE = "study_config.yaml"
+EXTRA_KEYS = ("status", "error", "finished_at", "node_id", "hostname")
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    study_dir: Path
+    n_cells: int
+    n_skipped: int
+    n_completed: int
+    n_failed: int
+    prepare_seconds: float
+    wall_seconds: float
+
+
+def read_study(study_dir: str | Path) -> pd.DataFrame:
+    """The rows written so far (empty frame with the row columns when there are none)."""
+    path = Path(study_dir) / STUDY_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=[*ROW_KEYS, *EXTRA_KEYS])
+    return pd.read_parquet(path)
+
+
+def write_rows(study_dir: str | Path, rows: list[Mapping[str, Any]]) -> pd.DataFrame:
+    """Merge ``rows`` into study.parquet by ``cell_id`` (new rows win) and rewrite it atomically."""
+    old = read_study(study_dir)
+    new = pd.DataFrame([{k: r.get(k) for k in (*ROW_KEYS, *EXTRA_KEYS)} for r in rows])
+    df = new if old.empty else pd.concat([old[~old["cell_id"].isin(new["cell_id"])], new], ignore_index=True)
+    df = df.sort_values(["method", "proxy", "budget", "seed"], kind="stable").reset_index(drop=True)
+    atomic_write(Path(study_dir) / STUDY_FILE, lambda f: df.to_parquet(f, index=False))
+    return df
+
+
+def _trainable(context: Mapping[str, Any]) -> Callable[[dict], None]:
+    context = dict(context)
+
+    def study_cell(config: dict) -> None:
+        import socket
+
+        import ray
+        from ray import tune
+
+        cfg = StudyConfig.from_dict(context["config"])
+        torch.set_num_threads(max(1, int(cfg.resources["cpu"])))
+        row = run_cell(config["cell"], cfg, context["paths"])
+        tune.report({**row, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+                     "done": True})
+
+    return study_cell
+
+
+def _callback_class():
+    from ray.tune import Callback
+
+    class _StudyCallback(Callback):
+        """Driver side: each finished cell -> study.parquet row + MLflow child run."""
+
+        def __init__(self, study_dir: Path, cfg: StudyConfig, tracking_uri: str | None) -> None:
+            from orchestrator.mlflow_sink import MLflowSink
+            self.study_dir = study_dir
+            self.sink = MLflowSink(tracking_uri, study_dir, experiment_name=cfg.name, resolved_config=cfg.to_dict())
+            self.completed = self.failed = 0
+
+        def setup(self, **info: Any) -> None:
+            self.sink.connect(reopen=True)
+
+        def _finish(self, trial: Any, error: str | None) -> None:
+            cell = dict(trial.config["cell"])
+            last = dict(trial.last_result or {})
+            row = {**cell, **{k: last.get(k) for k in (*ROW_KEYS, "node_id", "hostname") if k in last},
+                   "status": "failed" if error else "completed", "error": error,
+                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            write_rows(self.study_dir, [row])
+            self.failed += bool(error)
+            self.completed += not error
+            rid = self.sink.child_run("trials", cell["cell_id"], run_name=cell["cell_id"], params=cell,
+                                      tags={"cell_id": cell["cell_id"], "method": cell["method"],
+                                            "gmpq.role": "study-cell"})
+            self.sink.log_metrics(rid, {k: row.get(k) for k in ROW_KEYS if k not in ("cell_id", "policy_json")})
+            if row.get("policy_json"):
+                self.sink.call("logging policy.json", self.sink.client.log_text, rid, row["policy_json"],
+                               "policy.json")
+            self.sink.finish(rid, "FAILED" if error else "FINISHED", {"status": row["status"]})
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._finish(trial, None)
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            err = getattr(trial, "error_file", None)
+            text = "trial failed"
+            if err and os.path.isfile(err):
+                text = Path(err).read_text()[-2000:]
+            self._finish(trial, text)
+
+    return _StudyCallback
+
+
+def StudyCallback(study_dir: Path, cfg: StudyConfig, tracking_uri: str | None):  # noqa: N802 (factory)
+    """The Tune callback (built lazily so importing this module does not import Ray)."""
+    return _callback_class()(study_dir, cfg, tracking_uri)
+
+
+def _export_repo_path() -> None:
+    """Ray workers inherit the environment: put the folder holding ``experiments/`` on PYTHONPATH."""
+    root = str(Path(__file__).resolve().parents[1])
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if root not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([root, *parts])
+
+
+def _ray_map(cfg: StudyConfig) -> Callable:
+    """``map_fn`` for ``prepare_models``: the FP trainings as parallel Ray tasks (the trial resources each)."""
+    def map_fn(fn: Callable, jobs: list) -> list:
+        import ray
+
+        def work(job: Any) -> str:
+            torch.set_num_threads(max(1, int(cfg.resources["cpu"])))
+            return fn(job)
+        remote = ray.remote(num_cpus=cfg.resources["cpu"], num_gpus=cfg.resources["gpu"])(work)
+        return ray.get([remote.remote(job) for job in jobs])
+    return map_fn
+
+
+def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = None,
+              progress: Callable[[str], None] | None = None) -> StudySummary:
+    """Run (or resume) the study in ``study_dir``; returns counts and timings (see module doc)."""
+    t0 = time.perf_counter()
+    say = progress or (lambda msg: log.info("%s", msg))
+    study_dir = Path(study_dir).expanduser().resolve()
+    study_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(study_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    cells = expand_grid(cfg)
+    done = read_study(study_dir)
+    finished = set(done.loc[done["status"] == "completed", "cell_id"]) if not done.empty else set()
+    todo = [c for c in cells if c["cell_id"] not in finished]
+    say(f"study '{cfg.name}': {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
+    from ray import tune
+
+    from orchestrator.ray_env import ray_session
+
+    _export_repo_path()
+    cb = None
+    with ray_session(address, **({} if address else {"num_gpus": 1 if cfg.resources["gpu"] > 0 else 0})):
+        paths = prepare_models(cfg, study_dir, map_fn=_ray_map(cfg))
+        t_prep = time.perf_counter() - t0
+        say(f"shared FP models ready after {t_prep:.0f} s: {paths}")
+        if todo:
+            uri = cfg.tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
+            cb = StudyCallback(study_dir, cfg, uri)
+            context = {"config": cfg.to_dict(), "paths": paths}
+            trainable = tune.with_resources(_trainable(context), {"cpu": cfg.resources["cpu"],
+                                                                 "gpu": cfg.resources["gpu"]})
+            tuner = tune.Tuner(
+                trainable, param_space={"cell": tune.grid_search(todo)},
+                tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=cfg.max_concurrent_trials,
+                                            reuse_actors=True),
+                run_config=tune.RunConfig(name=f"study-{int(time.time())}", storage_path=str(study_dir / "ray_results"),
+                                          callbacks=[cb], verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=0)))
+            tuner.fit()
+            cb.sink.finish(cb.sink.parent_run_id, "FINISHED")
+    return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells) - len(todo),
+                        n_completed=cb.completed if cb else 0, n_failed=cb.failed if cb else 0,
+                        prepare_seconds=t_prep, wall_seconds=time.perf_counter() - t0)
+

@@ -1,0 +1,126 @@
+"""Triton kernels for the activation mixture ``sum_j p_j Q_j(x)`` (CUDA; see fused.py for the maths).
+
+- forward: ONE pass, reads x once and writes the output once; all candidates are evaluated in
+  registers (float32, or float64 for float64 inputs).
+- backward: ONE pass, reads x and g once, writes grad_x once, and writes per-program partial sums
+  of ``g * q_j`` (for grad_p) and ``g * dy_j/da_j`` (for grad_clip), shape [programs, 2J]; the host
+  reduces them in a second, tiny stage (deterministic, no atomics).
+
+Rounding is round-half-to-even like ``torch.round`` (written with ``floor`` so the same kernel runs
+in Triton's CPU interpreter, ``TRITON_INTERPRET=1``, which is how it is tested without a GPU).
+Entry points take flat (1-D, contiguous) tensors, as the fused custom op hands them over.
+Triton is imported lazily: this module imports without it (``triton_available()`` is then False).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["triton_available", "act_forward", "act_backward", "BLOCK"]
+
+BLOCK = 1024
+
+
+try:  # optional: the kernels exist only where triton imports
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - torch wheels for Linux ship triton
+    triton = tl = None
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """True when the ``triton`` package imports (kernels still need CUDA or TRITON_INTERPRET=1)."""
+    return triton is not None
+
+
+if triton is not None:
+    @triton.jit
+    def _round_half_even(v):
+        f = tl.floor(v)
+        d = v - f
+        odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+        return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
+
+    @triton.jit
+    def _fwd(x_ptr, out_ptr, p_ptr, a_ptr, n_ptr, numel, J: tl.constexpr, SIGNED: tl.constexpr,
+             BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        acc = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
+        for j in tl.static_range(J):
+            a = tl.load(a_ptr + j).to(COMPUTE)
+            p = tl.load(p_ptr + j).to(COMPUTE)
+            s = a / tl.load(n_ptr + j).to(COMPUTE)
+            if SIGNED:
+                y = tl.minimum(tl.maximum(x, -a), a)
+            else:
+                y = tl.minimum(tl.maximum(x, 0.0), a)
+            acc += _round_half_even(y / s) * (p * s)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _bwd(x_ptr, g_ptr, gx_ptr, part_ptr, p_ptr, a_ptr, n_ptr, numel, J: tl.constexpr, SIGNED: tl.constexpr,
+             BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < numel
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        w = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
+        for j in tl.static_range(J):
+            a = tl.load(a_ptr + j).to(COMPUTE)
+            p = tl.load(p_ptr + j).to(COMPUTE)
+            s = a / tl.load(n_ptr + j).to(COMPUTE)
+            if SIGNED:
+                inside = tl.abs(x) < a
+                dyda = tl.where(x >= a, 1.0, 0.0) - tl.where(x <= -a, 1.0, 0.0)
+                y = tl.minimum(tl.maximum(x, -a), a)
+            else:
+                inside = (x > 0.0) & (x < a)
+                dyda = tl.where(x >= a, 1.0, 0.0)
+                y = tl.minimum(tl.maximum(x, 0.0), a)
+            w += tl.where(inside, p, 0.0)
+            q = _round_half_even(y / s) * s
+            tl.store(part_ptr + pid * (2 * J) + j, tl.sum(g * q, axis=0))
+            tl.store(part_ptr + pid * (2 * J) + J + j, tl.sum(g * dyda, axis=0))
+        tl.store(gx_ptr + offs, (g * w).to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+def _params(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool):
+    from .fused import levels_for
+    fwd, bwd = _fwd, _bwd
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = tl.float64 if wide == torch.float64 else tl.float32
+    a = (clips.detach().to(wide).abs() + 1e-8).contiguous()
+    p = probs.detach().to(wide).contiguous()
+    n = torch.tensor([float(levels_for(int(b), signed)) for b in bits], dtype=wide, device=x.device)
+    grid = (triton.cdiv(x.numel(), BLOCK),)
+    return fwd, bwd, grid, compute, wide, p, a, n
+
+
+def act_forward(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool) -> Tensor:
+    """Forward of the activation mixture on a flat contiguous ``x``; output has x's dtype."""
+    fwd, _, grid, compute, _, p, a, n = _params(x, probs, clips, bits, signed)
+    out = torch.empty_like(x)
+    fwd[grid](x, out, p, a, n, x.numel(), J=len(bits), SIGNED=bool(signed), BLOCK_SIZE=BLOCK, COMPUTE=compute)
+    return out
+
+
+def act_backward(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int],
+                 signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_probs, grad_clips) of the activation mixture for upstream gradient ``g``."""
+    _, bwd, grid, compute, wide, p, a, n = _params(x, probs, clips, bits, signed)
+    J = len(bits)
+    gx = torch.empty_like(x)
+    part = torch.empty((grid[0], 2 * J), dtype=wide, device=x.device)
+    bwd[grid](x, g.contiguous(), gx, part, p, a, n, x.numel(), J=J, SIGNED=bool(signed), BLOCK_SIZE=BLOCK,
+              COMPUTE=compute)
+    sums = part.sum(dim=0)
+    gp = sums[:J]
+    gc = p * sums[J:] * torch.sign(clips.detach().to(wide))
+    return gx, gp.to(probs.dtype), gc.to(clips.dtype)

@@ -1,0 +1,159 @@
+"""``gmpq study``: the generalization study (METHOD.md 7) on Ray, then its results page.
+
+    gmpq study --config experiments/generalization_cpu.yaml --out runs/study_cpu --report docs/results.md
+    gmpq study --smoke --out /tmp/study_smoke          (experiments/generalization_smoke.yaml, minutes)
+    gmpq study --config FILE --smoke                   (FILE shrunk to smoke size)
+    gmpq study --out runs/study_cpu --analyze-only     (rewrite the page from DIR/study.parquet)
+
+Rerunning with the same --out skips finished cells. Writes DIR/study.parquet, DIR/study_config.yaml,
+DIR/mlflow.db (unless --tracking-uri), the page (--report, default DIR/results.md) and its plot
+(--png, default study_<name>.png next to the page).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "run", "REPO_ROOT"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SMOKE_CONFIG = REPO_ROOT / "experiments" / "generalization_smoke.yaml"
+
+
+def _experiments():
+    """Import the ``experiments`` package (it lives in the repository next to ``orchestrator``)."""
+    try:
+        import experiments.generalization  # noqa: F401
+    except ModuleNotFoundError:
+        if not (REPO_ROOT / "experiments" / "generalization.py").is_file():
+            from gmpq_core.errors import ConfigError
+            raise ConfigError("gmpq study needs the repository's experiments/ folder (run it from a source "
+                              f"checkout); it was not found under {REPO_ROOT}.") from None
+        sys.path.insert(0, str(REPO_ROOT))
+    import experiments.generalization as gen
+    import experiments.generalization_ray as ray_run
+    return gen, ray_run
+
+
+def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) -> dict[str, Any]:
+    import torch
+
+    gen, _ = _experiments()
+    from gmpq_core.fileio import load_checkpoint
+
+    gpu = cfg.resources["gpu"] > 0 and torch.cuda.is_available()
+    device = torch.cuda.get_device_name(0) if gpu else f"CPU only ({platform.processor() or platform.machine()}); " \
+        "no GPU was used (none lent to the session that ran it)"
+    fp_note = "-"
+    caches = sorted((study_dir / "cache").glob(f"{cfg.model}-{cfg.target}-all-*.pt"))
+    if caches:
+        meta = load_checkpoint(caches[-1]).get("meta", {})
+        fp_note = f"{meta.get('top1', float('nan')):.2f}% top-1 after {meta.get('steps')} SGD steps"
+    s = cfg.search
+    ft = cfg.finetune
+    cells = gen.expand_grid(cfg)
+    return {
+        "title": f"Generalization study: {cfg.name}",
+        "config": f"`{config_path}` (resolved copy: `{study_dir / 'study_config.yaml'}`)",
+        "device": device,
+        "model": f"{cfg.model} (small-input stem) at {cfg.image_size or 28} px; candidates W{list(cfg.candidates.w_bits)} "
+                 f"A{list(cfg.candidates.a_bits)}; stem and classifier FP",
+        "grid": f"{len(cells)} cells = methods {list(cfg.methods)} x proxies {[p.name for p in cfg.proxies]} x budgets "
+                f"{list(cfg.budgets)} avg bits x seeds {list(cfg.seeds)} ({len(df)} rows in study.parquet)",
+        "search": f"{s.get('epochs')} epochs x at most {s.get('max_steps_per_epoch') or 'all'} steps of batch "
+                  f"{s.get('batch_size')}; eta {s.get('eta')}, lambda {s.get('lam')}, fill_budget "
+                  f"{s.get('fill_budget', False)}; target_search overrides {dict(cfg.target_search) or 'none'}",
+        "fine-tune (identical for every policy)": f"{ft.get('epochs', 1)} epoch(s) x at most "
+                  f"{ft.get('max_steps_per_epoch') or 'all'} steps of batch {ft.get('batch_size', 128)} drawn from "
+                  f"the full 60k target training set, lr {ft.get('lr', 0.01)} cosine, from the target FP model",
+        "target FP model": fp_note,
+        "teachers": f"{cfg.teacher.steps} SGD steps on each proxy",
+        "evaluation": f"{cfg.test_size or 'all 10,000'} target test images (stratified, fixed); proxy-side top-1/ARD "
+                      f"on {cfg.proxy_eval_size} proxy test images; target ARD on {cfg.ard_images} test images",
+        "wall time": timing.get("text", "-"),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from gmpq_core.errors import ConfigError
+    from gmpq_core.fileio import atomic_write_json, read_json
+    from orchestrator.study import plot_study, write_results_md
+
+    gen, ray_run = _experiments()
+    logging.getLogger("experiments").setLevel(logging.INFO)
+    config_path = args.config or (str(SMOKE_CONFIG) if args.smoke else None)
+    out = Path(args.out).expanduser().resolve() if args.out else None
+    if config_path is None:
+        if out is None or not (out / ray_run.CONFIG_FILE).is_file():
+            raise ConfigError("gmpq study needs --config FILE (e.g. experiments/generalization_cpu.yaml), --smoke, "
+                              "or --out DIR of an earlier study (its study_config.yaml is reused).")
+        config_path = str(out / ray_run.CONFIG_FILE)
+    cfg = gen.load_study_config(config_path)
+    if args.smoke and args.config:
+        cfg = gen.smoke_version(cfg)
+    if args.tracking_uri:
+        cfg = gen.StudyConfig.from_dict({**cfg.to_dict(), "tracking_uri": args.tracking_uri})
+    out = out or Path("runs") / cfg.name
+    timing_file = out / "study_timing.json"
+    timing = read_json(timing_file) if timing_file.is_file() else {"runs": []}
+    if not args.analyze_only:
+        summary = ray_run.run_study(cfg, out, address=args.address, progress=lambda m: print(m, flush=True))
+        timing["runs"].append({"wall_seconds": summary.wall_seconds, "prepare_seconds": summary.prepare_seconds,
+                               "cells_run": summary.n_completed + summary.n_failed, "failed": summary.n_failed})
+        atomic_write_json(timing_file, timing)
+        print(f"{summary.n_completed} cells completed, {summary.n_failed} failed, {summary.n_skipped} skipped in "
+              f"{summary.wall_seconds / 60:.1f} min; rows: {out / ray_run.STUDY_FILE}")
+    df = ray_run.read_study(out)
+    if df.empty:
+        raise ConfigError(f"No results in {out / ray_run.STUDY_FILE}; run the study first (without --analyze-only).")
+    runs = timing["runs"]
+    total = sum(r["wall_seconds"] for r in runs)
+    timing["text"] = (f"{total / 60:.1f} min over {len(runs)} invocation(s) (shared FP models "
+                      f"{sum(r['prepare_seconds'] for r in runs) / 60:.1f} min of it); sum of per-cell seconds "
+                      f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
+    report = Path(args.report).expanduser() if args.report else out / "results.md"
+    png = Path(args.png).expanduser() if args.png else report.parent / f"study_{cfg.name}.png"
+    plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
+    notes = Path(args.notes).read_text() if args.notes else ""
+    write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes)
+    _log_page(cfg, out, report, png)
+    print(f"Results page: {report}\nPlot: {png}")
+    if args.print:
+        print(report.read_text())
+    return 0 if (df["status"] == "completed").all() else 1
+
+
+def _log_page(cfg: Any, out: Path, report: Path, png: Path) -> None:
+    """Attach the page, plot and Parquet to the study's MLflow parent run (warn-once on failure)."""
+    from orchestrator.mlflow_sink import MLflowSink
+
+    sink = MLflowSink(cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", out, experiment_name=cfg.name,
+                      resolved_config=cfg.to_dict())
+    if not sink.connect():
+        return
+    for f in (report, png, out / "study.parquet"):
+        if f.is_file():
+            sink.call(f"logging {f.name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("study", help="the generalization study (grid on Ray) and its results page",
+                              description=__doc__.replace("``", ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="study YAML (experiments/generalization*.yaml)")
+    p.add_argument("--smoke", action="store_true",
+                   help="minutes-long version: the smoke config, or --config FILE shrunk to smoke size")
+    p.add_argument("--out", metavar="DIR", help="study folder (default runs/<name>); rerun to resume")
+    p.add_argument("--report", metavar="PATH", help="results page to write (default DIR/results.md)")
+    p.add_argument("--png", metavar="PATH", help="plot to write (default study_<name>.png next to the page)")
+    p.add_argument("--notes", metavar="FILE", help="hand-written reading (markdown) to include in the page")
+    p.add_argument("--analyze-only", action="store_true", help="only rewrite the page from DIR/study.parquet")
+    p.add_argument("--address", metavar="ADDR", help="join a Ray cluster instead of starting a local one")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow URI (default sqlite:///DIR/mlflow.db)")
+    p.add_argument("--print", action="store_true", help="print the page when done")
+    p.set_defaults(func=run)

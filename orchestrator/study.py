@@ -1,0 +1,233 @@
+"""Analysis of the generalization study (METHOD.md 7): table, plot, Kendall tau, reading, results.md.
+
+Input: the rows of ``study.parquet`` (one per cell: method, proxy, budget, seed, target_top1,
+gbitops_quantized, gbitops_total, search_seconds, proxy_top1, proxy_ard, target_ard, status, ...).
+
+- ``aggregate(df)``: one row per (method, proxy, budget): n seeds, target top-1 mean and sample std
+  (ddof=1; NaN with one seed), mean GBitOPs in both conventions, search seconds, ARDs, proxy top-1.
+- ``kendall_tau(x, y)``: Kendall's tau-b, ``(C - D) / sqrt((n0 - n1)(n0 - n2))`` with n0 = n(n-1)/2
+  and n1, n2 the pairs tied in x, in y (equal to scipy.stats.kendalltau's default).
+- ``rank_agreement(df)``: tau between the proxy-side top-1 and the target-side top-1 of the searched
+  policies, per proxy within each budget (across budgets the bits alone would order both sides),
+  with the std tau would have by chance.
+- ``comparisons(agg)`` + ``reading(...)``: method differences against the seed noise, in words.
+- ``plot_study(df, path)`` and ``write_results_md(...)``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from gmpq_core.fileio import atomic_write_text
+
+__all__ = ["METHOD_ORDER", "aggregate", "kendall_tau", "rank_agreement", "comparisons", "reading",
+           "format_table", "plot_study", "write_results_md", "tau_null_std"]
+
+METHOD_ORDER = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random")
+SEARCHED = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search")
+
+
+def _completed(df: pd.DataFrame) -> pd.DataFrame:
+    if "status" in df:
+        df = df[df["status"].fillna("completed") == "completed"]
+    return df[np.isfinite(pd.to_numeric(df["target_top1"], errors="coerce"))]
+
+
+def _order(df: pd.DataFrame) -> pd.DataFrame:
+    rank = {m: i for i, m in enumerate(METHOD_ORDER)}
+    key = df["method"].map(lambda m: rank.get(m, len(rank)))
+    return df.assign(_k=key).sort_values(["budget", "_k", "proxy"]).drop(columns="_k").reset_index(drop=True)
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± std over seeds per (method, proxy, budget) of the completed cells."""
+    d = _completed(df)
+    cols = {"top1_mean": ("target_top1", "mean"), "top1_std": ("target_top1", "std"), "n": ("seed", "count"),
+            "gbitops_quantized": ("gbitops_quantized", "mean"), "gbitops_total": ("gbitops_total", "mean"),
+            "search_seconds": ("search_seconds", "mean"), "proxy_top1": ("proxy_top1", "mean"),
+            "proxy_ard": ("proxy_ard", "mean"), "target_ard": ("target_ard", "mean")}
+    cols = {k: v for k, v in cols.items() if v[0] in d}
+    if d.empty:
+        return pd.DataFrame(columns=["method", "proxy", "budget", *cols])
+    out = d.groupby(["method", "proxy", "budget"], as_index=False).agg(**cols)
+    return _order(out)
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b of two equal-length sequences (NaN with < 2 points or a constant side)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"kendall_tau needs equal lengths, but got {a.shape} and {b.shape}.")
+    n = a.size
+    if n < 2:
+        return math.nan
+    i, j = np.triu_indices(n, k=1)
+    sx, sy = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    n0 = n * (n - 1) / 2
+    n1, n2 = float((sx == 0).sum()), float((sy == 0).sum())
+    denom = math.sqrt((n0 - n1) * (n0 - n2))
+    return float((sx * sy).sum() / denom) if denom > 0 else math.nan
+
+
+def tau_null_std(n: int) -> float:
+    """Std of Kendall's tau of n untied points under independence, sqrt(2(2n+5) / (9n(n-1)))."""
+    return math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))) if n >= 2 else math.nan
+
+
+def rank_agreement(df: pd.DataFrame) -> pd.DataFrame:
+    """Kendall tau (proxy-side top-1 vs target top-1) over the searched policies of each proxy at each
+    budget (methods x seeds), with the tau std expected by chance (``tau_null_std``). Proxies are not
+    pooled: their proxy-side top-1 is measured on different test data."""
+    d = _completed(df)
+    d = d[d["method"].isin(SEARCHED) & np.isfinite(pd.to_numeric(d["proxy_top1"], errors="coerce"))]
+    rows = []
+    for (budget, proxy), g in d.groupby(["budget", "proxy"]):
+        rows.append({"budget": budget, "proxy": proxy, "n_policies": len(g), "null_std": tau_null_std(len(g)),
+                     "tau": kendall_tau(g["proxy_top1"].to_numpy(), g["target_top1"].to_numpy())})
+    return pd.DataFrame(rows, columns=["budget", "proxy", "n_policies", "null_std", "tau"])
+
+
+def _pooled_std(*stds: float) -> float:
+    vals = [s for s in stds if s is not None and np.isfinite(s)]
+    return float(np.sqrt(np.mean(np.square(vals)))) if vals else math.nan
+
+
+def comparisons(agg: pd.DataFrame, *, base: str = "gmpq",
+                others: Iterable[str] = ("eta0", "gmpq_fixed_p3", "target_search", "uniform", "random")) -> pd.DataFrame:
+    """``base`` minus each other method's mean target top-1, per proxy and budget, with the pooled seed
+    std (root mean square of the two stds) and a verdict: 'win'/'loss' when |diff| > pooled std,
+    else 'tie'. Proxy-free methods (target_search, uniform, random) are compared at every proxy."""
+    rows = []
+    key = {(r.method, r.proxy, r.budget): r for r in agg.itertuples(index=False)}
+    for r in agg[agg["method"] == base].itertuples(index=False):
+        for m in others:
+            o = key.get((m, r.proxy, r.budget)) or next((v for (mm, _, bb), v in key.items()
+                                                         if mm == m and bb == r.budget), None)
+            if o is None:
+                continue
+            diff = r.top1_mean - o.top1_mean
+            noise = _pooled_std(r.top1_std, o.top1_std)
+            verdict = "tie" if not np.isfinite(noise) or abs(diff) <= noise else ("win" if diff > 0 else "loss")
+            rows.append({"proxy": r.proxy, "budget": r.budget, "versus": m, "diff": diff, "noise": noise,
+                         "verdict": verdict})
+    return pd.DataFrame(rows, columns=["proxy", "budget", "versus", "diff", "noise", "verdict"])
+
+
+def reading(agg: pd.DataFrame, comp: pd.DataFrame, taus: pd.DataFrame) -> list[str]:
+    """Sentences generated from the numbers (no judgement beyond 'larger than the seed std')."""
+    out = []
+    if not comp.empty:
+        for m, g in comp.groupby("versus", sort=False):
+            counts = g["verdict"].value_counts().to_dict()
+            out.append(f"GMPQ vs {m}: {counts.get('win', 0)} wins, {counts.get('tie', 0)} ties, "
+                       f"{counts.get('loss', 0)} losses over {len(g)} (proxy, budget) pairs; mean difference "
+                       f"{g['diff'].mean():+.2f} points against a typical seed std of {g['noise'].mean():.2f}.")
+    std = agg["top1_std"].dropna() if "top1_std" in agg else pd.Series(dtype=float)
+    if len(std):
+        out.append(f"Seed noise: the std of target top-1 over seeds is {std.median():.2f} points (median over "
+                   f"rows; range {std.min():.2f}-{std.max():.2f}).")
+    t = taus[np.isfinite(taus["tau"])] if not taus.empty else taus
+    if len(t):
+        out.append(f"Proxy-to-target ranking: Kendall tau {t['tau'].mean():+.2f} on average over "
+                   f"{len(t)} (proxy, budget) groups (range {t['tau'].min():+.2f} to {t['tau'].max():+.2f}); "
+                   f"by chance alone a group's tau has a std of about {t['null_std'].mean():.2f}, the mean of "
+                   f"{len(t)} independent groups about {t['null_std'].mean() / math.sqrt(len(t)):.2f}.")
+    if "search_seconds" in agg:
+        s = agg[agg["method"].isin(SEARCHED)].groupby("method")["search_seconds"].mean()
+        if len(s):
+            out.append("Mean search wall-seconds: " + ", ".join(f"{m} {v:.0f} s" for m, v in s.items()) + ".")
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
+
+
+def format_table(agg: pd.DataFrame) -> str:
+    """Markdown table of ``aggregate``'s output."""
+    head = ("| budget (avg bits) | method | proxy | seeds | target top-1 (%) | GBitOPs quantized layers | "
+            "GBitOPs whole model (FP at 32x32) | search s | proxy top-1 (%) | proxy ARD | target ARD |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for r in agg.itertuples(index=False):
+        std = f" ± {r.top1_std:.2f}" if np.isfinite(r.top1_std) else ""
+        lines.append(f"| {r.budget:g} | {r.method} | {r.proxy} | {r.n} | {r.top1_mean:.2f}{std} | "
+                     f"{_fmt(r.gbitops_quantized, '.4f')} | {_fmt(r.gbitops_total, '.3f')} | "
+                     f"{_fmt(r.search_seconds, '.0f')} | {_fmt(r.proxy_top1, '.1f')} | {_fmt(r.proxy_ard, '.3f')} | "
+                     f"{_fmt(r.target_ard, '.3f')} |")
+    return "\n".join(lines)
+
+
+def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
+    """Target top-1 vs GBitOPs (quantized layers), one panel per method, mean ± std over seeds, one
+    colour per proxy; single cells as faint dots."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = _completed(df)
+    agg = aggregate(df)
+    methods = [m for m in METHOD_ORDER if m in set(d["method"])] or ["(none)"]
+    proxies = sorted(set(d["proxy"]))
+    colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(proxies)}
+    ncol = min(3, len(methods))
+    nrow = math.ceil(len(methods) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), sharex=True, sharey=True, squeeze=False)
+    for ax, m in zip(axes.flat, methods):
+        for p in proxies:
+            cells = d[(d["method"] == m) & (d["proxy"] == p)]
+            if cells.empty:
+                continue
+            ax.scatter(cells["gbitops_quantized"], cells["target_top1"], s=10, alpha=0.35, color=colors[p])
+            a = agg[(agg["method"] == m) & (agg["proxy"] == p)].sort_values("gbitops_quantized")
+            ax.errorbar(a["gbitops_quantized"], a["top1_mean"], yerr=a["top1_std"].fillna(0), fmt="o-", ms=4,
+                        capsize=3, color=colors[p], label=p)
+        ax.set_title(m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes.flat[len(methods):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("GBitOPs (quantized layers)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("target top-1 (%)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path, header: Mapping[str, Any],
+                     notes: str = "") -> str:
+    """Write the results page (table, plot, rank agreement, generated reading, hand-written notes)."""
+    path = Path(path)
+    agg = aggregate(df)
+    taus = rank_agreement(df)
+    comp = comparisons(agg)
+    png = Path(png_path)
+    rel = png.name if png.parent.resolve() == path.parent.resolve() else str(png)
+    lines = [f"# {header.get('title', 'Generalization study')}", ""]
+    lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "title"]
+    lines += ["", "## Results (target = Fashion-MNIST test set; mean ± std over seeds)", "", format_table(agg), "",
+              f"![accuracy vs BitOPs per method]({rel})", "",
+              "## Proxy-side vs target-side ranking of the searched policies (Kendall tau-b)", "",
+              "| budget | proxy | policies | tau | std of tau by chance |", "|---|---|---|---|---|"]
+    lines += [f"| {r.budget:g} | {r.proxy} | {r.n_policies} | {_fmt(r.tau, '+.2f')} | {_fmt(r.null_std, '.2f')} |"
+              for r in taus.itertuples()]
+    lines += ["", "## GMPQ against the other methods (difference of mean target top-1, points)", "",
+              "| budget | proxy | versus | diff | seed std (pooled) | verdict |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {_fmt(r.noise, '.2f')} | {r.verdict} |"
+              for r in comp.itertuples()]
+    lines += ["", "## Reading (generated from the numbers)", ""] + [f"- {s}" for s in reading(agg, comp, taus)]
+    if notes.strip():
+        lines += ["", "## Reading (by hand, checked against the tables above)", "", notes.strip()]
+    text = "\n".join(lines) + "\n"
+    atomic_write_text(path, text)
+    return text

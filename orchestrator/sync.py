@@ -1,0 +1,247 @@
+"""Upload to MLflow what a sweep folder holds but the tracking store lacks (``gmpq sync-mlflow``).
+
+Parquet is the sweep's source of truth; MLflow is a view that can miss runs when the tracking server
+was down at the start or went down mid-sweep (the sink warns once and stops logging). Once the server
+is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
+
+- the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created);
+- one child run per row of ``trials.parquet`` (reused through ``mlflow_runs.json`` or its ``trial_id``
+  tag, else created) with the trial's params, its per-epoch metrics (read back from the Ray Tune trial
+  folder's ``result.json`` when the run has none), the final metrics, ``policy.json``, the ``status``
+  and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
+- the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them.
+
+A run that already holds everything is left alone, so a second sync changes nothing (idempotent).
+Run it after the sweep, or while the sweep's own MLflow logging is disabled (one writer at a time).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from mlflow.exceptions import MlflowException
+from requests.exceptions import RequestException
+
+from gmpq_core.errors import GMPQError
+
+from .mlflow_sink import (_RAY_KEYS, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key,
+                          default_tracking_uri, log_final, log_pareto)
+from .results import FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
+
+__all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial"]
+
+log = logging.getLogger(__name__)
+
+PARAM_PREFIX = "param_"
+
+
+class SyncError(GMPQError, RuntimeError):
+    """The tracking store cannot be reached or written while syncing (nothing is lost: rerun the sync)."""
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What one sync did. ``duplicates``: trial ids with more than one child run in the store (should be 0)."""
+    sweep_dir: Path
+    tracking_uri: str
+    experiment_name: str
+    parent_run_id: str
+    parent_created: bool
+    trials: int
+    runs_created: int
+    runs_updated: int
+    runs_unchanged: int
+    tables_logged: tuple[str, ...]
+    duplicates: int
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sweep_dir": str(self.sweep_dir),
+                "tables_logged": list(self.tables_logged), "changed": self.changed}
+
+
+def _present(v: Any) -> bool:
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
+
+
+def trial_histories(cfg: Mapping[str, Any], sweep_dir: Path) -> dict[str, list[dict]]:
+    """Per-epoch reports of every trial from the Tune experiment folder (``<storage_path>/<name>/*/result.json``).
+
+    The last report of each (phase, epoch) wins (a retried trial appends its attempts to the same
+    file); the final ``done`` report is left out (its metrics come from Parquet). Empty when the
+    folder is remote or gone.
+    """
+    storage = str(cfg.get("storage_path") or sweep_dir / "ray_results")
+    exp = Path(storage) / str(cfg.get("name") or sweep_dir.name)
+    if "://" in storage or not exp.is_dir():
+        return {}
+    out: dict[str, dict[tuple, dict]] = {}
+    for path in exp.glob("*/result.json"):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue        # a line cut by a crash: the others still count
+            if not isinstance(r, dict) or r.get("done") or "trial_id" not in r:
+                continue
+            out.setdefault(str(r["trial_id"]), {})[(str(r.get("phase")), r.get("epoch"))] = r
+    def order(key: tuple) -> tuple:
+        return key[0] != "search", key[1] if isinstance(key[1], (int, float)) else -1
+    return {tid: [by_epoch[k] for k in sorted(by_epoch, key=order)] for tid, by_epoch in out.items()}
+
+
+def child_runs_by_trial(sink: MLflowSink, role: str = "trial") -> dict[str, list[str]]:
+    """``trial_id -> [run ids]`` of the parent's child runs with ``gmpq.role`` = ``role``."""
+    runs = sink.client.search_runs(
+        [sink._experiment_id], max_results=50000,
+        filter_string=f"tags.`mlflow.parentRunId` = '{sink.parent_run_id}' and tags.`gmpq.role` = '{role}'")
+    out: dict[str, list[str]] = {}
+    for r in runs:
+        out.setdefault(r.data.tags.get("trial_id", ""), []).append(r.info.run_id)
+    return out
+
+
+class _Syncer:
+    def __init__(self, sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path) -> None:
+        self.sink, self.cfg, self.sweep_dir = sink, cfg, sweep_dir
+        self._histories: dict[str, list[dict]] | None = None
+
+    @property
+    def histories(self) -> dict[str, list[dict]]:
+        if self._histories is None:
+            self._histories = trial_histories(self.cfg, self.sweep_dir)
+        return self._histories
+
+    def existing(self, tid: str) -> str | None:
+        sink = self.sink
+        rid = sink.runs["trials"].get(tid)
+        if sink._run_exists(rid):
+            return rid
+        rid = sink.find_run({"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "trial"})
+        if rid is not None:
+            sink.runs["trials"][tid] = rid
+            sink._save_ids()
+        return rid
+
+    def missing(self, rid: str, row: Mapping[str, Any]) -> list[str]:
+        """What run ``rid`` lacks of ``row`` (empty: nothing to do)."""
+        c, status = self.sink.client, row["status"]
+        run = c.get_run(rid)
+        need = []
+        if run.info.status != RUN_STATUS[status] or run.data.tags.get("status") != status:
+            need.append("status")
+        if any(_present(row.get(k)) and k not in run.data.metrics for k in FINAL_METRICS):
+            need.append("metrics")
+        if status == "failed" and _present(row.get("error")) and "error" not in run.data.tags:
+            need.append("error")
+        if _present(row.get("policy_json")) and "policy.json" not in {a.path for a in c.list_artifacts(rid)}:
+            need.append("policy")
+        return need
+
+    def fill(self, rid: str, row: Mapping[str, Any], need: list[str]) -> None:
+        sink, c, tid, status = self.sink, self.sink.client, str(row["trial_id"]), row["status"]
+        metrics = c.get_run(rid).data.metrics
+        if "ce" not in metrics:                        # no per-epoch series yet: replay it from Tune's files
+            for r in self.histories.get(tid, []):
+                step = r.get("epoch", r.get("training_iteration", 0))
+                sink.log_metrics(rid, {_phase_key(r, k): v for k, v in r.items() if k not in _RAY_KEYS},
+                                 step=int(step or 0))
+        if "metrics" in need:
+            step = row.get("last_epoch") if _present(row.get("last_epoch")) else row.get("epochs_run")
+            sink.log_metrics(rid, {k: row.get(k) for k in FINAL_METRICS if _present(row.get(k))},
+                             step=int(step) if _present(step) else 0)
+        if "policy" in need:
+            sink.call("logging policy.json", c.log_text, rid, str(row["policy_json"]), "policy.json")
+        tags = {"status": status, "gmpq.synced": "true"}
+        if status == "failed" and _present(row.get("error")):
+            tags["error"] = str(row["error"])[:5000]
+        sink.finish(rid, RUN_STATUS[status], tags)
+
+    def trial(self, row: Mapping[str, Any]) -> str:
+        """Sync one row; returns "created", "updated" or "unchanged"."""
+        tid, status = str(row["trial_id"]), row["status"]
+        rid = self.existing(tid)
+        outcome = "updated"
+        if rid is None:
+            params = {k[len(PARAM_PREFIX):]: v for k, v in row.items() if k.startswith(PARAM_PREFIX) and _present(v)}
+            rid = self.sink.child_run("trials", tid, run_name=tid, params=params,
+                                      tags={"trial_id": tid, "status": status, "gmpq.role": "trial"})
+            if rid is None:
+                raise SyncError(f"MLflow refused a new run for trial {tid} on '{self.sink.tracking_uri}'.")
+            outcome = "created"
+        need = self.missing(rid, row) if outcome == "updated" else ["status", "metrics", "error", "policy"]
+        if not need:
+            return "unchanged"
+        self.fill(rid, row, need)
+        return outcome
+
+    def tables(self) -> list[str]:
+        """Pareto / final tables on the parent run, when the folder has them and the run lacks them."""
+        sink, d, done = self.sink, self.sweep_dir, []
+        have = {a.path for a in sink.client.list_artifacts(sink.parent_run_id, "results")}
+        if (d / PARETO_FILE).is_file() and f"results/{PARETO_FILE}" not in have:
+            from .pareto import PARETO_PNG
+            log_pareto(sink.tracking_uri, d, read_table(d / PARETO_FILE).to_pandas(), d / PARETO_PNG)
+            done.append(PARETO_FILE)
+        if (d / FINAL_FILE).is_file() and f"results/{FINAL_FILE}" not in have:
+            from .train_stage import FINAL_PNG
+            log_final(sink.tracking_uri, d, read_table(d / FINAL_FILE).to_pandas(), png_path=d / FINAL_PNG)
+            done.append(FINAL_FILE)
+        return done
+
+
+def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: list[dict]) -> tuple:
+    syncer = _Syncer(sink, cfg, sweep_dir)
+    outcomes = {"created": 0, "updated": 0, "unchanged": 0}
+    for row in sorted(rows, key=lambda r: str(r["trial_id"])):
+        outcomes[syncer.trial(row)] += 1
+    n_trials = cfg.get("n_trials")
+    if isinstance(n_trials, int) and len(rows) >= n_trials and \
+            sink.client.get_run(sink.parent_run_id).info.status != "FINISHED":
+        sink.finish(sink.parent_run_id, "FINISHED")      # every trial has a row: the sweep is over
+    tables = syncer.tables()
+    dup = sum(len(v) > 1 for v in child_runs_by_trial(sink).values())
+    return outcomes, sink.client.get_run(sink.parent_run_id), tables, dup
+
+
+def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> SyncReport:
+    """Make the MLflow view of ``sweep_dir`` whole (see the module docstring); returns what it did.
+
+    ``tracking_uri``: default the sweep's own (``sweep_config.yaml``). Raises CheckpointError for a
+    folder that is not a sweep or a damaged ``trials.parquet``, SyncError when MLflow cannot be reached.
+    """
+    sweep_dir = Path(sweep_dir).expanduser().resolve()
+    cfg = load_resolved_config(sweep_dir, missing_ok=False)
+    rows = read_trials(sweep_dir, missing_ok=True).to_dict("records")
+    uri = tracking_uri or cfg.get("tracking_uri") or default_tracking_uri(sweep_dir)
+    t0_ms = int(time.time() * 1000)
+    sink = MLflowSink(uri, sweep_dir, resolved_config=cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        connected = sink.connect()
+        if not connected:
+            why = "; ".join(str(w.message).split(". The sweep goes on")[0] for w in caught) or "unreachable"
+            raise SyncError(f"Cannot sync '{sweep_dir}' to MLflow: {why}. Start the tracking server (e.g. 'gmpq "
+                            "mlflow-server --dir DIR --port P --detach') or pass the right --tracking-uri, then rerun "
+                            "'gmpq sync-mlflow'; nothing was changed that a rerun does not finish.")
+        try:
+            outcomes, parent, tables, dup = _sync_all(sink, cfg, sweep_dir, rows)
+        except (MlflowException, RequestException, OSError) as e:
+            raise SyncError(f"MLflow at '{uri}' failed during the sync ({type(e).__name__}: {e}); rerun "
+                            "'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).") from None
+    if not sink.enabled:
+        raise SyncError(f"MLflow at '{uri}' failed during the sync ({'; '.join(str(w.message) for w in caught)}); "
+                        "rerun 'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).")
+    return SyncReport(sweep_dir=sweep_dir, tracking_uri=uri, experiment_name=sink.experiment_name,
+                      parent_run_id=str(sink.parent_run_id), parent_created=parent.info.start_time >= t0_ms,
+                      trials=len(rows), runs_created=outcomes["created"], runs_updated=outcomes["updated"],
+                      runs_unchanged=outcomes["unchanged"], tables_logged=tuple(tables), duplicates=dup)

@@ -1,0 +1,176 @@
+"""The generalization study: analysis functions on hand-made rows, the grid and policies, and (slow,
+real Ray + SQLite MLflow + real Fashion-MNIST/MNIST-5k) the smoke study end to end through the CLI."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))   # experiments/ lives beside the installed packages
+
+from experiments.generalization import (StudyConfig, expand_grid, load_study_config, smoke_version,  # noqa: E402
+                                        uniform_bits)
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError  # noqa: E402
+from gmpq_core.policy import BitCandidates  # noqa: E402
+from orchestrator.study import aggregate, comparisons, kendall_tau, rank_agreement, write_results_md  # noqa: E402
+
+
+def _rows() -> pd.DataFrame:
+    rows = []
+    top1 = {("gmpq", "p500"): (80.0, 82.0), ("eta0", "p500"): (78.0, 78.5), ("uniform", "none"): (70.0, 71.0)}
+    for (method, proxy), accs in top1.items():
+        for seed, acc in enumerate(accs):
+            rows.append({"cell_id": f"{method}|{proxy}|b3|s{seed}", "method": method, "proxy": proxy, "budget": 3.0,
+                         "seed": seed, "target_top1": acc, "gbitops_quantized": 0.1 + seed * 0.01,
+                         "gbitops_total": 1.0, "search_seconds": 10.0 if proxy != "none" else 0.0,
+                         "proxy_top1": acc - 5 if proxy != "none" else math.nan, "proxy_ard": 0.3,
+                         "target_ard": 0.2, "status": "completed"})
+    rows.append({**rows[0], "cell_id": "gmpq|p500|b3|s9", "seed": 9, "target_top1": math.nan, "status": "failed"})
+    return pd.DataFrame(rows)
+
+
+def test_aggregate_gives_mean_and_sample_std_over_completed_seeds():
+    agg = aggregate(_rows()).set_index("method")
+    assert agg.loc["gmpq", "n"] == 2                                 # the failed seed is left out
+    assert agg.loc["gmpq", "top1_mean"] == pytest.approx(81.0)
+    assert agg.loc["gmpq", "top1_std"] == pytest.approx(np.std([80.0, 82.0], ddof=1))
+    assert agg.loc["gmpq", "gbitops_quantized"] == pytest.approx(0.105)
+    assert list(agg.index) == ["gmpq", "eta0", "uniform"]            # METHOD_ORDER
+
+
+@pytest.mark.parametrize("x,y", [([1, 2, 3, 4, 5], [5, 6, 7, 8, 7]), ([1, 1, 2, 3, 3, 4], [2, 1, 2, 4, 3, 3]),
+                                 (list(range(9)), [3, 1, 4, 1, 5, 9, 2, 6, 5])])
+def test_kendall_tau_equals_scipy_tau_b(x, y):
+    assert kendall_tau(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic)
+
+
+def test_kendall_tau_is_nan_without_a_ranking():
+    assert math.isnan(kendall_tau([1.0], [2.0]))
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
+
+
+def test_rank_agreement_is_per_proxy_within_each_budget():
+    df = _rows()
+    taus = rank_agreement(df)
+    row = taus[(taus["proxy"] == "p500")].iloc[0]
+    assert row["n_policies"] == 4 and row["budget"] == 3.0        # gmpq + eta0, 2 seeds; uniform has no proxy side
+    d = df[df["proxy"] == "p500"].dropna(subset=["target_top1"])
+    assert row["tau"] == pytest.approx(scipy.stats.kendalltau(d["proxy_top1"], d["target_top1"]).statistic)
+    assert row["null_std"] == pytest.approx(math.sqrt(2 * 13 / (9 * 4 * 3)))
+    assert set(taus["proxy"]) == {"p500"}                          # proxies are never pooled
+
+
+def test_comparisons_call_a_difference_a_win_only_beyond_the_seed_std():
+    comp = comparisons(aggregate(_rows()), others=("eta0", "uniform")).set_index("versus")
+    assert comp.loc["eta0", "diff"] == pytest.approx(81.0 - 78.25)
+    assert comp.loc["eta0", "verdict"] == "win"                   # 2.75 > pooled std ~1.17
+    assert comp.loc["uniform", "proxy"] == "p500"                 # proxy-free methods compared at each proxy
+    close = _rows().assign(target_top1=lambda d: np.where(d["method"] == "eta0", d["target_top1"] + 2.5,
+                                                          d["target_top1"]))
+    assert comparisons(aggregate(close), others=("eta0",))["verdict"].tolist() == ["tie"]
+
+
+def test_uniform_bits_is_the_largest_uniform_policy_within_the_budget():
+    c = BitCandidates()
+    assert uniform_bits(c, 2.5) == (2, 2)
+    assert uniform_bits(c, 3.0) == (3, 3)
+    assert uniform_bits(c, 3.9) == (3, 3)
+    assert uniform_bits(c, 4.0) == (4, 4)
+    assert uniform_bits(BitCandidates(w_bits=(2, 4), a_bits=(4, 8)), 5.0) == (4, 4)
+    with pytest.raises(BudgetInfeasibleError, match="1.5 average bits"):
+        uniform_bits(c, 1.5)
+
+
+def test_grid_has_per_proxy_methods_at_every_proxy_and_the_others_once():
+    cfg = load_study_config(REPO / "experiments" / "generalization_cpu.yaml")
+    cells = expand_grid(cfg)
+    ids = [c["cell_id"] for c in cells]
+    assert len(ids) == len(set(ids))
+    n_b, n_s, n_p = len(cfg.budgets), len(cfg.seeds), len(cfg.proxies)
+    assert len(cells) == n_b * n_s * (3 * n_p + 3)
+    assert {c["proxy"] for c in cells if c["method"] == "target_search"} == {"target"}
+    smoke = smoke_version(cfg)
+    assert len(smoke.budgets) == 1 and smoke.finetune["max_steps_per_epoch"] == 2
+
+
+def test_study_config_rejects_unknown_methods_and_grid_owned_keys():
+    with pytest.raises(ConfigError, match="methods must be"):
+        StudyConfig(proxies=[{"name": "a", "dataset": "fashion_mnist", "size": 500}], methods=("gmpq", "edmips"))
+    with pytest.raises(ConfigError, match="search.budget"):
+        StudyConfig(proxies=[{"name": "a", "dataset": "fashion_mnist"}], search={"budget": {"avg_bits": 3}})
+    with pytest.raises(ConfigError, match="Unknown study config keys"):
+        StudyConfig.from_dict({"budget": [3]})
+
+
+def test_random_policy_is_seeded_and_never_exceeds_the_budget():
+    from experiments.generalization_cells import random_policy
+    from gmpq_core.bitops import count_bitops, layer_macs
+    from gmpq_core.layers import searchable_layers
+    from gmpq_core.models import build_model
+
+    model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    all_macs = layer_macs(model, 28, 1)
+    macs = {n: all_macs[n] for n in searchable_layers(model)}
+    budget = int(sum(macs.values()) * 2.5 ** 2)
+    a, b, c = (random_policy(model, macs, BitCandidates(), budget, s, fill=True) for s in (0, 0, 1))
+    assert a.layers == b.layers and a.layers != c.layers
+    for p in (a, c):
+        assert count_bitops(model, p, 28, 1, macs=all_macs).bitops_quantized <= budget
+
+
+def test_write_rows_merges_by_cell_id(tmp_path):
+    from experiments.generalization_ray import read_study, write_rows
+
+    rows = _rows().to_dict("records")
+    write_rows(tmp_path, rows[:3])
+    df = write_rows(tmp_path, [{**rows[0], "target_top1": 99.0}, rows[3]])
+    assert len(df) == 4 and len(read_study(tmp_path)) == 4
+    assert read_study(tmp_path).set_index("cell_id").loc[rows[0]["cell_id"], "target_top1"] == 99.0
+
+
+def test_results_page_has_the_table_taus_and_reading(tmp_path):
+    text = write_results_md(_rows(), tmp_path / "r.md", png_path=tmp_path / "p.png",
+                            header={"title": "T", "device": "CPU"}, notes="Hand notes.")
+    assert "| 3 | gmpq | p500 | 2 | 81.00 ± 1.41 |" in text
+    assert "Kendall tau" in text and "GMPQ vs eta0: 1 wins" in text and "Hand notes." in text
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_smoke_study_runs_end_to_end_on_ray_and_resumes(tmp_path):
+    out, report = tmp_path / "study", tmp_path / "docs" / "results.md"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "orchestrator.cli", "study", "--smoke", "--out", str(out), "--report", str(report)]
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    df = pd.read_parquet(out / "study.parquet")
+    cfg = load_study_config(REPO / "experiments" / "generalization_smoke.yaml")
+    assert sorted(df["cell_id"]) == sorted(c["cell_id"] for c in expand_grid(cfg))
+    assert (df["status"] == "completed").all()
+    assert df["target_top1"].between(0, 100).all()
+    assert (df["bitops_quantized"] <= df["budget_bitops"]).all()
+    assert (df["bitops_total"] > df["bitops_quantized"]).all()
+    searched = df[df["method"].isin(["gmpq", "gmpq_fixed_p3", "eta0", "target_search"])]
+    assert searched["proxy_top1"].notna().all() and (searched["search_seconds"] > 0).all()
+    text = report.read_text()
+    for method in ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random"):
+        assert f"| {method} |" in text
+    png = report.parent / "study_generalization_smoke.png"
+    assert png.stat().st_size > 5000 and f"]({png.name})" in text
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("generalization_smoke")
+    children = client.search_runs([exp.experiment_id], "tags.`gmpq.role` = 'study-cell'")
+    assert len(children) == len(df)
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{len(df)} already done, 0 to run" in second.stdout
+    assert len(pd.read_parquet(out / "study.parquet")) == len(df)
