@@ -14,9 +14,11 @@ backward, SGD step, metrics with one host sync).
                    and one warm-up step, in a fresh subprocess per variant (MALLOC_MMAP_THRESHOLD_
                    fixed so freed tensors leave RSS).
 
-Variants: reference (plain autograd mixture), fused (one recompute-in-backward node, eager
-kernels), compiled (the same with TorchInductor kernels; its first step includes compilation,
-reported as first_step_s), triton (CUDA only).
+Variants: reference (plain autograd mixtures), fused (activation and weight mixtures as
+recompute-in-backward nodes, eager kernels), compiled (TorchInductor kernels, and mixtures + conv
+as one node that recomputes the mixed operands in backward; its first step includes compilation,
+reported as first_step_s), triton (CUDA; Triton kernels, one node per conv), and fused:conv (fused
+kernels with the one-node conv).
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
@@ -51,7 +53,7 @@ from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers
 
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
-ALL_VARIANTS = ("reference", "fused", "compiled", "triton")
+ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv"
 
 
 @dataclass
@@ -100,7 +102,8 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
     for v in variants:
         net = build_supernet(teacher, cfg.candidates).to(device, memory_format=fmt).requires_grad_(True)
         calibrate_supernet_(net, x)
-        set_mixture_impl_(net, v)
+        impl, _, node = v.partition(":")  # "fused:conv" = fused with the one-node conv
+        set_mixture_impl_(net, impl, conv_node=True if node == "conv" else None)
         if list(mixed_layers(net)) != list(macs):
             raise RuntimeError("supernet layers differ from the teacher's searchable layers")
         bench.supernets[v] = (net.train(), _make_optimizer(net, cfg))

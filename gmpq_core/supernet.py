@@ -58,6 +58,7 @@ class _MixedMixin:
         self._calib_clips = True
         self._wcache: tuple[tuple, Tensor] | None = None
         self.mixture_impl = "fused"  # see set_mixture_impl_
+        self.conv_node = False       # MixedConv2d: mixtures + conv as one node (recomputes the operands)
 
     # -- architecture distributions ------------------------------------------------------------
     def probs_w(self) -> Tensor:
@@ -139,7 +140,7 @@ class MixedConv2d(_MixedMixin, nn.Conv2d):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        if (self.mixture_impl == "reference" or self._calibrating or not torch.is_grad_enabled()
+        if (not self.conv_node or self.mixture_impl == "reference" or self._calibrating or not torch.is_grad_enabled()
                 or self.padding_mode != "zeros" or isinstance(self.padding, str)):
             return self._conv_forward(self.mixed_input(x), self.mixed_weight(), self.bias)
         # training: one node for mixtures + conv, which recomputes the mixed operands in backward
@@ -251,15 +252,22 @@ def set_temperature_(model: nn.Module, temperature: float) -> nn.Module:
     return model
 
 
-def set_mixture_impl_(model: nn.Module, impl: str) -> nn.Module:
-    """Set how every mixed layer computes its mixtures: "reference" (plain autograd), "fused" (one
-    recompute-in-backward node, eager kernels; the default), "compiled" (the same, TorchInductor
-    kernels) or "triton" (CUDA Triton kernels for activations). Values and gradients match (fused.py);
-    ``fused.resolve_mixture_impl`` maps "auto" to a concrete choice for a device."""
+def set_mixture_impl_(model: nn.Module, impl: str, *, conv_node: bool | None = None) -> nn.Module:
+    """Set how every mixed layer computes its mixtures (values and gradients match, fused.py):
+    "reference" (plain autograd), "fused" (recompute-in-backward nodes, eager kernels; the
+    default), "compiled" (the same, TorchInductor kernels) or "triton" (CUDA Triton kernels for the
+    activations); ``fused.resolve_mixture_impl`` maps "auto" to one of them for a device.
+
+    ``conv_node``: a MixedConv2d in training runs mixtures + convolution as ONE node that keeps only
+    its inputs (the mixed operands are recomputed in backward: about one activation-sized and one
+    weight-sized tensor less per layer). Default: on for "compiled" and "triton" (one-pass
+    kernels make the recompute cheap), off for "fused" (eager recompute costs CPU time).
+    """
     if impl not in IMPLS:
         raise ConfigError(f"mixture impl must be one of {', '.join(map(repr, IMPLS))}, but got impl={impl!r}.")
     for m in mixed_layers(model).values():
         m.mixture_impl = impl
+        m.conv_node = impl in ("compiled", "triton") if conv_node is None else bool(conv_node)
         m._wcache = None
     return model
 

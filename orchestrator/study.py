@@ -10,7 +10,8 @@ gbitops_quantized, gbitops_total, search_seconds, proxy_top1, proxy_ard, target_
 - ``rank_agreement(df)``: tau between the proxy-side top-1 and the target-side top-1 of the searched
   policies, per proxy within each budget (across budgets the bits alone would order both sides),
   with the std tau would have by chance.
-- ``comparisons(agg)`` + ``reading(...)``: method differences against the seed noise, in words.
+- ``comparisons(agg)`` + ``reading(...)``: method differences against their standard error over
+  seeds (win / loss only beyond 2 SE), in words.
 - ``plot_study(df, path)`` and ``write_results_md(...)``.
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pandas as pd
 from gmpq_core.fileio import atomic_write_text
 
 __all__ = ["METHOD_ORDER", "aggregate", "kendall_tau", "rank_agreement", "comparisons", "reading",
-           "format_table", "plot_study", "write_results_md", "tau_null_std"]
+           "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se"]
 
 METHOD_ORDER = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random")
 SEARCHED = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search")
@@ -78,28 +79,33 @@ def tau_null_std(n: int) -> float:
     return math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))) if n >= 2 else math.nan
 
 
-def rank_agreement(df: pd.DataFrame) -> pd.DataFrame:
+def rank_agreement(df: pd.DataFrame, *, min_policies: int = 3) -> pd.DataFrame:
     """Kendall tau (proxy-side top-1 vs target top-1) over the searched policies of each proxy at each
     budget (methods x seeds), with the tau std expected by chance (``tau_null_std``). Proxies are not
-    pooled: their proxy-side top-1 is measured on different test data."""
+    pooled: their proxy-side top-1 is measured on different test data. Groups of fewer than
+    ``min_policies`` policies (e.g. target_search alone: one method x seeds) are left out."""
     d = _completed(df)
     d = d[d["method"].isin(SEARCHED) & np.isfinite(pd.to_numeric(d["proxy_top1"], errors="coerce"))]
     rows = []
     for (budget, proxy), g in d.groupby(["budget", "proxy"]):
+        if len(g) < min_policies:
+            continue
         rows.append({"budget": budget, "proxy": proxy, "n_policies": len(g), "null_std": tau_null_std(len(g)),
                      "tau": kendall_tau(g["proxy_top1"].to_numpy(), g["target_top1"].to_numpy())})
     return pd.DataFrame(rows, columns=["budget", "proxy", "n_policies", "null_std", "tau"])
 
 
-def _pooled_std(*stds: float) -> float:
-    vals = [s for s in stds if s is not None and np.isfinite(s)]
-    return float(np.sqrt(np.mean(np.square(vals)))) if vals else math.nan
+def diff_se(std_a: float, n_a: int, std_b: float, n_b: int) -> float:
+    """Standard error of a difference of two means, sqrt(s_a^2 / n_a + s_b^2 / n_b) (NaN without stds)."""
+    if not (np.isfinite(std_a) and np.isfinite(std_b)) or n_a < 2 or n_b < 2:
+        return math.nan
+    return float(math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b))
 
 
 def comparisons(agg: pd.DataFrame, *, base: str = "gmpq",
                 others: Iterable[str] = ("eta0", "gmpq_fixed_p3", "target_search", "uniform", "random")) -> pd.DataFrame:
-    """``base`` minus each other method's mean target top-1, per proxy and budget, with the pooled seed
-    std (root mean square of the two stds) and a verdict: 'win'/'loss' when |diff| > pooled std,
+    """``base`` minus each other method's mean target top-1, per proxy and budget, with the standard
+    error of that difference over seeds (``diff_se``) and a verdict: 'win' / 'loss' when |diff| > 2 SE,
     else 'tie'. Proxy-free methods (target_search, uniform, random) are compared at every proxy."""
     rows = []
     key = {(r.method, r.proxy, r.budget): r for r in agg.itertuples(index=False)}
@@ -110,11 +116,11 @@ def comparisons(agg: pd.DataFrame, *, base: str = "gmpq",
             if o is None:
                 continue
             diff = r.top1_mean - o.top1_mean
-            noise = _pooled_std(r.top1_std, o.top1_std)
-            verdict = "tie" if not np.isfinite(noise) or abs(diff) <= noise else ("win" if diff > 0 else "loss")
-            rows.append({"proxy": r.proxy, "budget": r.budget, "versus": m, "diff": diff, "noise": noise,
+            se = diff_se(r.top1_std, r.n, o.top1_std, o.n)
+            verdict = "tie" if not np.isfinite(se) or abs(diff) <= 2 * se else ("win" if diff > 0 else "loss")
+            rows.append({"proxy": r.proxy, "budget": r.budget, "versus": m, "diff": diff, "se": se,
                          "verdict": verdict})
-    return pd.DataFrame(rows, columns=["proxy", "budget", "versus", "diff", "noise", "verdict"])
+    return pd.DataFrame(rows, columns=["proxy", "budget", "versus", "diff", "se", "verdict"])
 
 
 def reading(agg: pd.DataFrame, comp: pd.DataFrame, taus: pd.DataFrame) -> list[str]:
@@ -125,7 +131,8 @@ def reading(agg: pd.DataFrame, comp: pd.DataFrame, taus: pd.DataFrame) -> list[s
             counts = g["verdict"].value_counts().to_dict()
             out.append(f"GMPQ vs {m}: {counts.get('win', 0)} wins, {counts.get('tie', 0)} ties, "
                        f"{counts.get('loss', 0)} losses over {len(g)} (proxy, budget) pairs; mean difference "
-                       f"{g['diff'].mean():+.2f} points against a typical seed std of {g['noise'].mean():.2f}.")
+                       f"{g['diff'].mean():+.2f} points (a win or loss needs |diff| > 2 standard errors; the typical SE "
+                       f"of one difference is {g['se'].median():.2f} points).")
     std = agg["top1_std"].dropna() if "top1_std" in agg else pd.Series(dtype=float)
     if len(std):
         out.append(f"Seed noise: the std of target top-1 over seeds is {std.median():.2f} points (median over "
@@ -222,8 +229,8 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
     lines += [f"| {r.budget:g} | {r.proxy} | {r.n_policies} | {_fmt(r.tau, '+.2f')} | {_fmt(r.null_std, '.2f')} |"
               for r in taus.itertuples()]
     lines += ["", "## GMPQ against the other methods (difference of mean target top-1, points)", "",
-              "| budget | proxy | versus | diff | seed std (pooled) | verdict |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {_fmt(r.noise, '.2f')} | {r.verdict} |"
+              "| budget | proxy | versus | diff | SE of diff (seeds) | verdict (2 SE) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {_fmt(r.se, '.2f')} | {r.verdict} |"
               for r in comp.itertuples()]
     lines += ["", "## Reading (generated from the numbers)", ""] + [f"- {s}" for s in reading(agg, comp, taus)]
     if notes.strip():

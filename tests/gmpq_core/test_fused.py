@@ -165,7 +165,7 @@ def test_impl_names_are_validated_and_auto_resolves_per_device():
         act_mixture(torch.zeros(3), torch.ones(2), torch.ones(3), (2, 4), False)
 
 
-def _tiny_supernet(impl):
+def _tiny_supernet(impl, conv_node=None):
     torch.manual_seed(0)
     model = build_model("resnet20", num_classes=3, in_channels=1).double()
     net = build_supernet(model, BitCandidates(w_bits=(2, 3, 4), a_bits=(2, 4, 8)))
@@ -176,16 +176,17 @@ def _tiny_supernet(impl):
         for m in mixed_layers(net).values():
             m.alpha_a.copy_(torch.randn(m.alpha_a.shape, generator=gen, dtype=torch.float64))
             m.alpha_w.copy_(torch.randn(m.alpha_w.shape, generator=gen, dtype=torch.float64))
-    return set_mixture_impl_(net.train(), impl), x
+    return set_mixture_impl_(net.train(), impl, conv_node=conv_node), x
 
 
-def test_supernet_step_with_fused_mixtures_equals_reference_loss_and_gradients():
+@pytest.mark.parametrize("conv_node", [False, True])
+def test_supernet_step_with_fused_mixtures_equals_reference_loss_and_gradients(conv_node):
     # the search loss (CE + Grad-CAM imitation, second order) on a tiny resnet20, float64
     from gmpq_core.attribution import gradcam
     from gmpq_core.losses import generalization_loss
     results = []
     for impl in ("reference", "fused"):
-        net, x = _tiny_supernet(impl)
+        net, x = _tiny_supernet(impl, conv_node=conv_node if impl == "fused" else None)
         y = torch.tensor([0, 1, 2, 0])
         logits, maps = gradcam(net, x, "layer3", mode="second_order")
         loss = F.cross_entropy(logits, y) + 40 * generalization_loss(maps, maps.detach().flip(0) + 0.1, 2.0)
@@ -198,7 +199,7 @@ def test_supernet_step_with_fused_mixtures_equals_reference_loss_and_gradients()
         assert torch.allclose(g_ref[name], g_fused[name], atol=1e-8), name
 
 
-def _small_supernet():
+def _small_supernet(conv_node):
     """stem conv, two searchable convs and a searchable linear (unsigned, signed, signed inputs), classifier."""
     from torch import nn
     torch.manual_seed(0)
@@ -209,12 +210,13 @@ def _small_supernet():
     x = torch.randn(2, 1, 6, 6, generator=_gen(3), dtype=torch.float64)
     calibrate_supernet_(net, x)
     assert [m.signed for m in mixed_layers(net).values()] == [False, True, True]
-    return net.train(), x
+    return set_mixture_impl_(net.train(), "fused", conv_node=conv_node), x
 
 
-def test_supernet_with_fused_op_compiles_into_one_graph_without_breaks():
+@pytest.mark.parametrize("conv_node", [False, True])
+def test_supernet_with_fused_op_compiles_into_one_graph_without_breaks(conv_node):
     # dynamo sees each custom op as one node; aot_eager also traces the registered backward
-    net, x = _small_supernet()
+    net, x = _small_supernet(conv_node)
     explanation = torch._dynamo.explain(net)(x)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     out = torch.compile(net, backend="aot_eager", fullgraph=True)(x)
@@ -231,7 +233,7 @@ def test_supernet_with_fused_op_compiles_into_one_graph_without_breaks():
 @pytest.mark.slow
 def test_supernet_compiles_with_inductor_on_cpu_and_matches_eager():
     # minutes on a loaded 2-core machine (Inductor's C++ compile of a resnet20 forward and backward)
-    net, x = _tiny_supernet("fused")
+    net, x = _tiny_supernet("fused", conv_node=True)
     ref = net(x)
     ref.sum().backward()
     want = {n: p.grad.clone() for n, p in net.named_parameters()}

@@ -66,14 +66,17 @@ def test_rank_agreement_is_per_proxy_within_each_budget():
     assert row["tau"] == pytest.approx(scipy.stats.kendalltau(d["proxy_top1"], d["target_top1"]).statistic)
     assert row["null_std"] == pytest.approx(math.sqrt(2 * 13 / (9 * 4 * 3)))
     assert set(taus["proxy"]) == {"p500"}                          # proxies are never pooled
+    assert rank_agreement(df, min_policies=5).empty                 # too few policies: no tau
 
 
-def test_comparisons_call_a_difference_a_win_only_beyond_the_seed_std():
+def test_comparisons_call_a_difference_a_win_only_beyond_two_standard_errors():
     comp = comparisons(aggregate(_rows()), others=("eta0", "uniform")).set_index("versus")
     assert comp.loc["eta0", "diff"] == pytest.approx(81.0 - 78.25)
-    assert comp.loc["eta0", "verdict"] == "win"                   # 2.75 > pooled std ~1.17
+    se = math.sqrt(np.var([80.0, 82.0], ddof=1) / 2 + np.var([78.0, 78.5], ddof=1) / 2)
+    assert comp.loc["eta0", "se"] == pytest.approx(se)
+    assert comp.loc["eta0", "verdict"] == "win"                   # 2.75 > 2 SE ~ 2.06
     assert comp.loc["uniform", "proxy"] == "p500"                 # proxy-free methods compared at each proxy
-    close = _rows().assign(target_top1=lambda d: np.where(d["method"] == "eta0", d["target_top1"] + 2.5,
+    close = _rows().assign(target_top1=lambda d: np.where(d["method"] == "eta0", d["target_top1"] + 1.0,
                                                           d["target_top1"]))
     assert comparisons(aggregate(close), others=("eta0",))["verdict"].tolist() == ["tie"]
 
