@@ -40,7 +40,7 @@ from gmpq_core.train import TrainConfig, seeded, train_fp
 
 from .generalization import SEARCHED, TARGET_PROXY, FPRecipe, StudyConfig, uniform_bits
 
-__all__ = ["model_jobs", "train_model_job", "prepare_models", "load_model_file", "random_policy", "run_cell", "target_ard", "ROW_KEYS"]
+__all__ = ["model_jobs", "cached_model_path", "train_model_job", "prepare_models", "load_model_file", "random_policy", "run_cell", "target_ard", "ROW_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,23 @@ def _fresh(cfg: StudyConfig, info: Any, seed: int = 0) -> nn.Module:
                            small_input=cfg.small_input)
 
 
+def _cache_key(cfg: StudyConfig, dataset: str, size: int | None, recipe: FPRecipe) -> dict[str, Any]:
+    return {"model": cfg.model, "dataset": dataset, "size": size, "proxy_seed": cfg.proxy_seed,
+            "image_size": cfg.image_size, "small_input": cfg.small_input, "recipe": vars(recipe)}
+
+
+def cached_model_path(cfg: StudyConfig, job: tuple[str, str, int | None, FPRecipe], study_dir: str | Path) -> Path:
+    """``<study_dir>/cache/<model>-<dataset>-<size>-<hash of everything the model depends on>.pt``."""
+    _, dataset, size, recipe = job
+    digest = hashlib.sha256(json.dumps(_cache_key(cfg, dataset, size, recipe), sort_keys=True).encode()).hexdigest()
+    return Path(study_dir) / "cache" / f"{cfg.model}-{dataset}-{size or 'all'}-{digest[:12]}.pt"
+
+
 def _train_cached(cfg: StudyConfig, dataset: str, size: int | None, recipe: FPRecipe, path_dir: Path,
                   device: str) -> Path:
     """Train (or reuse) an FP model on ``size`` stratified images of ``dataset``; returns its file."""
-    key = {"model": cfg.model, "dataset": dataset, "size": size, "proxy_seed": cfg.proxy_seed,
-           "image_size": cfg.image_size, "small_input": cfg.small_input, "recipe": vars(recipe)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    path = path_dir / f"{cfg.model}-{dataset}-{size or 'all'}-{digest}.pt"
+    key = _cache_key(cfg, dataset, size, recipe)
+    path = cached_model_path(cfg, ("", dataset, size, recipe), path_dir.parent)
     if path.is_file():
         return path
     bundle = load_dataset(dataset, root=cfg.data_root, image_size=cfg.image_size)

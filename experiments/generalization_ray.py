@@ -29,7 +29,7 @@ import yaml
 from gmpq_core.fileio import atomic_write, atomic_write_text
 
 from .generalization import StudyConfig, expand_grid
-from .generalization_cells import ROW_KEYS, prepare_models, run_cell
+from .generalization_cells import ROW_KEYS, cached_model_path, model_jobs, prepare_models, run_cell
 
 __all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "read_study", "write_rows", "run_study", "StudyCallback"]
 
@@ -178,6 +178,11 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
 
     _export_repo_path()
     cb = None
+    if not todo and all(cached_model_path(cfg, job, study_dir).is_file() for job in model_jobs(cfg)):
+        paths = prepare_models(cfg, study_dir)        # all cached: no Ray needed
+        return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells), n_completed=0,
+                            n_failed=0, prepare_seconds=time.perf_counter() - t0,
+                            wall_seconds=time.perf_counter() - t0)
     with ray_session(address, **({} if address else {"num_gpus": 1 if cfg.resources["gpu"] > 0 else 0})):
         paths = prepare_models(cfg, study_dir, map_fn=_ray_map(cfg))
         t_prep = time.perf_counter() - t0

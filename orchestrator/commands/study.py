@@ -38,6 +38,15 @@ def _experiments():
     return gen, ray_run
 
 
+def _rel(path: Any) -> str:
+    import os
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:   # another drive (Windows)
+        return str(path)
+    return rel if not rel.startswith("..") else str(path)
+
+
 def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) -> dict[str, Any]:
     import torch
 
@@ -51,13 +60,14 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
     caches = sorted((study_dir / "cache").glob(f"{cfg.model}-{cfg.target}-all-*.pt"))
     if caches:
         meta = load_checkpoint(caches[-1]).get("meta", {})
-        fp_note = f"{meta.get('top1', float('nan')):.2f}% top-1 after {meta.get('steps')} SGD steps"
+        fp_note = (f"{meta.get('top1', float('nan')):.2f}% top-1 (on {cfg.proxy_eval_size or 'all'} test images) after "
+                   f"{meta.get('steps')} SGD steps of batch {cfg.target_fp.batch_size}")
     s = cfg.search
     ft = cfg.finetune
     cells = gen.expand_grid(cfg)
     return {
         "title": f"Generalization study: {cfg.name}",
-        "config": f"`{config_path}` (resolved copy: `{study_dir / 'study_config.yaml'}`)",
+        "config": f"`{_rel(config_path)}` (resolved copy: `{_rel(study_dir / 'study_config.yaml')}`)",
         "device": device,
         "model": f"{cfg.model} (small-input stem) at {cfg.image_size or 28} px; candidates W{list(cfg.candidates.w_bits)} "
                  f"A{list(cfg.candidates.a_bits)}; stem and classifier FP",

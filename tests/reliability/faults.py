@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -133,6 +134,7 @@ class Procs:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)    # Ray's session logs (recreated if Ray starts again)
         return late
 
 
