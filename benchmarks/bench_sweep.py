@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="search epochs per trial (default: the preset's)")
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--out", default=None, help="sweep folder (default: a fresh temporary folder, removed after)")
-    p.add_argument("--cold-cache", action="store_true", help="teachers/FP target from scratch (cache in --out)")
+    p.add_argument("--cache-dir", default=None,
+                   help="teacher / FP-target cache shared across sweeps (default: the preset's, inside the sweep "
+                        "folder, so a fresh folder trains them from scratch)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON summary to PATH ('-': stdout)")
     return p.parse_args(argv)
 
@@ -85,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tempfile.mkdtemp(prefix="gmpq_bench_sweep_") if tmp else args.out)
     overrides = {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": str(out),
                  "space.search_epochs": args.epochs, "name": "bench_sweep"}
-    if args.cold_cache:
-        overrides["cache_dir"] = str(out / "cache")
+    if args.cache_dir:
+        overrides["cache_dir"] = str(Path(args.cache_dir).expanduser().resolve())
     cfg = load_sweep_config(preset=args.preset, overrides={k: v for k, v in overrides.items() if v is not None})
     times: dict[str, float] = {}
     orig_prepare, orig_session = sweep_mod.prepare_shared, ray_env.ray_session
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
            "compute_fraction": round(compute / capacity, 4) if capacity > 0 else None,
            "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
                                               if times.get("tune_phase_s") else None),
-           "trials_without_timings": no_timing, "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+           "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir, "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     if args.json:
         text = json.dumps(res, indent=1)
         if args.json == "-":

@@ -5,7 +5,8 @@ five activation-sized tensors per candidate alive until backward and runs ~10 el
 per candidate. Here each mixture is ONE custom operator (``torch.ops.gmpq.act_mixture`` /
 ``torch.ops.gmpq.weight_mixture``, registered with ``torch.library.custom_op``, so it also works
 inside ``torch.compile`` graphs without a graph break) that saves only its inputs and recomputes
-the candidates in backward. Implementations (``impl``):
+the candidates in backward; ``gmpq.mixed_conv2d`` does both mixtures and the convolution in one
+node that keeps only x and W (the mixed operands are recomputed in backward). ``impl``:
 
 - ``"reference"``: the straightforward autograd formula (``act_mixture_reference``);
 - ``"fused"``: eager PyTorch kernels, few passes, in place (any device);

@@ -311,3 +311,20 @@ def test_cuda_bf16_autocast_search_step_runs_with_triton():
     out.float().sum().backward()
     assert torch.isfinite(out.float()).all()
     assert all(m.alpha_a.grad is not None for m in mixed_layers(net).values())
+
+
+def test_search_with_fused_mixtures_follows_the_reference_search():
+    # whole search_policy runs (2 epochs, tiny resnet20, float64): same history, probabilities, policy
+    from test_search import _cfg, _data, _search, _teacher
+    runs = {}
+    for impl in ("reference", "fused"):
+        data = [(x.double(), y) for x, y in _data()]
+        runs[impl] = _search(_cfg(mixture_impl=impl), teacher=_teacher().double(), data=data)
+    ref, fused = runs["reference"], runs["fused"]
+    assert fused.policy.layers == ref.policy.layers
+    for h_ref, h_fused in zip(ref.history, fused.history):
+        assert h_fused["ce"] == pytest.approx(h_ref["ce"], abs=1e-10)
+        assert h_fused["l_gen"] == pytest.approx(h_ref["l_gen"], abs=1e-10)
+    for name, probs in ref.arch_probs.items():
+        for key in ("w", "a"):
+            assert fused.arch_probs[name][key] == pytest.approx(probs[key], abs=1e-12)
