@@ -165,6 +165,21 @@ def cuda_memory(b: Bench, kind: str, amp: bool) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
+def profile_kinds(b: Bench, kinds: list[str], args: argparse.Namespace) -> None:
+    """Write the 25 most expensive operators of 3 steps per kind (where the search step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+    os.makedirs(args.profile, exist_ok=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    sort = "cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    for k in kinds:
+        with profile(activities=acts) as prof:
+            for _ in range(3):
+                timed(b, k, args.device, args.amp)
+        path = os.path.join(args.profile, f"profile_{b.name}_{b.size}_{k.replace(':', '-')}.txt")
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
+
+
 def _status_kb(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -235,6 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="channels_last memory format (CUDA default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON list to PATH ('-': stdout)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile 3 steps of each kind with torch.profiler; top ops per kind -> DIR/profile_*.txt")
     p.add_argument("--mem-case", help=argparse.SUPPRESS)
     p.add_argument("--mem-kind", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -269,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = ["fp"] + variants
         res = measure_times(b, kinds, args.device, args.steps, args.warmup, args.amp)
         med = {k: statistics.median(v) for k, v in res["times"].items()}
+        if args.profile:
+            profile_kinds(b, kinds, args)
         mem = {}
         if not args.no_memory:
             for k in kinds:

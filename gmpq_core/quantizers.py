@@ -70,7 +70,9 @@ class ActQuantizer(nn.Module):
     def calibrate(self, x: Tensor) -> None:
         flat = x.detach().float().flatten()
         if flat.numel() > 1_000_000:
-            flat = flat[torch.linspace(0, flat.numel() - 1, 1_000_000, device=flat.device).long()]
+            # evenly spaced sample, indices in int64 (a float32 linspace rounds past the end above 2**24)
+            idx = torch.arange(1_000_000, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // 999_999
+            flat = flat[idx]
         self.signed.fill_(bool((flat < 0).any()))
         self.clip.fill_(max(float(torch.quantile(flat.abs(), 0.999)), 1e-3))
 

@@ -85,3 +85,12 @@ def test_act_quantizer_calibration_sets_sign_and_clip():
     assert not bool(q.signed) and 2.5 < q.clip.item() <= 3.0
     q.calibrate(torch.randn(1000))
     assert bool(q.signed)
+
+
+def test_act_quantizer_calibration_samples_large_tensors_in_bounds():
+    # above 2**24 elements a float32 index ramp rounds past the end (seen on a GPU at 224 px, batch 256)
+    x = torch.zeros(2**24 + 4)  # float32 linspace(0, n-1) ends at n here
+    x[-1] = -5.0  # the last element is always part of the sample
+    q = ActQuantizer(4)
+    q.calibrate(x)
+    assert bool(q.signed)
