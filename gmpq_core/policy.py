@@ -160,7 +160,10 @@ class BitPolicy:
     def load(cls, path: str | os.PathLike) -> "BitPolicy":
         p = Path(path)
         try:
-            text = p.read_text()
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PolicyMismatchError(f"The policy file '{p}' is not text (a binary file, e.g. a checkpoint or a "
+                                      "pickle?). Policies are JSON only: pass DIR/policy.json from 'gmpq search'.") from None
         except OSError as e:
             raise PolicyMismatchError(f"Cannot read the policy file '{p}' ({e.strerror}). Check the path; "
                                       "'gmpq search --out DIR' writes DIR/policy.json.") from None

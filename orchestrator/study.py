@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from gmpq_core.fileio import atomic_write_text
+from gmpq_core.fileio import atomic_write, atomic_write_text
 
 __all__ = ["METHOD_ORDER", "aggregate", "kendall_tau", "rank_agreement", "comparisons", "reading",
            "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se"]
@@ -206,7 +206,7 @@ def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
     return path
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.fileio import atomic_write_json, save_checkpoint
+from gmpq_core.fileio import atomic_write_json, check_writable_dir, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
 from gmpq_core.policy import BitPolicy
 from gmpq_core.train import evaluate
@@ -118,7 +118,7 @@ def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> 
 
 def run_single_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
-    out = Path(args.out)
+    out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training
     device = resolve_device(args.device)
     policy = _policy_from_args(args)
     meta = policy_meta(policy)

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.fileio import atomic_write_json
+from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.jobs import SearchJob, check_job_budget, get_teacher, run_search_job
 from gmpq_core.search_config import SearchResult
 
@@ -119,7 +119,7 @@ def format_summary(result: SearchResult, out: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     job = build_job(args)
-    out = Path(args.out)
+    out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training
     check_job_budget(job)  # an impossible budget fails before the teacher is trained
     bar = make_progress("teacher epoch")
     try:

@@ -71,9 +71,6 @@ def test_damaged_finetune_checkpoint_is_reported_by_name(tmp_path, capsys, how):
     assert not (out / "finetune_result.json").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                   reason="gmpq_core/policy.py BitPolicy.load must catch UnicodeDecodeError (a binary file) and "
-                          "raise PolicyMismatchError naming the file (reported to the lead)")
 def test_policies_are_json_only(tmp_path, capsys):
     from orchestrator.cli import main
 
