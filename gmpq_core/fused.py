@@ -26,6 +26,11 @@ b = 1: sign(W) mean|W|): dL/dW = g (STE, t covers all of W), dL/dp_i = sum(g Qw_
 Half/bfloat16 inputs are computed in float32 and rounded back (sums accumulate in float32).
 When a backward runs with ``create_graph=True`` the gradients are taken through the reference
 formula instead, so higher-order derivatives stay exact.
+
+Host cost: the custom operators are what ``torch.compile`` traces. In eager mode the same nodes run
+as ``torch.autograd.Function`` s calling the same kernels (same values, same saved tensors), which
+skips the custom-op dispatch (~0.1-0.2 ms host time per call); the supernet calls the unchecked
+``_act_mixture`` / ``_weight_mixture`` / ``_mixed_conv2d`` (its candidates are validated once).
 """
 from __future__ import annotations
 
@@ -36,17 +41,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import ConfigError
+from .fused_kernels import act_bwd_impl, act_fwd_impl, levels_for, w_bwd_impl, w_fwd_impl
 
 __all__ = ["IMPLS", "act_mixture", "act_mixture_reference", "weight_mixture", "weight_mixture_reference",
            "mixed_conv2d", "levels_for", "resolve_mixture_impl"]
 
 IMPLS = ("reference", "fused", "compiled", "triton")
-_EPS = 1e-8  # a = |clip| + 1e-8, as in quantizers.quantize_activation
-
-
-def levels_for(bits: int, signed: bool) -> int:
-    """Number of positive quantization steps n: 2^b - 1 (unsigned) or 2^(b-1) - 1 (signed, >= 1)."""
-    return max(2 ** (bits - 1) - 1, 1) if signed else 2 ** bits - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,149 +69,6 @@ def weight_mixture_reference(w: Tensor, probs: Tensor, bits: Sequence[int]) -> T
     return w - w.detach() + torch.tensordot(probs, q, dims=1)
 
 
-# ---------------------------------------------------------------------------------------------
-# kernels on flat (1-D, contiguous) tensors: eager ("fused") as written, Inductor ("compiled")
-def _upcast(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum(a * b) of two 1-D tensors: BLAS dot in eager, a fusable reduction when compiling."""
-    return (a * b).sum() if torch.compiler.is_compiling() else torch.dot(a, b)
-
-
-def _act_bounds(xf: Tensor, clips: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
-    a = clips.to(xf.dtype).abs() + _EPS
-    return (-a if signed else torch.zeros_like(a)), a
-
-
-def _act_forward_kernel(x: Tensor, probs: Tensor, clips: Tensor, bits: tuple[int, ...], signed: bool) -> Tensor:
-    xf = _upcast(x)
-    lo, a = _act_bounds(xf, clips, signed)
-    p = probs.to(xf.dtype)
-    out, q = torch.zeros_like(xf), torch.empty_like(xf)       # q: scratch, reused by every candidate
-    for j, b in enumerate(bits):
-        s = a[j] / levels_for(b, signed)
-        torch.clamp(xf, lo[j], a[j], out=q).div_(s).round_()  # integer level of candidate j
-        out.addcmul_(q, p[j] * s)
-    return out.to(x.dtype)
-
-
-def _act_backward_kernel(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: tuple[int, ...],
-                         signed: bool) -> tuple[Tensor, Tensor, Tensor]:
-    xf, gf = _upcast(x), _upcast(g)
-    lo, a = _act_bounds(xf, clips, signed)
-    p = probs.to(xf.dtype)
-    mag, gs = (xf.abs(), gf * torch.sign(xf)) if signed else (xf, gf)
-    gs_total = gs.sum()
-    w, q = torch.zeros_like(xf), torch.empty_like(xf)         # w = sum_j p_j 1[inside_j]; q: scratch
-    gp, da = [], []
-    for j, b in enumerate(bits):
-        torch.lt(mag, a[j], out=q)                             # 1[inside_j] (as 0./1.)
-        w.addcmul_(q, p[j])
-        da.append(gs_total - _dot(gs, q))                      # sum g dy_j/da_j
-        s = a[j] / levels_for(b, signed)
-        gp.append(_dot(gf, torch.clamp(xf, lo[j], a[j], out=q).div_(s).round_()) * s)
-    gx = gf * w if signed else torch.where(xf > 0, gf * w, 0.0)
-    gc = p * torch.stack(da) * torch.sign(clips.to(xf.dtype))
-    return gx.to(x.dtype), torch.stack(gp).to(probs.dtype), gc.to(clips.dtype)
-
-
-def _weight_threshold(wf: Tensor) -> Tensor:
-    lo, hi = torch.aminmax(wf)
-    return torch.maximum(-lo, hi).clamp_min(1e-8)              # t = max|W|, one pass
-
-
-def _weight_levels(wf: Tensor, t: Tensor, b: int, k: Tensor) -> tuple[Tensor, Tensor]:
-    """(integer levels k, step s) with Qw_b(W) = s k (b = 1: sign(W), mean|W|); k is written into
-    the scratch tensor ``k``, which the next candidate overwrites."""
-    if b == 1:
-        return torch.sign(wf, out=k), wf.abs().mean()
-    s = t / (2 ** (b - 1) - 1)
-    return torch.div(wf, s, out=k).round_(), s
-
-
-def _weight_forward_kernel(w: Tensor, probs: Tensor, bits: tuple[int, ...]) -> Tensor:
-    wf = _upcast(w)
-    p = probs.to(wf.dtype)
-    t, out, scratch = _weight_threshold(wf), torch.zeros_like(wf), torch.empty_like(wf)
-    for i, b in enumerate(bits):
-        k, s = _weight_levels(wf, t, b, scratch)
-        out.addcmul_(k, p[i] * s)
-    return out.to(w.dtype)
-
-
-def _weight_backward_kernel(g: Tensor, w: Tensor, probs: Tensor, bits: tuple[int, ...]) -> Tensor:
-    wf, gf = _upcast(w), _upcast(g)
-    t, scratch = _weight_threshold(wf), torch.empty_like(wf)
-    gp = []
-    for b in bits:
-        k, s = _weight_levels(wf, t, b, scratch)
-        gp.append(_dot(gf, k) * s)
-    return torch.stack(gp).to(probs.dtype)
-
-
-_KERNELS: dict[str, Callable] = {"act_forward": _act_forward_kernel, "act_backward": _act_backward_kernel,
-                                 "weight_forward": _weight_forward_kernel, "weight_backward": _weight_backward_kernel}
-_COMPILED: dict[str, Callable] = {}
-
-
-def _kernel(impl: str, name: str, device: torch.device) -> Callable:
-    if impl == "triton" and device.type == "cuda" and name.startswith("act"):
-        from . import fused_triton
-        return getattr(fused_triton, name)
-    if impl == "compiled":
-        if name not in _COMPILED:  # one compile per (candidate set, signedness, dtype), any shape
-            _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
-        return _COMPILED[name]
-    return _KERNELS[name]  # "fused" (and triton on a non-CUDA tensor or for weights)
-
-
-def _flat(t: Tensor, like: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``t`` as a 1-D tensor in the memory order of ``like`` (a view when possible), and the inverse."""
-    shape = like.shape
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
-        n, c, h, w = shape
-        flat = t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
-        return flat, lambda r: r.view(n, h, w, c).permute(0, 3, 1, 2)
-    return t.contiguous().view(-1), lambda r: r.view(shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# implementations on tensors of any shape (no autograd), then the custom operators
-def _same_layout(out: Tensor, like: Tensor) -> Tensor:
-    return out if out.stride() == like.stride() else torch.empty_like(like).copy_(out)
-
-
-@torch.no_grad()
-def _act_fwd_impl(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool, impl: str) -> Tensor:
-    xf, back = _flat(x, x)
-    out = _kernel(impl, "act_forward", x.device)(xf.detach(), probs.detach(), clips.detach(), tuple(bits), signed)
-    return _same_layout(back(out), x)
-
-
-@torch.no_grad()
-def _act_bwd_impl(grad: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool,
-                  impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    xf, back = _flat(x, x)
-    gf, _ = _flat(grad, x)
-    gx, gp, gc = _kernel(impl, "act_backward", x.device)(gf.detach(), xf.detach(), probs.detach(), clips.detach(),
-                                                         tuple(bits), signed)
-    return _same_layout(back(gx), x), gp, gc
-
-
-@torch.no_grad()
-def _w_fwd_impl(w: Tensor, probs: Tensor, bits: Sequence[int], impl: str) -> Tensor:
-    out = _kernel(impl, "weight_forward", w.device)(w.detach().reshape(-1), probs.detach(), tuple(bits))
-    return _same_layout(out.view(w.shape), w)
-
-
-@torch.no_grad()
-def _w_bwd_impl(grad: Tensor, w: Tensor, probs: Tensor, bits: Sequence[int], impl: str) -> Tensor:
-    return _kernel(impl, "weight_backward", w.device)(grad.detach().reshape(-1), w.detach().reshape(-1),
-                                                      probs.detach(), tuple(bits))
-
-
 def _reference_grads(fn: Callable[..., Tensor], inputs: tuple, grad: Tensor) -> list[Tensor | None]:
     """Gradients through the reference formula with a graph (backward under create_graph=True)."""
     need = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
@@ -224,98 +81,56 @@ def _reference_grads(fn: Callable[..., Tensor], inputs: tuple, grad: Tensor) -> 
     return res
 
 
-@torch.library.custom_op("gmpq::act_mixture", mutates_args=())
-def _act_op(x: Tensor, probs: Tensor, clips: Tensor, bits: list[int], signed: bool, impl: str) -> Tensor:
-    return _act_fwd_impl(x, probs, clips, bits, signed, impl)
-
-
-@torch.library.custom_op("gmpq::act_mixture_backward", mutates_args=())
-def _act_bwd_op(grad: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: list[int], signed: bool,
-                impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _act_bwd_impl(grad, x, probs, clips, bits, signed, impl)
-
-
-def _act_setup(ctx, inputs, output) -> None:
-    x, probs, clips, bits, signed, impl = inputs
-    ctx.save_for_backward(x, probs, clips)
-    ctx.static = (tuple(bits), bool(signed), impl)
-
-
-def _act_backward(ctx, grad):
+# ---------------------------------------------------------------------------------------------
+# backward formulas shared by the custom operators (compiled graphs) and the eager Functions;
+# ``bwd`` is the backward custom operator (traced) or the plain implementation (eager)
+def _act_grads(ctx, grad, bwd):
     x, probs, clips = ctx.saved_tensors
     bits, signed, impl = ctx.static
     if torch.is_grad_enabled():  # double backward: differentiate the reference formula
         gx, gp, gc = _reference_grads(lambda *t: act_mixture_reference(*t, bits, signed), (x, probs, clips), grad)
     else:
-        gx, gp, gc = torch.ops.gmpq.act_mixture_backward(grad, x, probs, clips, list(bits), signed, impl)
+        gx, gp, gc = bwd(grad, x, probs, clips, list(bits), signed, impl)
     return gx, gp, gc, None, None, None
 
 
-@torch.library.custom_op("gmpq::weight_mixture", mutates_args=())
-def _weight_op(w: Tensor, probs: Tensor, bits: list[int], impl: str) -> Tensor:
-    return _w_fwd_impl(w, probs, bits, impl)
-
-
-@torch.library.custom_op("gmpq::weight_mixture_backward", mutates_args=())
-def _weight_bwd_op(grad: Tensor, w: Tensor, probs: Tensor, bits: list[int], impl: str) -> Tensor:
-    return _w_bwd_impl(grad, w, probs, bits, impl)
-
-
-def _weight_setup(ctx, inputs, output) -> None:
-    w, probs, bits, impl = inputs
-    ctx.save_for_backward(w, probs)
-    ctx.static = (tuple(bits), impl)
-
-
-def _weight_backward(ctx, grad):
+def _weight_grads(ctx, grad, bwd):
     w, probs = ctx.saved_tensors
     bits, impl = ctx.static
     if torch.is_grad_enabled():
         _, gp = _reference_grads(lambda *t: weight_mixture_reference(*t, bits), (w, probs), grad)
     else:
-        gp = torch.ops.gmpq.weight_mixture_backward(grad, w, probs, list(bits), impl)
+        gp = bwd(grad, w, probs, list(bits), impl)
     return grad, gp, None, None  # d/dW = g: the STE passes everything (t = max|W| covers W)
 
 
 def _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl) -> tuple[Tensor, Tensor]:
-    xq, wq = _act_fwd_impl(x, pa, clips, a_bits, signed, impl), _w_fwd_impl(w, pw, w_bits, impl)
+    xq, wq = act_fwd_impl(x, pa, clips, a_bits, signed, impl), w_fwd_impl(w, pw, w_bits, impl)
     return xq, wq.to(xq.dtype)  # bf16 activations meet an fp32 weight under autocast
 
 
-@torch.library.custom_op("gmpq::mixed_conv2d", mutates_args=())
-def _conv_op(x: Tensor, w: Tensor, bias: Tensor | None, pa: Tensor, clips: Tensor, a_bits: list[int], signed: bool,
-             pw: Tensor, w_bits: list[int], stride: list[int], padding: list[int], dilation: list[int], groups: int,
-             impl: str) -> Tensor:
+def _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
     xq, wq = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)
     b = None if bias is None else bias.detach().to(xq.dtype)
     with torch.no_grad():
         return F.conv2d(xq, wq, b, stride, padding, dilation, groups)
 
 
-@torch.library.custom_op("gmpq::mixed_conv2d_backward", mutates_args=())
-def _conv_bwd_op(grad: Tensor, x: Tensor, w: Tensor, pa: Tensor, clips: Tensor, a_bits: list[int], signed: bool,
-                 pw: Tensor, w_bits: list[int], stride: list[int], padding: list[int], dilation: list[int],
-                 groups: int, impl: str, has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _conv_bwd_impl(grad, x, w, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
+                   has_bias):
     xq, wq = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)  # recomputed, one pass each
     with torch.no_grad():
         gxq, gwq, gb = torch.ops.aten.convolution_backward(grad, xq, wq, [w.shape[0]] if has_bias else None, stride,
                                                           padding, dilation, False, [0, 0], groups,
                                                           [True, True, has_bias])
     del xq
-    gx, gpa, gc = _act_bwd_impl(gxq, x, pa, clips, a_bits, signed, impl)
-    gpw = _w_bwd_impl(gwq, w, pw, w_bits, impl)
+    gx, gpa, gc = act_bwd_impl(gxq, x, pa, clips, a_bits, signed, impl)
+    gpw = w_bwd_impl(gwq, w, pw, w_bits, impl)
     gb = gb.to(w.dtype) if has_bias else w.new_empty(0)
     return gx, gwq.to(w.dtype), gb, gpa, gc, gpw
 
 
-def _conv_setup(ctx, inputs, output) -> None:
-    x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl = inputs
-    ctx.save_for_backward(x, w, bias, pa, clips, pw)  # not the mixed operands: they are recomputed
-    ctx.static = (tuple(a_bits), bool(signed), tuple(w_bits), list(stride), list(padding), list(dilation),
-                  int(groups), impl)
-
-
-def _conv_backward(ctx, grad):
+def _conv_grads(ctx, grad, bwd):
     x, w, bias, pa, clips, pw = ctx.saved_tensors
     a_bits, signed, w_bits, stride, padding, dilation, groups, impl = ctx.static
     if torch.is_grad_enabled():
@@ -324,11 +139,67 @@ def _conv_backward(ctx, grad):
                             weight_mixture_reference(w, pw, w_bits), bias, stride, padding, dilation, groups)
         gx, gw, gb, gpa, gc, gpw = _reference_grads(ref, (x, w, bias, pa, clips, pw), grad)
     else:
-        gx, gw, gb, gpa, gc, gpw = torch.ops.gmpq.mixed_conv2d_backward(
-            grad, x, w, pa, clips, list(a_bits), signed, pw, list(w_bits), stride, padding, dilation, groups, impl,
-            bias is not None)
+        gx, gw, gb, gpa, gc, gpw = bwd(grad, x, w, pa, clips, list(a_bits), signed, pw, list(w_bits), stride,
+                                       padding, dilation, groups, impl, bias is not None)
         gb = gb if bias is not None else None
     return gx, gw, gb, gpa, gc, None, None, gpw, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# custom operators (what torch.compile sees)
+@torch.library.custom_op("gmpq::act_mixture", mutates_args=())
+def _act_op(x: Tensor, probs: Tensor, clips: Tensor, bits: list[int], signed: bool, impl: str) -> Tensor:
+    return act_fwd_impl(x, probs, clips, bits, signed, impl)
+
+
+@torch.library.custom_op("gmpq::act_mixture_backward", mutates_args=())
+def _act_bwd_op(grad: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: list[int], signed: bool,
+                impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    return act_bwd_impl(grad, x, probs, clips, bits, signed, impl)
+
+
+def _act_setup(ctx, inputs, output) -> None:
+    x, probs, clips, bits, signed, impl = inputs
+    ctx.save_for_backward(x, probs, clips)
+    ctx.static = (tuple(bits), bool(signed), impl)
+
+
+@torch.library.custom_op("gmpq::weight_mixture", mutates_args=())
+def _weight_op(w: Tensor, probs: Tensor, bits: list[int], impl: str) -> Tensor:
+    return w_fwd_impl(w, probs, bits, impl)
+
+
+@torch.library.custom_op("gmpq::weight_mixture_backward", mutates_args=())
+def _weight_bwd_op(grad: Tensor, w: Tensor, probs: Tensor, bits: list[int], impl: str) -> Tensor:
+    return w_bwd_impl(grad, w, probs, bits, impl)
+
+
+def _weight_setup(ctx, inputs, output) -> None:
+    w, probs, bits, impl = inputs
+    ctx.save_for_backward(w, probs)
+    ctx.static = (tuple(bits), impl)
+
+
+@torch.library.custom_op("gmpq::mixed_conv2d", mutates_args=())
+def _conv_op(x: Tensor, w: Tensor, bias: Tensor | None, pa: Tensor, clips: Tensor, a_bits: list[int], signed: bool,
+             pw: Tensor, w_bits: list[int], stride: list[int], padding: list[int], dilation: list[int], groups: int,
+             impl: str) -> Tensor:
+    return _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl)
+
+
+@torch.library.custom_op("gmpq::mixed_conv2d_backward", mutates_args=())
+def _conv_bwd_op(grad: Tensor, x: Tensor, w: Tensor, pa: Tensor, clips: Tensor, a_bits: list[int], signed: bool,
+                 pw: Tensor, w_bits: list[int], stride: list[int], padding: list[int], dilation: list[int],
+                 groups: int, impl: str, has_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _conv_bwd_impl(grad, x, w, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
+                          has_bias)
+
+
+def _conv_setup(ctx, inputs, output) -> None:
+    x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl = inputs
+    ctx.save_for_backward(x, w, bias, pa, clips, pw)  # not the mixed operands: they are recomputed
+    ctx.static = (tuple(a_bits), bool(signed), tuple(w_bits), list(stride), list(padding), list(dilation),
+                  int(groups), impl)
 
 
 def _register_fakes_and_autograd() -> None:
@@ -353,12 +224,74 @@ def _register_fakes_and_autograd() -> None:
     _weight_bwd_op.register_fake(lambda grad, w, probs, bits, impl: torch.empty_like(probs))
     _conv_op.register_fake(conv_fake)
     _conv_bwd_op.register_fake(conv_bwd_fake)
-    _act_op.register_autograd(_act_backward, setup_context=_act_setup)
-    _weight_op.register_autograd(_weight_backward, setup_context=_weight_setup)
-    _conv_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+    _act_op.register_autograd(lambda ctx, g: _act_grads(ctx, g, torch.ops.gmpq.act_mixture_backward),
+                              setup_context=_act_setup)
+    _weight_op.register_autograd(lambda ctx, g: _weight_grads(ctx, g, torch.ops.gmpq.weight_mixture_backward),
+                                 setup_context=_weight_setup)
+    _conv_op.register_autograd(lambda ctx, g: _conv_grads(ctx, g, torch.ops.gmpq.mixed_conv2d_backward),
+                               setup_context=_conv_setup)
 
 
 _register_fakes_and_autograd()
+
+
+# ---------------------------------------------------------------------------------------------
+# eager twins of the operators: same kernels, saved tensors and gradients, no custom-op dispatch
+class _ActFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, probs, clips, bits, signed, impl):
+        ctx.save_for_backward(x, probs, clips)
+        ctx.static = (bits, signed, impl)
+        return act_fwd_impl(x, probs, clips, bits, signed, impl)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _act_grads(ctx, grad, act_bwd_impl)
+
+
+class _WeightFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w, probs, bits, impl):
+        ctx.save_for_backward(w, probs)
+        ctx.static = (bits, impl)
+        return w_fwd_impl(w, probs, bits, impl)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _weight_grads(ctx, grad, w_bwd_impl)
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
+        ctx.save_for_backward(x, w, bias, pa, clips, pw)
+        ctx.static = (a_bits, signed, w_bits, stride, padding, dilation, groups, impl)
+        return _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups,
+                              impl)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _conv_grads(ctx, grad, _conv_bwd_impl)
+
+
+# unchecked entry points (bits: tuple of ints, signed: bool, stride/padding/dilation: lists of 2 ints)
+def _act_mixture(x: Tensor, probs: Tensor, clips: Tensor, bits: tuple[int, ...], signed: bool, impl: str) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.gmpq.act_mixture(x, probs, clips, list(bits), signed, impl)
+    return _ActFn.apply(x, probs, clips, bits, signed, impl)
+
+
+def _weight_mixture(w: Tensor, probs: Tensor, bits: tuple[int, ...], impl: str) -> Tensor:
+    if torch.compiler.is_compiling():
+        return torch.ops.gmpq.weight_mixture(w, probs, list(bits), impl)
+    return _WeightFn.apply(w, probs, bits, impl)
+
+
+def _mixed_conv2d(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
+    if torch.compiler.is_compiling():
+        return torch.ops.gmpq.mixed_conv2d(x, w, bias, pa, clips, list(a_bits), signed, pw, list(w_bits), stride,
+                                           padding, dilation, groups, impl)
+    return _ConvFn.apply(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +302,8 @@ def _check_impl(impl: str) -> str:
     return impl
 
 
-def _check_lengths(what: str, bits: Sequence[int], **vectors: Tensor) -> list[int]:
-    bits = [int(b) for b in bits]
+def _check_lengths(what: str, bits: Sequence[int], **vectors: Tensor) -> tuple[int, ...]:
+    bits = tuple(int(b) for b in bits)
     for name, v in vectors.items():
         if v.dim() != 1 or v.shape[0] != len(bits):
             raise ValueError(f"{what}: {name} must be 1-D with one entry per candidate ({len(bits)}), "
@@ -389,7 +322,7 @@ def act_mixture(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], si
     bits = _check_lengths("act_mixture", bits, probs=probs, clips=clips)
     if _check_impl(impl) == "reference":
         return act_mixture_reference(x, probs, clips, bits, bool(signed))
-    return torch.ops.gmpq.act_mixture(x, probs, clips, bits, bool(signed), impl)
+    return _act_mixture(x, probs, clips, bits, bool(signed), impl)
 
 
 def weight_mixture(w: Tensor, probs: Tensor, bits: Sequence[int], *, impl: str = "fused") -> Tensor:
@@ -398,7 +331,11 @@ def weight_mixture(w: Tensor, probs: Tensor, bits: Sequence[int], *, impl: str =
     bits = _check_lengths("weight_mixture", bits, probs=probs)
     if _check_impl(impl) == "reference":
         return weight_mixture_reference(w, probs, bits)
-    return torch.ops.gmpq.weight_mixture(w, probs, bits, impl)
+    return _weight_mixture(w, probs, bits, impl)
+
+
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(u) for u in v]
 
 
 def mixed_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, probs_a: Tensor, clips: Tensor,
@@ -409,12 +346,11 @@ def mixed_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, probs_a: Tensor
     weight-sized tensor less per layer kept for backward than the two separate nodes)."""
     a_bits = _check_lengths("mixed_conv2d", a_bits, probs_a=probs_a, clips=clips)
     w_bits = _check_lengths("mixed_conv2d", w_bits, probs_w=probs_w)
-    pair = (lambda v: [int(v), int(v)] if isinstance(v, int) else [int(u) for u in v])
     if _check_impl(impl) == "reference":
         return F.conv2d(act_mixture_reference(x, probs_a, clips, a_bits, bool(signed)),
                         weight_mixture_reference(weight, probs_w, w_bits), bias, stride, padding, dilation, groups)
-    return torch.ops.gmpq.mixed_conv2d(x, weight, bias, probs_a, clips, a_bits, bool(signed), probs_w, w_bits,
-                                       pair(stride), pair(padding), pair(dilation), int(groups), impl)
+    return _mixed_conv2d(x, weight, bias, probs_a, clips, a_bits, bool(signed), probs_w, w_bits, _pair(stride),
+                         _pair(padding), _pair(dilation), int(groups), impl)
 
 
 def resolve_mixture_impl(name: str, device: str | torch.device = "cpu") -> str:

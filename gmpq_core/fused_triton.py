@@ -91,14 +91,28 @@ if triton is not None:
         tl.store(gx_ptr + offs, (g * w).to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+_LEVELS: dict[tuple, Tensor] = {}
+
+
+def _levels(bits: Sequence[int], signed: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The levels n_j as a device tensor, built once per (bits, signed, dtype, device): no
+    host-to-device copy per call."""
+    key = (tuple(bits), bool(signed), dtype, device)
+    n = _LEVELS.get(key)
+    if n is None:
+        from .fused_kernels import levels_for
+        n = _LEVELS[key] = torch.tensor([float(levels_for(int(b), signed)) for b in bits], dtype=dtype,
+                                        device=device)
+    return n
+
+
 def _params(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool):
-    from .fused import levels_for
     fwd, bwd = _fwd, _bwd
     wide = torch.float64 if x.dtype == torch.float64 else torch.float32
     compute = tl.float64 if wide == torch.float64 else tl.float32
-    a = (clips.detach().to(wide).abs() + 1e-8).contiguous()
+    a = clips.detach().to(wide).abs().add_(1e-8)  # a fresh contiguous 1-D tensor
     p = probs.detach().to(wide).contiguous()
-    n = torch.tensor([float(levels_for(int(b), signed)) for b in bits], dtype=wide, device=x.device)
+    n = _levels(bits, signed, wide, x.device)
     grid = (triton.cdiv(x.numel(), BLOCK),)
     return fwd, bwd, grid, compute, wide, p, a, n
 

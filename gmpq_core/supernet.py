@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .fused import IMPLS, act_mixture, act_mixture_reference, mixed_conv2d, weight_mixture
+from .fused import (IMPLS, _act_mixture, _mixed_conv2d, _weight_mixture, act_mixture_reference,
+                    weight_mixture_reference)
 from .layers import searchable_layers, swap_module
 from .policy import BitCandidates, BitPolicy
 from .qmodules import QuantConv2d, QuantLinear
@@ -59,23 +60,37 @@ class _MixedMixin:
         self._wcache: tuple[tuple, Tensor] | None = None
         self.mixture_impl = "fused"  # see set_mixture_impl_
         self.conv_node = False       # MixedConv2d: mixtures + conv as one node (recomputes the operands)
+        self._bits_vectors: dict[tuple, Tensor] = {}  # see _bits_vector
 
     # -- architecture distributions ------------------------------------------------------------
+    def _softmax(self, alpha: Tensor) -> Tensor:
+        # alpha / 1.0 is alpha exactly (value and gradient): skip that op at the default T = 1
+        return torch.softmax(alpha if self.temperature == 1.0 else alpha / self.temperature, dim=0)
+
     def probs_w(self) -> Tensor:
         """pw = softmax(alpha_w / T), shape [n_w]."""
-        return torch.softmax(self.alpha_w / self.temperature, dim=0)
+        return self._softmax(self.alpha_w)
 
     def probs_a(self) -> Tensor:
         """pa = softmax(alpha_a / T), shape [n_a]."""
-        return torch.softmax(self.alpha_a / self.temperature, dim=0)
+        return self._softmax(self.alpha_a)
+
+    def _bits_vector(self, which: str, like: Tensor) -> Tensor:
+        """The candidate bit-widths as a tensor like ``like``, cached (no host-to-device copy per step)."""
+        key = (which, like.device, like.dtype)
+        cache = self.__dict__.setdefault("_bits_vectors", {})  # also for layers unpickled from older code
+        vec = cache.get(key)
+        if vec is None:
+            vec = cache[key] = like.new_tensor(getattr(self, which))
+        return vec
 
     def expected_w_bits(self) -> Tensor:
         """E[b_w] = sum_i pw_i b_i (0-d, differentiable)."""
-        return self.probs_w() @ self.alpha_w.new_tensor(self.w_candidates)
+        return self.probs_w() @ self._bits_vector("w_candidates", self.alpha_w)
 
     def expected_a_bits(self) -> Tensor:
         """E[b_a] = sum_j pa_j b_j (0-d, differentiable)."""
-        return self.probs_a() @ self.alpha_a.new_tensor(self.a_candidates)
+        return self.probs_a() @ self._bits_vector("a_candidates", self.alpha_a)
 
     # -- mixtures ------------------------------------------------------------------------------
     def mixed_weight(self) -> Tensor:
@@ -90,7 +105,10 @@ class _MixedMixin:
                    self.mixture_impl)
             if self._wcache is not None and self._wcache[0] == key:
                 return self._wcache[1]
-        mix = weight_mixture(self.weight, self.probs_w(), self.w_candidates, impl=self.mixture_impl)
+        if self.mixture_impl == "reference":
+            mix = weight_mixture_reference(self.weight, self.probs_w(), self.w_candidates)
+        else:
+            mix = _weight_mixture(self.weight, self.probs_w(), self.w_candidates, self.mixture_impl)
         self._wcache = (key, mix.detach()) if cache else None
         return mix
 
@@ -100,7 +118,7 @@ class _MixedMixin:
             self._calibrate(x)
         if self.mixture_impl == "reference":
             return act_mixture_reference(x, self.probs_a(), self.clips, self.a_candidates, self.signed)
-        return act_mixture(x, self.probs_a(), self.clips, self.a_candidates, self.signed, impl=self.mixture_impl)
+        return _act_mixture(x, self.probs_a(), self.clips, self.a_candidates, bool(self.signed), self.mixture_impl)
 
     @torch.no_grad()
     def _calibrate(self, x: Tensor) -> None:
@@ -144,9 +162,9 @@ class MixedConv2d(_MixedMixin, nn.Conv2d):
                 or self.padding_mode != "zeros" or isinstance(self.padding, str)):
             return self._conv_forward(self.mixed_input(x), self.mixed_weight(), self.bias)
         # training: one node for mixtures + conv, which recomputes the mixed operands in backward
-        return mixed_conv2d(x, self.weight, self.bias, self.probs_a(), self.clips, self.a_candidates, self.signed,
-                            self.probs_w(), self.w_candidates, stride=self.stride, padding=self.padding,
-                            dilation=self.dilation, groups=self.groups, impl=self.mixture_impl)
+        return _mixed_conv2d(x, self.weight, self.bias, self.probs_a(), self.clips, self.a_candidates,
+                             bool(self.signed), self.probs_w(), self.w_candidates, list(self.stride),
+                             list(self.padding), list(self.dilation), self.groups, self.mixture_impl)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._mixed_repr()

@@ -328,3 +328,22 @@ def test_search_with_fused_mixtures_follows_the_reference_search():
     for name, probs in ref.arch_probs.items():
         for key in ("w", "a"):
             assert fused.arch_probs[name][key] == pytest.approx(probs[key], abs=1e-12)
+
+
+def test_eager_path_equals_the_custom_operators_bit_for_bit():
+    # eager calls skip the custom-op dispatch (autograd.Function twins); values and gradients are identical
+    (x, w, b, la, clips, lw), a_bits, w_bits = _conv_case(1)
+    bits = tuple(a_bits)
+    runs = []
+    for op in (False, True):
+        xs, ws, bs, cs = (t.clone().requires_grad_() for t in (x, w, b, clips))
+        pa, pw = torch.softmax(la, 0).requires_grad_(), torch.softmax(lw, 0).requires_grad_()
+        args = (xs, ws, bs, pa, cs, list(bits), True, pw, list(w_bits), [2, 2], [1, 1], [1, 1], 1, "fused")
+        y = torch.ops.gmpq.mixed_conv2d(*args) if op else mixed_conv2d(*args[:9], stride=2, padding=1)
+        a = (torch.ops.gmpq.act_mixture(xs, pa, cs, list(bits), False, "fused") if op
+             else act_mixture(xs, pa, cs, bits, False))
+        m = torch.ops.gmpq.weight_mixture(ws, pw, list(w_bits), "fused") if op else weight_mixture(ws, pw, w_bits)
+        (y.square().sum() + a.square().sum() + m.square().sum()).backward()
+        runs.append([y, a, m, xs.grad, ws.grad, bs.grad, pa.grad, cs.grad, pw.grad])
+    for eager, op in zip(*runs):
+        assert torch.equal(eager, op)

@@ -1,0 +1,188 @@
+"""Eager kernels of the fused quantizer mixtures (no autograd), used by ``fused.py`` (maths there).
+
+Kernels work on flat (1-D, contiguous) tensors: eager PyTorch ("fused") as written, or compiled by
+TorchInductor ("compiled"); ``*_impl`` wrap them for tensors of any shape and memory format.
+
+Host cost matters here (one call per layer per pass, tiny tensors on a GPU): the per-candidate
+scalars (steps s_j, p_j s_j) are computed as ONE vector op each from a cached constant vector per
+(bits, signed, device, dtype) and split with one ``unbind``, instead of ~4 scalar ops per candidate.
+The values are bit-for-bit those of the per-candidate scalar formulas ``a_j / n_j``: on CPU
+``a / n`` (true division), on CUDA ``a * fl(1 / n)`` (PyTorch's CUDA ``tensor / python number``
+multiplies by the rounded reciprocal, so that is what the scalar formula computed there).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["levels_for", "act_fwd_impl", "act_bwd_impl", "w_fwd_impl", "w_bwd_impl"]
+
+_EPS = 1e-8  # a = |clip| + 1e-8, as in quantizers.quantize_activation
+
+
+def levels_for(bits: int, signed: bool) -> int:
+    """Number of positive quantization steps n: 2^b - 1 (unsigned) or 2^(b-1) - 1 (signed, >= 1)."""
+    return max(2 ** (bits - 1) - 1, 1) if signed else 2 ** bits - 1
+
+
+_DIVISORS: dict[tuple, Tensor] = {}
+
+
+def _steps(a: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """s_j = a_j / levels[j] for a 1-D ``a`` (one op; the constant vector is cached per device/dtype)."""
+    if torch.compiler.is_compiling():  # traced: the plain per-candidate formula, as Inductor always saw it
+        return torch.stack([a[j] / n for j, n in enumerate(levels)])
+    key = (levels, a.device, a.dtype)
+    d = _DIVISORS.get(key)
+    if d is None:
+        n = torch.tensor(levels, dtype=a.dtype)
+        d = _DIVISORS[key] = (1.0 / n if a.is_cuda else n).to(a.device)  # see the module docstring
+    return a * d if a.is_cuda else a / d
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels on flat (1-D, contiguous) tensors
+def _upcast(t: Tensor) -> Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) of two 1-D tensors: BLAS dot in eager, a fusable reduction when compiling."""
+    return (a * b).sum() if torch.compiler.is_compiling() else torch.dot(a, b)
+
+
+def _act_bounds(xf: Tensor, clips: Tensor, bits: tuple[int, ...], signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(lower bounds, a = |clip| + eps, steps s = a / n), each [J] in xf's dtype."""
+    a = clips.to(xf.dtype).abs() + _EPS
+    s = _steps(a, tuple(levels_for(b, signed) for b in bits))
+    return (-a if signed else torch.zeros_like(a)), a, s
+
+
+def _act_forward_kernel(x: Tensor, probs: Tensor, clips: Tensor, bits: tuple[int, ...], signed: bool) -> Tensor:
+    xf = _upcast(x)
+    lo, a, s = _act_bounds(xf, clips, bits, signed)
+    ps = probs.to(xf.dtype) * s
+    out, q = torch.zeros_like(xf), torch.empty_like(xf)       # q: scratch, reused by every candidate
+    for lo_j, a_j, s_j, ps_j in zip(lo.unbind(), a.unbind(), s.unbind(), ps.unbind()):
+        torch.clamp(xf, lo_j, a_j, out=q).div_(s_j).round_()  # integer level of candidate j
+        out.addcmul_(q, ps_j)
+    return out.to(x.dtype)
+
+
+def _act_backward_kernel(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: tuple[int, ...],
+                         signed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    xf, gf = _upcast(x), _upcast(g)
+    lo, a, s = _act_bounds(xf, clips, bits, signed)
+    p = probs.to(xf.dtype)
+    mag, gs = (xf.abs(), gf * torch.sign(xf)) if signed else (xf, gf)
+    w, q = torch.zeros_like(xf), torch.empty_like(xf)         # w = sum_j p_j 1[inside_j]; q: scratch
+    inside, gq = [], []
+    for lo_j, a_j, s_j, p_j in zip(lo.unbind(), a.unbind(), s.unbind(), p.unbind()):
+        torch.lt(mag, a_j, out=q)                              # 1[inside_j] (as 0./1.)
+        w.addcmul_(q, p_j)
+        inside.append(_dot(gs, q))
+        gq.append(_dot(gf, torch.clamp(xf, lo_j, a_j, out=q).div_(s_j).round_()))
+    gx = gf * w if signed else torch.where(xf > 0, gf * w, 0.0)
+    da = gs.sum() - torch.stack(inside)                        # sum g dy_j/da_j
+    gc = p * da * torch.sign(clips.to(xf.dtype))
+    return gx.to(x.dtype), (torch.stack(gq) * s).to(probs.dtype), gc.to(clips.dtype)
+
+
+def _weight_threshold(wf: Tensor) -> Tensor:
+    lo, hi = torch.aminmax(wf)
+    return torch.maximum(-lo, hi).clamp_min(1e-8)              # t = max|W|, one pass
+
+
+def _weight_steps(wf: Tensor, bits: tuple[int, ...]) -> Tensor:
+    """Steps s_i [I] of Qw_i(W) = s_i k_i: t / (2^(b-1) - 1), and mean|W| for b = 1."""
+    s = _steps(_weight_threshold(wf).expand(len(bits)), tuple(max(2 ** (b - 1) - 1, 1) for b in bits))
+    if 1 in bits:
+        key = ("b=1", bits, wf.device)
+        one = None if torch.compiler.is_compiling() else _DIVISORS.get(key)
+        if one is None:
+            one = torch.tensor([b == 1 for b in bits], device=wf.device)
+            if not torch.compiler.is_compiling():
+                _DIVISORS[key] = one
+        s = torch.where(one, wf.abs().mean(), s)
+    return s
+
+
+def _weight_levels(wf: Tensor, b: int, s: Tensor, k: Tensor) -> Tensor:
+    """Integer levels k of Qw_b(W) = s k (b = 1: sign(W)), written into the scratch tensor ``k``."""
+    return torch.sign(wf, out=k) if b == 1 else torch.div(wf, s, out=k).round_()
+
+
+def _weight_forward_kernel(w: Tensor, probs: Tensor, bits: tuple[int, ...]) -> Tensor:
+    wf = _upcast(w)
+    s = _weight_steps(wf, bits)
+    ps = probs.to(wf.dtype) * s
+    out, scratch = torch.zeros_like(wf), torch.empty_like(wf)
+    for b, s_i, ps_i in zip(bits, s.unbind(), ps.unbind()):
+        out.addcmul_(_weight_levels(wf, b, s_i, scratch), ps_i)
+    return out.to(w.dtype)
+
+
+def _weight_backward_kernel(g: Tensor, w: Tensor, probs: Tensor, bits: tuple[int, ...]) -> Tensor:
+    wf, gf = _upcast(w), _upcast(g)
+    s, scratch = _weight_steps(wf, bits), torch.empty_like(wf)
+    gk = [_dot(gf, _weight_levels(wf, b, s_i, scratch)) for b, s_i in zip(bits, s.unbind())]
+    return (torch.stack(gk) * s).to(probs.dtype)
+
+
+_KERNELS: dict[str, Callable] = {"act_forward": _act_forward_kernel, "act_backward": _act_backward_kernel,
+                                 "weight_forward": _weight_forward_kernel, "weight_backward": _weight_backward_kernel}
+_COMPILED: dict[str, Callable] = {}
+
+
+def _kernel(impl: str, name: str, device: torch.device) -> Callable:
+    if impl == "triton" and device.type == "cuda" and name.startswith("act"):
+        from . import fused_triton
+        return getattr(fused_triton, name)
+    if impl == "compiled":
+        if name not in _COMPILED:  # one compile per (candidate set, signedness, dtype), any shape
+            _COMPILED[name] = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
+        return _COMPILED[name]
+    return _KERNELS[name]  # "fused" (and triton on a non-CUDA tensor or for weights)
+
+
+def _flat(t: Tensor, like: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """``t`` as a 1-D tensor in the memory order of ``like`` (a view when possible), and the inverse."""
+    shape = like.shape
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = shape
+        flat = t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1)
+        return flat, lambda r: r.view(n, h, w, c).permute(0, 3, 1, 2)
+    return t.contiguous().view(-1), lambda r: r.view(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# implementations on tensors of any shape (no autograd)
+def _same_layout(out: Tensor, like: Tensor) -> Tensor:
+    return out if out.stride() == like.stride() else torch.empty_like(like).copy_(out)
+
+
+# (callers run them with autograd off: inside an autograd.Function / below the autograd key, or
+# under no_grad; no ``detach`` or grad-mode switch per call, each costs host time)
+def act_fwd_impl(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool, impl: str) -> Tensor:
+    xf, back = _flat(x, x)
+    out = _kernel(impl, "act_forward", x.device)(xf, probs, clips, tuple(bits), signed)
+    return _same_layout(back(out), x)
+
+
+def act_bwd_impl(grad: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool,
+                 impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    xf, back = _flat(x, x)
+    gf, _ = _flat(grad, x)
+    gx, gp, gc = _kernel(impl, "act_backward", x.device)(gf, xf, probs, clips, tuple(bits), signed)
+    return _same_layout(back(gx), x), gp, gc
+
+
+def w_fwd_impl(w: Tensor, probs: Tensor, bits: Sequence[int], impl: str) -> Tensor:
+    out = _kernel(impl, "weight_forward", w.device)(w.reshape(-1), probs, tuple(bits))
+    return _same_layout(out.view(w.shape), w)
+
+
+def w_bwd_impl(grad: Tensor, w: Tensor, probs: Tensor, bits: Sequence[int], impl: str) -> Tensor:
+    return _kernel(impl, "weight_backward", w.device)(grad.reshape(-1), w.reshape(-1), probs, tuple(bits))
