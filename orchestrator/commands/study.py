@@ -56,6 +56,8 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
     gpu = cfg.resources["gpu"] > 0 and torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if gpu else f"CPU only ({platform.processor() or platform.machine()}); " \
         "no GPU was used (none lent to the session that ran it)"
+    if timing.get("device"):   # rows computed elsewhere (experiments.generalization_local on a GPU machine)
+        device = f"{timing['device']} (rows computed by {timing['runs'][-1].get('runner', 'gmpq study')})"
     fp_note = "-"
     caches = sorted((study_dir / "cache").glob(f"{cfg.model}-{cfg.target}-all-*.pt"))
     if caches:

@@ -1,0 +1,41 @@
+"""The Ray-free study runner: real Fashion-MNIST cells in this process, rows kept as they finish,
+a rerun resumes, a deadline stops before a cell, and ``gmpq study --analyze-only`` reads its rows."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))   # experiments/ lives beside the installed packages
+
+from experiments.generalization import StudyConfig, load_study_config, smoke_version  # noqa: E402
+from experiments.generalization_local import ROWS_FILE, run_local  # noqa: E402
+
+
+def _tiny() -> StudyConfig:
+    cfg = smoke_version(load_study_config(REPO / "experiments" / "generalization_smoke.yaml"))
+    d = cfg.to_dict()
+    d.update(name="local_tiny", methods=["uniform", "random"], proxies=d["proxies"][:1], seeds=[0], ard_images=8)
+    return StudyConfig.from_dict(d)
+
+
+def test_local_runner_writes_rows_resumes_and_feeds_the_results_page(tmp_path):
+    out = tmp_path / "study"
+    said: list[str] = []
+    stopped = run_local(_tiny(), out, minutes=0.0, say=said.append)      # deadline before any cell
+    assert stopped["cells_run"] == 0 and any("deadline" in m for m in said)
+    first = run_local(_tiny(), out, say=said.append)
+    assert first["cells_run"] == 2
+    rows = [json.loads(line) for line in (out / ROWS_FILE).read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"uniform", "random"}
+    assert all(r["status"] == "completed" and 0.0 <= r["target_top1"] <= 100.0 for r in rows)
+    assert all(r["bitops_quantized"] <= r["budget_bitops"] for r in rows)
+    assert run_local(_tiny(), out, say=said.append)["cells_run"] == 0     # resumed: nothing left
+    assert (out / "study.parquet").is_file()
+
+    from orchestrator.cli import main
+    report = tmp_path / "page.md"
+    assert main(["study", "--out", str(out), "--analyze-only", "--report", str(report)]) == 0
+    page = report.read_text()
+    assert "uniform" in page and "experiments.generalization_local" in page
