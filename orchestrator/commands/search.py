@@ -32,7 +32,8 @@ _FLAG_KEYS = {"model": ("job", "model"), "dataset": ("job", "dataset"), "data_ro
               "cache_dir": ("job", "cache_dir"), "device": ("job", "device"), "eval_size": ("job", "eval_size"),
               "seed": ("search", "seed"), "eta": ("search", "eta"), "lam": ("search", "lam"),
               "p_mode": ("search", "p_mode"), "penalty": ("search", "penalty"), "epochs": ("search", "epochs"),
-              "batch_size": ("search", "batch_size"), "max_steps_per_epoch": ("search", "max_steps_per_epoch")}
+              "batch_size": ("search", "batch_size"), "max_steps_per_epoch": ("search", "max_steps_per_epoch"),
+              "lr_arch": ("search", "lr_arch"), "fill_budget": ("search", "fill_budget")}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +56,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, help="weight of the complexity penalty (default 3e-4)")
     p.add_argument("--p-mode", choices=("capacity", "fixed"), help="capacity-aware p (default) or fixed p")
     p.add_argument("--penalty", choices=("hinge", "official"), help="budget hinge (default) or official lambda-only")
+    p.add_argument("--lr-arch", type=float, help="learning rate of the architecture logits (default 0.01)")
+    p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the budget repair, raise bits while the policy still fits (default: off)")
     p.add_argument("--epochs", type=int, help="search epochs (default 25)")
     p.add_argument("--batch-size", type=int, metavar="B", help="search batch size (default 256)")
     p.add_argument("--max-steps-per-epoch", type=int, metavar="N", help="cap every epoch at N batches")

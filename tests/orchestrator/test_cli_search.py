@@ -31,6 +31,9 @@ def test_flags_override_the_yaml_config(tmp_path):
     s = job.search
     assert (s.epochs, s.lam, s.eta, s.p_mode, s.seed) == (2, 0.1, 5.0, "fixed", 7)
     assert s.budget.gbitops == 0.3 and s.budget.avg_bits is None
+    assert (s.lr_arch, s.fill_budget) == (0.01, False)          # defaults when neither YAML nor flags set them
+    job = build_job(build_parser().parse_args(["search", "--config", cfg, "--lr-arch", "0.5", "--fill-budget"]))
+    assert (job.search.lr_arch, job.search.fill_budget) == (0.5, True)
 
 
 @pytest.mark.parametrize("text,match", [("model: resnet20\n  bad: [1\n", "line"), ("- 1\n- 2\n", "mapping"),
