@@ -24,7 +24,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_search_step import build_bench, machine, measure_times, timed  # noqa: E402
+from bench_search_step import build_bench, machine, measure_times, timed, write_json  # noqa: E402
 
 CASES = [("resnet18", 16, 3), ("resnet20", 16, 1)]
 DEFAULT_VARIANTS = ("reference", "fused", "fused:conv")
@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                          "ms_per_step": round(med[k], 3), "ratio_vs_fp": round(med[k] / med["fp"], 2),
                          "step_ms": [round(t * 1e3, 3) for t in res["times"][k]], "threads": args.threads,
                          "machine": machine()})
-    if args.json:
-        text = json.dumps(rows, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    write_json(rows, args.json)
     if args.json != "-":
         print(f"{'model':9} {'px':>3} {'batch':>5} {'variant':11} {'ms/step':>9} {'x FP':>6}")
         for r in rows:

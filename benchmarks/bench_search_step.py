@@ -236,6 +236,18 @@ def machine() -> dict:
     return out
 
 
+def write_json(rows: list[dict], target: str | None) -> None:
+    """``--json`` output: nothing (None), stdout ("-"), or the file ``target``."""
+    if not target:
+        return
+    text = json.dumps(rows, indent=1)
+    if target == "-":
+        print(text)
+    else:
+        with open(target, "w") as f:
+            f.write(text + "\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -308,13 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                          "memory_method": ("cuda max_memory_allocated - allocated before the step" if args.device == "cuda"
                                            else "peak RSS - RSS after setup, fresh subprocess per variant"),
                          "machine": machine()})
-    if args.json:
-        text = json.dumps(rows, indent=1)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+    write_json(rows, args.json)
     if args.json != "-":
         print(f"{'model':9} {'px':>4} {'batch':>5} {'variant':9} {'FP img/s':>9} {'search img/s':>12} {'ratio':>6} "
               f"{'mem ratio':>9} {'FP MB':>7} {'search MB':>9} {'1st step s':>10}")
