@@ -16,7 +16,6 @@ triton host path itself cannot run without CUDA), compiled (opt-in, it compiles 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
