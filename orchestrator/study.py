@@ -197,6 +197,9 @@ def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
         ax.legend(fontsize=7, loc="lower right")
     for ax in axes.flat[len(methods):]:
         ax.axis("off")
+    from matplotlib.ticker import MaxNLocator
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))   # one budget spans a narrow range: few, readable ticks
     for ax in axes[-1]:
         ax.set_xlabel("GBitOPs (quantized layers)")
     for ax in axes[:, 0]:
