@@ -129,6 +129,9 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                             max_steps_per_epoch=args.max_steps_per_epoch, include_stem=args.include_stem,
                             include_classifier=args.include_classifier)
     dataset = args.dataset or fp_info.get("dataset") or meta.get("target_dataset") or meta.get("dataset")
+    if not args.dataset and not fp_info.get("dataset") and meta.get("dataset") and not meta.get("target_dataset"):
+        print(f"fine-tuning on '{dataset}', the dataset the policy was searched on (its proxy's source); pass "
+              "--dataset NAME to deploy it on another target", file=sys.stderr)
     data = load_data(args, train_size=args.train_size, dataset=dataset,
                      input_size=args.input_size if args.input_size is not None else fp_info.get("input_size"))
     info, train_split, test_split = data
