@@ -130,25 +130,26 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    finished_before = {e["trial_id"] for e in _events(sweep_dir) if e["event"] == "end"}
-    interrupted = {e["trial_id"] for e in _events(sweep_dir) if e["event"] == "start"} - finished_before
+    # A trial running in a Ray worker can outlive the killed driver by a moment and still log its "end":
+    # the driver never recorded it, so it is not finished. Wait until the log stops growing.
+    quiet_since, n = time.monotonic(), len(_events(sweep_dir))
+    while time.monotonic() - quiet_since < 8:
+        time.sleep(1)
+        if len(_events(sweep_dir)) != n:
+            quiet_since, n = time.monotonic(), len(_events(sweep_dir))
     rows_before = pd.read_parquet(sweep_dir / "trials.parquet")
-    assert set(rows_before["trial_id"]) == finished_before and len(finished_before) < 3
+    finished_before = set(rows_before["trial_id"])                        # what the driver recorded
+    assert finished_before and len(finished_before) < 3 and set(rows_before["status"]) == {"completed"}
+    n_before = len(_events(sweep_dir))
 
     resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300,
                              start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    events = _events(sweep_dir)
-    starts: dict[str, int] = {}
-    for e in events:
-        if e["event"] == "start":
-            starts[e["trial_id"]] = starts.get(e["trial_id"], 0) + 1
-    ends = [e["trial_id"] for e in events if e["event"] == "end"]
-    assert len(starts) == 3 and sorted(set(ends)) == sorted(starts)      # 3 trials in all, each finished
-    assert len(ends) == 3                                                 # and each finished exactly once
-    for tid in finished_before:                                           # finished trials never ran again
-        assert starts[tid] == 1
-    for tid in interrupted:                                               # the interrupted one ran again
-        assert starts[tid] == 2
-    df = _check_trials_table(sweep_dir, 3)
-    assert set(df["trial_id"]) == set(starts)
+    after = _events(sweep_dir)[n_before:]
+    started_again = {e["trial_id"] for e in after if e["event"] == "start"}
+    assert not started_again & finished_before, (started_again, finished_before)   # never computed again
+    assert started_again, "the resumed sweep ran nothing"
+    df = _check_trials_table(sweep_dir, 3)                                # 3 trials in all, one row each
+    assert finished_before < set(df["trial_id"]) and set(df["trial_id"]) - finished_before <= started_again
+    replayed = {e["trial_id"] for e in after if e["event"] == "replay"}
+    assert replayed <= finished_before                                    # a replay reports the recorded row

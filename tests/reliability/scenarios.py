@@ -199,8 +199,11 @@ def driver_kill(root: Path, procs: Procs, cache: Path) -> Outcome:
     return o
 
 
-def mlflow_down_mid_sweep(root: Path, procs: Procs, cache: Path) -> Outcome:
-    """A real MLflow server stopped once the first trial is logged, restarted after the sweep, then synced."""
+def mlflow_down_mid_sweep(root: Path, procs: Procs, cache: Path, *, keep_server: bool = False) -> Outcome:
+    """A real MLflow server stopped once the first trial is logged, restarted after the sweep, then synced.
+
+    ``keep_server``: leave the restarted server running (the caller inspects it, then stops it with
+    ``gmpq mlflow-server --stop --dir <paths["mlflow_dir"]>``)."""
     t0 = time.time()
     o = Outcome("mlflow_down_mid_sweep")
     name = "flaky"
@@ -238,8 +241,9 @@ def mlflow_down_mid_sweep(root: Path, procs: Procs, cache: Path) -> Outcome:
     _sync_twice(procs, sweep_dir, o, name)
     _trial_accounting(o, sweep_dir, faulty={})
     _account_rows_and_runs(o, sweep_dir, uri, name)
-    procs.run(["mlflow-server", "--stop", "--dir", str(mlf)], f"{name}-server2-stop")
-    o.paths = {"sweep_dir": str(sweep_dir), "tracking_uri": uri}
+    if not keep_server:
+        procs.run(["mlflow-server", "--stop", "--dir", str(mlf)], f"{name}-server2-stop")
+    o.paths = {"sweep_dir": str(sweep_dir), "tracking_uri": uri, "mlflow_dir": str(mlf)}
     o.seconds = time.time() - t0
     return o
 

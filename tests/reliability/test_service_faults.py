@@ -141,15 +141,18 @@ def test_server_down_at_start_then_sync(tmp_path):
 @pytest.mark.slow
 def test_server_stopped_mid_sweep_then_restarted_and_synced(tmp_path):
     procs = Procs(tmp_path / "logs")
+    o = None
     try:
-        o = mlflow_down_mid_sweep(tmp_path, procs, tmp_path / "cache")
+        o = mlflow_down_mid_sweep(tmp_path, procs, tmp_path / "cache", keep_server=True)
+        runs, kids = mlflow_children(o.paths["tracking_uri"], "flaky")   # while the restarted server still runs
     finally:
+        if o is not None and "mlflow_dir" in o.paths:
+            procs.run(["mlflow-server", "--stop", "--dir", o.paths["mlflow_dir"]], "server2-stop")
         assert procs.stop_all() == []
     assert o.ok, o.notes
     assert (o.rows_lost, o.duplicate_rows, o.runs_lost, o.duplicate_runs) == (0, 0, 0, 0), o
     assert o.trials_attempted == 3 and o.trials_failed == 0 and o.attempts == 3     # no trial failed or reran
     df = trials_table(Path(o.paths["sweep_dir"]))
     assert len(df) == 3 and set(df["status"]) == {"completed"}
-    runs, kids = mlflow_children(o.paths["tracking_uri"], "flaky")
     assert len(runs[runs["role"] == "sweep"]) == 1 and len(kids) == 3
     assert all(m.get("ce") is not None and m.get("transfer_top1") is not None for m in kids["metrics"])
