@@ -60,7 +60,6 @@ class _MixedMixin:
         self._wcache: tuple[tuple, Tensor] | None = None
         self.mixture_impl = "fused"  # see set_mixture_impl_
         self.conv_node = False       # MixedConv2d: mixtures + conv as one node (recomputes the operands)
-        self._bits_vectors: dict[tuple, Tensor] = {}  # see _bits_vector
 
     # -- architecture distributions ------------------------------------------------------------
     def _softmax(self, alpha: Tensor) -> Tensor:

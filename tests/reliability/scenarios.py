@@ -12,12 +12,13 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from faults import (Procs, count_duplicates, events, free_port, mlflow_children, tiny_config, trials_table, wait_for,
                     write_config)
 
-__all__ = ["Outcome", "trial_faults", "driver_kill", "finetune_kill", "mlflow_down_mid_sweep", "attempts_by_trial"]
+__all__ = ["Outcome", "trial_faults", "driver_kill", "finetune_kill", "mlflow_down_mid_sweep", "attempts_by_trial",
+           "run_scenario"]
 
 
 @dataclass
@@ -45,20 +46,27 @@ class Outcome:
         return asdict(self)
 
 
+def _count_events(sweep_dir: Path, kind: str) -> dict[str, int]:
+    """trial_id -> how many ``kind`` events ("start", "end", ...) the sweep's audit log holds."""
+    out: dict[str, int] = {}
+    for e in events(sweep_dir):
+        if e.get("event") == kind:
+            out[e["trial_id"]] = out.get(e["trial_id"], 0) + 1
+    return out
+
+
 def attempts_by_trial(sweep_dir: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in events(sweep_dir):
-        if e.get("event") == "start":
-            out[e["trial_id"]] = out.get(e["trial_id"], 0) + 1
-    return out
+    return _count_events(sweep_dir, "start")
 
 
-def _ends(sweep_dir: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in events(sweep_dir):
-        if e.get("event") == "end":
-            out[e["trial_id"]] = out.get(e["trial_id"], 0) + 1
-    return out
+def run_scenario(scenario: Callable[..., "Outcome"], root: Path) -> "Outcome":
+    """``scenario(root, procs, root / "cache")`` with its processes' logs under ``root / "logs"``; every
+    process it started must be gone afterwards (asserted)."""
+    procs = Procs(root / "logs")
+    try:
+        return scenario(root, procs, root / "cache")
+    finally:
+        assert procs.stop_all() == []
 
 
 def _sweep_args(root: Path, cfg: dict, tracking_uri: str | None = None) -> list[str]:
@@ -183,7 +191,7 @@ def driver_kill(root: Path, procs: Procs, cache: Path) -> Outcome:
     if rc != 0:
         o.ok = False
         o.notes.append(f"resume exited {rc}: {out[-800:]}")
-    attempts, ends = attempts_by_trial(sweep_dir), _ends(sweep_dir)
+    attempts, ends = attempts_by_trial(sweep_dir), _count_events(sweep_dir, "end")
     df = trials_table(sweep_dir)
     status = {} if df is None else dict(zip(df["trial_id"], df["status"]))
     o.trials_attempted, o.attempts = len(attempts), sum(attempts.values())

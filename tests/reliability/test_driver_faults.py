@@ -14,17 +14,13 @@ from pathlib import Path
 import pytest
 
 from faults import Procs, mlflow_children, trials_table
-from scenarios import driver_kill, finetune_kill
+from scenarios import driver_kill, finetune_kill, run_scenario
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_sweep_driver_killed_mid_sweep_resumes_without_reruns_or_duplicates(tmp_path):
-    procs = Procs(tmp_path / "logs")
-    try:
-        o = driver_kill(tmp_path, procs, tmp_path / "cache")
-    finally:
-        assert procs.stop_all() == []
+    o = run_scenario(driver_kill, tmp_path)
     assert o.ok, o.notes
     assert (o.rows_lost, o.duplicate_rows, o.runs_lost, o.duplicate_runs, o.reruns_of_finished) == (0, 0, 0, 0, 0), o
     sweep_dir = Path(o.paths["sweep_dir"])

@@ -13,18 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from faults import Procs, events, mlflow_children, trials_table
-from scenarios import trial_faults
+from faults import events, mlflow_children, trials_table
+from scenarios import run_scenario, trial_faults
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def test_raise_nan_and_killed_worker_are_failed_retried_and_the_sweep_finishes(tmp_path):
-    procs = Procs(tmp_path / "logs")
-    try:
-        o = trial_faults(tmp_path, procs, tmp_path / "cache")
-    finally:
-        assert procs.stop_all() == []
+    o = run_scenario(trial_faults, tmp_path)
     assert o.ok, o.notes
     assert o.faults_injected == 3 and o.trials_attempted == 4
     assert (o.rows_lost, o.duplicate_rows, o.runs_lost, o.duplicate_runs) == (0, 0, 0, 0), o
