@@ -8,7 +8,8 @@ prints:
 
 where the trial slots are ``max_concurrent_trials`` (the sweep can keep that many trials computing
 at once; 1.0 means every slot computed all the time). The rest is orchestration, split where it
-can be measured: shared preparation (datasets, FP teachers, FP target model; ``prepare_shared``),
+can be measured: shared preparation (datasets, FP teachers, FP target model; ``prepare_shared``, whose
+missing models train side by side as Ray tasks),
 Ray start and shutdown (``ray_session``), and the remainder of the Tune phase (actor start,
 scheduling, MLflow/Parquet callbacks, and inside the trials their data/teacher loading: the
 difference between a trial's wall_seconds and its compute is printed too). The phases are timed by
@@ -68,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, default=None)
     p.add_argument("--out", default=None, help="sweep folder (default: a fresh temporary folder, removed after)")
     p.add_argument("--cache-dir", default=None,
-                   help="teacher / FP-target cache shared across sweeps (default: the preset's, inside the sweep "
-                        "folder, so a fresh folder trains them from scratch)")
+                   help="teacher / FP-target cache shared across sweeps, e.g. ~/.cache/gmpq (default: a fresh folder "
+                        "inside the sweep folder, so the teachers and the FP target model are trained: a cold start)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON summary to PATH ('-': stdout)")
     return p.parse_args(argv)
 
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(tempfile.mkdtemp(prefix="gmpq_bench_sweep_") if tmp else args.out)
     overrides = {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": str(out),
                  "space.search_epochs": args.epochs, "name": "bench_sweep"}
-    if args.cache_dir:
-        overrides["cache_dir"] = str(Path(args.cache_dir).expanduser().resolve())
+    overrides["cache_dir"] = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else str(out / "cache")
     cfg = load_sweep_config(preset=args.preset, overrides={k: v for k, v in overrides.items() if v is not None})
     times: dict[str, float] = {}
     orig_prepare, orig_session = sweep_mod.prepare_shared, ray_env.ray_session
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
     finally:
         sweep_mod.prepare_shared, ray_env.ray_session = orig_prepare, orig_session
+    # the preparation runs inside the Ray session (its trainings are Ray tasks): not part of the Tune phase
+    times["tune_phase_s"] = times.get("tune_phase_s", 0.0) - times.get("prepare_s", 0.0)
     rows = pq.read_table(Path(summary.sweep_dir) / "trials.parquet").to_pylist()
     slots = max(1, int(cfg.resolved().max_concurrent_trials))
     compute = in_trial_other = 0.0

@@ -148,15 +148,9 @@ def _export_repo_path() -> None:
 
 def _ray_map(cfg: StudyConfig) -> Callable:
     """``map_fn`` for ``prepare_models``: the FP trainings as parallel Ray tasks (the trial resources each)."""
-    def map_fn(fn: Callable, jobs: list) -> list:
-        import ray
+    from orchestrator.ray_env import ray_map
 
-        def work(job: Any) -> str:
-            torch.set_num_threads(max(1, int(cfg.resources["cpu"])))
-            return fn(job)
-        remote = ray.remote(num_cpus=cfg.resources["cpu"], num_gpus=cfg.resources["gpu"])(work)
-        return ray.get([remote.remote(job) for job in jobs])
-    return map_fn
+    return lambda fn, jobs: ray_map(fn, jobs, num_cpus=cfg.resources["cpu"], num_gpus=cfg.resources["gpu"])
 
 
 def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = None,

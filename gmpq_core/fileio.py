@@ -1,4 +1,4 @@
-"""Atomic writes (temp file in the same folder + rename) and safe checkpoint loading."""
+"""Atomic writes (temp file in the same folder + rename), safe checkpoint loading, the cache folder."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,13 @@ import torch
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
-           "load_checkpoint", "check_writable_dir"]
+           "load_checkpoint", "check_writable_dir", "default_cache_dir"]
+
+
+def default_cache_dir() -> str:
+    """Where trained FP teachers and target models are kept between runs: ``$GMPQ_CACHE_DIR``, else
+    ``~/.cache/gmpq`` (unexpanded; every file's name hashes what its weights depend on)."""
+    return os.environ.get("GMPQ_CACHE_DIR") or "~/.cache/gmpq"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:

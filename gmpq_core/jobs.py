@@ -22,7 +22,7 @@ from .bitops import layer_macs
 from .complexity import check_budget
 from .data import load_dataset, make_loader, proxy
 from .errors import CheckpointError, ConfigError
-from .fileio import load_checkpoint, save_checkpoint
+from .fileio import default_cache_dir, load_checkpoint, save_checkpoint
 from .layers import searchable_layers
 from .models import build_model, list_models
 from .policy import BitPolicy
@@ -31,7 +31,7 @@ from .search import search_policy
 from .search_config import SearchConfig, SearchResult
 from .train import TrainConfig, seeded, train_fp
 
-__all__ = ["SearchJob", "get_teacher", "teacher_cache_path", "check_job_budget", "run_search_job"]
+__all__ = ["SearchJob", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class SearchJob:
     small_input: bool = True
     teacher_epochs: int = 3
     teacher_batch_size: int = 128
-    cache_dir: str = "~/.cache/gmpq"
+    cache_dir: str = field(default_factory=default_cache_dir)
     device: str = "cpu"
     search: SearchConfig = field(default_factory=SearchConfig)
     eval_size: int | None = 1000
@@ -115,6 +115,11 @@ def teacher_cache_path(job: SearchJob, info: Any) -> Path:
     digest = hashlib.sha256(json.dumps(_teacher_key(job, info), sort_keys=True).encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", job.dataset)[:40]
     return Path(job.cache_dir).expanduser() / "teachers" / f"{job.model}-{safe}-{digest}.pt"
+
+
+def teacher_cached(job: SearchJob) -> bool:
+    """Whether ``get_teacher(job)`` would load its teacher from the cache (no training)."""
+    return teacher_cache_path(job, _load_data(job)[0].info).is_file()
 
 
 def _fresh_model(job: SearchJob, info: Any) -> nn.Module:

@@ -28,7 +28,7 @@ from .models import build_model
 from .policy import BitPolicy
 from .train import TrainConfig, evaluate, seeded, train_fp
 
-__all__ = ["TransferCheck", "TargetModel", "target_slices", "prepare_target_model", "load_target_model",
+__all__ = ["TransferCheck", "TargetModel", "target_slices", "prepare_target_model", "target_model_cached", "load_target_model",
            "run_transfer_check", "fp_reference_top1"]
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,26 @@ def _target_key(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _target_meta(*, model: str, dataset: str, check: TransferCheck, data_root: str | None, image_size: int | None,
+                 small_input: bool) -> dict[str, Any]:
+    """Everything that shapes the FP target model's weights (its cache key)."""
+    return {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size,
+            "small_input": bool(small_input), "fp_epochs": check.fp_epochs, "fp_lr": check.fp_lr,
+            "fp_batch_size": check.fp_batch_size, "fp_train_size": check.fp_train_size,
+            "fp_max_steps_per_epoch": check.fp_max_steps_per_epoch, "test_size": check.test_size,
+            "seed": check.seed}
+
+
+def target_model_cached(*, model: str, dataset: str, check: TransferCheck, cache_dir: str | Path,
+                        data_root: str | None = None, image_size: int | None = None,
+                        small_input: bool = True) -> bool:
+    """Whether ``prepare_target_model`` with these arguments would only read its cache (no training)."""
+    meta = _target_meta(model=model, dataset=dataset, check=check, data_root=data_root, image_size=image_size,
+                        small_input=small_input)
+    path = Path(cache_dir).expanduser() / f"target_fp_{_target_key(meta)}.pt"
+    return path.is_file() and path.with_suffix(".json").is_file()
+
+
 def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cache_dir: str | Path,
                          data_root: str | None = None, image_size: int | None = None, small_input: bool = True,
                          device: str | torch.device = "cpu", progress: Any = None) -> TargetModel:
@@ -121,13 +141,9 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
     resumed sweep) only reads the cache. Writes ``target_fp_<hash>.pt`` (state dict) and a
     ``.json`` beside it (the meta below plus the test-slice top-1 in %).
     """
-    meta = {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size,
-            "small_input": bool(small_input), "fp_epochs": check.fp_epochs, "fp_lr": check.fp_lr,
-            "fp_batch_size": check.fp_batch_size, "fp_train_size": check.fp_train_size,
-            "fp_max_steps_per_epoch": check.fp_max_steps_per_epoch, "test_size": check.test_size,
-            "seed": check.seed}
-    cache = Path(cache_dir).expanduser()
-    path = cache / f"target_fp_{_target_key(meta)}.pt"
+    meta = _target_meta(model=model, dataset=dataset, check=check, data_root=data_root, image_size=image_size,
+                        small_input=small_input)
+    path = Path(cache_dir).expanduser() / f"target_fp_{_target_key(meta)}.pt"
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         info = read_json(info_path)

@@ -11,13 +11,14 @@ interrupted and errored ones are rerun from scratch, and the sampler keeps its O
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import optuna
 from ray import tune
@@ -25,7 +26,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.fileio import atomic_write_json
+from gmpq_core.fileio import atomic_write_json, default_cache_dir
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
@@ -63,48 +64,104 @@ def experiment_path(cfg: SweepConfig) -> Path:
     return Path(r.storage_path) / r.name
 
 
-def prepare_shared(cfg: SweepConfig, *, say=None, threads: int | None = None) -> dict[str, Any]:
+def prepare_shared(cfg: SweepConfig, *, say=None, threads: int | None = None,
+                   parallel: bool = False) -> dict[str, Any]:
     """Train (or load from the cache) what every trial shares; returns the trials' context.
 
     Teachers: one per proxy size in the space (``gmpq_core.jobs.get_teacher``, cached by its hash
     in ``cache_dir``). FP target model: ``gmpq_core.transfer.prepare_target_model``. Writes
-    ``<sweep_dir>/shared.json`` (paths and FP accuracies) for later stages. ``threads``: torch threads
-    for this work (default: one trial's CPU share, ``resources.cpu``: on a busy small machine more
-    threads than free cores slow PyTorch training down several times); the caller's setting is
-    restored afterwards.
+    ``<sweep_dir>/shared.json`` (paths, FP accuracies, training seconds) for later stages.
+    ``parallel`` (Ray running): the models not in the cache yet are trained side by side as Ray
+    tasks with one trial's resources each (``ray_map``), then everything is read from the cache here.
+    ``threads``: torch threads for the work done in this process (default: one trial's CPU share,
+    ``resources.cpu``: on a busy small machine more threads than free cores slow PyTorch training
+    down several times); the caller's setting is restored afterwards.
     """
     import torch
 
     cfg = cfg.resolved()
+    say = say or (lambda msg: None)
+    trained = _train_missing_in_parallel(cfg, say) if parallel else {}
     if threads is None:
         threads = max(1, int(cfg.resources.cpu))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _prepare_shared(cfg, say or (lambda msg: None))
+        return _prepare_shared(cfg, say, trained)
     finally:
         torch.set_num_threads(before)
 
 
-def _prepare_shared(cfg: SweepConfig, say) -> dict[str, Any]:
+def _shared_jobs(cfg: SweepConfig) -> list[tuple[str, int | None]]:
+    """("teacher", proxy size) per proxy size in the space, then ("target", None)."""
+    return [("teacher", size) for size in cfg.proxy_sizes()] + [("target", None)]
+
+
+def _job_label(job: tuple[str, int | None]) -> str:
+    return f"teacher for proxy size {job[1]}" if job[0] == "teacher" else "FP target model"
+
+
+def _shared_job(cfg: SweepConfig, job: tuple[str, int | None], device: str) -> Any:
+    """Run one shared job (train, or read the cache): the teacher module or the ``TargetModel``."""
     from gmpq_core.jobs import get_teacher
     from gmpq_core.transfer import prepare_target_model
 
+    if job[0] == "teacher":
+        return get_teacher(build_search_job(cfg, {**cfg.space.first_point(), "proxy_size": job[1]}, device=device))
+    return prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
+                                cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
+                                small_input=cfg.small_input, device=device)
+
+
+def _shared_job_cached(cfg: SweepConfig, job: tuple[str, int | None]) -> bool:
+    from gmpq_core.jobs import teacher_cached
+    from gmpq_core.transfer import target_model_cached
+
+    if job[0] == "teacher":
+        return teacher_cached(build_search_job(cfg, {**cfg.space.first_point(), "proxy_size": job[1]}))
+    return target_model_cached(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
+                               cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
+                               small_input=cfg.small_input)
+
+
+def _train_shared_task(sweep: dict, job: tuple[str, int | None]) -> float:
+    """Ray task body: train one shared model into the cache; returns its seconds."""
+    cfg = SweepConfig.from_dict(sweep)
+    t0 = time.perf_counter()
+    _shared_job(cfg, job, trial_device(cfg))
+    return time.perf_counter() - t0
+
+
+def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
+    """Train the shared models missing from the cache as parallel Ray tasks; {job: seconds}."""
+    from .ray_env import ray_map
+
+    missing = [job for job in _shared_jobs(cfg) if not _shared_job_cached(cfg, job)]
+    if len(missing) < 2:        # nothing to overlap: the driver does it (no task start-up)
+        return {}
+    say(f"training {len(missing)} shared models side by side: {', '.join(_job_label(j) for j in missing)}")
+    sweep = cfg.to_dict()
+    seconds = ray_map(functools.partial(_train_shared_task, sweep), missing, num_cpus=cfg.resources.cpu,
+                      num_gpus=cfg.resources.gpu,
+                      on_done=lambda job, s: say(f"{_job_label(job)}: trained ({s:.1f}s)"))
+    return dict(zip(missing, seconds))
+
+
+def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float]) -> dict[str, Any]:
     device = trial_device(cfg)
-    point = cfg.space.first_point()
     teachers = {}
-    for size in cfg.proxy_sizes():
+    for job in _shared_jobs(cfg)[:-1]:
         t0 = time.perf_counter()
-        get_teacher(build_search_job(cfg, {**point, "proxy_size": size}, device=device))
-        teachers[str(size)] = round(time.perf_counter() - t0, 2)
-        say(f"teacher for proxy size {size}: ready ({teachers[str(size)]:.1f}s)")
-    target = prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
-                                  cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
-                                  small_input=cfg.small_input, device=device)
+        _shared_job(cfg, job, device)
+        teachers[str(job[1])] = round(trained.get(job, time.perf_counter() - t0), 2)
+        if job not in trained:
+            say(f"{_job_label(job)}: ready ({teachers[str(job[1])]:.1f}s)")
+    target = _shared_job(cfg, ("target", None), device)
+    seconds = trained.get(("target", None), target.seconds)
     say(f"FP target model: top1 {target.top1:.2f}% on the {cfg.transfer.test_size or 'full'}-image test slice "
-        f"({'cached' if target.cached else f'{target.seconds:.1f}s'})")
+        f"({'cached' if target.cached and ('target', None) not in trained else f'{seconds:.1f}s'})")
     shared = {"target_model_path": str(target.path), "target_fp_top1": target.top1, "teacher_seconds": teachers,
-              "cache_dir": cfg.cache_dir}
+              "target_seconds": round(seconds, 2), "cache_dir": cfg.cache_dir}
     atomic_write_json(Path(cfg.out_dir) / SHARED_JSON, shared)
     return {"sweep": cfg.to_dict(), "target_model_path": str(target.path)}
 
@@ -215,7 +272,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     t0 = time.perf_counter()
     if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
         log.warning("joining the Ray cluster at %s: trials on other nodes need storage_path and cache_dir on "
-                    "storage every node shares (NFS, S3); the defaults are inside %s", cfg.address, cfg.sweep_dir)
+                    "storage every node shares (NFS, S3); the defaults are %s and %s (local to each node: a node "
+                    "that cannot see a teacher trains its own copy)", cfg.address, cfg.sweep_dir / "ray_results",
+                    cfg.cache_dir or default_cache_dir())
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
@@ -236,13 +295,12 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     save_resolved_config(cfg)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event
-    say(f"preparing shared artefacts in {cfg.cache_dir}")
-    context = prepare_shared(cfg, say=say, threads=prep_threads)
-
     from .ray_env import ray_session
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with ray_session(cfg.address):
+        say(f"preparing shared artefacts in {cfg.cache_dir}")
+        context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
         book = TrialStatusBook(sweep_dir / "trial_status.json")
         scheduler = OptunaPruningScheduler(pruner=cfg.pruner.name, pruner_kwargs=cfg.pruner.kwargs, status_book=book,
                                            storage=cfg.optuna_storage, study_prefix=f"{cfg.name}-prune")

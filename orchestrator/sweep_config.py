@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+from gmpq_core.fileio import default_cache_dir
 from gmpq_core.policy import BitCandidates
 from gmpq_core.transfer import TransferCheck
 from search_spaces.presets import load_preset, load_yaml
@@ -162,7 +163,7 @@ class SweepConfig:
     optuna_storage: str | None = None         # None -> sqlite:///<abs out_dir>/optuna.db
     address: str | None = None                # None -> start a local Ray
     storage_path: str | None = None           # None -> <abs out_dir>/ray_results
-    cache_dir: str | None = None              # None -> <abs out_dir>/cache (teachers, FP target model)
+    cache_dir: str | None = None              # None -> $GMPQ_CACHE_DIR or ~/.cache/gmpq (teachers, FP target)
     testing: FaultInjection = field(default_factory=FaultInjection)   # fault injection, for tests only
 
     def __post_init__(self) -> None:
@@ -231,7 +232,7 @@ class SweepConfig:
                        tracking_uri=self.tracking_uri or f"sqlite:///{d / 'mlflow.db'}",
                        optuna_storage=self.optuna_storage or f"sqlite:///{d / 'optuna.db'}",
                        storage_path=self.storage_path or str(d / "ray_results"),
-                       cache_dir=str(Path(self.cache_dir).expanduser().resolve()) if self.cache_dir else str(d / "cache"))
+                       cache_dir=str(Path(self.cache_dir or default_cache_dir()).expanduser().resolve()))
 
     def proxy_sizes(self) -> tuple:
         """Every proxy size a trial may use (None = the whole proxy train split)."""

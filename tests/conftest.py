@@ -18,3 +18,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _own_model_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own teacher / FP-target cache (the default, ~/.cache/gmpq, is shared by runs)."""
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path_factory.mktemp("gmpq_cache")))

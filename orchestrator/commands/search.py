@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, metavar="B", help="search batch size (default 256)")
     p.add_argument("--max-steps-per-epoch", type=int, metavar="N", help="cap every epoch at N batches")
     p.add_argument("--teacher-epochs", type=int, metavar="E", help="FP teacher epochs on the proxy (default 3)")
-    p.add_argument("--cache-dir", metavar="DIR", help="teacher cache (default ~/.cache/gmpq)")
+    p.add_argument("--cache-dir", metavar="DIR", help="teacher cache (default $GMPQ_CACHE_DIR or ~/.cache/gmpq)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--out", default="runs/search", metavar="DIR", help="output folder (default runs/search)")
     p.set_defaults(func=run)

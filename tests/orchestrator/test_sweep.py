@@ -79,11 +79,14 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     assert sorted(round(t.values[0], 4) for t in complete) == \
         sorted(round(v, 4) for v in df[df["status"] == "completed"]["transfer_top1"])
     assert sum(t.state.name == "PRUNED" for t in study.trials) == summary.n_pruned
-    # teachers and the FP target model were made once on the driver, before any trial started
+    # teachers and the FP target model were trained once (side by side as Ray tasks), before any trial started
     starts = [e["time"] for e in _events(sweep_dir) if e["event"] == "start"]
     cache_files = [p for p in shared_cache.rglob("*") if p.is_file()]
     assert len(starts) == 3 and cache_files and max(p.stat().st_mtime for p in cache_files) < min(starts)
-    assert (sweep_dir / "sweep_config.yaml").exists() and (sweep_dir / "shared.json").exists()
+    assert (sweep_dir / "sweep_config.yaml").exists()
+    shared = json.loads((sweep_dir / "shared.json").read_text())
+    assert set(shared["teacher_seconds"]) == {"100", "200"} and min(shared["teacher_seconds"].values()) > 0
+    assert shared["target_seconds"] > 0 and 10 < shared["target_fp_top1"] <= 100
     # MLflow: one parent run for the sweep, one child per trial
     mlflow.set_tracking_uri(f"sqlite:///{sweep_dir}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["tiny"])
