@@ -37,6 +37,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="join a Ray cluster ('auto', 'ray://host:10001'); default: start a local one")
     p.add_argument("--storage", default=None, metavar="PATH",
                    help="Ray Tune storage path (shared by every node; default <DIR>/ray_results)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="FP teacher / target model cache, reused by later sweeps (default $GMPQ_CACHE_DIR or "
+                        "~/.cache/gmpq; on a cluster: storage every node shares)")
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
 
 
@@ -44,7 +47,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": args.out,
             "name": args.name, "seed": args.seed, "tracking_uri": args.tracking_uri,
             "optuna_storage": args.optuna_storage, "address": args.address, "storage_path": args.storage,
-            "space.search_epochs": args.epochs}
+            "cache_dir": args.cache_dir, "space.search_epochs": args.epochs}
 
 
 def config_from_args(args: argparse.Namespace) -> Any:

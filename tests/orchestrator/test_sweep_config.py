@@ -1,6 +1,8 @@
 """Sweep configs: merging, overrides, round trip, and bad configs failing with exit 2 before Ray starts."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -145,3 +147,17 @@ def test_resume_with_only_out_reads_the_saved_config(tmp_path):
     args = build_parser().parse_args(["sweep", "--out", str(tmp_path / "nothing"), "--resume"])
     with pytest.raises(ConfigError, match="Nothing to resume"):
         config_from_args(args)
+
+
+def test_model_cache_defaults_to_the_user_cache_and_follows_cache_dir(tmp_path, monkeypatch):
+    from orchestrator.cli import build_parser
+    from orchestrator.commands.sweep import config_from_args
+
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path / "env_cache"))
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep")})
+    assert cfg.resolved().cache_dir == str(tmp_path / "env_cache")     # shared by every sweep, not in --out
+    monkeypatch.delenv("GMPQ_CACHE_DIR")
+    assert cfg.resolved().cache_dir == str(Path("~/.cache/gmpq").expanduser().resolve())
+    args = build_parser().parse_args(["sweep", "--preset", "demo", "--out", str(tmp_path / "s2"),
+                                      "--cache-dir", str(tmp_path / "mine")])
+    assert config_from_args(args).resolved().cache_dir == str(tmp_path / "mine")
