@@ -46,6 +46,18 @@ if triton is not None:
         return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
 
     @triton.jit
+    def _candidate(x, a_ptr, p_ptr, n_ptr, j, SIGNED: tl.constexpr, COMPUTE: tl.constexpr):
+        """Candidate j: clip a, probability p, step s = a / n_j, and x clamped to [-a, a] or [0, a]."""
+        a = tl.load(a_ptr + j).to(COMPUTE)
+        p = tl.load(p_ptr + j).to(COMPUTE)
+        s = a / tl.load(n_ptr + j).to(COMPUTE)
+        if SIGNED:
+            y = tl.minimum(tl.maximum(x, -a), a)
+        else:
+            y = tl.minimum(tl.maximum(x, 0.0), a)
+        return a, p, s, y
+
+    @triton.jit
     def _fwd(x_ptr, out_ptr, p_ptr, a_ptr, n_ptr, numel, J: tl.constexpr, SIGNED: tl.constexpr,
              BLOCK_SIZE: tl.constexpr, COMPUTE: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
@@ -53,13 +65,7 @@ if triton is not None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         acc = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
         for j in tl.static_range(J):
-            a = tl.load(a_ptr + j).to(COMPUTE)
-            p = tl.load(p_ptr + j).to(COMPUTE)
-            s = a / tl.load(n_ptr + j).to(COMPUTE)
-            if SIGNED:
-                y = tl.minimum(tl.maximum(x, -a), a)
-            else:
-                y = tl.minimum(tl.maximum(x, 0.0), a)
+            a, p, s, y = _candidate(x, a_ptr, p_ptr, n_ptr, j, SIGNED, COMPUTE)
             acc += _round_half_even(y / s) * (p * s)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -73,17 +79,13 @@ if triton is not None:
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
         w = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
         for j in tl.static_range(J):
-            a = tl.load(a_ptr + j).to(COMPUTE)
-            p = tl.load(p_ptr + j).to(COMPUTE)
-            s = a / tl.load(n_ptr + j).to(COMPUTE)
+            a, p, s, y = _candidate(x, a_ptr, p_ptr, n_ptr, j, SIGNED, COMPUTE)
             if SIGNED:
                 inside = tl.abs(x) < a
                 dyda = tl.where(x >= a, 1.0, 0.0) - tl.where(x <= -a, 1.0, 0.0)
-                y = tl.minimum(tl.maximum(x, -a), a)
             else:
                 inside = (x > 0.0) & (x < a)
                 dyda = tl.where(x >= a, 1.0, 0.0)
-                y = tl.minimum(tl.maximum(x, 0.0), a)
             w += tl.where(inside, p, 0.0)
             q = _round_half_even(y / s) * s
             tl.store(part_ptr + pid * (2 * J) + j, tl.sum(g * q, axis=0))
