@@ -21,7 +21,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError
 from gmpq_core.policy import BitCandidates
@@ -229,18 +228,9 @@ class StudyConfig:
 
 def load_study_config(path: str | Path) -> StudyConfig:
     """Read a study YAML file; a malformed file gives ConfigError with its line and column."""
-    p = Path(path).expanduser()
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"Cannot read the study config '{p}' ({e.strerror}); see experiments/*.yaml.") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"The study config '{p}' is not valid YAML{where}: {getattr(e, 'problem', e)}.") from None
-    return StudyConfig.from_dict(data)
+    from search_spaces.presets import load_yaml
+
+    return StudyConfig.from_dict(load_yaml(path) or {})
 
 
 # -- the grid ---------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
@@ -70,17 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"Cannot read the config file '{path}' ({e.strerror}). Check the path.") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"The config file '{path}' is not valid YAML{where}: "
-                          f"{getattr(e, 'problem', None) or e}.") from None
+    from search_spaces.presets import load_yaml
+
+    data = load_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -113,6 +113,18 @@ def test_study_config_rejects_unknown_methods_and_grid_owned_keys():
         StudyConfig.from_dict({"budget": [3]})
 
 
+def test_study_config_file_errors_name_the_file_and_place_and_exponents_are_floats(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: s\nproxies: [\n  - {name: a\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml' is not valid YAML at line \d+, column \d+"):
+        load_study_config(bad)
+    with pytest.raises(ConfigError, match="Cannot read the config file.*missing\\.yaml"):
+        load_study_config(tmp_path / "missing.yaml")
+    good = tmp_path / "good.yaml"
+    good.write_text("name: s\nproxies: [{name: a, dataset: fashion_mnist, size: 500}]\nsearch: {lam: 1e-5}\n")
+    assert load_study_config(good).search["lam"] == 1e-5
+
+
 def test_random_policy_is_seeded_and_never_exceeds_the_budget():
     from experiments.generalization_cells import random_policy
     from gmpq_core.bitops import count_bitops, layer_macs
