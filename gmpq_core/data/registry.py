@@ -20,7 +20,7 @@ from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
 from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
 
 __all__ = ["DatasetSpec", "DATASETS", "register_dataset", "list_datasets", "load_dataset", "clear_dataset_cache",
-           "resize_split"]
+           "resize_split", "check_dataset_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,11 @@ def _parse(name: object) -> tuple[DatasetSpec, str | None]:
         raise ConfigError(f"Dataset '{key}' takes no path, but got '{name}'; use '{key}' and pass the "
                           f"folder as root instead.")
     return spec, (path or None)
+
+
+def check_dataset_name(name: object) -> None:
+    """ConfigError (listing the datasets) unless ``name`` names a registered dataset; reads no files."""
+    _parse(name)
 
 
 def resize_split(split: TensorSplit, image_size: int, *, chunk: int = 8192) -> TensorSplit:

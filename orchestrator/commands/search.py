@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 
+from gmpq_core.data import check_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.jobs import SearchJob, check_job_budget, get_teacher, run_search_job
@@ -44,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="model name (default resnet20)")
     p.add_argument("--dataset", help="proxy dataset (default fashion_mnist)")
     p.add_argument("--data-root", metavar="DIR", help="where the dataset files are")
+    p.add_argument("--target-dataset", metavar="NAME",
+                   help="the dataset the policy is meant for, written into its meta: `gmpq finetune --policy` then "
+                        "deploys it there (default: the proxy's dataset)")
     p.add_argument("--proxy-size", type=int, metavar="N", help="stratified proxy of N training images (default 2000)")
     p.add_argument("--eval-size", type=int, metavar="N", help="test images measuring proxy top-1 (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the teacher, the supernet and the data order (default 0)")
@@ -114,6 +118,8 @@ def format_summary(result: SearchResult, out: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     job = build_job(args)
+    if args.target_dataset is not None:
+        check_dataset_name(args.target_dataset)
     out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training
     check_job_budget(job)  # an impossible budget fails before the teacher is trained
     bar = make_progress("teacher epoch")
@@ -126,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
         result = run_search_job(job, progress=bar, reporter=ProgressReporter("search", total_epochs=job.search.epochs))
     finally:
         bar.close()
+    if args.target_dataset is not None:
+        result.policy.meta["target_dataset"] = args.target_dataset
     out.mkdir(parents=True, exist_ok=True)
     result.policy.save(out / POLICY_FILE)
     atomic_write_json(out / RESULT_FILE, {**result.to_dict(), "job": job.to_dict()})

@@ -54,6 +54,14 @@ def test_infeasible_budget_exits_2_naming_the_feasible_range(tmp_path, capsys):
     assert not (tmp_path / "o" / "policy.json").exists() and not (tmp_path / "cache").exists()  # no teacher trained
 
 
+def test_unknown_target_dataset_exits_2_before_any_training(tmp_path, capsys):
+    code = main(["search", "--proxy-size", "100", "--target-dataset", "imagenet1k", "--cache-dir",
+                 str(tmp_path / "cache"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Unknown dataset 'imagenet1k'" in err and "fashion_mnist" in err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
+
+
 def test_search_command_writes_policy_and_result(tmp_path, capsys):
     _fmnist_or_skip()
     cfg = _write(tmp_path / "c.yaml", "proxy_size: 100\nteacher_epochs: 1\neval_size: 50\n"
@@ -61,12 +69,13 @@ def test_search_command_writes_policy_and_result(tmp_path, capsys):
                                       "  recalibrate_bn_batches: 1\n")
     out = tmp_path / "run"
     code = main(["search", "--config", cfg, "--epochs", "1", "--budget-avg-bits", "3", "--cache-dir",
-                 str(tmp_path / "cache"), "--out", str(out)])
+                 str(tmp_path / "cache"), "--out", str(out), "--target-dataset", "mnist5k"])
     assert code == 0
     policy = BitPolicy.load(out / "policy.json")
     assert len(policy.layers) == 20
     for key, value in {"model": "resnet20", "dataset": "fashion_mnist", "in_channels": 1, "num_classes": 10,
-                       "small_input": True, "input_size": 28, "budget": {"avg_bits": 3}}.items():
+                       "small_input": True, "input_size": 28, "budget": {"avg_bits": 3},
+                       "target_dataset": "mnist5k"}.items():
         assert policy.meta[key] == value
     result = json.loads((out / "result.json").read_text())
     for key in ("proxy_top1", "bitops_quantized", "bitops_total", "budget_bitops", "ard", "p", "search_seconds",
