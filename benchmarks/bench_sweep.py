@@ -18,6 +18,7 @@ no search/transfer timings: their wall_seconds count as compute (an upper bound)
 
     python benchmarks/bench_sweep.py                      # demo preset, as `gmpq sweep --preset demo`
     python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --json sweep.json
+    python benchmarks/bench_sweep.py --prep both          # cold start: sequential vs parallel preparation
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ T_START = time.perf_counter()
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -71,18 +73,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None,
                    help="teacher / FP-target cache shared across sweeps, e.g. ~/.cache/gmpq (default: a fresh folder "
                         "inside the sweep folder, so the teachers and the FP target model are trained: a cold start)")
+    p.add_argument("--prep", choices=("parallel", "sequential", "both"), default="parallel",
+                   help="how the missing shared models are trained: as parallel Ray tasks (what gmpq sweep does), "
+                        "one after the other in the driver (the old way), or both, one sweep each, side by side")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON summary to PATH ('-': stdout)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prep == "both" and (args.out or args.cache_dir):
+        p.error("--prep both runs two cold sweeps in fresh temporary folders: drop --out and --cache-dir")
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
+    """One sweep with timed phases; its summary row (see the module doc)."""
     import pyarrow.parquet as pq
 
     import orchestrator.ray_env as ray_env
     import orchestrator.sweep as sweep_mod
     from orchestrator.sweep_config import load_sweep_config
-    import_s = time.perf_counter() - T_START
 
     tmp = args.out is None
     out = Path(tempfile.mkdtemp(prefix="gmpq_bench_sweep_") if tmp else args.out)
@@ -92,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_sweep_config(preset=args.preset, overrides={k: v for k, v in overrides.items() if v is not None})
     times: dict[str, float] = {}
     orig_prepare, orig_session = sweep_mod.prepare_shared, ray_env.ray_session
-    sweep_mod.prepare_shared = _timed_phase(times, "prepare_s", orig_prepare)
+    prepare = orig_prepare if prep == "parallel" else functools.partial(_sequential, orig_prepare)
+    sweep_mod.prepare_shared = _timed_phase(times, "prepare_s", prepare)
     ray_env.ray_session = _timed_session(times, orig_session)
     try:
         t0 = time.perf_counter()
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         if w is not None:
             in_trial_other += max(w - c, 0.0)
     capacity = wall * slots
-    res = {"preset": args.preset, "n_trials": len(rows), "n_completed": summary.n_completed,
+    res = {"preset": args.preset, "prep": prep, "n_trials": len(rows), "n_completed": summary.n_completed,
            "n_pruned": summary.n_pruned, "n_failed": summary.n_failed, "slots": slots,
            "wall_s": round(wall, 2), "import_s": round(import_s, 2),
            "prepare_s": round(times.get("prepare_s", 0.0), 2), "ray_start_s": round(times.get("ray_start_s", 0.0), 2),
@@ -126,26 +134,54 @@ def main(argv: list[str] | None = None) -> int:
            "compute_fraction": round(compute / capacity, 4) if capacity > 0 else None,
            "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
                                               if times.get("tune_phase_s") else None),
-           "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir, "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+           "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir,
+           "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+    if tmp:
+        shutil.rmtree(out, ignore_errors=True)
+    return res
+
+
+def _sequential(prepare, cfg, **kw):
+    """``prepare_shared`` as before the Ray-task preparation: everything in the driver, one job at a time."""
+    return prepare(cfg, **{**kw, "parallel": False})
+
+
+def _print(res: dict) -> None:
+    slots, wall = res["slots"], res["wall_s"]
+    print(f"sweep '{res['preset']}' (prep {res['prep']}): {res['n_trials']} trials ({res['n_completed']} completed, "
+          f"{res['n_pruned']} pruned, {res['n_failed']} failed), {slots} slot(s), wall {wall:.1f} s "
+          f"(+{res['import_s']:.1f} s imports)")
+    print(f"  trial compute (search + transfer): {res['trial_compute_s']:.1f} slot-s of {wall * slots:.1f} -> "
+          f"{100 * res['compute_fraction']:.1f}% of the wall time (goal >= 90%)")
+    print(f"  orchestration: prepare {res['prepare_s']:.1f} s, Ray start {res['ray_start_s']:.1f} s, "
+          f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
+          f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "
+          f"trials but outside compute {res['in_trial_non_compute_s']:.1f} s")
+    if res["trials_without_timings"]:
+        print(f"  {len(res['trials_without_timings'])} trial(s) without search/transfer timings (wall counted as "
+              f"compute): {res['trials_without_timings']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import orchestrator.sweep  # noqa: F401  (counted as import time, not as sweep time)
+    import_s = time.perf_counter() - T_START
+    preps = ("sequential", "parallel") if args.prep == "both" else (args.prep,)
+    results = [run_once(args, prep, import_s) for prep in preps]
     if args.json:
-        text = json.dumps(res, indent=1)
+        text = json.dumps(results[0] if len(results) == 1 else results, indent=1)
         if args.json == "-":
             print(text)
         else:
             Path(args.json).write_text(text + "\n")
     if args.json != "-":
-        print(f"sweep '{args.preset}': {res['n_trials']} trials ({res['n_completed']} completed, {res['n_pruned']} "
-              f"pruned, {res['n_failed']} failed), {slots} slot(s), wall {wall:.1f} s (+{import_s:.1f} s imports)")
-        print(f"  trial compute (search + transfer): {compute:.1f} slot-s of {capacity:.1f} -> "
-              f"{100 * res['compute_fraction']:.1f}% of the wall time (goal >= 90%)")
-        print(f"  orchestration: prepare {res['prepare_s']:.1f} s, Ray start {res['ray_start_s']:.1f} s, "
-              f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
-              f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "
-              f"trials but outside compute {in_trial_other:.1f} s")
-        if no_timing:
-            print(f"  {len(no_timing)} trial(s) without search/transfer timings (wall counted as compute): {no_timing}")
-    if tmp:
-        shutil.rmtree(out, ignore_errors=True)
+        for res in results:
+            _print(res)
+        if len(results) == 2:
+            seq, par = results
+            print(f"side by side: prepare {seq['prepare_s']:.1f} s -> {par['prepare_s']:.1f} s "
+                  f"(x{seq['prepare_s'] / max(par['prepare_s'], 1e-9):.2f} faster), compute fraction "
+                  f"{100 * seq['compute_fraction']:.1f}% -> {100 * par['compute_fraction']:.1f}%")
     return 0
 
 

@@ -144,6 +144,11 @@ def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
     seconds = ray_map(functools.partial(_train_shared_task, sweep), missing, num_cpus=cfg.resources.cpu,
                       num_gpus=cfg.resources.gpu,
                       on_done=lambda job, s: say(f"{_job_label(job)}: trained ({s:.1f}s)"))
+    unseen = [_job_label(job) for job in missing if not _shared_job_cached(cfg, job)]
+    if unseen:   # trained on another node whose cache folder this one cannot see
+        log.warning("%s trained on another node but not visible in %s from the driver: the cache folder is not on "
+                    "shared storage, so the driver trains its own copy (set cache_dir to a shared path)",
+                    ", ".join(unseen), cfg.cache_dir)
     return dict(zip(missing, seconds))
 
 
