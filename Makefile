@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+DEMO_OUT ?= runs/demo
 
 .PHONY: demo test test-all data venv clean
 
@@ -28,7 +29,7 @@ test-all: venv data
 	RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: venv data
-	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/gmpq run --preset demo --out runs/demo
+	RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/gmpq run --preset demo --out $(DEMO_OUT)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "inside the sweep folder, so the teachers and the FP target model are trained: a cold start)")
     p.add_argument("--prep", choices=("parallel", "sequential", "both"), default="parallel",
                    help="how the missing shared models are trained: as parallel Ray tasks (what gmpq sweep does), "
-                        "one after the other in the driver (the old way), or both, one sweep each, side by side")
+                        "one after the other in the driver (as before; Ray already running), or both: one cold sweep each, "
+                        "one after the other in this invocation")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON summary to PATH ('-': stdout)")
     args = p.parse_args(argv)
     if args.prep == "both" and (args.out or args.cache_dir):

@@ -26,7 +26,7 @@ from gmpq_core.errors import BudgetInfeasibleError, ConfigError
 from gmpq_core.policy import BitCandidates
 
 __all__ = ["METHODS", "SEARCHED", "TARGET_PROXY", "NO_PROXY", "ProxySpec", "FPRecipe", "StudyConfig",
-           "load_study_config", "expand_grid", "cell_id", "uniform_bits", "cost_summary", "smoke_version"]
+           "load_study_config", "check_same_study_config", "expand_grid", "cell_id", "uniform_bits", "cost_summary", "smoke_version"]
 
 # Search overrides per searched method (on top of StudyConfig.search).
 SEARCH_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -231,6 +231,29 @@ def load_study_config(path: str | Path) -> StudyConfig:
     from search_spaces.presets import load_yaml
 
     return StudyConfig.from_dict(load_yaml(path) or {})
+
+
+_RESUMABLE_KEYS = frozenset({"methods", "budgets", "seeds", "name", "resources", "max_concurrent_trials",
+                             "tracking_uri", "notes"})
+
+
+def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: str) -> None:
+    """Rows already in ``study_dir`` (``rows_file``) must come from the same config: a resumed study
+    never mixes two settings. The grid axes a cell id names (methods, budgets, seeds) may grow or
+    shrink, and how cells are run (name, resources, concurrency, tracking, notes) may change; any
+    other difference is a ConfigError naming the keys."""
+    import yaml
+
+    out = Path(study_dir)
+    saved = out / "study_config.yaml"
+    if not (saved.is_file() and (out / rows_file).is_file()):
+        return
+    old = yaml.safe_load(saved.read_text()) or {}
+    new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    diff = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_KEYS and old.get(k) != new.get(k))
+    if diff:
+        raise ConfigError(f"'{out}' holds rows of a study whose config differs in {', '.join(diff)} from this one "
+                          f"(saved in '{saved}'). Resume with the same config, or pass another --out.")
 
 
 # -- the grid ---------------------------------------------------------------------------------

@@ -27,9 +27,10 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, atomic_write_text, read_json
 
-from .generalization import StudyConfig, expand_grid, load_study_config
+from .generalization import StudyConfig, check_same_study_config, expand_grid, load_study_config
 from .generalization_cells import prepare_models, run_cell
 
 ROWS_FILE = "rows.jsonl"
@@ -78,6 +79,7 @@ def run_local(cfg: StudyConfig, out: str | Path, *, minutes: float | None = None
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_same_study_config(cfg, out, ROWS_FILE)
     atomic_write_text(out / "study_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cells = expand_grid(cfg)
     done = _done_ids(out)
@@ -125,10 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="the config shrunk to smoke size")
     args = p.parse_args(argv)
     from .generalization import smoke_version
-    cfg = load_study_config(args.config)
-    if args.smoke:
-        cfg = smoke_version(cfg)
-    run_local(cfg, args.out, minutes=args.minutes, say=lambda m: print(m, flush=True))
+    try:
+        cfg = load_study_config(args.config)
+        if args.smoke:
+            cfg = smoke_version(cfg)
+        run_local(cfg, args.out, minutes=args.minutes, say=lambda m: print(m, flush=True))
+    except ConfigError as e:
+        print(f"generalization_local: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

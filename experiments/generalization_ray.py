@@ -28,7 +28,7 @@ import yaml
 
 from gmpq_core.fileio import atomic_write, atomic_write_text
 
-from .generalization import StudyConfig, expand_grid
+from .generalization import StudyConfig, check_same_study_config, expand_grid
 from .generalization_cells import ROW_KEYS, cached_model_path, model_jobs, prepare_models, run_cell
 
 __all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "read_study", "write_rows", "run_study", "StudyCallback"]
@@ -160,6 +160,7 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     say = progress or (lambda msg: log.info("%s", msg))
     study_dir = Path(study_dir).expanduser().resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
+    check_same_study_config(cfg, study_dir, STUDY_FILE)
     atomic_write_text(study_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cells = expand_grid(cfg)
     done = read_study(study_dir)

@@ -5,7 +5,7 @@
 #   bash experiments/gpu_study_run.sh [OUT] [MINUTES] [CONFIG]
 # Carry the dataset with the command (gitignored): data/FashionMNIST/raw/*-ubyte.gz (about 30 MB).
 # Afterwards, on the build machine: gmpq study --out OUT --analyze-only --report docs/results_gpu.md
-set -u
+set -u -o pipefail
 OUT=${1:-${OUT:-runs/study_gpu}}
 MINUTES=${2:-6}
 CONFIG=${3:-experiments/generalization_gpu_short.yaml}
@@ -22,5 +22,7 @@ if ! ls data/FashionMNIST/raw/train-images-idx3-ubyte* >/dev/null 2>&1; then
   exit 2
 fi
 $PY -m experiments.generalization_local --config "$CONFIG" --out "$OUT" --minutes "$MINUTES" 2>&1 \
-  | grep -v -E "^(STAGE|USDT|\[W)" | tee "$OUT/run.log"
+  | grep --line-buffered -v -E "^(STAGE|USDT|\[W)" | tee "$OUT/run.log"
+rc=$?
 ls -la "$OUT"
+exit $rc

@@ -20,7 +20,7 @@ from torch import nn
 
 from .bitops import layer_macs
 from .complexity import check_budget
-from .data import load_dataset, make_loader, proxy
+from .data import canonical_data_source, load_dataset, make_loader, proxy
 from .errors import CheckpointError, ConfigError
 from .fileio import default_cache_dir, load_checkpoint, save_checkpoint
 from .layers import searchable_layers
@@ -103,8 +103,9 @@ def _load_data(job: SearchJob):
 
 
 def _teacher_key(job: SearchJob, info: Any) -> dict[str, Any]:
-    return {"version": TEACHER_CACHE_VERSION, "model": job.model, "dataset": job.dataset,
-            "data_root": job.data_root, "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed,
+    dataset, root = canonical_data_source(job.dataset, job.data_root)   # no working-directory dependence
+    return {"version": TEACHER_CACHE_VERSION, "model": job.model, "dataset": dataset,
+            "data_root": root, "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed,
             "teacher_epochs": job.teacher_epochs, "seed": job.search.seed, "small_input": job.small_input,
             "batch_size": job.teacher_batch_size, "image_size": info.image_size,
             "in_channels": info.in_channels, "num_classes": info.num_classes}

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import DatasetInfo, load_dataset, make_loader, proxy
+from .data import DatasetInfo, canonical_data_source, load_dataset, make_loader, proxy
 from .errors import CheckpointError, ConfigError
 from .fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from .finetune import FinetuneConfig, finetune
@@ -32,6 +32,7 @@ __all__ = ["TransferCheck", "TargetModel", "target_slices", "prepare_target_mode
            "run_transfer_check", "fp_reference_top1"]
 
 log = logging.getLogger(__name__)
+TARGET_CACHE_VERSION = 1    # bump when the FP target recipe changes: old cache files are then ignored
 
 
 def _opt_count(name: str, value: Any) -> None:
@@ -114,8 +115,10 @@ def _target_key(meta: dict) -> str:
 
 def _target_meta(*, model: str, dataset: str, check: TransferCheck, data_root: str | None, image_size: int | None,
                  small_input: bool) -> dict[str, Any]:
-    """Everything that shapes the FP target model's weights (its cache key)."""
-    return {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size,
+    """Everything that shapes the FP target model's weights (its cache key; paths made absolute)."""
+    dataset, data_root = canonical_data_source(dataset, data_root)
+    return {"version": TARGET_CACHE_VERSION, "model": model, "dataset": dataset, "data_root": data_root,
+            "image_size": image_size,
             "small_input": bool(small_input), "fp_epochs": check.fp_epochs, "fp_lr": check.fp_lr,
             "fp_batch_size": check.fp_batch_size, "fp_train_size": check.fp_train_size,
             "fp_max_steps_per_epoch": check.fp_max_steps_per_epoch, "test_size": check.test_size,

@@ -110,8 +110,8 @@ def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float =
         i = index[done[0]]
         try:
             results[i] = ray.get(done[0])
-        except Exception as e:   # noqa: BLE001 (re-raised below)
-            error = error or e
+        except ray.exceptions.RayTaskError as e:   # raised below as the task's own exception, not Ray's wrapper
+            error = error or (e.cause if isinstance(e.cause, BaseException) else e)
             continue
         if on_done is not None:
             on_done(items[i], results[i])

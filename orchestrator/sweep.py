@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +26,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.fileio import atomic_write_json, default_cache_dir
+from gmpq_core.fileio import atomic_write_json
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
@@ -137,7 +137,7 @@ def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
     from .ray_env import ray_map
 
     missing = [job for job in _shared_jobs(cfg) if not _shared_job_cached(cfg, job)]
-    if len(missing) < 2:        # nothing to overlap: the driver does it (no task start-up)
+    if not missing or (len(missing) == 1 and cfg.address is None):   # nothing to overlap: the driver does it
         return {}
     say(f"training {len(missing)} shared models side by side: {', '.join(_job_label(j) for j in missing)}")
     sweep = cfg.to_dict()
@@ -241,15 +241,35 @@ def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
     internal._tune_config.scheduler = scheduler
 
 
+def _preflight(cfg: SweepConfig) -> None:
+    """``cluster.preflight``: the Tune storage and the sweep folder must be visible from every host, and
+    one trial's resources must fit a node (ConfigError naming the numbers otherwise)."""
+    from cluster.preflight import preflight_sweep
+
+    pre = preflight_sweep(storage_path=cfg.storage_path, cpu=cfg.resources.cpu, gpu=cfg.resources.gpu,
+                          max_concurrent_trials=cfg.max_concurrent_trials, shared_paths={"out_dir": cfg.out_dir})
+    for warning in pre.warnings:
+        log.warning("%s", warning)
+
+
+def _saved_cache_dir(cfg: SweepConfig) -> str | None:
+    """The cache folder saved with the sweep in ``cfg``'s folder (None when there is none)."""
+    from .sweep_config import load_sweep_config
+
+    saved_path = cfg.sweep_dir / "sweep_config.yaml"
+    return load_sweep_config(saved_path).cache_dir if saved_path.exists() else None
+
+
 def _check_same_config(cfg: SweepConfig) -> None:
-    """A resumed sweep must keep its config (Tune restores the old searcher and space anyway)."""
+    """A resumed sweep must keep its config (Tune restores the old searcher and space anyway). The cache
+    folder may move: its files are named by what their weights depend on."""
     from .sweep_config import load_sweep_config
 
     saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
     if not saved_path.exists():
         return
     old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
-    diff = sorted(k for k in new if k != "address" and old.get(k) != new.get(k))
+    diff = sorted(k for k in new if k not in ("address", "cache_dir") and old.get(k) != new.get(k))
     if diff:
         raise ConfigError(f"--resume must use the sweep's saved config, but {', '.join(diff)} differ from "
                           f"'{saved_path}'. Resume with 'gmpq sweep --out {cfg.out_dir} --resume' (no other "
@@ -275,11 +295,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
     """
     t0 = time.perf_counter()
+    if resume and cfg.cache_dir is None:
+        cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
     if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
         log.warning("joining the Ray cluster at %s: trials on other nodes need storage_path and cache_dir on "
-                    "storage every node shares (NFS, S3); the defaults are %s and %s (local to each node: a node "
-                    "that cannot see a teacher trains its own copy)", cfg.address, cfg.sweep_dir / "ray_results",
-                    cfg.cache_dir or default_cache_dir())
+                    "storage every node shares (NFS, S3); the defaults are inside %s", cfg.address, cfg.sweep_dir)
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
@@ -304,6 +324,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with ray_session(cfg.address):
+        _preflight(cfg)                                    # a request no node can run fails now, not hangs
         say(f"preparing shared artefacts in {cfg.cache_dir}")
         context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
         book = TrialStatusBook(sweep_dir / "trial_status.json")

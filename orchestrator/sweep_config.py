@@ -163,7 +163,8 @@ class SweepConfig:
     optuna_storage: str | None = None         # None -> sqlite:///<abs out_dir>/optuna.db
     address: str | None = None                # None -> start a local Ray
     storage_path: str | None = None           # None -> <abs out_dir>/ray_results
-    cache_dir: str | None = None              # None -> $GMPQ_CACHE_DIR or ~/.cache/gmpq (teachers, FP target)
+    cache_dir: str | None = None              # None -> $GMPQ_CACHE_DIR or ~/.cache/gmpq (teachers, FP target);
+                                              # with an address: <abs out_dir>/cache, storage the nodes share
     testing: FaultInjection = field(default_factory=FaultInjection)   # fault injection, for tests only
 
     def __post_init__(self) -> None:
@@ -232,7 +233,8 @@ class SweepConfig:
                        tracking_uri=self.tracking_uri or f"sqlite:///{d / 'mlflow.db'}",
                        optuna_storage=self.optuna_storage or f"sqlite:///{d / 'optuna.db'}",
                        storage_path=self.storage_path or str(d / "ray_results"),
-                       cache_dir=str(Path(self.cache_dir or default_cache_dir()).expanduser().resolve()))
+                       cache_dir=str(Path(self.cache_dir or (d / "cache" if self.address else default_cache_dir()))
+                                     .expanduser().resolve()))
 
     def proxy_sizes(self) -> tuple:
         """Every proxy size a trial may use (None = the whole proxy train split)."""

@@ -10,6 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
 from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
 
 __all__ = ["DatasetSpec", "DATASETS", "register_dataset", "list_datasets", "load_dataset", "clear_dataset_cache",
-           "resize_split", "check_dataset_name"]
+           "resize_split", "check_dataset_name", "canonical_data_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,15 @@ def _parse(name: object) -> tuple[DatasetSpec, str | None]:
 def check_dataset_name(name: object) -> None:
     """ConfigError (listing the datasets) unless ``name`` names a registered dataset; reads no files."""
     _parse(name)
+
+
+def canonical_data_source(name: str, root: str | None) -> tuple[str, str | None]:
+    """``(name, root)`` with every path made absolute (``imagefolder:rel`` -> ``imagefolder:/abs/rel``),
+    so cache keys do not depend on the working directory."""
+    spec, path = _parse(name)
+    if path is not None:
+        name = f"{spec.name}:{Path(path).expanduser().resolve()}"
+    return name, (str(Path(root).expanduser().resolve()) if root else None)
 
 
 def resize_split(split: TensorSplit, image_size: int, *, chunk: int = 8192) -> TensorSplit:

@@ -39,3 +39,25 @@ def test_local_runner_writes_rows_resumes_and_feeds_the_results_page(tmp_path):
     assert main(["study", "--out", str(out), "--analyze-only", "--report", str(report)]) == 0
     page = report.read_text()
     assert "uniform" in page and "experiments.generalization_local" in page
+
+
+def test_a_rerun_with_another_recipe_is_refused_but_more_seeds_are_welcome(tmp_path, capsys):
+    import pytest
+
+    from experiments.generalization_local import main
+    from gmpq_core.errors import ConfigError
+
+    out = tmp_path / "study"
+    run_local(_tiny(), out, say=lambda m: None)
+    changed = _tiny().to_dict()
+    changed["finetune"] = {**changed["finetune"], "lr": 0.5}
+    with pytest.raises(ConfigError, match="differs in finetune.*another --out"):
+        run_local(StudyConfig.from_dict(changed), out, say=lambda m: None)
+    more = _tiny().to_dict()
+    more["seeds"] = [0, 1]
+    assert run_local(StudyConfig.from_dict(more), out, say=lambda m: None)["cells_run"] == 2   # only seed 1's
+    cfg_file = tmp_path / "changed.yaml"
+    import yaml
+    cfg_file.write_text(yaml.safe_dump(changed))
+    assert main(["--config", str(cfg_file), "--out", str(out)]) == 2
+    assert "differs in finetune" in capsys.readouterr().err

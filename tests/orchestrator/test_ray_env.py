@@ -66,6 +66,7 @@ def test_ray_map_raises_the_first_error_as_its_own_type_after_the_other_jobs_fin
     from gmpq_core.errors import ConfigError
     from orchestrator.ray_env import ray_map
 
-    with pytest.raises(ConfigError, match="bad job"):
+    with pytest.raises(ConfigError, match="bad job") as err:
         ray_map(_fail_or_mark, [(str(tmp_path), "bad"), (str(tmp_path), "good")], num_cpus=1)
+    assert str(err.value) == "bad job"       # the task's own message, not Ray's wrapper with a traceback
     assert (tmp_path / "good").exists()      # the good job still ran to its end

@@ -156,3 +156,15 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
     assert finished_before < set(df["trial_id"]) and set(df["trial_id"]) - finished_before <= started_again
     replayed = {e["trial_id"] for e in after if e["event"] == "replay"}
     assert replayed <= finished_before                                    # a replay reports the recorded row
+
+
+def test_a_trial_request_no_node_can_run_fails_before_training(tmp_path):
+    from gmpq_core.errors import ConfigError
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import load_sweep_config
+
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep"), "cache_dir": str(tmp_path / "c"),
+                                                      "resources": {"cpu": 64, "gpu": 0}})
+    with pytest.raises(ConfigError, match="cpu=64"):        # Ray would queue it for ever
+        run_sweep(cfg, progress=False)
+    assert not (tmp_path / "c").exists()                    # no teacher or FP target model trained

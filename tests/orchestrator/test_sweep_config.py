@@ -161,3 +161,20 @@ def test_model_cache_defaults_to_the_user_cache_and_follows_cache_dir(tmp_path, 
     args = build_parser().parse_args(["sweep", "--preset", "demo", "--out", str(tmp_path / "s2"),
                                       "--cache-dir", str(tmp_path / "mine")])
     assert config_from_args(args).resolved().cache_dir == str(tmp_path / "mine")
+
+
+def test_a_cluster_sweep_keeps_its_cache_in_the_sweep_folder(tmp_path):
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep"), "address": "auto"})
+    assert cfg.resolved().cache_dir == str(tmp_path / "sweep" / "cache")   # shared storage on a cluster
+
+
+def test_resume_keeps_the_cache_the_sweep_started_with(tmp_path, monkeypatch):
+    from orchestrator.sweep import _saved_cache_dir, run_sweep
+
+    old = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "cache_dir": str(tmp_path / "old")})
+    save_resolved_config(old)                                   # e.g. a sweep made when the cache lived in --out
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path / "elsewhere"))
+    again = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)})
+    assert _saved_cache_dir(again) == str(tmp_path / "old")
+    with pytest.raises(ConfigError, match="Nothing to resume"):  # not "cache_dir differ"
+        run_sweep(again, resume=True, progress=False)
