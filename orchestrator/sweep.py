@@ -241,6 +241,23 @@ def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
     internal._tune_config.scheduler = scheduler
 
 
+def _close_orphan_optuna_trials(cfg: SweepConfig, say) -> None:
+    """After ``fit`` no trial runs, so an Optuna trial still RUNNING belongs to a driver that died while
+    it ran and that Tune replaced on resume: mark it FAIL (optuna-dashboard would show it running for
+    ever). Covers the sweep's study and its per-bucket pruning studies."""
+    storage = optuna.storages.RDBStorage(cfg.optuna_storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+             if s.study_name == cfg.name or s.study_name.startswith(f"{cfg.name}-prune-")]
+    closed = 0
+    for name in names:
+        study = optuna.load_study(study_name=name, storage=storage)
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+            closed += 1
+    if closed:
+        say(f"{closed} Optuna trial(s) left RUNNING by an interrupted driver marked FAIL")
+
+
 def _preflight(cfg: SweepConfig) -> None:
     """``cluster.preflight``: the Tune storage and the sweep folder must be visible from every host, and
     one trial's resources must fit a node (ConfigError naming the numbers otherwise)."""
@@ -354,6 +371,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")
         grid = tuner.fit()
         rows = _summary_rows(grid, book)
+    _close_orphan_optuna_trials(cfg, say)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed")}
     return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
                         n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume, rows=rows)

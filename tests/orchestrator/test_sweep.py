@@ -156,6 +156,9 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
     assert finished_before < set(df["trial_id"]) and set(df["trial_id"]) - finished_before <= started_again
     replayed = {e["trial_id"] for e in after if e["event"] == "replay"}
     assert replayed <= finished_before                                    # a replay reports the recorded row
+    import optuna                                                         # nothing left RUNNING in Optuna
+    study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
 
 
 def test_a_trial_request_no_node_can_run_fails_before_training(tmp_path):

@@ -1,0 +1,26 @@
+"""Optuna bookkeeping of a sweep (real SQLite storage, no Ray)."""
+from __future__ import annotations
+
+import optuna
+
+from orchestrator.sweep import _close_orphan_optuna_trials
+from orchestrator.sweep_config import load_sweep_config
+
+
+def test_trials_left_running_by_a_dead_driver_are_marked_failed_after_the_sweep(tmp_path):
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "name": "s"}).resolved()
+    storage = optuna.storages.RDBStorage(cfg.optuna_storage)
+    main = optuna.create_study(study_name="s", storage=storage, directions=["maximize", "minimize"])
+    done = main.ask()
+    main.tell(done, [80.0, 0.4])
+    main.ask()                                                       # the orphan: RUNNING for ever
+    bucket = optuna.create_study(study_name="s-prune-bucket0", storage=storage)
+    bucket.ask()
+    other = optuna.create_study(study_name="someone-else", storage=storage)
+    other.ask()                                                      # another sweep's study: untouched
+    said: list[str] = []
+    _close_orphan_optuna_trials(cfg, said.append)
+    states = {name: [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+              for name in ("s", "s-prune-bucket0", "someone-else")}
+    assert states == {"s": ["COMPLETE", "FAIL"], "s-prune-bucket0": ["FAIL"], "someone-else": ["RUNNING"]}
+    assert said == ["2 Optuna trial(s) left RUNNING by an interrupted driver marked FAIL"]
