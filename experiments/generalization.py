@@ -237,10 +237,16 @@ _RESUMABLE_KEYS = frozenset({"methods", "budgets", "seeds", "name", "resources",
                              "tracking_uri", "notes"})
 
 
+def _same_shared_proxies(old: Any, new: Any) -> bool:
+    """Proxies may be added or dropped (a cell id names its proxy), but one name keeps one spec."""
+    before = {p.get("name"): p for p in old or []}
+    return all(before[p.get("name")] == p for p in new or [] if p.get("name") in before)
+
+
 def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: str) -> None:
     """Rows already in ``study_dir`` (``rows_file``) must come from the same config: a resumed study
-    never mixes two settings. The grid axes a cell id names (methods, budgets, seeds) may grow or
-    shrink, and how cells are run (name, resources, concurrency, tracking, notes) may change; any
+    never mixes two settings. The grid axes a cell id names (methods, budgets, seeds, proxies: a proxy
+    name keeps its spec) may grow or shrink, and how cells are run (name, resources, concurrency, tracking, notes) may change; any
     other difference is a ConfigError naming the keys."""
     import yaml
 
@@ -250,7 +256,8 @@ def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: 
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    diff = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_KEYS and old.get(k) != new.get(k))
+    diff = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_KEYS and old.get(k) != new.get(k)
+                  and not (k == "proxies" and _same_shared_proxies(old.get(k), new.get(k))))
     if diff:
         raise ConfigError(f"'{out}' holds rows of a study whose config differs in {', '.join(diff)} from this one "
                           f"(saved in '{saved}'). Resume with the same config, or pass another --out.")

@@ -33,6 +33,7 @@ __all__ = ["TransferCheck", "TargetModel", "target_slices", "prepare_target_mode
 
 log = logging.getLogger(__name__)
 TARGET_CACHE_VERSION = 1    # bump when the FP target recipe changes: old cache files are then ignored
+                            # (version 1 is not written into the key, so files made before it stay valid)
 
 
 def _opt_count(name: str, value: Any) -> None:
@@ -117,12 +118,14 @@ def _target_meta(*, model: str, dataset: str, check: TransferCheck, data_root: s
                  small_input: bool) -> dict[str, Any]:
     """Everything that shapes the FP target model's weights (its cache key; paths made absolute)."""
     dataset, data_root = canonical_data_source(dataset, data_root)
-    return {"version": TARGET_CACHE_VERSION, "model": model, "dataset": dataset, "data_root": data_root,
-            "image_size": image_size,
+    meta = {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size,
             "small_input": bool(small_input), "fp_epochs": check.fp_epochs, "fp_lr": check.fp_lr,
             "fp_batch_size": check.fp_batch_size, "fp_train_size": check.fp_train_size,
             "fp_max_steps_per_epoch": check.fp_max_steps_per_epoch, "test_size": check.test_size,
             "seed": check.seed}
+    if TARGET_CACHE_VERSION > 1:
+        meta["version"] = TARGET_CACHE_VERSION
+    return meta
 
 
 def target_model_cached(*, model: str, dataset: str, check: TransferCheck, cache_dir: str | Path,

@@ -110,8 +110,9 @@ def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float =
         i = index[done[0]]
         try:
             results[i] = ray.get(done[0])
-        except ray.exceptions.RayTaskError as e:   # raised below as the task's own exception, not Ray's wrapper
-            error = error or (e.cause if isinstance(e.cause, BaseException) else e)
+        except ray.exceptions.RayError as e:   # raised below: the task's own exception, not Ray's wrapper
+            cause = getattr(e, "cause", None)
+            error = error or (cause if isinstance(cause, BaseException) else e)
             continue
         if on_done is not None:
             on_done(items[i], results[i])

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -241,19 +242,25 @@ def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
     internal._tune_config.scheduler = scheduler
 
 
-def _close_orphan_optuna_trials(cfg: SweepConfig, say) -> None:
-    """After ``fit`` no trial runs, so an Optuna trial still RUNNING belongs to a driver that died while
-    it ran and that Tune replaced on resume: mark it FAIL (optuna-dashboard would show it running for
-    ever). Covers the sweep's study and its per-bucket pruning studies."""
-    storage = optuna.storages.RDBStorage(cfg.optuna_storage)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-             if s.study_name == cfg.name or s.study_name.startswith(f"{cfg.name}-prune-")]
-    closed = 0
-    for name in names:
-        study = optuna.load_study(study_name=name, storage=storage)
-        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-            closed += 1
+def _close_orphan_optuna_trials(cfg: SweepConfig, say, *, started_before: datetime) -> None:
+    """After a resumed sweep has run to its end, an Optuna trial still RUNNING that started before this
+    driver did belongs to the driver that died while it ran, and Tune replaced it: mark it FAIL
+    (optuna-dashboard would show it running for ever). Covers the sweep's study and its per-bucket
+    pruning studies. Never fatal: a storage error only logs a warning."""
+    try:
+        storage = optuna.storages.RDBStorage(cfg.optuna_storage)
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+                 if s.study_name == cfg.name or s.study_name.startswith(f"{cfg.name}-prune-")]
+        closed = 0
+        for name in names:
+            study = optuna.load_study(study_name=name, storage=storage)
+            for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if trial.datetime_start is not None and trial.datetime_start < started_before:
+                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+                    closed += 1
+    except Exception as e:  # noqa: BLE001 - bookkeeping only: the sweep's results are already saved
+        log.warning("could not close Optuna trials left RUNNING by an interrupted driver (%s)", e)
+        return
     if closed:
         say(f"{closed} Optuna trial(s) left RUNNING by an interrupted driver marked FAIL")
 
@@ -264,7 +271,8 @@ def _preflight(cfg: SweepConfig) -> None:
     from cluster.preflight import preflight_sweep
 
     pre = preflight_sweep(storage_path=cfg.storage_path, cpu=cfg.resources.cpu, gpu=cfg.resources.gpu,
-                          max_concurrent_trials=cfg.max_concurrent_trials, shared_paths={"out_dir": cfg.out_dir})
+                          max_concurrent_trials=cfg.max_concurrent_trials,
+                          shared_paths={"out_dir": cfg.out_dir, "cache_dir": cfg.cache_dir})
     for warning in pre.warnings:
         log.warning("%s", warning)
 
@@ -311,7 +319,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
 
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
     """
-    t0 = time.perf_counter()
+    t0, started_at = time.perf_counter(), datetime.now()
     if resume and cfg.cache_dir is None:
         cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
     if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
@@ -371,7 +379,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")
         grid = tuner.fit()
         rows = _summary_rows(grid, book)
-    _close_orphan_optuna_trials(cfg, say)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed")}
+    if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end
+        _close_orphan_optuna_trials(cfg, say, started_before=started_at)
     return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
                         n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume, rows=rows)

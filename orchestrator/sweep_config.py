@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from gmpq_core.data import canonical_data_source
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError
 from gmpq_core.fileio import default_cache_dir
 from gmpq_core.policy import BitCandidates
@@ -129,6 +130,14 @@ class FaultInjection:
                 "nan_trials": list(self.nan_trials), "nan_epoch": self.nan_epoch}
 
 
+def _absolute_dataset(name: Any) -> Any:
+    """``imagefolder:rel/path`` -> ``imagefolder:/abs/rel/path`` (trials run in their own folders)."""
+    try:
+        return canonical_data_source(name, None)[0]
+    except ConfigError:          # an unknown name: check_sweep_config reports it
+        return name
+
+
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     """Everything one sweep needs. Paths may be relative (resolved against the working directory).
@@ -163,8 +172,8 @@ class SweepConfig:
     optuna_storage: str | None = None         # None -> sqlite:///<abs out_dir>/optuna.db
     address: str | None = None                # None -> start a local Ray
     storage_path: str | None = None           # None -> <abs out_dir>/ray_results
-    cache_dir: str | None = None              # None -> $GMPQ_CACHE_DIR or ~/.cache/gmpq (teachers, FP target);
-                                              # with an address: <abs out_dir>/cache, storage the nodes share
+    cache_dir: str | None = None              # None -> $GMPQ_CACHE_DIR, else ~/.cache/gmpq (teachers, FP target),
+                                              # or with an address <abs out_dir>/cache (storage the nodes share)
     testing: FaultInjection = field(default_factory=FaultInjection)   # fault injection, for tests only
 
     def __post_init__(self) -> None:
@@ -233,8 +242,12 @@ class SweepConfig:
                        tracking_uri=self.tracking_uri or f"sqlite:///{d / 'mlflow.db'}",
                        optuna_storage=self.optuna_storage or f"sqlite:///{d / 'optuna.db'}",
                        storage_path=self.storage_path or str(d / "ray_results"),
-                       cache_dir=str(Path(self.cache_dir or (d / "cache" if self.address else default_cache_dir()))
-                                     .expanduser().resolve()))
+                       cache_dir=str(Path(self.cache_dir or os.environ.get("GMPQ_CACHE_DIR")
+                                          or (d / "cache" if self.address else default_cache_dir()))
+                                     .expanduser().resolve()),
+                       data_root=canonical_data_source("fashion_mnist", self.data_root)[1],   # absolute: trials chdir
+                       proxy_dataset=_absolute_dataset(self.proxy_dataset),
+                       target_dataset=_absolute_dataset(self.target_dataset))
 
     def proxy_sizes(self) -> tuple:
         """Every proxy size a trial may use (None = the whole proxy train split)."""

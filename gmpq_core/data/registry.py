@@ -10,7 +10,6 @@ import logging
 import os
 from dataclasses import dataclass, replace
 from typing import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +85,8 @@ def canonical_data_source(name: str, root: str | None) -> tuple[str, str | None]
     so cache keys do not depend on the working directory."""
     spec, path = _parse(name)
     if path is not None:
-        name = f"{spec.name}:{Path(path).expanduser().resolve()}"
-    return name, (str(Path(root).expanduser().resolve()) if root else None)
+        name = f"{spec.name}:{os.path.abspath(os.path.expanduser(path))}"
+    return name, (os.path.abspath(os.path.expanduser(root)) if root else None)
 
 
 def resize_split(split: TensorSplit, image_size: int, *, chunk: int = 8192) -> TensorSplit:

@@ -61,3 +61,20 @@ def test_a_rerun_with_another_recipe_is_refused_but_more_seeds_are_welcome(tmp_p
     cfg_file.write_text(yaml.safe_dump(changed))
     assert main(["--config", str(cfg_file), "--out", str(out)]) == 2
     assert "differs in finetune" in capsys.readouterr().err
+
+
+def test_a_study_may_gain_a_proxy_but_not_change_one(tmp_path):
+    import pytest
+    import yaml
+
+    from experiments.generalization import check_same_study_config
+    from gmpq_core.errors import ConfigError
+
+    base = _tiny().to_dict()
+    (tmp_path / "study_config.yaml").write_text(yaml.safe_dump(StudyConfig.from_dict(base).to_dict()))
+    (tmp_path / ROWS_FILE).write_text("")
+    grown = {**base, "proxies": [*base["proxies"], {"name": "extra", "dataset": "fashion_mnist", "size": 300}]}
+    check_same_study_config(StudyConfig.from_dict(grown), tmp_path, ROWS_FILE)          # new cells only
+    changed = {**base, "proxies": [{**base["proxies"][0], "size": 999}]}
+    with pytest.raises(ConfigError, match="differs in proxies"):
+        check_same_study_config(StudyConfig.from_dict(changed), tmp_path, ROWS_FILE)

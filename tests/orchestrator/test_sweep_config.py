@@ -163,7 +163,8 @@ def test_model_cache_defaults_to_the_user_cache_and_follows_cache_dir(tmp_path, 
     assert config_from_args(args).resolved().cache_dir == str(tmp_path / "mine")
 
 
-def test_a_cluster_sweep_keeps_its_cache_in_the_sweep_folder(tmp_path):
+def test_a_cluster_sweep_keeps_its_cache_in_the_sweep_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("GMPQ_CACHE_DIR")
     cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep"), "address": "auto"})
     assert cfg.resolved().cache_dir == str(tmp_path / "sweep" / "cache")   # shared storage on a cluster
 
@@ -178,3 +179,14 @@ def test_resume_keeps_the_cache_the_sweep_started_with(tmp_path, monkeypatch):
     assert _saved_cache_dir(again) == str(tmp_path / "old")
     with pytest.raises(ConfigError, match="Nothing to resume"):  # not "cache_dir differ"
         run_sweep(again, resume=True, progress=False)
+
+
+def test_gmpq_cache_dir_wins_on_a_cluster_and_data_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path / "nfs_cache"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": "sweep", "address": "auto", "data_root": "data",
+                                                      "target_dataset": "imagefolder:trees"}).resolved()
+    assert cfg.cache_dir == str(tmp_path / "nfs_cache")           # the documented way to point at shared storage
+    assert cfg.data_root == str(tmp_path / "data")                # trials run in their own folders
+    assert cfg.target_dataset == f"imagefolder:{tmp_path / 'trees'}"
+    assert cfg.resolved() == cfg                                  # resolving twice changes nothing

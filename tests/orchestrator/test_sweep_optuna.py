@@ -1,6 +1,9 @@
 """Optuna bookkeeping of a sweep (real SQLite storage, no Ray)."""
 from __future__ import annotations
 
+import time
+from datetime import datetime
+
 import optuna
 
 from orchestrator.sweep import _close_orphan_optuna_trials
@@ -18,9 +21,19 @@ def test_trials_left_running_by_a_dead_driver_are_marked_failed_after_the_sweep(
     bucket.ask()
     other = optuna.create_study(study_name="someone-else", storage=storage)
     other.ask()                                                      # another sweep's study: untouched
+    resumed_at = datetime.now()
+    time.sleep(0.05)
+    main.ask()                                      # started after this driver did: another driver's, kept
     said: list[str] = []
-    _close_orphan_optuna_trials(cfg, said.append)
+    _close_orphan_optuna_trials(cfg, said.append, started_before=resumed_at)
     states = {name: [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
               for name in ("s", "s-prune-bucket0", "someone-else")}
-    assert states == {"s": ["COMPLETE", "FAIL"], "s-prune-bucket0": ["FAIL"], "someone-else": ["RUNNING"]}
+    assert states == {"s": ["COMPLETE", "FAIL", "RUNNING"], "s-prune-bucket0": ["FAIL"], "someone-else": ["RUNNING"]}
     assert said == ["2 Optuna trial(s) left RUNNING by an interrupted driver marked FAIL"]
+
+
+def test_a_storage_error_while_closing_orphans_only_warns(tmp_path, caplog):
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "name": "s",
+                                                      "optuna_storage": f"sqlite:///{tmp_path}/no/such/dir/o.db"})
+    _close_orphan_optuna_trials(cfg.resolved(), lambda m: None, started_before=datetime.now())
+    assert "could not close Optuna trials" in caplog.text
