@@ -21,12 +21,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError
 from gmpq_core.policy import BitCandidates
 
 __all__ = ["METHODS", "SEARCHED", "TARGET_PROXY", "NO_PROXY", "ProxySpec", "FPRecipe", "StudyConfig",
-           "load_study_config", "check_same_study_config", "expand_grid", "cell_id", "uniform_bits", "cost_summary", "smoke_version"]
+           "load_study_config", "check_same_study_config", "expand_grid", "cell_id", "uniform_bits", "cost_summary",
+           "smoke_version"]
 
 # Search overrides per searched method (on top of StudyConfig.search).
 SEARCH_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -246,8 +246,8 @@ def _same_shared_proxies(old: Any, new: Any) -> bool:
 def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: str) -> None:
     """Rows already in ``study_dir`` (``rows_file``) must come from the same config: a resumed study
     never mixes two settings. The grid axes a cell id names (methods, budgets, seeds, proxies: a proxy
-    name keeps its spec) may grow or shrink, and how cells are run (name, resources, concurrency, tracking, notes) may change; any
-    other difference is a ConfigError naming the keys."""
+    name keeps its spec) may grow or shrink, and how cells are run (name, resources, concurrency,
+    tracking, notes) may change; any other difference is a ConfigError naming the keys."""
     import yaml
 
     out = Path(study_dir)

@@ -12,7 +12,12 @@ import torch
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
-           "load_checkpoint", "check_writable_dir", "default_cache_dir"]
+           "load_checkpoint", "check_writable_dir", "default_cache_dir", "absolute_path"]
+
+
+def absolute_path(path: str | os.PathLike | None) -> str | None:
+    """``~`` expanded and made absolute against the working directory, symlinks kept (None stays None)."""
+    return os.path.abspath(os.path.expanduser(path)) if path else None
 
 
 def default_cache_dir() -> str:

@@ -128,13 +128,18 @@ def _target_meta(*, model: str, dataset: str, check: TransferCheck, data_root: s
     return meta
 
 
+def _target_file(*, cache_dir: str | Path, **key: Any) -> tuple[dict[str, Any], Path]:
+    """The FP target model's cache key (``_target_meta`` of ``key``) and its file in ``cache_dir``."""
+    meta = _target_meta(**key)
+    return meta, Path(cache_dir).expanduser() / f"target_fp_{_target_key(meta)}.pt"
+
+
 def target_model_cached(*, model: str, dataset: str, check: TransferCheck, cache_dir: str | Path,
                         data_root: str | None = None, image_size: int | None = None,
                         small_input: bool = True) -> bool:
     """Whether ``prepare_target_model`` with these arguments would only read its cache (no training)."""
-    meta = _target_meta(model=model, dataset=dataset, check=check, data_root=data_root, image_size=image_size,
-                        small_input=small_input)
-    path = Path(cache_dir).expanduser() / f"target_fp_{_target_key(meta)}.pt"
+    _, path = _target_file(model=model, dataset=dataset, check=check, cache_dir=cache_dir, data_root=data_root,
+                           image_size=image_size, small_input=small_input)
     return path.is_file() and path.with_suffix(".json").is_file()
 
 
@@ -147,9 +152,8 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
     resumed sweep) only reads the cache. Writes ``target_fp_<hash>.pt`` (state dict) and a
     ``.json`` beside it (the meta below plus the test-slice top-1 in %).
     """
-    meta = _target_meta(model=model, dataset=dataset, check=check, data_root=data_root, image_size=image_size,
-                        small_input=small_input)
-    path = Path(cache_dir).expanduser() / f"target_fp_{_target_key(meta)}.pt"
+    meta, path = _target_file(model=model, dataset=dataset, check=check, cache_dir=cache_dir, data_root=data_root,
+                              image_size=image_size, small_input=small_input)
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         info = read_json(info_path)

@@ -102,27 +102,32 @@ def _job_label(job: tuple[str, int | None]) -> str:
     return f"teacher for proxy size {job[1]}" if job[0] == "teacher" else "FP target model"
 
 
+def _teacher_job(cfg: SweepConfig, proxy_size: int | None, device: str = "cpu") -> Any:
+    """The SearchJob whose teacher serves every trial of this proxy size."""
+    return build_search_job(cfg, {**cfg.space.first_point(), "proxy_size": proxy_size}, device=device)
+
+
+def _target_args(cfg: SweepConfig) -> dict[str, Any]:
+    """What names the FP target model (``prepare_target_model`` / ``target_model_cached`` keywords)."""
+    return dict(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer, cache_dir=cfg.cache_dir,
+                data_root=cfg.data_root, image_size=cfg.image_size, small_input=cfg.small_input)
+
+
 def _shared_job(cfg: SweepConfig, job: tuple[str, int | None], device: str) -> Any:
     """Run one shared job (train, or read the cache): the teacher module or the ``TargetModel``."""
     from gmpq_core.jobs import get_teacher
     from gmpq_core.transfer import prepare_target_model
 
     if job[0] == "teacher":
-        return get_teacher(build_search_job(cfg, {**cfg.space.first_point(), "proxy_size": job[1]}, device=device))
-    return prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
-                                cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
-                                small_input=cfg.small_input, device=device)
+        return get_teacher(_teacher_job(cfg, job[1], device))
+    return prepare_target_model(**_target_args(cfg), device=device)
 
 
 def _shared_job_cached(cfg: SweepConfig, job: tuple[str, int | None]) -> bool:
     from gmpq_core.jobs import teacher_cached
     from gmpq_core.transfer import target_model_cached
 
-    if job[0] == "teacher":
-        return teacher_cached(build_search_job(cfg, {**cfg.space.first_point(), "proxy_size": job[1]}))
-    return target_model_cached(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
-                               cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
-                               small_input=cfg.small_input)
+    return teacher_cached(_teacher_job(cfg, job[1])) if job[0] == "teacher" else target_model_cached(**_target_args(cfg))
 
 
 def _train_shared_task(sweep: dict, job: tuple[str, int | None]) -> float:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from gmpq_core.data import canonical_data_source
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError
-from gmpq_core.fileio import default_cache_dir
+from gmpq_core.fileio import absolute_path, default_cache_dir
 from gmpq_core.policy import BitCandidates
 from gmpq_core.transfer import TransferCheck
 from search_spaces.presets import load_preset, load_yaml
@@ -245,7 +245,7 @@ class SweepConfig:
                        cache_dir=str(Path(self.cache_dir or os.environ.get("GMPQ_CACHE_DIR")
                                           or (d / "cache" if self.address else default_cache_dir()))
                                      .expanduser().resolve()),
-                       data_root=canonical_data_source("fashion_mnist", self.data_root)[1],   # absolute: trials chdir
+                       data_root=absolute_path(self.data_root),          # absolute: trials run in their own folders
                        proxy_dataset=_absolute_dataset(self.proxy_dataset),
                        target_dataset=_absolute_dataset(self.target_dataset))
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..fileio import absolute_path
 from .folder import read_imagefolder
 from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
 from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
@@ -85,8 +86,8 @@ def canonical_data_source(name: str, root: str | None) -> tuple[str, str | None]
     so cache keys do not depend on the working directory."""
     spec, path = _parse(name)
     if path is not None:
-        name = f"{spec.name}:{os.path.abspath(os.path.expanduser(path))}"
-    return name, (os.path.abspath(os.path.expanduser(root)) if root else None)
+        name = f"{spec.name}:{absolute_path(path)}"
+    return name, absolute_path(root)
 
 
 def resize_split(split: TensorSplit, image_size: int, *, chunk: int = 8192) -> TensorSplit:

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from gmpq_core.data import check_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
