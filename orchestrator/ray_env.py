@@ -80,28 +80,33 @@ def ray_session(address: str | None = None, **kwargs) -> Iterator[bool]:
             ray.shutdown()
 
 
-def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1, num_gpus: float = 0,
+def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], *,
+            num_cpus: float | Callable[[Any], float] = 1, num_gpus: float = 0,
             threads: int | None = None, on_done: Callable[[Any, Any], None] | None = None) -> list:
     """``[fn(x) for x in items]``, each call a Ray task with ``num_cpus`` / ``num_gpus`` (Ray must be running).
 
-    The tasks run side by side as far as the cluster's free resources allow. ``threads``: torch threads in
-    each task (default: ``num_cpus``, at least 1; more threads than the task's cores slow small machines
-    down). ``on_done(item, result)`` is called on the driver as each task finishes (progress lines). The
-    first task exception (as its own type: ``except ConfigError`` works) is raised once every task has
-    ended, so the other trainings still reach their cache.
+    The tasks run side by side as far as the cluster's free resources allow. ``num_cpus``: a number, or
+    ``item -> number`` (a long job may take more cores: it starts once that many are free).
+    ``threads``: torch threads in each task (default: the task's ``num_cpus``, at least 1; more threads
+    than the task's cores slow small machines down). ``on_done(item, result)`` is called on the driver
+    as each task finishes (progress lines). The first task exception (as its own type: ``except
+    ConfigError`` works) is raised once every task has ended, so the other trainings still reach their
+    cache.
     """
     import ray
 
-    n_threads = threads or max(1, int(num_cpus))
-
-    def work(item: Any) -> Any:
+    def work(item: Any, n_threads: int) -> Any:
         import torch
 
         torch.set_num_threads(n_threads)
         return fn(item)
 
-    remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(work)
-    refs = [remote.remote(item) for item in items]
+    cpus_of = num_cpus if callable(num_cpus) else (lambda _item: num_cpus)
+    remote = ray.remote(work)
+    refs = []
+    for item in items:
+        cpus = cpus_of(item)
+        refs.append(remote.options(num_cpus=cpus, num_gpus=num_gpus).remote(item, threads or max(1, int(cpus))))
     index = {ref: i for i, ref in enumerate(refs)}
     results: list = [None] * len(refs)
     pending, error = list(refs), None

@@ -1,25 +1,29 @@
 """``run_sweep``: the Ray Tune + Optuna sweep over GMPQ searches (issue 4, items 1, 2 and 7).
 
-Order of work: validate the config (no Ray yet) -> save the resolved config -> train the shared
-artefacts once on the driver (an FP teacher per proxy size, the FP target model) -> start or join
-Ray -> ``Tuner`` with ``OptunaSearch`` (multi-objective: transfer_top1 up, bitops down; persistent
-Optuna storage in the sweep folder), the per-bucket Optuna pruning scheduler, the results/MLflow
-callbacks and a one-line-per-event progress callback -> summary.
+Order of work: validate the config (no Ray yet) -> save the resolved config -> start or join Ray
+while a thread opens the MLflow tracking store (experiment, parent run) and the Optuna storage ->
+preflight (a trial no node can run fails now) -> prepare the shared artefacts (an FP teacher per
+proxy size, the FP target model: read from the model cache, the missing ones trained side by side
+as Ray tasks) -> ``Tuner`` with ``OptunaSearch`` (multi-objective: transfer_top1 up, bitops down;
+persistent Optuna storage in the sweep folder), the per-bucket Optuna pruning scheduler, the
+results/MLflow callbacks and a one-line-per-event progress callback -> summary.
 
 ``resume=True`` restores the Tune experiment (``Tuner.restore``): finished trials are not rerun,
 interrupted and errored ones are rerun from scratch, and the sampler keeps its Optuna study.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import optuna
 from ray import tune
@@ -73,22 +77,26 @@ def prepare_shared(cfg: SweepConfig, *, say=None, threads: int | None = None,
     in ``cache_dir``). FP target model: ``gmpq_core.transfer.prepare_target_model``. Writes
     ``<sweep_dir>/shared.json`` (paths, FP accuracies, training seconds) for later stages.
     ``parallel`` (Ray running): the models not in the cache yet are trained side by side as Ray
-    tasks with one trial's resources each (``ray_map``), then everything is read from the cache here.
-    ``threads``: torch threads for the work done in this process (default: one trial's CPU share,
-    ``resources.cpu``: on a busy small machine more threads than free cores slow PyTorch training
-    down several times); the caller's setting is restored afterwards.
+    tasks (``ray_map``; cores per job: ``_job_cpus``), then everything is read from the cache here.
+    ``threads``: torch threads for the work done in this process (default: ``_job_cpus``, one trial's
+    CPU share, or every local core for the FP target model of a local CPU sweep: on a busy small
+    machine more threads than free cores slow PyTorch training down several times); the caller's
+    setting is restored afterwards.
     """
-    import torch
-
     cfg = cfg.resolved()
     say = say or (lambda msg: None)
     trained = _train_missing_in_parallel(cfg, say) if parallel else {}
-    if threads is None:
-        threads = max(1, int(cfg.resources.cpu))
+    return _prepare_shared(cfg, say, trained, threads)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: float) -> Iterator[None]:
+    import torch
+
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(max(1, int(n)))
     try:
-        return _prepare_shared(cfg, say, trained)
+        yield
     finally:
         torch.set_num_threads(before)
 
@@ -138,8 +146,21 @@ def _train_shared_task(sweep: dict, job: tuple[str, int | None]) -> float:
     return time.perf_counter() - t0
 
 
+def _job_cpus(cfg: SweepConfig, job: tuple[str, int | None]) -> float:
+    """Cores (and torch threads) of one shared training: a trial's share, except the FP target model of a
+    local CPU sweep, which takes every core once the teachers are done. It is most of a cold start (62 s
+    of 70 s in the demo on one core), and nothing else runs yet."""
+    from .ray_env import local_cpu_count
+
+    if job[0] == "target" and cfg.address is None and not cfg.resources.gpu:
+        return max(local_cpu_count(), cfg.resources.cpu)
+    return cfg.resources.cpu
+
+
 def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
     """Train the shared models missing from the cache as parallel Ray tasks; {job: seconds}."""
+    import ray
+
     from .ray_env import ray_map
 
     missing = [job for job in _shared_jobs(cfg) if not _shared_job_cached(cfg, job)]
@@ -147,8 +168,9 @@ def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
         return {}
     say(f"training {len(missing)} shared models side by side: {', '.join(_job_label(j) for j in missing)}")
     sweep = cfg.to_dict()
-    seconds = ray_map(functools.partial(_train_shared_task, sweep), missing, num_cpus=cfg.resources.cpu,
-                      num_gpus=cfg.resources.gpu,
+    ray_cpus = int(ray.cluster_resources().get("CPU", 1))
+    seconds = ray_map(functools.partial(_train_shared_task, sweep), missing,
+                      num_cpus=lambda job: min(_job_cpus(cfg, job), ray_cpus), num_gpus=cfg.resources.gpu,
                       on_done=lambda job, s: say(f"{_job_label(job)}: trained ({s:.1f}s)"))
     unseen = [_job_label(job) for job in missing if not _shared_job_cached(cfg, job)]
     if unseen:   # trained on another node whose cache folder this one cannot see
@@ -158,16 +180,18 @@ def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
     return dict(zip(missing, seconds))
 
 
-def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float]) -> dict[str, Any]:
+def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float], threads: int | None) -> dict[str, Any]:
     device = trial_device(cfg)
     teachers = {}
     for job in _shared_jobs(cfg)[:-1]:
         t0 = time.perf_counter()
-        _shared_job(cfg, job, device)
+        with _torch_threads(threads or _job_cpus(cfg, job)):
+            _shared_job(cfg, job, device)
         teachers[str(job[1])] = round(trained.get(job, time.perf_counter() - t0), 2)
         if job not in trained:
             say(f"{_job_label(job)}: ready ({teachers[str(job[1])]:.1f}s)")
-    target = _shared_job(cfg, ("target", None), device)
+    with _torch_threads(threads or _job_cpus(cfg, ("target", None))):
+        target = _shared_job(cfg, ("target", None), device)
     seconds = trained.get(("target", None), target.seconds)
     say(f"FP target model: top1 {target.top1:.2f}% on the {cfg.transfer.test_size or 'full'}-image test slice "
         f"({'cached' if target.cached and ('target', None) not in trained else f'{seconds:.1f}s'})")
@@ -233,6 +257,42 @@ def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
     sweep_dir = Path(cfg.out_dir)
     return [ResultsCallback(sweep_dir, book),
             MLflowCallback(cfg.tracking_uri, cfg.name, sweep_dir, cfg.to_dict(), book)]
+
+
+def _open_stores(cfg: SweepConfig, callbacks: list, resume: bool) -> Any:
+    """Connect the MLflow callback (tracking store, experiment, parent run) and open the sampler's Optuna
+    storage (None on resume: the restored searcher has its own). Run in a thread while Ray starts: a new
+    SQLite tracking store spends ~2 s creating its tables. MLflow failures only warn (``MLflowSink``)."""
+    from .mlflow_sink import MLflowCallback
+
+    for cb in callbacks:
+        if isinstance(cb, MLflowCallback):
+            cb.sink.connect(reopen=True)
+    return None if resume else optuna.storages.RDBStorage(cfg.optuna_storage)
+
+
+def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
+                optuna_storage: Any, *, resume: bool, say) -> Any:
+    """The sweep's ``Tuner``: a new one (Optuna sampler on ``optuna_storage``), or the restored experiment."""
+    scheduler = OptunaPruningScheduler(pruner=cfg.pruner.name, pruner_kwargs=cfg.pruner.kwargs, status_book=book,
+                                       storage=cfg.optuna_storage, study_prefix=f"{cfg.name}-prune")
+    trainable = tune.with_resources(make_trainable(context), cfg.resources.to_ray())
+    if resume:
+        exp = experiment_path(cfg)
+        say(f"resuming {exp}")
+        tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True, restart_errored=False)
+        _swap_restored(tuner, scheduler, callbacks)
+        return tuner
+    searcher = SweepOptunaSearch(
+        space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
+        sampler=optuna.samplers.TPESampler(seed=cfg.seed), storage=optuna_storage, study_name=cfg.name)
+    return tune.Tuner(
+        trainable, param_space={},
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials,
+                                    max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
+        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                                  callbacks=callbacks))
 
 
 def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
@@ -353,33 +413,18 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     from .ray_env import ray_session
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    book = TrialStatusBook(sweep_dir / "trial_status.json")
+    callbacks = _results_callbacks(cfg, book)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores")
+    stores = pool.submit(_open_stores, cfg, callbacks, resume)        # while Ray starts (saves ~2-3 s)
+    pool.shutdown(wait=False)                                         # the thread ends after its one job
     with ray_session(cfg.address):
         _preflight(cfg)                                    # a request no node can run fails now, not hangs
         say(f"preparing shared artefacts in {cfg.cache_dir}")
         context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
-        book = TrialStatusBook(sweep_dir / "trial_status.json")
-        scheduler = OptunaPruningScheduler(pruner=cfg.pruner.name, pruner_kwargs=cfg.pruner.kwargs, status_book=book,
-                                           storage=cfg.optuna_storage, study_prefix=f"{cfg.name}-prune")
-        callbacks = _results_callbacks(cfg, book)
-        if progress:
+        if progress:                                       # its clock starts with the trials
             callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets))
-        trainable = tune.with_resources(make_trainable(context), cfg.resources.to_ray())
-        if resume:
-            say(f"resuming {exp}")
-            tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True, restart_errored=False)
-            _swap_restored(tuner, scheduler, callbacks)
-        else:
-            searcher = SweepOptunaSearch(
-                space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
-                sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                storage=optuna.storages.RDBStorage(cfg.optuna_storage), study_name=cfg.name)
-            tuner = tune.Tuner(
-                trainable, param_space={},
-                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials,
-                                            max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
-                run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.storage_path, verbose=0,
-                                          failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                          callbacks=callbacks))
+        tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
         say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")
         grid = tuner.fit()

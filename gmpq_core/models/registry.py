@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torchvision
 from torch import nn
 
 from ..errors import ConfigError
@@ -59,7 +58,15 @@ def gradcam_layer_name(name: str) -> str:
     return _get(name).gradcam_layer
 
 
-def _resnet_stem(model: torchvision.models.ResNet, in_channels: int, small_input: bool) -> torchvision.models.ResNet:
+def _torchvision_models():
+    """``torchvision.models``, imported on first use: the import takes 1-2 s (it pulls in torch._dynamo),
+    paid otherwise by every process that builds only resnet20 (CLI, Ray trial actors, Ray Train workers)."""
+    import torchvision.models  # noqa: PLC0415
+
+    return torchvision.models
+
+
+def _resnet_stem(model: nn.Module, in_channels: int, small_input: bool) -> nn.Module:
     if small_input:
         model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
@@ -70,17 +77,17 @@ def _resnet_stem(model: torchvision.models.ResNet, in_channels: int, small_input
 
 @register_model("resnet18", "layer4", "torchvision ResNet-18 (19 searchable layers)")
 def resnet18(*, num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
-    return _resnet_stem(torchvision.models.resnet18(num_classes=num_classes), in_channels, small_input)
+    return _resnet_stem(_torchvision_models().resnet18(num_classes=num_classes), in_channels, small_input)
 
 
 @register_model("resnet50", "layer4", "torchvision ResNet-50 (52 searchable layers)")
 def resnet50(*, num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
-    return _resnet_stem(torchvision.models.resnet50(num_classes=num_classes), in_channels, small_input)
+    return _resnet_stem(_torchvision_models().resnet50(num_classes=num_classes), in_channels, small_input)
 
 
 @register_model("mobilenet_v2", "features.18", "torchvision MobileNetV2 (51 searchable layers)")
 def mobilenet_v2(*, num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
-    model = torchvision.models.mobilenet_v2(num_classes=num_classes)
+    model = _torchvision_models().mobilenet_v2(num_classes=num_classes)
     old = model.features[0][0]
     if small_input or in_channels != 3:
         model.features[0][0] = nn.Conv2d(in_channels, old.out_channels, 3, 1 if small_input else 2, 1, bias=False)

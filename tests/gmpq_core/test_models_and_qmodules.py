@@ -78,3 +78,12 @@ def test_core_does_not_import_orchestration_packages():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def test_torchvision_is_imported_only_to_build_a_torchvision_model():
+    """Its import costs 1-2 s in every trial actor and CLI call that never builds one."""
+    code = ("import sys, gmpq_core.models as m; m.build_model('resnet20', num_classes=10, in_channels=1, small_input=True); "
+            "a = 'torchvision' in sys.modules; m.build_model('resnet18', num_classes=10, in_channels=1, small_input=True); "
+            "print(a, 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True"]

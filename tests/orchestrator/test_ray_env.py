@@ -70,3 +70,16 @@ def test_ray_map_raises_the_first_error_as_its_own_type_after_the_other_jobs_fin
         ray_map(_fail_or_mark, [(str(tmp_path), "bad"), (str(tmp_path), "good")], num_cpus=1)
     assert str(err.value) == "bad job"       # the task's own message, not Ray's wrapper with a traceback
     assert (tmp_path / "good").exists()      # the good job still ran to its end
+
+
+def _torch_threads_job(name: str) -> tuple:
+    import torch
+
+    return name, torch.get_num_threads()
+
+
+def test_ray_map_gives_each_job_its_own_cores_as_torch_threads(ray_2cpu):
+    from orchestrator.ray_env import ray_map
+
+    out = ray_map(_torch_threads_job, ["teacher", "target"], num_cpus=lambda job: 2 if job == "target" else 1)
+    assert out == [("teacher", 1), ("target", 2)]

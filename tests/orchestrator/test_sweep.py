@@ -20,7 +20,7 @@ TINY = {
     "pruner": {"name": "median", "kwargs": {"n_startup_trials": 1, "n_warmup_steps": 0}},
     "space": {"proxy_size": [100, 200], "search_epochs": 2, "budget_avg_bits": {"type": "float", "low": 2.5, "high": 5.0}},
     "search": {"batch_size": 32, "max_steps_per_epoch": 2, "recalibrate_bn_batches": 1},
-    "transfer": {"train_size": 256, "test_size": 200, "batch_size": 64, "fp_epochs": 1, "fp_train_size": 2000,
+    "transfer": {"train_size": 1024, "test_size": 200, "batch_size": 64, "fp_epochs": 1, "fp_train_size": 2000,
                  "fp_batch_size": 64},
 }
 

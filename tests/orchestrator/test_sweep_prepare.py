@@ -1,0 +1,45 @@
+"""Sweep start-up: cores per shared training, and the stores opened while Ray starts (no Ray here)."""
+from __future__ import annotations
+
+import optuna
+import pytest
+
+from orchestrator.sweep_config import load_sweep_config
+
+
+def _cfg(tmp_path, **overrides):
+    return load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), **overrides}).resolved()
+
+
+def test_the_fp_target_of_a_local_cpu_sweep_takes_every_core_and_teachers_one_trial_share(tmp_path):
+    from orchestrator.ray_env import local_cpu_count
+    from orchestrator.sweep import _job_cpus
+
+    cfg = _cfg(tmp_path)
+    assert _job_cpus(cfg, ("teacher", 500)) == cfg.resources.cpu == 1
+    assert _job_cpus(cfg, ("target", None)) == max(local_cpu_count(), 1)
+
+
+@pytest.mark.parametrize("overrides", [{"address": "ray://head:10001"}, {"resources": {"cpu": 2, "gpu": 1}}])
+def test_on_a_cluster_or_a_gpu_the_fp_target_keeps_one_trial_share(tmp_path, overrides):
+    from orchestrator.sweep import _job_cpus
+
+    cfg = _cfg(tmp_path, **overrides)
+    assert _job_cpus(cfg, ("target", None)) == cfg.resources.cpu
+
+
+def test_open_stores_connects_mlflow_and_opens_the_optuna_storage_of_a_new_sweep(tmp_path):
+    from orchestrator.mlflow_sink import MLflowCallback
+    from orchestrator.sweep import _open_stores, _results_callbacks
+    from orchestrator.sweep_config import save_resolved_config
+    from orchestrator.trial_status import TrialStatusBook
+
+    cfg = _cfg(tmp_path)
+    save_resolved_config(cfg)
+    callbacks = _results_callbacks(cfg, TrialStatusBook(tmp_path / "trial_status.json"))
+    storage = _open_stores(cfg, callbacks, resume=False)
+    assert isinstance(storage, optuna.storages.RDBStorage) and (tmp_path / "optuna.db").is_file()
+    sink = next(cb for cb in callbacks if isinstance(cb, MLflowCallback)).sink
+    assert sink.client is not None and sink.parent_run_id is not None
+    assert sink.client.get_run(sink.parent_run_id).info.status == "RUNNING"
+    assert _open_stores(cfg, callbacks, resume=True) is None      # the restored searcher brings its own
