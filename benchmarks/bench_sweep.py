@@ -15,6 +15,9 @@ scheduling, MLflow/Parquet callbacks, and inside the trials their data/teacher l
 difference between a trial's wall_seconds and its compute is printed too). The phases are timed by
 wrapping those two functions for this run only; nothing else changes. Pruned or failed trials have
 no search/transfer timings: their wall_seconds count as compute (an upper bound) and are listed.
+Part of the rest is not orchestration but the sweep's tail: once the last trial has started, a slot
+whose trial ends (an early-pruned one, say) has nothing left to run. That share is printed on its own
+(``tail_idle_slot_s``, from the trials' start/finish times).
 
     python benchmarks/bench_sweep.py                      # demo preset, as `gmpq sweep --preset demo`
     python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --json sweep.json
@@ -126,6 +129,7 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
         if w is not None:
             in_trial_other += max(w - c, 0.0)
     capacity = wall * slots
+    tail_idle = _tail_idle_slot_s(rows, slots)
     res = {"preset": args.preset, "prep": prep, "n_trials": len(rows), "n_completed": summary.n_completed,
            "n_pruned": summary.n_pruned, "n_failed": summary.n_failed, "slots": slots,
            "wall_s": round(wall, 2), "import_s": round(import_s, 2),
@@ -133,6 +137,8 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
            "tune_phase_s": round(times.get("tune_phase_s", 0.0), 2), "ray_stop_s": round(times.get("ray_stop_s", 0.0), 2),
            "trial_compute_s": round(compute, 2), "in_trial_non_compute_s": round(in_trial_other, 2),
            "compute_fraction": round(compute / capacity, 4) if capacity > 0 else None,
+           "tail_idle_slot_s": round(tail_idle, 2),
+           "tail_idle_fraction": round(tail_idle / capacity, 4) if capacity > 0 else None,
            "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
                                               if times.get("tune_phase_s") else None),
            "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir,
@@ -140,6 +146,24 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
     if tmp:
         shutil.rmtree(out, ignore_errors=True)
     return res
+
+
+def _tail_idle_slot_s(rows: list[dict], slots: int) -> float:
+    """Slot-seconds left idle after the last trial started (nothing left to run: the sweep's tail), from the
+    driver-side start/finish times in trials.parquet: the integral of (slots - running trials) over that span."""
+    from datetime import datetime
+
+    spans = [(datetime.fromisoformat(r["started_at"]).timestamp(), datetime.fromisoformat(r["finished_at"]).timestamp())
+             for r in rows if r.get("started_at") and r.get("finished_at")]
+    if not spans:
+        return 0.0
+    last_start, end = max(a for a, _ in spans), max(b for _, b in spans)
+    cuts = sorted({last_start, end, *(b for _, b in spans if last_start < b < end)})
+    idle = 0.0
+    for lo, hi in zip(cuts, cuts[1:]):
+        running = sum(a <= lo and b >= hi for a, b in spans)
+        idle += max(slots - running, 0) * (hi - lo)
+    return idle
 
 
 def _sequential(prepare, cfg, **kw):
@@ -153,7 +177,10 @@ def _print(res: dict) -> None:
           f"{res['n_pruned']} pruned, {res['n_failed']} failed), {slots} slot(s), wall {wall:.1f} s "
           f"(+{res['import_s']:.1f} s imports)")
     print(f"  trial compute (search + transfer): {res['trial_compute_s']:.1f} slot-s of {wall * slots:.1f} -> "
-          f"{100 * res['compute_fraction']:.1f}% of the wall time (goal >= 90%)")
+          f"{100 * res['compute_fraction']:.1f}% of the wall time (goal >= 90%: "
+          f"{'met' if res['compute_fraction'] >= 0.9 else 'MISSED'})")
+    print(f"  of the rest, idle slots after the last trial started (no trial left to run): "
+          f"{res['tail_idle_slot_s']:.1f} slot-s = {100 * res['tail_idle_fraction']:.1f}% of the wall time")
     print(f"  orchestration: prepare {res['prepare_s']:.1f} s, Ray start {res['ray_start_s']:.1f} s, "
           f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
           f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "
