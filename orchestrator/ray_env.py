@@ -14,7 +14,7 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["quiet_ray_env", "local_cpu_count", "init_ray", "ray_session", "ray_map", "OBJECT_STORE_BYTES"]
+__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "ray_map", "OBJECT_STORE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,13 @@ def local_cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:   # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def ray_cpus() -> int:
+    """CPUs of the running Ray cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,

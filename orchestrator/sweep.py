@@ -36,6 +36,7 @@ from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
 from .sweep_config import SweepConfig, check_sweep_config, save_resolved_config
+from .tail_threads import TailThreads, uses_tail_threads
 from .trainable import build_search_job, make_trainable, trial_device
 from .trial_status import TrialStatusBook
 
@@ -159,18 +160,16 @@ def _job_cpus(cfg: SweepConfig, job: tuple[str, int | None]) -> float:
 
 def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
     """Train the shared models missing from the cache as parallel Ray tasks; {job: seconds}."""
-    import ray
-
-    from .ray_env import ray_map
+    from .ray_env import ray_cpus, ray_map
 
     missing = [job for job in _shared_jobs(cfg) if not _shared_job_cached(cfg, job)]
     if not missing or (len(missing) == 1 and cfg.address is None):   # nothing to overlap: the driver does it
         return {}
     say(f"training {len(missing)} shared models side by side: {', '.join(_job_label(j) for j in missing)}")
     sweep = cfg.to_dict()
-    ray_cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = ray_cpus()
     seconds = ray_map(functools.partial(_train_shared_task, sweep), missing,
-                      num_cpus=lambda job: min(_job_cpus(cfg, job), ray_cpus), num_gpus=cfg.resources.gpu,
+                      num_cpus=lambda job: min(_job_cpus(cfg, job), cpus), num_gpus=cfg.resources.gpu,
                       on_done=lambda job, s: say(f"{_job_label(job)}: trained ({s:.1f}s)"))
     unseen = [_job_label(job) for job in missing if not _shared_job_cached(cfg, job)]
     if unseen:   # trained on another node whose cache folder this one cannot see
@@ -410,7 +409,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     save_resolved_config(cfg)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event
-    from .ray_env import ray_session
+    from .ray_env import local_cpu_count, ray_cpus, ray_session
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     book = TrialStatusBook(sweep_dir / "trial_status.json")
@@ -424,6 +423,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
         context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
         if progress:                                       # its clock starts with the trials
             callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets))
+        if uses_tail_threads(cfg):
+            cores = min(local_cpu_count(), ray_cpus())
+            callbacks.append(TailThreads(cfg.out_dir, cfg.n_trials, cores, cfg.resources.cpu))
         tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
         say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")

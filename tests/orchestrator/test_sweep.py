@@ -72,6 +72,9 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     assert summary.n_trials == 3 and summary.n_failed == 0 and summary.n_completed >= 1
     df = _check_trials_table(sweep_dir, 3)
     assert (df["status"] == "pruned").sum() == summary.n_pruned
+    # the sweep's tail: once trial 3 had started, the first of the last two to end gave its core away
+    from orchestrator.ray_env import local_cpu_count
+    assert json.loads((sweep_dir / "trial_threads.json").read_text()) == {"threads": local_cpu_count(), "running": 1}
     # Optuna storage: a multi-objective study whose finished trials carry the same numbers as the table
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{sweep_dir}/optuna.db")
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
