@@ -7,6 +7,7 @@
 # Writes OUT_DIR/{old,new}_<round>.json and prints each run's summary, then the mean compute fractions.
 set -euo pipefail
 old_rev=${1:?OLD_REV}; out=${2:?OUT_DIR}; rounds=${3:-2}; shift $(( $# < 3 ? $# : 3 ))
+case $rounds in ''|*[!0-9]*|0) echo "ab_sweep.sh: ROUNDS must be a positive number, got '$rounds' (the bench_sweep.py arguments come after it)" >&2; exit 2;; esac
 here=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-$here/.venv/bin/python}
 mkdir -p "$out"

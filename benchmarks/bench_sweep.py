@@ -17,7 +17,9 @@ wrapping those two functions for this run only; nothing else changes. Pruned or 
 no search/transfer timings: their wall_seconds count as compute (an upper bound) and are listed.
 Part of the rest is not orchestration but the sweep's tail: once the last trial has started, a slot
 whose trial ends (an early-pruned one, say) has nothing left to run. That share is printed on its own
-(``tail_idle_slot_s``, from the trials' start/finish times).
+(``tail_idle_slot_s``, from the trials' start/finish times); in a local CPU sweep the slot's cores are
+not idle then but lent to the trials still running (``orchestrator.tail_threads``), which shortens
+the tail, but the slot counts as without compute here.
 
     python benchmarks/bench_sweep.py                      # demo preset, as `gmpq sweep --preset demo`
     python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --json sweep.json
@@ -179,8 +181,9 @@ def _print(res: dict) -> None:
     print(f"  trial compute (search + transfer): {res['trial_compute_s']:.1f} slot-s of {wall * slots:.1f} -> "
           f"{100 * res['compute_fraction']:.1f}% of the wall time (goal >= 90%: "
           f"{'met' if res['compute_fraction'] >= 0.9 else 'MISSED'})")
-    print(f"  of the rest, idle slots after the last trial started (no trial left to run): "
-          f"{res['tail_idle_slot_s']:.1f} slot-s = {100 * res['tail_idle_fraction']:.1f}% of the wall time")
+    print(f"  of the rest, slots without a trial after the last one started (nothing left to run; their "
+          f"cores go to the trials still running): {res['tail_idle_slot_s']:.1f} slot-s = "
+          f"{100 * res['tail_idle_fraction']:.1f}% of the wall time")
     print(f"  orchestration: prepare {res['prepare_s']:.1f} s, Ray start {res['ray_start_s']:.1f} s, "
           f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
           f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "

@@ -148,8 +148,9 @@ class MLflowSink:
             return None
 
     # -- connection, parent run and persisted ids ---------------------------------------------
-    def connect(self, *, reopen: bool = False) -> bool:
-        """Connect, find/create the experiment and the parent run (``reopen``: mark it RUNNING again)."""
+    def open_store(self) -> bool:
+        """Connect to the tracking store and find/create the experiment, without touching any run (a new
+        SQLite store creates its tables here, ~2 s: ``run_sweep`` does this while Ray starts)."""
         if self._client is not None or not self.enabled:
             return self.enabled
         if self.tracking_uri.startswith(("http://", "https://")):
@@ -162,11 +163,22 @@ class MLflowSink:
         try:
             from mlflow.tracking import MlflowClient
             client = MlflowClient(tracking_uri=self.tracking_uri)
-            self._client = client
             self._experiment_id = self._experiment(client)
-            self._load_ids()
-            self.parent_run_id = self._parent(client, reopen=reopen)
+            self._client = client
         except Exception as e:  # see call(): any failure here means MLflow is unusable for this sweep
+            self._disable("connecting", f"{type(e).__name__}: {e}")
+        return self.enabled
+
+    def connect(self, *, reopen: bool = False) -> bool:
+        """Connect, find/create the experiment and the parent run (``reopen``: mark it RUNNING again)."""
+        if (self._client is not None and self.parent_run_id is not None) or not self.enabled:
+            return self.enabled
+        if not self.open_store():
+            return False
+        try:
+            self._load_ids()
+            self.parent_run_id = self._parent(self._client, reopen=reopen)
+        except Exception as e:  # as in open_store
             self._client = None
             self._disable("connecting", f"{type(e).__name__}: {e}")
         return self.enabled

@@ -45,10 +45,10 @@ def local_cpu_count() -> int:
 
 
 def ray_cpus() -> int:
-    """CPUs of the running Ray cluster (at least 1)."""
+    """CPUs of the running Ray cluster's largest live node (at least 1): the most one task can get."""
     import ray
 
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max([1, *(int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive"))])
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,

@@ -35,8 +35,8 @@ from gmpq_core.fileio import atomic_write_json
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
-from .sweep_config import SweepConfig, check_sweep_config, save_resolved_config
-from .tail_threads import TailThreads, uses_tail_threads
+from .sweep_config import SweepConfig, check_sweep_config, is_local_cpu_sweep, save_resolved_config
+from .tail_threads import TailThreads
 from .trainable import build_search_job, make_trainable, trial_device
 from .trial_status import TrialStatusBook
 
@@ -147,14 +147,20 @@ def _train_shared_task(sweep: dict, job: tuple[str, int | None]) -> float:
     return time.perf_counter() - t0
 
 
-def _job_cpus(cfg: SweepConfig, job: tuple[str, int | None]) -> float:
-    """Cores (and torch threads) of one shared training: a trial's share, except the FP target model of a
-    local CPU sweep, which takes every core once the teachers are done. It is most of a cold start (62 s
-    of 70 s in the demo on one core), and nothing else runs yet."""
+def _sweep_cores(cfg: SweepConfig) -> int:
+    """The cores a local sweep may use: its trial slots' (``max_concurrent_trials`` x ``resources.cpu``),
+    at most the machine's."""
     from .ray_env import local_cpu_count
 
-    if job[0] == "target" and cfg.address is None and not cfg.resources.gpu:
-        return max(local_cpu_count(), cfg.resources.cpu)
+    return max(1, min(local_cpu_count(), int(cfg.max_concurrent_trials * cfg.resources.cpu)))
+
+
+def _job_cpus(cfg: SweepConfig, job: tuple[str, int | None]) -> float:
+    """Cores (and torch threads) of one shared training: a trial's share, except the FP target model of a
+    local CPU sweep, which takes all the sweep's cores (``_sweep_cores``) once the teachers are done. It
+    is most of a cold start (62 s of 70 s in the demo on one core), and nothing else runs yet."""
+    if job[0] == "target" and is_local_cpu_sweep(cfg):
+        return max(_sweep_cores(cfg), cfg.resources.cpu)
     return cfg.resources.cpu
 
 
@@ -259,15 +265,36 @@ def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
 
 
 def _open_stores(cfg: SweepConfig, callbacks: list, resume: bool) -> Any:
-    """Connect the MLflow callback (tracking store, experiment, parent run) and open the sampler's Optuna
-    storage (None on resume: the restored searcher has its own). Run in a thread while Ray starts: a new
-    SQLite tracking store spends ~2 s creating its tables. MLflow failures only warn (``MLflowSink``)."""
+    """Open the MLflow callback's tracking store and experiment (no run yet: the parent run is made when
+    the Tuner starts, after the checks that can still fail) and the sampler's Optuna storage (None on
+    resume: the restored searcher has its own). Run in a thread while Ray starts: a new SQLite tracking
+    store spends ~2 s creating its tables. MLflow failures only warn (``MLflowSink``)."""
     from .mlflow_sink import MLflowCallback
 
     for cb in callbacks:
         if isinstance(cb, MLflowCallback):
-            cb.sink.connect(reopen=True)
+            cb.sink.open_store()
     return None if resume else optuna.storages.RDBStorage(cfg.optuna_storage)
+
+
+def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook, *, resume: bool, progress: bool,
+          prep_threads: int | None, say) -> Any:
+    """Inside a Ray session: preflight, shared preparation, then the Tuner's run; returns its ResultGrid."""
+    from .ray_env import ray_cpus, ray_session
+
+    with ray_session(cfg.address):
+        _preflight(cfg)                                    # a request no node can run fails now, not hangs
+        say(f"preparing shared artefacts in {cfg.cache_dir}")
+        context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
+        if progress:                                       # its clock starts with the trials
+            callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets))
+        if is_local_cpu_sweep(cfg):
+            callbacks.append(TailThreads(cfg.out_dir, cfg.n_trials, min(_sweep_cores(cfg), ray_cpus()),
+                                         cfg.resources.cpu))
+        tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
+        say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
+            f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")
+        return tuner.fit()
 
 
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
@@ -409,28 +436,14 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     save_resolved_config(cfg)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event
-    from .ray_env import local_cpu_count, ray_cpus, ray_session
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
-    pool = ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores")
-    stores = pool.submit(_open_stores, cfg, callbacks, resume)        # while Ray starts (saves ~2-3 s)
-    pool.shutdown(wait=False)                                         # the thread ends after its one job
-    with ray_session(cfg.address):
-        _preflight(cfg)                                    # a request no node can run fails now, not hangs
-        say(f"preparing shared artefacts in {cfg.cache_dir}")
-        context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
-        if progress:                                       # its clock starts with the trials
-            callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets))
-        if uses_tail_threads(cfg):
-            cores = min(local_cpu_count(), ray_cpus())
-            callbacks.append(TailThreads(cfg.out_dir, cfg.n_trials, cores, cfg.resources.cpu))
-        tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
-        say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
-            f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")
-        grid = tuner.fit()
-        rows = _summary_rows(grid, book)
+    with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
+        stores = pool.submit(_open_stores, cfg, callbacks, resume)              # while Ray starts (~2-3 s)
+        grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress, prep_threads=prep_threads,
+                     say=say)
+    rows = _summary_rows(grid, book)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed")}
     if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end
         _close_orphan_optuna_trials(cfg, say, started_before=started_at)

@@ -24,7 +24,7 @@ from gmpq_core.transfer import TransferCheck
 from search_spaces.presets import load_preset, load_yaml
 from search_spaces.space import SearchSpace
 
-__all__ = ["CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig", "SweepFacts",
+__all__ = ["is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig", "SweepFacts",
            "load_sweep_config", "check_sweep_config", "save_resolved_config", "deep_merge",
            "trial_search_config"]
 
@@ -434,6 +434,11 @@ def trial_search_config(cfg: SweepConfig, params: Mapping[str, Any]) -> Any:
         kw["epochs"] = int(params["search_epochs"])
     return SearchConfig(candidates=cfg.candidates, budget=Budget(avg_bits=float(params["budget_avg_bits"])),
                         seed=cfg.seed, **kw)
+
+
+def is_local_cpu_sweep(cfg: SweepConfig) -> bool:
+    """A sweep on this machine's CPUs only: its trials share the driver's cores and sweep folder."""
+    return cfg.address is None and not cfg.resources.gpu
 
 
 def save_resolved_config(cfg: SweepConfig) -> Path:

@@ -33,8 +33,8 @@ import torch
 from gmpq_core.transfer import load_target_model, prepare_target_model, run_transfer_check, target_slices
 from search_spaces.space import bucket_of
 
-from .sweep_config import SweepConfig, trial_search_config
-from .tail_threads import ThreadsFollower, uses_tail_threads
+from .sweep_config import SweepConfig, is_local_cpu_sweep, trial_search_config
+from .tail_threads import ThreadsFollower
 
 __all__ = ["EPOCH_KEYS", "FINAL_KEYS", "TuneReporter", "build_search_job", "run_trial", "make_trainable",
            "TRIAL_EVENTS", "InjectedFault", "trial_number", "finished_result"]
@@ -202,7 +202,7 @@ def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: Rep
     reporter = TuneReporter(report, budget_bucket=bucket)
     job = _inject_faults(cfg, build_search_job(cfg, params, device=device), trial_id, number)
     follow = None
-    if uses_tail_threads(cfg):          # the cores idle at the sweep's tail (orchestrator.tail_threads)
+    if is_local_cpu_sweep(cfg):         # the cores idle at the sweep's tail (orchestrator.tail_threads)
         follow = ThreadsFollower(cfg.out_dir, on_change=lambda k: _log_event(
             cfg.out_dir, {"event": "threads", "trial_id": trial_id, "threads": k}))
     result = run_search_job(job, reporter=reporter, progress=follow)

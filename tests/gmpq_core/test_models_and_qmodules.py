@@ -85,5 +85,6 @@ def test_torchvision_is_imported_only_to_build_a_torchvision_model():
     code = ("import sys, gmpq_core.models as m; m.build_model('resnet20', num_classes=10, in_channels=1, small_input=True); "
             "a = 'torchvision' in sys.modules; m.build_model('resnet18', num_classes=10, in_channels=1, small_input=True); "
             "print(a, 'torchvision' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=120).stdout.split()
     assert out == ["False", "True"]

@@ -11,13 +11,15 @@ def _cfg(tmp_path, **overrides):
     return load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), **overrides}).resolved()
 
 
-def test_the_fp_target_of_a_local_cpu_sweep_takes_every_core_and_teachers_one_trial_share(tmp_path):
+def test_the_fp_target_of_a_local_cpu_sweep_takes_the_sweeps_cores_and_teachers_one_trial_share(tmp_path):
     from orchestrator.ray_env import local_cpu_count
     from orchestrator.sweep import _job_cpus
 
     cfg = _cfg(tmp_path)
     assert _job_cpus(cfg, ("teacher", 500)) == cfg.resources.cpu == 1
-    assert _job_cpus(cfg, ("target", None)) == max(local_cpu_count(), 1)
+    assert _job_cpus(cfg, ("target", None)) == min(local_cpu_count(), 2)     # the sweep's 2 slots x 1 CPU
+    wide = _cfg(tmp_path, max_concurrent_trials=64)
+    assert _job_cpus(wide, ("target", None)) == local_cpu_count()            # never more than the machine
 
 
 @pytest.mark.parametrize("overrides", [{"address": "ray://head:10001"}, {"resources": {"cpu": 2, "gpu": 1}}])
@@ -40,6 +42,8 @@ def test_open_stores_connects_mlflow_and_opens_the_optuna_storage_of_a_new_sweep
     storage = _open_stores(cfg, callbacks, resume=False)
     assert isinstance(storage, optuna.storages.RDBStorage) and (tmp_path / "optuna.db").is_file()
     sink = next(cb for cb in callbacks if isinstance(cb, MLflowCallback)).sink
-    assert sink.client is not None and sink.parent_run_id is not None
+    assert sink.client is not None and sink.client.get_experiment_by_name("demo") is not None
+    assert sink.parent_run_id is None and not (tmp_path / "mlflow_parent.json").exists()   # no run before setup
+    next(cb for cb in callbacks if isinstance(cb, MLflowCallback)).setup()
     assert sink.client.get_run(sink.parent_run_id).info.status == "RUNNING"
     assert _open_stores(cfg, callbacks, resume=True) is None      # the restored searcher brings its own
