@@ -3,12 +3,12 @@
 Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlflow.db``):
 - one parent run per sweep (id kept in ``<sweep_dir>/mlflow_parent.json`` so a resumed sweep reuses it)
   with the resolved config as a few flattened params and ``sweep_config.yaml`` as artifact; later the
-  Pareto table + plot and the Parquet tables;
+  Pareto table + plot and the Parquet tables (``mlflow_stages``);
 - one child run per trial (tag ``mlflow.parentRunId``; ids kept in ``<sweep_dir>/mlflow_runs.json`` so a
   resumed sweep does not duplicate them): the trial's config as params, per-epoch metrics with
   ``step=epoch``, the final metrics, ``policy.json``, tag ``status`` and run status FINISHED (completed),
   KILLED (pruned) or FAILED (failed);
-- one child run per final fine-tune (``finetune-<trial_id>``).
+- one child run per final fine-tune (``finetune-<trial_id>``, ``mlflow_stages.log_final``).
 
 MLflow is a view: if the tracking store cannot be reached, the sink warns once and does nothing more
 (Parquet stays the source of truth); ``gmpq sync-mlflow --sweep DIR`` (``orchestrator.sync``) uploads
@@ -30,16 +30,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-import pandas as pd
 from ray.tune import Callback
 
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .results import CONFIG_FILE, LAYERS_FILE, TRIALS_FILE, _error_text, load_resolved_config, resolve_status
+from .results import CONFIG_FILE, TRIALS_FILE, _error_text, load_resolved_config, resolve_status
 
-__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink", "MLflowCallback",
-           "log_pareto", "log_final"]
+__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink", "MLflowCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -401,53 +399,3 @@ class MLflowCallback(Callback):
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.sink.finish(self.sink.parent_run_id, "FINISHED")
-
-
-def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.DataFrame,
-               png_path: str | Path | None) -> bool:
-    """Add the Pareto table (JSON table + Parquet), the plot and trials/layers Parquet to the parent run.
-
-    Child runs of front trials get tag ``pareto`` = ``selected`` or ``front``. Returns False when
-    MLflow could not be written (after one warning).
-    """
-    sink = MLflowSink(tracking_uri, sweep_dir)
-    if not sink.connect():
-        return False
-    c, pid, d = sink.client, sink.parent_run_id, Path(sweep_dir)
-    table = pareto_df.drop(columns=[x for x in ("policy_json", "layers_json") if x in pareto_df])
-    sink.call("logging the Pareto table", c.log_table, pid, table, "pareto/pareto_table.json")
-    for f in [d / "pareto.parquet", png_path, d / TRIALS_FILE, d / LAYERS_FILE]:
-        if f is not None and Path(f).is_file():
-            sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
-    sink.log_metrics(pid, {"pareto_size": len(pareto_df),
-                           "n_selected": int(pareto_df["selected"].sum()) if "selected" in pareto_df else 0})
-    for tid, sel in zip(pareto_df.get("trial_id", []), pareto_df.get("selected", [False] * len(pareto_df))):
-        rid = sink.runs["trials"].get(str(tid))
-        if rid:
-            sink.call("tagging a Pareto trial", c.set_tag, rid, "pareto", "selected" if sel else "front")
-    return sink.enabled
-
-
-def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.DataFrame, *,
-              histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None) -> bool:
-    """One child run ``finetune-<trial_id>`` per policy (reused on rerun); final.parquet + plot on the parent."""
-    sink = MLflowSink(tracking_uri, sweep_dir)
-    if not sink.connect():
-        return False
-    for row in final_df.to_dict("records"):
-        tid = str(row["trial_id"])
-        rid = sink.child_run("finetune", tid, run_name=f"finetune-{tid}",
-                             params={k: row.get(k) for k in ("trial_id", "policy_source", "epochs", "workers")},
-                             tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running"})
-        for h in (histories or {}).get(tid, []):
-            sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))
-        sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "bitops_total",
-                                                         "seconds", "transfer_top1")}, step=int(row.get("epochs") or 0))
-        if row.get("policy_json"):
-            sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
-        sink.finish(rid, "FINISHED", {"status": "completed"})
-    d = Path(sweep_dir)
-    for f in [d / "final.parquet", png_path]:
-        if f is not None and Path(f).is_file():
-            sink.call(f"logging {Path(f).name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
-    return sink.enabled

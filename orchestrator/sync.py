@@ -30,8 +30,8 @@ from requests.exceptions import RequestException
 
 from gmpq_core.errors import GMPQError
 
-from .mlflow_sink import (_RAY_KEYS, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key,
-                          default_tracking_uri, log_final, log_pareto)
+from .mlflow_sink import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key, default_tracking_uri
+from .mlflow_stages import log_final, log_pareto
 from .results import FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
 
 __all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial"]

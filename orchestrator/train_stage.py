@@ -346,7 +346,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     trial_id) after each policy, ``final.png``, and MLflow child runs ``finetune-<trial_id>``.
     Returns the final.parquet rows of this call's policies.
     """
-    from .mlflow_sink import log_final
+    from .mlflow_stages import log_final
     from .pareto import PARETO_FILE, read_pareto, write_pareto
     from .plots import plot_final
     from .ray_env import ray_session

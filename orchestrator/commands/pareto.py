@@ -18,7 +18,7 @@ __all__ = ["register", "run", "pareto_stage"]
 
 def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *, mlflow: bool = True) -> Any:
     """write_pareto + MLflow logging; returns the Pareto DataFrame (shared with ``gmpq run``)."""
-    from orchestrator.mlflow_sink import log_pareto
+    from orchestrator.mlflow_stages import log_pareto
     from orchestrator.pareto import PARETO_PNG, write_pareto
     from orchestrator.results import load_resolved_config
 

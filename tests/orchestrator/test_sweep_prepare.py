@@ -13,7 +13,7 @@ def _cfg(tmp_path, **overrides):
 
 def test_the_fp_target_of_a_local_cpu_sweep_takes_the_sweeps_cores_and_teachers_one_trial_share(tmp_path):
     from orchestrator.ray_env import local_cpu_count
-    from orchestrator.sweep import _job_cpus
+    from orchestrator.sweep_prep import _job_cpus
 
     cfg = _cfg(tmp_path)
     assert _job_cpus(cfg, ("teacher", 500)) == cfg.resources.cpu == 1
@@ -24,7 +24,7 @@ def test_the_fp_target_of_a_local_cpu_sweep_takes_the_sweeps_cores_and_teachers_
 
 @pytest.mark.parametrize("overrides", [{"address": "ray://head:10001"}, {"resources": {"cpu": 2, "gpu": 1}}])
 def test_on_a_cluster_or_a_gpu_the_fp_target_keeps_one_trial_share(tmp_path, overrides):
-    from orchestrator.sweep import _job_cpus
+    from orchestrator.sweep_prep import _job_cpus
 
     cfg = _cfg(tmp_path, **overrides)
     assert _job_cpus(cfg, ("target", None)) == cfg.resources.cpu
