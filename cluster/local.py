@@ -177,6 +177,10 @@ def _spawn(cmd: list[str], log_path: Path, name: str, extra_env: dict[str, str])
     import subprocess
 
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **extra_env)
+    # A local Ray session started earlier in this process (orchestrator.ray_env) sets this to 0 to stay on
+    # loopback; inherited by `ray start`, it refuses to join a multi-node cluster. Ray's default applies.
+    if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        del env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env, close_fds=True)

@@ -50,6 +50,8 @@ def state_dirs(tmp_path, monkeypatch):
     """Two state folders; whatever a test leaves running in them is stopped at the end."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # restored after the test (connect may set it)
+    # as left by a local sweep earlier in the same process (orchestrator.ray_env): nodes must still join
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     dirs = (tmp_path / "cluster_a", tmp_path / "cluster_b")
     yield dirs
     import ray
