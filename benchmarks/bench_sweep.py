@@ -19,7 +19,13 @@ Part of the rest is not orchestration but the sweep's tail: once the last trial 
 whose trial ends (an early-pruned one, say) has nothing left to run. That share is printed on its own
 (``tail_idle_slot_s``, from the trials' start/finish times); in a local CPU sweep the slot's cores are
 not idle then but lent to the trials still running (``orchestrator.tail_threads``), which shortens
-the tail, but the slot counts as without compute here.
+the tail, but the slot counts as without compute here. A second figure counts cores instead of slots:
+
+    core_compute_fraction = (trial compute + lent_slot_s) / (sweep wall_s x trial slots)
+
+where ``lent_slot_s`` is, for each trial that took lent cores (its ``threads`` events in
+``trial_events.jsonl``), the time from the switch to its end times the extra threads per slot's
+cores: the share of the machine's cores that were computing trials.
 
     python benchmarks/bench_sweep.py                      # demo preset, as `gmpq sweep --preset demo`
     python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --json sweep.json
@@ -132,6 +138,7 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
             in_trial_other += max(w - c, 0.0)
     capacity = wall * slots
     tail_idle = _tail_idle_slot_s(rows, slots)
+    lent = _lent_slot_s(Path(summary.sweep_dir) / "trial_events.jsonl", cfg.resolved().resources.cpu)
     res = {"preset": args.preset, "prep": prep, "n_trials": len(rows), "n_completed": summary.n_completed,
            "n_pruned": summary.n_pruned, "n_failed": summary.n_failed, "slots": slots,
            "wall_s": round(wall, 2), "import_s": round(import_s, 2),
@@ -141,6 +148,8 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
            "compute_fraction": round(compute / capacity, 4) if capacity > 0 else None,
            "tail_idle_slot_s": round(tail_idle, 2),
            "tail_idle_fraction": round(tail_idle / capacity, 4) if capacity > 0 else None,
+           "lent_slot_s": round(lent, 2),
+           "core_compute_fraction": round((compute + lent) / capacity, 4) if capacity > 0 else None,
            "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
                                               if times.get("tune_phase_s") else None),
            "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir,
@@ -168,6 +177,23 @@ def _tail_idle_slot_s(rows: list[dict], slots: int) -> float:
     return idle
 
 
+def _lent_slot_s(events_path: Path, cpu_per_trial: float) -> float:
+    """Slot-seconds of cores lent to running trials at the sweep's tail: for each ``threads`` event, the
+    extra threads over the trial's own cores, in slots, times the time until the trial's next switch or end."""
+    if not events_path.is_file() or cpu_per_trial <= 0:
+        return 0.0
+    events = [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
+    lent = 0.0
+    for e in events:
+        if e.get("event") != "threads":
+            continue
+        later = [x["time"] for x in events if x.get("trial_id") == e["trial_id"] and x["time"] > e["time"]
+                 and x.get("event") in ("threads", "end")]
+        if later:
+            lent += max(e["threads"] - cpu_per_trial, 0) / cpu_per_trial * (min(later) - e["time"])
+    return lent
+
+
 def _sequential(prepare, cfg, **kw):
     """``prepare_shared`` as before the Ray-task preparation: everything in the driver, one job at a time."""
     return prepare(cfg, **{**kw, "parallel": False})
@@ -184,6 +210,9 @@ def _print(res: dict) -> None:
     print(f"  of the rest, slots without a trial after the last one started (nothing left to run; their "
           f"cores go to the trials still running): {res['tail_idle_slot_s']:.1f} slot-s = "
           f"{100 * res['tail_idle_fraction']:.1f}% of the wall time")
+    print(f"  counting cores, not slots (the tail's cores lent to the last trials: {res['lent_slot_s']:.1f} "
+          f"slot-s): {100 * res['core_compute_fraction']:.1f}% of the machine's cores computed trials "
+          f"({'met' if res['core_compute_fraction'] >= 0.9 else 'MISSED'} on this measure)")
     print(f"  orchestration: prepare {res['prepare_s']:.1f} s, Ray start {res['ray_start_s']:.1f} s, "
           f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
           f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "

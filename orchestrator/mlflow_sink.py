@@ -1,4 +1,5 @@
-"""MLflow view of a sweep, logged from the Ray driver only (SQLite allows one writer at a time).
+"""MLflow view of a sweep, logged from the Ray driver only (SQLite allows one writer at a time); the
+Tune callback that drives it during a sweep is ``orchestrator.mlflow_callback``.
 
 Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlflow.db``):
 - one parent run per sweep (id kept in ``<sweep_dir>/mlflow_parent.json`` so a resumed sweep reuses it)
@@ -30,14 +31,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-from ray.tune import Callback
-
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .results import CONFIG_FILE, TRIALS_FILE, _error_text, load_resolved_config, resolve_status
+from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
-__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink", "MLflowCallback"]
+__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink"]
 
 log = logging.getLogger(__name__)
 
@@ -320,82 +319,3 @@ class MLflowSink:
 def _phase_key(result: Mapping[str, Any], key: str) -> str:
     phase = result.get("phase")
     return key if phase in (None, "search") or key.startswith(str(phase)) else f"{phase}.{key}"
-
-
-class MLflowCallback(Callback):
-    """Ray Tune callback (driver side) logging the sweep to MLflow: parent run + one child run per trial."""
-
-    def __init__(self, tracking_uri: str | None, experiment_name: str, sweep_dir: str | Path,
-                 resolved_config: Mapping[str, Any], status_book: Any = None) -> None:
-        self.sink = MLflowSink(tracking_uri, sweep_dir, experiment_name=experiment_name,
-                               resolved_config=resolved_config)
-        self.status_book = status_book
-        self._run_of: dict[str, str | None] = {}
-        self._recoveries: dict[str, int] = {}
-
-    @property
-    def parent_run_id(self) -> str | None:
-        return self.sink.parent_run_id
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_run_of": {}, "_recoveries": {}}
-
-    def setup(self, **info: Any) -> None:
-        self._run_of, self._recoveries = {}, {}
-        self.sink.connect(reopen=True)
-
-    def _child(self, trial: Any) -> str | None:
-        tid = str(trial.trial_id)
-        if tid not in self._run_of:
-            self._run_of[tid] = self.sink.child_run(
-                "trials", tid, run_name=tid, params=dict(trial.config or {}),
-                tags={"trial_id": tid, "status": "running", "gmpq.role": "trial"})
-        return self._run_of[tid]
-
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._child(trial)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        if result.get("done"):
-            return                          # the final row: logged once in on_trial_complete
-        step = result.get("epoch", result.get("training_iteration", 0))
-        metrics = {_phase_key(result, k): v for k, v in result.items() if k not in _RAY_KEYS}
-        self.sink.log_metrics(self._child(trial), metrics, step=int(step or 0))
-
-    def _end(self, trial: Any, errored: bool) -> None:
-        tid = str(trial.trial_id)
-        last = dict(trial.last_result or {})
-        status = resolve_status(self.status_book, tid, errored, last)
-        rid = self._child(trial)
-        if rid is None:
-            return
-        final = {k: last.get(k) for k in FINAL_METRICS}
-        if last.get("replayed"):          # a finished trial Tune reran after a driver crash: log only what is missing
-            run = self.sink.call("reading a run", self.sink.client.get_run, rid)
-            final = {k: v for k, v in final.items() if run is not None and k not in run.data.metrics}
-        self.sink.log_metrics(rid, final, step=int(last.get("epoch") or 0))
-        if last.get("policy_json"):
-            self.sink.call("logging policy.json", self.sink.client.log_text, rid, str(last["policy_json"]),
-                           "policy.json")
-        tags = {"status": status}
-        if errored:
-            tags["error"] = _error_text(trial)[:5000]
-        self.sink.finish(rid, RUN_STATUS[status], tags)
-
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        """A failed attempt that Tune retries (FailureConfig.max_failures): its error becomes a tag."""
-        rid = self._child(trial)
-        if rid is None:
-            return
-        n = self._recoveries[str(trial.trial_id)] = self._recoveries.get(str(trial.trial_id), 0) + 1
-        for k, v in {f"error.attempt{n}": _error_text(trial)[:5000], "status": "retrying"}.items():
-            self.sink.call("tagging a retried run", self.sink.client.set_tag, rid, k, v)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._end(trial, errored=True)
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.sink.finish(self.sink.parent_run_id, "FINISHED")

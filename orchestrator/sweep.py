@@ -1,13 +1,15 @@
 """``run_sweep``: the Ray Tune + Optuna sweep over GMPQ searches (issue 4, items 1, 2 and 7).
 
 Order of work: validate the config (no Ray yet) -> save the resolved config -> start or join Ray
-while a thread opens the MLflow tracking store (tables, experiment) and the Optuna storage ->
+while the MLflow callback's writer thread opens the tracking store (tables, experiment) and a thread
+the Optuna storage ->
 preflight (a trial no node can run fails now) -> prepare the shared artefacts (``sweep_prep``: an
 FP teacher per proxy size, the FP target model, read from the model cache or trained side by side
 as Ray tasks) -> ``Tuner`` with ``OptunaSearch`` (multi-objective: transfer_top1 up, bitops down;
 persistent Optuna storage in the sweep folder), the per-bucket Optuna pruning scheduler, the
-results/MLflow callbacks (the MLflow parent run is made as the Tuner starts), a one-line-per-event
-progress callback and, for a local CPU sweep, the tail's thread sharing (``tail_threads``) -> summary.
+results/MLflow callbacks (MLflow writes, the parent run first as the Tuner starts, are queued to the
+writer thread, off Tune's loop; ``mlflow_callback``), a one-line-per-event progress callback and, for a
+local CPU sweep, the tail's thread sharing (``tail_threads``) -> summary (queued MLflow writes done).
 
 ``resume=True`` restores the Tune experiment (``Tuner.restore``): finished trials are not rerun,
 interrupted and errored ones are rerun from scratch, and the sampler keeps its Optuna study.
@@ -118,25 +120,29 @@ class SweepProgress(Callback):
 
 def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
     """ORCH-RESULTS' Parquet and MLflow callbacks (driver-side)."""
-    from .mlflow_sink import MLflowCallback
+    from .mlflow_callback import MLflowCallback
     from .results import ResultsCallback
 
     sweep_dir = Path(cfg.out_dir)
     return [ResultsCallback(sweep_dir, book),
-            MLflowCallback(cfg.tracking_uri, cfg.name, sweep_dir, cfg.to_dict(), book)]
+            MLflowCallback(cfg.tracking_uri, cfg.name, sweep_dir, cfg.to_dict(), book, background=True)]
 
 
 def _open_stores(cfg: SweepConfig, callbacks: list, resume: bool) -> Any:
-    """Open the MLflow callback's tracking store and experiment (no run yet: the parent run is made when
-    the Tuner starts, after the checks that can still fail) and the sampler's Optuna storage (None on
-    resume: the restored searcher has its own). Run in a thread while Ray starts: a new SQLite tracking
-    store spends ~2 s creating its tables. MLflow failures only warn (``MLflowSink``)."""
-    from .mlflow_sink import MLflowCallback
-
-    for cb in callbacks:
-        if isinstance(cb, MLflowCallback):
-            cb.sink.open_store()
+    """Queue the opening of the MLflow callback's tracking store and experiment on its writer thread
+    (importing mlflow and creating a new SQLite store's tables take 3-4 s on 2 cores; no run yet: the
+    parent run is queued when the Tuner starts, after the checks that can still fail), then open the
+    sampler's Optuna storage (None on resume: the restored searcher has its own). Run in a thread while
+    Ray starts. MLflow failures only warn (``MLflowSink``)."""
+    for cb in _mlflow_callbacks(callbacks):
+        cb.open_store()
     return None if resume else optuna.storages.RDBStorage(cfg.optuna_storage)
+
+
+def _mlflow_callbacks(callbacks: list) -> list:
+    from .mlflow_callback import MLflowCallback
+
+    return [cb for cb in callbacks if isinstance(cb, MLflowCallback)]
 
 
 def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook, *, resume: bool, progress: bool,
@@ -301,10 +307,14 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
-    with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
-        stores = pool.submit(_open_stores, cfg, callbacks, resume)              # while Ray starts (~2-3 s)
-        grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress, prep_threads=prep_threads,
-                     say=say)
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
+            stores = pool.submit(_open_stores, cfg, callbacks, resume)              # while Ray starts
+            grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
+                         prep_threads=prep_threads, say=say)
+    finally:                                                 # MLflow writes still queued reach the store
+        for cb in _mlflow_callbacks(callbacks):
+            cb.close()
     rows = _summary_rows(grid, book)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed")}
     if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end

@@ -11,7 +11,8 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
-from orchestrator.mlflow_sink import PARENT_FILE, RUNS_FILE, MLflowCallback, default_tracking_uri  # noqa: E402
+from orchestrator.mlflow_callback import MLflowCallback  # noqa: E402
+from orchestrator.mlflow_sink import PARENT_FILE, RUNS_FILE, default_tracking_uri  # noqa: E402
 from orchestrator.results import ResultsCallback, read_layers, read_trials  # noqa: E402
 from orchestrator.trial_status import TrialStatusBook  # noqa: E402
 
@@ -84,7 +85,8 @@ def child_runs(mlflow, uri, name):
     return runs, runs[runs["tags.gmpq.role"] == "trial"]
 
 
-def test_parent_children_statuses_and_resume_without_duplicates(ray_local, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["in-hook", "writer-thread"])
+def test_parent_children_statuses_and_resume_without_duplicates(ray_local, tmp_path, background):
     import mlflow
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -93,7 +95,8 @@ def test_parent_children_statuses_and_resume_without_duplicates(ray_local, tmp_p
     book = TrialStatusBook(sweep / "trial_status.json")
     trainable = make_trainable(tmp_path / "marker")
     cbs = [ResultsCallback(sweep, book),
-           MLflowCallback(uri, "cbtest", sweep, {"name": "cbtest", "model": "resnet20", "finetune": {"top_k": 2}}, book)]
+           MLflowCallback(uri, "cbtest", sweep, {"name": "cbtest", "model": "resnet20", "finetune": {"top_k": 2}}, book,
+                          background=background)]
     run_tune(sweep, trainable, cbs, PruneBelow(book, threshold=22.0))
 
     df = read_trials(sweep).set_index("param_x")
@@ -142,10 +145,11 @@ def closed_port() -> int:
     return port
 
 
-def test_unreachable_tracking_server_warns_and_parquet_is_still_written(ray_local, tmp_path):
+@pytest.mark.parametrize("background", [False, True], ids=["in-hook", "writer-thread"])
+def test_unreachable_tracking_server_warns_and_parquet_is_still_written(ray_local, tmp_path, background):
     sweep = tmp_path / "sweep"
     uri = f"http://127.0.0.1:{closed_port()}"
-    cb = MLflowCallback(uri, "down", sweep, {"name": "down"}, None)
+    cb = MLflowCallback(uri, "down", sweep, {"name": "down"}, None, background=background)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_tune(sweep, make_trainable(tmp_path / "m"), [ResultsCallback(sweep), cb], xs=(2.0,))

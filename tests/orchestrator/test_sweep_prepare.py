@@ -31,7 +31,7 @@ def test_on_a_cluster_or_a_gpu_the_fp_target_keeps_one_trial_share(tmp_path, ove
 
 
 def test_open_stores_connects_mlflow_and_opens_the_optuna_storage_of_a_new_sweep(tmp_path):
-    from orchestrator.mlflow_sink import MLflowCallback
+    from orchestrator.mlflow_callback import MLflowCallback
     from orchestrator.sweep import _open_stores, _results_callbacks
     from orchestrator.sweep_config import save_resolved_config
     from orchestrator.trial_status import TrialStatusBook
@@ -41,9 +41,14 @@ def test_open_stores_connects_mlflow_and_opens_the_optuna_storage_of_a_new_sweep
     callbacks = _results_callbacks(cfg, TrialStatusBook(tmp_path / "trial_status.json"))
     storage = _open_stores(cfg, callbacks, resume=False)
     assert isinstance(storage, optuna.storages.RDBStorage) and (tmp_path / "optuna.db").is_file()
-    sink = next(cb for cb in callbacks if isinstance(cb, MLflowCallback)).sink
+    cb = next(cb for cb in callbacks if isinstance(cb, MLflowCallback))
+    assert cb.background                              # a sweep's MLflow writes run on the writer thread
+    assert cb.flush(timeout=120)
+    sink = cb.sink
     assert sink.client is not None and sink.client.get_experiment_by_name("demo") is not None
     assert sink.parent_run_id is None and not (tmp_path / "mlflow_parent.json").exists()   # no run before setup
-    next(cb for cb in callbacks if isinstance(cb, MLflowCallback)).setup()
+    cb.setup()
+    cb.flush()
     assert sink.client.get_run(sink.parent_run_id).info.status == "RUNNING"
+    cb.close()
     assert _open_stores(cfg, callbacks, resume=True) is None      # the restored searcher brings its own

@@ -1,0 +1,159 @@
+"""The Ray Tune callback that logs a sweep to MLflow (driver side), off Tune's event loop.
+
+One parent run per sweep and one child run per trial (the layout is ``mlflow_sink``'s). With
+``background=True`` (what ``gmpq sweep`` uses) every MLflow call goes, in order, to one writer thread:
+Tune's loop only copies what a hook needs (the trial's config, result, status, error text) and goes on
+starting and stopping trials, and opening the tracking store (importing mlflow, creating a new SQLite
+store's tables: 3-4 s on 2 cores) and making the parent run overlap Ray's start and the first trials
+instead of delaying them. ``flush()`` waits for the writes queued so far; ``on_experiment_end`` and
+``close()`` (which ``run_sweep`` calls however the sweep ends) flush, so nothing queued is lost.
+``background=False`` makes every call in the hook itself (tests and one-off use).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ray.tune import Callback
+
+from .mlflow_sink import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key
+from .results import _error_text, resolve_status
+
+__all__ = ["MLflowCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class MLflowCallback(Callback):
+    """Ray Tune callback (driver side) logging the sweep to MLflow: parent run + one child run per trial."""
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str, sweep_dir: str | Path,
+                 resolved_config: Mapping[str, Any], status_book: Any = None, *, background: bool = False) -> None:
+        self.sink = MLflowSink(tracking_uri, sweep_dir, experiment_name=experiment_name,
+                               resolved_config=resolved_config)
+        self.status_book = status_book
+        self.background = background
+        self._run_of: dict[str, str | None] = {}
+        self._recoveries: dict[str, int] = {}
+        self._writer: ThreadPoolExecutor | None = None
+        self._queued: list[Future] = []
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.sink.parent_run_id
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles callbacks with the experiment state: no thread, no per-run bookkeeping
+        return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_writer": None, "_queued": []}
+
+    # -- the writer -----------------------------------------------------------------------------
+    def _do(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run ``fn`` now, or queue it for the writer thread (in submission order)."""
+        if not self.background:
+            fn(*args, **kwargs)
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="gmpq-mlflow")
+        self._queued = [f for f in self._queued if not f.done()]
+        self._queued.append(self._writer.submit(self._guarded, functools.partial(fn, *args, **kwargs)))
+
+    @staticmethod
+    def _guarded(call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except Exception:  # noqa: BLE001 - the sink turns MLflow failures into one warning; anything else is ours
+            log.exception("MLflow logging step failed; the sweep goes on (its results are in the Parquet tables)")
+
+    def open_store(self) -> None:
+        """Connect to the tracking store and find/create the experiment (queued when in the background)."""
+        self._do(self.sink.open_store)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the writes queued so far; False if ``timeout`` passed first."""
+        pending = [f for f in self._queued if not f.done()]
+        done, not_done = wait(pending, timeout=timeout)
+        self._queued = list(not_done)
+        return not not_done
+
+    def close(self) -> None:
+        """Flush and stop the writer thread (a later hook starts a new one)."""
+        self.flush()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+
+    # -- Tune hooks: copy what the write needs, then write (or queue) -----------------------------
+    def setup(self, **info: Any) -> None:
+        self._run_of, self._recoveries = {}, {}
+        self._do(self.sink.connect, reopen=True)
+
+    def _child(self, tid: str, params: Mapping[str, Any]) -> str | None:
+        if tid not in self._run_of:
+            self._run_of[tid] = self.sink.child_run(
+                "trials", tid, run_name=tid, params=params,
+                tags={"trial_id": tid, "status": "running", "gmpq.role": "trial"})
+        return self._run_of[tid]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._do(self._child, str(trial.trial_id), dict(trial.config or {}))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get("done"):
+            return                          # the final row: logged once in on_trial_complete
+        step = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
+        metrics = {_phase_key(result, k): v for k, v in result.items() if k not in _RAY_KEYS}
+        self._do(self._log_result, str(trial.trial_id), dict(trial.config or {}), metrics, step)
+
+    def _log_result(self, tid: str, params: Mapping[str, Any], metrics: Mapping[str, Any], step: int) -> None:
+        self.sink.log_metrics(self._child(tid, params), metrics, step=step)
+
+    def _end(self, trial: Any, errored: bool) -> None:
+        tid = str(trial.trial_id)
+        last = dict(trial.last_result or {})
+        status = resolve_status(self.status_book, tid, errored, last)
+        error = _error_text(trial)[:5000] if errored else None
+        self._do(self._end_run, tid, dict(trial.config or {}), last, status, error)
+
+    def _end_run(self, tid: str, params: Mapping[str, Any], last: Mapping[str, Any], status: str,
+                 error: str | None) -> None:
+        rid = self._child(tid, params)
+        if rid is None:
+            return
+        final = {k: last.get(k) for k in FINAL_METRICS}
+        if last.get("replayed"):          # a finished trial Tune reran after a driver crash: log only what is missing
+            run = self.sink.call("reading a run", self.sink.client.get_run, rid)
+            final = {k: v for k, v in final.items() if run is not None and k not in run.data.metrics}
+        self.sink.log_metrics(rid, final, step=int(last.get("epoch") or 0))
+        if last.get("policy_json"):
+            self.sink.call("logging policy.json", self.sink.client.log_text, rid, str(last["policy_json"]),
+                           "policy.json")
+        tags = {"status": status}
+        if error is not None:
+            tags["error"] = error
+        self.sink.finish(rid, RUN_STATUS[status], tags)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A failed attempt that Tune retries (FailureConfig.max_failures): its error becomes a tag."""
+        tid = str(trial.trial_id)
+        n = self._recoveries[tid] = self._recoveries.get(tid, 0) + 1
+        self._do(self._tag_retry, tid, dict(trial.config or {}), n, _error_text(trial)[:5000])
+
+    def _tag_retry(self, tid: str, params: Mapping[str, Any], attempt: int, error: str) -> None:
+        rid = self._child(tid, params)
+        if rid is None:
+            return
+        for k, v in {f"error.attempt{attempt}": error, "status": "retrying"}.items():
+            self.sink.call("tagging a retried run", self.sink.client.set_tag, rid, k, v)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._end(trial, errored=True)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._do(lambda: self.sink.finish(self.sink.parent_run_id, "FINISHED"))
+        self.flush()

@@ -1,0 +1,104 @@
+"""MLflowCallback's writer thread: hooks return at once, writes keep their order, nothing queued is lost.
+
+The MLflow store itself is exercised by test_mlflow_sink.py (both modes, real Tune runs, real SQLite);
+here the sink's write methods are replaced by recorders to see when and in which order they run.
+"""
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("ray")
+
+from orchestrator.mlflow_callback import MLflowCallback  # noqa: E402
+
+
+def _recording_callback(tmp_path, *, gate: threading.Event | None = None, fail_on: str | None = None):
+    cb = MLflowCallback("sqlite:///unused.db", "t", tmp_path, {"name": "t"}, None, background=True)
+    calls: list[tuple] = []
+
+    def record(name):
+        def fn(*args, **kwargs):
+            if gate is not None:
+                gate.wait(10)
+            if name == fail_on:
+                raise RuntimeError(f"{name} broke")
+            calls.append((name, threading.current_thread().name, args))
+            return f"run-{args[1]}" if name == "child_run" else None
+        return fn
+
+    cb.sink.connect = record("connect")
+    cb.sink.child_run = record("child_run")
+    cb.sink.log_metrics = record("log_metrics")
+    cb.sink.finish = record("finish")
+    return cb, calls
+
+
+def _trial(tid="t1", **result):
+    return SimpleNamespace(trial_id=tid, config={"x": 1.0}, last_result=result)
+
+
+def test_hooks_return_before_the_writes_and_the_writes_keep_their_order(tmp_path):
+    gate = threading.Event()
+    cb, calls = _recording_callback(tmp_path, gate=gate)
+    t0 = time.perf_counter()
+    cb.setup()
+    cb.on_trial_start(0, [], _trial())
+    cb.on_trial_result(0, [], _trial(), {"epoch": 1, "proxy_top1": 12.5, "phase": "search"})
+    cb.on_trial_complete(0, [], _trial(done=True, transfer_top1=50.0, epoch=2))
+    assert time.perf_counter() - t0 < 1.0 and calls == []          # nothing written yet: the writer waits
+    gate.set()
+    assert cb.flush(timeout=30)
+    assert [c[0] for c in calls] == ["connect", "child_run", "log_metrics", "log_metrics", "finish"]
+    assert all(c[1].startswith("gmpq-mlflow") for c in calls)
+    assert calls[2][2][0] == "run-t1" and calls[2][2][1]["proxy_top1"] == 12.5
+    cb.close()
+
+
+def test_the_result_is_copied_when_the_hook_runs(tmp_path):
+    gate = threading.Event()
+    cb, calls = _recording_callback(tmp_path, gate=gate)
+    result = {"epoch": 1, "proxy_top1": 10.0}
+    cb.on_trial_result(0, [], _trial(), result)
+    result["proxy_top1"] = 99.0                                    # Tune reuses / mutates its dicts
+    gate.set()
+    cb.close()
+    metrics = [c[2][1] for c in calls if c[0] == "log_metrics"]
+    assert metrics == [{"proxy_top1": 10.0}]
+
+
+def test_a_failing_write_is_logged_and_the_later_writes_still_happen(tmp_path, caplog):
+    cb, calls = _recording_callback(tmp_path, fail_on="connect")
+    cb.setup()
+    cb.on_trial_start(0, [], _trial())
+    cb.on_experiment_end([])                                       # flushes
+    assert [c[0] for c in calls] == ["child_run", "finish"]
+    assert "MLflow logging step failed" in caplog.text
+
+
+def test_close_drains_the_queue(tmp_path):
+    gate = threading.Event()
+    cb, calls = _recording_callback(tmp_path, gate=gate)
+    cb.on_trial_start(0, [], _trial("a"))
+    threading.Timer(0.2, gate.set).start()
+    cb.close()
+    assert [c[0] for c in calls] == ["child_run"] and cb._writer is None
+
+
+def test_the_callback_pickles_without_its_thread(tmp_path):
+    cb = MLflowCallback("sqlite:///unused.db", "t", tmp_path, {"name": "t"}, None, background=True)
+    cb._do(time.sleep, 0.2)                       # the writer thread is running
+    clone = pickle.loads(pickle.dumps(cb))        # Tune saves callbacks with the experiment state
+    assert clone.background and clone._writer is None and clone._queued == []
+    cb.close()
+
+
+def test_in_hook_mode_writes_before_the_hook_returns(tmp_path):
+    cb, calls = _recording_callback(tmp_path)
+    cb.background = False
+    cb.on_trial_start(0, [], _trial())
+    assert [c[0] for c in calls] == ["child_run"] and calls[0][1] == threading.current_thread().name
