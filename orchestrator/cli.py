@@ -1,7 +1,8 @@
 """The ``gmpq`` console command (argparse; ``main() -> int``).
 
 Subcommands live one per module in ``orchestrator.commands``; each module defines
-``register(subparsers)`` which adds a parser and sets ``func(args) -> int`` as its default.
+``register(subparsers)`` which adds a parser and sets ``func(args) -> int`` as its default. Only the
+named command's module is imported (``gmpq pareto`` does not import torch; ``gmpq --help`` imports all).
 A ``GMPQError`` becomes a one-paragraph message and exit status 2, with no traceback; real bugs
 keep their traceback.
 """
@@ -19,16 +20,28 @@ from gmpq_core.errors import GMPQError
 from . import commands
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_modules() -> list[str]:
+    """The modules of ``orchestrator.commands`` (found on disk, not imported)."""
+    return sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
+
+
+def _named_command(argv: list[str]) -> str | None:
+    """The module of the command ``argv`` names (its first word that is not an option), if there is one."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    module = word.replace("-", "_") if word else None
+    return module if module in _command_modules() else None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``gmpq`` parser with every command, or only with ``command``'s (its module name)."""
     parser = argparse.ArgumentParser(
         prog="gmpq", description="GMPQ Sweep: generalizable mixed-precision quantization searches, "
         "swept with Ray Tune and Optuna, logged to MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    for name in _command_modules():
+        if command is None or name == command:
+            importlib.import_module(f"{commands.__name__}.{name}").register(sub)
     return parser
 
 
@@ -37,7 +50,8 @@ def error_paragraph(err: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_named_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

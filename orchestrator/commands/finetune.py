@@ -28,7 +28,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_poli
                            build_seeded_model, check_bits, dataset_source, load_policy_arg, policy_meta,
                            resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
-from .finetune_sweep import add_sweep_args, run_sweep_finetune
+from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ def _say(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.commands.finetune_sweep import finetune_stage, format_final_table
+    from orchestrator.commands._finetune_sweep import finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
     from orchestrator.commands.sweep import format_summary, overrides_from_args
     from orchestrator.ray_env import ray_session

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.commands.finetune_sweep import add_sweep_args, format_final_table
+from orchestrator.commands._finetune_sweep import add_sweep_args, format_final_table
 from orchestrator.results import TRIALS_FILE, trial_row, write_results
 
 

@@ -2,7 +2,7 @@
 
     gmpq finetune --sweep runs/demo --top-k 2 --workers 2 --epochs 1
 
-Not a subcommand of its own: ``orchestrator/commands/finetune.py`` adds these options with
+Not a subcommand of its own (the leading underscore keeps `gmpq` from listing it): ``orchestrator/commands/finetune.py`` adds these options with
 ``add_sweep_args(parser)`` and calls ``run_sweep_finetune(args)`` when ``--sweep`` is given.
 Options that parser already defines (``--epochs``, ``--lr``, ``--batch-size``, ``--train-size``,
 ``--test-size``, ``--max-steps-per-epoch``, ...) are reused, not redefined. Values left unset (None)
@@ -15,12 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage"]
-
-
-def register(subparsers: Any) -> None:
-    """No subcommand: cli.py discovers every module here, this one only extends ``gmpq finetune``."""
-    return None
+__all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage"]
 
 
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:

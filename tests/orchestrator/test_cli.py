@@ -1,0 +1,42 @@
+"""The ``gmpq`` command's dispatch: only the named command's module is imported."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator.cli import _command_modules, _named_command, build_parser
+
+
+def test_the_named_command_is_found_past_options_and_dashes():
+    assert _named_command(["-v", "sync-mlflow", "--sweep", "x"]) == "sync_mlflow"
+    assert _named_command(["train-fp", "--epochs", "1"]) == "train_fp"
+    assert _named_command(["--help"]) is None and _named_command([]) is None
+    assert _named_command(["no-such-command"]) is None          # argparse then names the choices
+    assert "_finetune_sweep" not in _command_modules()            # a helper of `gmpq finetune`, not a command
+
+
+def test_the_full_parser_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for command in ("bitops", "cluster", "finetune", "mlflow-server", "pareto", "run", "search", "study",
+                    "sweep", "sync-mlflow", "train-fp"):
+        assert command in out
+
+
+@pytest.mark.parametrize("argv", [["pareto", "--help"], ["cluster", "status", "--help"], ["sync-mlflow", "--help"]])
+def test_a_command_that_needs_no_torch_does_not_import_it(argv):
+    code = ("import sys\nfrom orchestrator.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)" % (argv,))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
+def test_an_unknown_command_gets_argparse_error_naming_the_choices(capsys):
+    from orchestrator.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["no-such-command"])
+    assert e.value.code == 2 and "sweep" in capsys.readouterr().err
