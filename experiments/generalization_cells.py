@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gmpq_core.attribution import find_feature_layer, gradcam
-from gmpq_core.bitops import count_bitops, layer_macs
+from gmpq_core.bitops import layer_macs
 from gmpq_core.data import load_dataset, make_loader, proxy
 from gmpq_core.derive import LayerChoice, select_bits
 from gmpq_core.fileio import load_checkpoint, save_checkpoint

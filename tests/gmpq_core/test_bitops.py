@@ -1,5 +1,4 @@
 import pytest
-import torch
 from torch import nn
 
 from gmpq_core import BitPolicy, build_model, count_bitops, layer_macs

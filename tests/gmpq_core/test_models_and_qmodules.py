@@ -4,8 +4,7 @@ import sys
 import pytest
 import torch
 
-from gmpq_core import (BitPolicy, ConfigError, QuantConv2d, apply_policy_, build_model, calibrate_, list_models,
-                       searchable_layers)
+from gmpq_core import (BitPolicy, ConfigError, QuantConv2d, apply_policy_, build_model, calibrate_, searchable_layers)
 from gmpq_core.models import gradcam_layer_name
 
 
