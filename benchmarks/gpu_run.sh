@@ -15,7 +15,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_USAGE
 } 2>&1 | tee "$OUT/machine.txt"
 
 echo "== CUDA correctness tests"
-timeout 100 $PY -m pytest tests/gmpq_core/test_fused.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+timeout 100 $PY -m pytest tests/gmpq_core/test_fused.py tests/gmpq_core/test_quantizers.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 
 echo "== eager variants (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
 timeout 210 $PY benchmarks/bench_search_step.py --device cuda --variants reference,fused,fused:conv,triton \

@@ -57,7 +57,11 @@ class ActQuantizer(nn.Module):
     """PACT activation quantizer at a fixed bitwidth, with a learnable clip and a signed flag.
 
     ``calibrate(x)`` sets the clip from one batch (the 99.9th percentile of |x|) and the signed
-    flag (whether the batch has negative values).
+    flag (whether the batch has negative values); ``set_signed(flag)`` sets the flag.
+
+    The flag is kept twice: as the ``signed`` buffer (in the state dict, so checkpoints carry it) and
+    as a Python bool that ``forward`` reads. Reading the buffer in ``forward`` would copy it from the
+    device every call: on a GPU, one synchronisation per quantized layer per forward pass.
     """
 
     def __init__(self, bits: int, clip_init: float = 6.0, signed: bool = False) -> None:
@@ -65,6 +69,16 @@ class ActQuantizer(nn.Module):
         self.bits = int(bits)
         self.clip = nn.Parameter(torch.tensor(float(clip_init)))
         self.register_buffer("signed", torch.tensor(bool(signed)))
+        self._signed = bool(signed)
+
+    def set_signed(self, flag: bool) -> None:
+        with torch.no_grad():
+            self.signed.fill_(bool(flag))
+        self._signed = bool(flag)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._signed = bool(self.signed)          # once per load, not per forward
 
     @torch.no_grad()
     def calibrate(self, x: Tensor) -> None:
@@ -73,11 +87,11 @@ class ActQuantizer(nn.Module):
             # evenly spaced sample, indices in int64 (a float32 linspace rounds past the end above 2**24)
             idx = torch.arange(1_000_000, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // 999_999
             flat = flat[idx]
-        self.signed.fill_(bool((flat < 0).any()))
+        self.set_signed(bool((flat < 0).any()))
         self.clip.fill_(max(float(torch.quantile(flat.abs(), 0.999)), 1e-3))
 
     def forward(self, x: Tensor) -> Tensor:
-        return quantize_activation(x, self.clip, self.bits, bool(self.signed))
+        return quantize_activation(x, self.clip, self.bits, self._signed)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={bool(self.signed)}"
+        return f"bits={self.bits}, signed={self._signed}"

@@ -340,5 +340,5 @@ def _fix_layers_(net: nn.Module, policy: BitPolicy) -> None:
         q = (QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear).from_float(base, spec)
         j = m.a_candidates.index(spec.a_bits) if spec.a_bits in m.a_candidates else 0
         q.act.clip.copy_(m.clips[j].abs())
-        q.act.signed.fill_(m.signed)
+        q.act.set_signed(m.signed)
         swap_module(net, name, q)

@@ -87,6 +87,20 @@ def test_act_quantizer_calibration_sets_sign_and_clip():
     assert bool(q.signed)
 
 
+def test_act_quantizer_sign_follows_calibration_set_signed_and_a_loaded_state_dict():
+    x = torch.tensor([-1.0, 1.0])
+    q = ActQuantizer(4, clip_init=2.0)
+    assert q(x)[0].item() == 0.0                               # unsigned: negatives clip to 0
+    q.calibrate(torch.randn(1000))
+    assert q._signed and bool(q.signed) and q(x)[0].item() < 0
+    q.set_signed(False)
+    assert not bool(q.signed) and q(x)[0].item() == 0.0
+    signed = ActQuantizer(4, clip_init=2.0, signed=True)
+    q.load_state_dict(signed.state_dict())                     # a checkpoint's flag reaches forward
+    assert q._signed and q(x)[0].item() < 0
+    assert "signed=True" in repr(q)
+
+
 def test_act_quantizer_calibration_samples_large_tensors_in_bounds():
     # above 2**24 elements a float32 index ramp rounds past the end (seen on a GPU at 224 px, batch 256)
     x = torch.zeros(2**24 + 4)  # float32 linspace(0, n-1) ends at n here
@@ -94,3 +108,19 @@ def test_act_quantizer_calibration_samples_large_tensors_in_bounds():
     q = ActQuantizer(4)
     q.calibrate(x)
     assert bool(q.signed)
+
+
+@pytest.mark.gpu
+def test_quantized_forward_and_backward_do_not_synchronise_the_gpu():
+    from gmpq_core import BitPolicy, apply_policy_, build_model, calibrate_
+
+    net = build_model("resnet20", num_classes=10, in_channels=1, small_input=True).cuda()
+    x = torch.randn(8, 1, 28, 28, device="cuda")
+    apply_policy_(net, BitPolicy.uniform(net, 4, 4))
+    calibrate_(net, x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")             # any device -> host copy now raises
+    try:
+        net(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
