@@ -35,7 +35,8 @@ from gmpq_core.errors import ConfigError
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
-from .sweep_config import SweepConfig, check_sweep_config, is_local_cpu_sweep, save_resolved_config
+from .sweep_checks import check_sweep_config
+from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .tail_threads import TailThreads
 from .trainable import make_trainable

@@ -2,8 +2,8 @@
 
 ``load_sweep_config(path, preset=..., overrides=...)`` merges preset <- file <- overrides (nested
 mappings merge key by key; dotted override keys such as ``"space.search_epochs"`` reach inside),
-then ``check_sweep_config(cfg)`` validates everything that needs the model or the data, BEFORE Ray
-starts: unknown model/dataset/pruner (listing the choices), an empty space, a budget range outside
+then ``sweep_checks.check_sweep_config(cfg)`` validates everything that needs the model or the data,
+BEFORE Ray starts: unknown model/dataset/pruner (listing the choices), an empty space, a budget range outside
 what the bit candidates reach, proxy or transfer slices larger than the dataset, an out dir that
 cannot be written. Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
 """
@@ -17,16 +17,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gmpq_core.data import canonical_data_source
-from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import absolute_path, default_cache_dir
 from gmpq_core.policy import BitCandidates
 from gmpq_core.transfer import TransferCheck
 from search_spaces.presets import load_preset, load_yaml
 from search_spaces.space import SearchSpace
 
-__all__ = ["is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig", "SweepFacts",
-           "load_sweep_config", "check_sweep_config", "save_resolved_config", "deep_merge",
-           "trial_search_config"]
+__all__ = ["is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig",
+           "load_sweep_config", "save_resolved_config", "deep_merge", "trial_search_config"]
 
 CONFIG_VERSION = 1
 # Search-config fields the sweep always sets; the fixed `search:` part may not set them (nor space ones).
@@ -134,7 +133,7 @@ def _absolute_dataset(name: Any) -> Any:
     """``imagefolder:rel/path`` -> ``imagefolder:/abs/rel/path`` (trials run in their own folders)."""
     try:
         return canonical_data_source(name, None)[0]
-    except ConfigError:          # an unknown name: check_sweep_config reports it
+    except ConfigError:          # an unknown name: sweep_checks.check_sweep_config reports it
         return name
 
 
@@ -337,88 +336,6 @@ def load_sweep_config(path: str | os.PathLike | None = None, preset: str | None 
                           "(see 'gmpq sweep --help' for the presets).")
     data = deep_merge(data, _nest(overrides or {}))
     return SweepConfig.from_dict(data)
-
-
-@dataclass(frozen=True)
-class SweepFacts:
-    """What validation learnt about the data and the model (reused by the sweep)."""
-    input_size: int
-    in_channels: int
-    proxy_num_classes: int
-    target_num_classes: int
-    proxy_train_size: int
-    target_train_size: int
-    target_test_size: int
-    feasible_avg_bits: tuple[float, float]
-    feasible_gbitops: tuple[float, float]
-
-
-def _check_writable(cfg: SweepConfig) -> None:
-    """The sweep folder, the Tune storage path and the cache folder can be written (nothing is created)."""
-    from gmpq_core.fileio import check_writable_dir
-
-    r = cfg.resolved()
-    check_writable_dir(r.out_dir, what="sweep folder", hint="pass a writable --out DIR")
-    if "://" not in str(r.storage_path):     # s3://, gs://: checked by Ray when it connects
-        check_writable_dir(r.storage_path, what="Tune storage path", hint="pass a writable --storage PATH")
-    check_writable_dir(r.cache_dir, what="cache folder", hint="set cache_dir to a writable folder")
-
-
-def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
-    """Validate what needs the model and the data (before Ray starts); returns the facts found."""
-    import torch
-
-    from gmpq_core.complexity import bitops_range
-    from gmpq_core.data import load_dataset
-    from gmpq_core.layers import searchable_layers
-    from gmpq_core.models import build_model, list_models
-    from gmpq_core.search_config import SearchConfig
-
-    _require(cfg.model in list_models(), f"Unknown model '{cfg.model}'. Available models: {', '.join(list_models())}.")
-    proxy = load_dataset(cfg.proxy_dataset, root=cfg.data_root, image_size=cfg.image_size)
-    target = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
-    pi, ti = proxy.info, target.info
-    for size in cfg.proxy_sizes():
-        if size is not None and size > len(proxy.train):
-            raise ConfigError(f"proxy_size {size} is larger than the proxy dataset '{cfg.proxy_dataset}' "
-                              f"({len(proxy.train)} training images); use at most {len(proxy.train)}.")
-        if size is not None and size < pi.num_classes:
-            raise ConfigError(f"proxy_size {size} is smaller than the {pi.num_classes} classes of "
-                              f"'{cfg.proxy_dataset}'; use at least {pi.num_classes}.")
-    tr = cfg.transfer
-    for what, size, split in (("transfer.train_size", tr.train_size, target.train),
-                              ("transfer.fp_train_size", tr.fp_train_size, target.train),
-                              ("transfer.test_size", tr.test_size, target.test)):
-        if size is not None and size > len(split):
-            raise ConfigError(f"{what} {size} is larger than the target dataset '{cfg.target_dataset}' "
-                              f"({len(split)} images in that split); use at most {len(split)}.")
-    with torch.random.fork_rng():
-        net = build_model(cfg.model, num_classes=pi.num_classes, in_channels=pi.in_channels,
-                          small_input=cfg.small_input)
-    from gmpq_core.bitops import layer_macs
-    all_macs = layer_macs(net, pi.image_size, pi.in_channels)
-    macs = {n: all_macs[n] for n in searchable_layers(net)}
-    lo, hi = bitops_range(macs, cfg.candidates)
-    total = sum(macs.values())
-    b_lo, b_hi = math.sqrt(lo / total), math.sqrt(hi / total)
-    low, high = cfg.space.bounds("budget_avg_bits")
-    if low is None or low < b_lo - 1e-9 or high > b_hi + 1e-9:
-        raise BudgetInfeasibleError(
-            f"budget_avg_bits {low}..{high} is outside the feasible range {b_lo:.3g}..{b_hi:.3g} average bits "
-            f"({lo / 1e9:.4g}..{hi / 1e9:.4g} GBitOPs) for {cfg.model} at {pi.image_size} px with candidates "
-            f"w_bits {list(cfg.candidates.w_bits)}, a_bits {list(cfg.candidates.a_bits)}. Choose a budget range "
-            "inside it or change the candidates.")
-    point = cfg.space.first_point()
-    try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
-        trial_search_config(cfg, point)
-    except TypeError as e:
-        known = sorted(f.name for f in fields(SearchConfig))
-        raise ConfigError(f"Bad 'search' settings {sorted(cfg.search)}: {e}. Known search settings: {known}.") from None
-    _check_writable(cfg)
-    return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
-                      target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
-                      target_train_size=len(target.train), target_test_size=len(target.test),
-                      feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9))
 
 
 def trial_search_config(cfg: SweepConfig, params: Mapping[str, Any]) -> Any:

@@ -1,4 +1,5 @@
-"""Sweep configs: merging, overrides, round trip, and bad configs failing with exit 2 before Ray starts."""
+"""Sweep configs (sweep_config, sweep_checks): merging, overrides, round trip, and bad configs failing with exit 2
+before Ray starts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,8 +9,13 @@ import yaml
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError
 from orchestrator.cli import main
-from orchestrator.sweep_config import (SweepConfig, check_sweep_config, load_sweep_config, save_resolved_config,
-                                       trial_search_config)
+from orchestrator.sweep_checks import check_sweep_config
+from orchestrator.sweep_config import (
+    SweepConfig,
+    load_sweep_config,
+    save_resolved_config,
+    trial_search_config,
+)
 
 
 def _write(tmp_path, data, name="sweep.yaml"):

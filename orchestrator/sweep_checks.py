@@ -1,0 +1,98 @@
+"""``check_sweep_config(cfg)``: everything about a sweep config that needs the model or the data, checked
+before Ray starts (``sweep_config`` checks the rest as it loads): the model and dataset names, proxy and
+transfer slices against the dataset sizes, the budget range against what the bit candidates reach, the
+fixed search settings (a dry build of one trial's ``SearchConfig``), and that the sweep, Tune storage and
+cache folders can be written. Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+
+from .sweep_config import SweepConfig, _require, trial_search_config
+
+__all__ = ["SweepFacts", "check_sweep_config"]
+
+
+@dataclass(frozen=True)
+class SweepFacts:
+    """What validation learnt about the data and the model (reused by the sweep)."""
+    input_size: int
+    in_channels: int
+    proxy_num_classes: int
+    target_num_classes: int
+    proxy_train_size: int
+    target_train_size: int
+    target_test_size: int
+    feasible_avg_bits: tuple[float, float]
+    feasible_gbitops: tuple[float, float]
+
+
+def _check_writable(cfg: SweepConfig) -> None:
+    """The sweep folder, the Tune storage path and the cache folder can be written (nothing is created)."""
+    from gmpq_core.fileio import check_writable_dir
+
+    r = cfg.resolved()
+    check_writable_dir(r.out_dir, what="sweep folder", hint="pass a writable --out DIR")
+    if "://" not in str(r.storage_path):     # s3://, gs://: checked by Ray when it connects
+        check_writable_dir(r.storage_path, what="Tune storage path", hint="pass a writable --storage PATH")
+    check_writable_dir(r.cache_dir, what="cache folder", hint="set cache_dir to a writable folder")
+
+
+def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
+    """Validate what needs the model and the data (before Ray starts); returns the facts found."""
+    import torch
+
+    from gmpq_core.complexity import bitops_range
+    from gmpq_core.data import load_dataset
+    from gmpq_core.layers import searchable_layers
+    from gmpq_core.models import build_model, list_models
+    from gmpq_core.search_config import SearchConfig
+
+    _require(cfg.model in list_models(), f"Unknown model '{cfg.model}'. Available models: {', '.join(list_models())}.")
+    proxy = load_dataset(cfg.proxy_dataset, root=cfg.data_root, image_size=cfg.image_size)
+    target = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
+    pi, ti = proxy.info, target.info
+    for size in cfg.proxy_sizes():
+        if size is not None and size > len(proxy.train):
+            raise ConfigError(f"proxy_size {size} is larger than the proxy dataset '{cfg.proxy_dataset}' "
+                              f"({len(proxy.train)} training images); use at most {len(proxy.train)}.")
+        if size is not None and size < pi.num_classes:
+            raise ConfigError(f"proxy_size {size} is smaller than the {pi.num_classes} classes of "
+                              f"'{cfg.proxy_dataset}'; use at least {pi.num_classes}.")
+    tr = cfg.transfer
+    for what, size, split in (("transfer.train_size", tr.train_size, target.train),
+                              ("transfer.fp_train_size", tr.fp_train_size, target.train),
+                              ("transfer.test_size", tr.test_size, target.test)):
+        if size is not None and size > len(split):
+            raise ConfigError(f"{what} {size} is larger than the target dataset '{cfg.target_dataset}' "
+                              f"({len(split)} images in that split); use at most {len(split)}.")
+    with torch.random.fork_rng():
+        net = build_model(cfg.model, num_classes=pi.num_classes, in_channels=pi.in_channels,
+                          small_input=cfg.small_input)
+    from gmpq_core.bitops import layer_macs
+    all_macs = layer_macs(net, pi.image_size, pi.in_channels)
+    macs = {n: all_macs[n] for n in searchable_layers(net)}
+    lo, hi = bitops_range(macs, cfg.candidates)
+    total = sum(macs.values())
+    b_lo, b_hi = math.sqrt(lo / total), math.sqrt(hi / total)
+    low, high = cfg.space.bounds("budget_avg_bits")
+    if low is None or low < b_lo - 1e-9 or high > b_hi + 1e-9:
+        raise BudgetInfeasibleError(
+            f"budget_avg_bits {low}..{high} is outside the feasible range {b_lo:.3g}..{b_hi:.3g} average bits "
+            f"({lo / 1e9:.4g}..{hi / 1e9:.4g} GBitOPs) for {cfg.model} at {pi.image_size} px with candidates "
+            f"w_bits {list(cfg.candidates.w_bits)}, a_bits {list(cfg.candidates.a_bits)}. Choose a budget range "
+            "inside it or change the candidates.")
+    point = cfg.space.first_point()
+    try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
+        trial_search_config(cfg, point)
+    except TypeError as e:
+        known = sorted(f.name for f in fields(SearchConfig))
+        raise ConfigError(f"Bad 'search' settings {sorted(cfg.search)}: {e}. Known search settings: {known}.") from None
+    _check_writable(cfg)
+    return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
+                      target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
+                      target_train_size=len(target.train), target_test_size=len(target.test),
+                      feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9))
