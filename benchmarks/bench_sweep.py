@@ -25,7 +25,9 @@ the tail, but the slot counts as without compute here. A second figure counts co
 
 where ``lent_slot_s`` is, for each trial that took lent cores (its ``threads`` events in
 ``trial_events.jsonl``), the time from the switch to its end times the extra threads per slot's
-cores: the share of the machine's cores that were computing trials.
+cores: the share of the machine's cores assigned to computing trials. An upper bound of the cores
+that computed (a lent thread counts as a busy core, however much it sped the trial up); the goal is
+judged on ``compute_fraction``.
 
     python benchmarks/bench_sweep.py                      # demo preset, as `gmpq sweep --preset demo`
     python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --json sweep.json
@@ -138,7 +140,10 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
             in_trial_other += max(w - c, 0.0)
     capacity = wall * slots
     tail_idle = _tail_idle_slot_s(rows, slots)
-    lent = _lent_slot_s(Path(summary.sweep_dir) / "trial_events.jsonl", cfg.resolved().resources.cpu)
+    from datetime import datetime
+
+    finished = {r["trial_id"]: datetime.fromisoformat(r["finished_at"]).timestamp() for r in rows if r.get("finished_at")}
+    lent = _lent_slot_s(Path(summary.sweep_dir) / "trial_events.jsonl", cfg.resolved().resources.cpu, finished)
     res = {"preset": args.preset, "prep": prep, "n_trials": len(rows), "n_completed": summary.n_completed,
            "n_pruned": summary.n_pruned, "n_failed": summary.n_failed, "slots": slots,
            "wall_s": round(wall, 2), "import_s": round(import_s, 2),
@@ -177,20 +182,24 @@ def _tail_idle_slot_s(rows: list[dict], slots: int) -> float:
     return idle
 
 
-def _lent_slot_s(events_path: Path, cpu_per_trial: float) -> float:
+def _lent_slot_s(events_path: Path, cpu_per_trial: float, finished: dict[str, float] | None = None) -> float:
     """Slot-seconds of cores lent to running trials at the sweep's tail: for each ``threads`` event, the
-    extra threads over the trial's own cores, in slots, times the time until the trial's next switch or end."""
+    threads over the trial's own (``max(1, int(cpu))``), in slots, times the time until the trial's next
+    switch, end, or new attempt (``start``/``replay``), else its ``finished`` time (a pruned trial logs no
+    end). An upper bound of the cores that computed: a lent thread counts as a busy core."""
     if not events_path.is_file() or cpu_per_trial <= 0:
         return 0.0
+    own = max(1, int(cpu_per_trial))
     events = [json.loads(line) for line in events_path.read_text().splitlines() if line.strip()]
     lent = 0.0
     for e in events:
         if e.get("event") != "threads":
             continue
         later = [x["time"] for x in events if x.get("trial_id") == e["trial_id"] and x["time"] > e["time"]
-                 and x.get("event") in ("threads", "end")]
-        if later:
-            lent += max(e["threads"] - cpu_per_trial, 0) / cpu_per_trial * (min(later) - e["time"])
+                 and x.get("event") in ("threads", "end", "start", "replay")]
+        stop = min(later) if later else (finished or {}).get(e["trial_id"])
+        if stop is not None and stop > e["time"]:
+            lent += max(e["threads"] - own, 0) / own * (stop - e["time"])
     return lent
 
 
@@ -210,9 +219,9 @@ def _print(res: dict) -> None:
     print(f"  of the rest, slots without a trial after the last one started (nothing left to run; their "
           f"cores go to the trials still running): {res['tail_idle_slot_s']:.1f} slot-s = "
           f"{100 * res['tail_idle_fraction']:.1f}% of the wall time")
-    print(f"  counting cores, not slots (the tail's cores lent to the last trials: {res['lent_slot_s']:.1f} "
-          f"slot-s): {100 * res['core_compute_fraction']:.1f}% of the machine's cores computed trials "
-          f"({'met' if res['core_compute_fraction'] >= 0.9 else 'MISSED'} on this measure)")
+    print(f"  counting cores assigned to trials, not slots (the tail's cores lent to the last trials: "
+          f"{res['lent_slot_s']:.1f} slot-s; an upper bound, a lent thread counts as a busy core): "
+          f"{100 * res['core_compute_fraction']:.1f}%")
     print(f"  orchestration: prepare {res['prepare_s']:.1f} s, Ray start {res['ray_start_s']:.1f} s, "
           f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
           f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "

@@ -26,10 +26,14 @@ def _command_modules() -> list[str]:
 
 
 def _named_command(argv: list[str]) -> str | None:
-    """The module of the command ``argv`` names (its first word that is not an option), if there is one."""
-    word = next((a for a in argv if not a.startswith("-")), None)
-    module = word.replace("-", "_") if word else None
-    return module if module in _command_modules() else None
+    """The module of the command ``argv`` names (its first word that is not an option), if there is one
+    and no ``-h``/``--help`` comes before it (that asks for the list of every command)."""
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            return None
+        if not arg.startswith("-"):
+            return next((m for m in _command_modules() if m.replace("_", "-") == arg), None)
+    return None
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -5,8 +5,10 @@ One parent run per sweep and one child run per trial (the layout is ``mlflow_sin
 Tune's loop only copies what a hook needs (the trial's config, result, status, error text) and goes on
 starting and stopping trials, and opening the tracking store (importing mlflow, creating a new SQLite
 store's tables: 3-4 s on 2 cores) and making the parent run overlap Ray's start and the first trials
-instead of delaying them. ``flush()`` waits for the writes queued so far; ``on_experiment_end`` and
-``close()`` (which ``run_sweep`` calls however the sweep ends) flush, so nothing queued is lost.
+instead of delaying them. ``flush()`` waits for the writes queued so far. A trial's end is flushed before
+its hook returns (Tune records the trial as finished right after, and a resumed sweep does not rerun it,
+so its run must be closed by then); ``on_experiment_end`` and ``close()`` (which ``run_sweep`` calls
+however the sweep ends) flush too, so nothing queued is lost.
 ``background=False`` makes every call in the hook itself (tests and one-off use).
 """
 from __future__ import annotations
@@ -48,6 +50,11 @@ class MLflowCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment state: no thread, no per-run bookkeeping
         return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_writer": None, "_queued": []}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a sweep pickled before the writer thread existed lacks these
+        self.__dict__.update({"background": False, "_run_of": {}, "_recoveries": {}, "_writer": None,
+                              "_queued": [], **state})
 
     # -- the writer -----------------------------------------------------------------------------
     def _do(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -150,9 +157,11 @@ class MLflowCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, errored=False)
+        self.flush()       # Tune saves the trial as finished right after: a driver killed then must not lose it
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._end(trial, errored=True)
+        self.flush()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._do(lambda: self.sink.finish(self.sink.parent_run_id, "FINISHED"))

@@ -316,6 +316,15 @@ class MLflowSink:
         self.call("ending a run", self._client.set_terminated, run_id, status)
 
 
+def __getattr__(name: str) -> Any:
+    # ``MLflowCallback`` lived here before ``orchestrator.mlflow_callback``: the tuner.pkl of a sweep started then
+    # names this module, and resuming that sweep unpickles it
+    if name == "MLflowCallback":
+        from .mlflow_callback import MLflowCallback
+        return MLflowCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _phase_key(result: Mapping[str, Any], key: str) -> str:
     phase = result.get("phase")
     return key if phase in (None, "search") or key.startswith(str(phase)) else f"{phase}.{key}"

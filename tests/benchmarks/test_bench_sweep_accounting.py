@@ -34,3 +34,15 @@ def test_lent_cores_count_from_each_switch_to_the_trial_end(tmp_path):
     assert abs(bench_sweep._lent_slot_s(path, 1.0) - 25.0) < 1e-6
     assert abs(bench_sweep._lent_slot_s(path, 2.0) - (0 + 1 * 5.0)) < 1e-6     # 2 CPU per trial: 4 threads = +1
     assert bench_sweep._lent_slot_s(tmp_path / "missing.jsonl", 1.0) == 0.0
+
+
+def test_lent_time_stops_at_a_new_attempt_and_a_pruned_trial_uses_its_finish_time(tmp_path):
+    events = [{"event": "threads", "trial_id": "a", "threads": 2, "time": 10.0},
+              {"event": "start", "trial_id": "a", "time": 12.0},            # the attempt died; a retry starts
+              {"event": "end", "trial_id": "a", "time": 200.0},
+              {"event": "threads", "trial_id": "p", "threads": 2, "time": 50.0}]   # pruned: no end event
+    path = tmp_path / "trial_events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    assert abs(bench_sweep._lent_slot_s(path, 1.0) - 2.0) < 1e-6
+    assert abs(bench_sweep._lent_slot_s(path, 1.0, {"p": 53.0}) - 5.0) < 1e-6
+    assert abs(bench_sweep._lent_slot_s(path, 0.5, {"p": 53.0}) - 5.0) < 1e-6   # own threads: max(1, int(cpu))

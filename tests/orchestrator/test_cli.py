@@ -14,6 +14,8 @@ def test_the_named_command_is_found_past_options_and_dashes():
     assert _named_command(["train-fp", "--epochs", "1"]) == "train_fp"
     assert _named_command(["--help"]) is None and _named_command([]) is None
     assert _named_command(["no-such-command"]) is None          # argparse then names the choices
+    assert _named_command(["sync_mlflow"]) is None              # not a command's name: all commands listed
+    assert _named_command(["-h", "sweep"]) is None              # help first: the list of every command
     assert "_finetune_sweep" not in _command_modules()            # a helper of `gmpq finetune`, not a command
 
 
