@@ -61,7 +61,9 @@ class ActQuantizer(nn.Module):
 
     The flag is kept twice: as the ``signed`` buffer (in the state dict, so checkpoints carry it) and
     as a Python bool that ``forward`` reads. Reading the buffer in ``forward`` would copy it from the
-    device every call: on a GPU, one synchronisation per quantized layer per forward pass.
+    device every call: on a GPU, one synchronisation per quantized layer per forward pass. Something that
+    writes the buffer in place (DDP's buffer broadcast) does not update the bool: the Ray Train stage
+    calibrates every worker on the same batch, so the workers' flags agree already.
     """
 
     def __init__(self, bits: int, clip_init: float = 6.0, signed: bool = False) -> None:
