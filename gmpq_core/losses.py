@@ -43,17 +43,21 @@ def generalization_loss(student_maps: Tensor, teacher_maps: Tensor, p: float | T
     return (normalize_maps(student_maps) - target).pow(2).mean()
 
 
-def capacity_p(exp_w_bits: Tensor, exp_a_bits: Tensor, kappa: float = 24.0) -> float:
-    """p = kappa * mean_l 1 / (E[b_w,l] * E[b_a,l]) (detached, a float)."""
+def capacity_p(exp_w_bits: Tensor, exp_a_bits: Tensor, kappa: float = 24.0, *,
+               as_tensor: bool = False) -> float | Tensor:
+    """p = kappa * mean_l 1 / (E[b_w,l] * E[b_a,l]) (detached): a float, or with ``as_tensor`` the 0-d
+    tensor on the bits' device (no device-to-host copy: the search step reads it with its other scalars)."""
     with torch.no_grad():
-        return float(kappa * (1.0 / (exp_w_bits.detach() * exp_a_bits.detach())).mean())
+        p = kappa * (1.0 / (exp_w_bits.detach() * exp_a_bits.detach())).mean()
+    return p if as_tensor else float(p)
 
 
 def choose_p(mode: str, exp_w_bits: Tensor, exp_a_bits: Tensor, *, kappa: float = 24.0,
-             p_fixed: float = 3.0) -> float:
-    """The exponent for this step: capacity-aware (``mode="capacity"``) or ``p_fixed``."""
+             p_fixed: float = 3.0, as_tensor: bool = False) -> float | Tensor:
+    """The exponent for this step: capacity-aware (``mode="capacity"``; a 0-d tensor with ``as_tensor``)
+    or ``p_fixed`` (a float)."""
     if mode == "capacity":
-        return capacity_p(exp_w_bits, exp_a_bits, kappa)
+        return capacity_p(exp_w_bits, exp_a_bits, kappa, as_tensor=as_tensor)
     if mode == "fixed":
         return float(p_fixed)
     raise ConfigError(f"p_mode must be one of {P_MODES}, but got p_mode={mode!r}.")
@@ -86,6 +90,8 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     return torch.where(both_const, torch.ones_like(rho), rho)
 
 
-def rank_distance(student_maps: Tensor, teacher_maps: Tensor) -> float:
-    """ARD = mean over images of 1 - Spearman(student map, teacher map), in [0, 2]."""
-    return float((1.0 - spearman(student_maps, teacher_maps)).mean())
+def rank_distance(student_maps: Tensor, teacher_maps: Tensor, *, as_tensor: bool = False) -> float | Tensor:
+    """ARD = mean over images of 1 - Spearman(student map, teacher map), in [0, 2] (a float, or with
+    ``as_tensor`` the 0-d float64 tensor on the maps' device)."""
+    ard = (1.0 - spearman(student_maps, teacher_maps)).mean()
+    return ard if as_tensor else float(ard)

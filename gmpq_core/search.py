@@ -224,15 +224,18 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
     """One GMPQ update on the batch (x [B, C, H, W], y [B]) already on the device (module docstring).
 
     ``teacher`` in its search mode (eval), ``supernet`` in training mode; ``mode`` defaults to
-    ``cfg.second_order``. One host synchronisation reads every scalar at once (and checks them
-    before the update: a NaN/inf loss raises NonFiniteLossError naming ``epoch`` and ``step``).
+    ``cfg.second_order``. One host synchronisation per step, after the backward pass is queued and
+    before the update, reads every scalar at once (loss parts, p, ARD, correct) and checks them: a
+    NaN/inf loss raises NonFiniteLossError naming ``epoch`` and ``step``, and the weights are not
+    updated. Until then nothing waits for the device (on a GPU the host queues the forward and backward
+    passes while the device runs them).
     """
     mode = mode or ("second_order" if cfg.second_order else "first_order")
     _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
     logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
     _, ew, ea = expected_bits(supernet)
     expected = (macs_vec * ew * ea).sum()
-    p = choose_p(cfg.p_mode, ew, ea, kappa=cfg.kappa, p_fixed=cfg.p_fixed)
+    p = choose_p(cfg.p_mode, ew, ea, kappa=cfg.kappa, p_fixed=cfg.p_fixed, as_tensor=True)
     ce = F.cross_entropy(logits, y)
     l_gen = generalization_loss(s_maps, t_maps, p)
     pen = complexity_penalty(expected, mode=cfg.penalty, budget_bitops=budget_bitops, first_layer_macs=first_macs)
@@ -240,19 +243,21 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
     if cfg.inject_nan_at_epoch == epoch:
         loss = loss * float("nan")
     correct = (logits.detach().argmax(1) == y).sum()
-    loss_v, ce_v, l_gen_v, pen_v, correct_v = torch.stack(
-        [t.detach().to(loss.dtype) for t in (loss, ce, l_gen, pen, correct)]).tolist()
+    ard = rank_distance(s_maps.detach(), t_maps, as_tensor=True)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    scalars = [loss, ce, l_gen, pen, correct, ard] + ([p] if torch.is_tensor(p) else [])
+    values = torch.stack([t.detach().to(torch.float64).reshape(()) for t in scalars]).tolist()   # the one sync
+    loss_v, ce_v, l_gen_v, pen_v, correct_v, ard_v = values[:6]
     if not math.isfinite(loss_v):
         parts = f"ce={ce_v:.4g}, l_gen={l_gen_v:.4g}, penalty={pen_v:.4g}"
         raise NonFiniteLossError(
             f"The search loss became {loss_v} at epoch {epoch}, step {step} ({parts}, "
             f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower lr / lr_arch or eta, or check the proxy data "
             "for NaN/inf values.")
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     optimizer.step()
-    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=float(p),
-                     ard=rank_distance(s_maps.detach(), t_maps), correct=int(correct_v), n=int(y.numel()))
+    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=values[6] if len(values) > 6 else float(p),
+                     ard=ard_v, correct=int(correct_v), n=int(y.numel()))
 
 
 def _run_epoch(supernet: nn.Module, teacher: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,

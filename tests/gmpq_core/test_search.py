@@ -161,3 +161,32 @@ def test_search_job_round_trip_and_flat_search_keys():
         SearchJob(model="resnet21")
     with pytest.raises(ConfigError, match="Unknown keys"):
         SearchJob.from_dict({"proxysize": 3})
+
+
+@pytest.mark.parametrize("p_mode", ["capacity", "fixed"])
+def test_a_search_step_reads_the_device_once(monkeypatch, p_mode):
+    """One device-to-host read per step (after backward is queued, before the update): on a GPU every
+    read is a synchronisation that stops the host from queueing ahead."""
+    import gmpq_core.search as search_mod
+
+    reads: list[str] = []
+    counting = [False]
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, _name=name, **k):
+            if counting[0]:
+                reads.append(_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    real_step = search_mod.search_step
+
+    def step(*a, **k):
+        counting[0] = True
+        try:
+            return real_step(*a, **k)
+        finally:
+            counting[0] = False
+    monkeypatch.setattr(search_mod, "search_step", step)
+    _search(_cfg(epochs=1, p_mode=p_mode))
+    assert reads == ["tolist", "tolist"]          # two batches, one read each
