@@ -246,9 +246,9 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
     ard = rank_distance(s_maps.detach(), t_maps, as_tensor=True)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    scalars = [loss, ce, l_gen, pen, correct, ard] + ([p] if torch.is_tensor(p) else [])
-    values = torch.stack([t.detach().to(torch.float64).reshape(()) for t in scalars]).tolist()   # the one sync
-    loss_v, ce_v, l_gen_v, pen_v, correct_v, ard_v = values[:6]
+    scalars = [loss, ce, l_gen, pen, correct, ard] + ([p] if torch.is_tensor(p) else [])   # p_fixed: a float
+    loss_v, ce_v, l_gen_v, pen_v, correct_v, ard_v, *p_read = torch.stack(
+        [t.detach().to(torch.float64) for t in scalars]).tolist()                          # the one sync
     if not math.isfinite(loss_v):
         parts = f"ce={ce_v:.4g}, l_gen={l_gen_v:.4g}, penalty={pen_v:.4g}"
         raise NonFiniteLossError(
@@ -256,7 +256,7 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
             f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower lr / lr_arch or eta, or check the proxy data "
             "for NaN/inf values.")
     optimizer.step()
-    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=values[6] if len(values) > 6 else float(p),
+    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=p_read[0] if p_read else float(p),
                      ard=ard_v, correct=int(correct_v), n=int(y.numel()))
 
 
