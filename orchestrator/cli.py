@@ -2,7 +2,8 @@
 
 Subcommands live one per module in ``orchestrator.commands``; each module defines
 ``register(subparsers)`` which adds a parser and sets ``func(args) -> int`` as its default. Only the
-named command's module is imported (``gmpq pareto`` does not import torch; ``gmpq --help`` imports all).
+named command's module is imported (``gmpq pareto --help`` does not import torch; running a command imports
+what it needs, and ``gmpq --help`` imports every command's module).
 A ``GMPQError`` becomes a one-paragraph message and exit status 2, with no traceback; real bugs
 keep their traceback.
 """

@@ -1,8 +1,10 @@
 """Argparse helpers shared by the subcommands: model, data and run options, and their resolution.
 
-Model options resolve with this precedence: the command line, then the policy's ``meta`` (keys
-``model``, ``dataset``, ``in_channels``, ``num_classes``, ``small_input``, ``input_size``), then an
-FP result file written beside an FP checkpoint, then the dataset, then built-in defaults.
+Model options (``model``, ``in_channels``, ``num_classes``, ``small_input``, ``input_size``) resolve from
+the command line first, then from the sources a command passes, in its order, then built-in defaults.
+``gmpq finetune`` passes what it will load before what the policy remembers: the FP result file written
+beside an FP checkpoint (the weights must fit it), the dataset it loaded, then the policy's ``meta``;
+``gmpq bitops`` passes the policy's ``meta``.
 """
 from __future__ import annotations
 

@@ -2,10 +2,11 @@
 
 ``load_sweep_config(path, preset=..., overrides=...)`` merges preset <- file <- overrides (nested
 mappings merge key by key; dotted override keys such as ``"space.search_epochs"`` reach inside),
-then ``sweep_checks.check_sweep_config(cfg)`` validates everything that needs the model or the data,
-BEFORE Ray starts: unknown model/dataset/pruner (listing the choices), an empty space, a budget range outside
-what the bit candidates reach, proxy or transfer slices larger than the dataset, an out dir that
-cannot be written. Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
+checking as it loads what the file alone can tell (an unknown pruner, listing the choices; an empty
+space; wrong types and ranges). Then ``sweep_checks.check_sweep_config(cfg)`` validates everything that
+needs the model or the data, BEFORE Ray starts: an unknown model or dataset (listing the choices), a budget
+range outside what the bit candidates reach, proxy or transfer slices larger than the dataset, an out
+dir that cannot be written. Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
 """
 from __future__ import annotations
 

