@@ -29,7 +29,7 @@ from gmpq_core.fileio import atomic_write
 __all__ = ["TRIALS_FILE", "LAYERS_FILE", "PARETO_FILE", "FINAL_FILE", "CONFIG_FILE", "TRIAL_STATUSES",
            "METRIC_FIELDS", "LAYER_SCHEMA", "trial_schema", "flatten_params", "trial_row", "layer_rows",
            "rows_to_table", "write_table", "read_table", "read_trials", "read_layers", "write_results",
-           "load_resolved_config", "utc_now_iso", "resolve_status", "ResultsCallback"]
+           "load_resolved_config", "utc_now_iso", "resolve_status", "has_ended", "ResultsCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +269,15 @@ def resolve_status(status_book: Any, trial_id: str, errored: bool, last_result: 
     return "completed" if last_result.get("transfer_top1") is not None else "pruned"
 
 
+def has_ended(trial_id: str, last_result: Mapping[str, Any] | None, status_book: Any = None) -> bool:
+    """Whether a trial that did not error ran to its end: its final report came (``done``), or the pruner
+    stopped it. A trial the driver stopped on its way out (Ctrl-C) has neither: it is unfinished, and a
+    resumed sweep runs it again."""
+    if (last_result or {}).get("done"):
+        return True
+    return status_book is not None and bool(status_book.is_pruned(trial_id))
+
+
 class ResultsCallback(Callback):
     """Ray Tune callback (driver side) keeping trials.parquet and layers.parquet up to date.
 
@@ -326,10 +335,12 @@ class ResultsCallback(Callback):
 
         After a driver crash the Tune state may know a finished trial whose row never reached the
         table (or the table was deleted because it was damaged): the row is rebuilt from the
-        trial's last result, so a resumed sweep loses no finished trial.
+        trial's last result, so a resumed sweep loses no finished trial. A trial stopped unfinished
+        (the sweep interrupted) gets no row: ``--resume`` runs it again.
         """
-        missing = [t for t in trials if str(t.trial_id) not in self._rows and t.status in ("TERMINATED", "ERROR")
-                   and t.last_result]
+        missing = [t for t in trials if str(t.trial_id) not in self._rows and t.last_result
+                   and (t.status == "ERROR" or (t.status == "TERMINATED"
+                                                and has_ended(str(t.trial_id), t.last_result, self.status_book)))]
         for t in missing:
             log.warning("results: trial %s finished before the restart but had no row; writing it now", t.trial_id)
             self.record(t, errored=t.status == "ERROR")

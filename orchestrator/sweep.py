@@ -35,12 +35,13 @@ from gmpq_core.errors import ConfigError
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
+from .results import has_ended
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .tail_threads import TailThreads
 from .trainable import make_trainable
-from .trial_status import TrialStatusBook
+from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "SweepOptunaSearch",
            "SweepProgress", "OBJECTIVES"]
@@ -59,10 +60,18 @@ class SweepSummary:
     wall_seconds: float
     resumed: bool = False
     rows: list[dict] = field(default_factory=list)   # one per trial: id, status, key metrics
+    n_unfinished: int = 0        # trials stopped midway (the sweep interrupted): a resume runs them again
+    n_planned: int | None = None   # the sweep's n_trials
 
     @property
     def n_trials(self) -> int:
+        """Trials that ended: completed, pruned or failed."""
         return self.n_completed + self.n_pruned + self.n_failed
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the sweep stopped before all its trials ended (Ctrl-C, a stopped driver)."""
+        return self.n_unfinished > 0 or (self.n_planned is not None and self.n_trials < self.n_planned)
 
 
 def experiment_path(cfg: SweepConfig) -> Path:
@@ -266,7 +275,8 @@ def _summary_rows(grid: Any, book: TrialStatusBook) -> list[dict]:
     for r in grid:
         m = r.metrics or {}
         tid = m.get("trial_id") or (r.path and Path(r.path).name)
-        status = book.status_of(tid, errored=r.error is not None)
+        ended = r.error is not None or has_ended(str(tid), m, book)
+        status = book.status_of(tid, errored=r.error is not None) if ended else UNFINISHED
         rows.append({"trial_id": tid, "status": status, "budget_avg_bits": (r.config or {}).get("budget_avg_bits"),
                      "proxy_top1": m.get("proxy_top1"), "transfer_top1": m.get("transfer_top1"),
                      "gbitops": m.get("gbitops"), "epoch": m.get("epoch")})
@@ -317,8 +327,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
         for cb in _mlflow_callbacks(callbacks):
             cb.close()
     rows = _summary_rows(grid, book)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed", UNFINISHED)}
     if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end
         _close_orphan_optuna_trials(cfg, say, started_before=started_at)
     return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
-                        n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume, rows=rows)
+                        n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume, rows=rows,
+                        n_unfinished=counts[UNFINISHED], n_planned=cfg.n_trials)

@@ -15,11 +15,12 @@ from typing import Any
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-__all__ = ["TrialStatusBook", "COMPLETED", "PRUNED", "FAILED"]
+__all__ = ["TrialStatusBook", "COMPLETED", "PRUNED", "FAILED", "UNFINISHED"]
 
 log = logging.getLogger(__name__)
 
 COMPLETED, PRUNED, FAILED = "completed", "pruned", "failed"
+UNFINISHED = "unfinished"   # a sweep summary's trial stopped midway; never a row of trials.parquet
 
 
 class TrialStatusBook:

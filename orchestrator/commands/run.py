@@ -5,7 +5,9 @@
 
 Same sweep flags as ``gmpq sweep`` (they override the preset / config file) plus the fine-tune
 stage's ``--top-k``, ``--workers``, ``--finetune-epochs``. ``--resume`` continues every stage of an
-interrupted run in the same folder (finished trials and fine-tune epochs are not redone). Ends with
+interrupted run in the same folder (finished trials and fine-tune epochs are not redone); ``gmpq run --out
+DIR --resume`` alone reads the folder's saved config. An interrupted sweep stage stops the run there
+(exit 130) with that command. Ends with
 the final Pareto table, the plot paths and the command that opens the results in MLflow.
 """
 from __future__ import annotations
@@ -34,15 +36,14 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.commands._finetune_sweep import finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
-    from orchestrator.commands.sweep import format_summary, overrides_from_args
+    from orchestrator.commands.sweep import config_from_args, format_summary
     from orchestrator.ray_env import ray_session
     from orchestrator.results import FINAL_FILE
-    from orchestrator.sweep_config import load_sweep_config
     from orchestrator.train_stage import FINAL_PNG
 
-    overrides = {**overrides_from_args(args), "finetune.top_k": args.top_k, "finetune.workers": args.workers,
-                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps}
-    cfg = load_sweep_config(args.config, preset=args.preset, overrides=overrides)   # ConfigError -> exit 2
+    finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
+                "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps}
+    cfg = config_from_args(args, finetune)               # --resume alone: the folder's saved config; ConfigError -> exit 2
     from orchestrator.sweep import run_sweep                                        # lazy: Ray/Optuna imports
 
     t0 = time.perf_counter()
@@ -51,7 +52,9 @@ def run(args: argparse.Namespace) -> int:
     with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
         _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
         summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
-        print(format_summary(summary), flush=True)
+        print(format_summary(summary, command="gmpq run"), flush=True)
+        if summary.interrupted:                          # no Pareto front of half a sweep
+            return 130
         if summary.n_completed == 0:
             raise GMPQError(f"No trial of the sweep completed ({summary.n_pruned} pruned, {summary.n_failed} failed), "
                             f"so there is nothing to select. See {sweep_dir / 'trials.parquet'} and the Ray trial "

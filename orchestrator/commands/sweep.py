@@ -50,8 +50,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "cache_dir": args.cache_dir, "space.search_epochs": args.epochs}
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
-    """SweepConfig from --config/--preset and the override flags (ConfigError -> exit 2)."""
+def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] | None = None) -> Any:
+    """SweepConfig from --config/--preset and the override flags (ConfigError -> exit 2). With --resume
+    and neither --config nor --preset, the sweep folder's saved ``sweep_config.yaml``."""
     from pathlib import Path
 
     from orchestrator.sweep_config import load_sweep_config
@@ -62,14 +63,15 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if not path.exists():
             from gmpq_core.errors import ConfigError
             raise ConfigError(f"Nothing to resume: '{path}' does not exist. Check --out (the sweep folder).")
-    return load_sweep_config(path, preset=args.preset, overrides=overrides_from_args(args))
+    return load_sweep_config(path, preset=args.preset, overrides={**overrides_from_args(args), **(extra_overrides or {})})
 
 
 def _fmt(v: Any, spec: str) -> str:
     return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
 
 
-def format_summary(summary: Any, tracking_uri: str | None = None) -> str:
+def format_summary(summary: Any, tracking_uri: str | None = None, *, command: str = "gmpq sweep") -> str:
+    """The sweep's trial table and counts; for an interrupted sweep, ``command`` is the one that continues it."""
     lines = [f"{'trial':<14} {'status':<10} {'budget':>6} {'proxy%':>7} {'transfer%':>9} {'GBitOPs':>8}"]
     for r in sorted(summary.rows, key=lambda r: (r["status"] != "completed", -(r["transfer_top1"] or 0))):
         lines.append(f"{r['trial_id']:<14} {r['status']:<10} {_fmt(r['budget_avg_bits'], '.2f'):>6} "
@@ -77,9 +79,19 @@ def format_summary(summary: Any, tracking_uri: str | None = None) -> str:
                      f"{_fmt(r['gbitops'], '.4f'):>8}")
     lines.append(f"{summary.n_completed} completed, {summary.n_pruned} pruned, {summary.n_failed} failed in "
                  f"{summary.wall_seconds / 60:.1f} min. Results: {summary.sweep_dir}/trials.parquet")
+    if summary.interrupted:
+        lines.append(interrupted_note(summary, command))
     if tracking_uri:
         lines.append(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
     return "\n".join(lines)
+
+
+def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
+    """What an interrupted sweep left undone, and the command that finishes it."""
+    left = summary.n_planned - summary.n_trials if summary.n_planned else summary.n_unfinished
+    return (f"The sweep was interrupted: {summary.n_trials} of {summary.n_planned or '?'} trials finished; "
+            f"{left} still to run ({summary.n_unfinished} stopped midway: they start again). Finished trials are "
+            f"kept. Continue with: {command} --out {summary.sweep_dir} --resume")
 
 
 def quiet_libraries(verbose: bool = False) -> None:
@@ -100,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
     print(format_summary(summary, cfg.resolved().tracking_uri))
+    if summary.interrupted:
+        return 130
     return 0 if summary.n_completed > 0 else 1
 
 

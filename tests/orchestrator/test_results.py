@@ -130,3 +130,24 @@ def test_missing_or_foreign_tables(tmp_path):
 def test_rows_to_table_handles_ints_given_as_floats_and_missing_values():
     t = rows_to_table([{"trial_id": "a", "bitops": 12.0, "epochs_run": None}])
     assert t.column("bitops").to_pylist() == [12] and t.column("epochs_run").to_pylist() == [None]
+
+
+def test_backfill_writes_ended_trials_only_not_ones_an_interrupt_stopped(tmp_path):
+    """Ctrl-C stops the running trials (Tune: TERMINATED, last result an epoch report): no row for them,
+    so --resume runs them again; a trial that reported its end, a pruned one and a failed one get rows."""
+    from orchestrator.trial_status import TrialStatusBook
+
+    book = TrialStatusBook(tmp_path / "trial_status.json")
+    book.mark_pruned("pruned", "median")
+    stopped = SimpleNamespace(**vars(trial("stopped", None, 1.0)), status="TERMINATED")
+    stopped.last_result = {"phase": "search", "epoch": 1, "proxy_top1": 10.0}
+    ended = SimpleNamespace(**vars(trial("ended", 70.0, 2.0)), status="TERMINATED")
+    pruned = SimpleNamespace(**vars(trial("pruned", None, 3.0)), status="TERMINATED")
+    pruned.last_result = {"phase": "search", "epoch": 2, "proxy_top1": 12.0}
+    failed = SimpleNamespace(**vars(trial("failed", None, 4.0)), status="ERROR")
+    cb = ResultsCallback(tmp_path, status_book=book)
+    assert sorted(cb.backfill([stopped, ended, pruned, failed])) == ["ended", "failed", "pruned"]
+    df = read_trials(tmp_path).set_index("trial_id")
+    assert df["status"].to_dict() == {"ended": "completed", "failed": "failed", "pruned": "pruned"}
+    assert results.has_ended("stopped", stopped.last_result, book) is False
+    assert results.has_ended("x", {"done": True}) is True and results.has_ended("x", {"epoch": 1}) is False
