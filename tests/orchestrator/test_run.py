@@ -134,3 +134,22 @@ def test_gmpq_run_end_to_end_then_resume_redoes_nothing(tmp_path, capsys):
     assert main(["run", "--config", str(cfg), "--out", str(out), "--quiet", "--resume"]) == 0
     assert pd.read_parquet(out / "final.parquet")["seconds"].tolist() == final["seconds"].tolist()
     assert len(mlflow.search_runs(experiment_names=["tiny"])) == 4
+
+
+def test_gmpq_run_resume_alone_reads_the_folders_saved_config(tmp_path):
+    """`gmpq run --out DIR --resume` continues with the config the run started with (it used to demand
+    --preset and then refuse because the preset differed from the saved, overridden config)."""
+    from orchestrator.cli import build_parser
+    from orchestrator.commands.sweep import config_from_args
+    from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+
+    started = load_sweep_config(None, preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 2,
+                                                                "finetune.top_k": 1, "space.search_epochs": 1})
+    save_resolved_config(started)
+    args = build_parser("run").parse_args(["run", "--out", str(tmp_path), "--resume"])
+    finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers}
+    again = config_from_args(args, finetune)
+    assert again.resolved().to_dict() == started.resolved().to_dict()
+    overridden = config_from_args(build_parser("run").parse_args(["run", "--out", str(tmp_path), "--resume",
+                                                                  "--top-k", "2"]), {"finetune.top_k": 2})
+    assert overridden.finetune.top_k == 2          # a flag given with --resume still applies (and is checked)
