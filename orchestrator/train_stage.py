@@ -16,6 +16,7 @@ fine-tuned for the requested epochs (a row in final.parquet) is not run again.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import threading
@@ -48,7 +49,10 @@ FINAL_SCHEMA = pa.schema([
     pa.field("gbitops", pa.float64()), pa.field("epochs", pa.int64()), pa.field("seconds", pa.float64()),
     pa.field("workers", pa.int64()), pa.field("resumed_from_epoch", pa.int64()), pa.field("train_images", pa.int64()),
     pa.field("test_images", pa.int64()), pa.field("finished_at", pa.string()), pa.field("policy_json", pa.string()),
+    pa.field("recipe_json", pa.string()),
 ])
+RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "weight_decay", "batch_size", "distill", "seed",
+                 "max_steps_per_epoch", "train_size", "test_size")   # what a fine-tune's result depends on, but epochs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,6 +85,10 @@ class FinalJob:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ConfigError(f"{name} must be a positive integer or None (full split), but got {name}={v!r}.")
+
+    def recipe_json(self) -> str:
+        """The settings its result depends on, except ``epochs`` (more epochs continue a finished run)."""
+        return json.dumps({k: getattr(self, k) for k in RECIPE_FIELDS}, sort_keys=True)
 
     def finetune_config(self) -> FinetuneConfig:
         return FinetuneConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
@@ -202,6 +210,9 @@ def train_loop_per_worker(config: dict) -> None:
         if state.get("trial_id") != job.trial_id or state.get("policy_json") != job.policy_json:
             raise CheckpointError(f"The Ray Train checkpoint of finetune-{job.trial_id} belongs to another policy; "
                                   "delete that run folder under ray_results to start afresh.")
+        if state.get("recipe_json", job.recipe_json()) != job.recipe_json():
+            state = None                    # other settings (lr, batch size, ...): start afresh, do not resume
+    if state is not None:
         model.load_state_dict(state["model"])
         start, history = int(state["epoch"]), [dict(h) for h in state["history"]]
     model = ray.train.torch.prepare_model(model)
@@ -236,7 +247,8 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(Path(d) / STATE_FILE, {
-                "trial_id": job.trial_id, "policy_json": job.policy_json, "epoch": epoch, "history": history,
+                "trial_id": job.trial_id, "policy_json": job.policy_json, "recipe_json": job.recipe_json(),
+                "epoch": epoch, "history": history,
                 "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "total_steps": total})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -356,14 +368,26 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     say = say or (lambda msg: None)
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
     stage = dict(cfg.get("finetune") or {})
+    for flag, value in (("--top-k", top_k), ("--workers", workers), ("--epochs", epochs), ("--batch-size", batch_size),
+                        ("--max-steps-per-epoch", max_steps_per_epoch), ("--train-size", train_size),
+                        ("--test-size", test_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{flag} must be a positive integer, but got {flag} {value!r}. Leave it out to use the "
+                              f"sweep config's value.")
+    if lr is not None and not lr > 0:
+        raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
+                          "config's finetune.lr.")
+
+    def given(value: Any, key: str, default: Any) -> Any:       # an explicit value, else the sweep config's
+        return value if value is not None else (stage.get(key) if stage.get(key) is not None else default)
     pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
         else read_pareto(sweep_dir)
     chosen = pareto[pareto["selected"]] if len(pareto) else pareto
     if chosen.empty:
         raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
                         "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
-    workers = int(workers or stage.get("workers") or 1)
-    epochs = int(epochs or stage.get("epochs") or 1)
+    workers = int(given(workers, "workers", 1))
+    epochs = int(given(epochs, "epochs", 1))
     fp_path = target_fp_checkpoint(sweep_dir, say=say)
     existing = {r["trial_id"]: r for r in read_final(sweep_dir, missing_ok=True).to_dict("records")}
     final_rows = {t: r for t, r in existing.items()}
@@ -374,26 +398,30 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         workers, use_gpu = _ray_devices(workers, use_gpu, say)
         for i, row in enumerate(chosen.to_dict("records"), start=1):
             tid = str(row["trial_id"])
+            job = FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
+                           dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
+                           image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
+                           batch_size=int(given(batch_size, "batch_size", 128)),
+                           distill=bool(stage.get("distill", False)), seed=int(cfg.get("seed") or 0),
+                           max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
+                           train_size=train_size, test_size=test_size,
+                           progress_file=str(storage / f"finetune-{tid}.progress.json"))
             prev = existing.get(tid)
-            if prev is not None and int(prev.get("epochs") or 0) == epochs:
-                say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s): "
+            if (prev is not None and int(prev.get("epochs") or 0) == epochs
+                    and prev.get("recipe_json") in (None, job.recipe_json())):   # None: a row from before recipes
+                say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s) with these settings: "
                     f"top1 {prev['final_top1']:.2f}%")
                 done_ids.append(tid)
                 continue
-            job = FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
-                           dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
-                           image_size=cfg.get("image_size"), epochs=epochs, lr=float(lr or stage.get("lr") or 0.01),
-                           batch_size=int(batch_size or stage.get("batch_size") or 128),
-                           distill=bool(stage.get("distill", False)), seed=int(cfg.get("seed") or 0),
-                           max_steps_per_epoch=max_steps_per_epoch or stage.get("max_steps_per_epoch"),
-                           train_size=train_size, test_size=test_size,
-                           progress_file=str(storage / f"finetune-{tid}.progress.json"))
+            if prev is not None and prev.get("recipe_json") not in (None, job.recipe_json()):
+                say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings; starting afresh "
+                    f"(its row in {FINAL_FILE} will be replaced)")
             say(f"[{i}/{len(chosen)}] {tid}: fine-tuning {epochs} epoch(s) on {workers} worker(s) "
                 f"({'GPU' if use_gpu else 'CPU'}), {row.get('selection_reason')}")
             with _ProgressWatcher(Path(job.progress_file), say, f"[{i}/{len(chosen)}] {tid}:", epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
             histories[tid] = run.history
-            final_rows[tid] = _final_row(row, run)
+            final_rows[tid] = {**_final_row(row, run), "recipe_json": job.recipe_json()}
             write_table(sweep_dir / FINAL_FILE, rows_to_table(sorted(final_rows.values(), key=lambda r: r["trial_id"]),
                                                               FINAL_SCHEMA))
             say(f"[{i}/{len(chosen)}] {tid}: final top1 {run.metrics.get('top1', float('nan')):.2f}% "

@@ -82,8 +82,26 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
 SINGLE_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 128}
 
 
+SWEEP_MODE_OPTIONS = {"sweep", "top_k", "workers", "test_size", "address", "tracking_uri", "epochs", "lr", "batch_size",
+                      "train_size", "max_steps_per_epoch", "func", "command", "verbose"}
+
+
+def _single_mode_options_given(args: argparse.Namespace) -> list[str]:
+    """The single-policy options set on this command line (``--sweep`` mode does not use them)."""
+    p = argparse.ArgumentParser()
+    add_single_args(p)
+    defaults = vars(p.parse_args([]))
+    return ["--" + k.replace("_", "-") for k, v in sorted(vars(args).items())
+            if k in defaults and k not in SWEEP_MODE_OPTIONS and v != defaults[k]]
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "sweep", None):
+        extra = _single_mode_options_given(args)
+        if extra:
+            raise ConfigError(f"gmpq finetune --sweep does not use {', '.join(extra)}: it fine-tunes the sweep's "
+                              "selected policies with the sweep's FP model, data and finetune settings, and writes "
+                              "into the sweep folder. Drop those options, or fine-tune one policy without --sweep.")
         return run_sweep_finetune(args)
     for key, value in SINGLE_DEFAULTS.items():
         if getattr(args, key, None) is None:

@@ -8,6 +8,7 @@ the command-line flags. The FP teacher is trained on the proxy once and cached (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -116,7 +117,10 @@ def format_summary(result: SearchResult, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..common_args import resolve_device
+
     job = build_job(args)
+    job = dataclasses.replace(job, device=resolve_device(job.device))   # a bad or absent GPU: exit 2, not a traceback
     if args.target_dataset is not None:
         check_dataset_name(args.target_dataset)
     out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training

@@ -153,3 +153,24 @@ def test_gmpq_run_resume_alone_reads_the_folders_saved_config(tmp_path):
     overridden = config_from_args(build_parser("run").parse_args(["run", "--out", str(tmp_path), "--resume",
                                                                   "--top-k", "2"]), {"finetune.top_k": 2})
     assert overridden.finetune.top_k == 2          # a flag given with --resume still applies (and is checked)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--workers", "-1"], r"--workers must be a positive integer, but got --workers -1"),
+    (["--workers", "0"], r"--workers .* got --workers 0"),          # was taken as "unset": 2 workers
+    (["--epochs", "0"], r"--epochs .* got --epochs 0"),
+    (["--lr", "0"], r"--lr must be a positive number"),
+    (["--policy", "/nonexist.json"], r"does not use --policy"),     # was ignored silently
+    (["--uniform", "4", "4", "--distill"], r"does not use --distill, --uniform"),
+    (["--out", "elsewhere"], r"does not use --out"),
+])
+def test_finetune_sweep_mode_refuses_bad_or_unused_options_before_ray(tmp_path, capsys, argv, match):
+    import re
+
+    import ray
+
+    hand_made_sweep(tmp_path)
+    assert main(["finetune", "--sweep", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, " ".join(err.split())), err
+    assert not ray.is_initialized() and not (tmp_path / "final.parquet").exists()

@@ -84,6 +84,12 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
         # A third call with the same epochs finds the policy done and runs nothing.
         third = finetune_selected(sweep, epochs=2, workers=2, **knobs)
         assert third["seconds"].tolist() == second["seconds"].tolist()
+        # Other settings (lr) are not "already fine-tuned" and do not resume the old run: a fresh 2-epoch run
+        fourth = finetune_selected(sweep, epochs=2, workers=2, lr=0.05, **knobs)
+        assert fourth["resumed_from_epoch"].tolist() == [0] and fourth["seconds"].tolist() != second["seconds"].tolist()
+        assert json.loads(fourth.loc[0, "recipe_json"])["lr"] == 0.05
+        (ckpt,) = sorted((sweep / "ray_results" / "finetune-t1").glob("checkpoint_20*"))
+        assert [h["resumed_from_epoch"] for h in load_checkpoint(ckpt / STATE_FILE)["history"]] == [0, 0]
     finally:
         if started:
             ray.shutdown()

@@ -103,6 +103,7 @@ CASES: tuple[Case, ...] = (
     Case("search-zero-lr", (*_SEARCH, "--config", "{d}/cfg.yaml"), r"lr.*lr=0", {"cfg.yaml": "search: {lr: 0}\n"}),
     Case("search-bits-not-in-1-8", (*_SEARCH, "--config", "{d}/cfg.yaml"), r"9",
          {"cfg.yaml": "search: {candidates: [2, 4, 9]}\n"}),
+    Case("search-unknown-device", (*_SEARCH, "--device", "banana"), r"banana.*cpu, cuda"),
     Case("search-out-under-a-file", (*_SEARCH[:-1], "{d}/afile/out"), r"afile"),
     Case("search-malformed-yaml", (*_SEARCH, "--config", "{d}/cfg.yaml"), r"line 2, column \d+",
          {"cfg.yaml": "model: resnet20\nsearch: {eta: [1, 2}\n"}),
