@@ -195,7 +195,8 @@ def _fmt(v: Any, spec: str) -> str:
 
 def format_pareto_table(df: pd.DataFrame, buckets: Sequence[float] = ()) -> str:
     """Plain-text aligned table of a Pareto DataFrame (``*`` marks the selected policies)."""
-    head = ["sel", "trial_id", "transfer_top1", "proxy_top1", "GBitOPs", "avg_bits", "bucket", "reason"]
+    # budget_bits: the budget the trial searched under (its bucket); GBitOPs: what its policy costs
+    head = ["sel", "trial_id", "transfer_top1", "proxy_top1", "GBitOPs", "budget_bits", "bucket", "reason"]
     lines = []
     bucket = bucket_index(df, buckets) if len(df) else []
     for k, (_, r) in enumerate(df.iterrows()):

@@ -311,7 +311,13 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
                           "--resume first (same --out and --name).")
     if not resume and exp.exists() and tune.Tuner.can_restore(str(exp)):
         raise ConfigError(f"The sweep folder already holds a sweep at '{exp}'. Continue it with --resume, or pick "
-                          "another --out or --name.")
+                          "another --out.")
+    from .results import load_resolved_config
+    other = load_resolved_config(sweep_dir).get("name") if not resume else None
+    if other is not None and other != cfg.name and (sweep_dir / "trials.parquet").exists():
+        raise ConfigError(f"The folder '{sweep_dir}' holds the results of sweep '{other}' (trials.parquet, MLflow "
+                          f"parent run); a second sweep '{cfg.name}' there would mix its trials into them. Give "
+                          f"--out a new folder, or continue '{other}' with --resume.")
     save_resolved_config(cfg)
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event

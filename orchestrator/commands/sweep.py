@@ -5,8 +5,8 @@
     gmpq sweep --out runs/demo --resume        (continues from runs/demo/sweep_config.yaml)
 
 Flags override the preset / config file; the resolved config is saved as DIR/sweep_config.yaml.
-``add_sweep_args`` and ``config_from_args`` are shared with ``gmpq run``.
 """
+# add_sweep_args and config_from_args are shared with `gmpq run`.
 from __future__ import annotations
 
 import argparse

@@ -174,3 +174,16 @@ def test_finetune_sweep_mode_refuses_bad_or_unused_options_before_ray(tmp_path, 
     err = capsys.readouterr().err
     assert re.search(match, " ".join(err.split())), err
     assert not ray.is_initialized() and not (tmp_path / "final.parquet").exists()
+
+
+def test_a_second_sweep_of_another_name_is_refused_in_a_folder_with_results(tmp_path, capsys):
+    """The refusal of an existing sweep used to suggest '--name': in the same --out that mixed two sweeps'
+    trials in one trials.parquet and under one MLflow parent run."""
+    import ray
+
+    hand_made_sweep(tmp_path)                                    # sweep 'hand' with its results
+    assert main(["sweep", "--preset", "demo", "--out", str(tmp_path), "--name", "other"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "holds the results of sweep 'hand'" in err and "--out a new folder" in err, err
+    assert not ray.is_initialized() and len(pd.read_parquet(tmp_path / TRIALS_FILE)) == 4
+    assert "name: hand" in (tmp_path / "sweep_config.yaml").read_text()   # not overwritten
