@@ -82,8 +82,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for damaged zip/pickle data
-        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {e}); it is truncated "
-                              "or corrupted: delete it and rerun the stage that writes it.") from None
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        if head[:1] in (b"{", b"[") or path.suffix.lower() in (".json", ".yaml", ".yml", ".txt", ".csv"):
+            raise CheckpointError(f"'{path}' is a text file, not a PyTorch checkpoint: give the .pt file (e.g. the fp.pt "
+                                  "that 'gmpq train-fp' writes beside its fp_result.json).") from None
+        reason = str(e).split("\n", 1)[0][:200]
+        if "weights_only" in reason:         # torch's advice (load with weights_only=False) would mislead here
+            reason = "torch.load with weights_only=True cannot unpickle it"
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {reason}). It is not a "
+                              "checkpoint gmpq wrote, or it is truncated or corrupted: check the path; if it is one of "
+                              "gmpq's own files, delete it and rerun the stage that writes it.") from None
 
 
 def check_writable_dir(path: str | os.PathLike, *, what: str = "output folder", hint: str = "") -> Path:

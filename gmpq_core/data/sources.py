@@ -77,9 +77,12 @@ def find_fashion_mnist(root: str | None) -> dict[str, Path] | None:
         base = Path(root).expanduser()
         candidates += [base, base / "FashionMNIST" / "raw"]
     candidates += [Path(DEBIAN_FASHION_MNIST), Path("data") / "FashionMNIST" / "raw"]
-    for directory in candidates:
+    for i, directory in enumerate(candidates):
         files = _complete_dir(directory)
         if files is not None:
+            if root is not None and i >= 2:
+                logger.warning("no Fashion-MNIST idx files under data root '%s' (or its FashionMNIST/raw); using "
+                               "'%s' instead", root, directory)
             return files
     return None
 

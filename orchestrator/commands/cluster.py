@@ -10,10 +10,12 @@ import argparse
 import json
 import os
 
+from . import help_text
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("cluster", help="start/stop/inspect a local multi-node Ray cluster",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cluster_command", metavar="ACTION")
     up = sub.add_parser("up", help="start a head and N worker nodes; prints the address last")
     up.add_argument("--workers", type=int, default=2, help="worker nodes (default 2)")

@@ -10,6 +10,8 @@ import argparse
 import signal
 import time
 
+from . import help_text
+
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM to the foreground command stops the server too
@@ -17,7 +19,7 @@ def _interrupt(signum, frame):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("mlflow-server", help="run an MLflow tracking server bound to 127.0.0.1",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=5000, help="TCP port (default 5000; 0 picks a free one)")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")

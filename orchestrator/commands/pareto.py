@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import help_text
+
 __all__ = ["register", "run", "pareto_stage"]
 
 
@@ -29,8 +31,9 @@ def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *
     return front
 
 
-def print_pareto(sweep_dir: Path, front: Any) -> None:
-    from orchestrator.pareto import PARETO_PNG, format_pareto_table
+def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
+    """The front's table; says so when fewer policies than ``top_k`` (default: the sweep config's) were selected."""
+    from orchestrator.pareto import DEFAULT_TOP_K, PARETO_PNG, format_pareto_table
     from orchestrator.results import PARETO_FILE, load_resolved_config, read_trials
 
     buckets = load_resolved_config(sweep_dir).get("budget_buckets") or []
@@ -39,13 +42,19 @@ def print_pareto(sweep_dir: Path, front: Any) -> None:
     print(f"Pareto front of {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}): "
           f"{len(front)} non-dominated, {int(front['selected'].sum()) if len(front) else 0} selected (*)")
     print(format_pareto_table(front, buckets))
+    cfg = load_resolved_config(sweep_dir)
+    want = top_k or int((cfg.get("finetune") or {}).get("top_k") or DEFAULT_TOP_K)
+    chosen = int(front["selected"].sum()) if len(front) else 0
+    if chosen < want:
+        print(f"({chosen} selected of the {want} asked for (top-k): only {len(front)} on the front. A policy off "
+              "the front is never selected: one on it is at least as accurate for at most its BitOPs.)")
     print(f"Table: {sweep_dir / PARETO_FILE}\nPlot:  {sweep_dir / PARETO_PNG}")
 
 
 def run(args: argparse.Namespace) -> int:
     sweep_dir = Path(args.sweep).expanduser().resolve()
     front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow)
-    print_pareto(sweep_dir, front)
+    print_pareto(sweep_dir, front, args.top_k)
     if front.empty:
         print("gmpq pareto: no completed trial with transfer_top1 and bitops: nothing to select.", file=sys.stderr)
         return 1
@@ -54,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("pareto", help="Pareto front of a sweep + selection of K policies",
-                              description=__doc__.replace("``", ""),
+                              description=help_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
     p.add_argument("--top-k", type=int, default=None, metavar="K",

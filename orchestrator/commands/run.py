@@ -20,6 +20,8 @@ from typing import Any
 
 from gmpq_core.errors import GMPQError
 
+from . import help_text
+
 __all__ = ["register", "run", "mlflow_ui_hint"]
 
 
@@ -83,7 +85,7 @@ def register(subparsers: Any) -> None:
     from orchestrator.commands.sweep import add_sweep_args
 
     p = subparsers.add_parser("run", help="sweep -> Pareto -> Ray Train fine-tune, in one command",
-                              description=__doc__.replace("``", ""),
+                              description=help_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
     g = p.add_argument_group("final fine-tune")

@@ -51,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--proxy-size", type=int, metavar="N", help="stratified proxy of N training images (default 2000)")
     p.add_argument("--eval-size", type=int, metavar="N", help="test images measuring proxy top-1 (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the teacher, the supernet and the data order (default 0)")
-    budget = p.add_mutually_exclusive_group()
+    budget = p.add_argument_group("BitOPs budget (default none: no budget term with the default hinge penalty, "
+                                  "and the policy is the argmax of the search, whatever it costs)")
+    budget = budget.add_mutually_exclusive_group()
     budget.add_argument("--budget-avg-bits", type=float, metavar="B",
                         help="budget = BitOPs of the uniform WbAb policy on the searchable layers")
     budget.add_argument("--budget-gbitops", type=float, metavar="G", help="budget in GBitOPs (quantized layers)")

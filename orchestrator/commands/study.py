@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import help_text
+
 __all__ = ["register", "run", "REPO_ROOT"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -155,7 +157,7 @@ def _log_page(cfg: Any, out: Path, report: Path, png: Path) -> None:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("study", help="the generalization study (grid on Ray) and its results page",
-                              description=__doc__.replace("``", ""),
+                              description=help_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="FILE", help="study YAML (experiments/generalization*.yaml)")
     p.add_argument("--smoke", action="store_true",

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from . import help_text
+
 __all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
            "quiet_libraries"]
 
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("sweep", help="Ray Tune + Optuna sweep of GMPQ searches",
-                              description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
     p.set_defaults(func=run)
 

@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any
 
+from . import help_text
+
 __all__ = ["register", "run", "format_report"]
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("sync-mlflow", help="upload what a sweep folder has and MLflow lacks (idempotent)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: the sweep's)")
     p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")

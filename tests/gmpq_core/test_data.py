@@ -93,6 +93,20 @@ def test_fashion_mnist_is_found_in_root_directly_and_in_torchvision_layout(tmp_p
     assert find_fashion_mnist(str(tmp_path / "tv"))["test_labels"].parent == tv
 
 
+def test_a_data_root_without_the_files_is_named_in_a_warning(tmp_path, caplog):
+    """A typo in --data-root used to fall back to another copy silently."""
+    if not Path(DEBIAN_FASHION_MNIST).is_dir():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    with caplog.at_level("WARNING", logger="gmpq_core.data.sources"):
+        found = find_fashion_mnist(str(tmp_path / "typo"))
+    assert found["train_images"].parent == Path(DEBIAN_FASHION_MNIST)
+    assert f"data root '{tmp_path / 'typo'}'" in caplog.text and DEBIAN_FASHION_MNIST in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gmpq_core.data.sources"):
+        find_fashion_mnist(None)                       # no root given: no warning
+    assert caplog.text == ""
+
+
 def test_read_idx_rejects_a_truncated_file(tmp_path):
     path = tmp_path / "bad-idx3-ubyte.gz"
     header = bytes([0, 0, 0x08, 3]) + np.array([10, 28, 28], dtype=">u4").tobytes()

@@ -19,13 +19,23 @@ def test_the_named_command_is_found_past_options_and_dashes():
     assert "_finetune_sweep" not in _command_modules()            # a helper of `gmpq finetune`, not a command
 
 
+COMMANDS = ("bitops", "cluster", "finetune", "mlflow-server", "pareto", "run", "search", "study", "sweep",
+            "sync-mlflow", "train-fp")
+
+
 def test_the_full_parser_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for command in ("bitops", "cluster", "finetune", "mlflow-server", "pareto", "run", "search", "study",
-                    "sweep", "sync-mlflow", "train-fp"):
+    for command in COMMANDS:
         assert command in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_commands_help_shows_no_rest_markup(command, capsys):
+    with pytest.raises(SystemExit):
+        build_parser(command).parse_args([command, "--help"])
+    assert "``" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["pareto", "--help"], ["cluster", "status", "--help"], ["sync-mlflow", "--help"]])

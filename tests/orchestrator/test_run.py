@@ -187,3 +187,11 @@ def test_a_second_sweep_of_another_name_is_refused_in_a_folder_with_results(tmp_
     assert "holds the results of sweep 'hand'" in err and "--out a new folder" in err, err
     assert not ray.is_initialized() and len(pd.read_parquet(tmp_path / TRIALS_FILE)) == 4
     assert "name: hand" in (tmp_path / "sweep_config.yaml").read_text()   # not overwritten
+
+
+def test_gmpq_pareto_says_when_the_front_is_smaller_than_top_k(tmp_path, capsys):
+    hand_made_sweep(tmp_path)                                  # 2 policies on the front
+    assert main(["pareto", "--sweep", str(tmp_path), "--no-mlflow", "--top-k", "3"]) == 0
+    assert "(2 selected of the 3 asked for (top-k): only 2 on the front." in capsys.readouterr().out
+    assert main(["pareto", "--sweep", str(tmp_path), "--no-mlflow", "--top-k", "2"]) == 0
+    assert "asked for" not in capsys.readouterr().out

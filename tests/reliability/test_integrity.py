@@ -209,3 +209,18 @@ def test_a_deleted_results_table_is_rebuilt_when_the_sweep_resumes(tmp_path):
     assert list(again["trial_id"]) == list(first["trial_id"]) and len(again) == 2
     assert list(again["transfer_top1"]) == list(first["transfer_top1"]) == [21.0, 22.0]
     assert set(again["status"]) == {"completed"}
+
+
+def test_a_text_file_given_as_a_checkpoint_is_named_as_such_and_no_bad_advice(tmp_path):
+    """A JSON result passed as --fp-checkpoint used to get torch's "load with weights_only=False" text and
+    "delete it": a valid file the user should keep."""
+    from gmpq_core.errors import CheckpointError
+    from gmpq_core.fileio import load_checkpoint
+
+    (tmp_path / "fp_result.json").write_text('{"top1": 90.0}')
+    with pytest.raises(CheckpointError, match=r"is a text file, not a PyTorch checkpoint.*fp\.pt"):
+        load_checkpoint(tmp_path / "fp_result.json")
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02junk that is not a checkpoint")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(tmp_path / "junk.pt")
+    assert "weights_only=False" not in str(e.value) and "junk.pt" in str(e.value)
