@@ -57,7 +57,11 @@ def error_paragraph(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(_named_command(argv))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)         # a count out of range (common_args.at_least) is a ConfigError
+    except GMPQError as e:
+        print(error_paragraph(e), file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -19,6 +19,7 @@ from torch import nn
 
 from gmpq_core.errors import ConfigError
 from gmpq_core.models import build_model, list_models
+from orchestrator.commands import at_least
 from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
 from gmpq_core.train import seeded
 
@@ -53,9 +54,9 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion
                    help=f"dataset name (fashion_mnist, mnist5k, digits, cifar10, imagefolder:PATH); "
                         f"default {default_dataset}")
     g.add_argument("--data-root", default=None, metavar="DIR", help="where the dataset files are")
-    g.add_argument("--test-size", type=int, default=None, metavar="N",
+    g.add_argument("--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified subset of N test images (default: the whole test split)")
-    g.add_argument("--batch-size", type=int, default=128, metavar="B", help="batch size (default 128)")
+    g.add_argument("--batch-size", type=int, action=at_least(1), default=128, metavar="B", help="batch size (default 128)")
     p.set_defaults(default_dataset=default_dataset)
 
 

@@ -1,8 +1,28 @@
 """One module per CLI subcommand; each defines ``register(subparsers)`` (discovered by cli.py).
 
-Modules whose names start with ``_`` are helpers of a command, not commands (cli.py skips them)."""
+Modules whose names start with ``_`` are helpers of a command, not commands (cli.py skips them). The helpers
+here import nothing heavy: ``gmpq CMD --help`` stays fast."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from gmpq_core.errors import ConfigError
 
 
 def help_text(doc: str | None) -> str:
     """A command module's docstring as its ``--help`` description (reST literals shown plainly)."""
     return (doc or "").replace("``", "")
+
+
+def at_least(minimum: int, what: str = "") -> type[argparse.Action]:
+    """An argparse action for an integer option of at least ``minimum`` (use with ``type=int``): a smaller
+    value is a ConfigError naming the flag and the value (one paragraph, exit 2), not a message about
+    the config key it fills."""
+    class AtLeast(argparse.Action):
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+            if values < minimum:
+                raise ConfigError(f"{option_string} must be a whole number >= {minimum}{what}, but got "
+                                  f"{option_string} {values}.")
+            setattr(namespace, self.dest, values)
+    return AtLeast

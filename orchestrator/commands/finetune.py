@@ -30,6 +30,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_poli
 from ..progress import ProgressReporter, make_progress
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
+from . import at_least
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +56,13 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FP model")
     g.add_argument("--fp-checkpoint", default=None, metavar="FILE",
                    help="FP state dict (fp.pt from 'gmpq train-fp'); without it the FP model is trained first")
-    g.add_argument("--fp-epochs", type=int, default=2, metavar="E",
+    g.add_argument("--fp-epochs", type=int, action=at_least(1), default=2, metavar="E",
                    help="epochs of the FP training without --fp-checkpoint (default 2)")
     g.add_argument("--fp-lr", type=float, default=0.1, metavar="LR", help="peak learning rate of that FP training")
     g = p.add_argument_group("fine-tune")
-    g.add_argument("--train-size", type=int, default=None, metavar="N",
+    g.add_argument("--train-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="fine-tune on a stratified subset of N training images (default: the whole split)")
-    g.add_argument("--epochs", type=int, default=None, metavar="E",
+    g.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E",
                    help="fine-tune epochs (default 1; with --sweep: the sweep config's)")
     g.add_argument("--lr", type=float, default=None, metavar="LR",
                    help="peak learning rate (default 0.01; with --sweep: the sweep config's)")
@@ -74,7 +75,7 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--include-stem", action="store_true", help="quantize the stem too (8 bits unless in the policy)")
     g.add_argument("--include-classifier", action="store_true",
                    help="quantize the classifier too (8 bits unless in the policy)")
-    g.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
+    g.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), default=None, metavar="N",
                    help="cap every epoch at N batches (quick checks)")
     add_run_args(p, default_out="runs/finetune")
 

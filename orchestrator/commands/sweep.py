@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import help_text
+from . import at_least, help_text
 
 __all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
            "quiet_libraries"]
@@ -24,9 +24,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="sweep config YAML (may name a 'preset:' to start from)")
     src.add_argument("--preset", metavar="NAME", help=f"bundled preset: {', '.join(list_presets())}")
-    p.add_argument("--n-trials", type=int, default=None, metavar="N", help="number of trials")
-    p.add_argument("--epochs", type=int, default=None, metavar="E", help="search epochs per trial (fixed)")
-    p.add_argument("--max-concurrent", type=int, default=None, metavar="K", help="trials running at once")
+    p.add_argument("--n-trials", type=int, action=at_least(1), default=None, metavar="N", help="number of trials")
+    p.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E", help="search epochs per trial (fixed)")
+    p.add_argument("--max-concurrent", type=int, action=at_least(1), default=None, metavar="K", help="trials running at once")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep folder (default runs/<name>)")
     p.add_argument("--name", default=None, help="sweep name (Tune experiment, Optuna study, MLflow experiment)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler, data slices and teachers")

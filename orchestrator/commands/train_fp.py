@@ -22,6 +22,7 @@ from gmpq_core.train import TrainConfig, TrainResult, train_fp
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_run_args, build_seeded_model,
                            resolve_device, resolve_model_options)
 from ..progress import ProgressReporter, make_progress
+from . import at_least
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +36,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(state dict) and DIR/fp_result.json (top-1/top-5, model options, history).")
     add_model_args(p, default_model="resnet20")
     add_data_args(p)
-    p.add_argument("--proxy-size", type=int, default=None, metavar="N",
+    p.add_argument("--proxy-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="train on a stratified subset of N training images (default: the whole split)")
-    p.add_argument("--epochs", type=int, default=2, metavar="E", help="epochs (default 2)")
+    p.add_argument("--epochs", type=int, action=at_least(1), default=2, metavar="E", help="epochs (default 2)")
     p.add_argument("--lr", type=float, default=0.1, metavar="LR", help="peak learning rate (default 0.1)")
     p.add_argument("--weight-decay", type=float, default=5e-4, metavar="WD", help="weight decay (default 5e-4)")
-    p.add_argument("--max-steps-per-epoch", type=int, default=None, metavar="N",
+    p.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), default=None, metavar="N",
                    help="cap every epoch at N batches (quick checks)")
     add_run_args(p, default_out="runs/fp")
     p.set_defaults(func=run)
