@@ -56,7 +56,8 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion
     g.add_argument("--data-root", default=None, metavar="DIR", help="where the dataset files are")
     g.add_argument("--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified subset of N test images (default: the whole test split)")
-    g.add_argument("--batch-size", type=int, action=at_least(1), default=128, metavar="B", help="batch size (default 128)")
+    g.add_argument("--batch-size", type=int, action=at_least(1), default=128, metavar="B",
+                   help="batch size (default 128)")
     p.set_defaults(default_dataset=default_dataset)
 
 

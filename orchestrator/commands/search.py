@@ -49,8 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target-dataset", metavar="NAME",
                    help="the dataset the policy is meant for, written into its meta: `gmpq finetune --policy` then "
                         "deploys it there (default: the proxy's dataset)")
-    p.add_argument("--proxy-size", type=int, action=at_least(1), metavar="N", help="stratified proxy of N training images (default 2000)")
-    p.add_argument("--eval-size", type=int, action=at_least(0), metavar="N", help="test images measuring proxy top-1 (default 1000)")
+    p.add_argument("--proxy-size", type=int, action=at_least(1), metavar="N",
+                   help="stratified proxy of N training images (default 2000)")
+    p.add_argument("--eval-size", type=int, action=at_least(0), metavar="N",
+                   help="test images measuring proxy top-1 (default 1000)")
     p.add_argument("--seed", type=int, help="seed of the teacher, the supernet and the data order (default 0)")
     budget = p.add_argument_group("BitOPs budget (default none: no budget term with the default hinge penalty, "
                                   "and the policy is the argmax of the search, whatever it costs)")
@@ -67,8 +69,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="after the budget repair, raise bits while the policy still fits (default: off)")
     p.add_argument("--epochs", type=int, action=at_least(1), help="search epochs (default 25)")
     p.add_argument("--batch-size", type=int, action=at_least(1), metavar="B", help="search batch size (default 256)")
-    p.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), metavar="N", help="cap every epoch at N batches")
-    p.add_argument("--teacher-epochs", type=int, action=at_least(1), metavar="E", help="FP teacher epochs on the proxy (default 3)")
+    p.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), metavar="N",
+                   help="cap every epoch at N batches")
+    p.add_argument("--teacher-epochs", type=int, action=at_least(1), metavar="E",
+                   help="FP teacher epochs on the proxy (default 3)")
     p.add_argument("--cache-dir", metavar="DIR", help="teacher cache (default $GMPQ_CACHE_DIR or ~/.cache/gmpq)")
     p.add_argument("--device", help="torch device (default cpu)")
     p.add_argument("--out", default="runs/search", metavar="DIR", help="output folder (default runs/search)")

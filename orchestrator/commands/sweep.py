@@ -25,8 +25,10 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", metavar="FILE", help="sweep config YAML (may name a 'preset:' to start from)")
     src.add_argument("--preset", metavar="NAME", help=f"bundled preset: {', '.join(list_presets())}")
     p.add_argument("--n-trials", type=int, action=at_least(1), default=None, metavar="N", help="number of trials")
-    p.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E", help="search epochs per trial (fixed)")
-    p.add_argument("--max-concurrent", type=int, action=at_least(1), default=None, metavar="K", help="trials running at once")
+    p.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E",
+                   help="search epochs per trial (fixed)")
+    p.add_argument("--max-concurrent", type=int, action=at_least(1), default=None, metavar="K",
+                   help="trials running at once")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep folder (default runs/<name>)")
     p.add_argument("--name", default=None, help="sweep name (Tune experiment, Optuna study, MLflow experiment)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler, data slices and teachers")
@@ -65,7 +67,8 @@ def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] |
         if not path.exists():
             from gmpq_core.errors import ConfigError
             raise ConfigError(f"Nothing to resume: '{path}' does not exist. Check --out (the sweep folder).")
-    return load_sweep_config(path, preset=args.preset, overrides={**overrides_from_args(args), **(extra_overrides or {})})
+    overrides = {**overrides_from_args(args), **(extra_overrides or {})}
+    return load_sweep_config(path, preset=args.preset, overrides=overrides)
 
 
 def _fmt(v: Any, spec: str) -> str:
