@@ -26,3 +26,16 @@ def at_least(minimum: int, what: str = "") -> type[argparse.Action]:
                                   f"{option_string} {values}.")
             setattr(namespace, self.dest, values)
     return AtLeast
+
+
+def quiet_libraries(verbose: bool = False) -> None:
+    """Keep MLflow's and Alembic's INFO lines (database set-up) and MLflow's artifact progress bars out of
+    the command's output."""
+    import logging
+    import os
+
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # read when mlflow is first imported
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)

@@ -71,6 +71,9 @@ def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> An
 
 
 def run_sweep_finetune(args: argparse.Namespace) -> int:
+    from . import quiet_libraries
+
+    quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.train_stage import FINAL_PNG
     from orchestrator.results import FINAL_FILE
 

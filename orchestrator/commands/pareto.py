@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import help_text
+from . import help_text, quiet_libraries
 
 __all__ = ["register", "run", "pareto_stage"]
 
@@ -52,6 +52,7 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_libraries(getattr(args, "verbose", False))
     sweep_dir = Path(args.sweep).expanduser().resolve()
     front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow)
     print_pareto(sweep_dir, front, args.top_k)

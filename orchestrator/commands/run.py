@@ -20,7 +20,7 @@ from typing import Any
 
 from gmpq_core.errors import GMPQError
 
-from . import help_text
+from . import help_text, quiet_libraries
 
 __all__ = ["register", "run", "mlflow_ui_hint"]
 
@@ -36,6 +36,7 @@ def _say(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.commands._finetune_sweep import finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
     from orchestrator.commands.sweep import config_from_args, format_summary
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                             "folders; fix the cause and rerun with --resume.")
         _say("2/3 Pareto front and selection")
         front = pareto_stage(sweep_dir, None, resolved.tracking_uri)
-        _say(f"3/3 final fine-tune of {int(front['selected'].sum())} policies with Ray Train")
+        n = int(front["selected"].sum())
+        _say(f"3/3 final fine-tune of {n} polic{'y' if n == 1 else 'ies'} with Ray Train")
         ft_args = argparse.Namespace(top_k=None, workers=None, epochs=None, tracking_uri=resolved.tracking_uri,
                                      address=None)
         final = finetune_stage(sweep_dir, ft_args, say=_say)

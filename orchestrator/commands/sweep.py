@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import at_least, help_text
+from . import at_least, help_text, quiet_libraries
 
 __all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
            "quiet_libraries"]
@@ -97,17 +97,6 @@ def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
     return (f"The sweep was interrupted: {summary.n_trials} of {summary.n_planned or '?'} trials finished; "
             f"{left} still to run ({summary.n_unfinished} stopped midway: they start again). Finished trials are "
             f"kept. Continue with: {command} --out {summary.sweep_dir} --resume")
-
-
-def quiet_libraries(verbose: bool = False) -> None:
-    """Keep MLflow's and Alembic's INFO lines (database set-up) out of the progress output."""
-    import logging
-    import os
-
-    if not verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # read when mlflow is first imported
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> int:
