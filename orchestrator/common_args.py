@@ -121,8 +121,9 @@ def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping
                           "pass one of them with --model.")
     input_size = _pick("input_size", args.input_size, [*sources, data], None)
     if input_size is None:
-        raise ConfigError("No input size given. Pass --input-size PX (e.g. 224 for ImageNet-sized images, "
-                          "28 for Fashion-MNIST).")
+        raise ConfigError("No input size given. Pass --input-size PX (e.g. 224 for ImageNet-sized images; "
+                          "for Fashion-MNIST, --input-size 28 --in-channels 1, as inputs have 3 channels unless "
+                          "told otherwise).")
     input_size = _positive_int("the input size", "--input-size", input_size)
     in_channels = _positive_int("the number of input channels", "--in-channels",
                                 _pick("in_channels", args.in_channels, [*sources, data], 3))
