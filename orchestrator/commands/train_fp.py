@@ -122,8 +122,11 @@ def run(args: argparse.Namespace) -> int:
     opts = resolve_model_options(args, dataset_info=data[0])
     _, summary = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.epochs, lr=args.lr,
                                 weight_decay=args.weight_decay, max_steps_per_epoch=args.max_steps_per_epoch)
-    print(f"FP {opts.model} on {summary['dataset']} ({summary['train_size']} training images, "
-          f"{summary['epochs_run']} epochs, {summary['seconds']:.0f} s): test top-1 {summary['top1']:.2f}%, "
+    capped = (f", at most {args.max_steps_per_epoch} batches of {args.batch_size} per epoch"
+              if args.max_steps_per_epoch else "")
+    epochs = summary["epochs_run"]
+    print(f"FP {opts.model} on {summary['dataset']} ({summary['train_size']} training images{capped}, "
+          f"{epochs} epoch{'' if epochs == 1 else 's'}, {summary['seconds']:.0f} s): test top-1 {summary['top1']:.2f}%, "
           f"top-5 {summary['top5']:.2f}%")
     print(f"wrote {out / FP_WEIGHTS} and {out / FP_RESULT}", file=sys.stderr)
     return 0
