@@ -132,6 +132,9 @@ def run(args: argparse.Namespace) -> int:
     if args.target_dataset is not None:
         check_dataset_name(args.target_dataset)
     out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training
+    if (out / POLICY_FILE).exists():
+        print(f"gmpq search: {out} holds an earlier search's {POLICY_FILE} and {RESULT_FILE}; this search replaces "
+              "them when it ends (pass another --out to keep them)", file=sys.stderr)
     check_job_budget(job)  # an impossible budget fails before the teacher is trained
     bar = make_progress("teacher epoch")
     try:

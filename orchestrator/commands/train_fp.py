@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
               if args.max_steps_per_epoch else "")
     epochs = summary["epochs_run"]
     print(f"FP {opts.model} on {summary['dataset']} ({summary['train_size']} training images{capped}, "
-          f"{epochs} epoch{'' if epochs == 1 else 's'}, {summary['seconds']:.0f} s): test top-1 {summary['top1']:.2f}%, "
+          f"{epochs} epoch{'' if epochs == 1 else 's'}, {summary['seconds']:.0f} s): "
+          f"test top-1 {summary['top1']:.2f}%, "
           f"top-5 {summary['top5']:.2f}%")
     print(f"wrote {out / FP_WEIGHTS} and {out / FP_RESULT}", file=sys.stderr)
     return 0
