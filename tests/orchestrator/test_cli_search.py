@@ -82,4 +82,9 @@ def test_search_command_writes_policy_and_result(tmp_path, capsys):
                 "epochs_run"):
         assert key in result
     assert result["bitops_quantized"] <= result["budget_bitops"] and result["epochs_run"] == 1
-    assert "proxy top-1" in capsys.readouterr().out
+    first = capsys.readouterr()
+    assert "proxy top-1" in first.out and "holds an earlier search" not in first.err
+    # the same --out again: the earlier result is named before it is replaced (teacher cached: quick)
+    assert main(["search", "--config", cfg, "--epochs", "1", "--budget-avg-bits", "3", "--cache-dir",
+                 str(tmp_path / "cache"), "--out", str(out)]) == 0
+    assert f"{out} holds an earlier search's policy.json" in capsys.readouterr().err
