@@ -49,9 +49,14 @@ def _new_figure(title: str) -> tuple[Figure, object]:
     return fig, ax
 
 
+def _legend_outside(ax) -> None:
+    """The legend right of the axes: inside, it can hide points wherever it goes."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
-    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
 
 
 def _rug(ax, x: np.ndarray, marker: str, color: str, label: str) -> None:
@@ -95,7 +100,7 @@ def plot_pareto(trials: pd.DataFrame, pareto: pd.DataFrame, path: str | Path, *,
     if buckets and len(x_all) and not np.isnan(x_all).all():
         ax.text(0.99, 0.01, "budget buckets (avg bits): " + ", ".join(f"{b:g}" for b in buckets),
                 transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.4")
-    ax.legend(loc="lower right", fontsize=8, bbox_to_anchor=(1.0, 0.06))
+    _legend_outside(ax)                              # lower right is where dominated trials lie
     return _save(fig, path)
 
 
@@ -120,5 +125,5 @@ def plot_final(final: pd.DataFrame, trials: pd.DataFrame | None, path: str | Pat
                                 arrowprops=dict(arrowstyle="->", color="tab:purple", alpha=0.5))
         for xi, yi, t in zip(x, y, final["trial_id"].to_numpy()):
             ax.annotate(f"{_short(t)}: {yi:.2f}%", (xi, yi), textcoords="offset points", xytext=(6, -10), fontsize=7)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_outside(ax)
     return _save(fig, path)
