@@ -40,6 +40,7 @@ class MLflowCallback(Callback):
         self.background = background
         self._run_of: dict[str, str | None] = {}
         self._recoveries: dict[str, int] = {}
+        self._ended: set[str] = set()        # trials whose run this driver ended (the rest: stopped midway)
         self._writer: ThreadPoolExecutor | None = None
         self._queued: list[Future] = []
 
@@ -49,12 +50,12 @@ class MLflowCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment state: no thread, no per-run bookkeeping
-        return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_writer": None, "_queued": []}
+        return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_ended": set(), "_writer": None, "_queued": []}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a sweep pickled before the writer thread existed lacks these
-        self.__dict__.update({"background": False, "_run_of": {}, "_recoveries": {}, "_writer": None,
-                              "_queued": [], **state})
+        self.__dict__.update({"background": False, "_run_of": {}, "_recoveries": {}, "_ended": set(),
+                              "_writer": None, "_queued": [], **state})
 
     # -- the writer -----------------------------------------------------------------------------
     def _do(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -94,7 +95,7 @@ class MLflowCallback(Callback):
 
     # -- Tune hooks: copy what the write needs, then write (or queue) -----------------------------
     def setup(self, **info: Any) -> None:
-        self._run_of, self._recoveries = {}, {}
+        self._run_of, self._recoveries, self._ended = {}, {}, set()
         self._do(self.sink.connect, reopen=True)
 
     def _child(self, tid: str, params: Mapping[str, Any]) -> str | None:
@@ -127,6 +128,7 @@ class MLflowCallback(Callback):
     def _end_run(self, tid: str, params: Mapping[str, Any], last: Mapping[str, Any], status: str,
                  error: str | None) -> None:
         rid = self._child(tid, params)
+        self._ended.add(tid)
         if rid is None:
             return
         final = {k: last.get(k) for k in FINAL_METRICS}
@@ -164,5 +166,14 @@ class MLflowCallback(Callback):
         self.flush()
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self._do(lambda: self.sink.finish(self.sink.parent_run_id, "FINISHED"))
+        self._do(self._end_experiment)
         self.flush()
+
+    def _end_experiment(self) -> None:
+        """Runs of trials the sweep stopped midway (Ctrl-C) end KILLED, tagged "interrupted", and so does the
+        parent run; a resumed sweep reopens them (``child_run``) and ends them as its trials end."""
+        stopped = [tid for tid in self._run_of if tid not in self._ended]
+        for tid in stopped:
+            if self._run_of[tid] is not None:
+                self.sink.finish(self._run_of[tid], "KILLED", {"status": "interrupted"})
+        self.sink.finish(self.sink.parent_run_id, "KILLED" if stopped else "FINISHED")

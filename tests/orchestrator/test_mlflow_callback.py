@@ -76,7 +76,7 @@ def test_a_failing_write_is_logged_and_the_later_writes_still_happen(tmp_path, c
     cb.setup()
     cb.on_trial_start(0, [], _trial())
     cb.on_experiment_end([])                                       # flushes
-    assert [c[0] for c in calls] == ["child_run", "finish"]
+    assert [c[0] for c in calls] == ["child_run", "finish", "finish"]   # the started trial's run, the parent
     assert "MLflow logging step failed" in caplog.text
 
 
@@ -115,3 +115,25 @@ def test_a_callback_pickled_before_the_writer_thread_existed_still_loads(tmp_pat
     old = MLflowCallback.__new__(MLflowCallback)
     old.__setstate__(old_state)
     assert old.background is False and old._writer is None and old._queued == [] and old.sink.experiment_name == "t"
+
+
+def test_runs_of_trials_stopped_midway_end_killed_and_so_does_the_parent(tmp_path):
+    """Ctrl-C: Tune ends the experiment with a trial still running; its run must not stay RUNNING for ever
+    (a resumed sweep reopens it)."""
+    cb, calls = _recording_callback(tmp_path)
+    cb.setup()
+    for tid in ("a", "b"):
+        cb.on_trial_start(0, [], _trial(tid))
+    cb.on_trial_complete(0, [], _trial("a", done=True, transfer_top1=50.0, epoch=2))
+    cb.on_experiment_end([])
+    finishes = [c[2] for c in calls if c[0] == "finish"]
+    assert finishes[0][:2] == ("run-a", "FINISHED")
+    assert finishes[1] == ("run-b", "KILLED", {"status": "interrupted"})
+    assert finishes[2][1] == "KILLED" and len(finishes) == 3        # the parent run
+
+    cb2, calls2 = _recording_callback(tmp_path)                     # every trial ended: parent FINISHED
+    cb2.setup()
+    cb2.on_trial_start(0, [], _trial("a"))
+    cb2.on_trial_complete(0, [], _trial("a", done=True, transfer_top1=50.0, epoch=2))
+    cb2.on_experiment_end([])
+    assert [c[2][1] for c in calls2 if c[0] == "finish"] == ["FINISHED", "FINISHED"]

@@ -67,6 +67,11 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resume_reruns_the_stopped_trial
         assert "The sweep was interrupted" in out and f"gmpq sweep --out {sweep_dir} --resume" in out, out[-2000:]
         before = trials_table(sweep_dir)
         assert before is None or first["trial_id"] not in set(before["trial_id"]), before
+        uri = f"sqlite:///{sweep_dir}/mlflow.db"
+        runs, kids = mlflow_children(uri, name)
+        stopped = kids.set_index("trial_id").loc[first["trial_id"]]
+        assert (stopped["status"], stopped["tag_status"]) == ("KILLED", "interrupted"), kids
+        assert runs[runs["role"] == "sweep"]["status"].tolist() == ["KILLED"]
         rc, out = procs.run(args + ["--resume"], f"{name}-resume")
         assert rc == 0, out[-2000:]
     finally:
@@ -74,3 +79,6 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resume_reruns_the_stopped_trial
     df = trials_table(sweep_dir)
     assert len(df) == 2 and set(df["status"]) == {"completed"} and df["transfer_top1"].notna().all(), df
     assert attempts_by_trial(sweep_dir)[first["trial_id"]] == 2       # stopped once, run again in full
+    runs, kids = mlflow_children(uri, name)                          # the same runs, reopened and ended
+    assert len(kids) == 2 and set(kids["status"]) == {"FINISHED"} and set(kids["tag_status"]) == {"completed"}
+    assert runs[runs["role"] == "sweep"]["status"].tolist() == ["FINISHED"]
