@@ -333,7 +333,7 @@ def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None])
     return workers, use_gpu
 
 
-def _final_row(pareto_row: dict, run: FinalRun) -> dict:
+def _final_row(pareto_row: dict, run: FinalRun, recipe_json: str) -> dict:
     m = run.metrics
     tid = run.trial_id
     return {"trial_id": tid, "policy_source": f"sweep trial {tid} ({pareto_row.get('selection_reason') or 'selected'})",
@@ -343,7 +343,7 @@ def _final_row(pareto_row: dict, run: FinalRun) -> dict:
             "epochs": int(m["epoch"]), "seconds": run.seconds, "workers": run.workers,
             "resumed_from_epoch": m.get("resumed_from_epoch"), "train_images": m.get("train_images"),
             "test_images": m.get("test_images"), "finished_at": utc_now_iso(),
-            "policy_json": str(pareto_row["policy_json"])}
+            "policy_json": str(pareto_row["policy_json"]), "recipe_json": recipe_json}
 
 
 def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, workers: int | None = None,
@@ -406,14 +406,15 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                            max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
                            train_size=train_size, test_size=test_size,
                            progress_file=str(storage / f"finetune-{tid}.progress.json"))
-            prev = existing.get(tid)
-            if (prev is not None and int(prev.get("epochs") or 0) == epochs
-                    and prev.get("recipe_json") in (None, job.recipe_json())):   # None: a row from before recipes
+            recipe, prev = job.recipe_json(), existing.get(tid)
+            # a row from before recipes (None) counts as the same recipe
+            same_recipe = prev is not None and prev.get("recipe_json") in (None, recipe)
+            if same_recipe and int(prev.get("epochs") or 0) == epochs:
                 say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s) with these settings: "
                     f"top1 {prev['final_top1']:.2f}%")
                 done_ids.append(tid)
                 continue
-            if prev is not None and prev.get("recipe_json") not in (None, job.recipe_json()):
+            if prev is not None and not same_recipe:
                 say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings; starting afresh "
                     f"(its row in {FINAL_FILE} will be replaced)")
             say(f"[{i}/{len(chosen)}] {tid}: fine-tuning {epochs} epoch(s) on {workers} worker(s) "
@@ -421,7 +422,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             with _ProgressWatcher(Path(job.progress_file), say, f"[{i}/{len(chosen)}] {tid}:", epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
             histories[tid] = run.history
-            final_rows[tid] = {**_final_row(row, run), "recipe_json": job.recipe_json()}
+            final_rows[tid] = _final_row(row, run, recipe)
             write_table(sweep_dir / FINAL_FILE, rows_to_table(sorted(final_rows.values(), key=lambda r: r["trial_id"]),
                                                               FINAL_SCHEMA))
             say(f"[{i}/{len(chosen)}] {tid}: final top1 {run.metrics.get('top1', float('nan')):.2f}% "

@@ -15,14 +15,14 @@ def help_text(doc: str | None) -> str:
     return (doc or "").replace("``", "")
 
 
-def at_least(minimum: int, what: str = "") -> type[argparse.Action]:
+def at_least(minimum: int) -> type[argparse.Action]:
     """An argparse action for an integer option of at least ``minimum`` (use with ``type=int``): a smaller
     value is a ConfigError naming the flag and the value (one paragraph, exit 2), not a message about
     the config key it fills."""
     class AtLeast(argparse.Action):
         def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
             if values < minimum:
-                raise ConfigError(f"{option_string} must be a whole number >= {minimum}{what}, but got "
+                raise ConfigError(f"{option_string} must be a whole number >= {minimum}, but got "
                                   f"{option_string} {values}.")
             setattr(namespace, self.dest, values)
     return AtLeast

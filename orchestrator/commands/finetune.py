@@ -83,8 +83,7 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
 SINGLE_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 128}
 
 
-SWEEP_MODE_OPTIONS = {"sweep", "top_k", "workers", "test_size", "address", "tracking_uri", "epochs", "lr", "batch_size",
-                      "train_size", "max_steps_per_epoch", "func", "command", "verbose"}
+SWEEP_MODE_OPTIONS = {"epochs", "lr", "batch_size", "train_size", "test_size", "max_steps_per_epoch"}   # both modes
 
 
 def _single_mode_options_given(args: argparse.Namespace) -> list[str]:

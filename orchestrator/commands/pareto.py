@@ -36,13 +36,13 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
     from orchestrator.pareto import DEFAULT_TOP_K, PARETO_PNG, format_pareto_table
     from orchestrator.results import PARETO_FILE, load_resolved_config, read_trials
 
-    buckets = load_resolved_config(sweep_dir).get("budget_buckets") or []
+    cfg = load_resolved_config(sweep_dir)
+    buckets = cfg.get("budget_buckets") or []
     trials = read_trials(sweep_dir)
     counts = trials["status"].value_counts().to_dict()
     print(f"Pareto front of {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}): "
           f"{len(front)} non-dominated, {int(front['selected'].sum()) if len(front) else 0} selected (*)")
     print(format_pareto_table(front, buckets))
-    cfg = load_resolved_config(sweep_dir)
     want = top_k or int((cfg.get("finetune") or {}).get("top_k") or DEFAULT_TOP_K)
     chosen = int(front["selected"].sum()) if len(front) else 0
     if chosen < want:
