@@ -11,6 +11,7 @@ DEMO_OUT ?= runs/demo
 .PHONY: demo test test-all data venv clean
 
 $(VENV)/.installed: pyproject.toml
+	@bash scripts/check_disk.sh $(VENV)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
