@@ -40,7 +40,7 @@ from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .tail_threads import TailThreads
-from .trainable import make_trainable
+from .trainable import make_trainable, trial_number
 from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "SweepOptunaSearch",
@@ -98,9 +98,20 @@ class SweepProgress(Callback):
         self.t0 = time.time()
         self.index: dict[str, int] = {}
 
+    def _number(self, trial: Any) -> int:
+        """Tune's creation number (from the trial folder's name), so a resumed sweep's trial keeps its number;
+        the next number after the highest given where the name has none."""
+        if trial.trial_id not in self.index:
+            try:
+                path = trial.path
+            except Exception:  # noqa: BLE001 (a trial without storage yet: no folder name to read)
+                path = None
+            self.index[trial.trial_id] = trial_number(path, trial.trial_id) or max(self.index.values(), default=0) + 1
+        return self.index[trial.trial_id]
+
     def _say(self, trial: Any, text: str) -> None:
         el = int(time.time() - self.t0)
-        i = self.index.setdefault(trial.trial_id, len(self.index) + 1)
+        i = self._number(trial)
         print(f"[{el // 60:3d}m{el % 60:02d}s] trial {i}/{self.n_trials} {trial.trial_id}: {text}",
               file=sys.stderr, flush=True)
 

@@ -149,8 +149,8 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
     assert finished_before and len(finished_before) < 3 and set(rows_before["status"]) == {"completed"}
     n_before = len(_events(sweep_dir))
 
-    resumed = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=300,
-                             start_new_session=True)
+    resumed = subprocess.run([c for c in cmd if c != "--quiet"] + ["--resume"], env=env, capture_output=True,
+                             text=True, timeout=300, start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     after = _events(sweep_dir)[n_before:]
     started_again = {e["trial_id"] for e in after if e["event"] == "start"}
@@ -158,6 +158,9 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
     assert started_again, "the resumed sweep ran nothing"
     df = _check_trials_table(sweep_dir, 3)                                # 3 trials in all, one row each
     assert finished_before < set(df["trial_id"]) and set(df["trial_id"]) - finished_before <= started_again
+    numbers = {e["trial_id"]: e["trial_number"] for e in _events(sweep_dir) if e["event"] == "start"}
+    for tid in started_again:   # the resumed run's progress lines keep each trial's number from the first run
+        assert f"trial {numbers[tid]}/3 {tid}: start" in resumed.stderr, resumed.stderr[-2000:]
     replayed = {e["trial_id"] for e in after if e["event"] == "replay"}
     assert replayed <= finished_before                                    # a replay reports the recorded row
     import optuna                                                         # nothing left RUNNING in Optuna
