@@ -372,7 +372,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                         ("--max-steps-per-epoch", max_steps_per_epoch), ("--train-size", train_size),
                         ("--test-size", test_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{flag} must be a positive integer, but got {flag} {value!r}. Leave it out to use the "
+            raise ConfigError(f"{flag} must be a whole number >= 1, but got {flag} {value!r}. Leave it out to use the "
                               f"sweep config's value.")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import at_least
+
 __all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage"]
 
 
@@ -30,19 +32,19 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sweep mode (Ray Train fine-tune of a sweep's selected policies)")
     g.add_argument("--sweep", default=None, metavar="DIR",
                    help="sweep folder: fine-tune its selected Pareto policies on the full target data")
-    _add(g, "--top-k", type=int, default=None, metavar="K",
+    _add(g, "--top-k", type=int, action=at_least(1), default=None, metavar="K",
                    help="reselect K policies first (default: pareto.parquet's selection, else finetune.top_k)")
-    _add(g, "--workers", type=int, default=None, metavar="N",
+    _add(g, "--workers", type=int, action=at_least(1), default=None, metavar="N",
                    help="Ray Train data-parallel workers per policy (default: the sweep's finetune.workers)")
-    _add(g, "--test-size", type=int, default=None, metavar="N",
+    _add(g, "--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified slice of N test images (default: the full test split)")
     _add(g, "--address", default=None, metavar="ADDR",
                    help="Ray cluster to join ('auto', 'ray://host:10001'; default: the sweep's, else local)")
     _add(g, "--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: the sweep's)")
-    _add(g, "--epochs", type=int, default=None, metavar="E", help="fine-tune epochs")
+    _add(g, "--epochs", type=int, action=at_least(1), default=None, metavar="E", help="fine-tune epochs")
     _add(g, "--lr", type=float, default=None, metavar="LR", help="peak learning rate")
-    _add(g, "--batch-size", type=int, default=None, metavar="B", help="global batch size")
-    _add(g, "--train-size", type=int, default=None, metavar="N", help="train on a stratified slice of N images")
+    _add(g, "--batch-size", type=int, action=at_least(1), default=None, metavar="B", help="global batch size")
+    _add(g, "--train-size", type=int, action=at_least(1), default=None, metavar="N", help="train on a stratified slice of N images")
     _add(g, "--max-steps-per-epoch", type=int, default=None, metavar="N", help="cap the steps per epoch")
 
 

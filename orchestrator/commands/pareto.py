@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import help_text, quiet_libraries
+from . import at_least, help_text, quiet_libraries
 
 __all__ = ["register", "run", "pareto_stage"]
 
@@ -67,7 +67,7 @@ def register(subparsers: Any) -> None:
                               description=help_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K",
+    p.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K",
                    help="policies to select (default: the sweep config's finetune.top_k)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help="MLflow tracking URI (default: the sweep's, from DIR/sweep_config.yaml)")

@@ -20,7 +20,7 @@ from typing import Any
 
 from gmpq_core.errors import GMPQError
 
-from . import help_text, quiet_libraries
+from . import at_least, help_text, quiet_libraries
 
 __all__ = ["register", "run", "mlflow_ui_hint"]
 
@@ -91,9 +91,9 @@ def register(subparsers: Any) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
     g = p.add_argument_group("final fine-tune")
-    g.add_argument("--top-k", type=int, default=None, metavar="K", help="policies to fine-tune (finetune.top_k)")
-    g.add_argument("--workers", type=int, default=None, metavar="N", help="Ray Train workers (finetune.workers)")
-    g.add_argument("--finetune-epochs", type=int, default=None, metavar="E", help="fine-tune epochs (finetune.epochs)")
-    g.add_argument("--finetune-max-steps", type=int, default=None, metavar="N",
+    g.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K", help="policies to fine-tune (finetune.top_k)")
+    g.add_argument("--workers", type=int, action=at_least(1), default=None, metavar="N", help="Ray Train workers (finetune.workers)")
+    g.add_argument("--finetune-epochs", type=int, action=at_least(1), default=None, metavar="E", help="fine-tune epochs (finetune.epochs)")
+    g.add_argument("--finetune-max-steps", type=int, action=at_least(1), default=None, metavar="N",
                    help="cap the fine-tune steps per epoch (quick checks; finetune.max_steps_per_epoch)")
     p.set_defaults(func=run)

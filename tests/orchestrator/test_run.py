@@ -156,7 +156,7 @@ def test_gmpq_run_resume_alone_reads_the_folders_saved_config(tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--workers", "-1"], r"--workers must be a positive integer, but got --workers -1"),
+    (["--workers", "-1"], r"--workers must be a whole number >= 1, but got --workers -1"),
     (["--workers", "0"], r"--workers .* got --workers 0"),          # was taken as "unset": 2 workers
     (["--epochs", "0"], r"--epochs .* got --epochs 0"),
     (["--lr", "0"], r"--lr must be a positive number"),
@@ -195,3 +195,19 @@ def test_gmpq_pareto_says_when_the_front_is_smaller_than_top_k(tmp_path, capsys)
     assert "(2 selected of the 3 asked for (top-k): only 2 on the front." in capsys.readouterr().out
     assert main(["pareto", "--sweep", str(tmp_path), "--no-mlflow", "--top-k", "2"]) == 0
     assert "asked for" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("knob", [{"workers": 0}, {"top_k": -1}, {"epochs": True}, {"batch_size": 2.5}])
+def test_finetune_selected_checks_its_counts_as_the_command_line_does(tmp_path, knob):
+    """The API (what ``gmpq run`` calls) refuses a bad count in the flag's words, before Ray starts."""
+    import ray
+
+    from gmpq_core.errors import ConfigError
+    from orchestrator.train_stage import finetune_selected
+
+    hand_made_sweep(tmp_path)
+    (name, value), = knob.items()
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"{flag} must be a whole number >= 1, but got {flag} {value!r}"):
+        finetune_selected(tmp_path, **knob)
+    assert not ray.is_initialized()

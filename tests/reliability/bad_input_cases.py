@@ -132,6 +132,16 @@ CASES: tuple[Case, ...] = (
     Case("finetune-negative-train-size", (*_FINETUNE, "--uniform", "4", "4", "--train-size", "-3"),
          r"--train-size must be a whole number >= 1, but got --train-size -3"),
     Case("finetune-out-under-a-file", (*_FINETUNE[:-1], "{d}/afile/out", "--uniform", "4", "4"), r"afile"),
+    # -- counts of the later stages: one wording, checked by flag before anything runs ------------
+    Case("run-zero-workers", ("run", "--config", "{d}/cfg.yaml", "--out", "{d}/out", "--workers", "0"),
+         r"--workers must be a whole number >= 1, but got --workers 0", {"cfg.yaml": yaml.safe_dump(VALID_SWEEP)}),
+    Case("run-zero-finetune-epochs", ("run", "--config", "{d}/cfg.yaml", "--out", "{d}/out", "--finetune-epochs", "0"),
+         r"--finetune-epochs must be a whole number >= 1, but got --finetune-epochs 0",
+         {"cfg.yaml": yaml.safe_dump(VALID_SWEEP)}),
+    Case("pareto-zero-top-k", ("pareto", "--sweep", "{d}/out", "--top-k", "0"),
+         r"--top-k must be a whole number >= 1, but got --top-k 0"),
+    Case("finetune-sweep-negative-top-k", ("finetune", "--sweep", "{d}/out", "--top-k", "-2"),
+         r"--top-k must be a whole number >= 1, but got --top-k -2"),
     Case("finetune-fp-checkpoint-corrupted", (*_FINETUNE, "--uniform", "4", "4", "--fp-checkpoint", "{d}/fp.pt"),
          r"fp\.pt", {"fp.pt": "PK\x03\x04 this is not a torch checkpoint"}),
 )
