@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 from gmpq_core.policy import BitCandidates
 
 __all__ = ["METHODS", "SEARCHED", "TARGET_PROXY", "NO_PROXY", "ProxySpec", "FPRecipe", "StudyConfig",
@@ -89,7 +89,8 @@ def _recipe(value: Any, what: str) -> FPRecipe:
         raise ConfigError(f"{what} must be a mapping {{steps, batch_size, lr}}, but got {value!r}.")
     unknown = sorted(set(value) - {f.name for f in fields(FPRecipe)})
     if unknown:
-        raise ConfigError(f"Unknown keys {unknown} in {what}; valid: steps, batch_size, lr.")
+        raise ConfigError(f"Unknown keys {unknown} in {what}.{did_you_mean(unknown, ('steps', 'batch_size', 'lr'))} "
+                          "Valid: steps, batch_size, lr.")
     return FPRecipe(**dict(value))
 
 
@@ -183,7 +184,8 @@ class StudyConfig:
         known = {f.name for f in fields(FinetuneConfig)}
         unknown = sorted(set(self.finetune) - known)
         if unknown:
-            raise ConfigError(f"Unknown finetune keys {unknown}; valid: {', '.join(sorted(known - {'seed'}))}.")
+            raise ConfigError(f"Unknown finetune keys {unknown}.{did_you_mean(unknown, known - {'seed'})} "
+                              f"Valid: {', '.join(sorted(known - {'seed'}))}.")
         return FinetuneConfig(**{**self.finetune, "seed": int(seed)})
 
     def proxy(self, name: str) -> ProxySpec:
@@ -222,7 +224,8 @@ class StudyConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"Unknown study config keys {unknown}; valid keys: {', '.join(sorted(known))}.")
+            raise ConfigError(f"Unknown study config keys {unknown}.{did_you_mean(unknown, known)} "
+                              f"Valid keys: {', '.join(sorted(known))}.")
         return cls(**d)
 
 

@@ -5,8 +5,11 @@ Callers can catch ``GMPQError`` for everything the tool raises on purpose, or th
 """
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 __all__ = ["GMPQError", "ConfigError", "BudgetInfeasibleError", "PolicyMismatchError", "DataError",
-           "CheckpointError", "NonFiniteLossError"]
+           "CheckpointError", "NonFiniteLossError", "did_you_mean"]
 
 
 class GMPQError(Exception):
@@ -35,3 +38,13 @@ class CheckpointError(GMPQError, RuntimeError):
 
 class NonFiniteLossError(GMPQError, RuntimeError):
     """A training or search loss became NaN or infinite (the trial is failed, not retried silently)."""
+
+
+def did_you_mean(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """The sentence to add to an "unknown key" message: the known keys closest to the misspelled ones
+    (" Did you mean 'eta' (not 'etaa')?"), or "" when none is close."""
+    known = sorted(known)
+    pairs = [(k, m[0]) for k in unknown if (m := difflib.get_close_matches(str(k), known, n=1, cutoff=0.75))]
+    if not pairs:
+        return ""
+    return " Did you mean " + ", ".join(f"'{m}' (not '{k}')" for k, m in pairs) + "?"

@@ -21,7 +21,7 @@ from torch import nn
 from .bitops import layer_macs
 from .complexity import check_budget
 from .data import canonical_data_source, load_dataset, make_loader, proxy
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, did_you_mean
 from .fileio import default_cache_dir, load_checkpoint, save_checkpoint
 from .layers import searchable_layers
 from .models import build_model, list_models
@@ -91,7 +91,8 @@ class SearchJob:
             raise ConfigError(f"'search' must be a mapping of search settings, but got {nested!r}.")
         unknown = sorted(set(d) - job_keys - search_keys - {"search"})
         if unknown:
-            raise ConfigError(f"Unknown keys {unknown} in the search job; job keys: {', '.join(sorted(job_keys))}; "
+            raise ConfigError(f"Unknown keys {unknown} in the search job.{did_you_mean(unknown, job_keys | search_keys)} "
+                              f"Job keys: {', '.join(sorted(job_keys))}; "
                               f"search keys (top level or under 'search'): {', '.join(sorted(search_keys))}.")
         search = {**{k: v for k, v in d.items() if k in search_keys}, **dict(nested)}
         return cls(**{k: v for k, v in d.items() if k in job_keys}, search=SearchConfig.from_dict(search))

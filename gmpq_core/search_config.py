@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from .complexity import PENALTIES, Budget
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .losses import P_MODES
 from .policy import BitCandidates, BitPolicy
 
@@ -75,7 +75,7 @@ class SearchConfig:
     gradcam_layer: str | None = None
     seed: int = 0
     max_steps_per_epoch: int | None = None
-    inject_nan_at_epoch: int | None = None
+    inject_nan_at_epoch: int | None = field(default=None, metadata={"testing": True})
     temperature: float = 1.0
     calibrate_clips: bool = True
     recalibrate_bn_batches: int = 20
@@ -129,8 +129,9 @@ class SearchConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            shown = sorted(known - {"inject_nan_at_epoch"})          # a testing switch, not a setting
-            raise ConfigError(f"Unknown search config keys {unknown}; valid keys: {', '.join(shown)}.")
+            shown = sorted(f.name for f in fields(cls) if not f.metadata.get("testing"))   # settings only
+            raise ConfigError(f"Unknown search config keys {unknown}.{did_you_mean(unknown, shown)} "
+                              f"Valid keys: {', '.join(shown)}.")
         return cls(**dict(d))
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .data import DatasetInfo, canonical_data_source, load_dataset, make_loader, proxy
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, did_you_mean
 from .fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from .finetune import FinetuneConfig, finetune
 from .models import build_model
@@ -87,7 +87,7 @@ class TransferCheck:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"Unknown transfer setting(s) {unknown}. Known: {sorted(known)}.")
+            raise ConfigError(f"Unknown transfer setting(s) {unknown}.{did_you_mean(unknown, known)} Known: {sorted(known)}.")
         return cls(**d)
 
     def finetune_config(self) -> FinetuneConfig:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gmpq_core.data import canonical_data_source
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import ConfigError, did_you_mean
 from gmpq_core.fileio import absolute_path, default_cache_dir
 from gmpq_core.policy import BitCandidates
 from gmpq_core.transfer import TransferCheck
@@ -51,7 +51,8 @@ def _from_mapping(cls: type, section: str, d: Any) -> Any:
     d = dict(d or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
-    _require(not unknown, f"Unknown key(s) {unknown} in '{section}'. Known keys: {sorted(known)}.")
+    _require(not unknown, f"Unknown key(s) {unknown} in '{section}'.{did_you_mean(unknown, known)} "
+                          f"Known keys: {sorted(known)}.")
     return cls(**d)
 
 
@@ -285,7 +286,8 @@ class SweepConfig:
         d.pop("preset", None)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
-        _require(not unknown, f"Unknown sweep config key(s) {unknown}. Known keys: {sorted(known)}.")
+        _require(not unknown, f"Unknown sweep config key(s) {unknown}.{did_you_mean(unknown, known)} "
+                              f"Known keys: {sorted(known)}.")
         return cls(**d)
 
 

@@ -101,8 +101,9 @@ def test_search_config_round_trip_and_validation():
     d = cfg.to_dict()
     assert d["budget"] == {"gbitops": 1.5} and d["candidates"] == {"w_bits": [2, 4, 8], "a_bits": [2, 4, 8]}
     assert SearchConfig.from_dict(json.loads(json.dumps(d))) == cfg
-    with pytest.raises(ConfigError, match="Unknown search config keys"):
+    with pytest.raises(ConfigError, match="Unknown search config keys") as refused:
         SearchConfig.from_dict({"etaa": 1})
+    assert "eta," in str(refused.value) and "inject_nan_at_epoch" not in str(refused.value)   # settings, not switches
     for bad, match in [({"penalty": "lagrange"}, "penalty"), ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"),
                        ({"p_mode": "auto"}, "p_mode"), ({"momentum": 1.0}, "momentum"),
                        ({"budget": {"avg_bits": 20}}, "avg_bits"), ({"candidates": [0, 2]}, "candidate")]:
