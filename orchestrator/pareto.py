@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from gmpq_core.errors import ConfigError
 from search_spaces.space import bucket_label
 
 from .results import PARETO_FILE, TRIALS_FILE, load_resolved_config, read_table, rows_to_table, write_table
+from .text import fmt, text_table
 
 __all__ = ["DEFAULT_TOP_K", "PARETO_PNG", "dominated_mask", "completed_trials", "pareto_front", "bucket_index",
            "bucket_label", "select_policies", "write_pareto", "read_pareto", "format_pareto_table"]
@@ -187,12 +188,6 @@ def read_pareto(sweep_dir: str | Path) -> pd.DataFrame:
     return read_table(Path(sweep_dir) / PARETO_FILE).to_pandas()
 
 
-def _fmt(v: Any, spec: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return format(v, spec)
-
-
 def format_pareto_table(df: pd.DataFrame, buckets: Sequence[float] = ()) -> str:
     """Plain-text aligned table of a Pareto DataFrame (``*`` marks the selected policies)."""
     # budget_bits: the budget the trial searched under (its bucket); GBitOPs: what its policy costs
@@ -200,13 +195,7 @@ def format_pareto_table(df: pd.DataFrame, buckets: Sequence[float] = ()) -> str:
     lines = []
     bucket = bucket_index(df, buckets) if len(df) else []
     for k, (_, r) in enumerate(df.iterrows()):
-        lines.append(["*" if r.get("selected") else "", str(r["trial_id"]), _fmt(r.get(ACC), ".2f"),
-                      _fmt(r.get("proxy_top1"), ".2f"), _fmt(float(r[COST]) / 1e9, ".4f"),
-                      _fmt(r.get("budget_avg_bits"), ".2f"), str(int(bucket[k])), str(r.get("selection_reason") or "")])
-    widths = [max(len(h), *(len(x[c]) for x in lines)) if lines else len(h) for c, h in enumerate(head)]
-    right = {2, 3, 4, 5, 6}
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(x) for x in lines])
+        lines.append(["*" if r.get("selected") else "", str(r["trial_id"]), fmt(r.get(ACC), ".2f"),
+                      fmt(r.get("proxy_top1"), ".2f"), fmt(float(r[COST]) / 1e9, ".4f"),
+                      fmt(r.get("budget_avg_bits"), ".2f"), str(int(bucket[k])), str(r.get("selection_reason") or "")])
+    return text_table(head, lines, right={2, 3, 4, 5, 6})

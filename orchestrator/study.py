@@ -25,6 +25,8 @@ import pandas as pd
 
 from gmpq_core.fileio import atomic_write, atomic_write_text
 
+from .text import fmt
+
 __all__ = ["METHOD_ORDER", "aggregate", "kendall_tau", "rank_agreement", "comparisons", "reading",
            "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se"]
 
@@ -150,10 +152,6 @@ def reading(agg: pd.DataFrame, comp: pd.DataFrame, taus: pd.DataFrame) -> list[s
     return out
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, spec)
-
-
 def format_table(agg: pd.DataFrame) -> str:
     """Markdown table of ``aggregate``'s output."""
     head = ("| budget (avg bits) | method | proxy | seeds | target top-1 (%) | GBitOPs quantized layers | "
@@ -162,9 +160,9 @@ def format_table(agg: pd.DataFrame) -> str:
     for r in agg.itertuples(index=False):
         std = f" ± {r.top1_std:.2f}" if np.isfinite(r.top1_std) else ""
         lines.append(f"| {r.budget:g} | {r.method} | {r.proxy} | {r.n} | {r.top1_mean:.2f}{std} | "
-                     f"{_fmt(r.gbitops_quantized, '.4f')} | {_fmt(r.gbitops_total, '.3f')} | "
-                     f"{_fmt(r.search_seconds, '.0f')} | {_fmt(r.proxy_top1, '.1f')} | {_fmt(r.proxy_ard, '.3f')} | "
-                     f"{_fmt(r.target_ard, '.3f')} |")
+                     f"{fmt(r.gbitops_quantized, '.4f')} | {fmt(r.gbitops_total, '.3f')} | "
+                     f"{fmt(r.search_seconds, '.0f')} | {fmt(r.proxy_top1, '.1f')} | {fmt(r.proxy_ard, '.3f')} | "
+                     f"{fmt(r.target_ard, '.3f')} |")
     return "\n".join(lines)
 
 
@@ -229,11 +227,11 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
               f"![accuracy vs BitOPs per method]({rel})", "",
               "## Proxy-side vs target-side ranking of the searched policies (Kendall tau-b)", "",
               "| budget | proxy | policies | tau | std of tau by chance |", "|---|---|---|---|---|"]
-    lines += [f"| {r.budget:g} | {r.proxy} | {r.n_policies} | {_fmt(r.tau, '+.2f')} | {_fmt(r.null_std, '.2f')} |"
+    lines += [f"| {r.budget:g} | {r.proxy} | {r.n_policies} | {fmt(r.tau, '+.2f')} | {fmt(r.null_std, '.2f')} |"
               for r in taus.itertuples()]
     lines += ["", "## GMPQ against the other methods (difference of mean target top-1, points)", "",
               "| budget | proxy | versus | diff | SE of diff (seeds) | verdict (2 SE) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {_fmt(r.se, '.2f')} | {r.verdict} |"
+    lines += [f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {fmt(r.se, '.2f')} | {r.verdict} |"
               for r in comp.itertuples()]
     lines += ["", "## Reading (generated from the numbers)", ""] + [f"- {s}" for s in reading(agg, comp, taus)]
     if notes.strip():

@@ -54,11 +54,9 @@ def format_final_table(final: Any) -> str:
     rows = [[str(r["trial_id"]), f"{r['transfer_top1']:.2f}", f"{r['final_top1']:.2f}", f"{r['final_top5']:.2f}",
              f"{r['gbitops']:.4f}", str(int(r["epochs"])), str(int(r["workers"])), f"{r['seconds']:.0f}"]
             for r in final.sort_values("gbitops").to_dict("records")]
-    widths = [max([len(h)] + [len(x[i]) for x in rows]) for i, h in enumerate(head)]
+    from orchestrator.text import text_table
 
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(x) for x in rows])
+    return text_table(head, rows, right=range(1, len(head)))
 
 
 def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> Any:

@@ -13,6 +13,7 @@ import argparse
 from typing import Any
 
 from . import at_least, help_text, quiet_libraries
+from orchestrator.text import fmt
 
 __all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
            "quiet_libraries"]
@@ -71,17 +72,13 @@ def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] |
     return load_sweep_config(path, preset=args.preset, overrides=overrides)
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
-
-
 def format_summary(summary: Any, tracking_uri: str | None = None, *, command: str = "gmpq sweep") -> str:
     """The sweep's trial table and counts; for an interrupted sweep, ``command`` is the one that continues it."""
     lines = [f"{'trial':<14} {'status':<10} {'budget':>6} {'proxy%':>7} {'transfer%':>9} {'GBitOPs':>8}"]
     for r in sorted(summary.rows, key=lambda r: (r["status"] != "completed", -(r["transfer_top1"] or 0))):
-        lines.append(f"{r['trial_id']:<14} {r['status']:<10} {_fmt(r['budget_avg_bits'], '.2f'):>6} "
-                     f"{_fmt(r['proxy_top1'], '.2f'):>7} {_fmt(r['transfer_top1'], '.2f'):>9} "
-                     f"{_fmt(r['gbitops'], '.4f'):>8}")
+        lines.append(f"{r['trial_id']:<14} {r['status']:<10} {fmt(r['budget_avg_bits'], '.2f'):>6} "
+                     f"{fmt(r['proxy_top1'], '.2f'):>7} {fmt(r['transfer_top1'], '.2f'):>9} "
+                     f"{fmt(r['gbitops'], '.4f'):>8}")
     lines.append(f"{summary.n_completed} completed, {summary.n_pruned} pruned, {summary.n_failed} failed in "
                  f"{summary.wall_seconds / 60:.1f} min. Results: {summary.sweep_dir}/trials.parquet")
     if summary.interrupted:
