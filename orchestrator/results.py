@@ -38,6 +38,7 @@ LAYERS_FILE = "layers.parquet"
 PARETO_FILE = "pareto.parquet"
 FINAL_FILE = "final.parquet"
 CONFIG_FILE = "sweep_config.yaml"
+TRIAL_EVENTS = "trial_events.jsonl"   # written by the trials: one line per start, search epoch, transfer check, end
 TRIAL_STATUSES = ("completed", "pruned", "failed")
 
 _HEAD_FIELDS = [pa.field("trial_id", pa.string(), nullable=False), pa.field("status", pa.string()),

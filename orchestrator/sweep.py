@@ -39,6 +39,7 @@ from .results import has_ended
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
+from .sweep_status import driver_marker
 from .tail_threads import TailThreads
 from .trainable import make_trainable, trial_number
 from .trial_status import UNFINISHED, TrialStatusBook
@@ -182,7 +183,8 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
                                          cfg.resources.cpu))
         tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
         say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
-            f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each")
+            f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each; "
+            f"from another terminal: gmpq status --sweep {cfg.out_dir}")
         return tuner.fit()
 
 
@@ -336,7 +338,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
+        with driver_marker(sweep_dir, "sweep"), \
+                ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
             stores = pool.submit(_open_stores, cfg, callbacks, resume)              # while Ray starts
             grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
                          prep_threads=prep_threads, say=say)

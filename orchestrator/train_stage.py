@@ -362,6 +362,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     from .pareto import PARETO_FILE, read_pareto, write_pareto
     from .plots import plot_final
     from .ray_env import ray_session
+    from .sweep_status import driver_marker
     from .results import read_trials
 
     sweep_dir = Path(sweep_dir)
@@ -394,7 +395,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     histories: dict[str, list[dict]] = {}
     storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results").resolve()
     done_ids: list[str] = []
-    with ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
+    with driver_marker(sweep_dir, "finetune"), \
+            ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
         workers, use_gpu = _ray_devices(workers, use_gpu, say)
         for i, row in enumerate(chosen.to_dict("records"), start=1):
             tid = str(row["trial_id"])

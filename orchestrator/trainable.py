@@ -33,6 +33,7 @@ import torch
 from gmpq_core.transfer import load_target_model, prepare_target_model, run_transfer_check, target_slices
 from search_spaces.space import bucket_of
 
+from .results import TRIAL_EVENTS
 from .sweep_config import SweepConfig, is_local_cpu_sweep, trial_search_config
 from .tail_threads import ThreadsFollower
 
@@ -45,7 +46,6 @@ EPOCH_KEYS = ("proxy_top1", "ce", "l_gen", "expected_gbitops", "p", "ard")
 FINAL_KEYS = ("proxy_top1", "transfer_top1", "bitops", "bitops_total", "budget_bitops", "budget_avg_bits",
               "gbitops", "ard", "p", "search_seconds", "transfer_seconds", "epochs_run", "node_id", "hostname",
               "policy_json", "layers_json")
-TRIAL_EVENTS = "trial_events.jsonl"   # audit log in the sweep dir: one line per trial start/end
 
 ReportFn = Callable[[dict], None]
 
@@ -199,13 +199,19 @@ def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: Rep
     _log_event(cfg.out_dir, {"event": "start", "trial_id": trial_id, "trial_number": number, "params": params})
     from gmpq_core.jobs import run_search_job
 
-    reporter = TuneReporter(report, budget_bucket=bucket)
     job = _inject_faults(cfg, build_search_job(cfg, params, device=device), trial_id, number)
+
+    def report_epoch(row: dict[str, Any]) -> None:      # the event first: a pruned trial stops inside report
+        _log_event(cfg.out_dir, {"event": "epoch", "trial_id": trial_id, "epoch": row["epoch"],
+                                 "of": job.search.epochs, "proxy_top1": row.get("proxy_top1")})
+        report(row)
+    reporter = TuneReporter(report_epoch, budget_bucket=bucket)
     follow = None
     if is_local_cpu_sweep(cfg):         # the cores idle at the sweep's tail (orchestrator.tail_threads)
         follow = ThreadsFollower(cfg.out_dir, on_change=lambda k: _log_event(
             cfg.out_dir, {"event": "threads", "trial_id": trial_id, "threads": k}))
     result = run_search_job(job, reporter=reporter, progress=follow)
+    _log_event(cfg.out_dir, {"event": "transfer", "trial_id": trial_id})
     model, train, test, info = _target(cfg, context["target_model_path"], device)
     check = run_transfer_check(model, result.policy, train, test, info, check=cfg.transfer, device=device,
                                progress=follow)

@@ -72,6 +72,12 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     assert summary.n_trials == 3 and summary.n_failed == 0 and summary.n_completed >= 1
     df = _check_trials_table(sweep_dir, 3)
     assert (df["status"] == "pruned").sum() == summary.n_pruned
+    # gmpq status reads the same from the folder; the driver's marker is gone with the driver's sweep
+    from orchestrator.sweep_status import DRIVER_FILE, read_sweep_status
+    status = read_sweep_status(sweep_dir)
+    assert not (sweep_dir / DRIVER_FILE).exists() and status.state == "finished"
+    assert {t.trial_id: t.status for t in status.trials} == dict(zip(df["trial_id"], df["status"]))
+    assert sorted(t.number for t in status.trials) == [1, 2, 3]
     # the sweep's tail: once trial 3 had started, the first of the last two to end gave its core away
     from orchestrator.ray_env import local_cpu_count
     tail = json.loads((sweep_dir / "trial_threads.json").read_text())

@@ -88,4 +88,5 @@ def test_run_trial_reports_every_epoch_then_the_full_row(tmp_path, target):
     assert all(policy.layers[e["name"]].w_bits == e["w_bits"] and policy.layers[e["name"]].a_bits == e["a_bits"]
                for e in layers)
     events = [json.loads(line) for line in (tmp_path / "trial_events.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events] == ["start", "end"]
+    assert [e["event"] for e in events] == ["start", "epoch", "epoch", "transfer", "end"]
+    assert [(e["epoch"], e["of"]) for e in events if e["event"] == "epoch"] == [(1, 2), (2, 2)]

@@ -72,6 +72,10 @@ def test_a_sweep_stopped_with_ctrl_c_says_so_and_resume_reruns_the_stopped_trial
         stopped = kids.set_index("trial_id").loc[first["trial_id"]]
         assert (stopped["status"], stopped["tag_status"]) == ("KILLED", "interrupted"), kids
         assert runs[runs["role"] == "sweep"]["status"].tolist() == ["KILLED"]
+        from orchestrator.sweep_status import read_sweep_status      # gmpq status: stopped, the trial too
+        status = read_sweep_status(sweep_dir)
+        assert status.state == "stopped" and not (sweep_dir / "driver.json").exists()
+        assert {t.trial_id: t.status for t in status.trials}[first["trial_id"]] == "stopped"
         rc, out = procs.run(args + ["--resume"], f"{name}-resume")
         assert rc == 0, out[-2000:]
     finally:

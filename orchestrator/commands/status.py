@@ -1,0 +1,129 @@
+"""``gmpq status``: where a sweep stands, from another terminal, while it runs or after it stopped.
+
+    gmpq status --sweep runs/demo
+    watch -n 10 gmpq status --sweep runs/demo
+
+Reads the sweep folder only (no Ray, no MLflow): each trial's status, budget, proxy size, accuracies,
+BitOPs and time, where a running trial got to (search epoch, transfer check), whether the command
+running the sweep is alive, which policies the Pareto stage selected, the final fine-tune's progress,
+and the command to run next. ``--json`` prints the same as one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from . import help_text
+
+__all__ = ["register", "run", "format_status"]
+
+
+def _duration(s: float | None) -> str:
+    if s is None or s != s:
+        return "-"
+    s = int(round(s))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _headline(st: Any) -> str:
+    ended = f"{st.n_ended} of {st.n_planned or '?'} trials ended"
+    counts = ", ".join(f"{st.count(s)} {s}" for s in ("completed", "pruned", "failed", "running", "stopped")
+                       if st.count(s) or s in ("completed", "pruned", "failed"))
+    d = st.driver or {}
+    who = f"pid {d.get('pid')} on {d.get('host')}"
+    state = st.state
+    if state == "running":
+        return f"running ({who}): {ended} ({counts})."
+    if state == "fine-tuning":
+        return f"fine-tuning the selected policies ({who}); the sweep: {ended} ({counts})."
+    if state == "unknown":
+        return (f"driven from another host ({who}): whether it still runs cannot be checked from here; "
+                f"{ended} ({counts}).")
+    if state == "not started":
+        return "no trial has started yet."
+    return f"{state}: {ended} ({counts})."
+
+
+def _next_step(st: Any) -> str | None:
+    d = st.sweep_dir
+    if st.state == "stopped":
+        return (f"Continue with: gmpq sweep --out {d} --resume (or gmpq run --out {d} --resume, which also "
+                "fine-tunes). Ended trials are kept; trials stopped midway run again.")
+    if st.state != "finished":
+        return None
+    if not (d / "pareto.parquet").exists():
+        return f"Next: gmpq pareto --sweep {d}   (then gmpq finetune --sweep {d})"
+    if any(t not in st.final for t in st.selected):
+        return f"Next: gmpq finetune --sweep {d}"
+    return None
+
+
+def _final_lines(st: Any) -> list[str]:
+    from orchestrator.text import fmt
+
+    if not st.selected and not st.final:
+        return []
+    done = [t for t in st.selected if t in st.final]
+    lines = [f"Final fine-tune: {len(done)} of {len(st.selected)} selected policies done."]
+    for tid in st.selected:
+        if tid in st.final:
+            r = st.final[tid]
+            lines.append(f"  {tid}: top1 {fmt(r.get('final_top1'), '.2f')}% at {fmt(r.get('gbitops'), '.4f')} "
+                         f"GBitOPs ({r.get('epochs')} epoch(s), {_duration(r.get('seconds'))})")
+        elif tid in st.finetune_progress:
+            p = st.finetune_progress[tid]
+            lines.append(f"  {tid}: epoch {p.get('epoch')}, step {p.get('step')}/{p.get('steps')} "
+                         f"(updated {_duration(p.get('age_s'))} ago)")
+        else:
+            lines.append(f"  {tid}: not fine-tuned yet")
+    return lines
+
+
+def format_status(st: Any) -> str:
+    from orchestrator.text import fmt, text_table
+
+    head = ["#", "trial", "status", "budget", "proxy", "proxy%", "transfer%", "GBitOPs", "time", "note"]
+    rows = [[fmt(t.number, "d"), t.trial_id, t.status, fmt(t.budget_avg_bits, ".2f"), fmt(t.proxy_size, "d"),
+             fmt(t.proxy_top1, ".2f"), fmt(t.transfer_top1, ".2f"), fmt(t.gbitops, ".4f"),
+             _duration(t.seconds) + (" so far" if t.status == "running" else ""),
+             t.phase if t.status in ("running", "stopped") else t.note[:70]] for t in st.trials]
+    lines = [f"Sweep '{st.name}' in {st.sweep_dir}: {_headline(st)}"]
+    if rows:
+        lines.append(text_table(head, rows, right={0, 3, 4, 5, 6, 7, 8}))
+    not_started = (st.n_planned or 0) - len(st.trials)
+    if not_started > 0 and st.trials:
+        lines.append(f"{not_started} trial(s) not started yet.")
+    lines += _final_lines(st)
+    step = _next_step(st)
+    if step:
+        lines.append(step)
+    return "\n".join(lines)
+
+
+def _as_json(st: Any) -> str:
+    d = asdict(st)
+    d.update(sweep_dir=str(st.sweep_dir), state=st.state, n_ended=st.n_ended)
+    return json.dumps(d, default=str, indent=2)
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.sweep_status import read_sweep_status
+
+    st = read_sweep_status(Path(args.sweep).expanduser().resolve())
+    print(_as_json(st) if args.json else format_status(st))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("status", help="where a sweep stands (trials, running ones, final fine-tune)",
+                              description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep / gmpq run)")
+    p.add_argument("--json", action="store_true", help="print the status as one JSON object")
+    p.set_defaults(func=run)

@@ -1,0 +1,207 @@
+"""Where a sweep stands, read from its folder alone (no Ray, no MLflow): what ``gmpq status`` prints.
+
+Sources, all written as the sweep goes:
+- ``sweep_config.yaml``: its name and planned number of trials;
+- ``trials.parquet``: the trials that ended (completed, pruned, failed);
+- ``trial_events.jsonl``: each trial's start, search epochs and transfer check (written by the trials);
+- ``driver.json``: the host and pid of the command running the sweep or its fine-tune (``driver_marker``);
+- ``pareto.parquet``, ``final.parquet`` and the fine-tune's progress files: the final stage.
+A trial that started, has no row, and whose driver is gone was stopped midway (Ctrl-C, a killed driver):
+``--resume`` runs it again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from gmpq_core.errors import CheckpointError
+from gmpq_core.fileio import atomic_write_json, read_json
+
+from .results import FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, load_resolved_config, read_table
+from .trial_status import COMPLETED, FAILED, PRUNED
+
+__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status"]
+
+DRIVER_FILE = "driver.json"
+RUNNING, STOPPED = "running", "stopped"   # a started trial with no row: its driver is alive / gone
+
+
+@contextmanager
+def driver_marker(sweep_dir: str | Path, stage: str) -> Iterator[None]:
+    """While the block runs, ``<sweep_dir>/driver.json`` names this process (host, pid) and ``stage``."""
+    path = Path(sweep_dir) / DRIVER_FILE
+    mine = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    atomic_write_json(path, mine)
+    try:
+        yield
+    finally:
+        try:
+            if read_json(path).get("pid") == mine["pid"]:
+                path.unlink()
+        except (CheckpointError, OSError):
+            pass
+
+
+def _driver_alive(driver: dict | None) -> bool | None:
+    """True / False for a driver on this host; None when it runs elsewhere (cannot be checked from here)."""
+    if not driver:
+        return False
+    if driver.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(driver["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, ValueError, KeyError, TypeError):
+        return True          # exists but not ours (PermissionError), or unreadable: assume it runs
+    return True
+
+
+@dataclass
+class TrialState:
+    number: int | None
+    trial_id: str
+    status: str                        # completed | pruned | failed | running | stopped
+    budget_avg_bits: float | None = None
+    proxy_size: int | None = None
+    proxy_top1: float | None = None
+    transfer_top1: float | None = None
+    gbitops: float | None = None
+    seconds: float | None = None       # wall seconds (ended), or since its start (running / stopped)
+    phase: str = ""                    # where a running or stopped trial got to
+    note: str = ""                     # the pruning reason or the error
+
+
+@dataclass
+class SweepStatus:
+    sweep_dir: Path
+    name: str
+    n_planned: int | None
+    trials: list[TrialState]
+    driver: dict | None                # driver.json, if present
+    driver_alive: bool | None          # None: it runs on another host
+    selected: list[str] = field(default_factory=list)          # pareto.parquet's selection
+    final: dict[str, dict] = field(default_factory=dict)       # final.parquet rows by trial id
+    finetune_progress: dict[str, dict] = field(default_factory=dict)   # {"epoch", "step", "steps", "age_s"}
+
+    def count(self, status: str) -> int:
+        return sum(t.status == status for t in self.trials)
+
+    @property
+    def n_ended(self) -> int:
+        return sum(t.status in (COMPLETED, PRUNED, FAILED) for t in self.trials)
+
+    @property
+    def state(self) -> str:
+        """running | fine-tuning | unknown (driver elsewhere) | finished | stopped | not started"""
+        if self.driver and self.driver_alive is None:
+            return "unknown"
+        if self.driver and self.driver_alive:
+            return "fine-tuning" if self.driver.get("stage") == "finetune" else "running"
+        if self.n_planned is not None and self.n_ended >= self.n_planned:
+            return "finished"
+        return "stopped" if self.trials else "not started"
+
+
+def _events(sweep_dir: Path) -> list[dict]:
+    path = sweep_dir / TRIAL_EVENTS
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:      # a line cut by a crash: skip it
+            continue
+        if isinstance(e, dict) and e.get("trial_id"):
+            out.append(e)
+    return out
+
+
+def _rows(sweep_dir: Path, name: str) -> list[dict]:
+    path = sweep_dir / name
+    return read_table(path).to_pylist() if path.is_file() else []
+
+
+def _started_trials(events: list[dict]) -> dict[str, dict]:
+    """trial_id -> what its events say: number, params, start time (the last attempt's) and phase."""
+    seen: dict[str, dict] = {}
+    for e in events:
+        t = seen.setdefault(e["trial_id"], {"number": None, "params": {}, "start": None, "phase": ""})
+        kind = e.get("event")
+        if kind in ("start", "replay"):
+            t["number"] = e.get("trial_number") or t["number"]
+            t["params"] = e.get("params") or t["params"]
+            t["start"], t["phase"] = e.get("time"), "starting"
+        elif kind == "epoch":
+            t["phase"] = f"search epoch {e.get('epoch')}/{e.get('of', '?')} done"
+        elif kind == "transfer":
+            t["phase"] = "transfer check"
+    return {tid: t for tid, t in seen.items() if t["start"] is not None}
+
+
+def _finetune_progress(sweep_dir: Path, cfg: dict, todo: list[str]) -> dict[str, dict]:
+    storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results")
+    out = {}
+    for tid in todo:
+        path = storage / f"finetune-{tid}.progress.json"
+        try:
+            p = read_json(path)
+            out[tid] = {**p, "age_s": time.time() - path.stat().st_mtime}
+        except (CheckpointError, OSError):
+            continue
+    return out
+
+
+def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
+    """The status of the sweep in ``sweep_dir`` (CheckpointError if it is not a sweep folder or a file is damaged)."""
+    sweep_dir = Path(sweep_dir)
+    cfg = load_resolved_config(sweep_dir, missing_ok=False)
+    try:
+        driver = read_json(sweep_dir / DRIVER_FILE) if (sweep_dir / DRIVER_FILE).is_file() else None
+    except CheckpointError:
+        driver = None
+    alive = _driver_alive(driver)
+    started = _started_trials(_events(sweep_dir))
+    rows = {str(r["trial_id"]): r for r in _rows(sweep_dir, "trials.parquet")}
+    trials = []
+    for tid, r in rows.items():
+        ev = started.get(tid, {})
+        trials.append(TrialState(
+            number=ev.get("number"), trial_id=tid, status=str(r.get("status")),
+            budget_avg_bits=r.get("budget_avg_bits") if r.get("budget_avg_bits") is not None
+            else r.get("param_budget_avg_bits"),
+            proxy_size=r.get("param_proxy_size"), proxy_top1=r.get("proxy_top1"), transfer_top1=r.get("transfer_top1"),
+            gbitops=r.get("gbitops"), seconds=r.get("wall_seconds"), note=str(r.get("error") or "")))
+    now = time.time()
+    for tid, ev in started.items():
+        if tid in rows:
+            continue
+        params = ev["params"]
+        trials.append(TrialState(
+            number=ev["number"], trial_id=tid, status=RUNNING if alive is not False else STOPPED,
+            budget_avg_bits=params.get("budget_avg_bits"), proxy_size=params.get("proxy_size"),
+            seconds=now - float(ev["start"]), phase=ev["phase"]))
+    for t in trials:
+        if t.status == PRUNED and not t.note:
+            t.note = _pruning_reason(sweep_dir, t.trial_id)
+    trials.sort(key=lambda t: (t.number is None, t.number or 0, t.trial_id))
+    selected = [str(r["trial_id"]) for r in _rows(sweep_dir, PARETO_FILE) if r.get("selected")]
+    final = {str(r["trial_id"]): r for r in _rows(sweep_dir, FINAL_FILE)}
+    progress = _finetune_progress(sweep_dir, cfg, [t for t in selected if t not in final])
+    return SweepStatus(sweep_dir=sweep_dir, name=str(cfg.get("name") or sweep_dir.name), n_planned=cfg.get("n_trials"),
+                       trials=trials, driver=driver, driver_alive=alive, selected=selected, final=final,
+                       finetune_progress=progress)
+
+
+def _pruning_reason(sweep_dir: Path, trial_id: str) -> str:
+    from .trial_status import TrialStatusBook
+
+    path = sweep_dir / "trial_status.json"
+    return (TrialStatusBook(path).reason(trial_id) or "") if path.is_file() else ""

@@ -1,0 +1,112 @@
+"""gmpq status / orchestrator.sweep_status: a sweep folder's state, read from its files only."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from orchestrator.cli import main
+from orchestrator.results import TRIAL_EVENTS, trial_row, write_results
+from orchestrator.sweep_status import DRIVER_FILE, driver_marker, read_sweep_status
+
+
+def _sweep(d: Path, *, n_trials: int = 4, driver: dict | None = None) -> None:
+    """Two ended trials (t1 completed, t2 pruned), t3 started and half-way through its search, t4 not started."""
+    rows = [trial_row(trial_id="t1", config={"budget_avg_bits": 3.0, "proxy_size": 500}, status="completed",
+                      last_result={"transfer_top1": 75.0, "proxy_top1": 50.0, "bitops": 400_000_000, "gbitops": 0.4}),
+            trial_row(trial_id="t2", config={"budget_avg_bits": 4.0, "proxy_size": 500}, status="pruned",
+                      last_result={"proxy_top1": 12.0})]
+    write_results(d, rows, [])
+    (d / "sweep_config.yaml").write_text(f"name: st\nn_trials: {n_trials}\n")
+    (d / "trial_status.json").write_text(json.dumps({"version": 1, "pruned": {"t2": "pruned by median at epoch 1"}}))
+    now = time.time()
+    events = [{"event": "start", "trial_id": "t1", "trial_number": 1, "params": {}, "time": now - 100},
+              {"event": "start", "trial_id": "t2", "trial_number": 2, "params": {}, "time": now - 100},
+              {"event": "start", "trial_id": "t3", "trial_number": 3, "time": now - 30,
+               "params": {"budget_avg_bits": 3.5, "proxy_size": 1000}},
+              {"event": "epoch", "trial_id": "t3", "epoch": 1, "of": 2, "time": now - 10}]
+    (d / TRIAL_EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "end", "tri')  # cut line
+    if driver is not None:
+        (d / DRIVER_FILE).write_text(json.dumps(driver))
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_running_sweep_shows_each_trial_and_where_the_running_one_is(tmp_path, capsys):
+    _sweep(tmp_path, driver={"stage": "sweep", "host": socket.gethostname(), "pid": os.getpid()})
+    st = read_sweep_status(tmp_path)
+    assert st.state == "running" and st.n_ended == 2
+    assert [(t.number, t.trial_id, t.status) for t in st.trials] == \
+        [(1, "t1", "completed"), (2, "t2", "pruned"), (3, "t3", "running")]
+    assert st.trials[1].note == "pruned by median at epoch 1"
+    assert st.trials[2].phase == "search epoch 1/2 done" and 29 < st.trials[2].seconds < 60
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"running (pid {os.getpid()}" in out and "2 of 4 trials ended (1 completed, 1 pruned, 0 failed, 1 running)" in out
+    assert "1 trial(s) not started yet." in out and "Continue with" not in out
+    t3 = next(ln for ln in out.splitlines() if " t3 " in ln)
+    assert "running" in t3 and "3.50" in t3 and "1000" in t3 and "so far" in t3 and "search epoch 1/2 done" in t3
+
+
+def test_a_sweep_whose_driver_died_is_stopped_and_says_how_to_continue(tmp_path, capsys):
+    _sweep(tmp_path, driver={"stage": "sweep", "host": socket.gethostname(), "pid": _dead_pid()})
+    st = read_sweep_status(tmp_path)
+    assert st.state == "stopped" and st.trials[2].status == "stopped"
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"Continue with: gmpq sweep --out {tmp_path} --resume" in out
+
+
+def test_a_driver_on_another_host_cannot_be_checked_from_here(tmp_path, capsys):
+    _sweep(tmp_path, driver={"stage": "sweep", "host": "another-host", "pid": 1})
+    st = read_sweep_status(tmp_path)
+    assert st.state == "unknown" and st.trials[2].status == "running"      # assumed running, and said so
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    assert "cannot be checked from here" in capsys.readouterr().out
+
+
+def test_a_finished_sweep_names_the_next_stage_and_the_final_fine_tune(tmp_path, capsys):
+    _sweep(tmp_path, n_trials=3)
+    (tmp_path / TRIAL_EVENTS).write_text((tmp_path / TRIAL_EVENTS).read_text().split('{"event": "end"')[0])
+    rows = pd.read_parquet(tmp_path / "trials.parquet")
+    extra = trial_row(trial_id="t3", config={"budget_avg_bits": 3.5}, status="failed", last_result=None,
+                      error="RuntimeError: boom")
+    write_results(tmp_path, [*rows.to_dict("records"), extra], [])
+    st = read_sweep_status(tmp_path)
+    assert st.state == "finished" and [t.status for t in st.trials] == ["completed", "pruned", "failed"]
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    assert f"Next: gmpq pareto --sweep {tmp_path}" in capsys.readouterr().out
+    pd.DataFrame({"trial_id": ["t1"], "selected": [True]}).to_parquet(tmp_path / "pareto.parquet")
+    progress = tmp_path / "ray_results" / "finetune-t1.progress.json"
+    progress.parent.mkdir()
+    progress.write_text(json.dumps({"epoch": 1, "step": 40, "steps": 468}))
+    assert main(["status", "--sweep", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["state"] == "finished" and data["selected"] == ["t1"] and data["finetune_progress"]["t1"]["step"] == 40
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Final fine-tune: 0 of 1 selected policies done." in out and "t1: epoch 1, step 40/468" in out
+    assert f"Next: gmpq finetune --sweep {tmp_path}" in out
+
+
+def test_driver_marker_names_this_process_while_the_block_runs(tmp_path):
+    with driver_marker(tmp_path, "finetune"):
+        mark = json.loads((tmp_path / DRIVER_FILE).read_text())
+        assert mark["pid"] == os.getpid() and mark["stage"] == "finetune" and mark["host"] == socket.gethostname()
+    assert not (tmp_path / DRIVER_FILE).exists()
+
+
+def test_status_of_a_folder_that_is_not_a_sweep_is_a_clear_error(tmp_path, capsys):
+    assert main(["status", "--sweep", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "sweep_config.yaml' not found" in err and "--out" in err
