@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .errors import ConfigError
 
-__all__ = ["P_MODES", "normalize_maps", "generalization_loss", "capacity_p", "choose_p", "average_ranks",
+__all__ = ["P_MODES", "normalize_maps", "sharpen", "generalization_loss", "capacity_p", "choose_p", "average_ranks",
            "spearman", "rank_distance"]
 
 P_MODES = ("capacity", "fixed")
@@ -39,8 +39,17 @@ def generalization_loss(student_maps: Tensor, teacher_maps: Tensor, p: float | T
     if student_maps.shape != teacher_maps.shape:
         raise ValueError(f"student and teacher maps must have the same shape, but got "
                          f"{tuple(student_maps.shape)} and {tuple(teacher_maps.shape)}.")
-    target = normalize_maps(teacher_maps.detach().clamp_min(0) ** p)
+    target = normalize_maps(sharpen(teacher_maps.detach(), p))
     return (normalize_maps(student_maps) - target).pow(2).mean()
+
+
+def sharpen(maps: Tensor, p: float | Tensor) -> Tensor:
+    """``maps.clamp_min(0) ** p`` per image, up to a positive factor per image (which the L2 normalisation
+    after it cancels): each map is divided by its own maximum first, so a large p (24 for all-1-bit
+    candidates) neither underflows small maps to all-zero nor overflows large ones to inf."""
+    flat = maps.clamp_min(0).flatten(1)
+    peak = flat.amax(dim=1, keepdim=True)
+    return ((flat / peak.clamp_min(torch.finfo(flat.dtype).tiny)) ** p).view_as(maps)
 
 
 def capacity_p(exp_w_bits: Tensor, exp_a_bits: Tensor, kappa: float = 24.0, *,

@@ -37,6 +37,24 @@ def test_l_gen_matches_the_formula_and_detaches_the_teacher():
     assert s.grad is not None and t.grad is None
 
 
+@pytest.mark.parametrize("scale", [0.05, 1.0, 50.0])
+def test_l_gen_target_survives_a_large_p_at_any_map_scale(scale):
+    """p = 24 (all-1-bit candidates): maps peaking at 0.05 used to underflow to all-zero targets (a constant
+    L_gen, no gradient) and maps peaking at 50 to overflow (NaN). The target must equal the float64 one."""
+    torch.manual_seed(0)
+    teacher = torch.rand(4, 7, 7) * scale
+    student = torch.rand(4, 7, 7, requires_grad=True)
+    exact = teacher.double() ** 24
+    exact = (exact.flatten(1) / exact.flatten(1).norm(dim=1, keepdim=True)).float()
+    want = (student.detach().flatten(1) / student.detach().flatten(1).norm(dim=1, keepdim=True) - exact).pow(2).mean()
+    loss = generalization_loss(student, teacher, 24.0)
+    assert torch.isfinite(loss) and torch.allclose(loss, want, rtol=1e-5)
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    p = torch.tensor(24.0)                                # the capacity mode's p is a 0-d tensor
+    assert torch.allclose(generalization_loss(student, teacher, p), want, rtol=1e-5)
+
+
 def test_l_gen_gradient_is_finite_for_an_all_zero_student_map():
     s = torch.zeros(2, 3, 3, requires_grad=True)
     generalization_loss(torch.relu(s), _maps(5, (2, 3, 3)), 3.0).backward()
