@@ -303,14 +303,24 @@ def _calibrating(model: nn.Module, clips: bool) -> Iterator[None]:
 
 @torch.no_grad()
 def calibrate_supernet_(model: nn.Module, x: Tensor, *, clips: bool = True) -> nn.Module:
-    """From one batch ``x`` (eval-mode forward): set each layer's signed flag (its input has negative
-    values) and, if ``clips``, every candidate's clip to the 99.9th percentile of |input|."""
+    """From one batch ``x``: set each layer's signed flag (its input has negative values) and, if
+    ``clips``, every candidate's clip to the 99.9th percentile of |input|.
+
+    The forward pass runs in training mode, as the search does: BatchNorm normalises with the batch's
+    statistics, so the clips fit the inputs the search will quantize even when the running statistics
+    say nothing yet (``init_from_fp=False``: mean 0, variance 1, which gave clips 2-3x too small). The
+    running statistics are left as they were."""
     was_training = model.training
-    model.eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    model.train()
     try:
         with _calibrating(model, clips):
             model(x)
     finally:
+        for m, buffers in zip(norms, saved):
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
         model.train(was_training)
     return model
 

@@ -103,6 +103,30 @@ def test_supernet_forward_backward_on_every_registered_model(name):
     assert any(float(m.alpha_a.grad.abs().sum()) > 0 for m in layers.values())
 
 
+def test_calibration_fits_the_inputs_the_search_trains_on_and_keeps_the_bn_statistics():
+    """Clips come from a training-mode pass (batch statistics), not from fresh running statistics (mean 0,
+    variance 1 with ``init_from_fp=False``, which gave clips 2-3x smaller than the inputs seen in training)."""
+    torch.manual_seed(0)
+    net = build_supernet(build_model("resnet20", num_classes=10, in_channels=1, small_input=True))
+    x = torch.randn(16, 1, 28, 28, generator=_gen())
+    seen = {}
+    layer = mixed_layers(net)["layer3.1.conv1"]
+    hook = layer.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach().clone()))
+    net.train()
+    with torch.no_grad():
+        net(x)                                            # what the search's first step quantizes
+    hook.remove()
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running_" in k or "num_batches" in k}
+    net.eval()
+    calibrate_supernet_(net, x)
+    want = torch.quantile(seen["x"].abs().flatten().float(), 0.999)
+    # (up to the upstream layers' quantization, which calibration changes as it goes: 1e-4 here)
+    assert torch.allclose(layer.clips.detach(), want.expand_as(layer.clips), rtol=1e-2)
+    assert not net.training                               # the caller's mode is kept
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in stats.items())
+
+
 def test_calibration_detects_signed_inputs_and_sets_clips():
     torch.manual_seed(0)
     net = build_supernet(build_model("mobilenet_v2", num_classes=3, small_input=True))
