@@ -98,10 +98,12 @@ def _recalibrate_bn(model: nn.Module, loader: Iterable, n_batches: int, device: 
 
 def evaluate_policy(supernet: nn.Module, policy: BitPolicy, teacher: nn.Module, loader: Iterable, *, layer: str,
                     device: str | torch.device = "cpu", max_batches: int | None = None,
-                    bn_loader: Iterable | None = None, bn_batches: int = 20) -> dict[str, float]:
+                    bn_loader: Iterable | None = None, bn_batches: int = 20,
+                    target_class: str = "pred") -> dict[str, float]:
     """Top-1 (%) and ARD of the supernet fixed to ``policy`` against ``teacher`` on ``loader``.
 
     The discrete network (``discretize``) has its BN statistics re-estimated on ``bn_loader`` first.
+    ``target_class``: whose class the Grad-CAM maps are for, as in the search (``SearchConfig.target_class``).
     """
     net = discretize(supernet, policy).to(device)
     _recalibrate_bn(net, bn_loader if bn_loader is not None else loader, bn_batches, device)
@@ -110,8 +112,8 @@ def evaluate_policy(supernet: nn.Module, policy: BitPolicy, teacher: nn.Module, 
     ard_sum = 0.0
     for x, y in _batches(loader, max_batches):
         x, y = x.to(device), y.to(device)
-        logits, maps = gradcam(net, x, layer, mode="detached")
-        _, t_maps = gradcam(teacher, x, layer, mode="detached")
+        logits, maps = gradcam(net, x, layer, target=target_class, labels=y, mode="detached")
+        _, t_maps = gradcam(teacher, x, layer, target=target_class, labels=y, mode="detached")
         correct += int((logits.argmax(1) == y).sum())
         ard_sum += rank_distance(maps, t_maps) * y.numel()
         n += y.numel()
@@ -193,7 +195,8 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
         final = evaluate_policy(supernet, policy, teacher_s, eval_loader if eval_loader is not None else train_loader,
                                 layer=layer, device=device,
                                 max_batches=None if eval_loader is not None else cfg.max_steps_per_epoch,
-                                bn_loader=train_loader, bn_batches=cfg.recalibrate_bn_batches)
+                                bn_loader=train_loader, bn_batches=cfg.recalibrate_bn_batches,
+                                target_class=cfg.target_class)
     policy_meta = {**policy.meta, "p_mode": cfg.p_mode, "eta": cfg.eta, "lam": cfg.lam,
                    "budget": cfg.budget.to_dict() if cfg.budget is not None else None}
     policy = BitPolicy(layers=policy.layers, fingerprint=policy.fingerprint, meta=policy_meta)

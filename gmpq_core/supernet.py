@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, PolicyMismatchError
 from .fused import (IMPLS, _act_mixture, _mixed_conv2d, _weight_mixture, act_mixture_reference,
                     weight_mixture_reference)
 from .layers import searchable_layers, swap_module
@@ -348,7 +348,12 @@ def _fix_layers_(net: nn.Module, policy: BitPolicy) -> None:
         if m.bias is not None:
             base.bias.copy_(m.bias)
         q = (QuantConv2d if isinstance(m, nn.Conv2d) else QuantLinear).from_float(base, spec)
-        j = m.a_candidates.index(spec.a_bits) if spec.a_bits in m.a_candidates else 0
+        if spec.a_bits not in m.a_candidates:   # no clip was learnt for it
+            raise PolicyMismatchError(
+                f"The policy gives layer '{name}' a_bits={spec.a_bits}, which is not one of its activation "
+                f"candidates {list(m.a_candidates)}: the supernet learnt no clip for it. Discretize only a policy "
+                "over the search's candidates (derive_policy gives one), or fine-tune it with gmpq finetune.")
+        j = m.a_candidates.index(spec.a_bits)
         q.act.clip.copy_(m.clips[j].abs())
         q.act.set_signed(m.signed)
         swap_module(net, name, q)

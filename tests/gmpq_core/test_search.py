@@ -96,6 +96,21 @@ def test_official_switches_run():
     assert all(torch.isfinite(torch.tensor(v)) for v in res.history[0].values())
 
 
+def test_the_final_ard_uses_the_search_target_class(monkeypatch):
+    """With target_class="label" the derived policy's ARD compares the label's maps, as every search step does."""
+    import gmpq_core.search as search_mod
+
+    seen = []
+    real = search_mod.gradcam
+
+    def spy(model, x, layer, *, target="pred", labels=None, mode="second_order"):
+        seen.append((mode, target, labels is not None))
+        return real(model, x, layer, target=target, labels=labels, mode=mode)
+    monkeypatch.setattr(search_mod, "gradcam", spy)
+    _search(_cfg(epochs=1, target_class="label", max_steps_per_epoch=1))
+    assert seen and all(t == "label" and has for _, t, has in seen)
+
+
 def test_search_config_round_trip_and_validation():
     cfg = SearchConfig(budget=Budget(gbitops=1.5), candidates=[2, 4, 8], eta=20.0, max_steps_per_epoch=5)
     d = cfg.to_dict()

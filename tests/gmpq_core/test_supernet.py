@@ -7,6 +7,7 @@ from torch import nn
 
 from gmpq_core.layers import searchable_layers
 from gmpq_core.models import build_model, list_models
+from gmpq_core.errors import PolicyMismatchError
 from gmpq_core.policy import BitCandidates, BitPolicy
 from gmpq_core.quantizers import quantize_activation, quantize_weight
 from gmpq_core.supernet import (MixedConv2d, MixedLinear, arch_parameters, build_supernet, calibrate_supernet_,
@@ -185,6 +186,14 @@ def test_one_hot_logits_make_the_supernet_equal_its_discretized_policy():
     fixed = discretize(net, policy).eval()
     with torch.no_grad():
         assert torch.allclose(net(x), fixed(x), atol=1e-4)
+
+
+def test_discretizing_an_activation_width_the_search_never_had_is_refused():
+    net = build_supernet(build_model("resnet20", in_channels=1), BitCandidates(w_bits=(2, 4), a_bits=(2, 4)))
+    layers = {n: {"w_bits": 4, "a_bits": 4} for n in mixed_layers(net)}
+    layers["layer2.0.conv1"] = {"w_bits": 4, "a_bits": 8}
+    with pytest.raises(PolicyMismatchError, match=r"'layer2\.0\.conv1' a_bits=8.*candidates \[2, 4\]"):
+        discretize(net, BitPolicy(layers=layers))
 
 
 def test_temperature_sharpens_the_distribution():
