@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning of a policy-quantized model from FP weights (METHOD.md section 6).
 
 Recipe: copy the FP model, apply the bit policy (fixed per-layer PACT/symmetric quantizers),
-calibrate the activation clips on one batch, then train with SGD (Nesterov momentum) and a per-step
+calibrate the activation clips on one batch, then train with SGD (momentum 0.9) and a per-step
 cosine schedule, ``lr_t = lr * (1 + cos(pi * t / T)) / 2``. Optional knowledge distillation from the
 FP model (kept in eval mode, no gradients):
 ``L = alpha * T^2 * KL(softmax(z_fp / T) || softmax(z_q / T)) + (1 - alpha) * CE(z_q, y)``.
@@ -44,7 +44,8 @@ _RESUME_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "seed"
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
-    """QAT recipe (official: SGD momentum 0.9, lr 0.01 cosine, wd 4e-5; distillation is our switch).
+    """QAT recipe (official: SGD momentum 0.9, lr 0.01 cosine, wd 4e-5; distillation is our switch, and so
+    is ``nesterov``).
 
     ``batch_size`` is for the caller that builds the loaders; ``include_stem`` /
     ``include_classifier`` quantize those layers too, at 8 bits unless the policy names them.
@@ -61,6 +62,7 @@ class FinetuneConfig:
     max_steps_per_epoch: int | None = None
     include_stem: bool = False
     include_classifier: bool = False
+    nesterov: bool = False
 
     def __post_init__(self) -> None:
         validate_sgd_fields(self)

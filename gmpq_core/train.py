@@ -57,11 +57,14 @@ def validate_sgd_fields(cfg: Any) -> None:
     if cfg.max_steps_per_epoch is not None:
         _check_positive("max_steps_per_epoch", cfg.max_steps_per_epoch, integer=True,
                         hint=" Use None for whole epochs.")
+    if not isinstance(cfg.nesterov, bool):
+        raise ConfigError(f"nesterov must be True or False, but got nesterov={cfg.nesterov!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """FP training recipe: SGD (Nesterov) + per-step cosine schedule from ``lr`` to 0.
+    """FP training recipe (ours: METHOD.md leaves it open): SGD with Nesterov momentum + per-step cosine
+    schedule from ``lr`` to 0.
 
     ``batch_size`` is for the caller that builds the loaders (the loops take loaders as given);
     ``max_steps_per_epoch`` caps every epoch at that many batches (quick runs, tests).
@@ -73,6 +76,7 @@ class TrainConfig:
     batch_size: int = 128
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    nesterov: bool = True
 
     def __post_init__(self) -> None:
         validate_sgd_fields(self)
@@ -110,7 +114,8 @@ def steps_per_epoch(loader: Any, max_steps: int | None) -> int:
 
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:
     return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def make_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:

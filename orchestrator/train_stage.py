@@ -51,8 +51,8 @@ FINAL_SCHEMA = pa.schema([
     pa.field("test_images", pa.int64()), pa.field("finished_at", pa.string()), pa.field("policy_json", pa.string()),
     pa.field("recipe_json", pa.string()),
 ])
-RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "weight_decay", "batch_size", "distill", "seed",
-                 "max_steps_per_epoch", "train_size", "test_size")   # what a fine-tune's result depends on, but epochs
+RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "distill",
+                 "seed", "max_steps_per_epoch", "train_size", "test_size")   # what a fine-tune's result depends on, but epochs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,6 +75,7 @@ class FinalJob:
     distill: bool = False
     seed: int = 0
     max_steps_per_epoch: int | None = None
+    nesterov: bool = False
     train_size: int | None = None
     test_size: int | None = None
     progress_file: str | None = None    # rank 0 writes {"epoch", "step", "steps"} here every few seconds
@@ -93,7 +94,7 @@ class FinalJob:
     def finetune_config(self) -> FinetuneConfig:
         return FinetuneConfig(epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
                               batch_size=self.batch_size, distill=self.distill, seed=self.seed,
-                              max_steps_per_epoch=self.max_steps_per_epoch)
+                              max_steps_per_epoch=self.max_steps_per_epoch, nesterov=self.nesterov)
 
 
 def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:

@@ -35,6 +35,20 @@ def test_prepare_quantized_copies_applies_and_calibrates():
     assert set(quantized_layers(q8)) == {"stem", "conv1", "conv2", "fc"}
 
 
+def test_the_fine_tune_uses_plain_momentum_and_fp_training_nesterov():
+    """METHOD.md 6: SGD momentum 0.9 for the fine-tune (Nesterov a switch); the FP recipe (ours) is Nesterov."""
+    from gmpq_core.errors import ConfigError
+    from gmpq_core.train import TrainConfig, make_optimizer
+
+    net = torch.nn.Linear(3, 2)
+    assert make_optimizer(net, FinetuneConfig()).param_groups[0]["nesterov"] is False
+    assert make_optimizer(net, FinetuneConfig(nesterov=True)).param_groups[0]["nesterov"] is True
+    assert make_optimizer(net, TrainConfig()).param_groups[0]["nesterov"] is True
+    assert make_optimizer(net, TrainConfig(momentum=0.0)).param_groups[0]["nesterov"] is False   # torch needs momentum
+    with pytest.raises(ConfigError, match="nesterov must be True or False"):
+        FinetuneConfig(nesterov="yes")
+
+
 def test_policy_that_does_not_fit_raises():
     fp = tiny_net()
     bad = BitPolicy(layers={"conv1": {"w_bits": 4, "a_bits": 4}})
