@@ -149,6 +149,10 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
         names = list(mixed_layers(supernet))
         macs = {n: all_macs[n] for n in names}
         budget_bitops = cfg.budget.to_bitops(macs) if cfg.budget is not None else None
+        if budget_bitops is None and cfg.penalty == "hinge" and cfg.lam > 0:
+            log.warning("no budget: the hinge penalty has no target, so lam=%g has no effect and nothing pushes the "
+                        "bits down (the policy is the per-layer argmax). Give a budget, or penalty='official' for "
+                        "the official unconstrained trade-off.", cfg.lam)
         if budget_bitops is not None:
             check_budget(budget_bitops, macs, cfg.candidates, model_name=model_name, input_size=input_size)
         layer = find_feature_layer(teacher_s, model_name=model_name, override=cfg.gradcam_layer,
@@ -158,6 +162,12 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
         mode = "second_order" if cfg.second_order else "first_order"
         x0 = next(iter(train_loader))[0].to(device)
         calibrate_supernet_(supernet, x0, clips=cfg.calibrate_clips)
+        ternary = [n for n, m in mixed_layers(supernet).items() if m.signed and 1 in m.a_candidates]
+        if ternary:
+            log.warning("%d layer(s) with signed inputs have 1 among their activation candidates (%s%s): a signed "
+                        "1-bit activation here has 3 levels {-a, 0, a} but counts as 1 bit in BitOPs. Leave 1 out "
+                        "of a_bits for this model to keep the costs exact.", len(ternary), ", ".join(ternary[:3]),
+                        ", ..." if len(ternary) > 3 else "")
         optimizer = _make_optimizer(supernet, cfg)
         _teacher_mode_(teacher_s, cfg.teacher_bn_train)
         history: list[dict] = []

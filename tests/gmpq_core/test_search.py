@@ -111,6 +111,33 @@ def test_the_final_ard_uses_the_search_target_class(monkeypatch):
     assert seen and all(t == "label" and has for _, t, has in seen)
 
 
+def test_a_search_without_budget_warns_that_lam_has_no_effect(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="gmpq_core.search"):
+        _search(_cfg(epochs=1, budget=None, max_steps_per_epoch=1))
+    assert "no budget" in caplog.text and "lam=0.0003 has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gmpq_core.search"):
+        _search(_cfg(epochs=1, budget=None, penalty="official", max_steps_per_epoch=1))
+    assert "no budget" not in caplog.text
+
+
+def test_a_signed_layer_with_a_1_bit_activation_candidate_is_named_in_a_warning(caplog):
+    """Signed 1-bit activations quantize to {-a, 0, a}: 3 levels counted as 1 bit (MobileNetV2's linear bottlenecks)."""
+    import logging
+
+    from gmpq_core.policy import BitCandidates
+
+    torch.manual_seed(0)
+    teacher = build_model("mobilenet_v2", num_classes=4, in_channels=1, small_input=True).eval()
+    data = _data(size=8)
+    cfg = _cfg(epochs=1, max_steps_per_epoch=1, budget=None, candidates=BitCandidates(w_bits=(2, 4), a_bits=(1, 4)))
+    with caplog.at_level(logging.WARNING, logger="gmpq_core.search"):
+        search_policy(teacher, data, config=cfg, input_size=8, in_channels=1, model_name="mobilenet_v2")
+    assert "signed inputs have 1 among their activation candidates (features.2.conv.0.0" in caplog.text
+
+
 def test_search_config_round_trip_and_validation():
     cfg = SearchConfig(budget=Budget(gbitops=1.5), candidates=[2, 4, 8], eta=20.0, max_steps_per_epoch=5)
     d = cfg.to_dict()
