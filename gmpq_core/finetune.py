@@ -99,10 +99,15 @@ def prepare_quantized(fp_model: nn.Module, policy: BitPolicy, calib_batch: Tenso
     """A deep copy of ``fp_model`` with ``policy`` applied and clips calibrated on ``calib_batch``.
 
     ``calib_batch`` is an input batch ``[B, C, H, W]`` (moved to the model's device). The FP model is
-    not modified. A policy that does not fit raises PolicyMismatchError.
+    not modified. A policy that does not fit raises PolicyMismatchError. A policy searched with a
+    quantized stem / classifier (its meta's ``include_stem`` / ``include_classifier`` and ``stem_bits``)
+    is deployed the same way, whatever the arguments say.
     """
+    meta = policy.meta or {}
     model = copy.deepcopy(fp_model)
-    apply_policy_(model, policy, include_stem=include_stem, include_classifier=include_classifier)
+    apply_policy_(model, policy, include_stem=include_stem or bool(meta.get("include_stem")),
+                  include_classifier=include_classifier or bool(meta.get("include_classifier")),
+                  stem_bits=int(meta.get("stem_bits") or 8))
     p = next(model.parameters())
     calibrate_(model, calib_batch.to(device=p.device, dtype=p.dtype))
     return model

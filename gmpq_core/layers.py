@@ -2,8 +2,8 @@
 
 Rule (METHOD.md 2): every Conv2d and Linear is searchable except the stem (the first Conv2d in
 registration order) and the classifier (the last Linear). ``include_stem`` /
-``include_classifier`` make those quantizable too: at a fixed bitwidth in the fine-tune and the transfer
-check (``FinetuneConfig``). The search has no such switch yet; it keeps them full precision.
+``include_classifier`` make those quantizable too, at a fixed bitwidth (``SearchConfig`` in the search,
+``FinetuneConfig`` or the policy's meta in the fine-tune).
 Quantized and mixed modules subclass nn.Conv2d / nn.Linear, so this works on converted models too.
 """
 from __future__ import annotations

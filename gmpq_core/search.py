@@ -35,7 +35,8 @@ from .policy import BitPolicy
 from .reporting import NullReporter, Reporter
 from .search_config import SearchConfig, SearchResult
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
-                       mixed_layers, set_mixture_impl_, set_temperature_, weight_parameters)
+                       mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
+                       weight_parameters)
 from .train import evaluate, seeded
 
 __all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
@@ -144,6 +145,8 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
         supernet = build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp, seed=cfg.seed)
         supernet.requires_grad_(True)
         set_temperature_(supernet, cfg.temperature)
+        fixed = quantize_stem_and_classifier_(supernet, include_stem=cfg.include_stem,
+                                              include_classifier=cfg.include_classifier, bits=cfg.stem_bits)
         set_mixture_impl_(supernet, resolve_mixture_impl(cfg.mixture_impl, device))
         all_macs = layer_macs(teacher_s, input_size, in_channels)
         names = list(mixed_layers(supernet))
@@ -201,7 +204,8 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                 break
         teacher_s.eval()
         policy = derive_policy(supernet, budget_bitops, macs, fill=cfg.fill_budget)
-        report = count_bitops(supernet, policy, input_size, in_channels, macs=all_macs)
+        report = count_bitops(supernet, BitPolicy(layers={**policy.layers, **fixed}), input_size, in_channels,
+                              macs=all_macs)             # the fixed stem / classifier count as quantized
         final = evaluate_policy(supernet, policy, teacher_s, eval_loader if eval_loader is not None else train_loader,
                                 layer=layer, device=device,
                                 max_batches=None if eval_loader is not None else cfg.max_steps_per_epoch,
@@ -209,6 +213,9 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                                 target_class=cfg.target_class)
     policy_meta = {**policy.meta, "p_mode": cfg.p_mode, "eta": cfg.eta, "lam": cfg.lam,
                    "budget": cfg.budget.to_dict() if cfg.budget is not None else None}
+    if fixed:                                            # the fine-tune quantizes them the same way
+        policy_meta.update(include_stem=cfg.include_stem, include_classifier=cfg.include_classifier,
+                           stem_bits=cfg.stem_bits)
     policy = BitPolicy(layers=policy.layers, fingerprint=policy.fingerprint, meta=policy_meta)
     return SearchResult(policy=policy, bitops_quantized=report.bitops_quantized, bitops_total=report.bitops_total,
                         budget_bitops=budget_bitops, proxy_top1=final["top1"], ard=final["ard"], p=p_used,

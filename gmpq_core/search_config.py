@@ -50,6 +50,10 @@ class SearchConfig:
     ``mixture_impl`` (how the quantizer mixtures run, fused.py: "auto" = "triton" on CUDA when
     Triton imports, else "fused"; "reference", "fused", "compiled" (TorchInductor) or "triton";
     all give the same values and gradients).
+    ``include_stem`` / ``include_classifier`` (METHOD.md 2's switch): the stem / classifier, full precision
+    by default, are quantized at ``stem_bits`` (weights and input) throughout the search; the budget still
+    covers the searched layers only, the reported BitOPs include them, and the policy's meta carries the
+    switch so the fine-tune quantizes them the same way.
     ``inject_nan_at_epoch`` (1-based) is a testing switch that makes that epoch's loss NaN.
     """
     candidates: BitCandidates = field(default_factory=BitCandidates)
@@ -81,6 +85,9 @@ class SearchConfig:
     recalibrate_bn_batches: int = 20
     fill_budget: bool = False
     mixture_impl: str = "auto"
+    include_stem: bool = False
+    include_classifier: bool = False
+    stem_bits: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
@@ -101,7 +108,10 @@ class SearchConfig:
         _positive("kappa", self.kappa)
         _positive("p_fixed", self.p_fixed)
         _positive("temperature", self.temperature, hint=" Use 1.0 for the official plain softmax.")
-        for name in ("second_order", "teacher_bn_train", "init_from_fp", "calibrate_clips", "fill_budget"):
+        if isinstance(self.stem_bits, bool) or not isinstance(self.stem_bits, int) or not 1 <= self.stem_bits <= 8:
+            raise ConfigError(f"stem_bits must be a whole number of bits in 1..8, but got stem_bits={self.stem_bits!r}.")
+        for name in ("second_order", "teacher_bn_train", "init_from_fp", "calibrate_clips", "fill_budget",
+                     "include_stem", "include_classifier"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, but got {name}={getattr(self, name)!r}.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

@@ -30,9 +30,10 @@ from torch import Tensor, nn
 from .errors import ConfigError, PolicyMismatchError
 from .fused import (IMPLS, _act_mixture, _mixed_conv2d, _weight_mixture, act_mixture_reference,
                     weight_mixture_reference)
-from .layers import searchable_layers, swap_module
-from .policy import BitCandidates, BitPolicy
-from .qmodules import QuantConv2d, QuantLinear
+from .layers import searchable_layers, stem_and_classifier, swap_module
+from .policy import BitCandidates, BitPolicy, QuantSpec
+from .qmodules import QuantConv2d, QuantLinear, quantized_layers
+from .qmodules import _calibrating as _calibrating_fixed
 from .quantizers import ActQuantizer
 
 __all__ = ["MixedConv2d", "MixedLinear", "MIXED_TYPES", "build_supernet", "mixed_layers", "arch_parameters",
@@ -313,16 +314,34 @@ def calibrate_supernet_(model: nn.Module, x: Tensor, *, clips: bool = True) -> n
     was_training = model.training
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{k: v.clone() for k, v in m.named_buffers(recurse=False)} for m in norms]
+    fixed = quantized_layers(model)                      # a quantized stem / classifier (include_stem, ...)
+    fixed_clips = {n: m.act.clip.detach().clone() for n, m in fixed.items()}
     model.train()
     try:
-        with _calibrating(model, clips):
+        with _calibrating(model, clips), _calibrating_fixed(model):
             model(x)
     finally:
+        if not clips:
+            for n, m in fixed.items():
+                m.act.clip.copy_(fixed_clips[n])
         for m, buffers in zip(norms, saved):
             for k, v in buffers.items():
                 getattr(m, k).copy_(v)
         model.train(was_training)
     return model
+
+
+def quantize_stem_and_classifier_(net: nn.Module, *, include_stem: bool, include_classifier: bool,
+                                  bits: int) -> dict[str, QuantSpec]:
+    """Swap the stem and / or classifier of ``net`` (full precision in a supernet) for fixed ``bits``-bit
+    quantized layers, in place (METHOD.md 2's switch); returns their specs by name."""
+    stem, classifier = stem_and_classifier(net)
+    spec = QuantSpec(w_bits=bits, a_bits=bits)
+    names = [n for n, flag in ((stem, include_stem), (classifier, include_classifier)) if flag and n is not None]
+    for name in names:
+        mod = net.get_submodule(name)
+        swap_module(net, name, (QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear).from_float(mod, spec))
+    return {n: spec for n in names}
 
 
 @torch.no_grad()

@@ -225,7 +225,8 @@ def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: Rep
              "proxy_top1": float(result.proxy_top1), "transfer_top1": check["transfer_top1"],
              "transfer_top5": check["transfer_top5"],
              "bitops": int(target_cost.bitops_quantized), "bitops_total": int(target_cost.bitops_total),
-             "budget_bitops": int(round(sum(c.macs for c in quantized) * b * b)), "budget_avg_bits": b,
+             "budget_bitops": int(round(sum(c.macs for c in quantized if c.name in result.policy.layers) * b * b)),
+             "budget_avg_bits": b,   # the budget covers the searched layers (not a fixed-bit stem / classifier)
              "gbitops": target_cost.bitops_quantized / 1e9, "ard": _float(result.ard), "p": _float(result.p),
              "search_seconds": float(result.search_seconds), "transfer_seconds": check["transfer_seconds"],
              "epochs_run": int(result.epochs_run), "node_id": node_id, "hostname": socket.gethostname(),

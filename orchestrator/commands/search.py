@@ -34,7 +34,9 @@ _FLAG_KEYS = {"model": ("job", "model"), "dataset": ("job", "dataset"), "data_ro
               "seed": ("search", "seed"), "eta": ("search", "eta"), "lam": ("search", "lam"),
               "p_mode": ("search", "p_mode"), "penalty": ("search", "penalty"), "epochs": ("search", "epochs"),
               "batch_size": ("search", "batch_size"), "max_steps_per_epoch": ("search", "max_steps_per_epoch"),
-              "lr_arch": ("search", "lr_arch"), "fill_budget": ("search", "fill_budget")}
+              "lr_arch": ("search", "lr_arch"), "fill_budget": ("search", "fill_budget"),
+              "include_stem": ("search", "include_stem"), "include_classifier": ("search", "include_classifier"),
+              "stem_bits": ("search", "stem_bits")}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,6 +69,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-arch", type=float, help="learning rate of the architecture logits (default 0.01)")
     p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction, default=None,
                    help="after the budget repair, raise bits while the policy still fits (default: off)")
+    p.add_argument("--include-stem", action="store_const", const=True, default=None,
+                   help="quantize the stem at --stem-bits through the search (default: full precision)")
+    p.add_argument("--include-classifier", action="store_const", const=True, default=None,
+                   help="quantize the classifier at --stem-bits through the search (default: full precision)")
+    p.add_argument("--stem-bits", type=int, metavar="B",
+                   help="bits of the included stem / classifier, weights and input (default 8)")
     p.add_argument("--epochs", type=int, action=at_least(1), help="search epochs (default 25)")
     p.add_argument("--batch-size", type=int, action=at_least(1), metavar="B", help="search batch size (default 256)")
     p.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), metavar="N",

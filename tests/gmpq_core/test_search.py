@@ -138,6 +138,32 @@ def test_a_signed_layer_with_a_1_bit_activation_candidate_is_named_in_a_warning(
     assert "signed inputs have 1 among their activation candidates (features.2.conv.0.0" in caplog.text
 
 
+def test_the_stem_and_classifier_can_be_searched_around_at_fixed_bits():
+    """METHOD.md 2's switch: stem and classifier quantized at stem_bits through the search; the budget covers
+    the searched layers, the BitOPs count all quantized ones, and the fine-tune deploys the policy the same way."""
+    from gmpq_core.bitops import count_bitops, layer_macs
+    from gmpq_core.finetune import prepare_quantized
+    from gmpq_core.layers import stem_and_classifier
+    from gmpq_core.qmodules import QuantConv2d, QuantLinear
+
+    res = _search(_cfg(epochs=1, max_steps_per_epoch=1, include_stem=True, include_classifier=True, stem_bits=6))
+    teacher = _teacher()
+    stem, classifier = stem_and_classifier(teacher)
+    macs = layer_macs(teacher, 8, 1)
+    searched = count_bitops(teacher, res.policy, 8, 1, macs=macs).bitops_quantized
+    assert searched <= res.budget_bitops                                  # the budget: searched layers only
+    assert res.bitops_quantized == searched + (macs[stem] + macs[classifier]) * 36
+    assert res.policy.meta["include_stem"] and res.policy.meta["include_classifier"] and res.policy.meta["stem_bits"] == 6
+    deployed = prepare_quantized(teacher, res.policy, _data()[0][0])
+    s, c = deployed.get_submodule(stem), deployed.get_submodule(classifier)
+    assert isinstance(s, QuantConv2d) and isinstance(c, QuantLinear) and (s.w_bits, s.a_bits, c.a_bits) == (6, 6, 6)
+    assert float(s.act.clip.detach()) != 6.0                             # calibrated like every quantized layer
+    plain = prepare_quantized(teacher, _search(_cfg(epochs=1, max_steps_per_epoch=1)).policy, _data()[0][0])
+    assert not isinstance(plain.get_submodule(stem), QuantConv2d)          # the default keeps them FP
+    with pytest.raises(ConfigError, match="stem_bits must be a whole number of bits in 1..8, but got stem_bits=12"):
+        SearchConfig(stem_bits=12)
+
+
 def test_search_config_round_trip_and_validation():
     cfg = SearchConfig(budget=Budget(gbitops=1.5), candidates=[2, 4, 8], eta=20.0, max_steps_per_epoch=5)
     d = cfg.to_dict()

@@ -188,6 +188,26 @@ def test_one_hot_logits_make_the_supernet_equal_its_discretized_policy():
         assert torch.allclose(net(x), fixed(x), atol=1e-4)
 
 
+def test_a_fixed_bit_stem_and_classifier_run_quantized_in_the_supernet_and_calibrate_with_it():
+    from gmpq_core.qmodules import QuantConv2d, QuantLinear
+    from gmpq_core.supernet import quantize_stem_and_classifier_
+
+    torch.manual_seed(0)
+    model = build_model("resnet20", num_classes=4, in_channels=1)
+    net = build_supernet(model)
+    x = torch.randn(4, 1, 12, 12, generator=_gen())
+    before = net(x).detach()
+    specs = quantize_stem_and_classifier_(net, include_stem=True, include_classifier=True, bits=2)
+    assert set(specs) == {"conv1", "fc"} and isinstance(net.conv1, QuantConv2d) and isinstance(net.fc, QuantLinear)
+    assert torch.equal(net.conv1.weight, model.conv1.weight)              # FP weights kept
+    calibrate_supernet_(net, x, clips=False)                              # the official switch: clips stay 6.0
+    assert float(net.conv1.act.clip.detach()) == 6.0
+    calibrate_supernet_(net, x)
+    assert float(net.conv1.act.clip.detach()) != 6.0 and float(net.fc.act.clip.detach()) != 6.0
+    assert not torch.allclose(net(x), before, atol=1e-3)                  # 2-bit stem and classifier: another net
+    assert set(mixed_layers(net)) == set(searchable_layers(model))        # the searched layers are unchanged
+
+
 def test_discretizing_an_activation_width_the_search_never_had_is_refused():
     net = build_supernet(build_model("resnet20", in_channels=1), BitCandidates(w_bits=(2, 4), a_bits=(2, 4)))
     layers = {n: {"w_bits": 4, "a_bits": 4} for n in mixed_layers(net)}

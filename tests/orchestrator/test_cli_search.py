@@ -34,6 +34,9 @@ def test_flags_override_the_yaml_config(tmp_path):
     assert (s.lr_arch, s.fill_budget) == (0.01, False)          # defaults when neither YAML nor flags set them
     job = build_job(build_parser().parse_args(["search", "--config", cfg, "--lr-arch", "0.5", "--fill-budget"]))
     assert (job.search.lr_arch, job.search.fill_budget) == (0.5, True)
+    assert (job.search.include_stem, job.search.include_classifier, job.search.stem_bits) == (False, False, 8)
+    job = build_job(build_parser().parse_args(["search", "--include-stem", "--include-classifier", "--stem-bits", "6"]))
+    assert (job.search.include_stem, job.search.include_classifier, job.search.stem_bits) == (True, True, 6)
 
 
 @pytest.mark.parametrize("text,match", [("model: resnet20\n  bad: [1\n", "line"), ("- 1\n- 2\n", "mapping"),
