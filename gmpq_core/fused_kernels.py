@@ -8,7 +8,10 @@ scalars (steps s_j, p_j s_j) are computed as ONE vector op each from a cached co
 (bits, signed, device, dtype) and split with one ``unbind``, instead of ~4 scalar ops per candidate.
 The values are bit-for-bit those of the per-candidate scalar formulas ``a_j / n_j``: on CPU
 ``a / n`` (true division), on CUDA ``a * fl(1 / n)`` (PyTorch's CUDA ``tensor / python number``
-multiplies by the rounded reciprocal, so that is what the scalar formula computed there).
+multiplies by the rounded reciprocal, so that is what the scalar formula computed there). That holds for
+this eager path; the Triton kernel (``fused_triton.py``) divides ``a / n`` inside the kernel and the
+"compiled" path traces ``a[j] / n``, so on CUDA a value exactly at a rounding tie can land one level
+apart between implementations (the CUDA tests compare them at 1e-3 relative tolerance).
 """
 from __future__ import annotations
 
