@@ -68,10 +68,51 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
     else:
+        address = _join_address(address)
+        if address is None:                 # "local"
+            return init_ray(None, num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_memory,
+                            log_to_driver=log_to_driver)
         kwargs["address"] = address
     log.info("starting Ray (%s)", address or f"local, {kwargs.get('num_cpus')} CPUs")
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+        if address is None:
+            raise
+        from cluster.errors import ClusterError
+
+        raise ClusterError(f"Could not join the Ray cluster at {address!r}: {e} Check that it runs ('gmpq cluster "
+                           "status' or 'ray status'), or run on this machine alone with --address local.") from None
     return True
+
+
+def _join_address(address: str) -> str | None:
+    """``--address`` as ``ray.init`` needs it: "auto" becomes the cluster ``gmpq cluster up`` recorded (or
+    ``$RAY_ADDRESS``), a malformed address is a ConfigError, and a HOST:PORT where nothing answers is a
+    ClusterError within seconds (``ray.init`` would retry for minutes). Token auth is switched on when a
+    token exists (``gmpq cluster up`` starts clusters that require it). None: "local"."""
+    import socket
+
+    from cluster.connect import resolve_address, use_token_auth_if_available
+    from cluster.errors import ClusterError
+
+    resolved = resolve_address(address)
+    if resolved.kind == "local":
+        return None
+    use_token_auth_if_available()
+    if resolved.kind == "gcs":
+        host, _, port = resolved.address.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as e:
+            raise ClusterError(
+                f"No Ray cluster answers at {resolved.address} (--address {address}, from {resolved.source}): {e}. "
+                "Start one ('gmpq cluster up'), check the address ('gmpq cluster status'), or run on this machine "
+                "alone with --address local.") from None
+    if resolved.address != address:
+        log.warning("--address %s: joining the Ray cluster at %s (from %s)", address, resolved.address,
+                    resolved.source)
+    return resolved.address
 
 
 @contextlib.contextmanager

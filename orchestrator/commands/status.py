@@ -39,6 +39,8 @@ def _headline(st: Any) -> str:
     d = st.driver or {}
     who = f"pid {d.get('pid')} on {d.get('host')}"
     state = st.state
+    if state == "running" and not st.trials:
+        return f"running ({who}): preparing the shared models; no trial has started yet."
     if state == "running":
         return f"running ({who}): {ended} ({counts})."
     if state == "fine-tuning":
@@ -47,7 +49,8 @@ def _headline(st: Any) -> str:
         return (f"driven from another host ({who}): whether it still runs cannot be checked from here; "
                 f"{ended} ({counts}).")
     if state == "not started":
-        return "no trial has started yet."
+        return ("no trial has started, and no command is running it: it stopped before its first trial (its "
+                "output says why). Run the sweep again.")
     return f"{state}: {ended} ({counts})."
 
 

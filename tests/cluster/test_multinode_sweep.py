@@ -43,8 +43,16 @@ def sweep_cmd(config: Path, out: Path, address: str, uri: str, name: str) -> lis
 
 
 def sweep_env() -> dict[str, str]:
-    # the cluster runs with Ray token auth; a driver given an explicit HOST:PORT must ask for it
-    return dict(os.environ, RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    """The environment a user has: no RAY_AUTH_MODE. The cluster runs with Ray token auth, and gmpq's own
+    join (orchestrator.ray_env) must switch it on (a plain ray.init with HOST:PORT sends no token)."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_AUTH_MODE", None)
+    return env
+
+
+def raw_ray_env() -> dict[str, str]:
+    """For this test's own plain ray.init calls."""
+    return dict(sweep_env(), RAY_AUTH_MODE="token")
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +78,7 @@ def node_ids_by_name(address: str) -> dict[str, str]:
     code = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
             "print(json.dumps({k: n['NodeID'] for n in ray.nodes() for k in n['Resources'] "
             "if k.startswith('node_')}))" % address)
-    out = subprocess.run([sys.executable, "-c", code], env=sweep_env(), capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-c", code], env=raw_ray_env(), capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-2000:]
     import json
 

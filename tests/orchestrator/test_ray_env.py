@@ -83,3 +83,4 @@ def test_ray_map_gives_each_job_its_own_cores_as_torch_threads(ray_2cpu):
 
     out = ray_map(_torch_threads_job, ["teacher", "target"], num_cpus=lambda job: 2 if job == "target" else 1)
     assert out == [("teacher", 1), ("target", 2)]
+

@@ -110,3 +110,12 @@ def test_status_of_a_folder_that_is_not_a_sweep_is_a_clear_error(tmp_path, capsy
     assert main(["status", "--sweep", str(tmp_path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "sweep_config.yaml' not found" in err and "--out" in err
+
+
+def test_a_sweep_that_stopped_before_its_first_trial_says_so(tmp_path, capsys):
+    (tmp_path / "sweep_config.yaml").write_text("name: st\nn_trials: 2\n")
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    assert "no command is running it: it stopped before its first trial" in capsys.readouterr().out
+    (tmp_path / DRIVER_FILE).write_text(json.dumps({"stage": "sweep", "host": socket.gethostname(), "pid": os.getpid()}))
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    assert "preparing the shared models; no trial has started yet" in capsys.readouterr().out
