@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-from gmpq_core.errors import BudgetInfeasibleError, ConfigError
+from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
 from .sweep_config import SweepConfig, _require, trial_search_config
 
@@ -89,10 +89,42 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
         trial_search_config(cfg, point)
     except TypeError as e:
-        known = sorted(f.name for f in fields(SearchConfig))
+        known = sorted(f.name for f in fields(SearchConfig) if not f.metadata.get("testing"))
+        unknown = sorted(set(cfg.search) - set(known))
+        if unknown:
+            raise ConfigError(f"Unknown 'search' setting(s) {unknown}.{did_you_mean(unknown, known)} Known search "
+                              f"settings: {known}.") from None
         raise ConfigError(f"Bad 'search' settings {sorted(cfg.search)}: {e}. Known search settings: {known}.") from None
+    _check_stores(cfg)
     _check_writable(cfg)
     return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
                       target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
                       target_train_size=len(target.train), target_test_size=len(target.test),
                       feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9))
+
+
+# MLflow tracking URI schemes (a database URI may name its driver: postgresql+psycopg2://...)
+_TRACKING_SCHEMES = {"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks"}
+
+
+def _check_stores(cfg: SweepConfig) -> None:
+    """The MLflow tracking URI and the Optuna storage URL are well formed (before any training: a bad
+    one used to surface after the shared models had trained, or to switch MLflow off for the sweep)."""
+    from urllib.parse import urlparse
+
+    uri = cfg.tracking_uri or ""
+    scheme = urlparse(uri).scheme.split("+")[0].lower() if "://" in uri else ""
+    if scheme not in _TRACKING_SCHEMES:
+        raise ConfigError(f"tracking_uri {uri!r} has a scheme MLflow does not know ({scheme!r}). Use "
+                          "sqlite:///PATH (the default: the sweep folder's mlflow.db), http://HOST:PORT (an MLflow "
+                          "server, e.g. from 'gmpq mlflow-server') or a database URI such as postgresql://...")
+    if cfg.optuna_storage:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(cfg.optuna_storage)
+        except (ArgumentError, ValueError) as e:
+            raise ConfigError(f"optuna_storage {cfg.optuna_storage!r} is not a database URL ({e}). Use "
+                              "sqlite:///PATH (the default: the sweep folder's optuna.db) or e.g. "
+                              "postgresql://USER@HOST/DB.") from None

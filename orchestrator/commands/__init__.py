@@ -28,6 +28,14 @@ def at_least(minimum: int) -> type[argparse.Action]:
     return AtLeast
 
 
+def mlflow_ui_hint(tracking_uri: str) -> str:
+    """How to look at a tracking store: a server's URL is opened in a browser (``mlflow ui`` cannot serve
+    an http store); a file or database store is served by ``mlflow ui``."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} (MLflow tracking server)"
+    return f"mlflow ui --backend-store-uri {tracking_uri}"
+
+
 def quiet_libraries(verbose: bool = False) -> None:
     """Keep MLflow's and Alembic's INFO lines (database set-up) and MLflow's artifact progress bars out of
     the command's output."""

@@ -20,15 +20,9 @@ from typing import Any
 
 from gmpq_core.errors import GMPQError
 
-from . import at_least, help_text, quiet_libraries
+from . import at_least, help_text, mlflow_ui_hint, quiet_libraries
 
-__all__ = ["register", "run", "mlflow_ui_hint"]
-
-
-def mlflow_ui_hint(tracking_uri: str) -> str:
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri} (MLflow tracking server)"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+__all__ = ["register", "run"]
 
 
 def _say(msg: str) -> None:

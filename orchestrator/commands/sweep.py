@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import at_least, help_text, quiet_libraries
+from . import at_least, help_text, mlflow_ui_hint, quiet_libraries
 from orchestrator.text import fmt
 
 __all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
@@ -84,7 +84,7 @@ def format_summary(summary: Any, tracking_uri: str | None = None, *, command: st
     if summary.interrupted:
         lines.append(interrupted_note(summary, command))
     if tracking_uri:
-        lines.append(f"MLflow: mlflow ui --backend-store-uri {tracking_uri}")
+        lines.append(f"MLflow: {mlflow_ui_hint(tracking_uri)}")
     return "\n".join(lines)
 
 

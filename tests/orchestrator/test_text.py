@@ -17,3 +17,15 @@ def test_text_table_aligns_columns_and_right_aligns_the_chosen_ones():
     out = text_table(["id", "top1"], [["a", "9.50"], ["bbb", "10.25"]], right={1})
     assert out.splitlines() == ["id    top1", "---  -----", "a     9.50", "bbb  10.25"]
     assert text_table(["id", "x"], []).splitlines() == ["id  x", "--  -"]
+
+
+def test_the_sweep_summary_names_a_command_that_opens_its_tracking_store(tmp_path):
+    """An http store is opened in a browser: 'mlflow ui --backend-store-uri http://...' crashes."""
+    from orchestrator.commands.sweep import format_summary
+    from orchestrator.sweep import SweepSummary
+
+    summary = SweepSummary(sweep_dir=tmp_path, n_completed=0, n_pruned=0, n_failed=0, wall_seconds=1.0, resumed=False,
+                           rows=[], n_unfinished=0, n_planned=0)
+    assert "MLflow: open http://127.0.0.1:5000 (MLflow tracking server)" in format_summary(summary, "http://127.0.0.1:5000")
+    assert f"MLflow: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in \
+        format_summary(summary, f"sqlite:///{tmp_path}/mlflow.db")

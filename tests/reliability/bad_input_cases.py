@@ -97,6 +97,12 @@ CASES: tuple[Case, ...] = (
     # -- gmpq search ------------------------------------------------------------------------------
     Case("search-unknown-model", (*_SEARCH, "--model", "vgg99"), r"Unknown model 'vgg99'.*resnet20"),
     Case("search-unknown-dataset", (*_SEARCH, "--dataset", "nosuch"), r"nosuch.*fashion_mnist"),
+    _sweep("sweep-tracking-uri-bad-scheme", {}, r"tracking_uri 'foo://x' has a scheme MLflow does not know",
+           "--tracking-uri", "foo://x"),
+    _sweep("sweep-optuna-storage-not-a-url", {}, r"optuna_storage 'nope' is not a database URL",
+           "--optuna-storage", "nope"),
+    _sweep("sweep-misspelt-search-setting", {"search": {"batchsize": 32}},
+           r"Unknown 'search' setting\(s\) \['batchsize'\]\. Did you mean 'batch_size'"),
     Case("search-budget-infeasible", (*_SEARCH, "--budget-avg-bits", "7"), r"feasible range"),
     Case("search-budget-bits-outside-1-8", (*_SEARCH, "--budget-avg-bits", "9"), r"1\.\.8.*9"),
     Case("search-proxy-larger-than-dataset", (*_SEARCH, "--proxy-size", "100000"), r"100000.*60000"),
