@@ -269,18 +269,19 @@ def _saved_cache_dir(cfg: SweepConfig) -> str | None:
 
 def _check_same_config(cfg: SweepConfig) -> None:
     """A resumed sweep must keep its config (Tune restores the old searcher and space anyway). The cache
-    folder may move: its files are named by what their weights depend on."""
+    folder may move: its files are named by what their weights depend on; the ``finetune`` section may
+    change (it is the final stage's, after the sweep: ``gmpq run --resume --workers 2``)."""
     from .sweep_config import load_sweep_config
 
     saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
     if not saved_path.exists():
         return
     old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
-    diff = sorted(k for k in new if k not in ("address", "cache_dir") and old.get(k) != new.get(k))
+    diff = sorted(k for k in new if k not in ("address", "cache_dir", "finetune") and old.get(k) != new.get(k))
     if diff:
-        raise ConfigError(f"--resume must use the sweep's saved config, but {', '.join(diff)} differ from "
-                          f"'{saved_path}'. Resume with 'gmpq sweep --out {cfg.out_dir} --resume' (no other "
-                          "config flags), or start a new sweep with another --out.")
+        raise ConfigError(f"--resume must use the sweep's saved config, but these settings differ from "
+                          f"'{saved_path}': {', '.join(diff)}. Resume with --out {cfg.out_dir} --resume and no other "
+                          "sweep settings (the final fine-tune's may change), or start a new sweep with another --out.")
 
 
 def _summary_rows(grid: Any, book: TrialStatusBook) -> list[dict]:

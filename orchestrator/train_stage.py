@@ -36,7 +36,7 @@ from gmpq_core.finetune import FinetuneConfig
 from .results import FINAL_FILE, load_resolved_config, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_PNG", "STATE_FILE", "FINAL_SCHEMA", "FinalJob", "shard_indices", "train_loop_per_worker",
-           "run_final_job", "target_fp_checkpoint", "finetune_selected", "read_final"]
+           "run_final_job", "target_fp_checkpoint", "finetune_selected", "read_final", "check_final_workers"]
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +315,12 @@ def read_final(sweep_dir: str | Path, *, missing_ok: bool = False) -> pd.DataFra
     if missing_ok and not path.exists():
         return FINAL_SCHEMA.empty_table().to_pandas()
     return read_table(path).to_pandas()
+
+
+def check_final_workers(workers: int) -> None:
+    """Before a sweep that ends with the final stage (``gmpq run``): its workers fit the running Ray cluster
+    (a ConfigError naming ``--workers`` now, not after the sweep)."""
+    _ray_devices(int(workers), None, lambda _msg: None)
 
 
 def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None]) -> tuple[int, bool]:

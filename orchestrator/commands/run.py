@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
     resolved = cfg.resolved()
     sweep_dir = Path(resolved.out_dir)
     with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
+        from orchestrator.train_stage import check_final_workers
+
+        check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
         _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
         summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
         print(format_summary(summary, command="gmpq run"), flush=True)

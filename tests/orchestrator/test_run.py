@@ -211,3 +211,18 @@ def test_finetune_selected_checks_its_counts_as_the_command_line_does(tmp_path, 
     with pytest.raises(ConfigError, match=f"{flag} must be a whole number >= 1, but got {flag} {value!r}"):
         finetune_selected(tmp_path, **knob)
     assert not ray.is_initialized()
+
+
+@pytest.mark.ray
+def test_gmpq_run_refuses_a_final_stage_the_cluster_cannot_run_before_the_sweep(tmp_path, capsys):
+    """finetune.workers beyond the cluster's CPUs used to fail at stage 3, after the whole sweep."""
+    import yaml
+
+    from orchestrator.ray_env import local_cpu_count
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "demo", "finetune": {"workers": local_cpu_count() + 1}}))
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"workers={local_cpu_count() + 1} needs" in err and "use --workers" in err
+    assert not (tmp_path / "o" / "trials.parquet").exists() and not (tmp_path / "o" / "trial_events.jsonl").exists()

@@ -196,3 +196,16 @@ def test_gmpq_cache_dir_wins_on_a_cluster_and_data_paths_become_absolute(tmp_pat
     assert cfg.data_root == str(tmp_path / "data")                # trials run in their own folders
     assert cfg.target_dataset == f"imagefolder:{tmp_path / 'trees'}"
     assert cfg.resolved() == cfg                                  # resolving twice changes nothing
+
+
+def test_resume_may_change_the_final_stage_but_not_the_sweep(tmp_path):
+    """gmpq run --resume --workers 2 after 'workers=4 needs 4 CPUs': the finetune section is the final
+    stage's, so it may change; a sweep setting may not (Tune restores the old searcher and space)."""
+    from orchestrator.sweep import _check_same_config
+
+    save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "finetune.workers": 4}))
+    _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "finetune.workers": 2,
+                                                                   "finetune.top_k": 1}).resolved())
+    other = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 9}).resolved()
+    with pytest.raises(ConfigError, match=r"these settings differ from .*: n_trials\. Resume with --out"):
+        _check_same_config(other)
