@@ -15,6 +15,7 @@ already chosen (greedy max-min spread), so K smaller than the number of buckets 
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Sequence
@@ -30,7 +31,10 @@ from .results import PARETO_FILE, TRIALS_FILE, load_resolved_config, read_table,
 from .text import fmt, text_table
 
 __all__ = ["DEFAULT_TOP_K", "PARETO_PNG", "dominated_mask", "completed_trials", "pareto_front", "bucket_index",
-           "bucket_label", "select_policies", "write_pareto", "read_pareto", "format_pareto_table"]
+           "bucket_label", "select_policies", "write_pareto", "read_pareto", "format_pareto_table", "export_policies",
+           "POLICIES_DIR"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 3
 PARETO_PNG = "pareto.png"
@@ -176,11 +180,45 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
     schema = table.schema.append(pa.field("selected", pa.bool_())).append(pa.field("selection_reason", pa.string()))
     out = rows_to_table(rows, schema)
     write_table(sweep_dir / PARETO_FILE, out)
+    export_policies(sweep_dir, rows, cfg.get("name"))
     result = out.to_pandas()
     if plot:
         from .plots import plot_pareto
         plot_pareto(trials, result, sweep_dir / PARETO_PNG, buckets=buckets)
     return result
+
+
+POLICIES_DIR = "policies"
+
+
+def export_policies(sweep_dir: Path, front_rows: Sequence[dict], sweep_name: str | None = None) -> Path:
+    """``<sweep_dir>/policies/<trial_id>.json``: each Pareto policy as a file ``gmpq finetune --policy``
+    takes, its meta naming the sweep, the trial and its results. The folder holds the current front only."""
+    from gmpq_core.errors import PolicyMismatchError
+    from gmpq_core.fileio import atomic_write_text
+    from gmpq_core.policy import BitPolicy
+
+    folder = sweep_dir / POLICIES_DIR
+    folder.mkdir(exist_ok=True)
+    keep = set()
+    for r in front_rows:
+        if not r.get("policy_json"):
+            continue
+        try:
+            policy = BitPolicy.from_json(str(r["policy_json"]))
+        except PolicyMismatchError as e:      # a damaged row: the table still has it, the folder does not
+            log.warning("trial %s: its policy_json is not a bit policy (%s); not exported", r["trial_id"], e)
+            continue
+        meta = {**policy.meta, "sweep": sweep_name, "sweep_dir": str(sweep_dir), "trial_id": str(r["trial_id"]),
+                "transfer_top1": r.get("transfer_top1"), "gbitops": r.get("gbitops"), "selected": bool(r.get("selected"))}
+        name = f"{r['trial_id']}.json"
+        atomic_write_text(folder / name, BitPolicy(layers=policy.layers, fingerprint=policy.fingerprint,
+                                                   meta=meta).to_json() + "\n")
+        keep.add(name)
+    for stale in folder.glob("*.json"):
+        if stale.name not in keep:
+            stale.unlink()
+    return folder
 
 
 def read_pareto(sweep_dir: str | Path) -> pd.DataFrame:

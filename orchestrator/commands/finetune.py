@@ -103,6 +103,13 @@ def run(args: argparse.Namespace) -> int:
                               "selected policies with the sweep's FP model, data and finetune settings, and writes "
                               "into the sweep folder. Drop those options, or fine-tune one policy without --sweep.")
         return run_sweep_finetune(args)
+    sweep_only = [f"--{k.replace('_', '-')}" for k in ("top_k", "workers", "address", "tracking_uri")
+                  if getattr(args, k, None) is not None]
+    if sweep_only:
+        raise ConfigError(f"{', '.join(sweep_only)} {'is' if len(sweep_only) == 1 else 'are'} for gmpq finetune "
+                          "--sweep DIR (the Ray Train fine-tune of a sweep's selected policies); fine-tuning one "
+                          "policy (--policy or --uniform) runs here without Ray or MLflow. Add --sweep DIR, or drop "
+                          "those options.")
     for key, value in SINGLE_DEFAULTS.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

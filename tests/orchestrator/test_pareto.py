@@ -136,6 +136,32 @@ def test_write_pareto_keeps_trial_columns_and_types_and_plots(tmp_path):
     assert [ln[end - 5:end] for ln in lines[2:]] == ["80.00", "85.00"]     # right-aligned numbers
 
 
+def test_the_front_policies_are_exported_for_gmpq_finetune(tmp_path, capsys):
+    """policies/<trial_id>.json: each Pareto policy as a file gmpq finetune --policy takes (it lived only in a
+    Parquet column and MLflow artifacts)."""
+    from gmpq_core.models import build_model
+    from gmpq_core.policy import BitPolicy
+    from orchestrator.cli import main
+
+    model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    policy = BitPolicy.uniform(model, 4, 4)
+    _write_sweep(tmp_path, [("a", 80.0, 5_000_000, "completed"), ("b", 70.0, 9_000_000, "completed"),
+                            ("c", 85.0, 9_000_000, "completed")])
+    rows = read_trials(tmp_path)
+    rows["policy_json"] = policy.to_json()
+    write_results(tmp_path, rows.to_dict("records"), [])
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "gone.json").write_text("{}")                # from an earlier front
+    write_pareto(tmp_path)
+    files = sorted(p.name for p in (tmp_path / "policies").glob("*.json"))
+    assert files == ["a.json", "c.json"]                                   # the front only ("b" is dominated)
+    back = BitPolicy.from_json((tmp_path / "policies" / "c.json").read_text())
+    assert back.layers == policy.layers and back.meta["trial_id"] == "c" and back.meta["transfer_top1"] == 85.0
+    back.check_fits(model)
+    assert main(["pareto", "--sweep", str(tmp_path), "--no-mlflow"]) == 0
+    assert f"Policies: {tmp_path / 'policies'}/<trial_id>.json" in capsys.readouterr().out
+
+
 def test_write_pareto_with_no_completed_trials_writes_an_empty_file(tmp_path):
     _write_sweep(tmp_path, [("d", None, 1_000_000, "pruned")])
     assert write_pareto(tmp_path, 3).empty

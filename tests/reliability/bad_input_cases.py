@@ -148,6 +148,8 @@ CASES: tuple[Case, ...] = (
          r"--top-k must be a whole number >= 1, but got --top-k 0"),
     Case("finetune-sweep-negative-top-k", ("finetune", "--sweep", "{d}/out", "--top-k", "-2"),
          r"--top-k must be a whole number >= 1, but got --top-k -2"),
+    Case("finetune-single-with-sweep-options", (*_FINETUNE, "--uniform", "4", "4", "--workers", "2", "--top-k", "3"),
+         r"--top-k, --workers are for gmpq finetune --sweep DIR"),
     Case("finetune-fp-checkpoint-corrupted", (*_FINETUNE, "--uniform", "4", "4", "--fp-checkpoint", "{d}/fp.pt"),
          r"fp\.pt", {"fp.pt": "PK\x03\x04 this is not a torch checkpoint"}),
 )
