@@ -84,6 +84,15 @@ def plot_pareto(trials: pd.DataFrame, pareto: pd.DataFrame, path: str | Path, *,
     failed = (status == "failed").to_numpy()
     _rug(ax, x_all[pruned], "x", "tab:orange", f"pruned ({int(pruned.sum())}, at target GBitOPs)")
     _rug(ax, x_all[failed], "v", "tab:red", f"failed ({int(failed.sum())})")
+    if not done.any():                               # the rug (axes coordinates) sets no limits of its own
+        xs = x_all[(pruned | failed) & ~np.isnan(x_all)]
+        if len(xs):
+            lo, hi = float(xs.min()), float(xs.max())
+            pad = 0.1 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-3)
+            ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(0, 100)
+        ax.text(0.5, 0.5, "no completed trial: nothing on the front", transform=ax.transAxes, ha="center",
+                va="center", fontsize=10, color="0.4")
     if len(pareto):
         fx = pareto["bitops"].to_numpy(dtype=float) / 1e9
         fy = pareto["transfer_top1"].to_numpy(dtype=float)
@@ -119,11 +128,17 @@ def plot_final(final: pd.DataFrame, trials: pd.DataFrame | None, path: str | Pat
         order = np.argsort(x, kind="stable")
         ax.plot(x[order], y[order], "-*", color="tab:purple", ms=12, label="fine-tuned (full target data)", zorder=4)
         if "transfer_top1" in final:
-            for xi, t0, t1 in zip(x, final["transfer_top1"].to_numpy(dtype=float), y):
+            t = final["transfer_top1"].to_numpy(dtype=float)
+            ax.plot(x, t, "_", color="tab:purple", ms=12, alpha=0.6, zorder=3)   # the arrows' starts, in the limits
+            for xi, t0, t1 in zip(x, t, y):
                 if not math.isnan(t0):
                     ax.annotate("", xy=(xi, t1), xytext=(xi, t0),
                                 arrowprops=dict(arrowstyle="->", color="tab:purple", alpha=0.5))
+        ax.margins(x=0.08)
+        lo, hi = ax.get_xlim()
         for xi, yi, t in zip(x, y, final["trial_id"].to_numpy()):
-            ax.annotate(f"{_short(t)}: {yi:.2f}%", (xi, yi), textcoords="offset points", xytext=(6, -10), fontsize=7)
+            right = hi > lo and (xi - lo) / (hi - lo) > 0.75   # near the right edge: the label goes left
+            ax.annotate(f"{_short(t)}: {yi:.2f}%", (xi, yi), textcoords="offset points", fontsize=7,
+                        xytext=(-6, -10) if right else (6, -10), ha="right" if right else "left")
     _legend_outside(ax)
     return _save(fig, path)

@@ -220,6 +220,9 @@ def write_results(sweep_dir: str | Path, rows: Iterable[Mapping[str, Any]],
 def load_resolved_config(sweep_dir: str | Path, *, missing_ok: bool = True) -> dict[str, Any]:
     """The resolved sweep config saved by the sweep (``sweep_config.yaml``) as a plain dict."""
     import yaml
+    if Path(sweep_dir).is_file():
+        raise CheckpointError(f"'{sweep_dir}' is a file, not a sweep folder: give the folder a sweep wrote (the --out "
+                              "of gmpq sweep or gmpq run).")
     path = Path(sweep_dir) / CONFIG_FILE
     if not path.is_file():
         if missing_ok:

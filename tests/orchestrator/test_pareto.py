@@ -169,3 +169,19 @@ def test_write_pareto_with_no_completed_trials_writes_an_empty_file(tmp_path):
     (tmp_path / PARETO_FILE).write_bytes(b"PAR1 broken")
     with pytest.raises(CheckpointError, match="pareto.parquet"):
         read_pareto(tmp_path)
+
+
+def test_a_pareto_plot_without_completed_trials_shows_the_pruned_ones_and_says_so(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from orchestrator import plots
+
+    _write_sweep(tmp_path, [("d", None, 1_000_000, "pruned"), ("e", None, 3_000_000, "pruned")])
+    seen = {}
+    monkeypatch.setattr(plots, "_save", lambda fig, path: seen.update(ax=fig.axes[0]) or path)
+    plots.plot_pareto(read_trials(tmp_path), pd.DataFrame(), tmp_path / "p.png")
+    ax = seen["ax"]
+    lo, hi = ax.get_xlim()
+    assert lo < 0.001 and hi > 0.003 and lo > 0.0005                    # the pruned trials' GBitOPs, padded
+    assert any("no completed trial" in t.get_text() for t in ax.texts)
+    plt.close("all")

@@ -226,3 +226,10 @@ def test_gmpq_run_refuses_a_final_stage_the_cluster_cannot_run_before_the_sweep(
     err = " ".join(capsys.readouterr().err.split())
     assert f"workers={local_cpu_count() + 1} needs" in err and "use --workers" in err
     assert not (tmp_path / "o" / "trials.parquet").exists() and not (tmp_path / "o" / "trial_events.jsonl").exists()
+
+
+def test_gmpq_pareto_on_a_file_says_it_is_not_a_sweep_folder(tmp_path, capsys):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("preset: demo\n")
+    assert main(["pareto", "--sweep", str(cfg), "--no-mlflow"]) == 2
+    assert "is a file, not a sweep folder" in " ".join(capsys.readouterr().err.split())
