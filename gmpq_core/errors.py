@@ -44,7 +44,7 @@ def did_you_mean(unknown: Iterable[str], known: Iterable[str]) -> str:
     """The sentence to add to an "unknown key" message: the known keys closest to the misspelled ones
     (" Did you mean 'eta' (not 'etaa')?"), or "" when none is close."""
     known = sorted(known)
-    pairs = [(k, m[0]) for k in unknown if (m := difflib.get_close_matches(str(k), known, n=1, cutoff=0.75))]
+    pairs = [(k, m[0]) for k in unknown if (m := difflib.get_close_matches(str(k), known, n=1, cutoff=0.7))]
     if not pairs:
         return ""
     return " Did you mean " + ", ".join(f"'{m}' (not '{k}')" for k, m in pairs) + "?"

@@ -26,7 +26,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import ConfigError, did_you_mean
 
 from .trial_status import TrialStatusBook
 
@@ -48,11 +48,18 @@ def make_pruner(name: str, kwargs: Mapping[str, Any] | None = None) -> optuna.pr
     """Build ``optuna.pruners.<Name>Pruner(**kwargs)``; a bad name or argument raises ConfigError."""
     if name not in PRUNERS:
         raise ConfigError(f"Unknown pruner '{name}'. Available pruners: {', '.join(PRUNERS)}.")
+    import inspect
+
+    accepted = [p for p in inspect.signature(PRUNERS[name]).parameters if p not in ("self", "args", "kwargs")]
+    unknown = sorted(set(kwargs or {}) - set(accepted))
+    if unknown:
+        raise ConfigError(f"The '{name}' pruner ({PRUNERS[name].__name__}) takes no argument(s) {unknown}."
+                          f"{did_you_mean(unknown, accepted)} Its arguments: {', '.join(accepted) or 'none'}.")
     try:
         return PRUNERS[name](**dict(kwargs or {}))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"Bad arguments for the '{name}' pruner ({PRUNERS[name].__name__}) "
-                          f"{dict(kwargs or {})}: {e}") from None
+                          f"{dict(kwargs or {})}: {e}. Its arguments: {', '.join(accepted)}.") from None
 
 
 class OptunaPruningScheduler(FIFOScheduler):

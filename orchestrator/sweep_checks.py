@@ -80,11 +80,18 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     b_lo, b_hi = math.sqrt(lo / total), math.sqrt(hi / total)
     low, high = cfg.space.bounds("budget_avg_bits")
     if low is None or low < b_lo - 1e-9 or high > b_hi + 1e-9:
+        ends = []
+        if low is not None and low < b_lo - 1e-9:
+            ends.append(f"low {low} is below {b_lo:.3g}")
+        if high is not None and high > b_hi + 1e-9:
+            ends.append(f"high {high} is above {b_hi:.3g}")
+        partly = low is not None and high is not None and high >= b_lo and low <= b_hi
         raise BudgetInfeasibleError(
-            f"budget_avg_bits {low}..{high} is outside the feasible range {b_lo:.3g}..{b_hi:.3g} average bits "
-            f"({lo / 1e9:.4g}..{hi / 1e9:.4g} GBitOPs) for {cfg.model} at {pi.image_size} px with candidates "
-            f"w_bits {list(cfg.candidates.w_bits)}, a_bits {list(cfg.candidates.a_bits)}. Choose a budget range "
-            "inside it or change the candidates.")
+            f"budget_avg_bits {low}..{high} is {'partly ' if partly else ''}outside the feasible range "
+            f"{b_lo:.3g}..{b_hi:.3g} average bits ({lo / 1e9:.4g}..{hi / 1e9:.4g} GBitOPs) for {cfg.model} at "
+            f"{pi.image_size} px with candidates w_bits {list(cfg.candidates.w_bits)}, a_bits "
+            f"{list(cfg.candidates.a_bits)}: {'; '.join(ends) or 'no bounds given'}. Choose a budget range inside "
+            "it or change the candidates.")
     point = cfg.space.first_point()
     try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
         trial_search_config(cfg, point)

@@ -63,7 +63,7 @@ class Resources:
     gpu: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(_is_pos(self.cpu), f"resources.cpu must be > 0, but got cpu={self.cpu!r}.")
+        _require(_is_pos(self.cpu), f"resources.cpu must be a number > 0 (CPU slots per trial, e.g. 1), but got cpu={self.cpu!r}.")
         _require(isinstance(self.gpu, (int, float)) and not isinstance(self.gpu, bool) and self.gpu >= 0,
                  f"resources.gpu must be >= 0 (e.g. 0.25), but got gpu={self.gpu!r}.")
 

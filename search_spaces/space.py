@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence, Union
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import ConfigError, did_you_mean
 
 __all__ = ["FloatDim", "IntDim", "Categorical", "Fixed", "Dim", "ParamSpec", "PARAMS", "SearchSpace",
            "dim_from_any", "bucket_of", "bucket_label", "DefineByRun"]
@@ -158,7 +158,10 @@ def dim_from_any(name: str, value: Any) -> Dim:
     if isinstance(value, (FloatDim, IntDim, Categorical, Fixed)):
         return value
     if isinstance(value, (list, tuple)):
-        return Categorical(choices=tuple(value))
+        try:
+            return Categorical(choices=tuple(value))
+        except ConfigError as e:
+            raise ConfigError(f"Dimension '{name}': {e}") from None
     if not isinstance(value, Mapping):
         return Fixed(value=value)
     kind = value.get("type")
@@ -168,10 +171,15 @@ def dim_from_any(name: str, value: Any) -> Dim:
     kwargs = {k: v for k, v in value.items() if k != "type"}
     if kind == "categorical" and "choices" in kwargs:
         kwargs["choices"] = tuple(kwargs["choices"]) if isinstance(kwargs["choices"], list) else kwargs["choices"]
+    known = {f.name for f in fields(_DIM_TYPES[kind])}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigError(f"Dimension '{name}' ({kind}) has unknown field(s) {unknown}.{did_you_mean(unknown, known)} "
+                          f"Its fields: {sorted(known)}.")
     try:
         return _DIM_TYPES[kind](**kwargs)
     except TypeError as e:
-        raise ConfigError(f"Dimension '{name}' ({kind}) has bad fields {sorted(kwargs)}: {e}.") from None
+        raise ConfigError(f"Dimension '{name}' ({kind}) is missing a field: {e}. Its fields: {sorted(known)}.") from None
     except ConfigError as e:
         raise ConfigError(f"Dimension '{name}': {e}") from None
 

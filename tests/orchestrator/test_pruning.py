@@ -82,3 +82,11 @@ def test_weak_trial_is_pruned_and_strong_ones_are_kept(ray_local, tmp_path):
     states0 = sorted(t.state.name for t in scheduler.study(0).trials)
     assert states0 == ["COMPLETE", "COMPLETE", "PRUNED"]
     assert [t.state.name for t in scheduler.study(1).trials] == ["COMPLETE"]
+
+
+def test_a_misspelt_pruner_argument_is_named_with_the_pruners_arguments():
+    from orchestrator.pruning import make_pruner
+
+    with pytest.raises(ConfigError, match=r"takes no argument\(s\) \['n_startup'\]\. Did you mean 'n_startup_trials'.*"
+                                          r"Its arguments: n_startup_trials, n_warmup_steps"):
+        make_pruner("median", {"n_startup": 1})

@@ -105,7 +105,7 @@ def test_infeasible_budget_exits_2_with_the_feasible_range(tmp_path, capsys):
     ({"search": {"batch_sise": 3}}, "batch_sise"),
     ({"budget_buckets": [4.0, 3.0]}, "budget_buckets must be increasing"),
     ({"n_trials": 0}, "n_trials must be a positive integer"),
-    ({"resources": {"cpu": 0}}, "resources.cpu must be > 0"),
+    ({"resources": {"cpu": 0}}, "resources.cpu must be a number > 0"),
     ({"colour": "red"}, "Unknown sweep config key.*colour"),
 ])
 def test_bad_values_fail_before_ray_with_a_clear_message(tmp_path, change, match):

@@ -66,7 +66,7 @@ CASES: tuple[Case, ...] = (
     _sweep("sweep-bits-zero", {"candidates": {"w_bits": [0, 4], "a_bits": [2, 4]}}, r"0.*1\.\.8|1\.\.8.*0"),
     _sweep("sweep-bits-not-integer", {"candidates": [2, 3.5]}, r"3\.5"),
     _sweep("sweep-budget-below-feasible", {"space": {"budget_avg_bits": {"type": "float", "low": 1.0, "high": 4.0}}},
-           r"feasible range 2\.*0*\.\.6"),
+           r"partly outside the feasible range 2\.*0*\.\.6.*: low 1\.0 is below 2"),
     _sweep("sweep-budget-above-feasible", {"space": {"budget_avg_bits": {"type": "float", "low": 3.0, "high": 7.5}}},
            r"feasible range 2\.*0*\.\.6"),
     _sweep("sweep-budget-fixed-infeasible", {"space": {"budget_avg_bits": 8.0}}, r"feasible range"),

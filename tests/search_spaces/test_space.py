@@ -29,7 +29,7 @@ def test_yaml_shorthands_build_the_right_dimensions():
     ({"type": "float", "low": 0, "high": 1, "log": True}, "low > 0"),
     ({"type": "gauss", "low": 0}, "type one of"),
     ({"type": "categorical", "choices": []}, "non-empty"),
-    ({"type": "float", "low": 1, "hi": 2}, "bad fields"),
+    ({"type": "float", "low": 1, "hi": 2}, "unknown field"),
 ])
 def test_bad_dimensions_are_rejected_with_the_value(raw, match):
     with pytest.raises(ConfigError, match=match):
@@ -101,3 +101,14 @@ def test_define_by_run_pickles():   # Tune saves its searcher (and this function
     fn = pickle.loads(pickle.dumps(SearchSpace.from_dict(SPACE).define_by_run()))
     assert fn(optuna.trial.FixedTrial({"budget_avg_bits": 3.0, "proxy_size": 500, "eta": 2.0,
                                        "p_mode": "fixed"})) == {"p_fixed": 3.0, "search_epochs": 2}
+
+
+def test_dimension_errors_name_the_dimension_and_the_misspelt_field():
+    from gmpq_core.errors import ConfigError
+    from search_spaces.space import dim_from_any
+
+    with pytest.raises(ConfigError, match=r"Dimension 'proxy_size': A categorical dimension needs a non-empty list"):
+        dim_from_any("proxy_size", [])
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['hgh'\]\. Did you mean 'high' \(not 'hgh'\)\? "
+                                          r"Its fields: \['high', 'log', 'low'\]"):
+        dim_from_any("eta", {"type": "float", "low": 1, "hgh": 100, "log": True})
