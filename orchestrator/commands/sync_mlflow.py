@@ -35,7 +35,10 @@ def format_report(rep: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.sync import sync_mlflow
 
-    with contextlib.redirect_stdout(sys.stderr):      # MLflow prints "View run ..." lines on stdout
+    from . import quiet_libraries
+
+    quiet_libraries(getattr(args, "verbose", False))  # no "View run ..." lines per run on an http store
+    with contextlib.redirect_stdout(sys.stderr):      # anything else MLflow prints stays out of --json's stdout
         rep = sync_mlflow(args.sweep, tracking_uri=args.tracking_uri)
     print(json.dumps(rep.to_dict()) if args.json else format_report(rep))
     return 0

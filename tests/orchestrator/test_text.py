@@ -29,3 +29,17 @@ def test_the_sweep_summary_names_a_command_that_opens_its_tracking_store(tmp_pat
     assert "MLflow: open http://127.0.0.1:5000 (MLflow tracking server)" in format_summary(summary, "http://127.0.0.1:5000")
     assert f"MLflow: mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in \
         format_summary(summary, f"sqlite:///{tmp_path}/mlflow.db")
+
+
+def test_quiet_libraries_stops_mlflows_view_run_lines(monkeypatch):
+    """An http tracking store made MLflow print two 'View run / experiment' lines per run on stdout."""
+    from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
+
+    from orchestrator.commands import quiet_libraries
+
+    for var in ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv(var, "x")          # registered, so the test's changes are undone
+        monkeypatch.delenv(var)
+    quiet_libraries()
+    assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True
