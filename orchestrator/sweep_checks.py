@@ -6,12 +6,15 @@ cache folders can be written. Errors are ``ConfigError``/``BudgetInfeasibleError
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
 from .sweep_config import SweepConfig, _require, trial_search_config
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SweepFacts", "check_sweep_config"]
 
@@ -92,6 +95,11 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
             f"{pi.image_size} px with candidates w_bits {list(cfg.candidates.w_bits)}, a_bits "
             f"{list(cfg.candidates.a_bits)}: {'; '.join(ends) or 'no bounds given'}. Choose a budget range inside "
             "it or change the candidates.")
+    inside = [e for e in cfg.budget_buckets if low < float(e) < high] if low is not None else list(cfg.budget_buckets)
+    if cfg.budget_buckets and not inside:
+        log.warning("budget_buckets %s: no edge lies inside the sampled budget range %s..%s average bits, so every "
+                    "trial falls in one bucket (the pruner compares them all, and the Pareto selection has one "
+                    "bucket). Give edges between %s and %s.", list(cfg.budget_buckets), low, high, low, high)
     point = cfg.space.first_point()
     try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
         trial_search_config(cfg, point)

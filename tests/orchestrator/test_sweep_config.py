@@ -71,6 +71,17 @@ def test_demo_preset_passes_the_full_check(tmp_path):
     assert facts.input_size == 28 and facts.in_channels == 1 and facts.feasible_avg_bits == (2.0, 6.0)
 
 
+def test_budget_buckets_outside_the_sampled_budgets_are_warned_about(tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="orchestrator.sweep_checks"):
+        check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}))
+        assert "budget_buckets" not in caplog.text                          # the demo's edges lie inside
+        check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path),
+                                                                       "budget_buckets": [10, 20]}))
+    assert "budget_buckets [10.0, 20.0]: no edge lies inside the sampled budget range 2.5..5.0" in caplog.text
+
+
 def test_unknown_preset_exits_2_listing_presets(capsys):
     err = _gmpq_sweep_fails(["--preset", "nope"], capsys)
     assert "Unknown preset 'nope'" in err and "demo" in err
