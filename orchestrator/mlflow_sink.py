@@ -206,8 +206,8 @@ class MLflowSink:
             if data.get("tracking_uri") == self.tracking_uri:
                 self.runs = {"trials": dict(data.get("trials", {})), "finetune": dict(data.get("finetune", {}))}
             else:
-                log.warning("%s was written for tracking URI %s; starting new child runs on %s", path,
-                            data.get("tracking_uri"), self.tracking_uri)
+                log.info("%s was written for tracking URI %s; finding the runs on %s by their tags (creating "
+                         "only those it lacks)", path, data.get("tracking_uri"), self.tracking_uri)
 
     def _save_ids(self) -> None:
         atomic_write_json(self.sweep_dir / RUNS_FILE, {"tracking_uri": self.tracking_uri, **self.runs})

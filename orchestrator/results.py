@@ -47,7 +47,7 @@ _HEAD_FIELDS = [pa.field("trial_id", pa.string(), nullable=False), pa.field("sta
 # "last_epoch" holds the last reported "epoch" and "expected_gbitops" its expected GBitOPs, so
 # pruned trials still say how far they went and at which cost they were aiming.
 METRIC_FIELDS = [
-    pa.field("proxy_top1", pa.float64()), pa.field("transfer_top1", pa.float64()),
+    pa.field("proxy_top1", pa.float64()), pa.field("transfer_top1", pa.float64()), pa.field("transfer_top5", pa.float64()),
     pa.field("bitops", pa.int64()), pa.field("bitops_total", pa.int64()), pa.field("budget_bitops", pa.int64()),
     pa.field("budget_avg_bits", pa.float64()), pa.field("budget_bucket", pa.int64()),
     pa.field("gbitops", pa.float64()), pa.field("expected_gbitops", pa.float64()),
