@@ -151,3 +151,19 @@ def test_backfill_writes_ended_trials_only_not_ones_an_interrupt_stopped(tmp_pat
     assert df["status"].to_dict() == {"ended": "completed", "failed": "failed", "pruned": "pruned"}
     assert results.has_ended("stopped", stopped.last_result, book) is False
     assert results.has_ended("x", {"done": True}) is True and results.has_ended("x", {"epoch": 1}) is False
+
+
+def test_the_table_keeps_transfer_top5_and_merges_an_older_table_without_it(tmp_path):
+    import pyarrow.parquet as pq
+
+    from orchestrator.results import TRIALS_FILE, read_trials, trial_row, write_results
+
+    a = trial_row(trial_id="a", config={"budget_avg_bits": 3.0}, status="completed",
+                  last_result={"transfer_top1": 70.0, "bitops": 5})
+    write_results(tmp_path, [a], [])
+    pq.write_table(pq.read_table(tmp_path / TRIALS_FILE).drop(["transfer_top5"]), tmp_path / TRIALS_FILE)  # older
+    b = trial_row(trial_id="b", config={"budget_avg_bits": 3.0}, status="completed",
+                  last_result={"transfer_top1": 71.0, "transfer_top5": 99.0, "bitops": 5})
+    write_results(tmp_path, [*read_trials(tmp_path).to_dict("records"), b], [])
+    df = read_trials(tmp_path).set_index("trial_id")
+    assert df.loc["b", "transfer_top5"] == 99.0 and df.loc["a", "transfer_top5"] != df.loc["a", "transfer_top5"]  # NaN
