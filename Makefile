@@ -7,11 +7,13 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 DEMO_OUT ?= runs/demo
+# free disk (GB) a new venv needs: PyTorch from PyPI is a CUDA build on x86_64 (less for a CPU wheel)
+VENV_NEED_GB ?= 7
 
 .PHONY: demo test test-all data venv clean
 
 $(VENV)/.installed: pyproject.toml
-	@bash scripts/check_disk.sh $(VENV)
+	@bash scripts/check_disk.sh $(VENV) $(VENV_NEED_GB)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)

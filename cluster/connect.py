@@ -27,7 +27,7 @@ from typing import Mapping
 from .errors import ClusterError, ConfigError
 
 __all__ = ["ResolvedAddress", "ClusterInfo", "StorageCheck", "REMOTE_SCHEMES", "resolve_address", "connect",
-           "disconnect", "use_token_auth_if_available", "alive_nodes", "distinct_hosts", "check_storage_path", "probe_shared_path",
+           "disconnect", "use_token_auth_if_available", "require_client_package", "alive_nodes", "distinct_hosts", "check_storage_path", "probe_shared_path",
            "validate_storage_for_cluster", "storage_filesystem"]
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,11 @@ def resolve_address(address: str | None, *, environ: Mapping[str, str] | None = 
     address = address.strip()
     if address == "auto":
         if env.get("RAY_ADDRESS"):
-            inner = resolve_address(env["RAY_ADDRESS"], environ={}, state_dir=state_dir)
+            try:
+                inner = resolve_address(env["RAY_ADDRESS"], environ={}, state_dir=state_dir)
+            except ConfigError as e:
+                raise ConfigError(f"--address auto follows $RAY_ADDRESS={env['RAY_ADDRESS']!r}, which is not a "
+                                  f"Ray cluster address: {e} Unset it, or give --address HOST:PORT.") from None
             if inner.kind == "auto":
                 return ResolvedAddress(kind="auto", address="auto", source="RAY_ADDRESS")
             return ResolvedAddress(kind=inner.kind, address=inner.address, source="RAY_ADDRESS")
@@ -128,13 +132,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
             kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                           object_store_memory=None if object_store_mb is None else object_store_mb * 2**20)
         else:
-            if resolved.kind == "client":
-                try:
-                    import grpc  # noqa: F401
-                except ImportError:
-                    raise ConfigError(f"address {resolved.address!r} uses Ray Client, which needs the grpcio "
-                                      "package (pip install 'ray[client]'); or run on the head node with "
-                                      "--address auto.") from None
+            require_client_package(resolved)
             kwargs["address"] = resolved.address
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         try:
@@ -148,6 +146,17 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     nodes = alive_nodes()
     return ClusterInfo(address=resolved.address, kind=resolved.kind, n_nodes=len(nodes),
                        hosts=distinct_hosts(nodes), resources=cluster_totals(nodes))
+
+
+def require_client_package(resolved: ResolvedAddress) -> None:
+    """A ray:// address (Ray Client) needs the grpcio package: a ConfigError saying so, before ray.init."""
+    if resolved.kind != "client":
+        return
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"address {resolved.address!r} uses Ray Client, which needs the grpcio package (pip "
+                          "install 'ray[client]'); or run on the head node with --address auto.") from None
 
 
 def _token_available(environ: Mapping[str, str]) -> bool:

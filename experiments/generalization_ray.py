@@ -178,6 +178,8 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
         return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells), n_completed=0,
                             n_failed=0, prepare_seconds=time.perf_counter() - t0,
                             wall_seconds=time.perf_counter() - t0)
+    if isinstance(address, str) and address.strip() in ("", "local"):
+        address = None                                  # "local": this machine, as without --address
     with ray_session(address, **({} if address else {"num_gpus": 1 if cfg.resources["gpu"] > 0 else 0})):
         paths = prepare_models(cfg, study_dir, map_fn=_ray_map(cfg))
         t_prep = time.perf_counter() - t0

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"
 # Fields that must match between a checkpoint and the run resuming from it (they shape the schedule).
 _RESUME_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "seed", "max_steps_per_epoch",
-                "distill", "distill_alpha", "distill_temperature", "include_stem", "include_classifier")
+                "distill", "distill_alpha", "distill_temperature", "include_stem", "include_classifier", "nesterov")
+_BEFORE_THE_KEY = {"nesterov": True}   # what a checkpoint from before a key existed was written with
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,7 +136,7 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy) -> dict 
     if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler", "history"} <= set(ckpt):
         raise CheckpointError(f"Checkpoint '{path}' lacks the fine-tune state (epoch, model, optimizer, "
                               "scheduler, history); delete it to start the fine-tune afresh.")
-    old_cfg = ckpt.get("config", {})
+    old_cfg = {**_BEFORE_THE_KEY, **ckpt.get("config", {})} if ckpt.get("config") else {}
     diff = [k for k in _RESUME_KEYS if k in old_cfg and old_cfg[k] != getattr(config, k)]
     if diff:
         k = diff[0]

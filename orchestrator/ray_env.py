@@ -76,30 +76,33 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     log.info("starting Ray (%s)", address or f"local, {kwargs.get('num_cpus')} CPUs")
     try:
         ray.init(**kwargs)
-    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError, ray.exceptions.RayError) as e:
         if address is None:
             raise
         from cluster.errors import ClusterError
 
-        raise ClusterError(f"Could not join the Ray cluster at {address!r}: {e} Check that it runs ('gmpq cluster "
-                           "status' or 'ray status'), or run on this machine alone with --address local.") from None
+        raise ClusterError(f"Could not join the Ray cluster at {address!r}: {e}. Check that it runs and that this "
+                           "machine may join it ('gmpq cluster status' or 'ray status'; a cluster with token auth "
+                           "needs its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN), or run on this machine alone "
+                           "with --address local.") from None
     return True
 
 
 def _join_address(address: str) -> str | None:
     """``--address`` as ``ray.init`` needs it: "auto" becomes the cluster ``gmpq cluster up`` recorded (or
     ``$RAY_ADDRESS``), a malformed address is a ConfigError, and a HOST:PORT where nothing answers is a
-    ClusterError within seconds (``ray.init`` would retry for minutes). Token auth is switched on when a
-    token exists (``gmpq cluster up`` starts clusters that require it). None: "local"."""
+    ClusterError within seconds (``ray.init`` would retry for minutes; a ``ray://`` address or Ray's own
+    discovery is not probed). Token auth is switched on when a token exists (``gmpq cluster up`` starts
+    clusters that require it). None: "local"."""
     import socket
 
-    from cluster.connect import resolve_address, use_token_auth_if_available
+    from cluster.connect import require_client_package, resolve_address, use_token_auth_if_available
     from cluster.errors import ClusterError
 
     resolved = resolve_address(address)
     if resolved.kind == "local":
         return None
-    use_token_auth_if_available()
+    require_client_package(resolved)
     if resolved.kind == "gcs":
         host, _, port = resolved.address.rpartition(":")
         try:
@@ -109,6 +112,7 @@ def _join_address(address: str) -> str | None:
                 f"No Ray cluster answers at {resolved.address} (--address {address}, from {resolved.source}): {e}. "
                 "Start one ('gmpq cluster up'), check the address ('gmpq cluster status'), or run on this machine "
                 "alone with --address local.") from None
+    use_token_auth_if_available()                      # only once there is a cluster to join
     if resolved.address != address:
         log.warning("--address %s: joining the Ray cluster at %s (from %s)", address, resolved.address,
                     resolved.source)

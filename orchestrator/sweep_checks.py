@@ -95,11 +95,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
             f"{pi.image_size} px with candidates w_bits {list(cfg.candidates.w_bits)}, a_bits "
             f"{list(cfg.candidates.a_bits)}: {'; '.join(ends) or 'no bounds given'}. Choose a budget range inside "
             "it or change the candidates.")
-    inside = [e for e in cfg.budget_buckets if low < float(e) < high] if low is not None else list(cfg.budget_buckets)
-    if cfg.budget_buckets and not inside:
-        log.warning("budget_buckets %s: no edge lies inside the sampled budget range %s..%s average bits, so every "
-                    "trial falls in one bucket (the pruner compares them all, and the Pareto selection has one "
-                    "bucket). Give edges between %s and %s.", list(cfg.budget_buckets), low, high, low, high)
+    _warn_single_bucket(cfg, low, high)
     point = cfg.space.first_point()
     try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
         trial_search_config(cfg, point)
@@ -118,8 +114,16 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
                       feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9))
 
 
-# MLflow tracking URI schemes (a database URI may name its driver: postgresql+psycopg2://...)
-_TRACKING_SCHEMES = {"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks"}
+# MLflow tracking URI schemes (a database URI may name its driver: postgresql+psycopg2://...), plus those
+# plugins register (entry point group mlflow.tracking_store, e.g. azureml)
+_TRACKING_SCHEMES = {"", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                     "databricks-uc", "uc"}
+
+
+def _tracking_schemes() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return _TRACKING_SCHEMES | {ep.name for ep in entry_points(group="mlflow.tracking_store")}
 
 
 def _check_stores(cfg: SweepConfig) -> None:
@@ -129,7 +133,7 @@ def _check_stores(cfg: SweepConfig) -> None:
 
     uri = cfg.tracking_uri or ""
     scheme = urlparse(uri).scheme.split("+")[0].lower() if "://" in uri else ""
-    if scheme not in _TRACKING_SCHEMES:
+    if scheme not in _tracking_schemes():
         raise ConfigError(f"tracking_uri {uri!r} has a scheme MLflow does not know ({scheme!r}). Use "
                           "sqlite:///PATH (the default: the sweep folder's mlflow.db), http://HOST:PORT (an MLflow "
                           "server, e.g. from 'gmpq mlflow-server') or a database URI such as postgresql://...")
@@ -138,8 +142,30 @@ def _check_stores(cfg: SweepConfig) -> None:
         from sqlalchemy.exc import ArgumentError
 
         try:
-            make_url(cfg.optuna_storage)
+            make_url(cfg.optuna_storage).get_dialect()   # an unknown dialect (postgres://, foo://) too
         except (ArgumentError, ValueError) as e:
             raise ConfigError(f"optuna_storage {cfg.optuna_storage!r} is not a database URL ({e}). Use "
                               "sqlite:///PATH (the default: the sweep folder's optuna.db) or e.g. "
                               "postgresql://USER@HOST/DB.") from None
+
+
+def _warn_single_bucket(cfg: SweepConfig, low: float | None, high: float | None) -> None:
+    """budget_buckets that put every budget the sweep can sample into one bucket (more than one budget) are
+    a mistake worth a warning: the pruner then compares all trials and the selection sees one bucket."""
+    from search_spaces.space import FloatDim, bucket_of
+
+    edges = cfg.budget_buckets
+    if not edges or low is None or high is None or low == high:
+        return
+    values = cfg.space.possible_values("budget_avg_bits")
+    if values is not None:
+        buckets = {bucket_of(v, edges) for v in values}
+    else:
+        top = bucket_of(high, edges)
+        if isinstance(cfg.space.dims.get("budget_avg_bits"), FloatDim) and float(high) in edges:
+            top -= 1                                   # a float range's high end is (practically) never drawn
+        buckets = set(range(bucket_of(low, edges), top + 1))
+    if len(buckets) == 1:
+        log.warning("budget_buckets %s put every sampled budget (%s..%s average bits) in one bucket, so the pruner "
+                    "compares all trials and the Pareto selection has one bucket. Give edges between %s and %s.",
+                    list(edges), low, high, low, high)

@@ -94,6 +94,7 @@ class FinetuneStage:
     lr: float = 0.01
     distill: bool = False
     max_steps_per_epoch: int | None = None
+    nesterov: bool = False                   # plain SGD momentum, as METHOD.md 6 says
 
     def __post_init__(self) -> None:
         for name in ("top_k", "workers", "epochs", "batch_size"):
@@ -101,6 +102,7 @@ class FinetuneStage:
                      f"finetune.{name} must be a positive integer, but got {name}={getattr(self, name)!r}.")
         _require(_is_pos(self.lr), f"finetune.lr must be > 0, but got lr={self.lr!r}.")
         _require(isinstance(self.distill, bool), f"finetune.distill must be true/false, got {self.distill!r}.")
+        _require(isinstance(self.nesterov, bool), f"finetune.nesterov must be true/false, got {self.nesterov!r}.")
         _require(self.max_steps_per_epoch is None or _is_pos(self.max_steps_per_epoch, integer=True),
                  f"finetune.max_steps_per_epoch must be a positive integer or null, got {self.max_steps_per_epoch!r}.")
 
@@ -183,6 +185,8 @@ class SweepConfig:
         object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
         if not isinstance(self.space, SearchSpace):
             object.__setattr__(self, "space", SearchSpace.from_dict(self.space))
+        if isinstance(self.address, str) and self.address.strip() in ("", "local"):
+            object.__setattr__(self, "address", None)   # "local" = no cluster: cache, tail threads as without it
         for name, cls in (("resources", Resources), ("pruner", PrunerConfig), ("finetune", FinetuneStage),
                           ("testing", FaultInjection)):
             object.__setattr__(self, name, _from_mapping(cls, name, getattr(self, name)))

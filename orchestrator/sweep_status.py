@@ -1,4 +1,4 @@
-"""Where a sweep stands, read from its folder alone (no Ray, no MLflow): what ``gmpq status`` prints.
+"""Where a sweep stands, read from its folder alone (no Ray session, no MLflow): what ``gmpq status`` prints.
 
 Sources, all written as the sweep goes:
 - ``sweep_config.yaml``: its name and planned number of trials;
@@ -34,18 +34,36 @@ RUNNING, STOPPED = "running", "stopped"   # a started trial with no row: its dri
 
 @contextmanager
 def driver_marker(sweep_dir: str | Path, stage: str) -> Iterator[None]:
-    """While the block runs, ``<sweep_dir>/driver.json`` names this process (host, pid) and ``stage``."""
+    """While the block runs, ``<sweep_dir>/driver.json`` names this process (host, pid) and ``stage``.
+
+    Nested in this process (``gmpq run``: stage "run" around "sweep" and "finetune"), the inner stage
+    shows while it runs and the outer one again after it. A live marker of another process (a sweep still
+    running while ``gmpq finetune --sweep`` starts) is left alone: that process is the one running it."""
     path = Path(sweep_dir) / DRIVER_FILE
+    before = _read_marker(path)
+    if before and before.get("pid") != os.getpid() and _driver_alive(before) is not False:
+        yield
+        return
     mine = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     atomic_write_json(path, mine)
     try:
         yield
     finally:
         try:
-            if read_json(path).get("pid") == mine["pid"]:
-                path.unlink()
-        except (CheckpointError, OSError):
+            if (_read_marker(path) or {}).get("pid") == mine["pid"]:
+                if before and before.get("pid") == mine["pid"]:
+                    atomic_write_json(path, before)        # back to the outer stage of this process
+                else:
+                    path.unlink()
+        except OSError:
             pass
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return read_json(path) if path.is_file() else None
+    except CheckpointError:
+        return None
 
 
 def _driver_alive(driver: dict | None) -> bool | None:
@@ -73,7 +91,7 @@ class TrialState:
     proxy_top1: float | None = None
     transfer_top1: float | None = None
     gbitops: float | None = None
-    seconds: float | None = None       # wall seconds (ended), or since its start (running / stopped)
+    seconds: float | None = None       # wall seconds (ended), since its start (running), start to last event (stopped)
     phase: str = ""                    # where a running or stopped trial got to
     note: str = ""                     # the pruning reason or the error
 
@@ -103,7 +121,7 @@ class SweepStatus:
         if self.driver and self.driver_alive is None:
             return "unknown"
         if self.driver and self.driver_alive:
-            return "fine-tuning" if self.driver.get("stage") == "finetune" else "running"
+            return "fine-tuning" if self.driver.get("stage") in ("finetune", "run") else "running"
         if self.n_planned is not None and self.n_ended >= self.n_planned:
             return "finished"
         return "stopped" if self.trials else "not started"
@@ -133,8 +151,9 @@ def _started_trials(events: list[dict]) -> dict[str, dict]:
     """trial_id -> what its events say: number, params, start time (the last attempt's) and phase."""
     seen: dict[str, dict] = {}
     for e in events:
-        t = seen.setdefault(e["trial_id"], {"number": None, "params": {}, "start": None, "phase": ""})
+        t = seen.setdefault(e["trial_id"], {"number": None, "params": {}, "start": None, "phase": "", "last": None})
         kind = e.get("event")
+        t["last"] = e.get("time") or t["last"]
         if kind in ("start", "replay"):
             t["number"] = e.get("trial_number") or t["number"]
             t["params"] = e.get("params") or t["params"]
@@ -163,10 +182,7 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
     """The status of the sweep in ``sweep_dir`` (CheckpointError if it is not a sweep folder or a file is damaged)."""
     sweep_dir = Path(sweep_dir)
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
-    try:
-        driver = read_json(sweep_dir / DRIVER_FILE) if (sweep_dir / DRIVER_FILE).is_file() else None
-    except CheckpointError:
-        driver = None
+    driver = _read_marker(sweep_dir / DRIVER_FILE)
     alive = _driver_alive(driver)
     started = _started_trials(_events(sweep_dir))
     rows = {str(r["trial_id"]): r for r in _rows(sweep_dir, "trials.parquet")}
@@ -184,10 +200,11 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
         if tid in rows:
             continue
         params = ev["params"]
-        trials.append(TrialState(
-            number=ev["number"], trial_id=tid, status=RUNNING if alive is not False else STOPPED,
+        running = alive is not False
+        trials.append(TrialState(   # a stopped trial's time: from its start to its last event
+            number=ev["number"], trial_id=tid, status=RUNNING if running else STOPPED,
             budget_avg_bits=params.get("budget_avg_bits"), proxy_size=params.get("proxy_size"),
-            seconds=now - float(ev["start"]), phase=ev["phase"]))
+            seconds=(now if running else float(ev["last"] or ev["start"])) - float(ev["start"]), phase=ev["phase"]))
     for t in trials:
         if t.status == PRUNED and not t.note:
             t.note = _pruning_reason(sweep_dir, t.trial_id)

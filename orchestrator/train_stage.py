@@ -411,7 +411,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                            dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
                            image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
                            batch_size=int(given(batch_size, "batch_size", 128)),
-                           distill=bool(stage.get("distill", False)), seed=int(cfg.get("seed") or 0),
+                           distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
+                           seed=int(cfg.get("seed") or 0),
                            max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
                            train_size=train_size, test_size=test_size,
                            progress_file=str(storage / f"finetune-{tid}.progress.json"))

@@ -6,8 +6,8 @@ set -euo pipefail
 venv=${1:?usage: check_disk.sh VENV [NEED_GB]}
 need_gb=${2:-7}
 [ -x "$venv/bin/python" ] && exit 0   # an existing venv is only updated: no check
-dir=$(dirname "$(realpath -m "$venv")")
-mkdir -p "$dir"
+mkdir -p "$(dirname "$venv")"
+dir=$(cd "$(dirname "$venv")" && pwd)
 free_kb=$(df -Pk "$dir" | awk 'NR==2 {print $4}')
 [ -n "$free_kb" ] || exit 0
 if [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
@@ -15,6 +15,6 @@ if [ "$free_kb" -lt $((need_gb * 1024 * 1024)) ]; then
   echo "make: the new virtual environment $venv needs about $need_gb GB of free disk (PyTorch from" \
        "PyPI is a CUDA build of ~6.5 GB), but only $free_gb GB are free on the disk holding $dir." \
        "Free some space (old clones and their .venv folders are the usual culprits), or put the" \
-       "environment on a larger disk with 'make VENV=/path/to/venv ...'." >&2
+       "environment on a larger disk with 'make VENV=/path/to/venv ...' (VENV_NEED_GB=N sets the need)." >&2
   exit 1
 fi

@@ -59,13 +59,16 @@ def run(args: argparse.Namespace) -> int:
             raise GMPQError(f"No trial of the sweep completed ({summary.n_pruned} pruned, {summary.n_failed} failed), "
                             f"so there is nothing to select. See {sweep_dir / 'trials.parquet'} and the Ray trial "
                             "folders; fix the cause and rerun with --resume.")
-        _say("2/3 Pareto front and selection")
-        front = pareto_stage(sweep_dir, None, resolved.tracking_uri)
-        n = int(front["selected"].sum())
-        _say(f"3/3 final fine-tune of {n} polic{'y' if n == 1 else 'ies'} with Ray Train")
-        ft_args = argparse.Namespace(top_k=None, workers=None, epochs=None, tracking_uri=resolved.tracking_uri,
-                                     address=None)
-        final = finetune_stage(sweep_dir, ft_args, say=_say)
+        from orchestrator.sweep_status import driver_marker
+
+        with driver_marker(sweep_dir, "run"):           # gmpq status: still running between the stages
+            _say("2/3 Pareto front and selection")
+            front = pareto_stage(sweep_dir, None, resolved.tracking_uri)
+            n = int(front["selected"].sum())
+            _say(f"3/3 final fine-tune of {n} polic{'y' if n == 1 else 'ies'} with Ray Train")
+            ft_args = argparse.Namespace(top_k=None, workers=None, epochs=None, tracking_uri=resolved.tracking_uri,
+                                         address=None)
+            final = finetune_stage(sweep_dir, ft_args, say=_say)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n== gmpq run finished in {minutes:.1f} min: {summary.n_completed} completed, {summary.n_pruned} pruned, "
           f"{summary.n_failed} failed trials ==")

@@ -69,9 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr-arch", type=float, help="learning rate of the architecture logits (default 0.01)")
     p.add_argument("--fill-budget", action=argparse.BooleanOptionalAction, default=None,
                    help="after the budget repair, raise bits while the policy still fits (default: off)")
-    p.add_argument("--include-stem", action="store_const", const=True, default=None,
+    p.add_argument("--include-stem", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize the stem at --stem-bits through the search (default: full precision)")
-    p.add_argument("--include-classifier", action="store_const", const=True, default=None,
+    p.add_argument("--include-classifier", action=argparse.BooleanOptionalAction, default=None,
                    help="quantize the classifier at --stem-bits through the search (default: full precision)")
     p.add_argument("--stem-bits", type=int, metavar="B",
                    help="bits of the included stem / classifier, weights and input (default 8)")

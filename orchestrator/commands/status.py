@@ -3,7 +3,7 @@
     gmpq status --sweep runs/demo
     watch -n 10 gmpq status --sweep runs/demo
 
-Reads the sweep folder only (no Ray, no MLflow): each trial's status, budget, proxy size, accuracies,
+Reads the sweep folder only (no Ray session, no MLflow): each trial's status, budget, proxy size, accuracies,
 BitOPs and time, where a running trial got to (search epoch, transfer check), whether the command
 running the sweep is alive, which policies the Pareto stage selected, the final fine-tune's progress,
 and the command to run next. ``--json`` prints the same as one JSON object.
@@ -44,7 +44,9 @@ def _headline(st: Any) -> str:
     if state == "running":
         return f"running ({who}): {ended} ({counts})."
     if state == "fine-tuning":
-        return f"fine-tuning the selected policies ({who}); the sweep: {ended} ({counts})."
+        doing = "fine-tuning the selected policies" if d.get("stage") == "finetune" else \
+            "selecting and fine-tuning the Pareto policies (gmpq run)"
+        return f"{doing} ({who}); the sweep: {ended} ({counts})."
     if state == "unknown":
         return (f"driven from another host ({who}): whether it still runs cannot be checked from here; "
                 f"{ended} ({counts}).")

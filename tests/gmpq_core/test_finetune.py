@@ -100,9 +100,18 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="lr=0.01"):
         finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2, lr=0.05),
                  input_size=8, in_channels=1, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="nesterov=False"):        # the optimizer state would bring it back
+        finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2, nesterov=True),
+                 input_size=8, in_channels=1, checkpoint_dir=tmp_path)
     other = BitPolicy.uniform(fp, 8, 8)
     with pytest.raises(CheckpointError, match="different bit policy"):
         finetune(fp, other, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2),
+                 input_size=8, in_channels=1, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)   # a checkpoint from before the key:
+    del state["config"]["nesterov"]                                     # it was written with Nesterov momentum
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match="nesterov=True"):
+        finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2),
                  input_size=8, in_channels=1, checkpoint_dir=tmp_path)
 
 

@@ -17,7 +17,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_address_where_nothing_runs_is_refused_within_seconds_naming_it_and_the_fix(monkeypatch):
+def test_an_address_where_nothing_runs_is_refused_within_seconds_naming_it_and_the_fix(monkeypatch, tmp_path):
+    import os
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):                  # token auth is switched on only to join
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "auth_token"))
+    (tmp_path / "auth_token").write_text("secret")
     port = _free_port()
     t0 = time.monotonic()
     with pytest.raises(ClusterError, match=rf"No Ray cluster answers at 127\.0\.0\.1:{port}.*--address local"):
@@ -26,6 +32,10 @@ def test_an_address_where_nothing_runs_is_refused_within_seconds_naming_it_and_t
     with pytest.raises(ClusterError, match=rf"127\.0\.0\.1:{port} \(--address auto, from RAY_ADDRESS\)"):
         _join_address("auto")
     assert time.monotonic() - t0 < 30                                # ray.init itself retries for minutes
+    assert "RAY_AUTH_MODE" not in os.environ                          # a failed join changed nothing
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")       # Ray's Jobs CLI address: named as such
+    with pytest.raises(ConfigError, match=r"--address auto follows \$RAY_ADDRESS='http://127\.0\.0\.1:8265'"):
+        _join_address("auto")
 
 
 def test_a_live_address_is_joined_with_token_auth_when_a_token_exists(tmp_path):

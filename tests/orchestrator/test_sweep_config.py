@@ -79,7 +79,15 @@ def test_budget_buckets_outside_the_sampled_budgets_are_warned_about(tmp_path, c
         assert "budget_buckets" not in caplog.text                          # the demo's edges lie inside
         check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path),
                                                                        "budget_buckets": [10, 20]}))
-    assert "budget_buckets [10.0, 20.0]: no edge lies inside the sampled budget range 2.5..5.0" in caplog.text
+    assert "budget_buckets [10.0, 20.0] put every sampled budget (2.5..5.0 average bits) in one bucket" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orchestrator.sweep_checks"):   # no false alarms:
+        for space in ({"budget_avg_bits": 3.0},                                  # one budget: one bucket by design
+                      {"budget_avg_bits": [3.0, 4.0]}):                          # values on edges: buckets 1 and 2
+            check_sweep_config(load_sweep_config(preset="demo", overrides={
+                "out_dir": str(tmp_path), "budget_buckets": [3.0, 4.0, 5.0], "space.budget_avg_bits":
+                space["budget_avg_bits"]}))
+    assert "budget_buckets" not in caplog.text
 
 
 def test_unknown_preset_exits_2_listing_presets(capsys):
@@ -117,6 +125,7 @@ def test_infeasible_budget_exits_2_with_the_feasible_range(tmp_path, capsys):
     ({"budget_buckets": [4.0, 3.0]}, "budget_buckets must be increasing"),
     ({"n_trials": 0}, "n_trials must be a positive integer"),
     ({"resources": {"cpu": 0}}, "resources.cpu must be a number > 0"),
+    ({"finetune": {"nesterov": "yes"}}, "finetune.nesterov must be true/false"),
     ({"colour": "red"}, "Unknown sweep config key.*colour"),
 ])
 def test_bad_values_fail_before_ray_with_a_clear_message(tmp_path, change, match):

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from orchestrator.cli import main
 from orchestrator.results import TRIAL_EVENTS, trial_row, write_results
@@ -62,6 +63,7 @@ def test_a_sweep_whose_driver_died_is_stopped_and_says_how_to_continue(tmp_path,
     _sweep(tmp_path, driver={"stage": "sweep", "host": socket.gethostname(), "pid": _dead_pid()})
     st = read_sweep_status(tmp_path)
     assert st.state == "stopped" and st.trials[2].status == "stopped"
+    assert st.trials[2].seconds == pytest.approx(20)                     # start to its last event, not to now
     assert main(["status", "--sweep", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"Continue with: gmpq sweep --out {tmp_path} --resume" in out
@@ -97,6 +99,24 @@ def test_a_finished_sweep_names_the_next_stage_and_the_final_fine_tune(tmp_path,
     out = capsys.readouterr().out
     assert "Final fine-tune: 0 of 1 selected policies done." in out and "t1: epoch 1, step 40/468" in out
     assert f"Next: gmpq finetune --sweep {tmp_path}" in out
+
+
+def test_nested_markers_show_the_inner_stage_then_the_outer_and_a_live_foreign_one_is_left_alone(tmp_path):
+    path = tmp_path / DRIVER_FILE
+    with driver_marker(tmp_path, "run"):
+        with driver_marker(tmp_path, "finetune"):
+            assert json.loads(path.read_text())["stage"] == "finetune"
+        assert json.loads(path.read_text())["stage"] == "run"                # gmpq run goes on
+    assert not path.exists()
+    sweep = {"stage": "sweep", "host": socket.gethostname(), "pid": os.getppid()}   # a live sweep elsewhere
+    path.write_text(json.dumps(sweep))
+    with driver_marker(tmp_path, "finetune"):
+        assert json.loads(path.read_text()) == sweep
+    assert json.loads(path.read_text()) == sweep                             # still the sweep's
+    path.write_text(json.dumps({**sweep, "pid": _dead_pid()}))                # a dead driver's: replaced
+    with driver_marker(tmp_path, "finetune"):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert not path.exists()
 
 
 def test_driver_marker_names_this_process_while_the_block_runs(tmp_path):

@@ -101,6 +101,8 @@ CASES: tuple[Case, ...] = (
            "--tracking-uri", "foo://x"),
     _sweep("sweep-optuna-storage-not-a-url", {}, r"optuna_storage 'nope' is not a database URL",
            "--optuna-storage", "nope"),
+    _sweep("sweep-optuna-storage-unknown-dialect", {}, r"optuna_storage 'postgres://u@h/db' is not a database URL",
+           "--optuna-storage", "postgres://u@h/db"),
     _sweep("sweep-misspelt-search-setting", {"search": {"batchsize": 32}},
            r"Unknown 'search' setting\(s\) \['batchsize'\]\. Did you mean 'batch_size'"),
     Case("search-budget-infeasible", (*_SEARCH, "--budget-avg-bits", "7"), r"feasible range"),
