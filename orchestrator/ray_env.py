@@ -61,6 +61,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         return False
     kwargs: dict = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": logging.ERROR,
                     "configure_logging": True}
+    if address is not None:
+        address = _join_address(address)    # None for "local"
     if address is None:
         # A local session stays on loopback (Ray otherwise binds the host's outward-facing address).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -68,10 +70,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
     else:
-        address = _join_address(address)
-        if address is None:                 # "local"
-            return init_ray(None, num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_memory,
-                            log_to_driver=log_to_driver)
         kwargs["address"] = address
     log.info("starting Ray (%s)", address or f"local, {kwargs.get('num_cpus')} CPUs")
     try:

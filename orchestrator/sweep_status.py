@@ -24,7 +24,7 @@ from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
 from .results import FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, load_resolved_config, read_table
-from .trial_status import COMPLETED, FAILED, PRUNED
+from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
 __all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status"]
 
@@ -205,9 +205,10 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
             number=ev["number"], trial_id=tid, status=RUNNING if running else STOPPED,
             budget_avg_bits=params.get("budget_avg_bits"), proxy_size=params.get("proxy_size"),
             seconds=(now if running else float(ev["last"] or ev["start"])) - float(ev["start"]), phase=ev["phase"]))
+    book = TrialStatusBook(sweep_dir / "trial_status.json")    # read once: the pruner's reasons
     for t in trials:
         if t.status == PRUNED and not t.note:
-            t.note = _pruning_reason(sweep_dir, t.trial_id)
+            t.note = book.reason(t.trial_id) or ""
     trials.sort(key=lambda t: (t.number is None, t.number or 0, t.trial_id))
     selected = [str(r["trial_id"]) for r in _rows(sweep_dir, PARETO_FILE) if r.get("selected")]
     final = {str(r["trial_id"]): r for r in _rows(sweep_dir, FINAL_FILE)}
@@ -216,9 +217,3 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
                        trials=trials, driver=driver, driver_alive=alive, selected=selected, final=final,
                        finetune_progress=progress)
 
-
-def _pruning_reason(sweep_dir: Path, trial_id: str) -> str:
-    from .trial_status import TrialStatusBook
-
-    path = sweep_dir / "trial_status.json"
-    return (TrialStatusBook(path).reason(trial_id) or "") if path.is_file() else ""
