@@ -21,7 +21,7 @@ _EXPORTS = {
     "reporting": ("ListReporter", "NullReporter", "Reporter"),
     "search": ("Budget", "SearchConfig", "SearchResult", "build_supernet", "derive_policy", "search_policy"),
     "supernet": ("MixedConv2d", "MixedLinear"),
-    "jobs": ("SearchJob", "get_teacher", "run_search_job"),
+    "jobs": ("SearchJob", "Teacher", "load_teacher", "get_teacher", "run_search_job"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

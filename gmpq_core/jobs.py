@@ -29,9 +29,9 @@ from .policy import BitPolicy
 from .reporting import Reporter
 from .search import search_policy
 from .search_config import SearchConfig, SearchResult
-from .train import TrainConfig, seeded, train_fp
+from .train import TrainConfig, evaluate, seeded, train_fp
 
-__all__ = ["SearchJob", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
+__all__ = ["SearchJob", "Teacher", "load_teacher", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,53 @@ def check_job_budget(job: SearchJob) -> int | None:
     return budget
 
 
-def get_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: Reporter | None = None) -> nn.Module:
-    """The FP teacher of ``job``: loaded from the cache, else trained on the proxy (SGD + cosine,
-    ``teacher_epochs``) and written to the cache atomically. A damaged cache file is retrained."""
+@dataclass(frozen=True)
+class Teacher:
+    """The FP teacher of a job and how good it is: ``test_top1`` (%) on ``test_images`` held-out test
+    images (the stratified slice that measures ``proxy_top1``), ``train_top1`` on the proxy, the
+    training ``seconds``, and whether it came from the cache."""
+    model: nn.Module
+    test_top1: float
+    test_images: int
+    train_top1: float | None
+    seconds: float
+    cached: bool
+    num_classes: int
+
+    def weak_message(self, job: SearchJob) -> str | None:
+        """A one-paragraph warning when the teacher is nearer chance than a perfect score, else None."""
+        chance = 100.0 / self.num_classes
+        if self.test_top1 >= chance + 0.5 * (100.0 - chance):
+            return None
+        return (f"the FP teacher of {job.model} on {job.proxy_size or 'all'} {job.dataset} proxy images reaches only "
+                f"{self.test_top1:.1f}% top-1 on {self.test_images} held-out test images (chance {chance:.0f}%). "
+                f"GMPQ keeps the supernet's Grad-CAM maps close to this teacher's, so a weak teacher gives the search "
+                f"little to preserve. Train it longer (teacher_epochs, now {job.teacher_epochs}; `gmpq search "
+                f"--teacher-epochs`) or search on a larger proxy (proxy_size); the teacher is cached, so this costs "
+                f"its training once.")
+
+
+def _eval_split(job: SearchJob, bundle: Any, *, default: int = 1000) -> Any:
+    """The held-out slice that measures the teacher and ``proxy_top1``: ``eval_size`` stratified test
+    images (None: the whole test split; 0, no ``proxy_top1`` eval: ``default`` images for the teacher)."""
+    size = job.eval_size if job.eval_size != 0 else default
+    return proxy(bundle.test, None if size is None else min(size, len(bundle.test)), job.proxy_seed)
+
+
+def _eval_loader(job: SearchJob, bundle: Any, split: Any) -> Any:
+    return make_loader(split, bundle.info, batch_size=max(job.search.batch_size, 256), train=False, device=job.device)
+
+
+def _teacher_test_top1(job: SearchJob, bundle: Any, model: nn.Module) -> tuple[float, int]:
+    split = _eval_split(job, bundle)
+    return float(evaluate(model, _eval_loader(job, bundle, split), device=job.device)["top1"]), len(split)
+
+
+def load_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: Reporter | None = None) -> Teacher:
+    """The FP teacher of ``job`` with its held-out accuracy: loaded from the cache, else trained on the
+    proxy (SGD + cosine, ``teacher_epochs``), measured, and written to the cache atomically. A damaged
+    cache file is retrained; a cached teacher from before the accuracy was recorded is measured once
+    and its cache entry updated."""
     bundle, split = _load_data(job)
     info = bundle.info
     path = teacher_cache_path(job, info)
@@ -155,8 +199,15 @@ def get_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: R
         try:
             ckpt = load_checkpoint(path)
             model.load_state_dict(ckpt["state_dict"])
+            model.to(job.device).eval()
+            meta = dict(ckpt.get("meta") or {})
             log.info("teacher loaded from %s", path)
-            return model.to(job.device).eval()
+            if "test_top1" not in meta:
+                meta["test_top1"], meta["test_images"] = _teacher_test_top1(job, bundle, model)
+                save_checkpoint(path, {"state_dict": ckpt["state_dict"], "meta": meta})
+            return Teacher(model=model, test_top1=float(meta["test_top1"]), test_images=int(meta["test_images"]),
+                           train_top1=meta.get("train_top1"), seconds=float(meta.get("seconds") or 0.0), cached=True,
+                           num_classes=info.num_classes)
         except (CheckpointError, KeyError, RuntimeError) as e:
             log.warning("teacher cache %s is unusable (%s); retraining it", path, e)
             model = _fresh_model(job, info)
@@ -165,32 +216,38 @@ def get_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: R
     cfg = TrainConfig(epochs=job.teacher_epochs, batch_size=job.teacher_batch_size, seed=job.search.seed)
     result = train_fp(model, loader, None, config=cfg, reporter=reporter, device=job.device, progress=progress)
     model.eval()
-    meta = {**_teacher_key(job, info), "train_top1": result.top1, "seconds": result.seconds}
+    test_top1, test_images = _teacher_test_top1(job, bundle, model)
+    meta = {**_teacher_key(job, info), "train_top1": result.top1, "seconds": result.seconds,
+            "test_top1": test_top1, "test_images": test_images}
     save_checkpoint(path, {"state_dict": model.state_dict(), "meta": meta})
-    log.info("teacher trained in %.1f s (train top-1 %.2f%%), cached at %s", result.seconds, result.top1, path)
-    return model
+    log.info("teacher trained in %.1f s (top-1 %.2f%% on %d held-out images, %.2f%% on the proxy), cached at %s",
+             result.seconds, test_top1, test_images, result.top1, path)
+    return Teacher(model=model, test_top1=test_top1, test_images=test_images, train_top1=result.top1,
+                   seconds=result.seconds, cached=False, num_classes=info.num_classes)
+
+
+def get_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: Reporter | None = None) -> nn.Module:
+    """The FP teacher module of ``job`` (``load_teacher(...).model``)."""
+    return load_teacher(job, progress=progress, reporter=reporter).model
 
 
 def run_search_job(job: SearchJob, *, reporter: Reporter | None = None,
                    progress: Progress | None = None) -> SearchResult:
     """Teacher (cached) + ``search_policy`` on the job's proxy; the policy's meta describes the model."""
     check_job_budget(job)
-    teacher = get_teacher(job, progress=progress)
+    teacher = load_teacher(job, progress=progress)
     bundle, split = _load_data(job)
     info = bundle.info
     train_loader = make_loader(split, info, batch_size=job.search.batch_size, train=True, seed=job.search.seed,
                                device=job.device)
-    eval_loader = None
-    if job.eval_size != 0:
-        size = None if job.eval_size is None else min(job.eval_size, len(bundle.test))
-        eval_loader = make_loader(proxy(bundle.test, size, job.proxy_seed), info,
-                                  batch_size=max(job.search.batch_size, 256), train=False, device=job.device)
-    result = search_policy(teacher, train_loader, config=job.search, input_size=info.image_size,
+    eval_loader = _eval_loader(job, bundle, _eval_split(job, bundle)) if job.eval_size != 0 else None
+    result = search_policy(teacher.model, train_loader, config=job.search, input_size=info.image_size,
                            in_channels=info.in_channels, eval_loader=eval_loader, reporter=reporter,
                            device=job.device, model_name=job.model, progress=progress)
     meta = {**result.policy.meta, "model": job.model, "dataset": job.dataset, "in_channels": info.in_channels,
             "num_classes": info.num_classes, "small_input": job.small_input, "input_size": info.image_size,
             "budget": job.search.budget.to_dict() if job.search.budget is not None else None,
-            "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed, "seed": job.search.seed}
+            "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed, "seed": job.search.seed,
+            "teacher_top1": teacher.test_top1}
     policy = BitPolicy(layers=result.policy.layers, fingerprint=result.policy.fingerprint, meta=meta)
     return dataclasses.replace(result, policy=policy)

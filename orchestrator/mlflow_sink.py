@@ -44,7 +44,7 @@ PARENT_FILE = "mlflow_parent.json"
 RUNS_FILE = "mlflow_runs.json"
 RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 FINAL_METRICS = ("proxy_top1", "transfer_top1", "transfer_top5", "bitops", "bitops_total", "budget_bitops",
-                 "budget_avg_bits", "gbitops", "ard", "p", "search_seconds", "transfer_seconds", "epochs_run")
+                 "budget_avg_bits", "gbitops", "ard", "p", "teacher_top1", "search_seconds", "transfer_seconds", "epochs_run")
 # Keys Ray adds to every result (not worth a metric series each) or that are not per-epoch metrics.
 _RAY_KEYS = {"time_this_iter_s", "time_total_s", "training_iteration", "timestamp", "pid", "done",
              "iterations_since_restore", "time_since_restore", "epoch", "budget_bucket", "node_id", "date",

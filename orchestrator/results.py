@@ -51,7 +51,7 @@ METRIC_FIELDS = [
     pa.field("bitops", pa.int64()), pa.field("bitops_total", pa.int64()), pa.field("budget_bitops", pa.int64()),
     pa.field("budget_avg_bits", pa.float64()), pa.field("budget_bucket", pa.int64()),
     pa.field("gbitops", pa.float64()), pa.field("expected_gbitops", pa.float64()),
-    pa.field("ard", pa.float64()), pa.field("p", pa.float64()),
+    pa.field("ard", pa.float64()), pa.field("p", pa.float64()), pa.field("teacher_top1", pa.float64()),
     pa.field("search_seconds", pa.float64()), pa.field("transfer_seconds", pa.float64()),
     pa.field("epochs_run", pa.int64()), pa.field("last_epoch", pa.int64()),
     pa.field("policy_json", pa.string()), pa.field("layers_json", pa.string()),

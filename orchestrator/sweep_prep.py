@@ -1,7 +1,8 @@
 """What every trial of a sweep shares, prepared once before the trials: an FP teacher per proxy size
 and the FP target model (``prepare_shared``). Each is read from the model cache (``cache_dir``) or,
 if missing, trained: side by side as Ray tasks (``ray_map``) when Ray runs, with ``_job_cpus``
-cores each; ``<sweep_dir>/shared.json`` records paths, FP accuracies and training seconds.
+cores each; ``<sweep_dir>/shared.json`` records paths, FP accuracies (the teachers' on held-out test
+images) and training seconds. A teacher nearer chance than a perfect score is warned about.
 """
 from __future__ import annotations
 
@@ -77,12 +78,12 @@ def _target_args(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _shared_job(cfg: SweepConfig, job: tuple[str, int | None], device: str) -> Any:
-    """Run one shared job (train, or read the cache): the teacher module or the ``TargetModel``."""
-    from gmpq_core.jobs import get_teacher
+    """Run one shared job (train, or read the cache): the ``Teacher`` or the ``TargetModel``."""
+    from gmpq_core.jobs import load_teacher
     from gmpq_core.transfer import prepare_target_model
 
     if job[0] == "teacher":
-        return get_teacher(_teacher_job(cfg, job[1], device))
+        return load_teacher(_teacher_job(cfg, job[1], device))
     return prepare_target_model(**_target_args(cfg), device=device)
 
 
@@ -141,20 +142,26 @@ def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
 
 def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float], threads: int | None) -> dict[str, Any]:
     device = trial_device(cfg)
-    teachers = {}
+    teachers, teacher_top1 = {}, {}
     for job in _shared_jobs(cfg)[:-1]:
         t0 = time.perf_counter()
         with _torch_threads(threads or _job_cpus(cfg, job)):
-            _shared_job(cfg, job, device)
-        teachers[str(job[1])] = round(trained.get(job, time.perf_counter() - t0), 2)
-        if job not in trained:
-            say(f"{_job_label(job)}: ready ({teachers[str(job[1])]:.1f}s)")
+            teacher = _shared_job(cfg, job, device)
+        key = str(job[1])
+        teachers[key] = round(trained.get(job, time.perf_counter() - t0), 2)
+        teacher_top1[key] = round(teacher.test_top1, 2)
+        when = "cached" if teacher.cached and job not in trained else f"{teachers[key]:.1f}s"
+        say(f"{_job_label(job)}: top1 {teacher.test_top1:.2f}% on {teacher.test_images} held-out test images ({when})")
+        weak = teacher.weak_message(_teacher_job(cfg, job[1]))
+        if weak:
+            log.warning("%s", weak)
+            say(f"warning: {weak}")
     with _torch_threads(threads or _job_cpus(cfg, ("target", None))):
         target = _shared_job(cfg, ("target", None), device)
     seconds = trained.get(("target", None), target.seconds)
     say(f"FP target model: top1 {target.top1:.2f}% on the {cfg.transfer.test_size or 'full'}-image test slice "
         f"({'cached' if target.cached and ('target', None) not in trained else f'{seconds:.1f}s'})")
     shared = {"target_model_path": str(target.path), "target_fp_top1": target.top1, "teacher_seconds": teachers,
-              "target_seconds": round(seconds, 2), "cache_dir": cfg.cache_dir}
+              "teacher_top1": teacher_top1, "target_seconds": round(seconds, 2), "cache_dir": cfg.cache_dir}
     atomic_write_json(Path(cfg.out_dir) / SHARED_JSON, shared)
     return {"sweep": cfg.to_dict(), "target_model_path": str(target.path)}

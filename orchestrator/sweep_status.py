@@ -107,6 +107,7 @@ class SweepStatus:
     selected: list[str] = field(default_factory=list)          # pareto.parquet's selection
     final: dict[str, dict] = field(default_factory=dict)       # final.parquet rows by trial id
     finetune_progress: dict[str, dict] = field(default_factory=dict)   # {"epoch", "step", "steps", "age_s"}
+    shared: dict = field(default_factory=dict)                 # shared.json: FP target and teachers' accuracies
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -215,5 +216,14 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
     progress = _finetune_progress(sweep_dir, cfg, [t for t in selected if t not in final])
     return SweepStatus(sweep_dir=sweep_dir, name=str(cfg.get("name") or sweep_dir.name), n_planned=cfg.get("n_trials"),
                        trials=trials, driver=driver, driver_alive=alive, selected=selected, final=final,
-                       finetune_progress=progress)
+                       finetune_progress=progress, shared=_read_shared(sweep_dir))
+
+
+def _read_shared(sweep_dir: Path) -> dict:
+    """shared.json (the shared models' paths and accuracies), {} while it is not written or unreadable."""
+    try:
+        d = json.loads((sweep_dir / "shared.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
 

@@ -43,7 +43,7 @@ __all__ = ["EPOCH_KEYS", "FINAL_KEYS", "TuneReporter", "build_search_job", "run_
 log = logging.getLogger(__name__)
 
 EPOCH_KEYS = ("proxy_top1", "ce", "l_gen", "expected_gbitops", "p", "ard")
-FINAL_KEYS = ("proxy_top1", "transfer_top1", "bitops", "bitops_total", "budget_bitops", "budget_avg_bits",
+FINAL_KEYS = ("proxy_top1", "teacher_top1", "transfer_top1", "bitops", "bitops_total", "budget_bitops", "budget_avg_bits",
               "gbitops", "ard", "p", "search_seconds", "transfer_seconds", "epochs_run", "node_id", "hostname",
               "policy_json", "layers_json")
 
@@ -223,6 +223,7 @@ def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: Rep
              "phase": "transfer", "epoch": int(result.epochs_run), "budget_bucket": bucket,
              "prune_value": float(result.proxy_top1),
              "proxy_top1": float(result.proxy_top1), "transfer_top1": check["transfer_top1"],
+             "teacher_top1": _float(result.policy.meta.get("teacher_top1")),
              "transfer_top5": check["transfer_top5"],
              "bitops": int(target_cost.bitops_quantized), "bitops_total": int(target_cost.bitops_total),
              "budget_bitops": int(round(sum(c.macs for c in quantized if c.name in result.policy.layers) * b * b)),

@@ -17,7 +17,7 @@ from typing import Any
 from gmpq_core.data import check_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
-from gmpq_core.jobs import SearchJob, check_job_budget, get_teacher, run_search_job
+from gmpq_core.jobs import SearchJob, check_job_budget, load_teacher, run_search_job
 from gmpq_core.search_config import SearchResult
 
 from ..progress import ProgressReporter, make_progress
@@ -146,9 +146,14 @@ def run(args: argparse.Namespace) -> int:
     check_job_budget(job)  # an impossible budget fails before the teacher is trained
     bar = make_progress("teacher epoch")
     try:
-        get_teacher(job, progress=bar, reporter=ProgressReporter("teacher", total_epochs=job.teacher_epochs))
+        teacher = load_teacher(job, progress=bar, reporter=ProgressReporter("teacher", total_epochs=job.teacher_epochs))
     finally:
         bar.close()
+    print(f"FP teacher: top-1 {teacher.test_top1:.2f}% on {teacher.test_images} held-out test images"
+          f"{' (cached)' if teacher.cached else ''}", file=sys.stderr)
+    weak = teacher.weak_message(job)
+    if weak:
+        print(f"gmpq search: warning: {weak}", file=sys.stderr)
     bar = make_progress("search epoch")
     try:
         result = run_search_job(job, progress=bar, reporter=ProgressReporter("search", total_epochs=job.search.epochs))

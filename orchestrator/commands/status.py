@@ -91,6 +91,18 @@ def _final_lines(st: Any) -> list[str]:
     return lines
 
 
+def _shared_line(shared: dict) -> str | None:
+    """One line on the models every trial shares: the FP teachers' and the FP target model's top-1."""
+    from orchestrator.text import fmt
+
+    teachers = shared.get("teacher_top1") or {}
+    parts = [f"{fmt(v, '.2f')}% (proxy {k})" for k, v in teachers.items()]
+    if not parts and shared.get("target_fp_top1") is None:
+        return None
+    text = f"FP teachers' held-out top-1: {', '.join(parts)}; " if parts else ""
+    return f"Shared models: {text}FP target model top-1 {fmt(shared.get('target_fp_top1'), '.2f')}%."
+
+
 def format_status(st: Any) -> str:
     from orchestrator.text import fmt, text_table
 
@@ -100,6 +112,9 @@ def format_status(st: Any) -> str:
              _duration(t.seconds) + (" so far" if t.status == "running" else ""),
              t.phase if t.status in ("running", "stopped") else t.note[:70]] for t in st.trials]
     lines = [f"Sweep '{st.name}' in {st.sweep_dir}: {_headline(st)}"]
+    shared = _shared_line(st.shared)
+    if shared:
+        lines.append(shared)
     if rows:
         lines.append(text_table(head, rows, right={0, 3, 4, 5, 6, 7, 8}))
     not_started = (st.n_planned or 0) - len(st.trials)

@@ -202,6 +202,8 @@ def test_one_epoch_search_on_a_real_fashion_mnist_proxy_runs(fmnist_job):
     assert res.policy.meta["model"] == "resnet20" and res.policy.meta["input_size"] == 28
     assert res.policy.meta["in_channels"] == 1 and res.policy.meta["num_classes"] == 10
     assert rep.records[0][1]["proxy_top1"] >= 0 and 0 < res.ard < 2
+    from gmpq_core.jobs import load_teacher
+    assert res.policy.meta["teacher_top1"] == load_teacher(fmnist_job).test_top1     # the policy says how good
 
 
 @pytest.mark.slow
@@ -218,6 +220,47 @@ def test_teacher_cache_is_reused_and_a_damaged_file_is_retrained(fmnist_job):
     retrained = get_teacher(fmnist_job)
     for k, v in first.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]) and torch.equal(v, retrained.state_dict()[k])
+
+
+def test_the_teacher_is_measured_on_held_out_images_and_an_older_cache_entry_once(tmp_path):
+    pytest.importorskip("gmpq_core.data")
+    from gmpq_core.data import load_dataset, make_loader, proxy
+    from gmpq_core.errors import DataError
+    from gmpq_core.fileio import load_checkpoint, save_checkpoint
+    from gmpq_core.jobs import SearchJob, load_teacher, teacher_cache_path
+    from gmpq_core.train import evaluate
+    try:
+        bundle = load_dataset("fashion_mnist")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    job = SearchJob(proxy_size=100, teacher_epochs=1, eval_size=120, cache_dir=str(tmp_path),
+                    search=SearchConfig(epochs=1, batch_size=50))
+    first = load_teacher(job)
+    held_out = make_loader(proxy(bundle.test, 120, 0), bundle.info, batch_size=60, train=False)
+    assert not first.cached and first.test_images == 120 and first.num_classes == 10
+    assert first.test_top1 == pytest.approx(evaluate(first.model, held_out)["top1"])   # the test slice, not the proxy
+    again = load_teacher(job)
+    assert again.cached and again.test_top1 == first.test_top1 and again.seconds == pytest.approx(first.seconds)
+    path = teacher_cache_path(job, bundle.info)
+    ckpt = load_checkpoint(path)                      # a cache entry written before the accuracy was recorded
+    meta = {k: v for k, v in ckpt["meta"].items() if k not in ("test_top1", "test_images")}
+    save_checkpoint(path, {"state_dict": ckpt["state_dict"], "meta": meta})
+    older = load_teacher(job)
+    assert older.cached and older.test_top1 == pytest.approx(first.test_top1)
+    assert load_checkpoint(path)["meta"]["test_top1"] == pytest.approx(first.test_top1)     # measured once, kept
+
+
+@pytest.mark.parametrize("top1,classes,weak", [(54.9, 10, True), (55.0, 10, False), (50.0, 1000, True),
+                                               (50.1, 1000, False)])
+def test_a_teacher_nearer_chance_than_a_perfect_score_is_warned_about(top1, classes, weak):
+    from gmpq_core.jobs import SearchJob, Teacher
+    teacher = Teacher(model=torch.nn.Identity(), test_top1=top1, test_images=1000, train_top1=None, seconds=0.0,
+                      cached=True, num_classes=classes)
+    msg = teacher.weak_message(SearchJob(proxy_size=500, teacher_epochs=2))
+    assert (msg is not None) == weak
+    if weak:
+        assert f"{top1:.1f}%" in msg and "1000 held-out" in msg and "teacher_epochs, now 2" in msg
+        assert "proxy_size" in msg and "500" in msg
 
 
 def test_search_job_round_trip_and_flat_search_keys():

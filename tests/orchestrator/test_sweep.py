@@ -97,11 +97,17 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     shared = json.loads((sweep_dir / "shared.json").read_text())
     assert set(shared["teacher_seconds"]) == {"100", "200"} and min(shared["teacher_seconds"].values()) > 0
     assert shared["target_seconds"] > 0 and 10 < shared["target_fp_top1"] <= 100
+    # each teacher measured on held-out images once; every trial carries its own proxy size's teacher figure
+    assert set(shared["teacher_top1"]) == {"100", "200"} and all(0 < v <= 100 for v in shared["teacher_top1"].values())
+    for _, row in df[df["status"] == "completed"].iterrows():
+        assert round(row["teacher_top1"], 2) == shared["teacher_top1"][str(int(row["param_proxy_size"]))]
     # MLflow: one parent run for the sweep, one child per trial
     mlflow.set_tracking_uri(f"sqlite:///{sweep_dir}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["tiny"])
     children = runs[runs["tags.mlflow.parentRunId"].notna()]
     assert len(runs) == 4 and len(children) == 3
+    finished = children[children["tags.status"] == "completed"]
+    assert finished["metrics.teacher_top1"].notna().all() and len(finished) == (df["status"] == "completed").sum()
 
 
 def _wait_for(pred, timeout, proc):

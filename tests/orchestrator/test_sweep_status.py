@@ -87,7 +87,13 @@ def test_a_finished_sweep_names_the_next_stage_and_the_final_fine_tune(tmp_path,
     st = read_sweep_status(tmp_path)
     assert st.state == "finished" and [t.status for t in st.trials] == ["completed", "pruned", "failed"]
     assert main(["status", "--sweep", str(tmp_path)]) == 0
-    assert f"Next: gmpq pareto --sweep {tmp_path}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"Next: gmpq pareto --sweep {tmp_path}" in out and "Shared models" not in out   # no shared.json
+    (tmp_path / "shared.json").write_text(json.dumps({"target_fp_top1": 79.85,
+                                                      "teacher_top1": {"500": 73.5, "1000": 79.46}}))
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    assert ("Shared models: FP teachers' held-out top-1: 73.50% (proxy 500), 79.46% (proxy 1000); FP target model "
+            "top-1 79.85%.") in capsys.readouterr().out
     pd.DataFrame({"trial_id": ["t1"], "selected": [True]}).to_parquet(tmp_path / "pareto.parquet")
     progress = tmp_path / "ray_results" / "finetune-t1.progress.json"
     progress.parent.mkdir()
