@@ -28,7 +28,7 @@ from .errors import ClusterError, ConfigError
 
 __all__ = ["ResolvedAddress", "ClusterInfo", "StorageCheck", "REMOTE_SCHEMES", "resolve_address", "connect",
            "disconnect", "use_token_auth_if_available", "require_client_package", "alive_nodes", "distinct_hosts", "check_storage_path", "probe_shared_path",
-           "validate_storage_for_cluster", "storage_filesystem"]
+           "validate_storage_for_cluster", "storage_filesystem", "probe_storage_write"]
 
 log = logging.getLogger(__name__)
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
@@ -309,3 +309,34 @@ def storage_filesystem(storage_path: str):
     except (ValueError, OSError) as e:  # pyarrow's ArrowInvalid is a ValueError
         raise ConfigError(f"pyarrow cannot open storage {storage_path!r}: {e}. Check the URI and that "
                           "pyarrow was built with that filesystem (pyarrow.fs).") from None
+
+
+def probe_storage_write(storage_path: str, *, label: str = "storage_path", hint: str = "") -> None:
+    """Write and delete a small file under a storage URI (s3://, gs://, file://, ...) from this host, so
+    a wrong bucket, missing credentials or no network fail in seconds with ``ConfigError`` naming the
+    URI, before anything is computed (Ray Tune only finds out when the Tuner starts). Local paths are
+    left to ``check_writable_dir``."""
+    scheme = _scheme(storage_path)
+    if scheme is None:
+        return
+    if scheme != "file" and scheme not in REMOTE_SCHEMES:
+        raise ConfigError(f"{label} {storage_path!r} has an unsupported scheme {scheme!r}; use a local path or one "
+                          f"of {', '.join(s + '://' for s in REMOTE_SCHEMES)}.{hint}")
+    try:
+        fs, path = storage_filesystem(storage_path)
+        fs.create_dir(path, recursive=True)
+        probe = f"{path.rstrip('/')}/.gmpq_write_probe_{os.getpid()}"
+        with fs.open_output_stream(probe) as f:
+            f.write(b"gmpq")
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}{hint}") from None
+    except (OSError, ValueError) as e:   # pyarrow's errors: no such bucket, no credentials, no network, ...
+        reason = " ".join(str(e).split())[:400]
+        raise ConfigError(f"{label} {storage_path!r} cannot be written from this host ({type(e).__name__}: {reason}). "
+                          "Check the bucket or folder name, the credentials (for s3://: AWS_ACCESS_KEY_ID / "
+                          f"AWS_PROFILE or ~/.aws; for gs://: GOOGLE_APPLICATION_CREDENTIALS) and the network.{hint}") from None
+    try:
+        fs.delete_file(probe)
+    except (OSError, ValueError) as e:   # writable but not deletable: Tune only writes; say what was left
+        log.warning("%s %r: wrote the probe file %s but cannot delete it (%s); delete it by hand", label,
+                    storage_path, probe, " ".join(str(e).split())[:200])

@@ -5,11 +5,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:   # torch is imported where a checkpoint is read or written: folder readers start without it
+    import torch
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
            "load_checkpoint", "check_writable_dir", "default_cache_dir", "absolute_path"]
@@ -71,11 +72,15 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:
     """torch.save ``obj`` (state dicts, tensors, plain containers) atomically."""
+    import torch
+
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """torch.load with ``weights_only=True``; a missing/truncated/corrupted file raises CheckpointError."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: '{path}'. Check the path or rerun the stage that writes it.")

@@ -144,11 +144,15 @@ def check_job_budget(job: SearchJob) -> int | None:
     return budget
 
 
+TEACHER_TEST_IMAGES = 1000   # held-out test images (stratified, proxy_seed) that measure every teacher
+
+
 @dataclass(frozen=True)
 class Teacher:
     """The FP teacher of a job and how good it is: ``test_top1`` (%) on ``test_images`` held-out test
-    images (the stratified slice that measures ``proxy_top1``), ``train_top1`` on the proxy, the
-    training ``seconds``, and whether it came from the cache."""
+    images (``TEACHER_TEST_IMAGES`` stratified ones, whatever the job's ``eval_size``, so the figure kept
+    in the cache means the same for every job), ``train_top1`` on the proxy, the training ``seconds``,
+    and whether it came from the cache."""
     model: nn.Module
     test_top1: float
     test_images: int
@@ -157,24 +161,23 @@ class Teacher:
     cached: bool
     num_classes: int
 
-    def weak_message(self, job: SearchJob) -> str | None:
-        """A one-paragraph warning when the teacher is nearer chance than a perfect score, else None."""
+    @property
+    def weak_below(self) -> float:
+        """The top-1 (%) under which a teacher counts as weak: halfway between chance and 100%."""
         chance = 100.0 / self.num_classes
-        if self.test_top1 >= chance + 0.5 * (100.0 - chance):
+        return chance + 0.5 * (100.0 - chance)
+
+    def weak_message(self, job: SearchJob) -> str | None:
+        """A one-paragraph warning when ``test_top1`` is below ``weak_below``, else None."""
+        if self.test_top1 >= self.weak_below:
             return None
-        return (f"the FP teacher of {job.model} on {job.proxy_size or 'all'} {job.dataset} proxy images reaches only "
-                f"{self.test_top1:.1f}% top-1 on {self.test_images} held-out test images (chance {chance:.0f}%). "
-                f"GMPQ keeps the supernet's Grad-CAM maps close to this teacher's, so a weak teacher gives the search "
-                f"little to preserve. Train it longer (teacher_epochs, now {job.teacher_epochs}; `gmpq search "
-                f"--teacher-epochs`) or search on a larger proxy (proxy_size); the teacher is cached, so this costs "
-                f"its training once.")
-
-
-def _eval_split(job: SearchJob, bundle: Any, *, default: int = 1000) -> Any:
-    """The held-out slice that measures the teacher and ``proxy_top1``: ``eval_size`` stratified test
-    images (None: the whole test split; 0, no ``proxy_top1`` eval: ``default`` images for the teacher)."""
-    size = job.eval_size if job.eval_size != 0 else default
-    return proxy(bundle.test, None if size is None else min(size, len(bundle.test)), job.proxy_seed)
+        chance = 100.0 / self.num_classes
+        return (f"The FP teacher of {job.model} on {job.proxy_size or 'all'} {job.dataset} proxy images reaches only "
+                f"{self.test_top1:.1f}% top-1 on {self.test_images} held-out test images, below {self.weak_below:.3g}% "
+                f"(halfway between chance, {chance:.3g}%, and 100%). GMPQ keeps the supernet's Grad-CAM maps close to "
+                f"this teacher's, so a weak teacher gives the search little to preserve. Raise teacher_epochs (now "
+                f"{job.teacher_epochs}: `gmpq search --teacher-epochs E`, or `teacher_epochs:` in a sweep config) or "
+                f"use a larger proxy (proxy_size); the teacher is cached, so its training is paid once.")
 
 
 def _eval_loader(job: SearchJob, bundle: Any, split: Any) -> Any:
@@ -182,35 +185,49 @@ def _eval_loader(job: SearchJob, bundle: Any, split: Any) -> Any:
 
 
 def _teacher_test_top1(job: SearchJob, bundle: Any, model: nn.Module) -> tuple[float, int]:
-    split = _eval_split(job, bundle)
+    split = proxy(bundle.test, min(TEACHER_TEST_IMAGES, len(bundle.test)), job.proxy_seed)
     return float(evaluate(model, _eval_loader(job, bundle, split), device=job.device)["top1"]), len(split)
+
+
+def _cached_teacher(job: SearchJob, bundle: Any, path: Path) -> Teacher | None:
+    """The cached teacher, or None when the file is missing or damaged (then it is retrained). An entry from
+    before the accuracy was recorded is measured once and rewritten (kept as it was if the cache is read-only)."""
+    info = bundle.info
+    if not path.is_file():
+        return None
+    model = _fresh_model(job, info)
+    try:
+        ckpt = load_checkpoint(path)
+        model.load_state_dict(ckpt["state_dict"])
+        meta = dict(ckpt.get("meta") or {})
+    except (CheckpointError, KeyError, RuntimeError) as e:
+        log.warning("teacher cache %s is unusable (%s); retraining it", path, e)
+        return None
+    model.to(job.device).eval()
+    log.info("teacher loaded from %s", path)
+    if "test_top1" not in meta:
+        meta["test_top1"], meta["test_images"] = _teacher_test_top1(job, bundle, model)
+        try:
+            save_checkpoint(path, {"state_dict": ckpt["state_dict"], "meta": meta})
+        except OSError as e:
+            log.warning("cannot record the teacher's accuracy in its cache entry %s (%s); it is measured again "
+                        "next time", path, e)
+    return Teacher(model=model, test_top1=float(meta["test_top1"]), test_images=int(meta["test_images"]),
+                   train_top1=meta.get("train_top1"), seconds=float(meta.get("seconds") or 0.0), cached=True,
+                   num_classes=info.num_classes)
 
 
 def load_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: Reporter | None = None) -> Teacher:
     """The FP teacher of ``job`` with its held-out accuracy: loaded from the cache, else trained on the
     proxy (SGD + cosine, ``teacher_epochs``), measured, and written to the cache atomically. A damaged
-    cache file is retrained; a cached teacher from before the accuracy was recorded is measured once
-    and its cache entry updated."""
+    cache file is retrained."""
     bundle, split = _load_data(job)
     info = bundle.info
     path = teacher_cache_path(job, info)
+    cached = _cached_teacher(job, bundle, path)
+    if cached is not None:
+        return cached
     model = _fresh_model(job, info)
-    if path.is_file():
-        try:
-            ckpt = load_checkpoint(path)
-            model.load_state_dict(ckpt["state_dict"])
-            model.to(job.device).eval()
-            meta = dict(ckpt.get("meta") or {})
-            log.info("teacher loaded from %s", path)
-            if "test_top1" not in meta:
-                meta["test_top1"], meta["test_images"] = _teacher_test_top1(job, bundle, model)
-                save_checkpoint(path, {"state_dict": ckpt["state_dict"], "meta": meta})
-            return Teacher(model=model, test_top1=float(meta["test_top1"]), test_images=int(meta["test_images"]),
-                           train_top1=meta.get("train_top1"), seconds=float(meta.get("seconds") or 0.0), cached=True,
-                           num_classes=info.num_classes)
-        except (CheckpointError, KeyError, RuntimeError) as e:
-            log.warning("teacher cache %s is unusable (%s); retraining it", path, e)
-            model = _fresh_model(job, info)
     loader = make_loader(split, info, batch_size=job.teacher_batch_size, train=True, seed=job.search.seed,
                          device=job.device)
     cfg = TrainConfig(epochs=job.teacher_epochs, batch_size=job.teacher_batch_size, seed=job.search.seed)
@@ -240,7 +257,10 @@ def run_search_job(job: SearchJob, *, reporter: Reporter | None = None,
     info = bundle.info
     train_loader = make_loader(split, info, batch_size=job.search.batch_size, train=True, seed=job.search.seed,
                                device=job.device)
-    eval_loader = _eval_loader(job, bundle, _eval_split(job, bundle)) if job.eval_size != 0 else None
+    eval_loader = None
+    if job.eval_size != 0:
+        size = None if job.eval_size is None else min(job.eval_size, len(bundle.test))
+        eval_loader = _eval_loader(job, bundle, proxy(bundle.test, size, job.proxy_seed))
     result = search_policy(teacher.model, train_loader, config=job.search, input_size=info.image_size,
                            in_channels=info.in_channels, eval_loader=eval_loader, reporter=reporter,
                            device=job.device, model_name=job.model, progress=progress)

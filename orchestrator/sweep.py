@@ -143,7 +143,7 @@ class SweepProgress(Callback):
 def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
     """ORCH-RESULTS' Parquet and MLflow callbacks (driver-side)."""
     from .mlflow_callback import MLflowCallback
-    from .results import ResultsCallback
+    from .results_callback import ResultsCallback
 
     sweep_dir = Path(cfg.out_dir)
     return [ResultsCallback(sweep_dir, book),

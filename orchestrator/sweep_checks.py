@@ -34,12 +34,20 @@ class SweepFacts:
 
 
 def _check_writable(cfg: SweepConfig) -> None:
-    """The sweep folder, the Tune storage path and the cache folder can be written (nothing is created)."""
+    """The sweep folder, the Tune storage path and the cache folder can be written. Local folders are checked
+    without creating anything; a URI storage (s3://, gs://, file://) gets its folder created and a probe file
+    written and deleted (``cluster.connect.probe_storage_write``)."""
     from gmpq_core.fileio import check_writable_dir
 
     r = cfg.resolved()
     check_writable_dir(r.out_dir, what="sweep folder", hint="pass a writable --out DIR")
-    if "://" not in str(r.storage_path):     # s3://, gs://: checked by Ray when it connects
+    if "://" in str(r.storage_path):         # s3://, gs://, file://: a probe file written and deleted
+        from cluster.connect import probe_storage_write
+
+        probe_storage_write(str(r.storage_path), label="Tune storage (--storage)",
+                            hint=" Nothing has been trained yet; pass another --storage, or leave it out to keep the "
+                                 "Tune state in the sweep folder.")
+    else:
         check_writable_dir(r.storage_path, what="Tune storage path", hint="pass a writable --storage PATH")
     check_writable_dir(r.cache_dir, what="cache folder", hint="set cache_dir to a writable folder")
 

@@ -155,7 +155,6 @@ def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float], threa
         weak = teacher.weak_message(_teacher_job(cfg, job[1]))
         if weak:
             log.warning("%s", weak)
-            say(f"warning: {weak}")
     with _torch_threads(threads or _job_cpus(cfg, ("target", None))):
         target = _shared_job(cfg, ("target", None), device)
     seconds = trained.get(("target", None), target.seconds)

@@ -222,7 +222,7 @@ def test_teacher_cache_is_reused_and_a_damaged_file_is_retrained(fmnist_job):
         assert torch.equal(v, again.state_dict()[k]) and torch.equal(v, retrained.state_dict()[k])
 
 
-def test_the_teacher_is_measured_on_held_out_images_and_an_older_cache_entry_once(tmp_path):
+def test_the_teacher_is_measured_on_held_out_images_and_an_older_cache_entry_once(tmp_path, monkeypatch):
     pytest.importorskip("gmpq_core.data")
     from gmpq_core.data import load_dataset, make_loader, proxy
     from gmpq_core.errors import DataError
@@ -236,8 +236,8 @@ def test_the_teacher_is_measured_on_held_out_images_and_an_older_cache_entry_onc
     job = SearchJob(proxy_size=100, teacher_epochs=1, eval_size=120, cache_dir=str(tmp_path),
                     search=SearchConfig(epochs=1, batch_size=50))
     first = load_teacher(job)
-    held_out = make_loader(proxy(bundle.test, 120, 0), bundle.info, batch_size=60, train=False)
-    assert not first.cached and first.test_images == 120 and first.num_classes == 10
+    held_out = make_loader(proxy(bundle.test, 1000, 0), bundle.info, batch_size=250, train=False)
+    assert not first.cached and first.test_images == 1000 and first.num_classes == 10   # not the job's eval_size
     assert first.test_top1 == pytest.approx(evaluate(first.model, held_out)["top1"])   # the test slice, not the proxy
     again = load_teacher(job)
     assert again.cached and again.test_top1 == first.test_top1 and again.seconds == pytest.approx(first.seconds)
@@ -245,6 +245,15 @@ def test_the_teacher_is_measured_on_held_out_images_and_an_older_cache_entry_onc
     ckpt = load_checkpoint(path)                      # a cache entry written before the accuracy was recorded
     meta = {k: v for k, v in ckpt["meta"].items() if k not in ("test_top1", "test_images")}
     save_checkpoint(path, {"state_dict": ckpt["state_dict"], "meta": meta})
+    import gmpq_core.jobs as jobs
+
+    def read_only(*a, **k):                            # a read-only cache (root ignores chmod): write refused
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(jobs, "save_checkpoint", read_only)
+    readonly = load_teacher(job)                       # measured and used, not recorded, no retraining
+    monkeypatch.undo()
+    assert readonly.cached and readonly.test_top1 == pytest.approx(first.test_top1)
+    assert "test_top1" not in load_checkpoint(path)["meta"]
     older = load_teacher(job)
     assert older.cached and older.test_top1 == pytest.approx(first.test_top1)
     assert load_checkpoint(path)["meta"]["test_top1"] == pytest.approx(first.test_top1)     # measured once, kept
@@ -259,8 +268,9 @@ def test_a_teacher_nearer_chance_than_a_perfect_score_is_warned_about(top1, clas
     msg = teacher.weak_message(SearchJob(proxy_size=500, teacher_epochs=2))
     assert (msg is not None) == weak
     if weak:
-        assert f"{top1:.1f}%" in msg and "1000 held-out" in msg and "teacher_epochs, now 2" in msg
-        assert "proxy_size" in msg and "500" in msg
+        assert f"{top1:.1f}%" in msg and "1000 held-out" in msg and "teacher_epochs (now 2" in msg
+        assert "proxy_size" in msg and "500" in msg and "\n" not in msg
+        assert f"below {teacher.weak_below:.3g}%" in msg and (classes == 10) == ("chance, 10%" in msg)
 
 
 def test_search_job_round_trip_and_flat_search_keys():

@@ -13,7 +13,8 @@ from ray import tune  # noqa: E402
 
 from orchestrator.mlflow_callback import MLflowCallback  # noqa: E402
 from orchestrator.mlflow_sink import PARENT_FILE, RUNS_FILE, default_tracking_uri  # noqa: E402
-from orchestrator.results import ResultsCallback, read_layers, read_trials  # noqa: E402
+from orchestrator.results import read_layers, read_trials  # noqa: E402
+from orchestrator.results_callback import ResultsCallback  # noqa: E402
 from orchestrator.trial_status import TrialStatusBook  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

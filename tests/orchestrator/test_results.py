@@ -12,8 +12,9 @@ import pytest
 
 import orchestrator.results as results
 from gmpq_core.errors import CheckpointError
-from orchestrator.results import (LAYERS_FILE, TRIALS_FILE, ResultsCallback, layer_rows, read_layers, read_trials,
-                                  rows_to_table, trial_row, write_results)
+from orchestrator.results import (LAYERS_FILE, TRIALS_FILE, layer_rows, read_layers, read_trials, rows_to_table,
+                                  trial_row, write_results)
+from orchestrator.results_callback import ResultsCallback
 
 LAYERS = [{"name": "layer1.0.conv1", "macs": 100, "w_bits": 4, "a_bits": 3},
           {"name": "fc", "macs": 10, "w_bits": 8, "a_bits": 8}]
@@ -167,3 +168,13 @@ def test_the_table_keeps_transfer_top5_and_merges_an_older_table_without_it(tmp_
     write_results(tmp_path, [*read_trials(tmp_path).to_dict("records"), b], [])
     df = read_trials(tmp_path).set_index("trial_id")
     assert df.loc["b", "transfer_top5"] == 99.0 and df.loc["a", "transfer_top5"] != df.loc["a", "transfer_top5"]  # NaN
+
+
+def test_a_tuner_pickle_from_before_the_callback_moved_still_loads():
+    """Tune pickles a sweep's callbacks by import path (tuner.pkl); older sweeps name orchestrator.results."""
+    import pickle
+
+    from orchestrator.results_callback import ResultsCallback as moved
+    assert pickle.loads(b"corchestrator.results\nResultsCallback\n.") is moved
+    with pytest.raises(AttributeError):
+        results.NoSuchThing

@@ -229,3 +229,21 @@ def test_resume_may_change_the_final_stage_but_not_the_sweep(tmp_path):
     other = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 9}).resolved()
     with pytest.raises(ConfigError, match=r"these settings differ from .*: n_trials\. Resume with --out"):
         _check_same_config(other)
+
+
+def test_a_storage_uri_that_cannot_be_written_fails_before_anything_is_trained(tmp_path):
+    """A URI --storage is probed (a file written and deleted) by the check that runs before Ray starts."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    bad = f"file://{blocker}/ray_results"
+    with pytest.raises(ConfigError, match="cannot be written from this host") as e:
+        check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "o"),
+                                                                       "storage_path": bad}))
+    assert bad in str(e.value) and "Nothing has been trained yet" in str(e.value)
+    with pytest.raises(ConfigError, match="unsupported scheme 'ftp'"):
+        check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "o"),
+                                                                       "storage_path": "ftp://host/x"}))
+    good = tmp_path / "store"
+    check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "o"),
+                                                                   "storage_path": f"file://{good}"}))
+    assert good.is_dir() and list(good.iterdir()) == []        # the probe file is gone

@@ -36,7 +36,8 @@ def _damage(path: Path, how: str) -> None:
 def test_damaged_parquet_is_reported_by_name(tmp_path, capsys, how):
     from gmpq_core.errors import CheckpointError
     from orchestrator.cli import main
-    from orchestrator.results import ResultsCallback, read_layers
+    from orchestrator.results import read_layers
+    from orchestrator.results_callback import ResultsCallback
 
     d = tmp_path / "sweep"
     fake_sweep_dir(d)
@@ -188,7 +189,8 @@ def test_a_deleted_results_table_is_rebuilt_when_the_sweep_resumes(tmp_path):
     from ray import tune
 
     from orchestrator.ray_env import ray_session
-    from orchestrator.results import ResultsCallback, read_trials
+    from orchestrator.results import read_trials
+    from orchestrator.results_callback import ResultsCallback
 
     def trainable(config):
         x = float(config["x"])
