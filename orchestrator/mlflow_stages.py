@@ -57,6 +57,9 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
                                                          "seconds", "transfer_top1")}, step=int(row.get("epochs") or 0))
         if row.get("policy_json"):
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
+        model = row.get("model_path")
+        if isinstance(model, str) and Path(model).is_file():     # the fine-tuned model (gmpq_core.load_quantized_model)
+            sink.call(f"logging {Path(model).name}", sink.client.log_artifact, rid, model, "model")
         sink.finish(rid, "FINISHED", {"status": "completed"})
     d = Path(sweep_dir)
     for f in [d / "final.parquet", png_path]:

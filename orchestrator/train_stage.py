@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
-import pyarrow as pa
 import torch
 
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 
-from .results import FINAL_FILE, load_resolved_config, read_table, rows_to_table, utc_now_iso, write_table
+from .final_results import (FINAL_SCHEMA, export_final_model, export_saved_final, final_model_path, final_row,
+                            model_results, read_final)
+from .results import FINAL_FILE, load_resolved_config, rows_to_table, write_table
 
 __all__ = ["FINAL_PNG", "STATE_FILE", "FINAL_SCHEMA", "FinalJob", "shard_indices", "train_loop_per_worker",
            "run_final_job", "target_fp_checkpoint", "finetune_selected", "read_final", "check_final_workers"]
@@ -42,15 +43,6 @@ log = logging.getLogger(__name__)
 
 FINAL_PNG = "final.png"
 STATE_FILE = "state.pt"
-FINAL_SCHEMA = pa.schema([
-    pa.field("trial_id", pa.string(), nullable=False), pa.field("policy_source", pa.string()),
-    pa.field("final_top1", pa.float64()), pa.field("final_top5", pa.float64()), pa.field("final_loss", pa.float64()),
-    pa.field("transfer_top1", pa.float64()), pa.field("bitops", pa.int64()), pa.field("bitops_total", pa.int64()),
-    pa.field("gbitops", pa.float64()), pa.field("epochs", pa.int64()), pa.field("seconds", pa.float64()),
-    pa.field("workers", pa.int64()), pa.field("resumed_from_epoch", pa.int64()), pa.field("train_images", pa.int64()),
-    pa.field("test_images", pa.int64()), pa.field("finished_at", pa.string()), pa.field("policy_json", pa.string()),
-    pa.field("recipe_json", pa.string()),
-])
 RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "distill",
                  "seed", "max_steps_per_epoch", "train_size", "test_size")   # what a fine-tune's result depends on, but epochs
 
@@ -263,6 +255,7 @@ class FinalRun:
     history: list[dict]
     seconds: float
     workers: int
+    model_state: dict | None = None     # the fine-tuned weights (rank 0's last checkpoint)
 
 
 def run_final_job(job: FinalJob, *, storage_path: str | Path, workers: int, use_gpu: bool = False) -> FinalRun:
@@ -279,15 +272,17 @@ def run_final_job(job: FinalJob, *, storage_path: str | Path, workers: int, use_
     if result.error is not None:
         raise result.error
     history: list[dict] = []
+    state: dict = {}
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
-            history = [dict(h) for h in load_checkpoint(Path(d) / STATE_FILE)["history"]]
+            state = load_checkpoint(Path(d) / STATE_FILE)
+        history = [dict(h) for h in state["history"]]
     metrics = dict(history[-1]) if history else dict(result.metrics or {})
     if metrics.get("epoch", 0) < job.epochs:
         raise GMPQError(f"The fine-tune of {job.trial_id} stopped after epoch {metrics.get('epoch', 0)} of "
                         f"{job.epochs}; rerun the same command to resume it.")
     return FinalRun(trial_id=job.trial_id, metrics=metrics, history=history, seconds=time.perf_counter() - t0,
-                    workers=int(workers))
+                    workers=int(workers), model_state=state.get("model"))
 
 
 def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | None = None) -> Path:
@@ -310,11 +305,8 @@ def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | 
                                 small_input=cfg.small_input).path
 
 
-def read_final(sweep_dir: str | Path, *, missing_ok: bool = False) -> pd.DataFrame:
-    path = Path(sweep_dir) / FINAL_FILE
-    if missing_ok and not path.exists():
-        return FINAL_SCHEMA.empty_table().to_pandas()
-    return read_table(path).to_pandas()
+def _write_final(sweep_dir: Path, rows: dict[str, dict]) -> None:
+    write_table(sweep_dir / FINAL_FILE, rows_to_table(sorted(rows.values(), key=lambda r: r["trial_id"]), FINAL_SCHEMA))
 
 
 def check_final_workers(workers: int) -> None:
@@ -338,19 +330,6 @@ def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None])
         raise ConfigError(f"workers={workers} needs {workers} CPUs but the Ray cluster has {cpus}; "
                           f"use --workers {max(cpus, 1)} or fewer.")
     return workers, use_gpu
-
-
-def _final_row(pareto_row: dict, run: FinalRun, recipe_json: str) -> dict:
-    m = run.metrics
-    tid = run.trial_id
-    return {"trial_id": tid, "policy_source": f"sweep trial {tid} ({pareto_row.get('selection_reason') or 'selected'})",
-            "final_top1": m.get("top1"), "final_top5": m.get("top5"), "final_loss": m.get("loss"),
-            "transfer_top1": pareto_row.get("transfer_top1"), "bitops": pareto_row.get("bitops"),
-            "bitops_total": pareto_row.get("bitops_total"), "gbitops": float(pareto_row["bitops"]) / 1e9,
-            "epochs": int(m["epoch"]), "seconds": run.seconds, "workers": run.workers,
-            "resumed_from_epoch": m.get("resumed_from_epoch"), "train_images": m.get("train_images"),
-            "test_images": m.get("test_images"), "finished_at": utc_now_iso(),
-            "policy_json": str(pareto_row["policy_json"]), "recipe_json": recipe_json}
 
 
 def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, workers: int | None = None,
@@ -422,6 +401,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             if same_recipe and int(prev.get("epochs") or 0) == epochs:
                 say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s) with these settings: "
                     f"top1 {prev['final_top1']:.2f}%")
+                if not final_model_path(sweep_dir, tid).is_file():    # fine-tuned before models were exported
+                    final_rows[tid] = export_saved_final(sweep_dir, storage, prev, job, STATE_FILE, say)
+                    _write_final(sweep_dir, final_rows)
                 done_ids.append(tid)
                 continue
             if prev is not None and not same_recipe:
@@ -432,11 +414,13 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             with _ProgressWatcher(Path(job.progress_file), say, f"[{i}/{len(chosen)}] {tid}:", epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
             histories[tid] = run.history
-            final_rows[tid] = _final_row(row, run, recipe)
-            write_table(sweep_dir / FINAL_FILE, rows_to_table(sorted(final_rows.values(), key=lambda r: r["trial_id"]),
-                                                              FINAL_SCHEMA))
+            model_path = export_final_model(sweep_dir, tid, run.model_state, job.policy_json, fp_path,
+                                            model_results(row, run.metrics, job.dataset)) if run.model_state else None
+            final_rows[tid] = final_row(row, run, recipe, model_path)
+            _write_final(sweep_dir, final_rows)
             say(f"[{i}/{len(chosen)}] {tid}: final top1 {run.metrics.get('top1', float('nan')):.2f}% "
-                f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s")
+                f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s"
+                + (f"; model {model_path}" if model_path else ""))
             done_ids.append(tid)
     final = read_final(sweep_dir)
     plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)

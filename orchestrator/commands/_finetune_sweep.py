@@ -48,6 +48,17 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--max-steps-per-epoch", type=int, default=None, metavar="N", help="cap the steps per epoch")
 
 
+def final_files_text(sweep_dir: Path) -> str:
+    """Where the final stage's outputs are, and how to load a model."""
+    from orchestrator.final_results import MODELS_DIR
+    from orchestrator.results import FINAL_FILE
+    from orchestrator.train_stage import FINAL_PNG
+
+    return (f"Table:  {sweep_dir / FINAL_FILE}\nPlot:   {sweep_dir / FINAL_PNG}\n"
+            f"Models: {sweep_dir / MODELS_DIR}/<trial_id>.pt (for inference: "
+            "gmpq_core.load_quantized_model(path).model)")
+
+
 def format_final_table(final: Any) -> str:
     """Plain aligned table of final.parquet rows."""
     head = ["trial_id", "transfer_top1", "final_top1", "final_top5", "GBitOPs", "epochs", "workers", "seconds"]
@@ -74,12 +85,9 @@ def run_sweep_finetune(args: argparse.Namespace) -> int:
     from . import quiet_libraries
 
     quiet_libraries(getattr(args, "verbose", False))
-    from orchestrator.train_stage import FINAL_PNG
-    from orchestrator.results import FINAL_FILE
-
     sweep_dir = Path(args.sweep).expanduser().resolve()
     final = finetune_stage(sweep_dir, args,
                            say=lambda msg: print(f"gmpq finetune: {msg}", file=sys.stderr, flush=True))
     print(format_final_table(final))
-    print(f"Table: {sweep_dir / FINAL_FILE}\nPlot:  {sweep_dir / FINAL_PNG}")
+    print(final_files_text(sweep_dir))
     return 0

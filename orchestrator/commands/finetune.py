@@ -1,7 +1,7 @@
 """``gmpq finetune``: quantization-aware fine-tune of one bit policy from FP weights.
 
-Writes ``DIR/quantized.pt`` (state dict of the quantized model; rebuild it with ``apply_policy_``
-and ``DIR/policy.json`` before loading), ``DIR/finetune_result.json`` (top-1/top-5 of the quantized
+Writes ``DIR/quantized.pt`` (the quantized model, self-contained: ``gmpq_core.load_quantized_model(path).model``
+rebuilds it for inference), ``DIR/policy.json``, ``DIR/finetune_result.json`` (top-1/top-5 of the quantized
 and the FP model, BitOPs in both conventions, the policy summary) and per-epoch checkpoints in
 ``DIR/checkpoints/``, from which an interrupted run resumes. Without ``--fp-checkpoint`` the FP
 model is trained first (``--fp-epochs``) and kept as ``DIR/fp.pt``.
@@ -19,7 +19,8 @@ from pathlib import Path
 from torch import nn
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.fileio import atomic_write_json, check_writable_dir, save_checkpoint
+from gmpq_core.export import save_quantized_model
+from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
 from gmpq_core.policy import BitPolicy
 from gmpq_core.train import evaluate
@@ -181,7 +182,10 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                                policy_source=args.policy or f"uniform W{args.uniform[0]}A{args.uniform[1]}",
                                fp_source=fp_source, train_size=len(train_split), test_size=len(test_split))
     policy.save(out / POLICY)
-    save_checkpoint(out / QUANTIZED_WEIGHTS, {k: v.detach().cpu() for k, v in result.model.state_dict().items()})
+    save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(),
+                         results={"top1": result.top1, "top5": result.top5, "dataset": info.name,
+                                  "gbitops": summary["bitops"]["gbitops_quantized"], "epochs": result.epochs_run,
+                                  "policy_source": summary["policy"]["name"]})
     atomic_write_json(out / RESULT, summary)
     b = summary["bitops"]
     print(f"FP {opts.model}: top-1 {fp_eval['top1']:.2f}%   quantized ({summary['policy']['name']}, "

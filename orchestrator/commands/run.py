@@ -31,12 +31,10 @@ def _say(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
-    from orchestrator.commands._finetune_sweep import finetune_stage, format_final_table
+    from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
     from orchestrator.commands.sweep import config_from_args, format_summary
     from orchestrator.ray_env import ray_session
-    from orchestrator.results import FINAL_FILE
-    from orchestrator.train_stage import FINAL_PNG
 
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps}
@@ -75,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     print_pareto(sweep_dir, front)
     print("\nFinal fine-tune (full target data):")
     print(format_final_table(final))
-    print(f"Table: {sweep_dir / FINAL_FILE}\nPlot:  {sweep_dir / FINAL_PNG}")
+    print(final_files_text(sweep_dir))
     print(f"\nOpen the results in MLflow:\n  {mlflow_ui_hint(resolved.tracking_uri)}")
     if resolved.optuna_storage:
         print(f"Optuna study (optuna-dashboard is a separate package: pip install optuna-dashboard):\n"

@@ -80,8 +80,9 @@ def _final_lines(st: Any) -> list[str]:
     for tid in st.selected:
         if tid in st.final:
             r = st.final[tid]
+            model = f"; model {r['model_path']}" if r.get("model_path") else ""
             lines.append(f"  {tid}: top1 {fmt(r.get('final_top1'), '.2f')}% at {fmt(r.get('gbitops'), '.4f')} "
-                         f"GBitOPs ({r.get('epochs')} epoch(s), {_duration(r.get('seconds'))})")
+                         f"GBitOPs ({r.get('epochs')} epoch(s), {_duration(r.get('seconds'))}){model}")
         elif tid in st.finetune_progress:
             p = st.finetune_progress[tid]
             lines.append(f"  {tid}: epoch {p.get('epoch')}, step {p.get('step')}/{p.get('steps')} "

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from gmpq_core.bitops import count_bitops
 from gmpq_core.fileio import load_checkpoint, read_json
@@ -165,8 +164,11 @@ def test_finetune_without_fp_checkpoint_trains_fp_first(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "training the FP model first" in err and "[train-fp] epoch 1/1:" in err
     assert (out_dir / "fp.pt").is_file() and (out_dir / "finetune_result.json").is_file()
-    state = load_checkpoint(out_dir / "quantized.pt")
-    assert any(k.endswith("act.clip") for k in state) and all(isinstance(v, torch.Tensor) for v in state.values())
+    from gmpq_core.export import load_quantized_model
+    loaded = load_quantized_model(out_dir / "quantized.pt")       # self-contained: no policy file or flags needed
+    result = json.loads((out_dir / "finetune_result.json").read_text())
+    assert loaded.results["top1"] == result["top1"] and loaded.arch["model"] == result["model"]
+    assert {(s.w_bits, s.a_bits) for s in loaded.quantized.values()} == {(2, 3)} and not loaded.model.training
 
 
 @pytest.mark.parametrize("extra,needle", [

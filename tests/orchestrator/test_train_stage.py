@@ -74,6 +74,17 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
         ckpts = sorted((sweep / "ray_results" / "finetune-t1").glob("checkpoint_20*"))
         assert len(ckpts) == 1
         e1 = load_checkpoint(ckpts[0] / STATE_FILE)["history"]
+        # the fine-tuned model, one file: rebuilt alone, it scores what the stage measured on the same test slice
+        from gmpq_core.data import load_dataset, make_loader, proxy
+        from gmpq_core.export import load_quantized_model
+        from gmpq_core.train import evaluate
+        model_file = Path(first.loc[0, "model_path"])
+        assert model_file == sweep / "models" / "t1.pt"
+        loaded = load_quantized_model(model_file)
+        bundle = load_dataset("mnist5k")
+        test = make_loader(proxy(bundle.test, 100, seed=0), bundle.info, batch_size=256, train=False)
+        assert evaluate(loaded.model, test)["top1"] == pytest.approx(first.loc[0, "final_top1"])
+        assert loaded.results["final_top1"] == pytest.approx(first.loc[0, "final_top1"]) and loaded.arch["model"] == "resnet20"
         # Rerun with more epochs: resumes after epoch 1 (no retraining of epoch 1)
         second = finetune_selected(sweep, epochs=2, workers=2, **knobs)
         assert second["epochs"].tolist() == [2] and second["resumed_from_epoch"].tolist() == [1]
@@ -82,9 +93,13 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
         assert [h["epoch"] for h in hist] == [1, 2]
         assert hist[0] == e1[0] and hist[1]["resumed_from_epoch"] == 1
         assert hist[1]["lr"] == pytest.approx(0.0, abs=1e-12)      # the cosine ends at 0 after the last step
-        # A third call with the same epochs finds the policy done and runs nothing.
+        # A third call with the same epochs finds the policy done and runs nothing; a missing model file (a
+        # policy fine-tuned before models were exported) is written from the Ray Train checkpoint
+        model_file.unlink()
         third = finetune_selected(sweep, epochs=2, workers=2, **knobs)
-        assert third["seconds"].tolist() == second["seconds"].tolist()
+        assert third["seconds"].tolist() == second["seconds"].tolist() and model_file.is_file()
+        saved = load_checkpoint(ckpt / STATE_FILE)["model"]
+        assert all(torch.equal(v, saved[k]) for k, v in load_quantized_model(model_file).model.state_dict().items())
         # Other settings (lr) are not "already fine-tuned" and do not resume the old run: a fresh 2-epoch run
         fourth = finetune_selected(sweep, epochs=2, workers=2, lr=0.05, **knobs)
         assert fourth["resumed_from_epoch"].tolist() == [0] and fourth["seconds"].tolist() != second["seconds"].tolist()
@@ -103,5 +118,7 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
     ft = runs[runs["tags.gmpq.role"] == "finetune"]
     assert len(ft) == 1 and ft["tags.mlflow.runName"].item() == "finetune-t1"
     assert ft["metrics.final_top1"].item() == pytest.approx(final.loc[0, "final_top1"])
+    artifacts = mlflow.MlflowClient().list_artifacts(ft["run_id"].item(), "model")
+    assert [a.path for a in artifacts] == ["model/t1.pt"]                      # the fine-tuned model, loadable
     parent = runs[runs["tags.gmpq.role"] == "sweep"]["run_id"].item()
     assert ft["tags.mlflow.parentRunId"].item() == parent

@@ -1,0 +1,130 @@
+"""A fine-tuned quantized model as one self-contained file, and the one call that rebuilds it.
+
+``save_quantized_model(path, model, policy, arch=...)`` writes, atomically and loadable with
+``torch.load(weights_only=True)``::
+
+    {"format": "gmpq-quantized-model/1", "arch": {"model", "num_classes", "in_channels", "small_input"},
+     "policy_json": the searched policy (with its meta), "quantized": {layer: [w_bits, a_bits]} (every
+     quantized layer, a quantized stem / classifier included), "state_dict": weights, clips and signed
+     flags, "results": accuracies, BitOPs, provenance}
+
+``load_quantized_model(path)`` rebuilds the architecture from the registry, swaps in the quantized
+layers, loads the weights (strict) and returns a ``QuantizedModel`` whose ``model`` is ready for
+inference (eval mode): the fake-quantized network the fine-tune trained and evaluated.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+from .fileio import load_checkpoint, save_checkpoint
+from .layers import swap_module
+from .models import build_model
+from .policy import BitPolicy, QuantSpec
+from .qmodules import QuantConv2d, QuantLinear, quantized_layers
+
+__all__ = ["FORMAT", "ARCH_KEYS", "QuantizedModel", "arch_from_meta", "save_quantized_model", "save_quantized_state",
+           "load_quantized_model"]
+
+FORMAT = "gmpq-quantized-model/1"
+ARCH_KEYS = ("model", "num_classes", "in_channels", "small_input")
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """A loaded quantized model: ``model`` (eval mode), the ``policy`` it was fine-tuned with, its ``arch``,
+    ``quantized`` ({layer: QuantSpec}, a fixed-bit stem / classifier included) and ``results``."""
+    model: nn.Module
+    policy: BitPolicy
+    arch: dict
+    quantized: dict[str, QuantSpec]
+    results: dict = field(default_factory=dict)
+
+
+def arch_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """``{model, num_classes, in_channels, small_input}`` (and ``input_size`` when known) from a policy's or an
+    FP model's meta."""
+    missing = [k for k in ARCH_KEYS if k not in meta]
+    if missing:
+        raise ConfigError(f"cannot tell which network to rebuild: the meta lacks {missing} (it has "
+                          f"{sorted(meta)}). Pass arch={{'model': ..., 'num_classes': ..., 'in_channels': ..., "
+                          "'small_input': ...}.")
+    arch = {"model": str(meta["model"]), "num_classes": int(meta["num_classes"]),
+            "in_channels": int(meta["in_channels"]), "small_input": bool(meta["small_input"])}
+    if meta.get("input_size") is not None:
+        arch["input_size"] = int(meta["input_size"])
+    return arch
+
+
+def save_quantized_model(path: str | os.PathLike, model: nn.Module, policy: BitPolicy, *,
+                         arch: Mapping[str, Any], results: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (a quantized network, e.g. ``FinetuneResult.model``; DDP's ``.module`` is taken) with
+    what rebuilds it; returns the path. ``results``: plain numbers and strings kept beside the weights."""
+    net = getattr(model, "module", model)
+    layers = quantized_layers(net)
+    if not layers:
+        raise ConfigError("save_quantized_model got a network without quantized layers; apply the policy first "
+                          "(gmpq_core.finetune.prepare_quantized).")
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return save_quantized_state(path, state, policy, arch=arch,
+                                quantized={n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits))
+                                           for n, m in layers.items()}, results=results)
+
+
+def save_quantized_state(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], policy: BitPolicy, *,
+                         arch: Mapping[str, Any], quantized: Mapping[str, QuantSpec] | None = None,
+                         results: Mapping[str, Any] | None = None) -> Path:
+    """``save_quantized_model`` from a state dict (a training checkpoint's); ``quantized`` defaults to the
+    policy's layers plus a stem / classifier quantized at ``stem_bits`` as its meta says."""
+    arch = arch_from_meta(arch)
+    if quantized is None:
+        quantized = _layers_of(policy, arch)
+    return save_checkpoint(path, {"format": FORMAT, "arch": arch, "policy_json": policy.to_json(),
+                                  "quantized": {n: [int(s.w_bits), int(s.a_bits)] for n, s in quantized.items()},
+                                  "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+                                  "results": dict(results or {})})
+
+
+def _layers_of(policy: BitPolicy, arch: Mapping[str, Any]) -> dict[str, QuantSpec]:
+    from .qmodules import apply_policy_
+
+    meta = policy.meta or {}
+    net = build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                      small_input=arch["small_input"])
+    apply_policy_(net, policy, include_stem=bool(meta.get("include_stem")),
+                  include_classifier=bool(meta.get("include_classifier")), stem_bits=int(meta.get("stem_bits") or 8))
+    return {n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits)) for n, m in quantized_layers(net).items()}
+
+
+def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> QuantizedModel:
+    """Rebuild a model written by ``save_quantized_model``; CheckpointError names a file of another kind."""
+    path = Path(path)
+    blob = load_checkpoint(path)
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"'{path}' is not a gmpq quantized model (format {found!r}, expected {FORMAT!r}). "
+                              "Final models are DIR/models/<trial_id>.pt of a sweep after 'gmpq finetune --sweep', "
+                              "or DIR/quantized.pt of 'gmpq finetune --policy'.")
+    arch = arch_from_meta(blob["arch"])
+    net = build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                      small_input=arch["small_input"])
+    quantized = {n: QuantSpec(w_bits=int(w), a_bits=int(a)) for n, (w, a) in blob["quantized"].items()}
+    for name, spec in quantized.items():
+        mod = net.get_submodule(name)
+        kind = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear if isinstance(mod, nn.Linear) else None
+        if kind is None:
+            raise CheckpointError(f"'{path}' quantizes layer {name!r}, which is a {type(mod).__name__} in "
+                                  f"{arch['model']}: the file does not belong to this version of the model.")
+        swap_module(net, name, kind.from_float(mod, spec))
+    try:
+        net.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"'{path}' does not fit {arch['model']} as rebuilt here ({str(e).splitlines()[0]}).") from None
+    return QuantizedModel(model=net.to(device).eval(), policy=BitPolicy.from_json(blob["policy_json"]), arch=arch,
+                          quantized=quantized, results=dict(blob.get("results") or {}))

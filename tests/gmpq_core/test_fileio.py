@@ -1,0 +1,25 @@
+"""gmpq_core.fileio: atomic writes keep the permissions a plain open() would give."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from gmpq_core.fileio import atomic_write_json, atomic_write_text, read_json
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_umask_permissions_not_the_temp_files_private_ones(tmp_path, umask):
+    before = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        atomic_write_json(tmp_path / "a.json", {"k": 1})
+        atomic_write_text(tmp_path / "b.txt", "y")
+    finally:
+        os.umask(before)
+    want = stat.S_IMODE(plain.stat().st_mode)
+    assert want == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == want == stat.S_IMODE((tmp_path / "b.txt").stat().st_mode)
+    assert read_json(tmp_path / "a.json") == {"k": 1} and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

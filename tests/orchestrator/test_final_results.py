@@ -1,0 +1,64 @@
+"""orchestrator.final_results: final.parquet rows and the models/<trial_id>.pt files of the final stage."""
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import torch
+
+from gmpq_core.export import load_quantized_model
+from gmpq_core.fileio import save_checkpoint
+from gmpq_core.finetune import prepare_quantized
+from gmpq_core.layers import searchable_layers
+from gmpq_core.models import build_model
+from gmpq_core.policy import BitPolicy, QuantSpec
+from orchestrator.final_results import export_saved_final, final_model_path, final_row, saved_final_state
+
+META = {"model": "resnet20", "num_classes": 10, "in_channels": 1, "small_input": True, "input_size": 28}
+
+
+def _fine_tuned(tmp_path):
+    torch.manual_seed(0)
+    fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    fp_path = tmp_path / "target_fp.pt"
+    save_checkpoint(fp_path, fp.state_dict())
+    fp_path.with_suffix(".json").write_text(json.dumps({"meta": META, "top1": 80.0}))
+    policy = BitPolicy(layers={n: QuantSpec(w_bits=4, a_bits=3) for n in searchable_layers(fp)}, meta={"kind": "test"})
+    q = prepare_quantized(fp, policy, torch.randn(4, 1, 28, 28)).eval()
+    return fp_path, policy, q
+
+
+def test_a_policy_fine_tuned_before_models_were_exported_gets_its_file_from_the_ray_checkpoint(tmp_path):
+    fp_path, policy, q = _fine_tuned(tmp_path)
+    storage = tmp_path / "ray_results"
+    old, new = storage / "finetune-t1" / "checkpoint_a", storage / "finetune-t1" / "checkpoint_b"
+    for d in (old, new):
+        d.mkdir(parents=True)
+    save_checkpoint(old / "state.pt", {"policy_json": "another policy", "model": {}})
+    save_checkpoint(new / "state.pt", {"policy_json": policy.to_json(), "model": q.state_dict()})
+    os.utime(old / "state.pt", (1, 1))                                # the newest checkpoint is the one read
+    assert saved_final_state(storage, "t1", "state.pt")["policy_json"] == policy.to_json()
+    prev = {"trial_id": "t1", "final_top1": 81.5, "final_top5": 99.0, "epochs": 1, "bitops": 400_000_000,
+            "transfer_top1": 79.0}
+    job = SimpleNamespace(trial_id="t1", policy_json=policy.to_json(), fp_checkpoint=str(fp_path), dataset="fashion_mnist")
+    notes = []
+    row = export_saved_final(tmp_path, storage, prev, job, "state.pt", notes.append)
+    assert row["model_path"] == str(final_model_path(tmp_path, "t1")) and "from its Ray Train checkpoint" in notes[0]
+    loaded = load_quantized_model(row["model_path"])
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), q(x))
+    assert loaded.results["final_top1"] == 81.5 and loaded.results["gbitops"] == 0.4 and loaded.arch == META
+    # no checkpoint left (or one of another policy): the row stays as it was, and the user is told why
+    notes.clear()
+    assert export_saved_final(tmp_path, tmp_path / "elsewhere", prev, job, "state.pt", notes.append) == prev
+    assert "no Ray Train checkpoint" in notes[0]
+
+
+def test_a_final_row_names_its_model_file_or_none():
+    run = SimpleNamespace(trial_id="t1", seconds=10.0, workers=2,
+                          metrics={"top1": 80.0, "top5": 99.0, "loss": 0.5, "epoch": 1})
+    pareto = {"trial_id": "t1", "bitops": 5, "bitops_total": 9, "policy_json": "{}", "transfer_top1": 70.0}
+    assert final_row(pareto, run, "{}", None)["model_path"] is None
+    assert final_row(pareto, run, "{}", final_model_path("/s", "t1"))["model_path"] == "/s/models/t1.pt"
