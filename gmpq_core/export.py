@@ -88,7 +88,7 @@ def save_quantized_state(path: str | os.PathLike, state_dict: Mapping[str, torch
     return save_checkpoint(path, {"format": FORMAT, "arch": arch, "policy_json": policy.to_json(),
                                   "quantized": {n: [int(s.w_bits), int(s.a_bits)] for n, s in quantized.items()},
                                   "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-                                  "results": dict(results or {})})
+                                  "results": _plain(results)})
 
 
 def _layers_of(policy: BitPolicy, arch: Mapping[str, Any]) -> dict[str, QuantSpec]:
@@ -100,6 +100,24 @@ def _layers_of(policy: BitPolicy, arch: Mapping[str, Any]) -> dict[str, QuantSpe
     apply_policy_(net, policy, include_stem=bool(meta.get("include_stem")),
                   include_classifier=bool(meta.get("include_classifier")), stem_bits=int(meta.get("stem_bits") or 8))
     return {n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits)) for n, m in quantized_layers(net).items()}
+
+
+def _key_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+
+
+def _plain(results: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``results`` as plain Python values (numpy / 0-d torch scalars unwrapped), which torch.load(weights_only=True)
+    reads back; anything else is refused here, not when the file is loaded."""
+    out: dict[str, Any] = {}
+    for k, v in (results or {}).items():
+        if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):       # numpy or torch scalar
+            v = v.item()
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise ConfigError(f"results[{k!r}] must be a number, a string, a bool or None, but got "
+                              f"{type(v).__name__}; convert it before saving the model.")
+        out[str(k)] = v
+    return out
 
 
 def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> QuantizedModel:
@@ -116,15 +134,27 @@ def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device 
                       small_input=arch["small_input"])
     quantized = {n: QuantSpec(w_bits=int(w), a_bits=int(a)) for n, (w, a) in blob["quantized"].items()}
     for name, spec in quantized.items():
-        mod = net.get_submodule(name)
+        try:
+            mod = net.get_submodule(name)
+        except AttributeError:
+            mod = None
         kind = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear if isinstance(mod, nn.Linear) else None
         if kind is None:
-            raise CheckpointError(f"'{path}' quantizes layer {name!r}, which is a {type(mod).__name__} in "
-                                  f"{arch['model']}: the file does not belong to this version of the model.")
+            raise CheckpointError(f"'{path}' quantizes layer {name!r}, which {arch['model']} as built by this gmpq has "
+                                  f"{'not' if mod is None else 'as a ' + type(mod).__name__}: the file was written for "
+                                  "another version of the model. Load it with the gmpq version that wrote it.")
         swap_module(net, name, kind.from_float(mod, spec))
+    missing, unexpected = _key_mismatch(net.state_dict(), blob["state_dict"])
+    if missing or unexpected:
+        raise CheckpointError(f"'{path}' does not fit {arch['model']} as rebuilt here: missing keys {missing[:4]}"
+                              f"{' ...' if len(missing) > 4 else ''}, unexpected keys {unexpected[:4]}"
+                              f"{' ...' if len(unexpected) > 4 else ''}. It was written for another version of the "
+                              "model or edited by hand; load it with the gmpq version that wrote it.")
     try:
         net.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:
-        raise CheckpointError(f"'{path}' does not fit {arch['model']} as rebuilt here ({str(e).splitlines()[0]}).") from None
+    except RuntimeError as e:        # same keys, other shapes
+        reason = " ".join(str(e).split("\n", 1)[-1].split())[:300]
+        raise CheckpointError(f"'{path}' does not fit {arch['model']} as rebuilt here ({reason}). It was written for "
+                              "another version of the model; load it with the gmpq version that wrote it.") from None
     return QuantizedModel(model=net.to(device).eval(), policy=BitPolicy.from_json(blob["policy_json"]), arch=arch,
                           quantized=quantized, results=dict(blob.get("results") or {}))

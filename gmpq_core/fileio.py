@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -27,8 +28,13 @@ def default_cache_dir() -> str:
     return os.environ.get("GMPQ_CACHE_DIR") or "~/.cache/gmpq"
 
 
+_UMASK_LOCK = threading.Lock()
+_umask_seen: list[int] = []
+
+
 def _umask() -> int:
-    """The process umask, read without changing it where the system says it (Linux), else set and restored."""
+    """The process umask: read from /proc where the system has it (Linux, no side effect), else set and
+    restored once, under a lock, and remembered (another thread's write meanwhile could see a wrong mask)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -36,9 +42,12 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    with _UMASK_LOCK:
+        if not _umask_seen:
+            mask = os.umask(0o077)
+            os.umask(mask)
+            _umask_seen.append(mask)
+        return _umask_seen[0]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = True) -> Path:
@@ -52,8 +61,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):
+        try:
             os.fchmod(fd, 0o666 & ~_umask())
+        except (AttributeError, OSError):    # no fchmod here, or a mount that refuses it: keep mkstemp's 0600
+            pass
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()

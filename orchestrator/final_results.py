@@ -10,13 +10,14 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 import pyarrow as pa
 
-from gmpq_core.errors import CheckpointError
+from gmpq_core.errors import CheckpointError, GMPQError
 from gmpq_core.fileio import load_checkpoint, read_json
 
-from .results import FINAL_FILE, read_table, utc_now_iso
+from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
 
-__all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "final_row", "final_model_path", "model_results",
-           "export_final_model", "saved_final_state", "export_saved_final"]
+__all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
+           "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
+           "record_final_run"]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,15 @@ def read_final(sweep_dir: str | Path, *, missing_ok: bool = False) -> pd.DataFra
     return read_table(path).to_pandas()
 
 
-def final_row(pareto_row: Mapping[str, Any], run: Any, recipe_json: str, model_path: Path | None) -> dict:
-    """The final.parquet row of one fine-tuned policy (``run``: the stage's ``FinalRun``)."""
+def write_final(sweep_dir: str | Path, rows: Mapping[str, Mapping[str, Any]]) -> None:
+    """Rewrite final.parquet (atomically) from ``rows`` ({trial_id: row})."""
+    write_table(Path(sweep_dir) / FINAL_FILE,
+                rows_to_table(sorted(rows.values(), key=lambda r: r["trial_id"]), FINAL_SCHEMA))
+
+
+def final_row(pareto_row: Mapping[str, Any], run: Any, recipe_json: str, model_path: str | None) -> dict:
+    """The final.parquet row of one fine-tuned policy (``run``: the stage's ``FinalRun``; ``model_path``
+    relative to the sweep folder, so the folder can move)."""
     m = run.metrics
     tid = run.trial_id
     return {"trial_id": tid, "policy_source": f"sweep trial {tid} ({pareto_row.get('selection_reason') or 'selected'})",
@@ -51,11 +59,22 @@ def final_row(pareto_row: Mapping[str, Any], run: Any, recipe_json: str, model_p
             "resumed_from_epoch": m.get("resumed_from_epoch"), "train_images": m.get("train_images"),
             "test_images": m.get("test_images"), "finished_at": utc_now_iso(),
             "policy_json": str(pareto_row["policy_json"]), "recipe_json": recipe_json,
-            "model_path": str(model_path) if model_path is not None else None}
+            "model_path": model_path}
 
 
 def final_model_path(sweep_dir: str | Path, trial_id: str) -> Path:
     return Path(sweep_dir) / MODELS_DIR / f"{trial_id}.pt"
+
+
+def _relative(trial_id: str) -> str:
+    return f"{MODELS_DIR}/{trial_id}.pt"
+
+
+def resolve_model_path(sweep_dir: str | Path, value: Any) -> Path | None:
+    """A final.parquet ``model_path`` as a path (stored relative to the sweep folder; None when there is none)."""
+    if not isinstance(value, str) or not value:
+        return None
+    return Path(value) if Path(value).is_absolute() else Path(sweep_dir) / value
 
 
 def export_final_model(sweep_dir: str | Path, trial_id: str, state_dict: Mapping[str, Any], policy_json: str,
@@ -91,17 +110,51 @@ def model_results(row: Mapping[str, Any], metrics: Mapping[str, Any], dataset: s
             "bitops": int(row["bitops"]), "gbitops": float(row["bitops"]) / 1e9, "epochs": metrics.get("epoch")}
 
 
+def _same_run(state: Mapping[str, Any], prev: Mapping[str, Any], policy_json: str) -> bool:
+    """Whether a Ray Train checkpoint holds the weights ``prev`` (a final.parquet row) reports: the same
+    policy, recipe (when the row has one) and epoch, and the same last test top-1."""
+    history = state.get("history") or [{}]
+    return (state.get("policy_json") == policy_json
+            and (prev.get("recipe_json") is None or state.get("recipe_json") == prev.get("recipe_json"))
+            and int(state.get("epoch") or -1) == int(prev.get("epochs") or -2)
+            and history[-1].get("top1") is not None and abs(float(history[-1]["top1"]) - float(prev["final_top1"])) < 1e-6)
+
+
 def export_saved_final(sweep_dir: str | Path, storage: str | Path, prev: Mapping[str, Any], job: Any, state_file: str,
                        say: Callable[[str], None]) -> dict:
     """``prev`` (a final.parquet row fine-tuned before models were exported) with its model written from the
-    Ray Train checkpoint of ``job`` (a ``FinalJob``); unchanged, with a note, when that checkpoint is gone."""
+    Ray Train checkpoint of ``job`` (a ``FinalJob``), if that checkpoint holds the weights the row reports;
+    else unchanged, with a note."""
     state = saved_final_state(storage, job.trial_id, state_file)
-    if state is None or state.get("policy_json") != job.policy_json:
-        say(f"{job.trial_id}: no Ray Train checkpoint of this fine-tune under {storage}, so no model file (rerun with "
-            "more --epochs, or delete its row in final.parquet, to fine-tune it again)")
+    if state is None or not _same_run(state, prev, job.policy_json):
+        say(f"{job.trial_id}: no Ray Train checkpoint under {storage} holds the fine-tune that final.parquet reports "
+            "(gone, or from a later run with other settings), so no model file; delete its row in final.parquet, or "
+            "rerun with more --epochs, to fine-tune it again")
         return dict(prev)
     metrics = {"top1": prev.get("final_top1"), "top5": prev.get("final_top5"), "epoch": prev.get("epochs")}
-    path = export_final_model(sweep_dir, job.trial_id, state["model"], job.policy_json, job.fp_checkpoint,
-                              model_results(prev, metrics, job.dataset))
+    try:
+        path = export_final_model(sweep_dir, job.trial_id, state["model"], job.policy_json, job.fp_checkpoint,
+                                  model_results(prev, metrics, job.dataset))
+    except (OSError, GMPQError) as e:
+        say(f"{job.trial_id}: cannot write its model file ({e}); final.parquet keeps its row without one")
+        return dict(prev)
     say(f"{job.trial_id}: model written to {path} (from its Ray Train checkpoint)")
-    return {**prev, "model_path": str(path)}
+    return {**prev, "model_path": _relative(job.trial_id)}
+
+
+def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: Mapping[str, Any], run: Any, job: Any,
+                     say: Callable[[str], None]) -> Path | None:
+    """After one policy's fine-tune: write its model file (``run.model_state``) and its row in final.parquet.
+    A model that cannot be written is reported and the row kept without one (the weights stay in the Ray
+    Train checkpoint; rerunning ``gmpq finetune --sweep`` writes the file then). Returns the model path."""
+    path = None
+    if run.model_state:
+        try:
+            path = export_final_model(sweep_dir, job.trial_id, run.model_state, job.policy_json, job.fp_checkpoint,
+                                      model_results(pareto_row, run.metrics, job.dataset))
+        except (OSError, GMPQError) as e:
+            say(f"{job.trial_id}: cannot write its model file ({e}); its row is kept without one (rerun "
+                "'gmpq finetune --sweep' to write it from the Ray Train checkpoint)")
+    rows[job.trial_id] = final_row(pareto_row, run, job.recipe_json(), _relative(job.trial_id) if path else None)
+    write_final(sweep_dir, rows)
+    return path

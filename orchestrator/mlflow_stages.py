@@ -40,9 +40,19 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
     return sink.enabled
 
 
+def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Mapping) -> None:
+    """The fine-tuned model file of a final.parquet row (gmpq_core.load_quantized_model) under ``model/``."""
+    from .final_results import resolve_model_path
+
+    path = resolve_model_path(sweep_dir, row.get("model_path"))
+    if rid and path is not None and path.is_file():
+        sink.call(f"logging {path.name}", sink.client.log_artifact, rid, str(path), "model")
+
+
 def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.DataFrame, *,
               histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None) -> bool:
-    """One child run ``finetune-<trial_id>`` per policy (reused on rerun); final.parquet + plot on the parent."""
+    """One child run ``finetune-<trial_id>`` per policy (reused on rerun) with its metrics, policy and model
+    file; final.parquet + plot on the parent."""
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
         return False
@@ -57,9 +67,7 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
                                                          "seconds", "transfer_top1")}, step=int(row.get("epochs") or 0))
         if row.get("policy_json"):
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
-        model = row.get("model_path")
-        if isinstance(model, str) and Path(model).is_file():     # the fine-tuned model (gmpq_core.load_quantized_model)
-            sink.call(f"logging {Path(model).name}", sink.client.log_artifact, rid, model, "model")
+        _log_model(sink, rid, sweep_dir, row)
         sink.finish(rid, "FINISHED", {"status": "completed"})
     d = Path(sweep_dir)
     for f in [d / "final.parquet", png_path]:

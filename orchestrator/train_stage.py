@@ -32,9 +32,9 @@ from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 
-from .final_results import (FINAL_SCHEMA, export_final_model, export_saved_final, final_model_path, final_row,
-                            model_results, read_final)
-from .results import FINAL_FILE, load_resolved_config, rows_to_table, write_table
+from .final_results import (FINAL_SCHEMA, export_saved_final, final_model_path, read_final, record_final_run,
+                            write_final)
+from .results import FINAL_FILE, load_resolved_config
 
 __all__ = ["FINAL_PNG", "STATE_FILE", "FINAL_SCHEMA", "FinalJob", "shard_indices", "train_loop_per_worker",
            "run_final_job", "target_fp_checkpoint", "finetune_selected", "read_final", "check_final_workers"]
@@ -305,10 +305,6 @@ def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | 
                                 small_input=cfg.small_input).path
 
 
-def _write_final(sweep_dir: Path, rows: dict[str, dict]) -> None:
-    write_table(sweep_dir / FINAL_FILE, rows_to_table(sorted(rows.values(), key=lambda r: r["trial_id"]), FINAL_SCHEMA))
-
-
 def check_final_workers(workers: int) -> None:
     """Before a sweep that ends with the final stage (``gmpq run``): its workers fit the running Ray cluster
     (a ConfigError naming ``--workers`` now, not after the sweep)."""
@@ -381,6 +377,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     histories: dict[str, list[dict]] = {}
     storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results").resolve()
     done_ids: list[str] = []
+    refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
     with driver_marker(sweep_dir, "finetune"), \
             ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
         workers, use_gpu = _ray_devices(workers, use_gpu, say)
@@ -403,7 +400,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                     f"top1 {prev['final_top1']:.2f}%")
                 if not final_model_path(sweep_dir, tid).is_file():    # fine-tuned before models were exported
                     final_rows[tid] = export_saved_final(sweep_dir, storage, prev, job, STATE_FILE, say)
-                    _write_final(sweep_dir, final_rows)
+                    write_final(sweep_dir, final_rows)
+                    refilled.append(tid)
                 done_ids.append(tid)
                 continue
             if prev is not None and not same_recipe:
@@ -414,10 +412,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             with _ProgressWatcher(Path(job.progress_file), say, f"[{i}/{len(chosen)}] {tid}:", epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
             histories[tid] = run.history
-            model_path = export_final_model(sweep_dir, tid, run.model_state, job.policy_json, fp_path,
-                                            model_results(row, run.metrics, job.dataset)) if run.model_state else None
-            final_rows[tid] = final_row(row, run, recipe, model_path)
-            _write_final(sweep_dir, final_rows)
+            model_path = record_final_run(sweep_dir, final_rows, row, run, job, say)
             say(f"[{i}/{len(chosen)}] {tid}: final top1 {run.metrics.get('top1', float('nan')):.2f}% "
                 f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s"
                 + (f"; model {model_path}" if model_path else ""))
@@ -425,6 +420,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     final = read_final(sweep_dir)
     plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
     ours = final[final["trial_id"].isin(done_ids)].reset_index(drop=True)
-    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours[ours["trial_id"].isin(list(histories))],
-              histories=histories, png_path=sweep_dir / FINAL_PNG)
+    logged = ours["trial_id"].isin([*histories, *refilled])         # a refilled row's run gets its model file
+    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours[logged], histories=histories,
+              png_path=sweep_dir / FINAL_PNG)
     return ours

@@ -80,7 +80,8 @@ def _final_lines(st: Any) -> list[str]:
     for tid in st.selected:
         if tid in st.final:
             r = st.final[tid]
-            model = f"; model {r['model_path']}" if r.get("model_path") else ""
+            rel = r.get("model_path")                    # relative to the sweep folder (absolute in none we write)
+            model = f"; model {Path(rel) if Path(rel).is_absolute() else st.sweep_dir / rel}" if rel else ""
             lines.append(f"  {tid}: top1 {fmt(r.get('final_top1'), '.2f')}% at {fmt(r.get('gbitops'), '.4f')} "
                          f"GBitOPs ({r.get('epochs')} epoch(s), {_duration(r.get('seconds'))}){model}")
         elif tid in st.finetune_progress:

@@ -55,3 +55,36 @@ def test_files_of_another_kind_and_missing_architecture_are_named(tmp_path):
         save_quantized_model(tmp_path / "m.pt", q, policy, arch={"model": "resnet20"})
     with pytest.raises(ConfigError, match="without quantized layers"):
         save_quantized_model(tmp_path / "m.pt", build_model("resnet20", in_channels=1), policy, arch=ARCH)
+
+
+def test_a_file_that_does_not_fit_names_the_keys_and_results_must_be_plain_values(tmp_path):
+    import numpy as np
+
+    q, policy, x = _quantized(False)
+    path = save_quantized_model(tmp_path / "m.pt", q, policy, arch=ARCH,
+                                results={"top1": np.float64(81.5), "n": torch.tensor(3)})
+    assert load_quantized_model(path).results == {"top1": 81.5, "n": 3}     # unwrapped: weights_only can read them
+    with pytest.raises(ConfigError, match=r"results\['bad'\] must be a number"):
+        save_quantized_model(tmp_path / "b.pt", q, policy, arch=ARCH, results={"bad": [1, 2]})
+    blob = torch.load(path, weights_only=True)
+    blob["state_dict"]["module.fc.weight"] = blob["state_dict"].pop("fc.weight")     # a DDP-prefixed key, say
+    torch.save(blob, tmp_path / "odd.pt")
+    with pytest.raises(CheckpointError, match=r"missing keys \['fc.weight'\].*unexpected keys \['module.fc.weight'\]"):
+        load_quantized_model(tmp_path / "odd.pt")
+    blob["quantized"]["no.such.layer"] = [4, 4]
+    torch.save(blob, tmp_path / "odd2.pt")
+    with pytest.raises(CheckpointError, match="quantizes layer 'no.such.layer'"):
+        load_quantized_model(tmp_path / "odd2.pt")
+
+
+def test_a_quantized_classifier_travels_with_the_file(tmp_path):
+    torch.manual_seed(0)
+    fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    policy = BitPolicy(layers={n: QuantSpec(w_bits=4, a_bits=4) for n in searchable_layers(fp)},
+                       meta={**ARCH, "include_classifier": True, "stem_bits": 5})
+    x = torch.randn(4, 1, 28, 28)
+    q = prepare_quantized(fp, policy, x).eval()
+    loaded = load_quantized_model(save_quantized_state(tmp_path / "c.pt", q.state_dict(), policy, arch=ARCH))
+    assert loaded.quantized["fc"].w_bits == 5 and "conv1" not in loaded.quantized
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), q(x))

@@ -23,3 +23,19 @@ def test_atomic_writes_get_the_umask_permissions_not_the_temp_files_private_ones
     assert want == 0o666 & ~umask
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == want == stat.S_IMODE((tmp_path / "b.txt").stat().st_mode)
     assert read_json(tmp_path / "a.json") == {"k": 1} and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_without_proc_the_umask_is_read_once_and_remembered(tmp_path, monkeypatch):
+    import gmpq_core.fileio as fileio
+
+    def no_proc(*a, **k):
+        raise OSError("no /proc here")
+    monkeypatch.setattr(fileio, "open", no_proc, raising=False)
+    monkeypatch.setattr(fileio, "_umask_seen", [])
+    before = os.umask(0o027)
+    try:
+        assert fileio._umask() == 0o027 and os.umask(0o027) == 0o027      # read, and left as it was
+        os.umask(0o002)
+        assert fileio._umask() == 0o027                                  # remembered (no set-and-restore race)
+    finally:
+        os.umask(before)

@@ -13,7 +13,8 @@ from gmpq_core.finetune import prepare_quantized
 from gmpq_core.layers import searchable_layers
 from gmpq_core.models import build_model
 from gmpq_core.policy import BitPolicy, QuantSpec
-from orchestrator.final_results import export_saved_final, final_model_path, final_row, saved_final_state
+from orchestrator.final_results import (export_saved_final, final_model_path, final_row, read_final, record_final_run,
+                                        saved_final_state)
 
 META = {"model": "resnet20", "num_classes": 10, "in_channels": 1, "small_input": True, "input_size": 28}
 
@@ -36,24 +37,49 @@ def test_a_policy_fine_tuned_before_models_were_exported_gets_its_file_from_the_
     for d in (old, new):
         d.mkdir(parents=True)
     save_checkpoint(old / "state.pt", {"policy_json": "another policy", "model": {}})
-    save_checkpoint(new / "state.pt", {"policy_json": policy.to_json(), "model": q.state_dict()})
+    state = {"policy_json": policy.to_json(), "model": q.state_dict(), "recipe_json": "R", "epoch": 1,
+             "history": [{"epoch": 1, "top1": 81.5}]}
+    save_checkpoint(new / "state.pt", state)
     os.utime(old / "state.pt", (1, 1))                                # the newest checkpoint is the one read
     assert saved_final_state(storage, "t1", "state.pt")["policy_json"] == policy.to_json()
     prev = {"trial_id": "t1", "final_top1": 81.5, "final_top5": 99.0, "epochs": 1, "bitops": 400_000_000,
-            "transfer_top1": 79.0}
+            "transfer_top1": 79.0, "recipe_json": "R"}
     job = SimpleNamespace(trial_id="t1", policy_json=policy.to_json(), fp_checkpoint=str(fp_path), dataset="fashion_mnist")
     notes = []
     row = export_saved_final(tmp_path, storage, prev, job, "state.pt", notes.append)
-    assert row["model_path"] == str(final_model_path(tmp_path, "t1")) and "from its Ray Train checkpoint" in notes[0]
-    loaded = load_quantized_model(row["model_path"])
+    assert row["model_path"] == "models/t1.pt" and "from its Ray Train checkpoint" in notes[0]
+    loaded = load_quantized_model(final_model_path(tmp_path, "t1"))
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), q(x))
     assert loaded.results["final_top1"] == 81.5 and loaded.results["gbitops"] == 0.4 and loaded.arch == META
-    # no checkpoint left (or one of another policy): the row stays as it was, and the user is told why
-    notes.clear()
-    assert export_saved_final(tmp_path, tmp_path / "elsewhere", prev, job, "state.pt", notes.append) == prev
-    assert "no Ray Train checkpoint" in notes[0]
+    # no checkpoint left, or one of a later run with other settings or another epoch: the row stays as it was
+    final_model_path(tmp_path, "t1").unlink()
+    for other in ({}, {"recipe_json": "R2"}, {"epoch": 2}, {"history": [{"epoch": 1, "top1": 70.0}]}):
+        notes.clear()
+        save_checkpoint(new / "state.pt", {**state, **other})
+        where = tmp_path / "elsewhere" if not other else storage
+        assert export_saved_final(tmp_path, where, prev, job, "state.pt", notes.append) == prev
+        assert "no Ray Train checkpoint" in notes[0] and not final_model_path(tmp_path, "t1").exists()
+
+
+def test_after_a_fine_tune_the_model_file_and_its_row_are_written_and_a_failed_write_keeps_the_row(tmp_path):
+    fp_path, policy, q = _fine_tuned(tmp_path)
+    job = SimpleNamespace(trial_id="t1", policy_json=policy.to_json(), fp_checkpoint=str(fp_path),
+                          dataset="fashion_mnist", recipe_json=lambda: "R")
+    run = SimpleNamespace(trial_id="t1", seconds=10.0, workers=2, model_state=q.state_dict(),
+                          metrics={"top1": 80.0, "top5": 99.0, "loss": 0.5, "epoch": 1})
+    pareto = {"trial_id": "t1", "bitops": 5, "bitops_total": 9, "policy_json": policy.to_json(), "transfer_top1": 70.0}
+    rows, notes = {}, []
+    path = record_final_run(tmp_path, rows, pareto, run, job, notes.append)
+    assert path == final_model_path(tmp_path, "t1") and load_quantized_model(path).results["final_top1"] == 80.0
+    assert read_final(tmp_path)["model_path"].tolist() == ["models/t1.pt"] and not notes
+    sweep = tmp_path / "other"
+    (sweep / "models").parent.mkdir()
+    (sweep / "models").write_text("a file where the models folder goes")
+    assert record_final_run(sweep, {}, pareto, run, job, notes.append) is None
+    assert read_final(sweep)["model_path"].isna().all() and read_final(sweep)["final_top1"].tolist() == [80.0]
+    assert "cannot write its model file" in notes[0]
 
 
 def test_a_final_row_names_its_model_file_or_none():
@@ -61,4 +87,4 @@ def test_a_final_row_names_its_model_file_or_none():
                           metrics={"top1": 80.0, "top5": 99.0, "loss": 0.5, "epoch": 1})
     pareto = {"trial_id": "t1", "bitops": 5, "bitops_total": 9, "policy_json": "{}", "transfer_top1": 70.0}
     assert final_row(pareto, run, "{}", None)["model_path"] is None
-    assert final_row(pareto, run, "{}", final_model_path("/s", "t1"))["model_path"] == "/s/models/t1.pt"
+    assert final_row(pareto, run, "{}", "models/t1.pt")["model_path"] == "models/t1.pt"
