@@ -6,11 +6,14 @@
     {"format": "gmpq-quantized-model/1", "arch": {"model", "num_classes", "in_channels", "small_input"},
      "policy_json": the searched policy (with its meta), "quantized": {layer: [w_bits, a_bits]} (every
      quantized layer, a quantized stem / classifier included), "state_dict": weights, clips and signed
-     flags, "results": accuracies, BitOPs, provenance}
+     flags, "preprocess": {"dataset", "image_size", "mean", "std"} of the data it was trained on,
+     "results": "top1"/"top5" and more (BitOPs, provenance)}
 
 ``load_quantized_model(path)`` rebuilds the architecture from the registry, swaps in the quantized
 layers, loads the weights (strict) and returns a ``QuantizedModel`` whose ``model`` is ready for
-inference (eval mode): the fake-quantized network the fine-tune trained and evaluated.
+inference (eval mode): the fake-quantized network the fine-tune trained and evaluated. It expects inputs
+normalised as in training: ``QuantizedModel.normalize(x)`` maps images in [0, 1] (torchvision ``ToTensor``)
+at ``preprocess["image_size"]`` pixels to them.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from .models import build_model
 from .policy import BitPolicy, QuantSpec
 from .qmodules import QuantConv2d, QuantLinear, quantized_layers
 
-__all__ = ["FORMAT", "ARCH_KEYS", "QuantizedModel", "arch_from_meta", "save_quantized_model", "save_quantized_state",
-           "load_quantized_model"]
+__all__ = ["FORMAT", "ARCH_KEYS", "QuantizedModel", "arch_from_meta", "preprocess_of", "save_quantized_model",
+           "save_quantized_state", "load_quantized_model"]
 
 FORMAT = "gmpq-quantized-model/1"
 ARCH_KEYS = ("model", "num_classes", "in_channels", "small_input")
@@ -45,6 +48,19 @@ class QuantizedModel:
     arch: dict
     quantized: dict[str, QuantSpec]
     results: dict = field(default_factory=dict)
+    preprocess: dict = field(default_factory=dict)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(images - mean) / std`` per channel, as the training data loader did; ``images`` in [0, 1]
+        (e.g. torchvision ``ToTensor``), shape [N, C, H, W] or [C, H, W]."""
+        if not self.preprocess:
+            raise ConfigError("this model file records no input normalisation (written before it was kept); "
+                              "normalise with the dataset's mean and std (gmpq_core.data.load_dataset(name).info).")
+        p = next(self.model.parameters())
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.preprocess["mean"], device=p.device).view(shape)
+        std = torch.tensor(self.preprocess["std"], device=p.device).view(shape)
+        return (images.to(p.device, torch.float32) - mean) / std
 
 
 def arch_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -62,8 +78,15 @@ def arch_from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return arch
 
 
+def preprocess_of(info: Any) -> dict[str, Any]:
+    """The input pipeline of a ``DatasetInfo``: ``{"dataset", "image_size", "mean", "std"}`` (0..1 scale)."""
+    return {"dataset": str(info.name), "image_size": int(info.image_size),
+            "mean": [float(m) for m in info.mean], "std": [float(s) for s in info.std]}
+
+
 def save_quantized_model(path: str | os.PathLike, model: nn.Module, policy: BitPolicy, *,
-                         arch: Mapping[str, Any], results: Mapping[str, Any] | None = None) -> Path:
+                         arch: Mapping[str, Any], results: Mapping[str, Any] | None = None,
+                         preprocess: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` (a quantized network, e.g. ``FinetuneResult.model``; DDP's ``.module`` is taken) with
     what rebuilds it; returns the path. ``results``: plain numbers and strings kept beside the weights."""
     net = getattr(model, "module", model)
@@ -74,12 +97,12 @@ def save_quantized_model(path: str | os.PathLike, model: nn.Module, policy: BitP
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     return save_quantized_state(path, state, policy, arch=arch,
                                 quantized={n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits))
-                                           for n, m in layers.items()}, results=results)
+                                           for n, m in layers.items()}, results=results, preprocess=preprocess)
 
 
 def save_quantized_state(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], policy: BitPolicy, *,
                          arch: Mapping[str, Any], quantized: Mapping[str, QuantSpec] | None = None,
-                         results: Mapping[str, Any] | None = None) -> Path:
+                         results: Mapping[str, Any] | None = None, preprocess: Mapping[str, Any] | None = None) -> Path:
     """``save_quantized_model`` from a state dict (a training checkpoint's); ``quantized`` defaults to the
     policy's layers plus a stem / classifier quantized at ``stem_bits`` as its meta says."""
     arch = arch_from_meta(arch)
@@ -88,7 +111,7 @@ def save_quantized_state(path: str | os.PathLike, state_dict: Mapping[str, torch
     return save_checkpoint(path, {"format": FORMAT, "arch": arch, "policy_json": policy.to_json(),
                                   "quantized": {n: [int(s.w_bits), int(s.a_bits)] for n, s in quantized.items()},
                                   "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-                                  "results": _plain(results)})
+                                  "results": _plain(results), "preprocess": dict(preprocess or {})})
 
 
 def _layers_of(policy: BitPolicy, arch: Mapping[str, Any]) -> dict[str, QuantSpec]:
@@ -157,4 +180,5 @@ def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device 
         raise CheckpointError(f"'{path}' does not fit {arch['model']} as rebuilt here ({reason}). It was written for "
                               "another version of the model; load it with the gmpq version that wrote it.") from None
     return QuantizedModel(model=net.to(device).eval(), policy=BitPolicy.from_json(blob["policy_json"]), arch=arch,
-                          quantized=quantized, results=dict(blob.get("results") or {}))
+                          quantized=quantized, results=dict(blob.get("results") or {}),
+                          preprocess=dict(blob.get("preprocess") or {}))

@@ -10,14 +10,14 @@ from typing import Any, Callable, Mapping
 import pandas as pd
 import pyarrow as pa
 
-from gmpq_core.errors import CheckpointError, GMPQError
+from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import load_checkpoint, read_json
 
 from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
-           "record_final_run"]
+           "record_final_run", "check_not_shorter"]
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +77,19 @@ def resolve_model_path(sweep_dir: str | Path, value: Any) -> Path | None:
     return Path(value) if Path(value).is_absolute() else Path(sweep_dir) / value
 
 
-def export_final_model(sweep_dir: str | Path, trial_id: str, state_dict: Mapping[str, Any], policy_json: str,
-                       fp_checkpoint: str | Path, results: Mapping[str, Any]) -> Path:
-    """Write ``models/<trial_id>.pt`` from the fine-tune's weights; the architecture is the FP target model's."""
-    from gmpq_core.export import save_quantized_state
+def export_final_model(sweep_dir: str | Path, state_dict: Mapping[str, Any], job: Any,
+                       results: Mapping[str, Any]) -> Path:
+    """Write ``models/<trial_id>.pt`` from the fine-tune's weights (``job``: the ``FinalJob``); the architecture
+    is the FP target model's, the input normalisation the target dataset's."""
+    from gmpq_core.data import load_dataset
+    from gmpq_core.export import preprocess_of, save_quantized_state
     from gmpq_core.policy import BitPolicy
 
-    arch = read_json(Path(fp_checkpoint).with_suffix(".json"))["meta"]
-    return save_quantized_state(final_model_path(sweep_dir, trial_id), state_dict, BitPolicy.from_json(policy_json),
-                                arch=arch, results={k: v for k, v in results.items() if v is not None})
+    arch = read_json(Path(job.fp_checkpoint).with_suffix(".json"))["meta"]
+    info = load_dataset(job.dataset, root=job.data_root, image_size=job.image_size).info
+    return save_quantized_state(final_model_path(sweep_dir, job.trial_id), state_dict,
+                                BitPolicy.from_json(job.policy_json), arch=arch, preprocess=preprocess_of(info),
+                                results={k: v for k, v in results.items() if v is not None})
 
 
 def saved_final_state(storage: str | Path, trial_id: str, state_file: str) -> dict | None:
@@ -105,8 +109,8 @@ def saved_final_state(storage: str | Path, trial_id: str, state_file: str) -> di
 def model_results(row: Mapping[str, Any], metrics: Mapping[str, Any], dataset: str) -> dict:
     """What a final model file keeps beside its weights (``gmpq_core.load_quantized_model(...).results``):
     ``row`` is the policy's pareto.parquet (or final.parquet) row, ``metrics`` the fine-tune's last epoch."""
-    return {"trial_id": str(row["trial_id"]), "dataset": dataset, "final_top1": metrics.get("top1"),
-            "final_top5": metrics.get("top5"), "transfer_top1": row.get("transfer_top1"),
+    return {"trial_id": str(row["trial_id"]), "dataset": dataset, "top1": metrics.get("top1"),
+            "top5": metrics.get("top5"), "transfer_top1": row.get("transfer_top1"),
             "bitops": int(row["bitops"]), "gbitops": float(row["bitops"]) / 1e9, "epochs": metrics.get("epoch")}
 
 
@@ -133,8 +137,7 @@ def export_saved_final(sweep_dir: str | Path, storage: str | Path, prev: Mapping
         return dict(prev)
     metrics = {"top1": prev.get("final_top1"), "top5": prev.get("final_top5"), "epoch": prev.get("epochs")}
     try:
-        path = export_final_model(sweep_dir, job.trial_id, state["model"], job.policy_json, job.fp_checkpoint,
-                                  model_results(prev, metrics, job.dataset))
+        path = export_final_model(sweep_dir, state["model"], job, model_results(prev, metrics, job.dataset))
     except (OSError, GMPQError) as e:
         say(f"{job.trial_id}: cannot write its model file ({e}); final.parquet keeps its row without one")
         return dict(prev)
@@ -150,11 +153,25 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
     path = None
     if run.model_state:
         try:
-            path = export_final_model(sweep_dir, job.trial_id, run.model_state, job.policy_json, job.fp_checkpoint,
-                                      model_results(pareto_row, run.metrics, job.dataset))
+            path = export_final_model(sweep_dir, run.model_state, job, model_results(pareto_row, run.metrics, job.dataset))
         except (OSError, GMPQError) as e:
             say(f"{job.trial_id}: cannot write its model file ({e}); its row is kept without one (rerun "
                 "'gmpq finetune --sweep' to write it from the Ray Train checkpoint)")
     rows[job.trial_id] = final_row(pareto_row, run, job.recipe_json(), _relative(job.trial_id) if path else None)
     write_final(sweep_dir, rows)
     return path
+
+
+def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epochs: int, sweep_dir: Path) -> None:
+    """A fine-tune continues from its checkpoint and cannot go back: fewer --epochs than a policy already ran
+    with the same settings is refused before anything runs (it trained nothing and reported the longer run)."""
+    longer = {job.trial_id: int(prev["epochs"]) for _, job in jobs
+              if (prev := existing.get(job.trial_id)) is not None and prev.get("recipe_json") in (None, job.recipe_json())
+              and int(prev.get("epochs") or 0) > epochs}
+    if longer:
+        done = ", ".join(f"{t} ({n} epochs)" for t, n in longer.items())
+        raise ConfigError(f"--epochs {epochs} is fewer than these policies were already fine-tuned for with the same "
+                          f"settings: {done}. A fine-tune continues from its checkpoint and cannot go back. Pass "
+                          f"--epochs {max(longer.values())} (or more) to keep or continue them, or, to fine-tune one "
+                          f"afresh, delete its row in {sweep_dir / FINAL_FILE} and its folder "
+                          f"ray_results/finetune-<trial_id>.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
@@ -155,6 +156,30 @@ def _check_stores(cfg: SweepConfig) -> None:
             raise ConfigError(f"optuna_storage {cfg.optuna_storage!r} is not a database URL ({e}). Use "
                               "sqlite:///PATH (the default: the sweep folder's optuna.db) or e.g. "
                               "postgresql://USER@HOST/DB.") from None
+    for what, flag, url in (("optuna_storage", "--optuna-storage", cfg.optuna_storage),
+                            ("tracking_uri", "--tracking-uri", uri)):
+        _check_sqlite_file(what, flag, url)
+
+
+def _check_sqlite_file(what: str, flag: str, url: str | None) -> None:
+    """A sqlite:///PATH store whose folder cannot be written fails now, naming it (SQLAlchemy raised a
+    traceback once the shared models had trained)."""
+    if not url or not url.lower().startswith("sqlite:"):
+        return
+    from sqlalchemy.engine import make_url
+
+    from gmpq_core.fileio import check_writable_dir
+
+    database = make_url(url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database).expanduser()
+    check_writable_dir(path.parent, what=f"folder of the {what} database {url!r}",
+                       hint=f"pass {flag} sqlite:///PATH with PATH in a folder you can write, or leave it out to keep "
+                            "it in the sweep folder")
+    if path.is_dir():
+        raise ConfigError(f"{what} {url!r} names a folder, not a database file. Pass {flag} sqlite:///PATH/FILE.db, or "
+                          "leave it out to keep it in the sweep folder.")
 
 
 def _warn_single_bucket(cfg: SweepConfig, low: float | None, high: float | None) -> None:

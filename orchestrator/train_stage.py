@@ -32,8 +32,8 @@ from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 
-from .final_results import (FINAL_SCHEMA, export_saved_final, final_model_path, read_final, record_final_run,
-                            write_final)
+from .final_results import (FINAL_SCHEMA, check_not_shorter, export_saved_final, final_model_path, read_final,
+                            record_final_run, write_final)
 from .results import FINAL_FILE, load_resolved_config
 
 __all__ = ["FINAL_PNG", "STATE_FILE", "FINAL_SCHEMA", "FinalJob", "shard_indices", "train_loop_per_worker",
@@ -203,8 +203,8 @@ def train_loop_per_worker(config: dict) -> None:
         if state.get("trial_id") != job.trial_id or state.get("policy_json") != job.policy_json:
             raise CheckpointError(f"The Ray Train checkpoint of finetune-{job.trial_id} belongs to another policy; "
                                   "delete that run folder under ray_results to start afresh.")
-        if state.get("recipe_json", job.recipe_json()) != job.recipe_json():
-            state = None                    # other settings (lr, batch size, ...): start afresh, do not resume
+        if state.get("recipe_json", job.recipe_json()) != job.recipe_json() or int(state["epoch"]) > job.epochs:
+            state = None                    # other settings (lr, ...) or a longer run: start afresh, do not resume
     if state is not None:
         model.load_state_dict(state["model"])
         start, history = int(state["epoch"]), [dict(h) for h in state["history"]]
@@ -378,20 +378,24 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results").resolve()
     done_ids: list[str] = []
     refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
+    def final_job(row: dict) -> FinalJob:
+        tid = str(row["trial_id"])
+        return FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
+                        dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
+                        image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
+                        batch_size=int(given(batch_size, "batch_size", 128)),
+                        distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
+                        seed=int(cfg.get("seed") or 0),
+                        max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
+                        train_size=train_size, test_size=test_size,
+                        progress_file=str(storage / f"finetune-{tid}.progress.json"))
+    jobs = [(row, final_job(row)) for row in chosen.to_dict("records")]
+    check_not_shorter(jobs, existing, epochs, sweep_dir)
     with driver_marker(sweep_dir, "finetune"), \
             ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
         workers, use_gpu = _ray_devices(workers, use_gpu, say)
-        for i, row in enumerate(chosen.to_dict("records"), start=1):
-            tid = str(row["trial_id"])
-            job = FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
-                           dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
-                           image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
-                           batch_size=int(given(batch_size, "batch_size", 128)),
-                           distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
-                           seed=int(cfg.get("seed") or 0),
-                           max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
-                           train_size=train_size, test_size=test_size,
-                           progress_file=str(storage / f"finetune-{tid}.progress.json"))
+        for i, (row, job) in enumerate(jobs, start=1):
+            tid = job.trial_id
             recipe, prev = job.recipe_json(), existing.get(tid)
             # a row from before recipes (None) counts as the same recipe
             same_recipe = prev is not None and prev.get("recipe_json") in (None, recipe)
@@ -406,7 +410,10 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                 continue
             if prev is not None and not same_recipe:
                 say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings; starting afresh "
-                    f"(its row in {FINAL_FILE} will be replaced)")
+                    f"(its row in {FINAL_FILE} and its model file will be replaced)")
+            elif prev is not None:
+                say(f"[{i}/{len(chosen)}] {tid}: continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
+                    f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
             say(f"[{i}/{len(chosen)}] {tid}: fine-tuning {epochs} epoch(s) on {workers} worker(s) "
                 f"({'GPU' if use_gpu else 'CPU'}), {row.get('selection_reason')}")
             with _ProgressWatcher(Path(job.progress_file), say, f"[{i}/{len(chosen)}] {tid}:", epochs):

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.export import save_quantized_model
+from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
 from gmpq_core.policy import BitPolicy
@@ -154,7 +154,16 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                             distill_temperature=args.distill_temperature, seed=args.seed,
                             max_steps_per_epoch=args.max_steps_per_epoch, include_stem=args.include_stem,
                             include_classifier=args.include_classifier)
-    dataset = args.dataset or fp_info.get("dataset") or meta.get("target_dataset") or meta.get("dataset")
+    fp_data, target = fp_info.get("dataset"), meta.get("target_dataset")
+    if not args.dataset and fp_data and target and fp_data != target:
+        raise ConfigError(f"The policy names the target dataset '{target}', but the FP checkpoint "
+                          f"'{args.fp_checkpoint or out / FP_WEIGHTS}' was trained on '{fp_data}'. Pass --dataset "
+                          f"{target} with an FP checkpoint of that dataset, or --dataset {fp_data} to deploy the policy "
+                          "there on purpose.")
+    dataset = args.dataset or fp_data or target or meta.get("dataset")
+    if not args.dataset and fp_data and meta.get("dataset") and fp_data != meta.get("dataset") and not target:
+        print(f"fine-tuning on '{fp_data}', the FP checkpoint's dataset (the policy was searched on the proxy "
+              f"'{meta.get('dataset')}'); pass --dataset NAME to choose another", file=sys.stderr)
     if not args.dataset and not fp_info.get("dataset") and meta.get("dataset") and not meta.get("target_dataset"):
         print(f"fine-tuning on '{dataset}', the dataset the policy was searched on (its proxy's source); pass "
               "--dataset NAME to deploy it on another target", file=sys.stderr)
@@ -185,7 +194,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(),
                          results={"top1": result.top1, "top5": result.top5, "dataset": info.name,
                                   "gbitops": summary["bitops"]["gbitops_quantized"], "epochs": result.epochs_run,
-                                  "policy_source": summary["policy"]["name"]})
+                                  "policy_source": summary["policy"]["name"]}, preprocess=preprocess_of(info))
     atomic_write_json(out / RESULT, summary)
     b = summary["bitops"]
     print(f"FP {opts.model}: top-1 {fp_eval['top1']:.2f}%   quantized ({summary['policy']['name']}, "

@@ -156,6 +156,16 @@ def test_train_fp_then_finetune_write_their_files_and_resume(tmp_path, capsys):
     assert main([*argv[:-2], "--epochs", "3", "--out", str(q_dir)]) == 2
     assert "epochs=2" in capsys.readouterr().err
 
+    # a policy that names another target dataset than the FP checkpoint's is refused, naming both and the fixes
+    policy = BitPolicy.load(q_dir / "policy.json")
+    other = BitPolicy(layers=policy.layers, fingerprint=policy.fingerprint,
+                      meta={**policy.meta, "target_dataset": "fashion_mnist"})
+    other.save(tmp_path / "other.json")
+    assert main(["finetune", "--policy", str(tmp_path / "other.json"), "--fp-checkpoint", str(fp_dir / "fp.pt"),
+                 "--test-size", "50", "--out", str(tmp_path / "q2")]) == 2
+    err = capsys.readouterr().err
+    assert "target dataset 'fashion_mnist'" in err and "trained on 'digits'" in err and "--dataset digits" in err
+
 
 def test_finetune_without_fp_checkpoint_trains_fp_first(tmp_path, capsys):
     out_dir = tmp_path / "run"
@@ -168,6 +178,7 @@ def test_finetune_without_fp_checkpoint_trains_fp_first(tmp_path, capsys):
     loaded = load_quantized_model(out_dir / "quantized.pt")       # self-contained: no policy file or flags needed
     result = json.loads((out_dir / "finetune_result.json").read_text())
     assert loaded.results["top1"] == result["top1"] and loaded.arch["model"] == result["model"]
+    assert loaded.preprocess["dataset"] == "digits" and len(loaded.preprocess["mean"]) == loaded.arch["in_channels"]
     assert {(s.w_bits, s.a_bits) for s in loaded.quantized.values()} == {(2, 3)} and not loaded.model.training
 
 

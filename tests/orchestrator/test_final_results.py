@@ -44,7 +44,8 @@ def test_a_policy_fine_tuned_before_models_were_exported_gets_its_file_from_the_
     assert saved_final_state(storage, "t1", "state.pt")["policy_json"] == policy.to_json()
     prev = {"trial_id": "t1", "final_top1": 81.5, "final_top5": 99.0, "epochs": 1, "bitops": 400_000_000,
             "transfer_top1": 79.0, "recipe_json": "R"}
-    job = SimpleNamespace(trial_id="t1", policy_json=policy.to_json(), fp_checkpoint=str(fp_path), dataset="fashion_mnist")
+    job = SimpleNamespace(trial_id="t1", policy_json=policy.to_json(), fp_checkpoint=str(fp_path), dataset="fashion_mnist",
+                          data_root=None, image_size=None)
     notes = []
     row = export_saved_final(tmp_path, storage, prev, job, "state.pt", notes.append)
     assert row["model_path"] == "models/t1.pt" and "from its Ray Train checkpoint" in notes[0]
@@ -52,7 +53,12 @@ def test_a_policy_fine_tuned_before_models_were_exported_gets_its_file_from_the_
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(loaded.model(x), q(x))
-    assert loaded.results["final_top1"] == 81.5 and loaded.results["gbitops"] == 0.4 and loaded.arch == META
+    assert loaded.results["top1"] == 81.5 and loaded.results["gbitops"] == 0.4 and loaded.arch == META
+    from gmpq_core.data import load_dataset
+    info = load_dataset("fashion_mnist").info                          # the target's input normalisation
+    assert loaded.preprocess == {"dataset": "fashion_mnist", "image_size": 28, "mean": list(info.mean),
+                                 "std": list(info.std)}
+    assert torch.allclose(loaded.normalize(torch.ones(1, 28, 28)), (1 - info.mean[0]) / torch.tensor(info.std[0]))
     # no checkpoint left, or one of a later run with other settings or another epoch: the row stays as it was
     final_model_path(tmp_path, "t1").unlink()
     for other in ({}, {"recipe_json": "R2"}, {"epoch": 2}, {"history": [{"epoch": 1, "top1": 70.0}]}):
@@ -66,13 +72,13 @@ def test_a_policy_fine_tuned_before_models_were_exported_gets_its_file_from_the_
 def test_after_a_fine_tune_the_model_file_and_its_row_are_written_and_a_failed_write_keeps_the_row(tmp_path):
     fp_path, policy, q = _fine_tuned(tmp_path)
     job = SimpleNamespace(trial_id="t1", policy_json=policy.to_json(), fp_checkpoint=str(fp_path),
-                          dataset="fashion_mnist", recipe_json=lambda: "R")
+                          dataset="fashion_mnist", data_root=None, image_size=None, recipe_json=lambda: "R")
     run = SimpleNamespace(trial_id="t1", seconds=10.0, workers=2, model_state=q.state_dict(),
                           metrics={"top1": 80.0, "top5": 99.0, "loss": 0.5, "epoch": 1})
     pareto = {"trial_id": "t1", "bitops": 5, "bitops_total": 9, "policy_json": policy.to_json(), "transfer_top1": 70.0}
     rows, notes = {}, []
     path = record_final_run(tmp_path, rows, pareto, run, job, notes.append)
-    assert path == final_model_path(tmp_path, "t1") and load_quantized_model(path).results["final_top1"] == 80.0
+    assert path == final_model_path(tmp_path, "t1") and load_quantized_model(path).results["top1"] == 80.0
     assert read_final(tmp_path)["model_path"].tolist() == ["models/t1.pt"] and not notes
     sweep = tmp_path / "other"
     (sweep / "models").parent.mkdir()
@@ -88,3 +94,18 @@ def test_a_final_row_names_its_model_file_or_none():
     pareto = {"trial_id": "t1", "bitops": 5, "bitops_total": 9, "policy_json": "{}", "transfer_top1": 70.0}
     assert final_row(pareto, run, "{}", None)["model_path"] is None
     assert final_row(pareto, run, "{}", "models/t1.pt")["model_path"] == "models/t1.pt"
+
+
+def test_fewer_epochs_than_a_policy_already_ran_with_the_same_settings_is_refused_before_anything_runs(tmp_path):
+    import pytest
+
+    from gmpq_core.errors import ConfigError
+    from orchestrator.final_results import check_not_shorter
+
+    jobs = [({}, SimpleNamespace(trial_id="t1", recipe_json=lambda: "R")),
+            ({}, SimpleNamespace(trial_id="t2", recipe_json=lambda: "R"))]
+    existing = {"t1": {"epochs": 3, "recipe_json": "R"}, "t2": {"epochs": 5, "recipe_json": "other settings"}}
+    with pytest.raises(ConfigError, match=r"--epochs 2 is fewer .* t1 \(3 epochs\)\. .*Pass --epochs 3") as e:
+        check_not_shorter(jobs, existing, 2, tmp_path)
+    assert "t2" not in str(e.value)                       # other settings start afresh anyway
+    check_not_shorter(jobs, existing, 3, tmp_path)        # the same or more epochs: keep or continue

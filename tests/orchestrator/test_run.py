@@ -127,7 +127,7 @@ def test_gmpq_run_end_to_end_then_resume_redoes_nothing(tmp_path, capsys):
     from gmpq_core.export import load_quantized_model          # the fine-tuned model, loadable from its file
     assert "Models: " in text and final.loc[0, "model_path"] == f"models/{final.loc[0, 'trial_id']}.pt"
     loaded = load_quantized_model(out / final.loc[0, "model_path"])
-    assert loaded.results["final_top1"] == final.loc[0, "final_top1"] and loaded.policy.to_json() == final.loc[0, "policy_json"]
+    assert loaded.results["top1"] == final.loc[0, "final_top1"] and loaded.policy.to_json() == final.loc[0, "policy_json"]
     mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["tiny"])
     assert runs["tags.gmpq.role"].value_counts().to_dict() == {"trial": 2, "finetune": 1, "sweep": 1}

@@ -247,3 +247,16 @@ def test_a_storage_uri_that_cannot_be_written_fails_before_anything_is_trained(t
     check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "o"),
                                                                    "storage_path": f"file://{good}"}))
     assert good.is_dir() and list(good.iterdir()) == []        # the probe file is gone
+
+
+def test_a_sqlite_store_in_a_folder_that_cannot_be_written_fails_before_anything_is_trained(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for key, flag in (("optuna_storage", "--optuna-storage"), ("tracking_uri", "--tracking-uri")):
+        url = f"sqlite:///{blocker}/store.db"
+        with pytest.raises(ConfigError, match="is a file, not a folder") as e:
+            check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "o"), key: url}))
+        assert url in str(e.value) and flag in str(e.value)
+    with pytest.raises(ConfigError, match="names a folder, not a database file"):
+        check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "o"),
+                                                                       "optuna_storage": f"sqlite:///{tmp_path}"}))

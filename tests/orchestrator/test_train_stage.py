@@ -84,7 +84,8 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
         bundle = load_dataset("mnist5k")
         test = make_loader(proxy(bundle.test, 100, seed=0), bundle.info, batch_size=256, train=False)
         assert evaluate(loaded.model, test)["top1"] == pytest.approx(first.loc[0, "final_top1"])
-        assert loaded.results["final_top1"] == pytest.approx(first.loc[0, "final_top1"]) and loaded.arch["model"] == "resnet20"
+        assert loaded.preprocess["mean"] == list(bundle.info.mean) and loaded.preprocess["image_size"] == bundle.info.image_size
+        assert loaded.results["top1"] == pytest.approx(first.loc[0, "final_top1"]) and loaded.arch["model"] == "resnet20"
         # Rerun with more epochs: resumes after epoch 1 (no retraining of epoch 1)
         second = finetune_selected(sweep, epochs=2, workers=2, **knobs)
         assert second["epochs"].tolist() == [2] and second["resumed_from_epoch"].tolist() == [1]
@@ -107,6 +108,10 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
         assert json.loads(fourth.loc[0, "recipe_json"])["lr"] == 0.05
         (ckpt,) = sorted((sweep / "ray_results" / "finetune-t1").glob("checkpoint_20*"))
         assert [h["resumed_from_epoch"] for h in load_checkpoint(ckpt / STATE_FILE)["history"]] == [0, 0]
+        # fewer epochs than that run: refused before anything runs (it used to train nothing and report 2)
+        from gmpq_core.errors import ConfigError
+        with pytest.raises(ConfigError, match="--epochs 1 is fewer"):
+            finetune_selected(sweep, epochs=1, workers=2, lr=0.05, **knobs)
     finally:
         if started:
             ray.shutdown()
