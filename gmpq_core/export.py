@@ -146,6 +146,9 @@ def _plain(results: Mapping[str, Any] | None) -> dict[str, Any]:
 def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> QuantizedModel:
     """Rebuild a model written by ``save_quantized_model``; CheckpointError names a file of another kind."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"'{path}' is a folder; pass a model file: DIR/models/<trial_id>.pt of a sweep, or "
+                              "DIR/quantized.pt of 'gmpq finetune --policy'.")
     blob = load_checkpoint(path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__

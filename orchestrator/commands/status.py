@@ -136,9 +136,14 @@ def _as_json(st: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gmpq_core.errors import ConfigError
     from orchestrator.sweep_status import read_sweep_status
 
-    st = read_sweep_status(Path(args.sweep).expanduser().resolve())
+    sweep_dir = Path(args.sweep).expanduser().resolve()
+    if not sweep_dir.exists():
+        raise ConfigError(f"--sweep {args.sweep}: no such folder ({sweep_dir}). Pass the --out of the gmpq sweep or "
+                          "gmpq run you want to see.")
+    st = read_sweep_status(sweep_dir)
     print(_as_json(st) if args.json else format_status(st))
     return 0
 

@@ -50,6 +50,8 @@ def test_files_of_another_kind_and_missing_architecture_are_named(tmp_path):
     save_checkpoint(tmp_path / "sd.pt", build_model("resnet20", in_channels=1).state_dict())
     with pytest.raises(CheckpointError, match="is not a gmpq quantized model"):
         load_quantized_model(tmp_path / "sd.pt")
+    with pytest.raises(CheckpointError, match="is a folder; pass a model file"):
+        load_quantized_model(tmp_path)
     q, policy, _ = _quantized(False)
     with pytest.raises(ConfigError, match=r"lacks \['num_classes', 'in_channels', 'small_input'\]"):
         save_quantized_model(tmp_path / "m.pt", q, policy, arch={"model": "resnet20"})

@@ -138,6 +138,11 @@ def test_driver_marker_names_this_process_while_the_block_runs(tmp_path):
     assert not (tmp_path / DRIVER_FILE).exists()
 
 
+def test_status_of_a_folder_that_does_not_exist_says_so(tmp_path, capsys):
+    assert main(["status", "--sweep", str(tmp_path / "nope")]) == 2
+    assert "no such folder" in " ".join(capsys.readouterr().err.split())
+
+
 def test_status_of_a_folder_that_is_not_a_sweep_is_a_clear_error(tmp_path, capsys):
     assert main(["status", "--sweep", str(tmp_path)]) == 2
     err = " ".join(capsys.readouterr().err.split())
