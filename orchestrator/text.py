@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any, Container, Sequence
 
-__all__ = ["fmt", "text_table"]
+__all__ = ["fmt", "text_table", "PROXY_NOTE"]
 
 
 def fmt(v: Any, spec: str) -> str:
@@ -21,3 +21,7 @@ def text_table(head: Sequence[str], rows: Sequence[Sequence[str]], right: Contai
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+PROXY_NOTE = ("proxy%: a completed trial's searched policy (BatchNorm recalibrated) on held-out images of the proxy "
+              "dataset; a pruned trial's supernet at its last epoch.")

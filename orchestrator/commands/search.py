@@ -146,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     check_job_budget(job)  # an impossible budget fails before the teacher is trained
     bar = make_progress("teacher epoch")
     try:
-        teacher = load_teacher(job, progress=bar, reporter=ProgressReporter("teacher", total_epochs=job.teacher_epochs))
+        teacher = load_teacher(job, progress=bar, reporter=ProgressReporter("teacher, training top-1", total_epochs=job.teacher_epochs))
     finally:
         bar.close()
     print(f"FP teacher: top-1 {teacher.test_top1:.2f}% on {teacher.test_images} held-out test images"

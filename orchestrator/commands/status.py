@@ -106,7 +106,7 @@ def _shared_line(shared: dict) -> str | None:
 
 
 def format_status(st: Any) -> str:
-    from orchestrator.text import fmt, text_table
+    from orchestrator.text import PROXY_NOTE, fmt, text_table
 
     head = ["#", "trial", "status", "budget", "proxy", "proxy%", "transfer%", "GBitOPs", "time", "note"]
     rows = [[fmt(t.number, "d"), t.trial_id, t.status, fmt(t.budget_avg_bits, ".2f"), fmt(t.proxy_size, "d"),
@@ -119,6 +119,7 @@ def format_status(st: Any) -> str:
         lines.append(shared)
     if rows:
         lines.append(text_table(head, rows, right={0, 3, 4, 5, 6, 7, 8}))
+        lines.append(PROXY_NOTE)
     not_started = (st.n_planned or 0) - len(st.trials)
     if not_started > 0 and st.trials:
         lines.append(f"{not_started} trial(s) not started yet.")

@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from . import at_least, help_text, mlflow_ui_hint, quiet_libraries
-from orchestrator.text import fmt
+from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
            "quiet_libraries"]
@@ -79,6 +79,8 @@ def format_summary(summary: Any, tracking_uri: str | None = None, *, command: st
         lines.append(f"{r['trial_id']:<14} {r['status']:<10} {fmt(r['budget_avg_bits'], '.2f'):>6} "
                      f"{fmt(r['proxy_top1'], '.2f'):>7} {fmt(r['transfer_top1'], '.2f'):>9} "
                      f"{fmt(r['gbitops'], '.4f'):>8}")
+    if summary.rows:
+        lines.append(PROXY_NOTE)
     lines.append(f"{summary.n_completed} completed, {summary.n_pruned} pruned, {summary.n_failed} failed in "
                  f"{summary.wall_seconds / 60:.1f} min. Results: {summary.sweep_dir}/trials.parquet")
     if summary.interrupted:

@@ -43,3 +43,16 @@ def test_quiet_libraries_stops_mlflows_view_run_lines(monkeypatch):
         monkeypatch.delenv(var)
     quiet_libraries()
     assert MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.get() is True
+
+
+def test_the_trial_tables_say_what_their_proxy_column_measures(tmp_path, capsys):
+    """A completed trial's proxy% is its searched policy's, a pruned one's the supernet's at its last epoch."""
+    from orchestrator.commands.sweep import format_summary
+    from orchestrator.sweep import SweepSummary
+    from orchestrator.text import PROXY_NOTE
+
+    row = {"trial_id": "t1", "status": "completed", "budget_avg_bits": 3.0, "proxy_top1": 60.0,
+           "transfer_top1": 79.0, "gbitops": 0.4}
+    summary = SweepSummary(sweep_dir=tmp_path, n_completed=1, n_pruned=0, n_failed=0, wall_seconds=1.0, resumed=False,
+                           rows=[row], n_unfinished=0, n_planned=1)
+    assert PROXY_NOTE in format_summary(summary) and "pruned trial's supernet" in PROXY_NOTE
