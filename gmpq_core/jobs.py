@@ -31,7 +31,7 @@ from .search import search_policy
 from .search_config import SearchConfig, SearchResult
 from .train import TrainConfig, evaluate, seeded, train_fp
 
-__all__ = ["SearchJob", "Teacher", "load_teacher", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
+__all__ = ["SearchJob", "Teacher", "weak_below", "load_teacher", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,12 @@ def check_job_budget(job: SearchJob) -> int | None:
 TEACHER_TEST_IMAGES = 1000   # held-out test images (stratified, proxy_seed) that measure every teacher
 
 
+def weak_below(num_classes: int) -> float:
+    """The top-1 (%) under which an FP model counts as weak: halfway between chance and 100%."""
+    chance = 100.0 / num_classes
+    return chance + 0.5 * (100.0 - chance)
+
+
 @dataclass(frozen=True)
 class Teacher:
     """The FP teacher of a job and how good it is: ``test_top1`` (%) on ``test_images`` held-out test
@@ -163,9 +169,8 @@ class Teacher:
 
     @property
     def weak_below(self) -> float:
-        """The top-1 (%) under which a teacher counts as weak: halfway between chance and 100%."""
-        chance = 100.0 / self.num_classes
-        return chance + 0.5 * (100.0 - chance)
+        """The top-1 (%) under which a teacher counts as weak: ``weak_below(num_classes)``."""
+        return weak_below(self.num_classes)
 
     def weak_message(self, job: SearchJob) -> str | None:
         """A one-paragraph warning when ``test_top1`` is below ``weak_below``, else None."""

@@ -140,6 +140,22 @@ def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
     return dict(zip(missing, seconds))
 
 
+def _weak_target_message(cfg: SweepConfig, target: Any) -> str | None:
+    """A one-paragraph warning when the FP target model is below ``weak_below`` (every transfer check and the
+    final fine-tune start from it), else None."""
+    from gmpq_core.jobs import weak_below
+
+    classes = target.meta.get("num_classes")
+    if not classes or target.top1 >= weak_below(int(classes)):
+        return None
+    t = cfg.transfer
+    return (f"The FP target model ({cfg.model} on {cfg.target_dataset}) reaches only {target.top1:.1f}% top-1 on its "
+            f"test slice, below {weak_below(int(classes)):.3g}% (halfway between chance, {100 / int(classes):.3g}%, and "
+            f"100%). Every transfer check and the final fine-tune start from it, so their accuracies say little. "
+            f"Train it longer or on more images: transfer.fp_epochs (now {t.fp_epochs}) and transfer.fp_train_size "
+            f"(now {t.fp_train_size or 'all'}) in the sweep config; it is cached, so this costs its training once.")
+
+
 def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float], threads: int | None) -> dict[str, Any]:
     device = trial_device(cfg)
     teachers, teacher_top1 = {}, {}
@@ -158,6 +174,9 @@ def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float], threa
     with _torch_threads(threads or _job_cpus(cfg, ("target", None))):
         target = _shared_job(cfg, ("target", None), device)
     seconds = trained.get(("target", None), target.seconds)
+    weak = _weak_target_message(cfg, target)
+    if weak:
+        log.warning("%s", weak)
     say(f"FP target model: top1 {target.top1:.2f}% on the {cfg.transfer.test_size or 'full'}-image test slice "
         f"({'cached' if target.cached and ('target', None) not in trained else f'{seconds:.1f}s'})")
     shared = {"target_model_path": str(target.path), "target_fp_top1": target.top1, "teacher_seconds": teachers,

@@ -52,3 +52,17 @@ def test_open_stores_connects_mlflow_and_opens_the_optuna_storage_of_a_new_sweep
     assert sink.client.get_run(sink.parent_run_id).info.status == "RUNNING"
     cb.close()
     assert _open_stores(cfg, callbacks, resume=True) is None      # the restored searcher brings its own
+
+
+@pytest.mark.parametrize("top1,weak", [(54.0, True), (55.0, False)])
+def test_a_weak_fp_target_model_is_warned_about_naming_the_settings_that_train_it(tmp_path, top1, weak):
+    from types import SimpleNamespace
+
+    from orchestrator.sweep_prep import _weak_target_message
+
+    target = SimpleNamespace(top1=top1, meta={"num_classes": 10})
+    msg = _weak_target_message(_cfg(tmp_path), target)
+    assert (msg is not None) == weak
+    if weak:
+        assert f"{top1:.1f}%" in msg and "below 55%" in msg and "transfer.fp_epochs (now 2)" in msg
+        assert "transfer.fp_train_size (now 10000)" in msg and "\n" not in msg
