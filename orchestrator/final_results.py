@@ -17,7 +17,7 @@ from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_t
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
-           "record_final_run", "check_not_shorter"]
+           "record_final_run", "check_not_shorter", "row_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,18 @@ def model_results(row: Mapping[str, Any], metrics: Mapping[str, Any], dataset: s
             "bitops": int(row["bitops"]), "gbitops": float(row["bitops"]) / 1e9, "epochs": metrics.get("epoch")}
 
 
+def row_recipe(row: Mapping[str, Any]) -> str | None:
+    """A final.parquet row's ``recipe_json``; None for rows from before recipes (pandas may read them as NaN)."""
+    value = row.get("recipe_json")
+    return value if isinstance(value, str) else None
+
+
 def _same_run(state: Mapping[str, Any], prev: Mapping[str, Any], policy_json: str) -> bool:
     """Whether a Ray Train checkpoint holds the weights ``prev`` (a final.parquet row) reports: the same
     policy, recipe (when the row has one) and epoch, and the same last test top-1."""
     history = state.get("history") or [{}]
     return (state.get("policy_json") == policy_json
-            and (prev.get("recipe_json") is None or state.get("recipe_json") == prev.get("recipe_json"))
+            and (row_recipe(prev) is None or state.get("recipe_json") == row_recipe(prev))
             and int(state.get("epoch") or -1) == int(prev.get("epochs") or -2)
             and history[-1].get("top1") is not None and abs(float(history[-1]["top1"]) - float(prev["final_top1"])) < 1e-6)
 
@@ -166,7 +172,7 @@ def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epo
     """A fine-tune continues from its checkpoint and cannot go back: fewer --epochs than a policy already ran
     with the same settings is refused before anything runs (it trained nothing and reported the longer run)."""
     longer = {job.trial_id: int(prev["epochs"]) for _, job in jobs
-              if (prev := existing.get(job.trial_id)) is not None and prev.get("recipe_json") in (None, job.recipe_json())
+              if (prev := existing.get(job.trial_id)) is not None and row_recipe(prev) in (None, job.recipe_json())
               and int(prev.get("epochs") or 0) > epochs}
     if longer:
         done = ", ".join(f"{t} ({n} epochs)" for t, n in longer.items())

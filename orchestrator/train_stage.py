@@ -33,7 +33,7 @@ from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save
 from gmpq_core.finetune import FinetuneConfig
 
 from .final_results import (FINAL_SCHEMA, check_not_shorter, export_saved_final, final_model_path, read_final,
-                            record_final_run, write_final)
+                            record_final_run, row_recipe, write_final)
 from .results import FINAL_FILE, load_resolved_config
 
 __all__ = ["FINAL_PNG", "STATE_FILE", "FINAL_SCHEMA", "FinalJob", "shard_indices", "train_loop_per_worker",
@@ -398,7 +398,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             tid = job.trial_id
             recipe, prev = job.recipe_json(), existing.get(tid)
             # a row from before recipes (None) counts as the same recipe
-            same_recipe = prev is not None and prev.get("recipe_json") in (None, recipe)
+            same_recipe = prev is not None and row_recipe(prev) in (None, recipe)
             if same_recipe and int(prev.get("epochs") or 0) == epochs:
                 say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s) with these settings: "
                     f"top1 {prev['final_top1']:.2f}%")

@@ -102,10 +102,10 @@ def test_fewer_epochs_than_a_policy_already_ran_with_the_same_settings_is_refuse
     from gmpq_core.errors import ConfigError
     from orchestrator.final_results import check_not_shorter
 
-    jobs = [({}, SimpleNamespace(trial_id="t1", recipe_json=lambda: "R")),
-            ({}, SimpleNamespace(trial_id="t2", recipe_json=lambda: "R"))]
-    existing = {"t1": {"epochs": 3, "recipe_json": "R"}, "t2": {"epochs": 5, "recipe_json": "other settings"}}
-    with pytest.raises(ConfigError, match=r"--epochs 2 is fewer .* t1 \(3 epochs\)\. .*Pass --epochs 3") as e:
+    jobs = [({}, SimpleNamespace(trial_id=t, recipe_json=lambda: "R")) for t in ("t1", "t2", "t3")]
+    existing = {"t1": {"epochs": 3, "recipe_json": "R"}, "t2": {"epochs": 5, "recipe_json": "other settings"},
+                "t3": {"epochs": 3, "recipe_json": float("nan")}}      # a row from before recipes, as pandas reads it
+    with pytest.raises(ConfigError, match=r"--epochs 2 is fewer .* t1 \(3 epochs\), t3 \(3 epochs\)\. .*Pass --epochs 3") as e:
         check_not_shorter(jobs, existing, 2, tmp_path)
     assert "t2" not in str(e.value)                       # other settings start afresh anyway
     check_not_shorter(jobs, existing, 3, tmp_path)        # the same or more epochs: keep or continue
