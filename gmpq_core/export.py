@@ -94,8 +94,7 @@ def save_quantized_model(path: str | os.PathLike, model: nn.Module, policy: BitP
     if not layers:
         raise ConfigError("save_quantized_model got a network without quantized layers; apply the policy first "
                           "(gmpq_core.finetune.prepare_quantized).")
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    return save_quantized_state(path, state, policy, arch=arch,
+    return save_quantized_state(path, net.state_dict(), policy, arch=arch,
                                 quantized={n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits))
                                            for n, m in layers.items()}, results=results, preprocess=preprocess)
 
@@ -114,12 +113,16 @@ def save_quantized_state(path: str | os.PathLike, state_dict: Mapping[str, torch
                                   "results": _plain(results), "preprocess": dict(preprocess or {})})
 
 
+def _build(arch: Mapping[str, Any]) -> nn.Module:
+    return build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                       small_input=arch["small_input"])
+
+
 def _layers_of(policy: BitPolicy, arch: Mapping[str, Any]) -> dict[str, QuantSpec]:
     from .qmodules import apply_policy_
 
     meta = policy.meta or {}
-    net = build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
-                      small_input=arch["small_input"])
+    net = _build(arch)
     apply_policy_(net, policy, include_stem=bool(meta.get("include_stem")),
                   include_classifier=bool(meta.get("include_classifier")), stem_bits=int(meta.get("stem_bits") or 8))
     return {n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits)) for n, m in quantized_layers(net).items()}
@@ -156,8 +159,7 @@ def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device 
                               "Final models are DIR/models/<trial_id>.pt of a sweep after 'gmpq finetune --sweep', "
                               "or DIR/quantized.pt of 'gmpq finetune --policy'.")
     arch = arch_from_meta(blob["arch"])
-    net = build_model(arch["model"], num_classes=arch["num_classes"], in_channels=arch["in_channels"],
-                      small_input=arch["small_input"])
+    net = _build(arch)
     quantized = {n: QuantSpec(w_bits=int(w), a_bits=int(a)) for n, (w, a) in blob["quantized"].items()}
     for name, spec in quantized.items():
         try:

@@ -31,7 +31,7 @@ from .search import search_policy
 from .search_config import SearchConfig, SearchResult
 from .train import TrainConfig, evaluate, seeded, train_fp
 
-__all__ = ["SearchJob", "Teacher", "weak_below", "load_teacher", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
+__all__ = ["SearchJob", "Teacher", "weak_below", "weak_rule", "load_teacher", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,11 @@ def weak_below(num_classes: int) -> float:
     return chance + 0.5 * (100.0 - chance)
 
 
+def weak_rule(num_classes: int) -> str:
+    """The rule in words, for the warnings: "below 55% (halfway between chance, 10%, and 100%)"."""
+    return f"below {weak_below(num_classes):.3g}% (halfway between chance, {100.0 / num_classes:.3g}%, and 100%)"
+
+
 @dataclass(frozen=True)
 class Teacher:
     """The FP teacher of a job and how good it is: ``test_top1`` (%) on ``test_images`` held-out test
@@ -176,10 +181,9 @@ class Teacher:
         """A one-paragraph warning when ``test_top1`` is below ``weak_below``, else None."""
         if self.test_top1 >= self.weak_below:
             return None
-        chance = 100.0 / self.num_classes
         return (f"The FP teacher of {job.model} on {job.proxy_size or 'all'} {job.dataset} proxy images reaches only "
-                f"{self.test_top1:.1f}% top-1 on {self.test_images} held-out test images, below {self.weak_below:.3g}% "
-                f"(halfway between chance, {chance:.3g}%, and 100%). GMPQ keeps the supernet's Grad-CAM maps close to "
+                f"{self.test_top1:.1f}% top-1 on {self.test_images} held-out test images, "
+                f"{weak_rule(self.num_classes)}. GMPQ keeps the supernet's Grad-CAM maps close to "
                 f"this teacher's, so a weak teacher gives the search little to preserve. Raise teacher_epochs (now "
                 f"{job.teacher_epochs}: `gmpq search --teacher-epochs E`, or `teacher_epochs:` in a sweep config) or "
                 f"use a larger proxy (proxy_size); the teacher is cached, so its training is paid once.")

@@ -142,13 +142,22 @@ def export_saved_final(sweep_dir: str | Path, storage: str | Path, prev: Mapping
             "rerun with more --epochs, to fine-tune it again")
         return dict(prev)
     metrics = {"top1": prev.get("final_top1"), "top5": prev.get("final_top5"), "epoch": prev.get("epochs")}
-    try:
-        path = export_final_model(sweep_dir, state["model"], job, model_results(prev, metrics, job.dataset))
-    except (OSError, GMPQError) as e:
-        say(f"{job.trial_id}: cannot write its model file ({e}); final.parquet keeps its row without one")
+    path = _export_or_say(sweep_dir, state["model"], job, model_results(prev, metrics, job.dataset), say)
+    if path is None:
         return dict(prev)
     say(f"{job.trial_id}: model written to {path} (from its Ray Train checkpoint)")
     return {**prev, "model_path": _relative(job.trial_id)}
+
+
+def _export_or_say(sweep_dir: str | Path, state_dict: Mapping[str, Any], job: Any, results: Mapping[str, Any],
+                   say: Callable[[str], None]) -> Path | None:
+    """``export_final_model``, or None with a note when the file cannot be written (full disk, ...)."""
+    try:
+        return export_final_model(sweep_dir, state_dict, job, results)
+    except (OSError, GMPQError) as e:
+        say(f"{job.trial_id}: cannot write its model file ({e}); its row in final.parquet is kept without one "
+            "(rerun 'gmpq finetune --sweep' to write it from the Ray Train checkpoint)")
+        return None
 
 
 def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: Mapping[str, Any], run: Any, job: Any,
@@ -156,13 +165,8 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
     """After one policy's fine-tune: write its model file (``run.model_state``) and its row in final.parquet.
     A model that cannot be written is reported and the row kept without one (the weights stay in the Ray
     Train checkpoint; rerunning ``gmpq finetune --sweep`` writes the file then). Returns the model path."""
-    path = None
-    if run.model_state:
-        try:
-            path = export_final_model(sweep_dir, run.model_state, job, model_results(pareto_row, run.metrics, job.dataset))
-        except (OSError, GMPQError) as e:
-            say(f"{job.trial_id}: cannot write its model file ({e}); its row is kept without one (rerun "
-                "'gmpq finetune --sweep' to write it from the Ray Train checkpoint)")
+    path = _export_or_say(sweep_dir, run.model_state, job, model_results(pareto_row, run.metrics, job.dataset),
+                          say) if run.model_state else None
     rows[job.trial_id] = final_row(pareto_row, run, job.recipe_json(), _relative(job.trial_id) if path else None)
     write_final(sweep_dir, rows)
     return path

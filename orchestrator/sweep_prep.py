@@ -143,15 +143,14 @@ def _train_missing_in_parallel(cfg: SweepConfig, say) -> dict[tuple, float]:
 def _weak_target_message(cfg: SweepConfig, target: Any) -> str | None:
     """A one-paragraph warning when the FP target model is below ``weak_below`` (every transfer check and the
     final fine-tune start from it), else None."""
-    from gmpq_core.jobs import weak_below
+    from gmpq_core.jobs import weak_below, weak_rule
 
-    classes = target.meta.get("num_classes")
-    if not classes or target.top1 >= weak_below(int(classes)):
+    classes = int(target.meta.get("num_classes") or 0)
+    if not classes or target.top1 >= weak_below(classes):
         return None
     t = cfg.transfer
     return (f"The FP target model ({cfg.model} on {cfg.target_dataset}) reaches only {target.top1:.1f}% top-1 on its "
-            f"test slice, below {weak_below(int(classes)):.3g}% (halfway between chance, {100 / int(classes):.3g}%, and "
-            f"100%). Every transfer check and the final fine-tune start from it, so their accuracies say little. "
+            f"test slice, {weak_rule(classes)}. Every transfer check and the final fine-tune start from it, so their accuracies say little. "
             f"Train it longer or on more images: transfer.fp_epochs (now {t.fp_epochs}) and transfer.fp_train_size "
             f"(now {t.fp_train_size or 'all'}) in the sweep config; it is cached, so this costs its training once.")
 

@@ -222,8 +222,8 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
 def _read_shared(sweep_dir: Path) -> dict:
     """shared.json (the shared models' paths and accuracies), {} while it is not written or unreadable."""
     try:
-        d = json.loads((sweep_dir / "shared.json").read_text())
-    except (OSError, ValueError):
+        d = read_json(sweep_dir / "shared.json")
+    except (CheckpointError, OSError):
         return {}
     return d if isinstance(d, dict) else {}
 
