@@ -86,7 +86,7 @@ class PrunerConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class FinetuneStage:
-    """The final Ray Train fine-tune of the selected policies (read by orchestrator.train_stage)."""
+    """The final Ray Train fine-tune of the selected policies (read by orchestrator.final_stage)."""
     top_k: int = 2
     workers: int = 2
     epochs: int = 1
@@ -95,8 +95,12 @@ class FinetuneStage:
     distill: bool = False
     max_steps_per_epoch: int | None = None
     nesterov: bool = False                   # plain SGD momentum, as METHOD.md 6 says
+    max_concurrent: int | None = None        # policies fine-tuned side by side (null: as many as the cluster holds)
 
     def __post_init__(self) -> None:
+        _require(self.max_concurrent is None or _is_pos(self.max_concurrent, integer=True),
+                 f"finetune.max_concurrent must be a positive integer or null (as many as the cluster holds), "
+                 f"but got max_concurrent={self.max_concurrent!r}.")
         for name in ("top_k", "workers", "epochs", "batch_size"):
             _require(_is_pos(getattr(self, name), integer=True),
                      f"finetune.{name} must be a positive integer, but got {name}={getattr(self, name)!r}.")

@@ -193,7 +193,7 @@ class _Syncer:
             log_pareto(sink.tracking_uri, d, read_table(d / PARETO_FILE).to_pandas(), d / PARETO_PNG)
             done.append(PARETO_FILE)
         if (d / FINAL_FILE).is_file() and f"results/{FINAL_FILE}" not in have:
-            from .train_stage import FINAL_PNG
+            from .final_stage import FINAL_PNG
             log_final(sink.tracking_uri, d, read_table(d / FINAL_FILE).to_pandas(), png_path=d / FINAL_PNG)
             done.append(FINAL_FILE)
         return done

@@ -1,4 +1,5 @@
-"""Final fine-tune of the selected policies with Ray Train (``TorchTrainer``, data parallel).
+"""One policy's final fine-tune with Ray Train (``TorchTrainer``, data parallel): the job, the worker loop
+and ``run_final_job``. ``orchestrator.final_stage`` runs the selected policies with it.
 
 For each policy selected in ``pareto.parquet``: N workers (gloo on CPU, NCCL on GPU) each take an
 equal, disjoint shard of the FULL target train split, start from the sweep's FP target model with
@@ -19,29 +20,21 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import pandas as pd
 import torch
 
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
-from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from gmpq_core.fileio import atomic_write_json, load_checkpoint, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 
-from .final_results import (FINAL_SCHEMA, check_not_shorter, export_saved_final, final_model_path, read_final,
-                            record_final_run, row_recipe, write_final)
-from .results import FINAL_FILE, load_resolved_config
-
-__all__ = ["FINAL_PNG", "STATE_FILE", "FINAL_SCHEMA", "FinalJob", "shard_indices", "train_loop_per_worker",
-           "run_final_job", "target_fp_checkpoint", "finetune_selected", "read_final", "check_final_workers"]
+__all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job"]
 
 log = logging.getLogger(__name__)
 
-FINAL_PNG = "final.png"
 STATE_FILE = "state.pt"
 RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "distill",
                  "seed", "max_steps_per_epoch", "train_size", "test_size")   # what a fine-tune's result depends on, but epochs
@@ -128,35 +121,6 @@ class _StepProgress:
                 atomic_write_json(self.path, {"epoch": self.epoch, "step": done, "steps": total, "time": now})
             except OSError as e:      # progress is cosmetic: never fail the training for it
                 log.debug("cannot write %s: %s", self.path, e)
-
-
-class _ProgressWatcher:
-    """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``)."""
-
-    def __init__(self, path: Path, say: Callable[[str], None], prefix: str, epochs: int, every_s: float = 20.0):
-        self.path, self.say, self.prefix, self.epochs, self.every_s = path, say, prefix, epochs, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
-
-    def _run(self) -> None:
-        seen = None
-        while not self._stop.wait(self.every_s):
-            try:
-                p = read_json(self.path)
-            except CheckpointError:
-                continue
-            key = (p.get("epoch"), p.get("step"))
-            if key != seen:
-                seen = key
-                self.say(f"{self.prefix} epoch {p['epoch']}/{self.epochs}: step {p['step']}/{p['steps']}")
-
-    def __enter__(self) -> "_ProgressWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -283,151 +247,3 @@ def run_final_job(job: FinalJob, *, storage_path: str | Path, workers: int, use_
                         f"{job.epochs}; rerun the same command to resume it.")
     return FinalRun(trial_id=job.trial_id, metrics=metrics, history=history, seconds=time.perf_counter() - t0,
                     workers=int(workers), model_state=state.get("model"))
-
-
-def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | None = None) -> Path:
-    """The sweep's FP target model (``shared.json`` written by the sweep); trained and cached if absent."""
-    sweep_dir = Path(sweep_dir)
-    shared = sweep_dir / "shared.json"
-    if shared.is_file():
-        path = Path(read_json(shared).get("target_model_path", ""))
-        if path.is_file() and path.with_suffix(".json").is_file():
-            return path
-    from gmpq_core.transfer import prepare_target_model
-    from .sweep_config import SweepConfig
-
-    cfg = SweepConfig.from_dict(load_resolved_config(sweep_dir, missing_ok=False)).resolved()
-    if say:
-        say(f"no FP target model recorded in {shared}: preparing it ({cfg.model} on {cfg.target_dataset}; "
-            f"read from {cfg.cache_dir} if trained before)")
-    return prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
-                                cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
-                                small_input=cfg.small_input).path
-
-
-def check_final_workers(workers: int) -> None:
-    """Before a sweep that ends with the final stage (``gmpq run``): its workers fit the running Ray cluster
-    (a ConfigError naming ``--workers`` now, not after the sweep)."""
-    _ray_devices(int(workers), None, lambda _msg: None)
-
-
-def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None]) -> tuple[int, bool]:
-    import ray
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
-    if use_gpu is None:
-        use_gpu = gpus >= 1
-    if use_gpu and gpus < workers:
-        if gpus < 1:
-            raise ConfigError("use_gpu=True but the Ray cluster has no GPU; drop the GPU request.")
-        say(f"only {gpus} GPU(s) in the Ray cluster: using {gpus} workers instead of {workers}")
-        workers = gpus
-    if not use_gpu and workers > cpus:
-        raise ConfigError(f"workers={workers} needs {workers} CPUs but the Ray cluster has {cpus}; "
-                          f"use --workers {max(cpus, 1)} or fewer.")
-    return workers, use_gpu
-
-
-def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, workers: int | None = None,
-                      epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-                      max_steps_per_epoch: int | None = None, train_size: int | None = None,
-                      test_size: int | None = None, tracking_uri: str | None = None, use_gpu: bool | None = None,
-                      address: str | None = None, say: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Fine-tune every selected policy of ``<sweep_dir>/pareto.parquet`` on the full target data.
-
-    Unset arguments come from the sweep config's ``finetune`` section. ``top_k`` given (or no
-    pareto.parquet yet) reselects with ``write_pareto``. Writes ``final.parquet`` (atomic, merged by
-    trial_id) after each policy, ``final.png``, and MLflow child runs ``finetune-<trial_id>``.
-    Returns the final.parquet rows of this call's policies.
-    """
-    from .mlflow_stages import log_final
-    from .pareto import PARETO_FILE, read_pareto, write_pareto
-    from .plots import plot_final
-    from .ray_env import ray_session
-    from .sweep_status import driver_marker
-    from .results import read_trials
-
-    sweep_dir = Path(sweep_dir)
-    say = say or (lambda msg: None)
-    cfg = load_resolved_config(sweep_dir, missing_ok=False)
-    stage = dict(cfg.get("finetune") or {})
-    for flag, value in (("--top-k", top_k), ("--workers", workers), ("--epochs", epochs), ("--batch-size", batch_size),
-                        ("--max-steps-per-epoch", max_steps_per_epoch), ("--train-size", train_size),
-                        ("--test-size", test_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{flag} must be a whole number >= 1, but got {flag} {value!r}. Leave it out to use the "
-                              f"sweep config's value.")
-    if lr is not None and not lr > 0:
-        raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
-                          "config's finetune.lr.")
-
-    def given(value: Any, key: str, default: Any) -> Any:       # an explicit value, else the sweep config's
-        return value if value is not None else (stage.get(key) if stage.get(key) is not None else default)
-    pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
-        else read_pareto(sweep_dir)
-    chosen = pareto[pareto["selected"]] if len(pareto) else pareto
-    if chosen.empty:
-        raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
-                        "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
-    workers = int(given(workers, "workers", 1))
-    epochs = int(given(epochs, "epochs", 1))
-    fp_path = target_fp_checkpoint(sweep_dir, say=say)
-    existing = {r["trial_id"]: r for r in read_final(sweep_dir, missing_ok=True).to_dict("records")}
-    final_rows = {t: r for t, r in existing.items()}
-    histories: dict[str, list[dict]] = {}
-    storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results").resolve()
-    done_ids: list[str] = []
-    refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
-    def final_job(row: dict) -> FinalJob:
-        tid = str(row["trial_id"])
-        return FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
-                        dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
-                        image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
-                        batch_size=int(given(batch_size, "batch_size", 128)),
-                        distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
-                        seed=int(cfg.get("seed") or 0),
-                        max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
-                        train_size=train_size, test_size=test_size,
-                        progress_file=str(storage / f"finetune-{tid}.progress.json"))
-    jobs = [(row, final_job(row)) for row in chosen.to_dict("records")]
-    check_not_shorter(jobs, existing, epochs, sweep_dir)
-    with driver_marker(sweep_dir, "finetune"), \
-            ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
-        workers, use_gpu = _ray_devices(workers, use_gpu, say)
-        for i, (row, job) in enumerate(jobs, start=1):
-            tid = job.trial_id
-            recipe, prev = job.recipe_json(), existing.get(tid)
-            # a row from before recipes (None) counts as the same recipe
-            same_recipe = prev is not None and row_recipe(prev) in (None, recipe)
-            if same_recipe and int(prev.get("epochs") or 0) == epochs:
-                say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s) with these settings: "
-                    f"top1 {prev['final_top1']:.2f}%")
-                if not final_model_path(sweep_dir, tid).is_file():    # fine-tuned before models were exported
-                    final_rows[tid] = export_saved_final(sweep_dir, storage, prev, job, STATE_FILE, say)
-                    write_final(sweep_dir, final_rows)
-                    refilled.append(tid)
-                done_ids.append(tid)
-                continue
-            if prev is not None and not same_recipe:
-                say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings; starting afresh "
-                    f"(its row in {FINAL_FILE} and its model file will be replaced)")
-            elif prev is not None:
-                say(f"[{i}/{len(chosen)}] {tid}: continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
-                    f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
-            say(f"[{i}/{len(chosen)}] {tid}: fine-tuning {epochs} epoch(s) on {workers} worker(s) "
-                f"({'GPU' if use_gpu else 'CPU'}), {row.get('selection_reason')}")
-            with _ProgressWatcher(Path(job.progress_file), say, f"[{i}/{len(chosen)}] {tid}:", epochs):
-                run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
-            histories[tid] = run.history
-            model_path = record_final_run(sweep_dir, final_rows, row, run, job, say)
-            say(f"[{i}/{len(chosen)}] {tid}: final top1 {run.metrics.get('top1', float('nan')):.2f}% "
-                f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s"
-                + (f"; model {model_path}" if model_path else ""))
-            done_ids.append(tid)
-    final = read_final(sweep_dir)
-    plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
-    ours = final[final["trial_id"].isin(done_ids)].reset_index(drop=True)
-    logged = ours["trial_id"].isin([*histories, *refilled])         # a refilled row's run gets its model file
-    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours[logged], histories=histories,
-              png_path=sweep_dir / FINAL_PNG)
-    return ours

@@ -36,6 +36,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                    help="reselect K policies first (default: pareto.parquet's selection, else finetune.top_k)")
     _add(g, "--workers", type=int, action=at_least(1), default=None, metavar="N",
                    help="Ray Train data-parallel workers per policy (default: the sweep's finetune.workers)")
+    _add(g, "--max-concurrent", type=int, action=at_least(1), default=None, metavar="N",
+                   help="fine-tune at most N policies side by side (default: the sweep's finetune.max_concurrent, "
+                        "else as many as the cluster's CPUs/GPUs hold with --workers each)")
     _add(g, "--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified slice of N test images (default: the full test split)")
     _add(g, "--address", default=None, metavar="ADDR",
@@ -52,7 +55,7 @@ def final_files_text(sweep_dir: Path) -> str:
     """Where the final stage's outputs are, and how to load a model."""
     from orchestrator.final_results import MODELS_DIR
     from orchestrator.results import FINAL_FILE
-    from orchestrator.train_stage import FINAL_PNG
+    from orchestrator.final_stage import FINAL_PNG
 
     return (f"Table:  {sweep_dir / FINAL_FILE}\nPlot:   {sweep_dir / FINAL_PNG}\n"
             f"Models: {sweep_dir / MODELS_DIR}/<trial_id>.pt (for inference: "
@@ -71,14 +74,15 @@ def format_final_table(final: Any) -> str:
 
 
 def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> Any:
-    from orchestrator.train_stage import finetune_selected
+    from orchestrator.final_stage import finetune_selected
 
     return finetune_selected(
         sweep_dir, top_k=getattr(args, "top_k", None), workers=getattr(args, "workers", None),
         epochs=getattr(args, "epochs", None), batch_size=getattr(args, "batch_size", None),
         lr=getattr(args, "lr", None), max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
         train_size=getattr(args, "train_size", None), test_size=getattr(args, "test_size", None),
-        tracking_uri=getattr(args, "tracking_uri", None), address=getattr(args, "address", None), say=say)
+        tracking_uri=getattr(args, "tracking_uri", None), address=getattr(args, "address", None),
+        max_concurrent=getattr(args, "max_concurrent", None), say=say)
 
 
 def run_sweep_finetune(args: argparse.Namespace) -> int:

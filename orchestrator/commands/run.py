@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.ray_env import ray_session
 
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
-                "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps}
+                "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
+                "finetune.max_concurrent": args.finetune_max_concurrent}
     cfg = config_from_args(args, finetune)               # --resume alone: the folder's saved config; ConfigError -> exit 2
     from orchestrator.sweep import run_sweep                                        # lazy: Ray/Optuna imports
 
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = cfg.resolved()
     sweep_dir = Path(resolved.out_dir)
     with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
-        from orchestrator.train_stage import check_final_workers
+        from orchestrator.final_stage import check_final_workers
 
         check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
         _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
@@ -94,4 +95,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--finetune-epochs", type=int, action=at_least(1), default=None, metavar="E", help="fine-tune epochs (finetune.epochs)")
     g.add_argument("--finetune-max-steps", type=int, action=at_least(1), default=None, metavar="N",
                    help="cap the fine-tune steps per epoch (quick checks; finetune.max_steps_per_epoch)")
+    g.add_argument("--finetune-max-concurrent", type=int, action=at_least(1), default=None, metavar="N",
+                   help="fine-tune at most N policies side by side (finetune.max_concurrent; default: as many as "
+                        "the cluster's CPUs/GPUs hold with --workers each)")
     p.set_defaults(func=run)

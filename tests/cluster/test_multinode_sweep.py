@@ -134,7 +134,7 @@ def test_finetune_places_its_two_train_workers_on_different_nodes(stack):
     if "sweep_a" not in stack:
         pytest.skip("needs the sweep of test_sweep_trials_run_on_both_workers_and_log_to_the_mlflow_server")
     cluster, server, sweep = stack["cluster"], stack["server"], stack["sweep_a"]
-    code = ("import sys; from orchestrator.train_stage import finetune_selected; "
+    code = ("import sys; from orchestrator.final_stage import finetune_selected; "
             f"df = finetune_selected({str(sweep)!r}, top_k=1, workers=2, epochs=1, batch_size=32, "
             f"max_steps_per_epoch=3, train_size=600, test_size=300, address={cluster.address!r}, "
             f"tracking_uri={server.uri!r}, use_gpu=False, say=lambda m: print(m, flush=True)); "

@@ -163,6 +163,7 @@ def test_gmpq_run_resume_alone_reads_the_folders_saved_config(tmp_path):
     (["--workers", "-1"], r"--workers must be a whole number >= 1, but got --workers -1"),
     (["--workers", "0"], r"--workers .* got --workers 0"),          # was taken as "unset": 2 workers
     (["--epochs", "0"], r"--epochs .* got --epochs 0"),
+    (["--max-concurrent", "0"], r"--max-concurrent .* got --max-concurrent 0"),
     (["--lr", "0"], r"--lr must be a positive number"),
     (["--policy", "/nonexist.json"], r"does not use --policy"),     # was ignored silently
     (["--uniform", "4", "4", "--distill"], r"does not use --distill, --uniform"),
@@ -201,13 +202,14 @@ def test_gmpq_pareto_says_when_the_front_is_smaller_than_top_k(tmp_path, capsys)
     assert "asked for" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("knob", [{"workers": 0}, {"top_k": -1}, {"epochs": True}, {"batch_size": 2.5}])
+@pytest.mark.parametrize("knob", [{"workers": 0}, {"top_k": -1}, {"epochs": True}, {"batch_size": 2.5},
+                                  {"max_concurrent": 0}])
 def test_finetune_selected_checks_its_counts_as_the_command_line_does(tmp_path, knob):
     """The API (what ``gmpq run`` calls) refuses a bad count in the flag's words, before Ray starts."""
     import ray
 
     from gmpq_core.errors import ConfigError
-    from orchestrator.train_stage import finetune_selected
+    from orchestrator.final_stage import finetune_selected
 
     hand_made_sweep(tmp_path)
     (name, value), = knob.items()

@@ -110,7 +110,7 @@ def test_a_finished_sweep_names_the_next_stage_and_the_final_fine_tune(tmp_path,
     assert main(["status", "--sweep", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Final fine-tune: 1 of 1 selected policies done." in out
-    assert f"t1: top1 81.00% at 0.4000 GBitOPs (1 epoch(s), " in out and f"; model {tmp_path / 'models' / 't1.pt'}" in out
+    assert "t1: top1 81.00% at 0.4000 GBitOPs (1 epoch(s), " in out and f"; model {tmp_path / 'models' / 't1.pt'}" in out
 
 
 def test_nested_markers_show_the_inner_stage_then_the_outer_and_a_live_foreign_one_is_left_alone(tmp_path):
