@@ -2,13 +2,18 @@
 single-worker fine-tunes side by side.
 
 Takes a finished sweep folder (``make demo`` writes ``runs/demo``), builds the Ray Train jobs of its
-selected policies exactly as ``gmpq finetune --sweep`` does (``orchestrator.train_stage.FinalJob``,
-``run_final_job``), and runs them, in one local Ray session, in two arrangements alternated for
+selected policies as ``gmpq finetune --sweep`` does (``orchestrator.train_stage.FinalJob`` with the sweep's
+``finetune`` settings, ``run_final_job``; without the stage's bookkeeping: no progress file, final.parquet
+row, model file or MLflow run), and runs them, in one local Ray session, in two arrangements alternated for
 ``--rounds`` rounds:
 
 - ``data_parallel``: one policy after the other, each on ``--workers`` workers (default: every CPU),
   DDP over gloo: the shape of the final stage before side-by-side fine-tunes;
 - ``side_by_side``: every policy at once (as many as the CPUs hold), 1 worker each.
+
+A short warm-up run (a few steps of one policy in each arrangement) goes first, so neither arrangement
+pays the session's cold start (worker processes, page cache); the order alternates from round to round
+(data_parallel first in odd rounds, side_by_side first in even ones).
 
 Every run trains ``--steps`` steps of the same global batch (so the same images per policy in both
 arrangements) and evaluates on ``--test-size`` test images, from a fresh Ray Train storage folder
@@ -50,6 +55,7 @@ def _jobs(sweep_dir: Path, steps: int, test_size: int):
                      dataset=str(cfg["target_dataset"]), data_root=cfg.get("data_root"),
                      image_size=cfg.get("image_size"), epochs=1, lr=float(stage.get("lr", 0.01)),
                      batch_size=int(stage.get("batch_size", 128)), seed=int(cfg.get("seed") or 0),
+                     distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
                      max_steps_per_epoch=steps, test_size=test_size)
             for r in chosen.to_dict("records")]
 
@@ -93,8 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
+        warm = [replace(j, max_steps_per_epoch=2, test_size=100) for j in jobs[:1]]
+        for name in ("data_parallel", "side_by_side"):
+            with tempfile.TemporaryDirectory(prefix="bench_final_warm_") as d:
+                _arrangement(name, warm, cpus, workers, Path(d))
         for rnd in range(1, args.rounds + 1):
-            for name in ("data_parallel", "side_by_side"):
+            order = ("data_parallel", "side_by_side") if rnd % 2 else ("side_by_side", "data_parallel")
+            for name in order:
                 with tempfile.TemporaryDirectory(prefix="bench_final_") as d:
                     row = {"round": rnd, **_arrangement(name, jobs, cpus, workers, Path(d))}
                 rows.append(row)
@@ -111,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.test_size} test images: side_by_side / data_parallel images/s = {ratio:.2f} "
           f"(means of {args.rounds} rounds, measured side by side in this run)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpus": cpus, "ratio": round(ratio, 3), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpus": cpus, "sweep": str(sweep_dir), "steps": args.steps,
+                                               "batch_size": jobs[0].batch_size, "test_size": args.test_size,
+                                               "workers": workers, "rounds": args.rounds, "ratio": round(ratio, 3),
+                                               "rows": rows}, indent=1))
     return 0
 
 

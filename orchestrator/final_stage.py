@@ -22,6 +22,7 @@ from gmpq_core.fileio import read_json
 
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, read_final, record_final_run,
                             row_recipe, write_final)
+from .ray_env import ray_session
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
 from .train_stage import STATE_FILE, FinalJob, run_final_job
@@ -114,6 +115,15 @@ def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None])
     return workers, use_gpu
 
 
+def _one_line_at_a_time(say: Callable[[str], None]) -> Callable[[str], None]:
+    lock = threading.Lock()
+
+    def locked(msg: str) -> None:
+        with lock:
+            say(msg)
+    return locked
+
+
 def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, workers: int | None = None,
                       epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                       max_steps_per_epoch: int | None = None, train_size: int | None = None,
@@ -133,12 +143,11 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     from .mlflow_stages import log_final
     from .pareto import PARETO_FILE, read_pareto, write_pareto
     from .plots import plot_final
-    from .ray_env import ray_session
     from .sweep_status import driver_marker
     from .results import read_trials
 
     sweep_dir = Path(sweep_dir)
-    say = say or (lambda msg: None)
+    say = _one_line_at_a_time(say or (lambda msg: None))        # fine-tunes side by side report from threads
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
     stage = dict(cfg.get("finetune") or {})
     for flag, value in (("--top-k", top_k), ("--workers", workers), ("--epochs", epochs), ("--batch-size", batch_size),
@@ -231,8 +240,13 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             run_side_by_side(todo, fine_tune, slots)
         except Exception as e:      # the policies that finished keep their rows: plot and log them, then raise
             failed = e
-    if failed is not None and not done_ids:
-        raise failed
+    if failed is not None:
+        kept = [job.trial_id for _, _, job in todo if job.trial_id in histories]
+        say(f"{len(todo) - len(kept)} of {len(todo)} fine-tune(s) failed"
+            + (f"; the finished ones ({', '.join(kept)}) are kept in {sweep_dir / FINAL_FILE} and MLflow" if kept else "")
+            + ". Rerun the same command after fixing the cause: finished policies are not run again.")
+        if not done_ids:
+            raise failed
     final = read_final(sweep_dir)
     plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
     ours = final[final["trial_id"].isin(done_ids)].reset_index(drop=True)

@@ -2,25 +2,28 @@
 
 Each job is a call that blocks while Ray does the work elsewhere (``TorchTrainer.fit()``), so threads
 are enough: the driver only waits. ``run_side_by_side(items, fn, slots)`` calls ``fn(item)`` for
-every item, at most ``slots`` at once, in order of the items. With ``slots == 1`` every call runs in
-the calling thread, one after the other, and the first error stops the rest (Ray Train's Ctrl-C
-handler is installed only in the main thread). With more slots:
+every item, at most ``slots`` at once, in order of the items:
 
-- a failing job does not stop the others: every job runs, and the first error (in item order) is
-  raised once all have ended, so the results of the others are kept (their ``fn`` has recorded them);
-- the threads are daemons and the caller waits in short joins, so Ctrl-C reaches the caller at once;
-  leaving the Ray session then ends the jobs (a driver's Ray Train controllers die with it).
+- a failing job (an ``Exception``) does not stop the others: every job runs, and the first error in
+  item order is raised once all have ended, so the others' results are kept (their ``fn`` recorded
+  them). ``KeyboardInterrupt`` and other ``BaseException`` s stop at once;
+- with ``slots == 1`` every call runs in the calling thread (Ray Train installs its Ctrl-C handler
+  only in the main thread);
+- with more, the jobs run in daemon threads while the caller waits in short joins with Python's own
+  Ctrl-C handler in place (a Ray Tune run earlier in the process leaves its handler installed, which
+  only logs the first Ctrl-C), so Ctrl-C reaches the caller at once; no queued job starts after it,
+  and leaving the Ray session ends the running ones (a driver's Ray Train controllers die with it).
 """
 from __future__ import annotations
 
-import logging
+import contextlib
 import queue
+import signal
 import threading
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 __all__ = ["run_side_by_side", "side_by_side_slots"]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -30,37 +33,55 @@ def side_by_side_slots(n_jobs: int, per_job: int, available: int, cap: int | Non
     return max(1, min(int(n_jobs), fit, int(cap) if cap is not None else fit))
 
 
+@contextlib.contextmanager
+def _python_ctrl_c() -> Iterator[None]:
+    """Python's default SIGINT handler (KeyboardInterrupt) while waiting, in the main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) -> None:
     items = list(items)
+    errors: dict[int, Exception] = {}
     if slots <= 1 or len(items) <= 1:
-        for item in items:
-            fn(item)
-        return
-    todo: queue.Queue = queue.Queue()
-    for i, item in enumerate(items):
-        todo.put((i, item))
-    errors: dict[int, BaseException] = {}
-
-    def worker() -> None:
-        while True:
-            try:
-                i, item = todo.get_nowait()
-            except queue.Empty:
-                return
+        for i, item in enumerate(items):
             try:
                 fn(item)
-            except BaseException as e:      # noqa: BLE001 - kept and re-raised in the caller's thread
+            except Exception as e:      # noqa: BLE001 - the next jobs still run; raised below
                 errors[i] = e
+    else:
+        todo: queue.Queue = queue.Queue()
+        for i, item in enumerate(items):
+            todo.put((i, item))
+        stop = threading.Event()
 
-    threads = [threading.Thread(target=worker, name=f"side-by-side-{k}", daemon=True)
-               for k in range(min(slots, len(items)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        while t.is_alive():
-            t.join(timeout=0.5)
+        def worker() -> None:
+            while not stop.is_set():
+                try:
+                    i, item = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    fn(item)
+                except Exception as e:      # noqa: BLE001 - kept and raised in the caller's thread
+                    errors[i] = e
+
+        threads = [threading.Thread(target=worker, name=f"side-by-side-{k}", daemon=True)
+                   for k in range(min(slots, len(items)))]
+        try:
+            with _python_ctrl_c():
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    while t.is_alive():
+                        t.join(timeout=0.5)
+        finally:
+            stop.set()                  # after Ctrl-C no queued job starts
     if errors:
-        first = min(errors)
-        for i in sorted(errors)[1:]:
-            log.error("side-by-side job %d also failed: %s", i + 1, errors[i])
-        raise errors[first]
+        raise errors[min(errors)]

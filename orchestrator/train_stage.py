@@ -1,7 +1,8 @@
 """One policy's final fine-tune with Ray Train (``TorchTrainer``, data parallel): the job, the worker loop
-and ``run_final_job``. ``orchestrator.final_stage`` runs the selected policies with it.
+and ``run_final_job``. ``orchestrator.final_stage`` picks the policies (the selection in ``pareto.parquet``,
+what is already done) and runs them with it, side by side where the cluster holds them.
 
-For each policy selected in ``pareto.parquet``: N workers (gloo on CPU, NCCL on GPU) each take an
+For one policy: N workers (gloo on CPU, NCCL on GPU) each take an
 equal, disjoint shard of the FULL target train split, start from the sweep's FP target model with
 the policy applied (``gmpq_core.finetune.prepare_quantized``, clips calibrated on the same batch on
 every rank), and run QAT with SGD + a per-step cosine schedule ``lr_t = lr * (1 + cos(pi t / T)) / 2``
@@ -10,8 +11,9 @@ and reports with a checkpoint; every rank calls ``ray.train.report`` (it is a ba
 
 Resume: each run is ``RunConfig(name=f"finetune-{trial_id}", storage_path=<sweep>/ray_results)``;
 rerunning the same call continues from the latest checkpoint (``ray.train.get_checkpoint()``)
-without redoing finished epochs (Ray Train V2 resumes by name + storage path). A policy already
-fine-tuned for the requested epochs (a row in final.parquet) is not run again.
+without redoing finished epochs (Ray Train V2 resumes by name + storage path), unless the checkpoint
+was made with other settings (``recipe_json``). A GMPQError raised in a worker (a policy that does not
+fit the model, say) comes back from ``run_final_job`` as the same class naming the policy.
 
 ``batch_size`` is the global batch: each worker gets ``batch_size // workers`` images per step.
 """
@@ -222,6 +224,20 @@ class FinalRun:
     model_state: dict | None = None     # the fine-tuned weights (rank 0's last checkpoint)
 
 
+def _our_error(err: BaseException, trial_id: str) -> GMPQError | None:
+    """A worker's GMPQError (bad policy, checkpoint of another policy) inside Ray Train's failure, as the same
+    class naming the policy, so the CLI prints one paragraph; None for anything else (a real bug keeps its
+    traceback)."""
+    for failure in (getattr(err, "worker_failures", None) or {}).values():
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, GMPQError):
+            try:
+                return type(cause)(f"The fine-tune of policy {trial_id} failed: {cause}")
+            except TypeError:       # a subclass with another constructor
+                return GMPQError(f"The fine-tune of policy {trial_id} failed: {cause}")
+    return None
+
+
 def run_final_job(job: FinalJob, *, storage_path: str | Path, workers: int, use_gpu: bool = False) -> FinalRun:
     """Fit (or resume) the TorchTrainer ``finetune-<trial_id>`` under ``storage_path``."""
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -232,9 +248,12 @@ def run_final_job(job: FinalJob, *, storage_path: str | Path, workers: int, use_
                            scaling_config=ScalingConfig(num_workers=int(workers), use_gpu=bool(use_gpu)),
                            run_config=RunConfig(name=f"finetune-{job.trial_id}", storage_path=str(storage_path),
                                                 checkpoint_config=CheckpointConfig(num_to_keep=1)))
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise _our_error(e, job.trial_id) or e
     if result.error is not None:
-        raise result.error
+        raise _our_error(result.error, job.trial_id) or result.error
     history: list[dict] = []
     state: dict = {}
     if result.checkpoint is not None:

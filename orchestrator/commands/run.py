@@ -4,7 +4,8 @@
     gmpq run --config my_sweep.yaml --n-trials 12 --top-k 3 --workers 2
 
 Same sweep flags as ``gmpq sweep`` (they override the preset / config file) plus the fine-tune
-stage's ``--top-k``, ``--workers``, ``--finetune-epochs``. ``--resume`` continues every stage of an
+stage's ``--top-k``, ``--workers``, ``--finetune-epochs``, ``--finetune-max-concurrent`` (the selected
+policies fine-tune side by side as far as the cluster holds ``--workers`` each). ``--resume`` continues every stage of an
 interrupted run in the same folder (finished trials and fine-tune epochs are not redone); ``gmpq run --out
 DIR --resume`` alone reads the folder's saved config. An interrupted sweep stage stops the run there
 (exit 130) with that command. Ends with

@@ -40,6 +40,59 @@ def make_sweep(d: Path, bits: tuple = ((3, 4),), broken: str | None = None) -> N
     write_results(d, rows, [])
 
 
+def test_a_failing_policy_first_in_line_does_not_stop_the_others_and_says_what_is_kept(tmp_path, monkeypatch):
+    """The stage's bookkeeping around the jobs (Ray Train itself: the slow tests below): the first policy
+    fails, the two others still run side by side and keep their rows, then the first error is raised."""
+    import contextlib
+    import threading
+    import time
+
+    from gmpq_core.errors import PolicyMismatchError
+    from orchestrator import final_stage
+    from orchestrator.pareto import write_pareto
+    from orchestrator.train_stage import FinalRun
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, bits=((3, 4), (4, 4), (6, 6)))
+    write_pareto(sweep)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def fake_job(job, *, storage_path, workers, use_gpu=False):
+        if job.trial_id == "t1":
+            raise PolicyMismatchError("The fine-tune of policy t1 failed: bad policy")
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        m = {"epoch": 1, "top1": 50.0, "top5": 90.0, "loss": 1.0, "train_images": 100, "test_images": 10}
+        return FinalRun(trial_id=job.trial_id, metrics=m, history=[m], seconds=0.2, workers=workers)
+    monkeypatch.setattr(final_stage, "run_final_job", fake_job)
+    monkeypatch.setattr(final_stage, "target_fp_checkpoint", lambda *a, **k: tmp_path / "fp.pt")
+    monkeypatch.setattr(final_stage, "ray_session", lambda address=None: contextlib.nullcontext())
+    monkeypatch.setattr(final_stage, "_ray_devices", lambda workers, use_gpu, say: (workers, False))
+    monkeypatch.setattr(final_stage, "final_slots", lambda n, workers, use_gpu, cap: 2)
+    said: list[str] = []
+    with pytest.raises(PolicyMismatchError, match="policy t1 failed"):
+        final_stage.finetune_selected(sweep, epochs=1, workers=1, say=said.append)
+    final = final_stage.read_final(sweep)
+    assert sorted(final["trial_id"]) == ["t2", "t3"] and peak[0] == 2        # t2 and t3 side by side
+    assert any("1 of 3 fine-tune(s) failed; the finished ones (t2, t3) are kept" in m for m in said), said
+    assert (sweep / final_stage.FINAL_PNG).is_file()
+
+
+def test_a_workers_gmpq_error_comes_back_as_one_paragraph_naming_the_policy():
+    from ray.train import WorkerGroupError
+
+    from gmpq_core.errors import ConfigError
+    from orchestrator.train_stage import _our_error
+
+    err = _our_error(WorkerGroupError("rank 0 failed", {0: ConfigError("bad value")}), "t7")
+    assert isinstance(err, ConfigError) and str(err) == "The fine-tune of policy t7 failed: bad value"
+    assert _our_error(WorkerGroupError("rank 0 failed", {0: RuntimeError("bug")}), "t7") is None   # keeps its traceback
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(tmp_path):
@@ -126,18 +179,20 @@ def test_policies_fine_tune_side_by_side_and_a_failing_one_keeps_the_others_resu
     import pandas as pd
     import ray
 
+    from gmpq_core.errors import PolicyMismatchError
     from orchestrator.pareto import read_pareto, write_pareto
     from orchestrator.ray_env import init_ray
     from orchestrator.final_stage import finetune_selected, read_final
 
     sweep = tmp_path / "sweep"
-    make_sweep(sweep, bits=((3, 4), (4, 4), (6, 6)), broken="t3")
+    make_sweep(sweep, bits=((3, 4), (4, 4), (6, 6)), broken="t1")
     write_pareto(sweep)
     assert read_pareto(sweep)["selected"].sum() == 3
     said: list[str] = []
     started = init_ray(num_cpus=2)
     try:
-        with pytest.raises(Exception, match="layer9.0.conv1"):       # t3's policy does not fit the model
+        # t1's policy does not fit the model: the worker's error comes back as one paragraph naming it
+        with pytest.raises(PolicyMismatchError, match="policy t1 failed: .*layer9.0.conv1"):
             finetune_selected(sweep, epochs=1, workers=1, max_steps_per_epoch=2, test_size=100, batch_size=32,
                               say=said.append)
     finally:
@@ -145,12 +200,12 @@ def test_policies_fine_tune_side_by_side_and_a_failing_one_keeps_the_others_resu
             ray.shutdown()
     assert any("3 policies 2 at a time, 1 worker(s) each" in m for m in said)
     final = read_final(sweep).set_index("trial_id")
-    assert sorted(final.index) == ["t1", "t2"] and (final["workers"] == 1).all()      # kept despite t3
-    assert (sweep / "models" / "t1.pt").is_file() and (sweep / "models" / "t2.pt").is_file()
+    assert sorted(final.index) == ["t2", "t3"] and (final["workers"] == 1).all()      # t3 ran after t1 failed
+    assert (sweep / "models" / "t2.pt").is_file() and (sweep / "models" / "t3.pt").is_file()
     # side by side: each run's window (its end minus its seconds) overlaps the other's
     end = pd.to_datetime(final["finished_at"]).map(lambda t: t.timestamp())
     start = end - final["seconds"]
-    assert start["t2"] < end["t1"] and start["t1"] < end["t2"]
+    assert start["t3"] < end["t2"] and start["t2"] < end["t3"]
     mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ft"])
-    assert sorted(runs[runs["tags.gmpq.role"] == "finetune"]["tags.mlflow.runName"]) == ["finetune-t1", "finetune-t2"]
+    assert sorted(runs[runs["tags.gmpq.role"] == "finetune"]["tags.mlflow.runName"]) == ["finetune-t2", "finetune-t3"]

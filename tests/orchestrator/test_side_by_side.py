@@ -33,7 +33,7 @@ def test_jobs_overlap_up_to_the_slots_and_never_beyond():
     assert sorted(done) == [0, 1, 2, 3, 4] and peak[0] == 2
 
 
-def test_one_slot_runs_in_the_calling_thread_in_order_and_stops_at_the_first_error():
+def test_one_slot_runs_in_the_calling_thread_in_order_and_a_failure_does_not_stop_the_rest():
     seen = []
 
     def job(i: int) -> None:
@@ -42,7 +42,42 @@ def test_one_slot_runs_in_the_calling_thread_in_order_and_stops_at_the_first_err
             raise ValueError("job 1")
     with pytest.raises(ValueError, match="job 1"):
         run_side_by_side(range(3), job, slots=1)
-    assert seen == [(0, True), (1, True)]
+    assert seen == [(0, True), (1, True), (2, True)]
+
+
+def test_an_interrupt_stops_at_once_and_no_queued_job_starts():
+    started = []
+
+    def job(i: int) -> None:
+        started.append(i)
+        if i == 0:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_side_by_side(range(3), job, slots=1)
+    assert started == [0]
+
+
+def test_ctrl_c_while_jobs_run_side_by_side_reaches_the_caller_even_under_another_handler():
+    """A Ray Tune run leaves a SIGINT handler that only logs; the wait must still be interruptible."""
+    import os
+    import signal
+
+    started, release = [], threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *a: None)          # what Tune leaves behind
+    try:
+        def job(i: int) -> None:
+            started.append(i)
+            if i == 0:
+                threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+            release.wait(5)
+        with pytest.raises(KeyboardInterrupt):
+            run_side_by_side(range(4), job, slots=2)
+        release.set()
+        time.sleep(0.2)
+        assert sorted(started) == [0, 1]                               # jobs 2 and 3 never started
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler     # put back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_failing_job_does_not_stop_the_others_and_the_first_error_in_item_order_is_raised():
