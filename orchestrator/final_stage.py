@@ -27,7 +27,7 @@ from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
 from .train_stage import STATE_FILE, FinalJob, run_final_job
 
-__all__ = ["FINAL_PNG", "finetune_selected", "target_fp_checkpoint", "check_final_workers", "final_slots",
+__all__ = ["FINAL_PNG", "finetune_selected", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
            "read_final"]
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,15 @@ def final_slots(n_jobs: int, workers: int, use_gpu: bool, cap: int | None) -> in
     return side_by_side_slots(n_jobs, workers, int(res.get("GPU" if use_gpu else "CPU", 0)), cap)
 
 
+def auto_workers(n_jobs: int, use_gpu: bool, cap: int | None) -> int:
+    """``finetune.workers: auto``: the cluster's GPUs (CPUs without ``use_gpu``) divided by the policies that
+    run at once (all of them, at most ``cap``), at least 1."""
+    import ray
+    devices = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0))
+    at_once = max(1, min(int(n_jobs), int(cap) if cap is not None else int(n_jobs)))
+    return max(1, devices // at_once)
+
+
 def check_final_workers(workers: int) -> None:
     """Before a sweep that ends with the final stage (``gmpq run``): its workers fit the running Ray cluster
     (a ConfigError naming ``--workers`` now, not after the sweep)."""
@@ -133,7 +142,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     """Fine-tune every selected policy of ``<sweep_dir>/pareto.parquet`` on the full target data.
 
     The policies train side by side as far as the Ray cluster's CPUs (GPUs) hold ``workers`` each
-    (``max_concurrent`` caps it; 1 = one after the other).
+    (``max_concurrent`` caps it; 1 = one after the other). ``workers="auto"`` (or the config's
+    ``finetune.workers: auto``) shares the cluster's devices among the policies that run at once.
 
     Unset arguments come from the sweep config's ``finetune`` section. ``top_k`` given (or no
     pareto.parquet yet) reselects with ``write_pareto``. Writes ``final.parquet`` (atomic, merged by
@@ -150,7 +160,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     say = _one_line_at_a_time(say or (lambda msg: None))        # fine-tunes side by side report from threads
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
     stage = dict(cfg.get("finetune") or {})
-    for flag, value in (("--top-k", top_k), ("--workers", workers), ("--epochs", epochs), ("--batch-size", batch_size),
+    for flag, value in (("--top-k", top_k), ("--workers", None if workers == "auto" else workers),
+                        ("--epochs", epochs), ("--batch-size", batch_size),
                         ("--max-steps-per-epoch", max_steps_per_epoch), ("--train-size", train_size),
                         ("--test-size", test_size), ("--max-concurrent", max_concurrent)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -168,7 +179,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     if chosen.empty:
         raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
                         "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
-    workers = int(given(workers, "workers", 1))
+    workers = given(workers, "workers", 1)
+    workers = workers if workers == "auto" else int(workers)
     epochs = int(given(epochs, "epochs", 1))
     fp_path = target_fp_checkpoint(sweep_dir, say=say)
     existing = {r["trial_id"]: r for r in read_final(sweep_dir, missing_ok=True).to_dict("records")}
@@ -193,7 +205,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     todo: list[tuple[int, dict, FinalJob]] = []
     with driver_marker(sweep_dir, "finetune"), \
             ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
-        workers, use_gpu = _ray_devices(workers, use_gpu, say)
+        auto = workers == "auto"
+        workers, use_gpu = _ray_devices(1 if auto else workers, use_gpu, say)
         for i, (row, job) in enumerate(jobs, start=1):
             tid = job.trial_id
             recipe, prev = job.recipe_json(), existing.get(tid)
@@ -215,10 +228,13 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                 say(f"[{i}/{len(chosen)}] {tid}: continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
                     f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
             todo.append((i, row, job))
-        slots = final_slots(len(todo), workers, use_gpu, given(max_concurrent, "max_concurrent", None))
-        if slots > 1:
-            say(f"fine-tuning {len(todo)} policies {slots} at a time, {workers} worker(s) each "
-                f"(finetune.max_concurrent caps this)")
+        cap = given(max_concurrent, "max_concurrent", None)
+        if auto:                      # the devices shared by the policies that run at once
+            workers = auto_workers(len(todo), use_gpu, cap)
+        slots = final_slots(len(todo), workers, use_gpu, cap)
+        if slots > 1 or auto:
+            say(f"fine-tuning {len(todo)} polic{'y' if len(todo) == 1 else 'ies'} {slots} at a time, {workers} "
+                f"worker(s) each" + (" (workers: auto)" if auto else "") + " (finetune.max_concurrent caps this)")
         lock = threading.Lock()
 
         def fine_tune(item: tuple[int, dict, FinalJob]) -> None:

@@ -88,7 +88,7 @@ class PrunerConfig:
 class FinetuneStage:
     """The final Ray Train fine-tune of the selected policies (read by orchestrator.final_stage)."""
     top_k: int = 2
-    workers: int = 2
+    workers: int | str = 2                   # per policy; "auto": the cluster's CPUs (GPUs) / policies at once
     epochs: int = 1
     batch_size: int = 128
     lr: float = 0.01
@@ -101,7 +101,10 @@ class FinetuneStage:
         _require(self.max_concurrent is None or _is_pos(self.max_concurrent, integer=True),
                  f"finetune.max_concurrent must be a positive integer or null (as many as the cluster holds), "
                  f"but got max_concurrent={self.max_concurrent!r}.")
-        for name in ("top_k", "workers", "epochs", "batch_size"):
+        _require(self.workers == "auto" or _is_pos(self.workers, integer=True),
+                 f"finetune.workers must be a positive integer or 'auto' (the cluster's CPUs, or GPUs, shared by "
+                 f"the policies fine-tuned at once), but got workers={self.workers!r}.")
+        for name in ("top_k", "epochs", "batch_size"):
             _require(_is_pos(getattr(self, name), integer=True),
                      f"finetune.{name} must be a positive integer, but got {name}={getattr(self, name)!r}.")
         _require(_is_pos(self.lr), f"finetune.lr must be > 0, but got lr={self.lr!r}.")

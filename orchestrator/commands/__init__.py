@@ -16,16 +16,21 @@ def help_text(doc: str | None) -> str:
 
 
 def at_least(minimum: int) -> type[argparse.Action]:
-    """An argparse action for an integer option of at least ``minimum`` (use with ``type=int``): a smaller
-    value is a ConfigError naming the flag and the value (one paragraph, exit 2), not a message about
-    the config key it fills."""
+    """An argparse action for an integer option of at least ``minimum`` (use with ``type=int``, or
+    ``type=int_or_auto``): a smaller value is a ConfigError naming the flag and the value (one paragraph,
+    exit 2), not a message about the config key it fills."""
     class AtLeast(argparse.Action):
         def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-            if values < minimum:
+            if values != "auto" and values < minimum:
                 raise ConfigError(f"{option_string} must be a whole number >= {minimum}, but got "
                                   f"{option_string} {values}.")
             setattr(namespace, self.dest, values)
     return AtLeast
+
+
+def int_or_auto(text: str) -> int | str:
+    """argparse type of a count that may be ``auto`` (``--workers auto``)."""
+    return "auto" if text.strip().lower() == "auto" else int(text)
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:

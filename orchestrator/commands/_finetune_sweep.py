@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import at_least
+from . import at_least, int_or_auto
 
 __all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage"]
 
@@ -34,8 +34,9 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                    help="sweep folder: fine-tune its selected Pareto policies on the full target data")
     _add(g, "--top-k", type=int, action=at_least(1), default=None, metavar="K",
                    help="reselect K policies first (default: pareto.parquet's selection, else finetune.top_k)")
-    _add(g, "--workers", type=int, action=at_least(1), default=None, metavar="N",
-                   help="Ray Train data-parallel workers per policy (default: the sweep's finetune.workers)")
+    _add(g, "--workers", type=int_or_auto, action=at_least(1), default=None, metavar="N",
+                   help="Ray Train data-parallel workers per policy, or 'auto': the cluster's CPUs (GPUs) shared by "
+                        "the policies fine-tuned at once (default: the sweep's finetune.workers)")
     _add(g, "--max-concurrent", type=int, action=at_least(1), default=None, metavar="N",
                    help="fine-tune at most N policies side by side (default: the sweep's finetune.max_concurrent, "
                         "else as many as the cluster's CPUs/GPUs hold with --workers each)")

@@ -21,7 +21,7 @@ from typing import Any
 
 from gmpq_core.errors import GMPQError
 
-from . import at_least, help_text, mlflow_ui_hint, quiet_libraries
+from . import at_least, help_text, int_or_auto, mlflow_ui_hint, quiet_libraries
 
 __all__ = ["register", "run"]
 
@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
         from orchestrator.final_stage import check_final_workers
 
-        check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
+        if resolved.finetune.workers != "auto":           # 'auto' fits whatever the cluster has
+            check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
         _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
         summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
         print(format_summary(summary, command="gmpq run"), flush=True)
@@ -92,7 +93,9 @@ def register(subparsers: Any) -> None:
     add_sweep_args(p)
     g = p.add_argument_group("final fine-tune")
     g.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K", help="policies to fine-tune (finetune.top_k)")
-    g.add_argument("--workers", type=int, action=at_least(1), default=None, metavar="N", help="Ray Train workers (finetune.workers)")
+    g.add_argument("--workers", type=int_or_auto, action=at_least(1), default=None, metavar="N",
+                   help="Ray Train workers per policy, or 'auto': the cluster's CPUs (GPUs) shared by the policies "
+                        "fine-tuned at once (finetune.workers)")
     g.add_argument("--finetune-epochs", type=int, action=at_least(1), default=None, metavar="E", help="fine-tune epochs (finetune.epochs)")
     g.add_argument("--finetune-max-steps", type=int, action=at_least(1), default=None, metavar="N",
                    help="cap the fine-tune steps per epoch (quick checks; finetune.max_steps_per_epoch)")

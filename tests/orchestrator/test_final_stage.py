@@ -82,6 +82,28 @@ def test_a_failing_policy_first_in_line_does_not_stop_the_others_and_says_what_i
     assert (sweep / final_stage.FINAL_PNG).is_file()
 
 
+def test_auto_workers_share_the_clusters_devices_among_the_policies_at_once(monkeypatch):
+    import ray
+
+    from orchestrator.final_stage import auto_workers
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
+    assert auto_workers(2, use_gpu=False, cap=None) == 4          # 2 policies side by side, 4 CPUs each
+    assert auto_workers(3, use_gpu=True, cap=None) == 1           # 4 GPUs // 3
+    assert auto_workers(3, use_gpu=False, cap=1) == 8             # one at a time: every CPU
+    assert auto_workers(16, use_gpu=False, cap=None) == 1         # never below 1 (the rest wait their turn)
+
+
+def test_workers_auto_is_accepted_on_the_command_line_and_in_the_config():
+    from orchestrator.cli import build_parser
+    from orchestrator.sweep_config import load_sweep_config
+
+    args = build_parser("finetune").parse_args(["finetune", "--sweep", "x", "--workers", "auto"])
+    assert args.workers == "auto"
+    assert build_parser("run").parse_args(["run", "--workers", "auto"]).workers == "auto"
+    assert load_sweep_config(preset="demo").finetune.workers == "auto"
+
+
 def test_a_workers_gmpq_error_comes_back_as_one_paragraph_naming_the_policy():
     from ray.train import WorkerGroupError
 

@@ -126,6 +126,7 @@ def test_infeasible_budget_exits_2_with_the_feasible_range(tmp_path, capsys):
     ({"n_trials": 0}, "n_trials must be a positive integer"),
     ({"resources": {"cpu": 0}}, "resources.cpu must be a number > 0"),
     ({"finetune": {"nesterov": "yes"}}, "finetune.nesterov must be true/false"),
+    ({"finetune": {"workers": "many"}}, r"finetune.workers must be a positive integer or 'auto' .* got workers='many'"),
     ({"finetune": {"max_concurrent": 0}}, r"finetune.max_concurrent must be a positive integer or null .* got max_concurrent=0"),
     ({"colour": "red"}, "Unknown sweep config key.*colour"),
 ])
