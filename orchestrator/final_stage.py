@@ -234,7 +234,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         slots = final_slots(len(todo), workers, use_gpu, cap)
         if slots > 1 or auto:
             say(f"fine-tuning {len(todo)} polic{'y' if len(todo) == 1 else 'ies'} {slots} at a time, {workers} "
-                f"worker(s) each" + (" (workers: auto)" if auto else "") + " (finetune.max_concurrent caps this)")
+                f"worker(s) each" + (" (finetune.workers: auto)" if auto else "") + "; finetune.max_concurrent caps "
+                "how many at once")
         lock = threading.Lock()
 
         def fine_tune(item: tuple[int, dict, FinalJob]) -> None:
