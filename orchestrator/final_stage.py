@@ -92,13 +92,17 @@ def final_slots(n_jobs: int, workers: int, use_gpu: bool, cap: int | None) -> in
     return side_by_side_slots(n_jobs, workers, int(res.get("GPU" if use_gpu else "CPU", 0)), cap)
 
 
-def auto_workers(n_jobs: int, use_gpu: bool, cap: int | None) -> int:
+AUTO_MIN_IMAGES_PER_WORKER = 16       # workers: auto never splits a global batch finer (BatchNorm per worker)
+
+
+def auto_workers(n_jobs: int, use_gpu: bool, cap: int | None, batch_size: int) -> int:
     """``finetune.workers: auto``: the cluster's GPUs (CPUs without ``use_gpu``) divided by the policies that
-    run at once (all of them, at most ``cap``), at least 1."""
+    run at once (all of them, at most ``cap``), at least 1, and at most ``batch_size // 16`` (each worker
+    gets ``batch_size // workers`` images per step)."""
     import ray
     devices = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0))
     at_once = max(1, min(int(n_jobs), int(cap) if cap is not None else int(n_jobs)))
-    return max(1, devices // at_once)
+    return max(1, min(devices // at_once, int(batch_size) // AUTO_MIN_IMAGES_PER_WORKER))
 
 
 def check_final_workers(workers: int) -> None:
@@ -230,9 +234,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             todo.append((i, row, job))
         cap = given(max_concurrent, "max_concurrent", None)
         if auto:                      # the devices shared by the policies that run at once
-            workers = auto_workers(len(todo), use_gpu, cap)
+            workers = auto_workers(len(todo), use_gpu, cap, jobs[0][1].batch_size if jobs else 128)
         slots = final_slots(len(todo), workers, use_gpu, cap)
-        if slots > 1 or auto:
+        if todo and (slots > 1 or auto):
             say(f"fine-tuning {len(todo)} polic{'y' if len(todo) == 1 else 'ies'} {slots} at a time, {workers} "
                 f"worker(s) each" + (" (finetune.workers: auto)" if auto else "") + "; finetune.max_concurrent caps "
                 "how many at once")
@@ -246,8 +250,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             with _ProgressWatcher(Path(job.progress_file), say, tag, epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
             with lock:                   # final.parquet is rewritten whole: one writer at a time
-                histories[tid] = run.history
                 model_path = record_final_run(sweep_dir, final_rows, row, run, job, say)
+                histories[tid] = run.history
                 done_ids.append(tid)
             say(f"{tag} final top1 {run.metrics.get('top1', float('nan')):.2f}% "
                 f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s"

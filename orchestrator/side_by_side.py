@@ -6,7 +6,7 @@ every item, at most ``slots`` at once, in order of the items:
 
 - a failing job (an ``Exception``) does not stop the others: every job runs, and the first error in
   item order is raised once all have ended, so the others' results are kept (their ``fn`` recorded
-  them). ``KeyboardInterrupt`` and other ``BaseException`` s stop at once;
+  them). ``KeyboardInterrupt`` and other ``BaseException`` s (in any job) stop the rest and come back first;
 - with ``slots == 1`` every call runs in the calling thread (Ray Train installs its Ctrl-C handler
   only in the main thread);
 - with more, the jobs run in daemon threads while the caller waits in short joins with Python's own
@@ -43,7 +43,8 @@ def _python_ctrl_c() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:        # None: a handler installed from C, which Python cannot put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) -> None:
@@ -61,6 +62,8 @@ def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) ->
             todo.put((i, item))
         stop = threading.Event()
 
+        aborted: list[BaseException] = []
+
         def worker() -> None:
             while not stop.is_set():
                 try:
@@ -71,6 +74,10 @@ def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) ->
                     fn(item)
                 except Exception as e:      # noqa: BLE001 - kept and raised in the caller's thread
                     errors[i] = e
+                except BaseException as e:  # SystemExit and the like: nothing more starts, raised first
+                    aborted.append(e)
+                    stop.set()
+                    return
 
         threads = [threading.Thread(target=worker, name=f"side-by-side-{k}", daemon=True)
                    for k in range(min(slots, len(items)))]
@@ -83,5 +90,7 @@ def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) ->
                         t.join(timeout=0.5)
         finally:
             stop.set()                  # after Ctrl-C no queued job starts
+        if aborted:
+            raise aborted[0]
     if errors:
         raise errors[min(errors)]

@@ -30,7 +30,12 @@ def at_least(minimum: int) -> type[argparse.Action]:
 
 def int_or_auto(text: str) -> int | str:
     """argparse type of a count that may be ``auto`` (``--workers auto``)."""
-    return "auto" if text.strip().lower() == "auto" else int(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', but got {text!r}") from None
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:

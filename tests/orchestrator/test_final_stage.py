@@ -88,10 +88,12 @@ def test_auto_workers_share_the_clusters_devices_among_the_policies_at_once(monk
     from orchestrator.final_stage import auto_workers
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 4.0})
-    assert auto_workers(2, use_gpu=False, cap=None) == 4          # 2 policies side by side, 4 CPUs each
-    assert auto_workers(3, use_gpu=True, cap=None) == 1           # 4 GPUs // 3
-    assert auto_workers(3, use_gpu=False, cap=1) == 8             # one at a time: every CPU
-    assert auto_workers(16, use_gpu=False, cap=None) == 1         # never below 1 (the rest wait their turn)
+    assert auto_workers(2, use_gpu=False, cap=None, batch_size=128) == 4      # 2 policies side by side, 4 CPUs each
+    assert auto_workers(3, use_gpu=True, cap=None, batch_size=128) == 1       # 4 GPUs // 3
+    assert auto_workers(3, use_gpu=False, cap=1, batch_size=128) == 8         # one at a time: every CPU
+    assert auto_workers(16, use_gpu=False, cap=None, batch_size=128) == 1     # never below 1 (the rest wait)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 192.0})
+    assert auto_workers(2, use_gpu=False, cap=None, batch_size=128) == 8      # >= 16 images per worker and step
 
 
 def test_workers_auto_is_accepted_on_the_command_line_and_in_the_config():
@@ -102,6 +104,8 @@ def test_workers_auto_is_accepted_on_the_command_line_and_in_the_config():
     assert args.workers == "auto"
     assert build_parser("run").parse_args(["run", "--workers", "auto"]).workers == "auto"
     assert load_sweep_config(preset="demo").finetune.workers == "auto"
+    with pytest.raises(SystemExit):                    # argparse: "expected a whole number or 'auto'"
+        build_parser("run").parse_args(["run", "--workers", "many"])
 
 
 def test_a_workers_gmpq_error_comes_back_as_one_paragraph_naming_the_policy():

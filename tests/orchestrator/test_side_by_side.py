@@ -92,3 +92,19 @@ def test_a_failing_job_does_not_stop_the_others_and_the_first_error_in_item_orde
     with pytest.raises(RuntimeError, match="job 1"):
         run_side_by_side(range(5), job, slots=2)
     assert sorted(done) == [0, 3, 4]
+
+
+def test_an_exit_inside_a_side_by_side_job_stops_the_rest_and_comes_back_first():
+    done = []
+
+    def job(i: int) -> None:
+        if i == 0:
+            raise ValueError("job 0")
+        if i == 1:
+            time.sleep(0.05)
+            raise SystemExit(3)
+        time.sleep(0.2)
+        done.append(i)
+    with pytest.raises(SystemExit):
+        run_side_by_side(range(6), job, slots=2)
+    assert len(done) <= 2                               # jobs queued after the exit never started
