@@ -271,9 +271,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     final = read_final(sweep_dir)
     plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
     ours = final[final["trial_id"].isin(done_ids)].reset_index(drop=True)
-    logged = ours["trial_id"].isin([*histories, *refilled])         # a refilled row's run gets its model file
-    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours[logged], histories=histories,
-              png_path=sweep_dir / FINAL_PNG)
+    # this call's fine-tunes and refilled model files are logged; an earlier one only if its run is missing
+    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours, histories=histories,
+              png_path=sweep_dir / FINAL_PNG, fresh={*histories, *refilled})
     if failed is not None:
         raise failed
     return ours

@@ -277,6 +277,10 @@ class MLflowSink:
             self._client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
     # -- child runs -----------------------------------------------------------------------------
+    def has_child_run(self, kind: str, key: str) -> bool:
+        """Whether the child run ``kind``/``key`` was made (its id persisted) and is still there."""
+        return bool(self.call(f"looking up the {kind} run of {key}", self._run_exists, self.runs[kind].get(key)))
+
     def child_run(self, kind: str, key: str, *, run_name: str, params: Mapping[str, Any],
                   tags: Mapping[str, str]) -> str | None:
         """The child run ``kind``/``key`` (reused if persisted and still there, else created)."""

@@ -5,7 +5,7 @@ tracking store that fails only warns once; ``gmpq sync-mlflow`` calls them again
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Collection, Mapping
 
 import pandas as pd
 
@@ -50,14 +50,18 @@ def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Ma
 
 
 def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.DataFrame, *,
-              histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None) -> bool:
+              histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None,
+              fresh: Collection[str] | None = None) -> bool:
     """One child run ``finetune-<trial_id>`` per policy (reused on rerun) with its metrics, policy and model
-    file; final.parquet + plot on the parent."""
+    file; final.parquet + plot on the parent. ``fresh`` given: the rows of other policies are logged only
+    when their run is missing (a stage stopped by Ctrl-C before it logged what had finished)."""
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
         return False
     for row in final_df.to_dict("records"):
         tid = str(row["trial_id"])
+        if fresh is not None and tid not in fresh and sink.has_child_run("finetune", tid):
+            continue
         rid = sink.child_run("finetune", tid, run_name=f"finetune-{tid}",
                              params={k: row.get(k) for k in ("trial_id", "policy_source", "epochs", "workers")},
                              tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running"})

@@ -82,6 +82,46 @@ def test_a_failing_policy_first_in_line_does_not_stop_the_others_and_says_what_i
     assert (sweep / final_stage.FINAL_PNG).is_file()
 
 
+def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tmp_path, monkeypatch):
+    """Ctrl-C after one policy finished used to leave it in final.parquet without an MLflow run, for good: the
+    rerun skipped it as done and logged only what it trained."""
+    import contextlib
+
+    import mlflow
+
+    from orchestrator import final_stage
+    from orchestrator.pareto import write_pareto
+    from orchestrator.train_stage import FinalRun
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, bits=((3, 4), (4, 4)))
+    write_pareto(sweep)
+    interrupt = {"t2"}
+
+    def fake_job(job, *, storage_path, workers, use_gpu=False):
+        if job.trial_id in interrupt:
+            raise KeyboardInterrupt
+        m = {"epoch": 1, "top1": 50.0, "top5": 90.0, "loss": 1.0, "train_images": 100, "test_images": 10}
+        return FinalRun(trial_id=job.trial_id, metrics=m, history=[m], seconds=0.1, workers=workers)
+    monkeypatch.setattr(final_stage, "run_final_job", fake_job)
+    monkeypatch.setattr(final_stage, "target_fp_checkpoint", lambda *a, **k: tmp_path / "fp.pt")
+    monkeypatch.setattr(final_stage, "ray_session", lambda address=None: contextlib.nullcontext())
+    monkeypatch.setattr(final_stage, "_ray_devices", lambda workers, use_gpu, say: (workers, False))
+    monkeypatch.setattr(final_stage, "final_slots", lambda n, workers, use_gpu, cap: 1)
+    with pytest.raises(KeyboardInterrupt):
+        final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    assert final_stage.read_final(sweep)["trial_id"].tolist() == ["t1"]          # t1 finished, not logged
+    interrupt.clear()
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)                    # t1 done: skipped; t2 trained
+    mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ft"])
+    names = sorted(runs[runs["tags.gmpq.role"] == "finetune"]["tags.mlflow.runName"])
+    assert names == ["finetune-t1", "finetune-t2"]
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)                    # nothing new: no duplicate runs
+    runs = mlflow.search_runs(experiment_names=["ft"])
+    assert len(runs[runs["tags.gmpq.role"] == "finetune"]) == 2
+
+
 def test_auto_workers_share_the_clusters_devices_among_the_policies_at_once(monkeypatch):
     import ray
 
