@@ -40,25 +40,44 @@ def make_sweep(d: Path, bits: tuple = ((3, 4),), broken: str | None = None) -> N
     write_results(d, rows, [])
 
 
+def _stage_without_ray(monkeypatch, tmp_path, job, slots: int):
+    """finetune_selected's bookkeeping with ``job(trial_id)`` in place of the Ray Train run (which returns
+    the metrics dict of a finished one-epoch run): no Ray, no FP model; MLflow and the files are real."""
+    import contextlib
+
+    from orchestrator import final_stage
+    from orchestrator.train_stage import FinalRun
+
+    def run_final_job(final_job, *, storage_path, workers, use_gpu=False):
+        m = job(final_job.trial_id)
+        return FinalRun(trial_id=final_job.trial_id, metrics=m, history=[m], seconds=0.1, workers=workers)
+    monkeypatch.setattr(final_stage, "run_final_job", run_final_job)
+    monkeypatch.setattr(final_stage, "target_fp_checkpoint", lambda *a, **k: tmp_path / "fp.pt")
+    monkeypatch.setattr(final_stage, "ray_session", lambda address=None: contextlib.nullcontext())
+    monkeypatch.setattr(final_stage, "_ray_devices", lambda workers, use_gpu, say: (workers, False))
+    monkeypatch.setattr(final_stage, "final_slots", lambda n, workers, use_gpu, cap: slots)
+    return final_stage
+
+
+METRICS = {"epoch": 1, "top1": 50.0, "top5": 90.0, "loss": 1.0, "train_images": 100, "test_images": 10}
+
+
 def test_a_failing_policy_first_in_line_does_not_stop_the_others_and_says_what_is_kept(tmp_path, monkeypatch):
     """The stage's bookkeeping around the jobs (Ray Train itself: the slow tests below): the first policy
     fails, the two others still run side by side and keep their rows, then the first error is raised."""
-    import contextlib
     import threading
     import time
 
     from gmpq_core.errors import PolicyMismatchError
-    from orchestrator import final_stage
     from orchestrator.pareto import write_pareto
-    from orchestrator.train_stage import FinalRun
 
     sweep = tmp_path / "sweep"
     make_sweep(sweep, bits=((3, 4), (4, 4), (6, 6)))
     write_pareto(sweep)
     running, peak, lock = [0], [0], threading.Lock()
 
-    def fake_job(job, *, storage_path, workers, use_gpu=False):
-        if job.trial_id == "t1":
+    def job(trial_id: str) -> dict:
+        if trial_id == "t1":
             raise PolicyMismatchError("The fine-tune of policy t1 failed: bad policy")
         with lock:
             running[0] += 1
@@ -66,13 +85,8 @@ def test_a_failing_policy_first_in_line_does_not_stop_the_others_and_says_what_i
         time.sleep(0.2)
         with lock:
             running[0] -= 1
-        m = {"epoch": 1, "top1": 50.0, "top5": 90.0, "loss": 1.0, "train_images": 100, "test_images": 10}
-        return FinalRun(trial_id=job.trial_id, metrics=m, history=[m], seconds=0.2, workers=workers)
-    monkeypatch.setattr(final_stage, "run_final_job", fake_job)
-    monkeypatch.setattr(final_stage, "target_fp_checkpoint", lambda *a, **k: tmp_path / "fp.pt")
-    monkeypatch.setattr(final_stage, "ray_session", lambda address=None: contextlib.nullcontext())
-    monkeypatch.setattr(final_stage, "_ray_devices", lambda workers, use_gpu, say: (workers, False))
-    monkeypatch.setattr(final_stage, "final_slots", lambda n, workers, use_gpu, cap: 2)
+        return METRICS
+    final_stage = _stage_without_ray(monkeypatch, tmp_path, job, slots=2)
     said: list[str] = []
     with pytest.raises(PolicyMismatchError, match="policy t1 failed"):
         final_stage.finetune_selected(sweep, epochs=1, workers=1, say=said.append)
@@ -85,29 +99,20 @@ def test_a_failing_policy_first_in_line_does_not_stop_the_others_and_says_what_i
 def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tmp_path, monkeypatch):
     """Ctrl-C after one policy finished used to leave it in final.parquet without an MLflow run, for good: the
     rerun skipped it as done and logged only what it trained."""
-    import contextlib
-
     import mlflow
 
-    from orchestrator import final_stage
     from orchestrator.pareto import write_pareto
-    from orchestrator.train_stage import FinalRun
 
     sweep = tmp_path / "sweep"
     make_sweep(sweep, bits=((3, 4), (4, 4)))
     write_pareto(sweep)
     interrupt = {"t2"}
 
-    def fake_job(job, *, storage_path, workers, use_gpu=False):
-        if job.trial_id in interrupt:
+    def job(trial_id: str) -> dict:
+        if trial_id in interrupt:
             raise KeyboardInterrupt
-        m = {"epoch": 1, "top1": 50.0, "top5": 90.0, "loss": 1.0, "train_images": 100, "test_images": 10}
-        return FinalRun(trial_id=job.trial_id, metrics=m, history=[m], seconds=0.1, workers=workers)
-    monkeypatch.setattr(final_stage, "run_final_job", fake_job)
-    monkeypatch.setattr(final_stage, "target_fp_checkpoint", lambda *a, **k: tmp_path / "fp.pt")
-    monkeypatch.setattr(final_stage, "ray_session", lambda address=None: contextlib.nullcontext())
-    monkeypatch.setattr(final_stage, "_ray_devices", lambda workers, use_gpu, say: (workers, False))
-    monkeypatch.setattr(final_stage, "final_slots", lambda n, workers, use_gpu, cap: 1)
+        return METRICS
+    final_stage = _stage_without_ray(monkeypatch, tmp_path, job, slots=1)
     with pytest.raises(KeyboardInterrupt):
         final_stage.finetune_selected(sweep, epochs=1, workers=1)
     assert final_stage.read_final(sweep)["trial_id"].tolist() == ["t1"]          # t1 finished, not logged
