@@ -51,7 +51,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def error_paragraph(err: BaseException) -> str:
-    return textwrap.fill(f"gmpq: error: {err}", width=100)
+    return textwrap.fill(f"gmpq: error: {err}", width=100, break_on_hyphens=False, break_long_words=False)
 
 
 def main(argv: list[str] | None = None) -> int:

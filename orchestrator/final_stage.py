@@ -128,6 +128,19 @@ def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None])
     return workers, use_gpu
 
 
+def _at_once_text(n: int, slots: int, workers: int, use_gpu: bool, cap: int | None, auto: bool) -> str:
+    """What the stage will run at once, and what limits it."""
+    devices = "GPUs" if use_gpu else "CPUs"
+    how = "one after the other" if slots == 1 else f"{slots} at a time"
+    text = f"fine-tuning {n} polic{'y' if n == 1 else 'ies'} {how}, {workers} worker(s) each"
+    if auto:
+        text += f" (finetune.workers: auto: the cluster's {devices} shared by the policies at once)"
+    if slots < n:
+        text += (f"; max_concurrent {cap} caps it" if cap is not None and slots == cap
+                 else f"; the cluster's {devices} hold {slots} at a time with {workers} worker(s) each")
+    return text
+
+
 def _one_line_at_a_time(say: Callable[[str], None]) -> Callable[[str], None]:
     lock = threading.Lock()
 
@@ -236,16 +249,18 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         if auto:                      # the devices shared by the policies that run at once
             workers = auto_workers(len(todo), use_gpu, cap, jobs[0][1].batch_size if jobs else 128)
         slots = final_slots(len(todo), workers, use_gpu, cap)
-        if todo and (slots > 1 or auto):
-            say(f"fine-tuning {len(todo)} polic{'y' if len(todo) == 1 else 'ies'} {slots} at a time, {workers} "
-                f"worker(s) each" + (" (finetune.workers: auto)" if auto else "") + "; finetune.max_concurrent caps "
-                "how many at once")
+        if len(todo) > 1 or (todo and auto):
+            say(_at_once_text(len(todo), slots, workers, use_gpu, cap, auto))
         lock = threading.Lock()
 
         def fine_tune(item: tuple[int, dict, FinalJob]) -> None:
             i, row, job = item
             tid, tag = job.trial_id, f"[{i}/{len(chosen)}] {job.trial_id}:"
-            say(f"{tag} fine-tuning {epochs} epoch(s) on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+            prev = existing.get(tid)
+            resumes = prev is not None and row_recipe(prev) in (None, job.recipe_json())
+            first = int(prev.get("epochs") or 0) + 1 if resumes else 1
+            span = f"epochs {first}-{epochs}" if first > 1 else f"{epochs} epoch(s)"
+            say(f"{tag} fine-tuning {span} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
                 f"{row.get('selection_reason')}")
             with _ProgressWatcher(Path(job.progress_file), say, tag, epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)

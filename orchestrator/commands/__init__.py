@@ -21,6 +21,9 @@ def at_least(minimum: int) -> type[argparse.Action]:
     exit 2), not a message about the config key it fills."""
     class AtLeast(argparse.Action):
         def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+            if isinstance(values, str) and values != "auto":
+                raise ConfigError(f"{option_string} must be a whole number >= {minimum} or 'auto', but got "
+                                  f"{option_string} {values}.")
             if values != "auto" and values < minimum:
                 raise ConfigError(f"{option_string} must be a whole number >= {minimum}, but got "
                                   f"{option_string} {values}.")
@@ -35,7 +38,7 @@ def int_or_auto(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', but got {text!r}") from None
+        return text                  # at_least names the flag and the value (one paragraph, exit 2)
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:

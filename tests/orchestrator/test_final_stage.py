@@ -149,8 +149,20 @@ def test_workers_auto_is_accepted_on_the_command_line_and_in_the_config():
     assert args.workers == "auto"
     assert build_parser("run").parse_args(["run", "--workers", "auto"]).workers == "auto"
     assert load_sweep_config(preset="demo").finetune.workers == "auto"
-    with pytest.raises(SystemExit):                    # argparse: "expected a whole number or 'auto'"
+    from gmpq_core.errors import ConfigError
+    with pytest.raises(ConfigError, match="--workers must be a whole number >= 1 or 'auto', but got --workers many"):
         build_parser("run").parse_args(["run", "--workers", "many"])
+
+
+def test_the_stage_says_how_many_run_at_once_and_what_limits_it():
+    from orchestrator.final_stage import _at_once_text
+
+    assert _at_once_text(2, 2, 1, False, None, False) == "fine-tuning 2 policies 2 at a time, 1 worker(s) each"
+    assert _at_once_text(2, 1, 2, False, None, False).endswith(
+        "one after the other, 2 worker(s) each; the cluster's CPUs hold 1 at a time with 2 worker(s) each")
+    assert _at_once_text(3, 1, 4, True, 1, True) == (
+        "fine-tuning 3 policies one after the other, 4 worker(s) each (finetune.workers: auto: the cluster's GPUs "
+        "shared by the policies at once); max_concurrent 1 caps it")
 
 
 def test_a_workers_gmpq_error_comes_back_as_one_paragraph_naming_the_policy():
