@@ -219,7 +219,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                         progress_file=str(storage / f"finetune-{tid}.progress.json"))
     jobs = [(row, final_job(row)) for row in chosen.to_dict("records")]
     check_not_shorter(jobs, existing, epochs, sweep_dir)
-    todo: list[tuple[int, dict, FinalJob]] = []
+    todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
     with driver_marker(sweep_dir, "finetune"), \
             ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
         auto = workers == "auto"
@@ -244,7 +244,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             elif prev is not None:
                 say(f"[{i}/{len(chosen)}] {tid}: continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
                     f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
-            todo.append((i, row, job))
+            todo.append((i, row, job, int(prev.get("epochs") or 0) + 1 if same_recipe else 1))
         cap = given(max_concurrent, "max_concurrent", None)
         if auto:                      # the devices shared by the policies that run at once
             workers = auto_workers(len(todo), use_gpu, cap, jobs[0][1].batch_size if jobs else 128)
@@ -253,12 +253,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             say(_at_once_text(len(todo), slots, workers, use_gpu, cap, auto))
         lock = threading.Lock()
 
-        def fine_tune(item: tuple[int, dict, FinalJob]) -> None:
-            i, row, job = item
+        def fine_tune(item: tuple[int, dict, FinalJob, int]) -> None:
+            i, row, job, first = item
             tid, tag = job.trial_id, f"[{i}/{len(chosen)}] {job.trial_id}:"
-            prev = existing.get(tid)
-            resumes = prev is not None and row_recipe(prev) in (None, job.recipe_json())
-            first = int(prev.get("epochs") or 0) + 1 if resumes else 1
             span = f"epochs {first}-{epochs}" if first > 1 else f"{epochs} epoch(s)"
             say(f"{tag} fine-tuning {span} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
                 f"{row.get('selection_reason')}")
@@ -277,7 +274,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         except Exception as e:      # the policies that finished keep their rows: plot and log them, then raise
             failed = e
     if failed is not None:
-        kept = [job.trial_id for _, _, job in todo if job.trial_id in histories]
+        kept = [job.trial_id for _, _, job, _ in todo if job.trial_id in histories]
         say(f"{len(todo) - len(kept)} of {len(todo)} fine-tune(s) failed"
             + (f"; the finished ones ({', '.join(kept)}) are kept in {sweep_dir / FINAL_FILE} and MLflow" if kept else "")
             + ". Rerun the same command after fixing the cause: finished policies are not run again.")
