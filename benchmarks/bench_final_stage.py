@@ -2,7 +2,7 @@
 single-worker fine-tunes side by side.
 
 Takes a finished sweep folder (``make demo`` writes ``runs/demo``), builds the Ray Train jobs of its
-selected policies as ``gmpq finetune --sweep`` does (``orchestrator.train_stage.FinalJob`` with the sweep's
+selected policies as ``gmpq finetune --sweep`` does (``orchestrator.final_stage.final_job`` with the sweep's
 ``finetune`` settings, ``run_final_job``; without the stage's bookkeeping: no progress file, final.parquet
 row, model file or MLflow run), and runs them, in one local Ray session, in two arrangements alternated for
 ``--rounds`` rounds:
@@ -39,24 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _jobs(sweep_dir: Path, steps: int, test_size: int):
+    from orchestrator.final_stage import final_job, target_fp_checkpoint
     from orchestrator.pareto import read_pareto
     from orchestrator.results import load_resolved_config
-    from orchestrator.final_stage import target_fp_checkpoint
-    from orchestrator.train_stage import FinalJob
 
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
-    stage = dict(cfg.get("finetune") or {})
     pareto = read_pareto(sweep_dir)
     chosen = pareto[pareto["selected"]]
     if chosen.empty:
         sys.exit(f"{sweep_dir} selects no policy (pareto.parquet): run the sweep (make demo) first.")
     fp = target_fp_checkpoint(sweep_dir)
-    return [FinalJob(trial_id=str(r["trial_id"]), policy_json=str(r["policy_json"]), fp_checkpoint=str(fp),
-                     dataset=str(cfg["target_dataset"]), data_root=cfg.get("data_root"),
-                     image_size=cfg.get("image_size"), epochs=1, lr=float(stage.get("lr", 0.01)),
-                     batch_size=int(stage.get("batch_size", 128)), seed=int(cfg.get("seed") or 0),
-                     distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
-                     max_steps_per_epoch=steps, test_size=test_size)
+    return [final_job(cfg, r, fp, epochs=1, max_steps_per_epoch=steps, test_size=test_size)
             for r in chosen.to_dict("records")]
 
 
@@ -69,7 +62,7 @@ def _arrangement(name: str, jobs, cpus: int, workers: int, storage: Path) -> dic
     runs: list = []
 
     def one(job) -> None:
-        runs.append(run_final_job(replace(job, progress_file=None), storage_path=storage, workers=per_job))
+        runs.append(run_final_job(job, storage_path=storage, workers=per_job))
     t0 = time.perf_counter()
     run_side_by_side(jobs, one, slots)
     wall = time.perf_counter() - t0

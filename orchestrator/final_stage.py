@@ -10,6 +10,7 @@ lose the others' results: they are written, plotted and logged before the error 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -27,7 +28,7 @@ from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
 from .train_stage import STATE_FILE, FinalJob, run_final_job
 
-__all__ = ["FINAL_PNG", "finetune_selected", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
+__all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
            "read_final"]
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,30 @@ def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None])
     return workers, use_gpu
 
 
+def _given(stage: dict, value: Any, key: str, default: Any) -> Any:
+    """An explicit value, else the sweep config's ``finetune.<key>``, else ``default``."""
+    return value if value is not None else (stage.get(key) if stage.get(key) is not None else default)
+
+
+def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: float | None = None,
+              batch_size: int | None = None, max_steps_per_epoch: int | None = None, train_size: int | None = None,
+              test_size: int | None = None, progress_dir: Path | None = None) -> FinalJob:
+    """The ``FinalJob`` of one selected policy (a pareto.parquet row): the resolved sweep config ``cfg``'s
+    ``finetune`` section, the values given here overriding it; rank 0's progress file in ``progress_dir``."""
+    stage = dict(cfg.get("finetune") or {})
+    given = functools.partial(_given, stage)
+    tid = str(row["trial_id"])
+    return FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
+                    dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
+                    image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
+                    batch_size=int(given(batch_size, "batch_size", 128)),
+                    distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
+                    seed=int(cfg.get("seed") or 0),
+                    max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
+                    train_size=train_size, test_size=test_size,
+                    progress_file=str(progress_dir / f"finetune-{tid}.progress.json") if progress_dir else None)
+
+
 def _at_once_text(n: int, slots: int, workers: int, use_gpu: bool, cap: int | None, auto: bool) -> str:
     """What the stage will run at once, and what limits it."""
     devices = "GPUs" if use_gpu else "CPUs"
@@ -188,8 +213,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
                           "config's finetune.lr.")
 
-    def given(value: Any, key: str, default: Any) -> Any:       # an explicit value, else the sweep config's
-        return value if value is not None else (stage.get(key) if stage.get(key) is not None else default)
+    given = functools.partial(_given, stage)
     pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
         else read_pareto(sweep_dir)
     chosen = pareto[pareto["selected"]] if len(pareto) else pareto
@@ -206,18 +230,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results").resolve()
     done_ids: list[str] = []
     refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
-    def final_job(row: dict) -> FinalJob:
-        tid = str(row["trial_id"])
-        return FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
-                        dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
-                        image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
-                        batch_size=int(given(batch_size, "batch_size", 128)),
-                        distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
-                        seed=int(cfg.get("seed") or 0),
-                        max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
-                        train_size=train_size, test_size=test_size,
-                        progress_file=str(storage / f"finetune-{tid}.progress.json"))
-    jobs = [(row, final_job(row)) for row in chosen.to_dict("records")]
+    jobs = [(row, final_job(cfg, row, fp_path, epochs=epochs, lr=lr, batch_size=batch_size,
+                             max_steps_per_epoch=max_steps_per_epoch, train_size=train_size, test_size=test_size,
+                             progress_dir=storage)) for row in chosen.to_dict("records")]
     check_not_shorter(jobs, existing, epochs, sweep_dir)
     todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
     with driver_marker(sweep_dir, "finetune"), \
