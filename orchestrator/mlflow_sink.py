@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -34,6 +35,7 @@ from typing import Any, Mapping
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
+from .moved_sweep import artifacts_written_in, moved_path, rebase_mlflow_artifacts, recorded_dir, sqlite_file
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
 __all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink"]
@@ -108,6 +110,7 @@ class MLflowSink:
         self.sweep_dir = Path(sweep_dir)
         self.tracking_uri = tracking_uri or default_tracking_uri(self.sweep_dir)
         self.resolved_config = dict(resolved_config or load_resolved_config(self.sweep_dir))
+        self._written_for = _config_dir(self.sweep_dir)    # for id files older than their "sweep_dir"
         if experiment_name is None and (self.sweep_dir / PARENT_FILE).exists():
             try:
                 experiment_name = read_json(self.sweep_dir / PARENT_FILE).get("experiment_name")
@@ -157,6 +160,7 @@ class MLflowSink:
         if why:
             self._disable("connecting", why)
             return False
+        self._follow_move()
         try:
             from mlflow.tracking import MlflowClient
             client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -184,6 +188,30 @@ class MLflowSink:
     def client(self):
         return self._client
 
+    def _written_in(self, data: Mapping[str, Any]) -> Path | None:
+        """The sweep folder an id file was written in (None: unknown, or this one)."""
+        old = Path(data["sweep_dir"]) if isinstance(data.get("sweep_dir"), str) else self._written_for
+        return old if old is not None and old != self.sweep_dir.resolve() else None
+
+    def _same_store(self, data: Mapping[str, Any]) -> bool:
+        """Whether the store an id file names is this sink's, also after the sweep folder moved."""
+        uri, old = data.get("tracking_uri"), self._written_in(data)
+        return uri == self.tracking_uri or (old is not None and moved_path(
+            uri, old, self.sweep_dir.resolve()) == self.tracking_uri)
+
+    def _follow_move(self) -> None:
+        """The sweep's own SQLite store, in a folder moved or copied: artifact locations follow the folder."""
+        db, here = sqlite_file(self.tracking_uri), self.sweep_dir.resolve()
+        if db is None or not db.is_file() or not db.is_relative_to(here):
+            return                      # a store outside the sweep folder is not the sweep's to rewrite
+        try:
+            old = artifacts_written_in(db, self.experiment_name)
+            if old is not None and old != here:
+                rebase_mlflow_artifacts(db, old, here)
+        except sqlite3.Error as e:
+            log.warning("could not point the artifact locations in %s at %s (%s): artifacts logged now go "
+                        "where the store says", db, here / "mlartifacts", e)
+
     def _experiment(self, client) -> str:
         exp = client.get_experiment_by_name(self.experiment_name)
         if exp is None:
@@ -203,14 +231,15 @@ class MLflowSink:
             except CheckpointError as e:   # damaged: new child runs rather than no MLflow at all
                 log.warning("%s Starting new child runs.", e)
                 return
-            if data.get("tracking_uri") == self.tracking_uri:
+            if self._same_store(data):
                 self.runs = {"trials": dict(data.get("trials", {})), "finetune": dict(data.get("finetune", {}))}
             else:
                 log.info("%s was written for tracking URI %s; finding the runs on %s by their tags (creating "
                          "only those it lacks)", path, data.get("tracking_uri"), self.tracking_uri)
 
     def _save_ids(self) -> None:
-        atomic_write_json(self.sweep_dir / RUNS_FILE, {"tracking_uri": self.tracking_uri, **self.runs})
+        atomic_write_json(self.sweep_dir / RUNS_FILE, {"tracking_uri": self.tracking_uri,
+                                                       "sweep_dir": str(self.sweep_dir.resolve()), **self.runs})
 
     def _run_exists(self, run_id: str | None) -> bool:
         if not run_id:
@@ -229,11 +258,16 @@ class MLflowSink:
             except CheckpointError as e:
                 log.warning("%s Starting a new parent run.", e)
                 data = {}
-            if data.get("tracking_uri") == self.tracking_uri and self._run_exists(data.get("run_id")):
+            if self._same_store(data) and self._run_exists(data.get("run_id")):
                 if reopen:
                     client.update_run(data["run_id"], status="RUNNING")
+                if self._written_in(data) is not None:          # the folder moved: the parent's tag follows
+                    client.set_tag(data["run_id"], "gmpq.sweep_dir", str(self.sweep_dir.resolve()))
+                    self._save_parent(data["run_id"])
                 return data["run_id"]
         found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
+        if found is None and self._written_for not in (None, self.sweep_dir.resolve()):
+            found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(self._written_for)})
         if found is not None:          # the id file is lost or damaged: the tags find the parent again
             if reopen:
                 client.update_run(found, status="RUNNING")
@@ -254,7 +288,8 @@ class MLflowSink:
 
     def _save_parent(self, run_id: str) -> None:
         atomic_write_json(self.sweep_dir / PARENT_FILE, {
-            "tracking_uri": self.tracking_uri, "experiment_id": self._experiment_id,
+            "tracking_uri": self.tracking_uri, "sweep_dir": str(self.sweep_dir.resolve()),
+            "experiment_id": self._experiment_id,
             "experiment_name": self.experiment_name, "run_id": run_id})
 
     def find_run(self, tags: Mapping[str, str]) -> str | None:
@@ -327,6 +362,14 @@ def __getattr__(name: str) -> Any:
         from .mlflow_callback import MLflowCallback
         return MLflowCallback
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _config_dir(sweep_dir: Path) -> Path | None:
+    """The folder this sweep's saved config was written for (None when there is none)."""
+    try:
+        return recorded_dir(load_resolved_config(sweep_dir, follow_moves=False))
+    except CheckpointError:
+        return None
 
 
 def _phase_key(result: Mapping[str, Any], key: str) -> str:

@@ -217,8 +217,10 @@ def write_results(sweep_dir: str | Path, rows: Iterable[Mapping[str, Any]],
     return t, l_
 
 
-def load_resolved_config(sweep_dir: str | Path, *, missing_ok: bool = True) -> dict[str, Any]:
-    """The resolved sweep config saved by the sweep (``sweep_config.yaml``) as a plain dict."""
+def load_resolved_config(sweep_dir: str | Path, *, missing_ok: bool = True, follow_moves: bool = True) -> dict[str, Any]:
+    """The resolved sweep config saved by the sweep (``sweep_config.yaml``) as a plain dict. A folder moved or
+    copied since reads the paths that lay inside it as inside ``sweep_dir`` (``moved_sweep.follow_folder``;
+    ``follow_moves=False``: as recorded)."""
     import yaml
     if Path(sweep_dir).is_file():
         raise CheckpointError(f"'{sweep_dir}' is a file, not a sweep folder: give the folder a sweep wrote (the --out "
@@ -233,7 +235,12 @@ def load_resolved_config(sweep_dir: str | Path, *, missing_ok: bool = True) -> d
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise CheckpointError(f"'{path}' is not valid YAML ({e}); restore it or rerun the sweep.") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    if not follow_moves:
+        return data
+    from .moved_sweep import follow_folder
+    return follow_folder(data, sweep_dir, tell=True)
 
 
 def _error_text(trial: Any) -> str:

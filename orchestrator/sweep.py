@@ -82,7 +82,28 @@ def experiment_path(cfg: SweepConfig) -> Path:
 
 
 class SweepOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell."""
+    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell, and that,
+    restored in a sweep folder that moved (``storage_now``, set by the resuming driver), goes on in that
+    folder's Optuna storage rather than the one it was pickled with."""
+
+    def restore(self, checkpoint_path: str) -> None:
+        now = self.__dict__.get("storage_now")      # the pickled state carries the value of the run that saved it
+        super().restore(checkpoint_path)
+        self.storage_now = now
+        if now:
+            self._use_storage(now)
+
+    def _use_storage(self, url: str) -> None:
+        study = self._ot_study
+        backend = getattr(study._storage, "_backend", study._storage)    # optuna wraps RDBStorage in a cache
+        if getattr(backend, "url", url) == url:
+            return
+        log.info("the sweep's Optuna study continues in %s (it was saved with %s)", url, backend.url)
+        storage = optuna.storages.RDBStorage(url)
+        study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=study.sampler,
+                                  pruner=study.pruner)
+        self._storage, self._ot_study = storage, study
+        self._ot_trials = {tid: optuna.trial.Trial(study, t._trial_id) for tid, t in self._ot_trials.items()}
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -198,7 +219,7 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
         exp = experiment_path(cfg)
         say(f"resuming {exp}")
         tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True, restart_errored=False)
-        _swap_restored(tuner, scheduler, callbacks)
+        _swap_restored(tuner, scheduler, callbacks, cfg.optuna_storage)
         return tuner
     searcher = SweepOptunaSearch(
         space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
@@ -212,9 +233,10 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
                                   callbacks=callbacks))
 
 
-def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
+def _swap_restored(tuner: Any, scheduler: Any, callbacks: list, storage_now: str | None = None) -> None:
     """Give a restored Tuner fresh callbacks and scheduler (Tune restores them by unpickling, which
-    would skip their constructors, where the results callback reloads the rows already written)."""
+    would skip their constructors, where the results callback reloads the rows already written), and its
+    searcher the sweep's Optuna storage now (``storage_now``: it moves with a moved sweep folder)."""
     internal = getattr(tuner, "_local_tuner", None)
     if internal is None or not hasattr(internal, "_run_config") or not hasattr(internal, "_tune_config"):
         log.warning("cannot reach the restored Tuner's config in this Ray version; using the callbacks "
@@ -222,6 +244,11 @@ def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
         return
     internal._run_config.callbacks = callbacks
     internal._tune_config.scheduler = scheduler
+    searcher = internal._tune_config.search_alg
+    while searcher is not None and not isinstance(searcher, SweepOptunaSearch):
+        searcher = getattr(searcher, "searcher", None)             # a ConcurrencyLimiter or similar wrapper
+    if searcher is not None:
+        searcher.storage_now = storage_now
 
 
 def _close_orphan_optuna_trials(cfg: SweepConfig, say, *, started_before: datetime) -> None:

@@ -344,12 +344,28 @@ def load_sweep_config(path: str | os.PathLike | None = None, preset: str | None 
         _require(isinstance(file_data, Mapping), f"'{path}' must contain a YAML mapping at the top level.")
         if "preset" in file_data and preset is None:
             data = load_preset(file_data["preset"])
-        data = deep_merge(data, file_data)
+        data = deep_merge(data, _own_folder(path, file_data, (overrides or {}).get("out_dir")))
     if not data:
         raise ConfigError("No sweep config given: pass --config FILE or --preset NAME "
                           "(see 'gmpq sweep --help' for the presets).")
     data = deep_merge(data, _nest(overrides or {}))
     return SweepConfig.from_dict(data)
+
+
+def _own_folder(path: str | os.PathLike, file_data: Mapping[str, Any], out_dir: Any) -> dict[str, Any]:
+    """A saved sweep config used for another folder (``--out`` elsewhere, or the folder it lies in moved or
+    copied) keeps none of the recorded folder's stores: see ``moved_sweep``."""
+    from .moved_sweep import follow_folder, looks_like_sweep_folder, recorded_dir
+
+    recorded = recorded_dir(file_data)
+    if recorded is None:
+        return dict(file_data)
+    if out_dir is not None:
+        return follow_folder(file_data, out_dir)
+    here = Path(path).expanduser().resolve().parent
+    if here != recorded and looks_like_sweep_folder(here):       # the sweep's own file, read from its new place
+        return follow_folder(file_data, here, tell=True)
+    return dict(file_data)
 
 
 def trial_search_config(cfg: SweepConfig, params: Mapping[str, Any]) -> Any:

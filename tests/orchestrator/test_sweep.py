@@ -121,8 +121,17 @@ def _wait_for(pred, timeout, proc):
     return False
 
 
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")
+            if p.is_file()}
+
+
 @pytest.mark.slow
 def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_path, shared_cache):
+    """... and runs them in a copy of the killed sweep's folder: the copy goes on with its own Tune state,
+    Optuna study and MLflow store, and the original is left as it was."""
+    import shutil
+
     import pandas as pd
 
     cfg = dict(TINY, name="resumable", max_concurrent_trials=1, cache_dir=str(shared_cache),
@@ -156,6 +165,10 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
         time.sleep(1)
         if len(_events(sweep_dir)) != n:
             quiet_since, n = time.monotonic(), len(_events(sweep_dir))
+    original, sweep_dir = sweep_dir, tmp_path / "copied"
+    shutil.copytree(original, sweep_dir, symlinks=True)
+    untouched = _snapshot(original)
+    cmd[cmd.index("--out") + 1] = str(sweep_dir)
     rows_before = pd.read_parquet(sweep_dir / "trials.parquet")
     finished_before = set(rows_before["trial_id"])                        # what the driver recorded
     assert finished_before and len(finished_before) < 3 and set(rows_before["status"]) == {"completed"}
@@ -178,6 +191,15 @@ def test_resume_after_the_driver_is_killed_runs_only_the_remaining_trials(tmp_pa
     import optuna                                                         # nothing left RUNNING in Optuna
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{sweep_dir}/optuna.db")
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert sorted(round(t.values[0], 4) for t in study.trials if t.state.name == "COMPLETE") == \
+        sorted(round(v, 4) for v in df["transfer_top1"])                 # the copy's study has every trial
+    assert _snapshot(original) == untouched                               # nothing written into the original
+    import mlflow                                                         # the copy's MLflow: one run per trial,
+    mlflow.set_tracking_uri(f"sqlite:///{sweep_dir}/mlflow.db")           # artifacts inside the copy
+    runs = mlflow.search_runs(experiment_names=["resumable"])
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(runs) == 4 and sorted(children["tags.trial_id"]) == sorted(df["trial_id"])
+    assert runs["artifact_uri"].str.startswith((sweep_dir / "mlartifacts").as_uri()).all()
 
 
 def test_a_trial_request_no_node_can_run_fails_before_training(tmp_path):

@@ -1,0 +1,107 @@
+"""A sweep folder moved or copied works on its own files (orchestrator/moved_sweep.py and its callers)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from orchestrator.moved_sweep import follow_folder, moved_path, recorded_dir
+from orchestrator.results import CONFIG_FILE, load_resolved_config
+from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+
+
+def _saved_sweep(folder: Path, cache: Path) -> Path:
+    """A sweep folder as 'gmpq sweep' leaves it before any trial: the resolved config and a results marker."""
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(folder), "cache_dir": str(cache)})
+    save_resolved_config(cfg)
+    (folder / "trials.parquet").write_bytes(b"")
+    return folder
+
+
+def test_moved_path_moves_only_what_lay_inside_the_old_folder(tmp_path):
+    old, new = tmp_path / "a", tmp_path / "b"
+    assert moved_path(f"sqlite:///{old}/mlflow.db", old, new) == f"sqlite:///{new}/mlflow.db"
+    assert moved_path(str(old / "ray_results"), old, new) == str(new / "ray_results")
+    assert moved_path(str(old), old, new) == str(new)
+    for kept in (f"sqlite:///{tmp_path}/shared.db", str(tmp_path / "ab" / "x"), "http://host:5000",
+                 "postgresql://u@h/db", None, ""):
+        assert moved_path(kept, old, new) == kept
+
+
+def test_follow_folder_keeps_a_cache_outside_and_moves_one_inside(tmp_path):
+    old, new, cache = tmp_path / "a", tmp_path / "b", tmp_path / "cache"
+    data = {"out_dir": str(old), "tracking_uri": "http://mlflow:5000", "optuna_storage": f"sqlite:///{old}/optuna.db",
+            "storage_path": str(old / "ray_results"), "cache_dir": str(cache), "name": "demo"}
+    moved = follow_folder(data, new)
+    assert moved == {**data, "out_dir": str(new), "optuna_storage": f"sqlite:///{new}/optuna.db",
+                     "storage_path": str(new / "ray_results")}
+    assert follow_folder({**data, "cache_dir": str(old / "cache")}, new)["cache_dir"] == str(new / "cache")
+    assert follow_folder(data, old) == data and recorded_dir({"name": "x"}) is None
+
+
+def test_a_copied_sweep_folder_reads_its_own_stores(tmp_path):
+    original = _saved_sweep(tmp_path / "runs" / "demo", tmp_path / "cache")
+    copy = tmp_path / "laptop" / "demo"
+    shutil.copytree(original, copy)
+    for read in (load_resolved_config(copy), load_sweep_config(copy / CONFIG_FILE).to_dict()):
+        assert read["out_dir"] == str(copy.resolve())
+        assert read["tracking_uri"] == f"sqlite:///{copy.resolve()}/mlflow.db"
+        assert read["optuna_storage"] == f"sqlite:///{copy.resolve()}/optuna.db"
+        assert read["storage_path"] == str(copy.resolve() / "ray_results")
+        assert read["cache_dir"] == str((tmp_path / "cache").resolve())
+    assert load_resolved_config(copy, follow_moves=False)["out_dir"] == str(original.resolve())
+    assert load_resolved_config(original)["out_dir"] == str(original.resolve())     # the original: as written
+
+
+def test_a_saved_config_reused_for_a_new_sweep_gets_the_new_folders_stores(tmp_path):
+    """gmpq sweep --config runs/a/sweep_config.yaml --out runs/b: b's own MLflow, Optuna and Tune state
+    (before, b logged into a's mlflow.db and continued a's Optuna study)."""
+    a = _saved_sweep(tmp_path / "a", tmp_path / "cache")
+    b = tmp_path / "b"
+    cfg = load_sweep_config(a / CONFIG_FILE, overrides={"out_dir": str(b)}).resolved()
+    assert (cfg.out_dir, cfg.tracking_uri, cfg.optuna_storage, cfg.storage_path) == (
+        str(b.resolve()), f"sqlite:///{b.resolve()}/mlflow.db", f"sqlite:///{b.resolve()}/optuna.db",
+        str(b.resolve() / "ray_results"))
+    shared = load_sweep_config(a / CONFIG_FILE, overrides={"out_dir": str(b), "tracking_uri": "http://h:5000"})
+    assert shared.tracking_uri == "http://h:5000"                       # a store named by a flag is kept
+
+
+def test_a_config_template_named_like_a_saved_one_keeps_its_out_dir(tmp_path):
+    """A sweep_config.yaml in a folder that holds no sweep is a template: its out_dir is where to write."""
+    target = tmp_path / "runs" / "x"
+    templates = tmp_path / "configs"
+    templates.mkdir()
+    (templates / CONFIG_FILE).write_text(yaml.safe_dump({"preset": "demo", "out_dir": str(target)}))
+    assert load_sweep_config(templates / CONFIG_FILE).sweep_dir == target.resolve()
+
+
+def test_mlflow_in_a_copied_folder_reuses_its_runs_and_keeps_artifacts_in_the_copy(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.mlflow_sink import MLflowSink
+
+    original = _saved_sweep(tmp_path / "a", tmp_path / "cache")
+    sink = MLflowSink(None, original)
+    assert sink.connect()
+    child = sink.child_run("trials", "t1", run_name="t1", params={"x": 1}, tags={"trial_id": "t1"})
+    sink.client.log_text(child, "one", "note.txt")
+    copy = tmp_path / "b"
+    shutil.copytree(original, copy)
+    before = {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()}
+    from mlflow.tracking._tracking_service import utils   # a new process on the copy starts without MLflow's
+    getattr(utils, "_artifact_repos_cache", {}).clear()     # per-run artifact folders cached by this one
+
+    moved = MLflowSink(None, copy)
+    assert moved.tracking_uri == f"sqlite:///{copy.resolve()}/mlflow.db" and moved.connect()
+    assert moved.parent_run_id == sink.parent_run_id                     # no second parent run
+    again = moved.child_run("trials", "t1", run_name="t1", params={"x": 1}, tags={"trial_id": "t1"})
+    assert again == child
+    moved.client.log_text(again, "two", "note2.txt")
+    client = MlflowClient(moved.tracking_uri)
+    runs = client.search_runs([moved._experiment_id])
+    assert len(runs) == 2 and all(r.info.artifact_uri.startswith((copy.resolve() / "mlartifacts").as_uri())
+                                  for r in runs)
+    assert client.get_run(moved.parent_run_id).data.tags["gmpq.sweep_dir"] == str(copy.resolve())
+    assert sorted(a.path for a in client.list_artifacts(again)) == ["note.txt", "note2.txt"]
+    assert {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()} == before
