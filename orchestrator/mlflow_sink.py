@@ -110,7 +110,8 @@ class MLflowSink:
         self.sweep_dir = Path(sweep_dir)
         self.tracking_uri = tracking_uri or default_tracking_uri(self.sweep_dir)
         self.resolved_config = dict(resolved_config or load_resolved_config(self.sweep_dir))
-        self._written_for = _config_dir(self.sweep_dir)    # for id files older than their "sweep_dir"
+        self._written_for = _config_dir(self.sweep_dir)    # for id files older than their "sweep_dir"; the
+        self._store_moved_from: Path | None = None          # store's own artifact root, when it tells (better)
         if experiment_name is None and (self.sweep_dir / PARENT_FILE).exists():
             try:
                 experiment_name = read_json(self.sweep_dir / PARENT_FILE).get("experiment_name")
@@ -190,7 +191,8 @@ class MLflowSink:
 
     def _written_in(self, data: Mapping[str, Any]) -> Path | None:
         """The sweep folder an id file was written in (None: unknown, or this one)."""
-        old = Path(data["sweep_dir"]) if isinstance(data.get("sweep_dir"), str) else self._written_for
+        old = (Path(data["sweep_dir"]) if isinstance(data.get("sweep_dir"), str)
+               else self._store_moved_from or self._written_for)
         return old if old is not None and old != self.sweep_dir.resolve() else None
 
     def _same_store(self, data: Mapping[str, Any]) -> bool:
@@ -208,6 +210,7 @@ class MLflowSink:
             old = artifacts_written_in(db, self.experiment_name)
             if old is not None and old != here:
                 rebase_mlflow_artifacts(db, old, here)
+                self._store_moved_from = old
         except sqlite3.Error as e:
             log.warning("could not point the artifact locations in %s at %s (%s): artifacts logged now go "
                         "where the store says", db, here / "mlartifacts", e)
@@ -266,8 +269,9 @@ class MLflowSink:
                     self._save_parent(data["run_id"])
                 return data["run_id"]
         found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
-        if found is None and self._written_for not in (None, self.sweep_dir.resolve()):
-            found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(self._written_for)})
+        for old in (self._store_moved_from, self._written_for):
+            if found is None and old not in (None, self.sweep_dir.resolve()):
+                found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(old)})
         if found is not None:          # the id file is lost or damaged: the tags find the parent again
             if reopen:
                 client.update_run(found, status="RUNNING")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 
 from orchestrator.moved_sweep import follow_folder, moved_path, recorded_dir
@@ -76,7 +77,12 @@ def test_a_config_template_named_like_a_saved_one_keeps_its_out_dir(tmp_path):
     assert load_sweep_config(templates / CONFIG_FILE).sweep_dir == target.resolve()
 
 
-def test_mlflow_in_a_copied_folder_reuses_its_runs_and_keeps_artifacts_in_the_copy(tmp_path):
+@pytest.mark.parametrize("ids", ["current", "older"])
+def test_mlflow_in_a_copied_folder_reuses_its_runs_and_keeps_artifacts_in_the_copy(tmp_path, ids):
+    """``older``: id files without their folder (written before it was recorded) and the copy's config
+    already rewritten for the copy (as a resumed sweep does before its MLflow callback starts)."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
     from orchestrator.mlflow_sink import MLflowSink
@@ -89,6 +95,14 @@ def test_mlflow_in_a_copied_folder_reuses_its_runs_and_keeps_artifacts_in_the_co
     copy = tmp_path / "b"
     shutil.copytree(original, copy)
     before = {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()}
+    if ids == "older":
+        from orchestrator.mlflow_sink import PARENT_FILE, RUNS_FILE
+        for name in (PARENT_FILE, RUNS_FILE):
+            data = json.loads((copy / name).read_text())
+            del data["sweep_dir"]
+            (copy / name).write_text(json.dumps(data))
+        save_resolved_config(load_sweep_config(copy / CONFIG_FILE))
+        assert load_resolved_config(copy, follow_moves=False)["out_dir"] == str(copy.resolve())
     from mlflow.tracking._tracking_service import utils   # a new process on the copy starts without MLflow's
     getattr(utils, "_artifact_repos_cache", {}).clear()     # per-run artifact folders cached by this one
 
