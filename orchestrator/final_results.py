@@ -16,6 +16,7 @@ from gmpq_core.fileio import load_checkpoint, read_json
 from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
+           "finetune_storage", "finetune_progress_dir",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
            "record_final_run", "check_not_shorter", "row_recipe"]
 
@@ -92,9 +93,27 @@ def export_final_model(sweep_dir: str | Path, state_dict: Mapping[str, Any], job
                                 results={k: v for k, v in results.items() if v is not None})
 
 
+def finetune_storage(cfg: Mapping[str, Any], sweep_dir: str | Path) -> str | Path:
+    """Where Ray Train keeps the fine-tunes' runs: the sweep's ``storage_path`` (a URI such as
+    ``s3://bucket/ray_results`` stays text: ``Path`` would make it a local folder named ``s3:``), else
+    ``<sweep_dir>/ray_results``."""
+    value = str(cfg.get("storage_path") or Path(sweep_dir) / "ray_results")
+    return value if "://" in value else Path(value).expanduser().resolve()
+
+
+def finetune_progress_dir(cfg: Mapping[str, Any], sweep_dir: str | Path) -> Path:
+    """Where rank 0 of each fine-tune writes its progress file (read by the stage and ``gmpq status``): the
+    Ray Train storage when it is a folder, else the sweep folder's ``ray_results``."""
+    storage = finetune_storage(cfg, sweep_dir)
+    return storage if isinstance(storage, Path) else Path(sweep_dir).expanduser().resolve() / "ray_results"
+
+
 def saved_final_state(storage: str | Path, trial_id: str, state_file: str) -> dict | None:
     """The newest Ray Train checkpoint of ``finetune-<trial_id>`` under ``storage`` (its ``state_file``
-    contents), or None: how a policy fine-tuned before models were exported gets its file without training."""
+    contents), or None: how a policy fine-tuned before models were exported gets its file without training.
+    A storage URI (``s3://``) is not searched: None."""
+    if "://" in str(storage):
+        return None
     found = sorted(Path(storage, f"finetune-{trial_id}").glob(f"checkpoint_*/{state_file}"),
                    key=lambda p: p.stat().st_mtime)
     if not found:

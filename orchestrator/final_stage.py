@@ -21,8 +21,8 @@ import pandas as pd
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import read_json
 
-from .final_results import (check_not_shorter, export_saved_final, final_model_path, read_final, record_final_run,
-                            row_recipe, write_final)
+from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
+                            finetune_storage, read_final, record_final_run, row_recipe, write_final)
 from .ray_env import ray_session
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
@@ -227,12 +227,13 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     existing = {r["trial_id"]: r for r in read_final(sweep_dir, missing_ok=True).to_dict("records")}
     final_rows = {t: r for t, r in existing.items()}
     histories: dict[str, list[dict]] = {}
-    storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results").resolve()
+    storage = finetune_storage(cfg, sweep_dir)
     done_ids: list[str] = []
     refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
     jobs = [(row, final_job(cfg, row, fp_path, epochs=epochs, lr=lr, batch_size=batch_size,
                              max_steps_per_epoch=max_steps_per_epoch, train_size=train_size, test_size=test_size,
-                             progress_dir=storage)) for row in chosen.to_dict("records")]
+                             progress_dir=finetune_progress_dir(cfg, sweep_dir)))
+            for row in chosen.to_dict("records")]
     check_not_shorter(jobs, existing, epochs, sweep_dir)
     todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
     with driver_marker(sweep_dir, "finetune"), \

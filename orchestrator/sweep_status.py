@@ -167,7 +167,9 @@ def _started_trials(events: list[dict]) -> dict[str, dict]:
 
 
 def _finetune_progress(sweep_dir: Path, cfg: dict, todo: list[str]) -> dict[str, dict]:
-    storage = Path(cfg.get("storage_path") or sweep_dir / "ray_results")
+    from .final_results import finetune_progress_dir
+
+    storage = finetune_progress_dir(cfg, sweep_dir)
     out = {}
     for tid in todo:
         path = storage / f"finetune-{tid}.progress.json"

@@ -109,3 +109,17 @@ def test_fewer_epochs_than_a_policy_already_ran_with_the_same_settings_is_refuse
         check_not_shorter(jobs, existing, 2, tmp_path)
     assert "t2" not in str(e.value)                       # other settings start afresh anyway
     check_not_shorter(jobs, existing, 3, tmp_path)        # the same or more epochs: keep or continue
+
+
+def test_a_remote_ray_storage_stays_a_uri_and_progress_files_go_to_the_sweep_folder(tmp_path):
+    """A cluster sweep's --storage s3://... : the fine-tunes' Ray Train runs go there (it was made a local
+    folder named 's3:' in the working directory), their progress files into the sweep folder."""
+    from orchestrator.final_results import finetune_progress_dir, finetune_storage, saved_final_state
+
+    remote = {"storage_path": "s3://bucket/gmpq/ray_results"}
+    assert finetune_storage(remote, tmp_path) == "s3://bucket/gmpq/ray_results"
+    assert finetune_progress_dir(remote, tmp_path) == tmp_path.resolve() / "ray_results"
+    assert saved_final_state("s3://bucket/gmpq/ray_results", "t1", "state.pt") is None
+    local = {"storage_path": str(tmp_path / "rr")}
+    assert finetune_storage(local, tmp_path) == finetune_progress_dir(local, tmp_path) == (tmp_path / "rr").resolve()
+    assert finetune_storage({}, tmp_path) == tmp_path.resolve() / "ray_results"

@@ -292,3 +292,33 @@ def test_policies_fine_tune_side_by_side_and_a_failing_one_keeps_the_others_resu
     mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ft"])
     assert sorted(runs[runs["tags.gmpq.role"] == "finetune"]["tags.mlflow.runName"]) == ["finetune-t2", "finetune-t3"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_storage_uri_gets_the_fine_tunes_ray_train_runs_and_the_sweep_folder_their_progress(tmp_path, monkeypatch):
+    """The sweep's storage_path as a URI (here file://; s3:// or gs:// on a cluster) stays a URI for Ray Train
+    (it became a local folder named 'file:' in the working directory)."""
+    import ray
+    import yaml
+
+    from orchestrator.final_stage import finetune_selected
+    from orchestrator.ray_env import init_ray
+
+    sweep, remote, cwd = tmp_path / "sweep", tmp_path / "remote", tmp_path / "cwd"
+    make_sweep(sweep)
+    cfg = yaml.safe_load((sweep / "sweep_config.yaml").read_text())
+    cfg["storage_path"] = remote.as_uri()
+    (sweep / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    started = init_ray(num_cpus=2)
+    try:
+        final = finetune_selected(sweep, epochs=1, workers=1, max_steps_per_epoch=2, test_size=100, batch_size=32)
+    finally:
+        if started:
+            ray.shutdown()
+    assert final["epochs"].tolist() == [1] and (sweep / "models" / "t1.pt").is_file()
+    assert list((remote / "finetune-t1").glob("checkpoint_*"))                 # Ray Train's run, under the URI
+    assert json.loads((sweep / "ray_results" / "finetune-t1.progress.json").read_text())["step"] == 2
+    assert not list(cwd.iterdir())                                              # nothing made where we stood
