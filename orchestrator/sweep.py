@@ -75,10 +75,12 @@ class SweepSummary:
         return self.n_unfinished > 0 or (self.n_planned is not None and self.n_trials < self.n_planned)
 
 
-def experiment_path(cfg: SweepConfig) -> Path:
-    """The Tune experiment folder (<storage_path>/<name>)."""
+def experiment_path(cfg: SweepConfig) -> str:
+    """The Tune experiment folder (<storage_path>/<name>), as text: a URI storage (``s3://bucket/x``) keeps its
+    ``//`` (a ``Path`` would make it ``s3:/bucket/x``, which Tune cannot restore)."""
     r = cfg.resolved()
-    return Path(r.storage_path) / r.name
+    storage = str(r.storage_path)
+    return f"{storage.rstrip('/')}/{r.name}" if "://" in storage else str(Path(storage) / r.name)
 
 
 class SweepOptunaSearch(OptunaSearch):
@@ -218,7 +220,7 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
     if resume:
         exp = experiment_path(cfg)
         say(f"resuming {exp}")
-        tuner = tune.Tuner.restore(str(exp), trainable, resume_errored=True, restart_errored=False)
+        tuner = tune.Tuner.restore(exp, trainable, resume_errored=True, restart_errored=False)
         _swap_restored(tuner, scheduler, callbacks, cfg.optuna_storage)
         return tuner
     searcher = SweepOptunaSearch(
@@ -347,10 +349,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
 
     if resume:
         _check_same_config(cfg)
-    if resume and not tune.Tuner.can_restore(str(exp)):
+    if resume and not tune.Tuner.can_restore(exp):
         raise ConfigError(f"Nothing to resume: no Tune experiment state in '{exp}'. Run the sweep without "
                           "--resume first (same --out and --name).")
-    if not resume and exp.exists() and tune.Tuner.can_restore(str(exp)):
+    if not resume and ("://" in exp or Path(exp).exists()) and tune.Tuner.can_restore(exp):
         raise ConfigError(f"The sweep folder already holds a sweep at '{exp}'. Continue it with --resume, or pick "
                           "another --out.")
     from .results import load_resolved_config

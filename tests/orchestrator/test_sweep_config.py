@@ -262,3 +262,13 @@ def test_a_sqlite_store_in_a_folder_that_cannot_be_written_fails_before_anything
     with pytest.raises(ConfigError, match="names a folder, not a database file"):
         check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "o"),
                                                                        "optuna_storage": f"sqlite:///{tmp_path}"}))
+
+
+def test_the_tune_experiment_of_a_uri_storage_keeps_its_scheme(tmp_path):
+    """--storage s3://bucket/x: Tune restores '<storage>/<name>' as a URI (a Path made it 's3:/bucket/x')."""
+    from orchestrator.sweep import experiment_path
+
+    for storage, want in (("s3://bucket/gmpq/ray_results", "s3://bucket/gmpq/ray_results/demo"),
+                          ("gs://b/r/", "gs://b/r/demo"), (str(tmp_path / "rr"), str(tmp_path.resolve() / "rr" / "demo"))):
+        cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "storage_path": storage})
+        assert experiment_path(cfg) == want
