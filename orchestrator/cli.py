@@ -75,6 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gmpq: interrupted; finished work is kept on disk.", file=sys.stderr)
         return 130
+    except BrokenPipeError:            # 'gmpq status --sweep DIR | head': the reader left, as it may
+        _quiet_stdout()
+        return 141                     # 128 + SIGPIPE, what a shell reports for a command its pipe closed
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so Python's flush at exit does not raise a second BrokenPipeError."""
+    import os
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):    # no file descriptor (captured output): nothing to flush there
+        pass
 
 
 if __name__ == "__main__":

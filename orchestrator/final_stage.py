@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,10 +38,12 @@ FINAL_PNG = "final.png"
 
 
 class _ProgressWatcher:
-    """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``)."""
+    """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``); a
+    file an earlier run left (written before this watcher started) is not this run's progress."""
 
     def __init__(self, path: Path, say: Callable[[str], None], prefix: str, epochs: int, every_s: float = 20.0):
         self.path, self.say, self.prefix, self.epochs, self.every_s = path, say, prefix, epochs, every_s
+        self.since = time.time() - 1.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
 
@@ -52,7 +55,7 @@ class _ProgressWatcher:
             except CheckpointError:
                 continue
             key = (p.get("epoch"), p.get("step"))
-            if key != seen:
+            if key != seen and float(p.get("time") or 0) >= self.since:
                 seen = key
                 self.say(f"{self.prefix} epoch {p['epoch']}/{self.epochs}: step {p['step']}/{p['steps']}")
 

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .moved_sweep import artifacts_written_in, moved_path, rebase_mlflow_artifacts, recorded_dir, sqlite_file
+from .moved_sweep import artifacts_written_in, moved_path, rebase_mlflow_artifacts, recorded_dir, same_folder, sqlite_file
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
 __all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink"]
@@ -193,22 +193,31 @@ class MLflowSink:
         """The sweep folder an id file was written in (None: unknown, or this one)."""
         old = (Path(data["sweep_dir"]) if isinstance(data.get("sweep_dir"), str)
                else self._store_moved_from or self._written_for)
-        return old if old is not None and old != self.sweep_dir.resolve() else None
+        return old if old is not None and not same_folder(old, self.sweep_dir.resolve()) else None
 
     def _same_store(self, data: Mapping[str, Any]) -> bool:
         """Whether the store an id file names is this sink's, also after the sweep folder moved."""
         uri, old = data.get("tracking_uri"), self._written_in(data)
-        return uri == self.tracking_uri or (old is not None and moved_path(
-            uri, old, self.sweep_dir.resolve()) == self.tracking_uri)
+        if old is not None:
+            uri = moved_path(uri, old, self.sweep_dir.resolve())
+        if uri == self.tracking_uri:
+            return True
+        mine, theirs = sqlite_file(self.tracking_uri), sqlite_file(uri)   # sqlite:///runs/a/... == sqlite:////abs/runs/a/...
+        return mine is not None and mine == theirs
+
+    def _own_store(self) -> bool:
+        """Whether the tracking store is a SQLite file inside the sweep folder (a copy of the folder copies it)."""
+        db = sqlite_file(self.tracking_uri)
+        return db is not None and db.is_relative_to(self.sweep_dir.resolve())
 
     def _follow_move(self) -> None:
         """The sweep's own SQLite store, in a folder moved or copied: artifact locations follow the folder."""
         db, here = sqlite_file(self.tracking_uri), self.sweep_dir.resolve()
-        if db is None or not db.is_file() or not db.is_relative_to(here):
+        if not self._own_store() or not db.is_file():
             return                      # a store outside the sweep folder is not the sweep's to rewrite
         try:
             old = artifacts_written_in(db, self.experiment_name)
-            if old is not None and old != here:
+            if old is not None and not same_folder(old, here):
                 rebase_mlflow_artifacts(db, old, here)
                 self._store_moved_from = old
         except sqlite3.Error as e:
@@ -236,6 +245,8 @@ class MLflowSink:
                 return
             if self._same_store(data):
                 self.runs = {"trials": dict(data.get("trials", {})), "finetune": dict(data.get("finetune", {}))}
+                if self._written_in(data) is not None:       # moved or copied: the file names this folder now
+                    self._save_ids()
             else:
                 log.info("%s was written for tracking URI %s; finding the runs on %s by their tags (creating "
                          "only those it lacks)", path, data.get("tracking_uri"), self.tracking_uri)
@@ -264,13 +275,15 @@ class MLflowSink:
             if self._same_store(data) and self._run_exists(data.get("run_id")):
                 if reopen:
                     client.update_run(data["run_id"], status="RUNNING")
-                if self._written_in(data) is not None:          # the folder moved: the parent's tag follows
-                    client.set_tag(data["run_id"], "gmpq.sweep_dir", str(self.sweep_dir.resolve()))
-                    self._save_parent(data["run_id"])
+                old = self._written_in(data)
+                if old is not None:            # moved or copied: the id file names this folder now, and the
+                    self._save_parent(data["run_id"])     # run's tag too unless a copy shares a server's runs
+                    if self._own_store() or not old.exists():
+                        client.set_tag(data["run_id"], "gmpq.sweep_dir", str(self.sweep_dir.resolve()))
                 return data["run_id"]
         found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
         for old in (self._store_moved_from, self._written_for):
-            if found is None and old not in (None, self.sweep_dir.resolve()):
+            if found is None and old is not None and not same_folder(old, self.sweep_dir.resolve()):
                 found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(old)})
         if found is not None:          # the id file is lost or damaged: the tags find the parent again
             if reopen:

@@ -13,13 +13,15 @@ them rebased too (``rebase_mlflow_artifacts``), so ``mlflow ui`` on the copy sho
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["FOLLOWING_KEYS", "SWEEP_MARKERS", "artifacts_written_in", "follow_folder", "moved_path", "looks_like_sweep_folder",
-           "recorded_dir", "rebase_mlflow_artifacts", "sqlite_file"]
+__all__ = ["FOLLOWING_KEYS", "SWEEP_MARKERS", "artifacts_written_in", "follow_folder", "moved_path",
+           "looks_like_sweep_folder", "recorded_dir", "rebase_mlflow_artifacts", "same_folder", "sqlite_file",
+           "store_not_yet_moved"]
 
 log = logging.getLogger(__name__)
 
@@ -32,33 +34,52 @@ _told: set = set()
 
 
 def _resolve(path: str | Path) -> Path:
+    """The folder in use: absolute, links followed."""
     return Path(path).expanduser().resolve()
+
+
+def _recorded(path: str | Path) -> Path:
+    """A recorded path: absolute, but links not followed (a link inside the old folder stays inside it)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def same_folder(old: Path, new: Path) -> bool:
+    """Whether ``old`` (recorded) and ``new`` (in use) are one folder, also under two mount paths."""
+    try:
+        return old == new or (old.exists() and os.path.samefile(old, new))
+    except OSError:
+        return False
 
 
 def sqlite_file(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for any other URI)."""
-    return _resolve(uri[len(SQLITE):]) if isinstance(uri, str) and uri.startswith(SQLITE) else None
+    return _recorded(uri[len(SQLITE):]) if isinstance(uri, str) and uri.startswith(SQLITE) else None
 
 
 def moved_path(value: Any, old: Path, new: Path) -> Any:
-    """``value`` (a path or a ``sqlite:///`` URI) with ``old``'s part replaced by ``new`` when it lies inside
-    ``old``; anything else unchanged."""
-    if not isinstance(value, str) or not value or "://" in value.replace(SQLITE, "", 1):
+    """``value`` (a path, a ``sqlite:///`` or a ``file://`` URI) with ``old``'s part replaced by ``new`` when it
+    lies inside ``old``; anything else (a server, a bucket, a path elsewhere) unchanged."""
+    if not isinstance(value, str) or not value:
         return value
-    is_uri = value.startswith(SQLITE)
-    path = sqlite_file(value) if is_uri else _resolve(value)
+    if value.startswith(SQLITE):
+        path, back = sqlite_file(value), lambda p: SQLITE + str(p)
+    elif value.startswith("file://"):
+        path, back = _recorded(urllib.parse.unquote(urllib.parse.urlparse(value).path)), Path.as_uri
+    elif "://" in value:
+        return value
+    else:
+        path, back = _recorded(value), str
     try:
         inside = path.relative_to(old)
     except ValueError:
         return value
-    moved = str(new / inside)
-    return SQLITE + moved if is_uri else moved
+    return back(new / inside)
 
 
 def recorded_dir(data: Mapping[str, Any]) -> Path | None:
     """The sweep folder a saved config was written for (its ``out_dir``), None when it names none."""
     out = data.get("out_dir") if isinstance(data, Mapping) else None
-    return _resolve(out) if isinstance(out, str) and out else None
+    return _recorded(out) if isinstance(out, str) and out else None
 
 
 def follow_folder(data: Mapping[str, Any], folder: str | Path, *, tell: bool = False) -> dict[str, Any]:
@@ -67,7 +88,7 @@ def follow_folder(data: Mapping[str, Any], folder: str | Path, *, tell: bool = F
     once per folder and process)."""
     data = dict(data)
     old, new = recorded_dir(data), _resolve(folder)
-    if old is None or old == new:
+    if old is None or same_folder(old, new):
         return data
     if tell and (old, new) not in _told:
         _told.add((old, new))
@@ -98,6 +119,19 @@ def artifacts_written_in(db: Path, experiment_name: str) -> Path | None:
     if not isinstance(location, str) or not location.startswith("file://") or not location.endswith("/mlartifacts"):
         return None
     return Path(urllib.parse.unquote(urllib.parse.urlparse(location).path)).parent
+
+
+def store_not_yet_moved(sweep_dir: str | Path, cfg: Mapping[str, Any]) -> Path | None:
+    """For a moved or copied sweep folder whose own SQLite MLflow store still keeps its artifacts under the
+    folder it was written in (no gmpq command has logged there since): that folder; else None. Reads only."""
+    here, db = _resolve(sweep_dir), sqlite_file(cfg.get("tracking_uri") or "")
+    if db is None or not db.is_file() or not db.is_relative_to(here):
+        return None
+    try:
+        old = artifacts_written_in(db, str(cfg.get("name") or here.name))
+    except sqlite3.Error:
+        return None
+    return old if old is not None and not same_folder(old, here) else None
 
 
 def rebase_mlflow_artifacts(db: Path, old: Path, new: Path) -> int:

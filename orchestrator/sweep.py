@@ -16,6 +16,7 @@ interrupted and errored ones are rerun from scratch, and the sampler keeps its O
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import optuna
 from ray import tune
@@ -83,29 +84,33 @@ def experiment_path(cfg: SweepConfig) -> str:
     return f"{storage.rstrip('/')}/{r.name}" if "://" in storage else str(Path(storage) / r.name)
 
 
+@contextlib.contextmanager
+def optuna_storage_now(url: str) -> Iterator[None]:
+    """While a resumed sweep's Tune state is unpickled (``Tuner.restore``, then the searcher's state in
+    ``fit``), a pickled Optuna SQLite storage other than the sweep's own ``url`` (the folder moved or was
+    copied: ``moved_sweep``) opens ``url``. Optuna reconnects while unpickling, to the old file, which may be
+    gone (the resume failed) or the original's (the copy's trials went into it). Only SQLite URLs: a resume
+    must keep the sweep's storage (``_check_same_config``), so a SQLite file elsewhere is the same study moved."""
+    from optuna.storages import RDBStorage
+
+    original = RDBStorage.__setstate__
+
+    def setstate(self, state: dict) -> None:
+        old = str(state.get("url", ""))
+        if old != url and old.startswith("sqlite:") and url.startswith("sqlite:"):
+            log.info("the sweep's Optuna study continues in %s (its Tune state was saved with %s)", url, old)
+            state = {**state, "url": url}
+        original(self, state)
+
+    RDBStorage.__setstate__ = setstate
+    try:
+        yield
+    finally:
+        RDBStorage.__setstate__ = original
+
+
 class SweepOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell, and that,
-    restored in a sweep folder that moved (``storage_now``, set by the resuming driver), goes on in that
-    folder's Optuna storage rather than the one it was pickled with."""
-
-    def restore(self, checkpoint_path: str) -> None:
-        now = self.__dict__.get("storage_now")      # the pickled state carries the value of the run that saved it
-        super().restore(checkpoint_path)
-        self.storage_now = now
-        if now:
-            self._use_storage(now)
-
-    def _use_storage(self, url: str) -> None:
-        study = self._ot_study
-        backend = getattr(study._storage, "_backend", study._storage)    # optuna wraps RDBStorage in a cache
-        if getattr(backend, "url", url) == url:
-            return
-        log.info("the sweep's Optuna study continues in %s (it was saved with %s)", url, backend.url)
-        storage = optuna.storages.RDBStorage(url)
-        study = optuna.load_study(study_name=study.study_name, storage=storage, sampler=study.sampler,
-                                  pruner=study.pruner)
-        self._storage, self._ot_study = storage, study
-        self._ot_trials = {tid: optuna.trial.Trial(study, t._trial_id) for tid, t in self._ot_trials.items()}
+    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell."""
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -208,7 +213,8 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
         say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each; "
             f"from another terminal: gmpq status --sweep {cfg.out_dir}")
-        return tuner.fit()
+        with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
+            return tuner.fit()
 
 
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
@@ -220,8 +226,9 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
     if resume:
         exp = experiment_path(cfg)
         say(f"resuming {exp}")
-        tuner = tune.Tuner.restore(exp, trainable, resume_errored=True, restart_errored=False)
-        _swap_restored(tuner, scheduler, callbacks, cfg.optuna_storage)
+        with optuna_storage_now(cfg.optuna_storage):
+            tuner = tune.Tuner.restore(exp, trainable, resume_errored=True, restart_errored=False)
+        _swap_restored(tuner, scheduler, callbacks)
         return tuner
     searcher = SweepOptunaSearch(
         space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
@@ -235,10 +242,9 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
                                   callbacks=callbacks))
 
 
-def _swap_restored(tuner: Any, scheduler: Any, callbacks: list, storage_now: str | None = None) -> None:
+def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
     """Give a restored Tuner fresh callbacks and scheduler (Tune restores them by unpickling, which
-    would skip their constructors, where the results callback reloads the rows already written), and its
-    searcher the sweep's Optuna storage now (``storage_now``: it moves with a moved sweep folder)."""
+    would skip their constructors, where the results callback reloads the rows already written)."""
     internal = getattr(tuner, "_local_tuner", None)
     if internal is None or not hasattr(internal, "_run_config") or not hasattr(internal, "_tune_config"):
         log.warning("cannot reach the restored Tuner's config in this Ray version; using the callbacks "
@@ -246,11 +252,6 @@ def _swap_restored(tuner: Any, scheduler: Any, callbacks: list, storage_now: str
         return
     internal._run_config.callbacks = callbacks
     internal._tune_config.scheduler = scheduler
-    searcher = internal._tune_config.search_alg
-    while searcher is not None and not isinstance(searcher, SweepOptunaSearch):
-        searcher = getattr(searcher, "searcher", None)             # a ConcurrencyLimiter or similar wrapper
-    if searcher is not None:
-        searcher.storage_now = storage_now
 
 
 def _close_orphan_optuna_trials(cfg: SweepConfig, say, *, started_before: datetime) -> None:

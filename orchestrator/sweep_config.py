@@ -363,7 +363,7 @@ def _own_folder(path: str | os.PathLike, file_data: Mapping[str, Any], out_dir: 
     if out_dir is not None:
         return follow_folder(file_data, out_dir)
     here = Path(path).expanduser().resolve().parent
-    if here != recorded and looks_like_sweep_folder(here):       # the sweep's own file, read from its new place
+    if Path(path).name == "sweep_config.yaml" and looks_like_sweep_folder(here):   # the sweep's own file, moved
         return follow_folder(file_data, here, tell=True)
     return dict(file_data)
 

@@ -146,6 +146,14 @@ def run(args: argparse.Namespace) -> int:
                           "gmpq run you want to see.")
     st = read_sweep_status(sweep_dir)
     print(_as_json(st) if args.json else format_status(st))
+    if not args.json:
+        from orchestrator.moved_sweep import store_not_yet_moved
+        from orchestrator.results import load_resolved_config
+
+        old = store_not_yet_moved(sweep_dir, load_resolved_config(sweep_dir))
+        if old is not None:
+            print(f"This folder was copied or moved from {old}: its MLflow store still keeps artifacts there. Run "
+                  f"'gmpq sync-mlflow --sweep {sweep_dir}' once before 'mlflow ui' on its mlflow.db.")
     return 0
 
 

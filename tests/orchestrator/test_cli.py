@@ -52,3 +52,13 @@ def test_an_unknown_command_gets_argparse_error_naming_the_choices(capsys):
     with pytest.raises(SystemExit) as e:
         main(["no-such-command"])
     assert e.value.code == 2 and "sweep" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_leaves_ends_quietly():
+    """'gmpq status --sweep DIR | head -3' ended in a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "bitops", "--model", "resnet20",
+                             "--input-size", "32", "--w-bits", "4", "--a-bits", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                        # the reader is gone before the first line is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

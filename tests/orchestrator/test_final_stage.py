@@ -322,3 +322,20 @@ def test_a_storage_uri_gets_the_fine_tunes_ray_train_runs_and_the_sweep_folder_t
     assert list((remote / "finetune-t1").glob("checkpoint_*"))                 # Ray Train's run, under the URI
     assert json.loads((sweep / "ray_results" / "finetune-t1.progress.json").read_text())["step"] == 2
     assert not list(cwd.iterdir())                                              # nothing made where we stood
+
+
+def test_progress_left_by_an_earlier_run_is_not_shown_as_this_runs(tmp_path):
+    """A rerun (other settings, a copied folder) printed the old run's last position first ('step 468/468')."""
+    import time
+
+    from gmpq_core.fileio import atomic_write_json
+    from orchestrator.final_stage import _ProgressWatcher
+
+    path, said = tmp_path / "finetune-t1.progress.json", []
+    atomic_write_json(path, {"epoch": 1, "step": 468, "steps": 468, "time": time.time() - 3600})
+    with _ProgressWatcher(path, said.append, "[1/1] t1:", 1, every_s=0.05):
+        time.sleep(0.3)
+        assert said == []
+        atomic_write_json(path, {"epoch": 1, "step": 1, "steps": 3, "time": time.time()})
+        time.sleep(0.3)
+    assert said == ["[1/1] t1: epoch 1/1: step 1/3"]

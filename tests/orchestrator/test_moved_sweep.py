@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.moved_sweep import follow_folder, moved_path, recorded_dir
+from orchestrator.moved_sweep import follow_folder, moved_path, recorded_dir, same_folder
 from orchestrator.results import CONFIG_FILE, load_resolved_config
 from orchestrator.sweep_config import load_sweep_config, save_resolved_config
 
@@ -28,6 +28,25 @@ def test_moved_path_moves_only_what_lay_inside_the_old_folder(tmp_path):
     for kept in (f"sqlite:///{tmp_path}/shared.db", str(tmp_path / "ab" / "x"), "http://host:5000",
                  "postgresql://u@h/db", None, ""):
         assert moved_path(kept, old, new) == kept
+
+
+def test_recorded_paths_are_moved_as_written_links_inside_the_old_folder_included(tmp_path):
+    old, new, scratch = tmp_path / "a", tmp_path / "b", tmp_path / "scratch"
+    assert moved_path((old / "rr").as_uri(), old, new) == (new / "rr").as_uri()
+    assert moved_path((tmp_path / "x y").as_uri(), old, new) == (tmp_path / "x y").as_uri()
+    scratch.mkdir()
+    old.mkdir()
+    (old / "ray_results").symlink_to(scratch)        # a link in the original: its recorded path moves, not its target
+    assert moved_path(str(old / "ray_results"), old, new) == str(new / "ray_results")
+
+
+def test_one_folder_under_two_paths_is_not_a_move(tmp_path):
+    """The same folder seen through a link or another mount path: nothing is rewritten."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "alias").symlink_to(real, target_is_directory=True)
+    data = {"out_dir": str(tmp_path / "alias"), "storage_path": str(tmp_path / "alias" / "ray_results")}
+    assert same_folder(tmp_path / "alias", real.resolve()) and follow_folder(data, real) == data
 
 
 def test_follow_folder_keeps_a_cache_outside_and_moves_one_inside(tmp_path):
@@ -68,6 +87,39 @@ def test_a_saved_config_reused_for_a_new_sweep_gets_the_new_folders_stores(tmp_p
     assert shared.tracking_uri == "http://h:5000"                       # a store named by a flag is kept
 
 
+def test_another_config_file_kept_in_a_sweep_folder_keeps_its_out_dir(tmp_path):
+    """runs/a/next.yaml naming out_dir runs/b is a plan for b, not a's saved config."""
+    a = _saved_sweep(tmp_path / "a", tmp_path / "cache")
+    (a / "next.yaml").write_text(yaml.safe_dump({"preset": "demo", "out_dir": str(tmp_path / "b")}))
+    assert load_sweep_config(a / "next.yaml").sweep_dir == (tmp_path / "b").resolve()
+
+
+def test_a_renamed_sweeps_pickled_optuna_storage_opens_the_folders_own(tmp_path):
+    """Tune's state of a resumed sweep holds its Optuna storage pickled: unpickled as it is, it reconnects to
+    the old folder's file (gone after a rename: the resume failed)."""
+    import pickle
+    import sqlite3
+
+    import optuna
+
+    from orchestrator.sweep import optuna_storage_now
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    storage = optuna.storages.RDBStorage(f"sqlite:///{a}/optuna.db")
+    optuna.create_study(study_name="s", storage=storage).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    blob = pickle.dumps(storage)
+    storage.engine.dispose()
+    a.rename(b)
+    with pytest.raises(Exception) as err:          # what a resume in the renamed folder met
+        pickle.loads(blob)
+    assert isinstance(err.value, sqlite3.OperationalError) or "unable to open" in str(err.value)
+    with optuna_storage_now(f"sqlite:///{b}/optuna.db"):
+        moved = pickle.loads(blob)
+    assert moved.url == f"sqlite:///{b}/optuna.db" and len(optuna.load_study(study_name="s", storage=moved).trials) == 2
+    assert not a.exists() and pickle.loads(pickle.dumps(moved)).url == moved.url   # the patch is gone after
+
+
 def test_a_config_template_named_like_a_saved_one_keeps_its_out_dir(tmp_path):
     """A sweep_config.yaml in a folder that holds no sweep is a template: its out_dir is where to write."""
     target = tmp_path / "runs" / "x"
@@ -106,8 +158,11 @@ def test_mlflow_in_a_copied_folder_reuses_its_runs_and_keeps_artifacts_in_the_co
     from mlflow.tracking._tracking_service import utils   # a new process on the copy starts without MLflow's
     getattr(utils, "_artifact_repos_cache", {}).clear()     # per-run artifact folders cached by this one
 
+    from orchestrator.moved_sweep import store_not_yet_moved
+    assert store_not_yet_moved(copy, load_resolved_config(copy)) == original.resolve()   # gmpq status says so
     moved = MLflowSink(None, copy)
     assert moved.tracking_uri == f"sqlite:///{copy.resolve()}/mlflow.db" and moved.connect()
+    assert store_not_yet_moved(copy, load_resolved_config(copy)) is None
     assert moved.parent_run_id == sink.parent_run_id                     # no second parent run
     again = moved.child_run("trials", "t1", run_name="t1", params={"x": 1}, tags={"trial_id": "t1"})
     assert again == child
