@@ -157,8 +157,8 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         info = read_json(info_path)
-        return TargetModel(path=path, top1=float(info["top1"]), seconds=0.0, cached=True, meta=info["meta"])
-    t0 = time.perf_counter()
+        return TargetModel(path=path, top1=float(info["top1"]), seconds=float(info.get("seconds") or 0.0), cached=True,
+                           meta=info["meta"])
     bundle = load_dataset(dataset, root=data_root, image_size=image_size)
     info = bundle.info
     with seeded(check.seed):
@@ -175,7 +175,7 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
     save_checkpoint(path, net.to("cpu").state_dict())
     atomic_write_json(info_path, {"meta": full_meta, "top1": result.top1, "seconds": result.seconds})
     log.info("FP target model %s: top1 %.2f%% in %.1fs", path.name, result.top1, result.seconds)
-    return TargetModel(path=path, top1=result.top1, seconds=time.perf_counter() - t0, cached=False, meta=full_meta)
+    return TargetModel(path=path, top1=result.top1, seconds=result.seconds, cached=False, meta=full_meta)
 
 
 def load_target_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

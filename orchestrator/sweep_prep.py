@@ -159,11 +159,10 @@ def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float], threa
     device = trial_device(cfg)
     teachers, teacher_top1 = {}, {}
     for job in _shared_jobs(cfg)[:-1]:
-        t0 = time.perf_counter()
         with _torch_threads(threads or _job_cpus(cfg, job)):
             teacher = _shared_job(cfg, job, device)
         key = str(job[1])
-        teachers[key] = round(trained.get(job, time.perf_counter() - t0), 2)
+        teachers[key] = round(teacher.seconds, 2)    # its training time, also when read from the cache
         teacher_top1[key] = round(teacher.test_top1, 2)
         when = "cached" if teacher.cached and job not in trained else f"{teachers[key]:.1f}s"
         say(f"{_job_label(job)}: top1 {teacher.test_top1:.2f}% on {teacher.test_images} held-out test images ({when})")
@@ -172,7 +171,7 @@ def _prepare_shared(cfg: SweepConfig, say, trained: Mapping[tuple, float], threa
             log.warning("%s", weak)
     with _torch_threads(threads or _job_cpus(cfg, ("target", None))):
         target = _shared_job(cfg, ("target", None), device)
-    seconds = trained.get(("target", None), target.seconds)
+    seconds = target.seconds
     weak = _weak_target_message(cfg, target)
     if weak:
         log.warning("%s", weak)

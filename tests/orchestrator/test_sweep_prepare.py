@@ -66,3 +66,21 @@ def test_a_weak_fp_target_model_is_warned_about_naming_the_settings_that_train_i
     if weak:
         assert f"{top1:.1f}%" in msg and "below 55%" in msg and "transfer.fp_epochs (now 2)" in msg
         assert "transfer.fp_train_size (now 10000)" in msg and "\n" not in msg
+
+
+def test_shared_json_keeps_the_teachers_training_seconds_when_they_come_from_the_cache(tmp_path):
+    """A resumed sweep (or a second one) loads the teachers from the cache: shared.json said the load time."""
+    import json
+
+    from orchestrator.sweep_prep import prepare_shared
+
+    cfg = _cfg(tmp_path, cache_dir=str(tmp_path / "cache"), teacher_epochs=1, proxy_eval_size=100,
+               space={"proxy_size": [100], "search_epochs": 1, "budget_avg_bits": {"type": "float", "low": 3, "high": 4}},
+               search={"batch_size": 32, "max_steps_per_epoch": 2},
+               transfer={"fp_epochs": 1, "fp_train_size": 200, "fp_batch_size": 32, "fp_max_steps_per_epoch": 2,
+                         "test_size": 100})
+    prepare_shared(cfg, threads=1)
+    first = json.loads((tmp_path / "shared.json").read_text())
+    prepare_shared(cfg, threads=1)
+    again = json.loads((tmp_path / "shared.json").read_text())
+    assert again["teacher_seconds"] == first["teacher_seconds"] and again["target_seconds"] == first["target_seconds"]
