@@ -340,7 +340,8 @@ class MLflowSink:
             rid = self.runs[kind].get(key)
             if not self._run_exists(rid) and "trial_id" in tags:
                 rid = self.find_run({"mlflow.parentRunId": self.parent_run_id, "trial_id": tags["trial_id"],
-                                     "gmpq.role": tags.get("gmpq.role", ROLE_OF_KIND.get(kind, kind))})
+                                     "gmpq.role": tags.get("gmpq.role", ROLE_OF_KIND.get(kind, kind)),
+                                     **{k: v for k, v in tags.items() if k == "gmpq.recipe"}})
                 if rid is not None:   # persisted ids lost/damaged: reuse the run its tags identify
                     self.runs[kind][key] = rid
                     self._save_ids()

@@ -4,6 +4,8 @@ tracking store that fails only warns once; ``gmpq sync-mlflow`` calls them again
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Collection, Mapping
 
@@ -40,6 +42,18 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
     return sink.enabled
 
 
+def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
+    """(child-run key, tags, recipe) of a final.parquet row: ``<trial_id>:<recipe hash>`` (the trial id alone
+    for a row from before recipes were recorded)."""
+    from .final_results import row_recipe
+
+    tid, text = str(row["trial_id"]), row_recipe(row)
+    if text is None:
+        return tid, {}, {}
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    return f"{tid}:{digest}", {"gmpq.recipe": digest}, json.loads(text)
+
+
 def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Mapping) -> None:
     """The fine-tuned model file of a final.parquet row (gmpq_core.load_quantized_model) under ``model/``."""
     from .final_results import resolve_model_path
@@ -52,23 +66,28 @@ def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Ma
 def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.DataFrame, *,
               histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None,
               fresh: Collection[str] | None = None) -> bool:
-    """One child run ``finetune-<trial_id>`` per policy (reused on rerun) with its metrics, policy and model
-    file; final.parquet + plot on the parent. ``fresh`` given: the rows of other policies are logged only
-    when their run is missing (a stage stopped by Ctrl-C before it logged what had finished)."""
+    """One child run ``finetune-<trial_id>`` per policy and fine-tune recipe (its settings but the epochs: a
+    rerun with more epochs continues the run, one with another lr gets its own, so both can be compared)
+    with its metrics, recipe as params, policy and model file; final.parquet + plot on the parent. ``fresh``
+    given: the rows of other policies are logged only when their run is missing (a stage stopped by Ctrl-C
+    before it logged what had finished)."""
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
         return False
     for row in final_df.to_dict("records"):
         tid = str(row["trial_id"])
-        if fresh is not None and tid not in fresh and sink.has_child_run("finetune", tid):
+        key, recipe_tag, recipe = _recipe_key(row)
+        if fresh is not None and tid not in fresh and sink.has_child_run("finetune", key):
             continue
-        rid = sink.child_run("finetune", tid, run_name=f"finetune-{tid}",
-                             params={k: row.get(k) for k in ("trial_id", "policy_source", "epochs", "workers")},
-                             tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running"})
+        rid = sink.child_run("finetune", key, run_name=f"finetune-{tid}",
+                             params={**{k: row.get(k) for k in ("trial_id", "policy_source", "workers")},
+                                     **{f"recipe.{k}": v for k, v in recipe.items()}},
+                             tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running", **recipe_tag})
         for h in (histories or {}).get(tid, []):
             sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))
         sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "bitops_total",
-                                                         "seconds", "transfer_top1")}, step=int(row.get("epochs") or 0))
+                                                         "seconds", "transfer_top1", "epochs")},
+                         step=int(row.get("epochs") or 0))
         if row.get("policy_json"):
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
         _log_model(sink, rid, sweep_dir, row)

@@ -127,6 +127,28 @@ def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tm
     assert len(runs[runs["tags.gmpq.role"] == "finetune"]) == 2
 
 
+def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epochs_continue_it(tmp_path, monkeypatch):
+    """A rerun with another lr logged into the first run (metrics mixed, params stale): now a run per recipe."""
+    import mlflow
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep)
+    final_stage = _stage_without_ray(monkeypatch, tmp_path, lambda tid: dict(METRICS, epoch=epochs[0]), slots=1)
+    epochs = [1]
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
+    epochs[0] = 2
+    final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)           # continues the lr=0.05 run
+    mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ft"])
+    ft = runs[runs["tags.gmpq.role"] == "finetune"].sort_values("params.recipe.lr")
+    assert ft["tags.mlflow.runName"].tolist() == ["finetune-t1", "finetune-t1"]
+    assert ft["params.recipe.lr"].tolist() == ["0.01", "0.05"] and ft["tags.gmpq.recipe"].nunique() == 2
+    assert ft["metrics.epochs"].tolist() == [1.0, 2.0]
+    client = mlflow.MlflowClient()
+    assert [m.value for m in client.get_metric_history(ft["run_id"].iloc[1], "epochs")] == [1.0, 2.0]
+
+
 def test_auto_workers_share_the_clusters_devices_among_the_policies_at_once(monkeypatch):
     import ray
 
@@ -246,8 +268,9 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
     assert (sweep / FINAL_PNG).stat().st_size > 5000
     mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ft"])
-    ft = runs[runs["tags.gmpq.role"] == "finetune"]
-    assert len(ft) == 1 and ft["tags.mlflow.runName"].item() == "finetune-t1"
+    ft = runs[runs["tags.gmpq.role"] == "finetune"]                          # one run per recipe: lr 0.01, 0.05
+    assert sorted(ft["params.recipe.lr"]) == ["0.01", "0.05"] and set(ft["tags.mlflow.runName"]) == {"finetune-t1"}
+    ft = ft[ft["params.recipe.lr"] == "0.05"]
     assert ft["metrics.final_top1"].item() == pytest.approx(final.loc[0, "final_top1"])
     artifacts = mlflow.MlflowClient().list_artifacts(ft["run_id"].item(), "model")
     assert [a.path for a in artifacts] == ["model/t1.pt"]                      # the fine-tuned model, loadable
