@@ -322,6 +322,17 @@ class MLflowSink:
                                         order_by=["attributes.start_time ASC"])
         return runs[0].info.run_id if runs else None
 
+    def rekey_child(self, kind: str, old: str, new: str) -> str:
+        """The child run persisted under ``old`` is now under ``new`` (saved); returns its id."""
+        rid = self.runs[kind].pop(old)
+        self.runs[kind][new] = rid
+        self._save_ids()
+        return rid
+
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """Params not logged on the run yet (MLflow refuses a new value for a logged one)."""
+        self._log_params(run_id, params)
+
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
         items = [Param(k[:250], str(v)) for k, v in params.items()]

@@ -54,6 +54,20 @@ def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
     return f"{tid}:{digest}", {"gmpq.recipe": digest}, json.loads(text)
 
 
+def _adopt_run_before_recipes(sink: MLflowSink, tid: str, key: str, recipe_tag: Mapping[str, str],
+                              params: Mapping) -> None:
+    """A sweep whose fine-tune runs were keyed by trial id alone (before recipes): the run of ``tid`` is this
+    recipe's (the one final.parquet reports), so it gets the recipe's tag and params rather than a twin."""
+    from .mlflow_sink import flatten_config
+
+    rid = sink.rekey_child("finetune", tid, key)
+    for k, v in recipe_tag.items():
+        sink.call("tagging a fine-tune run", sink.client.set_tag, rid, k, v)
+    logged = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data.params) or {}
+    sink.call("logging a fine-tune's recipe", sink.log_params, rid,
+              {k: v for k, v in flatten_config(dict(params)).items() if k not in logged})
+
+
 def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Mapping) -> None:
     """The fine-tuned model file of a final.parquet row (gmpq_core.load_quantized_model) under ``model/``."""
     from .final_results import resolve_model_path
@@ -77,11 +91,13 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
     for row in final_df.to_dict("records"):
         tid = str(row["trial_id"])
         key, recipe_tag, recipe = _recipe_key(row)
+        params = {**{k: row.get(k) for k in ("trial_id", "policy_source", "workers")},
+                  **{f"recipe.{k}": v for k, v in recipe.items()}}
+        if key != tid and key not in sink.runs["finetune"] and tid in sink.runs["finetune"]:
+            _adopt_run_before_recipes(sink, tid, key, recipe_tag, params)
         if fresh is not None and tid not in fresh and sink.has_child_run("finetune", key):
             continue
-        rid = sink.child_run("finetune", key, run_name=f"finetune-{tid}",
-                             params={**{k: row.get(k) for k in ("trial_id", "policy_source", "workers")},
-                                     **{f"recipe.{k}": v for k, v in recipe.items()}},
+        rid = sink.child_run("finetune", key, run_name=f"finetune-{tid}", params=params,
                              tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running", **recipe_tag})
         for h in (histories or {}).get(tid, []):
             sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))

@@ -149,6 +149,27 @@ def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epoc
     assert [m.value for m in client.get_metric_history(ft["run_id"].iloc[1], "epochs")] == [1.0, 2.0]
 
 
+def test_a_fine_tune_run_from_before_recipes_becomes_its_recipes_run_not_a_twin(tmp_path, monkeypatch):
+    import mlflow
+
+    from orchestrator.mlflow_sink import RUNS_FILE
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep)
+    final_stage = _stage_without_ray(monkeypatch, tmp_path, lambda tid: METRICS, slots=1)
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    ids = json.loads((sweep / RUNS_FILE).read_text())
+    (key, rid), = ids["finetune"].items()
+    ids["finetune"] = {"t1": rid}                                 # as a sweep fine-tuned before recipes left it
+    (sweep / RUNS_FILE).write_text(json.dumps(ids))
+    client = mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
+    client.delete_tag(rid, "gmpq.recipe")
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)    # nothing to train; MLflow checked
+    runs = client.search_runs([client.get_run(rid).info.experiment_id], "tags.`gmpq.role` = 'finetune'")
+    assert [r.info.run_id for r in runs] == [rid] and runs[0].data.tags["gmpq.recipe"] == key.split(":")[1]
+    assert json.loads((sweep / RUNS_FILE).read_text())["finetune"] == {key: rid}
+
+
 def test_auto_workers_share_the_clusters_devices_among_the_policies_at_once(monkeypatch):
     import ray
 
