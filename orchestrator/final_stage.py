@@ -14,6 +14,7 @@ import functools
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ from gmpq_core.fileio import read_json
 
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
                             finetune_storage, read_final, record_final_run, row_recipe, write_final)
+from .moved_sweep import usable_cache_dir
 from .ray_env import ray_session
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
@@ -80,6 +82,7 @@ def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | 
     from .sweep_config import SweepConfig
 
     cfg = SweepConfig.from_dict(load_resolved_config(sweep_dir, missing_ok=False)).resolved()
+    cfg = replace(cfg, cache_dir=usable_cache_dir(cfg.cache_dir, address=cfg.address, say=say))
     if say:
         say(f"no FP target model recorded in {shared}: preparing it ({cfg.model} on {cfg.target_dataset}; "
             f"read from {cfg.cache_dir} if trained before)")

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 __all__ = ["FOLLOWING_KEYS", "SWEEP_MARKERS", "artifacts_written_in", "follow_folder", "moved_path",
            "looks_like_sweep_folder", "recorded_dir", "rebase_mlflow_artifacts", "same_folder", "sqlite_file",
-           "store_not_yet_moved"]
+           "store_not_yet_moved", "usable_cache_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,20 @@ def artifacts_written_in(db: Path, experiment_name: str) -> Path | None:
     if not isinstance(location, str) or not location.startswith("file://") or not location.endswith("/mlartifacts"):
         return None
     return Path(urllib.parse.unquote(urllib.parse.urlparse(location).path)).parent
+
+
+def usable_cache_dir(recorded: str | None, *, address: str | None, say=None) -> str | None:
+    """The model cache for a sweep read on this machine: the recorded one, or (it is not here: a folder
+    copied from another machine; no Ray cluster joined, whose nodes need the shared one) this machine's
+    default cache. Every cached file is named by what its weights depend on, so any cache holding it serves."""
+    if recorded is None or address is not None or Path(recorded).expanduser().is_dir():
+        return recorded
+    from gmpq_core.fileio import default_cache_dir
+
+    here = str(_resolve(default_cache_dir()))
+    (say or log.info)(f"the sweep's model cache {recorded} is not on this machine: using {here} (a model not "
+                      "cached there yet is trained once)")
+    return here
 
 
 def store_not_yet_moved(sweep_dir: str | Path, cfg: Mapping[str, Any]) -> Path | None:

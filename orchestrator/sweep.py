@@ -293,8 +293,11 @@ def _saved_cache_dir(cfg: SweepConfig) -> str | None:
     """The cache folder saved with the sweep in ``cfg``'s folder (None when there is none)."""
     from .sweep_config import load_sweep_config
 
+    from .moved_sweep import usable_cache_dir
+
     saved_path = cfg.sweep_dir / "sweep_config.yaml"
-    return load_sweep_config(saved_path).cache_dir if saved_path.exists() else None
+    saved = load_sweep_config(saved_path).cache_dir if saved_path.exists() else None
+    return usable_cache_dir(saved, address=cfg.address, say=lambda msg: log.warning("%s", msg))
 
 
 def _check_same_config(cfg: SweepConfig) -> None:

@@ -383,3 +383,21 @@ def test_progress_left_by_an_earlier_run_is_not_shown_as_this_runs(tmp_path):
         atomic_write_json(path, {"epoch": 1, "step": 1, "steps": 3, "time": time.time()})
         time.sleep(0.3)
     assert said == ["[1/1] t1: epoch 1/1: step 1/3"]
+
+
+def test_the_fp_target_model_of_a_sweep_copied_from_another_machine_goes_to_this_machines_cache(tmp_path,
+                                                                                              monkeypatch):
+    import yaml
+
+    from orchestrator.final_stage import target_fp_checkpoint
+
+    sweep, mine = tmp_path / "sweep", tmp_path / "mine"
+    make_sweep(sweep)
+    cfg = yaml.safe_load((sweep / "sweep_config.yaml").read_text())
+    cfg["cache_dir"] = "/nonexistent/other-user/.cache/gmpq"         # where the sweep ran
+    (sweep / "sweep_config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(mine))
+    said = []
+    path = target_fp_checkpoint(sweep, say=said.append)
+    assert path.is_file() and path.parent == mine.resolve() and not Path("/nonexistent").exists()
+    assert any("not on this machine" in s for s in said)

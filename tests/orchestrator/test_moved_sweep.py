@@ -174,3 +174,19 @@ def test_mlflow_in_a_copied_folder_reuses_its_runs_and_keeps_artifacts_in_the_co
     assert client.get_run(moved.parent_run_id).data.tags["gmpq.sweep_dir"] == str(copy.resolve())
     assert sorted(a.path for a in client.list_artifacts(again)) == ["note.txt", "note2.txt"]
     assert {p: p.stat().st_mtime_ns for p in original.rglob("*") if p.is_file()} == before
+
+
+def test_a_model_cache_recorded_on_another_machine_falls_back_to_this_ones(tmp_path, monkeypatch):
+    """A folder copied from another machine names its cache there (~/.cache of another user): the final
+    stage and a resume use this machine's cache instead; a Ray cluster keeps the shared one it named."""
+    from orchestrator.moved_sweep import usable_cache_dir
+
+    mine = tmp_path / "my_cache"
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(mine))
+    said = []
+    gone = str(tmp_path / "elsewhere" / ".cache" / "gmpq")
+    assert usable_cache_dir(gone, address=None, say=said.append) == str(mine.resolve()) and gone in said[0]
+    assert usable_cache_dir(gone, address="ray://head:10001") == gone
+    (tmp_path / "here").mkdir()
+    assert usable_cache_dir(str(tmp_path / "here"), address=None) == str(tmp_path / "here")
+    assert usable_cache_dir(None, address=None) is None
