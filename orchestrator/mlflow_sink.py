@@ -30,7 +30,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
@@ -309,8 +309,9 @@ class MLflowSink:
             "experiment_id": self._experiment_id,
             "experiment_name": self.experiment_name, "run_id": run_id})
 
-    def find_run(self, tags: Mapping[str, str]) -> str | None:
-        """The id of the oldest active run of this experiment carrying all ``tags`` (None if none)."""
+    def find_run(self, tags: Mapping[str, str], *, exclude: Collection[str] = ()) -> str | None:
+        """The id of the oldest active run of this experiment carrying all ``tags`` and not in ``exclude``
+        (None if none)."""
         terms = []
         for k, v in tags.items():
             v = str(v)
@@ -318,9 +319,9 @@ class MLflowSink:
             if q in v:                 # both quote kinds: the filter language cannot say it
                 return None
             terms.append(f"tags.`{k}` = {q}{v}{q}")
-        runs = self._client.search_runs([self._experiment_id], filter_string=" and ".join(terms), max_results=10,
+        runs = self._client.search_runs([self._experiment_id], filter_string=" and ".join(terms), max_results=100,
                                         order_by=["attributes.start_time ASC"])
-        return runs[0].info.run_id if runs else None
+        return next((r.info.run_id for r in runs if r.info.run_id not in exclude), None)
 
     def rekey_child(self, kind: str, old: str, new: str) -> str:
         """The child run persisted under ``old`` is now under ``new`` (saved); returns its id."""
@@ -352,7 +353,8 @@ class MLflowSink:
             if not self._run_exists(rid) and "trial_id" in tags:
                 rid = self.find_run({"mlflow.parentRunId": self.parent_run_id, "trial_id": tags["trial_id"],
                                      "gmpq.role": tags.get("gmpq.role", ROLE_OF_KIND.get(kind, kind)),
-                                     **{k: v for k, v in tags.items() if k == "gmpq.recipe"}})
+                                     **{k: v for k, v in tags.items() if k == "gmpq.recipe"}},
+                                    exclude=set(self.runs[kind].values()))     # another key's run is not this one
                 if rid is not None:   # persisted ids lost/damaged: reuse the run its tags identify
                     self.runs[kind][key] = rid
                     self._save_ids()

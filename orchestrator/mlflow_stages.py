@@ -83,26 +83,30 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
     """One child run ``finetune-<trial_id>`` per policy and fine-tune recipe (its settings but the epochs: a
     rerun with more epochs continues the run, one with another lr gets its own, so both can be compared)
     with its metrics, recipe as params, policy and model file; final.parquet + plot on the parent. ``fresh``
-    given: the rows of other policies are logged only when their run is missing (a stage stopped by Ctrl-C
-    before it logged what had finished)."""
+    (the policies fine-tuned in this call) given: the rows of other policies are logged only when their run
+    is missing (a stage stopped by Ctrl-C before it logged what had finished), and a fresh row that started
+    from epoch 0 gets a new run even when its recipe had one (that earlier run is kept, with its history)."""
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
         return False
     for row in final_df.to_dict("records"):
         tid = str(row["trial_id"])
         key, recipe_tag, recipe = _recipe_key(row)
-        params = {**{k: row.get(k) for k in ("trial_id", "policy_source", "workers")},
+        params = {**{k: row.get(k) for k in ("trial_id", "policy_source")},
                   **{f"recipe.{k}": v for k, v in recipe.items()}}
-        if key != tid and key not in sink.runs["finetune"] and tid in sink.runs["finetune"]:
-            _adopt_run_before_recipes(sink, tid, key, recipe_tag, params)
+        just_trained = fresh is not None and tid in fresh and bool((histories or {}).get(tid))   # not a refill
+        if key != tid and key not in sink.runs["finetune"] and tid in sink.runs["finetune"] and not just_trained:
+            _adopt_run_before_recipes(sink, tid, key, recipe_tag, params)   # (a retrained row: not its run)
         if fresh is not None and tid not in fresh and sink.has_child_run("finetune", key):
             continue
+        if just_trained and not row.get("resumed_from_epoch") and key in sink.runs["finetune"]:
+            sink.rekey_child("finetune", key, f"{key}#{sink.runs['finetune'][key][:8]}")   # started afresh
         rid = sink.child_run("finetune", key, run_name=f"finetune-{tid}", params=params,
                              tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running", **recipe_tag})
         for h in (histories or {}).get(tid, []):
             sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))
         sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "bitops_total",
-                                                         "seconds", "transfer_top1", "epochs")},
+                                                         "seconds", "transfer_top1", "epochs", "workers")},
                          step=int(row.get("epochs") or 0))
         if row.get("policy_json"):
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")

@@ -128,12 +128,15 @@ def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tm
 
 
 def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epochs_continue_it(tmp_path, monkeypatch):
-    """A rerun with another lr logged into the first run (metrics mixed, params stale): now a run per recipe."""
+    """A rerun with another lr logged into the first run (metrics mixed, params stale): now a run per recipe;
+    going back to a recipe trains it afresh, in a new run (the old one keeps its history)."""
     import mlflow
 
     sweep = tmp_path / "sweep"
     make_sweep(sweep)
-    final_stage = _stage_without_ray(monkeypatch, tmp_path, lambda tid: dict(METRICS, epoch=epochs[0]), slots=1)
+    final_stage = _stage_without_ray(monkeypatch, tmp_path,
+                                     lambda tid: dict(METRICS, epoch=epochs[0], resumed_from_epoch=epochs[0] - 1),
+                                     slots=1)
     epochs = [1]
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
@@ -147,6 +150,11 @@ def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epoc
     assert ft["metrics.epochs"].tolist() == [1.0, 2.0]
     client = mlflow.MlflowClient()
     assert [m.value for m in client.get_metric_history(ft["run_id"].iloc[1], "epochs")] == [1.0, 2.0]
+    epochs[0] = 1
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)                    # lr 0.01 again, from scratch
+    runs = mlflow.search_runs(experiment_names=["ft"])
+    again = runs[(runs["tags.gmpq.role"] == "finetune") & (runs["params.recipe.lr"] == "0.01")]
+    assert len(again) == 2 and set(ft["run_id"]) < set(runs["run_id"])        # a new run; the first one kept
 
 
 def test_a_fine_tune_run_from_before_recipes_becomes_its_recipes_run_not_a_twin(tmp_path, monkeypatch):
