@@ -76,17 +76,30 @@ def main(argv: list[str] | None = None) -> int:
         print("gmpq: interrupted; finished work is kept on disk.", file=sys.stderr)
         return 130
     except BrokenPipeError:            # 'gmpq status --sweep DIR | head': the reader left, as it may
-        _quiet_stdout()
+        if not _stdout_gone():
+            raise                      # another pipe (a subprocess, a socket): a real error
         return 141                     # 128 + SIGPIPE, what a shell reports for a command its pipe closed
 
 
-def _quiet_stdout() -> None:
-    """Point stdout at /dev/null so Python's flush at exit does not raise a second BrokenPipeError."""
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has left; if so stdout now points at /dev/null, so Python's flush at exit
+    does not raise a second BrokenPipeError."""
     import os
+    import select
+    try:                               # a pipe whose reader closed polls as an error on the writing end
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0)):
+            return False
+    except (AttributeError, OSError, ValueError):
+        pass                           # cannot tell (no poll, no descriptor): take it as stdout's
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.close(null)
     except (OSError, ValueError):    # no file descriptor (captured output): nothing to flush there
         pass
+    return True
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ and ``models/<trial_id>.pt``, each fine-tuned quantized model as one self-contai
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -16,7 +17,7 @@ from gmpq_core.fileio import load_checkpoint, read_json
 from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
-           "finetune_storage", "finetune_progress_dir",
+           "finetune_storage", "finetune_progress_dir", "local_storage",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
            "record_final_run", "check_not_shorter", "row_recipe"]
 
@@ -101,6 +102,14 @@ def finetune_storage(cfg: Mapping[str, Any], sweep_dir: str | Path) -> str | Pat
     return value if "://" in value else Path(value).expanduser().resolve()
 
 
+def local_storage(storage: str | Path) -> Path | None:
+    """A storage path or ``file://`` URI as a local folder; None for remote storage (``s3://``, ...)."""
+    text = str(storage)
+    if text.startswith("file://"):
+        return Path(urllib.parse.unquote(urllib.parse.urlsplit(text).path))
+    return None if "://" in text else Path(text)
+
+
 def finetune_progress_dir(cfg: Mapping[str, Any], sweep_dir: str | Path) -> Path:
     """Where rank 0 of each fine-tune writes its progress file (read by the stage and ``gmpq status``): the
     Ray Train storage when it is a folder, else the sweep folder's ``ray_results``."""
@@ -111,10 +120,11 @@ def finetune_progress_dir(cfg: Mapping[str, Any], sweep_dir: str | Path) -> Path
 def saved_final_state(storage: str | Path, trial_id: str, state_file: str) -> dict | None:
     """The newest Ray Train checkpoint of ``finetune-<trial_id>`` under ``storage`` (its ``state_file``
     contents), or None: how a policy fine-tuned before models were exported gets its file without training.
-    A storage URI (``s3://``) is not searched: None."""
-    if "://" in str(storage):
+    A remote storage (``s3://``) is not searched: None."""
+    folder = local_storage(storage)
+    if folder is None:
         return None
-    found = sorted(Path(storage, f"finetune-{trial_id}").glob(f"checkpoint_*/{state_file}"),
+    found = sorted(Path(folder, f"finetune-{trial_id}").glob(f"checkpoint_*/{state_file}"),
                    key=lambda p: p.stat().st_mtime)
     if not found:
         return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -40,12 +39,16 @@ FINAL_PNG = "final.png"
 
 
 class _ProgressWatcher:
-    """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``); a
-    file an earlier run left (written before this watcher started) is not this run's progress."""
+    """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``); what
+    an earlier run left in the file (there when this watcher started) is not this run's progress (compared by
+    content, not by clock: rank 0 may run on another node)."""
 
     def __init__(self, path: Path, say: Callable[[str], None], prefix: str, epochs: int, every_s: float = 20.0):
         self.path, self.say, self.prefix, self.epochs, self.every_s = path, say, prefix, epochs, every_s
-        self.since = time.time() - 1.0
+        try:
+            self.stale = read_json(path)
+        except (CheckpointError, OSError):
+            self.stale = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
 
@@ -57,7 +60,7 @@ class _ProgressWatcher:
             except CheckpointError:
                 continue
             key = (p.get("epoch"), p.get("step"))
-            if key != seen and float(p.get("time") or 0) >= self.since:
+            if key != seen and p != self.stale:
                 seen = key
                 self.say(f"{self.prefix} epoch {p['epoch']}/{self.epochs}: step {p['step']}/{p['steps']}")
 

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -81,7 +82,10 @@ def experiment_path(cfg: SweepConfig) -> str:
     ``//`` (a ``Path`` would make it ``s3:/bucket/x``, which Tune cannot restore)."""
     r = cfg.resolved()
     storage = str(r.storage_path)
-    return f"{storage.rstrip('/')}/{r.name}" if "://" in storage else str(Path(storage) / r.name)
+    if "://" not in storage:
+        return str(Path(storage) / r.name)
+    parts = urllib.parse.urlsplit(storage)           # s3://bucket/x?endpoint_override=...: the name joins the path
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{r.name}"))
 
 
 @contextlib.contextmanager
@@ -97,7 +101,9 @@ def optuna_storage_now(url: str) -> Iterator[None]:
 
     def setstate(self, state: dict) -> None:
         old = str(state.get("url", ""))
-        if old != url and old.startswith("sqlite:") and url.startswith("sqlite:"):
+        same_file = old.startswith("sqlite:") and url.startswith("sqlite:") and \
+            old.rsplit("/", 1)[-1] == url.rsplit("/", 1)[-1]       # optuna.db moved, not another store
+        if old != url and same_file:
             log.info("the sweep's Optuna study continues in %s (its Tune state was saved with %s)", url, old)
             state = {**state, "url": url}
         original(self, state)

@@ -80,9 +80,11 @@ def trial_histories(cfg: Mapping[str, Any], sweep_dir: Path) -> dict[str, list[d
     file); the final ``done`` report is left out (its metrics come from Parquet). Empty when the
     folder is remote or gone.
     """
-    storage = str(cfg.get("storage_path") or sweep_dir / "ray_results")
-    exp = Path(storage) / str(cfg.get("name") or sweep_dir.name)
-    if "://" in storage or not exp.is_dir():
+    from .final_results import local_storage
+
+    storage = local_storage(cfg.get("storage_path") or sweep_dir / "ray_results")
+    exp = storage / str(cfg.get("name") or sweep_dir.name) if storage is not None else None
+    if exp is None or not exp.is_dir():
         return {}
     out: dict[str, dict[tuple, dict]] = {}
     for path in exp.glob("*/result.json"):

@@ -62,3 +62,16 @@ def test_output_piped_into_a_reader_that_leaves_ends_quietly():
     proc.stdout.close()                        # the reader is gone before the first line is written
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_still_an_error(monkeypatch):
+    import argparse
+
+    from orchestrator import cli
+
+    def boom(args):
+        raise BrokenPipeError("a subprocess's pipe")
+    parsed = argparse.Namespace(func=boom, verbose=False)
+    monkeypatch.setattr(cli, "build_parser", lambda *a: argparse.Namespace(parse_args=lambda argv: parsed))
+    with pytest.raises(BrokenPipeError):
+        cli.main(["status"])

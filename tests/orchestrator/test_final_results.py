@@ -123,3 +123,6 @@ def test_a_remote_ray_storage_stays_a_uri_and_progress_files_go_to_the_sweep_fol
     local = {"storage_path": str(tmp_path / "rr")}
     assert finetune_storage(local, tmp_path) == finetune_progress_dir(local, tmp_path) == (tmp_path / "rr").resolve()
     assert finetune_storage({}, tmp_path) == tmp_path.resolve() / "ray_results"
+    from orchestrator.final_results import local_storage
+    assert local_storage((tmp_path / "x y").as_uri()) == tmp_path / "x y" and local_storage("gs://b/x") is None
+    assert local_storage(tmp_path) == tmp_path

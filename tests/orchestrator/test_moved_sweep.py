@@ -118,6 +118,9 @@ def test_a_renamed_sweeps_pickled_optuna_storage_opens_the_folders_own(tmp_path)
         moved = pickle.loads(blob)
     assert moved.url == f"sqlite:///{b}/optuna.db" and len(optuna.load_study(study_name="s", storage=moved).trials) == 2
     assert not a.exists() and pickle.loads(pickle.dumps(moved)).url == moved.url   # the patch is gone after
+    other = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/studies.db")           # another store: kept
+    with optuna_storage_now(f"sqlite:///{b}/optuna.db"):
+        assert pickle.loads(pickle.dumps(other)).url == f"sqlite:///{tmp_path}/studies.db"
 
 
 def test_a_config_template_named_like_a_saved_one_keeps_its_out_dir(tmp_path):

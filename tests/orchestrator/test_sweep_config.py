@@ -202,7 +202,8 @@ def test_resume_keeps_the_cache_the_sweep_started_with(tmp_path, monkeypatch):
 
     old = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "cache_dir": str(tmp_path / "old")})
     save_resolved_config(old)                                   # e.g. a sweep made when the cache lived in --out
-    monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path / "elsewhere"))
+    (tmp_path / "old").mkdir()                                  # (it made its cache; one not on this machine:
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path / "elsewhere"))   # test_moved_sweep)
     again = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)})
     assert _saved_cache_dir(again) == str(tmp_path / "old")
     with pytest.raises(ConfigError, match="Nothing to resume"):  # not "cache_dir differ"
@@ -269,6 +270,7 @@ def test_the_tune_experiment_of_a_uri_storage_keeps_its_scheme(tmp_path):
     from orchestrator.sweep import experiment_path
 
     for storage, want in (("s3://bucket/gmpq/ray_results", "s3://bucket/gmpq/ray_results/demo"),
-                          ("gs://b/r/", "gs://b/r/demo"), (str(tmp_path / "rr"), str(tmp_path.resolve() / "rr" / "demo"))):
+                          ("gs://b/r/", "gs://b/r/demo"), (str(tmp_path / "rr"), str(tmp_path.resolve() / "rr" / "demo")),
+                          ("s3://b/r?endpoint_override=minio%3A9000", "s3://b/r/demo?endpoint_override=minio%3A9000")):
         cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "storage_path": storage})
         assert experiment_path(cfg) == want
