@@ -306,6 +306,19 @@ def _saved_cache_dir(cfg: SweepConfig) -> str | None:
     return usable_cache_dir(saved, address=cfg.address, say=lambda msg: log.warning("%s", msg))
 
 
+def _check_moved_resume(cfg: SweepConfig) -> None:
+    """Through Ray Client (``ray://``) Tune restores a sweep on the cluster, out of reach of
+    ``optuna_storage_now``: a sweep folder moved since it was written cannot resume that way."""
+    from .moved_sweep import recorded_dir, same_folder
+    from .results import load_resolved_config
+
+    old = recorded_dir(load_resolved_config(cfg.out_dir, follow_moves=False))
+    if str(cfg.address or "").startswith("ray://") and old is not None and not same_folder(old, Path(cfg.out_dir)):
+        raise ConfigError(f"The sweep folder {cfg.out_dir} was written as {old}; through Ray Client ({cfg.address}) "
+                          "Tune would restore it on the cluster with the old folder's Optuna storage. Resume it "
+                          f"from the head node (--address auto), or move the folder back to {old}.")
+
+
 def _check_same_config(cfg: SweepConfig) -> None:
     """A resumed sweep must keep its config (Tune restores the old searcher and space anyway). The cache
     folder may move: its files are named by what their weights depend on; the ``finetune`` section may
@@ -359,6 +372,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
 
     if resume:
         _check_same_config(cfg)
+        _check_moved_resume(cfg)
     if resume and not tune.Tuner.can_restore(exp):
         raise ConfigError(f"Nothing to resume: no Tune experiment state in '{exp}'. Run the sweep without "
                           "--resume first (same --out and --name).")

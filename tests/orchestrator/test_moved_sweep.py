@@ -16,7 +16,7 @@ def _saved_sweep(folder: Path, cache: Path) -> Path:
     """A sweep folder as 'gmpq sweep' leaves it before any trial: the resolved config and a results marker."""
     cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(folder), "cache_dir": str(cache)})
     save_resolved_config(cfg)
-    (folder / "trials.parquet").write_bytes(b"")
+    (folder / "trial_events.jsonl").write_text("")
     return folder
 
 
@@ -193,3 +193,16 @@ def test_a_model_cache_recorded_on_another_machine_falls_back_to_this_ones(tmp_p
     (tmp_path / "here").mkdir()
     assert usable_cache_dir(str(tmp_path / "here"), address=None) == str(tmp_path / "here")
     assert usable_cache_dir(None, address=None) is None
+
+
+def test_a_moved_sweep_is_not_resumed_through_ray_client(tmp_path):
+    """Ray Client restores Tune's state on the cluster, where the old folder's Optuna storage would be used."""
+    from gmpq_core.errors import ConfigError
+    from orchestrator.sweep import run_sweep
+
+    original = _saved_sweep(tmp_path / "a", tmp_path / "cache")
+    moved = tmp_path / "b"
+    original.rename(moved)
+    cfg = load_sweep_config(moved / CONFIG_FILE, overrides={"out_dir": str(moved), "address": "ray://head:10001"})
+    with pytest.raises(ConfigError, match="Ray Client"):
+        run_sweep(cfg, resume=True, progress=False)
