@@ -51,7 +51,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def error_paragraph(err: BaseException) -> str:
-    return textwrap.fill(f"gmpq: error: {err}", width=100, break_on_hyphens=False, break_long_words=False)
+    # the prefix as an indent: a first word too long for the line (a deep path) stays after it, not below
+    return textwrap.fill(str(err), width=100, initial_indent="gmpq: error: ", break_on_hyphens=False,
+                         break_long_words=False)
 
 
 def main(argv: list[str] | None = None) -> int:

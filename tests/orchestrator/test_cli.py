@@ -75,3 +75,13 @@ def test_a_broken_pipe_that_is_not_stdouts_is_still_an_error(monkeypatch):
     monkeypatch.setattr(cli, "build_parser", lambda *a: argparse.Namespace(parse_args=lambda argv: parsed))
     with pytest.raises(BrokenPipeError):
         cli.main(["status"])
+
+
+def test_an_error_paragraph_starts_with_its_prefix_even_before_a_very_long_path():
+    """textwrap put a first word too long for the line (a deep path) below 'gmpq: error:'."""
+    from orchestrator.cli import error_paragraph
+
+    path = "/tmp/" + "deep/" * 25 + "cfg.yaml"
+    text = error_paragraph(ValueError(f"'{path}' must contain a YAML mapping at the top level."))
+    assert text.startswith(f"gmpq: error: '{path}'") and text.endswith("top level.")
+    assert all(len(line) <= 100 for line in error_paragraph(ValueError("word " * 60)).splitlines())
