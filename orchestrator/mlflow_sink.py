@@ -35,7 +35,8 @@ from typing import Any, Collection, Mapping
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .moved_sweep import artifacts_written_in, moved_path, rebase_mlflow_artifacts, recorded_dir, same_folder, sqlite_file
+from .moved_sweep import (artifacts_written_in, moved_path, rebase_mlflow_artifacts, recorded_dir, same_folder,
+                          sqlite_file)
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
 __all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink"]
