@@ -35,11 +35,11 @@ from typing import Any, Collection, Mapping
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .moved_sweep import (artifacts_written_in, moved_path, rebase_mlflow_artifacts, recorded_dir, same_folder,
-                          sqlite_file)
+from .moved_sweep import (artifacts_written_in, follow_folder, moved_path, rebase_mlflow_artifacts, recorded_dir,
+                          same_folder, sqlite_file)
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
-__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "MLflowSink"]
+__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "sweep_experiment_name", "MLflowSink"]
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +110,16 @@ class MLflowSink:
                  resolved_config: Mapping[str, Any] | None = None) -> None:
         self.sweep_dir = Path(sweep_dir)
         self.tracking_uri = tracking_uri or default_tracking_uri(self.sweep_dir)
-        self.resolved_config = dict(resolved_config or load_resolved_config(self.sweep_dir))
-        self._written_for = _config_dir(self.sweep_dir)    # for id files older than their "sweep_dir"; the
+        try:                                                # the saved config, as written (read once)
+            recorded = load_resolved_config(self.sweep_dir, follow_moves=False)
+        except CheckpointError:
+            if not resolved_config:
+                raise                                       # no config to log: the damaged file is named
+            recorded = {}
+        self.resolved_config = dict(resolved_config or follow_folder(recorded, self.sweep_dir, tell=True))
+        self._written_for = recorded_dir(recorded)          # for id files older than their "sweep_dir"; the
         self._store_moved_from: Path | None = None          # store's own artifact root, when it tells (better)
-        if experiment_name is None and (self.sweep_dir / PARENT_FILE).exists():
-            try:
-                experiment_name = read_json(self.sweep_dir / PARENT_FILE).get("experiment_name")
-            except CheckpointError as e:      # damaged id file: a new parent run will be made
-                log.warning("%s", e)
-        self.experiment_name = experiment_name or str(self.resolved_config.get("name") or self.sweep_dir.name)
+        self.experiment_name = experiment_name or sweep_experiment_name(self.sweep_dir, self.resolved_config)
         self.enabled = True
         self._client = None
         self.parent_run_id: str | None = None
@@ -396,12 +397,18 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _config_dir(sweep_dir: Path) -> Path | None:
-    """The folder this sweep's saved config was written for (None when there is none)."""
-    try:
-        return recorded_dir(load_resolved_config(sweep_dir, follow_moves=False))
-    except CheckpointError:
-        return None
+def sweep_experiment_name(sweep_dir: str | Path, cfg: Mapping[str, Any]) -> str:
+    """The MLflow experiment of a sweep: the one its parent run is in (``mlflow_parent.json``), else the
+    sweep's name, else its folder's."""
+    path = Path(sweep_dir) / PARENT_FILE
+    if path.exists():
+        try:
+            name = read_json(path).get("experiment_name")
+            if name:
+                return str(name)
+        except CheckpointError as e:          # damaged id file: a new parent run will be made
+            log.warning("%s", e)
+    return str(cfg.get("name") or Path(sweep_dir).name)
 
 
 def _phase_key(result: Mapping[str, Any], key: str) -> str:

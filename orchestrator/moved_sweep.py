@@ -12,7 +12,6 @@ them rebased too (``rebase_mlflow_artifacts``), so ``mlflow ui`` on the copy sho
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sqlite3
@@ -136,19 +135,15 @@ def usable_cache_dir(recorded: str | None, *, address: str | None, say=None) -> 
     return here
 
 
-def store_not_yet_moved(sweep_dir: str | Path, cfg: Mapping[str, Any]) -> Path | None:
-    """For a moved or copied sweep folder whose own SQLite MLflow store still keeps its artifacts under the
-    folder it was written in (no gmpq command has logged there since): that folder; else None. Reads only."""
+def store_not_yet_moved(sweep_dir: str | Path, cfg: Mapping[str, Any], experiment_name: str) -> Path | None:
+    """For a moved or copied sweep folder whose own SQLite MLflow store still keeps the artifacts of
+    ``experiment_name`` under the folder it was written in (no gmpq command has logged there since): that
+    folder; else None. Reads only."""
     here, db = _resolve(sweep_dir), sqlite_file(cfg.get("tracking_uri") or "")
     if db is None or not db.is_file() or not db.is_relative_to(here):
         return None
-    name = cfg.get("name") or here.name
-    try:                                      # the experiment the sweep's MLflow parent run is in, if recorded
-        name = json.loads((here / "mlflow_parent.json").read_text()).get("experiment_name") or name
-    except (OSError, ValueError, AttributeError):
-        pass
     try:
-        old = artifacts_written_in(db, str(name))
+        old = artifacts_written_in(db, experiment_name)
     except sqlite3.Error:
         return None
     return old if old is not None and not same_folder(old, here) else None

@@ -147,10 +147,12 @@ def run(args: argparse.Namespace) -> int:
     st = read_sweep_status(sweep_dir)
     print(_as_json(st) if args.json else format_status(st))
     if not args.json:
+        from orchestrator.mlflow_sink import sweep_experiment_name
         from orchestrator.moved_sweep import store_not_yet_moved
         from orchestrator.results import load_resolved_config
 
-        old = store_not_yet_moved(sweep_dir, load_resolved_config(sweep_dir))
+        cfg = load_resolved_config(sweep_dir)
+        old = store_not_yet_moved(sweep_dir, cfg, sweep_experiment_name(sweep_dir, cfg))
         if old is not None:
             print(f"This folder was copied or moved from {old}: its MLflow store still keeps artifacts there. Run "
                   f"'gmpq sync-mlflow --sweep {sweep_dir}' once before 'mlflow ui' on its mlflow.db.")

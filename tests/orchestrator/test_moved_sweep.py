@@ -162,10 +162,10 @@ def test_mlflow_in_a_copied_folder_reuses_its_runs_and_keeps_artifacts_in_the_co
     getattr(utils, "_artifact_repos_cache", {}).clear()     # per-run artifact folders cached by this one
 
     from orchestrator.moved_sweep import store_not_yet_moved
-    assert store_not_yet_moved(copy, load_resolved_config(copy)) == original.resolve()   # gmpq status says so
+    assert store_not_yet_moved(copy, load_resolved_config(copy), "demo") == original.resolve()   # gmpq status says so
     moved = MLflowSink(None, copy)
     assert moved.tracking_uri == f"sqlite:///{copy.resolve()}/mlflow.db" and moved.connect()
-    assert store_not_yet_moved(copy, load_resolved_config(copy)) is None
+    assert store_not_yet_moved(copy, load_resolved_config(copy), "demo") is None
     assert moved.parent_run_id == sink.parent_run_id                     # no second parent run
     again = moved.child_run("trials", "t1", run_name="t1", params={"x": 1}, tags={"trial_id": "t1"})
     assert again == child
