@@ -18,7 +18,9 @@ Variants: reference (plain autograd mixtures), fused (activation and weight mixt
 recompute-in-backward nodes, eager kernels), compiled (TorchInductor kernels, and mixtures + conv
 as one node that recomputes the mixed operands in backward; its first step includes compilation,
 reported as first_step_s), triton (CUDA; Triton kernels, one node per conv), and fused:conv (fused
-kernels with the one-node conv).
+kernels with the one-node conv). A "+graph" suffix (CUDA; e.g. triton+graph) replays the variant's step
+from a CUDA graph (gmpq_core/graph_step.py, SearchConfig.cuda_graph); its memory is that of the
+capture and a replay, from a fresh capture.
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
@@ -45,6 +47,7 @@ from gmpq_core.attribution import find_feature_layer
 from gmpq_core.bitops import layer_macs
 from gmpq_core.complexity import Budget
 from gmpq_core.fused_triton import triton_available
+from gmpq_core.graph_step import GraphedSearchStep
 from gmpq_core.layers import searchable_layers
 from gmpq_core.models import build_model
 from gmpq_core.search import _make_optimizer, search_step  # the optimiser search_policy builds
@@ -53,7 +56,7 @@ from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers
 
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
-ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv"
+ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", "<variant>+graph"
 
 
 @dataclass
@@ -72,6 +75,14 @@ class Bench:
     budget_bitops: int
     first_macs: int
     supernets: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
+    graphs: dict[str, GraphedSearchStep | None] = field(default_factory=dict)
+
+    def graphed(self, kind: str, warmup: int = 3) -> GraphedSearchStep:
+        """A CUDA-graph runner of variant ``kind``'s supernet (strict: a failed capture raises)."""
+        net, opt = self.supernets[kind]
+        return GraphedSearchStep(net, self.teacher, opt, self.cfg, layer=self.layer, macs_vec=self.macs_vec,
+                                 budget_bitops=self.budget_bitops, first_macs=self.first_macs, mode="second_order",
+                                 warmup=warmup, strict=True)
 
 
 def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, variants: list[str],
@@ -102,11 +113,13 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
     for v in variants:
         net = build_supernet(teacher, cfg.candidates).to(device, memory_format=fmt).requires_grad_(True)
         calibrate_supernet_(net, x)
-        impl, _, node = v.partition(":")  # "fused:conv" = fused with the one-node conv
+        impl, _, node = v.removesuffix("+graph").partition(":")  # "fused:conv" = fused with the one-node conv
         set_mixture_impl_(net, impl, conv_node=True if node == "conv" else None)
         if list(mixed_layers(net)) != list(macs):
             raise RuntimeError("supernet layers differ from the teacher's searchable layers")
         bench.supernets[v] = (net.train(), _make_optimizer(net, cfg))
+        if v.endswith("+graph"):
+            bench.graphs[v] = bench.graphed(v, warmup=2)   # captured in the untimed warm-up steps
     return bench
 
 
@@ -121,6 +134,9 @@ def fp_step(b: Bench) -> None:
 def run_step(b: Bench, kind: str) -> None:
     if kind == "fp":
         return fp_step(b)
+    if kind in b.graphs:
+        b.graphs[kind](b.x, b.y)
+        return
     net, opt = b.supernets[kind]
     search_step(net, b.teacher, b.x, b.y, opt, b.cfg, layer=b.layer, macs_vec=b.macs_vec,
                 budget_bitops=b.budget_bitops, first_macs=b.first_macs)
@@ -158,6 +174,11 @@ def cuda_memory(b: Bench, kind: str, amp: bool) -> int:
     torch.cuda.synchronize()
     for m in [b.fp] + [n for n, _ in b.supernets.values()]:
         m.zero_grad(set_to_none=True)
+    if kind in b.graphs:  # a fresh capture: one eager step, then the capture and its first replay are measured
+        b.graphs[kind] = None
+        b.graphs[kind] = b.graphed(kind, warmup=1)
+        timed(b, kind, "cuda", amp)
+        b.supernets[kind][1].zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -175,7 +196,7 @@ def profile_kinds(b: Bench, kinds: list[str], args: argparse.Namespace) -> None:
         with profile(activities=acts) as prof:
             for _ in range(3):
                 timed(b, k, args.device, args.amp)
-        path = os.path.join(args.profile, f"profile_{b.name}_{b.size}_{k.replace(':', '-')}.txt")
+        path = os.path.join(args.profile, f"profile_{b.name}_{b.size}_{k.replace(':', '-').replace('+', '-')}.txt")
         with open(path, "w") as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
 
@@ -288,7 +309,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(args.threads)
     default_variants = [v for v in ALL_VARIANTS if v != "triton" or (args.device == "cuda" and triton_available())]
+    if args.device == "cuda" and "triton" in default_variants:
+        default_variants.append("triton+graph")
     variants = args.variants.split(",") if args.variants else default_variants
+    if args.device != "cuda" and any(v.endswith("+graph") for v in variants):
+        print(f"--variants {','.join(variants)}: '+graph' variants replay CUDA graphs; use them with --device cuda.",
+              file=sys.stderr)
+        return 2
     cases = ([tuple(int(v) if i else v for i, v in enumerate(c.split(":"))) for c in args.models.split(",")]
              if args.models else CASES[args.device])
     rows = []
@@ -298,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds = ["fp"] + variants
         res = measure_times(b, kinds, args.device, args.steps, args.warmup, args.amp)
         med = {k: statistics.median(v) for k, v in res["times"].items()}
+        graph_counts = {v: dict(g.counts) for v, g in b.graphs.items()}   # steps replayed vs eager, timed ones
         if args.profile:
             profile_kinds(b, kinds, args)
         mem = {}
@@ -316,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                          "fp_step_s": [round(t, 4) for t in res["times"]["fp"]],
                          "search_step_s": [round(t, 4) for t in res["times"][v]],
                          "first_step_s": round(res["first"][v], 2), "amp": args.amp,
+                         **({"graph_steps": graph_counts[v]} if v in graph_counts else {}),
                          "channels_last": args.channels_last, "threads": args.threads,
                          "memory_method": ("cuda max_memory_allocated - allocated before the step" if args.device == "cuda"
                                            else "peak RSS - RSS after setup, fresh subprocess per variant"),

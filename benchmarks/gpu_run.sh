@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU session for issue 5: CUDA correctness tests, then the search-step benchmark
-# (eager variants and the compiled variant in separate processes, so one failure keeps the rest),
-# then a torch.profiler breakdown. Everything lands in OUT (default benchmarks/results/gpu).
+# One prepared GPU session for issue 5: CUDA correctness tests, then the search-step benchmark with
+# a torch.profiler breakdown (eager variants and the CUDA-graph replay side by side; the compiled
+# variant in its own process with COMPILED=1). Everything lands in OUT (default benchmarks/results/gpu).
 #   bash benchmarks/gpu_run.sh [OUT]
 # Runs with the machine's own python3 (torch + triton); gmpq_core needs only torch/torchvision/numpy.
 set -u
@@ -14,16 +14,25 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_USAGE
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
 } 2>&1 | tee "$OUT/machine.txt"
 
-echo "== CUDA correctness tests"
-timeout 100 $PY -m pytest tests/gmpq_core/test_fused.py tests/gmpq_core/test_quantizers.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+echo "== CUDA correctness tests (mixture kernels, CUDA-graph replay against the eager step)"
+timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_fused.py \
+  tests/gmpq_core/test_quantizers.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 
-echo "== eager variants (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
-timeout 210 $PY benchmarks/bench_search_step.py --device cuda --variants reference,fused,fused:conv,triton \
-  --json "$OUT/gpu_eager.json" --profile "$OUT/prof" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee "$OUT/bench_eager.log"
-
-echo "== compiled variant (TorchInductor kernels; first step includes compilation)"
-timeout 180 $PY benchmarks/bench_search_step.py --device cuda --variants compiled,triton \
-  --json "$OUT/gpu_compiled.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee "$OUT/bench_compiled.log"
+echo "== search step vs FP, side by side (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
+# the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it
+timeout ${BENCH_S:-240} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} \
+  --variants reference,fused,triton,triton+graph --json "$OUT/gpu.json" --profile "$OUT/prof" 2>&1 \
+  | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee "$OUT/bench.log"
+if [ ! -s "$OUT/gpu.json" ]; then
+  echo "== again without the CUDA-graph variant"
+  timeout 150 $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --variants reference,fused,triton \
+    --json "$OUT/gpu_eager.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee -a "$OUT/bench.log"
+fi
+if [ -n "${COMPILED:-}" ]; then
+  echo "== compiled variant (TorchInductor kernels; first step includes compilation)"
+  timeout 180 $PY benchmarks/bench_search_step.py --device cuda --variants compiled,triton \
+    --json "$OUT/gpu_compiled.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee "$OUT/bench_compiled.log"
+fi
 
 tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
 ls -la "$OUT"

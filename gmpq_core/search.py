@@ -14,6 +14,7 @@ evaluated (top-1 and ARD against the teacher) on the evaluation data.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import time
@@ -173,6 +174,8 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                         ", ..." if len(ternary) > 3 else "")
         optimizer = _make_optimizer(supernet, cfg)
         _teacher_mode_(teacher_s, cfg.teacher_bn_train)
+        step_fn = _step_function(supernet, teacher_s, optimizer, cfg, layer=layer, macs_vec=macs_vec,
+                                 budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, device=device)
         history: list[dict] = []
         p_used = float("nan")
         epochs_run = 0
@@ -182,9 +185,7 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                 g["lr"] = base * factor
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch - 1)
-            stats = _run_epoch(supernet, teacher_s, train_loader, optimizer, cfg, epoch=epoch, layer=layer,
-                               mode=mode, macs_vec=macs_vec, budget_bitops=budget_bitops, first_macs=first_macs,
-                               device=device, progress=progress)
+            stats = _run_epoch(supernet, train_loader, step_fn, cfg, epoch=epoch, device=device, progress=progress)
             with torch.no_grad():
                 _, ew, ea = expected_bits(supernet)
                 exp = float((macs_vec * ew * ea).sum())
@@ -251,6 +252,18 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
     passes while the device runs them).
     """
     mode = mode or ("second_order" if cfg.second_order else "first_order")
+    scalars = step_scalars(supernet, teacher, x, y, optimizer, cfg, layer=layer, macs_vec=macs_vec,
+                           budget_bitops=budget_bitops, first_macs=first_macs, mode=mode,
+                           inject_nan=cfg.inject_nan_at_epoch == epoch)
+    return finish_step(scalars.tolist(), optimizer, n=int(y.numel()), epoch=epoch, step=step)   # the one sync
+
+
+def step_scalars(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
+                 cfg: SearchConfig, *, layer: str, macs_vec: Tensor, budget_bitops: int | None, first_macs: int,
+                 mode: str, inject_nan: bool = False) -> Tensor:
+    """The device part of ``search_step``: forward passes, losses and the backward pass (gradients set,
+    weights not updated). Returns the float64 vector [loss, ce, l_gen, penalty, correct, ard, p] without
+    reading it: nothing here waits for the device, so it can be captured in a CUDA graph (graph_step.py)."""
     _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
     logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
     _, ew, ea = expected_bits(supernet)
@@ -260,15 +273,20 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
     l_gen = generalization_loss(s_maps, t_maps, p)
     pen = complexity_penalty(expected, mode=cfg.penalty, budget_bitops=budget_bitops, first_layer_macs=first_macs)
     loss = ce + cfg.eta * l_gen + cfg.lam * pen
-    if cfg.inject_nan_at_epoch == epoch:
+    if inject_nan:
         loss = loss * float("nan")
     correct = (logits.detach().argmax(1) == y).sum()
     ard = rank_distance(s_maps.detach(), t_maps, as_tensor=True)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    scalars = [loss, ce, l_gen, pen, correct, ard] + ([p] if torch.is_tensor(p) else [])   # p_fixed: a float
-    loss_v, ce_v, l_gen_v, pen_v, correct_v, ard_v, *p_read = torch.stack(
-        [t.detach().to(torch.float64) for t in scalars]).tolist()                          # the one sync
+    p_t = p.detach() if torch.is_tensor(p) else ce.detach().new_full((), p, dtype=torch.float64)   # p_fixed: a fill, no copy
+    return torch.stack([t.detach().to(torch.float64) for t in (loss, ce, l_gen, pen, correct, ard, p_t)])
+
+
+def finish_step(values: list[float], optimizer: torch.optim.Optimizer, *, n: int, epoch: int, step: int) -> StepStats:
+    """The host part of ``search_step``: check the read scalars (a NaN/inf loss raises NonFiniteLossError
+    naming ``epoch`` and ``step``, before any update), then ``optimizer.step()``."""
+    loss_v, ce_v, l_gen_v, pen_v, correct_v, ard_v, p_v = values
     if not math.isfinite(loss_v):
         parts = f"ce={ce_v:.4g}, l_gen={l_gen_v:.4g}, penalty={pen_v:.4g}"
         raise NonFiniteLossError(
@@ -276,23 +294,28 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
             f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower lr / lr_arch or eta, or check the proxy data "
             "for NaN/inf values.")
     optimizer.step()
-    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=p_read[0] if p_read else float(p),
-                     ard=ard_v, correct=int(correct_v), n=int(y.numel()))
+    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=p_v, ard=ard_v, correct=int(correct_v), n=n)
+
+def _step_function(supernet: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, cfg: SearchConfig, *,
+                   device: str | torch.device, **kw: Any) -> Callable[..., StepStats]:
+    """``step(x, y, epoch=, step=)``: ``search_step`` for this search, replayed from a CUDA graph where
+    ``cfg.cuda_graph`` says so (graph_step.py)."""
+    from .graph_step import GraphedSearchStep, use_cuda_graph     # graph_step imports this module
+    if use_cuda_graph(cfg.cuda_graph, device):
+        return GraphedSearchStep(supernet, teacher, optimizer, cfg, strict=cfg.cuda_graph == "on", **kw)
+    return functools.partial(search_step, supernet, teacher, optimizer=optimizer, cfg=cfg, **kw)
 
 
-def _run_epoch(supernet: nn.Module, teacher: nn.Module, loader: Any, optimizer: torch.optim.Optimizer,
-               cfg: SearchConfig, *, epoch: int, layer: str, mode: str, macs_vec: Tensor,
-               budget_bitops: int | None, first_macs: int, device: str | torch.device,
-               progress: Progress | None) -> dict[str, float]:
-    """One pass over the proxy (``search_step`` per batch); returns per-image means of the epoch."""
+def _run_epoch(supernet: nn.Module, loader: Any, step_fn: Callable[..., StepStats], cfg: SearchConfig, *,
+               epoch: int, device: str | torch.device, progress: Progress | None) -> dict[str, float]:
+    """One pass over the proxy (``step_fn``: ``search_step`` per batch); returns per-image means of the epoch."""
     supernet.train()
     total = _steps(loader, cfg.max_steps_per_epoch)
     sums = {"ce": 0.0, "l_gen": 0.0, "penalty": 0.0, "p": 0.0, "ard": 0.0, "loss": 0.0}
     correct = n = 0
     for step, (x, y) in enumerate(_batches(loader, cfg.max_steps_per_epoch), start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        st = search_step(supernet, teacher, x, y, optimizer, cfg, layer=layer, macs_vec=macs_vec,
-                         budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, epoch=epoch, step=step)
+        st = step_fn(x, y, epoch=epoch, step=step)
         for k in sums:
             sums[k] += getattr(st, k) * st.n
         correct += st.correct

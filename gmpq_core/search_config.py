@@ -16,10 +16,11 @@ from .errors import ConfigError, did_you_mean
 from .losses import P_MODES
 from .policy import BitCandidates, BitPolicy
 
-__all__ = ["SearchConfig", "SearchResult", "TARGET_CLASSES", "MIXTURE_IMPLS"]
+__all__ = ["SearchConfig", "SearchResult", "TARGET_CLASSES", "MIXTURE_IMPLS", "CUDA_GRAPH_MODES"]
 
 TARGET_CLASSES = ("pred", "label")
 MIXTURE_IMPLS = ("auto", "reference", "fused", "compiled", "triton")
+CUDA_GRAPH_MODES = ("auto", "on", "off")
 
 
 def _positive(name: str, value: Any, *, integer: bool = False, zero_ok: bool = False, hint: str = "") -> None:
@@ -49,7 +50,10 @@ class SearchConfig:
     ``fill_budget`` (after the argmax and repair, raise bits while the policy still fits),
     ``mixture_impl`` (how the quantizer mixtures run, fused.py: "auto" = "triton" on CUDA when
     Triton imports, else "fused"; "reference", "fused", "compiled" (TorchInductor) or "triton";
-    all give the same values and gradients).
+    all give the same values and gradients). ``cuda_graph`` (graph_step.py): "auto" (the default) replays each
+    search step's forward and backward passes from a CUDA graph on CUDA (the host no longer bounds a GPU
+    step: 2.1x faster for ResNet-18 at 224 px on an H200) and goes on eagerly if a capture fails, "on"
+    insists (CUDA only, a failed capture raises), "off" never; the results match the eager step.
     ``include_stem`` / ``include_classifier`` (METHOD.md 2's switch): the stem / classifier, full precision
     by default, are quantized at ``stem_bits`` (weights and input) throughout the search; the budget still
     covers the searched layers only, the reported BitOPs include them, and the policy's meta carries the
@@ -85,6 +89,7 @@ class SearchConfig:
     recalibrate_bn_batches: int = 20
     fill_budget: bool = False
     mixture_impl: str = "auto"
+    cuda_graph: str = "auto"
     include_stem: bool = False
     include_classifier: bool = False
     stem_bits: int = 8
@@ -105,6 +110,7 @@ class SearchConfig:
         _choice("p_mode", self.p_mode, P_MODES)
         _choice("target_class", self.target_class, TARGET_CLASSES)
         _choice("mixture_impl", self.mixture_impl, MIXTURE_IMPLS)
+        _choice("cuda_graph", self.cuda_graph, CUDA_GRAPH_MODES)
         _positive("kappa", self.kappa)
         _positive("p_fixed", self.p_fixed)
         _positive("temperature", self.temperature, hint=" Use 1.0 for the official plain softmax.")

@@ -1,0 +1,150 @@
+"""The search step replayed from a CUDA graph (``SearchConfig.cuda_graph``).
+
+On a GPU the eager search step is bound by the host: two Grad-CAM passes, a second-order backward
+and a few autograd nodes per mixed layer cost more Python and dispatch time per step than the
+device needs for the kernels (benchmarks/RESULTS.md: ~40 ms of kernels in a ~77 ms step on an
+H100). ``GraphedSearchStep`` captures the device part of the step (``search.step_scalars``: forward
+passes, losses, backward) once and replays it for every batch of the same shape; the host part
+(one read of the scalars, the NaN check, ``optimizer.step()``) stays eager, so the learning-rate
+schedule and the error on a NaN loss are unchanged.
+
+How (the pattern of PyTorch's CUDA-graph notes): the first ``warmup`` steps of a shape run eagerly on
+a side stream (Triton compiles and cuDNN picks its algorithms there), then the next batch is copied
+into static input tensors and the step is captured with the gradients unset, so the captured
+backward owns the ``.grad`` tensors and every replay rewrites them. A batch of another shape (the
+last, smaller batch of an epoch) or an epoch with ``inject_nan_at_epoch`` runs eagerly, and its
+gradients are copied back into the captured ones; a shape that stays (``warmup`` eager steps in a
+row) is captured anew. Autocast's cast cache is off inside the capture (the casts are replayed).
+Results match the eager step up to the order of floating-point additions.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .search import StepStats, finish_step, step_scalars
+from .search_config import SearchConfig
+
+log = logging.getLogger(__name__)
+
+
+def use_cuda_graph(setting: str, device: str | torch.device) -> bool:
+    """Whether a search on ``device`` replays its steps from a CUDA graph: "on" needs a CUDA device
+    (ConfigError otherwise), "auto" uses one on CUDA, "off" never."""
+    is_cuda = torch.device(device).type == "cuda"
+    if setting == "on" and not is_cuda:
+        raise ConfigError(f"cuda_graph='on' needs a CUDA device, but the search runs on {str(device)!r}. Use "
+                          "cuda_graph='auto' (graphs on CUDA only) or 'off'.")
+    return is_cuda and setting in ("on", "auto")
+
+
+def _autocast_state() -> tuple:
+    if torch.is_autocast_enabled("cuda"):
+        return ("bf16/fp16", torch.get_autocast_dtype("cuda"))
+    return ()
+
+
+class GraphedSearchStep:
+    """``search_step`` for a fixed supernet, teacher, optimizer and config, replayed from a CUDA graph
+    (module docstring). Call it like ``search_step`` with the batch; it returns the same StepStats.
+    ``strict`` re-raises a failed capture; otherwise the search goes on eagerly and says so once."""
+
+    def __init__(self, supernet: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+                 cfg: SearchConfig, *, layer: str, macs_vec: Tensor, budget_bitops: int | None, first_macs: int,
+                 mode: str, warmup: int = 3, strict: bool = False) -> None:
+        self._args = (supernet, teacher)
+        self._kw: dict[str, Any] = dict(layer=layer, macs_vec=macs_vec, budget_bitops=budget_bitops,
+                                        first_macs=first_macs, mode=mode)
+        self.optimizer, self.cfg, self.warmup, self.strict = optimizer, cfg, max(int(warmup), 1), strict
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self._pending: tuple | None = None
+        self._streak = 0
+        self._side: torch.cuda.Stream | None = None
+        self._static: tuple[Tensor, Tensor, Tensor] | None = None      # x, y, scalars
+        self._grads: list[tuple[Tensor, Tensor]] = []                    # (parameter, its captured .grad)
+        self.disabled = False
+        self.counts = {"captures": 0, "replays": 0, "eager": 0}
+
+    def _key(self, x: Tensor, y: Tensor, epoch: int) -> tuple | None:
+        if self.disabled or x.device.type != "cuda" or self.cfg.inject_nan_at_epoch == epoch:
+            return None
+        return (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, x.device, _autocast_state())
+
+    def __call__(self, x: Tensor, y: Tensor, *, epoch: int = 1, step: int = 1) -> StepStats:
+        key = self._key(x, y, epoch)
+        if key is not None and key == self.key:
+            return self._replay(x, y, epoch, step)
+        self._streak = self._streak + 1 if key is not None and key == self._pending else 1
+        self._pending = key
+        if key is not None and self._streak > self.warmup and self._capture(x, y, key):
+            return self._replay(x, y, epoch, step)
+        return self._eager(x, y, epoch, step, side=key is not None)
+
+    def _eager(self, x: Tensor, y: Tensor, epoch: int, step: int, *, side: bool) -> StepStats:
+        self.counts["eager"] += 1
+        stream = None
+        if side:                                    # warm-up on a side stream, as capture wants
+            self._side = self._side or torch.cuda.Stream(device=x.device)
+            self._side.wait_stream(torch.cuda.current_stream(x.device))
+            stream = self._side
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            scalars = step_scalars(*self._args, x, y, self.optimizer, self.cfg, **self._kw,
+                                   inject_nan=self.cfg.inject_nan_at_epoch == epoch)
+            values = scalars.tolist()
+            self._keep_captured_grads(copy=True)
+            stats = finish_step(values, self.optimizer, n=int(y.numel()), epoch=epoch, step=step)
+        if stream is not None:
+            torch.cuda.current_stream(x.device).wait_stream(stream)
+        return stats
+
+    def _keep_captured_grads(self, *, copy: bool) -> None:
+        """Point every parameter's .grad back at the tensor the graph writes (an eager step or a caller's
+        ``zero_grad(set_to_none=True)`` replaced it); ``copy`` carries an eager step's gradients over."""
+        for p, g in self._grads:
+            if p.grad is not g:
+                if copy:
+                    if p.grad is None:
+                        g.zero_()
+                    else:
+                        g.copy_(p.grad)
+                p.grad = g
+
+    def _capture(self, x: Tensor, y: Tensor, key: tuple) -> bool:
+        self.graph, self._static, self._grads, self.key = None, None, [], None   # free an older graph first
+        sx, sy = x.clone(), y.clone()
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        cast = (torch.autocast("cuda", dtype=key[-1][1], cache_enabled=False) if key[-1] else nullcontext())
+        try:
+            torch.cuda.synchronize(x.device)
+            with cast, torch.cuda.graph(graph):
+                scalars = step_scalars(*self._args, sx, sy, self.optimizer, self.cfg, **self._kw)
+        except Exception as exc:  # noqa: BLE001 - anything that cannot be captured: go on eagerly
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.strict:
+                raise
+            self.disabled = True
+            log.warning("the search step could not be captured in a CUDA graph (%s: %s); the search goes on "
+                        "without graphs (set cuda_graph='off' to skip the attempt).", type(exc).__name__, exc)
+            return False
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self._grads = [(p, p.grad) for p in params if p.grad is not None]
+        self.graph, self._static, self.key = graph, (sx, sy, scalars), key
+        self.counts["captures"] += 1
+        log.debug("search step captured in a CUDA graph for batches of shape %s", key[0])
+        return True
+
+    def _replay(self, x: Tensor, y: Tensor, epoch: int, step: int) -> StepStats:
+        sx, sy, scalars = self._static
+        sx.copy_(x)
+        sy.copy_(y)
+        self.graph.replay()
+        self.counts["replays"] += 1
+        self._keep_captured_grads(copy=False)
+        return finish_step(scalars.tolist(), self.optimizer, n=int(y.numel()), epoch=epoch, step=step)
