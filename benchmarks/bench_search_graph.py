@@ -1,0 +1,85 @@
+"""A whole search with and without CUDA graphs, side by side (``SearchConfig.cuda_graph``).
+
+``bench_search_step.py`` times one step on one batch held in memory; this runs what a user runs:
+``run_search_job`` on a real Fashion-MNIST proxy (teacher from the model cache, data loader, every
+epoch's evaluation, the derived policy's evaluation), alternating ``cuda_graph="off"`` and ``"auto"``
+for ``--rounds`` rounds, and prints each run's search seconds, the ratio of the medians, and whether
+the two settings found the same policy with the same per-epoch losses.
+
+    python benchmarks/bench_search_graph.py --device cuda [--model resnet18 --proxy-size 10000 --epochs 2]
+    python benchmarks/bench_search_graph.py --device cpu --model resnet20 --proxy-size 256 --epochs 1  # smoke
+On CPU both settings run eagerly (graphs are CUDA only): the ratio is then ~1 by construction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from gmpq_core.complexity import Budget
+from gmpq_core.jobs import SearchJob, run_search_job
+from gmpq_core.search_config import SearchConfig
+
+MODES = ("off", "auto")
+
+
+def run(args: argparse.Namespace, mode: str):
+    cfg = SearchConfig(budget=Budget(avg_bits=args.bits), epochs=args.epochs, batch_size=args.batch_size,
+                       lr_arch=args.lr_arch, seed=0, cuda_graph=mode, recalibrate_bn_batches=4)
+    job = SearchJob(model=args.model, proxy_size=args.proxy_size, device=args.device, search=cfg,
+                    eval_size=args.eval_size, cache_dir=args.cache_dir or SearchJob().cache_dir)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    res = run_search_job(job)
+    return time.perf_counter() - t0, res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--proxy-size", type=int, default=10000)
+    p.add_argument("--eval-size", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--bits", type=float, default=3.0)
+    p.add_argument("--lr-arch", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--cache-dir", default=None, help="model cache (default: the gmpq cache)")
+    p.add_argument("--json", default=None, help="write the runs and the summary to this file")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device here; use --device cpu for a smoke run.", file=sys.stderr)
+        return 2
+    run(args, "off")                                     # teacher training / cache load and first-use costs
+    runs: dict[str, list] = {m: [] for m in MODES}
+    for r in range(args.rounds):
+        for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+            secs, res = run(args, mode)
+            runs[mode].append((secs, res))
+            print(f"round {r + 1} cuda_graph={mode:4}: {secs:6.2f} s wall, search_seconds {res.search_seconds:6.2f}, "
+                  f"proxy top-1 {res.proxy_top1:.2f}%, {res.bitops_quantized / 1e9:.4f} GBitOPs", flush=True)
+    med = {m: statistics.median(s for s, _ in runs[m]) for m in MODES}
+    ref, got = runs["off"][0][1], runs["auto"][0][1]
+    same_policy = ref.policy.layers == got.policy.layers
+    ce_diff = max(abs(a["ce"] - b["ce"]) for a, b in zip(ref.history, got.history))
+    print(f"median wall s: off {med['off']:.2f}, auto {med['auto']:.2f}; speed-up {med['off'] / med['auto']:.2f}x; "
+          f"same policy: {same_policy}; max |ce difference| per epoch {ce_diff:.2e} "
+          f"({torch.cuda.get_device_name(0) if args.device == 'cuda' else 'CPU: both eager'})")
+    if args.json:
+        out = {"args": vars(args), "median_s": med, "speedup": med["off"] / med["auto"], "same_policy": same_policy,
+               "max_ce_diff": ce_diff, "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+               "runs": {m: [{"wall_s": s, "search_seconds": r.search_seconds, "proxy_top1": r.proxy_top1,
+                             "gbitops": r.bitops_quantized / 1e9} for s, r in runs[m]] for m in MODES}}
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
