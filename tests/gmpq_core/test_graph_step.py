@@ -129,9 +129,16 @@ def test_bf16_autocast_and_a_callers_zero_grad():
 @pytest.mark.gpu
 @gpu
 def test_a_search_with_graphs_follows_the_eager_search():
-    data = [(x.cuda(), y.cuda()) for x, y in _data(batches=6)]
-    runs = {mode: _search(_cfg(cuda_graph=mode, epochs=2), teacher=_teacher(), data=data, device="cuda")
-            for mode in ("off", "on")}
+    # what a real job adds to the steps: an evaluation between epochs (no-grad forward passes, eval mode)
+    # and a smaller last batch in every epoch
+    batches = _data(batches=6)
+    data = [(x.cuda(), y.cuda()) for x, y in batches[:5]] + [(batches[5][0][:5].cuda(), batches[5][1][:5].cuda())]
+    evals = [(x.cuda(), y.cuda()) for x, y in _data(seed=3, batches=2)]
+    runs = {mode: _search(_cfg(cuda_graph=mode, epochs=3), teacher=_teacher(), data=data, device="cuda",
+                          eval_loader=evals) for mode in ("off", "on")}
     assert runs["on"].policy.layers == runs["off"].policy.layers
+    assert runs["on"].proxy_top1 == pytest.approx(runs["off"].proxy_top1, abs=1e-6)
     for h_on, h_off in zip(runs["on"].history, runs["off"].history):
         assert h_on["ce"] == pytest.approx(h_off["ce"], rel=1e-4) and h_on["ard"] == pytest.approx(h_off["ard"], abs=1e-4)
+        assert h_on["proxy_top1"] == pytest.approx(h_off["proxy_top1"], abs=1e-6)
+        assert h_on["expected_gbitops"] == pytest.approx(h_off["expected_gbitops"], rel=1e-5)
