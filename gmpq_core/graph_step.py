@@ -68,17 +68,21 @@ class GraphedSearchStep:
         self._side: torch.cuda.Stream | None = None
         self._static: tuple[Tensor, Tensor, Tensor] | None = None      # x, y, scalars
         self._grads: list[tuple[Tensor, Tensor]] = []                    # (parameter, its captured .grad)
+        self._no_grad: list[Tensor] = []                                 # parameters without one at capture
         self.disabled = False
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
 
     def _key(self, x: Tensor, y: Tensor, epoch: int) -> tuple | None:
         if self.disabled or x.device.type != "cuda" or self.cfg.inject_nan_at_epoch == epoch:
             return None
-        return (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, x.device, _autocast_state())
+        supernet, teacher = self._args
+        return (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, x.device, supernet.training,
+                teacher.training, _autocast_state())
 
     def __call__(self, x: Tensor, y: Tensor, *, epoch: int = 1, step: int = 1) -> StepStats:
         key = self._key(x, y, epoch)
         if key is not None and key == self.key:
+            self._pending, self._streak = None, 0   # "in a row": the last smaller batch of each epoch stays eager
             return self._replay(x, y, epoch, step)
         self._streak = self._streak + 1 if key is not None and key == self._pending else 1
         self._pending = key
@@ -88,53 +92,69 @@ class GraphedSearchStep:
 
     def _eager(self, x: Tensor, y: Tensor, epoch: int, step: int, *, side: bool) -> StepStats:
         self.counts["eager"] += 1
-        stream = None
-        if side:                                    # warm-up on a side stream, as capture wants
-            self._side = self._side or torch.cuda.Stream(device=x.device)
-            self._side.wait_stream(torch.cuda.current_stream(x.device))
-            stream = self._side
-        with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            scalars = step_scalars(*self._args, x, y, self.optimizer, self.cfg, **self._kw,
-                                   inject_nan=self.cfg.inject_nan_at_epoch == epoch)
-            values = scalars.tolist()
-            self._keep_captured_grads(copy=True)
-            stats = finish_step(values, self.optimizer, n=int(y.numel()), epoch=epoch, step=step)
-        if stream is not None:
-            torch.cuda.current_stream(x.device).wait_stream(stream)
-        return stats
+        if not side:
+            return self._eager_step(x, y, epoch, step)
+        with torch.cuda.device(x.device):           # warm-up on a side stream, as capture wants
+            current = torch.cuda.current_stream()
+            self._side = self._side or torch.cuda.Stream()
+            self._side.wait_stream(current)
+            try:
+                with torch.cuda.stream(self._side):
+                    return self._eager_step(x, y, epoch, step)
+            finally:
+                current.wait_stream(self._side)
+
+    def _eager_step(self, x: Tensor, y: Tensor, epoch: int, step: int) -> StepStats:
+        scalars = step_scalars(*self._args, x, y, self.optimizer, self.cfg, **self._kw,
+                               inject_nan=self.cfg.inject_nan_at_epoch == epoch)
+        values = scalars.tolist()
+        self._keep_captured_grads(copy=True)
+        return finish_step(values, self.optimizer, n=int(y.numel()), epoch=epoch, step=step)
 
     def _keep_captured_grads(self, *, copy: bool) -> None:
         """Point every parameter's .grad back at the tensor the graph writes (an eager step or a caller's
-        ``zero_grad(set_to_none=True)`` replaced it); ``copy`` carries an eager step's gradients over."""
+        ``zero_grad(set_to_none=True)`` replaced it); ``copy`` carries an eager step's gradients over (a
+        parameter the eager step left without one keeps None for this update). After a replay, parameters
+        that had no gradient at capture get none (an eager step's must not be applied again)."""
         for p, g in self._grads:
             if p.grad is not g:
                 if copy:
                     if p.grad is None:
-                        g.zero_()
-                    else:
-                        g.copy_(p.grad)
+                        continue
+                    g.copy_(p.grad)
                 p.grad = g
+        if not copy:
+            for p in self._no_grad:
+                p.grad = None
 
     def _capture(self, x: Tensor, y: Tensor, key: tuple) -> bool:
-        self.graph, self._static, self._grads, self.key = None, None, [], None   # free an older graph first
+        self.graph, self._static, self._grads, self._no_grad, self.key = None, None, [], [], None  # free the old
         sx, sy = x.clone(), y.clone()
         self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
         cast = (torch.autocast("cuda", dtype=key[-1][1], cache_enabled=False) if key[-1] else nullcontext())
-        try:
-            torch.cuda.synchronize(x.device)
-            with cast, torch.cuda.graph(graph):
-                scalars = step_scalars(*self._args, sx, sy, self.optimizer, self.cfg, **self._kw)
-        except Exception as exc:  # noqa: BLE001 - anything that cannot be captured: go on eagerly
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.strict:
-                raise
-            self.disabled = True
-            log.warning("the search step could not be captured in a CUDA graph (%s: %s); the search goes on "
-                        "without graphs (set cuda_graph='off' to skip the attempt).", type(exc).__name__, exc)
-            return False
+        with torch.cuda.device(x.device):
+            current = torch.cuda.current_stream()
+            graph = torch.cuda.CUDAGraph()
+            self._side = self._side or torch.cuda.Stream()
+            try:
+                torch.cuda.synchronize()
+                # thread_local: a data loader's pin-memory thread may call CUDA while the capture runs
+                with cast, torch.cuda.graph(graph, stream=self._side, capture_error_mode="thread_local"):
+                    scalars = step_scalars(*self._args, sx, sy, self.optimizer, self.cfg, **self._kw)
+            except Exception as exc:  # noqa: BLE001 - anything that cannot be captured: go on eagerly
+                torch.cuda.set_stream(current)     # a failed capture_end leaves the capture stream current
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.strict:
+                    raise
+                self.disabled = True
+                root = exc.__cause__ or exc.__context__
+                log.warning("the search step could not be captured in a CUDA graph (%s: %s%s); the search goes on "
+                            "without graphs (set cuda_graph='off' to skip the attempt).", type(exc).__name__, exc,
+                            f"; first: {type(root).__name__}: {root}" if root is not None else "")
+                return False
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self._grads = [(p, p.grad) for p in params if p.grad is not None]
+        self._no_grad = [p for p in params if p.grad is None]
         self.graph, self._static, self.key = graph, (sx, sy, scalars), key
         self.counts["captures"] += 1
         log.debug("search step captured in a CUDA graph for batches of shape %s", key[0])
@@ -142,9 +162,10 @@ class GraphedSearchStep:
 
     def _replay(self, x: Tensor, y: Tensor, epoch: int, step: int) -> StepStats:
         sx, sy, scalars = self._static
-        sx.copy_(x)
-        sy.copy_(y)
-        self.graph.replay()
+        with torch.cuda.device(x.device):
+            sx.copy_(x)
+            sy.copy_(y)
+            self.graph.replay()
         self.counts["replays"] += 1
         self._keep_captured_grads(copy=False)
         return finish_step(scalars.tolist(), self.optimizer, n=int(y.numel()), epoch=epoch, step=step)

@@ -203,6 +203,9 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
             if epoch < cfg.epochs and reporter.should_stop():
                 log.info("search stopped after epoch %d of %d (reporter asked)", epoch, cfg.epochs)
                 break
+        if hasattr(step_fn, "counts"):
+            log.debug("search steps on CUDA graphs: %s", step_fn.counts)
+        step_fn = None                                   # a CUDA graph's memory is not needed any more
         teacher_s.eval()
         policy = derive_policy(supernet, budget_bitops, macs, fill=cfg.fill_budget)
         report = count_bitops(supernet, BitPolicy(layers={**policy.layers, **fixed}), input_size, in_channels,

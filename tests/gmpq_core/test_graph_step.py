@@ -4,6 +4,7 @@ of another shape in between, bf16 autocast, a caller's zero_grad, and a whole se
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -63,6 +64,39 @@ def test_an_eager_step_writes_its_gradients_into_the_captured_ones():
     for p, g, t in zip(params, kept, [t for g in opt_twin.param_groups for t in g["params"]]):
         assert p.grad is g
         assert torch.equal(g, t.grad) if t.grad is not None else bool((g == 0).all())
+
+
+class _Bookkeeping(GraphedSearchStep):
+    """The runner's choice per batch (eager / capture / replay) with the CUDA parts replaced by a record."""
+
+    def _key(self, x, y, epoch):
+        return None if self.cfg.inject_nan_at_epoch == epoch else (tuple(x.shape),)
+
+    def _capture(self, x, y, key):
+        self.key = key
+        self.counts["captures"] += 1
+        return True
+
+    def _replay(self, x, y, epoch, step):
+        self.counts["replays"] += 1
+
+    def _eager(self, x, y, epoch, step, *, side):
+        self.counts["eager"] += 1
+
+
+def test_one_capture_serves_every_epoch_and_the_smaller_last_batch_stays_eager():
+    teacher, net, x, y, cfg, kw = _setup()
+    run = _Bookkeeping(net, teacher, _make_optimizer(net, cfg), cfg, mode="second_order", **kw)
+    full, small = torch.zeros(8, 1), torch.zeros(5, 1)
+    for epoch in range(1, 9):
+        for step, batch in enumerate([full] * 5 + [small], start=1):
+            run(batch, batch, epoch=epoch, step=step)
+    # 3 eager warm-ups, the capture (and its replay) at the 4th full batch, then replays; each epoch's
+    # small batch once, eagerly (it never becomes "warmup batches in a row")
+    assert run.counts == {"captures": 1, "replays": 2 + 7 * 5, "eager": 3 + 8}
+    for _ in range(4):                       # a shape that stays is captured after its warm-up steps
+        run(small, small)
+    assert run.counts["captures"] == 2 and run.key == ((5, 1),)
 
 
 def _cuda_setup(impl="fused"):
@@ -128,14 +162,18 @@ def test_bf16_autocast_and_a_callers_zero_grad():
 
 @pytest.mark.gpu
 @gpu
-def test_a_search_with_graphs_follows_the_eager_search():
+def test_a_search_with_graphs_follows_the_eager_search(caplog):
     # what a real job adds to the steps: an evaluation between epochs (no-grad forward passes, eval mode)
     # and a smaller last batch in every epoch
     batches = _data(batches=6)
     data = [(x.cuda(), y.cuda()) for x, y in batches[:5]] + [(batches[5][0][:5].cuda(), batches[5][1][:5].cuda())]
     evals = [(x.cuda(), y.cuda()) for x, y in _data(seed=3, batches=2)]
-    runs = {mode: _search(_cfg(cuda_graph=mode, epochs=3), teacher=_teacher(), data=data, device="cuda",
-                          eval_loader=evals) for mode in ("off", "on")}
+    with caplog.at_level(logging.DEBUG, logger="gmpq_core.search"):
+        runs = {mode: _search(_cfg(cuda_graph=mode, epochs=3), teacher=_teacher(), data=data, device="cuda",
+                              eval_loader=evals) for mode in ("off", "on")}
+    counts = [r.getMessage() for r in caplog.records if "search steps on CUDA graphs" in r.getMessage()]
+    # one capture for 15 full batches over 3 epochs: 3 eager warm-ups, then replays; 3 small batches eager
+    assert counts == ["search steps on CUDA graphs: {'captures': 1, 'replays': 12, 'eager': 6}"]
     assert runs["on"].policy.layers == runs["off"].policy.layers
     assert runs["on"].proxy_top1 == pytest.approx(runs["off"].proxy_top1, abs=1e-6)
     for h_on, h_off in zip(runs["on"].history, runs["off"].history):
