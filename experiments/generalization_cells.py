@@ -124,6 +124,16 @@ def prepare_models(cfg: StudyConfig, study_dir: str | Path, *, map_fn: Any = Non
     return {job[0]: path for job, path in zip(jobs, paths)}
 
 
+def shared_models_summary(paths: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """Top-1, SGD steps and training seconds of each shared FP model (from its file's meta), to keep
+    beside the rows: a run on a lent machine brings back the rows, not the model cache."""
+    out = {}
+    for name, path in paths.items():
+        meta = load_checkpoint(path).get("meta", {})
+        out[name] = {k: meta.get(k) for k in ("top1", "steps", "seconds")}
+    return out
+
+
 def load_model_file(cfg: StudyConfig, path: str, info: Any, device: str) -> tuple[nn.Module, dict]:
     ckpt = load_checkpoint(path)
     model = _fresh(cfg, info)

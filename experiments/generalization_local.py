@@ -31,7 +31,7 @@ from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, atomic_write_text, read_json
 
 from .generalization import StudyConfig, check_same_study_config, expand_grid, load_study_config
-from .generalization_cells import prepare_models, run_cell
+from .generalization_cells import prepare_models, run_cell, shared_models_summary
 
 ROWS_FILE = "rows.jsonl"
 
@@ -111,7 +111,8 @@ def run_local(cfg: StudyConfig, out: str | Path, *, minutes: float | None = None
     timing_file = out / "study_timing.json"
     timing = read_json(timing_file) if timing_file.is_file() else {"runs": []}
     run = {"wall_seconds": time.perf_counter() - t0, "prepare_seconds": t_prep, "cells_run": len(rows), "failed": 0,
-           "device": device_name(cfg), "runner": "experiments.generalization_local"}
+           "device": device_name(cfg), "runner": "experiments.generalization_local",
+           "shared_models": shared_models_summary(paths)}
     timing["runs"].append(run)
     timing["device"] = run["device"]
     atomic_write_json(timing_file, timing)

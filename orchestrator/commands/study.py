@@ -61,11 +61,14 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
     if timing.get("device"):   # rows computed elsewhere (experiments.generalization_local on a GPU machine)
         device = f"{timing['device']} (rows computed by {timing['runs'][-1].get('runner', 'gmpq study')})"
     fp_note = "-"
+    shared = next((r["shared_models"] for r in reversed(timing.get("runs", [])) if r.get("shared_models")), {})
     caches = sorted((study_dir / "cache").glob(f"{cfg.model}-{cfg.target}-all-*.pt"))
-    if caches:
-        meta = load_checkpoint(caches[-1]).get("meta", {})
+    meta = load_checkpoint(caches[-1]).get("meta", {}) if caches else shared.get("target")
+    if meta:   # the model cache, or what a run elsewhere recorded of it (the cache stays on that machine)
         fp_note = (f"{meta.get('top1', float('nan')):.2f}% top-1 (on {cfg.proxy_eval_size or 'all'} test images) after "
                    f"{meta.get('steps')} SGD steps of batch {cfg.target_fp.batch_size}")
+    teachers = ", ".join(f"{p.name} {shared[p.name]['top1']:.1f}%" for p in cfg.proxies
+                         if (shared.get(p.name) or {}).get("top1") is not None)
     s = cfg.search
     ft = cfg.finetune
     cells = gen.expand_grid(cfg)
@@ -84,7 +87,7 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
                   f"{ft.get('max_steps_per_epoch') or 'all'} steps of batch {ft.get('batch_size', 128)} drawn from "
                   f"the full 60k target training set, lr {ft.get('lr', 0.01)} cosine, from the target FP model",
         "target FP model": fp_note,
-        "teachers": f"{cfg.teacher.steps} SGD steps on each proxy",
+        "teachers": f"{cfg.teacher.steps} SGD steps on each proxy" + (f" (top-1: {teachers})" if teachers else ""),
         "evaluation": f"{cfg.test_size or 'all 10,000'} target test images (stratified, fixed); proxy-side top-1/ARD "
                       f"on {cfg.proxy_eval_size} proxy test images; target ARD on {cfg.ard_images} test images",
         "wall time": timing.get("text", "-"),

@@ -39,6 +39,15 @@ def test_local_runner_writes_rows_resumes_and_feeds_the_results_page(tmp_path):
     assert main(["study", "--out", str(out), "--analyze-only", "--report", str(report)]) == 0
     page = report.read_text()
     assert "uniform" in page and "experiments.generalization_local" in page
+    # a run on a lent machine brings back rows, not the model cache: the page reads what the run recorded
+    target = first["shared_models"]["target"]
+    assert 0.0 <= target["top1"] <= 100.0 and target["steps"] > 0
+    fp_line = f"- **target FP model**: {target['top1']:.2f}% top-1"
+    assert fp_line in page
+    import shutil
+    shutil.rmtree(out / "cache")
+    assert main(["study", "--out", str(out), "--analyze-only", "--report", str(report)]) == 0
+    assert fp_line in report.read_text()       # (uniform and random cells need no teachers)
 
 
 def test_a_rerun_with_another_recipe_is_refused_but_more_seeds_are_welcome(tmp_path, capsys):

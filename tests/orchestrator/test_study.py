@@ -189,3 +189,16 @@ def test_smoke_study_runs_end_to_end_on_ray_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{len(df)} already done, 0 to run" in second.stdout
     assert len(pd.read_parquet(out / "study.parquet")) == len(df)
+
+
+def test_the_page_header_names_the_shared_models_a_run_elsewhere_recorded(tmp_path):
+    # rows from a lent GPU machine come back without its model cache: the page uses what the run recorded
+    from orchestrator.commands.study import _header
+    cfg = load_study_config(REPO / "experiments" / "generalization_gpu_short.yaml")
+    timing = {"device": "NVIDIA H200", "runs": [{"runner": "experiments.generalization_local", "shared_models": {
+        "target": {"top1": 91.25, "steps": 1000, "seconds": 20.0}, "fmnist500": {"top1": 74.5, "steps": 200},
+        "fmnist2000": {"top1": 80.0, "steps": 200}}}]}
+    head = _header(cfg, tmp_path, "experiments/generalization_gpu_short.yaml", timing, _rows())
+    assert head["target FP model"] == "91.25% top-1 (on 1000 test images) after 1000 SGD steps of batch 256"
+    assert head["teachers"] == "200 SGD steps on each proxy (top-1: fmnist500 74.5%, fmnist2000 80.0%)"
+    assert _header(cfg, tmp_path, "x.yaml", {"runs": []}, _rows())["target FP model"] == "-"
