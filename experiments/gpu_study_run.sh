@@ -4,6 +4,8 @@
 # MINUTES would be exceeded (every finished row is kept; a rerun with the same OUT resumes).
 #   bash experiments/gpu_study_run.sh [OUT] [MINUTES] [CONFIG]
 # Carry the dataset with the command (gitignored): data/FashionMNIST/raw/*-ubyte.gz (about 30 MB).
+# Bring back rows.jsonl, study.parquet, study_timing.json and study_config.yaml, not OUT/cache (the shared
+# FP models, tens of MB: over the device tool's 16 MB per file; their top-1 is in study_timing.json).
 # Afterwards, on the build machine: gmpq study --out OUT --analyze-only --report docs/results_gpu.md
 set -u -o pipefail
 OUT=${1:-${OUT:-runs/study_gpu}}
