@@ -65,7 +65,7 @@ class GraphedSearchStep:
         self.key: tuple | None = None
         self._pending: tuple | None = None
         self._streak = 0
-        self._side: torch.cuda.Stream | None = None
+        self._sides: dict[torch.device, torch.cuda.Stream] = {}          # warm-up and capture stream per device
         self._static: tuple[Tensor, Tensor, Tensor] | None = None      # x, y, scalars
         self._grads: list[tuple[Tensor, Tensor]] = []                    # (parameter, its captured .grad)
         self._no_grad: list[Tensor] = []                                 # parameters without one at capture
@@ -95,14 +95,18 @@ class GraphedSearchStep:
         if not side:
             return self._eager_step(x, y, epoch, step)
         with torch.cuda.device(x.device):           # warm-up on a side stream, as capture wants
-            current = torch.cuda.current_stream()
-            self._side = self._side or torch.cuda.Stream()
-            self._side.wait_stream(current)
+            current, side = torch.cuda.current_stream(), self._side(x.device)
+            side.wait_stream(current)
             try:
-                with torch.cuda.stream(self._side):
+                with torch.cuda.stream(side):
                     return self._eager_step(x, y, epoch, step)
             finally:
-                current.wait_stream(self._side)
+                current.wait_stream(side)
+
+    def _side(self, device: torch.device) -> torch.cuda.Stream:
+        if device not in self._sides:
+            self._sides[device] = torch.cuda.Stream(device=device)
+        return self._sides[device]
 
     def _eager_step(self, x: Tensor, y: Tensor, epoch: int, step: int) -> StepStats:
         scalars = step_scalars(*self._args, x, y, self.optimizer, self.cfg, **self._kw,
@@ -135,11 +139,10 @@ class GraphedSearchStep:
         with torch.cuda.device(x.device):
             current = torch.cuda.current_stream()
             graph = torch.cuda.CUDAGraph()
-            self._side = self._side or torch.cuda.Stream()
             try:
                 torch.cuda.synchronize()
                 # thread_local: a data loader's pin-memory thread may call CUDA while the capture runs
-                with cast, torch.cuda.graph(graph, stream=self._side, capture_error_mode="thread_local"):
+                with cast, torch.cuda.graph(graph, stream=self._side(x.device), capture_error_mode="thread_local"):
                     scalars = step_scalars(*self._args, sx, sy, self.optimizer, self.cfg, **self._kw)
             except Exception as exc:  # noqa: BLE001 - anything that cannot be captured: go on eagerly
                 torch.cuda.set_stream(current)     # a failed capture_end leaves the capture stream current

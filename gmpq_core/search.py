@@ -203,9 +203,10 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
             if epoch < cfg.epochs and reporter.should_stop():
                 log.info("search stopped after epoch %d of %d (reporter asked)", epoch, cfg.epochs)
                 break
-        if hasattr(step_fn, "counts"):
+        if hasattr(step_fn, "counts"):                   # a CUDA graph's memory is not needed any more
             log.debug("search steps on CUDA graphs: %s", step_fn.counts)
-        step_fn = None                                   # a CUDA graph's memory is not needed any more
+            optimizer.zero_grad(set_to_none=True)        # the .grad tensors live in the graph's pool
+        step_fn = None
         teacher_s.eval()
         policy = derive_policy(supernet, budget_bitops, macs, fill=cfg.fill_budget)
         report = count_bitops(supernet, BitPolicy(layers={**policy.layers, **fixed}), input_size, in_channels,
