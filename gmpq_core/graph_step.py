@@ -32,6 +32,11 @@ from .search_config import SearchConfig
 
 log = logging.getLogger(__name__)
 
+# A failed capture can leave the CUDA caching allocator believing a capture is still under way (PyTorch
+# ends its pool routing only after cudaStreamEndCapture succeeds), so a later capture in the same process
+# (a reused Ray Tune actor's next trial) would trip its assertions: after one failure, no more attempts.
+_capture_failed_in_process = False
+
 
 def use_cuda_graph(setting: str, device: str | torch.device) -> bool:
     """Whether a search on ``device`` replays its steps from a CUDA graph: "on" needs a CUDA device
@@ -73,7 +78,8 @@ class GraphedSearchStep:
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
 
     def _key(self, x: Tensor, y: Tensor, epoch: int) -> tuple | None:
-        if self.disabled or x.device.type != "cuda" or self.cfg.inject_nan_at_epoch == epoch:
+        if (self.disabled or _capture_failed_in_process or x.device.type != "cuda"
+                or self.cfg.inject_nan_at_epoch == epoch):
             return None
         supernet, teacher = self._args
         return (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, x.device, supernet.training,
@@ -132,6 +138,7 @@ class GraphedSearchStep:
                 p.grad = None
 
     def _capture(self, x: Tensor, y: Tensor, key: tuple) -> bool:
+        global _capture_failed_in_process
         self.graph, self._static, self._grads, self._no_grad, self.key = None, None, [], [], None  # free the old
         sx, sy = x.clone(), y.clone()
         self.optimizer.zero_grad(set_to_none=True)
@@ -145,14 +152,16 @@ class GraphedSearchStep:
                 with cast, torch.cuda.graph(graph, stream=self._side(x.device), capture_error_mode="thread_local"):
                     scalars = step_scalars(*self._args, sx, sy, self.optimizer, self.cfg, **self._kw)
             except Exception as exc:  # noqa: BLE001 - anything that cannot be captured: go on eagerly
+                _capture_failed_in_process = True
                 torch.cuda.set_stream(current)     # a failed capture_end leaves the capture stream current
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.strict:
                     raise
                 self.disabled = True
                 root = exc.__cause__ or exc.__context__
-                log.warning("the search step could not be captured in a CUDA graph (%s: %s%s); the search goes on "
-                            "without graphs (set cuda_graph='off' to skip the attempt).", type(exc).__name__, exc,
+                log.warning("the search step could not be captured in a CUDA graph (%s: %s%s); this search and "
+                            "later ones in this process go on without graphs (cuda_graph='off' skips the attempt).",
+                            type(exc).__name__, exc,
                             f"; first: {type(root).__name__}: {root}" if root is not None else "")
                 return False
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
