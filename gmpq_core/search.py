@@ -283,7 +283,7 @@ def step_scalars(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, 
     ard = rank_distance(s_maps.detach(), t_maps, as_tensor=True)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    p_t = p.detach() if torch.is_tensor(p) else ce.detach().new_full((), p, dtype=torch.float64)   # p_fixed: a fill, no copy
+    p_t = p.detach() if torch.is_tensor(p) else ce.detach().new_full((), p, dtype=torch.float64)  # p_fixed: no copy
     return torch.stack([t.detach().to(torch.float64) for t in (loss, ce, l_gen, pen, correct, ard, p_t)])
 
 
@@ -299,6 +299,7 @@ def finish_step(values: list[float], optimizer: torch.optim.Optimizer, *, n: int
             "for NaN/inf values.")
     optimizer.step()
     return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=p_v, ard=ard_v, correct=int(correct_v), n=n)
+
 
 def _step_function(supernet: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, cfg: SearchConfig, *,
                    device: str | torch.device, **kw: Any) -> Callable[..., StepStats]:
