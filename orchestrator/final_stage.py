@@ -40,8 +40,9 @@ FINAL_PNG = "final.png"
 
 class _ProgressWatcher:
     """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``); what
-    an earlier run left in the file (there when this watcher started) is not this run's progress (compared by
-    content, not by clock: rank 0 may run on another node)."""
+    an earlier run left in the file (there when this watcher started) is not this run's progress: the file is
+    removed as the watcher starts, and its content is not printed if it shows up again (compared by content,
+    not by clock: rank 0 may run on another node)."""
 
     def __init__(self, path: Path, say: Callable[[str], None], prefix: str, epochs: int, every_s: float = 20.0):
         self.path, self.say, self.prefix, self.epochs, self.every_s = path, say, prefix, epochs, every_s
@@ -49,6 +50,7 @@ class _ProgressWatcher:
             self.stale = read_json(path)
         except (CheckpointError, OSError):
             self.stale = None
+        path.unlink(missing_ok=True)   # nor does gmpq status show it while this run starts (rank 0 writes anew)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
 

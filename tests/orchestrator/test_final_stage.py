@@ -386,6 +386,7 @@ def test_progress_left_by_an_earlier_run_is_not_shown_as_this_runs(tmp_path):
     path, said = tmp_path / "finetune-t1.progress.json", []
     atomic_write_json(path, {"epoch": 1, "step": 468, "steps": 468, "time": time.time() - 3600})
     with _ProgressWatcher(path, said.append, "[1/1] t1:", 1, every_s=0.05):
+        assert not path.exists()                 # gmpq status does not show it either
         time.sleep(0.3)
         assert said == []
         atomic_write_json(path, {"epoch": 1, "step": 1, "steps": 3, "time": time.time()})
