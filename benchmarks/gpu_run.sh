@@ -28,6 +28,9 @@ if [ ! -s "$OUT/gpu.json" ]; then
   timeout 150 $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --variants reference,fused,triton \
     --json "$OUT/gpu_eager.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee -a "$OUT/bench.log"
 fi
+echo "== a whole search (real Fashion-MNIST, ResNet-18) with and without CUDA graphs (needs data/FashionMNIST/raw carried)"
+timeout ${WHOLE_S:-120} $PY benchmarks/bench_search_graph.py --device cuda --json "$OUT/search_graph.json" 2>&1 \
+  | grep -v -E "^(STAGE|USDT|\[W)" | tail -6 | tee "$OUT/search_graph.log"
 if [ -n "${COMPILED:-}" ]; then
   echo "== compiled variant (TorchInductor kernels; first step includes compilation)"
   timeout 180 $PY benchmarks/bench_search_step.py --device cuda --variants compiled,triton \
