@@ -71,6 +71,7 @@ def _next_step(st: Any) -> str | None:
 
 
 def _final_lines(st: Any) -> list[str]:
+    from orchestrator.final_results import resolve_model_path
     from orchestrator.text import fmt
 
     if not st.selected and not st.final:
@@ -80,8 +81,8 @@ def _final_lines(st: Any) -> list[str]:
     for tid in st.selected:
         if tid in st.final:
             r = st.final[tid]
-            rel = r.get("model_path")                    # relative to the sweep folder (absolute in none we write)
-            model = f"; model {Path(rel) if Path(rel).is_absolute() else st.sweep_dir / rel}" if rel else ""
+            path = resolve_model_path(st.sweep_dir, r.get("model_path"))
+            model = f"; model {path}" if path is not None else ""
             lines.append(f"  {tid}: top1 {fmt(r.get('final_top1'), '.2f')}% at {fmt(r.get('gbitops'), '.4f')} "
                          f"GBitOPs ({r.get('epochs')} epoch(s), {_duration(r.get('seconds'))}){model}")
         elif tid in st.finetune_progress:
