@@ -74,12 +74,10 @@ class GraphedSearchStep:
         self._static: tuple[Tensor, Tensor, Tensor] | None = None      # x, y, scalars
         self._grads: list[tuple[Tensor, Tensor]] = []                    # (parameter, its captured .grad)
         self._no_grad: list[Tensor] = []                                 # parameters without one at capture
-        self.disabled = False
         self.counts = {"captures": 0, "replays": 0, "eager": 0}
 
     def _key(self, x: Tensor, y: Tensor, epoch: int) -> tuple | None:
-        if (self.disabled or _capture_failed_in_process or x.device.type != "cuda"
-                or self.cfg.inject_nan_at_epoch == epoch):
+        if _capture_failed_in_process or x.device.type != "cuda" or self.cfg.inject_nan_at_epoch == epoch:
             return None
         supernet, teacher = self._args
         return (tuple(x.shape), x.stride(), x.dtype, tuple(y.shape), y.dtype, x.device, supernet.training,
@@ -157,7 +155,6 @@ class GraphedSearchStep:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.strict:
                     raise
-                self.disabled = True
                 root = exc.__cause__ or exc.__context__
                 log.warning("the search step could not be captured in a CUDA graph (%s: %s%s); this search and "
                             "later ones in this process go on without graphs (cuda_graph='off' skips the attempt).",
