@@ -34,6 +34,7 @@ skips the custom-op dispatch (~0.1-0.2 ms host time per call); the supernet call
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import torch
@@ -117,15 +118,15 @@ def _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, pa
 
 
 def _conv_bwd_impl(grad, x, w, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
-                   has_bias):
+                   has_bias, need_pa=True, need_pw=True):
     xq, wq = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)  # recomputed, one pass each
     with torch.no_grad():
         gxq, gwq, gb = torch.ops.aten.convolution_backward(grad, xq, wq, [w.shape[0]] if has_bias else None, stride,
                                                           padding, dilation, False, [0, 0], groups,
                                                           [True, True, has_bias])
     del xq
-    gx, gpa, gc = act_bwd_impl(gxq, x, pa, clips, a_bits, signed, impl)
-    gpw = w_bwd_impl(gwq, w, pw, w_bits, impl)
+    gx, gpa, gc = act_bwd_impl(gxq, x, pa, clips, a_bits, signed, impl, need_pa)
+    gpw = w_bwd_impl(gwq, w, pw, w_bits, impl) if need_pw else None
     gb = gb.to(w.dtype) if has_bias else w.new_empty(0)
     return gx, gwq.to(w.dtype), gb, gpa, gc, gpw
 
@@ -235,6 +236,10 @@ def _register_fakes_and_autograd() -> None:
 _register_fakes_and_autograd()
 
 
+def _no_probs_grad(grad, w, probs, bits, impl) -> None:
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # eager twins of the operators: same kernels, saved tensors and gradients, no custom-op dispatch
 class _ActFn(torch.autograd.Function):
@@ -246,7 +251,8 @@ class _ActFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _act_grads(ctx, grad, act_bwd_impl)
+        need_probs = ctx.needs_input_grad[1]   # constant probabilities (a fixed-policy layer): no grad_probs pass
+        return _act_grads(ctx, grad, functools.partial(act_bwd_impl, need_probs=need_probs))
 
 
 class _WeightFn(torch.autograd.Function):
@@ -258,7 +264,7 @@ class _WeightFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _weight_grads(ctx, grad, w_bwd_impl)
+        return _weight_grads(ctx, grad, w_bwd_impl if ctx.needs_input_grad[1] else _no_probs_grad)
 
 
 class _ConvFn(torch.autograd.Function):
@@ -271,7 +277,8 @@ class _ConvFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _conv_grads(ctx, grad, _conv_bwd_impl)
+        need = ctx.needs_input_grad
+        return _conv_grads(ctx, grad, functools.partial(_conv_bwd_impl, need_pa=need[3], need_pw=need[7]))
 
 
 # unchecked entry points (bits: tuple of ints, signed: bool, stride/padding/dilation: lists of 2 ints)

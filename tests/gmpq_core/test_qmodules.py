@@ -1,0 +1,124 @@
+"""Fixed-policy quantized layers (qmodules.py): the fused path against the reference formulas."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gmpq_core import BitPolicy, ConfigError, apply_policy_, build_model, calibrate_, searchable_layers
+from gmpq_core.policy import QuantSpec
+from gmpq_core.qmodules import QUANT_IMPLS, QuantConv2d, QuantLinear, quantized_layers, set_quant_impl_
+
+BITS = [(2, 4), (1, 2), (3, 1), (8, 8), (4, 3)]   # (w_bits, a_bits)
+
+
+def _layer(kind, w_bits, a_bits, signed, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "conv":
+        base = nn.Conv2d(6, 5, 3, stride=2, padding=1, bias=True).double()
+        x = torch.randn(3, 6, 9, 9, generator=gen, dtype=torch.float64) * 2
+        mod = QuantConv2d.from_float(base, QuantSpec(w_bits=w_bits, a_bits=a_bits))
+    else:
+        base = nn.Linear(7, 4).double()
+        x = torch.randn(5, 7, generator=gen, dtype=torch.float64) * 2
+        mod = QuantLinear.from_float(base, QuantSpec(w_bits=w_bits, a_bits=a_bits))
+    with torch.no_grad():
+        mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen, dtype=torch.float64))
+        mod.act.clip.fill_(-1.3 if signed else 1.7)   # a negative clip acts through |clip|
+    mod.act.set_signed(signed)
+    return mod.double(), x
+
+
+def _run(mod, x, impl, g):
+    mod = copy.deepcopy(mod)
+    set_quant_impl_(mod, impl)
+    x = x.clone().requires_grad_()
+    out = mod(x)
+    (out * g).sum().backward()
+    return [out.detach(), x.grad, mod.weight.grad, mod.bias.grad, mod.act.clip.grad]
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("w_bits,a_bits", BITS)
+def test_fused_layer_matches_the_reference_formulas(kind, signed, w_bits, a_bits):
+    mod, x = _layer(kind, w_bits, a_bits, signed)
+    with torch.no_grad():
+        g = torch.randn_like(mod(x))
+    ref, fused = _run(mod, x, "reference", g), _run(mod, x, "auto", g)
+    for name, r, f in zip(("out", "grad x", "grad W", "grad bias", "grad clip"), ref, fused):
+        assert torch.allclose(r, f, atol=1e-9, rtol=0), (name, (r - f).abs().max())
+    assert float(ref[4].abs()) > 0 and float(ref[1].abs().sum()) > 0   # clipped and unclipped inputs both occur
+
+
+def test_fused_layer_saves_only_its_inputs_for_backward():
+    mod, x = _layer("conv", 2, 4, False)
+    x = x.float().requires_grad_()
+    mod = mod.float()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        mod(x)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()   # x, not the quantized copy of it
+
+
+def test_32_bit_layers_are_not_quantized_on_either_path():
+    mod, x = _layer("conv", 2, 2, False)
+    mod.w_bits = mod.act.bits = 32     # not a policy's bitwidth (1..8), but a layer may be built with it
+    for impl in ("auto", "reference"):
+        set_quant_impl_(mod, impl)
+        assert torch.equal(mod(x), F.conv2d(x, mod.weight, mod.bias, mod.stride, mod.padding))
+
+
+def test_qat_steps_on_fused_layers_follow_the_reference_steps():
+    # three SGD steps of a policy-quantized ResNet-20 (float64): same loss and weights either way
+    torch.manual_seed(0)
+    fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True).double()
+    for m in fp.modules():   # random BN shifts: at init (beta = 0) a channel whose quantized input is all zeros
+        if isinstance(m, nn.BatchNorm2d):   # sums to exactly 0 at a ReLU, where an ulp decides the gradient
+            nn.init.normal_(m.bias, std=0.1)
+    names = list(searchable_layers(fp))
+    policy = BitPolicy(layers={n: QuantSpec(w_bits=(2, 3, 4)[i % 3], a_bits=(4, 2, 3)[i % 3])
+                               for i, n in enumerate(names)})
+    x, y = torch.randn(16, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (16,))
+    q = calibrate_(apply_policy_(copy.deepcopy(fp), policy), x)
+    runs = {}
+    for impl in ("reference", "auto"):
+        m = set_quant_impl_(copy.deepcopy(q), impl).train()
+        opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        losses = []
+        for _ in range(3):
+            opt.zero_grad()
+            loss = F.cross_entropy(m(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        runs[impl] = (losses, m.state_dict())
+    assert runs["auto"][0] == pytest.approx(runs["reference"][0], abs=1e-9)
+    for k, v in runs["reference"][1].items():
+        assert torch.allclose(v.double(), runs["auto"][1][k].double(), atol=1e-7, rtol=1e-6), k
+    assert runs["reference"][0][0] != runs["reference"][0][-1]   # the steps trained something
+
+
+def test_set_quant_impl_names_the_bad_value_and_the_choices():
+    mod, _ = _layer("conv", 2, 4, False)
+    with pytest.raises(ConfigError, match=r"'fast'.*'auto'"):
+        set_quant_impl_(mod, "fast")
+    assert set_quant_impl_(mod, "fused") is mod and mod.quant_impl == "fused"
+    assert "reference" in QUANT_IMPLS and set(quantized_layers(mod)) == {""}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("signed", [False, True])
+def test_cuda_fused_layer_matches_the_reference(signed):
+    mod, x = _layer("conv", 3, 4, signed)
+    mod, x = mod.float().cuda(), x.float().cuda()
+    g = torch.randn_like(mod(x))
+    ref, fused = _run(mod, x, "reference", g), _run(mod, x, "auto", g)   # auto: Triton on CUDA
+    for r, f in zip(ref, fused):   # float32: a value on a rounding tie may land one level apart
+        assert (r - f).abs().max() < 1e-3 * max(1.0, float(r.abs().max()))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = copy.deepcopy(mod)(x.requires_grad_())
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
