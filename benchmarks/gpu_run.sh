@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session for issue 5: CUDA correctness tests, then the search-step benchmark with
 # a torch.profiler breakdown (eager variants and the CUDA-graph replay side by side; the compiled
-# variant in its own process with COMPILED=1). Everything lands in OUT (default benchmarks/results/gpu).
+# variant in its own process with COMPILED=1), the QAT fine-tune step benchmark and a whole search.
+# Everything lands in OUT (default benchmarks/results/gpu).
 #   bash benchmarks/gpu_run.sh [OUT]
 # Runs with the machine's own python3 (torch + triton); gmpq_core needs only torch/torchvision/numpy.
 set -u
@@ -16,7 +17,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_USAGE
 
 echo "== CUDA correctness tests (mixture kernels, CUDA-graph replay against the eager step)"
 timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_fused.py \
-  tests/gmpq_core/test_quantizers.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+  tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 
 echo "== search step vs FP, side by side (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
 # the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it
@@ -28,6 +29,9 @@ if [ ! -s "$OUT/gpu.json" ]; then
   timeout 150 $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --variants reference,fused,triton \
     --json "$OUT/gpu_eager.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee -a "$OUT/bench.log"
 fi
+echo "== QAT fine-tune step vs FP, side by side (reference quantizers against the fused/Triton layers of session 12)"
+timeout ${QAT_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat.json" 2>&1 \
+  | grep -v -E "^(STAGE|USDT|\[W)" | tail -8 | tee "$OUT/qat.log"
 echo "== a whole search (real Fashion-MNIST, ResNet-18) with and without CUDA graphs (needs data/FashionMNIST/raw carried)"
 timeout ${WHOLE_S:-120} $PY benchmarks/bench_search_graph.py --device cuda --json "$OUT/search_graph.json" 2>&1 \
   | grep -v -E "^(STAGE|USDT|\[W)" | tail -6 | tee "$OUT/search_graph.log"
