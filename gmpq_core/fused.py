@@ -67,7 +67,7 @@ def weight_mixture_reference(w: Tensor, probs: Tensor, bits: Sequence[int]) -> T
     from .quantizers import quantize_weight
     with torch.no_grad():
         q = torch.stack([quantize_weight(w, int(b)) for b in bits])
-    return w - w.detach() + torch.tensordot(probs, q, dims=1)
+    return w - w.detach() + torch.tensordot(probs.to(q.dtype), q, dims=1)
 
 
 def _reference_grads(fn: Callable[..., Tensor], inputs: tuple, grad: Tensor) -> list[Tensor | None]:
@@ -120,6 +120,8 @@ def _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, pa
 def _conv_bwd_impl(grad, x, w, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
                    has_bias, need_pa=True, need_pw=True):
     xq, wq = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)  # recomputed, one pass each
+    if xq.dtype != grad.dtype:   # the forward's conv ran under autocast (a float32 x): its lower-precision dtype
+        xq, wq = xq.to(grad.dtype), wq.to(grad.dtype)
     with torch.no_grad():
         gxq, gwq, gb = torch.ops.aten.convolution_backward(grad, xq, wq, [w.shape[0]] if has_bias else None, stride,
                                                           padding, dilation, False, [0, 0], groups,

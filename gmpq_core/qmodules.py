@@ -6,10 +6,11 @@ MAC counting, fingerprints and state dicts keep working after a policy is applie
 A fixed layer is the one-candidate case of the search's mixtures (probability 1), so its forward and
 backward run on the same fused kernels (fused.py: one node per layer that saves only x and W and
 recomputes the quantized operands in backward; Triton on CUDA) instead of ~8 autograd nodes per
-quantizer: the QAT step on the CPU went from 2.0x to ~1.3x an FP step (ResNet-20, 28 px). Same values
-and gradients as ``quantizers.quantize_activation`` / ``quantize_weight`` up to float rounding (at an
-exact tie x == clip the reference splits the clip's gradient in halves). ``set_quant_impl_(model,
-"reference")`` switches a model back to the plain autograd formulas.
+quantizer: the QAT step on the CPU went from 2.07x to 1.51x an FP step (ResNet-20, 28 px,
+benchmarks/bench_qat_step.py). Same values and gradients as ``quantizers.quantize_activation`` /
+``quantize_weight`` up to float rounding (at an exact tie x == clip the reference splits the gradient
+in halves between x and the clip; here the clip takes it all). ``set_quant_impl_(model, "reference")``
+switches a model back to the plain autograd formulas.
 """
 from __future__ import annotations
 
@@ -30,14 +31,19 @@ __all__ = ["QuantConv2d", "QuantLinear", "apply_policy_", "calibrate_", "quantiz
            "QUANT_IMPLS"]
 
 QUANT_IMPLS = ("auto", *IMPLS)
-_ONES: dict[torch.device, Tensor] = {}
+_ONES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
-def _one(device: torch.device) -> Tensor:
-    """The constant probability vector [1.] of a one-candidate mixture, one per device."""
-    t = _ONES.get(device)
+def _one(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The constant probability vector [1.] of a one-candidate mixture, one per device and dtype (the
+    weight's: a double backward's reference formulas multiply it with the weight). Made outside inference
+    mode: an inference tensor cached by a first forward under ``torch.inference_mode`` could never be
+    saved for a later training step's backward."""
+    key = (device, dtype)
+    t = _ONES.get(key)
     if t is None:
-        t = _ONES[device] = torch.ones(1, device=device)
+        with torch.inference_mode(False):
+            t = _ONES[key] = torch.ones(1, device=device, dtype=dtype)
     return t
 
 
@@ -63,9 +69,10 @@ class _QuantMixin:
     def _fused_impl(self, x: Tensor) -> str | None:
         """The mixture implementation for this call, or None for the reference formulas (asked for, while
         calibrating, or a bitwidth of 32 = not quantized)."""
-        if self.quant_impl == "reference" or self._calibrating or max(self.w_bits, self.act.bits) >= 32:
+        impl = self.quant_impl
+        if impl == "reference" or self._calibrating or max(self.w_bits, self.act.bits) >= 32:
             return None
-        return resolve_mixture_impl(self.quant_impl, x.device)
+        return resolve_mixture_impl("auto", x.device) if impl == "auto" else impl   # triton on a CPU tensor: fused
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
@@ -84,7 +91,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         impl = self._fused_impl(x)
         if impl is None or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return self._conv_forward(self._qin(x), quantize_weight(self.weight, self.w_bits), self.bias)
-        one = _one(x.device)
+        one = _one(x.device, self.weight.dtype)
         return _mixed_conv2d(x, self.weight, self.bias, one, self.act.clip.view(1), (self.act.bits,), self.act._signed,
                              one, (self.w_bits,), list(self.stride), list(self.padding), list(self.dilation),
                              self.groups, impl)
@@ -108,7 +115,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         impl = self._fused_impl(x)
         if impl is None:
             return F.linear(self._qin(x), quantize_weight(self.weight, self.w_bits), self.bias)
-        one = _one(x.device)
+        one = _one(x.device, self.weight.dtype)
         xq = _act_mixture(x, one, self.act.clip.view(1), (self.act.bits,), self.act._signed, impl)
         return F.linear(xq, _weight_mixture(self.weight, one, (self.w_bits,), impl).to(xq.dtype), self.bias)
 

@@ -287,6 +287,8 @@ def set_mixture_impl_(model: nn.Module, impl: str, *, conv_node: bool | None = N
         m.mixture_impl = impl
         m.conv_node = impl in ("compiled", "triton") if conv_node is None else bool(conv_node)
         m._wcache = None
+    for q in quantized_layers(model).values():   # a fixed stem / classifier: the same kernels
+        q.quant_impl = impl
     return model
 
 
@@ -375,4 +377,5 @@ def _fix_layers_(net: nn.Module, policy: BitPolicy) -> None:
         j = m.a_candidates.index(spec.a_bits)
         q.act.clip.copy_(m.clips[j].abs())
         q.act.set_signed(m.signed)
+        q.quant_impl = m.mixture_impl
         swap_module(net, name, q)

@@ -71,13 +71,19 @@ def test_32_bit_layers_are_not_quantized_on_either_path():
         assert torch.equal(mod(x), F.conv2d(x, mod.weight, mod.bias, mod.stride, mod.padding))
 
 
+def _shift_batchnorms_(model):
+    """Random BN shifts. At init (beta = 0) a channel whose quantized inputs are all zero is exactly 0 at the
+    next ReLU, where an ulp of difference between two correct implementations decides the gradient."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.bias, std=0.1)
+
+
 def test_qat_steps_on_fused_layers_follow_the_reference_steps():
     # three SGD steps of a policy-quantized ResNet-20 (float64): same loss and weights either way
     torch.manual_seed(0)
     fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True).double()
-    for m in fp.modules():   # random BN shifts: at init (beta = 0) a channel whose quantized input is all zeros
-        if isinstance(m, nn.BatchNorm2d):   # sums to exactly 0 at a ReLU, where an ulp decides the gradient
-            nn.init.normal_(m.bias, std=0.1)
+    _shift_batchnorms_(fp)
     names = list(searchable_layers(fp))
     policy = BitPolicy(layers={n: QuantSpec(w_bits=(2, 3, 4)[i % 3], a_bits=(4, 2, 3)[i % 3])
                                for i, n in enumerate(names)})
@@ -101,6 +107,54 @@ def test_qat_steps_on_fused_layers_follow_the_reference_steps():
     assert runs["reference"][0][0] != runs["reference"][0][-1]   # the steps trained something
 
 
+def test_float32_layer_under_bfloat16_autocast_trains_like_the_reference():
+    # the conv runs in bf16 under autocast; the backward must recompute its operands in that dtype
+    mod, x = _layer("conv", 3, 4, False)
+    mod, x = mod.float(), x.float()
+    grads = {}
+    for impl in ("reference", "auto"):
+        m = set_quant_impl_(copy.deepcopy(mod), impl)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(xi)
+        out.float().square().sum().backward()
+        assert out.dtype == torch.bfloat16
+        grads[impl] = (xi.grad, m.weight.grad, m.act.clip.grad)
+    for r, f in zip(grads["reference"], grads["auto"]):   # bf16 products: compare at bf16 precision
+        assert r.dtype == f.dtype and (r - f).abs().max() <= 2e-2 * max(1.0, float(r.abs().max()))
+
+
+def test_a_first_forward_in_inference_mode_does_not_spoil_later_training(monkeypatch):
+    from gmpq_core import qmodules
+    monkeypatch.setattr(qmodules, "_ONES", {})    # as in a fresh process
+    mod, x = _layer("conv", 2, 4, False)
+    with torch.inference_mode():
+        mod(x)
+    out = mod(x.requires_grad_())
+    out.sum().backward()                          # failed when the cached [1.] was an inference tensor
+    assert mod.weight.grad is not None
+
+
+def test_second_order_gradcam_through_float64_quantized_layers_matches_the_reference():
+    from gmpq_core.attribution import gradcam
+    torch.manual_seed(0)
+    fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True).double().eval()
+    _shift_batchnorms_(fp)
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    policy = BitPolicy(layers={n: QuantSpec(w_bits=3, a_bits=4) for n in searchable_layers(fp)})
+    q = calibrate_(apply_policy_(fp, policy), x)
+    grads = {}
+    for impl in ("reference", "auto"):
+        m = set_quant_impl_(copy.deepcopy(q), impl)
+        # feature map layer2: its Grad-CAM gradient (create_graph) runs back through layer3's quantized layers
+        _, maps = gradcam(m, x, "layer2", mode="second_order")
+        (g,) = torch.autograd.grad(maps.square().sum(), m.layer2[0].conv1.weight)
+        grads[impl] = g
+    # values ~1e-2; a rounding-level difference in the forward (a level flipped at a tie) moves them ~1e-8
+    assert torch.allclose(grads["reference"], grads["auto"], atol=1e-6, rtol=0)
+    assert float(grads["reference"].abs().max()) > 1e-4
+
+
 def test_set_quant_impl_names_the_bad_value_and_the_choices():
     mod, _ = _layer("conv", 2, 4, False)
     with pytest.raises(ConfigError, match=r"'fast'.*'auto'"):
@@ -122,3 +176,17 @@ def test_cuda_fused_layer_matches_the_reference(signed):
         out = copy.deepcopy(mod)(x.requires_grad_())
     out.float().sum().backward()
     assert out.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+
+
+def test_a_supernets_fixed_layers_follow_its_mixture_impl():
+    # the search's mixture_impl reaches a quantized stem / classifier and the policy's discretized layers
+    from gmpq_core.supernet import (build_supernet, discretize, mixed_layers, quantize_stem_and_classifier_,
+                                    set_mixture_impl_)
+    fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    net = build_supernet(fp)
+    fixed = quantize_stem_and_classifier_(net, include_stem=True, include_classifier=True, bits=8)
+    set_mixture_impl_(net, "reference")
+    assert set(fixed) == {"conv1", "fc"} and {m.quant_impl for m in quantized_layers(net).values()} == {"reference"}
+    policy = BitPolicy(layers={n: QuantSpec(w_bits=m.w_candidates[0], a_bits=m.a_candidates[0])
+                               for n, m in mixed_layers(net).items()})
+    assert {m.quant_impl for m in quantized_layers(discretize(net, policy)).values()} == {"reference"}
