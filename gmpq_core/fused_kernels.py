@@ -96,7 +96,8 @@ def _act_backward_kernel(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bit
     """(grad_x, grad_probs, grad_clips); ``need_probs=False`` skips grad_probs (None): one pass per candidate
     less, for a caller whose probabilities are constants (a fixed-policy layer, qmodules.py).
     Masks are float tensors (0./1.) multiplied in: ``torch.where`` with a bool mask costs ~10x an
-    arithmetic pass on the CPU."""
+    arithmetic pass on the CPU. (So an inf/NaN upstream gradient at a masked-out element gives NaN here, 0
+    through ``where``; a float16 GradScaler skips such a step either way.)"""
     xf, gf = _upcast(x), _upcast(g)
     lo, a, s = _act_bounds(xf, clips, bits, signed)
     p = probs.to(xf.dtype)
