@@ -217,9 +217,12 @@ def act_bwd_impl(grad: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Se
 
 
 def w_fwd_impl(w: Tensor, probs: Tensor, bits: Sequence[int], impl: str) -> Tensor:
-    out = _kernel(impl, "weight_forward", w.device)(w.reshape(-1), probs, tuple(bits))
-    return _same_layout(out.view(w.shape), w)
+    wf, back = _flat(w, w)                 # memory order: no copy of a channels_last weight
+    out = _kernel(impl, "weight_forward", w.device)(wf, probs, tuple(bits))
+    return _same_layout(back(out), w)
 
 
 def w_bwd_impl(grad: Tensor, w: Tensor, probs: Tensor, bits: Sequence[int], impl: str) -> Tensor:
-    return _kernel(impl, "weight_backward", w.device)(grad.reshape(-1), w.reshape(-1), probs, tuple(bits))
+    wf, _ = _flat(w, w)
+    gf, _ = _flat(grad, w)
+    return _kernel(impl, "weight_backward", w.device)(gf, wf, probs, tuple(bits))
