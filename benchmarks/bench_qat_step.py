@@ -12,7 +12,10 @@ in memory, it builds the FP model and two quantized copies (same weights, same p
 
 Timed chunks of ``--chunk`` steps are interleaved (FP, reference, fused, rotating the order), so machine
 noise hits all three alike; medians per step. The policy cycles (w, a) bits over (2, 4), (3, 3), (4, 2),
-(6, 6) layer by layer.
+(6, 6) layer by layer. Models are in the layout training uses (``gmpq_core.train.training_layout_``:
+channels_last on the CPU). ``--layouts`` instead compares that layout with plain NCHW for the FP and
+the fused QAT step (variants ``fp``/``fp_nchw``, ``fused``/``fused_nchw``; ratio = time / FP time in the
+training layout).
 
     ratio        = FP images/s / QAT images/s                (1.0 is the limit)
     memory_ratio = CUDA only: peak allocated during a step of QAT / that of FP
@@ -40,16 +43,18 @@ from gmpq_core.layers import searchable_layers  # noqa: E402
 from gmpq_core.models import build_model  # noqa: E402
 from gmpq_core.policy import BitPolicy, QuantSpec  # noqa: E402
 from gmpq_core.qmodules import apply_policy_, calibrate_, set_quant_impl_  # noqa: E402
-from gmpq_core.train import train_one_epoch  # noqa: E402
+from gmpq_core.train import train_one_epoch, training_layout_  # noqa: E402
 
 CASES = {"cpu": [("resnet20", 28, 1), ("resnet18", 32, 3)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 BITS = [(2, 4), (3, 3), (4, 2), (6, 6)]
 KINDS = ("fp", "reference", "fused")
+LAYOUT_KINDS = ("fp", "fp_nchw", "fused", "fused_nchw")
 
 
-def build(name: str, size: int, in_ch: int, batch: int, device: str, channels_last: bool) -> dict:
-    """FP model and its two quantized copies, each with its SGD optimizer, and the batch."""
+def build(name: str, size: int, in_ch: int, batch: int, device: str, channels_last: bool, layouts: bool) -> dict:
+    """FP model and its quantized copies (``layouts``: and NCHW twins), each with its SGD optimizer, and the
+    batch."""
     torch.manual_seed(0)
     fp = build_model(name, num_classes=10, in_channels=in_ch, small_input=size <= 64).to(device)
     x = torch.randn(batch, in_ch, size, size, device=device)
@@ -61,6 +66,12 @@ def build(name: str, size: int, in_ch: int, batch: int, device: str, channels_la
     quantized = calibrate_(apply_policy_(copy.deepcopy(fp), policy), x)
     models = {"fp": fp, "reference": set_quant_impl_(copy.deepcopy(quantized), "reference"),
               "fused": set_quant_impl_(quantized, "auto")}
+    if layouts:
+        models = {"fp_nchw": copy.deepcopy(fp), "fp": fp, "fused_nchw": copy.deepcopy(models["fused"]),
+                  "fused": models["fused"]}
+    for k, m in models.items():
+        if not k.endswith("_nchw"):
+            training_layout_(m, device)
     return {"x": x, "y": y, "models": models,
             "opts": {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}}
 
@@ -90,11 +101,12 @@ def cuda_peak(b: dict, kind: str, amp: bool) -> int:
 
 
 def measure(b: dict, device: str, rounds: int, chunk: int, amp: bool) -> dict[str, float]:
-    for k in KINDS:                                   # warm-up (Triton compiles here on CUDA)
+    kinds = tuple(b["models"])
+    for k in kinds:                                   # warm-up (Triton compiles here on CUDA)
         timed_chunk(b, k, 2, device, amp)
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     for r in range(rounds):
-        order = KINDS[r % 3:] + KINDS[:r % 3]
+        order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
         for k in order:
             times[k].append(timed_chunk(b, k, chunk, device, amp))
     return {k: statistics.median(v) for k, v in times.items()}
@@ -109,6 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=None, help="comma list of model:size:in_channels (default per device)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CUDA default)")
+    p.add_argument("--layouts", action="store_true", help="compare the training layout with NCHW (FP and fused)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON list to PATH ('-': stdout)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -130,8 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':10} {'px':>4} {'batch':>5} {'variant':10} {'FP img/s':>9} {'QAT img/s':>9} {'ratio':>6} "
           f"{'mem ratio':>9}")
     for name, size, in_ch in cases:
-        b = build(name, size, in_ch, batch, args.device, channels_last=cuda)
+        b = build(name, size, in_ch, batch, args.device, channels_last=cuda, layouts=args.layouts)
         med = measure(b, args.device, args.rounds, chunk, amp)
+        if args.layouts:
+            for kind in LAYOUT_KINDS:
+                row = {"model": name, "input_size": size, "batch_size": batch, "device": args.device, "variant": kind,
+                       "img_s": batch / med[kind], "ratio": med[kind] / med["fp"], "threads": torch.get_num_threads(),
+                       **machine()}
+                rows.append(row)
+                print(f"{name:10} {size:4d} {batch:5d} {kind:10} {'':9} {row['img_s']:9.1f} {row['ratio']:6.2f}")
+            print(f"{'':10} training layout / NCHW: FP {med['fp_nchw'] / med['fp']:.2f}x, "
+                  f"QAT {med['fused_nchw'] / med['fused']:.2f}x faster")
+            continue
         fp_mem = cuda_peak(b, "fp", amp) if cuda else None
         for kind in ("reference", "fused"):
             mem = cuda_peak(b, kind, amp) / fp_mem if cuda else None

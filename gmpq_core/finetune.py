@@ -29,7 +29,7 @@ from .policy import BitPolicy, QuantSpec
 from .qmodules import apply_policy_, calibrate_, quantized_layers
 from .reporting import NullReporter, Reporter
 from .train import (Progress, make_cosine_scheduler, make_optimizer, run_epochs, seeded, steps_per_epoch,
-                    validate_sgd_fields)
+                    training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
            "CHECKPOINT_NAME"]
@@ -166,8 +166,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     t0 = time.perf_counter()
     with seeded(config.seed, device):
         calib = _first_batch(train_loader)
-    model = prepare_quantized(fp_model, policy, calib, include_stem=config.include_stem,
-                              include_classifier=config.include_classifier).to(device)
+    model = training_layout_(prepare_quantized(fp_model, policy, calib, include_stem=config.include_stem,
+                                               include_classifier=config.include_classifier).to(device), device)
     teacher = None
     if config.distill:
         teacher = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)

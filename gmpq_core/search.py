@@ -38,7 +38,7 @@ from .search_config import SearchConfig, SearchResult
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
                        mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
                        weight_parameters)
-from .train import evaluate, seeded
+from .train import evaluate, seeded, training_layout_
 
 __all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
            "evaluate_policy", "search_step", "StepStats"]
@@ -143,7 +143,9 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
     cfg = config
     with seeded(cfg.seed, device):
         teacher_s = copy.deepcopy(teacher).to(device).requires_grad_(False).eval()  # caller's model untouched
-        supernet = build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp, seed=cfg.seed)
+        training_layout_(teacher_s, device)
+        supernet = training_layout_(build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp,
+                                                   seed=cfg.seed), device)
         supernet.requires_grad_(True)
         set_temperature_(supernet, cfg.temperature)
         fixed = quantize_stem_and_classifier_(supernet, include_stem=cfg.include_stem,

@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from .errors import ConfigError, NonFiniteLossError
 from .reporting import NullReporter, Reporter
 
-__all__ = ["TrainConfig", "TrainResult", "evaluate", "train_one_epoch", "train_fp", "distillation_loss",
-           "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded", "run_epochs", "Progress"]
+__all__ = ["TrainConfig", "TrainResult", "training_layout_", "evaluate", "train_one_epoch", "train_fp",
+           "distillation_loss", "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded", "run_epochs", "Progress"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,18 @@ def seeded(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
 def steps_per_epoch(loader: Any, max_steps: int | None) -> int:
     n = len(loader)
     return n if max_steps is None else min(n, max_steps)
+
+
+def training_layout_(model: nn.Module, device: str | torch.device) -> nn.Module:
+    """``model`` in the memory format that trains fastest on ``device``, in place: channels_last on the CPU
+    (oneDNN's convolutions skip their layout conversions; the demo's ResNet-20 trains 1.2x faster, its
+    quantized fine-tune 1.18x, ResNet-18 at 32 px 1.13x and 1.10x, MobileNetV2 1.3-1.6x (a scratch run):
+    benchmarks/bench_qat_step.py --layouts), unchanged elsewhere (not measured on a GPU in float32).
+    Values are the same; inputs may stay NCHW (a channels_last weight makes the convolution's output
+    channels_last). Returns the model."""
+    if torch.device(device).type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:
@@ -278,7 +290,7 @@ def train_fp(model: nn.Module, train_loader: Any, test_loader: Any = None, *, co
     """
     reporter = reporter or NullReporter()
     t0 = time.perf_counter()
-    model.to(device)
+    training_layout_(model.to(device), device)
     total_steps = config.epochs * steps_per_epoch(train_loader, config.max_steps_per_epoch)
     optimizer = make_optimizer(model, config)
     scheduler = make_cosine_scheduler(optimizer, total_steps)

@@ -134,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gmpq_core.finetune import prepare_quantized
     from gmpq_core.policy import BitPolicy
     from gmpq_core.train import (evaluate, make_cosine_scheduler, make_optimizer, seeded, steps_per_epoch,
-                                 train_one_epoch)
+                                 train_one_epoch, training_layout_)
     from gmpq_core.transfer import load_target_model
 
     job = FinalJob(**config)
@@ -156,7 +156,7 @@ def train_loop_per_worker(config: dict) -> None:
         calib = next(iter(calib_loader))[0]          # the same batch on every rank
     fp, _ = load_target_model(job.fp_checkpoint)
     policy = BitPolicy.from_json(job.policy_json)
-    model = prepare_quantized(fp, policy, calib)
+    model = training_layout_(prepare_quantized(fp, policy, calib).to(device), device)
     teacher = fp.to(device).eval().requires_grad_(False) if job.distill else None
 
     steps = steps_per_epoch(train_loader, job.max_steps_per_epoch)

@@ -170,3 +170,32 @@ def test_distillation_from_a_teacher_trains_and_leaves_the_teacher_alone():
 def test_train_config_rejects_bad_values_echoing_them(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_training_layout_is_channels_last_on_the_cpu_and_trains_the_same():
+    import copy
+
+    import torch.nn.functional as F
+
+    from gmpq_core.models import build_model
+    from gmpq_core.train import training_layout_
+    torch.manual_seed(0)
+    base = build_model("resnet20", num_classes=10, in_channels=1, small_input=True).double()
+    x, y = torch.randn(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
+    runs = {}
+    for layout in ("nchw", "cpu"):
+        m = copy.deepcopy(base)
+        if layout == "cpu":
+            assert training_layout_(m, "cpu") is m
+            assert m.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+        runs[layout] = m.state_dict()
+    for k, v in runs["nchw"].items():
+        assert torch.allclose(v, runs["cpu"][k], atol=1e-10, rtol=0), k
+    meta = torch.nn.Conv2d(2, 2, 3).to("meta")
+    training_layout_(meta, "meta")                       # any other device: left as it is
+    assert meta.weight.is_contiguous()
