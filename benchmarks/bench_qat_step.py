@@ -34,7 +34,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_search_step import machine, write_json  # noqa: E402  (same machine record and --json)
