@@ -170,7 +170,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
                                                include_classifier=config.include_classifier).to(device), device)
     teacher = None
     if config.distill:
-        teacher = copy.deepcopy(fp_model).to(device).eval().requires_grad_(False)
+        teacher = training_layout_(copy.deepcopy(fp_model).to(device), device).eval().requires_grad_(False)
     optimizer = make_optimizer(model, config)
     total_steps = config.epochs * steps_per_epoch(train_loader, config.max_steps_per_epoch)
     scheduler = make_cosine_scheduler(optimizer, total_steps)

@@ -190,7 +190,10 @@ def _flat(t: Tensor, like: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
 # ---------------------------------------------------------------------------------------------
 # implementations on tensors of any shape (no autograd)
 def _same_layout(out: Tensor, like: Tensor) -> Tensor:
-    return out if out.stride() == like.stride() else torch.empty_like(like).copy_(out)
+    """``out`` in ``like``'s memory layout (strides compared where a dimension has more than one element: a
+    depthwise [C, 1, k, k] or a 1x1 weight is dense in both formats and needs no copy)."""
+    same = all(a == b for a, b, n in zip(out.stride(), like.stride(), like.shape) if n > 1)
+    return out if same else torch.empty_like(like).copy_(out)
 
 
 # (callers run them with autograd off: inside an autograd.Function / below the autograd key, or

@@ -143,13 +143,13 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
     cfg = config
     with seeded(cfg.seed, device):
         teacher_s = copy.deepcopy(teacher).to(device).requires_grad_(False).eval()  # caller's model untouched
+        supernet = build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp, seed=cfg.seed)
         training_layout_(teacher_s, device)
-        supernet = training_layout_(build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp,
-                                                   seed=cfg.seed), device)
         supernet.requires_grad_(True)
         set_temperature_(supernet, cfg.temperature)
         fixed = quantize_stem_and_classifier_(supernet, include_stem=cfg.include_stem,
                                               include_classifier=cfg.include_classifier, bits=cfg.stem_bits)
+        training_layout_(supernet, device)                    # after the fixed stem / classifier are swapped in
         set_mixture_impl_(supernet, resolve_mixture_impl(cfg.mixture_impl, device))
         all_macs = layer_macs(teacher_s, input_size, in_channels)
         names = list(mixed_layers(supernet))

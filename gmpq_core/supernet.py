@@ -199,8 +199,11 @@ def _reinit_(model: nn.Module, generator: torch.Generator) -> None:
     """Random init drawn from ``generator`` only (global RNG untouched): Kaiming-normal convs and
     linears (fan_out), zero biases, BN weight 1 / bias 0 / fresh running statistics."""
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+        if isinstance(m, (nn.Conv2d, nn.Linear)):   # drawn in NCHW order: the same values in any memory format
+            w = torch.empty(m.weight.shape, dtype=m.weight.dtype, device=m.weight.device)
+            nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu", generator=generator)
+            with torch.no_grad():
+                m.weight.copy_(w)
             if m.bias is not None:
                 m.bias.zero_()
         elif isinstance(m, nn.modules.batchnorm._NormBase):

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, NonFiniteLossError
 from .reporting import NullReporter, Reporter
 
-__all__ = ["TrainConfig", "TrainResult", "training_layout_", "evaluate", "train_one_epoch", "train_fp",
+__all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch", "train_fp",
            "distillation_loss", "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded", "run_epochs", "Progress"]
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,15 @@ def training_layout_(model: nn.Module, device: str | torch.device) -> nn.Module:
     quantized fine-tune 1.18x, ResNet-18 at 32 px 1.13x and 1.10x, MobileNetV2 1.3-1.6x (a scratch run):
     benchmarks/bench_qat_step.py --layouts), unchanged elsewhere (not measured on a GPU in float32).
     Values are the same; inputs may stay NCHW (a channels_last weight makes the convolution's output
-    channels_last). Returns the model."""
+    channels_last). Returns the model. ``standard_layout_`` undoes it."""
     if torch.device(device).type == "cpu":
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def standard_layout_(model: nn.Module) -> nn.Module:
+    """``model`` back in the standard (NCHW) memory format, in place; returns it."""
+    return model.to(memory_format=torch.contiguous_format)
 
 
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:
@@ -282,7 +287,8 @@ def run_epochs(model: nn.Module, train_loader: Any, test_loader: Any, *, optimiz
 def train_fp(model: nn.Module, train_loader: Any, test_loader: Any = None, *, config: TrainConfig,
              reporter: Reporter | None = None, device: str | torch.device = "cpu",
              progress: Progress | None = None) -> TrainResult:
-    """Train ``model`` in place (moved to ``device``) with SGD + cosine; evaluate after every epoch.
+    """Train ``model`` in place (moved to ``device``; trained in ``training_layout_`` and handed back in the
+    standard layout, as a model loaded from a file is) with SGD + cosine; evaluate after every epoch.
 
     Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch (test metrics; the
     training ones when ``test_loader`` is None). Deterministic for ``config.seed`` and the loader's
@@ -299,5 +305,6 @@ def train_fp(model: nn.Module, train_loader: Any, test_loader: Any = None, *, co
                                epochs=config.epochs, start_epoch=0, seed=config.seed,
                                max_steps=config.max_steps_per_epoch, reporter=reporter, device=device,
                                progress=progress, history=history)
+    standard_layout_(model)
     return TrainResult(top1=metrics["top1"], top5=metrics["top5"], loss=metrics["loss"], epochs_run=done,
                        seconds=time.perf_counter() - t0, history=history)

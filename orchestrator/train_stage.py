@@ -157,7 +157,7 @@ def train_loop_per_worker(config: dict) -> None:
     fp, _ = load_target_model(job.fp_checkpoint)
     policy = BitPolicy.from_json(job.policy_json)
     model = training_layout_(prepare_quantized(fp, policy, calib).to(device), device)
-    teacher = fp.to(device).eval().requires_grad_(False) if job.distill else None
+    teacher = training_layout_(fp.to(device), device).eval().requires_grad_(False) if job.distill else None
 
     steps = steps_per_epoch(train_loader, job.max_steps_per_epoch)
     total = job.epochs * steps

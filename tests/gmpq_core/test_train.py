@@ -199,3 +199,22 @@ def test_training_layout_is_channels_last_on_the_cpu_and_trains_the_same():
     meta = torch.nn.Conv2d(2, 2, 3).to("meta")
     training_layout_(meta, "meta")                       # any other device: left as it is
     assert meta.weight.is_contiguous()
+
+
+def test_train_fp_hands_the_model_back_in_the_standard_layout():
+    from gmpq_core.models import build_model
+    from gmpq_core.train import TrainConfig, train_fp
+    torch.manual_seed(0)
+    m = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    data = [(torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,)))]
+    train_fp(m, data, config=TrainConfig(epochs=1, batch_size=8), device="cpu")   # trained in channels_last
+    assert all(p.is_contiguous() for p in m.parameters())   # as a model loaded from a file is
+
+
+def test_a_random_supernet_init_does_not_depend_on_the_memory_format():
+    from gmpq_core.models import build_model
+    from gmpq_core.supernet import build_supernet
+    m = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    nchw = build_supernet(m, init_from_fp=False, seed=3).state_dict()
+    cl = build_supernet(m.to(memory_format=torch.channels_last), init_from_fp=False, seed=3).state_dict()
+    assert all(torch.equal(v, cl[k]) for k, v in nchw.items() if torch.is_tensor(v))
