@@ -206,16 +206,10 @@ def act_fwd_impl(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], s
 
 def act_bwd_impl(grad: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool,
                  impl: str, need_probs: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(grad_x, grad_probs, grad_clips); grad_probs is None with ``need_probs=False`` (the Triton kernel
-    computes it in the same pass anyway and it is dropped)."""
+    """(grad_x, grad_probs, grad_clips); grad_probs is None with ``need_probs=False``."""
     xf, back = _flat(x, x)
     gf, _ = _flat(grad, x)
-    kernel = _kernel(impl, "act_backward", x.device)
-    if kernel is _act_backward_kernel:
-        gx, gp, gc = kernel(gf, xf, probs, clips, tuple(bits), signed, need_probs)
-    else:
-        gx, gp, gc = kernel(gf, xf, probs, clips, tuple(bits), signed)
-        gp = gp if need_probs else None
+    gx, gp, gc = _kernel(impl, "act_backward", x.device)(gf, xf, probs, clips, tuple(bits), signed, need_probs)
     return _same_layout(back(gx), x), gp, gc
 
 

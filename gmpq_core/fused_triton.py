@@ -128,8 +128,9 @@ def act_forward(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], si
 
 
 def act_backward(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int],
-                 signed: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_probs, grad_clips) of the activation mixture for upstream gradient ``g``."""
+                 signed: bool, need_probs: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(grad_x, grad_probs, grad_clips) of the activation mixture for upstream gradient ``g``; grad_probs
+    is None with ``need_probs=False`` (the kernel's partial sums for it cost nothing extra: same pass)."""
     _, bwd, grid, compute, wide, p, a, n = _params(x, probs, clips, bits, signed)
     J = len(bits)
     gx = torch.empty_like(x)
@@ -139,4 +140,4 @@ def act_backward(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Seque
     sums = part.sum(dim=0)
     gp = sums[:J]
     gc = p * sums[J:] * torch.sign(clips.detach().to(wide))
-    return gx, gp.to(probs.dtype), gc.to(clips.dtype)
+    return gx, gp.to(probs.dtype) if need_probs else None, gc.to(clips.dtype)

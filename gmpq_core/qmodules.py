@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused import IMPLS, _act_mixture, _mixed_conv2d, _weight_mixture, resolve_mixture_impl
 from .errors import ConfigError
+from .fused import IMPLS, _act_mixture, _mixed_conv2d, _weight_mixture, resolve_mixture_impl
 from .layers import searchable_layers, swap_module
 from .policy import BitPolicy, QuantSpec
 from .quantizers import ActQuantizer, quantize_weight
@@ -92,9 +92,9 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         if impl is None or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return self._conv_forward(self._qin(x), quantize_weight(self.weight, self.w_bits), self.bias)
         one = _one(x.device, self.weight.dtype)
-        return _mixed_conv2d(x, self.weight, self.bias, one, self.act.clip.view(1), (self.act.bits,), self.act._signed,
-                             one, (self.w_bits,), list(self.stride), list(self.padding), list(self.dilation),
-                             self.groups, impl)
+        return _mixed_conv2d(x, self.weight, self.bias, one, self.act.clip.view(1), (self.act.bits,),
+                             self.act._signed, one, (self.w_bits,), list(self.stride), list(self.padding),
+                             list(self.dilation), self.groups, impl)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", w_bits={self.w_bits}, a_bits={self.a_bits}"

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from .errors import ConfigError, NonFiniteLossError
 from .reporting import NullReporter, Reporter
 
-__all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch", "train_fp",
-           "distillation_loss", "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded", "run_epochs", "Progress"]
+__all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch",
+           "train_fp", "distillation_loss", "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded",
+           "run_epochs", "Progress"]
 
 log = logging.getLogger(__name__)
 
