@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search_step import machine, write_json  # noqa: E402  (same machine record and --json)
+from bench_search_step import _sync, machine, write_json  # noqa: E402  (same sync, machine record, --json)
 
 from gmpq_core.layers import searchable_layers  # noqa: E402
 from gmpq_core.models import build_model  # noqa: E402
@@ -73,11 +73,6 @@ def build(name: str, size: int, in_ch: int, batch: int, device: str, channels_la
             training_layout_(m, device)
     return {"x": x, "y": y, "models": models,
             "opts": {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}}
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def timed_chunk(b: dict, kind: str, steps: int, device: str, amp: bool) -> float:
