@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--n-trials", type=int, default=None, help="default: the preset's")
     p.add_argument("--epochs", type=int, default=None, help="search epochs per trial (default: the preset's)")
     p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+                   help="the sweep's training precision (default: the preset's, auto: float32 on a CPU)")
     p.add_argument("--out", default=None, help="sweep folder (default: a fresh temporary folder, removed after)")
     p.add_argument("--cache-dir", default=None,
                    help="teacher / FP-target cache shared across sweeps, e.g. ~/.cache/gmpq (default: a fresh folder "
@@ -108,7 +110,7 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
     tmp = args.out is None
     out = Path(tempfile.mkdtemp(prefix="gmpq_bench_sweep_") if tmp else args.out)
     overrides = {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": str(out),
-                 "space.search_epochs": args.epochs, "name": "bench_sweep"}
+                 "space.search_epochs": args.epochs, "name": "bench_sweep", "precision": args.precision}
     overrides["cache_dir"] = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else str(out / "cache")
     cfg = load_sweep_config(preset=args.preset, overrides={k: v for k, v in overrides.items() if v is not None})
     times: dict[str, float] = {}
@@ -157,7 +159,9 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
            "core_compute_fraction": round((compute + lent) / capacity, 4) if capacity > 0 else None,
            "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
                                               if times.get("tune_phase_s") else None),
-           "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir,
+           "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir, "precision": cfg.precision,
+           "trials": [{k: r.get(k) for k in ("budget_avg_bits", "proxy_size", "search_seconds", "transfer_seconds",
+                                             "transfer_top1")} for r in sorted(rows, key=lambda r: r.get("started_at") or "")],
            "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     if tmp:
         shutil.rmtree(out, ignore_errors=True)

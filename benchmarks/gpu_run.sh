@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_USAGE
 
 echo "== CUDA correctness tests (mixture kernels, CUDA-graph replay against the eager step)"
 timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_fused.py \
-  tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+  tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py tests/gmpq_core/test_precision.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 
 echo "== search step vs FP, side by side (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
 # the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it
@@ -32,6 +32,9 @@ fi
 echo "== QAT fine-tune step vs FP, side by side (reference quantizers against the fused/Triton layers of session 12)"
 timeout ${QAT_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat.json" 2>&1 \
   | grep -v -E "^(STAGE|USDT|\[W)" | tail -8 | tee "$OUT/qat.log"
+echo "== what precision: auto (bf16 + channels_last) buys the product's training loops over float32"
+timeout ${PREC_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --precisions --json "$OUT/qat_precisions.json" 2>&1 \
+  | grep -v -E "^(STAGE|USDT|\[W)" | tail -12 | tee "$OUT/qat_precisions.log"
 echo "== a whole search (real Fashion-MNIST, ResNet-18) with and without CUDA graphs (needs data/FashionMNIST/raw carried)"
 timeout ${WHOLE_S:-120} $PY benchmarks/bench_search_graph.py --device cuda --json "$OUT/search_graph.json" 2>&1 \
   | grep -v -E "^(STAGE|USDT|\[W)" | tail -6 | tee "$OUT/search_graph.log"
@@ -42,4 +45,6 @@ if [ -n "${COMPILED:-}" ]; then
 fi
 
 tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
+# at most 8 files come back from a lent machine: the logs travel as one archive (their tails were printed)
+(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log)
 ls -la "$OUT"

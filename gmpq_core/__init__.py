@@ -17,6 +17,7 @@ _EXPORTS = {
     "layers": ("fingerprint", "searchable_layers", "swap_module"),
     "models": ("build_model", "list_models"),
     "policy": ("BitCandidates", "BitPolicy", "QuantSpec"),
+    "precision": ("PRECISIONS", "resolve_precision"),
     "qmodules": ("QuantConv2d", "QuantLinear", "apply_policy_", "calibrate_", "set_quant_impl_"),
     "reporting": ("ListReporter", "NullReporter", "Reporter"),
     "search": ("Budget", "SearchConfig", "SearchResult", "build_supernet", "derive_policy", "search_policy"),

@@ -26,6 +26,7 @@ from .bitops import BitOpsReport, count_bitops
 from .errors import CheckpointError, ConfigError
 from .fileio import load_checkpoint, save_checkpoint
 from .policy import BitPolicy, QuantSpec
+from .precision import resolve_precision
 from .qmodules import apply_policy_, calibrate_, quantized_layers
 from .reporting import NullReporter, Reporter
 from .train import (Progress, make_cosine_scheduler, make_optimizer, run_epochs, seeded, steps_per_epoch,
@@ -154,23 +155,27 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy) -> dict 
 def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loader: Any, *,
              config: FinetuneConfig, input_size: int, in_channels: int, reporter: Reporter | None = None,
              device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
-             progress: Progress | None = None) -> FinetuneResult:
+             progress: Progress | None = None, precision: str = "auto") -> FinetuneResult:
     """QAT of ``policy`` applied to a copy of ``fp_model``; ``fp_model`` itself is left unchanged.
 
     Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch and honours
     ``should_stop()`` between epochs. ``epochs_run`` counts epochs completed in total, including
     those restored from ``checkpoint_dir``. BitOPs are counted at ``input_size`` px with
-    ``in_channels`` input channels.
+    ``in_channels`` input channels. ``precision``: precision.py (``auto``: bf16 autocast on a GPU with
+    bfloat16, float32 elsewhere; the quantizers' grids and clips stay float32).
     """
+    resolve_precision(precision, device)                 # a bad value fails before any work
     reporter = reporter or NullReporter()
     t0 = time.perf_counter()
     with seeded(config.seed, device):
         calib = _first_batch(train_loader)
-    model = training_layout_(prepare_quantized(fp_model, policy, calib, include_stem=config.include_stem,
-                                               include_classifier=config.include_classifier).to(device), device)
+    model = prepare_quantized(fp_model, policy, calib, include_stem=config.include_stem,
+                              include_classifier=config.include_classifier)
+    model = training_layout_(model.to(device), device, precision)
     teacher = None
     if config.distill:
-        teacher = training_layout_(copy.deepcopy(fp_model).to(device), device).eval().requires_grad_(False)
+        teacher = training_layout_(copy.deepcopy(fp_model).to(device), device, precision)
+        teacher.eval().requires_grad_(False)
     optimizer = make_optimizer(model, config)
     total_steps = config.epochs * steps_per_epoch(train_loader, config.max_steps_per_epoch)
     scheduler = make_cosine_scheduler(optimizer, total_steps)
@@ -200,7 +205,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
                                max_steps=config.max_steps_per_epoch, reporter=reporter, device=device,
                                progress=progress, history=history, teacher=teacher,
                                distill_alpha=config.distill_alpha if config.distill else 0.0,
-                               distill_temperature=config.distill_temperature, after_epoch=save)
+                               distill_temperature=config.distill_temperature, precision=precision,
+                               after_epoch=save)
     report = count_bitops(model, effective_policy(model, policy), input_size, in_channels)
     return FinetuneResult(model=model, top1=metrics["top1"], top5=metrics["top5"], bitops=report,
                           epochs_run=done, seconds=time.perf_counter() - t0, history=history)

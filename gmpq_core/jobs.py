@@ -26,6 +26,7 @@ from .fileio import default_cache_dir, load_checkpoint, save_checkpoint
 from .layers import searchable_layers
 from .models import build_model, list_models
 from .policy import BitPolicy
+from .precision import check_precision, resolve_precision
 from .reporting import Reporter
 from .search import search_policy
 from .search_config import SearchConfig, SearchResult
@@ -53,6 +54,7 @@ class SearchJob:
     teacher_batch_size: int = 128
     cache_dir: str = field(default_factory=default_cache_dir)
     device: str = "cpu"
+    precision: str = "auto"                  # precision.py: auto (bf16 on a GPU with bfloat16), fp32, bf16
     search: SearchConfig = field(default_factory=SearchConfig)
     eval_size: int | None = 1000
 
@@ -73,6 +75,7 @@ class SearchJob:
                               f"{name}={v!r}.")
         if not isinstance(self.small_input, bool):
             raise ConfigError(f"small_input must be true or false, but got small_input={self.small_input!r}.")
+        check_precision(self.precision)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -195,7 +198,8 @@ def _eval_loader(job: SearchJob, bundle: Any, split: Any) -> Any:
 
 def _teacher_test_top1(job: SearchJob, bundle: Any, model: nn.Module) -> tuple[float, int]:
     split = proxy(bundle.test, min(TEACHER_TEST_IMAGES, len(bundle.test)), job.proxy_seed)
-    return float(evaluate(model, _eval_loader(job, bundle, split), device=job.device)["top1"]), len(split)
+    top1 = evaluate(model, _eval_loader(job, bundle, split), device=job.device, precision=job.precision)["top1"]
+    return float(top1), len(split)
 
 
 def _cached_teacher(job: SearchJob, bundle: Any, path: Path) -> Teacher | None:
@@ -240,7 +244,8 @@ def load_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: 
     loader = make_loader(split, info, batch_size=job.teacher_batch_size, train=True, seed=job.search.seed,
                          device=job.device)
     cfg = TrainConfig(epochs=job.teacher_epochs, batch_size=job.teacher_batch_size, seed=job.search.seed)
-    result = train_fp(model, loader, None, config=cfg, reporter=reporter, device=job.device, progress=progress)
+    result = train_fp(model, loader, None, config=cfg, reporter=reporter, device=job.device, progress=progress,
+                      precision=job.precision)
     model.eval()
     test_top1, test_images = _teacher_test_top1(job, bundle, model)
     meta = {**_teacher_key(job, info), "train_top1": result.top1, "seconds": result.seconds,
@@ -272,11 +277,11 @@ def run_search_job(job: SearchJob, *, reporter: Reporter | None = None,
         eval_loader = _eval_loader(job, bundle, proxy(bundle.test, size, job.proxy_seed))
     result = search_policy(teacher.model, train_loader, config=job.search, input_size=info.image_size,
                            in_channels=info.in_channels, eval_loader=eval_loader, reporter=reporter,
-                           device=job.device, model_name=job.model, progress=progress)
+                           device=job.device, model_name=job.model, progress=progress, precision=job.precision)
     meta = {**result.policy.meta, "model": job.model, "dataset": job.dataset, "in_channels": info.in_channels,
             "num_classes": info.num_classes, "small_input": job.small_input, "input_size": info.image_size,
             "budget": job.search.budget.to_dict() if job.search.budget is not None else None,
             "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed, "seed": job.search.seed,
-            "teacher_top1": teacher.test_top1}
+            "teacher_top1": teacher.test_top1, "precision": resolve_precision(job.precision, job.device)}
     policy = BitPolicy(layers=result.policy.layers, fingerprint=result.policy.fingerprint, meta=meta)
     return dataclasses.replace(result, policy=policy)

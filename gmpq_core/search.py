@@ -38,6 +38,7 @@ from .search_config import SearchConfig, SearchResult
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
                        mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
                        weight_parameters)
+from .precision import autocast, resolve_precision
 from .train import evaluate, seeded, training_layout_
 
 __all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
@@ -127,7 +128,7 @@ def evaluate_policy(supernet: nn.Module, policy: BitPolicy, teacher: nn.Module, 
 def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig, input_size: int,
                   in_channels: int, eval_loader: Any = None, reporter: Reporter | None = None,
                   device: str | torch.device = "cpu", model_name: str | None = None,
-                  progress: Progress | None = None) -> SearchResult:
+                  progress: Progress | None = None, precision: str = "auto") -> SearchResult:
     """Search a mixed-precision policy for ``teacher``'s architecture on the proxy ``train_loader``.
 
     ``teacher`` is the trained FP network (left untouched). Reports once per epoch (1-based)
@@ -135,21 +136,25 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
     supernet's top-1 on ``eval_loader`` (the running training top-1 when None). ``should_stop()``
     is checked between epochs. Deterministic for ``config.seed`` and the loaders' seeds; the global
     RNG state is left untouched. A NaN/inf loss raises NonFiniteLossError within its epoch.
+    ``precision`` (precision.py; ``auto``: bf16 autocast on a GPU with bfloat16, float32 elsewhere) sets
+    the autocast of the search steps and the per-epoch evaluation; the calibration, the final policy's
+    evaluation (proxy top-1, ARD) and the architecture logits stay float32.
     """
     if not isinstance(config, SearchConfig):
         raise ConfigError(f"config must be a SearchConfig, but got {type(config).__name__}.")
+    resolve_precision(precision, device)                 # a bad value fails before any work
     reporter = reporter or NullReporter()
     t0 = time.perf_counter()
     cfg = config
     with seeded(cfg.seed, device):
         teacher_s = copy.deepcopy(teacher).to(device).requires_grad_(False).eval()  # caller's model untouched
         supernet = build_supernet(teacher_s, cfg.candidates, init_from_fp=cfg.init_from_fp, seed=cfg.seed)
-        training_layout_(teacher_s, device)
+        training_layout_(teacher_s, device, precision)
         supernet.requires_grad_(True)
         set_temperature_(supernet, cfg.temperature)
         fixed = quantize_stem_and_classifier_(supernet, include_stem=cfg.include_stem,
                                               include_classifier=cfg.include_classifier, bits=cfg.stem_bits)
-        training_layout_(supernet, device)                    # after the fixed stem / classifier are swapped in
+        training_layout_(supernet, device, precision)         # after the fixed stem / classifier are swapped in
         set_mixture_impl_(supernet, resolve_mixture_impl(cfg.mixture_impl, device))
         all_macs = layer_macs(teacher_s, input_size, in_channels)
         names = list(mixed_layers(supernet))
@@ -187,11 +192,13 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                 g["lr"] = base * factor
             if hasattr(train_loader, "set_epoch"):
                 train_loader.set_epoch(epoch - 1)
-            stats = _run_epoch(supernet, train_loader, step_fn, cfg, epoch=epoch, device=device, progress=progress)
+            stats = _run_epoch(supernet, train_loader, step_fn, cfg, epoch=epoch, device=device, progress=progress,
+                               precision=precision)
             with torch.no_grad():
                 _, ew, ea = expected_bits(supernet)
                 exp = float((macs_vec * ew * ea).sum())
-            proxy_top1 = (evaluate(supernet, eval_loader, device=device)["top1"] if eval_loader is not None
+            proxy_top1 = (evaluate(supernet, eval_loader, device=device, precision=precision)["top1"]
+                          if eval_loader is not None
                           else stats["train_top1"])
             p_used = stats["p"]
             metrics = {"epoch": epoch, "proxy_top1": proxy_top1, **stats, "expected_gbitops": exp / 1e9,
@@ -314,15 +321,19 @@ def _step_function(supernet: nn.Module, teacher: nn.Module, optimizer: torch.opt
 
 
 def _run_epoch(supernet: nn.Module, loader: Any, step_fn: Callable[..., StepStats], cfg: SearchConfig, *,
-               epoch: int, device: str | torch.device, progress: Progress | None) -> dict[str, float]:
-    """One pass over the proxy (``step_fn``: ``search_step`` per batch); returns per-image means of the epoch."""
+               epoch: int, device: str | torch.device, progress: Progress | None,
+               precision: str = "auto") -> dict[str, float]:
+    """One pass over the proxy (``step_fn``: ``search_step`` per batch, under ``precision``'s autocast: a
+    CUDA graph captures the autocast it is called in); returns per-image means of the epoch."""
     supernet.train()
+    cast = autocast(precision, device)
     total = _steps(loader, cfg.max_steps_per_epoch)
     sums = {"ce": 0.0, "l_gen": 0.0, "penalty": 0.0, "p": 0.0, "ard": 0.0, "loss": 0.0}
     correct = n = 0
     for step, (x, y) in enumerate(_batches(loader, cfg.max_steps_per_epoch), start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        st = step_fn(x, y, epoch=epoch, step=step)
+        with cast:
+            st = step_fn(x, y, epoch=epoch, step=step)
         for k in sums:
             sums[k] += getattr(st, k) * st.n
         correct += st.correct

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, NonFiniteLossError
+from .precision import autocast, resolve_precision
 from .reporting import NullReporter, Reporter
 
 __all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch",
@@ -113,14 +114,16 @@ def steps_per_epoch(loader: Any, max_steps: int | None) -> int:
     return n if max_steps is None else min(n, max_steps)
 
 
-def training_layout_(model: nn.Module, device: str | torch.device) -> nn.Module:
+def training_layout_(model: nn.Module, device: str | torch.device, precision: str = "auto") -> nn.Module:
     """``model`` in the memory format that trains fastest on ``device``, in place: channels_last on the CPU
     (oneDNN's convolutions skip their layout conversions; the demo's ResNet-20 trains 1.2x faster, its
     quantized fine-tune 1.18x, ResNet-18 at 32 px 1.13x and 1.10x, MobileNetV2 1.3-1.6x (a scratch run):
-    benchmarks/bench_qat_step.py --layouts), unchanged elsewhere (not measured on a GPU in float32).
+    benchmarks/bench_qat_step.py --layouts) and on a GPU in bf16 (``precision``, precision.py: the
+    tensor cores' layout, as the GPU benchmarks run), unchanged on a GPU in float32 (not measured).
     Values are the same; inputs may stay NCHW (a channels_last weight makes the convolution's output
     channels_last). Returns the model. ``standard_layout_`` undoes it."""
-    if torch.device(device).type == "cpu":
+    dev = torch.device(device)
+    if dev.type == "cpu" or (dev.type == "cuda" and resolve_precision(precision, dev) == "bf16"):
         model.to(memory_format=torch.channels_last)
     return model
 
@@ -158,11 +161,13 @@ def _correct_topk(logits: Tensor, y: Tensor) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device = "cpu",
-             max_batches: int | None = None) -> dict:
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` in eval mode over ``loader``.
+             max_batches: int | None = None, precision: str = "auto") -> dict:
+    """Top-1 / top-5 accuracy (%) and mean cross-entropy of ``model`` in eval mode over ``loader``
+    (forward passes under ``precision``'s autocast, precision.py).
 
     The model's train/eval mode is restored afterwards. An empty loader raises ConfigError.
     """
+    cast = autocast(precision, device)
     was_training = model.training
     model.eval()
     n = c1 = c5 = 0
@@ -170,7 +175,8 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: str | torch.device =
     try:
         for x, y in _batches(loader, max_batches):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            with cast:
+                logits = model(x)
             loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             a, b = _correct_topk(logits, y)
             c1, c5, n = c1 + a, c5 + b, n + y.numel()
@@ -197,13 +203,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
                     scheduler: Any = None, teacher: nn.Module | None = None, distill_alpha: float = 0.0,
                     distill_temperature: float = 4.0, device: str | torch.device = "cpu",
                     max_steps: int | None = None, progress: Progress | None = None,
-                    epoch: int | None = None) -> dict:
+                    epoch: int | None = None, precision: str = "auto") -> dict:
     """One pass of SGD over ``loader`` (at most ``max_steps`` batches); returns ``{"loss","top1","top5"}``.
 
     ``loss`` is the mean training loss per image (the distillation mix when a teacher is given),
     accuracies the running training accuracy in %. ``scheduler`` is stepped after every batch. The
-    teacher runs in eval mode without gradients. A NaN/inf loss raises NonFiniteLossError naming the
-    step (and ``epoch``, 1-based, when given) before any update is applied.
+    teacher runs in eval mode without gradients. Forward passes and losses run under ``precision``'s
+    autocast (precision.py), the backward pass and the update outside it. A NaN/inf loss raises
+    NonFiniteLossError naming the step (and ``epoch``, 1-based, when given) before any update is applied.
     """
     if not 0.0 <= distill_alpha <= 1.0:
         raise ConfigError(f"distill_alpha must be in [0, 1], but got distill_alpha={distill_alpha!r}.")
@@ -213,18 +220,20 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     if use_teacher:
         teacher.eval()
     model.train()
+    cast = autocast(precision, device)
     total = steps_per_epoch(loader, max_steps)
     n = c1 = c5 = 0
     loss_sum = 0.0
     for step, (x, y) in enumerate(_batches(loader, max_steps), start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        logits = model(x)
-        if use_teacher:
-            with torch.no_grad():
-                t_logits = teacher(x)
-            loss = distillation_loss(logits, t_logits, y, alpha=distill_alpha, temperature=distill_temperature)
-        else:
-            loss = F.cross_entropy(logits, y)
+        with cast:
+            logits = model(x)
+            if use_teacher:
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                loss = distillation_loss(logits, t_logits, y, alpha=distill_alpha, temperature=distill_temperature)
+            else:
+                loss = F.cross_entropy(logits, y)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             where = f"epoch {epoch}, step {step}" if epoch is not None else f"step {step}"
@@ -252,7 +261,7 @@ def run_epochs(model: nn.Module, train_loader: Any, test_loader: Any, *, optimiz
                scheduler: Any, epochs: int, start_epoch: int, seed: int, max_steps: int | None,
                reporter: Reporter, device: str | torch.device, progress: Progress | None,
                history: list[dict], teacher: nn.Module | None = None, distill_alpha: float = 0.0,
-               distill_temperature: float = 4.0,
+               distill_temperature: float = 4.0, precision: str = "auto",
                after_epoch: Callable[[int], None] | None = None) -> tuple[dict, int]:
     """The epoch loop shared by ``train_fp`` and ``finetune``; returns (last metrics, epochs completed).
 
@@ -268,8 +277,9 @@ def run_epochs(model: nn.Module, train_loader: Any, test_loader: Any, *, optimiz
         with seeded(seed + epoch, device):
             tr = train_one_epoch(model, train_loader, optimizer, scheduler=scheduler, teacher=teacher,
                                  distill_alpha=distill_alpha, distill_temperature=distill_temperature,
-                                 device=device, max_steps=max_steps, progress=progress, epoch=epoch)
-        ev = evaluate(model, test_loader, device=device) if test_loader is not None else \
+                                 device=device, max_steps=max_steps, progress=progress, epoch=epoch,
+                                 precision=precision)
+        ev = evaluate(model, test_loader, device=device, precision=precision) if test_loader is not None else \
             {"top1": tr["top1"], "top5": tr["top5"], "loss": tr["loss"]}
         metrics = {"epoch": epoch, **ev, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "lr": float(optimizer.param_groups[0]["lr"])}
@@ -287,17 +297,19 @@ def run_epochs(model: nn.Module, train_loader: Any, test_loader: Any, *, optimiz
 
 def train_fp(model: nn.Module, train_loader: Any, test_loader: Any = None, *, config: TrainConfig,
              reporter: Reporter | None = None, device: str | torch.device = "cpu",
-             progress: Progress | None = None) -> TrainResult:
+             progress: Progress | None = None, precision: str = "auto") -> TrainResult:
     """Train ``model`` in place (moved to ``device``; trained in ``training_layout_`` and handed back in the
     standard layout, as a model loaded from a file is) with SGD + cosine; evaluate after every epoch.
 
     Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch (test metrics; the
     training ones when ``test_loader`` is None). Deterministic for ``config.seed`` and the loader's
-    seed; the caller's global RNG state is left untouched.
+    seed; the caller's global RNG state is left untouched. ``precision``: precision.py (``auto``: bf16
+    autocast on a GPU with bfloat16, float32 elsewhere).
     """
+    resolve_precision(precision, device)                 # a bad value fails before the model moves
     reporter = reporter or NullReporter()
     t0 = time.perf_counter()
-    training_layout_(model.to(device), device)
+    training_layout_(model.to(device), device, precision)
     total_steps = config.epochs * steps_per_epoch(train_loader, config.max_steps_per_epoch)
     optimizer = make_optimizer(model, config)
     scheduler = make_cosine_scheduler(optimizer, total_steps)
@@ -305,7 +317,7 @@ def train_fp(model: nn.Module, train_loader: Any, test_loader: Any = None, *, co
     metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,
                                epochs=config.epochs, start_epoch=0, seed=config.seed,
                                max_steps=config.max_steps_per_epoch, reporter=reporter, device=device,
-                               progress=progress, history=history)
+                               progress=progress, history=history, precision=precision)
     standard_layout_(model)
     return TrainResult(top1=metrics["top1"], top5=metrics["top5"], loss=metrics["loss"], epochs_run=done,
                        seconds=time.perf_counter() - t0, history=history)

@@ -145,7 +145,8 @@ def target_model_cached(*, model: str, dataset: str, check: TransferCheck, cache
 
 def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cache_dir: str | Path,
                          data_root: str | None = None, image_size: int | None = None, small_input: bool = True,
-                         device: str | torch.device = "cpu", progress: Any = None) -> TargetModel:
+                         device: str | torch.device = "cpu", progress: Any = None,
+                         precision: str = "auto") -> TargetModel:
     """Train the FP target model once (SGD + cosine, ``fp_*`` recipe) and cache it in ``cache_dir``.
 
     The file name hashes everything that shapes the weights, so a second call (another trial, a
@@ -169,7 +170,8 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
                       max_steps_per_epoch=check.fp_max_steps_per_epoch)
     train_loader = make_loader(train, info, batch_size=cfg.batch_size, train=True, seed=check.seed, device=device)
     test_loader = make_loader(test, info, batch_size=256, train=False, device=device)
-    result = train_fp(net, train_loader, test_loader, config=cfg, device=device, progress=progress)
+    result = train_fp(net, train_loader, test_loader, config=cfg, device=device, progress=progress,
+                      precision=precision)
     full_meta = {**meta, "num_classes": info.num_classes, "in_channels": info.in_channels,
                  "input_size": info.image_size}
     save_checkpoint(path, net.to("cpu").state_dict())
@@ -194,7 +196,7 @@ def load_target_model(path: str | Path, device: str | torch.device = "cpu") -> t
 
 def run_transfer_check(fp_target_model: nn.Module, policy: BitPolicy, train_split: Any, test_split: Any,
                        info: DatasetInfo, *, check: TransferCheck, device: str | torch.device = "cpu",
-                       progress: Any = None) -> dict[str, Any]:
+                       progress: Any = None, precision: str = "auto") -> dict[str, Any]:
     """QAT-fine-tune ``policy`` on the fixed target train slice, evaluate on the fixed test slice.
 
     ``fp_target_model`` is not modified. Returns ``{"transfer_top1", "transfer_top5" (%),
@@ -207,14 +209,14 @@ def run_transfer_check(fp_target_model: nn.Module, policy: BitPolicy, train_spli
                                device=device)
     test_loader = make_loader(test_split, info, batch_size=256, train=False, device=device)
     result = finetune(fp_target_model, policy, train_loader, test_loader, config=cfg, input_size=info.image_size,
-                      in_channels=info.in_channels, device=device, progress=progress)
+                      in_channels=info.in_channels, device=device, progress=progress, precision=precision)
     return {"transfer_top1": float(result.top1), "transfer_top5": float(result.top5),
             "transfer_seconds": time.perf_counter() - t0, "transfer_epochs": int(result.epochs_run),
             "bitops_report": result.bitops}
 
 
 def fp_reference_top1(fp_target_model: nn.Module, test_split: Any, info: DatasetInfo, *,
-                      device: str | torch.device = "cpu") -> float:
+                      device: str | torch.device = "cpu", precision: str = "auto") -> float:
     """Top-1 (%) of the FP target model on the fixed test slice (the ceiling of the transfer check)."""
-    return float(evaluate(fp_target_model, make_loader(test_split, info, batch_size=256, train=False,
-                                                       device=device), device=device)["top1"])
+    loader = make_loader(test_split, info, batch_size=256, train=False, device=device)
+    return float(evaluate(fp_target_model, loader, device=device, precision=precision)["top1"])

@@ -19,7 +19,7 @@ from torch import nn
 
 from gmpq_core.errors import ConfigError
 from gmpq_core.models import build_model, list_models
-from orchestrator.commands import at_least
+from orchestrator.commands import add_precision_arg, at_least
 from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
 from gmpq_core.train import seeded
 
@@ -64,6 +64,7 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion
 def add_run_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
+    add_precision_arg(g)
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and augmentation")
     g.add_argument("--out", default=default_out, metavar="DIR", help=f"output folder (default {default_out})")
 

@@ -93,7 +93,7 @@ def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | 
             f"read from {cfg.cache_dir} if trained before)")
     return prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
                                 cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
-                                small_input=cfg.small_input).path
+                                small_input=cfg.small_input, precision=cfg.precision).path
 
 
 def final_slots(n_jobs: int, workers: int, use_gpu: bool, cap: int | None) -> int:
@@ -160,7 +160,7 @@ def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: flo
                     distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
                     seed=int(cfg.get("seed") or 0),
                     max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
-                    train_size=train_size, test_size=test_size,
+                    train_size=train_size, test_size=test_size, precision=str(cfg.get("precision") or "auto"),
                     progress_file=str(progress_dir / f"finetune-{tid}.progress.json") if progress_dir else None)
 
 

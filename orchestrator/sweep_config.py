@@ -21,6 +21,7 @@ from gmpq_core.data import canonical_data_source
 from gmpq_core.errors import ConfigError, did_you_mean
 from gmpq_core.fileio import absolute_path, default_cache_dir
 from gmpq_core.policy import BitCandidates
+from gmpq_core.precision import check_precision
 from gmpq_core.transfer import TransferCheck
 from search_spaces.presets import load_preset, load_yaml
 from search_spaces.space import SearchSpace
@@ -170,6 +171,7 @@ class SweepConfig:
     max_concurrent_trials: int = 2
     seed: int = 0
     resources: Resources = field(default_factory=Resources)
+    precision: str = "auto"                   # gmpq_core.precision: auto (bf16 on a GPU with bfloat16), fp32, bf16
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     budget_buckets: tuple[float, ...] = (2.75, 3.5, 4.5)
     max_failures: int = 0
@@ -214,6 +216,7 @@ class SweepConfig:
         _require(self.image_size is None or _is_pos(self.image_size, integer=True),
                  f"image_size must be a positive integer or null, but got image_size={self.image_size!r}.")
         _require(isinstance(self.small_input, bool), f"small_input must be true/false, got {self.small_input!r}.")
+        check_precision(self.precision)
         edges = self.budget_buckets
         _require(isinstance(edges, (list, tuple)) and all(_is_pos(e) for e in edges)
                  and list(edges) == sorted(set(edges)),

@@ -84,7 +84,7 @@ def _shared_job(cfg: SweepConfig, job: tuple[str, int | None], device: str) -> A
 
     if job[0] == "teacher":
         return load_teacher(_teacher_job(cfg, job[1], device))
-    return prepare_target_model(**_target_args(cfg), device=device)
+    return prepare_target_model(**_target_args(cfg), device=device, precision=cfg.precision)
 
 
 def _shared_job_cached(cfg: SweepConfig, job: tuple[str, int | None]) -> bool:

@@ -32,6 +32,7 @@ import torch
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
+from gmpq_core.precision import check_precision
 
 __all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job"]
 
@@ -66,9 +67,11 @@ class FinalJob:
     train_size: int | None = None
     test_size: int | None = None
     progress_file: str | None = None    # rank 0 writes {"epoch", "step", "steps"} here every few seconds
+    precision: str = "auto"             # gmpq_core.precision: auto (bf16 on a GPU with bfloat16), fp32, bf16
 
     def __post_init__(self) -> None:
         self.finetune_config()      # validates the SGD fields with the core's messages
+        check_precision(self.precision, "finetune precision")
         for name in ("train_size", "test_size"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
@@ -156,8 +159,9 @@ def train_loop_per_worker(config: dict) -> None:
         calib = next(iter(calib_loader))[0]          # the same batch on every rank
     fp, _ = load_target_model(job.fp_checkpoint)
     policy = BitPolicy.from_json(job.policy_json)
-    model = training_layout_(prepare_quantized(fp, policy, calib).to(device), device)
-    teacher = training_layout_(fp.to(device), device).eval().requires_grad_(False) if job.distill else None
+    model = training_layout_(prepare_quantized(fp, policy, calib).to(device), device, job.precision)
+    teacher = (training_layout_(fp.to(device), device, job.precision).eval().requires_grad_(False) if job.distill
+               else None)
 
     steps = steps_per_epoch(train_loader, job.max_steps_per_epoch)
     total = job.epochs * steps
@@ -194,14 +198,15 @@ def train_loop_per_worker(config: dict) -> None:
             tr = train_one_epoch(model, train_loader, optimizer, scheduler=scheduler, teacher=teacher,
                                  distill_alpha=ft.distill_alpha if job.distill else 0.0,
                                  distill_temperature=ft.distill_temperature, device=device,
-                                 max_steps=job.max_steps_per_epoch, epoch=epoch, progress=progress)
+                                 max_steps=job.max_steps_per_epoch, epoch=epoch, progress=progress,
+                                 precision=job.precision)
         metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "lr": float(optimizer.param_groups[0]["lr"]), "resumed_from_epoch": start, "world_size": world,
                    "train_images": len(train), "test_images": len(test)}
         if rank != 0:
             ray.train.report(metrics)
             continue
-        ev = evaluate(net, test_loader, device=device)
+        ev = evaluate(net, test_loader, device=device, precision=job.precision)
         metrics.update(top1=ev["top1"], top5=ev["top5"], loss=ev["loss"], epoch_seconds=time.perf_counter() - t0)
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:

@@ -89,6 +89,7 @@ def build_search_job(cfg: SweepConfig, params: Mapping[str, Any], *, device: str
     kw: dict[str, Any] = dict(model=cfg.model, dataset=cfg.proxy_dataset, data_root=cfg.data_root,
                               proxy_size=params.get("proxy_size"), proxy_seed=cfg.seed, small_input=cfg.small_input,
                               teacher_epochs=cfg.teacher_epochs, cache_dir=cfg.resolved().cache_dir, device=device,
+                              precision=cfg.precision,
                               search=trial_search_config(cfg, params), eval_size=cfg.proxy_eval_size)
     if cfg.image_size is not None and "image_size" in {f.name for f in fields(SearchJob)}:
         kw["image_size"] = cfg.image_size
@@ -113,7 +114,8 @@ def _target(cfg: SweepConfig, target_model_path: str, device: str) -> tuple:
                         "shared storage to avoid this)", target_model_path)
             target_model_path = str(prepare_target_model(
                 model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer, cache_dir=cfg.resolved().cache_dir,
-                data_root=cfg.data_root, image_size=cfg.image_size, small_input=cfg.small_input, device=device).path)
+                data_root=cfg.data_root, image_size=cfg.image_size, small_input=cfg.small_input, device=device,
+                precision=cfg.precision).path)
         model, _ = load_target_model(target_model_path, device)
         bundle = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
         train, test = target_slices(bundle, cfg.transfer)
@@ -214,7 +216,7 @@ def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: Rep
     _log_event(cfg.out_dir, {"event": "transfer", "trial_id": trial_id})
     model, train, test, info = _target(cfg, context["target_model_path"], device)
     check = run_transfer_check(model, result.policy, train, test, info, check=cfg.transfer, device=device,
-                               progress=follow)
+                               progress=follow, precision=cfg.precision)
     target_cost = check["bitops_report"]
     quantized = [c for c in target_cost.layers if c.quantized]
     b = float(params["budget_avg_bits"])

@@ -41,6 +41,16 @@ def int_or_auto(text: str) -> int | str:
         return text                  # at_least names the flag and the value (one paragraph, exit 2)
 
 
+def add_precision_arg(parser: Any, default: str | None = "auto") -> None:
+    """``--precision`` (gmpq_core.precision); ``default=None`` leaves the value to a config file or preset."""
+    from gmpq_core.precision import PRECISIONS      # torch-free: the help of every command stays quick
+
+    parser.add_argument("--precision", choices=PRECISIONS, default=default,
+                        help="training precision: auto = bf16 autocast on a GPU with bfloat16 (Ampere or newer), "
+                             "float32 elsewhere; fp32; bf16 (also on a CPU: faster on chips with AMX / "
+                             "AVX512-BF16, slower without) (default auto)")
+
+
 def mlflow_ui_hint(tracking_uri: str) -> str:
     """How to look at a tracking store: a server's URL is opened in a browser (``mlflow ui`` cannot serve
     an http store); a file or database store is served by ``mlflow ui``."""

@@ -23,6 +23,7 @@ from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
 from gmpq_core.policy import BitPolicy
+from gmpq_core.precision import resolve_precision
 from gmpq_core.train import evaluate
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args,
@@ -146,6 +147,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
     out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     policy = _policy_from_args(args)
     meta = policy_meta(policy)
     fp_info = fp_result_beside(args.fp_checkpoint or out / FP_WEIGHTS)  # {} when there is none
@@ -179,17 +181,19 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                                 meta={**opts.to_dict(), "dataset": info.name})
     train_loader, test_loader = loaders(info, train_split, test_split, batch_size=args.batch_size,
                                         seed=args.seed, device=device)
-    fp_eval = evaluate(fp_model.to(device), test_loader, device=device)
+    fp_eval = evaluate(fp_model.to(device), test_loader, device=device, precision=precision)
     bar = make_progress("finetune epoch")
     try:
         result = finetune(fp_model, policy, train_loader, test_loader, config=config, input_size=opts.input_size,
                           in_channels=opts.in_channels, device=device, checkpoint_dir=out / CHECKPOINTS,
-                          reporter=ProgressReporter("finetune", total_epochs=config.epochs), progress=bar)
+                          reporter=ProgressReporter("finetune", total_epochs=config.epochs), progress=bar,
+                          precision=precision)
     finally:
         bar.close()
     summary = finetune_summary(result, policy, opts, fp_eval, config=config, dataset=info.name,
                                policy_source=args.policy or f"uniform W{args.uniform[0]}A{args.uniform[1]}",
                                fp_source=fp_source, train_size=len(train_split), test_size=len(test_split))
+    summary["precision"] = precision
     policy.save(out / POLICY)
     save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(),
                          results={"top1": result.top1, "top5": result.top5, "dataset": info.name,

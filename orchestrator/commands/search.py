@@ -21,7 +21,7 @@ from gmpq_core.jobs import SearchJob, check_job_budget, load_teacher, run_search
 from gmpq_core.search_config import SearchResult
 
 from ..progress import ProgressReporter, make_progress
-from . import at_least
+from . import add_precision_arg, at_least
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ POLICY_FILE, RESULT_FILE = "policy.json", "result.json"
 # flag dest -> (level, key): "job" keys live at the top of the YAML, "search" keys under search:
 _FLAG_KEYS = {"model": ("job", "model"), "dataset": ("job", "dataset"), "data_root": ("job", "data_root"),
               "proxy_size": ("job", "proxy_size"), "teacher_epochs": ("job", "teacher_epochs"),
-              "cache_dir": ("job", "cache_dir"), "device": ("job", "device"), "eval_size": ("job", "eval_size"),
+              "cache_dir": ("job", "cache_dir"), "device": ("job", "device"),
+              "precision": ("job", "precision"), "eval_size": ("job", "eval_size"),
               "seed": ("search", "seed"), "eta": ("search", "eta"), "lam": ("search", "lam"),
               "p_mode": ("search", "p_mode"), "penalty": ("search", "penalty"), "epochs": ("search", "epochs"),
               "batch_size": ("search", "batch_size"), "max_steps_per_epoch": ("search", "max_steps_per_epoch"),
@@ -83,6 +84,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="FP teacher epochs on the proxy (default 3)")
     p.add_argument("--cache-dir", metavar="DIR", help="teacher cache (default $GMPQ_CACHE_DIR or ~/.cache/gmpq)")
     p.add_argument("--device", help="torch device (default cpu)")
+    add_precision_arg(p, default=None)
     p.add_argument("--out", default="runs/search", metavar="DIR", help="output folder (default runs/search)")
     p.set_defaults(func=run)
 
@@ -133,10 +135,13 @@ def format_summary(result: SearchResult, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gmpq_core.precision import resolve_precision
+
     from ..common_args import resolve_device
 
     job = build_job(args)
     job = dataclasses.replace(job, device=resolve_device(job.device))   # a bad or absent GPU: exit 2, not a traceback
+    resolve_precision(job.precision, job.device)                        # bf16 on a GPU without it: the same
     if args.target_dataset is not None:
         check_dataset_name(args.target_dataset)
     out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import at_least, help_text, mlflow_ui_hint, quiet_libraries
+from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
@@ -45,6 +45,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, metavar="DIR",
                    help="FP teacher / target model cache, reused by later sweeps (default $GMPQ_CACHE_DIR or "
                         "~/.cache/gmpq; on a cluster: storage every node shares)")
+    add_precision_arg(p, default=None)
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
 
 
@@ -52,7 +53,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": args.out,
             "name": args.name, "seed": args.seed, "tracking_uri": args.tracking_uri,
             "optuna_storage": args.optuna_storage, "address": args.address, "storage_path": args.storage,
-            "cache_dir": args.cache_dir, "space.search_epochs": args.epochs}
+            "cache_dir": args.cache_dir, "space.search_epochs": args.epochs, "precision": args.precision}
 
 
 def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] | None = None) -> Any:

@@ -17,6 +17,7 @@ from torch import nn
 from gmpq_core.data import load_dataset, make_loader, proxy
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from gmpq_core.precision import resolve_precision
 from gmpq_core.train import TrainConfig, TrainResult, train_fp
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_run_args, build_seeded_model,
@@ -67,6 +68,7 @@ def train_fp_stage(args: argparse.Namespace, *, out: Path, opts: ModelOptions, d
                    max_steps_per_epoch: int | None = None) -> tuple[nn.Module, dict]:
     """Train the FP model ``opts`` on ``data`` = (info, train, test); write ``out/fp.pt`` + ``out/fp_result.json``."""
     device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
     info, train_split, test_split = data
     model = build_seeded_model(opts, args.seed)
     config = TrainConfig(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=args.batch_size,
@@ -76,10 +78,11 @@ def train_fp_stage(args: argparse.Namespace, *, out: Path, opts: ModelOptions, d
     bar = make_progress("train-fp epoch")
     try:
         result = train_fp(model, train_loader, test_loader, config=config, device=device, progress=bar,
-                          reporter=ProgressReporter("train-fp", total_epochs=epochs))
+                          reporter=ProgressReporter("train-fp", total_epochs=epochs), precision=precision)
     finally:
         bar.close()
     summary = fp_summary(result, opts, info.name, config, train_size=len(train_split), test_size=len(test_split))
+    summary["precision"] = precision
     save_checkpoint(out / FP_WEIGHTS, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     atomic_write_json(out / FP_RESULT, summary)
     return model, summary

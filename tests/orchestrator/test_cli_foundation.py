@@ -133,6 +133,7 @@ def test_train_fp_then_finetune_write_their_files_and_resume(tmp_path, capsys):
     assert "test top-1" in out and "[train-fp] epoch 1/1:" in err
     fp = read_json(fp_dir / "fp_result.json")
     assert (fp["model"], fp["in_channels"], fp["input_size"], fp["train_size"]) == ("resnet20", 1, 8, 100)
+    assert fp["precision"] == "fp32"                          # auto on the CPU
     assert set(load_checkpoint(fp_dir / "fp.pt")) == set(build_model("resnet20", in_channels=1).state_dict())
 
     argv = ["finetune", "--uniform", "4", "4", "--fp-checkpoint", str(fp_dir / "fp.pt"), "--train-size", "100",
@@ -146,6 +147,7 @@ def test_train_fp_then_finetune_write_their_files_and_resume(tmp_path, capsys):
     assert res["bitops"]["bitops_quantized"] == ref.bitops_quantized
     assert res["bitops"]["bitops_total"] == ref.bitops_total
     assert res["epochs_run"] == 2 and res["dataset"] == "digits" and res["policy"]["avg_w_bits"] == 4.0
+    assert res["precision"] == "fp32"
     assert 0.0 <= res["top1"] <= 100.0 and "fp_top1" in res
     assert (q_dir / "quantized.pt").is_file() and BitPolicy.load(q_dir / "policy.json").layers
 

@@ -25,9 +25,9 @@ def test_flags_override_the_yaml_config(tmp_path):
     cfg = _write(tmp_path / "c.yaml", "model: resnet20\nproxy_size: 300\neta: 5.0\n"
                                       "search:\n  epochs: 4\n  lam: 0.1\n  budget: {avg_bits: 4}\n")
     args = build_parser().parse_args(["search", "--config", cfg, "--epochs", "2", "--budget-gbitops", "0.3",
-                                      "--p-mode", "fixed", "--seed", "7"])
+                                      "--p-mode", "fixed", "--seed", "7", "--precision", "bf16"])
     job = build_job(args)
-    assert job.proxy_size == 300 and job.model == "resnet20"
+    assert job.proxy_size == 300 and job.model == "resnet20" and job.precision == "bf16"
     s = job.search
     assert (s.epochs, s.lam, s.eta, s.p_mode, s.seed) == (2, 0.1, 5.0, "fixed", 7)
     assert s.budget.gbitops == 0.3 and s.budget.avg_bits is None

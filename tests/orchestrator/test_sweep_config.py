@@ -46,6 +46,22 @@ def test_flags_override_the_preset(tmp_path):
     assert r.storage_path == str(tmp_path / "ray_results")
 
 
+def test_precision_is_auto_unless_the_file_or_the_flag_says_otherwise(tmp_path):
+    from orchestrator.cli import build_parser
+    from orchestrator.commands.sweep import config_from_args
+    from orchestrator.trainable import build_search_job
+
+    assert load_sweep_config(preset="demo").precision == "auto"
+    path = _write(tmp_path, {"preset": "demo", "precision": "bf16"})
+    cfg = config_from_args(build_parser().parse_args(["sweep", "--config", str(path), "--out", str(tmp_path / "o")]))
+    assert cfg.precision == "bf16" and SweepConfig.from_dict(cfg.to_dict()).precision == "bf16"
+    assert build_search_job(cfg, {**cfg.space.first_point(), "proxy_size": 500}).precision == "bf16"  # the trials'
+    cfg = config_from_args(build_parser().parse_args(["sweep", "--config", str(path), "--precision", "fp32"]))
+    assert cfg.precision == "fp32"                                               # the flag wins
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sweep", "--preset", "demo", "--precision", "fp16"])
+
+
 def test_config_file_merges_over_its_preset_and_round_trips(tmp_path):
     path = _write(tmp_path, {"preset": "demo", "name": "mine", "transfer": {"epochs": 2},
                              "space": {"eta": {"type": "float", "low": 5, "high": 50}}})
@@ -129,6 +145,7 @@ def test_infeasible_budget_exits_2_with_the_feasible_range(tmp_path, capsys):
     ({"finetune": {"workers": "many"}}, r"finetune.workers must be a positive integer or 'auto' .* got workers='many'"),
     ({"finetune": {"max_concurrent": 0}}, r"finetune.max_concurrent must be a positive integer or null .* got max_concurrent=0"),
     ({"colour": "red"}, "Unknown sweep config key.*colour"),
+    ({"precision": "fp16"}, r"precision must be one of auto, fp32, bf16, but got precision='fp16'"),
 ])
 def test_bad_values_fail_before_ray_with_a_clear_message(tmp_path, change, match):
     import ray

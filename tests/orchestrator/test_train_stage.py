@@ -24,3 +24,5 @@ def test_final_job_validates_like_the_core_config():
         FinalJob(trial_id="t", policy_json="{}", fp_checkpoint="x", dataset="mnist5k", lr=-1.0)
     with pytest.raises(ConfigError, match="train_size=0"):
         FinalJob(trial_id="t", policy_json="{}", fp_checkpoint="x", dataset="mnist5k", train_size=0)
+    with pytest.raises(ConfigError, match="finetune precision must be one of auto, fp32, bf16.*'half'"):
+        FinalJob(trial_id="t", policy_json="{}", fp_checkpoint="x", dataset="mnist5k", precision="half")
