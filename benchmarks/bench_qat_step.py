@@ -18,7 +18,8 @@ uses (``gmpq_core.train.training_layout_``: channels_last on the CPU and on a GP
 as the loaders give them. ``--layouts`` instead compares that layout with plain NCHW for the FP and the
 fused QAT step (variants ``fp``/``fp_nchw``, ``fused``/``fused_nchw``; ratio = time / FP time in the
 training layout); ``--precisions`` compares float32 with bf16 (``fp``/``fp_bf16``, ``fused``/``fused_bf16``;
-ratio = time / FP float32 time).
+ratio = time / FP float32 time), each in its training layout as the product runs it (on CUDA: bf16 in
+channels_last against float32 in NCHW, i.e. ``precision: auto`` against ``fp32``).
 
     ratio        = FP images/s / QAT images/s                (1.0 is the limit)
     memory_ratio = CUDA only: peak allocated during a step of QAT / that of FP
@@ -132,6 +133,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device; use --device cpu.")
+    if args.precisions and args.precision != "auto":
+        p.error("--precisions runs both float32 and bf16; leave --precision out.")
     return args
 
 

@@ -46,5 +46,5 @@ fi
 
 tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
 # at most 8 files come back from a lent machine: the logs travel as one archive (their tails were printed)
-(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log)
+(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log ./*.txt)
 ls -la "$OUT"

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 from gmpq_core.policy import BitCandidates
+from gmpq_core.precision import check_precision, resolve_precision
 
 __all__ = ["METHODS", "SEARCHED", "TARGET_PROXY", "NO_PROXY", "ProxySpec", "FPRecipe", "StudyConfig",
            "load_study_config", "check_same_study_config", "expand_grid", "cell_id", "uniform_bits", "cost_summary",
@@ -125,6 +126,7 @@ class StudyConfig:
     max_concurrent_trials: int = 2
     tracking_uri: str | None = None
     notes: str = ""
+    precision: str = "auto"          # gmpq_core.precision: auto (bf16 on a GPU with bfloat16), fp32, bf16
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -135,6 +137,7 @@ class StudyConfig:
         set_("budgets", tuple(float(b) for b in self.budgets))
         set_("seeds", tuple(self.seeds))
         set_("methods", tuple(self.methods))
+        check_precision(self.precision)
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigError(f"methods must be a non-empty subset of {list(METHODS)}, but got {list(self.methods)}.")
@@ -259,6 +262,10 @@ def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: 
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    old.setdefault("precision", "fp32")            # a study saved before the key ran float32 everywhere
+    from .generalization_cells import _device      # "auto" and "fp32" are the same on a CPU
+    for d in (old, new):
+        d["precision"] = resolve_precision(d["precision"], _device(cfg))
     diff = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_KEYS and old.get(k) != new.get(k)
                   and not (k == "proxies" and _same_shared_proxies(old.get(k), new.get(k))))
     if diff:

@@ -35,6 +35,7 @@ from gmpq_core.layers import fingerprint, searchable_layers
 from gmpq_core.losses import rank_distance
 from gmpq_core.models import build_model
 from gmpq_core.policy import BitCandidates, BitPolicy
+from gmpq_core.precision import resolve_precision
 from gmpq_core.search import search_policy
 from gmpq_core.train import TrainConfig, seeded, train_fp
 
@@ -87,10 +88,11 @@ def _train_cached(cfg: StudyConfig, dataset: str, size: int | None, recipe: FPRe
     model = _fresh(cfg, bundle.info)
     test = make_loader(proxy(bundle.test, min(len(bundle.test), cfg.proxy_eval_size or len(bundle.test)), 0),
                        bundle.info, batch_size=500, train=False, device=device)
-    res = train_fp(model, loader, test, device=device,
+    res = train_fp(model, loader, test, device=device, precision=cfg.precision,
                    config=TrainConfig(epochs=epochs, lr=recipe.lr, batch_size=recipe.batch_size,
                                       max_steps_per_epoch=per_epoch))
-    meta = {**key, "top1": res.top1, "seconds": res.seconds, "steps": epochs * per_epoch}
+    meta = {**key, "top1": res.top1, "seconds": res.seconds, "steps": epochs * per_epoch,
+            "precision": resolve_precision(cfg.precision, device)}    # recorded, not keyed: rounding, not recipe
     save_checkpoint(path, {"state_dict": model.cpu().state_dict(), "meta": meta})
     log.info("FP %s on %s[%s]: top-1 %.2f%% in %.0f s -> %s", cfg.model, dataset, size, res.top1, res.seconds, path)
     return path
@@ -208,7 +210,8 @@ def run_cell(cell: Mapping[str, Any], cfg: StudyConfig, paths: Mapping[str, str]
         eval_loader = make_loader(proxy(pbundle.test, n_eval, cfg.proxy_seed), pbundle.info, batch_size=500,
                                   train=False, device=device)
         res = search_policy(teacher, loader, config=sc, input_size=info.image_size, in_channels=info.in_channels,
-                            eval_loader=eval_loader, reporter=reporter, device=device, model_name=cfg.model)
+                            eval_loader=eval_loader, reporter=reporter, device=device, model_name=cfg.model,
+                            precision=cfg.precision)
         policy = res.policy
         row.update(search_seconds=res.search_seconds, proxy_top1=res.proxy_top1, proxy_ard=res.ard, p=res.p)
     elif method == "uniform":
@@ -224,7 +227,7 @@ def run_cell(cell: Mapping[str, Any], cfg: StudyConfig, paths: Mapping[str, str]
     test_split = proxy(target.test, cfg.test_size, cfg.proxy_seed) if cfg.test_size else target.test
     test_loader = make_loader(test_split, info, batch_size=500, train=False, device=device)
     ft = finetune(fp, policy, train_loader, test_loader, config=ft_cfg, input_size=info.image_size,
-                  in_channels=info.in_channels, device=device)
+                  in_channels=info.in_channels, device=device, precision=cfg.precision)
     ard = math.nan
     if cfg.ard_images > 0:
         layer = find_feature_layer(fp, model_name=cfg.model, input_size=info.image_size, in_channels=info.in_channels)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
+from .precision import at_least_float32
 
 __all__ = ["MODES", "TARGETS", "capture_features", "find_feature_layer", "gradcam_from", "gradcam"]
 
@@ -142,7 +143,7 @@ def gradcam_from(logits: Tensor, features: Tensor, *, target: str = "pred", labe
     weights = grad.mean(dim=(2, 3), keepdim=True)
     if mode == "first_order":
         weights = weights.detach()
-    maps = torch.relu((weights * features).sum(dim=1))
+    maps = torch.relu((at_least_float32(weights) * at_least_float32(features)).sum(dim=1))  # float32 under autocast
     return maps.detach() if mode == "detached" else maps
 
 

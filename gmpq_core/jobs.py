@@ -116,7 +116,9 @@ def _teacher_key(job: SearchJob, info: Any) -> dict[str, Any]:
 
 
 def teacher_cache_path(job: SearchJob, info: Any) -> Path:
-    """``<cache_dir>/teachers/<model>-<dataset>-<hash>.pt`` (hash of everything the teacher depends on)."""
+    """``<cache_dir>/teachers/<model>-<dataset>-<hash>.pt`` (hash of the teacher's recipe and data; not of the
+    device or the precision, which change its rounding, not its recipe: the precision it was trained in is
+    recorded in the entry's meta)."""
     digest = hashlib.sha256(json.dumps(_teacher_key(job, info), sort_keys=True).encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", job.dataset)[:40]
     return Path(job.cache_dir).expanduser() / "teachers" / f"{job.model}-{safe}-{digest}.pt"
@@ -249,7 +251,8 @@ def load_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: 
     model.eval()
     test_top1, test_images = _teacher_test_top1(job, bundle, model)
     meta = {**_teacher_key(job, info), "train_top1": result.top1, "seconds": result.seconds,
-            "test_top1": test_top1, "test_images": test_images}
+            "test_top1": test_top1, "test_images": test_images,
+            "precision": resolve_precision(job.precision, job.device)}
     save_checkpoint(path, {"state_dict": model.state_dict(), "meta": meta})
     log.info("teacher trained in %.1f s (top-1 %.2f%% on %d held-out images, %.2f%% on the proxy), cached at %s",
              result.seconds, test_top1, test_images, result.top1, path)

@@ -2,9 +2,15 @@
 
 Every training and evaluation loop (the FP teachers and target model, the search, the transfer check, the
 fine-tunes) runs its forward passes under ``autocast(precision, device)``: with ``bf16`` the convolutions
-and matmuls run in bfloat16 while the weights, the optimiser and the losses stay float32 (no loss scaling
-is needed: bfloat16 has float32's exponent range). This is the setting the GPU benchmarks measure
+and matmuls run in bfloat16 while the weights, the optimiser, the Grad-CAM maps and the losses stay float32
+(no loss scaling is needed: bfloat16 has float32's exponent range). Clip calibration, BitOPs counting and a
+search's final policy evaluation run in float32. This is the setting the GPU benchmarks measure
 (``benchmarks/bench_search_step.py``, ``bench_qat_step.py``: bf16 + channels_last on CUDA).
+
+Model caches (FP teachers, FP target models) are keyed by recipe and data, not by precision or device:
+those change rounding, not the recipe, so a teacher trained in float32 serves a bf16 search and the other
+way round; each entry records the precision it was trained in. A sweep or study saved before this setting
+existed ran float32 everywhere and resumes in float32.
 
 ``auto`` picks ``bf16`` on a CUDA device whose GPU supports it (Ampere or newer) and ``fp32`` everywhere
 else: a CPU's bfloat16 speed depends on the chip (with AMX/AVX512-BF16 the demo's ResNet-20 trains ~1.6x
@@ -21,7 +27,7 @@ from .errors import ConfigError, did_you_mean
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PRECISIONS", "check_precision", "resolve_precision", "autocast"]
+__all__ = ["PRECISIONS", "check_precision", "resolve_precision", "autocast", "at_least_float32"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -65,6 +71,11 @@ def autocast(precision: str, device: str | torch.device) -> ContextManager:
     if resolve_precision(precision, dev) == "bf16":
         return torch.autocast(dev.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when autocast made it bfloat16 / float16; float32 and float64 tensors unchanged."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
 def _cuda_bf16(dev: torch.device) -> bool:

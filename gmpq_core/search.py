@@ -38,7 +38,7 @@ from .search_config import SearchConfig, SearchResult
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
                        mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
                        weight_parameters)
-from .precision import autocast, resolve_precision
+from .precision import at_least_float32, autocast, resolve_precision
 from .train import evaluate, seeded, training_layout_
 
 __all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
@@ -282,7 +282,7 @@ def step_scalars(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, 
     _, ew, ea = expected_bits(supernet)
     expected = (macs_vec * ew * ea).sum()
     p = choose_p(cfg.p_mode, ew, ea, kappa=cfg.kappa, p_fixed=cfg.p_fixed, as_tensor=True)
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(at_least_float32(logits), y)
     l_gen = generalization_loss(s_maps, t_maps, p)
     pen = complexity_penalty(expected, mode=cfg.penalty, budget_bitops=budget_bitops, first_layer_macs=first_macs)
     loss = ce + cfg.eta * l_gen + cfg.lam * pen

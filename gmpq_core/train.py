@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, NonFiniteLossError
-from .precision import autocast, resolve_precision
+from .precision import at_least_float32, autocast, resolve_precision
 from .reporting import NullReporter, Reporter
 
 __all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch",
@@ -154,7 +154,7 @@ def _batches(loader: Iterable, limit: int | None) -> Iterator[tuple[Tensor, Tens
 def _correct_topk(logits: Tensor, y: Tensor) -> tuple[int, int]:
     """Number of images whose label is the top-1 / within the top-5 (top-k with k = min(5, classes))."""
     k = min(5, logits.shape[1])
-    top = logits.topk(k, dim=1).indices
+    top = at_least_float32(logits).topk(k, dim=1).indices   # bf16 logits (autocast) would tie more often
     hit = top.eq(y.unsqueeze(1))
     return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
 
@@ -227,10 +227,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
     for step, (x, y) in enumerate(_batches(loader, max_steps), start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with cast:
-            logits = model(x)
+            logits = at_least_float32(model(x))             # losses in float32 under bf16 autocast too
             if use_teacher:
                 with torch.no_grad():
-                    t_logits = teacher(x)
+                    t_logits = at_least_float32(teacher(x))
                 loss = distillation_loss(logits, t_logits, y, alpha=distill_alpha, temperature=distill_temperature)
             else:
                 loss = F.cross_entropy(logits, y)

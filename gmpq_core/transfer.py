@@ -26,6 +26,7 @@ from .fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoi
 from .finetune import FinetuneConfig, finetune
 from .models import build_model
 from .policy import BitPolicy
+from .precision import resolve_precision
 from .train import TrainConfig, evaluate, seeded, train_fp
 
 __all__ = ["TransferCheck", "TargetModel", "target_slices", "prepare_target_model", "target_model_cached", "load_target_model",
@@ -116,7 +117,8 @@ def _target_key(meta: dict) -> str:
 
 def _target_meta(*, model: str, dataset: str, check: TransferCheck, data_root: str | None, image_size: int | None,
                  small_input: bool) -> dict[str, Any]:
-    """Everything that shapes the FP target model's weights (its cache key; paths made absolute)."""
+    """The FP target model's recipe and data (its cache key; paths made absolute). Not the device or the
+    precision: they change its rounding, not its recipe (the precision is recorded beside it)."""
     dataset, data_root = canonical_data_source(dataset, data_root)
     meta = {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size,
             "small_input": bool(small_input), "fp_epochs": check.fp_epochs, "fp_lr": check.fp_lr,
@@ -175,7 +177,8 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
     full_meta = {**meta, "num_classes": info.num_classes, "in_channels": info.in_channels,
                  "input_size": info.image_size}
     save_checkpoint(path, net.to("cpu").state_dict())
-    atomic_write_json(info_path, {"meta": full_meta, "top1": result.top1, "seconds": result.seconds})
+    atomic_write_json(info_path, {"meta": full_meta, "top1": result.top1, "seconds": result.seconds,
+                                  "precision": resolve_precision(precision, device)})
     log.info("FP target model %s: top1 %.2f%% in %.1fs", path.name, result.top1, result.seconds)
     return TargetModel(path=path, top1=result.top1, seconds=result.seconds, cached=False, meta=full_meta)
 

@@ -140,7 +140,8 @@ def model_results(row: Mapping[str, Any], metrics: Mapping[str, Any], dataset: s
     ``row`` is the policy's pareto.parquet (or final.parquet) row, ``metrics`` the fine-tune's last epoch."""
     return {"trial_id": str(row["trial_id"]), "dataset": dataset, "top1": metrics.get("top1"),
             "top5": metrics.get("top5"), "transfer_top1": row.get("transfer_top1"),
-            "bitops": int(row["bitops"]), "gbitops": float(row["bitops"]) / 1e9, "epochs": metrics.get("epoch")}
+            "bitops": int(row["bitops"]), "gbitops": float(row["bitops"]) / 1e9, "epochs": metrics.get("epoch"),
+            "precision": metrics.get("precision")}
 
 
 def row_recipe(row: Mapping[str, Any]) -> str | None:

@@ -34,6 +34,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from gmpq_core.errors import ConfigError
+from gmpq_core.precision import resolve_precision
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
@@ -43,7 +44,7 @@ from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .sweep_status import driver_marker
 from .tail_threads import TailThreads
-from .trainable import make_trainable, trial_number
+from .trainable import make_trainable, trial_device, trial_number
 from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "SweepOptunaSearch",
@@ -329,6 +330,8 @@ def _check_same_config(cfg: SweepConfig) -> None:
     if not saved_path.exists():
         return
     old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
+    device = trial_device(cfg)                                  # "auto" and "fp32" are the same on a CPU
+    old["precision"], new["precision"] = (resolve_precision(d["precision"], device) for d in (old, new))
     diff = sorted(k for k in new if k not in ("address", "cache_dir", "finetune") and old.get(k) != new.get(k))
     if diff:
         raise ConfigError(f"--resume must use the sweep's saved config, but these settings differ from "

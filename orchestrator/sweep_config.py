@@ -347,12 +347,23 @@ def load_sweep_config(path: str | os.PathLike | None = None, preset: str | None 
         _require(isinstance(file_data, Mapping), f"'{path}' must contain a YAML mapping at the top level.")
         if "preset" in file_data and preset is None:
             data = load_preset(file_data["preset"])
+        file_data = _saved_before_precision(file_data)
         data = deep_merge(data, _own_folder(path, file_data, (overrides or {}).get("out_dir")))
     if not data:
         raise ConfigError("No sweep config given: pass --config FILE or --preset NAME "
                           "(see 'gmpq sweep --help' for the presets).")
     data = deep_merge(data, _nest(overrides or {}))
     return SweepConfig.from_dict(data)
+
+
+def _saved_before_precision(file_data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A sweep's saved config written before the ``precision`` key existed: that sweep trained in float32
+    everywhere (GPUs included), so it resumes and fine-tunes in float32, not under today's ``auto``."""
+    from .moved_sweep import recorded_dir
+
+    if "precision" in file_data or recorded_dir(file_data) is None:
+        return file_data
+    return {**file_data, "precision": "fp32"}
 
 
 def _own_folder(path: str | os.PathLike, file_data: Mapping[str, Any], out_dir: Any) -> dict[str, Any]:

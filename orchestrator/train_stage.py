@@ -32,7 +32,7 @@ import torch
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
-from gmpq_core.precision import check_precision
+from gmpq_core.precision import check_precision, resolve_precision
 
 __all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job"]
 
@@ -202,7 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
                                  precision=job.precision)
         metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "lr": float(optimizer.param_groups[0]["lr"]), "resumed_from_epoch": start, "world_size": world,
-                   "train_images": len(train), "test_images": len(test)}
+                   "train_images": len(train), "test_images": len(test),
+                   "precision": resolve_precision(job.precision, device)}
         if rank != 0:
             ray.train.report(metrics)
             continue

@@ -198,7 +198,8 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(),
                          results={"top1": result.top1, "top5": result.top5, "dataset": info.name,
                                   "gbitops": summary["bitops"]["gbitops_quantized"], "epochs": result.epochs_run,
-                                  "policy_source": summary["policy"]["name"]}, preprocess=preprocess_of(info))
+                                  "policy_source": summary["policy"]["name"], "precision": precision},
+                         preprocess=preprocess_of(info))
     atomic_write_json(out / RESULT, summary)
     b = summary["bitops"]
     print(f"FP {opts.model}: top-1 {fp_eval['top1']:.2f}%   quantized ({summary['policy']['name']}, "

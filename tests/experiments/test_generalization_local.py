@@ -87,3 +87,22 @@ def test_a_study_may_gain_a_proxy_but_not_change_one(tmp_path):
     changed = {**base, "proxies": [{**base["proxies"][0], "size": 999}]}
     with pytest.raises(ConfigError, match="differs in proxies"):
         check_same_study_config(StudyConfig.from_dict(changed), tmp_path, ROWS_FILE)
+
+
+def test_a_study_saved_before_the_precision_key_resumes_on_a_cpu_and_a_bad_value_is_refused(tmp_path):
+    import pytest
+    import yaml
+
+    from experiments.generalization import check_same_study_config
+    from gmpq_core.errors import ConfigError
+
+    old = _tiny().to_dict()
+    old.pop("precision")                                   # written before the key: it ran float32
+    (tmp_path / "study_config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / ROWS_FILE).write_text("")
+    check_same_study_config(_tiny(), tmp_path, ROWS_FILE)                # auto is float32 on a CPU
+    check_same_study_config(StudyConfig.from_dict({**old, "precision": "fp32"}), tmp_path, ROWS_FILE)
+    with pytest.raises(ConfigError, match="differs in precision"):
+        check_same_study_config(StudyConfig.from_dict({**old, "precision": "bf16"}), tmp_path, ROWS_FILE)
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16.*'half'"):
+        StudyConfig.from_dict({**old, "precision": "half"})

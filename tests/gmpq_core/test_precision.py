@@ -16,6 +16,7 @@ from gmpq_core.errors import ConfigError
 from gmpq_core.finetune import FinetuneConfig, finetune
 from gmpq_core.models import build_model
 from gmpq_core.precision import PRECISIONS, autocast, check_precision, resolve_precision
+import gmpq_core.search as search_mod
 from gmpq_core.search import SearchConfig, search_policy
 from gmpq_core.train import TrainConfig, evaluate, train_fp, train_one_epoch, training_layout_
 
@@ -47,6 +48,17 @@ def test_the_values_and_what_they_mean_on_the_cpu():
         check_precision("bf61")
     with pytest.raises(ConfigError, match="search precision must be"):
         check_precision("x", "search precision")
+
+
+def test_a_gpu_without_bfloat16_keeps_float32_under_auto_and_refuses_bf16_by_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda dev=None: "Tesla V100-SXM2-32GB")
+    assert resolve_precision("auto", "cuda") == "fp32"
+    with pytest.raises(ConfigError, match=r"cuda needs a GPU with bfloat16.*Tesla V100.*use precision='fp32'"):
+        resolve_precision("bf16", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev=None: (9, 0))   # H100/H200
+    assert resolve_precision("auto", "cuda:0") == "bf16"
 
 
 @pytest.mark.skipif(CUDA, reason="checks the message on a machine without a GPU")
@@ -104,13 +116,32 @@ def test_train_fp_in_bf16_learns_and_fp32_is_what_auto_means_on_the_cpu():
         train_fp(tiny_net(), TinyLoader(), config=cfg, precision="fp16")
 
 
-def test_a_bf16_fine_tune_quantizes_in_bf16_and_matches_fp32():
+def _conv_spy(monkeypatch) -> list:
+    """Record the dtype of every ``F.conv2d`` output from now on (the quantized layers' fused convolution too)."""
+    seen, real = [], torch.nn.functional.conv2d
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out.dtype)
+        return out
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    return seen
+
+
+def test_a_bf16_fine_tune_quantizes_in_bf16_and_matches_fp32(monkeypatch):
     fp = tiny_net()
     train_fp(fp, TinyLoader(n=128), config=TrainConfig(epochs=8, lr=0.1, batch_size=16))
-    res = {p: finetune(fp, mixed_policy(fp), TinyLoader(n=128), TinyLoader(seed=1),
-                       config=FinetuneConfig(epochs=2, distill=True), input_size=8, in_channels=1, precision=p)
-           for p in ("fp32", "bf16")}
+    res, seen = {}, {}
+    for p in ("fp32", "bf16"):
+        with monkeypatch.context() as m:
+            seen[p] = _conv_spy(m)
+            res[p] = finetune(fp, mixed_policy(fp), TinyLoader(n=128), TinyLoader(seed=1),
+                              config=FinetuneConfig(epochs=2, distill=True), input_size=8, in_channels=1, precision=p)
+    assert set(seen["fp32"]) == {torch.float32}
+    fp32_passes = seen["bf16"][:3] + seen["bf16"][-3:]      # the calibration first, the BitOPs count last
+    assert fp32_passes == [torch.float32] * 6 and set(seen["bf16"][3:-3]) == {torch.bfloat16}
     assert res["fp32"].top1 >= 80 and abs(res["bf16"].top1 - res["fp32"].top1) <= 5
+    assert [h["train_loss"] for h in res["bf16"].history] != [h["train_loss"] for h in res["fp32"].history]
     assert all(p.dtype == torch.float32 for p in res["bf16"].model.parameters())
     seen, handles = _conv_dtypes(res["bf16"].model)
     with autocast("bf16", "cpu"):
@@ -126,29 +157,36 @@ def test_a_bf16_search_runs_its_steps_in_bf16_and_returns_a_budget_true_policy()
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
     cfg = SearchConfig(epochs=2, batch_size=8, budget=Budget(avg_bits=3), recalibrate_bn_batches=2)
-    seen = []
-    real = torch.nn.functional.conv2d
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        seen.append(out.dtype)
-        return out
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.nn.functional, "conv2d", spy)
-        res = search_policy(teacher, data, config=cfg, input_size=8, in_channels=1, model_name="resnet20",
-                            precision="bf16")
-    assert torch.bfloat16 in seen                         # the teacher's and the supernet's steps
+    losses = {}
+    for p in ("fp32", "bf16"):
+        with pytest.MonkeyPatch.context() as mp:
+            seen = _conv_spy(mp)
+            l_gen = []
+            real = search_mod.generalization_loss
+            mp.setattr(search_mod, "generalization_loss", lambda *a: l_gen.append(real(*a)) or l_gen[-1])
+            res = search_policy(teacher, data, config=cfg, input_size=8, in_channels=1, model_name="resnet20",
+                                precision=p)
+        assert torch.bfloat16 in seen if p == "bf16" else set(seen) == {torch.float32}
+        assert l_gen and all(t.dtype == torch.float32 for t in l_gen)   # the attribution loss in float32 either way
+        losses[p] = [h["l_gen"] for h in res.history]
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.2) and losses["bf16"] != losses["fp32"]
     assert res.epochs_run == 2 and res.bitops_quantized <= res.budget_bitops
     assert all(v == v for v in (res.proxy_top1, res.ard, res.p))   # finite
     with pytest.raises(ConfigError, match="'half'"):
         search_policy(teacher, data, config=cfg, input_size=8, in_channels=1, precision="half")
 
 
-def test_the_training_layout_follows_the_precision_on_a_gpu_only():
+def test_the_training_layout_follows_the_precision_on_a_gpu_only(monkeypatch):
     m = training_layout_(nn.Conv2d(2, 2, 3), "cpu", "fp32")
     assert m.weight.is_contiguous(memory_format=torch.channels_last)    # the CPU: channels_last either way
     meta = training_layout_(nn.Conv2d(2, 2, 3).to("meta"), "meta", "auto")
     assert meta.weight.is_contiguous()
+    import gmpq_core.precision as precision_mod
+    monkeypatch.setattr(precision_mod, "_cuda_bf16", lambda dev: True)    # a GPU with bfloat16 (layout only)
+    assert training_layout_(nn.Conv2d(2, 2, 3), "cuda", "auto").weight.is_contiguous(memory_format=torch.channels_last)
+    assert training_layout_(nn.Conv2d(2, 2, 3), "cuda", "fp32").weight.is_contiguous()
+    monkeypatch.setattr(precision_mod, "_cuda_bf16", lambda dev: False)
+    assert training_layout_(nn.Conv2d(2, 2, 3), "cuda", "auto").weight.is_contiguous()
 
 
 @pytest.mark.gpu

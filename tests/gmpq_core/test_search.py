@@ -201,6 +201,7 @@ def test_one_epoch_search_on_a_real_fashion_mnist_proxy_runs(fmnist_job):
     assert res.epochs_run == 1 and res.bitops_quantized <= res.budget_bitops
     assert res.policy.meta["model"] == "resnet20" and res.policy.meta["input_size"] == 28
     assert res.policy.meta["in_channels"] == 1 and res.policy.meta["num_classes"] == 10
+    assert res.policy.meta["precision"] == "fp32"                  # auto on the CPU, recorded with the policy
     assert rep.records[0][1]["proxy_top1"] >= 0 and 0 < res.ard < 2
     from gmpq_core.jobs import load_teacher
     assert res.policy.meta["teacher_top1"] == load_teacher(fmnist_job).test_top1     # the policy says how good

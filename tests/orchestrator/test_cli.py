@@ -38,7 +38,8 @@ def test_a_commands_help_shows_no_rest_markup(command, capsys):
     assert "``" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["pareto", "--help"], ["cluster", "status", "--help"], ["sync-mlflow", "--help"]])
+@pytest.mark.parametrize("argv", [["pareto", "--help"], ["cluster", "status", "--help"], ["sync-mlflow", "--help"],
+                                  ["sweep", "--help"], ["run", "--help"]])
 def test_a_command_that_needs_no_torch_does_not_import_it(argv):
     code = ("import sys\nfrom orchestrator.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
             "print('torch' in sys.modules)" % (argv,))

@@ -62,6 +62,29 @@ def test_precision_is_auto_unless_the_file_or_the_flag_says_otherwise(tmp_path):
         build_parser().parse_args(["sweep", "--preset", "demo", "--precision", "fp16"])
 
 
+def test_a_sweep_saved_before_the_precision_key_resumes_and_fine_tunes_in_float32(tmp_path):
+    """Sweeps saved before session 13 trained in float32 on GPUs too; 'auto' would switch a resumed GPU sweep
+    to bf16 half-way. On a CPU both mean float32, so resuming with the preset still matches."""
+    import yaml
+
+    from orchestrator.final_stage import final_job
+    from orchestrator.sweep import _check_same_config
+
+    saved = save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}))
+    data = yaml.safe_load(saved.read_text())
+    assert data.pop("precision") == "auto"
+    saved.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert load_sweep_config(saved).precision == "fp32"
+    _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}).resolved())
+    job = final_job(data, {"trial_id": "t1", "policy_json": "{}"}, tmp_path / "fp.pt", epochs=1)
+    assert job.precision == "fp32"
+    assert final_job({**data, "precision": "bf16"}, {"trial_id": "t1", "policy_json": "{}"}, tmp_path / "fp.pt",
+                     epochs=1).precision == "bf16"
+    with pytest.raises(ConfigError, match="these settings differ .*: n_trials"):     # other keys still count
+        _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 9})
+                           .resolved())
+
+
 def test_config_file_merges_over_its_preset_and_round_trips(tmp_path):
     path = _write(tmp_path, {"preset": "demo", "name": "mine", "transfer": {"epochs": 2},
                              "space": {"eta": {"type": "float", "low": 5, "high": 50}}})
