@@ -160,7 +160,8 @@ def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: flo
                     distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
                     seed=int(cfg.get("seed") or 0),
                     max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
-                    train_size=train_size, test_size=test_size, precision=str(cfg.get("precision") or "fp32"),   # none saved: an older, float32 sweep
+                    train_size=given(train_size, "train_size", None), test_size=given(test_size, "test_size", None),
+                    precision=str(cfg.get("precision") or "fp32"),      # none saved: an older, float32 sweep
                     progress_file=str(progress_dir / f"finetune-{tid}.progress.json") if progress_dir else None)
 
 

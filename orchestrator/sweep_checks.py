@@ -81,7 +81,9 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     tr = cfg.transfer
     for what, size, split in (("transfer.train_size", tr.train_size, target.train),
                               ("transfer.fp_train_size", tr.fp_train_size, target.train),
-                              ("transfer.test_size", tr.test_size, target.test)):
+                              ("transfer.test_size", tr.test_size, target.test),
+                              ("finetune.train_size", cfg.finetune.train_size, target.train),
+                              ("finetune.test_size", cfg.finetune.test_size, target.test)):
         if size is not None and size > len(split):
             raise ConfigError(f"{what} {size} is larger than the target dataset '{cfg.target_dataset}' "
                               f"({len(split)} images in that split); use at most {len(split)}.")

@@ -97,6 +97,8 @@ class FinetuneStage:
     max_steps_per_epoch: int | None = None
     nesterov: bool = False                   # plain SGD momentum, as METHOD.md 6 says
     max_concurrent: int | None = None        # policies fine-tuned side by side (null: as many as the cluster holds)
+    train_size: int | None = None            # stratified target train / test images (null: the full split)
+    test_size: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.max_concurrent is None or _is_pos(self.max_concurrent, integer=True),
@@ -113,6 +115,10 @@ class FinetuneStage:
         _require(isinstance(self.nesterov, bool), f"finetune.nesterov must be true/false, got {self.nesterov!r}.")
         _require(self.max_steps_per_epoch is None or _is_pos(self.max_steps_per_epoch, integer=True),
                  f"finetune.max_steps_per_epoch must be a positive integer or null, got {self.max_steps_per_epoch!r}.")
+        for name in ("train_size", "test_size"):
+            _require(getattr(self, name) is None or _is_pos(getattr(self, name), integer=True),
+                     f"finetune.{name} must be a positive integer or null (the full split), but got "
+                     f"{name}={getattr(self, name)!r}.")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -77,7 +77,10 @@ def test_a_sweep_saved_before_the_precision_key_resumes_and_fine_tunes_in_float3
     assert load_sweep_config(saved).precision == "fp32"
     _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}).resolved())
     job = final_job(data, {"trial_id": "t1", "policy_json": "{}"}, tmp_path / "fp.pt", epochs=1)
-    assert job.precision == "fp32"
+    assert job.precision == "fp32" and (job.train_size, job.test_size) == (None, None)     # the full splits
+    quick = {**data, "finetune": {**data["finetune"], "train_size": 3000, "test_size": 500}}
+    job = final_job(quick, {"trial_id": "t1", "policy_json": "{}"}, tmp_path / "fp.pt", epochs=1, test_size=700)
+    assert (job.train_size, job.test_size) == (3000, 700)                 # the section's, a given value wins
     assert final_job({**data, "precision": "bf16"}, {"trial_id": "t1", "policy_json": "{}"}, tmp_path / "fp.pt",
                      epochs=1).precision == "bf16"
     with pytest.raises(ConfigError, match="these settings differ .*: n_trials"):     # other keys still count
@@ -169,6 +172,8 @@ def test_infeasible_budget_exits_2_with_the_feasible_range(tmp_path, capsys):
     ({"finetune": {"max_concurrent": 0}}, r"finetune.max_concurrent must be a positive integer or null .* got max_concurrent=0"),
     ({"colour": "red"}, "Unknown sweep config key.*colour"),
     ({"precision": "fp16"}, r"precision must be one of auto, fp32, bf16, but got precision='fp16'"),
+    ({"finetune": {"train_size": 0}}, r"finetune.train_size must be a positive integer or null .* got train_size=0"),
+    ({"finetune": {"test_size": 20000}}, r"finetune.test_size 20000 is larger.*10000"),
 ])
 def test_bad_values_fail_before_ray_with_a_clear_message(tmp_path, change, match):
     import ray
