@@ -13,8 +13,9 @@ way round; each entry records the precision it was trained in. A sweep or study 
 existed ran float32 everywhere and resumes in float32.
 
 ``auto`` picks ``bf16`` on a CUDA device whose GPU supports it (Ampere or newer) and ``fp32`` everywhere
-else: a CPU's bfloat16 speed depends on the chip (with AMX/AVX512-BF16 the demo's ResNet-20 trains ~1.6x
-faster, its search step ~1.05x; without them bfloat16 is slower), so the CPU keeps float32 unless asked.
+else: a CPU's bfloat16 speed depends on the chip (with AMX / AVX512-BF16 the demo's ResNet-20 trains 1.78x
+faster, its quantized fine-tune 1.24x, the demo sweep 1.13-1.17x, benchmarks/RESULTS.md "Session 13";
+without them bfloat16 is slower), so the CPU keeps float32 unless asked.
 Results in ``bf16`` differ from ``fp32`` ones at the level of a different seed, not systematically.
 """
 from __future__ import annotations
