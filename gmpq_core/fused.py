@@ -110,16 +110,18 @@ def _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl) -> tuple[T
     return xq, wq.to(xq.dtype)  # bf16 activations meet an fp32 weight under autocast
 
 
-def _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
-    xq, wq = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)
+def _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
+                   operands=None):
+    xq, wq = operands or _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)
     b = None if bias is None else bias.detach().to(xq.dtype)
     with torch.no_grad():
         return F.conv2d(xq, wq, b, stride, padding, dilation, groups)
 
 
 def _conv_bwd_impl(grad, x, w, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
-                   has_bias, need_pa=True, need_pw=True):
-    xq, wq = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)  # recomputed, one pass each
+                   has_bias, need_pa=True, need_pw=True, operands=None):
+    # the mixed operands: kept by the forward (the eager node on a CPU), else recomputed, one pass each
+    xq, wq = operands or _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)
     if xq.dtype != grad.dtype:   # the forward's conv ran under autocast (a float32 x): its lower-precision dtype
         xq, wq = xq.to(grad.dtype), wq.to(grad.dtype)
     with torch.no_grad():
@@ -134,7 +136,9 @@ def _conv_bwd_impl(grad, x, w, pa, clips, a_bits, signed, pw, w_bits, stride, pa
 
 
 def _conv_grads(ctx, grad, bwd):
-    x, w, bias, pa, clips, pw = ctx.saved_tensors
+    saved = ctx.saved_tensors
+    x, w, bias, pa, clips, pw = saved[:6]
+    kept = {"operands": tuple(saved[6:])} if len(saved) > 6 else {}    # the eager node on a CPU: xq, wq
     a_bits, signed, w_bits, stride, padding, dilation, groups, impl = ctx.static
     if torch.is_grad_enabled():
         def ref(x, w, bias, pa, clips, pw):
@@ -143,7 +147,7 @@ def _conv_grads(ctx, grad, bwd):
         gx, gw, gb, gpa, gc, gpw = _reference_grads(ref, (x, w, bias, pa, clips, pw), grad)
     else:
         gx, gw, gb, gpa, gc, gpw = bwd(grad, x, w, pa, clips, list(a_bits), signed, pw, list(w_bits), stride,
-                                       padding, dilation, groups, impl, bias is not None)
+                                       padding, dilation, groups, impl, bias is not None, **kept)
         gb = gb if bias is not None else None
     return gx, gw, gb, gpa, gc, None, None, gpw, None, None, None, None, None, None
 
@@ -269,13 +273,21 @@ class _WeightFn(torch.autograd.Function):
         return _weight_grads(ctx, grad, w_bwd_impl if ctx.needs_input_grad[1] else _no_probs_grad)
 
 
+KEEP_OPERANDS_ON = frozenset({"cpu"})   # device types where the eager conv node keeps its mixed operands
+
+
 class _ConvFn(torch.autograd.Function):
+    """On a CPU the node also keeps the two mixed operands for backward instead of recomputing them there
+    (memory is plentiful and passes are not: the quantized fine-tune's step 1.1x faster on the 2-core
+    machine, benchmarks/RESULTS.md "Session 13"); on a GPU it keeps only its inputs (the memory goal)."""
     @staticmethod
     def forward(ctx, x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
-        ctx.save_for_backward(x, w, bias, pa, clips, pw)
+        operands = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)
+        keep = operands if x.device.type in KEEP_OPERANDS_ON else ()
+        ctx.save_for_backward(x, w, bias, pa, clips, pw, *keep)
         ctx.static = (a_bits, signed, w_bits, stride, padding, dilation, groups, impl)
         return _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups,
-                              impl)
+                              impl, operands=operands)
 
     @staticmethod
     def backward(ctx, grad):

@@ -48,6 +48,24 @@ def _assert_all_close(ref, got, atol):
 
 
 @pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("p", [1.0, 0.7])
+@pytest.mark.parametrize("bits", [2, 8])
+def test_one_candidate_with_a_constant_probability_matches_the_reference(bits, p, signed):
+    """The fixed-policy layers' case (its own 3-5 pass backward kernel): x and clip gradients, float64."""
+    x0, _, clips0, g = _act_case((bits,), signed)
+    x0[0, 0, 0, :2] = torch.tensor([0.0, abs(float(clips0[0])) + 1e-8])   # exactly at both bounds
+    probs = torch.tensor([p], dtype=torch.float64)                        # a constant: no grad_probs pass
+    got = {}
+    for name, fn in (("reference", act_mixture_reference), ("fused", lambda *a: act_mixture(*a, impl="fused"))):
+        x, clips = x0.clone().requires_grad_(), clips0.clone().requires_grad_()
+        out = fn(x, probs, clips, (bits,), signed)
+        out.backward(g)
+        got[name] = [out.detach(), x.grad, clips.grad]
+    _assert_all_close(got["reference"], got["fused"], atol=1e-9)
+    assert got["fused"][2].abs().item() > 0                                  # the clip gets a gradient
+
+
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", BIT_SETS)
 def test_fused_act_mixture_matches_reference_values_and_gradients(signed, bits):
     case = _act_case(bits, signed)
@@ -99,8 +117,12 @@ def test_fused_mixed_conv_matches_reference_values_and_gradients(groups, signed)
     _assert_all_close(ref, _conv_run("fused", tensors, a_bits, w_bits, groups, signed), atol=1e-9)
 
 
-def test_fused_nodes_keep_only_their_inputs_for_backward():
-    # the memory claim: the fused conv node saves x, W, bias and the small vectors, no mixed operand
+@pytest.mark.parametrize("keep", [False, True])
+def test_fused_nodes_keep_only_their_inputs_for_backward(monkeypatch, keep):
+    # the memory claim (a GPU): the fused conv node saves x, W, bias and the small vectors, no mixed operand;
+    # on a CPU (keep) it also keeps the two mixed operands instead of recomputing them in backward
+    import gmpq_core.fused as fused
+    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset({"cpu"}) if keep else frozenset())
     (x, w, b, la, clips, lw), a_bits, w_bits = _conv_case(1)
     x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
     pa, pw = torch.softmax(la, 0).requires_grad_(), torch.softmax(lw, 0).requires_grad_()
@@ -111,7 +133,7 @@ def test_fused_nodes_keep_only_their_inputs_for_backward():
             y = mixed_conv2d(x, w, b, pa, clips, a_bits, False, pw, w_bits, stride=2, padding=1, impl=impl)
         y.backward(torch.ones_like(y))
         saved[impl] = sum(sizes)
-    assert saved["fused"] == x.numel() + w.numel() + b.numel() + 3 * 3
+    assert saved["fused"] == (2 if keep else 1) * (x.numel() + w.numel()) + b.numel() + 3 * 3
     assert saved["reference"] > 3 * x.numel() + 3 * w.numel()
 
 

@@ -52,7 +52,9 @@ def test_fused_layer_matches_the_reference_formulas(kind, signed, w_bits, a_bits
     assert float(ref[4].abs()) > 0 and float(ref[1].abs().sum()) > 0   # clipped and unclipped inputs both occur
 
 
-def test_fused_layer_saves_only_its_inputs_for_backward():
+def test_fused_layer_saves_only_its_inputs_for_backward(monkeypatch):
+    import gmpq_core.fused as fused
+    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset())     # as on a GPU (a CPU keeps the operands)
     mod, x = _layer("conv", 2, 4, False)
     x = x.float().requires_grad_()
     mod = mod.float()
@@ -61,6 +63,13 @@ def test_fused_layer_saves_only_its_inputs_for_backward():
         mod(x)
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()   # x, not the quantized copy of it
+    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset({"cpu"}))
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = mod(x)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 2 and big[0].data_ptr() == x.data_ptr() and not torch.equal(big[1], x)   # x and x quantized
+    y.sum().backward()                                           # from the kept operands
 
 
 def test_32_bit_layers_are_not_quantized_on_either_path():
