@@ -6,7 +6,8 @@ per candidate. Here each mixture is ONE custom operator (``torch.ops.gmpq.act_mi
 ``torch.ops.gmpq.weight_mixture``, registered with ``torch.library.custom_op``, so it also works
 inside ``torch.compile`` graphs without a graph break) that saves only its inputs and recomputes
 the candidates in backward; ``gmpq.mixed_conv2d`` does both mixtures and the convolution in one
-node that keeps only x and W (the mixed operands are recomputed in backward). ``impl``:
+node that keeps only x and W (the mixed operands are recomputed in backward; except the eager "fused"
+node on a CPU, which keeps them too: ``_ConvFn``). ``impl``:
 
 - ``"reference"``: the straightforward autograd formula (``act_mixture_reference``);
 - ``"fused"``: eager PyTorch kernels, few passes, in place (any device);
@@ -273,17 +274,19 @@ class _WeightFn(torch.autograd.Function):
         return _weight_grads(ctx, grad, w_bwd_impl if ctx.needs_input_grad[1] else _no_probs_grad)
 
 
-KEEP_OPERANDS_ON = frozenset({"cpu"})   # device types where the eager conv node keeps its mixed operands
+KEEP_OPERANDS_ON = frozenset({"cpu"})   # where the eager "fused" conv node keeps its mixed operands (see _ConvFn)
 
 
 class _ConvFn(torch.autograd.Function):
-    """On a CPU the node also keeps the two mixed operands for backward instead of recomputing them there
-    (memory is plentiful and passes are not: the quantized fine-tune's step 1.1x faster on the 2-core
-    machine, benchmarks/RESULTS.md "Session 13"); on a GPU it keeps only its inputs (the memory goal)."""
+    """With the eager "fused" kernels on a CPU the node also keeps the two mixed operands for backward instead
+    of recomputing them there: memory is plentiful and passes are not (the quantized fine-tune's step
+    1.07-1.14x faster on the 2-core machine, for 1.37x (ResNet-20) / 1.64x (ResNet-18) the saved-tensor
+    bytes; benchmarks/RESULTS.md "Session 13"). Elsewhere (a GPU, the compiled kernels, whose one-pass
+    recompute is cheap) it keeps only its inputs: the memory goal."""
     @staticmethod
     def forward(ctx, x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
         operands = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)
-        keep = operands if x.device.type in KEEP_OPERANDS_ON else ()
+        keep = operands if impl == "fused" and x.device.type in KEEP_OPERANDS_ON else ()
         ctx.save_for_backward(x, w, bias, pa, clips, pw, *keep)
         ctx.static = (a_bits, signed, w_bits, stride, padding, dilation, groups, impl)
         return _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups,
@@ -364,7 +367,8 @@ def mixed_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, probs_a: Tensor
                  stride=1, padding=0, dilation=1, groups: int = 1, impl: str = "fused") -> Tensor:
     """The composite mixed layer ``conv2d(act_mixture(x), weight_mixture(W), bias)`` as one node that saves
     only its inputs: the two mixed operands are recomputed in backward (one activation-sized and one
-    weight-sized tensor less per layer kept for backward than the two separate nodes)."""
+    weight-sized tensor less per layer kept for backward than the two separate nodes). Exception: with
+    ``impl="fused"`` on a CPU it keeps them too, trading that memory for the recompute's passes."""
     a_bits = _check_lengths("mixed_conv2d", a_bits, probs_a=probs_a, clips=clips)
     w_bits = _check_lengths("mixed_conv2d", w_bits, probs_w=probs_w)
     if _check_impl(impl) == "reference":

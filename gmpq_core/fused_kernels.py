@@ -101,8 +101,8 @@ def _act_backward_kernel(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bit
     xf, gf = _upcast(x), _upcast(g)
     lo, a, s = _act_bounds(xf, clips, bits, signed)
     p = probs.to(xf.dtype)
-    if len(bits) == 1 and not need_probs and not torch.compiler.is_compiling():
-        return _one_act_backward(gf, xf, p, clips, lo, a, x.dtype)
+    if len(bits) == 1 and not need_probs and xf.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _one_act_backward(gf, xf, p, clips, lo, a, signed, x.dtype)
     mag, gs = (xf.abs(), gf * torch.sign(xf)) if signed else (xf, gf)
     w, q = None, torch.empty_like(xf)                          # w = sum_j p_j 1[inside_j]; q: scratch
     inside, gq = [], []
@@ -122,19 +122,21 @@ def _act_backward_kernel(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bit
     return gx.to(x.dtype), gp, gc.to(clips.dtype)
 
 
-def _one_act_backward(gf: Tensor, xf: Tensor, p: Tensor, clips: Tensor, lo: Tensor, a: Tensor,
+def _one_act_backward(gf: Tensor, xf: Tensor, p: Tensor, clips: Tensor, lo: Tensor, a: Tensor, signed: bool,
                       dtype: torch.dtype) -> tuple[Tensor, None, Tensor]:
-    """``_act_backward_kernel`` for one candidate with constant probability (a fixed-policy layer, the
-    quantized fine-tune): 3 passes over x unsigned, 5 signed, instead of 7 and 9. grad_x = g 1[lo < x < a]
-    in one pass (``hardtanh_backward``: the same strict comparisons); grad_a = p (sum g 1[x >= a]
-    - sum g 1[x <= -a] when signed) sign(clip)."""
+    """``_act_backward_kernel`` for one candidate with a constant probability on the CPU (a fixed-policy
+    layer, the quantized fine-tune): 3 passes over x unsigned, 5 signed, instead of 7 and 9. grad_x =
+    p g 1[lo < x < a] in one pass (``hardtanh_backward``: the same strict comparisons; it selects where the
+    general kernel multiplies by a mask, so an inf/NaN gradient at a masked-out element gives 0 here, NaN
+    there: the clip's gradient is non-finite either way); grad_a = p (sum g 1[x >= a] - sum g 1[x <= -a]
+    when signed) sign(clip). The bounds are Python floats (``_scalars`` on the CPU)."""
     (lo_0,), (a_0,), (p_0,) = _scalars(lo), _scalars(a), _scalars(p)
     gx = torch.ops.aten.hardtanh_backward(gf, xf, lo_0, a_0)
-    if not (isinstance(p_0, float) and p_0 == 1.0):
+    if p_0 != 1.0:
         gx.mul_(p_0)
     q = torch.ge(xf, a_0, out=torch.empty_like(xf))          # 1[x >= a] as 0./1.
     da = _dot(gf, q)
-    if lo_0 != 0.0:                                            # signed: minus sum g 1[x <= -a]
+    if signed:                                                 # minus sum g 1[x <= -a]
         da = da - _dot(gf, torch.le(xf, lo_0, out=q))
     gc = p * da * torch.sign(clips.to(xf.dtype))
     return gx.to(dtype), None, gc.to(clips.dtype)

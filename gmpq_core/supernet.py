@@ -281,8 +281,9 @@ def set_mixture_impl_(model: nn.Module, impl: str, *, conv_node: bool | None = N
 
     ``conv_node``: a MixedConv2d in training runs mixtures + convolution as ONE node that keeps only
     its inputs (the mixed operands are recomputed in backward: about one activation-sized and one
-    weight-sized tensor less per layer). Default: on for "compiled" and "triton" (one-pass
-    kernels make the recompute cheap), off for "fused" (eager recompute costs CPU time).
+    weight-sized tensor less per layer; "fused" on a CPU keeps them, fused.mixed_conv2d). Default: on for
+    "compiled" and "triton" (one-pass kernels make the recompute cheap), off for "fused" (eager recompute
+    costs CPU time).
     """
     if impl not in IMPLS:
         raise ConfigError(f"mixture impl must be one of {', '.join(map(repr, IMPLS))}, but got impl={impl!r}.")

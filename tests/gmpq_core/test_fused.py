@@ -50,10 +50,15 @@ def _assert_all_close(ref, got, atol):
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("p", [1.0, 0.7])
 @pytest.mark.parametrize("bits", [2, 8])
-def test_one_candidate_with_a_constant_probability_matches_the_reference(bits, p, signed):
-    """The fixed-policy layers' case (its own 3-5 pass backward kernel): x and clip gradients, float64."""
+def test_one_candidate_with_a_constant_probability_matches_the_reference(monkeypatch, bits, p, signed):
+    """The fixed-policy layers' case (its own 3-5 pass backward kernel on the CPU): x and clip gradients,
+    float64, against the reference; and exactly at the bounds (0, a, -a) against the general kernel (the
+    reference's min/max split a tie's gradient in half there, by the documented convention)."""
+    import gmpq_core.fused_kernels as fk
+    calls = []
+    real = fk._one_act_backward
+    monkeypatch.setattr(fk, "_one_act_backward", lambda *a: calls.append(1) or real(*a))
     x0, _, clips0, g = _act_case((bits,), signed)
-    x0[0, 0, 0, :2] = torch.tensor([0.0, abs(float(clips0[0])) + 1e-8])   # exactly at both bounds
     probs = torch.tensor([p], dtype=torch.float64)                        # a constant: no grad_probs pass
     got = {}
     for name, fn in (("reference", act_mixture_reference), ("fused", lambda *a: act_mixture(*a, impl="fused"))):
@@ -61,8 +66,26 @@ def test_one_candidate_with_a_constant_probability_matches_the_reference(bits, p
         out = fn(x, probs, clips, (bits,), signed)
         out.backward(g)
         got[name] = [out.detach(), x.grad, clips.grad]
+    assert calls == [1]                                                      # the fast path ran
     _assert_all_close(got["reference"], got["fused"], atol=1e-9)
     assert got["fused"][2].abs().item() > 0                                  # the clip gets a gradient
+    a = clips0.abs() + 1e-8                                                  # float64, as the kernel computes it
+    x0.view(-1)[:3] = torch.cat([torch.zeros(1, dtype=torch.float64), a, -a])   # exactly at 0, a and -a
+    fast = fk.act_bwd_impl(g, x0, probs, clips0, [bits], signed, "fused", need_probs=False)
+    general = fk.act_bwd_impl(g, x0, probs, clips0, [bits], signed, "fused", need_probs=True)
+    assert len(calls) == 2
+    assert torch.equal(fast[0], general[0]) and torch.allclose(fast[2], general[2], atol=1e-12, rtol=0)
+
+
+def test_the_one_candidate_fast_path_is_for_the_cpu_only():
+    """Off the CPU the per-candidate bounds are 0-d tensors, which hardtanh_backward refuses as Scalars: the
+    general kernel runs there (meta tensors stand in for a GPU's)."""
+    from gmpq_core.fused_kernels import act_bwd_impl
+    x, g = torch.empty(2, 3, 4, 4, device="meta"), torch.empty(2, 3, 4, 4, device="meta")
+    for signed in (False, True):
+        gx, gp, gc = act_bwd_impl(g, x, torch.ones(1, device="meta"), torch.ones(1, device="meta"), [4], signed,
+                                  "fused", need_probs=False)
+        assert gx.shape == x.shape and gp is None and gc.shape == (1,)
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -118,7 +141,7 @@ def test_fused_mixed_conv_matches_reference_values_and_gradients(groups, signed)
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_fused_nodes_keep_only_their_inputs_for_backward(monkeypatch, keep):
+def test_what_the_fused_conv_node_keeps_for_backward(monkeypatch, keep):
     # the memory claim (a GPU): the fused conv node saves x, W, bias and the small vectors, no mixed operand;
     # on a CPU (keep) it also keeps the two mixed operands instead of recomputing them in backward
     import gmpq_core.fused as fused
@@ -135,6 +158,12 @@ def test_fused_nodes_keep_only_their_inputs_for_backward(monkeypatch, keep):
         saved[impl] = sum(sizes)
     assert saved["fused"] == (2 if keep else 1) * (x.numel() + w.numel()) + b.numel() + 3 * 3
     assert saved["reference"] > 3 * x.numel() + 3 * w.numel()
+    if keep:                # another impl (one-pass kernels, cheap to recompute) keeps only its inputs; "triton"
+        sizes = []          # on a CPU tensor runs the eager kernels, so this needs no GPU and no compiler
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            fused._mixed_conv2d(x, w, b, pa, clips, tuple(a_bits), False, pw, tuple(w_bits), [2, 2], [1, 1],
+                                [1, 1], 1, "triton")
+        assert sum(sizes) == x.numel() + w.numel() + b.numel() + 3 * 3
 
 
 def test_channels_last_input_keeps_its_layout_and_values():
