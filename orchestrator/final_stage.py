@@ -84,9 +84,9 @@ def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | 
         if path.is_file() and path.with_suffix(".json").is_file():
             return path
     from gmpq_core.transfer import prepare_target_model
-    from .sweep_config import SweepConfig
+    from .sweep_config import SweepConfig, saved_before_precision
 
-    cfg = SweepConfig.from_dict(load_resolved_config(sweep_dir, missing_ok=False)).resolved()
+    cfg = SweepConfig.from_dict(saved_before_precision(load_resolved_config(sweep_dir, missing_ok=False))).resolved()
     cfg = replace(cfg, cache_dir=usable_cache_dir(cfg.cache_dir, address=cfg.address, say=say))
     if say:
         say(f"no FP target model recorded in {shared}: preparing it ({cfg.model} on {cfg.target_dataset}; "

@@ -27,7 +27,8 @@ from search_spaces.presets import load_preset, load_yaml
 from search_spaces.space import SearchSpace
 
 __all__ = ["is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig",
-           "load_sweep_config", "save_resolved_config", "deep_merge", "trial_search_config"]
+           "load_sweep_config", "save_resolved_config", "deep_merge", "trial_search_config",
+           "saved_before_precision"]
 
 CONFIG_VERSION = 1
 # Search-config fields the sweep always sets; the fixed `search:` part may not set them (nor space ones).
@@ -353,7 +354,7 @@ def load_sweep_config(path: str | os.PathLike | None = None, preset: str | None 
         _require(isinstance(file_data, Mapping), f"'{path}' must contain a YAML mapping at the top level.")
         if "preset" in file_data and preset is None:
             data = load_preset(file_data["preset"])
-        file_data = _saved_before_precision(file_data)
+        file_data = saved_before_precision(file_data)
         data = deep_merge(data, _own_folder(path, file_data, (overrides or {}).get("out_dir")))
     if not data:
         raise ConfigError("No sweep config given: pass --config FILE or --preset NAME "
@@ -362,7 +363,7 @@ def load_sweep_config(path: str | os.PathLike | None = None, preset: str | None 
     return SweepConfig.from_dict(data)
 
 
-def _saved_before_precision(file_data: Mapping[str, Any]) -> Mapping[str, Any]:
+def saved_before_precision(file_data: Mapping[str, Any]) -> Mapping[str, Any]:
     """A sweep's saved config written before the ``precision`` key existed: that sweep trained in float32
     everywhere (GPUs included), so it resumes and fine-tunes in float32, not under today's ``auto``."""
     from .moved_sweep import recorded_dir
