@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU session for issue 5: CUDA correctness tests, then the search-step benchmark with
 # a torch.profiler breakdown (eager variants and the CUDA-graph replay side by side; the compiled
-# variant in its own process with COMPILED=1), the QAT fine-tune step benchmark and a whole search.
+# variant in its own process with COMPILED=1), the QAT fine-tune step benchmark (and what precision: auto buys
+# over float32) and a whole search in float32 and under precision: auto.
 # Everything lands in OUT (default benchmarks/results/gpu).
 #   bash benchmarks/gpu_run.sh [OUT]
 # Runs with the machine's own python3 (torch + triton); gmpq_core needs only torch/torchvision/numpy.
@@ -35,9 +36,11 @@ timeout ${QAT_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --json "$OU
 echo "== what precision: auto (bf16 + channels_last) buys the product's training loops over float32"
 timeout ${PREC_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --precisions --json "$OUT/qat_precisions.json" 2>&1 \
   | grep -v -E "^(STAGE|USDT|\[W)" | tail -12 | tee "$OUT/qat_precisions.log"
-echo "== a whole search (real Fashion-MNIST, ResNet-18) with and without CUDA graphs (needs data/FashionMNIST/raw carried)"
-timeout ${WHOLE_S:-120} $PY benchmarks/bench_search_graph.py --device cuda --json "$OUT/search_graph.json" 2>&1 \
-  | grep -v -E "^(STAGE|USDT|\[W)" | tail -6 | tee "$OUT/search_graph.log"
+echo "== a whole search (real Fashion-MNIST, ResNet-18) in float32 and under precision: auto (bf16 + channels_last;"
+echo "   CUDA graphs on in both; session 11 measured graphs on/off). Needs data/FashionMNIST/raw carried"
+timeout ${WHOLE_S:-120} $PY benchmarks/bench_search_graph.py --device cuda --compare precision --rounds 1 \
+  --json "$OUT/search_precision.json" 2>&1 \
+  | grep -v -E "^(STAGE|USDT|\[W)" | tail -6 | tee "$OUT/search_precision.log"
 if [ -n "${COMPILED:-}" ]; then
   echo "== compiled variant (TorchInductor kernels; first step includes compilation)"
   timeout 180 $PY benchmarks/bench_search_step.py --device cuda --variants compiled,triton \
