@@ -9,7 +9,7 @@ import pytest
 import torch
 
 
-def make_sweep(d: Path, bits: tuple = ((3, 4),), broken: str | None = None) -> None:
+def make_sweep(d: Path, bits: tuple = ((3, 4),), broken: str | None = None, precision: str = "auto") -> None:
     """A sweep folder as the sweep leaves it: resolved config + trials.parquet with one completed trial per
     (w_bits, a_bits) in ``bits`` (``t1``, ``t2``, ...; more bits, higher transfer top-1, so all are on the front).
     ``broken``: that trial's policy names a layer the model does not have (its fine-tune fails)."""
@@ -23,7 +23,7 @@ def make_sweep(d: Path, bits: tuple = ((3, 4),), broken: str | None = None) -> N
         "out_dir": str(d), "name": "ft", "target_dataset": "mnist5k", "proxy_dataset": "mnist5k",
         "transfer": {"train_size": 200, "test_size": 100, "fp_epochs": 1, "fp_train_size": 200,
                      "fp_max_steps_per_epoch": 2, "fp_batch_size": 32, "batch_size": 32},
-        "finetune": {"top_k": len(bits), "workers": 2, "epochs": 1, "batch_size": 32}})
+        "finetune": {"top_k": len(bits), "workers": 2, "epochs": 1, "batch_size": 32}, "precision": precision})
     save_resolved_config(cfg)
     model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
     rows = []
@@ -305,6 +305,34 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
     assert [a.path for a in artifacts] == ["model/t1.pt"]                      # the fine-tuned model, loadable
     parent = runs[runs["tags.gmpq.role"] == "sweep"]["run_id"].item()
     assert ft["tags.mlflow.parentRunId"].item() == parent
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_bf16_sweep_fine_tunes_in_bf16_on_two_ddp_workers_and_says_so(tmp_path):
+    """precision: bf16 reaches the Ray Train workers (CPU autocast, channels_last, DDP over gloo) and the model
+    file."""
+    import ray
+
+    from gmpq_core.export import load_quantized_model
+    from orchestrator.final_stage import finetune_selected, read_final
+    from orchestrator.pareto import write_pareto
+    from orchestrator.ray_env import init_ray
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, bits=((4, 4),), precision="bf16")
+    write_pareto(sweep)
+    started = init_ray(num_cpus=2)
+    try:
+        finetune_selected(sweep, epochs=1, workers=2, max_steps_per_epoch=3, test_size=200, batch_size=32)
+    finally:
+        if started:
+            ray.shutdown()
+    final = read_final(sweep).set_index("trial_id")
+    assert list(final.index) == ["t1"] and int(final.loc["t1", "workers"]) == 2
+    assert 0.0 <= float(final.loc["t1", "final_top1"]) <= 100.0       # (a 2-step FP model: near chance)
+    q = load_quantized_model(sweep / "models" / "t1.pt")
+    assert q.results["precision"] == "bf16" and q.results["top1"] == pytest.approx(float(final.loc["t1", "final_top1"]))
 
 
 @pytest.mark.ray
