@@ -52,9 +52,6 @@ from gmpq_core.train import train_one_epoch, training_layout_  # noqa: E402
 CASES = {"cpu": [("resnet20", 28, 1), ("resnet18", 32, 3)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 BITS = [(2, 4), (3, 3), (4, 2), (6, 6)]
-KINDS = ("fp", "reference", "fused")
-LAYOUT_KINDS = ("fp", "fp_nchw", "fused", "fused_nchw")
-PRECISION_KINDS = ("fp", "fp_bf16", "fused", "fused_bf16")
 
 
 def build(name: str, size: int, in_ch: int, batch: int, device: str, precision: str, mode: str) -> dict:
@@ -70,15 +67,14 @@ def build(name: str, size: int, in_ch: int, batch: int, device: str, precision: 
     quantized = calibrate_(apply_policy_(copy.deepcopy(fp), policy), x)
     models = {"fp": fp, "reference": set_quant_impl_(copy.deepcopy(quantized), "reference"),
               "fused": set_quant_impl_(quantized, "auto")}
-    precisions = dict.fromkeys(models, precision)
     if mode == "layouts":
         models = {"fp_nchw": copy.deepcopy(fp), "fp": fp, "fused_nchw": copy.deepcopy(models["fused"]),
                   "fused": models["fused"]}
-        precisions = dict.fromkeys(models, precision)
     elif mode == "precisions":
         models = {"fp": fp, "fp_bf16": copy.deepcopy(fp), "fused": models["fused"],
                   "fused_bf16": copy.deepcopy(models["fused"])}
-        precisions = {k: "bf16" if k.endswith("_bf16") else "fp32" for k in models}
+    precisions = {k: ("bf16" if k.endswith("_bf16") else "fp32") if mode == "precisions" else precision
+                  for k in models}
     for k, m in models.items():
         if not k.endswith("_nchw"):
             training_layout_(m, device, precisions[k])

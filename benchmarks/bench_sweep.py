@@ -77,12 +77,14 @@ def _timed_session(times: dict, session_cm):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from gmpq_core.precision import PRECISIONS      # torch-free
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="demo")
     p.add_argument("--n-trials", type=int, default=None, help="default: the preset's")
     p.add_argument("--epochs", type=int, default=None, help="search epochs per trial (default: the preset's)")
     p.add_argument("--max-concurrent", type=int, default=None)
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the sweep's training precision (default: the preset's, auto: float32 on a CPU)")
     p.add_argument("--out", default=None, help="sweep folder (default: a fresh temporary folder, removed after)")
     p.add_argument("--cache-dir", default=None,

@@ -14,25 +14,28 @@ from torch import nn
 from gmpq_core.complexity import Budget
 from gmpq_core.errors import ConfigError
 from gmpq_core.finetune import FinetuneConfig, finetune
-from gmpq_core.models import build_model
 from gmpq_core.precision import PRECISIONS, autocast, check_precision, resolve_precision
 import gmpq_core.search as search_mod
 from gmpq_core.search import SearchConfig, search_policy
 from gmpq_core.train import TrainConfig, evaluate, train_fp, train_one_epoch, training_layout_
 
 from test_finetune import mixed_policy
+from test_search import _data, _teacher
 from test_train import TinyLoader, tiny_net
 
 CUDA = torch.cuda.is_available()
 
 
-def _conv_dtypes(model: nn.Module) -> tuple[list, list]:
-    """Hooks recording the output dtype of every conv; returns (dtypes, handles)."""
-    seen, handles = [], []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)))
-    return seen, handles
+def _conv_spy(monkeypatch) -> list:
+    """Record the dtype of every ``F.conv2d`` output from now on (the quantized layers' fused convolution too)."""
+    seen, real = [], torch.nn.functional.conv2d
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out.dtype)
+        return out
+    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
+    return seen
 
 
 def test_the_values_and_what_they_mean_on_the_cpu():
@@ -77,28 +80,26 @@ def test_autocast_runs_convolutions_in_bf16_only_when_asked():
             assert conv(x).dtype == torch.float32
 
 
-def test_bf16_training_runs_the_convs_in_bf16_tracks_fp32_and_keeps_float32_weights():
+def test_bf16_training_runs_the_convs_in_bf16_tracks_fp32_and_keeps_float32_weights(monkeypatch):
     losses, models = {}, {}
     for p in ("fp32", "bf16"):
         torch.manual_seed(0)
         model, loader = tiny_net(), TinyLoader(n=128)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        seen, handles = _conv_dtypes(model)
-        losses[p] = [train_one_epoch(model, loader, opt, precision=p)["loss"] for _ in range(3)]
+        with monkeypatch.context() as m:
+            seen = _conv_spy(m)
+            losses[p] = [train_one_epoch(model, loader, opt, precision=p)["loss"] for _ in range(3)]
         assert seen and set(seen) == {torch.bfloat16 if p == "bf16" else torch.float32}
-        for h in handles:
-            h.remove()
         models[p] = model
     assert losses["bf16"] == pytest.approx(losses["fp32"], abs=0.05)      # the same trajectory, rounded
     assert losses["bf16"] != losses["fp32"]                                # but not the float32 numbers
     assert all(p.dtype == torch.float32 for p in models["bf16"].parameters())
-    seen, handles = _conv_dtypes(models["bf16"])
-    ev_bf16 = evaluate(models["bf16"], TinyLoader(seed=1), precision="bf16")
+    with monkeypatch.context() as m:
+        seen = _conv_spy(m)
+        ev_bf16 = evaluate(models["bf16"], TinyLoader(seed=1), precision="bf16")
     assert set(seen) == {torch.bfloat16}
     ev_fp32 = evaluate(models["bf16"], TinyLoader(seed=1), precision="fp32")
     assert abs(ev_bf16["top1"] - ev_fp32["top1"]) <= 5 and ev_bf16["loss"] == pytest.approx(ev_fp32["loss"], abs=0.05)
-    for h in handles:
-        h.remove()
 
 
 def test_train_fp_in_bf16_learns_and_fp32_is_what_auto_means_on_the_cpu():
@@ -116,18 +117,6 @@ def test_train_fp_in_bf16_learns_and_fp32_is_what_auto_means_on_the_cpu():
         train_fp(tiny_net(), TinyLoader(), config=cfg, precision="fp16")
 
 
-def _conv_spy(monkeypatch) -> list:
-    """Record the dtype of every ``F.conv2d`` output from now on (the quantized layers' fused convolution too)."""
-    seen, real = [], torch.nn.functional.conv2d
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        seen.append(out.dtype)
-        return out
-    monkeypatch.setattr(torch.nn.functional, "conv2d", spy)
-    return seen
-
-
 def test_a_bf16_fine_tune_quantizes_in_bf16_and_matches_fp32(monkeypatch):
     fp = tiny_net()
     train_fp(fp, TinyLoader(n=128), config=TrainConfig(epochs=8, lr=0.1, batch_size=16))
@@ -143,19 +132,14 @@ def test_a_bf16_fine_tune_quantizes_in_bf16_and_matches_fp32(monkeypatch):
     assert res["fp32"].top1 >= 80 and abs(res["bf16"].top1 - res["fp32"].top1) <= 5
     assert [h["train_loss"] for h in res["bf16"].history] != [h["train_loss"] for h in res["fp32"].history]
     assert all(p.dtype == torch.float32 for p in res["bf16"].model.parameters())
-    seen, handles = _conv_dtypes(res["bf16"].model)
-    with autocast("bf16", "cpu"):
+    with monkeypatch.context() as m, autocast("bf16", "cpu"):
+        seen = _conv_spy(m)
         res["bf16"].model.eval()(next(iter(TinyLoader()))[0])
     assert set(seen) == {torch.bfloat16}                  # the quantized convs too
-    for h in handles:
-        h.remove()
 
 
 def test_a_bf16_search_runs_its_steps_in_bf16_and_returns_a_budget_true_policy():
-    torch.manual_seed(0)
-    teacher = build_model("resnet20", num_classes=4, in_channels=1, width=4).eval()
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
+    teacher, data = _teacher(), _data()
     cfg = SearchConfig(epochs=2, batch_size=8, budget=Budget(avg_bits=3), recalibrate_bn_batches=2)
     losses = {}
     for p in ("fp32", "bf16"):
@@ -199,10 +183,7 @@ def test_auto_on_a_gpu_is_bf16_in_channels_last_through_search_and_fine_tune():
     net = training_layout_(nn.Conv2d(2, 2, 3).to(dev), dev, "auto")
     assert net.weight.is_contiguous(memory_format=torch.channels_last)
     assert training_layout_(nn.Conv2d(2, 2, 3).to(dev), dev, "fp32").weight.is_contiguous()
-    torch.manual_seed(0)
-    teacher = build_model("resnet20", num_classes=4, in_channels=1, width=4).eval()
-    g = torch.Generator().manual_seed(0)
-    data = [(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(2)]
+    teacher, data = _teacher(), _data()
     for graph in ("off", "auto"):
         cfg = SearchConfig(epochs=2, batch_size=8, budget=Budget(avg_bits=3), recalibrate_bn_batches=2,
                            cuda_graph=graph)
