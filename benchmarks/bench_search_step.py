@@ -20,7 +20,11 @@ as one node that recomputes the mixed operands in backward; its first step inclu
 reported as first_step_s), triton (CUDA; Triton kernels, one node per conv), and fused:conv (fused
 kernels with the one-node conv). A "+graph" suffix (CUDA; e.g. triton+graph) replays the variant's step
 from a CUDA graph (gmpq_core/graph_step.py, SearchConfig.cuda_graph); its memory is that of the
-capture and a replay, from a fresh capture.
+capture and a replay, from a fresh capture. The teacher has its BatchNorms folded into its convolutions,
+as ``search_policy`` runs it (gmpq_core/bn_fold.py); "+bnteacher" gives the variant the teacher with its
+BatchNorms (as before session 14). "+keep": the one-node conv keeps its two mixed operands for backward
+instead of recomputing them (``set_mixture_impl_(keep_operands=True)``; by default only the eager "fused"
+kernels on a CPU do). Suffixes combine: triton+graph+keep.
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
@@ -45,6 +49,7 @@ from torch import nn
 
 from gmpq_core.attribution import find_feature_layer
 from gmpq_core.bitops import layer_macs
+from gmpq_core.bn_fold import fold_batchnorm_
 from gmpq_core.complexity import Budget
 from gmpq_core.fused_triton import triton_available
 from gmpq_core.graph_step import GraphedSearchStep
@@ -56,7 +61,29 @@ from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers
 
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
-ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", "<variant>+graph"
+ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", suffixes below
+SUFFIXES = ("graph", "bnteacher", "keep")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant name parsed: ``impl[:conv][+graph][+bnteacher][+keep]`` (module docstring)."""
+    impl: str
+    conv_node: bool | None
+    graph: bool
+    bn_teacher: bool
+    keep: bool
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        head, *suffixes = name.split("+")
+        impl, _, node = head.partition(":")
+        bad = [x for x in suffixes if x not in SUFFIXES] + ([node] if node not in ("", "conv") else [])
+        if impl not in ALL_VARIANTS or bad:
+            raise ValueError(f"variant {name!r}: give impl[:conv][+suffix...] with impl one of {ALL_VARIANTS} and "
+                             f"suffixes from {SUFFIXES} (got {bad or impl!r})")
+        return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes,
+                   "keep" in suffixes)
 
 
 @dataclass
@@ -68,7 +95,8 @@ class Bench:
     y: torch.Tensor
     fp: nn.Module
     fp_opt: torch.optim.Optimizer
-    teacher: nn.Module
+    teacher: nn.Module            # BatchNorms folded, as search_policy runs it
+    teacher_bn: nn.Module         # the same teacher with its BatchNorms ("+bnteacher")
     cfg: SearchConfig
     layer: str
     macs_vec: torch.Tensor
@@ -77,10 +105,13 @@ class Bench:
     supernets: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
     graphs: dict[str, GraphedSearchStep | None] = field(default_factory=dict)
 
+    def teacher_of(self, kind: str) -> nn.Module:
+        return self.teacher_bn if Variant.parse(kind).bn_teacher else self.teacher
+
     def graphed(self, kind: str, warmup: int = 3) -> GraphedSearchStep:
         """A CUDA-graph runner of variant ``kind``'s supernet (strict: a failed capture raises)."""
         net, opt = self.supernets[kind]
-        return GraphedSearchStep(net, self.teacher, opt, self.cfg, layer=self.layer, macs_vec=self.macs_vec,
+        return GraphedSearchStep(net, self.teacher_of(kind), opt, self.cfg, layer=self.layer, macs_vec=self.macs_vec,
                                  budget_bitops=self.budget_bitops, first_macs=self.first_macs, mode="second_order",
                                  warmup=warmup, strict=True)
 
@@ -102,23 +133,25 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
             teacher(x)
     teacher.eval()
     fp = copy.deepcopy(teacher).requires_grad_(True).train()
+    teacher_bn = copy.deepcopy(teacher)
+    fold_batchnorm_(teacher)
     fp_opt = torch.optim.SGD(fp.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
     cfg = SearchConfig(budget=Budget(avg_bits=4.0), batch_size=batch)
     all_macs = layer_macs(teacher, size, in_ch)
     macs = {n: all_macs[n] for n in searchable_layers(teacher)}
-    bench = Bench(name=name, size=size, x=x, y=y, fp=fp, fp_opt=fp_opt, teacher=teacher, cfg=cfg,
+    bench = Bench(name=name, size=size, x=x, y=y, fp=fp, fp_opt=fp_opt, teacher=teacher, teacher_bn=teacher_bn, cfg=cfg,
                   layer=find_feature_layer(teacher, model_name=name),
                   macs_vec=torch.tensor([float(v) for v in macs.values()], device=device),
                   budget_bitops=cfg.budget.to_bitops(macs), first_macs=next(iter(macs.values())))
     for v in variants:
-        net = build_supernet(teacher, cfg.candidates).to(device, memory_format=fmt).requires_grad_(True)
+        net = build_supernet(teacher_bn, cfg.candidates).to(device, memory_format=fmt).requires_grad_(True)
         calibrate_supernet_(net, x)
-        impl, _, node = v.removesuffix("+graph").partition(":")  # "fused:conv" = fused with the one-node conv
-        set_mixture_impl_(net, impl, conv_node=True if node == "conv" else None)
+        spec = Variant.parse(v)
+        set_mixture_impl_(net, spec.impl, conv_node=spec.conv_node, keep_operands=True if spec.keep else None)
         if list(mixed_layers(net)) != list(macs):
             raise RuntimeError("supernet layers differ from the teacher's searchable layers")
         bench.supernets[v] = (net.train(), _make_optimizer(net, cfg))
-        if v.endswith("+graph"):
+        if spec.graph:
             bench.graphs[v] = bench.graphed(v, warmup=2)   # captured in the untimed warm-up steps
     return bench
 
@@ -138,7 +171,7 @@ def run_step(b: Bench, kind: str) -> None:
         b.graphs[kind](b.x, b.y)
         return
     net, opt = b.supernets[kind]
-    search_step(net, b.teacher, b.x, b.y, opt, b.cfg, layer=b.layer, macs_vec=b.macs_vec,
+    search_step(net, b.teacher_of(kind), b.x, b.y, opt, b.cfg, layer=b.layer, macs_vec=b.macs_vec,
                 budget_bitops=b.budget_bitops, first_macs=b.first_macs)
 
 
@@ -309,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and "triton" in default_variants:
         default_variants.append("triton+graph")
     variants = args.variants.split(",") if args.variants else default_variants
-    if args.device != "cuda" and any(v.endswith("+graph") for v in variants):
+    try:
+        specs = [Variant.parse(v) for v in variants]
+    except ValueError as e:
+        print(f"--variants: {e}", file=sys.stderr)
+        return 2
+    if args.device != "cuda" and any(s.graph for s in specs):
         print(f"--variants {','.join(variants)}: '+graph' variants replay CUDA graphs; use them with --device cuda.",
               file=sys.stderr)
         return 2

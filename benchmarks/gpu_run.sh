@@ -2,7 +2,8 @@
 # One prepared GPU session for issue 5: CUDA correctness tests, then the search-step benchmark with
 # a torch.profiler breakdown (eager variants and the CUDA-graph replay side by side; the compiled
 # variant in its own process with COMPILED=1), the QAT fine-tune step benchmark (and what precision: auto buys
-# over float32) and a whole search in float32 and under precision: auto.
+# over float32) and a whole search in float32 and under precision: auto. Session 14 adds the folded
+# teacher's and the kept operands' effect on the replayed step.
 # Everything lands in OUT (default benchmarks/results/gpu).
 #   bash benchmarks/gpu_run.sh [OUT]
 # Runs with the machine's own python3 (torch + triton); gmpq_core needs only torch/torchvision/numpy.
@@ -21,9 +22,12 @@ timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gm
   tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py tests/gmpq_core/test_precision.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 
 echo "== search step vs FP, side by side (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
-# the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it
-timeout ${BENCH_S:-240} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} \
-  --variants reference,fused,triton,triton+graph --json "$OUT/gpu.json" --profile "$OUT/prof" 2>&1 \
+# the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it.
+# Session 14's two candidates beside it: +bnteacher = the teacher with its BatchNorms (before the fold),
+# +keep = the one-node conv keeps its mixed operands (no recompute, more memory)
+timeout ${BENCH_S:-300} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} \
+  --variants reference,fused,triton,triton+graph,triton+graph+bnteacher,triton+graph+keep \
+  --json "$OUT/gpu.json" --profile "$OUT/prof" 2>&1 \
   | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee "$OUT/bench.log"
 if [ ! -s "$OUT/gpu.json" ]; then
   echo "== again without the CUDA-graph variant"

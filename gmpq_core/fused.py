@@ -277,17 +277,24 @@ class _WeightFn(torch.autograd.Function):
 KEEP_OPERANDS_ON = frozenset({"cpu"})   # where the eager "fused" conv node keeps its mixed operands (see _ConvFn)
 
 
+def keeps_operands(impl: str, device: torch.device, keep: bool | None = None) -> bool:
+    """Whether the one-node conv keeps its two mixed operands for backward: ``keep`` when given (a layer's
+    ``keep_operands``), else the default rule (the eager "fused" kernels on a CPU, ``KEEP_OPERANDS_ON``)."""
+    return (impl == "fused" and device.type in KEEP_OPERANDS_ON) if keep is None else bool(keep)
+
+
 class _ConvFn(torch.autograd.Function):
     """With the eager "fused" kernels on a CPU the node also keeps the two mixed operands for backward instead
     of recomputing them there: memory is plentiful and passes are not (the quantized fine-tune's step
     1.07-1.14x faster on the 2-core machine, for 1.37x (ResNet-20) / 1.64x (ResNet-18) the saved-tensor
     bytes; benchmarks/RESULTS.md "Session 13"). Elsewhere (a GPU, the compiled kernels, whose one-pass
-    recompute is cheap) it keeps only its inputs: the memory goal."""
+    recompute is cheap) it keeps only its inputs: the memory goal. ``keep`` (True / False) overrides the
+    rule (``keeps_operands``; a benchmark's "+keep" variant measures it on a GPU)."""
     @staticmethod
-    def forward(ctx, x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
+    def forward(ctx, x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
+                keep=None):
         operands = _conv_operands(x, w, pa, clips, a_bits, signed, pw, w_bits, impl)
-        keep = operands if impl == "fused" and x.device.type in KEEP_OPERANDS_ON else ()
-        ctx.save_for_backward(x, w, bias, pa, clips, pw, *keep)
+        ctx.save_for_backward(x, w, bias, pa, clips, pw, *(operands if keeps_operands(impl, x.device, keep) else ()))
         ctx.static = (a_bits, signed, w_bits, stride, padding, dilation, groups, impl)
         return _conv_fwd_impl(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups,
                               impl, operands=operands)
@@ -295,7 +302,7 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         need = ctx.needs_input_grad
-        return _conv_grads(ctx, grad, functools.partial(_conv_bwd_impl, need_pa=need[3], need_pw=need[7]))
+        return *_conv_grads(ctx, grad, functools.partial(_conv_bwd_impl, need_pa=need[3], need_pw=need[7])), None
 
 
 # unchecked entry points (bits: tuple of ints, signed: bool, stride/padding/dilation: lists of 2 ints)
@@ -311,11 +318,13 @@ def _weight_mixture(w: Tensor, probs: Tensor, bits: tuple[int, ...], impl: str) 
     return _WeightFn.apply(w, probs, bits, impl)
 
 
-def _mixed_conv2d(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl):
-    if torch.compiler.is_compiling():
+def _mixed_conv2d(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
+                  keep=None):
+    if torch.compiler.is_compiling():     # the compiled node recomputes (keep does not apply)
         return torch.ops.gmpq.mixed_conv2d(x, w, bias, pa, clips, list(a_bits), signed, pw, list(w_bits), stride,
                                            padding, dilation, groups, impl)
-    return _ConvFn.apply(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl)
+    return _ConvFn.apply(x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
+                         keep)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Per batch (single-level: one backward updates weights and architecture together):
 
-    teacher:  z_t, A_fp = Grad-CAM of the FP teacher (eval mode, detached)
+    teacher:  z_t, A_fp = Grad-CAM of the FP teacher (eval mode, detached; its BatchNorms folded into
+              its convolutions, bn_fold.py, unless ``teacher_bn_train``)
     student:  z_q, A_q  = Grad-CAM of the supernet (create_graph=True: second order)
     E         = sum_l MACs_l E[b_w,l] E[b_a,l]                       (expected BitOPs)
     p         = kappa * mean_l 1 / (E[b_w,l] E[b_a,l])  (detached)  or p_fixed
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attribution import find_feature_layer, gradcam
+from .bn_fold import fold_batchnorm_
 from .bitops import count_bitops, layer_macs
 from .complexity import Budget, check_budget, complexity_penalty
 from .derive import derive_policy
@@ -180,6 +182,8 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                         "of a_bits for this model to keep the costs exact.", len(ternary), ", ".join(ternary[:3]),
                         ", ..." if len(ternary) > 3 else "")
         optimizer = _make_optimizer(supernet, cfg)
+        if not cfg.teacher_bn_train:          # a frozen eval-mode teacher runs its BatchNorms inside its convs
+            log.debug("teacher: %d BatchNorm(s) folded into their convolutions", fold_batchnorm_(teacher_s))
         _teacher_mode_(teacher_s, cfg.teacher_bn_train)
         step_fn = _step_function(supernet, teacher_s, optimizer, cfg, layer=layer, macs_vec=macs_vec,
                                  budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, device=device)

@@ -61,6 +61,7 @@ class _MixedMixin:
         self._wcache: tuple[tuple, Tensor] | None = None
         self.mixture_impl = "fused"  # see set_mixture_impl_
         self.conv_node = False       # MixedConv2d: mixtures + conv as one node (recomputes the operands)
+        self.keep_operands = None    # that node keeps the operands (True) or not (False); None: fused.keeps_operands
 
     # -- architecture distributions ------------------------------------------------------------
     def _softmax(self, alpha: Tensor) -> Tensor:
@@ -164,7 +165,8 @@ class MixedConv2d(_MixedMixin, nn.Conv2d):
         # training: one node for mixtures + conv, which recomputes the mixed operands in backward
         return _mixed_conv2d(x, self.weight, self.bias, self.probs_a(), self.clips, self.a_candidates,
                              bool(self.signed), self.probs_w(), self.w_candidates, list(self.stride),
-                             list(self.padding), list(self.dilation), self.groups, self.mixture_impl)
+                             list(self.padding), list(self.dilation), self.groups, self.mixture_impl,
+                             self.keep_operands)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._mixed_repr()
@@ -273,7 +275,8 @@ def set_temperature_(model: nn.Module, temperature: float) -> nn.Module:
     return model
 
 
-def set_mixture_impl_(model: nn.Module, impl: str, *, conv_node: bool | None = None) -> nn.Module:
+def set_mixture_impl_(model: nn.Module, impl: str, *, conv_node: bool | None = None,
+                      keep_operands: bool | None = None) -> nn.Module:
     """Set how every mixed layer computes its mixtures (values and gradients match, fused.py):
     "reference" (plain autograd), "fused" (recompute-in-backward nodes, eager kernels; the
     default), "compiled" (the same, TorchInductor kernels) or "triton" (CUDA Triton kernels for the
@@ -283,13 +286,15 @@ def set_mixture_impl_(model: nn.Module, impl: str, *, conv_node: bool | None = N
     its inputs (the mixed operands are recomputed in backward: about one activation-sized and one
     weight-sized tensor less per layer; "fused" on a CPU keeps them, fused.mixed_conv2d). Default: on for
     "compiled" and "triton" (one-pass kernels make the recompute cheap), off for "fused" (eager recompute
-    costs CPU time).
+    costs CPU time). ``keep_operands``: True makes that node keep the mixed operands instead (eager
+    kernels; more memory, no recompute), False makes it recompute them; None: ``fused.keeps_operands``.
     """
     if impl not in IMPLS:
         raise ConfigError(f"mixture impl must be one of {', '.join(map(repr, IMPLS))}, but got impl={impl!r}.")
     for m in mixed_layers(model).values():
         m.mixture_impl = impl
         m.conv_node = impl in ("compiled", "triton") if conv_node is None else bool(conv_node)
+        m.keep_operands = keep_operands
         m._wcache = None
     for q in quantized_layers(model).values():   # a fixed stem / classifier: the same kernels
         q.quant_impl = impl

@@ -363,6 +363,23 @@ def test_cuda_bf16_autocast_search_step_runs_with_triton():
     assert all(m.alpha_a.grad is not None for m in mixed_layers(net).values())
 
 
+
+@pytest.mark.gpu
+def test_cuda_triton_conv_node_that_keeps_its_operands_gives_the_recompute_gradients():
+    grads = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        net, x = _tiny_supernet("triton")
+        net, x = net.float().cuda(), x.float().cuda()
+        set_mixture_impl_(net, "triton", keep_operands=keep)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = net(x)
+        out.float().sum().backward()
+        grads[keep] = [p.grad.float() for p in net.parameters() if p.grad is not None]
+    assert len(grads[True]) == len(grads[False]) > 0
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
 def test_search_with_fused_mixtures_follows_the_reference_search():
     # whole search_policy runs (2 epochs, tiny resnet20, float64): same history, probabilities, policy
     from test_search import _cfg, _data, _search, _teacher
@@ -397,3 +414,25 @@ def test_eager_path_equals_the_custom_operators_bit_for_bit():
         runs.append([y, a, m, xs.grad, ws.grad, bs.grad, pa.grad, cs.grad, pw.grad])
     for eager, op in zip(*runs):
         assert torch.equal(eager, op)
+
+
+@pytest.mark.parametrize("impl", ["fused", "triton"])
+def test_a_layers_keep_setting_overrides_the_rule_with_the_same_values_and_gradients(impl):
+    # keep=True / False: the node keeps its mixed operands or recomputes them in backward, whatever the impl and
+    # device ("triton" on a CPU tensor runs the eager kernels); a benchmark's "+keep" variant uses it on a GPU
+    import gmpq_core.fused as fused
+    (x0, w0, b0, la, clips, lw), a_bits, w_bits = _conv_case(1)
+    out = {}
+    for keep in (False, True):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        pa, pw = torch.softmax(la, 0).requires_grad_(), torch.softmax(lw, 0).requires_grad_()
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            y = fused._mixed_conv2d(x, w, b, pa, clips, tuple(a_bits), False, pw, tuple(w_bits), [2, 2], [1, 1],
+                                    [1, 1], 1, impl, keep)
+        (y * torch.cos(y)).sum().backward()
+        assert sum(sizes) == (2 if keep else 1) * (x.numel() + w.numel()) + b.numel() + 3 * 3
+        out[keep] = [y.detach(), x.grad, w.grad, b.grad, pa.grad, pw.grad]
+    _assert_all_close(out[False], out[True], atol=1e-12)
+    assert fused.keeps_operands("fused", torch.device("cpu")) and not fused.keeps_operands("triton", torch.device("cpu"))
+    assert not fused.keeps_operands("fused", torch.device("cuda")) and fused.keeps_operands("triton", torch.device("cuda"), True)

@@ -19,7 +19,7 @@ from gmpq_core.models import build_model
 from gmpq_core.search import SearchConfig, _make_optimizer, _teacher_mode_, search_step
 from gmpq_core.supernet import arch_parameters, build_supernet, calibrate_supernet_, expected_bits, mixed_layers
 
-from test_search import _cfg, _data, _search  # same folder (pytest puts it on sys.path)
+from test_search import _cfg, _data, _search, _teacher  # same folder (pytest puts it on sys.path)
 
 
 def _setup(**cfg_kw):
@@ -107,8 +107,12 @@ def test_the_teacher_runs_in_the_mode_the_config_asks_for(monkeypatch, bn_train)
         modes.append({type(m).__name__: m.training for m in out.modules()})
         return out
     monkeypatch.setattr(search_mod, "_teacher_mode_", spy)
-    _search(_cfg(epochs=1, max_steps_per_epoch=1, teacher_bn_train=bn_train))
-    assert modes and all(m["BatchNorm2d"] is bn_train and m["Conv2d"] is False for m in modes)
+    caller_teacher = _teacher()
+    _search(_cfg(epochs=1, max_steps_per_epoch=1, teacher_bn_train=bn_train), teacher=caller_teacher)
+    # eval mode: the BatchNorms are folded into the convolutions (bn_fold.py); in training mode they stay
+    assert modes and all(m.get("BatchNorm2d") is (True if bn_train else None) and m["Conv2d"] is False
+                         for m in modes)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in caller_teacher.modules()) == 21   # untouched
     teacher = _teacher_mode_(build_model("resnet20", num_classes=4, in_channels=1, width=4), bn_train)
     assert {m.training for m in teacher.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {bn_train}
     assert not teacher.training
