@@ -1,8 +1,10 @@
-"""Folding an eval-mode BatchNorm into the convolution that feeds it (the search's frozen FP teacher).
+"""Folding an eval-mode BatchNorm into the convolution that feeds it (the frozen FP teachers of the
+search and of a distilling fine-tune).
 
 A frozen network in eval mode computes ``BN(conv(x)) = conv'(x)`` with ``W' = W * s`` and
 ``b' = (b - mean) * s + beta``, ``s = gamma / sqrt(var + eps)`` per output channel, so the teacher's
-forward pass, which the search runs on every batch for its Grad-CAM map, needs no BatchNorm pass:
+forward pass, which the search runs on every batch for its Grad-CAM map (a fine-tune with ``distill``
+for its soft targets), needs no BatchNorm pass:
 one read and one write of every activation less per convolution. Values are the same up to float
 rounding. Which BatchNorm follows which convolution is read from the data flow (a torch.fx trace), not
 from module names: a pair is folded only where the convolution's output feeds that BatchNorm and
@@ -19,7 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["fold_batchnorm_"]
+__all__ = ["fold_batchnorm_", "frozen_teacher_"]
 
 
 def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
@@ -75,3 +77,10 @@ def fold_batchnorm_(model: nn.Module) -> int:
         model.set_submodule(bn_name, nn.Identity())
         n += 1
     return n
+
+
+def frozen_teacher_(model: nn.Module) -> nn.Module:
+    """``model`` as a frozen teacher, in place: eval mode, no gradients, BatchNorms folded. Returns it."""
+    model.eval().requires_grad_(False)
+    log.debug("teacher: %d BatchNorm(s) folded into their convolutions", fold_batchnorm_(model))
+    return model

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .bitops import BitOpsReport, count_bitops
+from .bn_fold import frozen_teacher_
 from .errors import CheckpointError, ConfigError
 from .fileio import load_checkpoint, save_checkpoint
 from .policy import BitPolicy, QuantSpec
@@ -174,8 +175,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     model = training_layout_(model.to(device), device, precision)
     teacher = None
     if config.distill:
-        teacher = training_layout_(copy.deepcopy(fp_model).to(device), device, precision)
-        teacher.eval().requires_grad_(False)
+        teacher = training_layout_(frozen_teacher_(copy.deepcopy(fp_model).to(device)), device, precision)
     optimizer = make_optimizer(model, config)
     total_steps = config.epochs * steps_per_epoch(train_loader, config.max_steps_per_epoch)
     scheduler = make_cosine_scheduler(optimizer, total_steps)

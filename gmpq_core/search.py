@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attribution import find_feature_layer, gradcam
-from .bn_fold import fold_batchnorm_
+from .bn_fold import frozen_teacher_
 from .bitops import count_bitops, layer_macs
 from .complexity import Budget, check_budget, complexity_penalty
 from .derive import derive_policy
@@ -183,7 +183,7 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                         ", ..." if len(ternary) > 3 else "")
         optimizer = _make_optimizer(supernet, cfg)
         if not cfg.teacher_bn_train:          # a frozen eval-mode teacher runs its BatchNorms inside its convs
-            log.debug("teacher: %d BatchNorm(s) folded into their convolutions", fold_batchnorm_(teacher_s))
+            frozen_teacher_(teacher_s)
         _teacher_mode_(teacher_s, cfg.teacher_bn_train)
         step_fn = _step_function(supernet, teacher_s, optimizer, cfg, layer=layer, macs_vec=macs_vec,
                                  budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, device=device)

@@ -133,6 +133,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from gmpq_core.bn_fold import frozen_teacher_
     from gmpq_core.data import load_dataset, make_loader, proxy
     from gmpq_core.finetune import prepare_quantized
     from gmpq_core.policy import BitPolicy
@@ -160,8 +161,7 @@ def train_loop_per_worker(config: dict) -> None:
     fp, _ = load_target_model(job.fp_checkpoint)
     policy = BitPolicy.from_json(job.policy_json)
     model = training_layout_(prepare_quantized(fp, policy, calib).to(device), device, job.precision)
-    teacher = (training_layout_(fp.to(device), device, job.precision).eval().requires_grad_(False) if job.distill
-               else None)
+    teacher = training_layout_(frozen_teacher_(fp.to(device)), device, job.precision) if job.distill else None
 
     steps = steps_per_epoch(train_loader, job.max_steps_per_epoch)
     total = job.epochs * steps

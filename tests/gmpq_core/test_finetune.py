@@ -70,6 +70,20 @@ def test_finetune_reports_per_epoch_and_counts_bitops_of_the_policy():
     assert ref.bitops_quantized == 4 * 9 * 8 * 16 * 2 * 3 + 8 * 9 * 8 * 16 * 4 * 6
 
 
+
+def test_the_distillation_teacher_runs_with_its_batchnorm_folded_and_the_fp_model_stays(monkeypatch):
+    import gmpq_core.finetune as finetune_mod
+
+    seen = []
+    real = finetune_mod.run_epochs
+    monkeypatch.setattr(finetune_mod, "run_epochs", lambda *a, **k: seen.append(k["teacher"]) or real(*a, **k))
+    fp = tiny_net()
+    finetune(fp, mixed_policy(fp), TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=1, distill=True),
+             input_size=8, in_channels=1)
+    (teacher,) = seen
+    assert isinstance(teacher.bn, torch.nn.Identity) and teacher.stem.bias is not None and not teacher.training
+    assert isinstance(fp.bn, torch.nn.BatchNorm2d) and fp.stem.bias is None             # the caller's model
+
 def test_finetune_resumes_from_its_checkpoint_like_an_uninterrupted_run(tmp_path):
     cfg = FinetuneConfig(epochs=3, lr=0.02, distill=True)
     fp = tiny_net()
