@@ -131,7 +131,7 @@ def _first_batch(loader: Any) -> Tensor:
                       "activation clips (check batch_size and the training split's size).")
 
 
-def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy) -> dict | None:
+def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precision: str) -> dict | None:
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
@@ -145,6 +145,11 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy) -> dict 
         raise CheckpointError(f"Checkpoint '{path}' was written with {k}={old_cfg[k]!r} but this run has "
                               f"{k}={getattr(config, k)!r}; resume with the same settings or delete the "
                               "checkpoint folder to start afresh.")
+    old_precision = ckpt.get("precision", "fp32")    # written before the key: float32, all that ran then
+    if old_precision != precision:
+        raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune in precision {old_precision!r} but "
+                              f"this run trains in {precision!r}; resume with --precision {old_precision} (the "
+                              "`precision:` setting), or delete the checkpoint folder to start afresh.")
     old_layers = ckpt.get("policy_layers")
     new_layers = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}
     if old_layers is not None and old_layers != new_layers:
@@ -165,7 +170,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     ``in_channels`` input channels. ``precision``: precision.py (``auto``: bf16 autocast on a GPU with
     bfloat16, float32 elsewhere; the quantizers' grids and clips stay float32).
     """
-    resolve_precision(precision, device)                 # a bad value fails before any work
+    resolved = resolve_precision(precision, device)      # a bad value fails before any work
     reporter = reporter or NullReporter()
     t0 = time.perf_counter()
     with seeded(config.seed, device):
@@ -183,7 +188,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     start = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt_path is not None:
-        state = _load_resume(ckpt_path, config, policy)
+        state = _load_resume(ckpt_path, config, policy, resolved)
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -197,7 +202,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
             return
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
+            "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(), "precision": resolved,
             "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}})
 
     metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,

@@ -117,6 +117,18 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="nesterov=False"):        # the optimizer state would bring it back
         finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2, nesterov=True),
                  input_size=8, in_channels=1, checkpoint_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="precision 'fp32' but this run trains in 'bf16'.*--precision fp32"):
+        finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2), input_size=8,
+                 in_channels=1, checkpoint_dir=tmp_path, precision="bf16")
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["precision"] == "fp32"           # auto on a CPU
+    del state["precision"]                       # a checkpoint from before the key: float32, resumable as such
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match="precision 'fp32'"):
+        finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2), input_size=8,
+                 in_channels=1, checkpoint_dir=tmp_path, precision="bf16")
+    assert finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2), input_size=8,
+                    in_channels=1, checkpoint_dir=tmp_path, precision="fp32").epochs_run == 2
     other = BitPolicy.uniform(fp, 8, 8)
     with pytest.raises(CheckpointError, match="different bit policy"):
         finetune(fp, other, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2),
