@@ -47,7 +47,7 @@ from gmpq_core.models import build_model  # noqa: E402
 from gmpq_core.policy import BitPolicy, QuantSpec  # noqa: E402
 from gmpq_core.precision import PRECISIONS, resolve_precision  # noqa: E402
 from gmpq_core.qmodules import apply_policy_, calibrate_, set_quant_impl_  # noqa: E402
-from gmpq_core.train import train_one_epoch, training_layout_  # noqa: E402
+from gmpq_core.train import sgd, train_one_epoch, training_layout_  # noqa: E402
 
 CASES = {"cpu": [("resnet20", 28, 1), ("resnet18", 32, 3)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
@@ -79,7 +79,7 @@ def build(name: str, size: int, in_ch: int, batch: int, device: str, precision: 
         if not k.endswith("_nchw"):
             training_layout_(m, device, precisions[k])
     return {"x": x, "y": y, "models": models, "precision": precisions,
-            "opts": {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}}
+            "opts": {k: sgd(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}}
 
 
 def timed_chunk(b: dict, kind: str, steps: int, device: str) -> float:

@@ -58,6 +58,7 @@ from gmpq_core.models import build_model
 from gmpq_core.search import _make_optimizer, search_step  # the optimiser search_policy builds
 from gmpq_core.search_config import SearchConfig
 from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers, set_mixture_impl_
+from gmpq_core.train import sgd
 
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
@@ -135,7 +136,7 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
     fp = copy.deepcopy(teacher).requires_grad_(True).train()
     teacher_bn = copy.deepcopy(teacher)
     fold_batchnorm_(teacher)
-    fp_opt = torch.optim.SGD(fp.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    fp_opt = sgd(fp.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)   # as train_fp
     cfg = SearchConfig(budget=Budget(avg_bits=4.0), batch_size=batch)
     all_macs = layer_macs(teacher, size, in_ch)
     macs = {n: all_macs[n] for n in searchable_layers(teacher)}

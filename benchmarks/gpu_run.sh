@@ -34,6 +34,9 @@ if [ ! -s "$OUT/gpu.json" ]; then
   timeout 150 $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --variants reference,fused,triton \
     --json "$OUT/gpu_eager.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee -a "$OUT/bench.log"
 fi
+echo "== torch's default SGD (foreach on CUDA) against the fused SGD every loop now uses, inside FP training steps"
+timeout ${OPT_S:-60} $PY benchmarks/bench_optimizer.py --device cuda --json "$OUT/optimizer.json" 2>&1 \
+  | grep -v -E "^(STAGE|USDT|\[W)" | tail -5 | tee "$OUT/optimizer.log"
 echo "== QAT fine-tune step vs FP, side by side (reference quantizers against the fused/Triton layers of session 12)"
 timeout ${QAT_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat.json" 2>&1 \
   | grep -v -E "^(STAGE|USDT|\[W)" | tail -8 | tee "$OUT/qat.log"

@@ -41,7 +41,7 @@ from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_su
                        mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
                        weight_parameters)
 from .precision import at_least_float32, autocast, resolve_precision
-from .train import evaluate, seeded, training_layout_
+from .train import evaluate, seeded, sgd, training_layout_
 
 __all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
            "evaluate_policy", "search_step", "StepStats"]
@@ -74,7 +74,7 @@ def _teacher_mode_(teacher: nn.Module, bn_train: bool) -> nn.Module:
 
 
 def _make_optimizer(supernet: nn.Module, cfg: SearchConfig) -> torch.optim.SGD:
-    return torch.optim.SGD([
+    return sgd([
         {"params": weight_parameters(supernet), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"},
         {"params": arch_parameters(supernet), "lr": cfg.lr_arch, "weight_decay": cfg.arch_weight_decay,
          "name": "arch"}], lr=cfg.lr, momentum=cfg.momentum)

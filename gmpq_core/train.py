@@ -30,7 +30,7 @@ from .reporting import NullReporter, Reporter
 
 __all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch",
            "train_fp", "distillation_loss", "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded",
-           "run_epochs", "Progress"]
+           "run_epochs", "Progress", "sgd"]
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +133,24 @@ def standard_layout_(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.contiguous_format)
 
 
+FUSED_SGD_DEVICES = ("cpu", "cuda")    # where torch has a fused SGD kernel (see sgd)
+
+
+def sgd(params: Iterable, **kwargs: Any) -> torch.optim.SGD:
+    """``torch.optim.SGD(params, **kwargs)`` with torch's fused kernel (one pass over each parameter, its
+    gradient and momentum buffer) when every parameter is a floating-point tensor on a CPU or CUDA device,
+    else torch's default implementation. Same update up to float rounding. Inside FP training on the 2-core
+    CPU the optimizer step is 1.4-1.5x faster and ResNet-18's whole step (32 px, batch 64) 1.05x; ResNet-20's
+    is unchanged (benchmarks/bench_optimizer.py). Every optimizer of the product's loops is made here."""
+    groups = list(params)
+    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fused = bool(tensors) and all(t.device.type in FUSED_SGD_DEVICES and t.is_floating_point() for t in tensors)
+    return torch.optim.SGD(groups, fused=True if fused else None, **kwargs)
+
+
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:
-    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                           momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           nesterov=cfg.nesterov and cfg.momentum > 0)
+    return sgd([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, momentum=cfg.momentum,
+               weight_decay=cfg.weight_decay, nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
 def make_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:

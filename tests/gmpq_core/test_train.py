@@ -218,3 +218,27 @@ def test_a_random_supernet_init_does_not_depend_on_the_memory_format():
     nchw = build_supernet(m, init_from_fp=False, seed=3).state_dict()
     cl = build_supernet(m.to(memory_format=torch.channels_last), init_from_fp=False, seed=3).state_dict()
     assert all(torch.equal(v, cl[k]) for k, v in nchw.items() if torch.is_tensor(v))
+
+
+def test_every_optimizer_of_the_loops_is_torchs_fused_sgd_where_it_has_one_with_the_same_updates():
+    from gmpq_core.search import _make_optimizer
+    from gmpq_core.search_config import SearchConfig
+    from gmpq_core.supernet import build_supernet
+    from gmpq_core.train import sgd
+
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)
+    models = [tiny_net(), tiny_net()]
+    opts = [torch.optim.SGD(models[0].parameters(), **kw), sgd(models[1].parameters(), **kw)]
+    assert [o.param_groups[0]["fused"] for o in opts] == [None, True]
+    x, y = next(iter(TinyLoader()))
+    for _ in range(3):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert make_optimizer(tiny_net(), TrainConfig()).param_groups[0]["fused"] is True
+    assert all(g["fused"] for g in _make_optimizer(build_supernet(tiny_net()), SearchConfig()).param_groups)
+    on_meta = sgd(torch.nn.Linear(2, 2, device="meta").parameters(), lr=0.1)   # no fused kernel there
+    assert not on_meta.param_groups[0]["fused"]
