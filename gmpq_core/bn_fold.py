@@ -8,12 +8,14 @@ for its soft targets), needs no BatchNorm pass:
 one read and one write of every activation less per convolution. Values are the same up to float
 rounding. Which BatchNorm follows which convolution is read from the data flow (a torch.fx trace), not
 from module names: a pair is folded only where the convolution's output feeds that BatchNorm and
-nothing else, and each module runs once per forward. A model torch.fx cannot trace is left as it is.
+nothing else, each module runs once per forward under one name, no code reads their parameters
+directly and no hook watches them. A model torch.fx cannot trace is left as it is.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -24,8 +26,14 @@ log = logging.getLogger(__name__)
 __all__ = ["fold_batchnorm_", "frozen_teacher_"]
 
 
-def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, BatchNorm name) pairs whose data flow allows folding (module docstring)."""
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _foldable_pairs(model: nn.Module, keep: frozenset[str]) -> list[tuple[str, str]]:
+    """(conv name, BatchNorm name) pairs whose data flow allows folding (module docstring). Skipped too: a
+    conv named in ``keep``, a module registered under two names, a module whose parameters the forward
+    reads directly (``self.conv.weight``), and a module with forward hooks (they would see other values)."""
     import torch.fx as fx
 
     try:
@@ -34,8 +42,15 @@ def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
         log.debug("BatchNorm not folded: %s cannot be traced (%s: %s)", type(model).__name__, type(exc).__name__, exc)
         return []
     modules = dict(model.named_modules())
+    names = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+    read = {n.target.rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}   # owners of attributes read
     calls = [n for n in graph.nodes if n.op == "call_module"]
     runs = Counter(n.target for n in calls)
+
+    def alone(name: str) -> bool:      # called once, one name, no direct reads, no hooks
+        m = modules[name]
+        return runs[name] == 1 and names[id(m)] == 1 and name not in read and not _hooked(m)
+
     pairs = []
     for node in calls:
         bn = modules[node.target]
@@ -45,25 +60,27 @@ def _foldable_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         conv = modules[src.target]
-        if (type(conv) is nn.Conv2d and runs[src.target] == 1 and runs[node.target] == 1
-                and conv.out_channels == bn.num_features):
+        if (type(conv) is nn.Conv2d and src.target not in keep and conv.out_channels == bn.num_features
+                and alone(src.target) and alone(node.target)):
             pairs.append((src.target, node.target))
     return pairs
 
 
 @torch.no_grad()
-def fold_batchnorm_(model: nn.Module) -> int:
+def fold_batchnorm_(model: nn.Module, *, keep: Iterable[str] = ()) -> int:
     """Fold every foldable BatchNorm2d of ``model`` into the ``nn.Conv2d`` before it, in place: the conv
     gets the folded weight and bias (same dtype, device and requires_grad), the BatchNorm becomes
     ``nn.Identity``. Only for a model whose BatchNorms use their running statistics: ``model`` must be in
     eval mode (a ValueError otherwise). Module names stay (hooks on other modules, e.g. Grad-CAM's on
-    ``layer4``, keep working). Returns the number of BatchNorms folded."""
+    ``layer4``, keep working). ``keep``: names of convs whose own output must stay what it was (a
+    Grad-CAM layer given by a conv's name: folding would move its output to after the BatchNorm).
+    Returns the number of BatchNorms folded."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if any(m.training for m in bns):
         raise ValueError("fold_batchnorm_ needs a model in eval mode (its BatchNorms use running statistics); "
                          "call model.eval() first, or leave the BatchNorms unfolded for training-mode statistics.")
     n = 0
-    for conv_name, bn_name in _foldable_pairs(model):
+    for conv_name, bn_name in _foldable_pairs(model, frozenset(keep)):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if bn.running_mean is None or bn.running_var is None:    # track_running_stats=False: batch statistics
             continue
@@ -79,8 +96,9 @@ def fold_batchnorm_(model: nn.Module) -> int:
     return n
 
 
-def frozen_teacher_(model: nn.Module) -> nn.Module:
-    """``model`` as a frozen teacher, in place: eval mode, no gradients, BatchNorms folded. Returns it."""
+def frozen_teacher_(model: nn.Module, *, keep: Iterable[str] = ()) -> nn.Module:
+    """``model`` as a frozen teacher, in place: eval mode, no gradients, BatchNorms folded (``keep``: see
+    ``fold_batchnorm_``). Returns it."""
     model.eval().requires_grad_(False)
-    log.debug("teacher: %d BatchNorm(s) folded into their convolutions", fold_batchnorm_(model))
+    log.debug("teacher: %d BatchNorm(s) folded into their convolutions", fold_batchnorm_(model, keep=keep))
     return model

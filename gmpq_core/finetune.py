@@ -30,7 +30,7 @@ from .policy import BitPolicy, QuantSpec
 from .precision import resolve_precision
 from .qmodules import apply_policy_, calibrate_, quantized_layers
 from .reporting import NullReporter, Reporter
-from .train import (Progress, make_cosine_scheduler, make_optimizer, run_epochs, seeded, steps_per_epoch,
+from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_optimizer, run_epochs, seeded, steps_per_epoch,
                     training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
@@ -145,8 +145,8 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precisio
         raise CheckpointError(f"Checkpoint '{path}' was written with {k}={old_cfg[k]!r} but this run has "
                               f"{k}={getattr(config, k)!r}; resume with the same settings or delete the "
                               "checkpoint folder to start afresh.")
-    old_precision = ckpt.get("precision", "fp32")    # written before the key: float32, all that ran then
-    if old_precision != precision:
+    old_precision = ckpt.get("precision")     # None: written before the key (fp32, or bf16 on a GPU under auto)
+    if old_precision is not None and old_precision != precision:
         raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune in precision {old_precision!r} but "
                               f"this run trains in {precision!r}; resume with --precision {old_precision} (the "
                               "`precision:` setting), or delete the checkpoint folder to start afresh.")
@@ -191,7 +191,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
         state = _load_resume(ckpt_path, config, policy, resolved)
         if state is not None:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             history = [dict(h) for h in state["history"]]
             start = int(state["epoch"])

@@ -183,7 +183,7 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                         ", ..." if len(ternary) > 3 else "")
         optimizer = _make_optimizer(supernet, cfg)
         if not cfg.teacher_bn_train:          # a frozen eval-mode teacher runs its BatchNorms inside its convs
-            frozen_teacher_(teacher_s)
+            frozen_teacher_(teacher_s, keep=(layer,))   # a conv named as the Grad-CAM layer keeps its output
         _teacher_mode_(teacher_s, cfg.teacher_bn_train)
         step_fn = _step_function(supernet, teacher_s, optimizer, cfg, layer=layer, macs_vec=macs_vec,
                                  budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, device=device)

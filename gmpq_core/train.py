@@ -30,7 +30,7 @@ from .reporting import NullReporter, Reporter
 
 __all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch",
            "train_fp", "distillation_loss", "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded",
-           "run_epochs", "Progress", "sgd"]
+           "run_epochs", "Progress", "sgd", "load_optimizer_state"]
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,24 @@ def sgd(params: Iterable, **kwargs: Any) -> torch.optim.SGD:
     CPU the optimizer step is 1.4-1.5x faster and ResNet-18's whole step (32 px, batch 64) 1.05x; ResNet-20's
     is unchanged (benchmarks/bench_optimizer.py). Every optimizer of the product's loops is made here."""
     groups = list(params)
-    tensors = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    fused = bool(tensors) and all(t.device.type in FUSED_SGD_DEVICES and t.is_floating_point() for t in tensors)
+    if groups and isinstance(groups[0], dict):       # parameter groups: their params as lists (a generator is read once)
+        groups = [{**g, "params": list(g["params"])} for g in groups]
+        tensors = [t for g in groups for t in g["params"]]
+    else:
+        tensors = groups
+    fused = bool(tensors) and all(isinstance(t, Tensor) and t.device.type in FUSED_SGD_DEVICES
+                                  and t.is_floating_point() for t in tensors)
     return torch.optim.SGD(groups, fused=True if fused else None, **kwargs)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)`` keeping the optimizer's own implementation flags (``fused``,
+    ``foreach``): a checkpoint written by another implementation (before ``sgd`` chose the fused one, or on
+    another device) would otherwise bring its flags along."""
+    impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, flags in zip(optimizer.param_groups, impl):
+        g.update(flags)
 
 
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:

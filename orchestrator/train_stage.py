@@ -137,8 +137,8 @@ def train_loop_per_worker(config: dict) -> None:
     from gmpq_core.data import load_dataset, make_loader, proxy
     from gmpq_core.finetune import prepare_quantized
     from gmpq_core.policy import BitPolicy
-    from gmpq_core.train import (evaluate, make_cosine_scheduler, make_optimizer, seeded, steps_per_epoch,
-                                 train_one_epoch, training_layout_)
+    from gmpq_core.train import (evaluate, load_optimizer_state, make_cosine_scheduler, make_optimizer, seeded,
+                                 steps_per_epoch, train_one_epoch, training_layout_)
     from gmpq_core.transfer import load_target_model
 
     job = FinalJob(**config)
@@ -183,7 +183,7 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = make_optimizer(model, ft)
     scheduler = make_cosine_scheduler(optimizer, total)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         if state.get("total_steps") == total:
             scheduler.load_state_dict(state["scheduler"])
         else:

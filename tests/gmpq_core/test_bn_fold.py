@@ -99,3 +99,34 @@ def test_an_untraceable_model_or_batch_statistics_stay_unfolded_and_a_training_m
     assert fold_batchnorm_(batch_stats) == 0 and isinstance(batch_stats[1], nn.BatchNorm2d)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm_(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)).train())
+
+
+class _Watched(nn.Module):
+    """Four conv -> BatchNorm pairs, none foldable: a BatchNorm under two names, a conv whose weight the
+    forward reads, a hooked conv, and a conv kept by name (a Grad-CAM layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+        self.alias = self.bn1
+        self.c2, self.bn2 = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+        self.c3, self.bn3 = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+        self.c4, self.bn4 = nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        y = self.alias(self.c1(x))
+        y = self.bn2(self.c2(y)) + torch.nn.functional.conv2d(y, self.c2.weight)
+        return self.bn4(self.c4(self.bn3(self.c3(y))))
+
+
+def test_aliases_direct_parameter_reads_hooks_and_kept_convs_stay_unfolded():
+    x = torch.randn(3, 2, 4, 4)
+    model = _trained_eval(_Watched(), x)
+    seen = []
+    model.c3.register_forward_hook(lambda m, i, o: seen.append(o))
+    ref = model(x)
+    assert fold_batchnorm_(model, keep=("c4",)) == 0
+    assert all(isinstance(getattr(model, f"bn{i}"), nn.BatchNorm2d) for i in range(1, 5))
+    torch.testing.assert_close(model(x), ref)
+    torch.testing.assert_close(seen[-1], seen[0])        # the hooked conv's output is still its own
+    assert fold_batchnorm_(model) == 1 and isinstance(model.bn4, nn.Identity)    # c4 once not kept

@@ -242,3 +242,6 @@ def test_every_optimizer_of_the_loops_is_torchs_fused_sgd_where_it_has_one_with_
     assert all(g["fused"] for g in _make_optimizer(build_supernet(tiny_net()), SearchConfig()).param_groups)
     on_meta = sgd(torch.nn.Linear(2, 2, device="meta").parameters(), lr=0.1)   # no fused kernel there
     assert not on_meta.param_groups[0]["fused"]
+    net = tiny_net()
+    groups = sgd([{"params": net.parameters(), "lr": 0.2}], lr=0.1).param_groups    # a generator in a group
+    assert len(groups[0]["params"]) == len(list(net.parameters())) and groups[0]["fused"] and groups[0]["lr"] == 0.2
