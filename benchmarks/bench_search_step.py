@@ -104,10 +104,11 @@ class Bench:
     budget_bitops: int
     first_macs: int
     supernets: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
+    bn_teacher_kinds: set[str] = field(default_factory=set)       # the "+bnteacher" variants
     graphs: dict[str, GraphedSearchStep | None] = field(default_factory=dict)
 
     def teacher_of(self, kind: str) -> nn.Module:
-        return self.teacher_bn if Variant.parse(kind).bn_teacher else self.teacher
+        return self.teacher_bn if kind in self.bn_teacher_kinds else self.teacher
 
     def graphed(self, kind: str, warmup: int = 3) -> GraphedSearchStep:
         """A CUDA-graph runner of variant ``kind``'s supernet (strict: a failed capture raises)."""
@@ -148,6 +149,8 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
         net = build_supernet(teacher_bn, cfg.candidates).to(device, memory_format=fmt).requires_grad_(True)
         calibrate_supernet_(net, x)
         spec = Variant.parse(v)
+        if spec.bn_teacher:
+            bench.bn_teacher_kinds.add(v)
         set_mixture_impl_(net, spec.impl, conv_node=spec.conv_node, keep_operands=True if spec.keep else None)
         if list(mixed_layers(net)) != list(macs):
             raise RuntimeError("supernet layers differ from the teacher's searchable layers")

@@ -61,6 +61,7 @@ def _foldable_pairs(model: nn.Module, keep: frozenset[str]) -> list[tuple[str, s
             continue
         conv = modules[src.target]
         if (type(conv) is nn.Conv2d and src.target not in keep and conv.out_channels == bn.num_features
+                and bn.running_mean is not None and bn.running_var is not None   # not batch statistics
                 and alone(src.target) and alone(node.target)):
             pairs.append((src.target, node.target))
     return pairs
@@ -82,8 +83,6 @@ def fold_batchnorm_(model: nn.Module, *, keep: Iterable[str] = ()) -> int:
     n = 0
     for conv_name, bn_name in _foldable_pairs(model, frozenset(keep)):
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
-        if bn.running_mean is None or bn.running_var is None:    # track_running_stats=False: batch statistics
-            continue
         grad = conv.weight.requires_grad
         fmt = (torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last)
                and not conv.weight.is_contiguous() else torch.contiguous_format)

@@ -30,8 +30,8 @@ from .policy import BitPolicy, QuantSpec
 from .precision import resolve_precision
 from .qmodules import apply_policy_, calibrate_, quantized_layers
 from .reporting import NullReporter, Reporter
-from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_optimizer, run_epochs, seeded, steps_per_epoch,
-                    training_layout_, validate_sgd_fields)
+from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_optimizer, run_epochs, seeded,
+                    steps_per_epoch, training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
            "CHECKPOINT_NAME"]
@@ -202,8 +202,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
             return
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(), "precision": resolved,
-            "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}})
+            "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
+            "precision": resolved, "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}})
 
     metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,
                                epochs=config.epochs, start_epoch=start, seed=config.seed,
