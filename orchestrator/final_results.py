@@ -30,6 +30,7 @@ FINAL_SCHEMA = pa.schema([
     pa.field("transfer_top1", pa.float64()), pa.field("bitops", pa.int64()), pa.field("bitops_total", pa.int64()),
     pa.field("gbitops", pa.float64()), pa.field("epochs", pa.int64()), pa.field("seconds", pa.float64()),
     pa.field("workers", pa.int64()), pa.field("resumed_from_epoch", pa.int64()), pa.field("train_images", pa.int64()),
+    pa.field("images_per_epoch", pa.int64()),
     pa.field("test_images", pa.int64()), pa.field("finished_at", pa.string()), pa.field("policy_json", pa.string()),
     pa.field("recipe_json", pa.string()), pa.field("model_path", pa.string()),
 ])
@@ -59,6 +60,7 @@ def final_row(pareto_row: Mapping[str, Any], run: Any, recipe_json: str, model_p
             "bitops_total": pareto_row.get("bitops_total"), "gbitops": float(pareto_row["bitops"]) / 1e9,
             "epochs": int(m["epoch"]), "seconds": run.seconds, "workers": run.workers,
             "resumed_from_epoch": m.get("resumed_from_epoch"), "train_images": m.get("train_images"),
+            "images_per_epoch": m.get("images_per_epoch"),
             "test_images": m.get("test_images"), "finished_at": utc_now_iso(),
             "policy_json": str(pareto_row["policy_json"]), "recipe_json": recipe_json,
             "model_path": model_path}

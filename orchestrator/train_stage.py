@@ -202,7 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
                                  precision=job.precision)
         metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "lr": float(optimizer.param_groups[0]["lr"]), "resumed_from_epoch": start, "world_size": world,
-                   "train_images": len(train), "test_images": len(test),
+                   "train_images": len(train), "images_per_epoch": steps * per_worker * world,
+                   "test_images": len(test),
                    "precision": resolve_precision(job.precision, device)}
         if rank != 0:
             ray.train.report(metrics)

@@ -246,6 +246,7 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
         first = finetune_selected(sweep, epochs=1, workers=2, **knobs)
         assert first["epochs"].tolist() == [1] and first["resumed_from_epoch"].tolist() == [0]
         assert first["workers"].tolist() == [2] and first["train_images"].tolist() == [4000]
+        assert first["images_per_epoch"].tolist() == [2 * 16 * 2]     # max_steps_per_epoch x per-worker batch x workers
         assert json.loads(first.loc[0, "recipe_json"])["nesterov"] is False      # METHOD.md 6: plain momentum
         ckpts = sorted((sweep / "ray_results" / "finetune-t1").glob("checkpoint_20*"))
         assert len(ckpts) == 1
