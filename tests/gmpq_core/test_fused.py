@@ -366,19 +366,24 @@ def test_cuda_bf16_autocast_search_step_runs_with_triton():
 
 @pytest.mark.gpu
 def test_cuda_triton_conv_node_that_keeps_its_operands_gives_the_recompute_gradients():
-    grads = {}
+    grads, saved = {}, {}
     for keep in (False, True):
         torch.manual_seed(0)
         net, x = _tiny_supernet("triton")
         net, x = net.float().cuda(), x.float().cuda()
         set_mixture_impl_(net, "triton", keep_operands=keep)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        sizes = []
+        with torch.autocast("cuda", dtype=torch.bfloat16), \
+                torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
             out = net(x)
         out.float().sum().backward()
         grads[keep] = [p.grad.float() for p in net.parameters() if p.grad is not None]
+        saved[keep] = sum(sizes)
+    assert saved[True] > saved[False]                  # the operands were kept, not recomputed
     assert len(grads[True]) == len(grads[False]) > 0
     for a, b in zip(grads[False], grads[True]):
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+
 
 def test_search_with_fused_mixtures_follows_the_reference_search():
     # whole search_policy runs (2 epochs, tiny resnet20, float64): same history, probabilities, policy
