@@ -2,11 +2,13 @@
 default implementation (a for-loop on a CPU, foreach on CUDA), side by side inside FP training steps.
 
 For each model: two copies with the same weights, one per optimizer (momentum 0.9, weight decay 5e-4,
-Nesterov: the FP recipe), trained on one held batch in the training layout; the steps alternate
+Nesterov: the FP recipe), trained on one held batch in the product's layout and precision (``auto``:
+bf16 autocast + channels_last on a GPU with bfloat16, float32 channels_last on a CPU); the steps alternate
 default / fused / default ... so machine noise hits both alike. Each step times its forward + backward
 and its ``optimizer.step()`` apart: the optimizer runs as in a training loop, on gradients the backward
 just allocated and parameters the forward and backward pushed out of the caches (timed alone on warm,
-reused gradients, the fused step looks 3.5-5x faster on a CPU, more than a loop gets).
+reused gradients, the fused step looked 3.5-5x faster on a CPU in this benchmark's first version, more
+than a loop gets).
 
     python benchmarks/bench_optimizer.py                 # about a minute on 2 cores
     python benchmarks/bench_optimizer.py --device cuda
@@ -24,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from gmpq_core.models import build_model
+from gmpq_core.precision import autocast
 from gmpq_core.train import sgd, training_layout_
 
 CASES = {"cpu": (("resnet18", 32, 3, 64), ("resnet20", 28, 1, 128)),
@@ -36,11 +39,14 @@ def _sync(device: str) -> None:
 
 
 def _step(model, opt, x, y, device: str) -> tuple[float, float]:
-    """(forward + backward seconds, optimizer-step seconds) of one training step."""
+    """(forward + backward seconds, optimizer-step seconds) of one training step, under the autocast the
+    product's loops use on ``device`` (precision "auto": bf16 on a GPU with bfloat16, float32 on a CPU)."""
     opt.zero_grad(set_to_none=True)
     _sync(device)
     t0 = time.perf_counter()
-    F.cross_entropy(model(x), y).backward()
+    with autocast("auto", device):
+        loss = F.cross_entropy(model(x), y)
+    loss.float().backward()
     _sync(device)
     t1 = time.perf_counter()
     opt.step()

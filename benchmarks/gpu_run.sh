@@ -1,60 +1,74 @@
 #!/usr/bin/env bash
-# One prepared GPU session for issue 5: CUDA correctness tests, then the search-step benchmark with
-# a torch.profiler breakdown (eager variants and the CUDA-graph replay side by side; the compiled
-# variant in its own process with COMPILED=1), the QAT fine-tune step benchmark (and what precision: auto buys
-# over float32) and a whole search in float32 and under precision: auto. Session 14 adds the folded
-# teacher's and the kept operands' effect on the replayed step.
-# Everything lands in OUT (default benchmarks/results/gpu).
-#   bash benchmarks/gpu_run.sh [OUT]
+# The prepared GPU runs for issue 5, in two parts, each one device call of under ~9 minutes (a lent machine
+# allows 10 minutes a call and 15 in all), each leaving at most 8 files in OUT:
+#   bash benchmarks/gpu_run.sh OUT step    # CUDA tests; the search step vs FP with a profile (eager variants and the
+#                                          # CUDA-graph replay side by side); session 14's candidates (+bnteacher:
+#                                          # the teacher before the BatchNorm fold, +keep: kept operands) in a
+#                                          # separate call beside triton+graph; foreach vs fused SGD
+#   bash benchmarks/gpu_run.sh OUT loops   # the QAT fine-tune step, precision: auto vs float32, a whole search
+#   bash benchmarks/gpu_run.sh OUT         # both, one after the other (over 10 minutes: two calls are safer)
+# COMPILED=1 adds the compiled variant (TorchInductor; its first step includes compilation) to "step".
 # Runs with the machine's own python3 (torch + triton); gmpq_core needs only torch/torchvision/numpy.
 set -u
 OUT=${1:-${OUT:-benchmarks/results/gpu}}
+PART=${2:-all}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+quiet() { grep -v -E "^(STAGE|USDT|\[W)"; }
+
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
-} 2>&1 | tee "$OUT/machine.txt"
+} 2>&1 | tee -a "$OUT/machine.txt"
 
-echo "== CUDA correctness tests (mixture kernels, CUDA-graph replay against the eager step)"
-timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_fused.py \
-  tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py tests/gmpq_core/test_precision.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+if [ "$PART" = step ] || [ "$PART" = all ]; then
+  echo "== CUDA correctness tests (mixture kernels, CUDA-graph replay against the eager step, precision, kept operands)"
+  timeout ${TEST_S:-100} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_fused.py \
+    tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py tests/gmpq_core/test_precision.py -m gpu -q \
+    -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 
-echo "== search step vs FP, side by side (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
-# the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it.
-# Session 14's two candidates beside it: +bnteacher = the teacher with its BatchNorms (before the fold),
-# +keep = the one-node conv keeps its mixed operands (no recompute, more memory)
-timeout ${BENCH_S:-300} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} \
-  --variants reference,fused,triton,triton+graph,triton+graph+bnteacher,triton+graph+keep \
-  --json "$OUT/gpu.json" --profile "$OUT/prof" 2>&1 \
-  | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee "$OUT/bench.log"
-if [ ! -s "$OUT/gpu.json" ]; then
-  echo "== again without the CUDA-graph variant"
-  timeout 150 $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --variants reference,fused,triton \
-    --json "$OUT/gpu_eager.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee -a "$OUT/bench.log"
-fi
-echo "== torch's default SGD (foreach on CUDA) against the fused SGD every loop now uses, inside FP training steps"
-timeout ${OPT_S:-60} $PY benchmarks/bench_optimizer.py --device cuda --json "$OUT/optimizer.json" 2>&1 \
-  | grep -v -E "^(STAGE|USDT|\[W)" | tail -5 | tee "$OUT/optimizer.log"
-echo "== QAT fine-tune step vs FP, side by side (reference quantizers against the fused/Triton layers of session 12)"
-timeout ${QAT_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat.json" 2>&1 \
-  | grep -v -E "^(STAGE|USDT|\[W)" | tail -8 | tee "$OUT/qat.log"
-echo "== what precision: auto (bf16 + channels_last) buys the product's training loops over float32"
-timeout ${PREC_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --precisions --json "$OUT/qat_precisions.json" 2>&1 \
-  | grep -v -E "^(STAGE|USDT|\[W)" | tail -12 | tee "$OUT/qat_precisions.log"
-echo "== a whole search (real Fashion-MNIST, ResNet-18) in float32 and under precision: auto (bf16 + channels_last;"
-echo "   CUDA graphs on in both; session 11 measured graphs on/off). Needs data/FashionMNIST/raw carried"
-timeout ${WHOLE_S:-120} $PY benchmarks/bench_search_graph.py --device cuda --compare precision --rounds 1 \
-  --json "$OUT/search_precision.json" 2>&1 \
-  | grep -v -E "^(STAGE|USDT|\[W)" | tail -6 | tee "$OUT/search_precision.log"
-if [ -n "${COMPILED:-}" ]; then
-  echo "== compiled variant (TorchInductor kernels; first step includes compilation)"
-  timeout 180 $PY benchmarks/bench_search_step.py --device cuda --variants compiled,triton \
-    --json "$OUT/gpu_compiled.json" 2>&1 | grep -v -E "^(STAGE|USDT|\[W)" | tail -20 | tee "$OUT/bench_compiled.log"
+  echo "== search step vs FP, side by side (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
+  # the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it
+  timeout ${BENCH_S:-200} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} \
+    --variants reference,fused,triton,triton+graph --json "$OUT/gpu.json" --profile "$OUT/prof" 2>&1 \
+    | quiet | tail -20 | tee "$OUT/bench.log"
+  if [ ! -s "$OUT/gpu.json" ]; then
+    echo "== again without the CUDA-graph variant"
+    timeout 120 $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --variants reference,fused,triton \
+      --json "$OUT/gpu_eager.json" 2>&1 | quiet | tail -20 | tee -a "$OUT/bench.log"
+  fi
+  tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
+
+  echo "== session 14's candidates beside the replayed step: the teacher with its BatchNorms, kept operands"
+  timeout ${CAND_S:-150} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --models resnet18:224:3 \
+    --variants triton+graph,triton+graph+bnteacher,triton+graph+keep --json "$OUT/gpu_candidates.json" 2>&1 \
+    | quiet | tail -8 | tee "$OUT/candidates.log"
+
+  echo "== torch's default SGD (foreach on CUDA) against the fused SGD every loop now uses, inside FP training steps"
+  timeout ${OPT_S:-60} $PY benchmarks/bench_optimizer.py --device cuda --json "$OUT/optimizer.json" 2>&1 \
+    | quiet | tail -5 | tee "$OUT/optimizer.log"
+
+  if [ -n "${COMPILED:-}" ]; then
+    echo "== compiled variant (TorchInductor kernels; first step includes compilation)"
+    timeout 180 $PY benchmarks/bench_search_step.py --device cuda --variants compiled,triton \
+      --json "$OUT/gpu_compiled.json" 2>&1 | quiet | tail -20 | tee "$OUT/bench_compiled.log"
+  fi
 fi
 
-tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
+if [ "$PART" = loops ] || [ "$PART" = all ]; then
+  echo "== QAT fine-tune step vs FP, side by side (reference quantizers against the fused/Triton layers of session 12)"
+  timeout ${QAT_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --json "$OUT/qat.json" 2>&1 \
+    | quiet | tail -8 | tee "$OUT/qat.log"
+  echo "== what precision: auto (bf16 + channels_last) buys the product's training loops over float32"
+  timeout ${PREC_S:-120} $PY benchmarks/bench_qat_step.py --device cuda --precisions --json "$OUT/qat_precisions.json" \
+    2>&1 | quiet | tail -12 | tee "$OUT/qat_precisions.log"
+  echo "== a whole search (real Fashion-MNIST, ResNet-18) in float32 and under precision: auto (bf16 + channels_last;"
+  echo "   CUDA graphs on in both; session 11 measured graphs on/off). Needs data/FashionMNIST/raw carried"
+  timeout ${WHOLE_S:-150} $PY benchmarks/bench_search_graph.py --device cuda --compare precision --rounds 1 \
+    --json "$OUT/search_precision.json" 2>&1 | quiet | tail -6 | tee "$OUT/search_precision.log"
+fi
+
 # at most 8 files come back from a lent machine: the logs travel as one archive (their tails were printed)
-(cd "$OUT" && tar czf logs.tgz ./*.log ./*.txt 2>/dev/null && rm -f ./*.log ./*.txt)
+(cd "$OUT" && tar czf "logs_$PART.tgz" ./*.log ./*.txt 2>/dev/null && rm -f ./*.log ./*.txt)
 ls -la "$OUT"

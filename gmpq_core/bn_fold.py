@@ -30,9 +30,15 @@ def _hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def _kept(conv: str, bn: str, keep: frozenset[str]) -> bool:
+    """Whether folding ``bn`` into ``conv`` would change the output of a module named in ``keep``: the conv is
+    that module or inside it, and the BatchNorm is not (a container ending in the conv, its BatchNorm after)."""
+    return any(conv == k or (conv.startswith(k + ".") and not bn.startswith(k + ".")) for k in keep)
+
+
 def _foldable_pairs(model: nn.Module, keep: frozenset[str]) -> list[tuple[str, str]]:
     """(conv name, BatchNorm name) pairs whose data flow allows folding (module docstring). Skipped too: a
-    conv named in ``keep``, a module registered under two names, a module whose parameters the forward
+    pair that would change a ``keep`` module's output (``_kept``), a module registered under two names, a module whose parameters the forward
     reads directly (``self.conv.weight``), and a module with forward hooks (they would see other values)."""
     import torch.fx as fx
 
@@ -60,7 +66,8 @@ def _foldable_pairs(model: nn.Module, keep: frozenset[str]) -> list[tuple[str, s
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
         conv = modules[src.target]
-        if (type(conv) is nn.Conv2d and src.target not in keep and conv.out_channels == bn.num_features
+        if (type(conv) is nn.Conv2d and not _kept(src.target, node.target, keep)
+                and conv.out_channels == bn.num_features
                 and bn.running_mean is not None and bn.running_var is not None   # not batch statistics
                 and alone(src.target) and alone(node.target)):
             pairs.append((src.target, node.target))
@@ -73,8 +80,9 @@ def fold_batchnorm_(model: nn.Module, *, keep: Iterable[str] = ()) -> int:
     gets the folded weight and bias (same dtype, device and requires_grad), the BatchNorm becomes
     ``nn.Identity``. Only for a model whose BatchNorms use their running statistics: ``model`` must be in
     eval mode (a ValueError otherwise). Module names stay (hooks on other modules, e.g. Grad-CAM's on
-    ``layer4``, keep working). ``keep``: names of convs whose own output must stay what it was (a
-    Grad-CAM layer given by a conv's name: folding would move its output to after the BatchNorm).
+    ``layer4``, keep working). ``keep``: names of modules whose output must stay what it was (the Grad-CAM
+    layer): a pair is not folded where that would move the module's output to after a BatchNorm (the module
+    is the conv, or contains it but not its BatchNorm).
     Returns the number of BatchNorms folded."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if any(m.training for m in bns):

@@ -29,3 +29,18 @@ def test_the_folded_and_the_batchnorm_teacher_and_kept_operands_run_side_by_side
                                    "--threads", "1", "--variants", variants, "--no-memory", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["variant"] for r in rows] == variants.split(",") and all(r["ratio"] > 0 for r in rows)
+
+
+def test_each_variant_gets_the_teacher_and_keep_setting_its_name_asks_for():
+    import torch
+
+    from gmpq_core.supernet import mixed_layers
+
+    b = bench_search_step.build_bench("resnet20", 8, 1, 4, "cpu", ["fused", "fused+bnteacher", "fused:conv+keep"],
+                                      channels_last=False)
+
+    def n_bn(m):
+        return sum(isinstance(q, torch.nn.BatchNorm2d) for q in m.modules())
+    assert n_bn(b.teacher_of("fused")) == 0 and n_bn(b.teacher_of("fused+bnteacher")) == 21
+    keeps = {v: {m.keep_operands for m in mixed_layers(net).values()} for v, (net, _) in b.supernets.items()}
+    assert keeps == {"fused": {None}, "fused+bnteacher": {None}, "fused:conv+keep": {True}}

@@ -130,3 +130,25 @@ def test_aliases_direct_parameter_reads_hooks_and_kept_convs_stay_unfolded():
     torch.testing.assert_close(model(x), ref)
     torch.testing.assert_close(seen[-1], seen[0])        # the hooked conv's output is still its own
     assert fold_batchnorm_(model) == 1 and isinstance(model.bn4, nn.Identity)    # c4 once not kept
+
+
+class _Container(nn.Module):
+    """``features`` ends in a conv whose BatchNorm sits outside it; ``block`` holds a conv and its BatchNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(2, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 1))
+        self.bn = nn.BatchNorm2d(2)
+        self.block = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x):
+        return self.block(self.bn(self.features(x)))
+
+
+def test_a_kept_container_keeps_its_output_and_pairs_inside_it_still_fold():
+    x = torch.randn(3, 2, 4, 4)
+    model = _trained_eval(_Container(), x)
+    before = model.features(x)
+    assert fold_batchnorm_(model, keep=("features", "block")) == 1        # only block's own pair
+    assert isinstance(model.bn, nn.BatchNorm2d) and isinstance(model.block[1], nn.Identity)
+    torch.testing.assert_close(model.features(x), before)

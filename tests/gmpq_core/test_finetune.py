@@ -84,6 +84,7 @@ def test_the_distillation_teacher_runs_with_its_batchnorm_folded_and_the_fp_mode
     assert isinstance(teacher.bn, torch.nn.Identity) and teacher.stem.bias is not None and not teacher.training
     assert isinstance(fp.bn, torch.nn.BatchNorm2d) and fp.stem.bias is None             # the caller's model
 
+
 def test_finetune_resumes_from_its_checkpoint_like_an_uninterrupted_run(tmp_path):
     cfg = FinetuneConfig(epochs=3, lr=0.02, distill=True)
     fp = tiny_net()
