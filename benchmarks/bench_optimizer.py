@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'opt x':>6} {'step x':>7}")
     for r in rows:
         print(f"{r['model']:9} {r['input_size']:>4} {r['batch_size']:>5} {r['fwd_bwd_ms']:>10.1f} "
-              f"{r['default_opt_ms']:>14.2f} {r['fused_opt_ms']:>12.2f} {r['opt_speedup']:>6.2f} {r['step_speedup']:>7.3f}")
+              f"{r['default_opt_ms']:>14.2f} {r['fused_opt_ms']:>12.2f} {r['opt_speedup']:>6.2f} "
+              f"{r['step_speedup']:>7.3f}")
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}  "
           "(opt x: default / fused optimizer step; step x: the whole training step)")
     return 0

@@ -38,8 +38,9 @@ def _kept(conv: str, bn: str, keep: frozenset[str]) -> bool:
 
 def _foldable_pairs(model: nn.Module, keep: frozenset[str]) -> list[tuple[str, str]]:
     """(conv name, BatchNorm name) pairs whose data flow allows folding (module docstring). Skipped too: a
-    pair that would change a ``keep`` module's output (``_kept``), a module registered under two names, a module whose parameters the forward
-    reads directly (``self.conv.weight``), and a module with forward hooks (they would see other values)."""
+    pair that would change a ``keep`` module's output (``_kept``), a module registered under two names, a
+    module whose parameters the forward reads directly (``self.conv.weight``), and a module with forward
+    hooks (they would see other values)."""
     import torch.fx as fx
 
     try:

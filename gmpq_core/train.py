@@ -143,7 +143,7 @@ def sgd(params: Iterable, **kwargs: Any) -> torch.optim.SGD:
     CPU the optimizer step is 1.4-1.5x faster and ResNet-18's whole step (32 px, batch 64) 1.05x; ResNet-20's
     is unchanged (benchmarks/bench_optimizer.py). Every optimizer of the product's loops is made here."""
     groups = list(params)
-    if groups and isinstance(groups[0], dict):       # parameter groups: their params as lists (a generator is read once)
+    if groups and isinstance(groups[0], dict):       # parameter groups: params as lists (a generator reads once)
         groups = [{**g, "params": list(g["params"])} for g in groups]
         tensors = [t for g in groups for t in g["params"]]
     else:
