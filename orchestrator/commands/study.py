@@ -1,4 +1,4 @@
-"""``gmpq study``: the generalization study (METHOD.md 7) on Ray, then its results page.
+"""``gmpq study``: the generalization study (the paper's claims, METHOD.md 7) on Ray, then its results page.
 
     gmpq study --config experiments/generalization_cpu.yaml --out runs/study_cpu --report docs/results.md
     gmpq study --smoke --out /tmp/study_smoke          (experiments/generalization_smoke.yaml, minutes)

@@ -43,8 +43,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None, metavar="PATH",
                    help="Ray Tune storage path (shared by every node; default <DIR>/ray_results)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="FP teacher / target model cache, reused by later sweeps (default $GMPQ_CACHE_DIR or "
-                        "~/.cache/gmpq; on a cluster: storage every node shares)")
+                   help="FP teacher / target model cache, reused by later sweeps (default $GMPQ_CACHE_DIR, else "
+                        "~/.cache/gmpq, or <DIR>/cache with --address; on a cluster: storage every node shares)")
     add_precision_arg(p, default=None)
     p.add_argument("--quiet", action="store_true", help="no per-trial progress lines")
 
