@@ -20,7 +20,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session")
+def _shared_data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("gmpq_data_cache"))
+
+
 @pytest.fixture(autouse=True)
-def _own_model_cache(tmp_path_factory, monkeypatch):
-    """Each test gets its own teacher / FP-target cache (the default, ~/.cache/gmpq, is shared by runs)."""
+def _own_model_cache(tmp_path_factory, monkeypatch, _shared_data_cache):
+    """Each test gets its own teacher / FP-target cache (the default, ~/.cache/gmpq, is shared by runs); the
+    decoded dataset copies (``gmpq_core.data.decoded``) are one folder for the whole session."""
     monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path_factory.mktemp("gmpq_cache")))
+    monkeypatch.setenv("GMPQ_DATA_CACHE_DIR", _shared_data_cache)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from .decoded import cached_array
 from .info import TensorSplit
 
 __all__ = ["read_idx", "find_fashion_mnist", "read_fashion_mnist", "read_mnist5k", "read_digits",
@@ -52,6 +53,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path} is truncated: header says {dims} = {int(np.prod(dims))} values, "
                         f"file holds {len(raw) - offset}. Delete it and fetch the dataset again.")
     return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _read_idx_once(path: Path) -> np.ndarray:
+    """``read_idx``; a gzip file is decompressed once and kept decoded in the model cache (``decoded.py``)."""
+    return cached_array(path, read_idx) if path.suffix == ".gz" else read_idx(path)
 
 
 def _idx_file(directory: Path, stem: str) -> Path | None:
@@ -100,8 +106,9 @@ def read_fashion_mnist(root: str | None) -> tuple[TensorSplit, TensorSplit, str]
     """Fashion-MNIST: 60,000 train + 10,000 test images, 1x28x28, 10 classes."""
     files = find_fashion_mnist(root)
     if files is not None:
-        train = _to_split(read_idx(files["train_images"]), read_idx(files["train_labels"]), "fashion_mnist", "train")
-        test = _to_split(read_idx(files["test_images"]), read_idx(files["test_labels"]), "fashion_mnist", "test")
+        arrays = {key: _read_idx_once(path) for key, path in files.items()}
+        train = _to_split(arrays["train_images"], arrays["train_labels"], "fashion_mnist", "train")
+        test = _to_split(arrays["test_images"], arrays["test_labels"], "fashion_mnist", "test")
         return train, test, str(files["train_images"].parent)
     target = root or "data"
     logger.info("Fashion-MNIST not found locally; downloading it with torchvision into %s", target)
