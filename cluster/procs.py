@@ -21,7 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ProcessGroup", "free_port", "port_in_use", "group_members", "group_alive", "stop_groups",
+from .errors import ConfigError
+
+__all__ = ["ProcessGroup", "check_bind_host", "free_port", "port_in_use", "group_members", "group_alive", "stop_groups",
            "start_time_of"]
 
 log = logging.getLogger(__name__)
@@ -44,16 +46,40 @@ class ProcessGroup:
         return cls(name=str(d["name"]), pgid=int(d["pgid"]), start_time=d.get("start_time"))
 
 
+def check_bind_host(host: str, flag: str = "--host") -> None:
+    """ConfigError unless ``host`` is an address (or name) of this machine that a server can bind to: no DNS
+    lookup failure or bind error surfaces later as a traceback, and nothing is started for a bad one."""
+    hint = ("give an address of this machine: 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or the "
+            "IP of one of its network interfaces.")
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM) if host else []
+    except (socket.gaierror, UnicodeError, OSError) as e:
+        raise ConfigError(f"{flag} {host!r} is not an address or a host name that resolves ({e}); {hint}") from None
+    if not infos:
+        raise ConfigError(f"{flag} {host!r} is empty; {hint}")
+    family, _, _, _, addr = infos[0]
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((addr[0], 0) + tuple(addr[2:]))
+    except OSError as e:
+        raise ConfigError(f"{flag} {host!r} cannot be bound on this machine ({e.strerror or e}); {hint}") from None
+
+
+def _family(host: str) -> int:
+    """AF_INET6 for an IPv6 address such as ::1, else AF_INET."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port the OS says is free now (bind to port 0); a race with other programs is possible."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
     """True when something accepts TCP connections on ``host:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex((host, port)) == 0
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 from gmpq_core.errors import ConfigError
 from search_spaces.space import bucket_label
 
-from .results import PARETO_FILE, TRIALS_FILE, load_resolved_config, read_table, rows_to_table, write_table
+from .results import PARETO_FILE, load_resolved_config, read_table, read_trials_table, rows_to_table, write_table
 from .text import fmt, text_table
 
 __all__ = ["DEFAULT_TOP_K", "PARETO_PNG", "dominated_mask", "completed_trials", "pareto_front", "bucket_index",
@@ -171,7 +171,7 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
         top_k = int((cfg.get("finetune") or {}).get("top_k") or DEFAULT_TOP_K)
     if buckets is None:
         buckets = [float(b) for b in cfg.get("budget_buckets") or []]
-    table = read_table(sweep_dir / TRIALS_FILE)
+    table = read_trials_table(sweep_dir)     # CheckpointError naming the file if not gmpq's table
     trials = table.to_pandas()
     sel = select_policies(trials, top_k, buckets)
     by_id = {str(r["trial_id"]): r for r in table.to_pylist()}

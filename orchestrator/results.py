@@ -28,8 +28,8 @@ from gmpq_core.fileio import atomic_write
 
 __all__ = ["TRIALS_FILE", "LAYERS_FILE", "PARETO_FILE", "FINAL_FILE", "CONFIG_FILE", "TRIAL_STATUSES",
            "METRIC_FIELDS", "LAYER_SCHEMA", "trial_schema", "flatten_params", "trial_row", "layer_rows",
-           "rows_to_table", "write_table", "read_table", "read_trials", "read_layers", "write_results",
-           "load_resolved_config", "utc_now_iso", "resolve_status", "has_ended"]
+           "rows_to_table", "write_table", "read_table", "read_trials", "read_trials_table", "read_layers",
+           "write_results", "load_resolved_config", "utc_now_iso", "resolve_status", "has_ended"]
 
 log = logging.getLogger(__name__)
 
@@ -169,26 +169,53 @@ def write_table(path: str | Path, table: pa.Table) -> Path:
     return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
-def read_table(path: str | Path) -> pa.Table:
-    """Read a Parquet file; a missing, truncated or corrupted file raises CheckpointError naming it."""
+def read_table(path: str | Path, *, columns: Iterable[str] = (), numbers: Iterable[str] = ()) -> pa.Table:
+    """Read a Parquet file; a missing, truncated or corrupted file raises CheckpointError naming it, and so does
+    one that lacks any of ``columns`` or holds text in any of ``numbers`` it has (another program's table)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"Results file not found: '{path}'. Run the stage that writes it first "
                               "(gmpq sweep writes trials.parquet, gmpq pareto pareto.parquet).")
     try:
-        return pq.read_table(path)
+        table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise CheckpointError(f"Parquet file '{path}' cannot be read ({type(e).__name__}: {e}); it is truncated "
                               "or corrupted: delete it and rerun the stage that writes it (for trials.parquet: "
                               "'gmpq sweep --resume' rewrites it from the finished trials).") from None
+    return _require(table, path, columns, numbers)
 
 
-def _require(table: pa.Table, path: Path, columns: Iterable[str]) -> pa.Table:
+def _is_number(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_null(t)
+
+
+# numeric columns the readers compute with or format as numbers: the trials table's metrics and timings, and
+# the params ``gmpq status`` prints
+TRIAL_NUMBER_COLUMNS = tuple(f.name for f in METRIC_FIELDS + _TAIL_FIELDS if _is_number(f.type)) + (
+    "param_budget_avg_bits", "param_proxy_size")
+
+
+def _require(table: pa.Table, path: Path, columns: Iterable[str], numbers: Iterable[str] = ()) -> pa.Table:
+    """``table`` if it has ``columns`` and every one of ``numbers`` it has is numeric (or all null), else a
+    CheckpointError naming ``path``: a table another program wrote, not a crash (``read_table`` names those)."""
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise CheckpointError(f"'{path}' lacks the columns {missing}; it was not written by gmpq or is from an "
                               "incompatible version. Move it away and rerun the stage that writes it.")
+    wrong = [f"{c} ({table.schema.field(c).type})" for c in numbers if c in table.column_names
+             and not _is_number(table.schema.field(c).type) and table.column(c).null_count < len(table)]
+    if wrong:
+        raise CheckpointError(f"'{path}' has non-numeric values in the numeric column(s) {', '.join(wrong)}; it was "
+                              "not written by gmpq or was edited since. Move it away and rerun the stage that writes "
+                              "it (for trials.parquet: 'gmpq sweep --resume' rewrites it from the finished trials).")
     return table
+
+
+def read_trials_table(sweep_dir: str | Path) -> pa.Table:
+    """``<sweep_dir>/trials.parquet`` as an Arrow table, checked: CheckpointError naming the file if it is missing,
+    damaged, lacks ``trial_id``/``status`` or holds text in a numeric column."""
+    path = Path(sweep_dir) / TRIALS_FILE
+    return read_table(path, columns=("trial_id", "status"), numbers=TRIAL_NUMBER_COLUMNS)
 
 
 def read_trials(sweep_dir: str | Path, *, missing_ok: bool = False):
@@ -196,14 +223,14 @@ def read_trials(sweep_dir: str | Path, *, missing_ok: bool = False):
     path = Path(sweep_dir) / TRIALS_FILE
     if missing_ok and not path.exists():
         return trial_schema().empty_table().to_pandas()
-    return _require(read_table(path), path, ("trial_id", "status")).to_pandas()
+    return read_trials_table(sweep_dir).to_pandas()
 
 
 def read_layers(sweep_dir: str | Path, *, missing_ok: bool = False):
     path = Path(sweep_dir) / LAYERS_FILE
     if missing_ok and not path.exists():
         return LAYER_SCHEMA.empty_table().to_pandas()
-    return _require(read_table(path), path, ("trial_id", "layer")).to_pandas()
+    return read_table(path, columns=("trial_id", "layer")).to_pandas()
 
 
 def write_results(sweep_dir: str | Path, rows: Iterable[Mapping[str, Any]],

@@ -47,8 +47,8 @@ from .tail_threads import TailThreads
 from .trainable import make_trainable, trial_device, trial_number
 from .trial_status import UNFINISHED, TrialStatusBook
 
-__all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "SweepOptunaSearch",
-           "SweepProgress", "OBJECTIVES"]
+__all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "check_not_a_study",
+           "SweepOptunaSearch", "SweepProgress", "OBJECTIVES"]
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +307,21 @@ def _saved_cache_dir(cfg: SweepConfig) -> str | None:
     return usable_cache_dir(saved, address=cfg.address, say=lambda msg: log.warning("%s", msg))
 
 
+STUDY_FILES = ("study_config.yaml", "study.parquet")   # what `gmpq study` writes (experiments.generalization_ray)
+
+
+def check_not_a_study(sweep_dir: str | Path) -> None:
+    """ConfigError if ``sweep_dir`` holds a study of ``gmpq study``: a sweep there would take over its MLflow
+    parent run (``mlflow_parent.json``) and mix its trials into the study's folder."""
+    path = Path(sweep_dir).expanduser().absolute()
+    found = [f for f in STUDY_FILES if (path / f).is_file()]
+    if found:
+        raise ConfigError(f"The folder '{path}' holds the results of a study of 'gmpq study' ({', '.join(found)}); "
+                          "a sweep there would take over its MLflow parent run (mlflow_parent.json) and mix its "
+                          "trials into the study's folder. Give --out a new folder (continue the study with "
+                          f"'gmpq study --out {path}').")
+
+
 def _check_moved_resume(cfg: SweepConfig) -> None:
     """Through Ray Client (``ray://``) Tune restores a sweep on the cluster, out of reach of
     ``optuna_storage_now``: a sweep folder moved since it was written cannot resume that way."""
@@ -359,6 +374,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
     """
     t0, started_at = time.perf_counter(), datetime.now()
+    if cfg.address is not None:                # a malformed --address fails now: no warning, no file written
+        from cluster.connect import resolve_address
+        resolve_address(cfg.address)           # checks the syntax only; joining comes later (ray_env)
+    check_not_a_study(cfg.sweep_dir)
     if resume and cfg.cache_dir is None:
         cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
     if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):

@@ -23,7 +23,8 @@ from typing import Iterator
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .results import FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, load_resolved_config, read_table
+from .results import (FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_resolved_config, read_table,
+                      read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
 __all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status"]
@@ -143,9 +144,15 @@ def _events(sweep_dir: Path) -> list[dict]:
     return out
 
 
-def _rows(sweep_dir: Path, name: str) -> list[dict]:
+def _rows(sweep_dir: Path, name: str, numbers: tuple[str, ...] = ()) -> list[dict]:
+    """The rows of a results table, [] while it is not written (CheckpointError naming it if damaged, without
+    ``trial_id`` or with text in ``numbers``: the columns printed as numbers)."""
     path = sweep_dir / name
-    return read_table(path).to_pylist() if path.is_file() else []
+    if not path.is_file():
+        return []
+    if name == TRIALS_FILE:
+        return read_trials_table(sweep_dir).to_pylist()
+    return read_table(path, columns=("trial_id",), numbers=numbers).to_pylist()
 
 
 def _started_trials(events: list[dict]) -> dict[str, dict]:
@@ -188,7 +195,7 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
     driver = _read_marker(sweep_dir / DRIVER_FILE)
     alive = _driver_alive(driver)
     started = _started_trials(_events(sweep_dir))
-    rows = {str(r["trial_id"]): r for r in _rows(sweep_dir, "trials.parquet")}
+    rows = {str(r["trial_id"]): r for r in _rows(sweep_dir, TRIALS_FILE)}
     trials = []
     for tid, r in rows.items():
         ev = started.get(tid, {})
@@ -214,7 +221,7 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
             t.note = book.reason(t.trial_id) or ""
     trials.sort(key=lambda t: (t.number is None, t.number or 0, t.trial_id))
     selected = [str(r["trial_id"]) for r in _rows(sweep_dir, PARETO_FILE) if r.get("selected")]
-    final = {str(r["trial_id"]): r for r in _rows(sweep_dir, FINAL_FILE)}
+    final = {str(r["trial_id"]): r for r in _rows(sweep_dir, FINAL_FILE, ("final_top1", "gbitops", "seconds"))}
     progress = _finetune_progress(sweep_dir, cfg, [t for t in selected if t not in final])
     return SweepStatus(sweep_dir=sweep_dir, name=str(cfg.get("name") or sweep_dir.name), n_planned=cfg.get("n_trials"),
                        trials=trials, driver=driver, driver_alive=alive, selected=selected, final=final,

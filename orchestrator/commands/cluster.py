@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from . import help_text
 
@@ -46,8 +47,11 @@ def run(args) -> int:
         return _down(args)
     if args.cluster_command == "status":
         return _status(args)
-    args._parser.print_help()
-    return 0
+    from gmpq_core.errors import ConfigError
+
+    args._parser.print_usage(sys.stderr)
+    raise ConfigError("gmpq cluster needs an action: up, down or status (e.g. 'gmpq cluster up --workers 2'); "
+                      "'gmpq cluster --help' describes them.")
 
 
 def _up(args) -> int:

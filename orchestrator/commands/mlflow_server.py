@@ -28,8 +28,9 @@ def register(subparsers) -> None:
                    help="Host headers to accept besides localhost/private IPs (e.g. the service DNS name)")
     p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait until it answers (default 120)")
-    p.add_argument("--detach", action="store_true", help="start in the background and return")
-    p.add_argument("--stop", action="store_true", help="stop the detached server recorded in --dir")
+    mode = p.add_mutually_exclusive_group()      # --stop --detach: which one was meant is unclear
+    mode.add_argument("--detach", action="store_true", help="start in the background and return")
+    mode.add_argument("--stop", action="store_true", help="stop the detached server recorded in --dir")
     p.set_defaults(func=run)
 
 

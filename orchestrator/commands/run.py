@@ -41,11 +41,12 @@ def run(args: argparse.Namespace) -> int:
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
                 "finetune.max_concurrent": args.finetune_max_concurrent}
     cfg = config_from_args(args, finetune)               # --resume alone: the folder's saved config; ConfigError -> exit 2
-    from orchestrator.sweep import run_sweep                                        # lazy: Ray/Optuna imports
+    from orchestrator.sweep import check_not_a_study, run_sweep                     # lazy: Ray/Optuna imports
 
     t0 = time.perf_counter()
     resolved = cfg.resolved()
     sweep_dir = Path(resolved.out_dir)
+    check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
     with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
         from orchestrator.final_stage import check_final_workers
 

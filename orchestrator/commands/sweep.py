@@ -15,8 +15,8 @@ from typing import Any
 from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries
 from orchestrator.text import PROXY_NOTE, fmt
 
-__all__ = ["register", "add_sweep_args", "config_from_args", "overrides_from_args", "format_summary", "run",
-           "quiet_libraries"]
+__all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
+           "format_summary", "run", "quiet_libraries"]
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -56,6 +56,22 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "cache_dir": args.cache_dir, "space.search_epochs": args.epochs, "precision": args.precision}
 
 
+def check_address_arg(address: str | None) -> None:
+    """ConfigError for an empty or malformed ``--address`` (syntax only, no connection), before any slow import:
+    an empty one (``--address "$ADDR"`` with ADDR unset) would otherwise run a local sweep without a word."""
+    if address is None:
+        return
+    from gmpq_core.errors import ConfigError
+
+    if not address.strip():
+        raise ConfigError(f"--address {address!r} is empty (an unset shell variable?); give the cluster's HOST:PORT, "
+                          "'auto' (the cluster 'gmpq cluster up' started, or $RAY_ADDRESS), ray://HOST:10001, or "
+                          "'local' (or leave --address out) to run on this machine alone.")
+    from cluster.connect import resolve_address
+
+    resolve_address(address)
+
+
 def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] | None = None) -> Any:
     """SweepConfig from --config/--preset and the override flags (ConfigError -> exit 2). With --resume
     and neither --config nor --preset, the sweep folder's saved ``sweep_config.yaml``."""
@@ -63,6 +79,7 @@ def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] |
 
     from orchestrator.sweep_config import load_sweep_config
 
+    check_address_arg(args.address)
     path = args.config
     if getattr(args, "resume", False) and path is None and args.preset is None and (args.out or args.name):
         path = Path(args.out or Path("runs") / args.name) / "sweep_config.yaml"   # resume from the saved config
@@ -100,10 +117,9 @@ def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import run_sweep
-
     quiet_libraries(getattr(args, "verbose", False))
-    cfg = config_from_args(args)
+    cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
+    from orchestrator.sweep import run_sweep
     summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
     print(format_summary(summary, cfg.resolved().tracking_uri))
     if summary.interrupted:
