@@ -11,6 +11,9 @@
 4. A driver-side callback appends each finished row to ``study.parquet`` (atomic rewrite, merged by
    ``cell_id``) and logs it to MLflow (one parent run per study, one child run per cell, ids kept in
    the study folder; default ``sqlite:///<study_dir>/mlflow.db``; MLflow failures only warn).
+
+``check_study_dir`` and ``check_tracking_uri`` run first (also from ``gmpq study`` before anything else): a
+bad ``--out`` or tracking URI is a ConfigError in a second, not a traceback after the shared models.
 """
 from __future__ import annotations
 
@@ -26,12 +29,15 @@ import pandas as pd
 import torch
 import yaml
 
-from gmpq_core.fileio import atomic_write, atomic_write_text
+from gmpq_core.errors import ConfigError, GMPQError
+from gmpq_core.fileio import atomic_write, atomic_write_text, check_writable_dir
+from orchestrator.mlflow_sink import MLflowSink
 
 from .generalization import StudyConfig, check_same_study_config, expand_grid
 from .generalization_cells import ROW_KEYS, cached_model_path, model_jobs, prepare_models, run_cell
 
-__all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "read_study", "write_rows", "run_study", "StudyCallback"]
+__all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "StudySink", "read_study", "write_rows", "check_study_dir",
+           "check_tracking_uri", "run_study", "StudyCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,51 @@ def write_rows(study_dir: str | Path, rows: list[Mapping[str, Any]]) -> pd.DataF
     return df
 
 
+def check_study_dir(study_dir: str | Path) -> Path:
+    """``study_dir`` as an absolute path if it can hold a study: a folder this process can write (or create)
+    that does not hold a sweep's results; else ConfigError naming it."""
+    from orchestrator.results import CONFIG_FILE as SWEEP_CONFIG_FILE, TRIALS_FILE, load_resolved_config
+
+    path = check_writable_dir(study_dir, what="study folder", hint="pass --out a folder you can write")
+    sweep_files = [f for f in (SWEEP_CONFIG_FILE, TRIALS_FILE) if (path / f).exists()]
+    if sweep_files:
+        try:
+            name = load_resolved_config(path, follow_moves=False).get("name")
+        except (GMPQError, OSError):   # damaged or unreadable sweep_config.yaml: still a sweep's folder
+            name = None
+        raise ConfigError(f"The folder '{path}' holds the results of {f'sweep {name!r}' if name else 'a sweep'} "
+                          f"({', '.join(sweep_files)}); a study there would take over its MLflow ids "
+                          "(mlflow_parent.json, mlflow_runs.json) and mix its cells into them. Give --out a new "
+                          "folder, or an earlier study's folder to resume that study.")
+    return path
+
+
+def check_tracking_uri(uri: str | None) -> None:
+    """ConfigError unless MLflow knows the scheme of ``uri`` (None: the study folder's SQLite store). A store
+    that is down is no error: the sink warns and the study goes on."""
+    from urllib.parse import urlparse
+
+    from orchestrator.sweep_checks import _tracking_schemes
+
+    uri = uri or ""
+    scheme = urlparse(uri).scheme.split("+")[0].lower() if "://" in uri else ""
+    if scheme not in _tracking_schemes():
+        raise ConfigError(f"tracking_uri {uri!r} has a scheme MLflow does not know ({scheme!r}). Pass --tracking-uri "
+                          "sqlite:///PATH, http://HOST:PORT (an MLflow server, e.g. from 'gmpq mlflow-server') or a "
+                          "database URI such as postgresql://..., or leave it out (and out of the study config) to "
+                          "keep the study folder's mlflow.db.")
+
+
+class StudySink(MLflowSink):
+    """``MLflowSink`` warning as a study's: the rows are in study.parquet, and 'gmpq sync-mlflow' uploads
+    sweeps, not studies (a cell's run is logged only as the cell finishes)."""
+
+    def goes_on(self) -> str:
+        return (f"The study goes on without it; every row is kept in {self.sweep_dir / STUDY_FILE}. The cells "
+                f"finished meanwhile get no MLflow run; once the server is back, 'gmpq study --out {self.sweep_dir} "
+                "--analyze-only' attaches the results page and study.parquet to the study's run.")
+
+
 def _trainable(context: Mapping[str, Any]) -> Callable[[dict], None]:
     context = dict(context)
 
@@ -94,9 +145,8 @@ def _callback_class():
         """Driver side: each finished cell -> study.parquet row + MLflow child run."""
 
         def __init__(self, study_dir: Path, cfg: StudyConfig, tracking_uri: str | None) -> None:
-            from orchestrator.mlflow_sink import MLflowSink
             self.study_dir = study_dir
-            self.sink = MLflowSink(tracking_uri, study_dir, experiment_name=cfg.name, resolved_config=cfg.to_dict())
+            self.sink = StudySink(tracking_uri, study_dir, experiment_name=cfg.name, resolved_config=cfg.to_dict())
             self.completed = self.failed = 0
 
         def setup(self, **info: Any) -> None:
@@ -115,7 +165,7 @@ def _callback_class():
                                       tags={"cell_id": cell["cell_id"], "method": cell["method"],
                                             "gmpq.role": "study-cell"})
             self.sink.log_metrics(rid, {k: row.get(k) for k in ROW_KEYS if k not in ("cell_id", "policy_json")})
-            if row.get("policy_json"):
+            if rid and row.get("policy_json"):      # no run (MLflow down): the client may be None
                 self.sink.call("logging policy.json", self.sink.client.log_text, rid, row["policy_json"],
                                "policy.json")
             self.sink.finish(rid, "FAILED" if error else "FINISHED", {"status": row["status"]})
@@ -158,7 +208,8 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     """Run (or resume) the study in ``study_dir``; returns counts and timings (see module doc)."""
     t0 = time.perf_counter()
     say = progress or (lambda msg: log.info("%s", msg))
-    study_dir = Path(study_dir).expanduser().resolve()
+    check_tracking_uri(cfg.tracking_uri)
+    study_dir = check_study_dir(Path(study_dir).expanduser()).resolve()
     study_dir.mkdir(parents=True, exist_ok=True)
     check_same_study_config(cfg, study_dir, STUDY_FILE)
     atomic_write_text(study_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -134,11 +134,14 @@ class MLflowSink:
     # -- failure handling ---------------------------------------------------------------------
     def _disable(self, what: str, err: BaseException | str) -> None:
         if self.enabled:
-            msg = (f"MLflow logging disabled: {what} failed on tracking URI '{self.tracking_uri}' ({err}). "
-                   f"The sweep goes on; its results are complete in {self.sweep_dir / TRIALS_FILE}. Once the "
-                   f"server is back, 'gmpq sync-mlflow --sweep {self.sweep_dir}' uploads what is missing.")
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            warnings.warn(f"MLflow logging disabled: {what} failed on tracking URI '{self.tracking_uri}' ({err}). "
+                          f"{self.goes_on()}", RuntimeWarning, stacklevel=3)
         self.enabled = False
+
+    def goes_on(self) -> str:
+        """What the warning says happens without MLflow (a study's sink words it for a study)."""
+        return (f"The sweep goes on; its results are complete in {self.sweep_dir / TRIALS_FILE}. Once the server is "
+                f"back, 'gmpq sync-mlflow --sweep {self.sweep_dir}' uploads what is missing.")
 
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view)."""

@@ -116,6 +116,16 @@ def run(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         cfg = gen.StudyConfig.from_dict({**cfg.to_dict(), "tracking_uri": args.tracking_uri})
     out = out or Path("runs") / cfg.name
+    # every input checked before the study runs: a bad one is an error now, not a traceback after hours
+    ray_run.check_tracking_uri(cfg.tracking_uri)
+    if not args.analyze_only:
+        ray_run.check_study_dir(out)
+    notes = _read_notes(args.notes)
+    report = Path(args.report).expanduser() if args.report else out / "results.md"
+    png = Path(args.png).expanduser() if args.png else report.parent / f"study_{cfg.name}.png"
+    _check_output(report, "results page", "--report", "results.md")
+    if args.png:
+        _check_output(png, "plot", "--png", f"study_{cfg.name}.png")
     timing_file = out / "study_timing.json"
     timing = read_json(timing_file) if timing_file.is_file() else {"runs": []}
     if not args.analyze_only:
@@ -133,24 +143,50 @@ def run(args: argparse.Namespace) -> int:
     timing["text"] = (f"{total / 60:.1f} min over {len(runs)} invocation(s) (shared FP models "
                       f"{sum(r['prepare_seconds'] for r in runs) / 60:.1f} min of it); sum of per-cell seconds "
                       f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
-    report = Path(args.report).expanduser() if args.report else out / "results.md"
-    png = Path(args.png).expanduser() if args.png else report.parent / f"study_{cfg.name}.png"
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
-    notes = Path(args.notes).read_text() if args.notes else ""
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes)
     _log_page(cfg, out, report, png)
     print(f"Results page: {report}\nPlot: {png}")
     if args.print:
         print(report.read_text())
-    return 0 if (df["status"] == "completed").all() else 1
+    failed = int((df["status"] != "completed").sum())
+    if failed:
+        print(f"gmpq: {failed} of {len(df)} cells in {out / ray_run.STUDY_FILE} failed (its 'error' column says why); "
+              "run the study again (same --out, without --analyze-only) to retry them.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_notes(path: str | None) -> str:
+    """The --notes file's text ("" without one), read before the study runs."""
+    from gmpq_core.errors import ConfigError
+
+    if not path:
+        return ""
+    try:
+        return Path(path).expanduser().read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"Cannot read the --notes file '{path}' ({reason}); pass --notes a markdown file you can "
+                          "read, or leave it out.") from None
+
+
+def _check_output(path: Path, what: str, flag: str, example: str) -> None:
+    """ConfigError unless ``path`` (the page or the plot) can be written: not a folder, in a folder that can be
+    made and written."""
+    from gmpq_core.errors import ConfigError
+    from gmpq_core.fileio import check_writable_dir
+
+    if path.is_dir():
+        raise ConfigError(f"The {what} '{path}' is a folder; pass {flag} a file path, e.g. {path / example}.")
+    check_writable_dir(path.parent, what=f"folder of the {what}", hint=f"pass {flag} a path in a folder you can write")
 
 
 def _log_page(cfg: Any, out: Path, report: Path, png: Path) -> None:
     """Attach the page, plot and Parquet to the study's MLflow parent run (warn-once on failure)."""
-    from orchestrator.mlflow_sink import MLflowSink
-
-    sink = MLflowSink(cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", out, experiment_name=cfg.name,
-                      resolved_config=cfg.to_dict())
+    _, ray_run = _experiments()
+    sink = ray_run.StudySink(cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", out, experiment_name=cfg.name,
+                             resolved_config=cfg.to_dict())
     if not sink.connect():
         return
     for f in (report, png, out / "study.parquet"):

@@ -1,0 +1,151 @@
+"""``gmpq study`` on bad input: a one-paragraph error (exit 2) before any work, no traceback, nothing lost.
+
+The checks run through the CLI in process (the study never starts, so each test takes well under a
+second); the last test runs a real two-cell study on Ray against an MLflow server that is down.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))   # experiments/ lives beside the installed packages
+
+from experiments.generalization import load_study_config  # noqa: E402
+from experiments.generalization_ray import check_study_dir, check_tracking_uri, write_rows  # noqa: E402
+from gmpq_core.errors import ConfigError  # noqa: E402
+from orchestrator.cli import main  # noqa: E402
+
+SMOKE = REPO / "experiments" / "generalization_smoke.yaml"
+
+
+def _down_uri() -> str:
+    """An http URI on a loopback port nothing listens on (an MLflow server that is down)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def _study(capsys, *argv: str) -> tuple[int, str]:
+    """Exit status and stderr with the error paragraph's line breaks undone."""
+    rc = main(["study", *argv])
+    return rc, " ".join(capsys.readouterr().err.split())
+
+
+def test_an_unknown_tracking_uri_scheme_is_refused_before_the_study_starts(tmp_path, capsys):
+    out = tmp_path / "study"
+    rc, err = _study(capsys, "--smoke", "--out", str(out), "--tracking-uri", "bogus://x")
+    assert rc == 2 and "'bogus://x' has a scheme MLflow does not know" in err and "--tracking-uri" in err
+    assert not out.exists()                                  # nothing started
+    for uri in (None, "http://127.0.0.1:1", "sqlite:///x.db", "postgresql+psycopg2://u@h/db", "file:///tmp/m"):
+        check_tracking_uri(uri)                              # known schemes; a server that is down is no error
+
+
+@pytest.mark.parametrize("flag,bad,says", [
+    ("--notes", "nosuch.md", "Cannot read the --notes file"),
+    ("--notes", ".", "Cannot read the --notes file"),
+    ("--report", "afile/x.md", "afile' is a file, not a folder; pass --report"),
+    ("--png", "afile/x.png", "afile' is a file, not a folder; pass --png"),
+    ("--report", "adir", "is a folder; pass --report a file path"),
+    ("--out", "afile", "The study folder"),
+])
+def test_a_bad_path_is_an_error_naming_it_before_the_study_starts(tmp_path, capsys, monkeypatch, flag, bad, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x\n")
+    (tmp_path / "adir").mkdir()
+    args = {"--out": str(tmp_path / "study"), flag: bad}
+    rc, err = _study(capsys, "--smoke", *[x for kv in args.items() for x in kv])
+    assert rc == 2 and says in err and bad.split("/")[0] in err and "Traceback" not in err
+    assert not (tmp_path / "study").exists() and (tmp_path / "afile").read_text() == "x\n"
+
+
+def test_analyze_only_checks_the_notes_before_writing_the_page(tmp_path, capsys):
+    d = tmp_path / "study"
+    _fake_study(d, [_row(0, "completed")])
+    rc, err = _study(capsys, "--out", str(d), "--analyze-only", "--notes", str(tmp_path / "nosuch.md"))
+    assert rc == 2 and "nosuch.md" in err and not (d / "results.md").exists() and not list(d.glob("*.png"))
+
+
+def _sweep_folder(d: Path) -> dict:
+    d.mkdir()
+    (d / "sweep_config.yaml").write_text(yaml.safe_dump({"name": "demo", "model": "resnet20"}))
+    (d / "trials.parquet").write_bytes(b"PAR1")
+    parent = {"tracking_uri": f"sqlite:///{d / 'mlflow.db'}", "experiment_name": "demo", "run_id": "abc"}
+    (d / "mlflow_parent.json").write_text(json.dumps(parent))
+    return parent
+
+
+def test_a_sweeps_folder_is_refused_and_left_as_it_was(tmp_path, capsys):
+    # the study's MLflow sink keeps its ids in the same files as a sweep's: it rewrote mlflow_parent.json
+    d = tmp_path / "sweep"
+    parent = _sweep_folder(d)
+    before = sorted(p.name for p in d.iterdir())
+    rc, err = _study(capsys, "--smoke", "--out", str(d))
+    assert rc == 2 and f"'{d}' holds the results of sweep 'demo'" in err and "Give --out a new folder" in err
+    assert sorted(p.name for p in d.iterdir()) == before
+    assert json.loads((d / "mlflow_parent.json").read_text()) == parent
+    (d / "sweep_config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"results of a sweep \(trials\.parquet\)"):
+        check_study_dir(d)                                   # trials.parquet alone is a sweep's too
+
+
+def test_a_studys_own_folder_is_accepted_to_resume_it(tmp_path):
+    d = tmp_path / "study"
+    _fake_study(d, [_row(0, "completed")])
+    (d / "mlflow_parent.json").write_text("{}")
+    assert check_study_dir(d) == d
+    assert check_study_dir(tmp_path / "new" / "study") == tmp_path / "new" / "study"   # made later
+
+
+def _row(seed: int, status: str) -> dict:
+    return {"cell_id": f"uniform|none|b3|s{seed}", "method": "uniform", "proxy": "none", "budget": 3.0, "seed": seed,
+            "target_top1": 70.0 + seed if status == "completed" else float("nan"), "gbitops_quantized": 0.1,
+            "gbitops_total": 1.0, "cell_seconds": 1.0, "status": status,
+            "error": "RuntimeError: boom" if status == "failed" else None}
+
+
+def _fake_study(d: Path, rows: list[dict]) -> None:
+    d.mkdir(parents=True)
+    cfg = load_study_config(SMOKE).to_dict()
+    (d / "study_config.yaml").write_text(yaml.safe_dump({**cfg, "methods": ["uniform"], "proxies": []}))
+    write_rows(d, rows)
+
+
+def test_failed_cells_exit_nonzero_with_a_line_saying_so_and_mlflow_down_only_warns(tmp_path, capsys):
+    d = tmp_path / "study"
+    _fake_study(d, [_row(0, "completed"), _row(1, "failed")])
+    with pytest.warns(RuntimeWarning, match="MLflow logging disabled") as caught:
+        rc, err = _study(capsys, "--out", str(d), "--analyze-only", "--tracking-uri", _down_uri())
+    assert rc == 1 and "1 of 2 cells" in err and "failed" in err and "without --analyze-only" in err
+    assert (d / "results.md").is_file()                      # the page is written all the same
+    msg = str(next(w.message for w in caught if "MLflow logging disabled" in str(w.message)))
+    assert str(d / "study.parquet") in msg and "sync-mlflow" not in msg and "trials.parquet" not in msg
+
+
+@pytest.mark.ray          # a real two-cell study (~30 s): Ray, Fashion-MNIST, no proxies
+def test_a_study_with_its_mlflow_server_down_completes_every_cell(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "tiny", "target": "fashion_mnist", "budgets": [3.0], "seeds": [0], "methods": ["uniform", "random"],
+        "finetune": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 32},
+        "target_fp": {"steps": 2, "batch_size": 32, "lr": 0.1}, "proxy_eval_size": 100, "test_size": 100,
+        "ard_images": 8, "resources": {"cpu": 1, "gpu": 0}, "max_concurrent_trials": 2}))
+    out = tmp_path / "study"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "orchestrator.cli", "study", "--config", str(cfg), "--out", str(out),
+           "--tracking-uri", _down_uri()]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "Traceback" not in run.stderr and "MLflow logging disabled" in run.stderr
+    assert "sync-mlflow" not in run.stderr and str(out / "study.parquet") in run.stderr
+    import pandas as pd
+    df = pd.read_parquet(out / "study.parquet")
+    assert sorted(df["cell_id"]) == ["random|none|b3|s0", "uniform|none|b3|s0"]
+    assert (df["status"] == "completed").all()
