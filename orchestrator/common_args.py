@@ -17,7 +17,9 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from gmpq_core.data.registry import MAX_IMAGE_SIZE, check_image_size
 from gmpq_core.errors import ConfigError
+from gmpq_core.fileio import check_writable_dir
 from gmpq_core.models import build_model, list_models
 from orchestrator.commands import add_precision_arg, at_least
 from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
@@ -25,8 +27,8 @@ from gmpq_core.train import seeded
 
 __all__ = ["add_model_args", "add_data_args", "add_run_args", "add_policy_args", "ModelOptions",
            "resolve_model_options", "build_seeded_model", "resolve_device", "load_policy_arg",
-           "uniform_policy", "policy_meta", "dataset_source", "check_bits", "SMALL_INPUT_MAX_PX",
-           "META_KEYS"]
+           "uniform_policy", "policy_meta", "dataset_source", "check_bits", "check_out_arg",
+           "check_input_size_arg", "SMALL_INPUT_MAX_PX", "META_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,46 @@ def _positive_int(name: str, flag: str, value: Any) -> int:
     return value
 
 
+def check_input_size_arg(value: Any, flag: str = "--input-size") -> int:
+    """``value`` if it is a positive image side of at most ``MAX_IMAGE_SIZE`` px, else ConfigError naming ``flag``
+    (a larger model input asks for hundreds of GB, or TB, of activations and fails with a traceback)."""
+    value = _positive_int("the input size", flag, value)
+    if value > MAX_IMAGE_SIZE:
+        check_image_size(value, flag)      # its message: the bound, the value and the fix
+    return value
+
+
+def check_out_arg(out: str, *, flag: str = "--out") -> Path:
+    """The ``--out`` folder as an absolute path, checked before any work: an empty value (an unset shell
+    variable?) or a path that is, or lies under, a file is a ConfigError."""
+    if not str(out).strip():
+        raise ConfigError(f"{flag} {out!r} is empty (an unset shell variable?); give the output folder, or drop "
+                          f"{flag} to use the default.")
+    return check_writable_dir(out, hint=f"pass {flag} a folder you can write")
+
+
+def _check_fits_dataset(opts: "ModelOptions", info: Any, args: argparse.Namespace) -> None:
+    """The model's input channels must be the dataset's, and its classes cover the dataset's labels."""
+    name = getattr(info, "name", "the dataset")
+
+    def mismatch(key: str, what: str, has: str, other: str) -> ConfigError:
+        flag, value = "--" + key.replace("_", "-"), getattr(opts, key)
+        if getattr(args, key, None) is not None:
+            return ConfigError(f"{what} ({flag} {value}), but {name} has {has}. Drop {flag} (it defaults to the "
+                               f"dataset's), pass {flag} {getattr(info, key)}, or pick a dataset with {other} with "
+                               "--dataset.")
+        return ConfigError(f"{what} ({key}={value}, from the FP result or policy it builds on), but {name} has {has}. "
+                           f"Pass --dataset with the dataset that model was trained on, or an FP checkpoint of {name}.")
+
+    if opts.in_channels != info.in_channels:
+        raise mismatch("in_channels", f"The model takes {opts.in_channels} input channel(s)",
+                       f"{info.in_channels}-channel images", f"{opts.in_channels}-channel images")
+    if opts.num_classes < info.num_classes:
+        raise mismatch("num_classes", f"The model has {opts.num_classes} output classes",
+                       f"{info.num_classes} classes (labels 0..{info.num_classes - 1})",
+                       f"at most {opts.num_classes} classes")
+
+
 def dataset_source(info: Any) -> dict:
     """The model options a dataset implies (input channels, classes, image side)."""
     return {"in_channels": info.in_channels, "num_classes": info.num_classes, "input_size": info.image_size,
@@ -112,7 +154,8 @@ def dataset_source(info: Any) -> dict:
 def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping[str, Any]] = (),
                           dataset_info: Any = None) -> ModelOptions:
     """Model options from ``args``, then each of ``sources`` in order (e.g. an FP result, the policy's
-    meta), then ``dataset_info``; ``small_input`` defaults to on for datasets of small images."""
+    meta), then ``dataset_info``; ``small_input`` defaults to on for datasets of small images. With
+    ``dataset_info`` the model must take the dataset's channels and cover its classes (ConfigError)."""
     data = dataset_source(dataset_info) if dataset_info is not None else {}
     model = _pick("model", args.model, sources, getattr(args, "default_model", None))
     if model is None:
@@ -125,7 +168,7 @@ def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping
         raise ConfigError("No input size given. Pass --input-size PX (e.g. 224 for ImageNet-sized images; "
                           "for Fashion-MNIST, --input-size 28 --in-channels 1, as inputs have 3 channels unless "
                           "told otherwise).")
-    input_size = _positive_int("the input size", "--input-size", input_size)
+    input_size = check_input_size_arg(input_size, "--input-size" if args.input_size is not None else "input_size")
     in_channels = _positive_int("the number of input channels", "--in-channels",
                                 _pick("in_channels", args.in_channels, [*sources, data], 3))
     num_classes = _positive_int("the number of classes", "--num-classes",
@@ -133,8 +176,11 @@ def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping
     small = _pick("small_input", args.small_input, sources, None)
     if small is None:
         small = input_size <= SMALL_INPUT_MAX_PX if dataset_info is not None else False
-    return ModelOptions(model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+    opts = ModelOptions(model=model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                         small_input=bool(small))
+    if dataset_info is not None:      # a mismatch fails here, not as a conv or loss traceback after loading
+        _check_fits_dataset(opts, dataset_info, args)
+    return opts
 
 
 def build_seeded_model(opts: ModelOptions, seed: int) -> nn.Module:

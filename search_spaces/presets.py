@@ -47,10 +47,13 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
 
 
 def load_yaml(path: str | Path) -> Any:
-    """Read and parse a YAML file (ConfigError if missing, unreadable or malformed)."""
+    """Read and parse a UTF-8 YAML file (ConfigError if missing, unreadable, binary or malformed)."""
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"The config file '{p}' is not text (a binary file, e.g. a checkpoint or an archive?). "
+                          "Config files are UTF-8 YAML: pass the .yaml file itself.") from None
     except OSError as e:
         raise ConfigError(f"Cannot read the config file '{p}' ({e.strerror}). Check the path.") from None
     return parse_yaml(text, str(p))

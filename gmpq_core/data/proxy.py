@@ -74,24 +74,25 @@ def class_counts(labels: torch.Tensor) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def proxy(split: SplitT, size: int | None, seed: int = 0) -> SplitT:
+def proxy(split: SplitT, size: int | None, seed: int = 0, *, what: str = "proxy size") -> SplitT:
     """A stratified proxy subset of ``split`` (TensorSplit or FolderSplit) with ``size`` images.
 
     ``size=None`` or ``size == len(split)`` returns ``split`` itself. A size larger than the split
     raises ``DataError``; one smaller than the number of classes raises ``ConfigError`` (some class
-    would be missing). Both messages name the two numbers.
+    would be missing). Both messages name the two numbers, and the size as ``what`` (a CLI passes
+    the flag the user typed, e.g. ``what="--test-size"``).
     """
     n = len(split)  # type: ignore[arg-type]
     if size is None:
         return split
-    size = _check_int("proxy size", size)
+    size = _check_int(what, size)
     describe = getattr(split, "description", "the split")
     if size > n:
-        raise DataError(f"proxy size {size} is larger than {describe} ({n} images); use at most {n}.")
+        raise DataError(f"{what} {size} is larger than {describe} ({n} images); use at most {n}.")
     if size == n:
         return split
     num_classes = len(np.unique(_labels_numpy(split.labels)))  # type: ignore[attr-defined]
     if size < num_classes:
-        raise ConfigError(f"proxy size {size} is smaller than the number of classes in {describe} "
+        raise ConfigError(f"{what} {size} is smaller than the number of classes in {describe} "
                           f"({num_classes}); use at least {num_classes} so that every class appears.")
     return split.subset(proxy_indices(split.labels, size, seed))  # type: ignore[attr-defined]

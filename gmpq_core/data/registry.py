@@ -14,14 +14,14 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..fileio import absolute_path
 from .folder import read_imagefolder
 from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
 from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
 
 __all__ = ["DatasetSpec", "DATASETS", "register_dataset", "list_datasets", "load_dataset", "clear_dataset_cache",
-           "resize_split", "check_dataset_name", "canonical_data_source"]
+           "resize_split", "check_dataset_name", "canonical_data_source", "check_image_size", "MAX_IMAGE_SIZE"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ class DatasetSpec:
     description: str
     takes_path: bool = False
 
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 4, 4096   # pixels per side: 4096^2 is 16.8 M pixels, past any CNN input here
 
 DATASETS: dict[str, DatasetSpec] = {}
 _CACHE: dict[tuple, DataBundle] = {}
@@ -90,6 +92,45 @@ def canonical_data_source(name: str, root: str | None) -> tuple[str, str | None]
     return name, absolute_path(root)
 
 
+def check_image_size(image_size: object, name: str = "image_size") -> int | None:
+    """``image_size`` (pixels per side) if it is None or an integer in ``MIN_IMAGE_SIZE..MAX_IMAGE_SIZE``,
+    else ConfigError naming it as ``name`` (a CLI passes its flag, e.g. ``--input-size``)."""
+    if image_size is None:
+        return None
+    got = f"{name} {image_size!r}" if name.startswith("-") else f"{name}={image_size!r}"   # a flag, or a key
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ConfigError(f"{name} must be an integer >= {MIN_IMAGE_SIZE} (pixels per side)"
+                          f"{'' if name.startswith('-') else ' or None'}, but got {got}.")
+    if image_size > MAX_IMAGE_SIZE:
+        gib = image_size * image_size * 4 / 2**30
+        raise ConfigError(f"{name} must be at most {MAX_IMAGE_SIZE} pixels per side, but got {got} (one "
+                          f"{image_size}x{image_size} activation map alone is {gib:,.1f} GiB in float32). Use the "
+                          "dataset's own size or a model's usual input (e.g. 224 for ImageNet-sized images), or leave "
+                          "it out.")
+    return image_size
+
+
+def _physical_memory() -> int | None:
+    """Bytes of RAM of this machine (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_resize_fits(bundle: DataBundle, image_size: int) -> None:
+    """DataError, before allocating, if the resized copies of both splits cannot fit in this machine's RAM
+    (uint8: N x C x S x S bytes); the allocation would otherwise fail with a traceback or swap the machine."""
+    n = len(bundle.train) + len(bundle.test)
+    need = n * bundle.info.in_channels * image_size * image_size
+    ram = _physical_memory()
+    if ram is not None and need > ram:
+        raise DataError(f"Resizing {bundle.info.name} ({n:,} images of {bundle.info.image_size}x"
+                        f"{bundle.info.image_size}) to {image_size}x{image_size} needs {need / 2**30:,.1f} GiB of "
+                        f"memory, more than this machine has ({ram / 2**30:,.1f} GiB). Use a smaller input size (the "
+                        f"dataset's own is {bundle.info.image_size}), or leave it out.")
+
+
 def resize_split(split: TensorSplit, image_size: int, *, chunk: int = 8192) -> TensorSplit:
     """Resize uint8 images to ``image_size`` x ``image_size`` once (bilinear on float, antialiased when
     shrinking, rounded back to uint8), in chunks to bound memory."""
@@ -113,9 +154,7 @@ def load_dataset(name: str, *, root: str | None = None, image_size: int | None =
     sets the crop size of folder datasets (default 224).
     """
     spec, path = _parse(name)
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 4):
-        raise ConfigError(f"image_size must be an integer >= 4 (pixels per side) or None, but got "
-                          f"image_size={image_size!r}.")
+    check_image_size(image_size)
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise ConfigError(f"root must be a folder path or None, but got root={root!r}.")
     if spec.takes_path:   # folder datasets are scanned each time (cheap) and never held in memory
@@ -130,6 +169,7 @@ def load_dataset(name: str, *, root: str | None = None, image_size: int | None =
         return bundle
     key = (spec.name, root_key, image_size)
     if key not in _CACHE:
+        _check_resize_fits(bundle, image_size)
         info = replace(bundle.info, image_size=image_size, crop_padding=crop_padding_for(image_size))
         _CACHE[key] = DataBundle(info=info, train=resize_split(bundle.train, image_size),
                                  test=resize_split(bundle.test, image_size), source=bundle.source)

@@ -86,9 +86,30 @@ def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> An
         max_concurrent=getattr(args, "max_concurrent", None), say=say)
 
 
+def check_tracking_uri_arg(uri: str | None) -> None:
+    """``--tracking-uri`` checked as ``gmpq sweep`` checks its store (a known MLflow scheme; a sqlite file in a
+    folder that can be written), before Ray starts: a bad one used to surface after the fine-tunes."""
+    if uri is None:
+        return
+    from gmpq_core.errors import ConfigError
+    from orchestrator.sweep_checks import _check_sqlite_file, unknown_tracking_scheme
+
+    if not uri.strip():
+        raise ConfigError(f"--tracking-uri {uri!r} is empty (an unset shell variable?); give an MLflow tracking URI, "
+                          "or leave --tracking-uri out to log where the sweep logged.")
+    scheme = unknown_tracking_scheme(uri)
+    if scheme is not None:
+        raise ConfigError(f"--tracking-uri {uri!r} has a scheme MLflow does not know ({scheme!r}). Leave "
+                          "--tracking-uri out to log where the sweep logged, or give http://HOST:PORT (an MLflow "
+                          "server, e.g. from 'gmpq mlflow-server'), sqlite:///PATH or a database URI such as "
+                          "postgresql://...")
+    _check_sqlite_file("tracking_uri", "--tracking-uri", uri)
+
+
 def run_sweep_finetune(args: argparse.Namespace) -> int:
     from . import quiet_libraries
 
+    check_tracking_uri_arg(getattr(args, "tracking_uri", None))
     quiet_libraries(getattr(args, "verbose", False))
     sweep_dir = Path(args.sweep).expanduser().resolve()
     final = finetune_stage(sweep_dir, args,

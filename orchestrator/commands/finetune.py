@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -20,14 +21,14 @@ from torch import nn
 
 from gmpq_core.errors import ConfigError
 from gmpq_core.export import preprocess_of, save_quantized_model
-from gmpq_core.fileio import atomic_write_json, check_writable_dir
+from gmpq_core.fileio import atomic_write_json
 from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
 from gmpq_core.policy import BitPolicy
 from gmpq_core.precision import resolve_precision
 from gmpq_core.train import evaluate
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args,
-                           build_seeded_model, check_bits, dataset_source, load_policy_arg, policy_meta,
+                           build_seeded_model, check_bits, check_out_arg, dataset_source, load_policy_arg, policy_meta,
                            resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
@@ -37,6 +38,7 @@ from . import at_least
 log = logging.getLogger(__name__)
 
 QUANTIZED_WEIGHTS, RESULT, POLICY, CHECKPOINTS = "quantized.pt", "finetune_result.json", "policy.json", "checkpoints"
+_DISTILL_DEFAULTS = {"distill_alpha": 0.5, "distill_temperature": 4.0}   # the parser's; used only with --distill
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -70,10 +72,10 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate (default 0.01; with --sweep: the sweep config's)")
     g.add_argument("--weight-decay", type=float, default=4e-5, metavar="WD", help="weight decay (default 4e-5)")
     g.add_argument("--distill", action="store_true", help="distil from the FP model (KL at temperature T + CE)")
-    g.add_argument("--distill-alpha", type=float, default=0.5, metavar="ALPHA",
-                   help="weight of the distillation term (default 0.5)")
-    g.add_argument("--distill-temperature", type=float, default=4.0, metavar="T",
-                   help="distillation temperature (default 4)")
+    g.add_argument("--distill-alpha", type=float, default=_DISTILL_DEFAULTS["distill_alpha"], metavar="ALPHA",
+                   help="weight of the distillation term, with --distill (default 0.5)")
+    g.add_argument("--distill-temperature", type=float, default=_DISTILL_DEFAULTS["distill_temperature"],
+                   metavar="T", help="distillation temperature, with --distill (default 4)")
     g.add_argument("--include-stem", action="store_true", help="quantize the stem too (8 bits unless in the policy)")
     g.add_argument("--include-classifier", action="store_true",
                    help="quantize the classifier too (8 bits unless in the policy)")
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                               "selected policies with the sweep's FP model, data and finetune settings, and writes "
                               "into the sweep folder. Drop those options, or fine-tune one policy without --sweep.")
         return run_sweep_finetune(args)
-    sweep_only = [f"--{k.replace('_', '-')}" for k in ("top_k", "workers", "address", "tracking_uri")
+    sweep_only = [f"--{k.replace('_', '-')}" for k in ("top_k", "workers", "max_concurrent", "address", "tracking_uri")
                   if getattr(args, k, None) is not None]
     if sweep_only:
         raise ConfigError(f"{', '.join(sweep_only)} {'is' if len(sweep_only) == 1 else 'are'} for gmpq finetune "
@@ -116,6 +118,20 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     return run_single_finetune(args)
+
+
+def _check_single_args(args: argparse.Namespace) -> None:
+    """Values the configs would reject later under another name (``lr``), and options with no effect."""
+    if not (isinstance(args.fp_lr, (int, float)) and math.isfinite(args.fp_lr) and args.fp_lr > 0):
+        raise ConfigError(f"--fp-lr must be a finite number > 0, but got --fp-lr {args.fp_lr}. Use e.g. --fp-lr 0.1 "
+                          "(the peak learning rate of the FP training), or leave it out.")
+    if not args.distill:
+        unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("distill_alpha", "distill_temperature")
+                  if getattr(args, k) != _DISTILL_DEFAULTS[k]]
+        if unused:
+            raise ConfigError(f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without "
+                              "--distill (distillation from the FP model is off). Add --distill, or drop "
+                              f"{'it' if len(unused) == 1 else 'them'}.")
 
 
 def _policy_from_args(args: argparse.Namespace) -> BitPolicy | None:
@@ -145,7 +161,8 @@ def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> 
 
 def run_single_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
-    out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training
+    out = check_out_arg(args.out)  # before any training
+    _check_single_args(args)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     policy = _policy_from_args(args)
@@ -169,7 +186,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     if not args.dataset and not fp_info.get("dataset") and meta.get("dataset") and not meta.get("target_dataset"):
         print(f"fine-tuning on '{dataset}', the dataset the policy was searched on (its proxy's source); pass "
               "--dataset NAME to deploy it on another target", file=sys.stderr)
-    data = load_data(args, train_size=args.train_size, dataset=dataset,
+    data = load_data(args, train_size=args.train_size, dataset=dataset, train_flag="--train-size",
                      input_size=args.input_size if args.input_size is not None else fp_info.get("input_size"))
     info, train_split, test_split = data
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)

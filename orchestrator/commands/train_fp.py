@@ -15,13 +15,14 @@ from typing import Any
 from torch import nn
 
 from gmpq_core.data import load_dataset, make_loader, proxy
+from gmpq_core.data.registry import check_image_size
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
 from gmpq_core.precision import resolve_precision
 from gmpq_core.train import TrainConfig, TrainResult, train_fp
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_run_args, build_seeded_model,
-                           resolve_device, resolve_model_options)
+                           check_out_arg, resolve_device, resolve_model_options)
 from ..progress import ProgressReporter, make_progress
 from . import at_least
 
@@ -49,12 +50,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def load_data(args: argparse.Namespace, *, train_size: int | None, input_size: int | None,
-              dataset: str | None = None) -> tuple[Any, Any, Any]:
-    """(info, train split, test split) of ``dataset`` (default: ``--dataset``), subsets stratified by ``--seed``."""
+              dataset: str | None = None, train_flag: str = "--proxy-size") -> tuple[Any, Any, Any]:
+    """(info, train split, test split) of ``dataset`` (default: ``--dataset``), subsets stratified by ``--seed``.
+
+    ``train_size`` is what the user gave as ``train_flag``; errors about the sizes name the flags."""
     name = dataset or args.dataset or args.default_dataset
+    check_image_size(input_size, "--input-size" if args.input_size is not None else "input_size")  # before a resize
     bundle = load_dataset(name, root=args.data_root, image_size=input_size)
-    return (bundle.info, proxy(bundle.train, train_size, seed=args.seed),
-            proxy(bundle.test, args.test_size, seed=args.seed))
+    return (bundle.info, proxy(bundle.train, train_size, seed=args.seed, what=train_flag),
+            proxy(bundle.test, args.test_size, seed=args.seed, what="--test-size"))
 
 
 def loaders(info: Any, train_split: Any, test_split: Any, *, batch_size: int, seed: int, device: str):
@@ -120,7 +124,7 @@ def fp_result_beside(path: str | Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = check_out_arg(args.out)    # a file there fails now, not after the training (the model was lost)
     data = load_data(args, train_size=args.proxy_size, input_size=args.input_size)
     opts = resolve_model_options(args, dataset_info=data[0])
     _, summary = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.epochs, lr=args.lr,
