@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from gmpq_core.data.decoded import cached_array, decoded_path
+from gmpq_core.data.decoded import cached_array, data_cache_dir, decoded_path
 from gmpq_core.data.sources import find_fashion_mnist, read_fashion_mnist, read_idx
 
 
@@ -39,15 +39,57 @@ def test_decoded_once_then_read_back(tmp_path):
     assert decoded_path(src, tmp_path / "cache").name.startswith("x-idx3-ubyte-")
 
 
-def test_a_changed_source_is_decoded_again(tmp_path):
+def test_a_changed_source_is_decoded_again_and_its_old_copy_removed(tmp_path):
     src = _idx_gz(tmp_path / "x-idx1-ubyte.gz", np.arange(5))
     decode = CountingDecode()
-    cached_array(src, decode, cache_dir=tmp_path)
-    _idx_gz(src, np.arange(7))                          # new size and mtime: another name
+    cached_array(src, decode, cache_dir=tmp_path / "c")
+    first_copy = decoded_path(src, tmp_path / "c")
+    _idx_gz(src, np.arange(5)[::-1])                    # same size: only the content and mtime differ
     os.utime(src, ns=(1, 1))
-    out = cached_array(src, decode, cache_dir=tmp_path)
+    out = cached_array(src, decode, cache_dir=tmp_path / "c")
     assert decode.calls == 2
-    np.testing.assert_array_equal(out, np.arange(7))
+    np.testing.assert_array_equal(out, np.arange(5)[::-1])
+    assert not first_copy.exists()
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [decoded_path(src, tmp_path / "c").name]
+
+
+def test_copies_of_another_file_with_the_same_name_are_kept(tmp_path):
+    a = _idx_gz((tmp_path / "a").mkdir() or tmp_path / "a" / "x-idx1-ubyte.gz", np.arange(3))
+    b = _idx_gz((tmp_path / "b").mkdir() or tmp_path / "b" / "x-idx1-ubyte.gz", np.arange(4))
+    decode = CountingDecode()
+    for src in (a, b, a, b):
+        cached_array(src, decode, cache_dir=tmp_path / "c")
+    assert decode.calls == 2 and len(list((tmp_path / "c").glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize("value", ["", "off", "0"])
+def test_the_copies_can_be_switched_off(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("GMPQ_DATA_CACHE_DIR", value)
+    assert data_cache_dir() is None
+    src = _idx_gz(tmp_path / "x-idx1-ubyte.gz", np.arange(3))
+    decode = CountingDecode()
+    cached_array(src, decode)
+    cached_array(src, decode)
+    assert decode.calls == 2 and list(tmp_path.glob("**/*.npy")) == []
+
+
+def test_the_default_folder_is_local_whatever_the_model_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("GMPQ_DATA_CACHE_DIR")
+    monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path / "shared"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert data_cache_dir() == tmp_path / "home" / ".cache" / "gmpq" / "data"
+
+
+def test_no_home_directory_still_loads(tmp_path, monkeypatch):
+    monkeypatch.delenv("GMPQ_DATA_CACHE_DIR")
+    monkeypatch.delenv("HOME", raising=False)
+    import pwd
+
+    def no_user(uid):
+        raise KeyError(uid)
+    monkeypatch.setattr(pwd, "getpwuid", no_user)        # a container user with no passwd entry
+    src = _idx_gz(tmp_path / "x-idx1-ubyte.gz", np.arange(3))
+    np.testing.assert_array_equal(cached_array(src, CountingDecode()), np.arange(3))
 
 
 @pytest.mark.parametrize("damage", [b"", b"\x93NUMPY garbage", None])
