@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -32,7 +31,8 @@ from pathlib import Path
 from gmpq_core.fileio import atomic_write_json
 
 from .errors import ClusterError, ConfigError
-from .procs import ProcessGroup, free_port, group_alive, group_members, start_time_of, stop_groups
+from .procs import (ProcessGroup, check_timeout, free_port, group_alive, group_members, make_state_dir, start_time_of,
+                    stop_groups)
 
 __all__ = ["DEFAULT_STATE_DIR", "MIN_OBJECT_STORE_MB", "LocalNode", "LocalCluster", "start_local_cluster",
            "stop_local_cluster", "load_cluster_state", "node_status", "kill_node", "STATE_FILE"]
@@ -232,25 +232,16 @@ def start_local_cluster(*, workers: int, cpus_per_node: int | None = None, head_
         raise ConfigError("cpus_per_node=0 leaves the worker nodes unable to run trials; use 1 or more.")
     mb = object_store_mb
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < MIN_OBJECT_STORE_MB:
-        raise ConfigError(f"object_store_mb must be an integer >= {MIN_OBJECT_STORE_MB} (MiB per node; Ray refuses an "
-                          f"object store under {MIN_OBJECT_STORE_MB} MiB), but got object_store_mb={mb!r}; the "
+        raise ConfigError(f"object_store_mb (--object-store-mb) must be an integer >= {MIN_OBJECT_STORE_MB} (MiB per "
+                          f"node; Ray refuses an object store under {MIN_OBJECT_STORE_MB} MiB), but got {mb!r}; the "
                           "default is 100.")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
-        raise ConfigError(f"timeout must be a number of seconds > 0 (how long to wait for all nodes to start, e.g. "
-                          f"180), but got timeout={timeout_s!r}.")
-    state = Path(state_dir or DEFAULT_STATE_DIR).absolute()
-    if state.exists() and not state.is_dir():
-        raise ConfigError(f"--dir '{state}' is a file, not a folder: give the folder to record the cluster in "
-                          f"(default {DEFAULT_STATE_DIR}), or leave --dir out.")
+    check_timeout(timeout_s, "for all nodes to start", 180)
+    state = make_state_dir(Path(state_dir or DEFAULT_STATE_DIR).absolute(),
+                           f"the cluster's record (default {DEFAULT_STATE_DIR}), or leave --dir out")
     existing = load_cluster_state(state)
     if existing is not None and any(node_status(existing).values()):
         raise ClusterError(f"a local cluster recorded in '{state}' still runs at {existing.address}; "
                            f"stop it first with `gmpq cluster down --dir {state}` or pick another --dir.")
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-    except OSError as e:             # a file on the way (dir/a-file/sub), no permission, a read-only disk
-        raise ConfigError(f"--dir '{state}': cannot create the folder ({e.strerror or e}); give a folder you can "
-                          "write to.") from None
     temp_dir = tempfile.mkdtemp(prefix="gmpq-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
     gcs_port = free_port()
     client_port = free_port() if _client_server_available() else None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -28,8 +27,8 @@ from typing import Iterator
 from gmpq_core.fileio import atomic_write_json
 
 from .errors import ClusterError, ConfigError
-from .procs import (ProcessGroup, check_bind_host, free_port, group_alive, group_members, port_in_use,
-                    start_time_of, stop_groups)
+from .procs import (ProcessGroup, check_bind_host, check_timeout, free_port, group_alive, group_members, make_state_dir,
+                    port_in_use, start_time_of, stop_groups)
 
 __all__ = ["MlflowServer", "start_mlflow_server", "stop_mlflow_server", "server_answers",
            "wait_until_ready", "load_server_record", "running_mlflow_server", "RECORD_FILE"]
@@ -132,14 +131,9 @@ def start_mlflow_server(*, dir: str | os.PathLike, host: str = "127.0.0.1", port
         raise ConfigError(f"port must be an integer in 1..65535, but got port={port!r}.")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"workers must be an integer >= 1, but got workers={workers!r}.")
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
-        raise ConfigError(f"timeout must be a number of seconds > 0 (how long to wait until the server answers, "
-                          f"e.g. 120), but got timeout={timeout_s!r}.")
+    check_timeout(timeout_s, "until the server answers", 120)
     check_bind_host(host)
-    root = Path(dir).expanduser().absolute()
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"--dir '{root}' is a file, not a folder: give the folder that holds (or is to hold) the "
-                          "server's mlflow.db and artifacts/, e.g. runs/mlflow.")
+    root = make_state_dir(Path(dir).expanduser().absolute(), "the server's mlflow.db and artifacts/, e.g. runs/mlflow")
     previous = load_server_record(root)
     if previous is not None and previous.alive:
         raise ClusterError(f"an MLflow server recorded in '{root}' still runs at {previous.uri}; reuse it, "
@@ -147,12 +141,7 @@ def start_mlflow_server(*, dir: str | os.PathLike, host: str = "127.0.0.1", port
     port = free_port(host) if port is None else port
     if port_in_use(port, host):
         raise ClusterError(f"port {port} on {host} is already in use; pick another --port or stop what holds it.")
-    artifacts = root / "artifacts"
-    try:
-        artifacts.mkdir(parents=True, exist_ok=True)
-    except OSError as e:             # a file on the way (dir/a-file/sub), no permission, a read-only disk
-        raise ConfigError(f"--dir '{root}': cannot create the folder {artifacts} ({e.strerror or e}); give a folder "
-                          "you can write to.") from None
+    artifacts = make_state_dir(root / "artifacts", "the server's artifacts")
     backend = f"sqlite:///{root / 'mlflow.db'}"
     cmd = _mlflow_command() + ["server", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
                                "--host", host, "--port", str(port), "--workers", str(workers)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["ProcessGroup", "check_bind_host", "free_port", "port_in_use", "group_members", "group_alive", "stop_groups",
-           "start_time_of"]
+__all__ = ["ProcessGroup", "check_bind_host", "check_timeout", "make_state_dir", "free_port", "port_in_use",
+           "group_members", "group_alive", "stop_groups", "start_time_of"]
 
 log = logging.getLogger(__name__)
 _PROC = Path("/proc")
@@ -57,12 +58,37 @@ def check_bind_host(host: str, flag: str = "--host") -> None:
         raise ConfigError(f"{flag} {host!r} is not an address or a host name that resolves ({e}); {hint}") from None
     if not infos:
         raise ConfigError(f"{flag} {host!r} is empty; {hint}")
-    family, _, _, _, addr = infos[0]
+    errors = []
+    for family, _, _, _, addr in infos:        # localhost may list ::1 first on a machine without IPv6
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((addr[0], 0) + tuple(addr[2:]))
+            return
+        except OSError as e:
+            errors.append(e.strerror or str(e))
+    raise ConfigError(f"{flag} {host!r} cannot be bound on this machine ({'; '.join(dict.fromkeys(errors))}); "
+                      f"{hint}")
+
+
+def check_timeout(timeout_s: object, waits_for: str, example: int) -> None:
+    """ConfigError unless ``timeout_s`` (``--timeout``) is a finite number of seconds > 0."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ConfigError(f"timeout (--timeout) must be a number of seconds > 0 (how long to wait {waits_for}, e.g. "
+                          f"{example}), but got {timeout_s!r}.")
+
+
+def make_state_dir(path: Path, holds: str) -> Path:
+    """``path`` created if needed (``--dir``): ConfigError naming it when it is a file, lies under one, or cannot
+    be created (no permission, a read-only disk)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--dir '{path}' is a file, not a folder: give the folder that holds (or is to hold) "
+                          f"{holds}.")
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as s:
-            s.bind((addr[0], 0) + tuple(addr[2:]))
+        path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{flag} {host!r} cannot be bound on this machine ({e.strerror or e}); {hint}") from None
+        raise ConfigError(f"--dir '{path}': cannot create the folder ({e.strerror or e}); give a folder you can "
+                          "write to.") from None
+    return path
 
 
 def _family(host: str) -> int:

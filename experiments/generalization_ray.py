@@ -97,14 +97,9 @@ def check_study_dir(study_dir: str | Path) -> Path:
 def check_tracking_uri(uri: str | None) -> None:
     """ConfigError unless MLflow knows the scheme of ``uri`` (None: the study folder's SQLite store). A store
     that is down is no error: the sink warns and the study goes on."""
-    from orchestrator.sweep_checks import unknown_tracking_scheme
+    from orchestrator.sweep_checks import check_tracking_scheme
 
-    scheme = unknown_tracking_scheme(uri)
-    if scheme is not None:
-        raise ConfigError(f"tracking_uri {uri!r} has a scheme MLflow does not know ({scheme!r}). Pass --tracking-uri "
-                          "sqlite:///PATH, http://HOST:PORT (an MLflow server, e.g. from 'gmpq mlflow-server') or a "
-                          "database URI such as postgresql://..., or leave it out (and out of the study config) to "
-                          "keep the study folder's mlflow.db.")
+    check_tracking_scheme(uri, "tracking_uri (--tracking-uri, or the study config's)", "the study folder's mlflow.db")
 
 
 class StudySink(MLflowSink):

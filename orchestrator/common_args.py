@@ -133,7 +133,7 @@ def _check_fits_dataset(opts: "ModelOptions", info: Any, args: argparse.Namespac
             return ConfigError(f"{what} ({flag} {value}), but {name} has {has}. Drop {flag} (it defaults to the "
                                f"dataset's), pass {flag} {getattr(info, key)}, or pick a dataset with {other} with "
                                "--dataset.")
-        return ConfigError(f"{what} ({key}={value}, from the FP result or policy it builds on), but {name} has {has}. "
+        return ConfigError(f"{what} ({key}={value}, from the FP result it builds on), but {name} has {has}. "
                            f"Pass --dataset with the dataset that model was trained on, or an FP checkpoint of {name}.")
 
     if opts.in_channels != info.in_channels:

@@ -17,7 +17,7 @@ from .sweep_config import SweepConfig, _require, trial_search_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepFacts", "check_sweep_config", "unknown_tracking_scheme"]
+__all__ = ["SweepFacts", "check_sweep_config", "check_tracking_scheme"]
 
 
 @dataclass(frozen=True)
@@ -141,25 +141,25 @@ def _tracking_schemes() -> set[str]:
     return _TRACKING_SCHEMES | {ep.name for ep in entry_points(group="mlflow.tracking_store")}
 
 
-def unknown_tracking_scheme(uri: str | None) -> str | None:
-    """The scheme of ``uri`` when MLflow does not know it (``bogus`` of ``bogus://x``), else None (a known
-    scheme, a plain path, or no URI)."""
+def check_tracking_scheme(uri: str | None, name: str = "tracking_uri",
+                          default: str = "the sweep folder's mlflow.db") -> None:
+    """ConfigError naming ``uri`` (as ``name``: a config key or a flag) when MLflow does not know its scheme
+    (``bogus://x``); a known scheme, a plain path or no URI pass. ``default``: where runs go without one."""
     from urllib.parse import urlparse
 
     uri = uri or ""
     scheme = urlparse(uri).scheme.split("+")[0].lower() if "://" in uri else ""
-    return None if scheme in _tracking_schemes() else scheme
+    if scheme not in _tracking_schemes():
+        raise ConfigError(f"{name} {uri!r} has a scheme MLflow does not know ({scheme!r}). Give sqlite:///PATH, "
+                          "http://HOST:PORT (an MLflow server, e.g. from 'gmpq mlflow-server') or a database URI such "
+                          f"as postgresql://..., or leave it out to log to {default}.")
 
 
 def _check_stores(cfg: SweepConfig) -> None:
     """The MLflow tracking URI and the Optuna storage URL are well formed (before any training: a bad
     one used to surface after the shared models had trained, or to switch MLflow off for the sweep)."""
     uri = cfg.tracking_uri or ""
-    scheme = unknown_tracking_scheme(uri)
-    if scheme is not None:
-        raise ConfigError(f"tracking_uri {uri!r} has a scheme MLflow does not know ({scheme!r}). Use "
-                          "sqlite:///PATH (the default: the sweep folder's mlflow.db), http://HOST:PORT (an MLflow "
-                          "server, e.g. from 'gmpq mlflow-server') or a database URI such as postgresql://...")
+    check_tracking_scheme(uri)
     if cfg.optuna_storage:
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError

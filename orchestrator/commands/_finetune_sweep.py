@@ -92,17 +92,12 @@ def check_tracking_uri_arg(uri: str | None) -> None:
     if uri is None:
         return
     from gmpq_core.errors import ConfigError
-    from orchestrator.sweep_checks import _check_sqlite_file, unknown_tracking_scheme
+    from orchestrator.sweep_checks import _check_sqlite_file, check_tracking_scheme
 
     if not uri.strip():
         raise ConfigError(f"--tracking-uri {uri!r} is empty (an unset shell variable?); give an MLflow tracking URI, "
                           "or leave --tracking-uri out to log where the sweep logged.")
-    scheme = unknown_tracking_scheme(uri)
-    if scheme is not None:
-        raise ConfigError(f"--tracking-uri {uri!r} has a scheme MLflow does not know ({scheme!r}). Leave "
-                          "--tracking-uri out to log where the sweep logged, or give http://HOST:PORT (an MLflow "
-                          "server, e.g. from 'gmpq mlflow-server'), sqlite:///PATH or a database URI such as "
-                          "postgresql://...")
+    check_tracking_scheme(uri, "--tracking-uri", "where the sweep logged")
     _check_sqlite_file("tracking_uri", "--tracking-uri", uri)
 
 

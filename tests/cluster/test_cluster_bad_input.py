@@ -46,7 +46,7 @@ def test_mlflow_server_rejects_a_dir_that_is_a_file(tmp_path, capsys, no_process
 @pytest.mark.parametrize("timeout", ["0", "-5", "nan", "inf"])
 def test_mlflow_server_rejects_a_timeout_that_is_not_positive(tmp_path, capsys, no_process, timeout):
     err = _rejected(capsys, ["mlflow-server", "--timeout", timeout, "--dir", str(tmp_path / "ms")])
-    assert "timeout must be a number of seconds > 0" in err and f"timeout={float(timeout)!r}" in err
+    assert "timeout (--timeout) must be a number of seconds > 0" in err and f"but got {float(timeout)!r}" in err
     assert not (tmp_path / "ms").exists()
 
 
@@ -66,14 +66,14 @@ def test_cluster_up_rejects_a_dir_that_is_a_file(tmp_path, capsys, no_process, s
 @pytest.mark.parametrize("mb", ["0", "-5", "74"])
 def test_cluster_up_rejects_an_object_store_under_rays_minimum(tmp_path, capsys, no_process, mb):
     err = _rejected(capsys, ["cluster", "up", "--object-store-mb", mb, "--dir", str(tmp_path / "cl")])
-    assert "object_store_mb must be an integer >= 75" in err and f"object_store_mb={mb}" in err
+    assert "object_store_mb (--object-store-mb) must be an integer >= 75" in err and f"but got {mb}" in err
     assert not (tmp_path / "cl").exists()
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1"])
 def test_cluster_up_rejects_a_timeout_that_is_not_positive(tmp_path, capsys, no_process, timeout):
     err = _rejected(capsys, ["cluster", "up", "--timeout", timeout, "--dir", str(tmp_path / "cl")])
-    assert "timeout must be a number of seconds > 0" in err and f"timeout={float(timeout)!r}" in err
+    assert "timeout (--timeout) must be a number of seconds > 0" in err and f"but got {float(timeout)!r}" in err
     assert not (tmp_path / "cl").exists()
 
 
@@ -81,3 +81,10 @@ def test_cluster_without_an_action_is_a_usage_error(capsys):
     assert main(["cluster"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: gmpq cluster") and "needs an action: up, down or status" in err
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "localhost"])
+def test_the_usual_server_hosts_pass_the_host_check(host):
+    from cluster.procs import check_bind_host
+
+    check_bind_host(host)            # no ConfigError: mlflow.yaml serves on 0.0.0.0, the default is 127.0.0.1

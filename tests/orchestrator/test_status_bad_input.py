@@ -98,3 +98,11 @@ def test_a_sweep_refuses_the_folder_of_a_study(tmp_path, capsys, command, study_
     assert "Give --out a new folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([study_file, "mlflow_parent.json"])
     assert (tmp_path / "mlflow_parent.json").read_text() == '{"run_id": "study"}'
+
+
+@pytest.mark.parametrize("address", [None, "auto", "local", " auto ", "ray://head:10001", "10.0.0.5:6379",
+                                     "[::1]:6379"])
+def test_valid_addresses_pass_the_address_check(address):
+    from orchestrator.commands.sweep import check_address_arg
+
+    check_address_arg(address)       # no ConfigError: the check is syntax only, nothing is joined
