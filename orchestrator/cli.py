@@ -15,6 +15,8 @@ import logging
 import pkgutil
 import sys
 import textwrap
+import warnings
+from pathlib import Path
 
 from gmpq_core.errors import GMPQError
 
@@ -56,8 +58,35 @@ def error_paragraph(err: BaseException) -> str:
                          break_long_words=False)
 
 
+_OWN_PACKAGES = ("orchestrator", "gmpq_core", "experiments", "cluster", "search_spaces")
+
+
+def _own_code(filename: str) -> bool:
+    """Whether ``filename`` is one of this project's modules (not a library's)."""
+    root = Path(commands.__file__).resolve().parents[2]
+    try:
+        parts = Path(filename).resolve().relative_to(root).parts
+    except ValueError:
+        return False
+    return len(parts) > 1 and parts[0] in _OWN_PACKAGES
+
+
+_python_formatwarning = warnings.formatwarning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """``warnings.formatwarning`` for the command: the project's own warnings (MLflow unreachable, a weak teacher)
+    as one ``gmpq: warning:`` paragraph, without the file, line and source line Python adds; a library's
+    warnings as Python formats them. (Formatting only: code that records warnings still gets them.)"""
+    if not _own_code(filename):
+        return _python_formatwarning(message, category, filename, lineno, line)
+    return textwrap.fill(str(message), width=100, initial_indent="gmpq: warning: ", break_on_hyphens=False,
+                         break_long_words=False) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    warnings.formatwarning = format_warning
     parser = build_parser(_named_command(argv))
     try:
         args = parser.parse_args(argv)         # a count out of range (common_args.at_least) is a ConfigError

@@ -86,3 +86,22 @@ def test_an_error_paragraph_starts_with_its_prefix_even_before_a_very_long_path(
     text = error_paragraph(ValueError(f"'{path}' must contain a YAML mapping at the top level."))
     assert text.startswith(f"gmpq: error: '{path}'") and text.endswith("top level.")
     assert all(len(line) <= 100 for line in error_paragraph(ValueError("word " * 60)).splitlines())
+
+
+def test_the_projects_own_warnings_print_as_one_gmpq_paragraph():
+    import orchestrator.cli as cli
+    import orchestrator.mlflow_sink as sink
+
+    err = cli.format_warning(RuntimeWarning("MLflow logging disabled: connecting failed"), RuntimeWarning,
+                             sink.__file__, 183)
+    assert err.startswith("gmpq: warning: MLflow logging disabled: connecting failed")
+    assert "RuntimeWarning" not in err and sink.__file__ not in err and err.count("\n") == 1
+
+
+def test_a_librarys_warnings_keep_pythons_format():
+    import numpy
+
+    import orchestrator.cli as cli
+
+    err = cli.format_warning(UserWarning("from a library"), UserWarning, numpy.__file__, 3)
+    assert "UserWarning: from a library" in err and numpy.__file__ in err and not err.startswith("gmpq:")
