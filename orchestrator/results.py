@@ -169,6 +169,21 @@ def write_table(path: str | Path, table: pa.Table) -> Path:
     return atomic_write(path, lambda f: pq.write_table(table, f))
 
 
+_REWRITE_HINTS = {
+    TRIALS_FILE: "'gmpq sweep --resume' rewrites trials.parquet from the finished trials",
+    LAYERS_FILE: "layers.parquet repeats the layers_json column of trials.parquet, which 'gmpq sweep --resume' "
+                 "rewrites from the finished trials",
+    PARETO_FILE: "'gmpq pareto --sweep DIR' writes pareto.parquet again from trials.parquet",
+    FINAL_FILE: "'gmpq finetune --sweep DIR' (or 'gmpq run --resume') writes final.parquet again",
+}
+
+
+def _rewrite_hint(path: Path) -> str:
+    """How to get ``path`` back, for the messages below (by its file name)."""
+    hint = _REWRITE_HINTS.get(path.name)
+    return f" ({hint})" if hint else ""
+
+
 def read_table(path: str | Path, *, columns: Iterable[str] = (), numbers: Iterable[str] = ()) -> pa.Table:
     """Read a Parquet file; a missing, truncated or corrupted file raises CheckpointError naming it, and so does
     one that lacks any of ``columns`` or holds text in any of ``numbers`` it has (another program's table)."""
@@ -180,8 +195,8 @@ def read_table(path: str | Path, *, columns: Iterable[str] = (), numbers: Iterab
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as e:
         raise CheckpointError(f"Parquet file '{path}' cannot be read ({type(e).__name__}: {e}); it is truncated "
-                              "or corrupted: delete it and rerun the stage that writes it (for trials.parquet: "
-                              "'gmpq sweep --resume' rewrites it from the finished trials).") from None
+                              "or corrupted: delete it and rerun the stage that writes it"
+                              f"{_rewrite_hint(path)}.") from None
     return _require(table, path, columns, numbers)
 
 
@@ -201,13 +216,14 @@ def _require(table: pa.Table, path: Path, columns: Iterable[str], numbers: Itera
     missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise CheckpointError(f"'{path}' lacks the columns {missing}; it was not written by gmpq or is from an "
-                              "incompatible version. Move it away and rerun the stage that writes it.")
+                              "incompatible version. Move it away and rerun the stage that writes it"
+                              f"{_rewrite_hint(path)}.")
     wrong = [f"{c} ({table.schema.field(c).type})" for c in numbers if c in table.column_names
              and not _is_number(table.schema.field(c).type) and table.column(c).null_count < len(table)]
     if wrong:
         raise CheckpointError(f"'{path}' has non-numeric values in the numeric column(s) {', '.join(wrong)}; it was "
                               "not written by gmpq or was edited since. Move it away and rerun the stage that writes "
-                              "it (for trials.parquet: 'gmpq sweep --resume' rewrites it from the finished trials).")
+                              f"it{_rewrite_hint(path)}.")
     return table
 
 

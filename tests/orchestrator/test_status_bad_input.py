@@ -106,3 +106,16 @@ def test_valid_addresses_pass_the_address_check(address):
     from orchestrator.commands.sweep import check_address_arg
 
     check_address_arg(address)       # no ConfigError: the check is syntax only, nothing is joined
+
+
+@pytest.mark.parametrize("name, hint", [("trials.parquet", "'gmpq sweep --resume' rewrites trials.parquet"),
+                                        ("layers.parquet", "repeats the layers_json column of trials.parquet"),
+                                        ("pareto.parquet", "'gmpq pareto --sweep DIR' writes pareto.parquet again"),
+                                        ("final.parquet", "'gmpq finetune --sweep DIR'")])
+def test_a_damaged_table_gets_the_hint_for_that_table(tmp_path, name, hint):
+    from orchestrator.results import read_table
+
+    (tmp_path / name).write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(CheckpointError, match="truncated or corrupted") as err:
+        read_table(tmp_path / name)
+    assert hint in str(err.value)
