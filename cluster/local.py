@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -289,6 +290,9 @@ def stop_local_cluster(state_dir: str | os.PathLike | None = None, *, grace_s: f
     nothing is recorded. The state file is removed once no recorded process is left, and Ray's
     temp dir (session logs) too unless ``keep_temp``.
     """
+    if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not 0 <= grace_s < math.inf:
+        raise ConfigError(f"grace (--grace) must be a number of seconds >= 0 between SIGTERM and SIGKILL, but got "
+                          f"{grace_s!r}; the default is 5.")
     state = Path(state_dir or DEFAULT_STATE_DIR).absolute()
     cluster = load_cluster_state(state)
     if cluster is None:

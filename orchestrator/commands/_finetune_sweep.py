@@ -103,8 +103,10 @@ def check_tracking_uri_arg(uri: str | None) -> None:
 
 def run_sweep_finetune(args: argparse.Namespace) -> int:
     from . import quiet_libraries
+    from .sweep import check_address_arg
 
     check_tracking_uri_arg(getattr(args, "tracking_uri", None))
+    check_address_arg(getattr(args, "address", None))
     quiet_libraries(getattr(args, "verbose", False))
     sweep_dir = Path(args.sweep).expanduser().resolve()
     final = finetune_stage(sweep_dir, args,

@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
     from gmpq_core.errors import ConfigError
     from gmpq_core.fileio import atomic_write_json, read_json
     from orchestrator.study import plot_study, write_results_md
+    from orchestrator.commands.sweep import check_address_arg
 
     gen, ray_run = _experiments()
     logging.getLogger("experiments").setLevel(logging.INFO)
@@ -118,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
     out = out or Path("runs") / cfg.name
     # every input checked before the study runs: a bad one is an error now, not a traceback after hours
     ray_run.check_tracking_uri(cfg.tracking_uri)
+    check_address_arg(args.address)
     if not args.analyze_only:
         ray_run.check_study_dir(out)
     notes = _read_notes(args.notes)

@@ -88,3 +88,10 @@ def test_the_usual_server_hosts_pass_the_host_check(host):
     from cluster.procs import check_bind_host
 
     check_bind_host(host)            # no ConfigError: mlflow.yaml serves on 0.0.0.0, the default is 127.0.0.1
+
+
+@pytest.mark.parametrize("grace", ["-1", "nan", "inf"])
+def test_cluster_down_rejects_a_grace_that_is_not_a_duration(tmp_path, capsys, grace):
+    rc = main(["cluster", "down", "--dir", str(tmp_path / "none"), "--grace", grace])
+    err = capsys.readouterr().err
+    assert rc == 2 and "grace (--grace) must be a number of seconds >= 0" in err

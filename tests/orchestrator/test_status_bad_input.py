@@ -119,3 +119,10 @@ def test_a_damaged_table_gets_the_hint_for_that_table(tmp_path, name, hint):
     with pytest.raises(CheckpointError, match="truncated or corrupted") as err:
         read_table(tmp_path / name)
     assert hint in str(err.value)
+
+
+@pytest.mark.parametrize("argv", [["finetune", "--sweep", "SWEEP"], ["study", "--smoke", "--out", "SWEEP"]])
+def test_finetune_and_study_reject_an_empty_address_too(tmp_path, capsys, argv):
+    rc = main([a.replace("SWEEP", str(tmp_path / "s")) for a in argv] + ["--address", ""])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--address '' is empty" in err and not (tmp_path / "s").exists()
