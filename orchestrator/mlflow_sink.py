@@ -140,8 +140,9 @@ class MLflowSink:
 
     def goes_on(self) -> str:
         """What the warning says happens without MLflow (a study's sink words it for a study)."""
-        return (f"The sweep goes on; its results are complete in {self.sweep_dir / TRIALS_FILE}. Once the server is "
-                f"back, 'gmpq sync-mlflow --sweep {self.sweep_dir}' uploads what is missing.")
+        return (f"Work goes on without it; the sweep's results are complete in its Parquet tables "
+                f"({self.sweep_dir / TRIALS_FILE}, ...). Once the server is back, 'gmpq sync-mlflow --sweep "
+                f"{self.sweep_dir}' uploads what is missing.")
 
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view)."""

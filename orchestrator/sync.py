@@ -231,7 +231,7 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> Sy
         warnings.simplefilter("always")
         connected = sink.connect()
         if not connected:
-            why = "; ".join(str(w.message).split(". The sweep goes on")[0] for w in caught) or "unreachable"
+            why = "; ".join(str(w.message).replace(f". {sink.goes_on()}", "") for w in caught) or "unreachable"
             raise SyncError(f"Cannot sync '{sweep_dir}' to MLflow: {why}. Start the tracking server (e.g. 'gmpq "
                             "mlflow-server --dir DIR --port P --detach') or pass the right --tracking-uri, then rerun "
                             "'gmpq sync-mlflow'; nothing was changed that a rerun does not finish.")
