@@ -111,6 +111,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.pt"))[:5]
+        raise CheckpointError(f"'{path}' is a folder, not a checkpoint file: give the .pt file itself"
+                              f"{' (it holds ' + ', '.join(found) + ')' if found else ''}.")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: '{path}'. Check the path or rerun the stage that writes it.")
     try:

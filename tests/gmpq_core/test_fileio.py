@@ -39,3 +39,15 @@ def test_without_proc_the_umask_is_read_once_and_remembered(tmp_path, monkeypatc
         assert fileio._umask() == 0o027                                  # remembered (no set-and-restore race)
     finally:
         os.umask(before)
+
+
+def test_a_folder_given_as_a_checkpoint_is_named_with_its_pt_files(tmp_path):
+    from gmpq_core.errors import CheckpointError
+    from gmpq_core.fileio import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "fp.pt", {"state_dict": {}})
+    folder = r"is a folder, not a checkpoint file: give the \.pt file itself \(it holds fp\.pt\)"
+    with pytest.raises(CheckpointError, match=folder):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="Checkpoint not found"):
+        load_checkpoint(tmp_path / "missing.pt")
