@@ -12,6 +12,7 @@ A trial that started, has no row, and whose driver is gone was stopped midway (C
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -28,6 +29,9 @@ from .results import (FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_r
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
 __all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status"]
+
+log = logging.getLogger(__name__)
+_CUT_LINES_OK = 3    # trial_events.jsonl lines a crash may leave cut (a driver and its trials append to it)
 
 DRIVER_FILE = "driver.json"
 RUNNING, STOPPED = "running", "stopped"   # a started trial with no row: its driver is alive / gone
@@ -133,14 +137,19 @@ def _events(sweep_dir: Path) -> list[dict]:
     path = sweep_dir / TRIAL_EVENTS
     if not path.is_file():
         return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
+    out, bad = [], []
+    lines = path.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
         try:
             e = json.loads(line)
-        except ValueError:      # a line cut by a crash: skip it
+        except ValueError:
+            bad.append(i)
             continue
         if isinstance(e, dict) and e.get("trial_id"):
             out.append(e)
+    if len(bad) > _CUT_LINES_OK:            # more than crashes cut (one line per writing process): damaged
+        log.warning("%s: %d of %d lines are not JSON events and were skipped; trials that only they mention are "
+                    "missing from this status (trials.parquet is unaffected)", path, len(bad), len(lines))
     return out
 
 

@@ -126,3 +126,16 @@ def test_finetune_and_study_reject_an_empty_address_too(tmp_path, capsys, argv):
     rc = main([a.replace("SWEEP", str(tmp_path / "s")) for a in argv] + ["--address", ""])
     err = capsys.readouterr().err
     assert rc == 2 and "--address '' is empty" in err and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("garbage_lines, warned", [(1, False), (3, False), (8, True)])
+def test_a_damaged_events_file_is_named_not_silently_skipped(tmp_path, caplog, garbage_lines, warned):
+    import json
+
+    from orchestrator.sweep_status import _events
+
+    good = [json.dumps({"event": "start", "trial_id": f"t{i}"}) for i in range(4)]
+    (tmp_path / "trial_events.jsonl").write_text("\n".join(good + ["{cut"] * garbage_lines) + "\n")
+    with caplog.at_level("WARNING", logger="orchestrator.sweep_status"):
+        assert [e["trial_id"] for e in _events(tmp_path)] == ["t0", "t1", "t2", "t3"]
+    assert ("are not JSON events" in caplog.text) == warned      # a crash's cut lines are expected, not damage
