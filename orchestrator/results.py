@@ -277,7 +277,10 @@ def load_resolved_config(sweep_dir: str | Path, *, missing_ok: bool = True, foll
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise CheckpointError(f"'{path}' is not valid YAML ({e}); restore it or rerun the sweep.") from None
+        from search_spaces.presets import yaml_problem
+
+        raise CheckpointError(f"'{path}' is not valid YAML{yaml_problem(e)}; restore it or rerun the "
+                              "sweep.") from None
     if not isinstance(data, dict):
         return {}
     if not follow_moves:

@@ -15,7 +15,7 @@ import yaml
 
 from gmpq_core.errors import ConfigError
 
-__all__ = ["PRESET_DIR", "list_presets", "load_preset", "preset_path", "load_yaml", "parse_yaml"]
+__all__ = ["PRESET_DIR", "list_presets", "load_preset", "preset_path", "load_yaml", "parse_yaml", "yaml_problem"]
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -34,16 +34,20 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line, to follow "is not valid YAML": `` at line L, column C: problem`` or ``: problem``
+    (PyYAML's own text spans several lines, with carets)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ": "
+    return where + " ".join(str(getattr(err, "problem", None) or err).split())
+
+
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML text; a syntax error becomes ConfigError naming ``source``, line and column."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"'{source}' is not valid YAML{where}: {e.problem or e}. Fix the syntax there.") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"'{source}' is not valid YAML: {e}.") from None
+        raise ConfigError(f"'{source}' is not valid YAML{yaml_problem(e)}. Fix the syntax there.") from None
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -139,3 +139,10 @@ def test_a_damaged_events_file_is_named_not_silently_skipped(tmp_path, caplog, g
     with caplog.at_level("WARNING", logger="orchestrator.sweep_status"):
         assert [e["trial_id"] for e in _events(tmp_path)] == ["t0", "t1", "t2", "t3"]
     assert ("are not JSON events" in caplog.text) == warned      # a crash's cut lines are expected, not damage
+
+
+def test_a_damaged_sweep_config_is_named_on_one_line(tmp_path, capsys):
+    (tmp_path / "sweep_config.yaml").write_text("name: demo\nspace: [1, 2\n")
+    rc = main(["status", "--sweep", str(tmp_path)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "sweep_config.yaml' is not valid YAML at line 3, column 1: expected" in err and "^" not in err
