@@ -32,8 +32,8 @@ from pathlib import Path
 from gmpq_core.fileio import atomic_write_json
 
 from .errors import ClusterError, ConfigError
-from .procs import (ProcessGroup, check_timeout, free_port, group_alive, group_members, make_state_dir, start_time_of,
-                    stop_groups)
+from .procs import (ProcessGroup, check_timeout, free_port, group_alive, group_members, make_state_dir,
+                    record_problem, start_time_of, stop_groups)
 
 __all__ = ["DEFAULT_STATE_DIR", "MIN_OBJECT_STORE_MB", "LocalNode", "LocalCluster", "start_local_cluster",
            "stop_local_cluster", "load_cluster_state", "node_status", "kill_node", "STATE_FILE"]
@@ -198,8 +198,8 @@ def load_cluster_state(state_dir: str | os.PathLike | None = None) -> LocalClust
     try:
         return LocalCluster.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ClusterError(f"cluster state file '{path}' is unreadable ({e}); if no cluster of it runs, "
-                           "delete the file.") from None
+        raise ClusterError(f"cluster state file '{path}' is unreadable ({record_problem(e)}); if no cluster of it "
+                           "runs, delete the file.") from None
 
 
 def node_status(cluster: LocalCluster) -> dict[str, bool]:

@@ -28,7 +28,7 @@ from gmpq_core.fileio import atomic_write_json
 
 from .errors import ClusterError, ConfigError
 from .procs import (ProcessGroup, check_bind_host, check_timeout, free_port, group_alive, group_members, make_state_dir,
-                    port_in_use, start_time_of, stop_groups)
+                    port_in_use, record_problem, start_time_of, stop_groups)
 
 __all__ = ["MlflowServer", "start_mlflow_server", "stop_mlflow_server", "server_answers",
            "wait_until_ready", "load_server_record", "running_mlflow_server", "RECORD_FILE"]
@@ -115,7 +115,8 @@ def load_server_record(dir: str | os.PathLike) -> MlflowServer | None:
     try:
         return MlflowServer.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ClusterError(f"'{path}' is unreadable ({e}); delete it if no server of it runs.") from None
+        raise ClusterError(f"'{path}' is unreadable ({record_problem(e)}); delete it if no server of it "
+                           "runs.") from None
 
 
 def start_mlflow_server(*, dir: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None,

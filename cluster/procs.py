@@ -24,8 +24,8 @@ from pathlib import Path
 
 from .errors import ConfigError
 
-__all__ = ["ProcessGroup", "check_bind_host", "check_timeout", "make_state_dir", "free_port", "port_in_use",
-           "group_members", "group_alive", "stop_groups", "start_time_of"]
+__all__ = ["ProcessGroup", "check_bind_host", "check_timeout", "make_state_dir", "record_problem", "free_port",
+           "port_in_use", "group_members", "group_alive", "stop_groups", "start_time_of"]
 
 log = logging.getLogger(__name__)
 _PROC = Path("/proc")
@@ -89,6 +89,13 @@ def make_state_dir(path: Path, holds: str) -> Path:
         raise ConfigError(f"--dir '{path}': cannot create the folder ({e.strerror or e}); give a folder you can "
                           "write to.") from None
     return path
+
+
+def record_problem(err: Exception) -> str:
+    """Why a JSON record file could not be read, in words (a KeyError alone prints as just the key)."""
+    if isinstance(err, KeyError):
+        return f"it lacks the key {err.args[0]!r}"
+    return f"{type(err).__name__}: {err}"
 
 
 def _family(host: str) -> int:

@@ -95,3 +95,12 @@ def test_cluster_down_rejects_a_grace_that_is_not_a_duration(tmp_path, capsys, g
     rc = main(["cluster", "down", "--dir", str(tmp_path / "none"), "--grace", grace])
     err = capsys.readouterr().err
     assert rc == 2 and "grace (--grace) must be a number of seconds >= 0" in err
+
+
+@pytest.mark.parametrize("command, record", [(["mlflow-server", "--stop"], "mlflow_server.json"),
+                                             (["cluster", "status"], "cluster.json")])
+def test_a_record_missing_a_key_says_which(tmp_path, capsys, command, record):
+    (tmp_path / record).write_text('{"name": "x"}')
+    rc = main([*command, "--dir", str(tmp_path)])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "is unreadable (it lacks the key" in err
