@@ -137,19 +137,19 @@ def _events(sweep_dir: Path) -> list[dict]:
     path = sweep_dir / TRIAL_EVENTS
     if not path.is_file():
         return []
-    out, bad = [], []
+    out, bad = [], 0
     lines = path.read_text(errors="replace").splitlines()
-    for i, line in enumerate(lines):
+    for line in lines:
         try:
             e = json.loads(line)
         except ValueError:
-            bad.append(i)
+            bad += 1
             continue
         if isinstance(e, dict) and e.get("trial_id"):
             out.append(e)
-    if len(bad) > _CUT_LINES_OK:            # more than crashes cut (one line per writing process): damaged
+    if bad > _CUT_LINES_OK:                 # more than crashes cut (one line per writing process): damaged
         log.warning("%s: %d of %d lines are not JSON events and were skipped; trials that only they mention are "
-                    "missing from this status (trials.parquet is unaffected)", path, len(bad), len(lines))
+                    "missing from this status (trials.parquet is unaffected)", path, bad, len(lines))
     return out
 
 
