@@ -21,7 +21,7 @@ from gmpq_core.data.registry import MAX_IMAGE_SIZE, check_image_size
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import check_writable_dir
 from gmpq_core.models import build_model, list_models
-from orchestrator.commands import add_precision_arg, at_least
+from orchestrator.commands import add_precision_arg, at_least, refuse_empty
 from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
 from gmpq_core.train import seeded
 
@@ -117,9 +117,7 @@ def check_input_size_arg(value: Any, flag: str = "--input-size") -> int:
 def check_out_arg(out: str, *, flag: str = "--out") -> Path:
     """The ``--out`` folder as an absolute path, checked before any work: an empty value (an unset shell
     variable?) or a path that is, or lies under, a file is a ConfigError."""
-    if not str(out).strip():
-        raise ConfigError(f"{flag} {out!r} is empty (an unset shell variable?); give the output folder, or drop "
-                          f"{flag} to use the default.")
+    refuse_empty(flag, out, f"give the output folder, or drop {flag} to use the default.")
     return check_writable_dir(out, hint=f"pass {flag} a folder you can write")
 
 

@@ -15,6 +15,12 @@ def help_text(doc: str | None) -> str:
     return (doc or "").replace("``", "")
 
 
+def refuse_empty(flag: str, value: str | None, fix: str) -> None:
+    """ConfigError when ``flag`` was given an empty value (``--out "$DIR"`` with DIR unset), naming it, then ``fix``."""
+    if value is not None and not str(value).strip():
+        raise ConfigError(f"{flag} {value!r} is empty (an unset shell variable?); {fix}")
+
+
 def at_least(minimum: int) -> type[argparse.Action]:
     """An argparse action for an integer option of at least ``minimum`` (use with ``type=int``, or
     ``type=int_or_auto``): a smaller value is a ConfigError naming the flag and the value (one paragraph,

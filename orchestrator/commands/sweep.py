@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries
+from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries, refuse_empty
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
@@ -61,12 +61,9 @@ def check_address_arg(address: str | None) -> None:
     an empty one (``--address "$ADDR"`` with ADDR unset) would otherwise run a local sweep without a word."""
     if address is None:
         return
-    from gmpq_core.errors import ConfigError
-
-    if not address.strip():
-        raise ConfigError(f"--address {address!r} is empty (an unset shell variable?); give the cluster's HOST:PORT, "
-                          "'auto' (the cluster 'gmpq cluster up' started, or $RAY_ADDRESS), ray://HOST:10001, or "
-                          "'local' (or leave --address out) to run on this machine alone.")
+    refuse_empty("--address", address, "give the cluster's HOST:PORT, 'auto' (the cluster 'gmpq cluster up' started, "
+                 "or $RAY_ADDRESS), ray://HOST:10001, or 'local' (or leave --address out) to run on this machine "
+                 "alone.")
     from cluster.connect import resolve_address
 
     resolve_address(address)
