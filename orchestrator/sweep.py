@@ -13,6 +13,8 @@ local CPU sweep, the tail's thread sharing (``tail_threads``) -> summary (queued
 
 ``resume=True`` restores the Tune experiment (``Tuner.restore``): finished trials are not rerun,
 interrupted and errored ones are rerun from scratch, and the sampler keeps its Optuna study.
+``resume="auto"`` (``resolve_resume``) restores it when the folder holds it, else starts the sweep, as
+``tune.run(resume="AUTO")`` did: a batch job retried with the same command continues.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ from .trainable import make_trainable, trial_device, trial_number
 from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "check_not_a_study",
-           "SweepOptunaSearch", "SweepProgress", "OBJECTIVES"]
+           "SweepOptunaSearch", "SweepProgress", "OBJECTIVES", "RESUME_AUTO", "holds_sweep_state", "resolve_resume",
+           "resume_choice_text"]
 
 log = logging.getLogger(__name__)
 
@@ -322,6 +325,57 @@ def check_not_a_study(sweep_dir: str | Path) -> None:
                           f"'gmpq study --out {path}').")
 
 
+RESUME_AUTO = "auto"      # run_sweep(resume=...), --resume auto: resume when there is a sweep, else start one
+
+
+def holds_sweep_state(cfg: SweepConfig) -> bool:
+    """Whether the Tune experiment state of ``cfg``'s sweep (``experiment_path``) exists: what a resume restores."""
+    return _holds_state(experiment_path(cfg))
+
+
+def _holds_state(exp: str) -> bool:
+    return ("://" in exp or Path(exp).exists()) and tune.Tuner.can_restore(exp)
+
+
+def resolve_resume(cfg: SweepConfig, resume: bool | str) -> bool:
+    """``run_sweep``'s ``resume`` as a bool: True and False as given; ``"auto"``: whether ``cfg``'s folder holds
+    this sweep's Tune state (``holds_sweep_state``). ConfigError when ``"auto"`` finds neither this sweep's state
+    nor a fresh folder: another sweep's saved config, or this sweep's results with no Tune state to resume (a
+    new sweep would mix its trials into them)."""
+    if isinstance(resume, bool):
+        return resume
+    if resume != RESUME_AUTO:
+        raise ConfigError(f"resume must be True, False or {RESUME_AUTO!r}, but got resume={resume!r}.")
+    from .results import load_resolved_config
+
+    check_not_a_study(cfg.sweep_dir)     # named as such, not as "no sweep to resume"
+    exp = experiment_path(cfg)
+    try:
+        if _holds_state(exp):
+            return True
+    except ValueError:                   # a storage URI pyarrow cannot read (ftp://): check_sweep_config names it
+        return False
+    sweep_dir = cfg.sweep_dir
+    other = load_resolved_config(sweep_dir).get("name")
+    if other is not None and other != cfg.name:
+        raise ConfigError(f"--resume auto found the sweep '{other}' in '{sweep_dir}' (sweep_config.yaml), not "
+                          f"'{cfg.name}': it neither resumes another sweep nor starts a second one beside it. "
+                          f"Continue '{other}' with --out {sweep_dir} --resume auto and its config (or no --config), "
+                          "or give --out a new folder.")
+    if (sweep_dir / "trials.parquet").exists():
+        raise ConfigError(f"--resume auto found results of the sweep '{cfg.name}' in '{sweep_dir}' (trials.parquet) "
+                          f"but no Tune experiment state to resume at '{exp}' (another --storage "
+                          "than the sweep's, or ray_results/ deleted?); a new sweep would mix its trials into them. "
+                          "Give the sweep's own --storage, or give --out a new folder.")
+    return False
+
+
+def resume_choice_text(cfg: SweepConfig, resumed: bool) -> str:
+    """What ``--resume auto`` chose, in words."""
+    return (f"resuming the sweep in {cfg.sweep_dir}" if resumed
+            else f"no sweep to resume in {cfg.sweep_dir}: starting one")
+
+
 def _check_moved_resume(cfg: SweepConfig) -> None:
     """Through Ray Client (``ray://``) Tune restores a sweep on the cluster, out of reach of
     ``optuna_storage_now``: a sweep folder moved since it was written cannot resume that way."""
@@ -367,10 +421,12 @@ def _summary_rows(grid: Any, book: TrialStatusBook) -> list[dict]:
     return rows
 
 
-def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
+def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
               prep_threads: int | None = None) -> SweepSummary:
     """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
 
+    ``resume``: False starts the sweep (ConfigError if the folder holds it already), True continues it
+    (ConfigError if there is nothing to resume), ``"auto"`` does whichever fits (``resolve_resume``).
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
     """
     t0, started_at = time.perf_counter(), datetime.now()
@@ -378,6 +434,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
         from cluster.connect import resolve_address
         resolve_address(cfg.address)           # checks the syntax only; joining comes later (ray_env)
     check_not_a_study(cfg.sweep_dir)
+    say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    if not isinstance(resume, bool):
+        resume = resolve_resume(cfg, resume)   # "auto": then the checks of the one it chose
+        say(resume_choice_text(cfg, resume))
     if resume and cfg.cache_dir is None:
         cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
     if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
@@ -390,17 +450,17 @@ def run_sweep(cfg: SweepConfig, *, resume: bool = False, progress: bool = True,
     read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
     read_layers(sweep_dir, missing_ok=True)
     exp = experiment_path(cfg)
-    say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
 
     if resume:
         _check_same_config(cfg)
         _check_moved_resume(cfg)
     if resume and not tune.Tuner.can_restore(exp):
         raise ConfigError(f"Nothing to resume: no Tune experiment state in '{exp}'. Run the sweep without "
-                          "--resume first (same --out and --name).")
-    if not resume and ("://" in exp or Path(exp).exists()) and tune.Tuner.can_restore(exp):
-        raise ConfigError(f"The sweep folder already holds a sweep at '{exp}'. Continue it with --resume, or pick "
-                          "another --out.")
+                          "--resume first (same --out and --name), or with --resume auto, which starts it when "
+                          "there is nothing to resume.")
+    if not resume and holds_sweep_state(cfg):
+        raise ConfigError(f"The sweep folder already holds a sweep at '{exp}'. Continue it with --resume (or "
+                          "--resume auto, which also starts a sweep where there is none), or pick another --out.")
     from .results import load_resolved_config
     other = load_resolved_config(sweep_dir).get("name") if not resume else None
     if other is not None and other != cfg.name and (sweep_dir / "trials.parquet").exists():

@@ -7,8 +7,9 @@ Same sweep flags as ``gmpq sweep`` (they override the preset / config file) plus
 stage's ``--top-k``, ``--workers``, ``--finetune-epochs``, ``--finetune-max-concurrent`` (the selected
 policies fine-tune side by side as far as the cluster holds ``--workers`` each). ``--resume`` continues every stage of an
 interrupted run in the same folder (finished trials and fine-tune epochs are not redone); ``gmpq run --out
-DIR --resume`` alone reads the folder's saved config. An interrupted sweep stage stops the run there
-(exit 130) with that command. Ends with
+DIR --resume`` alone reads the folder's saved config. ``--resume auto`` continues the run when the folder
+holds its sweep, else starts it (a batch job retried with the same command: cluster/kuberay/rayjob.yaml).
+An interrupted sweep stage stops the run there (exit 130) with that command. Ends with
 the final Pareto table, the plot paths and the command that opens the results in MLflow.
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
-    from orchestrator.commands.sweep import config_from_args, format_summary
+    from orchestrator.commands.sweep import choose_resume, config_from_args, format_summary
     from orchestrator.ray_env import ray_session
 
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
@@ -47,13 +48,14 @@ def run(args: argparse.Namespace) -> int:
     resolved = cfg.resolved()
     sweep_dir = Path(resolved.out_dir)
     check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
+    resume = choose_resume(cfg, args.resume, _say)        # --resume auto: resume or start, said before Ray starts
     with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
         from orchestrator.final_stage import check_final_workers
 
         if resolved.finetune.workers != "auto":           # 'auto' fits whatever the cluster has
             check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
         _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
-        summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
+        summary = run_sweep(cfg, resume=resume, progress=not args.quiet)   # the later stages resume on their own
         print(format_summary(summary, command="gmpq run"), flush=True)
         if summary.interrupted:                          # no Pareto front of half a sweep
             return 130

@@ -3,6 +3,8 @@
     gmpq sweep --preset demo --n-trials 4 --epochs 1 --out runs/demo
     gmpq sweep --config my_sweep.yaml --name try2
     gmpq sweep --out runs/demo --resume        (continues from runs/demo/sweep_config.yaml)
+    gmpq sweep --preset demo --out runs/demo --resume auto   (continues it if there is one, else starts it:
+                                                             a batch job retried with the same command)
 
 Flags override the preset / config file; the resolved config is saved as DIR/sweep_config.yaml.
 """
@@ -16,7 +18,20 @@ from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libr
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
-           "format_summary", "run", "quiet_libraries"]
+           "choose_resume", "format_summary", "run", "quiet_libraries"]
+
+
+class ResumeArg(argparse.Action):
+    """``--resume`` alone: True (continue the sweep; there must be one); ``--resume auto``: "auto" (continue it
+    when the folder holds it, else start it). Any other value is a ConfigError naming it."""
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        if values is not True and str(values).strip().lower() != "auto":
+            from gmpq_core.errors import ConfigError
+            raise ConfigError(f"{option_string} takes no value (continue the sweep in --out; there must be one) or "
+                              f"'auto' (continue it when the folder holds it, else start it), but got "
+                              f"{option_string} {values!r}. Give the sweep folder with --out, not after "
+                              f"{option_string}.")
+        setattr(namespace, self.dest, values if values is True else "auto")
 
 
 def add_sweep_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +48,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="DIR", help="sweep folder (default runs/<name>)")
     p.add_argument("--name", default=None, help="sweep name (Tune experiment, Optuna study, MLflow experiment)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler, data slices and teachers")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep in the same folder")
+    p.add_argument("--resume", nargs="?", const=True, default=False, action=ResumeArg, metavar="auto",
+                   help="continue an interrupted sweep in the same folder; with 'auto': continue it when the folder "
+                        "holds it, else start it (a batch job retried with the same command)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help="MLflow tracking URI (default sqlite:///<DIR>/mlflow.db; http://host:5000 for a server)")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
@@ -71,18 +88,25 @@ def check_address_arg(address: str | None) -> None:
 
 def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] | None = None) -> Any:
     """SweepConfig from --config/--preset and the override flags (ConfigError -> exit 2). With --resume
-    and neither --config nor --preset, the sweep folder's saved ``sweep_config.yaml``."""
+    (or --resume auto) and neither --config nor --preset, the sweep folder's saved ``sweep_config.yaml``."""
     from pathlib import Path
 
     from orchestrator.sweep_config import load_sweep_config
 
     check_address_arg(args.address)
     path = args.config
-    if getattr(args, "resume", False) and path is None and args.preset is None and (args.out or args.name):
+    resume = getattr(args, "resume", False)
+    if resume and path is None and args.preset is None and (args.out or args.name):
         path = Path(args.out or Path("runs") / args.name) / "sweep_config.yaml"   # resume from the saved config
         if not path.exists():
             from gmpq_core.errors import ConfigError
-            raise ConfigError(f"Nothing to resume: '{path}' does not exist. Check --out (the sweep folder).")
+            if resume == "auto":
+                raise ConfigError(f"--resume auto starts a sweep when the folder holds none, but there is no "
+                                  f"config to start it from: no --config or --preset, and '{path}' (the config a "
+                                  "sweep saves) does not exist. Give the sweep's --config FILE (or --preset NAME) "
+                                  "with --resume auto, or check --out (the sweep folder).")
+            raise ConfigError(f"Nothing to resume: '{path}' does not exist. Check --out (the sweep folder), or use "
+                              "--resume auto with --config or --preset to start the sweep when there is none.")
     overrides = {**overrides_from_args(args), **(extra_overrides or {})}
     return load_sweep_config(path, preset=args.preset, overrides=overrides)
 
@@ -113,11 +137,30 @@ def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
             f"kept. Continue with: {command} --out {summary.sweep_dir} --resume")
 
 
+def choose_resume(cfg: Any, resume: bool | str, say: Any) -> bool:
+    """``--resume`` as ``run_sweep`` takes it: as given, or for ``--resume auto`` whether the sweep folder holds
+    this sweep (``sweep.resolve_resume``), said with ``say`` (also under --quiet: a retried job's log shows it)."""
+    if resume != "auto":
+        return bool(resume)
+    from orchestrator.sweep import resolve_resume, resume_choice_text
+
+    chosen = resolve_resume(cfg, resume)
+    say(resume_choice_text(cfg, chosen))
+    return chosen
+
+
+def _say(msg: str) -> None:
+    import sys
+
+    print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
     from orchestrator.sweep import run_sweep
-    summary = run_sweep(cfg, resume=args.resume, progress=not args.quiet)
+    resume = choose_resume(cfg, args.resume, _say)
+    summary = run_sweep(cfg, resume=resume, progress=not args.quiet)
     print(format_summary(summary, cfg.resolved().tracking_uri))
     if summary.interrupted:
         return 130
