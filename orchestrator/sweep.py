@@ -23,7 +23,6 @@ import logging
 import os
 import sys
 import time
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -36,7 +35,6 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.precision import resolve_precision
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
@@ -44,9 +42,11 @@ from .results import has_ended
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
+from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config, _saved_cache_dir,
+                           check_not_a_study, experiment_path, holds_sweep_state, resolve_resume, resume_choice_text)
 from .sweep_status import driver_marker
 from .tail_threads import TailThreads
-from .trainable import make_trainable, trial_device, trial_number
+from .trainable import make_trainable, trial_number
 from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "check_not_a_study",
@@ -79,17 +79,6 @@ class SweepSummary:
     def interrupted(self) -> bool:
         """Whether the sweep stopped before all its trials ended (Ctrl-C, a stopped driver)."""
         return self.n_unfinished > 0 or (self.n_planned is not None and self.n_trials < self.n_planned)
-
-
-def experiment_path(cfg: SweepConfig) -> str:
-    """The Tune experiment folder (<storage_path>/<name>), as text: a URI storage (``s3://bucket/x``) keeps its
-    ``//`` (a ``Path`` would make it ``s3:/bucket/x``, which Tune cannot restore)."""
-    r = cfg.resolved()
-    storage = str(r.storage_path)
-    if "://" not in storage:
-        return str(Path(storage) / r.name)
-    parts = urllib.parse.urlsplit(storage)           # s3://bucket/x?endpoint_override=...: the name joins the path
-    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{r.name}"))
 
 
 @contextlib.contextmanager
@@ -297,115 +286,6 @@ def _preflight(cfg: SweepConfig) -> None:
                           shared_paths={"out_dir": cfg.out_dir, "cache_dir": cfg.cache_dir})
     for warning in pre.warnings:
         log.warning("%s", warning)
-
-
-def _saved_cache_dir(cfg: SweepConfig) -> str | None:
-    """The cache folder saved with the sweep in ``cfg``'s folder (None when there is none)."""
-    from .sweep_config import load_sweep_config
-
-    from .moved_sweep import usable_cache_dir
-
-    saved_path = cfg.sweep_dir / "sweep_config.yaml"
-    saved = load_sweep_config(saved_path).cache_dir if saved_path.exists() else None
-    return usable_cache_dir(saved, address=cfg.address, say=lambda msg: log.warning("%s", msg))
-
-
-STUDY_FILES = ("study_config.yaml", "study.parquet")   # what `gmpq study` writes (experiments.generalization_ray)
-
-
-def check_not_a_study(sweep_dir: str | Path) -> None:
-    """ConfigError if ``sweep_dir`` holds a study of ``gmpq study``: a sweep there would take over its MLflow
-    parent run (``mlflow_parent.json``) and mix its trials into the study's folder."""
-    path = Path(sweep_dir).expanduser().absolute()
-    found = [f for f in STUDY_FILES if (path / f).is_file()]
-    if found:
-        raise ConfigError(f"The folder '{path}' holds the results of a study of 'gmpq study' ({', '.join(found)}); "
-                          "a sweep there would take over its MLflow parent run (mlflow_parent.json) and mix its "
-                          "trials into the study's folder. Give --out a new folder (continue the study with "
-                          f"'gmpq study --out {path}').")
-
-
-RESUME_AUTO = "auto"      # run_sweep(resume=...), --resume auto: resume when there is a sweep, else start one
-
-
-def holds_sweep_state(cfg: SweepConfig) -> bool:
-    """Whether the Tune experiment state of ``cfg``'s sweep (``experiment_path``) exists: what a resume restores."""
-    return _holds_state(experiment_path(cfg))
-
-
-def _holds_state(exp: str) -> bool:
-    return ("://" in exp or Path(exp).exists()) and tune.Tuner.can_restore(exp)
-
-
-def resolve_resume(cfg: SweepConfig, resume: bool | str) -> bool:
-    """``run_sweep``'s ``resume`` as a bool: True and False as given; ``"auto"``: whether ``cfg``'s folder holds
-    this sweep's Tune state (``holds_sweep_state``). ConfigError when ``"auto"`` finds neither this sweep's state
-    nor a fresh folder: another sweep's saved config, or this sweep's results with no Tune state to resume (a
-    new sweep would mix its trials into them)."""
-    if isinstance(resume, bool):
-        return resume
-    if resume != RESUME_AUTO:
-        raise ConfigError(f"resume must be True, False or {RESUME_AUTO!r}, but got resume={resume!r}.")
-    from .results import load_resolved_config
-
-    check_not_a_study(cfg.sweep_dir)     # named as such, not as "no sweep to resume"
-    exp = experiment_path(cfg)
-    try:
-        if _holds_state(exp):
-            return True
-    except ValueError:                   # a storage URI pyarrow cannot read (ftp://): check_sweep_config names it
-        return False
-    sweep_dir = cfg.sweep_dir
-    other = load_resolved_config(sweep_dir).get("name")
-    if other is not None and other != cfg.name:
-        raise ConfigError(f"--resume auto found the sweep '{other}' in '{sweep_dir}' (sweep_config.yaml), not "
-                          f"'{cfg.name}': it neither resumes another sweep nor starts a second one beside it. "
-                          f"Continue '{other}' with --out {sweep_dir} --resume auto and its config (or no --config), "
-                          "or give --out a new folder.")
-    if (sweep_dir / "trials.parquet").exists():
-        raise ConfigError(f"--resume auto found results of the sweep '{cfg.name}' in '{sweep_dir}' (trials.parquet) "
-                          f"but no Tune experiment state to resume at '{exp}' (another --storage "
-                          "than the sweep's, or ray_results/ deleted?); a new sweep would mix its trials into them. "
-                          "Give the sweep's own --storage, or give --out a new folder.")
-    return False
-
-
-def resume_choice_text(cfg: SweepConfig, resumed: bool) -> str:
-    """What ``--resume auto`` chose, in words."""
-    return (f"resuming the sweep in {cfg.sweep_dir}" if resumed
-            else f"no sweep to resume in {cfg.sweep_dir}: starting one")
-
-
-def _check_moved_resume(cfg: SweepConfig) -> None:
-    """Through Ray Client (``ray://``) Tune restores a sweep on the cluster, out of reach of
-    ``optuna_storage_now``: a sweep folder moved since it was written cannot resume that way."""
-    from .moved_sweep import recorded_dir, same_folder
-    from .results import load_resolved_config
-
-    old = recorded_dir(load_resolved_config(cfg.out_dir, follow_moves=False))
-    if str(cfg.address or "").startswith("ray://") and old is not None and not same_folder(old, Path(cfg.out_dir)):
-        raise ConfigError(f"The sweep folder {cfg.out_dir} was written as {old}; through Ray Client ({cfg.address}) "
-                          "Tune would restore it on the cluster with the old folder's Optuna storage. Resume it "
-                          f"from the head node (--address auto), or move the folder back to {old}.")
-
-
-def _check_same_config(cfg: SweepConfig) -> None:
-    """A resumed sweep must keep its config (Tune restores the old searcher and space anyway). The cache
-    folder may move: its files are named by what their weights depend on; the ``finetune`` section may
-    change (it is the final stage's, after the sweep: ``gmpq run --resume --workers 2``)."""
-    from .sweep_config import load_sweep_config
-
-    saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
-    if not saved_path.exists():
-        return
-    old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
-    device = trial_device(cfg)                                  # "auto" and "fp32" are the same on a CPU
-    old["precision"], new["precision"] = (resolve_precision(d["precision"], device) for d in (old, new))
-    diff = sorted(k for k in new if k not in ("address", "cache_dir", "finetune") and old.get(k) != new.get(k))
-    if diff:
-        raise ConfigError(f"--resume must use the sweep's saved config, but these settings differ from "
-                          f"'{saved_path}': {', '.join(diff)}. Resume with --out {cfg.out_dir} --resume and no other "
-                          "sweep settings (the final fine-tune's may change), or start a new sweep with another --out.")
 
 
 def _summary_rows(grid: Any, book: TrialStatusBook) -> list[dict]:
