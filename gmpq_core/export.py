@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .fileio import load_checkpoint, save_checkpoint
+from .fileio import load_checkpoint, load_model_state, save_checkpoint
 from .layers import swap_module
 from .models import build_model
 from .policy import BitPolicy, QuantSpec
@@ -128,10 +128,6 @@ def _layers_of(policy: BitPolicy, arch: Mapping[str, Any]) -> dict[str, QuantSpe
     return {n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits)) for n, m in quantized_layers(net).items()}
 
 
-def _key_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-
-
 def _plain(results: Mapping[str, Any] | None) -> dict[str, Any]:
     """``results`` as plain Python values (numpy / 0-d torch scalars unwrapped), which torch.load(weights_only=True)
     reads back; anything else is refused here, not when the file is loaded."""
@@ -172,18 +168,9 @@ def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device 
                                   f"{'not' if mod is None else 'as a ' + type(mod).__name__}: the file was written for "
                                   "another version of the model. Load it with the gmpq version that wrote it.")
         swap_module(net, name, kind.from_float(mod, spec))
-    missing, unexpected = _key_mismatch(net.state_dict(), blob["state_dict"])
-    if missing or unexpected:
-        raise CheckpointError(f"'{path}' does not fit {arch['model']} as rebuilt here: missing keys {missing[:4]}"
-                              f"{' ...' if len(missing) > 4 else ''}, unexpected keys {unexpected[:4]}"
-                              f"{' ...' if len(unexpected) > 4 else ''}. It was written for another version of the "
-                              "model or edited by hand; load it with the gmpq version that wrote it.")
-    try:
-        net.load_state_dict(blob["state_dict"])
-    except RuntimeError as e:        # same keys, other shapes
-        reason = " ".join(str(e).split("\n", 1)[-1].split())[:300]
-        raise CheckpointError(f"'{path}' does not fit {arch['model']} as rebuilt here ({reason}). It was written for "
-                              "another version of the model; load it with the gmpq version that wrote it.") from None
+    load_model_state(net, blob["state_dict"], path, what="quantized model", expected=f"a quantized {arch['model']}",
+                     fix="It was written for another version of the model or edited by hand; load it with the gmpq "
+                         "version that wrote it.")
     return QuantizedModel(model=net.to(device).eval(), policy=BitPolicy.from_json(blob["policy_json"]), arch=arch,
                           quantized=quantized, results=dict(blob.get("results") or {}),
                           preprocess=dict(blob.get("preprocess") or {}))

@@ -1,20 +1,23 @@
-"""Atomic writes (temp file in the same folder + rename), safe checkpoint loading, the cache folder."""
+"""Atomic writes (temp file in the same folder + rename), safe checkpoint loading, loading a state dict into a
+model with a one-paragraph error when it belongs to another model, the cache folder."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:   # torch is imported where a checkpoint is read or written: folder readers start without it
     import torch
+    from torch import nn
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
-           "load_checkpoint", "check_writable_dir", "default_cache_dir", "absolute_path"]
+           "load_checkpoint", "load_model_state", "check_writable_dir", "default_cache_dir", "absolute_path"]
 
 
 def absolute_path(path: str | os.PathLike | None) -> str | None:
@@ -131,6 +134,121 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {reason}). It is not a "
                               "checkpoint gmpq wrote, or it is truncated or corrupted: check the path; if it is one of "
                               "gmpq's own files, delete it and rerun the stage that writes it.") from None
+
+
+_SHOWN = 3      # example keys per list in a mismatch message
+
+
+def load_model_state(model: nn.Module, state: Any, path: str | os.PathLike, *, what: str = "checkpoint",
+                     expected: str | None = None, fix: str | None = None) -> None:
+    """``model.load_state_dict(state)`` (strict) for a ``state`` read from the file ``path``.
+
+    A ``state`` that is not a state dict, or one of another model, raises CheckpointError: one paragraph naming
+    the file (as ``what``), the model it seems to hold (a registered model with its in_channels / num_classes /
+    small_input, read from the tensors' names and shapes), the model ``expected`` here (default: the same reading
+    of ``model``), a few of the missing, unexpected and mis-shaped keys with their counts, and ``fix`` (default:
+    give a checkpoint of this model or retrain it), instead of PyTorch's list of every key.
+    """
+    import torch
+
+    fix = fix or "Give a checkpoint of this model, build the model the checkpoint was trained for, or retrain it."
+    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"The {what} '{path}' does not hold a model's state dict (parameter names -> tensors): "
+                              f"it holds {_kind(state)}. Give the file of the model's weights themselves, as "
+                              "torch.save(model.state_dict(), path) writes it.")
+    try:
+        model.load_state_dict(state)
+        return
+    except RuntimeError as e:
+        reason = " ".join(str(e).split())[:300]       # shown only if the comparison below finds no difference
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    reshaped = [f"{k} {list(state[k].shape)} in the file vs {list(own[k].shape)} here"       # classifier first
+                for k in sorted(reshaped, key=lambda k: own[k].ndim != 2)]
+    held, built = _registered_model_of(state), expected or _registered_model_of(own)
+    if held:
+        head = f"The {what} '{path}' holds {held}, but {built or 'another model'} is built here"
+    else:
+        head = f"The {what} '{path}' ({len(state)} tensors) does not fit the model built here"
+        head += f", {built}" if built else ""
+    parts = [f"{name} keys {_examples(keys)}" for name, keys in (("missing", missing), ("unexpected", unexpected))
+             if keys]
+    if reshaped:
+        more = f" (and {len(reshaped) - 2} more)" if len(reshaped) > 2 else ""
+        parts.append(f"other shapes: {'; '.join(reshaped[:2])}{more}")
+    detail = ", ".join(parts) or f"PyTorch says: {reason}"
+    prefixed = unexpected and all(k.startswith("module.") for k in unexpected) and \
+        {k[len("module."):] for k in unexpected} >= set(missing)
+    hint = (" Its keys carry the 'module.' prefix of a DistributedDataParallel wrapper: save "
+            "model.module.state_dict() instead." if prefixed else "")
+    raise CheckpointError(f"{head}: {detail}.{hint} {fix}") from None
+
+
+def _examples(keys: list[str]) -> str:
+    """``['a', 'b', 'c', ...] (62 in all)``: the first few keys and the count."""
+    more = f", ...] ({len(keys)} in all)" if len(keys) > _SHOWN else "]"
+    return "[" + ", ".join(repr(k) for k in keys[:_SHOWN]) + more
+
+
+def _kind(obj: Any) -> str:
+    """What a loaded object is, in a few words (for a file that is not a state dict)."""
+    if isinstance(obj, Mapping):
+        if not obj:
+            return "an empty dict"
+        keys = ", ".join(repr(str(k)) for k in list(obj)[:4]) + (", ..." if len(obj) > 4 else "")
+        kind = f"a '{obj['format']}' file: " if isinstance(obj.get("format"), str) else ""   # e.g. a quantized model
+        return f"{kind}a dict of {len(obj)} entries ({keys}), not tensors"
+    return f"a {type(obj).__name__}"
+
+
+def _registered_model_of(state: Mapping[str, Any]) -> str | None:
+    """The registered model whose parameter names ``state`` has, with the options its shapes imply:
+    "a resnet20 (in_channels=1, num_classes=10)"; None when no registered model has these names.
+
+    Built on the meta device (shapes only, nothing allocated). ``small_input`` is named where the shapes tell it
+    (the stem's kernel of the torchvision ResNets); "other layer widths" where no variant has these shapes."""
+    import torch
+
+    from .models import build_model, list_models
+
+    names = set(state)
+    for name in list_models():
+        if _state_names(name) != names:
+            continue
+        with torch.device("meta"):
+            ref = build_model(name).state_dict()
+        convs = [k for k, v in ref.items() if v.ndim == 4]
+        linears = [k for k, v in ref.items() if v.ndim == 2]
+        if not convs or not linears:
+            return f"a {name}"
+        if state[convs[0]].ndim != 4 or state[linears[-1]].ndim != 2:
+            return f"a {name} (other layer shapes than gmpq builds)"
+        in_ch, classes = int(state[convs[0]].shape[1]), int(state[linears[-1]].shape[0])
+        fits = []
+        for small in (True, False):
+            try:
+                with torch.device("meta"):
+                    variant = build_model(name, num_classes=classes, in_channels=in_ch, small_input=small).state_dict()
+            except Exception:       # noqa: BLE001 (shapes no builder takes, e.g. 0 classes: nothing to name)
+                continue
+            if all(tuple(variant[k].shape) == tuple(state[k].shape) for k in variant):
+                fits.append(small)
+        opts = f"in_channels={in_ch}, num_classes={classes}" + (f", small_input={fits[0]}" if len(fits) == 1 else "")
+        return f"a {name} ({opts}{'' if fits else '; other layer widths than gmpq builds'})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _state_names(name: str) -> frozenset[str]:
+    """The state-dict keys of the registered model ``name`` (the same for every num_classes / in_channels)."""
+    import torch
+
+    from .models import build_model
+
+    with torch.device("meta"):
+        return frozenset(build_model(name).state_dict())
 
 
 def check_writable_dir(path: str | os.PathLike, *, what: str = "output folder", hint: str = "") -> Path:

@@ -22,7 +22,7 @@ from .bitops import layer_macs
 from .complexity import check_budget
 from .data import canonical_data_source, load_dataset, make_loader, proxy
 from .errors import CheckpointError, ConfigError, did_you_mean
-from .fileio import default_cache_dir, load_checkpoint, save_checkpoint
+from .fileio import default_cache_dir, load_checkpoint, load_model_state, save_checkpoint
 from .layers import searchable_layers
 from .models import build_model, list_models
 from .policy import BitPolicy
@@ -213,7 +213,8 @@ def _cached_teacher(job: SearchJob, bundle: Any, path: Path) -> Teacher | None:
     model = _fresh_model(job, info)
     try:
         ckpt = load_checkpoint(path)
-        model.load_state_dict(ckpt["state_dict"])
+        load_model_state(model, ckpt["state_dict"], path, what="cached FP teacher",
+                         fix="The entry was written by another version of gmpq.")
         meta = dict(ckpt.get("meta") or {})
     except (CheckpointError, KeyError, RuntimeError) as e:
         log.warning("teacher cache %s is unusable (%s); retraining it", path, e)

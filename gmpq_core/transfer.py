@@ -22,7 +22,7 @@ from torch import nn
 
 from .data import DatasetInfo, canonical_data_source, load_dataset, make_loader, proxy
 from .errors import CheckpointError, ConfigError, did_you_mean
-from .fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from .fileio import atomic_write_json, load_checkpoint, load_model_state, read_json, save_checkpoint
 from .finetune import FinetuneConfig, finetune
 from .models import build_model
 from .policy import BitPolicy
@@ -193,7 +193,9 @@ def load_target_model(path: str | Path, device: str | torch.device = "cpu") -> t
     meta = read_json(info_path)["meta"]
     net = build_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
                       small_input=meta["small_input"])
-    net.load_state_dict(load_checkpoint(path))
+    load_model_state(net, load_checkpoint(path), path, what="FP target model",
+                     fix=f"'{info_path}' describes another model than the weights beside it: delete both files "
+                         "and rerun the sweep to retrain the FP target model.")
     return net.to(device).eval(), meta
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from torch import nn
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.data import canonical_data_source
+from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json
 from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZED_WEIGHTS, RESULT, POLICY, CHECKPOINTS = "quantized.pt", "finetune_result.json", "policy.json", "checkpoints"
 _DISTILL_DEFAULTS = {"distill_alpha": 0.5, "distill_temperature": 4.0}   # the parser's; used only with --distill
+_FP_DEFAULTS = {"fp_epochs": 2, "fp_lr": 0.1}                            # the parser's; used only when FP is trained
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,9 +62,10 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("FP model")
     g.add_argument("--fp-checkpoint", default=None, metavar="FILE",
                    help="FP state dict (fp.pt from 'gmpq train-fp'); without it the FP model is trained first")
-    g.add_argument("--fp-epochs", type=int, action=at_least(1), default=2, metavar="E",
+    g.add_argument("--fp-epochs", type=int, action=at_least(1), default=_FP_DEFAULTS["fp_epochs"], metavar="E",
                    help="epochs of the FP training without --fp-checkpoint (default 2)")
-    g.add_argument("--fp-lr", type=float, default=0.1, metavar="LR", help="peak learning rate of that FP training")
+    g.add_argument("--fp-lr", type=float, default=_FP_DEFAULTS["fp_lr"], metavar="LR",
+                   help="peak learning rate of that FP training (default 0.1)")
     g = p.add_argument_group("fine-tune")
     g.add_argument("--train-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="fine-tune on a stratified subset of N training images (default: the whole split)")
@@ -120,9 +123,17 @@ def run(args: argparse.Namespace) -> int:
     return run_single_finetune(args)
 
 
-def _check_single_args(args: argparse.Namespace) -> None:
-    """Values the configs would reject later under another name (``lr``), and options with no effect."""
-    if not (isinstance(args.fp_lr, (int, float)) and math.isfinite(args.fp_lr) and args.fp_lr > 0):
+def _kept_fp(out: Path) -> Path | None:
+    """``DIR/fp.pt`` of an earlier run in ``out`` (with its fp_result.json), which this run reuses; else None."""
+    kept = out / FP_WEIGHTS
+    return kept if kept.is_file() and (out / FP_RESULT).is_file() else None
+
+
+def _check_single_args(args: argparse.Namespace, out: Path) -> None:
+    """Values the configs would reject later under another name (``lr``), and options with no effect. --fp-lr is
+    checked only when the FP model is trained here (said to be ignored otherwise, once the FP model is loaded)."""
+    if args.fp_checkpoint is None and _kept_fp(out) is None and not (
+            isinstance(args.fp_lr, (int, float)) and math.isfinite(args.fp_lr) and args.fp_lr > 0):
         raise ConfigError(f"--fp-lr must be a finite number > 0, but got --fp-lr {args.fp_lr}. Use e.g. --fp-lr 0.1 "
                           "(the peak learning rate of the FP training), or leave it out.")
     if not args.distill:
@@ -148,21 +159,87 @@ def _policy_from_args(args: argparse.Namespace) -> BitPolicy | None:
 def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> tuple[nn.Module, str]:
     """The FP model: from --fp-checkpoint, from an earlier run's DIR/fp.pt, or trained now."""
     if args.fp_checkpoint is not None:
-        return load_fp_model(args.fp_checkpoint, opts), str(args.fp_checkpoint)
-    kept = out / FP_WEIGHTS
-    if kept.is_file() and (out / FP_RESULT).is_file():
-        print(f"reusing the FP model {kept} from an earlier run", file=sys.stderr)
-        return load_fp_model(kept, opts), str(kept)
+        model = load_fp_model(args.fp_checkpoint, opts)
+        ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in _FP_DEFAULTS
+                   if getattr(args, k) != _FP_DEFAULTS[k]]
+        if ignored:      # said after the load, so that a refusal stays the only paragraph on stderr
+            print(f"{' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: the FP model is loaded "
+                  f"from --fp-checkpoint {args.fp_checkpoint}, not trained", file=sys.stderr)
+        return model, str(args.fp_checkpoint)
+    kept = _kept_fp(out)
+    if kept is not None:
+        model = load_fp_model(kept, opts)
+        print(f"reusing the FP model {kept} from an earlier run{_recipe_note(args, kept)}", file=sys.stderr)
+        return model, str(kept)
     print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs)", file=sys.stderr)
     model, _ = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.fp_epochs, lr=args.fp_lr,
                               max_steps_per_epoch=args.max_steps_per_epoch)
-    return model, str(kept)
+    return model, str(out / FP_WEIGHTS)
+
+
+def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
+    """" (trained with --fp-epochs 2 --fp-lr 0.1; ...)" when this command line asks for another FP recipe than the
+    kept model's (it is not retrained), else ""."""
+    config = fp_result_beside(kept).get("config") or {}
+    was = {"fp_epochs": config.get("epochs"), "fp_lr": config.get("lr")}
+    if all(was[k] is None or was[k] == getattr(args, k) for k in was):
+        return ""
+    return (f" (trained with --fp-epochs {was['fp_epochs']} --fp-lr {was['fp_lr']}; the --fp-epochs "
+            f"{args.fp_epochs} --fp-lr {args.fp_lr} given now apply only when it is trained: pass another --out to "
+            "train it with them)")
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset names are the same data (``imagefolder:`` paths compared absolute)."""
+    def canonical(name: str) -> str:
+        try:
+            return canonical_data_source(name, None)[0]
+        except GMPQError:        # a name this gmpq does not know (written by another version): compare as is
+            return name
+    return canonical(a) == canonical(b)
+
+
+def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) -> str | None:
+    """An FP model recorded (fp_result.json) as trained on another dataset than ``info``, the one fine-tuned on.
+
+    Its own ``DIR/fp.pt`` kept from an earlier run is refused (the user did not ask for that model). An
+    ``--fp-checkpoint`` whose classifier cannot predict the dataset's labels (another number of classes, or of
+    input channels) is refused; one of the same shape is fine-tuned with a note (returned, to print once the FP
+    model is loaded), as transfer between datasets labelled alike (digits -> MNIST) can be meant. A checkpoint
+    without a recorded dataset is not checked."""
+    fp_data = fp_info.get("dataset")
+    kept = _kept_fp(out) if args.fp_checkpoint is None else None
+    if not fp_data or (args.fp_checkpoint is None and kept is None) or _same_dataset(fp_data, info.name):
+        return None
+    fp_classes, fp_channels = fp_info.get("num_classes"), fp_info.get("in_channels")
+    other_labels = (fp_classes is not None and fp_classes != info.num_classes) or \
+        (fp_channels is not None and fp_channels != info.in_channels)
+    if kept is not None:
+        on_purpose = "" if other_labels else (f"; add --fp-checkpoint {kept} there to fine-tune that FP model on "
+                                              f"{info.name} on purpose")
+        raise ConfigError(f"The FP model '{kept}', kept from an earlier run in this --out folder, was trained on "
+                          f"'{fp_data}', but this run fine-tunes on '{info.name}'. Pass another --out for the "
+                          f"{info.name} run (this folder's FP model and fine-tune checkpoints belong to the {fp_data} "
+                          f"run){on_purpose}.")
+    ckpt = args.fp_checkpoint
+    if other_labels:
+        raise ConfigError(f"The FP checkpoint '{ckpt}' was trained on '{fp_data}' ({fp_classes} classes, "
+                          f"{fp_channels}-channel images, per the fp_result.json beside it), but '{info.name}' has "
+                          f"{info.num_classes} classes of {info.in_channels}-channel images: that model does not "
+                          f"predict the labels of {info.name}. Give an FP checkpoint trained on {info.name} ('gmpq "
+                          f"train-fp --dataset {info.name}'), leave out --fp-checkpoint to train one first, or pass "
+                          f"--dataset {fp_data}.")
+    distilled = " (and --distill distils from it)" if args.distill else ""
+    return (f"the FP checkpoint {ckpt} was trained on '{fp_data}' (per the fp_result.json beside it), not on "
+            f"'{info.name}': fine-tuning it on {info.name} assumes both label their {info.num_classes} classes "
+            f"alike, and the FP top-1 reported is that model's on {info.name}{distilled}; pass --dataset {fp_data}, "
+            f"or an FP checkpoint of {info.name}, if that was not meant")
 
 
 def run_single_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
     out = check_out_arg(args.out)  # before any training
-    _check_single_args(args)
+    _check_single_args(args, out)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     policy = _policy_from_args(args)
@@ -189,10 +266,13 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     data = load_data(args, train_size=args.train_size, dataset=dataset, train_flag="--train-size",
                      input_size=args.input_size if args.input_size is not None else fp_info.get("input_size"))
     info, train_split, test_split = data
+    other_data = _check_fp_dataset(args, out, fp_info, info)     # before the options: it names both datasets
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
     if policy is not None:  # fail before a possibly long FP training
         policy.check_fits(build_seeded_model(opts, args.seed))
     fp_model, fp_source = _fp_model(args, out, opts, data)
+    if other_data:
+        print(other_data, file=sys.stderr)
     if policy is None:
         policy = uniform_policy(fp_model, *args.uniform, flags=("--uniform W", "--uniform A"),
                                 meta={**opts.to_dict(), "dataset": info.name})

@@ -16,8 +16,7 @@ from torch import nn
 
 from gmpq_core.data import load_dataset, make_loader, proxy
 from gmpq_core.data.registry import check_image_size
-from gmpq_core.errors import CheckpointError
-from gmpq_core.fileio import atomic_write_json, load_checkpoint, read_json, save_checkpoint
+from gmpq_core.fileio import atomic_write_json, load_checkpoint, load_model_state, read_json, save_checkpoint
 from gmpq_core.precision import resolve_precision
 from gmpq_core.train import TrainConfig, TrainResult, train_fp
 
@@ -102,18 +101,13 @@ def fp_summary(result: TrainResult, opts: ModelOptions, dataset: str, config: Tr
 def load_fp_model(path: str | Path, opts: ModelOptions) -> nn.Module:
     """Build the model for ``opts`` and load the FP state dict at ``path`` (CheckpointError if it does not fit)."""
     model = build_seeded_model(opts, seed=0)
-    state = load_checkpoint(path)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"'{path}' does not hold a state dict; give the fp.pt written by 'gmpq train-fp'.")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(
-            f"The FP checkpoint '{path}' does not fit model {opts.model} (in_channels={opts.in_channels}, "
-            f"num_classes={opts.num_classes}, small_input={opts.small_input}): "
-            f"{' '.join(first[1:3]) if len(first) > 1 else first[0]}. Pass the --model, --in-channels, "
-            "--num-classes and --small-input it was trained with.") from None
+    expected = (f"a {opts.model} (in_channels={opts.in_channels}, num_classes={opts.num_classes}, "
+                f"small_input={opts.small_input})")
+    load_model_state(model, load_checkpoint(path), path, what="FP checkpoint", expected=expected,
+                     fix="Pass the --model, --in-channels, --num-classes and --small-input it was trained with (the "
+                         "fp_result.json that 'gmpq train-fp' writes beside fp.pt records them), or an FP checkpoint "
+                         f"of this {opts.model} (train one with 'gmpq train-fp', or leave out --fp-checkpoint to have "
+                         "'gmpq finetune' train it first).")
     return model
 
 
