@@ -24,6 +24,7 @@ _EXPORTS = {
     "supernet": ("MixedConv2d", "MixedLinear"),
     "jobs": ("SearchJob", "Teacher", "load_teacher", "get_teacher", "run_search_job"),
     "export": ("QuantizedModel", "load_quantized_model", "save_quantized_model"),
+    "integer_model": ("load_integer_model", "save_integer_model"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -142,13 +142,19 @@ def _plain(results: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> QuantizedModel:
-    """Rebuild a model written by ``save_quantized_model``; CheckpointError names a file of another kind."""
+def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                         blob: Mapping[str, Any] | None = None) -> QuantizedModel:
+    """Rebuild a model written by ``save_quantized_model`` (or, the same model, by ``integer_model.save_integer_model``);
+    CheckpointError names a file of another kind. ``blob``: the file's content already read, ``path`` naming it."""
     path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"'{path}' is a folder; pass a model file: DIR/models/<trial_id>.pt of a sweep, or "
-                              "DIR/quantized.pt of 'gmpq finetune --policy'.")
-    blob = load_checkpoint(path)
+    if blob is None:
+        if path.is_dir():
+            raise CheckpointError(f"'{path}' is a folder; pass a model file: DIR/models/<trial_id>.pt of a sweep, or "
+                                  "DIR/quantized.pt of 'gmpq finetune --policy'.")
+        blob = load_checkpoint(path)
+    if isinstance(blob, dict) and str(blob.get("format", "")).startswith("gmpq-integer-model/"):
+        from .integer_model import load_integer_model
+        return load_integer_model(path, device=device, blob=blob)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
         raise CheckpointError(f"'{path}' is not a gmpq quantized model (format {found!r}, expected {FORMAT!r}). "

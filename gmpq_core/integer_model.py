@@ -1,0 +1,148 @@
+"""A fine-tuned quantized model with its weights stored as packed integer codes: the size the policy promises.
+
+The model files of ``gmpq_core.export`` keep float weights (what the fine-tune trained): a 4-bit policy is as
+large on disk as the FP model. ``save_integer_model(path, qmodel)`` writes each quantized layer's weight as
+its integer codes, packed ``w_bits`` to a value, plus one float step per layer (METHOD.md 3: symmetric per
+tensor, threshold t = max|W|)::
+
+    w_bits >= 2:  n = 2^(w_bits-1) - 1,  step = t / n,  q = round(clamp(W, -t, t) / step) in [-n, n],
+                  stored as u = q + n in w_bits bits;  W_q = q * step
+    w_bits == 1:  step = mean|W|,  q = sign(W) in {-1, 0, 1} (a weight of exactly 0 stays 0), stored in 2 bits
+
+Codes are packed little-endian: value i occupies bits [i*b, (i+1)*b) of the byte stream (bit 0 = the
+least significant bit of byte 0). Everything else (biases, BatchNorm, the activation clips and signed flags,
+layers kept in full precision) stays float32 in ``float_state``. With the activation codes of a layer's input,
+``a = round(clip(x) / s_a)`` (PACT, ``s_a = clip / (2^a_bits - 1)``, or ``clip / (2^(a_bits-1) - 1)`` when
+signed), a quantized layer is an integer product: ``conv(x_q, W_q) = s_a * step * conv(a, q)`` (+ bias).
+
+``load_integer_model(path)`` (and ``export.load_quantized_model``, which reads either kind of file) unpacks the codes to ``q * step`` and returns the same ``QuantizedModel`` as
+``export.load_quantized_model``: its outputs match the float file's up to float rounding (the layer's
+threshold is recomputed from ``q * step``, one rounding step off ``t`` at most).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .errors import CheckpointError, ConfigError
+from .export import QuantizedModel, arch_from_meta, load_quantized_model
+from .fileio import load_checkpoint, save_checkpoint
+from .policy import QuantSpec
+from .qmodules import quantized_layers
+from .quantizers import quantize_weight
+
+__all__ = ["INT_FORMAT", "pack_codes", "unpack_codes", "weight_codes", "save_integer_model", "load_integer_model",
+           "integer_sizes"]
+
+INT_FORMAT = "gmpq-integer-model/1"
+
+
+def storage_bits(w_bits: int) -> int:
+    """Bits per stored weight code: ``w_bits``, but 2 for binary weights (their codes are -1, 0, 1)."""
+    return max(int(w_bits), 2)
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Unsigned integer ``codes`` (any shape, each < 2^bits) as a uint8 stream of ``bits`` bits per value."""
+    if not 1 <= bits <= 8:
+        raise ConfigError(f"pack_codes packs 1..8 bits per value, but got bits={bits}.")
+    flat = codes.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
+        raise ConfigError(f"codes must lie in 0..{2 ** bits - 1} to pack in {bits} bits, but got "
+                          f"{int(flat.min())}..{int(flat.max())}.")
+    shifts = torch.arange(bits, dtype=torch.int64)
+    stream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).reshape(-1, 8)
+    return (stream << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
+    """The first ``numel`` values of a ``pack_codes`` stream, as int64."""
+    stream = ((packed.to(torch.uint8).unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
+    if stream.numel() < numel * bits:
+        raise CheckpointError(f"a packed weight holds {stream.numel()} bits, fewer than the {numel} values x {bits} "
+                              "bits its layer needs: the file is truncated or damaged.")
+    fields = stream[: numel * bits].reshape(numel, bits).to(torch.int64)
+    return (fields << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+
+
+def weight_codes(weight: Tensor, w_bits: int) -> tuple[Tensor, float]:
+    """``(q, step)`` with ``quantize_weight(weight, w_bits) == q * step``: the signed integer codes (int64,
+    ``weight``'s shape) and the float32 step of a quantized layer's weight."""
+    w = weight.detach().float().cpu()
+    wq = quantize_weight(w, w_bits)
+    if w_bits == 1:
+        step = w.abs().mean()
+    else:
+        step = torch.clamp(w.abs().amax(), min=1e-8) / (2 ** (w_bits - 1) - 1)
+    q = torch.round(wq / step) if float(step) > 0 else torch.zeros_like(wq)
+    return q.to(torch.int64), float(step)
+
+
+def _offset(w_bits: int) -> int:
+    return 1 if w_bits == 1 else 2 ** (w_bits - 1) - 1
+
+
+def save_integer_model(path: str | os.PathLike, model: QuantizedModel) -> Path:
+    """Write ``model`` (``export.load_quantized_model``'s result) with packed integer weights; returns the path."""
+    net = model.model
+    layers = quantized_layers(net)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    packed: dict[str, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        w_bits = int(layer.w_bits)
+        if w_bits >= 32:
+            continue
+        q, step = weight_codes(layer.weight, w_bits)
+        packed[name] = {"w_bits": w_bits, "shape": list(layer.weight.shape), "step": step,
+                        "codes": pack_codes(q + _offset(w_bits), storage_bits(w_bits))}
+        del state[f"{name}.weight"]
+    return save_checkpoint(path, {"format": INT_FORMAT, "arch": dict(model.arch), "policy_json": model.policy.to_json(),
+                                  "quantized": {n: [int(s.w_bits), int(s.a_bits)] for n, s in model.quantized.items()},
+                                  "packed": packed, "float_state": state, "results": dict(model.results),
+                                  "preprocess": dict(model.preprocess)})
+
+
+def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                       blob: Mapping[str, Any] | None = None) -> QuantizedModel:
+    """Rebuild a model written by ``save_integer_model`` (weights ``q * step``, float32, eval mode);
+    ``export.load_quantized_model`` calls it for such a file. ``blob``: the file's content already read."""
+    path = Path(path)
+    blob = load_checkpoint(path) if blob is None else blob
+    if not isinstance(blob, dict) or blob.get("format") != INT_FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"'{path}' is not a gmpq integer model (format {found!r}, expected {INT_FORMAT!r}). "
+                              "Write one from a final model file with 'gmpq export MODEL.pt'.")
+    state = dict(blob["float_state"])
+    for name, entry in blob["packed"].items():
+        w_bits, shape = int(entry["w_bits"]), [int(s) for s in entry["shape"]]
+        numel = 1
+        for s in shape:
+            numel *= s
+        q = unpack_codes(entry["codes"], storage_bits(w_bits), numel) - _offset(w_bits)
+        state[f"{name}.weight"] = (q.to(torch.float32) * torch.tensor(float(entry["step"]))).reshape(shape)
+    as_float = {"format": "gmpq-quantized-model/1", "arch": arch_from_meta(blob["arch"]),
+                "policy_json": blob["policy_json"], "quantized": blob["quantized"], "state_dict": state,
+                "results": blob.get("results") or {}, "preprocess": blob.get("preprocess") or {}}
+    return load_quantized_model(path, device=device, blob=as_float)
+
+
+def integer_sizes(model: QuantizedModel) -> dict[str, Any]:
+    """Weight storage of ``model``'s layers: float32 bytes vs packed bytes, per quantized layer and in total."""
+    rows, float_bytes, packed_bytes = [], 0, 0
+    for name, m in model.model.named_modules():
+        weight = getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor) or not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        spec: QuantSpec | None = model.quantized.get(name)
+        bits = storage_bits(spec.w_bits) if spec is not None and spec.w_bits < 32 else 32
+        fb, pb = 4 * weight.numel(), (weight.numel() * bits + 7) // 8 + (4 if bits < 32 else 0)
+        rows.append({"layer": name, "w_bits": spec.w_bits if spec else 32, "params": weight.numel(),
+                     "float_bytes": fb, "packed_bytes": pb})
+        float_bytes, packed_bytes = float_bytes + fb, packed_bytes + pb
+    return {"layers": rows, "float_bytes": float_bytes, "packed_bytes": packed_bytes,
+            "ratio": float_bytes / packed_bytes if packed_bytes else None}

@@ -1,0 +1,118 @@
+"""``gmpq export``: final quantized models rewritten with packed integer weights (their real size).
+
+    gmpq export runs/demo                      # every final model of a sweep: runs/demo/models/<trial>.int.pt
+    gmpq export runs/ft/quantized.pt --out model.int.pt
+
+A model file of ``gmpq finetune`` keeps float weights; the integer file stores each quantized layer's
+weight codes packed ``w_bits`` to a value plus one step per layer (``gmpq_core.integer_model``). Each file
+written is read back and run against its float model on a batch of inputs: the command fails if a
+prediction differs. Load one with ``gmpq_core.integer_model.load_integer_model(path).model``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from gmpq_core.errors import ConfigError
+
+from . import help_text
+
+__all__ = ["register", "run", "model_files"]
+
+SUFFIX = ".int.pt"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write final quantized models with packed integer weights",
+                              description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="a model file (DIR/models/<trial>.pt, DIR/quantized.pt) or a folder holding them (a sweep, "
+                        "a 'gmpq finetune --policy' folder)")
+    p.add_argument("--out", default=None, metavar="FILE", help=f"where to write (one model only; default: beside "
+                                                               f"it, with '{SUFFIX}')")
+    p.add_argument("--layers", action="store_true", help="print each layer's bits and bytes")
+    p.add_argument("--json", action="store_true", help="print one JSON object per model instead of text")
+    p.set_defaults(func=run)
+
+
+def model_files(path: Path) -> list[Path]:
+    """The float model files ``path`` names: itself, or a sweep's ``models/*.pt``, or a folder's ``quantized.pt``."""
+    if path.is_file():
+        return [path]
+    if not path.exists():
+        raise ConfigError(f"'{path}' does not exist. Pass a model file (DIR/models/<trial>.pt of a sweep after "
+                          "'gmpq finetune --sweep', DIR/quantized.pt of 'gmpq finetune --policy') or its folder.")
+    found = sorted(p for p in (path / "models").glob("*.pt") if not p.name.endswith(SUFFIX))
+    if not found and (path / "quantized.pt").is_file():
+        found = [path / "quantized.pt"]
+    if not found:
+        raise ConfigError(f"'{path}' holds no final model: no models/*.pt (a sweep's, written by 'gmpq finetune "
+                          "--sweep' or 'gmpq run') and no quantized.pt ('gmpq finetune --policy'). Fine-tune first, "
+                          "or pass the model file.")
+    return found
+
+
+def run(args: argparse.Namespace) -> int:
+    sources = [f for p in args.paths for f in model_files(Path(p).expanduser())]
+    if args.out is not None and len(sources) != 1:
+        raise ConfigError(f"--out names one file, but {len(sources)} models were given "
+                          f"({', '.join(str(s) for s in sources[:3])}{' ...' if len(sources) > 3 else ''}). Drop "
+                          f"--out to write each beside its model as <name>{SUFFIX}.")
+    if args.out is not None and Path(args.out).is_dir():
+        raise ConfigError(f"--out '{args.out}' is a folder; give a file name, e.g. --out {Path(args.out) / 'model'}{SUFFIX}.")
+    for src in sources:
+        out = Path(args.out) if args.out else src.with_name(src.name.removesuffix(".pt") + SUFFIX)
+        row = export_one(src, out)
+        if args.json:
+            print(json.dumps({k: v for k, v in row.items() if args.layers or k != "layers"}))
+        else:
+            print(format_row(row, layers=args.layers))
+    return 0
+
+
+def export_one(src: Path, out: Path) -> dict:
+    """Write ``src``'s integer file at ``out``, read it back and compare predictions; its summary row."""
+    import torch
+
+    from gmpq_core.export import load_quantized_model
+    from gmpq_core.integer_model import integer_sizes, load_integer_model, save_integer_model
+
+    model = load_quantized_model(src)
+    save_integer_model(out, model)
+    again = load_integer_model(out)
+    size = model.preprocess.get("image_size") or model.arch.get("input_size") or 32
+    x = torch.randn(16, int(model.arch["in_channels"]), int(size), int(size), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = model.model(x), again.model(x)
+    same = int((ref.argmax(1) == got.argmax(1)).sum())
+    top2 = ref.topk(2, dim=1).values if ref.shape[1] > 1 else torch.cat([ref, ref - 1], dim=1)
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4                  # a near tie may flip on float rounding
+    diff = float((ref - got).abs().max())
+    if bool((clear & (ref.argmax(1) != got.argmax(1))).any()):
+        out.unlink(missing_ok=True)
+        raise ConfigError(f"the integer file of '{src}' predicts differently on {len(x) - same} of {len(x)} inputs "
+                          f"(max |logit difference| {diff:.3g}); nothing was written. Report this with the model file.")
+    sizes = integer_sizes(model)
+    return {"source": str(src), "out": str(out), "source_bytes": src.stat().st_size, "out_bytes": out.stat().st_size,
+            "weight_float_bytes": sizes["float_bytes"], "weight_packed_bytes": sizes["packed_bytes"],
+            "weight_ratio": sizes["ratio"], "check_inputs": len(x), "check_same_top1": same,
+            "check_max_logit_diff": diff, "top1": model.results.get("top1"), "layers": sizes["layers"]}
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
+
+
+def format_row(row: dict, *, layers: bool = False) -> str:
+    lines = [f"{row['out']}: {_mb(row['out_bytes'])} (float model file {_mb(row['source_bytes'])}, "
+             f"x{row['source_bytes'] / row['out_bytes']:.1f} smaller)",
+             f"  weights {_mb(row['weight_float_bytes'])} as float32 -> {_mb(row['weight_packed_bytes'])} packed "
+             f"(x{row['weight_ratio']:.1f}); read back: same top-1 on {row['check_same_top1']}/{row['check_inputs']} "
+             f"inputs, max |logit difference| {row['check_max_logit_diff']:.2g}"]
+    if layers:
+        width = max(len(r["layer"]) for r in row["layers"])
+        lines += [f"  {'layer':<{width}}  {'W':>2}  {'params':>9}  {'float32':>10}  {'packed':>10}"]
+        lines += [f"  {r['layer']:<{width}}  {r['w_bits']:>2}  {r['params']:>9,}  {r['float_bytes']:>10,}  "
+                  f"{r['packed_bytes']:>10,}" for r in row["layers"]]
+    return "\n".join(lines)
