@@ -54,8 +54,8 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
         raise ConfigError(f"codes must lie in 0..{2 ** bits - 1} to pack in {bits} bits, but got "
                           f"{int(flat.min())}..{int(flat.max())}.")
-    shifts = torch.arange(bits, dtype=torch.int64)
-    stream = ((flat.unsqueeze(1) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    shifts = torch.arange(bits, dtype=torch.uint8)          # uint8 throughout: one byte per bit, not eight
+    stream = ((flat.to(torch.uint8).unsqueeze(1) >> shifts) & 1).reshape(-1)
     stream = torch.nn.functional.pad(stream, (0, -stream.numel() % 8)).reshape(-1, 8)
     return (stream << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
 
@@ -66,8 +66,8 @@ def unpack_codes(packed: Tensor, bits: int, numel: int) -> Tensor:
     if stream.numel() < numel * bits:
         raise CheckpointError(f"a packed weight holds {stream.numel()} bits, fewer than the {numel} values x {bits} "
                               "bits its layer needs: the file is truncated or damaged.")
-    fields = stream[: numel * bits].reshape(numel, bits).to(torch.int64)
-    return (fields << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+    fields = stream[: numel * bits].reshape(numel, bits)
+    return (fields << torch.arange(bits, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8).to(torch.int64)
 
 
 def weight_codes(weight: Tensor, w_bits: int) -> tuple[Tensor, float]:
