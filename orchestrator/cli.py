@@ -95,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "func", None):    # 'gmpq' or 'gmpq -v': a usage error (argparse's exit 2), as 'gmpq cluster'
+        parser.print_help(sys.stderr)
+        print(error_paragraph(GMPQError("no command given; pick one of the commands listed above ('gmpq COMMAND "
+                                        "--help' describes one, e.g. 'gmpq sweep --help').")), file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except GMPQError as e:

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from gmpq_core.data.registry import MAX_IMAGE_SIZE, check_image_size
+from gmpq_core.data.registry import MAX_IMAGE_SIZE, check_data_root, check_image_size
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import check_writable_dir
 from gmpq_core.models import build_model, list_models
@@ -50,12 +50,23 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = No
     p.set_defaults(default_model=default_model)
 
 
+class _DataRoot(argparse.Action):
+    """``--data-root DIR``, checked as it is parsed: empty (an unset shell variable?), or a file, or under one, is
+    a ConfigError naming the flag, before any work (a file was passed over with a warning, or blamed on the
+    network once the CIFAR-10 download into it failed)."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        flag = option_string or "--data-root"
+        refuse_empty(flag, values, f"give the folder that holds the dataset files, or drop {flag}.")
+        setattr(namespace, self.dest, check_data_root(values, flag))
+
+
 def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion_mnist") -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=None, metavar="NAME",
                    help=f"dataset name (fashion_mnist, mnist5k, digits, cifar10, imagefolder:PATH); "
                         f"default {default_dataset}")
-    g.add_argument("--data-root", default=None, metavar="DIR", help="where the dataset files are")
+    g.add_argument("--data-root", default=None, metavar="DIR", action=_DataRoot, help="where the dataset files are")
     g.add_argument("--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified subset of N test images (default: the whole test split)")
     g.add_argument("--batch-size", type=int, action=at_least(1), default=128, metavar="B",

@@ -39,10 +39,11 @@ from .moved_sweep import (artifacts_written_in, follow_folder, moved_path, rebas
                           same_folder, sqlite_file)
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
-__all__ = ["PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "sweep_experiment_name", "MLflowSink"]
+__all__ = ["DISABLED", "PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "sweep_experiment_name", "MLflowSink"]
 
 log = logging.getLogger(__name__)
 
+DISABLED = "MLflow logging disabled"     # how the sink's warning starts (sync and study pick it out by it)
 PARENT_FILE = "mlflow_parent.json"
 RUNS_FILE = "mlflow_runs.json"
 RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
@@ -134,7 +135,7 @@ class MLflowSink:
     # -- failure handling ---------------------------------------------------------------------
     def _disable(self, what: str, err: BaseException | str) -> None:
         if self.enabled:
-            warnings.warn(f"MLflow logging disabled: {what} failed on tracking URI '{self.tracking_uri}' ({err}). "
+            warnings.warn(f"{DISABLED}: {what} failed on tracking URI '{self.tracking_uri}' ({err}). "
                           f"{self.goes_on()}", RuntimeWarning, stacklevel=3)
         self.enabled = False
 

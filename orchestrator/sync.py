@@ -30,7 +30,8 @@ from requests.exceptions import RequestException
 
 from gmpq_core.errors import GMPQError
 
-from .mlflow_sink import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key, default_tracking_uri
+from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key,
+                          default_tracking_uri)
 from .mlflow_stages import log_final, log_pareto
 from .results import FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
 
@@ -215,6 +216,13 @@ def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: l
     return outcomes, sink.client.get_run(sink.parent_run_id), tables, dup
 
 
+def _sink_warnings(caught: list) -> list[str]:
+    """The MLflow sink's own warnings among ``caught`` (what failed, and why), not a library's: an SQLAlchemy
+    deprecation notice raised by MLflow's store on the way is no reason."""
+    return [str(w.message) for w in caught
+            if issubclass(w.category, RuntimeWarning) and str(w.message).startswith(DISABLED)]
+
+
 def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> SyncReport:
     """Make the MLflow view of ``sweep_dir`` whole (see the module docstring); returns what it did.
 
@@ -228,10 +236,10 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> Sy
     t0_ms = int(time.time() * 1000)
     sink = MLflowSink(uri, sweep_dir, resolved_config=cfg)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always", RuntimeWarning)     # the sink's warning even if shown before: it says why
         connected = sink.connect()
         if not connected:
-            why = "; ".join(str(w.message).replace(f". {sink.goes_on()}", "") for w in caught) or "unreachable"
+            why = "; ".join(m.replace(f". {sink.goes_on()}", "") for m in _sink_warnings(caught)) or "unreachable"
             raise SyncError(f"Cannot sync '{sweep_dir}' to MLflow: {why}. Start the tracking server (e.g. 'gmpq "
                             "mlflow-server --dir DIR --port P --detach') or pass the right --tracking-uri, then rerun "
                             "'gmpq sync-mlflow'; nothing was changed that a rerun does not finish.")
@@ -241,7 +249,7 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> Sy
             raise SyncError(f"MLflow at '{uri}' failed during the sync ({type(e).__name__}: {e}); rerun "
                             "'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).") from None
     if not sink.enabled:
-        raise SyncError(f"MLflow at '{uri}' failed during the sync ({'; '.join(str(w.message) for w in caught)}); "
+        raise SyncError(f"MLflow at '{uri}' failed during the sync ({'; '.join(_sink_warnings(caught))}); "
                         "rerun 'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).")
     return SyncReport(sweep_dir=sweep_dir, tracking_uri=uri, experiment_name=sink.experiment_name,
                       parent_run_id=str(sink.parent_run_id), parent_created=parent.info.start_time >= t0_ms,

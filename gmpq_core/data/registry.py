@@ -21,7 +21,8 @@ from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
 from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
 
 __all__ = ["DatasetSpec", "DATASETS", "register_dataset", "list_datasets", "load_dataset", "clear_dataset_cache",
-           "resize_split", "check_dataset_name", "canonical_data_source", "check_image_size", "MAX_IMAGE_SIZE"]
+           "resize_split", "check_dataset_name", "canonical_data_source", "check_image_size", "MAX_IMAGE_SIZE",
+           "check_data_root"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +111,30 @@ def check_image_size(image_size: object, name: str = "image_size") -> int | None
     return image_size
 
 
+def check_data_root(root: object, name: str = "data root") -> str | None:
+    """``root`` unless it is, or lies under, a file: ConfigError naming it as ``name`` (a CLI passes its flag,
+    e.g. ``--data-root``). Reads nothing else; a folder that does not exist yet passes (a download makes it).
+    Without this a file there was passed over with a warning (Fashion-MNIST) or blamed on the network (the
+    CIFAR-10 download into it failed)."""
+    if root is None or not isinstance(root, (str, os.PathLike)):
+        return root
+    path = os.path.abspath(os.path.expanduser(os.fspath(root)))
+    probe = path
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.exists(probe) or os.path.isdir(probe):
+        return root
+    where = "is a file" if probe == path else f"lies under '{probe}', which is a file"
+    if name.startswith("-"):
+        fix = (f"pass {name} the folder that holds the dataset files, or drop {name} to use the dataset's default "
+               "location")
+    else:
+        fix = ("pass the folder that holds the dataset files (--data-root DIR, or data_root in a config file), or "
+               "leave it out to use the dataset's default location")
+    label = name if name.startswith("-") else f"The {name}"
+    raise ConfigError(f"{label} '{root}' {where}, not a folder; {fix}.")
+
+
 def _physical_memory() -> int | None:
     """Bytes of RAM of this machine (None where the system does not say)."""
     try:
@@ -157,6 +182,7 @@ def load_dataset(name: str, *, root: str | None = None, image_size: int | None =
     check_image_size(image_size)
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise ConfigError(f"root must be a folder path or None, but got root={root!r}.")
+    check_data_root(root)
     if spec.takes_path:   # folder datasets are scanned each time (cheap) and never held in memory
         return spec.loader(root=root, path=path, image_size=image_size)
     root_key = None if root is None else os.path.abspath(os.path.expanduser(os.fspath(root)))

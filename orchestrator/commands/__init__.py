@@ -66,12 +66,15 @@ def mlflow_ui_hint(tracking_uri: str) -> str:
 
 
 def quiet_libraries(verbose: bool = False) -> None:
-    """Keep MLflow's and Alembic's INFO lines (database set-up) and MLflow's artifact progress bars out of
-    the command's output."""
+    """Keep MLflow's and Alembic's INFO lines (database set-up), MLflow's artifact progress bars and the
+    deprecation notices raised in MLflow's database code (SQLAlchemy's ``noload``, ``MovedIn20Warning``: news for
+    those libraries' maintainers, not for the user) out of the command's output."""
     import logging
     import os
+    import warnings
 
     if not verbose:
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(mlflow|sqlalchemy|alembic)(\.|$)")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # read when mlflow is first imported
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")   # "View run ..." per run (http stores)

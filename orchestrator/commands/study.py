@@ -12,8 +12,10 @@ DIR/mlflow.db (unless --tracking-uri), the page (--report, default DIR/results.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -130,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
         _check_output(png, "plot", "--png", f"study_{cfg.name}.png")
     timing_file = out / "study_timing.json"
     timing = read_json(timing_file) if timing_file.is_file() else {"runs": []}
+    mlflow_warned: list[str] = []
     if not args.analyze_only:
-        summary = ray_run.run_study(cfg, out, address=args.address, progress=lambda m: print(m, flush=True))
+        with _noting_mlflow_warning() as mlflow_warned:
+            summary = ray_run.run_study(cfg, out, address=args.address, progress=lambda m: print(m, flush=True))
         timing["runs"].append({"wall_seconds": summary.wall_seconds, "prepare_seconds": summary.prepare_seconds,
                                "cells_run": summary.n_completed + summary.n_failed, "failed": summary.n_failed})
         atomic_write_json(timing_file, timing)
@@ -147,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes)
-    _log_page(cfg, out, report, png)
+    _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice
     print(f"Results page: {report}\nPlot: {png}")
     if args.print:
         print(report.read_text())
@@ -184,16 +188,45 @@ def _check_output(path: Path, what: str, flag: str, example: str) -> None:
     check_writable_dir(path.parent, what=f"folder of the {what}", hint=f"pass {flag} a path in a folder you can write")
 
 
-def _log_page(cfg: Any, out: Path, report: Path, png: Path) -> None:
-    """Attach the page, plot and Parquet to the study's MLflow parent run (warn-once on failure)."""
+
+@contextlib.contextmanager
+def _noting_mlflow_warning():
+    """Yields a list that gets the MLflow sink's warning once it is shown (shown as before, where and when it is
+    raised: a study of hours says at its start that MLflow is down)."""
+    from orchestrator.mlflow_sink import DISABLED
+
+    shown: list[str] = []
+    show = warnings.showwarning
+
+    def note(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        if str(message).startswith(DISABLED):
+            shown.append(str(message))
+        show(message, category, *rest, **kw)
+
+    warnings.showwarning = note
+    try:
+        yield shown
+    finally:
+        if warnings.showwarning is note:
+            warnings.showwarning = show
+
+
+def _log_page(cfg: Any, out: Path, report: Path, png: Path, *, quiet: bool = False) -> None:
+    """Attach the page, plot and Parquet to the study's MLflow parent run (warn-once on failure; ``quiet``: not
+    even once, as the study run this command made has warned already)."""
+    from orchestrator.mlflow_sink import DISABLED
+
     _, ray_run = _experiments()
-    sink = ray_run.StudySink(cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", out, experiment_name=cfg.name,
-                             resolved_config=cfg.to_dict())
-    if not sink.connect():
-        return
-    for f in (report, png, out / "study.parquet"):
-        if f.is_file():
-            sink.call(f"logging {f.name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.filterwarnings("ignore", message=DISABLED, category=RuntimeWarning)
+        sink = ray_run.StudySink(cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", out, experiment_name=cfg.name,
+                                 resolved_config=cfg.to_dict())
+        if not sink.connect():
+            return
+        for f in (report, png, out / "study.parquet"):
+            if f.is_file():
+                sink.call(f"logging {f.name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
 
 
 def register(subparsers: Any) -> None:

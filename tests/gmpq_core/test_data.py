@@ -107,6 +107,31 @@ def test_a_data_root_without_the_files_is_named_in_a_warning(tmp_path, caplog):
     assert caplog.text == ""
 
 
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist", "digits"])
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_a_data_root_that_is_a_file_is_a_config_error_before_any_read_or_download(name, under, tmp_path):
+    """Fashion-MNIST passed over it with a warning; the CIFAR-10 download into it failed and blamed the network."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    root = str(afile / under) if under else str(afile)
+    where = "is a file" if not under else f"lies under '{afile}', which is a file"
+    with pytest.raises(ConfigError) as e:
+        load_dataset(name, root=root)
+    assert f"The data root '{root}' {where}, not a folder; pass the folder" in str(e.value)
+    assert "data_root in a config file" in str(e.value) and "download" not in str(e.value)
+    assert afile.read_text() == "keep me"
+
+
+def test_check_data_root_names_the_flag_and_passes_folders_and_none(tmp_path):
+    from gmpq_core.data.registry import check_data_root
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="--data-root '.*afile' is a file, not a folder; pass --data-root the folder"):
+        check_data_root(str(tmp_path / "afile"), "--data-root")
+    assert check_data_root(None) is None and check_data_root(str(tmp_path)) == str(tmp_path)
+    assert check_data_root(str(tmp_path / "new" / "sub")) == str(tmp_path / "new" / "sub")   # a download makes it
+
+
 def test_read_idx_rejects_a_truncated_file(tmp_path):
     path = tmp_path / "bad-idx3-ubyte.gz"
     header = bytes([0, 0, 0x08, 3]) + np.array([10, 28, 28], dtype=">u4").tobytes()

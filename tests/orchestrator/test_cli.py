@@ -105,3 +105,34 @@ def test_a_librarys_warnings_keep_pythons_format():
 
     err = cli.format_warning(UserWarning("from a library"), UserWarning, numpy.__file__, 3)
     assert "UserWarning: from a library" in err and numpy.__file__ in err and not err.startswith("gmpq:")
+
+
+def test_no_command_is_a_usage_error_listing_the_commands_on_stderr(capsys):
+    """'gmpq' alone printed the help to stdout and exited 0, as if something had run."""
+    from orchestrator.cli import main
+
+    for argv in ([], ["-v"]):
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("usage: gmpq") and all(c in err for c in COMMANDS)
+        assert "gmpq: error: no command given; pick one of the commands listed above" in " ".join(err.split())
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])                                       # asked for: stdout, exit 0
+    assert e.value.code == 0 and "sweep" in capsys.readouterr().out
+
+
+def test_quiet_libraries_silences_deprecation_notices_of_mlflows_database_code(monkeypatch):
+    """SQLAlchemy's notice about MLflow's store ('The noload loader strategy is deprecated') opened an error."""
+    import os
+    import warnings
+
+    from orchestrator.commands import quiet_libraries
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())     # quiet_libraries sets MLflow's variables
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_libraries()
+        for module in ("mlflow.store.tracking.sqlalchemy_store", "sqlalchemy.orm.strategy_options", "orchestrator.sync"):
+            warnings.warn_explicit(f"deprecated in {module}", DeprecationWarning, "x.py", 1, module=module)
+        warnings.warn_explicit("a real problem", RuntimeWarning, "x.py", 1, module="mlflow.store")
+    assert [str(w.message) for w in caught] == ["deprecated in orchestrator.sync", "a real problem"]

@@ -148,3 +148,54 @@ def test_finetune_options_that_would_be_ignored_are_refused(extra, needle, polic
     err = refused(capsys, ["finetune", "--policy", policy_file, *extra, "--out", str(tmp_path / "out")])
     assert needle in err
     assert not (tmp_path / "out").exists()
+
+
+# --- misc leftovers (session 16) ---
+@pytest.mark.parametrize("root, where", [("afile", "is a file"), ("afile/sub", "lies under")])
+@pytest.mark.parametrize("command", [[*TRAIN_FP, "--dataset", "cifar10"],
+                                     ["finetune", "--uniform", "4", "4", *TINY, "--dataset", "cifar10"]])
+def test_a_data_root_that_is_a_file_is_refused_before_any_work(command, root, where, tmp_path, capsys):
+    """Fashion-MNIST passed over it with a warning; with cifar10 the download into it failed, blaming the network."""
+    (tmp_path / "afile").write_text("keep me")
+    err = refused(capsys, [*command, "--data-root", str(tmp_path / root), "--out", str(tmp_path / "out")])
+    assert f"--data-root '{tmp_path / root}' {where}" in err and "not a folder; pass --data-root the folder" in err
+    assert "download" not in err and "internet" not in err
+    assert not (tmp_path / "out").exists() and (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_an_empty_data_root_is_refused_not_taken_as_the_current_folder(tmp_path, capsys):
+    err = refused(capsys, [*TRAIN_FP, "--data-root", "", "--out", str(tmp_path / "out")])
+    assert "--data-root '' is empty (an unset shell variable?)" in err and not (tmp_path / "out").exists()
+
+
+def test_a_data_root_in_a_config_file_that_is_a_file_is_refused(tmp_path, capsys):
+    """The config key reaches the same check as the flag (in load_dataset), before the search starts."""
+    (tmp_path / "afile").write_text("")
+    cfg = tmp_path / "search.yaml"
+    cfg.write_text(f"model: resnet20\ndataset: digits\ndata_root: {tmp_path / 'afile'}\n")
+    err = refused(capsys, ["search", "--config", str(cfg), "--out", str(tmp_path / "out")])
+    assert f"The data root '{tmp_path / 'afile'}' is a file, not a folder" in err and "data_root in a config" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sync_mlflow_error_says_what_failed_not_a_librarys_deprecation_notice(tmp_path, capsys, monkeypatch):
+    """'Cannot sync ... to MLflow: The ``noload`` loader strategy is deprecated ...; MLflow logging disabled: ...'
+    (SQLAlchemy warns once per process, as MLflow's store first queries: the notice is raised here on purpose)."""
+    import warnings
+
+    from orchestrator.mlflow_sink import MLflowSink
+
+    connect = MLflowSink.connect
+
+    def noisy_connect(self, **kw):
+        warnings.warn_explicit("The ``noload`` loader strategy is deprecated", DeprecationWarning, "sqlalchemy_store.py",
+                               1, module="mlflow.store.tracking.sqlalchemy_store")
+        return connect(self, **kw)
+    monkeypatch.setattr(MLflowSink, "connect", noisy_connect)
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "sweep_config.yaml").write_text("name: demo\nmodel: resnet20\n")
+    (tmp_path / "bad.db").write_text("not a database\n")
+    err = refused(capsys, ["sync-mlflow", "--sweep", str(sweep), "--tracking-uri", f"sqlite:///{tmp_path / 'bad.db'}"])
+    assert f"Cannot sync '{sweep}' to MLflow: MLflow logging disabled: connecting failed" in err
+    assert "file is not a database" in err and "noload" not in err and "deprecated" not in err

@@ -129,6 +129,23 @@ def test_failed_cells_exit_nonzero_with_a_line_saying_so_and_mlflow_down_only_wa
     assert str(d / "study.parquet") in msg and "sync-mlflow" not in msg and "trials.parquet" not in msg
 
 
+def test_a_study_run_with_mlflow_down_warns_once_not_again_for_the_page(tmp_path, capsys, monkeypatch):
+    """The study's sink warned as it started, then the sink that attaches the page warned the same again."""
+    import experiments.generalization_ray as ray_run
+
+    def run_study(cfg, out, **_):                            # the real one's driver side, without Ray or cells
+        ray_run.StudySink(cfg.tracking_uri, out, experiment_name=cfg.name, resolved_config=cfg.to_dict()).connect()
+        return ray_run.StudySummary(study_dir=out, n_cells=1, n_skipped=1, n_completed=0, n_failed=0,
+                                    prepare_seconds=0.0, wall_seconds=0.0)
+    monkeypatch.setattr(ray_run, "run_study", run_study)
+    d = tmp_path / "study"
+    _fake_study(d, [_row(0, "completed")])
+    with pytest.warns(RuntimeWarning, match="MLflow logging disabled") as caught:
+        rc, err = _study(capsys, "--out", str(d), "--tracking-uri", _down_uri())
+    assert rc == 0 and (d / "results.md").is_file()
+    assert sum("MLflow logging disabled" in str(w.message) for w in caught) == 1
+
+
 @pytest.mark.ray          # a real two-cell study (~30 s): Ray, Fashion-MNIST, no proxies
 def test_a_study_with_its_mlflow_server_down_completes_every_cell(tmp_path):
     cfg = tmp_path / "tiny.yaml"
@@ -143,7 +160,7 @@ def test_a_study_with_its_mlflow_server_down_completes_every_cell(tmp_path):
            "--tracking-uri", _down_uri()]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Traceback" not in run.stderr and "MLflow logging disabled" in run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.count("MLflow logging disabled") == 1   # not again for the page
     assert "sync-mlflow" not in run.stderr and str(out / "study.parquet") in run.stderr
     import pandas as pd
     df = pd.read_parquet(out / "study.parquet")
