@@ -25,7 +25,7 @@ from orchestrator.commands import add_precision_arg, at_least, refuse_empty
 from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
 from gmpq_core.train import seeded
 
-__all__ = ["add_model_args", "add_data_args", "add_run_args", "add_policy_args", "ModelOptions",
+__all__ = ["add_model_args", "add_data_args", "DataRootArg", "add_run_args", "add_policy_args", "ModelOptions",
            "resolve_model_options", "build_seeded_model", "resolve_device", "load_policy_arg",
            "uniform_policy", "policy_meta", "dataset_source", "check_bits", "check_out_arg",
            "check_input_size_arg", "SMALL_INPUT_MAX_PX", "META_KEYS"]
@@ -50,7 +50,7 @@ def add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = No
     p.set_defaults(default_model=default_model)
 
 
-class _DataRoot(argparse.Action):
+class DataRootArg(argparse.Action):
     """``--data-root DIR``, checked as it is parsed: empty (an unset shell variable?), or a file, or under one, is
     a ConfigError naming the flag, before any work (a file was passed over with a warning, or blamed on the
     network once the CIFAR-10 download into it failed)."""
@@ -66,7 +66,7 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion
     g.add_argument("--dataset", default=None, metavar="NAME",
                    help=f"dataset name (fashion_mnist, mnist5k, digits, cifar10, imagefolder:PATH); "
                         f"default {default_dataset}")
-    g.add_argument("--data-root", default=None, metavar="DIR", action=_DataRoot, help="where the dataset files are")
+    g.add_argument("--data-root", default=None, metavar="DIR", action=DataRootArg, help="where the dataset files are")
     g.add_argument("--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified subset of N test images (default: the whole test split)")
     g.add_argument("--batch-size", type=int, action=at_least(1), default=128, metavar="B",

@@ -20,6 +20,7 @@ from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.jobs import SearchJob, check_job_budget, load_teacher, run_search_job
 from gmpq_core.search_config import SearchResult
 
+from ..common_args import DataRootArg
 from ..progress import ProgressReporter, make_progress
 from . import add_precision_arg, at_least
 
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML with SearchJob keys and a 'search:' mapping")
     p.add_argument("--model", help="model name (default resnet20)")
     p.add_argument("--dataset", help="proxy dataset (default fashion_mnist)")
-    p.add_argument("--data-root", metavar="DIR", help="where the dataset files are")
+    p.add_argument("--data-root", metavar="DIR", action=DataRootArg, help="where the dataset files are")
     p.add_argument("--target-dataset", metavar="NAME",
                    help="the dataset the policy is meant for, written into its meta: `gmpq finetune --policy` then "
                         "deploys it there (default: the proxy's dataset)")

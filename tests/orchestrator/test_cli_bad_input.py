@@ -153,7 +153,8 @@ def test_finetune_options_that_would_be_ignored_are_refused(extra, needle, polic
 # --- misc leftovers (session 16) ---
 @pytest.mark.parametrize("root, where", [("afile", "is a file"), ("afile/sub", "lies under")])
 @pytest.mark.parametrize("command", [[*TRAIN_FP, "--dataset", "cifar10"],
-                                     ["finetune", "--uniform", "4", "4", *TINY, "--dataset", "cifar10"]])
+                                     ["finetune", "--uniform", "4", "4", *TINY, "--dataset", "cifar10"],
+                                     ["search", "--dataset", "cifar10"]])
 def test_a_data_root_that_is_a_file_is_refused_before_any_work(command, root, where, tmp_path, capsys):
     """Fashion-MNIST passed over it with a warning; with cifar10 the download into it failed, blaming the network."""
     (tmp_path / "afile").write_text("keep me")
