@@ -155,9 +155,12 @@ def row_recipe(row: Mapping[str, Any]) -> str | None:
 def _same_run(state: Mapping[str, Any], prev: Mapping[str, Any], policy_json: str) -> bool:
     """Whether a Ray Train checkpoint holds the weights ``prev`` (a final.parquet row) reports: the same
     policy, recipe (when the row has one) and epoch, and the same last test top-1."""
+    from .train_stage import same_recipe      # here: gmpq status reads final.parquet without importing torch
+
     history = state.get("history") or [{}]
     return (state.get("policy_json") == policy_json
-            and (row_recipe(prev) is None or state.get("recipe_json") == row_recipe(prev))
+            and (row_recipe(prev) is None
+                 or (state.get("recipe_json") is not None and same_recipe(row_recipe(prev), state["recipe_json"])))
             and int(state.get("epoch") or -1) == int(prev.get("epochs") or -2)
             and history[-1].get("top1") is not None and abs(float(history[-1]["top1"]) - float(prev["final_top1"])) < 1e-6)
 
@@ -199,7 +202,10 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
     Train checkpoint; rerunning ``gmpq finetune --sweep`` writes the file then). Returns the model path."""
     path = _export_or_say(sweep_dir, run.model_state, job, model_results(pareto_row, run.metrics, job.dataset),
                           say) if run.model_state else None
-    rows[job.trial_id] = final_row(pareto_row, run, job.recipe_json(), _relative(job.trial_id) if path else None)
+    from .train_stage import with_precision
+
+    recipe = with_precision(job.recipe_json(), run.metrics.get("precision"))   # the precision it ran in
+    rows[job.trial_id] = final_row(pareto_row, run, recipe, _relative(job.trial_id) if path else None)
     write_final(sweep_dir, rows)
     return path
 
@@ -207,8 +213,10 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
 def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epochs: int, sweep_dir: Path) -> None:
     """A fine-tune continues from its checkpoint and cannot go back: fewer --epochs than a policy already ran
     with the same settings is refused before anything runs (it trained nothing and reported the longer run)."""
+    from .train_stage import same_recipe
+
     longer = {job.trial_id: int(prev["epochs"]) for _, job in jobs
-              if (prev := existing.get(job.trial_id)) is not None and row_recipe(prev) in (None, job.recipe_json())
+              if (prev := existing.get(job.trial_id)) is not None and same_recipe(row_recipe(prev), job.recipe_json())
               and int(prev.get("epochs") or 0) > epochs}
     if longer:
         done = ", ".join(f"{t} ({n} epochs)" for t, n in longer.items())

@@ -1,10 +1,10 @@
 """The final stage, driver side: fine-tune a sweep's selected policies on the full target data.
 
 ``finetune_selected(sweep_dir)`` reads ``pareto.parquet``'s selection, builds each policy's
-``FinalJob`` from the sweep config's ``finetune`` section (flags override it), skips policies already
-fine-tuned with the same recipe and epochs, and runs the rest with ``train_stage.run_final_job``:
-side by side as far as the Ray cluster's CPUs (GPUs) hold ``workers`` each (``max_concurrent`` caps
-it; ``orchestrator.side_by_side``). After each policy: its ``final.parquet`` row and model file
+``FinalJob`` from the sweep config's ``finetune`` section (flags override it) and ``precision``, skips
+policies already fine-tuned with the same recipe and epochs, and runs the rest with
+``train_stage.run_final_job``: side by side as far as the Ray cluster's CPUs (GPUs) hold ``workers`` each
+(``max_concurrent`` caps it; ``orchestrator.side_by_side``). After each policy: its ``final.parquet`` row and model file
 (``final_results``); at the end ``final.png`` and the MLflow child runs. A policy that fails does not
 lose the others' results: they are written, plotted and logged before the error is raised.
 """
@@ -28,7 +28,7 @@ from .moved_sweep import usable_cache_dir
 from .ray_env import ray_session
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
-from .train_stage import STATE_FILE, FinalJob, run_final_job
+from .train_stage import STATE_FILE, FinalJob, recipe_changes, run_final_job, same_recipe
 
 __all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
            "read_final"]
@@ -201,7 +201,10 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
 
     Unset arguments come from the sweep config's ``finetune`` section. ``top_k`` given (or no
     pareto.parquet yet) reselects with ``write_pareto``. Writes ``final.parquet`` (atomic, merged by
-    trial_id) after each policy, ``final.png``, and MLflow child runs ``finetune-<trial_id>``.
+    trial_id) after each policy, ``final.png``, and an MLflow child run per policy and recipe
+    (``finetune-<trial_id>``, a later recipe's naming what differs: ``mlflow_stages.log_final``). The precision
+    is part of the recipe: ``fp32`` -> ``bf16`` is other settings (afresh); ``auto`` is what the workers
+    resolve it to, and they do not continue a checkpoint of another precision (this says so).
     Returns the final.parquet rows of this call's policies.
     """
     from .mlflow_stages import log_final
@@ -255,9 +258,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         for i, (row, job) in enumerate(jobs, start=1):
             tid = job.trial_id
             recipe, prev = job.recipe_json(), existing.get(tid)
-            # a row from before recipes (None) counts as the same recipe
-            same_recipe = prev is not None and row_recipe(prev) in (None, recipe)
-            if same_recipe and int(prev.get("epochs") or 0) == epochs:
+            # a row from before recipes (None) counts as the same recipe; precision "auto" as the one it ran in
+            same = prev is not None and same_recipe(row_recipe(prev), recipe)
+            if same and int(prev.get("epochs") or 0) == epochs:
                 say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s) with these settings: "
                     f"top1 {prev['final_top1']:.2f}%")
                 if not final_model_path(sweep_dir, tid).is_file():    # fine-tuned before models were exported
@@ -266,13 +269,14 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                     refilled.append(tid)
                 done_ids.append(tid)
                 continue
-            if prev is not None and not same_recipe:
-                say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings; starting afresh "
+            if prev is not None and not same:
+                say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings "
+                    f"({', '.join(recipe_changes(row_recipe(prev), recipe))}); starting afresh "
                     f"(its row in {FINAL_FILE} and its model file will be replaced)")
             elif prev is not None:
                 say(f"[{i}/{len(chosen)}] {tid}: continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
                     f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
-            todo.append((i, row, job, int(prev.get("epochs") or 0) + 1 if same_recipe else 1))
+            todo.append((i, row, job, int(prev.get("epochs") or 0) + 1 if same else 1))
         cap = given(max_concurrent, "max_concurrent", None)
         if auto:                      # the devices shared by the policies that run at once
             workers = auto_workers(len(todo), use_gpu, cap, jobs[0][1].batch_size if jobs else 128)
@@ -289,6 +293,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                 f"{row.get('selection_reason')}")
             with _ProgressWatcher(Path(job.progress_file), say, tag, epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
+            if first > 1 and not run.metrics.get("resumed_from_epoch"):    # the workers did not continue it
+                why = run.metrics.get("restarted_because") or f"no checkpoint of it under {storage}"
+                say(f"{tag} fine-tuned afresh from epoch 1, not continued: {why}")
             with lock:                   # final.parquet is rewritten whole: one writer at a time
                 model_path = record_final_run(sweep_dir, final_rows, row, run, job, say)
                 histories[tid] = run.history

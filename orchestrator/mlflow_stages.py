@@ -42,6 +42,10 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
     return sink.enabled
 
 
+def _digest(recipe_text: str) -> str:
+    return hashlib.sha1(recipe_text.encode()).hexdigest()[:10]
+
+
 def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
     """(child-run key, tags, recipe) of a final.parquet row: ``<trial_id>:<recipe hash>`` (the trial id alone
     for a row from before recipes were recorded)."""
@@ -50,22 +54,61 @@ def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
     tid, text = str(row["trial_id"]), row_recipe(row)
     if text is None:
         return tid, {}, {}
-    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    digest = _digest(text)
     return f"{tid}:{digest}", {"gmpq.recipe": digest}, json.loads(text)
 
 
-def _adopt_run_before_recipes(sink: MLflowSink, tid: str, key: str, recipe_tag: Mapping[str, str],
-                              params: Mapping) -> None:
-    """A sweep whose fine-tune runs were keyed by trial id alone (before recipes): the run of ``tid`` is this
-    recipe's (the one final.parquet reports), so it gets the recipe's tag and params rather than a twin."""
+def _older_key(sink: MLflowSink, row: Mapping, key: str, recipe: Mapping, just_trained: bool) -> str | None:
+    """The key an earlier version kept this row's fine-tune run under, when only that key is there: the trial
+    id alone (before recipes; not for a row retrained in this call, which may have other settings), or the
+    recipe without its precision (before the precision was part of it; for a row that continued a checkpoint,
+    which the workers do only in the same precision)."""
+    tid, runs = str(row["trial_id"]), sink.runs["finetune"]
+    if key == tid or key in runs:
+        return None
+    if tid in runs and not just_trained:
+        return tid
+    resumed = row.get("resumed_from_epoch")
+    if "precision" in recipe and resumed is not None and resumed == resumed and resumed > 0:   # (NaN: unknown)
+        old = f"{tid}:{_digest(json.dumps({k: v for k, v in recipe.items() if k != 'precision'}, sort_keys=True))}"
+        return old if old in runs else None
+    return None
+
+
+def _adopt_older_run(sink: MLflowSink, old: str, key: str, recipe_tag: Mapping[str, str], params: Mapping) -> None:
+    """A fine-tune run kept under an older key (``_older_key``) is this recipe's (the one final.parquet reports),
+    so it gets the recipe's key, tag and the params it lacks rather than a twin."""
     from .mlflow_sink import flatten_config
 
-    rid = sink.rekey_child("finetune", tid, key)
+    rid = sink.rekey_child("finetune", old, key)
     for k, v in recipe_tag.items():
         sink.call("tagging a fine-tune run", sink.client.set_tag, rid, k, v)
     logged = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data.params) or {}
     sink.call("logging a fine-tune's recipe", sink.log_params, rid,
               {k: v for k, v in flatten_config(dict(params)).items() if k not in logged})
+
+
+def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -> str:
+    """The name of a new fine-tune run of policy ``tid``: ``finetune-<tid>`` for its first recipe (the run most
+    searches and the Ray Train folder ``ray_results/finetune-<tid>`` go by, as before recipes had runs of their
+    own) and for another run of that recipe; another recipe's run adds what differs from the first, e.g.
+    ``finetune-t1 (lr=0.05)``, or its hash (tag ``gmpq.recipe``) when that is more than three settings or the
+    first run's recipe is unknown."""
+    from .mlflow_sink import flatten_config
+
+    plain = f"finetune-{tid}"
+    first = digest and sink.call("finding a policy's first fine-tune run", sink.find_run,
+                                 {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "finetune"})
+    if not first:
+        return plain
+    logged = sink.call("reading a fine-tune run", lambda: sink.client.get_run(first).data.params) or {}
+    if not any(k.startswith("recipe.") for k in logged):
+        return f"{plain} (recipe {digest})"
+    mine = flatten_config({f"recipe.{k}": v for k, v in recipe.items()})
+    diff = [f"{k.removeprefix('recipe.')}={v}" for k, v in sorted(mine.items()) if logged.get(k) != v]
+    if not diff:
+        return plain
+    return f"{plain} ({', '.join(diff)})" if len(diff) <= 3 else f"{plain} (recipe {digest})"
 
 
 def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Mapping) -> None:
@@ -80,9 +123,10 @@ def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Ma
 def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.DataFrame, *,
               histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None,
               fresh: Collection[str] | None = None) -> bool:
-    """One child run ``finetune-<trial_id>`` per policy and fine-tune recipe (its settings but the epochs: a
-    rerun with more epochs continues the run, one with another lr gets its own, so both can be compared)
-    with its metrics, recipe as params, policy and model file; final.parquet + plot on the parent. ``fresh``
+    """One child run per policy and fine-tune recipe (its settings but the epochs: a rerun with more epochs
+    continues the run, one with another lr or precision gets its own, so both can be compared) with its
+    metrics, recipe as params, policy and model file; final.parquet + plot on the parent. A policy's first
+    recipe's run is ``finetune-<trial_id>``, another's names what differs (``_run_name``). ``fresh``
     (the policies fine-tuned in this call) given: the rows of other policies are logged only when their run
     is missing (a stage stopped by Ctrl-C before it logged what had finished), and a fresh row that started
     from epoch 0 gets a new run even when its recipe had one (that earlier run is kept, with its history)."""
@@ -95,13 +139,16 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
         params = {**{k: row.get(k) for k in ("trial_id", "policy_source")},
                   **{f"recipe.{k}": v for k, v in recipe.items()}}
         just_trained = fresh is not None and tid in fresh and bool((histories or {}).get(tid))   # not a refill
-        if key != tid and key not in sink.runs["finetune"] and tid in sink.runs["finetune"] and not just_trained:
-            _adopt_run_before_recipes(sink, tid, key, recipe_tag, params)   # (a retrained row: not its run)
+        old = _older_key(sink, row, key, recipe, just_trained)
+        if old is not None:
+            _adopt_older_run(sink, old, key, recipe_tag, params)
         if fresh is not None and tid not in fresh and sink.has_child_run("finetune", key):
             continue
         if just_trained and not row.get("resumed_from_epoch") and key in sink.runs["finetune"]:
             sink.rekey_child("finetune", key, f"{key}#{sink.runs['finetune'][key][:8]}")   # started afresh
-        rid = sink.child_run("finetune", key, run_name=f"finetune-{tid}", params=params,
+        name = f"finetune-{tid}" if sink.has_child_run("finetune", key) else \
+            _run_name(sink, tid, recipe, recipe_tag.get("gmpq.recipe"))
+        rid = sink.child_run("finetune", key, run_name=name, params=params,
                              tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running", **recipe_tag})
         for h in (histories or {}).get(tid, []):
             sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))

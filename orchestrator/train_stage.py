@@ -12,7 +12,9 @@ and reports with a checkpoint; every rank calls ``ray.train.report`` (it is a ba
 Resume: each run is ``RunConfig(name=f"finetune-{trial_id}", storage_path=<sweep>/ray_results)``;
 rerunning the same call continues from the latest checkpoint (``ray.train.get_checkpoint()``)
 without redoing finished epochs (Ray Train V2 resumes by name + storage path), unless the checkpoint
-was made with other settings (``recipe_json``). A GMPQError raised in a worker (a policy that does not
+was made with other settings (``recipe_json``, the training precision included: ``auto`` may resolve to bf16
+on one machine and float32 on another). Such a run starts again from epoch 0 and says why in its metrics
+(``restarted_because``). A GMPQError raised in a worker (a policy that does not
 fit the model, say) comes back from ``run_final_job`` as the same class naming the policy.
 
 ``batch_size`` is the global batch: each worker gets ``batch_size // workers`` images per step.
@@ -34,13 +36,56 @@ from gmpq_core.fileio import atomic_write_json, load_checkpoint, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 from gmpq_core.precision import check_precision, resolve_precision
 
-__all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job"]
+__all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job",
+           "recipe_changes", "same_recipe", "with_precision"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
 RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "distill",
-                 "seed", "max_steps_per_epoch", "train_size", "test_size")   # what a fine-tune's result depends on, but epochs
+                 "seed", "max_steps_per_epoch", "train_size", "test_size",
+                 "precision")   # what a fine-tune's result depends on, but epochs
+
+
+def _recipe_dict(text: str | None) -> dict | None:
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def with_precision(recipe_json: str, precision: str | None) -> str:
+    """``recipe_json`` with the precision a fine-tune ran in (``fp32``/``bf16``, what ``auto`` resolved to on
+    its workers): what a checkpoint and a final.parquet row record. Unchanged when ``precision`` is None or the
+    text is not a recipe."""
+    recipe = _recipe_dict(recipe_json)
+    if precision is None or recipe is None:
+        return recipe_json
+    return json.dumps({**recipe, "precision": precision}, sort_keys=True)
+
+
+def recipe_changes(recorded: str | None, current: str) -> list[str]:
+    """What differs between the recipe a fine-tune was recorded with (a checkpoint's or a final.parquet row's
+    ``recipe_json``) and ``current``, as ``"lr 0.01 -> 0.05"``; empty when it is the same recipe. None (a
+    fine-tune from before recipes) matches any; so does a missing precision (recorded before the precision was
+    part of the recipe) or ``auto`` (what it resolves to is known on the workers only, and they do not continue
+    a checkpoint of another precision)."""
+    if recorded is None:
+        return []
+    old, new = _recipe_dict(recorded), _recipe_dict(current)
+    if old is None or new is None:
+        return [] if recorded == current else ["recipe"]
+    p_old, p_new = old.pop("precision", None), new.pop("precision", None)
+    changes = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
+    if None not in (p_old, p_new) and "auto" not in (p_old, p_new) and p_old != p_new:
+        changes.append(f"precision {p_old} -> {p_new}")
+    return changes
+
+
+def same_recipe(recorded: str | None, current: str) -> bool:
+    """Whether a fine-tune recorded with ``recorded`` is one of ``current`` (``recipe_changes`` is empty)."""
+    return not recipe_changes(recorded, current)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +123,8 @@ class FinalJob:
                 raise ConfigError(f"{name} must be a positive integer or None (full split), but got {name}={v!r}.")
 
     def recipe_json(self) -> str:
-        """The settings its result depends on, except ``epochs`` (more epochs continue a finished run)."""
+        """The settings its result depends on, except ``epochs`` (more epochs continue a finished run); the
+        precision as asked (``auto`` too: ``with_precision`` records what it resolved to)."""
         return json.dumps({k: getattr(self, k) for k in RECIPE_FIELDS}, sort_keys=True)
 
     def finetune_config(self) -> FinetuneConfig:
@@ -165,7 +211,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     steps = steps_per_epoch(train_loader, job.max_steps_per_epoch)
     total = job.epochs * steps
-    start, history, state = 0, [], None
+    precision = resolve_precision(job.precision, device)
+    recipe = with_precision(job.recipe_json(), precision)
+    start, history, state, restarted_because = 0, [], None, None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
@@ -173,8 +221,9 @@ def train_loop_per_worker(config: dict) -> None:
         if state.get("trial_id") != job.trial_id or state.get("policy_json") != job.policy_json:
             raise CheckpointError(f"The Ray Train checkpoint of finetune-{job.trial_id} belongs to another policy; "
                                   "delete that run folder under ray_results to start afresh.")
-        if state.get("recipe_json", job.recipe_json()) != job.recipe_json() or int(state["epoch"]) > job.epochs:
-            state = None                    # other settings (lr, ...) or a longer run: start afresh, do not resume
+        restarted_because = _not_resumable(state, recipe, job.epochs)
+        if restarted_because:
+            state = None                    # other settings (lr, precision, ...) or a longer run: start afresh
     if state is not None:
         model.load_state_dict(state["model"])
         start, history = int(state["epoch"]), [dict(h) for h in state["history"]]
@@ -203,8 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = {"epoch": epoch, "train_loss": tr["loss"], "train_top1": tr["top1"],
                    "lr": float(optimizer.param_groups[0]["lr"]), "resumed_from_epoch": start, "world_size": world,
                    "train_images": len(train), "images_per_epoch": steps * per_worker * world,
-                   "test_images": len(test),
-                   "precision": resolve_precision(job.precision, device)}
+                   "test_images": len(test), "precision": precision,
+                   **({"restarted_because": restarted_because} if restarted_because else {})}
         if rank != 0:
             ray.train.report(metrics)
             continue
@@ -213,11 +262,27 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(metrics)
         with tempfile.TemporaryDirectory() as d:
             save_checkpoint(Path(d) / STATE_FILE, {
-                "trial_id": job.trial_id, "policy_json": job.policy_json, "recipe_json": job.recipe_json(),
+                "trial_id": job.trial_id, "policy_json": job.policy_json, "recipe_json": recipe,
                 "epoch": epoch, "history": history,
                 "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "total_steps": total})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _not_resumable(state: dict, recipe: str, epochs: int) -> str | None:
+    """Why the checkpoint ``state`` cannot be continued by a fine-tune of ``recipe`` (with the precision its
+    workers resolved) for ``epochs`` epochs (None: it can). A checkpoint without a recipe (before recipes) is
+    continued; one whose recipe lacks the precision (before it was part of it) is checked against the
+    precision its last epoch reports."""
+    recorded = state.get("recipe_json")
+    if "precision" not in (_recipe_dict(recorded) or {"precision": "not a recipe"}):
+        recorded = with_precision(recorded, ((state.get("history") or [{}])[-1] or {}).get("precision"))
+    changes = recipe_changes(recorded, recipe)
+    if changes:
+        return f"its checkpoint was made with other settings ({', '.join(changes)})"
+    if int(state["epoch"]) > epochs:
+        return f"its checkpoint has {int(state['epoch'])} epochs, more than {epochs}"
+    return None
 
 
 @dataclass(frozen=True)

@@ -128,8 +128,9 @@ def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tm
 
 
 def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epochs_continue_it(tmp_path, monkeypatch):
-    """A rerun with another lr logged into the first run (metrics mixed, params stale): now a run per recipe;
-    going back to a recipe trains it afresh, in a new run (the old one keeps its history)."""
+    """A rerun with another lr logged into the first run (metrics mixed, params stale): now a run per recipe,
+    named by what differs from the first; going back to a recipe trains it afresh, in a new run (the old one
+    keeps its history)."""
     import mlflow
 
     sweep = tmp_path / "sweep"
@@ -145,7 +146,7 @@ def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epoc
     mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ft"])
     ft = runs[runs["tags.gmpq.role"] == "finetune"].sort_values("params.recipe.lr")
-    assert ft["tags.mlflow.runName"].tolist() == ["finetune-t1", "finetune-t1"]
+    assert ft["tags.mlflow.runName"].tolist() == ["finetune-t1", "finetune-t1 (lr=0.05)"]
     assert ft["params.recipe.lr"].tolist() == ["0.01", "0.05"] and ft["tags.gmpq.recipe"].nunique() == 2
     assert ft["metrics.epochs"].tolist() == [1.0, 2.0]
     client = mlflow.MlflowClient()
@@ -155,6 +156,7 @@ def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epoc
     runs = mlflow.search_runs(experiment_names=["ft"])
     again = runs[(runs["tags.gmpq.role"] == "finetune") & (runs["params.recipe.lr"] == "0.01")]
     assert len(again) == 2 and set(ft["run_id"]) < set(runs["run_id"])        # a new run; the first one kept
+    assert set(again["tags.mlflow.runName"]) == {"finetune-t1"}                # the first recipe's name again
 
 
 def test_a_fine_tune_run_from_before_recipes_becomes_its_recipes_run_not_a_twin(tmp_path, monkeypatch):
@@ -299,7 +301,8 @@ def test_two_worker_finetune_checkpoints_each_epoch_and_resumes_without_redoing(
     mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ft"])
     ft = runs[runs["tags.gmpq.role"] == "finetune"]                          # one run per recipe: lr 0.01, 0.05
-    assert sorted(ft["params.recipe.lr"]) == ["0.01", "0.05"] and set(ft["tags.mlflow.runName"]) == {"finetune-t1"}
+    assert sorted(ft["params.recipe.lr"]) == ["0.01", "0.05"]
+    assert sorted(ft["tags.mlflow.runName"]) == ["finetune-t1", "finetune-t1 (lr=0.05)"]
     ft = ft[ft["params.recipe.lr"] == "0.05"]
     assert ft["metrics.final_top1"].item() == pytest.approx(final.loc[0, "final_top1"])
     artifacts = mlflow.MlflowClient().list_artifacts(ft["run_id"].item(), "model")
