@@ -60,7 +60,9 @@ def final_files_text(sweep_dir: Path) -> str:
 
     return (f"Table:  {sweep_dir / FINAL_FILE}\nPlot:   {sweep_dir / FINAL_PNG}\n"
             f"Models: {sweep_dir / MODELS_DIR}/<trial_id>.pt (for inference: "
-            "gmpq_core.load_quantized_model(path).model)")
+            "gmpq_core.load_quantized_model(path).model)\n"
+            f"Packed integer weights (their real size): gmpq export {sweep_dir}; accuracy of any model file: "
+            f"gmpq evaluate {sweep_dir}")
 
 
 def format_final_table(final: Any) -> str:

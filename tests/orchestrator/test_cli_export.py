@@ -4,28 +4,10 @@ from __future__ import annotations
 import json
 
 import torch
+from final_model_files import sweep_with_models as _sweep_with_models
 
-from gmpq_core.export import load_quantized_model, save_quantized_model
-from gmpq_core.finetune import prepare_quantized
-from gmpq_core.layers import searchable_layers
-from gmpq_core.models import build_model
-from gmpq_core.policy import BitPolicy, QuantSpec
+from gmpq_core.export import load_quantized_model
 from orchestrator.cli import main
-
-ARCH = {"model": "resnet20", "num_classes": 10, "in_channels": 1, "small_input": True, "input_size": 28}
-
-
-def _sweep_with_models(root, n=2):
-    """A sweep folder's ``models/<trial>.pt`` as ``gmpq finetune --sweep`` writes them."""
-    for i in range(n):
-        torch.manual_seed(i)
-        fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
-        policy = BitPolicy(layers={name: QuantSpec(w_bits=(2, 3, 4)[(i + j) % 3], a_bits=4)
-                                   for j, name in enumerate(searchable_layers(fp))}, meta=dict(ARCH))
-        q = prepare_quantized(fp, policy, torch.randn(4, 1, 28, 28)).eval()
-        save_quantized_model(root / "models" / f"t{i}.pt", q, policy, arch=ARCH, results={"top1": 70.0 + i},
-                             preprocess={"dataset": "fashion_mnist", "image_size": 28, "mean": [0.29], "std": [0.35]})
-    return root
 
 
 def test_export_writes_each_sweep_model_beside_it_smaller_and_readable_by_the_one_loader(tmp_path, capsys):

@@ -1,0 +1,32 @@
+"""``gmpq evaluate``: final models (float and integer files) on a real test split, beside their recorded top-1."""
+from __future__ import annotations
+
+import json
+
+from final_model_files import sweep_with_models
+
+from orchestrator.cli import main
+
+
+def test_evaluate_a_sweep_gives_the_same_accuracy_for_a_model_and_its_integer_file(tmp_path, capsys):
+    sweep = sweep_with_models(tmp_path / "sweep")
+    assert main(["export", str(sweep / "models" / "t0.pt")]) == 0          # t0 gets its .int.pt, t1 not
+    capsys.readouterr()
+    assert main(["evaluate", str(sweep), "--test-size", "300", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["t0.pt", "t0.int.pt", "t1.pt"]
+    assert all(r["dataset"] == "fashion_mnist" and r["test_images"] == 300 for r in rows)
+    assert rows[0]["top1"] == rows[1]["top1"] and rows[0]["loss"] == rows[1]["loss"]
+    assert rows[0]["recorded_top1"] == 70.0 and rows[2]["gbitops"] == 0.2 and 0 <= rows[2]["top1"] <= 100
+    assert main(["evaluate", str(sweep / "models" / "t1.pt"), "--test-size", "300"]) == 0
+    table = capsys.readouterr().out
+    assert "recorded top-1" in table and "t1.pt" in table and "fashion_mnist" in table
+
+
+def test_evaluate_refuses_a_dataset_of_other_channels_and_a_path_without_models(tmp_path, capsys):
+    sweep = sweep_with_models(tmp_path / "sweep", n=1, in_channels=3)
+    assert main(["evaluate", str(sweep), "--test-size", "100"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "for 10 classes of 3-channel images, but fashion_mnist has 10 classes of 1-channel images" in err
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
