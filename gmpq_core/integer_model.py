@@ -15,9 +15,12 @@ layers kept in full precision) stays float32 in ``float_state``. With the activa
 ``a = round(clip(x) / s_a)`` (PACT, ``s_a = clip / (2^a_bits - 1)``, or ``clip / (2^(a_bits-1) - 1)`` when
 signed), a quantized layer is an integer product: ``conv(x_q, W_q) = s_a * step * conv(a, q)`` (+ bias).
 
-``load_integer_model(path)`` (and ``export.load_quantized_model``, which reads either kind of file) unpacks the codes to ``q * step`` and returns the same ``QuantizedModel`` as
-``export.load_quantized_model``: its outputs match the float file's up to float rounding (the layer's
-threshold is recomputed from ``q * step``, one rounding step off ``t`` at most).
+``load_integer_model(path)`` (and ``export.load_quantized_model``, which reads either kind of file) unpacks
+the codes to ``q * step`` and returns the same ``QuantizedModel`` as the float file: the same outputs, bit for
+bit on the same device for 2..8-bit weights (the layers quantize their weight again in every forward, and
+``(n * step) / n`` is ``step`` again in float32). A binary layer quantizes with ``mean|W|`` recomputed from its
+weights: one of them is nudged until that mean is ``step`` again, which float sums do not always allow (a
+rounding off then, which a quantized activation downstream can turn into another code).
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ from .policy import QuantSpec
 from .qmodules import quantized_layers
 from .quantizers import quantize_weight
 
-__all__ = ["INT_FORMAT", "pack_codes", "unpack_codes", "weight_codes", "save_integer_model", "load_integer_model",
-           "integer_sizes"]
+__all__ = ["INT_FORMAT", "pack_codes", "unpack_codes", "weight_codes", "dequantize", "save_integer_model",
+           "load_integer_model", "integer_sizes"]
 
 INT_FORMAT = "gmpq-integer-model/1"
 
@@ -124,11 +127,38 @@ def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = 
         for s in shape:
             numel *= s
         q = unpack_codes(entry["codes"], storage_bits(w_bits), numel) - _offset(w_bits)
-        state[f"{name}.weight"] = (q.to(torch.float32) * torch.tensor(float(entry["step"]))).reshape(shape)
+        state[f"{name}.weight"] = dequantize(q, w_bits, entry).reshape(shape)
     as_float = {"format": "gmpq-quantized-model/1", "arch": arch_from_meta(blob["arch"]),
                 "policy_json": blob["policy_json"], "quantized": blob["quantized"], "state_dict": state,
                 "results": blob.get("results") or {}, "preprocess": blob.get("preprocess") or {}}
     return load_quantized_model(path, device=device, blob=as_float)
+
+
+def dequantize(q: Tensor, w_bits: int, entry: Mapping[str, Any]) -> Tensor:
+    """The float32 weights ``q * step`` of a packed layer (a binary layer's nudged: ``_match_mean_``)."""
+    step = torch.tensor(float(entry["step"]), dtype=torch.float32)
+    w = q.to(torch.float32) * step
+    if w_bits == 1:
+        _match_mean_(w, q, step)
+    return w
+
+
+def _match_mean_(w: Tensor, q: Tensor, step: Tensor, tries: int = 8) -> None:
+    """Nudge one nonzero weight of a binary layer towards ``w.abs().mean()`` (what its quantizer computes, on
+    this device) being ``step`` exactly, as it was for the weights it came from; signs unchanged. Not always
+    reachable (the means of float sums can skip a value): then it stays a float rounding off."""
+    nonzero = torch.nonzero(q.reshape(-1)).flatten()
+    if not len(nonzero):
+        return
+    flat, k = w.view(-1), int(nonzero[0])
+    for _ in range(tries):
+        gap = step - flat.abs().mean()
+        if float(gap) == 0.0:
+            return
+        nudged = flat[k] + torch.sign(flat[k]) * gap * flat.numel()
+        if torch.sign(nudged) != torch.sign(flat[k]):
+            return
+        flat[k] = nudged
 
 
 def integer_sizes(model: QuantizedModel) -> dict[str, Any]:

@@ -7,8 +7,8 @@ import torch
 from gmpq_core.errors import CheckpointError, ConfigError
 from gmpq_core.export import load_quantized_model, save_quantized_model
 from gmpq_core.finetune import prepare_quantized
-from gmpq_core.integer_model import (integer_sizes, load_integer_model, pack_codes, save_integer_model,
-                                     unpack_codes, weight_codes)
+from gmpq_core.integer_model import (dequantize, integer_sizes, load_integer_model, pack_codes,
+                                     save_integer_model, unpack_codes, weight_codes)
 from gmpq_core.layers import searchable_layers
 from gmpq_core.models import build_model
 from gmpq_core.policy import BitPolicy, QuantSpec
@@ -45,12 +45,31 @@ def test_codes_times_step_is_the_fake_quantized_weight(bits):
     torch.testing.assert_close(q.float() * step, quantize_weight(w, bits), rtol=0, atol=1e-6)
 
 
-def _final_model(tmp_path, include_stem=False):
+def _requantized(w, bits):
+    """The codes and step a layer's quantizer takes from weight ``w`` (METHOD.md 3)."""
+    if bits == 1:
+        return torch.sign(w).long(), float(w.abs().mean())
+    step = torch.clamp(w.abs().amax(), min=1e-8) / (2 ** (bits - 1) - 1)
+    return torch.round(w / step).long(), float(step)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_unpacked_weights_give_the_layer_its_codes_and_step_back_exactly(bits):
+    # the layer quantizes its loaded weight again: t = max|q * step| must give the same step and codes
+    for seed in range(40):
+        w = torch.randn(37, 23, generator=torch.Generator().manual_seed(seed)) * (0.01 + seed / 7)
+        q, step = weight_codes(w, bits)
+        entry = {"step": step}
+        q2, step2 = _requantized(dequantize(q, bits, entry), bits)
+        assert torch.equal(q2, q) and step2 == step, seed
+
+
+def _final_model(tmp_path, include_stem=False, bits=(1, 2, 3, 4, 6)):
     torch.manual_seed(0)
     fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
     names = searchable_layers(fp)
     meta = {**ARCH, "include_stem": include_stem, "stem_bits": 8} if include_stem else dict(ARCH)
-    policy = BitPolicy(layers={n: QuantSpec(w_bits=(1, 2, 3, 4, 6)[i % 5], a_bits=4) for i, n in enumerate(names)},
+    policy = BitPolicy(layers={n: QuantSpec(w_bits=bits[i % len(bits)], a_bits=4) for i, n in enumerate(names)},
                        meta=meta)
     x = torch.randn(8, 1, 28, 28)
     q = prepare_quantized(fp, policy, x).eval()
@@ -70,7 +89,7 @@ def test_the_integer_file_rebuilds_the_model_smaller_with_the_same_predictions(t
     again = load_integer_model(out)
     with torch.no_grad():
         ref, got = model.model(x), again.model(x)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)   # 2..8 bits: bit for bit; this policy has 1-bit layers
     assert torch.equal(got.argmax(1), ref.argmax(1))
     assert again.policy.layers == model.policy.layers and again.quantized == model.quantized
     assert again.results == {"top1": 80.0} and again.preprocess == model.preprocess and not again.model.training
@@ -87,3 +106,11 @@ def test_a_float_model_file_is_not_taken_for_an_integer_one(tmp_path):
     path, _ = _final_model(tmp_path)
     with pytest.raises(CheckpointError, match="gmpq export"):
         load_integer_model(path)
+
+
+def test_without_binary_layers_the_integer_file_gives_the_same_outputs_bit_for_bit(tmp_path):
+    path, x = _final_model(tmp_path, bits=(2, 3, 4, 5, 6, 7, 8))
+    model = load_quantized_model(path)
+    again = load_integer_model(save_integer_model(tmp_path / "m.int.pt", model))
+    with torch.no_grad():
+        assert torch.equal(again.model(x), model.model(x))
