@@ -76,9 +76,11 @@ def _holds_state(exp: str) -> bool:
 
 def resolve_resume(cfg: SweepConfig, resume: bool | str) -> bool:
     """``run_sweep``'s ``resume`` as a bool: True and False as given; ``"auto"``: whether ``cfg``'s folder holds
-    this sweep's Tune state (``holds_sweep_state``). ConfigError when ``"auto"`` finds neither this sweep's state
-    nor a fresh folder: another sweep's saved config, or this sweep's results with no Tune state to resume (a
-    new sweep would mix its trials into them)."""
+    this sweep (its saved ``sweep_config.yaml`` names it) and its Tune state exists (``holds_sweep_state``).
+    ConfigError when ``"auto"`` finds neither that nor a fresh start: another sweep's saved config, this sweep's
+    results with no Tune state to resume (a new sweep would mix its trials into them), Tune state of this
+    name that another folder sharing the storage wrote (resuming it here would continue that sweep), or a
+    storage it cannot read."""
     if isinstance(resume, bool):
         return resume
     if resume != RESUME_AUTO:
@@ -86,19 +88,26 @@ def resolve_resume(cfg: SweepConfig, resume: bool | str) -> bool:
     from .results import load_resolved_config
 
     check_not_a_study(cfg.sweep_dir)     # named as such, not as "no sweep to resume"
-    exp = experiment_path(cfg)
-    try:
-        if _holds_state(exp):
-            return True
-    except ValueError:                   # a storage URI pyarrow cannot read (ftp://): check_sweep_config names it
-        return False
-    sweep_dir = cfg.sweep_dir
-    other = load_resolved_config(sweep_dir).get("name")
-    if other is not None and other != cfg.name:
-        raise ConfigError(f"--resume auto found the sweep '{other}' in '{sweep_dir}' (sweep_config.yaml), not "
+    sweep_dir, exp = cfg.sweep_dir, experiment_path(cfg)
+    saved = load_resolved_config(sweep_dir).get("name")
+    if saved is not None and saved != cfg.name:
+        raise ConfigError(f"--resume auto found the sweep '{saved}' in '{sweep_dir}' (sweep_config.yaml), not "
                           f"'{cfg.name}': it neither resumes another sweep nor starts a second one beside it. "
-                          f"Continue '{other}' with --out {sweep_dir} --resume auto and its config (or no --config), "
+                          f"Continue '{saved}' with --out {sweep_dir} --resume auto and its config (or no --config), "
                           "or give --out a new folder.")
+    try:
+        state = _holds_state(exp)
+    except (ValueError, OSError) as e:   # a URI storage pyarrow cannot read or reach (s3:// without access)
+        raise ConfigError(f"--resume auto cannot look for the sweep's Tune state at '{exp}': {e}. Check the "
+                          "--storage URI and its credentials; nothing has been trained yet.") from None
+    if state and saved is None:
+        raise ConfigError(f"--resume auto found Tune state of a sweep named '{cfg.name}' at '{exp}', but "
+                          f"'{sweep_dir}' holds no sweep (no sweep_config.yaml): another --out sharing this "
+                          "--storage wrote it, and resuming it here would continue that sweep in this folder. "
+                          "Give this sweep another --name (or its own --storage), or resume the other one with "
+                          "its own --out.")
+    if state:
+        return True
     if (sweep_dir / "trials.parquet").exists():
         raise ConfigError(f"--resume auto found results of the sweep '{cfg.name}' in '{sweep_dir}' (trials.parquet) "
                           f"but no Tune experiment state to resume at '{exp}' (another --storage "

@@ -134,6 +134,29 @@ def test_resume_auto_refuses_results_it_cannot_resume(tmp_path):
     assert resolve_resume(cfg, "auto") is True
 
 
+def test_resume_auto_does_not_resume_another_folders_sweep_on_a_shared_storage(tmp_path):
+    """The RayJob layout: --out per run, one --storage. Tune state of this name that folder A wrote must not be
+    continued in folder B (B would take over A's sweep); before B's own start it is refused, naming the fix."""
+    from orchestrator.sweep import resolve_resume
+
+    shared = str(tmp_path / "ray_results")
+    a = _cfg(tmp_path / "a", storage_path=shared)
+    save_resolved_config(a)
+    _tune_state(a)
+    assert resolve_resume(a, "auto") is True
+    with pytest.raises(ConfigError, match=r"holds no sweep .* another --out sharing this --storage wrote it"):
+        resolve_resume(_cfg(tmp_path / "b", storage_path=shared), "auto")
+    assert not (tmp_path / "b").exists()
+    assert resolve_resume(_cfg(tmp_path / "b", storage_path=shared, name="other"), "auto") is False
+
+
+def test_resume_auto_names_a_storage_it_cannot_read(tmp_path):
+    from orchestrator.sweep import resolve_resume
+
+    with pytest.raises(ConfigError, match=r"cannot look for the sweep's Tune state at 'hdfs://nohost:1/x/demo'"):
+        resolve_resume(_cfg(tmp_path, storage_path="hdfs://nohost:1/x"), "auto")
+
+
 def test_resume_auto_that_resumes_keeps_the_same_config_check(tmp_path, capsys):
     """Resuming with other sweep settings is refused as with --resume (Tune restores the old searcher)."""
     import ray
