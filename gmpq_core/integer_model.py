@@ -116,10 +116,18 @@ def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = 
     ``export.load_quantized_model`` calls it for such a file. ``blob``: the file's content already read."""
     path = Path(path)
     blob = load_checkpoint(path) if blob is None else blob
-    if not isinstance(blob, dict) or blob.get("format") != INT_FORMAT:
-        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+    found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+    if isinstance(found, str) and found.startswith("gmpq-integer-model/") and found != INT_FORMAT:
+        raise CheckpointError(f"'{path}' is a gmpq integer model of another version (format {found!r}; this gmpq "
+                              f"reads {INT_FORMAT!r}); load it with the gmpq version that wrote it, or export the "
+                              "float model again with this one ('gmpq export MODEL.pt').")
+    if found != INT_FORMAT:
         raise CheckpointError(f"'{path}' is not a gmpq integer model (format {found!r}, expected {INT_FORMAT!r}). "
                               "Write one from a final model file with 'gmpq export MODEL.pt'.")
+    missing = [k for k in ("arch", "policy_json", "quantized", "packed", "float_state") if k not in blob]
+    if missing:
+        raise CheckpointError(f"'{path}' lacks {missing} of a gmpq integer model: it is damaged or was edited. "
+                              "Export the float model again ('gmpq export MODEL.pt').")
     state = dict(blob["float_state"])
     for name, entry in blob["packed"].items():
         w_bits, shape = int(entry["w_bits"]), [int(s) for s in entry["shape"]]

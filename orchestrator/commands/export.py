@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from gmpq_core.errors import ConfigError
@@ -61,8 +62,16 @@ def run(args: argparse.Namespace) -> int:
                           f"--out to write each beside its model as <name>{SUFFIX}.")
     if args.out is not None and Path(args.out).is_dir():
         raise ConfigError(f"--out '{args.out}' is a folder; give a file name, e.g. --out {Path(args.out) / 'model'}{SUFFIX}.")
-    for src in sources:
-        out = Path(args.out) if args.out else src.with_name(src.name.removesuffix(".pt") + SUFFIX)
+    pairs = [(src, Path(args.out) if args.out else src.with_name(src.name.removesuffix(".pt") + SUFFIX))
+             for src in sources]
+    for src, out in pairs:                          # every pair is checked before anything is written
+        if out.resolve() == src.resolve():
+            raise ConfigError(f"--out '{args.out}' is the model file itself; the float model would be lost. Give "
+                              f"another file name, e.g. --out {src.with_name(src.name.removesuffix('.pt') + SUFFIX)}.")
+        if src.name.endswith(SUFFIX):
+            raise ConfigError(f"'{src}' is an integer model file already (written by 'gmpq export'); pass the float "
+                              f"model it came from ({src.with_name(src.name.removesuffix(SUFFIX) + '.pt')}).")
+    for src, out in pairs:
         row = export_one(src, out)
         if args.json:
             print(json.dumps({k: v for k, v in row.items() if args.layers or k != "layers"}))
@@ -76,11 +85,18 @@ def export_one(src: Path, out: Path) -> dict:
     import torch
 
     from gmpq_core.export import load_quantized_model
-    from gmpq_core.integer_model import integer_sizes, load_integer_model, save_integer_model
+    from gmpq_core.integer_model import INT_FORMAT, integer_sizes, load_integer_model, save_integer_model
 
-    model = load_quantized_model(src)
-    save_integer_model(out, model)
-    again = load_integer_model(out)
+    from gmpq_core.fileio import load_checkpoint
+
+    blob = load_checkpoint(src)
+    if isinstance(blob, dict) and blob.get("format") == INT_FORMAT:
+        raise ConfigError(f"'{src}' is an integer model file already (format {INT_FORMAT!r}); pass the float "
+                          "model file it was exported from.")
+    model = load_quantized_model(src, blob=blob)
+    partial = out.with_name(out.name + ".partial")  # checked before it takes the name: an earlier export survives
+    save_integer_model(partial, model)
+    again = load_integer_model(partial)
     size = model.preprocess.get("image_size") or model.arch.get("input_size") or 32
     x = torch.randn(16, int(model.arch["in_channels"]), int(size), int(size), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -90,9 +106,10 @@ def export_one(src: Path, out: Path) -> dict:
     clear = (top2[:, 0] - top2[:, 1]) > 1e-4                  # a near tie may flip on float rounding
     diff = float((ref - got).abs().max())
     if bool((clear & (ref.argmax(1) != got.argmax(1))).any()):
-        out.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise ConfigError(f"the integer file of '{src}' predicts differently on {len(x) - same} of {len(x)} inputs "
                           f"(max |logit difference| {diff:.3g}); nothing was written. Report this with the model file.")
+    os.replace(partial, out)
     sizes = integer_sizes(model)
     return {"source": str(src), "out": str(out), "source_bytes": src.stat().st_size, "out_bytes": out.stat().st_size,
             "weight_float_bytes": sizes["float_bytes"], "weight_packed_bytes": sizes["packed_bytes"],

@@ -114,3 +114,27 @@ def test_without_binary_layers_the_integer_file_gives_the_same_outputs_bit_for_b
     again = load_integer_model(save_integer_model(tmp_path / "m.int.pt", model))
     with torch.no_grad():
         assert torch.equal(again.model(x), model.model(x))
+
+
+def test_binary_layers_with_zero_weights_come_back_to_the_same_outputs(tmp_path):
+    # a 1-bit layer quantizes with mean|W|: zeros (pruned filters) make q * step's mean smaller than step
+    path, x = _final_model(tmp_path, bits=(1,))
+    model = load_quantized_model(path)
+    with torch.no_grad():
+        for name, spec in model.quantized.items():
+            if spec.w_bits == 1:
+                w = model.model.get_submodule(name).weight
+                w[: max(1, w.shape[0] // 4)] = 0.0
+        again = load_integer_model(save_integer_model(tmp_path / "z.int.pt", model))
+        torch.testing.assert_close(again.model(x), model.model(x), rtol=0, atol=1e-5)
+
+
+def test_damaged_or_newer_integer_files_are_named(tmp_path):
+    from gmpq_core.fileio import save_checkpoint
+
+    save_checkpoint(tmp_path / "new.pt", {"format": "gmpq-integer-model/2"})
+    with pytest.raises(CheckpointError, match="of another version"):
+        load_integer_model(tmp_path / "new.pt")
+    save_checkpoint(tmp_path / "cut.pt", {"format": "gmpq-integer-model/1", "arch": {}})
+    with pytest.raises(CheckpointError, match=r"lacks \['policy_json'"):
+        load_integer_model(tmp_path / "cut.pt")

@@ -51,3 +51,21 @@ def test_export_bad_input_is_one_paragraph_before_any_file_is_written(tmp_path, 
     assert main(["export", str(sweep / "models" / "t0.pt"), "--out", str(tmp_path)]) == 2
     assert "is a folder" in err()
     assert not list((sweep / "models").glob("*.int.pt")) and not (tmp_path / "x.int.pt").exists()
+
+
+def test_export_never_overwrites_the_float_model_or_exports_an_integer_file(tmp_path, capsys):
+    sweep = _sweep_with_models(tmp_path / "sweep", n=1)
+    src = sweep / "models" / "t0.pt"
+    before = src.read_bytes()
+    assert main(["export", str(src), "--out", str(src)]) == 2
+    assert "is the model file itself" in " ".join(capsys.readouterr().err.split())
+    assert main(["export", str(src)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(sweep / "models" / "t0.int.pt")]) == 2
+    assert "is an integer model file already" in " ".join(capsys.readouterr().err.split())
+    renamed = sweep / "int_renamed.pt"                       # named like a float file: told by its format
+    renamed.write_bytes((sweep / "models" / "t0.int.pt").read_bytes())
+    assert main(["export", str(renamed), "--out", str(tmp_path / "x.int.pt")]) == 2
+    assert "is an integer model file already" in " ".join(capsys.readouterr().err.split())
+    assert src.read_bytes() == before and not (tmp_path / "x.int.pt").exists()
+    assert not list(sweep.rglob("*.partial"))
