@@ -147,7 +147,8 @@ def load_model_state(model: nn.Module, state: Any, path: str | os.PathLike, *, w
     the file (as ``what``), the model it seems to hold (a registered model with its in_channels / num_classes /
     small_input, read from the tensors' names and shapes), the model ``expected`` here (default: the same reading
     of ``model``), a few of the missing, unexpected and mis-shaped keys with their counts, and ``fix`` (default:
-    give a checkpoint of this model or retrain it), instead of PyTorch's list of every key.
+    give a checkpoint of this model or retrain it), instead of PyTorch's list of every key. As with PyTorch's
+    strict load, a failed load may have copied the matching tensors already: discard ``model`` then.
     """
     import torch
 

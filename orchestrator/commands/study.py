@@ -188,7 +188,6 @@ def _check_output(path: Path, what: str, flag: str, example: str) -> None:
     check_writable_dir(path.parent, what=f"folder of the {what}", hint=f"pass {flag} a path in a folder you can write")
 
 
-
 @contextlib.contextmanager
 def _noting_mlflow_warning():
     """Yields a list that gets the MLflow sink's warning once it is shown (shown as before, where and when it is
