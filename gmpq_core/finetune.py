@@ -8,7 +8,9 @@ FP model (kept in eval mode, no gradients):
 
 With ``checkpoint_dir`` the state after each epoch is written atomically to
 ``checkpoint_dir/last.pt`` (tensors and plain containers only, read back with
-``torch.load(weights_only=True)``); a later call with the same arguments resumes from it.
+``torch.load(weights_only=True)``); a later call with the same arguments resumes from it. The recipe, the
+bit policy, the precision and the caller's ``run_info`` (e.g. the dataset and the model options) are saved
+with it: a later call with other ones is refused (CheckpointError), not resumed.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,7 +36,7 @@ from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_
                     steps_per_epoch, training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
-           "CHECKPOINT_NAME"]
+           "run_info_changes", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +133,29 @@ def _first_batch(loader: Any) -> Tensor:
                       "activation clips (check batch_size and the training split's size).")
 
 
-def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precision: str) -> dict | None:
+def run_info_changes(old: Any, new: Mapping[str, Any] | None) -> list[str]:
+    """The keys of ``new`` (a fine-tune's ``run_info``) whose value differs from ``old``'s (a checkpoint's
+    ``"run"`` entry). A checkpoint from before the entry (not a dict), or without a key, matches any value."""
+    if not isinstance(old, dict) or not new:
+        return []
+    return [k for k in new if k in old and old[k] != new[k]]
+
+
+def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precision: str,
+                 run_info: Mapping[str, Any] | None = None) -> dict | None:
     if not path.is_file():
         return None
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler", "history"} <= set(ckpt):
         raise CheckpointError(f"Checkpoint '{path}' lacks the fine-tune state (epoch, model, optimizer, "
                               "scheduler, history); delete it to start the fine-tune afresh.")
+    changed = run_info_changes(ckpt.get("run"), run_info)   # first: another dataset or model explains the rest
+    if changed:
+        was = ", ".join(f"{k}={ckpt['run'][k]!r}" for k in changed)
+        now = ", ".join(f"{k}={run_info[k]!r}" for k in changed)
+        raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune with {was}, but this run has {now}; "
+                              "resume with the same settings, or use another checkpoint folder (or delete this one) "
+                              "to start afresh.")
     old_cfg = {**_BEFORE_THE_KEY, **ckpt.get("config", {})} if ckpt.get("config") else {}
     diff = [k for k in _RESUME_KEYS if k in old_cfg and old_cfg[k] != getattr(config, k)]
     if diff:
@@ -161,14 +179,18 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precisio
 def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loader: Any, *,
              config: FinetuneConfig, input_size: int, in_channels: int, reporter: Reporter | None = None,
              device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
-             progress: Progress | None = None, precision: str = "auto") -> FinetuneResult:
+             progress: Progress | None = None, precision: str = "auto",
+             run_info: Mapping[str, Any] | None = None) -> FinetuneResult:
     """QAT of ``policy`` applied to a copy of ``fp_model``; ``fp_model`` itself is left unchanged.
 
     Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch and honours
     ``should_stop()`` between epochs. ``epochs_run`` counts epochs completed in total, including
     those restored from ``checkpoint_dir``. BitOPs are counted at ``input_size`` px with
     ``in_channels`` input channels. ``precision``: precision.py (``auto``: bf16 autocast on a GPU with
-    bfloat16, float32 elsewhere; the quantizers' grids and clips stay float32).
+    bfloat16, float32 elsewhere; the quantizers' grids and clips stay float32). ``run_info``: what else the
+    checkpoint's state depends on, as plain values (e.g. ``{"dataset": "digits", "model": "resnet20",
+    "input_size": 8}``); saved in the checkpoint, and a resume with another value of a key is refused (a
+    checkpoint written without the key, or without ``run_info``, resumes).
     """
     resolved = resolve_precision(precision, device)      # a bad value fails before any work
     reporter = reporter or NullReporter()
@@ -188,7 +210,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     start = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     if ckpt_path is not None:
-        state = _load_resume(ckpt_path, config, policy, resolved)
+        state = _load_resume(ckpt_path, config, policy, resolved, run_info)
         if state is not None:
             model.load_state_dict(state["model"])
             load_optimizer_state(optimizer, state["optimizer"])
@@ -203,7 +225,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
-            "precision": resolved, "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}})
+            "precision": resolved, "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()},
+            "run": dict(run_info or {})})
 
     metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,
                                epochs=config.epochs, start_epoch=start, seed=config.seed,

@@ -3,8 +3,10 @@
 Writes ``DIR/quantized.pt`` (the quantized model, self-contained: ``gmpq_core.load_quantized_model(path).model``
 rebuilds it for inference), ``DIR/policy.json``, ``DIR/finetune_result.json`` (top-1/top-5 of the quantized
 and the FP model, BitOPs in both conventions, the policy summary) and per-epoch checkpoints in
-``DIR/checkpoints/``, from which an interrupted run resumes. Without ``--fp-checkpoint`` the FP
-model is trained first (``--fp-epochs``) and kept as ``DIR/fp.pt``.
+``DIR/checkpoints/``, from which an interrupted run resumes (a checkpoint of a run on another dataset or
+model, or with other settings, is refused, not resumed). Without ``--fp-checkpoint`` the FP model is trained
+first (``--fp-epochs``) and kept as ``DIR/fp.pt`` with its ``DIR/fp_result.json`` (a rerun reuses both; one
+without the other is not trusted, and the FP model is trained again).
 
 The single-policy logic lives in ``run_single_finetune(args)`` so that other modes (a Ray Train
 sweep over many policies) can extend the parser and dispatch from ``run``.
@@ -22,8 +24,8 @@ from torch import nn
 from gmpq_core.data import canonical_data_source
 from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.export import preprocess_of, save_quantized_model
-from gmpq_core.fileio import atomic_write_json
-from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
+from gmpq_core.fileio import atomic_write_json, load_checkpoint
+from gmpq_core.finetune import CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, finetune, run_info_changes
 from gmpq_core.policy import BitPolicy
 from gmpq_core.precision import resolve_precision
 from gmpq_core.train import evaluate
@@ -129,9 +131,19 @@ def _kept_fp(out: Path) -> Path | None:
     return kept if kept.is_file() and (out / FP_RESULT).is_file() else None
 
 
+def _fp_info(args: argparse.Namespace, out: Path) -> dict:
+    """The fp_result.json of the FP model this run uses (--fp-checkpoint, or the kept ``DIR/fp.pt``), which steers
+    the model options and the dataset; {} when there is none. A ``DIR/fp_result.json`` left without the fp.pt it
+    describes is not read: the FP model is trained again here, and both files are rewritten."""
+    fp_file = Path(args.fp_checkpoint) if args.fp_checkpoint is not None else _kept_fp(out)
+    return fp_result_beside(fp_file) if fp_file is not None and fp_file.is_file() else {}
+
+
 def _check_single_args(args: argparse.Namespace, out: Path) -> None:
     """Values the configs would reject later under another name (``lr``), and options with no effect. --fp-lr is
     checked only when the FP model is trained here (said to be ignored otherwise, once the FP model is loaded)."""
+    if args.fp_checkpoint is not None and not Path(args.fp_checkpoint).is_file():
+        load_checkpoint(args.fp_checkpoint)    # its "not found" / "is a folder" paragraph now, before any data loads
     if args.fp_checkpoint is None and _kept_fp(out) is None and not (
             isinstance(args.fp_lr, (int, float)) and math.isfinite(args.fp_lr) and args.fp_lr > 0):
         raise ConfigError(f"--fp-lr must be a finite number > 0, but got --fp-lr {args.fp_lr}. Use e.g. --fp-lr 0.1 "
@@ -171,7 +183,10 @@ def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> 
         model = load_fp_model(kept, opts)
         print(f"reusing the FP model {kept} from an earlier run{_recipe_note(args, kept)}", file=sys.stderr)
         return model, str(kept)
-    print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs)", file=sys.stderr)
+    lone = [f.name for f in (out / FP_WEIGHTS, out / FP_RESULT) if f.is_file()]     # one without the other
+    stale = (f"; the {lone[0]} left in {out} without its {({FP_WEIGHTS, FP_RESULT} - set(lone)).pop()} is not used "
+             "and is replaced") if lone else ""
+    print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs){stale}", file=sys.stderr)
     model, _ = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.fp_epochs, lr=args.fp_lr,
                               max_steps_per_epoch=args.max_steps_per_epoch)
     return model, str(out / FP_WEIGHTS)
@@ -189,14 +204,59 @@ def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
             "train it with them)")
 
 
+def _canonical_dataset(name: str) -> str:
+    """``name`` with an ``imagefolder:`` path made absolute; a name this gmpq does not know (written by another
+    version) as is."""
+    try:
+        return canonical_data_source(name, None)[0]
+    except GMPQError:
+        return name
+
+
 def _same_dataset(a: str, b: str) -> bool:
     """Whether two dataset names are the same data (``imagefolder:`` paths compared absolute)."""
-    def canonical(name: str) -> str:
-        try:
-            return canonical_data_source(name, None)[0]
-        except GMPQError:        # a name this gmpq does not know (written by another version): compare as is
-            return name
-    return canonical(a) == canonical(b)
+    return _canonical_dataset(a) == _canonical_dataset(b)
+
+
+def _run_info(info, opts: ModelOptions, train_size: int) -> dict:
+    """What a fine-tune checkpoint's state depends on besides the recipe, the policy and the precision (which
+    gmpq_core.finetune checks): the data it trains on and the model it is."""
+    return {"dataset": _canonical_dataset(info.name), **opts.to_dict(), "train_size": train_size}
+
+
+_RUN_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
+              "num_classes": "--num-classes", "train_size": "--train-size"}
+
+
+def _as_flags(run: dict, keys: list[str]) -> str:
+    """``run``'s values of ``keys`` as the flags that give them (``--input-size 8 --no-small-input``)."""
+    return " ".join(("--small-input" if run[k] else "--no-small-input") if k == "small_input"
+                    else f"{_RUN_FLAGS.get(k, k)} {run[k]}" for k in keys)
+
+
+def _check_resume_run(out: Path, run_info: dict, dataset: str) -> None:
+    """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
+    training subset, is refused before any work (it was resumed as if it were this run's). A checkpoint from
+    before these were recorded is not checked; one that is not a fine-tune state is named by gmpq_core.finetune."""
+    path = out / CHECKPOINTS / CHECKPOINT_NAME
+    if not path.is_file():
+        return
+    ckpt = load_checkpoint(path)
+    old = ckpt.get("run") if isinstance(ckpt, dict) else None
+    if not isinstance(old, dict):
+        return
+    fresh = f"delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh"
+    old_data = old.get("dataset")
+    if isinstance(old_data, str) and old_data and not _same_dataset(old_data, run_info["dataset"]):
+        raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
+                          f"written by a fine-tune on '{old_data}', but this run fine-tunes on '{dataset}'. Pass "
+                          f"another --out for the {dataset} run (this folder's fine-tune checkpoints belong to the "
+                          f"{old_data} run), or {fresh}.")
+    changed = [k for k in run_info_changes(old, run_info) if k != "dataset"]
+    if changed:
+        raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
+                          f"written with {_as_flags(old, changed)}, but this run has {_as_flags(run_info, changed)}. "
+                          f"Pass {_as_flags(old, changed)} to resume it, another --out for this run, or {fresh}.")
 
 
 def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) -> str | None:
@@ -244,7 +304,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     policy = _policy_from_args(args)
     meta = policy_meta(policy)
-    fp_info = fp_result_beside(args.fp_checkpoint or out / FP_WEIGHTS)  # {} when there is none
+    fp_info = _fp_info(args, out)                                  # {} when there is none
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                             batch_size=args.batch_size, distill=args.distill, distill_alpha=args.distill_alpha,
                             distill_temperature=args.distill_temperature, seed=args.seed,
@@ -268,6 +328,8 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     info, train_split, test_split = data
     other_data = _check_fp_dataset(args, out, fp_info, info)     # before the options: it names both datasets
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
+    run_info = _run_info(info, opts, len(train_split))
+    _check_resume_run(out, run_info, info.name)                      # before a possibly long FP training
     if policy is not None:  # fail before a possibly long FP training
         policy.check_fits(build_seeded_model(opts, args.seed))
     fp_model, fp_source = _fp_model(args, out, opts, data)
@@ -284,7 +346,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
         result = finetune(fp_model, policy, train_loader, test_loader, config=config, input_size=opts.input_size,
                           in_channels=opts.in_channels, device=device, checkpoint_dir=out / CHECKPOINTS,
                           reporter=ProgressReporter("finetune", total_epochs=config.epochs), progress=bar,
-                          precision=precision)
+                          precision=precision, run_info=run_info)
     finally:
         bar.close()
     summary = finetune_summary(result, policy, opts, fp_eval, config=config, dataset=info.name,

@@ -146,6 +146,33 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
                  input_size=8, in_channels=1, checkpoint_dir=tmp_path, precision="bf16")
 
 
+
+def test_a_checkpoint_of_another_dataset_or_model_is_refused_and_one_from_before_run_info_resumes(tmp_path):
+    """run_info (what the caller trains on: dataset, model options) is saved with the state; a resume under other
+    values was silent (the folder of a digits run continued on MNIST). Keys the checkpoint lacks are not checked."""
+    fp = tiny_net()
+    pol = mixed_policy(fp)
+    digits = {"dataset": "digits", "model": "tiny", "input_size": 8}
+
+    def run(run_info, **kw):
+        return finetune(fp, pol, TinyLoader(), TinyLoader(seed=1), config=FinetuneConfig(epochs=2), input_size=8,
+                        in_channels=1, checkpoint_dir=tmp_path, run_info=run_info, **kw)
+    run(digits, reporter=ListReporter(stop_after=1))
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["run"] == digits
+    with pytest.raises(CheckpointError, match=r"written by a fine-tune with dataset='digits', but this run has "
+                                              r"dataset='mnist5k'; resume with the same settings"):
+        run({**digits, "dataset": "mnist5k"})
+    with pytest.raises(CheckpointError, match=r"with input_size=8, but this run has input_size=16"):
+        run({**digits, "input_size": 16})
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    del state["run"]                                           # written before run_info existed: resumes
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
+    rep = ListReporter()
+    assert run({**digits, "dataset": "mnist5k", "train_size": 16}, reporter=rep).epochs_run == 2
+    assert [s for s, _ in rep.records] == [2]
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["run"]["dataset"] == "mnist5k"
+    assert run({**digits, "dataset": "mnist5k", "seed_note": "new key"}).epochs_run == 2   # a key it lacks
+
 class _Echo(ListReporter):
     """Prints each epoch (seen with -s) so a long run's numbers survive an interruption."""
 

@@ -1,5 +1,6 @@
 """`gmpq finetune` given an FP checkpoint that does not belong to the run: another model (PyTorch's 2 KB list of
-keys), another dataset (no word), and --fp-lr / --fp-epochs that configure an FP training that does not happen."""
+keys), another dataset (no word), and --fp-lr / --fp-epochs that configure an FP training that does not happen;
+and an --out folder whose fine-tune checkpoint or fp_result.json belongs to another run."""
 from __future__ import annotations
 
 import json
@@ -122,3 +123,87 @@ def test_fp_lr_is_not_checked_when_the_fp_model_of_an_earlier_run_is_reused(tmp_
             "2 --fp-lr 0.0 given now apply only when it is trained") in err
     assert main([*FINETUNE, "--out", str(tmp_path / "out")]) == 0     # the same recipe: no note
     assert "trained with" not in capsys.readouterr().err
+
+
+def image_folders(root, *names: str) -> list[str]:
+    """Tiny ``imagefolder:`` datasets (2 classes of four random 8x8 RGB images per split) named ``names``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in names:
+        for split in ("train", "val"):
+            for c in ("a", "b"):
+                d = root / name / split / c
+                d.mkdir(parents=True)
+                for i in range(4):
+                    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return [f"imagefolder:{root / name}" for name in names]
+
+
+def test_a_fine_tune_checkpoint_of_a_run_on_another_dataset_is_refused_not_resumed(tmp_path, capsys):
+    """A rerun into the same --out (with --fp-checkpoint, so no kept fp.pt says so) on another dataset resumed the
+    earlier run's fine-tune and reported its model as this dataset's."""
+    a, b = image_folders(tmp_path, "setA", "setB")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "fp.pt", build_model("resnet20", num_classes=2, in_channels=3).state_dict())
+    out = tmp_path / "out"
+    run = ["finetune", "--uniform", "4", "4", "--input-size", "8", "--batch-size", "8", "--max-steps-per-epoch", "1",
+           "--epochs", "2", "--fp-checkpoint", str(tmp_path / "fp.pt"), "--out", str(out)]
+    assert main([*run, "--dataset", a]) == 0
+    capsys.readouterr()
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    err = refused(capsys, [*run, "--dataset", b])
+    assert (f"The fine-tune checkpoint '{out / 'checkpoints' / 'last.pt'}', kept from an earlier run in this --out "
+            f"folder, was written by a fine-tune on '{a}', but this run fine-tunes on '{b}'. Pass another --out for "
+            f"the {b} run (this folder's fine-tune checkpoints belong to the {a} run), or delete "
+            f"'{out / 'checkpoints'}' to start this folder's fine-tune afresh.") in err
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    assert main([*run, "--dataset", f"imagefolder:{tmp_path}/./setA"]) == 0       # the same folder, spelt otherwise
+
+
+def test_a_fine_tune_checkpoint_of_another_input_size_is_refused_and_one_from_before_the_record_resumes(tmp_path,
+                                                                                                      capsys):
+    """resnet20 takes any input size, so a checkpoint trained at 8 px resumed silently at 16 px."""
+    ckpt, out = fp_dir(tmp_path), tmp_path / "out"
+    run = [*FINETUNE, "--epochs", "2", "--fp-checkpoint", ckpt, "--out", str(out)]
+    assert main(run) == 0
+    capsys.readouterr()
+    err = refused(capsys, [*run, "--input-size", "16"])
+    assert (f"The fine-tune checkpoint '{out / 'checkpoints' / 'last.pt'}', kept from an earlier run in this --out "
+            "folder, was written with --input-size 8, but this run has --input-size 16. Pass --input-size 8 to "
+            "resume it, another --out for this run, or delete") in err
+    path = out / "checkpoints" / "last.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["run"] == {"dataset": "digits", "model": "resnet20", "input_size": 8, "in_channels": 1,
+                            "num_classes": 10, "small_input": True, "train_size": 16}
+    del state["run"]                              # a checkpoint written before the record: resumed as before
+    torch.save(state, path)
+    assert main(run) == 0
+    assert len(json.loads((out / "finetune_result.json").read_text())["history"]) == 2   # resumed, none re-run
+
+
+def test_an_fp_result_left_without_its_fp_model_does_not_steer_the_model(tmp_path, capsys):
+    """DIR/fp_result.json of a 26-class 16 px model, its fp.pt gone: the FP model trained here took 26 classes and
+    16 px from it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    atomic_write_json(out / "fp_result.json", {"model": "resnet20", "input_size": 16, "in_channels": 1,
+                                               "num_classes": 26, "small_input": False, "dataset": "digits"})
+    assert main([*FINETUNE, "--fp-epochs", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "finetune_result.json").read_text())
+    assert (result["num_classes"], result["input_size"], result["small_input"]) == (10, 8, True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"no --fp-checkpoint: training the FP model first (1 epochs); the fp_result.json left in {out} without "
+            "its fp.pt is not used and is replaced") in err
+    assert json.loads((out / "fp_result.json").read_text())["num_classes"] == 10        # rewritten with fp.pt
+
+
+def test_a_missing_fp_checkpoint_is_named_before_its_fp_result_is_read(tmp_path, capsys):
+    """--fp-checkpoint DIR/fp.pt gone but DIR/fp_result.json there (of a 26-class model): it was refused as a model
+    of another label space, not as missing."""
+    ckpt = fp_dir(tmp_path, num_classes=26, dataset="emnist_letters")
+    (tmp_path / "fp" / "fp.pt").unlink()
+    err = refused(capsys, [*FINETUNE, "--fp-checkpoint", ckpt, "--out", str(tmp_path / "out")])
+    assert f"Checkpoint not found: '{ckpt}'." in err and "emnist_letters" not in err
+    assert not (tmp_path / "out").exists()
