@@ -17,7 +17,7 @@ from .sweep_config import SweepConfig, _require, trial_search_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepFacts", "check_sweep_config", "check_tracking_scheme"]
+__all__ = ["SweepFacts", "check_sweep_config", "check_tracking_scheme", "check_tracking_uri"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,16 @@ def check_tracking_scheme(uri: str | None, name: str = "tracking_uri",
                           f"as postgresql://..., or leave it out to log to {default}.")
 
 
+def check_tracking_uri(uri: str | None, name: str = "--tracking-uri", *, default: str = "the sweep folder's mlflow.db",
+                       leave_out: str | None = "keep it in the sweep folder") -> None:
+    """A tracking URI checked as ``gmpq sweep`` checks its store, before any work: a scheme MLflow knows, and a
+    ``sqlite:///PATH`` whose folder can be written (not a file, nor under one) and that is not a folder. ``name``
+    names it in the message (a flag or a config key; the fix always says ``--tracking-uri``); ``default`` and
+    ``leave_out``: where runs go without it (``leave_out`` None: leaving it out is no fix)."""
+    check_tracking_scheme(uri, name, default)
+    _check_sqlite_file("tracking_uri", "--tracking-uri", uri, leave_out=leave_out)
+
+
 def _check_stores(cfg: SweepConfig) -> None:
     """The MLflow tracking URI and the Optuna storage URL are well formed (before any training: a bad
     one used to surface after the shared models had trained, or to switch MLflow off for the sweep)."""
@@ -175,9 +185,10 @@ def _check_stores(cfg: SweepConfig) -> None:
         _check_sqlite_file(what, flag, url)
 
 
-def _check_sqlite_file(what: str, flag: str, url: str | None) -> None:
+def _check_sqlite_file(what: str, flag: str, url: str | None, *,
+                       leave_out: str | None = "keep it in the sweep folder") -> None:
     """A sqlite:///PATH store whose folder cannot be written fails now, naming it (SQLAlchemy raised a
-    traceback once the shared models had trained)."""
+    traceback once the shared models had trained). ``leave_out``: what leaving ``flag`` out does (None: no fix)."""
     if not url or not url.lower().startswith("sqlite:"):
         return
     from sqlalchemy.engine import make_url
@@ -188,12 +199,12 @@ def _check_sqlite_file(what: str, flag: str, url: str | None) -> None:
     if not database or database == ":memory:":
         return
     path = Path(database).expanduser()
+    otherwise = f", or leave it out to {leave_out}" if leave_out else ""
     check_writable_dir(path.parent, what=f"folder of the {what} database {url!r}",
-                       hint=f"pass {flag} sqlite:///PATH with PATH in a folder you can write, or leave it out to keep "
-                            "it in the sweep folder")
+                       hint=f"pass {flag} sqlite:///PATH with PATH in a folder you can write{otherwise}")
     if path.is_dir():
-        raise ConfigError(f"{what} {url!r} names a folder, not a database file. Pass {flag} sqlite:///PATH/FILE.db, or "
-                          "leave it out to keep it in the sweep folder.")
+        raise ConfigError(f"{what} {url!r} names a folder, not a database file. Pass {flag} "
+                          f"sqlite:///PATH/FILE.db{otherwise}.")
 
 
 def _warn_single_bucket(cfg: SweepConfig, low: float | None, high: float | None) -> None:

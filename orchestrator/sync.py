@@ -12,7 +12,9 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
 - the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them.
 
 A run that already holds everything is left alone, so a second sync changes nothing (idempotent).
-Run it after the sweep, or while the sweep's own MLflow logging is disabled (one writer at a time).
+Run it after the sweep, or while the sweep's own MLflow logging is disabled (one writer at a time). A sweep
+folder with no results yet (no row in ``trials.parquet``, or no such file: no trial has finished) has nothing
+to sync: the store is checked (when it exists) and no run is created.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from gmpq_core.errors import GMPQError
 from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key,
                           default_tracking_uri)
 from .mlflow_stages import log_final, log_pareto
-from .results import FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
+from .moved_sweep import sqlite_file
+from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
 
 __all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial"]
 
@@ -48,11 +51,12 @@ class SyncError(GMPQError, RuntimeError):
 
 @dataclass(frozen=True)
 class SyncReport:
-    """What one sync did. ``duplicates``: trial ids with more than one child run in the store (should be 0)."""
+    """What one sync did. ``duplicates``: trial ids with more than one child run in the store (should be 0).
+    ``nothing_to_sync``: the folder holds no results yet (no run was looked up or created; ``parent_run_id`` None)."""
     sweep_dir: Path
     tracking_uri: str
     experiment_name: str
-    parent_run_id: str
+    parent_run_id: str | None
     parent_created: bool
     trials: int
     runs_created: int
@@ -60,6 +64,7 @@ class SyncReport:
     runs_unchanged: int
     tables_logged: tuple[str, ...]
     duplicates: int
+    nothing_to_sync: bool = False
 
     @property
     def changed(self) -> bool:
@@ -223,26 +228,54 @@ def _sink_warnings(caught: list) -> list[str]:
             if issubclass(w.category, RuntimeWarning) and str(w.message).startswith(DISABLED)]
 
 
+def _cannot_sync(sink: MLflowSink, sweep_dir: Path, caught: list) -> SyncError:
+    why = "; ".join(m.replace(f". {sink.goes_on()}", "") for m in _sink_warnings(caught)) or "unreachable"
+    return SyncError(f"Cannot sync '{sweep_dir}' to MLflow: {why}. Start the tracking server (e.g. 'gmpq "
+                     "mlflow-server --dir DIR --port P --detach') or pass the right --tracking-uri, then rerun "
+                     "'gmpq sync-mlflow'; nothing was changed that a rerun does not finish.")
+
+
+def _nothing_to_sync(sink: MLflowSink, sweep_dir: Path) -> SyncReport:
+    """The report of a folder with no results yet, once the store is known to answer (an existing store is opened,
+    which finds or creates the experiment and no run; a SQLite file not there yet is not created)."""
+    db = sqlite_file(sink.tracking_uri)
+    if db is None or db.exists():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            if not sink.open_store():
+                raise _cannot_sync(sink, sweep_dir, caught)
+    return SyncReport(sweep_dir=sweep_dir, tracking_uri=sink.tracking_uri, experiment_name=sink.experiment_name,
+                      parent_run_id=None, parent_created=False, trials=0, runs_created=0, runs_updated=0,
+                      runs_unchanged=0, tables_logged=(), duplicates=0, nothing_to_sync=True)
+
+
 def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> SyncReport:
     """Make the MLflow view of ``sweep_dir`` whole (see the module docstring); returns what it did.
 
-    ``tracking_uri``: default the sweep's own (``sweep_config.yaml``). Raises CheckpointError for a
-    folder that is not a sweep or a damaged ``trials.parquet``, SyncError when MLflow cannot be reached.
+    ``tracking_uri``: default the sweep's own (``sweep_config.yaml``). Raises ConfigError for a tracking URI
+    that cannot work (an unknown scheme, a SQLite file in a folder that is a file), before anything else;
+    CheckpointError for a folder that is not a sweep or a damaged ``trials.parquet``; SyncError when MLflow
+    cannot be reached. A folder with no results yet returns a report with ``nothing_to_sync`` and creates no run.
     """
+    from .sweep_checks import check_tracking_uri
+
+    if tracking_uri:
+        check_tracking_uri(tracking_uri, default="the sweep's own store", leave_out="sync to the sweep's own store")
     sweep_dir = Path(sweep_dir).expanduser().resolve()
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
-    rows = read_trials(sweep_dir, missing_ok=True).to_dict("records")
     uri = tracking_uri or cfg.get("tracking_uri") or default_tracking_uri(sweep_dir)
+    if not tracking_uri:       # the sweep's own: its folder may have been replaced since, e.g. by a file
+        check_tracking_uri(uri, f"tracking_uri (in {sweep_dir / CONFIG_FILE})", leave_out=None)
+    rows = read_trials(sweep_dir, missing_ok=True).to_dict("records")
     t0_ms = int(time.time() * 1000)
     sink = MLflowSink(uri, sweep_dir, resolved_config=cfg)
+    if not rows and not any((sweep_dir / f).is_file() for f in (PARETO_FILE, FINAL_FILE)):
+        return _nothing_to_sync(sink, sweep_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)     # the sink's warning even if shown before: it says why
         connected = sink.connect()
         if not connected:
-            why = "; ".join(m.replace(f". {sink.goes_on()}", "") for m in _sink_warnings(caught)) or "unreachable"
-            raise SyncError(f"Cannot sync '{sweep_dir}' to MLflow: {why}. Start the tracking server (e.g. 'gmpq "
-                            "mlflow-server --dir DIR --port P --detach') or pass the right --tracking-uri, then rerun "
-                            "'gmpq sync-mlflow'; nothing was changed that a rerun does not finish.")
+            raise _cannot_sync(sink, sweep_dir, caught)
         try:
             outcomes, parent, tables, dup = _sync_all(sink, cfg, sweep_dir, rows)
         except (MlflowException, RequestException, OSError) as e:

@@ -6,7 +6,9 @@
 For a sweep whose MLflow server was down at the start or went down mid-sweep (the sweep warned and
 kept going: its results are complete in DIR/trials.parquet). Creates the missing parent and trial
 runs, completes the partial ones, and reuses runs it finds by their saved ids or their trial_id tags:
-running it twice creates nothing new. Default tracking URI: the sweep's own.
+running it twice creates nothing new. Default tracking URI: the sweep's own. A sweep folder with no trial
+results yet has nothing to sync: it says so and exits 0, creating no run. A --tracking-uri that cannot work
+(an unknown scheme, a sqlite:///PATH under a file) is refused before anything is read.
 """
 from __future__ import annotations
 
@@ -22,6 +24,13 @@ __all__ = ["register", "run", "format_report"]
 
 
 def format_report(rep: Any) -> str:
+    if rep.nothing_to_sync:
+        from orchestrator.results import TRIALS_FILE
+
+        why = "its trials.parquet has no rows" if (rep.sweep_dir / TRIALS_FILE).exists() else "no trials.parquet"
+        return (f"nothing to sync: '{rep.sweep_dir}' holds no trial results yet ({why}: no trial of the sweep has "
+                f"finished). No MLflow run was created in {rep.tracking_uri}; rerun 'gmpq sync-mlflow --sweep "
+                f"{rep.sweep_dir}' once trials have finished.")
     parent = "created" if rep.parent_created else "reused"
     lines = [f"MLflow {rep.tracking_uri}, experiment '{rep.experiment_name}': parent run {rep.parent_run_id} ({parent})",
              f"{rep.trials} trials in trials.parquet: {rep.runs_created} runs created, {rep.runs_updated} completed, "
@@ -35,8 +44,10 @@ def format_report(rep: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.sync import sync_mlflow
 
-    from . import quiet_libraries
+    from . import quiet_libraries, refuse_empty
 
+    refuse_empty("--tracking-uri", args.tracking_uri, "give an MLflow tracking URI, or leave --tracking-uri out to "
+                 "sync to the sweep's own store.")
     quiet_libraries(getattr(args, "verbose", False))  # no "View run ..." lines per run on an http store
     with contextlib.redirect_stdout(sys.stderr):      # anything else MLflow prints stays out of --json's stdout
         rep = sync_mlflow(args.sweep, tracking_uri=args.tracking_uri)
