@@ -93,14 +93,13 @@ def check_tracking_uri_arg(uri: str | None) -> None:
     folder that can be written), before Ray starts: a bad one used to surface after the fine-tunes."""
     if uri is None:
         return
-    from orchestrator.sweep_checks import _check_sqlite_file, check_tracking_scheme
+    from orchestrator.sweep_checks import check_tracking_uri
 
     from . import refuse_empty
 
     refuse_empty("--tracking-uri", uri, "give an MLflow tracking URI, or leave --tracking-uri out to log where the "
                  "sweep logged.")
-    check_tracking_scheme(uri, "--tracking-uri", "where the sweep logged")
-    _check_sqlite_file("tracking_uri", "--tracking-uri", uri)
+    check_tracking_uri(uri, "--tracking-uri", default="where the sweep logged")
 
 
 def run_sweep_finetune(args: argparse.Namespace) -> int:
