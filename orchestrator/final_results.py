@@ -14,12 +14,13 @@ import pyarrow as pa
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import load_checkpoint, read_json
 
+from .recipes import recipe_dict, same_recipe, with_precision
 from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
            "finetune_storage", "finetune_progress_dir", "local_storage",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
-           "record_final_run", "check_not_shorter", "row_recipe"]
+           "record_final_run", "check_not_shorter", "row_recipe", "recorded_recipe"]
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,36 @@ def row_recipe(row: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _model_file_precision(sweep_dir: str | Path, row: Mapping[str, Any]) -> str | None:
+    """The precision a final.parquet row's model file says its fine-tune ran in (``results["precision"]``);
+    None when the row has no model file, or the file does not say or cannot be read."""
+    path = resolve_model_path(sweep_dir, row.get("model_path"))
+    if path is None or not path.is_file():
+        return None
+    try:
+        blob = load_checkpoint(path)        # the blob only: the model is not built
+    except CheckpointError as e:
+        log.warning("%s", e)
+        return None
+    results = blob.get("results") if isinstance(blob, dict) else None
+    value = results.get("precision") if isinstance(results, dict) else None
+    return value if value in ("fp32", "bf16") else None
+
+
+def recorded_recipe(sweep_dir: str | Path, row: Mapping[str, Any]) -> str | None:
+    """A final.parquet row's recipe with the precision its fine-tune ran in: a row written before the precision
+    was part of the recipe takes it from its model file; where that does not say either, the recipe stays
+    without one (the precision unknown: ``recipes.recipe_changes`` matches it with any)."""
+    text = row_recipe(row)
+    recipe = recipe_dict(text)
+    if recipe is None or "precision" in recipe:
+        return text
+    return with_precision(text, _model_file_precision(sweep_dir, row))
+
+
 def _same_run(state: Mapping[str, Any], prev: Mapping[str, Any], policy_json: str) -> bool:
     """Whether a Ray Train checkpoint holds the weights ``prev`` (a final.parquet row) reports: the same
     policy, recipe (when the row has one) and epoch, and the same last test top-1."""
-    from .train_stage import same_recipe      # here: gmpq status reads final.parquet without importing torch
-
     history = state.get("history") or [{}]
     return (state.get("policy_json") == policy_json
             and (row_recipe(prev) is None
@@ -176,7 +202,8 @@ def export_saved_final(sweep_dir: str | Path, storage: str | Path, prev: Mapping
             "(gone, or from a later run with other settings), so no model file; delete its row in final.parquet, or "
             "rerun with more --epochs, to fine-tune it again")
         return dict(prev)
-    metrics = {"top1": prev.get("final_top1"), "top5": prev.get("final_top5"), "epoch": prev.get("epochs")}
+    metrics = {"top1": prev.get("final_top1"), "top5": prev.get("final_top5"), "epoch": prev.get("epochs"),
+               "precision": ((state.get("history") or [{}])[-1] or {}).get("precision")}   # if its workers said
     path = _export_or_say(sweep_dir, state["model"], job, model_results(prev, metrics, job.dataset), say)
     if path is None:
         return dict(prev)
@@ -202,8 +229,6 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
     Train checkpoint; rerunning ``gmpq finetune --sweep`` writes the file then). Returns the model path."""
     path = _export_or_say(sweep_dir, run.model_state, job, model_results(pareto_row, run.metrics, job.dataset),
                           say) if run.model_state else None
-    from .train_stage import with_precision
-
     recipe = with_precision(job.recipe_json(), run.metrics.get("precision"))   # the precision it ran in
     rows[job.trial_id] = final_row(pareto_row, run, recipe, _relative(job.trial_id) if path else None)
     write_final(sweep_dir, rows)
@@ -212,11 +237,11 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
 
 def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epochs: int, sweep_dir: Path) -> None:
     """A fine-tune continues from its checkpoint and cannot go back: fewer --epochs than a policy already ran
-    with the same settings is refused before anything runs (it trained nothing and reported the longer run)."""
-    from .train_stage import same_recipe
-
+    with the same settings (``recorded_recipe``) is refused before anything runs (it trained nothing and
+    reported the longer run)."""
     longer = {job.trial_id: int(prev["epochs"]) for _, job in jobs
-              if (prev := existing.get(job.trial_id)) is not None and same_recipe(row_recipe(prev), job.recipe_json())
+              if (prev := existing.get(job.trial_id)) is not None
+              and same_recipe(recorded_recipe(sweep_dir, prev), job.recipe_json())
               and int(prev.get("epochs") or 0) > epochs}
     if longer:
         done = ", ".join(f"{t} ({n} epochs)" for t, n in longer.items())

@@ -23,12 +23,13 @@ from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import read_json
 
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
-                            finetune_storage, read_final, record_final_run, row_recipe, write_final)
+                            finetune_storage, read_final, record_final_run, recorded_recipe, write_final)
 from .moved_sweep import usable_cache_dir
 from .ray_env import ray_session
+from .recipes import recipe_changes, recipe_precision, same_recipe
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
-from .train_stage import STATE_FILE, FinalJob, recipe_changes, run_final_job, same_recipe
+from .train_stage import STATE_FILE, FinalJob, run_final_job
 
 __all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
            "read_final"]
@@ -204,7 +205,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     trial_id) after each policy, ``final.png``, and an MLflow child run per policy and recipe
     (``finetune-<trial_id>``, a later recipe's naming what differs: ``mlflow_stages.log_final``). The precision
     is part of the recipe: ``fp32`` -> ``bf16`` is other settings (afresh); ``auto`` is what the workers
-    resolve it to, and they do not continue a checkpoint of another precision (this says so).
+    resolve it to, and they do not continue a checkpoint of another precision (this says so). A row written
+    before the precision was part of the recipe ran in the precision its model file records (none: unknown,
+    and the row counts as done in any precision; this says so).
     Returns the final.parquet rows of this call's policies.
     """
     from .mlflow_stages import log_final
@@ -258,10 +261,16 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         for i, (row, job) in enumerate(jobs, start=1):
             tid = job.trial_id
             recipe, prev = job.recipe_json(), existing.get(tid)
-            # a row from before recipes (None) counts as the same recipe; precision "auto" as the one it ran in
-            same = prev is not None and same_recipe(row_recipe(prev), recipe)
+            # a row from before recipes (None) counts as the same recipe; precision "auto" as the one it ran in; a
+            # row from before the precision was in recipes, as its model file says (unknown: as any precision)
+            recorded = recorded_recipe(sweep_dir, prev) if prev is not None else None
+            same = prev is not None and same_recipe(recorded, recipe)
             if same and int(prev.get("epochs") or 0) == epochs:
-                say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s) with these settings: "
+                how = " with these settings" if recorded is None or recipe_precision(recorded) else (
+                    ", precision unknown (the other settings are these; its row was written before the precision "
+                    "was part of a recipe and has no model file that says; delete its row in "
+                    f"{sweep_dir / FINAL_FILE} to fine-tune it again)")
+                say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s){how}: "
                     f"top1 {prev['final_top1']:.2f}%")
                 if not final_model_path(sweep_dir, tid).is_file():    # fine-tuned before models were exported
                     final_rows[tid] = export_saved_final(sweep_dir, storage, prev, job, STATE_FILE, say)
@@ -271,7 +280,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                 continue
             if prev is not None and not same:
                 say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings "
-                    f"({', '.join(recipe_changes(row_recipe(prev), recipe))}); starting afresh "
+                    f"({', '.join(recipe_changes(recorded, recipe))}); starting afresh "
                     f"(its row in {FINAL_FILE} and its model file will be replaced)")
             elif prev is not None:
                 say(f"[{i}/{len(chosen)}] {tid}: continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "

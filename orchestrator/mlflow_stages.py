@@ -93,7 +93,9 @@ def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -
     searches and the Ray Train folder ``ray_results/finetune-<tid>`` go by, as before recipes had runs of their
     own) and for another run of that recipe; another recipe's run adds what differs from the first, e.g.
     ``finetune-t1 (lr=0.05)``, or its hash (tag ``gmpq.recipe``) when that is more than three settings or the
-    first run's recipe is unknown."""
+    first run's recipe is unknown. Only the settings the first run logged are compared (one from before the
+    precision was in recipes has no ``recipe.precision``: that is unknown, not different); when they are all
+    the same but the recipe is not the first's, the settings it did not log are named."""
     from .mlflow_sink import flatten_config
 
     plain = f"finetune-{tid}"
@@ -101,11 +103,14 @@ def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -
                                  {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "finetune"})
     if not first:
         return plain
-    logged = sink.call("reading a fine-tune run", lambda: sink.client.get_run(first).data.params) or {}
+    data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(first).data)
+    logged, tags = (dict(data.params), dict(data.tags)) if data is not None else ({}, {})
     if not any(k.startswith("recipe.") for k in logged):
         return f"{plain} (recipe {digest})"
     mine = flatten_config({f"recipe.{k}": v for k, v in recipe.items()})
-    diff = [f"{k.removeprefix('recipe.')}={v}" for k, v in sorted(mine.items()) if logged.get(k) != v]
+    diff = [f"{k.removeprefix('recipe.')}={v}" for k, v in sorted(mine.items()) if k in logged and logged[k] != v]
+    if not diff and tags.get("gmpq.recipe") not in (None, digest):     # differs in what the first did not log
+        diff = [f"{k.removeprefix('recipe.')}={v}" for k, v in sorted(mine.items()) if k not in logged]
     if not diff:
         return plain
     return f"{plain} ({', '.join(diff)})" if len(diff) <= 3 else f"{plain} (recipe {digest})"

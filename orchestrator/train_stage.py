@@ -36,56 +36,14 @@ from gmpq_core.fileio import atomic_write_json, load_checkpoint, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 from gmpq_core.precision import check_precision, resolve_precision
 
+from .recipes import RECIPE_FIELDS, recipe_changes, recipe_dict, same_recipe, with_precision
+
 __all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job",
-           "recipe_changes", "same_recipe", "with_precision"]
+           "RECIPE_FIELDS", "recipe_changes", "same_recipe", "with_precision"]   # the last four: orchestrator.recipes
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "distill",
-                 "seed", "max_steps_per_epoch", "train_size", "test_size",
-                 "precision")   # what a fine-tune's result depends on, but epochs
-
-
-def _recipe_dict(text: str | None) -> dict | None:
-    try:
-        value = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def with_precision(recipe_json: str, precision: str | None) -> str:
-    """``recipe_json`` with the precision a fine-tune ran in (``fp32``/``bf16``, what ``auto`` resolved to on
-    its workers): what a checkpoint and a final.parquet row record. Unchanged when ``precision`` is None or the
-    text is not a recipe."""
-    recipe = _recipe_dict(recipe_json)
-    if precision is None or recipe is None:
-        return recipe_json
-    return json.dumps({**recipe, "precision": precision}, sort_keys=True)
-
-
-def recipe_changes(recorded: str | None, current: str) -> list[str]:
-    """What differs between the recipe a fine-tune was recorded with (a checkpoint's or a final.parquet row's
-    ``recipe_json``) and ``current``, as ``"lr 0.01 -> 0.05"``; empty when it is the same recipe. None (a
-    fine-tune from before recipes) matches any; so does a missing precision (recorded before the precision was
-    part of the recipe) or ``auto`` (what it resolves to is known on the workers only, and they do not continue
-    a checkpoint of another precision)."""
-    if recorded is None:
-        return []
-    old, new = _recipe_dict(recorded), _recipe_dict(current)
-    if old is None or new is None:
-        return [] if recorded == current else ["recipe"]
-    p_old, p_new = old.pop("precision", None), new.pop("precision", None)
-    changes = [f"{k} {old.get(k)} -> {new.get(k)}" for k in sorted({*old, *new}) if old.get(k) != new.get(k)]
-    if None not in (p_old, p_new) and "auto" not in (p_old, p_new) and p_old != p_new:
-        changes.append(f"precision {p_old} -> {p_new}")
-    return changes
-
-
-def same_recipe(recorded: str | None, current: str) -> bool:
-    """Whether a fine-tune recorded with ``recorded`` is one of ``current`` (``recipe_changes`` is empty)."""
-    return not recipe_changes(recorded, current)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,7 +233,7 @@ def _not_resumable(state: dict, recipe: str, epochs: int) -> str | None:
     continued; one whose recipe lacks the precision (before it was part of it) is checked against the
     precision its last epoch reports."""
     recorded = state.get("recipe_json")
-    if "precision" not in (_recipe_dict(recorded) or {"precision": "not a recipe"}):
+    if "precision" not in (recipe_dict(recorded) or {"precision": "not a recipe"}):
         recorded = with_precision(recorded, ((state.get("history") or [{}])[-1] or {}).get("precision"))
     changes = recipe_changes(recorded, recipe)
     if changes:

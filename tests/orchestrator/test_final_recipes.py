@@ -51,6 +51,34 @@ def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def _row_from_before_precision(final_stage, sweep, model_file_precision: str | None = None) -> None:
+    """t1's final.parquet row as the version before the precision joined the recipe left it: its recipe without
+    the precision; with ``model_file_precision``, beside it a real model file whose results record it (what that
+    version's ``model_results`` wrote), else none."""
+    import torch
+
+    from gmpq_core.export import save_quantized_model
+    from gmpq_core.finetune import prepare_quantized
+    from gmpq_core.models import build_model
+    from gmpq_core.policy import BitPolicy
+    from orchestrator.final_results import final_model_path, write_final
+
+    row = final_stage.read_final(sweep).to_dict("records")[0]
+    row["recipe_json"] = json.dumps({k: v for k, v in json.loads(row["recipe_json"]).items() if k != "precision"},
+                                    sort_keys=True)
+    if model_file_precision is not None:
+        torch.manual_seed(0)
+        fp = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+        policy = BitPolicy.from_json(row["policy_json"])
+        q = prepare_quantized(fp, policy, torch.randn(4, 1, 28, 28)).eval()
+        save_quantized_model(final_model_path(sweep, "t1"), q, policy,
+                             arch={"model": "resnet20", "num_classes": 10, "in_channels": 1, "small_input": True},
+                             results={"trial_id": "t1", "top1": row["final_top1"], "epochs": row["epochs"],
+                                      "precision": model_file_precision})
+        row["model_path"] = "models/t1.pt"
+    write_final(sweep, {"t1": row})
+
+
 def test_a_later_recipes_run_is_named_by_what_differs_from_the_policys_first(tmp_path, monkeypatch):
     """Every recipe of a policy was 'finetune-t1' in the MLflow UI. The first keeps that name (searches for it
     still find the usual fine-tune); the others name their differing settings, or their recipe hash."""
@@ -154,7 +182,6 @@ def test_a_fine_tune_from_before_the_precision_was_in_its_recipe_is_neither_redo
         tmp_path, monkeypatch):
     """Rows and runs recorded before: the same epochs are done; more epochs continue the fine-tune and its MLflow
     run (which gets the recipe's new key, tag and its precision param)."""
-    from orchestrator.final_results import write_final
     from orchestrator.mlflow_sink import RUNS_FILE
     from orchestrator.mlflow_stages import log_final
 
@@ -167,10 +194,7 @@ def test_a_fine_tune_from_before_the_precision_was_in_its_recipe_is_neither_redo
     mlflow.MlflowClient().delete_run(rid)
     ids = json.loads((sweep / RUNS_FILE).read_text())
     (sweep / RUNS_FILE).write_text(json.dumps({**ids, "finetune": {}}))
-    row = final_stage.read_final(sweep).to_dict("records")[0]
-    row["recipe_json"] = json.dumps({k: v for k, v in json.loads(row["recipe_json"]).items() if k != "precision"},
-                                    sort_keys=True)
-    write_final(sweep, {"t1": row})
+    _row_from_before_precision(final_stage, sweep)
     log_final(None, sweep, final_stage.read_final(sweep))                   # a run keyed by the recipe without it
     (old,) = _finetune_runs(sweep)["run_id"]
     final_stage.finetune_selected(sweep, epochs=1, workers=1, say=said.append)
@@ -204,6 +228,103 @@ def test_a_checkpoint_is_continued_only_in_its_recipe_and_precision():
     assert "precision bf16 -> fp32" in _not_resumable({"recipe_json": before, "epoch": 1,
                                                        "history": [{"precision": "bf16"}]}, fp32, 3)
     assert _not_resumable({"recipe_json": before, "epoch": 1, "history": [{}]}, fp32, 3) is None
+
+
+def test_a_row_from_before_the_precision_was_in_its_recipe_ran_in_the_precision_its_model_file_records(
+        tmp_path, monkeypatch):
+    """Such a row counted as the same recipe in any precision: fp32 -> bf16 in the config said 'already fine-tuned
+    ... with these settings' (same epochs) or refused fewer --epochs. Its model file says it ran in fp32."""
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, precision="fp32")
+    runs, said = [], []
+    final_stage = _stage(monkeypatch, tmp_path, runs)
+    final_stage.finetune_selected(sweep, epochs=2, workers=1)
+    _row_from_before_precision(final_stage, sweep, model_file_precision="fp32")
+    final_stage.finetune_selected(sweep, epochs=2, workers=1, say=said.append)      # the same precision: done
+    assert len(runs) == 1 and "[1/1] t1: already fine-tuned for 2 epoch(s) with these settings: top1 50.00%" in said
+    _edit_config(sweep, precision="bf16")
+    said.clear()
+    final_stage.finetune_selected(sweep, epochs=2, workers=1, say=said.append)
+    assert len(runs) == 2 and runs[1].precision == "bf16"
+    assert any("fine-tuned before with other settings (precision fp32 -> bf16); starting afresh" in m
+               for m in said), said
+    assert json.loads(final_stage.read_final(sweep).loc[0, "recipe_json"])["precision"] == "bf16"
+    _row_from_before_precision(final_stage, sweep, model_file_precision="bf16")
+    _edit_config(sweep, precision="fp32")
+    said.clear()
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, say=said.append)      # fewer epochs: afresh, not refused
+    assert len(runs) == 3 and runs[2].precision == "fp32"
+    assert any("(precision bf16 -> fp32); starting afresh" in m for m in said), said
+
+
+def test_a_row_whose_precision_nothing_records_counts_as_done_and_says_its_precision_is_unknown(tmp_path, monkeypatch):
+    """No model file says (none was written): the row is not fine-tuned again after an upgrade, but the stage
+    does not claim it had these settings."""
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, precision="fp32")
+    runs, said = [], []
+    final_stage = _stage(monkeypatch, tmp_path, runs)
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    _row_from_before_precision(final_stage, sweep)
+    _edit_config(sweep, precision="bf16")
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, say=said.append)
+    assert len(runs) == 1
+    (done,) = [m for m in said if "already fine-tuned" in m]
+    assert done.startswith("[1/1] t1: already fine-tuned for 1 epoch(s), precision unknown (")
+    assert "with these settings" not in done and done.endswith("top1 50.00%")
+
+
+def test_a_model_file_written_from_a_ray_train_checkpoint_records_the_precision_its_workers_ran_in(tmp_path):
+    """A row fine-tuned before models were exported gets its file from the checkpoint; the file keeps the
+    precision of the checkpoint's last epoch, and ``recorded_recipe`` reads it back for a row without one."""
+    from types import SimpleNamespace
+
+    from gmpq_core.export import load_quantized_model
+    from gmpq_core.fileio import save_checkpoint
+    from orchestrator.final_results import export_saved_final, final_model_path, recorded_recipe
+    from test_final_results import _fine_tuned
+
+    fp_path, policy, q = _fine_tuned(tmp_path)
+    recipe = json.dumps({"lr": 0.01, "seed": 0}, sort_keys=True)          # from before the precision was in it
+    (tmp_path / "ray_results" / "finetune-t1" / "checkpoint_0").mkdir(parents=True)
+    save_checkpoint(tmp_path / "ray_results" / "finetune-t1" / "checkpoint_0" / "state.pt", {
+        "policy_json": policy.to_json(), "model": q.state_dict(), "recipe_json": recipe, "epoch": 1,
+        "history": [{"epoch": 1, "top1": 81.5, "precision": "bf16"}]})
+    prev = {"trial_id": "t1", "final_top1": 81.5, "final_top5": 99.0, "epochs": 1, "bitops": 400_000_000,
+            "transfer_top1": 79.0, "recipe_json": recipe}
+    assert recorded_recipe(tmp_path, prev) == recipe                         # no model file: unknown
+    job = SimpleNamespace(trial_id="t1", policy_json=policy.to_json(), fp_checkpoint=str(fp_path),
+                          dataset="fashion_mnist", data_root=None, image_size=None)
+    row = export_saved_final(tmp_path, tmp_path / "ray_results", prev, job, "state.pt", lambda msg: None)
+    assert load_quantized_model(final_model_path(tmp_path, "t1")).results["precision"] == "bf16"
+    assert json.loads(recorded_recipe(tmp_path, row)) == {"lr": 0.01, "seed": 0, "precision": "bf16"}
+    assert row["recipe_json"] == recipe                   # the row itself is kept as it was (its MLflow run's key)
+
+
+def test_a_later_recipes_name_does_not_blame_a_setting_the_policys_first_run_did_not_log(tmp_path, monkeypatch):
+    """A first run from before the precision was in recipes has no recipe.precision param: every later recipe's
+    name said 'precision=fp32' too. Only the settings the first logged are compared; the precision is named when
+    it is all that can differ."""
+    from orchestrator.mlflow_sink import RUNS_FILE
+    from orchestrator.mlflow_stages import log_final
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, precision="fp32")
+    final_stage = _stage(monkeypatch, tmp_path, [])
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    (rid,) = _finetune_runs(sweep)["run_id"]                                # as the older version left them:
+    mlflow.MlflowClient().delete_run(rid)
+    ids = json.loads((sweep / RUNS_FILE).read_text())
+    (sweep / RUNS_FILE).write_text(json.dumps({**ids, "finetune": {}}))
+    _row_from_before_precision(final_stage, sweep, model_file_precision="fp32")
+    log_final(None, sweep, final_stage.read_final(sweep))
+    assert "params.recipe.precision" not in _finetune_runs(sweep) or _finetune_runs(sweep)[
+        "params.recipe.precision"].isna().all()
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
+    _edit_config(sweep, precision="bf16")
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    assert _finetune_runs(sweep)["tags.mlflow.runName"].tolist() == [
+        "finetune-t1", "finetune-t1 (lr=0.05)", "finetune-t1 (precision=bf16)"]
 
 
 @pytest.mark.ray
