@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
-        else:                                        # long work shows progress: ~20 s per 10,000 images on 2 cores
+        else:                                        # long work shows progress: ~7 s per 10,000 images on 2 cores
             print(f"gmpq evaluate: [{i}/{len(files)}] {f}: top-1 {row['top1']:.2f} % on {row['test_images']} "
                   f"images ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     if not args.json:
