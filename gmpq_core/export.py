@@ -36,6 +36,7 @@ __all__ = ["FORMAT", "ARCH_KEYS", "QuantizedModel", "arch_from_meta", "preproces
            "save_quantized_state", "load_quantized_model"]
 
 FORMAT = "gmpq-quantized-model/1"
+INT_FORMAT_FAMILY = "gmpq-integer-model/"    # integer_model's files (read here too): INT_FORMAT_FAMILY + version
 ARCH_KEYS = ("model", "num_classes", "in_channels", "small_input")
 
 
@@ -152,7 +153,7 @@ def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device 
             raise CheckpointError(f"'{path}' is a folder; pass a model file: DIR/models/<trial_id>.pt of a sweep, or "
                                   "DIR/quantized.pt of 'gmpq finetune --policy'.")
         blob = load_checkpoint(path)
-    if isinstance(blob, dict) and str(blob.get("format", "")).startswith("gmpq-integer-model/"):
+    if isinstance(blob, dict) and str(blob.get("format", "")).startswith(INT_FORMAT_FAMILY):
         from .integer_model import load_integer_model
         return load_integer_model(path, device=device, blob=blob)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

@@ -24,6 +24,7 @@ rounding off then, which a quantized activation downstream can turn into another
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .errors import CheckpointError, ConfigError
-from .export import QuantizedModel, arch_from_meta, load_quantized_model
+from .export import FORMAT, INT_FORMAT_FAMILY, QuantizedModel, arch_from_meta, load_quantized_model
 from .fileio import load_checkpoint, save_checkpoint
 from .policy import QuantSpec
 from .qmodules import quantized_layers
@@ -41,7 +42,7 @@ from .quantizers import quantize_weight
 __all__ = ["INT_FORMAT", "pack_codes", "unpack_codes", "weight_codes", "dequantize", "save_integer_model",
            "load_integer_model", "integer_sizes"]
 
-INT_FORMAT = "gmpq-integer-model/1"
+INT_FORMAT = f"{INT_FORMAT_FAMILY}1"
 
 
 def storage_bits(w_bits: int) -> int:
@@ -117,7 +118,7 @@ def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = 
     path = Path(path)
     blob = load_checkpoint(path) if blob is None else blob
     found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-    if isinstance(found, str) and found.startswith("gmpq-integer-model/") and found != INT_FORMAT:
+    if isinstance(found, str) and found.startswith(INT_FORMAT_FAMILY) and found != INT_FORMAT:
         raise CheckpointError(f"'{path}' is a gmpq integer model of another version (format {found!r}; this gmpq "
                               f"reads {INT_FORMAT!r}); load it with the gmpq version that wrote it, or export the "
                               "float model again with this one ('gmpq export MODEL.pt').")
@@ -131,12 +132,9 @@ def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = 
     state = dict(blob["float_state"])
     for name, entry in blob["packed"].items():
         w_bits, shape = int(entry["w_bits"]), [int(s) for s in entry["shape"]]
-        numel = 1
-        for s in shape:
-            numel *= s
-        q = unpack_codes(entry["codes"], storage_bits(w_bits), numel) - _offset(w_bits)
+        q = unpack_codes(entry["codes"], storage_bits(w_bits), math.prod(shape)) - _offset(w_bits)
         state[f"{name}.weight"] = dequantize(q, w_bits, entry).reshape(shape)
-    as_float = {"format": "gmpq-quantized-model/1", "arch": arch_from_meta(blob["arch"]),
+    as_float = {"format": FORMAT, "arch": arch_from_meta(blob["arch"]),
                 "policy_json": blob["policy_json"], "quantized": blob["quantized"], "state_dict": state,
                 "results": blob.get("results") or {}, "preprocess": blob.get("preprocess") or {}}
     return load_quantized_model(path, device=device, blob=as_float)

@@ -14,7 +14,7 @@ import pyarrow as pa
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import load_checkpoint, read_json
 
-from .recipes import recipe_dict, same_recipe, with_precision
+from .recipes import last_epoch_precision, recipe_dict, same_recipe, with_precision
 from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
@@ -203,7 +203,7 @@ def export_saved_final(sweep_dir: str | Path, storage: str | Path, prev: Mapping
             "rerun with more --epochs, to fine-tune it again")
         return dict(prev)
     metrics = {"top1": prev.get("final_top1"), "top5": prev.get("final_top5"), "epoch": prev.get("epochs"),
-               "precision": ((state.get("history") or [{}])[-1] or {}).get("precision")}   # if its workers said
+               "precision": last_epoch_precision(state)}   # if its workers said
     path = _export_or_say(sweep_dir, state["model"], job, model_results(prev, metrics, job.dataset), say)
     if path is None:
         return dict(prev)
@@ -240,9 +240,8 @@ def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epo
     with the same settings (``recorded_recipe``) is refused before anything runs (it trained nothing and
     reported the longer run)."""
     longer = {job.trial_id: int(prev["epochs"]) for _, job in jobs
-              if (prev := existing.get(job.trial_id)) is not None
-              and same_recipe(recorded_recipe(sweep_dir, prev), job.recipe_json())
-              and int(prev.get("epochs") or 0) > epochs}
+              if (prev := existing.get(job.trial_id)) is not None and int(prev.get("epochs") or 0) > epochs
+              and same_recipe(recorded_recipe(sweep_dir, prev), job.recipe_json())}   # a model file read last
     if longer:
         done = ", ".join(f"{t} ({n} epochs)" for t, n in longer.items())
         raise ConfigError(f"--epochs {epochs} is fewer than these policies were already fine-tuned for with the same "

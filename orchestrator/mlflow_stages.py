@@ -69,7 +69,7 @@ def _older_key(sink: MLflowSink, row: Mapping, key: str, recipe: Mapping, just_t
     if tid in runs and not just_trained:
         return tid
     resumed = row.get("resumed_from_epoch")
-    if "precision" in recipe and resumed is not None and resumed == resumed and resumed > 0:   # (NaN: unknown)
+    if "precision" in recipe and resumed is not None and resumed > 0:   # (NaN > 0 is False: unknown)
         old = f"{tid}:{_digest(json.dumps({k: v for k, v in recipe.items() if k != 'precision'}, sort_keys=True))}"
         return old if old in runs else None
     return None

@@ -9,8 +9,10 @@ and matches any (``recipe_changes``), and so does ``auto``.
 from __future__ import annotations
 
 import json
+from typing import Any, Mapping
 
-__all__ = ["RECIPE_FIELDS", "recipe_dict", "recipe_precision", "with_precision", "recipe_changes", "same_recipe"]
+__all__ = ["RECIPE_FIELDS", "recipe_dict", "recipe_precision", "with_precision", "recipe_changes", "same_recipe",
+           "last_epoch_precision"]
 
 RECIPE_FIELDS = ("dataset", "image_size", "lr", "momentum", "nesterov", "weight_decay", "batch_size", "distill",
                  "seed", "max_steps_per_epoch", "train_size", "test_size",
@@ -64,3 +66,8 @@ def recipe_changes(recorded: str | None, current: str) -> list[str]:
 def same_recipe(recorded: str | None, current: str) -> bool:
     """Whether a fine-tune recorded with ``recorded`` is one of ``current`` (``recipe_changes`` is empty)."""
     return not recipe_changes(recorded, current)
+
+
+def last_epoch_precision(state: Mapping[str, Any]) -> str | None:
+    """The precision a Ray Train checkpoint's last epoch reports (its ``history``), None when it says none."""
+    return ((state.get("history") or [{}])[-1] or {}).get("precision")

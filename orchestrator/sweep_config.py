@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from gmpq_core.data import canonical_data_source
+from gmpq_core.data import canonical_dataset_name
 from gmpq_core.errors import ConfigError, did_you_mean
 from gmpq_core.fileio import absolute_path, default_cache_dir
 from gmpq_core.policy import BitCandidates
@@ -148,14 +148,6 @@ class FaultInjection:
                 "nan_trials": list(self.nan_trials), "nan_epoch": self.nan_epoch}
 
 
-def _absolute_dataset(name: Any) -> Any:
-    """``imagefolder:rel/path`` -> ``imagefolder:/abs/rel/path`` (trials run in their own folders)."""
-    try:
-        return canonical_data_source(name, None)[0]
-    except ConfigError:          # an unknown name: sweep_checks.check_sweep_config reports it
-        return name
-
-
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
     """Everything one sweep needs. Paths may be relative (resolved against the working directory).
@@ -268,8 +260,8 @@ class SweepConfig:
                                           or (d / "cache" if self.address else default_cache_dir()))
                                      .expanduser().resolve()),
                        data_root=absolute_path(self.data_root),          # absolute: trials run in their own folders
-                       proxy_dataset=_absolute_dataset(self.proxy_dataset),
-                       target_dataset=_absolute_dataset(self.target_dataset))
+                       proxy_dataset=canonical_dataset_name(self.proxy_dataset),
+                       target_dataset=canonical_dataset_name(self.target_dataset))
 
     def proxy_sizes(self) -> tuple:
         """Every proxy size a trial may use (None = the whole proxy train split)."""

@@ -36,7 +36,7 @@ from gmpq_core.fileio import atomic_write_json, load_checkpoint, save_checkpoint
 from gmpq_core.finetune import FinetuneConfig
 from gmpq_core.precision import check_precision, resolve_precision
 
-from .recipes import RECIPE_FIELDS, recipe_changes, recipe_dict, same_recipe, with_precision
+from .recipes import RECIPE_FIELDS, last_epoch_precision, recipe_changes, recipe_dict, same_recipe, with_precision
 
 __all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job",
            "RECIPE_FIELDS", "recipe_changes", "same_recipe", "with_precision"]   # the last four: orchestrator.recipes
@@ -233,8 +233,8 @@ def _not_resumable(state: dict, recipe: str, epochs: int) -> str | None:
     continued; one whose recipe lacks the precision (before it was part of it) is checked against the
     precision its last epoch reports."""
     recorded = state.get("recipe_json")
-    if "precision" not in (recipe_dict(recorded) or {"precision": "not a recipe"}):
-        recorded = with_precision(recorded, ((state.get("history") or [{}])[-1] or {}).get("precision"))
+    if "precision" not in (recipe_dict(recorded) or {}):       # (with_precision leaves a non-recipe as it is)
+        recorded = with_precision(recorded, last_epoch_precision(state))
     changes = recipe_changes(recorded, recipe)
     if changes:
         return f"its checkpoint was made with other settings ({', '.join(changes)})"

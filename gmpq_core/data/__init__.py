@@ -9,12 +9,13 @@
 from .info import DataBundle, DatasetInfo, FolderSplit, TensorSplit
 from .loader import FolderLoader, Loader, TensorLoader, default_num_workers, make_loader
 from .proxy import class_counts, proxy, proxy_indices
-from .registry import (DATASETS, DatasetSpec, canonical_data_source, check_dataset_name, clear_dataset_cache,
-                       list_datasets, load_dataset, register_dataset)
+from .registry import (DATASETS, DatasetSpec, canonical_data_source, canonical_dataset_name, check_dataset_name,
+                       clear_dataset_cache, list_datasets, load_dataset, register_dataset)
 
 __all__ = [
     "DatasetInfo", "TensorSplit", "FolderSplit", "DataBundle",
-    "list_datasets", "load_dataset", "check_dataset_name", "canonical_data_source", "register_dataset", "DATASETS",
+    "list_datasets", "load_dataset", "check_dataset_name", "canonical_data_source", "canonical_dataset_name",
+    "register_dataset", "DATASETS",
     "DatasetSpec", "clear_dataset_cache",
     "proxy", "proxy_indices", "class_counts",
     "make_loader", "Loader", "TensorLoader", "FolderLoader", "default_num_workers",

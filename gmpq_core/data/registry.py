@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,8 @@ from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
 from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
 
 __all__ = ["DatasetSpec", "DATASETS", "register_dataset", "list_datasets", "load_dataset", "clear_dataset_cache",
-           "resize_split", "check_dataset_name", "canonical_data_source", "check_image_size", "MAX_IMAGE_SIZE",
+           "resize_split", "check_dataset_name", "canonical_data_source", "canonical_dataset_name", "check_image_size",
+           "MAX_IMAGE_SIZE",
            "check_data_root"]
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,15 @@ def _parse(name: object) -> tuple[DatasetSpec, str | None]:
 def check_dataset_name(name: object) -> None:
     """ConfigError (listing the datasets) unless ``name`` names a registered dataset; reads no files."""
     _parse(name)
+
+
+def canonical_dataset_name(name: Any) -> Any:
+    """``name`` with an ``imagefolder:`` path made absolute (``canonical_data_source``); a name this gmpq does not
+    know (a typo, or written by another version) as is: where it matters, ``check_dataset_name`` reports it."""
+    try:
+        return canonical_data_source(name, None)[0]
+    except ConfigError:
+        return name
 
 
 def canonical_data_source(name: str, root: str | None) -> tuple[str, str | None]:

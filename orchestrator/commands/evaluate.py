@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def model_paths(paths: list[str]) -> list[Path]:
     """The model files ``paths`` name: files as given; a folder's float models and, beside each, its integer file."""
-    from .export import SUFFIX, model_files
+    from .export import integer_path, model_files
 
     out: list[Path] = []
     for p in paths:
@@ -57,7 +57,7 @@ def model_paths(paths: list[str]) -> list[Path]:
             continue
         for f in model_files(path):
             out.append(f)
-            exported = f.with_name(f.name.removesuffix(".pt") + SUFFIX)
+            exported = integer_path(f)
             if exported.is_file():
                 out.append(exported)
     return out
@@ -107,11 +107,9 @@ def evaluate_file(path: Path, args: argparse.Namespace, device: str, data: dict)
                           f"{recorded or 'the dataset it was fine-tuned on'} (--dataset).")
     metrics = evaluate(training_layout_(model.model, device, args.precision), loader, device=device,
                        precision=args.precision)
-    w_bits = [s.w_bits for s in model.policy.layers.values()]
-    a_bits = [s.a_bits for s in model.policy.layers.values()]
+    avg_w, avg_a = model.policy.average_bits()
     return {"path": str(path), "trial_id": model.results.get("trial_id"), "model": model.arch["model"],
-            "dataset": dataset, "test_images": n, "avg_w_bits": sum(w_bits) / max(len(w_bits), 1),
-            "avg_a_bits": sum(a_bits) / max(len(a_bits), 1), "gbitops": model.results.get("gbitops"),
+            "dataset": dataset, "test_images": n, "avg_w_bits": avg_w, "avg_a_bits": avg_a, "gbitops": model.results.get("gbitops"),
             "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
             "recorded_top1": model.results.get("top1") if dataset == recorded else None}
 

@@ -19,7 +19,7 @@ from gmpq_core.errors import ConfigError
 
 from . import help_text
 
-__all__ = ["register", "run", "model_files"]
+__all__ = ["register", "run", "model_files", "integer_path", "SUFFIX"]
 
 SUFFIX = ".int.pt"
 
@@ -35,6 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", action="store_true", help="print each layer's bits and bytes")
     p.add_argument("--json", action="store_true", help="print one JSON object per model instead of text")
     p.set_defaults(func=run)
+
+
+def integer_path(path: Path) -> Path:
+    """Where ``gmpq export`` writes the integer file of the model file ``path``: beside it, ``<name>.int.pt``."""
+    return path.with_name(path.name.removesuffix(".pt") + SUFFIX)
 
 
 def model_files(path: Path) -> list[Path]:
@@ -62,12 +67,11 @@ def run(args: argparse.Namespace) -> int:
                           f"--out to write each beside its model as <name>{SUFFIX}.")
     if args.out is not None and Path(args.out).is_dir():
         raise ConfigError(f"--out '{args.out}' is a folder; give a file name, e.g. --out {Path(args.out) / 'model'}{SUFFIX}.")
-    pairs = [(src, Path(args.out) if args.out else src.with_name(src.name.removesuffix(".pt") + SUFFIX))
-             for src in sources]
+    pairs = [(src, Path(args.out) if args.out else integer_path(src)) for src in sources]
     for src, out in pairs:                          # every pair is checked before anything is written
         if out.resolve() == src.resolve():
             raise ConfigError(f"--out '{args.out}' is the model file itself; the float model would be lost. Give "
-                              f"another file name, e.g. --out {src.with_name(src.name.removesuffix('.pt') + SUFFIX)}.")
+                              f"another file name, e.g. --out {integer_path(src)}.")
         if src.name.endswith(SUFFIX):
             raise ConfigError(f"'{src}' is an integer model file already (written by 'gmpq export'); pass the float "
                               f"model it came from ({src.with_name(src.name.removesuffix(SUFFIX) + '.pt')}).")

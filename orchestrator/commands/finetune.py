@@ -21,8 +21,8 @@ from pathlib import Path
 
 from torch import nn
 
-from gmpq_core.data import canonical_data_source
-from gmpq_core.errors import ConfigError, GMPQError
+from gmpq_core.data import canonical_dataset_name
+from gmpq_core.errors import ConfigError
 from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json, load_checkpoint
 from gmpq_core.finetune import CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, finetune, run_info_changes
@@ -204,24 +204,15 @@ def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
             "train it with them)")
 
 
-def _canonical_dataset(name: str) -> str:
-    """``name`` with an ``imagefolder:`` path made absolute; a name this gmpq does not know (written by another
-    version) as is."""
-    try:
-        return canonical_data_source(name, None)[0]
-    except GMPQError:
-        return name
-
-
 def _same_dataset(a: str, b: str) -> bool:
     """Whether two dataset names are the same data (``imagefolder:`` paths compared absolute)."""
-    return _canonical_dataset(a) == _canonical_dataset(b)
+    return canonical_dataset_name(a) == canonical_dataset_name(b)
 
 
 def _run_info(info, opts: ModelOptions, train_size: int) -> dict:
     """What a fine-tune checkpoint's state depends on besides the recipe, the policy and the precision (which
     gmpq_core.finetune checks): the data it trains on and the model it is."""
-    return {"dataset": _canonical_dataset(info.name), **opts.to_dict(), "train_size": train_size}
+    return {"dataset": canonical_dataset_name(info.name), **opts.to_dict(), "train_size": train_size}
 
 
 _RUN_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
