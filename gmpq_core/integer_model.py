@@ -98,9 +98,7 @@ def save_integer_model(path: str | os.PathLike, model: QuantizedModel) -> Path:
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     packed: dict[str, dict[str, Any]] = {}
     for name, layer in layers.items():
-        w_bits = int(layer.w_bits)
-        if w_bits >= 32:
-            continue
+        w_bits = int(layer.w_bits)                      # 1..8 (QuantSpec): every quantized layer is packed
         q, step = weight_codes(layer.weight, w_bits)
         packed[name] = {"w_bits": w_bits, "shape": list(layer.weight.shape), "step": step,
                         "codes": pack_codes(q + _offset(w_bits), storage_bits(w_bits))}
@@ -175,7 +173,7 @@ def integer_sizes(model: QuantizedModel) -> dict[str, Any]:
         if not isinstance(weight, torch.Tensor) or not isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             continue
         spec: QuantSpec | None = model.quantized.get(name)
-        bits = storage_bits(spec.w_bits) if spec is not None and spec.w_bits < 32 else 32
+        bits = storage_bits(spec.w_bits) if spec is not None else 32     # a layer kept in float32
         fb, pb = 4 * weight.numel(), (weight.numel() * bits + 7) // 8 + (4 if bits < 32 else 0)
         rows.append({"layer": name, "w_bits": spec.w_bits if spec else 32, "params": weight.numel(),
                      "float_bytes": fb, "packed_bytes": pb})
