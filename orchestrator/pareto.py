@@ -32,12 +32,13 @@ from .text import fmt, text_table
 
 __all__ = ["DEFAULT_TOP_K", "PARETO_PNG", "dominated_mask", "completed_trials", "pareto_front", "bucket_index",
            "bucket_label", "select_policies", "write_pareto", "read_pareto", "format_pareto_table", "export_policies",
-           "POLICIES_DIR"]
+           "POLICIES_DIR", "POLICIES_PNG"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 3
 PARETO_PNG = "pareto.png"
+POLICIES_PNG = "policies.png"     # the selected policies' per-layer bits
 ACC, COST = "transfer_top1", "bitops"
 
 
@@ -160,7 +161,8 @@ def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = ())
 
 def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Sequence[float] | None = None,
                  plot: bool = True) -> pd.DataFrame:
-    """Select from ``<sweep_dir>/trials.parquet``; write ``pareto.parquet`` (atomic) and ``pareto.png``.
+    """Select from ``<sweep_dir>/trials.parquet``; write ``pareto.parquet`` (atomic), ``pareto.png`` and
+    ``policies.png`` (the selected policies' per-layer bits).
 
     ``top_k`` and ``buckets`` default to the sweep config's ``finetune.top_k`` and ``budget_buckets``.
     pareto.parquet has the trials.parquet columns (same types) plus ``selected`` and ``selection_reason``.
@@ -183,8 +185,9 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
     export_policies(sweep_dir, rows, cfg.get("name"))
     result = out.to_pandas()
     if plot:
-        from .plots import plot_pareto
+        from .plots import plot_pareto, plot_policies
         plot_pareto(trials, result, sweep_dir / PARETO_PNG, buckets=buckets)
+        plot_policies(result, sweep_dir / POLICIES_PNG)
     return result
 
 

@@ -1,4 +1,5 @@
-"""Headless PNG plots of a sweep: the Pareto plot and the final accuracy-vs-BitOPs plot.
+"""Headless PNG plots of a sweep: the Pareto plot, the selected policies' per-layer bits and the final
+accuracy-vs-BitOPs plot.
 
 Uses matplotlib's object API with the Agg canvas (no pyplot state, no display needed). Files are
 written atomically. x axis: GBitOPs of the quantized layers (``bitops / 1e9``); y axis: top-1 (%).
@@ -17,7 +18,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from gmpq_core.fileio import atomic_write
 
-__all__ = ["plot_pareto", "plot_final", "trial_gbitops"]
+__all__ = ["plot_pareto", "plot_final", "plot_policies", "policy_rows", "trial_gbitops"]
 
 X_LABEL = "GBitOPs (quantized layers)"
 
@@ -141,4 +142,83 @@ def plot_final(final: pd.DataFrame, trials: pd.DataFrame | None, path: str | Pat
             ax.annotate(f"{_short(t)}: {yi:.2f}%", (xi, yi), textcoords="offset points", fontsize=7,
                         xytext=(-6, -10) if right else (6, -10), ha="right" if right else "left")
     _legend_outside(ax)
+    return _save(fig, path)
+
+
+MAX_POLICY_PANELS = 8        # a front longer than this without a selection: the first 8 by BitOPs
+
+
+def _policy_layers(row: dict) -> list[dict]:
+    """A front row's layers in network order ([{name, macs, w_bits, a_bits}, ...]); [] without ``layers_json``."""
+    import json
+
+    try:
+        layers = json.loads(row.get("layers_json") or "[]")
+    except (TypeError, ValueError):
+        return []
+    return [d for d in layers if isinstance(d, dict) and {"name", "macs", "w_bits", "a_bits"} <= d.keys()]
+
+
+def policy_rows(front: pd.DataFrame) -> list[dict]:
+    """The front rows ``plot_policies`` draws: the selected policies, else the whole front (at most
+    ``MAX_POLICY_PANELS``), cheapest first; rows without layers are left out."""
+    if not len(front):
+        return []
+    rows = front.to_dict("records")
+    chosen = [r for r in rows if r.get("selected")] or rows[:MAX_POLICY_PANELS]
+    chosen = [r for r in chosen if _policy_layers(r)]
+    return sorted(chosen, key=lambda r: (float(r.get("bitops") or 0), str(r["trial_id"])))
+
+
+def _policy_title(row: dict, layers: list[dict]) -> str:
+    macs = sum(int(d["macs"]) for d in layers) or 1
+    avg = [sum(int(d["macs"]) * int(d[k]) for d in layers) / macs for k in ("w_bits", "a_bits")]
+    acc = pd.to_numeric(pd.Series([row.get("transfer_top1")]), errors="coerce").iloc[0]
+    acc_text = "no transfer top-1" if math.isnan(acc) else f"transfer top-1 {acc:.2f}%"
+    return (f"{_short(row['trial_id'])}: {acc_text}, {float(row.get('bitops') or 0) / 1e9:.4f} GBitOPs, "
+            f"MAC-weighted bits w {avg[0]:.2f} / a {avg[1]:.2f}")
+
+
+def plot_policies(front: pd.DataFrame, path: str | Path, *, title: str | None = None) -> Path:
+    """Per-layer bit-widths of the selected policies (``policy_rows``): one panel per policy, weight and
+    activation bits as bars in network order, each layer's share of the quantized layers' MACs as a line
+    (the cost a bit saves there)."""
+    rows = policy_rows(front)
+    n_layers = max((len(_policy_layers(r)) for r in rows), default=0)
+    width = max(7.5, 2.0 + 0.28 * n_layers)
+    fig = Figure(figsize=(width, 1.2 + 2.6 * max(len(rows), 1)), dpi=120)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title or "Per-layer bit-widths of the selected policies", fontsize=11)
+    if not rows:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no policy on the front (no completed trial with per-layer bits)", ha="center",
+                va="center", fontsize=10, color="0.4", transform=ax.transAxes)
+        return _save(fig, path)
+    for k, row in enumerate(rows):
+        layers = _policy_layers(row)
+        ax = fig.add_subplot(len(rows), 1, k + 1)
+        x = np.arange(len(layers))
+        w = np.array([int(d["w_bits"]) for d in layers])
+        a = np.array([int(d["a_bits"]) for d in layers])
+        ax.bar(x - 0.2, w, width=0.4, color="tab:blue", label="weight bits", zorder=2)
+        ax.bar(x + 0.2, a, width=0.4, color="tab:orange", label="activation bits", zorder=2)
+        ax.set_ylim(0, max(8, int(max(w.max(), a.max()))) + 0.5)
+        ax.set_ylabel("bits")
+        ax.grid(True, axis="y", alpha=0.3, zorder=0)
+        ax.set_title(_policy_title(row, layers), fontsize=9)
+        ax.set_xlim(-0.6, len(layers) - 0.4)
+        share = ax.twinx()
+        macs = np.array([int(d["macs"]) for d in layers], dtype=float)
+        share.plot(x, 100.0 * macs / max(macs.sum(), 1.0), "o--", color="0.3", ms=3, lw=1, alpha=0.6,
+                   label="MACs (% of total)")
+        share.set_ylim(0, None)
+        share.set_ylabel("MACs (%)", fontsize=8, color="0.35")
+        ax.set_xticks(x)
+        ax.set_xticklabels([str(d["name"]) for d in layers] if k == len(rows) - 1 else [], rotation=90, fontsize=7)
+        if k == 0:
+            handles = ax.get_legend_handles_labels()
+            extra = share.get_legend_handles_labels()
+            ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", bbox_to_anchor=(1.08, 1.0),
+                      borderaxespad=0.0, fontsize=8)
     return _save(fig, path)

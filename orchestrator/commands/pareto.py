@@ -3,8 +3,8 @@
     gmpq pareto --sweep runs/demo --top-k 3
 
 Reads DIR/trials.parquet; writes DIR/pareto.parquet (non-dominated completed trials on transfer_top1
-up / bitops down, with ``selected`` and ``selection_reason``) and DIR/pareto.png, prints the table,
-and adds both to the sweep's MLflow parent run.
+up / bitops down, with ``selected`` and ``selection_reason``), DIR/pareto.png and DIR/policies.png (the
+selected policies' bits, layer by layer), prints the table, and adds them to the sweep's MLflow parent run.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *
 
 def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
     """The front's table; says so when fewer policies than ``top_k`` (default: the sweep config's) were selected."""
-    from orchestrator.pareto import DEFAULT_TOP_K, PARETO_PNG, POLICIES_DIR, format_pareto_table
+    from orchestrator.pareto import DEFAULT_TOP_K, PARETO_PNG, POLICIES_DIR, POLICIES_PNG, format_pareto_table
     from orchestrator.results import PARETO_FILE, load_resolved_config, read_trials
 
     cfg = load_resolved_config(sweep_dir)
@@ -49,6 +49,8 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
         print(f"({chosen} selected of the {want} asked for (top-k): only {len(front)} on the front. A policy off "
               "the front is never selected: one on it is at least as accurate for at most its BitOPs.)")
     print(f"Table: {sweep_dir / PARETO_FILE}\nPlot:  {sweep_dir / PARETO_PNG}")
+    if (sweep_dir / POLICIES_PNG).is_file():
+        print(f"Bits per layer: {sweep_dir / POLICIES_PNG}")
     if len(front):
         print(f"Policies: {sweep_dir / POLICIES_DIR}/<trial_id>.json (one fine-tune: gmpq finetune --policy FILE)")
 
