@@ -9,12 +9,14 @@ FP model (kept in eval mode, no gradients):
 With ``checkpoint_dir`` the state after each epoch is written atomically to
 ``checkpoint_dir/last.pt`` (tensors and plain containers only, read back with
 ``torch.load(weights_only=True)``); a later call with the same arguments resumes from it. The recipe, the
-bit policy, the precision and the caller's ``run_info`` (e.g. the dataset and the model options) are saved
-with it: a later call with other ones is refused (CheckpointError), not resumed.
+bit policy, the precision, the caller's ``run_info`` (e.g. the dataset and the model options) and the FP model
+it started from (``state_digest`` of its weights, and the caller's ``fp_source``) are saved with it: a later call
+with other ones is refused (CheckpointError), not resumed.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +38,7 @@ from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_
                     steps_per_epoch, training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
-           "run_info_changes", "CHECKPOINT_NAME"]
+           "run_info_changes", "state_digest", "recorded_fp", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +143,45 @@ def run_info_changes(old: Any, new: Mapping[str, Any] | None) -> list[str]:
     return [k for k in new if k in old and old[k] != new[k]]
 
 
+def state_digest(state: nn.Module | Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a model's state dict (or of the dict itself): every entry's name, dtype, shape and values,
+    in name order. It names the weights, not a file: the same for a copy, a move or a re-save of them, and for the
+    model on any device or in any memory layout; one pass over the weights, already in memory."""
+    if isinstance(state, nn.Module):
+        state = state.state_dict()
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, Tensor):
+            h.update(f"{name}|{t!r}\n".encode())
+            continue
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def recorded_fp(ckpt: Any) -> dict | None:
+    """The FP model a fine-tune checkpoint records it started from (``{"sha256": ..., "source": path or None}``),
+    or None for a checkpoint written before that record (which resumes from any FP model)."""
+    fp = ckpt.get("fp") if isinstance(ckpt, dict) else None
+    return fp if isinstance(fp, dict) and isinstance(fp.get("sha256"), str) else None
+
+
+def _fp_name(fp: Mapping[str, Any]) -> str:
+    source = fp.get("source")
+    return f"{f'the FP model {source!r}' if source else 'an FP model'} (weights sha256 {fp['sha256'][:12]})"
+
+
 def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precision: str,
-                 run_info: Mapping[str, Any] | None = None) -> dict | None:
-    if not path.is_file():
-        return None
-    ckpt = load_checkpoint(path)
+                 run_info: Mapping[str, Any] | None = None, *, fp: Mapping[str, Any] | None = None,
+                 state: Any = None) -> dict | None:
+    """The checkpoint at ``path`` (``state`` when the caller has read it already), checked against this run;
+    None when there is none."""
+    if state is None:
+        if not path.is_file():
+            return None
+        state = load_checkpoint(path)
+    ckpt = state
     if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler", "history"} <= set(ckpt):
         raise CheckpointError(f"Checkpoint '{path}' lacks the fine-tune state (epoch, model, optimizer, "
                               "scheduler, history); delete it to start the fine-tune afresh.")
@@ -156,6 +192,12 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precisio
         raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune with {was}, but this run has {now}; "
                               "resume with the same settings, or use another checkpoint folder (or delete this one) "
                               "to start afresh.")
+    old_fp = recorded_fp(ckpt)      # None: written before the record, resumed from any FP model
+    if fp is not None and old_fp is not None and old_fp["sha256"] != fp["sha256"]:
+        raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune started from {_fp_name(old_fp)}, but "
+                              f"this run starts from {_fp_name(fp)}: the quantized model's start and the "
+                              "distillation teacher would come from two FP models. Resume with the FP model it started "
+                              "from, or use another checkpoint folder (or delete this one) to start afresh.")
     old_cfg = {**_BEFORE_THE_KEY, **ckpt.get("config", {})} if ckpt.get("config") else {}
     diff = [k for k in _RESUME_KEYS if k in old_cfg and old_cfg[k] != getattr(config, k)]
     if diff:
@@ -180,7 +222,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
              config: FinetuneConfig, input_size: int, in_channels: int, reporter: Reporter | None = None,
              device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
              progress: Progress | None = None, precision: str = "auto",
-             run_info: Mapping[str, Any] | None = None) -> FinetuneResult:
+             run_info: Mapping[str, Any] | None = None, fp_source: str | None = None,
+             resume_state: Mapping[str, Any] | None = None) -> FinetuneResult:
     """QAT of ``policy`` applied to a copy of ``fp_model``; ``fp_model`` itself is left unchanged.
 
     Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch and honours
@@ -190,9 +233,17 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     bfloat16, float32 elsewhere; the quantizers' grids and clips stay float32). ``run_info``: what else the
     checkpoint's state depends on, as plain values (e.g. ``{"dataset": "digits", "model": "resnet20",
     "input_size": 8}``); saved in the checkpoint, and a resume with another value of a key is refused (a
-    checkpoint written without the key, or without ``run_info``, resumes).
+    checkpoint written without the key, or without ``run_info``, resumes). The checkpoint also records the FP
+    model it started from: ``state_digest(fp_model)`` and ``fp_source`` (where ``fp_model`` came from, e.g. its
+    file, named in a refusal); a resume from an FP model with other weights is refused, one with the same weights
+    from elsewhere resumes (a checkpoint without the record resumes from any). ``resume_state``: the content of
+    ``checkpoint_dir/last.pt`` (``load_checkpoint``) when the caller has read it already, checked and resumed from
+    without reading the file again.
     """
     resolved = resolve_precision(precision, device)      # a bad value fails before any work
+    if resume_state is not None and checkpoint_dir is None:
+        raise ConfigError("resume_state is the content of checkpoint_dir/last.pt, but got checkpoint_dir=None. Pass "
+                          "the checkpoint_dir it was read from, or leave out resume_state.")
     reporter = reporter or NullReporter()
     t0 = time.perf_counter()
     with seeded(config.seed, device):
@@ -209,8 +260,9 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     history: list[dict] = []
     start = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    fp = {"sha256": state_digest(fp_model), "source": fp_source} if ckpt_path is not None else None
     if ckpt_path is not None:
-        state = _load_resume(ckpt_path, config, policy, resolved, run_info)
+        state = _load_resume(ckpt_path, config, policy, resolved, run_info, fp=fp, state=resume_state)
         if state is not None:
             model.load_state_dict(state["model"])
             load_optimizer_state(optimizer, state["optimizer"])
@@ -226,7 +278,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
             "precision": resolved, "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()},
-            "run": dict(run_info or {})})
+            "run": dict(run_info or {}), "fp": fp})
 
     metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,
                                epochs=config.epochs, start_epoch=start, seed=config.seed,

@@ -4,9 +4,9 @@ Writes ``DIR/quantized.pt`` (the quantized model, self-contained: ``gmpq_core.lo
 rebuilds it for inference), ``DIR/policy.json``, ``DIR/finetune_result.json`` (top-1/top-5 of the quantized
 and the FP model, BitOPs in both conventions, the policy summary) and per-epoch checkpoints in
 ``DIR/checkpoints/``, from which an interrupted run resumes (a checkpoint of a run on another dataset or
-model, or with other settings, is refused, not resumed). Without ``--fp-checkpoint`` the FP model is trained
-first (``--fp-epochs``) and kept as ``DIR/fp.pt`` with its ``DIR/fp_result.json`` (a rerun reuses both; one
-without the other is not trusted, and the FP model is trained again).
+model, with other settings, or from another FP model, is refused, not resumed). Without ``--fp-checkpoint``
+the FP model is trained first (``--fp-epochs``) and kept as ``DIR/fp.pt`` with its ``DIR/fp_result.json`` (a
+rerun reuses both; one without the other is not trusted, and the FP model is trained again).
 
 The single-policy logic lives in ``run_single_finetune(args)`` so that other modes (a Ray Train
 sweep over many policies) can extend the parser and dispatch from ``run``.
@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from torch import nn
 
@@ -25,7 +27,8 @@ from gmpq_core.data import canonical_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json, load_checkpoint
-from gmpq_core.finetune import CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, finetune, run_info_changes
+from gmpq_core.finetune import (CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, finetune, recorded_fp,
+                                run_info_changes, state_digest)
 from gmpq_core.policy import BitPolicy
 from gmpq_core.precision import resolve_precision
 from gmpq_core.train import evaluate
@@ -168,28 +171,28 @@ def _policy_from_args(args: argparse.Namespace) -> BitPolicy | None:
     return load_policy_arg(args.policy)
 
 
-def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> tuple[nn.Module, str]:
-    """The FP model: from --fp-checkpoint, from an earlier run's DIR/fp.pt, or trained now."""
+def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> tuple[nn.Module, str, str | None]:
+    """The FP model: from --fp-checkpoint, from an earlier run's DIR/fp.pt, or trained now; with where it came
+    from and the note to print about a loaded one (returned, so that a refusal after the load stays the only
+    paragraph on stderr)."""
     if args.fp_checkpoint is not None:
         model = load_fp_model(args.fp_checkpoint, opts)
         ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in _FP_DEFAULTS
                    if getattr(args, k) != _FP_DEFAULTS[k]]
-        if ignored:      # said after the load, so that a refusal stays the only paragraph on stderr
-            print(f"{' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: the FP model is loaded "
-                  f"from --fp-checkpoint {args.fp_checkpoint}, not trained", file=sys.stderr)
-        return model, str(args.fp_checkpoint)
+        note = (f"{' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: the FP model is loaded "
+                f"from --fp-checkpoint {args.fp_checkpoint}, not trained") if ignored else None
+        return model, str(args.fp_checkpoint), note
     kept = _kept_fp(out)
     if kept is not None:
         model = load_fp_model(kept, opts)
-        print(f"reusing the FP model {kept} from an earlier run{_recipe_note(args, kept)}", file=sys.stderr)
-        return model, str(kept)
+        return model, str(kept), f"reusing the FP model {kept} from an earlier run{_recipe_note(args, kept)}"
     lone = [f.name for f in (out / FP_WEIGHTS, out / FP_RESULT) if f.is_file()]     # one without the other
     stale = (f"; the {lone[0]} left in {out} without its {({FP_WEIGHTS, FP_RESULT} - set(lone)).pop()} is not used "
              "and is replaced") if lone else ""
     print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs){stale}", file=sys.stderr)
     model, _ = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.fp_epochs, lr=args.fp_lr,
                               max_steps_per_epoch=args.max_steps_per_epoch)
-    return model, str(out / FP_WEIGHTS)
+    return model, str(out / FP_WEIGHTS), None
 
 
 def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
@@ -225,17 +228,60 @@ def _as_flags(run: dict, keys: list[str]) -> str:
                     else f"{_RUN_FLAGS.get(k, k)} {run[k]}" for k in keys)
 
 
-def _check_resume_run(out: Path, run_info: dict, dataset: str) -> None:
+def _check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool) -> dict | None:
     """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
-    training subset, is refused before any work (it was resumed as if it were this run's). A checkpoint from
-    before these were recorded is not checked; one that is not a fine-tune state is named by gmpq_core.finetune."""
+    training subset, is refused before any work (it was resumed as if it were this run's), and so is one started
+    from a recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is
+    refused once loaded: _check_resume_fp). A checkpoint from before these were recorded is not checked; one that
+    is not a fine-tune state is named by gmpq_core.finetune. Returns what was read (None: no checkpoint), which
+    gmpq_core.finetune resumes from without reading the file again."""
     path = out / CHECKPOINTS / CHECKPOINT_NAME
     if not path.is_file():
-        return
+        return None
     ckpt = load_checkpoint(path)
     old = ckpt.get("run") if isinstance(ckpt, dict) else None
-    if not isinstance(old, dict):
+    if isinstance(old, dict):
+        _check_run_info(out, path, old, run_info, dataset)
+    started = recorded_fp(ckpt)
+    if trains_fp and started is not None:
+        _refuse_other_fp(out, started, f"this run trains a new FP model first (no --fp-checkpoint, and no "
+                                       f"{out / FP_WEIGHTS} with its {FP_RESULT} to reuse)")
+    return ckpt
+
+
+def _check_resume_fp(out: Path, ckpt: dict | None, fp_model: nn.Module, fp_source: str) -> None:
+    """A fine-tune checkpoint started from an FP model with other weights than ``fp_model`` (loaded from
+    ``fp_source``) is refused; the same weights from another file (a copy, a move) resume. A checkpoint without
+    the record is not checked."""
+    started = recorded_fp(ckpt)
+    if started is None or (digest := state_digest(fp_model)) == started["sha256"]:
         return
+    if started.get("source") == os.path.abspath(fp_source):     # the same file, written over since
+        _refuse_other_fp(out, started, f"that file holds other weights now (sha256 {digest[:12]})", replaced=True)
+    _refuse_other_fp(out, started, f"this run's FP model '{fp_source}' has other weights (sha256 {digest[:12]})")
+
+
+def _refuse_other_fp(out: Path, started: dict, now: str, *, replaced: bool = False) -> NoReturn:
+    """Refuse to resume a fine-tune ``started`` from another FP model than this run's (``now`` says why): its
+    start, its distillation teacher and the FP top-1 reported beside it would be two FP models'."""
+    source = started.get("source")
+    if replaced:
+        back = f"Put those weights back in '{source}' to resume it"
+    elif source and Path(source).is_file():
+        back = f"Pass --fp-checkpoint {source} to resume it"
+    else:
+        back = (f"Put {'it back at ' + repr(source) if source else 'that FP model back'} (or pass --fp-checkpoint "
+                "with a copy of it) to resume it")
+    name = f"{f'the FP model {source!r}' if source else 'an FP model'} (weights sha256 {started['sha256'][:12]})"
+    raise ConfigError(f"The fine-tune checkpoint '{out / CHECKPOINTS / CHECKPOINT_NAME}', kept from an earlier run in "
+                      f"this --out folder, was started from {name}, but {now}: resuming would mix two FP models (the "
+                      f"fine-tune's start, its distillation teacher and the FP top-1 reported). {back}, pass another "
+                      f"--out for this run, or delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh.")
+
+
+def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: str) -> None:
+    """The dataset, model options and training subset recorded in the checkpoint at ``path`` (``old``) against
+    this run's."""
     fresh = f"delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh"
     old_data = old.get("dataset")
     if isinstance(old_data, str) and old_data and not _same_dataset(old_data, run_info["dataset"]):
@@ -320,10 +366,14 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     other_data = _check_fp_dataset(args, out, fp_info, info)     # before the options: it names both datasets
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
     run_info = _run_info(info, opts, len(train_split))
-    _check_resume_run(out, run_info, info.name)                      # before a possibly long FP training
+    resume = _check_resume_run(out, run_info, info.name,           # before a possibly long FP training; read once:
+                               trains_fp=args.fp_checkpoint is None and _kept_fp(out) is None)   # finetune gets it
     if policy is not None:  # fail before a possibly long FP training
         policy.check_fits(build_seeded_model(opts, args.seed))
-    fp_model, fp_source = _fp_model(args, out, opts, data)
+    fp_model, fp_source, fp_note = _fp_model(args, out, opts, data)
+    _check_resume_fp(out, resume, fp_model, fp_source)
+    if fp_note:
+        print(fp_note, file=sys.stderr)
     if other_data:
         print(other_data, file=sys.stderr)
     if policy is None:
@@ -337,7 +387,8 @@ def run_single_finetune(args: argparse.Namespace) -> int:
         result = finetune(fp_model, policy, train_loader, test_loader, config=config, input_size=opts.input_size,
                           in_channels=opts.in_channels, device=device, checkpoint_dir=out / CHECKPOINTS,
                           reporter=ProgressReporter("finetune", total_epochs=config.epochs), progress=bar,
-                          precision=precision, run_info=run_info)
+                          precision=precision, run_info=run_info, fp_source=os.path.abspath(fp_source),
+                          resume_state=resume)
     finally:
         bar.close()
     summary = finetune_summary(result, policy, opts, fp_eval, config=config, dataset=info.name,
