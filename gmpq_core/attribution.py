@@ -106,7 +106,8 @@ def _autodetect(model: nn.Module, input_size: int, in_channels: int) -> str:
 def find_feature_layer(model: nn.Module, *, model_name: str | None = None, override: str | None = None,
                        input_size: int = 32, in_channels: int = 3) -> str:
     """FQN of the Grad-CAM feature layer: ``override`` if given, else the registry's choice for
-    ``model_name``, else the last module (in forward completion order) whose output is a 4-D tensor
+    ``model_name`` (a user's builder: its ``gradcam_layer`` attribute), else the last module (in forward
+    completion order) whose output is a 4-D tensor
     before the first global pooling or non-4-D output."""
     if override:
         try:
@@ -116,9 +117,10 @@ def find_feature_layer(model: nn.Module, *, model_name: str | None = None, overr
                               "fully qualified name of the last convolutional stage (e.g. 'layer4').") from None
         return override
     if model_name is not None:
-        from .models import MODELS, gradcam_layer_name
-        if model_name in MODELS:
-            return gradcam_layer_name(model_name)
+        from .models import MODELS, gradcam_layer_name, is_import_spec
+        layer = gradcam_layer_name(model_name) if model_name in MODELS or is_import_spec(model_name) else ""
+        if layer:
+            return find_feature_layer(model, override=layer)     # a user's gradcam_layer: checked it exists
     return _autodetect(model, input_size, in_channels)
 
 

@@ -24,7 +24,7 @@ from .data import canonical_data_source, load_dataset, make_loader, proxy
 from .errors import CheckpointError, ConfigError, did_you_mean
 from .fileio import default_cache_dir, load_checkpoint, load_model_state, save_checkpoint
 from .layers import searchable_layers
-from .models import build_model, list_models
+from .models import build_model, check_model, model_file_tag, model_source_key
 from .policy import BitPolicy
 from .precision import check_precision, resolve_precision
 from .reporting import Reporter
@@ -61,8 +61,7 @@ class SearchJob:
     def __post_init__(self) -> None:
         if not isinstance(self.search, SearchConfig):
             object.__setattr__(self, "search", SearchConfig.from_dict(self.search or {}))
-        if self.model not in list_models():
-            raise ConfigError(f"Unknown model '{self.model}'. Available models: {', '.join(list_models())}.")
+        object.__setattr__(self, "model", check_model(self.model))      # a user's file: its absolute path
         if not isinstance(self.dataset, str) or not self.dataset:
             raise ConfigError(f"dataset must be a dataset name such as 'fashion_mnist', but got {self.dataset!r}.")
         for name, minimum, optional in (("proxy_size", 1, True), ("proxy_seed", 0, False),
@@ -112,7 +111,8 @@ def _teacher_key(job: SearchJob, info: Any) -> dict[str, Any]:
             "data_root": root, "proxy_size": job.proxy_size, "proxy_seed": job.proxy_seed,
             "teacher_epochs": job.teacher_epochs, "seed": job.search.seed, "small_input": job.small_input,
             "batch_size": job.teacher_batch_size, "image_size": info.image_size,
-            "in_channels": info.in_channels, "num_classes": info.num_classes}
+            "in_channels": info.in_channels, "num_classes": info.num_classes,
+            **model_source_key(job.model)}
 
 
 def teacher_cache_path(job: SearchJob, info: Any) -> Path:
@@ -121,7 +121,7 @@ def teacher_cache_path(job: SearchJob, info: Any) -> Path:
     recorded in the entry's meta)."""
     digest = hashlib.sha256(json.dumps(_teacher_key(job, info), sort_keys=True).encode()).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", job.dataset)[:40]
-    return Path(job.cache_dir).expanduser() / "teachers" / f"{job.model}-{safe}-{digest}.pt"
+    return Path(job.cache_dir).expanduser() / "teachers" / f"{model_file_tag(job.model)}-{safe}-{digest}.pt"
 
 
 def teacher_cached(job: SearchJob) -> bool:

@@ -24,7 +24,7 @@ from .data import DatasetInfo, canonical_data_source, load_dataset, make_loader,
 from .errors import CheckpointError, ConfigError, did_you_mean
 from .fileio import atomic_write_json, load_checkpoint, load_model_state, read_json, save_checkpoint
 from .finetune import FinetuneConfig, finetune
-from .models import build_model
+from .models import build_model, model_source_key
 from .policy import BitPolicy
 from .precision import resolve_precision
 from .train import TrainConfig, evaluate, seeded, train_fp
@@ -124,7 +124,7 @@ def _target_meta(*, model: str, dataset: str, check: TransferCheck, data_root: s
             "small_input": bool(small_input), "fp_epochs": check.fp_epochs, "fp_lr": check.fp_lr,
             "fp_batch_size": check.fp_batch_size, "fp_train_size": check.fp_train_size,
             "fp_max_steps_per_epoch": check.fp_max_steps_per_epoch, "test_size": check.test_size,
-            "seed": check.seed}
+            "seed": check.seed, **model_source_key(model)}
     if TARGET_CACHE_VERSION > 1:
         meta["version"] = TARGET_CACHE_VERSION
     return meta

@@ -20,7 +20,7 @@ from torch import nn
 from gmpq_core.data.registry import MAX_IMAGE_SIZE, check_data_root, check_image_size
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import check_writable_dir
-from gmpq_core.models import build_model, list_models
+from gmpq_core.models import build_model, check_model, list_models
 from orchestrator.commands import add_precision_arg, at_least, refuse_empty
 from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
 from gmpq_core.train import seeded
@@ -39,8 +39,9 @@ META_KEYS = ("model", "dataset", "target_dataset", "in_channels", "num_classes",
 def add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, metavar="NAME",
-                   help=f"model name ({', '.join(list_models())})" + (f"; default {default_model}" if default_model
-                                                                      else ""))
+                   help=f"model name ({', '.join(list_models())}), or your own as MODULE:FUNCTION or "
+                        "PATH.py:FUNCTION (README: 'Your own model')" + (f"; default {default_model}" if default_model
+                                                                           else ""))
     g.add_argument("--input-size", type=int, default=None, metavar="PX", help="input image side in pixels")
     g.add_argument("--in-channels", type=int, default=None, metavar="C", help="input channels")
     g.add_argument("--num-classes", type=int, default=None, metavar="K", help="number of classes")
@@ -169,9 +170,7 @@ def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping
     model = _pick("model", args.model, sources, getattr(args, "default_model", None))
     if model is None:
         raise ConfigError(f"No model given. Pass --model NAME (one of: {', '.join(list_models())}).")
-    if model not in list_models():
-        raise ConfigError(f"Unknown model '{model}'. Available models: {', '.join(list_models())}; "
-                          "pass one of them with --model.")
+    model = check_model(model, "--model" if args.model is not None else "model")
     input_size = _pick("input_size", args.input_size, [*sources, data], None)
     if input_size is None:
         raise ConfigError("No input size given. Pass --input-size PX (e.g. 224 for ImageNet-sized images; "

@@ -60,13 +60,13 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     from gmpq_core.complexity import bitops_range
     from gmpq_core.data import load_dataset
     from gmpq_core.layers import searchable_layers
-    from gmpq_core.models import build_model, list_models
+    from gmpq_core.models import build_model, check_model
     from gmpq_core.precision import resolve_precision
     from gmpq_core.search_config import SearchConfig
 
     from .trainable import trial_device
 
-    _require(cfg.model in list_models(), f"Unknown model '{cfg.model}'. Available models: {', '.join(list_models())}.")
+    check_model(cfg.model)
     resolve_precision(cfg.precision, trial_device(cfg))         # bf16 on a GPU without it: before Ray starts
     proxy = load_dataset(cfg.proxy_dataset, root=cfg.data_root, image_size=cfg.image_size)
     target = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from gmpq_core.data import canonical_dataset_name
+from gmpq_core.models.imported import canonical_model_name
 from gmpq_core.errors import ConfigError, did_you_mean
 from gmpq_core.fileio import absolute_path, default_cache_dir
 from gmpq_core.policy import BitCandidates
@@ -261,7 +262,8 @@ class SweepConfig:
                                      .expanduser().resolve()),
                        data_root=absolute_path(self.data_root),          # absolute: trials run in their own folders
                        proxy_dataset=canonical_dataset_name(self.proxy_dataset),
-                       target_dataset=canonical_dataset_name(self.target_dataset))
+                       target_dataset=canonical_dataset_name(self.target_dataset),
+                       model=canonical_model_name(self.model))      # a user's model file: its absolute path
 
     def proxy_sizes(self) -> tuple:
         """Every proxy size a trial may use (None = the whole proxy train split)."""

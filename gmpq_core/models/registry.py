@@ -1,7 +1,8 @@
 """Registry of model builders (STYLE.md: registries instead of if/elif chains).
 
 Every builder takes ``num_classes``, ``in_channels`` and ``small_input``: the small-input variant
-replaces the stem by a 3x3 stride-1 conv and drops the max-pool (for 28-32 px images).
+replaces the stem by a 3x3 stride-1 conv and drops the max-pool (for 28-32 px images). A name
+``MODULE:FUNCTION`` or ``PATH.py:FUNCTION`` names a user's own builder (``imported.py``).
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ConfigError
+from .imported import canonical_model_name, import_builder, is_import_spec
 from .resnet_cifar import ResNetCifar
 
-__all__ = ["ModelSpec", "MODELS", "register_model", "build_model", "list_models", "gradcam_layer_name"]
+__all__ = ["ModelSpec", "MODELS", "register_model", "build_model", "list_models", "gradcam_layer_name", "check_model"]
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,25 @@ def list_models() -> list[str]:
 
 
 def _get(name: str) -> ModelSpec:
-    if name not in MODELS:
-        raise ConfigError(f"Unknown model '{name}'. Available models: {', '.join(list_models())}.")
-    return MODELS[name]
+    if name in MODELS:
+        return MODELS[name]
+    if is_import_spec(name):
+        fn = import_builder(name)
+        doc = (getattr(fn, "__doc__", None) or "").strip()
+        return ModelSpec(canonical_model_name(name), fn, str(getattr(fn, "gradcam_layer", "") or ""),
+                         doc.splitlines()[0] if doc else f"{name} (your own builder)")
+    raise ConfigError(f"Unknown model '{name}'. Available models: {', '.join(list_models())}; or one of your own, "
+                      "named MODULE:FUNCTION or PATH.py:FUNCTION (e.g. './my_cnn.py:build').")
+
+
+def check_model(name: object, what: str = "model") -> str:
+    """``name`` as saved in configs (a file path made absolute) once it names a registered model or an
+    importable builder of the user's; ConfigError naming ``what`` (e.g. ``--model``) otherwise."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} must be a model name ({', '.join(list_models())}, or MODULE:FUNCTION / "
+                          f"PATH.py:FUNCTION for one of your own), but got {what}={name!r}.")
+    _get(name)
+    return canonical_model_name(name)
 
 
 def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
@@ -51,10 +69,16 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, small
         raise ConfigError(f"num_classes must be a positive integer, but got num_classes={num_classes!r}.")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ConfigError(f"in_channels must be a positive integer, but got in_channels={in_channels!r}.")
-    return _get(name).builder(num_classes=num_classes, in_channels=in_channels, small_input=small_input, **kwargs)
+    model = _get(name).builder(num_classes=num_classes, in_channels=in_channels, small_input=small_input, **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"The model builder '{name}' returned {type(model).__name__}, not a torch.nn.Module; "
+                          "return the network itself.")
+    return model
 
 
 def gradcam_layer_name(name: str) -> str:
+    """The Grad-CAM layer of ``name`` ("" for a user's builder without a ``gradcam_layer`` attribute: then it is
+    found by a forward pass, ``attribution.find_feature_layer``)."""
     return _get(name).gradcam_layer
 
 
