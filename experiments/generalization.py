@@ -138,6 +138,8 @@ class StudyConfig:
         set_("seeds", tuple(self.seeds))
         set_("methods", tuple(self.methods))
         check_precision(self.precision)
+        from gmpq_core.models import check_model
+        set_("model", check_model(self.model))       # a user's PATH.py:FUNCTION made absolute
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise ConfigError(f"methods must be a non-empty subset of {list(METHODS)}, but got {list(self.methods)}.")

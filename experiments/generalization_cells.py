@@ -33,7 +33,7 @@ from gmpq_core.fileio import load_checkpoint, save_checkpoint
 from gmpq_core.finetune import finetune
 from gmpq_core.layers import fingerprint, searchable_layers
 from gmpq_core.losses import rank_distance
-from gmpq_core.models import build_model
+from gmpq_core.models import build_model, model_file_tag, model_source_key
 from gmpq_core.policy import BitCandidates, BitPolicy
 from gmpq_core.precision import resolve_precision
 from gmpq_core.search import search_policy
@@ -63,14 +63,15 @@ def _fresh(cfg: StudyConfig, info: Any, seed: int = 0) -> nn.Module:
 
 def _cache_key(cfg: StudyConfig, dataset: str, size: int | None, recipe: FPRecipe) -> dict[str, Any]:
     return {"model": cfg.model, "dataset": dataset, "size": size, "proxy_seed": cfg.proxy_seed,
-            "image_size": cfg.image_size, "small_input": cfg.small_input, "recipe": vars(recipe)}
+            "image_size": cfg.image_size, "small_input": cfg.small_input, "recipe": vars(recipe),
+            **model_source_key(cfg.model)}
 
 
 def cached_model_path(cfg: StudyConfig, job: tuple[str, str, int | None, FPRecipe], study_dir: str | Path) -> Path:
     """``<study_dir>/cache/<model>-<dataset>-<size>-<hash of everything the model depends on>.pt``."""
     _, dataset, size, recipe = job
     digest = hashlib.sha256(json.dumps(_cache_key(cfg, dataset, size, recipe), sort_keys=True).encode()).hexdigest()
-    return Path(study_dir) / "cache" / f"{cfg.model}-{dataset}-{size or 'all'}-{digest[:12]}.pt"
+    return Path(study_dir) / "cache" / f"{model_file_tag(cfg.model)}-{dataset}-{size or 'all'}-{digest[:12]}.pt"
 
 
 def _train_cached(cfg: StudyConfig, dataset: str, size: int | None, recipe: FPRecipe, path_dir: Path,

@@ -64,7 +64,8 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
         device = f"{timing['device']} (rows computed by {timing['runs'][-1].get('runner', 'gmpq study')})"
     fp_note = "-"
     shared = next((r["shared_models"] for r in reversed(timing.get("runs", [])) if r.get("shared_models")), {})
-    caches = sorted((study_dir / "cache").glob(f"{cfg.model}-{cfg.target}-all-*.pt"))
+    from gmpq_core.models import model_file_tag
+    caches = sorted((study_dir / "cache").glob(f"{model_file_tag(cfg.model)}-{cfg.target}-all-*.pt"))
     meta = load_checkpoint(caches[-1]).get("meta", {}) if caches else shared.get("target")
     if meta:   # the model cache, or what a run elsewhere recorded of it (the cache stays on that machine)
         fp_note = (f"{meta.get('top1', float('nan')):.2f}% top-1 (on {cfg.proxy_eval_size or 'all'} test images) after "
