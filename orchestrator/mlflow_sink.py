@@ -3,8 +3,11 @@ Tune callback that drives it during a sweep is ``orchestrator.mlflow_callback``.
 
 Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlflow.db``):
 - one parent run per sweep (id kept in ``<sweep_dir>/mlflow_parent.json`` so a resumed sweep reuses it)
-  with the resolved config as a few flattened params and ``sweep_config.yaml`` as artifact; later the
-  Pareto table + plot and the Parquet tables (``mlflow_stages``);
+  with the resolved config as a few flattened params (as at its start: params cannot change; the final
+  stage's later settings are ``finetune.*`` tags, ``mlflow_stages``) and ``sweep_config.yaml`` as artifact,
+  tag ``gmpq.sweep_dir`` (its folder), named after the experiment, or also its folder when the experiment
+  holds another sweep's (sweeps of one ``--name`` share it); later the Pareto table + plot and the Parquet
+  tables (``mlflow_stages``);
 - one child run per trial (tag ``mlflow.parentRunId``; ids kept in ``<sweep_dir>/mlflow_runs.json`` so a
   resumed sweep does not duplicate them): the trial's config as params, per-epoch metrics with
   ``step=epoch``, the final metrics, ``policy.json``, tag ``status`` and run status FINISHED (completed),
@@ -297,8 +300,9 @@ class MLflowSink:
                 client.update_run(found, status="RUNNING")
             self._save_parent(found)
             return found
-        run = client.create_run(self._experiment_id, run_name=self.experiment_name,
-                                tags={"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
+        here = str(self.sweep_dir.resolve())    # another sweep's parent in the experiment (one --name): add the folder
+        name = f"{self.experiment_name} ({here})" if self.find_run({"gmpq.role": "sweep"}) else self.experiment_name
+        run = client.create_run(self._experiment_id, run_name=name, tags={"gmpq.role": "sweep", "gmpq.sweep_dir": here})
         rid = run.info.run_id
         self._log_params(rid, flatten_config(self.resolved_config))
         cfg_file = self.sweep_dir / CONFIG_FILE
@@ -337,9 +341,17 @@ class MLflowSink:
         self._save_ids()
         return rid
 
-    def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        """Params not logged on the run yet (MLflow refuses a new value for a logged one)."""
-        self._log_params(run_id, params)
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> dict[str, str]:
+        """Log the params the run lacks. MLflow params are immutable (a new value for a logged key is an error
+        that would disable the sink): a key logged with another value keeps it, and is returned with the value
+        not logged (a value that changes belongs in a tag)."""
+        logged = self._client.get_run(run_id).data.params
+        params = {k[:250]: str(v) for k, v in params.items()}
+        kept = {k: v for k, v in params.items() if k in logged and logged[k] != v}
+        if kept:
+            log.info("run %s keeps its params %s (MLflow params cannot change)", run_id, sorted(kept))
+        self._log_params(run_id, {k: v for k, v in params.items() if k not in logged})
+        return kept
 
     def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param

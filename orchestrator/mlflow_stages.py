@@ -1,6 +1,11 @@
 """MLflow logging of the stages after the sweep, onto its parent run: the Pareto front (``log_pareto``)
 and the final fine-tunes (``log_final``, one child run each). Both go through ``MLflowSink``, so a
 tracking store that fails only warns once; ``gmpq sync-mlflow`` calls them again to fill gaps.
+
+The parent's params are the sweep config at its start, and MLflow params cannot change: the settings the final
+stage last ran with (a changed ``finetune:`` section, ``gmpq finetune --sweep DIR --lr ...``) are the parent's
+``finetune.<setting>`` tags (``stage_tags``), which each final stage rewrites; its fine-tunes' own are their
+``recipe.*`` params.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import pandas as pd
 from .mlflow_sink import MLflowSink
 from .results import LAYERS_FILE, TRIALS_FILE
 
-__all__ = ["log_pareto", "log_final"]
+__all__ = ["log_pareto", "log_final", "stage_tags"]
 
 
 def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.DataFrame,
@@ -83,9 +88,7 @@ def _adopt_older_run(sink: MLflowSink, old: str, key: str, recipe_tag: Mapping[s
     rid = sink.rekey_child("finetune", old, key)
     for k, v in recipe_tag.items():
         sink.call("tagging a fine-tune run", sink.client.set_tag, rid, k, v)
-    logged = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data.params) or {}
-    sink.call("logging a fine-tune's recipe", sink.log_params, rid,
-              {k: v for k, v in flatten_config(dict(params)).items() if k not in logged})
+    sink.call("logging a fine-tune's recipe", sink.log_params, rid, flatten_config(dict(params)))
 
 
 def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -> str:
@@ -116,6 +119,46 @@ def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -
     return f"{plain} ({', '.join(diff)})" if len(diff) <= 3 else f"{plain} (recipe {digest})"
 
 
+def _set_aside(sink: MLflowSink, key: str, tags: Mapping[str, str]) -> str | None:
+    """A fine-tune trained afresh in a recipe that has a run: that run (persisted, else found by ``tags`` when the
+    id file lost it) is kept, with its history, under ``<key>#<its id>``, so the new one gets a run of its own
+    rather than its epochs logged again into the old series; returns the old run's id (None: there is none)."""
+    runs = sink.runs["finetune"]
+    rid = runs[key] if sink.has_child_run("finetune", key) else None      # (a deleted run is no history to keep)
+    if rid is None and "gmpq.recipe" in tags:
+        rid = sink.call("finding a fine-tune run", sink.find_run, tags, exclude=set(runs.values()))
+        if rid is not None:
+            runs[key] = rid
+    return sink.rekey_child("finetune", key, f"{key}#{rid[:8]}") if rid is not None else None
+
+
+def _restart_name(sink: MLflowSink, key: str, name: str) -> str:
+    """``name`` of a run that restarts its recipe from scratch, with how many runs of it came before:
+    ``finetune-t1 (restart 1)``, ``finetune-t1 (lr=0.05, restart 2)``."""
+    n = sum(k.startswith(f"{key}#") for k in sink.runs["finetune"])
+    return f"{name[:-1]}, restart {n})" if name.endswith(")") else f"{name} (restart {n})"
+
+
+def stage_tags(final_df: pd.DataFrame) -> dict[str, str]:
+    """The parent run's ``finetune.<setting>`` tags: the recipe, epochs and workers the fine-tunes of
+    ``final_df`` ran with (the final stage's rows all share them; a setting they differ in, as rows of several
+    stages in a sync may, lists each value). Values as the params write them (``flatten_config``)."""
+    from .mlflow_sink import flatten_config
+
+    values: dict[str, list[str]] = {}
+    for row in final_df.to_dict("records"):
+        setting = {**_recipe_key(row)[2], **{k: int(row[k]) for k in ("epochs", "workers") if _whole(row.get(k))}}
+        for k, v in flatten_config(setting, max_depth=1).items():
+            seen = values.setdefault(f"finetune.{k}", [])
+            if v not in seen:
+                seen.append(v)
+    return {k: ", ".join(v) for k, v in values.items()}
+
+
+def _whole(v) -> bool:
+    return v is not None and v == v and not isinstance(v, bool)      # (NaN != NaN: a missing number)
+
+
 def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Mapping) -> None:
     """The fine-tuned model file of a final.parquet row (gmpq_core.load_quantized_model) under ``model/``."""
     from .final_results import resolve_model_path
@@ -134,7 +177,9 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
     recipe's run is ``finetune-<trial_id>``, another's names what differs (``_run_name``). ``fresh``
     (the policies fine-tuned in this call) given: the rows of other policies are logged only when their run
     is missing (a stage stopped by Ctrl-C before it logged what had finished), and a fresh row that started
-    from epoch 0 gets a new run even when its recipe had one (that earlier run is kept, with its history)."""
+    from epoch 0 gets a new run even when its recipe had one (that earlier run is kept, with its history, tagged
+    ``gmpq.replaced_by``; the new one is named ``... (restart <n>)`` and tagged ``gmpq.restarted_from``). The
+    parent run's ``finetune.*`` tags become the settings of ``final_df``'s rows (``stage_tags``)."""
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
         return False
@@ -149,12 +194,17 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
             _adopt_older_run(sink, old, key, recipe_tag, params)
         if fresh is not None and tid not in fresh and sink.has_child_run("finetune", key):
             continue
-        if just_trained and not row.get("resumed_from_epoch") and key in sink.runs["finetune"]:
-            sink.rekey_child("finetune", key, f"{key}#{sink.runs['finetune'][key][:8]}")   # started afresh
+        earlier = _set_aside(sink, key, {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid,
+                                         "gmpq.role": "finetune", **recipe_tag}) \
+            if just_trained and not row.get("resumed_from_epoch") else None
         name = f"finetune-{tid}" if sink.has_child_run("finetune", key) else \
             _run_name(sink, tid, recipe, recipe_tag.get("gmpq.recipe"))
-        rid = sink.child_run("finetune", key, run_name=name, params=params,
-                             tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running", **recipe_tag})
+        restart = {} if earlier is None else {"gmpq.restarted_from": earlier}   # started afresh: name and tags say so
+        rid = sink.child_run("finetune", key, run_name=_restart_name(sink, key, name) if restart else name,
+                             params=params, tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running",
+                                                  **recipe_tag, **restart})
+        if earlier is not None and rid is not None:
+            sink.call("tagging a replaced fine-tune run", sink.client.set_tag, earlier, "gmpq.replaced_by", rid)
         for h in (histories or {}).get(tid, []):
             sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))
         sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "bitops_total",
@@ -164,6 +214,11 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
         _log_model(sink, rid, sweep_dir, row)
         sink.finish(rid, "FINISHED", {"status": "completed"})
+    from mlflow.entities import RunTag
+
+    settings = [RunTag(k, v) for k, v in stage_tags(final_df).items()]     # params cannot change; tags can
+    if settings:
+        sink.call("tagging the parent run", sink.client.log_batch, sink.parent_run_id, tags=settings, synchronous=True)
     d = Path(sweep_dir)
     for f in [d / "final.parquet", png_path]:
         if f is not None and Path(f).is_file():

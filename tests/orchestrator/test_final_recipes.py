@@ -372,5 +372,6 @@ def test_ray_train_does_not_continue_a_checkpoint_in_another_precision(tmp_path)
     assert json.loads(state["recipe_json"])["precision"] == "fp32"
     ft = _finetune_runs(sweep)                # fp32, bf16, and fp32 again from scratch (the first fp32 run kept)
     assert ft["params.recipe.precision"].tolist() == ["fp32", "bf16", "fp32"]
-    assert ft["tags.mlflow.runName"].tolist() == ["finetune-t1", "finetune-t1 (precision=bf16)", "finetune-t1"]
+    assert ft["tags.mlflow.runName"].tolist() == ["finetune-t1", "finetune-t1 (precision=bf16)",
+                                                  "finetune-t1 (restart 1)"]
     assert ft["metrics.epochs"].tolist() == [1.0, 2.0, 3.0]

@@ -130,7 +130,7 @@ def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tm
 def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epochs_continue_it(tmp_path, monkeypatch):
     """A rerun with another lr logged into the first run (metrics mixed, params stale): now a run per recipe,
     named by what differs from the first; going back to a recipe trains it afresh, in a new run (the old one
-    keeps its history)."""
+    keeps its history; the new one's name says it restarted)."""
     import mlflow
 
     sweep = tmp_path / "sweep"
@@ -156,7 +156,7 @@ def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epoc
     runs = mlflow.search_runs(experiment_names=["ft"])
     again = runs[(runs["tags.gmpq.role"] == "finetune") & (runs["params.recipe.lr"] == "0.01")]
     assert len(again) == 2 and set(ft["run_id"]) < set(runs["run_id"])        # a new run; the first one kept
-    assert set(again["tags.mlflow.runName"]) == {"finetune-t1"}                # the first recipe's name again
+    assert sorted(again["tags.mlflow.runName"]) == ["finetune-t1", "finetune-t1 (restart 1)"]   # says it restarted
 
 
 def test_a_fine_tune_run_from_before_recipes_becomes_its_recipes_run_not_a_twin(tmp_path, monkeypatch):
