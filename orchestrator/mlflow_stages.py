@@ -17,6 +17,7 @@ from typing import Collection, Mapping
 import pandas as pd
 
 from .mlflow_sink import MLflowSink
+from .pareto import POLICIES_PNG
 from .results import LAYERS_FILE, TRIALS_FILE
 
 __all__ = ["log_pareto", "log_final", "stage_tags"]
@@ -24,7 +25,8 @@ __all__ = ["log_pareto", "log_final", "stage_tags"]
 
 def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.DataFrame,
                png_path: str | Path | None) -> bool:
-    """Add the Pareto table (JSON table + Parquet), the plot and trials/layers Parquet to the parent run.
+    """Add the Pareto table (JSON table + Parquet), the plots (``png_path``, and ``policies.png`` when the sweep
+    folder has it) and trials/layers Parquet to the parent run.
 
     Child runs of front trials get tag ``pareto`` = ``selected`` or ``front``. Returns False when
     MLflow could not be written (after one warning).
@@ -35,7 +37,7 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
     c, pid, d = sink.client, sink.parent_run_id, Path(sweep_dir)
     table = pareto_df.drop(columns=[x for x in ("policy_json", "layers_json") if x in pareto_df])
     sink.call("logging the Pareto table", c.log_table, pid, table, "pareto/pareto_table.json")
-    for f in [d / "pareto.parquet", png_path, d / TRIALS_FILE, d / LAYERS_FILE]:
+    for f in [d / "pareto.parquet", png_path, d / POLICIES_PNG, d / TRIALS_FILE, d / LAYERS_FILE]:
         if f is not None and Path(f).is_file():
             sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
     sink.log_metrics(pid, {"pareto_size": len(pareto_df),

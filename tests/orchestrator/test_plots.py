@@ -73,3 +73,26 @@ def test_write_pareto_writes_the_policies_png_and_gmpq_pareto_names_it(tmp_path,
     png = (tmp_path / "policies.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert f"Bits per layer: {tmp_path / 'policies.png'}" in capsys.readouterr().out
+
+
+def test_gmpq_pareto_logs_both_plots_to_the_parent_run(tmp_path):
+    """On a real SQLite MLflow store: pareto.png and policies.png are the parent run's results/ artifacts."""
+    import mlflow
+
+    from orchestrator.cli import main
+    from orchestrator.results import trial_row, write_results
+
+    rows = [trial_row(trial_id=tid, config={"eta": 40.0}, status="completed",
+                      last_result={"transfer_top1": acc, "bitops": cost, "budget_avg_bits": 3.0, "budget_bucket": 1,
+                                   "layers_json": json.dumps(LAYERS), "policy_json": "{}"})
+            for tid, acc, cost in [("a", 80.0, 5_000_000), ("c", 85.0, 9_000_000)]]
+    write_results(tmp_path, rows, [])
+    (tmp_path / "sweep_config.yaml").write_text("name: plotted\nfinetune: {top_k: 2}\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["pareto", "--sweep", str(tmp_path), "--tracking-uri", uri]) == 0
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.search_runs([client.get_experiment_by_name("plotted").experiment_id],
+                                filter_string="tags.`gmpq.role` = 'sweep'")
+    assert len(parent) == 1
+    names = {a.path for a in client.list_artifacts(parent[0].info.run_id, "results")}
+    assert {"results/pareto.png", "results/policies.png"} <= names
