@@ -234,13 +234,20 @@ class MLflowSink:
             log.warning("could not point the artifact locations in %s at %s (%s): artifacts logged now go "
                         "where the store says", db, here / "mlartifacts", e)
 
+    def _artifact_location(self) -> str | None:
+        """Where a new experiment keeps its artifacts: in the sweep folder when the SQLite store is the sweep's own;
+        beside a SQLite store outside it (shared by the sweeps of one ``--name``, which share its experiment: in
+        the first sweep's folder, deleting that folder would take every later sweep's artifacts with it); a
+        server decides for itself (None), as MLflow's default location would be the working directory."""
+        db = sqlite_file(self.tracking_uri)
+        if db is None:
+            return None
+        return ((self.sweep_dir.resolve() if self._own_store() else db.parent) / "mlartifacts").as_uri()
+
     def _experiment(self, client) -> str:
         exp = client.get_experiment_by_name(self.experiment_name)
         if exp is None:
-            location = None
-            if self.tracking_uri.startswith("sqlite:"):   # keep artifacts beside the sweep, not in the CWD
-                location = (self.sweep_dir.resolve() / "mlartifacts").as_uri()
-            return client.create_experiment(self.experiment_name, artifact_location=location)
+            return client.create_experiment(self.experiment_name, artifact_location=self._artifact_location())
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id

@@ -110,3 +110,31 @@ def test_sweeps_sharing_a_name_and_a_store_keep_their_own_parent_runs(tmp_path, 
     children = client.search_runs([pa.info.experiment_id], "tags.`gmpq.role` != 'sweep'")
     assert {r.data.tags["gmpq.role"] for r in children} == {"trial", "finetune"}
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {pb.info.run_id}
+
+
+def test_a_shared_sqlite_stores_artifacts_live_beside_it_not_in_the_first_sweeps_folder(tmp_path):
+    """Sweeps of one --name on a SQLite store outside their folders share its experiment: its artifacts go beside
+    the store (deleting the first sweep's folder took every later sweep's models with it); a sweep's own store
+    keeps them in its folder."""
+    import shutil
+
+    from orchestrator.mlflow_sink import MLflowSink
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    first, second, own = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for sweep in (first, second, own):
+        make_sweep(sweep)
+    for sweep in (first, second):
+        sink = MLflowSink(uri, sweep)
+        assert sink.connect()
+        sink.client.log_text(sink.parent_run_id, f"made by {sweep.name}", "note.txt")
+    client = mlflow.MlflowClient(uri)
+    assert client.get_experiment_by_name("ft").artifact_location == (tmp_path / "store" / "mlartifacts").as_uri()
+    shutil.rmtree(first)
+    run = _parent(second, uri)
+    assert client.download_artifacts(run.info.run_id, "note.txt", str(tmp_path)) and \
+        (tmp_path / "note.txt").read_text() == "made by b"
+    sink = MLflowSink(None, own)
+    assert sink.connect()
+    assert sink.client.get_experiment(sink._experiment_id).artifact_location == (own.resolve() / "mlartifacts").as_uri()
