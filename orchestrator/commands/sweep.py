@@ -45,6 +45,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="search epochs per trial (fixed)")
     p.add_argument("--max-concurrent", type=int, action=at_least(1), default=None, metavar="K",
                    help="trials running at once")
+    p.add_argument("--model", default=None, metavar="NAME",
+                   help="the model searched (a registered one, or your own as MODULE:FUNCTION or PATH.py:FUNCTION; "
+                        "README: 'Your own model')")
     p.add_argument("--out", default=None, metavar="DIR", help="sweep folder (default runs/<name>)")
     p.add_argument("--name", default=None, help="sweep name (Tune experiment, Optuna study, MLflow experiment)")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler, data slices and teachers")
@@ -68,6 +71,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": args.out,
+            "model": args.model,
             "name": args.name, "seed": args.seed, "tracking_uri": args.tracking_uri,
             "optuna_storage": args.optuna_storage, "address": args.address, "storage_path": args.storage,
             "cache_dir": args.cache_dir, "space.search_epochs": args.epochs, "precision": args.precision}

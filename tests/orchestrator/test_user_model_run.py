@@ -68,3 +68,19 @@ def test_gmpq_run_on_a_users_model_file(tmp_path, monkeypatch, capsys):
     assert done.stdout.strip() == "(2, 10)"
     assert main(["export", str(out)]) == 0
     assert (out / "models" / f"{final.loc[0, 'trial_id']}.int.pt").is_file()
+
+
+def test_gmpq_sweep_model_flag_overrides_the_preset_and_is_checked_before_ray(tmp_path, monkeypatch, capsys):
+    import ray
+
+    from orchestrator.commands.sweep import config_from_args
+    from orchestrator.cli import build_parser
+
+    (tmp_path / "my_cnn.py").write_text(CNN)
+    monkeypatch.chdir(tmp_path)
+    args = build_parser("sweep").parse_args(["sweep", "--preset", "demo", "--model", "./my_cnn.py:build"])
+    assert config_from_args(args).resolved().model == f"{tmp_path / 'my_cnn.py'}:build"
+    assert main(["sweep", "--preset", "demo", "--model", "./my_cnn.py:bulid", "--out", str(tmp_path / "o")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "has no function 'bulid' (its functions: build)" in err and "Traceback" not in err
+    assert not ray.is_initialized() and not (tmp_path / "o").exists()
