@@ -8,7 +8,8 @@ model, with other settings, or from another FP model, is refused, not resumed). 
 the FP model is trained first (``--fp-epochs``) and kept as ``DIR/fp.pt`` with its ``DIR/fp_result.json`` (a
 rerun reuses both; one without the other is not trusted, and the FP model is trained again).
 
-The single-policy logic lives in ``run_single_finetune(args)`` so that other modes (a Ray Train
+The resume checks of this folder's checkpoint live in ``_finetune_resume``. The single-policy logic lives in
+``run_single_finetune(args)`` so that other modes (a Ray Train
 sweep over many policies) can extend the parser and dispatch from ``run``.
 """
 from __future__ import annotations
@@ -19,16 +20,13 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from torch import nn
 
-from gmpq_core.data import canonical_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json, load_checkpoint
-from gmpq_core.finetune import (CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, finetune, recorded_fp,
-                                run_info_changes, state_digest)
+from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
 from gmpq_core.policy import BitPolicy
 from gmpq_core.precision import resolve_precision
 from gmpq_core.train import evaluate
@@ -37,13 +35,14 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_poli
                            build_seeded_model, check_bits, check_out_arg, dataset_source, load_policy_arg, policy_meta,
                            resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
+from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info, same_dataset
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
 from . import at_least
 
 log = logging.getLogger(__name__)
 
-QUANTIZED_WEIGHTS, RESULT, POLICY, CHECKPOINTS = "quantized.pt", "finetune_result.json", "policy.json", "checkpoints"
+QUANTIZED_WEIGHTS, RESULT, POLICY = "quantized.pt", "finetune_result.json", "policy.json"
 _DISTILL_DEFAULTS = {"distill_alpha": 0.5, "distill_temperature": 4.0}   # the parser's; used only with --distill
 _FP_DEFAULTS = {"fp_epochs": 2, "fp_lr": 0.1}                            # the parser's; used only when FP is trained
 
@@ -207,95 +206,6 @@ def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
             "train it with them)")
 
 
-def _same_dataset(a: str, b: str) -> bool:
-    """Whether two dataset names are the same data (``imagefolder:`` paths compared absolute)."""
-    return canonical_dataset_name(a) == canonical_dataset_name(b)
-
-
-def _run_info(info, opts: ModelOptions, train_size: int) -> dict:
-    """What a fine-tune checkpoint's state depends on besides the recipe, the policy and the precision (which
-    gmpq_core.finetune checks): the data it trains on and the model it is."""
-    return {"dataset": canonical_dataset_name(info.name), **opts.to_dict(), "train_size": train_size}
-
-
-_RUN_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
-              "num_classes": "--num-classes", "train_size": "--train-size"}
-
-
-def _as_flags(run: dict, keys: list[str]) -> str:
-    """``run``'s values of ``keys`` as the flags that give them (``--input-size 8 --no-small-input``)."""
-    return " ".join(("--small-input" if run[k] else "--no-small-input") if k == "small_input"
-                    else f"{_RUN_FLAGS.get(k, k)} {run[k]}" for k in keys)
-
-
-def _check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool) -> dict | None:
-    """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
-    training subset, is refused before any work (it was resumed as if it were this run's), and so is one started
-    from a recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is
-    refused once loaded: _check_resume_fp). A checkpoint from before these were recorded is not checked; one that
-    is not a fine-tune state is named by gmpq_core.finetune. Returns what was read (None: no checkpoint), which
-    gmpq_core.finetune resumes from without reading the file again."""
-    path = out / CHECKPOINTS / CHECKPOINT_NAME
-    if not path.is_file():
-        return None
-    ckpt = load_checkpoint(path)
-    old = ckpt.get("run") if isinstance(ckpt, dict) else None
-    if isinstance(old, dict):
-        _check_run_info(out, path, old, run_info, dataset)
-    started = recorded_fp(ckpt)
-    if trains_fp and started is not None:
-        _refuse_other_fp(out, started, f"this run trains a new FP model first (no --fp-checkpoint, and no "
-                                       f"{out / FP_WEIGHTS} with its {FP_RESULT} to reuse)")
-    return ckpt
-
-
-def _check_resume_fp(out: Path, ckpt: dict | None, fp_model: nn.Module, fp_source: str) -> None:
-    """A fine-tune checkpoint started from an FP model with other weights than ``fp_model`` (loaded from
-    ``fp_source``) is refused; the same weights from another file (a copy, a move) resume. A checkpoint without
-    the record is not checked."""
-    started = recorded_fp(ckpt)
-    if started is None or (digest := state_digest(fp_model)) == started["sha256"]:
-        return
-    if started.get("source") == os.path.abspath(fp_source):     # the same file, written over since
-        _refuse_other_fp(out, started, f"that file holds other weights now (sha256 {digest[:12]})", replaced=True)
-    _refuse_other_fp(out, started, f"this run's FP model '{fp_source}' has other weights (sha256 {digest[:12]})")
-
-
-def _refuse_other_fp(out: Path, started: dict, now: str, *, replaced: bool = False) -> NoReturn:
-    """Refuse to resume a fine-tune ``started`` from another FP model than this run's (``now`` says why): its
-    start, its distillation teacher and the FP top-1 reported beside it would be two FP models'."""
-    source = started.get("source")
-    if replaced:
-        back = f"Put those weights back in '{source}' to resume it"
-    elif source and Path(source).is_file():
-        back = f"Pass --fp-checkpoint {source} to resume it"
-    else:
-        back = (f"Put {'it back at ' + repr(source) if source else 'that FP model back'} (or pass --fp-checkpoint "
-                "with a copy of it) to resume it")
-    name = f"{f'the FP model {source!r}' if source else 'an FP model'} (weights sha256 {started['sha256'][:12]})"
-    raise ConfigError(f"The fine-tune checkpoint '{out / CHECKPOINTS / CHECKPOINT_NAME}', kept from an earlier run in "
-                      f"this --out folder, was started from {name}, but {now}: resuming would mix two FP models (the "
-                      f"fine-tune's start, its distillation teacher and the FP top-1 reported). {back}, pass another "
-                      f"--out for this run, or delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh.")
-
-
-def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: str) -> None:
-    """The dataset, model options and training subset recorded in the checkpoint at ``path`` (``old``) against
-    this run's."""
-    fresh = f"delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh"
-    old_data = old.get("dataset")
-    if isinstance(old_data, str) and old_data and not _same_dataset(old_data, run_info["dataset"]):
-        raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
-                          f"written by a fine-tune on '{old_data}', but this run fine-tunes on '{dataset}'. Pass "
-                          f"another --out for the {dataset} run (this folder's fine-tune checkpoints belong to the "
-                          f"{old_data} run), or {fresh}.")
-    changed = [k for k in run_info_changes(old, run_info) if k != "dataset"]
-    if changed:
-        raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
-                          f"written with {_as_flags(old, changed)}, but this run has {_as_flags(run_info, changed)}. "
-                          f"Pass {_as_flags(old, changed)} to resume it, another --out for this run, or {fresh}.")
-
-
 def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) -> str | None:
     """An FP model recorded (fp_result.json) as trained on another dataset than ``info``, the one fine-tuned on.
 
@@ -306,7 +216,7 @@ def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) 
     without a recorded dataset is not checked."""
     fp_data = fp_info.get("dataset")
     kept = _kept_fp(out) if args.fp_checkpoint is None else None
-    if not fp_data or (args.fp_checkpoint is None and kept is None) or _same_dataset(fp_data, info.name):
+    if not fp_data or (args.fp_checkpoint is None and kept is None) or same_dataset(fp_data, info.name):
         return None
     fp_classes, fp_channels = fp_info.get("num_classes"), fp_info.get("in_channels")
     other_labels = (fp_classes is not None and fp_classes != info.num_classes) or \
@@ -365,13 +275,13 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     info, train_split, test_split = data
     other_data = _check_fp_dataset(args, out, fp_info, info)     # before the options: it names both datasets
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
-    run_info = _run_info(info, opts, len(train_split))
-    resume = _check_resume_run(out, run_info, info.name,           # before a possibly long FP training; read once:
+    run_info = checkpoint_run_info(info, opts, len(train_split))
+    resume = check_resume_run(out, run_info, info.name,           # before a possibly long FP training; read once:
                                trains_fp=args.fp_checkpoint is None and _kept_fp(out) is None)   # finetune gets it
     if policy is not None:  # fail before a possibly long FP training
         policy.check_fits(build_seeded_model(opts, args.seed))
     fp_model, fp_source, fp_note = _fp_model(args, out, opts, data)
-    _check_resume_fp(out, resume, fp_model, fp_source)
+    check_resume_fp(out, resume, fp_model, fp_source)
     if fp_note:
         print(fp_note, file=sys.stderr)
     if other_data:

@@ -1,0 +1,110 @@
+"""``gmpq finetune --policy``'s resume checks: a fine-tune checkpoint kept in ``DIR/checkpoints/`` by an earlier run
+is refused, before any work, when it was written on another dataset, of another model or training subset, or
+started from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and the precision)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import NoReturn
+
+from torch import nn
+
+from gmpq_core.data import canonical_dataset_name
+from gmpq_core.errors import ConfigError
+from gmpq_core.fileio import load_checkpoint
+from gmpq_core.finetune import CHECKPOINT_NAME, recorded_fp, run_info_changes, state_digest
+
+from .train_fp import FP_RESULT, FP_WEIGHTS
+
+__all__ = ["CHECKPOINTS", "checkpoint_run_info", "check_resume_run", "check_resume_fp", "same_dataset"]
+
+CHECKPOINTS = "checkpoints"
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset names are the same data (``imagefolder:`` paths compared absolute)."""
+    return canonical_dataset_name(a) == canonical_dataset_name(b)
+
+
+def checkpoint_run_info(info, opts, train_size: int) -> dict:
+    """What a fine-tune checkpoint's state depends on besides the recipe, the policy and the precision (which
+    gmpq_core.finetune checks): the data it trains on and the model it is."""
+    return {"dataset": canonical_dataset_name(info.name), **opts.to_dict(), "train_size": train_size}
+
+
+_RUN_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
+              "num_classes": "--num-classes", "train_size": "--train-size"}
+
+
+def _as_flags(run: dict, keys: list[str]) -> str:
+    """``run``'s values of ``keys`` as the flags that give them (``--input-size 8 --no-small-input``)."""
+    return " ".join(("--small-input" if run[k] else "--no-small-input") if k == "small_input"
+                    else f"{_RUN_FLAGS.get(k, k)} {run[k]}" for k in keys)
+
+
+def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool) -> dict | None:
+    """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
+    training subset, is refused before any work (it was resumed as if it were this run's), and so is one started
+    from a recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is
+    refused once loaded: check_resume_fp). A checkpoint from before these were recorded is not checked; one that
+    is not a fine-tune state is named by gmpq_core.finetune. Returns what was read (None: no checkpoint), which
+    gmpq_core.finetune resumes from without reading the file again."""
+    path = out / CHECKPOINTS / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    ckpt = load_checkpoint(path)
+    old = ckpt.get("run") if isinstance(ckpt, dict) else None
+    if isinstance(old, dict):
+        _check_run_info(out, path, old, run_info, dataset)
+    started = recorded_fp(ckpt)
+    if trains_fp and started is not None:
+        _refuse_other_fp(out, started, f"this run trains a new FP model first (no --fp-checkpoint, and no "
+                                       f"{out / FP_WEIGHTS} with its {FP_RESULT} to reuse)")
+    return ckpt
+
+
+def check_resume_fp(out: Path, ckpt: dict | None, fp_model: nn.Module, fp_source: str) -> None:
+    """A fine-tune checkpoint started from an FP model with other weights than ``fp_model`` (loaded from
+    ``fp_source``) is refused; the same weights from another file (a copy, a move) resume. A checkpoint without
+    the record is not checked."""
+    started = recorded_fp(ckpt)
+    if started is None or (digest := state_digest(fp_model)) == started["sha256"]:
+        return
+    if started.get("source") == os.path.abspath(fp_source):     # the same file, written over since
+        _refuse_other_fp(out, started, f"that file holds other weights now (sha256 {digest[:12]})", replaced=True)
+    _refuse_other_fp(out, started, f"this run's FP model '{fp_source}' has other weights (sha256 {digest[:12]})")
+
+
+def _refuse_other_fp(out: Path, started: dict, now: str, *, replaced: bool = False) -> NoReturn:
+    """Refuse to resume a fine-tune ``started`` from another FP model than this run's (``now`` says why): its
+    start, its distillation teacher and the FP top-1 reported beside it would be two FP models'."""
+    source = started.get("source")
+    if replaced:
+        back = f"Put those weights back in '{source}' to resume it"
+    elif source and Path(source).is_file():
+        back = f"Pass --fp-checkpoint {source} to resume it"
+    else:
+        back = (f"Put {'it back at ' + repr(source) if source else 'that FP model back'} (or pass --fp-checkpoint "
+                "with a copy of it) to resume it")
+    name = f"{f'the FP model {source!r}' if source else 'an FP model'} (weights sha256 {started['sha256'][:12]})"
+    raise ConfigError(f"The fine-tune checkpoint '{out / CHECKPOINTS / CHECKPOINT_NAME}', kept from an earlier run in "
+                      f"this --out folder, was started from {name}, but {now}: resuming would mix two FP models (the "
+                      f"fine-tune's start, its distillation teacher and the FP top-1 reported). {back}, pass another "
+                      f"--out for this run, or delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh.")
+
+
+def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: str) -> None:
+    """The dataset, model options and training subset recorded in the checkpoint at ``path`` (``old``) against
+    this run's."""
+    fresh = f"delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh"
+    old_data = old.get("dataset")
+    if isinstance(old_data, str) and old_data and not same_dataset(old_data, run_info["dataset"]):
+        raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
+                          f"written by a fine-tune on '{old_data}', but this run fine-tunes on '{dataset}'. Pass "
+                          f"another --out for the {dataset} run (this folder's fine-tune checkpoints belong to the "
+                          f"{old_data} run), or {fresh}.")
+    changed = [k for k in run_info_changes(old, run_info) if k != "dataset"]
+    if changed:
+        raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
+                          f"written with {_as_flags(old, changed)}, but this run has {_as_flags(run_info, changed)}. "
+                          f"Pass {_as_flags(old, changed)} to resume it, another --out for this run, or {fresh}.")
