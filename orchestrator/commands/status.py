@@ -76,21 +76,28 @@ def _final_lines(st: Any) -> list[str]:
 
     if not st.selected and not st.final:
         return []
+
+    def done_line(tid: str, note: str = "") -> str:
+        r = st.final[tid]
+        path = resolve_model_path(st.sweep_dir, r.get("model_path"))
+        model = f"; model {path}" if path is not None else ""
+        return (f"  {tid}: top1 {fmt(r.get('final_top1'), '.2f')}% at {fmt(r.get('gbitops'), '.4f')} GBitOPs "
+                f"({r.get('epochs')} epoch(s), {_duration(r.get('seconds'))}){model}{note}")
+
     done = [t for t in st.selected if t in st.final]
-    lines = [f"Final fine-tune: {len(done)} of {len(st.selected)} selected policies done."]
+    earlier = [t for t in st.final if t not in st.selected]     # selected by an earlier --top-k: still on disk
+    more = f"; {len(earlier)} more fine-tuned earlier, not selected now" if earlier else ""
+    lines = [f"Final fine-tune: {len(done)} of {len(st.selected)} selected policies done{more}."]
     for tid in st.selected:
         if tid in st.final:
-            r = st.final[tid]
-            path = resolve_model_path(st.sweep_dir, r.get("model_path"))
-            model = f"; model {path}" if path is not None else ""
-            lines.append(f"  {tid}: top1 {fmt(r.get('final_top1'), '.2f')}% at {fmt(r.get('gbitops'), '.4f')} "
-                         f"GBitOPs ({r.get('epochs')} epoch(s), {_duration(r.get('seconds'))}){model}")
+            lines.append(done_line(tid))
         elif tid in st.finetune_progress:
             p = st.finetune_progress[tid]
             lines.append(f"  {tid}: epoch {p.get('epoch')}, step {p.get('step')}/{p.get('steps')} "
                          f"(updated {_duration(p.get('age_s'))} ago)")
         else:
             lines.append(f"  {tid}: not fine-tuned yet")
+    lines += [done_line(tid, " (not selected now)") for tid in earlier]
     return lines
 
 

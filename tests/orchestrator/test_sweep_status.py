@@ -111,6 +111,16 @@ def test_a_finished_sweep_names_the_next_stage_and_the_final_fine_tune(tmp_path,
     out = capsys.readouterr().out
     assert "Final fine-tune: 1 of 1 selected policies done." in out
     assert "t1: top1 81.00% at 0.4000 GBitOPs (1 epoch(s), " in out and f"; model {tmp_path / 'models' / 't1.pt'}" in out
+    # a smaller --top-k later: the policy fine-tuned before is still on disk, and still listed
+    pd.DataFrame({"trial_id": ["t1", "t2"], "selected": [False, True]}).to_parquet(tmp_path / "pareto.parquet")
+    pd.DataFrame({"trial_id": ["t1", "t2"], "final_top1": [81.0, 83.0], "gbitops": [0.4, 0.5], "epochs": [1, 1],
+                  "seconds": [200.0, 210.0], "model_path": ["models/t1.pt", "models/t2.pt"]}).to_parquet(
+        tmp_path / "final.parquet")
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Final fine-tune: 1 of 1 selected policies done; 1 more fine-tuned earlier, not selected now." in out
+    assert "t2: top1 83.00%" in out and "t1: top1 81.00% at 0.4000 GBitOPs (1 epoch(s), " in out
+    assert out.rstrip().splitlines()[-1].endswith("(not selected now)")
 
 
 def test_nested_markers_show_the_inner_stage_then_the_outer_and_a_live_foreign_one_is_left_alone(tmp_path):
