@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gmpq_core.errors import ConfigError
     from gmpq_core.fileio import atomic_write_json, read_json
+    from orchestrator.mlflow_sink import PARENT_FILE
     from orchestrator.study import plot_study, write_results_md
     from orchestrator.commands.sweep import check_address_arg
 
@@ -110,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     config_path = args.config or (str(SMOKE_CONFIG) if args.smoke else None)
     out = Path(args.out).expanduser().resolve() if args.out else None
     if config_path is None:
+        if args.analyze_only and out is not None and not (out / ray_run.CONFIG_FILE).is_file():
+            raise ConfigError(f"--analyze-only rewrites the results page of a study, but '{out}' holds none (no "
+                              f"{ray_run.CONFIG_FILE}): check --out (the folder 'gmpq study' wrote), or run the study "
+                              "first with --config FILE.")
         if out is None or not (out / ray_run.CONFIG_FILE).is_file():
             raise ConfigError("gmpq study needs --config FILE (e.g. experiments/generalization_cpu.yaml), --smoke, "
                               "or --out DIR of an earlier study (its study_config.yaml is reused).")
@@ -152,8 +157,12 @@ def run(args: argparse.Namespace) -> int:
                       f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes)
-    _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice
+    logged = not args.analyze_only or args.tracking_uri or (out / PARENT_FILE).is_file()
+    if logged:       # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
+        _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice
     print(f"Results page: {report}\nPlot: {png}")
+    if not logged:
+        print(f"(not logged to MLflow: {out} has no MLflow run of the study; --tracking-uri URI logs the page there)")
     if args.print:
         print(report.read_text())
     failed = int((df["status"] != "completed").sum())

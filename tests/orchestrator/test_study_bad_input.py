@@ -166,3 +166,18 @@ def test_a_study_with_its_mlflow_server_down_completes_every_cell(tmp_path):
     df = pd.read_parquet(out / "study.parquet")
     assert sorted(df["cell_id"]) == ["random|none|b3|s0", "uniform|none|b3|s0"]
     assert (df["status"] == "completed").all()
+
+
+def test_analyze_only_of_a_folder_without_an_mlflow_run_makes_no_store_and_names_a_folder_without_a_study(
+        tmp_path, capsys):
+    """A copied study folder (docs/study_data) gets its page without an MLflow store appearing in it; --out of a
+    folder that holds no study says so (it named --config / --smoke, as if --out were not given)."""
+    d = tmp_path / "study"
+    _fake_study(d, [_row(0, "completed")])
+    assert main(["study", "--out", str(d), "--analyze-only"]) == 0
+    out = capsys.readouterr().out
+    assert (d / "results.md").is_file() and "not logged to MLflow" in out
+    assert not (d / "mlflow.db").exists() and not (d / "mlartifacts").exists() and not (d / "mlflow_parent.json").exists()
+    (tmp_path / "empty").mkdir()
+    rc, err = _study(capsys, "--out", str(tmp_path / "empty"), "--analyze-only")
+    assert rc == 2 and "holds none (no study_config.yaml)" in err and str(tmp_path / "empty") in err
