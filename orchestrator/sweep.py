@@ -325,6 +325,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
                     "storage every node shares (NFS, S3); the defaults are inside %s", cfg.address, cfg.sweep_dir)
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
+    if resume:
+        _check_same_config(cfg)                            # first: another config's own errors would hide it
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
     from .results import read_layers, read_trials
     read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
@@ -332,7 +334,6 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     exp = experiment_path(cfg)
 
     if resume:
-        _check_same_config(cfg)
         _check_moved_resume(cfg)
     if resume and not tune.Tuner.can_restore(exp):
         raise ConfigError(f"Nothing to resume: no Tune experiment state in '{exp}'. Run the sweep without "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
-from .sweep_config import SweepConfig, _require, trial_search_config
+from .sweep_config import SweepConfig, trial_search_config
 
 log = logging.getLogger(__name__)
 

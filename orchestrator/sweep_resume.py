@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import urllib.parse
 from pathlib import Path
+from typing import Any
 
 from ray import tune
 
@@ -147,8 +148,25 @@ def _check_same_config(cfg: SweepConfig) -> None:
     old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
     device = trial_device(cfg)                                  # "auto" and "fp32" are the same on a CPU
     old["precision"], new["precision"] = (resolve_precision(d["precision"], device) for d in (old, new))
-    diff = sorted(k for k in new if k not in ("address", "cache_dir", "finetune") and old.get(k) != new.get(k))
+    diff = [d for k in sorted(new) if k not in ("address", "cache_dir", "finetune")
+            for d in _differences(k, old.get(k), new.get(k))]
     if diff:
+        shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
         raise ConfigError(f"--resume must use the sweep's saved config, but these settings differ from "
-                          f"'{saved_path}': {', '.join(diff)}. Resume with --out {cfg.out_dir} --resume and no other "
+                          f"'{saved_path}': {shown}. Resume with --out {cfg.out_dir} --resume and no other "
                           "sweep settings (the final fine-tune's may change), or start a new sweep with another --out.")
+
+
+def _differences(key: str, old: Any, new: Any) -> list[str]:
+    """``key``'s differences as ``space.search_epochs (saved 2, now 1)``, nested mappings by their dotted keys."""
+    if old == new:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str) for d in _differences(f"{key}.{k}", old.get(k), new.get(k))]
+    name = key.removesuffix(".value")              # a space dimension's fixed value: space.search_epochs
+    return [f"{name} (saved {_short(old)}, now {_short(new)})"]
+
+
+def _short(value: Any) -> str:
+    text = "unset" if value is None else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."

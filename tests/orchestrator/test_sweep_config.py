@@ -275,8 +275,11 @@ def test_resume_may_change_the_final_stage_but_not_the_sweep(tmp_path):
     _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "finetune.workers": 2,
                                                                    "finetune.top_k": 1}).resolved())
     other = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 9}).resolved()
-    with pytest.raises(ConfigError, match=r"these settings differ from .*: n_trials\. Resume with --out"):
+    with pytest.raises(ConfigError, match=r"these settings differ from .*: n_trials \(saved 6, now 9\)\. Resume with"):
         _check_same_config(other)
+    epochs = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "space.search_epochs": 1}).resolved()
+    with pytest.raises(ConfigError, match=r"differ from .*: space\.search_epochs \(saved 2, now 1\)\. Resume"):
+        _check_same_config(epochs)                          # the nested key named, not all of 'space'
 
 
 def test_a_storage_uri_that_cannot_be_written_fails_before_anything_is_trained(tmp_path):
@@ -319,3 +322,17 @@ def test_the_tune_experiment_of_a_uri_storage_keeps_its_scheme(tmp_path):
                           ("s3://b/r?endpoint_override=minio%3A9000", "s3://b/r/demo?endpoint_override=minio%3A9000")):
         cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "storage_path": storage})
         assert experiment_path(cfg) == want
+
+
+def test_a_resume_with_another_config_names_the_differences_before_that_configs_own_errors(tmp_path):
+    """gmpq sweep --out DIR --resume --preset mobilenetv2 on a demo sweep: the resume mismatch, not the other preset's
+    placeholder imagefolder path, which would hide it."""
+    import ray
+
+    from orchestrator.sweep import run_sweep
+
+    save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}))
+    other = load_sweep_config(preset="mobilenetv2", overrides={"out_dir": str(tmp_path), "name": "demo"})
+    with pytest.raises(ConfigError, match=r"these settings differ from .*model \(saved resnet20, now mobilenet_v2\)"):
+        run_sweep(other, resume=True, progress=False)
+    assert not ray.is_initialized()
