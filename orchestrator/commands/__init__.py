@@ -68,11 +68,14 @@ def mlflow_ui_hint(tracking_uri: str) -> str:
 def quiet_libraries(verbose: bool = False) -> None:
     """Keep MLflow's and Alembic's INFO lines (database set-up), MLflow's artifact progress bars and the
     deprecation notices raised in MLflow's database code (SQLAlchemy's ``noload``, ``MovedIn20Warning``: news for
-    those libraries' maintainers, not for the user) out of the command's output."""
+    those libraries' maintainers, not for the user) out of the command's output; matplotlib's and Pillow's DEBUG
+    lines also under ``-v``."""
     import logging
     import os
     import warnings
 
+    for name in ("matplotlib", "PIL"):     # even under -v: their DEBUG lines (440 font-manager lines) bury ours
+        logging.getLogger(name).setLevel(max(logging.getLogger(name).getEffectiveLevel(), logging.INFO))
     if not verbose:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(mlflow|sqlalchemy|alembic)(\.|$)")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")   # read when mlflow is first imported

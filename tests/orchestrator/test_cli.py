@@ -136,3 +136,20 @@ def test_quiet_libraries_silences_deprecation_notices_of_mlflows_database_code(m
             warnings.warn_explicit(f"deprecated in {module}", DeprecationWarning, "x.py", 1, module=module)
         warnings.warn_explicit("a real problem", RuntimeWarning, "x.py", 1, module="mlflow.store")
     assert [str(w.message) for w in caught] == ["deprecated in orchestrator.sync", "a real problem"]
+
+
+def test_verbose_output_is_not_buried_under_matplotlibs_debug_lines(tmp_path):
+    """gmpq -v pareto drew its plots under 440 'DEBUG matplotlib.font_manager' lines; the command's own DEBUG
+    lines stay."""
+    import subprocess
+    import sys
+
+    from test_run import hand_made_sweep                      # same folder (pytest puts it on sys.path)
+
+    hand_made_sweep(tmp_path)
+    env = {**__import__("os").environ, "MPLCONFIGDIR": str(tmp_path / "mpl")}   # a cold font cache logs the most
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "-v", "pareto", "--sweep", str(tmp_path),
+                           "--no-mlflow"], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "DEBUG matplotlib" not in done.stderr and "DEBUG PIL" not in done.stderr
+    assert (tmp_path / "pareto.png").is_file()
