@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out names one file, but {len(sources)} models were given "
                           f"({', '.join(str(s) for s in sources[:3])}{' ...' if len(sources) > 3 else ''}). Drop "
                           f"--out to write each beside its model as <name>{SUFFIX}.")
-    if args.out is not None and Path(args.out).is_dir():
-        raise ConfigError(f"--out '{args.out}' is a folder; give a file name, e.g. --out {Path(args.out) / 'model'}{SUFFIX}.")
+    if args.out is not None and (Path(args.out).is_dir() or str(args.out).endswith(("/", "\\"))):
+        kind = "a folder" if Path(args.out).is_dir() else "a folder name (it ends with a '/')"
+        raise ConfigError(f"--out '{args.out}' is {kind}; give a file name, e.g. --out "
+                          f"{Path(args.out) / 'model'}{SUFFIX}.")
     pairs = [(src, Path(args.out) if args.out else integer_path(src)) for src in sources]
     for src, out in pairs:                          # every pair is checked before anything is written
         if out.resolve() == src.resolve():

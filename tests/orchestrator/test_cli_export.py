@@ -50,6 +50,8 @@ def test_export_bad_input_is_one_paragraph_before_any_file_is_written(tmp_path, 
     assert "holds no final model" in err()
     assert main(["export", str(sweep / "models" / "t0.pt"), "--out", str(tmp_path)]) == 2
     assert "is a folder" in err()
+    assert main(["export", str(sweep / "models" / "t0.pt"), "--out", f"{tmp_path / 'outdir'}/"]) == 2   # not there yet
+    assert "is a folder name (it ends with a '/')" in err() and not (tmp_path / "outdir").exists()
     assert not list((sweep / "models").glob("*.int.pt")) and not (tmp_path / "x.int.pt").exists()
 
 
