@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a stratified subset of N test images (default: the whole test split)")
     p.add_argument("--batch-size", type=int, action=at_least(1), default=256, metavar="B")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
-    add_precision_arg(p)
+    add_precision_arg(p, what="evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the --test-size subset")
     p.add_argument("--json", action="store_true", help="print one JSON object per model instead of a table")
     p.set_defaults(func=run)
