@@ -11,13 +11,17 @@ With ``checkpoint_dir`` the state after each epoch is written atomically to
 ``torch.load(weights_only=True)``); a later call with the same arguments resumes from it. The recipe, the
 bit policy, the precision, the caller's ``run_info`` (e.g. the dataset and the model options) and the FP model
 it started from (``state_digest`` of its weights, and the caller's ``fp_source``) are saved with it: a later call
-with other ones is refused (CheckpointError), not resumed.
+with other ones is refused (CheckpointError), not resumed. ``epochs`` is the exception: more epochs than the
+checkpoint's run continue it, the cosine schedule rebuilt for the new total ``T`` and entered at the steps done
+(``lr_t`` above with the new ``T``, as the Ray Train final stage does); fewer are refused (a fine-tune cannot go
+back).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,13 +42,15 @@ from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_
                     steps_per_epoch, training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
-           "run_info_changes", "state_digest", "recorded_fp", "CHECKPOINT_NAME"]
+           "run_info_changes", "state_digest", "recorded_fp", "check_resume_state", "resume_epochs",
+           "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
-# Fields that must match between a checkpoint and the run resuming from it (they shape the schedule).
-_RESUME_KEYS = ("epochs", "lr", "momentum", "weight_decay", "batch_size", "seed", "max_steps_per_epoch",
+# Fields that must match between a checkpoint and the run resuming from it (they shape the schedule); ``epochs``
+# may grow (the run continues, its schedule stretched), not shrink: _check_epochs.
+_RESUME_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "seed", "max_steps_per_epoch",
                 "distill", "distill_alpha", "distill_temperature", "include_stem", "include_classifier", "nesterov")
 _BEFORE_THE_KEY = {"nesterov": True}   # what a checkpoint from before a key existed was written with
 
@@ -99,6 +105,7 @@ class FinetuneResult:
     epochs_run: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    resumed_from_epoch: int = 0     # epochs restored from checkpoint_dir (0: a fresh start)
 
 
 def prepare_quantized(fp_model: nn.Module, policy: BitPolicy, calib_batch: Tensor, *, include_stem: bool = False,
@@ -181,7 +188,18 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precisio
         if not path.is_file():
             return None
         state = load_checkpoint(path)
-    ckpt = state
+    check_resume_state(path, state, config=config, policy=policy, precision=precision, run_info=run_info, fp=fp)
+    return state
+
+
+def check_resume_state(path: str | Path, ckpt: Any, *, config: FinetuneConfig | None = None,
+                       policy: BitPolicy | None = None, precision: str | None = None,
+                       run_info: Mapping[str, Any] | None = None, fp: Mapping[str, Any] | None = None) -> None:
+    """Refuse (CheckpointError) the fine-tune checkpoint ``ckpt`` (read from ``path``) for a run that differs from it
+    in what is given: ``run_info``, the FP model ``fp`` (``{"sha256": ...}``), the recipe ``config`` (more ``epochs``
+    continue it; fewer are refused), the resolved ``precision``, the ``policy``. Parts left None are not checked, so
+    that a caller can check what it knows before a long step (``finetune`` checks them all)."""
+    path = Path(path)
     if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler", "history"} <= set(ckpt):
         raise CheckpointError(f"Checkpoint '{path}' lacks the fine-tune state (epoch, model, optimizer, "
                               "scheduler, history); delete it to start the fine-tune afresh.")
@@ -198,24 +216,66 @@ def _load_resume(path: Path, config: FinetuneConfig, policy: BitPolicy, precisio
                               f"this run starts from {_fp_name(fp)}: the quantized model's start and the "
                               "distillation teacher would come from two FP models. Resume with the FP model it started "
                               "from, or use another checkpoint folder (or delete this one) to start afresh.")
-    old_cfg = {**_BEFORE_THE_KEY, **ckpt.get("config", {})} if ckpt.get("config") else {}
-    diff = [k for k in _RESUME_KEYS if k in old_cfg and old_cfg[k] != getattr(config, k)]
-    if diff:
-        k = diff[0]
-        raise CheckpointError(f"Checkpoint '{path}' was written with {k}={old_cfg[k]!r} but this run has "
-                              f"{k}={getattr(config, k)!r}; resume with the same settings or delete the "
-                              "checkpoint folder to start afresh.")
+    if config is not None:
+        old_cfg = {**_BEFORE_THE_KEY, **ckpt.get("config", {})} if ckpt.get("config") else {}
+        diff = [k for k in _RESUME_KEYS if k in old_cfg and old_cfg[k] != getattr(config, k)]
+        if diff:
+            k = diff[0]
+            raise CheckpointError(f"Checkpoint '{path}' was written with {k}={old_cfg[k]!r} but this run has "
+                                  f"{k}={getattr(config, k)!r}; resume with the same settings or delete the "
+                                  "checkpoint folder to start afresh.")
+        _check_epochs(path, ckpt, config.epochs)
     old_precision = ckpt.get("precision")     # None: written before the key (fp32, or bf16 on a GPU under auto)
-    if old_precision is not None and old_precision != precision:
+    if precision is not None and old_precision is not None and old_precision != precision:
         raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune in precision {old_precision!r} but "
                               f"this run trains in {precision!r}; resume with --precision {old_precision} (the "
                               "`precision:` setting), or delete the checkpoint folder to start afresh.")
     old_layers = ckpt.get("policy_layers")
-    new_layers = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}
-    if old_layers is not None and old_layers != new_layers:
+    if policy is not None and old_layers is not None and \
+            old_layers != {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}:
         raise CheckpointError(f"Checkpoint '{path}' belongs to a different bit policy; use the policy it was "
                               "written with or delete the checkpoint folder to start afresh.")
-    return ckpt
+
+
+def resume_epochs(ckpt: Mapping[str, Any]) -> tuple[int, int]:
+    """(epochs completed, epochs of the run that wrote it) of a fine-tune checkpoint; the second is at least the
+    first (a checkpoint without the recorded config: the epochs it completed)."""
+    done = int(ckpt["epoch"])
+    old = (ckpt.get("config") or {}).get("epochs")
+    return done, max(done, old) if isinstance(old, int) and not isinstance(old, bool) else done
+
+
+def _check_epochs(path: Path, ckpt: Mapping[str, Any], epochs: int) -> None:
+    """A checkpoint of a fine-tune for N epochs is continued by a run of as many or more ``epochs`` (its
+    cosine schedule stretched), not by one of fewer: its weights went down a longer schedule (and, once run
+    through, past ``epochs``), so they are not an ``epochs``-epoch fine-tune's."""
+    done, need = resume_epochs(ckpt)
+    if epochs >= need:
+        return
+    raise CheckpointError(f"Checkpoint '{path}' holds a fine-tune of epochs={need!r} ({done} done), but this run has "
+                          f"epochs={epochs!r}: a fine-tune continues from its checkpoint and cannot be shortened. "
+                          f"Resume with epochs={need} (or more, to continue it), or delete the checkpoint folder to "
+                          "start afresh.")
+
+
+def _recorded_total_steps(state: Mapping[str, Any]) -> int | None:
+    """The schedule length ``T`` (optimizer steps) a checkpoint was trained under: its ``total_steps``, or for one
+    written before that key, its cosine scheduler's ``T_max``."""
+    total = state.get("total_steps")
+    if total is None and isinstance(state.get("scheduler"), Mapping):
+        total = state["scheduler"].get("T_max")
+    return int(total) if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+def _enter_cosine_at_(optimizer: torch.optim.Optimizer, scheduler: Any, done_steps: int, total_steps: int) -> None:
+    """Put a fresh cosine scheduler (``make_cosine_scheduler(optimizer, total_steps)``) at step ``done_steps``:
+    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` with ``t = min(done_steps, T)``, the position the Ray Train final stage
+    (``orchestrator.train_stage._set_cosine_position``) gives a run continued to more epochs."""
+    t = min(int(done_steps), int(total_steps))
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * (1 + math.cos(math.pi * t / max(int(total_steps), 1))) / 2
+    scheduler.last_epoch = t
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loader: Any, *,
@@ -238,7 +298,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     file, named in a refusal); a resume from an FP model with other weights is refused, one with the same weights
     from elsewhere resumes (a checkpoint without the record resumes from any). ``resume_state``: the content of
     ``checkpoint_dir/last.pt`` (``load_checkpoint``) when the caller has read it already, checked and resumed from
-    without reading the file again.
+    without reading the file again. A checkpoint of fewer ``epochs`` than ``config.epochs`` is continued (its cosine
+    schedule stretched over the new total); one of more is refused.
     """
     resolved = resolve_precision(precision, device)      # a bad value fails before any work
     if resume_state is not None and checkpoint_dir is None:
@@ -255,7 +316,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     if config.distill:
         teacher = training_layout_(frozen_teacher_(copy.deepcopy(fp_model).to(device)), device, precision)
     optimizer = make_optimizer(model, config)
-    total_steps = config.epochs * steps_per_epoch(train_loader, config.max_steps_per_epoch)
+    steps = steps_per_epoch(train_loader, config.max_steps_per_epoch)
+    total_steps = config.epochs * steps
     scheduler = make_cosine_scheduler(optimizer, total_steps)
     history: list[dict] = []
     start = 0
@@ -266,10 +328,15 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
         if state is not None:
             model.load_state_dict(state["model"])
             load_optimizer_state(optimizer, state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             history = [dict(h) for h in state["history"]]
             start = int(state["epoch"])
-            log.info("resuming the fine-tune from '%s' after epoch %d", ckpt_path, start)
+            if _recorded_total_steps(state) == total_steps:
+                scheduler.load_state_dict(state["scheduler"])
+                log.info("resuming the fine-tune from '%s' after epoch %d", ckpt_path, start)
+            else:           # more epochs: the schedule of the new total, entered at the steps done
+                _enter_cosine_at_(optimizer, scheduler, start * steps, total_steps)
+                log.info("continuing the fine-tune from '%s' after epoch %d to %d epochs (cosine schedule over "
+                         "%d steps)", ckpt_path, start, config.epochs, total_steps)
 
     def save(epoch: int) -> None:
         if ckpt_path is None:
@@ -278,7 +345,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
             "precision": resolved, "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()},
-            "run": dict(run_info or {}), "fp": fp})
+            "run": dict(run_info or {}), "fp": fp, "total_steps": total_steps})
 
     metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,
                                epochs=config.epochs, start_epoch=start, seed=config.seed,
@@ -289,4 +356,5 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
                                after_epoch=save)
     report = count_bitops(model, effective_policy(model, policy), input_size, in_channels)
     return FinetuneResult(model=model, top1=metrics["top1"], top5=metrics["top5"], bitops=report,
-                          epochs_run=done, seconds=time.perf_counter() - t0, history=history)
+                          epochs_run=done, seconds=time.perf_counter() - t0, history=history,
+                          resumed_from_epoch=start)

@@ -1,6 +1,7 @@
 """``gmpq finetune --policy``'s resume checks: a fine-tune checkpoint kept in ``DIR/checkpoints/`` by an earlier run
-is refused, before any work, when it was written on another dataset, of another model or training subset, or
-started from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and the precision)."""
+is refused, before any work, when it was written on another dataset, of another model or training subset, for more
+epochs than this run's, or started from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and
+the precision; more epochs continue it)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from torch import nn
 from gmpq_core.data import canonical_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import load_checkpoint
-from gmpq_core.finetune import CHECKPOINT_NAME, recorded_fp, run_info_changes, state_digest
+from gmpq_core.finetune import CHECKPOINT_NAME, recorded_fp, resume_epochs, run_info_changes, state_digest
 
 from .train_fp import FP_RESULT, FP_WEIGHTS
 
@@ -42,11 +43,13 @@ def _as_flags(run: dict, keys: list[str]) -> str:
                     else f"{_RUN_FLAGS.get(k, k)} {run[k]}" for k in keys)
 
 
-def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool) -> dict | None:
+def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool,
+                     epochs: int | None = None) -> dict | None:
     """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
-    training subset, is refused before any work (it was resumed as if it were this run's), and so is one started
-    from a recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is
-    refused once loaded: check_resume_fp). A checkpoint from before these were recorded is not checked; one that
+    training subset, is refused before any work (it was resumed as if it were this run's), and so is one of a
+    fine-tune for more than ``epochs`` epochs (it cannot be shortened; more continue it) and one started from a
+    recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is refused
+    once loaded: check_resume_fp). A checkpoint from before these were recorded is not checked; one that
     is not a fine-tune state is named by gmpq_core.finetune. Returns what was read (None: no checkpoint), which
     gmpq_core.finetune resumes from without reading the file again."""
     path = out / CHECKPOINTS / CHECKPOINT_NAME
@@ -56,6 +59,8 @@ def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool
     old = ckpt.get("run") if isinstance(ckpt, dict) else None
     if isinstance(old, dict):
         _check_run_info(out, path, old, run_info, dataset)
+    if epochs is not None and isinstance(ckpt, dict) and isinstance(ckpt.get("epoch"), int):
+        _check_not_shorter(out, path, ckpt, epochs)
     started = recorded_fp(ckpt)
     if trains_fp and started is not None:
         _refuse_other_fp(out, started, f"this run trains a new FP model first (no --fp-checkpoint, and no "
@@ -108,3 +113,18 @@ def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: s
         raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
                           f"written with {_as_flags(old, changed)}, but this run has {_as_flags(run_info, changed)}. "
                           f"Pass {_as_flags(old, changed)} to resume it, another --out for this run, or {fresh}.")
+
+
+def _check_not_shorter(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
+    """``--epochs`` fewer than the checkpoint's fine-tune ran (or was started) for is refused: it continues from the
+    checkpoint and cannot go back (as ``gmpq finetune --sweep`` refuses fewer)."""
+    done, was = resume_epochs(ckpt)
+    if epochs >= was:
+        return
+    left = "" if done >= was else f", {done} of them done"
+    raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, holds a "
+                      f"{was}-epoch fine-tune{left}, but this run has --epochs {epochs}: a fine-tune continues from "
+                      f"its checkpoint and cannot be shortened (more epochs continue it). Pass --epochs {was} (or "
+                      f"more) to {'keep' if done >= was else 'finish'} or continue it, another --out for a "
+                      f"{epochs}-epoch fine-tune, or delete '{out / CHECKPOINTS}' to start this folder's fine-tune "
+                      "afresh.")

@@ -4,9 +4,12 @@ Writes ``DIR/quantized.pt`` (the quantized model, self-contained: ``gmpq_core.lo
 rebuilds it for inference), ``DIR/policy.json``, ``DIR/finetune_result.json`` (top-1/top-5 of the quantized
 and the FP model, BitOPs in both conventions, the policy summary) and per-epoch checkpoints in
 ``DIR/checkpoints/``, from which an interrupted run resumes (a checkpoint of a run on another dataset or
-model, with other settings, or from another FP model, is refused, not resumed). Without ``--fp-checkpoint``
-the FP model is trained first (``--fp-epochs``) and kept as ``DIR/fp.pt`` with its ``DIR/fp_result.json`` (a
-rerun reuses both; one without the other is not trusted, and the FP model is trained again).
+model, with other settings, or from another FP model, is refused, not resumed; more ``--epochs`` continue it, its
+cosine schedule stretched as ``--sweep`` does, and replace the result files; fewer are refused). Without
+``--fp-checkpoint`` the FP model is, in this order: ``DIR/fp.pt`` kept with its ``DIR/fp_result.json`` by an earlier
+run (one without the other is not trusted); the sweep's FP target model, for a policy exported by a sweep
+(``DIR/policies/<trial_id>.json``: its meta's ``sweep_dir``, whose ``shared.json`` records the model) when it fits
+the model options and the dataset; else trained first (``--fp-epochs``) and kept as ``DIR/fp.pt``.
 
 The resume checks of this folder's checkpoint live in ``_finetune_resume``. The single-policy logic lives in
 ``run_single_finetune(args)`` so that other modes (a Ray Train
@@ -26,7 +29,8 @@ from torch import nn
 from gmpq_core.errors import ConfigError
 from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json, load_checkpoint
-from gmpq_core.finetune import FinetuneConfig, FinetuneResult, finetune
+from gmpq_core.finetune import (CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, check_resume_state, finetune,
+                                resume_epochs)
 from gmpq_core.policy import BitPolicy
 from gmpq_core.precision import resolve_precision
 from gmpq_core.train import evaluate
@@ -35,6 +39,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_poli
                            build_seeded_model, check_bits, check_out_arg, dataset_source, load_policy_arg, policy_meta,
                            resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
+from ._finetune_fp import FPSource, kept_fp, pick_fp_source
 from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info, same_dataset
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
@@ -65,9 +70,10 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     add_data_args(p)
     g = p.add_argument_group("FP model")
     g.add_argument("--fp-checkpoint", default=None, metavar="FILE",
-                   help="FP state dict (fp.pt from 'gmpq train-fp'); without it the FP model is trained first")
+                   help="FP state dict (fp.pt from 'gmpq train-fp'); without it: DIR/fp.pt of an earlier run, "
+                        "else the sweep's FP target model for a policy exported by a sweep, else trained first")
     g.add_argument("--fp-epochs", type=int, action=at_least(1), default=_FP_DEFAULTS["fp_epochs"], metavar="E",
-                   help="epochs of the FP training without --fp-checkpoint (default 2)")
+                   help="epochs of the FP training, when it is trained here (default 2)")
     g.add_argument("--fp-lr", type=float, default=_FP_DEFAULTS["fp_lr"], metavar="LR",
                    help="peak learning rate of that FP training (default 0.1)")
     g = p.add_argument_group("fine-tune")
@@ -127,26 +133,12 @@ def run(args: argparse.Namespace) -> int:
     return run_single_finetune(args)
 
 
-def _kept_fp(out: Path) -> Path | None:
-    """``DIR/fp.pt`` of an earlier run in ``out`` (with its fp_result.json), which this run reuses; else None."""
-    kept = out / FP_WEIGHTS
-    return kept if kept.is_file() and (out / FP_RESULT).is_file() else None
-
-
-def _fp_info(args: argparse.Namespace, out: Path) -> dict:
-    """The fp_result.json of the FP model this run uses (--fp-checkpoint, or the kept ``DIR/fp.pt``), which steers
-    the model options and the dataset; {} when there is none. A ``DIR/fp_result.json`` left without the fp.pt it
-    describes is not read: the FP model is trained again here, and both files are rewritten."""
-    fp_file = Path(args.fp_checkpoint) if args.fp_checkpoint is not None else _kept_fp(out)
-    return fp_result_beside(fp_file) if fp_file is not None and fp_file.is_file() else {}
-
-
-def _check_single_args(args: argparse.Namespace, out: Path) -> None:
+def _check_single_args(args: argparse.Namespace, out: Path, *, trains_fp: bool) -> None:
     """Values the configs would reject later under another name (``lr``), and options with no effect. --fp-lr is
     checked only when the FP model is trained here (said to be ignored otherwise, once the FP model is loaded)."""
     if args.fp_checkpoint is not None and not Path(args.fp_checkpoint).is_file():
         load_checkpoint(args.fp_checkpoint)    # its "not found" / "is a folder" paragraph now, before any data loads
-    if args.fp_checkpoint is None and _kept_fp(out) is None and not (
+    if trains_fp and not (
             isinstance(args.fp_lr, (int, float)) and math.isfinite(args.fp_lr) and args.fp_lr > 0):
         raise ConfigError(f"--fp-lr must be a finite number > 0, but got --fp-lr {args.fp_lr}. Use e.g. --fp-lr 0.1 "
                           "(the peak learning rate of the FP training), or leave it out.")
@@ -170,25 +162,35 @@ def _policy_from_args(args: argparse.Namespace) -> BitPolicy | None:
     return load_policy_arg(args.policy)
 
 
-def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data) -> tuple[nn.Module, str, str | None]:
-    """The FP model: from --fp-checkpoint, from an earlier run's DIR/fp.pt, or trained now; with where it came
-    from and the note to print about a loaded one (returned, so that a refusal after the load stays the only
-    paragraph on stderr)."""
-    if args.fp_checkpoint is not None:
+def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data,
+              fp: FPSource) -> tuple[nn.Module, str, str | None]:
+    """The FP model: from --fp-checkpoint, from an earlier run's DIR/fp.pt, the sweep's FP target model, or trained
+    now (``fp``); with where it came from and the note to print about a loaded one (returned, so that a refusal
+    after the load stays the only paragraph on stderr)."""
+    ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in _FP_DEFAULTS
+               if getattr(args, k) != _FP_DEFAULTS[k]]
+    ignored = f"{' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored" if ignored else ""
+    if fp.kind == "given":
         model = load_fp_model(args.fp_checkpoint, opts)
-        ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in _FP_DEFAULTS
-                   if getattr(args, k) != _FP_DEFAULTS[k]]
-        note = (f"{' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: the FP model is loaded "
-                f"from --fp-checkpoint {args.fp_checkpoint}, not trained") if ignored else None
+        note = (f"{ignored}: the FP model is loaded from --fp-checkpoint {args.fp_checkpoint}, not trained"
+                if ignored else None)
         return model, str(args.fp_checkpoint), note
-    kept = _kept_fp(out)
-    if kept is not None:
-        model = load_fp_model(kept, opts)
-        return model, str(kept), f"reusing the FP model {kept} from an earlier run{_recipe_note(args, kept)}"
+    if fp.kind == "sweep":
+        model = load_fp_model(fp.path, opts)
+        return model, str(fp.path), (f"using the sweep's FP target model {fp.path} (pass --fp-checkpoint to use "
+                                     f"another){f'; {ignored}: it is not trained' if ignored else ''}")
+    if fp.kind == "kept":
+        model = load_fp_model(fp.path, opts)
+        not_sweep = (f" (not the sweep's FP target model {fp.sweep}: pass --fp-checkpoint {fp.sweep} and another "
+                     "--out to fine-tune from that one)") if fp.sweep is not None else ""
+        return model, str(fp.path), (f"reusing the FP model {fp.path} from an earlier run{not_sweep}"
+                                     f"{_recipe_note(args, fp.path)}")
     lone = [f.name for f in (out / FP_WEIGHTS, out / FP_RESULT) if f.is_file()]     # one without the other
     stale = (f"; the {lone[0]} left in {out} without its {({FP_WEIGHTS, FP_RESULT} - set(lone)).pop()} is not used "
              "and is replaced") if lone else ""
-    print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs){stale}", file=sys.stderr)
+    not_sweep = f"; the sweep's FP target model {fp.sweep} is not used: {fp.why}" if fp.sweep is not None else ""
+    print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs){stale}{not_sweep}",
+          file=sys.stderr)
     model, _ = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.fp_epochs, lr=args.fp_lr,
                               max_steps_per_epoch=args.max_steps_per_epoch)
     return model, str(out / FP_WEIGHTS), None
@@ -215,7 +217,7 @@ def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) 
     model is loaded), as transfer between datasets labelled alike (digits -> MNIST) can be meant. A checkpoint
     without a recorded dataset is not checked."""
     fp_data = fp_info.get("dataset")
-    kept = _kept_fp(out) if args.fp_checkpoint is None else None
+    kept = kept_fp(out) if args.fp_checkpoint is None else None
     if not fp_data or (args.fp_checkpoint is None and kept is None) or same_dataset(fp_data, info.name):
         return None
     fp_classes, fp_channels = fp_info.get("num_classes"), fp_info.get("in_channels")
@@ -243,15 +245,32 @@ def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) 
             f"or an FP checkpoint of {info.name}, if that was not meant")
 
 
+def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
+    """What this run does with the fine-tune checkpoint it resumes from (None: there is none)."""
+    if resume is None:
+        return None
+    done, was = resume_epochs(resume)
+    path = out / CHECKPOINTS / CHECKPOINT_NAME
+    if epochs > was:
+        return (f"continuing from epoch {done} to {epochs}: the fine-tune in {path} was run with --epochs {was}; its "
+                f"cosine schedule is stretched to {epochs} epochs (as gmpq finetune --sweep does), and "
+                f"{QUANTIZED_WEIGHTS} and {RESULT} are replaced by the {epochs}-epoch result")
+    if done < epochs:
+        return f"resuming the fine-tune in {path} after epoch {done} of {epochs}"
+    return (f"already fine-tuned for {epochs} epoch(s) ({path}): evaluating it again and rewriting its result files "
+            "(more --epochs continue it)")
+
+
 def run_single_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
     out = check_out_arg(args.out)  # before any training
-    _check_single_args(args, out)
+    policy = _policy_from_args(args)
+    fp = pick_fp_source(args, out, policy)
+    _check_single_args(args, out, trains_fp=fp.kind == "train")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    policy = _policy_from_args(args)
     meta = policy_meta(policy)
-    fp_info = _fp_info(args, out)                                  # {} when there is none
+    fp_info = fp.info or {}                                        # {} when there is none
     config = FinetuneConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                             batch_size=args.batch_size, distill=args.distill, distill_alpha=args.distill_alpha,
                             distill_temperature=args.distill_temperature, seed=args.seed,
@@ -259,10 +278,9 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                             include_classifier=args.include_classifier)
     fp_data, target = fp_info.get("dataset"), meta.get("target_dataset")
     if not args.dataset and fp_data and target and fp_data != target:
-        raise ConfigError(f"The policy names the target dataset '{target}', but the FP checkpoint "
-                          f"'{args.fp_checkpoint or out / FP_WEIGHTS}' was trained on '{fp_data}'. Pass --dataset "
-                          f"{target} with an FP checkpoint of that dataset, or --dataset {fp_data} to deploy the policy "
-                          "there on purpose.")
+        raise ConfigError(f"The policy names the target dataset '{target}', but the FP checkpoint '{fp.path}' was "
+                          f"trained on '{fp_data}'. Pass --dataset {target} with an FP checkpoint of that dataset, or "
+                          f"--dataset {fp_data} to deploy the policy there on purpose.")
     dataset = args.dataset or fp_data or target or meta.get("dataset")
     if not args.dataset and fp_data and meta.get("dataset") and fp_data != meta.get("dataset") and not target:
         print(f"fine-tuning on '{fp_data}', the FP checkpoint's dataset (the policy was searched on the proxy "
@@ -277,18 +295,22 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
     run_info = checkpoint_run_info(info, opts, len(train_split))
     resume = check_resume_run(out, run_info, info.name,           # before a possibly long FP training; read once:
-                               trains_fp=args.fp_checkpoint is None and _kept_fp(out) is None)   # finetune gets it
+                               trains_fp=fp.kind == "train", epochs=config.epochs)             # finetune gets it
+    if resume is not None:      # the recipe, the precision and a given policy too, before that training
+        check_resume_state(out / CHECKPOINTS / CHECKPOINT_NAME, resume, config=config, precision=precision,
+                           policy=policy)
     if policy is not None:  # fail before a possibly long FP training
         policy.check_fits(build_seeded_model(opts, args.seed))
-    fp_model, fp_source, fp_note = _fp_model(args, out, opts, data)
+    fp_model, fp_source, fp_note = _fp_model(args, out, opts, data, fp)
     check_resume_fp(out, resume, fp_model, fp_source)
-    if fp_note:
-        print(fp_note, file=sys.stderr)
-    if other_data:
-        print(other_data, file=sys.stderr)
     if policy is None:
         policy = uniform_policy(fp_model, *args.uniform, flags=("--uniform W", "--uniform A"),
                                 meta={**opts.to_dict(), "dataset": info.name})
+        if resume is not None:
+            check_resume_state(out / CHECKPOINTS / CHECKPOINT_NAME, resume, policy=policy)
+    for note in (fp_note, other_data, _resume_note(out, resume, config.epochs)):   # every refusal is behind us
+        if note:
+            print(note, file=sys.stderr)
     train_loader, test_loader = loaders(info, train_split, test_split, batch_size=args.batch_size,
                                         seed=args.seed, device=device)
     fp_eval = evaluate(fp_model.to(device), test_loader, device=device, precision=precision)
@@ -330,6 +352,7 @@ def finetune_summary(result: FinetuneResult, policy: BitPolicy, opts: ModelOptio
     bitops = result.bitops.to_dict()
     return {"top1": result.top1, "top5": result.top5, "fp_top1": fp_eval["top1"], "fp_top5": fp_eval["top5"],
             "top1_drop": fp_eval["top1"] - result.top1, "epochs_run": result.epochs_run,
+            "resumed_from_epoch": result.resumed_from_epoch,
             "seconds": result.seconds,
             "bitops": {k: bitops[k] for k in ("macs", "bitops_quantized", "bitops_total", "gbitops_quantized",
                                               "gbitops_total")},

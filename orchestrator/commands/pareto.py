@@ -52,7 +52,8 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
     if (sweep_dir / POLICIES_PNG).is_file():
         print(f"Bits per layer: {sweep_dir / POLICIES_PNG}")
     if len(front):
-        print(f"Policies: {sweep_dir / POLICIES_DIR}/<trial_id>.json (one fine-tune: gmpq finetune --policy FILE)")
+        print(f"Policies: {sweep_dir / POLICIES_DIR}/<trial_id>.json (one fine-tune, from the sweep's FP target "
+              "model: gmpq finetune --policy FILE)")
 
 
 def run(args: argparse.Namespace) -> int:

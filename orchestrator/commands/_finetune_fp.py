@@ -1,0 +1,109 @@
+"""Where ``gmpq finetune --policy`` takes its FP model from, without ``--fp-checkpoint``: ``DIR/fp.pt`` kept (with its
+``DIR/fp_result.json``) by an earlier run in the --out folder; else, for a policy exported by a sweep
+(``SWEEP/policies/<trial_id>.json``, whose meta names ``sweep_dir`` and ``trial_id``), the sweep's FP target model
+(``target_model_path`` in ``SWEEP/shared.json``, the model the final stage fine-tunes from) when it fits the command
+line's model options and dataset; else an FP model trained first. (The kept one comes first so that a folder's
+fine-tune checkpoint, which records the FP model it started from, resumes as it did.)"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from gmpq_core.errors import GMPQError
+from gmpq_core.fileio import read_json
+from gmpq_core.policy import BitPolicy
+
+from ._finetune_resume import same_dataset
+from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside
+
+__all__ = ["FPSource", "pick_fp_source", "kept_fp", "sweep_target"]
+
+log = logging.getLogger(__name__)
+
+
+def kept_fp(out: Path) -> Path | None:
+    """``DIR/fp.pt`` of an earlier run in ``out`` (with its fp_result.json), which this run reuses; else None."""
+    kept = out / FP_WEIGHTS
+    return kept if kept.is_file() and (out / FP_RESULT).is_file() else None
+
+
+@dataclass(frozen=True)
+class FPSource:
+    """Where this run's FP model comes from: ``kind`` "given" (--fp-checkpoint), "kept" (``DIR/fp.pt`` of an
+    earlier run), "sweep" (the FP target model of the sweep that exported the policy) or "train" (trained here);
+    ``path`` (None for "train"); ``info``, the record beside it that steers the model options and the dataset ({}:
+    none); ``sweep``, a sweep's FP target model that is there but not used, and ``why`` not ("" when none)."""
+    kind: str
+    path: Path | None = None
+    info: dict | None = None
+    sweep: Path | None = None
+    why: str = ""
+
+
+_TARGET_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
+                 "num_classes": "--num-classes", "small_input": "--small-input"}
+
+
+def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Path | None, dict, str]:
+    """The FP target model of the sweep that exported ``policy`` (``DIR/policies/<trial_id>.json``, its meta naming
+    ``sweep_dir`` and ``trial_id``): the ``target_model_path`` in the sweep folder's ``shared.json`` (the model the
+    final stage fine-tunes from), with the options and dataset its ``.json`` records; and why it does not fit this
+    command line ("": it fits). (None, {}, "") when the policy names no sweep, or the sweep records no model that is
+    there. A policy file still in its sweep's ``policies/`` folder is read with that folder's shared.json (a copied
+    or moved sweep)."""
+    meta = dict(policy.meta) if policy is not None and args.policy is not None else {}
+    if not meta.get("sweep_dir") or not meta.get("trial_id"):
+        return None, {}, ""
+    here = Path(args.policy).resolve().parent
+    sweep = here.parent if here.name == "policies" and (here.parent / "shared.json").is_file() \
+        else Path(str(meta["sweep_dir"]))
+    try:
+        recorded = read_json(sweep / "shared.json").get("target_model_path") if (sweep / "shared.json").is_file() \
+            else None
+        path = Path(recorded) if isinstance(recorded, str) and recorded else None
+        if path is not None and not path.is_file():           # inside the recorded sweep folder, which moved
+            from ..moved_sweep import moved_path
+            path = Path(moved_path(str(path), Path(str(meta["sweep_dir"])), sweep))
+        if path is None or not path.is_file() or not path.with_suffix(".json").is_file():
+            return None, {}, ""
+        target = read_json(path.with_suffix(".json")).get("meta")
+    except (GMPQError, OSError, AttributeError) as e:   # an unreadable record: as before, no sweep model
+        log.debug("no usable FP target model for sweep %s: %s", sweep, e)
+        return None, {}, ""
+    if not isinstance(target, dict) or not isinstance(target.get("dataset"), str):
+        return None, {}, ""
+    info = {k: target[k] for k in (*_TARGET_FLAGS, "dataset") if target.get(k) is not None}
+    data = info["dataset"]
+    if args.dataset and not same_dataset(args.dataset, data):
+        return path, info, f"it was trained on '{data}', not on --dataset {args.dataset}"
+    if meta.get("target_dataset") and not same_dataset(str(meta["target_dataset"]), data):
+        return path, info, f"it was trained on '{data}', not on the policy's target dataset '{meta['target_dataset']}'"
+    other = [k for k in _TARGET_FLAGS
+             if getattr(args, k, None) is not None and k in info and getattr(args, k) != info[k]]
+    if other:
+        return path, info, f"it is {_as_flags(info, other)}, but this command line has {_as_flags(vars(args), other)}"
+    return path, info, ""
+
+
+def _as_flags(values: dict, keys: list[str]) -> str:
+    """``values``' ``keys`` as the flags that give them (``--model resnet20 --no-small-input``)."""
+    return " ".join(("--small-input" if values[k] else "--no-small-input") if k == "small_input"
+                    else f"{_TARGET_FLAGS[k]} {values[k]}" for k in keys)
+
+
+def pick_fp_source(args: argparse.Namespace, out: Path, policy: BitPolicy | None) -> FPSource:
+    """This run's FP model (FPSource): --fp-checkpoint; else the kept ``DIR/fp.pt`` of an earlier run; else the
+    sweep's FP target model when it fits; else one trained here. A ``DIR/fp_result.json`` left without the fp.pt it
+    describes is not read: the FP model is trained again here, and both files are rewritten."""
+    if args.fp_checkpoint is not None:
+        given = Path(args.fp_checkpoint)
+        return FPSource("given", given, fp_result_beside(given) if given.is_file() else {})
+    sweep, info, why = sweep_target(args, policy)
+    kept = kept_fp(out)
+    if kept is not None:
+        return FPSource("kept", kept, fp_result_beside(kept), sweep=None if why else sweep)
+    if sweep is not None and not why:
+        return FPSource("sweep", sweep, info)
+    return FPSource("train", None, {}, sweep=sweep, why=why)
