@@ -1,6 +1,7 @@
 """What the final fine-tune leaves in the sweep folder: ``final.parquet`` (one row per fine-tuned policy)
 and ``models/<trial_id>.pt``, each fine-tuned quantized model as one self-contained file
-(``gmpq_core.export``: ``load_quantized_model(path).model`` is ready for inference)."""
+(``gmpq_core.export``: ``load_quantized_model(path).model`` is ready for inference). A policy's fine-tunes with
+earlier recipes are kept aside under ``models/kept/`` (``orchestrator.kept_finetunes``)."""
 from __future__ import annotations
 
 import logging
@@ -14,13 +15,14 @@ import pyarrow as pa
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import load_checkpoint, read_json
 
+from .kept_finetunes import KEPT_DIR, find_kept, integer_model_path
 from .recipes import last_epoch_precision, recipe_dict, same_recipe, with_precision
 from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
            "finetune_storage", "finetune_progress_dir", "local_storage",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
-           "record_final_run", "check_not_shorter", "row_recipe", "recorded_recipe"]
+           "record_final_run", "check_not_shorter", "row_recipe", "recorded_recipe", "drop_stale_integer"]
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +217,23 @@ def _export_or_say(sweep_dir: str | Path, state_dict: Mapping[str, Any], job: An
                    say: Callable[[str], None]) -> Path | None:
     """``export_final_model``, or None with a note when the file cannot be written (full disk, ...)."""
     try:
-        return export_final_model(sweep_dir, state_dict, job, results)
+        path = export_final_model(sweep_dir, state_dict, job, results)
     except (OSError, GMPQError) as e:
         say(f"{job.trial_id}: cannot write its model file ({e}); its row in final.parquet is kept without one "
             "(rerun 'gmpq finetune --sweep' to write it from the Ray Train checkpoint)")
         return None
+    drop_stale_integer(sweep_dir, job.trial_id, say)
+    return path
+
+
+def drop_stale_integer(sweep_dir: str | Path, trial_id: str, say: Callable[[str], None]) -> None:
+    """``models/<trial_id>.int.pt`` (``gmpq export``'s) holds the model that ``models/<trial_id>.pt`` replaced:
+    removed, so that no file beside the new model silently holds the old one, and said so."""
+    stale = integer_model_path(final_model_path(sweep_dir, trial_id))
+    if stale.is_file():
+        stale.unlink()
+        say(f"{trial_id}: removed {stale}, gmpq export's integer file of the model just replaced (it held the old "
+            f"weights); run 'gmpq export {Path(sweep_dir)}' again to write the new model's")
 
 
 def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: Mapping[str, Any], run: Any, job: Any,
@@ -239,13 +253,20 @@ def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epo
     """A fine-tune continues from its checkpoint and cannot go back: fewer --epochs than a policy already ran
     with the same settings (``recorded_recipe``) is refused before anything runs (it trained nothing and
     reported the longer run)."""
-    longer = {job.trial_id: int(prev["epochs"]) for _, job in jobs
-              if (prev := existing.get(job.trial_id)) is not None and int(prev.get("epochs") or 0) > epochs
-              and same_recipe(recorded_recipe(sweep_dir, prev), job.recipe_json())}   # a model file read last
+    longer: dict[str, tuple[int, str]] = {}
+    for _, job in jobs:
+        prev = existing.get(job.trial_id)
+        if prev is not None and same_recipe(recorded_recipe(sweep_dir, prev), job.recipe_json()):
+            if int(prev.get("epochs") or 0) > epochs:
+                longer[job.trial_id] = (int(prev["epochs"]), "")
+        elif (kept := find_kept(sweep_dir, job.trial_id, job.recipe_json())) is not None \
+                and int(kept.row.get("epochs") or 0) > epochs:        # going back to a recipe kept aside
+            longer[job.trial_id] = (int(kept.row["epochs"]), f", kept aside in {kept.manifest.parent}")
     if longer:
-        done = ", ".join(f"{t} ({n} epochs)" for t, n in longer.items())
+        done = ", ".join(f"{t} ({n} epochs{where})" for t, (n, where) in longer.items())
         raise ConfigError(f"--epochs {epochs} is fewer than these policies were already fine-tuned for with the same "
                           f"settings: {done}. A fine-tune continues from its checkpoint and cannot go back. Pass "
-                          f"--epochs {max(longer.values())} (or more) to keep or continue them, or, to fine-tune one "
-                          f"afresh, delete its row in {sweep_dir / FINAL_FILE} and its folder "
-                          f"ray_results/finetune-<trial_id>.")
+                          f"--epochs {max(n for n, _ in longer.values())} (or more) to keep or continue them, or, to "
+                          f"fine-tune one afresh, delete its row in {sweep_dir / FINAL_FILE} (or its "
+                          f"{MODELS_DIR}/{KEPT_DIR}/<trial_id>.<recipe>.* files) and its folder "
+                          f"ray_results/finetune-<trial_id> (or ray_results/finetune-<trial_id>.<recipe>).")

@@ -23,7 +23,8 @@ from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import read_json
 
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
-                            finetune_storage, read_final, record_final_run, recorded_recipe, write_final)
+                            finetune_storage, local_storage, read_final, record_final_run, recorded_recipe, write_final)
+from .kept_finetunes import find_kept, park_leftovers, restore_kept, set_aside
 from .moved_sweep import usable_cache_dir
 from .ray_env import ray_session
 from .recipes import recipe_changes, recipe_precision, same_recipe
@@ -148,9 +149,10 @@ def _given(stage: dict, value: Any, key: str, default: Any) -> Any:
 
 def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: float | None = None,
               batch_size: int | None = None, max_steps_per_epoch: int | None = None, train_size: int | None = None,
-              test_size: int | None = None, progress_dir: Path | None = None) -> FinalJob:
+              test_size: int | None = None, progress_dir: Path | None = None, precision: str | None = None) -> FinalJob:
     """The ``FinalJob`` of one selected policy (a pareto.parquet row): the resolved sweep config ``cfg``'s
-    ``finetune`` section, the values given here overriding it; rank 0's progress file in ``progress_dir``."""
+    ``finetune`` section and ``precision``, the values given here overriding them; rank 0's progress file in
+    ``progress_dir``."""
     stage = dict(cfg.get("finetune") or {})
     given = functools.partial(_given, stage)
     tid = str(row["trial_id"])
@@ -162,7 +164,7 @@ def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: flo
                     seed=int(cfg.get("seed") or 0),
                     max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
                     train_size=given(train_size, "train_size", None), test_size=given(test_size, "test_size", None),
-                    precision=str(cfg.get("precision") or "fp32"),      # none saved: an older, float32 sweep
+                    precision=str(precision or cfg.get("precision") or "fp32"),  # none saved: an older, float32 sweep
                     progress_file=str(progress_dir / f"finetune-{tid}.progress.json") if progress_dir else None)
 
 
@@ -192,7 +194,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                       epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
                       max_steps_per_epoch: int | None = None, train_size: int | None = None,
                       test_size: int | None = None, tracking_uri: str | None = None, use_gpu: bool | None = None,
-                      address: str | None = None, max_concurrent: int | None = None,
+                      address: str | None = None, max_concurrent: int | None = None, precision: str | None = None,
                       say: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Fine-tune every selected policy of ``<sweep_dir>/pareto.parquet`` on the full target data.
 
@@ -200,7 +202,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     (``max_concurrent`` caps it; 1 = one after the other). ``workers="auto"`` (or the config's
     ``finetune.workers: auto``) shares the cluster's devices among the policies that run at once.
 
-    Unset arguments come from the sweep config's ``finetune`` section. ``top_k`` given (or no
+    Unset arguments come from the sweep config's ``finetune`` section (``precision``: its ``precision``). ``top_k`` given (or no
     pareto.parquet yet) reselects with ``write_pareto``. Writes ``final.parquet`` (atomic, merged by
     trial_id) after each policy, ``final.png``, and an MLflow child run per policy and recipe
     (``finetune-<trial_id>``, a later recipe's naming what differs: ``mlflow_stages.log_final``). The precision
@@ -208,6 +210,11 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     resolve it to, and they do not continue a checkpoint of another precision (this says so). A row written
     before the precision was part of the recipe ran in the precision its model file records (none: unknown,
     and the row counts as done in any precision; this says so).
+
+    A policy fine-tuned before with other settings keeps that fine-tune aside (its row, model files and Ray Train
+    run: ``orchestrator.kept_finetunes``) before the new recipe trains; a recipe kept aside comes back when it
+    is asked for again (no retraining; more epochs continue it). A model file written here removes the stale
+    ``gmpq export`` integer file beside it. Everything moved or removed is said.
     Returns the final.parquet rows of this call's policies.
     """
     from .mlflow_stages import log_final
@@ -227,6 +234,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{flag} must be a whole number >= 1, but got {flag} {value!r}. Leave it out to use the "
                               f"sweep config's value.")
+    if precision is not None:
+        from gmpq_core.precision import check_precision
+        check_precision(precision, "--precision")
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
                           "config's finetune.lr.")
@@ -246,11 +256,12 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     final_rows = {t: r for t, r in existing.items()}
     histories: dict[str, list[dict]] = {}
     storage = finetune_storage(cfg, sweep_dir)
+    local = local_storage(storage)             # where kept-aside Ray Train runs go (None: remote, not moved)
     done_ids: list[str] = []
     refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
     jobs = [(row, final_job(cfg, row, fp_path, epochs=epochs, lr=lr, batch_size=batch_size,
                              max_steps_per_epoch=max_steps_per_epoch, train_size=train_size, test_size=test_size,
-                             progress_dir=finetune_progress_dir(cfg, sweep_dir)))
+                             progress_dir=finetune_progress_dir(cfg, sweep_dir), precision=precision))
             for row in chosen.to_dict("records")]
     check_not_shorter(jobs, existing, epochs, sweep_dir)
     todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
@@ -265,6 +276,21 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             # row from before the precision was in recipes, as its model file says (unknown: as any precision)
             recorded = recorded_recipe(sweep_dir, prev) if prev is not None else None
             same = prev is not None and same_recipe(recorded, recipe)
+            tag = f"[{i}/{len(chosen)}] {tid}:"
+            earlier = None if same else find_kept(sweep_dir, tid, recipe)
+            if prev is not None and not same:     # the current recipe's row, files and checkpoint: kept aside
+                say(f"{tag} fine-tuned before with other settings ({', '.join(recipe_changes(recorded, recipe))})"
+                    + ("; going back to its fine-tune with these settings, kept earlier" if earlier else "; starting afresh"))
+                set_aside(sweep_dir, local, {**prev, "recipe_json": recorded}, say, tag)
+                del final_rows[tid]
+                write_final(sweep_dir, final_rows)
+            if earlier is not None:               # this recipe was fine-tuned before: its result comes back
+                park_leftovers(sweep_dir, local, tid, say, tag)
+                prev = final_rows[tid] = existing[tid] = restore_kept(sweep_dir, local, earlier, say, tag)
+                write_final(sweep_dir, final_rows)
+                recorded, same = recorded_recipe(sweep_dir, prev), True
+            elif prev is not None and not same:
+                prev = None
             if same and int(prev.get("epochs") or 0) == epochs:
                 how = " with these settings" if recorded is None or recipe_precision(recorded) else (
                     ", precision unknown (the other settings are these; its row was written before the precision "
@@ -278,14 +304,10 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                     refilled.append(tid)
                 done_ids.append(tid)
                 continue
-            if prev is not None and not same:
-                say(f"[{i}/{len(chosen)}] {tid}: fine-tuned before with other settings "
-                    f"({', '.join(recipe_changes(recorded, recipe))}); starting afresh "
-                    f"(its row in {FINAL_FILE} and its model file will be replaced)")
-            elif prev is not None:
-                say(f"[{i}/{len(chosen)}] {tid}: continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
+            if prev is not None:
+                say(f"{tag} continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
                     f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
-            todo.append((i, row, job, int(prev.get("epochs") or 0) + 1 if same else 1))
+            todo.append((i, row, job, int(prev.get("epochs") or 0) + 1 if prev is not None else 1))
         cap = given(max_concurrent, "max_concurrent", None)
         if auto:                      # the devices shared by the policies that run at once
             workers = auto_workers(len(todo), use_gpu, cap, jobs[0][1].batch_size if jobs else 128)

@@ -55,13 +55,16 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 def final_files_text(sweep_dir: Path) -> str:
     """Where the final stage's outputs are, and how to load a model."""
     from orchestrator.final_results import MODELS_DIR
+    from orchestrator.kept_finetunes import KEPT_DIR
     from orchestrator.results import FINAL_FILE
     from orchestrator.final_stage import FINAL_PNG
 
     return (f"Table:  {sweep_dir / FINAL_FILE}\nPlot:   {sweep_dir / FINAL_PNG}\n"
             f"Models: {sweep_dir / MODELS_DIR}/<trial_id>.pt (for inference: "
             "gmpq_core.load_quantized_model(path).model)\n"
-            f"Packed integer weights (their real size): gmpq export {sweep_dir}; accuracy of any model file: "
+            + (f"Kept:   {kept}/ (fine-tunes with other settings; asking for theirs again restores one)\n"
+               if (kept := sweep_dir / MODELS_DIR / KEPT_DIR).is_dir() and any(kept.iterdir()) else "")
+            + f"Packed integer weights (their real size): gmpq export {sweep_dir}; accuracy of any model file: "
             f"gmpq evaluate {sweep_dir}")
 
 
@@ -76,6 +79,12 @@ def format_final_table(final: Any) -> str:
     return text_table(head, rows, right=range(1, len(head)))
 
 
+def _precision_arg(args: argparse.Namespace) -> str | None:
+    """``--precision`` for the sweep's fine-tunes (a recipe setting: another precision is another recipe), None
+    (not given; ``gmpq run``'s stage) to use the sweep config's ``precision``."""
+    return getattr(args, "precision", None)
+
+
 def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> Any:
     from orchestrator.final_stage import finetune_selected
 
@@ -85,7 +94,7 @@ def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> An
         lr=getattr(args, "lr", None), max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
         train_size=getattr(args, "train_size", None), test_size=getattr(args, "test_size", None),
         tracking_uri=getattr(args, "tracking_uri", None), address=getattr(args, "address", None),
-        max_concurrent=getattr(args, "max_concurrent", None), say=say)
+        max_concurrent=getattr(args, "max_concurrent", None), precision=_precision_arg(args), say=say)
 
 
 def check_tracking_uri_arg(uri: str | None) -> None:

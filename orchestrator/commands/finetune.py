@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "from the FP model). Resumes from DIR/checkpoints/ when interrupted.")
     add_single_args(p)
     add_sweep_args(p)
-    p.set_defaults(func=run, batch_size=None)  # None: SINGLE_DEFAULTS, or the sweep config's with --sweep
+    p.set_defaults(func=run, batch_size=None, precision=None)  # None: SINGLE_DEFAULTS, or the sweep config's (--sweep)
 
 
 def add_single_args(p: argparse.ArgumentParser) -> None:
@@ -97,10 +97,11 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p, default_out="runs/finetune")
 
 
-SINGLE_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 128}
+SINGLE_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 128, "precision": "auto"}
 
 
-SWEEP_MODE_OPTIONS = {"epochs", "lr", "batch_size", "train_size", "test_size", "max_steps_per_epoch"}   # both modes
+SWEEP_MODE_OPTIONS = {"epochs", "lr", "batch_size", "train_size", "test_size", "max_steps_per_epoch",   # both modes
+                      "precision"}
 
 
 def _single_mode_options_given(args: argparse.Namespace) -> list[str]:

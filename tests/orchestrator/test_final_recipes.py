@@ -11,6 +11,8 @@ import mlflow
 import pytest
 import yaml
 
+from gmpq_core.errors import ConfigError
+
 from test_final_stage import METRICS, _stage_without_ray, make_sweep   # same folder (pytest puts it on sys.path)
 
 
@@ -252,9 +254,12 @@ def test_a_row_from_before_the_precision_was_in_its_recipe_ran_in_the_precision_
     _row_from_before_precision(final_stage, sweep, model_file_precision="bf16")
     _edit_config(sweep, precision="fp32")
     said.clear()
-    final_stage.finetune_selected(sweep, epochs=1, workers=1, say=said.append)      # fewer epochs: afresh, not refused
+    with pytest.raises(ConfigError, match=r"t1 \(2 epochs, kept aside"):     # fp32's 2-epoch fine-tune was kept
+        final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    final_stage.finetune_selected(sweep, epochs=3, workers=1, say=said.append)      # other settings than bf16's
     assert len(runs) == 3 and runs[2].precision == "fp32"
-    assert any("(precision bf16 -> fp32); starting afresh" in m for m in said), said
+    assert any("(precision bf16 -> fp32); going back to its fine-tune with these settings" in m for m in said), said
+    assert any("continuing its 2-epoch fine-tune to 3 epochs" in m for m in said), said
 
 
 def test_a_row_whose_precision_nothing_records_counts_as_done_and_says_its_precision_is_unknown(tmp_path, monkeypatch):

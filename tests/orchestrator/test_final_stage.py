@@ -129,8 +129,11 @@ def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tm
 
 def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epochs_continue_it(tmp_path, monkeypatch):
     """A rerun with another lr logged into the first run (metrics mixed, params stale): now a run per recipe,
-    named by what differs from the first; going back to a recipe trains it afresh, in a new run (the old one
-    keeps its history; the new one's name says it restarted)."""
+    named by what differs from the first; going back to a recipe restores its fine-tune (kept aside) and its
+    run, untrained; one trained afresh gets a new run (the old one keeps its history; the new one's name says it
+    restarted)."""
+    import shutil
+
     import mlflow
 
     sweep = tmp_path / "sweep"
@@ -152,11 +155,15 @@ def test_each_fine_tune_recipe_of_a_policy_gets_its_own_mlflow_run_and_more_epoc
     client = mlflow.MlflowClient()
     assert [m.value for m in client.get_metric_history(ft["run_id"].iloc[1], "epochs")] == [1.0, 2.0]
     epochs[0] = 1
-    final_stage.finetune_selected(sweep, epochs=1, workers=1)                    # lr 0.01 again, from scratch
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)                    # lr 0.01 again: restored
     runs = mlflow.search_runs(experiment_names=["ft"])
-    again = runs[(runs["tags.gmpq.role"] == "finetune") & (runs["params.recipe.lr"] == "0.01")]
+    assert set(runs[runs["tags.gmpq.role"] == "finetune"]["run_id"]) == set(ft["run_id"])      # no new run
+    shutil.rmtree(sweep / "models" / "kept")                                    # lr 0.05's kept fine-tune deleted
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)          # so lr 0.05 trains from scratch
+    runs = mlflow.search_runs(experiment_names=["ft"])
+    again = runs[(runs["tags.gmpq.role"] == "finetune") & (runs["params.recipe.lr"] == "0.05")]
     assert len(again) == 2 and set(ft["run_id"]) < set(runs["run_id"])        # a new run; the first one kept
-    assert sorted(again["tags.mlflow.runName"]) == ["finetune-t1", "finetune-t1 (restart 1)"]   # says it restarted
+    assert sorted(again["tags.mlflow.runName"]) == ["finetune-t1 (lr=0.05)", "finetune-t1 (lr=0.05, restart 1)"]
 
 
 def test_a_fine_tune_run_from_before_recipes_becomes_its_recipes_run_not_a_twin(tmp_path, monkeypatch):
