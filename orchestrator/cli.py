@@ -5,7 +5,8 @@ Subcommands live one per module in ``orchestrator.commands``; each module define
 named command's module is imported (``gmpq pareto --help`` does not import torch; running a command imports
 what it needs, and ``gmpq --help`` imports every command's module).
 A ``GMPQError`` becomes a one-paragraph message and exit status 2, with no traceback; real bugs
-keep their traceback.
+keep their traceback. Ctrl-C (and SIGTERM while Ray runs: ``orchestrator.ray_env``) ends a command with one
+line, ``interrupted_text``, and exit status 130.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import shlex
 import sys
 import textwrap
 import warnings
@@ -84,6 +86,21 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
                          break_long_words=False) + "\n"
 
 
+INTERRUPTED = "gmpq: interrupted; finished work is kept on disk."
+
+
+def interrupted_text(args: argparse.Namespace, argv: list[str]) -> str:
+    """The line a command stopped by Ctrl-C ends with: for ``gmpq finetune --sweep DIR``, what is kept and that the
+    same command continues it (finished policies are not run again, a policy's finished epochs are its Ray Train
+    checkpoints); else the generic one. (``gmpq sweep`` and ``gmpq run`` say it themselves, with the state of
+    their stage.)"""
+    if args.command == "finetune" and getattr(args, "sweep", None):
+        final = Path(args.sweep).expanduser() / "final.parquet"
+        return (f"gmpq finetune: the fine-tune was interrupted; the policies fine-tuned before ({final}) and each "
+                f"finished epoch (its Ray Train checkpoint) are kept. Continue with: {shlex.join(['gmpq', *argv])}")
+    return INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     warnings.formatwarning = format_warning
@@ -106,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         print(error_paragraph(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gmpq: interrupted; finished work is kept on disk.", file=sys.stderr)
+        print(interrupted_text(args, argv), file=sys.stderr)
         return 130
     except BrokenPipeError:            # 'gmpq status --sweep DIR | head': the reader left, as it may
         if not _stdout_gone():

@@ -3,7 +3,9 @@
 ``ray_session(address=None)`` starts a local Ray with one CPU slot per core, no dashboard, a small
 object store and no usage stats, and shuts it down on exit, unless Ray was already running in this
 process (then it is reused and left running: tests share one session that way).
-``address="auto"`` or ``"ray://host:10001"`` joins an existing cluster instead.
+``address="auto"`` or ``"ray://host:10001"`` joins an existing cluster instead. Inside it SIGTERM (a batch
+job preempted, ``kill``) does what Ctrl-C does (``sigterm_as_ctrl_c``), instead of Ray's C++ handler
+printing a stack dump and leaving the sweep's driver marker behind.
 ``ray_map(fn, items, ...)`` runs independent jobs (FP trainings before a sweep or study) as parallel
 Ray tasks and returns their results in order.
 """
@@ -12,9 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "ray_map", "OBJECT_STORE_BYTES"]
+__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "sigterm_as_ctrl_c", "ray_map",
+           "OBJECT_STORE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +122,46 @@ def _join_address(address: str) -> str | None:
     return resolved.address
 
 
+def _ctrl_c_now(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: what Ctrl-C does at this moment (the SIGINT handler in place: Python's raises
+    KeyboardInterrupt, a Ray Tune run's stops the sweep gracefully); KeyboardInterrupt when that is not a
+    Python function."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler) and handler is not _ctrl_c_now:
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM handled as Ctrl-C inside (main thread only; elsewhere nothing changes). ``ray.init`` installs a
+    C++ handler that prints a stack dump and exits at once, skipping every ``finally`` (the driver marker
+    stays, Ray is not shut down). After, the handler before is put back, or the default (terminate) when that
+    was one installed from C (Ray's), which Python cannot put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _ctrl_c_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, **kwargs) -> Iterator[bool]:
-    """Context manager around ``init_ray``: shuts Ray down on exit only if it started it here."""
+    """Context manager around ``init_ray``: shuts Ray down on exit only if it started it here; SIGTERM acts as
+    Ctrl-C inside (``sigterm_as_ctrl_c``)."""
     import ray
 
     started = init_ray(address, **kwargs)
-    try:
-        yield started
-    finally:
-        if started:
-            ray.shutdown()
+    with sigterm_as_ctrl_c():
+        try:
+            yield started
+        finally:
+            if started:
+                ray.shutdown()
 
 
 def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], *,

@@ -7,12 +7,14 @@ every item, at most ``slots`` at once, in order of the items:
 - a failing job (an ``Exception``) does not stop the others: every job runs, and the first error in
   item order is raised once all have ended, so the others' results are kept (their ``fn`` recorded
   them). ``KeyboardInterrupt`` and other ``BaseException`` s (in any job) stop the rest and come back first;
-- with ``slots == 1`` every call runs in the calling thread (Ray Train installs its Ctrl-C handler
-  only in the main thread);
-- with more, the jobs run in daemon threads while the caller waits in short joins with Python's own
-  Ctrl-C handler in place (a Ray Tune run earlier in the process leaves its handler installed, which
-  only logs the first Ctrl-C), so Ctrl-C reaches the caller at once; no queued job starts after it,
-  and leaving the Ray session ends the running ones (a driver's Ray Train controllers die with it).
+- every job runs in a daemon thread (one slot: one thread, the items in order) while the caller waits
+  in short joins with Python's own Ctrl-C handler in place, so Ctrl-C reaches the caller at once as
+  ``KeyboardInterrupt``; no queued job starts after it, and leaving the Ray session ends the running
+  ones (a driver's Ray Train controllers die with it). Not in the calling thread, even with one slot:
+  ``TorchTrainer.fit()`` in the main thread installs Ray Train's own SIGINT handler, whose
+  ``sys.exit(0)`` surfaces from ``ray.get`` as ``SystemExit(1)`` (the command ended with status 1 and
+  no word); nor under a handler a Ray Tune run earlier in the process left installed, which only
+  logs the first Ctrl-C.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import signal
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
-__all__ = ["run_side_by_side", "side_by_side_slots"]
+__all__ = ["run_side_by_side", "side_by_side_slots", "python_ctrl_c"]
 
 T = TypeVar("T")
 
@@ -34,8 +36,9 @@ def side_by_side_slots(n_jobs: int, per_job: int, available: int, cap: int | Non
 
 
 @contextlib.contextmanager
-def _python_ctrl_c() -> Iterator[None]:
-    """Python's default SIGINT handler (KeyboardInterrupt) while waiting, in the main thread only."""
+def python_ctrl_c() -> Iterator[None]:
+    """Python's default SIGINT handler (KeyboardInterrupt) inside, in the main thread only (elsewhere: as it is);
+    the handler before is put back after, when Python can (not one installed from C)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -50,47 +53,39 @@ def _python_ctrl_c() -> Iterator[None]:
 def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) -> None:
     items = list(items)
     errors: dict[int, Exception] = {}
-    if slots <= 1 or len(items) <= 1:
-        for i, item in enumerate(items):
+    todo: queue.Queue = queue.Queue()
+    for i, item in enumerate(items):
+        todo.put((i, item))
+    stop = threading.Event()
+    aborted: list[BaseException] = []
+
+    def worker() -> None:
+        while not stop.is_set():
+            try:
+                i, item = todo.get_nowait()
+            except queue.Empty:
+                return
             try:
                 fn(item)
-            except Exception as e:      # noqa: BLE001 - the next jobs still run; raised below
+            except Exception as e:      # noqa: BLE001 - the next jobs still run; raised in the caller's thread
                 errors[i] = e
-    else:
-        todo: queue.Queue = queue.Queue()
-        for i, item in enumerate(items):
-            todo.put((i, item))
-        stop = threading.Event()
+            except BaseException as e:  # KeyboardInterrupt, SystemExit: nothing more starts, raised first
+                aborted.append(e)
+                stop.set()
+                return
 
-        aborted: list[BaseException] = []
-
-        def worker() -> None:
-            while not stop.is_set():
-                try:
-                    i, item = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    fn(item)
-                except Exception as e:      # noqa: BLE001 - kept and raised in the caller's thread
-                    errors[i] = e
-                except BaseException as e:  # SystemExit and the like: nothing more starts, raised first
-                    aborted.append(e)
-                    stop.set()
-                    return
-
-        threads = [threading.Thread(target=worker, name=f"side-by-side-{k}", daemon=True)
-                   for k in range(min(slots, len(items)))]
-        try:
-            with _python_ctrl_c():
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    while t.is_alive():
-                        t.join(timeout=0.5)
-        finally:
-            stop.set()                  # after Ctrl-C no queued job starts
-        if aborted:
-            raise aborted[0]
+    threads = [threading.Thread(target=worker, name=f"side-by-side-{k}", daemon=True)
+               for k in range(max(1, min(slots, len(items))))]
+    try:
+        with python_ctrl_c():
+            for t in threads:
+                t.start()
+            for t in threads:
+                while t.is_alive():
+                    t.join(timeout=0.5)
+    finally:
+        stop.set()                      # after Ctrl-C no queued job starts
+    if aborted:
+        raise aborted[0]
     if errors:
         raise errors[min(errors)]

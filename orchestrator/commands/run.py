@@ -9,7 +9,8 @@ policies fine-tune side by side as far as the cluster holds ``--workers`` each).
 interrupted run in the same folder (finished trials and fine-tune epochs are not redone); ``gmpq run --out
 DIR --resume`` alone reads the folder's saved config. ``--resume auto`` continues the run when the folder
 holds its sweep, else starts it (a batch job retried with the same command: cluster/kuberay/rayjob.yaml).
-An interrupted sweep stage stops the run there (exit 130) with that command. Ends with
+An interrupted stage (Ctrl-C, or SIGTERM: a preempted batch job) stops the run there (exit 130) with that
+command; what finished is kept. Ends with
 the final Pareto table, the plot paths and the command that opens the results in MLflow.
 """
 from __future__ import annotations
@@ -63,16 +64,24 @@ def run(args: argparse.Namespace) -> int:
             raise GMPQError(f"No trial of the sweep completed ({summary.n_pruned} pruned, {summary.n_failed} failed), "
                             f"so there is nothing to select. See {sweep_dir / 'trials.parquet'} and the Ray trial "
                             "folders; fix the cause and rerun with --resume.")
+        from orchestrator.side_by_side import python_ctrl_c
         from orchestrator.sweep_status import driver_marker
 
-        with driver_marker(sweep_dir, "run"):           # gmpq status: still running between the stages
-            _say("2/3 Pareto front and selection")
-            front = pareto_stage(sweep_dir, None, resolved.tracking_uri)
-            n = int(front["selected"].sum())
-            _say(f"3/3 final fine-tune of {n} polic{'y' if n == 1 else 'ies'} with Ray Train")
-            ft_args = argparse.Namespace(top_k=None, workers=None, epochs=None, tracking_uri=resolved.tracking_uri,
-                                         address=None)
-            final = finetune_stage(sweep_dir, ft_args, say=_say)
+        stage = "the Pareto selection"
+        # Python's Ctrl-C again: the one Ray Tune installed for the sweep stays after it and only logs
+        with python_ctrl_c(), driver_marker(sweep_dir, "run"):     # gmpq status: still running between the stages
+            try:
+                _say("2/3 Pareto front and selection")
+                front = pareto_stage(sweep_dir, None, resolved.tracking_uri)
+                n = int(front["selected"].sum())
+                _say(f"3/3 final fine-tune of {n} polic{'y' if n == 1 else 'ies'} with Ray Train")
+                stage = "the final fine-tune"
+                ft_args = argparse.Namespace(top_k=None, workers=None, epochs=None,
+                                             tracking_uri=resolved.tracking_uri, address=None)
+                final = finetune_stage(sweep_dir, ft_args, say=_say)
+            except KeyboardInterrupt:
+                _say(interrupted_note(sweep_dir, stage))
+                return 130
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n== gmpq run finished in {minutes:.1f} min: {summary.n_completed} completed, {summary.n_pruned} pruned, "
           f"{summary.n_failed} failed trials ==")
@@ -85,6 +94,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"Optuna study (optuna-dashboard is a separate package: pip install optuna-dashboard):\n"
               f"  optuna-dashboard {resolved.optuna_storage}")
     return 0
+
+
+def interrupted_note(sweep_dir: Path, stage: str) -> str:
+    """What a run interrupted in ``stage`` (after its sweep) keeps, and the command that continues it."""
+    if stage == "the final fine-tune":
+        kept = (f"the sweep, its Pareto selection, the policies fine-tuned before ({sweep_dir / 'final.parquet'}) and "
+                "each finished epoch (its Ray Train checkpoint) are kept")
+    else:
+        kept = "the sweep is kept"
+    return f"{stage} was interrupted; {kept}. Continue with: gmpq run --out {sweep_dir} --resume"
 
 
 def register(subparsers: Any) -> None:

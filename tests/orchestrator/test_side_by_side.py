@@ -33,7 +33,8 @@ def test_jobs_overlap_up_to_the_slots_and_never_beyond():
     assert sorted(done) == [0, 1, 2, 3, 4] and peak[0] == 2
 
 
-def test_one_slot_runs_in_the_calling_thread_in_order_and_a_failure_does_not_stop_the_rest():
+def test_one_slot_runs_in_order_outside_the_main_thread_and_a_failure_does_not_stop_the_rest():
+    # not the main thread: Ray Train's fit() there installs its own SIGINT handler (test_interrupts.py)
     seen = []
 
     def job(i: int) -> None:
@@ -42,7 +43,7 @@ def test_one_slot_runs_in_the_calling_thread_in_order_and_a_failure_does_not_sto
             raise ValueError("job 1")
     with pytest.raises(ValueError, match="job 1"):
         run_side_by_side(range(3), job, slots=1)
-    assert seen == [(0, True), (1, True), (2, True)]
+    assert seen == [(0, False), (1, False), (2, False)]
 
 
 def test_an_interrupt_stops_at_once_and_no_queued_job_starts():
