@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from .precision import resolve_precision
 from .qmodules import apply_policy_, calibrate_, quantized_layers
 from .reporting import NullReporter, Reporter
 from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_optimizer, run_epochs, seeded,
-                    steps_per_epoch, training_layout_, validate_sgd_fields)
+                    set_cosine_position_, steps_per_epoch, training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
            "run_info_changes", "state_digest", "recorded_fp", "check_resume_state", "resume_epochs",
@@ -267,16 +266,6 @@ def _recorded_total_steps(state: Mapping[str, Any]) -> int | None:
     return int(total) if isinstance(total, int) and not isinstance(total, bool) else None
 
 
-def _enter_cosine_at_(optimizer: torch.optim.Optimizer, scheduler: Any, done_steps: int, total_steps: int) -> None:
-    """Put a fresh cosine scheduler (``make_cosine_scheduler(optimizer, total_steps)``) at step ``done_steps``:
-    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` with ``t = min(done_steps, T)``, the position the Ray Train final stage
-    (``orchestrator.train_stage._set_cosine_position``) gives a run continued to more epochs."""
-    t = min(int(done_steps), int(total_steps))
-    for g in optimizer.param_groups:
-        g["lr"] = g["initial_lr"] * (1 + math.cos(math.pi * t / max(int(total_steps), 1))) / 2
-    scheduler.last_epoch = t
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
 
 def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loader: Any, *,
              config: FinetuneConfig, input_size: int, in_channels: int, reporter: Reporter | None = None,
@@ -334,7 +323,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
                 scheduler.load_state_dict(state["scheduler"])
                 log.info("resuming the fine-tune from '%s' after epoch %d", ckpt_path, start)
             else:           # more epochs: the schedule of the new total, entered at the steps done
-                _enter_cosine_at_(optimizer, scheduler, start * steps, total_steps)
+                set_cosine_position_(optimizer, scheduler, start * steps, total_steps)
                 log.info("continuing the fine-tune from '%s' after epoch %d to %d epochs (cosine schedule over "
                          "%d steps)", ckpt_path, start, config.epochs, total_steps)
 

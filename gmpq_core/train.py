@@ -30,7 +30,7 @@ from .reporting import NullReporter, Reporter
 
 __all__ = ["TrainConfig", "TrainResult", "training_layout_", "standard_layout_", "evaluate", "train_one_epoch",
            "train_fp", "distillation_loss", "make_optimizer", "make_cosine_scheduler", "steps_per_epoch", "seeded",
-           "run_epochs", "Progress", "sgd", "load_optimizer_state"]
+           "run_epochs", "Progress", "sgd", "load_optimizer_state", "set_cosine_position_"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,17 @@ def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:
 def make_cosine_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Cosine decay to 0 over ``total_steps`` optimiser steps (stepped per batch)."""
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(int(total_steps), 1), eta_min=0.0)
+
+
+def set_cosine_position_(optimizer: torch.optim.Optimizer, scheduler: Any, done_steps: int, total_steps: int) -> None:
+    """Put a fresh ``make_cosine_scheduler(optimizer, total_steps)`` at step ``done_steps``:
+    ``lr_t = lr * (1 + cos(pi * t / T)) / 2`` with ``t = min(done_steps, T)``. A fine-tune continued to more epochs
+    enters the new total's schedule where it stands (``gmpq_core.finetune`` and the Ray Train final stage)."""
+    t = min(int(done_steps), int(total_steps))
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * (1 + math.cos(math.pi * t / max(int(total_steps), 1))) / 2
+    scheduler.last_epoch = t
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _batches(loader: Iterable, limit: int | None) -> Iterator[tuple[Tensor, Tensor]]:

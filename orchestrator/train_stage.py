@@ -27,7 +27,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -106,15 +105,6 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[rank * per:(rank + 1) * per].sort().values
 
 
-def _set_cosine_position(optimizer: torch.optim.Optimizer, scheduler: Any, done_steps: int, total_steps: int) -> None:
-    """Put a fresh cosine scheduler at step ``done_steps`` of ``total_steps`` (when epochs changed on resume)."""
-    import math
-    t = min(done_steps, total_steps)
-    for g in optimizer.param_groups:
-        g["lr"] = g["initial_lr"] * (1 + math.cos(math.pi * t / max(total_steps, 1))) / 2
-    scheduler.last_epoch = t
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
 
 class _StepProgress:
     """``progress(done, total)`` for rank 0: writes the position to a small JSON file every ``every_s``."""
@@ -142,7 +132,7 @@ def train_loop_per_worker(config: dict) -> None:
     from gmpq_core.finetune import prepare_quantized
     from gmpq_core.policy import BitPolicy
     from gmpq_core.train import (evaluate, load_optimizer_state, make_cosine_scheduler, make_optimizer, seeded,
-                                 steps_per_epoch, train_one_epoch, training_layout_)
+                                 set_cosine_position_, steps_per_epoch, train_one_epoch, training_layout_)
     from gmpq_core.transfer import load_target_model
 
     job = FinalJob(**config)
@@ -194,7 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
         if state.get("total_steps") == total:
             scheduler.load_state_dict(state["scheduler"])
         else:
-            _set_cosine_position(optimizer, scheduler, start * steps, total)
+            set_cosine_position_(optimizer, scheduler, start * steps, total)
     test_loader = make_loader(test, info, batch_size=256, train=False, device=device) if rank == 0 else None
 
     for epoch in range(start + 1, job.epochs + 1):
