@@ -248,6 +248,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     if chosen.empty:
         raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
                         "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
+    if top_k is not None and len(chosen) < top_k:
+        say(f"{len(chosen)} selected of the {top_k} asked for (--top-k): only {len(pareto)} on the Pareto front (a "
+            "policy off the front is never selected: one on it is at least as accurate for at most its BitOPs)")
     workers = given(workers, "workers", 1)
     workers = workers if workers == "auto" else int(workers)
     epochs = int(given(epochs, "epochs", 1))
@@ -334,18 +337,18 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             say(f"{tag} final top1 {run.metrics.get('top1', float('nan')):.2f}% "
                 f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s"
                 + (f"; model {model_path}" if model_path else ""))
-        failed: Exception | None = None
+        failed: BaseException | None = None
         try:
             run_side_by_side(todo, fine_tune, slots)
-        except Exception as e:      # the policies that finished keep their rows: plot and log them, then raise
+        except (Exception, KeyboardInterrupt) as e:   # the finished policies keep their rows: plot, log, then raise
             failed = e
-    if failed is not None:
+    if failed is not None and not isinstance(failed, KeyboardInterrupt):    # (Ctrl-C: the command says it)
         kept = [job.trial_id for _, _, job, _ in todo if job.trial_id in histories]
         say(f"{len(todo) - len(kept)} of {len(todo)} fine-tune(s) failed"
             + (f"; the finished ones ({', '.join(kept)}) are kept in {sweep_dir / FINAL_FILE} and MLflow" if kept else "")
             + ". Rerun the same command after fixing the cause: finished policies are not run again.")
-        if not done_ids:
-            raise failed
+    if failed is not None and not done_ids:
+        raise failed
     final = read_final(sweep_dir)
     plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
     ours = final[final["trial_id"].isin(done_ids)].reset_index(drop=True)

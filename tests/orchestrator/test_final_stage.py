@@ -96,9 +96,11 @@ def test_a_failing_policy_first_in_line_does_not_stop_the_others_and_says_what_i
     assert (sweep / final_stage.FINAL_PNG).is_file()
 
 
-def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tmp_path, monkeypatch):
+def test_after_ctrl_c_the_policies_that_had_finished_are_plotted_and_logged_and_the_rerun_adds_none(
+        tmp_path, monkeypatch):
     """Ctrl-C after one policy finished used to leave it in final.parquet without an MLflow run, for good: the
-    rerun skipped it as done and logged only what it trained."""
+    rerun skipped it as done and logged only what it trained. It is now plotted and logged as the stage stops
+    (the rerun still fills a run that is missing)."""
     import mlflow
 
     from orchestrator.pareto import write_pareto
@@ -113,12 +115,17 @@ def test_after_ctrl_c_the_rerun_logs_the_policies_that_had_finished_to_mlflow(tm
             raise KeyboardInterrupt
         return METRICS
     final_stage = _stage_without_ray(monkeypatch, tmp_path, job, slots=1)
+    said: list[str] = []
     with pytest.raises(KeyboardInterrupt):
-        final_stage.finetune_selected(sweep, epochs=1, workers=1)
-    assert final_stage.read_final(sweep)["trial_id"].tolist() == ["t1"]          # t1 finished, not logged
+        final_stage.finetune_selected(sweep, epochs=1, workers=1, top_k=5, say=said.append)
+    assert "2 selected of the 5 asked for (--top-k): only 2 on the Pareto front" in said[0], said
+    assert final_stage.read_final(sweep)["trial_id"].tolist() == ["t1"]          # t1 finished
+    assert (sweep / final_stage.FINAL_PNG).is_file() and not any("failed" in m for m in said), said
+    mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["ft"])
+    assert runs[runs["tags.gmpq.role"] == "finetune"]["tags.mlflow.runName"].tolist() == ["finetune-t1"]
     interrupt.clear()
     final_stage.finetune_selected(sweep, epochs=1, workers=1)                    # t1 done: skipped; t2 trained
-    mlflow.set_tracking_uri(f"sqlite:///{sweep / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["ft"])
     names = sorted(runs[runs["tags.gmpq.role"] == "finetune"]["tags.mlflow.runName"])
     assert names == ["finetune-t1", "finetune-t2"]
