@@ -17,7 +17,16 @@ if TYPE_CHECKING:   # torch is imported where a checkpoint is read or written: f
     from torch import nn
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
-           "load_checkpoint", "load_model_state", "check_writable_dir", "default_cache_dir", "absolute_path"]
+           "load_checkpoint", "load_model_state", "check_writable_dir", "default_cache_dir", "absolute_path",
+           "INT_SUFFIX", "integer_path"]
+
+INT_SUFFIX = ".int.pt"       # gmpq export's integer file beside a model file
+
+
+def integer_path(path: str | os.PathLike) -> Path:
+    """Where ``gmpq export`` writes the integer file of the model file ``path``: beside it, ``<name>.int.pt``."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".pt") + INT_SUFFIX)
 
 
 def absolute_path(path: str | os.PathLike | None) -> str | None:

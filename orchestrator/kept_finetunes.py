@@ -27,26 +27,21 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from gmpq_core.errors import CheckpointError
-from gmpq_core.fileio import atomic_write_json, read_json
+from gmpq_core.fileio import INT_SUFFIX, atomic_write_json, integer_path, read_json
 
 from .recipes import same_recipe
 
-__all__ = ["KEPT_DIR", "KeptFinetune", "recipe_digest", "integer_model_path", "kept_finetunes", "find_kept",
+__all__ = ["KEPT_DIR", "KeptFinetune", "recipe_digest", "kept_finetunes", "find_kept",
            "set_aside", "restore_kept", "park_leftovers"]
 
 KEPT_DIR = "kept"          # models/kept/
 MODELS_DIR = "models"      # (final_results.MODELS_DIR; not imported: final_results imports this module)
-INT_SUFFIX = ".int.pt"     # gmpq export's integer file beside a model file (commands.export.integer_path)
 
 
 def recipe_digest(recipe_json: str | None) -> str:
     """The recipe's hash, as MLflow tags its fine-tune run (``gmpq.recipe``): sha1 of the text, 10 hex digits."""
     return hashlib.sha1(str(recipe_json or "no recipe").encode()).hexdigest()[:10]
 
-
-def integer_model_path(path: Path) -> Path:
-    """Where ``gmpq export`` writes the integer file of the model file ``path``: beside it, ``<name>.int.pt``."""
-    return path.with_name(path.name.removesuffix(".pt") + INT_SUFFIX)
 
 
 @dataclass(frozen=True)
@@ -176,7 +171,7 @@ def restore_kept(sweep_dir: str | Path, storage: Path | None, kept: KeptFinetune
     tid = kept.trial_id
     models = sweep_dir / MODELS_DIR
     has_model = _move(kept.model(sweep_dir), models / f"{tid}.pt")
-    _move(integer_model_path(kept.model(sweep_dir)), models / f"{tid}{INT_SUFFIX}")
+    _move(integer_path(kept.model(sweep_dir)), models / f"{tid}{INT_SUFFIX}")
     ckpt = False
     if kept.checkpoint and storage is not None:
         ckpt = _move(storage / kept.checkpoint, storage / f"finetune-{tid}")

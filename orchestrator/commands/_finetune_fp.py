@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gmpq_core.errors import GMPQError
 from gmpq_core.fileio import read_json
+from gmpq_core.models.imported import canonical_model_name
 from gmpq_core.policy import BitPolicy
 
 from ._finetune_resume import same_dataset
@@ -80,8 +81,10 @@ def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Pa
         return path, info, f"it was trained on '{data}', not on --dataset {args.dataset}"
     if meta.get("target_dataset") and not same_dataset(str(meta["target_dataset"]), data):
         return path, info, f"it was trained on '{data}', not on the policy's target dataset '{meta['target_dataset']}'"
-    other = [k for k in _TARGET_FLAGS
-             if getattr(args, k, None) is not None and k in info and getattr(args, k) != info[k]]
+    given = {k: getattr(args, k, None) for k in _TARGET_FLAGS}
+    if isinstance(given.get("model"), str):       # ./my_cnn.py:build names the recorded /abs/my_cnn.py:build
+        given["model"] = canonical_model_name(given["model"])
+    other = [k for k in _TARGET_FLAGS if given[k] is not None and k in info and given[k] != info[k]]
     if other:
         return path, info, f"it is {_as_flags(info, other)}, but this command line has {_as_flags(vars(args), other)}"
     return path, info, ""

@@ -47,7 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def model_paths(paths: list[str]) -> list[Path]:
     """The model files ``paths`` name: files as given; a folder's float models and, beside each, its integer file."""
-    from .export import integer_path, model_files
+    from gmpq_core.fileio import integer_path
+
+    from .export import model_files
 
     out: list[Path] = []
     for p in paths:

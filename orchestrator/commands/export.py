@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 
 from gmpq_core.errors import ConfigError
+from gmpq_core.fileio import INT_SUFFIX as SUFFIX
+from gmpq_core.fileio import integer_path
 
 from . import help_text
 
 __all__ = ["register", "run", "model_files", "integer_path", "SUFFIX"]
 
-SUFFIX = ".int.pt"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,10 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per model instead of text")
     p.set_defaults(func=run)
 
-
-def integer_path(path: Path) -> Path:
-    """Where ``gmpq export`` writes the integer file of the model file ``path``: beside it, ``<name>.int.pt``."""
-    return path.with_name(path.name.removesuffix(".pt") + SUFFIX)
 
 
 def model_files(path: Path) -> list[Path]:

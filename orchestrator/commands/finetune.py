@@ -28,7 +28,7 @@ from torch import nn
 
 from gmpq_core.errors import ConfigError
 from gmpq_core.export import preprocess_of, save_quantized_model
-from gmpq_core.fileio import atomic_write_json, load_checkpoint
+from gmpq_core.fileio import atomic_write_json, integer_path, load_checkpoint
 from gmpq_core.finetune import (CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, check_resume_state, finetune,
                                 resume_epochs)
 from gmpq_core.policy import BitPolicy
@@ -335,6 +335,11 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                                   "policy_source": summary["policy"]["name"], "precision": precision},
                          preprocess=preprocess_of(info))
     atomic_write_json(out / RESULT, summary)
+    stale = integer_path(out / QUANTIZED_WEIGHTS)
+    if result.epochs_run > result.resumed_from_epoch and stale.is_file():   # trained now: it holds the old weights
+        stale.unlink()
+        print(f"removed {stale}, gmpq export's integer file of the model just replaced (it held the old weights); "
+              f"run 'gmpq export {out}' again to write the new model's", file=sys.stderr)
     b = summary["bitops"]
     print(f"FP {opts.model}: top-1 {fp_eval['top1']:.2f}%   quantized ({summary['policy']['name']}, "
           f"mean W {summary['policy']['avg_w_bits']:.2f} A {summary['policy']['avg_a_bits']:.2f}): "

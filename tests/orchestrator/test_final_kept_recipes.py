@@ -126,9 +126,8 @@ def test_a_model_file_written_by_the_stage_removes_the_stale_integer_file_and_sa
     final_stage.finetune_selected(sweep, epochs=2, workers=1, say=said.append)
     assert not stale.exists()
     assert any(f"removed {stale}" in m and f"run 'gmpq export {sweep}' again" in m for m in said), said
-    from orchestrator.commands.export import integer_path
-    from orchestrator.kept_finetunes import integer_model_path
-    assert integer_model_path(sweep / "models" / "t1.pt") == integer_path(sweep / "models" / "t1.pt")
+    from gmpq_core.fileio import integer_path
+    assert integer_path(sweep / "models" / "t1.pt") == sweep / "models" / "t1.int.pt"     # gmpq export's file
 
 
 def test_a_fine_tune_stopped_before_it_finished_is_moved_aside_not_overwritten_by_a_restore(tmp_path, monkeypatch):

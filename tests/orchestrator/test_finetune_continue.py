@@ -25,9 +25,13 @@ def test_more_epochs_continue_the_fine_tune_and_replace_its_result_files(tmp_pat
     run = [*FINETUNE, "--fp-checkpoint", ckpt, "--out", str(out)]
     assert main([*run, "--epochs", "1"]) == 0
     one = result(out)
+    assert main(["export", str(out)]) == 0                       # gmpq export's integer file of the 1-epoch model
+    stale = out / "quantized.int.pt"
+    assert stale.is_file()
     capsys.readouterr()
     assert main([*run, "--epochs", "2"]) == 0
     err = " ".join(capsys.readouterr().err.split())
+    assert not stale.exists() and f"removed {stale}" in err and f"run 'gmpq export {out}' again" in err
     assert (f"continuing from epoch 1 to 2: the fine-tune in {out / 'checkpoints' / CHECKPOINT_NAME} was run with "
             "--epochs 1; its cosine schedule is stretched to 2 epochs (as gmpq finetune --sweep does), and "
             "quantized.pt and finetune_result.json are replaced by the 2-epoch result") in err
@@ -37,8 +41,10 @@ def test_more_epochs_continue_the_fine_tune_and_replace_its_result_files(tmp_pat
     assert load_checkpoint(out / "quantized.pt")["results"]["epochs"] == 2
     state = torch.load(out / "checkpoints" / CHECKPOINT_NAME, weights_only=True)
     assert (state["epoch"], state["config"]["epochs"]) == (2, 2)
+    assert main(["export", str(out)]) == 0
     assert main([*run, "--epochs", "2"]) == 0                     # done: nothing trained, the files rewritten
     assert "already fine-tuned for 2 epoch(s)" in capsys.readouterr().err
+    assert stale.is_file()                                         # the same weights: its integer file still holds them
     assert len(result(out)["history"]) == 2
 
 

@@ -130,3 +130,23 @@ def test_a_copied_sweep_reads_its_own_shared_json_and_a_moved_policy_its_sweeps(
     moved.write_text(policy.read_text())
     assert main(["finetune", "--policy", str(moved), *TINY, "--out", str(tmp_path / "out2")]) == 0
     assert f"using the sweep's FP target model {target} " in capsys.readouterr().err
+
+
+def test_a_users_model_given_by_a_relative_path_is_the_recorded_absolute_one(tmp_path, monkeypatch):
+    """--model ./my_cnn.py:build names the file the sweep recorded as /abs/my_cnn.py:build: its FP target model fits
+    (it was refused as another model, and a new FP model trained)."""
+    import argparse
+
+    from orchestrator.commands._finetune_fp import sweep_target
+
+    policy, target = sweep(tmp_path)
+    (tmp_path / "my_cnn.py").write_text("from torch import nn\n\ndef build(*, num_classes, in_channels, small_input):\n"
+                                        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))\n")
+    meta = json.loads(target.with_suffix(".json").read_text())
+    meta["meta"]["model"] = f"{tmp_path / 'my_cnn.py'}:build"
+    atomic_write_json(target.with_suffix(".json"), meta)
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(policy=str(policy), dataset=None, model="./my_cnn.py:build", input_size=None,
+                              in_channels=None, num_classes=None, small_input=None)
+    path, info, why = sweep_target(args, BitPolicy.load(policy))
+    assert path == target and why == ""
