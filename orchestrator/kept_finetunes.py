@@ -99,6 +99,16 @@ def _free(path: Path) -> Path:
     return out
 
 
+def _free_stem(kept: Path, stem: str) -> str:
+    """``stem``, or ``<stem>-2``, ``-3``, ... when a kept file of that stem exists: the manifest keeps its ``.json``
+    (``kept_finetunes`` finds it by that), the model files their ``.pt`` / ``.int.pt``."""
+    n, out = 1, stem
+    while any((kept / f"{out}{ext}").exists() for ext in (".json", ".pt", INT_SUFFIX)):
+        n += 1
+        out = f"{stem}-{n}"
+    return out
+
+
 def _move(src: Path, dst: Path) -> bool:
     if not src.exists():
         return False
@@ -117,8 +127,8 @@ def set_aside(sweep_dir: str | Path, storage: Path | None, row: Mapping[str, Any
     digest = recipe_digest(row.get("recipe_json"))
     kept = _kept_dir(sweep_dir)
     kept.mkdir(parents=True, exist_ok=True)
-    manifest = _free(kept / f"{tid}.{digest}.json")
-    stem = manifest.name.removesuffix(".json")
+    stem = _free_stem(kept, f"{tid}.{digest}")
+    manifest = kept / f"{stem}.json"
     model, integer = sweep_dir / MODELS_DIR / f"{tid}.pt", sweep_dir / MODELS_DIR / f"{tid}{INT_SUFFIX}"
     ckpt = storage / f"finetune-{tid}" if storage is not None else None
     ckpt_kept = _free(storage / f"finetune-{tid}.{stem.removeprefix(tid + '.')}") if storage is not None else None

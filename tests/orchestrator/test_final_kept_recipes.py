@@ -174,6 +174,23 @@ def test_precision_is_a_recipe_setting_of_the_sweeps_fine_tunes(tmp_path, monkey
     assert _finetune_sweep._precision_arg(argparse.Namespace()) is None      # gmpq run's stage: the sweep's
 
 
+
+def test_a_second_kept_fine_tune_of_one_recipe_keeps_a_name_that_is_still_found(tmp_path):
+    """Two rows of one recipe set aside (a stage stopped between a restore and its final.parquet write): the second
+    was written as <tid>.<recipe>.json-2, which the glob for kept manifests never found again."""
+    from orchestrator.kept_finetunes import find_kept, kept_finetunes, set_aside
+
+    sweep = tmp_path / "sweep"
+    (sweep / "models").mkdir(parents=True)
+    row = {"trial_id": "t1", "recipe_json": '{"lr": 0.01}', "epochs": 1, "final_top1": 50.0}
+    for k in range(2):
+        (sweep / "models" / "t1.pt").write_bytes(b"model %d" % k)
+        set_aside(sweep, None, {**row, "finished_at": f"2026-11-28T00:0{k}:00"}, lambda m: None, "[1/1] t1:")
+    kept = kept_finetunes(sweep, "t1")
+    assert len(kept) == 2 and all(k.manifest.suffix == ".json" for k in kept)
+    newest = find_kept(sweep, "t1", '{"lr": 0.01}')
+    assert (sweep / newest.row["model_path"]).read_bytes() == b"model 1"
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_train_continues_a_kept_recipes_checkpoint_after_it_is_restored(tmp_path):
