@@ -31,3 +31,23 @@ def _own_model_cache(tmp_path_factory, monkeypatch, _shared_data_cache):
     decoded dataset copies (``gmpq_core.data.decoded``) are one folder for the whole session."""
     monkeypatch.setenv("GMPQ_CACHE_DIR", str(tmp_path_factory.mktemp("gmpq_cache")))
     monkeypatch.setenv("GMPQ_DATA_CACHE_DIR", _shared_data_cache)
+
+
+USER_CNN = '''"""A small CNN of a user's own (README "Your own model")."""
+from torch import nn
+
+
+def build(*, num_classes, in_channels, small_input):
+    """Three convs and a classifier."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+'''
+
+
+@pytest.fixture
+def user_cnn() -> str:
+    """The source of a user's model file defining ``build`` (tests of ``model: PATH.py:build``)."""
+    return USER_CNN

@@ -12,18 +12,7 @@ from torch import nn
 from gmpq_core.errors import ConfigError
 from gmpq_core.models import build_model, canonical_model_name, check_model, model_file_tag, model_source_key
 
-CNN = textwrap.dedent('''
-    """A small CNN of a user's own."""
-    from torch import nn
-
-
-    def build(*, num_classes, in_channels, small_input):
-        """Three convs and a classifier."""
-        return nn.Sequential(
-            nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
+EXTRA = textwrap.dedent('''
 
 
     def with_layer(*, num_classes, in_channels, small_input):
@@ -43,9 +32,9 @@ CNN = textwrap.dedent('''
 
 
 @pytest.fixture
-def cnn_file(tmp_path, monkeypatch):
+def cnn_file(tmp_path, monkeypatch, user_cnn):
     path = tmp_path / "my_cnn.py"
-    path.write_text(CNN)
+    path.write_text(user_cnn + EXTRA)
     monkeypatch.chdir(tmp_path)
     return path
 
@@ -104,7 +93,7 @@ def test_editing_the_builders_file_changes_the_cache_key(cnn_file):
     name = check_model("./my_cnn.py:build")
     first = model_source_key(name)
     assert set(first) == {"model_source"} and model_source_key("resnet20") == {}
-    cnn_file.write_text(CNN + "\n# wider next time\n")
+    cnn_file.write_text(cnn_file.read_text() + "\n# wider next time\n")
     assert model_source_key(name) != first
 
 

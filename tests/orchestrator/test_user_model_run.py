@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import textwrap
 
 import pandas as pd
 import pytest
 
 from orchestrator.cli import main
-
-CNN = textwrap.dedent('''
-    from torch import nn
-
-
-    def build(*, num_classes, in_channels, small_input):
-        return nn.Sequential(
-            nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes))
-''')
 
 TINY = """\
 preset: demo
@@ -41,9 +28,9 @@ finetune: {top_k: 1, workers: 1, epochs: 1, batch_size: 32, max_steps_per_epoch:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_gmpq_run_on_a_users_model_file(tmp_path, monkeypatch, capsys):
+def test_gmpq_run_on_a_users_model_file(tmp_path, monkeypatch, capsys, user_cnn):
     (tmp_path / "nets").mkdir()
-    (tmp_path / "nets" / "my_cnn.py").write_text(CNN)
+    (tmp_path / "nets" / "my_cnn.py").write_text(user_cnn)
     (tmp_path / "own.yaml").write_text(TINY)
     monkeypatch.chdir(tmp_path)                                  # the config names the file relative to here
     out = tmp_path / "out"
@@ -70,13 +57,14 @@ def test_gmpq_run_on_a_users_model_file(tmp_path, monkeypatch, capsys):
     assert (out / "models" / f"{final.loc[0, 'trial_id']}.int.pt").is_file()
 
 
-def test_gmpq_sweep_model_flag_overrides_the_preset_and_is_checked_before_ray(tmp_path, monkeypatch, capsys):
+def test_gmpq_sweep_model_flag_overrides_the_preset_and_is_checked_before_ray(tmp_path, monkeypatch, capsys,
+                                                                             user_cnn):
     import ray
 
     from orchestrator.commands.sweep import config_from_args
     from orchestrator.cli import build_parser
 
-    (tmp_path / "my_cnn.py").write_text(CNN)
+    (tmp_path / "my_cnn.py").write_text(user_cnn)
     monkeypatch.chdir(tmp_path)
     args = build_parser("sweep").parse_args(["sweep", "--preset", "demo", "--model", "./my_cnn.py:build"])
     assert config_from_args(args).resolved().model == f"{tmp_path / 'my_cnn.py'}:build"
