@@ -18,7 +18,7 @@ if TYPE_CHECKING:   # torch is imported where a checkpoint is read or written: f
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
            "load_checkpoint", "load_model_state", "check_writable_dir", "default_cache_dir", "absolute_path",
-           "INT_SUFFIX", "integer_path"]
+           "INT_SUFFIX", "integer_path", "drop_integer_file"]
 
 INT_SUFFIX = ".int.pt"       # gmpq export's integer file beside a model file
 
@@ -27,6 +27,16 @@ def integer_path(path: str | os.PathLike) -> Path:
     """Where ``gmpq export`` writes the integer file of the model file ``path``: beside it, ``<name>.int.pt``."""
     path = Path(path)
     return path.with_name(path.name.removesuffix(".pt") + INT_SUFFIX)
+
+
+def drop_integer_file(path: str | os.PathLike) -> Path | None:
+    """Remove ``gmpq export``'s integer file beside the model file ``path`` (it holds the model that a rewrite of
+    ``path`` with new weights replaced); returns its path, None when there was none."""
+    stale = integer_path(path)
+    if not stale.is_file():
+        return None
+    stale.unlink()
+    return stale
 
 
 def absolute_path(path: str | os.PathLike | None) -> str | None:

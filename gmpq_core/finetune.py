@@ -41,7 +41,7 @@ from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_
                     set_cosine_position_, steps_per_epoch, training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
-           "run_info_changes", "state_digest", "recorded_fp", "check_resume_state", "resume_epochs",
+           "run_info_changes", "state_digest", "recorded_fp", "fp_name", "check_resume_state", "resume_epochs",
            "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,8 @@ def recorded_fp(ckpt: Any) -> dict | None:
     return fp if isinstance(fp, dict) and isinstance(fp.get("sha256"), str) else None
 
 
-def _fp_name(fp: Mapping[str, Any]) -> str:
+def fp_name(fp: Mapping[str, Any]) -> str:
+    """A recorded FP model (``recorded_fp``) in words: its path and the start of its weights' sha256."""
     source = fp.get("source")
     return f"{f'the FP model {source!r}' if source else 'an FP model'} (weights sha256 {fp['sha256'][:12]})"
 
@@ -211,8 +212,8 @@ def check_resume_state(path: str | Path, ckpt: Any, *, config: FinetuneConfig | 
                               "to start afresh.")
     old_fp = recorded_fp(ckpt)      # None: written before the record, resumed from any FP model
     if fp is not None and old_fp is not None and old_fp["sha256"] != fp["sha256"]:
-        raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune started from {_fp_name(old_fp)}, but "
-                              f"this run starts from {_fp_name(fp)}: the quantized model's start and the "
+        raise CheckpointError(f"Checkpoint '{path}' was written by a fine-tune started from {fp_name(old_fp)}, but "
+                              f"this run starts from {fp_name(fp)}: the quantized model's start and the "
                               "distillation teacher would come from two FP models. Resume with the FP model it started "
                               "from, or use another checkpoint folder (or delete this one) to start afresh.")
     if config is not None:

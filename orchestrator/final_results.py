@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
-from gmpq_core.fileio import integer_path, load_checkpoint, read_json
+from gmpq_core.fileio import drop_integer_file, load_checkpoint, read_json
 
 from .kept_finetunes import KEPT_DIR, find_kept
 from .recipes import last_epoch_precision, recipe_dict, same_recipe, with_precision
@@ -229,9 +229,8 @@ def _export_or_say(sweep_dir: str | Path, state_dict: Mapping[str, Any], job: An
 def drop_stale_integer(sweep_dir: str | Path, trial_id: str, say: Callable[[str], None]) -> None:
     """``models/<trial_id>.int.pt`` (``gmpq export``'s) holds the model that ``models/<trial_id>.pt`` replaced:
     removed, so that no file beside the new model silently holds the old one, and said so."""
-    stale = integer_path(final_model_path(sweep_dir, trial_id))
-    if stale.is_file():
-        stale.unlink()
+    stale = drop_integer_file(final_model_path(sweep_dir, trial_id))
+    if stale is not None:
         say(f"{trial_id}: removed {stale}, gmpq export's integer file of the model just replaced (it held the old "
             f"weights); run 'gmpq export {Path(sweep_dir)}' again to write the new model's")
 

@@ -9,14 +9,14 @@ stage last ran with (a changed ``finetune:`` section, ``gmpq finetune --sweep DI
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Collection, Mapping
 
 import pandas as pd
 
-from .mlflow_sink import MLflowSink
+from .kept_finetunes import recipe_digest
+from .mlflow_sink import MLflowSink, flatten_config
 from .pareto import POLICIES_PNG
 from .results import LAYERS_FILE, TRIALS_FILE
 
@@ -49,10 +49,6 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
     return sink.enabled
 
 
-def _digest(recipe_text: str) -> str:
-    return hashlib.sha1(recipe_text.encode()).hexdigest()[:10]
-
-
 def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
     """(child-run key, tags, recipe) of a final.parquet row: ``<trial_id>:<recipe hash>`` (the trial id alone
     for a row from before recipes were recorded)."""
@@ -61,7 +57,7 @@ def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
     tid, text = str(row["trial_id"]), row_recipe(row)
     if text is None:
         return tid, {}, {}
-    digest = _digest(text)
+    digest = recipe_digest(text)
     return f"{tid}:{digest}", {"gmpq.recipe": digest}, json.loads(text)
 
 
@@ -77,7 +73,7 @@ def _older_key(sink: MLflowSink, row: Mapping, key: str, recipe: Mapping, just_t
         return tid
     resumed = row.get("resumed_from_epoch")
     if "precision" in recipe and resumed is not None and resumed > 0:   # (NaN > 0 is False: unknown)
-        old = f"{tid}:{_digest(json.dumps({k: v for k, v in recipe.items() if k != 'precision'}, sort_keys=True))}"
+        old = f"{tid}:{recipe_digest(json.dumps({k: v for k, v in recipe.items() if k != 'precision'}, sort_keys=True))}"
         return old if old in runs else None
     return None
 
@@ -85,7 +81,6 @@ def _older_key(sink: MLflowSink, row: Mapping, key: str, recipe: Mapping, just_t
 def _adopt_older_run(sink: MLflowSink, old: str, key: str, recipe_tag: Mapping[str, str], params: Mapping) -> None:
     """A fine-tune run kept under an older key (``_older_key``) is this recipe's (the one final.parquet reports),
     so it gets the recipe's key, tag and the params it lacks rather than a twin."""
-    from .mlflow_sink import flatten_config
 
     rid = sink.rekey_child("finetune", old, key)
     for k, v in recipe_tag.items():
@@ -101,7 +96,6 @@ def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -
     first run's recipe is unknown. Only the settings the first run logged are compared (one from before the
     precision was in recipes has no ``recipe.precision``: that is unknown, not different); when they are all
     the same but the recipe is not the first's, the settings it did not log are named."""
-    from .mlflow_sink import flatten_config
 
     plain = f"finetune-{tid}"
     first = digest and sink.call("finding a policy's first fine-tune run", sink.find_run,
@@ -145,7 +139,6 @@ def stage_tags(final_df: pd.DataFrame) -> dict[str, str]:
     """The parent run's ``finetune.<setting>`` tags: the recipe, epochs and workers the fine-tunes of
     ``final_df`` ran with (the final stage's rows all share them; a setting they differ in, as rows of several
     stages in a sync may, lists each value). Values as the params write them (``flatten_config``)."""
-    from .mlflow_sink import flatten_config
 
     values: dict[str, list[str]] = {}
     for row in final_df.to_dict("records"):

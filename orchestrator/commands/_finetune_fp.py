@@ -16,7 +16,7 @@ from gmpq_core.fileio import read_json
 from gmpq_core.models.imported import canonical_model_name
 from gmpq_core.policy import BitPolicy
 
-from ._finetune_resume import same_dataset
+from ._finetune_resume import as_flags, same_dataset
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside
 
 __all__ = ["FPSource", "pick_fp_source", "kept_fp", "sweep_target"]
@@ -43,8 +43,7 @@ class FPSource:
     why: str = ""
 
 
-_TARGET_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
-                 "num_classes": "--num-classes", "small_input": "--small-input"}
+_TARGET_KEYS = ("model", "input_size", "in_channels", "num_classes", "small_input")   # the model options it fits
 
 
 def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Path | None, dict, str]:
@@ -75,25 +74,20 @@ def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Pa
         return None, {}, ""
     if not isinstance(target, dict) or not isinstance(target.get("dataset"), str):
         return None, {}, ""
-    info = {k: target[k] for k in (*_TARGET_FLAGS, "dataset") if target.get(k) is not None}
+    info = {k: target[k] for k in (*_TARGET_KEYS, "dataset") if target.get(k) is not None}
     data = info["dataset"]
     if args.dataset and not same_dataset(args.dataset, data):
         return path, info, f"it was trained on '{data}', not on --dataset {args.dataset}"
     if meta.get("target_dataset") and not same_dataset(str(meta["target_dataset"]), data):
         return path, info, f"it was trained on '{data}', not on the policy's target dataset '{meta['target_dataset']}'"
-    given = {k: getattr(args, k, None) for k in _TARGET_FLAGS}
+    given = {k: getattr(args, k, None) for k in _TARGET_KEYS}
     if isinstance(given.get("model"), str):       # ./my_cnn.py:build names the recorded /abs/my_cnn.py:build
         given["model"] = canonical_model_name(given["model"])
-    other = [k for k in _TARGET_FLAGS if given[k] is not None and k in info and given[k] != info[k]]
+    other = [k for k in _TARGET_KEYS if given[k] is not None and k in info and given[k] != info[k]]
     if other:
-        return path, info, f"it is {_as_flags(info, other)}, but this command line has {_as_flags(vars(args), other)}"
+        return path, info, f"it is {as_flags(info, other)}, but this command line has {as_flags(vars(args), other)}"
     return path, info, ""
 
-
-def _as_flags(values: dict, keys: list[str]) -> str:
-    """``values``' ``keys`` as the flags that give them (``--model resnet20 --no-small-input``)."""
-    return " ".join(("--small-input" if values[k] else "--no-small-input") if k == "small_input"
-                    else f"{_TARGET_FLAGS[k]} {values[k]}" for k in keys)
 
 
 def pick_fp_source(args: argparse.Namespace, out: Path, policy: BitPolicy | None) -> FPSource:

@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Mapping, NoReturn
 
 from torch import nn
 
 from gmpq_core.data import canonical_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import load_checkpoint
-from gmpq_core.finetune import CHECKPOINT_NAME, recorded_fp, resume_epochs, run_info_changes, state_digest
+from gmpq_core.finetune import CHECKPOINT_NAME, fp_name, recorded_fp, resume_epochs, run_info_changes, state_digest
 
 from .train_fp import FP_RESULT, FP_WEIGHTS
 
-__all__ = ["CHECKPOINTS", "checkpoint_run_info", "check_resume_run", "check_resume_fp", "same_dataset"]
+__all__ = ["CHECKPOINTS", "checkpoint_run_info", "check_resume_run", "check_resume_fp", "same_dataset", "as_flags",
+           "RUN_FLAGS"]
 
 CHECKPOINTS = "checkpoints"
 
@@ -33,14 +34,14 @@ def checkpoint_run_info(info, opts, train_size: int) -> dict:
     return {"dataset": canonical_dataset_name(info.name), **opts.to_dict(), "train_size": train_size}
 
 
-_RUN_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
-              "num_classes": "--num-classes", "train_size": "--train-size"}
+RUN_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "--in-channels",
+             "num_classes": "--num-classes", "small_input": "--small-input", "train_size": "--train-size"}
 
 
-def _as_flags(run: dict, keys: list[str]) -> str:
-    """``run``'s values of ``keys`` as the flags that give them (``--input-size 8 --no-small-input``)."""
-    return " ".join(("--small-input" if run[k] else "--no-small-input") if k == "small_input"
-                    else f"{_RUN_FLAGS.get(k, k)} {run[k]}" for k in keys)
+def as_flags(values: Mapping[str, Any], keys: list[str]) -> str:
+    """``values``' ``keys`` as the flags that give them (``--input-size 8 --no-small-input``)."""
+    return " ".join(("--small-input" if values[k] else "--no-small-input") if k == "small_input"
+                    else f"{RUN_FLAGS.get(k, k)} {values[k]}" for k in keys)
 
 
 def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool,
@@ -91,7 +92,7 @@ def _refuse_other_fp(out: Path, started: dict, now: str, *, replaced: bool = Fal
     else:
         back = (f"Put {'it back at ' + repr(source) if source else 'that FP model back'} (or pass --fp-checkpoint "
                 "with a copy of it) to resume it")
-    name = f"{f'the FP model {source!r}' if source else 'an FP model'} (weights sha256 {started['sha256'][:12]})"
+    name = fp_name(started)
     raise ConfigError(f"The fine-tune checkpoint '{out / CHECKPOINTS / CHECKPOINT_NAME}', kept from an earlier run in "
                       f"this --out folder, was started from {name}, but {now}: resuming would mix two FP models (the "
                       f"fine-tune's start, its distillation teacher and the FP top-1 reported). {back}, pass another "
@@ -111,8 +112,8 @@ def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: s
     changed = [k for k in run_info_changes(old, run_info) if k != "dataset"]
     if changed:
         raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
-                          f"written with {_as_flags(old, changed)}, but this run has {_as_flags(run_info, changed)}. "
-                          f"Pass {_as_flags(old, changed)} to resume it, another --out for this run, or {fresh}.")
+                          f"written with {as_flags(old, changed)}, but this run has {as_flags(run_info, changed)}. "
+                          f"Pass {as_flags(old, changed)} to resume it, another --out for this run, or {fresh}.")
 
 
 def _check_not_shorter(out: Path, path: Path, ckpt: dict, epochs: int) -> None:

@@ -28,7 +28,7 @@ from torch import nn
 
 from gmpq_core.errors import ConfigError
 from gmpq_core.export import preprocess_of, save_quantized_model
-from gmpq_core.fileio import atomic_write_json, integer_path, load_checkpoint
+from gmpq_core.fileio import atomic_write_json, drop_integer_file, load_checkpoint
 from gmpq_core.finetune import (CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, check_resume_state, finetune,
                                 resume_epochs)
 from gmpq_core.policy import BitPolicy
@@ -39,7 +39,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_poli
                            build_seeded_model, check_bits, check_out_arg, dataset_source, load_policy_arg, policy_meta,
                            resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
-from ._finetune_fp import FPSource, kept_fp, pick_fp_source
+from ._finetune_fp import FPSource, pick_fp_source
 from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info, same_dataset
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     return run_single_finetune(args)
 
 
-def _check_single_args(args: argparse.Namespace, out: Path, *, trains_fp: bool) -> None:
+def _check_single_args(args: argparse.Namespace, *, trains_fp: bool) -> None:
     """Values the configs would reject later under another name (``lr``), and options with no effect. --fp-lr is
     checked only when the FP model is trained here (said to be ignored otherwise, once the FP model is loaded)."""
     if args.fp_checkpoint is not None and not Path(args.fp_checkpoint).is_file():
@@ -209,7 +209,7 @@ def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
             "train it with them)")
 
 
-def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) -> str | None:
+def _check_fp_dataset(args: argparse.Namespace, fp: FPSource, fp_info: dict, info) -> str | None:
     """An FP model recorded (fp_result.json) as trained on another dataset than ``info``, the one fine-tuned on.
 
     Its own ``DIR/fp.pt`` kept from an earlier run is refused (the user did not ask for that model). An
@@ -218,8 +218,8 @@ def _check_fp_dataset(args: argparse.Namespace, out: Path, fp_info: dict, info) 
     model is loaded), as transfer between datasets labelled alike (digits -> MNIST) can be meant. A checkpoint
     without a recorded dataset is not checked."""
     fp_data = fp_info.get("dataset")
-    kept = kept_fp(out) if args.fp_checkpoint is None else None
-    if not fp_data or (args.fp_checkpoint is None and kept is None) or same_dataset(fp_data, info.name):
+    kept = fp.path if fp.kind == "kept" else None          # (the sweep's FP target model was checked when picked)
+    if not fp_data or fp.kind not in ("given", "kept") or same_dataset(fp_data, info.name):
         return None
     fp_classes, fp_channels = fp_info.get("num_classes"), fp_info.get("in_channels")
     other_labels = (fp_classes is not None and fp_classes != info.num_classes) or \
@@ -267,7 +267,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     out = check_out_arg(args.out)  # before any training
     policy = _policy_from_args(args)
     fp = pick_fp_source(args, out, policy)
-    _check_single_args(args, out, trains_fp=fp.kind == "train")
+    _check_single_args(args, trains_fp=fp.kind == "train")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     meta = policy_meta(policy)
@@ -292,7 +292,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     data = load_data(args, train_size=args.train_size, dataset=dataset, train_flag="--train-size",
                      input_size=args.input_size if args.input_size is not None else fp_info.get("input_size"))
     info, train_split, test_split = data
-    other_data = _check_fp_dataset(args, out, fp_info, info)     # before the options: it names both datasets
+    other_data = _check_fp_dataset(args, fp, fp_info, info)     # before the options: it names both datasets
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
     run_info = checkpoint_run_info(info, opts, len(train_split))
     resume = check_resume_run(out, run_info, info.name,           # before a possibly long FP training; read once:
@@ -335,9 +335,8 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                                   "policy_source": summary["policy"]["name"], "precision": precision},
                          preprocess=preprocess_of(info))
     atomic_write_json(out / RESULT, summary)
-    stale = integer_path(out / QUANTIZED_WEIGHTS)
-    if result.epochs_run > result.resumed_from_epoch and stale.is_file():   # trained now: it holds the old weights
-        stale.unlink()
+    stale = drop_integer_file(out / QUANTIZED_WEIGHTS) if result.epochs_run > result.resumed_from_epoch else None
+    if stale is not None:                  # trained now: it held the old weights
         print(f"removed {stale}, gmpq export's integer file of the model just replaced (it held the old weights); "
               f"run 'gmpq export {out}' again to write the new model's", file=sys.stderr)
     b = summary["bitops"]
