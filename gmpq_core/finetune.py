@@ -267,7 +267,6 @@ def _recorded_total_steps(state: Mapping[str, Any]) -> int | None:
     return int(total) if isinstance(total, int) and not isinstance(total, bool) else None
 
 
-
 def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loader: Any, *,
              config: FinetuneConfig, input_size: int, in_channels: int, reporter: Reporter | None = None,
              device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,

@@ -95,9 +95,10 @@ def interrupted_text(args: argparse.Namespace, argv: list[str]) -> str:
     checkpoints); else the generic one. (``gmpq sweep`` and ``gmpq run`` say it themselves, with the state of
     their stage.)"""
     if args.command == "finetune" and getattr(args, "sweep", None):
-        final = Path(args.sweep).expanduser() / "final.parquet"
-        return (f"gmpq finetune: the fine-tune was interrupted; the policies fine-tuned before ({final}) and each "
-                f"finished epoch (its Ray Train checkpoint) are kept. Continue with: {shlex.join(['gmpq', *argv])}")
+        from orchestrator.commands._finetune_sweep import kept_on_interrupt_text
+
+        return (f"gmpq finetune: the fine-tune was interrupted; {kept_on_interrupt_text(Path(args.sweep).expanduser())}. "
+                f"Continue with: {shlex.join(['gmpq', *argv])}")
     return INTERRUPTED
 
 

@@ -43,7 +43,6 @@ def recipe_digest(recipe_json: str | None) -> str:
     return hashlib.sha1(str(recipe_json or "no recipe").encode()).hexdigest()[:10]
 
 
-
 @dataclass(frozen=True)
 class KeptFinetune:
     """One earlier recipe's fine-tune of a policy, kept aside (``manifest``: its ``.json`` file)."""

@@ -105,7 +105,6 @@ def shard_indices(n: int, rank: int, world: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)[rank * per:(rank + 1) * per].sort().values
 
 
-
 class _StepProgress:
     """``progress(done, total)`` for rank 0: writes the position to a small JSON file every ``every_s``."""
 

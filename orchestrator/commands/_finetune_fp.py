@@ -89,7 +89,6 @@ def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Pa
     return path, info, ""
 
 
-
 def pick_fp_source(args: argparse.Namespace, out: Path, policy: BitPolicy | None) -> FPSource:
     """This run's FP model (FPSource): --fp-checkpoint; else the kept ``DIR/fp.pt`` of an earlier run; else the
     sweep's FP target model when it fits; else one trained here. A ``DIR/fp_result.json`` left without the fp.pt it

@@ -52,6 +52,14 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--max-steps-per-epoch", type=int, default=None, metavar="N", help="cap the steps per epoch")
 
 
+def kept_on_interrupt_text(sweep_dir: Path) -> str:
+    """What an interrupted final stage keeps (``gmpq finetune --sweep`` and ``gmpq run`` say it)."""
+    from orchestrator.results import FINAL_FILE
+
+    return (f"the policies fine-tuned before ({Path(sweep_dir) / FINAL_FILE}) and each finished epoch (its Ray Train "
+            "checkpoint) are kept")
+
+
 def final_files_text(sweep_dir: Path) -> str:
     """Where the final stage's outputs are, and how to load a model."""
     from orchestrator.final_results import MODELS_DIR

@@ -21,8 +21,7 @@ from gmpq_core.fileio import integer_path
 
 from . import help_text
 
-__all__ = ["register", "run", "model_files", "integer_path", "SUFFIX"]
-
+__all__ = ["register", "run", "model_files"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", action="store_true", help="print each layer's bits and bytes")
     p.add_argument("--json", action="store_true", help="print one JSON object per model instead of text")
     p.set_defaults(func=run)
-
 
 
 def model_files(path: Path) -> list[Path]:

@@ -8,7 +8,7 @@ model, with other settings, or from another FP model, is refused, not resumed; m
 cosine schedule stretched as ``--sweep`` does, and replace the result files; fewer are refused). Without
 ``--fp-checkpoint`` the FP model is, in this order: ``DIR/fp.pt`` kept with its ``DIR/fp_result.json`` by an earlier
 run (one without the other is not trusted); the sweep's FP target model, for a policy exported by a sweep
-(``DIR/policies/<trial_id>.json``: its meta's ``sweep_dir``, whose ``shared.json`` records the model) when it fits
+(``SWEEP/policies/<trial_id>.json``: its meta's ``sweep_dir``, whose ``shared.json`` records the model) when it fits
 the model options and the dataset; else trained first (``--fp-epochs``) and kept as ``DIR/fp.pt``.
 
 The resume checks of this folder's checkpoint live in ``_finetune_resume``. The single-policy logic lives in

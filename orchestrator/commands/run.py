@@ -98,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
 
 def interrupted_note(sweep_dir: Path, stage: str) -> str:
     """What a run interrupted in ``stage`` (after its sweep) keeps, and the command that continues it."""
+    from orchestrator.commands._finetune_sweep import kept_on_interrupt_text
+
     if stage == "the final fine-tune":
-        kept = (f"the sweep, its Pareto selection, the policies fine-tuned before ({sweep_dir / 'final.parquet'}) and "
-                "each finished epoch (its Ray Train checkpoint) are kept")
+        kept = f"the sweep, its Pareto selection, {kept_on_interrupt_text(sweep_dir)}"
     else:
         kept = "the sweep is kept"
     return f"{stage} was interrupted; {kept}. Continue with: gmpq run --out {sweep_dir} --resume"
