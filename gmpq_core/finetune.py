@@ -272,7 +272,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
              device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
              progress: Progress | None = None, precision: str = "auto",
              run_info: Mapping[str, Any] | None = None, fp_source: str | None = None,
-             resume_state: Mapping[str, Any] | None = None) -> FinetuneResult:
+             resume_state: Mapping[str, Any] | None = None, fp_digest: str | None = None) -> FinetuneResult:
     """QAT of ``policy`` applied to a copy of ``fp_model``; ``fp_model`` itself is left unchanged.
 
     Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch and honours
@@ -287,7 +287,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     file, named in a refusal); a resume from an FP model with other weights is refused, one with the same weights
     from elsewhere resumes (a checkpoint without the record resumes from any). ``resume_state``: the content of
     ``checkpoint_dir/last.pt`` (``load_checkpoint``) when the caller has read it already, checked and resumed from
-    without reading the file again. A checkpoint of fewer ``epochs`` than ``config.epochs`` is continued (its cosine
+    without reading the file again; ``fp_digest``: ``state_digest(fp_model)`` when the caller has it (not hashed
+    again). A checkpoint of fewer ``epochs`` than ``config.epochs`` is continued (its cosine
     schedule stretched over the new total); one of more is refused.
     """
     resolved = resolve_precision(precision, device)      # a bad value fails before any work
@@ -311,7 +312,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     history: list[dict] = []
     start = 0
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
-    fp = {"sha256": state_digest(fp_model), "source": fp_source} if ckpt_path is not None else None
+    fp = {"sha256": fp_digest or state_digest(fp_model), "source": fp_source} if ckpt_path is not None else None
     if ckpt_path is not None:
         state = _load_resume(ckpt_path, config, policy, resolved, run_info, fp=fp, state=resume_state)
         if state is not None:

@@ -17,7 +17,7 @@ from gmpq_core.fileio import drop_integer_file, load_checkpoint, read_json
 
 from .kept_finetunes import KEPT_DIR, find_kept
 from .recipes import last_epoch_precision, recipe_dict, same_recipe, with_precision
-from .results import FINAL_FILE, read_table, rows_to_table, utc_now_iso, write_table
+from .results import FINAL_FILE, MODELS_DIR, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
            "finetune_storage", "finetune_progress_dir", "local_storage",
@@ -26,7 +26,6 @@ __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row
 
 log = logging.getLogger(__name__)
 
-MODELS_DIR = "models"
 FINAL_SCHEMA = pa.schema([
     pa.field("trial_id", pa.string(), nullable=False), pa.field("policy_source", pa.string()),
     pa.field("final_top1", pa.float64()), pa.field("final_top5", pa.float64()), pa.field("final_loss", pa.float64()),

@@ -30,12 +30,12 @@ from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import INT_SUFFIX, atomic_write_json, integer_path, read_json
 
 from .recipes import same_recipe
+from .results import MODELS_DIR
 
 __all__ = ["KEPT_DIR", "KeptFinetune", "recipe_digest", "kept_finetunes", "find_kept",
            "set_aside", "restore_kept", "park_leftovers"]
 
 KEPT_DIR = "kept"          # models/kept/
-MODELS_DIR = "models"      # (final_results.MODELS_DIR; not imported: final_results imports this module)
 
 
 def recipe_digest(recipe_json: str | None) -> str:
@@ -128,7 +128,8 @@ def set_aside(sweep_dir: str | Path, storage: Path | None, row: Mapping[str, Any
     kept.mkdir(parents=True, exist_ok=True)
     stem = _free_stem(kept, f"{tid}.{digest}")
     manifest = kept / f"{stem}.json"
-    model, integer = sweep_dir / MODELS_DIR / f"{tid}.pt", sweep_dir / MODELS_DIR / f"{tid}{INT_SUFFIX}"
+    model = sweep_dir / MODELS_DIR / f"{tid}.pt"
+    integer = integer_path(model)
     ckpt = storage / f"finetune-{tid}" if storage is not None else None
     ckpt_kept = _free(storage / f"finetune-{tid}.{stem.removeprefix(tid + '.')}") if storage is not None else None
     has_model = model.is_file()
@@ -158,7 +159,7 @@ def park_leftovers(sweep_dir: str | Path, storage: Path | None, trial_id: str, s
     stopped before it finished, a model file whose row was deleted) is moved aside, not overwritten."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     models = Path(sweep_dir) / MODELS_DIR
-    paths = [models / f"{trial_id}.pt", models / f"{trial_id}{INT_SUFFIX}"]
+    paths = [models / f"{trial_id}.pt", integer_path(models / f"{trial_id}.pt")]
     paths += [storage / f"finetune-{trial_id}"] if storage is not None else []
     for path in paths:
         if path.exists():
@@ -180,7 +181,7 @@ def restore_kept(sweep_dir: str | Path, storage: Path | None, kept: KeptFinetune
     tid = kept.trial_id
     models = sweep_dir / MODELS_DIR
     has_model = _move(kept.model(sweep_dir), models / f"{tid}.pt")
-    _move(integer_path(kept.model(sweep_dir)), models / f"{tid}{INT_SUFFIX}")
+    _move(integer_path(kept.model(sweep_dir)), integer_path(models / f"{tid}.pt"))
     ckpt = False
     if kept.checkpoint and storage is not None:
         ckpt = _move(storage / kept.checkpoint, storage / f"finetune-{tid}")

@@ -183,8 +183,8 @@ def plot_policies(front: pd.DataFrame, path: str | Path, *, title: str | None = 
     """Per-layer bit-widths of the selected policies (``policy_rows``): one panel per policy, weight and
     activation bits as bars in network order, each layer's share of the quantized layers' MACs as a line
     (the cost a bit saves there)."""
-    rows = policy_rows(front)
-    n_layers = max((len(_policy_layers(r)) for r in rows), default=0)
+    rows = [(row, _policy_layers(row)) for row in policy_rows(front)]      # each row's layers_json parsed once
+    n_layers = max((len(layers) for _, layers in rows), default=0)
     width = max(7.5, 2.0 + 0.28 * n_layers)
     fig = Figure(figsize=(width, 1.2 + 2.6 * max(len(rows), 1)), dpi=120)
     FigureCanvasAgg(fig)
@@ -195,8 +195,7 @@ def plot_policies(front: pd.DataFrame, path: str | Path, *, title: str | None = 
         ax.text(0.5, 0.5, "no policy on the front (no completed trial with per-layer bits)", ha="center",
                 va="center", fontsize=10, color="0.4", transform=ax.transAxes)
         return _save(fig, path)
-    for k, row in enumerate(rows):
-        layers = _policy_layers(row)
+    for k, (row, layers) in enumerate(rows):
         ax = fig.add_subplot(len(rows), 1, k + 1)
         x = np.arange(len(layers))
         w = np.array([int(d["w_bits"]) for d in layers])

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write
 
-__all__ = ["TRIALS_FILE", "LAYERS_FILE", "PARETO_FILE", "FINAL_FILE", "CONFIG_FILE", "TRIAL_STATUSES",
+__all__ = ["TRIALS_FILE", "LAYERS_FILE", "PARETO_FILE", "FINAL_FILE", "MODELS_DIR", "CONFIG_FILE", "TRIAL_STATUSES",
            "METRIC_FIELDS", "LAYER_SCHEMA", "trial_schema", "flatten_params", "trial_row", "layer_rows",
            "rows_to_table", "write_table", "read_table", "read_trials", "read_trials_table", "read_layers",
            "write_results", "load_resolved_config", "utc_now_iso", "resolve_status", "has_ended"]
@@ -37,6 +37,7 @@ TRIALS_FILE = "trials.parquet"
 LAYERS_FILE = "layers.parquet"
 PARETO_FILE = "pareto.parquet"
 FINAL_FILE = "final.parquet"
+MODELS_DIR = "models"                 # the final stage's model files: models/<trial_id>.pt
 CONFIG_FILE = "sweep_config.yaml"
 TRIAL_EVENTS = "trial_events.jsonl"   # written by the trials: one line per start, search epoch, transfer check, end
 TRIAL_STATUSES = ("completed", "pruned", "failed")

@@ -69,13 +69,15 @@ def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool
     return ckpt
 
 
-def check_resume_fp(out: Path, ckpt: dict | None, fp_model: nn.Module, fp_source: str) -> None:
+def check_resume_fp(out: Path, ckpt: dict | None, fp_model: nn.Module, fp_source: str) -> str | None:
     """A fine-tune checkpoint started from an FP model with other weights than ``fp_model`` (loaded from
     ``fp_source``) is refused; the same weights from another file (a copy, a move) resume. A checkpoint without
-    the record is not checked."""
+    the record is not checked. Returns the digest it computed (None: none), which gmpq_core.finetune records."""
     started = recorded_fp(ckpt)
-    if started is None or (digest := state_digest(fp_model)) == started["sha256"]:
-        return
+    if started is None:
+        return None
+    if (digest := state_digest(fp_model)) == started["sha256"]:
+        return digest
     if started.get("source") == os.path.abspath(fp_source):     # the same file, written over since
         _refuse_other_fp(out, started, f"that file holds other weights now (sha256 {digest[:12]})", replaced=True)
     _refuse_other_fp(out, started, f"this run's FP model '{fp_source}' has other weights (sha256 {digest[:12]})")

@@ -303,7 +303,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     if policy is not None:  # fail before a possibly long FP training
         policy.check_fits(build_seeded_model(opts, args.seed))
     fp_model, fp_source, fp_note = _fp_model(args, out, opts, data, fp)
-    check_resume_fp(out, resume, fp_model, fp_source)
+    fp_digest = check_resume_fp(out, resume, fp_model, fp_source)
     if policy is None:
         policy = uniform_policy(fp_model, *args.uniform, flags=("--uniform W", "--uniform A"),
                                 meta={**opts.to_dict(), "dataset": info.name})
@@ -321,7 +321,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                           in_channels=opts.in_channels, device=device, checkpoint_dir=out / CHECKPOINTS,
                           reporter=ProgressReporter("finetune", total_epochs=config.epochs), progress=bar,
                           precision=precision, run_info=run_info, fp_source=os.path.abspath(fp_source),
-                          resume_state=resume)
+                          resume_state=resume, fp_digest=fp_digest)
     finally:
         bar.close()
     summary = finetune_summary(result, policy, opts, fp_eval, config=config, dataset=info.name,
