@@ -23,8 +23,9 @@ from a CUDA graph (gmpq_core/graph_step.py, SearchConfig.cuda_graph); its memory
 capture and a replay, from a fresh capture. The teacher has its BatchNorms folded into its convolutions,
 as ``search_policy`` runs it (gmpq_core/bn_fold.py); "+bnteacher" gives the variant the teacher with its
 BatchNorms (as before session 14). "+keep": the one-node conv keeps its two mixed operands for backward
-instead of recomputing them (``set_mixture_impl_(keep_operands=True)``; by default only the eager "fused"
-kernels on a CPU do). Suffixes combine: triton+graph+keep.
+instead of recomputing them (``set_mixture_impl_(keep_operands=True)``; by default the eager "fused"
+kernels on a CPU and the Triton kernels on a GPU do, since session 18); "+recompute" makes it recompute
+them (``keep_operands=False``). Suffixes combine: triton+graph+recompute.
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
@@ -63,28 +64,31 @@ from gmpq_core.train import sgd
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", suffixes below
-SUFFIXES = ("graph", "bnteacher", "keep")
+SUFFIXES = ("graph", "bnteacher", "keep", "recompute")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A variant name parsed: ``impl[:conv][+graph][+bnteacher][+keep]`` (module docstring)."""
+    """A variant name parsed: ``impl[:conv][+graph][+bnteacher][+keep|+recompute]`` (module docstring); ``keep``
+    None is the default rule (``gmpq_core.fused.keeps_operands``)."""
     impl: str
     conv_node: bool | None
     graph: bool
     bn_teacher: bool
-    keep: bool
+    keep: bool | None
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
         head, *suffixes = name.split("+")
         impl, _, node = head.partition(":")
         bad = [x for x in suffixes if x not in SUFFIXES] + ([node] if node not in ("", "conv") else [])
+        if {"keep", "recompute"} <= set(suffixes):
+            bad.append("keep and recompute")
         if impl not in ALL_VARIANTS or bad:
             raise ValueError(f"variant {name!r}: give impl[:conv][+suffix...] with impl one of {ALL_VARIANTS} and "
                              f"suffixes from {SUFFIXES} (got {bad or impl!r})")
-        return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes,
-                   "keep" in suffixes)
+        keep = True if "keep" in suffixes else False if "recompute" in suffixes else None
+        return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes, keep)
 
 
 @dataclass
@@ -151,7 +155,7 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
         spec = Variant.parse(v)
         if spec.bn_teacher:
             bench.bn_teacher_kinds.add(v)
-        set_mixture_impl_(net, spec.impl, conv_node=spec.conv_node, keep_operands=True if spec.keep else None)
+        set_mixture_impl_(net, spec.impl, conv_node=spec.conv_node, keep_operands=spec.keep)
         if list(mixed_layers(net)) != list(macs):
             raise RuntimeError("supernet layers differ from the teacher's searchable layers")
         bench.supernets[v] = (net.train(), _make_optimizer(net, cfg))

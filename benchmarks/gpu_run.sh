@@ -2,9 +2,10 @@
 # The prepared GPU runs for issue 5, in two parts, each one device call of under ~9 minutes (a lent machine
 # allows 10 minutes a call and 15 in all), each leaving at most 8 files in OUT:
 #   bash benchmarks/gpu_run.sh OUT step    # CUDA tests; the search step vs FP with a profile (eager variants and the
-#                                          # CUDA-graph replay side by side); session 14's candidates (+bnteacher:
-#                                          # the teacher before the BatchNorm fold, +keep: kept operands) in a
-#                                          # separate call beside triton+graph; foreach vs fused SGD
+#                                          # CUDA-graph replay side by side); the candidates (+bnteacher: the
+#                                          # teacher before the BatchNorm fold, +recompute: the operands recomputed
+#                                          # in backward, the default before session 18) in a separate call beside
+#                                          # triton+graph; foreach vs fused SGD
 #   bash benchmarks/gpu_run.sh OUT loops   # the QAT fine-tune step, precision: auto vs float32, a whole search
 #   bash benchmarks/gpu_run.sh OUT         # both, one after the other (over 10 minutes: two calls are safer)
 # COMPILED=1 adds the compiled variant (TorchInductor; its first step includes compilation) to "step".
@@ -40,9 +41,9 @@ if [ "$PART" = step ] || [ "$PART" = all ]; then
   fi
   tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
 
-  echo "== session 14's candidates beside the replayed step: the teacher with its BatchNorms, kept operands"
+  echo "== candidates beside the replayed step: the teacher with its BatchNorms, operands recomputed in backward"
   timeout ${CAND_S:-150} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --models resnet18:224:3 \
-    --variants triton+graph,triton+graph+bnteacher,triton+graph+keep --json "$OUT/gpu_candidates.json" 2>&1 \
+    --variants triton+graph,triton+graph+bnteacher,triton+graph+recompute --json "$OUT/gpu_candidates.json" 2>&1 \
     | quiet | tail -8 | tee "$OUT/candidates.log"
 
   echo "== torch's default SGD (foreach on CUDA) against the fused SGD every loop now uses, inside FP training steps"

@@ -274,22 +274,26 @@ class _WeightFn(torch.autograd.Function):
         return _weight_grads(ctx, grad, w_bwd_impl if ctx.needs_input_grad[1] else _no_probs_grad)
 
 
-KEEP_OPERANDS_ON = frozenset({"cpu"})   # where the eager "fused" conv node keeps its mixed operands (see _ConvFn)
+# (impl, device type) pairs whose one-node conv keeps its mixed operands for backward (see _ConvFn)
+KEEP_OPERANDS_ON = frozenset({("fused", "cpu"), ("triton", "cuda")})
 
 
 def keeps_operands(impl: str, device: torch.device, keep: bool | None = None) -> bool:
     """Whether the one-node conv keeps its two mixed operands for backward: ``keep`` when given (a layer's
-    ``keep_operands``), else the default rule (the eager "fused" kernels on a CPU, ``KEEP_OPERANDS_ON``)."""
-    return (impl == "fused" and device.type in KEEP_OPERANDS_ON) if keep is None else bool(keep)
+    ``keep_operands``), else the default rule (the eager "fused" kernels on a CPU and the Triton kernels on a
+    GPU, ``KEEP_OPERANDS_ON``)."""
+    return (impl, device.type) in KEEP_OPERANDS_ON if keep is None else bool(keep)
 
 
 class _ConvFn(torch.autograd.Function):
     """With the eager "fused" kernels on a CPU the node also keeps the two mixed operands for backward instead
     of recomputing them there: memory is plentiful and passes are not (the quantized fine-tune's step
     1.07-1.14x faster on the 2-core machine, for 1.37x (ResNet-20) / 1.64x (ResNet-18) the saved-tensor
-    bytes; benchmarks/RESULTS.md "Session 13"). Elsewhere (a GPU, the compiled kernels, whose one-pass
-    recompute is cheap) it keeps only its inputs: the memory goal. ``keep`` (True / False) overrides the
-    rule (``keeps_operands``; a benchmark's "+keep" variant measures it on a GPU)."""
+    bytes; benchmarks/RESULTS.md "Session 13"). So do the Triton kernels on a GPU: the search step of
+    ResNet-18 at 224 px replayed from a CUDA graph 1.88 -> 1.74x an FP step, for 1.06 -> 1.40x its peak
+    memory, inside the issue's 1.5x (H200, RESULTS.md "Session 18"). The compiled kernels, whose one-pass
+    recompute is cheap, keep only the node's inputs. ``keep`` (True / False) overrides the rule
+    (``keeps_operands``; the benchmark's "+keep" / "+recompute" variants)."""
     @staticmethod
     def forward(ctx, x, w, bias, pa, clips, a_bits, signed, pw, w_bits, stride, padding, dilation, groups, impl,
                 keep=None):

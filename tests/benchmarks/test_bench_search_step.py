@@ -15,8 +15,9 @@ from bench_search_step import Variant  # noqa: E402
 
 def test_variant_names_parse_and_a_bad_one_names_the_grammar():
     assert Variant.parse("triton+graph+keep") == Variant("triton", None, True, False, True)
-    assert Variant.parse("fused:conv+bnteacher") == Variant("fused", True, False, True, False)
-    for bad in ("fused+grpah", "fussed", "fused:node"):
+    assert Variant.parse("fused:conv+bnteacher") == Variant("fused", True, False, True, None)
+    assert Variant.parse("triton+graph+recompute") == Variant("triton", None, True, False, False)
+    for bad in ("fused+grpah", "fussed", "fused:node", "fused+keep+recompute"):
         with pytest.raises(ValueError, match="impl\\[:conv\\]"):
             Variant.parse(bad)
     assert bench_search_step.main(["--variants", "fused+fast", "--no-memory"]) == 2
@@ -36,11 +37,12 @@ def test_each_variant_gets_the_teacher_and_keep_setting_its_name_asks_for():
 
     from gmpq_core.supernet import mixed_layers
 
-    b = bench_search_step.build_bench("resnet20", 8, 1, 4, "cpu", ["fused", "fused+bnteacher", "fused:conv+keep"],
+    b = bench_search_step.build_bench("resnet20", 8, 1, 4, "cpu", ["fused", "fused+bnteacher", "fused:conv+keep",
+                                                                     "fused+recompute"],
                                       channels_last=False)
 
     def n_bn(m):
         return sum(isinstance(q, torch.nn.BatchNorm2d) for q in m.modules())
     assert n_bn(b.teacher_of("fused")) == 0 and n_bn(b.teacher_of("fused+bnteacher")) == 21
     keeps = {v: {m.keep_operands for m in mixed_layers(net).values()} for v, (net, _) in b.supernets.items()}
-    assert keeps == {"fused": {None}, "fused+bnteacher": {None}, "fused:conv+keep": {True}}
+    assert keeps == {"fused": {None}, "fused+bnteacher": {None}, "fused:conv+keep": {True}, "fused+recompute": {False}}

@@ -145,7 +145,7 @@ def test_what_the_fused_conv_node_keeps_for_backward(monkeypatch, keep):
     # the memory claim (a GPU): the fused conv node saves x, W, bias and the small vectors, no mixed operand;
     # on a CPU (keep) it also keeps the two mixed operands instead of recomputing them in backward
     import gmpq_core.fused as fused
-    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset({"cpu"}) if keep else frozenset())
+    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset({("fused", "cpu")}) if keep else frozenset())
     (x, w, b, la, clips, lw), a_bits, w_bits = _conv_case(1)
     x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
     pa, pw = torch.softmax(la, 0).requires_grad_(), torch.softmax(lw, 0).requires_grad_()
@@ -440,4 +440,6 @@ def test_a_layers_keep_setting_overrides_the_rule_with_the_same_values_and_gradi
         out[keep] = [y.detach(), x.grad, w.grad, b.grad, pa.grad, pw.grad]
     _assert_all_close(out[False], out[True], atol=1e-12)
     assert fused.keeps_operands("fused", torch.device("cpu")) and not fused.keeps_operands("triton", torch.device("cpu"))
-    assert not fused.keeps_operands("fused", torch.device("cuda")) and fused.keeps_operands("triton", torch.device("cuda"), True)
+    assert not fused.keeps_operands("fused", torch.device("cuda")) and fused.keeps_operands("triton", torch.device("cuda"))
+    assert not fused.keeps_operands("triton", torch.device("cuda"), False)
+    assert not fused.keeps_operands("compiled", torch.device("cuda")) and not fused.keeps_operands("compiled", torch.device("cpu"))

@@ -54,7 +54,7 @@ def test_fused_layer_matches_the_reference_formulas(kind, signed, w_bits, a_bits
 
 def test_fused_layer_saves_only_its_inputs_for_backward(monkeypatch):
     import gmpq_core.fused as fused
-    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset())     # as on a GPU (a CPU keeps the operands)
+    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset())     # no impl keeps the mixed operands
     mod, x = _layer("conv", 2, 4, False)
     x = x.float().requires_grad_()
     mod = mod.float()
@@ -63,7 +63,7 @@ def test_fused_layer_saves_only_its_inputs_for_backward(monkeypatch):
         mod(x)
     big = [t for t in saved if t.numel() >= x.numel()]
     assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()   # x, not the quantized copy of it
-    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset({"cpu"}))
+    monkeypatch.setattr(fused, "KEEP_OPERANDS_ON", frozenset({("fused", "cpu")}))
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = mod(x)
