@@ -37,7 +37,7 @@ from .export import FORMAT, INT_FORMAT_FAMILY, QuantizedModel, arch_from_meta, l
 from .fileio import load_checkpoint, save_checkpoint
 from .policy import QuantSpec
 from .qmodules import quantized_layers
-from .quantizers import quantize_weight
+from .quantizers import quantize_weight, weight_levels, weight_step
 
 __all__ = ["INT_FORMAT", "pack_codes", "unpack_codes", "weight_codes", "dequantize", "save_integer_model",
            "load_integer_model", "integer_sizes"]
@@ -79,16 +79,13 @@ def weight_codes(weight: Tensor, w_bits: int) -> tuple[Tensor, float]:
     ``weight``'s shape) and the float32 step of a quantized layer's weight."""
     w = weight.detach().float().cpu()
     wq = quantize_weight(w, w_bits)
-    if w_bits == 1:
-        step = w.abs().mean()
-    else:
-        step = torch.clamp(w.abs().amax(), min=1e-8) / (2 ** (w_bits - 1) - 1)
+    step = weight_step(w, w_bits)
     q = torch.round(wq / step) if float(step) > 0 else torch.zeros_like(wq)
     return q.to(torch.int64), float(step)
 
 
 def _offset(w_bits: int) -> int:
-    return 1 if w_bits == 1 else 2 ** (w_bits - 1) - 1
+    return weight_levels(w_bits)
 
 
 def save_integer_model(path: str | os.PathLike, model: QuantizedModel) -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["round_ste", "quantize_weight", "quantize_activation", "ActQuantizer"]
+__all__ = ["round_ste", "quantize_weight", "quantize_activation", "weight_levels", "weight_step", "ActQuantizer"]
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -23,17 +23,31 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def weight_levels(bits: int) -> int:
+    """The largest integer code of a ``bits``-bit weight (codes -n..n; 1 bit: the sign, n = 1)."""
+    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+
+
+def _threshold(w: Tensor, threshold: Tensor | None) -> Tensor:
+    return torch.clamp(w.detach().abs().amax() if threshold is None else threshold.detach(), min=1e-8)
+
+
+def weight_step(w: Tensor, bits: int, threshold: Tensor | None = None) -> Tensor:
+    """The (detached) step of ``quantize_weight``: 1 bit, mean |w|; else the threshold (max |w| unless given,
+    at least 1e-8) over ``weight_levels(bits)``. ``integer_model`` writes the codes with the same step."""
+    if bits == 1:
+        return w.detach().abs().mean()
+    return _threshold(w, threshold) / weight_levels(bits)
+
+
 def quantize_weight(w: Tensor, bits: int, threshold: Tensor | None = None) -> Tensor:
     """Symmetric per-tensor fake quantization of a weight with an STE (gradient 1 inside [-t, t])."""
     if bits >= 32:
         return w
     if bits == 1:
-        scale = w.detach().abs().mean()
-        return w + (torch.sign(w.detach()) * scale - w).detach()
-    t = w.detach().abs().amax() if threshold is None else threshold.detach()
-    t = torch.clamp(t, min=1e-8)
-    n = 2 ** (bits - 1) - 1
-    step = t / n
+        return w + (torch.sign(w.detach()) * weight_step(w, 1) - w).detach()
+    t = _threshold(w, threshold)
+    step = t / weight_levels(bits)
     wc = torch.where(w.detach().abs() <= t, w, torch.maximum(torch.minimum(w.detach(), t), -t))
     return wc + (torch.round(wc / step) * step - wc).detach()
 
