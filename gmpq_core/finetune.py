@@ -11,10 +11,11 @@ With ``checkpoint_dir`` the state after each epoch is written atomically to
 ``torch.load(weights_only=True)``); a later call with the same arguments resumes from it. The recipe, the
 bit policy, the precision, the caller's ``run_info`` (e.g. the dataset and the model options) and the FP model
 it started from (``state_digest`` of its weights, and the caller's ``fp_source``) are saved with it: a later call
-with other ones is refused (CheckpointError), not resumed. ``epochs`` is the exception: more epochs than the
-checkpoint's run continue it, the cosine schedule rebuilt for the new total ``T`` and entered at the steps done
-(``lr_t`` above with the new ``T``, as the Ray Train final stage does); fewer are refused (a fine-tune cannot go
-back).
+with other ones is refused (CheckpointError), not resumed. ``epochs`` is the exception: a total above the epochs
+the checkpoint has completed continues it, the cosine schedule rebuilt for the new total ``T`` (longer or shorter
+than the checkpoint's run) and entered at the steps done (``lr_t`` above with the new ``T``, as the Ray Train final
+stage does); a total the checkpoint has already completed is refused (a fine-tune cannot go back), except the
+same total of a finished fine-tune (nothing is trained).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "last.pt"
 # Fields that must match between a checkpoint and the run resuming from it (they shape the schedule); ``epochs``
-# may grow (the run continues, its schedule stretched), not shrink: _check_epochs.
+# may change while epochs are left to train (the run continues on the new total's schedule): _check_epochs.
 _RESUME_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "seed", "max_steps_per_epoch",
                 "distill", "distill_alpha", "distill_temperature", "include_stem", "include_classifier", "nesterov")
 _BEFORE_THE_KEY = {"nesterov": True}   # what a checkpoint from before a key existed was written with
@@ -196,9 +197,10 @@ def check_resume_state(path: str | Path, ckpt: Any, *, config: FinetuneConfig | 
                        policy: BitPolicy | None = None, precision: str | None = None,
                        run_info: Mapping[str, Any] | None = None, fp: Mapping[str, Any] | None = None) -> None:
     """Refuse (CheckpointError) the fine-tune checkpoint ``ckpt`` (read from ``path``) for a run that differs from it
-    in what is given: ``run_info``, the FP model ``fp`` (``{"sha256": ...}``), the recipe ``config`` (more ``epochs``
-    continue it; fewer are refused), the resolved ``precision``, the ``policy``. Parts left None are not checked, so
-    that a caller can check what it knows before a long step (``finetune`` checks them all)."""
+    in what is given: ``run_info``, the FP model ``fp`` (``{"sha256": ...}``), the recipe ``config`` (``epochs`` above
+    those it completed continue it; as many or fewer are refused, but for a finished fine-tune's own), the resolved
+    ``precision``, the ``policy``. Parts left None are not checked, so that a caller can check what it knows before
+    a long step (``finetune`` checks them all)."""
     path = Path(path)
     if not isinstance(ckpt, dict) or not {"epoch", "model", "optimizer", "scheduler", "history"} <= set(ckpt):
         raise CheckpointError(f"Checkpoint '{path}' lacks the fine-tune state (epoch, model, optimizer, "
@@ -246,16 +248,19 @@ def resume_epochs(ckpt: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def _check_epochs(path: Path, ckpt: Mapping[str, Any], epochs: int) -> None:
-    """A checkpoint of a fine-tune for N epochs is continued by a run of as many or more ``epochs`` (its
-    cosine schedule stretched), not by one of fewer: its weights went down a longer schedule (and, once run
-    through, past ``epochs``), so they are not an ``epochs``-epoch fine-tune's."""
+    """A checkpoint that has completed fewer than ``epochs`` epochs is continued (its cosine schedule set for the
+    new total, longer or shorter than its own run's, as the Ray Train final stage does), and a finished fine-tune is
+    kept by a run of its own total; one that has completed ``epochs`` or more of its run is refused: nothing is
+    left to train, and its weights went down another schedule (and, once past ``epochs``, further)."""
     done, need = resume_epochs(ckpt)
-    if epochs >= need:
+    if done < epochs or done == epochs == need:
         return
+    fix = (f"epochs={done} (or more, to continue it)" if done == need else
+           f"epochs={done + 1} or more to continue it (epochs={need} finishes it as started)")
     raise CheckpointError(f"Checkpoint '{path}' holds a fine-tune of epochs={need!r} ({done} done), but this run has "
-                          f"epochs={epochs!r}: a fine-tune continues from its checkpoint and cannot be shortened. "
-                          f"Resume with epochs={need} (or more, to continue it), or delete the checkpoint folder to "
-                          "start afresh.")
+                          f"epochs={epochs!r}: it has already completed {'as many' if done == epochs else 'more'} "
+                          f"epochs, and a fine-tune continues from its checkpoint and cannot go back. Resume with "
+                          f"{fix}, or delete the checkpoint folder to start afresh.")
 
 
 def _recorded_total_steps(state: Mapping[str, Any]) -> int | None:
@@ -288,8 +293,9 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     from elsewhere resumes (a checkpoint without the record resumes from any). ``resume_state``: the content of
     ``checkpoint_dir/last.pt`` (``load_checkpoint``) when the caller has read it already, checked and resumed from
     without reading the file again; ``fp_digest``: ``state_digest(fp_model)`` when the caller has it (not hashed
-    again). A checkpoint of fewer ``epochs`` than ``config.epochs`` is continued (its cosine
-    schedule stretched over the new total); one of more is refused.
+    again). A checkpoint that has completed fewer epochs than ``config.epochs`` is continued (its cosine schedule
+    set for the new total, longer or shorter than its own: ``set_cosine_position_``); one that has completed as
+    many or more is refused (CheckpointError), unless it finished a fine-tune of ``config.epochs``.
     """
     resolved = resolve_precision(precision, device)      # a bad value fails before any work
     if resume_state is not None and checkpoint_dir is None:
@@ -323,7 +329,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
             if _recorded_total_steps(state) == total_steps:
                 scheduler.load_state_dict(state["scheduler"])
                 log.info("resuming the fine-tune from '%s' after epoch %d", ckpt_path, start)
-            else:           # more epochs: the schedule of the new total, entered at the steps done
+            else:           # another total: the schedule of the new total, entered at the steps done
                 set_cosine_position_(optimizer, scheduler, start * steps, total_steps)
                 log.info("continuing the fine-tune from '%s' after epoch %d to %d epochs (cosine schedule over "
                          "%d steps)", ckpt_path, start, config.epochs, total_steps)

@@ -3,11 +3,13 @@
 (``SWEEP/policies/<trial_id>.json``, whose meta names ``sweep_dir`` and ``trial_id``), the sweep's FP target model
 (``target_model_path`` in ``SWEEP/shared.json``, the model the final stage fine-tunes from) when it fits the command
 line's model options and dataset; else an FP model trained first. (The kept one comes first so that a folder's
-fine-tune checkpoint, which records the FP model it started from, resumes as it did.)"""
+fine-tune checkpoint, which records the FP model it started from, resumes as it did.) Also the data root such a
+policy's sweep recorded (``data_root`` in ``SWEEP/sweep_config.yaml``), read as the default ``--data-root``."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from gmpq_core.policy import BitPolicy
 from ._finetune_resume import as_flags, same_dataset
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside
 
-__all__ = ["FPSource", "pick_fp_source", "kept_fp", "sweep_target"]
+__all__ = ["FPSource", "pick_fp_source", "kept_fp", "sweep_target", "recorded_data_root", "data_root_default"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,61 @@ class FPSource:
 _TARGET_KEYS = ("model", "input_size", "in_channels", "num_classes", "small_input")   # the model options it fits
 
 
+def _sweep_folder(policy_file: str, meta: dict, record: str) -> Path:
+    """The folder of the sweep that exported ``policy_file``: the parent of the ``policies/`` folder it is in when
+    that holds the sweep's ``record`` file (a copied or moved sweep), else the ``sweep_dir`` its meta names."""
+    here = Path(policy_file).resolve().parent
+    return here.parent if here.name == "policies" and (here.parent / record).is_file() else Path(str(meta["sweep_dir"]))
+
+
+def recorded_data_root(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[str | None, str, tuple[str, ...]]:
+    """The data root recorded for ``--policy``: its meta's ``data_root``, else, for a policy exported by a sweep
+    (meta ``sweep_dir`` and ``trial_id``), the ``data_root`` of that sweep's ``sweep_config.yaml`` (one inside the
+    recorded sweep folder, which moved, read inside the folder now used); with the file that records it and the
+    datasets it holds (the policy's, and the sweep's proxy and target). (None, "", ()) when nothing is recorded."""
+    meta = dict(policy.meta) if policy is not None and args.policy is not None else {}
+    datasets = tuple(str(meta[k]) for k in ("dataset", "target_dataset") if meta.get(k))
+    if isinstance(meta.get("data_root"), str) and meta["data_root"]:
+        return meta["data_root"], str(args.policy), datasets
+    if not meta.get("sweep_dir") or not meta.get("trial_id"):
+        return None, "", ()
+    from ..moved_sweep import moved_path, recorded_dir
+    from ..results import CONFIG_FILE, load_resolved_config
+    sweep = _sweep_folder(args.policy, meta, CONFIG_FILE)
+    try:
+        cfg = load_resolved_config(sweep, follow_moves=False)
+    except (GMPQError, OSError) as e:      # an unreadable record: as before, the dataset's default location
+        log.debug("no data root recorded for sweep %s: %s", sweep, e)
+        return None, "", ()
+    root = cfg.get("data_root")
+    if not isinstance(root, str) or not root:
+        return None, "", ()
+    old = recorded_dir(cfg)
+    if old is not None and not os.path.isdir(root):
+        root = moved_path(root, old, sweep.resolve())
+    return root, str(sweep / CONFIG_FILE), (*datasets, *(str(cfg[k]) for k in ("proxy_dataset", "target_dataset")
+                                                         if cfg.get(k)))
+
+
+def data_root_default(args: argparse.Namespace, policy: BitPolicy | None, dataset: str) -> tuple[str | None, str]:
+    """This run's data root for ``dataset`` (``--data-root``; without it, the one recorded for the policy,
+    ``recorded_data_root``, when it is for that dataset and there) and the line that says where the data comes
+    from ("": nothing recorded for it, and the data root is as before)."""
+    root, record, datasets = recorded_data_root(args, policy)
+    if root is None or not any(same_dataset(dataset, d) for d in datasets):
+        return args.data_root, ""
+    if args.data_root is not None:
+        if os.path.abspath(os.path.expanduser(args.data_root)) == os.path.abspath(root):
+            return args.data_root, ""
+        return args.data_root, (f"reading '{dataset}' from --data-root {args.data_root}, not from {root}, the data "
+                                f"root recorded in {record}")
+    if not os.path.isdir(root):
+        return None, (f"the data root {root} recorded in {record} is not there: reading '{dataset}' from its default "
+                      "location (pass --data-root DIR to read it from elsewhere)")
+    return root, (f"reading '{dataset}' from {root}, the data root recorded in {record} (pass --data-root DIR to "
+                  "read it from elsewhere)")
+
+
 def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Path | None, dict, str]:
     """The FP target model of the sweep that exported ``policy`` (``DIR/policies/<trial_id>.json``, its meta naming
     ``sweep_dir`` and ``trial_id``): the ``target_model_path`` in the sweep folder's ``shared.json`` (the model the
@@ -56,9 +113,7 @@ def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Pa
     meta = dict(policy.meta) if policy is not None and args.policy is not None else {}
     if not meta.get("sweep_dir") or not meta.get("trial_id"):
         return None, {}, ""
-    here = Path(args.policy).resolve().parent
-    sweep = here.parent if here.name == "policies" and (here.parent / "shared.json").is_file() \
-        else Path(str(meta["sweep_dir"]))
+    sweep = _sweep_folder(args.policy, meta, "shared.json")
     try:
         recorded = read_json(sweep / "shared.json").get("target_model_path") if (sweep / "shared.json").is_file() \
             else None

@@ -1,7 +1,8 @@
 """``gmpq finetune --policy``'s resume checks: a fine-tune checkpoint kept in ``DIR/checkpoints/`` by an earlier run
-is refused, before any work, when it was written on another dataset, of another model or training subset, for more
-epochs than this run's, or started from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and
-the precision; more epochs continue it)."""
+is refused, before any work, when it was written on another dataset, of another model or training subset, has
+already completed as many epochs as this run's or more (but for a finished fine-tune rerun with its own --epochs),
+or was started from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and the precision; a total
+above the epochs done continues it on the cosine schedule of that total)."""
 from __future__ import annotations
 
 import os
@@ -47,8 +48,9 @@ def as_flags(values: Mapping[str, Any], keys: list[str]) -> str:
 def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool,
                      epochs: int | None = None) -> dict | None:
     """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
-    training subset, is refused before any work (it was resumed as if it were this run's), and so is one of a
-    fine-tune for more than ``epochs`` epochs (it cannot be shortened; more continue it) and one started from a
+    training subset, is refused before any work (it was resumed as if it were this run's), and so is one that has
+    completed ``epochs`` epochs or more (a fine-tune cannot go back; a finished one rerun with its own total is kept,
+    and a total above the epochs done continues it: _check_epochs_left) and one started from a
     recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is refused
     once loaded: check_resume_fp). A checkpoint from before these were recorded is not checked; one that
     is not a fine-tune state is named by gmpq_core.finetune. Returns what was read (None: no checkpoint), which
@@ -61,7 +63,7 @@ def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool
     if isinstance(old, dict):
         _check_run_info(out, path, old, run_info, dataset)
     if epochs is not None and isinstance(ckpt, dict) and isinstance(ckpt.get("epoch"), int):
-        _check_not_shorter(out, path, ckpt, epochs)
+        _check_epochs_left(out, path, ckpt, epochs)
     started = recorded_fp(ckpt)
     if trains_fp and started is not None:
         _refuse_other_fp(out, started, f"this run trains a new FP model first (no --fp-checkpoint, and no "
@@ -118,16 +120,25 @@ def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: s
                           f"Pass {as_flags(old, changed)} to resume it, another --out for this run, or {fresh}.")
 
 
-def _check_not_shorter(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
-    """``--epochs`` fewer than the checkpoint's fine-tune ran (or was started) for is refused: it continues from the
-    checkpoint and cannot go back (as ``gmpq finetune --sweep`` refuses fewer)."""
+def _check_epochs_left(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
+    """``--epochs`` the checkpoint's fine-tune has already completed (or more) is refused: it continues from the
+    checkpoint and cannot go back. A finished fine-tune rerun with its own total is kept (it is evaluated again),
+    and a total above the epochs done continues it, on the cosine schedule of that total, longer or shorter than
+    the one it was started with (as the Ray Train final stage does)."""
     done, was = resume_epochs(ckpt)
-    if epochs >= was:
+    if done < epochs or done == epochs == was:
         return
-    left = "" if done >= was else f", {done} of them done"
+    fresh = f"another --out for a {epochs}-epoch fine-tune, or delete '{out / CHECKPOINTS}' to start this folder's " \
+            "fine-tune afresh."
+    if done >= was:          # finished
+        raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, holds a "
+                          f"{was}-epoch fine-tune, but this run has --epochs {epochs}: a fine-tune continues from its "
+                          f"checkpoint and cannot be shortened (more epochs continue it). Pass --epochs {was} (or "
+                          f"more) to keep or continue it, {fresh}")
+    shorter = "" if done + 1 == was else (f"; a total under {was} continues it on the cosine schedule of that total, "
+                                          "as gmpq finetune --sweep does")
     raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, holds a "
-                      f"{was}-epoch fine-tune{left}, but this run has --epochs {epochs}: a fine-tune continues from "
-                      f"its checkpoint and cannot be shortened (more epochs continue it). Pass --epochs {was} (or "
-                      f"more) to {'keep' if done >= was else 'finish'} or continue it, another --out for a "
-                      f"{epochs}-epoch fine-tune, or delete '{out / CHECKPOINTS}' to start this folder's fine-tune "
-                      "afresh.")
+                      f"{was}-epoch fine-tune, {done} of them done, but this run has --epochs {epochs}: that fine-tune "
+                      f"has already run {'as many' if done == epochs else 'more'} epochs ({done}), and it continues "
+                      f"from its checkpoint and cannot go back. Pass --epochs {done + 1} or more to continue it "
+                      f"(--epochs {was} finishes it as started{shorter}), {fresh}")

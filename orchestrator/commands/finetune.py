@@ -4,8 +4,10 @@ Writes ``DIR/quantized.pt`` (the quantized model, self-contained: ``gmpq_core.lo
 rebuilds it for inference), ``DIR/policy.json``, ``DIR/finetune_result.json`` (top-1/top-5 of the quantized
 and the FP model, BitOPs in both conventions, the policy summary) and per-epoch checkpoints in
 ``DIR/checkpoints/``, from which an interrupted run resumes (a checkpoint of a run on another dataset or
-model, with other settings, or from another FP model, is refused, not resumed; more ``--epochs`` continue it, its
-cosine schedule stretched as ``--sweep`` does, and replace the result files; fewer are refused). Without
+model, with other settings, or from another FP model, is refused, not resumed; an ``--epochs`` above the epochs it
+has done continues it, its cosine schedule set for that total as ``--sweep`` does, and replaces the result files; as
+many as it has done, or fewer, are refused, but for a finished fine-tune's own). Without ``--data-root``, a policy
+exported by a sweep reads its data from the data root the sweep recorded (``SWEEP/sweep_config.yaml``). Without
 ``--fp-checkpoint`` the FP model is, in this order: ``DIR/fp.pt`` kept with its ``DIR/fp_result.json`` by an earlier
 run (one without the other is not trusted); the sweep's FP target model, for a policy exported by a sweep
 (``SWEEP/policies/<trial_id>.json``: its meta's ``sweep_dir``, whose ``shared.json`` records the model) when it fits
@@ -39,7 +41,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_poli
                            build_seeded_model, check_bits, check_out_arg, dataset_source, load_policy_arg, policy_meta,
                            resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
-from ._finetune_fp import FPSource, pick_fp_source
+from ._finetune_fp import FPSource, data_root_default, pick_fp_source
 from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info, same_dataset
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
@@ -256,6 +258,9 @@ def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
         return (f"continuing from epoch {done} to {epochs}: the fine-tune in {path} was run with --epochs {was}; its "
                 f"cosine schedule is stretched to {epochs} epochs (as gmpq finetune --sweep does), and "
                 f"{QUANTIZED_WEIGHTS} and {RESULT} are replaced by the {epochs}-epoch result")
+    if epochs < was:         # (done < epochs: more done is refused by check_resume_run)
+        return (f"continuing from epoch {done} to {epochs}: the fine-tune in {path} was started with --epochs {was}; "
+                f"its cosine schedule is shortened to {epochs} epochs (as gmpq finetune --sweep does)")
     if done < epochs:
         return f"resuming the fine-tune in {path} after epoch {done} of {epochs}"
     return (f"already fine-tuned for {epochs} epoch(s) ({path}): evaluating it again and rewriting its result files "
@@ -289,6 +294,9 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     if not args.dataset and not fp_info.get("dataset") and meta.get("dataset") and not meta.get("target_dataset"):
         print(f"fine-tuning on '{dataset}', the dataset the policy was searched on (its proxy's source); pass "
               "--dataset NAME to deploy it on another target", file=sys.stderr)
+    args.data_root, data_note = data_root_default(args, policy, dataset or args.default_dataset)
+    if data_note:
+        print(data_note, file=sys.stderr)
     data = load_data(args, train_size=args.train_size, dataset=dataset, train_flag="--train-size",
                      input_size=args.input_size if args.input_size is not None else fp_info.get("input_size"))
     info, train_split, test_split = data

@@ -1,6 +1,7 @@
-"""A fine-tune checkpoint is continued by a run of more epochs (its cosine schedule rebuilt for the new total and
-entered at the steps done, as the Ray Train final stage does), and refused to a run of fewer; every other recipe
-change stays refused, and checkpoints written before the schedule length was recorded keep working."""
+"""A fine-tune checkpoint is continued by a run of more epochs than it has done (its cosine schedule rebuilt for the
+new total, longer or shorter than its own, and entered at the steps done, as the Ray Train final stage does), and
+refused to a run of as many or fewer (but for a finished fine-tune's own total); every other recipe change stays
+refused, and checkpoints written before the schedule length was recorded keep working."""
 from __future__ import annotations
 
 import math
@@ -81,14 +82,36 @@ def test_a_checkpoint_from_before_the_schedule_length_was_recorded_continues_and
     assert lrs == pytest.approx([cosine(0.02, t, 4 * STEPS) for t in range(3 * STEPS, 4 * STEPS)], rel=1e-9)
 
 
-def test_fewer_epochs_are_refused_and_other_settings_stay_refused_with_more(tmp_path):
+def test_an_interrupted_fine_tune_continues_to_a_shorter_total_on_that_totals_cosine_schedule(tmp_path,
+                                                                                          monkeypatch):
+    """A 3-epoch fine-tune interrupted after epoch 1 and rerun for 2 epochs was refused ("cannot be shortened"),
+    while the Ray Train final stage continues it on the 2-epoch schedule."""
     fp = tiny_net()
-    run(fp, tmp_path, 3, reporter=ListReporter(stop_after=1))       # a 3-epoch fine-tune, 1 epoch done
+    first = run(fp, tmp_path, 3, reporter=ListReporter(stop_after=1))     # a 3-epoch fine-tune, 1 epoch done
+    lrs = step_lrs(monkeypatch)
+    rep = ListReporter()
+    shorter = run(fp, tmp_path, 2, reporter=rep)
+    assert [s for s, _ in rep.records] == [2]                          # epoch 1 is not run again
+    assert (shorter.epochs_run, shorter.resumed_from_epoch) == (2, 1)
+    assert [h["epoch"] for h in shorter.history] == [1, 2] and shorter.history[0] == first.history[0]
+    total = 2 * STEPS       # steps t = 4..7 of the 8-step schedule: set_cosine_position_ at the steps done
+    assert lrs == pytest.approx([cosine(0.02, t, total) for t in range(STEPS, total)], rel=1e-9, abs=1e-12)
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert (state["epoch"], state["config"]["epochs"], state["total_steps"]) == (2, 2, total)
+    assert run(fp, tmp_path, 2).resumed_from_epoch == 2                 # now a finished 2-epoch fine-tune: kept
+
+
+def test_as_many_epochs_as_done_or_fewer_are_refused_and_other_settings_stay_refused_with_more(tmp_path):
+    fp = tiny_net()
+    run(fp, tmp_path, 3, reporter=ListReporter(stop_after=2))       # a 3-epoch fine-tune, 2 epochs done
     before = (tmp_path / CHECKPOINT_NAME).read_bytes()
-    with pytest.raises(CheckpointError, match=r"holds a fine-tune of epochs=3 \(1 done\), but this run has "
-                                              r"epochs=2: a fine-tune continues from its checkpoint and cannot be "
-                                              r"shortened\. Resume with epochs=3 \(or more"):
-        run(fp, tmp_path, 2)
+    for epochs, word in ((2, "as many"), (1, "more")):
+        with pytest.raises(CheckpointError, match=rf"holds a fine-tune of epochs=3 \(2 done\), but this run has "
+                                                  rf"epochs={epochs}: it has already completed {word} epochs, and a "
+                                                  r"fine-tune continues from its checkpoint and cannot go back\. "
+                                                  r"Resume with epochs=3 or more to continue it \(epochs=3 finishes "
+                                                  r"it as started\)"):
+            run(fp, tmp_path, epochs)
     with pytest.raises(CheckpointError, match="written with lr=0.02 but this run has lr=0.05"):
         run(fp, tmp_path, 4, lr=0.05)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
