@@ -67,7 +67,9 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion
     g.add_argument("--dataset", default=None, metavar="NAME",
                    help=f"dataset name (fashion_mnist, mnist5k, digits, cifar10, imagefolder:PATH); "
                         f"default {default_dataset}")
-    g.add_argument("--data-root", default=None, metavar="DIR", action=DataRootArg, help="where the dataset files are")
+    g.add_argument("--data-root", default=None, metavar="DIR", action=DataRootArg,
+                   help="where the dataset files are (default: the dataset's own location; for finetune --policy "
+                        "of a sweep's policy, the data root the sweep recorded)")
     g.add_argument("--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified subset of N test images (default: the whole test split)")
     g.add_argument("--batch-size", type=int, action=at_least(1), default=128, metavar="B",

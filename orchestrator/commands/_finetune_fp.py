@@ -65,7 +65,7 @@ def recorded_data_root(args: argparse.Namespace, policy: BitPolicy | None) -> tu
     if isinstance(meta.get("data_root"), str) and meta["data_root"]:
         return meta["data_root"], str(args.policy), datasets
     if not meta.get("sweep_dir") or not meta.get("trial_id"):
-        return None, "", ()
+        return _search_data_root(args.policy) if args.policy is not None else (None, "", ())
     from ..moved_sweep import moved_path, recorded_dir
     from ..results import CONFIG_FILE, load_resolved_config
     sweep = _sweep_folder(args.policy, meta, CONFIG_FILE)
@@ -82,6 +82,21 @@ def recorded_data_root(args: argparse.Namespace, policy: BitPolicy | None) -> tu
         root = moved_path(root, old, sweep.resolve())
     return root, str(sweep / CONFIG_FILE), (*datasets, *(str(cfg[k]) for k in ("proxy_dataset", "target_dataset")
                                                          if cfg.get(k)))
+
+
+def _search_data_root(policy_file: str) -> tuple[str | None, str, tuple[str, ...]]:
+    """The data root of the ``gmpq search`` that wrote ``policy_file`` (its ``result.json`` beside it records the
+    job), with that file and the job's dataset; (None, "", ()) when there is no such record."""
+    from .search import RESULT_FILE
+    record = Path(policy_file).parent / RESULT_FILE
+    try:
+        job = read_json(record).get("job") if record.is_file() else None
+    except (GMPQError, OSError, ValueError, AttributeError):
+        return None, "", ()
+    root = job.get("data_root") if isinstance(job, dict) else None
+    if not isinstance(root, str) or not root or not job.get("dataset"):
+        return None, "", ()
+    return root, str(record), (str(job["dataset"]),)
 
 
 def data_root_default(args: argparse.Namespace, policy: BitPolicy | None, dataset: str) -> tuple[str | None, str]:

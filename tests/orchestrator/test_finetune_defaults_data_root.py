@@ -111,3 +111,24 @@ def test_the_recorded_data_root_is_for_the_sweeps_datasets_only(tmp_path):
     (tmp_path / "meta").mkdir()
     own = BitPolicy(layers=loaded.layers, fingerprint=loaded.fingerprint, meta=meta)
     assert _finetune_fp.data_root_default(args, own, "digits")[0] == str(tmp_path / "meta")
+
+
+def test_a_gmpq_search_policy_reads_the_data_root_its_result_json_records(tmp_path):
+    """`gmpq search --out DIR` writes DIR/policy.json and DIR/result.json (the job, with its data root)."""
+    from gmpq_core.fileio import atomic_write_json
+
+    policy, _ = sweep(tmp_path)
+    loaded = BitPolicy.load(policy)
+    own = BitPolicy(layers=loaded.layers, fingerprint=loaded.fingerprint,
+                    meta={k: v for k, v in loaded.meta.items() if k not in ("sweep_dir", "trial_id")})
+    out = tmp_path / "search"
+    own.save(out / "policy.json")
+    (tmp_path / "data").mkdir()
+    args = argparse.Namespace(policy=str(out / "policy.json"), data_root=None)
+    assert _finetune_fp.data_root_default(args, own, "digits") == (None, "")          # no result.json: as before
+    atomic_write_json(out / "result.json", {"job": {"dataset": "digits", "data_root": str(tmp_path / "data")}})
+    root, line = _finetune_fp.data_root_default(args, own, "digits")
+    assert root == str(tmp_path / "data") and f"the data root recorded in {out / 'result.json'}" in line
+    assert _finetune_fp.data_root_default(args, own, "cifar10") == (None, "")        # another dataset: its own
+    atomic_write_json(out / "result.json", {"job": {"dataset": "digits", "data_root": None}})
+    assert _finetune_fp.data_root_default(args, own, "digits") == (None, "")
