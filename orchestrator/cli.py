@@ -5,8 +5,9 @@ Subcommands live one per module in ``orchestrator.commands``; each module define
 named command's module is imported (``gmpq pareto --help`` does not import torch; running a command imports
 what it needs, and ``gmpq --help`` imports every command's module).
 A ``GMPQError`` becomes a one-paragraph message and exit status 2, with no traceback; real bugs
-keep their traceback. Ctrl-C (and SIGTERM while Ray runs: ``orchestrator.ray_env``) ends a command with one
-line, ``interrupted_text``, and exit status 130.
+keep their traceback. Ctrl-C ends a command with one line, ``interrupted_text``, and exit status 130; SIGTERM
+while Ray runs (``orchestrator.ray_env.ctrl_c_signals``: a preempted batch job, ``kill``) does the same, the
+line saying it was terminated, with status 143 (128 + 15, as a shell reports a process SIGTERM ended).
 """
 from __future__ import annotations
 
@@ -89,17 +90,19 @@ def format_warning(message, category, filename, lineno, line=None) -> str:
 INTERRUPTED = "gmpq: interrupted; finished work is kept on disk."
 
 
-def interrupted_text(args: argparse.Namespace, argv: list[str]) -> str:
-    """The line a command stopped by Ctrl-C ends with: for ``gmpq finetune --sweep DIR``, what is kept and that the
-    same command continues it (finished policies are not run again, a policy's finished epochs are its Ray Train
-    checkpoints); else the generic one. (``gmpq sweep`` and ``gmpq run`` say it themselves, with the state of
-    their stage.)"""
+def interrupted_text(args: argparse.Namespace, argv: list[str], *, by_sigterm: bool = False) -> str:
+    """The line a command stopped by Ctrl-C (or SIGTERM: "terminated (SIGTERM)") ends with: for ``gmpq finetune
+    --sweep DIR``, what is kept and that the same command continues it (finished policies are not run again, a
+    policy's finished epochs are its Ray Train checkpoints); else the generic one. (``gmpq sweep`` and ``gmpq
+    run`` say it themselves, with the state of their stage.)"""
+    from orchestrator.ray_env import stop_word
+
     if args.command == "finetune" and getattr(args, "sweep", None):
         from orchestrator.commands._finetune_sweep import kept_on_interrupt_text
 
-        return (f"gmpq finetune: the fine-tune was interrupted; {kept_on_interrupt_text(Path(args.sweep).expanduser())}. "
-                f"Continue with: {shlex.join(['gmpq', *argv])}")
-    return INTERRUPTED
+        return (f"gmpq finetune: the fine-tune was {stop_word(by_sigterm)}; "
+                f"{kept_on_interrupt_text(Path(args.sweep).expanduser())}. Continue with: {shlex.join(['gmpq', *argv])}")
+    return INTERRUPTED.replace("interrupted", stop_word(by_sigterm))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,9 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     except GMPQError as e:
         print(error_paragraph(e), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(interrupted_text(args, argv), file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from orchestrator.ray_env import Terminated, stop_status
+
+        print(interrupted_text(args, argv, by_sigterm=isinstance(e, Terminated)), file=sys.stderr)
+        return stop_status(isinstance(e, Terminated))
     except BrokenPipeError:            # 'gmpq status --sweep DIR | head': the reader left, as it may
         if not _stdout_gone():
             raise                      # another pipe (a subprocess, a socket): a real error

@@ -4,8 +4,11 @@
 object store and no usage stats, and shuts it down on exit, unless Ray was already running in this
 process (then it is reused and left running: tests share one session that way).
 ``address="auto"`` or ``"ray://host:10001"`` joins an existing cluster instead. Inside it SIGTERM (a batch
-job preempted, ``kill``) does what Ctrl-C does (``sigterm_as_ctrl_c``), instead of Ray's C++ handler
-printing a stack dump and leaving the sweep's driver marker behind.
+job preempted, ``kill``) does what Ctrl-C does (``ctrl_c_signals``), instead of Ray's handlers ending the
+driver at once (or with a stack dump) and leaving the sweep's driver marker behind.
+``ctrl_c_signals()``: the one context manager for the driver's signal handlers: SIGTERM as Ctrl-C (raising
+``Terminated``, a ``KeyboardInterrupt``, so a command exits 143, not Ctrl-C's 130), Python's own Ctrl-C
+where asked, and the handlers from before put back after (Ray Tune's ``fit()`` leaves its own behind).
 ``ray_map(fn, items, ...)`` runs independent jobs (FP trainings before a sweep or study) as parallel
 Ray tasks and returns their results in order.
 """
@@ -18,8 +21,8 @@ import signal
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "sigterm_as_ctrl_c", "ray_map",
-           "OBJECT_STORE_BYTES"]
+__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "ctrl_c_signals", "Terminated",
+           "terminated", "stop_status", "stop_word", "ray_map", "OBJECT_STORE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -122,46 +125,88 @@ def _join_address(address: str) -> str | None:
     return resolved.address
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM handled as Ctrl-C (``ctrl_c_signals``): the same stop, but the command exits 143, not 130."""
+
+
+_sigterm_seen = False         # set by SIGTERM; cleared when ``ctrl_c_signals`` takes SIGTERM over afresh
+
+
+def terminated() -> bool:
+    """Whether SIGTERM reached the driver since ``ctrl_c_signals`` (outermost) took it over; also when it was
+    handed to a Ray Tune run's SIGINT handler, which stops the sweep without an exception."""
+    return _sigterm_seen
+
+
+def stop_status(by_sigterm: bool) -> int:
+    """A command's exit status once stopped: 128 + the signal, as a shell reports it (143 SIGTERM, 130 Ctrl-C)."""
+    return 128 + int(signal.SIGTERM if by_sigterm else signal.SIGINT)
+
+
+def stop_word(by_sigterm: bool) -> str:
+    """How the stop reads in a command's last line: "terminated (SIGTERM)" or "interrupted" (Ctrl-C)."""
+    return "terminated (SIGTERM)" if by_sigterm else "interrupted"
+
+
 def _ctrl_c_now(signum: int, frame: Any) -> None:
-    """A SIGTERM handler: what Ctrl-C does at this moment (the SIGINT handler in place: Python's raises
-    KeyboardInterrupt, a Ray Tune run's stops the sweep gracefully); KeyboardInterrupt when that is not a
-    Python function."""
+    """A SIGTERM handler: what Ctrl-C does at this moment. A Ray Tune run's SIGINT handler in place stops the
+    sweep gracefully; else ``Terminated`` (a KeyboardInterrupt)."""
+    global _sigterm_seen
+    _sigterm_seen = True
     handler = signal.getsignal(signal.SIGINT)
-    if callable(handler) and handler is not _ctrl_c_now:
+    if callable(handler) and handler not in (signal.default_int_handler, _ctrl_c_now):
         handler(signal.SIGINT, frame)
     else:
-        raise KeyboardInterrupt
+        raise Terminated
+
+
+_PUT_BACK = (signal.SIGINT, signal.SIGTERM, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
 
 
 @contextlib.contextmanager
-def sigterm_as_ctrl_c() -> Iterator[None]:
-    """SIGTERM handled as Ctrl-C inside (main thread only; elsewhere nothing changes). ``ray.init`` installs a
-    C++ handler that prints a stack dump and exits at once, skipping every ``finally`` (the driver marker
-    stays, Ray is not shut down). After, the handler before is put back, or the default (terminate) when that
-    was one installed from C (Ray's), which Python cannot put back."""
+def ctrl_c_signals(*, sigterm: bool = True, python_sigint: bool = False) -> Iterator[None]:
+    """The driver's signal handlers, in the main thread only (elsewhere nothing changes). Inside: SIGTERM does
+    what Ctrl-C does (``sigterm``; ``ray.init`` installs a handler that ends the driver at once,
+    skipping every ``finally``: the driver marker stays, Ray is not shut down), and with ``python_sigint``
+    Python's own Ctrl-C (KeyboardInterrupt), not a handler a Ray Tune run left. After: the SIGINT, SIGTERM
+    and SIGUSR1 handlers from before are put back (Ray Tune's ``fit()`` installs SIGINT and SIGUSR1 ones and
+    leaves them once its trials end, where they only log); one installed from C, which Python cannot put
+    back, as Python's Ctrl-C for SIGINT, else the default (terminate)."""
+    global _sigterm_seen
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _ctrl_c_now)
+    before = {sig: signal.getsignal(sig) for sig in _PUT_BACK}
+    if sigterm:
+        if before[signal.SIGTERM] is not _ctrl_c_now:      # the outermost: this command's SIGTERM is new
+            _sigterm_seen = False
+        signal.signal(signal.SIGTERM, _ctrl_c_now)
+    if python_sigint:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in before.items():
+            if handler is None:
+                handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, **kwargs) -> Iterator[bool]:
     """Context manager around ``init_ray``: shuts Ray down on exit only if it started it here; SIGTERM acts as
-    Ctrl-C inside (``sigterm_as_ctrl_c``)."""
+    Ctrl-C inside (``ctrl_c_signals``), and after it the handlers from before ``ray.init`` (which installs its
+    own SIGTERM one) are back."""
     import ray
 
-    started = init_ray(address, **kwargs)
-    with sigterm_as_ctrl_c():
-        try:
-            yield started
-        finally:
-            if started:
-                ray.shutdown()
+    with ctrl_c_signals(sigterm=False):
+        started = init_ray(address, **kwargs)
+        with ctrl_c_signals():
+            try:
+                yield started
+            finally:
+                if started:
+                    ray.shutdown()
 
 
 def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], *,

@@ -14,17 +14,17 @@ every item, at most ``slots`` at once, in order of the items:
   ``TorchTrainer.fit()`` in the main thread installs Ray Train's own SIGINT handler, whose
   ``sys.exit(0)`` surfaces from ``ray.get`` as ``SystemExit(1)`` (the command ended with status 1 and
   no word); nor under a handler a Ray Tune run earlier in the process left installed, which only
-  logs the first Ctrl-C.
+  logs the first Ctrl-C (``ray_env.ctrl_c_signals(python_sigint=True)``, the handler before put back after).
 """
 from __future__ import annotations
 
-import contextlib
 import queue
-import signal
 import threading
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, TypeVar
 
-__all__ = ["run_side_by_side", "side_by_side_slots", "python_ctrl_c"]
+from .ray_env import ctrl_c_signals
+
+__all__ = ["run_side_by_side", "side_by_side_slots"]
 
 T = TypeVar("T")
 
@@ -33,21 +33,6 @@ def side_by_side_slots(n_jobs: int, per_job: int, available: int, cap: int | Non
     """How many jobs of ``per_job`` devices (CPUs or GPUs) fit at once in ``available``, at least 1."""
     fit = max(1, int(available) // max(1, int(per_job)))
     return max(1, min(int(n_jobs), fit, int(cap) if cap is not None else fit))
-
-
-@contextlib.contextmanager
-def python_ctrl_c() -> Iterator[None]:
-    """Python's default SIGINT handler (KeyboardInterrupt) inside, in the main thread only (elsewhere: as it is);
-    the handler before is put back after, when Python can (not one installed from C)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        if previous is not None:        # None: a handler installed from C, which Python cannot put back
-            signal.signal(signal.SIGINT, previous)
 
 
 def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) -> None:
@@ -77,7 +62,7 @@ def run_side_by_side(items: Iterable[T], fn: Callable[[T], None], slots: int) ->
     threads = [threading.Thread(target=worker, name=f"side-by-side-{k}", daemon=True)
                for k in range(max(1, min(slots, len(items))))]
     try:
-        with python_ctrl_c():
+        with ctrl_c_signals(sigterm=False, python_sigint=True):   # SIGTERM: as the caller has it
             for t in threads:
                 t.start()
             for t in threads:

@@ -69,6 +69,7 @@ class SweepSummary:
     rows: list[dict] = field(default_factory=list)   # one per trial: id, status, key metrics
     n_unfinished: int = 0        # trials stopped midway (the sweep interrupted): a resume runs them again
     n_planned: int | None = None   # the sweep's n_trials
+    terminated: bool = False     # stopped by SIGTERM (exit 143), not Ctrl-C (130)
 
     @property
     def n_trials(self) -> int:
@@ -213,7 +214,17 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each; "
             f"from another terminal: gmpq status --sweep {cfg.out_dir}")
         with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
-            return tuner.fit()
+            return _fit(tuner)
+
+
+def _fit(tuner: Any) -> Any:
+    """``tuner.fit()``, the signal handlers from before put back after it (``ctrl_c_signals``): Ray Tune installs
+    a SIGINT handler that stops its run gracefully and leaves it once the trials end, where it only logs, so
+    Ctrl-C in the sweep's last steps (Ray's shutdown, the summary; ``gmpq run``'s later stages) did nothing."""
+    from .ray_env import ctrl_c_signals
+
+    with ctrl_c_signals():
+        return tuner.fit()
 
 
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
@@ -352,21 +363,24 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from .ray_env import ctrl_c_signals, terminated
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
-    try:
-        with driver_marker(sweep_dir, "sweep"), \
-                ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
-            stores = pool.submit(_open_stores, cfg, callbacks, resume)              # while Ray starts
-            grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
-                         prep_threads=prep_threads, say=say)
-    finally:                                                 # MLflow writes still queued reach the store
-        for cb in _mlflow_callbacks(callbacks):
-            cb.close()
-    rows = _summary_rows(grid, book)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed", UNFINISHED)}
-    if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end
-        _close_orphan_optuna_trials(cfg, say, started_before=started_at)
-    return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
-                        n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume, rows=rows,
-                        n_unfinished=counts[UNFINISHED], n_planned=cfg.n_trials)
+    with ctrl_c_signals():              # SIGTERM as Ctrl-C to the end, not only while Ray runs (its marker removed)
+        try:
+            with driver_marker(sweep_dir, "sweep"), \
+                    ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
+                stores = pool.submit(_open_stores, cfg, callbacks, resume)              # while Ray starts
+                grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
+                             prep_threads=prep_threads, say=say)
+        finally:                                                 # MLflow writes still queued reach the store
+            for cb in _mlflow_callbacks(callbacks):
+                cb.close()
+        rows = _summary_rows(grid, book)
+        counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed", UNFINISHED)}
+        if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end
+            _close_orphan_optuna_trials(cfg, say, started_before=started_at)
+        return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
+                            n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume,
+                            rows=rows, n_unfinished=counts[UNFINISHED], n_planned=cfg.n_trials,
+                            terminated=terminated())

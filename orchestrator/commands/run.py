@@ -9,8 +9,8 @@ policies fine-tune side by side as far as the cluster holds ``--workers`` each).
 interrupted run in the same folder (finished trials and fine-tune epochs are not redone); ``gmpq run --out
 DIR --resume`` alone reads the folder's saved config. ``--resume auto`` continues the run when the folder
 holds its sweep, else starts it (a batch job retried with the same command: cluster/kuberay/rayjob.yaml).
-An interrupted stage (Ctrl-C, or SIGTERM: a preempted batch job) stops the run there (exit 130) with that
-command; what finished is kept. Ends with
+An interrupted stage (Ctrl-C, or SIGTERM: a preempted batch job) stops the run there (exit 130; 143 for
+SIGTERM) with that command; what finished is kept. Ends with
 the final Pareto table, the plot paths and the command that opens the results in MLflow.
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
-    from orchestrator.commands.sweep import choose_resume, config_from_args, format_summary
-    from orchestrator.ray_env import ray_session
+    from orchestrator.commands.sweep import choose_resume, config_from_args, continue_flag, format_summary
+    from orchestrator.ray_env import Terminated, ctrl_c_signals, ray_session, stop_status
 
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
@@ -50,27 +50,27 @@ def run(args: argparse.Namespace) -> int:
     sweep_dir = Path(resolved.out_dir)
     check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
     resume = choose_resume(cfg, args.resume, _say)        # --resume auto: resume or start, said before Ray starts
-    with ray_session(resolved.address):                  # one Ray for the sweep and the fine-tune
-        from orchestrator.final_stage import check_final_workers
+    stage = "the sweep"
+    try:
+        with ray_session(resolved.address):              # one Ray for the sweep and the fine-tune
+            from orchestrator.final_stage import check_final_workers
 
-        if resolved.finetune.workers != "auto":           # 'auto' fits whatever the cluster has
-            check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
-        _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
-        summary = run_sweep(cfg, resume=resume, progress=not args.quiet)   # the later stages resume on their own
-        print(format_summary(summary, command="gmpq run"), flush=True)
-        if summary.interrupted:                          # no Pareto front of half a sweep
-            return 130
-        if summary.n_completed == 0:
-            raise GMPQError(f"No trial of the sweep completed ({summary.n_pruned} pruned, {summary.n_failed} failed), "
-                            f"so there is nothing to select. See {sweep_dir / 'trials.parquet'} and the Ray trial "
-                            "folders; fix the cause and rerun with --resume.")
-        from orchestrator.side_by_side import python_ctrl_c
-        from orchestrator.sweep_status import driver_marker
+            if resolved.finetune.workers != "auto":       # 'auto' fits whatever the cluster has
+                check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
+            _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
+            summary = run_sweep(cfg, resume=resume, progress=not args.quiet)   # the later stages resume on their own
+            print(format_summary(summary, command="gmpq run"), flush=True)
+            if summary.interrupted:                      # no Pareto front of half a sweep
+                return stop_status(summary.terminated)
+            if summary.n_completed == 0:
+                raise GMPQError(f"No trial of the sweep completed ({summary.n_pruned} pruned, {summary.n_failed} "
+                                f"failed), so there is nothing to select. See {sweep_dir / 'trials.parquet'} and the "
+                                "Ray trial folders; fix the cause and rerun with --resume.")
+            from orchestrator.sweep_status import driver_marker
 
-        stage = "the Pareto selection"
-        # Python's Ctrl-C again: the one Ray Tune installed for the sweep stays after it and only logs
-        with python_ctrl_c(), driver_marker(sweep_dir, "run"):     # gmpq status: still running between the stages
-            try:
+            stage = "the Pareto selection"
+            # Python's Ctrl-C, whatever handler the process had; gmpq status: still running between the stages
+            with ctrl_c_signals(python_sigint=True), driver_marker(sweep_dir, "run"):
                 _say("2/3 Pareto front and selection")
                 front = pareto_stage(sweep_dir, None, resolved.tracking_uri)
                 n = int(front["selected"].sum())
@@ -79,9 +79,13 @@ def run(args: argparse.Namespace) -> int:
                 ft_args = argparse.Namespace(top_k=None, workers=None, epochs=None,
                                              tracking_uri=resolved.tracking_uri, address=None)
                 final = finetune_stage(sweep_dir, ft_args, say=_say)
-            except KeyboardInterrupt:
-                _say(interrupted_note(sweep_dir, stage))
-                return 130
+    except KeyboardInterrupt as e:                       # (stopped in its trials, the sweep returns: said above)
+        by_sigterm = isinstance(e, Terminated)
+        if stage == "the sweep" and not (sweep_dir / "sweep_config.yaml").exists():
+            raise                                        # before the sweep saved its config: nothing to continue
+        flag = continue_flag(resolved) if stage == "the sweep" else "--resume"
+        _say(interrupted_note(sweep_dir, stage, by_sigterm=by_sigterm, flag=flag))
+        return stop_status(by_sigterm)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n== gmpq run finished in {minutes:.1f} min: {summary.n_completed} completed, {summary.n_pruned} pruned, "
           f"{summary.n_failed} failed trials ==")
@@ -96,15 +100,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def interrupted_note(sweep_dir: Path, stage: str) -> str:
-    """What a run interrupted in ``stage`` (after its sweep) keeps, and the command that continues it."""
+def interrupted_note(sweep_dir: Path, stage: str, *, by_sigterm: bool = False, flag: str = "--resume") -> str:
+    """What a run stopped in ``stage`` by Ctrl-C (or SIGTERM) keeps, and the command that continues it."""
     from orchestrator.commands._finetune_sweep import kept_on_interrupt_text
+    from orchestrator.ray_env import stop_word
 
     if stage == "the final fine-tune":
         kept = f"the sweep, its Pareto selection, {kept_on_interrupt_text(sweep_dir)}"
+    elif stage == "the sweep":                           # preparing, or in its last steps once the trials ended
+        kept = f"its finished trials are kept ({sweep_dir / 'trials.parquet'})"
     else:
         kept = "the sweep is kept"
-    return f"{stage} was interrupted; {kept}. Continue with: gmpq run --out {sweep_dir} --resume"
+    return f"{stage} was {stop_word(by_sigterm)}; {kept}. Continue with: gmpq run --out {sweep_dir} {flag}"
 
 
 def register(subparsers: Any) -> None:

@@ -7,18 +7,21 @@
                                                              a batch job retried with the same command)
 
 Flags override the preset / config file; the resolved config is saved as DIR/sweep_config.yaml.
+Ctrl-C (or SIGTERM: a preempted batch job) stops the sweep with the command that continues it (exit 130, or 143
+for SIGTERM); finished trials are kept.
 """
 # add_sweep_args and config_from_args are shared with `gmpq run`.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries, refuse_empty
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
-           "choose_resume", "format_summary", "run", "quiet_libraries"]
+           "choose_resume", "format_summary", "continue_flag", "run", "quiet_libraries"]
 
 
 class ResumeArg(argparse.Action):
@@ -93,8 +96,6 @@ def check_address_arg(address: str | None) -> None:
 def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] | None = None) -> Any:
     """SweepConfig from --config/--preset and the override flags (ConfigError -> exit 2). With --resume
     (or --resume auto) and neither --config nor --preset, the sweep folder's saved ``sweep_config.yaml``."""
-    from pathlib import Path
-
     from orchestrator.sweep_config import load_sweep_config
 
     check_address_arg(args.address)
@@ -134,11 +135,33 @@ def format_summary(summary: Any, tracking_uri: str | None = None, *, command: st
 
 
 def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
-    """What an interrupted sweep left undone, and the command that finishes it."""
+    """What an interrupted (or SIGTERM-terminated) sweep left undone, and the command that finishes it."""
+    from orchestrator.ray_env import stop_word
+
     left = summary.n_planned - summary.n_trials if summary.n_planned else summary.n_unfinished
-    return (f"The sweep was interrupted: {summary.n_trials} of {summary.n_planned or '?'} trials finished; "
-            f"{left} still to run ({summary.n_unfinished} stopped midway: they start again). Finished trials are "
-            f"kept. Continue with: {command} --out {summary.sweep_dir} --resume")
+    return (f"The sweep was {stop_word(getattr(summary, 'terminated', False))}: {summary.n_trials} of "
+            f"{summary.n_planned or '?'} trials finished; {left} still to run ({summary.n_unfinished} stopped midway: "
+            f"they start again). Finished trials are kept. Continue with: {command} --out {summary.sweep_dir} --resume")
+
+
+def continue_flag(cfg: Any) -> str:
+    """The ``--resume`` flag that continues ``cfg``'s stopped sweep: ``--resume`` once its Tune state exists (the
+    trials started), else ``--resume auto`` (stopped while preparing: it starts the sweep from its saved config)."""
+    from orchestrator.sweep import holds_sweep_state
+
+    return "--resume" if holds_sweep_state(cfg) else "--resume auto"
+
+
+def stopped_note(cfg: Any, by_sigterm: bool) -> str | None:
+    """The line of a sweep stopped outside its trials (while preparing, or in its last steps once they ended):
+    what is kept and the command that continues it; None before it saved its config (nothing to continue)."""
+    from orchestrator.ray_env import stop_word
+
+    cfg = cfg.resolved()
+    if not (Path(cfg.out_dir) / "sweep_config.yaml").exists():
+        return None
+    return (f"the sweep was {stop_word(by_sigterm)}; its finished trials are kept ({Path(cfg.out_dir) / 'trials.parquet'}). "
+            f"Continue with: gmpq sweep --out {cfg.out_dir} {continue_flag(cfg)}")
 
 
 def choose_resume(cfg: Any, resume: bool | str, say: Any) -> bool:
@@ -162,12 +185,20 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
+    from orchestrator.ray_env import Terminated, stop_status
     from orchestrator.sweep import run_sweep
     resume = choose_resume(cfg, args.resume, _say)
-    summary = run_sweep(cfg, resume=resume, progress=not args.quiet)
+    try:
+        summary = run_sweep(cfg, resume=resume, progress=not args.quiet)
+    except KeyboardInterrupt as e:           # outside the trials (those stop gracefully: the summary says it)
+        note = stopped_note(cfg, isinstance(e, Terminated))
+        if note is None:
+            raise
+        _say(note)
+        return stop_status(isinstance(e, Terminated))
     print(format_summary(summary, cfg.resolved().tracking_uri))
     if summary.interrupted:
-        return 130
+        return stop_status(summary.terminated)
     return 0 if summary.n_completed > 0 else 1
 
 

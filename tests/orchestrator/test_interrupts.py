@@ -1,5 +1,5 @@
-"""Ctrl-C (and SIGTERM, a preempted batch job) ends a command with exit 130 and one line: what is kept, and the
-command that continues it; never Ray Train's silent status 1 or Ray's C++ stack dump."""
+"""Ctrl-C (and SIGTERM, a preempted batch job) ends a command with exit 130 (SIGTERM: 143, "terminated") and one
+line: what is kept, and the command that continues it; never Ray Train's silent status 1 or Ray's C++ stack dump."""
 from __future__ import annotations
 
 import os
@@ -41,18 +41,18 @@ def test_ctrl_c_during_a_single_fine_tune_reaches_the_caller_even_under_another_
 
 
 def test_sigterm_inside_a_ray_session_does_what_ctrl_c_does_and_the_handler_is_put_back():
-    from orchestrator.ray_env import sigterm_as_ctrl_c
+    from orchestrator.ray_env import Terminated, ctrl_c_signals
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt):                             # Python's Ctrl-C: KeyboardInterrupt
-        with sigterm_as_ctrl_c():
+    with pytest.raises(Terminated):                                    # Python's Ctrl-C: a KeyboardInterrupt
+        with ctrl_c_signals():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(2)
     assert signal.getsignal(signal.SIGTERM) is before
     seen = []
     previous = signal.signal(signal.SIGINT, lambda sig, frame: seen.append(sig))     # a sweep's Ray Tune handler
     try:
-        with sigterm_as_ctrl_c():
+        with ctrl_c_signals():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.1)
         assert seen == [signal.SIGINT]                                  # handed to it: a graceful stop
@@ -113,10 +113,11 @@ def _sweep_to_fine_tune(root: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.ray
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupting_gmpq_finetune_sweep_exits_130_with_the_command_that_continues_it(tmp_path, sig):
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+def test_interrupting_gmpq_finetune_sweep_exits_with_the_command_that_continues_it(tmp_path, sig, status, word):
     """The real command (Ray Train, one policy at a time), signalled as a terminal (Ctrl-C) or a batch system
-    (SIGTERM) does it: its whole process group, once the fine-tune reports progress."""
+    (SIGTERM: exit 143, "terminated") does it: its whole process group, once the fine-tune reports progress."""
     sweep_dir = _sweep_to_fine_tune(tmp_path / "sweep")
     cmd = [sys.executable, "-m", "orchestrator.cli", "finetune", "--sweep", str(sweep_dir), "--epochs", "20"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -142,8 +143,8 @@ def test_interrupting_gmpq_finetune_sweep_exits_130_with_the_command_that_contin
             p.wait()
     reader.join(10)
     err = "".join(lines)
-    assert rc == 130, err[-3000:]
-    assert "gmpq finetune: the fine-tune was interrupted;" in err, err[-3000:]
+    assert rc == status, err[-3000:]
+    assert f"gmpq finetune: the fine-tune was {word};" in err, err[-3000:]
     assert err.rstrip().endswith(f"Continue with: gmpq finetune --sweep {sweep_dir} --epochs 20"), err[-3000:]
     assert "Traceback" not in err and "SIGTERM received" not in err and "PC: @" not in err, err[-3000:]
     assert not (sweep_dir / "driver.json").exists()                     # gmpq status: not a dead driver's marker
