@@ -26,8 +26,8 @@ from gmpq_core.policy import BitCandidates
 from gmpq_core.precision import check_precision, resolve_precision
 
 __all__ = ["METHODS", "SEARCHED", "TARGET_PROXY", "NO_PROXY", "ProxySpec", "FPRecipe", "StudyConfig",
-           "load_study_config", "check_same_study_config", "expand_grid", "cell_id", "uniform_bits", "cost_summary",
-           "smoke_version"]
+           "load_study_config", "check_same_study_config", "check_study_data", "expand_grid", "cell_id",
+           "uniform_bits", "cost_summary", "smoke_version"]
 
 # Search overrides per searched method (on top of StudyConfig.search).
 SEARCH_OVERRIDES: dict[str, dict[str, Any]] = {
@@ -273,6 +273,50 @@ def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: 
     if diff:
         raise ConfigError(f"'{out}' holds rows of a study whose config differs in {', '.join(diff)} from this one "
                           f"(saved in '{saved}'). Resume with the same config, or pass another --out.")
+
+
+def _check_dataset_name(name: str, where: str) -> None:
+    from gmpq_core.data import DATASETS, check_dataset_name
+
+    try:
+        check_dataset_name(name)
+    except ConfigError as e:
+        raise ConfigError(f"In the study config, {where}: {e}{did_you_mean([name], DATASETS)}") from None
+
+
+def check_study_data(cfg: StudyConfig) -> None:
+    """The datasets a study names, checked as ``gmpq sweep`` checks its own before Ray starts (and before the
+    study folder is written): known names (target, each proxy's), each proxy's size within its training split
+    and not below its classes, ``test_size`` within the target's test split, and proxies with the target's
+    classes and channels (a teacher trained on a proxy is loaded as the target's model). ConfigError naming the
+    key; reads the dataset files (downloading one the first time, as a study would)."""
+    from gmpq_core.data import load_dataset
+
+    _check_dataset_name(cfg.target, "target")
+    for p in cfg.proxies:
+        _check_dataset_name(p.dataset, f"the dataset of proxy '{p.name}'")
+    target = load_dataset(cfg.target, root=cfg.data_root, image_size=cfg.image_size)
+    ti, n_test = target.info, len(target.test)
+    if cfg.test_size is not None and cfg.test_size > n_test:
+        raise ConfigError(f"test_size {cfg.test_size} is larger than the target dataset '{cfg.target}' ({n_test} "
+                          f"test images); use at most {n_test}, or null for all of them.")
+    if cfg.test_size is not None and cfg.test_size < ti.num_classes:
+        raise ConfigError(f"test_size {cfg.test_size} is smaller than the {ti.num_classes} classes of "
+                          f"'{cfg.target}'; use at least {ti.num_classes}.")
+    for p in cfg.proxies:
+        bundle = load_dataset(p.dataset, root=cfg.data_root, image_size=cfg.image_size)
+        pi, n = bundle.info, len(bundle.train)
+        if p.size is not None and p.size > n:
+            raise ConfigError(f"size {p.size} of proxy '{p.name}' is larger than the dataset '{p.dataset}' ({n} "
+                              f"training images); use at most {n}, or null for all of them.")
+        if p.size is not None and p.size < pi.num_classes:
+            raise ConfigError(f"size {p.size} of proxy '{p.name}' is smaller than the {pi.num_classes} classes of "
+                              f"'{p.dataset}'; use at least {pi.num_classes}.")
+        if (pi.num_classes, pi.in_channels) != (ti.num_classes, ti.in_channels):
+            raise ConfigError(f"proxy '{p.name}' ({p.dataset}: {pi.num_classes} classes, {pi.in_channels} "
+                              f"channel(s)) does not match the target '{cfg.target}' ({ti.num_classes} classes, "
+                              f"{ti.in_channels} channel(s)): the teacher trained on a proxy is loaded as the target's "
+                              "model. Use a proxy dataset with the target's classes and channels.")
 
 
 # -- the grid ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import yaml
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, atomic_write_text, read_json
 
-from .generalization import StudyConfig, check_same_study_config, expand_grid, load_study_config
+from .generalization import StudyConfig, check_same_study_config, check_study_data, expand_grid, load_study_config
 from .generalization_cells import prepare_models, run_cell, shared_models_summary
 
 ROWS_FILE = "rows.jsonl"
@@ -78,8 +78,9 @@ def run_local(cfg: StudyConfig, out: str | Path, *, minutes: float | None = None
     """Run the cells not yet completed in ``out`` until the deadline; returns the timing record."""
     t0 = time.perf_counter()
     out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     check_same_study_config(cfg, out, ROWS_FILE)
+    check_study_data(cfg)                  # dataset names and sizes: before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study_config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cells = expand_grid(cfg)
     done = _done_ids(out)

@@ -12,8 +12,10 @@
    ``cell_id``) and logs it to MLflow (one parent run per study, one child run per cell, ids kept in
    the study folder; default ``sqlite:///<study_dir>/mlflow.db``; MLflow failures only warn).
 
-``check_study_dir`` and ``check_tracking_uri`` run first (also from ``gmpq study`` before anything else): a
-bad ``--out`` or tracking URI is a ConfigError in a second, not a traceback after the shared models.
+``check_study_dir`` and ``check_tracking_uri`` run first (also from ``gmpq study`` before anything else), then
+``check_same_study_config`` and ``check_study_data`` (dataset names and sizes): a bad ``--out``, tracking URI or
+dataset is a ConfigError in seconds, before the study folder is written or Ray starts, not a traceback after
+the shared models.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write, atomic_write_text, check_writable_dir
 from orchestrator.mlflow_sink import MLflowSink
 
-from .generalization import StudyConfig, check_same_study_config, expand_grid
+from .generalization import StudyConfig, check_same_study_config, check_study_data, expand_grid
 from .generalization_cells import ROW_KEYS, cached_model_path, model_jobs, prepare_models, run_cell
 
 __all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "StudySink", "read_study", "write_rows", "check_study_dir",
@@ -202,8 +204,9 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     say = progress or (lambda msg: log.info("%s", msg))
     check_tracking_uri(cfg.tracking_uri)
     study_dir = check_study_dir(Path(study_dir).expanduser()).resolve()
-    study_dir.mkdir(parents=True, exist_ok=True)
     check_same_study_config(cfg, study_dir, STUDY_FILE)
+    check_study_data(cfg)                  # dataset names and sizes: before anything is written or Ray starts
+    study_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(study_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     cells = expand_grid(cfg)
     done = read_study(study_dir)

@@ -11,7 +11,7 @@ gbitops_quantized, gbitops_total, search_seconds, proxy_top1, proxy_ard, target_
   policies, per proxy within each budget (across budgets the bits alone would order both sides),
   with the std tau would have by chance.
 - ``comparisons(agg)`` + ``reading(...)``: method differences against their standard error over
-  seeds (win / loss only beyond 2 SE), in words.
+  seeds (win / loss only beyond 2 SE, tie within; no verdict where a side has one seed: no SE), in words.
 - ``plot_study(df, path)`` and ``write_results_md(...)``.
 """
 from __future__ import annotations
@@ -27,11 +27,13 @@ from gmpq_core.fileio import atomic_write, atomic_write_text
 
 from .text import fmt
 
-__all__ = ["METHOD_ORDER", "aggregate", "kendall_tau", "rank_agreement", "comparisons", "reading",
-           "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se"]
+__all__ = ["METHOD_ORDER", "NO_SE", "MIN_POLICIES", "aggregate", "kendall_tau", "rank_agreement", "comparisons",
+           "reading", "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se"]
 
 METHOD_ORDER = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random")
 SEARCHED = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search")
+NO_SE = "n/a (one seed)"    # the verdict of a difference with no standard error: a side has one seed
+MIN_POLICIES = 3            # rank_agreement: fewer searched policies in a (proxy, budget) group give no tau
 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -81,7 +83,7 @@ def tau_null_std(n: int) -> float:
     return math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))) if n >= 2 else math.nan
 
 
-def rank_agreement(df: pd.DataFrame, *, min_policies: int = 3) -> pd.DataFrame:
+def rank_agreement(df: pd.DataFrame, *, min_policies: int = MIN_POLICIES) -> pd.DataFrame:
     """Kendall tau (proxy-side top-1 vs target top-1) over the searched policies of each proxy at each
     budget (methods x seeds), with the tau std expected by chance (``tau_null_std``). Proxies are not
     pooled: their proxy-side top-1 is measured on different test data. Groups of fewer than
@@ -108,7 +110,8 @@ def comparisons(agg: pd.DataFrame, *, base: str = "gmpq",
                 others: Iterable[str] = ("eta0", "gmpq_fixed_p3", "target_search", "uniform", "random")) -> pd.DataFrame:
     """``base`` minus each other method's mean target top-1, per proxy and budget, with the standard
     error of that difference over seeds (``diff_se``) and a verdict: 'win' / 'loss' when |diff| > 2 SE,
-    else 'tie'. Proxy-free methods (target_search, uniform, random) are compared at every proxy."""
+    else 'tie'; ``NO_SE`` when a side has one seed (no SE: the data cannot tell a difference from seed noise).
+    Proxy-free methods (target_search, uniform, random) are compared at every proxy."""
     rows = []
     key = {(r.method, r.proxy, r.budget): r for r in agg.itertuples(index=False)}
     for r in agg[agg["method"] == base].itertuples(index=False):
@@ -119,7 +122,8 @@ def comparisons(agg: pd.DataFrame, *, base: str = "gmpq",
                 continue
             diff = r.top1_mean - o.top1_mean
             se = diff_se(r.top1_std, r.n, o.top1_std, o.n)
-            verdict = "tie" if not np.isfinite(se) or abs(diff) <= 2 * se else ("win" if diff > 0 else "loss")
+            verdict = (NO_SE if not np.isfinite(se) else "tie" if abs(diff) <= 2 * se
+                       else "win" if diff > 0 else "loss")
             rows.append({"proxy": r.proxy, "budget": r.budget, "versus": m, "diff": diff, "se": se,
                          "verdict": verdict})
     return pd.DataFrame(rows, columns=["proxy", "budget", "versus", "diff", "se", "verdict"])
@@ -131,10 +135,16 @@ def reading(agg: pd.DataFrame, comp: pd.DataFrame, taus: pd.DataFrame) -> list[s
     if not comp.empty:
         for m, g in comp.groupby("versus", sort=False):
             counts = g["verdict"].value_counts().to_dict()
-            out.append(f"GMPQ vs {m}: {counts.get('win', 0)} wins, {counts.get('tie', 0)} ties, "
-                       f"{counts.get('loss', 0)} losses over {len(g)} (proxy, budget) pairs; mean difference "
-                       f"{g['diff'].mean():+.2f} points (a win or loss needs |diff| > 2 standard errors; the typical SE "
-                       f"of one difference is {g['se'].median():.2f} points).")
+            se = g["se"][np.isfinite(g["se"])]
+            no_se = counts.get(NO_SE, 0)
+            why = "one seed: no standard error, so a difference cannot be told from seed noise"
+            verdicts = (f"no verdict on any of {len(g)} (proxy, budget) pairs ({why})" if no_se == len(g) else
+                        f"{counts.get('win', 0)} wins, {counts.get('tie', 0)} ties, {counts.get('loss', 0)} losses"
+                        + (f", {no_se} without a verdict ({why})" if no_se else "")
+                        + f" over {len(g)} (proxy, budget) pairs")
+            typical = f"{se.median():.2f} points" if len(se) else NO_SE
+            out.append(f"GMPQ vs {m}: {verdicts}; mean difference {g['diff'].mean():+.2f} points (a win or loss needs "
+                       f"|diff| > 2 standard errors; the typical SE of one difference is {typical}).")
     std = agg["top1_std"].dropna() if "top1_std" in agg else pd.Series(dtype=float)
     if len(std):
         out.append(f"Seed noise: the std of target top-1 over seeds is {std.median():.2f} points (median over "
@@ -212,9 +222,30 @@ def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
     return path
 
 
+def _tau_table(taus: pd.DataFrame) -> list[str]:
+    if taus.empty:
+        return [f"No tau: it needs at least {MIN_POLICIES} searched policies with a proxy-side top-1 for one proxy at "
+                f"one budget (searched methods x completed seeds), and no (proxy, budget) group of this study has "
+                f"that many."]
+    return ["| budget | proxy | policies | tau | std of tau by chance |", "|---|---|---|---|---|",
+            *[f"| {r.budget:g} | {r.proxy} | {r.n_policies} | {fmt(r.tau, '+.2f')} | {fmt(r.null_std, '.2f')} |"
+              for r in taus.itertuples()]]
+
+
+def _comparison_table(comp: pd.DataFrame, agg: pd.DataFrame) -> list[str]:
+    if comp.empty:
+        why = ("no completed gmpq cell" if not (agg["method"] == "gmpq").any()
+               else "no completed cell of another method at a budget of gmpq's")
+        return [f"No comparison: the study has {why}."]
+    return ["| budget | proxy | versus | diff | SE of diff (seeds) | verdict (2 SE) |", "|---|---|---|---|---|---|",
+            *[f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {fmt(r.se, '.2f')} | {r.verdict} |"
+              for r in comp.itertuples()]]
+
+
 def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path, header: Mapping[str, Any],
-                     notes: str = "") -> str:
-    """Write the results page (table, plot, rank agreement, generated reading, hand-written notes)."""
+                     notes: str = "", target: str = "Fashion-MNIST") -> str:
+    """Write the results page (table, plot, rank agreement, generated reading, hand-written notes); ``target``
+    names the target dataset in the table's title."""
     path = Path(path)
     agg = aggregate(df)
     taus = rank_agreement(df)
@@ -223,17 +254,13 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
     rel = png.name if png.parent.resolve() == path.parent.resolve() else str(png)
     lines = [f"# {header.get('title', 'Generalization study')}", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "title"]
-    lines += ["", "## Results (target = Fashion-MNIST test set; mean ± std over seeds)", "", format_table(agg), "",
+    lines += ["", f"## Results (target = {target} test set; mean ± std over seeds)", "", format_table(agg), "",
               f"![accuracy vs BitOPs per method]({rel})", "",
               "## Proxy-side vs target-side ranking of the searched policies (Kendall tau-b)", "",
-              "| budget | proxy | policies | tau | std of tau by chance |", "|---|---|---|---|---|"]
-    lines += [f"| {r.budget:g} | {r.proxy} | {r.n_policies} | {fmt(r.tau, '+.2f')} | {fmt(r.null_std, '.2f')} |"
-              for r in taus.itertuples()]
-    lines += ["", "## GMPQ against the other methods (difference of mean target top-1, points)", "",
-              "| budget | proxy | versus | diff | SE of diff (seeds) | verdict (2 SE) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {fmt(r.se, '.2f')} | {r.verdict} |"
-              for r in comp.itertuples()]
-    lines += ["", "## Reading (generated from the numbers)", ""] + [f"- {s}" for s in reading(agg, comp, taus)]
+              *_tau_table(taus), "", "## GMPQ against the other methods (difference of mean target top-1, points)", "",
+              *_comparison_table(comp, agg)]
+    said = reading(agg, comp, taus) or ["Nothing to read: the completed cells give no comparison, seed std or tau."]
+    lines += ["", "## Reading (generated from the numbers)", ""] + [f"- {s}" for s in said]
     if notes.strip():
         lines += ["", "## Reading (by hand, checked against the tables above)", "", notes.strip()]
     text = "\n".join(lines) + "\n"

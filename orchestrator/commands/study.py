@@ -5,6 +5,9 @@
     gmpq study --config FILE --smoke                   (FILE shrunk to smoke size)
     gmpq study --out runs/study_cpu --analyze-only     (rewrite the page from DIR/study.parquet)
 
+--analyze-only describes the study in DIR as it was run (DIR/study_config.yaml); a --config or --smoke that
+differs from it is refused, as a run with it would be.
+
 Rerunning with the same --out skips finished cells. Writes DIR/study.parquet, DIR/study_config.yaml,
 DIR/mlflow.db (unless --tracking-uri), the page (--report, default DIR/results.md) and its plot
 (--png, default study_<name>.png next to the page).
@@ -72,8 +75,7 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
                    f"{meta.get('steps')} SGD steps of batch {cfg.target_fp.batch_size}")
     teachers = ", ".join(f"{p.name} {shared[p.name]['top1']:.1f}%" for p in cfg.proxies
                          if (shared.get(p.name) or {}).get("top1") is not None)
-    s = cfg.search
-    ft = cfg.finetune
+    ft = cfg.finetune_config(0)                     # the values used, defaults filled in
     cells = gen.expand_grid(cfg)
     return {
         "title": f"Generalization study: {cfg.name}",
@@ -83,18 +85,61 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
                  f"A{list(cfg.candidates.a_bits)}; stem and classifier FP",
         "grid": f"{len(cells)} cells = methods {list(cfg.methods)} x proxies {[p.name for p in cfg.proxies]} x budgets "
                 f"{list(cfg.budgets)} avg bits x seeds {list(cfg.seeds)} ({len(df)} rows in study.parquet)",
-        "search": f"{s.get('epochs')} epochs x at most {s.get('max_steps_per_epoch') or 'all'} steps of batch "
-                  f"{s.get('batch_size')}; eta {s.get('eta')}, lambda {s.get('lam')}, fill_budget "
-                  f"{s.get('fill_budget', False)}; target_search overrides {dict(cfg.target_search) or 'none'}",
-        "fine-tune (identical for every policy)": f"{ft.get('epochs', 1)} epoch(s) x at most "
-                  f"{ft.get('max_steps_per_epoch') or 'all'} steps of batch {ft.get('batch_size', 128)} drawn from "
-                  f"the full 60k target training set, lr {ft.get('lr', 0.01)} cosine, from the target FP model",
+        "search": _search_line(cfg, gen),
+        "fine-tune (identical for every policy)": f"{ft.epochs} epoch(s) x at most "
+                  f"{ft.max_steps_per_epoch or 'all'} steps of batch {ft.batch_size} drawn from the full "
+                  f"{_dataset_title(cfg.target)} training set, lr {ft.lr:g} cosine, from the target FP model",
         "target FP model": fp_note,
         "teachers": f"{cfg.teacher.steps} SGD steps on each proxy" + (f" (top-1: {teachers})" if teachers else ""),
-        "evaluation": f"{cfg.test_size or 'all 10,000'} target test images (stratified, fixed); proxy-side top-1/ARD "
+        "evaluation": f"{cfg.test_size or 'all'} target test images (stratified, fixed); proxy-side top-1/ARD "
                       f"on {cfg.proxy_eval_size} proxy test images; target ARD on {cfg.ard_images} test images",
         "wall time": timing.get("text", "-"),
     }
+
+
+def _dataset_title(name: str) -> str:
+    """A registered dataset's own title ('Fashion-MNIST' for fashion_mnist); ``name`` for a folder dataset."""
+    from gmpq_core.data import DATASETS
+
+    spec = DATASETS.get(name.partition(":")[0])
+    return spec.description.split(":")[0] if spec is not None and not spec.takes_path else name
+
+
+def _search_line(cfg: Any, gen: Any) -> str:
+    """The search settings every searched method shares, as the searches used them (SearchConfig's default for a
+    key the study config leaves out, not None), and what a method sets on top of them."""
+    searched = [m for m in cfg.methods if m in gen.SEARCHED]
+    if not searched:
+        return "none (no method of this study searches a policy)"
+    sc = cfg.search_config("gmpq", cfg.budgets[0], 0)     # the study's search settings, no method's own
+    own = {m: [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in gen.SEARCH_OVERRIDES[m].items()
+               if getattr(sc, k) != v] for m in searched}
+    own = "".join(f"; {m} sets {', '.join(kv)}" for m, kv in own.items() if kv)
+    return (f"{sc.epochs} epoch(s) x at most {sc.max_steps_per_epoch or 'all'} steps of batch {sc.batch_size}; eta "
+            f"{sc.eta:g}, lambda {sc.lam:g}, fill_budget {sc.fill_budget}{own}; target_search overrides "
+            f"{dict(cfg.target_search) or 'none'}")
+
+
+def _studied_config(cfg: Any, out: Path, gen: Any, ray_run: Any) -> Any:
+    """--analyze-only: the config of the study whose rows ``out`` holds (its study_config.yaml), with ``cfg``'s
+    tracking URI. A ``cfg`` (--config, --smoke) that differs from it is refused: with the message a run gives
+    (``check_same_study_config``), or, where a run would resume the grid, in its name or grid, as the page would
+    describe another study than the rows'. Without a saved config or rows: ``cfg`` (nothing to describe)."""
+    from gmpq_core.errors import ConfigError
+
+    saved = out / ray_run.CONFIG_FILE
+    if not (saved.is_file() and (out / ray_run.STUDY_FILE).is_file()):
+        return cfg
+    gen.check_same_study_config(cfg, out, ray_run.STUDY_FILE)
+    old = gen.load_study_config(saved)
+    before, now = old.to_dict(), cfg.to_dict()
+    diff = [k for k in ("name", "methods", "proxies", "budgets", "seeds") if before[k] != now[k]]
+    if diff:
+        raise ConfigError(f"'{out}' holds rows of a study whose config differs in {', '.join(diff)} from this one "
+                          f"(saved in '{saved}'). --analyze-only writes the page of the study as it was run: leave "
+                          "out --config and --smoke to use the saved config, or run this one without --analyze-only "
+                          "to add its cells.")
+    return gen.StudyConfig.from_dict({**before, "tracking_uri": cfg.tracking_uri})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tracking_uri:
         cfg = gen.StudyConfig.from_dict({**cfg.to_dict(), "tracking_uri": args.tracking_uri})
     out = out or Path("runs") / cfg.name
+    if args.analyze_only:       # the page describes the study the rows come from, not another config
+        cfg = _studied_config(cfg, out, gen, ray_run)
     # every input checked before the study runs: a bad one is an error now, not a traceback after hours
     ray_run.check_tracking_uri(cfg.tracking_uri)
     check_address_arg(args.address)
@@ -156,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{sum(r['prepare_seconds'] for r in runs) / 60:.1f} min of it); sum of per-cell seconds "
                       f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
-    write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes)
+    write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
+                     target=_dataset_title(cfg.target))
     logged = not args.analyze_only or args.tracking_uri or (out / PARENT_FILE).is_file()
     if logged:       # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
         _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice
