@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import ConfigError, GMPQError
 from search_spaces.space import bucket_label
 
 from .results import PARETO_FILE, load_resolved_config, read_table, read_trials_table, rows_to_table, write_table
@@ -32,7 +32,7 @@ from .text import fmt, text_table
 
 __all__ = ["DEFAULT_TOP_K", "PARETO_PNG", "dominated_mask", "completed_trials", "pareto_front", "bucket_index",
            "bucket_label", "select_policies", "write_pareto", "read_pareto", "format_pareto_table", "export_policies",
-           "POLICIES_DIR", "POLICIES_PNG"]
+           "POLICIES_DIR", "POLICIES_PNG", "check_selectable"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,24 @@ def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = ())
     front["selection_reason"] = ["; ".join(dict.fromkeys(reasons[i])) if i in chosen else ""
                                  for i in range(len(front))]
     return front
+
+
+def check_selectable(sweep_dir: str | Path) -> pd.DataFrame:
+    """``<sweep_dir>/trials.parquet``, or GMPQError (exit 2) when no trial completed with transfer_top1 and bitops:
+    then there is nothing to select, and ``gmpq pareto`` says so before it writes anything (it used to draw
+    empty plots first)."""
+    from .results import read_trials
+
+    sweep_dir = Path(sweep_dir)
+    trials = read_trials(sweep_dir)               # CheckpointError naming the file if missing or damaged
+    if completed_trials(trials).empty:
+        counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+        seen = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial yet"
+        raise GMPQError(f"No trial of the sweep {sweep_dir} completed ({seen}), so there is no Pareto front and nothing "
+                        f"to select; nothing was written. See {sweep_dir / 'trials.parquet'} and 'gmpq status --sweep "
+                        f"{sweep_dir}'; fix the cause and continue the sweep with 'gmpq sweep --out {sweep_dir} "
+                        "--resume'.")
+    return trials
 
 
 def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Sequence[float] | None = None,

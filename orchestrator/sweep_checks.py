@@ -1,8 +1,10 @@
 """``check_sweep_config(cfg)``: everything about a sweep config that needs the model or the data, checked
 before Ray starts (``sweep_config`` checks the rest as it loads): the model and dataset names, proxy and
 transfer slices against the dataset sizes, the budget range against what the bit candidates reach, the
-fixed search settings (a dry build of one trial's ``SearchConfig``), and that the sweep, Tune storage and
-cache folders can be written. Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
+fixed search settings (a dry build of one trial's ``SearchConfig``), the Grad-CAM layer (resolved on the model as
+the trials do), and that the sweep, Tune storage and cache folders can be written. ``check_sweep_writable``: the
+same writability check for the commands that write into a finished sweep (``gmpq pareto``, ``gmpq finetune
+--sweep``). Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from .sweep_config import SweepConfig, trial_search_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepFacts", "check_sweep_config", "check_tracking_scheme", "check_tracking_uri"]
+__all__ = ["SweepFacts", "check_sweep_config", "check_tracking_scheme", "check_tracking_uri", "check_sweep_writable"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,22 @@ def _check_writable(cfg: SweepConfig) -> None:
     else:
         check_writable_dir(r.storage_path, what="Tune storage path", hint="pass a writable --storage PATH")
     check_writable_dir(r.cache_dir, what="cache folder", hint="set cache_dir to a writable folder")
+
+
+def check_sweep_writable(sweep_dir: str | Path, command: str, writes: str, *, folders: tuple[str, ...] = ()) -> None:
+    """ConfigError (exit 2) unless the finished sweep folder ``sweep_dir`` and its subfolders ``folders`` can be
+    written, for a ``command`` that writes ``writes`` into it (``gmpq pareto``, ``gmpq finetune --sweep``); called
+    before any work: a read-only folder used to end in a traceback at the first file written. Commands that only
+    read a sweep (``gmpq evaluate``, ``gmpq status``) do not call it."""
+    from gmpq_core.fileio import check_writable_dir
+
+    sweep_dir = Path(sweep_dir)
+    hint = (f"{command} writes {writes} there: copy the sweep to a folder you can write (cp -r {sweep_dir} NEW_DIR) "
+            "and pass that")
+    check_writable_dir(sweep_dir, what="sweep folder", hint=hint)
+    for name in folders:                      # one that does not exist yet is made in the folder checked above
+        if (sweep_dir / name).is_dir():
+            check_writable_dir(sweep_dir / name, what=f"folder '{name}' of the sweep", hint=hint)
 
 
 def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
@@ -113,7 +131,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     _warn_single_bucket(cfg, low, high)
     point = cfg.space.first_point()
     try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
-        trial_search_config(cfg, point)
+        search = trial_search_config(cfg, point)
     except TypeError as e:
         known = sorted(f.name for f in fields(SearchConfig) if not f.metadata.get("testing"))
         unknown = sorted(set(cfg.search) - set(known))
@@ -121,12 +139,49 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
             raise ConfigError(f"Unknown 'search' setting(s) {unknown}.{did_you_mean(unknown, known)} Known search "
                               f"settings: {known}.") from None
         raise ConfigError(f"Bad 'search' settings {sorted(cfg.search)}: {e}. Known search settings: {known}.") from None
+    _check_gradcam_layer(cfg, net, search.gradcam_layer, pi.image_size, pi.in_channels)
     _check_stores(cfg)
     _check_writable(cfg)
     return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
                       target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
                       target_train_size=len(target.train), target_test_size=len(target.test),
                       feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9))
+
+
+def _check_gradcam_layer(cfg: SweepConfig, net, override: str | None, input_size: int, in_channels: int) -> None:
+    """The Grad-CAM layer every trial uses (``search.gradcam_layer``, else the model's: a user's builder's
+    ``gradcam_layer`` attribute, else found by a forward pass) resolved now on the preflight's model, by the
+    function the trials use (``find_feature_layer``): a bad one used to fail every trial inside Ray, after the
+    shared FP models had trained."""
+    import torch
+
+    from gmpq_core.attribution import capture_features, find_feature_layer
+    from gmpq_core.models import gradcam_layer_name, is_import_spec
+
+    try:
+        layer = find_feature_layer(net, model_name=cfg.model, override=override, input_size=input_size,
+                                   in_channels=in_channels)
+        was_training = net.training
+        net.eval()
+        try:                       # its output must be a 4-D feature map on the way to the logits, as in the trials
+            with torch.no_grad(), capture_features(net, layer) as store:
+                net(torch.zeros(1, in_channels, input_size, input_size))
+        finally:
+            net.train(was_training)
+        if store.features is None:
+            raise ConfigError(f"gradcam_layer '{layer}' did not run in the forward pass; choose a module on the path "
+                              "from the input to the logits.")
+    except ConfigError as e:
+        own = gradcam_layer_name(cfg.model)
+        model_s = f", '{own}'" if own and own != override else ""
+        where = (f"It is search.gradcam_layer of the sweep config (leave it out to use the model's{model_s})."
+                 if override else f"It is the 'gradcam_layer' attribute of the model builder {cfg.model}."
+                 if own and is_import_spec(cfg.model) else "")
+        modules = {n for n, _ in net.named_modules() if n}
+        name = override or own
+        hint = did_you_mean([name], modules) if name and name not in modules else ""
+        raise ConfigError(" ".join(p for p in (str(e), hint.strip(), where, "Nothing has been trained yet.")
+                                   if p)) from None
 
 
 # MLflow tracking URI schemes (a database URI may name its driver: postgresql+psycopg2://...), plus those

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import at_least, int_or_auto
 
-__all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage"]
+__all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage", "check_sweep_folder"]
 
 
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
@@ -119,6 +119,24 @@ def check_tracking_uri_arg(uri: str | None) -> None:
     check_tracking_uri(uri, "--tracking-uri", default="where the sweep logged")
 
 
+def check_sweep_folder(sweep_dir: Path) -> None:
+    """Before Ray starts: ``sweep_dir`` is a sweep (its ``sweep_config.yaml``), and it, its ``models/`` and the
+    Ray Train storage when a local folder can be written (a read-only sweep used to end in a traceback)."""
+    from gmpq_core.fileio import check_writable_dir
+    from orchestrator.final_results import MODELS_DIR, finetune_storage, local_storage
+    from orchestrator.results import load_resolved_config
+    from orchestrator.sweep_checks import check_sweep_writable
+
+    cfg = load_resolved_config(sweep_dir, missing_ok=False)
+    check_sweep_writable(sweep_dir, "gmpq finetune --sweep", f"final.parquet, final.png and {MODELS_DIR}/",
+                         folders=(MODELS_DIR,))
+    storage = local_storage(finetune_storage(cfg, sweep_dir))
+    if storage is not None and storage.is_dir():    # (one not made yet: Ray Train makes it, maybe on another node)
+        check_writable_dir(storage, what="Ray Train storage of the sweep (its storage_path)",
+                           hint="the fine-tunes keep their checkpoints there: make it writable, or copy the sweep "
+                                f"to a folder you can write (cp -r {sweep_dir} NEW_DIR) and pass that")
+
+
 def run_sweep_finetune(args: argparse.Namespace) -> int:
     from . import quiet_libraries
     from .sweep import check_address_arg
@@ -127,6 +145,7 @@ def run_sweep_finetune(args: argparse.Namespace) -> int:
     check_address_arg(getattr(args, "address", None))
     quiet_libraries(getattr(args, "verbose", False))
     sweep_dir = Path(args.sweep).expanduser().resolve()
+    check_sweep_folder(sweep_dir)
     final = finetune_stage(sweep_dir, args,
                            say=lambda msg: print(f"gmpq finetune: {msg}", file=sys.stderr, flush=True))
     print(format_final_table(final))

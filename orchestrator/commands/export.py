@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         if src.name.endswith(SUFFIX):
             raise ConfigError(f"'{src}' is an integer model file already (written by 'gmpq export'); pass the float "
                               f"model it came from ({src.with_name(src.name.removesuffix(SUFFIX) + '.pt')}).")
+    _check_out_folders(pairs, given=args.out is not None)
     for src, out in pairs:
         row = export_one(src, out)
         if args.json:
@@ -79,6 +80,21 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(format_row(row, layers=args.layers))
     return 0
+
+
+def _check_out_folders(pairs: list[tuple[Path, Path]], *, given: bool) -> None:
+    """Every folder an integer file goes to can be written, checked before the first export (a read-only sweep
+    used to end in a traceback at the first file)."""
+    from gmpq_core.fileio import check_writable_dir
+
+    if given:
+        hint = "pass --out a file in a folder you can write"
+    else:
+        hint = (f"gmpq export writes <name>{SUFFIX} beside each model: copy the model files (or the sweep folder) to a "
+                "folder you can write and export them there" + (", or pass --out FILE in a folder you can write"
+                                                                   if len(pairs) == 1 else ""))
+    for folder in dict.fromkeys(out.parent for _, out in pairs):
+        check_writable_dir(folder, what=f"folder of the integer model file{'s' if len(pairs) > 1 else ''}", hint=hint)
 
 
 def export_one(src: Path, out: Path) -> dict:

@@ -58,10 +58,18 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
+    from orchestrator.pareto import POLICIES_DIR, check_selectable
+    from orchestrator.results import load_resolved_config
+    from orchestrator.sweep_checks import check_sweep_writable
+
     sweep_dir = Path(args.sweep).expanduser().resolve()
+    load_resolved_config(sweep_dir)                 # a file given: said first
+    check_selectable(sweep_dir)                     # no completed trial: refused before anything is written
+    check_sweep_writable(sweep_dir, "gmpq pareto", f"pareto.parquet, its plots and {POLICIES_DIR}/",
+                         folders=(POLICIES_DIR,))
     front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow)
     print_pareto(sweep_dir, front, args.top_k)
-    if front.empty:
+    if front.empty:                                 # (check_selectable said so already)
         print("gmpq pareto: no completed trial with transfer_top1 and bitops: nothing to select.", file=sys.stderr)
         return 1
     return 0

@@ -81,7 +81,8 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
         "title": f"Generalization study: {cfg.name}",
         "config": f"`{_rel(config_path)}` (resolved copy: `{_rel(study_dir / 'study_config.yaml')}`)",
         "device": device,
-        "model": f"{cfg.model} (small-input stem) at {cfg.image_size or 28} px; candidates W{list(cfg.candidates.w_bits)} "
+        "model": f"{cfg.model} ({'small-input' if cfg.small_input else 'ImageNet'} stem) at {_size_text(cfg, meta)}; "
+                 f"candidates W{list(cfg.candidates.w_bits)} "
                  f"A{list(cfg.candidates.a_bits)}; stem and classifier FP",
         "grid": f"{len(cells)} cells = methods {list(cfg.methods)} x proxies {[p.name for p in cfg.proxies]} x budgets "
                 f"{list(cfg.budgets)} avg bits x seeds {list(cfg.seeds)} ({len(df)} rows in study.parquet)",
@@ -95,6 +96,12 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
                       f"on {cfg.proxy_eval_size} proxy test images; target ARD on {cfg.ard_images} test images",
         "wall time": timing.get("text", "-"),
     }
+
+
+def _size_text(cfg: Any, meta: dict | None) -> str:
+    """The input size the study's models saw: its ``image_size``, else the one the target model recorded."""
+    size = cfg.image_size or (meta or {}).get("input_size")
+    return f"{size} px" if size else "the dataset's own image size"
 
 
 def _dataset_title(name: str) -> str:

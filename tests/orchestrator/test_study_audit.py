@@ -195,3 +195,13 @@ def test_the_header_shows_the_search_settings_used_not_none(tmp_path):
     assert "eta0 sets eta 0" in _header(both, tmp_path, "x.yaml", {"runs": []}, pd.DataFrame())["search"]
     plain = StudyConfig.from_dict({**TINY, "methods": ["uniform"], "proxies": []})
     assert _header(plain, tmp_path, "x.yaml", {"runs": []}, pd.DataFrame())["search"].startswith("none")
+
+
+def test_the_headers_model_line_follows_the_config_stem_and_size(tmp_path):
+    """It said "(small-input stem) at 28 px" whatever the study's model options were."""
+    from orchestrator.commands.study import _header
+
+    def model_line(**kw):
+        return _header(StudyConfig.from_dict({**TINY, **kw}), tmp_path, "x.yaml", {"runs": []}, pd.DataFrame())["model"]
+    assert model_line().startswith("resnet20 (small-input stem) at the dataset's own image size;")
+    assert model_line(small_input=False, image_size=32).startswith("resnet20 (ImageNet stem) at 32 px")
