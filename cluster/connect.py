@@ -41,7 +41,7 @@ class ResolvedAddress:
 
     kind: str
     address: str | None
-    source: str  # "default", "argument", "RAY_ADDRESS", "state file <path>", "ray discovery"
+    source: str  # "default", "argument" (or the caller's ``source``), "RAY_ADDRESS", "state file <path>", "ray discovery"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,8 +76,10 @@ def _check_host_port(value: str, what: str) -> None:
 
 
 def resolve_address(address: str | None, *, environ: Mapping[str, str] | None = None,
-                    state_dir: str | os.PathLike | None = None) -> ResolvedAddress:
-    """Turn ``--address`` into what ``ray.init`` needs, without connecting (see module docstring)."""
+                    state_dir: str | os.PathLike | None = None, source: str = "argument") -> ResolvedAddress:
+    """Turn ``--address`` into what ``ray.init`` needs, without connecting (see module docstring). ``source``:
+    where an explicit address (HOST:PORT, ray://) came from, for messages: the ``--address`` argument, or e.g.
+    "the sweep's config DIR/sweep_config.yaml" when a command read it there."""
     env = os.environ if environ is None else environ
     if address is None or address.strip() in ("", "local"):
         return ResolvedAddress(kind="local", address=None, source="default")
@@ -101,12 +103,12 @@ def resolve_address(address: str | None, *, environ: Mapping[str, str] | None = 
         return ResolvedAddress(kind="auto", address="auto", source="ray discovery")
     if address.startswith("ray://"):
         _check_host_port(address[len("ray://"):], "a ray:// address")
-        return ResolvedAddress(kind="client", address=address, source="argument")
+        return ResolvedAddress(kind="client", address=address, source=source)
     if "://" in address:
         raise ConfigError(f"--address must be 'auto', HOST:PORT or ray://HOST:PORT, but got {address!r}; "
                           "an http:// address is Ray's dashboard, not its GCS (default port 6379).")
     _check_host_port(address, "--address")
-    return ResolvedAddress(kind="gcs", address=address, source="argument")
+    return ResolvedAddress(kind="gcs", address=address, source=source)
 
 
 def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,

@@ -10,6 +10,9 @@ its hook returns (Tune records the trial as finished right after, and a resumed 
 so its run must be closed by then); ``on_experiment_end`` and ``close()`` (which ``run_sweep`` calls
 however the sweep ends) flush too, so nothing queued is lost.
 ``background=False`` makes every call in the hook itself (tests and one-off use).
+Metrics: each search epoch's report at ``step=epoch`` (the supernet's proxy_top1, ard, ...), then the final metrics at
+the last epoch's step, a completed trial's derived-policy proxy_top1 and ard as ``policy_proxy_top1`` /
+``policy_ard`` (``final_metrics``), so no metric's history mixes the supernet's values with the policy's.
 """
 from __future__ import annotations
 
@@ -24,9 +27,22 @@ from ray.tune import Callback
 from .mlflow_sink import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key
 from .results import _error_text, resolve_status
 
-__all__ = ["MLflowCallback"]
+__all__ = ["MLflowCallback", "POLICY_KEYS", "final_metrics"]
 
 log = logging.getLogger(__name__)
+
+# A completed trial's final proxy_top1 and ard are its derived policy's (measured once the search ended; trials.parquet's
+# columns), while each search epoch reports the supernet's under the same names: logged under those names at the last
+# epoch's step, one metric's history would mix both quantities. The policy's go under these keys instead.
+POLICY_KEYS = {"proxy_top1": "policy_proxy_top1", "ard": "policy_ard"}
+
+
+def final_metrics(row: Mapping[str, Any], status: str) -> dict[str, Any]:
+    """A trial's final metrics (``FINAL_METRICS``) by their MLflow keys: a completed trial's proxy_top1 and ard under
+    ``POLICY_KEYS``; a pruned or failed trial's are its last epoch's report (the supernet's, already in the per-epoch
+    series at that step), under their own names."""
+    keys = POLICY_KEYS if status == "completed" else {}
+    return {keys.get(k, k): row.get(k) for k in FINAL_METRICS}
 
 
 class MLflowCallback(Callback):
@@ -131,7 +147,7 @@ class MLflowCallback(Callback):
         self._ended.add(tid)
         if rid is None:
             return
-        final = {k: last.get(k) for k in FINAL_METRICS}
+        final = final_metrics(last, status)
         if last.get("replayed"):          # a finished trial Tune reran after a driver crash: log only what is missing
             run = self.sink.call("reading a run", self.sink.client.get_run, rid)
             final = {k: v for k, v in final.items() if run is not None and k not in run.data.metrics}

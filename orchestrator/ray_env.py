@@ -15,13 +15,14 @@ Ray tasks and returns their results in order.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import signal
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "ctrl_c_signals", "Terminated",
+__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "address_origin", "ctrl_c_signals", "Terminated",
            "terminated", "stop_status", "stop_word", "ray_map", "OBJECT_STORE_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         return False
     kwargs: dict = {"include_dashboard": False, "log_to_driver": log_to_driver, "logging_level": logging.ERROR,
                     "configure_logging": True}
+    given = address
     if address is not None:
         address = _join_address(address)    # None for "local"
     if address is None:
@@ -87,25 +89,65 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
             raise
         from cluster.errors import ClusterError
 
-        raise ClusterError(f"Could not join the Ray cluster at {address!r}: {e}. Check that it runs and that this "
-                           "machine may join it ('gmpq cluster status' or 'ray status'; a cluster with token auth "
-                           "needs its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN), or run on this machine alone "
-                           "with --address local.") from None
+        origin = _origin_of(given)
+        said = f" (address {given!r} from {origin}, not from --address)" if origin else ""
+        raise ClusterError(f"Could not join the Ray cluster at {address!r}{said}: {e}. Check that it runs and that "
+                           "this machine may join it ('gmpq cluster status' or 'ray status'; a cluster with token auth "
+                           "needs its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN), give another with --address auto "
+                           "or --address HOST:PORT, or run on this machine alone with --address local.") from None
     return True
+
+
+_ADDRESS_ORIGIN: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "gmpq_address_origin", default=None)
+
+_ADDRESS_FIXES = ("--address auto (the cluster 'gmpq cluster up' recorded, or $RAY_ADDRESS) or --address HOST:PORT "
+                  "('gmpq cluster status' shows it)")
+
+
+@contextlib.contextmanager
+def address_origin(origin: str, address: str | None = None) -> Iterator[None]:
+    """While inside, an address joined here (``address`` only, when given) is said to come from ``origin`` (e.g.
+    "the sweep's config DIR/sweep_config.yaml"), not from ``--address``: a command that reads it from a saved
+    config (``gmpq finetune --sweep``, ``gmpq sweep --resume``) names that file in a failed join's message."""
+    token = _ADDRESS_ORIGIN.set((origin, address))
+    try:
+        yield
+    finally:
+        _ADDRESS_ORIGIN.reset(token)
+
+
+def _origin_of(address: str) -> str | None:
+    """The origin ``address_origin`` set for ``address`` (None: it was given as --address)."""
+    held = _ADDRESS_ORIGIN.get()
+    if held is None or (held[1] is not None and held[1].strip() != address.strip()):
+        return None
+    return held[0]
+
+
+def _address_said(address: str, resolved: Any, origin: str | None) -> str:
+    """Where the address joined came from, for messages: "--address auto, from state file ...", or "address
+    '10.0.0.5:6379' from the sweep's config ..., not from --address" (``address_origin``)."""
+    if origin is None:
+        return f"--address {address}, from {resolved.source}"
+    via = "" if resolved.source == origin else f", resolved from {resolved.source}"
+    return f"address {address!r} from {origin}, not from --address{via}"
 
 
 def _join_address(address: str) -> str | None:
     """``--address`` as ``ray.init`` needs it: "auto" becomes the cluster ``gmpq cluster up`` recorded (or
     ``$RAY_ADDRESS``), a malformed address is a ConfigError, and a HOST:PORT where nothing answers is a
     ClusterError within seconds (``ray.init`` would retry for minutes; a ``ray://`` address or Ray's own
-    discovery is not probed). Token auth is switched on when a token exists (``gmpq cluster up`` starts
-    clusters that require it). None: "local"."""
+    discovery is not probed), naming where the address came from (``address_origin``) and the --address that
+    fixes it. Token auth is switched on when a token exists (``gmpq cluster up`` starts clusters that require it).
+    None: "local"."""
     import socket
 
     from cluster.connect import require_client_package, resolve_address, use_token_auth_if_available
     from cluster.errors import ClusterError
 
-    resolved = resolve_address(address)
+    origin = _origin_of(address)
+    resolved = resolve_address(address, source=origin or "argument")
     if resolved.kind == "local":
         return None
     require_client_package(resolved)
@@ -114,13 +156,15 @@ def _join_address(address: str) -> str | None:
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
         except OSError as e:
-            raise ClusterError(
-                f"No Ray cluster answers at {resolved.address} (--address {address}, from {resolved.source}): {e}. "
-                "Start one ('gmpq cluster up'), check the address ('gmpq cluster status'), or run on this machine "
-                "alone with --address local.") from None
+            fixes = (f"A cluster started again has another address, and --address overrides the recorded one: "
+                     f"{_ADDRESS_FIXES}; or start one ('gmpq cluster up')" if origin else
+                     f"Start one ('gmpq cluster up'), or give the cluster's address: {_ADDRESS_FIXES}")
+            raise ClusterError(f"No Ray cluster answers at {resolved.address} ({_address_said(address, resolved, origin)}): "
+                               f"{e}. {fixes}; or run on this machine alone with --address local.") from None
     use_token_auth_if_available()                      # only once there is a cluster to join
     if resolved.address != address:
-        log.warning("--address %s: joining the Ray cluster at %s (from %s)", address, resolved.address,
+        log.warning("%s: joining the Ray cluster at %s (from %s)",
+                    f"address {address!r} from {origin}" if origin else f"--address {address}", resolved.address,
                     resolved.source)
     return resolved.address
 

@@ -5,7 +5,9 @@ Sources, all written as the sweep goes:
 - ``trials.parquet``: the trials that ended (completed, pruned, failed);
 - ``trial_events.jsonl``: each trial's start, search epochs and transfer check (written by the trials);
 - ``driver.json``: the host and pid of the command running the sweep or its fine-tune (``driver_marker``);
-- ``pareto.parquet``, ``final.parquet`` and the fine-tune's progress files: the final stage.
+- ``pareto.parquet``, ``final.parquet`` and the fine-tune's progress files: the final stage;
+- ``mlflow_parent.json`` / ``mlflow_runs.json``: the MLflow runs the sweep made (``mlflow_view``): an ended trial or
+  fine-tune without one is a run its tracking store lacks (logging was off: the store could not be reached).
 A trial that started, has no row, and whose driver is gone was stopped midway (Ctrl-C, a killed driver):
 ``--resume`` runs it again.
 """
@@ -19,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
@@ -28,7 +30,8 @@ from .results import (FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_r
                       read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
-__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status"]
+__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status",
+           "mlflow_view", "mlflow_gaps_text"]
 
 log = logging.getLogger(__name__)
 _CUT_LINES_OK = 3    # trial_events.jsonl lines a crash may leave cut (a driver and its trials append to it)
@@ -113,6 +116,7 @@ class SweepStatus:
     final: dict[str, dict] = field(default_factory=dict)       # final.parquet rows by trial id
     finetune_progress: dict[str, dict] = field(default_factory=dict)   # {"epoch", "step", "steps", "age_s"}
     shared: dict = field(default_factory=dict)                 # shared.json: FP target and teachers' accuracies
+    mlflow: dict = field(default_factory=dict)                 # mlflow_view: what the tracking store lacks
 
     def count(self, status: str) -> int:
         return sum(t.status == status for t in self.trials)
@@ -234,7 +238,32 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
     progress = _finetune_progress(sweep_dir, cfg, [t for t in selected if t not in final])
     return SweepStatus(sweep_dir=sweep_dir, name=str(cfg.get("name") or sweep_dir.name), n_planned=cfg.get("n_trials"),
                        trials=trials, driver=driver, driver_alive=alive, selected=selected, final=final,
-                       finetune_progress=progress, shared=_read_shared(sweep_dir))
+                       finetune_progress=progress, shared=_read_shared(sweep_dir),
+                       mlflow=mlflow_view(sweep_dir, cfg, [t.trial_id for t in trials if t.status in (COMPLETED, PRUNED,
+                                                                                                   FAILED)], final))
+
+
+def mlflow_view(sweep_dir: str | Path, cfg: dict, ended: Iterable[str], finetuned: Iterable[str] = ()) -> dict:
+    """What the sweep's tracking store lacks, from the folder alone (MLflow is not asked): ``{"tracking_uri",
+    "parent_run": whether mlflow_parent.json records the sweep's parent run, "missing_trials" / "missing_finetunes":
+    the ended trials and fine-tuned policies with no run in mlflow_runs.json}``. The sink records each run as it
+    makes it (a trial's at its start), so one missing was never logged: the store could not be reached then (the
+    sweep warned "MLflow logging disabled"). {} when an id file is unreadable (nothing is claimed)."""
+    from .mlflow_sink import PARENT_FILE, RUNS_FILE, default_tracking_uri
+
+    sweep_dir = Path(sweep_dir)
+    try:
+        parent = read_json(sweep_dir / PARENT_FILE) if (sweep_dir / PARENT_FILE).is_file() else {}
+        runs = read_json(sweep_dir / RUNS_FILE) if (sweep_dir / RUNS_FILE).is_file() else {}
+    except (CheckpointError, OSError):
+        return {}
+    trials = runs.get("trials") if isinstance(runs.get("trials"), dict) else {}
+    finetunes = runs.get("finetune") if isinstance(runs.get("finetune"), dict) else {}
+    has_run = {str(k).split(":", 1)[0].split("#", 1)[0] for k in finetunes}    # <trial_id>[:<recipe>][#<run>]
+    return {"tracking_uri": str(cfg.get("tracking_uri") or default_tracking_uri(sweep_dir)),
+            "parent_run": bool(isinstance(parent, dict) and parent.get("run_id")),
+            "missing_trials": [t for t in ended if t not in trials],
+            "missing_finetunes": [t for t in finetuned if t not in has_run]}
 
 
 def _read_shared(sweep_dir: Path) -> dict:
@@ -245,3 +274,21 @@ def _read_shared(sweep_dir: Path) -> dict:
         return {}
     return d if isinstance(d, dict) else {}
 
+
+
+def mlflow_gaps_text(view: dict, sweep_dir: str | Path) -> str | None:
+    """The line saying what the tracking store lacks (``mlflow_view``) and the command that uploads it; None when it
+    lacks nothing (or no trial has ended yet)."""
+    trials, finetunes = view.get("missing_trials") or [], view.get("missing_finetunes") or []
+    if not view or not (trials or finetunes):
+        return None
+    sync = f"gmpq sync-mlflow --sweep {sweep_dir}"
+    uri = view["tracking_uri"]
+    if not view.get("parent_run"):
+        return (f"MLflow lacks this sweep: nothing of it was logged to {uri} (its logging was off: the tracking store "
+                f"could not be reached). The results are complete in the Parquet tables; once the store answers, "
+                f"upload them with: {sync}")
+    parts = [f"{len(ids)} {what} run(s) ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
+             for ids, what in ((trials, "trial"), (finetunes, "fine-tune")) if ids]
+    return (f"MLflow lacks {' and '.join(parts)} in {uri} (its logging was off for part of the sweep: the tracking "
+            f"store could not be reached). Upload them with: {sync}")

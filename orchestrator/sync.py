@@ -11,13 +11,15 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
   and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
 - the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them.
 
-A run that already holds everything is left alone, so a second sync changes nothing (idempotent).
+A run that already holds everything is left alone, so a second sync changes nothing (idempotent). Syncing to another
+store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``_id_files_kept``).
 Run it after the sweep, or while the sweep's own MLflow logging is disabled (one writer at a time). A sweep
 folder with no results yet (no row in ``trials.parquet``, or no such file: no trial has finished) has nothing
 to sync: the store is checked (when it exists) and no run is created.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,15 +27,16 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
-from gmpq_core.errors import GMPQError
+from gmpq_core.errors import CheckpointError, GMPQError
+from gmpq_core.fileio import atomic_write_json, read_json
 
-from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key,
-                          default_tracking_uri)
+from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, PARENT_FILE, RUN_STATUS, RUNS_FILE, MLflowSink,
+                          _phase_key, default_tracking_uri)
 from .mlflow_stages import log_final, log_pareto
 from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
@@ -118,6 +121,13 @@ def child_runs_by_trial(sink: MLflowSink, role: str = "trial") -> dict[str, list
     return out
 
 
+def _final_keys(row: Mapping[str, Any]) -> list[str]:
+    """The MLflow keys of ``FINAL_METRICS`` for a trials.parquet row (``mlflow_callback.final_metrics``)."""
+    from .mlflow_callback import final_metrics
+
+    return list(final_metrics(row, row["status"]))
+
+
 class _Syncer:
     def __init__(self, sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path) -> None:
         self.sink, self.cfg, self.sweep_dir = sink, cfg, sweep_dir
@@ -147,7 +157,8 @@ class _Syncer:
         need = []
         if run.info.status != RUN_STATUS[status] or run.data.tags.get("status") != status:
             need.append("status")
-        if any(_present(row.get(k)) and k not in run.data.metrics for k in FINAL_METRICS):
+        if any(_present(row.get(k)) and not {k, key} & run.data.metrics.keys()    # (a run logged before the policy
+               for k, key in zip(FINAL_METRICS, _final_keys(row))):               # keys has it under k)
             need.append("metrics")
         if status == "failed" and _present(row.get("error")) and "error" not in run.data.tags:
             need.append("error")
@@ -163,9 +174,13 @@ class _Syncer:
                 step = r.get("epoch", r.get("training_iteration", 0))
                 sink.log_metrics(rid, {_phase_key(r, k): v for k, v in r.items() if k not in _RAY_KEYS},
                                  step=int(step or 0))
-        if "metrics" in need:
+            metrics = c.get_run(rid).data.metrics
+        if "metrics" in need:                          # those the run lacks (a partly logged run: not twice)
+            from .mlflow_callback import final_metrics
+
             step = row.get("last_epoch") if _present(row.get("last_epoch")) else row.get("epochs_run")
-            sink.log_metrics(rid, {k: row.get(k) for k in FINAL_METRICS if _present(row.get(k))},
+            final = final_metrics(row, status)
+            sink.log_metrics(rid, {k: v for k, v in final.items() if _present(v) and k not in metrics},
                              step=int(step) if _present(step) else 0)
         if "policy" in need:
             sink.call("logging policy.json", c.log_text, rid, str(row["policy_json"]), "policy.json")
@@ -249,6 +264,32 @@ def _nothing_to_sync(sink: MLflowSink, sweep_dir: Path) -> SyncReport:
                       runs_unchanged=0, tables_logged=(), duplicates=0, nothing_to_sync=True)
 
 
+@contextlib.contextmanager
+def _id_files_kept(sink: MLflowSink) -> Iterator[None]:
+    """Syncing to another store than the one the folder's id files name (``mlflow_parent.json``, ``mlflow_runs.json``:
+    the sweep's own store, where its sweep and final stage log): those files are put back as they were afterwards.
+    The sync's sinks rewrite them for the store they write to, which used to drop the other store's ids (its
+    fine-tune runs' map, which a plain sync does not rebuild, so the next final stage logged their metrics again).
+    Runs of the other store are found again by their tags; the sweep's own keep their recorded ids."""
+    kept = {}
+    for name in (PARENT_FILE, RUNS_FILE):
+        path = sink.sweep_dir / name
+        try:
+            data = read_json(path) if path.is_file() else None
+        except CheckpointError:
+            continue                  # damaged: the sink says so and starts afresh, as before
+        if isinstance(data, dict) and data.get("tracking_uri") and not sink._same_store(data):
+            kept[path] = data
+    try:
+        yield
+    finally:
+        for path, data in kept.items():
+            atomic_write_json(path, data)
+        if kept:
+            log.info("kept %s for %s (the store they name); the runs in %s are found by their tags",
+                     ", ".join(p.name for p in kept), next(iter(kept.values()))["tracking_uri"], sink.tracking_uri)
+
+
 def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> SyncReport:
     """Make the MLflow view of ``sweep_dir`` whole (see the module docstring); returns what it did.
 
@@ -271,7 +312,7 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> Sy
     sink = MLflowSink(uri, sweep_dir, resolved_config=cfg)
     if not rows and not any((sweep_dir / f).is_file() for f in (PARETO_FILE, FINAL_FILE)):
         return _nothing_to_sync(sink, sweep_dir)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _id_files_kept(sink):
         warnings.simplefilter("always", RuntimeWarning)     # the sink's warning even if shown before: it says why
         connected = sink.connect()
         if not connected:

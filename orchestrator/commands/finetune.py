@@ -122,7 +122,14 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"gmpq finetune --sweep does not use {', '.join(extra)}: it fine-tunes the sweep's "
                               "selected policies with the sweep's FP model, data and finetune settings, and writes "
                               "into the sweep folder. Drop those options, or fine-tune one policy without --sweep.")
-        return run_sweep_finetune(args)
+        if getattr(args, "address", None) is not None:
+            return run_sweep_finetune(args)
+        from orchestrator.ray_env import address_origin
+        from orchestrator.results import CONFIG_FILE
+
+        config = Path(args.sweep).expanduser().resolve() / CONFIG_FILE     # without --address: the sweep's address
+        with address_origin(f"the sweep's config {config}"):
+            return run_sweep_finetune(args)
     sweep_only = [f"--{k.replace('_', '-')}" for k in ("top_k", "workers", "max_concurrent", "address", "tracking_uri")
                   if getattr(args, k, None) is not None]
     if sweep_only:

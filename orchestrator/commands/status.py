@@ -5,8 +5,9 @@
 
 Reads the sweep folder only (no Ray session, no MLflow): each trial's status, budget, proxy size, accuracies,
 BitOPs and time, where a running trial got to (search epoch, transfer check), whether the command
-running the sweep is alive, which policies the Pareto stage selected, the final fine-tune's progress,
-and the command to run next. ``--json`` prints the same as one JSON object.
+running the sweep is alive, which policies the Pareto stage selected, the final fine-tune's progress, the
+runs its MLflow store lacks (its logging was off: ``gmpq sync-mlflow`` uploads them), and the command to run
+next. ``--json`` prints the same as one JSON object.
 """
 from __future__ import annotations
 
@@ -131,6 +132,11 @@ def format_status(st: Any) -> str:
     not_started = (st.n_planned or 0) - len(st.trials)
     if not_started > 0 and st.trials:
         lines.append(f"{not_started} trial(s) not started yet.")
+    from orchestrator.sweep_status import mlflow_gaps_text
+
+    gaps = mlflow_gaps_text(st.mlflow, st.sweep_dir)
+    if gaps:
+        lines.append(gaps)
     lines += _final_lines(st)
     step = _next_step(st)
     if step:

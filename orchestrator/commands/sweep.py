@@ -14,14 +14,17 @@ for SIGTERM); finished trials are kept.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries, refuse_empty
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
-           "choose_resume", "format_summary", "continue_flag", "run", "quiet_libraries"]
+           "choose_resume", "format_summary", "mlflow_line", "noting_mlflow_off", "address_origin_text",
+           "continue_flag", "run", "quiet_libraries"]
 
 
 class ResumeArg(argparse.Action):
@@ -116,8 +119,10 @@ def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] |
     return load_sweep_config(path, preset=args.preset, overrides=overrides)
 
 
-def format_summary(summary: Any, tracking_uri: str | None = None, *, command: str = "gmpq sweep") -> str:
-    """The sweep's trial table and counts; for an interrupted sweep, ``command`` is the one that continues it."""
+def format_summary(summary: Any, tracking_uri: str | None = None, *, command: str = "gmpq sweep",
+                   logging_off: str | None = None) -> str:
+    """The sweep's trial table and counts; for an interrupted sweep, ``command`` is the one that continues it; with
+    ``tracking_uri``, the MLflow line (``mlflow_line``; ``logging_off``: the sink's warning, if it warned)."""
     lines = [f"{'trial':<14} {'status':<10} {'budget':>6} {'proxy%':>7} {'transfer%':>9} {'GBitOPs':>8}"]
     for r in sorted(summary.rows, key=lambda r: (r["status"] != "completed", -(r["transfer_top1"] or 0))):
         lines.append(f"{r['trial_id']:<14} {r['status']:<10} {fmt(r['budget_avg_bits'], '.2f'):>6} "
@@ -130,8 +135,61 @@ def format_summary(summary: Any, tracking_uri: str | None = None, *, command: st
     if summary.interrupted:
         lines.append(interrupted_note(summary, command))
     if tracking_uri:
-        lines.append(f"MLflow: {mlflow_ui_hint(tracking_uri)}")
+        lines.append(mlflow_line(summary, tracking_uri, logging_off))
     return "\n".join(lines)
+
+
+def mlflow_line(summary: Any, tracking_uri: str, logging_off: str | None = None) -> str:
+    """The summary's MLflow line: how to look at the runs; or, when the store lacks them (``logging_off``: the
+    sink's "MLflow logging disabled" warning of this run; or ended trials the folder's id files have no run of),
+    that, and the ``gmpq sync-mlflow`` command that uploads them."""
+    from orchestrator.mlflow_sink import DISABLED
+    from orchestrator.sweep_status import mlflow_gaps_text, mlflow_view
+
+    ended = [str(r["trial_id"]) for r in summary.rows if r.get("status") in ("completed", "pruned", "failed")]
+    view = mlflow_view(summary.sweep_dir, {"tracking_uri": tracking_uri}, ended)
+    if logging_off:
+        why = logging_off.removeprefix(f"{DISABLED}: ").split(". Work goes on", 1)[0]
+        what = "some of this sweep's runs are missing there" if view.get("parent_run") else \
+            "nothing of this sweep is there"
+        return (f"MLflow: logging was off ({why}): {what}; the results are complete in the Parquet tables. Once the "
+                f"store answers, upload them with: gmpq sync-mlflow --sweep {summary.sweep_dir}")
+    gaps = mlflow_gaps_text(view, summary.sweep_dir)
+    return f"MLflow: {mlflow_ui_hint(tracking_uri)}" if gaps is None else gaps
+
+
+@contextlib.contextmanager
+def noting_mlflow_off() -> Iterator[list[str]]:
+    """Yields a list that gets the MLflow sink's "logging disabled" warning once it is shown (shown as before: at
+    the sweep's start, from the MLflow writer thread), for the summary's last line."""
+    from orchestrator.mlflow_sink import DISABLED
+
+    shown: list[str] = []
+    show = warnings.showwarning
+
+    def note(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        if str(message).startswith(DISABLED):
+            shown.append(str(message))
+        show(message, category, *rest, **kw)
+
+    warnings.showwarning = note
+    try:
+        yield shown
+    finally:
+        if warnings.showwarning is note:
+            warnings.showwarning = show
+
+
+def address_origin_text(args: argparse.Namespace, cfg: Any) -> str | None:
+    """Where the Ray address a sweep joins came from when no --address was given (None: given, or none): its
+    --config file, its preset, or the saved config it resumes from."""
+    if getattr(args, "address", None) is not None or cfg.address is None:
+        return None
+    if args.config:
+        return f"--config {args.config}"
+    if args.preset:
+        return f"the preset {args.preset}"
+    return f"the sweep's config {Path(cfg.resolved().out_dir) / 'sweep_config.yaml'}"
 
 
 def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
@@ -185,18 +243,21 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
-    from orchestrator.ray_env import Terminated, stop_status
+    from orchestrator.ray_env import Terminated, address_origin, stop_status
     from orchestrator.sweep import run_sweep
     resume = choose_resume(cfg, args.resume, _say)
+    origin = address_origin_text(args, cfg)
     try:
-        summary = run_sweep(cfg, resume=resume, progress=not args.quiet)
+        with noting_mlflow_off() as mlflow_off, \
+                (address_origin(origin, cfg.address) if origin else contextlib.nullcontext()):
+            summary = run_sweep(cfg, resume=resume, progress=not args.quiet)
     except KeyboardInterrupt as e:           # outside the trials (those stop gracefully: the summary says it)
         note = stopped_note(cfg, isinstance(e, Terminated))
         if note is None:
             raise
         _say(note)
         return stop_status(isinstance(e, Terminated))
-    print(format_summary(summary, cfg.resolved().tracking_uri))
+    print(format_summary(summary, cfg.resolved().tracking_uri, logging_off=mlflow_off[0] if mlflow_off else None))
     if summary.interrupted:
         return stop_status(summary.terminated)
     return 0 if summary.n_completed > 0 else 1
