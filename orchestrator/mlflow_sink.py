@@ -10,8 +10,8 @@ Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlfl
   tables (``mlflow_stages``);
 - one child run per trial (tag ``mlflow.parentRunId``; ids kept in ``<sweep_dir>/mlflow_runs.json`` so a
   resumed sweep does not duplicate them): the trial's config as params, per-epoch metrics with
-  ``step=epoch``, the final metrics, ``policy.json``, tag ``status`` and run status FINISHED (completed),
-  KILLED (pruned) or FAILED (failed);
+  ``step=epoch``, the final metrics (the derived policy's ``policy_proxy_top1`` / ``policy_ard``), ``policy.json``,
+  tag ``status`` and run status FINISHED (completed), KILLED (pruned) or FAILED (failed);
 - one child run per final fine-tune (``finetune-<trial_id>``, ``mlflow_stages.log_final``).
 
 MLflow is a view: if the tracking store cannot be reached, the sink warns once and does nothing more

@@ -321,9 +321,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
     """
     t0, started_at = time.perf_counter(), datetime.now()
+    joined = None
     if cfg.address is not None:                # a malformed --address fails now: no warning, no file written
         from cluster.connect import resolve_address
-        resolve_address(cfg.address)           # checks the syntax only; joining comes later (ray_env)
+        joined = resolve_address(cfg.address)  # checks the syntax only; joining comes later (ray_env)
     check_not_a_study(cfg.sweep_dir)
     say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     if not isinstance(resume, bool):
@@ -333,7 +334,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
     if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
         log.warning("joining the Ray cluster at %s: trials on other nodes need storage_path and cache_dir on "
-                    "storage every node shares (NFS, S3); the defaults are inside %s", cfg.address, cfg.sweep_dir)
+                    "storage every node shares (NFS, S3); the defaults are inside %s",
+                    joined.address if joined is not None and joined.kind == "gcs" and joined.address else cfg.address,
+                    cfg.sweep_dir)
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
     if resume:

@@ -16,6 +16,7 @@ the final Pareto table, the plot paths and the command that opens the results in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 from gmpq_core.errors import GMPQError
 
-from . import at_least, help_text, int_or_auto, mlflow_ui_hint, quiet_libraries
+from . import at_least, help_text, int_or_auto, quiet_libraries
 
 __all__ = ["register", "run"]
 
@@ -36,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
-    from orchestrator.commands.sweep import choose_resume, config_from_args, continue_flag, format_summary
-    from orchestrator.ray_env import Terminated, ctrl_c_signals, ray_session, stop_status
+    from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, continue_flag,
+                                             format_summary, mlflow_line, noting_mlflow_off)
+    from orchestrator.ray_env import Terminated, address_origin, ctrl_c_signals, ray_session, stop_status
 
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
@@ -51,8 +53,11 @@ def run(args: argparse.Namespace) -> int:
     check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
     resume = choose_resume(cfg, args.resume, _say)        # --resume auto: resume or start, said before Ray starts
     stage = "the sweep"
+    origin = address_origin_text(args, cfg)              # an address from the config, not --address: named if dead
     try:
-        with ray_session(resolved.address):              # one Ray for the sweep and the fine-tune
+        with noting_mlflow_off() as mlflow_off, \
+                (address_origin(origin, resolved.address) if origin else contextlib.nullcontext()), \
+                ray_session(resolved.address):           # one Ray for the sweep and the fine-tune
             from orchestrator.final_stage import check_final_workers
 
             if resolved.finetune.workers != "auto":       # 'auto' fits whatever the cluster has
@@ -93,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     print("\nFinal fine-tune (full target data):")
     print(format_final_table(final))
     print(final_files_text(sweep_dir))
-    print(f"\nOpen the results in MLflow:\n  {mlflow_ui_hint(resolved.tracking_uri)}")
+    print("\n" + mlflow_line(summary, resolved.tracking_uri, mlflow_off[0] if mlflow_off else None))
     if resolved.optuna_storage:
         print(f"Optuna study (optuna-dashboard is a separate package: pip install optuna-dashboard):\n"
               f"  optuna-dashboard {resolved.optuna_storage}")

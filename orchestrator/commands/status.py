@@ -17,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from orchestrator.trial_status import COMPLETED, FAILED, PRUNED
+
 from . import help_text
 
 __all__ = ["register", "run", "format_status"]
@@ -64,6 +66,10 @@ def _next_step(st: Any) -> str | None:
                 "fine-tunes). Ended trials are kept; trials stopped midway run again.")
     if st.state != "finished":
         return None
+    if st.count(COMPLETED) == 0:                          # nothing to select: gmpq pareto refuses
+        return (f"No trial completed ({st.count(PRUNED)} pruned, {st.count(FAILED)} failed), so there is nothing to "
+                f"select: see {d / 'trials.parquet'} and the Ray trial folders for the cause, fix it, then gmpq sweep "
+                f"--out {d} --resume (failed trials run again).")
     if not (d / "pareto.parquet").exists():
         return f"Next: gmpq pareto --sweep {d}   (then gmpq finetune --sweep {d})"
     if any(t not in st.final for t in st.selected):

@@ -178,3 +178,16 @@ def test_gmpq_status_reads_a_sweep_folder_without_importing_ray_or_torch(tmp_pat
                          cwd=Path(__file__).resolve().parents[2])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "t1" in out.stdout and "HEAVY []" in out.stdout
+
+
+def test_a_finished_sweep_without_a_completed_trial_names_the_cause_not_gmpq_pareto(tmp_path, capsys):
+    """It said "Next: gmpq pareto", which then refused: nothing to select."""
+    write_results(tmp_path, [trial_row(trial_id=t, config={"budget_avg_bits": 3.0}, status="failed", last_result=None,
+                                       error="ConfigError: boom") for t in ("t1", "t2")], [])
+    (tmp_path / "sweep_config.yaml").write_text("name: st\nn_trials: 2\n")
+    assert read_sweep_status(tmp_path).state == "finished"
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "gmpq pareto" not in out
+    assert (f"No trial completed (0 pruned, 2 failed), so there is nothing to select: see {tmp_path / 'trials.parquet'}"
+            in out and f"gmpq sweep --out {tmp_path} --resume (failed trials run again)" in out)
