@@ -82,11 +82,12 @@ class Variant:
         head, *suffixes = name.split("+")
         impl, _, node = head.partition(":")
         bad = [x for x in suffixes if x not in SUFFIXES] + ([node] if node not in ("", "conv") else [])
-        if {"keep", "recompute"} <= set(suffixes):
-            bad.append("keep and recompute")
         if impl not in ALL_VARIANTS or bad:
             raise ValueError(f"variant {name!r}: give impl[:conv][+suffix...] with impl one of {ALL_VARIANTS} and "
                              f"suffixes from {SUFFIXES} (got {bad or impl!r})")
+        if {"keep", "recompute"} <= set(suffixes):
+            raise ValueError(f"variant {name!r}: +keep and +recompute exclude each other (keep the operands for the "
+                             "backward pass, or recompute them); give one of them, or neither for the default rule")
         keep = True if "keep" in suffixes else False if "recompute" in suffixes else None
         return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes, keep)
 
@@ -319,7 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--models", default=None, help="comma list of model:size:in_channels (default per device)")
     p.add_argument("--variants", default=None, help=f"comma list of {ALL_VARIANTS} (default: all that run here)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (CUDA default; on a CPU: fast only with AMX / AVX512-BF16)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (CUDA default; on a CPU: fast only with AMX / AVX512-BF16)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (CUDA default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

@@ -290,28 +290,18 @@ def check_study_data(cfg: StudyConfig) -> None:
     and not below its classes, ``test_size`` within the target's test split, and proxies with the target's
     classes and channels (a teacher trained on a proxy is loaded as the target's model). ConfigError naming the
     key; reads the dataset files (downloading one the first time, as a study would)."""
-    from gmpq_core.data import load_dataset
+    from gmpq_core.data import check_subset_size, load_dataset
 
     _check_dataset_name(cfg.target, "target")
     for p in cfg.proxies:
         _check_dataset_name(p.dataset, f"the dataset of proxy '{p.name}'")
     target = load_dataset(cfg.target, root=cfg.data_root, image_size=cfg.image_size)
     ti, n_test = target.info, len(target.test)
-    if cfg.test_size is not None and cfg.test_size > n_test:
-        raise ConfigError(f"test_size {cfg.test_size} is larger than the target dataset '{cfg.target}' ({n_test} "
-                          f"test images); use at most {n_test}, or null for all of them.")
-    if cfg.test_size is not None and cfg.test_size < ti.num_classes:
-        raise ConfigError(f"test_size {cfg.test_size} is smaller than the {ti.num_classes} classes of "
-                          f"'{cfg.target}'; use at least {ti.num_classes}.")
+    check_subset_size(cfg.test_size, n_test, ti.num_classes, "test_size", cfg.target, "test", role="target")
     for p in cfg.proxies:
         bundle = load_dataset(p.dataset, root=cfg.data_root, image_size=cfg.image_size)
-        pi, n = bundle.info, len(bundle.train)
-        if p.size is not None and p.size > n:
-            raise ConfigError(f"size {p.size} of proxy '{p.name}' is larger than the dataset '{p.dataset}' ({n} "
-                              f"training images); use at most {n}, or null for all of them.")
-        if p.size is not None and p.size < pi.num_classes:
-            raise ConfigError(f"size {p.size} of proxy '{p.name}' is smaller than the {pi.num_classes} classes of "
-                              f"'{p.dataset}'; use at least {pi.num_classes}.")
+        pi = bundle.info
+        check_subset_size(p.size, len(bundle.train), pi.num_classes, f"proxy '{p.name}': size", p.dataset, "training")
         if (pi.num_classes, pi.in_channels) != (ti.num_classes, ti.in_channels):
             raise ConfigError(f"proxy '{p.name}' ({p.dataset}: {pi.num_classes} classes, {pi.in_channels} "
                               f"channel(s)) does not match the target '{cfg.target}' ({ti.num_classes} classes, "

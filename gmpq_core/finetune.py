@@ -43,7 +43,7 @@ from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
            "run_info_changes", "state_digest", "recorded_fp", "fp_name", "check_resume_state", "resume_epochs",
-           "CHECKPOINT_NAME"]
+           "epochs_left_ok", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +247,19 @@ def resume_epochs(ckpt: Mapping[str, Any]) -> tuple[int, int]:
     return done, max(done, old) if isinstance(old, int) and not isinstance(old, bool) else done
 
 
+def epochs_left_ok(done: int, epochs: int, was: int) -> bool:
+    """Whether a checkpoint with ``done`` of its ``was`` epochs (``resume_epochs``) may run with ``epochs``: it
+    continues when fewer than ``epochs`` are done, and a finished fine-tune is kept by a run of its own total."""
+    return done < epochs or done == epochs == was
+
+
 def _check_epochs(path: Path, ckpt: Mapping[str, Any], epochs: int) -> None:
     """A checkpoint that has completed fewer than ``epochs`` epochs is continued (its cosine schedule set for the
     new total, longer or shorter than its own run's, as the Ray Train final stage does), and a finished fine-tune is
     kept by a run of its own total; one that has completed ``epochs`` or more of its run is refused: nothing is
     left to train, and its weights went down another schedule (and, once past ``epochs``, further)."""
     done, need = resume_epochs(ckpt)
-    if done < epochs or done == epochs == need:
+    if epochs_left_ok(done, epochs, need):
         return
     fix = (f"epochs={done} (or more, to continue it)" if done == need else
            f"epochs={done + 1} or more to continue it (epochs={need} finishes it as started)")

@@ -20,14 +20,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from .quantizers import levels_for     # the one levels formula (re-exported: gmpq_core.fused imports it here)
+
 __all__ = ["levels_for", "act_fwd_impl", "act_bwd_impl", "w_fwd_impl", "w_bwd_impl"]
 
 _EPS = 1e-8  # a = |clip| + 1e-8, as in quantizers.quantize_activation
-
-
-def levels_for(bits: int, signed: bool) -> int:
-    """Number of positive quantization steps n: 2^b - 1 (unsigned) or 2^(b-1) - 1 (signed, >= 1)."""
-    return max(2 ** (bits - 1) - 1, 1) if signed else 2 ** bits - 1
 
 
 _DIVISORS: dict[tuple, Tensor] = {}
@@ -149,7 +146,7 @@ def _weight_threshold(wf: Tensor) -> Tensor:
 
 def _weight_steps(wf: Tensor, bits: tuple[int, ...]) -> Tensor:
     """Steps s_i [I] of Qw_i(W) = s_i k_i: t / (2^(b-1) - 1), and mean|W| for b = 1."""
-    s = _steps(_weight_threshold(wf).expand(len(bits)), tuple(max(2 ** (b - 1) - 1, 1) for b in bits))
+    s = _steps(_weight_threshold(wf).expand(len(bits)), tuple(levels_for(b) for b in bits))
     if 1 in bits:
         key = ("b=1", bits, wf.device)
         one = None if torch.compiler.is_compiling() else _DIVISORS.get(key)

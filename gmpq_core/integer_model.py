@@ -37,7 +37,7 @@ from .export import FORMAT, INT_FORMAT_FAMILY, QuantizedModel, arch_from_meta, l
 from .fileio import load_checkpoint, save_checkpoint
 from .policy import QuantSpec
 from .qmodules import quantized_layers
-from .quantizers import quantize_weight, weight_levels, weight_step
+from .quantizers import levels_for, quantize_weight, weight_step
 
 __all__ = ["INT_FORMAT", "pack_codes", "unpack_codes", "weight_codes", "dequantize", "save_integer_model",
            "load_integer_model", "integer_sizes"]
@@ -84,10 +84,6 @@ def weight_codes(weight: Tensor, w_bits: int) -> tuple[Tensor, float]:
     return q.to(torch.int64), float(step)
 
 
-def _offset(w_bits: int) -> int:
-    return weight_levels(w_bits)
-
-
 def save_integer_model(path: str | os.PathLike, model: QuantizedModel) -> Path:
     """Write ``model`` (``export.load_quantized_model``'s result) with packed integer weights; returns the path."""
     net = model.model
@@ -98,7 +94,7 @@ def save_integer_model(path: str | os.PathLike, model: QuantizedModel) -> Path:
         w_bits = int(layer.w_bits)                      # 1..8 (QuantSpec): every quantized layer is packed
         q, step = weight_codes(layer.weight, w_bits)
         packed[name] = {"w_bits": w_bits, "shape": list(layer.weight.shape), "step": step,
-                        "codes": pack_codes(q + _offset(w_bits), storage_bits(w_bits))}
+                        "codes": pack_codes(q + levels_for(w_bits), storage_bits(w_bits))}
         del state[f"{name}.weight"]
     return save_checkpoint(path, {"format": INT_FORMAT, "arch": dict(model.arch), "policy_json": model.policy.to_json(),
                                   "quantized": {n: [int(s.w_bits), int(s.a_bits)] for n, s in model.quantized.items()},
@@ -127,7 +123,7 @@ def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = 
     state = dict(blob["float_state"])
     for name, entry in blob["packed"].items():
         w_bits, shape = int(entry["w_bits"]), [int(s) for s in entry["shape"]]
-        q = unpack_codes(entry["codes"], storage_bits(w_bits), math.prod(shape)) - _offset(w_bits)
+        q = unpack_codes(entry["codes"], storage_bits(w_bits), math.prod(shape)) - levels_for(w_bits)
         state[f"{name}.weight"] = dequantize(q, w_bits, entry).reshape(shape)
     as_float = {"format": FORMAT, "arch": arch_from_meta(blob["arch"]),
                 "policy_json": blob["policy_json"], "quantized": blob["quantized"], "state_dict": state,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["round_ste", "quantize_weight", "quantize_activation", "weight_levels", "weight_step", "ActQuantizer"]
+__all__ = ["round_ste", "quantize_weight", "quantize_activation", "levels_for", "weight_step", "ActQuantizer"]
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -23,9 +23,11 @@ def round_ste(x: Tensor) -> Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def weight_levels(bits: int) -> int:
-    """The largest integer code of a ``bits``-bit weight (codes -n..n; 1 bit: the sign, n = 1)."""
-    return 1 if bits == 1 else 2 ** (bits - 1) - 1
+def levels_for(bits: int, signed: bool = True) -> int:
+    """Number of positive quantization steps n, the largest integer code: 2^(b-1) - 1 when signed (codes -n..n, at
+    least 1: a 1-bit weight is its sign), 2^b - 1 when not (codes 0..n). Weights are signed; the one formula of the
+    quantizers, the fused kernels and ``integer_model``."""
+    return max(2 ** (bits - 1) - 1, 1) if signed else 2 ** bits - 1
 
 
 def _threshold(w: Tensor, threshold: Tensor | None) -> Tensor:
@@ -34,10 +36,10 @@ def _threshold(w: Tensor, threshold: Tensor | None) -> Tensor:
 
 def weight_step(w: Tensor, bits: int, threshold: Tensor | None = None) -> Tensor:
     """The (detached) step of ``quantize_weight``: 1 bit, mean |w|; else the threshold (max |w| unless given,
-    at least 1e-8) over ``weight_levels(bits)``. ``integer_model`` writes the codes with the same step."""
+    at least 1e-8) over ``levels_for(bits)``. ``integer_model`` writes the codes with the same step."""
     if bits == 1:
         return w.detach().abs().mean()
-    return _threshold(w, threshold) / weight_levels(bits)
+    return _threshold(w, threshold) / levels_for(bits)
 
 
 def quantize_weight(w: Tensor, bits: int, threshold: Tensor | None = None) -> Tensor:
@@ -47,7 +49,7 @@ def quantize_weight(w: Tensor, bits: int, threshold: Tensor | None = None) -> Te
     if bits == 1:
         return w + (torch.sign(w.detach()) * weight_step(w, 1) - w).detach()
     t = _threshold(w, threshold)
-    step = t / weight_levels(bits)
+    step = t / levels_for(bits)
     wc = torch.where(w.detach().abs() <= t, w, torch.maximum(torch.minimum(w.detach(), t), -t))
     return wc + (torch.round(wc / step) * step - wc).detach()
 
@@ -57,13 +59,8 @@ def quantize_activation(x: Tensor, clip: Tensor, bits: int, signed: bool = False
     if bits >= 32:
         return x
     a = torch.abs(clip) + 1e-8
-    if signed:
-        n = max(2 ** (bits - 1) - 1, 1)
-        y = torch.maximum(torch.minimum(x, a), -a)
-    else:
-        n = 2 ** bits - 1
-        y = torch.minimum(torch.relu(x), a)
-    step = a.detach() / n
+    y = torch.maximum(torch.minimum(x, a), -a) if signed else torch.minimum(torch.relu(x), a)
+    step = a.detach() / levels_for(bits, signed)
     return y + (torch.round(y / step) * step - y).detach()
 
 

@@ -32,7 +32,7 @@ from .text import fmt, text_table
 
 __all__ = ["DEFAULT_TOP_K", "PARETO_PNG", "dominated_mask", "completed_trials", "pareto_front", "bucket_index",
            "bucket_label", "select_policies", "write_pareto", "read_pareto", "format_pareto_table", "export_policies",
-           "POLICIES_DIR", "POLICIES_PNG", "check_selectable"]
+           "POLICIES_DIR", "POLICIES_PNG", "check_selectable", "no_completed_text"]
 
 log = logging.getLogger(__name__)
 
@@ -159,39 +159,62 @@ def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = ())
     return front
 
 
-def check_selectable(sweep_dir: str | Path) -> pd.DataFrame:
-    """``<sweep_dir>/trials.parquet``, or GMPQError (exit 2) when no trial completed with transfer_top1 and bitops:
-    then there is nothing to select, and ``gmpq pareto`` says so before it writes anything (it used to draw
-    empty plots first)."""
+def no_completed_text(sweep_dir: str | Path, trials_df: pd.DataFrame) -> str | None:
+    """None when some trial of ``trials_df`` (trials.parquet) is selectable (``completed_trials``: completed, with
+    transfer_top1 and bitops); else the one paragraph saying why there is nothing to select and what to do (shared by
+    ``gmpq pareto``, ``gmpq status`` and ``gmpq run``). A trial stored as completed without transfer_top1 or bitops
+    (non-finite results are stored as null) is named as such: ``--resume`` does not run it again."""
+    if not completed_trials(trials_df).empty:
+        return None
+    sweep_dir = Path(sweep_dir)
+    status = trials_df["status"] if len(trials_df) and "status" in trials_df else pd.Series([], dtype=object)
+    counts = status.value_counts().to_dict()
+    seen = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial yet"
+    n_bad = int(counts.get("completed", 0))          # completed, yet not selectable: a result is missing
+    text = (f"No trial of the sweep {sweep_dir} completed{' with transfer_top1 and BitOPs' if n_bad else ''} "
+            f"({seen}), so there is no Pareto front and nothing to select.")
+    if n_bad:
+        text += (f" {n_bad} completed without transfer_top1/BitOPs (non-finite results): 'gmpq sweep --resume' does "
+                 f"not run a completed trial again; see their rows in {sweep_dir / 'trials.parquet'} and their Ray "
+                 "trial folders, fix the cause (e.g. a diverging search) and run a new sweep.")
+    if n_bad < len(trials_df) or not len(trials_df):
+        text += (f" See {sweep_dir / 'trials.parquet'} and 'gmpq status --sweep {sweep_dir}'; fix the cause and "
+                 f"continue the sweep with: gmpq sweep --out {sweep_dir} --resume (failed trials run again).")
+    return text
+
+
+def check_selectable(sweep_dir: str | Path, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """``<sweep_dir>/trials.parquet`` (``trials`` when given: already read), or GMPQError (exit 2) when no trial
+    completed with transfer_top1 and bitops (``no_completed_text``): then there is nothing to select, and ``gmpq
+    pareto`` says so before it writes anything (it used to draw empty plots first)."""
     from .results import read_trials
 
-    sweep_dir = Path(sweep_dir)
-    trials = read_trials(sweep_dir)               # CheckpointError naming the file if missing or damaged
-    if completed_trials(trials).empty:
-        counts = trials["status"].value_counts().to_dict() if len(trials) else {}
-        seen = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no trial yet"
-        raise GMPQError(f"No trial of the sweep {sweep_dir} completed ({seen}), so there is no Pareto front and nothing "
-                        f"to select; nothing was written. See {sweep_dir / 'trials.parquet'} and 'gmpq status --sweep "
-                        f"{sweep_dir}'; fix the cause and continue the sweep with 'gmpq sweep --out {sweep_dir} "
-                        "--resume'.")
+    if trials is None:
+        trials = read_trials(sweep_dir)           # CheckpointError naming the file if missing or damaged
+    text = no_completed_text(sweep_dir, trials)
+    if text is not None:
+        raise GMPQError(f"{text} gmpq pareto wrote nothing.")
     return trials
 
 
 def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Sequence[float] | None = None,
-                 plot: bool = True) -> pd.DataFrame:
+                 plot: bool = True, cfg: dict | None = None, table: pa.Table | None = None) -> pd.DataFrame:
     """Select from ``<sweep_dir>/trials.parquet``; write ``pareto.parquet`` (atomic), ``pareto.png`` and
     ``policies.png`` (the selected policies' per-layer bits).
 
     ``top_k`` and ``buckets`` default to the sweep config's ``finetune.top_k`` and ``budget_buckets``.
     pareto.parquet has the trials.parquet columns (same types) plus ``selected`` and ``selection_reason``.
+    ``cfg`` (the sweep config) and ``table`` (trials.parquet as Arrow) spare reading them again when already read.
     """
     sweep_dir = Path(sweep_dir)
-    cfg = load_resolved_config(sweep_dir)
+    if cfg is None:
+        cfg = load_resolved_config(sweep_dir)
     if top_k is None:
         top_k = int((cfg.get("finetune") or {}).get("top_k") or DEFAULT_TOP_K)
     if buckets is None:
         buckets = [float(b) for b in cfg.get("budget_buckets") or []]
-    table = read_trials_table(sweep_dir)     # CheckpointError naming the file if not gmpq's table
+    if table is None:
+        table = read_trials_table(sweep_dir)     # CheckpointError naming the file if not gmpq's table
     trials = table.to_pandas()
     sel = select_policies(trials, top_k, buckets)
     by_id = {str(r["trial_id"]): r for r in table.to_pylist()}

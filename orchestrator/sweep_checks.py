@@ -76,7 +76,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     import torch
 
     from gmpq_core.complexity import bitops_range
-    from gmpq_core.data import load_dataset
+    from gmpq_core.data import check_subset_size, load_dataset
     from gmpq_core.layers import searchable_layers
     from gmpq_core.models import build_model, check_model
     from gmpq_core.precision import resolve_precision
@@ -90,21 +90,15 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     target = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
     pi, ti = proxy.info, target.info
     for size in cfg.proxy_sizes():
-        if size is not None and size > len(proxy.train):
-            raise ConfigError(f"proxy_size {size} is larger than the proxy dataset '{cfg.proxy_dataset}' "
-                              f"({len(proxy.train)} training images); use at most {len(proxy.train)}.")
-        if size is not None and size < pi.num_classes:
-            raise ConfigError(f"proxy_size {size} is smaller than the {pi.num_classes} classes of "
-                              f"'{cfg.proxy_dataset}'; use at least {pi.num_classes}.")
+        check_subset_size(size, len(proxy.train), pi.num_classes, "proxy_size", cfg.proxy_dataset, "training",
+                          role="proxy")
     tr = cfg.transfer
-    for what, size, split in (("transfer.train_size", tr.train_size, target.train),
-                              ("transfer.fp_train_size", tr.fp_train_size, target.train),
-                              ("transfer.test_size", tr.test_size, target.test),
-                              ("finetune.train_size", cfg.finetune.train_size, target.train),
-                              ("finetune.test_size", cfg.finetune.test_size, target.test)):
-        if size is not None and size > len(split):
-            raise ConfigError(f"{what} {size} is larger than the target dataset '{cfg.target_dataset}' "
-                              f"({len(split)} images in that split); use at most {len(split)}.")
+    for what, size, split, images in (("transfer.train_size", tr.train_size, target.train, "training"),
+                                      ("transfer.fp_train_size", tr.fp_train_size, target.train, "training"),
+                                      ("transfer.test_size", tr.test_size, target.test, "test"),
+                                      ("finetune.train_size", cfg.finetune.train_size, target.train, "training"),
+                                      ("finetune.test_size", cfg.finetune.test_size, target.test, "test")):
+        check_subset_size(size, len(split), None, what, cfg.target_dataset, images, role="target")
     with torch.random.fork_rng():
         net = build_model(cfg.model, num_classes=pi.num_classes, in_channels=pi.in_channels,
                           small_input=cfg.small_input)
@@ -161,16 +155,17 @@ def _check_gradcam_layer(cfg: SweepConfig, net, override: str | None, input_size
     try:
         layer = find_feature_layer(net, model_name=cfg.model, override=override, input_size=input_size,
                                    in_channels=in_channels)
-        was_training = net.training
-        net.eval()
-        try:                       # its output must be a 4-D feature map on the way to the logits, as in the trials
-            with torch.no_grad(), capture_features(net, layer) as store:
-                net(torch.zeros(1, in_channels, input_size, input_size))
-        finally:
-            net.train(was_training)
-        if store.features is None:
-            raise ConfigError(f"gradcam_layer '{layer}' did not run in the forward pass; choose a module on the path "
-                              "from the input to the logits.")
+        if override or gradcam_layer_name(cfg.model):   # a named layer; one found by a forward pass outputs 4-D
+            was_training = net.training
+            net.eval()
+            try:                   # its output must be a 4-D feature map on the way to the logits, as in the trials
+                with torch.no_grad(), capture_features(net, layer) as store:
+                    net(torch.zeros(1, in_channels, input_size, input_size))
+            finally:
+                net.train(was_training)
+            if store.features is None:
+                raise ConfigError(f"gradcam_layer '{layer}' did not run in the forward pass; choose a module on the "
+                                  "path from the input to the logits.")
     except ConfigError as e:
         own = gradcam_layer_name(cfg.model)
         model_s = f", '{own}'" if own and own != override else ""

@@ -275,7 +275,6 @@ def _read_shared(sweep_dir: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-
 def mlflow_gaps_text(view: dict, sweep_dir: str | Path) -> str | None:
     """The line saying what the tracking store lacks (``mlflow_view``) and the command that uploads it; None when it
     lacks nothing (or no trial has ended yet)."""

@@ -8,7 +8,7 @@
 """
 from .info import DataBundle, DatasetInfo, FolderSplit, TensorSplit
 from .loader import FolderLoader, Loader, TensorLoader, default_num_workers, make_loader
-from .proxy import class_counts, proxy, proxy_indices
+from .proxy import check_subset_size, class_counts, proxy, proxy_indices
 from .registry import (DATASETS, DatasetSpec, canonical_data_source, canonical_dataset_name, check_dataset_name,
                        clear_dataset_cache, list_datasets, load_dataset, register_dataset)
 
@@ -17,6 +17,6 @@ __all__ = [
     "list_datasets", "load_dataset", "check_dataset_name", "canonical_data_source", "canonical_dataset_name",
     "register_dataset", "DATASETS",
     "DatasetSpec", "clear_dataset_cache",
-    "proxy", "proxy_indices", "class_counts",
+    "proxy", "proxy_indices", "class_counts", "check_subset_size",
     "make_loader", "Loader", "TensorLoader", "FolderLoader", "default_num_workers",
 ]

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["proxy_indices", "proxy", "class_counts"]
+__all__ = ["proxy_indices", "proxy", "class_counts", "check_subset_size"]
 
 SplitT = TypeVar("SplitT")
 
@@ -72,6 +72,22 @@ def class_counts(labels: torch.Tensor) -> dict[int, int]:
     """``{label: count}`` for a label tensor (a convenience for reports and tests)."""
     values, counts = np.unique(_labels_numpy(labels), return_counts=True)
     return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def check_subset_size(size: int | None, n: int, num_classes: int | None, what: str, dataset: str, split: str, *,
+                      role: str = "") -> None:
+    """ConfigError when a subset ``size`` of a dataset split is larger than the split (``n`` images) or smaller
+    than the dataset's ``num_classes`` (not checked when None); ``size=None`` (the whole split) passes. ``what``
+    names the key (``proxy_size``), ``split`` the split's images (``training``/``test``), ``role`` the dataset's
+    (``proxy``/``target``). The one check of ``gmpq sweep`` and ``gmpq study`` before anything starts."""
+    if size is None:
+        return
+    if size > n:
+        raise ConfigError(f"{what} {size} is larger than the {role + ' ' if role else ''}dataset '{dataset}' ({n} "
+                          f"{split} images); use at most {n}, or null for all of them.")
+    if num_classes is not None and size < num_classes:
+        raise ConfigError(f"{what} {size} is smaller than the {num_classes} classes of '{dataset}'; use at least "
+                          f"{num_classes}.")
 
 
 def proxy(split: SplitT, size: int | None, seed: int = 0, *, what: str = "proxy size") -> SplitT:

@@ -14,7 +14,8 @@ from torch import nn
 from gmpq_core.data import canonical_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import load_checkpoint
-from gmpq_core.finetune import CHECKPOINT_NAME, fp_name, recorded_fp, resume_epochs, run_info_changes, state_digest
+from gmpq_core.finetune import (CHECKPOINT_NAME, epochs_left_ok, fp_name, recorded_fp, resume_epochs, run_info_changes,
+                                state_digest)
 
 from .train_fp import FP_RESULT, FP_WEIGHTS
 
@@ -126,7 +127,7 @@ def _check_epochs_left(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
     and a total above the epochs done continues it, on the cosine schedule of that total, longer or shorter than
     the one it was started with (as the Ray Train final stage does)."""
     done, was = resume_epochs(ckpt)
-    if done < epochs or done == epochs == was:
+    if epochs_left_ok(done, epochs, was):
         return
     fresh = f"another --out for a {epochs}-epoch fine-tune, or delete '{out / CHECKPOINTS}' to start this folder's " \
             "fine-tune afresh."

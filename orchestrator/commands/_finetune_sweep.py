@@ -132,9 +132,12 @@ def check_sweep_folder(sweep_dir: Path) -> None:
                          folders=(MODELS_DIR,))
     storage = local_storage(finetune_storage(cfg, sweep_dir))
     if storage is not None and storage.is_dir():    # (one not made yet: Ray Train makes it, maybe on another node)
+        inside = storage.resolve().is_relative_to(sweep_dir.resolve())
+        other = (f"copy the sweep to a folder you can write (cp -r {sweep_dir} NEW_DIR) and pass that" if inside else
+                 f"set storage_path in {sweep_dir / 'sweep_config.yaml'} (what gmpq sweep --storage wrote) to a "
+                 "folder you can write")
         check_writable_dir(storage, what="Ray Train storage of the sweep (its storage_path)",
-                           hint="the fine-tunes keep their checkpoints there: make it writable, or copy the sweep "
-                                f"to a folder you can write (cp -r {sweep_dir} NEW_DIR) and pass that")
+                           hint=f"the fine-tunes keep their checkpoints there: make it writable, or {other}")
 
 
 def run_sweep_finetune(args: argparse.Namespace) -> int:

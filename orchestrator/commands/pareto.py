@@ -9,7 +9,6 @@ selected policies' bits, layer by layer), prints the table, and adds them to the
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +17,35 @@ from . import at_least, help_text, quiet_libraries
 __all__ = ["register", "run", "pareto_stage"]
 
 
-def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *, mlflow: bool = True) -> Any:
-    """write_pareto + MLflow logging; returns the Pareto DataFrame (shared with ``gmpq run``)."""
+def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *, mlflow: bool = True,
+                 cfg: dict | None = None, table: Any = None) -> Any:
+    """write_pareto + MLflow logging; returns the Pareto DataFrame (shared with ``gmpq run``). ``cfg`` (the sweep
+    config) and ``table`` (trials.parquet as Arrow) spare reading them again when already read."""
     from orchestrator.mlflow_stages import log_pareto
     from orchestrator.pareto import PARETO_PNG, write_pareto
     from orchestrator.results import load_resolved_config
 
-    front = write_pareto(sweep_dir, top_k)
+    if cfg is None:
+        cfg = load_resolved_config(sweep_dir)
+    front = write_pareto(sweep_dir, top_k, cfg=cfg, table=table)
     if mlflow:
-        uri = tracking_uri or load_resolved_config(sweep_dir).get("tracking_uri")
+        uri = tracking_uri or cfg.get("tracking_uri")
         log_pareto(uri, sweep_dir, front, sweep_dir / PARETO_PNG)
     return front
 
 
-def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
-    """The front's table; says so when fewer policies than ``top_k`` (default: the sweep config's) were selected."""
+def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None, *, cfg: dict | None = None,
+                 trials: Any = None) -> None:
+    """The front's table; says so when fewer policies than ``top_k`` (default: the sweep config's) were selected.
+    ``cfg`` (the sweep config) and ``trials`` (trials.parquet) spare reading them again when already read."""
     from orchestrator.pareto import DEFAULT_TOP_K, PARETO_PNG, POLICIES_DIR, POLICIES_PNG, format_pareto_table
     from orchestrator.results import PARETO_FILE, load_resolved_config, read_trials
 
-    cfg = load_resolved_config(sweep_dir)
+    if cfg is None:
+        cfg = load_resolved_config(sweep_dir)
     buckets = cfg.get("budget_buckets") or []
-    trials = read_trials(sweep_dir)
+    if trials is None:
+        trials = read_trials(sweep_dir)
     counts = trials["status"].value_counts().to_dict()
     print(f"Pareto front of {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}): "
           f"{len(front)} non-dominated, {int(front['selected'].sum()) if len(front) else 0} selected (*)")
@@ -59,19 +66,17 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.pareto import POLICIES_DIR, check_selectable
-    from orchestrator.results import load_resolved_config
+    from orchestrator.results import load_resolved_config, read_trials_table
     from orchestrator.sweep_checks import check_sweep_writable
 
     sweep_dir = Path(args.sweep).expanduser().resolve()
-    load_resolved_config(sweep_dir)                 # a file given: said first
-    check_selectable(sweep_dir)                     # no completed trial: refused before anything is written
+    cfg = load_resolved_config(sweep_dir)           # a file given: said first
+    table = read_trials_table(sweep_dir)            # CheckpointError naming the file if missing or damaged
+    trials = check_selectable(sweep_dir, table.to_pandas())     # no completed trial: refused before anything is written
     check_sweep_writable(sweep_dir, "gmpq pareto", f"pareto.parquet, its plots and {POLICIES_DIR}/",
                          folders=(POLICIES_DIR,))
-    front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow)
-    print_pareto(sweep_dir, front, args.top_k)
-    if front.empty:                                 # (check_selectable said so already)
-        print("gmpq pareto: no completed trial with transfer_top1 and bitops: nothing to select.", file=sys.stderr)
-        return 1
+    front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow, cfg=cfg, table=table)
+    print_pareto(sweep_dir, front, args.top_k, cfg=cfg, trials=trials)
     return 0
 
 

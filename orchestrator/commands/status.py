@@ -17,8 +17,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from orchestrator.trial_status import COMPLETED, FAILED, PRUNED
-
 from . import help_text
 
 __all__ = ["register", "run", "format_status"]
@@ -66,10 +64,12 @@ def _next_step(st: Any) -> str | None:
                 "fine-tunes). Ended trials are kept; trials stopped midway run again.")
     if st.state != "finished":
         return None
-    if st.count(COMPLETED) == 0:                          # nothing to select: gmpq pareto refuses
-        return (f"No trial completed ({st.count(PRUNED)} pruned, {st.count(FAILED)} failed), so there is nothing to "
-                f"select: see {d / 'trials.parquet'} and the Ray trial folders for the cause, fix it, then gmpq sweep "
-                f"--out {d} --resume (failed trials run again).")
+    from orchestrator.pareto import no_completed_text
+    from orchestrator.results import read_trials
+
+    nothing = no_completed_text(d, read_trials(d, missing_ok=True))    # gmpq pareto would refuse: say why instead
+    if nothing is not None:
+        return nothing
     if not (d / "pareto.parquet").exists():
         return f"Next: gmpq pareto --sweep {d}   (then gmpq finetune --sweep {d})"
     if any(t not in st.final for t in st.selected):

@@ -17,9 +17,11 @@ def test_variant_names_parse_and_a_bad_one_names_the_grammar():
     assert Variant.parse("triton+graph+keep") == Variant("triton", None, True, False, True)
     assert Variant.parse("fused:conv+bnteacher") == Variant("fused", True, False, True, None)
     assert Variant.parse("triton+graph+recompute") == Variant("triton", None, True, False, False)
-    for bad in ("fused+grpah", "fussed", "fused:node", "fused+keep+recompute"):
+    for bad in ("fused+grpah", "fussed", "fused:node"):
         with pytest.raises(ValueError, match="impl\\[:conv\\]"):
             Variant.parse(bad)
+    with pytest.raises(ValueError, match="\\+keep and \\+recompute exclude each other"):
+        Variant.parse("fused+keep+recompute")
     assert bench_search_step.main(["--variants", "fused+fast", "--no-memory"]) == 2
 
 

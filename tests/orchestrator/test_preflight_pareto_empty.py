@@ -24,7 +24,7 @@ def test_pareto_without_a_completed_trial_refuses_before_writing_anything(tmp_pa
     assert main(["pareto", "--sweep", str(tmp_path), *extra]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert err.count("gmpq: error:") == 1 and "Traceback" not in err
-    assert "No trial of the sweep" in err and "(2 failed, 1 pruned)" in err and "nothing was written" in err
+    assert "No trial of the sweep" in err and "(2 failed, 1 pruned)" in err and "gmpq pareto wrote nothing" in err
     assert f"gmpq sweep --out {tmp_path} --resume" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before          # no pareto.png / policies.png / parquet
 

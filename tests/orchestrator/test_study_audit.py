@@ -122,9 +122,9 @@ def _imagefolder(root: Path, classes: int) -> Path:
     ({"proxies": [{"name": "fmnist500", "dataset": "fashon_mnist", "size": 500}]},
      "the dataset of proxy 'fmnist500': Unknown dataset 'fashon_mnist'"),
     ({"proxies": [{"name": "fmnist500", "dataset": "fashion_mnist", "size": 100000}]},
-     "size 100000 of proxy 'fmnist500' is larger than the dataset 'fashion_mnist' (60000 training images)"),
+     "proxy 'fmnist500': size 100000 is larger than the dataset 'fashion_mnist' (60000 training images)"),
     ({"proxies": [{"name": "m", "dataset": "mnist5k", "size": 5000}]},
-     "size 5000 of proxy 'm' is larger than the dataset 'mnist5k' (4000 training images)"),
+     "proxy 'm': size 5000 is larger than the dataset 'mnist5k' (4000 training images)"),
     ({"test_size": 20000}, "test_size 20000 is larger than the target dataset 'fashion_mnist' (10000 test images)"),
     ({"proxies": [{"name": "pics", "dataset": "imagefolder:IMAGES", "size": None}]},
      "proxy 'pics' (imagefolder:IMAGES: 3 classes, 3 channel(s)) does not match the target 'fashion_mnist' "

@@ -189,5 +189,5 @@ def test_a_finished_sweep_without_a_completed_trial_names_the_cause_not_gmpq_par
     assert main(["status", "--sweep", str(tmp_path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "gmpq pareto" not in out
-    assert (f"No trial completed (0 pruned, 2 failed), so there is nothing to select: see {tmp_path / 'trials.parquet'}"
+    assert (f"No trial of the sweep {tmp_path} completed (2 failed), so there is no Pareto front and nothing to select."
             in out and f"gmpq sweep --out {tmp_path} --resume (failed trials run again)" in out)
