@@ -215,7 +215,7 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     say(f"study '{cfg.name}': {len(cells)} cells, {len(cells) - len(todo)} already done, {len(todo)} to run")
     from ray import tune
 
-    from orchestrator.ray_env import ray_session
+    from orchestrator.ray_env import fit_restoring_handlers, ray_session
 
     _export_repo_path()
     cb = None
@@ -243,7 +243,7 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
                 run_config=tune.RunConfig(name=f"study-{int(time.time())}", storage_path=str(study_dir / "ray_results"),
                                           callbacks=[cb], verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0)))
-            tuner.fit()
+            fit_restoring_handlers(tuner)
             cb.sink.finish(cb.sink.parent_run_id, "FINISHED")
     return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells) - len(todo),
                         n_completed=cb.completed if cb else 0, n_failed=cb.failed if cb else 0,

@@ -24,26 +24,13 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
-from .mlflow_sink import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key
+from .mlflow_notes import POLICY_KEYS, final_metrics  # noqa: F401 (re-exported: importable from here too)
+from .mlflow_sink import _RAY_KEYS, RUN_STATUS, MLflowSink, _phase_key
 from .results import _error_text, resolve_status
 
 __all__ = ["MLflowCallback", "POLICY_KEYS", "final_metrics"]
 
 log = logging.getLogger(__name__)
-
-# A completed trial's final proxy_top1 and ard are its derived policy's (measured once the search ended; trials.parquet's
-# columns), while each search epoch reports the supernet's under the same names: logged under those names at the last
-# epoch's step, one metric's history would mix both quantities. The policy's go under these keys instead.
-POLICY_KEYS = {"proxy_top1": "policy_proxy_top1", "ard": "policy_ard"}
-
-
-def final_metrics(row: Mapping[str, Any], status: str) -> dict[str, Any]:
-    """A trial's final metrics (``FINAL_METRICS``) by their MLflow keys: a completed trial's proxy_top1 and ard under
-    ``POLICY_KEYS``; a pruned or failed trial's are its last epoch's report (the supernet's, already in the per-epoch
-    series at that step), under their own names."""
-    keys = POLICY_KEYS if status == "completed" else {}
-    return {keys.get(k, k): row.get(k) for k in FINAL_METRICS}
-
 
 class MLflowCallback(Callback):
     """Ray Tune callback (driver side) logging the sweep to MLflow: parent run + one child run per trial."""

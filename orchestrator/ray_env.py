@@ -22,8 +22,9 @@ import signal
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "address_origin", "ctrl_c_signals", "Terminated",
-           "terminated", "stop_status", "stop_word", "ray_map", "OBJECT_STORE_BYTES"]
+__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "address_origin",
+           "ctrl_c_signals", "fit_restoring_handlers", "Terminated", "terminated", "stop_status", "stop_word",
+           "ray_map", "OBJECT_STORE_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
             raise
         from cluster.errors import ClusterError
 
+        from cluster.connect import resolve_address
+
         origin = _origin_of(given)
-        said = f" (address {given!r} from {origin}, not from --address)" if origin else ""
-        raise ClusterError(f"Could not join the Ray cluster at {address!r}{said}: {e}. Check that it runs and that "
-                           "this machine may join it ('gmpq cluster status' or 'ray status'; a cluster with token auth "
-                           "needs its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN), give another with --address auto "
-                           "or --address HOST:PORT, or run on this machine alone with --address local.") from None
+        said = _address_said(given, resolve_address(given, source=origin or "argument"), origin)
+        raise ClusterError(f"Could not join the Ray cluster at {address!r} ({said}): {e}. Check that it runs and "
+                           "that this machine may join it ('gmpq cluster status' or 'ray status'; a cluster with token "
+                           f"auth needs its token in ~/.ray/auth_token or $RAY_AUTH_TOKEN). {_address_fixes(origin)}; "
+                           "or run on this machine alone with --address local.") from None
     return True
 
 
@@ -134,6 +137,15 @@ def _address_said(address: str, resolved: Any, origin: str | None) -> str:
     return f"address {address!r} from {origin}, not from --address{via}"
 
 
+def _address_fixes(origin: str | None) -> str:
+    """The --address that fixes a failed join, worded alike in every such message (``origin``: the address came
+    from a saved config, ``address_origin``)."""
+    if origin:
+        return (f"A cluster started again has another address, and --address overrides the recorded one: "
+                f"{_ADDRESS_FIXES}; or start one ('gmpq cluster up')")
+    return f"Start one ('gmpq cluster up'), or give the cluster's address: {_ADDRESS_FIXES}"
+
+
 def _join_address(address: str) -> str | None:
     """``--address`` as ``ray.init`` needs it: "auto" becomes the cluster ``gmpq cluster up`` recorded (or
     ``$RAY_ADDRESS``), a malformed address is a ConfigError, and a HOST:PORT where nothing answers is a
@@ -156,11 +168,10 @@ def _join_address(address: str) -> str | None:
         try:
             socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
         except OSError as e:
-            fixes = (f"A cluster started again has another address, and --address overrides the recorded one: "
-                     f"{_ADDRESS_FIXES}; or start one ('gmpq cluster up')" if origin else
-                     f"Start one ('gmpq cluster up'), or give the cluster's address: {_ADDRESS_FIXES}")
-            raise ClusterError(f"No Ray cluster answers at {resolved.address} ({_address_said(address, resolved, origin)}): "
-                               f"{e}. {fixes}; or run on this machine alone with --address local.") from None
+            said = _address_said(address, resolved, origin)
+            raise ClusterError(f"No Ray cluster answers at {resolved.address} ({said}): {e}. "
+                               f"{_address_fixes(origin)}; or run on this machine alone with --address local."
+                               ) from None
     use_token_auth_if_available()                      # only once there is a cluster to join
     if resolved.address != address:
         log.warning("%s: joining the Ray cluster at %s (from %s)",
@@ -234,6 +245,15 @@ def ctrl_c_signals(*, sigterm: bool = True, python_sigint: bool = False) -> Iter
             if handler is None:
                 handler = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
             signal.signal(sig, handler)
+
+
+def fit_restoring_handlers(tuner: Any) -> Any:
+    """``tuner.fit()``, the signal handlers from before put back after it (``ctrl_c_signals``): Ray Tune installs
+    a SIGINT handler that stops its run gracefully and leaves it once the trials end, where it only logs, so
+    Ctrl-C in a sweep's or a study's last steps (Ray's shutdown, the summary; ``gmpq run``'s later stages) did
+    nothing."""
+    with ctrl_c_signals():
+        return tuner.fit()
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ from gmpq_core.errors import ConfigError
 from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
+from .ray_env import fit_restoring_handlers
 from .results import has_ended
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
@@ -214,17 +215,7 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each; "
             f"from another terminal: gmpq status --sweep {cfg.out_dir}")
         with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
-            return _fit(tuner)
-
-
-def _fit(tuner: Any) -> Any:
-    """``tuner.fit()``, the signal handlers from before put back after it (``ctrl_c_signals``): Ray Tune installs
-    a SIGINT handler that stops its run gracefully and leaves it once the trials end, where it only logs, so
-    Ctrl-C in the sweep's last steps (Ray's shutdown, the summary; ``gmpq run``'s later stages) did nothing."""
-    from .ray_env import ctrl_c_signals
-
-    with ctrl_c_signals():
-        return tuner.fit()
+            return fit_restoring_handlers(tuner)
 
 
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
@@ -335,7 +326,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
         log.warning("joining the Ray cluster at %s: trials on other nodes need storage_path and cache_dir on "
                     "storage every node shares (NFS, S3); the defaults are inside %s",
-                    joined.address if joined is not None and joined.kind == "gcs" and joined.address else cfg.address,
+                    (joined.address if joined else None) or cfg.address,
                     cfg.sweep_dir)
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)

@@ -35,6 +35,7 @@ from requests.exceptions import RequestException
 from gmpq_core.errors import CheckpointError, GMPQError
 from gmpq_core.fileio import atomic_write_json, read_json
 
+from .mlflow_notes import final_metrics
 from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, PARENT_FILE, RUN_STATUS, RUNS_FILE, MLflowSink,
                           _phase_key, default_tracking_uri)
 from .mlflow_stages import log_final, log_pareto
@@ -122,9 +123,7 @@ def child_runs_by_trial(sink: MLflowSink, role: str = "trial") -> dict[str, list
 
 
 def _final_keys(row: Mapping[str, Any]) -> list[str]:
-    """The MLflow keys of ``FINAL_METRICS`` for a trials.parquet row (``mlflow_callback.final_metrics``)."""
-    from .mlflow_callback import final_metrics
-
+    """The MLflow keys of ``FINAL_METRICS`` for a trials.parquet row (``mlflow_notes.final_metrics``)."""
     return list(final_metrics(row, row["status"]))
 
 
@@ -176,8 +175,6 @@ class _Syncer:
                                  step=int(step or 0))
             metrics = c.get_run(rid).data.metrics
         if "metrics" in need:                          # those the run lacks (a partly logged run: not twice)
-            from .mlflow_callback import final_metrics
-
             step = row.get("last_epoch") if _present(row.get("last_epoch")) else row.get("epochs_run")
             final = final_metrics(row, status)
             sink.log_metrics(rid, {k: v for k, v in final.items() if _present(v) and k not in metrics},

@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
-    from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, continue_flag,
-                                             format_summary, mlflow_line, noting_mlflow_off)
+    from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
+                                             mlflow_line, stopped_note)
+    from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import Terminated, address_origin, ctrl_c_signals, ray_session, stop_status
 
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
@@ -67,10 +68,13 @@ def run(args: argparse.Namespace) -> int:
             print(format_summary(summary, command="gmpq run"), flush=True)
             if summary.interrupted:                      # no Pareto front of half a sweep
                 return stop_status(summary.terminated)
-            if summary.n_completed == 0:
-                raise GMPQError(f"No trial of the sweep completed ({summary.n_pruned} pruned, {summary.n_failed} "
-                                f"failed), so there is nothing to select. See {sweep_dir / 'trials.parquet'} and the "
-                                "Ray trial folders; fix the cause and rerun with --resume.")
+            from orchestrator.pareto import no_completed_text
+            from orchestrator.results import read_trials
+
+            trials = read_trials(sweep_dir, missing_ok=True)
+            nothing = no_completed_text(sweep_dir, trials) if summary.n_completed == 0 or len(trials) else None
+            if nothing is not None:                      # no Pareto front: the same words as gmpq pareto / status
+                raise GMPQError(nothing)
             from orchestrator.sweep_status import driver_marker
 
             stage = "the Pareto selection"
@@ -86,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
                 final = finetune_stage(sweep_dir, ft_args, say=_say)
     except KeyboardInterrupt as e:                       # (stopped in its trials, the sweep returns: said above)
         by_sigterm = isinstance(e, Terminated)
-        if stage == "the sweep" and not (sweep_dir / "sweep_config.yaml").exists():
+        note = (stopped_note(resolved, by_sigterm, command="gmpq run") if stage == "the sweep" else
+                interrupted_note(sweep_dir, stage, by_sigterm=by_sigterm))
+        if note is None:
             raise                                        # before the sweep saved its config: nothing to continue
-        flag = continue_flag(resolved) if stage == "the sweep" else "--resume"
-        _say(interrupted_note(sweep_dir, stage, by_sigterm=by_sigterm, flag=flag))
+        _say(note)
         return stop_status(by_sigterm)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n== gmpq run finished in {minutes:.1f} min: {summary.n_completed} completed, {summary.n_pruned} pruned, "
@@ -105,18 +110,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def interrupted_note(sweep_dir: Path, stage: str, *, by_sigterm: bool = False, flag: str = "--resume") -> str:
-    """What a run stopped in ``stage`` by Ctrl-C (or SIGTERM) keeps, and the command that continues it."""
+def interrupted_note(sweep_dir: Path, stage: str, *, by_sigterm: bool = False) -> str:
+    """What a run stopped by Ctrl-C (or SIGTERM) in ``stage``, after its sweep, keeps, and the command that
+    continues it (stopped in the sweep: ``commands.sweep.stopped_note``)."""
     from orchestrator.commands._finetune_sweep import kept_on_interrupt_text
     from orchestrator.ray_env import stop_word
 
     if stage == "the final fine-tune":
         kept = f"the sweep, its Pareto selection, {kept_on_interrupt_text(sweep_dir)}"
-    elif stage == "the sweep":                           # preparing, or in its last steps once the trials ended
-        kept = f"its finished trials are kept ({sweep_dir / 'trials.parquet'})"
     else:
         kept = "the sweep is kept"
-    return f"{stage} was {stop_word(by_sigterm)}; {kept}. Continue with: gmpq run --out {sweep_dir} {flag}"
+    return f"{stage} was {stop_word(by_sigterm)}; {kept}. Continue with: gmpq run --out {sweep_dir} --resume"
 
 
 def register(subparsers: Any) -> None:

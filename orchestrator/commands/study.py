@@ -15,7 +15,6 @@ DIR/mlflow.db (unless --tracking-uri), the page (--report, default DIR/results.m
 from __future__ import annotations
 
 import argparse
-import contextlib
 import platform
 import sys
 import warnings
@@ -118,9 +117,14 @@ def _search_line(cfg: Any, gen: Any) -> str:
     searched = [m for m in cfg.methods if m in gen.SEARCHED]
     if not searched:
         return "none (no method of this study searches a policy)"
-    sc = cfg.search_config("gmpq", cfg.budgets[0], 0)     # the study's search settings, no method's own
+    from gmpq_core.search_config import SearchConfig
+
+    # the study's search settings, no method's own (cfg.search_config minus SEARCH_OVERRIDES and target_search)
+    sc = SearchConfig.from_dict({**cfg.search, "candidates": cfg.candidates, "budget": {"avg_bits": cfg.budgets[0]},
+                                 "seed": 0})
     own = {m: [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in gen.SEARCH_OVERRIDES[m].items()
-               if getattr(sc, k) != v] for m in searched}
+               if getattr(sc, k) != v and not (m == "target_search" and k in cfg.target_search)]
+           for m in searched}
     own = "".join(f"; {m} sets {', '.join(kv)}" for m, kv in own.items() if kv)
     return (f"{sc.epochs} epoch(s) x at most {sc.max_steps_per_epoch or 'all'} steps of batch {sc.batch_size}; eta "
             f"{sc.eta:g}, lambda {sc.lam:g}, fill_budget {sc.fill_budget}{own}; target_search overrides "
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     from gmpq_core.errors import ConfigError
     from gmpq_core.fileio import atomic_write_json, read_json
+    from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.mlflow_sink import PARENT_FILE
     from orchestrator.study import plot_study, write_results_md
     from orchestrator.commands.sweep import check_address_arg
@@ -194,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     timing = read_json(timing_file) if timing_file.is_file() else {"runs": []}
     mlflow_warned: list[str] = []
     if not args.analyze_only:
-        with _noting_mlflow_warning() as mlflow_warned:
+        with noting_mlflow_off() as mlflow_warned:
             summary = ray_run.run_study(cfg, out, address=args.address, progress=lambda m: print(m, flush=True))
         timing["runs"].append({"wall_seconds": summary.wall_seconds, "prepare_seconds": summary.prepare_seconds,
                                "cells_run": summary.n_completed + summary.n_failed, "failed": summary.n_failed})
@@ -251,28 +256,6 @@ def _check_output(path: Path, what: str, flag: str, example: str) -> None:
     if path.is_dir():
         raise ConfigError(f"The {what} '{path}' is a folder; pass {flag} a file path, e.g. {path / example}.")
     check_writable_dir(path.parent, what=f"folder of the {what}", hint=f"pass {flag} a path in a folder you can write")
-
-
-@contextlib.contextmanager
-def _noting_mlflow_warning():
-    """Yields a list that gets the MLflow sink's warning once it is shown (shown as before, where and when it is
-    raised: a study of hours says at its start that MLflow is down)."""
-    from orchestrator.mlflow_sink import DISABLED
-
-    shown: list[str] = []
-    show = warnings.showwarning
-
-    def note(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
-        if str(message).startswith(DISABLED):
-            shown.append(str(message))
-        show(message, category, *rest, **kw)
-
-    warnings.showwarning = note
-    try:
-        yield shown
-    finally:
-        if warnings.showwarning is note:
-            warnings.showwarning = show
 
 
 def _log_page(cfg: Any, out: Path, report: Path, png: Path, *, quiet: bool = False) -> None:

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries, refuse_empty
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
-           "choose_resume", "format_summary", "mlflow_line", "noting_mlflow_off", "address_origin_text",
+           "choose_resume", "format_summary", "mlflow_line", "address_origin_text",
            "continue_flag", "run", "quiet_libraries"]
 
 
@@ -158,28 +157,6 @@ def mlflow_line(summary: Any, tracking_uri: str, logging_off: str | None = None)
     return f"MLflow: {mlflow_ui_hint(tracking_uri)}" if gaps is None else gaps
 
 
-@contextlib.contextmanager
-def noting_mlflow_off() -> Iterator[list[str]]:
-    """Yields a list that gets the MLflow sink's "logging disabled" warning once it is shown (shown as before: at
-    the sweep's start, from the MLflow writer thread), for the summary's last line."""
-    from orchestrator.mlflow_sink import DISABLED
-
-    shown: list[str] = []
-    show = warnings.showwarning
-
-    def note(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
-        if str(message).startswith(DISABLED):
-            shown.append(str(message))
-        show(message, category, *rest, **kw)
-
-    warnings.showwarning = note
-    try:
-        yield shown
-    finally:
-        if warnings.showwarning is note:
-            warnings.showwarning = show
-
-
 def address_origin_text(args: argparse.Namespace, cfg: Any) -> str | None:
     """Where the Ray address a sweep joins came from when no --address was given (None: given, or none): its
     --config file, its preset, or the saved config it resumes from."""
@@ -189,7 +166,9 @@ def address_origin_text(args: argparse.Namespace, cfg: Any) -> str | None:
         return f"--config {args.config}"
     if args.preset:
         return f"the preset {args.preset}"
-    return f"the sweep's config {Path(cfg.resolved().out_dir) / 'sweep_config.yaml'}"
+    from orchestrator.results import CONFIG_FILE
+
+    return f"the sweep's config {Path(cfg.resolved().out_dir) / CONFIG_FILE}"
 
 
 def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
@@ -210,16 +189,34 @@ def continue_flag(cfg: Any) -> str:
     return "--resume" if holds_sweep_state(cfg) else "--resume auto"
 
 
-def stopped_note(cfg: Any, by_sigterm: bool) -> str | None:
+def stopped_note(cfg: Any, by_sigterm: bool, command: str = "gmpq sweep") -> str | None:
     """The line of a sweep stopped outside its trials (while preparing, or in its last steps once they ended):
-    what is kept and the command that continues it; None before it saved its config (nothing to continue)."""
+    what is kept and the command (``command``: ``gmpq sweep``, or ``gmpq run`` for its sweep stage) that continues
+    it; None before it saved its config (nothing to continue)."""
     from orchestrator.ray_env import stop_word
+    from orchestrator.results import CONFIG_FILE, TRIALS_FILE
 
     cfg = cfg.resolved()
-    if not (Path(cfg.out_dir) / "sweep_config.yaml").exists():
+    out = Path(cfg.out_dir)
+    if not (out / CONFIG_FILE).exists():
         return None
-    return (f"the sweep was {stop_word(by_sigterm)}; its finished trials are kept ({Path(cfg.out_dir) / 'trials.parquet'}). "
-            f"Continue with: gmpq sweep --out {cfg.out_dir} {continue_flag(cfg)}")
+    kept = (f"its finished trials are kept ({out / TRIALS_FILE})" if _any_trial_ended(out) else
+            "no trial had finished yet, so nothing was lost")
+    return f"the sweep was {stop_word(by_sigterm)}; {kept}. Continue with: {command} --out {out} {continue_flag(cfg)}"
+
+
+def _any_trial_ended(sweep_dir: Path) -> bool:
+    """Whether the sweep's trials.parquet holds a trial (a row is written as a trial ends); a damaged one: True
+    (it is there to keep; the resumed sweep names what is wrong with it)."""
+    from gmpq_core.errors import CheckpointError
+    from orchestrator.results import TRIALS_FILE, read_trials
+
+    if not (sweep_dir / TRIALS_FILE).is_file():
+        return False
+    try:
+        return len(read_trials(sweep_dir)) > 0
+    except (CheckpointError, OSError):
+        return True
 
 
 def choose_resume(cfg: Any, resume: bool | str, say: Any) -> bool:
@@ -243,6 +240,7 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
+    from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import Terminated, address_origin, stop_status
     from orchestrator.sweep import run_sweep
     resume = choose_resume(cfg, args.resume, _say)

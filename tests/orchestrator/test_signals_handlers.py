@@ -31,7 +31,7 @@ def test_a_tune_run_leaves_its_sigint_handler_and_the_sweep_puts_back_the_one_be
     from ray import cloudpickle, tune
 
     from orchestrator.ray_env import ray_session
-    from orchestrator.sweep import _fit
+    from orchestrator.ray_env import fit_restoring_handlers
 
     if ray.is_initialized():                       # a session another test left: this one starts its own
         ray.shutdown()
@@ -49,7 +49,7 @@ def test_a_tune_run_leaves_its_sigint_handler_and_the_sweep_puts_back_the_one_be
             left = signal.getsignal(signal.SIGINT)
             assert left is not signal.default_int_handler and callable(left)    # Tune's, left behind
             signal.signal(signal.SIGINT, signal.default_int_handler)
-            assert _fit(tuner("sweep")).num_errors == 0
+            assert fit_restoring_handlers(tuner("sweep")).num_errors == 0
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
             with pytest.raises(KeyboardInterrupt):                 # Ctrl-C works again after the trials
                 os.kill(os.getpid(), signal.SIGINT)
@@ -127,7 +127,7 @@ def test_gmpq_sweep_stopped_outside_its_trials_says_what_is_kept_and_how_to_cont
     monkeypatch.setattr(sweep, "run_sweep", _sweep_stub(out, stop=stop))
     assert main(["sweep", "--preset", "demo", "--out", str(out), "--quiet"]) == status
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"gmpq sweep: the sweep was {word}; its finished trials are kept ({out / 'trials.parquet'}). "
+    assert err == (f"gmpq sweep: the sweep was {word}; no trial had finished yet, so nothing was lost. "
                    f"Continue with: gmpq sweep --out {out} --resume auto")          # no Tune state yet: auto
 
 
@@ -148,14 +148,14 @@ def test_gmpq_run_stopped_in_its_sweep_outside_the_trials_says_what_is_kept(tmp_
                                                                            stop, status, word):
     import contextlib
 
-    from orchestrator import ray_env, sweep
+    from orchestrator import final_stage, ray_env, sweep  # noqa: F401 (final_stage: bound the real ray_session)
 
     out = tmp_path / "run"
     monkeypatch.setattr(ray_env, "ray_session", lambda address=None: contextlib.nullcontext(True))
     monkeypatch.setattr(sweep, "run_sweep", _sweep_stub(out, stop=stop))
     assert main(["run", "--preset", "demo", "--out", str(out), "--workers", "auto", "--quiet"]) == status
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err == (f"gmpq run: the sweep was {word}; its finished trials are kept ({out / 'trials.parquet'}). "
+    assert err == (f"gmpq run: the sweep was {word}; no trial had finished yet, so nothing was lost. "
                    f"Continue with: gmpq run --out {out} --resume auto")
 
 
@@ -167,9 +167,14 @@ def test_gmpq_run_terminated_in_its_final_stage_exits_143(tmp_path, monkeypatch,
     from orchestrator import ray_env, sweep
     from orchestrator.commands import _finetune_sweep, pareto
 
+    from orchestrator.results import trial_row, write_results
+
     out = tmp_path / "run"
     summary = types.SimpleNamespace(rows=[], n_completed=2, n_pruned=0, n_failed=0, wall_seconds=1.0,
                                     sweep_dir=out, interrupted=False)
+    write_results(out, [trial_row(trial_id=f"t{i}", config={"budget_avg_bits": 3.0}, status="completed",
+                                  last_result={"transfer_top1": 70.0 + i, "proxy_top1": 50.0, "bitops": 4e8,
+                                               "gbitops": 0.4}) for i in (1, 2)], [])   # what the sweep wrote
 
     def stage3(sweep_dir, args, *, say=None):
         with ray_env.ctrl_c_signals():
