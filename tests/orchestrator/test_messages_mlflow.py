@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from test_final_stage import make_sweep   # same folder (pytest puts it on sys.path)
+from tiny_sweep import tiny_sweep_config  # same folder (pytest puts it on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,14 +158,7 @@ def test_sync_uploads_the_policys_proxy_top1_under_its_own_key_and_a_second_sync
 
 # -- real sweeps --------------------------------------------------------------------------------------------------------
 
-CONFIG = {
-    "preset": "demo", "name": "ms", "n_trials": 1, "max_concurrent_trials": 1, "teacher_epochs": 1,
-    "proxy_eval_size": 100, "pruner": {"name": "none"},
-    "space": {"proxy_size": [100], "search_epochs": 1, "budget_avg_bits": {"type": "float", "low": 2.5, "high": 5.0}},
-    "search": {"batch_size": 32, "max_steps_per_epoch": 2, "recalibrate_bn_batches": 1},
-    "transfer": {"train_size": 256, "test_size": 200, "batch_size": 64, "fp_epochs": 1, "fp_train_size": 1000,
-                 "fp_batch_size": 64},
-}
+CONFIG = tiny_sweep_config("ms")
 
 
 @pytest.fixture(scope="module")

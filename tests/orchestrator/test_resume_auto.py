@@ -15,6 +15,7 @@ from gmpq_core.errors import ConfigError
 from orchestrator.cli import build_parser, main
 from orchestrator.results import write_results, trial_row
 from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+from tiny_sweep import tiny_sweep_config  # same folder (pytest puts it on sys.path)
 
 
 def _cfg(folder: Path, **overrides):
@@ -193,14 +194,7 @@ def test_the_rayjob_entrypoint_resumes_auto():
     assert argv[:2] == ["gmpq", "run"] and build_parser("run").parse_args(argv[1:]).resume == "auto"
 
 
-TINY = {
-    "preset": "demo", "name": "retried", "n_trials": 2, "max_concurrent_trials": 2, "teacher_epochs": 1,
-    "proxy_eval_size": 200, "pruner": {"name": "none"},
-    "space": {"proxy_size": [100], "search_epochs": 1, "budget_avg_bits": {"type": "float", "low": 2.5, "high": 5.0}},
-    "search": {"batch_size": 32, "max_steps_per_epoch": 2, "recalibrate_bn_batches": 1},
-    "transfer": {"train_size": 512, "test_size": 200, "batch_size": 64, "fp_epochs": 1, "fp_train_size": 1000,
-                 "fp_batch_size": 64},
-}
+TINY = tiny_sweep_config("retried", n_trials=2, proxy_eval_size=200, train_size=512)
 
 
 @pytest.mark.slow

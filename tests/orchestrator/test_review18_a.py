@@ -18,13 +18,7 @@ sys.path.insert(0, str(REPO))
 from experiments.generalization import StudyConfig  # noqa: E402
 from orchestrator.cli import main  # noqa: E402
 
-TINY = {"name": "tiny", "target": "fashion_mnist", "proxies": [{"name": "fmnist500", "dataset": "fashion_mnist",
-                                                                "size": 500}],
-        "budgets": [3.0], "seeds": [0], "methods": ["gmpq", "uniform", "random"],
-        "search": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": 1},
-        "finetune": {"epochs": 1, "max_steps_per_epoch": 1, "batch_size": 32},
-        "target_fp": {"steps": 2, "batch_size": 32, "lr": 0.1}, "teacher": {"steps": 2, "batch_size": 32, "lr": 0.1},
-        "proxy_eval_size": 100, "test_size": 100, "ard_images": 8, "resources": {"cpu": 1, "gpu": 0}}
+from test_study_audit import TINY  # noqa: E402  (same folder: pytest puts it on sys.path)
 
 
 def _search(cfg: StudyConfig, tmp_path: Path) -> str:

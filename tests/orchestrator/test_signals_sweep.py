@@ -14,18 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tiny_sweep import tiny_sweep_config  # same folder (pytest puts it on sys.path)
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 ROOT = Path(__file__).resolve().parents[2]
 
-CONFIG = {
-    "preset": "demo", "name": "sig", "n_trials": 1, "max_concurrent_trials": 1, "teacher_epochs": 1,
-    "proxy_eval_size": 100, "pruner": {"name": "none"},
-    "space": {"proxy_size": [100], "search_epochs": 1, "budget_avg_bits": {"type": "float", "low": 2.5, "high": 5.0}},
-    "search": {"batch_size": 32, "max_steps_per_epoch": 2, "recalibrate_bn_batches": 1},
-    "transfer": {"train_size": 256, "test_size": 200, "batch_size": 64, "fp_epochs": 1, "fp_train_size": 1000,
-                 "fp_batch_size": 64},
-}
+CONFIG = tiny_sweep_config("sig")
 
 # gmpq, paused in the sweep's last steps: its trials ended and Ray is shut down (orchestrator.sweep._tune
 # returned); a line says so, then it waits there to be signalled.
