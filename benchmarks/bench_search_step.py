@@ -25,7 +25,8 @@ as ``search_policy`` runs it (gmpq_core/bn_fold.py); "+bnteacher" gives the vari
 BatchNorms (as before session 14). "+keep": the one-node conv keeps its two mixed operands for backward
 instead of recomputing them (``set_mixture_impl_(keep_operands=True)``; by default the eager "fused"
 kernels on a CPU and the Triton kernels on a GPU do, since session 18); "+recompute" makes it recompute
-them (``keep_operands=False``). Suffixes combine: triton+graph+recompute.
+them (``keep_operands=False``). "+tstream": the teacher's pass on a second CUDA stream beside the supernet's
+forward pass (``search_step(teacher_stream=True)``). Suffixes combine: triton+graph+recompute.
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
@@ -64,18 +65,19 @@ from gmpq_core.train import sgd
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", suffixes below
-SUFFIXES = ("graph", "bnteacher", "keep", "recompute")
+SUFFIXES = ("graph", "bnteacher", "keep", "recompute", "tstream")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A variant name parsed: ``impl[:conv][+graph][+bnteacher][+keep|+recompute]`` (module docstring); ``keep``
-    None is the default rule (``gmpq_core.fused.keeps_operands``)."""
+    """A variant name parsed: ``impl[:conv][+graph][+bnteacher][+keep|+recompute][+tstream]`` (module docstring);
+    ``keep`` None is the default rule (``gmpq_core.fused.keeps_operands``)."""
     impl: str
     conv_node: bool | None
     graph: bool
     bn_teacher: bool
     keep: bool | None
+    teacher_stream: bool = False
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -89,7 +91,8 @@ class Variant:
             raise ValueError(f"variant {name!r}: +keep and +recompute exclude each other (keep the operands for the "
                              "backward pass, or recompute them); give one of them, or neither for the default rule")
         keep = True if "keep" in suffixes else False if "recompute" in suffixes else None
-        return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes, keep)
+        return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes, keep,
+                   "tstream" in suffixes)
 
 
 @dataclass
@@ -110,6 +113,7 @@ class Bench:
     first_macs: int
     supernets: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
     bn_teacher_kinds: set[str] = field(default_factory=set)       # the "+bnteacher" variants
+    stream_kinds: set[str] = field(default_factory=set)           # the "+tstream" variants
     graphs: dict[str, GraphedSearchStep | None] = field(default_factory=dict)
 
     def teacher_of(self, kind: str) -> nn.Module:
@@ -120,7 +124,7 @@ class Bench:
         net, opt = self.supernets[kind]
         return GraphedSearchStep(net, self.teacher_of(kind), opt, self.cfg, layer=self.layer, macs_vec=self.macs_vec,
                                  budget_bitops=self.budget_bitops, first_macs=self.first_macs, mode="second_order",
-                                 warmup=warmup, strict=True)
+                                 warmup=warmup, strict=True, teacher_stream=kind in self.stream_kinds)
 
 
 def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, variants: list[str],
@@ -156,6 +160,8 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
         spec = Variant.parse(v)
         if spec.bn_teacher:
             bench.bn_teacher_kinds.add(v)
+        if spec.teacher_stream:
+            bench.stream_kinds.add(v)
         set_mixture_impl_(net, spec.impl, conv_node=spec.conv_node, keep_operands=spec.keep)
         if list(mixed_layers(net)) != list(macs):
             raise RuntimeError("supernet layers differ from the teacher's searchable layers")
@@ -181,7 +187,7 @@ def run_step(b: Bench, kind: str) -> None:
         return
     net, opt = b.supernets[kind]
     search_step(net, b.teacher_of(kind), b.x, b.y, opt, b.cfg, layer=b.layer, macs_vec=b.macs_vec,
-                budget_bitops=b.budget_bitops, first_macs=b.first_macs)
+                budget_bitops=b.budget_bitops, first_macs=b.first_macs, teacher_stream=kind in b.stream_kinds)
 
 
 def _sync(device: str) -> None:
@@ -241,6 +247,9 @@ def profile_kinds(b: Bench, kinds: list[str], args: argparse.Namespace) -> None:
         path = os.path.join(args.profile, f"profile_{b.name}_{b.size}_{k.replace(':', '-').replace('+', '-')}.txt")
         with open(path, "w") as f:
             f.write(prof.key_averages().table(sort_by=sort, row_limit=25) + "\n")
+            if args.device == "cuda":     # the kernels themselves (a replayed graph shows no operators)
+                f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45,
+                                                  max_name_column_width=110) + "\n")
 
 
 def _status_kb(key: str) -> int:
@@ -325,6 +334,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format (CUDA default)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every kind (FP too): cuDNN times its algorithms")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON list to PATH ('-': stdout)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile 3 steps of each kind with torch.profiler; top ops per kind -> DIR/profile_*.txt")
@@ -348,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--device cuda: no CUDA device here.", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     default_variants = [v for v in ALL_VARIANTS if v != "triton" or (args.device == "cuda" and triton_available())]
     if args.device == "cuda" and "triton" in default_variants:
         default_variants.append("triton+graph")
@@ -391,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                          "first_step_s": round(res["first"][v], 2), "amp": args.amp,
                          **({"graph_steps": graph_counts[v]} if v in graph_counts else {}),
                          "channels_last": args.channels_last, "threads": args.threads,
+                         "cudnn_benchmark": args.cudnn_benchmark,
                          "memory_method": ("cuda max_memory_allocated - allocated before the step" if args.device == "cuda"
                                            else "peak RSS - RSS after setup, fresh subprocess per variant"),
                          "machine": machine()})
@@ -404,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['search_img_s']:>12.1f} {r['ratio']:>6.2f} {mr:>9} {str(r['fp_step_mb']):>7} "
                   f"{str(r['search_step_mb']):>9} {r['first_step_s']:>10.1f}")
         print(f"device={args.device} threads={args.threads} amp={args.amp} channels_last={args.channels_last} "
-              f"machine={machine()}")
+              f"cudnn_benchmark={args.cudnn_benchmark} machine={machine()}")
     return 0
 
 

@@ -7,7 +7,10 @@
 #                                          # in backward, the default before session 18) in a separate call beside
 #                                          # triton+graph; foreach vs fused SGD
 #   bash benchmarks/gpu_run.sh OUT loops   # the QAT fine-tune step, precision: auto vs float32, a whole search
-#   bash benchmarks/gpu_run.sh OUT         # both, one after the other (over 10 minutes: two calls are safer)
+#   bash benchmarks/gpu_run.sh OUT teacher # session 19: the teacher's pass on its own stream (+tstream) beside the
+#                                          # replayed step, with cuDNN's autotuner off and on, a kernel-level profile,
+#                                          # and the teacher's parts (bench_teacher_parts.py)
+#   bash benchmarks/gpu_run.sh OUT         # step and loops, one after the other (over 10 minutes: two calls are safer)
 # COMPILED=1 adds the compiled variant (TorchInductor; its first step includes compilation) to "step".
 # Runs with the machine's own python3 (torch + triton); gmpq_core needs only torch/torchvision/numpy.
 set -u
@@ -68,6 +71,24 @@ if [ "$PART" = loops ] || [ "$PART" = all ]; then
   echo "   CUDA graphs on in both; session 11 measured graphs on/off). Needs data/FashionMNIST/raw carried"
   timeout ${WHOLE_S:-150} $PY benchmarks/bench_search_graph.py --device cuda --compare precision --rounds 1 \
     --json "$OUT/search_precision.json" 2>&1 | quiet | tail -6 | tee "$OUT/search_precision.log"
+fi
+
+if [ "$PART" = teacher ]; then
+  echo "== CUDA tests of the replayed step (the teacher's own stream among them)"
+  timeout ${TEST_S:-100} $PY -m pytest tests/gmpq_core/test_graph_step.py -m gpu -q -p no:cacheprovider 2>&1 \
+    | tail -15 | tee "$OUT/gpu_tests.log"
+  echo "== the teacher on its own stream beside the replayed step (ResNet-18 224 px), with a kernel-level profile"
+  timeout ${BENCH_S:-150} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --models resnet18:224:3 \
+    --variants triton+graph,triton+graph+tstream --json "$OUT/tstream.json" --profile "$OUT/prof" 2>&1 \
+    | quiet | tail -6 | tee "$OUT/tstream.log"
+  tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
+  echo "== the same with cuDNN's autotuner on (torch.backends.cudnn.benchmark, FP too), and ResNet-20 at 28 px"
+  timeout ${BENCH2_S:-120} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} --cudnn-benchmark \
+    --models resnet18:224:3,resnet20:28:1 --variants triton+graph,triton+graph+tstream --json "$OUT/tstream_cudnn.json" \
+    2>&1 | quiet | tail -8 | tee "$OUT/tstream_cudnn.log"
+  echo "== the teacher's parts: stem conv layouts and padding, max pool, compiled trunk"
+  timeout ${PARTS_S:-120} $PY benchmarks/bench_teacher_parts.py --compile --json "$OUT/teacher_parts.json" 2>&1 \
+    | quiet | tail -40 | tee "$OUT/teacher_parts.log"
 fi
 
 # at most 8 files come back from a lent machine: the logs travel as one archive (their tails were printed)

@@ -57,14 +57,16 @@ def _autocast_state() -> tuple:
 class GraphedSearchStep:
     """``search_step`` for a fixed supernet, teacher, optimizer and config, replayed from a CUDA graph
     (module docstring). Call it like ``search_step`` with the batch; it returns the same StepStats.
-    ``strict`` re-raises a failed capture; otherwise the search goes on eagerly and says so once."""
+    ``strict`` re-raises a failed capture; otherwise the search goes on eagerly and says so once.
+    ``teacher_stream``: the teacher's pass on a second stream (``search.step_scalars``), captured as a
+    branch of the graph that runs beside the supernet's forward pass."""
 
     def __init__(self, supernet: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
                  cfg: SearchConfig, *, layer: str, macs_vec: Tensor, budget_bitops: int | None, first_macs: int,
-                 mode: str, warmup: int = 3, strict: bool = False) -> None:
+                 mode: str, warmup: int = 3, strict: bool = False, teacher_stream: bool = False) -> None:
         self._args = (supernet, teacher)
         self._kw: dict[str, Any] = dict(layer=layer, macs_vec=macs_vec, budget_bitops=budget_bitops,
-                                        first_macs=first_macs, mode=mode)
+                                        first_macs=first_macs, mode=mode, teacher_stream=teacher_stream)
         self.optimizer, self.cfg, self.warmup, self.strict = optimizer, cfg, max(int(warmup), 1), strict
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None

@@ -258,7 +258,7 @@ class StepStats:
 
 def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
                 cfg: SearchConfig, *, layer: str, macs_vec: Tensor, budget_bitops: int | None, first_macs: int,
-                mode: str | None = None, epoch: int = 1, step: int = 1) -> StepStats:
+                mode: str | None = None, epoch: int = 1, step: int = 1, teacher_stream: bool = False) -> StepStats:
     """One GMPQ update on the batch (x [B, C, H, W], y [B]) already on the device (module docstring).
 
     ``teacher`` in its search mode (eval), ``supernet`` in training mode; ``mode`` defaults to
@@ -266,23 +266,35 @@ def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, o
     before the update, reads every scalar at once (loss parts, p, ARD, correct) and checks them: a
     NaN/inf loss raises NonFiniteLossError naming ``epoch`` and ``step``, and the weights are not
     updated. Until then nothing waits for the device (on a GPU the host queues the forward and backward
-    passes while the device runs them).
+    passes while the device runs them). ``teacher_stream`` (CUDA): the teacher's pass runs on a second
+    stream beside the supernet's forward pass (``step_scalars``).
     """
     mode = mode or ("second_order" if cfg.second_order else "first_order")
     scalars = step_scalars(supernet, teacher, x, y, optimizer, cfg, layer=layer, macs_vec=macs_vec,
                            budget_bitops=budget_bitops, first_macs=first_macs, mode=mode,
-                           inject_nan=cfg.inject_nan_at_epoch == epoch)
+                           inject_nan=cfg.inject_nan_at_epoch == epoch, teacher_stream=teacher_stream)
     return finish_step(scalars.tolist(), optimizer, n=int(y.numel()), epoch=epoch, step=step)   # the one sync
 
 
 def step_scalars(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
                  cfg: SearchConfig, *, layer: str, macs_vec: Tensor, budget_bitops: int | None, first_macs: int,
-                 mode: str, inject_nan: bool = False) -> Tensor:
+                 mode: str, inject_nan: bool = False, teacher_stream: bool = False) -> Tensor:
     """The device part of ``search_step``: forward passes, losses and the backward pass (gradients set,
     weights not updated). Returns the float64 vector [loss, ce, l_gen, penalty, correct, ard, p] without
-    reading it: nothing here waits for the device, so it can be captured in a CUDA graph (graph_step.py)."""
-    _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
+    reading it: nothing here waits for the device, so it can be captured in a CUDA graph (graph_step.py).
+    ``teacher_stream`` on a CUDA batch: the teacher's Grad-CAM runs on a second stream, concurrently with
+    the supernet's forward pass, joined before the loss that reads its maps (the same values)."""
+    side = _teacher_stream(x.device) if teacher_stream else None
+    if side is None:
+        _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
+    else:
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)          # x and the teacher's weights are ready
+        with torch.cuda.stream(side):
+            _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
     logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
+    if side is not None:
+        main.wait_stream(side)          # the maps are written before anything on this stream reads them
     _, ew, ea = expected_bits(supernet)
     expected = (macs_vec * ew * ea).sum()
     p = choose_p(cfg.p_mode, ew, ea, kappa=cfg.kappa, p_fixed=cfg.p_fixed, as_tensor=True)
@@ -298,6 +310,20 @@ def step_scalars(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, 
     loss.backward()
     p_t = p.detach() if torch.is_tensor(p) else ce.detach().new_full((), p, dtype=torch.float64)  # p_fixed: no copy
     return torch.stack([t.detach().to(torch.float64) for t in (loss, ce, l_gen, pen, correct, ard, p_t)])
+
+
+_TEACHER_STREAMS: dict[torch.device, Any] = {}
+
+
+def _teacher_stream(device: torch.device) -> Any:
+    """The second CUDA stream of ``device`` that the teacher's pass runs on (one per device and process;
+    None off CUDA). Blocks the teacher frees return to this stream's pool, so no later allocation of the
+    supernet's stream reuses them while the teacher may still run."""
+    if device.type != "cuda":
+        return None
+    if device not in _TEACHER_STREAMS:
+        _TEACHER_STREAMS[device] = torch.cuda.Stream(device=device)
+    return _TEACHER_STREAMS[device]
 
 
 def finish_step(values: list[float], optimizer: torch.optim.Optimizer, *, n: int, epoch: int, step: int) -> StepStats:

@@ -133,11 +133,11 @@ def _close(a, b, tol):
     return abs(a - b) <= tol * max(1.0, abs(b))
 
 
-def _follow(shapes_small_at=(), impl="fused", autocast=False, zero_grad_between=False, tol=1e-4):
+def _follow(shapes_small_at=(), impl="fused", autocast=False, zero_grad_between=False, tol=1e-4, stream=False):
     teacher, net, batches, cfg, kw = _cuda_setup(impl)
     twin = copy.deepcopy(net)
     opt, opt_twin = _make_optimizer(net, cfg), _make_optimizer(twin, cfg)
-    run = _runner(net, teacher, opt, cfg, kw, strict=True)
+    run = _runner(net, teacher, opt, cfg, kw, strict=True, teacher_stream=stream)   # the twin: one stream
     ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if autocast else torch.enable_grad
     for step, (x, y) in enumerate(batches, start=1):
         if step in shapes_small_at:
@@ -162,6 +162,28 @@ def test_replays_follow_the_eager_step(impl):
         pytest.importorskip("triton")
     run = _follow(impl=impl)
     assert run.counts == {"captures": 1, "replays": 5, "eager": 3}
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("impl", ["fused", "triton"])
+def test_the_teacher_on_its_own_stream_gives_the_one_stream_step(impl):
+    # eager steps (the warm-ups, a smaller batch) and replays of a graph with the teacher's branch
+    if impl == "triton":
+        pytest.importorskip("triton")
+    run = _follow(shapes_small_at=(7,), impl=impl, stream=True)
+    assert run.counts == {"captures": 1, "replays": 4, "eager": 4}
+    run = _follow(impl=impl, autocast=True, zero_grad_between=True, tol=2e-2, stream=True)
+    assert run.counts["replays"] == 5
+
+
+def test_off_cuda_the_teacher_stream_is_ignored():
+    teacher, net, x, y, cfg, kw = _setup()
+    twin = copy.deepcopy(net)
+    opt, opt_twin = _make_optimizer(net, cfg), _make_optimizer(twin, cfg)
+    for step in (1, 2):
+        got = search_step(net, teacher, x, y, opt, cfg, **kw, step=step, teacher_stream=True)
+        assert got == search_step(twin, teacher, x, y, opt_twin, cfg, **kw, step=step)
 
 
 @pytest.mark.gpu
