@@ -26,7 +26,9 @@ BatchNorms (as before session 14). "+keep": the one-node conv keeps its two mixe
 instead of recomputing them (``set_mixture_impl_(keep_operands=True)``; by default the eager "fused"
 kernels on a CPU and the Triton kernels on a GPU do, since session 18); "+recompute" makes it recompute
 them (``keep_operands=False``). "+tstream": the teacher's pass on a second CUDA stream beside the supernet's
-forward pass (``search_step(teacher_stream=True)``). Suffixes combine: triton+graph+recompute.
+forward pass (``search_step(teacher_stream=True)``). "+tsplit": the teacher split at its Grad-CAM layer
+(``gmpq_core.teacher_pass``), "+tcompile": its trunk compiled too, "+tunfold": its RGB stem as im2col + GEMM.
+Suffixes combine: triton+graph+recompute.
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
@@ -59,13 +61,14 @@ from gmpq_core.layers import searchable_layers
 from gmpq_core.models import build_model
 from gmpq_core.search import _make_optimizer, search_step  # the optimiser search_policy builds
 from gmpq_core.search_config import SearchConfig
+from gmpq_core.teacher_pass import split_teacher
 from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers, set_mixture_impl_
 from gmpq_core.train import sgd
 
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", suffixes below
-SUFFIXES = ("graph", "bnteacher", "keep", "recompute", "tstream")
+SUFFIXES = ("graph", "bnteacher", "keep", "recompute", "tstream", "tsplit", "tcompile", "tunfold")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Variant:
     bn_teacher: bool
     keep: bool | None
     teacher_stream: bool = False
+    teacher_pass: frozenset[str] = frozenset()      # of "tsplit", "tcompile", "tunfold"
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -92,7 +96,7 @@ class Variant:
                              "backward pass, or recompute them); give one of them, or neither for the default rule")
         keep = True if "keep" in suffixes else False if "recompute" in suffixes else None
         return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes, keep,
-                   "tstream" in suffixes)
+                   "tstream" in suffixes, frozenset(suffixes) & {"tsplit", "tcompile", "tunfold"})
 
 
 @dataclass
@@ -114,9 +118,12 @@ class Bench:
     supernets: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = field(default_factory=dict)
     bn_teacher_kinds: set[str] = field(default_factory=set)       # the "+bnteacher" variants
     stream_kinds: set[str] = field(default_factory=set)           # the "+tstream" variants
+    teachers: dict[str, nn.Module] = field(default_factory=dict)  # "+tsplit/+tcompile/+tunfold": a TeacherPass
     graphs: dict[str, GraphedSearchStep | None] = field(default_factory=dict)
 
     def teacher_of(self, kind: str) -> nn.Module:
+        if kind in self.teachers:
+            return self.teachers[kind]
         return self.teacher_bn if kind in self.bn_teacher_kinds else self.teacher
 
     def graphed(self, kind: str, warmup: int = 3) -> GraphedSearchStep:
@@ -162,6 +169,12 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
             bench.bn_teacher_kinds.add(v)
         if spec.teacher_stream:
             bench.stream_kinds.add(v)
+        if spec.teacher_pass:
+            split = split_teacher(copy.deepcopy(teacher), bench.layer, compile_trunk="tcompile" in spec.teacher_pass,
+                                  unfold_stem="tunfold" in spec.teacher_pass)
+            if split is None:
+                raise RuntimeError(f"variant {v}: the teacher of {name} cannot be split at {bench.layer}")
+            bench.teachers[v] = split
         set_mixture_impl_(net, spec.impl, conv_node=spec.conv_node, keep_operands=spec.keep)
         if list(mixed_layers(net)) != list(macs):
             raise RuntimeError("supernet layers differ from the teacher's searchable layers")
@@ -241,7 +254,7 @@ def profile_kinds(b: Bench, kinds: list[str], args: argparse.Namespace) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
     sort = "cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
     for k in kinds:
-        with profile(activities=acts) as prof:
+        with profile(activities=acts, record_shapes=args.device == "cuda") as prof:
             for _ in range(3):
                 timed(b, k, args.device, args.amp)
         path = os.path.join(args.profile, f"profile_{b.name}_{b.size}_{k.replace(':', '-').replace('+', '-')}.txt")
@@ -250,6 +263,10 @@ def profile_kinds(b: Bench, kinds: list[str], args: argparse.Namespace) -> None:
             if args.device == "cuda":     # the kernels themselves (a replayed graph shows no operators)
                 f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=45,
                                                   max_name_column_width=110) + "\n")
+                if k not in b.graphs:     # eager: operators by input shapes (which tensors the slow kernels get)
+                    f.write(prof.key_averages(group_by_input_shape=True).table(
+                        sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=40,
+                        max_shapes_column_width=150) + "\n")
 
 
 def _status_kb(key: str) -> int:

@@ -5,8 +5,9 @@ eval mode, bf16 autocast, channels_last, as ``search_policy`` runs it). This tim
 process with CUDA events (median of ``--reps``):
 
 - the whole teacher pass (``gradcam(..., mode="detached")``);
-- its stem convolution (3 input channels) as run, in NCHW, and with the input zero-padded to 4 / 8
-  channels (the same values: the padded weights are zero), padding included;
+- its stem convolution (3 input channels) as run, in NCHW, with the input zero-padded to 4 / 8
+  channels (the same values: the padded weights are zero), padding included, and as im2col + GEMM
+  (``teacher_pass.UnfoldConv2d``);
 - its max pool as run (``max_pool2d`` keeps indices on CUDA), and compiled by TorchInductor (no indices);
 - the whole trunk compiled by TorchInductor (``--compile``; its compile time printed).
 
@@ -30,6 +31,7 @@ from torch import nn
 from gmpq_core.attribution import find_feature_layer, gradcam
 from gmpq_core.bn_fold import frozen_teacher_
 from gmpq_core.models import build_model
+from gmpq_core.teacher_pass import UnfoldConv2d
 
 
 def cuda_ms(fn, reps: int) -> float:
@@ -85,6 +87,8 @@ def parts(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, reps
             out[f"stem_nhwc{c}_with_pad"] = cuda_ms(lambda wc=wc, c=c: F.conv2d(padded(xb, c), wc, b, **kw), reps)
             xc = padded(xb, c)
             out[f"stem_nhwc{c}_conv_only"] = cuda_ms(lambda wc=wc, xc=xc: F.conv2d(xc, wc, b, **kw), reps)
+        unf = UnfoldConv2d(conv)
+        out["stem_unfold"] = cuda_ms(lambda: unf(xb), reps)      # im2col + GEMM (gmpq_core.teacher_pass)
         s = torch.relu(F.conv2d(xb, w, b, **kw))
         pool = teacher.maxpool
         out["maxpool_as_run"] = cuda_ms(lambda: pool(s), reps)

@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_run.sh OUT teacher # session 19: the teacher's pass on its own stream (+tstream) beside the
 #                                          # replayed step, with cuDNN's autotuner off and on, a kernel-level profile,
 #                                          # and the teacher's parts (bench_teacher_parts.py)
+#   bash benchmarks/gpu_run.sh OUT teacher2 # the teacher split at its Grad-CAM layer (+tsplit), compiled (+tcompile), its
+#                                          # stem as im2col (+tunfold), with and without its own stream; GPU tests
 #   bash benchmarks/gpu_run.sh OUT         # step and loops, one after the other (over 10 minutes: two calls are safer)
 # COMPILED=1 adds the compiled variant (TorchInductor; its first step includes compilation) to "step".
 # Runs with the machine's own python3 (torch + triton); gmpq_core needs only torch/torchvision/numpy.
@@ -87,8 +89,26 @@ if [ "$PART" = teacher ]; then
     --models resnet18:224:3,resnet20:28:1 --variants triton+graph,triton+graph+tstream --json "$OUT/tstream_cudnn.json" \
     2>&1 | quiet | tail -8 | tee "$OUT/tstream_cudnn.log"
   echo "== the teacher's parts: stem conv layouts and padding, max pool, compiled trunk"
-  timeout ${PARTS_S:-120} $PY benchmarks/bench_teacher_parts.py --compile --json "$OUT/teacher_parts.json" 2>&1 \
+  timeout ${PARTS_S:-120} $PY benchmarks/bench_teacher_parts.py ${PARTS_COMPILE---compile} --json "$OUT/teacher_parts.json" 2>&1 \
     | quiet | tail -40 | tee "$OUT/teacher_parts.log"
+fi
+
+if [ "$PART" = teacher2 ]; then
+  echo "== CUDA tests: the replayed step, the split / compiled teacher"
+  timeout ${TEST_S:-150} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_teacher_pass.py -m gpu -q \
+    -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/gpu_tests.log"
+  echo "== the teacher's pass split at its Grad-CAM layer, compiled, its stem as im2col, on its own stream"
+  timeout ${BENCH_S:-240} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-10} \
+    --models resnet18:224:3,resnet20:28:1 --variants triton+graph,triton+graph+tstream,triton+graph+tsplit+tunfold,\
+triton+graph+tcompile,triton+graph+tstream+tcompile,triton+graph+tstream+tcompile+tunfold --json "$OUT/teacher_pass.json" \
+    2>&1 | quiet | tail -16 | tee "$OUT/teacher_pass.log"
+  echo "== an eager step's operators by input shape (which tensors the slow adds get)"
+  timeout ${PROF_S:-90} $PY benchmarks/bench_search_step.py --device cuda --steps 2 --models resnet18:224:3 --variants triton \
+    --no-memory --profile "$OUT/prof" 2>&1 | quiet | tail -3
+  tar czf "$OUT/profiles.tgz" -C "$OUT" prof 2>/dev/null && rm -rf "$OUT/prof"
+  echo "== the stem as im2col + GEMM beside cuDNN"
+  PARTS_COMPILE= timeout 60 $PY benchmarks/bench_teacher_parts.py --json "$OUT/teacher_parts.json" 2>&1 | quiet \
+    | grep -E "stem|maxpool|teacher_gradcam|cudnn" | tee "$OUT/teacher_parts.log"
 fi
 
 # at most 8 files come back from a lent machine: the logs travel as one archive (their tails were printed)

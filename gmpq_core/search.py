@@ -37,6 +37,7 @@ from .losses import choose_p, generalization_loss, rank_distance
 from .policy import BitPolicy
 from .reporting import NullReporter, Reporter
 from .search_config import SearchConfig, SearchResult
+from .teacher_pass import teacher_gradcam
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
                        mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
                        weight_parameters)
@@ -118,7 +119,7 @@ def evaluate_policy(supernet: nn.Module, policy: BitPolicy, teacher: nn.Module, 
     for x, y in _batches(loader, max_batches):
         x, y = x.to(device), y.to(device)
         logits, maps = gradcam(net, x, layer, target=target_class, labels=y, mode="detached")
-        _, t_maps = gradcam(teacher, x, layer, target=target_class, labels=y, mode="detached")
+        _, t_maps = teacher_gradcam(teacher, x, layer, target=target_class, labels=y)
         correct += int((logits.argmax(1) == y).sum())
         ard_sum += rank_distance(maps, t_maps) * y.numel()
         n += y.numel()
@@ -286,12 +287,12 @@ def step_scalars(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, 
     the supernet's forward pass, joined before the loss that reads its maps (the same values)."""
     side = _teacher_stream(x.device) if teacher_stream else None
     if side is None:
-        _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
+        _, t_maps = teacher_gradcam(teacher, x, layer, target=cfg.target_class, labels=y)
     else:
         main = torch.cuda.current_stream(x.device)
         side.wait_stream(main)          # x and the teacher's weights are ready
         with torch.cuda.stream(side):
-            _, t_maps = gradcam(teacher, x, layer, target=cfg.target_class, labels=y, mode="detached")
+            _, t_maps = teacher_gradcam(teacher, x, layer, target=cfg.target_class, labels=y)
     logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
     if side is not None:
         main.wait_stream(side)          # the maps are written before anything on this stream reads them
