@@ -111,6 +111,17 @@ triton+graph+tcompile,triton+graph+tstream+tcompile,triton+graph+tstream+tcompil
     | grep -E "stem|maxpool|teacher_gradcam|cudnn" | tee "$OUT/teacher_parts.log"
 fi
 
+if [ "$PART" = teacher3 ]; then
+  echo "== CUDA tests (graph replay, the split / compiled teacher, mixture kernels, precision)"
+  timeout ${TEST_S:-200} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_teacher_pass.py \
+    tests/gmpq_core/test_fused.py tests/gmpq_core/test_precision.py -m gpu -q --tb=short -p no:logging \
+    -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -40 | tee "$OUT/gpu_tests.log"
+  echo "== the search step as the product runs it now (ResNet-18 224 px: teacher stream + compiled trunk + im2col stem)"
+  timeout ${BENCH_S:-200} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-20} --models resnet18:224:3 \
+    --variants triton+graph,triton+graph+tstream+tcompile+tunfold --json "$OUT/teacher_default.json" 2>&1 | quiet \
+    | tail -4 | tee "$OUT/teacher_default.log"
+fi
+
 # at most 8 files come back from a lent machine: the logs travel as one archive (their tails were printed)
 (cd "$OUT" && tar czf "logs_$PART.tgz" ./*.log ./*.txt 2>/dev/null && rm -f ./*.log ./*.txt)
 ls -la "$OUT"

@@ -37,7 +37,7 @@ from .losses import choose_p, generalization_loss, rank_distance
 from .policy import BitPolicy
 from .reporting import NullReporter, Reporter
 from .search_config import SearchConfig, SearchResult
-from .teacher_pass import teacher_gradcam
+from .teacher_pass import TeacherPass, split_teacher, teacher_gradcam, use_compiled_teacher
 from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
                        mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
                        weight_parameters)
@@ -186,8 +186,16 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
         if not cfg.teacher_bn_train:          # a frozen eval-mode teacher runs its BatchNorms inside its convs
             frozen_teacher_(teacher_s, keep=(layer,))   # a conv named as the Grad-CAM layer keeps its output
         _teacher_mode_(teacher_s, cfg.teacher_bn_train)
+        steps = cfg.epochs * _steps(train_loader, cfg.max_steps_per_epoch)
+        if not cfg.teacher_bn_train and use_compiled_teacher(cfg.teacher_compile, device, input_size=input_size,
+                                                             steps=steps):
+            split = split_teacher(teacher_s, layer, compile_trunk=True, unfold_stem=True)
+            if split is None:
+                log.info("teacher_compile: the teacher cannot be split at %s (torch.fx); its pass runs eagerly", layer)
+            teacher_s = split or teacher_s
         step_fn = _step_function(supernet, teacher_s, optimizer, cfg, layer=layer, macs_vec=macs_vec,
-                                 budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, device=device)
+                                 budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, device=device,
+                                 teacher_stream=torch.device(device).type == "cuda")
         history: list[dict] = []
         p_used = float("nan")
         epochs_run = 0
@@ -221,6 +229,8 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
             log.debug("search steps on CUDA graphs: %s", step_fn.counts)
             optimizer.zero_grad(set_to_none=True)        # the .grad tensors live in the graph's pool
         step_fn = None
+        if isinstance(teacher_s, TeacherPass):           # the evaluation's float32 batches run it eagerly anyway
+            teacher_s.drop_compiled()
         teacher_s.eval()
         policy = derive_policy(supernet, budget_bitops, macs, fill=cfg.fill_budget)
         report = count_bitops(supernet, BitPolicy(layers={**policy.layers, **fixed}), input_size, in_channels,

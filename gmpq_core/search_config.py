@@ -16,11 +16,13 @@ from .errors import ConfigError, did_you_mean
 from .losses import P_MODES
 from .policy import BitCandidates, BitPolicy
 
-__all__ = ["SearchConfig", "SearchResult", "TARGET_CLASSES", "MIXTURE_IMPLS", "CUDA_GRAPH_MODES"]
+__all__ = ["SearchConfig", "SearchResult", "TARGET_CLASSES", "MIXTURE_IMPLS", "CUDA_GRAPH_MODES",
+           "TEACHER_COMPILE_MODES"]
 
 TARGET_CLASSES = ("pred", "label")
 MIXTURE_IMPLS = ("auto", "reference", "fused", "compiled", "triton")
 CUDA_GRAPH_MODES = ("auto", "on", "off")
+TEACHER_COMPILE_MODES = ("auto", "on", "off")     # teacher_pass.py
 
 
 def _positive(name: str, value: Any, *, integer: bool = False, zero_ok: bool = False, hint: str = "") -> None:
@@ -54,6 +56,11 @@ class SearchConfig:
     search step's forward and backward passes from a CUDA graph on CUDA (the host no longer bounds a GPU
     step: 2.1x faster for ResNet-18 at 224 px on an H200) and goes on eagerly if a capture fails, "on"
     insists (CUDA only, a failed capture raises), "off" never; the results match the eager step.
+    ``teacher_compile`` (teacher_pass.py): the frozen teacher's pass (its Grad-CAM maps) split at the Grad-CAM
+    layer and its trunk compiled by TorchInductor, its RGB stem as im2col: "auto" (the default) on CUDA for
+    inputs of 112 px or more and searches of 2,000 steps or more (a compile costs 3-8 s), "on" always (a
+    failed compile goes on eagerly), "off" never; the same maps up to float rounding. Not with
+    ``teacher_bn_train``. On CUDA the teacher's pass runs on a second stream beside the supernet's.
     ``include_stem`` / ``include_classifier`` (METHOD.md 2's switch): the stem / classifier, full precision
     by default, are quantized at ``stem_bits`` (weights and input) throughout the search; the budget still
     covers the searched layers only, the reported BitOPs include them, and the policy's meta carries the
@@ -90,6 +97,7 @@ class SearchConfig:
     fill_budget: bool = False
     mixture_impl: str = "auto"
     cuda_graph: str = "auto"
+    teacher_compile: str = "auto"
     include_stem: bool = False
     include_classifier: bool = False
     stem_bits: int = 8
@@ -111,6 +119,7 @@ class SearchConfig:
         _choice("target_class", self.target_class, TARGET_CLASSES)
         _choice("mixture_impl", self.mixture_impl, MIXTURE_IMPLS)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPH_MODES)
+        _choice("teacher_compile", self.teacher_compile, TEACHER_COMPILE_MODES)
         _positive("kappa", self.kappa)
         _positive("p_fixed", self.p_fixed)
         _positive("temperature", self.temperature, hint=" Use 1.0 for the official plain softmax.")

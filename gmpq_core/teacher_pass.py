@@ -7,12 +7,19 @@ two parts read from its data flow (a torch.fx trace): the *trunk* (input -> F) a
 ``gradcam_from``: the values of ``gradcam(teacher, ..., mode="detached")``. Two options on top:
 
 - ``compile_trunk``: the trunk compiled by TorchInductor (fused ReLU / residual adds, a max pool
-  without indices). It is the forward pass of a frozen network only, so its first call per input shape
-  compiles (seconds) and later calls reuse it; a failed compile falls back to the eager trunk with
-  one warning.
-- ``unfold_stem``: a convolution with few input channels (an RGB stem, <= 4 channels) as im2col + one
-  matrix product (``UnfoldConv2d``, in chunks of the batch); cuDNN's kernels for 3 input channels are
-  slow on recent GPUs.
+  without indices). It is the forward pass of a frozen network only. The first call compiles (3-8 s)
+  for its input shape, dtype and autocast state; inputs of any other kind (the last, smaller batch of
+  an epoch, the float32 evaluation) run the eager trunk rather than compile again. A failed compile
+  falls back to the eager trunk with one warning.
+- ``unfold_stem``: a convolution of the trunk with few input channels (an RGB stem, <= 4 channels) as
+  im2col + one matrix product (``UnfoldConv2d``, in chunks of the batch). Only with ``compile_trunk`` is
+  it faster: compiled, ResNet-18's 224 px stem beats cuDNN's kernels for 3 input channels; eagerly
+  it is 2x slower (benchmarks/RESULTS.md, session 19).
+
+``SearchConfig.teacher_compile`` (``use_compiled_teacher``): "auto" compiles (with the im2col stem) on
+CUDA for inputs of at least 112 px and searches of at least 2,000 steps, where the gain (~2.6 ms a step
+for ResNet-18 at 224 px, batch 256, on an H200: a search step 1.70 -> 1.58x an FP training step) pays
+for the compile; "on" always, "off" never.
 
 A model torch.fx cannot trace, or whose head reads anything from before the feature layer but F,
 gives ``None`` from ``split_teacher`` (the search keeps the hooked pass).
@@ -28,10 +35,15 @@ from torch import Tensor, nn
 
 from .attribution import gradcam, gradcam_from
 from .errors import ConfigError
+from .search_config import TEACHER_COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TeacherPass", "UnfoldConv2d", "split_teacher", "teacher_gradcam"]
+__all__ = ["TeacherPass", "UnfoldConv2d", "split_teacher", "teacher_gradcam", "use_compiled_teacher",
+           "TEACHER_COMPILE_MODES"]
+
+AUTO_MIN_SIZE = 112         # px: below it the teacher's pass is bound by the host (ResNet-20 28 px: no gain)
+AUTO_MIN_STEPS = 2000       # a compile costs 3-8 s; ResNet-18 at 224 px gains ~2.6 ms a step
 
 _UNFOLD_MAX_IN = 4          # convolutions with at most this many input channels go through im2col
 _UNFOLD_CHUNK_BYTES = 256 * 2**20   # the im2col buffer per chunk of the batch
@@ -125,21 +137,33 @@ class TeacherPass(nn.Module):
     def __init__(self, trunk: nn.Module, head: nn.Module, layer: str, *, compile_trunk: bool = False) -> None:
         super().__init__()
         self.trunk, self.head, self.layer = trunk, head, layer
-        self._fast = {"trunk": torch.compile(trunk) if compile_trunk else None}   # not a submodule
+        # not submodules: the compiled trunk and the one input kind it was compiled for
+        self._fast: dict[str, Any] = {"trunk": torch.compile(trunk, dynamic=False) if compile_trunk else None,
+                                      "key": None}
 
     @property
     def compiled(self) -> bool:
         return self._fast["trunk"] is not None
 
+    def drop_compiled(self) -> None:
+        """Run the eager trunk from now on (frees the compiled code's references)."""
+        self._fast.update(trunk=None, key=None)
+
     def features(self, x: Tensor) -> Tensor:
         fast = self._fast["trunk"]
         if fast is not None:
-            try:
-                return fast(x)
-            except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: go on eagerly
-                log.warning("the teacher's forward pass could not be compiled (%s: %s); it runs eagerly.",
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                self._fast["trunk"] = None
+            dev = x.device.type
+            key = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_grad_enabled(),
+                   torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+            if self._fast["key"] is None:
+                self._fast["key"] = key
+            if key == self._fast["key"]:
+                try:
+                    return fast(x)
+                except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: go on eagerly
+                    log.warning("the teacher's forward pass could not be compiled (%s: %s); it runs eagerly.",
+                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    self.drop_compiled()
         return self.trunk(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -162,13 +186,24 @@ def split_teacher(teacher: nn.Module, layer: str, *, compile_trunk: bool = False
                   unfold_stem: bool = False) -> TeacherPass | None:
     """``teacher`` (frozen, eval mode, BatchNorms folded: ``bn_fold.frozen_teacher_``) as a ``TeacherPass``
     sharing its weights, or None where it cannot be split (module docstring). ``unfold_stem`` swaps the
-    few-channel convolutions first (in place in ``teacher``)."""
-    if unfold_stem:
-        unfold_stems_(teacher)
+    trunk's few-channel convolutions (``teacher`` itself keeps its modules)."""
     parts = _split_graphs(teacher, layer)
     if parts is None:
         return None
-    return TeacherPass(*parts, layer, compile_trunk=compile_trunk).eval().requires_grad_(False)
+    trunk, head = parts
+    if unfold_stem:
+        unfold_stems_(trunk)
+    return TeacherPass(trunk, head, layer, compile_trunk=compile_trunk).eval().requires_grad_(False)
+
+
+def use_compiled_teacher(setting: str, device: str | torch.device, *, input_size: int, steps: int) -> bool:
+    """Whether a search compiles its teacher's trunk (``SearchConfig.teacher_compile``, module docstring):
+    "on", "off", or "auto" = CUDA, ``input_size`` >= 112 px and ``steps`` (epochs x batches) >= 2,000."""
+    if setting not in TEACHER_COMPILE_MODES:
+        raise ConfigError(f"teacher_compile must be one of {TEACHER_COMPILE_MODES}, but got {setting!r}.")
+    if setting != "auto":
+        return setting == "on"
+    return torch.device(device).type == "cuda" and input_size >= AUTO_MIN_SIZE and steps >= AUTO_MIN_STEPS
 
 
 def teacher_gradcam(teacher: nn.Module, x: Tensor, layer: str, *, target: str = "pred",

@@ -107,8 +107,15 @@ def test_the_final_ard_uses_the_search_target_class(monkeypatch):
         seen.append((mode, target, labels is not None))
         return real(model, x, layer, target=target, labels=labels, mode=mode)
     monkeypatch.setattr(search_mod, "gradcam", spy)
+    real_teacher = search_mod.teacher_gradcam
+
+    def spy_teacher(model, x, layer, *, target="pred", labels=None):
+        seen.append(("teacher", target, labels is not None))
+        return real_teacher(model, x, layer, target=target, labels=labels)
+    monkeypatch.setattr(search_mod, "teacher_gradcam", spy_teacher)
     _search(_cfg(epochs=1, target_class="label", max_steps_per_epoch=1))
-    assert seen and all(t == "label" and has for _, t, has in seen)
+    assert {m for m, _, _ in seen} == {"second_order", "detached", "teacher"}
+    assert all(t == "label" and has for _, t, has in seen)
 
 
 def test_a_search_without_budget_warns_that_lam_has_no_effect(caplog):

@@ -120,13 +120,12 @@ def test_the_teacher_runs_in_the_mode_the_config_asks_for(monkeypatch, bn_train)
 
 def test_a_grad_cam_layer_named_by_a_conv_keeps_its_own_output_in_the_folded_teacher(monkeypatch):
     teachers = []
-    real = search_mod.gradcam
+    real = search_mod.teacher_gradcam
 
     def spy(model, x, layer, **kw):
-        if not any(p.requires_grad for p in model.parameters()):
-            teachers.append(model)
+        teachers.append(model)
         return real(model, x, layer, **kw)
-    monkeypatch.setattr(search_mod, "gradcam", spy)
+    monkeypatch.setattr(search_mod, "teacher_gradcam", spy)
     _search(_cfg(epochs=1, max_steps_per_epoch=1, gradcam_layer="layer3.2.conv2"))
     t = teachers[0]
     assert isinstance(t.layer3[2].bn2, torch.nn.BatchNorm2d) and t.layer3[2].conv2.bias is None   # kept
