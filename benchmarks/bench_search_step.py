@@ -27,7 +27,8 @@ instead of recomputing them (``set_mixture_impl_(keep_operands=True)``; by defau
 kernels on a CPU and the Triton kernels on a GPU do, since session 18); "+recompute" makes it recompute
 them (``keep_operands=False``). "+tstream": the teacher's pass on a second CUDA stream beside the supernet's
 forward pass (``search_step(teacher_stream=True)``). "+tsplit": the teacher split at its Grad-CAM layer
-(``gmpq_core.teacher_pass``), "+tcompile": its trunk compiled too, "+tunfold": its RGB stem as im2col + GEMM.
+(``gmpq_core.teacher_pass``), "+tcompile": its trunk compiled too, "+tunfold": its RGB stem as im2col + GEMM,
+"+tfreeze": compiled with TorchInductor's ``freezing`` (weights as constants).
 Suffixes combine: triton+graph+recompute.
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
@@ -68,7 +69,7 @@ from gmpq_core.train import sgd
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", suffixes below
-SUFFIXES = ("graph", "bnteacher", "keep", "recompute", "tstream", "tsplit", "tcompile", "tunfold")
+SUFFIXES = ("graph", "bnteacher", "keep", "recompute", "tstream", "tsplit", "tcompile", "tunfold", "tfreeze")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Variant:
     bn_teacher: bool
     keep: bool | None
     teacher_stream: bool = False
-    teacher_pass: frozenset[str] = frozenset()      # of "tsplit", "tcompile", "tunfold"
+    teacher_pass: frozenset[str] = frozenset()      # of "tsplit", "tcompile", "tunfold", "tfreeze"
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -96,7 +97,7 @@ class Variant:
                              "backward pass, or recompute them); give one of them, or neither for the default rule")
         keep = True if "keep" in suffixes else False if "recompute" in suffixes else None
         return cls(impl, True if node == "conv" else None, "graph" in suffixes, "bnteacher" in suffixes, keep,
-                   "tstream" in suffixes, frozenset(suffixes) & {"tsplit", "tcompile", "tunfold"})
+                   "tstream" in suffixes, frozenset(suffixes) & {"tsplit", "tcompile", "tunfold", "tfreeze"})
 
 
 @dataclass
@@ -170,8 +171,10 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
         if spec.teacher_stream:
             bench.stream_kinds.add(v)
         if spec.teacher_pass:
-            split = split_teacher(copy.deepcopy(teacher), bench.layer, compile_trunk="tcompile" in spec.teacher_pass,
-                                  unfold_stem="tunfold" in spec.teacher_pass)
+            split = split_teacher(copy.deepcopy(teacher), bench.layer,
+                                  compile_trunk=bool({"tcompile", "tfreeze"} & spec.teacher_pass),
+                                  unfold_stem="tunfold" in spec.teacher_pass,
+                                  compile_options={"freezing": True} if "tfreeze" in spec.teacher_pass else None)
             if split is None:
                 raise RuntimeError(f"variant {v}: the teacher of {name} cannot be split at {bench.layer}")
             bench.teachers[v] = split

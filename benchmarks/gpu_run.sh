@@ -122,6 +122,18 @@ if [ "$PART" = teacher3 ]; then
     | tail -4 | tee "$OUT/teacher_default.log"
 fi
 
+if [ "$PART" = teacher4 ]; then
+  echo "== CUDA tests: a whole search with graphs against the eager search (the teacher's stream on by default now)"
+  timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_graph_step.py -k "whole or search_with_graphs" -m gpu -q \
+    --tb=short -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -15 | tee "$OUT/gpu_tests.log"
+  for rep in 1 2; do
+    echo "== the search step as the product runs it, process $rep (and with Inductor's freezing)"
+    timeout ${BENCH_S:-110} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-20} --models resnet18:224:3 \
+      --variants triton+graph,triton+graph+tstream+tcompile+tunfold,triton+graph+tstream+tunfold+tfreeze \
+      --json "$OUT/teacher_default_$rep.json" 2>&1 | quiet | tail -4 | tee "$OUT/teacher_default_$rep.log"
+  done
+fi
+
 # at most 8 files come back from a lent machine: the logs travel as one archive (their tails were printed)
 (cd "$OUT" && tar czf "logs_$PART.tgz" ./*.log ./*.txt 2>/dev/null && rm -f ./*.log ./*.txt)
 ls -la "$OUT"

@@ -134,12 +134,12 @@ class TeacherPass(nn.Module):
     """A frozen teacher as trunk and head (module docstring). ``forward`` gives the logits; ``gradcam``
     gives what ``gradcam(teacher, x, layer, mode="detached")`` does: (detached logits, maps)."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Module, layer: str, *, compile_trunk: bool = False) -> None:
+    def __init__(self, trunk: nn.Module, head: nn.Module, layer: str, *, compile_trunk: bool = False,
+                 compile_options: dict | None = None) -> None:
         super().__init__()
         self.trunk, self.head, self.layer = trunk, head, layer
-        # not submodules: the compiled trunk and the one input kind it was compiled for
-        self._fast: dict[str, Any] = {"trunk": torch.compile(trunk, dynamic=False) if compile_trunk else None,
-                                      "key": None}
+        fast = torch.compile(trunk, dynamic=False, options=compile_options) if compile_trunk else None
+        self._fast: dict[str, Any] = {"trunk": fast, "key": None}   # not submodules: the compiled trunk, its input
 
     @property
     def compiled(self) -> bool:
@@ -182,18 +182,20 @@ class TeacherPass(nn.Module):
         return logits.detach(), maps
 
 
-def split_teacher(teacher: nn.Module, layer: str, *, compile_trunk: bool = False,
-                  unfold_stem: bool = False) -> TeacherPass | None:
+def split_teacher(teacher: nn.Module, layer: str, *, compile_trunk: bool = False, unfold_stem: bool = False,
+                  compile_options: dict | None = None) -> TeacherPass | None:
     """``teacher`` (frozen, eval mode, BatchNorms folded: ``bn_fold.frozen_teacher_``) as a ``TeacherPass``
     sharing its weights, or None where it cannot be split (module docstring). ``unfold_stem`` swaps the
-    trunk's few-channel convolutions (``teacher`` itself keeps its modules)."""
+    trunk's few-channel convolutions (``teacher`` itself keeps its modules); ``compile_options``: TorchInductor
+    settings of the compile (``torch.compile(options=)``)."""
     parts = _split_graphs(teacher, layer)
     if parts is None:
         return None
     trunk, head = parts
     if unfold_stem:
         unfold_stems_(trunk)
-    return TeacherPass(trunk, head, layer, compile_trunk=compile_trunk).eval().requires_grad_(False)
+    return TeacherPass(trunk, head, layer, compile_trunk=compile_trunk,
+                       compile_options=compile_options).eval().requires_grad_(False)
 
 
 def use_compiled_teacher(setting: str, device: str | torch.device, *, input_size: int, steps: int) -> bool:
