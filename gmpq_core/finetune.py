@@ -198,7 +198,7 @@ def check_resume_state(path: str | Path, ckpt: Any, *, config: FinetuneConfig | 
                        run_info: Mapping[str, Any] | None = None, fp: Mapping[str, Any] | None = None) -> None:
     """Refuse (CheckpointError) the fine-tune checkpoint ``ckpt`` (read from ``path``) for a run that differs from it
     in what is given: ``run_info``, the FP model ``fp`` (``{"sha256": ...}``), the recipe ``config`` (``epochs`` above
-    those it completed continue it; as many or fewer are refused, but for a finished fine-tune's own), the resolved
+    those it completed continue it, as many keep it as it is, fewer are refused), the resolved
     ``precision``, the ``policy``. Parts left None are not checked, so that a caller can check what it knows before
     a long step (``finetune`` checks them all)."""
     path = Path(path)
@@ -247,26 +247,30 @@ def resume_epochs(ckpt: Mapping[str, Any]) -> tuple[int, int]:
     return done, max(done, old) if isinstance(old, int) and not isinstance(old, bool) else done
 
 
-def epochs_left_ok(done: int, epochs: int, was: int) -> bool:
-    """Whether a checkpoint with ``done`` of its ``was`` epochs (``resume_epochs``) may run with ``epochs``: it
-    continues when fewer than ``epochs`` are done, and a finished fine-tune is kept by a run of its own total."""
-    return done < epochs or done == epochs == was
+def epochs_left_ok(done: int, epochs: int) -> bool:
+    """Whether a checkpoint with ``done`` epochs completed (``resume_epochs``) may run with ``epochs``: it continues
+    when fewer than ``epochs`` are done, and is kept as it is (nothing left to train) when exactly ``epochs`` are,
+    whether it finished its own run or was interrupted in a longer one (as the Ray Train final stage does); more
+    done than ``epochs`` cannot go back."""
+    return done <= epochs
 
 
 def _check_epochs(path: Path, ckpt: Mapping[str, Any], epochs: int) -> None:
     """A checkpoint that has completed fewer than ``epochs`` epochs is continued (its cosine schedule set for the
-    new total, longer or shorter than its own run's, as the Ray Train final stage does), and a finished fine-tune is
-    kept by a run of its own total; one that has completed ``epochs`` or more of its run is refused: nothing is
-    left to train, and its weights went down another schedule (and, once past ``epochs``, further)."""
+    new total, longer or shorter than its own run's, as the Ray Train final stage does); one that has completed
+    exactly ``epochs`` is kept as it is (nothing is left to train; an interrupted longer run's weights are those of
+    its own schedule at that epoch, as in the Ray Train final stage); one that has completed more is refused: a
+    fine-tune cannot go back."""
     done, need = resume_epochs(ckpt)
-    if epochs_left_ok(done, epochs, need):
+    if epochs_left_ok(done, epochs):
         return
     fix = (f"epochs={done} (or more, to continue it)" if done == need else
-           f"epochs={done + 1} or more to continue it (epochs={need} finishes it as started)")
+           f"epochs={done} to keep it as it is, epochs={done + 1} or more to continue it (epochs={need} finishes it "
+           "as started)")
     raise CheckpointError(f"Checkpoint '{path}' holds a fine-tune of epochs={need!r} ({done} done), but this run has "
-                          f"epochs={epochs!r}: it has already completed {'as many' if done == epochs else 'more'} "
-                          f"epochs, and a fine-tune continues from its checkpoint and cannot go back. Resume with "
-                          f"{fix}, or delete the checkpoint folder to start afresh.")
+                          f"epochs={epochs!r}: it has already completed more epochs, and a fine-tune continues from "
+                          f"its checkpoint and cannot go back. Resume with {fix}, or delete the checkpoint folder to "
+                          "start afresh.")
 
 
 def _recorded_total_steps(state: Mapping[str, Any]) -> int | None:
@@ -301,7 +305,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     without reading the file again; ``fp_digest``: ``state_digest(fp_model)`` when the caller has it (not hashed
     again). A checkpoint that has completed fewer epochs than ``config.epochs`` is continued (its cosine schedule
     set for the new total, longer or shorter than its own: ``set_cosine_position_``); one that has completed as
-    many or more is refused (CheckpointError), unless it finished a fine-tune of ``config.epochs``.
+    many is kept as it is (nothing trained: its last epoch's metrics are the result, ``epochs_run ==
+    resumed_from_epoch``); one that has completed more is refused (CheckpointError).
     """
     resolved = resolve_precision(precision, device)      # a bad value fails before any work
     if resume_state is not None and checkpoint_dir is None:
@@ -332,7 +337,9 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
             load_optimizer_state(optimizer, state["optimizer"])
             history = [dict(h) for h in state["history"]]
             start = int(state["epoch"])
-            if _recorded_total_steps(state) == total_steps:
+            if start >= config.epochs:
+                log.info("the fine-tune in '%s' has completed %d epochs: nothing left to train", ckpt_path, start)
+            elif _recorded_total_steps(state) == total_steps:
                 scheduler.load_state_dict(state["scheduler"])
                 log.info("resuming the fine-tune from '%s' after epoch %d", ckpt_path, start)
             else:           # another total: the schedule of the new total, entered at the steps done

@@ -1,7 +1,7 @@
 """``gmpq finetune --policy``'s resume checks: a fine-tune checkpoint kept in ``DIR/checkpoints/`` by an earlier run
 is refused, before any work, when it was written on another dataset, of another model or training subset, has
-already completed as many epochs as this run's or more (but for a finished fine-tune rerun with its own --epochs),
-or was started from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and the precision; a total
+already completed more epochs than this run's (as many keep it as it is: nothing is left to train), or was started
+from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and the precision; a total
 above the epochs done continues it on the cosine schedule of that total)."""
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool
                      epochs: int | None = None) -> dict | None:
     """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
     training subset, is refused before any work (it was resumed as if it were this run's), and so is one that has
-    completed ``epochs`` epochs or more (a fine-tune cannot go back; a finished one rerun with its own total is kept,
-    and a total above the epochs done continues it: _check_epochs_left) and one started from a
+    completed more than ``epochs`` epochs (a fine-tune cannot go back; one that has completed exactly ``epochs`` is
+    kept as it is, and a total above the epochs done continues it: _check_epochs_left) and one started from a
     recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is refused
     once loaded: check_resume_fp). A checkpoint from before these were recorded is not checked; one that
     is not a fine-tune state is named by gmpq_core.finetune. Returns what was read (None: no checkpoint), which
@@ -122,12 +122,13 @@ def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: s
 
 
 def _check_epochs_left(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
-    """``--epochs`` the checkpoint's fine-tune has already completed (or more) is refused: it continues from the
-    checkpoint and cannot go back. A finished fine-tune rerun with its own total is kept (it is evaluated again),
-    and a total above the epochs done continues it, on the cosine schedule of that total, longer or shorter than
-    the one it was started with (as the Ray Train final stage does)."""
+    """``--epochs`` below the epochs the checkpoint's fine-tune has already completed is refused: it continues from
+    the checkpoint and cannot go back. Exactly the epochs done keep it as it is (nothing is left to train: its
+    result files are written from it, whether it finished its own run or was interrupted in a longer one), and a
+    total above the epochs done continues it, on the cosine schedule of that total, longer or shorter than the one
+    it was started with (as the Ray Train final stage does in both cases)."""
     done, was = resume_epochs(ckpt)
-    if epochs_left_ok(done, epochs, was):
+    if epochs_left_ok(done, epochs):
         return
     fresh = f"another --out for a {epochs}-epoch fine-tune, or delete '{out / CHECKPOINTS}' to start this folder's " \
             "fine-tune afresh."
@@ -140,6 +141,6 @@ def _check_epochs_left(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
                                           "as gmpq finetune --sweep does")
     raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, holds a "
                       f"{was}-epoch fine-tune, {done} of them done, but this run has --epochs {epochs}: that fine-tune "
-                      f"has already run {'as many' if done == epochs else 'more'} epochs ({done}), and it continues "
-                      f"from its checkpoint and cannot go back. Pass --epochs {done + 1} or more to continue it "
+                      f"has already run more epochs ({done}), and it continues from its checkpoint and cannot go "
+                      f"back. Pass --epochs {done} to keep it as it is, --epochs {done + 1} or more to continue it "
                       f"(--epochs {was} finishes it as started{shorter}), {fresh}")

@@ -6,8 +6,9 @@ and the FP model, BitOPs in both conventions, the policy summary) and per-epoch 
 ``DIR/checkpoints/``, from which an interrupted run resumes (a checkpoint of a run on another dataset or
 model, with other settings, or from another FP model, is refused, not resumed; an ``--epochs`` above the epochs it
 has done continues it, its cosine schedule set for that total as ``--sweep`` does, and replaces the result files; as
-many as it has done, or fewer, are refused, but for a finished fine-tune's own). Without ``--data-root``, a policy
-exported by a sweep reads its data from the data root the sweep recorded (``SWEEP/sweep_config.yaml``). Without
+many as it has done keep it as it is, nothing left to train, the result files written from it, as ``--sweep`` does;
+fewer are refused). Without ``--data-root``, a policy exported by a sweep reads its data from the data root the
+sweep recorded (``SWEEP/sweep_config.yaml``). Without
 ``--fp-checkpoint`` the FP model is, in this order: ``DIR/fp.pt`` kept with its ``DIR/fp_result.json`` by an earlier
 run (one without the other is not trusted); the sweep's FP target model, for a policy exported by a sweep
 (``SWEEP/policies/<trial_id>.json``: its meta's ``sweep_dir``, whose ``shared.json`` records the model) when it fits
@@ -28,9 +29,9 @@ from pathlib import Path
 
 from torch import nn
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.export import preprocess_of, save_quantized_model
-from gmpq_core.fileio import atomic_write_json, drop_integer_file, load_checkpoint
+from gmpq_core.fileio import atomic_write_json, drop_integer_file, integer_path, load_checkpoint
 from gmpq_core.finetune import (CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, check_resume_state, finetune,
                                 resume_epochs)
 from gmpq_core.policy import BitPolicy
@@ -265,6 +266,11 @@ def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
         return (f"continuing from epoch {done} to {epochs}: the fine-tune in {path} was run with --epochs {was}; its "
                 f"cosine schedule is stretched to {epochs} epochs (as gmpq finetune --sweep does), and "
                 f"{QUANTIZED_WEIGHTS} and {RESULT} are replaced by the {epochs}-epoch result")
+    if done == epochs < was:     # interrupted after exactly --epochs: kept as it is
+        return (f"nothing left to train: the fine-tune in {path} was started with --epochs {was} and has done {done} "
+                f"epoch(s), as many as --epochs {epochs}; writing {QUANTIZED_WEIGHTS} and {RESULT} from it as it is "
+                f"(its weights are those of epoch {done} of the {was}-epoch cosine schedule); --epochs {done + 1} or "
+                f"more continue it (--epochs {was} finishes it as started)")
     if epochs < was:         # (done < epochs: more done is refused by check_resume_run)
         return (f"continuing from epoch {done} to {epochs}: the fine-tune in {path} was started with --epochs {was}; "
                 f"its cosine schedule is shortened to {epochs} epochs (as gmpq finetune --sweep does)")
@@ -344,14 +350,15 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                                fp_source=fp_source, train_size=len(train_split), test_size=len(test_split))
     summary["precision"] = precision
     policy.save(out / POLICY)
-    save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(),
-                         results={"top1": result.top1, "top5": result.top5, "dataset": info.name,
-                                  "gbitops": summary["bitops"]["gbitops_quantized"], "epochs": result.epochs_run,
-                                  "policy_source": summary["policy"]["name"], "precision": precision},
+    results = {"top1": result.top1, "top5": result.top5, "dataset": info.name,
+               "gbitops": summary["bitops"]["gbitops_quantized"], "epochs": result.epochs_run,
+               "policy_source": summary["policy"]["name"], "precision": precision}
+    save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(), results=results,
                          preprocess=preprocess_of(info))
     atomic_write_json(out / RESULT, summary)
-    stale = drop_integer_file(out / QUANTIZED_WEIGHTS) if result.epochs_run > result.resumed_from_epoch else None
-    if stale is not None:                  # trained now: it held the old weights
+    stale = _drop_stale_integer_file(out / QUANTIZED_WEIGHTS, results,
+                                     trained=result.epochs_run > result.resumed_from_epoch)
+    if stale is not None:                  # it held the old weights
         print(f"removed {stale}, gmpq export's integer file of the model just replaced (it held the old weights); "
               f"run 'gmpq export {out}' again to write the new model's", file=sys.stderr)
     b = summary["bitops"]
@@ -362,6 +369,22 @@ def run_single_finetune(args: argparse.Namespace) -> int:
           f"(FP layers at 32x32); {b['macs'] / 1e6:.2f} M MACs")
     print(f"wrote {out / QUANTIZED_WEIGHTS}, {out / POLICY} and {out / RESULT}", file=sys.stderr)
     return 0
+
+
+def _drop_stale_integer_file(path: Path, results: dict, *, trained: bool) -> Path | None:
+    """Remove gmpq export's integer file beside the model file ``path`` just written (returns it; None: kept or
+    none) when it holds other weights: after training, or, when nothing was trained, when its recorded results
+    (epochs, top-1, top-5) are not the new model's (a fine-tune interrupted after exactly --epochs and kept as it
+    is replaces the model file of an earlier, shorter run)."""
+    held = integer_path(path)
+    if not trained and held.is_file():
+        try:
+            was = load_checkpoint(held).get("results") or {}
+        except (GMPQError, AttributeError):         # unreadable, or not a dict: not the new model's
+            was = {}
+        if all(was.get(k) == results[k] for k in ("epochs", "top1", "top5")):
+            return None
+    return drop_integer_file(path)
 
 
 def finetune_summary(result: FinetuneResult, policy: BitPolicy, opts: ModelOptions, fp_eval: dict, *,

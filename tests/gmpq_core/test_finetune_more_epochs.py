@@ -1,6 +1,6 @@
 """A fine-tune checkpoint is continued by a run of more epochs than it has done (its cosine schedule rebuilt for the
 new total, longer or shorter than its own, and entered at the steps done, as the Ray Train final stage does), and
-refused to a run of as many or fewer (but for a finished fine-tune's own total); every other recipe change stays
+kept as it is by a run of as many (nothing left to train, as in the final stage), refused to a run of fewer; every other recipe change stays
 refused, and checkpoints written before the schedule length was recorded keep working."""
 from __future__ import annotations
 
@@ -101,17 +101,16 @@ def test_an_interrupted_fine_tune_continues_to_a_shorter_total_on_that_totals_co
     assert run(fp, tmp_path, 2).resumed_from_epoch == 2                 # now a finished 2-epoch fine-tune: kept
 
 
-def test_as_many_epochs_as_done_or_fewer_are_refused_and_other_settings_stay_refused_with_more(tmp_path):
+def test_fewer_epochs_than_done_are_refused_and_other_settings_stay_refused_with_more(tmp_path):
     fp = tiny_net()
     run(fp, tmp_path, 3, reporter=ListReporter(stop_after=2))       # a 3-epoch fine-tune, 2 epochs done
     before = (tmp_path / CHECKPOINT_NAME).read_bytes()
-    for epochs, word in ((2, "as many"), (1, "more")):
-        with pytest.raises(CheckpointError, match=rf"holds a fine-tune of epochs=3 \(2 done\), but this run has "
-                                                  rf"epochs={epochs}: it has already completed {word} epochs, and a "
-                                                  r"fine-tune continues from its checkpoint and cannot go back\. "
-                                                  r"Resume with epochs=3 or more to continue it \(epochs=3 finishes "
-                                                  r"it as started\)"):
-            run(fp, tmp_path, epochs)
+    with pytest.raises(CheckpointError, match=r"holds a fine-tune of epochs=3 \(2 done\), but this run has "
+                                              r"epochs=1: it has already completed more epochs, and a fine-tune "
+                                              r"continues from its checkpoint and cannot go back\. Resume with "
+                                              r"epochs=2 to keep it as it is, epochs=3 or more to continue it "
+                                              r"\(epochs=3 finishes it as started\)"):
+        run(fp, tmp_path, 1)
     with pytest.raises(CheckpointError, match="written with lr=0.02 but this run has lr=0.05"):
         run(fp, tmp_path, 4, lr=0.05)
     assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
@@ -136,3 +135,18 @@ def test_check_resume_state_checks_only_what_it_is_given(tmp_path):
         check_resume_state(path, {"epoch": 1})
     del state["config"]                                 # from before the record: the epochs it completed count
     assert resume_epochs(state) == (2, 2)
+
+
+def test_as_many_epochs_as_an_interrupted_longer_run_did_keep_it_as_it_is(tmp_path):
+    """It was refused ("it has already completed as many epochs"), while the Ray Train final stage trains nothing
+    and reports the checkpoint's last epoch."""
+    fp = tiny_net()
+    run(fp, tmp_path, 3, reporter=ListReporter(stop_after=2))       # a 3-epoch fine-tune, 2 epochs done
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    rep = ListReporter()
+    kept = run(fp, tmp_path, 2, reporter=rep)
+    assert rep.records == [] and (kept.epochs_run, kept.resumed_from_epoch) == (2, 2)
+    assert kept.history == state["history"] and kept.top1 == state["history"][-1]["top1"]
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before          # nothing trained, nothing rewritten
+    assert run(fp, tmp_path, 3).epochs_run == 3                          # and it still finishes as started

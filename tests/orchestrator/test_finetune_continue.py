@@ -1,7 +1,7 @@
 """`gmpq finetune --policy/--uniform` rerun into its --out folder with more --epochs continues the fine-tune from its
 checkpoint (as `gmpq finetune --sweep` does: the cosine schedule rebuilt for the new total) and replaces the result
-files; fewer --epochs than a finished fine-tune's are refused in one paragraph (an interrupted one:
-test_finetune_defaults_epochs.py); other recipe changes stay refused."""
+files; fewer --epochs than a finished fine-tune's are refused in one paragraph (an interrupted one, kept as it is
+by as many --epochs as it has done: test_finetune_defaults_epochs.py); other recipe changes stay refused."""
 from __future__ import annotations
 
 import json
@@ -86,9 +86,10 @@ def test_fewer_epochs_are_refused_in_one_paragraph_and_leave_the_files(tmp_path,
     state = torch.load(last, weights_only=True)                 # a 3-epoch fine-tune interrupted after epoch 2
     state["config"]["epochs"] = 3
     torch.save(state, last)
-    err = refused(capsys, [*run, "--epochs", "2"])
-    assert "holds a 3-epoch fine-tune, 2 of them done, but this run has --epochs 2" in err
-    assert "Pass --epochs 3 or more to continue it (--epochs 3 finishes it as started)" in err
+    err = refused(capsys, [*run, "--epochs", "1"])
+    assert "holds a 3-epoch fine-tune, 2 of them done, but this run has --epochs 1" in err
+    assert ("Pass --epochs 2 to keep it as it is, --epochs 3 or more to continue it (--epochs 3 finishes it as "
+            "started)") in err
 
 
 def test_other_settings_stay_refused_with_more_epochs_and_before_the_fp_training(tmp_path, capsys):
