@@ -12,12 +12,14 @@ however the sweep ends) flush too, so nothing queued is lost.
 ``background=False`` makes every call in the hook itself (tests and one-off use).
 Metrics: each search epoch's report at ``step=epoch`` (the supernet's proxy_top1, ard, ...), then the final metrics at
 the last epoch's step, a completed trial's derived-policy proxy_top1 and ard as ``policy_proxy_top1`` /
-``policy_ard`` (``final_metrics``), so no metric's history mixes the supernet's values with the policy's.
+``policy_ard`` (``final_metrics``), so no metric's history mixes the supernet's values with the policy's; a final
+metric the last epoch's report logged at that step with the same value (the search's ``p``) is not logged again.
 """
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -44,6 +46,7 @@ class MLflowCallback(Callback):
         self._run_of: dict[str, str | None] = {}
         self._recoveries: dict[str, int] = {}
         self._ended: set[str] = set()        # trials whose run this driver ended (the rest: stopped midway)
+        self._last_epoch: dict[str, tuple[int, dict]] = {}   # per trial: the step and metrics of its last report
         self._writer: ThreadPoolExecutor | None = None
         self._queued: list[Future] = []
 
@@ -53,12 +56,13 @@ class MLflowCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment state: no thread, no per-run bookkeeping
-        return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_ended": set(), "_writer": None, "_queued": []}
+        return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_ended": set(), "_writer": None, "_queued": [],
+                "_last_epoch": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a sweep pickled before the writer thread existed lacks these
         self.__dict__.update({"background": False, "_run_of": {}, "_recoveries": {}, "_ended": set(),
-                              "_writer": None, "_queued": [], **state})
+                              "_writer": None, "_queued": [], "_last_epoch": {}, **state})
 
     # -- the writer -----------------------------------------------------------------------------
     def _do(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -98,7 +102,7 @@ class MLflowCallback(Callback):
 
     # -- Tune hooks: copy what the write needs, then write (or queue) -----------------------------
     def setup(self, **info: Any) -> None:
-        self._run_of, self._recoveries, self._ended = {}, {}, set()
+        self._run_of, self._recoveries, self._ended, self._last_epoch = {}, {}, set(), {}
         self._do(self.sink.connect, reopen=True)
 
     def _child(self, tid: str, params: Mapping[str, Any]) -> str | None:
@@ -116,6 +120,7 @@ class MLflowCallback(Callback):
             return                          # the final row: logged once in on_trial_complete
         step = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
         metrics = {_phase_key(result, k): v for k, v in result.items() if k not in _RAY_KEYS}
+        self._last_epoch[str(trial.trial_id)] = (step, metrics)
         self._do(self._log_result, str(trial.trial_id), dict(trial.config or {}), metrics, step)
 
     def _log_result(self, tid: str, params: Mapping[str, Any], metrics: Mapping[str, Any], step: int) -> None:
@@ -126,19 +131,20 @@ class MLflowCallback(Callback):
         last = dict(trial.last_result or {})
         status = resolve_status(self.status_book, tid, errored, last)
         error = _error_text(trial)[:5000] if errored else None
-        self._do(self._end_run, tid, dict(trial.config or {}), last, status, error)
+        self._do(self._end_run, tid, dict(trial.config or {}), last, status, error, self._last_epoch.pop(tid, None))
 
     def _end_run(self, tid: str, params: Mapping[str, Any], last: Mapping[str, Any], status: str,
-                 error: str | None) -> None:
+                 error: str | None, last_epoch: tuple[int, Mapping[str, Any]] | None = None) -> None:
         rid = self._child(tid, params)
         self._ended.add(tid)
         if rid is None:
             return
-        final = final_metrics(last, status)
+        step = int(last.get("epoch") or 0)
+        final = _not_logged_at(step, final_metrics(last, status), last_epoch)
         if last.get("replayed"):          # a finished trial Tune reran after a driver crash: log only what is missing
             run = self.sink.call("reading a run", self.sink.client.get_run, rid)
             final = {k: v for k, v in final.items() if run is not None and k not in run.data.metrics}
-        self.sink.log_metrics(rid, final, step=int(last.get("epoch") or 0))
+        self.sink.log_metrics(rid, final, step=step)
         if last.get("policy_json"):
             self.sink.call("logging policy.json", self.sink.client.log_text, rid, str(last["policy_json"]),
                            "policy.json")
@@ -180,3 +186,17 @@ class MLflowCallback(Callback):
             if self._run_of[tid] is not None:
                 self.sink.finish(self._run_of[tid], "KILLED", {"status": "interrupted"})
         self.sink.finish(self.sink.parent_run_id, "KILLED" if stopped else "FINISHED")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
+
+
+def _not_logged_at(step: int, final: Mapping[str, Any], last_epoch: tuple[int, Mapping[str, Any]] | None) -> dict:
+    """``final`` less what the trial's last per-epoch report already logged at ``step`` with the same value (the
+    search's ``p``, which a completed trial reports again; a pruned or failed trial's whole last report), so that no
+    metric's history holds one value twice at one step."""
+    if last_epoch is None or last_epoch[0] != step:
+        return dict(final)
+    logged = last_epoch[1]
+    return {k: v for k, v in final.items() if not (k in logged and _same_value(logged[k], v))}

@@ -130,6 +130,32 @@ def test_a_pruned_trials_final_proxy_top1_is_its_last_epochs_and_stays_under_its
     assert run.data.metrics["proxy_top1"] == 12.0 and "policy_proxy_top1" not in run.data.metrics
 
 
+def test_a_trials_p_is_logged_once_per_step_and_a_pruned_trials_last_epoch_once(tmp_path):
+    """The final metrics repeated the last epoch's p (the search result's p is that epoch's) at the same step."""
+    from orchestrator.mlflow_callback import MLflowCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cb = MLflowCallback(uri, "cbt", tmp_path, {"name": "cbt"}, None, background=False)
+    done = SimpleNamespace(trial_id="t1", config={}, last_result={})
+    pruned = SimpleNamespace(trial_id="t2", config={}, last_result={})
+    cb.setup()
+    for trial in (done, pruned):
+        cb.on_trial_start(0, [], trial)
+        for e in (1, 2):
+            trial.last_result = {"phase": "search", "epoch": e, "proxy_top1": 10.0 + e, "ard": 0.5, "p": 1.5 + e}
+            cb.on_trial_result(0, [], trial, trial.last_result)
+    done.last_result = {"phase": "transfer", "epoch": 2, "done": True, "proxy_top1": 30.0, "ard": 0.2, "p": 3.5,
+                        "transfer_top1": 20.5}
+    cb.on_trial_complete(0, [], done)
+    cb.on_trial_complete(0, [], pruned)                   # no transfer_top1: pruned after epoch 2
+    client = mlflow.MlflowClient(uri)
+    for tid in ("t1", "t2"):
+        rid = cb.sink.runs["trials"][tid]
+        assert [(m.step, m.value) for m in client.get_metric_history(rid, "p")] == [(1, 2.5), (2, 3.5)], tid
+        assert [(m.step, m.value) for m in client.get_metric_history(rid, "proxy_top1")] == [(1, 11.0), (2, 12.0)]
+    assert [m.value for m in client.get_metric_history(cb.sink.runs["trials"]["t1"], "transfer_top1")] == [20.5]
+
+
 def test_sync_uploads_the_policys_proxy_top1_under_its_own_key_and_a_second_sync_changes_nothing(tmp_path):
     """A sweep whose store was down: the sync replays the epochs (Tune's result.json) and the Parquet row."""
     from orchestrator.results import TRIALS_FILE, read_trials
