@@ -251,11 +251,15 @@ def _same_shared_proxies(old: Any, new: Any) -> bool:
     return all(before[p.get("name")] == p for p in new or [] if p.get("name") in before)
 
 
-def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: str) -> None:
+RESUME_FIX = "Resume with the same config, or pass another --out."
+
+
+def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: str, *, fix: str = RESUME_FIX) -> None:
     """Rows already in ``study_dir`` (``rows_file``) must come from the same config: a resumed study
     never mixes two settings. The grid axes a cell id names (methods, budgets, seeds, proxies: a proxy
     name keeps its spec) may grow or shrink, and how cells are run (name, resources, concurrency,
-    tracking, notes) may change; any other difference is a ConfigError naming the keys."""
+    tracking, notes) may change; any other difference is a ConfigError naming the keys and ending with ``fix``
+    (a run's: resume with the same config, or another --out)."""
     import yaml
 
     out = Path(study_dir)
@@ -272,16 +276,17 @@ def check_same_study_config(cfg: StudyConfig, study_dir: str | Path, rows_file: 
                   and not (k == "proxies" and _same_shared_proxies(old.get(k), new.get(k))))
     if diff:
         raise ConfigError(f"'{out}' holds rows of a study whose config differs in {', '.join(diff)} from this one "
-                          f"(saved in '{saved}'). Resume with the same config, or pass another --out.")
+                          f"(saved in '{saved}'). {fix}")
 
 
 def _check_dataset_name(name: str, where: str) -> None:
-    from gmpq_core.data import DATASETS, check_dataset_name
+    from gmpq_core.data import DATASETS, check_dataset_name, other_dataset_title
 
     try:
         check_dataset_name(name)
-    except ConfigError as e:
-        raise ConfigError(f"In the study config, {where}: {e}{did_you_mean([name], DATASETS)}") from None
+    except ConfigError as e:       # a typo gets the closest name; a dataset gmpq lacks is named as such, not "corrected"
+        hint = "" if other_dataset_title(name) else did_you_mean([name], DATASETS)
+        raise ConfigError(f"In the study config, {where}: {e}{hint}") from None
 
 
 def check_study_data(cfg: StudyConfig) -> None:

@@ -10,12 +10,12 @@ from .info import DataBundle, DatasetInfo, FolderSplit, TensorSplit
 from .loader import FolderLoader, Loader, TensorLoader, default_num_workers, make_loader
 from .proxy import check_subset_size, class_counts, proxy, proxy_indices
 from .registry import (DATASETS, DatasetSpec, canonical_data_source, canonical_dataset_name, check_dataset_name,
-                       clear_dataset_cache, list_datasets, load_dataset, register_dataset)
+                       clear_dataset_cache, list_datasets, load_dataset, other_dataset_title, register_dataset)
 
 __all__ = [
     "DatasetInfo", "TensorSplit", "FolderSplit", "DataBundle",
     "list_datasets", "load_dataset", "check_dataset_name", "canonical_data_source", "canonical_dataset_name",
-    "register_dataset", "DATASETS",
+    "register_dataset", "DATASETS", "other_dataset_title",
     "DatasetSpec", "clear_dataset_cache",
     "proxy", "proxy_indices", "class_counts", "check_subset_size",
     "make_loader", "Loader", "TensorLoader", "FolderLoader", "default_num_workers",

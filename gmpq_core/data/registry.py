@@ -23,7 +23,7 @@ from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
 __all__ = ["DatasetSpec", "DATASETS", "register_dataset", "list_datasets", "load_dataset", "clear_dataset_cache",
            "resize_split", "check_dataset_name", "canonical_data_source", "canonical_dataset_name", "check_image_size",
            "MAX_IMAGE_SIZE",
-           "check_data_root"]
+           "check_data_root", "OTHER_DATASETS", "other_dataset_title"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,14 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 4, 4096   # pixels per side: 4096^2 is 16.8 M p
 
 DATASETS: dict[str, DatasetSpec] = {}
 _CACHE: dict[tuple, DataBundle] = {}
+# Well-known datasets that are not registered here (shared docs DATA.md: not available offline), by their name
+# lower-cased without '-', '_' or spaces. A refusal names them, and never "corrects" one to a registered name that
+# is another dataset (cifar100 is not cifar10); ``_RELATED`` names a registered one that holds some of its images.
+OTHER_DATASETS = {"cifar100": "CIFAR-100", "svhn": "SVHN", "stl10": "STL-10", "imagenet": "ImageNet",
+                  "imagenet1k": "ImageNet", "imagenette": "Imagenette", "tinyimagenet": "Tiny-ImageNet",
+                  "flowers102": "Flowers-102", "oxfordiiitpet": "Oxford-IIIT Pets", "mnist": "MNIST",
+                  "emnist": "EMNIST", "kmnist": "KMNIST", "qmnist": "QMNIST"}
+_RELATED = {"mnist": "mnist5k holds 5,000 of its images"}
 
 
 def register_dataset(name: str, description: str, *, takes_path: bool = False):
@@ -70,7 +78,8 @@ def _parse(name: object) -> tuple[DatasetSpec, str | None]:
     key, sep, path = name.partition(":")
     spec = DATASETS.get(key)
     if spec is None:
-        raise ConfigError(f"Unknown dataset '{name}'. Available datasets: {', '.join(list_datasets())}.")
+        raise ConfigError(f"Unknown dataset '{name}'. Available datasets: {', '.join(list_datasets())}."
+                          f"{_other_dataset_note(key)}")
     if spec.takes_path and not path:
         raise ConfigError(f"Dataset '{key}' needs a path: write '{key}:/path/to/tree' "
                           f"(with train/ and val/ subfolders), but got '{name}'.")
@@ -78,6 +87,30 @@ def _parse(name: object) -> tuple[DatasetSpec, str | None]:
         raise ConfigError(f"Dataset '{key}' takes no path, but got '{name}'; use '{key}' and pass the "
                           f"folder as root instead.")
     return spec, (path or None)
+
+
+def _squeezed(name: str) -> str:
+    return "".join(c for c in name.lower() if c not in "-_ ")
+
+
+def other_dataset_title(name: object) -> str | None:
+    """The title of the well-known dataset ``name`` names when it is not one registered here (``OTHER_DATASETS``:
+    ``"CIFAR-100"`` for ``cifar100`` or ``CIFAR-100``), else None."""
+    return OTHER_DATASETS.get(_squeezed(name.partition(":")[0])) if isinstance(name, str) else None
+
+
+def _other_dataset_note(key: str) -> str:
+    """For a well-known dataset not registered here: what it is not, and how to give it (else "")."""
+    title = other_dataset_title(key)
+    if title is None:
+        return ""
+    related = _RELATED.get(_squeezed(key))
+    close = [n for n in DATASETS if n != "imagefolder" and (_squeezed(n).startswith(_squeezed(key)) or
+                                                            _squeezed(key).startswith(_squeezed(n)))]
+    unlike = "; ".join(f"{n} is {DATASETS[n].description.partition(':')[0]}, another dataset" for n in close)
+    aside = f" ({related})" if related else f" ({unlike})" if unlike else ""
+    return (f" {title} is not one of them{aside}: give its images as imagefolder:PATH (a tree PATH/train/<class>/ "
+            "and PATH/val/<class>/ of image files).")
 
 
 def check_dataset_name(name: object) -> None:

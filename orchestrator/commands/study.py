@@ -133,23 +133,24 @@ def _search_line(cfg: Any, gen: Any) -> str:
 
 def _studied_config(cfg: Any, out: Path, gen: Any, ray_run: Any) -> Any:
     """--analyze-only: the config of the study whose rows ``out`` holds (its study_config.yaml), with ``cfg``'s
-    tracking URI. A ``cfg`` (--config, --smoke) that differs from it is refused: with the message a run gives
-    (``check_same_study_config``), or, where a run would resume the grid, in its name or grid, as the page would
-    describe another study than the rows'. Without a saved config or rows: ``cfg`` (nothing to describe)."""
+    tracking URI. A ``cfg`` (--config, --smoke) that differs from it is refused: where a run would be refused too
+    (``check_same_study_config``), with its rule and the ways out of --analyze-only (nothing is resumed here), or,
+    where a run would resume the grid, in its name or grid, as the page would describe another study than the rows'. Without a saved config or rows: ``cfg`` (nothing to describe)."""
     from gmpq_core.errors import ConfigError
 
     saved = out / ray_run.CONFIG_FILE
     if not (saved.is_file() and (out / ray_run.STUDY_FILE).is_file()):
         return cfg
-    gen.check_same_study_config(cfg, out, ray_run.STUDY_FILE)
+    fix = ("--analyze-only writes the page of the study as it was run: leave out --config and --smoke to use the "
+           "saved config")
+    gen.check_same_study_config(cfg, out, ray_run.STUDY_FILE,
+                                fix=f"{fix}, or give --out the folder of the study this config ran.")
     old = gen.load_study_config(saved)
     before, now = old.to_dict(), cfg.to_dict()
     diff = [k for k in ("name", "methods", "proxies", "budgets", "seeds") if before[k] != now[k]]
     if diff:
         raise ConfigError(f"'{out}' holds rows of a study whose config differs in {', '.join(diff)} from this one "
-                          f"(saved in '{saved}'). --analyze-only writes the page of the study as it was run: leave "
-                          "out --config and --smoke to use the saved config, or run this one without --analyze-only "
-                          "to add its cells.")
+                          f"(saved in '{saved}'). {fix}, or run this one without --analyze-only to add its cells.")
     return gen.StudyConfig.from_dict({**before, "tracking_uri": cfg.tracking_uri})
 
 

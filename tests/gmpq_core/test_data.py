@@ -321,3 +321,16 @@ def test_imagefolder_without_val_folder_is_a_data_error(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="train/ and val/"):
         load_dataset(f"imagefolder:{tmp_path}")
+
+
+@pytest.mark.parametrize("name,says", [
+    ("cifar100", "CIFAR-100 is not one of them (cifar10 is CIFAR-10, another dataset): give its images as "
+                 "imagefolder:PATH"),
+    ("CIFAR-100", "CIFAR-100 is not one of them (cifar10 is CIFAR-10, another dataset)"),
+    ("mnist", "MNIST is not one of them (mnist5k holds 5,000 of its images): give its images as imagefolder:PATH"),
+    ("svhn", "SVHN is not one of them: give its images as imagefolder:PATH")])
+def test_a_well_known_dataset_that_is_not_registered_is_named_as_such(name, says):
+    with pytest.raises(ConfigError) as exc:
+        load_dataset(name)
+    assert str(exc.value).startswith(f"Unknown dataset '{name}'. Available datasets: cifar10, digits, fashion_mnist, "
+                                     "imagefolder:PATH, mnist5k.") and says in str(exc.value)

@@ -65,7 +65,12 @@ def test_analyze_only_refuses_the_smoke_config_for_another_studys_folder_as_a_ru
     with pytest.raises(ConfigError) as run_refusal:          # what a run with --smoke says ('gmpq study' exit 2)
         check_same_study_config(load_study_config(SMOKE), d, "study.parquet")
     rc, err = _study(capsys, "--smoke", "--out", str(d), "--analyze-only")
-    assert rc == 2 and " ".join(str(run_refusal.value).split()) in err and "Traceback" not in err
+    rule = " ".join(str(run_refusal.value).split()).removesuffix(" Resume with the same config, or pass another --out.")
+    assert rc == 2 and rule in err and "Traceback" not in err
+    # nothing is resumed in this mode: its own ways out, not a run's "Resume with the same config"
+    assert "Resume with" not in err and err.endswith(f"{rule} --analyze-only writes the page of the study as it was "
+                                                     "run: leave out --config and --smoke to use the saved config, or "
+                                                     "give --out the folder of the study this config ran.")
     assert not (d / "results.md").exists() and not list(d.glob("*.png"))   # no page of the wrong study
     assert not (d / "mlflow.db").exists() and not (d / "mlflow_parent.json").exists()   # nothing uploaded
 
@@ -141,6 +146,16 @@ def test_bad_datasets_are_refused_before_the_study_folder_is_written_or_ray_star
     assert not out.exists()                                   # no study_config.yaml, no cache/
     if change.get("proxies", [{}])[0].get("dataset") == "fashon_mnist":
         assert "Did you mean 'fashion_mnist' (not 'fashon_mnist')?" in err
+
+
+@pytest.mark.parametrize("name", ["cifar100", "CIFAR-100", "mnist"])
+def test_a_dataset_gmpq_lacks_gets_no_did_you_mean_of_another_dataset(tmp_path, capsys, no_ray, name):
+    """cifar100 was answered "Did you mean 'cifar10'?", which is another dataset."""
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml.safe_dump({**TINY, "target": name}))
+    rc, err = _study(capsys, "--config", str(cfg_file), "--out", str(tmp_path / "study"))
+    assert rc == 2 and "Did you mean" not in err and "is not one of them" in err
+    assert "Available datasets: cifar10, digits, fashion_mnist, imagefolder:PATH, mnist5k." in err
 
 
 def test_run_study_and_the_local_runner_check_the_datasets_first(tmp_path, no_ray):
