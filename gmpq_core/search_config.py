@@ -58,7 +58,7 @@ class SearchConfig:
     insists (CUDA only, a failed capture raises), "off" never; the results match the eager step.
     ``teacher_compile`` (teacher_pass.py): the frozen teacher's pass (its Grad-CAM maps) split at the Grad-CAM
     layer and its trunk compiled by TorchInductor, its RGB stem as im2col: "auto" (the default) on CUDA for
-    inputs of 112 px or more and searches of 2,000 steps or more (a compile costs 3-8 s), "on" always (a
+    inputs of 112 px or more and searches of 2,000 steps or more (a compile costs 2-14 s), "on" always (a
     failed compile goes on eagerly), "off" never; the same maps up to float rounding. Not with
     ``teacher_bn_train``. On CUDA the teacher's pass runs on a second stream beside the supernet's.
     ``include_stem`` / ``include_classifier`` (METHOD.md 2's switch): the stem / classifier, full precision

@@ -7,22 +7,20 @@ two parts read from its data flow (a torch.fx trace): the *trunk* (input -> F) a
 ``gradcam_from``: the values of ``gradcam(teacher, ..., mode="detached")``. Two options on top:
 
 - ``compile_trunk``: the trunk compiled by TorchInductor (fused ReLU / residual adds, a max pool
-  without indices). It is the forward pass of a frozen network only. The first call compiles (3-8 s)
-  for its input shape, dtype and autocast state; inputs of any other kind (the last, smaller batch of
-  an epoch, the float32 evaluation) run the eager trunk rather than compile again. A failed compile
-  falls back to the eager trunk with one warning.
+  without indices). It is the forward pass of a frozen network only. The first call compiles for its
+  input shape, dtype and autocast state (12-14 s for ResNet-18 on an H200, ~2 s from Inductor's cache);
+  inputs of any other kind (the last, smaller batch of an epoch, the float32 evaluation) run the eager
+  trunk rather than compile again. A failed compile falls back to the eager trunk with one warning.
 - ``unfold_stem``: a convolution of the trunk with few input channels (an RGB stem, <= 4 channels) as
-  im2col + one matrix product (``UnfoldConv2d``, in chunks of the batch). Only with ``compile_trunk`` is
-  it faster: compiled, ResNet-18's 224 px stem beats cuDNN's kernels for 3 input channels; eagerly
-  it is 2x slower (benchmarks/RESULTS.md, session 19).
+  im2col + one matrix product (``UnfoldConv2d``, in chunks of the batch). Only compiled is it faster:
+  cuDNN takes 2.3 ms for ResNet-18's 224 px stem (3 input channels, batch 256, H200), eager im2col
+  4.7 ms, and the compiled trunk with it makes the search step 1.58 -> 1.54x an FP step.
 
 ``SearchConfig.teacher_compile`` (``use_compiled_teacher``): "auto" compiles (with the im2col stem) on
-CUDA for inputs of at least 112 px and searches of at least 2,000 steps, where the gain (~2.6 ms a step
-for ResNet-18 at 224 px, batch 256, on an H200: a search step 1.70 -> 1.58x an FP training step) pays
-for the compile; "on" always, "off" never.
-
-A model torch.fx cannot trace, or whose head reads anything from before the feature layer but F,
-gives ``None`` from ``split_teacher`` (the search keeps the hooked pass).
+CUDA for inputs of at least 112 px and searches of at least 2,000 steps, where the gain pays for the
+compile: ResNet-18 at 224 px, batch 256, on an H200 (with the teacher's own stream, which is always on
+on CUDA) went from 1.75x to 1.51-1.55x an FP training step, ~4 ms a step (benchmarks/RESULTS.md,
+session 19); at 28 px nothing is gained. "on" always, "off" never.
 """
 from __future__ import annotations
 
@@ -43,7 +41,7 @@ __all__ = ["TeacherPass", "UnfoldConv2d", "split_teacher", "teacher_gradcam", "u
            "TEACHER_COMPILE_MODES"]
 
 AUTO_MIN_SIZE = 112         # px: below it the teacher's pass is bound by the host (ResNet-20 28 px: no gain)
-AUTO_MIN_STEPS = 2000       # a compile costs 3-8 s; ResNet-18 at 224 px gains ~2.6 ms a step
+AUTO_MIN_STEPS = 2000       # a compile costs 2-14 s; ResNet-18 at 224 px gains ~3.5 ms a step
 
 _UNFOLD_MAX_IN = 4          # convolutions with at most this many input channels go through im2col
 _UNFOLD_CHUNK_BYTES = 256 * 2**20   # the im2col buffer per chunk of the batch
