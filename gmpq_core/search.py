@@ -191,7 +191,10 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                                                              steps=steps):
             split = split_teacher(teacher_s, layer, compile_trunk=True, unfold_stem=True)
             if split is None:
-                log.info("teacher_compile: the teacher cannot be split at %s (torch.fx); its pass runs eagerly", layer)
+                (log.warning if cfg.teacher_compile == "on" else log.info)(
+                    "teacher_compile=%s: the teacher cannot be split at its Grad-CAM layer '%s' (torch.fx cannot trace "
+                    "it, or its head reads more than that layer's output); its pass runs eagerly.",
+                    cfg.teacher_compile, layer)
             teacher_s = split or teacher_s
         step_fn = _step_function(supernet, teacher_s, optimizer, cfg, layer=layer, macs_vec=macs_vec,
                                  budget_bitops=budget_bitops, first_macs=first_macs, mode=mode, device=device,
@@ -329,7 +332,10 @@ _TEACHER_STREAMS: dict[torch.device, Any] = {}
 def _teacher_stream(device: torch.device) -> Any:
     """The second CUDA stream of ``device`` that the teacher's pass runs on (one per device and process;
     None off CUDA). Blocks the teacher frees return to this stream's pool, so no later allocation of the
-    supernet's stream reuses them while the teacher may still run."""
+    supernet's stream reuses them while the teacher may still run. The maps, allocated here and read on the
+    supernet's stream, need no ``record_stream``: this stream's next work waits on that stream first
+    (``side.wait_stream(main)``). That holds for one search at a time per device and process (Ray runs one
+    trial per worker process); two searches in threads of one process would need ``record_stream``."""
     if device.type != "cuda":
         return None
     if device not in _TEACHER_STREAMS:

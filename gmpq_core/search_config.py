@@ -120,6 +120,10 @@ class SearchConfig:
         _choice("mixture_impl", self.mixture_impl, MIXTURE_IMPLS)
         _choice("cuda_graph", self.cuda_graph, CUDA_GRAPH_MODES)
         _choice("teacher_compile", self.teacher_compile, TEACHER_COMPILE_MODES)
+        if self.teacher_compile == "on" and self.teacher_bn_train is True:
+            raise ConfigError("teacher_compile='on' compiles a frozen teacher, but teacher_bn_train=true runs the "
+                              "teacher's BatchNorms on each batch's statistics. Set teacher_compile to 'auto' or "
+                              "'off', or teacher_bn_train to false.")
         _positive("kappa", self.kappa)
         _positive("p_fixed", self.p_fixed)
         _positive("temperature", self.temperature, hint=" Use 1.0 for the official plain softmax.")

@@ -9,10 +9,11 @@ two parts read from its data flow (a torch.fx trace): the *trunk* (input -> F) a
 - ``compile_trunk``: the trunk compiled by TorchInductor (fused ReLU / residual adds, a max pool
   without indices). It is the forward pass of a frozen network only. The first call compiles for its
   input shape, dtype and autocast state (12-14 s for ResNet-18 on an H200, ~2 s from Inductor's cache);
-  inputs of any other kind (the last, smaller batch of an epoch, the float32 evaluation) run the eager
-  trunk rather than compile again. A failed compile falls back to the eager trunk with one warning.
+  inputs that would need another compile (the last, smaller batch of an epoch, the float32 evaluation)
+  run the eager trunk instead. A failed compile falls back to the eager trunk with one warning.
 - ``unfold_stem``: a convolution of the trunk with few input channels (an RGB stem, <= 4 channels) as
-  im2col + one matrix product (``UnfoldConv2d``, in chunks of the batch). Only compiled is it faster:
+  im2col + one matrix product inside the compile (``UnfoldConv2d``, in chunks of the batch; the eager
+  trunk keeps the convolution). Only compiled is it faster:
   cuDNN takes 2.3 ms for ResNet-18's 224 px stem (3 input channels, batch 256, H200), eager im2col
   4.7 ms, and the compiled trunk with it makes the search step 1.58 -> 1.54x an FP step.
 
@@ -24,6 +25,8 @@ session 19); at 28 px nothing is gained. "on" always, "off" never.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 from typing import Any
 
@@ -48,40 +51,39 @@ _UNFOLD_CHUNK_BYTES = 256 * 2**20   # the im2col buffer per chunk of the batch
 
 
 class UnfoldConv2d(nn.Module):
-    """A frozen ``nn.Conv2d`` (groups 1) computed as im2col (``F.unfold``) and one matrix product per chunk of
-    the batch; the output is channels_last. Same values up to the order of the additions."""
+    """A frozen ``nn.Conv2d`` (groups 1) that, inside a TorchInductor compile, runs as im2col (``F.unfold``) and
+    one matrix product per chunk of the batch (``im2col``; channels_last output, the same values up to the
+    order of the additions); eagerly it is the convolution itself (cuDNN's kernel is faster uncompiled)."""
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
-        self.out_channels = conv.out_channels
-        self.register_buffer("weight_t", conv.weight.detach().reshape(conv.out_channels, -1).t().contiguous())
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
+        self.conv = conv
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.im2col(x) if torch.compiler.is_compiling() else self.conv(x)
+
+    def im2col(self, x: Tensor) -> Tensor:
+        c = self.conv
         if torch.is_autocast_enabled(x.device.type):      # im2col in the product's dtype, not float32
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        w = self.weight_t.to(x.dtype)
-        b = None if self.bias is None else self.bias.to(x.dtype)
+        w = c.weight.reshape(c.out_channels, -1).t().to(x.dtype)          # [C k k, O]
         n, _, h, wd = x.shape
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (self.kernel_size[0] - 1) - 1) // self.stride[0] + 1
-        ow = (wd + 2 * self.padding[1] - self.dilation[1] * (self.kernel_size[1] - 1) - 1) // self.stride[1] + 1
-        out = x.new_empty((n, oh * ow, self.out_channels))
-        per_image = w.shape[0] * oh * ow * x.element_size()
-        step = max(1, _UNFOLD_CHUNK_BYTES // max(per_image, 1))
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = c.kernel_size, c.stride, c.padding, c.dilation
+        oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        out = x.new_empty((n, oh * ow, c.out_channels))
+        step = max(1, _UNFOLD_CHUNK_BYTES // max(w.shape[0] * oh * ow * x.element_size(), 1))
         for i in range(0, n, step):
-            cols = F.unfold(x[i:i + step], self.kernel_size, dilation=self.dilation, padding=self.padding,
-                            stride=self.stride)                     # [b, C k k, L]
+            cols = F.unfold(x[i:i + step], c.kernel_size, dilation=c.dilation, padding=c.padding,
+                            stride=c.stride)                        # [b, C k k, L]
             torch.matmul(cols.transpose(1, 2), w, out=out[i:i + step])
-        if b is not None:
-            out.add_(b)
-        return out.view(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)
+        if c.bias is not None:
+            out.add_(c.bias.to(x.dtype))
+        return out.view(n, oh, ow, c.out_channels).permute(0, 3, 1, 2)
 
 
 def unfold_stems_(model: nn.Module) -> int:
-    """Swap every ``nn.Conv2d`` of ``model`` with at most 4 input channels (groups 1) for ``UnfoldConv2d``, in
-    place; returns how many. For a frozen teacher only (the swapped layers have no parameters)."""
+    """Wrap every ``nn.Conv2d`` of ``model`` with at most 4 input channels (groups 1) in ``UnfoldConv2d``, in
+    place; returns how many. For a frozen teacher's compiled trunk."""
     swaps = [(name, m) for name, m in model.named_modules()
              if type(m) is nn.Conv2d and m.groups == 1 and m.in_channels <= _UNFOLD_MAX_IN
              and m.padding_mode == "zeros" and not isinstance(m.padding, str)]
@@ -137,7 +139,13 @@ class TeacherPass(nn.Module):
         super().__init__()
         self.trunk, self.head, self.layer = trunk, head, layer
         fast = torch.compile(trunk, dynamic=False, options=compile_options) if compile_trunk else None
-        self._fast: dict[str, Any] = {"trunk": fast, "key": None}   # not submodules: the compiled trunk, its input
+        # not submodules: the compiled trunk, whether it has compiled, its options (for a copy)
+        self._fast: dict[str, Any] = {"trunk": fast, "ready": False, "options": compile_options}
+
+    def __deepcopy__(self, memo: dict) -> "TeacherPass":
+        twin = TeacherPass(copy.deepcopy(self.trunk, memo), copy.deepcopy(self.head, memo), self.layer,
+                           compile_trunk=self.compiled, compile_options=self._fast["options"])
+        return twin.train(self.training)
 
     @property
     def compiled(self) -> bool:
@@ -145,24 +153,33 @@ class TeacherPass(nn.Module):
 
     def drop_compiled(self) -> None:
         """Run the eager trunk from now on (frees the compiled code's references)."""
-        self._fast.update(trunk=None, key=None)
+        self._fast.update(trunk=None, ready=False)
 
     def features(self, x: Tensor) -> Tensor:
+        """The feature map of ``x``: the compiled trunk where it has compiled for this kind of input (the
+        first call compiles; a later call whose input would need another compile runs the eager trunk:
+        ``eager_on_recompile``), else the eager trunk. Under autocast the compiled trunk runs with the
+        cast cache off, as inside a CUDA-graph capture (graph_step.py), so the capture finds it compiled."""
         fast = self._fast["trunk"]
-        if fast is not None:
-            dev = x.device.type
-            key = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_grad_enabled(),
-                   torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
-            if self._fast["key"] is None:
-                self._fast["key"] = key
-            if key == self._fast["key"]:
-                try:
-                    return fast(x)
-                except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: go on eagerly
-                    log.warning("the teacher's forward pass could not be compiled (%s: %s); it runs eagerly.",
-                                type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                    self.drop_compiled()
-        return self.trunk(x)
+        if fast is None:
+            return self.trunk(x)
+        dev = x.device.type
+        cast = (torch.autocast(dev, dtype=torch.get_autocast_dtype(dev), cache_enabled=False)
+                if torch.is_autocast_enabled(dev) else contextlib.nullcontext())
+        stance = torch.compiler.set_stance("eager_on_recompile") if self._fast["ready"] else contextlib.nullcontext()
+        try:
+            with cast, stance:
+                out = fast(x)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: go on eagerly
+            log.warning("the teacher's forward pass could not be compiled (%s: %s); it runs eagerly from now on "
+                        "(teacher_compile: off skips the attempt).", type(exc).__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+            self.drop_compiled()
+            return self.trunk(x)
+        self._fast["ready"] = True
+        return out
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -190,7 +207,8 @@ def split_teacher(teacher: nn.Module, layer: str, *, compile_trunk: bool = False
     if parts is None:
         return None
     trunk, head = parts
-    if unfold_stem:
+    if unfold_stem:                       # on a copy: the trunk may hold the teacher's own modules
+        trunk = copy.deepcopy(trunk)
         unfold_stems_(trunk)
     return TeacherPass(trunk, head, layer, compile_trunk=compile_trunk,
                        compile_options=compile_options).eval().requires_grad_(False)
@@ -210,5 +228,9 @@ def teacher_gradcam(teacher: nn.Module, x: Tensor, layer: str, *, target: str = 
                     labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The teacher's (logits, maps), detached: its own split pass for a ``TeacherPass``, else the hooked one."""
     if isinstance(teacher, TeacherPass):
+        if teacher.layer != layer:
+            raise ConfigError(f"This teacher was split at its layer '{teacher.layer}', but its Grad-CAM maps were "
+                              f"asked for at '{layer}'; split it at '{layer}' (split_teacher) or ask for "
+                              f"'{teacher.layer}'.")
         return teacher.gradcam(x, target=target, labels=labels)
     return gradcam(teacher, x, layer, target=target, labels=labels, mode="detached")

@@ -58,11 +58,14 @@ def test_the_split_teacher_gives_the_hooked_pass(name, in_ch, size, unfold):
 def test_the_im2col_convolution_is_the_convolution(monkeypatch, stride, padding, bias, chunk):
     monkeypatch.setattr(tp, "_UNFOLD_CHUNK_BYTES", chunk)       # 1: one image per chunk
     torch.manual_seed(1)
-    conv = nn.Conv2d(3, 8, 7 if padding == 3 else 3, stride=stride, padding=padding, bias=bias).eval()
+    conv = nn.Conv2d(3, 8, 7 if padding == 3 else 3, stride=stride, padding=padding, bias=bias)
+    conv.eval().requires_grad_(False)                          # a frozen teacher's
     x = torch.randn(5, 3, 19, 17)
-    got = UnfoldConv2d(conv)(x)
+    unf = UnfoldConv2d(conv)
+    got = unf.im2col(x)                                          # what a compiled trunk runs
     torch.testing.assert_close(got, conv(x).detach(), rtol=1e-5, atol=1e-5)
     assert got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(unf(x), conv(x))                          # eagerly: the convolution itself
 
 
 def test_only_few_channel_plain_convolutions_are_unfolded():
@@ -70,6 +73,32 @@ def test_only_few_channel_plain_convolutions_are_unfolded():
                           nn.Conv2d(1, 4, 3, padding="same"), nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"))
     assert tp.unfold_stems_(model) == 1
     assert [type(m).__name__ for m in model] == ["UnfoldConv2d", "Conv2d", "Conv2d", "Conv2d", "Conv2d"]
+
+
+class _StemInsideTheLayer(nn.Module):
+    """The Grad-CAM layer holds the stem (VGG's ``features``): the split must not swap the teacher's own conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+def test_the_teacher_keeps_its_own_modules_and_copies_keep_the_compile():
+    model = _StemInsideTheLayer().eval().requires_grad_(False)
+    keys = set(model.state_dict())
+    split = split_teacher(model, "features", unfold_stem=True, compile_trunk=True, compile_options={"freezing": True})
+    assert type(model.features[0]) is nn.Conv2d and set(model.state_dict()) == keys
+    assert isinstance(split.trunk.features[0], UnfoldConv2d)
+    twin = copy.deepcopy(split)
+    assert twin.compiled and twin._fast["options"] == {"freezing": True} and twin.layer == "features"
+    assert twin.trunk.features[0].conv.weight is not split.trunk.features[0].conv.weight
+    with pytest.raises(ConfigError, match=r"split at its layer 'features', but its Grad-CAM maps were asked for at "
+                                          r"'fc'; split it at 'fc' \(split_teacher\) or ask for 'features'"):
+        teacher_gradcam(split, torch.randn(1, 3, 4, 4), "fc")
 
 
 class _ReadsEarly(nn.Module):
@@ -118,7 +147,8 @@ def test_a_failed_compile_falls_back_to_the_eager_trunk(caplog):
         got = split.gradcam(x)
     assert not split.compiled
     assert [r.getMessage() for r in caplog.records] == [
-        "the teacher's forward pass could not be compiled (RuntimeError: no compiler here); it runs eagerly."]
+        "the teacher's forward pass could not be compiled (RuntimeError: no compiler here); it runs eagerly from now "
+        "on (teacher_compile: off skips the attempt)."]
     torch.testing.assert_close(got[1], gradcam(teacher, x, layer, mode="detached")[1], rtol=1e-4, atol=1e-6)
     assert "_fast" not in dict(split.named_modules())
 
@@ -150,6 +180,9 @@ def test_when_the_teacher_is_compiled():
         use_compiled_teacher("yes", "cuda", **auto)
     with pytest.raises(ConfigError, match="teacher_compile"):
         SearchConfig(teacher_compile="yes")
+    with pytest.raises(ConfigError, match=r"teacher_compile='on' compiles a frozen teacher, but teacher_bn_train=true"):
+        SearchConfig(teacher_compile="on", teacher_bn_train=True)
+    assert SearchConfig(teacher_bn_train=True).teacher_compile == "auto"      # auto leaves such a teacher as it is
     assert SearchConfig.from_dict(SearchConfig(teacher_compile="off").to_dict()).teacher_compile == "off"
 
 
@@ -179,6 +212,27 @@ def test_a_search_runs_its_steps_and_evaluation_on_the_split_teacher_when_asked(
     assert on.ard == pytest.approx(off.ard, abs=1e-6)
     with pytest.raises(ConfigError, match="teacher_compile"):
         _search(_cfg(teacher_compile="always"))
+
+
+@pytest.mark.slow
+def test_the_compiled_trunk_compiles_once_for_warm_up_and_capture_and_runs_other_inputs_eagerly():
+    # a warm-up step runs under the epoch's autocast (cast cache on), a CUDA-graph capture under autocast with
+    # the cache off (graph_step.py): the capture must find the trunk compiled, not compile it again; a batch of
+    # another size (the epoch's last) runs the eager trunk. On the CPU, with TorchInductor's C++ backend.
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    teacher, x, layer = _frozen("resnet20", 1, 28)
+    split = split_teacher(teacher, layer, compile_trunk=True, unfold_stem=True)
+    want = gradcam(teacher, x, layer, mode="detached")[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = split.gradcam(x)[1]
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            split.gradcam(x)
+        split.gradcam(x[:3])
+    assert graphs >= 1 and counters["stats"]["unique_graphs"] == graphs and split.compiled
+    torch.testing.assert_close(first, want, rtol=0.1, atol=0.1 * float(want.abs().max()))
+    torch.testing.assert_close(split.gradcam(x)[1], want, rtol=1e-4, atol=1e-6)   # float32: eager, exact
 
 
 @pytest.mark.gpu
