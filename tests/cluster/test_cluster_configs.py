@@ -49,17 +49,84 @@ def test_rayjob_runs_gmpq_run_on_a_gpu_worker_group_with_shared_storage_and_mlfl
         assert claims and claims[0]["persistentVolumeClaim"]["claimName"] == "gmpq-shared"
 
 
+def _kinds(name: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((ROOT / "kuberay" / name).read_text())}
+
+
 def test_raycluster_bundle_has_rwx_pvc_sweep_config_and_gpu_workers():
-    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "kuberay" / "raycluster.yaml").read_text())}
-    assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
-    sweep = yaml.safe_load(docs["ConfigMap"]["data"]["sweep.yaml"])
+    shared = _kinds("shared.yaml")
+    assert shared["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    sweep = yaml.safe_load(shared["ConfigMap"]["data"]["sweep.yaml"])
     assert sweep["preset"] == "resnet18_imagenet" and sweep["storage_path"].startswith("/mnt/gmpq/")
+    docs = _kinds("raycluster.yaml")
     rc = docs["RayCluster"]["spec"]
     assert rc["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
     gpu = rc["workerGroupSpecs"][0]
     assert _containers(gpu["template"])[0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
     mlflow = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "kuberay" / "mlflow.yaml").read_text())}
     assert mlflow["Deployment"]["spec"]["replicas"] == 1 and mlflow["ConfigMap"]["data"]["tracking_uri"].startswith("http")
+
+
+def _refs(node, kind: str) -> set[str]:
+    """Names of the PVCs (kind "pvc") or ConfigMaps (kind "configmap") a manifest's pods use."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        if kind == "pvc" and "persistentVolumeClaim" in node:
+            found.add(node["persistentVolumeClaim"]["claimName"])
+        if kind == "configmap":
+            for key in ("configMap", "configMapKeyRef"):
+                if isinstance(node.get(key), dict):
+                    found.add(node[key]["name"])
+        for value in node.values():
+            found |= _refs(value, kind)
+    elif isinstance(node, list):
+        for value in node:
+            found |= _refs(value, kind)
+    return found
+
+
+def test_each_kuberay_workload_needs_only_shared_and_mlflow_yaml():
+    """rayjob.yaml is not an add-on to raycluster.yaml: both (and mlflow.yaml) use only what shared.yaml
+    and mlflow.yaml define, which the README applies before either."""
+    defined = {"pvc": set(), "configmap": set()}
+    for name in ("shared.yaml", "mlflow.yaml"):
+        for doc in yaml.safe_load_all((ROOT / "kuberay" / name).read_text()):
+            if doc["kind"] == "PersistentVolumeClaim":
+                defined["pvc"].add(doc["metadata"]["name"])
+            if doc["kind"] == "ConfigMap":
+                defined["configmap"].add(doc["metadata"]["name"])
+    for name in ("mlflow.yaml", "raycluster.yaml", "rayjob.yaml"):
+        docs = list(yaml.safe_load_all((ROOT / "kuberay" / name).read_text()))
+        assert "PersistentVolumeClaim" not in {d["kind"] for d in docs}, name
+        for kind in ("pvc", "configmap"):
+            assert _refs(docs, kind) <= defined[kind], (name, kind, _refs(docs, kind) - defined[kind])
+    assert "gmpq-shared" in _refs(list(yaml.safe_load_all((ROOT / "kuberay" / "rayjob.yaml").read_text())), "pvc")
+    # the README applies shared.yaml, then mlflow.yaml, before any workload; rayjob.yaml is not an "or" line
+    applied = re.findall(r"kubectl apply -f cluster/kuberay/(\w+\.yaml)(.*)", (ROOT / "README.md").read_text())
+    order = [name for name, _ in applied]
+    assert order[:2] == ["shared.yaml", "mlflow.yaml"] and {"raycluster.yaml", "rayjob.yaml"} <= set(order[2:])
+    assert not any("or:" in comment for _, comment in applied)
+
+
+def test_aws_launcher_copies_the_sweep_config_its_run_command_reads():
+    """The README's `gmpq run --config PATH` on the head names a file that aws.yaml's file_mounts put there,
+    and that file is a sweep config with the KubeRay ConfigMap's content."""
+    from orchestrator.sweep_config import load_sweep_config
+
+    repo = ROOT.parent
+    cfg = yaml.safe_load((ROOT / "launcher" / "aws.yaml").read_text())
+    readme = (ROOT / "README.md").read_text()
+    config_path = re.search(r"ray exec cluster/launcher/aws\.yaml 'gmpq run --config (\S+)", readme).group(1)
+    assert f"gmpq run --config {config_path} " in (ROOT / "launcher" / "aws.yaml").read_text()
+    local = None
+    for remote, source in cfg["file_mounts"].items():
+        if config_path.startswith(remote.rstrip("/") + "/"):
+            local = repo / source / config_path[len(remote.rstrip("/")) + 1:]
+    assert local is not None and local.is_file(), (config_path, cfg["file_mounts"])
+    sweep = load_sweep_config(local)
+    assert sweep.n_trials == 48 and str(sweep.out_dir).startswith("/mnt/gmpq/")
+    configmap = _kinds("shared.yaml")["ConfigMap"]["data"]["sweep.yaml"]
+    assert yaml.safe_load(local.read_text()) == yaml.safe_load(configmap)
 
 
 def test_readme_cost_table_matches_the_formula():
