@@ -230,8 +230,15 @@ def _require(table: pa.Table, path: Path, columns: Iterable[str], numbers: Itera
 
 def read_trials_table(sweep_dir: str | Path) -> pa.Table:
     """``<sweep_dir>/trials.parquet`` as an Arrow table, checked: CheckpointError naming the file if it is missing,
-    damaged, lacks ``trial_id``/``status`` or holds text in a numeric column."""
+    damaged, lacks ``trial_id``/``status`` or holds text in a numeric column. Missing from a sweep folder (no trial
+    has ended yet), the error says so and how to continue the sweep (``sweep_status.no_trial_ended_text``)."""
     path = Path(sweep_dir) / TRIALS_FILE
+    if not path.exists():
+        from .sweep_status import no_trial_ended_text
+
+        text = no_trial_ended_text(sweep_dir)
+        if text is not None:
+            raise CheckpointError(text)
     return read_table(path, columns=("trial_id", "status"), numbers=TRIAL_NUMBER_COLUMNS)
 
 

@@ -26,12 +26,12 @@ from typing import Iterable, Iterator
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .results import (FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_resolved_config, read_table,
-                      read_trials_table)
+from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_resolved_config,
+                      read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
 __all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status",
-           "mlflow_view", "mlflow_gaps_text"]
+           "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
 
 log = logging.getLogger(__name__)
 _CUT_LINES_OK = 3    # trial_events.jsonl lines a crash may leave cut (a driver and its trials append to it)
@@ -241,6 +241,34 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
                        finetune_progress=progress, shared=_read_shared(sweep_dir),
                        mlflow=mlflow_view(sweep_dir, cfg, [t.trial_id for t in trials if t.status in (COMPLETED, PRUNED,
                                                                                                    FAILED)], final))
+
+
+def continue_text(sweep_dir: str | Path, flag: str = "--resume") -> str:
+    """The commands that continue a sweep stopped before all its trials ended (``gmpq status``, and ``gmpq pareto``
+    / ``gmpq finetune --sweep`` before any trial ended: ``no_trial_ended_text``)."""
+    return (f"Continue with: gmpq sweep --out {sweep_dir} {flag} (or gmpq run --out {sweep_dir} {flag}, which also "
+            "fine-tunes).")
+
+
+def no_trial_ended_text(sweep_dir: str | Path) -> str | None:
+    """Why a sweep folder (it has ``sweep_config.yaml``) has no ``trials.parquet`` yet, and what to do: wait for the
+    running sweep, or continue the stopped one (``continue_text``: ``--resume``, or ``--resume auto`` when no trial
+    started, which starts the sweep from its saved config). None when trials.parquet exists or ``sweep_dir`` is no
+    sweep folder (then the missing file is named as such)."""
+    sweep_dir = Path(sweep_dir)
+    if (sweep_dir / TRIALS_FILE).exists() or not (sweep_dir / CONFIG_FILE).is_file():
+        return None
+    st = read_sweep_status(sweep_dir)
+    text = (f"No trial of the sweep {sweep_dir} has ended yet, so it has no results: {TRIALS_FILE} is written when "
+            "the first one ends.")
+    d = st.driver or {}
+    if st.state in ("running", "fine-tuning"):
+        return (f"{text} The sweep is running (pid {d.get('pid')} on {d.get('host')}): wait until a trial has ended "
+                f"(gmpq status --sweep {sweep_dir} shows where it stands).")
+    if st.state == "unknown":
+        return (f"{text} It is driven from {d.get('host')}, maybe still running: gmpq status --sweep {sweep_dir} "
+                f"there shows where it stands. If it stopped: {continue_text(sweep_dir)}")
+    return f"{text} {continue_text(sweep_dir, '--resume' if st.state == 'stopped' else '--resume auto')}"
 
 
 def mlflow_view(sweep_dir: str | Path, cfg: dict, ended: Iterable[str], finetuned: Iterable[str] = ()) -> dict:

@@ -60,8 +60,9 @@ def _headline(st: Any) -> str:
 def _next_step(st: Any) -> str | None:
     d = st.sweep_dir
     if st.state == "stopped":
-        return (f"Continue with: gmpq sweep --out {d} --resume (or gmpq run --out {d} --resume, which also "
-                "fine-tunes). Ended trials are kept; trials stopped midway run again.")
+        from orchestrator.sweep_status import continue_text
+
+        return f"{continue_text(d)} Ended trials are kept; trials stopped midway run again."
     if st.state != "finished":
         return None
     from orchestrator.pareto import no_completed_text

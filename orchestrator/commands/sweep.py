@@ -130,12 +130,22 @@ def format_summary(summary: Any, tracking_uri: str | None = None, *, command: st
     if summary.rows:
         lines.append(PROXY_NOTE)
     lines.append(f"{summary.n_completed} completed, {summary.n_pruned} pruned, {summary.n_failed} failed in "
-                 f"{summary.wall_seconds / 60:.1f} min. Results: {summary.sweep_dir}/trials.parquet")
+                 f"{summary.wall_seconds / 60:.1f} min. {_results_text(summary.sweep_dir)}")
     if summary.interrupted:
         lines.append(interrupted_note(summary, command))
     if tracking_uri:
         lines.append(mlflow_line(summary, tracking_uri, logging_off))
     return "\n".join(lines)
+
+
+def _results_text(sweep_dir: Path) -> str:
+    """Where the summary's results are: trials.parquet, once a trial has ended (its first row writes it)."""
+    from orchestrator.results import TRIALS_FILE
+
+    path = Path(sweep_dir) / TRIALS_FILE
+    if path.exists():
+        return f"Results: {path}"
+    return f"No trial has ended yet, so there are no results ({TRIALS_FILE} is written when the first one ends)."
 
 
 def mlflow_line(summary: Any, tracking_uri: str, logging_off: str | None = None) -> str:
