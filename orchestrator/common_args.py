@@ -25,7 +25,8 @@ from orchestrator.commands import add_precision_arg, at_least, refuse_empty
 from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
 from gmpq_core.train import seeded
 
-__all__ = ["add_model_args", "add_data_args", "DataRootArg", "add_run_args", "add_policy_args", "ModelOptions",
+__all__ = ["add_model_args", "add_data_args", "model_help", "dataset_help", "DataRootArg", "add_run_args",
+           "add_policy_args", "ModelOptions",
            "resolve_model_options", "build_seeded_model", "resolve_device", "load_policy_arg",
            "uniform_policy", "policy_meta", "dataset_source", "check_bits", "check_out_arg",
            "check_input_size_arg", "SMALL_INPUT_MAX_PX", "META_KEYS"]
@@ -36,12 +37,21 @@ SMALL_INPUT_MAX_PX = 64  # images up to this side default to the small-input ste
 META_KEYS = ("model", "dataset", "target_dataset", "in_channels", "num_classes", "small_input", "input_size")
 
 
+def model_help(default_model: str | None = None) -> str:
+    """The ``--model`` help every command shares: the registered models, your own, the default."""
+    return (f"model name ({', '.join(list_models())}), or your own as MODULE:FUNCTION or PATH.py:FUNCTION (README: "
+            "'Your own model')" + (f"; default {default_model}" if default_model else ""))
+
+
+def dataset_help(default_dataset: str | None = None, what: str = "dataset name") -> str:
+    """The ``--dataset`` help every command shares: the dataset names (``what`` names the role), the default."""
+    return (f"{what} (fashion_mnist, mnist5k, digits, cifar10, imagefolder:PATH)"
+            + (f"; default {default_dataset}" if default_dataset else ""))
+
+
 def add_model_args(p: argparse.ArgumentParser, *, default_model: str | None = None) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=None, metavar="NAME",
-                   help=f"model name ({', '.join(list_models())}), or your own as MODULE:FUNCTION or "
-                        "PATH.py:FUNCTION (README: 'Your own model')" + (f"; default {default_model}" if default_model
-                                                                           else ""))
+    g.add_argument("--model", default=None, metavar="NAME", help=model_help(default_model))
     g.add_argument("--input-size", type=int, default=None, metavar="PX", help="input image side in pixels")
     g.add_argument("--in-channels", type=int, default=None, metavar="C", help="input channels")
     g.add_argument("--num-classes", type=int, default=None, metavar="K", help="number of classes")
@@ -62,18 +72,18 @@ class DataRootArg(argparse.Action):
         setattr(namespace, self.dest, check_data_root(values, flag))
 
 
-def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion_mnist") -> None:
+def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion_mnist", or_else: str = "") -> None:
+    """``or_else`` follows the defaults of ``--test-size`` and ``--batch-size`` (gmpq finetune: where ``--sweep``
+    takes them from)."""
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=None, metavar="NAME",
-                   help=f"dataset name (fashion_mnist, mnist5k, digits, cifar10, imagefolder:PATH); "
-                        f"default {default_dataset}")
+    g.add_argument("--dataset", default=None, metavar="NAME", help=dataset_help(default_dataset))
     g.add_argument("--data-root", default=None, metavar="DIR", action=DataRootArg,
                    help="where the dataset files are (default: the dataset's own location; for finetune --policy "
                         "of a sweep's policy, the data root the sweep recorded)")
     g.add_argument("--test-size", type=int, action=at_least(1), default=None, metavar="N",
-                   help="evaluate on a stratified subset of N test images (default: the whole test split)")
+                   help=f"evaluate on a stratified subset of N test images (default: the whole test split{or_else})")
     g.add_argument("--batch-size", type=int, action=at_least(1), default=128, metavar="B",
-                   help="batch size (default 128)")
+                   help=f"batch size (default 128{or_else})")
     p.set_defaults(default_dataset=default_dataset)
 
 

@@ -1,8 +1,9 @@
 """``gmpq finetune --policy``'s resume checks: a fine-tune checkpoint kept in ``DIR/checkpoints/`` by an earlier run
-is refused, before any work, when it was written on another dataset, of another model or training subset, has
-already completed more epochs than this run's (as many keep it as it is: nothing is left to train), or was started
-from another FP model (``gmpq_core.finetune`` checks the recipe, the policy and the precision; a total
-above the epochs done continues it on the cosine schedule of that total)."""
+is refused, before any work, when it was written on another dataset, of another model or training subset, with
+another recipe given by a flag (``--lr``, ``--weight-decay``, ``--batch-size``, ...), has already completed more
+epochs than this run's (as many keep it as it is: nothing is left to train), or was started from another FP model
+(``gmpq_core.finetune`` checks the rest of the recipe, the policy and the precision; a total above the epochs done
+continues it on the cosine schedule of that total)."""
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ from gmpq_core.finetune import (CHECKPOINT_NAME, epochs_left_ok, fp_name, record
 from .train_fp import FP_RESULT, FP_WEIGHTS
 
 __all__ = ["CHECKPOINTS", "checkpoint_run_info", "check_resume_run", "check_resume_fp", "same_dataset", "as_flags",
-           "RUN_FLAGS"]
+           "RUN_FLAGS", "RECIPE_FLAGS"]
 
 CHECKPOINTS = "checkpoints"
 
@@ -40,16 +41,62 @@ RUN_FLAGS = {"model": "--model", "input_size": "--input-size", "in_channels": "-
              "num_classes": "--num-classes", "small_input": "--small-input", "train_size": "--train-size"}
 
 
+# the FinetuneConfig fields a checkpoint must match (gmpq_core.finetune's resume keys) that a flag of gmpq finetune
+# gives; the others (momentum, nesterov) have no flag and stay with the core's message
+RECIPE_FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "batch_size": "--batch-size", "seed": "--seed",
+                "max_steps_per_epoch": "--max-steps-per-epoch", "distill": "--distill",
+                "distill_alpha": "--distill-alpha", "distill_temperature": "--distill-temperature",
+                "include_stem": "--include-stem", "include_classifier": "--include-classifier"}
+
+
 def as_flags(values: Mapping[str, Any], keys: list[str]) -> str:
     """``values``' ``keys`` as the flags that give them (``--input-size 8 --no-small-input``)."""
     return " ".join(("--small-input" if values[k] else "--no-small-input") if k == "small_input"
                     else f"{RUN_FLAGS.get(k, k)} {values[k]}" for k in keys)
 
 
+def _recipe_flags(values: Mapping[str, Any], keys: list[str]) -> tuple[list[str], list[str]]:
+    """``values``' recipe ``keys`` as (flags given: ``--lr 0.01``, ``--distill``; flags left out: ``--distill`` for
+    distill=False, ``--max-steps-per-epoch`` for None)."""
+    given, left_out = [], []
+    for k in keys:
+        flag, v = RECIPE_FLAGS[k], values[k]
+        if v is False or v is None:
+            left_out.append(flag)
+        else:
+            given.append(flag if v is True else f"{flag} {v}")
+    return given, left_out
+
+
+def _recipe_text(values: Mapping[str, Any], keys: list[str]) -> str:
+    """``--lr 0.01 --distill`` / ``--lr 0.01 and no --include-stem``: what a run with ``values`` passed."""
+    given, left_out = _recipe_flags(values, keys)
+    return " and ".join(part for part in (" ".join(given), " and ".join(f"no {f}" for f in left_out)) if part)
+
+
+def _check_recipe(out: Path, path: Path, old: Mapping[str, Any], config: Any) -> None:
+    """The recipe recorded in the checkpoint at ``path`` (``old``: its ``config``) against this run's ``config``
+    (a FinetuneConfig), for the fields a flag gives (``RECIPE_FLAGS``): refused naming the flags."""
+    now = config.to_dict()
+    changed = [k for k in RECIPE_FLAGS if k in old and k in now and old[k] != now[k]]
+    if not changed:
+        return
+    given, left_out = _recipe_flags(old, changed)
+    without = " or ".join(left_out)
+    if given:
+        how = f"Pass {' '.join(given)}{' without ' + without if left_out else ''} to resume it, another --out"
+    else:
+        how = f"Leave out {without} to resume it, pass another --out"
+    raise ConfigError(f"The fine-tune checkpoint '{path}', kept from an earlier run in this --out folder, was "
+                      f"written with {_recipe_text(old, changed)}, but this run has {_recipe_text(now, changed)}. "
+                      f"{how} for this run, or delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh.")
+
+
 def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool,
-                     epochs: int | None = None) -> dict | None:
+                     epochs: int | None = None, config: Any = None) -> dict | None:
     """A fine-tune checkpoint in ``DIR/checkpoints/`` written by a run on another dataset, or of another model or
-    training subset, is refused before any work (it was resumed as if it were this run's), and so is one that has
+    training subset, or with another recipe a flag gives (``config``, a FinetuneConfig: ``--lr``, ``--weight-decay``,
+    ...), is refused before any work (it was resumed as if it were this run's), and so is one that has
     completed more than ``epochs`` epochs (a fine-tune cannot go back; one that has completed exactly ``epochs`` is
     kept as it is, and a total above the epochs done continues it: _check_epochs_left) and one started from a
     recorded FP model when this run trains a new one (``trains_fp``; another FP model that is loaded is refused
@@ -63,6 +110,8 @@ def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool
     old = ckpt.get("run") if isinstance(ckpt, dict) else None
     if isinstance(old, dict):
         _check_run_info(out, path, old, run_info, dataset)
+    if config is not None and isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
+        _check_recipe(out, path, ckpt["config"], config)
     if epochs is not None and isinstance(ckpt, dict) and isinstance(ckpt.get("epoch"), int):
         _check_epochs_left(out, path, ckpt, epochs)
     started = recorded_fp(ckpt)

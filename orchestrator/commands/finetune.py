@@ -66,11 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run, batch_size=None, precision=None)  # None: SINGLE_DEFAULTS, or the sweep config's (--sweep)
 
 
+# where gmpq finetune --sweep takes a value left unset: its help says it after the single-policy default
+WITH_SWEEP = "; with --sweep: the sweep config's"
+
+
 def add_single_args(p: argparse.ArgumentParser) -> None:
     """The options of a single-policy fine-tune (shared with other fine-tune modes)."""
     add_policy_args(p)
     add_model_args(p, default_model="resnet20")
-    add_data_args(p)
+    add_data_args(p, or_else=WITH_SWEEP)
     g = p.add_argument_group("FP model")
     g.add_argument("--fp-checkpoint", default=None, metavar="FILE",
                    help="FP state dict (fp.pt from 'gmpq train-fp'); without it: DIR/fp.pt of an earlier run, "
@@ -81,11 +85,11 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
                    help="peak learning rate of that FP training (default 0.1)")
     g = p.add_argument_group("fine-tune")
     g.add_argument("--train-size", type=int, action=at_least(1), default=None, metavar="N",
-                   help="fine-tune on a stratified subset of N training images (default: the whole split)")
+                   help=f"fine-tune on a stratified subset of N training images (default: the whole split{WITH_SWEEP})")
     g.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E",
-                   help="fine-tune epochs (default 1; with --sweep: the sweep config's)")
+                   help=f"fine-tune epochs (default 1{WITH_SWEEP})")
     g.add_argument("--lr", type=float, default=None, metavar="LR",
-                   help="peak learning rate (default 0.01; with --sweep: the sweep config's)")
+                   help=f"peak learning rate (default 0.01{WITH_SWEEP})")
     g.add_argument("--weight-decay", type=float, default=4e-5, metavar="WD", help="weight decay (default 4e-5)")
     g.add_argument("--distill", action="store_true", help="distil from the FP model (KL at temperature T + CE)")
     g.add_argument("--distill-alpha", type=float, default=_DISTILL_DEFAULTS["distill_alpha"], metavar="ALPHA",
@@ -96,7 +100,7 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--include-classifier", action="store_true",
                    help="quantize the classifier too (8 bits unless in the policy)")
     g.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), default=None, metavar="N",
-                   help="cap every epoch at N batches (quick checks)")
+                   help=f"cap every epoch at N batches (quick checks; default: no cap{WITH_SWEEP})")
     add_run_args(p, default_out="runs/finetune")
 
 
@@ -317,7 +321,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     opts = resolve_model_options(args, sources=[fp_info, dataset_source(info), meta], dataset_info=info)
     run_info = checkpoint_run_info(info, opts, len(train_split))
     resume = check_resume_run(out, run_info, info.name,           # before a possibly long FP training; read once:
-                               trains_fp=fp.kind == "train", epochs=config.epochs)             # finetune gets it
+                               trains_fp=fp.kind == "train", epochs=config.epochs, config=config)  # finetune gets it
     if resume is not None:      # the recipe, the precision and a given policy too, before that training
         check_resume_state(out / CHECKPOINTS / CHECKPOINT_NAME, resume, config=config, precision=precision,
                            policy=policy)

@@ -3,8 +3,10 @@
     gmpq pareto --sweep runs/demo --top-k 3
 
 Reads DIR/trials.parquet; writes DIR/pareto.parquet (non-dominated completed trials on transfer_top1
-up / bitops down, with ``selected`` and ``selection_reason``), DIR/pareto.png and DIR/policies.png (the
-selected policies' bits, layer by layer), prints the table, and adds them to the sweep's MLflow parent run.
+up / bitops down, with ``selected`` and ``selection_reason``), DIR/policies/<trial_id>.json (each policy of
+the front as a file: the input of ``gmpq finetune --policy FILE``; the folder holds the current front only),
+DIR/pareto.png and DIR/policies.png (the selected policies' bits, layer by layer), prints the table, and adds
+them to the sweep's MLflow parent run.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.jobs import SearchJob, check_job_budget, load_teacher, run_search_job
 from gmpq_core.search_config import SearchResult
 
-from ..common_args import DataRootArg
+from ..common_args import DataRootArg, dataset_help, model_help
 from ..progress import ProgressReporter, make_progress
 from . import add_precision_arg, at_least
 
@@ -47,8 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Search per-layer weight/activation bitwidths with GMPQ (attribution-rank-preserving "
                     "differentiable search) on a small proxy dataset; writes DIR/policy.json and DIR/result.json.")
     p.add_argument("--config", metavar="FILE", help="YAML with SearchJob keys and a 'search:' mapping")
-    p.add_argument("--model", help="model name (default resnet20)")
-    p.add_argument("--dataset", help="proxy dataset (default fashion_mnist)")
+    job = {f.name: f.default for f in dataclasses.fields(SearchJob)}     # what a flag left out gets
+    p.add_argument("--model", metavar="NAME", help=model_help(job["model"]))
+    p.add_argument("--dataset", metavar="NAME", help=dataset_help(job["dataset"], "proxy dataset"))
     p.add_argument("--data-root", metavar="DIR", action=DataRootArg, help="where the dataset files are")
     p.add_argument("--target-dataset", metavar="NAME",
                    help="the dataset the policy is meant for, written into its meta: `gmpq finetune --policy` then "

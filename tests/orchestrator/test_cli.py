@@ -153,3 +153,39 @@ def test_verbose_output_is_not_buried_under_matplotlibs_debug_lines(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "DEBUG matplotlib" not in done.stderr and "DEBUG PIL" not in done.stderr
     assert (tmp_path / "pareto.png").is_file()
+
+
+def _help(command: str, capsys) -> str:
+    """``gmpq COMMAND --help`` as printed."""
+    with pytest.raises(SystemExit):
+        build_parser(command).parse_args([command, "--help"])
+    return capsys.readouterr().out
+
+
+def _option_help(text: str, flag: str) -> str:
+    """The help of ``flag`` in a help text (its entry's lines, up to the next entry), whitespace collapsed."""
+    import re
+
+    entry = re.search(rf"^  {re.escape(flag)}\b.*?(?=^  \S|^\S|\Z)", text, re.M | re.S).group(0)
+    return " ".join(entry.split()[2:])            # without the flag and its metavar
+
+
+def test_search_names_the_models_and_datasets_as_the_other_commands_do(capsys):
+    """gmpq search said only "model name (default resnet20)" and "proxy dataset (default fashion_mnist)"."""
+    search, finetune = _help("search", capsys), _help("finetune", capsys)
+    assert _option_help(search, "--model") == _option_help(finetune, "--model")     # both default to resnet20
+    assert "or your own as MODULE:FUNCTION or PATH.py:FUNCTION" in _option_help(search, "--model")
+    assert _option_help(search, "--dataset") == ("proxy dataset (fashion_mnist, mnist5k, digits, cifar10, "
+                                                 "imagefolder:PATH); default fashion_mnist")
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--test-size", "--train-size", "--epochs", "--lr",
+                                  "--max-steps-per-epoch"])
+def test_finetune_help_says_where_sweep_mode_takes_an_unset_value(flag, capsys):
+    """Their defaults are the single-policy ones; with --sweep an unset value is the sweep config's finetune: one."""
+    assert "with --sweep: the sweep config's" in _option_help(_help("finetune", capsys), flag)
+
+
+def test_pareto_help_names_the_policy_files_it_writes_for_finetune(capsys):
+    text = " ".join(_help("pareto", capsys).split())
+    assert "DIR/policies/<trial_id>.json" in text and "gmpq finetune --policy" in text

@@ -99,14 +99,42 @@ def test_other_settings_stay_refused_with_more_epochs_and_before_the_fp_training
     assert main([*run, "--epochs", "1"]) == 0
     capsys.readouterr()
     err = refused(capsys, [*run, "--epochs", "2", "--lr", "0.02"])
-    assert "was written with lr=0.01 but this run has lr=0.02" in err and "continuing" not in err
+    assert "was written with --lr 0.01, but this run has --lr 0.02. Pass --lr 0.01 to resume it" in err
+    assert "continuing" not in err
     last = out / "checkpoints" / CHECKPOINT_NAME        # a checkpoint from before the FP record, and no kept FP
     state = torch.load(last, weights_only=True)         # model: this run would train one; refused before that
     del state["fp"]
     torch.save(state, last)
     (out / "fp_result.json").unlink()
     err = refused(capsys, [*run, "--epochs", "2", "--weight-decay", "0.001"])
-    assert "weight_decay=4e-05" in err and "training the FP model" not in err
+    assert "was written with --weight-decay 4e-05" in err and "training the FP model" not in err
+
+
+def test_a_recipe_flag_changed_on_a_rerun_is_refused_naming_the_flags_and_another_out(tmp_path, capsys):
+    """--lr, --weight-decay, --batch-size, ... got the core's "written with lr=0.01 ...; resume with the same
+    settings" (a field name, not the flag, and no other --out), where --train-size got the flags."""
+    ckpt, out = fp_dir(tmp_path), tmp_path / "out"
+    run = [*FINETUNE, "--fp-checkpoint", ckpt, "--epochs", "2", "--out", str(out)]
+    assert main(run) == 0                                         # (TINY: 1 step per epoch)
+    last = out / "checkpoints" / CHECKPOINT_NAME
+    state = torch.load(last, weights_only=True)
+    state["epoch"], state["history"] = 1, state["history"][:1]   # as if stopped after the first of its 2 epochs
+    torch.save(state, last)
+    capsys.readouterr()
+    fresh = f"another --out for this run, or delete '{out / 'checkpoints'}' to start this folder's fine-tune afresh."
+    batch = state["config"]["batch_size"]
+    err = refused(capsys, [*run, "--lr", "0.05", "--batch-size", str(batch + 1)])
+    assert err == (f"gmpq: error: The fine-tune checkpoint '{last}', kept from an earlier run in this --out folder, "
+                   f"was written with --lr 0.01 --batch-size {batch}, but this run has --lr 0.05 --batch-size "
+                   f"{batch + 1}. Pass --lr 0.01 --batch-size {batch} to resume it, {fresh}")
+    err = refused(capsys, [*run, "--include-stem"])
+    assert (f"was written with no --include-stem, but this run has --include-stem. Leave out --include-stem to "
+            f"resume it, pass {fresh}") in err
+    err = refused(capsys, [*run, "--max-steps-per-epoch", "2", "--distill"])
+    assert ("was written with --max-steps-per-epoch 1 and no --distill, but this run has --max-steps-per-epoch 2 "
+            "--distill. Pass --max-steps-per-epoch 1 without --distill to resume it") in err
+    assert main(run) == 0                                         # the same flags resume it
+    assert result(out)["resumed_from_epoch"] == 1
 
 
 def test_a_checkpoint_from_before_the_schedule_length_was_recorded_is_continued(tmp_path, capsys):
