@@ -91,12 +91,16 @@ def _autodetect(model: nn.Module, input_size: int, in_channels: int) -> str:
         model.train(was_training)
         for h in handles:
             h.remove()
-    best = None
+    maps = []                             # (name, is a global pooling) up to the first output that is no map
     for name, mod, shape in order:
-        is_map = shape is not None and len(shape) == 4
-        if not is_map or isinstance(mod, _GLOBAL_POOLS):
+        if shape is None or len(shape) != 4:
             break
-        best = name
+        maps.append((name, isinstance(mod, _GLOBAL_POOLS)))
+    pools = [i for i, (_, pool) in enumerate(maps) if pool]
+    # the classifier's pooling is the last one (squeeze-and-excitation blocks pool inside the trunk too): the
+    # feature layer is the last module to finish before it
+    before = maps[:pools[-1]] if pools else maps
+    best = next((name for name, pool in reversed(before) if not pool), None)
     if best is None:
         raise ConfigError(f"Cannot find a 4-D feature map before global pooling in {type(model).__name__}; "
                           "set gradcam_layer to the fully qualified name of its last convolutional stage.")
@@ -107,8 +111,9 @@ def find_feature_layer(model: nn.Module, *, model_name: str | None = None, overr
                        input_size: int = 32, in_channels: int = 3) -> str:
     """FQN of the Grad-CAM feature layer: ``override`` if given, else the registry's choice for
     ``model_name`` (a user's builder: its ``gradcam_layer`` attribute), else the last module (in forward
-    completion order) whose output is a 4-D tensor
-    before the first global pooling or non-4-D output."""
+    completion order) to finish with a 4-D output before the classifier's global pooling: the last global
+    pooling module before the first non-4-D output (squeeze-and-excitation blocks pool inside the trunk), or,
+    without one, that first non-4-D output."""
     if override:
         try:
             model.get_submodule(override)

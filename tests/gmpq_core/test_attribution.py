@@ -57,12 +57,21 @@ def test_feature_layer_from_registry(name, expected):
 @pytest.mark.parametrize("builder,expected", [
     (lambda: build_model("resnet20", in_channels=1), "layer3"),
     (lambda: torchvision.models.resnet18(num_classes=3), "layer4"),
-    (lambda: torchvision.models.mobilenet_v2(num_classes=3), "features")])
-def test_feature_layer_autodetected_before_global_pooling(builder, expected):
+    (lambda: torchvision.models.mobilenet_v2(num_classes=3), "features"),
+    # squeeze-and-excitation blocks pool inside the trunk: the classifier's pooling is the last one
+    (lambda: torchvision.models.efficientnet_b0(num_classes=3), "features"),
+    (lambda: torchvision.models.mobilenet_v3_small(num_classes=3), "features")])
+@pytest.mark.parametrize("size", [32, 96])
+def test_feature_layer_autodetected_before_global_pooling(builder, expected, size):
     model = builder()
     in_ch = model.conv1.in_channels if hasattr(model, "conv1") else 3
-    assert find_feature_layer(model, input_size=32, in_channels=in_ch) == expected
+    assert find_feature_layer(model, input_size=size, in_channels=in_ch) == expected
     assert _all_hooks(model) == []
+
+
+def test_without_a_pooling_module_the_feature_layer_is_the_last_map():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
+    assert find_feature_layer(model, input_size=8, in_channels=1) == "1"
 
 
 def test_feature_layer_override_is_checked():
