@@ -28,7 +28,8 @@ kernels on a CPU and the Triton kernels on a GPU do, since session 18); "+recomp
 them (``keep_operands=False``). "+tstream": the teacher's pass on a second CUDA stream beside the supernet's
 forward pass (``search_step(teacher_stream=True)``). "+tsplit": the teacher split at its Grad-CAM layer
 (``gmpq_core.teacher_pass``), "+tcompile": its trunk compiled too, "+tunfold": its RGB stem as im2col + GEMM,
-"+tfreeze": compiled with TorchInductor's ``freezing`` (weights as constants).
+"+tfreeze": compiled with TorchInductor's ``freezing`` (weights as constants). "+tweights": the weight mixtures
+in Triton kernels too (``fused_kernels.TRITON_WEIGHT_KERNELS``, off by default until measured).
 Suffixes combine: triton+graph+recompute.
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
@@ -62,6 +63,7 @@ from gmpq_core.layers import searchable_layers
 from gmpq_core.models import build_model
 from gmpq_core.search import _make_optimizer, search_step  # the optimiser search_policy builds
 from gmpq_core.search_config import SearchConfig
+from gmpq_core import fused_kernels
 from gmpq_core.teacher_pass import split_teacher
 from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers, set_mixture_impl_
 from gmpq_core.train import sgd
@@ -69,7 +71,8 @@ from gmpq_core.train import sgd
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
          "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 ALL_VARIANTS = ("reference", "fused", "compiled", "triton")  # also accepted: "fused:conv", suffixes below
-SUFFIXES = ("graph", "bnteacher", "keep", "recompute", "tstream", "tsplit", "tcompile", "tunfold", "tfreeze")
+SUFFIXES = ("graph", "bnteacher", "keep", "recompute", "tstream", "tsplit", "tcompile", "tunfold", "tfreeze",
+            "tweights")
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class Bench:
     bn_teacher_kinds: set[str] = field(default_factory=set)       # the "+bnteacher" variants
     stream_kinds: set[str] = field(default_factory=set)           # the "+tstream" variants
     teachers: dict[str, nn.Module] = field(default_factory=dict)  # "+tsplit/+tcompile/+tunfold": a TeacherPass
+    tweight_kinds: set[str] = field(default_factory=set)          # "+tweights": Triton weight-mixture kernels
     graphs: dict[str, GraphedSearchStep | None] = field(default_factory=dict)
 
     def teacher_of(self, kind: str) -> nn.Module:
@@ -170,6 +174,8 @@ def build_bench(name: str, size: int, in_ch: int, batch: int, device: str, varia
             bench.bn_teacher_kinds.add(v)
         if spec.teacher_stream:
             bench.stream_kinds.add(v)
+        if "+tweights" in v:
+            bench.tweight_kinds.add(v)
         if spec.teacher_pass:
             split = split_teacher(copy.deepcopy(teacher), bench.layer,
                                   compile_trunk=bool({"tcompile", "tfreeze"} & spec.teacher_pass),
@@ -196,6 +202,7 @@ def fp_step(b: Bench) -> None:
 
 
 def run_step(b: Bench, kind: str) -> None:
+    fused_kernels.TRITON_WEIGHT_KERNELS = kind in b.tweight_kinds    # read per call: captures see it too
     if kind == "fp":
         return fp_step(b)
     if kind in b.graphs:

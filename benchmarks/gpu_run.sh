@@ -10,6 +10,8 @@
 #   bash benchmarks/gpu_run.sh OUT teacher # session 19: the teacher's pass on its own stream (+tstream) beside the
 #                                          # replayed step, with cuDNN's autotuner off and on, a kernel-level profile,
 #                                          # and the teacher's parts (bench_teacher_parts.py)
+#   bash benchmarks/gpu_run.sh OUT weights  # next lease: the Triton weight-mixture kernels' GPU tests and +tweights
+#                                          # beside the product's step (then flip fused_kernels.TRITON_WEIGHT_KERNELS)
 #   bash benchmarks/gpu_run.sh OUT teacher2 # the teacher split at its Grad-CAM layer (+tsplit), compiled (+tcompile), its
 #                                          # stem as im2col (+tunfold), with and without its own stream; GPU tests
 #   bash benchmarks/gpu_run.sh OUT         # step and loops, one after the other (over 10 minutes: two calls are safer)
@@ -131,6 +133,18 @@ if [ "$PART" = teacher4 ]; then
     timeout ${BENCH_S:-110} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-20} --models resnet18:224:3 \
       --variants triton+graph,triton+graph+tstream+tcompile+tunfold,triton+graph+tstream+tunfold+tfreeze \
       --json "$OUT/teacher_default_$rep.json" 2>&1 | quiet | tail -4 | tee "$OUT/teacher_default_$rep.log"
+  done
+fi
+
+if [ "$PART" = weights ]; then
+  echo "== CUDA tests: the Triton weight-mixture kernels (session 19, written without a GPU), the fused layers"
+  timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_fused.py tests/gmpq_core/test_teacher_pass.py -m gpu -q \
+    --tb=short -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -25 | tee "$OUT/gpu_tests.log"
+  echo "== the product's step with the weight mixtures in Triton kernels too (+tweights), two processes"
+  for rep in 1 2; do
+    timeout ${BENCH_S:-120} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-20} --models resnet18:224:3 \
+      --variants triton+graph+tstream+tcompile+tunfold,triton+graph+tstream+tcompile+tunfold+tweights \
+      --json "$OUT/tweights_$rep.json" 2>&1 | quiet | tail -4 | tee "$OUT/tweights_$rep.log"
   done
 fi
 

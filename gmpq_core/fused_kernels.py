@@ -185,8 +185,15 @@ _KERNELS: dict[str, Callable] = {"act_forward": _act_forward_kernel, "act_backwa
 _COMPILED: dict[str, Callable] = {}
 
 
+# The weight mixtures of impl "triton" in Triton kernels too (fused_triton.weight_forward / weight_backward),
+# instead of the eager kernels' ~25 small torch kernels per layer and pass. Written in session 19 without a GPU
+# (tested in Triton's CPU interpreter against the reference); off until a GPU measures it
+# (benchmarks/bench_search_step.py variant "+tweights").
+TRITON_WEIGHT_KERNELS = False
+
+
 def _kernel(impl: str, name: str, device: torch.device) -> Callable:
-    if impl == "triton" and device.type == "cuda" and name.startswith("act"):
+    if impl == "triton" and device.type == "cuda" and (name.startswith("act") or TRITON_WEIGHT_KERNELS):
         from . import fused_triton
         return getattr(fused_triton, name)
     if impl == "compiled":

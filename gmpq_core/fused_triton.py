@@ -1,4 +1,6 @@
-"""Triton kernels for the activation mixture ``sum_j p_j Q_j(x)`` (CUDA; see fused.py for the maths).
+"""Triton kernels for the activation mixture ``sum_j p_j Q_j(x)`` (CUDA; see fused.py for the maths), and
+for the weight mixture (``weight_forward`` / ``weight_backward``: one pass each instead of ~25 small torch
+kernels per layer; used only with ``fused_kernels.TRITON_WEIGHT_KERNELS``, off until measured on a GPU).
 
 - forward: ONE pass, reads x once and writes the output once; all candidates are evaluated in
   registers (float32, or float64 for float64 inputs).
@@ -19,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["triton_available", "act_forward", "act_backward", "BLOCK"]
+__all__ = ["triton_available", "act_forward", "act_backward", "weight_forward", "weight_backward", "BLOCK"]
 
 BLOCK = 1024
 
@@ -93,7 +95,41 @@ if triton is not None:
         tl.store(gx_ptr + offs, (g * w).to(gx_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _w_level(w, s_ptr, one_ptr, j, COMPUTE: tl.constexpr):
+        """Candidate j of the weight mixture: its step s and the integer level k of w (sign(w) for 1 bit)."""
+        s = tl.load(s_ptr + j).to(COMPUTE)
+        sign = tl.where(w > 0.0, 1.0, tl.where(w < 0.0, -1.0, 0.0))
+        k = tl.where(tl.load(one_ptr + j) != 0, sign, _round_half_even(w / s))
+        return s, k
+
+    @triton.jit
+    def _wfwd(w_ptr, out_ptr, ps_ptr, s_ptr, one_ptr, numel, J: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              COMPUTE: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < numel
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        acc = tl.zeros([BLOCK_SIZE], dtype=COMPUTE)
+        for j in tl.static_range(J):
+            s, k = _w_level(w, s_ptr, one_ptr, j, COMPUTE)
+            acc += k * tl.load(ps_ptr + j).to(COMPUTE)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _wbwd(g_ptr, w_ptr, part_ptr, s_ptr, one_ptr, numel, J: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+              COMPUTE: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+        mask = offs < numel
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+        for j in tl.static_range(J):
+            s, k = _w_level(w, s_ptr, one_ptr, j, COMPUTE)
+            tl.store(part_ptr + pid * J + j, tl.sum(g * k, axis=0))
+
+
 _LEVELS: dict[tuple, Tensor] = {}
+_ONE_BIT: dict[tuple, Tensor] = {}
 
 
 def _levels(bits: Sequence[int], signed: bool, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -141,3 +177,39 @@ def act_backward(g: Tensor, x: Tensor, probs: Tensor, clips: Tensor, bits: Seque
     gp = sums[:J]
     gc = p * sums[J:] * torch.sign(clips.detach().to(wide))
     return gx, gp.to(probs.dtype) if need_probs else None, gc.to(clips.dtype)
+
+
+def _one_bit(bits: Sequence[int], device: torch.device) -> Tensor:
+    """1 where a weight candidate has 1 bit (sign(W) levels), else 0; a device tensor built once per bits."""
+    key = (tuple(bits), device)
+    if key not in _ONE_BIT:
+        _ONE_BIT[key] = torch.tensor([int(b == 1) for b in bits], dtype=torch.int32, device=device)
+    return _ONE_BIT[key]
+
+
+def weight_forward(w: Tensor, probs: Tensor, bits: Sequence[int]) -> Tensor:
+    """Forward of the weight mixture ``sum_j p_j s_j k_j(W)`` on a flat contiguous ``w`` in ONE pass (the steps
+    s_j from ``fused_kernels._weight_steps``, as the eager kernel); output has w's dtype."""
+    from .fused_kernels import _upcast, _weight_steps
+    wf = _upcast(w)
+    s = _weight_steps(wf, tuple(bits))
+    ps = probs.detach().to(s.dtype) * s
+    out = torch.empty_like(w)
+    compute = tl.float64 if s.dtype == torch.float64 else tl.float32
+    _wfwd[(triton.cdiv(w.numel(), BLOCK),)](wf, out, ps, s, _one_bit(bits, w.device), w.numel(), J=len(bits),
+                                            BLOCK_SIZE=BLOCK, COMPUTE=compute)
+    return out
+
+
+def weight_backward(g: Tensor, w: Tensor, probs: Tensor, bits: Sequence[int]) -> Tensor:
+    """grad_probs of the weight mixture, ``s_j sum(g k_j(W))``, from ONE pass over g and W (per-program partial
+    sums, reduced on the host side as for the activations); grad_W is g itself (the STE, fused.py)."""
+    from .fused_kernels import _upcast, _weight_steps
+    wf = _upcast(w)
+    s = _weight_steps(wf, tuple(bits))
+    grid = (triton.cdiv(w.numel(), BLOCK),)
+    part = torch.empty((grid[0], len(bits)), dtype=s.dtype, device=w.device)
+    compute = tl.float64 if s.dtype == torch.float64 else tl.float32
+    _wbwd[grid](g.contiguous(), wf, part, s, _one_bit(bits, w.device), w.numel(), J=len(bits), BLOCK_SIZE=BLOCK,
+                COMPUTE=compute)
+    return (part.sum(dim=0) * s).to(probs.dtype)
