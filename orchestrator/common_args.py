@@ -87,10 +87,10 @@ def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion
     p.set_defaults(default_dataset=default_dataset)
 
 
-def add_run_args(p: argparse.ArgumentParser, *, default_out: str) -> None:
+def add_run_args(p: argparse.ArgumentParser, *, default_out: str, or_else: str = "") -> None:
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default cpu)")
-    add_precision_arg(g)
+    add_precision_arg(g, or_else=or_else)
     g.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and augmentation")
     g.add_argument("--out", default=default_out, metavar="DIR", help=f"output folder (default {default_out})")
 

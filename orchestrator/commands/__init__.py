@@ -47,15 +47,17 @@ def int_or_auto(text: str) -> int | str:
         return text                  # at_least names the flag and the value (one paragraph, exit 2)
 
 
-def add_precision_arg(parser: Any, default: str | None = "auto", *, what: str = "training") -> None:
+def add_precision_arg(parser: Any, default: str | None = "auto", *, what: str = "training",
+                      or_else: str = "") -> None:
     """``--precision`` (gmpq_core.precision); ``default=None`` leaves the value to a config file or preset;
-    ``what`` the loop it sets (``"evaluation"`` for a command that only evaluates)."""
+    ``what`` the loop it sets (``"evaluation"`` for a command that only evaluates); ``or_else`` ends the
+    default's words (where else an unset value comes from)."""
     from gmpq_core.precision import PRECISIONS      # torch-free: the help of every command stays quick
 
     parser.add_argument("--precision", choices=PRECISIONS, default=default,
                         help=f"{what} precision: auto = bf16 autocast on a GPU with bfloat16 (Ampere or newer), "
                              "float32 elsewhere; fp32; bf16 (also on a CPU: faster on chips with AMX / "
-                             "AVX512-BF16, slower without) (default auto)")
+                             f"AVX512-BF16, slower without) (default auto{or_else})")
 
 
 def mlflow_ui_hint(tracking_uri: str) -> str:

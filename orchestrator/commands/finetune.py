@@ -101,7 +101,7 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the classifier too (8 bits unless in the policy)")
     g.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), default=None, metavar="N",
                    help=f"cap every epoch at N batches (quick checks; default: no cap{WITH_SWEEP})")
-    add_run_args(p, default_out="runs/finetune")
+    add_run_args(p, default_out="runs/finetune", or_else=WITH_SWEEP)
 
 
 SINGLE_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 128, "precision": "auto"}

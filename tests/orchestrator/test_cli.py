@@ -180,7 +180,7 @@ def test_search_names_the_models_and_datasets_as_the_other_commands_do(capsys):
 
 
 @pytest.mark.parametrize("flag", ["--batch-size", "--test-size", "--train-size", "--epochs", "--lr",
-                                  "--max-steps-per-epoch"])
+                                  "--max-steps-per-epoch", "--precision"])
 def test_finetune_help_says_where_sweep_mode_takes_an_unset_value(flag, capsys):
     """Their defaults are the single-policy ones; with --sweep an unset value is the sweep config's finetune: one."""
     assert "with --sweep: the sweep config's" in _option_help(_help("finetune", capsys), flag)
