@@ -36,7 +36,7 @@ from .errors import CheckpointError, ConfigError
 from .fileio import load_checkpoint, save_checkpoint
 from .policy import BitPolicy, QuantSpec
 from .precision import resolve_precision
-from .qmodules import apply_policy_, calibrate_, mark_input_size_, quantized_layers
+from .qmodules import apply_policy_, calibrate_, quantized_layers
 from .reporting import NullReporter, Reporter
 from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_optimizer, run_epochs, seeded,
                     set_cosine_position_, steps_per_epoch, training_layout_, validate_sgd_fields)
@@ -124,7 +124,7 @@ def prepare_quantized(fp_model: nn.Module, policy: BitPolicy, calib_batch: Tenso
                   stem_bits=int(meta.get("stem_bits") or 8))
     p = next(model.parameters())
     calibrate_(model, calib_batch.to(device=p.device, dtype=p.dtype))
-    return mark_input_size_(model, int(calib_batch.shape[-1]))     # the kernels "auto" picks on a GPU
+    return model
 
 
 def effective_policy(model: nn.Module, policy: BitPolicy) -> BitPolicy:

@@ -28,7 +28,7 @@ from .policy import BitPolicy, QuantSpec
 from .quantizers import ActQuantizer, quantize_weight
 
 __all__ = ["QuantConv2d", "QuantLinear", "apply_policy_", "calibrate_", "quantized_layers", "set_quant_impl_",
-           "mark_input_size_", "SMALL_INPUT_PX", "QUANT_IMPLS"]
+           "QUANT_IMPLS"]
 
 QUANT_IMPLS = ("auto", *IMPLS)
 _ONES: dict[tuple[torch.device, torch.dtype], Tensor] = {}
@@ -47,18 +47,10 @@ def _one(device: torch.device, dtype: torch.dtype) -> Tensor:
     return t
 
 
-# At most this input size (px) a quantized network's training step on a GPU is bound by the host, and torch's own
-# ops of the reference formulas cost less than the Triton kernels' launches: "auto" runs the reference there.
-# Measured (benchmarks/RESULTS.md, session 18, H200, batch 256, bf16): ResNet-20 at 28 px, reference 1.16-1.48x
-# faster than the Triton layers; ResNet-18 at 224 px, Triton 1.16x faster. The threshold between is a guess.
-SMALL_INPUT_PX = 64
-
-
 class _QuantMixin:
     w_bits: int
     act: ActQuantizer
     quant_impl: str = "auto"     # how forward/backward run: QUANT_IMPLS ("auto": Triton on CUDA, else fused)
-    small_input: bool = False    # the network's input is at most SMALL_INPUT_PX: "auto" on CUDA = the reference
 
     def _init_quant(self, spec: QuantSpec) -> None:
         self.w_bits = spec.w_bits
@@ -80,10 +72,7 @@ class _QuantMixin:
         impl = self.quant_impl
         if impl == "reference" or self._calibrating or max(self.w_bits, self.act.bits) >= 32:
             return None
-        if impl != "auto":
-            return impl                                    # triton on a CPU tensor: fused
-        impl = resolve_mixture_impl("auto", x.device)
-        return None if impl == "triton" and self.small_input else impl
+        return resolve_mixture_impl("auto", x.device) if impl == "auto" else impl   # triton on a CPU tensor: fused
 
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
@@ -136,15 +125,6 @@ class QuantLinear(_QuantMixin, nn.Linear):
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
-
-
-def mark_input_size_(model: nn.Module, input_size: int) -> nn.Module:
-    """Tell every quantized layer of ``model`` the network's input size (px), for ``"auto"``: on CUDA, inputs
-    of at most ``SMALL_INPUT_PX`` run the reference formulas (the step is bound by the host), larger ones
-    the Triton kernels; the values and gradients are the same. Returns the model."""
-    for m in quantized_layers(model).values():
-        m.small_input = int(input_size) <= SMALL_INPUT_PX
-    return model
 
 
 def set_quant_impl_(model: nn.Module, impl: str) -> nn.Module:

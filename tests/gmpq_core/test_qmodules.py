@@ -164,24 +164,6 @@ def test_second_order_gradcam_through_float64_quantized_layers_matches_the_refer
     assert float(grads["reference"].abs().max()) > 1e-4
 
 
-def test_auto_runs_the_reference_formulas_on_a_gpu_for_small_inputs_only(monkeypatch):
-    import gmpq_core.qmodules as qm
-    from gmpq_core.finetune import prepare_quantized
-    fp = build_model("resnet20", num_classes=4, in_channels=1, width=4)
-    policy = BitPolicy.uniform(fp, 4, 4)
-    small = prepare_quantized(fp, policy, torch.randn(2, 1, 28, 28))
-    large = prepare_quantized(fp, policy, torch.randn(2, 1, qm.SMALL_INPUT_PX + 8, qm.SMALL_INPUT_PX + 8))
-    assert all(m.small_input for m in quantized_layers(small).values())
-    assert not any(m.small_input for m in quantized_layers(large).values())
-    layer_s, layer_l = next(iter(quantized_layers(small).values())), next(iter(quantized_layers(large).values()))
-    x = torch.randn(2, 1, 8, 8)
-    assert layer_s._fused_impl(x) == layer_l._fused_impl(x) == "fused"              # a CPU: the fused kernels
-    monkeypatch.setattr(qm, "resolve_mixture_impl", lambda name, device: "triton")  # what "auto" is on CUDA
-    assert layer_s._fused_impl(x) is None and layer_l._fused_impl(x) == "triton"
-    set_quant_impl_(small, "triton")                                                  # asked for: as asked
-    assert layer_s._fused_impl(x) == "triton"
-
-
 def test_set_quant_impl_names_the_bad_value_and_the_choices():
     mod, _ = _layer("conv", 2, 4, False)
     with pytest.raises(ConfigError, match=r"'fast'.*'auto'"):
