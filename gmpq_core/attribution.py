@@ -74,14 +74,22 @@ def capture_features(model: nn.Module, layer_name: str, *, detach: bool = False)
         handle.remove()
 
 
+def _is_map(t: object) -> bool:
+    return isinstance(t, Tensor) and t.dim() == 4
+
+
 @torch.no_grad()
 def _autodetect(model: nn.Module, input_size: int, in_channels: int) -> str:
-    order: list[tuple[str, nn.Module, object]] = []
+    """The Grad-CAM layer read from one forward pass of a zero image (``find_feature_layer``)."""
+    order: list[tuple[str, nn.Module, object]] = []          # (name, module, output) in completion order
+    pool_calls: list[tuple[int, object]] = []                 # (modules finished before it, its input)
     handles = []
     for name, mod in model.named_modules():
         if name:
-            handles.append(mod.register_forward_hook(
-                lambda m, i, o, name=name: order.append((name, m, getattr(o, "shape", None)))))
+            handles.append(mod.register_forward_hook(lambda m, i, o, name=name: order.append((name, m, o))))
+            if isinstance(mod, _GLOBAL_POOLS):
+                handles.append(mod.register_forward_pre_hook(
+                    lambda m, i: pool_calls.append((len(order), i[0] if i else None))))
     p = next(model.parameters())
     was_training = model.training
     model.eval()
@@ -91,16 +99,19 @@ def _autodetect(model: nn.Module, input_size: int, in_channels: int) -> str:
         model.train(was_training)
         for h in handles:
             h.remove()
-    maps = []                             # (name, is a global pooling) up to the first output that is no map
-    for name, mod, shape in order:
-        if shape is None or len(shape) != 4:
-            break
-        maps.append((name, isinstance(mod, _GLOBAL_POOLS)))
-    pools = [i for i, (_, pool) in enumerate(maps) if pool]
-    # the classifier's pooling is the last one (squeeze-and-excitation blocks pool inside the trunk too): the
-    # feature layer is the last module to finish before it
-    before = maps[:pools[-1]] if pools else maps
-    best = next((name for name, pool in reversed(before) if not pool), None)
+    if pool_calls:
+        done, fed = pool_calls[-1]
+        # the classifier's pooling if no spatial map is made after it (a squeeze-and-excitation block's pooling
+        # is followed by its block's full-size output): the layer is the last module whose output it pools
+        later_maps = any(_is_map(o) and o.shape[2] * o.shape[3] > 1 for _, m, o in order[done:]
+                         if not isinstance(m, _GLOBAL_POOLS))
+        if not later_maps:
+            fed_by = [name for name, _, o in order[:done] if o is fed]
+            if fed_by:
+                return fed_by[-1]
+    # pooling done by a function (or fed by one): the last module to finish with a map
+    maps = [name for name, m, o in order if _is_map(o) and not isinstance(m, _GLOBAL_POOLS)]
+    best = maps[-1] if maps else None
     if best is None:
         raise ConfigError(f"Cannot find a 4-D feature map before global pooling in {type(model).__name__}; "
                           "set gradcam_layer to the fully qualified name of its last convolutional stage.")
@@ -110,10 +121,10 @@ def _autodetect(model: nn.Module, input_size: int, in_channels: int) -> str:
 def find_feature_layer(model: nn.Module, *, model_name: str | None = None, override: str | None = None,
                        input_size: int = 32, in_channels: int = 3) -> str:
     """FQN of the Grad-CAM feature layer: ``override`` if given, else the registry's choice for
-    ``model_name`` (a user's builder: its ``gradcam_layer`` attribute), else the last module (in forward
-    completion order) to finish with a 4-D output before the classifier's global pooling: the last global
-    pooling module before the first non-4-D output (squeeze-and-excitation blocks pool inside the trunk), or,
-    without one, that first non-4-D output."""
+    ``model_name`` (a user's builder: its ``gradcam_layer`` attribute), else read from one forward pass: the
+    outermost module whose output the classifier's global pooling module receives (the last pooling module
+    run, unless a map larger than 1x1 is made after it, as after a squeeze-and-excitation block's pooling);
+    without such a module (pooling by a function), the last module to finish with a 4-D output."""
     if override:
         try:
             model.get_submodule(override)

@@ -69,6 +69,39 @@ def test_feature_layer_autodetected_before_global_pooling(builder, expected, siz
     assert _all_hooks(model) == []
 
 
+class _SELinear(torch.nn.Module):
+    """The classic hand-written squeeze-and-excitation: pool -> view -> Linear (non-map outputs in the trunk)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Sequential(torch.nn.Linear(c, c // 2), torch.nn.ReLU(), torch.nn.Linear(c // 2, c),
+                                      torch.nn.Sigmoid())
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        return x * self.fc(self.pool(x).view(b, c)).view(b, c, 1, 1)
+
+
+class _SENet(torch.nn.Module):
+    def __init__(self, se, functional_head):
+        super().__init__()
+        self.stem, self.functional_head = torch.nn.Conv2d(3, 8, 3, padding=1), functional_head
+        self.layers = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), se(8))
+                                            for _ in range(3)])
+        self.avgpool, self.fc = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.layers(self.stem(x))
+        return self.fc(x.mean((2, 3)) if self.functional_head else self.avgpool(x).flatten(1))
+
+
+@pytest.mark.parametrize("se", [_SELinear, lambda c: torchvision.ops.SqueezeExcitation(c, c // 2)])
+@pytest.mark.parametrize("functional_head", [False, True])
+def test_squeeze_and_excitation_blocks_do_not_end_the_trunk(se, functional_head):
+    assert find_feature_layer(_SENet(se, functional_head), input_size=16) == "layers"
+
+
 def test_without_a_pooling_module_the_feature_layer_is_the_last_map():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 2))
     assert find_feature_layer(model, input_size=8, in_channels=1) == "1"
