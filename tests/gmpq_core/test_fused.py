@@ -104,13 +104,18 @@ def test_fused_weight_mixture_matches_reference_values_and_gradients(bits):
     w0 = torch.randn(6, 3, 3, 3, generator=gen, dtype=torch.float64)
     logits0 = torch.randn(len(bits), generator=gen, dtype=torch.float64)
     g = torch.randn(w0.shape, generator=gen, dtype=torch.float64)
+    _assert_all_close(*_weight_runs(w0, logits0, g, bits, "fused"), atol=1e-9)
+
+
+def _weight_runs(w0, logits0, g, bits, impl):
+    """(output, grad W, grad logits) of the reference weight mixture and of ``impl``, on the same inputs."""
     results = []
-    for fn in (weight_mixture_reference, lambda *a: weight_mixture(*a, impl="fused")):
+    for fn in (weight_mixture_reference, lambda *a: weight_mixture(*a, impl=impl)):
         w, lg = w0.clone().requires_grad_(), logits0.clone().requires_grad_()
         out = fn(w, torch.softmax(lg, 0), bits)
         (out * g).sum().backward()
         results.append((out.detach(), w.grad, lg.grad))
-    _assert_all_close(*results, atol=1e-9)
+    return results
 
 
 def _conv_case(groups, seed=0):
@@ -373,13 +378,7 @@ def test_cuda_triton_weight_kernels_match_reference(monkeypatch, bits):
     w0 = (torch.randn(64, 32, 3, 3, generator=gen) * 0.1).cuda().contiguous(memory_format=torch.channels_last)
     logits0 = torch.randn(len(bits), generator=gen).cuda()
     g = torch.randn(w0.shape, generator=gen).cuda()
-    results = []
-    for fn in (weight_mixture_reference, lambda *a: weight_mixture(*a, impl="triton")):
-        w, lg = w0.clone().requires_grad_(), logits0.clone().requires_grad_()
-        out = fn(w, torch.softmax(lg, 0), bits)
-        (out * g).sum().backward()
-        results.append((out.detach(), w.grad, lg.grad))
-    for r, f in zip(*results):   # float32: a rare W/s on a rounding tie may differ by one level
+    for r, f in zip(*_weight_runs(w0, logits0, g, bits, "triton")):   # float32: a rare W/s on a rounding tie may differ by one level
         assert (r - f).abs().max() < 1e-3 * max(1.0, float(r.abs().max()))
 
 
