@@ -14,6 +14,7 @@ evaluated (top-1 and ARD against the teacher) on the evaluation data.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -299,13 +300,11 @@ def step_scalars(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, 
     ``teacher_stream`` on a CUDA batch: the teacher's Grad-CAM runs on a second stream, concurrently with
     the supernet's forward pass, joined before the loss that reads its maps (the same values)."""
     side = _teacher_stream(x.device) if teacher_stream else None
-    if side is None:
-        _, t_maps = teacher_gradcam(teacher, x, layer, target=cfg.target_class, labels=y)
-    else:
+    if side is not None:
         main = torch.cuda.current_stream(x.device)
         side.wait_stream(main)          # x and the teacher's weights are ready
-        with torch.cuda.stream(side):
-            _, t_maps = teacher_gradcam(teacher, x, layer, target=cfg.target_class, labels=y)
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        _, t_maps = teacher_gradcam(teacher, x, layer, target=cfg.target_class, labels=y)
     logits, s_maps = gradcam(supernet, x, layer, target=cfg.target_class, labels=y, mode=mode)
     if side is not None:
         main.wait_stream(side)          # the maps are written before anything on this stream reads them
