@@ -43,6 +43,7 @@ __all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_pe
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
+_RECIPE = FinetuneConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,15 +58,15 @@ class FinalJob:
     dataset: str
     data_root: str | None = None
     image_size: int | None = None
-    epochs: int = 1
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 4e-5
-    batch_size: int = 128
-    distill: bool = False
-    seed: int = 0
-    max_steps_per_epoch: int | None = None
-    nesterov: bool = False
+    epochs: int = _RECIPE.epochs         # the recipe's defaults are the core's (FinetuneConfig)
+    lr: float = _RECIPE.lr
+    momentum: float = _RECIPE.momentum
+    weight_decay: float = _RECIPE.weight_decay
+    batch_size: int = _RECIPE.batch_size
+    distill: bool = _RECIPE.distill
+    seed: int = _RECIPE.seed
+    max_steps_per_epoch: int | None = _RECIPE.max_steps_per_epoch
+    nesterov: bool = _RECIPE.nesterov
     train_size: int | None = None
     test_size: int | None = None
     progress_file: str | None = None    # rank 0 writes {"epoch", "step", "steps"} here every few seconds
