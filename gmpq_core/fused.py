@@ -54,21 +54,27 @@ IMPLS = ("reference", "fused", "compiled", "triton")
 # ---------------------------------------------------------------------------------------------
 # references (plain autograd)
 def act_mixture_reference(x: Tensor, probs: Tensor, clips: Tensor, bits: Sequence[int], signed: bool) -> Tensor:
-    """Straightforward ``sum_j probs[j] * Q_{bits[j]}(x; clips[j])`` through plain autograd."""
-    from .quantizers import quantize_activation
+    """Straightforward ``sum_j probs[j] * Q_{bits[j]}(x; clips[j])`` through plain autograd (a half/bfloat16
+    x is computed, and summed, in float32 and returned in x's dtype, as by the kernels)."""
+    from .quantizers import _upcast, quantize_activation
+    xf = _upcast(x)
     out = None
     for j, b in enumerate(bits):
-        term = probs[j] * quantize_activation(x, clips[j], int(b), signed)
+        term = probs[j] * quantize_activation(xf, clips[j], int(b), signed)
         out = term if out is None else out + term
-    return out
+    return out if xf is x else out.to(x.dtype)
 
 
 def weight_mixture_reference(w: Tensor, probs: Tensor, bits: Sequence[int]) -> Tensor:
-    """``sum_i probs[i] * Qw_{bits[i]}(W)`` with d/dW = g (STE) and d/dprobs[i] = sum(g Qw_i(W))."""
-    from .quantizers import quantize_weight
+    """``sum_i probs[i] * Qw_{bits[i]}(W)`` with d/dW = g (STE) and d/dprobs[i] = sum(g Qw_i(W)); a half/bfloat16
+    W is computed in float32 and the sum returned in W's dtype; the sum's matmul runs outside autocast."""
+    from .quantizers import _no_autocast, _upcast, quantize_weight
     with torch.no_grad():
-        q = torch.stack([quantize_weight(w, int(b)) for b in bits])
-    return w - w.detach() + torch.tensordot(probs.to(q.dtype), q, dims=1)
+        wf = _upcast(w)
+        q = torch.stack([quantize_weight(wf, int(b)) for b in bits])
+    with _no_autocast(q.device):
+        mix = torch.tensordot(probs.to(q.dtype), q, dims=1)
+    return w - w.detach() + mix.to(w.dtype)
 
 
 def _reference_grads(fn: Callable[..., Tensor], inputs: tuple, grad: Tensor) -> list[Tensor | None]:

@@ -9,13 +9,32 @@ One quantizer serves every bitwidth: bits are arguments, not subclasses.
   be negative (e.g. MobileNetV2 block inputs, which have no ReLU) use the signed variant: clip to
   [-a, a] with step a / (2^(b-1) - 1). Rounding uses a straight-through estimator; the gradient
   w.r.t. a is PACT's (1 where the input is clipped at a).
+
+Precision: half/bfloat16 inputs (a bf16 activation under autocast, a bf16 model) are computed in float32 and
+the result rounded back to the input's dtype, as the fused kernels do (``fused_kernels``), so both give the
+same values in any dtype; float32 and float64 inputs are computed in their own dtype (no copy). The
+gradients come back in each input's dtype.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["round_ste", "quantize_weight", "quantize_activation", "levels_for", "weight_step", "ActQuantizer"]
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """``t`` in float32 when half/bfloat16 (differentiable), else ``t`` itself."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """A context with autocast off on ``device`` if it is on there (a float32 matmul stays float32), else a no-op."""
+    dev = device.type
+    on = torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+    return torch.autocast(dev, enabled=False) if on else contextlib.nullcontext()
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -31,37 +50,46 @@ def levels_for(bits: int, signed: bool = True) -> int:
 
 
 def _threshold(w: Tensor, threshold: Tensor | None) -> Tensor:
-    return torch.clamp(w.detach().abs().amax() if threshold is None else threshold.detach(), min=1e-8)
+    return torch.clamp(w.detach().abs().amax() if threshold is None else _upcast(threshold.detach()), min=1e-8)
 
 
 def weight_step(w: Tensor, bits: int, threshold: Tensor | None = None) -> Tensor:
     """The (detached) step of ``quantize_weight``: 1 bit, mean |w|; else the threshold (max |w| unless given,
-    at least 1e-8) over ``levels_for(bits)``. ``integer_model`` writes the codes with the same step."""
+    at least 1e-8) over ``levels_for(bits)``. ``integer_model`` writes the codes with the same step.
+    Float32 for a half/bfloat16 ``w`` (the step the quantizer computes with)."""
+    w = _upcast(w.detach())
     if bits == 1:
-        return w.detach().abs().mean()
+        return w.abs().mean()
     return _threshold(w, threshold) / levels_for(bits)
 
 
 def quantize_weight(w: Tensor, bits: int, threshold: Tensor | None = None) -> Tensor:
-    """Symmetric per-tensor fake quantization of a weight with an STE (gradient 1 inside [-t, t])."""
+    """Symmetric per-tensor fake quantization of a weight with an STE (gradient 1 inside [-t, t]).
+    Half/bfloat16 ``w``: computed in float32, returned in ``w``'s dtype (module docstring)."""
     if bits >= 32:
         return w
+    wf = _upcast(w)
     if bits == 1:
-        return w + (torch.sign(w.detach()) * weight_step(w, 1) - w).detach()
-    t = _threshold(w, threshold)
-    step = t / levels_for(bits)
-    wc = torch.where(w.detach().abs() <= t, w, torch.maximum(torch.minimum(w.detach(), t), -t))
-    return wc + (torch.round(wc / step) * step - wc).detach()
+        out = wf + (torch.sign(wf.detach()) * weight_step(wf, 1) - wf).detach()
+    else:
+        t = _threshold(wf, threshold)
+        step = t / levels_for(bits)
+        wc = torch.where(wf.detach().abs() <= t, wf, torch.maximum(torch.minimum(wf.detach(), t), -t))
+        out = wc + (torch.round(wc / step) * step - wc).detach()
+    return out if wf is w else out.to(w.dtype)
 
 
 def quantize_activation(x: Tensor, clip: Tensor, bits: int, signed: bool = False) -> Tensor:
-    """PACT fake quantization of an activation with learnable clip ``clip`` (a 0-d tensor)."""
+    """PACT fake quantization of an activation with learnable clip ``clip`` (a 0-d tensor).
+    Half/bfloat16 ``x`` (or clip): computed in float32, returned in ``x``'s dtype (module docstring)."""
     if bits >= 32:
         return x
-    a = torch.abs(clip) + 1e-8
-    y = torch.maximum(torch.minimum(x, a), -a) if signed else torch.minimum(torch.relu(x), a)
+    xf = _upcast(x)
+    a = torch.abs(_upcast(clip)) + 1e-8
+    y = torch.maximum(torch.minimum(xf, a), -a) if signed else torch.minimum(torch.relu(xf), a)
     step = a.detach() / levels_for(bits, signed)
-    return y + (torch.round(y / step) * step - y).detach()
+    out = y + (torch.round(y / step) * step - y).detach()
+    return out if xf is x else out.to(x.dtype)
 
 
 class ActQuantizer(nn.Module):
