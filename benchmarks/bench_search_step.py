@@ -30,7 +30,8 @@ forward pass (``search_step(teacher_stream=True)``). "+tsplit": the teacher spli
 (``gmpq_core.teacher_pass``), "+tcompile": its trunk compiled too, "+tunfold": its RGB stem as im2col + GEMM,
 "+tfreeze": compiled with TorchInductor's ``freezing`` (weights as constants). "+tweights": the weight mixtures
 in Triton kernels too (``fused_kernels.TRITON_WEIGHT_KERNELS``, off by default until measured).
-Suffixes combine: triton+graph+recompute.
+Suffixes combine: triton+graph+recompute. (Variant names are parsed in bench_variants.py; the machine record,
+the --json output and the printed table are bench_report.py's.)
 
     python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
@@ -41,7 +42,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -68,6 +68,7 @@ from gmpq_core.teacher_pass import split_teacher
 from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers, set_mixture_impl_
 from gmpq_core.train import sgd
 
+from bench_report import machine, print_table, write_json  # same folder (run as a script)
 from bench_variants import ALL_VARIANTS, SUFFIXES, Variant  # noqa: F401 - same folder (run as a script); re-exported
 
 CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
@@ -290,33 +291,6 @@ def cpu_memory(case: tuple, kind: str, args: argparse.Namespace) -> float | None
     return float(json.loads(res.stdout.strip().splitlines()[-1])["extra_mb"])
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        out["gpu"] = torch.cuda.get_device_name(0)
-    if hasattr(os, "getloadavg"):
-        out["loadavg_1m"] = round(os.getloadavg()[0], 2)
-    return out
-
-
-def write_json(rows: list[dict], target: str | None) -> None:
-    """``--json`` output: nothing (None), stdout ("-"), or the file ``target``."""
-    if not target:
-        return
-    text = json.dumps(rows, indent=1)
-    if target == "-":
-        print(text)
-    else:
-        with open(target, "w") as f:
-            f.write(text + "\n")
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -406,15 +380,7 @@ def main(argv: list[str] | None = None) -> int:
                          "machine": machine()})
     write_json(rows, args.json)
     if args.json != "-":
-        print(f"{'model':9} {'px':>4} {'batch':>5} {'variant':9} {'FP img/s':>9} {'search img/s':>12} {'ratio':>6} "
-              f"{'mem ratio':>9} {'FP MB':>7} {'search MB':>9} {'1st step s':>10}")
-        for r in rows:
-            mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
-            print(f"{r['model']:9} {r['input_size']:>4} {r['batch_size']:>5} {r['variant']:9} {r['fp_img_s']:>9.1f} "
-                  f"{r['search_img_s']:>12.1f} {r['ratio']:>6.2f} {mr:>9} {str(r['fp_step_mb']):>7} "
-                  f"{str(r['search_step_mb']):>9} {r['first_step_s']:>10.1f}")
-        print(f"device={args.device} threads={args.threads} amp={args.amp} channels_last={args.channels_last} "
-              f"cudnn_benchmark={args.cudnn_benchmark} machine={machine()}")
+        print_table(rows, args)
     return 0
 
 

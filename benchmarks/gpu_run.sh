@@ -33,8 +33,8 @@ quiet() { grep -v -E "^(STAGE|USDT|\[W)"; }
 if [ "$PART" = step ] || [ "$PART" = all ]; then
   echo "== CUDA correctness tests (mixture kernels, CUDA-graph replay against the eager step, precision, kept operands)"
   timeout ${TEST_S:-100} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_fused.py \
-    tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py tests/gmpq_core/test_precision.py -m gpu -q \
-    -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
+    tests/gmpq_core/test_fused_conv.py tests/gmpq_core/test_quantizers.py tests/gmpq_core/test_qmodules.py \
+    tests/gmpq_core/test_precision.py -m gpu -q -p no:cacheprovider 2>&1 | tail -25 | tee "$OUT/gpu_tests.log"
 
   echo "== search step vs FP, side by side (ResNet-18 224 px and ResNet-20 28 px, batch 256, bf16, channels_last)"
   # the CUDA-graph variant in the same process as the eager ones; if it fails, the eager ones again without it
@@ -116,8 +116,8 @@ fi
 if [ "$PART" = teacher3 ]; then
   echo "== CUDA tests (graph replay, the split / compiled teacher, mixture kernels, precision)"
   timeout ${TEST_S:-200} $PY -m pytest tests/gmpq_core/test_graph_step.py tests/gmpq_core/test_teacher_pass.py \
-    tests/gmpq_core/test_fused.py tests/gmpq_core/test_precision.py -m gpu -q --tb=short -p no:logging \
-    -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -40 | tee "$OUT/gpu_tests.log"
+    tests/gmpq_core/test_fused.py tests/gmpq_core/test_fused_conv.py tests/gmpq_core/test_precision.py -m gpu -q \
+    --tb=short -p no:logging -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -40 | tee "$OUT/gpu_tests.log"
   echo "== the search step as the product runs it now (ResNet-18 224 px: teacher stream + compiled trunk + im2col stem)"
   timeout ${BENCH_S:-200} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-20} --models resnet18:224:3 \
     --variants triton+graph,triton+graph+tstream+tcompile+tunfold --json "$OUT/teacher_default.json" 2>&1 | quiet \
@@ -138,8 +138,9 @@ fi
 
 if [ "$PART" = weights ]; then
   echo "== CUDA tests: the Triton weight-mixture kernels (session 19, written without a GPU), the fused layers"
-  timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_fused.py tests/gmpq_core/test_teacher_pass.py -m gpu -q \
-    --tb=short -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -25 | tee "$OUT/gpu_tests.log"
+  timeout ${TEST_S:-120} $PY -m pytest tests/gmpq_core/test_fused.py tests/gmpq_core/test_fused_conv.py \
+    tests/gmpq_core/test_teacher_pass.py -m gpu -q --tb=short -p no:cacheprovider 2>&1 | grep -v DEBUG | tail -25 \
+    | tee "$OUT/gpu_tests.log"
   echo "== the product's step with the weight mixtures in Triton kernels too (+tweights), two processes"
   for rep in 1 2; do
     timeout ${BENCH_S:-120} $PY benchmarks/bench_search_step.py --device cuda --steps ${STEPS:-20} --models resnet18:224:3 \

@@ -21,13 +21,16 @@ what is missing later. Runs are found again by their persisted ids, else by thei
 duplicate them. Against an ``http(s)://`` server the client retries a failed request at most
 ``HTTP_RETRY_DEFAULTS`` times (MLflow's own default backs off for about 4 minutes, which would stall
 the sweep driver), unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set.
+
+This module holds the sink (``MLflowSink``: connection, parent and child runs, warn-once) and
+``sweep_experiment_name``; the layout's names and keys (id-file names, run statuses, metric keys, param
+flattening) are ``orchestrator.mlflow_keys``, re-exported here; the persisted ids and the store's identity
+after a move are the sink's mix-in ``orchestrator.mlflow_ids.SinkIdFiles``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -36,62 +39,18 @@ from pathlib import Path
 from typing import Any, Collection, Mapping
 
 from gmpq_core.errors import CheckpointError
-from gmpq_core.fileio import atomic_write_json, read_json
+from gmpq_core.fileio import read_json
 
-from .moved_sweep import (artifacts_written_in, follow_folder, moved_path, rebase_mlflow_artifacts, recorded_dir,
-                          same_folder, sqlite_file)
+from .mlflow_ids import SinkIdFiles
+from .mlflow_keys import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, _phase_key  # noqa: F401  (re-exported for importers)
+from .mlflow_keys import (DISABLED, HTTP_RETRY_DEFAULTS, PARENT_FILE, ROLE_OF_KIND, RUNS_FILE, _numeric,
+                          default_tracking_uri, flatten_config)
+from .moved_sweep import follow_folder, recorded_dir, same_folder
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
 __all__ = ["DISABLED", "PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "sweep_experiment_name", "MLflowSink"]
 
 log = logging.getLogger(__name__)
-
-DISABLED = "MLflow logging disabled"     # how the sink's warning starts (sync and study pick it out by it)
-PARENT_FILE = "mlflow_parent.json"
-RUNS_FILE = "mlflow_runs.json"
-RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
-FINAL_METRICS = ("proxy_top1", "transfer_top1", "transfer_top5", "bitops", "bitops_total", "budget_bitops",
-                 "budget_avg_bits", "gbitops", "ard", "p", "teacher_top1", "search_seconds", "transfer_seconds", "epochs_run")
-# Keys Ray adds to every result (not worth a metric series each) or that are not per-epoch metrics.
-_RAY_KEYS = {"time_this_iter_s", "time_total_s", "training_iteration", "timestamp", "pid", "done",
-             "iterations_since_restore", "time_since_restore", "epoch", "budget_bucket", "node_id", "date",
-             "hostname", "node_ip", "trial_id", "experiment_id", "checkpoint_dir_name", "should_checkpoint",
-             "config", "epochs_run"}
-MAX_PARAMS, MAX_PARAM_CHARS = 100, 500
-ROLE_OF_KIND = {"trials": "trial", "finetune": "finetune"}
-HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-def default_tracking_uri(sweep_dir: str | Path) -> str:
-    return f"sqlite:///{Path(sweep_dir).resolve() / 'mlflow.db'}"
-
-
-def flatten_config(d: Mapping[str, Any], *, max_params: int = MAX_PARAMS, max_depth: int = 2) -> dict[str, str]:
-    """Nested config -> at most ``max_params`` ``{"a.b": str}`` params.
-
-    Nesting below ``max_depth`` levels, lists and dicts become one JSON value (e.g. a search-space
-    dimension ``space.eta = {"type": "float", ...}``); values are cut at 500 characters.
-    """
-    out: dict[str, str] = {}
-
-    def walk(x: Mapping[str, Any], path: str) -> None:
-        for k, v in x.items():
-            key = f"{path}{k}"
-            if isinstance(v, Mapping) and v and key.count(".") + 1 < max_depth:
-                walk(v, key + ".")
-            else:
-                s = v if isinstance(v, str) else json.dumps(v, default=str, sort_keys=True)
-                out[key] = s if len(s) <= MAX_PARAM_CHARS else s[:MAX_PARAM_CHARS - 3] + "..."
-    walk(d, "")
-    return dict(list(out.items())[:max_params])
-
-
-def _numeric(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    f = float(v)
-    return f if f == f and abs(f) != float("inf") else None
 
 
 def _reachable(uri: str, timeout_s: float = 3.0) -> str | None:
@@ -107,7 +66,7 @@ def _reachable(uri: str, timeout_s: float = 3.0) -> str | None:
     return None
 
 
-class MLflowSink:
+class MLflowSink(SinkIdFiles):
     """Driver-side MLflow writer of one sweep: parent run, child runs, persisted ids, warn-once on failure."""
 
     def __init__(self, tracking_uri: str | None, sweep_dir: str | Path, *, experiment_name: str | None = None,
@@ -158,7 +117,7 @@ class MLflowSink:
             self._disable(what, f"{type(e).__name__}: {e}")
             return None
 
-    # -- connection, parent run and persisted ids ---------------------------------------------
+    # -- connection and parent run (persisted ids: SinkIdFiles) --------------------------------
     def open_store(self) -> bool:
         """Connect to the tracking store and find/create the experiment, without touching any run (a new
         SQLite store creates its tables here, ~2 s: ``run_sweep`` does this while Ray starts)."""
@@ -199,51 +158,6 @@ class MLflowSink:
     def client(self):
         return self._client
 
-    def _written_in(self, data: Mapping[str, Any]) -> Path | None:
-        """The sweep folder an id file was written in (None: unknown, or this one)."""
-        old = (Path(data["sweep_dir"]) if isinstance(data.get("sweep_dir"), str)
-               else self._store_moved_from or self._written_for)
-        return old if old is not None and not same_folder(old, self.sweep_dir.resolve()) else None
-
-    def _same_store(self, data: Mapping[str, Any]) -> bool:
-        """Whether the store an id file names is this sink's, also after the sweep folder moved."""
-        uri, old = data.get("tracking_uri"), self._written_in(data)
-        if old is not None:
-            uri = moved_path(uri, old, self.sweep_dir.resolve())
-        if uri == self.tracking_uri:
-            return True
-        mine, theirs = sqlite_file(self.tracking_uri), sqlite_file(uri)   # sqlite:///runs/a/... == sqlite:////abs/runs/a/...
-        return mine is not None and mine == theirs
-
-    def _own_store(self) -> bool:
-        """Whether the tracking store is a SQLite file inside the sweep folder (a copy of the folder copies it)."""
-        db = sqlite_file(self.tracking_uri)
-        return db is not None and db.is_relative_to(self.sweep_dir.resolve())
-
-    def _follow_move(self) -> None:
-        """The sweep's own SQLite store, in a folder moved or copied: artifact locations follow the folder."""
-        db, here = sqlite_file(self.tracking_uri), self.sweep_dir.resolve()
-        if not self._own_store() or not db.is_file():
-            return                      # a store outside the sweep folder is not the sweep's to rewrite
-        try:
-            old = artifacts_written_in(db, self.experiment_name)
-            if old is not None and not same_folder(old, here):
-                rebase_mlflow_artifacts(db, old, here)
-                self._store_moved_from = old
-        except sqlite3.Error as e:
-            log.warning("could not point the artifact locations in %s at %s (%s): artifacts logged now go "
-                        "where the store says", db, here / "mlartifacts", e)
-
-    def _artifact_location(self) -> str | None:
-        """Where a new experiment keeps its artifacts: in the sweep folder when the SQLite store is the sweep's own;
-        beside a SQLite store outside it (shared by the sweeps of one ``--name``, which share its experiment: in
-        the first sweep's folder, deleting that folder would take every later sweep's artifacts with it); a
-        server decides for itself (None), as MLflow's default location would be the working directory."""
-        db = sqlite_file(self.tracking_uri)
-        if db is None:
-            return None
-        return ((self.sweep_dir.resolve() if self._own_store() else db.parent) / "mlartifacts").as_uri()
-
     def _experiment(self, client) -> str:
         exp = client.get_experiment_by_name(self.experiment_name)
         if exp is None:
@@ -251,26 +165,6 @@ class MLflowSink:
         if exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
-
-    def _load_ids(self) -> None:
-        path = self.sweep_dir / RUNS_FILE
-        if path.exists():
-            try:
-                data = read_json(path)
-            except CheckpointError as e:   # damaged: new child runs rather than no MLflow at all
-                log.warning("%s Starting new child runs.", e)
-                return
-            if self._same_store(data):
-                self.runs = {"trials": dict(data.get("trials", {})), "finetune": dict(data.get("finetune", {}))}
-                if self._written_in(data) is not None:       # moved or copied: the file names this folder now
-                    self._save_ids()
-            else:
-                log.info("%s was written for tracking URI %s; finding the runs on %s by their tags (creating "
-                         "only those it lacks)", path, data.get("tracking_uri"), self.tracking_uri)
-
-    def _save_ids(self) -> None:
-        atomic_write_json(self.sweep_dir / RUNS_FILE, {"tracking_uri": self.tracking_uri,
-                                                       "sweep_dir": str(self.sweep_dir.resolve()), **self.runs})
 
     def _run_exists(self, run_id: str | None) -> bool:
         if not run_id:
@@ -320,12 +214,6 @@ class MLflowSink:
             client.log_text(rid, yaml.safe_dump(self.resolved_config, sort_keys=False), CONFIG_FILE)
         self._save_parent(rid)
         return rid
-
-    def _save_parent(self, run_id: str) -> None:
-        atomic_write_json(self.sweep_dir / PARENT_FILE, {
-            "tracking_uri": self.tracking_uri, "sweep_dir": str(self.sweep_dir.resolve()),
-            "experiment_id": self._experiment_id,
-            "experiment_name": self.experiment_name, "run_id": run_id})
 
     def find_run(self, tags: Mapping[str, str], *, exclude: Collection[str] = ()) -> str | None:
         """The id of the oldest active run of this experiment carrying all ``tags`` and not in ``exclude``
@@ -433,8 +321,3 @@ def sweep_experiment_name(sweep_dir: str | Path, cfg: Mapping[str, Any]) -> str:
         except CheckpointError as e:          # damaged id file: a new parent run will be made
             log.warning("%s", e)
     return str(cfg.get("name") or Path(sweep_dir).name)
-
-
-def _phase_key(result: Mapping[str, Any], key: str) -> str:
-    phase = result.get("phase")
-    return key if phase in (None, "search") or key.startswith(str(phase)) else f"{phase}.{key}"

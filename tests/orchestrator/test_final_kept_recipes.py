@@ -1,7 +1,7 @@
 """A policy fine-tuned again with other settings keeps its earlier fine-tune aside (row, model files, Ray Train
 run: ``orchestrator.kept_finetunes``) and gets it back, without retraining, when those settings are asked for
 again; a model file the stage writes never leaves gmpq export's integer file of the old model beside it. The
-stage without Ray (``test_final_stage._stage_without_ray``): the fake run writes a Ray Train run folder and
+stage without Ray (``final_sweep._stage_without_ray``): the fake run writes a Ray Train run folder and
 the model file is a small stand-in, so moves and contents can be checked."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import load_checkpoint, save_checkpoint
-from test_final_stage import METRICS, _stage_without_ray, make_sweep   # same folder (pytest puts it on sys.path)
+from final_sweep import METRICS, _stage_without_ray, make_sweep   # same folder (pytest puts it on sys.path)
 
 
 def _stage(monkeypatch, tmp_path, runs: list):

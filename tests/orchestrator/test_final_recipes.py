@@ -1,6 +1,6 @@
 """The final stage's recipes (the settings a fine-tune's result depends on, but its epochs): MLflow run names and
 params per recipe, and the training precision as part of the recipe (a checkpoint is not continued in another
-one). The stage without Ray (``test_final_stage._stage_without_ray``), with a real SQLite MLflow store; the
+one). The stage without Ray (``final_sweep._stage_without_ray``), with a real SQLite MLflow store; the
 last test runs Ray Train."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import yaml
 
 from gmpq_core.errors import ConfigError
 
-from test_final_stage import METRICS, _stage_without_ray, make_sweep   # same folder (pytest puts it on sys.path)
+from final_sweep import METRICS, _stage_without_ray, make_sweep   # same folder (pytest puts it on sys.path)
 
 
 def _stage(monkeypatch, tmp_path, runs: list, precision_on_workers=None, **metrics):

@@ -105,7 +105,7 @@ def test_gmpq_run_interrupted_in_its_final_stage_says_so_and_removes_its_driver_
 
 def _sweep_to_fine_tune(root: Path) -> Path:
     """A tiny finished sweep (mnist5k, one selected policy) whose final fine-tune runs long enough to interrupt."""
-    from test_final_stage import make_sweep
+    from final_sweep import make_sweep
 
     make_sweep(root)
     return root

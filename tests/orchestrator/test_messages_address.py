@@ -13,7 +13,7 @@ from cluster.connect import resolve_address
 from cluster.errors import ClusterError
 from orchestrator.ray_env import _join_address
 
-from test_final_stage import make_sweep   # same folder (pytest puts it on sys.path)
+from final_sweep import make_sweep   # same folder (pytest puts it on sys.path)
 
 
 def _dead_address() -> str:

@@ -19,7 +19,7 @@ import mlflow
 import pytest
 import yaml
 
-from test_final_stage import make_sweep   # same folder (pytest puts it on sys.path)
+from final_sweep import make_sweep   # same folder (pytest puts it on sys.path)
 from tiny_sweep import tiny_sweep_config  # same folder (pytest puts it on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from test_final_recipes import _stage          # same folder (pytest puts it on sys.path)
-from test_final_stage import make_sweep
+from final_sweep import make_sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,6 +1,6 @@
 """What the MLflow view shows after the sweep: the parent run's view of the final stage's settings (its params are
 immutable), a fine-tune restarted from scratch, and sweeps that share a ``--name`` (so an experiment). The final
-stage without Ray (``test_final_stage._stage_without_ray``) on a real SQLite MLflow store."""
+stage without Ray (``final_sweep._stage_without_ray``) on a real SQLite MLflow store."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import mlflow
 import pytest
 
 from test_final_recipes import _edit_config, _finetune_runs, _stage   # same folder (pytest puts it on sys.path)
-from test_final_stage import make_sweep
+from final_sweep import make_sweep
 
 
 def _parent(sweep, uri: str | None = None):

@@ -1,4 +1,5 @@
-"""One policy's Ray Train job: shards and the job's checks (the stage itself: test_final_stage.py)."""
+"""One policy's Ray Train job: shards and the job's checks (the stage itself: test_final_stage.py,
+test_final_stage_ray.py)."""
 from __future__ import annotations
 
 import pytest

@@ -1,0 +1,50 @@
+"""The report of ``bench_search_step.py``: the machine record of each row, the ``--json`` output and the table
+it prints."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+
+import torch
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    out = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    if hasattr(os, "getloadavg"):
+        out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def write_json(rows: list[dict], target: str | None) -> None:
+    """``--json`` output: nothing (None), stdout ("-"), or the file ``target``."""
+    if not target:
+        return
+    text = json.dumps(rows, indent=1)
+    if target == "-":
+        print(text)
+    else:
+        with open(target, "w") as f:
+            f.write(text + "\n")
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    """The rows as a table on stdout, then the settings and machine they were measured with."""
+    print(f"{'model':9} {'px':>4} {'batch':>5} {'variant':9} {'FP img/s':>9} {'search img/s':>12} {'ratio':>6} "
+          f"{'mem ratio':>9} {'FP MB':>7} {'search MB':>9} {'1st step s':>10}")
+    for r in rows:
+        mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
+        print(f"{r['model']:9} {r['input_size']:>4} {r['batch_size']:>5} {r['variant']:9} {r['fp_img_s']:>9.1f} "
+              f"{r['search_img_s']:>12.1f} {r['ratio']:>6.2f} {mr:>9} {str(r['fp_step_mb']):>7} "
+              f"{str(r['search_step_mb']):>9} {r['first_step_s']:>10.1f}")
+    print(f"device={args.device} threads={args.threads} amp={args.amp} channels_last={args.channels_last} "
+          f"cudnn_benchmark={args.cudnn_benchmark} machine={machine()}")

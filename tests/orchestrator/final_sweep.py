@@ -1,0 +1,59 @@
+"""A sweep folder as the sweep leaves it for the final stage (``make_sweep``), and the stage with a fake job in
+place of the Ray Train run (``_stage_without_ray``, ``METRICS``): shared by the final-stage tests (same folder,
+pytest puts it on sys.path)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def make_sweep(d: Path, bits: tuple = ((3, 4),), broken: str | None = None, precision: str = "auto") -> None:
+    """A sweep folder as the sweep leaves it: resolved config + trials.parquet with one completed trial per
+    (w_bits, a_bits) in ``bits`` (``t1``, ``t2``, ...; more bits, higher transfer top-1, so all are on the front).
+    ``broken``: that trial's policy names a layer the model does not have (its fine-tune fails)."""
+    from gmpq_core.bitops import count_bitops
+    from gmpq_core.models import build_model
+    from gmpq_core.policy import BitPolicy
+    from orchestrator.results import trial_row, write_results
+    from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+
+    cfg = load_sweep_config(None, preset="demo", overrides={
+        "out_dir": str(d), "name": "ft", "target_dataset": "mnist5k", "proxy_dataset": "mnist5k",
+        "transfer": {"train_size": 200, "test_size": 100, "fp_epochs": 1, "fp_train_size": 200,
+                     "fp_max_steps_per_epoch": 2, "fp_batch_size": 32, "batch_size": 32},
+        "finetune": {"top_k": len(bits), "workers": 2, "epochs": 1, "batch_size": 32}, "precision": precision})
+    save_resolved_config(cfg)
+    model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
+    rows = []
+    for i, (w, a) in enumerate(bits, start=1):
+        policy = BitPolicy.uniform(model, w, a)
+        cost = count_bitops(model, policy, 28, 1)
+        policy_json = policy.to_json()
+        if broken == f"t{i}":
+            policy_json = policy_json.replace('"layer1.0.conv1"', '"layer9.0.conv1"')
+        rows.append(trial_row(trial_id=f"t{i}", config={"budget_avg_bits": (w + a) / 2}, status="completed",
+                              last_result={"transfer_top1": 55.0 + 5 * i, "bitops": cost.bitops_quantized,
+                                           "bitops_total": cost.bitops_total, "budget_avg_bits": (w + a) / 2,
+                                           "policy_json": policy_json, "layers_json": "[]"}))
+    write_results(d, rows, [])
+
+
+def _stage_without_ray(monkeypatch, tmp_path, job, slots: int):
+    """finetune_selected's bookkeeping with ``job(trial_id)`` in place of the Ray Train run (which returns
+    the metrics dict of a finished one-epoch run): no Ray, no FP model; MLflow and the files are real."""
+    import contextlib
+
+    from orchestrator import final_stage
+    from orchestrator.train_stage import FinalRun
+
+    def run_final_job(final_job, *, storage_path, workers, use_gpu=False):
+        m = job(final_job.trial_id)
+        return FinalRun(trial_id=final_job.trial_id, metrics=m, history=[m], seconds=0.1, workers=workers)
+    monkeypatch.setattr(final_stage, "run_final_job", run_final_job)
+    monkeypatch.setattr(final_stage, "target_fp_checkpoint", lambda *a, **k: tmp_path / "fp.pt")
+    monkeypatch.setattr(final_stage, "ray_session", lambda address=None: contextlib.nullcontext())
+    monkeypatch.setattr(final_stage, "_ray_devices", lambda workers, use_gpu, say: (workers, False))
+    monkeypatch.setattr(final_stage, "final_slots", lambda n, workers, use_gpu, cap: slots)
+    return final_stage
+
+
+METRICS = {"epoch": 1, "top1": 50.0, "top5": 90.0, "loss": 1.0, "train_images": 100, "test_images": 10}
