@@ -30,7 +30,7 @@ from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS
                       read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
-__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "TrialState", "SweepStatus", "read_sweep_status",
+__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "live_driver", "driver_text", "TrialState", "SweepStatus", "read_sweep_status",
            "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,28 @@ def driver_marker(sweep_dir: str | Path, stage: str) -> Iterator[None]:
                     path.unlink()
         except OSError:
             pass
+
+
+def live_driver(sweep_dir: str | Path) -> dict | None:
+    """The marker of another process still running a stage in ``sweep_dir`` (``driver_marker``), with ``alive``:
+    True (checked on this host) or None (it runs on another host, which cannot be checked from here); None when no
+    other process is marked or the marked one has ended."""
+    driver = _read_marker(Path(sweep_dir) / DRIVER_FILE)
+    if not driver or driver.get("pid") == os.getpid():
+        return None
+    alive = _driver_alive(driver)
+    return None if alive is False else {**driver, "alive": alive}
+
+
+def driver_text(driver: dict) -> str:
+    """``'gmpq sweep' (pid 123 on host-a, started 14:02:11)``: a marked process, as messages name it."""
+    try:
+        started = time.strftime(", started %Y-%m-%d %H:%M:%S", time.localtime(float(driver["started"])))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        started = ""
+    stage = {"run": "gmpq run", "sweep": "gmpq sweep", "finetune": "gmpq finetune --sweep"}.get(
+        str(driver.get("stage")), f"gmpq {driver.get('stage')}")
+    return f"'{stage}' (pid {driver.get('pid')} on {driver.get('host')}{started})"
 
 
 def _read_marker(path: Path) -> dict | None:

@@ -13,7 +13,8 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
 
 A run that already holds everything is left alone, so a second sync changes nothing (idempotent). Syncing to another
 store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``_id_files_kept``).
-Run it after the sweep, or while the sweep's own MLflow logging is disabled (one writer at a time). A sweep
+Run it after the sweep, or while the sweep's own MLflow logging is disabled (one writer at a time): while a
+``gmpq sweep`` / ``run`` / ``finetune --sweep`` of the folder still runs, it refuses unless told ``while_running``. A sweep
 folder with no results yet (no row in ``trials.parquet``, or no such file: no trial has finished) has nothing
 to sync: the store is checked (when it exists) and no run is created.
 """
@@ -287,13 +288,33 @@ def _id_files_kept(sink: MLflowSink) -> Iterator[None]:
                      ", ".join(p.name for p in kept), next(iter(kept.values()))["tracking_uri"], sink.tracking_uri)
 
 
-def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> SyncReport:
+def _refuse_while_running(sweep_dir: Path) -> None:
+    """SyncError when another process still runs a stage of this sweep (``sweep_status.live_driver``): its MLflow
+    logging writes the same runs and id files, so a sync beside it could overwrite the ids it writes meanwhile
+    (another store's sync puts the folder's id files back as they were) or log a run twice."""
+    from .sweep_status import driver_text, live_driver
+
+    driver = live_driver(sweep_dir)
+    if driver is None:
+        return
+    where = ("" if driver["alive"] else " on another host: whether it still runs cannot be checked from here (if it "
+             "has ended, sync with --while-running)")
+    raise SyncError(f"'{sweep_dir}' is being written by {driver_text(driver)}{where}. While its MLflow logging is "
+                    "on, it logs the same runs and writes the same id files (mlflow_runs.json, mlflow_parent.json), "
+                    "and a sync beside it could overwrite the ids it writes meanwhile or log a run twice. Sync after "
+                    f"it ends ('gmpq status --sweep {sweep_dir}' shows whether it runs; nothing was synced). If its "
+                    "MLflow logging is off (it warned 'MLflow logging disabled'), sync now with --while-running.")
+
+
+def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while_running: bool = False) -> SyncReport:
     """Make the MLflow view of ``sweep_dir`` whole (see the module docstring); returns what it did.
 
     ``tracking_uri``: default the sweep's own (``sweep_config.yaml``). Raises ConfigError for a tracking URI
     that cannot work (an unknown scheme, a SQLite file in a folder that is a file), before anything else;
     CheckpointError for a folder that is not a sweep or a damaged ``trials.parquet``; SyncError when MLflow
     cannot be reached. A folder with no results yet returns a report with ``nothing_to_sync`` and creates no run.
+    SyncError, before MLflow is opened, while another process runs a stage of the sweep (``_refuse_while_running``),
+    unless ``while_running`` (that process's MLflow logging is off: one writer at a time).
     """
     from .sweep_checks import check_tracking_uri
 
@@ -309,6 +330,8 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None) -> Sy
     sink = MLflowSink(uri, sweep_dir, resolved_config=cfg)
     if not rows and not any((sweep_dir / f).is_file() for f in (PARETO_FILE, FINAL_FILE)):
         return _nothing_to_sync(sink, sweep_dir)
+    if not while_running:
+        _refuse_while_running(sweep_dir)
     with warnings.catch_warnings(record=True) as caught, _id_files_kept(sink):
         warnings.simplefilter("always", RuntimeWarning)     # the sink's warning even if shown before: it says why
         connected = sink.connect()

@@ -8,7 +8,9 @@ kept going: its results are complete in DIR/trials.parquet). Creates the missing
 runs, completes the partial ones, and reuses runs it finds by their saved ids or their trial_id tags:
 running it twice creates nothing new. Default tracking URI: the sweep's own. A sweep folder with no trial
 results yet has nothing to sync: it says so and exits 0, creating no run. A --tracking-uri that cannot work
-(an unknown scheme, a sqlite:///PATH under a file) is refused before anything is read.
+(an unknown scheme, a sqlite:///PATH under a file) is refused before anything is read. While a gmpq command
+still runs the sweep (its own MLflow logging writes the same runs), the sync is refused: run it after that
+command ends, or with --while-running when its MLflow logging is off.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                  "sync to the sweep's own store.")
     quiet_libraries(getattr(args, "verbose", False))  # no "View run ..." lines per run on an http store
     with contextlib.redirect_stdout(sys.stderr):      # anything else MLflow prints stays out of --json's stdout
-        rep = sync_mlflow(args.sweep, tracking_uri=args.tracking_uri)
+        rep = sync_mlflow(args.sweep, tracking_uri=args.tracking_uri, while_running=args.while_running)
     print(json.dumps(rep.to_dict()) if args.json else format_report(rep))
     return 0
 
@@ -60,5 +62,8 @@ def register(subparsers: Any) -> None:
                               description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: the sweep's)")
+    p.add_argument("--while-running", action="store_true",
+                   help="sync while a gmpq command still runs the sweep (refused otherwise): only when its MLflow "
+                        "logging is off (it warned 'MLflow logging disabled'), or it ended on another host")
     p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     p.set_defaults(func=run)
