@@ -148,9 +148,10 @@ def _conv_grads(ctx, grad, bwd):
     kept = {"operands": tuple(saved[6:])} if len(saved) > 6 else {}    # the eager node on a CPU: xq, wq
     a_bits, signed, w_bits, stride, padding, dilation, groups, impl = ctx.static
     if torch.is_grad_enabled():
-        def ref(x, w, bias, pa, clips, pw):
-            return F.conv2d(act_mixture_reference(x, pa, clips, a_bits, signed),
-                            weight_mixture_reference(w, pw, w_bits), bias, stride, padding, dilation, groups)
+        def ref(x, w, bias, pa, clips, pw):    # autocast is off in backward: the operands in x's dtype, as forward
+            xq = act_mixture_reference(x, pa, clips, a_bits, signed)
+            return F.conv2d(xq, weight_mixture_reference(w, pw, w_bits).to(xq.dtype),
+                            None if bias is None else bias.to(xq.dtype), stride, padding, dilation, groups)
         gx, gw, gb, gpa, gc, gpw = _reference_grads(ref, (x, w, bias, pa, clips, pw), grad)
     else:
         gx, gw, gb, gpa, gc, gpw = bwd(grad, x, w, pa, clips, list(a_bits), signed, pw, list(w_bits), stride,

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .quantizers import levels_for     # the one levels formula (re-exported: gmpq_core.fused imports it here)
+from .quantizers import _upcast, levels_for  # the one levels formula (re-exported: gmpq_core.fused imports it here)
 
 __all__ = ["levels_for", "act_fwd_impl", "act_bwd_impl", "w_fwd_impl", "w_bwd_impl"]
 
@@ -44,9 +44,6 @@ def _steps(a: Tensor, levels: tuple[int, ...]) -> Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # kernels on flat (1-D, contiguous) tensors
-def _upcast(t: Tensor) -> Tensor:
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """sum(a * b) of two 1-D tensors: BLAS dot in eager, a fusable reduction when compiling."""

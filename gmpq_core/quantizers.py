@@ -12,8 +12,9 @@ One quantizer serves every bitwidth: bits are arguments, not subclasses.
 
 Precision: half/bfloat16 inputs (a bf16 activation under autocast, a bf16 model) are computed in float32 and
 the result rounded back to the input's dtype, as the fused kernels do (``fused_kernels``), so both give the
-same values in any dtype; float32 and float64 inputs are computed in their own dtype (no copy). The
-gradients come back in each input's dtype.
+same values in any dtype up to rounding ties; float32 and float64 inputs are computed in their own dtype (no
+copy), except that a half/bfloat16 clip or threshold is taken in float32 too. The gradients come back in each
+input's dtype.
 """
 from __future__ import annotations
 

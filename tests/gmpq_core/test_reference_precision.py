@@ -250,3 +250,26 @@ def test_float64_stays_float64():
     assert act_mixture_reference(x, probs, clips, (2, 4), False).dtype == torch.float64
     assert weight_mixture_reference(w, probs, (2, 4)).dtype == torch.float64
 
+
+
+def test_double_backward_through_the_mixed_conv_node_under_bfloat16_autocast():
+    # a Grad-CAM layer before a mixed conv: its gradient is taken with create_graph through the conv node, whose
+    # backward re-runs the reference outside autocast (bf16 activations met the float32 weight: a dtype error)
+    from gmpq_core.fused import mixed_conv2d
+
+    g = _gen(3)
+    x = torch.randn(2, 4, 6, 6, generator=g).bfloat16().requires_grad_()
+    w = torch.randn(5, 4, 3, 3, generator=g).requires_grad_()
+    bias = torch.randn(5, generator=g).requires_grad_()
+    pa = torch.softmax(torch.randn(3, generator=g), 0).requires_grad_()
+    pw = torch.softmax(torch.randn(2, generator=g), 0).requires_grad_()
+    clips = torch.full((3,), 2.0).requires_grad_()
+    grads = {}
+    for impl in ("fused", "reference"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mixed_conv2d(x, w, bias, pa, clips, (2, 4, 8), False, pw, (2, 4), padding=1, impl=impl)
+        (gx,) = torch.autograd.grad(out.float().square().sum(), x, create_graph=True)
+        grads[impl] = torch.autograd.grad(gx.float().square().sum(), [w, pa, pw, clips])
+    for r, f in zip(grads["reference"], grads["fused"]):
+        assert r.dtype == f.dtype and torch.isfinite(f).all()
+        assert torch.allclose(r, f, rtol=0.05, atol=0.05 * r.abs().max().item())
