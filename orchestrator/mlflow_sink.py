@@ -105,8 +105,7 @@ class MLflowSink(SinkIdFiles):
         """What the warning says happens without MLflow (a study's sink words it for a study)."""
         return (f"Work goes on without it; the sweep's results are complete in its Parquet tables "
                 f"({self.sweep_dir / TRIALS_FILE}, ...). Once the server is back, 'gmpq sync-mlflow --sweep "
-                f"{self.sweep_dir}' uploads what is missing (with --while-running before this command ends: its "
-                "logging stays off).")
+                f"{self.sweep_dir}' uploads what is missing.")
 
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view)."""

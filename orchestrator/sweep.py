@@ -361,15 +361,15 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
     with ctrl_c_signals():              # SIGTERM as Ctrl-C to the end, not only while Ray runs (its marker removed)
-        try:
-            with driver_marker(sweep_dir, "sweep"), \
-                    ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
-                stores = pool.submit(_open_stores, cfg, callbacks, resume)              # while Ray starts
-                grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
-                             prep_threads=prep_threads, say=say)
-        finally:                                                 # MLflow writes still queued reach the store
-            for cb in _mlflow_callbacks(callbacks):
-                cb.close()
+        with driver_marker(sweep_dir, "sweep"):      # until the last MLflow write (a sync waits for it)
+            try:
+                with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
+                    stores = pool.submit(_open_stores, cfg, callbacks, resume)          # while Ray starts
+                    grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
+                                 prep_threads=prep_threads, say=say)
+            finally:                                             # MLflow writes still queued reach the store
+                for cb in _mlflow_callbacks(callbacks):
+                    cb.close()
         rows = _summary_rows(grid, book)
         counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed", UNFINISHED)}
         if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end

@@ -30,8 +30,8 @@ from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS
                       read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
-__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "live_driver", "driver_text", "TrialState", "SweepStatus", "read_sweep_status",
-           "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
+__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "live_driver", "driver_text", "TrialState",
+           "SweepStatus", "read_sweep_status", "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
 
 log = logging.getLogger(__name__)
 _CUT_LINES_OK = 3    # trial_events.jsonl lines a crash may leave cut (a driver and its trials append to it)
@@ -42,24 +42,29 @@ RUNNING, STOPPED = "running", "stopped"   # a started trial with no row: its dri
 
 @contextmanager
 def driver_marker(sweep_dir: str | Path, stage: str) -> Iterator[None]:
-    """While the block runs, ``<sweep_dir>/driver.json`` names this process (host, pid) and ``stage``.
+    """While the block runs, ``<sweep_dir>/driver.json`` names this process (host, pid and the pid's start time, so
+    a pid reused by another program is not taken for it) and ``stage``.
 
     Nested in this process (``gmpq run``: stage "run" around "sweep" and "finetune"), the inner stage
-    shows while it runs and the outer one again after it. A live marker of another process (a sweep still
-    running while ``gmpq finetune --sweep`` starts) is left alone: that process is the one running it."""
+    shows while it runs (``command``: the outer one) and the outer one again after it. A live marker of another
+    process (a sweep still running while ``gmpq finetune --sweep`` starts) is left alone: that process is the one
+    running it."""
     path = Path(sweep_dir) / DRIVER_FILE
     before = _read_marker(path)
-    if before and before.get("pid") != os.getpid() and _driver_alive(before) is not False:
+    ours = before is not None and _is_this_process(before)
+    if before and not ours and _driver_alive(before) is not False:
         yield
         return
-    mine = {"stage": stage, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    mine = {"stage": stage, "command": before.get("command", before.get("stage")) if ours else stage,
+            "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+            "started": time.time()}
     atomic_write_json(path, mine)
     try:
         yield
     finally:
         try:
-            if (_read_marker(path) or {}).get("pid") == mine["pid"]:
-                if before and before.get("pid") == mine["pid"]:
+            if _is_this_process(_read_marker(path) or {}):
+                if ours:
                     atomic_write_json(path, before)        # back to the outer stage of this process
                 else:
                     path.unlink()
@@ -72,43 +77,67 @@ def live_driver(sweep_dir: str | Path) -> dict | None:
     True (checked on this host) or None (it runs on another host, which cannot be checked from here); None when no
     other process is marked or the marked one has ended."""
     driver = _read_marker(Path(sweep_dir) / DRIVER_FILE)
-    if not driver or driver.get("pid") == os.getpid():
+    if not driver or _is_this_process(driver):
         return None
     alive = _driver_alive(driver)
     return None if alive is False else {**driver, "alive": alive}
 
 
+_COMMANDS = {"run": "gmpq run", "sweep": "gmpq sweep", "finetune": "gmpq finetune --sweep"}
+
+
 def driver_text(driver: dict) -> str:
-    """``'gmpq sweep' (pid 123 on host-a, started 14:02:11)``: a marked process, as messages name it."""
+    """``'gmpq run' (its sweep stage; pid 123 on host-a, started 2026-11-28 14:02:11)``: a marked process, as
+    messages name it."""
     try:
         started = time.strftime(", started %Y-%m-%d %H:%M:%S", time.localtime(float(driver["started"])))
     except (KeyError, TypeError, ValueError, OverflowError):
         started = ""
-    stage = {"run": "gmpq run", "sweep": "gmpq sweep", "finetune": "gmpq finetune --sweep"}.get(
-        str(driver.get("stage")), f"gmpq {driver.get('stage')}")
-    return f"'{stage}' (pid {driver.get('pid')} on {driver.get('host')}{started})"
+    stage, command = str(driver.get("stage")), str(driver.get("command") or driver.get("stage"))
+    inner = f"its {stage} stage; " if command != stage else ""
+    return f"'{_COMMANDS.get(command, f'gmpq {command}')}' ({inner}pid {driver.get('pid')} on {driver.get('host')}" \
+           f"{started})"
 
 
 def _read_marker(path: Path) -> dict | None:
     try:
-        return read_json(path) if path.is_file() else None
+        data = read_json(path) if path.is_file() else None
     except CheckpointError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _is_this_process(marker: dict) -> bool:
+    return marker.get("pid") == os.getpid() and marker.get("host") == socket.gethostname()
+
+
+def _pid_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux's /proc/PID/stat field 22); None elsewhere."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])   # fields after "pid (comm)" start at field 3
+    except (OSError, ValueError, IndexError):
         return None
 
 
 def _driver_alive(driver: dict | None) -> bool | None:
-    """True / False for a driver on this host; None when it runs elsewhere (cannot be checked from here)."""
+    """True / False for a driver on this host; None when it runs elsewhere (cannot be checked from here). A pid
+    alive but started at another time than the marker says (its driver ended, the pid was reused): False."""
     if not driver:
         return False
     if driver.get("host") != socket.gethostname():
         return None
     try:
-        os.kill(int(driver["pid"]), 0)
+        pid = int(driver["pid"])
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError, ValueError, KeyError, TypeError):
-        return True          # exists but not ours (PermissionError), or unreadable: assume it runs
-    return True
+    except PermissionError:
+        pass                 # exists, another user's: its start time still tells
+    except (OSError, ValueError, KeyError, TypeError):
+        return True          # unreadable: assume it runs
+    recorded, now = driver.get("pid_start"), _pid_start(pid)
+    return not (isinstance(recorded, int) and now is not None and now != recorded)
 
 
 @dataclass
@@ -325,13 +354,14 @@ def _read_shared(sweep_dir: Path) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def mlflow_gaps_text(view: dict, sweep_dir: str | Path) -> str | None:
-    """The line saying what the tracking store lacks (``mlflow_view``) and the command that uploads it; None when it
-    lacks nothing (or no trial has ended yet)."""
+def mlflow_gaps_text(view: dict, sweep_dir: str | Path, *, running: bool = False) -> str | None:
+    """The line saying what the tracking store lacks (``mlflow_view``) and the command that uploads it (``running``:
+    once the command still running the sweep ends, as the sync refuses before); None when it lacks nothing (or no
+    trial has ended yet)."""
     trials, finetunes = view.get("missing_trials") or [], view.get("missing_finetunes") or []
     if not view or not (trials or finetunes):
         return None
-    sync = f"gmpq sync-mlflow --sweep {sweep_dir}"
+    sync = f"gmpq sync-mlflow --sweep {sweep_dir}" + (" once the command running it ends" if running else "")
     uri = view["tracking_uri"]
     if not view.get("parent_run"):
         return (f"MLflow lacks this sweep: nothing of it was logged to {uri} (its logging was off: the tracking store "

@@ -292,18 +292,21 @@ def _refuse_while_running(sweep_dir: Path) -> None:
     """SyncError when another process still runs a stage of this sweep (``sweep_status.live_driver``): its MLflow
     logging writes the same runs and id files, so a sync beside it could overwrite the ids it writes meanwhile
     (another store's sync puts the folder's id files back as they were) or log a run twice."""
-    from .sweep_status import driver_text, live_driver
+    from .sweep_status import DRIVER_FILE, driver_text, live_driver
 
     driver = live_driver(sweep_dir)
     if driver is None:
         return
-    where = ("" if driver["alive"] else " on another host: whether it still runs cannot be checked from here (if it "
-             "has ended, sync with --while-running)")
-    raise SyncError(f"'{sweep_dir}' is being written by {driver_text(driver)}{where}. While its MLflow logging is "
-                    "on, it logs the same runs and writes the same id files (mlflow_runs.json, mlflow_parent.json), "
-                    "and a sync beside it could overwrite the ids it writes meanwhile or log a run twice. Sync after "
-                    f"it ends ('gmpq status --sweep {sweep_dir}' shows whether it runs; nothing was synced). If its "
-                    "MLflow logging is off (it warned 'MLflow logging disabled'), sync now with --while-running.")
+    where = (f"; if it has ended (the pid is another program's now), delete {sweep_dir / DRIVER_FILE}" if driver["alive"]
+             else " on another host: whether it still runs cannot be checked from here (if it has ended, sync with "
+             "--while-running)")
+    raise SyncError(f"'{sweep_dir}' is being written by {driver_text(driver)}. While its MLflow logging is on, it "
+                    "logs the same runs and writes the same id files (mlflow_runs.json, mlflow_parent.json), and a "
+                    "sync beside it could overwrite the ids it writes meanwhile or log a run twice. Sync after it "
+                    f"ends ('gmpq status --sweep {sweep_dir}' shows whether it runs; nothing was synced){where}. "
+                    "--while-running syncs now, safe only while that command logs nothing to MLflow: a 'gmpq "
+                    "sweep' that warned 'MLflow logging disabled' (a 'gmpq run' connects again for its Pareto and "
+                    "fine-tune stages).")
 
 
 def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while_running: bool = False) -> SyncReport:
@@ -325,13 +328,13 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
     uri = tracking_uri or cfg.get("tracking_uri") or default_tracking_uri(sweep_dir)
     if not tracking_uri:       # the sweep's own: its folder may have been replaced since, e.g. by a file
         check_tracking_uri(uri, f"tracking_uri (in {sweep_dir / CONFIG_FILE})", leave_out=None)
+    if not while_running:
+        _refuse_while_running(sweep_dir)
     rows = read_trials(sweep_dir, missing_ok=True).to_dict("records")
     t0_ms = int(time.time() * 1000)
     sink = MLflowSink(uri, sweep_dir, resolved_config=cfg)
     if not rows and not any((sweep_dir / f).is_file() for f in (PARETO_FILE, FINAL_FILE)):
         return _nothing_to_sync(sink, sweep_dir)
-    if not while_running:
-        _refuse_while_running(sweep_dir)
     with warnings.catch_warnings(record=True) as caught, _id_files_kept(sink):
         warnings.simplefilter("always", RuntimeWarning)     # the sink's warning even if shown before: it says why
         connected = sink.connect()

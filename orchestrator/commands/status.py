@@ -141,7 +141,7 @@ def format_status(st: Any) -> str:
         lines.append(f"{not_started} trial(s) not started yet.")
     from orchestrator.sweep_status import mlflow_gaps_text
 
-    gaps = mlflow_gaps_text(st.mlflow, st.sweep_dir)
+    gaps = mlflow_gaps_text(st.mlflow, st.sweep_dir, running=bool(st.driver) and st.driver_alive is not False)
     if gaps:
         lines.append(gaps)
     lines += _final_lines(st)

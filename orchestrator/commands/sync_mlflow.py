@@ -10,7 +10,7 @@ running it twice creates nothing new. Default tracking URI: the sweep's own. A s
 results yet has nothing to sync: it says so and exits 0, creating no run. A --tracking-uri that cannot work
 (an unknown scheme, a sqlite:///PATH under a file) is refused before anything is read. While a gmpq command
 still runs the sweep (its own MLflow logging writes the same runs), the sync is refused: run it after that
-command ends, or with --while-running when its MLflow logging is off.
+command ends, or with --while-running while it logs nothing to MLflow.
 """
 from __future__ import annotations
 
@@ -63,7 +63,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: the sweep's)")
     p.add_argument("--while-running", action="store_true",
-                   help="sync while a gmpq command still runs the sweep (refused otherwise): only when its MLflow "
-                        "logging is off (it warned 'MLflow logging disabled'), or it ended on another host")
+                   help="sync while a gmpq command still runs the sweep (refused otherwise): only while it logs "
+                        "nothing to MLflow (a gmpq sweep that warned 'MLflow logging disabled'), or when it ended "
+                        "on another host")
     p.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
     p.set_defaults(func=run)

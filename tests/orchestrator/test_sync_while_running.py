@@ -31,9 +31,9 @@ def other_process():
     proc.wait()
 
 
-def mark(d, stage: str, pid: int, host: str | None = None) -> None:
+def mark(d, stage: str, pid: int, host: str | None = None, **more) -> None:
     (d / "driver.json").write_text(json.dumps({"stage": stage, "host": host or socket.gethostname(), "pid": pid,
-                                               "started": time.time()}))
+                                               "started": time.time(), **more}))
 
 
 def refused(capsys, argv: list[str]) -> str:
@@ -52,7 +52,9 @@ def test_a_sync_beside_a_running_command_is_refused_before_mlflow_is_opened(swee
     err = refused(capsys, ["sync-mlflow", "--sweep", str(sweep), "--tracking-uri", f"sqlite:///{sweep.parent}/o.db"])
     assert f"'{sweep}' is being written by {named} (pid {other_process.pid} on {socket.gethostname()}, started " in err
     assert "Sync after it ends" in err and f"gmpq status --sweep {sweep}" in err and "nothing was synced" in err
-    assert "sync now with --while-running" in err and "on another host" not in err
+    assert f"if it has ended (the pid is another program's now), delete {sweep / 'driver.json'}" in err
+    assert "--while-running syncs now, safe only while that command logs nothing to MLflow" in err
+    assert "on another host" not in err
     assert sorted(p.name for p in sweep.iterdir()) == before          # no mlflow.db, no id file written
     assert not (sweep.parent / "o.db").exists()
 
@@ -88,3 +90,46 @@ def test_this_process_own_marker_is_not_another_command(sweep):
 
     mark(sweep, "run", os.getpid())
     assert live_driver(sweep) is None
+
+
+def test_a_running_sweep_with_no_result_yet_is_refused_too_and_no_store_is_opened(tmp_path, other_process, capsys):
+    d = tmp_path / "started"
+    d.mkdir()
+    (d / "sweep_config.yaml").write_text("name: demo\nmodel: resnet20\n")
+    mark(d, "sweep", other_process.pid)
+    assert "is being written by 'gmpq sweep'" in refused(capsys, ["sync-mlflow", "--sweep", str(d)])
+    assert main(["sync-mlflow", "--sweep", str(d), "--while-running"]) == 0      # past the refusal: nothing to sync
+    assert "nothing to sync" in capsys.readouterr().out
+    assert sorted(p.name for p in d.iterdir()) == ["driver.json", "sweep_config.yaml"]
+
+
+def test_a_reused_pid_or_another_hosts_marker_with_our_pid(sweep, other_process):
+    from orchestrator.sweep_status import _pid_start, live_driver
+
+    start = _pid_start(other_process.pid)
+    if start is None:
+        pytest.skip("no /proc: process start times are Linux's")
+    mark(sweep, "sweep", other_process.pid, pid_start=start)
+    assert live_driver(sweep)["alive"] is True
+    mark(sweep, "sweep", other_process.pid, pid_start=start - 1)      # that pid is another program's now
+    assert live_driver(sweep) is None
+    mark(sweep, "sweep", os.getpid(), host="pod-a")                  # our pid, but another host's process
+    assert live_driver(sweep)["alive"] is None
+
+
+def test_a_gmpq_run_is_named_with_its_stage(sweep):
+    from orchestrator.sweep_status import DRIVER_FILE, _pid_start, driver_marker, driver_text
+
+    with driver_marker(sweep, "run"), driver_marker(sweep, "sweep"):
+        marker = json.loads((sweep / DRIVER_FILE).read_text())
+        assert marker["stage"] == "sweep" and marker["command"] == "run"
+        assert marker["pid_start"] == _pid_start(os.getpid())
+        assert driver_text(marker).startswith(f"'gmpq run' (its sweep stage; pid {os.getpid()} on ")
+    assert not (sweep / DRIVER_FILE).exists()
+
+
+def test_status_says_to_sync_once_the_running_command_ends(sweep, other_process, capsys):
+    mark(sweep, "sweep", other_process.pid)
+    assert main(["status", "--sweep", str(sweep)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"upload them with: gmpq sync-mlflow --sweep {sweep} once the command running it ends" in out
