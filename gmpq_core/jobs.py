@@ -25,6 +25,7 @@ from .errors import CheckpointError, ConfigError, did_you_mean
 from .fileio import default_cache_dir, load_checkpoint, load_model_state, save_checkpoint
 from .layers import searchable_layers
 from .models import build_model, check_model, model_file_tag, model_source_key
+from .names import SEARCH_DATASET, SEARCH_MODEL
 from .policy import BitPolicy
 from .precision import check_precision, resolve_precision
 from .reporting import Reporter
@@ -44,8 +45,8 @@ TEACHER_CACHE_VERSION = 1
 class SearchJob:
     """A search on a proxy dataset. ``proxy_size=None`` uses the whole training split; ``eval_size``
     test images (stratified; None = the whole test split, 0 = none) measure ``proxy_top1``."""
-    model: str = "resnet20"
-    dataset: str = "fashion_mnist"
+    model: str = SEARCH_MODEL
+    dataset: str = SEARCH_DATASET
     data_root: str | None = None
     proxy_size: int | None = 2000
     proxy_seed: int = 0

@@ -12,18 +12,17 @@ import argparse
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
-from torch import nn
-
-from gmpq_core.data.registry import MAX_IMAGE_SIZE, check_data_root, check_image_size
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import check_writable_dir
-from gmpq_core.models import build_model, check_model, list_models
+from gmpq_core.names import BUILTIN_MODELS
 from orchestrator.commands import add_precision_arg, at_least, refuse_empty
-from gmpq_core.policy import MAX_BITS, MIN_BITS, BitPolicy
-from gmpq_core.train import seeded
+
+if TYPE_CHECKING:       # torch and what imports it load where they are used: the parsers (the help) stay quick
+    from torch import nn
+
+    from gmpq_core.policy import BitPolicy
 
 __all__ = ["add_model_args", "add_data_args", "model_help", "dataset_help", "DataRootArg", "add_run_args",
            "add_policy_args", "ModelOptions",
@@ -39,7 +38,7 @@ META_KEYS = ("model", "dataset", "target_dataset", "in_channels", "num_classes",
 
 def model_help(default_model: str | None = None) -> str:
     """The ``--model`` help every command shares: the registered models, your own, the default."""
-    return (f"model name ({', '.join(list_models())}), or your own as MODULE:FUNCTION or PATH.py:FUNCTION (README: "
+    return (f"model name ({', '.join(BUILTIN_MODELS)}), or your own as MODULE:FUNCTION or PATH.py:FUNCTION (README: "
             "'Your own model')" + (f"; default {default_model}" if default_model else ""))
 
 
@@ -67,6 +66,8 @@ class DataRootArg(argparse.Action):
     network once the CIFAR-10 download into it failed)."""
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        from gmpq_core.data.registry import check_data_root
+
         flag = option_string or "--data-root"
         refuse_empty(flag, values, f"give the folder that holds the dataset files, or drop {flag}.")
         setattr(namespace, self.dest, check_data_root(values, flag))
@@ -132,6 +133,8 @@ def _positive_int(name: str, flag: str, value: Any) -> int:
 def check_input_size_arg(value: Any, flag: str = "--input-size") -> int:
     """``value`` if it is a positive image side of at most ``MAX_IMAGE_SIZE`` px, else ConfigError naming ``flag``
     (a larger model input asks for hundreds of GB, or TB, of activations and fails with a traceback)."""
+    from gmpq_core.data.registry import MAX_IMAGE_SIZE, check_image_size
+
     value = _positive_int("the input size", flag, value)
     if value > MAX_IMAGE_SIZE:
         check_image_size(value, flag)      # its message: the bound, the value and the fix
@@ -178,6 +181,8 @@ def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping
     """Model options from ``args``, then each of ``sources`` in order (e.g. an FP result, the policy's
     meta), then ``dataset_info``; ``small_input`` defaults to on for datasets of small images. With
     ``dataset_info`` the model must take the dataset's channels and cover its classes (ConfigError)."""
+    from gmpq_core.models import check_model, list_models
+
     data = dataset_source(dataset_info) if dataset_info is not None else {}
     model = _pick("model", args.model, sources, getattr(args, "default_model", None))
     if model is None:
@@ -205,6 +210,9 @@ def resolve_model_options(args: argparse.Namespace, *, sources: Sequence[Mapping
 
 def build_seeded_model(opts: ModelOptions, seed: int) -> nn.Module:
     """A freshly initialised model for ``opts``; the init depends on ``seed`` only (global RNG untouched)."""
+    from gmpq_core.models import build_model
+    from gmpq_core.train import seeded
+
     with seeded(seed):
         return build_model(opts.model, num_classes=opts.num_classes, in_channels=opts.in_channels,
                            small_input=opts.small_input)
@@ -212,6 +220,8 @@ def build_seeded_model(opts: ModelOptions, seed: int) -> nn.Module:
 
 def resolve_device(name: str) -> str:
     """Check a torch device string; asking for CUDA on a machine without it raises ConfigError."""
+    import torch
+
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
@@ -222,6 +232,8 @@ def resolve_device(name: str) -> str:
 
 
 def check_bits(flag: str, value: int) -> int:
+    from gmpq_core.policy import MAX_BITS, MIN_BITS
+
     if not MIN_BITS <= value <= MAX_BITS:
         raise ConfigError(f"{flag} must be in {MIN_BITS}..{MAX_BITS}, but got {flag} {value}. Give a bitwidth "
                           f"between {MIN_BITS} and {MAX_BITS} (e.g. {flag} 4); 32-bit layers are the FP ones "
@@ -231,12 +243,16 @@ def check_bits(flag: str, value: int) -> int:
 
 def uniform_policy(model: nn.Module, w_bits: int, a_bits: int, flags: tuple[str, str] = ("--w-bits", "--a-bits"),
                    meta: Mapping[str, Any] | None = None) -> BitPolicy:
+    from gmpq_core.policy import BitPolicy
+
     policy = BitPolicy.uniform(model, check_bits(flags[0], w_bits), check_bits(flags[1], a_bits))
     return BitPolicy(layers=policy.layers, fingerprint=policy.fingerprint, meta={**policy.meta, **(meta or {})})
 
 
 def load_policy_arg(path: str | None) -> BitPolicy | None:
     """Load ``--policy FILE`` (None when not given); unreadable or invalid files raise PolicyMismatchError."""
+    from gmpq_core.policy import BitPolicy
+
     return BitPolicy.load(Path(path)) if path is not None else None
 
 

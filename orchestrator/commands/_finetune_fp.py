@@ -12,14 +12,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gmpq_core.errors import GMPQError
 from gmpq_core.fileio import read_json
-from gmpq_core.models.imported import canonical_model_name
-from gmpq_core.policy import BitPolicy
 
 from ._finetune_resume import as_flags, same_dataset
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside
+
+if TYPE_CHECKING:       # it imports torch (the help stays quick)
+    from gmpq_core.policy import BitPolicy
 
 __all__ = ["FPSource", "pick_fp_source", "kept_fp", "sweep_target", "recorded_data_root", "data_root_default"]
 
@@ -152,6 +154,8 @@ def sweep_target(args: argparse.Namespace, policy: BitPolicy | None) -> tuple[Pa
         return path, info, f"it was trained on '{data}', not on the policy's target dataset '{meta['target_dataset']}'"
     given = {k: getattr(args, k, None) for k in _TARGET_KEYS}
     if isinstance(given.get("model"), str):       # ./my_cnn.py:build names the recorded /abs/my_cnn.py:build
+        from gmpq_core.models.imported import canonical_model_name
+
         given["model"] = canonical_model_name(given["model"])
     other = [k for k in _TARGET_KEYS if given[k] is not None and k in info and given[k] != info[k]]
     if other:

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, NoReturn
+from typing import TYPE_CHECKING, Any, Mapping, NoReturn
 
-from torch import nn
-
-from gmpq_core.data import canonical_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import load_checkpoint
-from gmpq_core.finetune import (CHECKPOINT_NAME, epochs_left_ok, fp_name, recorded_fp, resume_epochs, run_info_changes,
-                                state_digest)
 
 from .train_fp import FP_RESULT, FP_WEIGHTS
+
+if TYPE_CHECKING:       # torch: gmpq_core.data and gmpq_core.finetune load where they are used (the help stays quick)
+    from torch import nn
 
 __all__ = ["CHECKPOINTS", "checkpoint_run_info", "check_resume_run", "check_resume_fp", "same_dataset", "as_flags",
            "RUN_FLAGS", "RECIPE_FLAGS"]
@@ -28,12 +26,16 @@ CHECKPOINTS = "checkpoints"
 
 def same_dataset(a: str, b: str) -> bool:
     """Whether two dataset names are the same data (``imagefolder:`` paths compared absolute)."""
+    from gmpq_core.data import canonical_dataset_name
+
     return canonical_dataset_name(a) == canonical_dataset_name(b)
 
 
 def checkpoint_run_info(info, opts, train_size: int) -> dict:
     """What a fine-tune checkpoint's state depends on besides the recipe, the policy and the precision (which
     gmpq_core.finetune checks): the data it trains on and the model it is."""
+    from gmpq_core.data import canonical_dataset_name
+
     return {"dataset": canonical_dataset_name(info.name), **opts.to_dict(), "train_size": train_size}
 
 
@@ -103,6 +105,8 @@ def check_resume_run(out: Path, run_info: dict, dataset: str, *, trains_fp: bool
     once loaded: check_resume_fp). A checkpoint from before these were recorded is not checked; one that
     is not a fine-tune state is named by gmpq_core.finetune. Returns what was read (None: no checkpoint), which
     gmpq_core.finetune resumes from without reading the file again."""
+    from gmpq_core.finetune import CHECKPOINT_NAME, recorded_fp
+
     path = out / CHECKPOINTS / CHECKPOINT_NAME
     if not path.is_file():
         return None
@@ -125,6 +129,8 @@ def check_resume_fp(out: Path, ckpt: dict | None, fp_model: nn.Module, fp_source
     """A fine-tune checkpoint started from an FP model with other weights than ``fp_model`` (loaded from
     ``fp_source``) is refused; the same weights from another file (a copy, a move) resume. A checkpoint without
     the record is not checked. Returns the digest it computed (None: none), which gmpq_core.finetune records."""
+    from gmpq_core.finetune import recorded_fp, state_digest
+
     started = recorded_fp(ckpt)
     if started is None:
         return None
@@ -138,6 +144,8 @@ def check_resume_fp(out: Path, ckpt: dict | None, fp_model: nn.Module, fp_source
 def _refuse_other_fp(out: Path, started: dict, now: str, *, replaced: bool = False) -> NoReturn:
     """Refuse to resume a fine-tune ``started`` from another FP model than this run's (``now`` says why): its
     start, its distillation teacher and the FP top-1 reported beside it would be two FP models'."""
+    from gmpq_core.finetune import CHECKPOINT_NAME, fp_name
+
     source = started.get("source")
     if replaced:
         back = f"Put those weights back in '{source}' to resume it"
@@ -156,6 +164,8 @@ def _refuse_other_fp(out: Path, started: dict, now: str, *, replaced: bool = Fal
 def _check_run_info(out: Path, path: Path, old: dict, run_info: dict, dataset: str) -> None:
     """The dataset, model options and training subset recorded in the checkpoint at ``path`` (``old``) against
     this run's."""
+    from gmpq_core.finetune import run_info_changes
+
     fresh = f"delete '{out / CHECKPOINTS}' to start this folder's fine-tune afresh"
     old_data = old.get("dataset")
     if isinstance(old_data, str) and old_data and not same_dataset(old_data, run_info["dataset"]):
@@ -176,6 +186,8 @@ def _check_epochs_left(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
     result files are written from it, whether it finished its own run or was interrupted in a longer one), and a
     total above the epochs done continues it, on the cosine schedule of that total, longer or shorter than the one
     it was started with (as the Ray Train final stage does in both cases)."""
+    from gmpq_core.finetune import epochs_left_ok, resume_epochs
+
     done, was = resume_epochs(ckpt)
     if epochs_left_ok(done, epochs):
         return

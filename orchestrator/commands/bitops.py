@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from gmpq_core.bitops import BitOpsReport, count_bitops
 from gmpq_core.errors import ConfigError
 
 from ..common_args import (add_model_args, build_seeded_model, load_policy_arg, policy_meta,
                            resolve_model_options, uniform_policy)
+
+if TYPE_CHECKING:       # it imports torch: loaded when counting (the help stays quick)
+    from gmpq_core.bitops import BitOpsReport
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +50,8 @@ def _check_bit_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gmpq_core.bitops import count_bitops
+
     _check_bit_args(args)
     policy = load_policy_arg(args.policy)
     opts = resolve_model_options(args, sources=[policy_meta(policy)])

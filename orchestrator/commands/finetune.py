@@ -26,17 +26,11 @@ import math
 import os
 import sys
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from gmpq_core.errors import ConfigError, GMPQError
-from gmpq_core.export import preprocess_of, save_quantized_model
 from gmpq_core.fileio import atomic_write_json, drop_integer_file, integer_path, load_checkpoint
-from gmpq_core.finetune import (CHECKPOINT_NAME, FinetuneConfig, FinetuneResult, check_resume_state, finetune,
-                                resume_epochs)
-from gmpq_core.policy import BitPolicy
 from gmpq_core.precision import resolve_precision
-from gmpq_core.train import evaluate
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args,
                            build_seeded_model, check_bits, check_out_arg, dataset_source, load_policy_arg, policy_meta,
@@ -47,6 +41,12 @@ from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, ch
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
 from . import at_least
+
+if TYPE_CHECKING:       # torch and what imports it load where they are used: the parser (the help) stays quick
+    from torch import nn
+
+    from gmpq_core.finetune import FinetuneConfig, FinetuneResult
+    from gmpq_core.policy import BitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,8 @@ def _check_fp_dataset(args: argparse.Namespace, fp: FPSource, fp_info: dict, inf
 
 def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
     """What this run does with the fine-tune checkpoint it resumes from (None: there is none)."""
+    from gmpq_core.finetune import CHECKPOINT_NAME, resume_epochs
+
     if resume is None:
         return None
     done, was = resume_epochs(resume)
@@ -286,6 +288,10 @@ def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
 
 def run_single_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
+    from gmpq_core.export import preprocess_of, save_quantized_model
+    from gmpq_core.finetune import CHECKPOINT_NAME, FinetuneConfig, check_resume_state, finetune
+    from gmpq_core.train import evaluate
+
     out = check_out_arg(args.out)  # before any training
     policy = _policy_from_args(args)
     fp = pick_fp_source(args, out, policy)

@@ -12,17 +12,19 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gmpq_core.data import check_dataset_name
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
-from gmpq_core.jobs import SearchJob, check_job_budget, load_teacher, run_search_job
-from gmpq_core.search_config import SearchResult
+from gmpq_core.names import SEARCH_DATASET, SEARCH_MODEL
 
 from ..common_args import DataRootArg, dataset_help, model_help
 from ..progress import ProgressReporter, make_progress
 from . import add_precision_arg, at_least
+
+if TYPE_CHECKING:       # torch and what imports it load where they are used: the parser (the help) stays quick
+    from gmpq_core.jobs import SearchJob
+    from gmpq_core.search_config import SearchResult
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Search per-layer weight/activation bitwidths with GMPQ (attribution-rank-preserving "
                     "differentiable search) on a small proxy dataset; writes DIR/policy.json and DIR/result.json.")
     p.add_argument("--config", metavar="FILE", help="YAML with SearchJob keys and a 'search:' mapping")
-    job = {f.name: f.default for f in dataclasses.fields(SearchJob)}     # what a flag left out gets
-    p.add_argument("--model", metavar="NAME", help=model_help(job["model"]))
-    p.add_argument("--dataset", metavar="NAME", help=dataset_help(job["dataset"], "proxy dataset"))
+    # what a flag left out gets: SearchJob's defaults (torch-free, as gmpq_core.names holds them)
+    p.add_argument("--model", metavar="NAME", help=model_help(SEARCH_MODEL))
+    p.add_argument("--dataset", metavar="NAME", help=dataset_help(SEARCH_DATASET, "proxy dataset"))
     p.add_argument("--data-root", metavar="DIR", action=DataRootArg, help="where the dataset files are")
     p.add_argument("--target-dataset", metavar="NAME",
                    help="the dataset the policy is meant for, written into its meta: `gmpq finetune --policy` then "
@@ -105,6 +107,8 @@ def _read_yaml(path: str) -> dict[str, Any]:
 
 def build_job(args: argparse.Namespace) -> SearchJob:
     """Defaults < YAML (``--config``) < flags."""
+    from gmpq_core.jobs import SearchJob
+
     d = _read_yaml(args.config) if args.config else {}
     search = d.get("search") or {}
     if not isinstance(search, dict):
@@ -137,6 +141,8 @@ def format_summary(result: SearchResult, out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gmpq_core.data import check_dataset_name
+    from gmpq_core.jobs import check_job_budget, load_teacher, run_search_job
     from gmpq_core.precision import resolve_precision
 
     from ..common_args import resolve_device

@@ -10,20 +10,20 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from gmpq_core.data import load_dataset, make_loader, proxy
-from gmpq_core.data.registry import check_image_size
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, load_model_state, read_json, save_checkpoint
 from gmpq_core.precision import resolve_precision
-from gmpq_core.train import TrainConfig, TrainResult, train_fp
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_run_args, build_seeded_model,
                            check_out_arg, resolve_device, resolve_model_options)
 from ..progress import ProgressReporter, make_progress
 from . import at_least
+
+if TYPE_CHECKING:       # torch and what imports it load where they are used: the parser (the help) stays quick
+    from torch import nn
+
+    from gmpq_core.train import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def load_dataset(*args: Any, **kwargs: Any) -> Any:
+    """``gmpq_core.data.load_dataset``, imported when first called (it imports torch)."""
+    from gmpq_core.data import load_dataset
+
+    return load_dataset(*args, **kwargs)
+
+
 def load_data(args: argparse.Namespace, *, train_size: int | None, input_size: int | None,
               dataset: str | None = None, train_flag: str = "--proxy-size") -> tuple[Any, Any, Any]:
     """(info, train split, test split) of ``dataset`` (default: ``--dataset``), subsets stratified by ``--seed``.
 
     ``train_size`` is what the user gave as ``train_flag``; errors about the sizes name the flags."""
+    from gmpq_core.data import proxy
+    from gmpq_core.data.registry import check_image_size
+
     name = dataset or args.dataset or args.default_dataset
     check_image_size(input_size, "--input-size" if args.input_size is not None else "input_size")  # before a resize
     bundle = load_dataset(name, root=args.data_root, image_size=input_size)
@@ -61,6 +71,8 @@ def load_data(args: argparse.Namespace, *, train_size: int | None, input_size: i
 
 
 def loaders(info: Any, train_split: Any, test_split: Any, *, batch_size: int, seed: int, device: str):
+    from gmpq_core.data import make_loader
+
     train = make_loader(train_split, info, batch_size=batch_size, train=True, seed=seed, device=device)
     test = make_loader(test_split, info, batch_size=max(batch_size, 256), train=False, seed=seed, device=device)
     return train, test
@@ -70,6 +82,8 @@ def train_fp_stage(args: argparse.Namespace, *, out: Path, opts: ModelOptions, d
                    epochs: int, lr: float, weight_decay: float = 5e-4,
                    max_steps_per_epoch: int | None = None) -> tuple[nn.Module, dict]:
     """Train the FP model ``opts`` on ``data`` = (info, train, test); write ``out/fp.pt`` + ``out/fp_result.json``."""
+    from gmpq_core.train import TrainConfig, train_fp
+
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     info, train_split, test_split = data

@@ -13,6 +13,14 @@ def test_unknown_model_lists_choices():
         build_model("resnet19")
 
 
+def test_the_torch_free_model_names_are_the_registered_ones():
+    # gmpq_core/names.py feeds the help of gmpq without importing torch; the registry is the source of truth
+    from gmpq_core.models import list_models
+    from gmpq_core.names import BUILTIN_MODELS
+
+    assert tuple(list_models()) == BUILTIN_MODELS
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "resnet20"])
 @pytest.mark.parametrize("size,small", [(28, True), (64, False)])
 def test_every_model_any_input_size_channels_classes(name, size, small):

@@ -38,13 +38,22 @@ def test_a_commands_help_shows_no_rest_markup(command, capsys):
     assert "``" not in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["pareto", "--help"], ["cluster", "status", "--help"], ["sync-mlflow", "--help"],
-                                  ["sweep", "--help"], ["run", "--help"]])
-def test_a_command_that_needs_no_torch_does_not_import_it(argv):
-    code = ("import sys\nfrom orchestrator.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "print('torch' in sys.modules)" % (argv,))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert out.strip().splitlines()[-1] == "False"
+HEAVY = ("torch", "torchvision", "ray", "mlflow", "optuna", "pyarrow")
+HELP_ARGVS = ([["--help"]] + [[c.replace("_", "-"), "--help"] for c in _command_modules()]
+              + [["cluster", "status", "--help"]])
+ERROR_ARGVS = [[c.replace("_", "-"), "--no-such-flag"] for c in _command_modules()]
+
+
+@pytest.mark.parametrize("argv", HELP_ARGVS + ERROR_ARGVS, ids=" ".join)
+def test_help_and_argparse_errors_import_no_heavy_library(argv):
+    """'gmpq --help', 'gmpq COMMAND --help' and a misspelt flag are quick: no torch, Ray, MLflow, Optuna or pyarrow
+    (each takes seconds to import); running the command imports what it needs."""
+    code = ("import sys\nfrom orchestrator.cli import main\ntry:\n    main(%r)\nexcept SystemExit as e:\n"
+            "    print('exit', e.code)\nprint(sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    exit_line, heavy = proc.stdout.strip().splitlines()[-2:]
+    assert exit_line == ("exit 0" if "--help" in argv else "exit 2"), proc.stderr
+    assert heavy == "[]", f"gmpq {' '.join(argv)} imported {heavy}"
 
 
 def test_an_unknown_command_gets_argparse_error_naming_the_choices(capsys):
