@@ -15,7 +15,7 @@ import pyarrow as pa
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import drop_integer_file, load_checkpoint, read_json
 
-from .kept_finetunes import KEPT_DIR, find_kept
+from .kept_finetunes import KEPT_DIR, KeptFinetune, find_kept
 from .recipes import last_epoch_precision, recipe_dict, same_recipe, with_precision
 from .results import FINAL_FILE, MODELS_DIR, read_table, rows_to_table, utc_now_iso, write_table
 
@@ -247,19 +247,25 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
     return path
 
 
-def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epochs: int, sweep_dir: Path) -> None:
+def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epochs: int,
+                      sweep_dir: Path) -> dict[str, KeptFinetune | None]:
     """A fine-tune continues from its checkpoint and cannot go back: fewer --epochs than a policy already ran
     with the same settings (``recorded_recipe``) is refused before anything runs (it trained nothing and
-    reported the longer run)."""
+    reported the longer run); an unfinished one kept aside is not refused (its checkpoint's epochs are not read
+    here: with more than asked for, its workers start afresh, and the stage says so). Returns the kept fine-tune
+    of its recipe (``find_kept``: None when there is none) of each policy whose row is of another recipe or
+    missing, so that the stage does not read the kept manifests again."""
     longer: dict[str, tuple[int, str]] = {}
+    found: dict[str, KeptFinetune | None] = {}
     for _, job in jobs:
         prev = existing.get(job.trial_id)
         if prev is not None and same_recipe(recorded_recipe(sweep_dir, prev), job.recipe_json()):
             if int(prev.get("epochs") or 0) > epochs:
                 longer[job.trial_id] = (int(prev["epochs"]), "")
-        elif (kept := find_kept(sweep_dir, job.trial_id, job.recipe_json())) is not None \
-                and int(kept.row.get("epochs") or 0) > epochs:        # going back to a recipe kept aside
-            longer[job.trial_id] = (int(kept.row["epochs"]), f", kept aside in {kept.manifest.parent}")
+            continue
+        kept = found[job.trial_id] = find_kept(sweep_dir, job.trial_id, job.recipe_json())
+        if kept is not None and not kept.unfinished and int(kept.row.get("epochs") or 0) > epochs:
+            longer[job.trial_id] = (int(kept.row["epochs"]), f", kept aside in {kept.manifest.parent}")  # going back
     if longer:
         done = ", ".join(f"{t} ({n} epochs{where})" for t, (n, where) in longer.items())
         raise ConfigError(f"--epochs {epochs} is fewer than these policies were already fine-tuned for with the same "
@@ -268,3 +274,4 @@ def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epo
                           f"fine-tune one afresh, delete its row in {sweep_dir / FINAL_FILE} (or its "
                           f"{MODELS_DIR}/{KEPT_DIR}/<trial_id>.<recipe>.* files) and its folder "
                           f"ray_results/finetune-<trial_id> (or ray_results/finetune-<trial_id>.<recipe>).")
+    return found

@@ -24,13 +24,13 @@ from gmpq_core.fileio import read_json
 
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
                             finetune_storage, local_storage, read_final, record_final_run, recorded_recipe, write_final)
-from .kept_finetunes import find_kept, park_leftovers, restore_kept, set_aside
+from .kept_finetunes import clear_started, keep_unfinished, mark_started, park_leftovers, restore_kept, set_aside
 from .moved_sweep import usable_cache_dir
 from .ray_env import ray_session
 from .recipes import recipe_changes, recipe_precision, same_recipe
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
-from .train_stage import STATE_FILE, FinalJob, run_final_job
+from .train_stage import _RECIPE, STATE_FILE, FinalJob, run_final_job   # _RECIPE: the core's recipe defaults
 
 __all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
            "read_final"]
@@ -158,9 +158,10 @@ def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: flo
     tid = str(row["trial_id"])
     return FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
                     dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
-                    image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", 0.01)),
-                    batch_size=int(given(batch_size, "batch_size", 128)),
-                    distill=bool(stage.get("distill", False)), nesterov=bool(stage.get("nesterov", False)),
+                    image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", _RECIPE.lr)),
+                    batch_size=int(given(batch_size, "batch_size", _RECIPE.batch_size)),
+                    distill=bool(stage.get("distill", _RECIPE.distill)),
+                    nesterov=bool(stage.get("nesterov", _RECIPE.nesterov)),
                     seed=int(cfg.get("seed") or 0),
                     max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
                     train_size=given(train_size, "train_size", None), test_size=given(test_size, "test_size", None),
@@ -213,8 +214,10 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
 
     A policy fine-tuned before with other settings keeps that fine-tune aside (its row, model files and Ray Train
     run: ``orchestrator.kept_finetunes``) before the new recipe trains; a recipe kept aside comes back when it
-    is asked for again (no retraining; more epochs continue it). A model file written here removes the stale
-    ``gmpq export`` integer file beside it. Everything moved or removed is said.
+    is asked for again (no retraining; more epochs continue it). A fine-tune stopped before its row was written
+    is known by its recipe: another recipe keeps its Ray Train run aside too, and asking for its recipe again
+    continues its checkpoint. A model file written here removes the stale ``gmpq export`` integer file beside
+    it. Everything moved or removed is said.
     Returns the final.parquet rows of this call's policies.
     """
     from .mlflow_stages import log_final
@@ -266,8 +269,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                              max_steps_per_epoch=max_steps_per_epoch, train_size=train_size, test_size=test_size,
                              progress_dir=finetune_progress_dir(cfg, sweep_dir), precision=precision))
             for row in chosen.to_dict("records")]
-    check_not_shorter(jobs, existing, epochs, sweep_dir)
+    kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir)   # each recipe's kept fine-tune, read once
     todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
+    resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
     with driver_marker(sweep_dir, "finetune"), \
             ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
         auto = workers == "auto"
@@ -280,19 +284,27 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             recorded = recorded_recipe(sweep_dir, prev) if prev is not None else None
             same = prev is not None and same_recipe(recorded, recipe)
             tag = f"[{i}/{len(chosen)}] {tid}:"
-            earlier = None if same else find_kept(sweep_dir, tid, recipe)
+            earlier = None if same else kept_of.get(tid)
             if prev is not None and not same:     # the current recipe's row, files and checkpoint: kept aside
                 say(f"{tag} fine-tuned before with other settings ({', '.join(recipe_changes(recorded, recipe))})"
-                    + ("; going back to its fine-tune with these settings, kept earlier" if earlier else "; starting afresh"))
+                    + ("; starting afresh" if earlier is None else
+                       "; continuing its unfinished fine-tune with these settings, kept earlier" if earlier.unfinished
+                       else "; going back to its fine-tune with these settings, kept earlier"))
                 set_aside(sweep_dir, local, {**prev, "recipe_json": recorded}, say, tag)
                 del final_rows[tid]
                 write_final(sweep_dir, final_rows)
+            elif prev is None and earlier is None:   # a run of another recipe stopped here: kept aside, not replaced
+                keep_unfinished(sweep_dir, local, tid, say, tag, unless=recipe)
             if earlier is not None:               # this recipe was fine-tuned before: its result comes back
                 park_leftovers(sweep_dir, local, tid, say, tag)
-                prev = final_rows[tid] = existing[tid] = restore_kept(sweep_dir, local, earlier, say, tag)
-                write_final(sweep_dir, final_rows)
-                recorded, same = recorded_recipe(sweep_dir, prev), True
-            elif prev is not None and not same:
+                restored = restore_kept(sweep_dir, local, earlier, say, tag)
+                if restored is not None:
+                    prev = final_rows[tid] = existing[tid] = restored
+                    write_final(sweep_dir, final_rows)
+                    recorded, same = recorded_recipe(sweep_dir, prev), True
+                else:                             # unfinished: no row; its checkpoint is continued
+                    resuming.add(tid)
+            if not same:
                 prev = None
             if same and int(prev.get("epochs") or 0) == epochs:
                 how = " with these settings" if recorded is None or recipe_precision(recorded) else (
@@ -325,13 +337,15 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             span = f"epochs {first}-{epochs}" if first > 1 else f"{epochs} epoch(s)"
             say(f"{tag} fine-tuning {span} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
                 f"{row.get('selection_reason')}")
+            mark_started(sweep_dir, tid, job.recipe_json(), epochs)   # a run stopped before its row: known by it
             with _ProgressWatcher(Path(job.progress_file), say, tag, epochs):
                 run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
-            if first > 1 and not run.metrics.get("resumed_from_epoch"):    # the workers did not continue it
+            if (first > 1 or tid in resuming) and not run.metrics.get("resumed_from_epoch"):   # not continued
                 why = run.metrics.get("restarted_because") or f"no checkpoint of it under {storage}"
                 say(f"{tag} fine-tuned afresh from epoch 1, not continued: {why}")
             with lock:                   # final.parquet is rewritten whole: one writer at a time
                 model_path = record_final_run(sweep_dir, final_rows, row, run, job, say)
+                clear_started(sweep_dir, tid)
                 histories[tid] = run.history
                 done_ids.append(tid)
             say(f"{tag} final top1 {run.metrics.get('top1', float('nan')):.2f}% "
@@ -342,19 +356,23 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
             run_side_by_side(todo, fine_tune, slots)
         except (Exception, KeyboardInterrupt) as e:   # the finished policies keep their rows: plot, log, then raise
             failed = e
+    # after Ctrl-C a fine-tune thread may still be recording its policy: final.parquet, the policies done and
+    # their histories are read together, under the lock it records under (one recorded later: the next run logs it)
+    with lock:
+        done, fresh_histories = list(done_ids), dict(histories)
+        final = read_final(sweep_dir) if failed is None or done else None
     if failed is not None and not isinstance(failed, KeyboardInterrupt):    # (Ctrl-C: the command says it)
-        kept = [job.trial_id for _, _, job, _ in todo if job.trial_id in histories]
+        kept = [job.trial_id for _, _, job, _ in todo if job.trial_id in fresh_histories]
         say(f"{len(todo) - len(kept)} of {len(todo)} fine-tune(s) failed"
             + (f"; the finished ones ({', '.join(kept)}) are kept in {sweep_dir / FINAL_FILE} and MLflow" if kept else "")
             + ". Rerun the same command after fixing the cause: finished policies are not run again.")
-    if failed is not None and not done_ids:
+    if failed is not None and not done:
         raise failed
-    final = read_final(sweep_dir)
     plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
-    ours = final[final["trial_id"].isin(done_ids)].reset_index(drop=True)
+    ours = final[final["trial_id"].isin(done)].reset_index(drop=True)
     # this call's fine-tunes and refilled model files are logged; an earlier one only if its run is missing
-    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours, histories=histories,
-              png_path=sweep_dir / FINAL_PNG, fresh={*histories, *refilled})
+    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours, histories=fresh_histories,
+              png_path=sweep_dir / FINAL_PNG, fresh={*fresh_histories, *refilled})
     if failed is not None:
         raise failed
     return ours

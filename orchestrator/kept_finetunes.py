@@ -11,7 +11,12 @@ resumes and continues as before):
   tag of its MLflow run;
 - ``models/kept/<tid>.<digest>.pt`` (``.int.pt``): its model files (``gmpq export DIR`` and ``gmpq evaluate
   DIR`` read ``models/*.pt`` only; pass a kept file to either by its path);
-- ``<storage>/finetune-<tid>.<digest>``: its Ray Train run (a local storage only: a remote one is not moved).
+- ``<storage>/finetune-<tid>.<digest>``: its Ray Train run (a local storage only: a remote one is not moved);
+- ``models/kept/<tid>.started.json``: the recipe of the fine-tune that started under the usual names and has no
+  final.parquet row yet (written as it starts, removed once its row is written): a run stopped part way (Ctrl-C)
+  is still known by its recipe. When another recipe takes the usual names, its Ray Train run is kept aside as
+  that recipe's *unfinished* fine-tune (a manifest with ``"unfinished": true`` and a row of its recipe only, no
+  model file); asking for the recipe again puts the run back and the fine-tune continues from its checkpoint.
 
 Restoring swaps the other way: the current recipe is kept aside, the kept one takes the usual names again (and
 ``--epochs`` more then continue its checkpoint, as for any current recipe).
@@ -33,7 +38,7 @@ from .recipes import same_recipe
 from .results import MODELS_DIR
 
 __all__ = ["KEPT_DIR", "KeptFinetune", "recipe_digest", "kept_finetunes", "find_kept",
-           "set_aside", "restore_kept", "park_leftovers"]
+           "set_aside", "restore_kept", "park_leftovers", "mark_started", "clear_started", "keep_unfinished"]
 
 KEPT_DIR = "kept"          # models/kept/
 
@@ -50,6 +55,7 @@ class KeptFinetune:
     manifest: Path
     row: dict                  # its final.parquet row, ``model_path`` naming the kept file
     checkpoint: str | None     # its kept Ray Train run's folder name under the storage, None when not kept
+    unfinished: bool = False   # stopped before its row was written: ``row`` has its recipe only; no model file
 
     @property
     def stem(self) -> str:
@@ -63,6 +69,10 @@ def _kept_dir(sweep_dir: str | Path) -> Path:
     return Path(sweep_dir) / MODELS_DIR / KEPT_DIR
 
 
+def _started_path(sweep_dir: str | Path, trial_id: str) -> Path:
+    return _kept_dir(sweep_dir) / f"{trial_id}.started.json"
+
+
 def _plain(value: Any) -> Any:
     """A final.parquet value as JSON (numpy scalars as Python ones, NaN as None)."""
     if hasattr(value, "item") and not isinstance(value, (str, bytes)):
@@ -74,17 +84,21 @@ def kept_finetunes(sweep_dir: str | Path, trial_id: str) -> list[KeptFinetune]:
     """The fine-tunes of ``trial_id`` kept aside, newest first (an unreadable manifest is skipped)."""
     out = []
     for path in _kept_dir(sweep_dir).glob(f"{trial_id}.*.json"):
+        if path == _started_path(sweep_dir, trial_id):
+            continue
         try:
             data = read_json(path)
         except (CheckpointError, OSError):
             continue
         if isinstance(data, dict) and isinstance(data.get("row"), dict):
-            out.append(KeptFinetune(trial_id, path, data["row"], data.get("checkpoint")))
+            out.append(KeptFinetune(trial_id, path, data["row"], data.get("checkpoint"),
+                                    unfinished=data.get("unfinished") is True))
     return sorted(out, key=lambda k: str(k.row.get("finished_at") or ""), reverse=True)
 
 
 def find_kept(sweep_dir: str | Path, trial_id: str, recipe_json: str) -> KeptFinetune | None:
-    """The newest kept fine-tune of ``trial_id`` with the recipe ``recipe_json`` (``recipes.same_recipe``)."""
+    """The newest kept fine-tune of ``trial_id`` with the recipe ``recipe_json`` (``recipes.same_recipe``); an
+    unfinished one (no ``finished_at``) after the finished ones."""
     return next((k for k in kept_finetunes(sweep_dir, trial_id)
                  if k.row.get("recipe_json") is not None and same_recipe(k.row["recipe_json"], recipe_json)), None)
 
@@ -141,6 +155,7 @@ def set_aside(sweep_dir: str | Path, storage: Path | None, row: Mapping[str, Any
     _move(model, kept / f"{stem}.pt")
     moved_int = _move(integer, kept / f"{stem}{INT_SUFFIX}")
     moved_ckpt = ckpt is not None and ckpt.is_dir() and _move(ckpt, ckpt_kept)
+    clear_started(sweep_dir, tid)          # what started under the usual names went with the row
     where = [f"row {manifest}"]
     if has_model:
         where.append(f"model {kept / f'{stem}.pt'}" + (f" (and its {INT_SUFFIX})" if moved_int else ""))
@@ -153,10 +168,70 @@ def set_aside(sweep_dir: str | Path, storage: Path | None, row: Mapping[str, Any
     return KeptFinetune(tid, manifest, entry, ckpt_kept.name if moved_ckpt else None)
 
 
+def mark_started(sweep_dir: str | Path, trial_id: str, recipe_json: str | None, epochs: int | None) -> None:
+    """As a fine-tune of ``recipe_json`` starts under the usual names (``<storage>/finetune-<tid>``): its recipe,
+    so that a run stopped before its row is written is still known by it (``keep_unfinished``)."""
+    path = _started_path(sweep_dir, trial_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, {"trial_id": trial_id, "recipe_json": recipe_json, "epochs": epochs,
+                             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def clear_started(sweep_dir: str | Path, trial_id: str) -> None:
+    """Once the fine-tune under the usual names has its final.parquet row (or went aside with it)."""
+    _started_path(sweep_dir, trial_id).unlink(missing_ok=True)
+
+
+def _started(sweep_dir: str | Path, trial_id: str) -> dict | None:
+    try:
+        data = read_json(_started_path(sweep_dir, trial_id))
+    except (CheckpointError, OSError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("recipe_json"), str) else None
+
+
+def _has_checkpoint(run: Path) -> bool:
+    """Whether a Ray Train run folder holds a checkpoint (``checkpoint_<time>/``; not only Ray's own files)."""
+    return run.is_dir() and any(p.is_dir() for p in run.glob("checkpoint*"))
+
+
+def keep_unfinished(sweep_dir: str | Path, storage: Path | None, trial_id: str, say: Callable[[str], None], tag: str,
+                    *, unless: str | None = None) -> KeptFinetune | None:
+    """The usual names hold no final.parquet row: the Ray Train run of the fine-tune that started there and
+    stopped before its row was written (``mark_started``), when it has a checkpoint under the local ``storage``, is
+    kept aside as its recipe's unfinished fine-tune (asking for the recipe again continues it); says so. Not when
+    its recipe is ``unless`` (the recipe about to run: it continues the run in place). The model files are left
+    where they are (``park_leftovers``: a model file without a row is not known to be this run's)."""
+    started = _started(sweep_dir, trial_id)
+    if started is None or (unless is not None and same_recipe(started["recipe_json"], unless)):
+        return None
+    run = storage / f"finetune-{trial_id}" if storage is not None else None
+    if run is None or not _has_checkpoint(run):      # nothing to continue (or a remote run: not moved)
+        clear_started(sweep_dir, trial_id)
+        return None
+    recipe = started["recipe_json"]
+    kept = _kept_dir(sweep_dir)
+    stem = _free_stem(kept, f"{trial_id}.{recipe_digest(recipe)}")
+    manifest = kept / f"{stem}.json"
+    dst = _free(storage / f"finetune-{trial_id}.{stem.removeprefix(trial_id + '.')}")
+    row = {"trial_id": trial_id, "recipe_json": recipe, "model_path": None}
+    atomic_write_json(manifest, {"row": row, "unfinished": True, "epochs": started.get("epochs"),
+                                 "started_at": started.get("started_at"),
+                                 "kept_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                 "checkpoint": dst.name})
+    _move(run, dst)
+    clear_started(sweep_dir, trial_id)
+    say(f"{tag} its unfinished fine-tune (stopped before its row was written) is kept aside: record {manifest}; "
+        f"Ray Train checkpoint {dst}. Rerun with its settings to continue it from that checkpoint")
+    return KeptFinetune(trial_id, manifest, row, dst.name, unfinished=True)
+
+
 def park_leftovers(sweep_dir: str | Path, storage: Path | None, trial_id: str, say: Callable[[str], None],
                    tag: str) -> None:
-    """Before a kept fine-tune takes the usual names: what holds them without a final.parquet row (a fine-tune
-    stopped before it finished, a model file whose row was deleted) is moved aside, not overwritten."""
+    """Before a kept fine-tune takes the usual names: what holds them without a final.parquet row is moved aside,
+    not overwritten: a fine-tune stopped before it finished as its recipe's unfinished fine-tune
+    (``keep_unfinished``) when its recipe is known, else (and a model file whose row was deleted) as unrecorded."""
+    keep_unfinished(sweep_dir, storage, trial_id, say, tag)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     models = Path(sweep_dir) / MODELS_DIR
     paths = [models / f"{trial_id}.pt", integer_path(models / f"{trial_id}.pt")]
@@ -173,12 +248,23 @@ def park_leftovers(sweep_dir: str | Path, storage: Path | None, trial_id: str, s
 
 
 def restore_kept(sweep_dir: str | Path, storage: Path | None, kept: KeptFinetune, say: Callable[[str], None],
-                 tag: str) -> dict:
+                 tag: str) -> dict | None:
     """Give a kept fine-tune the usual names again (model files, Ray Train run) and return its final.parquet row
     (``model_path`` back to ``models/<tid>.pt``); the manifest is removed last. The caller has kept the current
-    recipe aside (``set_aside``) and moved leftovers (``park_leftovers``) first."""
+    recipe aside (``set_aside``) and moved leftovers (``park_leftovers``) first. An unfinished one has no row
+    (None): its Ray Train run is back under the usual names, marked as started (``mark_started``), and the
+    fine-tune run next continues its checkpoint."""
     sweep_dir = Path(sweep_dir)
     tid = kept.trial_id
+    if kept.unfinished:
+        run = storage / f"finetune-{tid}" if storage is not None else None
+        moved = bool(kept.checkpoint) and run is not None and _move(storage / kept.checkpoint, run)
+        mark_started(sweep_dir, tid, kept.row.get("recipe_json"), None)    # (its epochs: the run's, as it starts)
+        kept.manifest.unlink(missing_ok=True)
+        say(f"{tag} restored its unfinished fine-tune with these settings: "
+            + (f"Ray Train checkpoint {run}; it continues from there" if moved
+               else "no Ray Train checkpoint was kept; it starts afresh"))
+        return None
     models = sweep_dir / MODELS_DIR
     has_model = _move(kept.model(sweep_dir), models / f"{tid}.pt")
     _move(integer_path(kept.model(sweep_dir)), integer_path(models / f"{tid}.pt"))

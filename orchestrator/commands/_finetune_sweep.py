@@ -71,7 +71,8 @@ def final_files_text(sweep_dir: Path) -> str:
             f"Models: {sweep_dir / MODELS_DIR}/<trial_id>.pt (for inference: "
             "gmpq_core.load_quantized_model(path).model)\n"
             + (f"Kept:   {kept}/ (fine-tunes with other settings; asking for theirs again restores one)\n"
-               if (kept := sweep_dir / MODELS_DIR / KEPT_DIR).is_dir() and any(kept.iterdir()) else "")
+               if (kept := sweep_dir / MODELS_DIR / KEPT_DIR).is_dir()
+               and any(not p.name.endswith(".started.json") for p in kept.iterdir()) else "")   # (a run's recipe)
             + f"Packed integer weights (their real size): gmpq export {sweep_dir}; accuracy of any model file: "
             f"gmpq evaluate {sweep_dir}")
 
