@@ -30,7 +30,7 @@ from .ray_env import ray_session
 from .recipes import recipe_changes, recipe_precision, same_recipe
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
-from .train_stage import _RECIPE, STATE_FILE, FinalJob, run_final_job   # _RECIPE: the core's recipe defaults
+from .train_stage import RECIPE_DEFAULTS, STATE_FILE, FinalJob, run_final_job
 
 __all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
            "read_final"]
@@ -158,10 +158,10 @@ def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: flo
     tid = str(row["trial_id"])
     return FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
                     dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
-                    image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", _RECIPE.lr)),
-                    batch_size=int(given(batch_size, "batch_size", _RECIPE.batch_size)),
-                    distill=bool(stage.get("distill", _RECIPE.distill)),
-                    nesterov=bool(stage.get("nesterov", _RECIPE.nesterov)),
+                    image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", RECIPE_DEFAULTS.lr)),
+                    batch_size=int(given(batch_size, "batch_size", RECIPE_DEFAULTS.batch_size)),
+                    distill=bool(stage.get("distill", RECIPE_DEFAULTS.distill)),
+                    nesterov=bool(stage.get("nesterov", RECIPE_DEFAULTS.nesterov)),
                     seed=int(cfg.get("seed") or 0),
                     max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
                     train_size=given(train_size, "train_size", None), test_size=given(test_size, "test_size", None),

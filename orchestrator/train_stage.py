@@ -37,13 +37,13 @@ from gmpq_core.precision import check_precision, resolve_precision
 
 from .recipes import RECIPE_FIELDS, last_epoch_precision, recipe_changes, recipe_dict, same_recipe, with_precision
 
-__all__ = ["STATE_FILE", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job",
+__all__ = ["STATE_FILE", "RECIPE_DEFAULTS", "FinalJob", "FinalRun", "shard_indices", "train_loop_per_worker", "run_final_job",
            "RECIPE_FIELDS", "recipe_changes", "same_recipe", "with_precision"]   # the last four: orchestrator.recipes
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
-_RECIPE = FinetuneConfig()
+RECIPE_DEFAULTS = FinetuneConfig()   # the core's recipe defaults (FinalJob's and the final stage's fallbacks)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,15 +58,15 @@ class FinalJob:
     dataset: str
     data_root: str | None = None
     image_size: int | None = None
-    epochs: int = _RECIPE.epochs         # the recipe's defaults are the core's (FinetuneConfig)
-    lr: float = _RECIPE.lr
-    momentum: float = _RECIPE.momentum
-    weight_decay: float = _RECIPE.weight_decay
-    batch_size: int = _RECIPE.batch_size
-    distill: bool = _RECIPE.distill
-    seed: int = _RECIPE.seed
-    max_steps_per_epoch: int | None = _RECIPE.max_steps_per_epoch
-    nesterov: bool = _RECIPE.nesterov
+    epochs: int = RECIPE_DEFAULTS.epochs         # the recipe's defaults are the core's (FinetuneConfig)
+    lr: float = RECIPE_DEFAULTS.lr
+    momentum: float = RECIPE_DEFAULTS.momentum
+    weight_decay: float = RECIPE_DEFAULTS.weight_decay
+    batch_size: int = RECIPE_DEFAULTS.batch_size
+    distill: bool = RECIPE_DEFAULTS.distill
+    seed: int = RECIPE_DEFAULTS.seed
+    max_steps_per_epoch: int | None = RECIPE_DEFAULTS.max_steps_per_epoch
+    nesterov: bool = RECIPE_DEFAULTS.nesterov
     train_size: int | None = None
     test_size: int | None = None
     progress_file: str | None = None    # rank 0 writes {"epoch", "step", "steps"} here every few seconds
