@@ -1,5 +1,5 @@
 """Names the ``gmpq`` command's help shows, torch-free (``gmpq --help`` and ``gmpq COMMAND --help`` import no torch):
-the built-in models, which ``models.registry`` registers (and checks it registers exactly these), and the model and
+the built-in models, which ``models.registry`` registers (a test checks they are exactly these), and the model and
 proxy dataset a search job (``jobs.SearchJob``) defaults to."""
 from __future__ import annotations
 

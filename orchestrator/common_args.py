@@ -66,7 +66,7 @@ class DataRootArg(argparse.Action):
     network once the CIFAR-10 download into it failed)."""
 
     def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-        from gmpq_core.data.registry import check_data_root
+        from gmpq_core.paths import check_data_root       # torch-free: parsing imports no torch
 
         flag = option_string or "--data-root"
         refuse_empty(flag, values, f"give the folder that holds the dataset files, or drop {flag}.")

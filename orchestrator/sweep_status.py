@@ -361,13 +361,15 @@ def mlflow_gaps_text(view: dict, sweep_dir: str | Path, *, running: bool = False
     trials, finetunes = view.get("missing_trials") or [], view.get("missing_finetunes") or []
     if not view or not (trials or finetunes):
         return None
-    sync = f"gmpq sync-mlflow --sweep {sweep_dir}" + (" once the command running it ends" if running else "")
+    sync = f"gmpq sync-mlflow --sweep {sweep_dir}"
+    when = "once the command running it has ended and the store answers" if running else "once the store answers"
     uri = view["tracking_uri"]
     if not view.get("parent_run"):
         return (f"MLflow lacks this sweep: nothing of it was logged to {uri} (its logging was off: the tracking store "
-                f"could not be reached). The results are complete in the Parquet tables; once the store answers, "
-                f"upload them with: {sync}")
+                f"could not be reached). The results are complete in the Parquet tables; {when}, upload them with: "
+                f"{sync}")
     parts = [f"{len(ids)} {what} run(s) ({', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''})"
              for ids, what in ((trials, "trial"), (finetunes, "fine-tune")) if ids]
     return (f"MLflow lacks {' and '.join(parts)} in {uri} (its logging was off for part of the sweep: the tracking "
-            f"store could not be reached). Upload them with: {sync}")
+            f"store could not be reached). " + ("Once the command running it has ended, upload" if running else "Upload")
+            + f" them with: {sync}")

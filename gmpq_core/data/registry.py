@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
 from ..fileio import absolute_path
+from ..paths import check_data_root  # noqa: F401  (its home before; checked as the CLI parses --data-root)
 from .folder import read_imagefolder
 from .info import DataBundle, DatasetInfo, TensorSplit, crop_padding_for
 from .sources import read_cifar10, read_digits, read_fashion_mnist, read_mnist5k
@@ -152,30 +153,6 @@ def check_image_size(image_size: object, name: str = "image_size") -> int | None
                           "dataset's own size or a model's usual input (e.g. 224 for ImageNet-sized images), or leave "
                           "it out.")
     return image_size
-
-
-def check_data_root(root: object, name: str = "data root") -> str | None:
-    """``root`` unless it is, or lies under, a file: ConfigError naming it as ``name`` (a CLI passes its flag,
-    e.g. ``--data-root``). Reads nothing else; a folder that does not exist yet passes (a download makes it).
-    Without this a file there was passed over with a warning (Fashion-MNIST) or blamed on the network (the
-    CIFAR-10 download into it failed)."""
-    if root is None or not isinstance(root, (str, os.PathLike)):
-        return root
-    path = os.path.abspath(os.path.expanduser(os.fspath(root)))
-    probe = path
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.exists(probe) or os.path.isdir(probe):
-        return root
-    where = "is a file" if probe == path else f"lies under '{probe}', which is a file"
-    if name.startswith("-"):
-        fix = (f"pass {name} the folder that holds the dataset files, or drop {name} to use the dataset's default "
-               "location")
-    else:
-        fix = ("pass the folder that holds the dataset files (--data-root DIR, or data_root in a config file), or "
-               "leave it out to use the dataset's default location")
-    label = name if name.startswith("-") else f"The {name}"
-    raise ConfigError(f"{label} '{root}' {where}, not a folder; {fix}.")
 
 
 def _physical_memory() -> int | None:

@@ -41,15 +41,16 @@ def test_a_commands_help_shows_no_rest_markup(command, capsys):
 HEAVY = ("torch", "torchvision", "ray", "mlflow", "optuna", "pyarrow")
 HELP_ARGVS = ([["--help"]] + [[c.replace("_", "-"), "--help"] for c in _command_modules()]
               + [["cluster", "status", "--help"]])
-ERROR_ARGVS = [[c.replace("_", "-"), "--no-such-flag"] for c in _command_modules()]
+ERROR_ARGVS = [[c.replace("_", "-"), "--no-such-flag"] for c in _command_modules()] + [
+    ["train-fp", "--data-root", ""], ["search", "--data-root", "/etc/hostname/data"]]   # checked as parsed
 
 
 @pytest.mark.parametrize("argv", HELP_ARGVS + ERROR_ARGVS, ids=" ".join)
 def test_help_and_argparse_errors_import_no_heavy_library(argv):
     """'gmpq --help', 'gmpq COMMAND --help' and a misspelt flag are quick: no torch, Ray, MLflow, Optuna or pyarrow
     (each takes seconds to import); running the command imports what it needs."""
-    code = ("import sys\nfrom orchestrator.cli import main\ntry:\n    main(%r)\nexcept SystemExit as e:\n"
-            "    print('exit', e.code)\nprint(sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY))
+    code = ("import sys\nfrom orchestrator.cli import main\ntry:\n    rc = main(%r)\nexcept SystemExit as e:\n"
+            "    rc = e.code\nprint('exit', rc)\nprint(sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     exit_line, heavy = proc.stdout.strip().splitlines()[-2:]
     assert exit_line == ("exit 0" if "--help" in argv else "exit 2"), proc.stderr

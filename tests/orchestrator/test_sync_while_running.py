@@ -131,5 +131,6 @@ def test_a_gmpq_run_is_named_with_its_stage(sweep):
 def test_status_says_to_sync_once_the_running_command_ends(sweep, other_process, capsys):
     mark(sweep, "sweep", other_process.pid)
     assert main(["status", "--sweep", str(sweep)]) == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert f"upload them with: gmpq sync-mlflow --sweep {sweep} once the command running it ends" in out
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "gmpq sync-mlflow" in ln)
+    assert "once the command running it has ended and the store answers, upload them with: " in line
+    assert line.endswith(f": gmpq sync-mlflow --sweep {sweep}")          # the command ends the line: copied as it is
