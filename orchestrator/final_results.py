@@ -15,14 +15,15 @@ import pyarrow as pa
 from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import drop_integer_file, load_checkpoint, read_json
 
-from .kept_finetunes import KEPT_DIR, KeptFinetune, find_kept
+from .kept_finetunes import KEPT_DIR, KeptFinetune, find_kept, stopped_in_place_epochs, unfinished_epochs
 from .recipes import last_epoch_precision, recipe_dict, same_recipe, with_precision
 from .results import FINAL_FILE, MODELS_DIR, read_table, rows_to_table, utc_now_iso, write_table
 
 __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row", "final_model_path",
            "finetune_storage", "finetune_progress_dir", "local_storage",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
-           "record_final_run", "check_not_shorter", "row_recipe", "recorded_recipe", "drop_stale_integer"]
+           "record_final_run", "check_not_shorter", "row_recipe", "recorded_recipe", "drop_stale_integer",
+           "refuse_beside_other_finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -248,13 +249,14 @@ def record_final_run(sweep_dir: str | Path, rows: dict[str, dict], pareto_row: M
 
 
 def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epochs: int,
-                      sweep_dir: Path) -> dict[str, KeptFinetune | None]:
+                      sweep_dir: Path, storage: Path | None = None) -> dict[str, KeptFinetune | None]:
     """A fine-tune continues from its checkpoint and cannot go back: fewer --epochs than a policy already ran
     with the same settings (``recorded_recipe``) is refused before anything runs (it trained nothing and
-    reported the longer run); an unfinished one kept aside is not refused (its checkpoint's epochs are not read
-    here: with more than asked for, its workers start afresh, and the stage says so). Returns the kept fine-tune
-    of its recipe (``find_kept``: None when there is none) of each policy whose row is of another recipe or
-    missing, so that the stage does not read the kept manifests again."""
+    reported the longer run). So is fewer than an unfinished one of those settings did (stopped before its row
+    was written: kept aside, or still under the usual names of the local ``storage``; its checkpoint's epochs):
+    its workers would start afresh and the fresh run replace that checkpoint. Returns the kept fine-tune of its
+    recipe (``find_kept``: None when there is none) of each policy whose row is of another recipe or missing, so
+    that the stage does not read the kept manifests again."""
     longer: dict[str, tuple[int, str]] = {}
     found: dict[str, KeptFinetune | None] = {}
     for _, job in jobs:
@@ -264,14 +266,47 @@ def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epo
                 longer[job.trial_id] = (int(prev["epochs"]), "")
             continue
         kept = found[job.trial_id] = find_kept(sweep_dir, job.trial_id, job.recipe_json())
-        if kept is not None and not kept.unfinished and int(kept.row.get("epochs") or 0) > epochs:
-            longer[job.trial_id] = (int(kept.row["epochs"]), f", kept aside in {kept.manifest.parent}")  # going back
+        if kept is not None:                   # going back to a recipe kept aside
+            done = unfinished_epochs(kept, storage) if kept.unfinished else int(kept.row.get("epochs") or 0)
+            if done is not None and done > epochs:
+                longer[job.trial_id] = (done, f", {'unfinished, ' if kept.unfinished else ''}kept aside in "
+                                              f"{kept.manifest.parent}")
+        elif prev is None and (done := stopped_in_place_epochs(sweep_dir, storage, job.trial_id,
+                                                                job.recipe_json())) is not None and done > epochs:
+            longer[job.trial_id] = (done, f", unfinished, in {storage / f'finetune-{job.trial_id}'}")
     if longer:
-        done = ", ".join(f"{t} ({n} epochs{where})" for t, (n, where) in longer.items())
+        done_text = ", ".join(f"{t} ({n} epochs{where})" for t, (n, where) in longer.items())
         raise ConfigError(f"--epochs {epochs} is fewer than these policies were already fine-tuned for with the same "
-                          f"settings: {done}. A fine-tune continues from its checkpoint and cannot go back. Pass "
+                          f"settings: {done_text}. A fine-tune continues from its checkpoint and cannot go back. Pass "
                           f"--epochs {max(n for n, _ in longer.values())} (or more) to keep or continue them, or, to "
                           f"fine-tune one afresh, delete its row in {sweep_dir / FINAL_FILE} (or its "
                           f"{MODELS_DIR}/{KEPT_DIR}/<trial_id>.<recipe>.* files) and its folder "
                           f"ray_results/finetune-<trial_id> (or ray_results/finetune-<trial_id>.<recipe>).")
     return found
+
+
+def refuse_beside_other_finetune(sweep_dir: Path) -> None:
+    """GMPQError, before any work, when another process runs this sweep's final stage (``gmpq finetune --sweep``,
+    or ``gmpq run``, whose last stage it is; ``sweep_status.live_driver``): a fine-tune it runs has a started
+    manifest and no row yet, as a stopped one does, so a final stage beside it would move its live Ray Train run
+    aside (another recipe) or train in the same one, and both write final.parquet. A sweep of another process
+    (``gmpq sweep``) is no reason: the final stage selects from its ended trials only, as before. (``gmpq run``'s
+    own final stage: its marker names this process, so it is not refused; nor is a process on another host, which
+    cannot be checked: a retried batch job finds its killed predecessor's marker there, and only a warning is said.)"""
+    from .sweep_status import DRIVER_FILE, driver_text, live_driver
+
+    driver = live_driver(sweep_dir)
+    if driver is None or (driver.get("stage") not in ("finetune", "run") and driver.get("command") != "run"):
+        return
+    if driver["alive"] is None:   # another host's: maybe a retried batch job's own earlier pod, killed; not refused
+        log.warning("%s is marked as running this sweep's final stage from another host (cannot be checked from "
+                    "here); if it still runs, stop this command: two final stages would move each other's Ray Train "
+                    "runs", driver_text(driver))
+        return
+    ended = f"if it has ended (the pid is another program's now), delete {sweep_dir / DRIVER_FILE}"
+    what = "will be fine-tuned by" if driver.get("stage") == "sweep" else "is being fine-tuned by"  # (gmpq run)
+    raise GMPQError(f"'{sweep_dir}' {what} {driver_text(driver)}: a second final stage beside it would move or "
+                    "replace the Ray Train run of a fine-tune that process is running (it has no "
+                    "final.parquet row yet, like a stopped one) and write the same final.parquet, so this one did "
+                    f"not start (nothing was changed). Wait for it to end ('gmpq status --sweep {sweep_dir}' shows "
+                    f"whether it runs) and run this again; {ended}.")

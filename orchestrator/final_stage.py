@@ -23,8 +23,10 @@ from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
 from gmpq_core.fileio import read_json
 
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
-                            finetune_storage, local_storage, read_final, record_final_run, recorded_recipe, write_final)
-from .kept_finetunes import clear_started, keep_unfinished, mark_started, park_leftovers, restore_kept, set_aside
+                            finetune_storage, local_storage, read_final, record_final_run, recorded_recipe,
+                            refuse_beside_other_finetune, write_final)
+from .kept_finetunes import (clear_started, keep_unfinished, mark_started, park_leftovers, restore_kept,
+                             restore_unfinished, set_aside)
 from .moved_sweep import usable_cache_dir
 from .ray_env import ray_session
 from .recipes import recipe_changes, recipe_precision, same_recipe
@@ -216,8 +218,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     run: ``orchestrator.kept_finetunes``) before the new recipe trains; a recipe kept aside comes back when it
     is asked for again (no retraining; more epochs continue it). A fine-tune stopped before its row was written
     is known by its recipe: another recipe keeps its Ray Train run aside too, and asking for its recipe again
-    continues its checkpoint. A model file written here removes the stale ``gmpq export`` integer file beside
-    it. Everything moved or removed is said.
+    continues its checkpoint (fewer epochs than it did: refused). Refused while another process runs this
+    sweep's final stage (``final_results.refuse_beside_other_finetune``). A model file written here removes the
+    stale ``gmpq export`` integer file beside it. Everything moved or removed is said.
     Returns the final.parquet rows of this call's policies.
     """
     from .mlflow_stages import log_final
@@ -243,6 +246,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
                           "config's finetune.lr.")
+    refuse_beside_other_finetune(sweep_dir)
 
     given = functools.partial(_given, stage)
     pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
@@ -269,7 +273,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                              max_steps_per_epoch=max_steps_per_epoch, train_size=train_size, test_size=test_size,
                              progress_dir=finetune_progress_dir(cfg, sweep_dir), precision=precision))
             for row in chosen.to_dict("records")]
-    kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir)   # each recipe's kept fine-tune, read once
+    kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir, local)   # each recipe's kept fine-tune, read once
     todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
     resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
     with driver_marker(sweep_dir, "finetune"), \
@@ -294,16 +298,16 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                 del final_rows[tid]
                 write_final(sweep_dir, final_rows)
             elif prev is None and earlier is None:   # a run of another recipe stopped here: kept aside, not replaced
-                keep_unfinished(sweep_dir, local, tid, say, tag, unless=recipe)
+                keep_unfinished(sweep_dir, local, tid, say, tag, recipe=recipe)
             if earlier is not None:               # this recipe was fine-tuned before: its result comes back
-                park_leftovers(sweep_dir, local, tid, say, tag)
-                restored = restore_kept(sweep_dir, local, earlier, say, tag)
-                if restored is not None:
-                    prev = final_rows[tid] = existing[tid] = restored
+                park_leftovers(sweep_dir, local, tid, say, tag, recipe)
+                if earlier.unfinished:            # no row: its checkpoint (if kept) is continued
+                    if restore_unfinished(sweep_dir, local, earlier, say, tag):
+                        resuming.add(tid)
+                else:
+                    prev = final_rows[tid] = existing[tid] = restore_kept(sweep_dir, local, earlier, say, tag)
                     write_final(sweep_dir, final_rows)
                     recorded, same = recorded_recipe(sweep_dir, prev), True
-                else:                             # unfinished: no row; its checkpoint is continued
-                    resuming.add(tid)
             if not same:
                 prev = None
             if same and int(prev.get("epochs") or 0) == epochs:

@@ -15,8 +15,10 @@ resumes and continues as before):
 - ``models/kept/<tid>.started.json``: the recipe of the fine-tune that started under the usual names and has no
   final.parquet row yet (written as it starts, removed once its row is written): a run stopped part way (Ctrl-C)
   is still known by its recipe. When another recipe takes the usual names, its Ray Train run is kept aside as
-  that recipe's *unfinished* fine-tune (a manifest with ``"unfinished": true`` and a row of its recipe only, no
-  model file); asking for the recipe again puts the run back and the fine-tune continues from its checkpoint.
+  that recipe's *unfinished* fine-tune (a manifest with ``"unfinished": true``, a row of its recipe only, no
+  model file, and ``"epochs_done"``: the epoch its checkpoint holds); asking for the recipe again (with at least
+  those epochs: ``final_results.check_not_shorter``) puts the run back and the fine-tune continues from its
+  checkpoint.
 
 Restoring swaps the other way: the current recipe is kept aside, the kept one takes the usual names again (and
 ``--epochs`` more then continue its checkpoint, as for any current recipe).
@@ -34,13 +36,16 @@ from typing import Any, Callable, Mapping
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import INT_SUFFIX, atomic_write_json, integer_path, read_json
 
-from .recipes import same_recipe
+from .recipes import recipe_changes, same_recipe
 from .results import MODELS_DIR
 
-__all__ = ["KEPT_DIR", "KeptFinetune", "recipe_digest", "kept_finetunes", "find_kept",
-           "set_aside", "restore_kept", "park_leftovers", "mark_started", "clear_started", "keep_unfinished"]
+__all__ = ["KEPT_DIR", "KeptFinetune", "recipe_digest", "kept_finetunes", "find_kept", "set_aside", "restore_kept",
+           "restore_unfinished", "park_leftovers", "mark_started", "clear_started", "keep_unfinished",
+           "checkpoint_epochs", "unfinished_epochs", "stopped_in_place_epochs"]
 
 KEPT_DIR = "kept"          # models/kept/
+STATE_FILE = "state.pt"    # what the workers write in each Ray Train checkpoint (train_stage.STATE_FILE: torch-free)
+REMOTE_RUN_TEXT = "its Ray Train checkpoint is not kept (remote storage: the new fine-tune replaces it)"
 
 
 def recipe_digest(recipe_json: str | None) -> str:
@@ -56,6 +61,7 @@ class KeptFinetune:
     row: dict                  # its final.parquet row, ``model_path`` naming the kept file
     checkpoint: str | None     # its kept Ray Train run's folder name under the storage, None when not kept
     unfinished: bool = False   # stopped before its row was written: ``row`` has its recipe only; no model file
+    epochs_done: int | None = None   # unfinished: the epoch its checkpoint holds (None: not recorded)
 
     @property
     def stem(self) -> str:
@@ -91,8 +97,10 @@ def kept_finetunes(sweep_dir: str | Path, trial_id: str) -> list[KeptFinetune]:
         except (CheckpointError, OSError):
             continue
         if isinstance(data, dict) and isinstance(data.get("row"), dict):
+            done = data.get("epochs_done")
             out.append(KeptFinetune(trial_id, path, data["row"], data.get("checkpoint"),
-                                    unfinished=data.get("unfinished") is True))
+                                    unfinished=data.get("unfinished") is True,
+                                    epochs_done=done if isinstance(done, int) and not isinstance(done, bool) else None))
     return sorted(out, key=lambda k: str(k.row.get("finished_at") or ""), reverse=True)
 
 
@@ -162,7 +170,7 @@ def set_aside(sweep_dir: str | Path, storage: Path | None, row: Mapping[str, Any
     if moved_ckpt:
         where.append(f"Ray Train checkpoint {ckpt_kept}")
     elif storage is None:
-        where.append("its Ray Train checkpoint is not kept (remote storage: the new fine-tune replaces it)")
+        where.append(REMOTE_RUN_TEXT)
     say(f"{tag} its {int(row.get('epochs') or 0)}-epoch fine-tune (top1 {float(row.get('final_top1') or 0):.2f}%) is "
         f"kept aside: {'; '.join(where)}. Rerun with its settings to restore it without retraining")
     return KeptFinetune(tid, manifest, entry, ckpt_kept.name if moved_ckpt else None)
@@ -195,43 +203,93 @@ def _has_checkpoint(run: Path) -> bool:
     return run.is_dir() and any(p.is_dir() for p in run.glob("checkpoint*"))
 
 
+def checkpoint_epochs(run: Path | None) -> int | None:
+    """The epoch the Ray Train checkpoint in the run folder ``run`` holds: the ``epoch`` the workers write in its
+    ``state.pt`` (what they compare with ``--epochs`` to continue it or start afresh), of the newest checkpoint
+    (``num_to_keep=1``: the only one); None when there is none or it cannot be read."""
+    found = sorted(run.glob(f"checkpoint*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime) \
+        if run is not None and run.is_dir() else []
+    if not found:
+        return None
+    from gmpq_core.fileio import load_checkpoint      # (torch: imported where a checkpoint is read)
+
+    try:
+        epoch = load_checkpoint(found[-1]).get("epoch")
+    except (CheckpointError, AttributeError):
+        return None
+    return int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+
+
+def unfinished_epochs(kept: KeptFinetune, storage: Path | None) -> int | None:
+    """How many epochs an unfinished kept fine-tune has done: as recorded when it was kept aside, else (a manifest
+    from before that was recorded) its kept checkpoint's; None when neither says."""
+    if kept.epochs_done is not None or not kept.checkpoint or storage is None:
+        return kept.epochs_done
+    return checkpoint_epochs(storage / kept.checkpoint)
+
+
+def stopped_in_place_epochs(sweep_dir: str | Path, storage: Path | None, trial_id: str, recipe_json: str) -> int | None:
+    """The epochs a fine-tune of ``recipe_json`` that stopped under the usual names before its row was written
+    (``mark_started``) has done: its checkpoint's under the local ``storage``; None when there is none."""
+    started = _started(sweep_dir, trial_id)
+    if started is None or storage is None or not same_recipe(started["recipe_json"], recipe_json):
+        return None
+    return checkpoint_epochs(storage / f"finetune-{trial_id}")
+
+
+def _unfinished_text(started: Mapping[str, Any], recipe: str | None, done: int | None) -> str:
+    """``its unfinished fine-tune with other settings (lr 0.05 -> 0.1), stopped after epoch 3 of 5 before its row
+    was written``: the started run ``started`` (its manifest), said against the ``recipe`` about to run."""
+    changes = recipe_changes(started["recipe_json"], recipe) if recipe is not None else []
+    how = f" with other settings ({', '.join(changes)})" if changes else ""
+    target = started.get("epochs")
+    when = "" if done is None else f" after epoch {done}" + (f" of {target}" if isinstance(target, int) else "")
+    return f"its unfinished fine-tune{how}, stopped{when} before its row was written"
+
+
 def keep_unfinished(sweep_dir: str | Path, storage: Path | None, trial_id: str, say: Callable[[str], None], tag: str,
-                    *, unless: str | None = None) -> KeptFinetune | None:
+                    *, recipe: str | None = None, continue_same: bool = True) -> KeptFinetune | None:
     """The usual names hold no final.parquet row: the Ray Train run of the fine-tune that started there and
     stopped before its row was written (``mark_started``), when it has a checkpoint under the local ``storage``, is
-    kept aside as its recipe's unfinished fine-tune (asking for the recipe again continues it); says so. Not when
-    its recipe is ``unless`` (the recipe about to run: it continues the run in place). The model files are left
-    where they are (``park_leftovers``: a model file without a row is not known to be this run's)."""
+    kept aside as its recipe's unfinished fine-tune, with the epochs its checkpoint holds (asking for the recipe
+    again continues it); says so, naming what differs from ``recipe`` (the one about to run or be restored).
+    Not when its recipe is ``recipe`` and ``continue_same`` (the recipe about to run continues the run in place).
+    With a remote storage (None) the run is not moved: said, and the new fine-tune replaces it. The model files
+    are left where they are (``park_leftovers``: a model file without a row is not known to be this run's)."""
     started = _started(sweep_dir, trial_id)
-    if started is None or (unless is not None and same_recipe(started["recipe_json"], unless)):
+    if started is None or (continue_same and recipe is not None and same_recipe(started["recipe_json"], recipe)):
         return None
-    run = storage / f"finetune-{trial_id}" if storage is not None else None
-    if run is None or not _has_checkpoint(run):      # nothing to continue (or a remote run: not moved)
+    if storage is None:                               # a remote run: not moved
+        clear_started(sweep_dir, trial_id)
+        say(f"{tag} {_unfinished_text(started, recipe, None)}: {REMOTE_RUN_TEXT}")
+        return None
+    run = storage / f"finetune-{trial_id}"
+    if not _has_checkpoint(run):                      # nothing to continue
         clear_started(sweep_dir, trial_id)
         return None
-    recipe = started["recipe_json"]
+    done = checkpoint_epochs(run)
     kept = _kept_dir(sweep_dir)
-    stem = _free_stem(kept, f"{trial_id}.{recipe_digest(recipe)}")
+    stem = _free_stem(kept, f"{trial_id}.{recipe_digest(started['recipe_json'])}")
     manifest = kept / f"{stem}.json"
     dst = _free(storage / f"finetune-{trial_id}.{stem.removeprefix(trial_id + '.')}")
-    row = {"trial_id": trial_id, "recipe_json": recipe, "model_path": None}
+    row = {"trial_id": trial_id, "recipe_json": started["recipe_json"], "model_path": None}
     atomic_write_json(manifest, {"row": row, "unfinished": True, "epochs": started.get("epochs"),
-                                 "started_at": started.get("started_at"),
+                                 "epochs_done": done, "started_at": started.get("started_at"),
                                  "kept_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                  "checkpoint": dst.name})
     _move(run, dst)
     clear_started(sweep_dir, trial_id)
-    say(f"{tag} its unfinished fine-tune (stopped before its row was written) is kept aside: record {manifest}; "
-        f"Ray Train checkpoint {dst}. Rerun with its settings to continue it from that checkpoint")
-    return KeptFinetune(trial_id, manifest, row, dst.name, unfinished=True)
+    say(f"{tag} {_unfinished_text(started, recipe, done)}, is kept aside: record {manifest}; Ray Train checkpoint "
+        f"{dst}. Rerun with its settings to continue it from that checkpoint")
+    return KeptFinetune(trial_id, manifest, row, dst.name, unfinished=True, epochs_done=done)
 
 
 def park_leftovers(sweep_dir: str | Path, storage: Path | None, trial_id: str, say: Callable[[str], None],
-                   tag: str) -> None:
-    """Before a kept fine-tune takes the usual names: what holds them without a final.parquet row is moved aside,
-    not overwritten: a fine-tune stopped before it finished as its recipe's unfinished fine-tune
+                   tag: str, recipe: str | None = None) -> None:
+    """Before a kept fine-tune of ``recipe`` takes the usual names: what holds them without a final.parquet row is
+    moved aside, not overwritten: a fine-tune stopped before it finished as its recipe's unfinished fine-tune
     (``keep_unfinished``) when its recipe is known, else (and a model file whose row was deleted) as unrecorded."""
-    keep_unfinished(sweep_dir, storage, trial_id, say, tag)
+    keep_unfinished(sweep_dir, storage, trial_id, say, tag, recipe=recipe, continue_same=False)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     models = Path(sweep_dir) / MODELS_DIR
     paths = [models / f"{trial_id}.pt", integer_path(models / f"{trial_id}.pt")]
@@ -247,23 +305,33 @@ def park_leftovers(sweep_dir: str | Path, storage: Path | None, trial_id: str, s
                 "it if it is not needed")
 
 
+def restore_unfinished(sweep_dir: str | Path, storage: Path | None, kept: KeptFinetune, say: Callable[[str], None],
+                       tag: str) -> bool:
+    """Put an unfinished kept fine-tune's Ray Train run back under the usual names, marked as started
+    (``mark_started``), so that the fine-tune run next continues its checkpoint; the manifest is removed. Returns
+    whether its checkpoint came back (else the fine-tune starts afresh: said here, once)."""
+    tid = kept.trial_id
+    run = storage / f"finetune-{tid}" if storage is not None else None
+    moved = bool(kept.checkpoint) and run is not None and _move(storage / kept.checkpoint, run)
+    mark_started(sweep_dir, tid, kept.row.get("recipe_json"), None)    # (its epochs: the run's, as it starts)
+    kept.manifest.unlink(missing_ok=True)
+    done = f" ({kept.epochs_done} epoch(s) done)" if kept.epochs_done is not None else ""
+    say(f"{tag} restored its unfinished fine-tune with these settings: "
+        + (f"Ray Train checkpoint {run}{done}; it continues from there" if moved
+           else "no Ray Train checkpoint of it was kept; it is fine-tuned afresh from epoch 1"))
+    return moved
+
+
 def restore_kept(sweep_dir: str | Path, storage: Path | None, kept: KeptFinetune, say: Callable[[str], None],
                  tag: str) -> dict | None:
     """Give a kept fine-tune the usual names again (model files, Ray Train run) and return its final.parquet row
     (``model_path`` back to ``models/<tid>.pt``); the manifest is removed last. The caller has kept the current
     recipe aside (``set_aside``) and moved leftovers (``park_leftovers``) first. An unfinished one has no row
-    (None): its Ray Train run is back under the usual names, marked as started (``mark_started``), and the
-    fine-tune run next continues its checkpoint."""
+    (None): ``restore_unfinished``."""
     sweep_dir = Path(sweep_dir)
     tid = kept.trial_id
     if kept.unfinished:
-        run = storage / f"finetune-{tid}" if storage is not None else None
-        moved = bool(kept.checkpoint) and run is not None and _move(storage / kept.checkpoint, run)
-        mark_started(sweep_dir, tid, kept.row.get("recipe_json"), None)    # (its epochs: the run's, as it starts)
-        kept.manifest.unlink(missing_ok=True)
-        say(f"{tag} restored its unfinished fine-tune with these settings: "
-            + (f"Ray Train checkpoint {run}; it continues from there" if moved
-               else "no Ray Train checkpoint was kept; it starts afresh"))
+        restore_unfinished(sweep_dir, storage, kept, say, tag)
         return None
     models = sweep_dir / MODELS_DIR
     has_model = _move(kept.model(sweep_dir), models / f"{tid}.pt")

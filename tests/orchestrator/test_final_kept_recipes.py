@@ -1,8 +1,8 @@
 """A policy fine-tuned again with other settings keeps its earlier fine-tune aside (row, model files, Ray Train
 run: ``orchestrator.kept_finetunes``) and gets it back, without retraining, when those settings are asked for
 again; a model file the stage writes never leaves gmpq export's integer file of the old model beside it. The
-stage without Ray (``final_sweep._stage_without_ray``): the fake run writes a Ray Train run folder and
-the model file is a small stand-in, so moves and contents can be checked."""
+stage without Ray (``final_sweep.checkpointing_stage``): the fake run writes a Ray Train run folder (top1 = 50 +
+100 * lr + epochs) and the model file is a small stand-in naming its lr, so moves and contents can be checked."""
 from __future__ import annotations
 
 import argparse
@@ -10,38 +10,8 @@ import argparse
 import pytest
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.fileio import load_checkpoint, save_checkpoint
-from final_sweep import METRICS, _stage_without_ray, make_sweep   # same folder (pytest puts it on sys.path)
-
-
-def _stage(monkeypatch, tmp_path, runs: list):
-    """The stage with a fake Ray Train run: top1 = 50 + 100 * lr + epochs (so each recipe's result differs);
-    it leaves ``<storage>/finetune-<tid>/checkpoint/state.pt`` naming its lr, and its model file is
-    ``{"results": ..., "lr": ...}`` (no model is built)."""
-    from gmpq_core.precision import resolve_precision
-    from orchestrator import final_results
-    from orchestrator.train_stage import FinalRun
-
-    final_stage = _stage_without_ray(monkeypatch, tmp_path, lambda tid: METRICS, slots=1)
-
-    def run_final_job(job, *, storage_path, workers, use_gpu=False):
-        runs.append(job)
-        m = {**METRICS, "epoch": job.epochs, "top1": 50 + 100 * job.lr + job.epochs, "resumed_from_epoch": 0,
-             "precision": resolve_precision(job.precision, "cpu")}
-        ckpt = storage_path / f"finetune-{job.trial_id}" / "checkpoint"
-        ckpt.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(ckpt / "state.pt", {"lr": job.lr, "epoch": job.epochs})
-        return FinalRun(trial_id=job.trial_id, metrics=m, history=[m], seconds=0.1, workers=workers,
-                        model_state={"lr": job.lr})
-
-    def export_final_model(sweep_dir, state_dict, job, results):
-        path = final_results.final_model_path(sweep_dir, job.trial_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, {"results": dict(results), "lr": state_dict["lr"]})
-        return path
-    monkeypatch.setattr(final_stage, "run_final_job", run_final_job)
-    monkeypatch.setattr(final_results, "export_final_model", export_final_model)
-    return final_stage
+from gmpq_core.fileio import load_checkpoint
+from final_sweep import checkpointing_stage, make_sweep   # same folder (pytest puts it on sys.path)
 
 
 def _lr_of(path) -> float:
@@ -59,7 +29,7 @@ def test_another_recipe_keeps_the_earlier_fine_tune_aside_and_asking_for_it_agai
     make_sweep(sweep)
     storage = finetune_storage(load_resolved_config(sweep), sweep)
     runs, said = [], []
-    final_stage = _stage(monkeypatch, tmp_path, runs)
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
     final_stage.finetune_selected(sweep, epochs=1, workers=1)                     # recipe A: lr 0.01
     row_a = final_stage.read_final(sweep).iloc[0].to_dict()
     (sweep / "models" / "t1.int.pt").write_bytes(b"gmpq export of A")             # gmpq export DIR
@@ -101,7 +71,7 @@ def test_a_restored_recipe_continues_with_more_epochs_and_refuses_fewer(tmp_path
     sweep = tmp_path / "sweep"
     make_sweep(sweep)
     runs, said = [], []
-    final_stage = _stage(monkeypatch, tmp_path, runs)
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
     final_stage.finetune_selected(sweep, epochs=2, workers=1)
     final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)     # B: 1 epoch, A kept with 2
     with pytest.raises(ConfigError, match=r"--epochs 1 is fewer .* t1 \(2 epochs, kept aside in .*kept\)"):
@@ -119,7 +89,7 @@ def test_a_model_file_written_by_the_stage_removes_the_stale_integer_file_and_sa
     sweep = tmp_path / "sweep"
     make_sweep(sweep)
     said = []
-    final_stage = _stage(monkeypatch, tmp_path, [])
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, [])
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     stale = sweep / "models" / "t1.int.pt"
     stale.write_bytes(b"gmpq export of the 1-epoch model")
@@ -138,7 +108,7 @@ def test_a_fine_tune_stopped_before_it_finished_is_moved_aside_not_overwritten_b
     make_sweep(sweep)
     storage = finetune_storage(load_resolved_config(sweep), sweep)
     runs, said = [], []
-    final_stage = _stage(monkeypatch, tmp_path, runs)
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
     write_final(sweep, {})                                 # as if B's run had been stopped before its row
@@ -157,7 +127,7 @@ def test_precision_is_a_recipe_setting_of_the_sweeps_fine_tunes(tmp_path, monkey
     sweep = tmp_path / "sweep"
     make_sweep(sweep, precision="fp32")
     runs, said = [], []
-    final_stage = _stage(monkeypatch, tmp_path, runs)
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     final_stage.finetune_selected(sweep, epochs=1, workers=1, precision="bf16", say=said.append)
     assert [j.precision for j in runs] == ["fp32", "bf16"]

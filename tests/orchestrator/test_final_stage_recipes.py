@@ -4,95 +4,30 @@ checkpoint is kept aside as that recipe's unfinished fine-tune, and asking for t
 the kept manifests are read once per call; after Ctrl-C the stage plots and logs a consistent snapshot of what
 the fine-tune threads recorded.
 
-Mostly without Ray: the fake Ray Train run below checkpoints each epoch into ``<storage>/finetune-<tid>`` and
-continues a checkpoint of its recipe (lr) as Ray Train does; MLflow and the files are real. The last test runs
-real Ray Train (slow)."""
+Mostly without Ray: the fake Ray Train run (``final_sweep.checkpointing_stage``) checkpoints each epoch into
+``<storage>/finetune-<tid>`` and continues a checkpoint of its recipe (lr) as Ray Train does; MLflow and the files
+are real. The last test runs real Ray Train (slow)."""
 from __future__ import annotations
 
-import contextlib
+import json
+import logging
+import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from gmpq_core.fileio import load_checkpoint, save_checkpoint
-
-METRICS = {"epoch": 1, "top1": 50.0, "top5": 90.0, "loss": 1.0, "train_images": 100, "test_images": 10}
-
-
-def _make_sweep(d: Path, n: int = 1, precision: str = "fp32") -> None:
-    """A sweep folder as the sweep leaves it: resolved config and trials.parquet with ``n`` completed trials
-    (``t1``, ``t2``, ...: more bits, higher transfer top-1, so all are on the Pareto front)."""
-    from gmpq_core.bitops import count_bitops
-    from gmpq_core.models import build_model
-    from gmpq_core.policy import BitPolicy
-    from orchestrator.results import trial_row, write_results
-    from orchestrator.sweep_config import load_sweep_config, save_resolved_config
-
-    cfg = load_sweep_config(None, preset="demo", overrides={
-        "out_dir": str(d), "name": "ft", "target_dataset": "mnist5k", "proxy_dataset": "mnist5k",
-        "transfer": {"train_size": 200, "test_size": 100, "fp_epochs": 1, "fp_train_size": 200,
-                     "fp_max_steps_per_epoch": 2, "fp_batch_size": 32, "batch_size": 32},
-        "finetune": {"top_k": n, "workers": 1, "epochs": 1, "batch_size": 32}, "precision": precision})
-    save_resolved_config(cfg)
-    model = build_model("resnet20", num_classes=10, in_channels=1, small_input=True)
-    rows = []
-    for i, (w, a) in enumerate(((3, 4), (4, 4), (6, 6))[:n], start=1):
-        policy = BitPolicy.uniform(model, w, a)
-        cost = count_bitops(model, policy, 28, 1)
-        rows.append(trial_row(trial_id=f"t{i}", config={"budget_avg_bits": (w + a) / 2}, status="completed",
-                              last_result={"transfer_top1": 55.0 + 5 * i, "bitops": cost.bitops_quantized,
-                                           "bitops_total": cost.bitops_total, "budget_avg_bits": (w + a) / 2,
-                                           "policy_json": policy.to_json(), "layers_json": "[]"}))
-    write_results(d, rows, [])
+from gmpq_core.errors import ConfigError, GMPQError
+from gmpq_core.fileio import load_checkpoint
+from final_sweep import checkpointing_stage, make_sweep   # same folder (pytest puts it on sys.path)
 
 
-def _fake_stage(monkeypatch, tmp_path, runs: list, stop_at: set | None = None, slots: int = 1):
-    """``orchestrator.final_stage`` without Ray and FP model. Its Ray Train run checkpoints each epoch in
-    ``<storage>/finetune-<tid>/checkpoint/state.pt`` (``{"lr", "epoch"}``) and continues a checkpoint of the same
-    lr (as Ray Train does by run name, when the recipe is the same and it has no more epochs), else starts afresh
-    saying why; ``(trial_id, lr, epoch)`` in ``stop_at``: Ctrl-C during that epoch (once). top1 = 50 + 100 * lr +
-    epochs; the model file is ``{"results": ..., "lr": ...}``."""
-    from gmpq_core.precision import resolve_precision
-    from orchestrator import final_results, final_stage
-    from orchestrator.train_stage import FinalRun
-
-    stop_at = stop_at if stop_at is not None else set()
-
-    def run_final_job(job, *, storage_path, workers, use_gpu=False):
-        runs.append(job)
-        ckpt = Path(storage_path) / f"finetune-{job.trial_id}" / "checkpoint"
-        state = load_checkpoint(ckpt / "state.pt") if (ckpt / "state.pt").is_file() else None
-        why = None
-        if state is not None and state["lr"] != job.lr:
-            why = f"its checkpoint was made with other settings (lr {state['lr']} -> {job.lr})"
-        elif state is not None and state["epoch"] > job.epochs:
-            why = f"its checkpoint has {state['epoch']} epochs, more than {job.epochs}"
-        start = state["epoch"] if state is not None and why is None else 0
-        for epoch in range(start + 1, job.epochs + 1):
-            if (job.trial_id, job.lr, epoch) in stop_at:
-                stop_at.discard((job.trial_id, job.lr, epoch))
-                raise KeyboardInterrupt
-            ckpt.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(ckpt / "state.pt", {"lr": job.lr, "epoch": epoch})
-        m = {**METRICS, "epoch": job.epochs, "top1": 50 + 100 * job.lr + job.epochs, "resumed_from_epoch": start,
-             "precision": resolve_precision(job.precision, "cpu"), **({"restarted_because": why} if why else {})}
-        return FinalRun(trial_id=job.trial_id, metrics=m, history=[m], seconds=0.1, workers=workers,
-                        model_state={"lr": job.lr})
-
-    def export_final_model(sweep_dir, state_dict, job, results):
-        path = final_results.final_model_path(sweep_dir, job.trial_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(path, {"results": dict(results), "lr": state_dict["lr"]})
-        return path
-
-    monkeypatch.setattr(final_stage, "run_final_job", run_final_job)
-    monkeypatch.setattr(final_results, "export_final_model", export_final_model)
-    monkeypatch.setattr(final_stage, "target_fp_checkpoint", lambda *a, **k: tmp_path / "fp.pt")
-    monkeypatch.setattr(final_stage, "ray_session", lambda address=None: contextlib.nullcontext())
-    monkeypatch.setattr(final_stage, "_ray_devices", lambda workers, use_gpu, say: (workers, False))
-    monkeypatch.setattr(final_stage, "final_slots", lambda n, workers, use_gpu, cap: slots)
-    return final_stage
+def _make_sweep(d: Path, n: int = 1) -> None:
+    """``final_sweep.make_sweep`` with ``n`` trials (``t1``, ``t2``, ...), float32, one worker per fine-tune."""
+    make_sweep(d, bits=((3, 4), (4, 4), (6, 6))[:n], precision="fp32", workers=1)
 
 
 def _storage(sweep: Path) -> Path:
@@ -115,7 +50,7 @@ def test_a_recipe_stopped_part_way_is_kept_by_its_recipe_and_continues_from_its_
     _make_sweep(sweep)
     storage = _storage(sweep)
     runs, said = [], []
-    final_stage = _fake_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
     final_stage.finetune_selected(sweep, epochs=1, workers=1)                            # A: lr 0.01
     with pytest.raises(KeyboardInterrupt):
         final_stage.finetune_selected(sweep, epochs=3, workers=1, lr=0.05)              # B: stopped in epoch 2
@@ -127,7 +62,8 @@ def test_a_recipe_stopped_part_way_is_kept_by_its_recipe_and_continues_from_its_
     (kept_b,) = [p for p in storage.glob("finetune-t1.*") if _ckpt(p)["lr"] == 0.05]
     assert _ckpt(kept_b) == {"lr": 0.05, "epoch": 1}
     text = "\n".join(said)
-    assert "[1/1] t1: its unfinished fine-tune (stopped before its row was written) is kept aside" in text, said
+    assert "[1/1] t1: its unfinished fine-tune with other settings (lr 0.05 -> 0.01), stopped after epoch 1 of 3 " \
+           "before its row was written, is kept aside" in text, said       # (M2: which settings it had)
     assert f"Ray Train checkpoint {kept_b}" in text and "Rerun with its settings to continue it" in text
     assert "has no row in final.parquet" not in text
     assert "restored its earlier fine-tune with these settings (1 epoch(s), top1 52.00%" in text
@@ -142,7 +78,7 @@ def test_a_recipe_stopped_part_way_is_kept_by_its_recipe_and_continues_from_its_
     assert "fine-tuned before with other settings (lr 0.01 -> 0.05); continuing its unfinished fine-tune with these " \
            "settings, kept earlier" in text, said
     assert f"[1/1] t1: restored its unfinished fine-tune with these settings: Ray Train checkpoint " \
-           f"{storage / 'finetune-t1'}; it continues from there" in text, said
+           f"{storage / 'finetune-t1'} (1 epoch(s) done); it continues from there" in text, said
     assert "afresh" not in text
     kept = sorted(p.name for p in (sweep / "models" / "kept").iterdir())       # A kept aside; no stray manifest
     assert len(kept) == 2 and kept[0].endswith(".json") and kept[1].endswith(".pt")
@@ -157,7 +93,7 @@ def test_another_recipe_after_a_stopped_one_keeps_the_stopped_ones_checkpoint_as
     _make_sweep(sweep)
     storage = _storage(sweep)
     runs, said = [], []
-    final_stage = _fake_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
     final_stage.finetune_selected(sweep, epochs=1, workers=1)                            # A
     with pytest.raises(KeyboardInterrupt):
         final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)              # B: stopped
@@ -165,8 +101,8 @@ def test_another_recipe_after_a_stopped_one_keeps_the_stopped_ones_checkpoint_as
     assert runs[-1].lr == 0.1 and final_stage.read_final(sweep).loc[0, "resumed_from_epoch"] == 0
     kept = sorted((_ckpt(p)["lr"], _ckpt(p)["epoch"]) for p in storage.glob("finetune-t1.*"))
     assert kept == [(0.01, 1), (0.05, 1)]                                  # A's and B's (its epoch 1), kept
-    assert any(m.startswith("[1/1] t1: its unfinished fine-tune (stopped before its row was written) is kept aside")
-               for m in said), said
+    assert any(m.startswith("[1/1] t1: its unfinished fine-tune with other settings (lr 0.05 -> 0.1), stopped after "
+                            "epoch 1 of 2 before its row was written, is kept aside") for m in said), said   # (M2)
     final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)                  # B again
     row = final_stage.read_final(sweep).iloc[0].to_dict()
     assert runs[-1].lr == 0.05 and row["resumed_from_epoch"] == 1 and row["epochs"] == 2
@@ -181,7 +117,7 @@ def test_a_stopped_recipe_asked_for_again_at_once_continues_in_place_as_before(t
     sweep = tmp_path / "sweep"
     _make_sweep(sweep)
     runs, said = [], []
-    final_stage = _fake_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     with pytest.raises(KeyboardInterrupt):
         final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)
@@ -191,22 +127,175 @@ def test_a_stopped_recipe_asked_for_again_at_once_continues_in_place_as_before(t
     assert len(list((sweep / "models" / "kept").glob("t1.*.json"))) == 1                # A's only
 
 
-def test_an_unfinished_recipe_that_cannot_continue_its_checkpoint_says_it_was_fine_tuned_afresh(
+def test_an_unfinished_recipe_asked_for_with_fewer_epochs_than_it_did_is_refused_before_any_work(
         tmp_path, monkeypatch):
-    """B stopped after 2 epochs of 3, kept aside, then asked for with --epochs 1: the checkpoint has more epochs
-    than asked for, so the run starts afresh (as Ray Train's workers do) and the stage says so."""
+    """The review (M1): A finished; B (--epochs 5) stopped after 3 epochs; A again (B kept aside); B with --epochs 2
+    said "restored ...; it continues from there", then "fine-tuned afresh from epoch 1, not continued: its
+    checkpoint has 3 epochs, more than 2", and the fresh run replaced B's 3-epoch checkpoint. Now it is refused
+    before any work, in the words used for a finished fine-tune, and nothing is lost: --epochs 5 continues it."""
+    sweep = tmp_path / "sweep"
+    _make_sweep(sweep)
+    storage = _storage(sweep)
+    runs, said = [], []
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 4)})
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)                            # A: lr 0.01
+    with pytest.raises(KeyboardInterrupt):
+        final_stage.finetune_selected(sweep, epochs=5, workers=1, lr=0.05)              # B: stopped after 3
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, say=said.append)          # A back; B kept aside
+    assert any("stopped after epoch 3 of 5 before its row was written, is kept aside" in m for m in said), said
+    (manifest,) = [p for p in (sweep / "models" / "kept").glob("t1.*.json") if json.loads(p.read_text())["unfinished"]]
+    assert json.loads(manifest.read_text())["epochs_done"] == 3
+    (kept_b,) = [p for p in storage.glob("finetune-t1.*") if _ckpt(p)["lr"] == 0.05]
+    before = (len(runs), (sweep / "final.parquet").read_bytes(), sorted(p.name for p in storage.iterdir()))
+    said.clear()
+    with pytest.raises(ConfigError, match=r"--epochs 2 is fewer than these policies were already fine-tuned for with "
+                                          r"the same settings: t1 \(3 epochs, unfinished, kept aside in .*kept\)\. "
+                                          r"A fine-tune continues from its checkpoint and cannot go back\. Pass "
+                                          r"--epochs 3 \(or more\)"):
+        final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05, say=said.append)
+    after = (len(runs), (sweep / "final.parquet").read_bytes(), sorted(p.name for p in storage.iterdir()))
+    assert after == before and manifest.is_file() and _ckpt(kept_b) == {"lr": 0.05, "epoch": 3}, said
+    assert not any("restored" in m or "afresh" in m for m in said), said
+
+    record = json.loads(manifest.read_text())                  # a manifest from before epochs_done was recorded:
+    del record["epochs_done"]                                   # its kept checkpoint's epochs are read
+    manifest.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"t1 \(3 epochs, unfinished, kept aside in"):
+        final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)
+    assert len(runs) == before[0] and _ckpt(kept_b) == {"lr": 0.05, "epoch": 3}
+
+    final_stage.finetune_selected(sweep, epochs=5, workers=1, lr=0.05, say=said.append)   # enough: continued
+    row = final_stage.read_final(sweep).iloc[0].to_dict()
+    assert row["resumed_from_epoch"] == 3 and row["epochs"] == 5 and not any("afresh" in m for m in said), said
+
+
+def test_a_stopped_recipe_asked_for_again_in_place_with_fewer_epochs_than_it_did_is_refused(tmp_path, monkeypatch):
+    """The same loss without a recipe in between: B (--epochs 5) stopped after 3 epochs, its checkpoint still under
+    the usual names; B with --epochs 2 made its workers start afresh and replace it, without a word. Refused now."""
+    sweep = tmp_path / "sweep"
+    _make_sweep(sweep)
+    storage = _storage(sweep)
+    runs = []
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 4)})
+    with pytest.raises(KeyboardInterrupt):
+        final_stage.finetune_selected(sweep, epochs=5, workers=1, lr=0.05)
+    with pytest.raises(ConfigError, match=r"t1 \(3 epochs, unfinished, in .*finetune-t1\)\. A fine-tune continues"):
+        final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)
+    assert len(runs) == 1 and _ckpt(storage / "finetune-t1") == {"lr": 0.05, "epoch": 3}
+    final_stage.finetune_selected(sweep, epochs=3, workers=1, lr=0.05)                 # as many: it is finished
+    assert final_stage.read_final(sweep).loc[0, "resumed_from_epoch"] == 3
+
+
+def test_an_unfinished_recipe_whose_checkpoint_is_gone_says_once_that_it_starts_afresh(tmp_path, monkeypatch):
+    """The review (L5): a kept unfinished fine-tune whose Ray Train run folder was deleted said "no Ray Train
+    checkpoint was kept; it starts afresh" and, after the run, "fine-tuned afresh ...: no checkpoint of it"."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    _make_sweep(sweep)
+    storage = _storage(sweep)
+    runs, said = [], []
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    with pytest.raises(KeyboardInterrupt):
+        final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)
+    final_stage.finetune_selected(sweep, epochs=1, workers=1)                            # A back; B kept aside
+    (kept_b,) = [p for p in storage.glob("finetune-t1.*") if _ckpt(p)["lr"] == 0.05]
+    shutil.rmtree(kept_b)
+    final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05, say=said.append)
+    assert final_stage.read_final(sweep).loc[0, "resumed_from_epoch"] == 0
+    afresh = [m for m in said if "afresh" in m]
+    assert afresh == ["[1/1] t1: restored its unfinished fine-tune with these settings: no Ray Train checkpoint of it "
+                      "was kept; it is fine-tuned afresh from epoch 1"], said
+
+
+def test_with_remote_storage_a_stopped_recipe_replaced_by_another_says_so(tmp_path, monkeypatch):
+    """The review (L1): with a remote Ray Train storage (s3://: runs are not moved) the stopped run's recipe was
+    forgotten and the new recipe replaced its run without a word; now said as set_aside says it."""
     sweep = tmp_path / "sweep"
     _make_sweep(sweep)
     runs, said = [], []
-    final_stage = _fake_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 3)})
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
+    monkeypatch.setattr(final_stage, "local_storage", lambda storage: None)   # as for s3://...: nothing is moved
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     with pytest.raises(KeyboardInterrupt):
-        final_stage.finetune_selected(sweep, epochs=3, workers=1, lr=0.05)
-    final_stage.finetune_selected(sweep, epochs=1, workers=1)                            # A back; B kept aside
-    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05, say=said.append)  # not refused
-    assert final_stage.read_final(sweep).loc[0, "resumed_from_epoch"] == 0
-    assert any("[1/1] t1: fine-tuned afresh from epoch 1, not continued: its checkpoint has 2 epochs, more than 1"
-               in m for m in said), said
+        final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.05)
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.1, say=said.append)
+    assert "[1/1] t1: its unfinished fine-tune with other settings (lr 0.05 -> 0.1), stopped before its row was " \
+           "written: its Ray Train checkpoint is not kept (remote storage: the new fine-tune replaces it)" in said, said
+    assert not (sweep / "models" / "kept" / "t1.started.json").exists() and runs[-1].lr == 0.1
+
+
+@pytest.fixture
+def other_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("stage, command, refused", [
+    ("finetune", "finetune", "'gmpq finetune --sweep'"), ("run", "run", "'gmpq run'"),
+    ("sweep", "run", "'gmpq run' (its sweep stage;"), ("sweep", "sweep", None)])
+def test_a_final_stage_is_refused_while_another_process_runs_one_in_the_same_sweep(
+        tmp_path, monkeypatch, capsys, other_process, stage, command, refused):
+    """The review (L2): a fine-tune running in another process looks like a stopped one (started manifest, no row),
+    so a second 'gmpq finetune --sweep' with another recipe moved that process's live Ray Train run folder aside.
+    Refused now before any work, naming the process; a sweep still running (no final stage of its own) is not a
+    reason, as before: the final stage selects from its ended trials."""
+    from orchestrator.cli import main
+    from orchestrator.sweep_status import _pid_start
+
+    sweep = tmp_path / "sweep"
+    _make_sweep(sweep)
+    runs = []
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
+    (sweep / "driver.json").write_text(json.dumps({
+        "stage": stage, "command": command, "host": socket.gethostname(), "pid": other_process.pid,
+        "pid_start": _pid_start(other_process.pid), "started": time.time()}))
+    before = sorted(p.name for p in sweep.rglob("*"))
+    if refused is None:
+        final_stage.finetune_selected(sweep, epochs=1, workers=1)
+        assert len(runs) == 1
+        return
+    with pytest.raises(GMPQError) as e:
+        final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
+    text = str(e.value)
+    what = "will be fine-tuned by" if stage == "sweep" else "is being fine-tuned by"   # (gmpq run, in its sweep)
+    assert text.startswith(f"'{sweep}' {what} {refused}") and f"pid {other_process.pid} on " in text
+    assert f"Wait for it to end ('gmpq status --sweep {sweep}' shows whether it runs)" in text
+    assert f"if it has ended (the pid is another program's now), delete {sweep / 'driver.json'}" in text
+    assert "nothing was changed" in text and runs == [] and sorted(p.name for p in sweep.rglob("*")) == before
+    if stage == "finetune":                   # the command: one paragraph, no traceback
+        assert main(["finetune", "--sweep", str(sweep)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "Traceback" not in err and err.count("gmpq: error:") == 1 and "is being fine-tuned by" in err, err
+
+
+def test_gmpq_runs_own_final_stage_and_an_ended_process_are_not_refused(tmp_path, monkeypatch, caplog):
+    """``gmpq run`` marks the sweep folder as its own before its final stage: that stage is not refused; nor is one
+    after a process that has ended (its marker left behind)."""
+    from orchestrator.sweep_status import driver_marker
+
+    sweep = tmp_path / "sweep"
+    _make_sweep(sweep)
+    runs = []
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
+    with driver_marker(sweep, "run"):
+        final_stage.finetune_selected(sweep, epochs=1, workers=1)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    (sweep / "driver.json").write_text(json.dumps({"stage": "finetune", "host": socket.gethostname(),
+                                                   "pid": proc.pid, "started": time.time()}))
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
+    assert len(runs) == 2
+    # another host's marker cannot be checked: a retried batch job (a new pod) finds its killed predecessor's there
+    (sweep / "driver.json").write_text(json.dumps({"stage": "finetune", "command": "run", "host": "old-pod",
+                                                   "pid": 1, "started": time.time()}))
+    with caplog.at_level(logging.WARNING, logger="orchestrator.final_results"):
+        final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.02)
+    assert len(runs) == 3
+    assert "'gmpq run' (its finetune stage; pid 1 on old-pod" in caplog.text and "from another host" in caplog.text
 
 
 def test_the_kept_manifests_are_read_once_per_policy_and_call(tmp_path, monkeypatch):
@@ -216,7 +305,7 @@ def test_the_kept_manifests_are_read_once_per_policy_and_call(tmp_path, monkeypa
     sweep = tmp_path / "sweep"
     _make_sweep(sweep, n=2)
     runs = []
-    final_stage = _fake_stage(monkeypatch, tmp_path, runs)
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     reads: list[str] = []
     listed = kept_finetunes.kept_finetunes
@@ -241,7 +330,7 @@ def test_after_ctrl_c_a_policy_being_recorded_is_logged_with_its_row_or_left_for
 
     sweep = tmp_path / "sweep"
     _make_sweep(sweep, n=2)
-    final_stage = _fake_stage(monkeypatch, tmp_path, [], slots=2)
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, [], slots=2)
     record, written, go_on = stage.record_final_run, threading.Event(), threading.Event()
 
     def record_final_run(sweep_dir, rows, pareto_row, run, job, say):
@@ -313,7 +402,8 @@ def test_ray_train_continues_a_stopped_recipes_checkpoint_after_it_was_kept_asid
     finally:
         if started:
             ray.shutdown()
-    assert any("its unfinished fine-tune (stopped before its row was written) is kept aside" in m for m in said), said
+    assert any("its unfinished fine-tune with other settings (lr 0.05 -> 0.01), stopped after epoch 1 of 2 before its "
+               "row was written, is kept aside" in m for m in said), said   # (its epoch: the real checkpoint's)
     assert again["resumed_from_epoch"] == 1 and again["epochs"] == 2
     assert not any("afresh" in m for m in said), said
     (ckpt,) = sorted((sweep / "ray_results" / "finetune-t1").glob("checkpoint_20*"))
