@@ -51,3 +51,15 @@ def build(*, num_classes, in_channels, small_input):
 def user_cnn() -> str:
     """The source of a user's model file defining ``build`` (tests of ``model: PATH.py:build``)."""
     return USER_CNN
+
+
+@pytest.fixture
+def other_process():
+    """A live process of this host that is not this one (a gmpq command's driver, as far as markers go)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()

@@ -226,14 +226,6 @@ def test_with_remote_storage_a_stopped_recipe_replaced_by_another_says_so(tmp_pa
     assert not (sweep / "models" / "kept" / "t1.started.json").exists() and runs[-1].lr == 0.1
 
 
-@pytest.fixture
-def other_process():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 @pytest.mark.parametrize("stage, command, refused", [
     ("finetune", "finetune", "'gmpq finetune --sweep'"), ("run", "run", "'gmpq run'"),
     ("sweep", "run", "'gmpq run' (its sweep stage;"), ("sweep", "sweep", None)])

@@ -23,14 +23,6 @@ def sweep(tmp_path):
     return d
 
 
-@pytest.fixture
-def other_process():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
 def mark(d, stage: str, pid: int, host: str | None = None, **more) -> None:
     (d / "driver.json").write_text(json.dumps({"stage": stage, "host": host or socket.gethostname(), "pid": pid,
                                                "started": time.time(), **more}))
