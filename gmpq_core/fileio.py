@@ -128,8 +128,9 @@ def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """torch.load with ``weights_only=True``; a missing/truncated/corrupted file raises CheckpointError."""
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+    """torch.load with ``weights_only=True``; a missing/truncated/corrupted file raises CheckpointError. ``mmap``:
+    the tensors are mapped from the file, read only when used (a caller after one small field)."""
     import torch
 
     path = Path(path)
@@ -140,7 +141,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: '{path}'. Check the path or rerun the stage that writes it.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for damaged zip/pickle data
         with open(path, "rb") as f:
             head = f.read(64).lstrip()

@@ -214,7 +214,7 @@ def checkpoint_epochs(run: Path | None) -> int | None:
     from gmpq_core.fileio import load_checkpoint      # (torch: imported where a checkpoint is read)
 
     try:
-        epoch = load_checkpoint(found[-1]).get("epoch")
+        epoch = load_checkpoint(found[-1], mmap=True).get("epoch")     # the weights stay on disk
     except (CheckpointError, AttributeError):
         return None
     return int(epoch) if isinstance(epoch, int) and not isinstance(epoch, bool) else None

@@ -53,6 +53,17 @@ def test_a_folder_given_as_a_checkpoint_is_named_with_its_pt_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+def test_a_mapped_load_gives_the_same_checkpoint(tmp_path):
+    import torch
+
+    from gmpq_core.fileio import load_checkpoint, save_checkpoint
+
+    state = {"epoch": 3, "model": {"w": torch.arange(12.0).reshape(3, 4)}}
+    save_checkpoint(tmp_path / "state.pt", state)
+    mapped = load_checkpoint(tmp_path / "state.pt", mmap=True)
+    assert mapped["epoch"] == 3 and torch.equal(mapped["model"]["w"], state["model"]["w"])
+
+
 # -- load_model_state: a state dict of another model is named in one paragraph, not PyTorch's list of every key --
 def _state(name: str, **kw) -> dict:
     import torch
