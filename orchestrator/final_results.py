@@ -293,7 +293,7 @@ def refuse_beside_other_finetune(sweep_dir: Path) -> None:
     (``gmpq sweep``) is no reason: the final stage selects from its ended trials only, as before. (``gmpq run``'s
     own final stage: its marker names this process, so it is not refused; nor is a process on another host, which
     cannot be checked: a retried batch job finds its killed predecessor's marker there, and only a warning is said.)"""
-    from .sweep_status import DRIVER_FILE, driver_text, live_driver
+    from .sweep_status import driver_text, ended_marker_text, live_driver
 
     driver = live_driver(sweep_dir)
     if driver is None or (driver.get("stage") not in ("finetune", "run") and driver.get("command") != "run"):
@@ -303,7 +303,7 @@ def refuse_beside_other_finetune(sweep_dir: Path) -> None:
                     "here); if it still runs, stop this command: two final stages would move each other's Ray Train "
                     "runs", driver_text(driver))
         return
-    ended = f"if it has ended (the pid is another program's now), delete {sweep_dir / DRIVER_FILE}"
+    ended = ended_marker_text(sweep_dir)
     what = "will be fine-tuned by" if driver.get("stage") == "sweep" else "is being fine-tuned by"  # (gmpq run)
     raise GMPQError(f"'{sweep_dir}' {what} {driver_text(driver)}: a second final stage beside it would move or "
                     "replace the Ray Train run of a fine-tune that process is running (it has no "

@@ -30,7 +30,7 @@ from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS
                       read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
-__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "live_driver", "driver_text", "TrialState",
+__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "live_driver", "driver_text", "ended_marker_text", "TrialState",
            "SweepStatus", "read_sweep_status", "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,11 @@ def driver_text(driver: dict) -> str:
     inner = f"its {stage} stage; " if command != stage else ""
     return f"'{_COMMANDS.get(command, f'gmpq {command}')}' ({inner}pid {driver.get('pid')} on {driver.get('host')}" \
            f"{started})"
+
+
+def ended_marker_text(sweep_dir: str | Path) -> str:
+    """How to clear the marker of a process that has ended (both refusals that name a live driver say it)."""
+    return f"if it has ended (the pid is another program's now), delete {Path(sweep_dir) / DRIVER_FILE}"
 
 
 def _read_marker(path: Path) -> dict | None:

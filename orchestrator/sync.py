@@ -292,12 +292,12 @@ def _refuse_while_running(sweep_dir: Path) -> None:
     """SyncError when another process still runs a stage of this sweep (``sweep_status.live_driver``): its MLflow
     logging writes the same runs and id files, so a sync beside it could overwrite the ids it writes meanwhile
     (another store's sync puts the folder's id files back as they were) or log a run twice."""
-    from .sweep_status import DRIVER_FILE, driver_text, live_driver
+    from .sweep_status import driver_text, ended_marker_text, live_driver
 
     driver = live_driver(sweep_dir)
     if driver is None:
         return
-    where = (f"; if it has ended (the pid is another program's now), delete {sweep_dir / DRIVER_FILE}" if driver["alive"]
+    where = (f"; {ended_marker_text(sweep_dir)}" if driver["alive"]
              else " on another host: whether it still runs cannot be checked from here (if it has ended, sync with "
              "--while-running)")
     raise SyncError(f"'{sweep_dir}' is being written by {driver_text(driver)}. While its MLflow logging is on, it "
