@@ -287,23 +287,26 @@ def check_not_shorter(jobs: list, existing: Mapping[str, Mapping[str, Any]], epo
 
 def refuse_beside_other_finetune(sweep_dir: Path) -> None:
     """GMPQError, before any work, when another process runs this sweep's final stage (``gmpq finetune --sweep``,
-    or ``gmpq run``, whose last stage it is; ``sweep_status.live_driver``): a fine-tune it runs has a started
+    or ``gmpq run``, whose last stage it is; ``driver_markers.live_driver``: ``driver.finetune.json``, which a final
+    stage writes also while a sweep of another process holds ``driver.json``, then ``driver.json``): a fine-tune it runs has a started
     manifest and no row yet, as a stopped one does, so a final stage beside it would move its live Ray Train run
     aside (another recipe) or train in the same one, and both write final.parquet. A sweep of another process
     (``gmpq sweep``) is no reason: the final stage selects from its ended trials only, as before. (``gmpq run``'s
     own final stage: its marker names this process, so it is not refused; nor is a process on another host, which
     cannot be checked: a retried batch job finds its killed predecessor's marker there, and only a warning is said.)"""
-    from .sweep_status import driver_text, ended_marker_text, live_driver
+    from .driver_markers import FINETUNE_DRIVER_FILE, driver_text, ended_marker_text, live_driver
 
-    driver = live_driver(sweep_dir)
-    if driver is None or (driver.get("stage") not in ("finetune", "run") and driver.get("command") != "run"):
+    marked = [d for d in (live_driver(sweep_dir, FINETUNE_DRIVER_FILE), live_driver(sweep_dir))   # the first: also
+              if d is not None and (d.get("stage") in ("finetune", "run") or d.get("command") == "run")]  # beside a sweep
+    if not marked:
         return
+    driver = next((d for d in marked if d["alive"]), marked[0])    # one checked on this host first
     if driver["alive"] is None:   # another host's: maybe a retried batch job's own earlier pod, killed; not refused
         log.warning("%s is marked as running this sweep's final stage from another host (cannot be checked from "
                     "here); if it still runs, stop this command: two final stages would move each other's Ray Train "
                     "runs", driver_text(driver))
         return
-    ended = ended_marker_text(sweep_dir)
+    ended = ended_marker_text(sweep_dir, driver["file"])
     what = "will be fine-tuned by" if driver.get("stage") == "sweep" else "is being fine-tuned by"  # (gmpq run)
     raise GMPQError(f"'{sweep_dir}' {what} {driver_text(driver)}: a second final stage beside it would move or "
                     "replace the Ray Train run of a fine-tune that process is running (it has no "

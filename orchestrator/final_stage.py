@@ -226,7 +226,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     from .mlflow_stages import log_final
     from .pareto import PARETO_FILE, read_pareto, write_pareto
     from .plots import plot_final
-    from .sweep_status import driver_marker
+    from .driver_markers import final_stage_marker
     from .results import read_trials
 
     sweep_dir = Path(sweep_dir)
@@ -276,7 +276,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir, local)   # each recipe's kept fine-tune, read once
     todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
     resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
-    with driver_marker(sweep_dir, "finetune"), \
+    with final_stage_marker(sweep_dir), \
             ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
         auto = workers == "auto"
         workers, use_gpu = _ray_devices(1 if auto else workers, use_gpu, say)

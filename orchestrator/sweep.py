@@ -45,7 +45,7 @@ from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config, _saved_cache_dir,
                            check_not_a_study, experiment_path, holds_sweep_state, resolve_resume, resume_choice_text)
-from .sweep_status import driver_marker
+from .driver_markers import driver_marker
 from .tail_threads import TailThreads
 from .trainable import make_trainable, trial_number
 from .trial_status import UNFINISHED, TrialStatusBook

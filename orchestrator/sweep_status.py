@@ -4,7 +4,8 @@ Sources, all written as the sweep goes:
 - ``sweep_config.yaml``: its name and planned number of trials;
 - ``trials.parquet``: the trials that ended (completed, pruned, failed);
 - ``trial_events.jsonl``: each trial's start, search epochs and transfer check (written by the trials);
-- ``driver.json``: the host and pid of the command running the sweep or its fine-tune (``driver_marker``);
+- ``driver.json``: the host and pid of the command running the sweep or its fine-tune, and ``driver.finetune.json``
+  the one running its final stage (``driver_markers``);
 - ``pareto.parquet``, ``final.parquet`` and the fine-tune's progress files: the final stage;
 - ``mlflow_parent.json`` / ``mlflow_runs.json``: the MLflow runs the sweep made (``mlflow_view``): an ended trial or
   fine-tune without one is a run its tracking store lacks (logging was off: the store could not be reached).
@@ -15,134 +16,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from gmpq_core.errors import CheckpointError
-from gmpq_core.fileio import atomic_write_json, read_json
+from gmpq_core.fileio import read_json
 
+from .driver_markers import DRIVER_FILE, FINETUNE_DRIVER_FILE, driver_alive, live_driver, read_marker
 from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_resolved_config,
                       read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
-__all__ = ["DRIVER_FILE", "RUNNING", "STOPPED", "driver_marker", "live_driver", "driver_text", "ended_marker_text", "TrialState",
-           "SweepStatus", "read_sweep_status", "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
+__all__ = ["RUNNING", "STOPPED", "TrialState", "SweepStatus", "read_sweep_status", "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
 
 log = logging.getLogger(__name__)
 _CUT_LINES_OK = 3    # trial_events.jsonl lines a crash may leave cut (a driver and its trials append to it)
-
-DRIVER_FILE = "driver.json"
 RUNNING, STOPPED = "running", "stopped"   # a started trial with no row: its driver is alive / gone
-
-
-@contextmanager
-def driver_marker(sweep_dir: str | Path, stage: str) -> Iterator[None]:
-    """While the block runs, ``<sweep_dir>/driver.json`` names this process (host, pid and the pid's start time, so
-    a pid reused by another program is not taken for it) and ``stage``.
-
-    Nested in this process (``gmpq run``: stage "run" around "sweep" and "finetune"), the inner stage
-    shows while it runs (``command``: the outer one) and the outer one again after it. A live marker of another
-    process (a sweep still running while ``gmpq finetune --sweep`` starts) is left alone: that process is the one
-    running it."""
-    path = Path(sweep_dir) / DRIVER_FILE
-    before = _read_marker(path)
-    ours = before is not None and _is_this_process(before)
-    if before and not ours and _driver_alive(before) is not False:
-        yield
-        return
-    mine = {"stage": stage, "command": before.get("command", before.get("stage")) if ours else stage,
-            "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
-            "started": time.time()}
-    atomic_write_json(path, mine)
-    try:
-        yield
-    finally:
-        try:
-            if _is_this_process(_read_marker(path) or {}):
-                if ours:
-                    atomic_write_json(path, before)        # back to the outer stage of this process
-                else:
-                    path.unlink()
-        except OSError:
-            pass
-
-
-def live_driver(sweep_dir: str | Path) -> dict | None:
-    """The marker of another process still running a stage in ``sweep_dir`` (``driver_marker``), with ``alive``:
-    True (checked on this host) or None (it runs on another host, which cannot be checked from here); None when no
-    other process is marked or the marked one has ended."""
-    driver = _read_marker(Path(sweep_dir) / DRIVER_FILE)
-    if not driver or _is_this_process(driver):
-        return None
-    alive = _driver_alive(driver)
-    return None if alive is False else {**driver, "alive": alive}
-
-
-_COMMANDS = {"run": "gmpq run", "sweep": "gmpq sweep", "finetune": "gmpq finetune --sweep"}
-
-
-def driver_text(driver: dict) -> str:
-    """``'gmpq run' (its sweep stage; pid 123 on host-a, started 2026-11-28 14:02:11)``: a marked process, as
-    messages name it."""
-    try:
-        started = time.strftime(", started %Y-%m-%d %H:%M:%S", time.localtime(float(driver["started"])))
-    except (KeyError, TypeError, ValueError, OverflowError):
-        started = ""
-    stage, command = str(driver.get("stage")), str(driver.get("command") or driver.get("stage"))
-    inner = f"its {stage} stage; " if command != stage else ""
-    return f"'{_COMMANDS.get(command, f'gmpq {command}')}' ({inner}pid {driver.get('pid')} on {driver.get('host')}" \
-           f"{started})"
-
-
-def ended_marker_text(sweep_dir: str | Path) -> str:
-    """How to clear the marker of a process that has ended (both refusals that name a live driver say it)."""
-    return f"if it has ended (the pid is another program's now), delete {Path(sweep_dir) / DRIVER_FILE}"
-
-
-def _read_marker(path: Path) -> dict | None:
-    try:
-        data = read_json(path) if path.is_file() else None
-    except CheckpointError:
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _is_this_process(marker: dict) -> bool:
-    return marker.get("pid") == os.getpid() and marker.get("host") == socket.gethostname()
-
-
-def _pid_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot, Linux's /proc/PID/stat field 22); None elsewhere."""
-    try:
-        stat = Path(f"/proc/{int(pid)}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2:].split()[19])   # fields after "pid (comm)" start at field 3
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _driver_alive(driver: dict | None) -> bool | None:
-    """True / False for a driver on this host; None when it runs elsewhere (cannot be checked from here). A pid
-    alive but started at another time than the marker says (its driver ended, the pid was reused): False."""
-    if not driver:
-        return False
-    if driver.get("host") != socket.gethostname():
-        return None
-    try:
-        pid = int(driver["pid"])
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass                 # exists, another user's: its start time still tells
-    except (OSError, ValueError, KeyError, TypeError):
-        return True          # unreadable: assume it runs
-    recorded, now = driver.get("pid_start"), _pid_start(pid)
-    return not (isinstance(recorded, int) and now is not None and now != recorded)
 
 
 @dataclass
@@ -168,6 +59,7 @@ class SweepStatus:
     trials: list[TrialState]
     driver: dict | None                # driver.json, if present
     driver_alive: bool | None          # None: it runs on another host
+    finetune_driver: dict | None = None    # driver.finetune.json of another live process than driver.json's
     selected: list[str] = field(default_factory=list)          # pareto.parquet's selection
     final: dict[str, dict] = field(default_factory=dict)       # final.parquet rows by trial id
     finetune_progress: dict[str, dict] = field(default_factory=dict)   # {"epoch", "step", "steps", "age_s"}
@@ -182,12 +74,21 @@ class SweepStatus:
         return sum(t.status in (COMPLETED, PRUNED, FAILED) for t in self.trials)
 
     @property
+    def active_driver(self) -> dict | None:
+        """driver.json's process while it may run, else another process's final stage (``finetune_driver``): the
+        final stage of a ``gmpq finetune --sweep`` started during a sweep outlives the sweep's marker."""
+        if self.driver and self.driver_alive is not False:
+            return {**self.driver, "alive": self.driver_alive}
+        return self.finetune_driver
+
+    @property
     def state(self) -> str:
         """running | fine-tuning | unknown (driver elsewhere) | finished | stopped | not started"""
-        if self.driver and self.driver_alive is None:
+        d = self.active_driver
+        if d and d.get("alive") is None:
             return "unknown"
-        if self.driver and self.driver_alive:
-            return "fine-tuning" if self.driver.get("stage") in ("finetune", "run") else "running"
+        if d:
+            return "fine-tuning" if d.get("stage") in ("finetune", "run") else "running"
         if self.n_planned is not None and self.n_ended >= self.n_planned:
             return "finished"
         return "stopped" if self.trials else "not started"
@@ -261,8 +162,12 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
     """The status of the sweep in ``sweep_dir`` (CheckpointError if it is not a sweep folder or a file is damaged)."""
     sweep_dir = Path(sweep_dir)
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
-    driver = _read_marker(sweep_dir / DRIVER_FILE)
-    alive = _driver_alive(driver)
+    driver = read_marker(sweep_dir / DRIVER_FILE)
+    alive = driver_alive(driver)
+    finetune = live_driver(sweep_dir, FINETUNE_DRIVER_FILE)
+    if finetune is not None and driver is not None and finetune.get("pid") == driver.get("pid") \
+            and finetune.get("host") == driver.get("host"):
+        finetune = None                                     # the same process: driver.json says it
     started = _started_trials(_events(sweep_dir))
     rows = {str(r["trial_id"]): r for r in _rows(sweep_dir, TRIALS_FILE)}
     trials = []
@@ -293,7 +198,7 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
     final = {str(r["trial_id"]): r for r in _rows(sweep_dir, FINAL_FILE, ("final_top1", "gbitops", "seconds"))}
     progress = _finetune_progress(sweep_dir, cfg, [t for t in selected if t not in final])
     return SweepStatus(sweep_dir=sweep_dir, name=str(cfg.get("name") or sweep_dir.name), n_planned=cfg.get("n_trials"),
-                       trials=trials, driver=driver, driver_alive=alive, selected=selected, final=final,
+                       trials=trials, driver=driver, driver_alive=alive, finetune_driver=finetune, selected=selected, final=final,
                        finetune_progress=progress, shared=_read_shared(sweep_dir),
                        mlflow=mlflow_view(sweep_dir, cfg, [t.trial_id for t in trials if t.status in (COMPLETED, PRUNED,
                                                                                                    FAILED)], final))
@@ -317,7 +222,7 @@ def no_trial_ended_text(sweep_dir: str | Path) -> str | None:
     st = read_sweep_status(sweep_dir)
     text = (f"No trial of the sweep {sweep_dir} has ended yet, so it has no results: {TRIALS_FILE} is written when "
             "the first one ends.")
-    d = st.driver or {}
+    d = st.active_driver or {}
     if st.state in ("running", "fine-tuning"):
         return (f"{text} The sweep is running (pid {d.get('pid')} on {d.get('host')}): wait until a trial has ended "
                 f"(gmpq status --sweep {sweep_dir} shows where it stands).")

@@ -292,12 +292,12 @@ def _refuse_while_running(sweep_dir: Path) -> None:
     """SyncError when another process still runs a stage of this sweep (``sweep_status.live_driver``): its MLflow
     logging writes the same runs and id files, so a sync beside it could overwrite the ids it writes meanwhile
     (another store's sync puts the folder's id files back as they were) or log a run twice."""
-    from .sweep_status import driver_text, ended_marker_text, live_driver
+    from .driver_markers import FINETUNE_DRIVER_FILE, driver_text, ended_marker_text, live_driver
 
-    driver = live_driver(sweep_dir)
+    driver = live_driver(sweep_dir) or live_driver(sweep_dir, FINETUNE_DRIVER_FILE)   # a final stage beside a sweep
     if driver is None:
         return
-    where = (f"; {ended_marker_text(sweep_dir)}" if driver["alive"]
+    where = (f"; {ended_marker_text(sweep_dir, driver['file'])}" if driver["alive"]
              else " on another host: whether it still runs cannot be checked from here (if it has ended, sync with "
              "--while-running)")
     raise SyncError(f"'{sweep_dir}' is being written by {driver_text(driver)}. While its MLflow logging is on, it "

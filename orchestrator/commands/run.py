@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             nothing = no_completed_text(sweep_dir, trials) if summary.n_completed == 0 or len(trials) else None
             if nothing is not None:                      # no Pareto front: the same words as gmpq pareto / status
                 raise GMPQError(nothing)
-            from orchestrator.sweep_status import driver_marker
+            from orchestrator.driver_markers import driver_marker
 
             stage = "the Pareto selection"
             # Python's Ctrl-C, whatever handler the process had; gmpq status: still running between the stages

@@ -37,13 +37,16 @@ def _headline(st: Any) -> str:
     ended = f"{st.n_ended} of {st.n_planned or '?'} trials ended"
     counts = ", ".join(f"{st.count(s)} {s}" for s in ("completed", "pruned", "failed", "running", "stopped")
                        if st.count(s) or s in ("completed", "pruned", "failed"))
-    d = st.driver or {}
+    d = st.active_driver or {}
     who = f"pid {d.get('pid')} on {d.get('host')}"
     state = st.state
+    f = st.finetune_driver if st.finetune_driver is not d else None
+    beside = "" if not f else f"; a final stage runs beside it: 'gmpq finetune --sweep' (pid {f.get('pid')} on " \
+                              f"{f.get('host')})"
     if state == "running" and not st.trials:
-        return f"running ({who}): preparing the shared models; no trial has started yet."
+        return f"running ({who}): preparing the shared models; no trial has started yet{beside}."
     if state == "running":
-        return f"running ({who}): {ended} ({counts})."
+        return f"running ({who}): {ended} ({counts}){beside}."
     if state == "fine-tuning":
         doing = "fine-tuning the selected policies" if d.get("stage") == "finetune" else \
             "selecting and fine-tuning the Pareto policies (gmpq run)"
@@ -141,7 +144,7 @@ def format_status(st: Any) -> str:
         lines.append(f"{not_started} trial(s) not started yet.")
     from orchestrator.sweep_status import mlflow_gaps_text
 
-    gaps = mlflow_gaps_text(st.mlflow, st.sweep_dir, running=bool(st.driver) and st.driver_alive is not False)
+    gaps = mlflow_gaps_text(st.mlflow, st.sweep_dir, running=st.active_driver is not None)
     if gaps:
         lines.append(gaps)
     lines += _final_lines(st)

@@ -1,7 +1,7 @@
-"""A sweep folder as the sweep leaves it for the final stage (``make_sweep``), and the stage with a fake job in
-place of the Ray Train run (``_stage_without_ray``, ``METRICS``; ``checkpointing_stage``: a fake run that
-checkpoints and continues as Ray Train does, and a stand-in model file): shared by the final-stage tests (same
-folder, pytest puts it on sys.path)."""
+"""A sweep folder as the sweep leaves it for the final stage (``make_sweep``; ``make_fp32_sweep``: float32, one
+worker), and the stage with a fake job in place of the Ray Train run (``_stage_without_ray``, ``METRICS``;
+``checkpointing_stage``: a fake run that checkpoints and continues as Ray Train does, and a stand-in model file):
+shared by the final-stage tests (same folder, pytest puts it on sys.path)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,6 +38,11 @@ def make_sweep(d: Path, bits: tuple = ((3, 4),), broken: str | None = None, prec
                                            "bitops_total": cost.bitops_total, "budget_avg_bits": (w + a) / 2,
                                            "policy_json": policy_json, "layers_json": "[]"}))
     write_results(d, rows, [])
+
+
+def make_fp32_sweep(d: Path, n: int = 1) -> None:
+    """``make_sweep`` with ``n`` trials (``t1``, ``t2``, ...), float32, one worker per fine-tune."""
+    make_sweep(d, bits=((3, 4), (4, 4), (6, 6))[:n], precision="fp32", workers=1)
 
 
 def _stage_without_ray(monkeypatch, tmp_path, job, slots: int):

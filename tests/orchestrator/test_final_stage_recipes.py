@@ -2,7 +2,8 @@
 bookkeeping around it: a fine-tune stopped before its row is written stays known by its recipe (its Ray Train
 checkpoint is kept aside as that recipe's unfinished fine-tune, and asking for the recipe again continues it);
 the kept manifests are read once per call; after Ctrl-C the stage plots and logs a consistent snapshot of what
-the fine-tune threads recorded.
+the fine-tune threads recorded. (A final stage refused while another process runs one:
+test_final_stage_other_process.py.)
 
 Mostly without Ray: the fake Ray Train run (``final_sweep.checkpointing_stage``) checkpoints each epoch into
 ``<storage>/finetune-<tid>`` and continues a checkpoint of its recipe (lr) as Ray Train does; MLflow and the files
@@ -10,24 +11,14 @@ are real. The last test runs real Ray Train (slow)."""
 from __future__ import annotations
 
 import json
-import logging
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from gmpq_core.errors import ConfigError, GMPQError
+from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import load_checkpoint
-from final_sweep import checkpointing_stage, make_sweep   # same folder (pytest puts it on sys.path)
-
-
-def _make_sweep(d: Path, n: int = 1) -> None:
-    """``final_sweep.make_sweep`` with ``n`` trials (``t1``, ``t2``, ...), float32, one worker per fine-tune."""
-    make_sweep(d, bits=((3, 4), (4, 4), (6, 6))[:n], precision="fp32", workers=1)
+from final_sweep import checkpointing_stage, make_fp32_sweep   # same folder (pytest puts it on sys.path)
 
 
 def _storage(sweep: Path) -> Path:
@@ -47,7 +38,7 @@ def test_a_recipe_stopped_part_way_is_kept_by_its_recipe_and_continues_from_its_
     row; going back to A parked B's checkpoint as "unrecorded", and asking for B again trained it from scratch.
     Now B's checkpoint is kept aside as B's unfinished fine-tune, and B continues from its epoch 1."""
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     storage = _storage(sweep)
     runs, said = [], []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
@@ -90,7 +81,7 @@ def test_another_recipe_after_a_stopped_one_keeps_the_stopped_ones_checkpoint_as
     """A, then B stopped in epoch 2, then C: C's fine-tune ran in B's Ray Train run folder, which dropped B's
     checkpoint. Now it is kept aside as B's before C trains, and B continues from it later."""
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     storage = _storage(sweep)
     runs, said = [], []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
@@ -115,7 +106,7 @@ def test_a_stopped_recipe_asked_for_again_at_once_continues_in_place_as_before(t
     """Unchanged: the recipe stopped is the one asked for next: its checkpoint continues where it is; once its row
     is written nothing of the stop is left in models/kept (but the earlier recipe kept aside)."""
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     runs, said = [], []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
@@ -134,7 +125,7 @@ def test_an_unfinished_recipe_asked_for_with_fewer_epochs_than_it_did_is_refused
     checkpoint has 3 epochs, more than 2", and the fresh run replaced B's 3-epoch checkpoint. Now it is refused
     before any work, in the words used for a finished fine-tune, and nothing is lost: --epochs 5 continues it."""
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     storage = _storage(sweep)
     runs, said = [], []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 4)})
@@ -173,7 +164,7 @@ def test_a_stopped_recipe_asked_for_again_in_place_with_fewer_epochs_than_it_did
     """The same loss without a recipe in between: B (--epochs 5) stopped after 3 epochs, its checkpoint still under
     the usual names; B with --epochs 2 made its workers start afresh and replace it, without a word. Refused now."""
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     storage = _storage(sweep)
     runs = []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 4)})
@@ -192,7 +183,7 @@ def test_an_unfinished_recipe_whose_checkpoint_is_gone_says_once_that_it_starts_
     import shutil
 
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     storage = _storage(sweep)
     runs, said = [], []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
@@ -213,7 +204,7 @@ def test_with_remote_storage_a_stopped_recipe_replaced_by_another_says_so(tmp_pa
     """The review (L1): with a remote Ray Train storage (s3://: runs are not moved) the stopped run's recipe was
     forgotten and the new recipe replaced its run without a word; now said as set_aside says it."""
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     runs, said = [], []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs, stop_at={("t1", 0.05, 2)})
     monkeypatch.setattr(final_stage, "local_storage", lambda storage: None)   # as for s3://...: nothing is moved
@@ -226,76 +217,12 @@ def test_with_remote_storage_a_stopped_recipe_replaced_by_another_says_so(tmp_pa
     assert not (sweep / "models" / "kept" / "t1.started.json").exists() and runs[-1].lr == 0.1
 
 
-@pytest.mark.parametrize("stage, command, refused", [
-    ("finetune", "finetune", "'gmpq finetune --sweep'"), ("run", "run", "'gmpq run'"),
-    ("sweep", "run", "'gmpq run' (its sweep stage;"), ("sweep", "sweep", None)])
-def test_a_final_stage_is_refused_while_another_process_runs_one_in_the_same_sweep(
-        tmp_path, monkeypatch, capsys, other_process, stage, command, refused):
-    """The review (L2): a fine-tune running in another process looks like a stopped one (started manifest, no row),
-    so a second 'gmpq finetune --sweep' with another recipe moved that process's live Ray Train run folder aside.
-    Refused now before any work, naming the process; a sweep still running (no final stage of its own) is not a
-    reason, as before: the final stage selects from its ended trials."""
-    from orchestrator.cli import main
-    from orchestrator.sweep_status import _pid_start
-
-    sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
-    runs = []
-    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
-    (sweep / "driver.json").write_text(json.dumps({
-        "stage": stage, "command": command, "host": socket.gethostname(), "pid": other_process.pid,
-        "pid_start": _pid_start(other_process.pid), "started": time.time()}))
-    before = sorted(p.name for p in sweep.rglob("*"))
-    if refused is None:
-        final_stage.finetune_selected(sweep, epochs=1, workers=1)
-        assert len(runs) == 1
-        return
-    with pytest.raises(GMPQError) as e:
-        final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
-    text = str(e.value)
-    what = "will be fine-tuned by" if stage == "sweep" else "is being fine-tuned by"   # (gmpq run, in its sweep)
-    assert text.startswith(f"'{sweep}' {what} {refused}") and f"pid {other_process.pid} on " in text
-    assert f"Wait for it to end ('gmpq status --sweep {sweep}' shows whether it runs)" in text
-    assert f"if it has ended (the pid is another program's now), delete {sweep / 'driver.json'}" in text
-    assert "nothing was changed" in text and runs == [] and sorted(p.name for p in sweep.rglob("*")) == before
-    if stage == "finetune":                   # the command: one paragraph, no traceback
-        assert main(["finetune", "--sweep", str(sweep)]) == 2
-        err = " ".join(capsys.readouterr().err.split())
-        assert "Traceback" not in err and err.count("gmpq: error:") == 1 and "is being fine-tuned by" in err, err
-
-
-def test_gmpq_runs_own_final_stage_and_an_ended_process_are_not_refused(tmp_path, monkeypatch, caplog):
-    """``gmpq run`` marks the sweep folder as its own before its final stage: that stage is not refused; nor is one
-    after a process that has ended (its marker left behind)."""
-    from orchestrator.sweep_status import driver_marker
-
-    sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
-    runs = []
-    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
-    with driver_marker(sweep, "run"):
-        final_stage.finetune_selected(sweep, epochs=1, workers=1)
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    (sweep / "driver.json").write_text(json.dumps({"stage": "finetune", "host": socket.gethostname(),
-                                                   "pid": proc.pid, "started": time.time()}))
-    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
-    assert len(runs) == 2
-    # another host's marker cannot be checked: a retried batch job (a new pod) finds its killed predecessor's there
-    (sweep / "driver.json").write_text(json.dumps({"stage": "finetune", "command": "run", "host": "old-pod",
-                                                   "pid": 1, "started": time.time()}))
-    with caplog.at_level(logging.WARNING, logger="orchestrator.final_results"):
-        final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.02)
-    assert len(runs) == 3
-    assert "'gmpq run' (its finetune stage; pid 1 on old-pod" in caplog.text and "from another host" in caplog.text
-
-
 def test_the_kept_manifests_are_read_once_per_policy_and_call(tmp_path, monkeypatch):
     """check_not_shorter and the stage's loop each read a policy's kept manifests (``find_kept``): now once."""
     from orchestrator import kept_finetunes
 
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep, n=2)
+    make_fp32_sweep(sweep, n=2)
     runs = []
     final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
@@ -321,7 +248,7 @@ def test_after_ctrl_c_a_policy_being_recorded_is_logged_with_its_row_or_left_for
     from orchestrator import final_stage as stage
 
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep, n=2)
+    make_fp32_sweep(sweep, n=2)
     final_stage = checkpointing_stage(monkeypatch, tmp_path, [], slots=2)
     record, written, go_on = stage.record_final_run, threading.Event(), threading.Event()
 
@@ -373,7 +300,7 @@ def test_ray_train_continues_a_stopped_recipes_checkpoint_after_it_was_kept_asid
     from orchestrator.train_stage import STATE_FILE
 
     sweep = tmp_path / "sweep"
-    _make_sweep(sweep)
+    make_fp32_sweep(sweep)
     write_pareto(sweep)
     knobs = dict(workers=1, max_steps_per_epoch=2, test_size=50, batch_size=32)
     real = final_stage.run_final_job

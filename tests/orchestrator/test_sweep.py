@@ -73,7 +73,8 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     df = _check_trials_table(sweep_dir, 3)
     assert (df["status"] == "pruned").sum() == summary.n_pruned
     # gmpq status reads the same from the folder; the driver's marker is gone with the driver's sweep
-    from orchestrator.sweep_status import DRIVER_FILE, read_sweep_status
+    from orchestrator.driver_markers import DRIVER_FILE
+    from orchestrator.sweep_status import read_sweep_status
     status = read_sweep_status(sweep_dir)
     assert not (sweep_dir / DRIVER_FILE).exists() and status.state == "finished"
     assert {t.trial_id: t.status for t in status.trials} == dict(zip(df["trial_id"], df["status"]))

@@ -14,7 +14,8 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.results import TRIAL_EVENTS, trial_row, write_results
-from orchestrator.sweep_status import DRIVER_FILE, driver_marker, read_sweep_status
+from orchestrator.driver_markers import DRIVER_FILE, driver_marker
+from orchestrator.sweep_status import read_sweep_status
 
 
 def _sweep(d: Path, *, n_trials: int = 4, driver: dict | None = None) -> None:

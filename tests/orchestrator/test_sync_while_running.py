@@ -78,7 +78,7 @@ def test_an_ended_command_or_while_running_syncs(sweep, other_process, capsys, h
 
 
 def test_this_process_own_marker_is_not_another_command(sweep):
-    from orchestrator.sweep_status import live_driver
+    from orchestrator.driver_markers import live_driver
 
     mark(sweep, "run", os.getpid())
     assert live_driver(sweep) is None
@@ -96,7 +96,7 @@ def test_a_running_sweep_with_no_result_yet_is_refused_too_and_no_store_is_opene
 
 
 def test_a_reused_pid_or_another_hosts_marker_with_our_pid(sweep, other_process):
-    from orchestrator.sweep_status import _pid_start, live_driver
+    from orchestrator.driver_markers import live_driver, pid_start as _pid_start
 
     start = _pid_start(other_process.pid)
     if start is None:
@@ -110,7 +110,7 @@ def test_a_reused_pid_or_another_hosts_marker_with_our_pid(sweep, other_process)
 
 
 def test_a_gmpq_run_is_named_with_its_stage(sweep):
-    from orchestrator.sweep_status import DRIVER_FILE, _pid_start, driver_marker, driver_text
+    from orchestrator.driver_markers import DRIVER_FILE, driver_marker, driver_text, pid_start as _pid_start
 
     with driver_marker(sweep, "run"), driver_marker(sweep, "sweep"):
         marker = json.loads((sweep / DRIVER_FILE).read_text())

@@ -1,0 +1,154 @@
+"""Which process runs a stage of a sweep folder: the marker files that ``gmpq status``, ``gmpq sync-mlflow`` and
+the final stage read.
+
+- ``driver.json`` (``driver_marker``): the command running the sweep or its fine-tune (``gmpq sweep``, ``gmpq
+  finetune --sweep``, ``gmpq run`` and its current stage). One process holds it: a second command started beside a
+  live one leaves it alone.
+- ``driver.finetune.json`` (``final_stage_marker``): the process running the sweep's final stage, also when
+  ``driver.json`` is a sweep of another process's, so that two final stages started during a sweep still see
+  each other.
+
+Each marker names its host, pid and the pid's start time (Linux's /proc), so a pid reused by another program, or
+another host's process with the same pid, is not taken for it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from gmpq_core.errors import CheckpointError
+from gmpq_core.fileio import atomic_write_json, read_json
+
+__all__ = ["DRIVER_FILE", "FINETUNE_DRIVER_FILE", "driver_marker", "final_stage_marker", "live_driver",
+           "driver_text", "ended_marker_text", "read_marker",
+           "is_this_process", "pid_start", "driver_alive"]
+
+DRIVER_FILE = "driver.json"
+FINETUNE_DRIVER_FILE = "driver.finetune.json"
+
+
+@contextmanager
+def driver_marker(sweep_dir: str | Path, stage: str) -> Iterator[None]:
+    """While the block runs, ``<sweep_dir>/driver.json`` names this process and ``stage``.
+
+    Nested in this process (``gmpq run``: stage "run" around "sweep" and "finetune"), the inner stage
+    shows while it runs (``command``: the outer one) and the outer one again after it. A live marker of another
+    process (a sweep still running while ``gmpq finetune --sweep`` starts) is left alone: that process is the one
+    running it."""
+    with _marker(Path(sweep_dir) / DRIVER_FILE, stage):
+        yield
+
+
+@contextmanager
+def final_stage_marker(sweep_dir: str | Path) -> Iterator[None]:
+    """``driver_marker(sweep_dir, "finetune")`` and, inside it, ``driver.finetune.json`` naming this process (its
+    ``command``: ``gmpq run`` when it runs the stage), which another process's final stage checks
+    (``final_results.refuse_beside_other_finetune``) even while ``driver.json`` names a sweep of a third one."""
+    with driver_marker(sweep_dir, "finetune"):
+        main = read_marker(Path(sweep_dir) / DRIVER_FILE)
+        command = main.get("command") if main is not None and is_this_process(main) else None
+        with _marker(Path(sweep_dir) / FINETUNE_DRIVER_FILE, "finetune", command=command):
+            yield
+
+
+@contextmanager
+def _marker(path: Path, stage: str, *, command: str | None = None) -> Iterator[None]:
+    before = read_marker(path)
+    ours = before is not None and is_this_process(before)
+    if before and not ours and driver_alive(before) is not False:
+        yield
+        return
+    outer = before.get("command", before.get("stage")) if ours else None
+    mine = {"stage": stage, "command": command or outer or stage,
+            "host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
+            "started": time.time()}
+    atomic_write_json(path, mine)
+    try:
+        yield
+    finally:
+        try:
+            if is_this_process(read_marker(path) or {}):
+                if ours:
+                    atomic_write_json(path, before)        # back to the outer stage of this process
+                else:
+                    path.unlink()
+        except OSError:
+            pass
+
+
+def live_driver(sweep_dir: str | Path, name: str = DRIVER_FILE) -> dict | None:
+    """The marker ``name`` (``driver.json`` or ``driver.finetune.json``) of another process still running a stage
+    in ``sweep_dir``, with ``alive``: True (checked on this host) or None (it runs on another host, which cannot be
+    checked from here); None when no other process is marked or the marked one has ended."""
+    driver = read_marker(Path(sweep_dir) / name)
+    if not driver or is_this_process(driver):
+        return None
+    alive = driver_alive(driver)
+    return None if alive is False else {**driver, "alive": alive, "file": name}
+
+
+_COMMANDS = {"run": "gmpq run", "sweep": "gmpq sweep", "finetune": "gmpq finetune --sweep"}
+
+
+def driver_text(driver: dict) -> str:
+    """``'gmpq run' (its sweep stage; pid 123 on host-a, started 2026-11-28 14:02:11)``: a marked process, as
+    messages name it."""
+    try:
+        started = time.strftime(", started %Y-%m-%d %H:%M:%S", time.localtime(float(driver["started"])))
+    except (KeyError, TypeError, ValueError, OverflowError):
+        started = ""
+    stage, command = str(driver.get("stage")), str(driver.get("command") or driver.get("stage"))
+    inner = f"its {stage} stage; " if command != stage else ""
+    return f"'{_COMMANDS.get(command, f'gmpq {command}')}' ({inner}pid {driver.get('pid')} on {driver.get('host')}" \
+           f"{started})"
+
+
+def ended_marker_text(sweep_dir: str | Path, name: str = DRIVER_FILE) -> str:
+    """How to clear the marker ``name`` of a process that has ended (the refusals that name a live driver say it)."""
+    return f"if it has ended (the pid is another program's now), delete {Path(sweep_dir) / name}"
+
+
+def read_marker(path: Path) -> dict | None:
+    """A marker file's content; None when missing, unreadable or not a JSON object."""
+    try:
+        data = read_json(path) if path.is_file() else None
+    except CheckpointError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_this_process(marker: dict) -> bool:
+    return marker.get("pid") == os.getpid() and marker.get("host") == socket.gethostname()
+
+
+def pid_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot, Linux's /proc/PID/stat field 22); None elsewhere."""
+    try:
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])   # fields after "pid (comm)" start at field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def driver_alive(driver: dict | None) -> bool | None:
+    """True / False for a driver on this host; None when it runs elsewhere (cannot be checked from here). A pid
+    alive but started at another time than the marker says (its driver ended, the pid was reused): False."""
+    if not driver:
+        return False
+    if driver.get("host") != socket.gethostname():
+        return None
+    try:
+        pid = int(driver["pid"])
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass                 # exists, another user's: its start time still tells
+    except (OSError, ValueError, KeyError, TypeError):
+        return True          # unreadable: assume it runs
+    recorded, now = driver.get("pid_start"), pid_start(pid)
+    return not (isinstance(recorded, int) and now is not None and now != recorded)

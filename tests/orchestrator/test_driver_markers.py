@@ -1,0 +1,117 @@
+"""A final stage marks the sweep folder as its own in ``driver.finetune.json`` too, also while a sweep of another
+process holds ``driver.json``: two ``gmpq finetune --sweep`` started during a running sweep see each other (the
+second is refused), ``gmpq sync-mlflow`` waits for either, and ``gmpq status`` shows both."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from final_sweep import checkpointing_stage, make_sweep
+
+from gmpq_core.errors import GMPQError
+from orchestrator.driver_markers import (DRIVER_FILE, FINETUNE_DRIVER_FILE, driver_marker, final_stage_marker,
+                                         live_driver, pid_start)
+
+
+def mark(d, name: str, stage: str, pid: int, command: str | None = None, host: str | None = None) -> None:
+    (d / name).write_text(json.dumps({"stage": stage, "command": command or stage, "host": host or socket.gethostname(),
+                                      "pid": pid, "pid_start": pid_start(pid), "started": time.time()}))
+
+
+def read(d, name: str) -> dict | None:
+    return json.loads((d / name).read_text()) if (d / name).exists() else None
+
+
+@pytest.fixture
+def second_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_final_stage_marks_both_files_and_removes_them(tmp_path):
+    with final_stage_marker(tmp_path):
+        main, fine = read(tmp_path, DRIVER_FILE), read(tmp_path, FINETUNE_DRIVER_FILE)
+        assert main["stage"] == fine["stage"] == "finetune" and fine["command"] == "finetune"
+        assert fine["pid"] == os.getpid() and fine["pid_start"] == pid_start(os.getpid())
+        assert live_driver(tmp_path, FINETUNE_DRIVER_FILE) is None      # this process: not "another" one
+    assert read(tmp_path, DRIVER_FILE) is None and read(tmp_path, FINETUNE_DRIVER_FILE) is None
+
+
+def test_gmpq_runs_final_stage_is_named_as_gmpq_run_and_its_outer_marker_comes_back(tmp_path):
+    with driver_marker(tmp_path, "run"):
+        with final_stage_marker(tmp_path):
+            assert read(tmp_path, FINETUNE_DRIVER_FILE)["command"] == "run"
+            assert read(tmp_path, DRIVER_FILE)["stage"] == "finetune"
+        assert read(tmp_path, DRIVER_FILE)["stage"] == "run" and read(tmp_path, FINETUNE_DRIVER_FILE) is None
+
+
+def test_beside_another_processs_sweep_the_final_stage_still_marks_its_own_file(tmp_path, other_process):
+    mark(tmp_path, DRIVER_FILE, "sweep", other_process.pid)
+    sweep_marker = (tmp_path / DRIVER_FILE).read_text()
+    with final_stage_marker(tmp_path):
+        assert (tmp_path / DRIVER_FILE).read_text() == sweep_marker              # the sweep's: left alone
+        assert read(tmp_path, FINETUNE_DRIVER_FILE)["pid"] == os.getpid()
+    assert (tmp_path / DRIVER_FILE).read_text() == sweep_marker and read(tmp_path, FINETUNE_DRIVER_FILE) is None
+
+
+def test_a_second_final_stage_during_a_sweep_is_refused(tmp_path, monkeypatch, other_process, second_process):
+    """Before: the first final stage wrote no marker while the sweep held driver.json, so the second saw only the
+    sweep (no reason to refuse) and moved the first one's live Ray Train run aside."""
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, precision="fp32", workers=1)
+    runs = []
+    final_stage = checkpointing_stage(monkeypatch, tmp_path, runs)
+    mark(sweep, DRIVER_FILE, "sweep", other_process.pid)
+    mark(sweep, FINETUNE_DRIVER_FILE, "finetune", second_process.pid)
+    before = sorted(p.name for p in sweep.rglob("*"))
+    with pytest.raises(GMPQError) as e:
+        final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
+    text = " ".join(str(e.value).split())
+    assert text.startswith(f"'{sweep}' is being fine-tuned by 'gmpq finetune --sweep' (pid {second_process.pid} on ")
+    assert f"delete {sweep / FINETUNE_DRIVER_FILE}" in text and "nothing was changed" in text
+    assert runs == [] and sorted(p.name for p in sweep.rglob("*")) == before
+    second_process.kill()
+    second_process.wait()                                  # that final stage ended: its marker no longer counts
+    final_stage.finetune_selected(sweep, epochs=1, workers=1, lr=0.05)
+    assert len(runs) == 1 and read(sweep, FINETUNE_DRIVER_FILE) is None
+    assert read(sweep, DRIVER_FILE)["pid"] == other_process.pid
+
+
+def test_sync_waits_for_a_final_stage_beside_an_ended_sweep(tmp_path, capsys, other_process):
+    from orchestrator.cli import main
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep)
+    mark(sweep, FINETUNE_DRIVER_FILE, "finetune", other_process.pid)
+    assert main(["sync-mlflow", "--sweep", str(sweep)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"is being written by 'gmpq finetune --sweep' (pid {other_process.pid} on " in err
+    assert f"delete {sweep / FINETUNE_DRIVER_FILE}" in err and not (sweep / "mlflow.db").exists()
+
+
+def test_status_shows_a_final_stage_beside_a_sweep_and_after_it(tmp_path, capsys, other_process, second_process):
+    from orchestrator.cli import main
+    from orchestrator.sweep_status import read_sweep_status
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep)
+    mark(sweep, DRIVER_FILE, "sweep", other_process.pid)
+    mark(sweep, FINETUNE_DRIVER_FILE, "finetune", second_process.pid)
+    assert read_sweep_status(sweep).state == "running"
+    assert main(["status", "--sweep", str(sweep)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"running (pid {other_process.pid} on " in out
+    assert f"a final stage runs beside it: 'gmpq finetune --sweep' (pid {second_process.pid} on " in out
+    (sweep / DRIVER_FILE).unlink()                          # the sweep ended; the final stage goes on
+    st = read_sweep_status(sweep)
+    assert st.state == "fine-tuning" and st.active_driver["pid"] == second_process.pid
+    assert main(["status", "--sweep", str(sweep)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"fine-tuning the selected policies (pid {second_process.pid} on " in out and "beside" not in out
