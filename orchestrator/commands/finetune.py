@@ -14,7 +14,8 @@ run (one without the other is not trusted); the sweep's FP target model, for a p
 (``SWEEP/policies/<trial_id>.json``: its meta's ``sweep_dir``, whose ``shared.json`` records the model) when it fits
 the model options and the dataset; else trained first (``--fp-epochs``) and kept as ``DIR/fp.pt``.
 
-The resume checks of this folder's checkpoint live in ``_finetune_resume``. The single-policy logic lives in
+The resume checks of this folder's checkpoint live in ``_finetune_resume``, the checks of the options, the policy
+and the FP model's dataset in ``_finetune_checks``. The single-policy logic lives in
 ``run_single_finetune(args)`` so that other modes (a Ray Train
 sweep over many policies) can extend the parser and dispatch from ``run``.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -33,11 +33,12 @@ from gmpq_core.fileio import atomic_write_json, drop_integer_file, integer_path,
 from gmpq_core.precision import resolve_precision
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args,
-                           build_seeded_model, check_bits, check_out_arg, dataset_source, load_policy_arg, policy_meta,
-                           resolve_device, resolve_model_options, uniform_policy)
+                           build_seeded_model, check_out_arg, dataset_source, policy_meta, resolve_device,
+                           resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
+from ._finetune_checks import _DISTILL_DEFAULTS, _check_fp_dataset, _check_single_args, _policy_from_args
 from ._finetune_fp import FPSource, data_root_default, pick_fp_source
-from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info, same_dataset
+from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info
 from ._finetune_sweep import add_sweep_args, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
 from . import at_least
@@ -51,7 +52,6 @@ if TYPE_CHECKING:       # torch and what imports it load where they are used: th
 log = logging.getLogger(__name__)
 
 QUANTIZED_WEIGHTS, RESULT, POLICY = "quantized.pt", "finetune_result.json", "policy.json"
-_DISTILL_DEFAULTS = {"distill_alpha": 0.5, "distill_temperature": 4.0}   # the parser's; used only with --distill
 _FP_DEFAULTS = {"fp_epochs": 2, "fp_lr": 0.1}                            # the parser's; used only when FP is trained
 
 
@@ -148,35 +148,6 @@ def run(args: argparse.Namespace) -> int:
     return run_single_finetune(args)
 
 
-def _check_single_args(args: argparse.Namespace, *, trains_fp: bool) -> None:
-    """Values the configs would reject later under another name (``lr``), and options with no effect. --fp-lr is
-    checked only when the FP model is trained here (said to be ignored otherwise, once the FP model is loaded)."""
-    if args.fp_checkpoint is not None and not Path(args.fp_checkpoint).is_file():
-        load_checkpoint(args.fp_checkpoint)    # its "not found" / "is a folder" paragraph now, before any data loads
-    if trains_fp and not (
-            isinstance(args.fp_lr, (int, float)) and math.isfinite(args.fp_lr) and args.fp_lr > 0):
-        raise ConfigError(f"--fp-lr must be a finite number > 0, but got --fp-lr {args.fp_lr}. Use e.g. --fp-lr 0.1 "
-                          "(the peak learning rate of the FP training), or leave it out.")
-    if not args.distill:
-        unused = [f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("distill_alpha", "distill_temperature")
-                  if getattr(args, k) != _DISTILL_DEFAULTS[k]]
-        if unused:
-            raise ConfigError(f"{' and '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect without "
-                              "--distill (distillation from the FP model is off). Add --distill, or drop "
-                              f"{'it' if len(unused) == 1 else 'them'}.")
-
-
-def _policy_from_args(args: argparse.Namespace) -> BitPolicy | None:
-    if (args.policy is None) == (args.uniform is None):
-        raise ConfigError("Give exactly one bit policy: --policy FILE (e.g. DIR/policy.json from 'gmpq search') "
-                          "or --uniform W A (e.g. --uniform 4 4), but got "
-                          + ("both." if args.policy is not None else "neither."))
-    if args.uniform is not None:
-        check_bits("--uniform W", args.uniform[0])
-        check_bits("--uniform A", args.uniform[1])
-    return load_policy_arg(args.policy)
-
-
 def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data,
               fp: FPSource) -> tuple[nn.Module, str, str | None]:
     """The FP model: from --fp-checkpoint, from an earlier run's DIR/fp.pt, the sweep's FP target model, or trained
@@ -221,43 +192,6 @@ def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
     return (f" (trained with --fp-epochs {was['fp_epochs']} --fp-lr {was['fp_lr']}; the --fp-epochs "
             f"{args.fp_epochs} --fp-lr {args.fp_lr} given now apply only when it is trained: pass another --out to "
             "train it with them)")
-
-
-def _check_fp_dataset(args: argparse.Namespace, fp: FPSource, fp_info: dict, info) -> str | None:
-    """An FP model recorded (fp_result.json) as trained on another dataset than ``info``, the one fine-tuned on.
-
-    Its own ``DIR/fp.pt`` kept from an earlier run is refused (the user did not ask for that model). An
-    ``--fp-checkpoint`` whose classifier cannot predict the dataset's labels (another number of classes, or of
-    input channels) is refused; one of the same shape is fine-tuned with a note (returned, to print once the FP
-    model is loaded), as transfer between datasets labelled alike (digits -> MNIST) can be meant. A checkpoint
-    without a recorded dataset is not checked."""
-    fp_data = fp_info.get("dataset")
-    kept = fp.path if fp.kind == "kept" else None          # (the sweep's FP target model was checked when picked)
-    if not fp_data or fp.kind not in ("given", "kept") or same_dataset(fp_data, info.name):
-        return None
-    fp_classes, fp_channels = fp_info.get("num_classes"), fp_info.get("in_channels")
-    other_labels = (fp_classes is not None and fp_classes != info.num_classes) or \
-        (fp_channels is not None and fp_channels != info.in_channels)
-    if kept is not None:
-        on_purpose = "" if other_labels else (f"; add --fp-checkpoint {kept} there to fine-tune that FP model on "
-                                              f"{info.name} on purpose")
-        raise ConfigError(f"The FP model '{kept}', kept from an earlier run in this --out folder, was trained on "
-                          f"'{fp_data}', but this run fine-tunes on '{info.name}'. Pass another --out for the "
-                          f"{info.name} run (this folder's FP model and fine-tune checkpoints belong to the {fp_data} "
-                          f"run){on_purpose}.")
-    ckpt = args.fp_checkpoint
-    if other_labels:
-        raise ConfigError(f"The FP checkpoint '{ckpt}' was trained on '{fp_data}' ({fp_classes} classes, "
-                          f"{fp_channels}-channel images, per the fp_result.json beside it), but '{info.name}' has "
-                          f"{info.num_classes} classes of {info.in_channels}-channel images: that model does not "
-                          f"predict the labels of {info.name}. Give an FP checkpoint trained on {info.name} ('gmpq "
-                          f"train-fp --dataset {info.name}'), leave out --fp-checkpoint to train one first, or pass "
-                          f"--dataset {fp_data}.")
-    distilled = " (and --distill distils from it)" if args.distill else ""
-    return (f"the FP checkpoint {ckpt} was trained on '{fp_data}' (per the fp_result.json beside it), not on "
-            f"'{info.name}': fine-tuning it on {info.name} assumes both label their {info.num_classes} classes "
-            f"alike, and the FP top-1 reported is that model's on {info.name}{distilled}; pass --dataset {fp_data}, "
-            f"or an FP checkpoint of {info.name}, if that was not meant")
 
 
 def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
