@@ -9,12 +9,15 @@ the final stage read.
   each other.
 
 Each marker names its host, pid and the pid's start time (Linux's /proc), so a pid reused by another program, or
-another host's process with the same pid, is not taken for it.
+another host's process with the same pid, is not taken for it; and its heartbeat, the time its process last
+rewrote it (every ``HEARTBEAT_S``), so that another host's process that died without removing it is taken as ended
+once the heartbeat is older than ``STALE_AFTER_S``.
 """
 from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,20 +66,68 @@ def _marker(path: Path, stage: str, *, command: str | None = None) -> Iterator[N
         yield
         return
     outer = before.get("command", before.get("stage")) if ours else None
+    now = time.time()
     mine = {"stage": stage, "command": command or outer or stage,
             "host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
-            "started": time.time()}
-    atomic_write_json(path, mine)
+            "started": now, "heartbeat": now}
+    with _LOCK:
+        atomic_write_json(path, mine)
+        _HELD[path] = _HELD.get(path, 0) + 1
+        _keep_beating()
     try:
         yield
     finally:
+        with _LOCK:
+            _HELD[path] -= 1
+            if not _HELD[path]:
+                del _HELD[path]
+            try:
+                if is_this_process(read_marker(path) or {}):
+                    if ours:                    # back to the outer stage of this process
+                        atomic_write_json(path, {**before, "heartbeat": time.time()})
+                    else:
+                        path.unlink()
+            except OSError:
+                pass
+
+
+# The heartbeat: every HEARTBEAT_S a thread rewrites the markers this process holds with the time, so that a
+# marker of another host's process that died without removing it (SIGKILL, a lost node, a killed pod) is taken as
+# ended once its heartbeat is older than STALE_AFTER_S (generous: the hosts' clocks may differ by minutes); a
+# process on this host is checked by its pid instead.
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0
+_LOCK = threading.Lock()             # marker writes of this process: its blocks and the heartbeat
+_HELD: dict[Path, int] = {}          # the markers this process holds, with their nesting depth
+_beating: list[threading.Thread] = []
+
+
+def _keep_beating() -> None:
+    """Start the heartbeat thread unless it runs (under ``_LOCK``); it ends once no marker is held."""
+    if _beating and _beating[0].is_alive():
+        return
+    _beating[:] = [threading.Thread(target=_beat, name="gmpq-marker-heartbeat", daemon=True)]
+    _beating[0].start()
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        with _LOCK:
+            if not _HELD:
+                _beating.clear()
+                return
+            beat_once()
+
+
+def beat_once() -> None:
+    """Rewrite each marker this process holds with the time as its heartbeat (the heartbeat thread's step)."""
+    for path in list(_HELD):
         try:
-            if is_this_process(read_marker(path) or {}):
-                if ours:
-                    atomic_write_json(path, before)        # back to the outer stage of this process
-                else:
-                    path.unlink()
-        except OSError:
+            marker = read_marker(path)
+            if marker is not None and is_this_process(marker):
+                atomic_write_json(path, {**marker, "heartbeat": time.time()})
+        except OSError:                  # the folder went away or the disk is full: the sweep says so itself
             pass
 
 
@@ -136,11 +187,14 @@ def pid_start(pid: int) -> int | None:
 
 def driver_alive(driver: dict | None) -> bool | None:
     """True / False for a driver on this host; None when it runs elsewhere (cannot be checked from here). A pid
-    alive but started at another time than the marker says (its driver ended, the pid was reused): False."""
+    alive but started at another time than the marker says (its driver ended, the pid was reused): False. Another
+    host's driver whose heartbeat is older than ``STALE_AFTER_S``: False (it died without removing its marker)."""
     if not driver:
         return False
     if driver.get("host") != socket.gethostname():
-        return None
+        beat = driver.get("heartbeat")           # None in markers written before heartbeats
+        stale = isinstance(beat, (int, float)) and time.time() - beat > STALE_AFTER_S
+        return False if stale else None
     try:
         pid = int(driver["pid"])
         os.kill(pid, 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,27 @@ def _headline(st: Any) -> str:
             "selecting and fine-tuning the Pareto policies (gmpq run)"
         return f"{doing} ({who}); the sweep: {ended} ({counts})."
     if state == "unknown":
-        return (f"driven from another host ({who}): whether it still runs cannot be checked from here; "
-                f"{ended} ({counts}).")
+        beat = _beat_age(d)
+        return (f"driven from another host ({who}): whether it still runs cannot be checked from here"
+                f"{f' (its marker was last refreshed {beat} ago)' if beat else ''}; {ended} ({counts}).")
+    gone = st.driver if st.driver and st.driver_alive is False and _beat_age(st.driver) else None
+    dead = "" if gone is None else f"; its driver (pid {gone.get('pid')} on {gone.get('host')}) stopped refreshing " \
+                                   f"its marker {_beat_age(gone)} ago, so it is taken as ended"
     if state == "not started":
         return ("no trial has started, and no command is running it: it stopped before its first trial (its "
-                "output says why). Run the sweep again.")
-    return f"{state}: {ended} ({counts})."
+                f"output says why){dead}. Run the sweep again.")
+    return f"{state}: {ended} ({counts}){dead}."
+
+
+def _beat_age(driver: dict) -> str | None:
+    """How long ago another host's driver refreshed its marker (``driver_markers``' heartbeat); None on this host
+    (its pid is checked instead) or for a marker without a heartbeat."""
+    import socket
+
+    beat = driver.get("heartbeat")
+    if driver.get("host") == socket.gethostname() or not isinstance(beat, (int, float)):
+        return None
+    return _duration(max(time.time() - beat, 0.0))
 
 
 def _next_step(st: Any) -> str | None:

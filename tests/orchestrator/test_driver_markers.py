@@ -115,3 +115,56 @@ def test_status_shows_a_final_stage_beside_a_sweep_and_after_it(tmp_path, capsys
     assert main(["status", "--sweep", str(sweep)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"fine-tuning the selected policies (pid {second_process.pid} on " in out and "beside" not in out
+
+
+def test_a_marker_carries_a_heartbeat_that_its_process_refreshes(tmp_path, monkeypatch):
+    from orchestrator import driver_markers
+
+    monkeypatch.setattr(driver_markers, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(driver_markers, "_beating", [])       # a thread of its own, beating at that pace
+    with driver_marker(tmp_path, "sweep"):
+        first = read(tmp_path, DRIVER_FILE)
+        assert first["heartbeat"] == first["started"]
+        deadline = time.time() + 10
+        while read(tmp_path, DRIVER_FILE)["heartbeat"] == first["heartbeat"] and time.time() < deadline:
+            time.sleep(0.05)
+        later = read(tmp_path, DRIVER_FILE)
+        assert later["heartbeat"] > first["heartbeat"] and {**later, "heartbeat": 0} == {**first, "heartbeat": 0}
+        with final_stage_marker(tmp_path):                   # nested: the inner stage is refreshed, not overwritten
+            time.sleep(0.2)
+            assert read(tmp_path, DRIVER_FILE)["stage"] == "finetune"
+        assert read(tmp_path, DRIVER_FILE)["stage"] == "sweep"
+    assert read(tmp_path, DRIVER_FILE) is None and read(tmp_path, FINETUNE_DRIVER_FILE) is None
+
+
+def test_another_hosts_marker_without_a_recent_heartbeat_is_taken_as_ended(tmp_path, capsys):
+    """A driver killed on another host (SIGKILL, a lost node) leaves its marker; before, status said "cannot be
+    checked" for ever and sync refused it. Its heartbeat tells now (markers without one: as before)."""
+    from orchestrator import driver_markers
+    from orchestrator.cli import main
+    from orchestrator.sweep_status import read_sweep_status
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep)
+    stale = time.time() - driver_markers.STALE_AFTER_S - 60
+    for beat, alive in ((time.time() - 90, None), (stale, False), (None, None)):
+        marker = {"stage": "sweep", "host": "lost-node", "pid": 77, "started": stale - 100,
+                  **({"heartbeat": beat} if beat else {})}
+        (sweep / DRIVER_FILE).write_text(json.dumps(marker))
+        assert driver_markers.driver_alive(marker) is alive
+        assert (live_driver(sweep) is None) == (alive is False)
+        assert main(["status", "--sweep", str(sweep)]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        if beat is None:
+            assert "driven from another host (pid 77 on lost-node): whether it still runs cannot be checked from " \
+                   "here;" in out
+        elif alive is None:
+            assert "cannot be checked from here (its marker was last refreshed 1m30s ago)" in out
+        else:
+            assert read_sweep_status(sweep).state == "stopped"      # 1 of its trials ended, none runs
+            assert "; its driver (pid 77 on lost-node) stopped refreshing its marker 11m00s ago, so it is taken as " \
+                   "ended." in out
+    (sweep / DRIVER_FILE).write_text(json.dumps({"stage": "sweep", "host": "lost-node", "pid": 77, "heartbeat": stale}))
+    with driver_marker(sweep, "finetune"):                 # a dead driver's marker is replaced, as on this host
+        assert read(sweep, DRIVER_FILE)["pid"] == os.getpid()
+    assert read(sweep, DRIVER_FILE) is None
