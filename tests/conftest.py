@@ -53,8 +53,7 @@ def user_cnn() -> str:
     return USER_CNN
 
 
-@pytest.fixture
-def other_process():
+def _live_process():
     """A live process of this host that is not this one (a gmpq command's driver, as far as markers go)."""
     import subprocess
     import sys
@@ -63,3 +62,7 @@ def other_process():
     yield proc
     proc.kill()
     proc.wait()
+
+
+other_process = pytest.fixture(_live_process, name="other_process")
+second_process = pytest.fixture(_live_process, name="second_process")   # a third process, beside other_process

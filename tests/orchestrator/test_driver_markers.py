@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -25,14 +23,6 @@ def mark(d, name: str, stage: str, pid: int, command: str | None = None, host: s
 
 def read(d, name: str) -> dict | None:
     return json.loads((d / name).read_text()) if (d / name).exists() else None
-
-
-@pytest.fixture
-def second_process():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc
-    proc.kill()
-    proc.wait()
 
 
 def test_a_final_stage_marks_both_files_and_removes_them(tmp_path):
