@@ -43,9 +43,21 @@ def _named_command(argv: list[str]) -> str | None:
     return None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (an unknown option, a bad choice, a missing value) as the CLI's others: one paragraph,
+    exit 2, saying where the options are listed, instead of the command's whole usage block first."""
+
+    command_prog: str | None = None       # 'gmpq sweep': the command named (its unrecognized options are gmpq's)
+
+    def error(self, message: str):  # type: ignore[override]
+        prog = self.command_prog or self.prog
+        sys.stderr.write(error_paragraph(GMPQError(f"{message}. '{prog} --help' lists the options.")) + "\n")
+        sys.exit(2)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``gmpq`` parser with every command, or only with ``command``'s (its module name)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gmpq", description="GMPQ Sweep: generalizable mixed-precision quantization searches, "
         "swept with Ray Tune and Optuna, logged to MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -53,6 +65,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name in _command_modules():
         if command is None or name == command:
             importlib.import_module(f"{commands.__name__}.{name}").register(sub)
+    if command is not None:
+        parser.command_prog = f"gmpq {command.replace('_', '-')}"
     return parser
 
 
@@ -112,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_named_command(argv))
     try:
         args = parser.parse_args(argv)         # a count out of range (common_args.at_least) is a ConfigError
+        if hasattr(args, "sweep_arg"):         # --sweep DIR, or DIR (commands.add_sweep_dir_arg)
+            commands.resolve_sweep_dir_arg(args)
     except GMPQError as e:
         print(error_paragraph(e), file=sys.stderr)
         return 2

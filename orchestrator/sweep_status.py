@@ -126,18 +126,21 @@ def _rows(sweep_dir: Path, name: str, numbers: tuple[str, ...] = ()) -> list[dic
 
 
 def _started_trials(events: list[dict]) -> dict[str, dict]:
-    """trial_id -> what its events say: number, params, start time (the last attempt's) and phase."""
+    """trial_id -> what its events say: number, params, start time (the last attempt's), phase and the supernet's
+    proxy top-1 at the attempt's last search epoch."""
     seen: dict[str, dict] = {}
     for e in events:
-        t = seen.setdefault(e["trial_id"], {"number": None, "params": {}, "start": None, "phase": "", "last": None})
+        t = seen.setdefault(e["trial_id"], {"number": None, "params": {}, "start": None, "phase": "", "last": None,
+                                            "proxy_top1": None})
         kind = e.get("event")
         t["last"] = e.get("time") or t["last"]
         if kind in ("start", "replay"):
             t["number"] = e.get("trial_number") or t["number"]
             t["params"] = e.get("params") or t["params"]
-            t["start"], t["phase"] = e.get("time"), "starting"
+            t["start"], t["phase"], t["proxy_top1"] = e.get("time"), "starting", None
         elif kind == "epoch":
             t["phase"] = f"search epoch {e.get('epoch')}/{e.get('of', '?')} done"
+            t["proxy_top1"] = e.get("proxy_top1")         # the supernet's, at its last epoch (as a pruned trial's)
         elif kind == "transfer":
             t["phase"] = "transfer check"
     return {tid: t for tid, t in seen.items() if t["start"] is not None}
@@ -188,7 +191,7 @@ def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
         trials.append(TrialState(   # a stopped trial's time: from its start to its last event
             number=ev["number"], trial_id=tid, status=RUNNING if running else STOPPED,
             budget_avg_bits=params.get("budget_avg_bits"), proxy_size=params.get("proxy_size"),
-            seconds=(now if running else float(ev["last"] or ev["start"])) - float(ev["start"]), phase=ev["phase"]))
+            proxy_top1=ev["proxy_top1"], seconds=(now if running else float(ev["last"] or ev["start"])) - float(ev["start"]), phase=ev["phase"]))
     book = TrialStatusBook(sweep_dir / "trial_status.json")    # read once: the pruner's reasons
     for t in trials:
         if t.status == PRUNED and not t.note:

@@ -24,4 +24,4 @@ def text_table(head: Sequence[str], rows: Sequence[Sequence[str]], right: Contai
 
 
 PROXY_NOTE = ("proxy%: a completed trial's searched policy (BatchNorm recalibrated) on held-out images of the proxy "
-              "dataset; a pruned trial's supernet at its last epoch.")
+              "dataset; a pruned, running or stopped trial's supernet at its last search epoch.")

@@ -20,7 +20,7 @@ __all__ = ["TrialStatusBook", "COMPLETED", "PRUNED", "FAILED", "UNFINISHED"]
 log = logging.getLogger(__name__)
 
 COMPLETED, PRUNED, FAILED = "completed", "pruned", "failed"
-UNFINISHED = "unfinished"   # a sweep summary's trial stopped midway; never a row of trials.parquet
+UNFINISHED = "stopped"   # a summary's trial stopped midway, as gmpq status says; never a row of trials.parquet
 
 
 class TrialStatusBook:

@@ -86,3 +86,25 @@ def quiet_libraries(verbose: bool = False) -> None:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")   # "View run ..." per run (http stores)
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def add_sweep_dir_arg(parser: Any, help: str) -> None:
+    """``--sweep DIR``, which the command needs, also taken as its one positional argument (``gmpq status runs/demo``
+    as ``gmpq status --sweep runs/demo``); ``resolve_sweep_dir_arg`` checks it after parsing."""
+    parser.add_argument("--sweep", default=None, metavar="DIR", help=help)
+    parser.add_argument("sweep_arg", nargs="?", default=None, metavar="DIR", help="the same as --sweep DIR")
+
+
+def resolve_sweep_dir_arg(args: argparse.Namespace) -> None:
+    """``args.sweep`` from ``--sweep DIR`` or the positional DIR (``add_sweep_dir_arg``): ConfigError when neither or
+    two different folders were given."""
+    given, positional = getattr(args, "sweep", None), getattr(args, "sweep_arg", None)
+    command = f"gmpq {getattr(args, 'command', None) or 'COMMAND'}"
+    if given is not None and positional is not None and given != positional:
+        raise ConfigError(f"Two sweep folders were given: --sweep {given} and {positional}. Give the folder once: "
+                          f"{command} --sweep DIR (or {command} DIR).")
+    if given is None and positional is None:
+        raise ConfigError(f"{command} needs the sweep folder (the --out of gmpq sweep or gmpq run): {command} "
+                          f"--sweep DIR, or {command} DIR.")
+    args.sweep = given if given is not None else positional
+

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import at_least, help_text, quiet_libraries
+from . import add_sweep_dir_arg, at_least, help_text, quiet_libraries
 
 __all__ = ["register", "run", "pareto_stage"]
 
@@ -86,7 +86,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("pareto", help="Pareto front of a sweep + selection of K policies",
                               description=help_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
+    add_sweep_dir_arg(p, "sweep folder (the --out of gmpq sweep)")
     p.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K",
                    help="policies to select (default: the sweep config's finetune.top_k)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",

@@ -18,7 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from . import help_text
+from . import add_sweep_dir_arg, help_text
 
 __all__ = ["register", "run", "format_status"]
 
@@ -202,6 +202,6 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("status", help="where a sweep stands (trials, running ones, final fine-tune)",
                               description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep / gmpq run)")
+    add_sweep_dir_arg(p, "sweep folder (the --out of gmpq sweep / gmpq run)")
     p.add_argument("--json", action="store_true", help="print the status as one JSON object")
     p.set_defaults(func=run)

@@ -20,7 +20,7 @@ import json
 import sys
 from typing import Any
 
-from . import help_text
+from . import add_sweep_dir_arg, help_text
 
 __all__ = ["register", "run", "format_report"]
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("sync-mlflow", help="upload what a sweep folder has and MLflow lacks (idempotent)",
                               description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sweep", required=True, metavar="DIR", help="sweep folder (the --out of gmpq sweep)")
+    add_sweep_dir_arg(p, "sweep folder (the --out of gmpq sweep)")
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: the sweep's)")
     p.add_argument("--while-running", action="store_true",
                    help="sync while a gmpq command still runs the sweep (refused otherwise): only while it logs "

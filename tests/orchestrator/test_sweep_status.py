@@ -32,7 +32,7 @@ def _sweep(d: Path, *, n_trials: int = 4, driver: dict | None = None) -> None:
               {"event": "start", "trial_id": "t2", "trial_number": 2, "params": {}, "time": now - 100},
               {"event": "start", "trial_id": "t3", "trial_number": 3, "time": now - 30,
                "params": {"budget_avg_bits": 3.5, "proxy_size": 1000}},
-              {"event": "epoch", "trial_id": "t3", "epoch": 1, "of": 2, "time": now - 10}]
+              {"event": "epoch", "trial_id": "t3", "epoch": 1, "of": 2, "proxy_top1": 42.3, "time": now - 10}]
     (d / TRIAL_EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events) + '{"event": "end", "tri')  # cut line
     if driver is not None:
         (d / DRIVER_FILE).write_text(json.dumps(driver))
@@ -65,8 +65,11 @@ def test_a_sweep_whose_driver_died_is_stopped_and_says_how_to_continue(tmp_path,
     st = read_sweep_status(tmp_path)
     assert st.state == "stopped" and st.trials[2].status == "stopped"
     assert st.trials[2].seconds == pytest.approx(20)                     # start to its last event, not to now
+    assert st.trials[2].proxy_top1 == 42.3     # its supernet's at its last epoch, as the sweep's own table shows it
     assert main(["status", "--sweep", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    t3 = next(ln for ln in out.splitlines() if " t3 " in ln)
+    assert "stopped" in t3 and "42.30" in t3 and "a pruned, running or stopped trial's supernet" in out
     assert f"Continue with: gmpq sweep --out {tmp_path} --resume" in out
 
 

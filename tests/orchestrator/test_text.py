@@ -55,4 +55,4 @@ def test_the_trial_tables_say_what_their_proxy_column_measures(tmp_path, capsys)
            "transfer_top1": 79.0, "gbitops": 0.4}
     summary = SweepSummary(sweep_dir=tmp_path, n_completed=1, n_pruned=0, n_failed=0, wall_seconds=1.0, resumed=False,
                            rows=[row], n_unfinished=0, n_planned=1)
-    assert PROXY_NOTE in format_summary(summary) and "pruned trial's supernet" in PROXY_NOTE
+    assert PROXY_NOTE in format_summary(summary) and "a pruned, running or stopped trial's supernet at its last search epoch" in PROXY_NOTE
