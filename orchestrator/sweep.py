@@ -259,23 +259,28 @@ def _close_orphan_optuna_trials(cfg: SweepConfig, say, *, started_before: dateti
     """After a resumed sweep has run to its end, an Optuna trial still RUNNING that started before this
     driver did belongs to the driver that died while it ran, and Tune replaced it: mark it FAIL
     (optuna-dashboard would show it running for ever). Covers the sweep's study and its per-bucket
-    pruning studies. Never fatal: a storage error only logs a warning."""
+    pruning studies; the count said is the sweep's study's (one per interrupted trial: its pruning-study
+    record is the same trial again). Never fatal: a storage error only logs a warning."""
     try:
         storage = optuna.storages.RDBStorage(cfg.optuna_storage)
         names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
                  if s.study_name == cfg.name or s.study_name.startswith(f"{cfg.name}-prune-")]
-        closed = 0
+        closed = {True: 0, False: 0}                     # the sweep's own study: True; pruning studies: False
         for name in names:
             study = optuna.load_study(study_name=name, storage=storage)
             for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
                 if trial.datetime_start is not None and trial.datetime_start < started_before:
                     study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-                    closed += 1
+                    closed[name == cfg.name] += 1
     except Exception as e:  # noqa: BLE001 - bookkeeping only: the sweep's results are already saved
         log.warning("could not close Optuna trials left RUNNING by an interrupted driver (%s)", e)
         return
-    if closed:
-        say(f"{closed} Optuna trial(s) left RUNNING by an interrupted driver marked FAIL")
+    trials, pruning = closed[True], closed[False]
+    if trials:
+        also = f" (with {'its' if trials == 1 else 'their'} records in the per-bucket pruning studies)" if pruning else ""
+        say(f"{trials} Optuna trial(s) left RUNNING by an interrupted driver marked FAIL{also}")
+    elif pruning:
+        say(f"{pruning} record(s) of the per-bucket pruning studies left RUNNING by an interrupted driver marked FAIL")
 
 
 def _preflight(cfg: SweepConfig) -> None:

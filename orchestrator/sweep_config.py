@@ -28,8 +28,8 @@ from gmpq_core.transfer import TransferCheck
 from search_spaces.presets import load_preset, load_yaml
 from search_spaces.space import SearchSpace
 
-from .sweep_sections import (FaultInjection, FinetuneStage, PrunerConfig, Resources, _from_mapping, _is_pos,
-                             _require)
+from .sweep_sections import (SECTIONS, FaultInjection, FinetuneStage, PrunerConfig, Resources, _from_mapping,
+                             _is_pos, _require, check_placement)
 
 __all__ = ["is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig",
            "load_sweep_config", "save_resolved_config", "deep_merge", "trial_search_config",
@@ -83,6 +83,8 @@ class SweepConfig:
     def __post_init__(self) -> None:
         _require(isinstance(self.name, str) and self.name and all(c.isalnum() or c in "-_." for c in self.name),
                  f"name must be a non-empty string of letters, digits, '-', '_' or '.', but got name={self.name!r}.")
+        for name in SECTIONS:                # a key of another section (or of the top level): say where it belongs
+            check_placement(name, getattr(self, name))
         object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
         if not isinstance(self.space, SearchSpace):
             object.__setattr__(self, "space", SearchSpace.from_dict(self.space))
@@ -179,6 +181,8 @@ class SweepConfig:
             elif f.name == "search":
                 v = dict(v)
             elif f.name == "testing":
+                if v == FaultInjection():    # internal test hooks: saved only when set
+                    continue
                 v = v.to_dict()
             out[f.name] = v
         return out
@@ -191,10 +195,11 @@ class SweepConfig:
         _require(version == CONFIG_VERSION, f"Unsupported sweep config version {version!r}; this gmpq reads "
                                             f"version {CONFIG_VERSION}.")
         d.pop("preset", None)
+        check_placement("", d)               # a section's key at the top level: where it belongs, not a look-alike
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         _require(not unknown, f"Unknown sweep config key(s) {unknown}.{did_you_mean(unknown, known)} "
-                              f"Known keys: {sorted(known)}.")
+                              f"Known keys: {sorted(known - {'testing'})}.")   # the tests' hooks, not shown
         return cls(**d)
 
 

@@ -139,8 +139,10 @@ def _check_moved_resume(cfg: SweepConfig) -> None:
 def _check_same_config(cfg: SweepConfig) -> None:
     """A resumed sweep must keep its config (Tune restores the old searcher and space anyway). The cache
     folder may move: its files are named by what their weights depend on; the ``finetune`` section may
-    change (it is the final stage's, after the sweep: ``gmpq run --resume --workers 2``)."""
+    change (it is the final stage's, after the sweep: ``gmpq run --resume --workers 2``). The ``testing`` section
+    is saved only when set (older folders hold it with its defaults): missing, it compares as its defaults."""
     from .sweep_config import load_sweep_config
+    from .sweep_sections import FaultInjection
 
     saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
     if not saved_path.exists():
@@ -148,6 +150,8 @@ def _check_same_config(cfg: SweepConfig) -> None:
     old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
     device = trial_device(cfg)                                  # "auto" and "fp32" are the same on a CPU
     old["precision"], new["precision"] = (resolve_precision(d["precision"], device) for d in (old, new))
+    for d in (old, new):
+        d.setdefault("testing", FaultInjection().to_dict())
     diff = [d for k in sorted(new) if k not in ("address", "cache_dir", "finetune")
             for d in _differences(k, old.get(k), new.get(k))]
     if diff:

@@ -1,17 +1,32 @@
 """The sections of a sweep config (``SweepConfig``'s nested mappings) as frozen dataclasses: ``Resources`` (per
 trial), ``PrunerConfig`` (the Optuna pruner by name), ``FinetuneStage`` (the final Ray Train fine-tune) and
 ``FaultInjection`` (the reliability tests' ``testing:`` switches), with the small checks ``sweep_config`` shares
-(``_require``, ``_is_pos``, ``_from_mapping``: a section given as a mapping, its unknown keys refused). Torch-free,
-like ``sweep_config`` (the light CLI path imports it)."""
+(``_require``, ``_is_pos``, ``_from_mapping``: a section given as a mapping, its unknown keys refused), and
+``check_placement``/``misplaced``: where a key written in the wrong place belongs (``search_epochs`` at the top
+level: in ``space:``), said before any look-alike suggestion. Torch-free at import, like ``sweep_config`` (the
+light CLI path imports it)."""
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
 from gmpq_core.errors import ConfigError, did_you_mean
 
-__all__ = ["Resources", "PrunerConfig", "FinetuneStage", "FaultInjection"]
+__all__ = ["Resources", "PrunerConfig", "FinetuneStage", "FaultInjection", "KEY_FLAGS", "SECTIONS", "misplaced",
+           "check_placement"]
+
+# The `gmpq sweep` flags that set a config key (dotted: inside a section), for "--epochs sets it too".
+KEY_FLAGS = {"n_trials": "--n-trials", "max_concurrent_trials": "--max-concurrent", "out_dir": "--out",
+             "model": "--model", "name": "--name", "seed": "--seed", "tracking_uri": "--tracking-uri",
+             "optuna_storage": "--optuna-storage", "address": "--address", "storage_path": "--storage",
+             "cache_dir": "--cache-dir", "space.search_epochs": "--epochs", "precision": "--precision"}
+# The nested sections, in the order a key of several is offered, with what each holds.
+SECTIONS = {"space": "searched or fixed per trial", "search": "fixed settings of every trial's search",
+            "transfer": "the transfer check of every trial", "finetune": "the final fine-tune",
+            "resources": "per trial", "pruner": "the Optuna pruner", "candidates": "the bitwidths",
+            "testing": "fault injection"}
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -34,6 +49,96 @@ def _from_mapping(cls: type, section: str, d: Any) -> Any:
     _require(not unknown, f"Unknown key(s) {unknown} in '{section}'.{did_you_mean(unknown, known)} "
                           f"Known keys: {sorted(known)}.")
     return cls(**d)
+
+
+@functools.lru_cache(maxsize=1)
+def _places() -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
+    """(takes, homes): each place of a sweep config ("" = the top level, then ``SECTIONS``) -> the keys it
+    accepts, and -> the keys that belong there (``search`` accepts ``epochs``, refusing it with its own message,
+    but ``epochs`` does not belong there: the sweep sets it from ``space.search_epochs``)."""
+    from gmpq_core.search_config import SearchConfig
+    from gmpq_core.transfer import TransferCheck
+    from search_spaces.space import PARAMS
+
+    from .sweep_config import _SEARCH_FROM_SWEEP, SweepConfig
+
+    def names(cls: type) -> frozenset[str]:
+        return frozenset(f.name for f in fields(cls) if not f.metadata.get("testing"))
+
+    takes = {"": names(SweepConfig), "space": frozenset(PARAMS), "search": names(SearchConfig),
+             "transfer": names(TransferCheck), "finetune": names(FinetuneStage), "resources": names(Resources),
+             "pruner": names(PrunerConfig), "candidates": frozenset({"w_bits", "a_bits"}),
+             "testing": names(FaultInjection)}
+    return takes, {**takes, "search": takes["search"] - _SEARCH_FROM_SWEEP}
+
+
+def _inline(key: str, value: Any) -> str:
+    import yaml
+
+    text = yaml.safe_dump({key: value}, default_flow_style=True, width=10_000).strip()
+    return text if len(text) <= 80 else "{" + key + ": ...}"
+
+
+def misplaced(where: str, given: Mapping[str, Any]) -> dict[str, str]:
+    """Keys of ``given`` (the mapping at ``where``: "" for the top level, or a section) that ``where`` does not
+    take but another place does -> the sentence saying where each belongs. A real typo is not here: the caller
+    answers it with ``did_you_mean``."""
+    from .sweep_config import _SPACE_TO_SEARCH
+
+    as_space = {setting: dim for dim, setting in _SPACE_TO_SEARCH.items() if setting}   # epochs: search_epochs
+    takes, places = _places()
+    out = {}
+    for key in sorted(set(given) - takes[where], key=str):
+        homes = [(p, key) for p in places if p != where and key in places[p]]     # the top level ("") first
+        if key in as_space and where != "space":        # a search setting the sweep sets from a space dimension
+            homes.insert(0, ("space", as_space[key]))
+        if not homes:
+            continue
+
+        def example(place: str, name: str) -> str:
+            text = _inline(name, given[key])
+            return text[1:-1] if place == "" else f"{place}: {text}"
+
+        def section(place: str, name: str) -> str:
+            return f"'{place}:'" + (f" as '{name}'" if name != key else "") + f" ({SECTIONS[place]})"
+
+        here = "at the top level" if where == "" else f"in '{where}:'"
+        if len(homes) == 1:
+            place, name = homes[0]
+            home = (f"at the top level ({example(place, name)})" if place == "" else f"in the '{place}:' section"
+                    + (f" as '{name}'" if name != key else "") + f" ({example(place, name)})")
+            text = f"'{key}' belongs {home}, not {here}"
+        else:
+            named = [section(p, n) for p, n in homes if p]
+            sections = f"{', '.join(named[:-1])} or {named[-1]}" if len(named) > 1 else named[0]
+            home = (f"at the top level ({example(*homes[0])}) or in the section {sections}" if homes[0][0] == ""
+                    else f"in one of the sections {sections}")
+            text = f"'{key}' belongs {home}, not {here}" + (f" (e.g. {example(*homes[0])})" if homes[0][0] else "")
+        dotted = {(n if p == "" else f"{p}.{n}"): (f"the top-level '{n}'" if p == "" else f"{p}.{n}")
+                  for p, n in homes}
+        flag = next((f"{KEY_FLAGS[d]} sets " + ("it too" if len(homes) == 1 else said)
+                     for d, said in dotted.items() if d in KEY_FLAGS), None)
+        out[key] = text + (f"; gmpq sweep {flag}." if flag else ".")
+    return out
+
+
+def check_placement(where: str, given: Any) -> None:
+    """ConfigError when ``given`` (the mapping at ``where``) holds a key that belongs in another place; the
+    message says where, before any "did you mean" for the other unknown keys. Keys unknown everywhere are left
+    to the place's own check."""
+    if not isinstance(given, Mapping) or set(given) <= _places()[0][where]:
+        return
+    wrong = misplaced(where, given)
+    if not wrong:
+        return
+    takes, places = _places()
+    known = places[where] - ({"testing"} if where == "" and "testing" not in given else set())
+    unknown = sorted(set(given) - takes[where], key=str)
+    typos = [k for k in unknown if k not in wrong]
+    head = (f"Unknown sweep config key(s) {unknown}." if where == ""
+            else f"Unknown key(s) {unknown} in '{where}'.")
+    raise ConfigError(f"{head} {' '.join(wrong.values())}{did_you_mean(typos, known)} "
+                      f"Known keys{'' if where == '' else f' of {where!r}'}: {sorted(known)}.")
 
 
 @dataclass(frozen=True, kw_only=True)

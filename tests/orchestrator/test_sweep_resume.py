@@ -1,0 +1,53 @@
+"""The saved sweep config (sweep_config.save_resolved_config) and the resume check that compares with it
+(sweep_resume._check_same_config): the internal ``testing:`` section is saved only when it is set, and sweeps
+saved with or without it resume."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from gmpq_core.errors import ConfigError
+from orchestrator.sweep_config import SweepConfig, load_sweep_config, save_resolved_config
+from orchestrator.sweep_resume import _check_same_config
+
+
+def _demo(tmp_path, **overrides):
+    return load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), **overrides})
+
+
+def test_the_saved_config_has_no_testing_section_when_it_holds_only_defaults(tmp_path):
+    saved = yaml.safe_load(save_resolved_config(_demo(tmp_path)).read_text())
+    assert "testing" not in saved
+    assert "testing" not in _demo(tmp_path).to_dict()
+    assert SweepConfig.from_dict(saved).testing == _demo(tmp_path).testing       # loads back to the defaults
+
+
+def test_a_testing_section_that_is_set_is_saved_and_read_back(tmp_path):
+    cfg = _demo(tmp_path, testing={"raise_trials": [1], "nan_trials": [2]})
+    saved = yaml.safe_load(save_resolved_config(cfg).read_text())
+    assert saved["testing"]["raise_trials"] == [1] and saved["testing"]["nan_trials"] == [2]
+    back = load_sweep_config(tmp_path / "sweep_config.yaml")
+    assert back.testing == cfg.testing
+    _check_same_config(back.resolved())                       # resuming from the saved file: the same sweep
+
+
+def test_a_sweep_saved_without_testing_resumes(tmp_path):
+    save_resolved_config(_demo(tmp_path))
+    _check_same_config(_demo(tmp_path).resolved())
+    _check_same_config(load_sweep_config(tmp_path / "sweep_config.yaml").resolved())
+
+
+def test_an_old_sweep_saved_with_a_default_testing_section_resumes(tmp_path):
+    """Sweep folders written before the section was left out hold 'testing:' with its defaults."""
+    path = save_resolved_config(_demo(tmp_path))
+    old = yaml.safe_load(path.read_text())
+    old["testing"] = {"raise_trials": [], "raise_attempts": 1, "nan_trials": [], "nan_epoch": 1}
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    _check_same_config(_demo(tmp_path).resolved())                               # --resume --preset demo
+    _check_same_config(load_sweep_config(path).resolved())                      # --resume alone
+
+
+def test_a_resume_that_changes_a_set_testing_section_is_refused(tmp_path):
+    save_resolved_config(_demo(tmp_path, testing={"raise_trials": [1]}))
+    with pytest.raises(ConfigError, match=r"testing\.raise_trials \(saved \[1\], now \[\]\)"):
+        _check_same_config(_demo(tmp_path).resolved())
