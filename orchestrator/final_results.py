@@ -23,7 +23,7 @@ __all__ = ["FINAL_SCHEMA", "MODELS_DIR", "read_final", "write_final", "final_row
            "finetune_storage", "finetune_progress_dir", "local_storage",
            "resolve_model_path", "model_results", "export_final_model", "saved_final_state", "export_saved_final",
            "record_final_run", "check_not_shorter", "row_recipe", "recorded_recipe", "drop_stale_integer",
-           "refuse_beside_other_finetune"]
+           "refuse_beside_other_finetune", "trained_on_text", "final_table_heading"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,43 @@ def final_row(pareto_row: Mapping[str, Any], run: Any, recipe_json: str, model_p
             "test_images": m.get("test_images"), "finished_at": utc_now_iso(),
             "policy_json": str(pareto_row["policy_json"]), "recipe_json": recipe_json,
             "model_path": model_path}
+
+
+def _count(value: Any) -> int | None:
+    """A final.parquet count (pandas may read a missing one as NaN) as an int, or None."""
+    try:
+        return None if value is None or value != value else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def trained_on_text(row: Mapping[str, Any]) -> str:
+    """What a final.parquet row's fine-tune trained on, in words: "full target data" only when it saw the whole
+    training split every epoch; else the ``--train-size`` subset and the cap on steps per epoch (with its images
+    per epoch). The cap counts only where it cut the epoch short: ``images_per_epoch`` reached cap x the global
+    batch (batch // workers per worker) and stayed under ``train_images`` (an uncapped epoch drops a last partial
+    batch, so it can be a batch under)."""
+    recipe = recipe_dict(row_recipe(row)) or {}
+    subset, cap = _count(recipe.get("train_size")), _count(recipe.get("max_steps_per_epoch"))
+    images, per_epoch = _count(row.get("train_images")), _count(row.get("images_per_epoch"))
+    batch, workers = _count(recipe.get("batch_size")), _count(row.get("workers")) or 1
+    if cap is not None and images is not None and per_epoch is not None:
+        step = max(1, batch // workers) * workers if batch else None
+        cap = cap if per_epoch < images and (step is None or per_epoch >= cap * step) else None
+    pool = (f"a stratified subset of {images or subset} target training images" if subset is not None else
+            f"the {images} target training images" if images is not None else "the target training images")
+    if cap is None:
+        return pool if subset is not None else "full target data"
+    if per_epoch is None:                       # (a row from before images_per_epoch was recorded)
+        return f"at most {cap} steps per epoch of {pool}"
+    return f"at most {cap} steps per epoch: {per_epoch} of {pool} per epoch"
+
+
+def final_table_heading(final: pd.DataFrame) -> str:
+    """The line over the final stage's table (``gmpq run``, ``gmpq finetune --sweep``): what its fine-tunes trained
+    on (``trained_on_text``; rows of other settings each named once)."""
+    said = list(dict.fromkeys(trained_on_text(r) for r in final.to_dict("records")))
+    return f"Final fine-tune ({'; '.join(said)}):" if said else "Final fine-tune:"
 
 
 def final_model_path(sweep_dir: str | Path, trial_id: str) -> Path:

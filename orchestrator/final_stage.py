@@ -1,4 +1,5 @@
-"""The final stage, driver side: fine-tune a sweep's selected policies on the full target data.
+"""The final stage, driver side: fine-tune a sweep's selected policies on the target data (all of it, unless
+``train_size`` or ``max_steps_per_epoch`` say less).
 
 ``finetune_selected(sweep_dir)`` reads ``pareto.parquet``'s selection, builds each policy's
 ``FinalJob`` from the sweep config's ``finetune`` section (flags override it) and ``precision``, skips
@@ -174,8 +175,11 @@ def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: flo
 def _at_once_text(n: int, slots: int, workers: int, use_gpu: bool, cap: int | None, auto: bool) -> str:
     """What the stage will run at once, and what limits it."""
     devices = "GPUs" if use_gpu else "CPUs"
+    if n == 1:                                   # nothing to queue or share with
+        return f"fine-tuning 1 policy on {workers} worker(s)" + (
+            f" (finetune.workers: auto: the cluster's {devices})" if auto else "")
     how = "one after the other" if slots == 1 else f"{slots} at a time"
-    text = f"fine-tuning {n} polic{'y' if n == 1 else 'ies'} {how}, {workers} worker(s) each"
+    text = f"fine-tuning {n} policies {how}, {workers} worker(s) each"
     if auto:
         text += f" (finetune.workers: auto: the cluster's {devices} shared by the policies at once)"
     if slots < n:
@@ -199,7 +203,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                       test_size: int | None = None, tracking_uri: str | None = None, use_gpu: bool | None = None,
                       address: str | None = None, max_concurrent: int | None = None, precision: str | None = None,
                       say: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Fine-tune every selected policy of ``<sweep_dir>/pareto.parquet`` on the full target data.
+    """Fine-tune every selected policy of ``<sweep_dir>/pareto.parquet`` on the target data (all of it, unless
+    ``train_size`` or ``max_steps_per_epoch`` say less: ``final_results.trained_on_text`` words a row's).
 
     The policies train side by side as far as the Ray cluster's CPUs (GPUs) hold ``workers`` each
     (``max_concurrent`` caps it; 1 = one after the other). ``workers="auto"`` (or the config's

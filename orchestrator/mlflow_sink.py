@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +46,7 @@ from .mlflow_ids import SinkIdFiles
 from .mlflow_keys import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, _phase_key  # noqa: F401  (re-exported for importers)
 from .mlflow_keys import (DISABLED, HTTP_RETRY_DEFAULTS, PARENT_FILE, ROLE_OF_KIND, RUNS_FILE, _numeric,
                           default_tracking_uri, flatten_config)
-from .moved_sweep import follow_folder, recorded_dir, same_folder
+from .moved_sweep import follow_folder, recorded_dir, same_folder, sqlite_file
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
 __all__ = ["DISABLED", "PARENT_FILE", "RUNS_FILE", "default_tracking_uri", "flatten_config", "sweep_experiment_name", "MLflowSink"]
@@ -104,8 +105,22 @@ class MLflowSink(SinkIdFiles):
     def goes_on(self) -> str:
         """What the warning says happens without MLflow (a study's sink words it for a study)."""
         return (f"Work goes on without it; the sweep's results are complete in its Parquet tables "
-                f"({self.sweep_dir / TRIALS_FILE}, ...). Once the server is back, 'gmpq sync-mlflow --sweep "
-                f"{self.sweep_dir}' uploads what is missing.")
+                f"({self.sweep_dir / TRIALS_FILE}, ...). Once the server is back, '{self.sync_command()}' uploads "
+                "what is missing.")
+
+    def sync_command(self) -> str:
+        """The ``gmpq sync-mlflow`` command that uploads to this sink's store, to be copied as printed: with
+        ``--tracking-uri`` unless the store is the one sync-mlflow defaults to (``sync.sync_mlflow``: the sweep's
+        saved ``tracking_uri``, else its own mlflow.db), e.g. a ``--tracking-uri`` given to a later stage only."""
+        try:
+            saved = load_resolved_config(self.sweep_dir)
+        except CheckpointError:
+            saved = {}
+        default = (saved or self.resolved_config).get("tracking_uri") or default_tracking_uri(self.sweep_dir)
+        same = default == self.tracking_uri or (sqlite_file(default) is not None
+                                                and sqlite_file(default) == sqlite_file(self.tracking_uri))
+        command = f"gmpq sync-mlflow --sweep {shlex.quote(str(self.sweep_dir))}"
+        return command if same else f"{command} --tracking-uri {shlex.quote(self.tracking_uri)}"
 
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view)."""

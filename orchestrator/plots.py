@@ -127,7 +127,10 @@ def plot_final(final: pd.DataFrame, trials: pd.DataFrame | None, path: str | Pat
         x = final["bitops"].to_numpy(dtype=float) / 1e9
         y = final["final_top1"].to_numpy(dtype=float)
         order = np.argsort(x, kind="stable")
-        ax.plot(x[order], y[order], "-*", color="tab:purple", ms=12, label="fine-tuned (full target data)", zorder=4)
+        from .final_results import trained_on_text    # "full target data" only when it was: else the cap / subset
+
+        trained = "; ".join(dict.fromkeys(trained_on_text(r) for r in final.to_dict("records")))
+        ax.plot(x[order], y[order], "-*", color="tab:purple", ms=12, label=f"fine-tuned ({trained})", zorder=4)
         if "transfer_top1" in final:
             t = final["transfer_top1"].to_numpy(dtype=float)
             ax.plot(x, t, "_", color="tab:purple", ms=12, alpha=0.6, zorder=3)   # the arrows' starts, in the limits

@@ -12,28 +12,35 @@ gbitops_quantized, gbitops_total, search_seconds, proxy_top1, proxy_ard, target_
   with the std tau would have by chance.
 - ``comparisons(agg)`` + ``reading(...)``: method differences against their standard error over
   seeds (win / loss only beyond 2 SE, tie within; no verdict where a side has one seed: no SE), in words.
-- ``plot_study(df, path)`` and ``write_results_md(...)``.
+- ``plot_study(df, path)`` and ``write_results_md(...)``; the page's first line stamps it as this generator's,
+  with a digest of the rest, and ``check_page_replaceable(path)`` refuses to replace a file without a matching
+  stamp (hand-written, or edited since: ``docs/results.md`` collects several studies and hand-written sections).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write, atomic_write_text
 
 from .text import fmt
 
 __all__ = ["METHOD_ORDER", "NO_SE", "MIN_POLICIES", "aggregate", "kendall_tau", "rank_agreement", "comparisons",
-           "reading", "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se"]
+           "reading", "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se", "PAGE_STAMP",
+           "page_written_unchanged", "check_page_replaceable"]
 
 METHOD_ORDER = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random")
 SEARCHED = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search")
 NO_SE = "n/a (one seed)"    # the verdict of a difference with no standard error: a side has one seed
 MIN_POLICIES = 3            # rank_agreement: fewer searched policies in a (proxy, budget) group give no tau
+PAGE_STAMP = "<!-- written by 'gmpq study'"    # the first line of a page it wrote (``_stamp``)
 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -263,6 +270,41 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
     lines += ["", "## Reading (generated from the numbers)", ""] + [f"- {s}" for s in said]
     if notes.strip():
         lines += ["", "## Reading (by hand, checked against the tables above)", "", notes.strip()]
-    text = "\n".join(lines) + "\n"
+    body = "\n".join(lines) + "\n"
+    text = _stamp(body) + "\n" + body
     atomic_write_text(path, text)
     return text
+
+
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()[:16]
+
+
+def _stamp(body: str) -> str:
+    """The page's first line: whose it is and a digest of the rest (an HTML comment: markdown does not show it)."""
+    return (f"{PAGE_STAMP} (sha256 {_digest(body)} of the lines below); it rewrites this page only while they are "
+            "unchanged: put hand-written reading in a --notes file -->")
+
+
+def page_written_unchanged(text: str) -> bool:
+    """Whether ``text`` is a page ``write_results_md`` wrote, unchanged since (its stamp's digest matches)."""
+    first, _, body = text.partition("\n")
+    found = re.match(re.escape(PAGE_STAMP) + r" \(sha256 ([0-9a-f]{16}) ", first)
+    return found is not None and found.group(1) == _digest(body)
+
+
+def check_page_replaceable(path: str | Path, flag: str = "--report") -> None:
+    """ConfigError when ``path`` holds a file that is not a page ``write_results_md`` wrote as it stands (no stamp,
+    or edited since): writing the page there would lose its text. No file there: nothing to check."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():      # (a folder: the caller's own error names it)
+        return
+    try:
+        if page_written_unchanged(path.read_text()):
+            return
+    except (OSError, UnicodeDecodeError):
+        pass                                    # unreadable: not known to be ours either
+    raise ConfigError(f"The results page '{path}' already exists and is not a page 'gmpq study' wrote, or was edited "
+                      "since (its first line's digest no longer matches), so writing the page there would replace "
+                      f"its text. Pass {flag} another file (by default the page goes inside the study folder: "
+                      f"DIR/results.md), or move or delete '{path}' first if its text may go.")

@@ -31,7 +31,8 @@ def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sweep mode (Ray Train fine-tune of a sweep's selected policies)")
     g.add_argument("--sweep", default=None, metavar="DIR",
-                   help="sweep folder: fine-tune its selected Pareto policies on the full target data")
+                   help="sweep folder: fine-tune its selected Pareto policies on the target data (all of it, unless "
+                        "--train-size or --max-steps-per-epoch, or the sweep's finetune section, say less)")
     _add(g, "--top-k", type=int, action=at_least(1), default=None, metavar="K",
                    help="reselect K policies first (default: pareto.parquet's selection, else finetune.top_k)")
     _add(g, "--workers", type=int_or_auto, action=at_least(1), default=None, metavar="N",
@@ -152,6 +153,9 @@ def run_sweep_finetune(args: argparse.Namespace) -> int:
     check_sweep_folder(sweep_dir)
     final = finetune_stage(sweep_dir, args,
                            say=lambda msg: print(f"gmpq finetune: {msg}", file=sys.stderr, flush=True))
+    from orchestrator.final_results import final_table_heading
+
+    print(final_table_heading(final))        # what was trained, as gmpq run says it
     print(format_final_table(final))
     print(final_files_text(sweep_dir))
     return 0

@@ -7,7 +7,9 @@
 A model file (``gmpq finetune``'s float one, or ``gmpq export``'s integer one) records its dataset and input
 normalisation; that dataset's test split is the default. The table gives each model's bits, BitOPs, top-1
 and top-5 here, and the top-1 its fine-tune recorded (small differences are float-level: another memory
-layout, batch size or device).
+layout, batch size or device). Each row is named by the shortest end of its path that no other row shares
+(``runs/ft1/quantized.pt`` and ``runs/ft2/quantized.pt``: ``ft1/quantized.pt``, ``ft2/quantized.pt``); --json
+gives that name as ``name`` beside the ``path`` as given.
 """
 from __future__ import annotations
 
@@ -65,16 +67,31 @@ def model_paths(paths: list[str]) -> list[Path]:
     return out
 
 
+def row_names(files: list[Path]) -> list[str]:
+    """Each file's name in the table: its last path components, as few as make it differ from every other file's
+    (a file given twice keeps its whole path, twice)."""
+    parts = [f.parts for f in files]
+    depth = [1] * len(files)
+    while True:
+        names = [str(Path(*p[-k:])) for p, k in zip(parts, depth)]
+        clash = [i for i, name in enumerate(names) if names.count(name) > 1 and depth[i] < len(parts[i])]
+        if not clash:
+            return names
+        for i in clash:
+            depth[i] += 1
+
+
 def run(args: argparse.Namespace) -> int:
     from ..common_args import resolve_device
 
     files = model_paths(args.paths)                  # a bad path fails before any model or dataset is read
+    names = row_names(files)
     device = resolve_device(args.device)
     data: dict[tuple, Any] = {}
     rows = []
-    for i, f in enumerate(files, 1):
+    for i, (f, name) in enumerate(zip(files, names), 1):
         t0 = time.perf_counter()
-        row = evaluate_file(f, args, device, data)
+        row = {"name": name, **evaluate_file(f, args, device, data)}
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
@@ -127,13 +144,15 @@ def _test_loader(dataset: str, args: argparse.Namespace, size: int | None, devic
 
 
 def format_table(rows: list[dict]) -> str:
-    width = max(len(Path(r["path"]).name) for r in rows)
+    """One line per row, named by its ``name`` (``row_names``; the file name for a row without one)."""
+    names = [r.get("name") or Path(r["path"]).name for r in rows]
+    width = max(len("model file"), *map(len, names))
     lines = [f"{'model file':<{width}}  {'dataset':<14}  {'images':>6}  {'W':>4}  {'A':>4}  {'GBitOPs':>8}  "
              f"{'top-1':>6}  {'top-5':>6}  recorded top-1"]
-    for r in rows:
+    for r, name in zip(rows, names):
         gb = f"{r['gbitops']:.4f}" if isinstance(r["gbitops"], (int, float)) else "-"
         rec = f"{r['recorded_top1']:.2f}" if isinstance(r["recorded_top1"], (int, float)) else "-"
-        lines.append(f"{Path(r['path']).name:<{width}}  {r['dataset']:<14}  {r['test_images']:>6}  "
+        lines.append(f"{name:<{width}}  {r['dataset']:<14}  {r['test_images']:>6}  "
                      f"{r['avg_w_bits']:>4.2f}  {r['avg_a_bits']:>4.2f}  {gb:>8}  {r['top1']:>6.2f}  {r['top5']:>6.2f}  "
                      f"{rec}")
     return "\n".join(lines)

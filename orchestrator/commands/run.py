@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
+    from orchestrator.final_results import final_table_heading
     from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
                                              mlflow_line, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n== gmpq run finished in {minutes:.1f} min: {summary.n_completed} completed, {summary.n_pruned} pruned, "
           f"{summary.n_failed} failed trials ==")
     print_pareto(sweep_dir, front)
-    print("\nFinal fine-tune (full target data):")
+    print("\n" + final_table_heading(final))        # what was trained: full data, or the cap / subset
     print(format_final_table(final))
     print(final_files_text(sweep_dir))
     print("\n" + mlflow_line(summary, resolved.tracking_uri, mlflow_off[0] if mlflow_off else None))

@@ -1,6 +1,6 @@
 """``gmpq study``: the generalization study (the paper's claims, METHOD.md 7) on Ray, then its results page.
 
-    gmpq study --config experiments/generalization_cpu.yaml --out runs/study_cpu --report docs/results.md
+    gmpq study --config experiments/generalization_cpu.yaml --out runs/study_cpu   (page: runs/study_cpu/results.md)
     gmpq study --smoke --out /tmp/study_smoke          (experiments/generalization_smoke.yaml, minutes)
     gmpq study --config FILE --smoke                   (FILE shrunk to smoke size)
     gmpq study --out runs/study_cpu --analyze-only     (rewrite the page from DIR/study.parquet)
@@ -11,6 +11,11 @@ differs from it is refused, as a run with it would be.
 Rerunning with the same --out skips finished cells. Writes DIR/study.parquet, DIR/study_config.yaml,
 DIR/mlflow.db (unless --tracking-uri), the page (--report, default DIR/results.md) and its plot
 (--png, default study_<name>.png next to the page).
+
+The page's first line records that gmpq study wrote it, with a digest of the rest: an existing --report file
+is replaced only while it is such a page, unchanged. Any other file (docs/results.md, which collects several
+studies and hand-written sections; a page edited since) is refused before any work: pass --report another
+file, or move it away. Hand-written reading goes in --notes FILE, which the page includes.
 """
 from __future__ import annotations
 
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     from gmpq_core.fileio import atomic_write_json, read_json
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.mlflow_sink import PARENT_FILE
-    from orchestrator.study import plot_study, write_results_md
+    from orchestrator.study import check_page_replaceable, plot_study, write_results_md
     from orchestrator.commands.sweep import check_address_arg
 
     gen, ray_run = _experiments()
@@ -194,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     report = Path(args.report).expanduser() if args.report else out / "results.md"
     png = Path(args.png).expanduser() if args.png else report.parent / f"study_{cfg.name}.png"
     _check_output(report, "results page", "--report", "results.md")
+    check_page_replaceable(report)      # a hand-written or edited page is not replaced: refused before any work
     if args.png:
         _check_output(png, "plot", "--png", f"study_{cfg.name}.png")
     timing_file = out / "study_timing.json"
@@ -215,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
     timing["text"] = (f"{total / 60:.1f} min over {len(runs)} invocation(s) (shared FP models "
                       f"{sum(r['prepare_seconds'] for r in runs) / 60:.1f} min of it); sum of per-cell seconds "
                       f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
+    check_page_replaceable(report)      # again: the file may have appeared while the study ran
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
                      target=_dataset_title(cfg.target))
@@ -285,7 +292,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--smoke", action="store_true",
                    help="minutes-long version: the smoke config, or --config FILE shrunk to smoke size")
     p.add_argument("--out", metavar="DIR", help="study folder (default runs/<name>); rerun to resume")
-    p.add_argument("--report", metavar="PATH", help="results page to write (default DIR/results.md)")
+    p.add_argument("--report", metavar="PATH", help="results page to write (default DIR/results.md); an existing file is replaced "
+                   "only if gmpq study wrote it and it is unchanged")
     p.add_argument("--png", metavar="PATH", help="plot to write (default study_<name>.png next to the page)")
     p.add_argument("--notes", metavar="FILE", help="hand-written reading (markdown) to include in the page")
     p.add_argument("--analyze-only", action="store_true", help="only rewrite the page from DIR/study.parquet")

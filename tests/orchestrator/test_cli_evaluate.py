@@ -30,3 +30,23 @@ def test_evaluate_refuses_a_dataset_of_other_channels_and_a_path_without_models(
     assert "for 10 classes of 3-channel images, but fashion_mnist has 10 classes of 1-channel images" in err
     assert main(["evaluate", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_models_of_the_same_file_name_get_rows_that_tell_them_apart(tmp_path, capsys, monkeypatch):
+    # gmpq finetune writes DIR/quantized.pt: three fine-tunes gave three rows all named quantized.pt
+    import shutil
+
+    sweep = sweep_with_models(tmp_path / "sweep", n=1)
+    monkeypatch.chdir(tmp_path)
+    for d in ("runs/ft1", "runs/ft2", "runs/ft"):
+        (tmp_path / d).mkdir(parents=True)
+        shutil.copy(sweep / "models" / "t0.pt", tmp_path / d / "quantized.pt")
+    given = ["runs/ft1", "runs/ft2/quantized.pt", "runs/ft"]
+    assert main(["evaluate", *given, "--test-size", "100"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in table[1:]]
+    assert names == ["ft1/quantized.pt", "ft2/quantized.pt", "ft/quantized.pt"], table
+    assert main(["evaluate", *given, "--test-size", "100", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["name"] for r in rows] == names                # --json names each row as the table does
+    assert [r["path"] for r in rows] == ["runs/ft1/quantized.pt", "runs/ft2/quantized.pt", "runs/ft/quantized.pt"]

@@ -181,6 +181,15 @@ def test_the_stage_says_how_many_run_at_once_and_what_limits_it():
         "shared by the policies at once); max_concurrent 1 caps it")
 
 
+def test_the_stage_words_a_single_policy_as_one_not_as_a_queue():
+    # "fine-tuning 1 policy one after the other": there is no other
+    from orchestrator.final_stage import _at_once_text
+
+    assert _at_once_text(1, 1, 4, True, None, True) == (
+        "fine-tuning 1 policy on 4 worker(s) (finetune.workers: auto: the cluster's GPUs)")
+    assert _at_once_text(1, 1, 2, False, 1, False) == "fine-tuning 1 policy on 2 worker(s)"
+
+
 def test_a_workers_gmpq_error_comes_back_as_one_paragraph_naming_the_policy():
     from ray.train import WorkerGroupError
 

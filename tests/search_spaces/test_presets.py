@@ -38,3 +38,22 @@ def test_yaml_reads_exponent_floats_and_reports_syntax_errors_with_position():
     assert parse_yaml("lam: 1e-5\nx: 3E2\n") == {"lam": 1e-5, "x": 300.0}
     with pytest.raises(ConfigError, match="line 2, column 5"):
         parse_yaml("a: 1\nb: c: d\n", "bad.yaml")
+
+
+def test_the_demo_presets_timing_comment_stays_within_the_readmes_measured_figures():
+    """The demo preset's header says how long ``make demo`` takes: every figure in it lies between the README's warm
+    run and its run from an empty model cache (it said "about 10 minutes" beside README's 5.1 and 7.7 min)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text()
+    warm = float(re.search(r"warm model cache: \*\*([\d.]+) min wall\*\*", readme).group(1))
+    cold = float(re.search(r"From an empty model cache it took \*\*([\d.]+) min\*\*", readme).group(1))
+    header = "".join(line for line in (repo / "search_spaces" / "presets" / "demo.yaml").read_text().splitlines(True)
+                     if line.startswith("#"))
+    figures = [float(x) for x in re.findall(r"([\d.]+)(?=(?:-[\d.]+)? min)", header)]
+    figures += [float(x) for x in re.findall(r"-([\d.]+) min", header)]
+    figures += [float(x) for x in re.findall(r"([\d.]+) minutes", header)]
+    assert figures and all(warm <= f <= cold for f in figures), (figures, warm, cold)
+    assert f"{warm:g} min" in header and f"{cold:g} min" in header
