@@ -35,14 +35,15 @@ FINETUNE_DRIVER_FILE = "driver.finetune.json"
 
 
 @contextmanager
-def driver_marker(sweep_dir: str | Path, stage: str) -> Iterator[None]:
-    """While the block runs, ``<sweep_dir>/driver.json`` names this process and ``stage``.
+def driver_marker(sweep_dir: str | Path, stage: str, *, command: str | None = None) -> Iterator[None]:
+    """While the block runs, ``<sweep_dir>/driver.json`` names this process and ``stage`` (and ``command``, the gmpq
+    command running it, when not the one the stage is named for: ``gmpq run``'s sweep stage).
 
     Nested in this process (``gmpq run``: stage "run" around "sweep" and "finetune"), the inner stage
     shows while it runs (``command``: the outer one) and the outer one again after it. A live marker of another
     process (a sweep still running while ``gmpq finetune --sweep`` starts) is left alone: that process is the one
-    running it."""
-    with _marker(Path(sweep_dir) / DRIVER_FILE, stage):
+    running it; once it has ended, the heartbeat writes this one's (``_claim``)."""
+    with _marker(Path(sweep_dir) / DRIVER_FILE, stage, command=command):
         yield
 
 
@@ -51,59 +52,73 @@ def final_stage_marker(sweep_dir: str | Path) -> Iterator[None]:
     """``driver_marker(sweep_dir, "finetune")`` and, inside it, ``driver.finetune.json`` naming this process (its
     ``command``: ``gmpq run`` when it runs the stage), which another process's final stage checks
     (``final_results.refuse_beside_other_finetune``) even while ``driver.json`` names a sweep of a third one."""
+    main = Path(sweep_dir).resolve() / DRIVER_FILE
     with driver_marker(sweep_dir, "finetune"):
-        main = read_marker(Path(sweep_dir) / DRIVER_FILE)
-        command = main.get("command") if main is not None and is_this_process(main) else None
+        with _LOCK:
+            command = _STAGES[main][-1]["command"]
         with _marker(Path(sweep_dir) / FINETUNE_DRIVER_FILE, "finetune", command=command):
             yield
 
 
 @contextmanager
 def _marker(path: Path, stage: str, *, command: str | None = None) -> Iterator[None]:
-    before = read_marker(path)
-    ours = before is not None and is_this_process(before)
-    if before and not ours and driver_alive(before) is not False:
-        yield
-        return
-    outer = before.get("command", before.get("stage")) if ours else None
-    now = time.time()
-    mine = {"stage": stage, "command": command or outer or stage,
-            "host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
-            "started": now, "heartbeat": now}
+    """Push ``stage`` on this process's stages of ``path`` and show the innermost one there (``_claim``); pop it at
+    the end, showing the outer one again, or removing the file after the outermost."""
+    path = path.resolve()                       # one stack per file, however the folder is spelled
     with _LOCK:
-        atomic_write_json(path, mine)
-        _HELD[path] = _HELD.get(path, 0) + 1
+        stack = _STAGES.setdefault(path, [])
+        mine = {"stage": stage, "command": command or (stack[-1]["command"] if stack else stage),
+                "host": socket.gethostname(), "pid": os.getpid(), "pid_start": pid_start(os.getpid()),
+                "started": time.time()}
+        stack.append(mine)
+        try:
+            _claim(path)
+        except OSError:
+            pass
         _keep_beating()
     try:
         yield
     finally:
         with _LOCK:
-            _HELD[path] -= 1
-            if not _HELD[path]:
-                del _HELD[path]
+            stack.remove(mine)
+            if not stack:
+                del _STAGES[path]
             try:
                 if is_this_process(read_marker(path) or {}):
-                    if ours:                    # back to the outer stage of this process
-                        atomic_write_json(path, {**before, "heartbeat": time.time()})
+                    if stack:
+                        _claim(path)                # back to the outer stage of this process
                     else:
                         path.unlink()
             except OSError:
                 pass
 
 
+def _claim(path: Path) -> bool:
+    """Write this process's innermost stage of ``path`` there with the time as its heartbeat, unless the marker of
+    another process that may still run is there: that one is left alone (the heartbeat takes over once that
+    process has ended: a ``gmpq finetune --sweep`` started during a sweep shows once the sweep is over). Under
+    ``_LOCK``."""
+    current = read_marker(path)
+    if current is not None and not is_this_process(current) and driver_alive(current) is not False:
+        return False
+    atomic_write_json(path, {**_STAGES[path][-1], "heartbeat": time.time()})
+    return True
+
+
 # The heartbeat: every HEARTBEAT_S a thread rewrites the markers this process holds with the time, so that a
 # marker of another host's process that died without removing it (SIGKILL, a lost node, a killed pod) is taken as
 # ended once its heartbeat is older than STALE_AFTER_S (generous: the hosts' clocks may differ by minutes); a
-# process on this host is checked by its pid instead.
+# process on this host is checked by its pid instead. The same step writes a marker this process left alone
+# once the process named there has ended (a retried batch job on a new node, after its killed predecessor's).
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 _LOCK = threading.Lock()             # marker writes of this process: its blocks and the heartbeat
-_HELD: dict[Path, int] = {}          # the markers this process holds, with their nesting depth
+_STAGES: dict[Path, list[dict]] = {}     # this process's stages per marker file, the innermost last
 _beating: list[threading.Thread] = []
 
 
 def _keep_beating() -> None:
-    """Start the heartbeat thread unless it runs (under ``_LOCK``); it ends once no marker is held."""
+    """Start the heartbeat thread unless it runs (under ``_LOCK``); it ends once this process marks nothing."""
     if _beating and _beating[0].is_alive():
         return
     _beating[:] = [threading.Thread(target=_beat, name="gmpq-marker-heartbeat", daemon=True)]
@@ -114,19 +129,18 @@ def _beat() -> None:
     while True:
         time.sleep(HEARTBEAT_S)
         with _LOCK:
-            if not _HELD:
+            if not _STAGES:
                 _beating.clear()
                 return
             beat_once()
 
 
 def beat_once() -> None:
-    """Rewrite each marker this process holds with the time as its heartbeat (the heartbeat thread's step)."""
-    for path in list(_HELD):
+    """The heartbeat thread's step (under ``_LOCK``): each marker file this process has a stage in gets its
+    innermost stage with the time, where it holds the file or the process there has ended (``_claim``)."""
+    for path in list(_STAGES):
         try:
-            marker = read_marker(path)
-            if marker is not None and is_this_process(marker):
-                atomic_write_json(path, {**marker, "heartbeat": time.time()})
+            _claim(path)
         except OSError:                  # the folder went away or the disk is full: the sweep says so itself
             pass
 

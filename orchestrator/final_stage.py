@@ -251,137 +251,139 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     if lr is not None and not lr > 0:
         raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
                           "config's finetune.lr.")
-    refuse_beside_other_finetune(sweep_dir)
 
-    given = functools.partial(_given, stage)
-    pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
-        else read_pareto(sweep_dir)
-    chosen = pareto[pareto["selected"]] if len(pareto) else pareto
-    if chosen.empty:
-        raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
-                        "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
-    if top_k is not None and len(chosen) < top_k:
-        say(f"{len(chosen)} selected of the {top_k} asked for (--top-k): only {len(pareto)} on the Pareto front (a "
-            "policy off the front is never selected: one on it is at least as accurate for at most its BitOPs)")
-    workers = given(workers, "workers", 1)
-    workers = workers if workers == "auto" else int(workers)
-    epochs = int(given(epochs, "epochs", 1))
-    fp_path = target_fp_checkpoint(sweep_dir, say=say)
-    existing = {r["trial_id"]: r for r in read_final(sweep_dir, missing_ok=True).to_dict("records")}
-    final_rows = {t: r for t, r in existing.items()}
-    histories: dict[str, list[dict]] = {}
-    storage = finetune_storage(cfg, sweep_dir)
-    local = local_storage(storage)             # where kept-aside Ray Train runs go (None: remote, not moved)
-    done_ids: list[str] = []
-    refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
-    jobs = [(row, final_job(cfg, row, fp_path, epochs=epochs, lr=lr, batch_size=batch_size,
-                             max_steps_per_epoch=max_steps_per_epoch, train_size=train_size, test_size=test_size,
-                             progress_dir=finetune_progress_dir(cfg, sweep_dir), precision=precision))
-            for row in chosen.to_dict("records")]
-    kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir, local)   # each recipe's kept fine-tune, read once
-    todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
-    resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
-    with final_stage_marker(sweep_dir), \
-            ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
-        auto = workers == "auto"
-        workers, use_gpu = _ray_devices(1 if auto else workers, use_gpu, say)
-        for i, (row, job) in enumerate(jobs, start=1):
-            tid = job.trial_id
-            recipe, prev = job.recipe_json(), existing.get(tid)
-            # a row from before recipes (None) counts as the same recipe; precision "auto" as the one it ran in; a
-            # row from before the precision was in recipes, as its model file says (unknown: as any precision)
-            recorded = recorded_recipe(sweep_dir, prev) if prev is not None else None
-            same = prev is not None and same_recipe(recorded, recipe)
-            tag = f"[{i}/{len(chosen)}] {tid}:"
-            earlier = None if same else kept_of.get(tid)
-            if prev is not None and not same:     # the current recipe's row, files and checkpoint: kept aside
-                say(f"{tag} fine-tuned before with other settings ({', '.join(recipe_changes(recorded, recipe))})"
-                    + ("; starting afresh" if earlier is None else
-                       "; continuing its unfinished fine-tune with these settings, kept earlier" if earlier.unfinished
-                       else "; going back to its fine-tune with these settings, kept earlier"))
-                set_aside(sweep_dir, local, {**prev, "recipe_json": recorded}, say, tag)
-                del final_rows[tid]
-                write_final(sweep_dir, final_rows)
-            elif prev is None and earlier is None:   # a run of another recipe stopped here: kept aside, not replaced
-                keep_unfinished(sweep_dir, local, tid, say, tag, recipe=recipe)
-            if earlier is not None:               # this recipe was fine-tuned before: its result comes back
-                park_leftovers(sweep_dir, local, tid, say, tag, recipe)
-                if earlier.unfinished:            # no row: its checkpoint (if kept) is continued
-                    if restore_unfinished(sweep_dir, local, earlier, say, tag):
-                        resuming.add(tid)
-                else:
-                    prev = final_rows[tid] = existing[tid] = restore_kept(sweep_dir, local, earlier, say, tag)
+    with final_stage_marker(sweep_dir):   # to the last MLflow write: a sync or another final stage waits for it
+        refuse_beside_other_finetune(sweep_dir)     # marked first: of two final stages started at once, one runs
+        given = functools.partial(_given, stage)
+        pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
+            else read_pareto(sweep_dir)
+        chosen = pareto[pareto["selected"]] if len(pareto) else pareto
+        if chosen.empty:
+            raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
+                            "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
+        if top_k is not None and len(chosen) < top_k:
+            say(f"{len(chosen)} selected of the {top_k} asked for (--top-k): only {len(pareto)} on the Pareto front (a "
+                "policy off the front is never selected: one on it is at least as accurate for at most its BitOPs)")
+        workers = given(workers, "workers", 1)
+        workers = workers if workers == "auto" else int(workers)
+        epochs = int(given(epochs, "epochs", 1))
+        fp_path = target_fp_checkpoint(sweep_dir, say=say)
+        existing = {r["trial_id"]: r for r in read_final(sweep_dir, missing_ok=True).to_dict("records")}
+        final_rows = {t: r for t, r in existing.items()}
+        histories: dict[str, list[dict]] = {}
+        storage = finetune_storage(cfg, sweep_dir)
+        local = local_storage(storage)             # where kept-aside Ray Train runs go (None: remote, not moved)
+        done_ids: list[str] = []
+        refilled: list[str] = []           # rows that got their model file from a Ray Train checkpoint in this call
+        jobs = [(row, final_job(cfg, row, fp_path, epochs=epochs, lr=lr, batch_size=batch_size,
+                                 max_steps_per_epoch=max_steps_per_epoch, train_size=train_size, test_size=test_size,
+                                 progress_dir=finetune_progress_dir(cfg, sweep_dir), precision=precision))
+                for row in chosen.to_dict("records")]
+        kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir, local)   # each recipe's kept fine-tune, read once
+        todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
+        resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
+        with ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
+            auto = workers == "auto"
+            workers, use_gpu = _ray_devices(1 if auto else workers, use_gpu, say)
+            for i, (row, job) in enumerate(jobs, start=1):
+                tid = job.trial_id
+                recipe, prev = job.recipe_json(), existing.get(tid)
+                # a row from before recipes (None) counts as the same recipe; precision "auto" as the one it ran in; a
+                # row from before the precision was in recipes, as its model file says (unknown: as any precision)
+                recorded = recorded_recipe(sweep_dir, prev) if prev is not None else None
+                same = prev is not None and same_recipe(recorded, recipe)
+                tag = f"[{i}/{len(chosen)}] {tid}:"
+                earlier = None if same else kept_of.get(tid)
+                if prev is not None and not same:     # the current recipe's row, files and checkpoint: kept aside
+                    say(f"{tag} fine-tuned before with other settings ({', '.join(recipe_changes(recorded, recipe))})"
+                        + ("; starting afresh" if earlier is None else
+                           "; continuing its unfinished fine-tune with these settings, kept earlier" if earlier.unfinished
+                           else "; going back to its fine-tune with these settings, kept earlier"))
+                    set_aside(sweep_dir, local, {**prev, "recipe_json": recorded}, say, tag)
+                    del final_rows[tid]
                     write_final(sweep_dir, final_rows)
-                    recorded, same = recorded_recipe(sweep_dir, prev), True
-            if not same:
-                prev = None
-            if same and int(prev.get("epochs") or 0) == epochs:
-                how = " with these settings" if recorded is None or recipe_precision(recorded) else (
-                    ", precision unknown (the other settings are these; its row was written before the precision "
-                    "was part of a recipe and has no model file that says; delete its row in "
-                    f"{sweep_dir / FINAL_FILE} to fine-tune it again)")
-                say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s){how}: "
-                    f"top1 {prev['final_top1']:.2f}%")
-                if not final_model_path(sweep_dir, tid).is_file():    # fine-tuned before models were exported
-                    final_rows[tid] = export_saved_final(sweep_dir, storage, prev, job, STATE_FILE, say)
-                    write_final(sweep_dir, final_rows)
-                    refilled.append(tid)
-                done_ids.append(tid)
-                continue
-            if prev is not None:
-                say(f"{tag} continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
-                    f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
-            todo.append((i, row, job, int(prev.get("epochs") or 0) + 1 if prev is not None else 1))
-        cap = given(max_concurrent, "max_concurrent", None)
-        if auto:                      # the devices shared by the policies that run at once
-            workers = auto_workers(len(todo), use_gpu, cap, jobs[0][1].batch_size if jobs else 128)
-        slots = final_slots(len(todo), workers, use_gpu, cap)
-        if len(todo) > 1 or (todo and auto):
-            say(_at_once_text(len(todo), slots, workers, use_gpu, cap, auto))
-        lock = threading.Lock()
+                elif prev is None and earlier is None:   # a run of another recipe stopped here: kept aside, not replaced
+                    keep_unfinished(sweep_dir, local, tid, say, tag, recipe=recipe)
+                if earlier is not None:               # this recipe was fine-tuned before: its result comes back
+                    park_leftovers(sweep_dir, local, tid, say, tag, recipe)
+                    if earlier.unfinished:            # no row: its checkpoint (if kept) is continued
+                        if restore_unfinished(sweep_dir, local, earlier, say, tag):
+                            resuming.add(tid)
+                    else:
+                        prev = final_rows[tid] = existing[tid] = restore_kept(sweep_dir, local, earlier, say, tag)
+                        write_final(sweep_dir, final_rows)
+                        recorded, same = recorded_recipe(sweep_dir, prev), True
+                if not same:
+                    prev = None
+                if same and int(prev.get("epochs") or 0) == epochs:
+                    how = " with these settings" if recorded is None or recipe_precision(recorded) else (
+                        ", precision unknown (the other settings are these; its row was written before the precision "
+                        "was part of a recipe and has no model file that says; delete its row in "
+                        f"{sweep_dir / FINAL_FILE} to fine-tune it again)")
+                    say(f"[{i}/{len(chosen)}] {tid}: already fine-tuned for {epochs} epoch(s){how}: "
+                        f"top1 {prev['final_top1']:.2f}%")
+                    if not final_model_path(sweep_dir, tid).is_file():    # fine-tuned before models were exported
+                        final_rows[tid] = export_saved_final(sweep_dir, storage, prev, job, STATE_FILE, say)
+                        write_final(sweep_dir, final_rows)
+                        refilled.append(tid)
+                    done_ids.append(tid)
+                    continue
+                if prev is not None:
+                    say(f"{tag} continuing its {int(prev.get('epochs') or 0)}-epoch fine-tune to "
+                        f"{epochs} epochs (the cosine schedule is stretched; its row and model file will be replaced)")
+                todo.append((i, row, job, int(prev.get("epochs") or 0) + 1 if prev is not None else 1))
+            cap = given(max_concurrent, "max_concurrent", None)
+            if auto:                      # the devices shared by the policies that run at once
+                workers = auto_workers(len(todo), use_gpu, cap, jobs[0][1].batch_size if jobs else 128)
+            slots = final_slots(len(todo), workers, use_gpu, cap)
+            if len(todo) > 1 or (todo and auto):
+                say(_at_once_text(len(todo), slots, workers, use_gpu, cap, auto))
+            lock = threading.Lock()
 
-        def fine_tune(item: tuple[int, dict, FinalJob, int]) -> None:
-            i, row, job, first = item
-            tid, tag = job.trial_id, f"[{i}/{len(chosen)}] {job.trial_id}:"
-            span = f"epochs {first}-{epochs}" if first > 1 else f"{epochs} epoch(s)"
-            say(f"{tag} fine-tuning {span} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
-                f"{row.get('selection_reason')}")
-            mark_started(sweep_dir, tid, job.recipe_json(), epochs)   # a run stopped before its row: known by it
-            with _ProgressWatcher(Path(job.progress_file), say, tag, epochs):
-                run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
-            if (first > 1 or tid in resuming) and not run.metrics.get("resumed_from_epoch"):   # not continued
-                why = run.metrics.get("restarted_because") or f"no checkpoint of it under {storage}"
-                say(f"{tag} fine-tuned afresh from epoch 1, not continued: {why}")
-            with lock:                   # final.parquet is rewritten whole: one writer at a time
-                model_path = record_final_run(sweep_dir, final_rows, row, run, job, say)
-                clear_started(sweep_dir, tid)
-                histories[tid] = run.history
-                done_ids.append(tid)
-            say(f"{tag} final top1 {run.metrics.get('top1', float('nan')):.2f}% "
-                f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s"
-                + (f"; model {model_path}" if model_path else ""))
-        failed: BaseException | None = None
-        try:
-            run_side_by_side(todo, fine_tune, slots)
-        except (Exception, KeyboardInterrupt) as e:   # the finished policies keep their rows: plot, log, then raise
-            failed = e
-    # after Ctrl-C a fine-tune thread may still be recording its policy: final.parquet, the policies done and
-    # their histories are read together, under the lock it records under (one recorded later: the next run logs it)
-    with lock:
-        done, fresh_histories = list(done_ids), dict(histories)
-        final = read_final(sweep_dir) if failed is None or done else None
-    if failed is not None and not isinstance(failed, KeyboardInterrupt):    # (Ctrl-C: the command says it)
-        kept = [job.trial_id for _, _, job, _ in todo if job.trial_id in fresh_histories]
-        say(f"{len(todo) - len(kept)} of {len(todo)} fine-tune(s) failed"
-            + (f"; the finished ones ({', '.join(kept)}) are kept in {sweep_dir / FINAL_FILE} and MLflow" if kept else "")
-            + ". Rerun the same command after fixing the cause: finished policies are not run again.")
-    if failed is not None and not done:
-        raise failed
-    plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
-    ours = final[final["trial_id"].isin(done)].reset_index(drop=True)
-    # this call's fine-tunes and refilled model files are logged; an earlier one only if its run is missing
-    log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours, histories=fresh_histories,
-              png_path=sweep_dir / FINAL_PNG, fresh={*fresh_histories, *refilled})
-    if failed is not None:
-        raise failed
-    return ours
+            def fine_tune(item: tuple[int, dict, FinalJob, int]) -> None:
+                i, row, job, first = item
+                tid, tag = job.trial_id, f"[{i}/{len(chosen)}] {job.trial_id}:"
+                span = f"epochs {first}-{epochs}" if first > 1 else f"{epochs} epoch(s)"
+                say(f"{tag} fine-tuning {span} on {workers} worker(s) ({'GPU' if use_gpu else 'CPU'}), "
+                    f"{row.get('selection_reason')}")
+                mark_started(sweep_dir, tid, job.recipe_json(), epochs)   # a run stopped before its row: known by it
+                with _ProgressWatcher(Path(job.progress_file), say, tag, epochs):
+                    run = run_final_job(job, storage_path=storage, workers=workers, use_gpu=use_gpu)
+                if (first > 1 or tid in resuming) and not run.metrics.get("resumed_from_epoch"):   # not continued
+                    why = run.metrics.get("restarted_because") or f"no checkpoint of it under {storage}"
+                    say(f"{tag} fine-tuned afresh from epoch 1, not continued: {why}")
+                with lock:                   # final.parquet is rewritten whole: one writer at a time
+                    model_path = record_final_run(sweep_dir, final_rows, row, run, job, say)
+                    clear_started(sweep_dir, tid)
+                    histories[tid] = run.history
+                    done_ids.append(tid)
+                say(f"{tag} final top1 {run.metrics.get('top1', float('nan')):.2f}% "
+                    f"(transfer check {row.get('transfer_top1', float('nan')):.2f}%), {run.seconds:.0f}s"
+                    + (f"; model {model_path}" if model_path else ""))
+            failed: BaseException | None = None
+            try:
+                run_side_by_side(todo, fine_tune, slots)
+            except (Exception, KeyboardInterrupt) as e:   # the finished policies keep their rows: plot, log, then raise
+                failed = e
+        # after Ctrl-C a fine-tune thread may still be recording its policy: final.parquet, the policies done and
+        # their histories are read together, under the lock it records under (one recorded later: the next run logs it)
+        with lock:
+            done, fresh_histories = list(done_ids), dict(histories)
+            final = read_final(sweep_dir) if failed is None or done else None
+        if failed is not None and not isinstance(failed, KeyboardInterrupt):    # (Ctrl-C: the command says it)
+            kept = [job.trial_id for _, _, job, _ in todo if job.trial_id in fresh_histories]
+            say(f"{len(todo) - len(kept)} of {len(todo)} fine-tune(s) failed"
+                + (f"; the finished ones ({', '.join(kept)}) are kept in {sweep_dir / FINAL_FILE} and MLflow"
+                   if kept else "")
+                + ". Rerun the same command after fixing the cause: finished policies are not run again.")
+        if failed is not None and not done:
+            raise failed
+        plot_final(final, read_trials(sweep_dir, missing_ok=True), sweep_dir / FINAL_PNG)
+        ours = final[final["trial_id"].isin(done)].reset_index(drop=True)
+        # this call's fine-tunes and refilled model files are logged; an earlier one only if its run is missing
+        log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours, histories=fresh_histories,
+                  png_path=sweep_dir / FINAL_PNG, fresh={*fresh_histories, *refilled})
+        if failed is not None:
+            raise failed
+        return ours
+

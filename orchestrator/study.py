@@ -306,5 +306,6 @@ def check_page_replaceable(path: str | Path, flag: str = "--report") -> None:
         pass                                    # unreadable: not known to be ours either
     raise ConfigError(f"The results page '{path}' already exists and is not a page 'gmpq study' wrote, or was edited "
                       "since (its first line's digest no longer matches), so writing the page there would replace "
-                      f"its text. Pass {flag} another file (by default the page goes inside the study folder: "
-                      f"DIR/results.md), or move or delete '{path}' first if its text may go.")
+                      f"its text. Pass {flag} another file (or none: the page then goes inside the study folder, "
+                      f"DIR/results.md, which is always rewritten), or move or delete '{path}' first if its text may "
+                      "go.")

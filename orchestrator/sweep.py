@@ -309,12 +309,14 @@ def _summary_rows(grid: Any, book: TrialStatusBook) -> list[dict]:
 
 
 def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
-              prep_threads: int | None = None) -> SweepSummary:
+              prep_threads: int | None = None, command: str = "sweep") -> SweepSummary:
     """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
 
     ``resume``: False starts the sweep (ConfigError if the folder holds it already), True continues it
     (ConfigError if there is nothing to resume), ``"auto"`` does whichever fits (``resolve_resume``).
-    ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``).
+    ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``). ``command``: the gmpq
+    command that runs it, as ``driver.json`` names it ("run": ``gmpq run``'s sweep stage, whose final stage
+    follows: another final stage is refused meanwhile).
     """
     t0, started_at = time.perf_counter(), datetime.now()
     joined = None
@@ -366,7 +368,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
     with ctrl_c_signals():              # SIGTERM as Ctrl-C to the end, not only while Ray runs (its marker removed)
-        with driver_marker(sweep_dir, "sweep"):      # until the last MLflow write (a sync waits for it)
+        with driver_marker(sweep_dir, "sweep", command=command):   # to the last MLflow write (a sync waits for it)
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
                     stores = pool.submit(_open_stores, cfg, callbacks, resume)          # while Ray starts

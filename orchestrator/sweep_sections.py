@@ -89,6 +89,12 @@ def misplaced(where: str, given: Mapping[str, Any]) -> dict[str, str]:
     takes, places = _places()
     out = {}
     for key in sorted(set(given) - takes[where], key=str):
+        if where == "space" and key in as_space:        # the dimension's own name: space: {search_epochs: 2}
+            name = as_space[key]
+            out[key] = (f"'{key}' is called '{name}' in 'space:' (space: {_inline(name, given[key])})"
+                        + (f"; gmpq sweep {KEY_FLAGS[f'space.{as_space[key]}']} sets it too."
+                           if f"space.{as_space[key]}" in KEY_FLAGS else "."))
+            continue
         homes = [(p, key) for p in places if p != where and key in places[p]]     # the top level ("") first
         if key in as_space and where != "space":        # a search setting the sweep sets from a space dimension
             homes.insert(0, ("space", as_space[key]))

@@ -289,14 +289,16 @@ def _id_files_kept(sink: MLflowSink) -> Iterator[None]:
 
 
 def _refuse_while_running(sweep_dir: Path) -> None:
-    """SyncError when another process still runs a stage of this sweep (``sweep_status.live_driver``): its MLflow
+    """SyncError when another process still runs a stage of this sweep (``driver_markers.live_driver``: driver.json
+    or driver.finetune.json, one checked alive on this host named first): its MLflow
     logging writes the same runs and id files, so a sync beside it could overwrite the ids it writes meanwhile
     (another store's sync puts the folder's id files back as they were) or log a run twice."""
     from .driver_markers import FINETUNE_DRIVER_FILE, driver_text, ended_marker_text, live_driver
 
-    driver = live_driver(sweep_dir) or live_driver(sweep_dir, FINETUNE_DRIVER_FILE)   # a final stage beside a sweep
-    if driver is None:
+    marked = [d for d in (live_driver(sweep_dir), live_driver(sweep_dir, FINETUNE_DRIVER_FILE)) if d is not None]
+    if not marked:                                        # (the second: a final stage beside another's sweep)
         return
+    driver = next((d for d in marked if d["alive"]), marked[0])    # --while-running would override it too
     where = (f"; {ended_marker_text(sweep_dir, driver['file'])}" if driver["alive"]
              else " on another host: whether it still runs cannot be checked from here (if it has ended, sync with "
              "--while-running)")

@@ -5,6 +5,7 @@ here import nothing heavy: ``gmpq CMD --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from gmpq_core.errors import ConfigError
@@ -100,7 +101,9 @@ def resolve_sweep_dir_arg(args: argparse.Namespace) -> None:
     two different folders were given."""
     given, positional = getattr(args, "sweep", None), getattr(args, "sweep_arg", None)
     command = f"gmpq {getattr(args, 'command', None) or 'COMMAND'}"
-    if given is not None and positional is not None and given != positional:
+    same = given is not None and positional is not None and \
+        Path(given).expanduser().resolve() == Path(positional).expanduser().resolve()
+    if given is not None and positional is not None and not same:
         raise ConfigError(f"Two sweep folders were given: --sweep {given} and {positional}. Give the folder once: "
                           f"{command} --sweep DIR (or {command} DIR).")
     if given is None and positional is None:

@@ -65,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             if resolved.finetune.workers != "auto":       # 'auto' fits whatever the cluster has
                 check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
             _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
-            summary = run_sweep(cfg, resume=resume, progress=not args.quiet)   # the later stages resume on their own
+            summary = run_sweep(cfg, resume=resume, progress=not args.quiet,   # the later stages resume on their own
+                                command="run")           # driver.json: 'gmpq run' (its sweep stage)
             print(format_summary(summary, command="gmpq run"), flush=True)
             if summary.interrupted:                      # no Pareto front of half a sweep
                 return stop_status(summary.terminated)

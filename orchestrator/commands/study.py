@@ -13,9 +13,10 @@ DIR/mlflow.db (unless --tracking-uri), the page (--report, default DIR/results.m
 (--png, default study_<name>.png next to the page).
 
 The page's first line records that gmpq study wrote it, with a digest of the rest: an existing --report file
-is replaced only while it is such a page, unchanged. Any other file (docs/results.md, which collects several
-studies and hand-written sections; a page edited since) is refused before any work: pass --report another
-file, or move it away. Hand-written reading goes in --notes FILE, which the page includes.
+outside the study folder is replaced only while it is such a page, unchanged. Any other file (docs/results.md,
+which collects several studies and hand-written sections; a page edited since) is refused before any work: pass
+--report another file, or move it away. DIR/results.md, the study folder's own page, is always rewritten (also one
+an earlier gmpq wrote without the stamp). Hand-written reading goes in --notes FILE, which the page includes.
 """
 from __future__ import annotations
 
@@ -199,7 +200,9 @@ def run(args: argparse.Namespace) -> int:
     report = Path(args.report).expanduser() if args.report else out / "results.md"
     png = Path(args.png).expanduser() if args.png else report.parent / f"study_{cfg.name}.png"
     _check_output(report, "results page", "--report", "results.md")
-    check_page_replaceable(report)      # a hand-written or edited page is not replaced: refused before any work
+    own_page = report.resolve() == (out / "results.md").resolve()    # the study folder's own page: its output
+    if not own_page:                    # a hand-written or edited page elsewhere is not replaced: refused now
+        check_page_replaceable(report)
     if args.png:
         _check_output(png, "plot", "--png", f"study_{cfg.name}.png")
     timing_file = out / "study_timing.json"
@@ -221,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     timing["text"] = (f"{total / 60:.1f} min over {len(runs)} invocation(s) (shared FP models "
                       f"{sum(r['prepare_seconds'] for r in runs) / 60:.1f} min of it); sum of per-cell seconds "
                       f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
-    check_page_replaceable(report)      # again: the file may have appeared while the study ran
+    if not own_page:
+        check_page_replaceable(report)  # again: the file may have appeared while the study ran
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
                      target=_dataset_title(cfg.target))

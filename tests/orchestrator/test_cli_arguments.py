@@ -29,7 +29,7 @@ def test_the_sweep_folder_may_be_given_without_sweep(tmp_path, capsys, command):
         assert "(created)" in positional and "(reused)" in again
     else:
         assert again == positional and str(sweep) in positional
-    assert main([command, "--sweep", str(sweep), str(sweep), *extra]) == 0          # the same folder twice: fine
+    assert main([command, "--sweep", str(sweep), f"{sweep}/", *extra]) == 0     # the same folder twice: fine
     capsys.readouterr()
     err = _err(capsys, [command, "--sweep", str(sweep), str(tmp_path / "other")])
     assert f"Two sweep folders were given: --sweep {sweep} and {tmp_path / 'other'}." in err

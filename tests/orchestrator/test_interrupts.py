@@ -91,7 +91,7 @@ def test_gmpq_run_interrupted_in_its_final_stage_says_so_and_removes_its_driver_
         assert (sweep_dir / "driver.json").is_file()
         raise KeyboardInterrupt
     monkeypatch.setattr(ray_env, "ray_session", lambda address=None: contextlib.nullcontext(True))
-    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, resume, progress: summary)
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, resume, progress, **kw: summary)
     monkeypatch.setattr(pareto, "pareto_stage", lambda *a: pd.DataFrame({"selected": [True, False]}))
     monkeypatch.setattr(_finetune_sweep, "finetune_stage", stage3)
     assert main(["run", "--preset", "demo", "--out", str(out), "--workers", "auto", "--quiet"]) == 130

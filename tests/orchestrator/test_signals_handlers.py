@@ -107,7 +107,7 @@ def _sweep_stub(out, *, stop: bool | None = None, summary_changes: dict | None =
     """A run_sweep that saved its config, then is stopped (``stop``: by SIGTERM) or returns a summary."""
     from orchestrator.sweep import SweepSummary
 
-    def run_sweep(cfg, resume=False, progress=True):
+    def run_sweep(cfg, resume=False, progress=True, **kw):
         out.mkdir(parents=True, exist_ok=True)
         (out / "sweep_config.yaml").write_text("name: demo\n")
         if stop is not None:
@@ -181,7 +181,7 @@ def test_gmpq_run_terminated_in_its_final_stage_exits_143(tmp_path, monkeypatch,
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
     monkeypatch.setattr(ray_env, "ray_session", lambda address=None: contextlib.nullcontext(True))
-    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, resume, progress: summary)
+    monkeypatch.setattr(sweep, "run_sweep", lambda cfg, resume, progress, **kw: summary)
     monkeypatch.setattr(pareto, "pareto_stage", lambda *a: pd.DataFrame({"selected": [True]}))
     monkeypatch.setattr(_finetune_sweep, "finetune_stage", stage3)
     assert main(["run", "--preset", "demo", "--out", str(out), "--workers", "auto", "--quiet"]) == 143

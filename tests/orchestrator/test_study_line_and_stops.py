@@ -71,7 +71,7 @@ def test_the_studys_tune_run_puts_back_the_sigint_handler_it_leaves(tmp_path, mo
 def _stopped_sweep(out: Path, with_a_trial: bool):
     from orchestrator.results import CONFIG_FILE, TRIALS_FILE, write_table, rows_to_table
 
-    def run_sweep(cfg, resume=False, progress=True):
+    def run_sweep(cfg, resume=False, progress=True, **kw):
         out.mkdir(parents=True, exist_ok=True)
         (out / CONFIG_FILE).write_text("name: demo\n")
         if with_a_trial:

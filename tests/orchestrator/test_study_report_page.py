@@ -70,3 +70,16 @@ def test_the_help_examples_write_no_report_over_the_docs(capsys):
     text = capsys.readouterr().out
     examples = [line for line in text.splitlines() if line.strip().startswith("gmpq study")]
     assert examples and not any("--report docs/" in line for line in examples), examples
+
+
+def test_the_study_folders_own_page_is_rewritten_even_without_a_stamp(tmp_path, capsys):
+    """The review: a DIR/results.md an earlier gmpq wrote (no stamp) made a resume or --analyze-only of that study
+    exit 2, the message suggesting that very file."""
+    d = tmp_path / "study"
+    _fake_study(d)
+    (d / "results.md").write_text("# Generalization study: an older page\n")
+    assert main(["study", "--out", str(d), "--analyze-only"]) == 0
+    assert (d / "results.md").read_text().startswith("<!-- written by 'gmpq study'")
+    (d / "results.md").write_text("# Generalization study: an older page\n")
+    assert main(["study", "--out", str(d), "--analyze-only", "--report", str(d / "results.md")]) == 0
+    capsys.readouterr()

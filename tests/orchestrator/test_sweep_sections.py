@@ -109,3 +109,11 @@ def test_testing_is_not_listed_among_the_known_keys_but_stays_accepted(tmp_path)
     assert cfg.testing.raise_trials == (1,)
     with pytest.raises(ConfigError, match="testing"):          # 'testing' is named where the user wrote it
         SweepConfig.from_dict({**cfg.to_dict(), "testing": {"raise_trial": [1]}})
+
+
+def test_the_search_settings_name_inside_space_names_the_dimension(tmp_path):
+    """The review: space: {epochs: 2} was sent to 'transfer:' or 'finetune:' (their epochs), not search_epochs."""
+    msg = _error(tmp_path, {"preset": "demo", "space": {"epochs": 2}})
+    assert "'epochs' is called 'search_epochs' in 'space:' (space: {search_epochs: 2}); gmpq sweep --epochs sets " \
+           "it too." in msg
+    assert "transfer" not in msg.split("Known keys")[0]

@@ -1,6 +1,6 @@
 # Session 21 scratch (not a benchmark): ray.init in the main thread while a thread imports torch/tune/optuna/mlflow.
 # Compare with ray_init_overlap_thread.py seq (sequential) alternately, in fresh processes.
-import sys, time, threading
+import time, threading
 t0 = time.perf_counter()
 import ray
 def imports():
