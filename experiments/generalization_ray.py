@@ -138,10 +138,12 @@ def _callback_class():
     class _StudyCallback(Callback):
         """Driver side: each finished cell -> study.parquet row + MLflow child run."""
 
-        def __init__(self, study_dir: Path, cfg: StudyConfig, tracking_uri: str | None) -> None:
+        def __init__(self, study_dir: Path, cfg: StudyConfig, tracking_uri: str | None,
+                     say: Callable[[str], None] | None = None, total: int = 0) -> None:
             self.study_dir = study_dir
             self.sink = StudySink(tracking_uri, study_dir, experiment_name=cfg.name, resolved_config=cfg.to_dict())
             self.completed = self.failed = 0
+            self.say, self.total, self.t0 = say or (lambda msg: None), total, time.perf_counter()
 
         def setup(self, **info: Any) -> None:
             self.sink.connect(reopen=True)
@@ -155,6 +157,7 @@ def _callback_class():
             write_rows(self.study_dir, [row])
             self.failed += bool(error)
             self.completed += not error
+            self.say(cell_line(row, self.completed + self.failed, self.total, time.perf_counter() - self.t0))
             rid = self.sink.child_run("trials", cell["cell_id"], run_name=cell["cell_id"], params=cell,
                                       tags={"cell_id": cell["cell_id"], "method": cell["method"],
                                             "gmpq.role": "study-cell"})
@@ -177,9 +180,26 @@ def _callback_class():
     return _StudyCallback
 
 
-def StudyCallback(study_dir: Path, cfg: StudyConfig, tracking_uri: str | None):  # noqa: N802 (factory)
-    """The Tune callback (built lazily so importing this module does not import Ray)."""
-    return _callback_class()(study_dir, cfg, tracking_uri)
+def StudyCallback(study_dir: Path, cfg: StudyConfig, tracking_uri: str | None,  # noqa: N802 (factory)
+                  say: Callable[[str], None] | None = None, total: int = 0):
+    """The Tune callback (built lazily so importing this module does not import Ray); ``say`` gets a line per
+    finished cell (``cell_line``)."""
+    return _callback_class()(study_dir, cfg, tracking_uri, say, total)
+
+
+def cell_line(row: Mapping[str, Any], done: int, total: int, elapsed_s: float) -> str:
+    """A finished cell as the study's progress says it: ``[3/18] gmpq proxy 500 budget 3.0 seed 0: target top-1
+    81.2 %, 0.41 GBitOPs (12 s); 1.5 min so far``."""
+    what = " ".join(f"{k} {row.get(k)}" for k in ("proxy", "budget", "seed") if row.get(k) is not None)
+    if row.get("status") == "failed":
+        tail = str(row.get("error") or "").strip().splitlines()
+        outcome = f"FAILED ({tail[-1][:160] if tail else 'no error text'})"
+    else:
+        top1, gb, sec = row.get("target_top1"), row.get("gbitops_quantized"), row.get("cell_seconds")
+        outcome = (f"target top-1 {top1:.2f} %" if isinstance(top1, (int, float)) else "target top-1 -") \
+            + (f", {gb:.3f} GBitOPs" if isinstance(gb, (int, float)) else "") \
+            + (f" ({sec:.0f} s)" if isinstance(sec, (int, float)) else "")
+    return f"[{done}/{total or '?'}] {row.get('method')} {what}: {outcome}; {elapsed_s / 60:.1f} min so far"
 
 
 def _export_repo_path() -> None:
@@ -229,10 +249,11 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     with ray_session(address, **({} if address else {"num_gpus": 1 if cfg.resources["gpu"] > 0 else 0})):
         paths = prepare_models(cfg, study_dir, map_fn=_ray_map(cfg))
         t_prep = time.perf_counter() - t0
-        say(f"shared FP models ready after {t_prep:.0f} s: {paths}")
+        say(f"shared FP models ready after {t_prep:.0f} s ({_paths_text(paths)})")
         if todo:
             uri = cfg.tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
-            cb = StudyCallback(study_dir, cfg, uri)
+            cb = StudyCallback(study_dir, cfg, uri, say=say, total=len(todo))
+            say(f"running {len(todo)} cell(s), {cfg.max_concurrent_trials} at a time: a line as each ends")
             context = {"config": cfg.to_dict(), "paths": paths}
             trainable = tune.with_resources(_trainable(context), {"cpu": cfg.resources["cpu"],
                                                                  "gpu": cfg.resources["gpu"]})
@@ -248,4 +269,13 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells) - len(todo),
                         n_completed=cb.completed if cb else 0, n_failed=cb.failed if cb else 0,
                         prepare_seconds=t_prep, wall_seconds=time.perf_counter() - t0)
+
+
+def _paths_text(paths: Mapping[str, Any]) -> str:
+    """The shared models' paths, one ``name: path`` each (nested mappings flattened as ``name.key``)."""
+    parts = []
+    for name, value in paths.items():
+        items = value.items() if isinstance(value, Mapping) else [(None, value)]
+        parts += [f"{name}{'.' + str(k) if k is not None else ''}: {v}" for k, v in items]
+    return "; ".join(parts)
 

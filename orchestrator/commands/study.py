@@ -170,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.study import check_page_replaceable, plot_study, write_results_md
     from orchestrator.commands.sweep import check_address_arg
 
+    from orchestrator.commands import quiet_libraries
+
+    quiet_libraries(getattr(args, "verbose", False))    # no MLflow / Alembic INFO lines between the cells' lines
     gen, ray_run = _experiments()
     logging.getLogger("experiments").setLevel(logging.INFO)
     config_path = args.config or (str(SMOKE_CONFIG) if args.smoke else None)

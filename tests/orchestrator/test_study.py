@@ -185,6 +185,8 @@ def test_smoke_study_runs_end_to_end_on_ray_and_resumes(tmp_path):
     exp = client.get_experiment_by_name("generalization_smoke")
     children = client.search_runs([exp.experiment_id], "tags.`gmpq.role` = 'study-cell'")
     assert len(children) == len(df)
+    assert f"[1/{len(df)}] " in first.stdout and f"[{len(df)}/{len(df)}] " in first.stdout   # a line per cell
+    assert "INFO mlflow" not in first.stdout + first.stderr and "Creating initial MLflow" not in first.stderr
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{len(df)} already done, 0 to run" in second.stdout
@@ -202,3 +204,17 @@ def test_the_page_header_names_the_shared_models_a_run_elsewhere_recorded(tmp_pa
     assert head["target FP model"] == "91.25% top-1 (on 1000 test images) after 1000 SGD steps of batch 256"
     assert head["teachers"] == "200 SGD steps on each proxy (top-1: fmnist500 74.5%, fmnist2000 80.0%)"
     assert _header(cfg, tmp_path, "x.yaml", {"runs": []}, _rows())["target FP model"] == "-"
+
+
+def test_each_finished_cell_is_a_progress_line():
+    """A study ran for up to an hour with no line between 'shared FP models ready' and its summary."""
+    from experiments.generalization_ray import cell_line
+
+    row = {"method": "gmpq", "proxy": "fmnist500", "budget": 3.0, "seed": 1, "status": "completed",
+           "target_top1": 81.234, "gbitops_quantized": 0.4123, "cell_seconds": 12.4}
+    assert cell_line(row, 3, 18, 90.0) == ("[3/18] gmpq proxy fmnist500 budget 3.0 seed 1: target top-1 81.23 %, "
+                                           "0.412 GBitOPs (12 s); 1.5 min so far")
+    failed = {**row, "status": "failed", "error": "Traceback ...\nValueError: the budget is infeasible\n"}
+    assert cell_line(failed, 4, 18, 96.0) == ("[4/18] gmpq proxy fmnist500 budget 3.0 seed 1: FAILED (ValueError: "
+                                              "the budget is infeasible); 1.6 min so far")
+
