@@ -3,7 +3,8 @@
 Addresses (``--address``):
   * ``None`` / ``"local"``: start a private Ray instance in this process (single machine).
   * ``"auto"``: ``$RAY_ADDRESS`` if set, else the cluster recorded by ``gmpq cluster up`` (its state
-    file), else Ray's own discovery (``/tmp/ray/ray_current_cluster`` of a ``ray start --head``).
+    file), else the cluster a ``ray start --head`` recorded (``/tmp/ray/ray_current_cluster``) or that runs on this
+    machine; never another process's private ``ray.init()`` session (``cluster.discover``: refused, named).
   * ``"HOST:PORT"``: the GCS of an existing cluster (this process becomes a driver on it).
   * ``"ray://HOST:PORT"``: Ray Client (needs the grpcio package; the driver-side Tune loop then
     runs on the head node, so sweep files are written there).
@@ -42,6 +43,7 @@ class ResolvedAddress:
     kind: str
     address: str | None
     source: str  # "default", "argument" (or the caller's ``source``), "RAY_ADDRESS", "state file <path>", "ray discovery"
+    # ("ray discovery", kind "auto": cluster.discover.discover_cluster picks the cluster when joining)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +120,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
     when starting a local instance (Ray refuses them when joining). Idempotent: an already
     initialised Ray is reused. Raises ``ClusterError`` when the cluster cannot be reached."""
     resolved = resolve_address(address, state_dir=state_dir)
+    if resolved.kind == "auto":
+        from .discover import discover_cluster
+
+        resolved = discover_cluster(state_dir=state_dir)   # never another process's private ray.init() session
     if resolved.kind != "local":
         use_token_auth_if_available()
     import ray

@@ -36,7 +36,7 @@ from .procs import (ProcessGroup, check_timeout, free_port, group_alive, group_m
                     record_problem, start_time_of, stop_groups)
 
 __all__ = ["DEFAULT_STATE_DIR", "MIN_OBJECT_STORE_MB", "LocalNode", "LocalCluster", "start_local_cluster",
-           "stop_local_cluster", "load_cluster_state", "node_status", "kill_node", "STATE_FILE"]
+           "stop_local_cluster", "load_cluster_state", "node_status", "kill_node", "detected_gpus", "STATE_FILE"]
 
 log = logging.getLogger(__name__)
 DEFAULT_STATE_DIR = Path(os.environ.get("GMPQ_CLUSTER_DIR", Path.home() / ".cache" / "gmpq" / "cluster"))
@@ -190,6 +190,21 @@ def _spawn(cmd: list[str], log_path: Path, name: str, extra_env: dict[str, str])
     return ProcessGroup(name=name, pgid=proc.pid, start_time=start_time_of(proc.pid))
 
 
+def detected_gpus() -> int | None:
+    """The GPUs a node started here without ``--num-gpus`` advertises, found as ``ray start`` finds them (Ray's
+    accelerator manager, capped by ``CUDA_VISIBLE_DEVICES``); None when that cannot be told."""
+    try:
+        from ray._private.accelerators import get_accelerator_manager_for_resource
+
+        manager = get_accelerator_manager_for_resource("GPU")
+        count = int(manager.get_current_node_num_accelerators())
+        visible = manager.get_current_process_visible_accelerator_ids()
+    except Exception as e:      # a private Ray API: a change there must not stop `gmpq cluster up`
+        log.debug("GPU detection failed: %s", e)
+        return None
+    return count if visible is None else min(count, len(visible))
+
+
 def load_cluster_state(state_dir: str | os.PathLike | None = None) -> LocalCluster | None:
     """The recorded cluster of ``state_dir`` (default ``~/.cache/gmpq/cluster``), or None."""
     path = Path(state_dir or DEFAULT_STATE_DIR) / STATE_FILE
@@ -219,18 +234,19 @@ def start_local_cluster(*, workers: int, cpus_per_node: int | None = None, head_
     ``state_dir`` already records a running cluster.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-        raise ConfigError(f"workers must be an integer >= 0, but got workers={workers!r}.")
+        raise ConfigError(f"--workers must be a whole number >= 0 (worker nodes besides the head; 0: the head alone), "
+                          f"but got --workers {workers!r}.")
     ncpu = os.cpu_count() or 1
     if cpus_per_node is None:
         cpus_per_node = max(1, ncpu // max(1, workers))
     if head_cpus is None:
         head_cpus = 0 if workers > 0 else cpus_per_node
-    for label, value in (("cpus_per_node", cpus_per_node), ("head_cpus", head_cpus),
-                         ("gpus_per_node", 0 if gpus_per_node is None else gpus_per_node)):
+    for flag, value in (("--cpus-per-node", cpus_per_node), ("--head-cpus", head_cpus),
+                        ("--gpus-per-node", 0 if gpus_per_node is None else gpus_per_node)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{label} must be an integer >= 0, but got {label}={value!r}.")
+            raise ConfigError(f"{flag} must be a whole number >= 0, but got {flag} {value!r}.")
     if workers > 0 and cpus_per_node == 0:
-        raise ConfigError("cpus_per_node=0 leaves the worker nodes unable to run trials; use 1 or more.")
+        raise ConfigError("--cpus-per-node 0 leaves the worker nodes unable to run trials; use 1 or more.")
     mb = object_store_mb
     if isinstance(mb, bool) or not isinstance(mb, int) or mb < MIN_OBJECT_STORE_MB:
         raise ConfigError(f"object_store_mb (--object-store-mb) must be an integer >= {MIN_OBJECT_STORE_MB} (MiB per "

@@ -2,9 +2,10 @@
 
 ``start_mlflow_server(dir=D)`` runs, in a session of its own,
 ``mlflow server --backend-store-uri sqlite:///D/mlflow.db --artifacts-destination D/artifacts
---host 127.0.0.1 --port P --workers 1`` and waits until ``GET /health`` answers. The server holds
-the only SQLite connection pool, so trials on any node may log through ``http://HOST:P`` at once
-(a ``sqlite:///`` URI used directly allows one writer). The handle is recorded in
+--host 127.0.0.1 --port P --workers 1`` and waits until ``GET /health`` answers. MLflow's job runner (huey
+consumers for GenAI jobs) is off unless ``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true`` is set (``LEAN_ENV``).
+The server holds the only SQLite connection pool, so trials on any node may log through ``http://HOST:P`` at
+once (a ``sqlite:///`` URI used directly allows one writer). The handle is recorded in
 ``D/mlflow_server.json`` so ``stop_mlflow_server(D)`` (or ``gmpq mlflow-server --stop``) stops a
 detached server later.
 """
@@ -31,10 +32,16 @@ from .procs import (ProcessGroup, check_bind_host, check_timeout, free_port, gro
                     port_in_use, record_problem, start_time_of, stop_groups)
 
 __all__ = ["MlflowServer", "start_mlflow_server", "stop_mlflow_server", "server_answers",
-           "wait_until_ready", "load_server_record", "running_mlflow_server", "RECORD_FILE"]
+           "wait_until_ready", "load_server_record", "running_mlflow_server", "RECORD_FILE", "LEAN_ENV"]
 
 log = logging.getLogger(__name__)
 RECORD_FILE = "mlflow_server.json"
+_HOLDS = "the server's mlflow.db and artifacts/, e.g. runs/mlflow"
+# MLflow (3.5+) starts a job runner and 7 huey consumer processes next to the web server, for GenAI jobs (scorers,
+# evaluation) and periodic trace tasks: 10 processes, ~2 GB RSS with --workers 1 (MLflow 3.17). A tracking server
+# for sweeps (runs, metrics, artifacts, the UI) needs none of it; MLflow's own switch (mlflow/server/__init__.py,
+# _run_server) turns it off: 2 processes, ~0.5 GB. MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the environment keeps it.
+LEAN_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,26 +129,32 @@ def load_server_record(dir: str | os.PathLike) -> MlflowServer | None:
 def start_mlflow_server(*, dir: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None,
                         workers: int = 1, timeout_s: float = 120.0, wait: bool = True,
                         allowed_hosts: str | None = None) -> MlflowServer:
-    """Start ``mlflow server`` on ``host:port`` (a free port when None) with its SQLite database and
+    """Start ``mlflow server`` on ``host:port`` (a free port when None or 0) with its SQLite database and
     artifacts under ``dir``; wait until it answers (``wait``) and return its handle.
     ``allowed_hosts`` is passed to ``--allowed-hosts`` (MLflow accepts only localhost and private-IP
     Host headers by default; a server reached through a DNS name must list it). Raises
     ``ClusterError`` when the port is taken, a server recorded in ``dir`` still runs, or it fails
     to come up in ``timeout_s`` seconds (then it is stopped again)."""
-    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536):
-        raise ConfigError(f"port must be an integer in 1..65535, but got port={port!r}.")
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536):
+        raise ConfigError(f"--port must be a whole number in 0..65535 (0 picks a free port), but got --port {port!r}.")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"workers must be an integer >= 1, but got workers={workers!r}.")
+        raise ConfigError(f"--workers must be a whole number >= 1 (the server's worker processes), but got "
+                          f"--workers {workers!r}.")
     check_timeout(timeout_s, "until the server answers", 120)
     check_bind_host(host)
-    root = make_state_dir(Path(dir).expanduser().absolute(), "the server's mlflow.db and artifacts/, e.g. runs/mlflow")
-    previous = load_server_record(root)
+    # Every refusal comes before --dir is created: a refused call leaves no empty folder behind.
+    root = Path(dir).expanduser().absolute()
+    if root.exists() and not root.is_dir():
+        make_state_dir(root, _HOLDS)                          # the ConfigError naming --dir
+    previous = load_server_record(root) if root.is_dir() else None
     if previous is not None and previous.alive:
         raise ClusterError(f"an MLflow server recorded in '{root}' still runs at {previous.uri}; reuse it, "
                            f"or stop it with `gmpq mlflow-server --stop --dir {root}`.")
-    port = free_port(host) if port is None else port
+    port = free_port(host) if not port else port
     if port_in_use(port, host):
-        raise ClusterError(f"port {port} on {host} is already in use; pick another --port or stop what holds it.")
+        raise ClusterError(f"port {port} on {host} is already in use; pick another --port (0 picks a free one) or "
+                           "stop what holds it.")
+    root = make_state_dir(root, _HOLDS)
     artifacts = make_state_dir(root / "artifacts", "the server's artifacts")
     backend = f"sqlite:///{root / 'mlflow.db'}"
     cmd = _mlflow_command() + ["server", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
@@ -149,9 +162,10 @@ def start_mlflow_server(*, dir: str | os.PathLike, host: str = "127.0.0.1", port
     if allowed_hosts:
         cmd += ["--allowed-hosts", allowed_hosts]
     log_path = root / "mlflow_server.log"
+    env = {**os.environ, **{k: v for k, v in LEAN_ENV.items() if k not in os.environ}}   # the user's settings win
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=root, close_fds=True)
+                                start_new_session=True, cwd=root, close_fds=True, env=env)
     display_host = f"[{host}]" if ":" in host else host
     server = MlflowServer(uri=f"http://{display_host}:{port}", host=host, port=port, dir=str(root),
                           backend_store_uri=backend, artifacts_destination=str(artifacts), log_path=str(log_path),

@@ -77,7 +77,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address is None:
         # A local session stays on loopback (Ray otherwise binds the host's outward-facing address).
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        kwargs.update(num_cpus=num_cpus or local_cpu_count(), object_store_memory=object_store_memory)
+        # "local": without an address ray.init joins $RAY_ADDRESS or the cluster a `ray start` recorded instead
+        kwargs.update(address="local", num_cpus=num_cpus or local_cpu_count(), object_store_memory=object_store_memory)
         if num_gpus is not None:
             kwargs["num_gpus"] = num_gpus
     else:
@@ -85,6 +86,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     log.info("starting Ray (%s)", address or f"local, {kwargs.get('num_cpus')} CPUs")
     try:
         ray.init(**kwargs)
+        if address == "auto":                 # left to Ray's discovery (no /proc): say what it joined
+            log.warning("--address auto: joined the Ray cluster at %s (found by Ray's own discovery)",
+                        ray.get_runtime_context().gcs_address)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError, ray.exceptions.RayError) as e:
         if address is None:
             raise
@@ -146,12 +150,19 @@ def _address_fixes(origin: str | None) -> str:
     return f"Start one ('gmpq cluster up'), or give the cluster's address: {_ADDRESS_FIXES}"
 
 
-def _join_address(address: str) -> str | None:
-    """``--address`` as ``ray.init`` needs it: "auto" becomes the cluster ``gmpq cluster up`` recorded (or
-    ``$RAY_ADDRESS``), a malformed address is a ConfigError, and a HOST:PORT where nothing answers is a
-    ClusterError within seconds (``ray.init`` would retry for minutes; a ``ray://`` address or Ray's own
-    discovery is not probed), naming where the address came from (``address_origin``) and the --address that
-    fixes it. Token auth is switched on when a token exists (``gmpq cluster up`` starts clusters that require it).
+def check_join_address(address: str) -> None:
+    """The checks of joining ``address`` (``_join_address``: the syntax, auto's discovery, a HOST:PORT that must
+    answer) without joining or saying anything: a command refuses a dead or wrong address before it writes a file."""
+    _join_address(address, announce=False)
+
+
+def _join_address(address: str, *, announce: bool = True) -> str | None:
+    """``--address`` as ``ray.init`` needs it: "auto" becomes ``$RAY_ADDRESS``, else the cluster ``gmpq cluster up``
+    recorded, else a cluster ``ray start`` started on this machine (``cluster.discover``: never another process's
+    private ``ray.init()`` session), and a line says which and where it came from; a malformed address is a
+    ConfigError, and a HOST:PORT where nothing answers is a ClusterError within seconds (``ray.init`` would retry
+    for minutes; a ``ray://`` address or Ray's own discovery is not probed), naming where the address came from
+    (``address_origin``) and the --address that fixes it. Token auth is switched on when a token exists (``gmpq cluster up`` starts clusters that require it).
     None: "local"."""
     import socket
 
@@ -162,6 +173,10 @@ def _join_address(address: str) -> str | None:
     resolved = resolve_address(address, source=origin or "argument")
     if resolved.kind == "local":
         return None
+    if resolved.kind == "auto":               # not $RAY_ADDRESS, not gmpq cluster up's record: what runs here
+        from cluster.discover import discover_cluster
+
+        resolved = discover_cluster()         # ClusterError for none, several, or other processes' private sessions
     require_client_package(resolved)
     if resolved.kind == "gcs":
         host, _, port = resolved.address.rpartition(":")
@@ -172,6 +187,8 @@ def _join_address(address: str) -> str | None:
             raise ClusterError(f"No Ray cluster answers at {resolved.address} ({said}): {e}. "
                                f"{_address_fixes(origin)}; or run on this machine alone with --address local."
                                ) from None
+    if not announce:
+        return resolved.address
     use_token_auth_if_available()                      # only once there is a cluster to join
     if resolved.address != address:
         log.warning("%s: joining the Ray cluster at %s (from %s)",

@@ -38,6 +38,16 @@ def at_least(minimum: int) -> type[argparse.Action]:
     return AtLeast
 
 
+def address_help(default: str) -> str:
+    """The ``--address`` help of every command that joins a Ray cluster (``gmpq sweep``, ``run``, ``finetune``,
+    ``study``), worded alike and naming every accepted form, ``local`` included; ``default`` ends it (what the
+    command does without ``--address``, e.g. "start a local one")."""
+    return ("Ray cluster to join: HOST:PORT; 'auto' ($RAY_ADDRESS, else the cluster 'gmpq cluster up' recorded, else "
+            "the one a 'ray start --head' started on this machine; another process's private ray.init() session is "
+            "refused; a line names the cluster joined); ray://HOST:10001 (Ray Client); or 'local': a Ray of this "
+            f"command's own, on this machine only (default: {default})")
+
+
 def int_or_auto(text: str) -> int | str:
     """argparse type of a count that may be ``auto`` (``--workers auto``)."""
     if text.strip().lower() == "auto":

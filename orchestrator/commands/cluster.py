@@ -54,15 +54,25 @@ def run(args) -> int:
                       "'gmpq cluster --help' describes them.")
 
 
+def gpus_text(num_gpus: int | None, detected: int | None) -> str:
+    """A node's GPUs as ``up`` prints them: the number given (``--gpus-per-node``; 0 for the head with workers),
+    else what Ray detects on this machine (``detected``; None: unknown), said as such."""
+    if num_gpus is not None:
+        return f"{num_gpus} GPUs"
+    if detected is None:
+        return "the GPUs Ray detects"
+    return f"{detected} GPUs (detected)" if detected else "0 GPUs (none detected)"
+
+
 def _up(args) -> int:
-    from cluster.local import start_local_cluster
+    from cluster.local import detected_gpus, start_local_cluster
 
     c = start_local_cluster(workers=args.workers, cpus_per_node=args.cpus_per_node, head_cpus=args.head_cpus,
                             gpus_per_node=args.gpus_per_node, state_dir=args.dir,
                             object_store_mb=args.object_store_mb, timeout_s=args.timeout)
+    detected = detected_gpus() if any(n.num_gpus is None for n in c.nodes) else None
     for n in c.nodes:
-        gpus = "detected" if n.num_gpus is None else n.num_gpus
-        print(f"{n.name}: pgid {n.group.pgid}, {n.num_cpus} CPUs, GPUs {gpus}, "
+        print(f"{n.name}: pgid {n.group.pgid}, {n.num_cpus} CPUs, {gpus_text(n.num_gpus, detected)}, "
               f"resources {json.dumps(n.resources)}, log {n.log_path}")
     print(f"state: {c.state_dir}/cluster.json; stop with: gmpq cluster down --dir {c.state_dir}")
     if os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
@@ -77,7 +87,7 @@ def _down(args) -> int:
 
     outcome = stop_local_cluster(args.dir, grace_s=args.grace, keep_temp=args.keep_logs)
     if not outcome:
-        print("no local cluster recorded; nothing to stop")
+        print(f"{_nothing_recorded(args.dir)}; nothing to stop")
         return 0
     for name, what in outcome.items():
         print(f"{name}: {what}")
@@ -90,7 +100,8 @@ def _status(args) -> int:
 
     c = load_cluster_state(args.dir)
     if c is None:
-        print("no local cluster recorded")
+        print(f"{_nothing_recorded(args.dir)}. Start one with 'gmpq cluster up', or name the folder another was "
+              "started with: --dir DIR, or GMPQ_CLUSTER_DIR=DIR")
         return 1
     alive = node_status(c)
     report = {"address": c.address, "processes": alive, "ray_nodes": None}
@@ -110,3 +121,14 @@ def _status(args) -> int:
     if report["ray_nodes"] is not None:
         print(f"Ray reports {len(report['ray_nodes'])} alive node(s)")
     return 0 if any(alive.values()) else 1
+
+
+def _nothing_recorded(state_dir: str | None) -> str:
+    """"no local cluster recorded in FOLDER", the folder looked in named (--dir, else $GMPQ_CLUSTER_DIR or the
+    default) and what it lacks."""
+    from pathlib import Path
+
+    from cluster.local import DEFAULT_STATE_DIR, STATE_FILE
+
+    folder = Path(state_dir or DEFAULT_STATE_DIR).absolute()
+    return f"no local cluster recorded in {folder} (no {STATE_FILE} there)"

@@ -104,3 +104,63 @@ def test_a_record_missing_a_key_says_which(tmp_path, capsys, command, record):
     rc = main([*command, "--dir", str(tmp_path)])
     err = " ".join(capsys.readouterr().err.split())
     assert rc == 2 and "is unreadable (it lacks the key" in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["mlflow-server", "--port", "70000"], "--port must be a whole number in 0..65535 (0 picks a free port), but got "
+                                           "--port 70000"),
+    (["mlflow-server", "--port", "-1"], "but got --port -1"),
+    (["mlflow-server", "--workers", "0"], "--workers must be a whole number >= 1 (the server's worker processes), "
+                                          "but got --workers 0"),
+    (["cluster", "up", "--workers", "-1"], "--workers must be a whole number >= 0 (worker nodes besides the head; 0: "
+                                           "the head alone), but got --workers -1"),
+    (["cluster", "up", "--cpus-per-node", "-2"], "--cpus-per-node must be a whole number >= 0, but got "
+                                                 "--cpus-per-node -2"),
+    (["cluster", "up", "--head-cpus", "-1"], "--head-cpus must be a whole number >= 0, but got --head-cpus -1"),
+    (["cluster", "up", "--gpus-per-node", "-1"], "--gpus-per-node must be a whole number >= 0"),
+    (["cluster", "up", "--cpus-per-node", "0"], "--cpus-per-node 0 leaves the worker nodes unable to run trials"),
+])
+def test_a_bad_count_names_the_flag_typed_not_a_python_key(tmp_path, capsys, no_process, argv, says):
+    err = _rejected(capsys, [*argv, "--dir", str(tmp_path / "d")])
+    assert says in err
+    assert "=" not in err.split("but got", 1)[-1]          # not "workers=-1" / "port=70000"
+    assert not (tmp_path / "d").exists()
+
+
+def test_cluster_status_with_nothing_recorded_names_the_folder_and_how_to_point_elsewhere(tmp_path, capsys,
+                                                                                       monkeypatch):
+    monkeypatch.setattr("cluster.local.DEFAULT_STATE_DIR", tmp_path / "default")
+    for argv, folder in ((["cluster", "status"], tmp_path / "default"),
+                         (["cluster", "status", "--dir", str(tmp_path / "mine")], tmp_path / "mine")):
+        assert main(argv) == 1
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"no local cluster recorded in {folder} (no cluster.json there)" in out, out
+        assert "gmpq cluster up" in out and "--dir DIR" in out and "GMPQ_CLUSTER_DIR" in out
+    assert main(["cluster", "down", "--dir", str(tmp_path / "mine")]) == 0
+    assert f"no local cluster recorded in {tmp_path / 'mine'}" in capsys.readouterr().out
+
+
+def test_cluster_up_says_how_many_gpus_ray_detected_not_gpus_detected(tmp_path, capsys, monkeypatch):
+    """On a machine without GPUs `up` printed "GPUs detected" for nodes that advertise what Ray detects (0 here)."""
+    from cluster.local import LocalCluster, LocalNode
+    from cluster.procs import ProcessGroup
+
+    def node(name: str, gpus: int | None) -> LocalNode:
+        return LocalNode(name=name, group=ProcessGroup(name=name, pgid=4242, start_time=1), num_cpus=1,
+                         num_gpus=gpus, resources={"node_0": 1.0}, log_path=str(tmp_path / f"{name}.log"))
+
+    cluster = LocalCluster(address="127.0.0.1:6379", state_dir=str(tmp_path), temp_dir=str(tmp_path),
+                           nodes=(node("head", 0), node("worker_1", None)))
+    monkeypatch.setattr("cluster.local.start_local_cluster", lambda **kwargs: cluster)
+    monkeypatch.setattr("cluster.local.detected_gpus", lambda: 0, raising=False)
+    assert main(["cluster", "up", "--workers", "1", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "GPUs detected" not in out
+    assert "head: pgid 4242, 1 CPUs, 0 GPUs, " in out and "worker_1: pgid 4242, 1 CPUs, 0 GPUs (none detected), " in out
+
+
+def test_the_gpu_words_of_cluster_up():
+    from orchestrator.commands.cluster import gpus_text
+
+    assert [gpus_text(2, None), gpus_text(None, 4), gpus_text(None, 0), gpus_text(None, None)] == \
+        ["2 GPUs", "4 GPUs (detected)", "0 GPUs (none detected)", "the GPUs Ray detects"]

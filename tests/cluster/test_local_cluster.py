@@ -151,5 +151,5 @@ def test_cluster_up_gives_three_nodes_pinned_tasks_reach_both_workers_and_down_s
 
 def test_down_with_nothing_recorded_is_a_no_op(tmp_path):
     assert stop_local_cluster(tmp_path) == {}
-    with pytest.raises(Exception, match="workers must be an integer >= 0"):
+    with pytest.raises(Exception, match="--workers must be a whole number >= 0"):
         start_local_cluster(workers=-1, state_dir=tmp_path)

@@ -110,3 +110,45 @@ def test_a_server_that_dies_at_startup_reports_its_log(tmp_path, monkeypatch):
         start_mlflow_server(dir=tmp_path / "srv", timeout_s=30)
     assert load_server_record(tmp_path / "srv") is None
     assert os.path.exists(tmp_path / "srv" / "mlflow_server.log")
+
+
+def test_a_taken_port_leaves_no_folder_behind(tmp_path, capsys):
+    """gmpq mlflow-server --dir D refused (port in use) must not leave an empty D it created."""
+    from orchestrator.cli import main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        assert main(["mlflow-server", "--port", str(port), "--dir", str(tmp_path / "new" / "mlflow")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"port {port} on 127.0.0.1 is already in use" in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_server_runs_without_mlflows_job_runner_and_still_tracks_runs_and_artifacts(server_dir, tmp_path):
+    """MLflow's job runner (huey consumers: ~10 processes, ~2 GB) is off; runs, artifacts and the UI still work."""
+    from mlflow import MlflowClient
+
+    server = start_mlflow_server(dir=server_dir, timeout_s=240)
+    time.sleep(5)                                       # MLflow starts its job runner after the web server
+    commands = []
+    for pid in group_members(server.group.pgid):
+        try:
+            commands.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue
+    assert not [c for c in commands if "huey" in c or "_job_runner" in c], commands
+    assert len(commands) <= 3, commands                 # `mlflow server` and its uvicorn worker
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.create_run(client.create_experiment("lean"))
+    client.log_metric(run.info.run_id, "proxy_top1", 51.0)
+    (tmp_path / "policy.json").write_text("{}")
+    client.log_artifact(run.info.run_id, str(tmp_path / "policy.json"))
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["policy.json"]
+    import urllib.request
+
+    with urllib.request.urlopen(server.uri + "/", timeout=30) as page:    # the UI
+        assert page.status == 200 and b"<html" in page.read(4096).lower()
