@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import optuna
+import ray
 from ray import tune
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
@@ -330,16 +331,21 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         say(resume_choice_text(cfg, resume))
     if resume and cfg.cache_dir is None:
         cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
-    if cfg.address is not None and (cfg.storage_path is None or cfg.cache_dir is None):
-        log.warning("joining the Ray cluster at %s: trials on other nodes need storage_path and cache_dir on "
-                    "storage every node shares (NFS, S3); the defaults are inside %s",
-                    (joined.address if joined else None) or cfg.address,
-                    cfg.sweep_dir)
+    unshared = [f"{key} ({flag})" for key, flag, value in (("storage_path", "--storage", cfg.storage_path),
+                                                             ("cache_dir", "--cache-dir", cfg.cache_dir))
+                if value is None]                          # their defaults: inside the sweep folder
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
     if resume:
         _check_same_config(cfg)                            # first: another config's own errors would hide it
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
+    if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
+        from .ray_env import check_join_address
+        check_join_address(cfg.address)
+    if cfg.address is not None and unshared:
+        log.warning("the sweep joins a Ray cluster (%s): trials on its other nodes need %s on storage every node "
+                    "shares (NFS, S3); the default%s inside %s", (joined.address if joined else None) or cfg.address,
+                    " and ".join(unshared), "s are" if len(unshared) > 1 else " is", sweep_dir)
     from .results import read_layers, read_trials
     read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
     read_layers(sweep_dir, missing_ok=True)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import at_least, int_or_auto
+from . import address_help, at_least, int_or_auto
 
 __all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage", "check_sweep_folder"]
 
@@ -43,8 +43,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                         "else as many as the cluster's CPUs/GPUs hold with --workers each)")
     _add(g, "--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="evaluate on a stratified slice of N test images (default: the full test split)")
-    _add(g, "--address", default=None, metavar="ADDR",
-                   help="Ray cluster to join ('auto', 'ray://host:10001'; default: the sweep's, else local)")
+    _add(g, "--address", default=None, metavar="ADDR", help=address_help("the sweep's, else local"))
     _add(g, "--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: the sweep's)")
     _add(g, "--epochs", type=int, action=at_least(1), default=None, metavar="E", help="fine-tune epochs")
     _add(g, "--lr", type=float, default=None, metavar="LR", help="peak learning rate")

@@ -27,7 +27,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import help_text
+from . import address_help, help_text
 
 __all__ = ["register", "run", "REPO_ROOT"]
 
@@ -304,7 +304,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--png", metavar="PATH", help="plot to write (default study_<name>.png next to the page)")
     p.add_argument("--notes", metavar="FILE", help="hand-written reading (markdown) to include in the page")
     p.add_argument("--analyze-only", action="store_true", help="only rewrite the page from DIR/study.parquet")
-    p.add_argument("--address", metavar="ADDR", help="join a Ray cluster instead of starting a local one")
+    p.add_argument("--address", metavar="ADDR", help=address_help("start a local one"))
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow URI (default sqlite:///DIR/mlflow.db)")
     p.add_argument("--print", action="store_true", help="print the page when done")
     p.set_defaults(func=run)

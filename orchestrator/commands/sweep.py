@@ -18,7 +18,7 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from . import add_precision_arg, at_least, help_text, mlflow_ui_hint, quiet_libraries, refuse_empty
+from . import add_precision_arg, address_help, at_least, help_text, mlflow_ui_hint, quiet_libraries, refuse_empty
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
@@ -63,8 +63,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="MLflow tracking URI (default sqlite:///<DIR>/mlflow.db; http://host:5000 for a server)")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="Optuna storage URL (default sqlite:///<DIR>/optuna.db)")
-    p.add_argument("--address", default=None, metavar="ADDR",
-                   help="join a Ray cluster ('auto', 'ray://host:10001'); default: start a local one")
+    p.add_argument("--address", default=None, metavar="ADDR", help=address_help("start a local one"))
     p.add_argument("--storage", default=None, metavar="PATH",
                    help="Ray Tune storage path (shared by every node; default <DIR>/ray_results)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",

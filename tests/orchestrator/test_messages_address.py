@@ -132,3 +132,17 @@ def test_gmpq_sweep_names_where_an_address_it_was_not_given_came_from(tmp_path):
     assert address_origin_text(new, config_from_args(new)) == f"--config {tiny}"
     local = build_parser().parse_args(["sweep", "--preset", "demo", "--out", str(tmp_path / "cs4")])
     assert address_origin_text(local, config_from_args(local)) is None          # no address: a local Ray
+
+
+def test_a_sweep_with_a_dead_address_is_refused_before_it_writes_a_file_or_warns(tmp_path, capsys, caplog, no_ray):
+    """The walkthrough: the refusal came after sweep_config.yaml, optuna.db and mlflow.db were written into --out,
+    and after a warning about shared storage for a cluster that was not there."""
+    from orchestrator.cli import main
+
+    dead, out = _dead_address(), tmp_path / "sweep"
+    assert main(["sweep", "--preset", "demo", "--n-trials", "2", "--out", str(out), "--address", dead,
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"No Ray cluster answers at {dead} (--address {dead}, from argument)" in err, err
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+    assert "storage every node shares" not in caplog.text + err
