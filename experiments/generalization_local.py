@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import GMPQError
 from gmpq_core.fileio import atomic_write_json, atomic_write_text, read_json
 
 from .generalization import StudyConfig, check_same_study_config, check_study_data, expand_grid, load_study_config
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.smoke:
             cfg = smoke_version(cfg)
         run_local(cfg, args.out, minutes=args.minutes, say=lambda m: print(m, flush=True))
-    except ConfigError as e:
+    except GMPQError as e:               # ConfigError, BudgetInfeasibleError: one line, exit 2
         print(f"generalization_local: {e}", file=sys.stderr)
         return 2
     return 0

@@ -24,10 +24,11 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .precision import at_least_float32
 
-__all__ = ["MODES", "TARGETS", "capture_features", "find_feature_layer", "gradcam_from", "gradcam"]
+__all__ = ["MODES", "TARGETS", "capture_features", "find_feature_layer", "check_gradcam_layer", "gradcam_from",
+           "gradcam"]
 
 MODES = ("second_order", "first_order", "detached")
 TARGETS = ("pred", "label")
@@ -138,6 +139,45 @@ def find_feature_layer(model: nn.Module, *, model_name: str | None = None, overr
         if layer:
             return find_feature_layer(model, override=layer)     # a user's gradcam_layer: checked it exists
     return _autodetect(model, input_size, in_channels)
+
+
+def check_gradcam_layer(net: nn.Module, *, model_name: str, override: str | None, input_size: int, in_channels: int,
+                        override_where: str) -> str:
+    """The Grad-CAM layer a search of ``net`` (a fresh model ``model_name``) will use, resolved now by the function
+    the search uses (``find_feature_layer``): ``override`` (a search's ``gradcam_layer``, set where
+    ``override_where`` says, e.g. "search.gradcam_layer of the sweep config"), else the model's (a user's builder's
+    ``gradcam_layer`` attribute), else found by a forward pass. A preflight, run before any training: a bad layer is
+    one ConfigError naming it, a close module name, where it was set, and that nothing has been trained yet (it used
+    to fail the search after its FP teacher had trained). A named layer must output a 4-D map on the way to the
+    logits."""
+    from .models import gradcam_layer_name, is_import_spec
+
+    own = gradcam_layer_name(model_name)
+    try:
+        layer = find_feature_layer(net, model_name=model_name, override=override, input_size=input_size,
+                                   in_channels=in_channels)
+        if override or own:     # a named layer; one found by a forward pass outputs 4-D
+            was_training = net.training
+            net.eval()
+            try:                # its output must be a 4-D feature map on the way to the logits, as in the search
+                with torch.no_grad(), capture_features(net, layer) as store:
+                    net(torch.zeros(1, in_channels, input_size, input_size))
+            finally:
+                net.train(was_training)
+            if store.features is None:
+                raise ConfigError(f"gradcam_layer '{layer}' did not run in the forward pass; choose a module on the "
+                                  "path from the input to the logits.")
+    except ConfigError as e:
+        model_s = f", '{own}'" if own and own != override else ""
+        where = (f"It is {override_where} (leave it out to use the model's{model_s})." if override
+                 else f"It is the 'gradcam_layer' attribute of the model builder {model_name}."
+                 if own and is_import_spec(model_name) else "")
+        modules = {n for n, _ in net.named_modules() if n}
+        name = override or own
+        hint = did_you_mean([name], modules) if name and name not in modules else ""
+        raise ConfigError(" ".join(p for p in (str(e), hint.strip(), where, "Nothing has been trained yet.")
+                                   if p)) from None
+    return layer
 
 
 def _targets(logits: Tensor, target: str, labels: Tensor | None) -> Tensor:

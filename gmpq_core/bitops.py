@@ -98,9 +98,11 @@ def layer_macs(model: nn.Module, input_size: int | Sequence[int], in_channels: i
 
 def count_bitops(model: nn.Module, policy: BitPolicy | None, input_size: int | Sequence[int],
                  in_channels: int = 3, *, macs: dict[str, int] | None = None) -> BitOpsReport:
-    """Per-layer MACs and BitOPs of ``model`` under ``policy`` (None: everything FP at 32x32)."""
+    """Per-layer MACs and BitOPs of ``model`` under ``policy`` (None: everything FP at 32x32). A stem / classifier
+    the policy's meta quantizes (``include_stem`` / ``include_classifier`` at ``stem_bits``: ``BitPolicy.quant_scope``)
+    counts at those bits, as the search, the fine-tune and the export quantize it."""
     macs = layer_macs(model, input_size, in_channels) if macs is None else macs
-    layers = policy.layers if policy is not None else {}
+    layers = policy.quantized_specs(model) if policy is not None else {}
     costs = []
     for name, m in macs.items():
         spec = layers.get(name)

@@ -20,9 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from .errors import BudgetInfeasibleError, ConfigError
-from .policy import MAX_BITS, MIN_BITS, BitCandidates
+from .policy import BitCandidates
 
-__all__ = ["PENALTIES", "Budget", "bitops_range", "check_budget", "expected_bitops", "complexity_penalty"]
+__all__ = ["PENALTIES", "CANDIDATES_HOW", "Budget", "avg_bits_range", "check_avg_bits", "bitops_range", "check_budget",
+           "expected_bitops", "complexity_penalty"]
 
 PENALTIES = ("hinge", "official")
 
@@ -35,7 +36,8 @@ def _num(value: Any) -> bool:
 class Budget:
     """A BitOPs budget over the searchable layers: give exactly one of ``avg_bits`` or ``gbitops``.
 
-    ``avg_bits = b`` means the BitOPs of the uniform WbAb policy: sum_l MACs_l * b * b.
+    ``avg_bits = b`` means the BitOPs of the uniform WbAb policy: sum_l MACs_l * b * b. Which ``b`` a search can
+    meet depends on its bit candidates only (``avg_bits_range``): ``SearchConfig`` checks it.
     """
     avg_bits: float | None = None
     gbitops: float | None = None
@@ -44,9 +46,9 @@ class Budget:
         if (self.avg_bits is None) == (self.gbitops is None):
             raise ConfigError(f"A budget needs exactly one of avg_bits or gbitops, but got avg_bits="
                               f"{self.avg_bits!r}, gbitops={self.gbitops!r} (e.g. Budget(avg_bits=3)).")
-        if self.avg_bits is not None and not (_num(self.avg_bits) and MIN_BITS <= self.avg_bits <= MAX_BITS):
-            raise ConfigError(f"budget avg_bits must be a number in {MIN_BITS}..{MAX_BITS}, but got "
-                              f"avg_bits={self.avg_bits!r}.")
+        if self.avg_bits is not None and not (_num(self.avg_bits) and self.avg_bits > 0):
+            raise ConfigError(f"budget avg_bits must be a positive number of bits, but got avg_bits={self.avg_bits!r} "
+                              "(e.g. Budget(avg_bits=3)).")
         if self.gbitops is not None and not (_num(self.gbitops) and self.gbitops > 0):
             raise ConfigError(f"budget gbitops must be a positive number, but got gbitops={self.gbitops!r}.")
 
@@ -75,6 +77,37 @@ class Budget:
         raise ConfigError(f"budget must be {{avg_bits: B}} or {{gbitops: G}}, but got {value!r}.")
 
 
+# how a search changes its bit candidates: the 'candidates' key of its YAML (a SearchConfig key; in a sweep config a
+# top-level section); gmpq search has no flag for them
+CANDIDATES_HOW = ("change the bit candidates ('candidates: [2, 3, 4, 6, 8]', or {w_bits: [...], a_bits: [...]}, in "
+                  "the YAML file of 'gmpq search --config FILE' or 'gmpq sweep --config FILE')")
+
+
+def _policy_name(w_bits: int, a_bits: int) -> str:
+    return f"{w_bits}-bit" if w_bits == a_bits else f"W{w_bits}A{a_bits}"
+
+
+def avg_bits_range(candidates: BitCandidates) -> tuple[float, float]:
+    """The average-bits budgets (``Budget.avg_bits``) the candidates can meet, on any model:
+    sqrt(min w * min a) .. sqrt(max w * max a), as sum_l MACs_l * b^2 lies between the all-minimum and the
+    all-maximum policies' BitOPs exactly then."""
+    return (math.sqrt(min(candidates.w_bits) * min(candidates.a_bits)),
+            math.sqrt(max(candidates.w_bits) * max(candidates.a_bits)))
+
+
+def check_avg_bits(avg_bits: float, candidates: BitCandidates) -> None:
+    """BudgetInfeasibleError naming the feasible range when ``avg_bits`` lies outside ``avg_bits_range``."""
+    lo, hi = avg_bits_range(candidates)
+    if lo - 1e-9 <= avg_bits <= hi + 1e-9:
+        return
+    low = _policy_name(min(candidates.w_bits), min(candidates.a_bits))
+    high = _policy_name(max(candidates.w_bits), max(candidates.a_bits))
+    raise BudgetInfeasibleError(
+        f"The budget avg_bits={avg_bits!r} is outside the feasible range {lo:.3g} .. {hi:.3g} average bits of the bit "
+        f"candidates (w_bits {list(candidates.w_bits)}, a_bits {list(candidates.a_bits)}: the all-{low} .. "
+        f"all-{high} policies). Choose a budget inside that range, or {CANDIDATES_HOW}.")
+
+
 def bitops_range(macs: Mapping[str, int], candidates: BitCandidates) -> tuple[int, int]:
     """(all-minimum-bits, all-maximum-bits) BitOPs over the layers in ``macs``."""
     total = sum(int(m) for m in macs.values())
@@ -83,8 +116,10 @@ def bitops_range(macs: Mapping[str, int], candidates: BitCandidates) -> tuple[in
 
 
 def check_budget(budget_bitops: int, macs: Mapping[str, int], candidates: BitCandidates, *,
-                 model_name: str | None = None, input_size: int | Sequence[int] | None = None) -> None:
-    """Raise BudgetInfeasibleError if ``budget_bitops`` lies outside what the candidates reach."""
+                 model_name: str | None = None, input_size: int | Sequence[int] | None = None,
+                 label: str | None = None) -> None:
+    """Raise BudgetInfeasibleError if ``budget_bitops`` lies outside what the candidates reach (``label``: what the
+    message calls the budget, e.g. the flag that gave it; default "budget G GBitOPs")."""
     lo, hi = bitops_range(macs, candidates)
     total = sum(int(m) for m in macs.values())
     if lo <= budget_bitops <= hi:
@@ -96,15 +131,14 @@ def check_budget(budget_bitops: int, macs: Mapping[str, int], candidates: BitCan
         at = f" at {tuple(input_size)} px" if input_size else ""
     wmin, amin, wmax, amax = (min(candidates.w_bits), min(candidates.a_bits), max(candidates.w_bits),
                               max(candidates.a_bits))
-    low_name = f"{wmin}-bit" if wmin == amin else f"W{wmin}A{amin}"
-    high_name = f"{wmax}-bit" if wmax == amax else f"W{wmax}A{amax}"
+    low_name, high_name = _policy_name(wmin, amin), _policy_name(wmax, amax)
     side = (f"below the all-{low_name} policy ({lo / 1e9:.2f} GBitOPs)" if budget_bitops < lo
             else f"above the all-{high_name} policy ({hi / 1e9:.2f} GBitOPs)")
     avg = lambda b: f"{math.sqrt(b / total):.3g}" if total else "?"  # noqa: E731
     raise BudgetInfeasibleError(
-        f"budget {budget_bitops / 1e9:.4g} GBitOPs is {side} for {what}{at}; feasible range "
+        f"{label or f'budget {budget_bitops / 1e9:.4g} GBitOPs'} is {side} for {what}{at}; feasible range "
         f"{lo / 1e9:.2f} .. {hi / 1e9:.2f} GBitOPs (average bits {avg(lo)} .. {avg(hi)}). Choose a budget "
-        "inside that range or change the bit candidates.")
+        f"inside that range, or {CANDIDATES_HOW}.")
 
 
 def expected_bitops(model: nn.Module, macs: Mapping[str, int]) -> Tensor:

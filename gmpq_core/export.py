@@ -122,10 +122,8 @@ def _build(arch: Mapping[str, Any]) -> nn.Module:
 def _layers_of(policy: BitPolicy, arch: Mapping[str, Any]) -> dict[str, QuantSpec]:
     from .qmodules import apply_policy_
 
-    meta = policy.meta or {}
     net = _build(arch)
-    apply_policy_(net, policy, include_stem=bool(meta.get("include_stem")),
-                  include_classifier=bool(meta.get("include_classifier")), stem_bits=int(meta.get("stem_bits") or 8))
+    apply_policy_(net, policy, **policy.quant_scope())
     return {n: QuantSpec(w_bits=int(m.w_bits), a_bits=int(m.act.bits)) for n, m in quantized_layers(net).items()}
 
 

@@ -117,11 +117,10 @@ def prepare_quantized(fp_model: nn.Module, policy: BitPolicy, calib_batch: Tenso
     quantized stem / classifier (its meta's ``include_stem`` / ``include_classifier`` and ``stem_bits``)
     is deployed the same way, whatever the arguments say.
     """
-    meta = policy.meta or {}
+    scope = policy.quant_scope()
     model = copy.deepcopy(fp_model)
-    apply_policy_(model, policy, include_stem=include_stem or bool(meta.get("include_stem")),
-                  include_classifier=include_classifier or bool(meta.get("include_classifier")),
-                  stem_bits=int(meta.get("stem_bits") or 8))
+    apply_policy_(model, policy, include_stem=include_stem or scope["include_stem"],
+                  include_classifier=include_classifier or scope["include_classifier"], stem_bits=scope["stem_bits"])
     p = next(model.parameters())
     calibrate_(model, calib_batch.to(device=p.device, dtype=p.dtype))
     return model

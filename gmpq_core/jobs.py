@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from .attribution import check_gradcam_layer
 from .bitops import layer_macs
 from .complexity import check_budget
 from .data import canonical_data_source, load_dataset, make_loader, proxy
@@ -33,7 +34,8 @@ from .search import search_policy
 from .search_config import SearchConfig, SearchResult
 from .train import TrainConfig, evaluate, seeded, train_fp
 
-__all__ = ["SearchJob", "Teacher", "weak_below", "weak_rule", "load_teacher", "get_teacher", "teacher_cache_path", "teacher_cached", "check_job_budget", "run_search_job"]
+__all__ = ["SearchJob", "Teacher", "weak_below", "weak_rule", "load_teacher", "get_teacher", "teacher_cache_path",
+           "teacher_cached", "check_job_budget", "check_job", "run_search_job"]
 
 log = logging.getLogger(__name__)
 
@@ -136,18 +138,31 @@ def _fresh_model(job: SearchJob, info: Any) -> nn.Module:
                            small_input=job.small_input)
 
 
-def check_job_budget(job: SearchJob) -> int | None:
+def check_job_budget(job: SearchJob, *, label: str | None = None, model: nn.Module | None = None) -> int | None:
     """The job's budget in BitOPs (None without one); BudgetInfeasibleError before any training if
-    the candidates cannot meet it on this model and input size."""
+    the candidates cannot meet it on this model and input size (``label``: what the message calls the budget,
+    e.g. the flag that gave it; ``model``: a fresh model of the job, built here when not given)."""
     if job.search.budget is None:
         return None
     info = load_dataset(job.dataset, root=job.data_root).info
-    model = _fresh_model(job, info)
+    model = _fresh_model(job, info) if model is None else model
     all_macs = layer_macs(model, info.image_size, info.in_channels)
     macs = {n: all_macs[n] for n in searchable_layers(model)}
     budget = job.search.budget.to_bitops(macs)
-    check_budget(budget, macs, job.search.candidates, model_name=job.model, input_size=info.image_size)
+    check_budget(budget, macs, job.search.candidates, model_name=job.model, input_size=info.image_size, label=label)
     return budget
+
+
+def check_job(job: SearchJob, *, gradcam_where: str, budget_label: str | None = None) -> int | None:
+    """Everything about ``job`` that needs its model, checked before any training: the model builds (a user's
+    builder that raises is a ConfigError), its Grad-CAM layer resolves as the search resolves it
+    (``attribution.check_gradcam_layer``; ``gradcam_where`` names where ``search.gradcam_layer`` was set) and the
+    budget is feasible (``check_job_budget``, ``budget_label``). Returns the budget in BitOPs (None without one)."""
+    info = load_dataset(job.dataset, root=job.data_root).info
+    model = _fresh_model(job, info)
+    check_gradcam_layer(model, model_name=job.model, override=job.search.gradcam_layer, input_size=info.image_size,
+                        in_channels=info.in_channels, override_where=gradcam_where)
+    return check_job_budget(job, label=budget_label, model=model)
 
 
 TEACHER_TEST_IMAGES = 1000   # held-out test images (stratified, proxy_seed) that measure every teacher

@@ -11,12 +11,13 @@ from torch import nn
 
 from .errors import ConfigError, PolicyMismatchError
 from .fileio import atomic_write_json
-from .layers import fingerprint, searchable_layers
+from .layers import fingerprint, searchable_layers, stem_and_classifier
 
-__all__ = ["MIN_BITS", "MAX_BITS", "QuantSpec", "BitCandidates", "BitPolicy", "POLICY_VERSION"]
+__all__ = ["MIN_BITS", "MAX_BITS", "STEM_BITS", "QuantSpec", "BitCandidates", "BitPolicy", "POLICY_VERSION"]
 
 MIN_BITS, MAX_BITS = 1, 8
 POLICY_VERSION = 1
+STEM_BITS = 8           # bits of a stem / classifier quantized with no stem_bits given (SearchConfig's default)
 
 
 def _check_bits(value: Any, what: str) -> int:
@@ -101,6 +102,33 @@ class BitPolicy:
         """Plain (unweighted) mean weight and activation bits over layers."""
         n = max(len(self.layers), 1)
         return (sum(s.w_bits for s in self.layers.values()) / n, sum(s.a_bits for s in self.layers.values()) / n)
+
+    def quant_scope(self) -> dict[str, Any]:
+        """What the meta says of the stem and classifier (``gmpq search --include-stem --stem-bits B`` records it):
+        ``{"include_stem": bool, "include_classifier": bool, "stem_bits": int}``, full precision when it says
+        nothing. Every use of the policy (fine-tune, export, BitOPs) quantizes them the same way."""
+        meta = self.meta or {}
+        bits = meta.get("stem_bits")
+        bits = STEM_BITS if bits is None else bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+            raise PolicyMismatchError(f"The policy's meta gives stem_bits={bits!r}, but the stem / classifier bits "
+                                      f"must be a whole number in {MIN_BITS}..{MAX_BITS}. Fix 'stem_bits' in the "
+                                      "policy file's meta, or search the policy again with 'gmpq search "
+                                      "--stem-bits B'.")
+        return {"include_stem": bool(meta.get("include_stem")),
+                "include_classifier": bool(meta.get("include_classifier")), "stem_bits": bits}
+
+    def quantized_specs(self, model: nn.Module) -> dict[str, QuantSpec]:
+        """The bits of every layer of ``model`` this policy quantizes (FQN -> QuantSpec): its layers, plus the stem
+        and / or classifier its meta quantizes at ``stem_bits`` (``quant_scope``) unless the policy names them."""
+        scope = self.quant_scope()
+        stem, classifier = stem_and_classifier(model)
+        specs = dict(self.layers)
+        spec = QuantSpec(w_bits=scope["stem_bits"], a_bits=scope["stem_bits"])
+        for name, on in ((stem, scope["include_stem"]), (classifier, scope["include_classifier"])):
+            if on and name is not None:
+                specs.setdefault(name, spec)
+        return specs
 
     # -- validation ---------------------------------------------------------------------------
     def check_fits(self, model: nn.Module, **scope: bool) -> None:

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from .complexity import PENALTIES, Budget
+from .complexity import PENALTIES, Budget, check_avg_bits
 from .errors import ConfigError, did_you_mean
 from .losses import P_MODES
 from .policy import BitCandidates, BitPolicy
@@ -105,6 +105,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "candidates", BitCandidates.from_any(self.candidates))
         object.__setattr__(self, "budget", Budget.from_any(self.budget))
+        if self.budget is not None and self.budget.avg_bits is not None:    # what the candidates can meet, any model
+            check_avg_bits(self.budget.avg_bits, self.candidates)
         _positive("epochs", self.epochs, integer=True, hint=" Use e.g. epochs=25.")
         _positive("batch_size", self.batch_size, integer=True, hint=" Use e.g. batch_size=256.")
         _positive("lr", self.lr, hint=" Use e.g. lr=0.1.")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.fileio import check_writable_dir
 from gmpq_core.names import BUILTIN_MODELS
 from orchestrator.commands import add_precision_arg, at_least, refuse_empty
@@ -28,7 +29,7 @@ __all__ = ["add_model_args", "add_data_args", "model_help", "dataset_help", "Dat
            "add_policy_args", "ModelOptions",
            "resolve_model_options", "build_seeded_model", "resolve_device", "load_policy_arg",
            "uniform_policy", "policy_meta", "dataset_source", "check_bits", "check_out_arg",
-           "check_input_size_arg", "SMALL_INPUT_MAX_PX", "META_KEYS"]
+           "check_input_size_arg", "flag_text", "naming_flags", "SMALL_INPUT_MAX_PX", "META_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -258,3 +259,27 @@ def load_policy_arg(path: str | None) -> BitPolicy | None:
 
 def policy_meta(policy: BitPolicy | None) -> dict:
     return {k: policy.meta[k] for k in META_KEYS if policy is not None and k in policy.meta}
+
+
+def flag_text(flag: str, value: Any) -> str:
+    """``flag`` with ``value`` as typed on the command line (``--eta -1``, ``--include-stem``)."""
+    if value is True:
+        return flag
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+
+
+def naming_flags(err: GMPQError, given: Mapping[str, tuple[str, Any]]) -> GMPQError:
+    """``err``, raised by a config check that names keys and values (``but got eta=-1.0``), reworded to name the
+    flags the user typed instead: ``given`` maps a config key to the (flag, value) that set it (``"eta": ("--eta",
+    -1.0)``). A key is reworded only where the message echoes the flag's own value (a key set in a --config file
+    keeps its name); ``eta must ... but got eta=-1.0. Use e.g. eta=40`` becomes ``--eta must ... but got --eta -1.
+    Use e.g. --eta 40``. Returns an error of the same type (``err`` itself when no flag is named)."""
+    text = str(err)
+    for key, (flag, value) in given.items():
+        echo = re.compile(rf"(?<![\w.-]){re.escape(key)}={re.escape(repr(value))}(?!\w|\.\d)")
+        if value is None or not echo.search(text):
+            continue
+        text = echo.sub(lambda _: flag_text(flag, value), text)
+        text = re.sub(rf"(?<![\w.-]){re.escape(key)}=", f"{flag} ", text)          # a suggestion: "Use e.g. eta=40"
+        text = re.sub(rf"^{re.escape(key)} (?=must )", f"{flag} ", text)            # the rule's subject
+    return err if text == str(err) else type(err)(text)

@@ -75,7 +75,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     """Validate what needs the model and the data (before Ray starts); returns the facts found."""
     import torch
 
-    from gmpq_core.complexity import bitops_range
+    from gmpq_core.complexity import CANDIDATES_HOW, bitops_range
     from gmpq_core.data import check_subset_size, load_dataset
     from gmpq_core.layers import searchable_layers
     from gmpq_core.models import build_model, check_model
@@ -121,7 +121,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
             f"{b_lo:.3g}..{b_hi:.3g} average bits ({lo / 1e9:.4g}..{hi / 1e9:.4g} GBitOPs) for {cfg.model} at "
             f"{pi.image_size} px with candidates w_bits {list(cfg.candidates.w_bits)}, a_bits "
             f"{list(cfg.candidates.a_bits)}: {'; '.join(ends) or 'no bounds given'}. Choose a budget range inside "
-            "it or change the candidates.")
+            f"it, or {CANDIDATES_HOW}.")
     _warn_single_bucket(cfg, low, high)
     point = cfg.space.first_point()
     try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
@@ -143,40 +143,12 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
 
 
 def _check_gradcam_layer(cfg: SweepConfig, net, override: str | None, input_size: int, in_channels: int) -> None:
-    """The Grad-CAM layer every trial uses (``search.gradcam_layer``, else the model's: a user's builder's
-    ``gradcam_layer`` attribute, else found by a forward pass) resolved now on the preflight's model, by the
-    function the trials use (``find_feature_layer``): a bad one used to fail every trial inside Ray, after the
-    shared FP models had trained."""
-    import torch
+    """The Grad-CAM layer every trial uses, resolved now on the preflight's model (``check_gradcam_layer``, shared
+    with ``gmpq search``): a bad one used to fail every trial inside Ray, after the shared FP models had trained."""
+    from gmpq_core.attribution import check_gradcam_layer
 
-    from gmpq_core.attribution import capture_features, find_feature_layer
-    from gmpq_core.models import gradcam_layer_name, is_import_spec
-
-    try:
-        layer = find_feature_layer(net, model_name=cfg.model, override=override, input_size=input_size,
-                                   in_channels=in_channels)
-        if override or gradcam_layer_name(cfg.model):   # a named layer; one found by a forward pass outputs 4-D
-            was_training = net.training
-            net.eval()
-            try:                   # its output must be a 4-D feature map on the way to the logits, as in the trials
-                with torch.no_grad(), capture_features(net, layer) as store:
-                    net(torch.zeros(1, in_channels, input_size, input_size))
-            finally:
-                net.train(was_training)
-            if store.features is None:
-                raise ConfigError(f"gradcam_layer '{layer}' did not run in the forward pass; choose a module on the "
-                                  "path from the input to the logits.")
-    except ConfigError as e:
-        own = gradcam_layer_name(cfg.model)
-        model_s = f", '{own}'" if own and own != override else ""
-        where = (f"It is search.gradcam_layer of the sweep config (leave it out to use the model's{model_s})."
-                 if override else f"It is the 'gradcam_layer' attribute of the model builder {cfg.model}."
-                 if own and is_import_spec(cfg.model) else "")
-        modules = {n for n, _ in net.named_modules() if n}
-        name = override or own
-        hint = did_you_mean([name], modules) if name and name not in modules else ""
-        raise ConfigError(" ".join(p for p in (str(e), hint.strip(), where, "Nothing has been trained yet.")
-                                   if p)) from None
+    check_gradcam_layer(net, model_name=cfg.model, override=override, input_size=input_size, in_channels=in_channels,
+                        override_where="search.gradcam_layer of the sweep config")
 
 
 # MLflow tracking URI schemes (a database URI may name its driver: postgresql+psycopg2://...), plus those

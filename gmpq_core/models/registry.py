@@ -6,12 +6,13 @@ replaces the stem by a 3x3 stride-1 conv and drops the max-pool (for 28-32 px im
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, GMPQError
 from .imported import canonical_model_name, import_builder, is_import_spec
 from .resnet_cifar import ResNetCifar
 
@@ -25,6 +26,8 @@ class ModelSpec:
     gradcam_layer: str          # FQN of the last convolutional stage (Grad-CAM feature map)
     description: str
 
+
+log = logging.getLogger(__name__)
 
 MODELS: dict[str, ModelSpec] = {}
 
@@ -69,7 +72,17 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, small
         raise ConfigError(f"num_classes must be a positive integer, but got num_classes={num_classes!r}.")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ConfigError(f"in_channels must be a positive integer, but got in_channels={in_channels!r}.")
-    model = _get(name).builder(num_classes=num_classes, in_channels=in_channels, small_input=small_input, **kwargs)
+    spec = _get(name)
+    try:
+        model = spec.builder(num_classes=num_classes, in_channels=in_channels, small_input=small_input, **kwargs)
+    except Exception as e:                      # noqa: BLE001 - a user's builder: any error, named with the builder
+        if not is_import_spec(name) or isinstance(e, GMPQError):
+            raise                               # a registered model's error is a bug of gmpq: its traceback stays
+        log.debug("the model builder %s raised", spec.name, exc_info=True)      # the traceback, with gmpq -v
+        raise ConfigError(f"The model builder '{spec.name}' raised {type(e).__name__}: {e} (called as "
+                          f"{spec.name.rpartition(':')[2]}(num_classes={num_classes}, in_channels={in_channels}, "
+                          f"small_input={small_input})). This is the builder's own error, not gmpq's: fix the "
+                          "builder ('gmpq -v' with the same command shows its traceback).") from e
     if not isinstance(model, nn.Module):
         raise ConfigError(f"The model builder '{name}' returned {type(model).__name__}, not a torch.nn.Module; "
                           "return the network itself.")

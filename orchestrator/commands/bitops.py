@@ -1,9 +1,10 @@
 """``gmpq bitops``: MACs and BitOPs of a model under a bit policy (or uniform bits), both conventions.
 
 Contract used by other tools: with ``--json`` it prints one JSON object with at least ``macs`` (all
-conv + linear MACs per image), ``bitops_quantized`` (searchable layers, MACs x w x a),
+conv + linear MACs per image), ``bitops_quantized`` (quantized layers, MACs x w x a),
 ``bitops_total`` (whole network, other layers at 32 x 32) and ``layers`` (``{name, macs, w_bits,
-a_bits, ...}`` per Conv2d/Linear).
+a_bits, ...}`` per Conv2d/Linear). The quantized layers of ``--policy FILE`` are its layers plus a stem /
+classifier its meta quantizes (``gmpq search --include-stem --stem-bits B``), as the search counted them.
 """
 from __future__ import annotations
 

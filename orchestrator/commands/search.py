@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gmpq_core.errors import ConfigError
+from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.names import SEARCH_DATASET, SEARCH_MODEL
 
-from ..common_args import DataRootArg, dataset_help, model_help
+from ..common_args import DataRootArg, dataset_help, flag_text, model_help, naming_flags
 from ..progress import ProgressReporter, make_progress
 from . import add_precision_arg, at_least
 
@@ -114,16 +114,29 @@ def build_job(args: argparse.Namespace) -> SearchJob:
     if not isinstance(search, dict):
         raise ConfigError(f"'search' in '{args.config}' must be a mapping of search settings, but got {search!r}.")
     d, search = dict(d), dict(search)
+    given: dict[str, tuple[str, Any]] = {}      # key -> (flag, value) of the values a flag gave: errors name the flag
     for dest, (level, key) in _FLAG_KEYS.items():
         value = getattr(args, dest, None)
         if value is not None:
             (d if level == "job" else search)[key] = value
-    if args.budget_avg_bits is not None:
-        search["budget"] = {"avg_bits": args.budget_avg_bits}
-    elif args.budget_gbitops is not None:
-        search["budget"] = {"gbitops": args.budget_gbitops}
+            given[key] = ("--" + dest.replace("_", "-"), value)
+    for kind in ("avg_bits", "gbitops"):
+        value = getattr(args, f"budget_{kind}")
+        if value is not None:
+            search["budget"] = {kind: value}
+            given[kind] = (f"--budget-{kind.replace('_', '-')}", value)
     d["search"] = search
-    return SearchJob.from_dict(d)
+    try:
+        return SearchJob.from_dict(d)
+    except GMPQError as e:
+        raise naming_flags(e, given) from None
+
+
+def _budget_label(args: argparse.Namespace) -> str | None:
+    """What an infeasible budget's message calls a budget given by a flag (None: one from --config)."""
+    if args.budget_gbitops is not None:
+        return flag_text("--budget-gbitops", args.budget_gbitops)
+    return flag_text("--budget-avg-bits", args.budget_avg_bits) if args.budget_avg_bits is not None else None
 
 
 def format_summary(result: SearchResult, out: Path) -> str:
@@ -142,7 +155,7 @@ def format_summary(result: SearchResult, out: Path) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gmpq_core.data import check_dataset_name
-    from gmpq_core.jobs import check_job_budget, load_teacher, run_search_job
+    from gmpq_core.jobs import check_job, load_teacher, run_search_job
     from gmpq_core.precision import resolve_precision
 
     from ..common_args import resolve_device
@@ -156,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     if (out / POLICY_FILE).exists():
         print(f"gmpq search: {out} holds an earlier search's {POLICY_FILE} and {RESULT_FILE}; this search replaces "
               "them when it ends (pass another --out to keep them)", file=sys.stderr)
-    check_job_budget(job)  # an impossible budget fails before the teacher is trained
+    # before the teacher is trained: the model builds, its Grad-CAM layer resolves, the budget is feasible
+    check_job(job, gradcam_where=f"search.gradcam_layer of the --config file {args.config}",
+              budget_label=_budget_label(args))
     bar = make_progress("teacher epoch")
     try:
         teacher = load_teacher(job, progress=bar, reporter=ProgressReporter("teacher, training top-1", total_epochs=job.teacher_epochs))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write_json, load_checkpoint, load_model_state, read_json, save_checkpoint
 from gmpq_core.precision import resolve_precision
 
@@ -131,10 +132,74 @@ def fp_result_beside(path: str | Path) -> dict:
     return read_json(p) if p.is_file() else {}
 
 
+_RECORDED = ("model", "input_size", "in_channels", "num_classes", "small_input")     # what an FP model is trained for
+
+
+def _asked(args: argparse.Namespace) -> dict:
+    """What the command line alone says this run trains (before the data is loaded): the model, the dataset, and
+    the model options given as flags."""
+    from gmpq_core.models import check_model
+
+    asked = {k: getattr(args, k) for k in _RECORDED[1:] if getattr(args, k) is not None}
+    model = check_model(args.model, "--model") if args.model is not None else args.default_model
+    return {**asked, "model": model,
+            "dataset": args.dataset or args.default_dataset}
+
+
+def _weights_fit(path: Path, opts: ModelOptions) -> bool:
+    """Whether the state dict at ``path`` has this run's model's entries and shapes (an unreadable file: no)."""
+    from gmpq_core.errors import GMPQError
+
+    try:
+        state = load_checkpoint(path)
+    except (GMPQError, OSError):
+        return False
+    want = build_seeded_model(opts, seed=0).state_dict()
+    return isinstance(state, dict) and set(state) == set(want) and all(
+        getattr(state[k], "shape", None) == want[k].shape for k in want)
+
+
+def check_earlier_fp(out: Path, now: dict, opts: ModelOptions | None = None) -> str:
+    """``out/fp.pt`` of an earlier run trained for another model or data than ``now`` (model options and
+    ``dataset``; only those known) is refused, naming what its fp_result.json records and the fixes: this run
+    would overwrite it (as ``gmpq finetune`` refuses a folder's checkpoints of another run; no flag overwrites, as
+    none does elsewhere). Without the record, ``opts`` (the resolved model) is checked against its weights. Returns
+    the notice that this run replaces what is there ("": nothing is)."""
+    from ._finetune_resume import as_flags, same_dataset
+
+    weights, record = out / FP_WEIGHTS, out / FP_RESULT
+    if not weights.is_file():
+        return ""
+    files = f"'{weights}' and '{record}'" if record.is_file() else f"'{weights}'"
+    fix = f"Pass another --out for this run, or delete {files} to train this model there."
+    old = fp_result_beside(weights) if record.is_file() else {}
+    if not isinstance(old.get("model"), str) or not isinstance(old.get("dataset"), str):
+        if opts is not None and not _weights_fit(weights, opts):
+            raise ConfigError(f"'{weights}' holds an FP model whose weights do not fit this run's {opts.model} "
+                              f"({as_flags(opts.to_dict(), list(_RECORDED[1:]))}), and no fp_result.json says what "
+                              f"it was trained for: this run would overwrite it. {fix}")
+        return (f"{out} holds an earlier {FP_WEIGHTS} that fits this model (and no {FP_RESULT}); this run replaces it "
+                "when it ends (pass another --out to keep it)")
+    other = [k for k in _RECORDED if k in now and k in old and now[k] != old[k]]
+    other_data = "dataset" in now and not same_dataset(str(now["dataset"]), old["dataset"])
+    if other or other_data:
+        trains = " ".join(([as_flags(now, other)] if other else [])
+                          + ([f"on '{now['dataset']}'"] if other_data else []))
+        raise ConfigError(f"'{weights}' holds the FP model of an earlier run, trained with "
+                          f"{as_flags(old, [k for k in _RECORDED if k in old])} on '{old['dataset']}' (its {FP_RESULT} "
+                          f"records it), but this run trains {trains}: it would overwrite that model. {fix}")
+    return (f"{out} holds an earlier run's {FP_WEIGHTS} and {FP_RESULT} of this model and data; this run replaces them "
+            "when it ends (pass another --out to keep them)")
+
+
 def run(args: argparse.Namespace) -> int:
     out = check_out_arg(args.out)    # a file there fails now, not after the training (the model was lost)
+    check_earlier_fp(out, _asked(args))          # another model or dataset: refused before the data is loaded
     data = load_data(args, train_size=args.proxy_size, input_size=args.input_size)
     opts = resolve_model_options(args, dataset_info=data[0])
+    replaces = check_earlier_fp(out, {**opts.to_dict(), "dataset": data[0].name}, opts)    # before the training
+    if replaces:
+        print(f"gmpq train-fp: {replaces}", file=sys.stderr)
     _, summary = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.epochs, lr=args.lr,
                                 weight_decay=args.weight_decay, max_steps_per_epoch=args.max_steps_per_epoch)
     capped = (f", at most {args.max_steps_per_epoch} batches of {args.batch_size} per epoch"

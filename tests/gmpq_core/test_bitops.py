@@ -56,3 +56,32 @@ def test_bitops_unchanged_after_policy_applied():
     before = count_bitops(net, pol, 28, 1)
     apply_policy_(net, pol)
     assert count_bitops(net, pol, 28, 1) == before
+
+
+def _with_meta(pol: BitPolicy, **meta) -> BitPolicy:
+    return BitPolicy(layers=pol.layers, fingerprint=pol.fingerprint, meta={**pol.meta, **meta})
+
+
+@pytest.mark.parametrize("meta, stem_bits, fc_bits", [
+    ({"include_stem": True, "stem_bits": 1}, 1, None),
+    ({"include_stem": True, "include_classifier": True}, 8, 8),      # stem_bits left out: 8, as the search's default
+    ({"include_classifier": True, "stem_bits": 4}, None, 4),
+])
+def test_a_policy_whose_meta_quantizes_the_stem_counts_it_at_stem_bits(meta, stem_bits, fc_bits):
+    # the meta of a 'gmpq search --include-stem' policy carries the switch: every count of it quantizes the same way
+    r = count_bitops(Tiny(), _with_meta(BitPolicy.uniform(Tiny(), 2, 3), **meta), 8, 3)
+    hand = {"stem": 3 * 9 * 8 * 64, "dw": 9 * 8 * 16, "pw": 8 * 16 * 16, "fc": 16 * 5}
+    bits = {"stem": stem_bits, "dw": 2 * 3, "pw": 2 * 3, "fc": fc_bits}
+    bits = {n: (b * b if n in ("stem", "fc") else b) if b is not None else None for n, b in bits.items()}
+    assert r.bitops_quantized == sum(hand[n] * b for n, b in bits.items() if b is not None)
+    assert r.bitops_total == r.bitops_quantized + sum(hand[n] * 32 * 32 for n, b in bits.items() if b is None)
+    stem = next(c for c in r.layers if c.name == "stem")
+    assert stem.quantized is (stem_bits is not None) and stem.w_bits == stem.a_bits == (stem_bits or 32)
+
+
+def test_a_policy_naming_its_stem_keeps_those_bits_over_the_meta():
+    net = Tiny()
+    pol = BitPolicy(layers={"stem": {"w_bits": 5, "a_bits": 6}, "dw": (2, 2), "pw": (2, 2)},
+                    meta={"include_stem": True, "stem_bits": 1})
+    assert pol.quantized_specs(net)["stem"].w_bits == 5
+    assert next(c for c in count_bitops(net, pol, 8, 3).layers if c.name == "stem").a_bits == 6

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from gmpq_core.bitops import count_bitops, layer_macs
-from gmpq_core.complexity import Budget, bitops_range, check_budget, complexity_penalty, expected_bitops
+from gmpq_core.complexity import (Budget, avg_bits_range, bitops_range, check_budget, complexity_penalty,
+                                  expected_bitops)
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError
 from gmpq_core.models import build_model
 from gmpq_core.policy import BitCandidates, BitPolicy
@@ -19,7 +20,7 @@ def resnet20():
 
 
 @pytest.mark.parametrize("kwargs,match", [({}, "exactly one"), ({"avg_bits": 3, "gbitops": 1.0}, "exactly one"),
-                                          ({"avg_bits": 0.5}, "avg_bits"), ({"avg_bits": 9}, "avg_bits"),
+                                          ({"avg_bits": 0}, "avg_bits"), ({"avg_bits": float("nan")}, "avg_bits"),
                                           ({"gbitops": -1.0}, "gbitops"), ({"avg_bits": True}, "avg_bits")])
 def test_budget_validation_echoes_the_value(kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -87,6 +88,27 @@ def test_infeasible_budget_message_names_the_feasible_range(resnet20):
     check_budget(hi, macs, BitCandidates())
     with pytest.raises(BudgetInfeasibleError, match="W2A4"):
         check_budget(lo // 2, macs, BitCandidates(w_bits=(2, 8), a_bits=(4, 8)))
+
+
+@pytest.mark.parametrize("candidates, bits, bad", [
+    (BitCandidates(), (2, 3.5, 6), (0.5, 1, 1.99, 6.01, 9)),
+    (BitCandidates(w_bits=(2, 8), a_bits=(4, 8)), (8 ** 0.5, 8), (2.8, 8.01)),
+])
+def test_an_average_bits_budget_is_feasible_exactly_in_the_candidates_range(resnet20, candidates, bits, bad):
+    # the range a search config checks is the one the model's BitOPs give, on any model (the reference)
+    from gmpq_core.search_config import SearchConfig
+
+    _, _, macs = resnet20
+    lo, hi = bitops_range(macs, candidates)
+    total = sum(macs.values())
+    assert avg_bits_range(candidates) == pytest.approx(((lo / total) ** 0.5, (hi / total) ** 0.5))
+    for b in bits:
+        check_budget(Budget(avg_bits=b).to_bitops(macs), macs, candidates)
+        SearchConfig(candidates=candidates, budget={"avg_bits": b})
+    for b in bad:
+        with pytest.raises(BudgetInfeasibleError, match=rf"The budget avg_bits={b!r} is outside the feasible range "
+                                                        rf"{avg_bits_range(candidates)[0]:.3g} \.\. "):
+            SearchConfig(candidates=candidates, budget={"avg_bits": b})
 
 
 @pytest.mark.parametrize("mode", ["hinge", "official"])

@@ -80,6 +80,18 @@ def test_a_builder_returning_no_module_and_a_file_that_fails_to_run_are_named(cn
         check_model(None, "--model")
 
 
+def test_a_builder_that_raises_is_one_paragraph_naming_it_and_its_error(cnn_file, caplog):
+    # the builder's own error, not gmpq's: named with the builder, no traceback unless logging at DEBUG (gmpq -v)
+    cnn_file.write_text(cnn_file.read_text() + "\n\ndef boom(**kw):\n    raise RuntimeError('boom inside builder')\n")
+    caplog.set_level("DEBUG", logger="gmpq_core.models")
+    with pytest.raises(ConfigError) as e:
+        build_model("./my_cnn.py:boom", num_classes=10, in_channels=1)
+    msg = str(e.value)
+    assert f"The model builder '{cnn_file}:boom' raised RuntimeError: boom inside builder" in msg
+    assert "the builder's own error" in msg and "gmpq -v" in msg
+    assert "boom inside builder" in caplog.text and any(r.exc_info for r in caplog.records)
+
+
 def test_the_gradcam_layer_is_the_builders_attribute_else_found(cnn_file):
     from gmpq_core.attribution import find_feature_layer
 

@@ -81,3 +81,14 @@ def test_policy_bad_json_and_missing_file(tmp_path):
         BitPolicy.load(tmp_path / "nope.json")
     with pytest.raises(PolicyMismatchError, match="version"):
         BitPolicy.from_dict({"version": 99, "layers": {}})
+
+
+def test_the_meta_says_how_the_stem_and_classifier_are_quantized():
+    net = build_model("resnet20", in_channels=1)
+    plain = BitPolicy.uniform(net, 4, 4)
+    assert plain.quant_scope() == {"include_stem": False, "include_classifier": False, "stem_bits": 8}
+    assert plain.quantized_specs(net) == plain.layers
+    stem = BitPolicy(layers=plain.layers, meta={"include_stem": True, "stem_bits": 2})
+    assert set(stem.quantized_specs(net)) == {*plain.layers, "conv1"} and stem.quantized_specs(net)["conv1"].a_bits == 2
+    with pytest.raises(PolicyMismatchError, match=r"meta gives stem_bits=12, but .* 1\.\.8"):
+        BitPolicy(layers=plain.layers, meta={"include_stem": True, "stem_bits": 12}).quant_scope()

@@ -151,15 +151,17 @@ def test_the_stem_and_classifier_can_be_searched_around_at_fixed_bits():
     from gmpq_core.bitops import count_bitops, layer_macs
     from gmpq_core.finetune import prepare_quantized
     from gmpq_core.layers import stem_and_classifier
+    from gmpq_core.policy import BitPolicy
     from gmpq_core.qmodules import QuantConv2d, QuantLinear
 
     res = _search(_cfg(epochs=1, max_steps_per_epoch=1, include_stem=True, include_classifier=True, stem_bits=6))
     teacher = _teacher()
     stem, classifier = stem_and_classifier(teacher)
     macs = layer_macs(teacher, 8, 1)
-    searched = count_bitops(teacher, res.policy, 8, 1, macs=macs).bitops_quantized
+    searched = count_bitops(teacher, BitPolicy(layers=res.policy.layers), 8, 1, macs=macs).bitops_quantized
     assert searched <= res.budget_bitops                                  # the budget: searched layers only
     assert res.bitops_quantized == searched + (macs[stem] + macs[classifier]) * 36
+    assert count_bitops(teacher, res.policy, 8, 1).bitops_quantized == res.bitops_quantized   # as its meta says
     assert res.policy.meta["include_stem"] and res.policy.meta["include_classifier"] and res.policy.meta["stem_bits"] == 6
     deployed = prepare_quantized(teacher, res.policy, _data()[0][0])
     s, c = deployed.get_submodule(stem), deployed.get_submodule(classifier)
@@ -181,9 +183,11 @@ def test_search_config_round_trip_and_validation():
     assert "eta," in str(refused.value) and "inject_nan_at_epoch" not in str(refused.value)   # settings, not switches
     for bad, match in [({"penalty": "lagrange"}, "penalty"), ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"),
                        ({"p_mode": "auto"}, "p_mode"), ({"momentum": 1.0}, "momentum"),
-                       ({"budget": {"avg_bits": 20}}, "avg_bits"), ({"candidates": [0, 2]}, "candidate")]:
+                       ({"budget": {"avg_bits": 0}}, "avg_bits"), ({"candidates": [0, 2]}, "candidate")]:
         with pytest.raises(ConfigError, match=match):
             SearchConfig(**bad)
+    with pytest.raises(BudgetInfeasibleError, match=r"avg_bits=20 is outside the feasible range 2 \.\. 8"):
+        SearchConfig(budget={"avg_bits": 20}, candidates=[2, 4, 8])     # what the candidates reach, on any model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,43 @@
+"""``gmpq bitops --policy FILE`` counts the policy as every other use of it quantizes: a stem / classifier its meta
+quantizes (``gmpq search --include-stem --stem-bits B``) counts at B x B bits, as the search's result.json does."""
+from __future__ import annotations
+
+import json
+
+from gmpq_core.bitops import layer_macs
+from gmpq_core.models import build_model
+from gmpq_core.policy import BitPolicy
+from orchestrator.cli import main
+
+META = {"model": "resnet20", "in_channels": 1, "num_classes": 10, "small_input": True, "input_size": 28}
+
+
+def _policy(tmp_path, **meta) -> tuple[str, dict[str, int]]:
+    model = build_model("resnet20", in_channels=1)
+    pol = BitPolicy.uniform(model, 4, 3)
+    path = tmp_path / "policy.json"
+    BitPolicy(layers=pol.layers, fingerprint=pol.fingerprint, meta={**META, **meta}).save(path)
+    return str(path), layer_macs(model, 28, 1)
+
+
+def test_bitops_counts_the_stem_a_policys_meta_quantizes(tmp_path, capsys):
+    path, macs = _policy(tmp_path, include_stem=True, stem_bits=1)
+    assert main(["bitops", "--policy", path, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    conv1 = next(layer for layer in d["layers"] if layer["name"] == "conv1")
+    assert (conv1["w_bits"], conv1["a_bits"], conv1["quantized"]) == (1, 1, True)
+    searched = sum(m for n, m in macs.items() if n not in ("conv1", "fc"))
+    assert d["bitops_quantized"] == searched * 4 * 3 + macs["conv1"] * 1 * 1
+    assert d["bitops_total"] == d["bitops_quantized"] + macs["fc"] * 32 * 32
+    assert main(["bitops", "--policy", path]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("conv1 "))
+    assert row.split()[2:4] == ["1", "1"] and row.endswith("yes")
+
+
+def test_bitops_counts_the_classifier_a_policys_meta_quantizes_at_8_bits_by_default(tmp_path, capsys):
+    path, macs = _policy(tmp_path, include_classifier=True)
+    assert main(["bitops", "--policy", path, "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    fc = next(layer for layer in d["layers"] if layer["name"] == "fc")
+    assert (fc["w_bits"], fc["a_bits"], fc["quantized"]) == (8, 8, True)
+    assert d["bitops_total"] == d["bitops_quantized"] + macs["conv1"] * 32 * 32
