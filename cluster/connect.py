@@ -137,7 +137,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, num_gpus
         kwargs: dict = {"log_to_driver": log_to_driver, "runtime_env": runtime_env,
                         "logging_level": logging.ERROR}   # no "Connecting to existing Ray cluster" INFO lines
         if resolved.kind == "local":
-            kwargs.update(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+            kwargs.update(address="local",        # without it ray.init joins $RAY_ADDRESS or a 'ray start' cluster
+                          num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
                           object_store_memory=None if object_store_mb is None else object_store_mb * 2**20)
         else:
             require_client_package(resolved)

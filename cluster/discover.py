@@ -17,6 +17,7 @@ process is that driver.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import ClusterError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RayInstance", "ray_temp_dir", "recorded_address", "running_instances", "discover_cluster", "PROC_ROOT",
            "ADDRESS_FILE"]
@@ -132,9 +135,13 @@ def discover_cluster(*, state_dir: str | os.PathLike | None = None, environ: Map
 
     default_file = ray_temp_dir(environ) / ADDRESS_FILE
     address = recorded_address(default_file.parent)
-    if address:
-        return ResolvedAddress(kind="gcs", address=address, source=f"{default_file}, written by 'ray start'")
     instances = running_instances(proc)
+    if address and (instances is None or any(i.gcs_address == address for i in instances)):
+        return ResolvedAddress(kind="gcs", address=address, source=f"{default_file}, written by 'ray start'")
+    if address:       # no raylet of that cluster runs here: a 'ray start --block' ended without 'ray stop' left it
+        log.warning("%s names %s, where no Ray runs on this machine (left by a 'ray start' that ended without "
+                    "'ray stop'; delete it or run 'ray stop'): looking for a running cluster instead",
+                    default_file, address)
     if instances is None:
         return ResolvedAddress(kind="auto", address="auto", source="Ray's own discovery")
     joinable = [i for i in instances if i.joinable]

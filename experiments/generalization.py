@@ -172,7 +172,14 @@ class StudyConfig:
             raise ConfigError(f"resources must be {{cpu: N, gpu: G}} with numbers >= 0, but got {res}.")
         set_("resources", {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))})
         if any(m in SEARCHED for m in self.methods):
-            self.search_config("gmpq", self.budgets[0], 0)   # validates the search settings now
+            from gmpq_core.errors import BudgetInfeasibleError
+
+            for b in self.budgets:      # the search settings, at every budget: a bad one fails now, not in its cells
+                try:
+                    self.search_config("gmpq", b, 0)
+                except BudgetInfeasibleError as e:
+                    raise ConfigError(f"budgets: {b!r} cannot be searched: {e} In a study config the candidates "
+                                      "are its top-level 'candidates:' key; or drop this budget.") from None
         self.finetune_config(0)
 
     # -- derived configs ------------------------------------------------------------------------

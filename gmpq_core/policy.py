@@ -108,15 +108,18 @@ class BitPolicy:
         ``{"include_stem": bool, "include_classifier": bool, "stem_bits": int}``, full precision when it says
         nothing. Every use of the policy (fine-tune, export, BitOPs) quantizes them the same way."""
         meta = self.meta or {}
+        include = {"include_stem": bool(meta.get("include_stem")),
+                   "include_classifier": bool(meta.get("include_classifier"))}
         bits = meta.get("stem_bits")
-        bits = STEM_BITS if bits is None else bits
+        bits = STEM_BITS if bits is None or not any(include.values()) else bits   # unused: not checked
+        if isinstance(bits, float) and bits.is_integer() or type(bits).__name__.startswith(("int", "uint")):
+            bits = int(bits)                 # 8.0, numpy ints: as the old int(...) read them
         if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
             raise PolicyMismatchError(f"The policy's meta gives stem_bits={bits!r}, but the stem / classifier bits "
                                       f"must be a whole number in {MIN_BITS}..{MAX_BITS}. Fix 'stem_bits' in the "
                                       "policy file's meta, or search the policy again with 'gmpq search "
                                       "--stem-bits B'.")
-        return {"include_stem": bool(meta.get("include_stem")),
-                "include_classifier": bool(meta.get("include_classifier")), "stem_bits": bits}
+        return {**include, "stem_bits": bits}
 
     def quantized_specs(self, model: nn.Module) -> dict[str, QuantSpec]:
         """The bits of every layer of ``model`` this policy quantizes (FQN -> QuantSpec): its layers, plus the stem

@@ -265,7 +265,7 @@ def flag_text(flag: str, value: Any) -> str:
     """``flag`` with ``value`` as typed on the command line (``--eta -1``, ``--include-stem``)."""
     if value is True:
         return flag
-    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
+    return f"{flag} {value:.15g}" if isinstance(value, float) else f"{flag} {value}"   # 1.9999999 stays so
 
 
 def naming_flags(err: GMPQError, given: Mapping[str, tuple[str, Any]]) -> GMPQError:
@@ -280,6 +280,7 @@ def naming_flags(err: GMPQError, given: Mapping[str, tuple[str, Any]]) -> GMPQEr
         if value is None or not echo.search(text):
             continue
         text = echo.sub(lambda _: flag_text(flag, value), text)
-        text = re.sub(rf"(?<![\w.-]){re.escape(key)}=", f"{flag} ", text)          # a suggestion: "Use e.g. eta=40"
+        text = re.sub(rf"(?<=e\.g\. ){re.escape(key)}=", f"{flag} ", text)    # a suggestion: "Use e.g. eta=40" (not an
+        #                                                                    example's code: "Budget(avg_bits=3)")
         text = re.sub(rf"^{re.escape(key)} (?=must )", f"{flag} ", text)            # the rule's subject
     return err if text == str(err) else type(err)(text)

@@ -338,10 +338,10 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     sweep_dir = Path(cfg.out_dir)
     if resume:
         _check_same_config(cfg)                            # first: another config's own errors would hide it
-    check_sweep_config(cfg)                                # everything that can fail does so before Ray
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
-        from .ray_env import check_join_address
+        from .ray_env import check_join_address                 # (and before the data and model checks' work)
         check_join_address(cfg.address)
+    check_sweep_config(cfg)                                # everything that can fail does so before Ray
     if cfg.address is not None and unshared:
         log.warning("the sweep joins a Ray cluster (%s): trials on its other nodes need %s on storage every node "
                     "shares (NFS, S3); the default%s inside %s", (joined.address if joined else None) or cfg.address,

@@ -59,9 +59,27 @@ def test_the_cluster_ray_start_recorded_in_rays_temp_dir_is_joined_and_named(tmp
     (tmp_path / "tmp" / "ray" / "ray_current_cluster").write_text("10.0.0.5:6379\n")
     _process(proc, 100, 1, ["python", "-m", "pytest"])
     _raylet(proc, 130, 100, "192.0.2.2:33199", tmp_path / "tmp" / "ray")      # a private one too: not chosen
+    _process(proc, 200, 1, ["/venv/bin/ray", "start", "--address", "10.0.0.5:6379"])
+    _raylet(proc, 230, 200, "10.0.0.5:6379", tmp_path / "tmp" / "ray")       # this machine's node of that cluster
     got = discover_cluster(state_dir=state, environ=env, proc=proc)
     assert (got.kind, got.address) == ("gcs", "10.0.0.5:6379")
     assert got.source == f"{tmp_path / 'tmp' / 'ray' / 'ray_current_cluster'}, written by 'ray start'"
+
+
+def test_a_record_no_running_node_matches_is_stale_and_a_running_cluster_is_joined(tmp_path, machine, caplog):
+    """The review: a 'ray start --block' ended by Ctrl-C leaves ray_current_cluster; it won over a live cluster
+    (a 'gmpq cluster up --dir X' one) and auto ended with "No Ray cluster answers"."""
+    proc, env, state = machine
+    stale = tmp_path / "tmp" / "ray" / "ray_current_cluster"
+    stale.write_text("10.0.0.5:6379\n")
+    own = tmp_path / "gmpq-ray-abc"
+    own.mkdir()
+    (own / "ray_current_cluster").write_text("127.0.0.1:41234\n")
+    _process(proc, 300, 1, ["/venv/bin/ray", "start", "--head"])
+    _raylet(proc, 330, 300, "127.0.0.1:41234", own)
+    got = discover_cluster(state_dir=state, environ=env, proc=proc)
+    assert (got.kind, got.address) == ("gcs", "127.0.0.1:41234")
+    assert f"{stale} names 10.0.0.5:6379, where no Ray runs on this machine" in caplog.text
 
 
 def test_a_ray_start_cluster_with_its_own_temp_dir_is_found_running_and_named(tmp_path, machine):

@@ -73,3 +73,17 @@ def test_naming_flags_keeps_the_error_type_and_other_keys():
     assert str(err) == "--eta must be >= 0, but got --eta -1; lam=-1.0 too."
     same = ConfigError("lam must be >= 0, but got lam=-1.0.")
     assert naming_flags(same, {"eta": ("--eta", -1.0)}) is same
+
+
+def test_naming_flags_leaves_an_examples_code_alone_and_echoes_the_value_as_typed():
+    """The review: 'Budget(avg_bits=3)' became 'Budget(--budget-avg-bits 3)', and 1.9999999 was echoed as 2."""
+    from gmpq_core.errors import ConfigError
+    from orchestrator.common_args import naming_flags
+
+    err = ConfigError("budget avg_bits must be a positive number of bits, but got avg_bits=0.0 (e.g. "
+                      "Budget(avg_bits=3)). Use e.g. avg_bits=3.")
+    text = str(naming_flags(err, {"avg_bits": ("--budget-avg-bits", 0.0)}))
+    assert "but got --budget-avg-bits 0 (e.g. Budget(avg_bits=3)). Use e.g. --budget-avg-bits 3." in text
+    err = ConfigError("The budget avg_bits=1.9999999 is outside the feasible range 2 .. 6")
+    assert str(naming_flags(err, {"avg_bits": ("--budget-avg-bits", 1.9999999)})).startswith(
+        "The budget --budget-avg-bits 1.9999999 is outside")

@@ -218,3 +218,16 @@ def test_each_finished_cell_is_a_progress_line():
     assert cell_line(failed, 4, 18, 96.0) == ("[4/18] gmpq proxy fmnist500 budget 3.0 seed 1: FAILED (ValueError: "
                                               "the budget is infeasible); 1.6 min so far")
 
+
+
+def test_every_budget_is_checked_against_the_candidates_when_the_config_loads(tmp_path):
+    """The review: only the first budget was checked; a later one outside the candidates' range failed in each of its
+    cells, after the shared FP models had trained."""
+    import yaml
+
+    d = yaml.safe_load((REPO / "experiments" / "generalization_smoke.yaml").read_text())
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({**d, "budgets": [3.0, 7.0]}))
+    with pytest.raises(ConfigError, match=r"budgets: 7\.0 cannot be searched: .*feasible range 2 \.\. 6.*top-level "
+                                          r"'candidates:' key"):
+        load_study_config(path)
