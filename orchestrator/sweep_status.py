@@ -24,7 +24,7 @@ from typing import Iterable
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import read_json
 
-from .driver_markers import DRIVER_FILE, FINETUNE_DRIVER_FILE, driver_alive, live_driver, read_marker
+from .driver_markers import DRIVER_FILE, FINETUNE_DRIVER_FILE, driver_alive, is_this_process, live_driver, read_marker
 from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_resolved_config,
                       read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
@@ -161,11 +161,14 @@ def _finetune_progress(sweep_dir: Path, cfg: dict, todo: list[str]) -> dict[str,
     return out
 
 
-def read_sweep_status(sweep_dir: str | Path) -> SweepStatus:
-    """The status of the sweep in ``sweep_dir`` (CheckpointError if it is not a sweep folder or a file is damaged)."""
+def read_sweep_status(sweep_dir: str | Path, *, own_marker: bool = True) -> SweepStatus:
+    """The status of the sweep in ``sweep_dir`` (CheckpointError if it is not a sweep folder or a file is damaged).
+    ``own_marker=False``: a driver.json naming this process (a command's own stage asking) counts as none."""
     sweep_dir = Path(sweep_dir)
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
     driver = read_marker(sweep_dir / DRIVER_FILE)
+    if driver is not None and not own_marker and is_this_process(driver):   # the caller's own stage: no other
+        driver = None                                                         # command runs the sweep
     alive = driver_alive(driver)
     finetune = live_driver(sweep_dir, FINETUNE_DRIVER_FILE)
     if finetune is not None and driver is not None and finetune.get("pid") == driver.get("pid") \
@@ -222,7 +225,7 @@ def no_trial_ended_text(sweep_dir: str | Path) -> str | None:
     sweep_dir = Path(sweep_dir)
     if (sweep_dir / TRIALS_FILE).exists() or not (sweep_dir / CONFIG_FILE).is_file():
         return None
-    st = read_sweep_status(sweep_dir)
+    st = read_sweep_status(sweep_dir, own_marker=False)      # (a final stage asking: its own marker is no sweep)
     text = (f"No trial of the sweep {sweep_dir} has ended yet, so it has no results: {TRIALS_FILE} is written when "
             "the first one ends.")
     d = st.active_driver or {}

@@ -56,7 +56,7 @@ def test_the_studys_tune_run_puts_back_the_sigint_handler_it_leaves(tmp_path, mo
     sink = types.SimpleNamespace(finish=lambda *a: None, parent_run_id=None)
     monkeypatch.setattr(gr, "check_study_data", lambda cfg: None)
     monkeypatch.setattr(gr, "prepare_models", lambda cfg, d, map_fn=None: {})
-    monkeypatch.setattr(gr, "StudyCallback", lambda *a: types.SimpleNamespace(sink=sink, completed=0, failed=0))
+    monkeypatch.setattr(gr, "StudyCallback", lambda *a, **kw: types.SimpleNamespace(sink=sink, completed=0, failed=0))
     monkeypatch.setattr(ray_env, "ray_session", lambda *a, **kw: contextlib.nullcontext(True))
     monkeypatch.setattr(tune, "Tuner", Tuner)
     monkeypatch.setattr(tune, "with_resources", lambda trainable, resources: trainable)
