@@ -342,7 +342,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         from .ray_env import check_join_address                 # (and before the data and model checks' work)
         check_join_address(cfg.address)
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
-    if cfg.address is not None and unshared:
+    if joined is not None and joined.kind != "local" and unshared:       # ('local': this machine's own Ray)
         log.warning("the sweep joins a Ray cluster (%s): trials on its other nodes need %s on storage every node "
                     "shares (NFS, S3); the default%s inside %s", (joined.address if joined else None) or cfg.address,
                     " and ".join(unshared), "s are" if len(unshared) > 1 else " is", sweep_dir)
