@@ -138,13 +138,15 @@ def _fresh_model(job: SearchJob, info: Any) -> nn.Module:
                            small_input=job.small_input)
 
 
-def check_job_budget(job: SearchJob, *, label: str | None = None, model: nn.Module | None = None) -> int | None:
+def check_job_budget(job: SearchJob, *, label: str | None = None, model: nn.Module | None = None,
+                     info: Any = None) -> int | None:
     """The job's budget in BitOPs (None without one); BudgetInfeasibleError before any training if
     the candidates cannot meet it on this model and input size (``label``: what the message calls the budget,
-    e.g. the flag that gave it; ``model``: a fresh model of the job, built here when not given)."""
+    e.g. the flag that gave it; ``model``: a fresh model of the job, built here when not given; ``info``: its
+    dataset's, loaded here when not given)."""
     if job.search.budget is None:
         return None
-    info = load_dataset(job.dataset, root=job.data_root).info
+    info = load_dataset(job.dataset, root=job.data_root).info if info is None else info
     model = _fresh_model(job, info) if model is None else model
     all_macs = layer_macs(model, info.image_size, info.in_channels)
     macs = {n: all_macs[n] for n in searchable_layers(model)}
@@ -162,7 +164,7 @@ def check_job(job: SearchJob, *, gradcam_where: str, budget_label: str | None = 
     model = _fresh_model(job, info)
     check_gradcam_layer(model, model_name=job.model, override=job.search.gradcam_layer, input_size=info.image_size,
                         in_channels=info.in_channels, override_where=gradcam_where)
-    return check_job_budget(job, label=budget_label, model=model)
+    return check_job_budget(job, label=budget_label, model=model, info=info)      # the dataset loaded once
 
 
 TEACHER_TEST_IMAGES = 1000   # held-out test images (stratified, proxy_seed) that measure every teacher

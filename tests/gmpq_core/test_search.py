@@ -335,3 +335,19 @@ def test_the_fused_kernels_read_per_candidate_scalars_on_the_cpu_only():
     assert _scalars(torch.tensor([0.5, 2.0])) == [0.5, 2.0]            # CPU: Python floats (faster ops)
     on_meta = _scalars(torch.empty(2, device="meta"))                  # any other device: no read
     assert len(on_meta) == 2 and all(isinstance(t, torch.Tensor) and t.dim() == 0 for t in on_meta)
+
+
+def test_check_job_loads_the_dataset_once(monkeypatch):
+    """The review: check_job loaded the dataset, then check_job_budget loaded it again (an imagefolder dataset: a
+    second full directory scan before the search starts)."""
+    from gmpq_core import jobs
+    from gmpq_core.jobs import SearchJob
+
+    real, loads = jobs.load_dataset, []
+
+    def counting(*a, **kw):
+        loads.append(a)
+        return real(*a, **kw)
+    monkeypatch.setattr(jobs, "load_dataset", counting)
+    job = SearchJob(proxy_size=300, search=SearchConfig(epochs=1, budget=Budget(avg_bits=3)))
+    assert jobs.check_job(job, gradcam_where="search.gradcam_layer") > 0 and len(loads) == 1
