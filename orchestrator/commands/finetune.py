@@ -32,7 +32,7 @@ from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, drop_integer_file, integer_path, load_checkpoint
 from gmpq_core.precision import resolve_precision
 
-from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args,
+from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args, naming_flags,
                            build_seeded_model, check_out_arg, dataset_source, policy_meta, resolve_device,
                            resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
@@ -54,6 +54,10 @@ log = logging.getLogger(__name__)
 QUANTIZED_WEIGHTS, RESULT, POLICY = "quantized.pt", "finetune_result.json", "policy.json"
 _FP_DEFAULTS = {"fp_epochs": 2, "fp_lr": 0.1}                            # the parser's; used only when FP is trained
 
+
+# FinetuneConfig keys a flag of the same name (dashes for underscores) sets: its errors name the flag
+_FLAG_KEYS = ("epochs", "lr", "weight_decay", "batch_size", "distill_alpha", "distill_temperature", "seed",
+              "max_steps_per_epoch")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -234,11 +238,16 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     precision = resolve_precision(args.precision, device)
     meta = policy_meta(policy)
     fp_info = fp.info or {}                                        # {} when there is none
-    config = FinetuneConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
-                            batch_size=args.batch_size, distill=args.distill, distill_alpha=args.distill_alpha,
-                            distill_temperature=args.distill_temperature, seed=args.seed,
-                            max_steps_per_epoch=args.max_steps_per_epoch, include_stem=args.include_stem,
-                            include_classifier=args.include_classifier)
+    given = {key: ("--" + key.replace("_", "-"), getattr(args, key)) for key in _FLAG_KEYS
+             if getattr(args, key, None) is not None}      # errors name the flag typed: --lr -1, not lr=-1.0
+    try:
+        config = FinetuneConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                                batch_size=args.batch_size, distill=args.distill, distill_alpha=args.distill_alpha,
+                                distill_temperature=args.distill_temperature, seed=args.seed,
+                                max_steps_per_epoch=args.max_steps_per_epoch, include_stem=args.include_stem,
+                                include_classifier=args.include_classifier)
+    except GMPQError as e:
+        raise naming_flags(e, given) from None
     fp_data, target = fp_info.get("dataset"), meta.get("target_dataset")
     if not args.dataset and fp_data and target and fp_data != target:
         raise ConfigError(f"The policy names the target dataset '{target}', but the FP checkpoint '{fp.path}' was "

@@ -200,3 +200,15 @@ def test_sync_mlflow_error_says_what_failed_not_a_librarys_deprecation_notice(tm
     err = refused(capsys, ["sync-mlflow", "--sweep", str(sweep), "--tracking-uri", f"sqlite:///{tmp_path / 'bad.db'}"])
     assert f"Cannot sync '{sweep}' to MLflow: MLflow logging disabled: connecting failed" in err
     assert "file is not a database" in err and "noload" not in err and "deprecated" not in err
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--lr", "-1", "--lr must be a finite number > 0, but got --lr -1. Use e.g. --lr 0.1."),
+    ("--epochs", "0", "--epochs must be a whole number >= 1, but got --epochs 0."),
+])
+def test_a_single_fine_tunes_bad_value_names_the_flag_typed(tmp_path, capsys, flag, value, says):
+    """The walkthrough: 'gmpq finetune --lr -1' said 'lr=-1.0', a key the user never typed."""
+    assert main(["finetune", "--uniform", "4", "4", "--model", "resnet20", "--dataset", "fashion_mnist",
+                 "--out", str(tmp_path / "ft"), flag, value]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == f"gmpq: error: {says}" and not (tmp_path / "ft").exists()
