@@ -135,7 +135,7 @@ CASES: tuple[Case, ...] = (
          {"policy.json": _BAD_POLICY[:25]}),
     Case("finetune-zero-lr", (*_FINETUNE, "--uniform", "4", "4", "--lr", "0"), r"lr.*0"),
     Case("finetune-negative-distill-alpha", (*_FINETUNE, "--uniform", "4", "4", "--distill", "--distill-alpha", "-1"),
-         r"distill_alpha.*-1"),
+         r"--distill-alpha must be in \[0, 1\], but got --distill-alpha -1"),   # the flag typed
     Case("finetune-train-larger-than-dataset", (*_FINETUNE, "--uniform", "4", "4", "--train-size", "100000"),
          r"100000.*60000"),
     Case("finetune-negative-train-size", (*_FINETUNE, "--uniform", "4", "4", "--train-size", "-3"),
