@@ -17,7 +17,8 @@ from gmpq_core.errors import ConfigError, did_you_mean
 __all__ = ["Resources", "PrunerConfig", "FinetuneStage", "FaultInjection", "KEY_FLAGS", "SECTIONS", "misplaced",
            "check_placement"]
 
-# The `gmpq sweep` flags that set a config key (dotted: inside a section), for "--epochs sets it too".
+# The `gmpq sweep` flags that set a config key (dotted: inside a section): what commands.sweep.overrides_from_args
+# reads, and what the config errors name ("--epochs sets it too").
 KEY_FLAGS = {"n_trials": "--n-trials", "max_concurrent_trials": "--max-concurrent", "out_dir": "--out",
              "model": "--model", "name": "--name", "seed": "--seed", "tracking_uri": "--tracking-uri",
              "optuna_storage": "--optuna-storage", "address": "--address", "storage_path": "--storage",

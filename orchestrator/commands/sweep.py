@@ -74,11 +74,11 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": args.out,
-            "model": args.model,
-            "name": args.name, "seed": args.seed, "tracking_uri": args.tracking_uri,
-            "optuna_storage": args.optuna_storage, "address": args.address, "storage_path": args.storage,
-            "cache_dir": args.cache_dir, "space.search_epochs": args.epochs, "precision": args.precision}
+    """The sweep config keys the flags set (``sweep_sections.KEY_FLAGS``, one table for these and for the config
+    errors' "--epochs sets it too") -> the flags' values."""
+    from orchestrator.sweep_sections import KEY_FLAGS      # torch-free
+
+    return {key: getattr(args, flag[2:].replace("-", "_")) for key, flag in KEY_FLAGS.items()}
 
 
 def check_address_arg(address: str | None) -> None:
