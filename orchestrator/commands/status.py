@@ -38,12 +38,13 @@ def _headline(st: Any) -> str:
     ended = f"{st.n_ended} of {st.n_planned or '?'} trials ended"
     counts = ", ".join(f"{st.count(s)} {s}" for s in ("completed", "pruned", "failed", "running", "stopped")
                        if st.count(s) or s in ("completed", "pruned", "failed"))
+    from orchestrator.driver_markers import driver_text
+
     d = st.active_driver or {}
     who = f"pid {d.get('pid')} on {d.get('host')}"
     state = st.state
     f = st.finetune_driver if st.finetune_driver is not d else None
-    beside = "" if not f else f"; a final stage runs beside it: 'gmpq finetune --sweep' (pid {f.get('pid')} on " \
-                              f"{f.get('host')})"
+    beside = "" if not f else f"; a final stage runs beside it: {driver_text(f)}"
     if state == "running" and not st.trials:
         return f"running ({who}): preparing the shared models; no trial has started yet{beside}."
     if state == "running":
