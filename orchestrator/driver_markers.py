@@ -26,7 +26,7 @@ from typing import Iterator
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-__all__ = ["DRIVER_FILE", "FINETUNE_DRIVER_FILE", "driver_marker", "final_stage_marker", "live_driver",
+__all__ = ["DRIVER_FILE", "FINETUNE_DRIVER_FILE", "driver_marker", "final_stage_marker", "live_driver", "release_all",
            "driver_text", "ended_marker_text", "read_marker",
            "is_this_process", "pid_start", "driver_alive"]
 
@@ -143,6 +143,19 @@ def beat_once() -> None:
             _claim(path)
         except OSError:                  # the folder went away or the disk is full: the sweep says so itself
             pass
+
+
+def release_all() -> None:
+    """Remove every marker this process holds, whatever its stages (a process about to end at once: ``os._exit``
+    after its Ray cluster was lost, where no block's ``finally`` runs); markers of other processes stay."""
+    with _LOCK:
+        for path in list(_STAGES):
+            del _STAGES[path]
+            try:
+                if is_this_process(read_marker(path) or {}):
+                    path.unlink()
+            except OSError:
+                pass
 
 
 def live_driver(sweep_dir: str | Path, name: str = DRIVER_FILE) -> dict | None:

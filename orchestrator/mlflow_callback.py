@@ -178,6 +178,12 @@ class MLflowCallback(Callback):
         self._do(self._end_experiment)
         self.flush()
 
+    def end_interrupted(self) -> None:
+        """The sweep stops without Tune's end hook (its Ray cluster was lost: ``sweep_lost``): end the runs as
+        ``on_experiment_end`` does, after every write queued before, and wait for them."""
+        self._do(self._end_experiment)
+        self.close()
+
     def _end_experiment(self) -> None:
         """Runs of trials the sweep stopped midway (Ctrl-C) end KILLED, tagged "interrupted", and so does the
         parent run; a resumed sweep reopens them (``child_run``) and ends them as its trials end."""

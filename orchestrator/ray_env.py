@@ -36,6 +36,7 @@ _QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",               # no Tune status tables: the sweep prints its own lines
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": None,   # must stay unset: ResultGrid needs the JSON logger
     "TUNE_WARN_THRESHOLD_S": "5",            # "operation took 0.8 s" warnings only when really slow
+    "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",      # no traceback per failed trial: the sweep's line names the error
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -314,12 +315,28 @@ def _error_text(trial: Any) -> str:
     if err is not None:
         cause = getattr(err, "cause", None)
         base = cause if isinstance(cause, BaseException) else err
-        lines = [ln for ln in str(base).strip().splitlines() if ln.strip()]
-        return f"{type(base).__name__}: {lines[-1] if lines else ''}"[:2000]
+        lines = [ln.strip() for ln in str(base).strip().splitlines() if ln.strip()]
+        return f"{type(base).__name__}: {_node_died(lines) or (lines[-1] if lines else '')}"[:2000]
     text_file = getattr(trial, "error_file", None)
     text = Path(text_file).read_text(errors="replace") if text_file and Path(text_file).is_file() else ""
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    died = _node_died(lines)
+    if died:
+        kind = next((m.group(1) for ln in lines if (m := re.match(r"([\w.]+(?:Error|Exception)):", ln))), "Error")
+        return f"{kind}: {died}"[:2000]
     return (lines[-1] if lines else "the trial raised an error (see its Ray trial folder)")[:2000]
+
+
+NODE_DIED = "its node died"
+
+
+def _node_died(lines: list[str]) -> str | None:
+    """For Ray's error of a trial whose node died under it (``ActorDiedError``: "... because its node has died"),
+    "its node died (<Ray's reason>)": the trial's own code did not fail, and it runs again on --resume."""
+    if not any("node has died" in ln or "node was terminated" in ln for ln in lines):
+        return None
+    reason = next((ln for ln in reversed(lines) if "node" in ln), "")
+    return f"{NODE_DIED} ({reason})" if reason else NODE_DIED
 
 
 def resolve_status(status_book: Any, trial_id: str, errored: bool, last_result: Mapping[str, Any]) -> str:

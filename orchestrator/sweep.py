@@ -46,6 +46,7 @@ from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config, _saved_cache_dir,
                            check_not_a_study, experiment_path, holds_sweep_state, resolve_resume, resume_choice_text)
+from .cluster_watch import lost_after_s
 from .driver_markers import driver_marker
 from .tail_threads import TailThreads
 from .trainable import make_trainable, trial_number
@@ -167,7 +168,9 @@ class SweepProgress(Callback):
                              f"transfer {r.get('transfer_seconds', 0):.0f}s)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, f"FAILED ({trial.error_file or 'see the trial folder'})")
+        from .results import _error_text
+
+        self._say(trial, f"FAILED: {_error_text(trial)[:300]} ({trial.error_file or 'see the trial folder'})")
 
 
 def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
@@ -198,11 +201,14 @@ def _mlflow_callbacks(callbacks: list) -> list:
 
 
 def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook, *, resume: bool, progress: bool,
-          prep_threads: int | None, say) -> Any:
-    """Inside a Ray session: preflight, shared preparation, then the Tuner's run; returns its ResultGrid."""
+          prep_threads: int | None, say, command: str = "sweep") -> Any:
+    """Inside a Ray session, its cluster watched (``cluster_watch``: lost, the driver says so and exits 75):
+    preflight, shared preparation, then the Tuner's run; returns its ResultGrid."""
+    from .cluster_watch import watching_cluster
     from .ray_env import ray_cpus, ray_session
+    from .sweep_lost import sweep_lost_handler
 
-    with ray_session(cfg.address):
+    with ray_session(cfg.address), watching_cluster(sweep_lost_handler(cfg, callbacks, command)):
         _preflight(cfg)                                    # a request no node can run fails now, not hangs
         say(f"preparing shared artefacts in {cfg.cache_dir}")
         context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
@@ -342,6 +348,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         from .ray_env import check_join_address                 # (and before the data and model checks' work)
         check_join_address(cfg.address)
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
+    lost_after_s()                                         # (also a bad $GMPQ_CLUSTER_LOST_AFTER_S)
     if joined is not None and joined.kind != "local" and unshared:       # ('local': this machine's own Ray)
         log.warning("the sweep joins a Ray cluster (%s): trials on its other nodes need %s on storage every node "
                     "shares (NFS, S3); the default%s inside %s", (joined.address if joined else None) or cfg.address,
@@ -379,7 +386,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
                 with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
                     stores = pool.submit(_open_stores, cfg, callbacks, resume)          # while Ray starts
                     grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
-                                 prep_threads=prep_threads, say=say)
+                                 prep_threads=prep_threads, say=say, command=command)
             finally:                                             # MLflow writes still queued reach the store
                 for cb in _mlflow_callbacks(callbacks):
                     cb.close()

@@ -82,7 +82,9 @@ def _next_step(st: Any) -> str | None:
     if st.state == "stopped":
         from orchestrator.sweep_status import continue_text
 
-        return f"{continue_text(d)} Ended trials are kept; trials stopped midway run again."
+        again = "failed trials and those stopped midway run again" if st.count("failed") else \
+            "trials stopped midway run again"
+        return f"{continue_text(d)} Completed and pruned trials are kept; {again}."
     if st.state != "finished":
         return None
     from orchestrator.pareto import no_completed_text

@@ -1,0 +1,163 @@
+"""Watching the Ray cluster a driver runs on, so that losing it ends the command cleanly.
+
+When a cluster stops under a running sweep (``gmpq cluster down``, ``ray stop``, a lost head node), Ray's
+driver keeps waiting: Tune's loop blocks on the dead GCS (a Ctrl-C cannot stop it either), and after 60 s
+Ray's core worker ends the process with one C++ log line, skipping every ``finally``: no summary, no
+``--resume`` command, the driver marker left behind.
+
+``watching_cluster(on_lost)``: inside a Ray session, a daemon thread connects to the cluster's GCS (its
+head node's port) every second; once it has not answered for ``lost_after_s()`` seconds (10 by default,
+``$GMPQ_CLUSTER_LOST_AFTER_S`` up to 50: a cluster whose GCS restarts, e.g. KubeRay's GCS fault tolerance,
+may need longer), it calls ``on_lost(address, seconds)``, which says what happened and ends the process
+with ``exit_lost``: status ``LOST_STATUS`` (75, EX_TEMPFAIL: try again later). A Ray Client connection
+(``ray://``) is not watched (its own reconnect raises in the driver).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Callable, Iterator, NoReturn
+
+from gmpq_core.errors import ConfigError
+
+__all__ = ["LOST_STATUS", "LOST_AFTER_ENV", "ClusterWatch", "watching_cluster", "lost_after_s", "gcs_answers",
+           "exit_lost", "split_address"]
+
+log = logging.getLogger(__name__)
+
+LOST_STATUS = 75                     # sysexits' EX_TEMPFAIL: the work can go on later (a batch job retries it)
+LOST_AFTER_ENV = "GMPQ_CLUSTER_LOST_AFTER_S"
+DEFAULT_LOST_AFTER_S = 10.0
+MAX_LOST_AFTER_S = 50.0              # Ray's core worker ends the driver once its GCS is gone 60 s
+CLEANUP_S = 20.0                     # the most ``exit_lost`` waits for the caller's cleanup (MLflow writes)
+
+
+def lost_after_s() -> float:
+    """Seconds the GCS may not answer before the cluster counts as lost: ``$GMPQ_CLUSTER_LOST_AFTER_S`` or 10."""
+    raw = os.environ.get(LOST_AFTER_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LOST_AFTER_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 1.0 <= value <= MAX_LOST_AFTER_S:
+        raise ConfigError(f"${LOST_AFTER_ENV}={raw!r} is not a number of seconds from 1 to {MAX_LOST_AFTER_S:g}: it "
+                          "is how long the Ray cluster's head may not answer before a gmpq command stops (Ray itself "
+                          f"gives up after 60 s). Set it to e.g. 30, or unset it for the default "
+                          f"({DEFAULT_LOST_AFTER_S:g}).")
+    return value
+
+
+def split_address(address: str) -> tuple[str, int] | None:
+    """``"host:port"`` (``"[v6]:port"``) as ``(host, port)``; None if it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def gcs_answers(host: str, port: int, timeout: float) -> bool:
+    """Whether a TCP connection to the GCS opens within ``timeout`` seconds."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+class ClusterWatch:
+    """A daemon thread probing ``address`` every ``interval_s``; calls ``on_lost(address, seconds)`` once, when the
+    probe has failed for ``lost_after`` seconds since it last answered (or since the watch started)."""
+
+    def __init__(self, address: str, on_lost: Callable[[str, float], None], *, lost_after: float,
+                 interval_s: float = 1.0, probe: Callable[[str, int, float], bool] = gcs_answers) -> None:
+        where = split_address(address)
+        if where is None:
+            raise ValueError(f"not a HOST:PORT address: {address!r}")
+        self.address, self._where = address, where
+        self.on_lost, self.lost_after, self.interval_s, self.probe = on_lost, lost_after, interval_s, probe
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def start(self) -> "ClusterWatch":
+        self._thread = threading.Thread(target=self._run, name="gmpq-cluster-watch", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.interval_s):
+            if self.probe(*self._where, min(2.0, max(self.interval_s, 0.2))):
+                last_ok = time.monotonic()
+                continue
+            silent = time.monotonic() - last_ok
+            if silent >= self.lost_after and not self._stop.is_set():
+                self.lost = True
+                self.on_lost(self.address, silent)
+                return
+
+
+def _gcs_address() -> str | None:
+    """The running Ray session's GCS address; None under Ray Client or when it cannot be read."""
+    import ray
+
+    try:
+        from ray.util.client import ray as client
+
+        if client.is_connected():
+            return None
+        address = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - no watch is better than a failed command
+        return None
+    return address if isinstance(address, str) and split_address(address) else None
+
+
+@contextlib.contextmanager
+def watching_cluster(on_lost: Callable[[str, float], None]) -> Iterator[ClusterWatch | None]:
+    """Inside a Ray session: watch its cluster (``ClusterWatch``) while the block runs; None when not watched."""
+    after = lost_after_s()
+    address = _gcs_address()
+    if address is None:
+        yield None
+        return
+    watch = ClusterWatch(address, on_lost, lost_after=after).start()
+    try:
+        yield watch
+    finally:
+        watch.stop()
+
+
+def exit_lost(text: str, cleanup: Callable[[], None] | None = None) -> NoReturn:
+    """Print ``text`` (the command's last word), run ``cleanup`` for at most ``CLEANUP_S`` seconds (never raising),
+    remove this process's driver markers, and end the process with ``LOST_STATUS``. Called from the watch thread
+    while the main thread is stuck in Ray: ``os._exit``, since nothing would reach the main thread's handlers."""
+    print(text, file=sys.stderr, flush=True)
+    if cleanup is not None:
+        worker = threading.Thread(target=_quietly, args=(cleanup,), name="gmpq-lost-cleanup", daemon=True)
+        worker.start()
+        worker.join(CLEANUP_S)
+    from .driver_markers import release_all
+
+    _quietly(release_all)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(LOST_STATUS)
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the process ends next: a failed cleanup step only logs
+        log.warning("while stopping after the Ray cluster was lost: %s", e)
