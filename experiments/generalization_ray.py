@@ -246,7 +246,11 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
                             wall_seconds=time.perf_counter() - t0)
     if isinstance(address, str) and address.strip() in ("", "local"):
         address = None                                  # "local": this machine, as without --address
-    with ray_session(address, **({} if address else {"num_gpus": 1 if cfg.resources["gpu"] > 0 else 0})):
+    from orchestrator.cluster_watch import lost_after_s, watching_cluster
+
+    lost_after_s()                                      # a bad $GMPQ_CLUSTER_LOST_AFTER_S: before Ray
+    with ray_session(address, **({} if address else {"num_gpus": 1 if cfg.resources["gpu"] > 0 else 0})), \
+            watching_cluster(_lost_handler(study_dir, local=address is None)):
         paths = prepare_models(cfg, study_dir, map_fn=_ray_map(cfg))
         t_prep = time.perf_counter() - t0
         say(f"shared FP models ready after {t_prep:.0f} s ({_paths_text(paths)})")
@@ -269,6 +273,24 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells) - len(todo),
                         n_completed=cb.completed if cb else 0, n_failed=cb.failed if cb else 0,
                         prepare_seconds=t_prep, wall_seconds=time.perf_counter() - t0)
+
+
+def _lost_handler(study_dir: Path, *, local: bool) -> Callable[[str, float], None]:
+    """``cluster_watch``'s ``on_lost`` for a study: its cluster lost, the cells that ended are kept (their rows are
+    written as each ends) and the same command runs the rest."""
+    from orchestrator.cluster_watch import exit_lost, join_hint, lost_text
+
+    def lost(address: str, seconds: float) -> None:
+        try:
+            n = int((read_study(study_dir)["status"] == "completed").sum())
+        except Exception:  # noqa: BLE001 - the paragraph goes out anyway
+            n = 0
+        kept = f"{n} completed cell(s) are kept in {study_dir / STUDY_FILE}" if n else "No cell had completed"
+        exit_lost(lost_text("study", address, seconds, local=local, work="the study",
+                            rest=f"{kept}. Run the same command again (the same --out {study_dir}"
+                                 f"{', and' + join_hint(local) if not local else ''}): finished cells are skipped."))
+
+    return lost
 
 
 def _paths_text(paths: Mapping[str, Any]) -> str:

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, NoReturn
 from gmpq_core.errors import ConfigError
 
 __all__ = ["LOST_STATUS", "LOST_AFTER_ENV", "ClusterWatch", "watching_cluster", "lost_after_s", "gcs_answers",
-           "exit_lost", "split_address"]
+           "exit_lost", "split_address", "lost_text", "join_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,16 @@ class ClusterWatch:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
 
+    def settle(self) -> None:
+        """Called as the watched work fails (a Ray error surfaces in the driver before the watch's verdict: Ray
+        Train's actors on a dead head): while the GCS does not answer, wait for the verdict (``on_lost`` ends the
+        process); return at once when it answers, or once it answers again (the error was the work's own)."""
+        deadline = time.monotonic() + self.lost_after + 5.0
+        while not self._stop.is_set() and not self.lost and time.monotonic() < deadline:
+            if self.probe(*self._where, 1.0):
+                return
+            time.sleep(0.2)
+
     def _run(self) -> None:
         last_ok = time.monotonic()
         while not self._stop.wait(self.interval_s):
@@ -126,7 +136,9 @@ def _gcs_address() -> str | None:
 
 @contextlib.contextmanager
 def watching_cluster(on_lost: Callable[[str, float], None]) -> Iterator[ClusterWatch | None]:
-    """Inside a Ray session: watch its cluster (``ClusterWatch``) while the block runs; None when not watched."""
+    """Inside a Ray session: watch its cluster (``ClusterWatch``) while the block runs; None when not watched. An
+    exception leaving the block waits for the watch's verdict first (``settle``): a lost cluster ends the process
+    with its paragraph, not with the error Ray raised for it."""
     after = lost_after_s()
     address = _gcs_address()
     if address is None:
@@ -135,8 +147,28 @@ def watching_cluster(on_lost: Callable[[str, float], None]) -> Iterator[ClusterW
     watch = ClusterWatch(address, on_lost, lost_after=after).start()
     try:
         yield watch
+    except Exception:
+        watch.settle()
+        raise
     finally:
         watch.stop()
+
+
+def lost_text(command: str, address: str, seconds: float, *, local: bool, work: str, rest: str) -> str:
+    """The paragraph a command ends with once its cluster is lost: ``gmpq <command>: <which Ray stopped answering>,
+    so <work> stops here ... <rest> Exit status 75.`` (``local``: the Ray this process started on this machine)."""
+    what = (f"the Ray instance this process started on this machine (GCS {address}) stopped answering {seconds:.0f} s "
+            "ago (stopped by 'ray stop', or killed, e.g. by the out-of-memory killer)" if local else
+            f"the Ray cluster at {address} stopped answering {seconds:.0f} s ago (its head node's GCS: the cluster was "
+            "stopped, or its head node or the network to it was lost)")
+    return (f"gmpq {command}: {what}, so {work} stops here instead of waiting for Ray to give up. {rest} "
+            f"Exit status {LOST_STATUS}.")
+
+
+def join_hint(local: bool) -> str:
+    """What a command that continues the work adds to join a cluster again ("" for a local Ray)."""
+    return "" if local else (" --address ADDRESS (the cluster's address once it runs again: 'gmpq cluster up' prints "
+                             "a new one; --address auto finds the one it recorded)")
 
 
 def exit_lost(text: str, cleanup: Callable[[], None] | None = None) -> NoReturn:

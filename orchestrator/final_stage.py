@@ -29,10 +29,12 @@ from .final_results import (check_not_shorter, export_saved_final, final_model_p
 from .kept_finetunes import (clear_started, keep_unfinished, mark_started, park_leftovers, restore_kept,
                              restore_unfinished, set_aside)
 from .moved_sweep import usable_cache_dir
+from .cluster_watch import lost_after_s, watching_cluster
 from .ray_env import ray_session
 from .recipes import recipe_changes, recipe_precision, same_recipe
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
+from .sweep_lost import final_lost_handler
 from .train_stage import RECIPE_DEFAULTS, STATE_FILE, FinalJob, run_final_job
 
 __all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
@@ -252,6 +254,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
                           "config's finetune.lr.")
 
+    lost_after_s()                        # a bad $GMPQ_CLUSTER_LOST_AFTER_S: before any work
     with final_stage_marker(sweep_dir):   # to the last MLflow write: a sync or another final stage waits for it
         refuse_beside_other_finetune(sweep_dir)     # marked first: of two final stages started at once, one runs
         given = functools.partial(_given, stage)
@@ -282,7 +285,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir, local)   # each recipe's kept fine-tune, read once
         todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
         resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
-        with ray_session(cfg.get("address") if address is None else address):   # reuses a running Ray
+        where = cfg.get("address") if address is None else address
+        with ray_session(where), watching_cluster(final_lost_handler(sweep_dir, local=where in (None, "local"))) \
+                as watch:
             auto = workers == "auto"
             workers, use_gpu = _ray_devices(1 if auto else workers, use_gpu, say)
             for i, (row, job) in enumerate(jobs, start=1):
@@ -365,6 +370,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                 run_side_by_side(todo, fine_tune, slots)
             except (Exception, KeyboardInterrupt) as e:   # the finished policies keep their rows: plot, log, then raise
                 failed = e
+                if watch is not None and not isinstance(e, KeyboardInterrupt):
+                    watch.settle()                 # the cluster lost: its paragraph and exit 75, not Ray's error
         # after Ctrl-C a fine-tune thread may still be recording its policy: final.parquet, the policies done and
         # their histories are read together, under the lock it records under (one recorded later: the next run logs it)
         with lock:

@@ -1,36 +1,32 @@
-"""What a sweep's driver does when its Ray cluster is lost mid-sweep (``cluster_watch``): one paragraph saying what
-happened, what is kept and the command that continues; the MLflow writes queued so far, with the stopped trials'
-runs ended KILLED as after a Ctrl-C; then the process ends with ``cluster_watch.LOST_STATUS`` (75)."""
+"""What a sweep folder's commands do when their Ray cluster is lost (``cluster_watch``): one paragraph saying what
+happened, what is kept and the command that continues; the MLflow writes queued so far (a sweep's stopped trials'
+runs ended KILLED, as after a Ctrl-C); then the process ends with ``cluster_watch.LOST_STATUS`` (75).
+
+``sweep_lost_handler``: the sweep (``gmpq sweep``, ``gmpq run``'s sweep stage); ``final_lost_handler``: the final
+fine-tune (``gmpq finetune --sweep``, ``gmpq run``'s last stage)."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster_watch import LOST_STATUS, exit_lost
+from .cluster_watch import exit_lost, join_hint, lost_text
 
-__all__ = ["sweep_lost_handler", "sweep_lost_text"]
+__all__ = ["sweep_lost_handler", "sweep_lost_text", "final_lost_handler", "final_lost_text"]
 
 log = logging.getLogger(__name__)
 
 
 def sweep_lost_text(cfg: Any, address: str, seconds: float, command: str = "sweep") -> str:
-    """The paragraph: which cluster stopped answering, what the folder keeps, how to continue (``command``: "sweep",
-    or "run" for ``gmpq run``'s sweep stage)."""
+    """The paragraph of a sweep whose cluster was lost (``command``: "sweep", or "run" for ``gmpq run``'s sweep
+    stage)."""
     from .commands.sweep import continue_flag
 
     out = Path(cfg.out_dir)
     local = cfg.address in (None, "local")
-    what = (f"the Ray instance this sweep started on this machine (GCS {address}) stopped answering {seconds:.0f} s "
-            "ago (stopped by 'ray stop', or killed, e.g. by the out-of-memory killer)" if local else
-            f"the Ray cluster at {address} stopped answering {seconds:.0f} s ago (its head node's GCS: the cluster was "
-            "stopped, or its head node or the network to it was lost)")
-    flag = continue_flag(cfg)
-    join = "" if local else (" --address ADDRESS (the cluster's address once it runs again: 'gmpq cluster up' "
-                             "prints a new one; --address auto finds the one it recorded)")
-    return (f"gmpq {command}: {what}, so the sweep stops here instead of waiting for Ray to give up. "
-            f"{_kept_text(out)} Continue with: gmpq {command} --out {out} {flag}{join}; trials stopped midway, and "
-            f"failed ones, run again. Exit status {LOST_STATUS}.")
+    return lost_text(command, address, seconds, local=local, work="the sweep",
+                     rest=f"{_kept_text(out)} Continue with: gmpq {command} --out {out} {continue_flag(cfg)}"
+                          f"{join_hint(local)}; trials stopped midway, and failed ones, run again.")
 
 
 def _kept_text(out: Path) -> str:
@@ -57,8 +53,7 @@ def sweep_lost_handler(cfg: Any, callbacks: list, command: str = "sweep") -> Cal
     """``cluster_watch``'s ``on_lost`` for a sweep: the paragraph, the MLflow runs ended as after a Ctrl-C, the exit."""
 
     def lost(address: str, seconds: float) -> None:
-        text = sweep_lost_text(cfg, address, seconds, command)
-        exit_lost(text, cleanup=lambda: _end_mlflow(callbacks))
+        exit_lost(sweep_lost_text(cfg, address, seconds, command), cleanup=lambda: _end_mlflow(callbacks))
 
     return lost
 
@@ -69,3 +64,32 @@ def _end_mlflow(callbacks: list) -> None:
     for cb in callbacks:
         if isinstance(cb, MLflowCallback):
             cb.end_interrupted()
+
+
+def final_lost_text(sweep_dir: Path, address: str, seconds: float, *, local: bool) -> str:
+    """The paragraph of a final fine-tune whose cluster was lost: the policies fine-tuned so far (final.parquet)
+    are kept, the others continue from their last epoch's checkpoint."""
+    from .final_results import read_final
+    from .results import FINAL_FILE
+
+    try:
+        n_done = len(read_final(sweep_dir, missing_ok=True))
+    except Exception:  # noqa: BLE001 - the paragraph goes out anyway
+        n_done = None
+    kept = ("No policy had finished its fine-tune" if not n_done else
+            f"{n_done} fine-tuned polic{'y is' if n_done == 1 else 'ies are'} kept in {sweep_dir / FINAL_FILE}")
+    join = join_hint(local)
+    return lost_text("finetune", address, seconds, local=local, work="the final fine-tune",
+                     rest=f"{kept}; the fine-tunes that were running continue from their last finished epoch. Continue "
+                          f"with the same flags: gmpq finetune --sweep {sweep_dir}{join}; or, if 'gmpq run' ran it, gmpq "
+                          f"run --out {sweep_dir} --resume{' --address ADDRESS' if join else ''}. The kept policies' "
+                          f"MLflow runs are written when it continues (or now: gmpq sync-mlflow --sweep {sweep_dir}).")
+
+
+def final_lost_handler(sweep_dir: Path, *, local: bool) -> Callable[[str, float], None]:
+    """``cluster_watch``'s ``on_lost`` for the final fine-tune (its MLflow runs are written as each policy ends)."""
+
+    def lost(address: str, seconds: float) -> None:
+        exit_lost(final_lost_text(Path(sweep_dir), address, seconds, local=local))
+
+    return lost

@@ -39,26 +39,35 @@ def _gmpq(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
 
-def test_a_sweep_whose_cluster_dies_exits_75_at_once_and_resumes_on_a_new_cluster(tmp_path):
+DONE: dict = {}       # the finished sweep of the first test, for the second
+
+
+def _run_until_killed(cmd: list[str], err_path: Path, cluster, line: str) -> tuple[subprocess.Popen, float]:
+    """Run ``cmd`` until ``line`` shows in its stderr, kill the cluster's head, wait for the command to end: the
+    process and the seconds it took to end after the kill."""
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        deadline = time.monotonic() + 900
+        while line not in err_path.read_text() and proc.poll() is None:
+            assert time.monotonic() < deadline, err_path.read_text()[-3000:]
+            time.sleep(0.5)
+        assert proc.poll() is None, err_path.read_text()[-3000:]
+        kill_node(cluster, "head")                   # the GCS gone: the driver's cluster is lost
+        killed = time.monotonic()
+        proc.communicate(timeout=120)
+        return proc, time.monotonic() - killed
+
+
+def test_a_sweep_whose_cluster_dies_exits_75_at_once_and_resumes_on_a_new_cluster(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("lost")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
     out = tmp_path / "sweep"
     first = start_local_cluster(workers=1, cpus_per_node=2, state_dir=tmp_path / "cl1", timeout_s=300)
     err_path = tmp_path / "sweep.err"
     try:
-        with open(err_path, "w") as err:
-            proc = subprocess.Popen(_gmpq("sweep", "--config", str(config), "--out", str(out), "--address",
-                                          first.address), cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=err,
-                                    text=True)
-            deadline = time.monotonic() + 900
-            while "search epoch 1" not in err_path.read_text() and proc.poll() is None:
-                assert time.monotonic() < deadline, err_path.read_text()[-3000:]
-                time.sleep(0.5)
-            assert proc.poll() is None, err_path.read_text()[-3000:]
-            kill_node(first, "head")                 # the GCS gone: the driver's cluster is lost
-            killed = time.monotonic()
-            stdout, _ = proc.communicate(timeout=120)
-            after = time.monotonic() - killed
+        proc, after = _run_until_killed(_gmpq("sweep", "--config", str(config), "--out", str(out), "--address",
+                                              first.address), err_path, first, "search epoch 1")
     finally:
         stop_local_cluster(tmp_path / "cl1", grace_s=2.0)
     text = err_path.read_text()
@@ -86,3 +95,27 @@ def test_a_sweep_whose_cluster_dies_exits_75_at_once_and_resumes_on_a_new_cluste
     assert len(df) == 2 and set(df["status"]) == {"completed"}, df[["trial_id", "status"]]
     print(f"\n[cluster lost] driver ended {after:.1f} s after the head was killed (rc {proc.returncode}); "
           f"resumed on a new cluster: {len(df)} completed")
+    DONE["sweep"], DONE["root"] = out, tmp_path
+
+
+def test_a_final_fine_tune_whose_cluster_dies_exits_75_at_once():
+    """Ray Train's actors raise in the driver within a second of the head's death, before the watch's verdict: the
+    command still ends with the paragraph and 75, not Ray's ActorUnavailableError."""
+    if "sweep" not in DONE:
+        pytest.skip("needs the sweep of the test before")
+    out, root = DONE["sweep"], DONE["root"]
+    cluster = start_local_cluster(workers=1, cpus_per_node=2, state_dir=root / "cl3", timeout_s=300)
+    try:
+        proc, after = _run_until_killed(_gmpq("finetune", "--sweep", str(out), "--address", cluster.address,
+                                              "--top-k", "1", "--epochs", "8", "--train-size", "2000",
+                                              "--test-size", "300"), root / "ft.err", cluster, "epoch 2/8")
+    finally:
+        stop_local_cluster(root / "cl3", grace_s=2.0)
+    text = (root / "ft.err").read_text()
+    assert proc.returncode == LOST_STATUS, text[-3000:]
+    assert after < 30 and "Traceback" not in text, text[-3000:]
+    lost = next(ln for ln in text.splitlines() if "stopped answering" in ln)
+    assert lost.startswith(f"gmpq finetune: the Ray cluster at {cluster.address} stopped answering")
+    assert f"gmpq finetune --sweep {out} --address ADDRESS" in lost
+    assert not (out / "driver.json").exists() and not (out / "driver.finetune.json").exists()
+    print(f"\n[cluster lost] the fine-tune ended {after:.1f} s after the head was killed (rc {proc.returncode})")

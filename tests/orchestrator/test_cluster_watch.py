@@ -136,7 +136,7 @@ def test_the_lost_cluster_paragraph_says_what_is_kept_and_how_to_continue(tmp_pa
     assert f"Exit status {LOST_STATUS}." in text and "\n" not in text
     local = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)})
     text = sweep_lost_text(local, "127.0.0.1:6379", 12, "sweep")
-    assert "the Ray instance this sweep started on this machine" in text and "--address" not in text
+    assert "the Ray instance this process started on this machine" in text and "--address" not in text
 
 
 def test_the_paragraph_of_a_sweep_lost_before_its_first_trial(tmp_path):
@@ -160,3 +160,31 @@ def test_a_trial_whose_node_died_says_so_in_its_error(tmp_path):
                                   "expectedly: received SIGTERM)")
     err.write_text("Traceback (most recent call last):\nValueError: bad lr\n")
     assert _error_text(trial) == "ValueError: bad lr"
+
+
+def test_the_final_fine_tunes_paragraph_names_what_is_kept_and_both_commands(tmp_path):
+    from orchestrator.final_results import write_final
+    from orchestrator.sweep_lost import final_lost_text
+
+    text = final_lost_text(tmp_path, "192.0.2.2:6379", 11, local=False)
+    assert text.startswith("gmpq finetune: the Ray cluster at 192.0.2.2:6379 stopped answering 11 s ago")
+    assert "No policy had finished its fine-tune" in text and "\n" not in text
+    assert f"gmpq finetune --sweep {tmp_path} --address ADDRESS" in text
+    assert f"gmpq run --out {tmp_path} --resume --address ADDRESS." in text
+    write_final(tmp_path, {"t1": {"trial_id": "t1", "final_top1": 80.0, "gbitops": 0.3, "epochs": 1}})
+    text = final_lost_text(tmp_path, "127.0.0.1:6379", 11, local=True)
+    assert f"1 fine-tuned policy is kept in {tmp_path / 'final.parquet'}" in text and "--address" not in text
+
+
+def test_settle_returns_at_once_while_the_gcs_answers_and_waits_for_the_verdict_when_not():
+    answering, calls = _watch([True])
+    answering.start()
+    t0 = time.monotonic()
+    answering.settle()
+    assert time.monotonic() - t0 < 0.5 and calls == []
+    answering.stop()
+    silent, calls = _watch([False])
+    silent.start()
+    silent.settle()                       # returns once on_lost has run (in a driver it ends the process)
+    silent.stop()
+    assert len(calls) == 1 and silent.lost
