@@ -34,13 +34,14 @@ from .text import fmt
 
 __all__ = ["METHOD_ORDER", "NO_SE", "MIN_POLICIES", "aggregate", "kendall_tau", "rank_agreement", "comparisons",
            "reading", "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se", "PAGE_STAMP",
-           "page_written_unchanged", "check_page_replaceable"]
+           "page_written_unchanged", "check_page_replaceable", "PLOT_STAMP", "check_plot_replaceable"]
 
 METHOD_ORDER = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random")
 SEARCHED = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search")
 NO_SE = "n/a (one seed)"    # the verdict of a difference with no standard error: a side has one seed
 MIN_POLICIES = 3            # rank_agreement: fewer searched policies in a (proxy, budget) group give no tau
 PAGE_STAMP = "<!-- written by 'gmpq study'"    # the first line of a page it wrote (``_stamp``)
+PLOT_STAMP = "gmpq study"                      # the plot's PNG "Software" text: ``check_plot_replaceable``
 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -224,9 +225,28 @@ def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": PLOT_STAMP}))
     plt.close(fig)
     return path
+
+
+def check_plot_replaceable(path: str | Path, flag: str = "--png") -> None:
+    """ConfigError when ``path`` holds a file that is not a plot ``plot_study`` wrote (its PNG text "Software" says
+    so): writing the plot there would replace someone's image. No file there: nothing to check."""
+    path = Path(path)
+    if not path.exists() or path.is_dir():      # (a folder: the caller's own error names it)
+        return
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            if getattr(image, "text", {}).get("Software") == PLOT_STAMP:
+                return
+    except Exception:  # noqa: BLE001 - not an image PIL reads: not known to be ours either
+        pass
+    raise ConfigError(f"The plot '{path}' already exists and is not a plot 'gmpq study' wrote, so writing the study's "
+                      f"plot there would replace it. Pass {flag} another file, or move or delete '{path}' first if it may go "
+                      "(a plot an earlier gmpq wrote carries no mark of it: delete it).")
 
 
 def _tau_table(taus: pd.DataFrame) -> list[str]:

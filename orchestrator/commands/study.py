@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from gmpq_core.fileio import atomic_write_json, read_json
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.mlflow_sink import PARENT_FILE
-    from orchestrator.study import check_page_replaceable, plot_study, write_results_md
+    from orchestrator.study import check_page_replaceable, check_plot_replaceable, plot_study, write_results_md
     from orchestrator.commands.sweep import check_address_arg
 
     from orchestrator.commands import quiet_libraries
@@ -208,6 +208,9 @@ def run(args: argparse.Namespace) -> int:
         check_page_replaceable(report)
     if args.png:
         _check_output(png, "plot", "--png", f"study_{cfg.name}.png")
+    own_png = png.resolve().parent == out.resolve()      # in the study folder: its output, always rewritten
+    if not own_png:                     # someone's image elsewhere is not replaced: refused now
+        check_plot_replaceable(png)
     timing_file = out / "study_timing.json"
     timing = read_json(timing_file) if timing_file.is_file() else {"runs": []}
     mlflow_warned: list[str] = []
@@ -229,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
                       f"{df['cell_seconds'].sum() / 60:.1f} min") if runs else "-"
     if not own_page:
         check_page_replaceable(report)  # again: the file may have appeared while the study ran
+    if not own_png:
+        check_plot_replaceable(png)
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
                      target=_dataset_title(cfg.target))

@@ -146,3 +146,30 @@ def test_a_sweep_with_a_dead_address_is_refused_before_it_writes_a_file_or_warns
     assert f"No Ray cluster answers at {dead} (--address {dead}, from argument)" in err, err
     assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
     assert "storage every node shares" not in caplog.text + err
+
+
+class _StopHere(Exception):
+    pass
+
+
+@pytest.mark.parametrize("address, warned", [("local", False), ("10.0.0.5:6379", True)])
+def test_the_shared_storage_warning_is_for_a_joined_cluster_only(tmp_path, caplog, monkeypatch, address, warned):
+    """``--address local`` is this machine's own Ray: its trials see the sweep folder, so no warning about storage
+    every node shares; a joined cluster (its address taken as live here) gets it. The sweep is stopped right after
+    the warning's place (the results check), before anything is written."""
+    import orchestrator.ray_env as ray_env
+    import orchestrator.results as results
+    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep_config import load_sweep_config
+
+    def stop(*_, **__):
+        raise _StopHere
+
+    monkeypatch.setattr(ray_env, "check_join_address", lambda *_: None)
+    monkeypatch.setattr(results, "read_trials", stop)
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "s"), "n_trials": 2,
+                                                      "address": address, "cache_dir": None})
+    with pytest.raises(_StopHere):
+        run_sweep(cfg, progress=False)
+    assert ("storage every node shares" in caplog.text) is warned, caplog.text
+    assert not (tmp_path / "s" / "sweep_config.yaml").exists()

@@ -83,3 +83,27 @@ def test_the_study_folders_own_page_is_rewritten_even_without_a_stamp(tmp_path, 
     (d / "results.md").write_text("# Generalization study: an older page\n")
     assert main(["study", "--out", str(d), "--analyze-only", "--report", str(d / "results.md")]) == 0
     capsys.readouterr()
+
+
+def test_an_image_at_the_plot_path_is_not_replaced_but_the_studys_own_plot_is(tmp_path, capsys):
+    """``--png`` (or the default plot next to a page outside the study folder) over someone's image: refused before
+    any work; a plot gmpq study wrote there (its PNG "Software" text) is rewritten; the study folder's own always."""
+    d = tmp_path / "study"
+    _fake_study(d)
+    photo = tmp_path / "docs" / "figure.png"
+    photo.parent.mkdir()
+    photo.write_bytes(b"\x89PNG\r\n\x1a\n not a plot of ours")
+    rc, err = _study(capsys, "--out", str(d), "--analyze-only", "--png", str(photo))
+    assert rc == 2 and f"The plot '{photo}' already exists" in err and "Pass --png another file" in err
+    assert photo.read_bytes().endswith(b"not a plot of ours")
+    ours = tmp_path / "docs" / "ours.png"
+    for _ in range(2):                                           # written, then its own plot rewritten
+        assert main(["study", "--out", str(d), "--analyze-only", "--png", str(ours)]) == 0
+    capsys.readouterr()
+    page = tmp_path / "docs" / "page.md"
+    beside = page.parent / "study_generalization_smoke.png"
+    beside.write_bytes(photo.read_bytes())
+    rc, err = _study(capsys, "--out", str(d), "--analyze-only", "--report", str(page))
+    assert rc == 2 and f"The plot '{beside}'" in err
+    (d / "study_generalization_smoke.png").write_bytes(photo.read_bytes())        # in the study folder: its own output
+    assert main(["study", "--out", str(d), "--analyze-only"]) == 0
