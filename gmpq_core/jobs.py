@@ -285,9 +285,11 @@ def get_teacher(job: SearchJob, *, progress: Progress | None = None, reporter: R
 
 
 def run_search_job(job: SearchJob, *, reporter: Reporter | None = None,
-                   progress: Progress | None = None) -> SearchResult:
-    """Teacher (cached) + ``search_policy`` on the job's proxy; the policy's meta describes the model."""
-    check_job_budget(job)
+                   progress: Progress | None = None, checked: bool = False) -> SearchResult:
+    """Teacher (cached) + ``search_policy`` on the job's proxy; the policy's meta describes the model. ``checked``:
+    the caller ran ``check_job`` on this job (the budget is not checked again: a model build and a dataset read)."""
+    if not checked:
+        check_job_budget(job)
     teacher = load_teacher(job, progress=progress)
     bundle, split = _load_data(job)
     info = bundle.info

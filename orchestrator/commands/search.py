@@ -184,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"gmpq search: warning: {weak}", file=sys.stderr)
     bar = make_progress("search epoch")
     try:
-        result = run_search_job(job, progress=bar, reporter=ProgressReporter("search", total_epochs=job.search.epochs))
+        result = run_search_job(job, progress=bar, reporter=ProgressReporter("search", total_epochs=job.search.epochs),
+                                checked=True)                  # check_job above
     finally:
         bar.close()
     if args.target_dataset is not None:

@@ -65,15 +65,20 @@ def test_unknown_target_dataset_exits_2_before_any_training(tmp_path, capsys):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "o").exists()
 
 
-def test_search_command_writes_policy_and_result(tmp_path, capsys):
+def test_search_command_writes_policy_and_result(tmp_path, capsys, monkeypatch):
     _fmnist_or_skip()
+    import gmpq_core.jobs as jobs
+
+    checks = []
+    real_check = jobs.check_job_budget
+    monkeypatch.setattr(jobs, "check_job_budget", lambda *a, **k: checks.append(1) or real_check(*a, **k))
     cfg = _write(tmp_path / "c.yaml", "proxy_size: 100\nteacher_epochs: 1\neval_size: 50\n"
                                       "search:\n  batch_size: 50\n  max_steps_per_epoch: 1\n"
                                       "  recalibrate_bn_batches: 1\n")
     out = tmp_path / "run"
     code = main(["search", "--config", cfg, "--epochs", "1", "--budget-avg-bits", "3", "--cache-dir",
                  str(tmp_path / "cache"), "--out", str(out), "--target-dataset", "mnist5k"])
-    assert code == 0
+    assert code == 0 and len(checks) == 1       # the budget checked once, before the teacher (one model build)
     policy = BitPolicy.load(out / "policy.json")
     assert len(policy.layers) == 20
     for key, value in {"model": "resnet20", "dataset": "fashion_mnist", "in_channels": 1, "num_classes": 10,
