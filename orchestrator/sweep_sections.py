@@ -48,8 +48,18 @@ def _from_mapping(cls: type, section: str, d: Any) -> Any:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)
     _require(not unknown, f"Unknown key(s) {unknown} in '{section}'.{did_you_mean(unknown, known)} "
-                          f"Known keys: {sorted(known)}.")
+                          f"Known keys: {sorted(known)}.{_loose_pruner_hint(section, d, unknown)}")
     return cls(**d)
+
+
+def _loose_pruner_hint(section: str, d: Mapping[str, Any], unknown: list[str]) -> str:
+    """For keys written beside the pruner's name: its own arguments go under ``kwargs`` (the example with them)."""
+    if section != "pruner":
+        return ""
+    kwargs = dict(d["kwargs"]) if isinstance(d.get("kwargs"), Mapping) else {}
+    inner = ", ".join(f"{k}: {v!r}" for k, v in {**kwargs, **{k: d[k] for k in unknown}}.items())
+    return (f" A pruner's own arguments go under 'kwargs': pruner: {{name: {d.get('name', 'median')}, kwargs: "
+            f"{{{inner}}}}}.")
 
 
 @functools.lru_cache(maxsize=1)

@@ -81,6 +81,13 @@ def test_a_typo_inside_a_section_keeps_its_own_message(tmp_path):
     assert "Did you mean 'top_k' (not 'top_kk')?" in msg and "belongs" not in msg
 
 
+def test_a_pruner_argument_beside_its_name_says_it_goes_under_kwargs(tmp_path):
+    msg = _error(tmp_path, {"pruner": {"name": "percentile", "percentile": 30.0, "kwargs": {"n_warmup_steps": 1}}})
+    assert ("A pruner's own arguments go under 'kwargs': pruner: {name: percentile, kwargs: {n_warmup_steps: 1, "
+            "percentile: 30.0}}.") in msg, msg
+    assert "go under 'kwargs'" not in _error(tmp_path, {"preset": "demo", "finetune": {"top_kk": 3}})
+
+
 def test_the_cli_answers_a_misplaced_key_with_exit_2(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_text("preset: demo\nsearch_epochs: 1\n")
