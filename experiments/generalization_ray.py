@@ -249,14 +249,16 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     from orchestrator.cluster_watch import lost_after_s, watching_cluster
 
     lost_after_s()                                      # a bad $GMPQ_CLUSTER_LOST_AFTER_S: before Ray
+    made: list = []                        # the study's MLflow callback, once made (a lost cluster ends it)
     with ray_session(address, **({} if address else {"num_gpus": 1 if cfg.resources["gpu"] > 0 else 0})), \
-            watching_cluster(_lost_handler(study_dir, local=address is None)):
+            watching_cluster(_lost_handler(study_dir, local=address is None, callbacks=made)):
         paths = prepare_models(cfg, study_dir, map_fn=_ray_map(cfg))
         t_prep = time.perf_counter() - t0
         say(f"shared FP models ready after {t_prep:.0f} s ({_paths_text(paths)})")
         if todo:
             uri = cfg.tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
             cb = StudyCallback(study_dir, cfg, uri, say=say, total=len(todo))
+            made.append(cb)
             say(f"running {len(todo)} cell(s), {cfg.max_concurrent_trials} at a time: a line as each ends")
             context = {"config": cfg.to_dict(), "paths": paths}
             trainable = tune.with_resources(_trainable(context), {"cpu": cfg.resources["cpu"],
@@ -275,20 +277,20 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
                         prepare_seconds=t_prep, wall_seconds=time.perf_counter() - t0)
 
 
-def _lost_handler(study_dir: Path, *, local: bool) -> Callable[[str, float], None]:
+def _lost_handler(study_dir: Path, *, local: bool, callbacks: list) -> Callable[[str, float], None]:
     """``cluster_watch``'s ``on_lost`` for a study: its cluster lost, the cells that ended are kept (their rows are
-    written as each ends) and the same command runs the rest."""
-    from orchestrator.cluster_watch import exit_lost, join_hint, lost_text
+    written as each ends), the study's MLflow parent run (of the ``callbacks`` made so far) ends KILLED, and the same
+    command runs the rest."""
+    from orchestrator.cluster_watch import bounded, exit_lost, join_hint, lost_text
 
     def lost(address: str, seconds: float) -> None:
-        try:
-            n = int((read_study(study_dir)["status"] == "completed").sum())
-        except Exception:  # noqa: BLE001 - the paragraph goes out anyway
-            n = 0
+        n = bounded(lambda: int((read_study(study_dir)["status"] == "completed").sum()), 0)
         kept = f"{n} completed cell(s) are kept in {study_dir / STUDY_FILE}" if n else "No cell had completed"
+        join = f", and{join_hint(local)}" if join_hint(local) else ""
         exit_lost(lost_text("study", address, seconds, local=local, work="the study",
-                            rest=f"{kept}. Run the same command again (the same --out {study_dir}"
-                                 f"{', and' + join_hint(local) if not local else ''}): finished cells are skipped."))
+                            rest=f"{kept}. Run the same command again (the same --out {study_dir}{join}): completed "
+                                 "cells are skipped, failed ones run again."),
+                  cleanup=lambda: [cb.sink.finish(cb.sink.parent_run_id, "KILLED") for cb in callbacks])
 
     return lost
 

@@ -7,7 +7,7 @@ Ray's core worker ends the process with one C++ log line, skipping every ``final
 
 ``watching_cluster(on_lost)``: inside a Ray session, a daemon thread connects to the cluster's GCS (its
 head node's port) every second; once it has not answered for ``lost_after_s()`` seconds (10 by default,
-``$GMPQ_CLUSTER_LOST_AFTER_S`` up to 50: a cluster whose GCS restarts, e.g. KubeRay's GCS fault tolerance,
+``$GMPQ_CLUSTER_LOST_AFTER_S`` up to 30: a cluster whose GCS restarts, e.g. KubeRay's GCS fault tolerance,
 may need longer), it calls ``on_lost(address, seconds)``, which says what happened and ends the process
 with ``exit_lost``: status ``LOST_STATUS`` (75, EX_TEMPFAIL: try again later). A Ray Client connection
 (``ray://``) is not watched (its own reconnect raises in the driver).
@@ -15,26 +15,29 @@ with ``exit_lost``: status ``LOST_STATUS`` (75, EX_TEMPFAIL: try again later). A
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-from typing import Callable, Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn, TypeVar
 
 from gmpq_core.errors import ConfigError
 
 __all__ = ["LOST_STATUS", "LOST_AFTER_ENV", "ClusterWatch", "watching_cluster", "lost_after_s", "gcs_answers",
-           "exit_lost", "split_address", "lost_text", "join_hint"]
+           "exit_lost", "split_address", "lost_text", "join_hint", "bounded"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOST_STATUS = 75                     # sysexits' EX_TEMPFAIL: the work can go on later (a batch job retries it)
 LOST_AFTER_ENV = "GMPQ_CLUSTER_LOST_AFTER_S"
 DEFAULT_LOST_AFTER_S = 10.0
-MAX_LOST_AFTER_S = 50.0              # Ray's core worker ends the driver once its GCS is gone 60 s
-CLEANUP_S = 20.0                     # the most ``exit_lost`` waits for the caller's cleanup (MLflow writes)
+MAX_LOST_AFTER_S = 30.0              # Ray's core worker ends the driver once its GCS is gone 60 s: the verdict,
+TEXT_S = 5.0                         # the paragraph (read from the folder: ``bounded``) and
+CLEANUP_S = 15.0                     # the caller's cleanup (MLflow writes) all fit before it
 
 
 def lost_after_s() -> float:
@@ -62,18 +65,30 @@ def split_address(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+_SILENT = {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+           errno.ENETDOWN, errno.ECONNABORTED}
+
+
 def gcs_answers(host: str, port: int, timeout: float) -> bool:
-    """Whether a TCP connection to the GCS opens within ``timeout`` seconds."""
+    """Whether a TCP connection to the GCS opens within ``timeout`` seconds. Only a refused, reset, timed-out or
+    unreachable connection counts as silence; an error of this process (out of file handles or ports, a name
+    lookup that failed) says nothing about the cluster and counts as an answer."""
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
-    except OSError:
+    except (socket.timeout, TimeoutError):
         return False
+    except OSError as e:
+        if e.errno in _SILENT:
+            return False
+        log.debug("cannot probe the Ray GCS at %s:%s (%s): not counted as silence", host, port, e)
+        return True
 
 
 class ClusterWatch:
     """A daemon thread probing ``address`` every ``interval_s``; calls ``on_lost(address, seconds)`` once, when the
-    probe has failed for ``lost_after`` seconds since it last answered (or since the watch started)."""
+    probe has failed for ``lost_after`` seconds since it last answered (or since the watch started). ``on_lost``
+    is meant to end the process (``exit_lost``); one that raises gets a short paragraph and the exit instead."""
 
     def __init__(self, address: str, on_lost: Callable[[str, float], None], *, lost_after: float,
                  interval_s: float = 1.0, probe: Callable[[str, int, float], bool] = gcs_answers) -> None:
@@ -83,6 +98,7 @@ class ClusterWatch:
         self.address, self._where = address, where
         self.on_lost, self.lost_after, self.interval_s, self.probe = on_lost, lost_after, interval_s, probe
         self._stop = threading.Event()
+        self._handled = threading.Event()      # on_lost has returned (in a driver it never does: the process ends)
         self._thread: threading.Thread | None = None
         self.lost = False
 
@@ -92,8 +108,11 @@ class ClusterWatch:
         return self
 
     def stop(self) -> None:
+        """End the watch; once the cluster counted as lost, wait for ``on_lost`` (the process ends there)."""
         self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if self.lost:
+            self._handled.wait()
+        elif self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5.0)
 
     def settle(self) -> None:
@@ -105,6 +124,8 @@ class ClusterWatch:
             if self.probe(*self._where, 1.0):
                 return
             time.sleep(0.2)
+        if self.lost:
+            self._handled.wait()
 
     def _run(self) -> None:
         last_ok = time.monotonic()
@@ -115,7 +136,14 @@ class ClusterWatch:
             silent = time.monotonic() - last_ok
             if silent >= self.lost_after and not self._stop.is_set():
                 self.lost = True
-                self.on_lost(self.address, silent)
+                try:
+                    self.on_lost(self.address, silent)
+                except Exception as e:  # noqa: BLE001 - the command must still end with a word and the status
+                    exit_lost(f"gmpq: the Ray cluster at {self.address} stopped answering {silent:.0f} s ago; the "
+                              f"command stops here (what it kept could not be read: {e}). Continue it with its "
+                              f"--resume once a cluster runs again. Exit status {LOST_STATUS}.")
+                finally:
+                    self._handled.set()
                 return
 
 
@@ -126,7 +154,7 @@ def _gcs_address() -> str | None:
     try:
         from ray.util.client import ray as client
 
-        if client.is_connected():
+        if client.is_connected() or not ray.is_initialized():     # (get_runtime_context would start a Ray)
             return None
         address = ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 - no watch is better than a failed command
@@ -169,6 +197,23 @@ def join_hint(local: bool) -> str:
     """What a command that continues the work adds to join a cluster again ("" for a local Ray)."""
     return "" if local else (" --address ADDRESS (the cluster's address once it runs again: 'gmpq cluster up' prints "
                              "a new one; --address auto finds the one it recorded)")
+
+
+def bounded(fn: Callable[[], T], default: T, timeout: float = TEXT_S) -> T:
+    """``fn()`` if it returns within ``timeout`` seconds without raising, else ``default``: a lost cluster's
+    paragraph reads the folder, which may sit on storage that went with the cluster (NFS served by the head, S3)."""
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except Exception as e:  # noqa: BLE001 - the default stands in
+            log.debug("while wording the lost cluster's paragraph: %s", e)
+
+    worker = threading.Thread(target=run, name="gmpq-lost-text", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    return box[0] if box else default
 
 
 def exit_lost(text: str, cleanup: Callable[[], None] | None = None) -> NoReturn:

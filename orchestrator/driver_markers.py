@@ -27,6 +27,7 @@ from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import atomic_write_json, read_json
 
 __all__ = ["DRIVER_FILE", "FINETUNE_DRIVER_FILE", "driver_marker", "final_stage_marker", "live_driver", "release_all",
+           "stage_command",
            "driver_text", "ended_marker_text", "read_marker",
            "is_this_process", "pid_start", "driver_alive"]
 
@@ -80,9 +81,10 @@ def _marker(path: Path, stage: str, *, command: str | None = None) -> Iterator[N
         yield
     finally:
         with _LOCK:
-            stack.remove(mine)
+            if mine in stack:
+                stack.remove(mine)
             if not stack:
-                del _STAGES[path]
+                _STAGES.pop(path, None)
             try:
                 if is_this_process(read_marker(path) or {}):
                     if stack:
@@ -145,17 +147,29 @@ def beat_once() -> None:
             pass
 
 
+def stage_command(sweep_dir: str | Path) -> str | None:
+    """The gmpq command running this process's innermost stage of ``sweep_dir`` ("run", "finetune", "sweep"); None
+    when this process marks none there."""
+    with _LOCK:
+        stack = _STAGES.get((Path(sweep_dir) / DRIVER_FILE).resolve())
+        return stack[-1]["command"] if stack else None
+
+
 def release_all() -> None:
     """Remove every marker this process holds, whatever its stages (a process about to end at once: ``os._exit``
     after its Ray cluster was lost, where no block's ``finally`` runs); markers of other processes stay."""
-    with _LOCK:
+    if not _LOCK.acquire(timeout=5.0):      # a heartbeat stuck in file I/O: its markers name a process about to end,
+        return                              # which status then reads as ended
+    try:
         for path in list(_STAGES):
-            del _STAGES[path]
+            _STAGES.pop(path, None)
             try:
                 if is_this_process(read_marker(path) or {}):
                     path.unlink()
             except OSError:
                 pass
+    finally:
+        _LOCK.release()
 
 
 def live_driver(sweep_dir: str | Path, name: str = DRIVER_FILE) -> dict | None:

@@ -233,7 +233,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     from .mlflow_stages import log_final
     from .pareto import PARETO_FILE, read_pareto, write_pareto
     from .plots import plot_final
-    from .driver_markers import final_stage_marker
+    from .driver_markers import final_stage_marker, stage_command
     from .results import read_trials
 
     sweep_dir = Path(sweep_dir)
@@ -286,8 +286,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
         resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
         where = cfg.get("address") if address is None else address
-        with ray_session(where), watching_cluster(final_lost_handler(sweep_dir, local=where in (None, "local"))) \
-                as watch:
+        command = stage_command(sweep_dir) or "finetune"              # "run" when gmpq run runs this stage
+        lost = final_lost_handler(sweep_dir, local=where in (None, "local"), command=command)
+        with ray_session(where), watching_cluster(lost) as watch:
             auto = workers == "auto"
             workers, use_gpu = _ray_devices(1 if auto else workers, use_gpu, say)
             for i, (row, job) in enumerate(jobs, start=1):

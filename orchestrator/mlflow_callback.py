@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -28,7 +29,7 @@ from ray.tune import Callback
 
 from .mlflow_notes import POLICY_KEYS, final_metrics  # noqa: F401 (re-exported: importable from here too)
 from .mlflow_sink import _RAY_KEYS, RUN_STATUS, MLflowSink, _phase_key
-from .results import _error_text, resolve_status
+from .results import error_text, resolve_status
 
 __all__ = ["MLflowCallback", "POLICY_KEYS", "final_metrics"]
 
@@ -49,6 +50,7 @@ class MLflowCallback(Callback):
         self._last_epoch: dict[str, tuple[int, dict]] = {}   # per trial: the step and metrics of its last report
         self._writer: ThreadPoolExecutor | None = None
         self._queued: list[Future] = []
+        self._lock = threading.Lock()       # the writer and its queue: Tune's loop, and a lost cluster's cleanup
 
     @property
     def parent_run_id(self) -> str | None:
@@ -57,12 +59,12 @@ class MLflowCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment state: no thread, no per-run bookkeeping
         return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_ended": set(), "_writer": None, "_queued": [],
-                "_last_epoch": {}}
+                "_last_epoch": {}, "_lock": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a sweep pickled before the writer thread existed lacks these
         self.__dict__.update({"background": False, "_run_of": {}, "_recoveries": {}, "_ended": set(),
-                              "_writer": None, "_queued": [], "_last_epoch": {}, **state})
+                              "_writer": None, "_queued": [], "_last_epoch": {}, **state, "_lock": threading.Lock()})
 
     # -- the writer -----------------------------------------------------------------------------
     def _do(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -70,10 +72,11 @@ class MLflowCallback(Callback):
         if not self.background:
             fn(*args, **kwargs)
             return
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="gmpq-mlflow")
-        self._queued = [f for f in self._queued if not f.done()]
-        self._queued.append(self._writer.submit(self._guarded, functools.partial(fn, *args, **kwargs)))
+        with self._lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="gmpq-mlflow")
+            self._queued = [f for f in self._queued if not f.done()]
+            self._queued.append(self._writer.submit(self._guarded, functools.partial(fn, *args, **kwargs)))
 
     @staticmethod
     def _guarded(call: Callable[[], Any]) -> None:
@@ -88,17 +91,20 @@ class MLflowCallback(Callback):
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for the writes queued so far; False if ``timeout`` passed first."""
-        pending = [f for f in self._queued if not f.done()]
+        with self._lock:
+            pending = [f for f in self._queued if not f.done()]
         done, not_done = wait(pending, timeout=timeout)
-        self._queued = list(not_done)
+        with self._lock:
+            self._queued = [f for f in self._queued if not f.done()]
         return not not_done
 
     def close(self) -> None:
         """Flush and stop the writer thread (a later hook starts a new one)."""
         self.flush()
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)
 
     # -- Tune hooks: copy what the write needs, then write (or queue) -----------------------------
     def setup(self, **info: Any) -> None:
@@ -130,7 +136,7 @@ class MLflowCallback(Callback):
         tid = str(trial.trial_id)
         last = dict(trial.last_result or {})
         status = resolve_status(self.status_book, tid, errored, last)
-        error = _error_text(trial)[:5000] if errored else None
+        error = error_text(trial)[:5000] if errored else None
         self._do(self._end_run, tid, dict(trial.config or {}), last, status, error, self._last_epoch.pop(tid, None))
 
     def _end_run(self, tid: str, params: Mapping[str, Any], last: Mapping[str, Any], status: str,
@@ -157,7 +163,7 @@ class MLflowCallback(Callback):
         """A failed attempt that Tune retries (FailureConfig.max_failures): its error becomes a tag."""
         tid = str(trial.trial_id)
         n = self._recoveries[tid] = self._recoveries.get(tid, 0) + 1
-        self._do(self._tag_retry, tid, dict(trial.config or {}), n, _error_text(trial)[:5000])
+        self._do(self._tag_retry, tid, dict(trial.config or {}), n, error_text(trial)[:5000])
 
     def _tag_retry(self, tid: str, params: Mapping[str, Any], attempt: int, error: str) -> None:
         rid = self._child(tid, params)
@@ -180,18 +186,20 @@ class MLflowCallback(Callback):
 
     def end_interrupted(self) -> None:
         """The sweep stops without Tune's end hook (its Ray cluster was lost: ``sweep_lost``): end the runs as
-        ``on_experiment_end`` does, after every write queued before, and wait for them."""
-        self._do(self._end_experiment)
+        ``on_experiment_end`` does, the parent run KILLED (trials are left to run), after every write queued
+        before, and wait for them."""
+        self._do(self._end_experiment, interrupted=True)
         self.close()
 
-    def _end_experiment(self) -> None:
+    def _end_experiment(self, interrupted: bool = False) -> None:
         """Runs of trials the sweep stopped midway (Ctrl-C) end KILLED, tagged "interrupted", and so does the
-        parent run; a resumed sweep reopens them (``child_run``) and ends them as its trials end."""
+        parent run (also when ``interrupted``); a resumed sweep reopens them (``child_run``) and ends them as its
+        trials end."""
         stopped = [tid for tid in self._run_of if tid not in self._ended]
         for tid in stopped:
             if self._run_of[tid] is not None:
                 self.sink.finish(self._run_of[tid], "KILLED", {"status": "interrupted"})
-        self.sink.finish(self.sink.parent_run_id, "KILLED" if stopped else "FINISHED")
+        self.sink.finish(self.sink.parent_run_id, "KILLED" if stopped or interrupted else "FINISHED")
 
 
 def _same_value(a: Any, b: Any) -> bool:

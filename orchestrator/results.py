@@ -30,7 +30,8 @@ from gmpq_core.fileio import atomic_write
 __all__ = ["TRIALS_FILE", "LAYERS_FILE", "PARETO_FILE", "FINAL_FILE", "MODELS_DIR", "CONFIG_FILE", "TRIAL_STATUSES",
            "METRIC_FIELDS", "LAYER_SCHEMA", "trial_schema", "flatten_params", "trial_row", "layer_rows",
            "rows_to_table", "write_table", "read_table", "read_trials", "read_trials_table", "read_layers",
-           "write_results", "load_resolved_config", "utc_now_iso", "resolve_status", "has_ended"]
+           "write_results", "load_resolved_config", "utc_now_iso", "resolve_status", "has_ended", "error_text",
+           "NODE_DIED"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ TRIALS_FILE = "trials.parquet"
 LAYERS_FILE = "layers.parquet"
 PARETO_FILE = "pareto.parquet"
 FINAL_FILE = "final.parquet"
+NODE_DIED = "its node died"        # error_text's words for a trial whose Ray node died under it
 MODELS_DIR = "models"                 # the final stage's model files: models/<trial_id>.pt
 CONFIG_FILE = "sweep_config.yaml"
 TRIAL_EVENTS = "trial_events.jsonl"   # written by the trials: one line per start, search epoch, transfer check, end
@@ -264,8 +266,8 @@ def write_results(sweep_dir: str | Path, rows: Iterable[Mapping[str, Any]],
     d = Path(sweep_dir)
     rows = sorted(rows, key=lambda r: str(r["trial_id"]))
     layers = sorted(layers, key=lambda r: str(r["trial_id"]))   # stable: layer order within a trial kept
-    t = write_table(d / TRIALS_FILE, rows_to_table(rows))
-    l_ = write_table(d / LAYERS_FILE, rows_to_table(layers, LAYER_SCHEMA))
+    l_ = write_table(d / LAYERS_FILE, rows_to_table(layers, LAYER_SCHEMA))   # first: trials.parquet commits them
+    t = write_table(d / TRIALS_FILE, rows_to_table(rows))                  # (a driver ended between keeps both whole)
     return t, l_
 
 
@@ -298,7 +300,7 @@ def load_resolved_config(sweep_dir: str | Path, *, missing_ok: bool = True, foll
     return follow_folder(data, sweep_dir, tell=True)
 
 
-def _error_text(trial: Any) -> str:
+def error_text(trial: Any) -> str:
     """Short 'Type: message' of a trial's last error.
 
     Read from the driver-side copies Ray writes in ``handle_error`` just before ``on_trial_error``
@@ -325,9 +327,6 @@ def _error_text(trial: Any) -> str:
         kind = next((m.group(1) for ln in lines if (m := re.match(r"([\w.]+(?:Error|Exception)):", ln))), "Error")
         return f"{kind}: {died}"[:2000]
     return (lines[-1] if lines else "the trial raised an error (see its Ray trial folder)")[:2000]
-
-
-NODE_DIED = "its node died"
 
 
 def _node_died(lines: list[str]) -> str | None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from .results import (LAYERS_FILE, TRIALS_FILE, _error_text, has_ended, layer_rows, read_table, resolve_status,
+from .results import (LAYERS_FILE, TRIALS_FILE, error_text, has_ended, layer_rows, read_table, resolve_status,
                       trial_row, utc_now_iso, write_results)
 
 __all__ = ["ResultsCallback"]
@@ -115,7 +115,7 @@ class ResultsCallback(Callback):
         attempt = max(1, self._attempts_before.get(tid, 0) + self._starts.get(tid, 0))
         row = trial_row(trial_id=tid, config=dict(trial.config or {}), last_result=last,
                         status=resolve_status(self.status_book, tid, errored, last),
-                        error=_error_text(trial) if errored else None,
+                        error=error_text(trial) if errored else None,
                         started_at=started, wall_seconds=(time.monotonic() - t0) if t0 is not None else None,
                         attempt=attempt)
         self._rows[tid] = row

@@ -245,8 +245,8 @@ def check_plot_replaceable(path: str | Path, flag: str = "--png") -> None:
     except Exception:  # noqa: BLE001 - not an image PIL reads: not known to be ours either
         pass
     raise ConfigError(f"The plot '{path}' already exists and is not a plot 'gmpq study' wrote, so writing the study's "
-                      f"plot there would replace it. Pass {flag} another file, or move or delete '{path}' first if it may go "
-                      "(a plot an earlier gmpq wrote carries no mark of it: delete it).")
+                      f"plot there would replace it. Pass {flag} another file, or move or delete '{path}' first if it "
+                      "may go (a plot an earlier gmpq wrote carries no mark of it: delete it).")
 
 
 def _tau_table(taus: pd.DataFrame) -> list[str]:

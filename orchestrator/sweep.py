@@ -32,11 +32,9 @@ from typing import Any, Iterator, Mapping
 import optuna
 import ray
 from ray import tune
-from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from gmpq_core.errors import ConfigError
-from search_spaces.space import bucket_label
 
 from .pruning import OptunaPruningScheduler
 from .ray_env import fit_restoring_handlers
@@ -49,7 +47,8 @@ from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config,
 from .cluster_watch import lost_after_s
 from .driver_markers import driver_marker
 from .tail_threads import TailThreads
-from .trainable import make_trainable, trial_number
+from .sweep_progress import SweepProgress
+from .trainable import make_trainable
 from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "check_not_a_study",
@@ -120,57 +119,6 @@ class SweepOptunaSearch(OptunaSearch):
         if result is not None and any(result.get(m) is None for m in metrics):
             result = None
         super().on_trial_complete(trial_id, result=result, error=error)
-
-
-class SweepProgress(Callback):
-    """One short stderr line per trial event (start, search epoch, done, pruned, failed)."""
-
-    def __init__(self, n_trials: int, status_book: TrialStatusBook, edges: tuple) -> None:
-        self.n_trials, self.book, self.edges = n_trials, status_book, tuple(edges)
-        self.t0 = time.time()
-        self.index: dict[str, int] = {}
-
-    def _number(self, trial: Any) -> int:
-        """Tune's creation number (from the trial folder's name), so a resumed sweep's trial keeps its number;
-        the next number after the highest given where the name has none."""
-        if trial.trial_id not in self.index:
-            try:
-                path = trial.path
-            except Exception:  # noqa: BLE001 (a trial without storage yet: no folder name to read)
-                path = None
-            self.index[trial.trial_id] = trial_number(path, trial.trial_id) or max(self.index.values(), default=0) + 1
-        return self.index[trial.trial_id]
-
-    def _say(self, trial: Any, text: str) -> None:
-        el = int(time.time() - self.t0)
-        i = self._number(trial)
-        print(f"[{el // 60:3d}m{el % 60:02d}s] trial {i}/{self.n_trials} {trial.trial_id}: {text}",
-              file=sys.stderr, flush=True)
-
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        c = trial.config
-        extra = f", proxy {c['proxy_size']}" if "proxy_size" in c else ""
-        self._say(trial, f"start (budget {c.get('budget_avg_bits', float('nan')):.2f} bits{extra})")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if result.get("phase") == "search":
-            self._say(trial, f"search epoch {result.get('epoch')}: proxy_top1 {result.get('proxy_top1', 0):.1f}%, "
-                             f"{result.get('expected_gbitops', 0):.3f} expected GBitOPs, bucket "
-                             f"{bucket_label(result.get('budget_bucket', 0), self.edges)}")
-
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        r = trial.last_result or {}
-        if self.book.is_pruned(trial.trial_id):
-            self._say(trial, self.book.reason(trial.trial_id) or "pruned")
-        else:
-            self._say(trial, f"done: transfer_top1 {r.get('transfer_top1', float('nan')):.2f}%, "
-                             f"{r.get('gbitops', float('nan')):.4f} GBitOPs (search {r.get('search_seconds', 0):.0f}s, "
-                             f"transfer {r.get('transfer_seconds', 0):.0f}s)")
-
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        from .results import _error_text
-
-        self._say(trial, f"FAILED: {_error_text(trial)[:300]} ({trial.error_file or 'see the trial folder'})")
 
 
 def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:

@@ -1,16 +1,17 @@
 """What a sweep folder's commands do when their Ray cluster is lost (``cluster_watch``): one paragraph saying what
 happened, what is kept and the command that continues; the MLflow writes queued so far (a sweep's stopped trials'
-runs ended KILLED, as after a Ctrl-C); then the process ends with ``cluster_watch.LOST_STATUS`` (75).
+runs and its parent run ended KILLED, as after a Ctrl-C); then the process ends with ``cluster_watch.LOST_STATUS``.
 
 ``sweep_lost_handler``: the sweep (``gmpq sweep``, ``gmpq run``'s sweep stage); ``final_lost_handler``: the final
-fine-tune (``gmpq finetune --sweep``, ``gmpq run``'s last stage)."""
+fine-tune (``gmpq finetune --sweep``, ``gmpq run``'s last stage). What the paragraph reads from the folder is
+``bounded``: the folder may sit on storage that went with the cluster."""
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from .cluster_watch import exit_lost, join_hint, lost_text
+from .cluster_watch import bounded, exit_lost, join_hint, lost_text
 
 __all__ = ["sweep_lost_handler", "sweep_lost_text", "final_lost_handler", "final_lost_text"]
 
@@ -24,20 +25,18 @@ def sweep_lost_text(cfg: Any, address: str, seconds: float, command: str = "swee
 
     out = Path(cfg.out_dir)
     local = cfg.address in (None, "local")
+    kept = bounded(lambda: _kept_text(out), f"Every trial that ended is kept in {out}.")
+    flag = bounded(lambda: continue_flag(cfg), "--resume auto")    # (auto: continues it, or starts it if need be)
     return lost_text(command, address, seconds, local=local, work="the sweep",
-                     rest=f"{_kept_text(out)} Continue with: gmpq {command} --out {out} {continue_flag(cfg)}"
-                          f"{join_hint(local)}; trials stopped midway, and failed ones, run again.")
+                     rest=f"{kept} Continue with: gmpq {command} --out {out} {flag}{join_hint(local)}; trials stopped "
+                          "midway, and failed ones, run again.")
 
 
 def _kept_text(out: Path) -> str:
     """What the sweep folder holds of the trials, from its files (``read_sweep_status``)."""
     from .sweep_status import COMPLETED, FAILED, PRUNED, RUNNING, read_sweep_status
 
-    try:
-        st = read_sweep_status(out)
-    except Exception as e:  # noqa: BLE001 - the paragraph goes out anyway
-        log.warning("could not read the sweep's status: %s", e)
-        return f"Every trial that ended is kept in {out}."
+    st = read_sweep_status(out)
     if not st.trials:
         return "No trial had started, so nothing is lost."
     ended = ", ".join(f"{st.count(s)} {s}" for s in (COMPLETED, PRUNED, FAILED) if st.count(s))
@@ -45,7 +44,7 @@ def _kept_text(out: Path) -> str:
     parts = [f"{st.n_ended} trial(s) had ended ({ended}), kept in {out / 'trials.parquet'} and MLflow"
              if st.n_ended else "No trial had ended"]
     if running:
-        parts.append(f"{running} {'was' if running == 1 else 'were'} running and stop here")
+        parts.append(f"{running} {'was running and stops' if running == 1 else 'were running and stop'} here")
     return "; ".join(parts) + "."
 
 
@@ -66,30 +65,27 @@ def _end_mlflow(callbacks: list) -> None:
             cb.end_interrupted()
 
 
-def final_lost_text(sweep_dir: Path, address: str, seconds: float, *, local: bool) -> str:
-    """The paragraph of a final fine-tune whose cluster was lost: the policies fine-tuned so far (final.parquet)
-    are kept, the others continue from their last epoch's checkpoint."""
+def final_lost_text(sweep_dir: Path, address: str, seconds: float, *, local: bool, command: str = "finetune") -> str:
+    """The paragraph of a final fine-tune whose cluster was lost (``command``: "finetune", or "run" for ``gmpq
+    run``'s last stage): the policies in final.parquet are kept, running fine-tunes continue from their last epoch."""
     from .final_results import read_final
     from .results import FINAL_FILE
 
-    try:
-        n_done = len(read_final(sweep_dir, missing_ok=True))
-    except Exception:  # noqa: BLE001 - the paragraph goes out anyway
-        n_done = None
+    n_done = bounded(lambda: len(read_final(sweep_dir, missing_ok=True)), None)
     kept = ("No policy had finished its fine-tune" if not n_done else
             f"{n_done} fine-tuned polic{'y is' if n_done == 1 else 'ies are'} kept in {sweep_dir / FINAL_FILE}")
-    join = join_hint(local)
-    return lost_text("finetune", address, seconds, local=local, work="the final fine-tune",
+    again = (f"gmpq run --out {sweep_dir} --resume{join_hint(local)}" if command == "run" else
+             f"gmpq finetune --sweep {sweep_dir}{join_hint(local)}, with the same flags")
+    return lost_text(command, address, seconds, local=local, work="the final fine-tune",
                      rest=f"{kept}; the fine-tunes that were running continue from their last finished epoch. Continue "
-                          f"with the same flags: gmpq finetune --sweep {sweep_dir}{join}; or, if 'gmpq run' ran it, gmpq "
-                          f"run --out {sweep_dir} --resume{' --address ADDRESS' if join else ''}. The kept policies' "
-                          f"MLflow runs are written when it continues (or now: gmpq sync-mlflow --sweep {sweep_dir}).")
+                          f"with: {again}. The kept policies' MLflow runs are written when it continues (or now: "
+                          f"gmpq sync-mlflow --sweep {sweep_dir}).")
 
 
-def final_lost_handler(sweep_dir: Path, *, local: bool) -> Callable[[str, float], None]:
-    """``cluster_watch``'s ``on_lost`` for the final fine-tune (its MLflow runs are written as each policy ends)."""
+def final_lost_handler(sweep_dir: Path, *, local: bool, command: str = "finetune") -> Callable[[str, float], None]:
+    """``cluster_watch``'s ``on_lost`` for the final fine-tune (its MLflow runs are written as the stage ends)."""
 
     def lost(address: str, seconds: float) -> None:
-        exit_lost(final_lost_text(Path(sweep_dir), address, seconds, local=local))
+        exit_lost(final_lost_text(Path(sweep_dir), address, seconds, local=local, command=command))
 
     return lost

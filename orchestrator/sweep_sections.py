@@ -53,13 +53,19 @@ def _from_mapping(cls: type, section: str, d: Any) -> Any:
 
 
 def _loose_pruner_hint(section: str, d: Mapping[str, Any], unknown: list[str]) -> str:
-    """For keys written beside the pruner's name: its own arguments go under ``kwargs`` (the example with them)."""
-    if section != "pruner":
+    """For keys written beside the pruner's name (not typos of 'name' or 'kwargs'): its own arguments go under
+    ``kwargs``, the section written out with them."""
+    import difflib
+
+    import yaml
+
+    loose = [k for k in unknown if not difflib.get_close_matches(str(k), ("name", "kwargs"), n=1, cutoff=0.7)]
+    if section != "pruner" or not loose:
         return ""
     kwargs = dict(d["kwargs"]) if isinstance(d.get("kwargs"), Mapping) else {}
-    inner = ", ".join(f"{k}: {v!r}" for k, v in {**kwargs, **{k: d[k] for k in unknown}}.items())
-    return (f" A pruner's own arguments go under 'kwargs': pruner: {{name: {d.get('name', 'median')}, kwargs: "
-            f"{{{inner}}}}}.")
+    fixed = {"name": d.get("name", "median"), "kwargs": {**kwargs, **{k: d[k] for k in loose}}}
+    text = yaml.safe_dump({"pruner": fixed}, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return f" A pruner's own arguments go under 'kwargs': {text[1:-1]}."
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from orchestrator import cluster_watch
 def _said(monkeypatch, study_dir, *, local):
     said = []
     monkeypatch.setattr(cluster_watch, "exit_lost", lambda text, cleanup=None: said.append(text))
-    gr._lost_handler(study_dir, local=local)("192.0.2.2:6379", 10.2)
+    gr._lost_handler(study_dir, local=local, callbacks=[])("192.0.2.2:6379", 10.2)
     return said[0]
 
 
@@ -22,7 +22,8 @@ def test_a_lost_study_keeps_its_completed_cells_and_says_to_rerun(tmp_path, monk
     text = _said(monkeypatch, tmp_path, local=False)
     assert text.startswith("gmpq study: the Ray cluster at 192.0.2.2:6379 stopped answering 10 s ago")
     assert f"2 completed cell(s) are kept in {tmp_path / gr.STUDY_FILE}" in text
-    assert f"the same --out {tmp_path}, and --address ADDRESS" in text and "finished cells are skipped" in text
+    assert f"the same --out {tmp_path}, and --address ADDRESS" in text
+    assert "completed cells are skipped, failed ones run again" in text
 
 
 def test_a_study_lost_before_any_cell_says_so(tmp_path, monkeypatch):

@@ -137,3 +137,14 @@ def test_runs_of_trials_stopped_midway_end_killed_and_so_does_the_parent(tmp_pat
     cb2.on_trial_complete(0, [], _trial("a", done=True, transfer_top1=50.0, epoch=2))
     cb2.on_experiment_end([])
     assert [c[2][1] for c in calls2 if c[0] == "finish"] == ["FINISHED", "FINISHED"]
+
+
+def test_a_sweep_ended_by_a_lost_cluster_ends_its_parent_run_killed_even_with_every_started_trial_ended(tmp_path):
+    """The head died: Tune recorded the running trials as errored (their nodes died first), so none is "stopped",
+    yet the sweep did not finish: the parent run ends KILLED, not FINISHED (``end_interrupted``)."""
+    cb, calls = _recording_callback(tmp_path)
+    cb.setup()
+    cb.on_trial_start(0, [], _trial("a"))
+    cb.on_trial_error(0, [], _trial("a"))
+    cb.end_interrupted()
+    assert [c[2][1] for c in calls if c[0] == "finish"] == ["FAILED", "KILLED"] and cb._writer is None

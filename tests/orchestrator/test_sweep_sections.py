@@ -86,6 +86,10 @@ def test_a_pruner_argument_beside_its_name_says_it_goes_under_kwargs(tmp_path):
     assert ("A pruner's own arguments go under 'kwargs': pruner: {name: percentile, kwargs: {n_warmup_steps: 1, "
             "percentile: 30.0}}.") in msg, msg
     assert "go under 'kwargs'" not in _error(tmp_path, {"preset": "demo", "finetune": {"top_kk": 3}})
+    typo = _error(tmp_path, {"pruner": {"nme": "median"}})           # a typo of 'name' is only a typo
+    assert "Did you mean 'name' (not 'nme')?" in typo and "go under 'kwargs'" not in typo
+    flags = _error(tmp_path, {"pruner": {"name": "median", "bootstrap": True}})
+    assert "pruner: {name: median, kwargs: {bootstrap: true}}" in flags       # YAML, as the file is written
 
 
 def test_the_cli_answers_a_misplaced_key_with_exit_2(tmp_path, capsys):

@@ -71,6 +71,19 @@ def test_a_sweep_whose_driver_died_is_stopped_and_says_how_to_continue(tmp_path,
     t3 = next(ln for ln in out.splitlines() if " t3 " in ln)
     assert "stopped" in t3 and "42.30" in t3 and "a pruned, running or stopped trial's supernet" in out
     assert f"Continue with: gmpq sweep --out {tmp_path} --resume" in out
+    assert "Completed and pruned trials are kept; trials stopped midway run again." in out
+
+
+def test_a_stopped_sweep_with_a_failed_trial_says_that_it_runs_again(tmp_path, capsys):
+    """--resume restores errored trials too (Tuner.restore(resume_errored=True)): "ended trials are kept" was wrong
+    for a failed one (e.g. its node died)."""
+    _sweep(tmp_path, driver={"stage": "sweep", "host": socket.gethostname(), "pid": _dead_pid()})
+    rows = pd.read_parquet(tmp_path / "trials.parquet")
+    rows.loc[rows["trial_id"] == "t2", "status"] = "failed"
+    rows.to_parquet(tmp_path / "trials.parquet")
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Completed and pruned trials are kept; failed trials and those stopped midway run again." in out
 
 
 def test_a_driver_on_another_host_cannot_be_checked_from_here(tmp_path, capsys):
