@@ -43,7 +43,8 @@ from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config, _saved_cache_dir,
-                           check_not_a_study, experiment_path, holds_sweep_state, resolve_resume, resume_choice_text)
+                           check_not_a_study, experiment_path, holds_sweep_state, refuse_beside_running_sweep,
+                           resolve_resume, resume_choice_text)
 from .cluster_watch import lost_after_s
 from .driver_markers import driver_marker
 from .tail_threads import TailThreads
@@ -290,6 +291,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
                 if value is None]                          # their defaults: inside the sweep folder
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
+    refuse_beside_running_sweep(sweep_dir, bool(resume))    # another driver's live sweep there: refused first
     if resume:
         _check_same_config(cfg)                            # first: another config's own errors would hide it
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file

@@ -174,3 +174,28 @@ def _differences(key: str, old: Any, new: Any) -> list[str]:
 def _short(value: Any) -> str:
     text = "unset" if value is None else str(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def refuse_beside_running_sweep(sweep_dir: str | Path, resume: bool) -> None:
+    """ConfigError, before anything is written, when another live process runs the sweep in ``sweep_dir``
+    (``driver.json``: a ``gmpq sweep``, or a ``gmpq run`` in any stage): a second driver there runs the same trials
+    again beside it and rewrites trials.parquet, the MLflow runs and the Optuna study with its own view, losing
+    the first one's results. A ``gmpq finetune --sweep`` there is no reason (it only reads the ended trials). A
+    process on another host, which cannot be checked from here, only gets a warning: a retried batch job finds its
+    killed predecessor's marker until the heartbeat makes it stale (``driver_markers``)."""
+    from .driver_markers import driver_text, ended_marker_text, live_driver
+
+    driver = live_driver(sweep_dir)
+    if driver is None or (driver.get("stage") == "finetune" and driver.get("command") in (None, "finetune")):
+        return
+    if driver["alive"] is None:
+        log.warning("%s is marked as running the sweep in %s from another host (cannot be checked from here); if it "
+                    "still runs, stop this command: two drivers would run the same trials and overwrite each other's "
+                    "results", driver_text(driver), sweep_dir)
+        return
+    what = "--resume" if resume else "sweep"
+    raise ConfigError(f"The sweep in '{sweep_dir}' is running: {driver_text(driver)}. A second {what} there would run "
+                      "its trials again beside it and rewrite the results it writes (trials.parquet, the MLflow runs, "
+                      f"the Optuna study), losing some. Follow it with: gmpq status {sweep_dir}. To continue it from "
+                      f"here instead, stop that process first (Ctrl-C there, or kill {driver.get('pid')}: it keeps "
+                      f"what ended), then resume; {ended_marker_text(sweep_dir)}.")
