@@ -250,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import Terminated, address_origin, stop_status
+    from orchestrator.ray_env import Terminated, address_origin, stop_status, terminated
     from orchestrator.sweep import run_sweep
     resume = choose_resume(cfg, args.resume, _say)
     origin = address_origin_text(args, cfg)
@@ -259,11 +259,12 @@ def run(args: argparse.Namespace) -> int:
                 (address_origin(origin, cfg.address) if origin else contextlib.nullcontext()):
             summary = run_sweep(cfg, resume=resume, progress=not args.quiet)
     except KeyboardInterrupt as e:           # outside the trials (those stop gracefully: the summary says it)
-        note = stopped_note(cfg, isinstance(e, Terminated))
+        by_sigterm = isinstance(e, Terminated) or terminated()     # (SIGTERM handed to a handler that raised ^C's)
+        note = stopped_note(cfg, by_sigterm)
         if note is None:
             raise
         _say(note)
-        return stop_status(isinstance(e, Terminated))
+        return stop_status(by_sigterm)
     print(format_summary(summary, cfg.resolved().tracking_uri, logging_off=mlflow_off[0] if mlflow_off else None))
     if summary.interrupted:
         return stop_status(summary.terminated)

@@ -121,3 +121,18 @@ def test_sigterm_in_a_sweeps_trials_exits_143_and_says_it_was_terminated(tmp_pat
     assert f"Continue with: gmpq sweep --out {out} --resume" in text, text[-3000:]
     assert "Traceback" not in text and "PC: @" not in text, text[-3000:]
     assert not (out / "driver.json").exists()
+
+
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["ctrl-c", "sigterm"])
+def test_a_sweep_stopped_while_it_trains_its_shared_models_says_so(tmp_path, sig, status, word):
+    """The walkthrough: SIGTERM while the teacher and FP target model trained as Ray tasks said "interrupted" and
+    exited 130, as Ctrl-C does. A fresh cache, so they train; 8 teacher epochs leave time to signal."""
+    out = tmp_path / "sweep"
+    cfg = _config(tmp_path, tmp_path / "fresh_cache", teacher_epochs=8)
+    cmd = [sys.executable, "-m", "orchestrator.cli", "sweep", "--config", str(cfg), "--out", str(out)]
+    rc, text = _signalled(cmd, sig, "shared models side by side")
+    assert rc == status, text[-3000:]
+    assert f"the sweep was {word}; no trial had finished yet, so nothing was lost. Continue with: gmpq sweep --out " \
+           f"{out} --resume auto" in text, text[-3000:]
+    assert "Traceback" not in text and not (out / "driver.json").exists()
