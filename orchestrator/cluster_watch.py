@@ -184,13 +184,32 @@ def watching_cluster(on_lost: Callable[[str, float], None]) -> Iterator[ClusterW
 
 def lost_text(command: str, address: str, seconds: float, *, local: bool, work: str, rest: str) -> str:
     """The paragraph a command ends with once its cluster is lost: ``gmpq <command>: <which Ray stopped answering>,
-    so <work> stops here ... <rest> Exit status 75.`` (``local``: the Ray this process started on this machine)."""
+    so <work> stops here ... <rest> Exit status 75.`` (``local``: the Ray this process started on this machine). After
+    a SIGTERM (``ray_env.terminated``: sent to the whole process group, as systemd and Slurm do, it stops the local
+    Ray too) the stop is the SIGTERM's: said so, status 143."""
+    if local and _terminated():
+        what = (f"the command got SIGTERM, and so did the Ray instance it started on this machine (GCS {address}, "
+                "silent since: the signal went to the whole process group, as systemd and Slurm send it)")
+        return f"gmpq {command}: {what}, so {work} was terminated (SIGTERM). {rest} Exit status {lost_status()}."
     what = (f"the Ray instance this process started on this machine (GCS {address}) stopped answering {seconds:.0f} s "
             "ago (stopped by 'ray stop', or killed, e.g. by the out-of-memory killer)" if local else
             f"the Ray cluster at {address} stopped answering {seconds:.0f} s ago (its head node's GCS: the cluster was "
             "stopped, or its head node or the network to it was lost)")
     return (f"gmpq {command}: {what}, so {work} stops here instead of waiting for Ray to give up. {rest} "
-            f"Exit status {LOST_STATUS}.")
+            f"Exit status {lost_status()}.")
+
+
+def _terminated() -> bool:
+    from .ray_env import terminated
+
+    return terminated()
+
+
+def lost_status() -> int:
+    """``LOST_STATUS``, or 143 when the command got SIGTERM first (it was asked to stop: a batch system's status)."""
+    import signal
+
+    return 128 + int(signal.SIGTERM) if _terminated() else LOST_STATUS
 
 
 def join_hint(local: bool) -> str:
@@ -218,7 +237,7 @@ def bounded(fn: Callable[[], T], default: T, timeout: float = TEXT_S) -> T:
 
 def exit_lost(text: str, cleanup: Callable[[], None] | None = None) -> NoReturn:
     """Print ``text`` (the command's last word), run ``cleanup`` for at most ``CLEANUP_S`` seconds (never raising),
-    remove this process's driver markers, and end the process with ``LOST_STATUS``. Called from the watch thread
+    remove this process's driver markers, and end the process with ``lost_status()``. Called from the watch thread
     while the main thread is stuck in Ray: ``os._exit``, since nothing would reach the main thread's handlers."""
     print(text, file=sys.stderr, flush=True)
     if cleanup is not None:
@@ -230,7 +249,7 @@ def exit_lost(text: str, cleanup: Callable[[], None] | None = None) -> NoReturn:
     _quietly(release_all)
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(LOST_STATUS)
+    os._exit(lost_status())
 
 
 def _quietly(fn: Callable[[], None]) -> None:

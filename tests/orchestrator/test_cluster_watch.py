@@ -274,3 +274,19 @@ def test_a_pickled_error_of_a_dead_node_says_so_too(tmp_path):
     trial = SimpleNamespace(trial_id="t", pickled_error_file=str(pickled), error_file=None)
     assert error_text(trial) == ("RuntimeError: its node died (the actor's node was terminated unexpectedly: raylet "
                                  "crashed)")
+
+
+def test_a_local_ray_gone_with_the_commands_sigterm_is_the_sigterms_stop(monkeypatch):
+    """The walkthrough: SIGTERM to the whole process group (systemd, Slurm) stopped the driver's own local Ray too;
+    the paragraph blamed 'ray stop' or the OOM killer and exited 75."""
+    import orchestrator.ray_env as ray_env
+    from orchestrator.cluster_watch import lost_status, lost_text
+
+    monkeypatch.setattr(ray_env, "_sigterm_seen", True)
+    text = lost_text("sweep", "127.0.0.1:6379", 10, local=True, work="the sweep", rest="Continue with: X.")
+    assert "the command got SIGTERM, and so did the Ray instance it started" in text and "out-of-memory" not in text
+    assert "so the sweep was terminated (SIGTERM). Continue with: X. Exit status 143." in text
+    assert lost_status() == 143
+    monkeypatch.setattr(ray_env, "_sigterm_seen", False)
+    assert lost_status() == LOST_STATUS and "out-of-memory" in lost_text("sweep", "a:1", 10, local=True, work="w",
+                                                                          rest="r")
