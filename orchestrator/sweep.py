@@ -251,15 +251,24 @@ def _preflight(cfg: SweepConfig) -> None:
         log.warning("%s", warning)
 
 
-def _summary_rows(grid: Any, book: TrialStatusBook) -> list[dict]:
+def _summary_rows(grid: Any, book: TrialStatusBook, sweep_dir: Path) -> list[dict]:
+    """The summary's rows; a stopped trial's proxy_top1 as ``gmpq status`` shows it (its last epoch in
+    trial_events.jsonl, which the trial writes itself: Tune may not have passed that report on before the stop)."""
+    from .sweep_status import read_sweep_status
+
+    try:
+        events = {t.trial_id: t for t in read_sweep_status(sweep_dir).trials}
+    except Exception:  # noqa: BLE001 - the figure is a nicety: the row stays without it
+        events = {}
     rows = []
     for r in grid:
         m = r.metrics or {}
         tid = m.get("trial_id") or (r.path and Path(r.path).name)
         ended = r.error is not None or has_ended(str(tid), m, book)
         status = book.status_of(tid, errored=r.error is not None) if ended else UNFINISHED
+        seen = events.get(str(tid)) if status == UNFINISHED and m.get("proxy_top1") is None else None
         rows.append({"trial_id": tid, "status": status, "budget_avg_bits": (r.config or {}).get("budget_avg_bits"),
-                     "proxy_top1": m.get("proxy_top1"), "transfer_top1": m.get("transfer_top1"),
+                     "proxy_top1": seen.proxy_top1 if seen is not None else m.get("proxy_top1"), "transfer_top1": m.get("transfer_top1"),
                      "gbitops": m.get("gbitops"), "epoch": m.get("epoch")})
     return rows
 
@@ -340,7 +349,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
             finally:                                             # MLflow writes still queued reach the store
                 for cb in _mlflow_callbacks(callbacks):
                     cb.close()
-        rows = _summary_rows(grid, book)
+        rows = _summary_rows(grid, book, sweep_dir)
         counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed", UNFINISHED)}
         if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end
             _close_orphan_optuna_trials(cfg, say, started_before=started_at)

@@ -208,3 +208,17 @@ def test_a_finished_sweep_without_a_completed_trial_names_the_cause_not_gmpq_par
     assert "gmpq pareto" not in out
     assert (f"No trial of the sweep {tmp_path} completed (2 failed), so there is no Pareto front and nothing to select."
             in out and f"gmpq sweep --out {tmp_path} --resume (failed trials run again)" in out)
+
+
+def test_the_sweeps_own_summary_shows_a_stopped_trials_last_epoch_as_status_does(tmp_path):
+    """The walkthrough: after Ctrl-C the sweep's table showed '-' for a stopped trial whose epoch Tune had not passed
+    on yet, while gmpq status showed its last epoch's proxy% from trial_events.jsonl."""
+    from types import SimpleNamespace
+
+    from orchestrator.sweep import _summary_rows
+    from orchestrator.trial_status import UNFINISHED, TrialStatusBook
+
+    _sweep(tmp_path, driver={"stage": "sweep", "host": socket.gethostname(), "pid": os.getpid()})
+    grid = [SimpleNamespace(metrics={"trial_id": "t3"}, path=None, error=None, config={"budget_avg_bits": 3.5})]
+    rows = _summary_rows(grid, TrialStatusBook(tmp_path / "trial_status.json"), tmp_path)
+    assert rows[0]["status"] == UNFINISHED and rows[0]["proxy_top1"] == 42.3
