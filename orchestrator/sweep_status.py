@@ -61,6 +61,7 @@ class SweepStatus:
     driver_alive: bool | None          # None: it runs on another host
     finetune_driver: dict | None = None    # driver.finetune.json of another live process than driver.json's
     selected: list[str] = field(default_factory=list)          # pareto.parquet's selection
+    selected_from: list[str] | None = None     # the trials pareto.parquet chose among (None: no pareto.parquet)
     final: dict[str, dict] = field(default_factory=dict)       # final.parquet rows by trial id
     finetune_progress: dict[str, dict] = field(default_factory=dict)   # {"epoch", "step", "steps", "age_s"}
     shared: dict = field(default_factory=dict)                 # shared.json: FP target and teachers' accuracies
@@ -80,6 +81,13 @@ class SweepStatus:
         if self.driver and self.driver_alive is not False:
             return {**self.driver, "alive": self.driver_alive}
         return self.finetune_driver
+
+    @property
+    def unselected_since(self) -> list[str]:
+        """Completed trials that pareto.parquet did not choose among: they ended after ``gmpq pareto`` ran."""
+        if self.selected_from is None:
+            return []
+        return [t.trial_id for t in self.trials if t.status == COMPLETED and t.trial_id not in self.selected_from]
 
     @property
     def state(self) -> str:
@@ -200,11 +208,14 @@ def read_sweep_status(sweep_dir: str | Path, *, own_marker: bool = True) -> Swee
         if t.status == PRUNED and not t.note:
             t.note = book.reason(t.trial_id) or ""
     trials.sort(key=lambda t: (t.number is None, t.number or 0, t.trial_id))
-    selected = [str(r["trial_id"]) for r in _rows(sweep_dir, PARETO_FILE) if r.get("selected")]
+    pareto = _rows(sweep_dir, PARETO_FILE)
+    selected = [str(r["trial_id"]) for r in pareto if r.get("selected")]
     final = {str(r["trial_id"]): r for r in _rows(sweep_dir, FINAL_FILE, ("final_top1", "gbitops", "seconds"))}
     progress = _finetune_progress(sweep_dir, cfg, [t for t in selected if t not in final])
     return SweepStatus(sweep_dir=sweep_dir, name=str(cfg.get("name") or sweep_dir.name), n_planned=cfg.get("n_trials"),
-                       trials=trials, driver=driver, driver_alive=alive, finetune_driver=finetune, selected=selected, final=final,
+                       trials=trials, driver=driver, driver_alive=alive, finetune_driver=finetune, selected=selected,
+                       selected_from=[str(r["trial_id"]) for r in pareto] if (sweep_dir / PARETO_FILE).is_file() else None,
+                       final=final,
                        finetune_progress=progress, shared=_read_shared(sweep_dir),
                        mlflow=mlflow_view(sweep_dir, cfg, [t.trial_id for t in trials if t.status in (COMPLETED, PRUNED,
                                                                                                    FAILED)], final))

@@ -95,6 +95,8 @@ def _next_step(st: Any) -> str | None:
         return nothing
     if not (d / "pareto.parquet").exists():
         return f"Next: gmpq pareto --sweep {d}   (then gmpq finetune --sweep {d})"
+    if st.unselected_since:
+        return None                                 # the line above says to select again first
     if any(t not in st.final for t in st.selected):
         return f"Next: gmpq finetune --sweep {d}"
     return None
@@ -167,6 +169,11 @@ def format_status(st: Any) -> str:
     if gaps:
         lines.append(gaps)
     lines += _final_lines(st)
+    late = st.unselected_since
+    if late:
+        lines.append(f"The Pareto selection (pareto.parquet) was made before {len(late)} completed trial(s) ended "
+                     f"({', '.join(late[:5])}{', ...' if len(late) > 5 else ''}): gmpq pareto --sweep {st.sweep_dir} "
+                     "selects again from all of them" + (" once the sweep ends." if st.state == "running" else "."))
     step = _next_step(st)
     if step:
         lines.append(step)

@@ -222,3 +222,17 @@ def test_the_sweeps_own_summary_shows_a_stopped_trials_last_epoch_as_status_does
     grid = [SimpleNamespace(metrics={"trial_id": "t3"}, path=None, error=None, config={"budget_avg_bits": 3.5})]
     rows = _summary_rows(grid, TrialStatusBook(tmp_path / "trial_status.json"), tmp_path)
     assert rows[0]["status"] == UNFINISHED and rows[0]["proxy_top1"] == 42.3
+
+
+def test_a_pareto_selection_made_before_trials_ended_says_to_select_again(tmp_path, capsys):
+    """The walkthrough: gmpq pareto ran while the sweep ran; a trial that completed later was on the front, and
+    gmpq status presented the old selection as final ("Next: gmpq finetune")."""
+    _sweep(tmp_path, n_trials=2, driver={"stage": "sweep", "host": socket.gethostname(), "pid": _dead_pid()})
+    (tmp_path / TRIAL_EVENTS).write_text("")                    # only t1 (completed) and t2 (pruned)
+    pd.read_parquet(tmp_path / "trials.parquet").iloc[:0].assign(selected=[], selection_reason=[]).to_parquet(
+        tmp_path / "pareto.parquet")                            # selected among none: made before t1 ended
+    assert read_sweep_status(tmp_path).unselected_since == ["t1"]
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (f"The Pareto selection (pareto.parquet) was made before 1 completed trial(s) ended (t1): gmpq pareto "
+            f"--sweep {tmp_path} selects again from all of them.") in out and "Next: gmpq finetune" not in out
