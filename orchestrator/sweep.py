@@ -273,6 +273,23 @@ def _summary_rows(grid: Any, book: TrialStatusBook, sweep_dir: Path) -> list[dic
     return rows
 
 
+def _finished_summary(cfg: SweepConfig, t0: float) -> SweepSummary | None:
+    """The summary of a sweep whose planned trials all ended, none failed (a resume would do nothing), read from
+    trials.parquet; None otherwise."""
+    from .results import read_trials
+
+    df = read_trials(cfg.out_dir, missing_ok=True)
+    if len(df) < cfg.n_trials or (df["status"] == "failed").any():
+        return None
+    rows = [{"trial_id": r["trial_id"], "status": r["status"], "budget_avg_bits": r.get("param_budget_avg_bits"),
+             **{k: r.get(k) for k in ("proxy_top1", "transfer_top1", "gbitops")}, "epoch": r.get("last_epoch")}
+            for r in df.to_dict("records")]
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned")}
+    return SweepSummary(sweep_dir=Path(cfg.out_dir), n_completed=counts["completed"], n_pruned=counts["pruned"],
+                        n_failed=0, wall_seconds=time.perf_counter() - t0, resumed=True, rows=rows,
+                        n_planned=cfg.n_trials)
+
+
 def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
               prep_threads: int | None = None, command: str = "sweep") -> SweepSummary:
     """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
@@ -303,6 +320,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     refuse_beside_running_sweep(sweep_dir, bool(resume))    # another driver's live sweep there: refused first
     if resume:
         _check_same_config(cfg)                            # first: another config's own errors would hide it
+        done = _finished_summary(cfg, t0)
+        if done is not None:                               # nothing for Ray to do: said at once, no Ray start
+            say(f"the sweep already ran all its {cfg.n_trials} trials (none failed, which --resume would run "
+                "again): nothing to resume")
+            return done
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
         from .ray_env import check_join_address                 # (and before the data and model checks' work)
         check_join_address(cfg.address)

@@ -51,3 +51,24 @@ def test_a_resume_that_changes_a_set_testing_section_is_refused(tmp_path):
     save_resolved_config(_demo(tmp_path, testing={"raise_trials": [1]}))
     with pytest.raises(ConfigError, match=r"testing\.raise_trials \(saved \[1\], now \[\]\)"):
         _check_same_config(_demo(tmp_path).resolved())
+
+
+def test_resuming_a_finished_sweep_says_so_at_once_without_ray(tmp_path, capsys):
+    """The walkthrough: --resume on a finished sweep started Ray (~10 s), repeated the weak-model warnings and said
+    "resuming"; a sweep with a failed trial still resumes (it runs again)."""
+    import ray
+
+    from orchestrator.results import trial_row, write_results
+    from orchestrator.sweep import run_sweep
+
+    if ray.is_initialized():
+        pytest.skip("Ray already runs in this test process")
+    cfg = _demo(tmp_path, n_trials=2)
+    save_resolved_config(cfg)
+    rows = [trial_row(trial_id=t, config={"budget_avg_bits": 3.0}, status=s, last_result={"transfer_top1": 70.0})
+            for t, s in (("a", "completed"), ("b", "pruned"))]
+    write_results(tmp_path, rows, [])
+    summary = run_sweep(load_sweep_config(tmp_path / "sweep_config.yaml"), resume=True)
+    assert (summary.n_completed, summary.n_pruned, summary.n_failed, summary.interrupted) == (1, 1, 0, False)
+    assert "already ran all its 2 trials" in capsys.readouterr().err and not ray.is_initialized()
+    assert [r["trial_id"] for r in summary.rows] == ["a", "b"]
