@@ -7,6 +7,7 @@ written atomically. x axis: GBitOPs of the quantized layers (``bitops / 1e9``); 
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -14,11 +15,13 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.transforms import blended_transform_factory
+from matplotlib.ticker import Formatter, MaxNLocator
+from matplotlib.transforms import Bbox, blended_transform_factory
 
 from gmpq_core.fileio import atomic_write
 
-__all__ = ["plot_pareto", "plot_final", "plot_policies", "policy_rows", "trial_gbitops"]
+__all__ = ["plot_pareto", "plot_final", "plot_policies", "policy_rows", "trial_gbitops", "pareto_figure",
+           "final_figure"]
 
 X_LABEL = "GBitOPs (quantized layers)"
 
@@ -40,23 +43,113 @@ def _short(trial_id: object) -> str:
 
 
 def _new_figure(title: str) -> tuple[Figure, object]:
-    fig = Figure(figsize=(7.5, 5.0), dpi=120)
+    """A fixed-size figure with one axes. Constrained layout: the legend and captions outside the axes get their
+    own room instead of squeezing the axes (as tight_layout + a long legend at the right did)."""
+    fig = Figure(figsize=(8.0, 5.6), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.set_xlabel(X_LABEL)
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(title)
+    fig.suptitle(title, fontsize=12)
     ax.grid(True, alpha=0.3)
     return fig, ax
 
 
 def _legend_outside(ax) -> None:
-    """The legend right of the axes: inside, it can hide points wherever it goes."""
+    """The legend right of the axes (short labels only): inside, it can hide points wherever it goes."""
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
 
 
+def _legend_below(fig: Figure, ax) -> None:
+    """The legend under the axes (and their x label), in columns: room for its labels without narrowing the axes."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(handles), 3), fontsize=8,
+                   frameon=False)
+
+
+class _StepDecimals(Formatter):
+    """Tick labels with the fewest decimals that tell the ticks apart exactly (no offset text, no "0.30.4")."""
+
+    def __call__(self, x, pos=None):
+        locs = np.asarray(self.locs if len(self.locs) else [x], dtype=float)
+        span = float(np.ptp(locs)) if len(locs) > 1 else abs(float(x))
+        tol = max(span, 1e-12) * 1e-6
+        digits = next((d for d in range(10) if np.all(np.abs(np.round(locs, d) - locs) <= tol)), 10)
+        return f"{x:.{digits}f}"
+
+
+def _gbitops_axis(ax) -> None:
+    """Few x ticks (about 5, on round steps) with enough digits, however close the GBitOPs are."""
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10], min_n_ticks=3))
+    ax.xaxis.set_major_formatter(_StepDecimals())
+
+
+def _caption(ax, text: str, width: int = 100) -> None:
+    """A long description as a small wrapped subtitle over the axes (rather than a long legend label)."""
+    if text:
+        ax.set_title("\n".join(textwrap.wrap(text, width)), fontsize=8, color="0.3", loc="left")
+
+
+def _overlap(a: Bbox, b: Bbox) -> float:
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return w * h if w > 0 and h > 0 else 0.0
+
+
+# label offsets (points) tried in turn: right/left of the point, below/above it, then further out
+_LABEL_SPOTS = [(dx, dy, ha, va) for level in range(8)
+                for dy, va in ((-(8 + 11 * level), "top"), (8 + 11 * level, "bottom"))
+                for dx, ha in ((6, "left"), (-6, "right"))]
+
+
+def _place_labels(ax, xy: np.ndarray, texts: Sequence[str], *, obstacles: Sequence[Bbox] = (),
+                  fontsize: float = 7) -> list:
+    """One annotation per point (``xy``: data coordinates), each put at the first of ``_LABEL_SPOTS`` where it
+    overlaps no label placed before, no obstacle (display boxes: markers, arrows) and stays inside the axes; else
+    at the least bad one. Call it once the layout is final (after a draw); the labels take no part in the layout,
+    so they do not move it afterwards."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    axbox = ax.get_window_extent(renderer)
+    placed: list[Bbox] = []
+    anns = []
+    for i in (np.lexsort((xy[:, 1], xy[:, 0])) if len(xy) else []):
+        ann = ax.annotate(texts[i], tuple(xy[i]), textcoords="offset points", xytext=(6, -8), fontsize=fontsize,
+                          ha="left", va="top", zorder=6)
+        ann.set_in_layout(False)
+        best, best_score = _LABEL_SPOTS[0], math.inf
+        for spot in _LABEL_SPOTS:
+            dx, dy, ha, va = spot
+            ann.set_position((dx, dy))
+            ann.set_ha(ha)
+            ann.set_va(va)
+            box = ann.get_window_extent(renderer)
+            outside = box.width * box.height - _overlap(box, axbox)
+            score = (10.0 * sum(_overlap(box, b) for b in placed) + sum(_overlap(box, b) for b in obstacles)
+                     + 5.0 * outside)
+            if score < best_score:
+                best, best_score = spot, score
+            if score == 0.0:
+                break
+        dx, dy, ha, va = best
+        ann.set_position((dx, dy))
+        ann.set_ha(ha)
+        ann.set_va(va)
+        placed.append(ann.get_window_extent(renderer))
+        anns.append(ann)
+    return anns
+
+
+def _marker_boxes(ax, xy: np.ndarray, size_pt: float) -> list[Bbox]:
+    """Display boxes of markers ``size_pt`` points across at ``xy`` (data coordinates)."""
+    r = size_pt / 2 * ax.figure.dpi / 72.0
+    return [Bbox.from_bounds(px - r, py - r, 2 * r, 2 * r) for px, py in ax.transData.transform(xy)] if len(xy) else []
+
+
 def _save(fig: Figure, path: str | Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:          # (constrained-layout figures lay themselves out)
+        fig.tight_layout()
     return atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"))
 
 
@@ -72,6 +165,12 @@ def _rug(ax, x: np.ndarray, marker: str, color: str, label: str) -> None:
 def plot_pareto(trials: pd.DataFrame, pareto: pd.DataFrame, path: str | Path, *,
                 buckets: Sequence[float] = (), title: str | None = None) -> Path:
     """All completed trials (grey), pruned/failed (bottom rug), the front (step line), selected (highlighted)."""
+    return _save(pareto_figure(trials, pareto, buckets=buckets, title=title), path)
+
+
+def pareto_figure(trials: pd.DataFrame, pareto: pd.DataFrame, *, buckets: Sequence[float] = (),
+                  title: str | None = None) -> Figure:
+    """The figure ``plot_pareto`` writes."""
     fig, ax = _new_figure(title or "Pareto front: transfer top-1 vs BitOPs")
     ax.set_ylabel("transfer top-1 (%)")
     status = trials["status"] if "status" in trials else pd.Series([], dtype=str)
@@ -94,6 +193,8 @@ def plot_pareto(trials: pd.DataFrame, pareto: pd.DataFrame, path: str | Path, *,
         ax.set_ylim(0, 100)
         ax.text(0.5, 0.5, "no completed trial: nothing on the front", transform=ax.transAxes, ha="center",
                 va="center", fontsize=10, color="0.4")
+    _gbitops_axis(ax)
+    labels = None
     if len(pareto):
         fx = pareto["bitops"].to_numpy(dtype=float) / 1e9
         fy = pareto["transfer_top1"].to_numpy(dtype=float)
@@ -105,47 +206,64 @@ def plot_pareto(trials: pd.DataFrame, pareto: pd.DataFrame, path: str | Path, *,
         if sel.any():
             ax.scatter(fx[sel], fy[sel], s=150, facecolors="none", edgecolors="tab:green", linewidths=2.0,
                        label=f"selected ({int(sel.sum())})", zorder=5)
-            for x, y, t in zip(fx[sel], fy[sel], pareto["trial_id"].to_numpy()[sel]):
-                ax.annotate(_short(t), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
+            labels = (np.column_stack([fx[sel], fy[sel]]), [_short(t) for t in pareto["trial_id"].to_numpy()[sel]])
     if buckets and len(x_all) and not np.isnan(x_all).all():
         ax.text(0.99, 0.01, "budget buckets (avg bits): " + ", ".join(f"{b:g}" for b in buckets),
                 transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.4")
-    _legend_outside(ax)                              # lower right is where dominated trials lie
-    return _save(fig, path)
+    _legend_outside(ax)                              # lower right is where dominated trials lie (short labels)
+    if labels is not None:                           # once laid out: each where it overlaps no label or marker
+        fig.canvas.draw()
+        _place_labels(ax, labels[0], labels[1], obstacles=_marker_boxes(ax, np.column_stack([fx, fy]), 13.0))
+    return fig
 
 
 def plot_final(final: pd.DataFrame, trials: pd.DataFrame | None, path: str | Path, *,
                title: str | None = None) -> Path:
     """Fine-tuned top-1 of the selected policies vs GBitOPs, with each one's transfer-check accuracy."""
+    return _save(final_figure(final, trials, title=title), path)
+
+
+def final_figure(final: pd.DataFrame, trials: pd.DataFrame | None, *, title: str | None = None) -> Figure:
+    """The figure ``plot_final`` writes. What the fine-tunes trained on (long when capped) is a wrapped caption
+    over the axes, the legend (short labels) is under them, and each point's ``id: top-1`` label goes where it
+    overlaps no other label, marker or arrow."""
     fig, ax = _new_figure(title or "Final fine-tune: top-1 vs BitOPs")
     if trials is not None and len(trials) and "transfer_top1" in trials:
         done = (trials["status"] == "completed") & trials["transfer_top1"].notna() & trials["bitops"].notna()
         ax.scatter(trials.loc[done, "bitops"].to_numpy(dtype=float) / 1e9,
                    trials.loc[done, "transfer_top1"].to_numpy(dtype=float), color="0.7", s=18,
                    label="sweep trials (transfer check)", zorder=2)
-    if len(final):
-        x = final["bitops"].to_numpy(dtype=float) / 1e9
-        y = final["final_top1"].to_numpy(dtype=float)
-        order = np.argsort(x, kind="stable")
-        from .final_results import trained_on_text    # "full target data" only when it was: else the cap / subset
+    _gbitops_axis(ax)
+    if not len(final):
+        _legend_below(fig, ax)
+        return fig
+    x = final["bitops"].to_numpy(dtype=float) / 1e9
+    y = final["final_top1"].to_numpy(dtype=float)
+    order = np.argsort(x, kind="stable")
+    from .final_results import trained_on_text    # "full target data" only when it was: else the cap / subset
 
-        trained = "; ".join(dict.fromkeys(trained_on_text(r) for r in final.to_dict("records")))
-        ax.plot(x[order], y[order], "-*", color="tab:purple", ms=12, label=f"fine-tuned ({trained})", zorder=4)
-        if "transfer_top1" in final:
-            t = final["transfer_top1"].to_numpy(dtype=float)
-            ax.plot(x, t, "_", color="tab:purple", ms=12, alpha=0.6, zorder=3)   # the arrows' starts, in the limits
-            for xi, t0, t1 in zip(x, t, y):
-                if not math.isnan(t0):
-                    ax.annotate("", xy=(xi, t1), xytext=(xi, t0),
-                                arrowprops=dict(arrowstyle="->", color="tab:purple", alpha=0.5))
-        ax.margins(x=0.08)
-        lo, hi = ax.get_xlim()
-        for xi, yi, t in zip(x, y, final["trial_id"].to_numpy()):
-            right = hi > lo and (xi - lo) / (hi - lo) > 0.75   # near the right edge: the label goes left
-            ax.annotate(f"{_short(t)}: {yi:.2f}%", (xi, yi), textcoords="offset points", fontsize=7,
-                        xytext=(-6, -10) if right else (6, -10), ha="right" if right else "left")
-    _legend_outside(ax)
-    return _save(fig, path)
+    trained = "; ".join(dict.fromkeys(trained_on_text(r) for r in final.to_dict("records")))
+    _caption(ax, f"Fine-tuned on {trained}.")
+    ax.plot(x[order], y[order], "-*", color="tab:purple", ms=12, label="fine-tuned", zorder=4)
+    t = final["transfer_top1"].to_numpy(dtype=float) if "transfer_top1" in final else np.full(len(x), np.nan)
+    if not np.isnan(t).all():
+        ax.plot(x, t, "_", color="tab:purple", ms=12, alpha=0.6, zorder=3,     # the arrows' starts, in the limits
+                label="its transfer check (arrow: to fine-tuned)")
+        for xi, t0, t1 in zip(x, t, y):
+            if not math.isnan(t0):
+                ax.annotate("", xy=(xi, t1), xytext=(xi, t0),
+                            arrowprops=dict(arrowstyle="->", color="tab:purple", alpha=0.5))
+    ax.margins(x=0.08, y=0.12)
+    _legend_below(fig, ax)
+    fig.canvas.draw()                                # the final layout, before measuring where the labels fit
+    xy = np.column_stack([x, y])
+    obstacles = _marker_boxes(ax, xy, 12.0)
+    for (px, p1), (_, p0) in zip(ax.transData.transform(xy), ax.transData.transform(np.column_stack([x, t]))):
+        if not math.isnan(p0):
+            obstacles.append(Bbox.from_extents(px - 3, min(p0, p1), px + 3, max(p0, p1)))
+    _place_labels(ax, xy, [f"{_short(tid)}: {yi:.2f}%" for tid, yi in zip(final["trial_id"].to_numpy(), y)],
+                  obstacles=obstacles)
+    return fig
 
 
 MAX_POLICY_PANELS = 8        # a front longer than this without a selection: the first 8 by BitOPs

@@ -5,9 +5,11 @@
 
 Same sweep flags as ``gmpq sweep`` (they override the preset / config file) plus the fine-tune
 stage's ``--top-k``, ``--workers``, ``--finetune-epochs``, ``--finetune-max-concurrent`` (the selected
-policies fine-tune side by side as far as the cluster holds ``--workers`` each). ``--resume`` continues every stage of an
-interrupted run in the same folder (finished trials and fine-tune epochs are not redone); ``gmpq run --out
-DIR --resume`` alone reads the folder's saved config. ``--resume auto`` continues the run when the folder
+policies fine-tune side by side as far as the cluster holds ``--workers`` each) and its data caps for a quick
+run: ``--finetune-train-size``, ``--finetune-test-size``, ``--finetune-max-steps-per-epoch`` (all saved in the
+folder's ``sweep_config.yaml``, its ``finetune:`` section, so ``--resume`` keeps them). ``--resume`` continues
+every stage of an interrupted run in the same folder (finished trials and fine-tune epochs are not redone);
+``gmpq run --out DIR --resume`` alone reads the folder's saved config. ``--resume auto`` continues the run when the folder
 holds its sweep, else starts it (a batch job retried with the same command: cluster/kuberay/rayjob.yaml).
 An interrupted stage (Ctrl-C, or SIGTERM: a preempted batch job) stops the run there (exit 130; 143 for
 SIGTERM) with that command; what finished is kept. Ends with
@@ -41,11 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
                                              mlflow_line, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import Terminated, address_origin, ctrl_c_signals, ray_session, stop_status
+    from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals, ray_session, stop_status,
+                                      terminated)
 
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
-                "finetune.max_concurrent": args.finetune_max_concurrent}
+                "finetune.max_concurrent": args.finetune_max_concurrent,
+                "finetune.train_size": args.finetune_train_size, "finetune.test_size": args.finetune_test_size}
     cfg = config_from_args(args, finetune)               # --resume alone: the folder's saved config; ConfigError -> exit 2
     from orchestrator.sweep import check_not_a_study, run_sweep                     # lazy: Ray/Optuna imports
 
@@ -91,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
                                              tracking_uri=resolved.tracking_uri, address=None)
                 final = finetune_stage(sweep_dir, ft_args, say=_say)
     except KeyboardInterrupt as e:                       # (stopped in its trials, the sweep returns: said above)
-        by_sigterm = isinstance(e, Terminated)
+        by_sigterm = isinstance(e, Terminated) or terminated()    # (SIGTERM handed to a handler raising ^C's)
         note = (stopped_note(resolved, by_sigterm, command="gmpq run") if stage == "the sweep" else
                 interrupted_note(sweep_dir, stage, by_sigterm=by_sigterm))
         if note is None:
@@ -138,8 +142,15 @@ def register(subparsers: Any) -> None:
                    help="Ray Train workers per policy, or 'auto': the cluster's CPUs (GPUs) shared by the policies "
                         "fine-tuned at once (finetune.workers)")
     g.add_argument("--finetune-epochs", type=int, action=at_least(1), default=None, metavar="E", help="fine-tune epochs (finetune.epochs)")
-    g.add_argument("--finetune-max-steps", type=int, action=at_least(1), default=None, metavar="N",
+    g.add_argument("--finetune-max-steps-per-epoch", "--finetune-max-steps", dest="finetune_max_steps", type=int,
+                   action=at_least(1), default=None, metavar="N",
                    help="cap the fine-tune steps per epoch (quick checks; finetune.max_steps_per_epoch)")
+    g.add_argument("--finetune-train-size", type=int, action=at_least(1), default=None, metavar="N",
+                   help="fine-tune on a stratified subset of N target training images (quick checks; "
+                        "finetune.train_size; default: the full split)")
+    g.add_argument("--finetune-test-size", type=int, action=at_least(1), default=None, metavar="N",
+                   help="test the fine-tuned models on a stratified subset of N target test images (quick checks; "
+                        "finetune.test_size; default: the full split)")
     g.add_argument("--finetune-max-concurrent", type=int, action=at_least(1), default=None, metavar="N",
                    help="fine-tune at most N policies side by side (finetune.max_concurrent; default: as many as "
                         "the cluster's CPUs/GPUs hold with --workers each)")
