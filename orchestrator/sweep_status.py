@@ -61,7 +61,8 @@ class SweepStatus:
     driver_alive: bool | None          # None: it runs on another host
     finetune_driver: dict | None = None    # driver.finetune.json of another live process than driver.json's
     selected: list[str] = field(default_factory=list)          # pareto.parquet's selection
-    selected_from: list[str] | None = None     # the trials pareto.parquet chose among (None: no pareto.parquet)
+    selected_from: list[str] | None = None     # pareto.parquet's front, chosen among (None: no pareto.parquet)
+    front_now: list[str] = field(default_factory=list)         # the Pareto front of trials.parquet now
     final: dict[str, dict] = field(default_factory=dict)       # final.parquet rows by trial id
     finetune_progress: dict[str, dict] = field(default_factory=dict)   # {"epoch", "step", "steps", "age_s"}
     shared: dict = field(default_factory=dict)                 # shared.json: FP target and teachers' accuracies
@@ -84,10 +85,10 @@ class SweepStatus:
 
     @property
     def unselected_since(self) -> list[str]:
-        """Completed trials that pareto.parquet did not choose among: they ended after ``gmpq pareto`` ran."""
+        """Trials on the Pareto front now that pareto.parquet's front lacks: they ended after ``gmpq pareto`` ran."""
         if self.selected_from is None:
             return []
-        return [t.trial_id for t in self.trials if t.status == COMPLETED and t.trial_id not in self.selected_from]
+        return [t for t in self.front_now if t not in self.selected_from]
 
     @property
     def state(self) -> str:
@@ -215,10 +216,21 @@ def read_sweep_status(sweep_dir: str | Path, *, own_marker: bool = True) -> Swee
     return SweepStatus(sweep_dir=sweep_dir, name=str(cfg.get("name") or sweep_dir.name), n_planned=cfg.get("n_trials"),
                        trials=trials, driver=driver, driver_alive=alive, finetune_driver=finetune, selected=selected,
                        selected_from=[str(r["trial_id"]) for r in pareto] if (sweep_dir / PARETO_FILE).is_file() else None,
+                       front_now=_front_ids(sweep_dir) if (sweep_dir / PARETO_FILE).is_file() else [],
                        final=final,
                        finetune_progress=progress, shared=_read_shared(sweep_dir),
                        mlflow=mlflow_view(sweep_dir, cfg, [t.trial_id for t in trials if t.status in (COMPLETED, PRUNED,
                                                                                                    FAILED)], final))
+
+
+def _front_ids(sweep_dir: Path) -> list[str]:
+    """The trial ids on the Pareto front of trials.parquet now ([] when it cannot be read: nothing is claimed)."""
+    from .pareto import pareto_front
+
+    try:
+        return [str(t) for t in pareto_front(read_trials_table(sweep_dir).to_pandas())["trial_id"]]
+    except (CheckpointError, OSError, KeyError):
+        return []
 
 
 def continue_text(sweep_dir: str | Path, flag: str = "--resume") -> str:

@@ -171,9 +171,9 @@ def format_status(st: Any) -> str:
     lines += _final_lines(st)
     late = st.unselected_since
     if late:
-        lines.append(f"The Pareto selection (pareto.parquet) was made before {len(late)} completed trial(s) ended "
-                     f"({', '.join(late[:5])}{', ...' if len(late) > 5 else ''}): gmpq pareto --sweep {st.sweep_dir} "
-                     "selects again from all of them" + (" once the sweep ends." if st.state == "running" else "."))
+        lines.append(f"The Pareto selection (pareto.parquet) was made before {len(late)} trial(s) now on the front "
+                     f"ended ({', '.join(late[:5])}{', ...' if len(late) > 5 else ''}): gmpq pareto --sweep "
+                     f"{st.sweep_dir} selects again" + (" once the sweep ends." if st.state == "running" else "."))
     step = _next_step(st)
     if step:
         lines.append(step)
