@@ -190,6 +190,11 @@ def clear_started(sweep_dir: str | Path, trial_id: str) -> None:
     _started_path(sweep_dir, trial_id).unlink(missing_ok=True)
 
 
+def started_manifest(sweep_dir: str | Path, trial_id: str) -> dict | None:
+    """The manifest ``mark_started`` wrote for a fine-tune that has no final.parquet row yet (None: none)."""
+    return _started(sweep_dir, trial_id)
+
+
 def _started(sweep_dir: str | Path, trial_id: str) -> dict | None:
     try:
         data = read_json(_started_path(sweep_dir, trial_id))

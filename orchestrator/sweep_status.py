@@ -158,15 +158,19 @@ def _started_trials(events: list[dict]) -> dict[str, dict]:
 def _finetune_progress(sweep_dir: Path, cfg: dict, todo: list[str]) -> dict[str, dict]:
     from .final_results import finetune_progress_dir
 
+    from .kept_finetunes import started_manifest
+
     storage = finetune_progress_dir(cfg, sweep_dir)
     out = {}
     for tid in todo:
         path = storage / f"finetune-{tid}.progress.json"
+        started = started_manifest(sweep_dir, tid)         # its fine-tune began (no row yet): maybe no epoch yet
         try:
             p = read_json(path)
-            out[tid] = {**p, "age_s": time.time() - path.stat().st_mtime}
+            out[tid] = {**p, "age_s": time.time() - path.stat().st_mtime, "started": started is not None}
         except (CheckpointError, OSError):
-            continue
+            if started is not None:
+                out[tid] = {"started": True, "started_at": started.get("started_at")}
     return out
 
 

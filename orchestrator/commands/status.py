@@ -125,8 +125,16 @@ def _final_lines(st: Any) -> list[str]:
             lines.append(done_line(tid))
         elif tid in st.finetune_progress:
             p = st.finetune_progress[tid]
-            lines.append(f"  {tid}: epoch {p.get('epoch')}, step {p.get('step')}/{p.get('steps')} "
-                         f"(updated {_duration(p.get('age_s'))} ago)")
+            running = st.state == "fine-tuning"
+            stopped = "" if running or not p.get("started") else \
+                f"; stopped: gmpq finetune --sweep {st.sweep_dir} continues it (from its last finished epoch's " \
+                "checkpoint, if any)"
+            if "epoch" in p:
+                lines.append(f"  {tid}: epoch {p.get('epoch')}, step {p.get('step')}/{p.get('steps')} "
+                             f"(updated {_duration(p.get('age_s'))} ago){stopped}")
+            else:
+                at = f" at {p['started_at']}" if p.get("started_at") else ""
+                lines.append(f"  {tid}: fine-tune started{at}{', no epoch reported yet' if running else ''}{stopped}")
         else:
             lines.append(f"  {tid}: not fine-tuned yet")
     lines += [done_line(tid, " (not selected now)") for tid in earlier]

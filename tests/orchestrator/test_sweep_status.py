@@ -240,3 +240,23 @@ def test_a_pareto_selection_made_before_trials_ended_says_to_select_again(tmp_pa
 
     write_pareto(tmp_path, plot=False)                          # selected again: nothing said
     assert read_sweep_status(tmp_path).unselected_since == []
+
+
+@pytest.mark.parametrize("alive", [True, False])
+def test_a_started_fine_tune_is_not_said_to_be_not_fine_tuned_yet(tmp_path, capsys, alive):
+    """The walkthrough: while gmpq finetune --sweep ran (before its first progress report), and after it was
+    stopped, gmpq status said "not fine-tuned yet"."""
+    from orchestrator.kept_finetunes import mark_started
+    from orchestrator.pareto import write_pareto
+
+    _sweep(tmp_path, n_trials=2)
+    (tmp_path / TRIAL_EVENTS).write_text("")
+    write_pareto(tmp_path, plot=False)                          # t1 selected
+    mark_started(tmp_path, "t1", "{}", 2)
+    pid = os.getpid() if alive else _dead_pid()
+    (tmp_path / DRIVER_FILE).write_text(json.dumps({"stage": "finetune", "host": socket.gethostname(), "pid": pid}))
+    assert main(["status", "--sweep", str(tmp_path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "t1: not fine-tuned yet" not in out and "t1: fine-tune started at " in out
+    assert ("no epoch reported yet" in out) is alive
+    assert (f"stopped: gmpq finetune --sweep {tmp_path} continues it" in out) is not alive
