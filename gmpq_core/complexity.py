@@ -48,7 +48,7 @@ class Budget:
                               f"{self.avg_bits!r}, gbitops={self.gbitops!r} (e.g. Budget(avg_bits=3)).")
         if self.avg_bits is not None and not (_num(self.avg_bits) and self.avg_bits > 0):
             raise ConfigError(f"budget avg_bits must be a positive number of bits, but got avg_bits={self.avg_bits!r} "
-                              "(e.g. Budget(avg_bits=3)).")
+                              "(e.g. avg_bits=3).")
         if self.gbitops is not None and not (_num(self.gbitops) and self.gbitops > 0):
             raise ConfigError(f"budget gbitops must be a positive number, but got gbitops={self.gbitops!r}.")
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
-from .fileio import load_checkpoint, load_model_state, save_checkpoint
+from .fileio import QUANTIZED_MODEL_HINT, load_checkpoint, load_model_state, save_checkpoint
 from .layers import swap_module
 from .models import build_model
 from .policy import BitPolicy, QuantSpec
@@ -150,7 +150,7 @@ def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device 
         if path.is_dir():
             raise CheckpointError(f"'{path}' is a folder; pass a model file: DIR/models/<trial_id>.pt of a sweep, or "
                                   "DIR/quantized.pt of 'gmpq finetune --policy'.")
-        blob = load_checkpoint(path)
+        blob = load_checkpoint(path, text_hint=QUANTIZED_MODEL_HINT)
     if isinstance(blob, dict) and str(blob.get("format", "")).startswith(INT_FORMAT_FAMILY):
         from .integer_model import load_integer_model
         return load_integer_model(path, device=device, blob=blob)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:   # torch is imported where a checkpoint is read or written: f
 
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "read_json", "save_checkpoint",
            "load_checkpoint", "load_model_state", "check_writable_dir", "default_cache_dir", "absolute_path",
-           "INT_SUFFIX", "integer_path", "drop_integer_file"]
+           "INT_SUFFIX", "integer_path", "drop_integer_file", "FP_CHECKPOINT_HINT", "QUANTIZED_MODEL_HINT"]
 
 INT_SUFFIX = ".int.pt"       # gmpq export's integer file beside a model file
 
@@ -128,9 +128,17 @@ def save_checkpoint(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> Any:
+FP_CHECKPOINT_HINT = "give the .pt file (e.g. the fp.pt that 'gmpq train-fp' writes beside its fp_result.json)"
+QUANTIZED_MODEL_HINT = ("give a quantized model file: DIR/models/<trial_id>.pt of a sweep after 'gmpq finetune "
+                        "--sweep DIR', or the quantized.pt in the folder of 'gmpq finetune --policy FILE --out "
+                        "DIR' (a policy JSON becomes one through that fine-tune)")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False,
+                    text_hint: str = FP_CHECKPOINT_HINT) -> Any:
     """torch.load with ``weights_only=True``; a missing/truncated/corrupted file raises CheckpointError. ``mmap``:
-    the tensors are mapped from the file, read only when used (a caller after one small field)."""
+    the tensors are mapped from the file, read only when used (a caller after one small field). ``text_hint``: the
+    fix named when ``path`` is a text file (a JSON policy, a YAML config), worded for the file the caller wants."""
     import torch
 
     path = Path(path)
@@ -146,8 +154,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         with open(path, "rb") as f:
             head = f.read(64).lstrip()
         if head[:1] in (b"{", b"[") or path.suffix.lower() in (".json", ".yaml", ".yml", ".txt", ".csv"):
-            raise CheckpointError(f"'{path}' is a text file, not a PyTorch checkpoint: give the .pt file (e.g. the fp.pt "
-                                  "that 'gmpq train-fp' writes beside its fp_result.json).") from None
+            raise CheckpointError(f"'{path}' is a text file, not a PyTorch checkpoint: {text_hint}.") from None
         reason = str(e).split("\n", 1)[0][:200]
         if "weights_only" in reason:         # torch's advice (load with weights_only=False) would mislead here
             reason = "torch.load with weights_only=True cannot unpickle it"

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from .errors import CheckpointError, ConfigError
 from .export import FORMAT, INT_FORMAT_FAMILY, QuantizedModel, arch_from_meta, load_quantized_model
-from .fileio import load_checkpoint, save_checkpoint
+from .fileio import QUANTIZED_MODEL_HINT, load_checkpoint, save_checkpoint
 from .policy import QuantSpec
 from .qmodules import quantized_layers
 from .quantizers import levels_for, quantize_weight, weight_step
@@ -107,7 +107,7 @@ def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = 
     """Rebuild a model written by ``save_integer_model`` (weights ``q * step``, float32, eval mode);
     ``export.load_quantized_model`` calls it for such a file. ``blob``: the file's content already read."""
     path = Path(path)
-    blob = load_checkpoint(path) if blob is None else blob
+    blob = load_checkpoint(path, text_hint=QUANTIZED_MODEL_HINT) if blob is None else blob
     found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
     if isinstance(found, str) and found.startswith(INT_FORMAT_FAMILY) and found != INT_FORMAT:
         raise CheckpointError(f"'{path}' is a gmpq integer model of another version (format {found!r}; this gmpq "

@@ -134,8 +134,9 @@ class BitPolicy:
         return specs
 
     # -- validation ---------------------------------------------------------------------------
-    def check_fits(self, model: nn.Module, **scope: bool) -> None:
-        """Raise PolicyMismatchError naming the first offending layers if this policy does not fit."""
+    def check_fits(self, model: nn.Module, *, fix: str | None = None, **scope: bool) -> None:
+        """Raise PolicyMismatchError naming the first offending layers if this policy does not fit; ``fix`` (a
+        caller that knows which model it built) replaces the general advice that ends the message."""
         layers = searchable_layers(model, **scope)
         missing = [n for n in layers if n not in self.layers]
         extra = [n for n in self.layers if n not in layers]
@@ -150,9 +151,10 @@ class BitPolicy:
                 problems.append(f"weight shapes differ (policy fingerprint {self.fingerprint}, model {fp})")
         if problems:
             raise PolicyMismatchError(
-                "The bit policy does not fit this model: " + "; ".join(problems) + ". Use a policy searched "
-                "for the same model, input channels and number of classes (see the policy's meta), or "
-                "derive a new one with 'gmpq search'.")
+                "The bit policy does not fit this model: " + "; ".join(problems)
+                + (" " if problems[-1].endswith("...") else ". ") + (fix or "Use a policy "
+                "searched for the same model, input channels and number of classes (see the policy's meta), or "
+                "derive a new one with 'gmpq search'."))
 
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -25,11 +25,11 @@ if TYPE_CHECKING:       # torch and what imports it load where they are used: th
 
     from gmpq_core.policy import BitPolicy
 
-__all__ = ["add_model_args", "add_data_args", "model_help", "dataset_help", "DataRootArg", "add_run_args",
-           "add_policy_args", "ModelOptions",
-           "resolve_model_options", "build_seeded_model", "resolve_device", "load_policy_arg",
-           "uniform_policy", "policy_meta", "dataset_source", "check_bits", "check_out_arg",
-           "check_input_size_arg", "flag_text", "naming_flags", "SMALL_INPUT_MAX_PX", "META_KEYS"]
+__all__ = ["add_model_args", "add_data_args", "model_help", "dataset_help", "DataRootArg", "ExistingDataRootArg",
+           "add_run_args", "add_policy_args", "ModelOptions", "resolve_model_options", "build_seeded_model",
+           "resolve_device", "load_policy_arg", "uniform_policy", "check_uniform_bits", "check_policy_fits",
+           "policy_meta", "dataset_source", "check_bits", "check_out_arg", "check_input_size_arg", "flag_text",
+           "naming_flags", "naming_section", "SMALL_INPUT_MAX_PX", "META_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,20 @@ class DataRootArg(argparse.Action):
         flag = option_string or "--data-root"
         refuse_empty(flag, values, f"give the folder that holds the dataset files, or drop {flag}.")
         setattr(namespace, self.dest, check_data_root(values, flag))
+
+
+class ExistingDataRootArg(DataRootArg):
+    """``DataRootArg`` of a command that only reads a dataset (``gmpq evaluate``): a folder that does not exist is
+    refused too, naming it (the dataset was found elsewhere and the flag passed over with a warning); the commands
+    that train keep a new folder as the place a download goes."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        flag = option_string or "--data-root"
+        path = Path(values).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{flag} '{values}': no such folder ({path.absolute()}). Pass {flag} the folder that "
+                              f"holds the dataset files, or drop {flag} to use the dataset's default location.")
 
 
 def add_data_args(p: argparse.ArgumentParser, *, default_dataset: str = "fashion_mnist", or_else: str = "") -> None:
@@ -242,6 +256,48 @@ def check_bits(flag: str, value: int) -> int:
     return value
 
 
+def check_uniform_bits(w_bits: int, a_bits: int) -> None:
+    """``--uniform W A`` (``gmpq finetune``): both bitwidths in the policy's range, else ConfigError echoing the flag
+    as typed."""
+    from gmpq_core.policy import MAX_BITS, MIN_BITS
+
+    for what, value in (("W (weight bits)", w_bits), ("A (activation bits)", a_bits)):
+        if not MIN_BITS <= value <= MAX_BITS:
+            raise ConfigError(f"--uniform W A takes two bitwidths in {MIN_BITS}..{MAX_BITS}, but got --uniform "
+                              f"{w_bits} {a_bits}: its {what} {value} is outside. Give e.g. --uniform 4 4; 32-bit "
+                              "layers are the FP ones outside the policy.")
+
+
+def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *, flags: bool = True) -> None:
+    """``policy.check_fits(model)``; when it does not fit and the policy's meta names another model, or other input
+    channels or classes, than ``opts`` (the model built), the message says which it was searched for and the fix:
+    the flags that build that model (``flags=False``: the channels and classes come from the dataset, named
+    instead), or a policy searched for the model built."""
+    meta = policy.meta or {}
+    differ = [k for k in ("model", "in_channels", "num_classes")
+              if meta.get(k) is not None and meta.get(k) != getattr(opts, k)]
+    if not differ:
+        policy.check_fits(model)
+        return
+
+    def described(src: Any) -> str:       # the model, and its classes and channels where those differ
+        get = src.get if isinstance(src, Mapping) else lambda k: getattr(src, k)
+        shape = [f"{get('num_classes')} classes"] if "num_classes" in differ else []
+        shape += [f"{get('in_channels')}-channel images"] if "in_channels" in differ else []
+        return get("model") + (f" for {' of '.join(shape)}" if shape else "")
+
+    fixes = [f"--model {meta['model']}"] if "model" in differ else []
+    shape = [k for k in differ if k != "model"]
+    if flags:
+        fixes += [f"--{k.replace('_', '-')} {meta[k]}" for k in shape]
+    elif shape:
+        fixes.append(f"a --dataset of {meta.get('num_classes')} classes of {meta.get('in_channels')}-channel images"
+                     + (f" (it was searched on {meta['dataset']})" if meta.get("dataset") else ""))
+    policy.check_fits(model, fix=f"The policy was searched for {described(meta)} (its meta), but "
+                                 f"{described(opts)} is built here: pass {' and '.join(fixes)}, or use a policy "
+                                 f"searched for {opts.model} (gmpq search --model {opts.model}).")
+
+
 def uniform_policy(model: nn.Module, w_bits: int, a_bits: int, flags: tuple[str, str] = ("--w-bits", "--a-bits"),
                    meta: Mapping[str, Any] | None = None) -> BitPolicy:
     from gmpq_core.policy import BitPolicy
@@ -283,4 +339,16 @@ def naming_flags(err: GMPQError, given: Mapping[str, tuple[str, Any]]) -> GMPQEr
         text = re.sub(rf"(?<=e\.g\. ){re.escape(key)}=", f"{flag} ", text)    # a suggestion: "Use e.g. eta=40" (not an
         #                                                                    example's code: "Budget(avg_bits=3)")
         text = re.sub(rf"^{re.escape(key)} (?=must )", f"{flag} ", text)            # the rule's subject
+    return err if text == str(err) else type(err)(text)
+
+
+def naming_section(err: GMPQError, section: str, keys: Sequence[str]) -> GMPQError:
+    """``err``, raised by a config check that names a key of a YAML file's ``section`` (``but got
+    max_steps_per_epoch=-4``), reworded to name it as written there (``search.max_steps_per_epoch``), and Python's
+    None as YAML's ``null``. Returns an error of the same type (``err`` itself when nothing changed)."""
+    text = str(err)
+    for key in keys:
+        text = re.sub(rf"(?<![\w.-]){re.escape(key)}(?==|\s+must\b)", f"{section}.{key}", text)
+    if text != str(err):
+        text = re.sub(r"\bUse None\b", "Use null", text)
     return err if text == str(err) else type(err)(text)

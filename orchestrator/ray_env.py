@@ -23,7 +23,8 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "address_origin",
-           "ctrl_c_signals", "fit_restoring_handlers", "Terminated", "terminated", "stop_status", "stop_word",
+           "ctrl_c_signals", "fit_restoring_handlers", "Terminated", "terminated", "clear_terminated", "stop_status",
+           "stop_word",
            "ray_map", "OBJECT_STORE_BYTES"]
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,13 @@ def terminated() -> bool:
     """Whether SIGTERM reached the driver since ``ctrl_c_signals`` (outermost) took it over; also when it was
     handed to a Ray Tune run's SIGINT handler, which stops the sweep without an exception."""
     return _sigterm_seen
+
+
+def clear_terminated() -> None:
+    """Forget an earlier SIGTERM (``terminated``): a command starting in a process that ran others (tests, a
+    notebook) asks about its own."""
+    global _sigterm_seen
+    _sigterm_seen = False
 
 
 def stop_status(by_sigterm: bool) -> int:

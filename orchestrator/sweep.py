@@ -159,7 +159,9 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
 
     with ray_session(cfg.address), watching_cluster(sweep_lost_handler(cfg, callbacks, command)):
         _preflight(cfg)                                    # a request no node can run fails now, not hangs
-        say(f"preparing shared artefacts in {cfg.cache_dir}")
+        new = "" if Path(cfg.cache_dir).exists() else (" (a new model cache: the shared models train there; an "
+                                                        "existing cache elsewhere? pass its --cache-dir)")
+        say(f"preparing shared artefacts in {cfg.cache_dir}{new}")
         context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
         if progress:                                       # its clock starts with the trials
             callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets))

@@ -291,8 +291,13 @@ def trial_search_config(cfg: SweepConfig, params: Mapping[str, Any]) -> Any:
             kw[name] = params[name]
     if "search_epochs" in params:
         kw["epochs"] = int(params["search_epochs"])
-    return SearchConfig(candidates=cfg.candidates, budget=Budget(avg_bits=float(params["budget_avg_bits"])),
-                        seed=cfg.seed, **kw)
+    try:
+        return SearchConfig(candidates=cfg.candidates, budget=Budget(avg_bits=float(params["budget_avg_bits"])),
+                            seed=cfg.seed, **kw)
+    except ConfigError as e:          # a key of the config's search section: named as written there
+        from .common_args import naming_section
+
+        raise naming_section(e, "search", [k for k in cfg.search if k not in params]) from None
 
 
 def is_local_cpu_sweep(cfg: SweepConfig) -> bool:

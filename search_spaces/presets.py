@@ -20,8 +20,32 @@ __all__ = ["PRESET_DIR", "list_presets", "load_preset", "preset_path", "load_yam
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice (``_Loader.construct_mapping``): ``key`` and the 1-based ``lines`` of each."""
+
+    def __init__(self, key: Any, lines: list[int]) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.lines = key, lines
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` / ``3E4`` as floats."""
+    """SafeLoader that also reads ``1e-5`` / ``3E4`` as floats, and refuses a key given twice in one mapping
+    (PyYAML keeps the last one silently: ``n_trials: 2`` then ``n_trials: 0`` ran with 0)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, list[int]] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue                       # (a '<<' merge may repeat keys on purpose: the mapping's own win)
+            key = self.construct_object(key_node)
+            try:
+                seen.setdefault(key, []).append(key_node.start_mark.line + 1)
+            except TypeError:                  # an unhashable key: PyYAML names it itself
+                continue
+        twice = next(((k, lines) for k, lines in seen.items() if len(lines) > 1), None)
+        if twice is not None:
+            raise _DuplicateKey(*twice)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -38,14 +62,28 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     """A YAML error on one line, to follow "is not valid YAML": `` at line L, column C: problem`` or ``: problem``
     (PyYAML's own text spans several lines, with carets)."""
     mark = getattr(err, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ": "
-    return where + " ".join(str(getattr(err, "problem", None) or err).split())
+    text = (getattr(mark, "buffer", None) or "").rstrip("\0").rstrip()
+    if mark is not None and text and mark.index >= len(text):    # PyYAML's mark: on the line after the last one
+        lines = text.splitlines()
+        where = f" at line {len(lines)}, column {len(lines[-1]) + 1} (the end of the file): "
+    else:
+        where = f" at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ": "
+    problem = " ".join(str(getattr(err, "problem", None) or err).split())
+    context, opened = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and opened is not None:       # where the unclosed bracket or quote began
+        problem += f" ({context} that starts at line {opened.line + 1}, column {opened.column + 1})"
+    return where + problem
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML text; a syntax error becomes ConfigError naming ``source``, line and column."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        times = "twice" if len(e.lines) == 2 else f"{len(e.lines)} times"
+        raise ConfigError(f"'{source}' gives the key {e.key!r} {times} (lines "
+                          f"{', '.join(map(str, e.lines[:-1]))} and {e.lines[-1]}); YAML would keep only the last "
+                          f"one silently. Keep one {e.key}: line there and delete the others.") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"'{source}' is not valid YAML{yaml_problem(e)}. Fix the syntax there.") from None
 

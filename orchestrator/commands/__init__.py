@@ -121,3 +121,11 @@ def resolve_sweep_dir_arg(args: argparse.Namespace) -> None:
                           f"--sweep DIR, or {command} DIR.")
     args.sweep = given if given is not None else positional
 
+
+def refuse_missing_sweep_dir(given: str, sweep_dir: Path, what: str) -> None:
+    """ConfigError when the sweep folder ``given`` (``sweep_dir`` resolved) does not exist, worded as ``gmpq status``
+    words it; ``what`` ends the fix ("you want to see": "Pass the --out of the gmpq sweep or gmpq run you want to
+    see."), instead of a message about a file missing from a folder that is there."""
+    if not Path(sweep_dir).exists():
+        raise ConfigError(f"--sweep {given}: no such folder ({sweep_dir}). Pass the --out of the gmpq sweep or gmpq "
+                          f"run {what}.")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import load_checkpoint
 
-from ..common_args import check_bits, load_policy_arg
+from ..common_args import check_uniform_bits, load_policy_arg
 from ._finetune_fp import FPSource
 from ._finetune_resume import same_dataset
 
@@ -46,8 +46,7 @@ def _policy_from_args(args: argparse.Namespace) -> BitPolicy | None:
                           "or --uniform W A (e.g. --uniform 4 4), but got "
                           + ("both." if args.policy is not None else "neither."))
     if args.uniform is not None:
-        check_bits("--uniform W", args.uniform[0])
-        check_bits("--uniform A", args.uniform[1])
+        check_uniform_bits(*args.uniform)
     return load_policy_arg(args.policy)
 
 

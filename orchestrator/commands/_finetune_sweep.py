@@ -142,14 +142,20 @@ def check_sweep_folder(sweep_dir: Path) -> None:
 
 
 def run_sweep_finetune(args: argparse.Namespace) -> int:
-    from . import quiet_libraries
+    from . import quiet_libraries, refuse_missing_sweep_dir
     from .sweep import check_address_arg
 
     check_tracking_uri_arg(getattr(args, "tracking_uri", None))
     check_address_arg(getattr(args, "address", None))
+    refuse_missing_sweep_dir(args.sweep, Path(args.sweep).expanduser().resolve(), "whose policies you want to "
+                             "fine-tune")
     quiet_libraries(getattr(args, "verbose", False))
     sweep_dir = Path(args.sweep).expanduser().resolve()
     check_sweep_folder(sweep_dir)
+    from .pareto import sweep_running_text
+
+    if (warning := sweep_running_text(sweep_dir, "gmpq finetune")) is not None:
+        print(warning, file=sys.stderr, flush=True)         # an early look is allowed: warned, not refused
     final = finetune_stage(sweep_dir, args,
                            say=lambda msg: print(f"gmpq finetune: {msg}", file=sys.stderr, flush=True))
     from orchestrator.final_results import final_table_heading

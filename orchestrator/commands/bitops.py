@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from gmpq_core.errors import ConfigError
 
-from ..common_args import (add_model_args, build_seeded_model, load_policy_arg, policy_meta,
+from ..common_args import (add_model_args, build_seeded_model, check_policy_fits, load_policy_arg, policy_meta,
                            resolve_model_options, uniform_policy)
 
 if TYPE_CHECKING:       # it imports torch: loaded when counting (the help stays quick)
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if policy is None:
         policy = uniform_policy(model, args.w_bits, args.a_bits)
     else:
-        policy.check_fits(model)
+        check_policy_fits(policy, model, opts)
     # shapes only: on the meta device nothing is allocated or computed (a 4096 px input is instant)
     report = count_bitops(model.to("meta"), policy, opts.input_size, opts.in_channels)
     avg_w, avg_a = policy.average_bits()

@@ -28,7 +28,7 @@ __all__ = ["register", "run"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..common_args import DataRootArg
+    from ..common_args import ExistingDataRootArg
 
     p = subparsers.add_parser("evaluate", help="top-1 / top-5 of final quantized models on a test split",
                               description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a model file (DIR/models/<trial>.pt or .int.pt, DIR/quantized.pt) or a folder holding them")
     p.add_argument("--dataset", default=None, metavar="NAME",
                    help="evaluate on this dataset's test split (default: the one each model records)")
-    p.add_argument("--data-root", default=None, metavar="DIR", action=DataRootArg, help="where the dataset files are")
+    p.add_argument("--data-root", default=None, metavar="DIR", action=ExistingDataRootArg,
+                   help="the folder that holds the dataset files (default: the dataset's own location)")
     p.add_argument("--test-size", type=int, action=at_least(1), default=None, metavar="N",
                    help="a stratified subset of N test images (default: the whole test split)")
     p.add_argument("--batch-size", type=int, action=at_least(1), default=256, metavar="B")

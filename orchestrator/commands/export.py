@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                               f"another file name, e.g. --out {integer_path(src)}.")
         if src.name.endswith(SUFFIX):
             raise ConfigError(f"'{src}' is an integer model file already (written by 'gmpq export'); pass the float "
-                              f"model it came from ({src.with_name(src.name.removesuffix(SUFFIX) + '.pt')}).")
+                              f"model file it was exported from{_float_beside(src)}.")
     _check_out_folders(pairs, given=args.out is not None)
     for src, out in pairs:
         row = export_one(src, out)
@@ -80,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(format_row(row, layers=args.layers))
     return 0
+
+
+def _float_beside(src: Path) -> str:
+    """`` (by its name, DIR/model.pt beside it)`` when the float file ``gmpq export`` would have written ``src`` from
+    is there; else nothing (an integer file records no source path: ``--out`` may have named it anything)."""
+    float_file = src.with_name(src.name.removesuffix(SUFFIX) + ".pt")
+    return f" (by its name, {float_file} beside it)" if float_file.is_file() else ""
 
 
 def _check_out_folders(pairs: list[tuple[Path, Path]], *, given: bool) -> None:
@@ -104,9 +111,9 @@ def export_one(src: Path, out: Path) -> dict:
     from gmpq_core.export import load_quantized_model
     from gmpq_core.integer_model import INT_FORMAT, integer_sizes, load_integer_model, save_integer_model
 
-    from gmpq_core.fileio import load_checkpoint
+    from gmpq_core.fileio import QUANTIZED_MODEL_HINT, load_checkpoint
 
-    blob = load_checkpoint(src)
+    blob = load_checkpoint(src, text_hint=QUANTIZED_MODEL_HINT)
     if isinstance(blob, dict) and blob.get("format") == INT_FORMAT:
         raise ConfigError(f"'{src}' is an integer model file already (format {INT_FORMAT!r}); pass the float "
                           "model file it was exported from.")

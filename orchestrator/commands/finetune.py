@@ -33,8 +33,8 @@ from gmpq_core.fileio import atomic_write_json, drop_integer_file, integer_path,
 from gmpq_core.precision import resolve_precision
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args, naming_flags,
-                           build_seeded_model, check_out_arg, dataset_source, policy_meta, resolve_device,
-                           resolve_model_options, uniform_policy)
+                           build_seeded_model, check_out_arg, check_policy_fits, dataset_source, policy_meta,
+                           resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
 from ._finetune_checks import _DISTILL_DEFAULTS, _check_fp_dataset, _check_single_args, _policy_from_args
 from ._finetune_fp import FPSource, data_root_default, pick_fp_source
@@ -275,7 +275,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
         check_resume_state(out / CHECKPOINTS / CHECKPOINT_NAME, resume, config=config, precision=precision,
                            policy=policy)
     if policy is not None:  # fail before a possibly long FP training
-        policy.check_fits(build_seeded_model(opts, args.seed))
+        check_policy_fits(policy, build_seeded_model(opts, args.seed), opts, flags=False)
     fp_model, fp_source, fp_note = _fp_model(args, out, opts, data, fp)
     fp_digest = check_resume_fp(out, resume, fp_model, fp_source)
     if policy is None:

@@ -6,17 +6,19 @@ Reads DIR/trials.parquet; writes DIR/pareto.parquet (non-dominated completed tri
 up / bitops down, with ``selected`` and ``selection_reason``), DIR/policies/<trial_id>.json (each policy of
 the front as a file: the input of ``gmpq finetune --policy FILE``; the folder holds the current front only),
 DIR/pareto.png and DIR/policies.png (the selected policies' bits, layer by layer), prints the table, and adds
-them to the sweep's MLflow parent run.
+them to the sweep's MLflow parent run. While another command still runs the sweep, it warns that the selection
+covers the trials ended so far (run it again once the sweep ends).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_sweep_dir_arg, at_least, help_text, quiet_libraries
+from . import add_sweep_dir_arg, at_least, help_text, quiet_libraries, refuse_empty, refuse_missing_sweep_dir
 
-__all__ = ["register", "run", "pareto_stage"]
+__all__ = ["register", "run", "pareto_stage", "sweep_running_text"]
 
 
 def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *, mlflow: bool = True,
@@ -65,18 +67,64 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None, *, cfg: 
               "model: gmpq finetune --policy FILE)")
 
 
+def sweep_running_text(sweep_dir: Path, command: str) -> str | None:
+    """One warning line when another process still runs the sweep in ``sweep_dir`` (its driver.json, stage "sweep"
+    or "run", with trials still to end): the selection ``command`` (``gmpq pareto``, ``gmpq finetune``) makes covers
+    the trials ended so far. None otherwise; this process's own marker (``gmpq run``'s own stages) is none."""
+    from gmpq_core.errors import GMPQError
+    from orchestrator.driver_markers import DRIVER_FILE, driver_text
+    from orchestrator.sweep_status import read_sweep_status
+
+    if not (sweep_dir / DRIVER_FILE).is_file():
+        return None
+    try:
+        st = read_sweep_status(sweep_dir, own_marker=False)
+    except GMPQError:                            # (no sweep_config.yaml: the command's own checks say what is wrong)
+        return None
+    if not st.driver or st.driver_alive is False or st.driver.get("stage") not in ("sweep", "run"):
+        return None
+    if st.n_planned is not None and st.n_ended >= int(st.n_planned):
+        return None                              # every planned trial has ended: the front is the sweep's
+    runs = "is still running" if st.driver_alive else "may still be running (on another host: not checked)"
+    have = "has" if st.n_ended == 1 else "have"
+    ended = f"{st.n_ended} of its {st.n_planned} planned trials {have}" if st.n_planned is not None else \
+        f"{st.n_ended} trial{'' if st.n_ended == 1 else 's'} {have}"
+    later = f"run 'gmpq pareto {sweep_dir}' again once the sweep ends"
+    if command == "gmpq finetune":
+        later = f"a policy fine-tuned now may leave the front as more trials end ({later} to see the final front)"
+    return (f"{command}: warning: the sweep in {sweep_dir} {runs} ({driver_text(st.driver)}): {ended} ended so far, "
+            f"and this selection covers only those; {later}.")
+
+
+def check_tracking_uri_arg(uri: str | None) -> None:
+    """``--tracking-uri`` checked as ``gmpq sync-mlflow`` checks it (``sweep_checks.check_tracking_uri``: a scheme
+    MLflow knows, a sqlite file in a folder that can be written), before anything is read or written."""
+    if uri is None:
+        return
+    from orchestrator.sweep_checks import check_tracking_uri
+
+    refuse_empty("--tracking-uri", uri, "give an MLflow tracking URI, or leave --tracking-uri out to log to the "
+                 "sweep's own store.")
+    check_tracking_uri(uri, default="the sweep's own store", leave_out="log to the sweep's own store")
+
+
 def run(args: argparse.Namespace) -> int:
+    if not args.no_mlflow:
+        check_tracking_uri_arg(args.tracking_uri)     # before any work: a bad one used to end in MLflow's traceback
+    sweep_dir = Path(args.sweep).expanduser().resolve()
+    refuse_missing_sweep_dir(args.sweep, sweep_dir, "whose Pareto front you want")
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.pareto import POLICIES_DIR, check_selectable
     from orchestrator.results import load_resolved_config, read_trials_table
     from orchestrator.sweep_checks import check_sweep_writable
 
-    sweep_dir = Path(args.sweep).expanduser().resolve()
     cfg = load_resolved_config(sweep_dir)           # a file given: said first
     table = read_trials_table(sweep_dir)            # CheckpointError naming the file if missing or damaged
     trials = check_selectable(sweep_dir, table.to_pandas())     # no completed trial: refused before anything is written
     check_sweep_writable(sweep_dir, "gmpq pareto", f"pareto.parquet, its plots and {POLICIES_DIR}/",
                          folders=(POLICIES_DIR,))
+    if (warning := sweep_running_text(sweep_dir, "gmpq pareto")) is not None:
+        print(warning, file=sys.stderr, flush=True)         # an early look is allowed: warned, not refused
     front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow, cfg=cfg, table=table)
     print_pareto(sweep_dir, front, args.top_k, cfg=cfg, trials=trials)
     return 0

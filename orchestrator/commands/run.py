@@ -43,9 +43,9 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
                                              mlflow_line, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals, ray_session, stop_status,
-                                      terminated)
-
+    from orchestrator.ray_env import (Terminated, address_origin, clear_terminated, ctrl_c_signals, ray_session,
+                                      stop_status, terminated)
+    clear_terminated()                                 # this command's own SIGTERM, if any, is asked about below
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
                 "finetune.max_concurrent": args.finetune_max_concurrent,

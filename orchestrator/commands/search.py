@@ -18,7 +18,7 @@ from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json, check_writable_dir
 from gmpq_core.names import SEARCH_DATASET, SEARCH_MODEL
 
-from ..common_args import DataRootArg, dataset_help, flag_text, model_help, naming_flags
+from ..common_args import DataRootArg, dataset_help, flag_text, model_help, naming_flags, naming_section
 from ..progress import ProgressReporter, make_progress
 from . import add_precision_arg, at_least
 
@@ -128,8 +128,9 @@ def build_job(args: argparse.Namespace) -> SearchJob:
     d["search"] = search
     try:
         return SearchJob.from_dict(d)
-    except GMPQError as e:
-        raise naming_flags(e, given) from None
+    except GMPQError as e:            # a flag's value named as typed; a --config file's search key as written there
+        from_file = [k for k in (d.get("search") or {}) if k not in given and k != "budget"]
+        raise naming_section(naming_flags(e, given), "search", from_file) from None
 
 
 def _budget_label(args: argparse.Namespace) -> str | None:

@@ -46,13 +46,21 @@ def format_report(rep: Any) -> str:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.sync import sync_mlflow
 
-    from . import quiet_libraries, refuse_empty
+    from pathlib import Path
+
+    from gmpq_core.errors import CheckpointError
+
+    from . import quiet_libraries, refuse_empty, refuse_missing_sweep_dir
 
     refuse_empty("--tracking-uri", args.tracking_uri, "give an MLflow tracking URI, or leave --tracking-uri out to "
                  "sync to the sweep's own store.")
     quiet_libraries(getattr(args, "verbose", False))  # no "View run ..." lines per run on an http store
     with contextlib.redirect_stdout(sys.stderr):      # anything else MLflow prints stays out of --json's stdout
-        rep = sync_mlflow(args.sweep, tracking_uri=args.tracking_uri, while_running=args.while_running)
+        try:
+            rep = sync_mlflow(args.sweep, tracking_uri=args.tracking_uri, while_running=args.while_running)
+        except CheckpointError:         # (after its --tracking-uri check) no folder at all: said as gmpq status says it
+            refuse_missing_sweep_dir(args.sweep, Path(args.sweep).expanduser().resolve(), "you want to sync")
+            raise
     print(json.dumps(rep.to_dict()) if args.json else format_report(rep))
     return 0
 

@@ -188,7 +188,7 @@ def test_finetune_without_fp_checkpoint_trains_fp_first(tmp_path, capsys):
 @pytest.mark.parametrize("extra,needle", [
     ([], "neither"),
     (["--uniform", "4", "4", "--policy", "p.json"], "both"),
-    (["--uniform", "4", "12"], "--uniform A 12"),
+    (["--uniform", "4", "12"], "got --uniform 4 12: its A (activation bits) 12"),
     (["--policy", "/no/such.json"], "/no/such.json"),
 ])
 def test_finetune_bad_input_exits_2(extra, needle, tmp_path, capsys):

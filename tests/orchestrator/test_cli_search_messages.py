@@ -63,7 +63,8 @@ def test_a_bad_flag_value_is_named_as_the_flag(tmp_path, capsys, argv, says):
 def test_a_bad_value_from_the_config_file_keeps_its_key(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("search: {eta: -1}\n")
-    assert "eta must be a number >= 0, but got eta=-1." in _err(tmp_path, capsys, "--config", str(cfg), "--lam", "1")
+    err = _err(tmp_path, capsys, "--config", str(cfg), "--lam", "1")
+    assert "search.eta must be a number >= 0, but got search.eta=-1." in err       # named as written in the file
 
 
 def test_naming_flags_keeps_the_error_type_and_other_keys():

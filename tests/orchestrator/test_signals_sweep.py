@@ -136,3 +136,5 @@ def test_a_sweep_stopped_while_it_trains_its_shared_models_says_so(tmp_path, sig
     assert f"the sweep was {word}; no trial had finished yet, so nothing was lost. Continue with: gmpq sweep --out " \
            f"{out} --resume auto" in text, text[-3000:]
     assert "Traceback" not in text and not (out / "driver.json").exists()
+    assert "(a new model cache: the shared models train there; an existing cache elsewhere? pass its --cache-dir)" \
+        in text                                                 # the walkthrough: a mistyped --cache-dir retrained all
