@@ -138,16 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         print(error_paragraph(GMPQError("no command given; pick one of the commands listed above ('gmpq COMMAND "
                                         "--help' describes one, e.g. 'gmpq sweep --help').")), file=sys.stderr)
         return 2
+    from orchestrator.ray_env import clear_terminated
+
+    clear_terminated()                     # a SIGTERM of an earlier command of this process (tests) is not this one's
     try:
         return int(args.func(args) or 0)
     except GMPQError as e:
         print(error_paragraph(e), file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        from orchestrator.ray_env import Terminated, stop_status
+        from orchestrator.ray_env import Terminated, stop_status, terminated
 
-        print(interrupted_text(args, argv, by_sigterm=isinstance(e, Terminated)), file=sys.stderr)
-        return stop_status(isinstance(e, Terminated))
+        by_sigterm = isinstance(e, Terminated) or terminated()    # (SIGTERM handed to a handler raising ^C's)
+        print(interrupted_text(args, argv, by_sigterm=by_sigterm), file=sys.stderr)
+        return stop_status(by_sigterm)
     except BrokenPipeError:            # 'gmpq status --sweep DIR | head': the reader left, as it may
         if not _stdout_gone():
             raise                      # another pipe (a subprocess, a socket): a real error

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from gmpq_core.errors import ConfigError, GMPQError
+from gmpq_core.errors import ConfigError, GMPQError, PolicyMismatchError
 from gmpq_core.fileio import check_writable_dir
 from gmpq_core.names import BUILTIN_MODELS
 from orchestrator.commands import add_precision_arg, at_least, refuse_empty
@@ -284,7 +284,7 @@ def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *
         get = src.get if isinstance(src, Mapping) else lambda k: getattr(src, k)
         shape = [f"{get('num_classes')} classes"] if "num_classes" in differ else []
         shape += [f"{get('in_channels')}-channel images"] if "in_channels" in differ else []
-        return get("model") + (f" for {' of '.join(shape)}" if shape else "")
+        return str(get("model") or "an unnamed model") + (f" for {' of '.join(shape)}" if shape else "")
 
     fixes = [f"--model {meta['model']}"] if "model" in differ else []
     shape = [k for k in differ if k != "model"]
@@ -293,9 +293,12 @@ def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *
     elif shape:
         fixes.append(f"a --dataset of {meta.get('num_classes')} classes of {meta.get('in_channels')}-channel images"
                      + (f" (it was searched on {meta['dataset']})" if meta.get("dataset") else ""))
-    policy.check_fits(model, fix=f"The policy was searched for {described(meta)} (its meta), but "
-                                 f"{described(opts)} is built here: pass {' and '.join(fixes)}, or use a policy "
-                                 f"searched for {opts.model} (gmpq search --model {opts.model}).")
+    try:
+        policy.check_fits(model)
+    except PolicyMismatchError:
+        policy.check_fits(model, fix=f"The policy was searched for {described(meta)} (its meta), but "
+                                     f"{described(opts)} is built here: pass {' and '.join(fixes)}, or use a policy "
+                                     f"searched for {opts.model} (gmpq search --model {opts.model}).")
 
 
 def uniform_policy(model: nn.Module, w_bits: int, a_bits: int, flags: tuple[str, str] = ("--w-bits", "--a-bits"),

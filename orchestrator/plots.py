@@ -71,8 +71,15 @@ def _legend_below(fig: Figure, ax) -> None:
 class _StepDecimals(Formatter):
     """Tick labels with the fewest decimals that tell the ticks apart exactly (no offset text, no "0.30.4")."""
 
+    def __init__(self) -> None:
+        self._ticks: list[float] = []
+
+    def set_locs(self, locs) -> None:          # (Formatter.locs is deprecated in Matplotlib 3.11: kept here)
+        self._ticks = [float(v) for v in locs]
+        super().set_locs(locs)
+
     def __call__(self, x, pos=None):
-        locs = np.asarray(self.locs if len(self.locs) else [x], dtype=float)
+        locs = np.asarray(self._ticks if self._ticks else [x], dtype=float)
         span = float(np.ptp(locs)) if len(locs) > 1 else abs(float(x))
         tol = max(span, 1e-12) * 1e-6
         digits = next((d for d in range(10) if np.all(np.abs(np.round(locs, d) - locs) <= tol)), 10)

@@ -54,7 +54,7 @@ from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "check_not_a_study",
            "SweepOptunaSearch", "SweepProgress", "OBJECTIVES", "RESUME_AUTO", "holds_sweep_state", "resolve_resume",
-           "resume_choice_text"]
+           "resume_choice_text", "refuse_beside_running_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -256,21 +256,18 @@ def _preflight(cfg: SweepConfig) -> None:
 def _summary_rows(grid: Any, book: TrialStatusBook, sweep_dir: Path) -> list[dict]:
     """The summary's rows; a stopped trial's proxy_top1 as ``gmpq status`` shows it (its last epoch in
     trial_events.jsonl, which the trial writes itself: Tune may not have passed that report on before the stop)."""
-    from .sweep_status import read_sweep_status
+    from .sweep_status import last_epoch_proxy_top1
 
-    try:
-        events = {t.trial_id: t for t in read_sweep_status(sweep_dir).trials}
-    except Exception:  # noqa: BLE001 - the figure is a nicety: the row stays without it
-        events = {}
+    events = last_epoch_proxy_top1(sweep_dir)
     rows = []
     for r in grid:
         m = r.metrics or {}
         tid = m.get("trial_id") or (r.path and Path(r.path).name)
         ended = r.error is not None or has_ended(str(tid), m, book)
         status = book.status_of(tid, errored=r.error is not None) if ended else UNFINISHED
-        seen = events.get(str(tid)) if status == UNFINISHED and m.get("proxy_top1") is None else None
+        seen = status == UNFINISHED and m.get("proxy_top1") is None
         rows.append({"trial_id": tid, "status": status, "budget_avg_bits": (r.config or {}).get("budget_avg_bits"),
-                     "proxy_top1": seen.proxy_top1 if seen is not None else m.get("proxy_top1"), "transfer_top1": m.get("transfer_top1"),
+                     "proxy_top1": events.get(str(tid)) if seen else m.get("proxy_top1"), "transfer_top1": m.get("transfer_top1"),
                      "gbitops": m.get("gbitops"), "epoch": m.get("epoch")})
     return rows
 
@@ -324,8 +321,11 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         _check_same_config(cfg)                            # first: another config's own errors would hide it
         done = _finished_summary(cfg, t0)
         if done is not None:                               # nothing for Ray to do: said at once, no Ray start
+            what = "the sweep stage is complete" if command == "run" else "nothing to resume"
             say(f"the sweep already ran all its {cfg.n_trials} trials (none failed, which --resume would run "
-                "again): nothing to resume")
+                f"again): {what}")
+            save_resolved_config(cfg)                      # a changed finetune section (gmpq run's flags) is kept
+            _close_orphan_optuna_trials(cfg, say, started_before=started_at)   # a driver killed after its last row
             return done
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
         from .ray_env import check_join_address                 # (and before the data and model checks' work)

@@ -297,7 +297,8 @@ def trial_search_config(cfg: SweepConfig, params: Mapping[str, Any]) -> Any:
     except ConfigError as e:          # a key of the config's search section: named as written there
         from .common_args import naming_section
 
-        raise naming_section(e, "search", [k for k in cfg.search if k not in params]) from None
+        overridden = {*params, *(("epochs",) if "search_epochs" in params else ())}    # the trial's own values
+        raise naming_section(e, "search", [k for k in cfg.search if k not in overridden]) from None
 
 
 def is_local_cpu_sweep(cfg: SweepConfig) -> bool:

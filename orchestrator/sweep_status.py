@@ -29,7 +29,8 @@ from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS
                       read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
-__all__ = ["RUNNING", "STOPPED", "TrialState", "SweepStatus", "read_sweep_status", "mlflow_view", "mlflow_gaps_text", "continue_text", "no_trial_ended_text"]
+__all__ = ["RUNNING", "STOPPED", "TrialState", "SweepStatus", "read_sweep_status", "mlflow_view", "mlflow_gaps_text",
+           "continue_text", "no_trial_ended_text", "last_epoch_proxy_top1"]
 
 log = logging.getLogger(__name__)
 _CUT_LINES_OK = 3    # trial_events.jsonl lines a crash may leave cut (a driver and its trials append to it)
@@ -153,6 +154,15 @@ def _started_trials(events: list[dict]) -> dict[str, dict]:
         elif kind == "transfer":
             t["phase"] = "transfer check"
     return {tid: t for tid, t in seen.items() if t["start"] is not None}
+
+
+def last_epoch_proxy_top1(sweep_dir: str | Path) -> dict[str, float]:
+    """Each started trial's supernet proxy_top1 at its last search epoch, from trial_events.jsonl ({} unreadable)."""
+    try:
+        started = _started_trials(_events(Path(sweep_dir)))
+    except (CheckpointError, OSError):
+        return {}
+    return {tid: t["proxy_top1"] for tid, t in started.items() if t.get("proxy_top1") is not None}
 
 
 def _finetune_progress(sweep_dir: Path, cfg: dict, todo: list[str]) -> dict[str, dict]:

@@ -129,3 +129,15 @@ def refuse_missing_sweep_dir(given: str, sweep_dir: Path, what: str) -> None:
     if not Path(sweep_dir).exists():
         raise ConfigError(f"--sweep {given}: no such folder ({sweep_dir}). Pass the --out of the gmpq sweep or gmpq "
                           f"run {what}.")
+
+
+def check_tracking_uri_arg(uri: str | None, default: str, leave_out: str) -> None:
+    """``--tracking-uri`` checked as ``gmpq sweep`` checks its store (``sweep_checks.check_tracking_uri``: a scheme
+    MLflow knows, a sqlite file in a folder that can be written; not empty), before anything is read or written;
+    ``default``: where runs go without it, ``leave_out``: what leaving it out does."""
+    if uri is None:
+        return
+    from orchestrator.sweep_checks import check_tracking_uri
+
+    refuse_empty("--tracking-uri", uri, f"give an MLflow tracking URI, or leave --tracking-uri out to {leave_out}.")
+    check_tracking_uri(uri, "--tracking-uri", default=default, leave_out=leave_out)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import address_help, at_least, int_or_auto
+from . import address_help, at_least, check_tracking_uri_arg, int_or_auto
 
 __all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage", "check_sweep_folder"]
 
@@ -106,20 +106,6 @@ def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> An
         max_concurrent=getattr(args, "max_concurrent", None), precision=_precision_arg(args), say=say)
 
 
-def check_tracking_uri_arg(uri: str | None) -> None:
-    """``--tracking-uri`` checked as ``gmpq sweep`` checks its store (a known MLflow scheme; a sqlite file in a
-    folder that can be written), before Ray starts: a bad one used to surface after the fine-tunes."""
-    if uri is None:
-        return
-    from orchestrator.sweep_checks import check_tracking_uri
-
-    from . import refuse_empty
-
-    refuse_empty("--tracking-uri", uri, "give an MLflow tracking URI, or leave --tracking-uri out to log where the "
-                 "sweep logged.")
-    check_tracking_uri(uri, "--tracking-uri", default="where the sweep logged")
-
-
 def check_sweep_folder(sweep_dir: Path) -> None:
     """Before Ray starts: ``sweep_dir`` is a sweep (its ``sweep_config.yaml``), and it, its ``models/`` and the
     Ray Train storage when a local folder can be written (a read-only sweep used to end in a traceback)."""
@@ -145,7 +131,7 @@ def run_sweep_finetune(args: argparse.Namespace) -> int:
     from . import quiet_libraries, refuse_missing_sweep_dir
     from .sweep import check_address_arg
 
-    check_tracking_uri_arg(getattr(args, "tracking_uri", None))
+    check_tracking_uri_arg(getattr(args, "tracking_uri", None), "where the sweep logged", "log where the sweep logged")
     check_address_arg(getattr(args, "address", None))
     refuse_missing_sweep_dir(args.sweep, Path(args.sweep).expanduser().resolve(), "whose policies you want to "
                              "fine-tune")

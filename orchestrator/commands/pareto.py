@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import add_sweep_dir_arg, at_least, help_text, quiet_libraries, refuse_empty, refuse_missing_sweep_dir
+from . import (add_sweep_dir_arg, at_least, check_tracking_uri_arg, help_text, quiet_libraries,
+               refuse_missing_sweep_dir)
 
 __all__ = ["register", "run", "pareto_stage", "sweep_running_text"]
 
@@ -96,21 +97,9 @@ def sweep_running_text(sweep_dir: Path, command: str) -> str | None:
             f"and this selection covers only those; {later}.")
 
 
-def check_tracking_uri_arg(uri: str | None) -> None:
-    """``--tracking-uri`` checked as ``gmpq sync-mlflow`` checks it (``sweep_checks.check_tracking_uri``: a scheme
-    MLflow knows, a sqlite file in a folder that can be written), before anything is read or written."""
-    if uri is None:
-        return
-    from orchestrator.sweep_checks import check_tracking_uri
-
-    refuse_empty("--tracking-uri", uri, "give an MLflow tracking URI, or leave --tracking-uri out to log to the "
-                 "sweep's own store.")
-    check_tracking_uri(uri, default="the sweep's own store", leave_out="log to the sweep's own store")
-
-
 def run(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
-        check_tracking_uri_arg(args.tracking_uri)     # before any work: a bad one used to end in MLflow's traceback
+        check_tracking_uri_arg(args.tracking_uri, "the sweep's own store", "log to the sweep's own store")  # before any work: a bad one used to end in MLflow's traceback
     sweep_dir = Path(args.sweep).expanduser().resolve()
     refuse_missing_sweep_dir(args.sweep, sweep_dir, "whose Pareto front you want")
     quiet_libraries(getattr(args, "verbose", False))

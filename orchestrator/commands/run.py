@@ -43,21 +43,21 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
                                              mlflow_line, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import (Terminated, address_origin, clear_terminated, ctrl_c_signals, ray_session,
+    from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals, ray_session,
                                       stop_status, terminated)
-    clear_terminated()                                 # this command's own SIGTERM, if any, is asked about below
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
                 "finetune.max_concurrent": args.finetune_max_concurrent,
                 "finetune.train_size": args.finetune_train_size, "finetune.test_size": args.finetune_test_size}
     cfg = config_from_args(args, finetune)               # --resume alone: the folder's saved config; ConfigError -> exit 2
-    from orchestrator.sweep import check_not_a_study, run_sweep                     # lazy: Ray/Optuna imports
+    from orchestrator.sweep import check_not_a_study, refuse_beside_running_sweep, run_sweep                     # lazy: Ray/Optuna imports
 
     t0 = time.perf_counter()
     resolved = cfg.resolved()
     sweep_dir = Path(resolved.out_dir)
     check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
     resume = choose_resume(cfg, args.resume, _say)        # --resume auto: resume or start, said before Ray starts
+    refuse_beside_running_sweep(sweep_dir, resume)        # (run_sweep too: this one before Ray's start)
     stage = "the sweep"
     origin = address_origin_text(args, cfg)              # an address from the config, not --address: named if dead
     try:

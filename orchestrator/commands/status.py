@@ -125,7 +125,7 @@ def _final_lines(st: Any) -> list[str]:
             lines.append(done_line(tid))
         elif tid in st.finetune_progress:
             p = st.finetune_progress[tid]
-            running = st.state == "fine-tuning"
+            running = st.finetune_driver is not None or st.state in ("fine-tuning", "unknown")   # (beside a sweep too)
             stopped = "" if running or not p.get("started") else \
                 f"; stopped: gmpq finetune --sweep {st.sweep_dir} continues it (from its last finished epoch's " \
                 "checkpoint, if any)"
@@ -180,7 +180,7 @@ def format_status(st: Any) -> str:
     late = st.unselected_since
     if late:
         lines.append(f"The Pareto selection (pareto.parquet) was made before {len(late)} trial(s) now on the front "
-                     f"ended ({', '.join(late[:5])}{', ...' if len(late) > 5 else ''}): gmpq pareto --sweep "
+                     f"ended ({', '.join(late[:5])}{f' and {len(late) - 5} more' if len(late) > 5 else ''}): gmpq pareto --sweep "
                      f"{st.sweep_dir} selects again" + (" once the sweep ends." if st.state == "running" else "."))
     step = _next_step(st)
     if step:

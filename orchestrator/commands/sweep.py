@@ -250,9 +250,8 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import Terminated, address_origin, clear_terminated, stop_status, terminated
+    from orchestrator.ray_env import Terminated, address_origin, stop_status, terminated
     from orchestrator.sweep import run_sweep
-    clear_terminated()                                 # this command's own SIGTERM, if any, is asked about below
     resume = choose_resume(cfg, args.resume, _say)
     origin = address_origin_text(args, cfg)
     try:

@@ -80,3 +80,15 @@ def test_evaluate_refuses_a_data_root_that_does_not_exist(tmp_path, capsys):
     err = refused(capsys, ["evaluate", str(tmp_path / "model.pt"), "--data-root", str(missing)])
     assert err.endswith(f"--data-root '{missing}': no such folder ({missing}). Pass --data-root the folder that "
                         "holds the dataset files, or drop --data-root to use the dataset's default location.")
+
+
+def test_a_fitting_policy_whose_meta_names_no_model_is_accepted():
+    """The review: a meta with classes but no model name made the fix text fail (None + str) even for a policy that
+    fits the model built."""
+    from orchestrator.common_args import ModelOptions, check_policy_fits
+
+    model = build_model("resnet20", in_channels=1)
+    pol = BitPolicy.uniform(model, 4, 4)
+    policy = BitPolicy(layers=pol.layers, fingerprint=pol.fingerprint, meta={"num_classes": 100})
+    check_policy_fits(policy, model, ModelOptions(model="resnet20", input_size=28, in_channels=1, num_classes=10,
+                                                  small_input=True))

@@ -68,7 +68,9 @@ def test_resuming_a_finished_sweep_says_so_at_once_without_ray(tmp_path, capsys)
     rows = [trial_row(trial_id=t, config={"budget_avg_bits": 3.0}, status=s, last_result={"transfer_top1": 70.0})
             for t, s in (("a", "completed"), ("b", "pruned"))]
     write_results(tmp_path, rows, [])
-    summary = run_sweep(load_sweep_config(tmp_path / "sweep_config.yaml"), resume=True)
+    changed = load_sweep_config(tmp_path / "sweep_config.yaml", overrides={"finetune.test_size": 300})
+    summary = run_sweep(changed, resume=True)                    # (gmpq run --resume --finetune-test-size 300)
     assert (summary.n_completed, summary.n_pruned, summary.n_failed, summary.interrupted) == (1, 1, 0, False)
     assert "already ran all its 2 trials" in capsys.readouterr().err and not ray.is_initialized()
     assert [r["trial_id"] for r in summary.rows] == ["a", "b"]
+    assert load_sweep_config(tmp_path / "sweep_config.yaml").finetune.test_size == 300     # saved for the next stages

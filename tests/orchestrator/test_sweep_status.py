@@ -260,3 +260,27 @@ def test_a_started_fine_tune_is_not_said_to_be_not_fine_tuned_yet(tmp_path, caps
     assert "t1: not fine-tuned yet" not in out and "t1: fine-tune started at " in out
     assert ("no epoch reported yet" in out) is alive
     assert (f"stopped: gmpq finetune --sweep {tmp_path} continues it" in out) is not alive
+
+
+def test_a_fine_tune_running_beside_a_live_sweep_is_not_called_stopped(tmp_path, capsys):
+    """The review: with a sweep running (driver.json) and gmpq finetune --sweep beside it (driver.finetune.json),
+    the state is "running", and the started fine-tune was said to be stopped."""
+    from orchestrator.driver_markers import FINETUNE_DRIVER_FILE, pid_start
+    from orchestrator.kept_finetunes import mark_started
+    from orchestrator.pareto import write_pareto
+
+    _sweep(tmp_path, n_trials=4)
+    write_pareto(tmp_path, plot=False)
+    mark_started(tmp_path, "t1", "{}", 2)
+    procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        for proc, name, stage in zip(procs, (DRIVER_FILE, FINETUNE_DRIVER_FILE), ("sweep", "finetune")):
+            (tmp_path / name).write_text(json.dumps({"stage": stage, "host": socket.gethostname(), "pid": proc.pid,
+                                                     "pid_start": pid_start(proc.pid)}))
+        assert main(["status", "--sweep", str(tmp_path)]) == 0
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "t1: fine-tune started at" in out and "no epoch reported yet" in out and "stopped: gmpq finetune" not in out
