@@ -183,7 +183,7 @@ def model_results(row: Mapping[str, Any], metrics: Mapping[str, Any], dataset: s
     return {"trial_id": str(row["trial_id"]), "dataset": dataset, "top1": metrics.get("top1"),
             "top5": metrics.get("top5"), "transfer_top1": row.get("transfer_top1"),
             "bitops": int(row["bitops"]), "gbitops": float(row["bitops"]) / 1e9, "epochs": metrics.get("epoch"),
-            "precision": metrics.get("precision")}
+            "precision": metrics.get("precision"), "test_images": metrics.get("test_images") or row.get("test_images")}
 
 
 def row_recipe(row: Mapping[str, Any]) -> str | None:

@@ -21,6 +21,11 @@ if TYPE_CHECKING:       # it imports torch: loaded when counting (the help stays
     from gmpq_core.bitops import BitOpsReport
 
 
+# --w-bits/--a-bits with no model flag: the model the other commands default to (resnet20 on Fashion-MNIST)
+DEFAULT_MODEL = {"model": "resnet20", "input_size": 28, "in_channels": 1, "num_classes": 10, "small_input": True}
+DEFAULT_NOTE = " (the default model, as the other commands': --model, --input-size, --in-channels count another)"
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bitops", help="count MACs and BitOPs of a model under a bit policy",
@@ -28,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "bits (--w-bits W --a-bits A). BitOPs are reported in both conventions: over the quantized "
                     "layers only (GMPQ/EdMIPS) and over the whole network with FP layers at 32x32 (HAWQ/OMPQ).")
     add_model_args(p)
-    g = p.add_argument_group("bits (give --policy, or --w-bits and --a-bits)")
+    g = p.add_argument_group("bits (give --policy, or --w-bits and --a-bits; with no model flag those count "
+                             "resnet20 at 28 px, 1 channel, 10 classes, the other commands' default)")
     g.add_argument("--policy", default=None, metavar="FILE", help="bit policy JSON")
     g.add_argument("--w-bits", type=int, default=None, metavar="W", help="weight bits of every searchable layer")
     g.add_argument("--a-bits", type=int, default=None, metavar="A", help="activation bits of every searchable layer")
@@ -55,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
 
     _check_bit_args(args)
     policy = load_policy_arg(args.policy)
-    opts = resolve_model_options(args, sources=[policy_meta(policy)])
+    defaulted = policy is None and all(getattr(args, k) is None for k in ("model", "input_size", "in_channels",
+                                                                          "num_classes"))
+    opts = resolve_model_options(args, sources=[DEFAULT_MODEL if defaulted else policy_meta(policy)])
     model = build_seeded_model(opts, seed=0)
     if policy is None:
         policy = uniform_policy(model, args.w_bits, args.a_bits)
@@ -65,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     report = count_bitops(model.to("meta"), policy, opts.input_size, opts.in_channels)
     avg_w, avg_a = policy.average_bits()
     summary = {**opts.to_dict(), "policy": args.policy, "avg_w_bits": avg_w, "avg_a_bits": avg_a,
-               "gmacs": report.macs / 1e9}
+               "gmacs": report.macs / 1e9, "default_model": defaulted}
     if args.json:
         print(json.dumps({**report.to_dict(), **summary}))
     else:
@@ -78,7 +86,8 @@ def format_table(report: BitOpsReport, summary: dict) -> str:
     width = max([len(c.name) for c in report.layers] + [5])
     lines = [f"{summary['model']} at {summary['input_size']}x{summary['input_size']}, "
              f"{summary['in_channels']} input channel(s), {summary['num_classes']} classes"
-             f"{', small-input stem' if summary['small_input'] else ''}",
+             f"{', small-input stem' if summary['small_input'] else ''}"
+             f"{DEFAULT_NOTE if summary.get('default_model') else ''}",
              f"{'layer':<{width}}  {'MACs':>14}  {'W':>2}  {'A':>2}  {'BitOPs':>16}  quantized"]
     for c in report.layers:
         lines.append(f"{c.name:<{width}}  {c.macs:>14,}  {c.w_bits:>2}  {c.a_bits:>2}  {c.bitops:>16,}  "

@@ -6,8 +6,9 @@
 
 A model file (``gmpq finetune``'s float one, or ``gmpq export``'s integer one) records its dataset and input
 normalisation; that dataset's test split is the default. The table gives each model's bits, BitOPs, top-1
-and top-5 here, and the top-1 its fine-tune recorded (small differences are float-level: another memory
-layout, batch size or device). Each row is named by the shortest end of its path that no other row shares
+and top-5 here, and the top-1 its fine-tune recorded, with the number of test images it was measured on where
+that differs (a fine-tune capped by --test-size); on the same images, small differences are float-level (another
+memory layout, batch size or device). Each row is named by the shortest end of its path that no other row shares
 (``runs/ft1/quantized.pt`` and ``runs/ft2/quantized.pt``: ``ft1/quantized.pt``, ``ft2/quantized.pt``); --json
 gives that name as ``name`` beside the ``path`` as given.
 """
@@ -131,7 +132,8 @@ def evaluate_file(path: Path, args: argparse.Namespace, device: str, data: dict)
     return {"path": str(path), "trial_id": model.results.get("trial_id"), "model": model.arch["model"],
             "dataset": dataset, "test_images": n, "avg_w_bits": avg_w, "avg_a_bits": avg_a, "gbitops": model.results.get("gbitops"),
             "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-            "recorded_top1": model.results.get("top1") if dataset == recorded else None}
+            "recorded_top1": model.results.get("top1") if dataset == recorded else None,
+            "recorded_test_images": model.results.get("test_images") if dataset == recorded else None}
 
 
 def _test_loader(dataset: str, args: argparse.Namespace, size: int | None, device: str) -> tuple:
@@ -153,6 +155,8 @@ def format_table(rows: list[dict]) -> str:
     for r, name in zip(rows, names):
         gb = f"{r['gbitops']:.4f}" if isinstance(r["gbitops"], (int, float)) else "-"
         rec = f"{r['recorded_top1']:.2f}" if isinstance(r["recorded_top1"], (int, float)) else "-"
+        if rec != "-" and r.get("recorded_test_images") and r["recorded_test_images"] != r["test_images"]:
+            rec += f" (on {r['recorded_test_images']} images)"        # another test slice: not comparable as such
         lines.append(f"{name:<{width}}  {r['dataset']:<14}  {r['test_images']:>6}  "
                      f"{r['avg_w_bits']:>4.2f}  {r['avg_a_bits']:>4.2f}  {gb:>8}  {r['top1']:>6.2f}  {r['top5']:>6.2f}  "
                      f"{rec}")

@@ -305,7 +305,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     policy.save(out / POLICY)
     results = {"top1": result.top1, "top5": result.top5, "dataset": info.name,
                "gbitops": summary["bitops"]["gbitops_quantized"], "epochs": result.epochs_run,
-               "policy_source": summary["policy"]["name"], "precision": precision}
+               "policy_source": summary["policy"]["name"], "precision": precision, "test_images": len(test_split)}
     save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(), results=results,
                          preprocess=preprocess_of(info))
     atomic_write_json(out / RESULT, summary)

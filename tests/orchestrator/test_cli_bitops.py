@@ -41,3 +41,15 @@ def test_bitops_counts_the_classifier_a_policys_meta_quantizes_at_8_bits_by_defa
     fc = next(layer for layer in d["layers"] if layer["name"] == "fc")
     assert (fc["w_bits"], fc["a_bits"], fc["quantized"]) == (8, 8, True)
     assert d["bitops_total"] == d["bitops_quantized"] + macs["conv1"] * 32 * 32
+
+
+def test_uniform_bits_without_a_model_count_the_default_model_and_say_so(capsys):
+    """The walkthrough: 'gmpq bitops --w-bits 4 --a-bits 4' said "No model given", then "No input size given",
+    while every other command defaults to resnet20 on Fashion-MNIST."""
+    assert main(["bitops", "--w-bits", "4", "--a-bits", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["model"], out["input_size"], out["in_channels"], out["num_classes"]) == ("resnet20", 28, 1, 10)
+    assert out["default_model"] is True
+    assert main(["bitops", "--w-bits", "4", "--a-bits", "4"]) == 0
+    assert "(the default model" in capsys.readouterr().out.splitlines()[0]
+    assert main(["bitops", "--w-bits", "4", "--a-bits", "4", "--model", "resnet18"]) == 2    # a model named: its size
