@@ -97,5 +97,5 @@ def format_table(report: BitOpsReport, summary: dict) -> str:
               f"({report.bitops_quantized / 1e9:.3f} G)",
               f"BitOPs, whole network, FP layers at 32x32 (HAWQ/OMPQ): {report.bitops_total:,} "
               f"({report.bitops_total / 1e9:.3f} G)",
-              f"mean bits over policy layers: W {summary['avg_w_bits']:.2f}, A {summary['avg_a_bits']:.2f}"]
+              f"mean bits over policy layers (unweighted): W {summary['avg_w_bits']:.2f}, A {summary['avg_a_bits']:.2f}"]
     return "\n".join(lines)

@@ -316,7 +316,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
               f"run 'gmpq export {out}' again to write the new model's", file=sys.stderr)
     b = summary["bitops"]
     print(f"FP {opts.model}: top-1 {fp_eval['top1']:.2f}%   quantized ({summary['policy']['name']}, "
-          f"mean W {summary['policy']['avg_w_bits']:.2f} A {summary['policy']['avg_a_bits']:.2f}): "
+          f"mean bits per layer W {summary['policy']['avg_w_bits']:.2f} A {summary['policy']['avg_a_bits']:.2f}): "
           f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% after {result.epochs_run} epoch(s)")
     print(f"BitOPs: {b['gbitops_quantized']:.4f} G over quantized layers, {b['gbitops_total']:.4f} G whole network "
           f"(FP layers at 32x32); {b['macs'] / 1e6:.2f} M MACs")

@@ -147,7 +147,8 @@ def format_summary(result: SearchResult, out: Path) -> str:
     budget = (f"{result.budget_bitops / 1e9:.4f} GBitOPs" if result.budget_bitops is not None else "none")
     lines += [f"BitOPs (quantized layers): {result.bitops_quantized / 1e9:.4f} G; budget {budget}; "
               f"whole network (FP layers at 32x32): {result.bitops_total / 1e9:.4f} G",
-              f"mean bits: W {w:.2f}, A {a:.2f}; proxy top-1 {result.proxy_top1:.2f}% (the derived policy, BN "
+              f"mean bits per layer (unweighted; the budget limits the BitOPs above, not these): W {w:.2f}, A {a:.2f}; "
+              f"proxy top-1 {result.proxy_top1:.2f}% (the derived policy, BN "
               f"recalibrated; the epochs' figures are the supernet's); ARD {result.ard:.4f}; "
               f"p {result.p:.3f}; {result.epochs_run} epochs in {result.search_seconds:.1f} s",
               f"wrote {out / POLICY_FILE} and {out / RESULT_FILE}"]
