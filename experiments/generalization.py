@@ -1,4 +1,5 @@
-"""The generalization study (METHOD.md 7): does a policy searched on a small proxy transfer?
+"""The generalization study: does a policy searched on a small proxy transfer (the claim of GMPQ: Wang et al., ICCV
+2021, "Generalizable Mixed-Precision Quantization via Attribution Rank Preservation")?
 
 A grid of cells (method x proxy x budget x seed). Each cell: get a bit policy (search it on the
 proxy, or uniform / random at the budget), fine-tune it on the FULL target with one fixed recipe

@@ -106,7 +106,10 @@ def check_tracking_uri(uri: str | None) -> None:
 
 class StudySink(MLflowSink):
     """``MLflowSink`` warning as a study's: the rows are in study.parquet, and 'gmpq sync-mlflow' uploads
-    sweeps, not studies (a cell's run is logged only as the cell finishes)."""
+    sweeps, not studies (a cell's run is logged only as the cell finishes). Its parent run is tagged
+    ``gmpq.role: study`` (its cells' runs: ``study-cell``); the id file keeps the sweep's key names."""
+
+    PARENT_ROLE = "study"
 
     def goes_on(self) -> str:
         return (f"The study goes on without it; every row is kept in {self.sweep_dir / STUDY_FILE}. The cells "

@@ -4,14 +4,16 @@ Tune callback that drives it during a sweep is ``orchestrator.mlflow_callback``.
 Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlflow.db``):
 - one parent run per sweep (id kept in ``<sweep_dir>/mlflow_parent.json`` so a resumed sweep reuses it)
   with the resolved config as a few flattened params (as at its start: params cannot change; the final
-  stage's later settings are ``finetune.*`` tags, ``mlflow_stages``) and ``sweep_config.yaml`` as artifact,
+  stage's later settings are ``last_finetune.*`` tags, ``mlflow_stages``) and ``sweep_config.yaml`` as artifact,
   tag ``gmpq.sweep_dir`` (its folder), named after the experiment, or also its folder when the experiment
   holds another sweep's (sweeps of one ``--name`` share it); later the Pareto table + plot and the Parquet
   tables (``mlflow_stages``);
 - one child run per trial (tag ``mlflow.parentRunId``; ids kept in ``<sweep_dir>/mlflow_runs.json`` so a
   resumed sweep does not duplicate them): the trial's config as params, per-epoch metrics with
-  ``step=epoch``, the final metrics (the derived policy's ``policy_proxy_top1`` / ``policy_ard``), ``policy.json``,
-  tag ``status`` and run status FINISHED (completed), KILLED (pruned) or FAILED (failed);
+  ``step=epoch`` (the supernet's ``supernet_proxy_top1`` / ``supernet_ard``, ...), the final metrics (the derived
+  policy's ``proxy_top1`` / ``ard``, as trials.parquet names them), ``policy.json``, tag ``status`` and run status
+  FINISHED (completed), KILLED (pruned) or FAILED (failed); later tag ``pareto`` and, once fine-tuned, metric
+  ``final_top1`` and tag ``finetune_run_id`` (``mlflow_stages``);
 - one child run per final fine-tune (``finetune-<trial_id>``, ``mlflow_stages.log_final``).
 
 MLflow is a view: if the tracking store cannot be reached, the sink warns once and does nothing more
@@ -69,6 +71,8 @@ def _reachable(uri: str, timeout_s: float = 3.0) -> str | None:
 
 class MLflowSink(SinkIdFiles):
     """Driver-side MLflow writer of one sweep: parent run, child runs, persisted ids, warn-once on failure."""
+
+    PARENT_ROLE = "sweep"        # the parent run's ``gmpq.role`` tag (a study's sink: "study")
 
     def __init__(self, tracking_uri: str | None, sweep_dir: str | Path, *, experiment_name: str | None = None,
                  resolved_config: Mapping[str, Any] | None = None) -> None:
@@ -207,18 +211,19 @@ class MLflowSink(SinkIdFiles):
                     if self._own_store() or not old.exists():
                         client.set_tag(data["run_id"], "gmpq.sweep_dir", str(self.sweep_dir.resolve()))
                 return data["run_id"]
-        found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
+        found = self.find_run({"gmpq.role": self.PARENT_ROLE, "gmpq.sweep_dir": str(self.sweep_dir.resolve())})
         for old in (self._store_moved_from, self._written_for):
             if found is None and old is not None and not same_folder(old, self.sweep_dir.resolve()):
-                found = self.find_run({"gmpq.role": "sweep", "gmpq.sweep_dir": str(old)})
+                found = self.find_run({"gmpq.role": self.PARENT_ROLE, "gmpq.sweep_dir": str(old)})
         if found is not None:          # the id file is lost or damaged: the tags find the parent again
             if reopen:
                 client.update_run(found, status="RUNNING")
             self._save_parent(found)
             return found
         here = str(self.sweep_dir.resolve())    # another sweep's parent in the experiment (one --name): add the folder
-        name = f"{self.experiment_name} ({here})" if self.find_run({"gmpq.role": "sweep"}) else self.experiment_name
-        run = client.create_run(self._experiment_id, run_name=name, tags={"gmpq.role": "sweep", "gmpq.sweep_dir": here})
+        role = self.PARENT_ROLE
+        name = f"{self.experiment_name} ({here})" if self.find_run({"gmpq.role": role}) else self.experiment_name
+        run = client.create_run(self._experiment_id, run_name=name, tags={"gmpq.role": role, "gmpq.sweep_dir": here})
         rid = run.info.run_id
         self._log_params(rid, flatten_config(self.resolved_config))
         cfg_file = self.sweep_dir / CONFIG_FILE

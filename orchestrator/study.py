@@ -1,4 +1,8 @@
-"""Analysis of the generalization study (METHOD.md 7): table, plot, Kendall tau, reading, results.md.
+"""Analysis of the generalization study: table, Kendall tau, reading, results.md (the plot: ``study_plot``).
+
+The study tests the claim of GMPQ (Wang et al., ICCV 2021, "Generalizable Mixed-Precision Quantization via
+Attribution Rank Preservation"): a bit policy searched on a small proxy dataset, with the quantized network keeping
+the full-precision network's attribution ranking, does as well on the large target as one searched on the target.
 
 Input: the rows of ``study.parquet`` (one per cell: method, proxy, budget, seed, target_top1,
 gbitops_quantized, gbitops_total, search_seconds, proxy_top1, proxy_ard, target_ard, status, ...).
@@ -11,8 +15,9 @@ gbitops_quantized, gbitops_total, search_seconds, proxy_top1, proxy_ard, target_
   policies, per proxy within each budget (across budgets the bits alone would order both sides),
   with the std tau would have by chance.
 - ``comparisons(agg)`` + ``reading(...)``: method differences against their standard error over
-  seeds (win / loss only beyond 2 SE, tie within; no verdict where a side has one seed: no SE), in words.
-- ``plot_study(df, path)`` and ``write_results_md(...)``; the page's first line stamps it as this generator's,
+  seeds (win / loss only beyond 2 SE, tie within; no verdict where a side has under ``MIN_SEEDS`` seeds, or where
+  ``chance_caution`` finds the target FP model, or every cell, near chance), in words.
+- ``write_results_md(...)``; the page's first line stamps it as this generator's,
   with a digest of the rest, and ``check_page_replaceable(path)`` refuses to replace a file without a matching
   stamp (hand-written, or edited since: ``docs/results.md`` collects several studies and hand-written sections).
 """
@@ -28,20 +33,26 @@ import numpy as np
 import pandas as pd
 
 from gmpq_core.errors import ConfigError
-from gmpq_core.fileio import atomic_write, atomic_write_text
+from gmpq_core.fileio import atomic_write_text
 
 from .text import fmt
 
-__all__ = ["METHOD_ORDER", "NO_SE", "MIN_POLICIES", "aggregate", "kendall_tau", "rank_agreement", "comparisons",
-           "reading", "format_table", "plot_study", "write_results_md", "tau_null_std", "diff_se", "PAGE_STAMP",
-           "page_written_unchanged", "check_page_replaceable", "PLOT_STAMP", "check_plot_replaceable"]
+__all__ = ["METHOD_ORDER", "NO_SE", "FEW_SEEDS", "NEAR_CHANCE", "MIN_SEEDS", "MIN_POLICIES", "chance_caution",
+           "aggregate", "kendall_tau", "rank_agreement", "comparisons",
+           "reading", "format_table", "write_results_md", "tau_null_std", "diff_se", "PAGE_STAMP",
+           "page_written_unchanged", "check_page_replaceable"]
 
 METHOD_ORDER = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search", "uniform", "random")
 SEARCHED = ("gmpq", "gmpq_fixed_p3", "eta0", "target_search")
 NO_SE = "n/a (one seed)"    # the verdict of a difference with no standard error: a side has one seed
+MIN_SEEDS = 3               # a verdict needs this many seeds on each side: 2 give an SE too rough to judge by
+FEW_SEEDS = f"n/a (under {MIN_SEEDS} seeds)"    # the verdict where a side has 2 (1: ``NO_SE``)
+NEAR_CHANCE = "n/a (FP model near chance)"      # every verdict where ``chance_caution`` speaks
+WHY_NO_VERDICT = {NO_SE: "one seed: no standard error, so a difference cannot be told from seed noise",
+                  FEW_SEEDS: f"under {MIN_SEEDS} seeds on a side: too few to tell a difference from seed noise",
+                  NEAR_CHANCE: "the numbers are near chance, see the caution above the results"}
 MIN_POLICIES = 3            # rank_agreement: fewer searched policies in a (proxy, budget) group give no tau
 PAGE_STAMP = "<!-- written by 'gmpq study'"    # the first line of a page it wrote (``_stamp``)
-PLOT_STAMP = "gmpq study"                      # the plot's PNG "Software" text: ``check_plot_replaceable``
 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -114,12 +125,38 @@ def diff_se(std_a: float, n_a: int, std_b: float, n_b: int) -> float:
     return float(math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b))
 
 
+def chance_caution(agg: pd.DataFrame, *, fp_top1: float | None, num_classes: int | None) -> str | None:
+    """A warning when the numbers are near chance, by the rule a sweep uses for a weak FP model
+    (``gmpq_core.jobs.weak_below``: below halfway between chance and 100%): the target FP model's top-1 below it,
+    or (its top-1 unknown) every cell's mean target top-1 below it. None when they are not, or without
+    ``num_classes`` (no chance level to judge by)."""
+    from gmpq_core.jobs import weak_below, weak_rule
+
+    if not num_classes or num_classes < 2:
+        return None
+    rule = weak_rule(num_classes)
+    tail = (f" Differences between methods then say little about the methods, so no comparison below gets a "
+            f"win/loss verdict ('{NEAR_CHANCE}'); the tables keep the numbers.")
+    if fp_top1 is not None and np.isfinite(fp_top1):
+        if fp_top1 < weak_below(num_classes):
+            return (f"the target FP model, which every policy is fine-tuned from, reaches {fp_top1:.2f}% top-1, "
+                    f"{rule}: the rule a sweep uses for a weak FP model." + tail)
+        return None
+    best = pd.to_numeric(agg.get("top1_mean", pd.Series(dtype=float)), errors="coerce").max()
+    if np.isfinite(best) and best < weak_below(num_classes):
+        return (f"every cell's mean target top-1 is at most {best:.2f}%, {rule}: the rule a sweep uses for a weak "
+                "FP model (this study's FP model top-1 is not known here)." + tail)
+    return None
+
+
 def comparisons(agg: pd.DataFrame, *, base: str = "gmpq",
-                others: Iterable[str] = ("eta0", "gmpq_fixed_p3", "target_search", "uniform", "random")) -> pd.DataFrame:
+                others: Iterable[str] = ("eta0", "gmpq_fixed_p3", "target_search", "uniform", "random"),
+                near_chance: bool = False, min_seeds: int = MIN_SEEDS) -> pd.DataFrame:
     """``base`` minus each other method's mean target top-1, per proxy and budget, with the standard
     error of that difference over seeds (``diff_se``) and a verdict: 'win' / 'loss' when |diff| > 2 SE,
-    else 'tie'; ``NO_SE`` when a side has one seed (no SE: the data cannot tell a difference from seed noise).
-    Proxy-free methods (target_search, uniform, random) are compared at every proxy."""
+    else 'tie'; ``NO_SE`` when a side has one seed (no SE: the data cannot tell a difference from seed noise),
+    ``FEW_SEEDS`` when a side has under ``min_seeds``, ``NEAR_CHANCE`` for all when ``near_chance`` (see
+    ``chance_caution``). Proxy-free methods (target_search, uniform, random) are compared at every proxy."""
     rows = []
     key = {(r.method, r.proxy, r.budget): r for r in agg.itertuples(index=False)}
     for r in agg[agg["method"] == base].itertuples(index=False):
@@ -130,7 +167,8 @@ def comparisons(agg: pd.DataFrame, *, base: str = "gmpq",
                 continue
             diff = r.top1_mean - o.top1_mean
             se = diff_se(r.top1_std, r.n, o.top1_std, o.n)
-            verdict = (NO_SE if not np.isfinite(se) else "tie" if abs(diff) <= 2 * se
+            verdict = (NEAR_CHANCE if near_chance else NO_SE if not np.isfinite(se)
+                       else FEW_SEEDS if min(r.n, o.n) < min_seeds else "tie" if abs(diff) <= 2 * se
                        else "win" if diff > 0 else "loss")
             rows.append({"proxy": r.proxy, "budget": r.budget, "versus": m, "diff": diff, "se": se,
                          "verdict": verdict})
@@ -144,15 +182,18 @@ def reading(agg: pd.DataFrame, comp: pd.DataFrame, taus: pd.DataFrame) -> list[s
         for m, g in comp.groupby("versus", sort=False):
             counts = g["verdict"].value_counts().to_dict()
             se = g["se"][np.isfinite(g["se"])]
-            no_se = counts.get(NO_SE, 0)
-            why = "one seed: no standard error, so a difference cannot be told from seed noise"
-            verdicts = (f"no verdict on any of {len(g)} (proxy, budget) pairs ({why})" if no_se == len(g) else
-                        f"{counts.get('win', 0)} wins, {counts.get('tie', 0)} ties, {counts.get('loss', 0)} losses"
-                        + (f", {no_se} without a verdict ({why})" if no_se else "")
+            none = {v: counts[v] for v in WHY_NO_VERDICT if counts.get(v)}
+            why = "; ".join(WHY_NO_VERDICT[v] for v in none)
+            no_verdict = sum(none.values())
+            verdicts = (f"no verdict on any of {len(g)} (proxy, budget) pairs ({why})" if no_verdict == len(g) else
+                        f"{_count(counts.get('win', 0), 'win')}, {_count(counts.get('tie', 0), 'tie')}, "
+                        f"{_count(counts.get('loss', 0), 'loss', 'losses')}"
+                        + (f", {no_verdict} without a verdict ({why})" if no_verdict else "")
                         + f" over {len(g)} (proxy, budget) pairs")
             typical = f"{se.median():.2f} points" if len(se) else NO_SE
             out.append(f"GMPQ vs {m}: {verdicts}; mean difference {g['diff'].mean():+.2f} points (a win or loss needs "
-                       f"|diff| > 2 standard errors; the typical SE of one difference is {typical}).")
+                       f"|diff| > 2 standard errors and {MIN_SEEDS} seeds on each side; the typical SE of one "
+                       f"difference is {typical}).")
     std = agg["top1_std"].dropna() if "top1_std" in agg else pd.Series(dtype=float)
     if len(std):
         out.append(f"Seed noise: the std of target top-1 over seeds is {std.median():.2f} points (median over "
@@ -170,6 +211,11 @@ def reading(agg: pd.DataFrame, comp: pd.DataFrame, taus: pd.DataFrame) -> list[s
     return out
 
 
+def _count(n: int, one: str, many: str | None = None) -> str:
+    """'1 win', '2 wins', '0 losses'."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def format_table(agg: pd.DataFrame) -> str:
     """Markdown table of ``aggregate``'s output."""
     head = ("| budget (avg bits) | method | proxy | seeds | target top-1 (%) | GBitOPs quantized layers | "
@@ -182,71 +228,6 @@ def format_table(agg: pd.DataFrame) -> str:
                      f"{fmt(r.search_seconds, '.0f')} | {fmt(r.proxy_top1, '.1f')} | {fmt(r.proxy_ard, '.3f')} | "
                      f"{fmt(r.target_ard, '.3f')} |")
     return "\n".join(lines)
-
-
-def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
-    """Target top-1 vs GBitOPs (quantized layers), one panel per method, mean ± std over seeds, one
-    colour per proxy; single cells as faint dots."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d = _completed(df)
-    agg = aggregate(df)
-    methods = [m for m in METHOD_ORDER if m in set(d["method"])] or ["(none)"]
-    proxies = sorted(set(d["proxy"]))
-    colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(proxies)}
-    ncol = min(3, len(methods))
-    nrow = math.ceil(len(methods) / ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), sharex=True, sharey=True, squeeze=False)
-    for ax, m in zip(axes.flat, methods):
-        for p in proxies:
-            cells = d[(d["method"] == m) & (d["proxy"] == p)]
-            if cells.empty:
-                continue
-            ax.scatter(cells["gbitops_quantized"], cells["target_top1"], s=10, alpha=0.35, color=colors[p])
-            a = agg[(agg["method"] == m) & (agg["proxy"] == p)].sort_values("gbitops_quantized")
-            ax.errorbar(a["gbitops_quantized"], a["top1_mean"], yerr=a["top1_std"].fillna(0), fmt="o-", ms=4,
-                        capsize=3, color=colors[p], label=p)
-        ax.set_title(m)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-    for ax in axes.flat[len(methods):]:
-        ax.axis("off")
-    from matplotlib.ticker import MaxNLocator
-    for ax in axes.flat:
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))   # one budget spans a narrow range: few, readable ticks
-    for ax in axes[-1]:
-        ax.set_xlabel("GBitOPs (quantized layers)")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("target top-1 (%)")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": PLOT_STAMP}))
-    plt.close(fig)
-    return path
-
-
-def check_plot_replaceable(path: str | Path, flag: str = "--png") -> None:
-    """ConfigError when ``path`` holds a file that is not a plot ``plot_study`` wrote (its PNG text "Software" says
-    so): writing the plot there would replace someone's image. No file there: nothing to check."""
-    path = Path(path)
-    if not path.exists() or path.is_dir():      # (a folder: the caller's own error names it)
-        return
-    try:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            if getattr(image, "text", {}).get("Software") == PLOT_STAMP:
-                return
-    except Exception:  # noqa: BLE001 - not an image PIL reads: not known to be ours either
-        pass
-    raise ConfigError(f"The plot '{path}' already exists and is not a plot 'gmpq study' wrote, so writing the study's "
-                      f"plot there would replace it. Pass {flag} another file, or move or delete '{path}' first if it "
-                      "may go (a plot an earlier gmpq wrote carries no mark of it: delete it).")
 
 
 def _tau_table(taus: pd.DataFrame) -> list[str]:
@@ -270,18 +251,28 @@ def _comparison_table(comp: pd.DataFrame, agg: pd.DataFrame) -> list[str]:
 
 
 def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path, header: Mapping[str, Any],
-                     notes: str = "", target: str = "Fashion-MNIST") -> str:
+                     notes: str = "", target: str = "Fashion-MNIST", fp_top1: float | None = None,
+                     num_classes: int | None = None, smoke: bool = False) -> str:
     """Write the results page (table, plot, rank agreement, generated reading, hand-written notes); ``target``
-    names the target dataset in the table's title."""
+    names the target dataset in the table's title. ``fp_top1`` (the target FP model's top-1) and ``num_classes``
+    feed ``chance_caution``: near chance, the page says so above the results and gives no verdict; ``smoke``: the
+    page says at its top that its numbers are a plumbing check."""
     path = Path(path)
     agg = aggregate(df)
     taus = rank_agreement(df)
-    comp = comparisons(agg)
+    caution = chance_caution(agg, fp_top1=fp_top1, num_classes=num_classes)
+    comp = comparisons(agg, near_chance=caution is not None)
     png = Path(png_path)
     rel = png.name if png.parent.resolve() == path.parent.resolve() else str(png)
     lines = [f"# {header.get('title', 'Generalization study')}", ""]
+    if smoke:
+        lines += ["> **Smoke run**: a few training steps everywhere, to check that every part of the study runs; its "
+                  "numbers are a plumbing check, not a result.", ""]
     lines += [f"- **{k}**: {v}" for k, v in header.items() if k != "title"]
-    lines += ["", f"## Results (target = {target} test set; mean ± std over seeds)", "", format_table(agg), "",
+    lines += ["", f"## Results (target = {target} test set; mean ± std over seeds)", ""]
+    if caution:
+        lines += [f"> **Caution: near chance.** {caution[0].upper()}{caution[1:]}", ""]
+    lines += [format_table(agg), "",
               f"![accuracy vs BitOPs per method]({rel})", "",
               "## Proxy-side vs target-side ranking of the searched policies (Kendall tau-b)", "",
               *_tau_table(taus), "", "## GMPQ against the other methods (difference of mean target top-1, points)", "",
@@ -329,3 +320,4 @@ def check_page_replaceable(path: str | Path, flag: str = "--report") -> None:
                       f"its text. Pass {flag} another file (or none: the page then goes inside the study folder, "
                       f"DIR/results.md, which is always rewritten), or move or delete '{path}' first if its text may "
                       "go.")
+

@@ -1,4 +1,8 @@
-"""``gmpq study``: the generalization study (the paper's claims, METHOD.md 7) on Ray, then its results page.
+"""``gmpq study``: the generalization study on Ray, then its results page.
+
+It tests the claim of GMPQ (Wang et al., ICCV 2021, "Generalizable Mixed-Precision Quantization via Attribution
+Rank Preservation"): a bit policy searched on a small proxy dataset transfers to the large target, doing about as
+well as one searched on the target itself, and better than the same search without the attribution loss (eta0).
 
     gmpq study --config experiments/generalization_cpu.yaml --out runs/study_cpu   (page: runs/study_cpu/results.md)
     gmpq study --smoke --out /tmp/study_smoke          (experiments/generalization_smoke.yaml, minutes)
@@ -17,6 +21,10 @@ outside the study folder is replaced only while it is such a page, unchanged. An
 which collects several studies and hand-written sections; a page edited since) is refused before any work: pass
 --report another file, or move it away. DIR/results.md, the study folder's own page, is always rewritten (also one
 an earlier gmpq wrote without the stamp). Hand-written reading goes in --notes FILE, which the page includes.
+
+A difference between methods gets a win/loss/tie verdict only with 3 or more seeds on each side, and none at all
+when the target FP model is near chance (below halfway between chance and 100% top-1, the rule a sweep uses for a
+weak FP model): the page then says so above its results and keeps only the numbers.
 """
 from __future__ import annotations
 
@@ -29,7 +37,7 @@ from typing import Any
 
 from . import address_help, help_text
 
-__all__ = ["register", "run", "REPO_ROOT"]
+__all__ = ["register", "run", "REPO_ROOT", "target_fp"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE_CONFIG = REPO_ROOT / "experiments" / "generalization_smoke.yaml"
@@ -63,21 +71,22 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
     import torch
 
     gen, _ = _experiments()
-    from gmpq_core.fileio import load_checkpoint
 
     gpu = cfg.resources["gpu"] > 0 and torch.cuda.is_available()
-    device = torch.cuda.get_device_name(0) if gpu else f"CPU only ({platform.processor() or platform.machine()}); " \
-        "no GPU was used (none lent to the session that ran it)"
+    device = torch.cuda.get_device_name(0) if gpu else \
+        f"CPU ({platform.processor() or platform.machine()}); no GPU was used"
     if timing.get("device"):   # rows computed elsewhere (experiments.generalization_local on a GPU machine)
         device = f"{timing['device']} (rows computed by {timing['runs'][-1].get('runner', 'gmpq study')})"
     fp_note = "-"
     shared = next((r["shared_models"] for r in reversed(timing.get("runs", [])) if r.get("shared_models")), {})
-    from gmpq_core.models import model_file_tag
-    caches = sorted((study_dir / "cache").glob(f"{model_file_tag(cfg.model)}-{cfg.target}-all-*.pt"))
-    meta = load_checkpoint(caches[-1]).get("meta", {}) if caches else shared.get("target")
+    meta, _ = target_fp(cfg, study_dir, timing, classes=False)
     if meta:   # the model cache, or what a run elsewhere recorded of it (the cache stays on that machine)
-        fp_note = (f"{meta.get('top1', float('nan')):.2f}% top-1 (on {cfg.proxy_eval_size or 'all'} test images) after "
-                   f"{meta.get('steps')} SGD steps of batch {cfg.target_fp.batch_size}")
+        slice_ = (f"a stratified {cfg.proxy_eval_size}-image slice of the target test set" if cfg.proxy_eval_size
+                  else "the whole target test set")
+        cells = f"a stratified {cfg.test_size}-image slice" if cfg.test_size else "the whole test set"
+        fp_note = (f"{meta.get('top1', float('nan')):.2f}% top-1 on {slice_} (the quick check every FP model of the "
+                   f"study gets when trained, proxy_eval_size; the cells' top-1 is on {cells}, see 'evaluation') "
+                   f"after {meta.get('steps')} SGD steps of batch {cfg.target_fp.batch_size}")
     teachers = ", ".join(f"{p.name} {shared[p.name]['top1']:.1f}%" for p in cfg.proxies
                          if (shared.get(p.name) or {}).get("top1") is not None)
     ft = cfg.finetune_config(0)                     # the values used, defaults filled in
@@ -101,6 +110,27 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
                       f"on {cfg.proxy_eval_size} proxy test images; target ARD on {cfg.ard_images} test images",
         "wall time": timing.get("text", "-"),
     }
+
+
+def target_fp(cfg: Any, study_dir: Path, timing: dict, *, classes: bool = True) -> tuple[dict | None, int | None]:
+    """The target FP model's meta (its cache in the study folder, else what a run elsewhere recorded of it in
+    ``timing``) and the target's number of classes (its classifier's rows, else the dataset's; None if neither, or
+    without ``classes``)."""
+    from gmpq_core.fileio import load_checkpoint
+    from gmpq_core.models import model_file_tag
+
+    shared = next((r["shared_models"] for r in reversed(timing.get("runs", [])) if r.get("shared_models")), {})
+    caches = sorted((study_dir / "cache").glob(f"{model_file_tag(cfg.model)}-{cfg.target}-all-*.pt"))
+    saved = load_checkpoint(caches[-1]) if caches else {}
+    meta = saved.get("meta", {}) if caches else shared.get("target")
+    rows = [v.shape[0] for k, v in (saved.get("state_dict") or {}).items() if k.endswith("weight") and v.ndim == 2]
+    if rows or not classes:
+        return meta, int(rows[-1]) if rows else None
+    try:
+        from gmpq_core.data import load_dataset
+        return meta, int(load_dataset(cfg.target, root=cfg.data_root).info.num_classes)
+    except Exception:  # noqa: BLE001 - the data is not here: no chance level to judge the numbers by
+        return meta, None
 
 
 def _size_text(cfg: Any, meta: dict | None) -> str:
@@ -167,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     from gmpq_core.fileio import atomic_write_json, read_json
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.mlflow_sink import PARENT_FILE
-    from orchestrator.study import check_page_replaceable, check_plot_replaceable, plot_study, write_results_md
+    from orchestrator.study import check_page_replaceable, write_results_md
+    from orchestrator.study_plot import check_plot_replaceable, plot_study
     from orchestrator.commands.sweep import check_address_arg
 
     from orchestrator.commands import quiet_libraries
@@ -235,8 +266,10 @@ def run(args: argparse.Namespace) -> int:
     if not own_png:
         check_plot_replaceable(png)
     plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
+    meta, num_classes = target_fp(cfg, out, timing)
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
-                     target=_dataset_title(cfg.target))
+                     target=_dataset_title(cfg.target), fp_top1=(meta or {}).get("top1"), num_classes=num_classes,
+                     smoke=bool(args.smoke) or cfg.name.endswith("_smoke"))
     logged = not args.analyze_only or args.tracking_uri or (out / PARENT_FILE).is_file()
     if logged:       # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
         _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice

@@ -184,18 +184,18 @@ def test_one_seed_gives_no_verdict_and_no_nan_and_empty_tables_say_why(tmp_path)
     assert "- Nothing to read: the completed cells give no comparison" in text
 
 
-def test_two_seeds_still_give_ties_wins_and_a_numeric_se(tmp_path):
-    rows = [_row("gmpq", "p", s, a) for s, a in ((0, 80.0), (1, 82.0))] + \
-           [_row("uniform", "none", s, a) for s, a in ((0, 79.0), (1, 83.0))] + \
-           [_row("random", "none", s, a) for s, a in ((0, 60.0), (1, 60.5))]
+def test_three_seeds_give_ties_wins_and_a_numeric_se(tmp_path):
+    rows = [_row("gmpq", "p", s, a) for s, a in ((0, 80.0), (1, 82.0), (2, 81.0))] + \
+           [_row("uniform", "none", s, a) for s, a in ((0, 79.0), (1, 83.0), (2, 81.0))] + \
+           [_row("random", "none", s, a) for s, a in ((0, 60.0), (1, 60.5), (2, 60.25))]
     text = write_results_md(pd.DataFrame(rows), tmp_path / "r.md", png_path=tmp_path / "p.png", header={"title": "T"})
-    assert "| 3 | p | uniform | +0.00 | 2.24 | tie |" in text and "| 3 | p | random | +20.75 | 1.03 | win |" in text
-    assert "n/a (one seed)" not in text and "GMPQ vs random: 1 wins, 0 ties, 0 losses over 1" in text
-    at4 = [_row("gmpq", "q", 0, 81.0), _row("gmpq", "q", 1, 81.0), _row("random", "none", 0, 70.0)]
+    assert "| 3 | p | uniform | +0.00 | 1.29 | tie |" in text and "| 3 | p | random | +20.75 | 0.60 | win |" in text
+    assert "n/a (" not in text and "GMPQ vs random: 1 win, 0 ties, 0 losses over 1" in text
+    at4 = [_row("gmpq", "q", s, 81.0) for s in range(3)] + [_row("random", "none", 0, 70.0)]
     rows += [{**r, "budget": 4.0, "cell_id": r["cell_id"].replace("b3", "b4")} for r in at4]   # random: one seed
     text = write_results_md(pd.DataFrame(rows), tmp_path / "r.md", png_path=tmp_path / "p.png", header={"title": "T"})
-    assert "GMPQ vs random: 1 wins, 0 ties, 0 losses, 1 without a verdict (one seed: no standard error" in text
-    assert "| 4 | q | random | +11.00 | - | n/a (one seed) |" in text and "typical SE of one difference is 1.03" in text
+    assert "GMPQ vs random: 1 win, 0 ties, 0 losses, 1 without a verdict (one seed: no standard error" in text
+    assert "| 4 | q | random | +11.00 | - | n/a (one seed) |" in text and "typical SE of one difference is 0.60" in text
 
 
 def test_the_header_shows_the_search_settings_used_not_none(tmp_path):
