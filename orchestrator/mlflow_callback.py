@@ -10,10 +10,13 @@ its hook returns (Tune records the trial as finished right after, and a resumed 
 so its run must be closed by then); ``on_experiment_end`` and ``close()`` (which ``run_sweep`` calls
 however the sweep ends) flush too, so nothing queued is lost.
 ``background=False`` makes every call in the hook itself (tests and one-off use).
-Metrics: each search epoch's report at ``step=epoch`` (the supernet's proxy_top1, ard, ...), then the final metrics at
-the last epoch's step, a completed trial's derived-policy proxy_top1 and ard as ``policy_proxy_top1`` /
-``policy_ard`` (``final_metrics``), so no metric's history mixes the supernet's values with the policy's; a final
-metric the last epoch's report logged at that step with the same value (the search's ``p``) is not logged again.
+Metrics: each search epoch's report at ``step=epoch`` (the supernet's proxy_top1 and ard as ``supernet_proxy_top1`` /
+``supernet_ard``, ce, p, ...), then the final metrics at the last epoch's step, a completed trial's derived-policy
+proxy_top1 and ard under those names (``final_metrics``: as trials.parquet names them), so no metric's history mixes
+the supernet's values with the policy's; a final metric the last epoch's report logged at that step with the same
+value (the search's ``p``) is not logged again. A run an earlier version logged (a resumed sweep's:
+``mlflow_keys.legacy_layout``, read once per trial when its run is opened) keeps its names: the supernet's plain, the
+policy's ``policy_proxy_top1`` / ``policy_ard``.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
+from .mlflow_keys import legacy_layout
 from .mlflow_notes import POLICY_KEYS, final_metrics  # noqa: F401 (re-exported: importable from here too)
 from .mlflow_sink import _RAY_KEYS, RUN_STATUS, MLflowSink, _phase_key
 from .results import error_text, resolve_status
@@ -48,6 +52,7 @@ class MLflowCallback(Callback):
         self._recoveries: dict[str, int] = {}
         self._ended: set[str] = set()        # trials whose run this driver ended (the rest: stopped midway)
         self._last_epoch: dict[str, tuple[int, dict]] = {}   # per trial: the step and metrics of its last report
+        self._legacy: set[str] = set()       # trials whose run an earlier version logged (its metric names kept)
         self._writer: ThreadPoolExecutor | None = None
         self._queued: list[Future] = []
         self._lock = threading.Lock()       # the writer and its queue: Tune's loop, and a lost cluster's cleanup
@@ -59,12 +64,13 @@ class MLflowCallback(Callback):
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment state: no thread, no per-run bookkeeping
         return {**self.__dict__, "_run_of": {}, "_recoveries": {}, "_ended": set(), "_writer": None, "_queued": [],
-                "_last_epoch": {}, "_lock": None}
+                "_last_epoch": {}, "_legacy": set(), "_lock": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a sweep pickled before the writer thread existed lacks these
         self.__dict__.update({"background": False, "_run_of": {}, "_recoveries": {}, "_ended": set(),
-                              "_writer": None, "_queued": [], "_last_epoch": {}, **state, "_lock": threading.Lock()})
+                              "_writer": None, "_queued": [], "_last_epoch": {}, "_legacy": set(), **state,
+                              "_lock": threading.Lock()})
 
     # -- the writer -----------------------------------------------------------------------------
     def _do(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -108,15 +114,23 @@ class MLflowCallback(Callback):
 
     # -- Tune hooks: copy what the write needs, then write (or queue) -----------------------------
     def setup(self, **info: Any) -> None:
-        self._run_of, self._recoveries, self._ended, self._last_epoch = {}, {}, set(), {}
+        self._run_of, self._recoveries, self._ended, self._last_epoch, self._legacy = {}, {}, set(), {}, set()
         self._do(self.sink.connect, reopen=True)
 
     def _child(self, tid: str, params: Mapping[str, Any]) -> str | None:
         if tid not in self._run_of:
-            self._run_of[tid] = self.sink.child_run(
+            rid = self._run_of[tid] = self.sink.child_run(
                 "trials", tid, run_name=tid, params=params,
                 tags={"trial_id": tid, "status": "running", "gmpq.role": "trial"})
+            client = self.sink.client if rid else None             # (made the run: connected)
+            run = self.sink.call("reading a run", client.get_run, rid) if client is not None else None
+            if run is not None and legacy_layout(run.data.metrics):     # reopened: an earlier version's run
+                self._legacy.add(tid)
         return self._run_of[tid]
+
+    def _keys(self, tid: str, report: Mapping[str, Any]) -> dict[str, Any]:
+        """A per-epoch report by its MLflow keys in the trial's run (``_phase_key``)."""
+        return {_phase_key(report, k, legacy=tid in self._legacy): v for k, v in report.items()}
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._do(self._child, str(trial.trial_id), dict(trial.config or {}))
@@ -125,12 +139,13 @@ class MLflowCallback(Callback):
         if result.get("done"):
             return                          # the final row: logged once in on_trial_complete
         step = int(result.get("epoch", result.get("training_iteration", 0)) or 0)
-        metrics = {_phase_key(result, k): v for k, v in result.items() if k not in _RAY_KEYS}
-        self._last_epoch[str(trial.trial_id)] = (step, metrics)
-        self._do(self._log_result, str(trial.trial_id), dict(trial.config or {}), metrics, step)
+        report = {k: v for k, v in result.items() if k not in _RAY_KEYS}     # (keyed in the writer: _keys)
+        self._last_epoch[str(trial.trial_id)] = (step, report)
+        self._do(self._log_result, str(trial.trial_id), dict(trial.config or {}), report, step)
 
-    def _log_result(self, tid: str, params: Mapping[str, Any], metrics: Mapping[str, Any], step: int) -> None:
-        self.sink.log_metrics(self._child(tid, params), metrics, step=step)
+    def _log_result(self, tid: str, params: Mapping[str, Any], report: Mapping[str, Any], step: int) -> None:
+        rid = self._child(tid, params)
+        self.sink.log_metrics(rid, self._keys(tid, report), step=step)
 
     def _end(self, trial: Any, errored: bool) -> None:
         tid = str(trial.trial_id)
@@ -146,7 +161,9 @@ class MLflowCallback(Callback):
         if rid is None:
             return
         step = int(last.get("epoch") or 0)
-        final = _not_logged_at(step, final_metrics(last, status), last_epoch)
+        if last_epoch is not None:
+            last_epoch = (last_epoch[0], self._keys(tid, last_epoch[1]))
+        final = _not_logged_at(step, final_metrics(last, status, legacy=tid in self._legacy), last_epoch)
         if last.get("replayed"):          # a finished trial Tune reran after a driver crash: log only what is missing
             run = self.sink.call("reading a run", self.sink.client.get_run, rid)
             final = {k: v for k, v in final.items() if run is not None and k not in run.data.metrics}

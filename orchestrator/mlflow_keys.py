@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 __all__ = ["DISABLED", "PARENT_FILE", "RUNS_FILE", "RUN_STATUS", "FINAL_METRICS", "MAX_PARAMS", "MAX_PARAM_CHARS",
-           "ROLE_OF_KIND", "HTTP_RETRY_DEFAULTS", "default_tracking_uri", "flatten_config"]
+           "ROLE_OF_KIND", "HTTP_RETRY_DEFAULTS", "SUPERNET_KEYS", "LEGACY_POLICY_KEYS", "default_tracking_uri",
+           "flatten_config", "legacy_layout"]
 
 DISABLED = "MLflow logging disabled"     # how the sink's warning starts (sync and study pick it out by it)
 PARENT_FILE = "mlflow_parent.json"
@@ -18,11 +19,18 @@ RUNS_FILE = "mlflow_runs.json"
 RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 FINAL_METRICS = ("proxy_top1", "transfer_top1", "transfer_top5", "bitops", "bitops_total", "budget_bitops",
                  "budget_avg_bits", "gbitops", "ard", "p", "teacher_top1", "search_seconds", "transfer_seconds", "epochs_run")
+# One name, one quantity (in MLflow as in trials.parquet): ``proxy_top1`` / ``ard`` are a completed trial's derived
+# policy's (BatchNorm recalibrated, measured once the search ended: trials.parquet's columns); each search epoch
+# reports the supernet's under the same names, logged per epoch under these keys.
+SUPERNET_KEYS = {"proxy_top1": "supernet_proxy_top1", "ard": "supernet_ard"}
+# Runs logged by earlier versions (``legacy_layout``) hold the supernet's per-epoch figures under the plain names and
+# the policy's under these: a resumed sweep and ``gmpq sync-mlflow`` go on logging such a run in its own names.
+LEGACY_POLICY_KEYS = {"proxy_top1": "policy_proxy_top1", "ard": "policy_ard"}
 # Keys Ray adds to every result (not worth a metric series each) or that are not per-epoch metrics.
 _RAY_KEYS = {"time_this_iter_s", "time_total_s", "training_iteration", "timestamp", "pid", "done",
              "iterations_since_restore", "time_since_restore", "epoch", "budget_bucket", "node_id", "date",
              "hostname", "node_ip", "trial_id", "experiment_id", "checkpoint_dir_name", "should_checkpoint",
-             "config", "epochs_run"}
+             "config", "epochs_run", "prune_value"}    # (prune_value: the supernet's proxy_top1 again, for Tune)
 MAX_PARAMS, MAX_PARAM_CHARS = 100, 500
 ROLE_OF_KIND = {"trials": "trial", "finetune": "finetune"}
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -60,6 +68,20 @@ def _numeric(v: Any) -> float | None:
     return f if f == f and abs(f) != float("inf") else None
 
 
-def _phase_key(result: Mapping[str, Any], key: str) -> str:
+def _phase_key(result: Mapping[str, Any], key: str, *, legacy: bool = False) -> str:
+    """The MLflow key of a per-epoch report's ``key``: a search epoch's supernet figures under ``SUPERNET_KEYS``
+    (their plain names in a ``legacy`` run), another phase's keys prefixed with it."""
     phase = result.get("phase")
-    return key if phase in (None, "search") or key.startswith(str(phase)) else f"{phase}.{key}"
+    if phase in (None, "search"):
+        return key if legacy else SUPERNET_KEYS.get(key, key)
+    return key if key.startswith(str(phase)) else f"{phase}.{key}"
+
+
+def legacy_layout(metrics: Collection[str]) -> bool:
+    """Whether a trial run with these metric keys was logged by an earlier version: the policy's figures under
+    ``LEGACY_POLICY_KEYS``, or the per-epoch series (``ce``) beside a plain ``proxy_top1`` / ``ard`` and no
+    ``SUPERNET_KEYS`` (the supernet's per epoch, as every version before them logged it)."""
+    keys = set(metrics)
+    if keys & set(LEGACY_POLICY_KEYS.values()):
+        return True
+    return "ce" in keys and bool(keys & set(SUPERNET_KEYS)) and not keys & set(SUPERNET_KEYS.values())

@@ -1,8 +1,9 @@
 """MLflow helpers the sweep, study, run and sync commands share, without Ray Tune (``gmpq sync-mlflow`` imports
 them; ``mlflow_callback`` imports Ray Tune):
 
-- ``POLICY_KEYS`` / ``final_metrics``: a trial's final metrics by their MLflow keys (a completed trial's derived-policy
-  proxy_top1 and ard as ``policy_proxy_top1`` / ``policy_ard``);
+- ``final_metrics``: a trial's final metrics by their MLflow keys (a completed trial's derived-policy proxy_top1 and
+  ard under those names, as in trials.parquet; the supernet's per-epoch ones are ``supernet_proxy_top1`` /
+  ``supernet_ard``; ``POLICY_KEYS``: the policy's keys in runs of earlier versions);
 - ``noting_mlflow_off``: the MLflow sink's "logging disabled" warning, caught as it is shown, for a command's last
   lines.
 """
@@ -12,21 +13,25 @@ import contextlib
 import warnings
 from typing import Any, Iterator, Mapping
 
+from .mlflow_keys import LEGACY_POLICY_KEYS, SUPERNET_KEYS
 from .mlflow_sink import DISABLED, FINAL_METRICS
 
 __all__ = ["POLICY_KEYS", "final_metrics", "noting_mlflow_off"]
 
-# A completed trial's final proxy_top1 and ard are its derived policy's (measured once the search ended;
-# trials.parquet's columns), while each search epoch reports the supernet's under the same names: logged under those
-# names at the last epoch's step, one metric's history would mix both quantities. The policy's go under these keys.
-POLICY_KEYS = {"proxy_top1": "policy_proxy_top1", "ard": "policy_ard"}
+# Where runs of earlier versions hold a completed trial's policy proxy_top1 / ard (``mlflow_keys.legacy_layout``).
+POLICY_KEYS = LEGACY_POLICY_KEYS
 
 
-def final_metrics(row: Mapping[str, Any], status: str) -> dict[str, Any]:
-    """A trial's final metrics (``FINAL_METRICS``) by their MLflow keys: a completed trial's proxy_top1 and ard under
-    ``POLICY_KEYS``; a pruned or failed trial's are its last epoch's report (the supernet's, already in the per-epoch
-    series at that step), under their own names."""
-    keys = POLICY_KEYS if status == "completed" else {}
+def final_metrics(row: Mapping[str, Any], status: str, *, legacy: bool = False) -> dict[str, Any]:
+    """A trial's final metrics (``FINAL_METRICS``) by their MLflow keys: a completed trial's proxy_top1 and ard (its
+    derived policy's) under their own names, as trials.parquet has them; a pruned or failed trial's are its last
+    epoch's report (the supernet's, already in the per-epoch series at that step) under ``SUPERNET_KEYS``. A
+    ``legacy`` run (an earlier version's: ``mlflow_keys.legacy_layout``) keeps its names: the policy's under
+    ``POLICY_KEYS``, the supernet's plain."""
+    if legacy:
+        keys = POLICY_KEYS if status == "completed" else {}
+    else:
+        keys = {} if status == "completed" else SUPERNET_KEYS
     return {keys.get(k, k): row.get(k) for k in FINAL_METRICS}
 
 

@@ -2,25 +2,39 @@
 and the final fine-tunes (``log_final``, one child run each). Both go through ``MLflowSink``, so a
 tracking store that fails only warns once; ``gmpq sync-mlflow`` calls them again to fill gaps.
 
-The parent's params are the sweep config at its start, and MLflow params cannot change: the settings the final
-stage last ran with (a changed ``finetune:`` section, ``gmpq finetune --sweep DIR --lr ...``) are the parent's
-``finetune.<setting>`` tags (``stage_tags``), which each final stage rewrites; its fine-tunes' own are their
-``recipe.*`` params.
+The parent's params are the sweep config at its start (its ``finetune.*`` params: the config's ``finetune:``
+section), and MLflow params cannot change: the settings the final stage last ran with (a changed ``finetune:``
+section, ``gmpq finetune --sweep DIR --lr ...``) are the parent's ``last_finetune.<setting>`` tags (``stage_tags``),
+which each final stage rewrites (and drops the ``finetune.<setting>`` tags earlier versions wrote beside the params of
+those names); its fine-tunes' own are their ``recipe.*`` params.
+
+Each trial's run says where it went: tag ``pareto`` (``selected``, ``front`` or ``dominated``, set by ``log_pareto``
+on every completed trial's run) and, once its policy is fine-tuned, metric ``final_top1`` and tag
+``finetune_run_id`` (the fine-tune run's id, ``log_final``).
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Collection, Mapping
 
 import pandas as pd
 
+from gmpq_core.errors import CheckpointError
+
 from .kept_finetunes import recipe_digest
+from .mlflow_keys import _numeric
 from .mlflow_sink import MLflowSink, flatten_config
 from .pareto import POLICIES_PNG
 from .results import LAYERS_FILE, TRIALS_FILE
 
-__all__ = ["log_pareto", "log_final", "stage_tags"]
+__all__ = ["log_pareto", "log_final", "stage_tags", "STAGE_TAG_PREFIX"]
+
+log = logging.getLogger(__name__)
+
+STAGE_TAG_PREFIX = "last_finetune."      # the parent's tags of the final stage's settings (``stage_tags``)
+OLD_STAGE_TAG_PREFIX = "finetune."       # what earlier versions named them (as the sweep config's params)
 
 
 def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.DataFrame,
@@ -28,8 +42,8 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
     """Add the Pareto table (JSON table + Parquet), the plots (``png_path``, and ``policies.png`` when the sweep
     folder has it) and trials/layers Parquet to the parent run.
 
-    Child runs of front trials get tag ``pareto`` = ``selected`` or ``front``. Returns False when
-    MLflow could not be written (after one warning).
+    Every completed trial's child run gets tag ``pareto`` (``_pareto_tags``): ``selected``, ``front`` or
+    ``dominated``. Returns False when MLflow could not be written (after one warning).
     """
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
@@ -42,11 +56,59 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
             sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
     sink.log_metrics(pid, {"pareto_size": len(pareto_df),
                            "n_selected": int(pareto_df["selected"].sum()) if "selected" in pareto_df else 0})
-    for tid, sel in zip(pareto_df.get("trial_id", []), pareto_df.get("selected", [False] * len(pareto_df))):
-        rid = sink.runs["trials"].get(str(tid))
+    for tid, tag in _pareto_tags(d, pareto_df).items():
+        rid = _trial_run(sink, tid)
         if rid:
-            sink.call("tagging a Pareto trial", c.set_tag, rid, "pareto", "selected" if sel else "front")
+            sink.call("tagging a Pareto trial", c.set_tag, rid, "pareto", tag)
     return sink.enabled
+
+
+def _pareto_tags(sweep_dir: Path, pareto_df: pd.DataFrame) -> dict[str, str]:
+    """``trial_id -> pareto tag``: ``selected`` / ``front`` for the rows of ``pareto_df``, ``dominated`` for the other
+    completed trials of trials.parquet a front row dominates (``pareto``'s rule; a trial that ended after the front
+    was computed, which none dominates, gets none); pruned and failed trials none."""
+    from .pareto import ACC, COST, completed_trials
+    from .results import read_trials
+
+    tags = {str(t): "selected" if s else "front"
+            for t, s in zip(pareto_df.get("trial_id", []), pareto_df.get("selected", [False] * len(pareto_df)))}
+    try:
+        done = completed_trials(read_trials(sweep_dir, missing_ok=True))
+    except CheckpointError as e:         # the front's tags still go on
+        log.warning("no MLflow tag for the dominated trials: %s", e)
+        return tags
+    if done.empty:
+        return tags
+    front = [(float(a), float(b)) for a, b in zip(pareto_df.get(ACC, []), pareto_df.get(COST, []))]
+    for tid, acc, cost in zip(done["trial_id"].astype(str), done[ACC].astype(float), done[COST].astype(float)):
+        if tid not in tags and any(a >= acc and b <= cost and (a > acc or b < cost) for a, b in front):
+            tags[tid] = "dominated"
+    return tags
+
+
+def _trial_run(sink: MLflowSink, tid: str) -> str | None:
+    """The id of trial ``tid``'s run (persisted, else found by its tags; None: it has none)."""
+    rid = sink.runs["trials"].get(tid)
+    if rid:
+        return rid
+    return sink.call("finding a trial's run", sink.find_run,
+                     {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "trial"})
+
+
+def _point_trial_run(sink: MLflowSink, tid: str, finetune_rid: str | None, final_top1) -> None:
+    """The trial run of policy ``tid`` names its latest fine-tune: tag ``finetune_run_id``, metric ``final_top1``
+    (step 0: the latest logged is the latest fine-tune's), unless it already does."""
+    rid = _trial_run(sink, tid) if finetune_rid else None
+    if not rid:
+        return
+    data = sink.call("reading a trial's run", lambda: sink.client.get_run(rid).data)
+    if data is None:
+        return
+    top1 = _numeric(final_top1)
+    if data.tags.get("finetune_run_id") == finetune_rid and data.metrics.get("final_top1") == top1:
+        return
+    sink.log_metrics(rid, {"final_top1": top1})
+    sink.call("tagging a trial's run", sink.client.set_tag, rid, "finetune_run_id", finetune_rid)
 
 
 def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
@@ -136,7 +198,7 @@ def _restart_name(sink: MLflowSink, key: str, name: str) -> str:
 
 
 def stage_tags(final_df: pd.DataFrame) -> dict[str, str]:
-    """The parent run's ``finetune.<setting>`` tags: the recipe, epochs and workers the fine-tunes of
+    """The parent run's ``last_finetune.<setting>`` tags: the recipe, epochs and workers the fine-tunes of
     ``final_df`` ran with (the final stage's rows all share them; a setting they differ in, as rows of several
     stages in a sync may, lists each value). Values as the params write them (``flatten_config``)."""
 
@@ -144,10 +206,19 @@ def stage_tags(final_df: pd.DataFrame) -> dict[str, str]:
     for row in final_df.to_dict("records"):
         setting = {**_recipe_key(row)[2], **{k: int(row[k]) for k in ("epochs", "workers") if _whole(row.get(k))}}
         for k, v in flatten_config(setting, max_depth=1).items():
-            seen = values.setdefault(f"finetune.{k}", [])
+            seen = values.setdefault(f"{STAGE_TAG_PREFIX}{k}", [])
             if v not in seen:
                 seen.append(v)
     return {k: ", ".join(v) for k, v in values.items()}
+
+
+def _drop_old_stage_tags(sink: MLflowSink) -> None:
+    """The parent's ``finetune.<setting>`` tags an earlier version wrote (the final stage's settings under the names
+    of the sweep config's params, with other values) are deleted: ``last_finetune.*`` say it now."""
+    data = sink.call("reading the parent run", lambda: sink.client.get_run(sink.parent_run_id).data)
+    for k in sorted(data.tags if data is not None else ()):
+        if k.startswith(OLD_STAGE_TAG_PREFIX):
+            sink.call("untagging the parent run", sink.client.delete_tag, sink.parent_run_id, k)
 
 
 def _whole(v) -> bool:
@@ -174,7 +245,9 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
     is missing (a stage stopped by Ctrl-C before it logged what had finished), and a fresh row that started
     from epoch 0 gets a new run even when its recipe had one (that earlier run is kept, with its history, tagged
     ``gmpq.replaced_by``; the new one is named ``... (restart <n>)`` and tagged ``gmpq.restarted_from``). The
-    parent run's ``finetune.*`` tags become the settings of ``final_df``'s rows (``stage_tags``)."""
+    parent run's ``last_finetune.*`` tags become the settings of ``final_df``'s rows (``stage_tags``; an earlier
+    version's ``finetune.*`` tags are dropped), and each policy's trial run points to its fine-tune run
+    (``_point_trial_run``)."""
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
         return False
@@ -209,11 +282,13 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
         _log_model(sink, rid, sweep_dir, row)
         sink.finish(rid, "FINISHED", {"status": "completed"})
+        _point_trial_run(sink, tid, rid, row.get("final_top1"))
     from mlflow.entities import RunTag
 
     settings = [RunTag(k, v) for k, v in stage_tags(final_df).items()]     # params cannot change; tags can
     if settings:
         sink.call("tagging the parent run", sink.client.log_batch, sink.parent_run_id, tags=settings, synchronous=True)
+        _drop_old_stage_tags(sink)
     d = Path(sweep_dir)
     for f in [d / "final.parquet", png_path]:
         if f is not None and Path(f).is_file():

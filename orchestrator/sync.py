@@ -36,6 +36,7 @@ from requests.exceptions import RequestException
 from gmpq_core.errors import CheckpointError, GMPQError
 from gmpq_core.fileio import atomic_write_json, read_json
 
+from .mlflow_keys import legacy_layout
 from .mlflow_notes import final_metrics
 from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, PARENT_FILE, RUN_STATUS, RUNS_FILE, MLflowSink,
                           _phase_key, default_tracking_uri)
@@ -123,9 +124,10 @@ def child_runs_by_trial(sink: MLflowSink, role: str = "trial") -> dict[str, list
     return out
 
 
-def _final_keys(row: Mapping[str, Any]) -> list[str]:
-    """The MLflow keys of ``FINAL_METRICS`` for a trials.parquet row (``mlflow_notes.final_metrics``)."""
-    return list(final_metrics(row, row["status"]))
+def _final_keys(row: Mapping[str, Any], legacy: bool = False) -> list[str]:
+    """The MLflow keys of ``FINAL_METRICS`` for a trials.parquet row (``mlflow_notes.final_metrics``; ``legacy``: in a
+    run an earlier version logged, ``mlflow_keys.legacy_layout``)."""
+    return list(final_metrics(row, row["status"], legacy=legacy))
 
 
 class _Syncer:
@@ -157,8 +159,9 @@ class _Syncer:
         need = []
         if run.info.status != RUN_STATUS[status] or run.data.tags.get("status") != status:
             need.append("status")
-        if any(_present(row.get(k)) and not {k, key} & run.data.metrics.keys()    # (a run logged before the policy
-               for k, key in zip(FINAL_METRICS, _final_keys(row))):               # keys has it under k)
+        have = run.data.metrics.keys()              # (a run logged before the policy keys has them under k)
+        if any(_present(row.get(k)) and not {k, key} & have
+               for k, key in zip(FINAL_METRICS, _final_keys(row, legacy_layout(have)))):
             need.append("metrics")
         if status == "failed" and _present(row.get("error")) and "error" not in run.data.tags:
             need.append("error")
@@ -169,15 +172,16 @@ class _Syncer:
     def fill(self, rid: str, row: Mapping[str, Any], need: list[str]) -> None:
         sink, c, tid, status = self.sink, self.sink.client, str(row["trial_id"]), row["status"]
         metrics = c.get_run(rid).data.metrics
+        legacy = legacy_layout(metrics)                # an earlier version's run keeps its names
         if "ce" not in metrics:                        # no per-epoch series yet: replay it from Tune's files
             for r in self.histories.get(tid, []):
                 step = r.get("epoch", r.get("training_iteration", 0))
-                sink.log_metrics(rid, {_phase_key(r, k): v for k, v in r.items() if k not in _RAY_KEYS},
-                                 step=int(step or 0))
+                sink.log_metrics(rid, {_phase_key(r, k, legacy=legacy): v for k, v in r.items()
+                                       if k not in _RAY_KEYS}, step=int(step or 0))
             metrics = c.get_run(rid).data.metrics
         if "metrics" in need:                          # those the run lacks (a partly logged run: not twice)
             step = row.get("last_epoch") if _present(row.get("last_epoch")) else row.get("epochs_run")
-            final = final_metrics(row, status)
+            final = final_metrics(row, status, legacy=legacy)
             sink.log_metrics(rid, {k: v for k, v in final.items() if _present(v) and k not in metrics},
                              step=int(step) if _present(step) else 0)
         if "policy" in need:

@@ -2,8 +2,9 @@
 
 - a sweep whose tracking store could not be reached ends with a line saying logging was off and how to upload the
   runs (``gmpq sync-mlflow --sweep DIR``), not "MLflow: open URI"; ``gmpq status`` says the store lacks the runs;
-- a completed trial's final proxy_top1 / ard (its derived policy's) are ``policy_proxy_top1`` / ``policy_ard``, so the
-  ``proxy_top1`` history holds the supernet's per-epoch values only (it had both at the last epoch's step).
+- one name, one quantity, as in trials.parquet: a completed trial's final ``proxy_top1`` / ``ard`` are its derived
+  policy's, the supernet's per-epoch values are ``supernet_proxy_top1`` / ``supernet_ard`` (runs of earlier versions,
+  with the supernet's under the plain names and the policy's as ``policy_*``, keep their names: test_mlflow_layout).
 """
 from __future__ import annotations
 
@@ -93,9 +94,10 @@ def test_the_summary_line_of_a_sweep_whose_logging_was_off_says_so_and_names_the
         "MLflow: open http://127.0.0.1:1 (MLflow tracking server)"
 
 
-# -- the final metrics of a trial: the policy's proxy_top1 under its own key ------------------------------------------
+# -- the final metrics of a trial: proxy_top1 is the policy's, supernet_proxy_top1 the supernet's per epoch ----------
 
-def test_a_completed_trials_proxy_top1_history_holds_the_supernets_epochs_and_the_policys_value_its_own_key(tmp_path):
+def test_a_completed_trials_proxy_top1_is_the_policys_as_in_parquet_and_the_supernets_epochs_have_their_own_key(
+        tmp_path):
     from orchestrator.mlflow_callback import MLflowCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -110,12 +112,13 @@ def test_a_completed_trials_proxy_top1_history_holds_the_supernets_epochs_and_th
     client = mlflow.MlflowClient(uri)
     rid = cb.sink.runs["trials"]["t1"]
     history = {k: [(m.step, m.value) for m in client.get_metric_history(rid, k)]
-               for k in ("proxy_top1", "ard", "policy_proxy_top1", "policy_ard", "transfer_top1")}
-    assert history == {"proxy_top1": [(1, 14.0)], "ard": [(1, 0.31)], "policy_proxy_top1": [(1, 10.0)],
-                       "policy_ard": [(1, 0.22)], "transfer_top1": [(1, 20.5)]}
+               for k in ("supernet_proxy_top1", "supernet_ard", "proxy_top1", "ard", "policy_proxy_top1",
+                         "transfer_top1")}
+    assert history == {"supernet_proxy_top1": [(1, 14.0)], "supernet_ard": [(1, 0.31)], "proxy_top1": [(1, 10.0)],
+                       "ard": [(1, 0.22)], "policy_proxy_top1": [], "transfer_top1": [(1, 20.5)]}
 
 
-def test_a_pruned_trials_final_proxy_top1_is_its_last_epochs_and_stays_under_its_name(tmp_path):
+def test_a_pruned_trials_last_epoch_is_its_supernets_and_it_has_no_policy_proxy_top1(tmp_path):
     from orchestrator.mlflow_callback import MLflowCallback
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -127,7 +130,8 @@ def test_a_pruned_trials_final_proxy_top1_is_its_last_epochs_and_stays_under_its
     cb.on_trial_result(0, [], trial, epoch)
     cb.on_trial_complete(0, [], trial)                    # no transfer_top1: pruned
     run = mlflow.MlflowClient(uri).get_run(cb.sink.runs["trials"]["t2"])
-    assert run.data.metrics["proxy_top1"] == 12.0 and "policy_proxy_top1" not in run.data.metrics
+    assert run.data.metrics["supernet_proxy_top1"] == 12.0 and run.data.metrics["supernet_ard"] == 0.4
+    assert not run.data.metrics.keys() & {"proxy_top1", "ard", "policy_proxy_top1"}
 
 
 def test_a_trials_p_is_logged_once_per_step_and_a_pruned_trials_last_epoch_once(tmp_path):
@@ -152,11 +156,13 @@ def test_a_trials_p_is_logged_once_per_step_and_a_pruned_trials_last_epoch_once(
     for tid in ("t1", "t2"):
         rid = cb.sink.runs["trials"][tid]
         assert [(m.step, m.value) for m in client.get_metric_history(rid, "p")] == [(1, 2.5), (2, 3.5)], tid
-        assert [(m.step, m.value) for m in client.get_metric_history(rid, "proxy_top1")] == [(1, 11.0), (2, 12.0)]
+        assert [(m.step, m.value) for m in client.get_metric_history(rid, "supernet_proxy_top1")] == \
+            [(1, 11.0), (2, 12.0)]
     assert [m.value for m in client.get_metric_history(cb.sink.runs["trials"]["t1"], "transfer_top1")] == [20.5]
 
 
-def test_sync_uploads_the_policys_proxy_top1_under_its_own_key_and_a_second_sync_changes_nothing(tmp_path):
+def test_sync_uploads_the_supernets_epochs_and_the_policys_proxy_top1_each_its_key_and_a_second_sync_changes_nothing(
+        tmp_path):
     """A sweep whose store was down: the sync replays the epochs (Tune's result.json) and the Parquet row."""
     from orchestrator.results import TRIALS_FILE, read_trials
     from orchestrator.sync import sync_mlflow
@@ -176,8 +182,8 @@ def test_sync_uploads_the_policys_proxy_top1_under_its_own_key_and_a_second_sync
     assert (rep.runs_created, rep.duplicates) == (1, 0)
     client = mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
     rid = json.loads((sweep / "mlflow_runs.json").read_text())["trials"]["t1"]
-    assert [(m.step, m.value) for m in client.get_metric_history(rid, "proxy_top1")] == [(1, 14.0), (2, 16.0)]
-    assert [(m.step, m.value) for m in client.get_metric_history(rid, "policy_proxy_top1")] == [(2, 33.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(rid, "supernet_proxy_top1")] == [(1, 14.0), (2, 16.0)]
+    assert [(m.step, m.value) for m in client.get_metric_history(rid, "proxy_top1")] == [(2, 33.0)]
     again = sync_mlflow(sweep)
     assert (again.runs_created, again.runs_updated, again.runs_unchanged) == (0, 0, 1)
 
@@ -239,7 +245,7 @@ def test_a_real_sweeps_trial_run_keeps_one_quantity_per_metric_and_the_parquet_p
     epochs = [e for e in map(json.loads, (out / "trial_events.jsonl").read_text().splitlines()) if e["event"] == "epoch"]
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
     rid = json.loads((out / "mlflow_runs.json").read_text())["trials"][row["trial_id"]]
-    proxy = [(m.step, m.value) for m in client.get_metric_history(rid, "proxy_top1")]
+    proxy = [(m.step, m.value) for m in client.get_metric_history(rid, "supernet_proxy_top1")]
     assert proxy == [(e["epoch"], pytest.approx(e["proxy_top1"])) for e in epochs], proxy      # one per epoch
-    assert [m.value for m in client.get_metric_history(rid, "policy_proxy_top1")] == [pytest.approx(row["proxy_top1"])]
-    assert [m.value for m in client.get_metric_history(rid, "policy_ard")] == [pytest.approx(row["ard"])]
+    assert [m.value for m in client.get_metric_history(rid, "proxy_top1")] == [pytest.approx(row["proxy_top1"])]
+    assert [m.value for m in client.get_metric_history(rid, "ard")] == [pytest.approx(row["ard"])]

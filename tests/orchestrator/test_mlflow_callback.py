@@ -55,7 +55,7 @@ def test_hooks_return_before_the_writes_and_the_writes_keep_their_order(tmp_path
     # a trial's end is written before its hook returns (Tune saves the trial as finished next)
     assert [c[0] for c in calls] == ["connect", "child_run", "log_metrics", "log_metrics", "finish"]
     assert all(c[1].startswith("gmpq-mlflow") for c in calls)
-    assert calls[2][2][0] == "run-t1" and calls[2][2][1]["proxy_top1"] == 12.5
+    assert calls[2][2][0] == "run-t1" and calls[2][2][1]["supernet_proxy_top1"] == 12.5     # the supernet's, per epoch
     cb.close()
 
 
@@ -68,7 +68,7 @@ def test_the_result_is_copied_when_the_hook_runs(tmp_path):
     gate.set()
     cb.close()
     metrics = [c[2][1] for c in calls if c[0] == "log_metrics"]
-    assert metrics == [{"proxy_top1": 10.0}]
+    assert metrics == [{"supernet_proxy_top1": 10.0}]
 
 
 def test_a_failing_write_is_logged_and_the_later_writes_still_happen(tmp_path, caplog):

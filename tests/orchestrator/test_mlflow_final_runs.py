@@ -26,21 +26,23 @@ def _sink_disabled(recwarn) -> list[str]:
 
 
 def test_the_parent_run_tags_the_settings_the_final_stage_last_ran_with(tmp_path, monkeypatch, recwarn):
-    """The parent's params stay the sweep's first config (MLflow refuses a new value); its finetune.* tags follow
-    a changed finetune: section and the command line's settings."""
+    """The parent's params stay the sweep's first config (MLflow refuses a new value); its last_finetune.* tags
+    follow a changed finetune: section and the command line's settings (no tag shares a param's key)."""
     sweep = tmp_path / "sweep"
     make_sweep(sweep, precision="fp32")
     final_stage = _stage(monkeypatch, tmp_path, [])
     final_stage.finetune_selected(sweep, epochs=1, workers=1)
     tags = _parent(sweep).data.tags
-    assert (tags["finetune.lr"], tags["finetune.epochs"], tags["finetune.precision"]) == ("0.01", "1", "fp32")
+    assert (tags["last_finetune.lr"], tags["last_finetune.epochs"], tags["last_finetune.precision"]) == \
+        ("0.01", "1", "fp32")
     _edit_config(sweep, finetune={"lr": 0.05, "epochs": 2})
     final_stage.finetune_selected(sweep, workers=1)
     parent = _parent(sweep)
     assert parent.data.params["finetune.lr"] == "0.01"                 # as the sweep started: params cannot change
-    assert (parent.data.tags["finetune.lr"], parent.data.tags["finetune.epochs"]) == ("0.05", "2")
+    assert (parent.data.tags["last_finetune.lr"], parent.data.tags["last_finetune.epochs"]) == ("0.05", "2")
+    assert not parent.data.tags.keys() & parent.data.params.keys()
     final_stage.finetune_selected(sweep, epochs=2, workers=1, lr=0.2)  # gmpq finetune --sweep DIR --lr 0.2
-    assert _parent(sweep).data.tags["finetune.lr"] == "0.2"
+    assert _parent(sweep).data.tags["last_finetune.lr"] == "0.2"
     assert sorted(_finetune_runs(sweep)["params.recipe.lr"]) == ["0.01", "0.05", "0.2"]
     assert _sink_disabled(recwarn) == []
 

@@ -106,4 +106,4 @@ def test_sync_mlflow_does_not_import_ray_tune_and_the_callback_still_exports_fin
 
     assert mlflow_callback.final_metrics is mlflow_notes.final_metrics
     assert mlflow_callback.POLICY_KEYS is mlflow_notes.POLICY_KEYS
-    assert mlflow_notes.final_metrics({"proxy_top1": 1.0}, "completed")["policy_proxy_top1"] == 1.0
+    assert mlflow_notes.final_metrics({"proxy_top1": 1.0}, "completed")["proxy_top1"] == 1.0
