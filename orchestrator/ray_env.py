@@ -330,7 +330,9 @@ def ray_map(fn: Callable[[Any], Any], items: Sequence[Any], *,
     results: list = [None] * len(refs)
     pending, error = list(refs), None
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        done, pending = ray.wait(pending, num_returns=1, timeout=1.0)   # back in Python each second: a Ctrl-C or
+        if not done:                                                      # SIGTERM is handled at once, whatever
+            continue                                                      # the wait does with signals
         i = index[done[0]]
         try:
             results[i] = ray.get(done[0])
