@@ -70,8 +70,10 @@ def yaml_problem(err: yaml.YAMLError) -> str:
         where = f" at line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ": "
     problem = " ".join(str(getattr(err, "problem", None) or err).split())
     context, opened = getattr(err, "context", None), getattr(err, "context_mark", None)
-    if context and opened is not None:       # where the unclosed bracket or quote began
-        problem += f" ({context} that starts at line {opened.line + 1}, column {opened.column + 1})"
+    if context and opened is not None and str(context).startswith("while "):   # where the unclosed bracket or
+        problem += f" ({context} that starts at line {opened.line + 1}, column {opened.column + 1})"   # quote began
+    elif context and opened is not None:     # e.g. "expected a single document in the stream": a second '---'
+        problem = f"{context.rstrip('.')}, {problem}"
     return where + problem
 
 

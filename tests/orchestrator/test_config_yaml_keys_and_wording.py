@@ -77,3 +77,14 @@ def test_uniform_bits_out_of_range_echo_the_flag_as_typed(tmp_path, capsys, w, a
     assert (f"--uniform W A takes two bitwidths in 1..8, but got --uniform {w} {a}: its {which} is outside. Give "
             "e.g. --uniform 4 4;") in err
     assert "--uniform W 4" not in err
+
+
+def test_a_second_yaml_document_reads_as_one_sentence():
+    """The review: "... (expected a single document in the stream that starts at line 1, column 1)"."""
+    from gmpq_core.errors import ConfigError
+    from search_spaces.presets import parse_yaml
+
+    with pytest.raises(ConfigError) as e:
+        parse_yaml("a: 1\n---\nb: 2\n", "x.yaml")
+    assert ("'x.yaml' is not valid YAML at line 2, column 1: expected a single document in the stream, but found "
+            "another document.") in str(e.value)
