@@ -26,6 +26,8 @@ from typing import Callable, Iterator, NoReturn, TypeVar
 
 from gmpq_core.errors import ConfigError
 
+from .ray_env import stop_status, terminated
+
 __all__ = ["LOST_STATUS", "LOST_AFTER_ENV", "ClusterWatch", "watching_cluster", "lost_after_s", "gcs_answers",
            "exit_lost", "split_address", "lost_text", "join_hint", "bounded"]
 
@@ -187,7 +189,7 @@ def lost_text(command: str, address: str, seconds: float, *, local: bool, work: 
     so <work> stops here ... <rest> Exit status 75.`` (``local``: the Ray this process started on this machine). After
     a SIGTERM (``ray_env.terminated``: sent to the whole process group, as systemd and Slurm do, it stops the local
     Ray too) the stop is the SIGTERM's: said so, status 143."""
-    if local and _terminated():
+    if local and terminated():
         what = (f"the command got SIGTERM, and so did the Ray instance it started on this machine (GCS {address}, "
                 "silent since: the signal went to the whole process group, as systemd and Slurm send it)")
         return f"gmpq {command}: {what}, so {work} was terminated (SIGTERM). {rest} Exit status {lost_status()}."
@@ -199,17 +201,9 @@ def lost_text(command: str, address: str, seconds: float, *, local: bool, work: 
             f"Exit status {lost_status()}.")
 
 
-def _terminated() -> bool:
-    from .ray_env import terminated
-
-    return terminated()
-
-
 def lost_status() -> int:
     """``LOST_STATUS``, or 143 when the command got SIGTERM first (it was asked to stop: a batch system's status)."""
-    import signal
-
-    return 128 + int(signal.SIGTERM) if _terminated() else LOST_STATUS
+    return stop_status(True) if terminated() else LOST_STATUS
 
 
 def join_hint(local: bool) -> str:
