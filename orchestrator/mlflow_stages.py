@@ -275,8 +275,8 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
             sink.call("tagging a replaced fine-tune run", sink.client.set_tag, earlier, "gmpq.replaced_by", rid)
         for h in (histories or {}).get(tid, []):
             sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))
-        sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "bitops_total",
-                                                         "seconds", "transfer_top1", "epochs", "workers")},
+        sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "gbitops",
+                                                         "bitops_total", "seconds", "transfer_top1", "epochs", "workers")},
                          step=int(row.get("epochs") or 0))
         if row.get("policy_json"):
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")

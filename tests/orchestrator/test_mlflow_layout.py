@@ -5,7 +5,8 @@
   logged (the supernet's under the plain names, the policy's as ``policy_*``) keeps its names when a resumed sweep
   or ``gmpq sync-mlflow`` completes it, and one that is complete is left alone;
 - every completed trial's run is tagged ``pareto`` = selected / front / dominated (pruned ones not);
-- a fine-tuned policy's trial run names its fine-tune run (tag ``finetune_run_id``) and its ``final_top1``;
+- a fine-tuned policy's trial run names its fine-tune run (tag ``finetune_run_id``) and its ``final_top1``; the
+  fine-tune run logs the cost as the trial run does (``bitops``, ``gbitops``);
 - the parent run's params stay the sweep's config: the final stage's settings are ``last_finetune.*`` tags, and the
   ``finetune.*`` tags earlier versions wrote beside the params of those names are dropped.
 """
@@ -154,6 +155,8 @@ def test_a_fine_tuned_policys_trial_run_names_its_fine_tune_run_and_the_parent_t
         assert client.get_run(finetune_rid).data.params.get("recipe.lr") == str(lr or 0.01)
         assert finetune_rid in runs["finetune"].values()
         assert trial.metrics["final_top1"] == pytest.approx(read_final(sweep)["final_top1"].item())
+        ft = client.get_run(finetune_rid).data.metrics          # the trial run's cost names, GBitOPs included
+        assert ft["bitops"] == trial.metrics["bitops"] and ft["gbitops"] == pytest.approx(ft["bitops"] / 1e9)
     parent = client.get_run(pid).data
     assert parent.tags["last_finetune.lr"] == "0.2" and parent.params["finetune.lr"] == "0.01"
     assert not parent.tags.keys() & parent.params.keys()        # no key both a param and a tag
