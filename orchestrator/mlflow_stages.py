@@ -95,20 +95,45 @@ def _trial_run(sink: MLflowSink, tid: str) -> str | None:
                      {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "trial"})
 
 
-def _point_trial_run(sink: MLflowSink, tid: str, finetune_rid: str | None, final_top1) -> None:
+def _point_trial_run(sink: MLflowSink, tid: str, finetune_rid: str | None, final_top1) -> bool:
     """The trial run of policy ``tid`` names its latest fine-tune: tag ``finetune_run_id``, metric ``final_top1``
-    (step 0: the latest logged is the latest fine-tune's), unless it already does."""
+    (step 0: the latest logged is the latest fine-tune's), unless it already does. Returns whether it changed."""
     rid = _trial_run(sink, tid) if finetune_rid else None
     if not rid:
-        return
+        return False
     data = sink.call("reading a trial's run", lambda: sink.client.get_run(rid).data)
     if data is None:
-        return
+        return False
     top1 = _numeric(final_top1)
     if data.tags.get("finetune_run_id") == finetune_rid and data.metrics.get("final_top1") == top1:
-        return
+        return False
     sink.log_metrics(rid, {"final_top1": top1})
     sink.call("tagging a trial's run", sink.client.set_tag, rid, "finetune_run_id", finetune_rid)
+    return True
+
+
+def backfill_trial_tags(sink: MLflowSink, sweep_dir: str | Path, pareto_df: pd.DataFrame | None,
+                        final_df: pd.DataFrame | None) -> int:
+    """Give trial runs what ``gmpq pareto`` and the fine-tune now put on them, where they lack it (their tables were
+    logged by an earlier version, or while MLflow was down): the ``pareto`` tag from ``pareto_df``, and for each
+    fine-tuned policy of ``final_df`` the ``finetune_run_id`` tag and ``final_top1``. Returns how many runs changed."""
+    changed: set[str] = set()
+    if pareto_df is not None:
+        for tid, tag in _pareto_tags(Path(sweep_dir), pareto_df).items():
+            rid = _trial_run(sink, tid)
+            data = sink.call("reading a trial's run", lambda: sink.client.get_run(rid).data) if rid else None
+            if data is not None and data.tags.get("pareto") != tag:
+                sink.call("tagging a Pareto trial", sink.client.set_tag, rid, "pareto", tag)
+                changed.add(tid)
+    for row in ([] if final_df is None else final_df.to_dict("records")):
+        tid = str(row["trial_id"])
+        key, recipe_tag, _ = _recipe_key(row)
+        frid = sink.runs["finetune"].get(key) if sink.has_child_run("finetune", key) else sink.call(
+            "finding a fine-tune run", sink.find_run,
+            {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "finetune", **recipe_tag})
+        if _point_trial_run(sink, tid, frid, row.get("final_top1")):
+            changed.add(tid)
+    return len(changed)
 
 
 def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:

@@ -9,7 +9,9 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
   tag, else created) with the trial's params, its per-epoch metrics (read back from the Ray Tune trial
   folder's ``result.json`` when the run has none), the final metrics, ``policy.json``, the ``status``
   and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
-- the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them.
+- the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them, and on
+  the trial runs the ``pareto`` tag, and a fine-tuned policy's ``finetune_run_id`` tag and ``final_top1``, where
+  they lack them (a sweep whose tables an earlier version logged).
 
 A run that already holds everything is left alone, so a second sync changes nothing (idempotent). Syncing to another
 store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``_id_files_kept``).
@@ -40,7 +42,7 @@ from .mlflow_keys import legacy_layout
 from .mlflow_notes import final_metrics
 from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, PARENT_FILE, RUN_STATUS, RUNS_FILE, MLflowSink,
                           _phase_key, default_tracking_uri)
-from .mlflow_stages import log_final, log_pareto
+from .mlflow_stages import backfill_trial_tags, log_final, log_pareto
 from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
 
@@ -71,10 +73,12 @@ class SyncReport:
     tables_logged: tuple[str, ...]
     duplicates: int
     nothing_to_sync: bool = False
+    runs_tagged: int = 0
 
     @property
     def changed(self) -> bool:
-        return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged)
+        return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged
+                    or self.runs_tagged)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sweep_dir": str(self.sweep_dir),
@@ -223,6 +227,14 @@ class _Syncer:
             done.append(FINAL_FILE)
         return done
 
+    def trial_tags(self) -> int:
+        """The ``pareto`` / ``finetune_run_id`` tags and ``final_top1`` on trial runs that lack them (tables an
+        earlier version logged); how many runs changed."""
+        d = self.sweep_dir
+        pareto = read_table(d / PARETO_FILE).to_pandas() if (d / PARETO_FILE).is_file() else None
+        final = read_table(d / FINAL_FILE).to_pandas() if (d / FINAL_FILE).is_file() else None
+        return backfill_trial_tags(self.sink, d, pareto, final)
+
 
 def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: list[dict]) -> tuple:
     syncer = _Syncer(sink, cfg, sweep_dir)
@@ -234,8 +246,9 @@ def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: l
             sink.client.get_run(sink.parent_run_id).info.status != "FINISHED":
         sink.finish(sink.parent_run_id, "FINISHED")      # every trial has a row: the sweep is over
     tables = syncer.tables()
+    tagged = syncer.trial_tags()
     dup = sum(len(v) > 1 for v in child_runs_by_trial(sink).values())
-    return outcomes, sink.client.get_run(sink.parent_run_id), tables, dup
+    return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup
 
 
 def _sink_warnings(caught: list) -> list[str]:
@@ -347,7 +360,7 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
         if not connected:
             raise _cannot_sync(sink, sweep_dir, caught)
         try:
-            outcomes, parent, tables, dup = _sync_all(sink, cfg, sweep_dir, rows)
+            outcomes, parent, tables, tagged, dup = _sync_all(sink, cfg, sweep_dir, rows)
         except (MlflowException, RequestException, OSError) as e:
             raise SyncError(f"MLflow at '{uri}' failed during the sync ({type(e).__name__}: {e}); rerun "
                             "'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).") from None
@@ -357,4 +370,5 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
     return SyncReport(sweep_dir=sweep_dir, tracking_uri=uri, experiment_name=sink.experiment_name,
                       parent_run_id=str(sink.parent_run_id), parent_created=parent.info.start_time >= t0_ms,
                       trials=len(rows), runs_created=outcomes["created"], runs_updated=outcomes["updated"],
-                      runs_unchanged=outcomes["unchanged"], tables_logged=tuple(tables), duplicates=dup)
+                      runs_unchanged=outcomes["unchanged"], tables_logged=tuple(tables), duplicates=dup,
+                      runs_tagged=tagged)

@@ -160,3 +160,32 @@ def test_a_fine_tuned_policys_trial_run_names_its_fine_tune_run_and_the_parent_t
     parent = client.get_run(pid).data
     assert parent.tags["last_finetune.lr"] == "0.2" and parent.params["finetune.lr"] == "0.01"
     assert not parent.tags.keys() & parent.params.keys()        # no key both a param and a tag
+
+
+def test_sync_gives_trial_runs_the_pareto_and_fine_tune_tags_an_earlier_version_did_not_set(tmp_path, monkeypatch):
+    """A sweep whose Pareto and final tables an earlier version logged: its trial runs lack ``pareto``,
+    ``finetune_run_id`` and ``final_top1``; ``gmpq sync-mlflow`` sets them once (a second sync changes nothing)."""
+    from orchestrator.commands.pareto import pareto_stage
+    from orchestrator.commands.sync_mlflow import format_report
+    from orchestrator.final_results import read_final
+    from orchestrator.sync import sync_mlflow
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, precision="fp32")
+    sync_mlflow(sweep)
+    pareto_stage(sweep, 1, None)
+    _stage(monkeypatch, tmp_path, []).finetune_selected(sweep, epochs=1, workers=1)
+    client = mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
+    runs = json.loads((sweep / "mlflow_runs.json").read_text())
+    rid = runs["trials"]["t1"]
+    want = client.get_run(rid).data
+    assert want.tags["pareto"] == "selected" and want.tags["finetune_run_id"] in runs["finetune"].values()
+    for tag in ("pareto", "finetune_run_id"):                   # as an earlier version left the trial run
+        client.delete_tag(rid, tag)
+    rep = sync_mlflow(sweep)
+    got = client.get_run(rid).data
+    assert rep.runs_tagged == 1 and rep.changed and "1 trial runs given their Pareto / fine-tune tags" in format_report(rep)
+    assert got.tags["pareto"] == "selected" and got.tags["finetune_run_id"] == want.tags["finetune_run_id"]
+    assert got.metrics["final_top1"] == pytest.approx(read_final(sweep)["final_top1"].item())
+    again = sync_mlflow(sweep)
+    assert again.runs_tagged == 0 and not again.changed
