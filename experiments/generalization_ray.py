@@ -57,6 +57,24 @@ class StudySummary:
     n_failed: int
     prepare_seconds: float
     wall_seconds: float
+    device: str = ""           # where the cells ran (``study_device``); "" when none ran
+
+
+def study_device(cfg: StudyConfig, local: bool) -> str:
+    """Where this run's cells compute, for the results page (which may be written on another machine): this machine's
+    GPU or CPU for a local Ray, else the joined cluster's nodes, GPUs and their accelerator types (Ray must run)."""
+    from .generalization_local import device_name
+
+    if local:
+        return device_name(cfg)
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = sum(float(n.get("Resources", {}).get("GPU", 0)) for n in nodes)
+    kinds = sorted({k.split(":", 1)[1] for n in nodes for k in n.get("Resources", {}) if k.startswith("accelerator_type:")})
+    on = "GPU" if cfg.resources["gpu"] > 0 and gpus else "CPU"
+    return (f"a Ray cluster of {len(nodes)} node(s), {int(gpus)} GPU(s){' (' + ', '.join(kinds) + ')' if kinds else ''}; "
+            f"cells on {on}")
 
 
 def read_study(study_dir: str | Path) -> pd.DataFrame:
@@ -257,6 +275,7 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
             watching_cluster(_lost_handler(study_dir, local=address is None, callbacks=made)):
         paths = prepare_models(cfg, study_dir, map_fn=_ray_map(cfg))
         t_prep = time.perf_counter() - t0
+        device = study_device(cfg, local=address is None) if todo else ""
         say(f"shared FP models ready after {t_prep:.0f} s ({_paths_text(paths)})")
         if todo:
             uri = cfg.tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
@@ -277,7 +296,7 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
             cb.sink.finish(cb.sink.parent_run_id, "FINISHED")
     return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells) - len(todo),
                         n_completed=cb.completed if cb else 0, n_failed=cb.failed if cb else 0,
-                        prepare_seconds=t_prep, wall_seconds=time.perf_counter() - t0)
+                        prepare_seconds=t_prep, wall_seconds=time.perf_counter() - t0, device=device)
 
 
 def _lost_handler(study_dir: Path, *, local: bool, callbacks: list) -> Callable[[str, float], None]:

@@ -75,8 +75,11 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
     gpu = cfg.resources["gpu"] > 0 and torch.cuda.is_available()
     device = torch.cuda.get_device_name(0) if gpu else \
         f"CPU ({platform.processor() or platform.machine()}); no GPU was used"
-    if timing.get("device"):   # rows computed elsewhere (experiments.generalization_local on a GPU machine)
-        device = f"{timing['device']} (rows computed by {timing['runs'][-1].get('runner', 'gmpq study')})"
+    if timing.get("device"):   # recorded where the rows were computed (this machine or another)
+        runner = next((r.get("runner") for r in reversed(timing.get("runs", [])) if r.get("device")), None)
+        device = f"{timing['device']} (rows computed by {runner or 'gmpq study'})"
+        if timing["device"].startswith("CPU") or timing["device"].endswith("cells on CPU"):
+            device += "; no GPU was used"
     fp_note = "-"
     shared = next((r["shared_models"] for r in reversed(timing.get("runs", [])) if r.get("shared_models")), {})
     meta, _ = target_fp(cfg, study_dir, timing, classes=False)
@@ -249,7 +252,10 @@ def run(args: argparse.Namespace) -> int:
         with noting_mlflow_off() as mlflow_warned:
             summary = ray_run.run_study(cfg, out, address=args.address, progress=lambda m: print(m, flush=True))
         timing["runs"].append({"wall_seconds": summary.wall_seconds, "prepare_seconds": summary.prepare_seconds,
-                               "cells_run": summary.n_completed + summary.n_failed, "failed": summary.n_failed})
+                               "cells_run": summary.n_completed + summary.n_failed, "failed": summary.n_failed,
+                               **({"device": summary.device, "runner": "gmpq study"} if summary.device else {})})
+        if summary.device:          # the page names it, also when written later on another machine
+            timing["device"] = summary.device
         atomic_write_json(timing_file, timing)
         print(f"{summary.n_completed} cells completed, {summary.n_failed} failed, {summary.n_skipped} skipped in "
               f"{summary.wall_seconds / 60:.1f} min; rows: {out / ray_run.STUDY_FILE}")

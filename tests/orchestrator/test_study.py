@@ -3,6 +3,7 @@ real Ray + SQLite MLflow + real Fashion-MNIST/MNIST-5k) the smoke study end to e
 from __future__ import annotations
 
 import math
+import json
 import os
 import subprocess
 import sys
@@ -188,6 +189,9 @@ def test_smoke_study_runs_end_to_end_on_ray_and_resumes(tmp_path):
     assert len(children) == len(df)
     assert f"[1/{len(df)}] " in first.stdout and f"[{len(df)}/{len(df)}] " in first.stdout   # a line per cell
     assert "INFO mlflow" not in first.stdout + first.stderr and "Creating initial MLflow" not in first.stderr
+    timing = json.loads((out / "study_timing.json").read_text())      # where the cells ran, for a later page
+    assert timing["device"].startswith("CPU") and timing["runs"][-1]["runner"] == "gmpq study"
+    assert "(rows computed by gmpq study); no GPU was used" in text
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{len(df)} already done, 0 to run" in second.stdout
@@ -208,6 +212,24 @@ def test_the_page_header_names_the_shared_models_a_run_elsewhere_recorded(tmp_pa
                                        "steps of batch 256")
     assert head["teachers"] == "200 SGD steps on each proxy (top-1: fmnist500 74.5%, fmnist2000 80.0%)"
     assert _header(cfg, tmp_path, "x.yaml", {"runs": []}, _rows())["target FP model"] == "-"
+
+
+def test_the_page_names_the_machine_a_gmpq_study_run_recorded_not_the_one_writing_the_page(tmp_path):
+    """The device line described the machine that wrote the page (a page rewritten with --analyze-only on a laptop
+    named the laptop's CPU for rows a GPU machine computed); ``gmpq study`` now records where its cells ran."""
+    from orchestrator.commands.study import _header
+    from experiments.generalization_local import device_name
+    from experiments.generalization_ray import study_device
+
+    cfg = load_study_config(REPO / "experiments" / "generalization_smoke.yaml")
+    assert study_device(cfg, local=True) == device_name(cfg)
+    for recorded, line in (("NVIDIA H200", "NVIDIA H200 (rows computed by gmpq study)"),
+                           ("CPU (x86_64)", "CPU (x86_64) (rows computed by gmpq study); no GPU was used"),
+                           ("a Ray cluster of 3 node(s), 4 GPU(s) (H100); cells on GPU",
+                            "a Ray cluster of 3 node(s), 4 GPU(s) (H100); cells on GPU (rows computed by gmpq study)")):
+        timing = {"device": recorded, "runs": [{"wall_seconds": 1.0, "prepare_seconds": 0.0, "device": recorded,
+                                                "runner": "gmpq study"}, {"wall_seconds": 1.0, "prepare_seconds": 0.0}]}
+        assert _header(cfg, tmp_path, "x.yaml", timing, _rows())["device"] == line
 
 
 def test_each_finished_cell_is_a_progress_line():
