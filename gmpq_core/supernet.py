@@ -86,12 +86,13 @@ class _MixedMixin:
         return vec
 
     def expected_w_bits(self) -> Tensor:
-        """E[b_w] = sum_i pw_i b_i (0-d, differentiable)."""
-        return self.probs_w() @ self._bits_vector("w_candidates", self.alpha_w)
+        """E[b_w] = sum_i pw_i b_i (0-d, differentiable; float32 under autocast: a product and a sum, not a matmul,
+        which autocast would run in bf16 with 8 significant bits)."""
+        return (self.probs_w() * self._bits_vector("w_candidates", self.alpha_w)).sum()
 
     def expected_a_bits(self) -> Tensor:
-        """E[b_a] = sum_j pa_j b_j (0-d, differentiable)."""
-        return self.probs_a() @ self._bits_vector("a_candidates", self.alpha_a)
+        """E[b_a] = sum_j pa_j b_j (0-d, differentiable; float32 under autocast, as ``expected_w_bits``)."""
+        return (self.probs_a() * self._bits_vector("a_candidates", self.alpha_a)).sum()
 
     # -- mixtures ------------------------------------------------------------------------------
     def mixed_weight(self) -> Tensor:
