@@ -6,8 +6,8 @@ per candidate. Here each mixture is ONE custom operator (``torch.ops.gmpq.act_mi
 ``torch.ops.gmpq.weight_mixture``, registered with ``torch.library.custom_op``, so it also works
 inside ``torch.compile`` graphs without a graph break) that saves only its inputs and recomputes
 the candidates in backward; ``gmpq.mixed_conv2d`` does both mixtures and the convolution in one
-node that keeps only x and W (the mixed operands are recomputed in backward; except the eager "fused"
-node on a CPU, which keeps them too: ``_ConvFn``). ``impl``:
+node that keeps only x and W (the mixed operands are recomputed in backward; except "fused" on a CPU
+and "triton" on CUDA, the defaults there, which keep them too: ``KEEP_OPERANDS_ON``, ``_ConvFn``). ``impl``:
 
 - ``"reference"``: the straightforward autograd formula (``act_mixture_reference``);
 - ``"fused"``: eager PyTorch kernels, few passes, in place (any device);
@@ -194,8 +194,9 @@ def mixed_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, probs_a: Tensor
                  stride=1, padding=0, dilation=1, groups: int = 1, impl: str = "fused") -> Tensor:
     """The composite mixed layer ``conv2d(act_mixture(x), weight_mixture(W), bias)`` as one node that saves
     only its inputs: the two mixed operands are recomputed in backward (one activation-sized and one
-    weight-sized tensor less per layer kept for backward than the two separate nodes). Exception: with
-    ``impl="fused"`` on a CPU it keeps them too, trading that memory for the recompute's passes."""
+    weight-sized tensor less per layer kept for backward than the two separate nodes). Exceptions
+    (``keeps_operands``): ``impl="fused"`` on a CPU and ``impl="triton"`` on CUDA keep them too, trading that
+    memory for the recompute's passes."""
     a_bits = _check_lengths("mixed_conv2d", a_bits, probs_a=probs_a, clips=clips)
     w_bits = _check_lengths("mixed_conv2d", w_bits, probs_w=probs_w)
     if _check_impl(impl) == "reference":

@@ -1,7 +1,8 @@
 """Which layers are searchable, and the one helper that swaps modules by fully qualified name.
 
 Rule (METHOD.md 2): every Conv2d and Linear is searchable except the stem (the first Conv2d in
-registration order) and the classifier (the last Linear). ``include_stem`` /
+registration order) and the classifier (the last Linear; in a network without one, such as SqueezeNet's
+1x1-convolution classifier, the last Conv2d). ``include_stem`` /
 ``include_classifier`` make those quantizable too, at a fixed bitwidth (``SearchConfig`` in the search,
 ``FinetuneConfig`` or the policy's meta in the fine-tune).
 Quantized and mixed modules subclass nn.Conv2d / nn.Linear, so this works on converted models too.
@@ -21,11 +22,13 @@ def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def stem_and_classifier(model: nn.Module) -> tuple[str | None, str | None]:
-    """FQNs of the stem (first Conv2d) and the classifier (last Linear), None where absent."""
+    """FQNs of the stem (first Conv2d) and the classifier (last Linear; without one, the last Conv2d other than the
+    stem: a convolutional classifier), None where absent."""
     layers = quantizable_layers(model)
     convs = [n for n, m in layers.items() if isinstance(m, nn.Conv2d)]
     linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
-    return (convs[0] if convs else None), (linears[-1] if linears else None)
+    classifier = linears[-1] if linears else (convs[-1] if len(convs) > 1 else None)
+    return (convs[0] if convs else None), classifier
 
 
 def searchable_layers(model: nn.Module, *, include_stem: bool = False,

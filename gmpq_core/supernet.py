@@ -285,7 +285,7 @@ def set_mixture_impl_(model: nn.Module, impl: str, *, conv_node: bool | None = N
 
     ``conv_node``: a MixedConv2d in training runs mixtures + convolution as ONE node that keeps only
     its inputs (the mixed operands are recomputed in backward: about one activation-sized and one
-    weight-sized tensor less per layer; "fused" on a CPU keeps them, fused.mixed_conv2d). Default: on for
+    weight-sized tensor less per layer; "fused" on a CPU and "triton" on CUDA keep them, fused.keeps_operands). Default: on for
     "compiled" and "triton" (one-pass kernels make the recompute cheap), off for "fused" (eager recompute
     costs CPU time). ``keep_operands``: True makes that node keep the mixed operands instead (eager
     kernels; more memory, no recompute), False makes it recompute them; None: ``fused.keeps_operands``.

@@ -36,6 +36,21 @@ def test_stem_and_classifier_are_not_searchable(net):
     assert "conv1" not in names and "fc" not in names and len(names) == 20
 
 
+def test_a_convolutional_classifier_stays_out_of_the_search_too():
+    """A network without a Linear (SqueezeNet's 1x1-convolution classifier, a user's all-convolutional CNN) had its
+    classifier searched and quantized (a review): the last Conv2d is the classifier there."""
+    from torch import nn
+    from torchvision.models import squeezenet1_1
+
+    assert stem_and_classifier(squeezenet1_1(num_classes=10)) == ("features.0", "classifier.1")
+    assert "classifier.1" not in searchable_layers(squeezenet1_1(num_classes=10))
+    allconv = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 10, 1),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert stem_and_classifier(allconv) == ("0", "4") and list(searchable_layers(allconv)) == ["2"]
+    assert list(searchable_layers(allconv, include_classifier=True)) == ["2", "4"]
+    assert stem_and_classifier(nn.Sequential(nn.Conv2d(1, 8, 3))) == ("0", None)     # one conv: the stem only
+
+
 def test_policy_json_round_trip(tmp_path, net):
     pol = BitPolicy.uniform(net, 3, 4)
     path = pol.save(tmp_path / "p.json")
