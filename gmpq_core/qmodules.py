@@ -15,6 +15,7 @@ switches a model back to the plain autograd formulas.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import torch
@@ -26,6 +27,8 @@ from .fused import IMPLS, _act_mixture, _mixed_conv2d, _weight_mixture, resolve_
 from .layers import searchable_layers, swap_module
 from .policy import BitPolicy, QuantSpec
 from .quantizers import ActQuantizer, quantize_weight
+
+log = logging.getLogger(__name__)
 
 __all__ = ["QuantConv2d", "QuantLinear", "apply_policy_", "calibrate_", "quantized_layers", "set_quant_impl_",
            "QUANT_IMPLS"]
@@ -176,7 +179,9 @@ def _calibrating(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def calibrate_(model: nn.Module, x: Tensor) -> nn.Module:
-    """Set every quantized layer's activation clip and sign from one batch ``x`` (eval-mode forward)."""
+    """Set every quantized layer's activation clip and sign from one batch ``x`` (eval-mode forward). A layer given
+    1-bit activations that calibrates as signed gets a warning: its grid is {-a, 0, a}, three levels, where BitOPs
+    counts one bit (the search warns likewise for its candidates)."""
     was_training = model.training
     model.eval()
     try:
@@ -184,4 +189,10 @@ def calibrate_(model: nn.Module, x: Tensor) -> nn.Module:
             model(x)
     finally:
         model.train(was_training)
+    ternary = [n for n, m in model.named_modules() if isinstance(m, _QuantMixin) and m.act.bits == 1 and m.act._signed]
+    if ternary:
+        log.warning("%d layer(s) with signed inputs have 1-bit activations in the policy (%s%s): a signed 1-bit "
+                    "activation has 3 levels {-a, 0, a} but counts as 1 bit in BitOPs. Give these layers 2 or more "
+                    "activation bits to keep the costs exact.", len(ternary), ", ".join(ternary[:3]),
+                    ", ..." if len(ternary) > 3 else "")
     return model

@@ -199,3 +199,18 @@ def test_a_supernets_fixed_layers_follow_its_mixture_impl():
     policy = BitPolicy(layers={n: QuantSpec(w_bits=m.w_candidates[0], a_bits=m.a_candidates[0])
                                for n, m in mixed_layers(net).items()})
     assert {m.quant_impl for m in quantized_layers(discretize(net, policy)).values()} == {"reference"}
+
+
+def test_calibration_warns_about_a_signed_layer_given_1_bit_activations(caplog):
+    """A policy with 1-bit activations on a layer with signed inputs quantizes to 3 levels but counts 1 bit: the search
+    warned, a fine-tune of a written policy did not (a review)."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    x = torch.randn(2, 1, 12, 12)            # the stem's output is signed (no ReLU before layer "1")
+    for a_bits, warned in ((1, True), (2, False)):
+        q = apply_policy_(copy.deepcopy(net), BitPolicy(layers={"1": (4, a_bits), "3": (4, 1)}))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="gmpq_core.qmodules"):
+            calibrate_(q, x)
+        said = [r.getMessage() for r in caplog.records if "3 levels" in r.getMessage()]
+        assert bool(said) == warned and (not said or "(1)" in said[0])     # layer "3" reads ReLU output: unsigned
