@@ -39,7 +39,7 @@ from .generalization import StudyConfig, check_same_study_config, check_study_da
 from .generalization_cells import ROW_KEYS, cached_model_path, model_jobs, prepare_models, run_cell
 
 __all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "StudySink", "read_study", "write_rows", "check_study_dir",
-           "check_tracking_uri", "run_study", "StudyCallback"]
+           "check_tracking_uri", "study_tracking_uri", "run_study", "StudyCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,21 @@ def check_study_dir(study_dir: str | Path) -> Path:
 
 
 def check_tracking_uri(uri: str | None) -> None:
-    """ConfigError unless MLflow knows the scheme of ``uri`` (None: the study folder's SQLite store). A store
-    that is down is no error: the sink warns and the study goes on."""
+    """ConfigError unless MLflow knows the scheme of ``uri`` (None: ``$MLFLOW_TRACKING_URI``, else the study folder's
+    SQLite store). A store that is down is no error: the sink warns and the study goes on."""
     from orchestrator.sweep_checks import check_tracking_scheme
+    from orchestrator.sweep_config import ENV_TRACKING_URI, env_tracking_uri
 
-    check_tracking_scheme(uri, "tracking_uri (--tracking-uri, or the study config's)", "the study folder's mlflow.db")
+    name = "tracking_uri (--tracking-uri, or the study config's)" if uri or not env_tracking_uri() else \
+        f"${ENV_TRACKING_URI}"
+    check_tracking_scheme(uri or env_tracking_uri(), name, "the study folder's mlflow.db")
+
+
+def study_tracking_uri(cfg: StudyConfig, study_dir: Path) -> str:
+    """The study's MLflow store: the config's / ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the folder's."""
+    from orchestrator.sweep_config import env_tracking_uri
+
+    return cfg.tracking_uri or env_tracking_uri() or f"sqlite:///{Path(study_dir) / 'mlflow.db'}"
 
 
 class StudySink(MLflowSink):
@@ -278,7 +288,7 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
         device = study_device(cfg, local=address is None) if todo else ""
         say(f"shared FP models ready after {t_prep:.0f} s ({_paths_text(paths)})")
         if todo:
-            uri = cfg.tracking_uri or f"sqlite:///{study_dir / 'mlflow.db'}"
+            uri = study_tracking_uri(cfg, study_dir)
             cb = StudyCallback(study_dir, cfg, uri, say=say, total=len(todo))
             made.append(cb)
             say(f"running {len(todo)} cell(s), {cfg.max_concurrent_trials} at a time: a line as each ends")

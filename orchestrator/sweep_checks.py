@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
-from .sweep_config import SweepConfig, trial_search_config
+from .sweep_config import ENV_TRACKING_URI, SweepConfig, env_tracking_uri, trial_search_config
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +190,9 @@ def check_tracking_uri(uri: str | None, name: str = "--tracking-uri", *, default
 def _check_stores(cfg: SweepConfig) -> None:
     """The MLflow tracking URI and the Optuna storage URL are well formed (before any training: a bad
     one used to surface after the shared models had trained, or to switch MLflow off for the sweep)."""
-    uri = cfg.tracking_uri or ""
-    check_tracking_scheme(uri)
+    uri = cfg.tracking_uri or env_tracking_uri() or ""
+    from_env = env_tracking_uri() is not None and uri == env_tracking_uri()
+    check_tracking_scheme(uri, f"tracking_uri (from ${ENV_TRACKING_URI})" if from_env else "tracking_uri")
     if cfg.optuna_storage:
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError

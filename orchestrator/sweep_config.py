@@ -31,7 +31,7 @@ from search_spaces.space import SearchSpace
 from .sweep_sections import (SECTIONS, FaultInjection, FinetuneStage, PrunerConfig, Resources, _from_mapping,
                              _is_pos, _require, check_placement)
 
-__all__ = ["is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig",
+__all__ = ["env_tracking_uri", "ENV_TRACKING_URI", "is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig",
            "load_sweep_config", "save_resolved_config", "deep_merge", "trial_search_config",
            "saved_before_precision"]
 
@@ -39,6 +39,13 @@ CONFIG_VERSION = 1
 # Search-config fields the sweep always sets; the fixed `search:` part may not set them (nor space ones).
 _SEARCH_FROM_SWEEP = {"epochs", "budget", "candidates", "seed"}
 _SPACE_TO_SEARCH = {"search_epochs": "epochs", "budget_avg_bits": "budget", "proxy_size": None}
+ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+
+
+def env_tracking_uri() -> str | None:
+    """MLflow's own ``$MLFLOW_TRACKING_URI`` (None when unset or blank): the tracking URI of a sweep or study that
+    names none (``--tracking-uri``, the config's ``tracking_uri``), before the folder's own SQLite store."""
+    return os.environ.get(ENV_TRACKING_URI, "").strip() or None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +79,7 @@ class SweepConfig:
     search: Mapping[str, Any] = field(default_factory=dict)
     transfer: TransferCheck = field(default_factory=TransferCheck)
     finetune: FinetuneStage = field(default_factory=FinetuneStage)
-    tracking_uri: str | None = None           # None -> sqlite:///<abs out_dir>/mlflow.db
+    tracking_uri: str | None = None           # None -> $MLFLOW_TRACKING_URI, else sqlite:///<abs out_dir>/mlflow.db
     optuna_storage: str | None = None         # None -> sqlite:///<abs out_dir>/optuna.db
     address: str | None = None                # None -> start a local Ray
     storage_path: str | None = None           # None -> <abs out_dir>/ray_results
@@ -148,7 +155,7 @@ class SweepConfig:
         """A copy with every None path/URI made concrete (what is saved with the sweep)."""
         d = self.sweep_dir
         return replace(self, out_dir=str(d),
-                       tracking_uri=self.tracking_uri or f"sqlite:///{d / 'mlflow.db'}",
+                       tracking_uri=self.tracking_uri or env_tracking_uri() or f"sqlite:///{d / 'mlflow.db'}",
                        optuna_storage=self.optuna_storage or f"sqlite:///{d / 'optuna.db'}",
                        storage_path=self.storage_path or str(d / "ray_results"),
                        cache_dir=str(Path(self.cache_dir or os.environ.get("GMPQ_CACHE_DIR")

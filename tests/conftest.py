@@ -5,6 +5,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning threads on a small shared machine
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("MLFLOW_TRACKING_URI", None)    # a developer's own server: the tests use their folders' stores
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

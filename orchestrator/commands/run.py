@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands.pareto import pareto_stage, print_pareto
     from orchestrator.final_results import final_table_heading
     from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
-                                             mlflow_line, stopped_note)
+                                             mlflow_line, say_env_tracking_uri, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals, ray_session,
                                       stop_status, terminated)
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     sweep_dir = Path(resolved.out_dir)
     check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
     resume = choose_resume(cfg, args.resume, _say)        # --resume auto: resume or start, said before Ray starts
+    say_env_tracking_uri(cfg, resume, _say)
     refuse_beside_running_sweep(sweep_dir, resume)        # (run_sweep too: this one before Ray's start)
     stage = "the sweep"
     origin = address_origin_text(args, cfg)              # an address from the config, not --address: named if dead

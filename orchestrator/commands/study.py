@@ -13,7 +13,7 @@ well as one searched on the target itself, and better than the same search witho
 differs from it is refused, as a run with it would be.
 
 Rerunning with the same --out skips finished cells. Writes DIR/study.parquet, DIR/study_config.yaml,
-DIR/mlflow.db (unless --tracking-uri), the page (--report, default DIR/results.md) and its plot
+DIR/mlflow.db (unless --tracking-uri or $MLFLOW_TRACKING_URI), the page (--report, default DIR/results.md) and its plot
 (--png, default study_<name>.png next to the page).
 
 The page's first line records that gmpq study wrote it, with a digest of the rest: an existing --report file
@@ -326,7 +326,7 @@ def _log_page(cfg: Any, out: Path, report: Path, png: Path, *, quiet: bool = Fal
     with warnings.catch_warnings():
         if quiet:
             warnings.filterwarnings("ignore", message=DISABLED, category=RuntimeWarning)
-        sink = ray_run.StudySink(cfg.tracking_uri or f"sqlite:///{out / 'mlflow.db'}", out, experiment_name=cfg.name,
+        sink = ray_run.StudySink(ray_run.study_tracking_uri(cfg, out), out, experiment_name=cfg.name,
                                  resolved_config=cfg.to_dict())
         if not sink.connect():
             return
@@ -349,6 +349,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--notes", metavar="FILE", help="hand-written reading (markdown) to include in the page")
     p.add_argument("--analyze-only", action="store_true", help="only rewrite the page from DIR/study.parquet")
     p.add_argument("--address", metavar="ADDR", help=address_help("start a local one"))
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow URI (default sqlite:///DIR/mlflow.db)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow URI (default $MLFLOW_TRACKING_URI if set, else sqlite:///DIR/mlflow.db)")
     p.add_argument("--print", action="store_true", help="print the page when done")
     p.set_defaults(func=run)

@@ -60,7 +60,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
                    help="continue an interrupted sweep in the same folder; with 'auto': continue it when the folder "
                         "holds it, else start it (a batch job retried with the same command)")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
-                   help="MLflow tracking URI (default sqlite:///<DIR>/mlflow.db; http://host:5000 for a server)")
+                   help="MLflow tracking URI (default $MLFLOW_TRACKING_URI if set, else sqlite:///<DIR>/mlflow.db; "
+                        "http://host:5000 for a server)")
     p.add_argument("--optuna-storage", default=None, metavar="URL",
                    help="Optuna storage URL (default sqlite:///<DIR>/optuna.db)")
     p.add_argument("--address", default=None, metavar="ADDR", help=address_help("start a local one"))
@@ -240,6 +241,16 @@ def choose_resume(cfg: Any, resume: bool | str, say: Any) -> bool:
     return chosen
 
 
+def say_env_tracking_uri(cfg: Any, resume: bool, say: Any) -> None:
+    """A line when the MLflow store comes from ``$MLFLOW_TRACKING_URI`` (the config and the flags name none): a
+    variable set for other work would otherwise send the sweep's runs there unnoticed. A resume keeps its saved one."""
+    from orchestrator.sweep_config import ENV_TRACKING_URI, env_tracking_uri
+
+    if not resume and cfg.tracking_uri is None and env_tracking_uri():
+        say(f"MLflow tracking URI {env_tracking_uri()} from ${ENV_TRACKING_URI} (--tracking-uri names another store; "
+            f"unset the variable to log to the sweep folder's mlflow.db)")
+
+
 def _say(msg: str) -> None:
     import sys
 
@@ -253,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.ray_env import Terminated, address_origin, stop_status, terminated
     from orchestrator.sweep import run_sweep
     resume = choose_resume(cfg, args.resume, _say)
+    say_env_tracking_uri(cfg, resume, _say)
     origin = address_origin_text(args, cfg)
     try:
         with noting_mlflow_off() as mlflow_off, \

@@ -48,6 +48,18 @@ def test_an_unknown_tracking_uri_scheme_is_refused_before_the_study_starts(tmp_p
         check_tracking_uri(uri)                              # known schemes; a server that is down is no error
 
 
+def test_the_study_takes_mlflow_tracking_uri_from_the_environment_and_checks_it(tmp_path, capsys, monkeypatch):
+    from experiments.generalization_ray import study_tracking_uri
+
+    cfg = load_study_config(SMOKE)
+    assert study_tracking_uri(cfg, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert study_tracking_uri(cfg, tmp_path) == "http://mlflow.example:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://x")
+    rc, err = _study(capsys, "--smoke", "--out", str(tmp_path / "study"))
+    assert rc == 2 and "$MLFLOW_TRACKING_URI 'bogus://x' has a scheme MLflow does not know" in err
+
+
 @pytest.mark.parametrize("flag,bad,says", [
     ("--notes", "nosuch.md", "Cannot read the --notes file"),
     ("--notes", ".", "Cannot read the --notes file"),

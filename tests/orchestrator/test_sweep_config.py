@@ -108,6 +108,28 @@ def test_trial_search_config_maps_space_params():
     assert sc.budget.avg_bits == 3.0 and sc.max_steps_per_epoch == 8 and sc.batch_size == 64
 
 
+def test_mlflow_tracking_uri_from_the_environment_when_nothing_names_one(tmp_path, monkeypatch, capsys):
+    """MLflow's own $MLFLOW_TRACKING_URI (set in the KubeRay/launcher pods) was never read: runs went to the folder's
+    SQLite store. Now it is the default below --tracking-uri and the config's key, said in a line, and checked."""
+    from orchestrator.commands.sweep import say_env_tracking_uri
+
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)})
+    assert cfg.resolved().tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert cfg.resolved().tracking_uri == "http://mlflow.example:5000"
+    named = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "tracking_uri": "sqlite:///x.db"})
+    assert named.resolved().tracking_uri == "sqlite:///x.db"
+    said: list[str] = []
+    say_env_tracking_uri(cfg, False, said.append)
+    say_env_tracking_uri(cfg, True, said.append)          # a resume keeps its saved store: nothing to say
+    say_env_tracking_uri(named, False, said.append)
+    assert said == ["MLflow tracking URI http://mlflow.example:5000 from $MLFLOW_TRACKING_URI (--tracking-uri names "
+                    "another store; unset the variable to log to the sweep folder's mlflow.db)"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "bogus://nowhere")
+    msg = _gmpq_sweep_fails(["--preset", "demo", "--out", str(tmp_path / "s")], capsys)
+    assert "tracking_uri (from $MLFLOW_TRACKING_URI) 'bogus://nowhere' has a scheme MLflow does not know" in msg
+
+
 def test_demo_preset_passes_the_full_check(tmp_path):
     facts = check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}))
     assert facts.input_size == 28 and facts.in_channels == 1 and facts.feasible_avg_bits == (2.0, 6.0)
