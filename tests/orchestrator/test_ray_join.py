@@ -38,6 +38,33 @@ def test_an_address_where_nothing_runs_is_refused_within_seconds_naming_it_and_t
         _join_address("auto")
 
 
+def test_an_address_where_another_service_answers_is_refused_within_seconds(monkeypatch):
+    """A mistyped port that lands on another service (the walkthrough's: an MLflow server) hung in ray.init's retries
+    for minutes, with Ray's C++ log lines and no gmpq message; a silent service is refused after the probe's wait."""
+    import http.server
+    import threading
+
+    from orchestrator.ray_env import _speaks_grpc
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    http_srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    silent = socket.create_server(("127.0.0.1", 0))             # accepts, never says anything
+    threading.Thread(target=http_srv.serve_forever, daemon=True).start()
+    try:
+        for port in (http_srv.server_address[1], silent.getsockname()[1]):
+            t0 = time.monotonic()
+            with pytest.raises(ClusterError, match=rf"Something answers at 127\.0\.0\.1:{port} .* not a Ray cluster.*"
+                                                   r"--address local"):
+                _join_address(f"127.0.0.1:{port}")
+            assert time.monotonic() - t0 < 10
+        assert not _speaks_grpc(f"127.0.0.1:{http_srv.server_address[1]}", timeout_s=1)
+        monkeypatch.setenv("RAY_USE_TLS", "1")                   # a TLS GCS handshakes first: not probed
+        assert _speaks_grpc(f"127.0.0.1:{http_srv.server_address[1]}", timeout_s=1)
+    finally:
+        http_srv.shutdown()
+        silent.close()
+
+
 def test_a_live_address_is_joined_with_token_auth_when_a_token_exists(tmp_path):
     """gmpq cluster up starts clusters that require Ray's token: the join must send it (RAY_AUTH_MODE).
     In a child process: switching token auth on changes Ray's process-wide config."""
@@ -45,12 +72,23 @@ def test_a_live_address_is_joined_with_token_auth_when_a_token_exists(tmp_path):
     import subprocess
     import sys
 
+    import threading
+
     token = tmp_path / "auth_token"
     token.write_text("secret")
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
+    with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
+
+        def answer_like_grpc() -> None:        # every connection gets an HTTP/2 SETTINGS frame, as a GCS sends
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+
+        threading.Thread(target=answer_like_grpc, daemon=True).start()
         code = ("import os; from orchestrator.ray_env import _join_address; "
                 f"print(_join_address('127.0.0.1:{port}'), _join_address('local'), os.environ.get('RAY_AUTH_MODE'))")
         env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}
