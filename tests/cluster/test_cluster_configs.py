@@ -2,9 +2,16 @@
 recomputed from cluster.cost (so the two cannot drift apart)."""
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,9 +41,10 @@ def test_rayjob_runs_gmpq_run_on_a_gpu_worker_group_with_shared_storage_and_mlfl
     job = yaml.safe_load((ROOT / "kuberay" / "rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and job["apiVersion"] == "ray.io/v1"
     spec = job["spec"]
-    assert spec["entrypoint"].startswith("gmpq run --config ")
-    assert "--address auto" in spec["entrypoint"] and "$" + "{MLFLOW_TRACKING_URI" in spec["entrypoint"]
-    assert "--storage /mnt/gmpq/" in spec["entrypoint"] and spec["shutdownAfterJobFinishes"] is True
+    words = _entrypoint_words(spec["entrypoint"])
+    assert words[:4] == ["exec", "gmpq", "run", "--config"]
+    assert "--address auto" in " ".join(words) and "$" + "{MLFLOW_TRACKING_URI" in spec["entrypoint"]
+    assert "--storage /mnt/gmpq/" in " ".join(words) and spec["shutdownAfterJobFinishes"] is True
     cluster = spec["rayClusterSpec"]
     assert cluster["authOptions"]["mode"] == "token"
     workers = cluster["workerGroupSpecs"]
@@ -49,13 +57,101 @@ def test_rayjob_runs_gmpq_run_on_a_gpu_worker_group_with_shared_storage_and_mlfl
         assert claims and claims[0]["persistentVolumeClaim"]["claimName"] == "gmpq-shared"
 
 
+def _entrypoint_words(entrypoint: str) -> list[str]:
+    """The words of the driver script of rayjob.yaml's `sh -c '<script>'` entrypoint."""
+    outer = shlex.split(entrypoint)
+    assert outer[:2] == ["sh", "-c"] and len(outer) == 3, outer
+    return shlex.split(outer[2])
+
+
+def _stub(folder: Path, name: str, text: str) -> None:
+    (folder / name).write_text(text)
+    (folder / name).chmod(0o755)
+
+
+def test_rayjob_entrypoint_reads_the_mlflow_uri_on_the_head_not_in_the_submitter(tmp_path):
+    """KubeRay's K8sJobMode submitter (a pod of its own, without the head's env) runs
+    `/bin/bash -ce -- "... ray job submit --address http://<head-svc>:8265 ... -- ENTRYPOINT ; ..."`
+    (ray-operator/controllers/ray/common/job.go, BuildJobSubmitCommand); Ray's own `ray job submit` joins the
+    words it gets into the job's entrypoint, which the job supervisor on the head runs with shell=True and the
+    head's env. Replayed here with Ray's real `submit` command (only its HTTP client faked): the submitter
+    must not need $MLFLOW_TRACKING_URI, and the head must pass its value to gmpq, or fail naming it."""
+    if shutil.which("bash") is None:
+        pytest.skip("needs bash (the submitter's shell)")
+    spec = yaml.safe_load((ROOT / "kuberay" / "rayjob.yaml").read_text())["spec"]
+    assert spec["submissionMode"] == "K8sJobMode" and "submitterPodTemplate" not in spec   # KubeRay's default pod
+    submitter_bin, head_bin = tmp_path / "submitter", tmp_path / "head"
+    submitter_bin.mkdir()
+    head_bin.mkdir()
+    recorded = tmp_path / "entrypoint.txt"
+    _stub(submitter_bin, "ray", f"""#!{sys.executable}
+import os, sys
+args = sys.argv[1:]
+if args[:2] == ["job", "status"]:
+    sys.exit(1)                       # not submitted yet
+if args[:2] == ["job", "logs"]:
+    sys.exit(0)
+assert args[:2] == ["job", "submit"], args
+from ray.dashboard.modules.job import cli
+
+class Client:
+    def submit_job(self, **kw):
+        open({str(recorded)!r}, "w").write(kw["entrypoint"])
+        return kw.get("submission_id") or "job"
+
+    def get_version(self):
+        return "1"
+
+cli._get_sdk_client = lambda *a, **k: Client()
+cli.submit.main(args[2:], prog_name="ray job submit", standalone_mode=False)
+""")
+    addr, sid = "http://gmpq-resnet18-head-svc:8265", "gmpq-resnet18-x"
+    script = (f"if ! ray job status --address {addr} {sid} >/dev/null 2>&1 ; then ray job submit --address {addr} "
+              f"--no-wait --submission-id {sid} -- {spec['entrypoint'].strip()} ; fi ; "
+              f"ray job logs --address {addr} --follow {sid}")
+    submitter_env = {"PATH": f"{submitter_bin}:/usr/bin:/bin", "HOME": str(tmp_path)}   # no MLFLOW_TRACKING_URI
+    sub = subprocess.run(["bash", "-ce", "--", script], env=submitter_env, capture_output=True, text=True,
+                         timeout=120)
+    assert sub.returncode == 0 and recorded.is_file(), sub.stderr[-3000:]
+    entrypoint = recorded.read_text()
+
+    args_file = tmp_path / "gmpq_args"
+    _stub(head_bin, "gmpq", f"#!/bin/sh\nprintf '%s\\n' \"$@\" > {args_file}\n")
+    uri = _kinds("mlflow.yaml")["ConfigMap"]["data"]["tracking_uri"]
+    head_env = {"PATH": f"{head_bin}:/usr/bin:/bin", "MLFLOW_TRACKING_URI": uri}
+    ran = subprocess.run(entrypoint, shell=True, env=head_env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 0, ran.stderr
+    got = args_file.read_text().splitlines()
+    assert got[:3] == ["run", "--config", "/etc/gmpq/sweep.yaml"]
+    assert got[got.index("--tracking-uri") + 1] == uri and got[got.index("--address") + 1] == "auto"
+    for unset in ({}, {"MLFLOW_TRACKING_URI": ""}):
+        args_file.unlink(missing_ok=True)
+        ran = subprocess.run(entrypoint, shell=True, env={"PATH": head_env["PATH"], **unset}, capture_output=True,
+                             text=True, timeout=60)
+        assert ran.returncode != 0 and "MLFLOW_TRACKING_URI" in ran.stderr and "gmpq-mlflow" in ran.stderr
+        assert not args_file.exists()
+
+
+def test_rayjob_head_dashboard_listens_where_the_submitter_pod_reaches_it():
+    """In K8sJobMode the submitter pod and the operator use the Jobs API at http://<head-svc>:8265."""
+    spec = yaml.safe_load((ROOT / "kuberay" / "rayjob.yaml").read_text())["spec"]
+    params = spec["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    assert spec["submissionMode"] == "K8sJobMode"
+    assert params.get("dashboard-host", "0.0.0.0") == "0.0.0.0"     # absent: KubeRay's default, 0.0.0.0
+
+
 def _kinds(name: str) -> dict[str, dict]:
     return {d["kind"]: d for d in yaml.safe_load_all((ROOT / "kuberay" / name).read_text())}
 
 
+def _named(name: str, kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in yaml.safe_load_all((ROOT / "kuberay" / name).read_text())
+            if d["kind"] == kind}
+
+
 def test_raycluster_bundle_has_rwx_pvc_sweep_config_and_gpu_workers():
     shared = _kinds("shared.yaml")
-    assert shared["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert _named("shared.yaml", "PersistentVolumeClaim")["gmpq-shared"]["spec"]["accessModes"] == ["ReadWriteMany"]
     sweep = yaml.safe_load(shared["ConfigMap"]["data"]["sweep.yaml"])
     assert sweep["preset"] == "resnet18_imagenet" and sweep["storage_path"].startswith("/mnt/gmpq/")
     docs = _kinds("raycluster.yaml")
@@ -143,3 +239,100 @@ def test_readme_cost_table_matches_the_formula():
     # hand check of one search: 25 epochs * 28,333 images / 887 img/s = 798.6 s = 0.222 h
     assert eager.per_search == pytest.approx(25 * 85_000 / 3 / 887 / 3600) and round(eager.per_search, 3) == 0.222
     assert f"{eager.searches:.1f}" in readme and f"{eager.finetune:.1f}" in readme
+
+
+def _docs_and_configs() -> dict[str, str]:
+    files = [ROOT / "README.md", *sorted((ROOT / "kuberay").glob("*.yaml")),
+             *sorted((ROOT / "launcher").rglob("*.yaml"))]
+    return {str(f.relative_to(ROOT.parent)): f.read_text() for f in files}
+
+
+def test_paths_sizes_and_out_dirs_named_in_the_cluster_docs_agree():
+    """Every cluster/... file the docs and comments name exists; every `--out` and every
+    `resources {cpu: C, gpu: G}` they state is the shared sweep config's."""
+    sweep = yaml.safe_load((ROOT / "launcher" / "configs" / "sweep.yaml").read_text())
+    stated_resources = f"{{cpu: {sweep['resources']['cpu']}, gpu: {sweep['resources']['gpu']}}}"
+    outs, sizes = [], []
+    for name, text in _docs_and_configs().items():
+        for path in re.findall(r"\bcluster/[\w/.-]+\.(?:yaml|py|md)\b", text):
+            assert (ROOT.parent / path).is_file(), (name, path)
+        outs += [(name, o) for o in re.findall(r"--out (/mnt/\S+)", text)]
+        sizes += [(name, r) for r in re.findall(r"resources (\{cpu: [\d.]+, gpu: [\d.]+\})", text)]
+    assert outs and all(o == sweep["out_dir"] for _, o in outs), outs
+    assert sizes and all(r == stated_resources for _, r in sizes), sizes
+    assert "cluster/launcher/configs/sweep.yaml" in (ROOT / "kuberay" / "shared.yaml").read_text()
+
+
+def test_aws_docs_copy_a_changed_config_with_rsync_up_not_ray_up():
+    """`ray up` again reruns head_start_ray_commands (`ray stop` first: it ends a running sweep)."""
+    cfg = yaml.safe_load((ROOT / "launcher" / "aws.yaml").read_text())
+    remote = next(r for r, local in cfg["file_mounts"].items() if local == "cluster/launcher/configs")
+    rsync = f"ray rsync-up cluster/launcher/aws.yaml cluster/launcher/configs/ {remote}/"
+    assert cfg["head_start_ray_commands"][0] == "ray stop"
+    for rel in ("README.md", "launcher/aws.yaml", "launcher/configs/sweep.yaml"):
+        text = (ROOT / rel).read_text()
+        assert rsync in text and "ray stop" in text, rel
+        assert not re.search(r"`?ray up[^\n]*`? again to (copy|resync)|again on each later `ray up`", text), rel
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_aws_mlflow_setup_command_tolerates_only_a_server_already_answering(tmp_path):
+    """`ray up` reruns head_setup_commands when a file changed; `gmpq mlflow-server --detach` exits 2 while its
+    server runs. The setup command must skip the start when the server answers, and start it (failures
+    included) otherwise. Replayed with the port swapped for a free one and a stub gmpq."""
+    cfg = yaml.safe_load((ROOT / "launcher" / "aws.yaml").read_text())
+    [command] = [c for c in cfg["head_setup_commands"] if "gmpq mlflow-server" in c]
+    assert command.count("5000") >= 2 and "|| true" not in command
+    port = _free_port()
+    command = command.replace("5000", str(port))
+    calls = tmp_path / "gmpq_calls"
+    _stub(tmp_path, "gmpq", f"#!/bin/sh\necho \"$@\" >> {calls}\nexit 2\n")
+    env = {"PATH": f"{tmp_path}:{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path)}
+
+    # nothing answers: gmpq is run, and its failure fails the command (so `ray up`)
+    ran = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+    assert ran.returncode == 2 and calls.read_text().split() == ["mlflow-server", "--port", str(port), "--dir",
+                                                                "/mnt/gmpq/mlflow", "--detach"], ran.stderr
+    calls.unlink()
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", port), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:    # a server already answers: nothing is started, the command succeeds
+        ran = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert ran.returncode == 0 and not calls.exists(), ran.stderr
+
+
+def test_mlflow_sqlite_store_is_off_nfs_on_kuberay_and_the_aws_exception_is_explained():
+    """SQLite's locking is unreliable on NFS. KubeRay: the server's --dir is on a ReadWriteOnce PVC of its own,
+    not the RWX share. AWS keeps it on EFS (runs outlive `ray down`), documented as a single-writer exception."""
+    deployment = _kinds("mlflow.yaml")["Deployment"]["spec"]["template"]["spec"]
+    command = deployment["containers"][0]["command"]
+    store = command[command.index("--dir") + 1]
+    [mount] = [m for m in deployment["containers"][0]["volumeMounts"] if store.startswith(m["mountPath"])]
+    [volume] = [v for v in deployment["volumes"] if v["name"] == mount["name"]]
+    claim = volume["persistentVolumeClaim"]["claimName"]
+    pvc = _named("shared.yaml", "PersistentVolumeClaim")[claim]
+    assert claim != "gmpq-shared" and pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert deployment["securityContext"]["fsGroup"] == 100
+    assert _kinds("mlflow.yaml")["Deployment"]["spec"]["replicas"] == 1
+    aws = (ROOT / "launcher" / "aws.yaml").read_text()
+    assert "--dir /mnt/gmpq/mlflow" in aws and "only writer" in aws
+    readme = (ROOT / "README.md").read_text()
+    assert "SQLite on NFS is fragile" in readme and "only" in readme and "gmpq-mlflow-store" in readme
