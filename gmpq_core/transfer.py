@@ -116,24 +116,44 @@ def _target_key(meta: dict) -> str:
 
 
 def _target_meta(*, model: str, dataset: str, check: TransferCheck, data_root: str | None, image_size: int | None,
-                 small_input: bool) -> dict[str, Any]:
+                 small_input: bool, legacy: bool = False) -> dict[str, Any]:
     """The FP target model's recipe and data (its cache key; paths made absolute). Not the device or the
-    precision: they change its rounding, not its recipe (the precision is recorded beside it)."""
+    precision: they change its rounding, not its recipe (the precision is recorded beside it). Nor the test slice
+    (``test_size``): it only measures the model (each slice's top-1 is kept beside it); ``legacy``: the key of files
+    written before 2026-11-29, which held it (still read, so a warm cache stays warm)."""
     dataset, data_root = canonical_data_source(dataset, data_root)
     meta = {"model": model, "dataset": dataset, "data_root": data_root, "image_size": image_size,
             "small_input": bool(small_input), "fp_epochs": check.fp_epochs, "fp_lr": check.fp_lr,
             "fp_batch_size": check.fp_batch_size, "fp_train_size": check.fp_train_size,
-            "fp_max_steps_per_epoch": check.fp_max_steps_per_epoch, "test_size": check.test_size,
-            "seed": check.seed, **model_source_key(model)}
+            "fp_max_steps_per_epoch": check.fp_max_steps_per_epoch,
+            **({"test_size": check.test_size} if legacy else {}), "seed": check.seed, **model_source_key(model)}
     if TARGET_CACHE_VERSION > 1:
         meta["version"] = TARGET_CACHE_VERSION
     return meta
 
 
 def _target_file(*, cache_dir: str | Path, **key: Any) -> tuple[dict[str, Any], Path]:
-    """The FP target model's cache key (``_target_meta`` of ``key``) and its file in ``cache_dir``."""
+    """The FP target model's cache key (``_target_meta`` of ``key``) and its file in ``cache_dir``: the file under the
+    current key, else one an earlier version wrote for the same test slice, else (neither exists) the current one."""
     meta = _target_meta(**key)
-    return meta, Path(cache_dir).expanduser() / f"target_fp_{_target_key(meta)}.pt"
+    path = Path(cache_dir).expanduser() / f"target_fp_{_target_key(meta)}.pt"
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        old = Path(cache_dir).expanduser() / f"target_fp_{_target_key(_target_meta(**key, legacy=True))}.pt"
+        if old.is_file() and old.with_suffix(".json").is_file():
+            return meta, old
+    return meta, path
+
+
+def _slice_key(check: TransferCheck) -> str:
+    return str(check.test_size)          # "None": the whole test split
+
+
+def _slice_top1(info: dict[str, Any]) -> dict[str, float]:
+    """Top-1 by test slice recorded in a cache file's JSON (files of earlier versions: the one they were keyed by)."""
+    by = dict(info.get("top1_by_test_size") or {})
+    if not by and "top1" in info:
+        by[str((info.get("meta") or {}).get("test_size"))] = float(info["top1"])
+    return by
 
 
 def target_model_cached(*, model: str, dataset: str, check: TransferCheck, cache_dir: str | Path,
@@ -160,8 +180,15 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
     info_path = path.with_suffix(".json")
     if path.is_file() and info_path.is_file():
         info = read_json(info_path)
-        return TargetModel(path=path, top1=float(info["top1"]), seconds=float(info.get("seconds") or 0.0), cached=True,
-                           meta=info["meta"])
+        by_slice = _slice_top1(info)
+        if _slice_key(check) not in by_slice:          # another test slice: measured once, kept beside the others
+            net, _ = load_target_model(path, device)
+            bundle = load_dataset(dataset, root=data_root, image_size=image_size)
+            _, test = target_slices(bundle, check)
+            by_slice[_slice_key(check)] = fp_reference_top1(net, test, bundle.info, device=device, precision=precision)
+            atomic_write_json(info_path, {**info, "top1_by_test_size": by_slice})
+        return TargetModel(path=path, top1=by_slice[_slice_key(check)], seconds=float(info.get("seconds") or 0.0),
+                           cached=True, meta=info["meta"])
     bundle = load_dataset(dataset, root=data_root, image_size=image_size)
     info = bundle.info
     with seeded(check.seed):
@@ -178,7 +205,8 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
                  "input_size": info.image_size}
     save_checkpoint(path, net.to("cpu").state_dict())
     atomic_write_json(info_path, {"meta": full_meta, "top1": result.top1, "seconds": result.seconds,
-                                  "precision": resolve_precision(precision, device)})
+                                  "precision": resolve_precision(precision, device),
+                                  "top1_by_test_size": {_slice_key(check): result.top1}})
     log.info("FP target model %s: top1 %.2f%% in %.1fs", path.name, result.top1, result.seconds)
     return TargetModel(path=path, top1=result.top1, seconds=result.seconds, cached=False, meta=full_meta)
 

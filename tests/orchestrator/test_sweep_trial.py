@@ -37,6 +37,39 @@ def test_target_model_is_trained_once_then_read_from_the_cache(target):
     assert json.loads(first.path.with_suffix(".json").read_text())["meta"]["fp_epochs"] == CHECK.fp_epochs
 
 
+def test_another_test_slice_reuses_the_fp_target_model_and_measures_it_on_that_slice(target, tmp_path):
+    """transfer.test_size only picks the images the model is measured on: a walkthrough saw the FP target model
+    retrained (59 s at its size, minutes at the demo's) after changing it. Files keyed by it (earlier versions) stay
+    readable for the slice they were keyed by."""
+    import shutil
+    from dataclasses import replace
+
+    from gmpq_core.transfer import _target_key, _target_meta, fp_reference_top1
+
+    cache, first = target
+    other = replace(CHECK, test_size=80)
+    again = prepare_target_model(model="resnet20", dataset="fashion_mnist", check=other, cache_dir=cache)
+    assert again.cached and again.path == first.path
+    model, _ = load_target_model(first.path)
+    bundle = load_dataset("fashion_mnist")
+    assert again.top1 == pytest.approx(fp_reference_top1(model, target_slices(bundle, other)[1], bundle.info))
+    recorded = json.loads(first.path.with_suffix(".json").read_text())["top1_by_test_size"]
+    assert recorded == {"50": first.top1, "80": again.top1}
+    assert prepare_target_model(model="resnet20", dataset="fashion_mnist", check=other, cache_dir=cache).top1 == \
+        again.top1                                             # measured once
+    old_cache = tmp_path / "old"                               # as an earlier version keyed and wrote it
+    old_cache.mkdir()
+    key = dict(model="resnet20", dataset="fashion_mnist", check=CHECK, data_root=None, image_size=None,
+               small_input=True)
+    old = old_cache / f"target_fp_{_target_key(_target_meta(**key, legacy=True))}.pt"
+    shutil.copy(first.path, old)
+    info = json.loads(first.path.with_suffix(".json").read_text())
+    old.with_suffix(".json").write_text(json.dumps({"meta": {**info["meta"], "test_size": 50}, "top1": first.top1,
+                                                    "seconds": 1.0}))
+    read = prepare_target_model(model="resnet20", dataset="fashion_mnist", check=CHECK, cache_dir=old_cache)
+    assert read.cached and read.path == old and read.top1 == first.top1
+
+
 def test_transfer_check_is_identical_for_identical_inputs_and_leaves_the_fp_model_alone(target):
     _, tm = target
     model, meta = load_target_model(tm.path)
