@@ -119,8 +119,18 @@ def _status(args) -> int:
     for name, ok in alive.items():
         print(f"{name}: {'running' if ok else 'not running'}")
     if report["ray_nodes"] is not None:
-        print(f"Ray reports {len(report['ray_nodes'])} alive node(s)")
+        print(f"Ray reports {len(report['ray_nodes'])} alive node(s)" + (":" if report["ray_nodes"] else ""))
+        for n in report["ray_nodes"]:
+            print("  " + node_line(n))
     return 0 if any(alive.values()) else 1
+
+
+def node_line(node: dict) -> str:
+    """One alive node of ``gmpq cluster status``: its id (short), IP, CPUs, GPUs and memory."""
+    r = node.get("resources") or {}
+    mem = f", {r['memory'] / 2**30:.1f} GiB memory" if r.get("memory") else ""
+    return (f"{str(node.get('node_id', ''))[:12]} at {node.get('ip')}: {r.get('CPU', 0):g} CPU, {r.get('GPU', 0):g} "
+            f"GPU{mem}")
 
 
 def _nothing_recorded(state_dir: str | None) -> str:

@@ -135,6 +135,8 @@ def test_cluster_up_gives_three_nodes_pinned_tasks_reach_both_workers_and_down_s
     report = json.loads(status.stdout.strip().splitlines()[-1])
     assert report["processes"] == {"head": True, "worker_1": True, "worker_2": True}
     assert len(report["ray_nodes"]) == 3
+    plain = gmpq("cluster", "status", "--dir", str(a))               # each node's resources, not just a count
+    assert "Ray reports 3 alive node(s):" in plain.stdout and plain.stdout.count(" CPU, ") == 3, plain.stdout
 
     # another cluster (head only) that `down` of the first must leave alone
     other = start_local_cluster(workers=0, cpus_per_node=1, state_dir=b)

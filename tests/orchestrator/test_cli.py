@@ -199,3 +199,11 @@ def test_finetune_help_says_where_sweep_mode_takes_an_unset_value(flag, capsys):
 def test_pareto_help_names_the_policy_files_it_writes_for_finetune(capsys):
     text = " ".join(_help("pareto", capsys).split())
     assert "DIR/policies/<trial_id>.json" in text and "gmpq finetune --policy" in text
+
+
+def test_cluster_status_says_each_alive_nodes_resources():
+    from orchestrator.commands.cluster import node_line
+
+    node = {"node_id": "ab12cd34ef56789", "ip": "10.0.0.7", "resources": {"CPU": 8.0, "GPU": 1.0, "memory": 2**34}}
+    assert node_line(node) == "ab12cd34ef56 at 10.0.0.7: 8 CPU, 1 GPU, 16.0 GiB memory"
+    assert node_line({"node_id": "x", "ip": "h", "resources": {"CPU": 2.0}}) == "x at h: 2 CPU, 0 GPU"
