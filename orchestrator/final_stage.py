@@ -34,6 +34,7 @@ from .ray_env import ray_session
 from .recipes import recipe_changes, recipe_precision, same_recipe
 from .results import FINAL_FILE, load_resolved_config
 from .side_by_side import run_side_by_side, side_by_side_slots
+from .sweep_join import say_recorded_sweep_join
 from .sweep_lost import final_lost_handler
 from .train_stage import RECIPE_DEFAULTS, STATE_FILE, FinalJob, run_final_job
 
@@ -288,6 +289,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         where = cfg.get("address") if address is None else address
         command = stage_command(sweep_dir) or "finetune"              # "run" when gmpq run runs this stage
         lost = final_lost_handler(sweep_dir, local=where in (None, "local"), command=command)
+        say_recorded_sweep_join(sweep_dir, where if address is None else None)
         with ray_session(where), watching_cluster(lost) as watch:
             auto = workers == "auto"
             workers, use_gpu = _ray_devices(1 if auto else workers, use_gpu, say)

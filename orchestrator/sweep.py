@@ -48,6 +48,8 @@ from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config,
 from .cluster_watch import lost_after_s
 from .driver_markers import driver_marker
 from .tail_threads import TailThreads
+from .sweep_join import (keep_recorded_address, record_joined_address, say_recorded_join, start_text,
+                         warn_unshared)
 from .sweep_progress import SweepProgress
 from .trainable import make_trainable
 from .trial_status import UNFINISHED, TrialStatusBook
@@ -150,30 +152,43 @@ def _mlflow_callbacks(callbacks: list) -> list:
 
 
 def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook, *, resume: bool, progress: bool,
-          prep_threads: int | None, say, command: str = "sweep") -> Any:
+          prep_threads: int | None, say, command: str = "sweep", unshared: tuple[str, ...] = ()) -> Any:
     """Inside a Ray session, its cluster watched (``cluster_watch``: lost, the driver says so and exits 75):
-    preflight, shared preparation, then the Tuner's run; returns its ResultGrid."""
+    preflight, shared preparation, then the Tuner's run; returns its ResultGrid. ``unshared``: the settings left at
+    their defaults inside the sweep folder (warned about when the cluster joined has a node on another host)."""
     from .cluster_watch import watching_cluster
     from .ray_env import ray_cpus, ray_session
     from .sweep_lost import sweep_lost_handler
 
+    if not ray.is_initialized():                           # (gmpq run joined before its sweep stage)
+        say_recorded_join(cfg.address)
     with ray_session(cfg.address), watching_cluster(sweep_lost_handler(cfg, callbacks, command)):
+        record_joined_address(cfg)
+        warn_unshared(cfg, unshared)
         _preflight(cfg)                                    # a request no node can run fails now, not hangs
         new = "" if Path(cfg.cache_dir).exists() else (" (a new model cache: the shared models train there; an "
                                                         "existing cache elsewhere? pass its --cache-dir)")
         say(f"preparing shared artefacts in {cfg.cache_dir}{new}")
         context = prepare_shared(cfg, say=say, threads=prep_threads, parallel=True)
         if progress:                                       # its clock starts with the trials
-            callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets))
+            callbacks.append(SweepProgress(cfg.n_trials, book, cfg.budget_buckets, cfg.out_dir))
         if is_local_cpu_sweep(cfg):
             callbacks.append(TailThreads(cfg.out_dir, cfg.n_trials, min(_sweep_cores(cfg), ray_cpus()),
                                          cfg.resources.cpu))
         tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
-        say(f"{cfg.n_trials} trials, {cfg.max_concurrent_trials} at a time, {cfg.resources.cpu:g} CPU"
-            f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each; "
-            f"from another terminal: gmpq status --sweep {cfg.out_dir}")
+        say(start_text(cfg))
         with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
             return fit_restoring_handlers(tuner)
+
+
+
+
+
+
+
+
+
+
 
 
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
@@ -247,7 +262,7 @@ def _preflight(cfg: SweepConfig) -> None:
     from cluster.preflight import preflight_sweep
 
     pre = preflight_sweep(storage_path=cfg.storage_path, cpu=cfg.resources.cpu, gpu=cfg.resources.gpu,
-                          max_concurrent_trials=cfg.max_concurrent_trials,
+                          max_concurrent_trials=min(cfg.max_concurrent_trials, cfg.n_trials),   # (never more)
                           shared_paths={"out_dir": cfg.out_dir, "cache_dir": cfg.cache_dir})
     for warning in pre.warnings:
         log.warning("%s", warning)
@@ -289,6 +304,8 @@ def _finished_summary(cfg: SweepConfig, t0: float) -> SweepSummary | None:
                         n_planned=cfg.n_trials)
 
 
+
+
 def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
               prep_threads: int | None = None, command: str = "sweep") -> SweepSummary:
     """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
@@ -324,7 +341,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
             what = "the sweep stage is complete" if command == "run" else "nothing to resume"
             say(f"the sweep already ran all its {cfg.n_trials} trials (none failed, which --resume would run "
                 f"again): {what}")
-            save_resolved_config(cfg)                      # a changed finetune section (gmpq run's flags) is kept
+            save_resolved_config(keep_recorded_address(cfg))    # a changed finetune section (gmpq run's flags)
             _close_orphan_optuna_trials(cfg, say, started_before=started_at)   # a driver killed after its last row
             return done
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
@@ -332,10 +349,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         check_join_address(cfg.address)
     check_sweep_config(cfg)                                # everything that can fail does so before Ray
     lost_after_s()                                         # (also a bad $GMPQ_CLUSTER_LOST_AFTER_S)
-    if joined is not None and joined.kind != "local" and unshared:       # ('local': this machine's own Ray)
-        log.warning("the sweep joins a Ray cluster (%s): trials on its other nodes need %s on storage every node "
-                    "shares (NFS, S3); the default%s inside %s", (joined.address if joined else None) or cfg.address,
-                    " and ".join(unshared), "s are" if len(unshared) > 1 else " is", sweep_dir)
+    unshared = unshared if joined is not None and joined.kind != "local" else []   # ('local': this machine's own Ray)
     from .results import read_layers, read_trials
     read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
     read_layers(sweep_dir, missing_ok=True)
@@ -356,7 +370,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         raise ConfigError(f"The folder '{sweep_dir}' holds the results of sweep '{other}' (trials.parquet, MLflow "
                           f"parent run); a second sweep '{cfg.name}' there would mix its trials into them. Give "
                           f"--out a new folder, or continue '{other}' with --resume.")
-    save_resolved_config(cfg)
+    save_resolved_config(keep_recorded_address(cfg))     # --address auto: the cluster joined, once joined
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -369,7 +383,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
                 with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
                     stores = pool.submit(_open_stores, cfg, callbacks, resume)          # while Ray starts
                     grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
-                                 prep_threads=prep_threads, say=say, command=command)
+                                 prep_threads=prep_threads, say=say, command=command, unshared=tuple(unshared))
             finally:                                             # MLflow writes still queued reach the store
                 for cb in _mlflow_callbacks(callbacks):
                     cb.close()

@@ -2,8 +2,10 @@
 attempt retried), numbered as Tune numbers the trials, with the time since the trials started."""
 from __future__ import annotations
 
+import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -14,14 +16,16 @@ from .results import error_text
 from .trainable import trial_number
 from .trial_status import TrialStatusBook
 
-__all__ = ["SweepProgress"]
+__all__ = ["SweepProgress", "error_where"]
 
 
 class SweepProgress(Callback):
     """One short stderr line per trial event (start, search epoch, done, pruned, failed)."""
 
-    def __init__(self, n_trials: int, status_book: TrialStatusBook, edges: tuple) -> None:
+    def __init__(self, n_trials: int, status_book: TrialStatusBook, edges: tuple,
+                 sweep_dir: str | Path | None = None) -> None:
         self.n_trials, self.book, self.edges = n_trials, status_book, tuple(edges)
+        self.sweep_dir = sweep_dir
         self.t0 = time.time()
         self.index: dict[str, int] = {}
 
@@ -63,7 +67,21 @@ class SweepProgress(Callback):
                              f"transfer {r.get('transfer_seconds', 0):.0f}s)")
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, f"FAILED: {error_text(trial)[:300]} ({trial.error_file or 'see the trial folder'})")
+        self._say(trial, f"FAILED: {error_text(trial)[:300]} ({error_where(trial.error_file, self.sweep_dir)})")
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self._say(trial, f"attempt failed: {error_text(trial)[:300]}; retrying (max_failures)")
+
+
+_SESSION_DIR = re.compile(r"session_(\d{4}-\d\d-\d\d_|latest$)")    # Ray's session_<date>_<time>_<pid> folders
+
+
+def error_where(error_file: str | None, sweep_dir: str | Path | None) -> str:
+    """Where a failed trial's full error is: Tune's ``error.txt`` under the Ray session's temp dir is removed with it
+    (``gmpq cluster down`` deletes the cluster's temp dir), so the text the sweep keeps (trials.parquet, ``gmpq
+    status``) is named too."""
+    if not error_file:
+        return "see the trial folder"
+    if sweep_dir is None or not any(_SESSION_DIR.match(part) for part in Path(error_file).parts):
+        return error_file
+    return f"{error_file}, a Ray temp file; the error is also kept in trials.parquet: gmpq status --sweep {sweep_dir}"

@@ -22,7 +22,7 @@ from .sweep_config import SweepConfig
 from .trainable import trial_device
 
 __all__ = ["RESUME_AUTO", "experiment_path", "check_not_a_study", "holds_sweep_state", "resolve_resume",
-           "resume_choice_text", "STUDY_FILES"]
+           "resume_choice_text", "STUDY_FILES", "joining_text", "say_joining"]
 
 log = logging.getLogger(__name__)
 
@@ -199,3 +199,28 @@ def refuse_beside_running_sweep(sweep_dir: str | Path, resume: bool) -> None:
                       f"the Optuna study), losing some. Follow it with: gmpq status {sweep_dir}. To continue it from "
                       f"here instead, stop that process first (Ctrl-C there, or kill {driver.get('pid')}: it keeps "
                       f"what ended), then resume; {ended_marker_text(sweep_dir)}.")
+
+
+def joining_text(address: str, origin: str) -> str | None:
+    """The line of a command about to join the Ray cluster at ``address``, read from ``origin`` (the sweep's config,
+    a --config file) rather than given as --address: ``joining the Ray cluster at ... (from ...)``, worded as
+    ``--address auto``'s line (``ray_env._join_address``). None where that line is said already (an address that
+    resolves to another: ``auto``) or nothing is joined (``local``)."""
+    from cluster.connect import resolve_address
+
+    try:
+        resolved = resolve_address(address, source=origin)
+    except ConfigError:                     # a malformed address: the join names it
+        return None
+    if resolved.kind not in ("gcs", "client") or resolved.address != address.strip():
+        return None
+    return f"joining the Ray cluster at {resolved.address} (from {origin}; --address overrides it)"
+
+
+def say_joining(address: str | None, origin: str) -> None:
+    """Say ``joining_text`` on the channel ``--address auto``'s line goes to (``ray_env``'s log)."""
+    from . import ray_env
+
+    text = joining_text(address, origin) if address else None
+    if text is not None:
+        ray_env.log.warning("%s", text)

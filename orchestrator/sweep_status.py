@@ -30,7 +30,7 @@ from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
 
 __all__ = ["RUNNING", "STOPPED", "TrialState", "SweepStatus", "read_sweep_status", "mlflow_view", "mlflow_gaps_text",
-           "continue_text", "no_trial_ended_text", "last_epoch_proxy_top1"]
+           "continue_text", "recorded_address", "no_trial_ended_text", "last_epoch_proxy_top1"]
 
 log = logging.getLogger(__name__)
 _CUT_LINES_OK = 3    # trial_events.jsonl lines a crash may leave cut (a driver and its trials append to it)
@@ -249,9 +249,28 @@ def _front_ids(sweep_dir: Path) -> list[str]:
 
 def continue_text(sweep_dir: str | Path, flag: str = "--resume") -> str:
     """The commands that continue a sweep stopped before all its trials ended (``gmpq status``, and ``gmpq pareto``
-    / ``gmpq finetune --sweep`` before any trial ended: ``no_trial_ended_text``)."""
-    return (f"Continue with: gmpq sweep --out {sweep_dir} {flag} (or gmpq run --out {sweep_dir} {flag}, which also "
+    / ``gmpq finetune --sweep`` before any trial ended: ``no_trial_ended_text``). A sweep that ran joined to a Ray
+    cluster (its saved config has an ``address``) continues on that cluster; once it is gone, ``--address`` names
+    the new one (worded as a lost cluster's paragraph: ``cluster_watch.join_hint``)."""
+    text = (f"Continue with: gmpq sweep --out {sweep_dir} {flag} (or gmpq run --out {sweep_dir} {flag}, which also "
             "fine-tunes).")
+    address = recorded_address(sweep_dir)
+    if address is None:
+        return text
+    from .cluster_watch import join_hint
+
+    return (f"{text} It joins the Ray cluster its {CONFIG_FILE} records ({address}); if that cluster is gone, "
+            f"add{join_hint(False)}.")
+
+
+def recorded_address(sweep_dir: str | Path) -> str | None:
+    """The Ray cluster address a sweep's saved config records (None: none, ``local``, or no readable config)."""
+    try:
+        address = load_resolved_config(sweep_dir, follow_moves=False).get("address")
+    except (CheckpointError, OSError):
+        return None
+    address = str(address).strip() if address is not None else ""
+    return address if address and address != "local" else None
 
 
 def no_trial_ended_text(sweep_dir: str | Path) -> str | None:

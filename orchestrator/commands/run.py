@@ -31,6 +31,18 @@ from . import at_least, help_text, int_or_auto, quiet_libraries
 __all__ = ["register", "run"]
 
 
+@contextlib.contextmanager
+def _ray_session_said(address: str | None):
+    """``ray_session(address)``, after the line naming a cluster whose address was read from the sweep's config (a
+    ``--resume``; ``sweep_join.say_recorded_join``: the sweep stage cannot say it, Ray runs by then)."""
+    from orchestrator.ray_env import ray_session
+    from orchestrator.sweep_join import say_recorded_join
+
+    say_recorded_join(address)
+    with ray_session(address) as started:
+        yield started
+
+
 def _say(msg: str) -> None:
     print(f"gmpq run: {msg}", file=sys.stderr, flush=True)
 
@@ -43,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
                                              mlflow_line, say_env_tracking_uri, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals, ray_session,
+    from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals,
                                       stop_status, terminated)
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
@@ -64,12 +76,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         with noting_mlflow_off() as mlflow_off, \
                 (address_origin(origin, resolved.address) if origin else contextlib.nullcontext()), \
-                ray_session(resolved.address):           # one Ray for the sweep and the fine-tune
+                _ray_session_said(resolved.address):     # one Ray for the sweep and the fine-tune
             from orchestrator.final_stage import check_final_workers
 
             if resolved.finetune.workers != "auto":       # 'auto' fits whatever the cluster has
                 check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
-            _say(f"1/3 sweep: {cfg.n_trials} trials -> {sweep_dir}")
+            _say(f"1/3 sweep: {cfg.n_trials} trial{'' if cfg.n_trials == 1 else 's'} -> {sweep_dir}")
             summary = run_sweep(cfg, resume=resume, progress=not args.quiet,   # the later stages resume on their own
                                 command="run")           # driver.json: 'gmpq run' (its sweep stage)
             print(format_summary(summary, command="gmpq run"), flush=True)
