@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_mlflow_tracking_uri():
+    """``mlflow.set_tracking_uri`` (some tests query their sweep's store through it) also sets $MLFLOW_TRACKING_URI,
+    which a sweep takes as its store when nothing names one: no test starts with another's."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture(scope="session")
 def _shared_data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("gmpq_data_cache"))
