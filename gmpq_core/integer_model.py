@@ -99,7 +99,8 @@ def save_integer_model(path: str | os.PathLike, model: QuantizedModel) -> Path:
     return save_checkpoint(path, {"format": INT_FORMAT, "arch": dict(model.arch), "policy_json": model.policy.to_json(),
                                   "quantized": {n: [int(s.w_bits), int(s.a_bits)] for n, s in model.quantized.items()},
                                   "packed": packed, "float_state": state, "results": dict(model.results),
-                                  "preprocess": dict(model.preprocess)})
+                                  "preprocess": dict(model.preprocess),
+                                  **({"model_source": model.model_source} if model.model_source else {})})
 
 
 def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -127,7 +128,8 @@ def load_integer_model(path: str | os.PathLike, *, device: str | torch.device = 
         state[f"{name}.weight"] = dequantize(q, w_bits, entry).reshape(shape)
     as_float = {"format": FORMAT, "arch": arch_from_meta(blob["arch"]),
                 "policy_json": blob["policy_json"], "quantized": blob["quantized"], "state_dict": state,
-                "results": blob.get("results") or {}, "preprocess": blob.get("preprocess") or {}}
+                "results": blob.get("results") or {}, "preprocess": blob.get("preprocess") or {},
+                **({"model_source": blob["model_source"]} if blob.get("model_source") else {})}
     return load_quantized_model(path, device=device, blob=as_float)
 
 

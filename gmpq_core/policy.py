@@ -26,6 +26,29 @@ def _check_bits(value: Any, what: str) -> int:
     return value
 
 
+_SHAPE = ("A bit policy must be a JSON object with 'version' and 'layers' ({layer: {\"w_bits\": W, \"a_bits\": A}}, "
+          "as 'gmpq search' writes to DIR/policy.json),")
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in words: "a list of 20 entries", "a string"."""
+    if isinstance(value, (list, tuple)):
+        return f"a list of {len(value)} entries"
+    return {str: "a string", bool: "a boolean", int: "a number", float: "a number",
+            type(None): "null"}.get(type(value), f"a {type(value).__name__}")
+
+
+_RESULT_FIX = "pass the policy.json of the same folder (written by 'gmpq search', copied by 'gmpq finetune --policy')."
+
+
+def _result_hint(d: Any) -> str:
+    """For a result file of gmpq (finetune_result.json, result.json: they record the policy they used): where the
+    policy itself is."""
+    if isinstance(d, Mapping) and ("top1" in d or "policy" in d or "history" in d):
+        return f" This looks like a result file of gmpq, not a policy: {_RESULT_FIX}"
+    return ""
+
+
 @dataclass(frozen=True, kw_only=True)
 class QuantSpec:
     """Bitwidths of one layer: its weight and its input activation."""
@@ -78,6 +101,11 @@ class BitPolicy:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, Mapping):
+            raise PolicyMismatchError(f"{_SHAPE} 'layers' must map each layer name to {{w_bits, a_bits}}, but got "
+                                      f"{_kind(self.layers)}.")
+        if not isinstance(self.meta, Mapping):
+            raise PolicyMismatchError(f"{_SHAPE} 'meta' must be an object, but got {_kind(self.meta)}.")
         fixed = {}
         for name, spec in dict(self.layers).items():
             if isinstance(spec, Mapping):
@@ -165,8 +193,13 @@ class BitPolicy:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BitPolicy":
         if not isinstance(d, Mapping) or "layers" not in d:
-            raise PolicyMismatchError("A bit policy must be a JSON object with 'version' and 'layers', "
-                                      f"but got keys {sorted(d) if isinstance(d, Mapping) else type(d).__name__}.")
+            raise PolicyMismatchError(f"{_SHAPE} but got "
+                                      f"{'keys ' + str(sorted(d)) if isinstance(d, Mapping) else type(d).__name__}."
+                                      f"{_result_hint(d)}")
+        if not isinstance(d["layers"], Mapping) or not isinstance(d.get("meta", {}), Mapping):
+            key = "layers" if not isinstance(d["layers"], Mapping) else "meta"
+            raise PolicyMismatchError(f"{_SHAPE} but its '{key}' is {_kind(d[key])}, not an object."
+                                      f"{_result_hint(d)}")
         version = d.get("version", POLICY_VERSION)
         if version != POLICY_VERSION:
             raise PolicyMismatchError(f"Unsupported policy version {version!r}; this tool reads version "
@@ -203,4 +236,7 @@ class BitPolicy:
         try:
             return cls.from_json(text)
         except PolicyMismatchError as e:
-            raise PolicyMismatchError(f"Policy file '{p}': {e}") from None
+            msg, beside = str(e), p.with_name("policy.json")
+            if _RESULT_FIX in msg and p.name != beside.name and beside.is_file():
+                msg = msg.replace(_RESULT_FIX, f"pass {beside}, beside it.")
+            raise PolicyMismatchError(f"Policy file '{p}': {msg}") from None

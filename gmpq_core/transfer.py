@@ -192,7 +192,8 @@ def prepare_target_model(*, model: str, dataset: str, check: TransferCheck, cach
     bundle = load_dataset(dataset, root=data_root, image_size=image_size)
     info = bundle.info
     with seeded(check.seed):
-        net = build_model(model, num_classes=info.num_classes, in_channels=info.in_channels, small_input=small_input)
+        net = build_model(model, num_classes=info.num_classes, in_channels=info.in_channels, small_input=small_input,
+                          input_size=info.image_size)
     train = proxy(bundle.train, check.fp_train_size, seed=check.seed)
     _, test = target_slices(bundle, check)
     cfg = TrainConfig(epochs=check.fp_epochs, lr=check.fp_lr, batch_size=check.fp_batch_size, seed=check.seed,

@@ -230,7 +230,7 @@ def build_seeded_model(opts: ModelOptions, seed: int) -> nn.Module:
 
     with seeded(seed):
         return build_model(opts.model, num_classes=opts.num_classes, in_channels=opts.in_channels,
-                           small_input=opts.small_input)
+                           small_input=opts.small_input, input_size=opts.input_size)
 
 
 def resolve_device(name: str) -> str:

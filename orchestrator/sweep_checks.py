@@ -101,7 +101,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
         check_subset_size(size, len(split), None, what, cfg.target_dataset, images, role="target")
     with torch.random.fork_rng():
         net = build_model(cfg.model, num_classes=pi.num_classes, in_channels=pi.in_channels,
-                          small_input=cfg.small_input)
+                          small_input=cfg.small_input, input_size=pi.image_size)
     from gmpq_core.bitops import layer_macs
     all_macs = layer_macs(net, pi.image_size, pi.in_channels)
     macs = {n: all_macs[n] for n in searchable_layers(net)}

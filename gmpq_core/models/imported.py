@@ -63,7 +63,13 @@ def canonical_model_name(name: str) -> str:
 
 def _import_file(path: Path, spec: str) -> Any:
     if not path.is_file():
-        raise ConfigError(f"The model '{spec}' names the file {path}, which does not exist. Give the path of the "
+        py = path.with_name(path.name + ".py")
+        if path.suffix != ".py" and py.is_file():
+            attr = spec.rpartition(":")[2]
+            raise ConfigError(f"The model '{spec}' names the file {path}, which does not exist, but {py} does: did "
+                              f"you mean '{py}:{attr}'? A model file is named with its '.py' (PATH.py:FUNCTION).")
+        kind = "is a folder, not a Python file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"The model '{spec}' names the file {path}, which {kind}. Give the path of the "
                           f"Python file that defines the builder (on a cluster, one every node can read). {_HOW}")
     key = f"gmpq_user_model_{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
     if key in sys.modules:
@@ -84,9 +90,12 @@ def _import_module(where: str, spec: str) -> Any:
     try:
         return importlib.import_module(where)
     except ModuleNotFoundError as e:
+        local = Path(*where.split(".")).with_suffix(".py")
+        hint = (f" There is a file {local} here: to use it, name it as a file, './{local.as_posix()}:"
+                f"{spec.rpartition(':')[2]}'." if local.is_file() else "")
         raise ConfigError(f"The model '{spec}' names the module '{where}', which cannot be imported ({e}). Install "
                           "its package, or put its folder on PYTHONPATH (every Ray worker must import it too), or "
-                          "name the file instead (PATH.py:FUNCTION).") from None
+                          f"name the file instead (PATH.py:FUNCTION).{hint}") from None
     except Exception as e:                      # noqa: BLE001 - the user's code
         raise ConfigError(f"Importing the module '{where}' (for the model '{spec}') failed: {type(e).__name__}: "
                           f"{e}. Fix the module (run 'python -c \"import {where}\"' to see the traceback).") from e

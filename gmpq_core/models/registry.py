@@ -10,13 +10,15 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError, GMPQError
 from .imported import canonical_model_name, import_builder, is_import_spec
 from .resnet_cifar import ResNetCifar
 
-__all__ = ["ModelSpec", "MODELS", "register_model", "build_model", "list_models", "gradcam_layer_name", "check_model"]
+__all__ = ["ModelSpec", "MODELS", "register_model", "build_model", "list_models", "gradcam_layer_name", "check_model",
+           "check_model_output", "small_input_variant"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,7 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     gradcam_layer: str          # FQN of the last convolutional stage (Grad-CAM feature map)
     description: str
+    small_input_variant: bool | None = True     # whether small_input changes the network (None: a user's, unknown)
 
 
 log = logging.getLogger(__name__)
@@ -32,11 +35,19 @@ log = logging.getLogger(__name__)
 MODELS: dict[str, ModelSpec] = {}
 
 
-def register_model(name: str, gradcam_layer: str, description: str):
+def register_model(name: str, gradcam_layer: str, description: str, *, small_input_variant: bool = True):
+    """``small_input_variant=False``: the builder has one stem whatever ``small_input`` says (resnet20's 3x3 stride-1
+    stem is the small-input one)."""
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        MODELS[name] = ModelSpec(name, fn, gradcam_layer, description)
+        MODELS[name] = ModelSpec(name, fn, gradcam_layer, description, small_input_variant)
         return fn
     return deco
+
+
+def small_input_variant(name: str) -> bool | None:
+    """Whether ``small_input`` changes the network ``name`` builds: False for a model with one stem (resnet20, whose
+    stem is the small-input one), None for a user's builder (its own business)."""
+    return _get(name).small_input_variant
 
 
 def list_models() -> list[str]:
@@ -50,7 +61,7 @@ def _get(name: str) -> ModelSpec:
         fn = import_builder(name)
         doc = (getattr(fn, "__doc__", None) or "").strip()
         return ModelSpec(canonical_model_name(name), fn, str(getattr(fn, "gradcam_layer", "") or ""),
-                         doc.splitlines()[0] if doc else f"{name} (your own builder)")
+                         doc.splitlines()[0] if doc else f"{name} (your own builder)", None)
     raise ConfigError(f"Unknown model '{name}'. Available models: {', '.join(list_models())}; or one of your own, "
                       "named MODULE:FUNCTION or PATH.py:FUNCTION (e.g. './my_cnn.py:build').")
 
@@ -66,8 +77,12 @@ def check_model(name: object, what: str = "model") -> str:
 
 
 def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, small_input: bool = False,
-                **kwargs) -> nn.Module:
-    """Build a registered model with a fresh random init (seed torch beforehand for reproducibility)."""
+                input_size: int | None = None, **kwargs) -> nn.Module:
+    """Build a registered model with a fresh random init (seed torch beforehand for reproducibility).
+
+    A user's builder (``MODULE:FUNCTION``) is checked to give ``num_classes`` logits (``check_model_output``) on
+    an image of ``input_size`` pixels (not passed to the builder); without one, on the first of a few common
+    sizes that its network runs at."""
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, but got num_classes={num_classes!r}.")
     if not isinstance(in_channels, int) or in_channels < 1:
@@ -86,7 +101,53 @@ def build_model(name: str, *, num_classes: int = 10, in_channels: int = 3, small
     if not isinstance(model, nn.Module):
         raise ConfigError(f"The model builder '{name}' returned {type(model).__name__}, not a torch.nn.Module; "
                           "return the network itself.")
+    if is_import_spec(name):
+        check_model_output(model, spec.name, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
     return model
+
+
+# image sides tried, in this order, when no input size is given (the first a user's network runs at is checked)
+PROBE_SIZES = (32, 28, 224, 64, 96, 128, 256, 299)
+
+
+def _probe(model: nn.Module, in_channels: int, size: int) -> object:
+    """``model``'s output for one zero image of ``size`` pixels, on its own device (eval mode for the call, no
+    gradients); ``model``'s mode and the random state are left as they were."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            p = next(iter([*model.parameters(), *model.buffers()]), None)
+            dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+            return model(torch.zeros(1, in_channels, size, size, device=p.device if p is not None else "cpu",
+                                     dtype=dtype))
+    finally:
+        model.train(was_training)
+
+
+def check_model_output(model: nn.Module, name: str, *, num_classes: int, in_channels: int,
+                       input_size: int | None = None) -> None:
+    """ConfigError unless ``model`` (built by ``name``'s builder with ``num_classes``) gives ``num_classes`` logits
+    for a ``[1, in_channels, input_size, input_size]`` input (a builder that ignores ``num_classes`` used to fail the
+    first training step with "IndexError: Target 7 is out of bounds"). Without ``input_size``, the first of
+    ``PROBE_SIZES`` the network runs at is used; one that runs at none (or on the meta device) is not checked here."""
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        return                                  # shapes-only builds (fileio): nothing to run
+    sizes = (input_size,) if input_size is not None else PROBE_SIZES
+    for size in sizes:
+        try:
+            out = _probe(model, in_channels, int(size))
+        except Exception:                       # noqa: BLE001 - not at this size; an exact size's error is the run's
+            continue
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[0] == 1 and out.shape[1] != num_classes:
+            shape = list(out.shape)
+            raise ConfigError(
+                f"The model builder '{name}' returned a network with {shape[1]} outputs (logits) per image (output "
+                f"shape {shape} for a [1, {in_channels}, {size}, {size}] input), but it was called with "
+                f"num_classes={num_classes}, the number of classes of the data: its classifier must give one logit "
+                f"per class. Use the builder's num_classes argument for its last layer (e.g. "
+                f"nn.Linear(features, num_classes)) instead of a fixed count.")
+        return
 
 
 def gradcam_layer_name(name: str) -> str:
@@ -131,6 +192,7 @@ def mobilenet_v2(*, num_classes: int, in_channels: int, small_input: bool) -> nn
     return model
 
 
-@register_model("resnet20", "layer3", "CIFAR-style ResNet-20 (20 searchable layers), fast on CPU")
+@register_model("resnet20", "layer3", "CIFAR-style ResNet-20 (20 searchable layers), fast on CPU",
+                small_input_variant=False)
 def resnet20(*, num_classes: int, in_channels: int, small_input: bool = True, width: int = 16) -> nn.Module:
     return ResNetCifar(20, num_classes=num_classes, in_channels=in_channels, width=width)

@@ -2,7 +2,7 @@
 
     gmpq evaluate runs/demo                          # every final model of a sweep (float and integer files)
     gmpq evaluate runs/demo/models/<trial>.int.pt --test-size 2000
-    gmpq evaluate model.pt --dataset mnist5k         # another dataset with the same classes and channels
+    gmpq evaluate model.pt --dataset mnist5k         # another dataset with as many classes and channels
 
 A model file (``gmpq finetune``'s float one, or ``gmpq export``'s integer one) records its dataset and input
 normalisation; that dataset's test split is the default. The table gives each model's bits, BitOPs, top-1
@@ -10,7 +10,9 @@ and top-5 here, and the top-1 its fine-tune recorded, with the number of test im
 that differs (a fine-tune capped by --test-size); on the same images, small differences are float-level (another
 memory layout, batch size or device). Each row is named by the shortest end of its path that no other row shares
 (``runs/ft1/quantized.pt`` and ``runs/ft2/quantized.pt``: ``ft1/quantized.pt``, ``ft2/quantized.pt``); --json
-gives that name as ``name`` beside the ``path`` as given.
+gives that name as ``name`` beside the ``path`` as given. A file named twice (or by two paths) is evaluated once.
+--dataset with another dataset than the model's needs as many classes and channels; a note then says that its labels
+are read as the model's classes in the same order (label i = class i), which holds only for the same classes.
 """
 from __future__ import annotations
 
@@ -66,7 +68,13 @@ def model_paths(paths: list[str]) -> list[Path]:
             exported = integer_path(f)
             if exported.is_file():
                 out.append(exported)
-    return out
+    seen: set[Path] = set()                 # one row per file, however often (or by whichever path) it was named
+    unique = []
+    for f in out:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return unique
 
 
 def row_names(files: list[Path]) -> list[str]:
@@ -126,14 +134,30 @@ def evaluate_file(path: Path, args: argparse.Namespace, device: str, data: dict)
                           f"{model.arch['in_channels']}-channel images, but {dataset} has {info.num_classes} classes "
                           f"of {info.in_channels}-channel images; evaluate it on "
                           f"{recorded or 'the dataset it was fine-tuned on'} (--dataset).")
+    same = recorded is not None and _same_dataset(dataset, recorded)
+    if recorded is not None and not same:
+        print(f"gmpq evaluate: note: '{path}' was fine-tuned on {recorded}; {dataset} has as many classes "
+              f"({info.num_classes}), and its label i is read as the model's class i: top-1 here means something only "
+              f"if they are the same classes in the same order (e.g. digits 0-9 of mnist5k and digits).",
+              file=sys.stderr, flush=True)
     metrics = evaluate(training_layout_(model.model, device, args.precision), loader, device=device,
                        precision=args.precision)
     avg_w, avg_a = model.policy.average_bits()
     return {"path": str(path), "trial_id": model.results.get("trial_id"), "model": model.arch["model"],
             "dataset": dataset, "test_images": n, "avg_w_bits": avg_w, "avg_a_bits": avg_a, "gbitops": model.results.get("gbitops"),
             "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
-            "recorded_top1": model.results.get("top1") if dataset == recorded else None,
-            "recorded_test_images": model.results.get("test_images") if dataset == recorded else None}
+            "recorded_top1": model.results.get("top1") if same else None,
+            "recorded_test_images": model.results.get("test_images") if same else None}
+
+
+def _same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset names name the same dataset (``fashion-mnist`` and ``fashion_mnist`` do)."""
+    from gmpq_core.data.registry import canonical_dataset_name
+
+    def key(name: str) -> str:
+        return str(canonical_dataset_name(name)).lower().replace("-", "_")
+
+    return key(a) == key(b)
 
 
 def _test_loader(dataset: str, args: argparse.Namespace, size: int | None, device: str) -> tuple:

@@ -6,7 +6,9 @@
 A model file of ``gmpq finetune`` keeps float weights; the integer file stores each quantized layer's
 weight codes packed ``w_bits`` to a value plus one step per layer (``gmpq_core.integer_model``). Each file
 written is read back and run against its float model on a batch of inputs: the command fails if a
-prediction differs. Load one with ``gmpq_core.integer_model.load_integer_model(path).model``.
+prediction differs. Load one in Python as a float model file is loaded, with
+``gmpq_core.load_quantized_model(path)`` (it reads both kinds: ``.model``, ``.normalize``, ``.results``), or with
+``gmpq_core.integer_model.load_integer_model(path)``, which reads integer files only.
 """
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def test_bitops_counts_on_the_meta_device_so_no_input_size_allocates(capsys):
         lambda mod, inp, out: devices.update(t.device.type for t in inp if isinstance(t, torch.Tensor)))
     try:
         assert main(["bitops", "--model", "resnet20", "--w-bits", "4", "--a-bits", "4", "--input-size", "32",
-                     "--json"]) == 0
+                     "--in-channels", "3", "--json"]) == 0
     finally:
         hook.remove()
     assert devices == {"meta"}

@@ -52,4 +52,9 @@ def test_uniform_bits_without_a_model_count_the_default_model_and_say_so(capsys)
     assert out["default_model"] is True
     assert main(["bitops", "--w-bits", "4", "--a-bits", "4"]) == 0
     assert "(the default model" in capsys.readouterr().out.splitlines()[0]
-    assert main(["bitops", "--w-bits", "4", "--a-bits", "4", "--model", "resnet18"]) == 2    # a model named: its size
+    # a model named: the flags left out take the default's values (the walkthrough: "No input size given"), and
+    # the header says which
+    assert main(["bitops", "--w-bits", "4", "--a-bits", "4", "--model", "resnet18"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("resnet18 at 28x28, 1 input channel(s), 10 classes, small-input stem")
+    assert "--input-size 28, --in-channels 1, --num-classes 10: not given" in header
