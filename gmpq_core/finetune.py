@@ -38,8 +38,8 @@ from .policy import BitPolicy, QuantSpec
 from .precision import resolve_precision
 from .qmodules import apply_policy_, calibrate_, quantized_layers
 from .reporting import NullReporter, Reporter
-from .train import (Progress, load_optimizer_state, make_cosine_scheduler, make_optimizer, run_epochs, seeded,
-                    set_cosine_position_, steps_per_epoch, training_layout_, validate_sgd_fields)
+from .train import (Progress, evaluate, load_optimizer_state, make_cosine_scheduler, make_optimizer, run_epochs,
+                    seeded, set_cosine_position_, steps_per_epoch, training_layout_, validate_sgd_fields)
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
            "run_info_changes", "state_digest", "recorded_fp", "fp_name", "check_resume_state", "resume_epochs",
@@ -234,8 +234,16 @@ def check_resume_state(path: str | Path, ckpt: Any, *, config: FinetuneConfig | 
     old_layers = ckpt.get("policy_layers")
     if policy is not None and old_layers is not None and \
             old_layers != {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}:
-        raise CheckpointError(f"Checkpoint '{path}' belongs to a different bit policy; use the policy it was "
-                              "written with or delete the checkpoint folder to start afresh.")
+        now = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}
+        differ = [n for n in old_layers if n in now and list(old_layers[n]) != now[n]]
+        how = (f": {len(differ)} layer(s) have other bits, e.g. {differ[0]} W{old_layers[differ[0]][0]}"
+               f"A{old_layers[differ[0]][1]} there, W{now[differ[0]][0]}A{now[differ[0]][1]} now" if differ else
+               ": they quantize other layers")
+        source = ckpt.get("policy_source")
+        named = f" ({source})" if isinstance(source, str) and source else ""
+        raise CheckpointError(f"Checkpoint '{path}' belongs to a different bit policy{named} than this run's{how}; use "
+                              "the policy it was written with, another checkpoint folder, or delete this one to start "
+                              "afresh.")
 
 
 def resume_epochs(ckpt: Mapping[str, Any]) -> tuple[int, int]:
@@ -286,7 +294,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
              device: str | torch.device = "cpu", checkpoint_dir: str | Path | None = None,
              progress: Progress | None = None, precision: str = "auto",
              run_info: Mapping[str, Any] | None = None, fp_source: str | None = None,
-             resume_state: Mapping[str, Any] | None = None, fp_digest: str | None = None) -> FinetuneResult:
+             resume_state: Mapping[str, Any] | None = None, fp_digest: str | None = None,
+             policy_source: str | None = None) -> FinetuneResult:
     """QAT of ``policy`` applied to a copy of ``fp_model``; ``fp_model`` itself is left unchanged.
 
     Reports ``{"top1","top5","loss","train_loss","train_top1","lr"}`` per epoch and honours
@@ -302,10 +311,13 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
     from elsewhere resumes (a checkpoint without the record resumes from any). ``resume_state``: the content of
     ``checkpoint_dir/last.pt`` (``load_checkpoint``) when the caller has read it already, checked and resumed from
     without reading the file again; ``fp_digest``: ``state_digest(fp_model)`` when the caller has it (not hashed
-    again). A checkpoint that has completed fewer epochs than ``config.epochs`` is continued (its cosine schedule
-    set for the new total, longer or shorter than its own: ``set_cosine_position_``); one that has completed as
-    many is kept as it is (nothing trained: its last epoch's metrics are the result, ``epochs_run ==
-    resumed_from_epoch``); one that has completed more is refused (CheckpointError).
+    again); ``policy_source``: where ``policy`` came from (its file, or "uniform W4A4"), recorded in the checkpoint
+    and named when another policy's run is refused. A checkpoint that has completed fewer epochs than
+    ``config.epochs`` is continued (its cosine schedule set for the new total, longer or shorter than its own:
+    ``set_cosine_position_``); one that has completed as many is kept as it is (nothing trained, ``epochs_run ==
+    resumed_from_epoch``: the result is the model evaluated again on ``test_loader``, which may hold other test
+    images than the run that trained it; the history keeps the epochs' own figures); one that has completed more is
+    refused (CheckpointError).
     """
     resolved = resolve_precision(precision, device)      # a bad value fails before any work
     if resume_state is not None and checkpoint_dir is None:
@@ -353,7 +365,8 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
             "precision": resolved, "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()},
-            "run": dict(run_info or {}), "fp": fp, "total_steps": total_steps})
+            "run": dict(run_info or {}), "fp": fp, "total_steps": total_steps,
+            **({"policy_source": policy_source} if policy_source else {})})
 
     metrics, done = run_epochs(model, train_loader, test_loader, optimizer=optimizer, scheduler=scheduler,
                                epochs=config.epochs, start_epoch=start, seed=config.seed,
@@ -362,6 +375,11 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
                                distill_alpha=config.distill_alpha if config.distill else 0.0,
                                distill_temperature=config.distill_temperature, precision=precision,
                                after_epoch=save)
+    if done == start and start > 0 and test_loader is not None:
+        # nothing left to train: the result is this run's measurement on its own test images (the checkpoint's last
+        # epoch was measured on the test images of the run that trained it, maybe another subset); the history
+        # keeps the epochs' own figures
+        metrics = evaluate(model, test_loader, device=device, precision=precision)
     report = count_bitops(model, effective_policy(model, policy), input_size, in_channels)
     return FinetuneResult(model=model, top1=metrics["top1"], top5=metrics["top5"], bitops=report,
                           epochs_run=done, seconds=time.perf_counter() - t0, history=history,

@@ -141,7 +141,8 @@ def _pick(key: str, cli: Any, sources: Sequence[Mapping[str, Any]], default: Any
 
 def _positive_int(name: str, flag: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, but got {flag} {value!r}.")
+        raise ConfigError(f"{name} must be a positive integer, but got {flag} {value!r}. Pass {flag} 1 or more, or "
+                          "leave it out for its default (the dataset's).")
     return value
 
 

@@ -33,7 +33,8 @@ def at_least(minimum: int) -> type[argparse.Action]:
                                   f"{option_string} {values}.")
             if values != "auto" and values < minimum:
                 raise ConfigError(f"{option_string} must be a whole number >= {minimum}, but got "
-                                  f"{option_string} {values}.")
+                                  f"{option_string} {values}. Pass {option_string} {minimum} or more, or leave it "
+                                  "out for its default.")
             setattr(namespace, self.dest, values)
     return AtLeast
 

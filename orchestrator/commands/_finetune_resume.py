@@ -18,8 +18,8 @@ from .train_fp import FP_RESULT, FP_WEIGHTS
 if TYPE_CHECKING:       # torch: gmpq_core.data and gmpq_core.finetune load where they are used (the help stays quick)
     from torch import nn
 
-__all__ = ["CHECKPOINTS", "checkpoint_run_info", "check_resume_run", "check_resume_fp", "same_dataset", "as_flags",
-           "RUN_FLAGS", "RECIPE_FLAGS"]
+__all__ = ["CHECKPOINTS", "checkpoint_run_info", "check_resume_run", "check_resume_fp", "check_resume_policy",
+           "same_dataset", "as_flags", "RUN_FLAGS", "RECIPE_FLAGS"]
 
 CHECKPOINTS = "checkpoints"
 
@@ -205,3 +205,50 @@ def _check_epochs_left(out: Path, path: Path, ckpt: dict, epochs: int) -> None:
                       f"has already run more epochs ({done}), and it continues from its checkpoint and cannot go "
                       f"back. Pass --epochs {done} to keep it as it is, --epochs {done + 1} or more to continue it "
                       f"(--epochs {was} finishes it as started{shorter}), {fresh}")
+
+
+def _bits_text(layers: Mapping[str, Any]) -> str:
+    """``{layer: [w, a]}`` in words: the mean bits per layer."""
+    if not layers:
+        return "no layers"
+    w = sum(int(v[0]) for v in layers.values()) / len(layers)
+    a = sum(int(v[1]) for v in layers.values()) / len(layers)
+    return f"mean bits per layer W {w:.2f} A {a:.2f} over {len(layers)} layers"
+
+
+def _policy_flag(source: str) -> str:
+    """The flag that gives a recorded policy source: ``--uniform 4 4`` for "uniform W4A4", else ``--policy FILE``."""
+    import re
+
+    m = re.fullmatch(r"uniform W(\d+)A(\d+)", source)
+    return f"--uniform {m[1]} {m[2]}" if m else f"--policy {source}"
+
+
+def check_resume_policy(out: Path, ckpt: dict | None, policy: Any, source: str) -> None:
+    """A fine-tune checkpoint of another bit policy than ``policy`` (given as ``source``: the --policy file, or
+    "uniform W4A4") is refused, naming the policy it was written with (its source, when the checkpoint records it),
+    how the two differ and the fixes. A checkpoint without the record of its policy is not checked here."""
+    from gmpq_core.finetune import CHECKPOINT_NAME
+
+    old = ckpt.get("policy_layers") if isinstance(ckpt, dict) else None
+    if not isinstance(old, dict) or policy is None:
+        return
+    now = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}
+    if old == now:
+        return
+    differ = [n for n in old if n in now and list(old[n]) != now[n]]
+    only = sorted(set(old) ^ set(now))
+    shown = "; ".join(f"{n}: W{old[n][0]}A{old[n][1]} there, W{now[n][0]}A{now[n][1]} now" for n in differ[:2])
+    more = f"; {len(differ) - 2} more" if len(differ) > 2 else ""
+    how = (f"{len(differ)} layer(s) have other bits ({shown}{more})" if differ else "")
+    if only:
+        how += ("; " if how else "") + f"{len(only)} layer(s) are in only one of them (e.g. {only[0]})"
+    was = ckpt.get("policy_source")
+    named = f"the bit policy {was} ({_bits_text(old)})" if isinstance(was, str) and was else \
+        f"another bit policy ({_bits_text(old)}; the checkpoint does not record its file)"
+    back = f"Pass {_policy_flag(was)} to resume it, another --out for this run" if isinstance(was, str) and was else \
+        "Pass the policy it was written with to resume it, another --out for this run"
+    raise ConfigError(f"The fine-tune checkpoint '{out / CHECKPOINTS / CHECKPOINT_NAME}', kept from an earlier run in "
+                      f"this --out folder, was written for {named}, but this run fine-tunes the bit policy {source} "
+                      f"({_bits_text(now)}): {how}. {back}, or delete '{out / CHECKPOINTS}' to start this folder's "
+                      "fine-tune afresh.")

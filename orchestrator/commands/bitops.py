@@ -7,7 +7,8 @@ a_bits, ...}`` per Conv2d/Linear). The quantized layers of ``--policy FILE`` are
 classifier its meta quantizes (``gmpq search --include-stem --stem-bits B``), as the search counted them.
 
 With uniform bits, model flags left out take the values of the other commands' default: resnet20 on the default
-dataset, Fashion-MNIST (28 px, 1 input channel, 10 classes; the small-input stem for images up to 64 px), so that
+dataset, Fashion-MNIST (28 px, 1 input channel, 10 classes; the small-input stem for images up to 64 px; 3 channels
+for a larger --input-size, RGB as ImageNet-sized counts assume), so that
 ``--model resnet18`` alone counts the network ``gmpq search --model resnet18`` searches. The header names the values
 that were filled in this way and the flags that change them.
 """
@@ -89,6 +90,8 @@ def _default_source(args: argparse.Namespace) -> tuple[dict, list[str]]:
     source = {k: DEFAULT_MODEL[k] for k in filled}
     size = args.input_size if args.input_size is not None else DEFAULT_MODEL["input_size"]
     source["small_input"] = size <= SMALL_INPUT_MAX_PX
+    if "in_channels" in filled and size > SMALL_INPUT_MAX_PX:    # an ImageNet-sized input: RGB, as published counts
+        source["in_channels"] = 3
     return source, filled
 
 
@@ -129,12 +132,16 @@ def run(args: argparse.Namespace) -> int:
 
 def _defaults_note(summary: dict) -> str:
     """`` (--in-channels 1, --num-classes 10: not given, so the default's, ...)`` for the model flags filled in."""
+    from ..common_args import SMALL_INPUT_MAX_PX
+
     filled = summary.get("defaults") or []
     if not filled:
         return ""
     given = ", ".join(f"{MODEL_FLAGS[k]} {summary[k]}" for k in filled)
-    return (f" ({given}: not given, so as the other commands' default, resnet20 on {DEFAULT_DATASET}; pass "
-            f"{'it' if len(filled) == 1 else 'them'} to count another)")
+    rgb = "in_channels" in filled and summary.get("in_channels") == 3 and summary.get("input_size", 0) > SMALL_INPUT_MAX_PX
+    why = "as the other commands' default, resnet20 on " + DEFAULT_DATASET + \
+        ("; 3 input channels for an input this large (RGB)" if rgb else "")
+    return f" ({given}: not given, so {why}; pass {'it' if len(filled) == 1 else 'them'} to count another)"
 
 
 def _stem_text(summary: dict) -> str:

@@ -6,7 +6,8 @@ and the FP model, BitOPs in both conventions, the policy summary) and per-epoch 
 ``DIR/checkpoints/``, from which an interrupted run resumes (a checkpoint of a run on another dataset or
 model, with other settings, or from another FP model, is refused, not resumed; an ``--epochs`` above the epochs it
 has done continues it, its cosine schedule set for that total as ``--sweep`` does, and replaces the result files; as
-many as it has done keep it as it is, nothing left to train, the result files written from it, as ``--sweep`` does;
+many as it has done keep it as it is, nothing left to train, the result files written from it evaluated again on
+this run's test images (another --test-size is measured, not copied), as ``--sweep`` does;
 fewer are refused). Without ``--data-root``, a policy exported by a sweep reads its data from the data root the
 sweep recorded (``SWEEP/sweep_config.yaml``). Without
 ``--fp-checkpoint`` the FP model is, in this order: ``DIR/fp.pt`` kept with its ``DIR/fp_result.json`` by an earlier
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gmpq_core.errors import ConfigError, GMPQError
-from gmpq_core.fileio import atomic_write_json, drop_integer_file, integer_path, load_checkpoint
+from gmpq_core.fileio import atomic_write_json
 from gmpq_core.precision import resolve_precision
 
 from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args, naming_flags,
@@ -84,7 +85,8 @@ def add_single_args(p: argparse.ArgumentParser) -> None:
                    help="FP state dict (fp.pt from 'gmpq train-fp'); without it: DIR/fp.pt of an earlier run, "
                         "else the sweep's FP target model for a policy exported by a sweep, else trained first")
     g.add_argument("--fp-epochs", type=int, action=at_least(1), default=_FP_DEFAULTS["fp_epochs"], metavar="E",
-                   help="epochs of the FP training, when it is trained here (default 2)")
+                   help="epochs of the FP training, when it is trained here (default 2); that training uses the "
+                        "fine-tune's --train-size, --test-size, --batch-size and --max-steps-per-epoch too")
     g.add_argument("--fp-lr", type=float, default=_FP_DEFAULTS["fp_lr"], metavar="LR",
                    help="peak learning rate of that FP training (default 0.1)")
     g = p.add_argument_group("fine-tune")
@@ -179,7 +181,8 @@ def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data,
     stale = (f"; the {lone[0]} left in {out} without its {({FP_WEIGHTS, FP_RESULT} - set(lone)).pop()} is not used "
              "and is replaced") if lone else ""
     not_sweep = f"; the sweep's FP target model {fp.sweep} is not used: {fp.why}" if fp.sweep is not None else ""
-    print(f"no --fp-checkpoint: training the FP model first ({args.fp_epochs} epochs){stale}{not_sweep}",
+    n = args.fp_epochs
+    print(f"no --fp-checkpoint: training the FP model first ({n} epoch{'' if n == 1 else 's'}){stale}{not_sweep}",
           file=sys.stderr)
     model, _ = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.fp_epochs, lr=args.fp_lr,
                               max_steps_per_epoch=args.max_steps_per_epoch)
@@ -224,15 +227,42 @@ def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
             "(more --epochs continue it)")
 
 
+
+
 def run_single_finetune(args: argparse.Namespace) -> int:
-    """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``."""
+    """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``. Ctrl-C and SIGTERM end
+    it with one line saying what is kept and what rerunning the same command does (exit 130 / 143)."""
+    from orchestrator.ray_env import ctrl_c_signals
+
+    from ._single_run import finetune_stopped_text, stopped
+
+    state: dict = {}
+    with ctrl_c_signals(python_sigint=True):     # SIGTERM (a batch job stopped, kill) as Ctrl-C: one line, exit 143
+        try:
+            return _run_single_finetune(args, state)
+        except KeyboardInterrupt as e:
+            return stopped("gmpq finetune", e, finetune_stopped_text(state))
+
+
+def _run_single_finetune(args: argparse.Namespace, state: dict) -> int:
     from gmpq_core.export import preprocess_of, save_quantized_model
     from gmpq_core.finetune import CHECKPOINT_NAME, FinetuneConfig, check_resume_state, finetune
     from gmpq_core.train import evaluate
 
+    from ._finetune_resume import check_resume_policy
+    from ._single_run import check_out_paths, drop_stale_integer_file
+
     out = check_out_arg(args.out)  # before any training
+    state.update(out=out, phase="prepare")
     policy = _policy_from_args(args)
     fp = pick_fp_source(args, out, policy)
+    state["fp"] = fp.kind
+    # the files it writes there: one of the wrong kind fails now, not after the training
+    check_out_paths(out, "gmpq finetune", files=(QUANTIZED_WEIGHTS, POLICY, RESULT, f"{CHECKPOINTS}/{CHECKPOINT_NAME}",
+                                                 *((FP_WEIGHTS, FP_RESULT) if fp.kind == "train" else ())),
+                    folders=(CHECKPOINTS,))
+    policy_source = (os.path.abspath(args.policy) if args.policy is not None
+                     else f"uniform W{args.uniform[0]}A{args.uniform[1]}")
     _check_single_args(args, trains_fp=fp.kind == "train")
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
@@ -272,16 +302,20 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     resume = check_resume_run(out, run_info, info.name,           # before a possibly long FP training; read once:
                                trains_fp=fp.kind == "train", epochs=config.epochs, config=config)  # finetune gets it
     if resume is not None:      # the recipe, the precision and a given policy too, before that training
+        check_resume_policy(out, resume, policy, policy_source)
         check_resume_state(out / CHECKPOINTS / CHECKPOINT_NAME, resume, config=config, precision=precision,
                            policy=policy)
     if policy is not None:  # fail before a possibly long FP training
         check_policy_fits(policy, build_seeded_model(opts, args.seed), opts, flags=False)
+    state["phase"] = "fp"
     fp_model, fp_source, fp_note = _fp_model(args, out, opts, data, fp)
+    state["phase"] = "finetune"
     fp_digest = check_resume_fp(out, resume, fp_model, fp_source)
     if policy is None:
         policy = uniform_policy(fp_model, *args.uniform, flags=("--uniform W", "--uniform A"),
                                 meta={**opts.to_dict(), "dataset": info.name})
         if resume is not None:
+            check_resume_policy(out, resume, policy, policy_source)
             check_resume_state(out / CHECKPOINTS / CHECKPOINT_NAME, resume, policy=policy)
     for note in (fp_note, other_data, _resume_note(out, resume, config.epochs)):   # every refusal is behind us
         if note:
@@ -295,9 +329,10 @@ def run_single_finetune(args: argparse.Namespace) -> int:
                           in_channels=opts.in_channels, device=device, checkpoint_dir=out / CHECKPOINTS,
                           reporter=ProgressReporter("finetune", total_epochs=config.epochs), progress=bar,
                           precision=precision, run_info=run_info, fp_source=os.path.abspath(fp_source),
-                          resume_state=resume, fp_digest=fp_digest)
+                          resume_state=resume, fp_digest=fp_digest, policy_source=policy_source)
     finally:
         bar.close()
+    state["phase"] = "write"
     summary = finetune_summary(result, policy, opts, fp_eval, config=config, dataset=info.name,
                                policy_source=args.policy or f"uniform W{args.uniform[0]}A{args.uniform[1]}",
                                fp_source=fp_source, train_size=len(train_split), test_size=len(test_split))
@@ -309,7 +344,7 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     save_quantized_model(out / QUANTIZED_WEIGHTS, result.model, policy, arch=opts.to_dict(), results=results,
                          preprocess=preprocess_of(info))
     atomic_write_json(out / RESULT, summary)
-    stale = _drop_stale_integer_file(out / QUANTIZED_WEIGHTS, results,
+    stale = drop_stale_integer_file(out / QUANTIZED_WEIGHTS, results,
                                      trained=result.epochs_run > result.resumed_from_epoch)
     if stale is not None:                  # it held the old weights
         print(f"removed {stale}, gmpq export's integer file of the model just replaced (it held the old weights); "
@@ -317,27 +352,21 @@ def run_single_finetune(args: argparse.Namespace) -> int:
     b = summary["bitops"]
     print(f"FP {opts.model}: top-1 {fp_eval['top1']:.2f}%   quantized ({summary['policy']['name']}, "
           f"mean bits per layer W {summary['policy']['avg_w_bits']:.2f} A {summary['policy']['avg_a_bits']:.2f}): "
-          f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% after {result.epochs_run} epoch(s)")
+          f"top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% after {result.epochs_run} "
+          f"epoch{'' if result.epochs_run == 1 else 's'}")
+    capped = (f", at most {args.max_steps_per_epoch} batch{'' if args.max_steps_per_epoch == 1 else 'es'} of "
+              f"{args.batch_size} per epoch"
+              if args.max_steps_per_epoch else "")
+    trained = ("" if result.epochs_run > result.resumed_from_epoch else
+               "; nothing left to train: the kept fine-tune evaluated again")
+    print(f"(top-1 on {len(test_split)} test images of {info.name}; the fine-tune on {len(train_split)} training "
+          f"images{capped}{trained})")
     print(f"BitOPs: {b['gbitops_quantized']:.4f} G over quantized layers, {b['gbitops_total']:.4f} G whole network "
           f"(FP layers at 32x32); {b['macs'] / 1e6:.2f} M MACs")
     print(f"wrote {out / QUANTIZED_WEIGHTS}, {out / POLICY} and {out / RESULT}", file=sys.stderr)
     return 0
 
 
-def _drop_stale_integer_file(path: Path, results: dict, *, trained: bool) -> Path | None:
-    """Remove gmpq export's integer file beside the model file ``path`` just written (returns it; None: kept or
-    none) when it holds other weights: after training, or, when nothing was trained, when its recorded results
-    (epochs, top-1, top-5) are not the new model's (a fine-tune interrupted after exactly --epochs and kept as it
-    is replaces the model file of an earlier, shorter run)."""
-    held = integer_path(path)
-    if not trained and held.is_file():
-        try:
-            was = load_checkpoint(held).get("results") or {}
-        except (GMPQError, AttributeError):         # unreadable, or not a dict: not the new model's
-            was = {}
-        if all(was.get(k) == results[k] for k in ("epochs", "top1", "top5")):
-            return None
-    return drop_integer_file(path)
 
 
 def finetune_summary(result: FinetuneResult, policy: BitPolicy, opts: ModelOptions, fp_eval: dict, *,

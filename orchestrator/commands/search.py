@@ -59,7 +59,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--proxy-size", type=int, action=at_least(1), metavar="N",
                    help="stratified proxy of N training images (default 2000)")
     p.add_argument("--eval-size", type=int, action=at_least(0), metavar="N",
-                   help="test images measuring proxy top-1 (default 1000)")
+                   help="held-out test images measuring the proxy top-1 of the searched policy (default 1000; 0: none, "
+                        "and the summary's proxy top-1 is then measured on the proxy's own training images)")
     p.add_argument("--seed", type=int, help="seed of the teacher, the supernet and the data order (default 0)")
     budget = p.add_argument_group("BitOPs budget (default none: no budget term with the default hinge penalty, "
                                   "and the policy is the argmax of the search, whatever it costs)")
@@ -140,27 +141,98 @@ def _budget_label(args: argparse.Namespace) -> str | None:
     return flag_text("--budget-avg-bits", args.budget_avg_bits) if args.budget_avg_bits is not None else None
 
 
-def format_summary(result: SearchResult, out: Path) -> str:
+def format_summary(result: SearchResult, out: Path, *, eval_size: int | None = None,
+                   eval_size_from: str = "--eval-size 0") -> str:
+    """The search's summary (stdout). ``eval_size`` 0: the proxy top-1 was measured on the proxy's own training
+    batches (no held-out images), said as such, ``eval_size_from`` naming where the 0 came from."""
     lines = [f"{'layer':28s} {'W':>2s} {'A':>2s}"]
     lines += [f"{name:28s} {s.w_bits:2d} {s.a_bits:2d}" for name, s in result.policy.layers.items()]
     w, a = result.policy.average_bits()
     budget = (f"{result.budget_bitops / 1e9:.4f} GBitOPs" if result.budget_bitops is not None else "none")
+    measured = (f"on the proxy's own training images: no held-out images, {eval_size_from}; "
+                if eval_size == 0 else "")
+    epochs = result.epochs_run
     lines += [f"BitOPs (quantized layers): {result.bitops_quantized / 1e9:.4f} G; budget {budget}; "
               f"whole network (FP layers at 32x32): {result.bitops_total / 1e9:.4f} G",
               f"mean bits per layer (unweighted; the budget limits the BitOPs above, not these): W {w:.2f}, A {a:.2f}; "
-              f"proxy top-1 {result.proxy_top1:.2f}% (the derived policy, BN "
+              f"proxy top-1 {result.proxy_top1:.2f}% ({measured}the derived policy, BN "
               f"recalibrated; the epochs' figures are the supernet's); ARD {result.ard:.4f}; "
-              f"p {result.p:.3f}; {result.epochs_run} epochs in {result.search_seconds:.1f} s",
+              f"p {result.p:.3f}; {epochs} epoch{'' if epochs == 1 else 's'} in {result.search_seconds:.1f} s",
               f"wrote {out / POLICY_FILE} and {out / RESULT_FILE}"]
     return "\n".join(lines)
 
 
+def _cache_hint(args: argparse.Namespace) -> str:
+    """How to point the teacher cache elsewhere, given where its folder came from."""
+    import os
+
+    if args.cache_dir is not None:
+        return "pass --cache-dir a folder you can write"
+    if args.config and "cache_dir" in _read_yaml(args.config):
+        return f"set cache_dir in {args.config} to a folder you can write, or pass --cache-dir DIR"
+    if os.environ.get("GMPQ_CACHE_DIR"):
+        return "set $GMPQ_CACHE_DIR to a folder you can write, or pass --cache-dir DIR"
+    return "pass --cache-dir a folder you can write"
+
+
+def _check_cache_dir(job: SearchJob, args: argparse.Namespace) -> None:
+    """The teacher cache (``cache_dir/teachers``) must be a folder this process can write (the teacher is written
+    there once trained: a file in the way failed only then, and the training was lost); a read-only cache that
+    already holds this job's teacher is fine."""
+    from gmpq_core.jobs import teacher_cached
+
+    teachers = Path(job.cache_dir).expanduser() / "teachers"
+    try:
+        check_writable_dir(teachers, what="teacher cache folder", hint=_cache_hint(args))
+    except ConfigError:
+        if teachers.is_dir() and teacher_cached(job):
+            return
+        raise
+
+
+def _stopped_text(job: SearchJob, out: Path, teacher_done: bool) -> str:
+    """What an interrupted search keeps, and what rerunning the same command does."""
+    earlier = (f" ({out} keeps the earlier search's {POLICY_FILE} and {RESULT_FILE})"
+               if (out / POLICY_FILE).is_file() else "")
+    cache = Path(job.cache_dir).expanduser() / "teachers"
+    if teacher_done:
+        teacher = (f"The FP teacher is kept in the cache ({cache}): rerunning the same command reuses it and starts "
+                   "the search again at epoch 1.")
+    else:
+        teacher = ("No FP teacher was cached (its training had not finished): rerunning the same command trains it "
+                   "again, then starts the search at epoch 1.")
+    return f"a search keeps no checkpoint, so nothing of this search is kept{earlier}. {teacher}"
+
+
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.ray_env import ctrl_c_signals
+
+    from ._single_run import stopped
+
+    state: dict[str, Any] = {}
+    with ctrl_c_signals(python_sigint=True):     # SIGTERM (a batch job stopped, kill) as Ctrl-C: one line, exit 143
+        try:
+            return _run(args, state)
+        except KeyboardInterrupt as e:
+            if "job" not in state:               # stopped before any work
+                return stopped("gmpq search", e, "nothing was started; rerun the same command to search.")
+            teacher = state.get("teacher", False)
+            if not teacher:                      # stopped before its teacher was loaded: one cached earlier?
+                from gmpq_core.jobs import teacher_cached
+                try:
+                    teacher = teacher_cached(state["job"])
+                except (GMPQError, OSError):
+                    teacher = False
+            return stopped("gmpq search", e, _stopped_text(state["job"], state["out"], teacher))
+
+
+def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
     from gmpq_core.data import check_dataset_name
     from gmpq_core.jobs import check_job, load_teacher, run_search_job
     from gmpq_core.precision import resolve_precision
 
     from ..common_args import resolve_device
+    from ._single_run import check_out_paths
 
     job = build_job(args)
     job = dataclasses.replace(job, device=resolve_device(job.device))   # a bad or absent GPU: exit 2, not a traceback
@@ -168,6 +240,9 @@ def run(args: argparse.Namespace) -> int:
     if args.target_dataset is not None:
         check_dataset_name(args.target_dataset)
     out = check_writable_dir(args.out, hint="pass --out a folder you can write")  # before any training
+    check_out_paths(out, "gmpq search", files=(POLICY_FILE, RESULT_FILE), when="when the search ends")
+    _check_cache_dir(job, args)
+    state.update(job=job, out=out)
     if (out / POLICY_FILE).exists():
         print(f"gmpq search: {out} holds an earlier search's {POLICY_FILE} and {RESULT_FILE}; this search replaces "
               "them when it ends (pass another --out to keep them)", file=sys.stderr)
@@ -179,6 +254,7 @@ def run(args: argparse.Namespace) -> int:
         teacher = load_teacher(job, progress=bar, reporter=ProgressReporter("teacher, training top-1", total_epochs=job.teacher_epochs))
     finally:
         bar.close()
+    state["teacher"] = True                      # trained and cached (or read from the cache)
     print(f"FP teacher: top-1 {teacher.test_top1:.2f}% on {teacher.test_images} held-out test images"
           f"{' (cached)' if teacher.cached else ''}", file=sys.stderr)
     weak = teacher.weak_message(job)
@@ -195,5 +271,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result.policy.save(out / POLICY_FILE)
     atomic_write_json(out / RESULT_FILE, {**result.to_dict(), "job": job.to_dict()})
-    print(format_summary(result, out), file=sys.stdout)
+    print(format_summary(result, out, eval_size=job.eval_size,
+                         eval_size_from="--eval-size 0" if args.eval_size == 0 else f"eval_size: 0 in {args.config}"),
+          file=sys.stdout)
     return 0

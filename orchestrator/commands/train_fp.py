@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_run_
                            check_out_arg, resolve_device, resolve_model_options)
 from ..progress import ProgressReporter, make_progress
 from . import at_least
+from ._single_run import check_out_paths, stopped
 
 if TYPE_CHECKING:       # torch and what imports it load where they are used: the parser (the help) stays quick
     from torch import nn
@@ -192,8 +194,79 @@ def check_earlier_fp(out: Path, now: dict, opts: ModelOptions | None = None) -> 
             "when it ends (pass another --out to keep them)")
 
 
+
+
+
+
+def _train_config(args: argparse.Namespace) -> None:
+    """The FP recipe's values checked before any notice or work, the errors naming the flags (``--lr -1``)."""
+    from gmpq_core.errors import GMPQError
+    from gmpq_core.train import TrainConfig
+
+    from ..common_args import naming_flags
+
+    given = {key: (f"--{key.replace('_', '-')}", getattr(args, key)) for key in
+             ("epochs", "lr", "weight_decay", "batch_size", "seed", "max_steps_per_epoch")
+             if getattr(args, key, None) is not None}
+    try:
+        TrainConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                    seed=args.seed, max_steps_per_epoch=args.max_steps_per_epoch)
+    except GMPQError as e:
+        err = naming_flags(e, given)
+        fixes = {"--weight-decay": "Use e.g. --weight-decay 5e-4 (0: none), or leave it out.",
+                 "--seed": "Use e.g. --seed 0, or leave it out."}
+        extra = next((fix for flag, fix in fixes.items() if str(err).startswith(flag + " ")
+                      and "Use e.g." not in str(err)), "")
+        raise type(err)(f"{err} {extra}".strip()) from None
+
+
+def _check_no_finetune_here(out: Path) -> None:
+    """``out`` holding a ``gmpq finetune --policy`` run's checkpoint started from the fp.pt there is refused: the
+    checkpoint records that model's weights, and replacing them would strand the fine-tune (its rerun refuses the
+    new model, and the one it was built on is gone)."""
+    from gmpq_core.errors import GMPQError
+    from gmpq_core.finetune import CHECKPOINT_NAME, recorded_fp
+
+    from ._finetune_resume import CHECKPOINTS
+
+    ckpt, weights = out / CHECKPOINTS / CHECKPOINT_NAME, out / FP_WEIGHTS
+    if not ckpt.is_file() or not weights.is_file():
+        return
+    try:
+        started = recorded_fp(load_checkpoint(ckpt))
+    except (GMPQError, OSError):
+        return                          # not a fine-tune state: nothing here depends on fp.pt
+    source = started.get("source") if started is not None else None
+    if source is not None and os.path.abspath(source) != os.path.abspath(weights):
+        return                          # started from another file (--fp-checkpoint)
+    raise ConfigError(f"'{out}' holds a 'gmpq finetune' run whose checkpoint '{ckpt}' was started from the FP model "
+                      f"'{weights}': this run would replace that model, and the fine-tune could then not be resumed "
+                      f"or continued (its FP model, distillation teacher and reported FP top-1 would be gone). Pass "
+                      f"another --out for this run, or delete '{out / CHECKPOINTS}' first if you mean to discard that "
+                      "fine-tune.")
+
+
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.ray_env import ctrl_c_signals
+
+    with ctrl_c_signals(python_sigint=True):     # SIGTERM (a batch job stopped, kill) as Ctrl-C: one line, exit 143
+        try:
+            return _run(args)
+        except KeyboardInterrupt as e:
+            out = Path(args.out).expanduser()
+            earlier = (f" (the earlier {FP_WEIGHTS} in {out} is left as it was)"
+                       if (out / FP_WEIGHTS).is_file() else "")
+            return stopped("gmpq train-fp", e, f"train-fp keeps no checkpoint, so nothing of this training is "
+                                              f"kept{earlier}. Rerunning the same command trains the model again "
+                                              "from epoch 1.")
+
+
+def _run(args: argparse.Namespace) -> int:
     out = check_out_arg(args.out)    # a file there fails now, not after the training (the model was lost)
+    check_out_paths(out, "gmpq train-fp", files=(FP_WEIGHTS, FP_RESULT))
+    _train_config(args)                          # the recipe's and the device's errors before any notice
+    resolve_precision(args.precision, resolve_device(args.device))
+    _check_no_finetune_here(out)
     check_earlier_fp(out, _asked(args))          # another model or dataset: refused before the data is loaded
     data = load_data(args, train_size=args.proxy_size, input_size=args.input_size)
     opts = resolve_model_options(args, dataset_info=data[0])
@@ -202,7 +275,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"gmpq train-fp: {replaces}", file=sys.stderr)
     _, summary = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.epochs, lr=args.lr,
                                 weight_decay=args.weight_decay, max_steps_per_epoch=args.max_steps_per_epoch)
-    capped = (f", at most {args.max_steps_per_epoch} batches of {args.batch_size} per epoch"
+    capped = (f", at most {args.max_steps_per_epoch} batch{'' if args.max_steps_per_epoch == 1 else 'es'} of "
+              f"{args.batch_size} per epoch"
               if args.max_steps_per_epoch else "")
     epochs = summary["epochs_run"]
     print(f"FP {opts.model} on {summary['dataset']} ({summary['train_size']} training images{capped}, "

@@ -204,7 +204,8 @@ def test_sync_mlflow_error_says_what_failed_not_a_librarys_deprecation_notice(tm
 
 @pytest.mark.parametrize("flag, value, says", [
     ("--lr", "-1", "--lr must be a finite number > 0, but got --lr -1. Use e.g. --lr 0.1."),
-    ("--epochs", "0", "--epochs must be a whole number >= 1, but got --epochs 0."),
+    ("--epochs", "0", "--epochs must be a whole number >= 1, but got --epochs 0. Pass --epochs 1 or more, or leave it "
+                      "out for its default."),
 ])
 def test_a_single_fine_tunes_bad_value_names_the_flag_typed(tmp_path, capsys, flag, value, says):
     """The walkthrough: 'gmpq finetune --lr -1' said 'lr=-1.0', a key the user never typed."""

@@ -81,7 +81,7 @@ def resnet20_policy(tmp_path) -> Path:
     (["--model", "resnet18", "--input-size", "224", "--policy", "POLICY"], "does not fit"),
     (["--model", "resnet20", "--input-size", "32"], "--w-bits W --a-bits A"),
     (["--model", "resnet20", "--input-size", "32", "--w-bits", "4"], "--a-bits is missing"),
-    (["--model", "resnet20", "--w-bits", "4", "--a-bits", "4"], "--input-size"),
+    (["--model", "resnet20", "--w-bits", "4", "--a-bits", "4", "--input-size", "0"], "--input-size"),
 ])
 def test_bitops_bad_input_exits_2_with_one_paragraph_and_no_traceback(argv, needle, resnet20_policy, capsys):
     argv = [str(resnet20_policy) if a == "POLICY" else a for a in argv]

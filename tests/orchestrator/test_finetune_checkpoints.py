@@ -194,7 +194,7 @@ def test_an_fp_result_left_without_its_fp_model_does_not_steer_the_model(tmp_pat
     result = json.loads((out / "finetune_result.json").read_text())
     assert (result["num_classes"], result["input_size"], result["small_input"]) == (10, 8, True)
     err = " ".join(capsys.readouterr().err.split())
-    assert (f"no --fp-checkpoint: training the FP model first (1 epochs); the fp_result.json left in {out} without "
+    assert (f"no --fp-checkpoint: training the FP model first (1 epoch); the fp_result.json left in {out} without "
             "its fp.pt is not used and is replaced") in err
     assert json.loads((out / "fp_result.json").read_text())["num_classes"] == 10        # rewritten with fp.pt
 

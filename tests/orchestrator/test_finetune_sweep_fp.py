@@ -90,7 +90,7 @@ def test_the_sweeps_model_is_not_used_when_the_command_line_asks_for_another(tmp
     assert main(["finetune", "--policy", str(policy), *TINY, "--num-classes", "12", "--fp-epochs", "1",
                  "--out", str(out)]) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert (f"no --fp-checkpoint: training the FP model first (1 epochs); the sweep's FP target model {target} is not "
+    assert (f"no --fp-checkpoint: training the FP model first (1 epoch); the sweep's FP target model {target} is not "
             "used: it is --num-classes 10, but this command line has --num-classes 12") in err
     assert result(out)["num_classes"] == 12 and result(out)["fp_checkpoint"] == str(out / "fp.pt")
     policy, target = sweep(tmp_path, "other", dataset="mnist5k")          # another dataset than --dataset
