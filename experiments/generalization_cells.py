@@ -58,7 +58,7 @@ def _device(cfg: StudyConfig) -> str:
 def _fresh(cfg: StudyConfig, info: Any, seed: int = 0) -> nn.Module:
     with seeded(seed):
         return build_model(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                           small_input=cfg.small_input)
+                           small_input=cfg.small_input, input_size=info.image_size)
 
 
 def _cache_key(cfg: StudyConfig, dataset: str, size: int | None, recipe: FPRecipe) -> dict[str, Any]:

@@ -59,8 +59,8 @@ class QuantizedModel:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(images - mean) / std`` per channel, as the training data loader did, ready for ``model``: ``images``
-        float in [0, 1] (e.g. torchvision ``ToTensor``), shape [N, C, H, W] or [C, H, W] (one image: a batch of one
-        is returned). Integer images (uint8 0..255) are refused: convert them with ``images.float() / 255`` first.
+        float in [0, 1] (e.g. torchvision ``ToTensor``), shape [N, C, H, W] or [C, H, W] (one image, returned as one
+        image: stack several, or ``unsqueeze(0)`` one, before ``model``). Integer images (uint8 0..255) are refused: convert them with ``images.float() / 255`` first.
         Images of another size than ``preprocess["image_size"]`` are refused too: the model was trained at that
         size, and most networks (global pooling) would run at another and give worse predictions without an error."""
         if not self.preprocess:
@@ -73,11 +73,9 @@ class QuantizedModel:
             raise ConfigError(f"normalize takes float images in [0, 1], but got {images.dtype} (0..255 pixel values "
                               "would be normalised as if they were 0..1: confident wrong predictions); convert them "
                               "first with images.float() / 255, or load them with torchvision.transforms.ToTensor().")
-        if images.dim() == 3:
-            images = images.unsqueeze(0)
         channels = len(self.preprocess["mean"])
         size = self.preprocess.get("image_size")
-        if images.dim() != 4 or images.shape[1] != channels:
+        if images.dim() not in (3, 4) or images.shape[-3] != channels:
             raise ConfigError(f"normalize takes images of shape [N, {channels}, H, W] or [{channels}, H, W] "
                               f"({channels}-channel images, as the model was trained on), but got shape "
                               f"{list(images.shape)}.")
@@ -85,7 +83,7 @@ class QuantizedModel:
             raise ConfigError(f"the model was trained on {size}x{size} images, but these are "
                               f"{images.shape[-2]}x{images.shape[-1]}; resize them first (e.g. torch.nn.functional."
                               f"interpolate(images, size=({size}, {size}), mode='bilinear', antialias=True), or "
-                              f"torchvision.transforms.Resize({size}) before ToTensor).")
+                              f"torchvision.transforms.Resize(({size}, {size})) before ToTensor).")
         p = next(self.model.parameters())
         shape = (-1, 1, 1)
         mean = torch.tensor(self.preprocess["mean"], device=p.device).view(shape)

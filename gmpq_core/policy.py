@@ -177,6 +177,12 @@ class BitPolicy:
             fp = fingerprint(model, **scope)
             if fp != self.fingerprint:
                 problems.append(f"weight shapes differ (policy fingerprint {self.fingerprint}, model {fp})")
+        _, classifier = stem_and_classifier(model)
+        if extra == [classifier] and isinstance(model.get_submodule(classifier), nn.Conv2d):
+            problems.append(f"'{classifier}' is this network's classifier (it has no nn.Linear: its last Conv2d "
+                            "stays full precision, as a Linear classifier does, since 2026-11-29; a policy searched "
+                            "before names it). Search the policy again, or drop that layer from the policy's JSON "
+                            "and quantize the classifier with include_classifier")
         if problems:
             raise PolicyMismatchError(
                 "The bit policy does not fit this model: " + "; ".join(problems)

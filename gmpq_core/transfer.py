@@ -221,7 +221,7 @@ def load_target_model(path: str | Path, device: str | torch.device = "cpu") -> t
                               "Delete the cache folder entry and rerun the sweep to retrain it.")
     meta = read_json(info_path)["meta"]
     net = build_model(meta["model"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
-                      small_input=meta["small_input"])
+                      small_input=meta["small_input"], input_size=meta.get("input_size"))
     load_model_state(net, load_checkpoint(path), path, what="FP target model",
                      fix=f"'{info_path}' describes another model than the weights beside it: delete both files "
                          "and rerun the sweep to retrain the FP target model.")

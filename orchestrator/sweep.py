@@ -43,6 +43,7 @@ from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config, _saved_cache_dir,
+                           _saved_tracking_uri,
                            check_not_a_study, experiment_path, holds_sweep_state, refuse_beside_running_sweep,
                            resolve_resume, resume_choice_text)
 from .cluster_watch import lost_after_s
@@ -181,16 +182,6 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
             return fit_restoring_handlers(tuner)
 
 
-
-
-
-
-
-
-
-
-
-
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
                 optuna_storage: Any, *, resume: bool, say) -> Any:
     """The sweep's ``Tuner``: a new one (Optuna sampler on ``optuna_storage``), or the restored experiment."""
@@ -304,8 +295,6 @@ def _finished_summary(cfg: SweepConfig, t0: float) -> SweepSummary | None:
                         n_planned=cfg.n_trials)
 
 
-
-
 def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
               prep_threads: int | None = None, command: str = "sweep") -> SweepSummary:
     """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
@@ -328,6 +317,8 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         say(resume_choice_text(cfg, resume))
     if resume and cfg.cache_dir is None:
         cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
+    if resume and cfg.tracking_uri is None:                       # and its MLflow store ($MLFLOW_TRACKING_URI may
+        cfg = replace(cfg, tracking_uri=_saved_tracking_uri(cfg))    # have changed since, or been set)
     unshared = [f"{key} ({flag})" for key, flag, value in (("storage_path", "--storage", cfg.storage_path),
                                                              ("cache_dir", "--cache-dir", cfg.cache_dir))
                 if value is None]                          # their defaults: inside the sweep folder

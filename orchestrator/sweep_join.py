@@ -63,14 +63,30 @@ def warn_unshared(cfg: SweepConfig, unshared: tuple[str, ...]) -> None:
     except Exception as e:  # noqa: BLE001 - a warning: the preflight names a real problem on its own
         log.debug("cannot list the Ray cluster's nodes: %s", e)
         return
-    if away:
-        from .cluster_watch import _gcs_address
+    from .cluster_watch import _gcs_address
 
+    gcs = _gcs_address() or cfg.address
+    need = (f"{' and '.join(unshared)} on storage every node shares (NFS, S3); the default"
+            f"{'s are' if len(unshared) > 1 else ' is'} inside {cfg.out_dir}")
+    if away:
         shown = ", ".join(away[:5]) + (f" and {len(away) - 5} more" if len(away) > 5 else "")
         log.warning("the sweep joins a Ray cluster (%s) with nodes on other hosts (%s): trials on its other nodes "
-                    "need %s on storage every node shares (NFS, S3); the default%s inside %s",
-                    _gcs_address() or cfg.address, shown, " and ".join(unshared),
-                    "s are" if len(unshared) > 1 else " is", cfg.out_dir)
+                    "need %s", gcs, shown, need)
+    elif not _gmpq_local_cluster(gcs):     # an autoscaling cluster may add nodes on other hosts later
+        log.warning("the sweep joins a Ray cluster (%s) whose nodes all run on this host so far: nodes it adds later "
+                    "(an autoscaling cluster) run trials that need %s", gcs, need)
+
+
+def _gmpq_local_cluster(address: str | None) -> bool:
+    """Whether ``address`` is the cluster ``gmpq cluster up`` recorded on this machine (its default folder or
+    ``$GMPQ_CLUSTER_DIR``): all its nodes run here, and it adds none."""
+    from cluster.local import load_cluster_state
+
+    try:
+        state = load_cluster_state()
+    except Exception:  # noqa: BLE001 - unreadable: not known to be local
+        return False
+    return state is not None and address is not None and state.address == address
 
 
 def say_recorded_join(address: str | None) -> None:

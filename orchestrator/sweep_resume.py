@@ -48,6 +48,14 @@ def _saved_cache_dir(cfg: SweepConfig) -> str | None:
     return usable_cache_dir(saved, address=cfg.address, say=lambda msg: log.warning("%s", msg))
 
 
+def _saved_tracking_uri(cfg: SweepConfig) -> str | None:
+    """The MLflow store saved with the sweep in ``cfg``'s folder (a path inside a moved folder read inside this one;
+    None when there is none): a resume naming no store keeps it, whatever ``$MLFLOW_TRACKING_URI`` says now."""
+    from .results import load_resolved_config
+
+    return load_resolved_config(cfg.sweep_dir).get("tracking_uri")
+
+
 STUDY_FILES = ("study_config.yaml", "study.parquet")   # what `gmpq study` writes (experiments.generalization_ray)
 
 

@@ -227,8 +227,6 @@ def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
             "(more --epochs continue it)")
 
 
-
-
 def run_single_finetune(args: argparse.Namespace) -> int:
     """Fine-tune one policy as ``args`` describe; write the result files under ``args.out``. Ctrl-C and SIGTERM end
     it with one line saying what is kept and what rerunning the same command does (exit 130 / 143)."""
@@ -365,8 +363,6 @@ def _run_single_finetune(args: argparse.Namespace, state: dict) -> int:
           f"(FP layers at 32x32); {b['macs'] / 1e6:.2f} M MACs")
     print(f"wrote {out / QUANTIZED_WEIGHTS}, {out / POLICY} and {out / RESULT}", file=sys.stderr)
     return 0
-
-
 
 
 def finetune_summary(result: FinetuneResult, policy: BitPolicy, opts: ModelOptions, fp_eval: dict, *,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -70,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
     resume = choose_resume(cfg, args.resume, _say)        # --resume auto: resume or start, said before Ray starts
     say_env_tracking_uri(cfg, resume, _say)
+    if resume and cfg.tracking_uri is None:               # the MLflow store saved with the sweep, not the env's now
+        from orchestrator.sweep_resume import _saved_tracking_uri
+
+        cfg = replace(cfg, tracking_uri=_saved_tracking_uri(cfg))
+        resolved = cfg.resolved()
     refuse_beside_running_sweep(sweep_dir, resume)        # (run_sweep too: this one before Ray's start)
     stage = "the sweep"
     origin = address_origin_text(args, cfg)              # an address from the config, not --address: named if dead

@@ -230,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = _studied_config(cfg, out, gen, ray_run)
     # every input checked before the study runs: a bad one is an error now, not a traceback after hours
     ray_run.check_tracking_uri(cfg.tracking_uri)
+    from orchestrator.sweep_config import ENV_TRACKING_URI, env_tracking_uri
+
+    if cfg.tracking_uri is None and env_tracking_uri():      # as gmpq sweep says it: a variable set for other work
+        print(f"gmpq study: MLflow tracking URI {env_tracking_uri()} from ${ENV_TRACKING_URI} (--tracking-uri names "
+              f"another store; unset the variable to log to {out / 'mlflow.db'})", file=sys.stderr, flush=True)
     check_address_arg(args.address)
     if not args.analyze_only:
         ray_run.check_study_dir(out)

@@ -194,10 +194,6 @@ def check_earlier_fp(out: Path, now: dict, opts: ModelOptions | None = None) -> 
             "when it ends (pass another --out to keep them)")
 
 
-
-
-
-
 def _train_config(args: argparse.Namespace) -> None:
     """The FP recipe's values checked before any notice or work, the errors naming the flags (``--lr -1``)."""
     from gmpq_core.errors import GMPQError

@@ -4,7 +4,8 @@
   step with ``IndexError: Target 7 is out of bounds``);
 - a JSON with a ``layers`` list (finetune_result.json) is refused as a policy with the clean message, naming the
   policy.json beside it (it raised ``ValueError: dictionary update sequence element ...``);
-- ``QuantizedModel.normalize`` refuses integer images and images of another size, and takes one [C, H, W] image;
+- ``QuantizedModel.normalize`` refuses integer images and images of another size, and takes one [C, H, W] image
+  (returned as one image);
 - a model file of a user's builder records the builder file's digest: an edited builder warns on load, a
   shape-changed one says the builder changed (not "load it with the gmpq version that wrote it");
 - ``./my_cnn:build`` with my_cnn.py there names ``my_cnn.py``; ``device="cuda"`` without a GPU is a ConfigError.
@@ -144,10 +145,10 @@ def test_normalize_refuses_integer_images_and_other_sizes_and_takes_one_image(tm
         q.normalize(torch.rand(2, 1, 32, 32))
     with pytest.raises(ConfigError, match=r"shape \[N, 1, H, W\] or \[1, H, W\]"):
         q.normalize(torch.rand(2, 3, 28, 28))
-    one = q.normalize(images[0])                            # [C, H, W]: a batch of one, which the model takes
-    assert one.shape == (1, 1, 28, 28) and torch.equal(one, q.normalize(images)[:1])
+    one = q.normalize(images[0])                            # [C, H, W]: one image, as given (a review: per-image
+    assert one.shape == (1, 28, 28) and torch.equal(one, q.normalize(images)[0])   # code stacks them afterwards)
     with torch.no_grad():
-        assert q.model(one).shape == (1, 10)
+        assert q.model(torch.stack([one, q.normalize(images[1])])).shape == (2, 10)
 
 
 def test_an_edited_builder_warns_on_load_and_a_reshaped_one_names_the_builder_not_gmpq(tmp_path, caplog):

@@ -49,6 +49,9 @@ def test_a_convolutional_classifier_stays_out_of_the_search_too():
     assert stem_and_classifier(allconv) == ("0", "4") and list(searchable_layers(allconv)) == ["2"]
     assert list(searchable_layers(allconv, include_classifier=True)) == ["2", "4"]
     assert stem_and_classifier(nn.Sequential(nn.Conv2d(1, 8, 3))) == ("0", None)     # one conv: the stem only
+    old = BitPolicy(layers={"2": (4, 4), "4": (4, 4)})           # searched before: it named the classifier
+    with pytest.raises(PolicyMismatchError, match="'4' is this network's classifier .*include_classifier"):
+        old.check_fits(allconv)
 
 
 def test_policy_json_round_trip(tmp_path, net):

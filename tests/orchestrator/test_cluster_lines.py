@@ -244,7 +244,10 @@ def test_a_sweep_on_a_cluster_of_this_machine_alone_records_it_and_warns_of_no_s
     def stop(*_, **__):
         raise _StopHere
 
+    import orchestrator.sweep_join as sweep_join
+
     monkeypatch.setattr(sweep, "prepare_shared", stop)
+    monkeypatch.setattr(sweep_join, "_gmpq_local_cluster", lambda address: address == ray_here)   # gmpq cluster up's
     cfg = _demo(tmp_path, address="auto", n_trials=1, max_concurrent_trials=2, resources={"cpu": 1, "gpu": 0})
     with pytest.raises(_StopHere):
         sweep.run_sweep(cfg, progress=False)
@@ -252,6 +255,23 @@ def test_a_sweep_on_a_cluster_of_this_machine_alone_records_it_and_warns_of_no_s
     assert saved["address"] == ray_here
     assert "storage every node shares" not in caplog.text, caplog.text
     assert "fit at once" not in caplog.text, caplog.text        # 1 trial: "2 at a time" was never asked for
+
+
+def test_a_cluster_of_this_host_that_gmpq_cluster_up_did_not_start_may_grow_so_it_is_warned(tmp_path, caplog,
+                                                                                             monkeypatch, ray_here):
+    """A review: an autoscaling cluster (min_workers 0) has only its head when the sweep starts; its later nodes need
+    the shared storage all the same."""
+    import orchestrator.sweep as sweep
+    import orchestrator.sweep_join as sweep_join
+
+    def stop(*_, **__):
+        raise _StopHere
+
+    monkeypatch.setattr(sweep, "prepare_shared", stop)
+    monkeypatch.setattr(sweep_join, "_gmpq_local_cluster", lambda address: False)
+    with pytest.raises(_StopHere):
+        sweep.run_sweep(_demo(tmp_path, address="auto", n_trials=1, resources={"cpu": 1, "gpu": 0}), progress=False)
+    assert "whose nodes all run on this host so far: nodes it adds later" in caplog.text, caplog.text
 
 
 def test_a_sweep_on_a_cluster_with_a_node_elsewhere_warns(tmp_path, caplog, monkeypatch, ray_here):

@@ -245,7 +245,6 @@ def test_each_finished_cell_is_a_progress_line():
                                               "the budget is infeasible); 1.6 min so far")
 
 
-
 def test_every_budget_is_checked_against_the_candidates_when_the_config_loads(tmp_path):
     """The review: only the first budget was checked; a later one outside the candidates' range failed in each of its
     cells, after the shared FP models had trained."""

@@ -130,6 +130,26 @@ def test_mlflow_tracking_uri_from_the_environment_when_nothing_names_one(tmp_pat
     assert "tracking_uri (from $MLFLOW_TRACKING_URI) 'bogus://nowhere' has a scheme MLflow does not know" in msg
 
 
+def test_a_resume_keeps_the_mlflow_store_it_started_with_whatever_mlflow_tracking_uri_says_now(tmp_path, monkeypatch):
+    """A review: a config naming no store took $MLFLOW_TRACKING_URI from the resuming shell, and --resume --config was
+    refused as a changed config when the variable differed from the sweep's start (or was set since)."""
+    import orchestrator.sweep as sweep
+    from orchestrator.sweep_config import save_resolved_config
+
+    class Reached(Exception):
+        pass
+
+    def reached(cfg, *a, **k):
+        raise Reached(cfg.tracking_uri)
+
+    save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}).resolved())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    monkeypatch.setattr(sweep, "check_sweep_config", reached)        # past the same-config check: stop there
+    with pytest.raises(Reached, match=f"sqlite:///{tmp_path}/mlflow.db"):
+        sweep.run_sweep(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}), resume=True,
+                        progress=False)
+
+
 def test_demo_preset_passes_the_full_check(tmp_path):
     facts = check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}))
     assert facts.input_size == 28 and facts.in_channels == 1 and facts.feasible_avg_bits == (2.0, 6.0)

@@ -68,6 +68,8 @@ def test_another_test_slice_reuses_the_fp_target_model_and_measures_it_on_that_s
                                                     "seconds": 1.0}))
     read = prepare_target_model(model="resnet20", dataset="fashion_mnist", check=CHECK, cache_dir=old_cache)
     assert read.cached and read.path == old and read.top1 == first.top1
+    pinned = {**key, "data_root": "/data/fm"}                  # the key session 22's code computed for these (a review:
+    assert _target_key(_target_meta(**pinned, legacy=True)) == "a4a0e5915676"    # the legacy key must not drift)
 
 
 def test_transfer_check_is_identical_for_identical_inputs_and_leaves_the_fp_model_alone(target):
