@@ -135,7 +135,7 @@ def teacher_cached(job: SearchJob) -> bool:
 def _fresh_model(job: SearchJob, info: Any) -> nn.Module:
     with seeded(job.search.seed):
         return build_model(job.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                           small_input=job.small_input, input_size=info.image_size)
+                           small_input=job.small_input, input_size=getattr(info, "image_size", None))
 
 
 def check_job_budget(job: SearchJob, *, label: str | None = None, model: nn.Module | None = None,
