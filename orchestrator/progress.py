@@ -67,12 +67,16 @@ def make_progress(desc: str = "", *, enabled: bool | None = None) -> BarProgress
 
 
 def format_metrics(metrics: Mapping[str, float]) -> str:
-    """``top1 91.23  top5 99.80  loss 0.2512 ...``: percentages with 2 decimals, the rest with 4 digits."""
+    """``top1 91.23  top5 99.80  loss 0.2512 ...``: percentages with 2 decimals, the rest with 4 digits; ``seconds``
+    (the time since the loop started, not the epoch's) as ``elapsed 12.3 s``; a ``train_X`` equal to its ``X`` (no
+    held-out images: the figures are the training ones) once."""
     parts = []
     for k, v in metrics.items():
-        if k == "epoch":
+        if k == "epoch" or (k.startswith("train_") and metrics.get(k.removeprefix("train_")) == v):
             continue
-        if isinstance(v, float):
+        if k == "seconds" and isinstance(v, (int, float)):
+            parts.append(f"elapsed {v:.1f} s")
+        elif isinstance(v, float):
             parts.append(f"{k} {v:.2f}" if "top" in k else f"{k} {v:.4g}")
         else:
             parts.append(f"{k} {v}")

@@ -106,6 +106,8 @@ def test_progress_reporter_prints_one_line_per_epoch_and_forwards():
     rep.report(1, {"top1": 91.234, "loss": 0.25})
     assert stream.getvalue() == "[train-fp] epoch 1/3: top1 91.23  loss 0.25\n"
     assert inner.records == [(1, {"top1": 91.234, "loss": 0.25})] and rep.should_stop()
+    rep.report(2, {"top1": 14.8, "train_top1": 14.8, "loss": 2.3, "train_loss": 2.1, "seconds": 130.94})
+    assert stream.getvalue().splitlines()[1] == "[train-fp] epoch 2/3: top1 14.80  loss 2.3  train_loss 2.1  elapsed 130.9 s"
 
 
 def test_bar_progress_draws_one_bar_per_pass_and_is_off_when_not_a_tty():
