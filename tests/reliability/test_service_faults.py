@@ -52,7 +52,8 @@ def test_sync_completes_every_partial_state_and_a_second_sync_changes_nothing(tm
     assert dict(by["status"]) == {"t0": "FINISHED", "t1": "FINISHED", "t2": "KILLED", "t3": "FAILED"}
     assert dict(by["tag_status"]) == {"t0": "completed", "t1": "completed", "t2": "pruned", "t3": "failed"}
     assert "NonFiniteLossError" in by.loc["t3", "error"]
-    assert by.loc["t1", "metrics"]["transfer_top1"] == 51.0 and by.loc["t2", "metrics"]["proxy_top1"] == 42.0
+    assert by.loc["t1", "metrics"]["transfer_top1"] == 51.0
+    assert by.loc["t2", "metrics"]["supernet_proxy_top1"] == 42.0     # pruned: the supernet's, by its own name
     assert [a.path for a in client.list_artifacts(r1)] == ["policy.json"]
     assert client.get_run(by.loc["t2", "run_id"]).data.params["budget_avg_bits"] == "5.0"
     assert client.get_run(first.parent_run_id).info.status == "FINISHED"      # every trial has its row
