@@ -183,13 +183,15 @@ def _join_address(address: str, *, announce: bool = True) -> str | None:
     if resolved.kind == "gcs":
         host, _, port = resolved.address.rpartition(":")
         try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            conn = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
         except OSError as e:
             said = _address_said(address, resolved, origin)
             raise ClusterError(f"No Ray cluster answers at {resolved.address} ({said}): {e}. "
                                f"{_address_fixes(origin)}; or run on this machine alone with --address local."
                                ) from None
-        if not _speaks_grpc(resolved.address):    # another service on that port: ray.init would retry for minutes
+        with conn:
+            grpc = _speaks_grpc(conn)
+        if not grpc:                              # another service on that port: ray.init would retry for minutes
             said = _address_said(address, resolved, origin)
             raise ClusterError(f"Something answers at {resolved.address} ({said}) but it is not a Ray cluster: it "
                                f"does not speak gRPC as a Ray head's GCS port does (another service, such as an MLflow "
@@ -206,25 +208,22 @@ def _join_address(address: str, *, announce: bool = True) -> str | None:
     return resolved.address
 
 
-def _speaks_grpc(address: str, timeout_s: float = 5.0) -> bool:
-    """Whether ``HOST:PORT`` answers the HTTP/2 client preface with a SETTINGS frame within ``timeout_s``, as every
-    gRPC server (a Ray GCS) does; an HTTP/1 server or another service does not. True without checking when Ray's
-    GCS uses TLS (``$RAY_USE_TLS``: the handshake comes first there)."""
-    import socket
-
+def _speaks_grpc(conn: Any, timeout_s: float = 5.0) -> bool:
+    """Whether the service on the connected socket ``conn`` answers the HTTP/2 client preface with a SETTINGS frame
+    within ``timeout_s``, as every gRPC server (a Ray GCS) does; an HTTP/1 server or another service does not. True
+    without checking when Ray's GCS uses TLS (``$RAY_USE_TLS``: the handshake comes first there)."""
     if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true", "yes"):
         return True
-    host, _, port = address.rpartition(":")
     preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])   # + an empty SETTINGS
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as conn:
-            conn.sendall(preface)
-            head = b""
-            while len(head) < 9:                  # the first frame's header: length (3), type (1), flags, stream
-                chunk = conn.recv(9 - len(head))
-                if not chunk:
-                    return False
-                head += chunk
+        conn.settimeout(timeout_s)
+        conn.sendall(preface)
+        head = b""
+        while len(head) < 9:                      # the first frame's header: length (3), type (1), flags, stream
+            chunk = conn.recv(9 - len(head))
+            if not chunk:
+                return False
+            head += chunk
     except OSError:                               # a timeout included: a gRPC server answers at once
         return False
     return head[3] == 4 and int.from_bytes(head[5:9], "big") & 0x7FFFFFFF == 0

@@ -57,9 +57,11 @@ def test_an_address_where_another_service_answers_is_refused_within_seconds(monk
                                                    r"--address local"):
                 _join_address(f"127.0.0.1:{port}")
             assert time.monotonic() - t0 < 10
-        assert not _speaks_grpc(f"127.0.0.1:{http_srv.server_address[1]}", timeout_s=1)
+        with socket.create_connection(("127.0.0.1", http_srv.server_address[1])) as conn:
+            assert not _speaks_grpc(conn, timeout_s=1)
         monkeypatch.setenv("RAY_USE_TLS", "1")                   # a TLS GCS handshakes first: not probed
-        assert _speaks_grpc(f"127.0.0.1:{http_srv.server_address[1]}", timeout_s=1)
+        with socket.create_connection(("127.0.0.1", http_srv.server_address[1])) as conn:
+            assert _speaks_grpc(conn, timeout_s=1)
     finally:
         http_srv.shutdown()
         silent.close()
