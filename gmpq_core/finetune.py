@@ -232,9 +232,8 @@ def check_resume_state(path: str | Path, ckpt: Any, *, config: FinetuneConfig | 
                               f"this run trains in {precision!r}; resume with --precision {old_precision} (the "
                               "`precision:` setting), or delete the checkpoint folder to start afresh.")
     old_layers = ckpt.get("policy_layers")
-    if policy is not None and old_layers is not None and \
-            old_layers != {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}:
-        now = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}
+    now = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()} if policy is not None else None
+    if now is not None and old_layers is not None and old_layers != now:
         differ = [n for n in old_layers if n in now and list(old_layers[n]) != now[n]]
         how = (f": {len(differ)} layer(s) have other bits, e.g. {differ[0]} W{old_layers[differ[0]][0]}"
                f"A{old_layers[differ[0]][1]} there, W{now[differ[0]][0]}A{now[differ[0]][1]} now" if differ else
