@@ -2,18 +2,23 @@
 
 Core loops call ``progress(done_batches, total_batches)`` per batch and ``reporter.report(epoch,
 metrics)`` per epoch (``gmpq_core.reporting.Reporter``); this module turns those into output.
-The bar is drawn only when stderr is a terminal (and TQDM_DISABLE is unset); the per-epoch line is
-always printed, so logs of non-interactive runs still show how training went.
+The bar is drawn only when stderr is a terminal (and TQDM_DISABLE is unset); elsewhere (a log file, a
+pipe, a batch job) a pass that runs longer than ``$GMPQ_PROGRESS_SECONDS`` (default 30; 0 switches them
+off) gets a plain line at that interval: batches done, elapsed, an estimate of what is left. The per-epoch
+line is always printed, so logs of non-interactive runs still show how training went.
 """
 from __future__ import annotations
 
 import os
 import sys
-from typing import IO, Mapping
+import time
+from typing import IO, Callable, Mapping
 
 from gmpq_core.reporting import NullReporter, Reporter
 
-__all__ = ["BarProgress", "make_progress", "ProgressReporter", "format_metrics"]
+__all__ = ["BarProgress", "make_progress", "ProgressReporter", "format_metrics", "log_interval"]
+
+PROGRESS_SECONDS_ENV = "GMPQ_PROGRESS_SECONDS"
 
 
 def _is_tty(stream: IO) -> bool:
@@ -23,24 +28,45 @@ def _is_tty(stream: IO) -> bool:
         return False
 
 
+def log_interval() -> float:
+    """Seconds between plain progress lines off a terminal: ``$GMPQ_PROGRESS_SECONDS`` (default 30, 0 = none);
+    a value that is not a number is passed over (progress is cosmetic: it never stops a run)."""
+    raw = os.environ.get(PROGRESS_SECONDS_ENV, "").strip()
+    try:
+        return max(float(raw), 0.0) if raw else 30.0
+    except ValueError:
+        return 30.0
+
+
 class BarProgress:
     """``progress(done, total)`` callable drawing one tqdm bar per pass (a new bar when ``done`` restarts).
 
-    ``enabled=None`` draws only when ``stream`` is a terminal. Call ``close()`` when finished.
+    ``enabled=None`` draws only when ``stream`` is a terminal; otherwise (``enabled=None`` on another stream)
+    a pass longer than ``every`` seconds (default ``log_interval()``) prints a plain line at that interval.
+    Call ``close()`` when finished.
     """
 
     def __init__(self, desc: str = "", *, stream: IO | None = None, enabled: bool | None = None,
-                 unit: str = "batch") -> None:
+                 unit: str = "batch", every: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.desc = desc
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = _is_tty(self.stream) and not os.environ.get("TQDM_DISABLE") if enabled is None else enabled
+        tty = _is_tty(self.stream)
+        self.enabled = tty and not os.environ.get("TQDM_DISABLE") if enabled is None else enabled
+        self.every = (log_interval() if every is None else every) if enabled is None and not tty else 0.0
         self.unit = unit
         self.passes = 0
         self._bar = None
         self._last = 0
+        self._clock = clock
+        self._pass_start: float | None = None
+        self._next_line = 0.0
+        self._first = 0
 
     def __call__(self, done: int, total: int) -> None:
         if not self.enabled:
+            if self.every > 0:
+                self._log_line(done, total)
             return
         if self._bar is None or done <= self._last or total != self._bar.total:
             self.close()
@@ -54,11 +80,26 @@ class BarProgress:
         if done >= total:
             self.close()
 
+    def _log_line(self, done: int, total: int) -> None:
+        now = self._clock()
+        if done <= self._last or self._pass_start is None:      # a new pass: its clock starts at its first batch
+            self.passes += 1
+            self._pass_start, self._next_line, self._first = now, now + self.every, done
+        self._last = done
+        if now < self._next_line or done >= total:
+            return
+        self._next_line = now + self.every
+        spent = now - self._pass_start
+        left = spent * (total - done) / max(done - self._first, 1)
+        print(f"[{self.desc or 'progress'}] {self.unit} {done}/{total} ({100 * done / max(total, 1):.0f} %), "
+              f"{spent:.0f} s elapsed, ~{left:.0f} s left", file=self.stream, flush=True)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         self._last = 0
+        self._pass_start = None
 
 
 def make_progress(desc: str = "", *, enabled: bool | None = None) -> BarProgress:

@@ -123,6 +123,25 @@ def test_bar_progress_draws_one_bar_per_pass_and_is_off_when_not_a_tty():
     assert not off.enabled and quiet.getvalue() == ""
 
 
+
+def test_off_a_terminal_a_long_pass_prints_a_plain_line_at_the_interval(monkeypatch):
+    clock = iter([0.0, 10.0, 30.0, 40.0, 62.0, 70.0, 100.0, 101.0]).__next__
+    log = io.StringIO()                                   # a log file: no bar, and no line for a short pass
+    bar = BarProgress("finetune epoch", stream=log, every=30, clock=clock)
+    for done in (1, 2, 3, 4, 5, 6):
+        bar(done, 10)
+    lines = log.getvalue().splitlines()
+    assert lines == ["[finetune epoch] batch 3/10 (30 %), 30 s elapsed, ~105 s left",   # 15 s a batch after the 1st
+                     "[finetune epoch] batch 5/10 (50 %), 62 s elapsed, ~78 s left"]
+    bar(1, 10)                                            # the next epoch starts its own clock
+    bar(2, 10)
+    assert len(log.getvalue().splitlines()) == 2
+    monkeypatch.setenv("GMPQ_PROGRESS_SECONDS", "0")      # switched off
+    assert BarProgress("x", stream=io.StringIO()).every == 0
+    monkeypatch.setenv("GMPQ_PROGRESS_SECONDS", "soon")   # not a number: the default, not an error
+    assert BarProgress("x", stream=io.StringIO()).every == 30
+    assert BarProgress("x", stream=io.StringIO(), enabled=False).every == 0   # asked for silence
+
 # -- train-fp and finetune on real (small) data: the digits set, 8x8, so each run takes seconds --
 TINY = ["--dataset", "digits", "--test-size", "50", "--batch-size", "16", "--max-steps-per-epoch", "1"]
 
