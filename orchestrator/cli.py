@@ -21,6 +21,7 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 from gmpq_core.errors import GMPQError
 
@@ -55,12 +56,40 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+VERSIONED = ("torch", "torchvision", "ray", "optuna", "mlflow", "pyarrow")
+
+
+def version_text() -> str:
+    """``gmpq 0.1.0 (torch 2.11.0, ray 2.60.0, ...; Python 3.11.2)``: from the installed packages' metadata, none
+    of them imported (the line a bug report wants)."""
+    from importlib import metadata
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{name} {version(name)}" for name in VERSIONED)
+    return f"gmpq {version('gmpq-sweep')} ({libs}; Python {sys.version.split()[0]})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the line, unwrapped (argparse's own action wraps it to the terminal's width), then exit 0."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``gmpq`` parser with every command, or only with ``command``'s (its module name)."""
     parser = _Parser(
         prog="gmpq", description="GMPQ Sweep: generalizable mixed-precision quantization searches, "
         "swept with Ray Tune and Optuna, logged to MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-V", "--version", action=_VersionAction, nargs=0,
+                        help="print gmpq's version and those of the libraries it runs on, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _command_modules():
         if command is None or name == command:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from orchestrator.cli import _command_modules, _named_command, build_parser
+from orchestrator.cli import _command_modules, _named_command, build_parser, main
 
 
 def test_the_named_command_is_found_past_options_and_dashes():
@@ -40,7 +40,7 @@ def test_a_commands_help_shows_no_rest_markup(command, capsys):
 
 HEAVY = ("torch", "torchvision", "ray", "mlflow", "optuna", "pyarrow")
 HELP_ARGVS = ([["--help"]] + [[c.replace("_", "-"), "--help"] for c in _command_modules()]
-              + [["cluster", "status", "--help"]])
+              + [["cluster", "status", "--help"], ["--version"]])
 ERROR_ARGVS = [[c.replace("_", "-"), "--no-such-flag"] for c in _command_modules()] + [
     ["train-fp", "--data-root", ""], ["search", "--data-root", "/etc/hostname/data"]]   # checked as parsed
 
@@ -53,8 +53,17 @@ def test_help_and_argparse_errors_import_no_heavy_library(argv):
             "    rc = e.code\nprint('exit', rc)\nprint(sorted(m for m in %r if m in sys.modules))" % (argv, HEAVY))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     exit_line, heavy = proc.stdout.strip().splitlines()[-2:]
-    assert exit_line == ("exit 0" if "--help" in argv else "exit 2"), proc.stderr
+    assert exit_line == ("exit 0" if {"--help", "--version"} & set(argv) else "exit 2"), proc.stderr
     assert heavy == "[]", f"gmpq {' '.join(argv)} imported {heavy}"
+
+
+def test_version_names_gmpq_and_the_libraries_it_runs_on_in_one_line(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.count("\n") == 1, out          # one line, however narrow the terminal
+    assert out.startswith(f"gmpq {version('gmpq-sweep')} (torch {version('torch')}, ") and f"ray {version('ray')}" in out
 
 
 def test_an_unknown_command_gets_argparse_error_naming_the_choices(capsys):
