@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Collection, Mapping
 
@@ -29,12 +30,13 @@ from .mlflow_sink import MLflowSink, flatten_config
 from .pareto import POLICIES_PNG
 from .results import LAYERS_FILE, TRIALS_FILE
 
-__all__ = ["log_pareto", "log_final", "stage_tags", "STAGE_TAG_PREFIX"]
+__all__ = ["log_pareto", "log_final", "stage_tags", "STAGE_TAG_PREFIX", "PARETO_TABLE"]
 
 log = logging.getLogger(__name__)
 
 STAGE_TAG_PREFIX = "last_finetune."      # the parent's tags of the final stage's settings (``stage_tags``)
 OLD_STAGE_TAG_PREFIX = "finetune."       # what earlier versions named them (as the sweep config's params)
+PARETO_TABLE = "pareto/pareto_table.json"   # the parent run's Pareto table (mlflow.load_table), the front as it is now
 
 
 def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.DataFrame,
@@ -50,7 +52,7 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
         return False
     c, pid, d = sink.client, sink.parent_run_id, Path(sweep_dir)
     table = pareto_df.drop(columns=[x for x in ("policy_json", "layers_json") if x in pareto_df])
-    sink.call("logging the Pareto table", c.log_table, pid, table, "pareto/pareto_table.json")
+    _replace_table(sink, pid, table, PARETO_TABLE)
     for f in [d / "pareto.parquet", png_path, d / POLICIES_PNG, d / TRIALS_FILE, d / LAYERS_FILE]:
         if f is not None and Path(f).is_file():
             sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
@@ -61,6 +63,22 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
         if rid:
             sink.call("tagging a Pareto trial", c.set_tag, rid, "pareto", tag)
     return sink.enabled
+
+
+def _replace_table(sink: MLflowSink, rid: str, table: pd.DataFrame, artifact_file: str) -> None:
+    """``table`` as run ``rid``'s table ``artifact_file``, replacing the one there: ``MlflowClient.log_table`` appends
+    to an existing table (each rerun of ``gmpq pareto`` added the front again), so only a first one goes through it
+    (which also marks the file as a table for the UI); later ones overwrite the file, in the format it writes."""
+    folder, name = artifact_file.rsplit("/", 1)
+    have = sink.call("listing the parent run's artifacts",
+                     lambda: {a.path for a in sink.client.list_artifacts(rid, folder)})
+    if have is None or artifact_file not in have:
+        sink.call("logging the Pareto table", sink.client.log_table, rid, table, artifact_file)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        table.to_json(path, orient="split", index=False, date_format="iso")
+        sink.call("logging the Pareto table", sink.client.log_artifact, rid, str(path), folder)
 
 
 def _pareto_tags(sweep_dir: Path, pareto_df: pd.DataFrame) -> dict[str, str]:

@@ -215,8 +215,8 @@ def pareto_figure(trials: pd.DataFrame, pareto: pd.DataFrame, *, buckets: Sequen
                        label=f"selected ({int(sel.sum())})", zorder=5)
             labels = (np.column_stack([fx[sel], fy[sel]]), [_short(t) for t in pareto["trial_id"].to_numpy()[sel]])
     if buckets and len(x_all) and not np.isnan(x_all).all():
-        ax.text(0.99, 0.01, "budget buckets (avg bits): " + ", ".join(f"{b:g}" for b in buckets),
-                transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="0.4")
+        ax.text(1.02, 0.0, "budget buckets (avg bits):\n" + ", ".join(f"{b:g}" for b in buckets),
+                transform=ax.transAxes, ha="left", va="bottom", fontsize=7, color="0.4")   # beside the rug: not on it
     _legend_outside(ax)                              # lower right is where dominated trials lie (short labels)
     if labels is not None:                           # once laid out: each where it overlaps no label or marker
         fig.canvas.draw()

@@ -9,7 +9,8 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
   tag, else created) with the trial's params, its per-epoch metrics (read back from the Ray Tune trial
   folder's ``result.json`` when the run has none), the final metrics, ``policy.json``, the ``status``
   and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
-- the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them, and on
+- the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them (the Pareto
+  table, its plots and ``pareto_size`` / ``n_selected`` also when the run's pareto.parquet is another one), and on
   the trial runs the ``pareto`` tag, and a fine-tuned policy's ``finetune_run_id`` tag and ``final_top1``, where
   they lack them (a sweep whose tables an earlier version logged).
 
@@ -26,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -214,10 +216,11 @@ class _Syncer:
         return outcome
 
     def tables(self) -> list[str]:
-        """Pareto / final tables on the parent run, when the folder has them and the run lacks them."""
+        """Pareto / final tables on the parent run, when the folder has them and the run lacks them; the Pareto
+        table also when the run's copy differs from the folder's (``gmpq pareto`` ran again while MLflow was off)."""
         sink, d, done = self.sink, self.sweep_dir, []
         have = {a.path for a in sink.client.list_artifacts(sink.parent_run_id, "results")}
-        if (d / PARETO_FILE).is_file() and f"results/{PARETO_FILE}" not in have:
+        if (d / PARETO_FILE).is_file() and (f"results/{PARETO_FILE}" not in have or self._differs(PARETO_FILE)):
             from .pareto import PARETO_PNG
             log_pareto(sink.tracking_uri, d, read_table(d / PARETO_FILE).to_pandas(), d / PARETO_PNG)
             done.append(PARETO_FILE)
@@ -226,6 +229,12 @@ class _Syncer:
             log_final(sink.tracking_uri, d, read_table(d / FINAL_FILE).to_pandas(), png_path=d / FINAL_PNG)
             done.append(FINAL_FILE)
         return done
+
+    def _differs(self, name: str) -> bool:
+        """Whether the parent run's ``results/<name>`` holds other bytes than the folder's ``name``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            logged = self.sink.client.download_artifacts(self.sink.parent_run_id, f"results/{name}", tmp)
+            return Path(logged).read_bytes() != (self.sweep_dir / name).read_bytes()
 
     def trial_tags(self) -> int:
         """The ``pareto`` / ``finetune_run_id`` tags and ``final_top1`` on trial runs that lack them (tables an

@@ -138,9 +138,11 @@ def run_sweep_finetune(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     sweep_dir = Path(args.sweep).expanduser().resolve()
     check_sweep_folder(sweep_dir)
-    from .pareto import sweep_running_text
+    from .pareto import sweep_running_text, sweep_stopped_text
 
-    if (warning := sweep_running_text(sweep_dir, "gmpq finetune")) is not None:
+    warning = sweep_running_text(sweep_dir, "gmpq finetune") or \
+        sweep_stopped_text(sweep_dir, "gmpq finetune", f"gmpq finetune --sweep {sweep_dir}")
+    if warning is not None:
         print(warning, file=sys.stderr, flush=True)         # an early look is allowed: warned, not refused
     final = finetune_stage(sweep_dir, args,
                            say=lambda msg: print(f"gmpq finetune: {msg}", file=sys.stderr, flush=True))

@@ -55,12 +55,13 @@ def model_paths(paths: list[str]) -> list[Path]:
     """The model files ``paths`` name: files as given; a folder's float models and, beside each, its integer file."""
     from gmpq_core.fileio import integer_path
 
-    from .export import model_files
+    from .export import model_files, refuse_other_file
 
     out: list[Path] = []
     for p in paths:
         path = Path(p).expanduser()
         if path.is_file():
+            refuse_other_file(path)
             out.append(path)
             continue
         for f in model_files(path):

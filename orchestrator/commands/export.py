@@ -23,7 +23,7 @@ from gmpq_core.fileio import integer_path
 
 from . import help_text
 
-__all__ = ["register", "run", "model_files"]
+__all__ = ["register", "run", "model_files", "refuse_other_file"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,9 +39,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def refuse_other_file(path: Path) -> None:
+    """ConfigError for a binary file ``torch.save`` did not write (a sweep's trials.parquet, a plot, mlflow.db): the
+    loader's message for a damaged checkpoint would suggest deleting it. Text files (a policy JSON) are left to the
+    loader, which names the model files to pass instead."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    torch_file = head.startswith((b"PK\x03\x04", b"\x80"))     # torch.save's zip format, or its older pickle one
+    if not torch_file and b"\x00" in head:                      # binary (Parquet, PNG, SQLite all have a NUL early)
+        raise ConfigError(f"'{path}' is not a model file (no file torch.save wrote). Pass a model file "
+                          "(DIR/models/<trial>.pt or its .int.pt of a sweep after 'gmpq finetune --sweep', "
+                          "DIR/quantized.pt of 'gmpq finetune --policy') or the folder that holds it.")
+
+
 def model_files(path: Path) -> list[Path]:
     """The float model files ``path`` names: itself, or a sweep's ``models/*.pt``, or a folder's ``quantized.pt``."""
     if path.is_file():
+        refuse_other_file(path)
         return [path]
     if not path.exists():
         raise ConfigError(f"'{path}' does not exist. Pass a model file (DIR/models/<trial>.pt of a sweep after "

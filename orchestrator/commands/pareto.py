@@ -6,8 +6,9 @@ Reads DIR/trials.parquet; writes DIR/pareto.parquet (non-dominated completed tri
 up / bitops down, with ``selected`` and ``selection_reason``), DIR/policies/<trial_id>.json (each policy of
 the front as a file: the input of ``gmpq finetune --policy FILE``; the folder holds the current front only),
 DIR/pareto.png and DIR/policies.png (the selected policies' bits, layer by layer), prints the table, and adds
-them to the sweep's MLflow parent run. While another command still runs the sweep, it warns that the selection
-covers the trials ended so far (run it again once the sweep ends).
+them to the sweep's MLflow parent run (replacing the Pareto table an earlier run logged). While another command
+still runs the sweep, it warns that the selection covers the trials ended so far (run it again once the sweep
+ends); a sweep that stopped before its planned trials ended gets a note saying so (--resume runs the rest).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 from . import (add_sweep_dir_arg, at_least, check_tracking_uri_arg, help_text, quiet_libraries,
                refuse_missing_sweep_dir)
 
-__all__ = ["register", "run", "pareto_stage", "sweep_running_text"]
+__all__ = ["register", "run", "pareto_stage", "sweep_running_text", "sweep_stopped_text"]
 
 
 def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *, mlflow: bool = True,
@@ -97,6 +98,28 @@ def sweep_running_text(sweep_dir: Path, command: str) -> str | None:
             f"and this selection covers only those; {later}.")
 
 
+def sweep_stopped_text(sweep_dir: Path, command: str, rerun: str | None = None) -> str | None:
+    """One note line when no command runs the sweep in ``sweep_dir`` and it stopped (Ctrl-C, a crash) before all its
+    planned trials ended: the selection covers only those that did, and ``--resume`` runs the rest. None otherwise
+    (finished, running: ``sweep_running_text``, or not a sweep folder: the command's own checks say so). ``rerun``:
+    the command to run again after the resume (default ``gmpq pareto DIR``)."""
+    from gmpq_core.errors import GMPQError
+    from orchestrator.sweep_status import STOPPED, read_sweep_status
+
+    try:
+        st = read_sweep_status(sweep_dir, own_marker=False)
+    except GMPQError:
+        return None
+    if st.state != STOPPED or st.n_planned is None:
+        return None
+    midway, later = st.count(STOPPED), int(st.n_planned) - len(st.trials)
+    rest = ", ".join(x for x in (f"{midway} stopped midway" if midway else "",
+                                 f"{later} not started" if later > 0 else "") if x)
+    return (f"{command}: note: the sweep in {sweep_dir} stopped with {st.n_ended} of its {st.n_planned} planned trials "
+            f"ended{f' ({rest})' if rest else ''}, and this selection covers only those; to run the rest: "
+            f"gmpq sweep --out {sweep_dir} --resume, then {rerun or f'gmpq pareto {sweep_dir}'} again.")
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.no_mlflow:
         check_tracking_uri_arg(args.tracking_uri, "the sweep's own store", "log to the sweep's own store")  # before any work: a bad one used to end in MLflow's traceback
@@ -104,15 +127,17 @@ def run(args: argparse.Namespace) -> int:
     refuse_missing_sweep_dir(args.sweep, sweep_dir, "whose Pareto front you want")
     quiet_libraries(getattr(args, "verbose", False))
     from orchestrator.pareto import POLICIES_DIR, check_selectable
-    from orchestrator.results import load_resolved_config, read_trials_table
+    from orchestrator.results import TRIALS_FILE, load_resolved_config, read_trials_table
     from orchestrator.sweep_checks import check_sweep_writable
 
-    cfg = load_resolved_config(sweep_dir)           # a file given: said first
+    # a file, or a folder with neither sweep_config.yaml nor trials.parquet (no sweep): said first, as gmpq status does
+    cfg = load_resolved_config(sweep_dir, missing_ok=(sweep_dir / TRIALS_FILE).is_file())
     table = read_trials_table(sweep_dir)            # CheckpointError naming the file if missing or damaged
     trials = check_selectable(sweep_dir, table.to_pandas())     # no completed trial: refused before anything is written
     check_sweep_writable(sweep_dir, "gmpq pareto", f"pareto.parquet, its plots and {POLICIES_DIR}/",
                          folders=(POLICIES_DIR,))
-    if (warning := sweep_running_text(sweep_dir, "gmpq pareto")) is not None:
+    warning = sweep_running_text(sweep_dir, "gmpq pareto") or sweep_stopped_text(sweep_dir, "gmpq pareto")
+    if warning is not None:
         print(warning, file=sys.stderr, flush=True)         # an early look is allowed: warned, not refused
     front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow, cfg=cfg, table=table)
     print_pareto(sweep_dir, front, args.top_k, cfg=cfg, trials=trials)

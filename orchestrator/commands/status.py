@@ -5,7 +5,8 @@
 
 Reads the sweep folder only (no Ray session, no MLflow): each trial's status, budget, proxy size, accuracies,
 BitOPs and time, where a running trial got to (search epoch, transfer check), whether the command
-running the sweep is alive, which policies the Pareto stage selected, the final fine-tune's progress, the
+running the sweep is alive, which policies the Pareto stage selected (the note column: selected, or Pareto front
+for the others on pareto.parquet's front), the final fine-tune's progress, the
 runs its MLflow store lacks (its logging was off: ``gmpq sync-mlflow`` uploads them), and the command to run
 next. ``--json`` prints the same as one JSON object.
 """
@@ -153,14 +154,22 @@ def _shared_line(shared: dict) -> str | None:
     return f"Shared models: {text}FP target model top-1 {fmt(shared.get('target_fp_top1'), '.2f')}%."
 
 
+def _note(st: Any, t: Any) -> str:
+    """A trial's note: where a running or stopped one got to; else what gmpq pareto made of it (``selected``, or
+    ``Pareto front``: on pareto.parquet's front, not selected) beside its pruning reason or error."""
+    if t.status in ("running", "stopped"):
+        return t.phase
+    mark = "selected" if t.trial_id in st.selected else "Pareto front" if t.trial_id in (st.selected_from or ()) else ""
+    return "; ".join(x for x in (mark, t.note[:70]) if x)
+
+
 def format_status(st: Any) -> str:
     from orchestrator.text import PROXY_NOTE, fmt, text_table
 
     head = ["#", "trial", "status", "budget", "proxy", "proxy%", "transfer%", "GBitOPs", "time", "note"]
     rows = [[fmt(t.number, "d"), t.trial_id, t.status, fmt(t.budget_avg_bits, ".2f"), fmt(t.proxy_size, "d"),
              fmt(t.proxy_top1, ".2f"), fmt(t.transfer_top1, ".2f"), fmt(t.gbitops, ".4f"),
-             _duration(t.seconds) + (" so far" if t.status == "running" else ""),
-             t.phase if t.status in ("running", "stopped") else t.note[:70]] for t in st.trials]
+             _duration(t.seconds) + (" so far" if t.status == "running" else ""), _note(st, t)] for t in st.trials]
     lines = [f"Sweep '{st.name}' in {st.sweep_dir}: {_headline(st)}"]
     shared = _shared_line(st.shared)
     if shared:
