@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gmpq_core.errors import ConfigError
+
 from . import address_help, at_least, check_tracking_uri_arg, int_or_auto
 
-__all__ = ["add_sweep_args", "run_sweep_finetune", "format_final_table", "finetune_stage", "check_sweep_folder"]
+__all__ = ["add_sweep_args", "add_target_arg", "resolve_target", "run_sweep_finetune", "format_final_table", "finetune_stage", "check_sweep_folder"]
 
 
 def _add(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:
@@ -50,6 +52,32 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     _add(g, "--batch-size", type=int, action=at_least(1), default=None, metavar="B", help="global batch size")
     _add(g, "--train-size", type=int, action=at_least(1), default=None, metavar="N", help="train on a stratified slice of N images")
     _add(g, "--max-steps-per-epoch", type=int, default=None, metavar="N", help="cap the steps per epoch")
+
+
+def add_target_arg(parser: argparse.ArgumentParser) -> None:
+    """``gmpq finetune DIR`` / ``gmpq finetune FILE``: the one positional argument, a sweep folder (as ``--sweep``)
+    or a policy file (as ``--policy``), as ``gmpq status DIR`` and ``gmpq pareto DIR`` take theirs."""
+    parser.add_argument("target", nargs="?", default=None, metavar="DIR|FILE",
+                        help="a sweep folder (the same as --sweep DIR) or a bit policy file (the same as --policy FILE)")
+
+
+def resolve_target(args: argparse.Namespace) -> None:
+    """Moves ``args.target`` to ``args.sweep`` (a folder) or ``args.policy`` (a file); ConfigError, naming it, when it
+    does not exist or another --sweep / --policy was given too."""
+    target = getattr(args, "target", None)
+    if target is None:
+        return
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise ConfigError(f"gmpq finetune {target}: no such file or folder ({path.absolute()}). Pass a sweep folder "
+                          "(the --out of gmpq sweep or gmpq run) or a bit policy file (e.g. DIR/policies/<trial>.json, "
+                          "a gmpq search's policy.json).")
+    flag, dest = ("--sweep", "sweep") if path.is_dir() else ("--policy", "policy")
+    given = getattr(args, dest, None)
+    if given is not None and Path(given).expanduser().resolve() != path.resolve():
+        raise ConfigError(f"Two {'sweep folders' if dest == 'sweep' else 'policy files'} were given: {flag} {given} "
+                          f"and {target}. Give it once: gmpq finetune {flag} {target} (or gmpq finetune {target}).")
+    setattr(args, dest, target)
 
 
 def kept_on_interrupt_text(sweep_dir: Path) -> str:

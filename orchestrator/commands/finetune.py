@@ -40,7 +40,7 @@ from ..progress import ProgressReporter, make_progress
 from ._finetune_checks import _DISTILL_DEFAULTS, _check_fp_dataset, _check_single_args, _policy_from_args
 from ._finetune_fp import FPSource, data_root_default, pick_fp_source
 from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info
-from ._finetune_sweep import add_sweep_args, run_sweep_finetune
+from ._finetune_sweep import add_sweep_args, add_target_arg, resolve_target, run_sweep_finetune
 from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
 from . import at_least
 
@@ -68,6 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "from the FP model). Resumes from DIR/checkpoints/ when interrupted.")
     add_single_args(p)
     add_sweep_args(p)
+    add_target_arg(p)
     p.set_defaults(func=run, batch_size=None, precision=None)  # None: SINGLE_DEFAULTS, or the sweep config's (--sweep)
 
 
@@ -127,6 +128,7 @@ def _single_mode_options_given(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    resolve_target(args)                                 # gmpq finetune DIR / FILE
     if getattr(args, "sweep", None):
         extra = _single_mode_options_given(args)
         if extra:
