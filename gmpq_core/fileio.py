@@ -134,6 +134,10 @@ QUANTIZED_MODEL_HINT = ("give a quantized model file: DIR/models/<trial_id>.pt o
                         "DIR' (a policy JSON becomes one through that fine-tune)")
 
 
+_OTHER_FORMATS = ((b"PAR1", "a Parquet table"), (b"\x89PNG", "a PNG image"), (b"SQLite format 3", "an SQLite database"),
+                  (b"\x1f\x8b", "a gzip file"))
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *, mmap: bool = False,
                     text_hint: str = FP_CHECKPOINT_HINT) -> Any:
     """torch.load with ``weights_only=True``; a missing/truncated/corrupted file raises CheckpointError. ``mmap``:
@@ -155,6 +159,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             head = f.read(64).lstrip()
         if head[:1] in (b"{", b"[") or path.suffix.lower() in (".json", ".yaml", ".yml", ".txt", ".csv"):
             raise CheckpointError(f"'{path}' is a text file, not a PyTorch checkpoint: {text_hint}.") from None
+        kind = next((k for magic, k in _OTHER_FORMATS if head.startswith(magic)), None)
+        if kind is not None:                 # another tool's file: no advice to delete it (a sweep's trials.parquet)
+            raise CheckpointError(f"'{path}' is {kind}, not a PyTorch checkpoint (no file torch.save wrote): "
+                                  f"{text_hint}.") from None
         reason = str(e).split("\n", 1)[0][:200]
         if "weights_only" in reason:         # torch's advice (load with weights_only=False) would mislead here
             reason = "torch.load with weights_only=True cannot unpickle it"

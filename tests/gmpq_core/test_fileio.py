@@ -53,6 +53,18 @@ def test_a_folder_given_as_a_checkpoint_is_named_with_its_pt_files(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.parametrize("head, kind", [(b"PAR1\x15\x04", "a Parquet table"), (b"\x89PNG\r\n\x1a\n\x00", "a PNG image"),
+                                        (b"SQLite format 3\x00", "an SQLite database")])
+def test_another_tools_file_is_named_as_such_without_advice_to_delete_it(tmp_path, head, kind):
+    from gmpq_core.errors import CheckpointError
+    from gmpq_core.fileio import load_checkpoint
+    path = tmp_path / "trials.parquet"
+    path.write_bytes(head + bytes(200))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert f"is {kind}, not a PyTorch checkpoint" in str(err.value) and "delete" not in str(err.value)
+
+
 def test_a_mapped_load_gives_the_same_checkpoint(tmp_path):
     import torch
 
