@@ -172,10 +172,12 @@ def _test_loader(dataset: str, args: argparse.Namespace, size: int | None, devic
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per row, named by its ``name`` (``row_names``; the file name for a row without one)."""
+    """One line per row, named by its ``name`` (``row_names``; the file name for a row without one); ``avg W`` /
+    ``avg A``: the policy's plain mean bits over its layers (``BitPolicy.average_bits``; policies.png shows the
+    MAC-weighted ones)."""
     names = [r.get("name") or Path(r["path"]).name for r in rows]
     width = max(len("model file"), *map(len, names))
-    lines = [f"{'model file':<{width}}  {'dataset':<14}  {'images':>6}  {'W':>4}  {'A':>4}  {'GBitOPs':>8}  "
+    lines = [f"{'model file':<{width}}  {'dataset':<14}  {'images':>6}  {'avg W':>5}  {'avg A':>5}  {'GBitOPs':>8}  "
              f"{'top-1':>6}  {'top-5':>6}  recorded top-1"]
     for r, name in zip(rows, names):
         gb = f"{r['gbitops']:.4f}" if isinstance(r["gbitops"], (int, float)) else "-"
@@ -183,6 +185,6 @@ def format_table(rows: list[dict]) -> str:
         if rec != "-" and r.get("recorded_test_images") and r["recorded_test_images"] != r["test_images"]:
             rec += f" (on {r['recorded_test_images']} images)"        # another test slice: not comparable as such
         lines.append(f"{name:<{width}}  {r['dataset']:<14}  {r['test_images']:>6}  "
-                     f"{r['avg_w_bits']:>4.2f}  {r['avg_a_bits']:>4.2f}  {gb:>8}  {r['top1']:>6.2f}  {r['top5']:>6.2f}  "
+                     f"{r['avg_w_bits']:>5.2f}  {r['avg_a_bits']:>5.2f}  {gb:>8}  {r['top1']:>6.2f}  {r['top5']:>6.2f}  "
                      f"{rec}")
     return "\n".join(lines)

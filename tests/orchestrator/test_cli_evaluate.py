@@ -68,3 +68,11 @@ def test_a_recorded_top1_measured_on_other_test_images_says_on_how_many(tmp_path
     assert "70.00 (on 500 images)" in capsys.readouterr().out
     assert main(["evaluate", str(path), "--test-size", "500"]) == 0
     assert "(on 500 images)" not in capsys.readouterr().out            # the same number of images: no note
+
+
+def test_the_table_names_its_bit_columns_as_plain_means():
+    from orchestrator.commands.evaluate import format_table
+    row = {"name": "t1.pt", "path": "t1.pt", "dataset": "fashion_mnist", "test_images": 100, "avg_w_bits": 4.15,
+           "avg_a_bits": 3.2, "gbitops": 0.35, "top1": 80.0, "top5": 99.0, "recorded_top1": None}
+    head, line = format_table([row]).splitlines()
+    assert head.split()[4:8] == ["avg", "W", "avg", "A"] and " 4.15   3.20 " in line
