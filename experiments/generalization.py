@@ -131,30 +131,23 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        set_("proxies", tuple(p if isinstance(p, ProxySpec) else ProxySpec(**dict(p)) for p in self.proxies or ()))
+        from .generalization_axes import budget_list, method_list, proxy_entries, resources_mapping, seed_list
+        set_("proxies", tuple(p if isinstance(p, ProxySpec) else ProxySpec(**p) for p in proxy_entries(self.proxies)))
         set_("candidates", BitCandidates.from_any(self.candidates))
         set_("target_fp", _recipe(self.target_fp, "target_fp"))
         set_("teacher", _recipe(self.teacher, "teacher"))
-        set_("budgets", tuple(float(b) for b in self.budgets))
-        set_("seeds", tuple(self.seeds))
-        set_("methods", tuple(self.methods))
+        set_("budgets", budget_list(self.budgets))   # lists of the right values, each once (a repeated seed counted
+        set_("seeds", seed_list(self.seeds))         # twice in every standard error and verdict)
+        set_("methods", method_list(self.methods, METHODS))
+        set_("resources", resources_mapping(self.resources))
         check_precision(self.precision)
         from gmpq_core.models import check_model
         set_("model", check_model(self.model))       # a user's PATH.py:FUNCTION made absolute
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ConfigError(f"methods must be a non-empty subset of {list(METHODS)}, but got {list(self.methods)}.")
         names = [p.name for p in self.proxies]
         if len(set(names)) != len(names):
             raise ConfigError(f"proxy names must be unique, but got {names}.")
         if any(m in PER_PROXY for m in self.methods) and not self.proxies:
             raise ConfigError("methods gmpq / gmpq_fixed_p3 / eta0 need at least one proxy under 'proxies'.")
-        if not self.budgets or any(not (1 <= b <= 8) for b in self.budgets):
-            raise ConfigError(f"budgets must be average bits in 1..8, but got {list(self.budgets)}.")
-        if not self.seeds:
-            raise ConfigError("seeds must list at least one seed, e.g. [0, 1].")
-        for s in self.seeds:
-            _int("seed", s, 0)
         for name, lo, opt in (("proxy_seed", 0, False), ("proxy_eval_size", 10, True), ("test_size", 10, True),
                               ("ard_images", 0, False), ("max_concurrent_trials", 1, False),
                               ("image_size", 4, True)):
@@ -168,19 +161,17 @@ class StudyConfig:
                 raise ConfigError(f"'search.{key}' is set by the study (budgets / candidates / seeds); remove it.")
         if "seed" in self.finetune:
             raise ConfigError("'finetune.seed' is set per cell from 'seeds'; remove it.")
-        res = dict(self.resources)
-        if set(res) - {"cpu", "gpu"} or any(not isinstance(v, (int, float)) or v < 0 for v in res.values()):
-            raise ConfigError(f"resources must be {{cpu: N, gpu: G}} with numbers >= 0, but got {res}.")
-        set_("resources", {"cpu": float(res.get("cpu", 1)), "gpu": float(res.get("gpu", 0))})
-        if any(m in SEARCHED for m in self.methods):
-            from gmpq_core.errors import BudgetInfeasibleError
+        searched = any(m in SEARCHED for m in self.methods)
+        from gmpq_core.search_config import SearchConfig
 
-            for b in self.budgets:      # the search settings, at every budget: a bad one fails now, not in its cells
-                try:
-                    self.search_config("gmpq", b, 0)
-                except BudgetInfeasibleError as e:
-                    raise ConfigError(f"budgets: {b!r} cannot be searched: {e} In a study config the candidates "
-                                      "are its top-level 'candidates:' key; or drop this budget.") from None
+        for b in self.budgets:          # every budget against the candidates (uniform and random cells too, which
+            try:                        # failed one by one after the FP models trained), with the search settings
+                self.search_config("gmpq", b, 0) if searched else SearchConfig.from_dict(
+                    {"candidates": self.candidates, "budget": {"avg_bits": b}, "seed": 0})
+            except BudgetInfeasibleError as e:
+                raise ConfigError(f"budgets: {b!r} cannot be {'searched' if searched else 'reached'}: {e} In a study "
+                                  "config the candidates are its top-level 'candidates:' key; or drop this "
+                                  "budget.") from None
         self.finetune_config(0)
 
     # -- derived configs ------------------------------------------------------------------------
@@ -236,6 +227,10 @@ class StudyConfig:
             raise ConfigError(f"Unsupported study config version {version!r}; this tool reads version 1.")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
+        if unknown and {"space", "n_trials"} & set(unknown):       # a sweep config handed to gmpq study
+            raise ConfigError(f"This is a sweep config (it has {sorted({'space', 'n_trials'} & set(unknown))}), not "
+                              "a study config: run it with gmpq sweep --config FILE. A study config lists proxies, "
+                              "budgets, seeds and methods (experiments/generalization*.yaml).")
         if unknown:
             raise ConfigError(f"Unknown study config keys {unknown}.{did_you_mean(unknown, known)} "
                               f"Valid keys: {', '.join(sorted(known))}.")

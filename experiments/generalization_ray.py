@@ -303,7 +303,8 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
                                           callbacks=[cb], verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=0)))
             fit_restoring_handlers(tuner)
-            cb.sink.finish(cb.sink.parent_run_id, "FINISHED")
+            stopped = cb.completed + cb.failed < len(todo)     # Ctrl-C or SIGTERM: Tune stopped the rest gracefully
+            cb.sink.finish(cb.sink.parent_run_id, "KILLED" if stopped else "FINISHED")
     return StudySummary(study_dir=study_dir, n_cells=len(cells), n_skipped=len(cells) - len(todo),
                         n_completed=cb.completed if cb else 0, n_failed=cb.failed if cb else 0,
                         prepare_seconds=t_prep, wall_seconds=time.perf_counter() - t0, device=device)

@@ -53,6 +53,15 @@ WHY_NO_VERDICT = {NO_SE: "one seed: no standard error, so a difference cannot be
                   NEAR_CHANCE: "the numbers are near chance, see the caution above the results"}
 MIN_POLICIES = 3            # rank_agreement: fewer searched policies in a (proxy, budget) group give no tau
 PAGE_STAMP = "<!-- written by 'gmpq study'"    # the first line of a page it wrote (``_stamp``)
+# What each method's policy is (experiments/generalization.py), said under the results table of the page.
+METHOD_TEXT = {
+    "gmpq": "the GMPQ search on the proxy with the capacity-aware attribution power p (the paper's method)",
+    "gmpq_fixed_p3": "the same search with p fixed at 3 (the official code's default)",
+    "eta0": "the same search without the attribution loss (eta = 0: EdMIPS on the proxy)",
+    "target_search": "the gmpq search on the whole target training set instead of a proxy (proxy column 'target')",
+    "uniform": "no search: the largest uniform WbAb whose BitOPs fit the budget (it may spend less; proxy 'none')",
+    "random": "no search: random per-layer bit probabilities, argmax and budget repair (a sanity floor; proxy 'none')",
+}
 
 
 def _completed(df: pd.DataFrame) -> pd.DataFrame:
@@ -219,7 +228,7 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 def format_table(agg: pd.DataFrame) -> str:
     """Markdown table of ``aggregate``'s output."""
     head = ("| budget (avg bits) | method | proxy | seeds | target top-1 (%) | GBitOPs quantized layers | "
-            "GBitOPs whole model (FP at 32x32) | search s | proxy top-1 (%) | proxy ARD | target ARD |")
+            "GBitOPs whole model (FP layers at 32x32 bits) | search s | proxy top-1 (%) | proxy ARD | target ARD |")
     lines = [head, "|" + "|".join(["---"] * 11) + "|"]
     for r in agg.itertuples(index=False):
         std = f" ± {r.top1_std:.2f}" if np.isfinite(r.top1_std) else ""
@@ -240,12 +249,24 @@ def _tau_table(taus: pd.DataFrame) -> list[str]:
               for r in taus.itertuples()]]
 
 
+def _methods_legend(agg: pd.DataFrame) -> list[str]:
+    """What the page's methods are, those of its table only; every policy gets the same fine-tune."""
+    shown = [m for m in METHOD_ORDER if m in set(agg["method"])] + sorted(set(agg["method"]) - set(METHOD_ORDER))
+    other = "a method of another version of the study"
+    return ["Methods (every policy then gets the same fine-tune from the target FP model):", "",
+            *[f"- **{m}**: {METHOD_TEXT.get(m, other)}" for m in shown]]
+
+
 def _comparison_table(comp: pd.DataFrame, agg: pd.DataFrame) -> list[str]:
     if comp.empty:
         why = ("no completed gmpq cell" if not (agg["method"] == "gmpq").any()
                else "no completed cell of another method at a budget of gmpq's")
         return [f"No comparison: the study has {why}."]
-    return ["| budget | proxy | versus | diff | SE of diff (seeds) | verdict (2 SE) |", "|---|---|---|---|---|---|",
+    return [f"diff: gmpq's mean target top-1 minus the other method's (positive: GMPQ higher). Verdict: **win** "
+            f"(GMPQ higher) or **loss** (lower) when |diff| is over 2 standard errors, **tie** within, with {MIN_SEEDS} "
+            "or more seeds on each side; **n/a**: no verdict, the reason in brackets. target_search, uniform and random have "
+            "no proxy: their cells are compared with gmpq's at every proxy.", "",
+            "| budget | proxy | versus | diff | SE of diff (seeds) | verdict (2 SE) |", "|---|---|---|---|---|---|",
             *[f"| {r.budget:g} | {r.proxy} | {r.versus} | {r.diff:+.2f} | {fmt(r.se, '.2f')} | {r.verdict} |"
               for r in comp.itertuples()]]
 
@@ -272,7 +293,7 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
     lines += ["", f"## Results (target = {target} test set; mean ± std over seeds)", ""]
     if caution:
         lines += [f"> **Caution: near chance.** {caution[0].upper()}{caution[1:]}", ""]
-    lines += [format_table(agg), "",
+    lines += [format_table(agg), "", *_methods_legend(agg), "",
               f"![accuracy vs BitOPs per method]({rel})", "",
               "## Proxy-side vs target-side ranking of the searched policies (Kendall tau-b)", "",
               *_tau_table(taus), "", "## GMPQ against the other methods (difference of mean target top-1, points)", "",

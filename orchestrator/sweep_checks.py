@@ -19,7 +19,8 @@ from .sweep_config import ENV_TRACKING_URI, SweepConfig, env_tracking_uri, trial
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SweepFacts", "check_sweep_config", "check_tracking_scheme", "check_tracking_uri", "check_sweep_writable"]
+__all__ = ["SweepFacts", "check_sweep_config", "shown_url", "check_tracking_scheme", "check_tracking_uri",
+           "check_sweep_writable"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     _check_gradcam_layer(cfg, net, search.gradcam_layer, pi.image_size, pi.in_channels)
     _check_stores(cfg)
     _check_writable(cfg)
+    _make_sqlite_folder(cfg)
     return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
                       target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
                       target_train_size=len(target.train), target_test_size=len(target.test),
@@ -206,6 +208,101 @@ def _check_stores(cfg: SweepConfig) -> None:
     for what, flag, url in (("optuna_storage", "--optuna-storage", cfg.optuna_storage),
                             ("tracking_uri", "--tracking-uri", uri)):
         _check_sqlite_file(what, flag, url)
+    if cfg.optuna_storage:
+        _check_database_opens(cfg.optuna_storage)
+    _check_study_free(cfg)
+
+
+_NO_WORK = ("Nothing has been trained yet; fix the URL (or start the database), or leave optuna_storage "
+            "(--optuna-storage) out to keep the Optuna study in the sweep folder's optuna.db.")
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a message shows it: a password in it masked (postgresql://user:***@host/db)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not parseable: shown as given (checked elsewhere)
+        return url
+
+
+def _check_database_opens(url: str) -> None:
+    """An Optuna storage is opened once now: a database (postgresql://, mysql://) is connected to, an existing SQLite
+    file read (a new one is left to the sweep: nothing is created here). A missing driver, a database that does not
+    answer or a file that is no database used to end in a SQLAlchemy traceback once the shared models had trained."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    if url.lower().startswith("sqlite:"):
+        database = make_url(url).database
+        if not database or database == ":memory:" or not Path(database).expanduser().is_file():
+            return
+    engine = None
+    try:
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            if url.lower().startswith("sqlite:"):
+                connection.execute(text("SELECT name FROM sqlite_master LIMIT 1"))
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"optuna_storage {shown_url(url)!r} needs the database driver '{e.name}', which is not "
+                          "installed: pip install the package that provides it, or name another driver in the URL (e.g. "
+                          f"postgresql+psycopg2://...). {_NO_WORK}") from None
+    except Exception as e:  # noqa: BLE001 - any driver's connection error, said in one line
+        why = " ".join(str(getattr(e, "orig", None) or e).split())[:300]
+        raise ConfigError(f"optuna_storage {shown_url(url)!r} cannot be opened ({type(e).__name__}: {why}). "
+                          f"{_NO_WORK}") from None
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _check_study_free(cfg: SweepConfig) -> None:
+    """A new sweep (its folder holds no Tune state to resume) whose Optuna storage already holds a study of its
+    name with trials (another sweep's: an optuna_storage shared by several sweeps) is refused: Optuna would add the
+    new trials to that study silently, its sampler learning from the other sweep's trials, its pruning studies
+    comparing against them, and a resume marking that sweep's running trials failed."""
+    from sqlalchemy.engine import make_url
+
+    from .results import load_resolved_config
+    from .sweep_resume import holds_sweep_state
+
+    r = cfg.resolved()
+    url = r.optuna_storage
+    if url.lower().startswith("sqlite:") and not Path(make_url(url).database or "").expanduser().is_file():
+        return                                   # a new file: nothing in it
+    if holds_sweep_state(r):
+        return                                   # a resume (or the folder's "holds a sweep" refusal)
+    saved = load_resolved_config(r.out_dir)
+    if saved.get("name") == r.name and saved.get("optuna_storage") == url:
+        return                                   # this folder's own sweep, stopped before its Tune state existed
+    counts = _study_trials(url, r.name)
+    if not counts:
+        return
+    said = ", ".join(f"'{name}' ({n} trial{'s' * (n != 1)})" for name, n in counts.items())
+    raise ConfigError(
+        f"optuna_storage {shown_url(url)!r} already holds Optuna stud{'ies' if len(counts) > 1 else 'y'} {said} of "
+        f"another sweep named '{r.name}', and the sweep folder '{r.out_dir}' holds no sweep to resume. A new sweep there "
+        "would join that study silently: its sampler would learn from the other sweep's trials and its pruner "
+        f"compare against them. Give this sweep another --name (or name:), or another --optuna-storage (leaving it "
+        "out keeps the study in the sweep folder's optuna.db); to continue the earlier sweep, run gmpq sweep --out "
+        f"ITS_FOLDER --resume; to start over, delete the old study first (optuna delete-study --study-name {r.name} "
+        f"--storage {shown_url(url)}).")
+
+
+def _study_trials(url: str, name: str) -> dict[str, int]:
+    """The studies of the sweep ``name`` in the Optuna storage ``url`` (its own and its pruning studies,
+    ``<name>-prune-bucket<k>``) that hold trials -> their trial counts; {} when it cannot be read (not fatal)."""
+    import optuna
+
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
+    except Exception as e:  # noqa: BLE001 - an unreadable or foreign database: the sweep's own open says more
+        log.debug("could not list the studies in %s: %s", url, e)
+        return {}
+    return {s.study_name: s.n_trials for s in summaries if s.n_trials
+            and (s.study_name == name or s.study_name.startswith(f"{name}-prune-bucket"))}
 
 
 def _check_sqlite_file(what: str, flag: str, url: str | None, *,
@@ -228,6 +325,21 @@ def _check_sqlite_file(what: str, flag: str, url: str | None, *,
     if path.is_dir():
         raise ConfigError(f"{what} {url!r} names a folder, not a database file. Pass {flag} "
                           f"sqlite:///PATH/FILE.db{otherwise}.")
+
+
+def _make_sqlite_folder(cfg: SweepConfig) -> None:
+    """The folder of a sqlite:///PATH Optuna storage outside the sweep folder (which the sweep makes itself), made
+    when missing (checked writable above), as MLflow makes its store's: SQLite makes no folder, and Optuna's open
+    of the file failed with a traceback once the shared models had trained."""
+    r = cfg.resolved()
+    if not r.optuna_storage.lower().startswith("sqlite:"):
+        return
+    from sqlalchemy.engine import make_url
+
+    database = make_url(r.optuna_storage).database
+    folder = Path(database or ".").expanduser().absolute().parent
+    if database and database != ":memory:" and folder != Path(r.out_dir) and not folder.exists():
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def _warn_single_bucket(cfg: SweepConfig, low: float | None, high: float | None) -> None:

@@ -13,6 +13,7 @@ The nested sections (``Resources``, ``PrunerConfig``, ``FinetuneStage``, ``Fault
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -40,6 +41,12 @@ CONFIG_VERSION = 1
 _SEARCH_FROM_SWEEP = {"epochs", "budget", "candidates", "seed"}
 _SPACE_TO_SEARCH = {"search_epochs": "epochs", "budget_avg_bits": "budget", "proxy_size": None}
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
+# Keys a user of Optuna expects that a sweep config does not take: what the sweep does instead.
+_SAMPLER = ("every sweep suggests its trials with Optuna's TPESampler, multi-objective (transfer_top1 up, BitOPs "
+            "down) and seeded with the config's 'seed'; it cannot be changed. Delete this key. What a sweep config "
+            "chooses is the pruner: pruner: {name: median|percentile|successive_halving|hyperband|none, "
+            "kwargs: {...}}.")
+_NOT_SETTINGS = {"sampler": _SAMPLER, "optuna_sampler": _SAMPLER}
 
 
 def env_tracking_uri() -> str | None:
@@ -109,11 +116,12 @@ class SweepConfig:
             f"proxy_eval_size must be an integer >= 0 or null, but got {self.proxy_eval_size!r}.")
         for name in ("n_trials", "max_concurrent_trials", "teacher_epochs"):
             _require(_is_pos(getattr(self, name), integer=True),
-                     f"{name} must be a positive integer, but got {name}={getattr(self, name)!r}.")
+                     f"{name} must be a positive integer, but got {name}={getattr(self, name)!r}"
+                     f"{_unquote(getattr(self, name))}")
         _require(isinstance(self.max_failures, int) and not isinstance(self.max_failures, bool)
                  and self.max_failures >= 0, f"max_failures must be an integer >= 0, got {self.max_failures!r}.")
         _require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-                 f"seed must be an integer >= 0, but got seed={self.seed!r}.")
+                 f"seed must be an integer >= 0, but got seed={self.seed!r}{_unquote(self.seed)}")
         _require(self.image_size is None or _is_pos(self.image_size, integer=True),
                  f"image_size must be a positive integer or null, but got image_size={self.image_size!r}.")
         _require(isinstance(self.small_input, bool), f"small_input must be true/false, got {self.small_input!r}.")
@@ -141,6 +149,15 @@ class SweepConfig:
         if not sp.varying() and self.n_trials > 1:
             raise ConfigError(f"The search space has no dimension that varies, so the {self.n_trials} trials "
                               "would all be identical: make one dimension a range or a list, or set n_trials: 1.")
+        varying = sp.varying()
+        if varying and all(sp.possible_values(n) is not None for n in varying):   # lists only: a few points
+            points = math.prod(len(sp.possible_values(n)) for n in varying)
+            lists = ", ".join(f"{n} {list(sp.possible_values(n))}" for n in varying)
+            _require(self.n_trials <= points,
+                     f"The search space has at most {points} distinct configurations ({lists}), "
+                     f"but n_trials is {self.n_trials}: the other trials would repeat one of them exactly (the same "
+                     f"seed gives the same result). Set n_trials: {points} or fewer, or make a dimension a range "
+                     "(e.g. eta: {type: float, low: 1, high: 100, log: true}).")
         if "proxy_size" in sp:
             _require(sp.possible_values("proxy_size") is not None,
                      "'proxy_size' must be a fixed value or a list (teachers are trained once per proxy size "
@@ -205,9 +222,18 @@ class SweepConfig:
         check_placement("", d)               # a section's key at the top level: where it belongs, not a look-alike
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
+        for key in sorted(set(unknown) & set(_NOT_SETTINGS)):
+            raise ConfigError(f"'{key}' is not a sweep config key: {_NOT_SETTINGS[key]}")
         _require(not unknown, f"Unknown sweep config key(s) {unknown}.{did_you_mean(unknown, known)} "
                               f"Known keys: {sorted(known - {'testing'})}.")   # the tests' hooks, not shown
         return cls(**d)
+
+
+def _unquote(value: Any) -> str:
+    """The end of a message about ``value``: for a whole number written in quotes ('7'), how to write it."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return f" (a string: write {value.strip()} without quotes)."
+    return "."
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:

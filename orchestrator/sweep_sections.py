@@ -141,8 +141,19 @@ def misplaced(where: str, given: Mapping[str, Any]) -> dict[str, str]:
                   for p, n in homes}
         flag = next((f"{KEY_FLAGS[d]} sets " + ("it too" if len(homes) == 1 else said)
                      for d, said in dotted.items() if d in KEY_FLAGS), None)
-        out[key] = text + (f"; gmpq sweep {flag}." if flag else ".")
+        out[key] = text + (f"; gmpq sweep {flag}." if flag else ".") + _alike_here(where, key, takes[where])
     return out
+
+
+def _alike_here(where: str, key: str, here: frozenset[str]) -> str:
+    """For a key that belongs elsewhere but is also the start of a key of ``where`` (``max_concurrent`` at the top
+    level: ``finetune.max_concurrent``, or the top level's ``max_concurrent_trials``): that one too."""
+    alike = sorted(k for k in here if isinstance(key, str) and k.startswith(f"{key}_"))
+    if not alike:
+        return ""
+    dotted = alike[0] if where == "" else f"{where}.{alike[0]}"
+    flag = f" (gmpq sweep {KEY_FLAGS[dotted]} sets it)" if dotted in KEY_FLAGS else ""
+    return f" Or did you mean '{alike[0]}'{' at the top level' if where == '' else f' in {where!r}'}{flag}?"
 
 
 def check_placement(where: str, given: Any) -> None:

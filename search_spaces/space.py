@@ -105,7 +105,9 @@ class Categorical:
     def __post_init__(self) -> None:
         choices = tuple(self.choices) if isinstance(self.choices, (list, tuple)) else None
         if not choices:
-            raise ConfigError(f"A categorical dimension needs a non-empty list of choices, but got {self.choices!r}.")
+            shown = list(self.choices) if isinstance(self.choices, (list, tuple)) else self.choices
+            raise ConfigError(f"A categorical dimension needs a non-empty list of choices (e.g. [500, 1000]), but got "
+                              f"{shown!r}.")
         for c in choices:
             if not isinstance(c, (str, int, float, bool)):
                 raise ConfigError(f"Categorical choices must be str/int/float/bool, but got {c!r} in {list(choices)}.")
@@ -238,8 +240,8 @@ class SearchSpace:
         dims: dict[str, Dim] = {}
         for name, raw in self.dims.items():
             if name not in PARAMS:
-                raise ConfigError(f"Unknown search-space parameter '{name}'. Known parameters: "
-                                  f"{', '.join(PARAMS)}.")
+                raise ConfigError(f"Unknown search-space parameter '{name}'.{did_you_mean([str(name)], PARAMS)} "
+                                  f"Known parameters: {', '.join(PARAMS)}.")
             dim = dim_from_any(name, raw)
             self._check_dim(name, dim)
             dims[name] = dim

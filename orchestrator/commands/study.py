@@ -12,8 +12,9 @@ well as one searched on the target itself, and better than the same search witho
 --analyze-only describes the study in DIR as it was run (DIR/study_config.yaml); a --config or --smoke that
 differs from it is refused, as a run with it would be.
 
-Rerunning with the same --out skips finished cells. Writes DIR/study.parquet, DIR/study_config.yaml,
-DIR/mlflow.db (unless --tracking-uri or $MLFLOW_TRACKING_URI), the page (--report, default DIR/results.md) and its plot
+Rerunning with the same --out skips finished cells; a study stopped midway (Ctrl-C: exit 130, SIGTERM: 143) keeps
+its rows, writes its page with the cells not run marked, and prints the command that continues it. Writes
+DIR/study.parquet, DIR/study_config.yaml, DIR/mlflow.db (unless --tracking-uri or $MLFLOW_TRACKING_URI), the page (--report, default DIR/results.md) and its plot
 (--png, default study_<name>.png next to the page).
 
 The page's first line records that gmpq study wrote it, with a digest of the rest: an existing --report file
@@ -37,7 +38,7 @@ from typing import Any
 
 from . import address_help, help_text
 
-__all__ = ["register", "run", "REPO_ROOT", "target_fp"]
+__all__ = ["register", "run", "REPO_ROOT", "target_fp", "plot_title"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE_CONFIG = REPO_ROOT / "experiments" / "generalization_smoke.yaml"
@@ -102,7 +103,8 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
                  f"candidates W{list(cfg.candidates.w_bits)} "
                  f"A{list(cfg.candidates.a_bits)}; stem and classifier FP",
         "grid": f"{len(cells)} cells = methods {list(cfg.methods)} x proxies {[p.name for p in cfg.proxies]} x budgets "
-                f"{list(cfg.budgets)} avg bits x seeds {list(cfg.seeds)} ({len(df)} rows in study.parquet)",
+                f"{list(cfg.budgets)} avg bits x seeds {list(cfg.seeds)} ({len(df)} rows in study.parquet"
+                f"{_missing_text(cells, df)})",
         "search": _search_line(cfg, gen),
         "fine-tune (identical for every policy)": f"{ft.epochs} epoch(s) x at most "
                   f"{ft.max_steps_per_epoch or 'all'} steps of batch {ft.batch_size} drawn from the full "
@@ -113,6 +115,16 @@ def _header(cfg: Any, study_dir: Path, config_path: str, timing: dict, df: Any) 
                       f"on {cfg.proxy_eval_size} proxy test images; target ARD on {cfg.ard_images} test images",
         "wall time": timing.get("text", "-"),
     }
+
+
+def _missing_text(cells: list, df: Any) -> str:
+    """For the grid line: the cells of the grid without a row (a study stopped midway), and how to add them."""
+    if "cell_id" not in getattr(df, "columns", ()):
+        return ""
+    have = set(df["cell_id"])
+    missing = sum(c["cell_id"] not in have for c in cells)
+    return (f"; **{missing} of the {len(cells)} cells not run yet**: the tables below lack them; the same command "
+            "adds them") if missing else ""
 
 
 def target_fp(cfg: Any, study_dir: Path, timing: dict, *, classes: bool = True) -> tuple[dict | None, int | None]:
@@ -253,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     timing_file = out / "study_timing.json"
     timing = read_json(timing_file) if timing_file.is_file() else {"runs": []}
     mlflow_warned: list[str] = []
+    not_run = 0
     if not args.analyze_only:
         with noting_mlflow_off() as mlflow_warned:
             summary = ray_run.run_study(cfg, out, address=args.address, progress=lambda m: print(m, flush=True))
@@ -264,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_json(timing_file, timing)
         print(f"{summary.n_completed} cells completed, {summary.n_failed} failed, {summary.n_skipped} skipped in "
               f"{summary.wall_seconds / 60:.1f} min; rows: {out / ray_run.STUDY_FILE}")
+        not_run = summary.n_cells - summary.n_skipped - summary.n_completed - summary.n_failed
     df = ray_run.read_study(out)
     if df.empty:
         raise ConfigError(f"No results in {out / ray_run.STUDY_FILE}; run the study first (without --analyze-only).")
@@ -276,15 +290,26 @@ def run(args: argparse.Namespace) -> int:
         check_page_replaceable(report)  # again: the file may have appeared while the study ran
     if not own_png:
         check_plot_replaceable(png)
-    plot_study(df, png, title=f"{cfg.name}: target top-1 vs BitOPs (mean ± std over seeds)")
     meta, num_classes = target_fp(cfg, out, timing)
+    smoke = bool(args.smoke) or cfg.name.endswith("_smoke")
+    plot_study(df, png, title=plot_title(cfg.name, df, fp_top1=(meta or {}).get("top1"), num_classes=num_classes,
+                                         smoke=smoke))
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
                      target=_dataset_title(cfg.target), fp_top1=(meta or {}).get("top1"), num_classes=num_classes,
-                     smoke=bool(args.smoke) or cfg.name.endswith("_smoke"))
+                     smoke=smoke)
     logged = not args.analyze_only or args.tracking_uri or (out / PARENT_FILE).is_file()
     if logged:       # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
         _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice
     print(f"Results page: {report}\nPlot: {png}")
+    if not args.analyze_only and not_run > 0:       # stopped (Ctrl-C, SIGTERM): not a finished study
+        from orchestrator.ray_env import stop_status, stop_word, terminated
+
+        again = " ".join(["gmpq study", *(["--config", args.config] if args.config else []),
+                          *(["--smoke"] if args.smoke else []), "--out", str(out)])
+        print(f"gmpq study: the study was {stop_word(terminated())}: {not_run} of {summary.n_cells} cells did not run "
+              f"(the page describes the {len(df)} with rows; their rows are kept). Continue with: {again}",
+              file=sys.stderr)
+        return stop_status(terminated())
     if not logged:
         print(f"(not logged to MLflow: {out} has no MLflow run of the study; --tracking-uri URI logs the page there)")
     if args.print:
@@ -295,6 +320,19 @@ def run(args: argparse.Namespace) -> int:
               "run the study again (same --out, without --analyze-only) to retry them.", file=sys.stderr)
         return 1
     return 0
+
+
+def plot_title(name: str, df: Any, *, fp_top1: float | None, num_classes: int | None, smoke: bool) -> str:
+    """The plot's title, with the page's warnings when it has them: a plot copied alone (into slides, a chat)
+    still says that a smoke run's numbers are a plumbing check, or that the FP model was near chance."""
+    from orchestrator.study import aggregate, chance_caution
+
+    title = f"{name}: target top-1 vs BitOPs (mean ± std over seeds)"
+    if smoke:
+        title += "\nsmoke run: a plumbing check, not a result"
+    elif chance_caution(aggregate(df), fp_top1=fp_top1, num_classes=num_classes):
+        title += "\ncaution: the target FP model is near chance, so differences say little about the methods"
+    return title
 
 
 def _read_notes(path: str | None) -> str:

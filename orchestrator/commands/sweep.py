@@ -2,6 +2,7 @@
 
     gmpq sweep --preset demo --n-trials 4 --epochs 1 --out runs/demo
     gmpq sweep --config my_sweep.yaml --name try2
+    gmpq sweep --config my_sweep.yaml --check  (validate it: model, data, budget range, stores; nothing runs)
     gmpq sweep --out runs/demo --resume        (continues from runs/demo/sweep_config.yaml)
     gmpq sweep --preset demo --out runs/demo --resume auto   (continues it if there is one, else starts it:
                                                              a batch job retried with the same command)
@@ -251,6 +252,56 @@ def say_env_tracking_uri(cfg: Any, resume: bool, say: Any) -> None:
             f"unset the variable to log to the sweep folder's mlflow.db)")
 
 
+def check_only(cfg: Any) -> str:
+    """``--check``: every check a sweep runs on its config before Ray starts (``check_sweep_config``: the model, the
+    data, the budget range against the bit candidates, the search settings, the stores and folders), and what the
+    sweep would run, in a few lines. Nothing trains, Ray does not start, nothing is written in the sweep folder."""
+    from orchestrator.sweep_checks import check_sweep_config, shown_url
+    from orchestrator.sweep_join import start_text
+
+    cfg = cfg.resolved()
+    facts = check_sweep_config(cfg)
+    (b_lo, b_hi), (g_lo, g_hi) = facts.feasible_avg_bits, facts.feasible_gbitops
+    dims = "; ".join(f"{name} {_dim_text(dim)}" for name, dim in cfg.space.dims.items())
+    kwargs = ", ".join(f"{k}={v}" for k, v in cfg.pruner.kwargs.items())
+    return "\n".join([
+        f"config OK: sweep '{cfg.name}' of {cfg.model} at {facts.input_size} px, proxy {cfg.proxy_dataset}, target "
+        f"{cfg.target_dataset}; {start_text(cfg).split('; from another terminal')[0]}",
+        f"space: {dims}",
+        f"budgets reachable with candidates W{list(cfg.candidates.w_bits)} A{list(cfg.candidates.a_bits)}: "
+        f"{b_lo:.3g}..{b_hi:.3g} average bits ({g_lo:.4g}..{g_hi:.4g} GBitOPs); budget buckets "
+        f"{list(cfg.budget_buckets) or 'none (one bucket)'}",
+        f"Optuna: TPESampler (seed {cfg.seed}); pruner {cfg.pruner.name}{f' ({kwargs})' if kwargs else ''} within "
+        f"each budget bucket; storage {shown_url(cfg.optuna_storage)}",
+        f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", *_fits_here(cfg),
+        "Nothing was trained. Run the same command without --check to start the sweep."])
+
+
+def _fits_here(cfg: Any) -> list[str]:
+    """For a sweep on this machine alone: a line when its CPUs run fewer trials at once than the config asks."""
+    import os
+
+    if cfg.address is not None or cfg.resources.gpu:
+        return []
+    cpus = os.cpu_count() or 1
+    fit = max(1, int(cpus // cfg.resources.cpu))
+    asked = min(cfg.max_concurrent_trials, cfg.n_trials)
+    if fit >= asked:
+        return []
+    return [f"note: this machine has {cpus} CPUs, so at most {fit} trial{'s' * (fit != 1)} of "
+            f"{cfg.resources.cpu:g} CPU run at once, not {asked} (max_concurrent_trials); the others wait their turn"]
+
+
+def _dim_text(dim: Any) -> str:
+    """A space dimension in a few words: '2.5..5 (log)', 'one of [500, 1000]', '= 2'."""
+    d = dim.to_dict()
+    if d["type"] == "fixed":
+        return f"= {d['value']}"
+    if d["type"] == "categorical":
+        return f"one of {d['choices']}"
+    return f"{d['type']} {d['low']:g}..{d['high']:g}{' (log)' if d.get('log') else ''}"
+
+
 def _say(msg: str) -> None:
     import sys
 
@@ -260,6 +311,9 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
+    if getattr(args, "check", False):
+        print(check_only(cfg))
+        return 0
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import Terminated, address_origin, stop_status, terminated
     from orchestrator.sweep import run_sweep
@@ -287,5 +341,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("sweep", help="Ray Tune + Optuna sweep of GMPQ searches",
                               description=help_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
+    p.add_argument("--check", action="store_true",
+                   help="only validate the config (model, data, budget range, search settings, stores, folders) "
+                        "and say what the sweep would run; nothing trains and Ray does not start")
     p.set_defaults(func=run)
 
