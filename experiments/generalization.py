@@ -164,8 +164,9 @@ class StudyConfig:
         searched = any(m in SEARCHED for m in self.methods)
         from gmpq_core.search_config import SearchConfig
 
-        for b in self.budgets:          # every budget against the candidates (uniform and random cells too, which
-            try:                        # failed one by one after the FP models trained), with the search settings
+        for b in self.budgets:          # every budget against the candidates, uniform and random cells too (under the
+            try:                        # lowest: each failed after the FP models trained; over the highest: it ran the
+                                        # highest bits, labelled with a budget it does not have)
                 self.search_config("gmpq", b, 0) if searched else SearchConfig.from_dict(
                     {"candidates": self.candidates, "budget": {"avg_bits": b}, "seed": 0})
             except BudgetInfeasibleError as e:

@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(_named_command(argv))
     try:
         args = parser.parse_args(argv)         # a count out of range (common_args.at_least) is a ConfigError
+        args.argv = argv                       # the command as given (a stopped command's line to continue it)
         if hasattr(args, "sweep_arg"):         # --sweep DIR, or DIR (commands.add_sweep_dir_arg)
             commands.resolve_sweep_dir_arg(args)
     except GMPQError as e:

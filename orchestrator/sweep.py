@@ -34,7 +34,6 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from gmpq_core.errors import ConfigError
 
 from .pruning import OptunaPruningScheduler
 from .ray_env import fit_restoring_handlers
@@ -42,10 +41,9 @@ from .results import has_ended
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
-from .sweep_resume import (RESUME_AUTO, _check_moved_resume, _check_same_config, _saved_cache_dir,
-                           _saved_tracking_uri,
-                           check_not_a_study, experiment_path, holds_sweep_state, refuse_beside_running_sweep,
-                           resolve_resume, resume_choice_text)
+from .sweep_resume import (RESUME_AUTO, _check_same_config, _saved_cache_dir, _saved_tracking_uri,
+                           check_folder_state, check_not_a_study, experiment_path, holds_sweep_state,
+                           refuse_beside_running_sweep, resolve_resume, resume_choice_text)
 from .cluster_watch import lost_after_s
 from .driver_markers import driver_marker
 from .tail_threads import TailThreads
@@ -344,23 +342,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     from .results import read_layers, read_trials
     read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
     read_layers(sweep_dir, missing_ok=True)
-    exp = experiment_path(cfg)
-
-    if resume:
-        _check_moved_resume(cfg)
-    if resume and not tune.Tuner.can_restore(exp):
-        raise ConfigError(f"Nothing to resume: no Tune experiment state in '{exp}'. Run the sweep without "
-                          "--resume first (same --out and --name), or with --resume auto, which starts it when "
-                          "there is nothing to resume.")
-    if not resume and holds_sweep_state(cfg):
-        raise ConfigError(f"The sweep folder already holds a sweep at '{exp}'. Continue it with --resume (or "
-                          "--resume auto, which also starts a sweep where there is none), or pick another --out.")
-    from .results import load_resolved_config
-    other = load_resolved_config(sweep_dir).get("name") if not resume else None
-    if other is not None and other != cfg.name and (sweep_dir / "trials.parquet").exists():
-        raise ConfigError(f"The folder '{sweep_dir}' holds the results of sweep '{other}' (trials.parquet, MLflow "
-                          f"parent run); a second sweep '{cfg.name}' there would mix its trials into them. Give "
-                          f"--out a new folder, or continue '{other}' with --resume.")
+    check_folder_state(cfg, bool(resume))                 # nothing to resume, or a sweep already there
     save_resolved_config(keep_recorded_address(cfg))     # --address auto: the cluster joined, once joined
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event

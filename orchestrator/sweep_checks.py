@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
-from .sweep_config import ENV_TRACKING_URI, SweepConfig, env_tracking_uri, trial_search_config
+from .sweep_config import ENV_TRACKING_URI, SweepConfig, check_trial_count, env_tracking_uri, trial_search_config
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,9 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     _check_gradcam_layer(cfg, net, search.gradcam_layer, pi.image_size, pi.in_channels)
     _check_stores(cfg)
     _check_writable(cfg)
+    from .sweep_resume import holds_sweep_state
+    if not holds_sweep_state(cfg.resolved()):                  # a new sweep (a resume keeps what it started with)
+        check_trial_count(cfg)
     _make_sqlite_folder(cfg)
     return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
                       target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),

@@ -149,15 +149,6 @@ class SweepConfig:
         if not sp.varying() and self.n_trials > 1:
             raise ConfigError(f"The search space has no dimension that varies, so the {self.n_trials} trials "
                               "would all be identical: make one dimension a range or a list, or set n_trials: 1.")
-        varying = sp.varying()
-        if varying and all(sp.possible_values(n) is not None for n in varying):   # lists only: a few points
-            points = math.prod(len(sp.possible_values(n)) for n in varying)
-            lists = ", ".join(f"{n} {list(sp.possible_values(n))}" for n in varying)
-            _require(self.n_trials <= points,
-                     f"The search space has at most {points} distinct configurations ({lists}), "
-                     f"but n_trials is {self.n_trials}: the other trials would repeat one of them exactly (the same "
-                     f"seed gives the same result). Set n_trials: {points} or fewer, or make a dimension a range "
-                     "(e.g. eta: {type: float, low: 1, high: 100, log: true}).")
         if "proxy_size" in sp:
             _require(sp.possible_values("proxy_size") is not None,
                      "'proxy_size' must be a fixed value or a list (teachers are trained once per proxy size "
@@ -227,6 +218,23 @@ class SweepConfig:
         _require(not unknown, f"Unknown sweep config key(s) {unknown}.{did_you_mean(unknown, known)} "
                               f"Known keys: {sorted(known - {'testing'})}.")   # the tests' hooks, not shown
         return cls(**d)
+
+
+def check_trial_count(cfg: SweepConfig) -> None:
+    """A space of lists only holds a few distinct configurations: more trials than that would repeat one exactly
+    (the same seed gives the same result). Checked when a sweep starts (``check_sweep_config``), not as a config
+    loads: a sweep begun before this check keeps its resume."""
+    sp = cfg.space
+    varying = sp.varying()
+    if not varying or any(sp.possible_values(n) is None for n in varying):
+        return
+    points = math.prod(len(sp.possible_values(n)) for n in varying)
+    lists = ", ".join(f"{n} {list(sp.possible_values(n))}" for n in varying)
+    _require(cfg.n_trials <= points,
+             f"The search space has at most {points} distinct configurations ({lists}), "
+             f"but n_trials is {cfg.n_trials}: the other trials would repeat one of them exactly (the same "
+             f"seed gives the same result). Set n_trials: {points} or fewer, or make a dimension a range "
+             "(e.g. eta: {type: float, low: 1, high: 100, log: true}).")
 
 
 def _unquote(value: Any) -> str:

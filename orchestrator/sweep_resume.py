@@ -22,6 +22,7 @@ from .sweep_config import SweepConfig
 from .trainable import trial_device
 
 __all__ = ["RESUME_AUTO", "experiment_path", "check_not_a_study", "holds_sweep_state", "resolve_resume",
+           "check_folder_state",
            "resume_choice_text", "STUDY_FILES", "joining_text", "say_joining"]
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,30 @@ def resume_choice_text(cfg: SweepConfig, resumed: bool) -> str:
     """What ``--resume auto`` chose, in words."""
     return (f"resuming the sweep in {cfg.sweep_dir}" if resumed
             else f"no sweep to resume in {cfg.sweep_dir}: starting one")
+
+
+def check_folder_state(cfg: SweepConfig, resume: bool) -> None:
+    """``run_sweep``'s refusals by what the (resolved) ``cfg``'s folder holds, before any file is written (``gmpq
+    sweep --check`` runs them too): a resume with no Tune state (or a moved folder's), a new sweep where one is,
+    or a new sweep in a folder with another sweep's results."""
+    from .results import TRIALS_FILE, load_resolved_config
+
+    exp, sweep_dir = experiment_path(cfg), Path(cfg.out_dir)
+    if resume:
+        _check_moved_resume(cfg)
+        if not tune.Tuner.can_restore(exp):
+            raise ConfigError(f"Nothing to resume: no Tune experiment state in '{exp}'. Run the sweep without "
+                              "--resume first (same --out and --name), or with --resume auto, which starts it when "
+                              "there is nothing to resume.")
+        return
+    if holds_sweep_state(cfg):
+        raise ConfigError(f"The sweep folder already holds a sweep at '{exp}'. Continue it with --resume (or "
+                          "--resume auto, which also starts a sweep where there is none), or pick another --out.")
+    other = load_resolved_config(sweep_dir).get("name")
+    if other is not None and other != cfg.name and (sweep_dir / TRIALS_FILE).exists():
+        raise ConfigError(f"The folder '{sweep_dir}' holds the results of sweep '{other}' (trials.parquet, MLflow "
+                          f"parent run); a second sweep '{cfg.name}' there would mix its trials into them. Give "
+                          f"--out a new folder, or continue '{other}' with --resume.")
 
 
 def _check_moved_resume(cfg: SweepConfig) -> None:

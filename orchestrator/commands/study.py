@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -304,8 +305,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.analyze_only and not_run > 0:       # stopped (Ctrl-C, SIGTERM): not a finished study
         from orchestrator.ray_env import stop_status, stop_word, terminated
 
-        again = " ".join(["gmpq study", *(["--config", args.config] if args.config else []),
-                          *(["--smoke"] if args.smoke else []), "--out", str(out)])
+        again = shlex.join(["gmpq", *getattr(args, "argv", ["study", "--out", str(out)])])    # every flag given
         print(f"gmpq study: the study was {stop_word(terminated())}: {not_run} of {summary.n_cells} cells did not run "
               f"(the page describes the {len(df)} with rows; their rows are kept). Continue with: {again}",
               file=sys.stderr)

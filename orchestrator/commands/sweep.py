@@ -252,15 +252,17 @@ def say_env_tracking_uri(cfg: Any, resume: bool, say: Any) -> None:
             f"unset the variable to log to the sweep folder's mlflow.db)")
 
 
-def check_only(cfg: Any) -> str:
-    """``--check``: every check a sweep runs on its config before Ray starts (``check_sweep_config``: the model, the
-    data, the budget range against the bit candidates, the search settings, the stores and folders), and what the
-    sweep would run, in a few lines. Nothing trains, Ray does not start, nothing is written in the sweep folder."""
+def check_only(cfg: Any, resume: bool | str = False) -> str:
+    """``--check``: every check a sweep runs before Ray starts (``check_sweep_config``: model, data, budget range,
+    search settings, stores; ``_folder_checks``: the folder's state for a start or ``resume``, the --address), and
+    what the sweep would run, in a few lines. Nothing trains, Ray does not start, nothing is written in the folder."""
     from orchestrator.sweep_checks import check_sweep_config, shown_url
     from orchestrator.sweep_join import start_text
+    from orchestrator.sweep_resume import check_folder_state
 
-    cfg = cfg.resolved()
+    cfg, resume, done = _folder_checks(cfg, resume)
     facts = check_sweep_config(cfg)
+    check_folder_state(cfg, resume)
     (b_lo, b_hi), (g_lo, g_hi) = facts.feasible_avg_bits, facts.feasible_gbitops
     dims = "; ".join(f"{name} {_dim_text(dim)}" for name, dim in cfg.space.dims.items())
     kwargs = ", ".join(f"{k}={v}" for k, v in cfg.pruner.kwargs.items())
@@ -274,7 +276,33 @@ def check_only(cfg: Any) -> str:
         f"Optuna: TPESampler (seed {cfg.seed}); pruner {cfg.pruner.name}{f' ({kwargs})' if kwargs else ''} within "
         f"each budget bucket; storage {shown_url(cfg.optuna_storage)}",
         f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", *_fits_here(cfg),
-        "Nothing was trained. Run the same command without --check to start the sweep."])
+        "Nothing was trained. " + (f"The sweep already ran all its {cfg.n_trials} trials: the same command without "
+                                   "--check has nothing to resume." if done else "Run the same command without "
+                                   f"--check to {'resume' if resume else 'start'} the sweep.")])
+
+
+def _folder_checks(cfg: Any, resume: bool | str) -> tuple[Any, bool, bool]:
+    """``run_sweep``'s checks before the config (the folder, --resume auto's choice, a resume's saved stores, the
+    --address), as --check's: the resolved config, the resume chosen, and whether a resume has nothing to do."""
+    import time
+    from dataclasses import replace
+
+    from orchestrator.ray_env import check_join_address
+    from orchestrator.sweep import _finished_summary
+    from orchestrator.sweep_resume import (_check_same_config, _saved_cache_dir, _saved_tracking_uri, resolve_resume,
+                                           check_not_a_study, refuse_beside_running_sweep)
+
+    check_not_a_study(cfg.sweep_dir)
+    resume = resolve_resume(cfg, resume)
+    if resume:                                 # the cache and MLflow store the sweep started with, unless named
+        cfg = replace(cfg, cache_dir=cfg.cache_dir or _saved_cache_dir(cfg),
+                      tracking_uri=cfg.tracking_uri or _saved_tracking_uri(cfg))
+    cfg = cfg.resolved()
+    refuse_beside_running_sweep(Path(cfg.out_dir), resume)
+    done = resume and (_check_same_config(cfg) or _finished_summary(cfg, time.perf_counter()) is not None)
+    if cfg.address is not None:
+        check_join_address(cfg.address)
+    return cfg, resume, done
 
 
 def _fits_here(cfg: Any) -> list[str]:
@@ -312,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
     if getattr(args, "check", False):
-        print(check_only(cfg))
+        print(check_only(cfg, args.resume))
         return 0
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import Terminated, address_origin, stop_status, terminated

@@ -138,10 +138,13 @@ def test_check_says_when_this_machine_runs_fewer_trials_at_once_than_asked(tmp_p
     assert (f"note: this machine has {more - 1} CPUs, so at most {more - 1} trial" in capsys.readouterr().out)
 
 
-def test_more_trials_than_a_list_only_space_holds_are_refused():
+def test_more_trials_than_a_list_only_space_holds_are_refused_when_a_sweep_starts(tmp_path):
     # each extra trial repeated a configuration exactly: same seed, same result, compute for nothing
+    from orchestrator.sweep_checks import check_sweep_config
+    from orchestrator.sweep_config import check_trial_count
     space = {"budget_avg_bits": [2.5, 3.5], "proxy_size": [500], "p_mode": ["capacity", "fixed"]}
+    old = SweepConfig.from_dict({"n_trials": 6, "space": space, "out_dir": str(tmp_path)})   # loads: a saved config
     with pytest.raises(ConfigError, match=r"at most 4 distinct configurations \(budget_avg_bits \[2.5, 3.5\], p_mode "
                                           r"\['capacity', 'fixed'\]\), but n_trials is 6"):
-        SweepConfig.from_dict({"n_trials": 6, "space": space})
-    assert SweepConfig.from_dict({"n_trials": 4, "space": space}).n_trials == 4
+        check_sweep_config(old)                    # a new sweep: refused before any work
+    check_trial_count(SweepConfig.from_dict({"n_trials": 4, "space": space}))

@@ -1,0 +1,38 @@
+"""``gmpq sweep --check`` refuses what the sweep itself refuses before Ray starts: a --resume with nothing to resume,
+a new sweep in a folder holding another sweep's results, an --address where nothing answers. It said "config OK ...
+Run the same command without --check" (exit 0) for each, and the run then failed. In process, demo preset, no Ray."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.cli import main
+from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+
+
+def _check(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    return ["sweep", "--preset", "demo", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *extra, "--check"]
+
+
+def test_check_refuses_a_resume_with_nothing_to_resume(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert main(_check(tmp_path, out, "--resume")) == 2
+    assert "Nothing to resume: no Tune experiment state" in " ".join(capsys.readouterr().err.split())
+    assert main(_check(tmp_path, out, "--resume", "auto")) == 0            # auto: starts one, as the run would
+    assert "Run the same command without --check to start the sweep." in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_check_refuses_a_new_sweep_in_a_folder_with_another_sweeps_results(tmp_path, capsys):
+    out = tmp_path / "s"
+    save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(out), "name": "first",
+                                                                     "cache_dir": str(tmp_path / "cache")}))
+    (out / "trials.parquet").write_bytes(b"")                              # the first sweep's results (only named)
+    assert main(_check(tmp_path, out, "--name", "second")) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"The folder '{out}' holds the results of sweep 'first'" in said and "Traceback" not in said
+
+
+def test_check_refuses_an_address_where_nothing_answers(tmp_path, capsys):
+    assert main(_check(tmp_path, tmp_path / "s", "--address", "127.0.0.1:1")) == 2
+    err = capsys.readouterr().err
+    assert "127.0.0.1:1" in err and "Traceback" not in err and "config OK" not in err
