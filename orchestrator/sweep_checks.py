@@ -72,8 +72,9 @@ def check_sweep_writable(sweep_dir: str | Path, command: str, writes: str, *, fo
             check_writable_dir(sweep_dir / name, what=f"folder '{name}' of the sweep", hint=hint)
 
 
-def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
-    """Validate what needs the model and the data (before Ray starts); returns the facts found."""
+def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepFacts:
+    """Validate what needs the model and the data (before Ray starts); returns the facts found. ``make_folders``:
+    make a missing folder of a sqlite:/// Optuna storage (off for ``gmpq sweep --check``, which writes nothing)."""
     import torch
 
     from gmpq_core.complexity import CANDIDATES_HOW, bitops_range
@@ -140,7 +141,8 @@ def check_sweep_config(cfg: SweepConfig) -> SweepFacts:
     from .sweep_resume import holds_sweep_state
     if not holds_sweep_state(cfg.resolved()):                  # a new sweep (a resume keeps what it started with)
         check_trial_count(cfg)
-    _make_sqlite_folder(cfg)
+    if make_folders:
+        _make_sqlite_folder(cfg)
     return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
                       target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
                       target_train_size=len(target.train), target_test_size=len(target.test),

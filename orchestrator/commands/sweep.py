@@ -261,7 +261,7 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
     from orchestrator.sweep_resume import check_folder_state
 
     cfg, resume, done = _folder_checks(cfg, resume)
-    facts = check_sweep_config(cfg)
+    facts = check_sweep_config(cfg, make_folders=False)
     check_folder_state(cfg, resume)
     (b_lo, b_hi), (g_lo, g_hi) = facts.feasible_avg_bits, facts.feasible_gbitops
     dims = "; ".join(f"{name} {_dim_text(dim)}" for name, dim in cfg.space.dims.items())

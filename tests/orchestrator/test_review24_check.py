@@ -36,3 +36,10 @@ def test_check_refuses_an_address_where_nothing_answers(tmp_path, capsys):
     assert main(_check(tmp_path, tmp_path / "s", "--address", "127.0.0.1:1")) == 2
     err = capsys.readouterr().err
     assert "127.0.0.1:1" in err and "Traceback" not in err and "config OK" not in err
+
+
+def test_check_makes_no_folder_for_an_optuna_storage_under_a_missing_out(tmp_path, capsys):
+    out = tmp_path / "new"
+    storage = f"sqlite:///{out / 'db' / 'optuna.db'}"
+    assert main(_check(tmp_path, out, "--optuna-storage", storage)) == 0, capsys.readouterr().err
+    assert "Nothing was trained" in capsys.readouterr().out and not out.exists()
