@@ -232,6 +232,11 @@ def shown_url(url: str) -> str:
         return url
 
 
+# SQLAlchemy's default drivers: the module it imports -> the pip package that installs it
+_DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient", "pymysql": "PyMySQL",
+                    "psycopg": "psycopg[binary]", "cx_Oracle": "cx-Oracle", "pyodbc": "pyodbc"}
+
+
 def _check_database_opens(url: str) -> None:
     """An Optuna storage is opened once now: a database (postgresql://, mysql://) is connected to, an existing SQLite
     file read (a new one is left to the sweep: nothing is created here). A missing driver, a database that does not
@@ -250,8 +255,9 @@ def _check_database_opens(url: str) -> None:
             if url.lower().startswith("sqlite:"):
                 connection.execute(text("SELECT name FROM sqlite_master LIMIT 1"))
     except ModuleNotFoundError as e:
+        package = _DRIVER_PACKAGES.get(str(e.name), "the package that provides it")
         raise ConfigError(f"optuna_storage {shown_url(url)!r} needs the database driver '{e.name}', which is not "
-                          "installed: pip install the package that provides it, or name another driver in the URL (e.g. "
+                          f"installed: pip install {package}, or name another driver in the URL (e.g. "
                           f"postgresql+psycopg2://...). {_NO_WORK}") from None
     except Exception as e:  # noqa: BLE001 - any driver's connection error, said in one line
         why = " ".join(str(getattr(e, "orig", None) or e).split())[:300]

@@ -85,7 +85,7 @@ def test_an_optuna_storage_without_its_driver_names_the_driver(tmp_path, capsys)
     rc = main(["sweep", "--config", str(path), "--out", str(tmp_path / "s"), "--address", "local"])
     err = " ".join(capsys.readouterr().err.split())
     assert rc == 2 and "Traceback" not in err
-    assert "optuna_storage 'mysql://u@localhost/db' needs the database driver 'MySQLdb', which is not installed" in err
+    assert "optuna_storage 'mysql://u@localhost/db' needs the database driver 'MySQLdb', which is not installed: pip install mysqlclient," in err
     assert not (tmp_path / "s" / "shared.json").exists()             # refused before the shared models
 
 
