@@ -63,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
                 "finetune.max_concurrent": args.finetune_max_concurrent,
                 "finetune.train_size": args.finetune_train_size, "finetune.test_size": args.finetune_test_size}
     cfg = config_from_args(args, finetune)               # --resume alone: the folder's saved config; ConfigError -> exit 2
+    if args.check:                                       # gmpq sweep --check's checks and lines; nothing runs
+        from orchestrator.commands.sweep import check_only
+
+        print(check_only(cfg, args.resume))
+        return 0
     from orchestrator.sweep import check_not_a_study, refuse_beside_running_sweep, run_sweep                     # lazy: Ray/Optuna imports
 
     t0 = time.perf_counter()
@@ -155,6 +160,9 @@ def register(subparsers: Any) -> None:
                               description=help_text(__doc__),
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sweep_args(p)
+    p.add_argument("--check", action="store_true",
+                   help="only validate the config as gmpq sweep --check does (model, data, budget range, search "
+                        "settings, stores, folders) and say what the sweep would run; nothing trains")
     g = p.add_argument_group("final fine-tune")
     g.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K", help="policies to fine-tune (finetune.top_k)")
     g.add_argument("--workers", type=int_or_auto, action=at_least(1), default=None, metavar="N",

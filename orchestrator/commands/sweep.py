@@ -275,7 +275,8 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
         f"{list(cfg.budget_buckets) or 'none (one bucket)'}",
         f"Optuna: TPESampler (seed {cfg.seed}); pruner {cfg.pruner.name}{f' ({kwargs})' if kwargs else ''} within "
         f"each budget bucket; storage {shown_url(cfg.optuna_storage)}",
-        f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", *_fits_here(cfg),
+        f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", _final_text(cfg.finetune),
+        *_fits_here(cfg),
         "Nothing was trained. " + (f"The sweep already ran all its {cfg.n_trials} trials: the same command without "
                                    "--check has nothing to resume." if done else "Run the same command without "
                                    f"--check to {'resume' if resume else 'start'} the sweep.")])
@@ -303,6 +304,15 @@ def _folder_checks(cfg: Any, resume: bool | str) -> tuple[Any, bool, bool]:
     if cfg.address is not None:
         check_join_address(cfg.address)
     return cfg, resume, done
+
+
+def _final_text(ft: Any) -> str:
+    """The final fine-tune the config's ``finetune`` section asks for (gmpq run's stage 3, gmpq finetune --sweep)."""
+    steps = f" (at most {ft.max_steps_per_epoch} steps each)" if ft.max_steps_per_epoch else ""
+    return (f"final fine-tune (gmpq run, gmpq finetune --sweep): the top {ft.top_k} policies, {ft.epochs} epoch"
+            f"{'s' * (ft.epochs != 1)}{steps} on {ft.train_size or 'all the'} target training images, " + (
+                "the cluster's CPUs (GPUs) shared out as workers (auto)" if ft.workers == "auto" else
+                f"{ft.workers} worker{'s' * (ft.workers != 1)} each"))
 
 
 def _fits_here(cfg: Any) -> list[str]:

@@ -43,3 +43,15 @@ def test_check_makes_no_folder_for_an_optuna_storage_under_a_missing_out(tmp_pat
     storage = f"sqlite:///{out / 'db' / 'optuna.db'}"
     assert main(_check(tmp_path, out, "--optuna-storage", storage)) == 0, capsys.readouterr().err
     assert "Nothing was trained" in capsys.readouterr().out and not out.exists()
+
+
+def test_run_check_validates_as_sweep_check_does_and_names_the_final_fine_tune(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["run", "--preset", "demo", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--check"]
+    assert main([*argv, "--finetune-train-size", "500", "--workers", "1"]) == 0
+    said = capsys.readouterr().out
+    assert said.startswith("config OK: sweep 'demo'") and "Nothing was trained" in said and not out.exists()
+    assert "final fine-tune (gmpq run, gmpq finetune --sweep): the top 2 policies, 1 epoch on 500 target " \
+           "training images, 1 worker each" in said
+    assert main([*argv, "--resume"]) == 2                   # the sweep's refusals too: nothing to resume
+    assert "Nothing to resume" in " ".join(capsys.readouterr().err.split())
