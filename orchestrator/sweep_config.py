@@ -162,10 +162,13 @@ class SweepConfig:
     def resolved(self) -> "SweepConfig":
         """A copy with every None path/URI made concrete (what is saved with the sweep)."""
         d = self.sweep_dir
+        local = self.storage_path and "://" not in self.storage_path     # a folder, not a URI (s3://, gs://)
         return replace(self, out_dir=str(d),
-                       tracking_uri=self.tracking_uri or env_tracking_uri() or f"sqlite:///{d / 'mlflow.db'}",
-                       optuna_storage=self.optuna_storage or f"sqlite:///{d / 'optuna.db'}",
-                       storage_path=self.storage_path or str(d / "ray_results"),
+                       tracking_uri=absolute_sqlite(self.tracking_uri or env_tracking_uri())
+                       or f"sqlite:///{d / 'mlflow.db'}",
+                       optuna_storage=absolute_sqlite(self.optuna_storage) or f"sqlite:///{d / 'optuna.db'}",
+                       storage_path=absolute_path(self.storage_path) if local else
+                       self.storage_path or str(d / "ray_results"),
                        cache_dir=str(Path(self.cache_dir or os.environ.get("GMPQ_CACHE_DIR")
                                           or (d / "cache" if self.address else default_cache_dir()))
                                      .expanduser().resolve()),
@@ -235,6 +238,18 @@ def check_trial_count(cfg: SweepConfig) -> None:
              f"but n_trials is {cfg.n_trials}: the other trials would repeat one of them exactly (the same "
              f"seed gives the same result). Set n_trials: {points} or fewer, or make a dimension a range "
              "(e.g. eta: {type: float, low: 1, high: 100, log: true}).")
+
+
+def absolute_sqlite(url: str | None) -> str | None:
+    """``sqlite:///relative.db`` made absolute against the working directory (``sqlite:////abs/relative.db``), as
+    a sweep saves it: a resume, ``gmpq status`` or a trial started elsewhere opened another file. Other URLs, an
+    absolute path and ``:memory:`` unchanged."""
+    if not url or not url.lower().startswith("sqlite:///"):
+        return url
+    path, sep, query = url[len("sqlite:///"):].partition("?")
+    if not path or path.startswith("/") or path == ":memory:":
+        return url
+    return f"sqlite:///{absolute_path(path)}{sep}{query}"
 
 
 def _unquote(value: Any) -> str:

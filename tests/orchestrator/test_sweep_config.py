@@ -108,6 +108,22 @@ def test_trial_search_config_maps_space_params():
     assert sc.budget.avg_bits == 3.0 and sc.max_steps_per_epoch == 8 and sc.batch_size == 64
 
 
+def test_relative_sqlite_stores_and_storage_are_saved_absolute(tmp_path, monkeypatch):
+    """A relative sqlite:///x.db (or --storage folder) was saved as written: a resume, gmpq status or a trial started
+    in another folder opened another file (an empty Optuna study, a second MLflow store)."""
+    from orchestrator.sweep_config import absolute_sqlite
+    monkeypatch.chdir(tmp_path)
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": "s", "optuna_storage": "sqlite:///db/optuna.db",
+                                                      "tracking_uri": "sqlite:///ml.db?timeout=5",
+                                                      "storage_path": "tune"}).resolved()
+    assert cfg.optuna_storage == f"sqlite:///{tmp_path / 'db' / 'optuna.db'}"
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path / 'ml.db'}?timeout=5" and cfg.storage_path == str(tmp_path / "tune")
+    for same in ("sqlite:////abs/x.db", "sqlite:///:memory:", "postgresql://u@h/db", "http://mlflow:5000", None):
+        assert absolute_sqlite(same) == same
+    assert load_sweep_config(preset="demo", overrides={"storage_path": "s3://bucket/x"}).resolved().storage_path \
+        == "s3://bucket/x"
+
+
 def test_mlflow_tracking_uri_from_the_environment_when_nothing_names_one(tmp_path, monkeypatch, capsys):
     """MLflow's own $MLFLOW_TRACKING_URI (set in the KubeRay/launcher pods) was never read: runs went to the folder's
     SQLite store. Now it is the default below --tracking-uri and the config's key, said in a line, and checked."""
@@ -118,7 +134,7 @@ def test_mlflow_tracking_uri_from_the_environment_when_nothing_names_one(tmp_pat
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert cfg.resolved().tracking_uri == "http://mlflow.example:5000"
     named = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "tracking_uri": "sqlite:///x.db"})
-    assert named.resolved().tracking_uri == "sqlite:///x.db"
+    assert named.resolved().tracking_uri == f"sqlite:///{Path.cwd() / 'x.db'}"      # absolute, as saved
     said: list[str] = []
     say_env_tracking_uri(cfg, False, said.append)
     say_env_tracking_uri(cfg, True, said.append)          # a resume keeps its saved store: nothing to say
