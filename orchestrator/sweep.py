@@ -164,7 +164,7 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
     with ray_session(cfg.address), watching_cluster(sweep_lost_handler(cfg, callbacks, command)):
         record_joined_address(cfg)
         warn_unshared(cfg, unshared)
-        _preflight(cfg)                                    # a request no node can run fails now, not hangs
+        fit = _preflight(cfg)                              # a request no node can run fails now, not hangs
         new = "" if Path(cfg.cache_dir).exists() else (" (a new model cache: the shared models train there; an "
                                                         "existing cache elsewhere? pass its --cache-dir)")
         say(f"preparing shared artefacts in {cfg.cache_dir}{new}")
@@ -175,7 +175,7 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
             callbacks.append(TailThreads(cfg.out_dir, cfg.n_trials, min(_sweep_cores(cfg), ray_cpus()),
                                          cfg.resources.cpu))
         tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
-        say(start_text(cfg))
+        say(start_text(cfg, fit))
         with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
             return fit_restoring_handlers(tuner)
 
@@ -245,9 +245,10 @@ def _close_orphan_optuna_trials(cfg: SweepConfig, say, *, started_before: dateti
         say(f"{pruning} record(s) of the per-bucket pruning studies left RUNNING by an interrupted driver marked FAIL")
 
 
-def _preflight(cfg: SweepConfig) -> None:
+def _preflight(cfg: SweepConfig) -> int:
     """``cluster.preflight``: the Tune storage and the sweep folder must be visible from every host, and
-    one trial's resources must fit a node (ConfigError naming the numbers otherwise)."""
+    one trial's resources must fit a node (ConfigError naming the numbers otherwise); returns how many trials the
+    nodes run at once."""
     from cluster.preflight import preflight_sweep
 
     pre = preflight_sweep(storage_path=cfg.storage_path, cpu=cfg.resources.cpu, gpu=cfg.resources.gpu,
@@ -255,6 +256,7 @@ def _preflight(cfg: SweepConfig) -> None:
                           shared_paths={"out_dir": cfg.out_dir, "cache_dir": cfg.cache_dir})
     for warning in pre.warnings:
         log.warning("%s", warning)
+    return pre.resources.max_parallel_trials
 
 
 def _summary_rows(grid: Any, book: TrialStatusBook, sweep_dir: Path) -> list[dict]:

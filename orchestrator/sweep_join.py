@@ -17,11 +17,12 @@ __all__ = ["start_text", "other_hosts", "warn_unshared", "say_recorded_join", "s
 log = logging.getLogger("orchestrator.sweep")    # the sweep's own channel, as before these lines moved here
 
 
-def start_text(cfg: SweepConfig) -> str:
-    """The sweep's line as its trials start: how many, how many at a time (never more than there are), and each
-    one's resources."""
+def start_text(cfg: SweepConfig, fit: int | None = None) -> str:
+    """The sweep's line as its trials start: how many, how many at a time (never more than there are, nor than the
+    ``fit`` that the cluster's nodes hold at once), and each one's resources."""
     n = cfg.n_trials
     at_once = min(cfg.max_concurrent_trials, n) if cfg.max_concurrent_trials else n
+    at_once = min(at_once, fit) if fit else at_once
     return (f"{n} trial{'' if n == 1 else 's'}, {at_once} at a time, {cfg.resources.cpu:g} CPU"
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each; "
             f"from another terminal: gmpq status --sweep {cfg.out_dir}")

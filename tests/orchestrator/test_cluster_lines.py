@@ -193,6 +193,15 @@ def test_the_start_line_counts_trials_in_words_and_never_more_at_a_time(tmp_path
     assert text.startswith(said + ", "), text
 
 
+def test_the_start_line_says_what_the_nodes_hold_at_once_not_more():
+    # a 2-core machine with max_concurrent_trials: 4 said "4 at a time" beside the warning that 2 fit
+    from orchestrator.sweep_join import start_text
+
+    cfg = _demo(Path("/tmp/x"), n_trials=6, max_concurrent_trials=4).resolved()
+    assert start_text(cfg, 2).startswith("6 trials, 2 at a time, 1 CPU each")
+    assert start_text(cfg, 8).startswith("6 trials, 4 at a time") and start_text(cfg).startswith("6 trials, 4 at")
+
+
 # 6. a failed trial's line: Ray's error.txt goes with its session's temp dir
 
 def _failed_trial(where: Path) -> SimpleNamespace:
