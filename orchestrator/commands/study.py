@@ -226,9 +226,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve() if args.out else None
     if config_path is None:
         if args.analyze_only and out is not None and not (out / ray_run.CONFIG_FILE).is_file():
+            sweep = (out / "sweep_config.yaml").is_file()     # gmpq status / pareto read those
             raise ConfigError(f"--analyze-only rewrites the results page of a study, but '{out}' holds none (no "
-                              f"{ray_run.CONFIG_FILE}): check --out (the folder 'gmpq study' wrote), or run the study "
-                              "first with --config FILE.")
+                              f"{ray_run.CONFIG_FILE}{'; it is a sweep folder: gmpq status or gmpq pareto read it' if sweep else ''}): "
+                              "check --out (the folder 'gmpq study' wrote), or run the study first with --config FILE.")
         if out is None or not (out / ray_run.CONFIG_FILE).is_file():
             raise ConfigError("gmpq study needs --config FILE (e.g. experiments/generalization_cpu.yaml), --smoke, "
                               "or --out DIR of an earlier study (its study_config.yaml is reused).")

@@ -196,3 +196,7 @@ def test_analyze_only_of_a_folder_without_an_mlflow_run_makes_no_store_and_names
     (tmp_path / "empty").mkdir()
     rc, err = _study(capsys, "--out", str(tmp_path / "empty"), "--analyze-only")
     assert rc == 2 and "holds none (no study_config.yaml)" in err and str(tmp_path / "empty") in err
+    (tmp_path / "sweep").mkdir()                      # a sweep folder given by mistake: named as one
+    (tmp_path / "sweep" / "sweep_config.yaml").write_text("name: demo\n")
+    rc, err = _study(capsys, "--out", str(tmp_path / "sweep"), "--analyze-only")
+    assert rc == 2 and "it is a sweep folder: gmpq status or gmpq pareto read it" in " ".join(err.split())
