@@ -189,7 +189,7 @@ def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
     left = summary.n_planned - summary.n_trials if summary.n_planned else summary.n_unfinished
     return (f"The sweep was {stop_word(getattr(summary, 'terminated', False))}: {summary.n_trials} of "
             f"{summary.n_planned or '?'} trials finished; {left} still to run ({summary.n_unfinished} stopped midway: "
-            f"they start again). Finished trials are kept. Continue with: {command} --out {summary.sweep_dir} --resume")
+            f"{'it starts' if summary.n_unfinished == 1 else 'they start'} again). Finished trials are kept. Continue with: {command} --out {summary.sweep_dir} --resume")
 
 
 def continue_flag(cfg: Any) -> str:

@@ -138,8 +138,8 @@ def test_gmpq_sweep_stopped_by_sigterm_in_its_trials_exits_143_and_says_terminat
     monkeypatch.setattr(sweep, "run_sweep", _sweep_stub(out, summary_changes={"terminated": True}))
     assert main(["sweep", "--preset", "demo", "--out", str(out), "--quiet"]) == 143
     text = capsys.readouterr().out
-    assert (f"The sweep was terminated (SIGTERM): 1 of 3 trials finished; 2 still to run (1 stopped midway: they "
-            f"start again). Finished trials are kept. Continue with: gmpq sweep --out {out} --resume") in text
+    assert (f"The sweep was terminated (SIGTERM): 1 of 3 trials finished; 2 still to run (1 stopped midway: it "
+            f"starts again). Finished trials are kept. Continue with: gmpq sweep --out {out} --resume") in text
 
 
 @pytest.mark.parametrize("stop, status, word", [(False, 130, "interrupted"), (True, 143, "terminated (SIGTERM)")],
