@@ -32,6 +32,7 @@ def test_the_default_mode_compares_the_quantizer_implementations(tmp_path):
     assert all(r["precision"] == "fp32" and r["ratio"] > 0 for r in rows)        # auto on the CPU
 
 
-def test_precisions_with_a_precision_is_refused():
-    with pytest.raises(SystemExit):
+def test_precisions_with_a_precision_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
         bench_qat_step.main([*TINY, "--precisions", "--precision", "bf16"])
+    assert e.value.code == 2 and "--precisions runs both float32 and bf16; leave --precision out." in capsys.readouterr().err

@@ -164,3 +164,11 @@ def test_the_gpu_words_of_cluster_up():
 
     assert [gpus_text(2, None), gpus_text(None, 4), gpus_text(None, 0), gpus_text(None, None)] == \
         ["2 GPUs", "4 GPUs (detected)", "0 GPUs (none detected)", "the GPUs Ray detects"]
+
+
+def test_down_with_nothing_recorded_is_a_no_op_and_negative_workers_are_refused(tmp_path):
+    from cluster.errors import ConfigError
+    from cluster.local import start_local_cluster, stop_local_cluster
+    assert stop_local_cluster(tmp_path) == {}
+    with pytest.raises(ConfigError, match="--workers must be a whole number >= 0"):
+        start_local_cluster(workers=-1, state_dir=tmp_path)

@@ -149,9 +149,3 @@ def test_cluster_up_gives_three_nodes_pinned_tasks_reach_both_workers_and_down_s
     assert group_members(other.node("head").group.pgid), "down stopped a cluster it did not start"
     assert stop_local_cluster(b, grace_s=2.0)["head"] in ("stopped", "killed")
     assert processes_mentioning(other.temp_dir) == []
-
-
-def test_down_with_nothing_recorded_is_a_no_op(tmp_path):
-    assert stop_local_cluster(tmp_path) == {}
-    with pytest.raises(Exception, match="--workers must be a whole number >= 0"):
-        start_local_cluster(workers=-1, state_dir=tmp_path)

@@ -224,7 +224,7 @@ def test_temperature_sharpens_the_distribution():
     p1 = float(m.probs_w()[1].detach())
     set_temperature_(net, 0.5)
     assert float(m.probs_w()[1].detach()) > p1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"temperature must be > 0, but got temperature=0\.0"):
         set_temperature_(net, 0.0)
 
 

@@ -107,8 +107,11 @@ def test_the_folders_own_sweep_restarting_keeps_its_study(tmp_path):
     optuna.create_study(storage=url, study_name="mine-prune-bucket0").ask()
     cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep"), "name": "mine",
                                                       "cache_dir": str(tmp_path / "cache"), "optuna_storage": url})
+    with pytest.raises(ConfigError, match="already holds Optuna study 'mine-prune-bucket0' \\(1 trial\\)"):
+        check_sweep_config(cfg)                     # without the folder's saved config: another sweep's study
     save_resolved_config(cfg)
-    check_sweep_config(cfg)
+    check_sweep_config(cfg)                         # the folder's own: accepted
+    assert len(optuna.load_study(study_name="mine-prune-bucket0", storage=url).trials) == 1   # and kept
 
 
 def test_check_validates_a_config_and_says_what_would_run_without_running_it(tmp_path, capsys):

@@ -11,9 +11,16 @@ N_EPOCHS = 4
 
 
 def test_make_pruner_knows_every_name_and_rejects_bad_ones():
+    import optuna
+
+    expected = {"median": optuna.pruners.MedianPruner, "percentile": optuna.pruners.PercentilePruner,
+                "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+                "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    assert set(PRUNERS) == set(expected)
     for name in PRUNERS:
         kwargs = {"percentile": 25.0} if name == "percentile" else {}
-        assert make_pruner(name, kwargs) is not None
+        assert type(make_pruner(name, kwargs)) is expected[name]          # the named pruner, not any object
+    assert make_pruner("percentile", {"percentile": 25.0})._percentile == 25.0     # its arguments reach it
     with pytest.raises(ConfigError, match="Unknown pruner 'medain'.*median"):
         make_pruner("medain")
     with pytest.raises(ConfigError, match="n_startup_trails"):

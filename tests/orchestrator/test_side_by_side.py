@@ -106,6 +106,7 @@ def test_an_exit_inside_a_side_by_side_job_stops_the_rest_and_comes_back_first()
             raise SystemExit(3)
         time.sleep(0.2)
         done.append(i)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:                 # not job 0's ValueError, raised earlier in time
         run_side_by_side(range(6), job, slots=2)
+    assert e.value.code == 3
     assert len(done) <= 2                               # jobs queued after the exit never started

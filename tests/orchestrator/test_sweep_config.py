@@ -46,7 +46,7 @@ def test_flags_override_the_preset(tmp_path):
     assert r.storage_path == str(tmp_path / "ray_results")
 
 
-def test_precision_is_auto_unless_the_file_or_the_flag_says_otherwise(tmp_path):
+def test_precision_is_auto_unless_the_file_or_the_flag_says_otherwise(tmp_path, capsys):
     from orchestrator.cli import build_parser
     from orchestrator.commands.sweep import config_from_args
     from orchestrator.trainable import build_search_job
@@ -58,8 +58,9 @@ def test_precision_is_auto_unless_the_file_or_the_flag_says_otherwise(tmp_path):
     assert build_search_job(cfg, {**cfg.space.first_point(), "proxy_size": 500}).precision == "bf16"  # the trials'
     cfg = config_from_args(build_parser().parse_args(["sweep", "--config", str(path), "--precision", "fp32"]))
     assert cfg.precision == "fp32"                                               # the flag wins
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["sweep", "--preset", "demo", "--precision", "fp16"])
+    assert e.value.code == 2 and "--precision: invalid choice: 'fp16'" in capsys.readouterr().err
 
 
 def test_a_sweep_saved_before_the_precision_key_resumes_and_fine_tunes_in_float32(tmp_path):
