@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
 import ray
@@ -295,23 +295,29 @@ def _finished_summary(cfg: SweepConfig, t0: float) -> SweepSummary | None:
                         n_planned=cfg.n_trials)
 
 
-def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
-              prep_threads: int | None = None, command: str = "sweep") -> SweepSummary:
-    """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
+@dataclass(frozen=True)
+class CheckedSweep:
+    """What ``check_sweep`` found: the resolved config, the resume chosen, a resume's summary when it has nothing
+    left to run (then nothing after it was checked), the model/data facts, the settings left in the sweep folder."""
+    cfg: SweepConfig
+    resume: bool
+    done: SweepSummary | None = None
+    facts: Any = None
+    unshared: tuple[str, ...] = ()
 
-    ``resume``: False starts the sweep (ConfigError if the folder holds it already), True continues it
-    (ConfigError if there is nothing to resume), ``"auto"`` does whichever fits (``resolve_resume``).
-    ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``). ``command``: the gmpq
-    command that runs it, as ``driver.json`` names it ("run": ``gmpq run``'s sweep stage, whose final stage
-    follows: another final stage is refused meanwhile).
-    """
-    t0, started_at = time.perf_counter(), datetime.now()
+
+def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], None] = lambda m: None,
+                t0: float | None = None, make_folders: bool = True) -> CheckedSweep:
+    """``run_sweep``'s checks before Ray starts, in its order, writing nothing (``gmpq sweep --check`` runs them
+    alone; ``make_folders``: see ``check_sweep_config``): the --address syntax, the folder (a study's, a live
+    sweep's), the resume chosen and its saved stores and config, the --address answering, the model, data and stores
+    (``check_sweep_config``), the results tables, and what the folder holds (``check_folder_state``)."""
+    t0 = time.perf_counter() if t0 is None else t0
     joined = None
     if cfg.address is not None:                # a malformed --address fails now: no warning, no file written
         from cluster.connect import resolve_address
         joined = resolve_address(cfg.address)  # checks the syntax only; joining comes later (ray_env)
     check_not_a_study(cfg.sweep_dir)
-    say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
     if not isinstance(resume, bool):
         resume = resolve_resume(cfg, resume)   # "auto": then the checks of the one it chose
         say(resume_choice_text(cfg, resume))
@@ -328,23 +334,42 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     if resume:
         _check_same_config(cfg)                            # first: another config's own errors would hide it
         done = _finished_summary(cfg, t0)
-        if done is not None:                               # nothing for Ray to do: said at once, no Ray start
-            what = "the sweep stage is complete" if command == "run" else "nothing to resume"
-            say(f"the sweep already ran all its {cfg.n_trials} trials (none failed, which --resume would run "
-                f"again): {what}")
-            save_resolved_config(keep_recorded_address(cfg))    # a changed finetune section (gmpq run's flags)
-            _close_orphan_optuna_trials(cfg, say, started_before=started_at)   # a driver killed after its last row
-            return done
+        if done is not None:                               # nothing for Ray to do
+            return CheckedSweep(cfg, True, done)
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
         from .ray_env import check_join_address                 # (and before the data and model checks' work)
         check_join_address(cfg.address)
-    check_sweep_config(cfg)                                # everything that can fail does so before Ray
+    facts = check_sweep_config(cfg, make_folders=make_folders)  # everything that can fail does so before Ray
     lost_after_s()                                         # (also a bad $GMPQ_CLUSTER_LOST_AFTER_S)
-    unshared = unshared if joined is not None and joined.kind != "local" else []   # ('local': this machine's own Ray)
     from .results import read_layers, read_trials
     read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
     read_layers(sweep_dir, missing_ok=True)
     check_folder_state(cfg, bool(resume))                 # nothing to resume, or a sweep already there
+    local = joined is None or joined.kind == "local"       # ('local': this machine's own Ray: no unshared warning)
+    return CheckedSweep(cfg, bool(resume), None, facts, () if local else tuple(unshared))
+
+
+def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
+              prep_threads: int | None = None, command: str = "sweep") -> SweepSummary:
+    """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
+
+    ``resume``: False starts the sweep (ConfigError if the folder holds it already), True continues it
+    (ConfigError if there is nothing to resume), ``"auto"`` does whichever fits (``resolve_resume``).
+    ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``). ``command``: the gmpq
+    command that runs it, as ``driver.json`` names it ("run": ``gmpq run``'s sweep stage, whose final stage
+    follows: another final stage is refused meanwhile).
+    """
+    t0, started_at = time.perf_counter(), datetime.now()
+    say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
+    checked = check_sweep(cfg, resume, say=say, t0=t0)
+    cfg, resume, unshared, sweep_dir = checked.cfg, checked.resume, list(checked.unshared), Path(checked.cfg.out_dir)
+    if checked.done is not None:                           # nothing for Ray to do: said at once, no Ray start
+        what = "the sweep stage is complete" if command == "run" else "nothing to resume"
+        say(f"the sweep already ran all its {cfg.n_trials} trials (none failed, which --resume would run "
+            f"again): {what}")
+        save_resolved_config(keep_recorded_address(cfg))    # a changed finetune section (gmpq run's flags)
+        _close_orphan_optuna_trials(cfg, say, started_before=started_at)   # a driver killed after its last row
+        return checked.done
     save_resolved_config(keep_recorded_address(cfg))     # --address auto: the cluster joined, once joined
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")   # per-epoch reports lack the objectives
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")   # experiment state saved soon after each event

@@ -253,16 +253,18 @@ def say_env_tracking_uri(cfg: Any, resume: bool, say: Any) -> None:
 
 
 def check_only(cfg: Any, resume: bool | str = False) -> str:
-    """``--check``: every check a sweep runs before Ray starts (``check_sweep_config``: model, data, budget range,
-    search settings, stores; ``_folder_checks``: the folder's state for a start or ``resume``, the --address), and
-    what the sweep would run, in a few lines. Nothing trains, Ray does not start, nothing is written in the folder."""
-    from orchestrator.sweep_checks import check_sweep_config, shown_url
+    """``--check``: every check a sweep runs before Ray starts (``sweep.check_sweep``: the folder's state for a start
+    or ``resume``, the --address, the model, data, budget range, search settings and stores), and what the sweep
+    would run, in a few lines. Nothing trains, Ray does not start, nothing is written."""
+    from orchestrator.sweep import check_sweep
+    from orchestrator.sweep_checks import shown_url
     from orchestrator.sweep_join import start_text
-    from orchestrator.sweep_resume import check_folder_state
 
-    cfg, resume, done = _folder_checks(cfg, resume)
-    facts = check_sweep_config(cfg, make_folders=False)
-    check_folder_state(cfg, resume)
+    checked = check_sweep(cfg, resume, make_folders=False)
+    cfg, facts = checked.cfg, checked.facts
+    if checked.done is not None:
+        return (f"config OK: the sweep '{cfg.name}' in {cfg.out_dir} already ran all its {cfg.n_trials} trials: without "
+                "--check, gmpq sweep has nothing to resume (gmpq run goes on to its Pareto and fine-tune stages).")
     (b_lo, b_hi), (g_lo, g_hi) = facts.feasible_avg_bits, facts.feasible_gbitops
     dims = "; ".join(f"{name} {_dim_text(dim)}" for name, dim in cfg.space.dims.items())
     kwargs = ", ".join(f"{k}={v}" for k, v in cfg.pruner.kwargs.items())
@@ -277,33 +279,8 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
         f"each budget bucket; storage {shown_url(cfg.optuna_storage)}",
         f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", _final_text(cfg.finetune),
         *_fits_here(cfg),
-        "Nothing was trained. " + (f"The sweep already ran all its {cfg.n_trials} trials: the same command without "
-                                   "--check has nothing to resume." if done else "Run the same command without "
-                                   f"--check to {'resume' if resume else 'start'} the sweep.")])
-
-
-def _folder_checks(cfg: Any, resume: bool | str) -> tuple[Any, bool, bool]:
-    """``run_sweep``'s checks before the config (the folder, --resume auto's choice, a resume's saved stores, the
-    --address), as --check's: the resolved config, the resume chosen, and whether a resume has nothing to do."""
-    import time
-    from dataclasses import replace
-
-    from orchestrator.ray_env import check_join_address
-    from orchestrator.sweep import _finished_summary
-    from orchestrator.sweep_resume import (_check_same_config, _saved_cache_dir, _saved_tracking_uri, resolve_resume,
-                                           check_not_a_study, refuse_beside_running_sweep)
-
-    check_not_a_study(cfg.sweep_dir)
-    resume = resolve_resume(cfg, resume)
-    if resume:                                 # the cache and MLflow store the sweep started with, unless named
-        cfg = replace(cfg, cache_dir=cfg.cache_dir or _saved_cache_dir(cfg),
-                      tracking_uri=cfg.tracking_uri or _saved_tracking_uri(cfg))
-    cfg = cfg.resolved()
-    refuse_beside_running_sweep(Path(cfg.out_dir), resume)
-    done = resume and (_check_same_config(cfg) or _finished_summary(cfg, time.perf_counter()) is not None)
-    if cfg.address is not None:
-        check_join_address(cfg.address)
-    return cfg, resume, done
+        f"Nothing was trained. Run the same command without --check to {'resume' if checked.resume else 'start'} the "
+        "sweep."])
 
 
 def _final_text(ft: Any) -> str:

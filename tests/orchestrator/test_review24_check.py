@@ -26,7 +26,10 @@ def test_check_refuses_a_new_sweep_in_a_folder_with_another_sweeps_results(tmp_p
     out = tmp_path / "s"
     save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(out), "name": "first",
                                                                      "cache_dir": str(tmp_path / "cache")}))
-    (out / "trials.parquet").write_bytes(b"")                              # the first sweep's results (only named)
+    import pyarrow.parquet as pq
+
+    from orchestrator.results import trial_schema
+    pq.write_table(trial_schema().empty_table(), out / "trials.parquet")   # the first sweep's results table
     assert main(_check(tmp_path, out, "--name", "second")) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert f"The folder '{out}' holds the results of sweep 'first'" in said and "Traceback" not in said
@@ -55,3 +58,16 @@ def test_run_check_validates_as_sweep_check_does_and_names_the_final_fine_tune(t
            "training images, 1 worker each" in said
     assert main([*argv, "--resume"]) == 2                   # the sweep's refusals too: nothing to resume
     assert "Nothing to resume" in " ".join(capsys.readouterr().err.split())
+
+
+def test_check_of_a_finished_sweeps_resume_says_there_is_nothing_left(tmp_path, capsys, monkeypatch):
+    import orchestrator.sweep as sweep
+
+    out = tmp_path / "s"
+    save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(out), "n_trials": 1,
+                                                                     "cache_dir": str(tmp_path / "cache")}))
+    monkeypatch.setattr(sweep, "_finished_summary", lambda cfg, t0: object())    # (a finished sweep's summary)
+    assert main(["sweep", "--out", str(out), "--resume", "--check"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert said == (f"config OK: the sweep 'demo' in {out} already ran all its 1 trials: without --check, gmpq sweep "
+                    "has nothing to resume (gmpq run goes on to its Pareto and fine-tune stages).")
