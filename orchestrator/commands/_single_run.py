@@ -17,13 +17,13 @@ def check_out_paths(out: Path, command: str, *, files: tuple[str, ...] = (), fol
     """The paths a command writes in its ``--out`` folder ``out``, checked before any work: a ``files`` entry that is
     a folder, or a ``folders`` entry that is a file, is a ConfigError naming it and the fix (the write failed only
     after the work, which was lost). ``out`` itself is checked by ``check_out_arg``."""
-    wrong = [(out / n, "a folder", f"writes its {Path(n).name} file there {when}: this run would fail after its work", "folder")
-             for n in files if (out / n).exists() and not (out / n).is_file()]
+    wrong = [(out / n, "a folder", f"writes its {Path(n).name} file there {when}: this run would fail after its work",
+              "folder") for n in files if (out / n).exists() and not (out / n).is_file()]
     wrong += [(out / n, "a file", f"keeps its {n} folder there: this run would fail once it writes there", "file")
               for n in folders if (out / n).exists() and not (out / n).is_dir()]
     for path, is_, why, kind in wrong[:1]:
-        raise ConfigError(f"'{path}' is {is_}, but {command} {why}. Remove or rename that {kind}, or pass --out another "
-                          "folder you can write.")
+        raise ConfigError(f"'{path}' is {is_}, but {command} {why}. Remove or rename that {kind}, or pass --out "
+                          "another folder you can write.")
 
 
 def stopped(command: str, err: KeyboardInterrupt, kept: str) -> int:
