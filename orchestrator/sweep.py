@@ -38,6 +38,7 @@ from ray.tune.search.optuna import OptunaSearch
 from .pruning import OptunaPruningScheduler
 from .ray_env import fit_restoring_handlers
 from .results import has_ended
+from .sampling import make_sampler
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
@@ -114,7 +115,16 @@ def optuna_storage_now(url: str) -> Iterator[None]:
 
 
 class SweepOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell."""
+    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell, and whose
+    suggestions do not warn that the define-by-run space "took N seconds": that time is the sampler's own model
+    (a GP's fit), not training in the driver."""
+
+    def suggest(self, trial_id: str) -> dict | None:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took")
+            return super().suggest(trial_id)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
@@ -195,7 +205,8 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
         return tuner
     searcher = SweepOptunaSearch(
         space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed), storage=optuna_storage, study_name=cfg.name)
+        sampler=make_sampler(cfg.sampler.name, cfg.sampler.kwargs, seed=cfg.seed), storage=optuna_storage,
+        study_name=cfg.name)
     return tune.Tuner(
         trainable, param_space={},
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials,

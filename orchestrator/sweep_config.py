@@ -2,12 +2,12 @@
 
 ``load_sweep_config(path, preset=..., overrides=...)`` merges preset <- file <- overrides (nested
 mappings merge key by key; dotted override keys such as ``"space.search_epochs"`` reach inside),
-checking as it loads what the file alone can tell (an unknown pruner, listing the choices; an empty
+checking as it loads what the file alone can tell (an unknown pruner or sampler, listing the choices; an empty
 space; wrong types and ranges). Then ``sweep_checks.check_sweep_config(cfg)`` validates everything that
 needs the model or the data, BEFORE Ray starts: an unknown model or dataset (listing the choices), a budget
 range outside what the bit candidates reach, proxy or transfer slices larger than the dataset, an out
 dir that cannot be written. Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
-The nested sections (``Resources``, ``PrunerConfig``, ``FinetuneStage``, ``FaultInjection``) live in
+The nested sections (``Resources``, ``PrunerConfig``, ``SamplerConfig``, ``FinetuneStage``, ``FaultInjection``) live in
 ``sweep_sections`` and are importable from here too.
 """
 from __future__ import annotations
@@ -29,12 +29,12 @@ from gmpq_core.transfer import TransferCheck
 from search_spaces.presets import load_preset, load_yaml
 from search_spaces.space import SearchSpace
 
-from .sweep_sections import (SECTIONS, FaultInjection, FinetuneStage, PrunerConfig, Resources, _from_mapping,
-                             _is_pos, _require, check_placement)
+from .sweep_sections import (SECTIONS, FaultInjection, FinetuneStage, PrunerConfig, Resources, SamplerConfig,
+                             _from_mapping, _is_pos, _require, check_placement)
 
-__all__ = ["env_tracking_uri", "ENV_TRACKING_URI", "is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig", "FinetuneStage", "SweepConfig",
-           "load_sweep_config", "save_resolved_config", "deep_merge", "trial_search_config",
-           "saved_before_precision"]
+__all__ = ["env_tracking_uri", "ENV_TRACKING_URI", "is_local_cpu_sweep", "CONFIG_VERSION", "Resources", "PrunerConfig",
+           "SamplerConfig", "FinetuneStage", "SweepConfig", "load_sweep_config", "save_resolved_config", "deep_merge",
+           "trial_search_config", "saved_before_precision"]
 
 CONFIG_VERSION = 1
 # Search-config fields the sweep always sets; the fixed `search:` part may not set them (nor space ones).
@@ -42,11 +42,9 @@ _SEARCH_FROM_SWEEP = {"epochs", "budget", "candidates", "seed"}
 _SPACE_TO_SEARCH = {"search_epochs": "epochs", "budget_avg_bits": "budget", "proxy_size": None}
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 # Keys a user of Optuna expects that a sweep config does not take: what the sweep does instead.
-_SAMPLER = ("every sweep suggests its trials with Optuna's TPESampler, multi-objective (transfer_top1 up, BitOPs "
-            "down) and seeded with the config's 'seed'; it cannot be changed. Delete this key. What a sweep config "
-            "chooses is the pruner: pruner: {name: median|percentile|successive_halving|hyperband|none, "
-            "kwargs: {...}}.")
-_NOT_SETTINGS = {"sampler": _SAMPLER, "optuna_sampler": _SAMPLER}
+_SAMPLER = ("the Optuna sampler is the 'sampler' section: sampler: {name: tpe|random|nsga2|qmc|gp, kwargs: {...}} "
+            "(seeded with the config's 'seed'). Rename this key to 'sampler'.")
+_NOT_SETTINGS = {"optuna_sampler": _SAMPLER}
 
 
 def env_tracking_uri() -> str | None:
@@ -79,6 +77,7 @@ class SweepConfig:
     resources: Resources = field(default_factory=Resources)
     precision: str = "auto"                   # gmpq_core.precision: auto (bf16 on a GPU with bfloat16), fp32, bf16
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)   # seeded with `seed`
     budget_buckets: tuple[float, ...] = (2.75, 3.5, 4.5)
     max_failures: int = 0
     teacher_epochs: int = 3
@@ -104,7 +103,8 @@ class SweepConfig:
             object.__setattr__(self, "space", SearchSpace.from_dict(self.space))
         if isinstance(self.address, str) and self.address.strip() in ("", "local"):
             object.__setattr__(self, "address", None)   # "local" = no cluster: cache, tail threads as without it
-        for name, cls in (("resources", Resources), ("pruner", PrunerConfig), ("finetune", FinetuneStage),
+        for name, cls in (("resources", Resources), ("pruner", PrunerConfig), ("sampler", SamplerConfig),
+                          ("finetune", FinetuneStage),
                           ("testing", FaultInjection)):
             object.__setattr__(self, name, _from_mapping(cls, name, getattr(self, name)))
         if not isinstance(self.transfer, TransferCheck):
@@ -192,7 +192,7 @@ class SweepConfig:
                 v = v.to_dict()
             elif f.name in ("resources", "finetune", "transfer"):
                 v = {g.name: getattr(v, g.name) for g in fields(v)}
-            elif f.name == "pruner":
+            elif f.name in ("pruner", "sampler"):
                 v = {"name": v.name, "kwargs": dict(v.kwargs)}
             elif f.name == "budget_buckets":
                 v = list(v)

@@ -173,8 +173,10 @@ def _check_same_config(cfg: SweepConfig) -> None:
     """A resumed sweep must keep its config (Tune restores the old searcher and space anyway). The cache
     folder may move: its files are named by what their weights depend on; the ``finetune`` section may
     change (it is the final stage's, after the sweep: ``gmpq run --resume --workers 2``). The ``testing`` section
-    is saved only when set (older folders hold it with its defaults): missing, it compares as its defaults."""
+    is saved only when set (older folders hold it with its defaults): missing, it compares as its defaults. The
+    ``sampler`` (older folders: none, TPE) compares with its arguments' defaults written out."""
     from .sweep_config import load_sweep_config
+    from .sampling import DEFAULT_SAMPLER, with_defaults
     from .sweep_sections import FaultInjection
 
     saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
@@ -185,6 +187,8 @@ def _check_same_config(cfg: SweepConfig) -> None:
     old["precision"], new["precision"] = (resolve_precision(d["precision"], device) for d in (old, new))
     for d in (old, new):
         d.setdefault("testing", FaultInjection().to_dict())
+        sampler = d.setdefault("sampler", {"name": DEFAULT_SAMPLER, "kwargs": {}})   # older folders: TPE, defaults
+        sampler["kwargs"] = with_defaults(sampler.get("name"), sampler.get("kwargs") or {})
     diff = [d for k in sorted(new) if k not in ("address", "cache_dir", "finetune")
             for d in _differences(k, old.get(k), new.get(k))]
     if diff:

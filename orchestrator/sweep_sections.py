@@ -1,5 +1,5 @@
 """The sections of a sweep config (``SweepConfig``'s nested mappings) as frozen dataclasses: ``Resources`` (per
-trial), ``PrunerConfig`` (the Optuna pruner by name), ``FinetuneStage`` (the final Ray Train fine-tune) and
+trial), ``PrunerConfig`` and ``SamplerConfig`` (the Optuna pruner and sampler by name), ``FinetuneStage`` (the final Ray Train fine-tune) and
 ``FaultInjection`` (the reliability tests' ``testing:`` switches), with the small checks ``sweep_config`` shares
 (``_require``, ``_is_pos``, ``_from_mapping``: a section given as a mapping, its unknown keys refused), and
 ``check_placement``/``misplaced``: where a key written in the wrong place belongs (``search_epochs`` at the top
@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from gmpq_core.errors import ConfigError, did_you_mean
 
-__all__ = ["Resources", "PrunerConfig", "FinetuneStage", "FaultInjection", "KEY_FLAGS", "SECTIONS", "misplaced",
+__all__ = ["Resources", "PrunerConfig", "SamplerConfig", "FinetuneStage", "FaultInjection", "KEY_FLAGS", "SECTIONS", "misplaced",
            "check_placement"]
 
 # The `gmpq sweep` flags that set a config key (dotted: inside a section): what commands.sweep.overrides_from_args
@@ -26,7 +26,7 @@ KEY_FLAGS = {"n_trials": "--n-trials", "max_concurrent_trials": "--max-concurren
 # The nested sections, in the order a key of several is offered, with what each holds.
 SECTIONS = {"space": "searched or fixed per trial", "search": "fixed settings of every trial's search",
             "transfer": "the transfer check of every trial", "finetune": "the final fine-tune",
-            "resources": "per trial", "pruner": "the Optuna pruner", "candidates": "the bitwidths",
+            "resources": "per trial", "pruner": "the Optuna pruner", "sampler": "the Optuna sampler", "candidates": "the bitwidths",
             "testing": "fault injection"}
 
 
@@ -53,19 +53,20 @@ def _from_mapping(cls: type, section: str, d: Any) -> Any:
 
 
 def _loose_pruner_hint(section: str, d: Mapping[str, Any], unknown: list[str]) -> str:
-    """For keys written beside the pruner's name (not typos of 'name' or 'kwargs'): its own arguments go under
-    ``kwargs``, the section written out with them."""
+    """For keys written beside the pruner's (sampler's) name (not typos of 'name' or 'kwargs'): its own arguments
+    go under ``kwargs``, the section written out with them."""
     import difflib
 
     import yaml
 
     loose = [k for k in unknown if not difflib.get_close_matches(str(k), ("name", "kwargs"), n=1, cutoff=0.7)]
-    if section != "pruner" or not loose:
+    if section not in ("pruner", "sampler") or not loose:
         return ""
     kwargs = dict(d["kwargs"]) if isinstance(d.get("kwargs"), Mapping) else {}
-    fixed = {"name": d.get("name", "median"), "kwargs": {**kwargs, **{k: d[k] for k in loose}}}
-    text = yaml.safe_dump({"pruner": fixed}, default_flow_style=True, sort_keys=False, width=10**6).strip()
-    return f" A pruner's own arguments go under 'kwargs': {text[1:-1]}."
+    fixed = {"name": d.get("name", "median" if section == "pruner" else "tpe"),
+             "kwargs": {**kwargs, **{k: d[k] for k in loose}}}
+    text = yaml.safe_dump({section: fixed}, default_flow_style=True, sort_keys=False, width=10**6).strip()
+    return f" A {section}'s own arguments go under 'kwargs': {text[1:-1]}."
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,7 +85,7 @@ def _places() -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
 
     takes = {"": names(SweepConfig), "space": frozenset(PARAMS), "search": names(SearchConfig),
              "transfer": names(TransferCheck), "finetune": names(FinetuneStage), "resources": names(Resources),
-             "pruner": names(PrunerConfig), "candidates": frozenset({"w_bits", "a_bits"}),
+             "pruner": names(PrunerConfig), "sampler": names(SamplerConfig), "candidates": frozenset({"w_bits", "a_bits"}),
              "testing": names(FaultInjection)}
     return takes, {**takes, "search": takes["search"] - _SEARCH_FROM_SWEEP}
 
@@ -201,6 +202,20 @@ class PrunerConfig:
         _require(isinstance(self.kwargs, Mapping), f"pruner.kwargs must be a mapping, but got {self.kwargs!r}.")
         object.__setattr__(self, "kwargs", dict(self.kwargs))
         make_pruner(self.name, self.kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerConfig:
+    """The sweep's ``optuna.samplers`` sampler by name (``orchestrator.sampling.SAMPLERS``), seeded with the
+    config's ``seed``."""
+    name: str = "tpe"
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from .sampling import make_sampler
+        _require(isinstance(self.kwargs, Mapping), f"sampler.kwargs must be a mapping, but got {self.kwargs!r}.")
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+        make_sampler(self.name, self.kwargs)
 
 
 @dataclass(frozen=True, kw_only=True)

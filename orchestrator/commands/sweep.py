@@ -256,6 +256,7 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
     """``--check``: every check a sweep runs before Ray starts (``sweep.check_sweep``: the folder's state for a start
     or ``resume``, the --address, the model, data, budget range, search settings and stores), and what the sweep
     would run, in a few lines. Nothing trains, Ray does not start, nothing is written."""
+    from orchestrator.sampling import sampler_text
     from orchestrator.sweep import check_sweep
     from orchestrator.sweep_checks import shown_url
     from orchestrator.sweep_join import start_text
@@ -275,7 +276,7 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
         f"budgets reachable with candidates W{list(cfg.candidates.w_bits)} A{list(cfg.candidates.a_bits)}: "
         f"{b_lo:.3g}..{b_hi:.3g} average bits ({g_lo:.4g}..{g_hi:.4g} GBitOPs); budget buckets "
         f"{list(cfg.budget_buckets) or 'none (one bucket)'}",
-        f"Optuna: TPESampler (seed {cfg.seed}); pruner {cfg.pruner.name}{f' ({kwargs})' if kwargs else ''} within "
+        f"Optuna: {sampler_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.seed)}; pruner {cfg.pruner.name}{f' ({kwargs})' if kwargs else ''} within "
         f"each budget bucket; storage {shown_url(cfg.optuna_storage)}",
         f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", _final_text(cfg.finetune),
         *_fits_here(cfg),

@@ -28,10 +28,10 @@ def _error(**changes) -> str:
     return " ".join(str(e.value).split())
 
 
-def test_a_sampler_key_says_the_sampler_is_fixed_and_what_can_be_chosen():
-    said = _error(sampler={"name": "random"})
-    assert "'sampler' is not a sweep config key" in said and "TPESampler" in said and "'seed'" in said
-    assert "pruner: {name: median|percentile|successive_halving|hyperband|none" in said
+def test_an_optuna_sampler_key_names_the_sampler_section():
+    said = _error(optuna_sampler={"name": "random"})
+    assert "'optuna_sampler' is not a sweep config key" in said and "'seed'" in said
+    assert "sampler: {name: tpe|random|nsga2|qmc|gp, kwargs: {...}}" in said and "Rename this key to 'sampler'" in said
 
 
 @pytest.mark.parametrize("key", ["seed", "n_trials"])
@@ -124,7 +124,7 @@ def test_check_validates_a_config_and_says_what_would_run_without_running_it(tmp
     said = capsys.readouterr().out
     assert said.startswith("config OK: sweep 'mine' of resnet20 at 28 px") and "3 trials, 2 at a time" in said
     assert "budget_avg_bits float 2.5..5; proxy_size one of [500, 1000]" in said
-    assert "2..6 average bits" in said and "TPESampler (seed 7); pruner percentile (percentile=25.0)" in said
+    assert "2..6 average bits" in said and "TPESampler (seed 7, n_startup_trials=10); pruner percentile (percentile=25.0)" in said
     assert not out.exists()                                            # nothing written, nothing trained
     path.write_text(yaml.safe_dump({"preset": "demo", "space": {"budget_avg_bits": {"type": "float", "low": 1.0,
                                                                                     "high": 3.0}}}))

@@ -18,6 +18,7 @@ TINY = {
     "preset": "demo", "name": "tiny", "n_trials": 3, "max_concurrent_trials": 2, "teacher_epochs": 1,
     "proxy_eval_size": 200,
     "pruner": {"name": "median", "kwargs": {"n_startup_trials": 1, "n_warmup_steps": 0}},
+    "sampler": {"name": "nsga2", "kwargs": {"population_size": 2}},     # not the default: the third is bred
     "space": {"proxy_size": [100, 200], "search_epochs": 2, "budget_avg_bits": {"type": "float", "low": 2.5, "high": 5.0}},
     "search": {"batch_size": 32, "max_steps_per_epoch": 2, "recalibrate_bn_batches": 1},
     "transfer": {"train_size": 1024, "test_size": 200, "batch_size": 64, "fp_epochs": 1, "fp_train_size": 2000,
@@ -94,7 +95,8 @@ def test_tiny_sweep_end_to_end(tmp_path, shared_cache):
     starts = [e["time"] for e in _events(sweep_dir) if e["event"] == "start"]
     cache_files = [p for p in shared_cache.rglob("*") if p.is_file()]
     assert len(starts) == 3 and cache_files and max(p.stat().st_mtime for p in cache_files) < min(starts)
-    assert (sweep_dir / "sweep_config.yaml").exists()
+    assert yaml.safe_load((sweep_dir / "sweep_config.yaml").read_text())["sampler"] == TINY["sampler"]
+    assert any("NSGAII" in key for t in study.trials for key in t.system_attrs)   # the sampler that ran: NSGA-II's
     shared = json.loads((sweep_dir / "shared.json").read_text())
     assert set(shared["teacher_seconds"]) == {"100", "200"} and min(shared["teacher_seconds"].values()) > 0
     assert shared["target_seconds"] > 0 and 10 < shared["target_fp_top1"] <= 100

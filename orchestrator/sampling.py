@@ -1,0 +1,121 @@
+"""The sweep's Optuna sampler, chosen by name in the config: ``sampler: {name: tpe, kwargs: {...}}``.
+
+Every sampler here handles the sweep's two objectives (transfer_top1 up, BitOPs down) and the space's ranges and
+lists; each is seeded with the config's top-level ``seed``. ``kwargs`` takes the sampler's plain-valued arguments
+(numbers, booleans, names); those that take Python objects (callables, other samplers) are not offered.
+Samplers that are single-objective only (CMA-ES) or need the whole grid up front (grid, brute force) are not
+offered either.
+
+A sampler's first trials are random (TPE and GP: ``n_startup_trials``, default 10; NSGA-II: its first
+``population_size`` trials, default 50); ``warmup_text`` says so for a sweep whose trials are all among them
+(unless the config sets that count itself).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+import optuna
+
+from gmpq_core.errors import ConfigError, did_you_mean
+
+__all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "make_sampler", "sampler_text", "warmup_text", "with_defaults"]
+
+DEFAULT_SAMPLER = "tpe"
+# name -> (Optuna class name, {argument: accepted type(s)}, what the name means)
+SAMPLERS: dict[str, tuple[str, dict[str, tuple[type, ...]], str]] = {
+    "tpe": ("TPESampler", {"n_startup_trials": (int,), "n_ei_candidates": (int,), "multivariate": (bool,),
+                           "group": (bool,), "constant_liar": (bool,), "consider_endpoints": (bool,),
+                           "consider_prior": (bool,), "prior_weight": (int, float), "consider_magic_clip": (bool,)},
+            "tree-structured Parzen estimator (the default)"),
+    "random": ("RandomSampler", {}, "independent uniform draws"),
+    "nsga2": ("NSGAIISampler", {"population_size": (int,), "mutation_prob": (int, float, type(None)),
+                                "crossover_prob": (int, float), "swapping_prob": (int, float)},
+              "the NSGA-II genetic algorithm"),
+    "qmc": ("QMCSampler", {"qmc_type": (str,), "scramble": (bool,)}, "quasi-Monte Carlo (Sobol or Halton) points"),
+    "gp": ("GPSampler", {"n_startup_trials": (int,), "deterministic_objective": (bool,)},
+           "Gaussian-process Bayesian optimization"),
+}
+_STARTUP_DEFAULTS = {"tpe": ("n_startup_trials", 10), "gp": ("n_startup_trials", 10),
+                     "nsga2": ("population_size", 50)}
+
+
+def _names() -> str:
+    return ", ".join(f"{n} ({cls}: {what})" for n, (cls, _, what) in SAMPLERS.items())
+
+
+def _check(name: Any, kwargs: Any) -> None:
+    """The name and arguments as a config gives them: ConfigError naming the value and the fix."""
+    if not isinstance(name, str) or name not in SAMPLERS:
+        hint = did_you_mean([name], list(SAMPLERS)) if isinstance(name, str) else ""
+        raise ConfigError(f"Unknown sampler {name!r}.{hint} Available samplers: {_names()}. Write it as "
+                          "sampler: {name: tpe, kwargs: {n_startup_trials: 4}}.")
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"sampler.kwargs must be a mapping of the sampler's arguments, but got {kwargs!r}.")
+    cls, accepted, _ = SAMPLERS[name]
+    if "seed" in kwargs:
+        raise ConfigError(f"sampler.kwargs.seed={kwargs['seed']!r}: the sampler is seeded with the sweep's own "
+                          "'seed' (top level of the config, or --seed). Move the value there and delete "
+                          "sampler.kwargs.seed.")
+    unknown = sorted(set(kwargs) - set(accepted), key=str)
+    if unknown:
+        raise ConfigError(f"The '{name}' sampler ({cls}) takes no argument(s) {unknown} here."
+                          f"{did_you_mean([str(u) for u in unknown], list(accepted))} Its arguments: "
+                          f"{', '.join(accepted) or 'none'} (the seed is the config's top-level 'seed').")
+    for key, value in kwargs.items():
+        types = accepted[key]
+        wrong_bool = isinstance(value, bool) and bool not in types
+        if wrong_bool or not isinstance(value, types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ConfigError(f"sampler.kwargs.{key} must be {want}, but got {value!r} ({type(value).__name__}). "
+                              "Write it unquoted in the YAML, e.g. "
+                              f"{key}: {'true' if types == (bool,) else 4 if int in types else 'sobol'}.")
+
+
+def make_sampler(name: str = DEFAULT_SAMPLER, kwargs: Mapping[str, Any] | None = None, *,
+                 seed: int | None = None) -> optuna.samplers.BaseSampler:
+    """``optuna.samplers.<Class>(seed=seed, **kwargs)`` for the sampler's config name; ConfigError on a bad name,
+    argument or value (the one Optuna rejects as it builds, e.g. ``qmc_type: latin``)."""
+    kwargs = dict(kwargs or {})
+    _check(name, kwargs)
+    cls = SAMPLERS[name][0]
+    try:
+        with warnings.catch_warnings():     # "QMCSampler is experimental": a notice for Optuna's API users
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return getattr(optuna.samplers, cls)(seed=seed, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"Bad arguments for the '{name}' sampler ({cls}) {kwargs}: {str(e).rstrip('.')}. Its arguments: "
+                          f"{', '.join(SAMPLERS[name][1]) or 'none'}.") from None
+
+
+def sampler_text(name: str, kwargs: Mapping[str, Any], seed: int) -> str:
+    """``TPESampler (seed 0, n_startup_trials=4)``: the sampler as the sweep's lines name it."""
+    args = "".join(f", {k}={v}" for k, v in kwargs.items())
+    return f"{SAMPLERS[name][0]} (seed {seed}{args})"
+
+
+def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | None:
+    """A line when every one of the sweep's ``n_trials`` is among the sampler's random first trials (then the
+    sampler never uses what earlier trials found), else None; None too when ``kwargs`` sets that count (the
+    config chose it knowingly, as the demo preset does)."""
+    if name not in _STARTUP_DEFAULTS or _STARTUP_DEFAULTS[name][0] in kwargs:
+        return None
+    key, default = _STARTUP_DEFAULTS[name]
+    first = kwargs.get(key, default)
+    if n_trials > first:
+        return None
+    suggested = max(2 if name == "nsga2" else 1, min(first, n_trials // 2))
+    return (f"the {SAMPLERS[name][0]}'s first {first} trials are random ({key}={first}) and this sweep has "
+            f"{n_trials}: every trial is drawn at random, none guided by earlier ones. For guided suggestions set "
+            f"sampler: {{name: {name}, kwargs: {{{key}: {suggested}}}}} or more n_trials.")
+
+
+def with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Every argument ``kwargs`` may set, at its Optuna default unless set: two configs that differ only by
+    writing a default out (``n_startup_trials: 10`` for TPE) run the same sampler (a resume compares these)."""
+    import inspect
+
+    if name not in SAMPLERS:
+        return dict(kwargs)
+    params = inspect.signature(getattr(optuna.samplers, SAMPLERS[name][0])).parameters
+    return {k: kwargs.get(k, params[k].default) for k in SAMPLERS[name][1]} | dict(kwargs)
