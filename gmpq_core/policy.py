@@ -70,11 +70,14 @@ class BitCandidates:
         for what in ("w_bits", "a_bits"):
             vals = tuple(getattr(self, what))
             if not vals:
-                raise ConfigError(f"candidate {what} must not be empty; give e.g. {what}=(2, 3, 4, 6).")
+                raise ConfigError(f"The bit candidates' {what} is empty: a search needs at least one bitwidth. In "
+                                  "the YAML write 'candidates: [2, 3, 4, 6]' (both) or 'candidates: {w_bits: [2, 3, 4, "
+                                  "6], a_bits: [2, 3, 4, 6]}'.")
             for v in vals:
                 _check_bits(v, f"candidate {what}")
             if len(set(vals)) != len(vals):
-                raise ConfigError(f"candidate {what} must not repeat a value, but got {what}={vals}.")
+                raise ConfigError(f"candidate {what} must not repeat a value, but got {what}: {list(vals)}. List "
+                                  "each bitwidth once.")
             object.__setattr__(self, what, tuple(sorted(vals)))
 
     @classmethod

@@ -110,3 +110,16 @@ def test_the_meta_says_how_the_stem_and_classifier_are_quantized():
     assert set(stem.quantized_specs(net)) == {*plain.layers, "conv1"} and stem.quantized_specs(net)["conv1"].a_bits == 2
     with pytest.raises(PolicyMismatchError, match=r"meta gives stem_bits=12, but .* 1\.\.8"):
         BitPolicy(layers=plain.layers, meta={"include_stem": True, "stem_bits": 12}).quant_scope()
+
+
+@pytest.mark.parametrize("value", [[], {"w_bits": [], "a_bits": [4]}])
+def test_empty_candidates_say_the_yaml_to_write(value):
+    with pytest.raises(ConfigError) as e:
+        BitCandidates.from_any(value)
+    said = str(e.value)
+    assert "w_bits is empty" in said and "'candidates: [2, 3, 4, 6]'" in said and "(2, 3" not in said
+
+
+def test_repeated_candidates_are_listed_as_written():
+    with pytest.raises(ConfigError, match=r"a_bits: \[4, 4\]\. List each bitwidth once"):
+        BitCandidates.from_any({"a_bits": [4, 4]})
