@@ -192,30 +192,42 @@ class Resources:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PrunerConfig:
-    """An ``optuna.pruners`` pruner by name (median|percentile|successive_halving|hyperband|none)."""
-    name: str = "median"
+class _OptunaPart:
+    """An Optuna part by its config ``name`` and its ``kwargs``, checked by building it (``_build``)."""
+    name: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    section = ""
 
     def __post_init__(self) -> None:
-        from .pruning import make_pruner
-        _require(isinstance(self.kwargs, Mapping), f"pruner.kwargs must be a mapping, but got {self.kwargs!r}.")
+        _require(isinstance(self.kwargs, Mapping), f"{self.section}.kwargs must be a mapping, but got {self.kwargs!r}.")
         object.__setattr__(self, "kwargs", dict(self.kwargs))
-        make_pruner(self.name, self.kwargs)
+        self._build()
+
+    def _build(self) -> Any:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True, kw_only=True)
-class SamplerConfig:
+class PrunerConfig(_OptunaPart):
+    """An ``optuna.pruners`` pruner by name (median|percentile|successive_halving|hyperband|none)."""
+    name: str = "median"
+    section = "pruner"
+
+    def _build(self) -> Any:
+        from .pruning import make_pruner
+        return make_pruner(self.name, self.kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerConfig(_OptunaPart):
     """The sweep's ``optuna.samplers`` sampler by name (``orchestrator.sampling.SAMPLERS``), seeded with the
     config's ``seed``."""
     name: str = "tpe"
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    section = "sampler"
 
-    def __post_init__(self) -> None:
+    def _build(self) -> Any:
         from .sampling import make_sampler
-        _require(isinstance(self.kwargs, Mapping), f"sampler.kwargs must be a mapping, but got {self.kwargs!r}.")
-        object.__setattr__(self, "kwargs", dict(self.kwargs))
-        make_sampler(self.name, self.kwargs)
+        return make_sampler(self.name, self.kwargs)
 
 
 @dataclass(frozen=True, kw_only=True)
