@@ -84,8 +84,8 @@ def make_sampler(name: str = DEFAULT_SAMPLER, kwargs: Mapping[str, Any] | None =
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return getattr(optuna.samplers, cls)(seed=seed, **kwargs)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"Bad arguments for the '{name}' sampler ({cls}) {kwargs}: {str(e).rstrip('.')}. Its arguments: "
-                          f"{', '.join(SAMPLERS[name][1]) or 'none'}.") from None
+        raise ConfigError(f"Bad arguments for the '{name}' sampler ({cls}) {kwargs}: {str(e).rstrip('.')}. Its "
+                          f"arguments: {', '.join(SAMPLERS[name][1]) or 'none'}.") from None
 
 
 def sampler_text(name: str, kwargs: Mapping[str, Any], seed: int) -> str:

@@ -1,6 +1,6 @@
 """The sections of a sweep config (``SweepConfig``'s nested mappings) as frozen dataclasses: ``Resources`` (per
-trial), ``PrunerConfig`` and ``SamplerConfig`` (the Optuna pruner and sampler by name), ``FinetuneStage`` (the final Ray Train fine-tune) and
-``FaultInjection`` (the reliability tests' ``testing:`` switches), with the small checks ``sweep_config`` shares
+trial), ``PrunerConfig`` and ``SamplerConfig`` (the Optuna pruner and sampler by name), ``FinetuneStage`` (the
+final Ray Train fine-tune) and ``FaultInjection`` (the reliability tests' ``testing:`` switches), with the small checks ``sweep_config`` shares
 (``_require``, ``_is_pos``, ``_from_mapping``: a section given as a mapping, its unknown keys refused), and
 ``check_placement``/``misplaced``: where a key written in the wrong place belongs (``search_epochs`` at the top
 level: in ``space:``), said before any look-alike suggestion. Torch-free at import, like ``sweep_config`` (the
@@ -14,8 +14,8 @@ from typing import Any, Mapping
 
 from gmpq_core.errors import ConfigError, did_you_mean
 
-__all__ = ["Resources", "PrunerConfig", "SamplerConfig", "FinetuneStage", "FaultInjection", "KEY_FLAGS", "SECTIONS", "misplaced",
-           "check_placement"]
+__all__ = ["Resources", "PrunerConfig", "SamplerConfig", "FinetuneStage", "FaultInjection", "KEY_FLAGS", "SECTIONS",
+           "misplaced", "check_placement"]
 
 # The `gmpq sweep` flags that set a config key (dotted: inside a section): what commands.sweep.overrides_from_args
 # reads, and what the config errors name ("--epochs sets it too").
@@ -26,7 +26,8 @@ KEY_FLAGS = {"n_trials": "--n-trials", "max_concurrent_trials": "--max-concurren
 # The nested sections, in the order a key of several is offered, with what each holds.
 SECTIONS = {"space": "searched or fixed per trial", "search": "fixed settings of every trial's search",
             "transfer": "the transfer check of every trial", "finetune": "the final fine-tune",
-            "resources": "per trial", "pruner": "the Optuna pruner", "sampler": "the Optuna sampler", "candidates": "the bitwidths",
+            "resources": "per trial", "pruner": "the Optuna pruner", "sampler": "the Optuna sampler",
+            "candidates": "the bitwidths",
             "testing": "fault injection"}
 
 
@@ -85,7 +86,8 @@ def _places() -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]]:
 
     takes = {"": names(SweepConfig), "space": frozenset(PARAMS), "search": names(SearchConfig),
              "transfer": names(TransferCheck), "finetune": names(FinetuneStage), "resources": names(Resources),
-             "pruner": names(PrunerConfig), "sampler": names(SamplerConfig), "candidates": frozenset({"w_bits", "a_bits"}),
+             "pruner": names(PrunerConfig), "sampler": names(SamplerConfig),
+             "candidates": frozenset({"w_bits", "a_bits"}),
              "testing": names(FaultInjection)}
     return takes, {**takes, "search": takes["search"] - _SEARCH_FROM_SWEEP}
 
