@@ -1,7 +1,8 @@
 """The sections of a sweep config (``SweepConfig``'s nested mappings) as frozen dataclasses: ``Resources`` (per
 trial), ``PrunerConfig`` and ``SamplerConfig`` (the Optuna pruner and sampler by name), ``FinetuneStage`` (the
-final Ray Train fine-tune) and ``FaultInjection`` (the reliability tests' ``testing:`` switches), with the small checks ``sweep_config`` shares
-(``_require``, ``_is_pos``, ``_from_mapping``: a section given as a mapping, its unknown keys refused), and
+final Ray Train fine-tune) and ``FaultInjection`` (the reliability tests' ``testing:`` switches), with the small
+checks ``sweep_config`` shares (``_require``, ``_is_pos``, ``_from_mapping``: a section given as a mapping, its
+unknown keys refused), and
 ``check_placement``/``misplaced``: where a key written in the wrong place belongs (``search_epochs`` at the top
 level: in ``space:``), said before any look-alike suggestion. Torch-free at import, like ``sweep_config`` (the
 light CLI path imports it)."""
