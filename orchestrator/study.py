@@ -278,6 +278,8 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
     names the target dataset in the table's title. ``fp_top1`` (the target FP model's top-1) and ``num_classes``
     feed ``chance_caution``: near chance, the page says so above the results and gives no verdict; ``smoke``: the
     page says at its top that its numbers are a plumbing check."""
+    from .study_plot import companion_path
+
     path = Path(path)
     agg = aggregate(df)
     taus = rank_agreement(df)
@@ -285,6 +287,7 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
     comp = comparisons(agg, near_chance=caution is not None)
     png = Path(png_path)
     rel = png.name if png.parent.resolve() == path.parent.resolve() else str(png)
+    companion = companion_path(png)                                # the per-budget plot, written beside it
     lines = [f"# {header.get('title', 'Generalization study')}", ""]
     if smoke:
         lines += ["> **Smoke run**: a few training steps everywhere, to check that every part of the study runs; its "
@@ -295,6 +298,8 @@ def write_results_md(df: pd.DataFrame, path: str | Path, *, png_path: str | Path
         lines += [f"> **Caution: near chance.** {caution[0].upper()}{caution[1:]}", ""]
     lines += [format_table(agg), "", *_methods_legend(agg), "",
               f"![accuracy vs BitOPs per method]({rel})", "",
+              *([f"![the methods side by side at each budget]({companion.name if rel == png.name else companion})",
+                 ""] if companion.is_file() else []),
               "## Proxy-side vs target-side ranking of the searched policies (Kendall tau-b)", "",
               *_tau_table(taus), "", "## GMPQ against the other methods (difference of mean target top-1, points)", "",
               *_comparison_table(comp, agg)]

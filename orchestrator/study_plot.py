@@ -1,5 +1,6 @@
-"""The generalization study's plot: target top-1 vs GBitOPs, one panel per method (``plot_study``), and the check
-that a plot path holds no one else's image (``check_plot_replaceable``).
+"""The generalization study's plots: target top-1 vs GBitOPs, one panel per method (``plot_study``); beside it the
+methods side by side, one panel per budget (``budget_figure``, in ``companion_path``: the comparison the verdicts
+make, seen); and the check that a plot path holds no one else's image (``check_plot_replaceable``).
 
 Layout rules: near-equal costs look near-equal (the x axis spans at least ``MIN_X_SPAN`` of the mean GBitOPs: with
 ``fill_budget`` every policy of a budget sits at the budget, and a 0.1% spread stretched over the panel would read
@@ -16,7 +17,8 @@ import pandas as pd
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write
 
-__all__ = ["PLOT_STAMP", "MIN_X_SPAN", "plot_study", "study_figure", "check_plot_replaceable"]
+__all__ = ["PLOT_STAMP", "MIN_X_SPAN", "plot_study", "study_figure", "budget_figure", "companion_path",
+           "check_plot_replaceable"]
 
 PLOT_STAMP = "gmpq study"     # the plot's PNG "Software" text: ``check_plot_replaceable``
 MIN_X_SPAN = 0.10             # the x axis spans at least this fraction of the mean GBitOPs (±5% around the data)
@@ -88,23 +90,90 @@ def study_figure(df: pd.DataFrame, *, title: str = ""):
     return fig
 
 
-def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "") -> Path:
-    """Target top-1 vs GBitOPs (quantized layers), one panel per method, mean ± std over seeds, one
-    colour per proxy; single cells as faint dots. Written to ``path`` (PNG, stamped ``PLOT_STAMP``)."""
+def companion_path(path: str | Path) -> Path:
+    """Where ``plot_study`` puts the per-budget comparison beside the plot at ``path``: ``<stem>_by_budget.png``."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}_by_budget.png")
+
+
+def budget_figure(df: pd.DataFrame, *, title: str = "", fp_top1: float | None = None):
+    """One panel per budget, the methods side by side on the x axis (each proxy beside the next, in the colours of
+    ``study_figure``): every seed a faint dot, mean ± std a marker with a bar; ``fp_top1``: the target FP model's
+    top-1 as a dashed line. The caller saves and closes the Figure."""
+    import matplotlib
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = study_figure(df, title=title)
-    path = Path(path)
+    from .study import METHOD_ORDER, _completed, aggregate
+
+    d, agg = _completed(df), aggregate(df)
+    budgets = sorted(set(d["budget"])) or [None]
+    methods = [m for m in METHOD_ORDER if m in set(d["method"])] + sorted(set(d["method"]) - set(METHOD_ORDER))
+    proxies = sorted(set(d["proxy"]))
+    colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(proxies)}
+    fig, axes = plt.subplots(1, len(budgets), figsize=(max(7.0, 0.9 * max(len(methods), 3) * len(budgets) + 1.6), 4.2),
+                             squeeze=False)      # each budget its own y range: its differences, not another's
+    handles: dict[str, object] = {}
+    for ax, budget in zip(axes[0], budgets):
+        for x, m in enumerate(methods):
+            here = [p for p in proxies if not d[(d["method"] == m) & (d["proxy"] == p) & (d["budget"] == budget)].empty]
+            for k, p in enumerate(here):
+                dx = (k - (len(here) - 1) / 2) * min(0.18, 0.7 / max(len(here), 1))
+                cells = d[(d["method"] == m) & (d["proxy"] == p) & (d["budget"] == budget)]
+                ax.scatter([x + dx] * len(cells), cells["target_top1"], s=10, alpha=0.35, color=colors[p])
+                a = agg[(agg["method"] == m) & (agg["proxy"] == p) & (agg["budget"] == budget)]
+                handles[p] = ax.errorbar([x + dx], a["top1_mean"], yerr=a["top1_std"].fillna(0), fmt="o", ms=5,
+                                         capsize=3, color=colors[p], label=p)
+        ax.set_ylabel("target top-1 (%)")
+        if fp_top1 is not None:
+            handles["FP target model"] = ax.axhline(fp_top1, color="0.4", ls="--", lw=1, label="FP target model")
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.set_title(f"budget {budget:g} average bits" if budget is not None else "(no completed cell)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    right = 1.0
+    if handles:
+        legend = fig.legend(list(handles.values()), list(handles), title="proxy", fontsize=7, title_fontsize=8,
+                            loc="center right", bbox_to_anchor=(0.995, 0.5))
+        fig.canvas.draw()
+        right = 0.985 - legend.get_window_extent().width / fig.bbox.width
+    fig.tight_layout(rect=(0, 0, right, 1))
+    return fig
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": PLOT_STAMP}))
     plt.close(fig)
+
+
+def plot_study(df: pd.DataFrame, path: str | Path, *, title: str = "", fp_top1: float | None = None) -> Path:
+    """Target top-1 vs GBitOPs (quantized layers), one panel per method, mean ± std over seeds, one
+    colour per proxy; single cells as faint dots. Written to ``path`` (PNG, stamped ``PLOT_STAMP``), and the
+    per-budget comparison (``budget_figure``) to ``companion_path(path)`` first."""
+    path = Path(path)
+    first, *warnings = title.split("\n") if title else [""]
+    name = first.split(": target top-1")[0] if first else ""
+    side = "\n".join([*([name] if name else []), "the methods side by side at each budget (dots: seeds; bars: "
+                      "mean ± std)", *warnings])
+    _save(budget_figure(df, title=side, fp_top1=fp_top1), companion_path(path))
+    _save(study_figure(df, title=title), path)
     return path
 
 
 def check_plot_replaceable(path: str | Path, flag: str = "--png") -> None:
-    """ConfigError when ``path`` holds a file that is not a plot ``plot_study`` wrote (its PNG text "Software" says
-    so): writing the plot there would replace someone's image. No file there: nothing to check."""
-    path = Path(path)
+    """ConfigError when ``path`` or its companion (``companion_path``) holds a file that is not a plot
+    ``plot_study`` wrote (its PNG text "Software" says so): writing the plot there would replace someone's image.
+    No file there: nothing to check."""
+    _check_one(Path(path), flag)
+    _check_one(companion_path(path), flag)
+
+
+def _check_one(path: Path, flag: str) -> None:
     if not path.exists() or path.is_dir():      # (a folder: the caller's own error names it)
         return
     try:

@@ -214,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.mlflow_sink import PARENT_FILE
     from orchestrator.study import check_page_replaceable, write_results_md
-    from orchestrator.study_plot import check_plot_replaceable, plot_study
+    from orchestrator.study_plot import check_plot_replaceable, companion_path, plot_study
     from orchestrator.commands.sweep import check_address_arg
 
     from orchestrator.commands import quiet_libraries
@@ -295,14 +295,14 @@ def run(args: argparse.Namespace) -> int:
     meta, num_classes = target_fp(cfg, out, timing)
     smoke = bool(args.smoke) or cfg.name.endswith("_smoke")
     plot_study(df, png, title=plot_title(cfg.name, df, fp_top1=(meta or {}).get("top1"), num_classes=num_classes,
-                                         smoke=smoke))
+                                         smoke=smoke), fp_top1=(meta or {}).get("top1"))
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
                      target=_dataset_title(cfg.target), fp_top1=(meta or {}).get("top1"), num_classes=num_classes,
                      smoke=smoke)
     logged = not args.analyze_only or args.tracking_uri or (out / PARENT_FILE).is_file()
     if logged:       # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
         _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice
-    print(f"Results page: {report}\nPlot: {png}")
+    print(f"Results page: {report}\nPlots: {png}, {companion_path(png).name} beside it")
     if not args.analyze_only and not_run > 0:       # stopped (Ctrl-C, SIGTERM): not a finished study
         from orchestrator.ray_env import stop_status, stop_word, terminated
 
@@ -365,6 +365,7 @@ def _log_page(cfg: Any, out: Path, report: Path, png: Path, *, quiet: bool = Fal
     """Attach the page, plot and Parquet to the study's MLflow parent run (warn-once on failure; ``quiet``: not
     even once, as the study run this command made has warned already)."""
     from orchestrator.mlflow_sink import DISABLED
+    from orchestrator.study_plot import companion_path
 
     _, ray_run = _experiments()
     with warnings.catch_warnings():
@@ -374,7 +375,7 @@ def _log_page(cfg: Any, out: Path, report: Path, png: Path, *, quiet: bool = Fal
                                  resolved_config=cfg.to_dict())
         if not sink.connect():
             return
-        for f in (report, png, out / "study.parquet"):
+        for f in (report, png, companion_path(png), out / "study.parquet"):
             if f.is_file():
                 sink.call(f"logging {f.name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
 

@@ -182,6 +182,8 @@ def test_smoke_study_runs_end_to_end_on_ray_and_resumes(tmp_path):
         assert f"| {method} |" in text
     png = report.parent / "study_generalization_smoke.png"
     assert png.stat().st_size > 5000 and f"]({png.name})" in text
+    side = report.parent / "study_generalization_smoke_by_budget.png"
+    assert side.stat().st_size > 5000 and f"]({side.name})" in text
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("generalization_smoke")
