@@ -361,18 +361,20 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
 
 
 def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
-              prep_threads: int | None = None, command: str = "sweep") -> SweepSummary:
+              prep_threads: int | None = None, command: str = "sweep",
+              checked: CheckedSweep | None = None) -> SweepSummary:
     """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
 
     ``resume``: False starts the sweep (ConfigError if the folder holds it already), True continues it
     (ConfigError if there is nothing to resume), ``"auto"`` does whichever fits (``resolve_resume``).
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``). ``command``: the gmpq
     command that runs it, as ``driver.json`` names it ("run": ``gmpq run``'s sweep stage, whose final stage
-    follows: another final stage is refused meanwhile).
+    follows: another final stage is refused meanwhile). ``checked``: what ``check_sweep(cfg, resume)`` returned just
+    before (``gmpq run`` checks before it starts Ray): not checked twice.
     """
     t0, started_at = time.perf_counter(), datetime.now()
     say = (lambda msg: print(f"gmpq sweep: {msg}", file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    checked = check_sweep(cfg, resume, say=say, t0=t0)
+    checked = checked if checked is not None else check_sweep(cfg, resume, say=say, t0=t0)
     cfg, resume, unshared, sweep_dir = checked.cfg, checked.resume, list(checked.unshared), Path(checked.cfg.out_dir)
     if checked.done is not None:                           # nothing for Ray to do: said at once, no Ray start
         what = "the sweep stage is complete" if command == "run" else "nothing to resume"

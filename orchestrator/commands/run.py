@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -53,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
     from orchestrator.final_results import final_table_heading
-    from orchestrator.commands.sweep import (address_origin_text, choose_resume, config_from_args, format_summary,
-                                             mlflow_line, say_env_tracking_uri, stopped_note)
+    from orchestrator.commands.sweep import (address_origin_text, config_from_args, format_summary, mlflow_line,
+                                             say_env_tracking_uri, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals,
                                       stop_status, terminated)
@@ -68,20 +67,15 @@ def run(args: argparse.Namespace) -> int:
 
         print(check_only(cfg, args.resume))
         return 0
-    from orchestrator.sweep import check_not_a_study, refuse_beside_running_sweep, run_sweep                     # lazy: Ray/Optuna imports
+    from orchestrator.sweep import check_sweep, run_sweep                     # lazy: Ray/Optuna imports
 
     t0 = time.perf_counter()
-    resolved = cfg.resolved()
+    # every check of the sweep stage (the folder, --resume auto's choice said, the saved stores a resume keeps, the
+    # address, model, data and budgets) before Ray starts, as gmpq sweep does; run_sweep takes them as checked
+    checked = check_sweep(cfg, args.resume, say=_say, t0=t0)
+    resume, resolved = checked.resume, checked.cfg
     sweep_dir = Path(resolved.out_dir)
-    check_not_a_study(sweep_dir)                         # run_sweep checks it too, but Ray would start first
-    resume = choose_resume(cfg, args.resume, _say)        # --resume auto: resume or start, said before Ray starts
     say_env_tracking_uri(cfg, resume, _say)
-    if resume and cfg.tracking_uri is None:               # the MLflow store saved with the sweep, not the env's now
-        from orchestrator.sweep_resume import _saved_tracking_uri
-
-        cfg = replace(cfg, tracking_uri=_saved_tracking_uri(cfg))
-        resolved = cfg.resolved()
-    refuse_beside_running_sweep(sweep_dir, resume)        # (run_sweep too: this one before Ray's start)
     stage = "the sweep"
     origin = address_origin_text(args, cfg)              # an address from the config, not --address: named if dead
     try:
@@ -94,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
             _say(f"1/3 sweep: {cfg.n_trials} trial{'' if cfg.n_trials == 1 else 's'} -> {sweep_dir}")
             summary = run_sweep(cfg, resume=resume, progress=not args.quiet,   # the later stages resume on their own
-                                command="run")           # driver.json: 'gmpq run' (its sweep stage)
+                                command="run", checked=checked)   # driver.json: 'gmpq run' (its sweep stage)
             print(format_summary(summary, command="gmpq run"), flush=True)
             if summary.interrupted:                      # no Pareto front of half a sweep
                 return stop_status(summary.terminated)

@@ -57,6 +57,20 @@ def test_gmpq_run_rejects_bad_configs_before_ray_starts(tmp_path, capsys):
     assert not ray.is_initialized() and not (tmp_path / "o").exists()
 
 
+def test_gmpq_run_checks_the_budgets_and_data_before_ray_starts(tmp_path, capsys, monkeypatch):
+    # the sweep stage's checks (model, data, budget range against the candidates) ran inside gmpq run's Ray session
+    import orchestrator.ray_env as ray_env
+
+    started = []
+    real = ray_env.init_ray
+    monkeypatch.setattr(ray_env, "init_ray", lambda *a, **k: started.append(a) or real(*a, **k))   # a spy: calls Ray
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("preset: demo\nspace: {budget_avg_bits: {type: float, low: 1.0, high: 3.0}}\n")
+    assert main(["run", "--config", str(cfg), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "budget_avg_bits 1.0..3.0 is partly outside the feasible range" in " ".join(capsys.readouterr().err.split())
+    assert started == [] and not (tmp_path / "o").exists()
+
+
 def test_finetune_sweep_args_reuse_existing_options():
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=1)          # as the single-policy finetune parser has
