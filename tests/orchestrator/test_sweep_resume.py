@@ -74,3 +74,15 @@ def test_resuming_a_finished_sweep_says_so_at_once_without_ray(tmp_path, capsys)
     assert "already ran all its 2 trials" in capsys.readouterr().err and not ray.is_initialized()
     assert [r["trial_id"] for r in summary.rows] == ["a", "b"]
     assert load_sweep_config(tmp_path / "sweep_config.yaml").finetune.test_size == 300     # saved for the next stages
+
+
+def test_a_resume_asking_for_more_trials_says_a_sweep_cannot_grow_and_what_to_do(tmp_path):
+    save_resolved_config(_demo(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        _check_same_config(_demo(tmp_path, n_trials=12).resolved())
+    said = " ".join(str(e.value).split())
+    assert "n_trials (saved 6, now 12)" in said and "A sweep cannot grow once started" in said
+    assert "another --out and --name" in said
+    with pytest.raises(ConfigError) as e:
+        _check_same_config(_demo(tmp_path, seed=3).resolved())
+    assert "cannot grow" not in str(e.value)

@@ -129,15 +129,3 @@ def test_resume_refuses_another_sampler_and_takes_a_default_written_out(tmp_path
     assert "sampler.name (saved tpe, now random)" in " ".join(str(e.value).split())
     assert with_defaults("tpe", {})["n_startup_trials"] == 10
 
-
-def test_a_resume_asking_for_more_trials_says_a_sweep_cannot_grow_and_what_to_do(tmp_path):
-    out = str(tmp_path / "s")
-    save_resolved_config(_cfg(out_dir=out))
-    with pytest.raises(ConfigError) as e:
-        _check_same_config(_cfg(out_dir=out, n_trials=12).resolved())
-    said = " ".join(str(e.value).split())
-    assert "n_trials (saved 6, now 12)" in said and "A sweep cannot grow once started" in said
-    assert "another --out and --name" in said
-    with pytest.raises(ConfigError) as e:
-        _check_same_config(_cfg(out_dir=out, seed=3).resolved())
-    assert "cannot grow" not in str(e.value)
