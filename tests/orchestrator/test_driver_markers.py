@@ -237,7 +237,7 @@ def test_gmpq_runs_sweep_stage_is_marked_as_gmpq_run(tmp_path, monkeypatch, othe
     monkeypatch.setattr(ray_env, "ray_session", lambda address=None: contextlib.nullcontext(True))
     monkeypatch.setattr(sweep, "run_sweep", run_sweep)
     main(["run", "--preset", "demo", "--out", str(out), "--quiet"])
-    assert seen == {"command": "run"}
+    assert seen["command"] == "run" and seen["checked"].cfg.out_dir == str(out.resolve())   # checked before Ray
     out.mkdir(parents=True, exist_ok=True)
     mark(out, DRIVER_FILE, "sweep", other_process.pid, command="run")    # what run_sweep(command="run") writes
     with pytest.raises(GMPQError, match=r"will be fine-tuned by 'gmpq run' \(its sweep stage; pid"):
