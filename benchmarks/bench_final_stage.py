@@ -23,6 +23,7 @@ by side is faster). The fine-tunes' accuracies are printed as a check that both 
 as a result: the two arrangements differ in per-worker batch and shard order.
 
     python benchmarks/bench_final_stage.py --sweep runs/demo --steps 150 --rounds 2 --json final.json
+    python benchmarks/bench_final_stage.py --sweep runs/demo --steps 5 --test-size 100 --rounds 1   # quick: ~2 min
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cli import check_output_file, cli_entry, positive_int, progress, write_text_file  # noqa: E402
 
 
 def _jobs(sweep_dir: Path, steps: int, test_size: int):
@@ -73,15 +76,25 @@ def _arrangement(name: str, jobs, cpus: int, workers: int, storage: Path) -> dic
                       "top1": round(float(r.metrics.get("top1", float("nan"))), 2)} for r in runs]}
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", default="runs/demo", help="a finished sweep folder (default: runs/demo)")
-    ap.add_argument("--steps", type=int, default=150, help="training steps per policy (global batch each)")
-    ap.add_argument("--test-size", type=int, default=2000, help="test images evaluated per policy")
-    ap.add_argument("--workers", type=int, default=None, help="data_parallel workers (default: every CPU)")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=positive_int, default=150,
+                    help="training steps per policy (global batch each; default %(default)s)")
+    ap.add_argument("--test-size", type=positive_int, default=2000,
+                    help="test images evaluated per policy (default %(default)s)")
+    ap.add_argument("--workers", type=positive_int, default=None, help="data_parallel workers (default: every CPU)")
+    ap.add_argument("--rounds", type=positive_int, default=2, help="rounds of both arrangements (default %(default)s)")
     ap.add_argument("--json", default=None, help="write the rows to this file")
     args = ap.parse_args(argv)
+    check_output_file(ap, args.json, stdout_ok=False)
+    if args.workers and args.workers > (os.cpu_count() or 1):
+        ap.error(f"--workers {args.workers}: more than this machine's {os.cpu_count() or 1} CPUs; Ray Train would wait "
+                 "for them forever (one CPU per worker). Give at most that many, or leave --workers out (every CPU).")
+    if not Path(args.sweep).expanduser().is_dir():
+        ap.error(f"--sweep {args.sweep}: no such folder. Give a finished sweep's folder (its --out), or run the demo "
+                 "sweep first (make demo writes runs/demo).")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         warm = [replace(j, max_steps_per_epoch=2, test_size=100) for j in jobs[:1]]
+        progress(f"warm-up: 2 steps of one policy in each arrangement (Ray workers start), then {args.rounds} round(s) "
+                 f"of {len(jobs)} policies x {args.steps} steps ...")
         for name in ("data_parallel", "side_by_side"):
             with tempfile.TemporaryDirectory(prefix="bench_final_warm_") as d:
                 _arrangement(name, warm, cpus, workers, Path(d))
@@ -113,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     ratio = mean["side_by_side"] / mean["data_parallel"]
     print(f"\n{cpus} CPUs, {len(jobs)} policies, {args.steps} steps x batch {jobs[0].batch_size}, "
           f"{args.test_size} test images: side_by_side / data_parallel images/s = {ratio:.2f} "
-          f"(means of {args.rounds} rounds, measured side by side in this run)")
+          f"(means of {args.rounds} round(s), measured side by side in this run)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpus": cpus, "sweep": str(sweep_dir), "steps": args.steps,
+        write_text_file(args.json, json.dumps({"cpus": cpus, "sweep": str(sweep_dir), "steps": args.steps,
                                                "batch_size": jobs[0].batch_size, "test_size": args.test_size,
                                                "workers": workers, "rounds": args.rounds, "ratio": round(ratio, 3),
-                                               "rows": rows}, indent=1))
+                                               "rows": rows}, indent=1) + "\n")
     return 0
 
 

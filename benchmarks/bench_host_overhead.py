@@ -10,7 +10,7 @@ is what brings the wall-time ratio down to the device-time ratio.
 Variants: reference, fused, fused:conv (the one-node conv the GPU "triton" variant uses; the
 triton host path itself cannot run without CUDA), compiled (opt-in, it compiles first).
 
-    python benchmarks/bench_host_overhead.py --threads 1
+    python benchmarks/bench_host_overhead.py --threads 1                 # about 30 s on 2 cores
     python benchmarks/bench_host_overhead.py --threads 1 --json out.json --profile /tmp/prof
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cli import check_output_file, cli_entry, model_cases, nonneg_int, positive_int, progress  # noqa: E402
 from bench_search_step import build_bench, machine, measure_times, timed, write_json  # noqa: E402
+from bench_variants import Variant  # noqa: E402
 
 CASES = [("resnet18", 16, 3), ("resnet20", 16, 1)]
 DEFAULT_VARIANTS = ("reference", "fused", "fused:conv")
@@ -31,17 +33,28 @@ DEFAULT_VARIANTS = ("reference", "fused", "fused:conv")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30, help="timed repetitions per kind (median; >= 20)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--models", default=None, help="comma list of model:size:in_channels "
-                                                  "(default resnet18:16:3,resnet20:16:1)")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS))
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=positive_int, default=2, help="default: %(default)s")
+    p.add_argument("--steps", type=positive_int, default=30,
+                   help="timed repetitions per kind (median; default %(default)s, 20 or more for a stable median)")
+    p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed steps per kind first (default: %(default)s)")
+    p.add_argument("--models", type=model_cases, default=None, help="comma list of model:size:in_channels "
+                                                                     "(default resnet18:16:3,resnet20:16:1)")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                   help="comma list of CPU variants of bench_search_step.py (default: %(default)s; compiled: opt-in)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: %(default)s)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON list to PATH ('-': stdout)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also cProfile 5 steps per kind -> DIR/host_<model>_<kind>.txt (top 40 by tottime)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_output_file(p, args.json)
+    try:
+        specs = [Variant.parse(v) for v in args.variants.split(",") if v]
+    except ValueError as e:
+        p.error(f"--variants: {e}")
+    if any(s.cuda_only for s in specs):
+        p.error(f"--variants {args.variants}: triton, +graph and +tstream variants need CUDA; this benchmark runs on "
+                "the CPU (use bench_search_step.py --device cuda)")
+    return args
 
 
 def cprofile_kind(b, kind: str, path: str, n: int = 5) -> None:
@@ -56,14 +69,16 @@ def cprofile_kind(b, kind: str, path: str, n: int = 5) -> None:
         pstats.Stats(prof, stream=f).sort_stats("tottime").print_stats(40)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     variants = [v for v in args.variants.split(",") if v]
-    cases = ([tuple(int(v) if i else v for i, v in enumerate(c.split(":"))) for c in args.models.split(",")]
-             if args.models else CASES)
+    cases = args.models or CASES
     rows = []
-    for name, size, in_ch in cases:
+    for i, (name, size, in_ch) in enumerate(cases, 1):
+        progress(f"[{i}/{len(cases)}] {name} {size} px, batch {args.batch_size}: {args.steps} timed steps of "
+                 f"fp,{','.join(variants)} ...")
         b = build_bench(name, size, in_ch, args.batch_size, "cpu", variants, channels_last=False)
         kinds = ["fp"] + variants
         res = measure_times(b, kinds, "cpu", args.steps, args.warmup, amp=False)
@@ -83,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             print(f"{r['model']:9} {r['input_size']:>3} {r['batch_size']:>5} {r['variant']:11} "
                   f"{r['ms_per_step']:>9.2f} {r['ratio_vs_fp']:>6.2f}")
-        print(f"threads={args.threads} steps={args.steps} machine={machine()}")
+        print(f"x FP = ms/step / FP ms/step, measured side by side (lower is better); threads={args.threads} "
+              f"steps={args.steps} machine={machine()}")
     return 0
 
 

@@ -21,9 +21,13 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cli import check_output_file, cli_entry, positive_int, progress, write_text_file  # noqa: E402
 
 from gmpq_core.models import build_model
 from gmpq_core.precision import autocast
@@ -54,19 +58,23 @@ def _step(model, opt, x, y, device: str) -> tuple[float, float]:
     return t1 - t0, time.perf_counter() - t1
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per optimizer (default: 10 CPU, 30 CUDA)")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per optimizer (default: 10 CPU, 30 CUDA)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the JSON list to PATH ('-': stdout)")
     args = p.parse_args(argv)
+    check_output_file(p, args.json)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here.", file=sys.stderr)
+        print("--device cuda: torch sees no CUDA device here; use --device cpu.", file=sys.stderr)
         return 2
     steps = args.steps or (30 if args.device == "cuda" else 10)
     kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, nesterov=True)
     rows = []
-    for name, size, in_ch, batch in CASES[args.device]:
+    for i, (name, size, in_ch, batch) in enumerate(CASES[args.device], 1):
+        progress(f"[{i}/{len(CASES[args.device])}] {name} {size} px, batch {batch}: 2 warm-up + {steps} timed steps "
+                 "per optimizer ...")
         torch.manual_seed(0)
         base = training_layout_(build_model(name, num_classes=10, in_channels=in_ch).to(args.device), args.device)
         x = torch.randn(batch, in_ch, size, size, device=args.device)
@@ -94,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(rows, indent=1) + "\n")
+        write_text_file(args.json, json.dumps(rows, indent=1) + "\n")
     print(f"{'model':9} {'px':>4} {'batch':>5} {'fwd+bwd ms':>10} {'default opt ms':>14} {'fused opt ms':>12} "
           f"{'opt x':>6} {'step x':>7}")
     for r in rows:

@@ -24,7 +24,8 @@ channels_last against float32 in NCHW, i.e. ``precision: auto`` against ``fp32``
     ratio        = FP images/s / QAT images/s                (1.0 is the limit)
     memory_ratio = CUDA only: peak allocated during a step of QAT / that of FP
 
-    python benchmarks/bench_qat_step.py --device cpu                     # about a minute on 2 cores
+    python benchmarks/bench_qat_step.py --models resnet20:28:1 --rounds 2   # smoke: ~15 s (2 rounds: noisy)
+    python benchmarks/bench_qat_step.py --device cpu                     # 2.3 min on the 2-core build machine
     python benchmarks/bench_qat_step.py --device cuda --json qat.json    # 224 px, batch 256, bf16
     python benchmarks/bench_qat_step.py --precisions                     # bf16 vs float32 on this CPU
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -40,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cli import check_output_file, cli_entry, model_cases, positive_int  # noqa: E402
 from bench_search_step import _sync, machine, write_json  # noqa: E402  (same sync, machine record, --json)
 
 from gmpq_core.layers import searchable_layers  # noqa: E402
@@ -115,11 +118,12 @@ def measure(b: dict, device: str, rounds: int, chunk: int) -> dict[str, float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 on CPU, 256 on CUDA")
-    p.add_argument("--rounds", type=int, default=5, help="timed chunks per kind (default 5)")
-    p.add_argument("--chunk", type=int, default=None, help="steps per timed chunk (default: 2 CPU, 10 CUDA)")
-    p.add_argument("--models", default=None, help="comma list of model:size:in_channels (default per device)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: 128 on CPU, 256 on CUDA")
+    p.add_argument("--rounds", type=positive_int, default=5, help="timed chunks per kind (default 5)")
+    p.add_argument("--chunk", type=positive_int, default=None, help="steps per timed chunk (default: 2 CPU, 10 CUDA)")
+    p.add_argument("--models", type=model_cases, default=None, help="comma list of model:size:in_channels "
+                   "(default: resnet20:28:1,resnet18:32:3 on CPU, resnet18:224:3,resnet20:28:1 on CUDA)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="training precision, as the product's (default auto: bf16 on CUDA, float32 on the CPU)")
     mode = p.add_mutually_exclusive_group()
@@ -131,6 +135,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no CUDA device; use --device cpu.")
     if args.precisions and args.precision != "auto":
         p.error("--precisions runs both float32 and bf16; leave --precision out.")
+    check_output_file(p, args.json)
     return args
 
 
@@ -140,6 +145,7 @@ def _row(name: str, size: int, batch: int, args: argparse.Namespace, kind: str, 
             "threads": torch.get_num_threads(), **machine()}
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -148,11 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.batch_size or (256 if cuda else 128)
     chunk = args.chunk or (10 if cuda else 2)
     mode = "layouts" if args.layouts else "precisions" if args.precisions else "impl"
-    cases = ([(m, int(s), int(c)) for m, s, c in (t.split(":") for t in args.models.split(","))]
-             if args.models else CASES[args.device])
+    cases = args.models or CASES[args.device]
     rows = []
-    print(f"{'model':10} {'px':>4} {'batch':>5} {'variant':10} {'precision':9} {'FP img/s':>9} {'QAT img/s':>9} "
-          f"{'ratio':>6} {'mem ratio':>9}")
+    out = sys.stderr if args.json == "-" else sys.stdout      # with --json -, stdout is the JSON alone
+    say = functools.partial(print, file=out, flush=True)
+    if mode == "impl":
+        say(f"{'model':10} {'px':>4} {'batch':>5} {'variant':10} {'precision':9} {'FP img/s':>9} {'QAT img/s':>9} "
+            f"{'ratio':>6} {'mem ratio':>9}")
+    else:                                                     # each kind's own images/s; ratio = time / FP time
+        say(f"{'model':10} {'px':>4} {'batch':>5} {'variant':10} {'precision':9} {'img/s':>9} {'ratio':>6}")
     for name, size, in_ch in cases:
         b = build(name, size, in_ch, batch, args.device, args.precision, mode)
         med = measure(b, args.device, args.rounds, chunk)
@@ -160,14 +170,14 @@ def main(argv: list[str] | None = None) -> int:
             for kind in b["models"]:
                 row = _row(name, size, batch, args, kind, b, img_s=batch / med[kind], ratio=med[kind] / med["fp"])
                 rows.append(row)
-                print(f"{name:10} {size:4d} {batch:5d} {kind:10} {row['precision']:9} {'':9} {row['img_s']:9.1f} "
-                      f"{row['ratio']:6.2f}")
+                say(f"{name:10} {size:4d} {batch:5d} {kind:10} {row['precision']:9} {row['img_s']:9.1f} "
+                    f"{row['ratio']:6.2f}")
             if mode == "layouts":
-                print(f"{'':10} training layout / NCHW: FP {med['fp_nchw'] / med['fp']:.2f}x, "
-                      f"QAT {med['fused_nchw'] / med['fused']:.2f}x faster")
+                say(f"{'':10} training layout / NCHW: FP {med['fp_nchw'] / med['fp']:.2f}x, "
+                    f"QAT {med['fused_nchw'] / med['fused']:.2f}x faster")
             else:
-                print(f"{'':10} bf16 / float32: FP {med['fp'] / med['fp_bf16']:.2f}x, "
-                      f"QAT {med['fused'] / med['fused_bf16']:.2f}x faster")
+                say(f"{'':10} bf16 / float32: FP {med['fp'] / med['fp_bf16']:.2f}x, "
+                    f"QAT {med['fused'] / med['fused_bf16']:.2f}x faster")
             continue
         fp_mem = cuda_peak(b, "fp") if cuda else None
         for kind in ("reference", "fused"):
@@ -175,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             row = _row(name, size, batch, args, kind, b, fp_img_s=batch / med["fp"], qat_img_s=batch / med[kind],
                        ratio=med[kind] / med["fp"], memory_ratio=mem)
             rows.append(row)
-            print(f"{name:10} {size:4d} {batch:5d} {kind:10} {row['precision']:9} {row['fp_img_s']:9.1f} "
-                  f"{row['qat_img_s']:9.1f} {row['ratio']:6.2f} {'-' if mem is None else f'{mem:.2f}':>9}")
-        print(f"{'':10} fused / reference: {med['reference'] / med['fused']:.2f}x faster")
+            say(f"{name:10} {size:4d} {batch:5d} {kind:10} {row['precision']:9} {row['fp_img_s']:9.1f} "
+                f"{row['qat_img_s']:9.1f} {row['ratio']:6.2f} {'-' if mem is None else f'{mem:.2f}':>9}")
+        say(f"{'':10} fused / reference: {med['reference'] / med['fused']:.2f}x faster")
+    say("ratio = step time / FP step time" + (" (FP img/s / QAT img/s)" if mode == "impl" else "")
+        + ", measured side by side in this run (lower is faster)")
     write_json(rows, args.json)
     return 0
 

@@ -9,6 +9,8 @@ import platform
 
 import torch
 
+from bench_cli import write_text_file  # same folder (run as a script)
+
 
 def machine() -> dict:
     cpu = platform.processor() or "?"
@@ -26,15 +28,18 @@ def machine() -> dict:
 
 
 def write_json(rows: list[dict], target: str | None) -> None:
-    """``--json`` output: nothing (None), stdout ("-"), or the file ``target``."""
+    """``--json`` output: nothing (None), stdout ("-"), or the file ``target`` (written whole: see write_text_file)."""
     if not target:
         return
     text = json.dumps(rows, indent=1)
     if target == "-":
         print(text)
     else:
-        with open(target, "w") as f:
-            f.write(text + "\n")
+        write_text_file(target, text + "\n")
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else str(v)
 
 
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
@@ -44,7 +49,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         mr = "-" if r["memory_ratio"] is None else f"{r['memory_ratio']:.2f}"
         print(f"{r['model']:9} {r['input_size']:>4} {r['batch_size']:>5} {r['variant']:9} {r['fp_img_s']:>9.1f} "
-              f"{r['search_img_s']:>12.1f} {r['ratio']:>6.2f} {mr:>9} {str(r['fp_step_mb']):>7} "
-              f"{str(r['search_step_mb']):>9} {r['first_step_s']:>10.1f}")
+              f"{r['search_img_s']:>12.1f} {r['ratio']:>6.2f} {mr:>9} {_mb(r['fp_step_mb']):>7} "
+              f"{_mb(r['search_step_mb']):>9} {r['first_step_s']:>10.1f}")
+    print("ratio = FP img/s / search img/s, measured side by side (1.0 is the limit; lower is better); mem ratio = "
+          "search MB / FP MB (peak extra memory of one step); 1st step s: the first search step, compilation included")
     print(f"device={args.device} threads={args.threads} amp={args.amp} channels_last={args.channels_last} "
           f"cudnn_benchmark={args.cudnn_benchmark} machine={machine()}")

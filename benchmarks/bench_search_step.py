@@ -1,11 +1,10 @@
 """Speed of one GMPQ search step against one full-precision training step, side by side.
 
-For each model, on ONE batch held in memory, this builds the FP model (plain SGD training step),
-the FP teacher and one supernet per variant (same weights, same batch), then interleaves timed
-repetitions: FP step, variant 1 step, variant 2 step, ... so machine noise hits all of them alike.
-The search step is ``gmpq_core.search.search_step``: exactly the per-batch code ``search_policy``
-runs (teacher Grad-CAM, supernet Grad-CAM second order, L_gen with eta = 40, budget penalty, one
-backward, SGD step, metrics with one host sync).
+For each model, on ONE batch held in memory, this builds the FP model (plain SGD training step), the FP teacher and
+one supernet per variant (same weights, same batch), then interleaves timed repetitions: FP step, variant 1 step,
+variant 2 step, ... so machine noise hits all of them alike. The search step is ``gmpq_core.search.search_step``:
+exactly the per-batch code ``search_policy`` runs (teacher Grad-CAM, supernet Grad-CAM second order, L_gen with eta =
+40, budget penalty, one backward, SGD step, metrics with one host sync).
 
     ratio        = FP images/s / search images/s            (median step times; 1.0 is the limit)
     memory_ratio = peak step memory of search / that of FP
@@ -14,26 +13,27 @@ backward, SGD step, metrics with one host sync).
                    and one warm-up step, in a fresh subprocess per variant (MALLOC_MMAP_THRESHOLD_
                    fixed so freed tensors leave RSS).
 
-Variants: reference (plain autograd mixtures), fused (activation and weight mixtures as
-recompute-in-backward nodes, eager kernels), compiled (TorchInductor kernels, and mixtures + conv
-as one node that recomputes the mixed operands in backward; its first step includes compilation,
-reported as first_step_s), triton (CUDA; Triton kernels, one node per conv), and fused:conv (fused
-kernels with the one-node conv). A "+graph" suffix (CUDA; e.g. triton+graph) replays the variant's step
-from a CUDA graph (gmpq_core/graph_step.py, SearchConfig.cuda_graph); its memory is that of the
-capture and a replay, from a fresh capture. The teacher has its BatchNorms folded into its convolutions,
-as ``search_policy`` runs it (gmpq_core/bn_fold.py); "+bnteacher" gives the variant the teacher with its
-BatchNorms (as before session 14). "+keep": the one-node conv keeps its two mixed operands for backward
-instead of recomputing them (``set_mixture_impl_(keep_operands=True)``; by default the eager "fused"
-kernels on a CPU and the Triton kernels on a GPU do, since session 18); "+recompute" makes it recompute
-them (``keep_operands=False``). "+tstream": the teacher's pass on a second CUDA stream beside the supernet's
-forward pass (``search_step(teacher_stream=True)``). "+tsplit": the teacher split at its Grad-CAM layer
-(``gmpq_core.teacher_pass``), "+tcompile": its trunk compiled too, "+tunfold": its RGB stem as im2col + GEMM,
-"+tfreeze": compiled with TorchInductor's ``freezing`` (weights as constants). "+tweights": the weight mixtures
-in Triton kernels too (``fused_kernels.TRITON_WEIGHT_KERNELS``, off by default until measured).
-Suffixes combine: triton+graph+recompute. (Variant names are parsed in bench_variants.py; the machine record,
-the --json output and the printed table are bench_report.py's.)
+Variants: reference (plain autograd mixtures), fused (activation and weight mixtures as recompute-in-backward nodes,
+eager kernels), compiled (TorchInductor kernels, and mixtures + conv as one node that recomputes the mixed operands in
+backward; its first step includes compilation, reported as first_step_s), triton (CUDA; Triton kernels, one node per
+conv), and fused:conv (fused kernels with the one-node conv). A "+graph" suffix (CUDA; e.g. triton+graph) replays the
+variant's step from a CUDA graph (gmpq_core/graph_step.py, SearchConfig.cuda_graph); its memory is that of the capture
+and a replay, from a fresh capture. The teacher has its BatchNorms folded into its convolutions, as ``search_policy``
+runs it (gmpq_core/bn_fold.py); "+bnteacher" gives the variant the teacher with its BatchNorms (as before session 14).
+"+keep": the one-node conv keeps its two mixed operands for backward instead of recomputing them
+(``set_mixture_impl_(keep_operands=True)``; by default the eager "fused" kernels on a CPU and the Triton kernels on a
+GPU do, since session 18); "+recompute" makes it recompute them (``keep_operands=False``). "+tstream": the teacher's
+pass on a second CUDA stream beside the supernet's forward pass (``search_step(teacher_stream=True)``). "+tsplit": the
+teacher split at its Grad-CAM layer (``gmpq_core.teacher_pass``), "+tcompile": its trunk compiled too, "+tunfold": its
+RGB stem as im2col + GEMM, "+tfreeze": compiled with TorchInductor's ``freezing`` (weights as constants). "+tweights":
+the weight mixtures in Triton kernels too (``fused_kernels.TRITON_WEIGHT_KERNELS``, off by default until measured).
+Suffixes combine: triton+graph+recompute. (Variant names are parsed in bench_variants.py; the machine record, the
+--json output and the printed table are bench_report.py's.)
 
-    python benchmarks/bench_search_step.py --device cpu                    # a few minutes on 2 cores
+Progress on stderr; stdout: the table, its legend and settings (--json -: the JSON alone). On the 2-core build machine:
+    python benchmarks/bench_search_step.py --variants fused --no-memory    # the quickest check: under 10 s
+    python benchmarks/bench_search_step.py --variants reference,fused --steps 2   # with memory: ~2.5 min (busy cores)
+    python benchmarks/bench_search_step.py --device cpu     # every CPU variant, compiled too: several minutes
     python benchmarks/bench_search_step.py --device cuda --json out.json   # 224 px, batch 256, bf16
 """
 from __future__ import annotations
@@ -68,6 +68,7 @@ from gmpq_core.teacher_pass import split_teacher
 from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers, set_mixture_impl_
 from gmpq_core.train import sgd
 
+from bench_cli import check_output_file, cli_entry, model_cases, nonneg_int, positive_int, progress  # same folder
 from bench_report import machine, print_table, write_json  # same folder (run as a script)
 from bench_variants import ALL_VARIANTS, SUFFIXES, Variant  # noqa: F401 - same folder (run as a script); re-exported
 
@@ -294,12 +295,16 @@ def cpu_memory(case: tuple, kind: str, args: argparse.Namespace) -> float | None
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 64 on CPU, 256 on CUDA")
-    p.add_argument("--steps", type=int, default=None, help="timed repetitions (default: 4 CPU, 20 CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 CPU, 3 CUDA)")
-    p.add_argument("--models", default=None, help="comma list of model:size:in_channels (default per device)")
-    p.add_argument("--variants", default=None, help=f"comma list of {ALL_VARIANTS} (default: all that run here)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: 64 on CPU, 256 on CUDA")
+    p.add_argument("--steps", type=positive_int, default=None, help="timed repetitions (default: 4 CPU, 20 CUDA)")
+    p.add_argument("--warmup", type=nonneg_int, default=None, help="untimed steps first (default: 1 CPU, 3 CUDA)")
+    p.add_argument("--models", type=model_cases, default=None, help="comma list of model:size:in_channels "
+                   "(default: resnet18:32:3,resnet20:28:1 on CPU, resnet18:224:3,resnet20:28:1 on CUDA)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma list of impl[:conv][+suffix...], impl one of {ALL_VARIANTS}, e.g. fused,fused:conv "
+                        "(default: all that run here; suffixes in the module docstring)")
+    p.add_argument("--threads", type=positive_int, default=torch.get_num_threads(),
+                   help="torch threads (default: torch's, here %(default)s)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (CUDA default; on a CPU: fast only with AMX / AVX512-BF16)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -313,6 +318,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--mem-case", help=argparse.SUPPRESS)
     p.add_argument("--mem-kind", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    check_output_file(p, args.json)
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (256 if cuda else 64)
     args.steps = args.steps or (20 if cuda else 4)
@@ -322,12 +328,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.mem_case:
         return memory_worker(args)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("--device cuda: no CUDA device here.", file=sys.stderr)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device here; use --device cpu.", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -340,15 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"--variants: {e}", file=sys.stderr)
         return 2
-    if args.device != "cuda" and any(s.graph for s in specs):
-        print(f"--variants {','.join(variants)}: '+graph' variants replay CUDA graphs; use them with --device cuda.",
-              file=sys.stderr)
+    if not cuda and any(s.cuda_only for s in specs):    # on a CPU they would run other kernels under their name
+        print(f"--variants {','.join(variants)}: triton, '+graph' (CUDA graphs) and '+tstream' (a CUDA stream) variants "
+              "need CUDA; use them with --device cuda.", file=sys.stderr)
         return 2
-    cases = ([tuple(int(v) if i else v for i, v in enumerate(c.split(":"))) for c in args.models.split(",")]
-             if args.models else CASES[args.device])
+    cases = args.models or CASES[args.device]
     rows = []
-    for case in cases:
+    for i, case in enumerate(cases, 1):
         name, size, in_ch = case
+        t0 = time.perf_counter()
+        progress(f"[{i}/{len(cases)}] {name} {size} px, batch {args.batch_size}: building FP + {len(variants)} supernet(s), "
+                 f"then {max(args.warmup, 1)} warm-up + {args.steps} timed steps of fp,{','.join(variants)} ...")
         b = build_bench(name, size, in_ch, args.batch_size, args.device, variants, args.channels_last)
         kinds = ["fp"] + variants
         res = measure_times(b, kinds, args.device, args.steps, args.warmup, args.amp)
@@ -358,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
             profile_kinds(b, kinds, args)
         mem = {}
         if not args.no_memory:
+            progress(f"[{i}/{len(cases)}] {name}: peak memory of each kind{' (a fresh process each)' * (not cuda)} ...")
             for k in kinds:
                 mem[k] = (cuda_memory(b, k, args.amp) / 2**20 if args.device == "cuda" else cpu_memory(case, k, args))
         del b
+        progress(f"[{i}/{len(cases)}] {name}: done in {time.perf_counter() - t0:.0f} s")
         for v in variants:
             fp_img_s, s_img_s = args.batch_size / med["fp"], args.batch_size / med[v]
             mr = (mem[v] / mem["fp"]) if mem.get(v) is not None and mem.get("fp") else None
@@ -373,9 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                          "search_step_s": [round(t, 4) for t in res["times"][v]],
                          "first_step_s": round(res["first"][v], 2), "amp": args.amp,
                          **({"graph_steps": graph_counts[v]} if v in graph_counts else {}),
-                         "channels_last": args.channels_last, "threads": args.threads,
-                         "cudnn_benchmark": args.cudnn_benchmark,
-                         "memory_method": ("cuda max_memory_allocated - allocated before the step" if args.device == "cuda"
+                         "channels_last": args.channels_last, "threads": args.threads, "cudnn_benchmark": args.cudnn_benchmark,
+                         "memory_method": ("cuda max_memory_allocated - allocated before the step" if cuda
                                            else "peak RSS - RSS after setup, fresh subprocess per variant"),
                          "machine": machine()})
     write_json(rows, args.json)

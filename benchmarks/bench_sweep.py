@@ -29,9 +29,14 @@ cores: the share of the machine's cores assigned to computing trials. An upper b
 that computed (a lent thread counts as a busy core, however much it sped the trial up); the goal is
 judged on ``compute_fraction``.
 
-    python benchmarks/bench_sweep.py                      # demo preset, as `gmpq sweep --preset demo`
-    python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --json sweep.json
+    python benchmarks/bench_sweep.py --n-trials 2 --epochs 1 --cache-dir ~/.cache/gmpq   # quick: 40 s, warm cache
+    python benchmarks/bench_sweep.py --cache-dir ~/.cache/gmpq    # demo preset, as `gmpq sweep --preset demo`: ~1.5 min
+    python benchmarks/bench_sweep.py --json sweep.json    # a cold start: teachers and FP target model trained first
     python benchmarks/bench_sweep.py --prep both          # cold start: sequential vs parallel preparation
+
+Without --cache-dir the sweep gets a fresh, empty model cache (unlike `gmpq sweep`, which uses ~/.cache/gmpq): the
+teachers and the FP target model train first, minutes on 2 cores. The sweep's progress goes to stderr, the figures to
+stdout (--json -: the JSON alone). A sweep stopped midway (Ctrl-C) gives no figures and exit status 130.
 """
 from __future__ import annotations
 
@@ -48,6 +53,18 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from bench_cli import check_output_file, cli_entry, positive_int, write_text_file   # same folder (run as a script)
+
+
+class SweepStopped(Exception):
+    """The timed sweep ended before all its trials did (Ctrl-C, SIGTERM, a stopped driver): no figures."""
+
+    def __init__(self, ended: int, planned: int, terminated: bool):
+        super().__init__(f"the sweep stopped after {ended} of its {planned} trials ended "
+                         f"({'SIGTERM' if terminated else 'Ctrl-C or a stopped driver'}): no figures (a part of a sweep "
+                         "would give a wrong compute fraction) and no --json written.")
+        self.terminated = terminated
 
 
 def _timed_phase(times: dict, key: str, fn):
@@ -78,15 +95,18 @@ def _timed_session(times: dict, session_cm):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from gmpq_core.precision import PRECISIONS      # torch-free
+    from search_spaces.presets import list_presets  # torch-free
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="demo")
-    p.add_argument("--n-trials", type=int, default=None, help="default: the preset's")
-    p.add_argument("--epochs", type=int, default=None, help="search epochs per trial (default: the preset's)")
-    p.add_argument("--max-concurrent", type=int, default=None)
+    p.add_argument("--preset", default="demo", help=f"one of {', '.join(list_presets())} (default: %(default)s)")
+    p.add_argument("--n-trials", type=positive_int, default=None, help="default: the preset's")
+    p.add_argument("--epochs", type=positive_int, default=None, help="search epochs per trial (default: the preset's)")
+    p.add_argument("--max-concurrent", type=positive_int, default=None,
+                   help="trial slots: trials computing at once (default: the preset's)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="the sweep's training precision (default: the preset's, auto: float32 on a CPU)")
-    p.add_argument("--out", default=None, help="sweep folder (default: a fresh temporary folder, removed after)")
+    p.add_argument("--out", default=None, help="sweep folder, new or empty (default: a fresh temporary folder, "
+                                                 "removed after)")
     p.add_argument("--cache-dir", default=None,
                    help="teacher / FP-target cache shared across sweeps, e.g. ~/.cache/gmpq (default: a fresh folder "
                         "inside the sweep folder, so the teachers and the FP target model are trained: a cold start)")
@@ -98,19 +118,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.prep == "both" and (args.out or args.cache_dir):
         p.error("--prep both runs two cold sweeps in fresh temporary folders: drop --out and --cache-dir")
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None and (out.is_file() or (out.is_dir() and any(out.iterdir()))):
+        p.error(f"--out {args.out}: {'that is a file' if out.is_file() else 'the folder already holds files'}; the "
+                "benchmark times a fresh sweep: give a new or empty folder, or leave --out out (a temporary folder, "
+                "removed after).")
+    check_output_file(p, args.json)
     return args
 
 
 def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
-    """One sweep with timed phases; its summary row (see the module doc)."""
+    """One sweep with timed phases, in ``--out`` or a temporary folder removed after; its summary row (see the
+    module doc)."""
+    tmp = args.out is None
+    out = Path(tempfile.mkdtemp(prefix="gmpq_bench_sweep_") if tmp else args.out)
+    try:
+        return _run_in(out, args, prep, import_s)
+    finally:            # also after a refused config, an error or Ctrl-C: no temporary sweep left behind
+        if tmp:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def _run_in(out: Path, args: argparse.Namespace, prep: str, import_s: float) -> dict:
     import pyarrow.parquet as pq
 
     import orchestrator.ray_env as ray_env
     import orchestrator.sweep as sweep_mod
     from orchestrator.sweep_config import load_sweep_config
 
-    tmp = args.out is None
-    out = Path(tempfile.mkdtemp(prefix="gmpq_bench_sweep_") if tmp else args.out)
     overrides = {"n_trials": args.n_trials, "max_concurrent_trials": args.max_concurrent, "out_dir": str(out),
                  "space.search_epochs": args.epochs, "name": "bench_sweep", "precision": args.precision}
     overrides["cache_dir"] = str(Path(args.cache_dir).expanduser().resolve()) if args.cache_dir else str(out / "cache")
@@ -126,6 +161,8 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
         wall = time.perf_counter() - t0
     finally:
         sweep_mod.prepare_shared, ray_env.ray_session = orig_prepare, orig_session
+    if summary.interrupted:
+        raise SweepStopped(summary.n_trials, summary.n_planned or cfg.n_trials, summary.terminated)
     # the preparation runs inside the Ray session (its trainings are Ray tasks): not part of the Tune phase
     times["tune_phase_s"] = times.get("tune_phase_s", 0.0) - times.get("prepare_s", 0.0)
     rows = pq.read_table(Path(summary.sweep_dir) / "trials.parquet").to_pylist()
@@ -161,12 +198,10 @@ def run_once(args: argparse.Namespace, prep: str, import_s: float) -> dict:
            "core_compute_fraction": round((compute + lent) / capacity, 4) if capacity > 0 else None,
            "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
                                               if times.get("tune_phase_s") else None),
-           "trials_without_timings": no_timing, "cache_dir": cfg.resolved().cache_dir, "precision": cfg.precision,
+           "trials_without_timings": no_timing, "shortened": bool(args.n_trials or args.epochs), "cache_dir": cfg.resolved().cache_dir, "precision": cfg.precision,
            "trials": [{k: r.get(k) for k in ("budget_avg_bits", "proxy_size", "search_seconds", "transfer_seconds",
                                              "transfer_top1")} for r in sorted(rows, key=lambda r: r.get("started_at") or "")],
            "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
-    if tmp:
-        shutil.rmtree(out, ignore_errors=True)
     return res
 
 
@@ -214,14 +249,23 @@ def _sequential(prepare, cfg, **kw):
     return prepare(cfg, **{**kw, "parallel": False})
 
 
+def _verdict(res: dict) -> str:
+    if res.get("shortened"):    # --n-trials / --epochs: fixed costs (Ray's start, the tail) weigh more
+        return "(the goal, >= 90%, is judged on the preset's own sweep; this one is shortened: not judged)"
+    return f"(goal >= 90%: {'met' if res['compute_fraction'] >= 0.9 else 'MISSED'})"
+
+
 def _print(res: dict) -> None:
     slots, wall = res["slots"], res["wall_s"]
-    print(f"sweep '{res['preset']}' (prep {res['prep']}): {res['n_trials']} trials ({res['n_completed']} completed, "
+    print(f"sweep '{res['preset']}' (prep {res['prep']}): {res['n_trials']} trial(s) ({res['n_completed']} completed, "
           f"{res['n_pruned']} pruned, {res['n_failed']} failed), {slots} slot(s), wall {wall:.1f} s "
           f"(+{res['import_s']:.1f} s imports)")
     print(f"  trial compute (search + transfer): {res['trial_compute_s']:.1f} slot-s of {wall * slots:.1f} -> "
-          f"{100 * res['compute_fraction']:.1f}% of the wall time (goal >= 90%: "
-          f"{'met' if res['compute_fraction'] >= 0.9 else 'MISSED'})")
+          f"{100 * res['compute_fraction']:.1f}% of the wall time " + _verdict(res))
+    if res["n_trials"] < slots:
+        print(f"  note: {res['n_trials']} trial(s) on {slots} slots: a slot never had a trial of its own, so the "
+              f"fraction cannot reach {100 * res['n_trials'] / slots:.0f}%; give --n-trials {slots} or more "
+              f"(or --max-concurrent {res['n_trials']}) for a figure to judge")
     print(f"  of the rest, slots without a trial after the last one started (nothing left to run; their "
           f"cores go to the trials still running): {res['tail_idle_slot_s']:.1f} slot-s = "
           f"{100 * res['tail_idle_fraction']:.1f}% of the wall time")
@@ -237,18 +281,23 @@ def _print(res: dict) -> None:
               f"compute): {res['trials_without_timings']}")
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import orchestrator.sweep  # noqa: F401  (counted as import time, not as sweep time)
     import_s = time.perf_counter() - T_START
     preps = ("sequential", "parallel") if args.prep == "both" else (args.prep,)
-    results = [run_once(args, prep, import_s) for prep in preps]
+    try:
+        results = [run_once(args, prep, import_s) for prep in preps]
+    except SweepStopped as e:
+        print(f"bench_sweep.py: {e}", file=sys.stderr)
+        return 143 if e.terminated else 130
     if args.json:
         text = json.dumps(results[0] if len(results) == 1 else results, indent=1)
         if args.json == "-":
             print(text)
         else:
-            Path(args.json).write_text(text + "\n")
+            write_text_file(args.json, text + "\n")
     if args.json != "-":
         for res in results:
             _print(res)

@@ -33,6 +33,8 @@ from gmpq_core.bn_fold import frozen_teacher_
 from gmpq_core.models import build_model
 from gmpq_core.teacher_pass import UnfoldConv2d
 
+from bench_cli import check_output_file, cli_entry, positive_int, write_text_file  # same folder (run as a script)
+
 
 def cuda_ms(fn, reps: int) -> float:
     """Median device time of ``fn()`` in ms (CUDA events around each call, 3 warm-ups first)."""
@@ -95,16 +97,19 @@ def parts(teacher: nn.Module, x: torch.Tensor, y: torch.Tensor, layer: str, reps
     return out
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--batch-size", type=positive_int, default=256, help="default: %(default)s")
+    p.add_argument("--size", type=positive_int, default=224, help="input pixels (default: %(default)s)")
+    p.add_argument("--reps", type=positive_int, default=20, help="timed repetitions, median (default: %(default)s)")
     p.add_argument("--compile", action="store_true", help="also the max pool and the trunk compiled (TorchInductor)")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the figures and the machine to this file")
     args = p.parse_args(argv)
+    check_output_file(p, args.json, stdout_ok=False)
     if not torch.cuda.is_available():
-        print("bench_teacher_parts.py needs a CUDA device.", file=sys.stderr)
+        print("bench_teacher_parts.py times CUDA kernels and needs a CUDA device; torch sees none here (no CPU mode).",
+              file=sys.stderr)
         return 2
     teacher, x, y, layer = build(args.batch_size, args.size)
     rows = {}
@@ -133,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         rows["compiled"] = extra
     print(json.dumps(rows, indent=1))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "batch": args.batch_size,
-                       "size": args.size, "ms": rows}, f, indent=1)
+        write_text_file(args.json, json.dumps({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+                                               "batch": args.batch_size, "size": args.size, "ms": rows}, indent=1) + "\n")
     return 0
 
 

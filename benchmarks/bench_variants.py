@@ -21,6 +21,11 @@ class Variant:
     teacher_stream: bool = False
     teacher_pass: frozenset[str] = frozenset()      # of "tsplit", "tcompile", "tunfold", "tfreeze"
 
+    @property
+    def cuda_only(self) -> bool:
+        """Triton kernels, CUDA graphs, a CUDA stream: on a CPU the step would run other code under this name."""
+        return self.impl == "triton" or self.graph or self.teacher_stream
+
     @classmethod
     def parse(cls, name: str) -> "Variant":
         head, *suffixes = name.split("+")

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/reliability_report.py            # a table
     .venv/bin/python benchmarks/reliability_report.py --json     # one JSON object
+    .venv/bin/python benchmarks/reliability_report.py --only bad_inputs,damaged_files   # no sweeps: ~15 s
 
 Scenarios (tiny sweeps on Fashion-MNIST, about 10 minutes on 2 cores; see tests/reliability/scenarios.py):
   bad_inputs         every bad config / flag of tests/reliability/bad_input_cases.py, refused before compute
@@ -31,11 +32,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "reliability")]
 
+from bench_cli import check_output_file, cli_entry, write_text_file  # noqa: E402  (same folder)
 from faults import Procs, fake_sweep_dir  # noqa: E402
 from scenarios import Outcome, driver_kill, finetune_kill, mlflow_down_mid_sweep, trial_faults  # noqa: E402
 
 SUMS = ("faults_injected", "trials_attempted", "attempts", "trials_failed", "trials_retried", "trials_recovered",
         "rows_lost", "duplicate_rows", "runs_lost", "duplicate_runs", "reruns_of_finished")
+SCENARIOS = ("bad_inputs", "damaged_files", "trial_faults", "driver_kill", "mlflow_down_mid", "finetune_kill")
 MUST_BE_ZERO = ("rows_lost", "duplicate_rows", "runs_lost", "duplicate_runs", "reruns_of_finished")
 
 
@@ -165,22 +168,28 @@ def format_report(rep: dict) -> str:
     return "\n".join(lines)
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--work", default=None, metavar="DIR", help="work folder (default: a temporary one, removed)")
-    p.add_argument("--only", default=None, metavar="A,B", help="run only these scenarios")
+    p.add_argument("--only", default=None, metavar="A,B", help=f"run only these scenarios, of {', '.join(SCENARIOS)}")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON object to FILE")
     args = p.parse_args(argv)
+    only = {x.strip() for x in args.only.split(",") if x.strip()} if args.only is not None else None
+    if only is not None and (not only or only - set(SCENARIOS)):
+        p.error(f"--only {args.only}: unknown scenario(s) {', '.join(sorted(only - set(SCENARIOS))) or '(none given)'}; "
+                f"give a comma list of {', '.join(SCENARIOS)}.")
+    check_output_file(p, args.save_json, "--save-json", stdout_ok=False)
     work = Path(args.work or tempfile.mkdtemp(prefix="gmpq-reliability-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        rep = run_report(work, set(args.only.split(",")) if args.only else None)
+        rep = run_report(work, only)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     if args.save_json:
-        Path(args.save_json).write_text(json.dumps(rep, indent=1) + "\n")
+        write_text_file(args.save_json, json.dumps(rep, indent=1) + "\n")
     print(json.dumps(rep) if args.json else format_report(rep))
     return 0 if rep["ok"] else 1
 
