@@ -10,7 +10,8 @@ its hook returns (Tune records the trial as finished right after, and a resumed 
 so its run must be closed by then); ``on_experiment_end`` and ``close()`` (which ``run_sweep`` calls
 however the sweep ends) flush too, so nothing queued is lost.
 ``background=False`` makes every call in the hook itself (tests and one-off use).
-Metrics: each search epoch's report at ``step=epoch`` (the supernet's proxy_top1 and ard as ``supernet_proxy_top1`` /
+Metrics: the trial's numeric sampled config at step 0 (``param_<name>``, as trials.parquet's columns: params sort as
+text), each search epoch's report at ``step=epoch`` (the supernet's proxy_top1 and ard as ``supernet_proxy_top1`` /
 ``supernet_ard``, ce, p, ...), then the final metrics at the last epoch's step, a completed trial's derived-policy
 proxy_top1 and ard under those names (``final_metrics``: as trials.parquet names them), so no metric's history mixes
 the supernet's values with the policy's; a final metric the last epoch's report logged at that step with the same
@@ -30,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
-from .mlflow_keys import legacy_layout
+from .mlflow_keys import CONFIG_METRIC_PREFIX, config_metrics, legacy_layout
 from .mlflow_notes import POLICY_KEYS, final_metrics  # noqa: F401 (re-exported: importable from here too)
 from .mlflow_sink import _RAY_KEYS, RUN_STATUS, MLflowSink, _phase_key
 from .results import error_text, resolve_status
@@ -126,6 +127,8 @@ class MLflowCallback(Callback):
             run = self.sink.call("reading a run", client.get_run, rid) if client is not None else None
             if run is not None and legacy_layout(run.data.metrics):     # reopened: an earlier version's run
                 self._legacy.add(tid)
+            if run is not None and not any(k.startswith(CONFIG_METRIC_PREFIX) for k in run.data.metrics):
+                self.sink.log_metrics(rid, config_metrics(params))      # sortable as numbers (params: as text)
         return self._run_of[tid]
 
     def _keys(self, tid: str, report: Mapping[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,8 @@ from typing import Any, Collection, Mapping
 
 __all__ = ["DISABLED", "PARENT_FILE", "RUNS_FILE", "RUN_STATUS", "FINAL_METRICS", "MAX_PARAMS", "MAX_PARAM_CHARS",
            "ROLE_OF_KIND", "HTTP_RETRY_DEFAULTS", "SUPERNET_KEYS", "LEGACY_POLICY_KEYS", "default_tracking_uri",
-           "flatten_config", "legacy_layout"]
+           "FINETUNE_EPOCH_KEYS", "CONFIG_METRIC_PREFIX", "flatten_config", "legacy_layout", "finetune_epoch_metrics",
+           "config_metrics"]
 
 DISABLED = "MLflow logging disabled"     # how the sink's warning starts (sync and study pick it out by it)
 PARENT_FILE = "mlflow_parent.json"
@@ -26,6 +27,13 @@ SUPERNET_KEYS = {"proxy_top1": "supernet_proxy_top1", "ard": "supernet_ard"}
 # Runs logged by earlier versions (``legacy_layout``) hold the supernet's per-epoch figures under the plain names and
 # the policy's under these: a resumed sweep and ``gmpq sync-mlflow`` go on logging such a run in its own names.
 LEGACY_POLICY_KEYS = {"proxy_top1": "policy_proxy_top1", "ard": "policy_ard"}
+# A fine-tune's per-epoch report (``train_stage``) by final.parquet's names: each epoch's test-set figures are the
+# quantities final.parquet keeps of the last one, the Ray Train world size its ``workers``. Fine-tune runs of earlier
+# versions hold the series under the report's names (``top1`` ...): a fine-tune continued in such a run keeps them.
+FINETUNE_EPOCH_KEYS = {"top1": "final_top1", "top5": "final_top5", "loss": "final_loss", "world_size": "workers"}
+# A trial's numeric sampled config, also as metrics named as trials.parquet's columns (``param_lam``): MLflow params
+# are strings, which sort and filter as text ('1000' < '500', '7e-05' > '0.0004'); metrics sort and filter as numbers.
+CONFIG_METRIC_PREFIX = "param_"
 # Keys Ray adds to every result (not worth a metric series each) or that are not per-epoch metrics.
 _RAY_KEYS = {"time_this_iter_s", "time_total_s", "training_iteration", "timestamp", "pid", "done",
              "iterations_since_restore", "time_since_restore", "epoch", "budget_bucket", "node_id", "date",
@@ -85,3 +93,17 @@ def legacy_layout(metrics: Collection[str]) -> bool:
     if keys & set(LEGACY_POLICY_KEYS.values()):
         return True
     return "ce" in keys and bool(keys & set(SUPERNET_KEYS)) and not keys & set(SUPERNET_KEYS.values())
+
+
+def finetune_epoch_metrics(report: Mapping[str, Any], logged: Collection[str] = ()) -> dict[str, Any]:
+    """A fine-tune's per-epoch report by its MLflow keys (``FINETUNE_EPOCH_KEYS``; ``epoch`` is the step), unless the
+    run's ``logged`` metrics show an earlier version's names (a ``top1`` series): then as reported."""
+    legacy = "top1" in logged
+    return {(k if legacy else FINETUNE_EPOCH_KEYS.get(k, k)): v for k, v in report.items() if k != "epoch"}
+
+
+def config_metrics(config: Mapping[str, Any]) -> dict[str, float]:
+    """A trial's sampled config's numbers as metrics (``CONFIG_METRIC_PREFIX``), but those the trial reports under
+    their own name (``budget_avg_bits``, in ``FINAL_METRICS``): booleans, strings and nested values stay params only."""
+    return {f"{CONFIG_METRIC_PREFIX}{k}": f for k, v in config.items()
+            if k not in FINAL_METRICS and (f := _numeric(v)) is not None}

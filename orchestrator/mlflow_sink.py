@@ -6,15 +6,20 @@ Layout in the tracking store (explicit URI; default ``sqlite:///<sweep dir>/mlfl
   with the resolved config as a few flattened params (as at its start: params cannot change; the final
   stage's later settings are ``last_finetune.*`` tags, ``mlflow_stages``) and ``sweep_config.yaml`` as artifact,
   tag ``gmpq.sweep_dir`` (its folder), named after the experiment, or also its folder when the experiment
-  holds another sweep's (sweeps of one ``--name`` share it); later the Pareto table + plot and the Parquet
-  tables (``mlflow_stages``);
+  holds another sweep's (sweeps of one ``--name`` share it), a description (``mlflow.note.content``) of this
+  layout; later the Pareto table + plot and the Parquet tables, and the description sums up the front and the
+  fine-tunes (``mlflow_stages``, ``mlflow_links``);
 - one child run per trial (tag ``mlflow.parentRunId``; ids kept in ``<sweep_dir>/mlflow_runs.json`` so a
-  resumed sweep does not duplicate them): the trial's config as params, per-epoch metrics with
+  resumed sweep does not duplicate them): the trial's config as params (its numbers also as metrics
+  ``param_<name>``, which sort as numbers), per-epoch metrics with
   ``step=epoch`` (the supernet's ``supernet_proxy_top1`` / ``supernet_ard``, ...), the final metrics (the derived
   policy's ``proxy_top1`` / ``ard``, as trials.parquet names them), ``policy.json``, tag ``status`` and run status
-  FINISHED (completed), KILLED (pruned) or FAILED (failed); later tag ``pareto`` and, once fine-tuned, metric
-  ``final_top1`` and tag ``finetune_run_id`` (``mlflow_stages``);
-- one child run per final fine-tune (``finetune-<trial_id>``, ``mlflow_stages.log_final``).
+  FINISHED (completed), KILLED (pruned) or FAILED (failed); later tag ``pareto`` (a selected one's also
+  ``selection_reason``) and, once fine-tuned, metric ``final_top1`` and tag ``finetune_run_id``, and a description
+  of what became of it (``mlflow_stages``, ``mlflow_links``);
+- one child run per final fine-tune (``finetune-<trial_id>``, ``mlflow_stages.log_final``): per epoch and at the end
+  final.parquet's ``final_top1`` / ``final_top5`` / ``final_loss`` / ``workers`` (runs of earlier versions: ``top1``
+  ... per epoch), tag ``trial_run_id`` (its trial's run) and a description.
 
 MLflow is a view: if the tracking store cannot be reached, the sink warns once and does nothing more
 (Parquet stays the source of truth); ``gmpq sync-mlflow --sweep DIR`` (``orchestrator.sync``) uploads
@@ -223,7 +228,8 @@ class MLflowSink(SinkIdFiles):
         here = str(self.sweep_dir.resolve())    # another sweep's parent in the experiment (one --name): add the folder
         role = self.PARENT_ROLE
         name = f"{self.experiment_name} ({here})" if self.find_run({"gmpq.role": role}) else self.experiment_name
-        run = client.create_run(self._experiment_id, run_name=name, tags={"gmpq.role": role, "gmpq.sweep_dir": here})
+        run = client.create_run(self._experiment_id, run_name=name,
+                                tags={"gmpq.role": role, "gmpq.sweep_dir": here, **self._first_note()})
         rid = run.info.run_id
         self._log_params(rid, flatten_config(self.resolved_config))
         cfg_file = self.sweep_dir / CONFIG_FILE
@@ -234,6 +240,15 @@ class MLflowSink(SinkIdFiles):
             client.log_text(rid, yaml.safe_dump(self.resolved_config, sort_keys=False), CONFIG_FILE)
         self._save_parent(rid)
         return rid
+
+    def _first_note(self) -> dict[str, str]:
+        """A new sweep parent run's description tags: the layout of its runs (``mlflow_links.sweep_note``; the
+        Pareto and final stages add their tables' summary). A study's parent gets none."""
+        if self.PARENT_ROLE != "sweep":
+            return {}
+        from .mlflow_links import NOTE_DIGEST_TAG, NOTE_TAG, _digest, sweep_note
+        text = sweep_note(self.experiment_name, self.sweep_dir.resolve(), None, None)
+        return {NOTE_TAG: text, NOTE_DIGEST_TAG: _digest(text)}
 
     def find_run(self, tags: Mapping[str, str], *, exclude: Collection[str] = ()) -> str | None:
         """The id of the oldest active run of this experiment carrying all ``tags`` and not in ``exclude``

@@ -9,8 +9,11 @@ which each final stage rewrites (and drops the ``finetune.<setting>`` tags earli
 those names); its fine-tunes' own are their ``recipe.*`` params.
 
 Each trial's run says where it went: tag ``pareto`` (``selected``, ``front`` or ``dominated``, set by ``log_pareto``
-on every completed trial's run) and, once its policy is fine-tuned, metric ``final_top1`` and tag
-``finetune_run_id`` (the fine-tune run's id, ``log_final``).
+on every completed trial's run; a selected one's ``selection_reason``) and, once its policy is fine-tuned, metric
+``final_top1`` and tag ``finetune_run_id`` (the fine-tune run's id, ``log_final``), whose tag ``trial_run_id`` names
+it back. A fine-tune run's per-epoch test figures are final.parquet's ``final_top1`` / ``final_top5`` /
+``final_loss`` (``mlflow_keys.finetune_epoch_metrics``). Both stages rewrite the runs' descriptions
+(``mlflow_links``).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import pandas as pd
 from gmpq_core.errors import CheckpointError
 
 from .kept_finetunes import recipe_digest
-from .mlflow_keys import _numeric
+from .mlflow_keys import _numeric, finetune_epoch_metrics
+from .mlflow_links import link_finetune, note_sweep, note_trial, tag_trial
 from .mlflow_sink import MLflowSink, flatten_config
 from .pareto import POLICIES_PNG
 from .results import LAYERS_FILE, TRIALS_FILE
@@ -58,11 +62,17 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
             sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
     sink.log_metrics(pid, {"pareto_size": len(pareto_df),
                            "n_selected": int(pareto_df["selected"].sum()) if "selected" in pareto_df else 0})
+    reasons = _reasons(pareto_df)
     for tid, tag in _pareto_tags(d, pareto_df).items():
-        rid = _trial_run(sink, tid)
-        if rid:
-            sink.call("tagging a Pareto trial", c.set_tag, rid, "pareto", tag)
+        tag_trial(sink, _trial_run(sink, tid), tid, tag, reasons.get(tid))
+    note_sweep(sink, d)
     return sink.enabled
+
+
+def _reasons(pareto_df: pd.DataFrame) -> dict[str, str]:
+    """``trial_id -> selection_reason`` of the selected rows of ``pareto_df``."""
+    rows = pareto_df.to_dict("records")
+    return {str(r["trial_id"]): str(r.get("selection_reason") or "") for r in rows if r.get("selected")}
 
 
 def _replace_table(sink: MLflowSink, rid: str, table: pd.DataFrame, artifact_file: str) -> None:
@@ -115,7 +125,8 @@ def _trial_run(sink: MLflowSink, tid: str) -> str | None:
 
 def _point_trial_run(sink: MLflowSink, tid: str, finetune_rid: str | None, final_top1) -> bool:
     """The trial run of policy ``tid`` names its latest fine-tune: tag ``finetune_run_id``, metric ``final_top1``
-    (step 0: the latest logged is the latest fine-tune's), unless it already does. Returns whether it changed."""
+    (step 0: the latest logged is the latest fine-tune's), unless it already does, and its description says so
+    (``mlflow_links.note_trial``). Returns whether it changed."""
     rid = _trial_run(sink, tid) if finetune_rid else None
     if not rid:
         return False
@@ -123,25 +134,27 @@ def _point_trial_run(sink: MLflowSink, tid: str, finetune_rid: str | None, final
     if data is None:
         return False
     top1 = _numeric(final_top1)
-    if data.tags.get("finetune_run_id") == finetune_rid and data.metrics.get("final_top1") == top1:
-        return False
-    sink.log_metrics(rid, {"final_top1": top1})
-    sink.call("tagging a trial's run", sink.client.set_tag, rid, "finetune_run_id", finetune_rid)
-    return True
+    tags, metrics = dict(data.tags), dict(data.metrics)
+    changed = not (tags.get("finetune_run_id") == finetune_rid and metrics.get("final_top1") == top1)
+    if changed:
+        sink.log_metrics(rid, {"final_top1": top1})
+        sink.call("tagging a trial's run", sink.client.set_tag, rid, "finetune_run_id", finetune_rid)
+        tags["finetune_run_id"], metrics["final_top1"] = finetune_rid, top1
+    return note_trial(sink, rid, tid, tags, metrics) or changed
 
 
 def backfill_trial_tags(sink: MLflowSink, sweep_dir: str | Path, pareto_df: pd.DataFrame | None,
                         final_df: pd.DataFrame | None) -> int:
     """Give trial runs what ``gmpq pareto`` and the fine-tune now put on them, where they lack it (their tables were
-    logged by an earlier version, or while MLflow was down): the ``pareto`` tag from ``pareto_df``, and for each
-    fine-tuned policy of ``final_df`` the ``finetune_run_id`` tag and ``final_top1``. Returns how many runs changed."""
+    logged by an earlier version, or while MLflow was down): the ``pareto`` tag (and ``selection_reason``) from
+    ``pareto_df``; for each fine-tuned policy of ``final_df`` the ``finetune_run_id`` tag and ``final_top1``, and on
+    its fine-tune run the ``trial_run_id`` tag; the runs' descriptions (``mlflow_links``), the parent's included.
+    Returns how many runs changed."""
     changed: set[str] = set()
     if pareto_df is not None:
+        reasons = _reasons(pareto_df)
         for tid, tag in _pareto_tags(Path(sweep_dir), pareto_df).items():
-            rid = _trial_run(sink, tid)
-            data = sink.call("reading a trial's run", lambda: sink.client.get_run(rid).data) if rid else None
-            if data is not None and data.tags.get("pareto") != tag:
-                sink.call("tagging a Pareto trial", sink.client.set_tag, rid, "pareto", tag)
+            if tag_trial(sink, _trial_run(sink, tid), tid, tag, reasons.get(tid)):
                 changed.add(tid)
     for row in ([] if final_df is None else final_df.to_dict("records")):
         tid = str(row["trial_id"])
@@ -151,7 +164,9 @@ def backfill_trial_tags(sink: MLflowSink, sweep_dir: str | Path, pareto_df: pd.D
             {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "finetune", **recipe_tag})
         if _point_trial_run(sink, tid, frid, row.get("final_top1")):
             changed.add(tid)
-    return len(changed)
+        if link_finetune(sink, frid, _trial_run(sink, tid), row):
+            changed.add(f"finetune {frid}")
+    return len(changed) + note_sweep(sink, sweep_dir)
 
 
 def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
@@ -316,16 +331,13 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
                                                   **recipe_tag, **restart})
         if earlier is not None and rid is not None:
             sink.call("tagging a replaced fine-tune run", sink.client.set_tag, earlier, "gmpq.replaced_by", rid)
-        for h in (histories or {}).get(tid, []):
-            sink.log_metrics(rid, {k: v for k, v in h.items() if k != "epoch"}, step=int(h.get("epoch", 0)))
-        sink.log_metrics(rid, {k: row.get(k) for k in ("final_top1", "final_top5", "bitops", "gbitops",
-                                                         "bitops_total", "seconds", "transfer_top1", "epochs", "workers")},
-                         step=int(row.get("epochs") or 0))
+        _log_final_metrics(sink, rid, row, (histories or {}).get(tid, []))
         if row.get("policy_json"):
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
         _log_model(sink, rid, sweep_dir, row)
         sink.finish(rid, "FINISHED", {"status": "completed"})
         _point_trial_run(sink, tid, rid, row.get("final_top1"))
+        link_finetune(sink, rid, _trial_run(sink, tid), row)
     from mlflow.entities import RunTag
 
     settings = [RunTag(k, v) for k, v in stage_tags(final_df).items()]     # params cannot change; tags can
@@ -336,4 +348,31 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
     for f in [d / "final.parquet", png_path]:
         if f is not None and Path(f).is_file():
             sink.call(f"logging {Path(f).name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
+    note_sweep(sink, d)
     return sink.enabled
+
+
+FINAL_ROW_METRICS = ("final_top1", "final_top5", "final_loss", "bitops", "gbitops", "bitops_total", "seconds",
+                     "transfer_top1", "epochs", "workers")     # a fine-tune run's, from its final.parquet row
+
+
+def _log_final_metrics(sink: MLflowSink, rid: str | None, row: Mapping, history: list[dict]) -> None:
+    """A fine-tune's per-epoch reports (``step=epoch``) by final.parquet's names (``finetune_epoch_metrics``: the
+    test top-1 per epoch is ``final_top1``, as the trial run's and final.parquet's; a run of an earlier version keeps
+    its ``top1`` ...), then its final.parquet row's ``FINAL_ROW_METRICS`` at its last epoch, less what the last
+    report logged there with the same value (no point twice in one series)."""
+    if not rid:
+        return
+    logged = {}
+    if history:
+        data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data)
+        logged = dict(data.metrics) if data is not None else {}
+    step, last = int(row.get("epochs") or 0), {}
+    for h in history:
+        report = finetune_epoch_metrics(h, logged)
+        sink.log_metrics(rid, report, step=int(h.get("epoch", 0)))
+        if int(h.get("epoch", 0)) == step:
+            last = report
+    final = {k: row.get(k) for k in FINAL_ROW_METRICS}
+    sink.log_metrics(rid, {k: v for k, v in final.items() if not (k in last and _numeric(last[k]) == _numeric(v))},
+                     step=step)

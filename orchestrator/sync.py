@@ -6,13 +6,15 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
 
 - the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created);
 - one child run per row of ``trials.parquet`` (reused through ``mlflow_runs.json`` or its ``trial_id``
-  tag, else created) with the trial's params, its per-epoch metrics (read back from the Ray Tune trial
+  tag, else created) with the trial's params (a created one: its numbers also as ``param_<name>`` metrics), its per-epoch metrics (read back from the Ray Tune trial
   folder's ``result.json`` when the run has none), the final metrics, ``policy.json``, the ``status``
   and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
 - the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them (the Pareto
   table, its plots and ``pareto_size`` / ``n_selected`` also when the run's pareto.parquet is another one), and on
-  the trial runs the ``pareto`` tag, and a fine-tuned policy's ``finetune_run_id`` tag and ``final_top1``, where
-  they lack them (a sweep whose tables an earlier version logged).
+  the trial runs the ``pareto`` tag (and ``selection_reason``), and a fine-tuned policy's ``finetune_run_id`` tag and
+  ``final_top1``, on its fine-tune run the ``trial_run_id`` tag, and the runs' descriptions, where they lack them (a
+  sweep whose tables an earlier version logged). A fine-tune run an earlier version logged keeps its ``top1`` /
+  ``top5`` / ``loss`` / ``world_size`` series (today's: ``final_top1`` ... ``workers``).
 
 A run that already holds everything is left alone, so a second sync changes nothing (idempotent). Syncing to another
 store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``_id_files_kept``).
@@ -40,7 +42,7 @@ from requests.exceptions import RequestException
 from gmpq_core.errors import CheckpointError, GMPQError
 from gmpq_core.fileio import atomic_write_json, read_json
 
-from .mlflow_keys import legacy_layout
+from .mlflow_keys import config_metrics, legacy_layout
 from .mlflow_notes import final_metrics
 from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, PARENT_FILE, RUN_STATUS, RUNS_FILE, MLflowSink,
                           _phase_key, default_tracking_uri)
@@ -208,6 +210,7 @@ class _Syncer:
                                       tags={"trial_id": tid, "status": status, "gmpq.role": "trial"})
             if rid is None:
                 raise SyncError(f"MLflow refused a new run for trial {tid} on '{self.sink.tracking_uri}'.")
+            self.sink.log_metrics(rid, config_metrics(params))     # as the sweep logs them (numbers sort as numbers)
             outcome = "created"
         need = self.missing(rid, row) if outcome == "updated" else ["status", "metrics", "error", "policy"]
         if not need:

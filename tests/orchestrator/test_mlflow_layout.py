@@ -184,7 +184,7 @@ def test_sync_gives_trial_runs_the_pareto_and_fine_tune_tags_an_earlier_version_
         client.delete_tag(rid, tag)
     rep = sync_mlflow(sweep)
     got = client.get_run(rid).data
-    assert rep.runs_tagged == 1 and rep.changed and "1 trial runs given their Pareto / fine-tune tags" in format_report(rep)
+    assert rep.runs_tagged == 1 and rep.changed and "1 run given their Pareto / fine-tune links" in format_report(rep)
     assert got.tags["pareto"] == "selected" and got.tags["finetune_run_id"] == want.tags["finetune_run_id"]
     assert got.metrics["final_top1"] == pytest.approx(read_final(sweep)["final_top1"].item())
     again = sync_mlflow(sweep)
