@@ -52,11 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.commands._finetune_sweep import final_files_text, finetune_stage, format_final_table
     from orchestrator.commands.pareto import pareto_stage, print_pareto
     from orchestrator.final_results import final_table_heading
-    from orchestrator.commands.sweep import (address_origin_text, config_from_args, format_summary, mlflow_line,
+    from orchestrator.commands.sweep import (address_named, config_from_args, format_summary, mlflow_line,
                                              say_env_tracking_uri, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import (Terminated, address_origin, ctrl_c_signals,
-                                      stop_status, terminated)
+    from orchestrator.ray_env import Terminated, ctrl_c_signals, stop_status, terminated
     finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
                 "finetune.max_concurrent": args.finetune_max_concurrent,
@@ -65,22 +64,22 @@ def run(args: argparse.Namespace) -> int:
     if args.check:                                       # gmpq sweep --check's checks and lines; nothing runs
         from orchestrator.commands.sweep import check_only
 
-        print(check_only(cfg, args.resume))
+        with address_named(args, cfg):
+            print(check_only(cfg, args.resume))
         return 0
     from orchestrator.sweep import check_sweep, run_sweep                     # lazy: Ray/Optuna imports
 
     t0 = time.perf_counter()
     # every check of the sweep stage (the folder, --resume auto's choice said, the saved stores a resume keeps, the
     # address, model, data and budgets) before Ray starts, as gmpq sweep does; run_sweep takes them as checked
-    checked = check_sweep(cfg, args.resume, say=_say, t0=t0)
+    with address_named(args, cfg):                      # an address from the config, not --address: named if dead
+        checked = check_sweep(cfg, args.resume, say=_say, t0=t0)
     resume, resolved = checked.resume, checked.cfg
     sweep_dir = Path(resolved.out_dir)
     say_env_tracking_uri(cfg, resume, _say)
     stage = "the sweep"
-    origin = address_origin_text(args, cfg)              # an address from the config, not --address: named if dead
     try:
-        with noting_mlflow_off() as mlflow_off, \
-                (address_origin(origin, resolved.address) if origin else contextlib.nullcontext()), \
+        with noting_mlflow_off() as mlflow_off, address_named(args, cfg), \
                 _ray_session_said(resolved.address):     # one Ray for the sweep and the fine-tune
             from orchestrator.final_stage import check_final_workers
 

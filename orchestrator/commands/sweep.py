@@ -23,7 +23,7 @@ from . import add_precision_arg, address_help, at_least, help_text, mlflow_ui_hi
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
-           "choose_resume", "format_summary", "mlflow_line", "address_origin_text",
+           "choose_resume", "format_summary", "mlflow_line", "address_origin_text", "address_named",
            "continue_flag", "run", "quiet_libraries"]
 
 
@@ -182,6 +182,15 @@ def address_origin_text(args: argparse.Namespace, cfg: Any) -> str | None:
     return f"the sweep's config {Path(cfg.resolved().out_dir) / CONFIG_FILE}"
 
 
+def address_named(args: argparse.Namespace, cfg: Any) -> Any:
+    """The context in which a failed join names where the address came from (``address_origin_text``: the --config
+    file, the preset, the saved config; nothing to say for --address): around every check and join of a command."""
+    from orchestrator.ray_env import address_origin
+
+    origin = address_origin_text(args, cfg)
+    return address_origin(origin, cfg.address) if origin else contextlib.nullcontext()
+
+
 def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
     """What an interrupted (or SIGTERM-terminated) sweep left undone, and the command that finishes it."""
     from orchestrator.ray_env import stop_word
@@ -328,17 +337,16 @@ def run(args: argparse.Namespace) -> int:
     quiet_libraries(getattr(args, "verbose", False))
     cfg = config_from_args(args)                       # a bad flag fails here, before Ray and Optuna are imported
     if getattr(args, "check", False):
-        print(check_only(cfg, args.resume))
+        with address_named(args, cfg):
+            print(check_only(cfg, args.resume))
         return 0
     from orchestrator.mlflow_notes import noting_mlflow_off
-    from orchestrator.ray_env import Terminated, address_origin, stop_status, terminated
+    from orchestrator.ray_env import Terminated, stop_status, terminated
     from orchestrator.sweep import run_sweep
     resume = choose_resume(cfg, args.resume, _say)
     say_env_tracking_uri(cfg, resume, _say)
-    origin = address_origin_text(args, cfg)
     try:
-        with noting_mlflow_off() as mlflow_off, \
-                (address_origin(origin, cfg.address) if origin else contextlib.nullcontext()):
+        with noting_mlflow_off() as mlflow_off, address_named(args, cfg):
             summary = run_sweep(cfg, resume=resume, progress=not args.quiet)
     except KeyboardInterrupt as e:           # outside the trials (those stop gracefully: the summary says it)
         by_sigterm = isinstance(e, Terminated) or terminated()     # (SIGTERM handed to a handler that raised ^C's)

@@ -148,6 +148,19 @@ def test_a_sweep_with_a_dead_address_is_refused_before_it_writes_a_file_or_warns
     assert "storage every node shares" not in caplog.text + err
 
 
+@pytest.mark.parametrize("argv", [["run"], ["run", "--check"], ["sweep", "--check"], ["sweep"]])
+def test_a_dead_address_from_a_config_names_the_config_in_every_command(tmp_path, capsys, no_ray, argv):
+    """The review: gmpq run's checks moved before its Ray start, out of the context naming the config's address,
+    and said '(--address ..., from argument)'; --check never had it."""
+    from orchestrator.cli import main
+
+    dead, cfg = _dead_address(), tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"preset": "demo", "address": dead, "cache_dir": str(tmp_path / "cache")}))
+    assert main([*argv, "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = _one_line(capsys.readouterr().err)
+    assert f"from --config {cfg}, not from --address" in err and "from argument" not in err, err
+
+
 class _StopHere(Exception):
     pass
 
