@@ -25,8 +25,7 @@ DEFAULT_SAMPLER = "tpe"
 # name -> (Optuna class name, {argument: accepted type(s)}, what the name means)
 SAMPLERS: dict[str, tuple[str, dict[str, tuple[type, ...]], str]] = {
     "tpe": ("TPESampler", {"n_startup_trials": (int,), "n_ei_candidates": (int,), "multivariate": (bool,),
-                           "group": (bool,), "constant_liar": (bool,), "consider_endpoints": (bool,),
-                           "consider_prior": (bool,), "prior_weight": (int, float), "consider_magic_clip": (bool,)},
+                           "group": (bool,), "constant_liar": (bool,)},      # (not the ones Optuna 5 deprecates)
             "tree-structured Parzen estimator (the default)"),
     "random": ("RandomSampler", {}, "independent uniform draws"),
     "nsga2": ("NSGAIISampler", {"population_size": (int,), "mutation_prob": (int, float, type(None)),
@@ -112,10 +111,11 @@ def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | No
 
 def with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Every argument ``kwargs`` may set, at its Optuna default unless set: two configs that differ only by
-    writing a default out (``n_startup_trials: 10`` for TPE) run the same sampler (a resume compares these)."""
+    writing a default out (``n_startup_trials: 10`` for TPE) run the same sampler (a resume compares these). An
+    argument whose signature default is a placeholder (None: Optuna picks the value inside) stays as written."""
     import inspect
 
     if name not in SAMPLERS:
         return dict(kwargs)
     params = inspect.signature(getattr(optuna.samplers, SAMPLERS[name][0])).parameters
-    return {k: kwargs.get(k, params[k].default) for k in SAMPLERS[name][1]} | dict(kwargs)
+    return {k: params[k].default for k in SAMPLERS[name][1] if params[k].default is not None} | dict(kwargs)

@@ -32,13 +32,13 @@ from typing import Any, Callable, Iterator, Mapping
 import optuna
 import ray
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
 
 
 from .pruning import OptunaPruningScheduler
 from .ray_env import fit_restoring_handlers
 from .results import has_ended
 from .sampling import make_sampler
+from .sweep_searcher import SweepOptunaSearch      # here too: Tune state saved before it moved names it here
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
@@ -112,25 +112,6 @@ def optuna_storage_now(url: str) -> Iterator[None]:
         yield
     finally:
         RDBStorage.__setstate__ = original
-
-
-class SweepOptunaSearch(OptunaSearch):
-    """OptunaSearch that tells a pruned trial (final metrics missing) as PRUNED, not as a bad tell, and whose
-    suggestions do not warn that the define-by-run space "took N seconds": that time is the sampler's own model
-    (a GP's fit), not training in the driver."""
-
-    def suggest(self, trial_id: str) -> dict | None:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Define-by-run function passed in the `space` argument took")
-            return super().suggest(trial_id)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-        if result is not None and any(result.get(m) is None for m in metrics):
-            result = None
-        super().on_trial_complete(trial_id, result=result, error=error)
 
 
 def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:

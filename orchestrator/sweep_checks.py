@@ -15,7 +15,6 @@ from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
-from .sampling import warmup_text
 from .sweep_config import ENV_TRACKING_URI, SweepConfig, check_trial_count, env_tracking_uri, trial_search_config
 
 log = logging.getLogger(__name__)
@@ -142,6 +141,7 @@ def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepF
     from .sweep_resume import holds_sweep_state
     if not holds_sweep_state(cfg.resolved()):                  # a new sweep (a resume keeps what it started with)
         check_trial_count(cfg)
+        from .sampling import warmup_text              # (not at import: light commands need no Optuna)
         warmup = warmup_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.n_trials)
         if warmup:
             log.warning("%s", warmup)

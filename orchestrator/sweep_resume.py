@@ -193,13 +193,14 @@ def _check_same_config(cfg: SweepConfig) -> None:
             for d in _differences(k, old.get(k), new.get(k))]
     if diff:
         shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
-        more = (" A sweep cannot grow once started (Ray Tune restores its trial count): for more trials, start "
-                "a new sweep with another --out and --name (its own Optuna study), and compare the two folders' "
-                "Pareto fronts (gmpq pareto DIR)." if old.get("n_trials") != new.get("n_trials") else "")
+        grow = isinstance(old.get("n_trials"), int) and isinstance(new.get("n_trials"), int) and \
+            new["n_trials"] > old["n_trials"]
+        other = ("start a new sweep with another --out (a sweep cannot grow once started, as Ray Tune restores its "
+                 "trial count: for more trials give it another --name too, its own Optuna study, and compare the two "
+                 "folders' Pareto fronts with gmpq pareto DIR)" if grow else "start a new sweep with another --out")
         raise ConfigError(f"--resume must use the sweep's saved config, but these settings differ from "
                           f"'{saved_path}': {shown}. Resume with --out {cfg.out_dir} --resume and no other "
-                          "sweep settings (the final fine-tune's may change), or start a new sweep with another "
-                          f"--out.{more}")
+                          f"sweep settings (the final fine-tune's may change), or {other}.")
 
 
 def _differences(key: str, old: Any, new: Any) -> list[str]:

@@ -45,7 +45,9 @@ def _is_pos(value: Any, *, integer: bool = False) -> bool:
 def _from_mapping(cls: type, section: str, d: Any) -> Any:
     if isinstance(d, cls):
         return d
-    _require(d is None or isinstance(d, Mapping), f"'{section}' must be a mapping, but got {d!r}.")
+    named = (f" Write it as {section}: {{name: {d}}}." if section in ("pruner", "sampler") and isinstance(d, str)
+             else "")
+    _require(d is None or isinstance(d, Mapping), f"'{section}' must be a mapping, but got {d!r}.{named}")
     d = dict(d or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - known)

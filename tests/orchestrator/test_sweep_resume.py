@@ -81,8 +81,9 @@ def test_a_resume_asking_for_more_trials_says_a_sweep_cannot_grow_and_what_to_do
     with pytest.raises(ConfigError) as e:
         _check_same_config(_demo(tmp_path, n_trials=12).resolved())
     said = " ".join(str(e.value).split())
-    assert "n_trials (saved 6, now 12)" in said and "A sweep cannot grow once started" in said
-    assert "another --out and --name" in said
-    with pytest.raises(ConfigError) as e:
-        _check_same_config(_demo(tmp_path, seed=3).resolved())
-    assert "cannot grow" not in str(e.value)
+    assert "n_trials (saved 6, now 12)" in said and "a sweep cannot grow once started" in said
+    assert "give it another --name too" in said and said.count("another --out") == 1
+    for fewer_or_other in ({"n_trials": 3}, {"seed": 3}):
+        with pytest.raises(ConfigError) as e:
+            _check_same_config(_demo(tmp_path, **fewer_or_other).resolved())
+        assert "cannot grow" not in str(e.value)

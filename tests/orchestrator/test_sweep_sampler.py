@@ -122,10 +122,26 @@ def test_a_sweep_start_warns_when_every_trial_is_random(tmp_path, caplog):
 
 def test_resume_refuses_another_sampler_and_takes_a_default_written_out(tmp_path):
     out = str(tmp_path / "s")
-    save_resolved_config(_cfg(out_dir=out, sampler={"name": "tpe", "kwargs": {}}))
+    save_resolved_config(replace(_cfg(out_dir=out), sampler=SamplerConfig()))       # TPE, no argument written
+    assert yaml.safe_load((tmp_path / "s" / "sweep_config.yaml").read_text())["sampler"]["kwargs"] == {}
     _check_same_config(_cfg(out_dir=out, sampler={"name": "tpe", "kwargs": {"n_startup_trials": 10}}).resolved())
     with pytest.raises(ConfigError) as e:
         _check_same_config(_cfg(out_dir=out, sampler={"name": "random", "kwargs": {}}).resolved())
     assert "sampler.name (saved tpe, now random)" in " ".join(str(e.value).split())
     assert with_defaults("tpe", {})["n_startup_trials"] == 10
 
+
+
+def test_a_folder_saved_before_the_sampler_section_resumes_with_the_demo_preset(tmp_path):
+    out = tmp_path / "s"
+    save_resolved_config(_cfg(out_dir=str(out)))
+    saved = yaml.safe_load((out / "sweep_config.yaml").read_text())
+    del saved["sampler"]                                               # as sweeps saved it before the section
+    (out / "sweep_config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_sweep_config(out / "sweep_config.yaml").sampler == SamplerConfig()
+    _check_same_config(_cfg(out_dir=str(out)).resolved())              # demo: n_startup_trials 10 written out
+
+
+def test_a_sampler_given_by_name_alone_says_how_to_write_it():
+    said = _error(sampler="nsga2")
+    assert "'sampler' must be a mapping, but got 'nsga2'. Write it as sampler: {name: nsga2}." in said
