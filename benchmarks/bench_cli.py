@@ -11,7 +11,6 @@ import argparse
 import functools
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -20,26 +19,21 @@ def progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, but got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), but got {value}")
-    return value
+def _int_at_least(minimum: int, wanted: str):
+    """An argparse type: an integer of ``minimum`` or more, refused as ``must be <wanted>``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, but got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {wanted}, but got {value}")
+        return value
+    return parse
 
 
-def nonneg_int(text: str) -> int:
-    """argparse type: an integer of 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer of 0 or more, but got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer of 0 or more, but got {value}")
-    return value
+positive_int = _int_at_least(1, "a positive integer (1 or more)")     # argparse types
+nonneg_int = _int_at_least(0, "an integer of 0 or more")
 
 
 def model_cases(text: str) -> list[tuple[str, int, int]]:
@@ -85,17 +79,11 @@ def check_output_file(parser: argparse.ArgumentParser, path: str | None, flag: s
 
 
 def write_text_file(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` whole: into a temporary file beside it, then renamed over it, so an interrupted
-    write leaves the old file (or none), never half a JSON document."""
-    target = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` whole (``gmpq_core.fileio.atomic_write_text``: a temporary file beside it, then
+    renamed over it), so an interrupted write leaves the old file (or none), never half a JSON document."""
+    from gmpq_core.fileio import atomic_write_text
+
+    atomic_write_text(Path(path).expanduser(), text)
 
 
 def cli_entry(main):

@@ -357,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, case in enumerate(cases, 1):
         name, size, in_ch = case
         t0 = time.perf_counter()
-        progress(f"[{i}/{len(cases)}] {name} {size} px, batch {args.batch_size}: building FP + {len(variants)} supernet(s), "
-                 f"then {max(args.warmup, 1)} warm-up + {args.steps} timed steps of fp,{','.join(variants)} ...")
+        progress(f"[{i}/{len(cases)}] {name} {size} px, batch {args.batch_size}: building FP + {len(variants)} "
+                 f"supernet(s), then {max(args.warmup, 1)} warm-up + {args.steps} timed steps of fp,{','.join(variants)} ...")
         b = build_bench(name, size, in_ch, args.batch_size, args.device, variants, args.channels_last)
         kinds = ["fp"] + variants
         res = measure_times(b, kinds, args.device, args.steps, args.warmup, args.amp)
@@ -383,9 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                          "search_step_mb": None if mem.get(v) is None else round(mem[v], 1),
                          "fp_step_s": [round(t, 4) for t in res["times"]["fp"]],
                          "search_step_s": [round(t, 4) for t in res["times"][v]],
-                         "first_step_s": round(res["first"][v], 2), "amp": args.amp,
+                         "first_step_s": round(res["first"][v], 2), "amp": args.amp, "threads": args.threads,
                          **({"graph_steps": graph_counts[v]} if v in graph_counts else {}),
-                         "channels_last": args.channels_last, "threads": args.threads, "cudnn_benchmark": args.cudnn_benchmark,
+                         "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
                          "memory_method": ("cuda max_memory_allocated - allocated before the step" if cuda
                                            else "peak RSS - RSS after setup, fresh subprocess per variant"),
                          "machine": machine()})

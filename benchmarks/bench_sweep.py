@@ -198,7 +198,8 @@ def _run_in(out: Path, args: argparse.Namespace, prep: str, import_s: float) -> 
            "core_compute_fraction": round((compute + lent) / capacity, 4) if capacity > 0 else None,
            "compute_fraction_of_tune_phase": (round(compute / (times["tune_phase_s"] * slots), 4)
                                               if times.get("tune_phase_s") else None),
-           "trials_without_timings": no_timing, "shortened": bool(args.n_trials or args.epochs), "cache_dir": cfg.resolved().cache_dir, "precision": cfg.precision,
+           "trials_without_timings": no_timing, "shortened": bool(args.n_trials or args.epochs),
+           "cache_dir": cfg.resolved().cache_dir, "precision": cfg.precision,
            "trials": [{k: r.get(k) for k in ("budget_avg_bits", "proxy_size", "search_seconds", "transfer_seconds",
                                              "transfer_top1")} for r in sorted(rows, key=lambda r: r.get("started_at") or "")],
            "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}

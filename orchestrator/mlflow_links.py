@@ -76,7 +76,8 @@ def trial_note(tid: str, tags: Mapping[str, str], metrics: Mapping[str, float],
              "average bits)."]
     pareto = tags.get("pareto")
     if pareto == "selected":
-        lines.append(f"Pareto front: selected for the final fine-tune ({tags.get(SELECTION_TAG) or 'no reason recorded'}).")
+        why = tags.get(SELECTION_TAG) or "no reason recorded"
+        lines.append(f"Pareto front: selected for the final fine-tune ({why}).")
     elif pareto == "front":
         lines.append("Pareto front: on the front, not selected for the final fine-tune.")
     elif pareto == "dominated":

@@ -17,7 +17,7 @@ import pandas as pd
 from gmpq_core.errors import ConfigError
 from gmpq_core.fileio import atomic_write
 
-__all__ = ["PLOT_STAMP", "MIN_X_SPAN", "plot_study", "study_figure", "budget_figure", "companion_path",
+__all__ = ["PLOT_STAMP", "MIN_X_SPAN", "plot_study", "plot_title", "study_figure", "budget_figure", "companion_path",
            "check_plot_replaceable"]
 
 PLOT_STAMP = "gmpq study"     # the plot's PNG "Software" text: ``check_plot_replaceable``
@@ -35,6 +35,17 @@ def x_limits(values: pd.Series, min_span: float = MIN_X_SPAN) -> tuple[float, fl
     half = max((hi - lo) / 2 * 1.1, min_span * mean / 2)
     mid = (lo + hi) / 2
     return mid - half, mid + half
+
+
+def _legend_in_margin(fig, handles: dict) -> None:
+    """The proxies' legend in the figure's right margin, outside every panel, and the panels laid out beside it."""
+    right = 1.0
+    if handles:
+        legend = fig.legend(list(handles.values()), list(handles), title="proxy", fontsize=7, title_fontsize=8,
+                            loc="center right", bbox_to_anchor=(0.995, 0.5))
+        fig.canvas.draw()
+        right = 0.985 - legend.get_window_extent().width / fig.bbox.width
+    fig.tight_layout(rect=(0, 0, right, 1))
 
 
 def study_figure(df: pd.DataFrame, *, title: str = ""):
@@ -80,14 +91,21 @@ def study_figure(df: pd.DataFrame, *, title: str = ""):
         ax.set_ylabel("target top-1 (%)")
     if title:
         fig.suptitle(title, fontsize=10)
-    right = 1.0
-    if handles:         # one legend for every panel (a proxy has one colour throughout), in the right margin
-        legend = fig.legend(list(handles.values()), list(handles), title="proxy", fontsize=7, title_fontsize=8,
-                            loc="center right", bbox_to_anchor=(0.995, 0.5))
-        fig.canvas.draw()
-        right = 0.985 - legend.get_window_extent().width / fig.bbox.width
-    fig.tight_layout(rect=(0, 0, right, 1))
+    _legend_in_margin(fig, handles)      # one legend for every panel (a proxy has one colour throughout)
     return fig
+
+
+def plot_title(name: str, df: pd.DataFrame, *, fp_top1: float | None, num_classes: int | None, smoke: bool) -> str:
+    """The plot's title, with the page's warnings when it has them: a plot copied alone (into slides, a chat)
+    still says that a smoke run's numbers are a plumbing check, or that the FP model was near chance."""
+    from orchestrator.study import aggregate, chance_caution
+
+    title = f"{name}: target top-1 vs BitOPs (mean ± std over seeds)"
+    if smoke:
+        title += "\nsmoke run: a plumbing check, not a result"
+    elif chance_caution(aggregate(df), fp_top1=fp_top1, num_classes=num_classes):
+        title += "\ncaution: the target FP model is near chance, so differences say little about the methods"
+    return title
 
 
 def companion_path(path: str | Path) -> Path:
@@ -133,13 +151,7 @@ def budget_figure(df: pd.DataFrame, *, title: str = "", fp_top1: float | None = 
         ax.grid(axis="y", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)
-    right = 1.0
-    if handles:
-        legend = fig.legend(list(handles.values()), list(handles), title="proxy", fontsize=7, title_fontsize=8,
-                            loc="center right", bbox_to_anchor=(0.995, 0.5))
-        fig.canvas.draw()
-        right = 0.985 - legend.get_window_extent().width / fig.bbox.width
-    fig.tight_layout(rect=(0, 0, right, 1))
+    _legend_in_margin(fig, handles)
     return fig
 
 

@@ -14,8 +14,10 @@ differs from it is refused, as a run with it would be.
 
 Rerunning with the same --out skips finished cells; a study stopped midway (Ctrl-C: exit 130, SIGTERM: 143) keeps
 its rows, writes its page with the cells not run marked, and prints the command that continues it. Writes
-DIR/study.parquet, DIR/study_config.yaml, DIR/mlflow.db (unless --tracking-uri or $MLFLOW_TRACKING_URI), the page (--report, default DIR/results.md) and its plot
-(--png, default study_<name>.png next to the page).
+DIR/study.parquet, DIR/study_config.yaml, DIR/mlflow.db (unless --tracking-uri or $MLFLOW_TRACKING_URI), the page
+(--report, default DIR/results.md) and two plots: --png (default study_<name>.png next to the page), one panel per
+method, and beside it <its stem>_by_budget.png, the methods side by side at each budget (both refused over an image
+gmpq study did not write).
 
 The page's first line records that gmpq study wrote it, with a digest of the rest: an existing --report file
 outside the study folder is replaced only while it is such a page, unchanged. Any other file (docs/results.md,
@@ -39,7 +41,7 @@ from typing import Any
 
 from . import address_help, help_text
 
-__all__ = ["register", "run", "REPO_ROOT", "target_fp", "plot_title"]
+__all__ = ["register", "run", "REPO_ROOT", "target_fp"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SMOKE_CONFIG = REPO_ROOT / "experiments" / "generalization_smoke.yaml"
@@ -214,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.mlflow_sink import PARENT_FILE
     from orchestrator.study import check_page_replaceable, write_results_md
-    from orchestrator.study_plot import check_plot_replaceable, companion_path, plot_study
+    from orchestrator.study_plot import check_plot_replaceable, companion_path, plot_study, plot_title
     from orchestrator.commands.sweep import check_address_arg
 
     from orchestrator.commands import quiet_libraries
@@ -323,19 +325,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def plot_title(name: str, df: Any, *, fp_top1: float | None, num_classes: int | None, smoke: bool) -> str:
-    """The plot's title, with the page's warnings when it has them: a plot copied alone (into slides, a chat)
-    still says that a smoke run's numbers are a plumbing check, or that the FP model was near chance."""
-    from orchestrator.study import aggregate, chance_caution
-
-    title = f"{name}: target top-1 vs BitOPs (mean ± std over seeds)"
-    if smoke:
-        title += "\nsmoke run: a plumbing check, not a result"
-    elif chance_caution(aggregate(df), fp_top1=fp_top1, num_classes=num_classes):
-        title += "\ncaution: the target FP model is near chance, so differences say little about the methods"
-    return title
-
-
 def _read_notes(path: str | None) -> str:
     """The --notes file's text ("" without one), read before the study runs."""
     from gmpq_core.errors import ConfigError
@@ -390,7 +379,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", metavar="DIR", help="study folder (default runs/<name>); rerun to resume")
     p.add_argument("--report", metavar="PATH", help="results page to write (default DIR/results.md); an existing file is replaced "
                    "only if gmpq study wrote it and it is unchanged")
-    p.add_argument("--png", metavar="PATH", help="plot to write (default study_<name>.png next to the page)")
+    p.add_argument("--png", metavar="PATH", help="plot to write (default study_<name>.png next to the page); the "
+                   "per-budget plot goes beside it as <its stem>_by_budget.png")
     p.add_argument("--notes", metavar="FILE", help="hand-written reading (markdown) to include in the page")
     p.add_argument("--analyze-only", action="store_true", help="only rewrite the page from DIR/study.parquet")
     p.add_argument("--address", metavar="ADDR", help=address_help("start a local one"))

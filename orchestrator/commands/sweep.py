@@ -285,8 +285,8 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
         f"budgets reachable with candidates W{list(cfg.candidates.w_bits)} A{list(cfg.candidates.a_bits)}: "
         f"{b_lo:.3g}..{b_hi:.3g} average bits ({g_lo:.4g}..{g_hi:.4g} GBitOPs); budget buckets "
         f"{list(cfg.budget_buckets) or 'none (one bucket)'}",
-        f"Optuna: {sampler_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.seed)}; pruner {cfg.pruner.name}{f' ({kwargs})' if kwargs else ''} within "
-        f"each budget bucket; storage {shown_url(cfg.optuna_storage)}",
+        f"Optuna: {sampler_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.seed)}; pruner {cfg.pruner.name}"
+        f"{f' ({kwargs})' if kwargs else ''} within each budget bucket; storage {shown_url(cfg.optuna_storage)}",
         f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", _final_text(cfg.finetune),
         *_fits_here(cfg),
         f"Nothing was trained. Run the same command without --check to {'resume' if checked.resume else 'start'} the "

@@ -40,8 +40,8 @@ def format_report(rep: Any) -> str:
     if rep.tables_logged:
         lines.append(f"tables added to the parent run: {', '.join(rep.tables_logged)}")
     if getattr(rep, "runs_tagged", 0):
-        lines.append(f"{rep.runs_tagged} run{'' if rep.runs_tagged == 1 else 's'} given their Pareto / fine-tune links (pareto, selection_reason, "
-                     "finetune_run_id, final_top1, trial_run_id) or descriptions")
+        lines.append(f"{rep.runs_tagged} run{'' if rep.runs_tagged == 1 else 's'} given their Pareto / fine-tune "
+                     "links (pareto, selection_reason, finetune_run_id, final_top1, trial_run_id) or descriptions")
     lines.append("nothing was missing" if not rep.changed else "the tracking store now matches the sweep folder")
     return "\n".join(lines)
 

@@ -91,7 +91,7 @@ def test_a_sweep_config_given_to_gmpq_study_is_named_as_one():
 
 
 def test_the_plot_title_carries_the_pages_warnings():
-    from orchestrator.commands.study import plot_title
+    from orchestrator.study_plot import plot_title
 
     good, weak = _rows(3), _rows(3).assign(target_top1=12.0)
     assert plot_title("s", good, fp_top1=85.0, num_classes=10, smoke=False) == \

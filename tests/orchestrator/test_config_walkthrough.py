@@ -14,18 +14,13 @@ import yaml
 from gmpq_core.errors import ConfigError
 from orchestrator.cli import main
 from orchestrator.sweep_checks import check_sweep_config
-from orchestrator.sweep_config import SweepConfig, deep_merge, load_sweep_config, save_resolved_config
+from orchestrator.sweep_config import SweepConfig, load_sweep_config, save_resolved_config
 from search_spaces.presets import load_preset
 
-
-def _cfg(**changes) -> SweepConfig:
-    return SweepConfig.from_dict(deep_merge(load_preset("demo"), changes))
+from demo_config import config_error, demo_cfg   # same folder (pytest puts it on sys.path)
 
 
-def _error(**changes) -> str:
-    with pytest.raises(ConfigError) as e:
-        _cfg(**changes)
-    return " ".join(str(e.value).split())
+_cfg, _error = demo_cfg, config_error
 
 
 def test_an_optuna_sampler_key_names_the_sampler_section():
@@ -124,7 +119,8 @@ def test_check_validates_a_config_and_says_what_would_run_without_running_it(tmp
     said = capsys.readouterr().out
     assert said.startswith("config OK: sweep 'mine' of resnet20 at 28 px") and "3 trials, 2 at a time" in said
     assert "budget_avg_bits float 2.5..5; proxy_size one of [500, 1000]" in said
-    assert "2..6 average bits" in said and "TPESampler (seed 7, n_startup_trials=10); pruner percentile (percentile=25.0)" in said
+    assert "2..6 average bits" in said
+    assert "TPESampler (seed 7, n_startup_trials=10); pruner percentile (percentile=25.0)" in said
     assert not out.exists()                                            # nothing written, nothing trained
     path.write_text(yaml.safe_dump({"preset": "demo", "space": {"budget_avg_bits": {"type": "float", "low": 1.0,
                                                                                     "high": 3.0}}}))

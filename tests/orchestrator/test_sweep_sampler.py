@@ -10,19 +10,13 @@ import yaml
 from gmpq_core.errors import ConfigError
 from orchestrator.sampling import SAMPLERS, make_sampler, warmup_text, with_defaults
 from orchestrator.sweep import OBJECTIVES, SweepOptunaSearch
-from orchestrator.sweep_config import SamplerConfig, SweepConfig, deep_merge, load_sweep_config, save_resolved_config
+from orchestrator.sweep_config import SamplerConfig, load_sweep_config, save_resolved_config
 from orchestrator.sweep_resume import _check_same_config
-from search_spaces.presets import load_preset
+
+from demo_config import config_error, demo_cfg   # same folder (pytest puts it on sys.path)
 
 
-def _cfg(**changes) -> SweepConfig:
-    return SweepConfig.from_dict(deep_merge(load_preset("demo"), changes))
-
-
-def _error(**changes) -> str:
-    with pytest.raises(ConfigError) as e:
-        _cfg(**changes)
-    return " ".join(str(e.value).split())
+_cfg, _error = demo_cfg, config_error
 
 
 SMALL_START = {"tpe": {"n_startup_trials": 2}, "random": {}, "nsga2": {"population_size": 4}, "qmc": {},
