@@ -37,7 +37,9 @@ def test_a_space_key_at_the_top_level_names_the_space_section_not_teacher_epochs
     ("cpu", 2, "'cpu' belongs in the 'resources:' section (resources: {cpu: 2})"),
     ("top_k", 3, "'top_k' belongs in the 'finetune:' section (finetune: {top_k: 3})"),
     ("fp_epochs", 2, "'fp_epochs' belongs in the 'transfer:' section (transfer: {fp_epochs: 2})"),
-    ("kwargs", {"n_warmup_steps": 1}, "'kwargs' belongs in the 'pruner:' section (pruner: {kwargs: {n_warmup_steps: 1}})"),
+    ("kwargs", {"n_warmup_steps": 1}, "'kwargs' belongs in one of the sections 'pruner:' (the Optuna pruner) or "
+                                      "'sampler:' (the Optuna sampler), not at the top level (e.g. pruner: {kwargs: "
+                                      "{n_warmup_steps: 1}})"),
     ("w_bits", [2, 4], "'w_bits' belongs in the 'candidates:' section (candidates: {w_bits: [2, 4]})"),
     ("recalibrate_bn_batches", 4, "'recalibrate_bn_batches' belongs in the 'search:' section"),
     ("batch_size", 32, "'batch_size' belongs in one of the sections 'search:'"),
