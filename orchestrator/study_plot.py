@@ -133,13 +133,13 @@ def budget_figure(df: pd.DataFrame, *, title: str = "", fp_top1: float | None = 
                              squeeze=False)      # each budget its own y range: its differences, not another's
     handles: dict[str, object] = {}
     for ax, budget in zip(axes[0], budgets):
+        cells_at, means_at = d[d["budget"] == budget], agg[agg["budget"] == budget]
         for x, m in enumerate(methods):
-            here = [p for p in proxies if not d[(d["method"] == m) & (d["proxy"] == p) & (d["budget"] == budget)].empty]
-            for k, p in enumerate(here):
-                dx = (k - (len(here) - 1) / 2) * min(0.18, 0.7 / max(len(here), 1))
-                cells = d[(d["method"] == m) & (d["proxy"] == p) & (d["budget"] == budget)]
+            groups = list(cells_at[cells_at["method"] == m].groupby("proxy", sort=True))   # each proxy's seeds
+            for k, (p, cells) in enumerate(groups):
+                dx = (k - (len(groups) - 1) / 2) * min(0.18, 0.7 / len(groups))
                 ax.scatter([x + dx] * len(cells), cells["target_top1"], s=10, alpha=0.35, color=colors[p])
-                a = agg[(agg["method"] == m) & (agg["proxy"] == p) & (agg["budget"] == budget)]
+                a = means_at[(means_at["method"] == m) & (means_at["proxy"] == p)]
                 handles[p] = ax.errorbar([x + dx], a["top1_mean"], yerr=a["top1_std"].fillna(0), fmt="o", ms=5,
                                          capsize=3, color=colors[p], label=p)
         ax.set_ylabel("target top-1 (%)")

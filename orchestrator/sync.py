@@ -7,8 +7,8 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
 - the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created);
 - one child run per row of ``trials.parquet`` (reused through ``mlflow_runs.json`` or its ``trial_id``
   tag, else created) with the trial's params (a created one: its numbers also as ``param_<name>`` metrics), its
-  per-epoch metrics (read back from the Ray Tune trial folder's ``result.json`` when the run has none), the final metrics, ``policy.json``, the ``status``
-  and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
+  per-epoch metrics (read back from the Ray Tune trial folder's ``result.json`` when the run has none), the final
+  metrics, ``policy.json``, the ``status`` and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
 - the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them (the Pareto
   table, its plots and ``pareto_size`` / ``n_selected`` also when the run's pareto.parquet is another one), and on
   the trial runs the ``pareto`` tag (and ``selection_reason``), and a fine-tuned policy's ``finetune_run_id`` tag and
