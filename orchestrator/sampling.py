@@ -35,8 +35,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, tuple[type, ...]], str]] = {
     "gp": ("GPSampler", {"n_startup_trials": (int,), "deterministic_objective": (bool,)},
            "Gaussian-process Bayesian optimization"),
 }
-_STARTUP_DEFAULTS = {"tpe": ("n_startup_trials", 10), "gp": ("n_startup_trials", 10),
-                     "nsga2": ("population_size", 50)}
+# the argument counting a sampler's random first trials (its default: Optuna's signature, ``with_defaults``)
+_STARTUP_KEY = {"tpe": "n_startup_trials", "gp": "n_startup_trials", "nsga2": "population_size"}
 
 
 def _names() -> str:
@@ -97,10 +97,10 @@ def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | No
     """A line when every one of the sweep's ``n_trials`` is among the sampler's random first trials (then the
     sampler never uses what earlier trials found), else None; None too when ``kwargs`` sets that count (the
     config chose it knowingly, as the demo preset does)."""
-    if name not in _STARTUP_DEFAULTS or _STARTUP_DEFAULTS[name][0] in kwargs:
+    key = _STARTUP_KEY.get(name)
+    if key is None or key in kwargs:
         return None
-    key, default = _STARTUP_DEFAULTS[name]
-    first = kwargs.get(key, default)
+    first = with_defaults(name, {})[key]
     if n_trials > first:
         return None
     suggested = max(2 if name == "nsga2" else 1, min(first, n_trials // 2))

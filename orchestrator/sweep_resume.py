@@ -176,7 +176,7 @@ def _check_same_config(cfg: SweepConfig) -> None:
     is saved only when set (older folders hold it with its defaults): missing, it compares as its defaults. The
     ``sampler`` (older folders: none, TPE) compares with its arguments' defaults written out."""
     from .sweep_config import load_sweep_config
-    from .sampling import DEFAULT_SAMPLER, with_defaults
+    from .sampling import with_defaults
     from .sweep_sections import FaultInjection
 
     saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
@@ -187,8 +187,7 @@ def _check_same_config(cfg: SweepConfig) -> None:
     old["precision"], new["precision"] = (resolve_precision(d["precision"], device) for d in (old, new))
     for d in (old, new):
         d.setdefault("testing", FaultInjection().to_dict())
-        sampler = d.setdefault("sampler", {"name": DEFAULT_SAMPLER, "kwargs": {}})   # older folders: TPE, defaults
-        sampler["kwargs"] = with_defaults(sampler.get("name"), sampler.get("kwargs") or {})
+        d["sampler"]["kwargs"] = with_defaults(d["sampler"]["name"], d["sampler"]["kwargs"])   # (loaded: always set)
     diff = [d for k in sorted(new) if k not in ("address", "cache_dir", "finetune")
             for d in _differences(k, old.get(k), new.get(k))]
     if diff:
