@@ -43,14 +43,18 @@ from bench_cli import check_output_file, cli_entry, positive_int, progress, writ
 
 def _jobs(sweep_dir: Path, steps: int, test_size: int):
     from orchestrator.final_stage import final_job, target_fp_checkpoint
-    from orchestrator.pareto import read_pareto
+    from gmpq_core.errors import ConfigError
+    from orchestrator.pareto import PARETO_FILE, read_pareto
     from orchestrator.results import load_resolved_config
 
-    cfg = load_resolved_config(sweep_dir, missing_ok=False)
-    pareto = read_pareto(sweep_dir)
-    chosen = pareto[pareto["selected"]]
+    cfg = load_resolved_config(sweep_dir, missing_ok=False)    # CheckpointError (exit 2) when not a sweep folder
+    pareto = read_pareto(sweep_dir)                              # and when pareto.parquet is missing or damaged
+    chosen = pareto[pareto["selected"]] if len(pareto) else pareto
     if chosen.empty:
-        sys.exit(f"{sweep_dir} selects no policy (pareto.parquet): run the sweep (make demo) first.")
+        raise ConfigError(
+            f"--sweep {sweep_dir}: its {PARETO_FILE} selects no policy (no trial of the sweep completed with a "
+            "result?), so there is no fine-tune to time. Give a sweep folder with completed trials: continue this "
+            f"one (gmpq sweep --out {sweep_dir} --resume), or run the demo sweep first (make demo writes runs/demo).")
     fp = target_fp_checkpoint(sweep_dir)
     return [final_job(cfg, r, fp, epochs=1, max_steps_per_epoch=steps, test_size=test_size)
             for r in chosen.to_dict("records")]
@@ -92,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers and args.workers > (os.cpu_count() or 1):
         ap.error(f"--workers {args.workers}: more than this machine's {os.cpu_count() or 1} CPUs; Ray Train would wait "
                  "for them forever (one CPU per worker). Give at most that many, or leave --workers out (every CPU).")
+    if Path(args.sweep).expanduser().is_file():
+        ap.error(f"--sweep {args.sweep}: that is a file; give a finished sweep's folder (its --out), e.g. runs/demo.")
     if not Path(args.sweep).expanduser().is_dir():
         ap.error(f"--sweep {args.sweep}: no such folder. Give a finished sweep's folder (its --out), or run the demo "
                  "sweep first (make demo writes runs/demo).")

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cli import check_output_file, cli_entry, model_cases, nonneg_int, positive_int, progress  # noqa: E402
-from bench_search_step import build_bench, machine, measure_times, timed, write_json  # noqa: E402
+from bench_report import load_1m, load_text, machine, run_machine  # noqa: E402
+from bench_search_step import build_bench, measure_times, timed, write_json  # noqa: E402
 from bench_variants import Variant  # noqa: E402
 
 CASES = [("resnet18", 16, 3), ("resnet20", 16, 1)]
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = args.models or CASES
     rows = []
     for i, (name, size, in_ch) in enumerate(cases, 1):
+        load0 = load_1m()                                 # the load before this case: its rows' loadavg_1m_start
         progress(f"[{i}/{len(cases)}] {name} {size} px, batch {args.batch_size}: {args.steps} timed steps of "
                  f"fp,{','.join(variants)} ...")
         b = build_bench(name, size, in_ch, args.batch_size, "cpu", variants, channels_last=False)
@@ -91,15 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"model": name, "input_size": size, "batch_size": args.batch_size, "variant": k,
                          "ms_per_step": round(med[k], 3), "ratio_vs_fp": round(med[k] / med["fp"], 2),
                          "step_ms": [round(t * 1e3, 3) for t in res["times"][k]], "threads": args.threads,
-                         "machine": machine()})
+                         "machine": machine(load0)})
     write_json(rows, args.json)
     if args.json != "-":
         print(f"{'model':9} {'px':>3} {'batch':>5} {'variant':11} {'ms/step':>9} {'x FP':>6}")
         for r in rows:
             print(f"{r['model']:9} {r['input_size']:>3} {r['batch_size']:>5} {r['variant']:11} "
                   f"{r['ms_per_step']:>9.2f} {r['ratio_vs_fp']:>6.2f}")
+        m = run_machine(rows)
         print(f"x FP = ms/step / FP ms/step, measured side by side (lower is better); threads={args.threads} "
-              f"steps={args.steps} machine={machine()}")
+              f"steps={args.steps}; {load_text(m)}; machine={m}")
     return 0
 
 

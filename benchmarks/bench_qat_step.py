@@ -43,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cli import check_output_file, cli_entry, model_cases, positive_int  # noqa: E402
-from bench_search_step import _sync, machine, write_json  # noqa: E402  (same sync, machine record, --json)
+from bench_report import load_1m, load_text, machine, write_json  # noqa: E402  (same machine record, --json)
+from bench_search_step import _sync  # noqa: E402  (same sync)
 
 from gmpq_core.layers import searchable_layers  # noqa: E402
 from gmpq_core.models import build_model  # noqa: E402
@@ -139,10 +140,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _row(name: str, size: int, batch: int, args: argparse.Namespace, kind: str, b: dict, **values) -> dict:
+def _row(name: str, size: int, batch: int, args: argparse.Namespace, kind: str, b: dict, load0: float | None,
+         **values) -> dict:
+    """A row of the JSON; ``load0``: the 1-minute load average before its case (``loadavg_1m_start``)."""
     return {"model": name, "input_size": size, "batch_size": batch, "device": args.device, "variant": kind,
             "precision": resolve_precision(b["precision"][kind], args.device), **values,
-            "threads": torch.get_num_threads(), **machine()}
+            "threads": torch.get_num_threads(), **machine(load0)}
 
 
 @cli_entry
@@ -163,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{'ratio':>6} {'mem ratio':>9}")
     else:                                                     # each kind's own images/s; ratio = time / FP time
         say(f"{'model':10} {'px':>4} {'batch':>5} {'variant':10} {'precision':9} {'img/s':>9} {'ratio':>6}")
+    run_load0 = load_1m()                                     # the load before the run, printed at its end
     for name, size, in_ch in cases:
+        load0 = load_1m()                                     # the load before this case: its rows' loadavg_1m_start
         b = build(name, size, in_ch, batch, args.device, args.precision, mode)
         med = measure(b, args.device, args.rounds, chunk)
         if mode != "impl":
             for kind in b["models"]:
-                row = _row(name, size, batch, args, kind, b, img_s=batch / med[kind], ratio=med[kind] / med["fp"])
+                row = _row(name, size, batch, args, kind, b, load0, img_s=batch / med[kind],
+                           ratio=med[kind] / med["fp"])
                 rows.append(row)
                 say(f"{name:10} {size:4d} {batch:5d} {kind:10} {row['precision']:9} {row['img_s']:9.1f} "
                     f"{row['ratio']:6.2f}")
@@ -182,14 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         fp_mem = cuda_peak(b, "fp") if cuda else None
         for kind in ("reference", "fused"):
             mem = cuda_peak(b, kind) / fp_mem if cuda else None
-            row = _row(name, size, batch, args, kind, b, fp_img_s=batch / med["fp"], qat_img_s=batch / med[kind],
-                       ratio=med[kind] / med["fp"], memory_ratio=mem)
+            row = _row(name, size, batch, args, kind, b, load0, fp_img_s=batch / med["fp"],
+                       qat_img_s=batch / med[kind], ratio=med[kind] / med["fp"], memory_ratio=mem)
             rows.append(row)
             say(f"{name:10} {size:4d} {batch:5d} {kind:10} {row['precision']:9} {row['fp_img_s']:9.1f} "
                 f"{row['qat_img_s']:9.1f} {row['ratio']:6.2f} {'-' if mem is None else f'{mem:.2f}':>9}")
         say(f"{'':10} fused / reference: {med['reference'] / med['fused']:.2f}x faster")
     say("ratio = step time / FP step time" + (" (FP img/s / QAT img/s)" if mode == "impl" else "")
         + ", measured side by side in this run (lower is faster)")
+    say(f"{load_text(machine(run_load0))}, before and after the whole run")
     write_json(rows, args.json)
     return 0
 

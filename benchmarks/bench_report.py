@@ -12,7 +12,16 @@ import torch
 from bench_cli import write_text_file  # same folder (run as a script)
 
 
-def machine() -> dict:
+def load_1m() -> float | None:
+    """The machine's 1-minute load average now (processes running or waiting for a core, averaged over the last
+    minute; compare it with ``cores``), or None where the OS keeps none."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def machine(loadavg_1m_start: float | None) -> dict:
+    """The machine record of a measurement: CPU, cores, versions, GPU, and the 1-minute load average before it
+    (``loadavg_1m_start``: ``load_1m()`` read by the caller when the measurement began) and now, at its end
+    (``loadavg_1m_end``), so a reader can tell whether other work ran beside it."""
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
@@ -23,8 +32,24 @@ def machine() -> dict:
     if torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     if hasattr(os, "getloadavg"):
-        out["loadavg_1m"] = round(os.getloadavg()[0], 2)
+        out.update(loadavg_1m_start=loadavg_1m_start, loadavg_1m_end=load_1m())
     return out
+
+
+def load_text(m: dict) -> str:
+    """A machine record's load averages as printed: ``load 1m: start 0.52, end 1.87 (2 cores)``."""
+    if "loadavg_1m_end" not in m:
+        return "load 1m: not recorded (this OS keeps no load average)"
+    return f"load 1m: start {m['loadavg_1m_start']}, end {m['loadavg_1m_end']} ({m['cores']} cores)"
+
+
+def run_machine(rows: list[dict]) -> dict:
+    """The machine record of a whole run, from its rows' (``row["machine"]``): the first row's, which has the load
+    average before the first measurement, with the load average after the last row's."""
+    if not rows:
+        return machine(None)
+    first, last = rows[0]["machine"], rows[-1]["machine"]
+    return {**first, **({"loadavg_1m_end": last["loadavg_1m_end"]} if "loadavg_1m_end" in last else {})}
 
 
 def write_json(rows: list[dict], target: str | None) -> None:
@@ -53,5 +78,6 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
               f"{_mb(r['search_step_mb']):>9} {r['first_step_s']:>10.1f}")
     print("ratio = FP img/s / search img/s, measured side by side (1.0 is the limit; lower is better); mem ratio = "
           "search MB / FP MB (peak extra memory of one step); 1st step s: the first search step, compilation included")
+    m = run_machine(rows)
     print(f"device={args.device} threads={args.threads} amp={args.amp} channels_last={args.channels_last} "
-          f"cudnn_benchmark={args.cudnn_benchmark} machine={machine()}")
+          f"cudnn_benchmark={args.cudnn_benchmark}; {load_text(m)}; machine={m}")

@@ -69,11 +69,10 @@ from gmpq_core.supernet import build_supernet, calibrate_supernet_, mixed_layers
 from gmpq_core.train import sgd
 
 from bench_cli import check_output_file, cli_entry, model_cases, nonneg_int, positive_int, progress  # same folder
-from bench_report import machine, print_table, write_json  # same folder (run as a script)
+from bench_report import load_1m, machine, print_table, write_json  # same folder (run as a script)
 from bench_variants import ALL_VARIANTS, SUFFIXES, Variant  # noqa: F401 - same folder (run as a script); re-exported
 
-CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)],
-         "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
+CASES = {"cpu": [("resnet18", 32, 3), ("resnet20", 28, 1)], "cuda": [("resnet18", 224, 3), ("resnet20", 28, 1)]}
 
 @dataclass
 class Bench:
@@ -349,16 +348,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--variants: {e}", file=sys.stderr)
         return 2
     if not cuda and any(s.cuda_only for s in specs):    # on a CPU they would run other kernels under their name
-        print(f"--variants {','.join(variants)}: triton, '+graph' (CUDA graphs) and '+tstream' (a CUDA stream) variants "
-              "need CUDA; use them with --device cuda.", file=sys.stderr)
+        print(f"--variants {','.join(variants)}: triton, '+graph' (CUDA graphs) and '+tstream' (a CUDA stream) "
+              "variants need CUDA; use them with --device cuda.", file=sys.stderr)
         return 2
     cases = args.models or CASES[args.device]
     rows = []
     for i, case in enumerate(cases, 1):
         name, size, in_ch = case
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), load_1m()       # the load before this case: its rows' loadavg_1m_start
         progress(f"[{i}/{len(cases)}] {name} {size} px, batch {args.batch_size}: building FP + {len(variants)} "
-                 f"supernet(s), then {max(args.warmup, 1)} warm-up + {args.steps} timed steps of fp,{','.join(variants)} ...")
+                 f"supernet(s), then {max(args.warmup, 1)} warm-up + {args.steps} timed steps of "
+                 f"fp,{','.join(variants)} ...")
         b = build_bench(name, size, in_ch, args.batch_size, args.device, variants, args.channels_last)
         kinds = ["fp"] + variants
         res = measure_times(b, kinds, args.device, args.steps, args.warmup, args.amp)
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                          "channels_last": args.channels_last, "cudnn_benchmark": args.cudnn_benchmark,
                          "memory_method": ("cuda max_memory_allocated - allocated before the step" if cuda
                                            else "peak RSS - RSS after setup, fresh subprocess per variant"),
-                         "machine": machine()})
+                         "machine": machine(load0)})
     write_json(rows, args.json)
     if args.json != "-":
         print_table(rows, args)

@@ -155,6 +155,7 @@ def _run_in(out: Path, args: argparse.Namespace, prep: str, import_s: float) -> 
     prepare = orig_prepare if prep == "parallel" else functools.partial(_sequential, orig_prepare)
     sweep_mod.prepare_shared = _timed_phase(times, "prepare_s", prepare)
     ray_env.ray_session = _timed_session(times, orig_session)
+    load0 = round(os.getloadavg()[0], 2)     # and at the end: was other work running beside the sweep?
     try:
         t0 = time.perf_counter()
         summary = sweep_mod.run_sweep(cfg, progress=True)
@@ -202,7 +203,7 @@ def _run_in(out: Path, args: argparse.Namespace, prep: str, import_s: float) -> 
            "cache_dir": cfg.resolved().cache_dir, "precision": cfg.precision,
            "trials": [{k: r.get(k) for k in ("budget_avg_bits", "proxy_size", "search_seconds", "transfer_seconds",
                                              "transfer_top1")} for r in sorted(rows, key=lambda r: r.get("started_at") or "")],
-           "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+           "loadavg_1m_start": load0, "loadavg_1m_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
     return res
 
 
@@ -277,6 +278,9 @@ def _print(res: dict) -> None:
           f"Ray stop {res['ray_stop_s']:.1f} s, Tune phase {res['tune_phase_s']:.1f} s "
           f"(compute fills {100 * (res['compute_fraction_of_tune_phase'] or 0):.1f}% of its slots); inside "
           f"trials but outside compute {res['in_trial_non_compute_s']:.1f} s")
+    if res.get("loadavg_1m_end") is not None:
+        print(f"  load 1m: start {res['loadavg_1m_start']}, end {res['loadavg_1m_end']} ({res['cpus']} cores; near "
+              "or above the core count: other work shared the machine, and the fraction is lower for it)")
     if res["trials_without_timings"]:
         print(f"  {len(res['trials_without_timings'])} trial(s) without search/transfer timings (wall counted as "
               f"compute): {res['trials_without_timings']}")

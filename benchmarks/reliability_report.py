@@ -4,14 +4,7 @@
     .venv/bin/python benchmarks/reliability_report.py --json     # one JSON object
     .venv/bin/python benchmarks/reliability_report.py --only bad_inputs,damaged_files   # no sweeps: ~15 s
 
-Scenarios (tiny sweeps on Fashion-MNIST, about 10 minutes on 2 cores; see tests/reliability/scenarios.py):
-  bad_inputs         every bad config / flag of tests/reliability/bad_input_cases.py, refused before compute
-  trial_faults       a trial that raises, a NaN loss, a trial worker killed with SIGKILL (max_failures 1),
-                     with the MLflow server down for the whole sweep, then started and synced twice
-  driver_kill        the sweep driver SIGKILLed right after the first finished trial, then --resume
-  mlflow_down_mid    the MLflow server stopped mid-sweep, restarted, synced twice
-  finetune_kill      gmpq finetune SIGKILLed after its first epoch checkpoint, then rerun
-  damaged_files      truncated trials.parquet, fine-tune checkpoint, run-id file: reported by name / no duplicates
+Scenarios: listed at the end of --help, from the registry ``SCENARIOS`` below (also --only's choices).
 
 Totals: faults injected, trials attempted/failed/retried/recovered, rows and runs lost (must be 0),
 duplicate rows/runs (must be 0), finished work recomputed (must be 0). Exit status 0 when every
@@ -26,8 +19,11 @@ import json
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "reliability")]
@@ -38,7 +34,6 @@ from scenarios import Outcome, driver_kill, finetune_kill, mlflow_down_mid_sweep
 
 SUMS = ("faults_injected", "trials_attempted", "attempts", "trials_failed", "trials_retried", "trials_recovered",
         "rows_lost", "duplicate_rows", "runs_lost", "duplicate_runs", "reruns_of_finished")
-SCENARIOS = ("bad_inputs", "damaged_files", "trial_faults", "driver_kill", "mlflow_down_mid", "finetune_kill")
 MUST_BE_ZERO = ("rows_lost", "duplicate_rows", "runs_lost", "duplicate_runs", "reruns_of_finished")
 
 
@@ -122,25 +117,63 @@ def damaged_files(root: Path) -> Outcome:
     return o
 
 
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario of the report: ``run(work, procs, cache)`` -> its Outcome, where ``work`` is the report's work
+    folder, ``procs`` the processes it starts (all stopped at the end) and ``cache`` the data / model cache the
+    sweeps share. ``about``: its line in --help."""
+    name: str
+    about: str
+    run: Callable[[Path, Procs, Path], Outcome]
+
+
+# the one list of scenarios, in the order they run: --only's choices, --help's list and the plan all come from it
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("bad_inputs", "every bad config / flag of tests/reliability/bad_input_cases.py, refused before compute",
+             lambda work, procs, cache: bad_inputs(work)),
+    Scenario("damaged_files", "truncated trials.parquet, fine-tune checkpoint, run-id file: reported by name / no "
+             "duplicates", lambda work, procs, cache: damaged_files(work)),
+    Scenario("trial_faults", "a trial that raises, a NaN loss, a trial worker killed with SIGKILL (max_failures 1), "
+             "with the MLflow server down for the whole sweep, then started and synced twice",
+             lambda work, procs, cache: trial_faults(work, procs, cache, mlflow_down=True)),
+    Scenario("driver_kill", "the sweep driver SIGKILLed right after the first finished trial, then --resume",
+             driver_kill),
+    Scenario("mlflow_down_mid", "the MLflow server stopped mid-sweep, restarted, synced twice",
+             mlflow_down_mid_sweep),
+    Scenario("finetune_kill", "gmpq finetune SIGKILLed after its first epoch checkpoint, then rerun",
+             lambda work, procs, cache: finetune_kill(work, procs)),
+)
+
+
+def scenario_names() -> tuple[str, ...]:
+    return tuple(sc.name for sc in SCENARIOS)
+
+
+def scenarios_help() -> str:
+    """--help's list of the scenarios, one paragraph each, from ``SCENARIOS``."""
+    width = max(len(n) for n in scenario_names()) + 4
+    lines = ["Scenarios (tiny sweeps on Fashion-MNIST, about 10 minutes on 2 cores; see "
+             "tests/reliability/scenarios.py):"]
+    for sc in SCENARIOS:
+        lines.append(textwrap.fill(sc.about, 116, initial_indent=f"  {sc.name:<{width - 2}}",
+                                   subsequent_indent=" " * width))
+    return "\n".join(lines)
+
+
 def run_report(work: Path, only: set[str] | None) -> dict:
+    """Run the scenarios of ``SCENARIOS`` (in its order) whose names are in ``only`` (None: all of them)."""
     procs = Procs(work / "logs")
     cache = work / "cache"
-    plan = [("bad_inputs", lambda: bad_inputs(work)),
-            ("damaged_files", lambda: damaged_files(work)),
-            ("trial_faults", lambda: trial_faults(work, procs, cache, mlflow_down=True)),
-            ("driver_kill", lambda: driver_kill(work, procs, cache)),
-            ("mlflow_down_mid", lambda: mlflow_down_mid_sweep(work, procs, cache)),
-            ("finetune_kill", lambda: finetune_kill(work, procs))]
     t0 = time.time()
     outcomes: list[Outcome] = []
     try:
-        for name, fn in plan:
-            if only and name not in only:
+        for sc in SCENARIOS:
+            if only and sc.name not in only:
                 continue
-            print(f"reliability: {name} ...", file=sys.stderr, flush=True)
-            o = fn()
+            print(f"reliability: {sc.name} ...", file=sys.stderr, flush=True)
+            o = sc.run(work, procs, cache)
             outcomes.append(o)
-            print(f"reliability: {name}: {'held' if o.ok else 'FAILED'} in {o.seconds:.0f} s", file=sys.stderr,
+            print(f"reliability: {sc.name}: {'held' if o.ok else 'FAILED'} in {o.seconds:.0f} s", file=sys.stderr,
                   flush=True)
     finally:
         leftovers = procs.stop_all()
@@ -170,16 +203,18 @@ def format_report(rep: dict) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = scenario_names()
+    p = argparse.ArgumentParser(description=__doc__, epilog=scenarios_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--work", default=None, metavar="DIR", help="work folder (default: a temporary one, removed)")
-    p.add_argument("--only", default=None, metavar="A,B", help=f"run only these scenarios, of {', '.join(SCENARIOS)}")
+    p.add_argument("--only", default=None, metavar="A,B", help=f"run only these scenarios, of {', '.join(names)}")
     p.add_argument("--save-json", default=None, metavar="FILE", help="also write the JSON object to FILE")
     args = p.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()} if args.only is not None else None
-    if only is not None and (not only or only - set(SCENARIOS)):
-        p.error(f"--only {args.only}: unknown scenario(s) {', '.join(sorted(only - set(SCENARIOS))) or '(none given)'}; "
-                f"give a comma list of {', '.join(SCENARIOS)}.")
+    if only is not None and (not only or only - set(names)):
+        p.error(f"--only {args.only}: unknown scenario(s) {', '.join(sorted(only - set(names))) or '(none given)'}; "
+                f"give a comma list of {', '.join(names)}.")
     check_output_file(p, args.save_json, "--save-json", stdout_ok=False)
     work = Path(args.work or tempfile.mkdtemp(prefix="gmpq-reliability-")).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -81,4 +81,6 @@ def test_fewer_trials_than_slots_and_a_shortened_sweep_are_said_next_to_the_frac
     assert "1 trial(s) on 2 slots" in out and "--n-trials 2 or more" in out and "MISSED" in out
     bench_sweep._print({**res, "shortened": True})      # --n-trials / --epochs given: the goal is not judged
     out = capsys.readouterr().out
-    assert "MISSED" not in out and "shortened: not judged" in out
+    assert "MISSED" not in out and "shortened: not judged" in out and "load 1m" not in out   # a file without it
+    bench_sweep._print({**res, "loadavg_1m_start": 0.4, "loadavg_1m_end": 2.9, "cpus": 2})
+    assert "load 1m: start 0.4, end 2.9 (2 cores" in capsys.readouterr().out
