@@ -13,7 +13,7 @@ A sampler's first trials are random (TPE and GP: ``n_startup_trials``, default 1
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import optuna
 
@@ -37,6 +37,14 @@ SAMPLERS: dict[str, tuple[str, dict[str, tuple[type, ...]], str]] = {
 }
 # the argument counting a sampler's random first trials (its default: Optuna's signature, ``with_defaults``)
 _STARTUP_KEY = {"tpe": "n_startup_trials", "gp": "n_startup_trials", "nsga2": "population_size"}
+# arguments whose signature default is a placeholder (None) that Optuna turns into a value inside, for the sweep's
+# studies (always two objectives): (sampler, argument) -> that value, from the sampler's other arguments (defaults
+# filled in). TPE's multivariate: TPESampler._is_multivariate: False for a multi-objective study, True with group
+# (which needs it). NSGA-II's mutation_prob is not here: None means 1 / the parent trial's parameter count, trial by
+# trial, which no written value equals; it compares as written.
+_PLACEHOLDERS: dict[tuple[str, str], Callable[[Mapping[str, Any]], Any]] = {
+    ("tpe", "multivariate"): lambda args: bool(args["group"]),
+}
 
 
 def _names() -> str:
@@ -112,10 +120,16 @@ def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | No
 def with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Every argument ``kwargs`` may set, at its Optuna default unless set: two configs that differ only by
     writing a default out (``n_startup_trials: 10`` for TPE) run the same sampler (a resume compares these). An
-    argument whose signature default is a placeholder (None: Optuna picks the value inside) stays as written."""
+    argument whose signature default is a placeholder (None: Optuna picks the value inside) gets the value Optuna
+    picks for the sweep's two objectives where ``_PLACEHOLDERS`` knows it (TPE's ``multivariate: false``, or true
+    with ``group: true``); otherwise it stays as written."""
     import inspect
 
     if name not in SAMPLERS:
         return dict(kwargs)
     params = inspect.signature(getattr(optuna.samplers, SAMPLERS[name][0])).parameters
-    return {k: params[k].default for k in SAMPLERS[name][1] if params[k].default is not None} | dict(kwargs)
+    args = {k: params[k].default for k in SAMPLERS[name][1] if params[k].default is not None} | dict(kwargs)
+    for (sampler, key), effective in _PLACEHOLDERS.items():
+        if sampler == name and args.get(key) is None and params[key].default is None:
+            args[key] = effective(args)
+    return args

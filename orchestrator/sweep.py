@@ -13,7 +13,7 @@ local CPU sweep, the tail's thread sharing (``tail_threads``) -> summary (queued
 
 ``resume=True`` restores the Tune experiment (``Tuner.restore``): finished trials are not rerun,
 interrupted and errored ones are rerun from scratch, and the sampler keeps its Optuna study.
-``resume="auto"`` (``resolve_resume``) restores it when the folder holds it, else starts the sweep, as
+``resume="auto"`` (``choose_resume``) restores it when the folder holds it, else starts the sweep, as
 ``tune.run(resume="AUTO")`` did: a batch job retried with the same command continues.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .sweep_resume import (RESUME_AUTO, _check_same_config, _saved_cache_dir, _saved_tracking_uri,
-                           check_folder_state, check_not_a_study, experiment_path, holds_sweep_state,
+                           check_folder_state, check_not_a_study, choose_resume, experiment_path, holds_sweep_state,
                            refuse_beside_running_sweep, resolve_resume, resume_choice_text)
 from .cluster_watch import lost_after_s
 from .driver_markers import driver_marker
@@ -56,7 +56,7 @@ from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "check_not_a_study",
            "SweepOptunaSearch", "SweepProgress", "OBJECTIVES", "RESUME_AUTO", "holds_sweep_state", "resolve_resume",
-           "resume_choice_text", "refuse_beside_running_sweep"]
+           "choose_resume", "resume_choice_text", "refuse_beside_running_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -310,9 +310,7 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
         from cluster.connect import resolve_address
         joined = resolve_address(cfg.address)  # checks the syntax only; joining comes later (ray_env)
     check_not_a_study(cfg.sweep_dir)
-    if not isinstance(resume, bool):
-        resume = resolve_resume(cfg, resume)   # "auto": then the checks of the one it chose
-        say(resume_choice_text(cfg, resume))
+    resume = choose_resume(cfg, resume, say)   # "auto": said, then the checks of the one it chose
     if resume and cfg.cache_dir is None:
         cfg = replace(cfg, cache_dir=_saved_cache_dir(cfg))      # keep the cache the sweep started with
     if resume and cfg.tracking_uri is None:                       # and its MLflow store ($MLFLOW_TRACKING_URI may
@@ -347,7 +345,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     """Run (or resume) a sweep; returns counts of completed / pruned / failed trials and the wall time.
 
     ``resume``: False starts the sweep (ConfigError if the folder holds it already), True continues it
-    (ConfigError if there is nothing to resume), ``"auto"`` does whichever fits (``resolve_resume``).
+    (ConfigError if there is nothing to resume), ``"auto"`` does whichever fits (``choose_resume``).
     ``prep_threads``: torch threads of the driver-side preparation (see ``prepare_shared``). ``command``: the gmpq
     command that runs it, as ``driver.json`` names it ("run": ``gmpq run``'s sweep stage, whose final stage
     follows: another final stage is refused meanwhile). ``checked``: what ``check_sweep(cfg, resume)`` returned just

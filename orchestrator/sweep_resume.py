@@ -1,7 +1,8 @@
 """What a sweep folder already holds, and what a resume may do with it.
 
 ``experiment_path`` (the Tune experiment a resume restores), ``resolve_resume`` (``--resume auto``: resume
-when the folder holds this sweep's Tune state, else start one, as ``tune.run(resume="AUTO")`` did), and the
+when the folder holds this sweep's Tune state, else start one, as ``tune.run(resume="AUTO")`` did), ``choose_resume``
+(that choice said: what ``gmpq sweep`` and ``gmpq run``, through ``check_sweep``, both call), and the
 checks a resume runs before Ray starts: the same config (``_check_same_config``), a folder moved under Ray
 Client (``_check_moved_resume``), a study's folder (``check_not_a_study``); ``_saved_cache_dir`` keeps the
 cache the sweep started with.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ray import tune
 
@@ -22,7 +23,7 @@ from .sweep_config import SweepConfig
 from .trainable import trial_device
 
 __all__ = ["RESUME_AUTO", "experiment_path", "check_not_a_study", "holds_sweep_state", "resolve_resume",
-           "check_folder_state",
+           "choose_resume", "check_folder_state",
            "resume_choice_text", "STUDY_FILES", "joining_text", "say_joining"]
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,16 @@ def resume_choice_text(cfg: SweepConfig, resumed: bool) -> str:
     """What ``--resume auto`` chose, in words."""
     return (f"resuming the sweep in {cfg.sweep_dir}" if resumed
             else f"no sweep to resume in {cfg.sweep_dir}: starting one")
+
+
+def choose_resume(cfg: SweepConfig, resume: bool | str, say: Callable[[str], None] = lambda m: None) -> bool:
+    """``--resume`` as a bool (``resolve_resume``), the one place ``gmpq sweep`` and ``gmpq run`` (``check_sweep``)
+    take it from: for ``"auto"``, the choice said with ``say`` (``resume_choice_text``; also under --quiet: a
+    retried job's log shows it); True and False as given, said by no line."""
+    chosen = resolve_resume(cfg, resume)
+    if not isinstance(resume, bool):
+        say(resume_choice_text(cfg, chosen))
+    return chosen
 
 
 def check_folder_state(cfg: SweepConfig, resume: bool) -> None:

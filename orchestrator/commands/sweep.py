@@ -23,7 +23,7 @@ from . import add_precision_arg, address_help, at_least, help_text, mlflow_ui_hi
 from orchestrator.text import PROXY_NOTE, fmt
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
-           "choose_resume", "format_summary", "mlflow_line", "address_origin_text", "address_named",
+           "format_summary", "mlflow_line", "address_origin_text", "address_named",
            "continue_flag", "run", "quiet_libraries"]
 
 
@@ -239,18 +239,6 @@ def _any_trial_ended(sweep_dir: Path) -> bool:
         return True
 
 
-def choose_resume(cfg: Any, resume: bool | str, say: Any) -> bool:
-    """``--resume`` as ``run_sweep`` takes it: as given, or for ``--resume auto`` whether the sweep folder holds
-    this sweep (``sweep.resolve_resume``), said with ``say`` (also under --quiet: a retried job's log shows it)."""
-    if resume != "auto":
-        return bool(resume)
-    from orchestrator.sweep import resolve_resume, resume_choice_text
-
-    chosen = resolve_resume(cfg, resume)
-    say(resume_choice_text(cfg, chosen))
-    return chosen
-
-
 def say_env_tracking_uri(cfg: Any, resume: bool, say: Any) -> None:
     """A line when the MLflow store comes from ``$MLFLOW_TRACKING_URI`` (the config and the flags name none): a
     variable set for other work would otherwise send the sweep's runs there unnoticed. A resume keeps its saved one."""
@@ -342,8 +330,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import Terminated, stop_status, terminated
-    from orchestrator.sweep import run_sweep
-    resume = choose_resume(cfg, args.resume, _say)
+    from orchestrator.sweep import choose_resume, run_sweep
+    resume = choose_resume(cfg, args.resume, _say)       # gmpq run: in check_sweep (it says the same line)
     say_env_tracking_uri(cfg, resume, _say)
     try:
         with noting_mlflow_off() as mlflow_off, address_named(args, cfg):

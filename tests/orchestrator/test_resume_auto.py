@@ -79,8 +79,7 @@ def test_resume_auto_alone_without_a_saved_config_names_the_fix(tmp_path):
 
 
 def test_resume_auto_resumes_only_a_folder_holding_the_sweeps_tune_state(tmp_path):
-    from orchestrator.commands.sweep import choose_resume
-    from orchestrator.sweep import resolve_resume
+    from orchestrator.sweep import choose_resume, resolve_resume
 
     cfg = _cfg(tmp_path / "sweep")
     said: list[str] = []
@@ -96,6 +95,21 @@ def test_resume_auto_resumes_only_a_folder_holding_the_sweeps_tune_state(tmp_pat
     assert choose_resume(cfg, True, said.append) is True and len(said) == 1            # said for auto only
     with pytest.raises(ConfigError, match=r"resume must be True, False or 'auto', but got resume='yes'"):
         resolve_resume(cfg, "yes")
+
+
+@pytest.mark.parametrize("command", ["sweep", "run"])
+def test_both_commands_take_resume_auto_from_the_one_rule(tmp_path, monkeypatch, capsys, command):
+    """gmpq sweep (before run_sweep) and gmpq run (in check_sweep) both choose through ``sweep.choose_resume``, not a
+    copy of the rule each: called once with the flag's value, its refusal theirs."""
+    import orchestrator.sweep as sweep
+
+    real, seen = sweep.choose_resume, []
+    monkeypatch.setattr(sweep, "choose_resume", lambda cfg, resume, say=print: seen.append(resume) or real(
+        cfg, resume, say))
+    save_resolved_config(_cfg(tmp_path, name="hand"))                # sweep 'hand' started here
+    assert main([command, "--preset", "demo", "--out", str(tmp_path), "--resume", "auto"]) == 2
+    assert seen == ["auto"]
+    assert "found the sweep 'hand'" in " ".join(capsys.readouterr().err.split())
 
 
 def test_resume_auto_refuses_a_folder_holding_another_sweep(tmp_path, capsys):
