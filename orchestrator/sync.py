@@ -14,7 +14,9 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
   the trial runs the ``pareto`` tag (and ``selection_reason``), and a fine-tuned policy's ``finetune_run_id`` tag and
   ``final_top1``, on its fine-tune run the ``trial_run_id`` tag, and the runs' descriptions, where they lack them (a
   sweep whose tables an earlier version logged). A fine-tune run an earlier version logged keeps its ``top1`` /
-  ``top5`` / ``loss`` / ``world_size`` series (today's: ``final_top1`` ... ``workers``).
+  ``top5`` / ``loss`` / ``world_size`` series (today's: ``final_top1`` ... ``workers``);
+- on a fine-tune run that lacks its per-epoch series (created here from its final.parquet row), the epochs its Ray
+  Train checkpoint holds, as the live stage logs them (``finetune_history``; no checkpoint left: the final row only).
 
 A run that already holds everything is left alone, so a second sync changes nothing (idempotent). Syncing to another
 store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``_id_files_kept``).
@@ -46,6 +48,7 @@ from .mlflow_keys import config_metrics, legacy_layout
 from .mlflow_notes import final_metrics
 from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, PARENT_FILE, RUN_STATUS, RUNS_FILE, MLflowSink,
                           _phase_key, default_tracking_uri)
+from .finetune_history import SeriesFill, fill_finetune_series
 from .mlflow_stages import backfill_trial_tags, log_final, log_pareto
 from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
@@ -78,15 +81,19 @@ class SyncReport:
     duplicates: int
     nothing_to_sync: bool = False
     runs_tagged: int = 0
+    finetune_series_logged: int = 0                       # fine-tune runs given epochs from their checkpoints
+    finetunes_without_history: tuple[str, ...] = ()       # trial ids whose runs keep the final row only
+    checkpoint_storage: str = ""                          # where their Ray Train checkpoints were looked for
 
     @property
     def changed(self) -> bool:
         return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged
-                    or self.runs_tagged)
+                    or self.runs_tagged or self.finetune_series_logged)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sweep_dir": str(self.sweep_dir),
-                "tables_logged": list(self.tables_logged), "changed": self.changed}
+                "tables_logged": list(self.tables_logged), "changed": self.changed,
+                "finetunes_without_history": list(self.finetunes_without_history)}
 
 
 def _present(v: Any) -> bool:
@@ -258,9 +265,12 @@ def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: l
             sink.client.get_run(sink.parent_run_id).info.status != "FINISHED":
         sink.finish(sink.parent_run_id, "FINISHED")      # every trial has a row: the sweep is over
     tables = syncer.tables()
+    final = sweep_dir / FINAL_FILE          # the fine-tune runs just created (and older ones) get their epochs
+    series = fill_finetune_series(sink, cfg, sweep_dir, read_table(final).to_pandas()) if final.is_file() \
+        else SeriesFill(0, (), "")
     tagged = syncer.trial_tags()
     dup = sum(len(v) > 1 for v in child_runs_by_trial(sink).values())
-    return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup
+    return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup, series
 
 
 def _sink_warnings(caught: list) -> list[str]:
@@ -372,7 +382,7 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
         if not connected:
             raise _cannot_sync(sink, sweep_dir, caught)
         try:
-            outcomes, parent, tables, tagged, dup = _sync_all(sink, cfg, sweep_dir, rows)
+            outcomes, parent, tables, tagged, dup, series = _sync_all(sink, cfg, sweep_dir, rows)
         except (MlflowException, RequestException, OSError) as e:
             raise SyncError(f"MLflow at '{uri}' failed during the sync ({type(e).__name__}: {e}); rerun "
                             "'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).") from None
@@ -383,4 +393,5 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
                       parent_run_id=str(sink.parent_run_id), parent_created=parent.info.start_time >= t0_ms,
                       trials=len(rows), runs_created=outcomes["created"], runs_updated=outcomes["updated"],
                       runs_unchanged=outcomes["unchanged"], tables_logged=tuple(tables), duplicates=dup,
-                      runs_tagged=tagged)
+                      runs_tagged=tagged, finetune_series_logged=series.runs_filled,
+                      finetunes_without_history=series.without_history, checkpoint_storage=series.storage)

@@ -6,9 +6,11 @@
 For a sweep whose MLflow server was down at the start or went down mid-sweep (the sweep warned and
 kept going: its results are complete in DIR/trials.parquet). Creates the missing parent and trial
 runs, completes the partial ones, and reuses runs it finds by their saved ids or their trial_id tags:
-running it twice creates nothing new. Default tracking URI: the sweep's own. A sweep folder with no trial
-results yet has nothing to sync: it says so and exits 0, creating no run. A --tracking-uri that cannot work
-(an unknown scheme, a sqlite:///PATH under a file) is refused before anything is read. While a gmpq command
+running it twice creates nothing new. A fine-tune run that lacks its per-epoch series gets them from the
+fine-tune's Ray Train checkpoint (none left: it keeps its final row, and the sync says so in one line).
+Default tracking URI: the sweep's own. A sweep folder with no trial results yet has nothing to sync: it
+says so and exits 0, creating no run. A --tracking-uri that cannot work (an unknown scheme, a
+sqlite:///PATH under a file) is refused before anything is read. While a gmpq command
 still runs the sweep (its own MLflow logging writes the same runs), the sync is refused: run it after that
 command ends, or with --while-running while it logs nothing to MLflow.
 """
@@ -42,6 +44,19 @@ def format_report(rep: Any) -> str:
     if getattr(rep, "runs_tagged", 0):
         lines.append(f"{rep.runs_tagged} run{'' if rep.runs_tagged == 1 else 's'} given their Pareto / fine-tune "
                      "links (pareto, selection_reason, finetune_run_id, final_top1, trial_run_id) or descriptions")
+    n = getattr(rep, "finetune_series_logged", 0)
+    if n:
+        its = "its" if n == 1 else "their"
+        lines.append(f"{n} fine-tune run{'' if n == 1 else 's'} given {its} per-epoch series (final_top1, final_top5, "
+                     f"final_loss, ...) from {its} Ray Train checkpoint{'' if n == 1 else 's'}")
+    without = getattr(rep, "finetunes_without_history", ())
+    if without:
+        one, where = len(without) == 1, rep.checkpoint_storage
+        why = "a remote storage is not searched" if "://" in where and not where.startswith("file://") else \
+            "deleted, or replaced by a later fine-tune"
+        lines.append(f"fine-tune run{'' if one else 's'} of {', '.join(without)} keep{'s' if one else ''} the final "
+                     f"row only: no Ray Train checkpoint under {where} holds {'its' if one else 'their'} per-epoch "
+                     f"series ({why})")
     lines.append("nothing was missing" if not rep.changed else "the tracking store now matches the sweep folder")
     return "\n".join(lines)
 

@@ -1,0 +1,139 @@
+"""A final fine-tune's per-epoch series read back from its Ray Train checkpoint, for ``gmpq sync-mlflow``.
+
+Live, the final stage logs each fine-tune run's epochs (``mlflow_stages._log_final_metrics``: ``step=epoch``, the
+names of ``mlflow_keys.finetune_epoch_metrics``: ``final_top1``, ``final_top5``, ``final_loss``, ``workers``, ...)
+and then its final.parquet row at the last epoch. A run that sync creates (the stage ran while MLflow was down)
+gets only that row from final.parquet; its epochs are in the workers' checkpoint (``train_stage``: ``state.pt`` in
+``<storage>/finetune-<trial_id>/checkpoint_*/``, its ``"history"`` one report per epoch, carried over on resume).
+``fill_finetune_series`` logs the epochs a run lacks from there, by the same names and steps as a live run, and
+no point twice (a second sync logs nothing). A checkpoint that is gone, remote, or holds another fine-tune (other
+policy or settings, another result: a later run under the same name) leaves the run with its final row only.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from gmpq_core.errors import CheckpointError
+
+from .final_results import finetune_storage, local_storage, row_recipe
+from .kept_finetunes import STATE_FILE
+from .mlflow_keys import _numeric, finetune_epoch_metrics
+from .mlflow_sink import MLflowSink
+from .recipes import same_recipe
+
+__all__ = ["SERIES_KEY", "SeriesFill", "checkpoint_history", "fill_finetune_series"]
+
+log = logging.getLogger(__name__)
+
+# In every epoch's report (train_stage), never in final.parquet's row: the steps a run holds it at are its epochs.
+SERIES_KEY = "train_loss"
+
+
+@dataclass(frozen=True)
+class SeriesFill:
+    """What ``fill_finetune_series`` did: ``runs_filled`` fine-tune runs got epochs; ``without_history``: the trial
+    ids whose runs lack their epochs and no checkpoint under ``storage`` holds them (they keep the final row)."""
+    runs_filled: int
+    without_history: tuple[str, ...]
+    storage: str
+
+
+def _whole(v: Any) -> int | None:
+    f = _numeric(v)
+    return int(f) if f is not None and f == int(f) else None
+
+
+def checkpoint_history(storage: str | Path, row: Mapping[str, Any]) -> list[dict] | None:
+    """The per-epoch reports of the fine-tune that final.parquet's ``row`` reports, epochs 1 to ``row["epochs"]``,
+    from the newest Ray Train checkpoint of ``finetune-<trial_id>`` under ``storage`` (loaded with its tensors left
+    on disk); None when there is none (deleted, remote storage) or it holds another fine-tune: another policy,
+    another recipe, or no epoch ``row["epochs"]`` with the row's ``final_top1`` (a later run with more epochs that
+    continued this one still holds its epochs)."""
+    folder, tid, epochs = local_storage(storage), str(row["trial_id"]), _whole(row.get("epochs"))
+    run = Path(folder, f"finetune-{tid}") if folder is not None else None
+    found = sorted(run.glob(f"checkpoint*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime) \
+        if run is not None and run.is_dir() else []
+    if not found or epochs is None:
+        return None
+    from gmpq_core.fileio import load_checkpoint      # (torch: imported where a checkpoint is read)
+
+    try:
+        state = load_checkpoint(found[-1], mmap=True)
+    except CheckpointError as e:
+        log.warning("%s", e)
+        return None
+    if not isinstance(state, dict) or state.get("trial_id", tid) != tid or \
+            (row.get("policy_json") is not None and state.get("policy_json") != row.get("policy_json")):
+        return None
+    recipe = row_recipe(row)
+    if recipe is not None and not (isinstance(state.get("recipe_json"), str)
+                                   and same_recipe(recipe, state["recipe_json"])):
+        return None
+    history = sorted((dict(h) for h in state.get("history") or [] if isinstance(h, dict)
+                      and _whole(h.get("epoch")) is not None and 1 <= int(h["epoch"]) <= epochs),
+                     key=lambda h: int(h["epoch"]))
+    last = next((h for h in history if int(h["epoch"]) == epochs), None)
+    top1, want = _numeric((last or {}).get("top1")), _numeric(row.get("final_top1"))
+    if last is None or (top1 is not None and want is not None and abs(top1 - want) > 1e-6):
+        return None
+    return history
+
+
+def _finetune_run(sink: MLflowSink, row: Mapping[str, Any]) -> str | None:
+    """The id of the fine-tune run of final.parquet's ``row`` (persisted, else found by its tags), as
+    ``mlflow_stages.backfill_trial_tags`` finds it; None: the store has none."""
+    from .mlflow_stages import _recipe_key
+
+    key, recipe_tag, _ = _recipe_key(row)
+    if sink.has_child_run("finetune", key):
+        return sink.runs["finetune"][key]
+    return sink.call("finding a fine-tune run", sink.find_run,
+                     {"mlflow.parentRunId": sink.parent_run_id, "trial_id": str(row["trial_id"]),
+                      "gmpq.role": "finetune", **recipe_tag})
+
+
+def _steps(sink: MLflowSink, rid: str, key: str) -> dict[int, float]:
+    """``step -> value`` of run ``rid``'s metric ``key`` (empty: none)."""
+    points = sink.call(f"reading {key} of a fine-tune run", sink.client.get_metric_history, rid, key) or []
+    return {int(m.step): m.value for m in points}
+
+
+def _log_series(sink: MLflowSink, rid: str, history: list[dict]) -> int:
+    """Log ``history`` into run ``rid`` as the live stage does (``finetune_epoch_metrics``, ``step=epoch``), less
+    the points the run has at that step (its final row's at the last epoch, epochs logged before); how many."""
+    data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data)
+    logged = set(data.metrics) if data is not None else set()
+    reports = [(int(h["epoch"]), finetune_epoch_metrics(h, logged)) for h in history]
+    keys = sorted({k for _, report in reports for k, v in report.items() if _numeric(v) is not None})
+    have = {k: _steps(sink, rid, k) for k in keys}
+    n = 0
+    for step, report in reports:
+        new = {k: v for k, v in report.items() if k in have and step not in have[k]}
+        sink.log_metrics(rid, new, step=step)
+        n += len(new)
+    return n
+
+
+def fill_finetune_series(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path,
+                         final_df: pd.DataFrame) -> SeriesFill:
+    """Give each fine-tune run of ``final_df``'s rows that lacks epochs of its series (``SERIES_KEY`` not at every
+    step 1 to its ``epochs``) those epochs from its Ray Train checkpoint (``checkpoint_history``). A row without a
+    run is left to ``log_final``; a run that holds every epoch costs one metric-history lookup."""
+    storage = finetune_storage(cfg, sweep_dir)
+    filled, without = 0, []
+    for row in final_df.to_dict("records"):
+        epochs = _whole(row.get("epochs"))
+        rid = _finetune_run(sink, row) if epochs else None
+        if rid is None or set(range(1, epochs + 1)) <= _steps(sink, rid, SERIES_KEY).keys():
+            continue
+        history = checkpoint_history(storage, row)
+        if history is None:
+            without.append(str(row["trial_id"]))
+        elif _log_series(sink, rid, history):
+            filled += 1
+    return SeriesFill(runs_filled=filled, without_history=tuple(without), storage=str(storage))
