@@ -265,9 +265,9 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         if chosen.empty:
             raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
                             "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
-        if top_k is not None and len(chosen) < top_k:
-            say(f"{len(chosen)} selected of the {top_k} asked for (--top-k): only {len(pareto)} on the Pareto front (a "
-                "policy off the front is never selected: one on it is at least as accurate for at most its BitOPs)")
+        if top_k is not None and len(chosen) < top_k:     # (with the config's finetune.max_gbitops: within it)
+            from .pareto_pick import fewer_text
+            say(fewer_text(len(chosen), top_k, pareto, cfg))
         workers = given(workers, "workers", 1)
         workers = workers if workers == "auto" else int(workers)
         epochs = int(given(epochs, "epochs", 1))

@@ -12,6 +12,10 @@ Selection of K policies along the front (deterministic; ties broken by lower Bit
 3. if fewer than K were chosen, further front points.
 Within steps 2 and 3, the next point is the one farthest (in normalised coordinates) from the points
 already chosen (greedy max-min spread), so K smaller than the number of buckets still spreads out.
+
+A BitOPs limit G (GBitOPs = bitops / 1e9, the ``gbitops`` column) runs steps 1-3 among the front's points with
+GBitOPs <= G only, as if they were the whole front; the front itself stays whole. Trials picked by hand replace
+steps 1-3 (``pareto_pick``: the checks of both).
 """
 from __future__ import annotations
 
@@ -120,42 +124,75 @@ def _spread_pick(candidates: list[int], chosen: list[int], xy: np.ndarray, acc: 
     return max(candidates, key=lambda i: (round(gap(i), 12), -i))
 
 
-def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = ()) -> pd.DataFrame:
-    """The Pareto front of ``df`` with columns ``selected`` (bool) and ``selection_reason`` (str) added."""
+def _choose(front: pd.DataFrame, top_k: int, buckets: Sequence[float]) -> dict[int, str]:
+    """Positions in ``front`` (sorted as ``pareto_front`` sorts it) of the policies selected -> their reasons."""
+    if front.empty:
+        return {}
+    reasons: dict[int, list[str]] = {}
+    chosen: list[int] = []
+    xy, acc = _normalised(front), front[ACC].to_numpy(dtype=float)
+    bucket = bucket_index(front, buckets)
+    knee = _knee(xy)
+    best_of: dict[int, int] = {}
+    for i in range(len(front)):     # front is sorted by BitOPs up, accuracy down: first max wins ties
+        b = int(bucket[i])
+        if b not in best_of or acc[i] > acc[best_of[b]]:
+            best_of[b] = i
+    for b, i in best_of.items():
+        reasons.setdefault(i, []).append(f"best in bucket {b} ({bucket_label(b, buckets)} avg bits)")
+    if knee is not None:
+        reasons.setdefault(knee, []).insert(0, "knee of the front")
+        chosen.append(knee)
+    for step in ("buckets", "spread"):
+        pool = sorted(set(best_of.values()) - set(chosen)) if step == "buckets" else \
+            [i for i in range(len(front)) if i not in chosen]
+        while pool and len(chosen) < top_k:
+            i = _spread_pick(pool, chosen, xy, acc)
+            pool.remove(i)
+            chosen.append(i)
+            if step == "spread":
+                reasons.setdefault(i, []).append("spread along the front")
+    return {i: "; ".join(dict.fromkeys(reasons[i])) for i in chosen[:top_k]}
+
+
+def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = (), *, max_gbitops: float | None = None,
+                    picks: Sequence[str] | None = None, sweep_dir: str | Path | None = None) -> pd.DataFrame:
+    """The Pareto front of ``df`` with columns ``selected`` (bool) and ``selection_reason`` (str) added.
+
+    ``max_gbitops`` (GBitOPs = ``bitops / 1e9``, pareto.parquet's ``gbitops``): the selection runs among the front's
+    policies that cost at most that, as if they were the whole front; the others stay on the front, unselected
+    (reason ``over the G GBitOPs limit``), and the selected ones' reasons end ``within the G GBitOPs limit``. None on
+    the front fits: ConfigError (``pareto_pick.no_fit_text``). ``picks`` (trial ids or unique prefixes): exactly
+    those are selected (reason ``picked by hand``), ``top_k`` and ``buckets`` unused; each must be a completed trial
+    on the front (ConfigError otherwise, ``pareto_pick.check_picks``); not with ``max_gbitops``. ``sweep_dir``: named
+    in those refusals.
+    """
+    from .pareto_pick import PICK_REASON, check_max_gbitops, check_picks, gbitops, limit_text, no_fit_text
+
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise ConfigError(f"top_k must be a positive integer (how many policies to fine-tune), "
                           f"but got top_k={top_k!r}.")
+    limit = check_max_gbitops(max_gbitops, "max_gbitops")
     front = pareto_front(df)
-    reasons: dict[int, list[str]] = {}
-    chosen: list[int] = []
-    if not front.empty:
-        xy, acc = _normalised(front), front[ACC].to_numpy(dtype=float)
-        bucket = bucket_index(front, buckets)
-        knee = _knee(xy)
-        best_of: dict[int, int] = {}
-        for i in range(len(front)):     # front is sorted by BitOPs up, accuracy down: first max wins ties
-            b = int(bucket[i])
-            if b not in best_of or acc[i] > acc[best_of[b]]:
-                best_of[b] = i
-        for b, i in best_of.items():
-            reasons.setdefault(i, []).append(f"best in bucket {b} ({bucket_label(b, buckets)} avg bits)")
-        if knee is not None:
-            reasons.setdefault(knee, []).insert(0, "knee of the front")
-            chosen.append(knee)
-        for step in ("buckets", "spread"):
-            pool = sorted(set(best_of.values()) - set(chosen)) if step == "buckets" else \
-                [i for i in range(len(front)) if i not in chosen]
-            while pool and len(chosen) < top_k:
-                i = _spread_pick(pool, chosen, xy, acc)
-                pool.remove(i)
-                chosen.append(i)
-                if step == "spread":
-                    reasons.setdefault(i, []).append("spread along the front")
-        chosen = chosen[:top_k]
+    over: dict[int, str] = {}           # front policies over the limit: why they were not selectable
+    if picks is not None:
+        if limit is not None:
+            raise ConfigError(f"Hand-picked trials are selected as they are: a limit (max_gbitops={limit:g}) does not "
+                              "apply to them. Give either the picks or the limit.")
+        chosen = set(check_picks(df, front, picks, sweep_dir))
+        reason = {i: PICK_REASON for i, t in enumerate(front["trial_id"].astype(str)) if t in chosen}
+    elif limit is None:
+        reason = _choose(front, top_k, buckets)
+    else:
+        fits = np.flatnonzero(gbitops(front) <= limit) if len(front) else np.zeros(0, dtype=np.int64)
+        if len(front) and not len(fits):
+            raise ConfigError(no_fit_text(front, limit, sweep_dir))
+        within = _choose(front.iloc[fits].reset_index(drop=True), top_k, buckets)
+        reason = {int(fits[j]): f"{r}; {limit_text(limit)}" for j, r in within.items()}
+        over = {i: f"over the {limit:g} GBitOPs limit" for i in range(len(front)) if i not in set(fits.tolist())}
     front = front.copy()
-    front["selected"] = [i in chosen for i in range(len(front))]
-    front["selection_reason"] = ["; ".join(dict.fromkeys(reasons[i])) if i in chosen else ""
-                                 for i in range(len(front))]
+    front["selected"] = [i in reason for i in range(len(front))]
+    front["selection_reason"] = [reason.get(i, over.get(i, "")) for i in range(len(front))]
     return front
 
 
@@ -198,11 +235,14 @@ def check_selectable(sweep_dir: str | Path, trials: pd.DataFrame | None = None) 
 
 
 def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Sequence[float] | None = None,
-                 plot: bool = True, cfg: dict | None = None, table: pa.Table | None = None) -> pd.DataFrame:
+                 plot: bool = True, cfg: dict | None = None, table: pa.Table | None = None,
+                 max_gbitops: float | str | None = None, picks: Sequence[str] | None = None) -> pd.DataFrame:
     """Select from ``<sweep_dir>/trials.parquet``; write ``pareto.parquet`` (atomic), ``pareto.png`` and
-    ``policies.png`` (the selected policies' per-layer bits).
+    ``policies.png`` (the selected policies' per-layer bits). A refused selection writes nothing.
 
-    ``top_k`` and ``buckets`` default to the sweep config's ``finetune.top_k`` and ``budget_buckets``.
+    ``top_k``, ``buckets`` and ``max_gbitops`` default to the sweep config's ``finetune.top_k``, ``budget_buckets``
+    and ``finetune.max_gbitops`` (``max_gbitops="none"``: no limit). ``picks``: exactly those trials are selected
+    (``select_policies``); the config's limit does not apply to them, a ``max_gbitops`` given is refused.
     pareto.parquet has the trials.parquet columns (same types) plus ``selected`` and ``selection_reason``.
     ``cfg`` (the sweep config) and ``table`` (trials.parquet as Arrow) spare reading them again when already read.
     """
@@ -215,8 +255,11 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
         buckets = [float(b) for b in cfg.get("budget_buckets") or []]
     if table is None:
         table = read_trials_table(sweep_dir)     # CheckpointError naming the file if not gmpq's table
+    from .pareto_pick import limit_in_force
+
+    limit = limit_in_force(max_gbitops, {} if picks is not None else cfg, sweep_dir)
     trials = table.to_pandas()
-    sel = select_policies(trials, top_k, buckets)
+    sel = select_policies(trials, top_k, buckets, max_gbitops=limit, picks=picks, sweep_dir=sweep_dir)
     by_id = {str(r["trial_id"]): r for r in table.to_pylist()}
     rows = [dict(by_id[str(t)], selected=bool(s), selection_reason=str(r))
             for t, s, r in zip(sel["trial_id"], sel["selected"], sel["selection_reason"])]
@@ -227,7 +270,7 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
     result = out.to_pandas()
     if plot:
         from .plots import plot_pareto, plot_policies
-        plot_pareto(trials, result, sweep_dir / PARETO_PNG, buckets=buckets)
+        plot_pareto(trials, result, sweep_dir / PARETO_PNG, buckets=buckets, max_gbitops=limit)
         plot_policies(result, sweep_dir / POLICIES_PNG)
     return result
 

@@ -170,13 +170,36 @@ def _rug(ax, x: np.ndarray, marker: str, color: str, label: str) -> None:
 
 
 def plot_pareto(trials: pd.DataFrame, pareto: pd.DataFrame, path: str | Path, *,
-                buckets: Sequence[float] = (), title: str | None = None) -> Path:
-    """All completed trials (grey), pruned/failed (bottom rug), the front (step line), selected (highlighted)."""
-    return _save(pareto_figure(trials, pareto, buckets=buckets, title=title), path)
+                buckets: Sequence[float] = (), title: str | None = None, max_gbitops: float | None = None) -> Path:
+    """All completed trials (grey), pruned/failed (bottom rug), the front (step line), selected (highlighted),
+    the BitOPs limit of the selection (``max_gbitops``, GBitOPs: a dashed vertical line) when one applied."""
+    return _save(pareto_figure(trials, pareto, buckets=buckets, title=title, max_gbitops=max_gbitops), path)
+
+
+def _limit_line(ax, limit: float, x: np.ndarray) -> None:
+    """The selection's BitOPs limit as a labelled dashed vertical line; far right of every point (every policy
+    fits), a note at the right edge instead, so that the points keep the width of the plot."""
+    x = x[~np.isnan(x)]
+    hi, span = (float(x.max()), float(np.ptp(x))) if len(x) else (limit, 0.0)
+    label = f"limit {limit:g} GBitOPs"
+    if limit <= hi + max(0.25 * span, 0.05 * abs(hi)):
+        ax.axvline(limit, color="tab:red", ls="--", lw=1.2, label=label, zorder=1)
+    else:
+        ax.text(0.99, 0.97, f"{label} (beyond the plot: every policy fits)", transform=ax.transAxes, ha="right",
+                va="top", fontsize=7, color="tab:red")
+
+
+def _selected_label(pareto: pd.DataFrame, sel: np.ndarray) -> str:
+    """The legend's words for the highlighted policies: ``picked by hand`` when every one was."""
+    from .pareto_pick import PICK_REASON
+
+    reasons = pareto["selection_reason"].to_numpy()[sel] if "selection_reason" in pareto else []
+    picked = len(reasons) and all(str(r) == PICK_REASON for r in reasons)
+    return f"{'picked by hand' if picked else 'selected'} ({int(sel.sum())})"
 
 
 def pareto_figure(trials: pd.DataFrame, pareto: pd.DataFrame, *, buckets: Sequence[float] = (),
-                  title: str | None = None) -> Figure:
+                  title: str | None = None, max_gbitops: float | None = None) -> Figure:
     """The figure ``plot_pareto`` writes."""
     fig, ax = _new_figure(title or "Pareto front: transfer top-1 vs BitOPs")
     ax.set_ylabel("transfer top-1 (%)")
@@ -212,8 +235,10 @@ def pareto_figure(trials: pd.DataFrame, pareto: pd.DataFrame, *, buckets: Sequen
         sel = pareto["selected"].to_numpy(dtype=bool) if "selected" in pareto else np.zeros(len(pareto), bool)
         if sel.any():
             ax.scatter(fx[sel], fy[sel], s=150, facecolors="none", edgecolors="tab:green", linewidths=2.0,
-                       label=f"selected ({int(sel.sum())})", zorder=5)
+                       label=_selected_label(pareto, sel), zorder=5)
             labels = (np.column_stack([fx[sel], fy[sel]]), [_short(t) for t in pareto["trial_id"].to_numpy()[sel]])
+    if max_gbitops is not None:
+        _limit_line(ax, float(max_gbitops), x_all[done])
     if buckets and len(x_all) and not np.isnan(x_all).all():
         ax.text(1.02, 0.0, "budget buckets (avg bits):\n" + ", ".join(f"{b:g}" for b in buckets),
                 transform=ax.transAxes, ha="left", va="bottom", fontsize=7, color="0.4")   # beside the rug: not on it

@@ -249,8 +249,14 @@ class FinetuneStage:
     max_concurrent: int | None = None        # policies fine-tuned side by side (null: as many as the cluster holds)
     train_size: int | None = None            # stratified target train / test images (null: the full split)
     test_size: int | None = None
+    max_gbitops: float | None = None         # select only among front policies of at most this many GBitOPs (null: any)
 
     def __post_init__(self) -> None:
+        quoted = " (a quoted number is text: write it without quotes)" if isinstance(self.max_gbitops, str) else ""
+        _require(self.max_gbitops is None or _is_pos(self.max_gbitops),
+                 f"finetune.max_gbitops must be a number > 0 (the most GBitOPs a selected policy may cost: its "
+                 f"quantized layers' BitOPs / 1e9, pareto.parquet's gbitops) or null for no limit, but got "
+                 f"max_gbitops={self.max_gbitops!r}{quoted}.")
         _require(self.max_concurrent is None or _is_pos(self.max_concurrent, integer=True),
                  f"finetune.max_concurrent must be a positive integer or null (as many as the cluster holds), "
                  f"but got max_concurrent={self.max_concurrent!r}.")

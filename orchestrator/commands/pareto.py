@@ -1,6 +1,18 @@
 """``gmpq pareto``: the Pareto front of a sweep and the K policies selected for the final fine-tune.
 
-    gmpq pareto --sweep runs/demo --top-k 3
+    gmpq pareto runs/demo --top-k 3            # K selected automatically (knee, best per budget bucket, spread)
+    gmpq pareto runs/demo --max-gbitops 0.4    # the same, among the front's policies of at most 0.4 GBitOPs
+    gmpq pareto runs/demo --pick 0f93,a1fa     # exactly the trials you picked from pareto.png (ids or prefixes)
+
+GBitOPs is one quantity throughout: the quantized layers' BitOPs / 1e9 (sum of MACs * w_bits * a_bits), the
+gbitops column of pareto.parquet, the GBitOPs column of the table and the x axis of pareto.png. --max-gbitops G
+(default: the sweep config's finetune.max_gbitops; 'none': no limit) leaves the front whole and selects among its
+policies within G only (a dashed line on pareto.png; the selection reasons say the limit); none within G: refused.
+--pick ID[,ID...] selects exactly those trials (reason "picked by hand"), each a completed trial on the front
+(otherwise refused, naming the front trial that dominates it); not with --top-k or --max-gbitops. A refused
+selection writes nothing. 'gmpq finetune --sweep DIR' fine-tunes pareto.parquet's selection, so a pick or a limit
+carries to it (its --top-k K selects again, within the config's finetune.max_gbitops, as 'gmpq run' does);
+'gmpq pareto DIR' without --pick selects automatically again.
 
 Reads DIR/trials.parquet; writes DIR/pareto.parquet (non-dominated completed trials on transfer_top1
 up / bitops down, with ``selected`` and ``selection_reason``), DIR/policies/<trial_id>.json (each policy of
@@ -13,6 +25,7 @@ ends); a sweep that stopped before its planned trials ended gets a note saying s
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,16 +37,18 @@ __all__ = ["register", "run", "pareto_stage", "sweep_running_text", "sweep_stopp
 
 
 def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *, mlflow: bool = True,
-                 cfg: dict | None = None, table: Any = None) -> Any:
+                 cfg: dict | None = None, table: Any = None, max_gbitops: float | str | None = None,
+                 picks: list[str] | None = None) -> Any:
     """write_pareto + MLflow logging; returns the Pareto DataFrame (shared with ``gmpq run``). ``cfg`` (the sweep
-    config) and ``table`` (trials.parquet as Arrow) spare reading them again when already read."""
+    config) and ``table`` (trials.parquet as Arrow) spare reading them again when already read; ``max_gbitops`` and
+    ``picks``: ``write_pareto``'s (default: the config's limit, an automatic selection)."""
     from orchestrator.mlflow_stages import log_pareto
     from orchestrator.pareto import PARETO_PNG, write_pareto
     from orchestrator.results import load_resolved_config
 
     if cfg is None:
         cfg = load_resolved_config(sweep_dir)
-    front = write_pareto(sweep_dir, top_k, cfg=cfg, table=table)
+    front = write_pareto(sweep_dir, top_k, cfg=cfg, table=table, max_gbitops=max_gbitops, picks=picks)
     if mlflow:
         uri = tracking_uri or cfg.get("tracking_uri")
         log_pareto(uri, sweep_dir, front, sweep_dir / PARETO_PNG)
@@ -41,10 +56,12 @@ def pareto_stage(sweep_dir: Path, top_k: int | None, tracking_uri: str | None, *
 
 
 def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None, *, cfg: dict | None = None,
-                 trials: Any = None) -> None:
+                 trials: Any = None, max_gbitops: float | str | None = None) -> None:
     """The front's table; says so when fewer policies than ``top_k`` (default: the sweep config's) were selected.
-    ``cfg`` (the sweep config) and ``trials`` (trials.parquet) spare reading them again when already read."""
+    ``cfg`` (the sweep config) and ``trials`` (trials.parquet) spare reading them again when already read;
+    ``max_gbitops``: the --max-gbitops given (default: the config's limit applied; none to a pick)."""
     from orchestrator.pareto import DEFAULT_TOP_K, PARETO_PNG, POLICIES_DIR, POLICIES_PNG, format_pareto_table
+    from orchestrator.pareto_pick import gbitops, limit_in_force, limit_text, only_text
     from orchestrator.results import PARETO_FILE, load_resolved_config, read_trials
 
     if cfg is None:
@@ -53,20 +70,52 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None, *, cfg: 
     if trials is None:
         trials = read_trials(sweep_dir)
     counts = trials["status"].value_counts().to_dict()
+    chosen = int(front["selected"].sum()) if len(front) else 0
+    picked = _picked(front)
+    limit = None if picked else limit_in_force(max_gbitops, cfg)
+    fit = f", {int((gbitops(front) <= limit).sum())} {limit_text(limit)}" if limit is not None and len(front) else ""
     print(f"Pareto front of {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}): "
-          f"{len(front)} non-dominated, {int(front['selected'].sum()) if len(front) else 0} selected (*)")
+          f"{len(front)} non-dominated{fit}, {chosen} {'picked by hand' if picked else 'selected'} (*)")
     print(format_pareto_table(front, buckets))
     want = top_k or int((cfg.get("finetune") or {}).get("top_k") or DEFAULT_TOP_K)
-    chosen = int(front["selected"].sum()) if len(front) else 0
-    if chosen < want:
-        print(f"({chosen} selected of the {want} asked for (top-k): only {len(front)} on the front. A policy off "
-              "the front is never selected: one on it is at least as accurate for at most its BitOPs.)")
+    if chosen < want and not picked:
+        why = "" if limit is not None else (" A policy off the front is never selected: one on it is at least as "
+                                            "accurate for at most its BitOPs.")
+        print(f"({chosen} selected of the {want} asked for (top-k): {only_text(front, limit)}.{why})")
     print(f"Table: {sweep_dir / PARETO_FILE}\nPlot:  {sweep_dir / PARETO_PNG}")
     if (sweep_dir / POLICIES_PNG).is_file():
         print(f"Bits per layer: {sweep_dir / POLICIES_PNG}")
     if len(front):
         print(f"Policies: {sweep_dir / POLICIES_DIR}/<trial_id>.json (one fine-tune, from the sweep's FP target "
               "model: gmpq finetune --policy FILE)")
+
+
+def _picked(front: Any) -> bool:
+    """Whether ``front``'s selection was picked by hand (every selected row's reason says so)."""
+    from orchestrator.pareto_pick import PICK_REASON
+
+    sel = front[front["selected"]] if len(front) else front
+    return bool(len(sel)) and bool((sel["selection_reason"] == PICK_REASON).all())
+
+
+def next_text(sweep_dir: Path, front: Any, cfg: dict, max_gbitops: float | str | None) -> str:
+    """The line saying what to run next: ``gmpq finetune --sweep DIR`` fine-tunes pareto.parquet's selection (a pick
+    or a --max-gbitops carries to it; its --top-k selects again, with the config's limit)."""
+    from orchestrator.pareto_pick import limit_in_force
+
+    n = int(front["selected"].sum()) if len(front) else 0
+    what = "this selected policy" if n == 1 else f"these {n} selected policies"
+    what += " (pareto.parquet's selection"
+    if _picked(front):
+        what += (f": your pick carries to it; 'gmpq pareto {sweep_dir}' without --pick selects automatically again, "
+                 "as 'gmpq finetune --top-k K' does)")
+    elif max_gbitops is not None and limit_in_force(max_gbitops, cfg) != limit_in_force(None, cfg):
+        config = limit_in_force(None, cfg)
+        what += (f"; 'gmpq finetune --top-k K' would select again with the sweep config's finetune.max_gbitops "
+                 f"({'none' if config is None else f'{config:g}'}), not --max-gbitops {max_gbitops})")
+    else:
+        what += ")"
+    return f"Next: gmpq finetune --sweep {sweep_dir} fine-tunes {what}."
 
 
 def sweep_running_text(sweep_dir: Path, command: str) -> str | None:
@@ -120,7 +169,35 @@ def sweep_stopped_text(sweep_dir: Path, command: str, rerun: str | None = None) 
             f"gmpq sweep --out {sweep_dir} --resume, then {rerun or f'gmpq pareto {sweep_dir}'} again.")
 
 
+def selection_args(args: argparse.Namespace) -> tuple[list[str] | None, float | str | None]:
+    """``--pick`` (the ids typed) and ``--max-gbitops`` (a float, ``none`` or None) checked before any work:
+    ConfigError for a bad value and for --pick beside --top-k or --max-gbitops."""
+    from gmpq_core.errors import ConfigError
+    from orchestrator.pareto_pick import NO_LIMIT, parse_pick
+
+    picks = parse_pick(args.pick)
+    given = [f for f, v in (("--top-k", args.top_k), ("--max-gbitops", args.max_gbitops)) if v is not None]
+    if picks is not None and given:
+        value = args.top_k if given[0] == "--top-k" else args.max_gbitops
+        raise ConfigError(f"--pick selects exactly the trials it names ({', '.join(picks)}), so {given[0]} {value} "
+                          f"does not apply to it. Give one or the other: drop {' and '.join(given)} to select your "
+                          f"pick, or drop --pick to select automatically.")
+    text = args.max_gbitops
+    if text is None or text.strip().lower() == NO_LIMIT:
+        return picks, text if text is None else NO_LIMIT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"--max-gbitops takes the most GBitOPs a selected policy may cost, a number > 0 such as "
+                          f"--max-gbitops 0.4 (the quantized layers' BitOPs / 1e9: pareto.parquet's gbitops column, "
+                          f"pareto.png's x axis), or 'none' for no limit, but got --max-gbitops {text}.")
+    return picks, value
+
+
 def run(args: argparse.Namespace) -> int:
+    picks, max_gbitops = selection_args(args)       # before any work
     if not args.no_mlflow:
         check_tracking_uri_arg(args.tracking_uri, "the sweep's own store", "log to the sweep's own store")  # before any work: a bad one used to end in MLflow's traceback
     sweep_dir = Path(args.sweep).expanduser().resolve()
@@ -139,8 +216,10 @@ def run(args: argparse.Namespace) -> int:
     warning = sweep_running_text(sweep_dir, "gmpq pareto") or sweep_stopped_text(sweep_dir, "gmpq pareto")
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)         # an early look is allowed: warned, not refused
-    front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow, cfg=cfg, table=table)
-    print_pareto(sweep_dir, front, args.top_k, cfg=cfg, trials=trials)
+    front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow, cfg=cfg, table=table,
+                         max_gbitops=max_gbitops, picks=picks)
+    print_pareto(sweep_dir, front, args.top_k, cfg=cfg, trials=trials, max_gbitops=max_gbitops)
+    print(next_text(sweep_dir, front, cfg, max_gbitops))
     return 0
 
 
@@ -151,6 +230,13 @@ def register(subparsers: Any) -> None:
     add_sweep_dir_arg(p, "sweep folder (the --out of gmpq sweep)")
     p.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K",
                    help="policies to select (default: the sweep config's finetune.top_k)")
+    p.add_argument("--max-gbitops", default=None, metavar="G",
+                   help="select only among the front's policies of at most G GBitOPs (the quantized layers' BitOPs / "
+                        "1e9: pareto.parquet's gbitops, pareto.png's x axis); 'none': no limit (default: the sweep "
+                        "config's finetune.max_gbitops)")
+    p.add_argument("--pick", action="append", default=None, metavar="ID[,ID...]",
+                   help="select exactly these trials of the front (ids or unique prefixes, as pareto.png and the "
+                        "table show them), not with --top-k or --max-gbitops")
     p.add_argument("--tracking-uri", default=None, metavar="URI",
                    help="MLflow tracking URI (default: the sweep's, from DIR/sweep_config.yaml)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log the table and plot to MLflow")

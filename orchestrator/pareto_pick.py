@@ -1,0 +1,160 @@
+"""What narrows the Pareto selection: trials picked by hand (``gmpq pareto DIR --pick ID[,ID...]``) and a BitOPs
+limit (``gmpq pareto DIR --max-gbitops G``, the sweep config's ``finetune.max_gbitops``), with the checks and the
+refusals' words (each one paragraph naming the value and the fix; raised before anything is written).
+
+GBitOPs here is the one quantity ``pareto.parquet``'s ``gbitops`` column, ``gmpq pareto``'s table and the x axis of
+``pareto.png`` show: the BitOPs of the quantized layers (``bitops``, sum over layers of MACs * w_bits * a_bits) / 1e9.
+A trial id may be given by a unique prefix (ids are short hex strings, compared case-insensitively).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from gmpq_core.errors import ConfigError
+
+from .pareto import ACC, COST, completed_trials
+
+__all__ = ["PICK_REASON", "NO_LIMIT", "gbitops", "check_max_gbitops", "limit_in_force", "parse_pick", "check_picks",
+           "no_fit_text", "limit_text", "only_text", "fewer_text"]
+
+PICK_REASON = "picked by hand"      # pareto.parquet's selection_reason of a hand-picked row
+NO_LIMIT = "none"                   # --max-gbitops none: no limit, whatever the sweep config says
+
+
+def gbitops(df: pd.DataFrame) -> np.ndarray:
+    """GBitOPs per row: ``bitops / 1e9`` (= trials.parquet's ``gbitops``, pareto.png's x axis)."""
+    return df[COST].to_numpy(dtype=float) / 1e9
+
+
+def check_max_gbitops(value: Any, name: str = "finetune.max_gbitops", where: str = "") -> float | None:
+    """``value`` as a float (None: no limit); ConfigError naming ``name`` (``where``: the file that holds it) unless a
+    finite number > 0 or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        quoted = " (a quoted number is text: write it without quotes)" if isinstance(value, str) else ""
+        raise ConfigError(f"{name} must be a number > 0 (the most GBitOPs a selected policy may cost: its quantized "
+                          f"layers' BitOPs / 1e9, pareto.parquet's gbitops column) or null for no limit, but got "
+                          f"{name}={value!r}{f' in {where}' if where else ''}{quoted}.")
+    return float(value)
+
+
+def limit_in_force(given: float | str | None, cfg: dict, sweep_dir: str | Path | None = None) -> float | None:
+    """The limit a selection uses: ``given`` (``--max-gbitops``; ``NO_LIMIT``: none), else the sweep config's
+    ``finetune.max_gbitops`` (checked: the saved file may have been edited by hand)."""
+    if isinstance(given, str) and given.strip().lower() == NO_LIMIT:
+        return None
+    if given is not None:
+        return check_max_gbitops(given, "--max-gbitops")
+    where = str(Path(sweep_dir) / "sweep_config.yaml") if sweep_dir else ""
+    return check_max_gbitops((cfg.get("finetune") or {}).get("max_gbitops"), "finetune.max_gbitops", where)
+
+
+def parse_pick(values: Sequence[str] | None) -> list[str] | None:
+    """``--pick`` (given once or more, each ``ID[,ID...]``) as the ids typed, in order; ConfigError for an empty id
+    or one typed twice. None when not given."""
+    if values is None:
+        return None
+    typed = ",".join(values)
+    ids = [v.strip() for v in typed.split(",")]
+    if not typed.strip() or any(not v for v in ids):
+        raise ConfigError(f"--pick takes trial ids separated by commas, e.g. --pick 0f93,a1fa, but got --pick "
+                          f"{typed!r}, {'which is empty' if not typed.strip() else 'with an empty id in it'}. Give the "
+                          "ids (or unique prefixes) 'gmpq pareto DIR' lists, or leave --pick out to select "
+                          "automatically.")
+    twice = sorted({v for v in ids if [w.lower() for w in ids].count(v.lower()) > 1})
+    if twice:
+        raise ConfigError(f"--pick names {', '.join(twice)} more than once (--pick {typed}): give each trial once.")
+    return ids
+
+
+def _point(r: Any) -> str:
+    return f"{r['trial_id']} ({float(r[ACC]):.2f}%, {float(r[COST]) / 1e9:.4f} GBitOPs)"
+
+
+def _front_list(front: pd.DataFrame) -> str:
+    return ", ".join(_point(r) for r in front.to_dict("records"))
+
+
+def check_picks(trials: pd.DataFrame, front: pd.DataFrame, picks: Sequence[str], sweep_dir: Any = None) -> list[str]:
+    """The full trial ids of ``picks`` (ids or unique prefixes, as ``parse_pick`` returns them), each a completed
+    trial on ``front`` (the Pareto front of ``trials``, trials.parquet); else ConfigError saying which and why."""
+    where = f"the sweep {sweep_dir}" if sweep_dir else "the sweep"
+    fix = (f"The front, by GBitOPs: {_front_list(front)}. Pick among those (their ids, or unique prefixes), or leave "
+           "--pick out to select automatically. Nothing was written.")
+    if not picks:
+        raise ConfigError(f"--pick names no trial: give the ids (or unique prefixes) of the front's trials to select. "
+                          f"{fix}")
+    ids = [str(t) for t in trials["trial_id"]]
+    done = set(completed_trials(trials)["trial_id"].astype(str))
+    on_front = set(front["trial_id"].astype(str))
+    full: list[str] = []
+    for p in picks:
+        matches = [t for t in ids if t.lower() == p.lower()] or [t for t in ids if t.lower().startswith(p.lower())]
+        if not matches:
+            raise ConfigError(f"--pick {p}: no trial of {where} has an id starting with {p!r} ({len(ids)} trials). "
+                              f"{fix}")
+        if len(matches) > 1:
+            raise ConfigError(f"--pick {p}: the prefix {p!r} matches {len(matches)} trials of {where}: "
+                              f"{', '.join(sorted(matches))}. Give more of the id to name one. {fix}")
+        tid = matches[0]
+        if tid in full:
+            same = ", ".join(q for q in picks if tid.lower().startswith(q.lower()))
+            raise ConfigError(f"--pick names trial {tid} twice ({same}): give each trial once.")
+        full.append(tid)
+    for p, tid in zip(picks, full):
+        row = trials[trials["trial_id"].astype(str) == tid].iloc[-1]
+        if tid not in done:
+            status = str(row.get("status"))
+            why = "completed without transfer_top1 or BitOPs (non-finite results)" if status == "completed" else \
+                f"did not complete (status {status})"
+            raise ConfigError(f"--pick {p}: trial {tid} {why}, so it has no place on the Pareto front and no policy "
+                              f"to fine-tune. {fix}")
+        if tid not in on_front:
+            acc, cost = float(row[ACC]), float(row[COST])
+            better = front[(front[ACC] >= acc) & (front[COST] <= cost)]
+            raise ConfigError(f"--pick {p}: trial {_point(row)} is not on the Pareto front: "
+                              f"{', '.join(_point(r) for r in better.to_dict('records'))} "
+                              f"{'is' if len(better) == 1 else 'are'} at least as accurate for at most its BitOPs. "
+                              f"{fix}")
+    return full
+
+
+def no_fit_text(front: pd.DataFrame, limit: float, sweep_dir: Any = None) -> str:
+    """The refusal when no policy of the (non-empty) ``front`` costs at most ``limit`` GBitOPs."""
+    g = gbitops(front)
+    low = front.iloc[int(np.argmin(g))]
+    d = sweep_dir or "DIR"
+    least = math.ceil(round(float(g.min()) * 1e4, 6)) / 1e4      # 4 decimals, rounded up: that limit fits it
+    return (f"No policy of the Pareto front fits the limit of {limit:g} GBitOPs: the cheapest on it is trial "
+            f"{_point(low)}. Raise the limit to {least:.4f} or more (gmpq pareto {d} --max-gbitops G; "
+            f"for gmpq finetune --top-k and gmpq run: finetune.max_gbitops in {d}/sweep_config.yaml), or sweep lower "
+            "budgets (a lower space.budget_avg_bits range) so that cheaper policies reach the front. Nothing was "
+            "written.")
+
+
+def limit_text(limit: float) -> str:
+    """How a selection reason and the table say the limit: ``within the 0.4 GBitOPs limit``."""
+    return f"within the {limit:g} GBitOPs limit"
+
+
+def only_text(front: pd.DataFrame, limit: float | None, name: str = "front") -> str:
+    """Why fewer policies than top-k were selected: ``only 2 on the front``, or with a limit ``only 1 of the 2 on
+    the front within the 0.4 GBitOPs limit`` (``name``: how the caller calls the front)."""
+    if limit is None:
+        return f"only {len(front)} on the {name}"
+    fit = int((gbitops(front) <= limit).sum()) if len(front) else 0
+    return f"only {fit} of the {len(front)} on the {name} {limit_text(limit)}"
+
+
+def fewer_text(n_chosen: int, top_k: int, front: pd.DataFrame, cfg: dict) -> str:
+    """``gmpq finetune --sweep DIR --top-k K``'s line when fewer than K were selected (with the sweep config's limit,
+    ``cfg``: the front's part within it)."""
+    return (f"{n_chosen} selected of the {top_k} asked for (--top-k): "
+            f"{only_text(front, limit_in_force(None, cfg), 'Pareto front')} (a policy off the front is never "
+            "selected: one on it is at least as accurate for at most its BitOPs)")
