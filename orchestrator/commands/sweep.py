@@ -284,7 +284,8 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
 def _final_text(ft: Any) -> str:
     """The final fine-tune the config's ``finetune`` section asks for (gmpq run's stage 3, gmpq finetune --sweep)."""
     steps = f" (at most {ft.max_steps_per_epoch} steps each)" if ft.max_steps_per_epoch else ""
-    return (f"final fine-tune (gmpq run, gmpq finetune --sweep): the top {ft.top_k} policies, {ft.epochs} epoch"
+    limit = f" of at most {ft.max_gbitops:g} GBitOPs (finetune.max_gbitops)" if ft.max_gbitops is not None else ""
+    return (f"final fine-tune (gmpq run, gmpq finetune --sweep): the top {ft.top_k} policies{limit}, {ft.epochs} epoch"
             f"{'s' * (ft.epochs != 1)}{steps} on {ft.train_size or 'all the'} target training images, " + (
                 "the cluster's CPUs (GPUs) shared out as workers (auto)" if ft.workers == "auto" else
                 f"{ft.workers} worker{'s' * (ft.workers != 1)} each"))

@@ -1,0 +1,57 @@
+"""finetune.max_gbitops checked against the model before the sweep: a limit no policy can meet is refused before any
+training (it used to surface only at the final stage, after the whole sweep), one below the lowest budget warns."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from gmpq_core.errors import ConfigError
+from orchestrator.sweep_checks import check_sweep_config
+from orchestrator.sweep_config import load_sweep_config
+
+
+def _cfg(tmp_path: Path, limit: float | None):
+    return load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep"), "name": "mine",
+                                                       "cache_dir": str(tmp_path / "cache"),
+                                                       "finetune.max_gbitops": limit})
+
+
+def test_a_limit_below_the_cheapest_policy_is_refused_before_any_work(tmp_path):
+    facts = check_sweep_config(_cfg(tmp_path, None))
+    cheapest = facts.feasible_gbitops[0]
+    with pytest.raises(ConfigError) as e:
+        check_sweep_config(_cfg(tmp_path, cheapest / 2))
+    said = " ".join(str(e.value).split())
+    assert f"finetune.max_gbitops {cheapest / 2:g} is below the cheapest policy resnet20 can have" in said
+    assert f"Raise it to {cheapest:.4g} or more, or set it to null (no limit)" in said
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").iterdir())
+
+
+def test_a_limit_below_the_lowest_budget_warns_and_one_above_says_nothing(tmp_path, caplog):
+    cfg = _cfg(tmp_path, None)
+    low = cfg.space.bounds("budget_avg_bits")[0]
+    facts = check_sweep_config(cfg)
+    b_lo = facts.feasible_avg_bits[0]
+    cheapest = facts.feasible_gbitops[0]
+    at_low = cheapest * (low / b_lo) ** 2            # GBitOPs of the lowest budget (BitOPs grow with bits squared)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.sweep_checks"):
+        check_sweep_config(_cfg(tmp_path, (cheapest + at_low) / 2))
+    assert "below the cost of the lowest budget the sweep samples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="orchestrator.sweep_checks"):
+        check_sweep_config(_cfg(tmp_path, at_low * 1.5))
+    assert "max_gbitops" not in caplog.text
+
+
+def test_check_names_the_limit_in_the_final_fine_tune_line(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    config = tmp_path / "limit.yaml"
+    config.write_text("preset: demo\nfinetune:\n  max_gbitops: 0.4\n")
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(config), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+                 "--check"]) == 0, capsys.readouterr().err
+    said = capsys.readouterr().out
+    assert "the top 2 policies of at most 0.4 GBitOPs (finetune.max_gbitops), 1 epoch" in said and not out.exists()
