@@ -4,7 +4,8 @@
     gmpq run --config my_sweep.yaml --n-trials 12 --top-k 3 --workers 2
 
 Same sweep flags as ``gmpq sweep`` (they override the preset / config file) plus the fine-tune
-stage's ``--top-k``, ``--workers``, ``--finetune-epochs``, ``--finetune-max-concurrent`` (the selected
+stage's ``--top-k``, ``--max-gbitops`` (select only among the front's policies within a device's GBitOPs),
+``--workers``, ``--finetune-epochs``, ``--finetune-max-concurrent`` (the selected
 policies fine-tune side by side as far as the cluster holds ``--workers`` each) and its data caps for a quick
 run: ``--finetune-train-size``, ``--finetune-test-size``, ``--finetune-max-steps-per-epoch`` (all saved in the
 folder's ``sweep_config.yaml``, its ``finetune:`` section, so ``--resume`` keeps them). ``--resume`` continues
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
                                              say_env_tracking_uri, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import Terminated, ctrl_c_signals, stop_status, terminated
-    finetune = {"finetune.top_k": args.top_k, "finetune.workers": args.workers,
+    finetune = {"finetune.top_k": args.top_k, "finetune.max_gbitops": args.max_gbitops,
+                "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
                 "finetune.max_concurrent": args.finetune_max_concurrent,
                 "finetune.train_size": args.finetune_train_size, "finetune.test_size": args.finetune_test_size}
@@ -158,6 +160,9 @@ def register(subparsers: Any) -> None:
                         "settings, stores, folders) and say what the sweep would run; nothing trains")
     g = p.add_argument_group("final fine-tune")
     g.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K", help="policies to fine-tune (finetune.top_k)")
+    g.add_argument("--max-gbitops", type=float, default=None, metavar="G",
+                   help="select the K only among the Pareto front's policies of at most G GBitOPs (a device's limit: "
+                        "the quantized layers' BitOPs / 1e9, pareto.png's x axis; finetune.max_gbitops)")
     g.add_argument("--workers", type=int_or_auto, action=at_least(1), default=None, metavar="N",
                    help="Ray Train workers per policy, or 'auto': the cluster's CPUs (GPUs) shared by the policies "
                         "fine-tuned at once (finetune.workers)")

@@ -55,3 +55,17 @@ def test_check_names_the_limit_in_the_final_fine_tune_line(tmp_path, capsys):
                  "--check"]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
     assert "the top 2 policies of at most 0.4 GBitOPs (finetune.max_gbitops), 1 epoch" in said and not out.exists()
+
+
+def test_run_takes_the_limit_as_a_flag_and_checks_it_before_any_work(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    argv = ["run", "--preset", "demo", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"), "--check"]
+    assert main([*argv, "--max-gbitops", "0.4"]) == 0, capsys.readouterr().err
+    assert "the top 2 policies of at most 0.4 GBitOPs (finetune.max_gbitops)" in capsys.readouterr().out
+    assert main([*argv, "--max-gbitops", "0.001"]) == 2                  # no policy of the model is that cheap
+    assert "finetune.max_gbitops 0.001 is below the cheapest policy resnet20 can have" in \
+        " ".join(capsys.readouterr().err.split())
+    assert main([*argv, "--max-gbitops", "-1"]) == 2
+    assert "finetune.max_gbitops must be a number > 0" in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "run").exists()
