@@ -167,7 +167,7 @@ def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = (),
     on the front (ConfigError otherwise, ``pareto_pick.check_picks``); not with ``max_gbitops``. ``sweep_dir``: named
     in those refusals.
     """
-    from .pareto_pick import PICK_REASON, check_max_gbitops, check_picks, gbitops, limit_text, no_fit_text
+    from .pareto_pick import PICK_REASON, check_max_gbitops, check_picks, limit_text, no_fit_text, within
 
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
         raise ConfigError(f"top_k must be a positive integer (how many policies to fine-tune), "
@@ -184,7 +184,7 @@ def select_policies(df: pd.DataFrame, top_k: int, buckets: Sequence[float] = (),
     elif limit is None:
         reason = _choose(front, top_k, buckets)
     else:
-        fits = np.flatnonzero(gbitops(front) <= limit) if len(front) else np.zeros(0, dtype=np.int64)
+        fits = np.flatnonzero(within(front, limit)) if len(front) else np.zeros(0, dtype=np.int64)
         if len(front) and not len(fits):
             raise ConfigError(no_fit_text(front, limit, sweep_dir))
         within = _choose(front.iloc[fits].reset_index(drop=True), top_k, buckets)

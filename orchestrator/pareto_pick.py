@@ -8,6 +8,7 @@ A trial id may be given by a unique prefix (ids are short hex strings, compared 
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,9 +18,11 @@ import pandas as pd
 
 from gmpq_core.errors import ConfigError
 
-from .pareto import ACC, COST, completed_trials
+from .pareto import ACC, COST, completed_trials, pareto_front
 
-__all__ = ["PICK_REASON", "NO_LIMIT", "gbitops", "check_max_gbitops", "limit_in_force", "parse_pick", "check_picks",
+log = logging.getLogger(__name__)
+
+__all__ = ["check_limit_reachable", "check_front_fits", "PICK_REASON", "NO_LIMIT", "gbitops", "within", "limit_arg", "check_max_gbitops", "limit_in_force", "parse_pick", "check_picks",
            "no_fit_text", "limit_text", "only_text", "fewer_text"]
 
 PICK_REASON = "picked by hand"      # pareto.parquet's selection_reason of a hand-picked row
@@ -29,6 +32,28 @@ NO_LIMIT = "none"                   # --max-gbitops none: no limit, whatever the
 def gbitops(df: pd.DataFrame) -> np.ndarray:
     """GBitOPs per row: ``bitops / 1e9`` (= trials.parquet's ``gbitops``, pareto.png's x axis)."""
     return df[COST].to_numpy(dtype=float) / 1e9
+
+
+def within(df: pd.DataFrame, limit: float) -> np.ndarray:
+    """Which rows fit ``limit``: their GBitOPs as the table shows them (4 decimals) at most ``limit``, so a limit
+    typed from the table (0.4603) takes the policy shown at it (0.460315)."""
+    return np.round(gbitops(df), 4) <= limit + 1e-12
+
+
+def limit_arg(text: str | None, flag: str = "--max-gbitops") -> float | str | None:
+    """A ``--max-gbitops`` flag's text as a selection takes it: a float > 0, ``NO_LIMIT`` or None (not given);
+    ConfigError naming the flag otherwise."""
+    if text is None or text.strip().lower() == NO_LIMIT:
+        return text if text is None else NO_LIMIT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{flag} takes the most GBitOPs a selected policy may cost, a number > 0 such as "
+                          f"{flag} 0.4 (the quantized layers' BitOPs / 1e9: pareto.parquet's gbitops column, "
+                          f"pareto.png's x axis), or 'none' for no limit, but got {flag} {text}.")
+    return value
 
 
 def check_max_gbitops(value: Any, name: str = "finetune.max_gbitops", where: str = "") -> float | None:
@@ -130,12 +155,12 @@ def no_fit_text(front: pd.DataFrame, limit: float, sweep_dir: Any = None) -> str
     g = gbitops(front)
     low = front.iloc[int(np.argmin(g))]
     d = sweep_dir or "DIR"
-    least = math.ceil(round(float(g.min()) * 1e4, 6)) / 1e4      # 4 decimals, rounded up: that limit fits it
+    least = _up4(float(g.min()))                                  # 4 decimals, rounded up: that limit fits it
     return (f"No policy of the Pareto front fits the limit of {limit:g} GBitOPs: the cheapest on it is trial "
-            f"{_point(low)}. Raise the limit to {least:.4f} or more (gmpq pareto {d} --max-gbitops G; "
-            f"for gmpq finetune --top-k and gmpq run: finetune.max_gbitops in {d}/sweep_config.yaml), or sweep lower "
-            "budgets (a lower space.budget_avg_bits range) so that cheaper policies reach the front. Nothing was "
-            "written.")
+            f"{_point(low)}. Raise the limit to {least:.4f} or more, or lift it ('none'): gmpq pareto {d} "
+            f"--max-gbitops G; for gmpq finetune --top-k and gmpq run: gmpq run --out {d} --resume --max-gbitops G "
+            f"(or finetune.max_gbitops in {d}/sweep_config.yaml). Or sweep lower budgets (a lower "
+            "space.budget_avg_bits range) so that cheaper policies reach the front. Nothing was written.")
 
 
 def limit_text(limit: float) -> str:
@@ -148,7 +173,7 @@ def only_text(front: pd.DataFrame, limit: float | None, name: str = "front") -> 
     the front within the 0.4 GBitOPs limit`` (``name``: how the caller calls the front)."""
     if limit is None:
         return f"only {len(front)} on the {name}"
-    fit = int((gbitops(front) <= limit).sum()) if len(front) else 0
+    fit = int(within(front, limit).sum()) if len(front) else 0
     return f"only {fit} of the {len(front)} on the {name} {limit_text(limit)}"
 
 
@@ -158,3 +183,41 @@ def fewer_text(n_chosen: int, top_k: int, front: pd.DataFrame, cfg: dict) -> str
     return (f"{n_chosen} selected of the {top_k} asked for (--top-k): "
             f"{only_text(front, limit_in_force(None, cfg), 'Pareto front')} (a policy off the front is never "
             "selected: one on it is at least as accurate for at most its BitOPs)")
+
+
+def _up4(g: float) -> float:
+    """``g`` rounded up at 4 decimals (as the table shows GBitOPs): a limit of that value fits it."""
+    return math.ceil(round(g * 1e4, 6)) / 1e4
+
+
+def check_limit_reachable(limit: float | None, model: str, cheapest: float, lowest_budget: float | None,
+                          low_bits: float | None) -> None:
+    """Before a sweep: a limit below the cheapest policy ``model`` can have (``cheapest`` BitOPs, every layer at its
+    fewest bits) would select nothing after the sweep: ConfigError now. Below the lowest budget the sweep samples
+    (``lowest_budget`` BitOPs, ``low_bits`` average bits), a warning: policies land near their budgets."""
+    if limit is None:
+        return
+    if limit * 1e9 < cheapest * (1 - 1e-9):
+        least = _up4(cheapest / 1e9)
+        raise ConfigError(f"finetune.max_gbitops {limit:g} is below the cheapest policy {model} can have "
+                          f"({cheapest / 1e9:.6g} GBitOPs, every layer at its fewest bits), so the final stage would "
+                          f"select nothing after the sweep. Raise it to {least:.4f} or more (gmpq run --max-gbitops G, "
+                          "or finetune.max_gbitops in the config), or lift it (--max-gbitops none, or null). Nothing "
+                          "has been trained yet.")
+    if lowest_budget is not None and limit * 1e9 < lowest_budget:
+        log.warning("finetune.max_gbitops %g is below the cost of the lowest budget the sweep samples (%s average bits "
+                    "= %.4g GBitOPs): searched policies land near their budgets, so few or none may fit it and the "
+                    "final stage may have nothing to select. Lower the budget_avg_bits range, or raise the limit.",
+                    limit, low_bits, lowest_budget / 1e9)
+
+
+def check_front_fits(sweep_dir: str | Path, limit: float | None) -> None:
+    """A finished sweep's Pareto front against the limit a resume brings (``gmpq run --out DIR --resume --max-gbitops
+    G``), before the config holding it is saved: none on the front fits -> the refusal the selection would give."""
+    if limit is None:
+        return
+    from .results import read_trials
+
+    front = pareto_front(read_trials(sweep_dir))
+    if len(front) and not within(front, limit).any():
+        raise ConfigError(no_fit_text(front, limit, sweep_dir))

@@ -38,8 +38,10 @@ def trial_gbitops(df: pd.DataFrame) -> np.ndarray:
 
 
 def _short(trial_id: object) -> str:
+    """A trial id as the plots label it: whole up to 14 characters, else its start (``gmpq pareto --pick`` takes a
+    unique prefix)."""
     t = str(trial_id)
-    return t if len(t) <= 14 else "..." + t[-10:]
+    return t if len(t) <= 14 else t[:11] + "..."
 
 
 def _new_figure(title: str) -> tuple[Figure, object]:
@@ -236,7 +238,8 @@ def pareto_figure(trials: pd.DataFrame, pareto: pd.DataFrame, *, buckets: Sequen
         if sel.any():
             ax.scatter(fx[sel], fy[sel], s=150, facecolors="none", edgecolors="tab:green", linewidths=2.0,
                        label=_selected_label(pareto, sel), zorder=5)
-            labels = (np.column_stack([fx[sel], fy[sel]]), [_short(t) for t in pareto["trial_id"].to_numpy()[sel]])
+        # every front point named (what gmpq pareto --pick takes), not only the selected ones
+        labels = (np.column_stack([fx, fy]), [_short(t) for t in pareto["trial_id"].to_numpy()])
     if max_gbitops is not None:
         _limit_line(ax, float(max_gbitops), x_all[done])
     if buckets and len(x_all) and not np.isnan(x_all).all():

@@ -325,6 +325,8 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
         _check_same_config(cfg)                            # first: another config's own errors would hide it
         done = _finished_summary(cfg, t0)
         if done is not None:                               # nothing for Ray to do
+            from .pareto_pick import check_front_fits      # a limit the finished front cannot meet: before it is saved
+            check_front_fits(cfg.out_dir, cfg.finetune.max_gbitops)
             return CheckedSweep(cfg, True, done)
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
         from .ray_env import check_join_address                 # (and before the data and model checks' work)

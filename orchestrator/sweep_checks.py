@@ -125,7 +125,8 @@ def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepF
             f"{list(cfg.candidates.a_bits)}: {'; '.join(ends) or 'no bounds given'}. Choose a budget range inside "
             f"it, or {CANDIDATES_HOW}.")
     _warn_single_bucket(cfg, low, high)
-    _check_limit_reachable(cfg, lo, total, low)
+    from .pareto_pick import check_limit_reachable
+    check_limit_reachable(cfg.finetune.max_gbitops, cfg.model, lo, low ** 2 * total if low is not None else None, low)
     point = cfg.space.first_point()
     try:   # a dry build of one trial's SearchConfig catches bad fixed search settings now
         search = trial_search_config(cfg, point)
@@ -379,21 +380,3 @@ def _warn_single_bucket(cfg: SweepConfig, low: float | None, high: float | None)
                     "compares all trials and the Pareto selection has one bucket. Give edges between %s and %s.",
                     list(edges), low, high, low, high)
 
-
-def _check_limit_reachable(cfg: SweepConfig, lo: float, total: float, low: float | None) -> None:
-    """A ``finetune.max_gbitops`` below the cheapest policy the model can have (every layer at its fewest bits: ``lo``
-    BitOPs) would select nothing after the sweep: refused now. Below the lowest budget the sweep samples (``low``
-    average bits: ``low**2 * total`` BitOPs), a warning: policies land near their budgets, so few or none may fit."""
-    limit = cfg.finetune.max_gbitops
-    if limit is None:
-        return
-    if limit * 1e9 < lo * (1 - 1e-9):
-        raise ConfigError(f"finetune.max_gbitops {limit:g} is below the cheapest policy {cfg.model} can have "
-                          f"({lo / 1e9:.4g} GBitOPs, every layer at its fewest bits), so the final stage would select "
-                          f"nothing after the sweep. Raise it to {lo / 1e9:.4g} or more, or set it to null (no limit). "
-                          "Nothing has been trained yet.")
-    if low is not None and limit * 1e9 < low ** 2 * total:
-        log.warning("finetune.max_gbitops %g is below the cost of the lowest budget the sweep samples (%s average bits "
-                    "= %.4g GBitOPs): searched policies land near their budgets, so few or none may fit it and the "
-                    "final stage may have nothing to select. Lower the budget_avg_bits range, or raise the limit.",
-                    limit, low, low ** 2 * total / 1e9)

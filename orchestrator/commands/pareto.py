@@ -25,7 +25,6 @@ ends); a sweep that stopped before its planned trials ended gets a note saying s
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None, *, cfg: 
     ``cfg`` (the sweep config) and ``trials`` (trials.parquet) spare reading them again when already read;
     ``max_gbitops``: the --max-gbitops given (default: the config's limit applied; none to a pick)."""
     from orchestrator.pareto import DEFAULT_TOP_K, PARETO_PNG, POLICIES_DIR, POLICIES_PNG, format_pareto_table
-    from orchestrator.pareto_pick import gbitops, limit_in_force, limit_text, only_text
+    from orchestrator.pareto_pick import limit_in_force, limit_text, only_text, within
     from orchestrator.results import PARETO_FILE, load_resolved_config, read_trials
 
     if cfg is None:
@@ -73,7 +72,7 @@ def print_pareto(sweep_dir: Path, front: Any, top_k: int | None = None, *, cfg: 
     chosen = int(front["selected"].sum()) if len(front) else 0
     picked = _picked(front)
     limit = None if picked else limit_in_force(max_gbitops, cfg)
-    fit = f", {int((gbitops(front) <= limit).sum())} {limit_text(limit)}" if limit is not None and len(front) else ""
+    fit = f", {int(within(front, limit).sum())} {limit_text(limit)}" if limit is not None and len(front) else ""
     print(f"Pareto front of {len(trials)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}): "
           f"{len(front)} non-dominated{fit}, {chosen} {'picked by hand' if picked else 'selected'} (*)")
     print(format_pareto_table(front, buckets))
@@ -173,7 +172,7 @@ def selection_args(args: argparse.Namespace) -> tuple[list[str] | None, float | 
     """``--pick`` (the ids typed) and ``--max-gbitops`` (a float, ``none`` or None) checked before any work:
     ConfigError for a bad value and for --pick beside --top-k or --max-gbitops."""
     from gmpq_core.errors import ConfigError
-    from orchestrator.pareto_pick import NO_LIMIT, parse_pick
+    from orchestrator.pareto_pick import limit_arg, parse_pick
 
     picks = parse_pick(args.pick)
     given = [f for f, v in (("--top-k", args.top_k), ("--max-gbitops", args.max_gbitops)) if v is not None]
@@ -182,18 +181,7 @@ def selection_args(args: argparse.Namespace) -> tuple[list[str] | None, float | 
         raise ConfigError(f"--pick selects exactly the trials it names ({', '.join(picks)}), so {given[0]} {value} "
                           f"does not apply to it. Give one or the other: drop {' and '.join(given)} to select your "
                           f"pick, or drop --pick to select automatically.")
-    text = args.max_gbitops
-    if text is None or text.strip().lower() == NO_LIMIT:
-        return picks, text if text is None else NO_LIMIT
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"--max-gbitops takes the most GBitOPs a selected policy may cost, a number > 0 such as "
-                          f"--max-gbitops 0.4 (the quantized layers' BitOPs / 1e9: pareto.parquet's gbitops column, "
-                          f"pareto.png's x axis), or 'none' for no limit, but got --max-gbitops {text}.")
-    return picks, value
+    return picks, limit_arg(args.max_gbitops)
 
 
 def run(args: argparse.Namespace) -> int:

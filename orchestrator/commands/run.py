@@ -19,6 +19,7 @@ the final Pareto table, the plot paths and the command that opens the results in
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import sys
 import time
@@ -57,12 +58,16 @@ def run(args: argparse.Namespace) -> int:
                                              say_env_tracking_uri, stopped_note)
     from orchestrator.mlflow_notes import noting_mlflow_off
     from orchestrator.ray_env import Terminated, ctrl_c_signals, stop_status, terminated
-    finetune = {"finetune.top_k": args.top_k, "finetune.max_gbitops": args.max_gbitops,
+    from orchestrator.pareto_pick import NO_LIMIT, limit_arg
+    limit = limit_arg(args.max_gbitops)                   # a float, "none" or None: ConfigError -> exit 2
+    finetune = {"finetune.top_k": args.top_k, "finetune.max_gbitops": None if limit == NO_LIMIT else limit,
                 "finetune.workers": args.workers,
                 "finetune.epochs": args.finetune_epochs, "finetune.max_steps_per_epoch": args.finetune_max_steps,
                 "finetune.max_concurrent": args.finetune_max_concurrent,
                 "finetune.train_size": args.finetune_train_size, "finetune.test_size": args.finetune_test_size}
     cfg = config_from_args(args, finetune)               # --resume alone: the folder's saved config; ConfigError -> exit 2
+    if limit == NO_LIMIT:                                # (an override of None means "not given")
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, max_gbitops=None))
     if args.check:                                       # gmpq sweep --check's checks and lines; nothing runs
         from orchestrator.commands.sweep import check_only
 
@@ -160,9 +165,10 @@ def register(subparsers: Any) -> None:
                         "settings, stores, folders) and say what the sweep would run; nothing trains")
     g = p.add_argument_group("final fine-tune")
     g.add_argument("--top-k", type=int, action=at_least(1), default=None, metavar="K", help="policies to fine-tune (finetune.top_k)")
-    g.add_argument("--max-gbitops", type=float, default=None, metavar="G",
+    g.add_argument("--max-gbitops", default=None, metavar="G",
                    help="select the K only among the Pareto front's policies of at most G GBitOPs (a device's limit: "
-                        "the quantized layers' BitOPs / 1e9, pareto.png's x axis; finetune.max_gbitops)")
+                        "the quantized layers' BitOPs / 1e9, pareto.png's x axis; finetune.max_gbitops); 'none' "
+                        "lifts the config's")
     g.add_argument("--workers", type=int_or_auto, action=at_least(1), default=None, metavar="N",
                    help="Ray Train workers per policy, or 'auto': the cluster's CPUs (GPUs) shared by the policies "
                         "fine-tuned at once (finetune.workers)")

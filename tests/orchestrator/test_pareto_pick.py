@@ -251,3 +251,25 @@ def test_the_final_stage_fine_tunes_exactly_the_picked_trials(tmp_path, monkeypa
     assert sorted(built) == ["t1", "t2"]
     assert any("2 selected of the 3 asked for (--top-k): only 2 of the 3 on the Pareto front within the" in s
                for s in said), said
+
+
+def test_a_limit_typed_from_the_table_takes_the_policy_shown_at_it():
+    """a1fa4126 costs 0.460314624 GBitOPs, shown as 0.4603: --max-gbitops 0.4603 takes it (the exact value used to
+    put it 'over the 0.4603 GBitOPs limit' beside a table that showed it at 0.4603); 0.4602 does not."""
+    assert "a1fa4126" in chosen(select_policies(frame(), 3, max_gbitops=0.4603))
+    sel = select_policies(frame(), 3, max_gbitops=0.4602)
+    assert "a1fa4126" not in chosen(sel)
+    assert sel.set_index("trial_id").loc["a1fa4126", "selection_reason"] == "over the 0.4602 GBitOPs limit"
+
+
+def test_the_plot_names_every_front_point_by_a_prefix_pick_takes(tmp_path):
+    """--pick takes the ids pareto.png shows: every point of the front is labelled (not only the selected ones),
+    and a long id by its start (a prefix --pick takes), not its end."""
+    from orchestrator.plots import _short, pareto_figure
+
+    sel = select_policies(frame(), 1)
+    fig = pareto_figure(frame(), sel)
+    texts = {t.get_text() for t in fig.axes[0].texts}
+    plt.close(fig)
+    assert set(FRONT) <= texts
+    assert _short("0123456789abcdef0123") == "0123456789a..."
