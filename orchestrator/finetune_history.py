@@ -26,7 +26,7 @@ from .mlflow_keys import _numeric, finetune_epoch_metrics
 from .mlflow_sink import MLflowSink
 from .recipes import same_recipe
 
-__all__ = ["SERIES_KEY", "SeriesFill", "checkpoint_history", "fill_finetune_series"]
+__all__ = ["SERIES_KEY", "SeriesFill", "checkpoint_history", "fill_finetune_series", "finetune_run"]
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,23 @@ def checkpoint_history(storage: str | Path, row: Mapping[str, Any]) -> list[dict
     return history
 
 
-def _finetune_run(sink: MLflowSink, row: Mapping[str, Any]) -> str | None:
-    """The id of the fine-tune run of final.parquet's ``row`` (persisted, else found by its tags), as
-    ``mlflow_stages.backfill_trial_tags`` finds it; None: the store has none."""
+def finetune_run(sink: MLflowSink, row: Mapping[str, Any]) -> str | None:
+    """The id of the active fine-tune run of final.parquet's ``row``: persisted, else found by its tags among the runs
+    no other key holds (as ``MLflowSink.child_run`` would reuse it; then kept under its key in ``sink.runs``, which
+    the caller saves); None: the store has none (never made, or deleted: ``search_runs`` leaves out runs in the
+    deleted stage, which ``mlflow gc`` has not removed yet, and ``has_child_run`` counts them as gone)."""
     from .mlflow_stages import _recipe_key
 
     key, recipe_tag, _ = _recipe_key(row)
+    runs = sink.runs["finetune"]
     if sink.has_child_run("finetune", key):
-        return sink.runs["finetune"][key]
-    return sink.call("finding a fine-tune run", sink.find_run,
-                     {"mlflow.parentRunId": sink.parent_run_id, "trial_id": str(row["trial_id"]),
-                      "gmpq.role": "finetune", **recipe_tag})
+        return runs[key]
+    rid = sink.call("finding a fine-tune run", sink.find_run,
+                    {"mlflow.parentRunId": sink.parent_run_id, "trial_id": str(row["trial_id"]),
+                     "gmpq.role": "finetune", **recipe_tag}, exclude=set(runs.values()))
+    if rid is not None:
+        runs[key] = rid
+    return rid
 
 
 def _steps(sink: MLflowSink, rid: str, key: str) -> dict[int, float]:
@@ -128,7 +134,7 @@ def fill_finetune_series(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Pa
     filled, without = 0, []
     for row in final_df.to_dict("records"):
         epochs = _whole(row.get("epochs"))
-        rid = _finetune_run(sink, row) if epochs else None
+        rid = finetune_run(sink, row) if epochs else None
         if rid is None or set(range(1, epochs + 1)) <= _steps(sink, rid, SERIES_KEY).keys():
             continue
         history = checkpoint_history(storage, row)

@@ -15,19 +15,21 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
   ``final_top1``, on its fine-tune run the ``trial_run_id`` tag, and the runs' descriptions, where they lack them (a
   sweep whose tables an earlier version logged). A fine-tune run an earlier version logged keeps its ``top1`` /
   ``top5`` / ``loss`` / ``world_size`` series (today's: ``final_top1`` ... ``workers``);
+- a fine-tune run of a final.parquet row that the store lost (deleted in the UI, by ``mlflow gc``, or in a store
+  replaced) while the parent still has the table: made again from the row, linked to its trial run both ways
+  (``_Syncer.finetune_runs``); the runs still there, also those the id file lost, are not logged into again;
 - on a fine-tune run that lacks its per-epoch series (created here from its final.parquet row), the epochs its Ray
   Train checkpoint holds, as the live stage logs them (``finetune_history``; no checkpoint left: the final row only).
 
 A run that already holds everything is left alone, so a second sync changes nothing (idempotent). Syncing to another
-store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``_id_files_kept``).
+store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``sync_guards.id_files_kept``).
 Run it after the sweep, or while the sweep's own MLflow logging is disabled (one writer at a time): while a
-``gmpq sweep`` / ``run`` / ``finetune --sweep`` of the folder still runs, it refuses unless told ``while_running``. A sweep
-folder with no results yet (no row in ``trials.parquet``, or no such file: no trial has finished) has nothing
+``gmpq sweep`` / ``run`` / ``finetune --sweep`` of the folder still runs, it refuses unless told ``while_running``. A
+sweep folder with no results yet (no row in ``trials.parquet``, or no such file: no trial has finished) has nothing
 to sync: the store is checked (when it exists) and no run is created.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -36,32 +38,25 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
-from gmpq_core.errors import CheckpointError, GMPQError
-from gmpq_core.fileio import atomic_write_json, read_json
-
 from .mlflow_keys import config_metrics, legacy_layout
 from .mlflow_notes import final_metrics
-from .mlflow_sink import (_RAY_KEYS, DISABLED, FINAL_METRICS, PARENT_FILE, RUN_STATUS, RUNS_FILE, MLflowSink,
-                          _phase_key, default_tracking_uri)
-from .finetune_history import SeriesFill, fill_finetune_series
+from .mlflow_sink import _RAY_KEYS, DISABLED, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key, default_tracking_uri
+from .finetune_history import SeriesFill, fill_finetune_series, finetune_run
 from .mlflow_stages import backfill_trial_tags, log_final, log_pareto
 from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
+from .sync_guards import SyncError, id_files_kept, refuse_while_running
 
 __all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial"]
 
 log = logging.getLogger(__name__)
 
 PARAM_PREFIX = "param_"
-
-
-class SyncError(GMPQError, RuntimeError):
-    """The tracking store cannot be reached or written while syncing (nothing is lost: rerun the sync)."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +79,12 @@ class SyncReport:
     finetune_series_logged: int = 0                       # fine-tune runs given epochs from their checkpoints
     finetunes_without_history: tuple[str, ...] = ()       # trial ids whose runs keep the final row only
     checkpoint_storage: str = ""                          # where their Ray Train checkpoints were looked for
+    finetune_runs_recreated: int = 0                      # fine-tune runs made again for rows the store lost
 
     @property
     def changed(self) -> bool:
         return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged
-                    or self.runs_tagged or self.finetune_series_logged)
+                    or self.runs_tagged or self.finetune_series_logged or self.finetune_runs_recreated)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sweep_dir": str(self.sweep_dir),
@@ -149,6 +145,7 @@ class _Syncer:
     def __init__(self, sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path) -> None:
         self.sink, self.cfg, self.sweep_dir = sink, cfg, sweep_dir
         self._histories: dict[str, list[dict]] | None = None
+        self.recreated = 0                      # fine-tune runs made again (``finetune_runs``)
 
     @property
     def histories(self) -> dict[str, list[dict]]:
@@ -227,7 +224,8 @@ class _Syncer:
 
     def tables(self) -> list[str]:
         """Pareto / final tables on the parent run, when the folder has them and the run lacks them; the Pareto
-        table also when the run's copy differs from the folder's (``gmpq pareto`` ran again while MLflow was off)."""
+        table also when the run's copy differs from the folder's (``gmpq pareto`` ran again while MLflow was off).
+        A final table already there: the fine-tune runs its rows lack are made again (``finetune_runs``)."""
         sink, d, done = self.sink, self.sweep_dir, []
         have = {a.path for a in sink.client.list_artifacts(sink.parent_run_id, "results")}
         if (d / PARETO_FILE).is_file() and (f"results/{PARETO_FILE}" not in have or self._differs(PARETO_FILE)):
@@ -238,7 +236,25 @@ class _Syncer:
             from .final_stage import FINAL_PNG
             log_final(sink.tracking_uri, d, read_table(d / FINAL_FILE).to_pandas(), png_path=d / FINAL_PNG)
             done.append(FINAL_FILE)
+        elif (d / FINAL_FILE).is_file():
+            self.recreated = self.finetune_runs(read_table(d / FINAL_FILE).to_pandas())
         return done
+
+    def finetune_runs(self, final_df) -> int:
+        """Make again the fine-tune runs of ``final_df``'s rows that the store lacks (deleted in the UI or by ``mlflow
+        gc``, or a store replaced): ``log_final`` with no policy fresh logs only the rows whose run is not in the
+        id file. The others' runs, found by their tags when the id file lost them (``finetune_run``), are saved
+        there first, or it would log their final rows again into them. Returns how many runs it made."""
+        sink, d = self.sink, self.sweep_dir
+        if all([finetune_run(sink, row) is not None for row in final_df.to_dict("records")]):   # (each row looked up)
+            return 0
+        from .final_stage import FINAL_PNG
+
+        sink._save_ids()
+        before = {r for rids in child_runs_by_trial(sink, "finetune").values() for r in rids}
+        log_final(sink.tracking_uri, d, final_df, png_path=d / FINAL_PNG, fresh=())
+        sink._load_ids()                        # (log_final's own sink saved the new runs' ids)
+        return sum(r not in before for rids in child_runs_by_trial(sink, "finetune").values() for r in rids)
 
     def _differs(self, name: str) -> bool:
         """Whether the parent run's ``results/<name>`` holds other bytes than the folder's ``name``."""
@@ -270,7 +286,7 @@ def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: l
         else SeriesFill(0, (), "")
     tagged = syncer.trial_tags()
     dup = sum(len(v) > 1 for v in child_runs_by_trial(sink).values())
-    return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup, series
+    return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup, series, syncer.recreated
 
 
 def _sink_warnings(caught: list) -> list[str]:
@@ -301,55 +317,6 @@ def _nothing_to_sync(sink: MLflowSink, sweep_dir: Path) -> SyncReport:
                       runs_unchanged=0, tables_logged=(), duplicates=0, nothing_to_sync=True)
 
 
-@contextlib.contextmanager
-def _id_files_kept(sink: MLflowSink) -> Iterator[None]:
-    """Syncing to another store than the one the folder's id files name (``mlflow_parent.json``, ``mlflow_runs.json``:
-    the sweep's own store, where its sweep and final stage log): those files are put back as they were afterwards.
-    The sync's sinks rewrite them for the store they write to, which used to drop the other store's ids (its
-    fine-tune runs' map, which a plain sync does not rebuild, so the next final stage logged their metrics again).
-    Runs of the other store are found again by their tags; the sweep's own keep their recorded ids."""
-    kept = {}
-    for name in (PARENT_FILE, RUNS_FILE):
-        path = sink.sweep_dir / name
-        try:
-            data = read_json(path) if path.is_file() else None
-        except CheckpointError:
-            continue                  # damaged: the sink says so and starts afresh, as before
-        if isinstance(data, dict) and data.get("tracking_uri") and not sink._same_store(data):
-            kept[path] = data
-    try:
-        yield
-    finally:
-        for path, data in kept.items():
-            atomic_write_json(path, data)
-        if kept:
-            log.info("kept %s for %s (the store they name); the runs in %s are found by their tags",
-                     ", ".join(p.name for p in kept), next(iter(kept.values()))["tracking_uri"], sink.tracking_uri)
-
-
-def _refuse_while_running(sweep_dir: Path) -> None:
-    """SyncError when another process still runs a stage of this sweep (``driver_markers.live_driver``: driver.json
-    or driver.finetune.json, one checked alive on this host named first): its MLflow
-    logging writes the same runs and id files, so a sync beside it could overwrite the ids it writes meanwhile
-    (another store's sync puts the folder's id files back as they were) or log a run twice."""
-    from .driver_markers import FINETUNE_DRIVER_FILE, driver_text, ended_marker_text, live_driver
-
-    marked = [d for d in (live_driver(sweep_dir), live_driver(sweep_dir, FINETUNE_DRIVER_FILE)) if d is not None]
-    if not marked:                                        # (the second: a final stage beside another's sweep)
-        return
-    driver = next((d for d in marked if d["alive"]), marked[0])    # --while-running would override it too
-    where = (f"; {ended_marker_text(sweep_dir, driver['file'])}" if driver["alive"]
-             else " on another host: whether it still runs cannot be checked from here (if it has ended, sync with "
-             "--while-running)")
-    raise SyncError(f"'{sweep_dir}' is being written by {driver_text(driver)}. While its MLflow logging is on, it "
-                    "logs the same runs and writes the same id files (mlflow_runs.json, mlflow_parent.json), and a "
-                    "sync beside it could overwrite the ids it writes meanwhile or log a run twice. Sync after it "
-                    f"ends ('gmpq status --sweep {sweep_dir}' shows whether it runs; nothing was synced){where}. "
-                    "--while-running syncs now, safe only while that command logs nothing to MLflow: a 'gmpq "
-                    "sweep' that warned 'MLflow logging disabled' (a 'gmpq run' connects again for its Pareto and "
-                    "fine-tune stages).")
-
-
 def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while_running: bool = False) -> SyncReport:
     """Make the MLflow view of ``sweep_dir`` whole (see the module docstring); returns what it did.
 
@@ -357,8 +324,9 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
     that cannot work (an unknown scheme, a SQLite file in a folder that is a file), before anything else;
     CheckpointError for a folder that is not a sweep or a damaged ``trials.parquet``; SyncError when MLflow
     cannot be reached. A folder with no results yet returns a report with ``nothing_to_sync`` and creates no run.
-    SyncError, before MLflow is opened, while another process runs a stage of the sweep (``_refuse_while_running``),
-    unless ``while_running`` (that process's MLflow logging is off: one writer at a time).
+    SyncError, before MLflow is opened, while another process runs a stage of the sweep
+    (``sync_guards.refuse_while_running``), unless ``while_running`` (that process's MLflow logging is off: one
+    writer at a time).
     """
     from .sweep_checks import check_tracking_uri
 
@@ -370,19 +338,19 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
     if not tracking_uri:       # the sweep's own: its folder may have been replaced since, e.g. by a file
         check_tracking_uri(uri, f"tracking_uri (in {sweep_dir / CONFIG_FILE})", leave_out=None)
     if not while_running:
-        _refuse_while_running(sweep_dir)
+        refuse_while_running(sweep_dir)
     rows = read_trials(sweep_dir, missing_ok=True).to_dict("records")
     t0_ms = int(time.time() * 1000)
     sink = MLflowSink(uri, sweep_dir, resolved_config=cfg)
     if not rows and not any((sweep_dir / f).is_file() for f in (PARETO_FILE, FINAL_FILE)):
         return _nothing_to_sync(sink, sweep_dir)
-    with warnings.catch_warnings(record=True) as caught, _id_files_kept(sink):
+    with warnings.catch_warnings(record=True) as caught, id_files_kept(sink):
         warnings.simplefilter("always", RuntimeWarning)     # the sink's warning even if shown before: it says why
         connected = sink.connect()
         if not connected:
             raise _cannot_sync(sink, sweep_dir, caught)
         try:
-            outcomes, parent, tables, tagged, dup, series = _sync_all(sink, cfg, sweep_dir, rows)
+            outcomes, parent, tables, tagged, dup, series, recreated = _sync_all(sink, cfg, sweep_dir, rows)
         except (MlflowException, RequestException, OSError) as e:
             raise SyncError(f"MLflow at '{uri}' failed during the sync ({type(e).__name__}: {e}); rerun "
                             "'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).") from None
@@ -394,4 +362,5 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
                       trials=len(rows), runs_created=outcomes["created"], runs_updated=outcomes["updated"],
                       runs_unchanged=outcomes["unchanged"], tables_logged=tuple(tables), duplicates=dup,
                       runs_tagged=tagged, finetune_series_logged=series.runs_filled,
-                      finetunes_without_history=series.without_history, checkpoint_storage=series.storage)
+                      finetunes_without_history=series.without_history, checkpoint_storage=series.storage,
+                      finetune_runs_recreated=recreated)

@@ -6,7 +6,8 @@
 For a sweep whose MLflow server was down at the start or went down mid-sweep (the sweep warned and
 kept going: its results are complete in DIR/trials.parquet). Creates the missing parent and trial
 runs, completes the partial ones, and reuses runs it finds by their saved ids or their trial_id tags:
-running it twice creates nothing new. A fine-tune run that lacks its per-epoch series gets them from the
+running it twice creates nothing new. A fine-tune run deleted from the store (in the MLflow UI, or by
+mlflow gc) is made again from final.parquet. A fine-tune run that lacks its per-epoch series gets them from the
 fine-tune's Ray Train checkpoint (none left: it keeps its final row, and the sync says so in one line).
 Default tracking URI: the sweep's own. A sweep folder with no trial results yet has nothing to sync: it
 says so and exits 0, creating no run. A --tracking-uri that cannot work (an unknown scheme, a
@@ -36,7 +37,8 @@ def format_report(rep: Any) -> str:
                 f"finished). No MLflow run was created in {rep.tracking_uri}; rerun 'gmpq sync-mlflow --sweep "
                 f"{rep.sweep_dir}' once trials have finished.")
     parent = "created" if rep.parent_created else "reused"
-    lines = [f"MLflow {rep.tracking_uri}, experiment '{rep.experiment_name}': parent run {rep.parent_run_id} ({parent})",
+    lines = [f"MLflow {rep.tracking_uri}, experiment '{rep.experiment_name}': parent run {rep.parent_run_id} "
+             f"({parent})",
              f"{rep.trials} trials in trials.parquet: {rep.runs_created} runs created, {rep.runs_updated} completed, "
              f"{rep.runs_unchanged} already complete; {rep.duplicates} duplicate runs"]
     if rep.tables_logged:
@@ -44,6 +46,10 @@ def format_report(rep: Any) -> str:
     if getattr(rep, "runs_tagged", 0):
         lines.append(f"{rep.runs_tagged} run{'' if rep.runs_tagged == 1 else 's'} given their Pareto / fine-tune "
                      "links (pareto, selection_reason, finetune_run_id, final_top1, trial_run_id) or descriptions")
+    n = getattr(rep, "finetune_runs_recreated", 0)
+    if n:
+        lines.append(f"{n} fine-tune run{'' if n == 1 else 's'} made again from final.parquet (the tracking store "
+                     f"had lost {'it' if n == 1 else 'them'}: deleted, or the store replaced)")
     n = getattr(rep, "finetune_series_logged", 0)
     if n:
         its = "its" if n == 1 else "their"
@@ -57,7 +63,10 @@ def format_report(rep: Any) -> str:
         lines.append(f"fine-tune run{'' if one else 's'} of {', '.join(without)} keep{'s' if one else ''} the final "
                      f"row only: no Ray Train checkpoint under {where} holds {'its' if one else 'their'} per-epoch "
                      f"series ({why})")
-    lines.append("nothing was missing" if not rep.changed else "the tracking store now matches the sweep folder")
+    if rep.changed:
+        lines.append("the tracking store now matches the sweep folder")
+    else:         # a run that keeps its final row only is said above: "nothing was missing" would contradict it
+        lines.append("nothing else to upload" if without else "nothing was missing")
     return "\n".join(lines)
 
 

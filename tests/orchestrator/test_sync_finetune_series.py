@@ -113,6 +113,9 @@ def test_a_fine_tune_without_its_checkpoint_keeps_the_final_row_and_the_sync_say
     client = mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
     rid = _finetune_run(sweep)
     assert _points(client, rid)["final_top1"] == [(EPOCHS, 50.0)] and "train_loss" not in _points(client, rid)
+    assert main(["sync-mlflow", "--sweep", str(sweep)]) == 0          # again: the line, and no "nothing was missing"
+    again = capsys.readouterr().out.splitlines()
+    assert again[-1] == "nothing else to upload" and sum("keeps the final row only" in x for x in again) == 1
     if run is not None:
         shutil.rmtree(run)
     _checkpoint(sweep, _history())              # its own checkpoint (back from a backup)
