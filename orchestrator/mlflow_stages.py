@@ -137,7 +137,8 @@ def _point_trial_run(sink: MLflowSink, tid: str, finetune_rid: str | None, final
     tags, metrics = dict(data.tags), dict(data.metrics)
     changed = not (tags.get("finetune_run_id") == finetune_rid and metrics.get("final_top1") == top1)
     if changed:
-        sink.log_metrics(rid, {"final_top1": top1})
+        if metrics.get("final_top1") != top1:          # (a fine-tune run made again: the same value, no new point)
+            sink.log_metrics(rid, {"final_top1": top1})
         sink.call("tagging a trial's run", sink.client.set_tag, rid, "finetune_run_id", finetune_rid)
         tags["finetune_run_id"], metrics["final_top1"] = finetune_rid, top1
     return note_trial(sink, rid, tid, tags, metrics) or changed

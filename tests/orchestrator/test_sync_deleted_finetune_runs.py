@@ -70,6 +70,7 @@ def test_a_deleted_fine_tune_run_is_made_again_with_its_links_and_epochs_and_a_s
     (old,) = _ids(sweep)["finetune"].values()
     before = _points(client, old)
     trial_rid = _ids(sweep)["trials"]["t1"]
+    trial_points = _points(client, trial_rid)
     _gone(client, sweep, old, how)
 
     rep = sync_mlflow(sweep)
@@ -81,6 +82,7 @@ def test_a_deleted_fine_tune_run_is_made_again_with_its_links_and_epochs_and_a_s
     assert run.info.run_name == "finetune-t1" and run.info.status == "FINISHED"
     assert run.data.tags["trial_run_id"] == trial_rid                        # linked both ways
     assert client.get_run(trial_rid).data.tags["finetune_run_id"] == rid
+    assert _points(client, trial_rid) == trial_points    # its final_top1 re-pointed, not logged again (same value)
     got = _points(client, rid)
     assert got == before                                 # final row and per-epoch series, each point once
     assert got["final_top1"] == [(1, 40.0), (2, 45.0), (3, 50.0)]
