@@ -159,9 +159,10 @@ def finetune_progress_dir(cfg: Mapping[str, Any], sweep_dir: str | Path) -> Path
     return storage if isinstance(storage, Path) else Path(sweep_dir).expanduser().resolve() / "ray_results"
 
 
-def saved_final_state(storage: str | Path, trial_id: str, state_file: str) -> dict | None:
+def saved_final_state(storage: str | Path, trial_id: str, state_file: str, *, mmap: bool = False) -> dict | None:
     """The newest Ray Train checkpoint of ``finetune-<trial_id>`` under ``storage`` (its ``state_file``
-    contents), or None: how a policy fine-tuned before models were exported gets its file without training.
+    contents), or None: how a policy fine-tuned before models were exported gets its file without training, and
+    where ``gmpq sync-mlflow`` reads a fine-tune's epochs (``mmap``: its tensors left on disk).
     A remote storage (``s3://``) is not searched: None."""
     folder = local_storage(storage)
     if folder is None:
@@ -171,7 +172,7 @@ def saved_final_state(storage: str | Path, trial_id: str, state_file: str) -> di
     if not found:
         return None
     try:
-        return load_checkpoint(found[-1])
+        return load_checkpoint(found[-1], mmap=mmap)
     except CheckpointError as e:
         log.warning("%s", e)
         return None

@@ -18,9 +18,7 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from gmpq_core.errors import CheckpointError
-
-from .final_results import finetune_storage, local_storage, row_recipe
+from .final_results import finetune_storage, row_recipe, saved_final_state
 from .kept_finetunes import STATE_FILE
 from .mlflow_keys import _numeric, finetune_epoch_metrics
 from .mlflow_sink import MLflowSink
@@ -54,19 +52,8 @@ def checkpoint_history(storage: str | Path, row: Mapping[str, Any]) -> list[dict
     on disk); None when there is none (deleted, remote storage) or it holds another fine-tune: another policy,
     another recipe, or no epoch ``row["epochs"]`` with the row's ``final_top1`` (a later run with more epochs that
     continued this one still holds its epochs)."""
-    folder, tid, epochs = local_storage(storage), str(row["trial_id"]), _whole(row.get("epochs"))
-    run = Path(folder, f"finetune-{tid}") if folder is not None else None
-    found = sorted(run.glob(f"checkpoint*/{STATE_FILE}"), key=lambda p: p.stat().st_mtime) \
-        if run is not None and run.is_dir() else []
-    if not found or epochs is None:
-        return None
-    from gmpq_core.fileio import load_checkpoint      # (torch: imported where a checkpoint is read)
-
-    try:
-        state = load_checkpoint(found[-1], mmap=True)
-    except CheckpointError as e:
-        log.warning("%s", e)
-        return None
+    tid, epochs = str(row["trial_id"]), _whole(row.get("epochs"))
+    state = saved_final_state(storage, tid, STATE_FILE, mmap=True) if epochs is not None else None
     if not isinstance(state, dict) or state.get("trial_id", tid) != tid or \
             (row.get("policy_json") is not None and state.get("policy_json") != row.get("policy_json")):
         return None
