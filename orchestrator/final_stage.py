@@ -1,7 +1,8 @@
 """The final stage, driver side: fine-tune a sweep's selected policies on the target data (all of it, unless
 ``train_size`` or ``max_steps_per_epoch`` say less).
 
-``finetune_selected(sweep_dir)`` reads ``pareto.parquet``'s selection, builds each policy's
+``finetune_selected(sweep_dir)`` reads ``pareto.parquet``'s selection (or selects again: ``final_inputs``, with
+the checks of its arguments), builds each policy's
 ``FinalJob`` from the sweep config's ``finetune`` section (flags override it) and ``precision``, skips
 policies already fine-tuned with the same recipe and epochs, and runs the rest with
 ``train_stage.run_final_job``: side by side as far as the Ray cluster's CPUs (GPUs) hold ``workers`` each
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from gmpq_core.errors import CheckpointError, ConfigError, GMPQError
+from gmpq_core.errors import CheckpointError, ConfigError
 from gmpq_core.fileio import read_json
 
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
@@ -205,7 +206,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                       max_steps_per_epoch: int | None = None, train_size: int | None = None,
                       test_size: int | None = None, tracking_uri: str | None = None, use_gpu: bool | None = None,
                       address: str | None = None, max_concurrent: int | None = None, precision: str | None = None,
-                      say: Callable[[str], None] | None = None) -> pd.DataFrame:
+                      max_gbitops: float | str | None = None, say: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Fine-tune every selected policy of ``<sweep_dir>/pareto.parquet`` on the target data (all of it, unless
     ``train_size`` or ``max_steps_per_epoch`` say less: ``final_results.trained_on_text`` words a row's).
 
@@ -213,10 +214,13 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     (``max_concurrent`` caps it; 1 = one after the other). ``workers="auto"`` (or the config's
     ``finetune.workers: auto``) shares the cluster's devices among the policies that run at once.
 
-    Unset arguments come from the sweep config's ``finetune`` section (``precision``: its ``precision``). ``top_k`` given (or no
-    pareto.parquet yet) reselects with ``write_pareto``. Writes ``final.parquet`` (atomic, merged by
-    trial_id) after each policy, ``final.png``, and an MLflow child run per policy and recipe
-    (``finetune-<trial_id>``, a later recipe's naming what differs: ``mlflow_stages.log_final``). The precision
+    Unset arguments come from the sweep config's ``finetune`` section (``precision``: its ``precision``).
+    ``top_k`` or ``max_gbitops`` given (or no pareto.parquet yet) selects again with ``write_pareto``
+    (``final_inputs.selected_policies``): ``max_gbitops`` (GBitOPs; ``"none"``: no limit) in place of the config's
+    ``finetune.max_gbitops`` for this call, the config file unchanged; none of the front within it: refused before
+    anything is written. Writes ``final.parquet`` (atomic, merged by trial_id) after each policy, ``final.png``, and
+    an MLflow child run per policy and recipe (``finetune-<trial_id>``, a later recipe's naming what differs:
+    ``mlflow_stages.log_final``). The precision
     is part of the recipe: ``fp32`` -> ``bf16`` is other settings (afresh); ``auto`` is what the workers
     resolve it to, and they do not continue a checkpoint of another precision (this says so). A row written
     before the precision was part of the recipe ran in the precision its model file records (none: unknown,
@@ -231,8 +235,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     stale ``gmpq export`` integer file beside it. Everything moved or removed is said.
     Returns the final.parquet rows of this call's policies.
     """
+    from .final_inputs import check_final_args, selected_policies
     from .mlflow_stages import log_final
-    from .pareto import PARETO_FILE, read_pareto, write_pareto
     from .plots import plot_final
     from .driver_markers import final_stage_marker, stage_command
     from .results import read_trials
@@ -241,33 +245,16 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     say = _one_line_at_a_time(say or (lambda msg: None))        # fine-tunes side by side report from threads
     cfg = load_resolved_config(sweep_dir, missing_ok=False)
     stage = dict(cfg.get("finetune") or {})
-    for flag, value in (("--top-k", top_k), ("--workers", None if workers == "auto" else workers),
-                        ("--epochs", epochs), ("--batch-size", batch_size),
-                        ("--max-steps-per-epoch", max_steps_per_epoch), ("--train-size", train_size),
-                        ("--test-size", test_size), ("--max-concurrent", max_concurrent)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{flag} must be a whole number >= 1, but got {flag} {value!r}. Leave it out to use the "
-                              f"sweep config's value.")
-    if precision is not None:
-        from gmpq_core.precision import check_precision
-        check_precision(precision, "--precision")
-    if lr is not None and not lr > 0:
-        raise ConfigError(f"--lr must be a positive number, but got --lr {lr!r}. Leave it out to use the sweep "
-                          "config's finetune.lr.")
-
+    limit = check_final_args(sweep_dir, cfg, counts={
+        "--top-k": top_k, "--workers": None if workers == "auto" else workers, "--epochs": epochs,
+        "--batch-size": batch_size, "--max-steps-per-epoch": max_steps_per_epoch, "--train-size": train_size,
+        "--test-size": test_size, "--max-concurrent": max_concurrent}, lr=lr, precision=precision, top_k=top_k,
+        max_gbitops=max_gbitops)
     lost_after_s()                        # a bad $GMPQ_CLUSTER_LOST_AFTER_S: before any work
     with final_stage_marker(sweep_dir):   # to the last MLflow write: a sync or another final stage waits for it
         refuse_beside_other_finetune(sweep_dir)     # marked first: of two final stages started at once, one runs
         given = functools.partial(_given, stage)
-        pareto = write_pareto(sweep_dir, top_k) if top_k is not None or not (sweep_dir / PARETO_FILE).exists() \
-            else read_pareto(sweep_dir)
-        chosen = pareto[pareto["selected"]] if len(pareto) else pareto
-        if chosen.empty:
-            raise GMPQError(f"No policy to fine-tune: {sweep_dir / PARETO_FILE} selects none (no completed trial in "
-                            "the sweep?). Check trials.parquet, or resume the sweep with 'gmpq sweep --resume'.")
-        if top_k is not None and len(chosen) < top_k:     # (with the config's finetune.max_gbitops: within it)
-            from .pareto_pick import fewer_text
-            say(fewer_text(len(chosen), top_k, pareto, cfg))
+        chosen = selected_policies(sweep_dir, cfg, top_k, limit, say)      # pareto.parquet's selected rows
         workers = given(workers, "workers", 1)
         workers = workers if workers == "auto" else int(workers)
         epochs = int(given(epochs, "epochs", 1))

@@ -106,9 +106,30 @@ def _front_list(front: pd.DataFrame) -> str:
     return ", ".join(_point(r) for r in front.to_dict("records"))
 
 
-def check_picks(trials: pd.DataFrame, front: pd.DataFrame, picks: Sequence[str], sweep_dir: Any = None) -> list[str]:
+def _still_running(p: str, picks: Sequence[str], sweep_dir: Any, running: Sequence[str], status: str | None) -> str:
+    """What a refused pick ``p`` adds while the sweep runs (``running``: its trials started and not ended): a running
+    trial has no row in trials.parquet yet (a retried one: its failed row, ``status``); it is listed once it ends."""
+    d = sweep_dir or "DIR"
+    again = f"run 'gmpq pareto {d} --pick {','.join(picks)}' again then"
+    ids = [t for t in running if t.lower().startswith(p.lower())]
+    if status is None and len(ids) == 1:
+        return (f" The sweep in {d} is still running, and so is trial {ids[0]}: it is listed once it ends (and can "
+                f"be picked if it completes on the front); {again}.")
+    if status is None:
+        return (f" The sweep in {d} is still running: a running trial is listed once it ends; if {p!r} names one, "
+                f"{again}.")
+    if status == "failed":
+        return (f" The sweep in {d} is still running: a failed trial that Ray Tune retries keeps its failed row until "
+                f"the retry ends; if this one is retried, {again}.")
+    return ""
+
+
+def check_picks(trials: pd.DataFrame, front: pd.DataFrame, picks: Sequence[str], sweep_dir: Any = None,
+                running: Sequence[str] | None = None) -> list[str]:
     """The full trial ids of ``picks`` (ids or unique prefixes, as ``parse_pick`` returns them), each a completed
-    trial on ``front`` (the Pareto front of ``trials``, trials.parquet); else ConfigError saying which and why."""
+    trial on ``front`` (the Pareto front of ``trials``, trials.parquet); else ConfigError saying which and why.
+    ``running``: the sweep is still running, these trials started and not ended (trial_events.jsonl); a pick no
+    row matches, or whose trial failed (maybe retried), adds that a running trial is listed once it ends."""
     where = f"the sweep {sweep_dir}" if sweep_dir else "the sweep"
     fix = (f"The front, by GBitOPs: {_front_list(front)}. Pick among those (their ids, or unique prefixes), or leave "
            "--pick out to select automatically. Nothing was written.")
@@ -122,8 +143,9 @@ def check_picks(trials: pd.DataFrame, front: pd.DataFrame, picks: Sequence[str],
     for p in picks:
         matches = [t for t in ids if t.lower() == p.lower()] or [t for t in ids if t.lower().startswith(p.lower())]
         if not matches:
-            raise ConfigError(f"--pick {p}: no trial of {where} has an id starting with {p!r} ({len(ids)} trials). "
-                              f"{fix}")
+            now = _still_running(p, picks, sweep_dir, running, None) if running is not None else ""
+            raise ConfigError(f"--pick {p}: no trial of {where} has an id starting with {p!r} ({len(ids)} trials"
+                              f"{' ended so far' if running is not None else ''}).{now} {fix}")
         if len(matches) > 1:
             raise ConfigError(f"--pick {p}: the prefix {p!r} matches {len(matches)} trials of {where}: "
                               f"{', '.join(sorted(matches))}. Give more of the id to name one. {fix}")
@@ -138,8 +160,9 @@ def check_picks(trials: pd.DataFrame, front: pd.DataFrame, picks: Sequence[str],
             status = str(row.get("status"))
             why = "completed without transfer_top1 or BitOPs (non-finite results)" if status == "completed" else \
                 f"did not complete (status {status})"
+            now = _still_running(p, picks, sweep_dir, running, status) if running is not None else ""
             raise ConfigError(f"--pick {p}: trial {tid} {why}, so it has no place on the Pareto front and no policy "
-                              f"to fine-tune. {fix}")
+                              f"to fine-tune.{now} {fix}")
         if tid not in on_front:
             acc, cost = float(row[ACC]), float(row[COST])
             better = front[(front[ACC] >= acc) & (front[COST] <= cost)]
@@ -158,8 +181,9 @@ def no_fit_text(front: pd.DataFrame, limit: float, sweep_dir: Any = None) -> str
     least = _up4(float(g.min()))                                  # 4 decimals, rounded up: that limit fits it
     return (f"No policy of the Pareto front fits the limit of {limit:g} GBitOPs: the cheapest on it is trial "
             f"{_point(low)}. Raise the limit to {least:.4f} or more, or lift it ('none'): gmpq pareto {d} "
-            f"--max-gbitops G; for gmpq finetune --top-k and gmpq run: gmpq run --out {d} --resume --max-gbitops G "
-            f"(or finetune.max_gbitops in {d}/sweep_config.yaml). Or sweep lower budgets (a lower "
+            f"--max-gbitops G, or gmpq finetune --sweep {d} --max-gbitops G (for that call); for gmpq run, and gmpq "
+            f"finetune --top-k without --max-gbitops: gmpq run --out {d} --resume --max-gbitops G (or "
+            f"finetune.max_gbitops in {d}/sweep_config.yaml). Or sweep lower budgets (a lower "
             "space.budget_avg_bits range) so that cheaper policies reach the front. Nothing was written.")
 
 
@@ -177,11 +201,13 @@ def only_text(front: pd.DataFrame, limit: float | None, name: str = "front") -> 
     return f"only {fit} of the {len(front)} on the {name} {limit_text(limit)}"
 
 
-def fewer_text(n_chosen: int, top_k: int, front: pd.DataFrame, cfg: dict) -> str:
-    """``gmpq finetune --sweep DIR --top-k K``'s line when fewer than K were selected (with the sweep config's limit,
-    ``cfg``: the front's part within it)."""
-    return (f"{n_chosen} selected of the {top_k} asked for (--top-k): "
-            f"{only_text(front, limit_in_force(None, cfg), 'Pareto front')} (a policy off the front is never "
+def fewer_text(n_chosen: int, top_k: int, front: pd.DataFrame, cfg: dict, *, given: float | str | None = None,
+               asked: str = "--top-k") -> str:
+    """``gmpq finetune --sweep DIR --top-k K``'s line when fewer than K were selected, naming the limit in force
+    (``given``: its ``--max-gbitops``, else the sweep config's, ``cfg``: the front's part within it); ``asked``:
+    where K came from (``--top-k``, or ``finetune.top_k`` when only --max-gbitops was given)."""
+    return (f"{n_chosen} selected of the {top_k} asked for ({asked}): "
+            f"{only_text(front, limit_in_force(given, cfg), 'Pareto front')} (a policy off the front is never "
             "selected: one on it is at least as accurate for at most its BitOPs)")
 
 

@@ -1,12 +1,19 @@
 """The ``--sweep DIR`` mode of ``gmpq finetune``: Ray Train fine-tune of a sweep's selected policies.
 
     gmpq finetune --sweep runs/demo --top-k 2 --workers 2 --epochs 1
+    gmpq finetune --sweep runs/demo --max-gbitops 0.4     # select again among the front's policies of <= 0.4 GBitOPs
 
 Not a subcommand of its own (the leading underscore keeps `gmpq` from listing it): ``orchestrator/commands/finetune.py`` adds these options with
 ``add_sweep_args(parser)`` and calls ``run_sweep_finetune(args)`` when ``--sweep`` is given.
 Options that parser already defines (``--epochs``, ``--lr``, ``--batch-size``, ``--train-size``,
 ``--test-size``, ``--max-steps-per-epoch``, ...) are reused, not redefined. Values left unset (None)
 come from the sweep config's ``finetune`` section.
+
+Without --top-k or --max-gbitops it fine-tunes pareto.parquet's selection (a ``gmpq pareto`` pick or limit carries).
+--top-k K selects K again, within the config's finetune.max_gbitops. --max-gbitops G selects again (K: --top-k, else
+finetune.top_k) among the front's policies of at most G GBitOPs (the quantized layers' BitOPs / 1e9, pareto.parquet's
+gbitops, pareto.png's x axis); 'none' lifts the config's limit. Either is for this call: sweep_config.yaml is left as
+it is (gmpq run --out DIR --resume --max-gbitops G changes it). None of the front within G: refused, nothing written.
 """
 from __future__ import annotations
 
@@ -36,7 +43,13 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
                    help="sweep folder: fine-tune its selected Pareto policies on the target data (all of it, unless "
                         "--train-size or --max-steps-per-epoch, or the sweep's finetune section, say less)")
     _add(g, "--top-k", type=int, action=at_least(1), default=None, metavar="K",
-                   help="reselect K policies first (default: pareto.parquet's selection, else finetune.top_k)")
+                   help="select K policies again first, within --max-gbitops, else the sweep config's "
+                        "finetune.max_gbitops (default: pareto.parquet's selection; with --max-gbitops or no "
+                        "pareto.parquet, finetune.top_k)")
+    _add(g, "--max-gbitops", default=None, metavar="G",
+         help="select again, only among the front's policies of at most G GBitOPs (the quantized layers' BitOPs / 1e9: "
+              "pareto.parquet's gbitops, pareto.png's x axis), for this call; 'none': no limit (default: "
+              "pareto.parquet's selection; with --top-k, the sweep config's finetune.max_gbitops)")
     _add(g, "--workers", type=int_or_auto, action=at_least(1), default=None, metavar="N",
                    help="Ray Train data-parallel workers per policy, or 'auto': the cluster's CPUs (GPUs) shared by "
                         "the policies fine-tuned at once (default: the sweep's finetune.workers)")
@@ -131,7 +144,8 @@ def finetune_stage(sweep_dir: Path, args: argparse.Namespace, *, say=None) -> An
         lr=getattr(args, "lr", None), max_steps_per_epoch=getattr(args, "max_steps_per_epoch", None),
         train_size=getattr(args, "train_size", None), test_size=getattr(args, "test_size", None),
         tracking_uri=getattr(args, "tracking_uri", None), address=getattr(args, "address", None),
-        max_concurrent=getattr(args, "max_concurrent", None), precision=_precision_arg(args), say=say)
+        max_concurrent=getattr(args, "max_concurrent", None), precision=_precision_arg(args),
+        max_gbitops=getattr(args, "max_gbitops", None), say=say)
 
 
 def check_sweep_folder(sweep_dir: Path) -> None:
@@ -156,9 +170,11 @@ def check_sweep_folder(sweep_dir: Path) -> None:
 
 
 def run_sweep_finetune(args: argparse.Namespace) -> int:
+    from orchestrator.pareto_pick import limit_arg
     from . import quiet_libraries, refuse_missing_sweep_dir
     from .sweep import check_address_arg
 
+    args.max_gbitops = limit_arg(getattr(args, "max_gbitops", None))    # a float, "none" or None: before any work
     check_tracking_uri_arg(getattr(args, "tracking_uri", None), "where the sweep logged", "log where the sweep logged")
     check_address_arg(getattr(args, "address", None))
     refuse_missing_sweep_dir(args.sweep, Path(args.sweep).expanduser().resolve(), "whose policies you want to "

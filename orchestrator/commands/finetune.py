@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         config = Path(args.sweep).expanduser().resolve() / CONFIG_FILE     # without --address: the sweep's address
         with address_origin(f"the sweep's config {config}"):
             return run_sweep_finetune(args)
-    sweep_only = [f"--{k.replace('_', '-')}" for k in ("top_k", "workers", "max_concurrent", "address", "tracking_uri")
+    sweep_only = [f"--{k.replace('_', '-')}" for k in ("top_k", "max_gbitops", "workers", "max_concurrent", "address",
+                                                       "tracking_uri")
                   if getattr(args, k, None) is not None]
     if sweep_only:
         raise ConfigError(f"{', '.join(sweep_only)} {'is' if len(sweep_only) == 1 else 'are'} for gmpq finetune "

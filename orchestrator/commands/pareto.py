@@ -11,8 +11,9 @@ policies within G only (a dashed line on pareto.png; the selection reasons say t
 --pick ID[,ID...] selects exactly those trials (reason "picked by hand"), each a completed trial on the front
 (otherwise refused, naming the front trial that dominates it); not with --top-k or --max-gbitops. A refused
 selection writes nothing. 'gmpq finetune --sweep DIR' fine-tunes pareto.parquet's selection, so a pick or a limit
-carries to it (its --top-k K selects again, within the config's finetune.max_gbitops, as 'gmpq run' does);
-'gmpq pareto DIR' without --pick selects automatically again.
+carries to it (its --top-k K selects again, within the config's finetune.max_gbitops, as 'gmpq run' does; its
+--max-gbitops G|none selects again within G, or with no limit, for that call); 'gmpq pareto DIR' without --pick
+selects automatically again.
 
 Reads DIR/trials.parquet; writes DIR/pareto.parquet (non-dominated completed trials on transfer_top1
 up / bitops down, with ``selected`` and ``selection_reason``), DIR/policies/<trial_id>.json (each policy of
@@ -20,7 +21,8 @@ the front as a file: the input of ``gmpq finetune --policy FILE``; the folder ho
 DIR/pareto.png and DIR/policies.png (the selected policies' bits, layer by layer), prints the table, and adds
 them to the sweep's MLflow parent run (replacing the Pareto table an earlier run logged). While another command
 still runs the sweep, it warns that the selection covers the trials ended so far (run it again once the sweep
-ends); a sweep that stopped before its planned trials ended gets a note saying so (--resume runs the rest).
+ends), and a --pick of a trial still running is refused saying so (listed once it ends); a sweep that stopped
+before its planned trials ended gets a note saying so (--resume runs the rest).
 """
 from __future__ import annotations
 
@@ -99,7 +101,7 @@ def _picked(front: Any) -> bool:
 
 def next_text(sweep_dir: Path, front: Any, cfg: dict, max_gbitops: float | str | None) -> str:
     """The line saying what to run next: ``gmpq finetune --sweep DIR`` fine-tunes pareto.parquet's selection (a pick
-    or a --max-gbitops carries to it; its --top-k selects again, with the config's limit)."""
+    or a --max-gbitops carries to it; its --top-k selects again, with the config's limit unless given its own)."""
     from orchestrator.pareto_pick import limit_in_force
 
     n = int(front["selected"].sum()) if len(front) else 0
@@ -111,7 +113,8 @@ def next_text(sweep_dir: Path, front: Any, cfg: dict, max_gbitops: float | str |
     elif max_gbitops is not None and limit_in_force(max_gbitops, cfg) != limit_in_force(None, cfg):
         config = limit_in_force(None, cfg)
         what += (f"; 'gmpq finetune --top-k K' would select again with the sweep config's finetune.max_gbitops "
-                 f"({'none' if config is None else f'{config:g}'}), not --max-gbitops {max_gbitops})")
+                 f"({'none' if config is None else f'{config:g}'}), not --max-gbitops {max_gbitops}, unless given "
+                 f"--max-gbitops {max_gbitops} too)")
     else:
         what += ")"
     return f"Next: gmpq finetune --sweep {sweep_dir} fine-tunes {what}."
@@ -168,6 +171,22 @@ def sweep_stopped_text(sweep_dir: Path, command: str, rerun: str | None = None) 
             f"gmpq sweep --out {sweep_dir} --resume, then {rerun or f'gmpq pareto {sweep_dir}'} again.")
 
 
+def check_picks_while_running(sweep_dir: Path, trials: Any, picks: list[str]) -> None:
+    """``--pick`` checked while another process runs the sweep (``sweep_running_text``): a pick no row of
+    ``trials`` (trials.parquet) matches, or whose trial failed, is refused adding that a running trial (the ones
+    trial_events.jsonl says started, with no row) is listed once it ends (``pareto_pick.check_picks``)."""
+    from gmpq_core.errors import GMPQError
+    from orchestrator.pareto import pareto_front
+    from orchestrator.pareto_pick import check_picks
+    from orchestrator.sweep_status import RUNNING, read_sweep_status
+
+    try:
+        running = [t.trial_id for t in read_sweep_status(sweep_dir, own_marker=False).trials if t.status == RUNNING]
+    except GMPQError:                        # (a damaged file: the general words still say the sweep runs)
+        running = []
+    check_picks(trials, pareto_front(trials), picks, sweep_dir, running=running)
+
+
 def selection_args(args: argparse.Namespace) -> tuple[list[str] | None, float | str | None]:
     """``--pick`` (the ids typed) and ``--max-gbitops`` (a float, ``none`` or None) checked before any work:
     ConfigError for a bad value and for --pick beside --top-k or --max-gbitops."""
@@ -201,9 +220,12 @@ def run(args: argparse.Namespace) -> int:
     trials = check_selectable(sweep_dir, table.to_pandas())     # no completed trial: refused before anything is written
     check_sweep_writable(sweep_dir, "gmpq pareto", f"pareto.parquet, its plots and {POLICIES_DIR}/",
                          folders=(POLICIES_DIR,))
-    warning = sweep_running_text(sweep_dir, "gmpq pareto") or sweep_stopped_text(sweep_dir, "gmpq pareto")
+    running = sweep_running_text(sweep_dir, "gmpq pareto")
+    warning = running or sweep_stopped_text(sweep_dir, "gmpq pareto")
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)         # an early look is allowed: warned, not refused
+    if picks is not None and running is not None:           # a pick of a trial not ended yet: said so, nothing written
+        check_picks_while_running(sweep_dir, trials, picks)
     front = pareto_stage(sweep_dir, args.top_k, args.tracking_uri, mlflow=not args.no_mlflow, cfg=cfg, table=table,
                          max_gbitops=max_gbitops, picks=picks)
     print_pareto(sweep_dir, front, args.top_k, cfg=cfg, trials=trials, max_gbitops=max_gbitops)
