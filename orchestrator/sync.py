@@ -4,7 +4,9 @@ Parquet is the sweep's source of truth; MLflow is a view that can miss runs when
 was down at the start or went down mid-sweep (the sink warns once and stops logging). Once the server
 is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
 
-- the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created);
+- the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created; one deleted
+  while its child runs stay: restored, or, once ``mlflow gc`` removed it, a new one with those runs moved under it,
+  ``sync_parent``);
 - one child run per row of ``trials.parquet`` (reused through ``mlflow_runs.json`` or its ``trial_id``
   tag, else created) with the trial's params (a created one: its numbers also as ``param_<name>`` metrics), its
   per-epoch metrics (read back from the Ray Tune trial folder's ``result.json`` when the run has none), the final
@@ -51,6 +53,7 @@ from .mlflow_stages import backfill_trial_tags, log_final, log_pareto
 from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
 from .sync_guards import SyncError, id_files_kept, refuse_while_running
+from .sync_parent import reattach_orphans, restore_deleted_parent
 
 __all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial"]
 
@@ -80,11 +83,15 @@ class SyncReport:
     finetunes_without_history: tuple[str, ...] = ()       # trial ids whose runs keep the final row only
     checkpoint_storage: str = ""                          # where their Ray Train checkpoints were looked for
     finetune_runs_recreated: int = 0                      # fine-tune runs made again for rows the store lost
+    parent_restored: bool = False                         # the parent run was in the deleted stage: restored
+    removed_parent_run_id: str | None = None              # the parent run mlflow gc removed (a new one was made)
+    runs_reattached: int = 0                              # runs moved from that one under the new parent
 
     @property
     def changed(self) -> bool:
         return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged
-                    or self.runs_tagged or self.finetune_series_logged or self.finetune_runs_recreated)
+                    or self.runs_tagged or self.finetune_series_logged or self.finetune_runs_recreated
+                    or self.parent_restored or self.runs_reattached)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sweep_dir": str(self.sweep_dir),
@@ -142,8 +149,8 @@ def _final_keys(row: Mapping[str, Any], legacy: bool = False) -> list[str]:
 
 
 class _Syncer:
-    def __init__(self, sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path) -> None:
-        self.sink, self.cfg, self.sweep_dir = sink, cfg, sweep_dir
+    def __init__(self, sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, moved: int = 0) -> None:
+        self.sink, self.cfg, self.sweep_dir, self.moved = sink, cfg, sweep_dir, moved    # (runs re-attached)
         self._histories: dict[str, list[dict]] | None = None
         self.recreated = 0                      # fine-tune runs made again (``finetune_runs``)
 
@@ -225,29 +232,31 @@ class _Syncer:
     def tables(self) -> list[str]:
         """Pareto / final tables on the parent run, when the folder has them and the run lacks them; the Pareto
         table also when the run's copy differs from the folder's (``gmpq pareto`` ran again while MLflow was off).
-        A final table already there: the fine-tune runs its rows lack are made again (``finetune_runs``)."""
+        A final table already there, or runs just moved under a new parent (``sync_parent``: their rows are not
+        logged into them again): the fine-tune runs its rows lack are made again (``finetune_runs``)."""
         sink, d, done = self.sink, self.sweep_dir, []
         have = {a.path for a in sink.client.list_artifacts(sink.parent_run_id, "results")}
         if (d / PARETO_FILE).is_file() and (f"results/{PARETO_FILE}" not in have or self._differs(PARETO_FILE)):
             from .pareto import PARETO_PNG
             log_pareto(sink.tracking_uri, d, read_table(d / PARETO_FILE).to_pandas(), d / PARETO_PNG)
             done.append(PARETO_FILE)
-        if (d / FINAL_FILE).is_file() and f"results/{FINAL_FILE}" not in have:
+        table = (d / FINAL_FILE).is_file() and f"results/{FINAL_FILE}" not in have
+        if table and not self.moved:
             from .final_stage import FINAL_PNG
             log_final(sink.tracking_uri, d, read_table(d / FINAL_FILE).to_pandas(), png_path=d / FINAL_PNG)
-            done.append(FINAL_FILE)
         elif (d / FINAL_FILE).is_file():
-            self.recreated = self.finetune_runs(read_table(d / FINAL_FILE).to_pandas())
-        return done
+            self.recreated = self.finetune_runs(read_table(d / FINAL_FILE).to_pandas(), table=table)
+        return done + [FINAL_FILE] * table
 
-    def finetune_runs(self, final_df) -> int:
+    def finetune_runs(self, final_df, table: bool = False) -> int:
         """Make again the fine-tune runs of ``final_df``'s rows that the store lacks (deleted in the UI or by ``mlflow
         gc``, or a store replaced): ``log_final`` with no policy fresh logs only the rows whose run is not in the
         id file. The others' runs, found by their tags when the id file lost them (``finetune_run``), are saved
-        there first, or it would log their final rows again into them. Returns how many runs it made."""
+        there first, or it would log their final rows again into them. ``table``: the parent lacks final.parquet
+        (``log_final`` adds it). Returns how many runs it made."""
         sink, d = self.sink, self.sweep_dir
-        if all([finetune_run(sink, row) is not None for row in final_df.to_dict("records")]):   # (each row looked up)
-            return 0
+        if all([finetune_run(sink, row) is not None for row in final_df.to_dict("records")]) and not table:
+            return 0                                                                           # (each row looked up)
         from .final_stage import FINAL_PNG
 
         sink._save_ids()
@@ -271,8 +280,8 @@ class _Syncer:
         return backfill_trial_tags(self.sink, d, pareto, final)
 
 
-def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: list[dict]) -> tuple:
-    syncer = _Syncer(sink, cfg, sweep_dir)
+def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: list[dict], moved: int) -> tuple:
+    syncer = _Syncer(sink, cfg, sweep_dir, moved)
     outcomes = {"created": 0, "updated": 0, "unchanged": 0}
     for row in sorted(rows, key=lambda r: str(r["trial_id"])):
         outcomes[syncer.trial(row)] += 1
@@ -346,11 +355,15 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
         return _nothing_to_sync(sink, sweep_dir)
     with warnings.catch_warnings(record=True) as caught, id_files_kept(sink):
         warnings.simplefilter("always", RuntimeWarning)     # the sink's warning even if shown before: it says why
-        connected = sink.connect()
-        if not connected:
+        if not sink.open_store():
             raise _cannot_sync(sink, sweep_dir, caught)
         try:
-            outcomes, parent, tables, tagged, dup, series, recreated = _sync_all(sink, cfg, sweep_dir, rows)
+            lost = restore_deleted_parent(sink)     # (a parent removed by gc: the sink makes a new one)
+            if not sink.connect():
+                raise _cannot_sync(sink, sweep_dir, caught)
+            lost = reattach_orphans(sink, lost)
+            outcomes, parent, tables, tagged, dup, series, recreated = _sync_all(sink, cfg, sweep_dir, rows,
+                                                                                lost.moved)
         except (MlflowException, RequestException, OSError) as e:
             raise SyncError(f"MLflow at '{uri}' failed during the sync ({type(e).__name__}: {e}); rerun "
                             "'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).") from None
@@ -363,4 +376,5 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
                       runs_unchanged=outcomes["unchanged"], tables_logged=tuple(tables), duplicates=dup,
                       runs_tagged=tagged, finetune_series_logged=series.runs_filled,
                       finetunes_without_history=series.without_history, checkpoint_storage=series.storage,
-                      finetune_runs_recreated=recreated)
+                      finetune_runs_recreated=recreated, parent_restored=lost.restored is not None,
+                      removed_parent_run_id=lost.removed, runs_reattached=lost.moved)
