@@ -19,11 +19,13 @@ import pandas as pd
 from gmpq_core.errors import ConfigError
 
 from .pareto import ACC, COST, completed_trials, pareto_front
+from .sweep_sections import check_max_gbitops
 
 log = logging.getLogger(__name__)
 
-__all__ = ["check_limit_reachable", "check_front_fits", "PICK_REASON", "NO_LIMIT", "gbitops", "within", "limit_arg", "check_max_gbitops", "limit_in_force", "parse_pick", "check_picks",
-           "no_fit_text", "limit_text", "only_text", "fewer_text"]
+__all__ = ["check_limit_reachable", "check_front_fits", "PICK_REASON", "NO_LIMIT", "gbitops", "within", "limit_arg",
+           "check_max_gbitops", "limit_in_force", "parse_pick", "check_picks", "no_fit_text", "limit_text",
+           "only_text", "fewer_text"]
 
 PICK_REASON = "picked by hand"      # pareto.parquet's selection_reason of a hand-picked row
 NO_LIMIT = "none"                   # --max-gbitops none: no limit, whatever the sweep config says
@@ -56,24 +58,13 @@ def limit_arg(text: str | None, flag: str = "--max-gbitops") -> float | str | No
     return value
 
 
-def check_max_gbitops(value: Any, name: str = "finetune.max_gbitops", where: str = "") -> float | None:
-    """``value`` as a float (None: no limit); ConfigError naming ``name`` (``where``: the file that holds it) unless a
-    finite number > 0 or None."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        quoted = " (a quoted number is text: write it without quotes)" if isinstance(value, str) else ""
-        raise ConfigError(f"{name} must be a number > 0 (the most GBitOPs a selected policy may cost: its quantized "
-                          f"layers' BitOPs / 1e9, pareto.parquet's gbitops column) or null for no limit, but got "
-                          f"{name}={value!r}{f' in {where}' if where else ''}{quoted}.")
-    return float(value)
-
-
 def limit_in_force(given: float | str | None, cfg: dict, sweep_dir: str | Path | None = None) -> float | None:
     """The limit a selection uses: ``given`` (``--max-gbitops``; ``NO_LIMIT``: none), else the sweep config's
     ``finetune.max_gbitops`` (checked: the saved file may have been edited by hand)."""
-    if isinstance(given, str) and given.strip().lower() == NO_LIMIT:
-        return None
+    if isinstance(given, str):
+        given = limit_arg(given)                   # the flag's text: a float, or NO_LIMIT
+        if given == NO_LIMIT:
+            return None
     if given is not None:
         return check_max_gbitops(given, "--max-gbitops")
     where = str(Path(sweep_dir) / "sweep_config.yaml") if sweep_dir else ""

@@ -42,6 +42,19 @@ def _is_pos(value: Any, *, integer: bool = False) -> bool:
     return ok and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+
+def check_max_gbitops(value: Any, name: str = "finetune.max_gbitops", where: str = "") -> float | None:
+    """``value`` as a float (None: no limit); ConfigError naming ``name`` (``where``: the file that holds it) unless a
+    finite number > 0 or None. The one rule of the GBitOPs limit: the config key, the flags (``pareto_pick``)."""
+    if value is None:
+        return None
+    if not _is_pos(value):
+        quoted = " (a quoted number is text: write it without quotes)" if isinstance(value, str) else ""
+        raise ConfigError(f"{name} must be a number > 0 (the most GBitOPs a selected policy may cost: its quantized "
+                          f"layers' BitOPs / 1e9, pareto.parquet's gbitops column) or null for no limit, but got "
+                          f"{name}={value!r}{f' in {where}' if where else ''}{quoted}.")
+    return float(value)
+
 def _from_mapping(cls: type, section: str, d: Any) -> Any:
     if isinstance(d, cls):
         return d
@@ -252,11 +265,7 @@ class FinetuneStage:
     max_gbitops: float | None = None         # select only among front policies of at most this many GBitOPs (null: any)
 
     def __post_init__(self) -> None:
-        quoted = " (a quoted number is text: write it without quotes)" if isinstance(self.max_gbitops, str) else ""
-        _require(self.max_gbitops is None or _is_pos(self.max_gbitops),
-                 f"finetune.max_gbitops must be a number > 0 (the most GBitOPs a selected policy may cost: its "
-                 f"quantized layers' BitOPs / 1e9, pareto.parquet's gbitops) or null for no limit, but got "
-                 f"max_gbitops={self.max_gbitops!r}{quoted}.")
+        check_max_gbitops(self.max_gbitops)
         _require(self.max_concurrent is None or _is_pos(self.max_concurrent, integer=True),
                  f"finetune.max_concurrent must be a positive integer or null (as many as the cluster holds), "
                  f"but got max_concurrent={self.max_concurrent!r}.")
