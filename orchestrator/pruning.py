@@ -10,6 +10,10 @@ budget bucket, a separate single-objective study (direction maximize) whose only
 - every search-phase result feeds ``result["prune_value"]`` at step ``result["epoch"]``
   (``trial.report(value, step)``); ``trial.should_prune()`` -> ``STOP`` and the trial is recorded
   as pruned in the ``TrialStatusBook``;
+- except at the trial's last search epoch (``result["search_epochs"]``, the trial's own epoch count, which the
+  trainable reports with every epoch): its search is finished and only the short transfer check is left, so
+  stopping it would save nothing and lose the search. Its value there is still reported (it counts for the
+  trials after it); the trial goes on and is told COMPLETE (or FAIL) as it ends;
 - a completed Tune trial is told to its study as COMPLETE (its last value), an errored one as FAIL.
 
 Trials therefore compete only with trials of a similar budget (accuracy at 2 bits and at 6 bits are
@@ -62,21 +66,33 @@ def make_pruner(name: str, kwargs: Mapping[str, Any] | None = None) -> optuna.pr
                           f"{dict(kwargs or {})}: {e}. Its arguments: {', '.join(accepted)}.") from None
 
 
+def _at_last_step(step: Any, last: Any) -> bool:
+    """Whether ``step`` is the trial's last one (``last``: its step count, None or not a number: unknown)."""
+    try:
+        return last is not None and int(step) >= int(last)
+    except (TypeError, ValueError):
+        return False
+
+
 class OptunaPruningScheduler(FIFOScheduler):
     """FIFO scheduling plus Optuna pruning per budget bucket (see the module docstring).
 
     ``metric``: the result key pruned on (maximized); ``step_key``: its step; ``bucket_key``: the
     budget bucket (int); only results whose ``phase_key`` equals ``phase`` (or lack it) are fed.
+    ``last_step_key``: the result key holding the trial's last step (its search epochs): a result at that step is
+    reported to the pruning study but never pruned (a result without the key can be pruned at any step).
     ``storage``: Optuna storage URL for the bucket studies (None = in memory); ``study_prefix``
     names them ``<prefix>-bucket<k>``.
     """
 
     _supports_buffered_results = False   # one decision per epoch result
+    last_step_key = "search_epochs"      # (also for a scheduler unpickled from a state saved before it existed)
 
     def __init__(self, *, pruner: str = "median", pruner_kwargs: Mapping[str, Any] | None = None,
                  status_book: TrialStatusBook | None = None, storage: str | None = None,
                  study_prefix: str = "prune", metric: str = "prune_value", step_key: str = "epoch",
-                 bucket_key: str = "budget_bucket", phase_key: str = "phase", phase: str = "search") -> None:
+                 bucket_key: str = "budget_bucket", phase_key: str = "phase", phase: str = "search",
+                 last_step_key: str = "search_epochs") -> None:
         super().__init__()
         make_pruner(pruner, pruner_kwargs)   # validate now, fail before any trial runs
         self.pruner_name, self.pruner_kwargs = pruner, dict(pruner_kwargs or {})
@@ -84,6 +100,7 @@ class OptunaPruningScheduler(FIFOScheduler):
         self.storage, self.study_prefix = storage, study_prefix
         self.metric_key, self.step_key, self.bucket_key = metric, step_key, bucket_key
         self.phase_key, self.phase = phase_key, phase
+        self.last_step_key = last_step_key
         self._studies: dict[int, optuna.Study] = {}
         self._trials: dict[str, tuple[int, optuna.Trial]] = {}
         self._last: dict[str, float] = {}
@@ -149,6 +166,10 @@ class OptunaPruningScheduler(FIFOScheduler):
         ot = self._ot_trial(trial_id, bucket)
         self._last[trial_id] = float(value)
         ot.report(float(value), int(step))
+        if _at_last_step(step, result.get(self.last_step_key)):
+            log.debug("trial %s: %s %d is its last search epoch: not pruned (its search is done)",
+                      trial_id, self.step_key, int(step))
+            return decision
         if ot.should_prune():
             reason = (f"pruned by {self.pruner_name} at {self.step_key} {int(step)}: {self.metric_key}="
                       f"{float(value):.4g} in budget bucket {bucket}")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
-from .sweep_config import ENV_TRACKING_URI, SweepConfig, check_trial_count, env_tracking_uri, trial_search_config
+from .sweep_config import (ENV_TRACKING_URI, SweepConfig, check_budget_buckets, check_trial_count, env_tracking_uri,
+                           trial_search_config)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepF
     from .sweep_resume import holds_sweep_state
     if not holds_sweep_state(cfg.resolved()):                  # a new sweep (a resume keeps what it started with)
         check_trial_count(cfg)
+        check_budget_buckets(cfg)
         from .sampling import warmup_text              # (not at import: light commands need no Optuna)
         warmup = warmup_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.n_trials)
         if warmup:
@@ -221,7 +223,8 @@ def _check_stores(cfg: SweepConfig) -> None:
         _check_sqlite_file(what, flag, url)
     if cfg.optuna_storage:
         _check_database_opens(cfg.optuna_storage)
-    _check_study_free(cfg)
+    from .shared_study import check_study_free
+    check_study_free(cfg)
 
 
 _NO_WORK = ("Nothing has been trained yet; fix the URL (or start the database), or leave optuna_storage "
@@ -272,54 +275,6 @@ def _check_database_opens(url: str) -> None:
     finally:
         if engine is not None:
             engine.dispose()
-
-
-def _check_study_free(cfg: SweepConfig) -> None:
-    """A new sweep (its folder holds no Tune state to resume) whose Optuna storage already holds a study of its
-    name with trials (another sweep's: an optuna_storage shared by several sweeps) is refused: Optuna would add the
-    new trials to that study silently, its sampler learning from the other sweep's trials, its pruning studies
-    comparing against them, and a resume marking that sweep's running trials failed."""
-    from sqlalchemy.engine import make_url
-
-    from .results import load_resolved_config
-    from .sweep_resume import holds_sweep_state
-
-    r = cfg.resolved()
-    url = r.optuna_storage
-    if url.lower().startswith("sqlite:") and not Path(make_url(url).database or "").expanduser().is_file():
-        return                                   # a new file: nothing in it
-    if holds_sweep_state(r):
-        return                                   # a resume (or the folder's "holds a sweep" refusal)
-    saved = load_resolved_config(r.out_dir)
-    if saved.get("name") == r.name and saved.get("optuna_storage") == url:
-        return                                   # this folder's own sweep, stopped before its Tune state existed
-    counts = _study_trials(url, r.name)
-    if not counts:
-        return
-    said = ", ".join(f"'{name}' ({n} trial{'s' * (n != 1)})" for name, n in counts.items())
-    raise ConfigError(
-        f"optuna_storage {shown_url(url)!r} already holds Optuna stud{'ies' if len(counts) > 1 else 'y'} {said} of "
-        f"another sweep named '{r.name}', and the sweep folder '{r.out_dir}' holds no sweep to resume. A new sweep there "
-        "would join that study silently: its sampler would learn from the other sweep's trials and its pruner "
-        f"compare against them. Give this sweep another --name (or name:), or another --optuna-storage (leaving it "
-        "out keeps the study in the sweep folder's optuna.db); to continue the earlier sweep, run gmpq sweep --out "
-        f"ITS_FOLDER --resume; to start over, delete the old study first (optuna delete-study --study-name {r.name} "
-        f"--storage {shown_url(url)}).")
-
-
-def _study_trials(url: str, name: str) -> dict[str, int]:
-    """The studies of the sweep ``name`` in the Optuna storage ``url`` (its own and its pruning studies,
-    ``<name>-prune-bucket<k>``) that hold trials -> their trial counts; {} when it cannot be read (not fatal)."""
-    import optuna
-
-    try:
-        storage = optuna.storages.RDBStorage(url, skip_table_creation=True, skip_compatibility_check=True)
-        summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)
-    except Exception as e:  # noqa: BLE001 - an unreadable or foreign database: the sweep's own open says more
-        log.debug("could not list the studies in %s: %s", url, e)
-        return {}
-    return {s.study_name: s.n_trials for s in summaries if s.n_trials
-            and (s.study_name == name or s.study_name.startswith(f"{name}-prune-bucket"))}
 
 
 def _check_sqlite_file(what: str, flag: str, url: str | None, *,

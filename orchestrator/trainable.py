@@ -7,7 +7,8 @@ in tests; ``make_trainable(context)`` wraps it for Tune with ``ray.tune.report``
 ``ray.train.report``, which raises inside Tune trainables in Ray 2.60).
 
 Per-epoch reports: phase, epoch, proxy_top1, ce, l_gen, expected_gbitops, p, ard, budget_bucket,
-prune_value (= proxy_top1, what the pruner sees). The final report adds ``done: True`` and the
+prune_value (= proxy_top1, what the pruner sees), search_epochs (the trial's epoch count: the pruning scheduler
+never stops a trial at its last search epoch, whose search is done). The final report adds ``done: True`` and the
 trial-row metrics listed in ``FINAL_KEYS``.
 
 Reliability: a trial whose row in ``trials.parquet`` is already finished (Tune reruns it when the
@@ -61,11 +62,13 @@ class TuneReporter:
     """``gmpq_core.reporting.Reporter`` that forwards each search epoch to ``report_fn`` (ray.tune.report).
 
     Stopping is Tune's job (the pruning scheduler stops the actor), so ``should_stop`` is False.
+    ``search_epochs``: the search's epoch count, reported with every epoch (the scheduler keeps a trial at its last).
     """
 
-    def __init__(self, report_fn: ReportFn, *, budget_bucket: int) -> None:
+    def __init__(self, report_fn: ReportFn, *, budget_bucket: int, search_epochs: int | None = None) -> None:
         self.report_fn = report_fn
         self.budget_bucket = int(budget_bucket)
+        self.search_epochs = None if search_epochs is None else int(search_epochs)
         self.last: dict[str, Any] = {}
 
     def report(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -75,6 +78,8 @@ class TuneReporter:
             row["expected_avg_bits"] = _float(metrics["expected_avg_bits"])
         row["budget_bucket"] = self.budget_bucket
         row["prune_value"] = row["proxy_top1"]
+        if self.search_epochs is not None:
+            row["search_epochs"] = self.search_epochs
         self.last = row
         self.report_fn(row)
 
@@ -207,7 +212,7 @@ def run_trial(params: Mapping[str, Any], context: Mapping[str, Any], report: Rep
         _log_event(cfg.out_dir, {"event": "epoch", "trial_id": trial_id, "epoch": row["epoch"],
                                  "of": job.search.epochs, "proxy_top1": row.get("proxy_top1")})
         report(row)
-    reporter = TuneReporter(report_epoch, budget_bucket=bucket)
+    reporter = TuneReporter(report_epoch, budget_bucket=bucket, search_epochs=job.search.epochs)
     follow = None
     if is_local_cpu_sweep(cfg):         # the cores idle at the sweep's tail (orchestrator.tail_threads)
         follow = ThreadsFollower(cfg.out_dir, on_change=lambda k: _log_event(

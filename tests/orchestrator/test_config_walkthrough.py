@@ -97,7 +97,8 @@ def test_a_new_sweep_is_refused_a_shared_storage_where_its_name_holds_another_sw
 
 
 def test_the_folders_own_sweep_restarting_keeps_its_study(tmp_path):
-    # stopped before its Tune state existed, the sweep starts again on its own study (--resume auto)
+    # stopped while Tune began its state (its experiment folder there, nothing to restore), the sweep starts again
+    # on its own study (--resume auto)
     url = f"sqlite:///{tmp_path}/shared.db"
     optuna.create_study(storage=url, study_name="mine-prune-bucket0").ask()
     cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep"), "name": "mine",
@@ -105,6 +106,7 @@ def test_the_folders_own_sweep_restarting_keeps_its_study(tmp_path):
     with pytest.raises(ConfigError, match="already holds Optuna study 'mine-prune-bucket0' \\(1 trial\\)"):
         check_sweep_config(cfg)                     # without the folder's saved config: another sweep's study
     save_resolved_config(cfg)
+    (tmp_path / "sweep" / "ray_results" / "mine").mkdir(parents=True)
     check_sweep_config(cfg)                         # the folder's own: accepted
     assert len(optuna.load_study(study_name="mine-prune-bucket0", storage=url).trials) == 1   # and kept
 

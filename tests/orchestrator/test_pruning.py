@@ -97,3 +97,83 @@ def test_a_misspelt_pruner_argument_is_named_with_the_pruners_arguments():
     with pytest.raises(ConfigError, match=r"takes no argument\(s\) \['n_startup'\]\. Did you mean 'n_startup_trials'.*"
                                           r"Its arguments: n_startup_trials, n_warmup_steps"):
         make_pruner("median", {"n_startup": 1})
+
+
+class _Trial:
+    """What the scheduler reads of a Tune trial: its id (the decisions themselves are the real Optuna pruner's)."""
+
+    def __init__(self, trial_id: str) -> None:
+        self.trial_id = trial_id
+
+
+def _epochs(scheduler, trial, base: float, epochs: int, *, last: int | None) -> list[str]:
+    """Feed ``epochs`` search epochs (1-based, value base + epoch) of a trial whose search has ``last`` epochs."""
+    said = []
+    for epoch in range(1, epochs + 1):
+        result = {"phase": "search", "epoch": epoch, "prune_value": base + epoch, "budget_bucket": 0}
+        if last is not None:
+            result["search_epochs"] = last
+        said.append(scheduler.on_trial_result(None, trial, result))
+        if said[-1] == "STOP":
+            break
+    return said
+
+
+def test_a_trial_is_not_pruned_at_its_last_search_epoch_but_is_before_it():
+    # the pruner (median, first decision at epoch 3) would stop the weak trials at epoch 3: the one whose
+    # search ends there keeps its finished search; the one with a 4th epoch to run is stopped as before
+    book = TrialStatusBook()
+    scheduler = OptunaPruningScheduler(pruner="median", pruner_kwargs={"n_startup_trials": 1, "n_warmup_steps": 3},
+                                       status_book=book)
+    strong, done_weak, longer_weak, unknown_weak = (_Trial(t) for t in ("strong", "done_weak", "longer", "unknown"))
+    assert _epochs(scheduler, strong, 80, 3, last=3) == ["CONTINUE"] * 3
+    scheduler.on_trial_complete(None, strong, {"phase": "transfer", "epoch": 3, "prune_value": 83.0})
+    assert _epochs(scheduler, done_weak, 10, 3, last=3) == ["CONTINUE"] * 3        # epoch 3 of 3: kept
+    assert not book.is_pruned("done_weak")
+    scheduler.on_trial_complete(None, done_weak, {"phase": "transfer", "epoch": 3, "prune_value": 13.5})
+    assert _epochs(scheduler, longer_weak, 10, 3, last=4) == ["CONTINUE", "CONTINUE", "STOP"]   # epoch 3 of 4
+    assert book.is_pruned("longer") and "at epoch 3" in book.reason("longer")
+    assert _epochs(scheduler, unknown_weak, 10, 3, last=None)[-1] == "STOP"    # no epoch count: pruned as before
+    # the pruning study's records: the kept trial COMPLETE with its final value and its last epoch's report
+    by_tune_id = {t.user_attrs["tune_trial_id"]: t for t in scheduler.study(0).trials}
+    assert {k: t.state.name for k, t in by_tune_id.items()} == {
+        "strong": "COMPLETE", "done_weak": "COMPLETE", "longer": "PRUNED", "unknown": "PRUNED"}
+    assert by_tune_id["done_weak"].value == 13.5 and by_tune_id["done_weak"].intermediate_values == {1: 11, 2: 12, 3: 13}
+
+
+def _search_then_transfer_trainable(config):
+    """A trial of ``epochs`` search epochs (accuracy = base + epoch) and then its transfer check (the final report)."""
+    from ray import tune
+
+    case = config["case"]
+    for epoch in range(1, case["epochs"] + 1):
+        tune.report({"phase": "search", "epoch": epoch, "prune_value": case["base"] + epoch, "budget_bucket": 0,
+                     "search_epochs": case["epochs"]})
+    tune.report({"phase": "transfer", "epoch": case["epochs"], "prune_value": case["base"] + case["epochs"],
+                 "transfer_top1": 50.0, "budget_bucket": 0, "done": True})
+
+
+@pytest.mark.ray
+def test_a_trial_whose_search_is_done_runs_its_transfer_check_in_a_real_tune_run(ray_local, tmp_path):
+    from ray import tune
+
+    book = TrialStatusBook()
+    scheduler = OptunaPruningScheduler(pruner="median", pruner_kwargs={"n_startup_trials": 1,
+                                                                       "n_warmup_steps": N_EPOCHS},
+                                       status_book=book)
+    cases = [{"name": "strong", "base": 80, "epochs": N_EPOCHS},
+             {"name": "weak_done", "base": 10, "epochs": N_EPOCHS},          # below the median at its last epoch
+             {"name": "weak_longer", "base": 10, "epochs": N_EPOCHS + 1}]    # the same, with an epoch left to run
+    tuner = tune.Tuner(_search_then_transfer_trainable, param_space={"case": tune.grid_search(cases)},
+                       tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1, max_concurrent_trials=1,
+                                                   reuse_actors=True),
+                       run_config=tune.RunConfig(name="last_epoch", storage_path=str(tmp_path), verbose=0))
+    by_case = {r.config["case"]["name"]: r for r in tuner.fit()}
+    assert all(r.error is None for r in by_case.values())
+    assert by_case["weak_done"].metrics.get("transfer_top1") == 50.0              # its transfer check ran
+    assert by_case["weak_longer"].metrics["epoch"] == N_EPOCHS and "transfer_top1" not in by_case["weak_longer"].metrics
+    pruned = {name for name, r in by_case.items() if book.is_pruned(r.metrics["trial_id"])}
+    assert pruned == {"weak_longer"}
+    states = {t.user_attrs["tune_trial_id"]: t.state.name for t in scheduler.study(0).trials}
+    assert {name: states[r.metrics["trial_id"]] for name, r in by_case.items()} == {
+        "strong": "COMPLETE", "weak_done": "COMPLETE", "weak_longer": "PRUNED"}

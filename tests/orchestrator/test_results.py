@@ -69,6 +69,50 @@ def test_rewrite_is_atomic_when_the_writer_dies(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [LAYERS_FILE, TRIALS_FILE]  # no temp files left
 
 
+def test_a_ctrl_c_in_the_middle_of_a_write_leaves_the_old_file_and_no_temp_file(tmp_path):
+    from gmpq_core.fileio import atomic_write
+
+    path = tmp_path / "final.parquet"
+    path.write_bytes(b"the old table")
+
+    def interrupted(f):
+        f.write(b"PAR1 the first half of a new ta")
+        raise KeyboardInterrupt                     # Ctrl-C while the new table is being written
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, interrupted)
+    assert path.read_bytes() == b"the old table" and [p.name for p in tmp_path.iterdir()] == ["final.parquet"]
+
+
+_FULL_DISK_WRITER = """
+import os, resource, signal, sys
+from orchestrator.results import TRIALS_FILE, trial_row, write_results
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit fails with EFBIG, as on a full disk
+rows = lambda n, x: [trial_row(trial_id=f"t{j:04d}", config={"x": x}, last_result={"proxy_top1": x},
+                               status="completed") for j in range(n)]
+write_results(sys.argv[1], rows(3, 1.0), [])
+size = os.path.getsize(os.path.join(sys.argv[1], TRIALS_FILE))
+resource.setrlimit(resource.RLIMIT_FSIZE, (size + 4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    write_results(sys.argv[1], rows(3000, 2.0), [])
+except OSError as e:
+    print("write failed:", e)
+"""
+
+
+def test_a_real_rewrite_of_trials_parquet_that_fails_midway_leaves_the_old_table(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK_WRITER, str(tmp_path)], cwd=root, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and "write failed:" in done.stdout, done.stdout + done.stderr[-2000:]
+    df = read_trials(tmp_path)                          # the table before the failed rewrite, whole
+    assert len(df) == 3 and set(df["param_x"]) == {1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LAYERS_FILE, TRIALS_FILE]     # no temp file left
+
+
 def trial(tid: str, acc: float | None, x: float):
     """Duck-typed stand-in for ray.tune Trial (the attributes the callback reads)."""
     return SimpleNamespace(trial_id=tid, config={"x": x}, last_result=final_result(acc) if acc else {"epoch": 0},

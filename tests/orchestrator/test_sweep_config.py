@@ -84,8 +84,8 @@ def test_a_sweep_saved_before_the_precision_key_resumes_and_fine_tunes_in_float3
     assert (job.train_size, job.test_size) == (3000, 700)                 # the section's, a given value wins
     assert final_job({**data, "precision": "bf16"}, {"trial_id": "t1", "policy_json": "{}"}, tmp_path / "fp.pt",
                      epochs=1).precision == "bf16"
-    with pytest.raises(ConfigError, match="these settings differ .*: n_trials"):     # other keys still count
-        _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 9})
+    with pytest.raises(ConfigError, match="these settings differ .*: seed"):         # other keys still count
+        _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "seed": 9})
                            .resolved())
 
 
@@ -189,6 +189,26 @@ def test_budget_buckets_outside_the_sampled_budgets_are_warned_about(tmp_path, c
                 "out_dir": str(tmp_path), "budget_buckets": [3.0, 4.0, 5.0], "space.budget_avg_bits":
                 space["budget_avg_bits"]}))
     assert "budget_buckets" not in caplog.text
+
+
+def test_empty_budget_buckets_are_refused_when_a_sweep_starts_naming_what_to_write(tmp_path, capsys):
+    # [] used to mean one bucket silently: trials of every budget pruned against each other
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "s"), "budget_buckets": []})
+    assert cfg.budget_buckets == ()        # it still loads: a sweep begun with it resumes and its trials run
+    with pytest.raises(ConfigError) as e:
+        check_sweep_config(cfg)
+    said = " ".join(str(e.value).split())
+    assert said.startswith("budget_buckets is empty ([]), which puts every trial in one budget bucket")
+    assert ("Leave the key out for the default edges [2.75, 3.5, 4.5], or edges inside your budget range 2.5..5 "
+            "such as [3.25, 4.25]. For one bucket on purpose, write a single edge above every budget (the highest "
+            "bit candidate is 6): budget_buckets: [7]. Nothing has been trained yet.") in said
+    check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "s"), "budget_buckets": [7]}))
+    check_sweep_config(load_sweep_config(preset="demo", overrides={    # one budget: one bucket whatever the edges
+        "out_dir": str(tmp_path / "s"), "budget_buckets": [], "space.budget_avg_bits": 3.0}))
+    path = _write(tmp_path, {"preset": "demo", "budget_buckets": [], "cache_dir": str(tmp_path / "cache")})
+    err = _gmpq_sweep_fails(["--config", str(path), "--out", str(tmp_path / "cli"), "--check"], capsys)
+    assert "budget_buckets is empty ([])" in err and "budget_buckets: [7]" in err
+    assert not (tmp_path / "cli").exists()
 
 
 def test_unknown_preset_exits_2_listing_presets(capsys):
@@ -333,9 +353,9 @@ def test_resume_may_change_the_final_stage_but_not_the_sweep(tmp_path):
     save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "finetune.workers": 4}))
     _check_same_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "finetune.workers": 2,
                                                                    "finetune.top_k": 1}).resolved())
-    other = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "n_trials": 9}).resolved()
-    with pytest.raises(ConfigError, match=r"these settings differ from .*: n_trials \(saved 6, now 9\)\. Resume with"):
-        _check_same_config(other)
+    other = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "seed": 9}).resolved()
+    with pytest.raises(ConfigError, match=r"these settings differ from .*: seed \(saved 0, now 9\)\. Resume with"):
+        _check_same_config(other)                           # (n_trials may grow: test_sweep_grow.py)
     epochs = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "space.search_epochs": 1}).resolved()
     with pytest.raises(ConfigError, match=r"differ from .*: space\.search_epochs \(saved 2, now 1\)\. Resume"):
         _check_same_config(epochs)                          # the nested key named, not all of 'space'

@@ -115,6 +115,7 @@ def test_run_trial_reports_every_epoch_then_the_full_row(tmp_path, target):
     for r in reports[:-1]:
         assert r["phase"] == "search" and set(EPOCH_KEYS) <= set(r) and r["prune_value"] == r["proxy_top1"]
         assert r["budget_bucket"] == 0                                   # 3.0 bits < the first edge 3.25
+        assert r["search_epochs"] == 2                   # the trial's own epoch count: the scheduler keeps its last
     assert set(FINAL_KEYS) <= set(final) and final["done"] is True and final["phase"] == "transfer"
     assert final["bitops"] <= final["budget_bitops"]
     policy = BitPolicy.from_json(final["policy_json"])

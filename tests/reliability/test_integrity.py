@@ -122,6 +122,12 @@ def _calls(tree: ast.AST):
             yield node, owner, name
 
 
+def _is_mode(node) -> bool:
+    """A literal open() mode such as "w" or "rb" (not a file name)."""
+    return isinstance(node, ast.Constant) and isinstance(node.value, str) and 0 < len(node.value) <= 3 \
+        and set(node.value) <= set("rwaxbt+")
+
+
 def _kw(node: ast.Call, key: str):
     return next((k.value for k in node.keywords if k.arg == key), None)
 
@@ -158,6 +164,8 @@ def test_source_uses_safe_loaders_and_atomic_writes():
                     if rel != "orchestrator/results.py":     # Ray's own error file of a trial, not user input
                         bad.append(f"{where} {owner}.{name}")
                 mode = node.args[1] if name in ("open", "fdopen") and len(node.args) > 1 else _kw(node, "mode")
+                if name == "open" and mode is None and _is_mode(node.args[0] if node.args else None):
+                    mode = node.args[0]                   # Path.open("w"): the mode comes first
                 writes_file = (name in ("open", "fdopen") and isinstance(mode, ast.Constant)
                                and any(c in str(mode.value) for c in "wax")) or \
                     name in ("write_text", "write_bytes", "to_parquet", "to_csv", "savefig") or \
