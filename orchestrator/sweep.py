@@ -14,7 +14,8 @@ local CPU sweep, the tail's thread sharing (``tail_threads``) -> summary (queued
 ``resume=True`` restores the Tune experiment (``Tuner.restore``): finished trials are not rerun,
 interrupted and errored ones are rerun from scratch, and the sampler keeps its Optuna study.
 ``resume="auto"`` (``choose_resume``) restores it when the folder holds it, else starts the sweep, as
-``tune.run(resume="AUTO")`` did: a batch job retried with the same command continues.
+``tune.run(resume="AUTO")`` did: a batch job retried with the same command continues. A resume whose ``n_trials`` is
+larger than the saved one grows the sweep (``sweep_grow``: the restored trial count raised, the same Optuna study).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import optuna
 import ray
@@ -42,7 +43,9 @@ from .sweep_searcher import SweepOptunaSearch      # here too: Tune state saved 
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
-from .sweep_resume import (RESUME_AUTO, _check_same_config, _saved_cache_dir, _saved_tracking_uri,
+from .sweep_grow import more_trials_text
+from .sweep_optuna import _close_orphan_optuna_trials, optuna_storage_now   # (tests import them here)
+from .sweep_resume import (RESUME_AUTO, _check_same_config, _ended, _saved_cache_dir, _saved_tracking_uri,
                            check_folder_state, check_not_a_study, choose_resume, experiment_path, holds_sweep_state,
                            refuse_beside_running_sweep, resolve_resume, resume_choice_text)
 from .cluster_watch import lost_after_s
@@ -75,6 +78,7 @@ class SweepSummary:
     n_unfinished: int = 0        # trials stopped midway (the sweep interrupted): a resume runs them again
     n_planned: int | None = None   # the sweep's n_trials
     terminated: bool = False     # stopped by SIGTERM (exit 143), not Ctrl-C (130)
+    grown_from: int | None = None  # a resume that raised n_trials: the count before (``sweep_grow``)
 
     @property
     def n_trials(self) -> int:
@@ -85,33 +89,6 @@ class SweepSummary:
     def interrupted(self) -> bool:
         """Whether the sweep stopped before all its trials ended (Ctrl-C, a stopped driver)."""
         return self.n_unfinished > 0 or (self.n_planned is not None and self.n_trials < self.n_planned)
-
-
-@contextlib.contextmanager
-def optuna_storage_now(url: str) -> Iterator[None]:
-    """While a resumed sweep's Tune state is unpickled (``Tuner.restore``, then the searcher's state in
-    ``fit``), a pickled Optuna SQLite storage other than the sweep's own ``url`` (the folder moved or was
-    copied: ``moved_sweep``) opens ``url``. Optuna reconnects while unpickling, to the old file, which may be
-    gone (the resume failed) or the original's (the copy's trials went into it). Only SQLite URLs: a resume
-    must keep the sweep's storage (``_check_same_config``), so a SQLite file elsewhere is the same study moved."""
-    from optuna.storages import RDBStorage
-
-    original = RDBStorage.__setstate__
-
-    def setstate(self, state: dict) -> None:
-        old = str(state.get("url", ""))
-        same_file = old.startswith("sqlite:") and url.startswith("sqlite:") and \
-            old.rsplit("/", 1)[-1] == url.rsplit("/", 1)[-1]       # optuna.db moved, not another store
-        if old != url and same_file:
-            log.info("the sweep's Optuna study continues in %s (its Tune state was saved with %s)", url, old)
-            state = {**state, "url": url}
-        original(self, state)
-
-    RDBStorage.__setstate__ = setstate
-    try:
-        yield
-    finally:
-        RDBStorage.__setstate__ = original
 
 
 def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
@@ -142,10 +119,12 @@ def _mlflow_callbacks(callbacks: list) -> list:
 
 
 def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook, *, resume: bool, progress: bool,
-          prep_threads: int | None, say, command: str = "sweep", unshared: tuple[str, ...] = ()) -> Any:
+          prep_threads: int | None, say, command: str = "sweep", unshared: tuple[str, ...] = (),
+          grown_from: int | None = None) -> Any:
     """Inside a Ray session, its cluster watched (``cluster_watch``: lost, the driver says so and exits 75):
     preflight, shared preparation, then the Tuner's run; returns its ResultGrid. ``unshared``: the settings left at
-    their defaults inside the sweep folder (warned about when the cluster joined has a node on another host)."""
+    their defaults inside the sweep folder (warned about when the cluster joined has a node on another host);
+    ``grown_from``: the saved ``n_trials`` a resume raises (``sweep_grow``)."""
     from .cluster_watch import watching_cluster
     from .ray_env import ray_cpus, ray_session
     from .sweep_lost import sweep_lost_handler
@@ -165,15 +144,17 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
         if is_local_cpu_sweep(cfg):
             callbacks.append(TailThreads(cfg.out_dir, cfg.n_trials, min(_sweep_cores(cfg), ray_cpus()),
                                          cfg.resources.cpu))
-        tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say)
+        tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say,
+                            grown_from=grown_from)
         say(start_text(cfg, fit))
         with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
             return fit_restoring_handlers(tuner)
 
 
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
-                optuna_storage: Any, *, resume: bool, say) -> Any:
-    """The sweep's ``Tuner``: a new one (Optuna sampler on ``optuna_storage``), or the restored experiment."""
+                optuna_storage: Any, *, resume: bool, say, grown_from: int | None = None) -> Any:
+    """The sweep's ``Tuner``: a new one (Optuna sampler on ``optuna_storage``), or the restored experiment, its trial
+    count raised to ``cfg.n_trials`` (``sweep_grow``; ``grown_from``: the saved count, when the resume raises it)."""
     scheduler = OptunaPruningScheduler(pruner=cfg.pruner.name, pruner_kwargs=cfg.pruner.kwargs, status_book=book,
                                        storage=cfg.optuna_storage, study_prefix=f"{cfg.name}-prune")
     trainable = tune.with_resources(make_trainable(context), cfg.resources.to_ray())
@@ -182,7 +163,7 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
         say(f"resuming {exp}")
         with optuna_storage_now(cfg.optuna_storage):
             tuner = tune.Tuner.restore(exp, trainable, resume_errored=True, restart_errored=False)
-        _swap_restored(tuner, scheduler, callbacks)
+        _swap_restored(tuner, scheduler, callbacks, cfg, grown_from)
         return tuner
     searcher = SweepOptunaSearch(
         space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
@@ -197,44 +178,23 @@ def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusB
                                   callbacks=callbacks))
 
 
-def _swap_restored(tuner: Any, scheduler: Any, callbacks: list) -> None:
+def _swap_restored(tuner: Any, scheduler: Any, callbacks: list, cfg: SweepConfig, grown_from: int | None) -> None:
     """Give a restored Tuner fresh callbacks and scheduler (Tune restores them by unpickling, which
-    would skip their constructors, where the results callback reloads the rows already written)."""
+    would skip their constructors, where the results callback reloads the rows already written), and its searcher
+    the config's trial count (``sweep_grow.grow_restored``: also after a grown resume stopped before Tune saved it)."""
+    from .sweep_grow import cannot_grow, grow_restored
+
     internal = getattr(tuner, "_local_tuner", None)
     if internal is None or not hasattr(internal, "_run_config") or not hasattr(internal, "_tune_config"):
+        if grown_from is not None:
+            raise cannot_grow(cfg, grown_from)
         log.warning("cannot reach the restored Tuner's config in this Ray version; using the callbacks "
                     "and scheduler as Tune unpickled them")
         return
     internal._run_config.callbacks = callbacks
     internal._tune_config.scheduler = scheduler
-
-
-def _close_orphan_optuna_trials(cfg: SweepConfig, say, *, started_before: datetime) -> None:
-    """After a resumed sweep has run to its end, an Optuna trial still RUNNING that started before this
-    driver did belongs to the driver that died while it ran, and Tune replaced it: mark it FAIL
-    (optuna-dashboard would show it running for ever). Covers the sweep's study and its per-bucket
-    pruning studies; the count said is the sweep's study's (one per interrupted trial: its pruning-study
-    record is the same trial again). Never fatal: a storage error only logs a warning."""
-    try:
-        storage = optuna.storages.RDBStorage(cfg.optuna_storage)
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-                 if s.study_name == cfg.name or s.study_name.startswith(f"{cfg.name}-prune-")]
-        closed = {True: 0, False: 0}                     # the sweep's own study: True; pruning studies: False
-        for name in names:
-            study = optuna.load_study(study_name=name, storage=storage)
-            for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-                if trial.datetime_start is not None and trial.datetime_start < started_before:
-                    study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-                    closed[name == cfg.name] += 1
-    except Exception as e:  # noqa: BLE001 - bookkeeping only: the sweep's results are already saved
-        log.warning("could not close Optuna trials left RUNNING by an interrupted driver (%s)", e)
-        return
-    trials, pruning = closed[True], closed[False]
-    if trials:
-        also = f" (with {'its' if trials == 1 else 'their'} records in the per-bucket pruning studies)" if pruning else ""
-        say(f"{trials} Optuna trial(s) left RUNNING by an interrupted driver marked FAIL{also}")
-    elif pruning:
-        say(f"{pruning} record(s) of the per-bucket pruning studies left RUNNING by an interrupted driver marked FAIL")
+    if not grow_restored(internal._tune_config, cfg.n_trials) and grown_from is not None:
+        raise cannot_grow(cfg, grown_from)
 
 
 def _preflight(cfg: SweepConfig) -> int:
@@ -290,12 +250,14 @@ def _finished_summary(cfg: SweepConfig, t0: float) -> SweepSummary | None:
 @dataclass(frozen=True)
 class CheckedSweep:
     """What ``check_sweep`` found: the resolved config, the resume chosen, a resume's summary when it has nothing
-    left to run (then nothing after it was checked), the model/data facts, the settings left in the sweep folder."""
+    left to run (then nothing after it was checked), the model/data facts, the settings left in the sweep folder, the
+    saved ``n_trials`` a resume raises (``grown_from``; ``sweep_grow``)."""
     cfg: SweepConfig
     resume: bool
     done: SweepSummary | None = None
     facts: Any = None
     unshared: tuple[str, ...] = ()
+    grown_from: int | None = None
 
 
 def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], None] = lambda m: None,
@@ -321,8 +283,9 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
     cfg = cfg.resolved()
     sweep_dir = Path(cfg.out_dir)
     refuse_beside_running_sweep(sweep_dir, bool(resume))    # another driver's live sweep there: refused first
+    grown_from = None
     if resume:
-        _check_same_config(cfg)                            # first: another config's own errors would hide it
+        grown_from = _check_same_config(cfg)               # first: another config's own errors would hide it
         done = _finished_summary(cfg, t0)
         if done is not None:                               # nothing for Ray to do
             from .pareto_pick import check_front_fits      # a limit the finished front cannot meet: before it is saved
@@ -338,7 +301,7 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
     read_layers(sweep_dir, missing_ok=True)
     check_folder_state(cfg, bool(resume))                 # nothing to resume, or a sweep already there
     local = joined is None or joined.kind == "local"       # ('local': this machine's own Ray: no unshared warning)
-    return CheckedSweep(cfg, bool(resume), None, facts, () if local else tuple(unshared))
+    return CheckedSweep(cfg, bool(resume), None, facts, () if local else tuple(unshared), grown_from)
 
 
 def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = True,
@@ -360,7 +323,7 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     if checked.done is not None:                           # nothing for Ray to do: said at once, no Ray start
         what = "the sweep stage is complete" if command == "run" else "nothing to resume"
         say(f"the sweep already ran all its {cfg.n_trials} trials (none failed, which --resume would run "
-            f"again): {what}")
+            f"again): {what}; {more_trials_text(cfg.n_trials)}")
         save_resolved_config(keep_recorded_address(cfg))    # a changed finetune section (gmpq run's flags)
         _close_orphan_optuna_trials(cfg, say, started_before=started_at)   # a driver killed after its last row
         return checked.done
@@ -371,13 +334,19 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     from .ray_env import ctrl_c_signals, terminated
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
+    if checked.grown_from is not None:                     # the MLflow parent run gets the new count
+        from .sweep_grow import GrowthNote, grown_text
+        print(f"gmpq sweep: {grown_text(checked.grown_from, cfg.n_trials, _ended(cfg))}", file=sys.stderr,
+              flush=True)                                  # (also under --quiet: the log says what it ran)
+        callbacks += [GrowthNote(cb, checked.grown_from, cfg.n_trials) for cb in _mlflow_callbacks(callbacks)]
     with ctrl_c_signals():              # SIGTERM as Ctrl-C to the end, not only while Ray runs (its marker removed)
         with driver_marker(sweep_dir, "sweep", command=command):   # to the last MLflow write (a sync waits for it)
             try:
                 with ThreadPoolExecutor(1, thread_name_prefix="gmpq-stores") as pool:   # on any error: waits for it
                     stores = pool.submit(_open_stores, cfg, callbacks, resume)          # while Ray starts
                     grid = _tune(cfg, stores, callbacks, book, resume=resume, progress=progress,
-                                 prep_threads=prep_threads, say=say, command=command, unshared=tuple(unshared))
+                                 prep_threads=prep_threads, say=say, command=command, unshared=tuple(unshared),
+                                 grown_from=checked.grown_from)
             finally:                                             # MLflow writes still queued reach the store
                 for cb in _mlflow_callbacks(callbacks):
                     cb.close()
@@ -388,4 +357,4 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
                             n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume,
                             rows=rows, n_unfinished=counts[UNFINISHED], n_planned=cfg.n_trials,
-                            terminated=terminated())
+                            terminated=terminated(), grown_from=checked.grown_from)

@@ -180,37 +180,55 @@ def _check_moved_resume(cfg: SweepConfig) -> None:
                           f"from the head node (--address auto), or move the folder back to {old}.")
 
 
-def _check_same_config(cfg: SweepConfig) -> None:
+def _check_same_config(cfg: SweepConfig) -> int | None:
     """A resumed sweep must keep its config (Tune restores the old searcher and space anyway). The cache
     folder may move: its files are named by what their weights depend on; the ``finetune`` section may
-    change (it is the final stage's, after the sweep: ``gmpq run --resume --workers 2``). The ``testing`` section
+    change (it is the final stage's, after the sweep: ``gmpq run --resume --workers 2``); ``n_trials`` may grow
+    (``sweep_grow.check_growth``: not shrink, not through Ray Client). The ``testing`` section
     is saved only when set (older folders hold it with its defaults): missing, it compares as its defaults. The
-    ``sampler`` (older folders: none, TPE) compares with its arguments' defaults written out."""
+    ``sampler`` (older folders: none, TPE) compares with its arguments' defaults written out. Returns the saved
+    ``n_trials`` when the resume grows it, else None."""
     from .sweep_config import load_sweep_config
     from .sampling import with_defaults
     from .sweep_sections import FaultInjection
 
     saved_path = Path(cfg.out_dir) / "sweep_config.yaml"
     if not saved_path.exists():
-        return
+        return None
     old, new = load_sweep_config(saved_path).resolved().to_dict(), cfg.to_dict()
     device = trial_device(cfg)                                  # "auto" and "fp32" are the same on a CPU
     old["precision"], new["precision"] = (resolve_precision(d["precision"], device) for d in (old, new))
     for d in (old, new):
         d.setdefault("testing", FaultInjection().to_dict())
         d["sampler"]["kwargs"] = with_defaults(d["sampler"]["name"], d["sampler"]["kwargs"])   # (loaded: always set)
-    diff = [d for k in sorted(new) if k not in ("address", "cache_dir", "finetune")
+    saved_n, n = old.get("n_trials"), new.get("n_trials")
+    counts = isinstance(saved_n, int) and isinstance(n, int)      # (a count compared by check_growth)
+    diff = [d for k in sorted(new) if k not in ("address", "cache_dir", "finetune") and not (k == "n_trials" and counts)
             for d in _differences(k, old.get(k), new.get(k))]
     if diff:
         shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
-        grow = isinstance(old.get("n_trials"), int) and isinstance(new.get("n_trials"), int) and \
-            new["n_trials"] > old["n_trials"]
-        other = ("start a new sweep with another --out (a sweep cannot grow once started, as Ray Tune restores its "
-                 "trial count: for more trials give it another --name too, its own Optuna study, and compare the two "
-                 "folders' Pareto fronts with gmpq pareto DIR)" if grow else "start a new sweep with another --out")
+        fewer = (f" (and --n-trials {n}: a resumed sweep may run more trials than its {saved_n}, not fewer)"
+                 if counts and n < saved_n else "")
         raise ConfigError(f"--resume must use the sweep's saved config, but these settings differ from "
-                          f"'{saved_path}': {shown}. Resume with --out {cfg.out_dir} --resume and no other "
-                          f"sweep settings (the final fine-tune's may change), or {other}.")
+                          f"'{saved_path}': {shown}{fewer}. Resume with --out {cfg.out_dir} --resume and no other "
+                          f"sweep settings (the final fine-tune's may change, and --n-trials may grow), or start a "
+                          "new sweep with another --out.")
+    if not counts or n == saved_n:
+        return None
+    from .sweep_grow import check_growth
+
+    check_growth(cfg, saved_n, _ended(cfg))                       # fewer: refused, naming how many ended
+    return saved_n
+
+
+def _ended(cfg: SweepConfig) -> int | str:
+    """How many of the sweep's trials have ended (rows of its trials.parquet; "?" when it cannot be read)."""
+    from .results import read_trials
+
+    try:
+        return len(read_trials(cfg.out_dir, missing_ok=True))
+    except Exception:  # noqa: BLE001 - only a count in a message: the resume's own checks name a damaged table
+        return "?"
 
 
 def _differences(key: str, old: Any, new: Any) -> list[str]:

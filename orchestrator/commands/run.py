@@ -10,7 +10,9 @@ policies fine-tune side by side as far as the cluster holds ``--workers`` each) 
 run: ``--finetune-train-size``, ``--finetune-test-size``, ``--finetune-max-steps-per-epoch`` (all saved in the
 folder's ``sweep_config.yaml``, its ``finetune:`` section, so ``--resume`` keeps them). ``--resume`` continues
 every stage of an interrupted run in the same folder (finished trials and fine-tune epochs are not redone);
-``gmpq run --out DIR --resume`` alone reads the folder's saved config. ``--resume auto`` continues the run when the folder
+``gmpq run --out DIR --resume`` alone reads the folder's saved config; with ``--n-trials N`` (more than the sweep's)
+the sweep runs more trials, then the Pareto front and its selection are made again from all of them and the final
+stage fine-tunes that selection (policies fine-tuned before keep their rows). ``--resume auto`` continues the run when the folder
 holds its sweep, else starts it (a batch job retried with the same command: cluster/kuberay/rayjob.yaml).
 An interrupted stage (Ctrl-C, or SIGTERM: a preempted batch job) stops the run there (exit 130; 143 for
 SIGTERM) with that command; what finished is kept. Ends with

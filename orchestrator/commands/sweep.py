@@ -4,6 +4,8 @@
     gmpq sweep --config my_sweep.yaml --name try2
     gmpq sweep --config my_sweep.yaml --check  (validate it: model, data, budget range, stores; nothing runs)
     gmpq sweep --out runs/demo --resume        (continues from runs/demo/sweep_config.yaml)
+    gmpq sweep --out runs/demo --resume --n-trials 40   (a finished or stopped sweep runs more trials: its Optuna
+                                                        study goes on learning from those it ran)
     gmpq sweep --preset demo --out runs/demo --resume auto   (continues it if there is one, else starts it:
                                                              a batch job retried with the same command)
 
@@ -46,7 +48,8 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE", help="sweep config YAML (may name a 'preset:' to start from)")
     src.add_argument("--preset", metavar="NAME", help=f"bundled preset: {', '.join(list_presets())}")
-    p.add_argument("--n-trials", type=int, action=at_least(1), default=None, metavar="N", help="number of trials")
+    p.add_argument("--n-trials", type=int, action=at_least(1), default=None, metavar="N",
+                   help="number of trials (with --resume: more than the sweep's runs more trials; not fewer)")
     p.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E",
                    help="search epochs per trial (fixed)")
     p.add_argument("--max-concurrent", type=int, action=at_least(1), default=None, metavar="K",
@@ -134,6 +137,10 @@ def format_summary(summary: Any, tracking_uri: str | None = None, *, command: st
                  f"{summary.wall_seconds / 60:.1f} min. {_results_text(summary.sweep_dir)}")
     if summary.interrupted:
         lines.append(interrupted_note(summary, command))
+    if getattr(summary, "grown_from", None) is not None:     # a resume that raised n_trials: the selection
+        from orchestrator.sweep_grow import reselect_text
+        note = reselect_text(summary.sweep_dir, summary.grown_from, summary.n_planned, command=command)
+        lines += [note[0].upper() + note[1:] + "."] if note else []
     if tracking_uri:
         lines.append(mlflow_line(summary, tracking_uri, logging_off))
     return "\n".join(lines)
@@ -261,8 +268,10 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
     checked = check_sweep(cfg, resume, make_folders=False)
     cfg, facts = checked.cfg, checked.facts
     if checked.done is not None:
+        from orchestrator.sweep_grow import more_trials_text
         return (f"config OK: the sweep '{cfg.name}' in {cfg.out_dir} already ran all its {cfg.n_trials} trials: without "
-                "--check, gmpq sweep has nothing to resume (gmpq run goes on to its Pareto and fine-tune stages).")
+                "--check, gmpq sweep has nothing to resume (gmpq run goes on to its Pareto and fine-tune stages); "
+                f"{more_trials_text(cfg.n_trials)}.")
     (b_lo, b_hi), (g_lo, g_hi) = facts.feasible_avg_bits, facts.feasible_gbitops
     dims = "; ".join(f"{name} {_dim_text(dim)}" for name, dim in cfg.space.dims.items())
     kwargs = ", ".join(f"{k}={v}" for k, v in cfg.pruner.kwargs.items())
@@ -276,9 +285,19 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
         f"Optuna: {sampler_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.seed)}; pruner {cfg.pruner.name}"
         f"{f' ({kwargs})' if kwargs else ''} within each budget bucket; storage {shown_url(cfg.optuna_storage)}",
         f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", _final_text(cfg.finetune),
-        *_fits_here(cfg),
+        *_fits_here(cfg), *_grows_text(cfg, checked.grown_from),
         f"Nothing was trained. Run the same command without --check to {'resume' if checked.resume else 'start'} the "
         "sweep."])
+
+
+def _grows_text(cfg: Any, grown_from: int | None) -> list[str]:
+    """``--check`` of a resume that raises n_trials: the line the sweep will say."""
+    if grown_from is None:
+        return []
+    from orchestrator.sweep_grow import grown_text
+    from orchestrator.sweep_resume import _ended
+
+    return [grown_text(grown_from, cfg.n_trials, _ended(cfg))]
 
 
 def _final_text(ft: Any) -> str:

@@ -179,9 +179,9 @@ def test_resume_auto_that_resumes_keeps_the_same_config_check(tmp_path, capsys):
     save_resolved_config(_cfg(tmp_path, n_trials=4))
     _tune_state(_cfg(tmp_path))
     assert main(["sweep", "--preset", "demo", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"),
-                 "--n-trials", "9", "--resume", "auto"]) == 2
+                 "--seed", "9", "--resume", "auto"]) == 2     # (more --n-trials: it grows, test_sweep_grow.py)
     err = " ".join(capsys.readouterr().err.split())
-    assert f"resuming the sweep in {tmp_path}" in err and "these settings differ" in err and "n_trials" in err, err
+    assert f"resuming the sweep in {tmp_path}" in err and "these settings differ" in err and "seed" in err, err
     assert not ray.is_initialized()
 
 

@@ -76,14 +76,15 @@ def test_resuming_a_finished_sweep_says_so_at_once_without_ray(tmp_path, capsys)
     assert load_sweep_config(tmp_path / "sweep_config.yaml").finetune.test_size == 300     # saved for the next stages
 
 
-def test_a_resume_asking_for_more_trials_says_a_sweep_cannot_grow_and_what_to_do(tmp_path):
+def test_a_resume_asking_for_more_trials_is_accepted_and_fewer_refused(tmp_path):
+    """A sweep may grow on resume (sweep_grow; test_sweep_grow.py), not shrink; other settings stay refused."""
     save_resolved_config(_demo(tmp_path))
+    assert _check_same_config(_demo(tmp_path, n_trials=12).resolved()) == 6
     with pytest.raises(ConfigError) as e:
-        _check_same_config(_demo(tmp_path, n_trials=12).resolved())
+        _check_same_config(_demo(tmp_path, n_trials=3).resolved())
     said = " ".join(str(e.value).split())
-    assert "n_trials (saved 6, now 12)" in said and "a sweep cannot grow once started" in said
-    assert "give it another --name too" in said and said.count("another --out") == 1
-    for fewer_or_other in ({"n_trials": 3}, {"seed": 3}):
-        with pytest.raises(ConfigError) as e:
-            _check_same_config(_demo(tmp_path, **fewer_or_other).resolved())
-        assert "cannot grow" not in str(e.value)
+    assert "--n-trials 3 is fewer than the 6 trials" in said and "cannot grow" not in said
+    with pytest.raises(ConfigError) as e:
+        _check_same_config(_demo(tmp_path, seed=3).resolved())
+    said = " ".join(str(e.value).split())
+    assert "seed (saved 0, now 3)" in said and said.count("another --out") == 1
