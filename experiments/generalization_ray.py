@@ -32,14 +32,14 @@ import torch
 import yaml
 
 from gmpq_core.errors import ConfigError, GMPQError
-from gmpq_core.fileio import atomic_write, atomic_write_text, check_writable_dir
+from gmpq_core.fileio import atomic_write, atomic_write_text, check_writable_dir, read_json
 from orchestrator.mlflow_sink import MLflowSink
 
 from .generalization import StudyConfig, check_same_study_config, check_study_data, expand_grid
 from .generalization_cells import ROW_KEYS, cached_model_path, model_jobs, prepare_models, run_cell
 
 __all__ = ["STUDY_FILE", "CONFIG_FILE", "StudySummary", "StudySink", "read_study", "write_rows", "check_study_dir",
-           "check_tracking_uri", "study_tracking_uri", "run_study", "StudyCallback"]
+           "check_tracking_uri", "recorded_tracking_uri", "study_tracking_uri", "run_study", "StudyCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -114,22 +114,48 @@ def check_study_dir(study_dir: str | Path) -> Path:
     return path
 
 
-def check_tracking_uri(uri: str | None) -> None:
-    """ConfigError unless MLflow knows the scheme of ``uri`` (None: ``$MLFLOW_TRACKING_URI``, else the study folder's
-    SQLite store). A store that is down is no error: the sink warns and the study goes on."""
+def check_tracking_uri(uri: str | None, study_dir: str | Path | None = None) -> None:
+    """ConfigError unless MLflow knows the scheme of ``uri`` (None: the store the study in ``study_dir`` recorded,
+    else ``$MLFLOW_TRACKING_URI``, else the study folder's SQLite store). A store that is down is no error: the sink
+    warns and the study goes on."""
     from orchestrator.sweep_checks import check_tracking_scheme
     from orchestrator.sweep_config import ENV_TRACKING_URI, env_tracking_uri
 
+    if not uri and study_dir is not None and recorded_tracking_uri(study_dir):
+        return                         # the store the study's run logged to (a sink connected to it)
     name = "tracking_uri (--tracking-uri, or the study config's)" if uri or not env_tracking_uri() else \
         f"${ENV_TRACKING_URI}"
     check_tracking_scheme(uri or env_tracking_uri(), name, "the study folder's mlflow.db")
 
 
+def recorded_tracking_uri(study_dir: str | Path) -> str | None:
+    """The MLflow store the study's parent run is in, as ``mlflow_parent.json`` records it (the folder moved or
+    copied since: its own mlflow.db moved along, as the sink follows it); None without a readable record."""
+    from orchestrator.mlflow_keys import PARENT_FILE
+    from orchestrator.moved_sweep import moved_path, same_folder
+
+    here = Path(study_dir).expanduser().resolve()
+    try:
+        data = read_json(here / PARENT_FILE)
+    except (GMPQError, OSError):       # none (a study that never logged), or damaged: no record
+        return None
+    uri = data.get("tracking_uri") if isinstance(data, dict) else None
+    if not isinstance(uri, str) or not uri:
+        return None
+    old = data.get("sweep_dir")
+    if isinstance(old, str) and old and not same_folder(Path(os.path.abspath(old)), here):
+        uri = moved_path(uri, Path(os.path.abspath(old)), here)
+    return uri
+
+
 def study_tracking_uri(cfg: StudyConfig, study_dir: Path) -> str:
-    """The study's MLflow store: the config's / ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the folder's."""
+    """The study's MLflow store: the config's / ``--tracking-uri``, else the store its run recorded
+    (``recorded_tracking_uri``: a resume and ``--analyze-only`` log where the study is, as a sweep's recorded
+    ``tracking_uri`` wins over the variable), else ``$MLFLOW_TRACKING_URI``, else the folder's."""
     from orchestrator.sweep_config import env_tracking_uri
 
-    return cfg.tracking_uri or env_tracking_uri() or f"sqlite:///{Path(study_dir) / 'mlflow.db'}"
+    return (cfg.tracking_uri or recorded_tracking_uri(study_dir) or env_tracking_uri()
+            or f"sqlite:///{Path(study_dir) / 'mlflow.db'}")
 
 
 class StudySink(MLflowSink):
@@ -253,7 +279,7 @@ def run_study(cfg: StudyConfig, study_dir: str | Path, *, address: str | None = 
     """Run (or resume) the study in ``study_dir``; returns counts and timings (see module doc)."""
     t0 = time.perf_counter()
     say = progress or (lambda msg: log.info("%s", msg))
-    check_tracking_uri(cfg.tracking_uri)
+    check_tracking_uri(cfg.tracking_uri, Path(study_dir).expanduser())
     study_dir = check_study_dir(Path(study_dir).expanduser()).resolve()
     check_same_study_config(cfg, study_dir, STUDY_FILE)
     check_study_data(cfg)                  # dataset names and sizes: before anything is written or Ray starts

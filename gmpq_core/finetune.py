@@ -34,6 +34,7 @@ from .bitops import BitOpsReport, count_bitops
 from .bn_fold import frozen_teacher_
 from .errors import CheckpointError, ConfigError
 from .fileio import load_checkpoint, save_checkpoint
+from .finetune_policy import policy_difference, policy_layers, recorded_policy_source
 from .policy import BitPolicy, QuantSpec
 from .precision import resolve_precision
 from .qmodules import apply_policy_, calibrate_, quantized_layers
@@ -43,7 +44,7 @@ from .train import (Progress, evaluate, load_optimizer_state, make_cosine_schedu
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "prepare_quantized", "finetune", "effective_policy",
            "run_info_changes", "state_digest", "recorded_fp", "fp_name", "check_resume_state", "resume_epochs",
-           "epochs_left_ok", "CHECKPOINT_NAME"]
+           "epochs_left_ok", "policy_layers", "recorded_policy_source", "policy_difference", "CHECKPOINT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -232,17 +233,13 @@ def check_resume_state(path: str | Path, ckpt: Any, *, config: FinetuneConfig | 
                               f"this run trains in {precision!r}; resume with --precision {old_precision} (the "
                               "`precision:` setting), or delete the checkpoint folder to start afresh.")
     old_layers = ckpt.get("policy_layers")
-    now = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()} if policy is not None else None
-    if now is not None and old_layers is not None and old_layers != now:
-        differ = [n for n in old_layers if n in now and list(old_layers[n]) != now[n]]
-        how = (f": {len(differ)} layer(s) have other bits, e.g. {differ[0]} W{old_layers[differ[0]][0]}"
-               f"A{old_layers[differ[0]][1]} there, W{now[differ[0]][0]}A{now[differ[0]][1]} now" if differ else
-               ": they quantize other layers")
-        source = ckpt.get("policy_source")
-        named = f" ({source})" if isinstance(source, str) and source else ""
-        raise CheckpointError(f"Checkpoint '{path}' belongs to a different bit policy{named} than this run's{how}; use "
-                              "the policy it was written with, another checkpoint folder, or delete this one to start "
-                              "afresh.")
+    now = policy_layers(policy) if policy is not None else None
+    if now is not None and isinstance(old_layers, dict) and old_layers != now:
+        source = recorded_policy_source(ckpt)
+        named = f" ({source})" if source else ""
+        raise CheckpointError(f"Checkpoint '{path}' belongs to a different bit policy{named} than this run's: "
+                              f"{policy_difference(old_layers, now)}; use the policy it was written with, another "
+                              "checkpoint folder, or delete this one to start afresh.")
 
 
 def resume_epochs(ckpt: Mapping[str, Any]) -> tuple[int, int]:
@@ -363,7 +360,7 @@ def finetune(fp_model: nn.Module, policy: BitPolicy, train_loader: Any, test_loa
         save_checkpoint(ckpt_path, {
             "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "history": history, "config": config.to_dict(),
-            "precision": resolved, "policy_layers": {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()},
+            "precision": resolved, "policy_layers": policy_layers(policy),
             "run": dict(run_info or {}), "fp": fp, "total_steps": total_steps,
             **({"policy_source": policy_source} if policy_source else {})})
 

@@ -228,27 +228,20 @@ def check_resume_policy(out: Path, ckpt: dict | None, policy: Any, source: str) 
     """A fine-tune checkpoint of another bit policy than ``policy`` (given as ``source``: the --policy file, or
     "uniform W4A4") is refused, naming the policy it was written with (its source, when the checkpoint records it),
     how the two differ and the fixes. A checkpoint without the record of its policy is not checked here."""
-    from gmpq_core.finetune import CHECKPOINT_NAME
+    from gmpq_core.finetune import CHECKPOINT_NAME, policy_difference, policy_layers, recorded_policy_source
 
     old = ckpt.get("policy_layers") if isinstance(ckpt, dict) else None
     if not isinstance(old, dict) or policy is None:
         return
-    now = {n: [s.w_bits, s.a_bits] for n, s in policy.layers.items()}
+    now = policy_layers(policy)
     if old == now:
         return
-    differ = [n for n in old if n in now and list(old[n]) != now[n]]
-    only = sorted(set(old) ^ set(now))
-    shown = "; ".join(f"{n}: W{old[n][0]}A{old[n][1]} there, W{now[n][0]}A{now[n][1]} now" for n in differ[:2])
-    more = f"; {len(differ) - 2} more" if len(differ) > 2 else ""
-    how = (f"{len(differ)} layer(s) have other bits ({shown}{more})" if differ else "")
-    if only:
-        how += ("; " if how else "") + f"{len(only)} layer(s) are in only one of them (e.g. {only[0]})"
-    was = ckpt.get("policy_source")
-    named = f"the bit policy {was} ({_bits_text(old)})" if isinstance(was, str) and was else \
+    was = recorded_policy_source(ckpt)
+    named = f"the bit policy {was} ({_bits_text(old)})" if was else \
         f"another bit policy ({_bits_text(old)}; the checkpoint does not record its file)"
-    back = f"Pass {_policy_flag(was)} to resume it, another --out for this run" if isinstance(was, str) and was else \
+    back = f"Pass {_policy_flag(was)} to resume it, another --out for this run" if was else \
         "Pass the policy it was written with to resume it, another --out for this run"
     raise ConfigError(f"The fine-tune checkpoint '{out / CHECKPOINTS / CHECKPOINT_NAME}', kept from an earlier run in "
                       f"this --out folder, was written for {named}, but this run fine-tunes the bit policy {source} "
-                      f"({_bits_text(now)}): {how}. {back}, or delete '{out / CHECKPOINTS}' to start this folder's "
-                      "fine-tune afresh.")
+                      f"({_bits_text(now)}): {policy_difference(old, now)}. {back}, or delete '{out / CHECKPOINTS}' "
+                      "to start this folder's fine-tune afresh.")

@@ -3,13 +3,16 @@ writes in its ``--out`` checked before any work, and the one line a Ctrl-C or SI
 what rerunning the same command does)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from typing import Collection
 
 from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.fileio import drop_integer_file, integer_path, load_checkpoint
 
-__all__ = ["check_out_paths", "stopped", "finetune_stopped_text", "drop_stale_integer_file"]
+__all__ = ["check_out_paths", "stopped", "finetune_stopped_text", "drop_stale_integer_file", "file_marks",
+           "replaced_since", "written_text"]
 
 
 def check_out_paths(out: Path, command: str, *, files: tuple[str, ...] = (), folders: tuple[str, ...] = (),
@@ -34,6 +37,44 @@ def stopped(command: str, err: KeyboardInterrupt, kept: str) -> int:
     by_sigterm = isinstance(err, Terminated) or terminated()
     print(f"{command}: {stop_word(by_sigterm)}; {kept}", file=sys.stderr, flush=True)
     return stop_status(by_sigterm)
+
+
+def file_marks(out: Path, names: tuple[str, ...]) -> dict[str, tuple | None]:
+    """Each file ``names`` in ``out`` as it stands (device, inode, size, modification time; None: absent), taken
+    before a command writes its result files there: after a stop, ``replaced_since`` tells which of them it replaced,
+    whenever the stop came (an atomic write leaves a new file: another inode and time), where a flag set after the
+    write would miss a stop between the replace and the flag."""
+    def mark(path: Path) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return {name: mark(out / name) for name in names}
+
+
+def replaced_since(out: Path, marks: dict[str, tuple | None] | None) -> list[str]:
+    """The files of ``marks`` (``file_marks``; None: none taken) that are another file in ``out`` now."""
+    if not marks:
+        return []
+    now = file_marks(out, tuple(marks))
+    return [name for name, was in marks.items() if now[name] is not None and now[name] != was]
+
+
+def written_text(what: str, out: Path, names: tuple[str, ...], replaced: Collection[str]) -> str | None:
+    """What a stop while a command wrote its result files ``names`` (in the order written) into ``out`` left there,
+    ``replaced`` being those it had replaced (``replaced_since``): None when none (nothing of the run is kept); else
+    that the ``what`` ("search", "training") had finished, which of its files are written and which is not."""
+    done = [n for n in names if n in replaced]
+    if not done:
+        return None
+    if len(done) == len(names):
+        return (f"the {what} had finished: its {' and '.join(names)} are written in {out} (only its summary was not "
+                "printed).")
+    left = [n for n in names if n not in replaced]
+    was = "; ".join(f"{out / n} is the earlier {what}'s" if (out / n).is_file() else f"there is no {n}" for n in left)
+    return (f"the {what} had finished and its {' and '.join(done)} {'is' if len(done) == 1 else 'are'} written in "
+            f"{out}, but not its {' and '.join(left)} ({was}).")
 
 
 def finetune_stopped_text(state: dict) -> str:

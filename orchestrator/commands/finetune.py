@@ -262,6 +262,7 @@ def _run_single_finetune(args: argparse.Namespace, state: dict) -> int:
     check_out_paths(out, "gmpq finetune", files=(QUANTIZED_WEIGHTS, POLICY, RESULT, f"{CHECKPOINTS}/{CHECKPOINT_NAME}",
                                                  *((FP_WEIGHTS, FP_RESULT) if fp.kind == "train" else ())),
                     folders=(CHECKPOINTS,))
+    # where the policy comes from, one form for the checkpoint, the refusals, the result files and the summary line
     policy_source = (os.path.abspath(args.policy) if args.policy is not None
                      else f"uniform W{args.uniform[0]}A{args.uniform[1]}")
     _check_single_args(args, trains_fp=fp.kind == "train")
@@ -335,7 +336,7 @@ def _run_single_finetune(args: argparse.Namespace, state: dict) -> int:
         bar.close()
     state["phase"] = "write"
     summary = finetune_summary(result, policy, opts, fp_eval, config=config, dataset=info.name,
-                               policy_source=args.policy or f"uniform W{args.uniform[0]}A{args.uniform[1]}",
+                               policy_source=policy_source,
                                fp_source=fp_source, train_size=len(train_split), test_size=len(test_split))
     summary["precision"] = precision
     policy.save(out / POLICY)

@@ -190,8 +190,12 @@ def _check_cache_dir(job: SearchJob, args: argparse.Namespace) -> None:
         raise
 
 
-def _stopped_text(job: SearchJob, out: Path, teacher_done: bool) -> str:
-    """What an interrupted search keeps, and what rerunning the same command does."""
+def _stopped_text(job: SearchJob, out: Path, teacher_done: bool, marks: dict | None = None) -> str:
+    """What an interrupted search keeps, by the files in ``out`` now against ``marks`` (``file_marks``, taken before
+    it wrote them; None: stopped before), and what rerunning the same command does."""
+    from ._single_run import replaced_since, written_text
+
+    written = written_text("search", out, (POLICY_FILE, RESULT_FILE), replaced_since(out, marks))
     earlier = (f" ({out} keeps the earlier search's {POLICY_FILE} and {RESULT_FILE})"
                if (out / POLICY_FILE).is_file() else "")
     cache = Path(job.cache_dir).expanduser() / "teachers"
@@ -201,6 +205,8 @@ def _stopped_text(job: SearchJob, out: Path, teacher_done: bool) -> str:
     else:
         teacher = ("No FP teacher was cached (its training had not finished): rerunning the same command trains it "
                    "again, then starts the search at epoch 1.")
+    if written is not None:             # stopped while it wrote its files (or after): they are this search's
+        return f"{written} {teacher}"
     return f"a search keeps no checkpoint, so nothing of this search is kept{earlier}. {teacher}"
 
 
@@ -223,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
                     teacher = teacher_cached(state["job"])
                 except (GMPQError, OSError):
                     teacher = False
-            return stopped("gmpq search", e, _stopped_text(state["job"], state["out"], teacher))
+            return stopped("gmpq search", e, _stopped_text(state["job"], state["out"], teacher, state.get("marks")))
 
 
 def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
@@ -232,7 +238,7 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
     from gmpq_core.precision import resolve_precision
 
     from ..common_args import resolve_device
-    from ._single_run import check_out_paths
+    from ._single_run import check_out_paths, file_marks
 
     job = build_job(args)
     job = dataclasses.replace(job, device=resolve_device(job.device))   # a bad or absent GPU: exit 2, not a traceback
@@ -269,6 +275,7 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
     if args.target_dataset is not None:
         result.policy.meta["target_dataset"] = args.target_dataset
     out.mkdir(parents=True, exist_ok=True)
+    state["marks"] = file_marks(out, (POLICY_FILE, RESULT_FILE))     # what a stop finds replaced: this search's
     result.policy.save(out / POLICY_FILE)
     atomic_write_json(out / RESULT_FILE, {**result.to_dict(), "job": job.to_dict()})
     print(format_summary(result, out, eval_size=job.eval_size,

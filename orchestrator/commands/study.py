@@ -10,7 +10,9 @@ well as one searched on the target itself, and better than the same search witho
     gmpq study --out runs/study_cpu --analyze-only     (rewrite the page from DIR/study.parquet)
 
 --analyze-only describes the study in DIR as it was run (DIR/study_config.yaml); a --config or --smoke that
-differs from it is refused, as a run with it would be.
+differs from it is refused, as a run with it would be. It attaches the page to the study's MLflow run in the store
+that run recorded (DIR/mlflow_parent.json; so does a resume), whatever $MLFLOW_TRACKING_URI says now (--tracking-uri
+names another store), and a line of its output names that store.
 
 Rerunning with the same --out skips finished cells; a study stopped midway (Ctrl-C: exit 130, SIGTERM: 143) keeps
 its rows, writes its page with the cells not run marked, and prints the command that continues it. Writes
@@ -35,7 +37,6 @@ import argparse
 import platform
 import shlex
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
 
     from orchestrator.commands import quiet_libraries
 
+    from ._study_store import log_page, say_store
+
     quiet_libraries(getattr(args, "verbose", False))    # no MLflow / Alembic INFO lines between the cells' lines
     gen, ray_run = _experiments()
     logging.getLogger("experiments").setLevel(logging.INFO)
@@ -245,12 +248,8 @@ def run(args: argparse.Namespace) -> int:
     if args.analyze_only:       # the page describes the study the rows come from, not another config
         cfg = _studied_config(cfg, out, gen, ray_run)
     # every input checked before the study runs: a bad one is an error now, not a traceback after hours
-    ray_run.check_tracking_uri(cfg.tracking_uri)
-    from orchestrator.sweep_config import ENV_TRACKING_URI, env_tracking_uri
-
-    if cfg.tracking_uri is None and env_tracking_uri():      # as gmpq sweep says it: a variable set for other work
-        print(f"gmpq study: MLflow tracking URI {env_tracking_uri()} from ${ENV_TRACKING_URI} (--tracking-uri names "
-              f"another store; unset the variable to log to {out / 'mlflow.db'})", file=sys.stderr, flush=True)
+    ray_run.check_tracking_uri(cfg.tracking_uri, out)
+    say_store(cfg, out, ray_run)
     check_address_arg(args.address)
     if not args.analyze_only:
         ray_run.check_study_dir(out)
@@ -302,9 +301,12 @@ def run(args: argparse.Namespace) -> int:
                      target=_dataset_title(cfg.target), fp_top1=(meta or {}).get("top1"), num_classes=num_classes,
                      smoke=smoke)
     logged = not args.analyze_only or args.tracking_uri or (out / PARENT_FILE).is_file()
-    if logged:       # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
-        _log_page(cfg, out, report, png, quiet=bool(mlflow_warned))   # the study's warning said it all: not twice
+    store = None     # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
+    if logged:       # (quiet: the study's warning said it all, not twice)
+        store = log_page(cfg, out, report, png, ray_run, quiet=bool(mlflow_warned))
     print(f"Results page: {report}\nPlots: {png}, {companion_path(png).name} beside it")
+    if store:
+        print(f"MLflow: the page, plots and {ray_run.STUDY_FILE} attached to the study's run in {store}")
     if not args.analyze_only and not_run > 0:       # stopped (Ctrl-C, SIGTERM): not a finished study
         from orchestrator.ray_env import stop_status, stop_word, terminated
 
@@ -350,25 +352,6 @@ def _check_output(path: Path, what: str, flag: str, example: str) -> None:
     check_writable_dir(path.parent, what=f"folder of the {what}", hint=f"pass {flag} a path in a folder you can write")
 
 
-def _log_page(cfg: Any, out: Path, report: Path, png: Path, *, quiet: bool = False) -> None:
-    """Attach the page, plot and Parquet to the study's MLflow parent run (warn-once on failure; ``quiet``: not
-    even once, as the study run this command made has warned already)."""
-    from orchestrator.mlflow_sink import DISABLED
-    from orchestrator.study_plot import companion_path
-
-    _, ray_run = _experiments()
-    with warnings.catch_warnings():
-        if quiet:
-            warnings.filterwarnings("ignore", message=DISABLED, category=RuntimeWarning)
-        sink = ray_run.StudySink(ray_run.study_tracking_uri(cfg, out), out, experiment_name=cfg.name,
-                                 resolved_config=cfg.to_dict())
-        if not sink.connect():
-            return
-        for f in (report, png, companion_path(png), out / "study.parquet"):
-            if f.is_file():
-                sink.call(f"logging {f.name}", sink.client.log_artifact, sink.parent_run_id, str(f), "results")
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("study", help="the generalization study (grid on Ray) and its results page",
                               description=help_text(__doc__),
@@ -384,6 +367,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--notes", metavar="FILE", help="hand-written reading (markdown) to include in the page")
     p.add_argument("--analyze-only", action="store_true", help="only rewrite the page from DIR/study.parquet")
     p.add_argument("--address", metavar="ADDR", help=address_help("start a local one"))
-    p.add_argument("--tracking-uri", metavar="URI", help="MLflow URI (default $MLFLOW_TRACKING_URI if set, else sqlite:///DIR/mlflow.db)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow URI (default: the store the study's run recorded in DIR, else "
+                   "$MLFLOW_TRACKING_URI if set, else sqlite:///DIR/mlflow.db)")
     p.add_argument("--print", action="store_true", help="print the page when done")
     p.set_defaults(func=run)

@@ -21,7 +21,7 @@ from ..common_args import (ModelOptions, add_data_args, add_model_args, add_run_
                            check_out_arg, resolve_device, resolve_model_options)
 from ..progress import ProgressReporter, make_progress
 from . import at_least
-from ._single_run import check_out_paths, stopped
+from ._single_run import check_out_paths, file_marks, replaced_since, stopped, written_text
 
 if TYPE_CHECKING:       # torch and what imports it load where they are used: the parser (the help) stays quick
     from torch import nn
@@ -245,19 +245,27 @@ def _check_no_finetune_here(out: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from orchestrator.ray_env import ctrl_c_signals
 
+    state: dict[str, Any] = {}
     with ctrl_c_signals(python_sigint=True):     # SIGTERM (a batch job stopped, kill) as Ctrl-C: one line, exit 143
         try:
-            return _run(args)
+            return _run(args, state)
         except KeyboardInterrupt as e:
-            out = Path(args.out).expanduser()
-            earlier = (f" (the earlier {FP_WEIGHTS} in {out} is left as it was)"
-                       if (out / FP_WEIGHTS).is_file() else "")
-            return stopped("gmpq train-fp", e, f"train-fp keeps no checkpoint, so nothing of this training is "
-                                              f"kept{earlier}. Rerunning the same command trains the model again "
-                                              "from epoch 1.")
+            return stopped("gmpq train-fp", e, stopped_text(Path(args.out).expanduser(), state.get("marks")))
 
 
-def _run(args: argparse.Namespace) -> int:
+def stopped_text(out: Path, marks: dict | None) -> str:
+    """What an interrupted train-fp leaves in ``out``, by the files there now against ``marks`` (``file_marks``,
+    taken before the training; None: stopped before), and what rerunning the same command does."""
+    again = "Rerunning the same command trains the model again from epoch 1"
+    replaced = replaced_since(out, marks)
+    written = written_text("training", out, (FP_WEIGHTS, FP_RESULT), replaced)
+    if written is not None:             # stopped while it wrote its files (or after): they are this training's
+        return f"{written} {again}{'' if len(replaced) == 2 else ' and writes both'}."
+    earlier = f" (the earlier {FP_WEIGHTS} in {out} is left as it was)" if (out / FP_WEIGHTS).is_file() else ""
+    return f"train-fp keeps no checkpoint, so nothing of this training is kept{earlier}. {again}."
+
+
+def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
     out = check_out_arg(args.out)    # a file there fails now, not after the training (the model was lost)
     check_out_paths(out, "gmpq train-fp", files=(FP_WEIGHTS, FP_RESULT))
     _train_config(args)                          # the recipe's and the device's errors before any notice
@@ -269,6 +277,7 @@ def _run(args: argparse.Namespace) -> int:
     replaces = check_earlier_fp(out, {**opts.to_dict(), "dataset": data[0].name}, opts)    # before the training
     if replaces:
         print(f"gmpq train-fp: {replaces}", file=sys.stderr)
+    state["marks"] = file_marks(out, (FP_WEIGHTS, FP_RESULT))     # what a stop finds replaced: this training's
     _, summary = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.epochs, lr=args.lr,
                                 weight_decay=args.weight_decay, max_steps_per_epoch=args.max_steps_per_epoch)
     capped = (f", at most {args.max_steps_per_epoch} batch{'' if args.max_steps_per_epoch == 1 else 'es'} of "
