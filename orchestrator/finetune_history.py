@@ -8,6 +8,7 @@ gets only that row from final.parquet; its epochs are in the workers' checkpoint
 ``fill_finetune_series`` logs the epochs a run lacks from there, by the same names and steps as a live run, and
 no point twice (a second sync logs nothing). A checkpoint that is gone, remote, or holds another fine-tune (other
 policy or settings, another result: a later run under the same name) leaves the run with its final row only.
+A run a stopped final stage left unfinished (RUNNING) gets the final row it lacks (``complete_final_row``).
 """
 from __future__ import annotations
 
@@ -130,3 +131,20 @@ def fill_finetune_series(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Pa
         elif _log_series(sink, rid, history):
             filled += 1
     return SeriesFill(runs_filled=filled, without_history=tuple(without), storage=str(storage))
+
+
+def complete_final_row(sink: MLflowSink, rid: str, row: Mapping[str, Any]) -> bool:
+    """A fine-tune run a stopped final stage left unfinished (made, then stopped before its final row or its end:
+    still RUNNING; the sync refuses while a stage runs) gets what its final.parquet ``row`` has and it lacks (never a
+    value it holds, ``mlflow_stages._log_final_metrics`` without a history) and ends FINISHED; whether it was one."""
+    from .mlflow_stages import _log_final_metrics
+
+    run = sink.call("reading a fine-tune run", sink.client.get_run, rid)
+    if run is None or run.info.status != "RUNNING":
+        return False
+    _log_final_metrics(sink, rid, row, [])
+    have = sink.call("listing a fine-tune run's artifacts", lambda: {a.path for a in sink.client.list_artifacts(rid)})
+    if row.get("policy_json") and have is not None and "policy.json" not in have:
+        sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
+    sink.finish(rid, "FINISHED", {"status": "completed"})
+    return True

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 from ray.tune import Callback
 
-from .mlflow_keys import CONFIG_METRIC_PREFIX, config_metrics, legacy_layout
+from .mlflow_keys import CONFIG_METRIC_PREFIX, config_metrics, legacy_layout, trial_run_name
 from .mlflow_notes import POLICY_KEYS, final_metrics  # noqa: F401 (re-exported: importable from here too)
 from .mlflow_sink import _RAY_KEYS, RUN_STATUS, MLflowSink, _phase_key
 from .results import error_text, resolve_status
@@ -121,7 +121,8 @@ class MLflowCallback(Callback):
     def _child(self, tid: str, params: Mapping[str, Any]) -> str | None:
         if tid not in self._run_of:
             rid = self._run_of[tid] = self.sink.child_run(
-                "trials", tid, run_name=tid, params=params,
+                "trials", tid, run_name=trial_run_name(tid, params, self.sink.resolved_config.get("space")),
+                params=params,
                 tags={"trial_id": tid, "status": "running", "gmpq.role": "trial"})
             client = self.sink.client if rid else None             # (made the run: connected)
             run = self.sink.call("reading a run", client.get_run, rid) if client is not None else None
@@ -129,7 +130,8 @@ class MLflowCallback(Callback):
                 self._legacy.add(tid)
             if run is not None and not any(k.startswith(CONFIG_METRIC_PREFIX) for k in run.data.metrics):
                 self.sink.log_metrics(rid, config_metrics(params))      # sortable as numbers (params: as text)
-        return self._run_of[tid]
+        rid = self._run_of[tid]
+        return None if rid in self.sink.deleted_runs else rid     # deleted meanwhile: nothing more logged into it
 
     def _keys(self, tid: str, report: Mapping[str, Any]) -> dict[str, Any]:
         """A per-epoch report by its MLflow keys in the trial's run (``_phase_key``)."""

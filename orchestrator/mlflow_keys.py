@@ -9,14 +9,16 @@ import json
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-__all__ = ["DISABLED", "PARENT_FILE", "RUNS_FILE", "RUN_STATUS", "FINAL_METRICS", "MAX_PARAMS", "MAX_PARAM_CHARS",
+__all__ = ["DISABLED", "PARENT_FILE", "RUNS_FILE", "SET_ASIDE_TAG", "RUN_STATUS", "FINAL_METRICS", "MAX_PARAMS",
+           "MAX_PARAM_CHARS",
            "ROLE_OF_KIND", "HTTP_RETRY_DEFAULTS", "SUPERNET_KEYS", "LEGACY_POLICY_KEYS", "default_tracking_uri",
            "FINETUNE_EPOCH_KEYS", "CONFIG_METRIC_PREFIX", "flatten_config", "legacy_layout", "finetune_epoch_metrics",
-           "config_metrics"]
+           "config_metrics", "trial_run_name"]
 
 DISABLED = "MLflow logging disabled"     # how the sink's warning starts (sync and study pick it out by it)
 PARENT_FILE = "mlflow_parent.json"
 RUNS_FILE = "mlflow_runs.json"
+SET_ASIDE_TAG = "gmpq.replaced_by"       # a fine-tune run set aside by a restart of its recipe: the run replacing it
 RUN_STATUS = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}
 FINAL_METRICS = ("proxy_top1", "transfer_top1", "transfer_top5", "bitops", "bitops_total", "budget_bitops",
                  "budget_avg_bits", "gbitops", "ard", "p", "teacher_top1", "search_seconds", "transfer_seconds", "epochs_run")
@@ -38,7 +40,8 @@ CONFIG_METRIC_PREFIX = "param_"
 _RAY_KEYS = {"time_this_iter_s", "time_total_s", "training_iteration", "timestamp", "pid", "done",
              "iterations_since_restore", "time_since_restore", "epoch", "budget_bucket", "node_id", "date",
              "hostname", "node_ip", "trial_id", "experiment_id", "checkpoint_dir_name", "should_checkpoint",
-             "config", "epochs_run", "prune_value"}    # (prune_value: the supernet's proxy_top1 again, for Tune)
+             "config", "epochs_run", "prune_value",    # (prune_value: the supernet's proxy_top1 again, for Tune)
+             "search_epochs"}                          # (the trial's epoch count, for the pruning scheduler)
 MAX_PARAMS, MAX_PARAM_CHARS = 100, 500
 ROLE_OF_KIND = {"trials": "trial", "finetune": "finetune"}
 HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -107,3 +110,42 @@ def config_metrics(config: Mapping[str, Any]) -> dict[str, float]:
     their own name (``budget_avg_bits``, in ``FINAL_METRICS``): booleans, strings and nested values stay params only."""
     return {f"{CONFIG_METRIC_PREFIX}{k}": f for k, v in config.items()
             if k not in FINAL_METRICS and (f := _numeric(v)) is not None}
+
+
+# A trial run's name: its Tune trial id and what the sweep varies, e.g. ``3f2a9c1d b3.21 n1000 capacity`` (the
+# MLflow UI's run list shows names; lookups go by the ``trial_id`` tag and the persisted ids, never by name).
+NAME_ORDER = ("budget_avg_bits", "proxy_size", "p_mode", "eta", "lam", "kappa", "p_fixed", "lr_arch", "lr",
+              "search_epochs")
+NAME_LABELS = {"budget_avg_bits": "b", "proxy_size": "n", "p_mode": "", "kappa": "k", "p_fixed": "p",
+               "lr_arch": "lra", "search_epochs": "ep"}
+NAME_PARTS = 3
+
+
+def _varies(dim: Any) -> bool:
+    """Whether a search-space dimension (a saved config's ``space:`` entry) takes more than one value."""
+    if isinstance(dim, list):
+        return len(set(map(str, dim))) > 1
+    if not isinstance(dim, Mapping):
+        return False
+    if dim.get("type") == "categorical":
+        return len(set(map(str, dim.get("choices") or []))) > 1
+    return dim.get("type") in ("float", "int") and dim.get("low") != dim.get("high")
+
+
+def trial_run_name(tid: str, params: Mapping[str, Any], space: Mapping[str, Any] | None = None) -> str:
+    """The name of a new trial run: ``tid`` and at most ``NAME_PARTS`` of the trial's values that the sweep varies
+    (``space``: the saved config's; the budget first, then the proxy size, ...), e.g. ``3f2a9c1d b3.21 n1000
+    capacity``; without a ``space``, the budget and proxy size the trial has. Just ``tid`` when it has none."""
+    keys = [k for k in NAME_ORDER if k in params and (_varies(space.get(k)) if isinstance(space, Mapping)
+                                                        else k in ("budget_avg_bits", "proxy_size"))]
+    parts = []
+    for k in keys[:NAME_PARTS]:
+        v, label = params[k], NAME_LABELS.get(k, k)
+        if _numeric(v) is None:
+            parts.append(f"{label}{v}")
+        elif k == "budget_avg_bits":
+            parts.append(f"{label}{float(v):.2f}")
+        else:
+            parts.append(f"{label}{float(v):.3g}" if isinstance(v, float) and not float(v).is_integer()
+                         else f"{label}{int(v)}")
+    return " ".join([str(tid), *parts])

@@ -25,8 +25,11 @@ MLflow is a view: if the tracking store cannot be reached, the sink warns once a
 (Parquet stays the source of truth); ``gmpq sync-mlflow --sweep DIR`` (``orchestrator.sync``) uploads
 what is missing later. Runs are found again by their persisted ids, else by their tags (``trial_id``,
 ``gmpq.role``, parent run; ``gmpq.sweep_dir`` for the parent), so a lost or damaged id file does not
-duplicate them. Against an ``http(s)://`` server the client retries a failed request at most
-``HTTP_RETRY_DEFAULTS`` times (MLflow's own default backs off for about 4 minutes, which would stall
+duplicate them. A parent run deleted in the store is restored, one ``mlflow gc`` removed is made again with the
+runs that were under it moved under the new one (``mlflow_parent``); a run deleted while a command logs to it is
+left deleted (nothing more is logged into it, the others go on). Trial runs are named by their trial id and what
+the sweep varies (``mlflow_keys.trial_run_name``). Against an ``http(s)://`` server the client retries a failed
+request at most ``HTTP_RETRY_DEFAULTS`` times (MLflow's own default backs off for about 4 minutes, which would stall
 the sweep driver), unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set.
 
 This module holds the sink (``MLflowSink``: connection, parent and child runs, warn-once) and
@@ -50,9 +53,11 @@ from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import read_json
 
 from .mlflow_ids import SinkIdFiles
+from .mlflow_parent import (LostParent, leave_deleted, lost_parent_line, reattach_orphans, refused_deleted_run,
+                            restore_deleted_parent, restore_meanwhile)
 from .mlflow_keys import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, _phase_key  # noqa: F401  (re-exported for importers)
-from .mlflow_keys import (DISABLED, HTTP_RETRY_DEFAULTS, PARENT_FILE, ROLE_OF_KIND, RUNS_FILE, _numeric,
-                          default_tracking_uri, flatten_config)
+from .mlflow_keys import (DISABLED, HTTP_RETRY_DEFAULTS, PARENT_FILE, ROLE_OF_KIND, RUNS_FILE, SET_ASIDE_TAG,
+                          _numeric, default_tracking_uri, flatten_config)
 from .moved_sweep import follow_folder, recorded_dir, same_folder, sqlite_file
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
@@ -78,6 +83,8 @@ class MLflowSink(SinkIdFiles):
     """Driver-side MLflow writer of one sweep: parent run, child runs, persisted ids, warn-once on failure."""
 
     PARENT_ROLE = "sweep"        # the parent run's ``gmpq.role`` tag (a study's sink: "study")
+    lost_parent: LostParent | None = None     # what ``connect`` found of a lost parent run (``mlflow_parent``)
+    tell_lost_parent = True      # say it in one line (``gmpq sync-mlflow``'s report says it instead)
 
     def __init__(self, tracking_uri: str | None, sweep_dir: str | Path, *, experiment_name: str | None = None,
                  resolved_config: Mapping[str, Any] | None = None) -> None:
@@ -102,6 +109,7 @@ class MLflowSink(SinkIdFiles):
         # Tuner pickles callbacks into tuner.pkl: drop the client (reconnected lazily after unpickling).
         state = self.__dict__.copy()
         state["_client"] = None
+        state.pop("_deleted_runs", None)        # (a resumed sweep finds them again: ``child_run`` makes new ones)
         return state
 
     # -- failure handling ---------------------------------------------------------------------
@@ -132,14 +140,26 @@ class MLflowSink(SinkIdFiles):
         return command if same else f"{command} --tracking-uri {shlex.quote(self.tracking_uri)}"
 
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
-        """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view)."""
+        """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view). A run deleted
+        while this command logs to it only stops that run's logging (the parent: restored; ``mlflow_parent``)."""
         if not self.enabled or not self.connect():
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # MlflowException, requests/sqlalchemy errors, OSError: all mean "cannot log"
-            self._disable(what, f"{type(e).__name__}: {e}")
-            return None
+            rid = refused_deleted_run(e)        # but a run deleted meanwhile (in the UI) is that run's loss only
+            if rid is None:
+                self._disable(what, f"{type(e).__name__}: {e}")
+                return None
+        if rid == self.parent_run_id and restore_meanwhile(self):
+            return self.call(what, fn, *args, **kwargs)
+        leave_deleted(self, rid)
+        return None
+
+    @property
+    def deleted_runs(self) -> set[str]:
+        """Runs that were deleted in the store while this sink logged to them: nothing more is logged into them."""
+        return self.__dict__.setdefault("_deleted_runs", set())     # (a sink unpickled from an older sweep lacks it)
 
     # -- connection and parent run (persisted ids: SinkIdFiles) --------------------------------
     def open_store(self) -> bool:
@@ -172,7 +192,12 @@ class MLflowSink(SinkIdFiles):
             return False
         try:
             self._load_ids()
+            lost = restore_deleted_parent(self)         # deleted: restored; removed by gc: a new one, runs moved
             self.parent_run_id = self._parent(self._client, reopen=reopen)
+            self.lost_parent = reattach_orphans(self, lost)
+            line = lost_parent_line(self.lost_parent, self.parent_run_id)
+            if line and self.tell_lost_parent:
+                log.warning("%s", line)
         except Exception as e:  # as in open_store
             self._client = None
             self._disable("connecting", f"{type(e).__name__}: {e}")
@@ -250,9 +275,11 @@ class MLflowSink(SinkIdFiles):
         text = sweep_note(self.experiment_name, self.sweep_dir.resolve(), None, None)
         return {NOTE_TAG: text, NOTE_DIGEST_TAG: _digest(text)}
 
-    def find_run(self, tags: Mapping[str, str], *, exclude: Collection[str] = ()) -> str | None:
+    def find_run(self, tags: Mapping[str, str], *, exclude: Collection[str] = (),
+                 set_aside: bool = False) -> str | None:
         """The id of the oldest active run of this experiment carrying all ``tags`` and not in ``exclude``
-        (None if none)."""
+        (None if none); not a run set aside by a restart of its fine-tune (tag ``SET_ASIDE_TAG``: the live one is
+        the run it names) unless ``set_aside``."""
         terms = []
         for k, v in tags.items():
             v = str(v)
@@ -262,7 +289,8 @@ class MLflowSink(SinkIdFiles):
             terms.append(f"tags.`{k}` = {q}{v}{q}")
         runs = self._client.search_runs([self._experiment_id], filter_string=" and ".join(terms), max_results=100,
                                         order_by=["attributes.start_time ASC"])
-        return next((r.info.run_id for r in runs if r.info.run_id not in exclude), None)
+        return next((r.info.run_id for r in runs if r.info.run_id not in exclude
+                     and (set_aside or SET_ASIDE_TAG not in r.data.tags)), None)
 
     def rekey_child(self, kind: str, old: str, new: str) -> str:
         """The child run persisted under ``old`` is now under ``new`` (saved); returns its id."""
@@ -324,11 +352,11 @@ class MLflowSink(SinkIdFiles):
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, int(step)) for k, v in ((k, _numeric(v)) for k, v in metrics.items())
                  if v is not None]
-        if run_id and items:
+        if run_id and items and run_id not in self.deleted_runs:
             self.call("logging metrics", self._client.log_batch, run_id, metrics=items, synchronous=True)
 
     def finish(self, run_id: str | None, status: str, tags: Mapping[str, str] = ()) -> None:
-        if not run_id:
+        if not run_id or run_id in self.deleted_runs:
             return
         for k, v in dict(tags).items():
             self.call("tagging a run", self._client.set_tag, run_id, k, v)

@@ -28,7 +28,7 @@ import pandas as pd
 from gmpq_core.errors import CheckpointError
 
 from .kept_finetunes import recipe_digest
-from .mlflow_keys import _numeric, finetune_epoch_metrics
+from .mlflow_keys import SET_ASIDE_TAG, _numeric, finetune_epoch_metrics
 from .mlflow_links import link_finetune, note_sweep, note_trial, tag_trial
 from .mlflow_sink import MLflowSink, flatten_config
 from .pareto import POLICIES_PNG
@@ -220,7 +220,8 @@ def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -
 
     plain = f"finetune-{tid}"
     first = digest and sink.call("finding a policy's first fine-tune run", sink.find_run,
-                                 {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "finetune"})
+                                 {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "finetune"},
+                                 set_aside=True)
     if not first:
         return plain
     data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(first).data)
@@ -331,7 +332,7 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
                              params=params, tags={"trial_id": tid, "gmpq.role": "finetune", "status": "running",
                                                   **recipe_tag, **restart})
         if earlier is not None and rid is not None:
-            sink.call("tagging a replaced fine-tune run", sink.client.set_tag, earlier, "gmpq.replaced_by", rid)
+            sink.call("tagging a replaced fine-tune run", sink.client.set_tag, earlier, SET_ASIDE_TAG, rid)
         _log_final_metrics(sink, rid, row, (histories or {}).get(tid, []))
         if row.get("policy_json"):
             sink.call("logging policy.json", sink.client.log_text, rid, str(row["policy_json"]), "policy.json")
@@ -361,13 +362,12 @@ def _log_final_metrics(sink: MLflowSink, rid: str | None, row: Mapping, history:
     """A fine-tune's per-epoch reports (``step=epoch``) by final.parquet's names (``finetune_epoch_metrics``: the
     test top-1 per epoch is ``final_top1``, as the trial run's and final.parquet's; a run of an earlier version keeps
     its ``top1`` ...), then its final.parquet row's ``FINAL_ROW_METRICS`` at its last epoch, less what the last
-    report logged there with the same value (no point twice in one series)."""
+    report logged there with the same value, or, with no ``history`` (nothing trained in this call), less what the
+    run holds already with the same value (no point twice in one series)."""
     if not rid:
         return
-    logged = {}
-    if history:
-        data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data)
-        logged = dict(data.metrics) if data is not None else {}
+    data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data)
+    logged = dict(data.metrics) if data is not None else {}
     step, last = int(row.get("epochs") or 0), {}
     for h in history:
         report = finetune_epoch_metrics(h, logged)
@@ -375,5 +375,7 @@ def _log_final_metrics(sink: MLflowSink, rid: str | None, row: Mapping, history:
         if int(h.get("epoch", 0)) == step:
             last = report
     final = {k: row.get(k) for k in FINAL_ROW_METRICS}
+    if not history:          # nothing trained now (a model file refilled, a sync): not what the run holds already
+        last = {k: v for k, v in logged.items() if k in final}
     sink.log_metrics(rid, {k: v for k, v in final.items() if not (k in last and _numeric(last[k]) == _numeric(v))},
                      step=step)

@@ -6,7 +6,7 @@ is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
 
 - the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created; one deleted
   while its child runs stay: restored, or, once ``mlflow gc`` removed it, a new one with those runs moved under it,
-  ``sync_parent``);
+  ``mlflow_parent``, as every command that logs the sweep does);
 - one child run per row of ``trials.parquet`` (reused through ``mlflow_runs.json`` or its ``trial_id``
   tag, else created) with the trial's params (a created one: its numbers also as ``param_<name>`` metrics), its
   per-epoch metrics (read back from the Ray Tune trial folder's ``result.json`` when the run has none), the final
@@ -45,15 +45,15 @@ from typing import Any, Mapping
 from mlflow.exceptions import MlflowException
 from requests.exceptions import RequestException
 
-from .mlflow_keys import config_metrics, legacy_layout
+from .mlflow_keys import config_metrics, legacy_layout, trial_run_name
+from .mlflow_parent import LostParent
 from .mlflow_notes import final_metrics
 from .mlflow_sink import _RAY_KEYS, DISABLED, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key, default_tracking_uri
-from .finetune_history import SeriesFill, fill_finetune_series, finetune_run
+from .finetune_history import SeriesFill, complete_final_row, fill_finetune_series, finetune_run
 from .mlflow_stages import backfill_trial_tags, log_final, log_pareto
 from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
 from .sync_guards import SyncError, id_files_kept, refuse_while_running
-from .sync_parent import reattach_orphans, restore_deleted_parent
 
 __all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial"]
 
@@ -86,12 +86,13 @@ class SyncReport:
     parent_restored: bool = False                         # the parent run was in the deleted stage: restored
     removed_parent_run_id: str | None = None              # the parent run mlflow gc removed (a new one was made)
     runs_reattached: int = 0                              # runs moved from that one under the new parent
+    finetune_runs_completed: int = 0                      # fine-tune runs a stopped final stage left unfinished
 
     @property
     def changed(self) -> bool:
         return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged
                     or self.runs_tagged or self.finetune_series_logged or self.finetune_runs_recreated
-                    or self.parent_restored or self.runs_reattached)
+                    or self.finetune_runs_completed or self.parent_restored or self.runs_reattached)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sweep_dir": str(self.sweep_dir),
@@ -153,6 +154,7 @@ class _Syncer:
         self.sink, self.cfg, self.sweep_dir, self.moved = sink, cfg, sweep_dir, moved    # (runs re-attached)
         self._histories: dict[str, list[dict]] | None = None
         self.recreated = 0                      # fine-tune runs made again (``finetune_runs``)
+        self.completed = 0                      # fine-tune runs a stopped stage left unfinished, completed
 
     @property
     def histories(self) -> dict[str, list[dict]]:
@@ -217,7 +219,8 @@ class _Syncer:
         outcome = "updated"
         if rid is None:
             params = {k[len(PARAM_PREFIX):]: v for k, v in row.items() if k.startswith(PARAM_PREFIX) and _present(v)}
-            rid = self.sink.child_run("trials", tid, run_name=tid, params=params,
+            name = trial_run_name(tid, params, self.cfg.get("space"))      # (as the live sweep names it)
+            rid = self.sink.child_run("trials", tid, run_name=name, params=params,
                                       tags={"trial_id": tid, "status": status, "gmpq.role": "trial"})
             if rid is None:
                 raise SyncError(f"MLflow refused a new run for trial {tid} on '{self.sink.tracking_uri}'.")
@@ -232,8 +235,10 @@ class _Syncer:
     def tables(self) -> list[str]:
         """Pareto / final tables on the parent run, when the folder has them and the run lacks them; the Pareto
         table also when the run's copy differs from the folder's (``gmpq pareto`` ran again while MLflow was off).
-        A final table already there, or runs just moved under a new parent (``sync_parent``: their rows are not
-        logged into them again): the fine-tune runs its rows lack are made again (``finetune_runs``)."""
+        final.parquet's rows: the fine-tune runs the store lacks are made (``finetune_runs``), those it has are not
+        logged into again (also when the parent lacks the table: a final stage stopped before it logged it, or a
+        new parent with the runs moved under it, ``mlflow_parent``), but completed when that stage left one
+        unfinished."""
         sink, d, done = self.sink, self.sweep_dir, []
         have = {a.path for a in sink.client.list_artifacts(sink.parent_run_id, "results")}
         if (d / PARETO_FILE).is_file() and (f"results/{PARETO_FILE}" not in have or self._differs(PARETO_FILE)):
@@ -241,22 +246,26 @@ class _Syncer:
             log_pareto(sink.tracking_uri, d, read_table(d / PARETO_FILE).to_pandas(), d / PARETO_PNG)
             done.append(PARETO_FILE)
         table = (d / FINAL_FILE).is_file() and f"results/{FINAL_FILE}" not in have
-        if table and not self.moved:
-            from .final_stage import FINAL_PNG
-            log_final(sink.tracking_uri, d, read_table(d / FINAL_FILE).to_pandas(), png_path=d / FINAL_PNG)
-        elif (d / FINAL_FILE).is_file():
-            self.recreated = self.finetune_runs(read_table(d / FINAL_FILE).to_pandas(), table=table)
+        if (d / FINAL_FILE).is_file():
+            made = self.finetune_runs(read_table(d / FINAL_FILE).to_pandas(), table=table)
+            self.recreated = made if not table or self.moved else 0     # (else: made for the first time)
         return done + [FINAL_FILE] * table
 
     def finetune_runs(self, final_df, table: bool = False) -> int:
         """Make again the fine-tune runs of ``final_df``'s rows that the store lacks (deleted in the UI or by ``mlflow
         gc``, or a store replaced): ``log_final`` with no policy fresh logs only the rows whose run is not in the
         id file. The others' runs, found by their tags when the id file lost them (``finetune_run``), are saved
-        there first, or it would log their final rows again into them. ``table``: the parent lacks final.parquet
+        there first, or it would log their final rows again into them; one a stopped final stage left RUNNING gets
+        what it lacks (``complete_final_row``; ``self.completed``). ``table``: the parent lacks final.parquet
         (``log_final`` adds it). Returns how many runs it made."""
-        sink, d = self.sink, self.sweep_dir
-        if all([finetune_run(sink, row) is not None for row in final_df.to_dict("records")]) and not table:
-            return 0                                                                           # (each row looked up)
+        sink, d, rows = self.sink, self.sweep_dir, final_df.to_dict("records")
+        known = dict(sink.runs["finetune"])
+        had = [finetune_run(sink, row) for row in rows]
+        if sink.runs["finetune"] != known:
+            sink._save_ids()                    # (runs the id file had lost, found by their tags)
+        self.completed = sum(complete_final_row(sink, rid, row) for rid, row in zip(had, rows) if rid is not None)
+        if all(rid is not None for rid in had) and not table:
+            return 0
         from .final_stage import FINAL_PNG
 
         sink._save_ids()
@@ -295,7 +304,8 @@ def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: l
         else SeriesFill(0, (), "")
     tagged = syncer.trial_tags()
     dup = sum(len(v) > 1 for v in child_runs_by_trial(sink).values())
-    return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup, series, syncer.recreated
+    made = (syncer.recreated, syncer.completed)
+    return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup, series, made
 
 
 def _sink_warnings(caught: list) -> list[str]:
@@ -358,12 +368,11 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
         if not sink.open_store():
             raise _cannot_sync(sink, sweep_dir, caught)
         try:
-            lost = restore_deleted_parent(sink)     # (a parent removed by gc: the sink makes a new one)
-            if not sink.connect():
+            sink.tell_lost_parent = False           # (the report says it)
+            if not sink.connect():                  # a lost parent: restored, or a new one (``mlflow_parent``)
                 raise _cannot_sync(sink, sweep_dir, caught)
-            lost = reattach_orphans(sink, lost)
-            outcomes, parent, tables, tagged, dup, series, recreated = _sync_all(sink, cfg, sweep_dir, rows,
-                                                                                lost.moved)
+            lost = sink.lost_parent or LostParent()
+            outcomes, parent, tables, tagged, dup, series, made = _sync_all(sink, cfg, sweep_dir, rows, lost.moved)
         except (MlflowException, RequestException, OSError) as e:
             raise SyncError(f"MLflow at '{uri}' failed during the sync ({type(e).__name__}: {e}); rerun "
                             "'gmpq sync-mlflow' when it answers again (finished uploads are not repeated).") from None
@@ -376,5 +385,6 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
                       runs_unchanged=outcomes["unchanged"], tables_logged=tuple(tables), duplicates=dup,
                       runs_tagged=tagged, finetune_series_logged=series.runs_filled,
                       finetunes_without_history=series.without_history, checkpoint_storage=series.storage,
-                      finetune_runs_recreated=recreated, parent_restored=lost.restored is not None,
+                      finetune_runs_recreated=made[0], finetune_runs_completed=made[1],
+                      parent_restored=lost.restored is not None,
                       removed_parent_run_id=lost.removed, runs_reattached=lost.moved)

@@ -59,6 +59,10 @@ def format_report(rep: Any) -> str:
     if n:
         lines.append(f"{n} fine-tune run{'' if n == 1 else 's'} made again from final.parquet (the tracking store "
                      f"had lost {'it' if n == 1 else 'them'}: deleted, or the store replaced)")
+    n = getattr(rep, "finetune_runs_completed", 0)
+    if n:
+        lines.append(f"{n} fine-tune run{'' if n == 1 else 's'} that a stopped final stage left unfinished given "
+                     "the final.parquet row they lacked and ended FINISHED")
     n = getattr(rep, "finetune_series_logged", 0)
     if n:
         its = "its" if n == 1 else "their"
