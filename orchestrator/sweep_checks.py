@@ -1,7 +1,7 @@
 """``check_sweep_config(cfg)``: everything about a sweep config that needs the model or the data, checked
 before Ray starts (``sweep_config`` checks the rest as it loads): the model and dataset names, proxy and
-transfer slices against the dataset sizes, the budget range against what the bit candidates reach, the
-fixed search settings (a dry build of one trial's ``SearchConfig``), the Grad-CAM layer (resolved on the model as
+transfer slices against the dataset sizes, the budget range against what the bit candidates reach and its
+buckets (``budget_buckets``: ``[]`` refused, one bucket by accident warned about), the fixed search settings (a dry build of one trial's ``SearchConfig``), the Grad-CAM layer (resolved on the model as
 the trials do), and that the sweep, Tune storage and cache folders can be written. ``check_sweep_writable``: the
 same writability check for the commands that write into a finished sweep (``gmpq pareto``, ``gmpq finetune
 --sweep``). Errors are ``ConfigError``/``BudgetInfeasibleError``/``DataError`` -> exit 2.
@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
-from .sweep_config import (ENV_TRACKING_URI, SweepConfig, check_budget_buckets, check_trial_count, env_tracking_uri,
-                           trial_search_config)
+from .budget_buckets import check_budget_buckets, warn_single_bucket
+from .sweep_config import ENV_TRACKING_URI, SweepConfig, check_trial_count, env_tracking_uri, trial_search_config
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepF
             f"{pi.image_size} px with candidates w_bits {list(cfg.candidates.w_bits)}, a_bits "
             f"{list(cfg.candidates.a_bits)}: {'; '.join(ends) or 'no bounds given'}. Choose a budget range inside "
             f"it, or {CANDIDATES_HOW}.")
-    _warn_single_bucket(cfg, low, high)
+    warn_single_bucket(cfg)
     from .pareto_pick import check_limit_reachable
     check_limit_reachable(cfg.finetune.max_gbitops, cfg.model, lo, low ** 2 * total if low is not None else None, low)
     point = cfg.space.first_point()
@@ -312,26 +312,4 @@ def _make_sqlite_folder(cfg: SweepConfig) -> None:
     folder = Path(database or ".").expanduser().absolute().parent
     if database and database != ":memory:" and folder != Path(r.out_dir) and not folder.exists():
         folder.mkdir(parents=True, exist_ok=True)
-
-
-def _warn_single_bucket(cfg: SweepConfig, low: float | None, high: float | None) -> None:
-    """budget_buckets that put every budget the sweep can sample into one bucket (more than one budget) are
-    a mistake worth a warning: the pruner then compares all trials and the selection sees one bucket."""
-    from search_spaces.space import FloatDim, bucket_of
-
-    edges = cfg.budget_buckets
-    if not edges or low is None or high is None or low == high:
-        return
-    values = cfg.space.possible_values("budget_avg_bits")
-    if values is not None:
-        buckets = {bucket_of(v, edges) for v in values}
-    else:
-        top = bucket_of(high, edges)
-        if isinstance(cfg.space.dims.get("budget_avg_bits"), FloatDim) and float(high) in edges:
-            top -= 1                                   # a float range's high end is (practically) never drawn
-        buckets = set(range(bucket_of(low, edges), top + 1))
-    if len(buckets) == 1:
-        log.warning("budget_buckets %s put every sampled budget (%s..%s average bits) in one bucket, so the pruner "
-                    "compares all trials and the Pareto selection has one bucket. Give edges between %s and %s.",
-                    list(edges), low, high, low, high)
 

@@ -240,26 +240,6 @@ def check_trial_count(cfg: SweepConfig) -> None:
              "(e.g. eta: {type: float, low: 1, high: 100, log: true}).")
 
 
-def check_budget_buckets(cfg: SweepConfig) -> None:
-    """``budget_buckets: []`` (no edge) put every trial in one bucket without saying so: the pruner compared low-budget
-    trials with high-budget ones (whose accuracy is higher anyway) and the Pareto selection had one bucket. Refused
-    when a sweep starts (``check_sweep_config``), not as a config loads: a sweep begun with it keeps its resume. A
-    sweep of one budget (a fixed ``budget_avg_bits``) has one bucket whatever the edges: [] is fine there."""
-    low, high = cfg.space.bounds("budget_avg_bits")
-    if cfg.budget_buckets or low is None or high is None or low == high:
-        return
-    default = list(SweepConfig.__dataclass_fields__["budget_buckets"].default)
-    top = max(*cfg.candidates.w_bits, *cfg.candidates.a_bits)      # no average bitwidth goes above it
-    edges = sorted({round((low + (high - low) * k / 3) * 4) / 4 for k in (1, 2)} - {low, high})
-    inside = f", or edges inside your budget range {low:g}..{high:g} such as {edges or [(low + high) / 2]}"
-    raise ConfigError(
-        "budget_buckets is empty ([]), which puts every trial in one budget bucket: the pruner would compare trials "
-        "of every budget with each other (a low budget's lower accuracy gets it pruned) and the Pareto selection "
-        f"would pick from one bucket. Leave the key out for the default edges {default}{inside}. For one bucket on "
-        f"purpose, write a single edge above every budget (the highest bit candidate is {top}): budget_buckets: "
-        f"[{top + 1}]. Nothing has been trained yet.")
-
-
 def absolute_sqlite(url: str | None) -> str | None:
     """``sqlite:///relative.db`` made absolute against the working directory (``sqlite:////abs/relative.db``), as
     a sweep saves it: a resume, ``gmpq status`` or a trial started elsewhere opened another file. Other URLs, an

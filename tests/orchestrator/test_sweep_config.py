@@ -172,45 +172,6 @@ def test_demo_preset_passes_the_full_check(tmp_path):
     assert facts.input_size == 28 and facts.in_channels == 1 and facts.feasible_avg_bits == (2.0, 6.0)
 
 
-def test_budget_buckets_outside_the_sampled_budgets_are_warned_about(tmp_path, caplog):
-    import logging
-
-    with caplog.at_level(logging.WARNING, logger="orchestrator.sweep_checks"):
-        check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path)}))
-        assert "budget_buckets" not in caplog.text                          # the demo's edges lie inside
-        check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path),
-                                                                       "budget_buckets": [10, 20]}))
-    assert "budget_buckets [10.0, 20.0] put every sampled budget (2.5..5.0 average bits) in one bucket" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="orchestrator.sweep_checks"):   # no false alarms:
-        for space in ({"budget_avg_bits": 3.0},                                  # one budget: one bucket by design
-                      {"budget_avg_bits": [3.0, 4.0]}):                          # values on edges: buckets 1 and 2
-            check_sweep_config(load_sweep_config(preset="demo", overrides={
-                "out_dir": str(tmp_path), "budget_buckets": [3.0, 4.0, 5.0], "space.budget_avg_bits":
-                space["budget_avg_bits"]}))
-    assert "budget_buckets" not in caplog.text
-
-
-def test_empty_budget_buckets_are_refused_when_a_sweep_starts_naming_what_to_write(tmp_path, capsys):
-    # [] used to mean one bucket silently: trials of every budget pruned against each other
-    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "s"), "budget_buckets": []})
-    assert cfg.budget_buckets == ()        # it still loads: a sweep begun with it resumes and its trials run
-    with pytest.raises(ConfigError) as e:
-        check_sweep_config(cfg)
-    said = " ".join(str(e.value).split())
-    assert said.startswith("budget_buckets is empty ([]), which puts every trial in one budget bucket")
-    assert ("Leave the key out for the default edges [2.75, 3.5, 4.5], or edges inside your budget range 2.5..5 "
-            "such as [3.25, 4.25]. For one bucket on purpose, write a single edge above every budget (the highest "
-            "bit candidate is 6): budget_buckets: [7]. Nothing has been trained yet.") in said
-    check_sweep_config(load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "s"), "budget_buckets": [7]}))
-    check_sweep_config(load_sweep_config(preset="demo", overrides={    # one budget: one bucket whatever the edges
-        "out_dir": str(tmp_path / "s"), "budget_buckets": [], "space.budget_avg_bits": 3.0}))
-    path = _write(tmp_path, {"preset": "demo", "budget_buckets": [], "cache_dir": str(tmp_path / "cache")})
-    err = _gmpq_sweep_fails(["--config", str(path), "--out", str(tmp_path / "cli"), "--check"], capsys)
-    assert "budget_buckets is empty ([])" in err and "budget_buckets: [7]" in err
-    assert not (tmp_path / "cli").exists()
-
-
 def test_unknown_preset_exits_2_listing_presets(capsys):
     err = _gmpq_sweep_fails(["--preset", "nope"], capsys)
     assert "Unknown preset 'nope'" in err and "demo" in err
