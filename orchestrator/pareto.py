@@ -264,7 +264,8 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
     rows = [dict(by_id[str(t)], selected=bool(s), selection_reason=str(r))
             for t, s, r in zip(sel["trial_id"], sel["selected"], sel["selection_reason"])]
     schema = table.schema.append(pa.field("selected", pa.bool_())).append(pa.field("selection_reason", pa.string()))
-    out = rows_to_table(rows, schema)
+    from .pareto_stale import selected_from_meta       # the trials it selected from: a later look says if stale
+    out = rows_to_table(rows, schema.with_metadata({**(schema.metadata or {}), **selected_from_meta(trials)}))
     write_table(sweep_dir / PARETO_FILE, out)
     export_policies(sweep_dir, rows, cfg.get("name"))
     result = out.to_pandas()

@@ -19,7 +19,8 @@ import optuna
 
 from gmpq_core.errors import ConfigError, did_you_mean
 
-__all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "make_sampler", "sampler_text", "warmup_text", "with_defaults"]
+__all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "make_sampler", "sampler_text", "warmup_text", "with_defaults",
+           "random_first_trials"]
 
 DEFAULT_SAMPLER = "tpe"
 # name -> (Optuna class name, {argument: accepted type(s)}, what the name means)
@@ -99,6 +100,13 @@ def sampler_text(name: str, kwargs: Mapping[str, Any], seed: int) -> str:
     """``TPESampler (seed 0, n_startup_trials=4)``: the sampler as the sweep's lines name it."""
     args = "".join(f", {k}={v}" for k, v in kwargs.items())
     return f"{SAMPLERS[name][0]} (seed {seed}{args})"
+
+
+def random_first_trials(name: str, kwargs: Mapping[str, Any]) -> tuple[str, int] | None:
+    """The argument counting the sampler's random first trials and its value (set in ``kwargs``, else Optuna's
+    default): ``("n_startup_trials", 10)``; None for a sampler without one (random, qmc)."""
+    key = _STARTUP_KEY.get(name)
+    return None if key is None else (key, int(with_defaults(name, kwargs)[key]))
 
 
 def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | None:

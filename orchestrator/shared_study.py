@@ -3,16 +3,33 @@
 whose Tune state was deleted, would have the new sweep join those trials silently."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from pathlib import Path
+from typing import Iterator
 
 from gmpq_core.errors import ConfigError
 
 from .sweep_config import SweepConfig
 
-__all__ = ["check_study_free", "study_trials", "state_folder_exists"]
+__all__ = ["check_study_free", "study_trials", "state_folder_exists", "resuming"]
 
 log = logging.getLogger(__name__)
+
+_RESUMING: contextvars.ContextVar[bool] = contextvars.ContextVar("gmpq_resuming", default=False)
+
+
+@contextlib.contextmanager
+def resuming(resume: bool) -> Iterator[None]:
+    """Within it, ``check_study_free`` checks nothing when ``resume``: a resume continues the sweep's own study, and
+    one whose Tune state is gone is refused by ``sweep_resume.check_folder_state`` ("Nothing to resume"), not as a
+    new sweep joining the study's trials."""
+    token = _RESUMING.set(bool(resume))
+    try:
+        yield
+    finally:
+        _RESUMING.reset(token)
 
 
 def check_study_free(cfg: SweepConfig) -> None:
@@ -31,6 +48,8 @@ def check_study_free(cfg: SweepConfig) -> None:
     from .sweep_checks import shown_url
     from .sweep_resume import experiment_path, holds_sweep_state
 
+    if _RESUMING.get():
+        return                                   # a resume (``resuming``): its own checks say what is wrong
     r = cfg.resolved()
     url = r.optuna_storage
     if url.lower().startswith("sqlite:") and not Path(make_url(url).database or "").expanduser().is_file():
@@ -43,10 +62,17 @@ def check_study_free(cfg: SweepConfig) -> None:
     if not counts:
         return
     exp = experiment_path(r)
-    if own and state_folder_exists(exp):
+    found = state_folder_exists(exp) if own else False
+    if found:
         return                                   # this folder's own sweep, stopped before its Tune state was whole
-    said = ", ".join(f"'{name}' ({n} trial{'s' * (n != 1)})" for name, n in counts.items())
-    studies = f"Optuna stud{'ies' if len(counts) > 1 else 'y'} {said}"
+    if found is None:
+        raise ConfigError(
+            f"optuna_storage {shown_url(url)!r} holds the {_studies(counts)} of this folder's earlier sweep "
+            f"'{r.name}' (its sweep_config.yaml), but its Tune state at '{exp}' could not be reached, so gmpq cannot "
+            "tell whether that sweep can be resumed; a new sweep would join those trials. Check the --storage URI, "
+            "its credentials and the network, then run the command again (with --resume to continue the earlier "
+            "sweep). Nothing has been trained yet.")
+    studies = _studies(counts)
     delete = f"optuna delete-study --study-name {r.name} --storage {shown_url(url)}"
     if own:
         raise ConfigError(
@@ -66,8 +92,14 @@ def check_study_free(cfg: SweepConfig) -> None:
         f"over, delete the old study first ({delete}).")
 
 
-def state_folder_exists(exp: str) -> bool:
-    """Whether the Tune experiment folder ``exp`` (a local path or a URI) exists; False when it cannot be read."""
+def _studies(counts: dict[str, int]) -> str:
+    said = ", ".join(f"'{name}' ({n} trial{'s' * (n != 1)})" for name, n in counts.items())
+    return f"Optuna stud{'ies' if len(counts) > 1 else 'y'} {said}"
+
+
+def state_folder_exists(exp: str) -> bool | None:
+    """Whether the Tune experiment folder ``exp`` (a local path or a URI) exists; None when it cannot be reached
+    (a remote storage that does not answer, or refuses the credentials): not taken for a folder that is gone."""
     if "://" not in exp:
         return Path(exp).is_dir()
     try:
@@ -76,9 +108,9 @@ def state_folder_exists(exp: str) -> bool:
 
         fs, path = get_fs_and_path(exp)
         return fs.get_file_info(path).type == FileType.Directory
-    except Exception as e:  # noqa: BLE001 - an unreachable storage: not taken for the sweep's state
-        log.debug("could not look for the Tune experiment folder %s: %s", exp, e)
-        return False
+    except Exception as e:  # noqa: BLE001 - an unreachable storage: said as such, not as a folder that is gone
+        log.warning("could not look for the Tune experiment folder %s: %s", exp, e)
+        return None
 
 
 def study_trials(url: str, name: str) -> dict[str, int]:

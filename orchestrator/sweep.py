@@ -45,9 +45,10 @@ from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
 from .sweep_prep import _sweep_cores, prepare_shared
 from .sweep_grow import more_trials_text
 from .sweep_optuna import _close_orphan_optuna_trials, optuna_storage_now   # (tests import them here)
-from .sweep_resume import (RESUME_AUTO, _check_same_config, _ended, _saved_cache_dir, _saved_tracking_uri,
-                           check_folder_state, check_not_a_study, choose_resume, experiment_path, holds_sweep_state,
-                           refuse_beside_running_sweep, resolve_resume, resume_choice_text)
+from .sweep_resume import _check_same_config  # noqa: F401 - (tests import it here)
+from .sweep_resume import (RESUME_AUTO, _saved_cache_dir, _saved_tracking_uri, check_folder_state,
+                           check_not_a_study, choose_resume, ended_count, experiment_path, grown_from as _grown_from,
+                           holds_sweep_state, refuse_beside_running_sweep, resolve_resume, resume_choice_text)
 from .cluster_watch import lost_after_s
 from .driver_markers import driver_marker
 from .tail_threads import TailThreads
@@ -146,9 +147,24 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
                                          cfg.resources.cpu))
         tuner = _make_tuner(cfg, context, book, callbacks, stores.result(), resume=resume, say=say,
                             grown_from=grown_from)
-        say(start_text(cfg, fit))
-        with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
-            return fit_restoring_handlers(tuner)
+        say(start_text(cfg, fit, grown_from))
+        from .sweep_grow import RestoreFailed, restore_failed
+        try:
+            with optuna_storage_now(cfg.optuna_storage) if resume else contextlib.nullcontext():
+                return fit_restoring_handlers(tuner)
+        except Exception as e:                             # Tune's failed restore (its own wrapper around it too)
+            if not any(isinstance(x, RestoreFailed) for x in _chain(e)):
+                raise
+            raise restore_failed(cfg, grown_from) from None
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from or during (a wrapper's cause)."""
+    seen: list[BaseException] = []
+    while e is not None and e not in seen and len(seen) < 20:
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
 
 
 def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
@@ -230,6 +246,14 @@ def _summary_rows(grid: Any, book: TrialStatusBook, sweep_dir: Path) -> list[dic
     return rows
 
 
+def _holds_state_quietly(cfg: SweepConfig) -> bool:
+    """``holds_sweep_state``, False when the storage cannot be read (a hint is not worth an error)."""
+    try:
+        return holds_sweep_state(cfg)
+    except Exception:  # noqa: BLE001 - only whether to add a hint
+        return False
+
+
 def _finished_summary(cfg: SweepConfig, t0: float) -> SweepSummary | None:
     """The summary of a sweep whose planned trials all ended, none failed (a resume would do nothing), read from
     trials.parquet; None otherwise."""
@@ -285,7 +309,7 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
     refuse_beside_running_sweep(sweep_dir, bool(resume))    # another driver's live sweep there: refused first
     grown_from = None
     if resume:
-        grown_from = _check_same_config(cfg)               # first: another config's own errors would hide it
+        grown_from = _grown_from(cfg)                      # first: another config's own errors would hide it
         done = _finished_summary(cfg, t0)
         if done is not None:                               # nothing for Ray to do
             from .pareto_pick import check_front_fits      # a limit the finished front cannot meet: before it is saved
@@ -294,7 +318,9 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
     if cfg.address is not None and not ray.is_initialized():   # a dead or wrong address: refused before any file
         from .ray_env import check_join_address                 # (and before the data and model checks' work)
         check_join_address(cfg.address)
-    facts = check_sweep_config(cfg, make_folders=make_folders)  # everything that can fail does so before Ray
+    from .shared_study import resuming
+    with resuming(bool(resume)):                           # a resume's Tune state: check_folder_state's words
+        facts = check_sweep_config(cfg, make_folders=make_folders)  # everything that can fail does so before Ray
     lost_after_s()                                         # (also a bad $GMPQ_CLUSTER_LOST_AFTER_S)
     from .results import read_layers, read_trials
     read_trials(sweep_dir, missing_ok=True)                # a damaged results table is named now, not in Ray
@@ -322,8 +348,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     cfg, resume, unshared, sweep_dir = checked.cfg, checked.resume, list(checked.unshared), Path(checked.cfg.out_dir)
     if checked.done is not None:                           # nothing for Ray to do: said at once, no Ray start
         what = "the sweep stage is complete" if command == "run" else "nothing to resume"
+        more = f"; {more_trials_text(cfg)}" if _holds_state_quietly(cfg) else ""
         say(f"the sweep already ran all its {cfg.n_trials} trials (none failed, which --resume would run "
-            f"again): {what}; {more_trials_text(cfg.n_trials)}")
+            f"again): {what}{more}")
         save_resolved_config(keep_recorded_address(cfg))    # a changed finetune section (gmpq run's flags)
         _close_orphan_optuna_trials(cfg, say, started_before=started_at)   # a driver killed after its last row
         return checked.done
@@ -334,11 +361,14 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
     from .ray_env import ctrl_c_signals, terminated
     book = TrialStatusBook(sweep_dir / "trial_status.json")
     callbacks = _results_callbacks(cfg, book)
-    if checked.grown_from is not None:                     # the MLflow parent run gets the new count
-        from .sweep_grow import GrowthNote, grown_text
-        print(f"gmpq sweep: {grown_text(checked.grown_from, cfg.n_trials, _ended(cfg))}", file=sys.stderr,
+    notes = []
+    if resume:                                            # the MLflow parent run gets a grown count (any resume:
+        from .sweep_grow import GrowthNote, grown_text    # one grown by a command stopped before Tune started too)
+        notes = [GrowthNote(cb, cfg.n_trials) for cb in _mlflow_callbacks(callbacks)]
+        callbacks += notes
+    if checked.grown_from is not None:
+        print(f"gmpq sweep: {grown_text(cfg, checked.grown_from, ended_count(cfg))}", file=sys.stderr,
               flush=True)                                  # (also under --quiet: the log says what it ran)
-        callbacks += [GrowthNote(cb, checked.grown_from, cfg.n_trials) for cb in _mlflow_callbacks(callbacks)]
     with ctrl_c_signals():              # SIGTERM as Ctrl-C to the end, not only while Ray runs (its marker removed)
         with driver_marker(sweep_dir, "sweep", command=command):   # to the last MLflow write (a sync waits for it)
             try:
@@ -354,7 +384,9 @@ def run_sweep(cfg: SweepConfig, *, resume: bool | str = False, progress: bool = 
         counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned", "failed", UNFINISHED)}
         if resume and sum(counts.values()) >= cfg.n_trials:        # the resumed sweep ran to its end
             _close_orphan_optuna_trials(cfg, say, started_before=started_at)
+        grown = checked.grown_from if checked.grown_from is not None else \
+            next((n.grown_from for n in notes if n.grown_from is not None), None)   # (what the parent run named)
         return SweepSummary(sweep_dir=sweep_dir, n_completed=counts["completed"], n_pruned=counts["pruned"],
                             n_failed=counts["failed"], wall_seconds=time.perf_counter() - t0, resumed=resume,
                             rows=rows, n_unfinished=counts[UNFINISHED], n_planned=cfg.n_trials,
-                            terminated=terminated(), grown_from=checked.grown_from)
+                            terminated=terminated(), grown_from=grown)

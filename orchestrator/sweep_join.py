@@ -17,13 +17,15 @@ __all__ = ["start_text", "other_hosts", "warn_unshared", "say_recorded_join", "s
 log = logging.getLogger("orchestrator.sweep")    # the sweep's own channel, as before these lines moved here
 
 
-def start_text(cfg: SweepConfig, fit: int | None = None) -> str:
-    """The sweep's line as its trials start: how many, how many at a time (never more than there are, nor than the
-    ``fit`` that the cluster's nodes hold at once), and each one's resources."""
+def start_text(cfg: SweepConfig, fit: int | None = None, grown_from: int | None = None) -> str:
+    """The sweep's line as its trials start: how many (``grown_from``: a resume that grows the sweep from that many
+    says how many are new), how many at a time (never more than there are, nor than the ``fit`` that the cluster's
+    nodes hold at once), and each one's resources."""
     n = cfg.n_trials
     at_once = min(cfg.max_concurrent_trials, n) if cfg.max_concurrent_trials else n
     at_once = min(at_once, fit) if fit else at_once
-    return (f"{n} trial{'' if n == 1 else 's'}, {at_once} at a time, {cfg.resources.cpu:g} CPU"
+    new = f" ({n - grown_from} new)" if grown_from is not None and grown_from < n else ""
+    return (f"{n} trial{'' if n == 1 else 's'}{new}, {at_once} at a time, {cfg.resources.cpu:g} CPU"
             f"{f' + {cfg.resources.gpu:g} GPU' if cfg.resources.gpu else ''} each; "
             f"from another terminal: gmpq status --sweep {cfg.out_dir}")
 

@@ -24,7 +24,7 @@ from .trainable import trial_device
 
 __all__ = ["RESUME_AUTO", "experiment_path", "check_not_a_study", "holds_sweep_state", "resolve_resume",
            "choose_resume", "check_folder_state",
-           "resume_choice_text", "STUDY_FILES", "joining_text", "say_joining"]
+           "resume_choice_text", "STUDY_FILES", "joining_text", "say_joining", "ended_count", "grown_from"]
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +217,25 @@ def _check_same_config(cfg: SweepConfig) -> int | None:
         return None
     from .sweep_grow import check_growth
 
-    check_growth(cfg, saved_n, _ended(cfg))                       # fewer: refused, naming how many ended
+    check_growth(cfg, saved_n, ended_count(cfg))                  # fewer: refused, naming how many ended
     return saved_n
 
 
-def _ended(cfg: SweepConfig) -> int | str:
+def grown_from(cfg: SweepConfig) -> int | None:
+    """The trial count a resume of ``cfg`` (resolved) grows the sweep from, None when it does not grow: the saved
+    config's when ``cfg`` raises it (``_check_same_config``: its refusals too), or the smaller count Ray Tune saved
+    (``sweep_grow.tune_saved_count``: a grown resume stopped before Tune saved its state, the saved config already
+    raised), so a later plain ``--resume`` still says and records the growth."""
+    from .sweep_grow import tune_saved_count
+
+    old = _check_same_config(cfg)
+    tune_n = tune_saved_count(cfg)
+    if tune_n is not None and tune_n < cfg.n_trials:
+        return min(tune_n, old) if old is not None else tune_n
+    return old
+
+
+def ended_count(cfg: SweepConfig) -> int | str:
     """How many of the sweep's trials have ended (rows of its trials.parquet; "?" when it cannot be read)."""
     from .results import read_trials
 

@@ -19,12 +19,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import read_json
 
 from .driver_markers import DRIVER_FILE, FINETUNE_DRIVER_FILE, driver_alive, is_this_process, live_driver, read_marker
+from .pareto_stale import stale_selection
 from .results import (CONFIG_FILE, FINAL_FILE, PARETO_FILE, TRIAL_EVENTS, TRIALS_FILE, load_resolved_config,
                       read_table, read_trials_table)
 from .trial_status import COMPLETED, FAILED, PRUNED, TrialStatusBook
@@ -64,6 +65,7 @@ class SweepStatus:
     selected: list[str] = field(default_factory=list)          # pareto.parquet's selection
     selected_from: list[str] | None = None     # pareto.parquet's front, chosen among (None: no pareto.parquet)
     front_now: list[str] = field(default_factory=list)         # the Pareto front of trials.parquet now
+    stale_selection: Any = None   # pareto_stale.StaleSelection: pareto.parquet selected from other completed trials
     final: dict[str, dict] = field(default_factory=dict)       # final.parquet rows by trial id
     finetune_progress: dict[str, dict] = field(default_factory=dict)   # {"epoch", "step", "steps", "age_s"}
     shared: dict = field(default_factory=dict)                 # shared.json: FP target and teachers' accuracies
@@ -231,6 +233,7 @@ def read_sweep_status(sweep_dir: str | Path, *, own_marker: bool = True) -> Swee
                        trials=trials, driver=driver, driver_alive=alive, finetune_driver=finetune, selected=selected,
                        selected_from=[str(r["trial_id"]) for r in pareto] if (sweep_dir / PARETO_FILE).is_file() else None,
                        front_now=_front_ids(sweep_dir) if (sweep_dir / PARETO_FILE).is_file() else [],
+                       stale_selection=stale_selection(sweep_dir),
                        final=final,
                        finetune_progress=progress, shared=_read_shared(sweep_dir),
                        mlflow=mlflow_view(sweep_dir, cfg, [t.trial_id for t in trials if t.status in (COMPLETED, PRUNED,

@@ -94,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
             if resolved.finetune.workers != "auto":       # 'auto' fits whatever the cluster has
                 check_final_workers(resolved.finetune.workers)    # stage 3 must fit the cluster: say so before stage 1
-            _say(f"1/3 sweep: {cfg.n_trials} trial{'' if cfg.n_trials == 1 else 's'} -> {sweep_dir}")
+            new = f" ({cfg.n_trials - checked.grown_from} new)" if checked.grown_from is not None else ""
+            _say(f"1/3 sweep: {cfg.n_trials} trial{'' if cfg.n_trials == 1 else 's'}{new} -> {sweep_dir}")
             summary = run_sweep(cfg, resume=resume, progress=not args.quiet,   # the later stages resume on their own
                                 command="run", checked=checked)   # driver.json: 'gmpq run' (its sweep stage)
             print(format_summary(summary, command="gmpq run"), flush=True)

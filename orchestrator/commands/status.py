@@ -96,11 +96,20 @@ def _next_step(st: Any) -> str | None:
         return nothing
     if not (d / "pareto.parquet").exists():
         return f"Next: gmpq pareto --sweep {d}   (then gmpq finetune --sweep {d})"
-    if st.unselected_since:
+    if _stale(st) is not None:
         return None                                 # the line above says to select again first
     if any(t not in st.final for t in st.selected):
         return f"Next: gmpq finetune --sweep {d}"
     return None
+
+
+def _stale(st: Any) -> Any:
+    """pareto.parquet's selection made from other completed trials than the sweep holds now
+    (``pareto_stale.StaleSelection``; from its front when the status was made without reading it), else None."""
+    if st.stale_selection is not None or not st.unselected_since:
+        return st.stale_selection
+    from orchestrator.pareto_stale import StaleSelection
+    return StaleSelection(None, 0, list(st.unselected_since))
 
 
 def _final_lines(st: Any) -> list[str]:
@@ -186,11 +195,10 @@ def format_status(st: Any) -> str:
     if gaps:
         lines.append(gaps)
     lines += _final_lines(st)
-    late = st.unselected_since
-    if late:
-        lines.append(f"The Pareto selection (pareto.parquet) was made before {len(late)} trial(s) now on the front "
-                     f"ended ({', '.join(late[:5])}{f' and {len(late) - 5} more' if len(late) > 5 else ''}): gmpq pareto --sweep "
-                     f"{st.sweep_dir} selects again" + (" once the sweep ends." if st.state == "running" else "."))
+    stale = _stale(st)
+    if stale is not None:                           # selected from other trials than have completed now
+        from orchestrator.pareto_stale import stale_text
+        lines.append(stale_text(stale, st.sweep_dir, running=st.state == "running") + ".")
     step = _next_step(st)
     if step:
         lines.append(step)

@@ -4,8 +4,8 @@
     gmpq sweep --config my_sweep.yaml --name try2
     gmpq sweep --config my_sweep.yaml --check  (validate it: model, data, budget range, stores; nothing runs)
     gmpq sweep --out runs/demo --resume        (continues from runs/demo/sweep_config.yaml)
-    gmpq sweep --out runs/demo --resume --n-trials 40   (a finished or stopped sweep runs more trials: its Optuna
-                                                        study goes on learning from those it ran)
+    gmpq sweep --out runs/demo --resume --n-trials 40   (a finished or stopped sweep runs more trials, in the
+                                                        same Optuna study)
     gmpq sweep --preset demo --out runs/demo --resume auto   (continues it if there is one, else starts it:
                                                              a batch job retried with the same command)
 
@@ -49,7 +49,7 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", metavar="FILE", help="sweep config YAML (may name a 'preset:' to start from)")
     src.add_argument("--preset", metavar="NAME", help=f"bundled preset: {', '.join(list_presets())}")
     p.add_argument("--n-trials", type=int, action=at_least(1), default=None, metavar="N",
-                   help="number of trials (with --resume: more than the sweep's runs more trials; not fewer)")
+                   help="number of trials; with --resume: a larger count runs more trials (never fewer)")
     p.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E",
                    help="search epochs per trial (fixed)")
     p.add_argument("--max-concurrent", type=int, action=at_least(1), default=None, metavar="K",
@@ -137,13 +137,27 @@ def format_summary(summary: Any, tracking_uri: str | None = None, *, command: st
                  f"{summary.wall_seconds / 60:.1f} min. {_results_text(summary.sweep_dir)}")
     if summary.interrupted:
         lines.append(interrupted_note(summary, command))
-    if getattr(summary, "grown_from", None) is not None:     # a resume that raised n_trials: the selection
-        from orchestrator.sweep_grow import reselect_text
-        note = reselect_text(summary.sweep_dir, summary.grown_from, summary.n_planned, command=command)
-        lines += [note[0].upper() + note[1:] + "."] if note else []
+    lines += _selection_lines(summary, command)
+
     if tracking_uri:
         lines.append(mlflow_line(summary, tracking_uri, logging_off))
     return "\n".join(lines)
+
+
+def _selection_lines(summary: Any, command: str) -> list[str]:
+    """What the sweep's trials now mean for its Pareto selection: ``gmpq run`` after a resume that grew the sweep
+    selects again (``sweep_grow.reselect_text``); ``gmpq sweep``: one line when pareto.parquet was selected from
+    other completed trials than there are now (``pareto_stale``: a grown sweep, however many commands it took)."""
+    if command == "gmpq run":
+        if getattr(summary, "grown_from", None) is None:
+            return []
+        from orchestrator.sweep_grow import reselect_text
+        note = reselect_text(summary.sweep_dir, summary.grown_from, summary.n_planned)
+        return [note[0].upper() + note[1:] + "."] if note else []
+    from orchestrator.pareto_stale import stale_selection, stale_text
+
+    stale = stale_selection(summary.sweep_dir)
+    return [] if stale is None else [stale_text(stale, summary.sweep_dir) + "."]
 
 
 def _results_text(sweep_dir: Path) -> str:
@@ -268,10 +282,12 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
     checked = check_sweep(cfg, resume, make_folders=False)
     cfg, facts = checked.cfg, checked.facts
     if checked.done is not None:
+        from orchestrator.sweep import holds_sweep_state
         from orchestrator.sweep_grow import more_trials_text
+        more = f"; {more_trials_text(cfg)}" if holds_sweep_state(cfg) else ""
         return (f"config OK: the sweep '{cfg.name}' in {cfg.out_dir} already ran all its {cfg.n_trials} trials: without "
-                "--check, gmpq sweep has nothing to resume (gmpq run goes on to its Pareto and fine-tune stages); "
-                f"{more_trials_text(cfg.n_trials)}.")
+                "--check, gmpq sweep has nothing to resume (gmpq run goes on to its Pareto and fine-tune stages)"
+                f"{more}.")
     (b_lo, b_hi), (g_lo, g_hi) = facts.feasible_avg_bits, facts.feasible_gbitops
     dims = "; ".join(f"{name} {_dim_text(dim)}" for name, dim in cfg.space.dims.items())
     kwargs = ", ".join(f"{k}={v}" for k, v in cfg.pruner.kwargs.items())
@@ -295,9 +311,9 @@ def _grows_text(cfg: Any, grown_from: int | None) -> list[str]:
     if grown_from is None:
         return []
     from orchestrator.sweep_grow import grown_text
-    from orchestrator.sweep_resume import _ended
+    from orchestrator.sweep_resume import ended_count
 
-    return [grown_text(grown_from, cfg.n_trials, _ended(cfg))]
+    return [grown_text(cfg, grown_from, ended_count(cfg))]
 
 
 def _final_text(ft: Any) -> str:

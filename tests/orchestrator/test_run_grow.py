@@ -23,7 +23,7 @@ def test_gmpq_run_given_more_trials_selects_and_fine_tunes_from_all_of_them(tmp_
     assert main(["run", "--out", str(out), "--resume", "--n-trials", "3", "--quiet"]) == 0
     said = capsys.readouterr()
     text = " ".join((said.out + said.err).split())
-    assert "1/3 sweep: 3 trials" in text and "the sweep grows from 2 to 3 trials (2 ended so far)" in text
+    assert "1/3 sweep: 3 trials (1 new) ->" in text and "the sweep grows from 2 to 3 trials (1 new; 2 ended so far)" in text
     assert "The sweep grew from 2 to 3 trials: the Pareto front and its selection are made again" in text
     assert "Pareto front of 3 trials" in text
     assert len(pd.read_parquet(out / "trials.parquet")) == 3

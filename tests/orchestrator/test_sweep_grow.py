@@ -14,7 +14,7 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 from gmpq_core.errors import ConfigError
 from orchestrator.results import trial_row, write_results
 from orchestrator.sweep_config import load_sweep_config, save_resolved_config
-from orchestrator.sweep_grow import GrowingSearch, grow_restored, reselect_text
+from orchestrator.sweep_grow import GrowingSearch, RestoreFailed, grow_restored, reselect_text
 from orchestrator.sweep_resume import _check_same_config
 
 
@@ -71,8 +71,8 @@ def test_a_restored_trial_count_is_raised_to_the_configs_never_lowered(tmp_path)
 def test_a_growing_search_refuses_to_start_a_sweep_afresh():
     """Tune starts an experiment afresh (add_configurations) only when its restore failed: that would run the sweep
     again from its first trial in the same folder."""
-    with pytest.raises(RuntimeError, match="could not restore the sweep's experiment state"):
-        GrowingSearch(_Fixed(), 3).add_configurations({})
+    with pytest.raises(RestoreFailed, match="could not restore the sweep's experiment state"):
+        GrowingSearch(_Fixed(), 3).add_configurations({})          # a ConfigError: run_sweep words it, exit 2
 
 
 def test_grow_restored_wraps_the_restored_searcher_as_tune_run_would():
@@ -116,6 +116,17 @@ def test_a_resume_with_fewer_trials_is_refused_naming_how_many_ended(tmp_path):
     assert "Resume with --n-trials 6 or more" in said
 
 
+def test_a_resume_with_fewer_trials_after_all_ended_names_a_count_that_runs_more(tmp_path):
+    """All 6 ended: --n-trials 6 would run nothing, so the refusal names 7."""
+    save_resolved_config(_demo(tmp_path))
+    _ended(tmp_path, 6)
+    with pytest.raises(ConfigError) as e:
+        _check_same_config(_demo(tmp_path, n_trials=3).resolved())
+    said = " ".join(str(e.value).split())
+    assert "(all 6 have ended)" in said and "Resume with --n-trials 7 or more to run more" in said
+    assert "--n-trials 6 or more" not in said
+
+
 def test_a_resume_changing_other_settings_is_refused_whatever_the_count(tmp_path):
     save_resolved_config(_demo(tmp_path))
     with pytest.raises(ConfigError) as e:
@@ -146,27 +157,25 @@ def test_growing_past_the_spaces_distinct_configurations_is_refused(tmp_path):
         _check_same_config(_demo(tmp_path, n_trials=3, space=space).resolved())
 
 
-def test_the_summary_of_a_grown_sweep_says_its_pareto_selection_is_of_the_first_trials(tmp_path):
+def test_the_summary_of_a_grown_sweep_run_says_it_selects_again(tmp_path):
     from orchestrator.commands.sweep import format_summary
 
     summary = SimpleNamespace(rows=[], n_completed=3, n_pruned=0, n_failed=0, wall_seconds=60, sweep_dir=tmp_path,
                               interrupted=False, n_planned=3, grown_from=2)
-    assert "Pareto" not in format_summary(summary)                                    # no selection yet
+    assert "Pareto" not in format_summary(summary, command="gmpq run")               # no selection yet
     (tmp_path / "pareto.parquet").write_bytes(b"")
-    said = " ".join(format_summary(summary).split())
-    assert f"{tmp_path / 'pareto.parquet'} still holds the Pareto front of the sweep's first 2 trials" in said
-    assert f"gmpq pareto {tmp_path}" in said
     said = " ".join(format_summary(summary, command="gmpq run").split())
     assert "The sweep grew from 2 to 3 trials: the Pareto front and its selection are made again" in said
     assert reselect_text(tmp_path / "none", 2, 3) is None
 
 
-def test_a_finished_sweep_says_how_to_run_more_trials(tmp_path, capsys):
-    """gmpq sweep --check and --resume on a finished sweep: it ran all its trials, and --n-trials grows it."""
+def test_a_finished_sweep_says_how_to_run_more_trials_only_when_it_can_grow(tmp_path, capsys):
+    """gmpq sweep --check and --resume on a finished sweep: it ran all its trials, and --n-trials grows it, which
+    needs its Tune state (ray_results/ deleted: no hint)."""
     import ray
 
     from orchestrator.commands.sweep import check_only
-    from orchestrator.sweep import run_sweep
+    from orchestrator.sweep import experiment_path, run_sweep
 
     if ray.is_initialized():
         pytest.skip("Ray already runs in this test process")
@@ -174,8 +183,21 @@ def test_a_finished_sweep_says_how_to_run_more_trials(tmp_path, capsys):
     _ended(tmp_path, 2)
     cfg = load_sweep_config(tmp_path / "sweep_config.yaml")
     said = " ".join(check_only(cfg, True).split())
-    assert "already ran all its 2 trials" in said and "resume it with a larger count (e.g. --resume --n-trials 4)" in said
+    assert "already ran all its 2 trials" in said and "larger count" not in said         # no Tune state: no growing
+    run_sweep(cfg, resume=True)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "nothing to resume" in err and "larger count" not in err
+
+    tune.Tuner(_noop, run_config=tune.RunConfig(name=cfg.name, storage_path=str(tmp_path / "ray_results")))
+    assert tune.Tuner.can_restore(experiment_path(cfg.resolved()))                     # (its Tune state: tuner.pkl)
+    said = " ".join(check_only(cfg, True).split())
+    assert "resume it with a larger count (e.g. --resume --n-trials 4) in the same Optuna study, but its sampler draws " \
+           "all 4 at random (its first 10 trials are random: n_startup_trials=10)" in said     # demo: 10 random first
     run_sweep(cfg, resume=True)
     err = " ".join(capsys.readouterr().err.split())
     assert "nothing to resume; to run more trials, resume it with a larger count (e.g. --resume --n-trials 4)" in err
-    assert not ray.is_initialized()
+    assert "learning" not in err and not ray.is_initialized()
+
+
+def _noop(config):
+    return None

@@ -234,8 +234,8 @@ def test_a_pareto_selection_made_before_trials_ended_says_to_select_again(tmp_pa
     assert read_sweep_status(tmp_path).unselected_since == ["t1"]
     assert main(["status", "--sweep", str(tmp_path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert (f"The Pareto selection (pareto.parquet) was made before 1 trial(s) now on the front ended (t1): gmpq "
-            f"pareto --sweep {tmp_path} selects again.") in out and "Next: gmpq finetune" not in out
+    assert (f"The Pareto selection (pareto.parquet) was made before 1 trial(s) now on the front ended (t1): select "
+            f"again with: gmpq pareto {tmp_path}.") in out and "Next: gmpq finetune" not in out
     from orchestrator.pareto import write_pareto
 
     write_pareto(tmp_path, plot=False)                          # selected again: nothing said
