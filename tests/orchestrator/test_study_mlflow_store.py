@@ -14,21 +14,17 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))   # experiments/ lives beside the installed packages
 
 from experiments.generalization import load_study_config  # noqa: E402
-from experiments.generalization_ray import (StudySink, recorded_tracking_uri, study_tracking_uri,  # noqa: E402
-                                            write_rows)
+from experiments.generalization_ray import StudySink, recorded_tracking_uri, study_tracking_uri  # noqa: E402
 from orchestrator.cli import main  # noqa: E402
+from test_study_report_page import _fake_study  # noqa: E402  (same folder: on sys.path)
 
 SMOKE = REPO / "experiments" / "generalization_smoke.yaml"
 
 
 def _study_with_run(d: Path, uri: str):
     """A study folder with one completed cell and the parent run its study made in the store ``uri``."""
-    d.mkdir(parents=True)
-    cfg = load_study_config(SMOKE).to_dict()
-    (d / "study_config.yaml").write_text(yaml.safe_dump({**cfg, "methods": ["uniform"], "proxies": []}))
-    write_rows(d, [{"cell_id": "uniform|none|b3|s0", "method": "uniform", "proxy": "none", "budget": 3.0, "seed": 0,
-                    "target_top1": 70.0, "gbitops_quantized": 0.1, "gbitops_total": 1.0, "cell_seconds": 1.0,
-                    "status": "completed", "error": None}])
+    _fake_study(d)
+    cfg = yaml.safe_load((d / "study_config.yaml").read_text())
     sink = StudySink(uri, d, experiment_name=cfg["name"], resolved_config=cfg)
     assert sink.connect()
     return cfg["name"], sink.parent_run_id
