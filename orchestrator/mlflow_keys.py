@@ -121,31 +121,45 @@ NAME_LABELS = {"budget_avg_bits": "b", "proxy_size": "n", "p_mode": "", "kappa":
 NAME_PARTS = 3
 
 
-def _varies(dim: Any) -> bool:
-    """Whether a search-space dimension (a saved config's ``space:`` entry) takes more than one value."""
-    if isinstance(dim, list):
-        return len(set(map(str, dim))) > 1
-    if not isinstance(dim, Mapping):
+NAME_PART_CHARS, NAME_CHARS = 20, 120     # a part, the whole name (a server's run name column: VARCHAR(250))
+
+
+def _varies(name: str, dim: Any) -> bool:
+    """Whether the saved config's ``space:`` entry ``dim`` takes more than one value (``SearchSpace.varying``, as the
+    sweep reads it; an entry it refuses, never a sweep's, does not)."""
+    from gmpq_core.errors import ConfigError
+    from search_spaces.space import SearchSpace
+
+    try:
+        return bool(SearchSpace.from_dict({name: dim}).varying())
+    except (ConfigError, TypeError, ValueError):
         return False
-    if dim.get("type") == "categorical":
-        return len(set(map(str, dim.get("choices") or []))) > 1
-    return dim.get("type") in ("float", "int") and dim.get("low") != dim.get("high")
+
+
+def _part(label: str, k: str, v: Any) -> str | None:
+    """One value of a trial run's name, at most ``NAME_PART_CHARS`` long (None: a missing number, NaN)."""
+    if isinstance(v, (list, tuple)):
+        text = ",".join(map(str, v))
+    elif isinstance(v, float) and _numeric(v) is None:
+        return None
+    elif _numeric(v) is None:
+        text = str(v)
+    elif k == "budget_avg_bits":
+        text = f"{float(v):.2f}"
+    else:
+        text = f"{float(v):.3g}" if isinstance(v, float) and not float(v).is_integer() else str(int(v))
+    text = "".join(text.split()) if isinstance(v, (list, tuple)) else " ".join(text.split())
+    part = f"{label}{text}"
+    return part if len(part) <= NAME_PART_CHARS else part[:NAME_PART_CHARS - 1] + "~"
 
 
 def trial_run_name(tid: str, params: Mapping[str, Any], space: Mapping[str, Any] | None = None) -> str:
     """The name of a new trial run: ``tid`` and at most ``NAME_PARTS`` of the trial's values that the sweep varies
     (``space``: the saved config's; the budget first, then the proxy size, ...), e.g. ``3f2a9c1d b3.21 n1000
-    capacity``; without a ``space``, the budget and proxy size the trial has. Just ``tid`` when it has none."""
-    keys = [k for k in NAME_ORDER if k in params and (_varies(space.get(k)) if isinstance(space, Mapping)
+    capacity``; without a ``space``, the budget and proxy size the trial has. Just ``tid`` when it has none. Each value
+    at most ``NAME_PART_CHARS`` characters (cut with ``~``; a list as ``a,b``; NaN left out), the name at most
+    ``NAME_CHARS``."""
+    keys = [k for k in NAME_ORDER if k in params and (_varies(k, space.get(k)) if isinstance(space, Mapping)
                                                         else k in ("budget_avg_bits", "proxy_size"))]
-    parts = []
-    for k in keys[:NAME_PARTS]:
-        v, label = params[k], NAME_LABELS.get(k, k)
-        if _numeric(v) is None:
-            parts.append(f"{label}{v}")
-        elif k == "budget_avg_bits":
-            parts.append(f"{label}{float(v):.2f}")
-        else:
-            parts.append(f"{label}{float(v):.3g}" if isinstance(v, float) and not float(v).is_integer()
-                         else f"{label}{int(v)}")
-    return " ".join([str(tid), *parts])
+    parts = [p for k in keys if (p := _part(NAME_LABELS.get(k, k), k, params[k])) is not None][:NAME_PARTS]
+    return " ".join([str(tid), *parts])[:NAME_CHARS]

@@ -25,9 +25,10 @@ MLflow is a view: if the tracking store cannot be reached, the sink warns once a
 (Parquet stays the source of truth); ``gmpq sync-mlflow --sweep DIR`` (``orchestrator.sync``) uploads
 what is missing later. Runs are found again by their persisted ids, else by their tags (``trial_id``,
 ``gmpq.role``, parent run; ``gmpq.sweep_dir`` for the parent), so a lost or damaged id file does not
-duplicate them. A parent run deleted in the store is restored, one ``mlflow gc`` removed is made again with the
-runs that were under it moved under the new one (``mlflow_parent``); a run deleted while a command logs to it is
-left deleted (nothing more is logged into it, the others go on). Trial runs are named by their trial id and what
+duplicate them. A parent run deleted in the store is restored with the runs deleted with it, one ``mlflow gc``
+removed is made again with the runs that were under it moved under it and the sweep's tables (``mlflow_parent``); a
+child run deleted in the store, or removed by gc, is left alone (nothing is logged into it, said once per run and
+process; the others go on; ``gmpq sync-mlflow`` makes it again). Trial runs are named by their trial id and what
 the sweep varies (``mlflow_keys.trial_run_name``). Against an ``http(s)://`` server the client retries a failed
 request at most ``HTTP_RETRY_DEFAULTS`` times (MLflow's own default backs off for about 4 minutes, which would stall
 the sweep driver), unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set.
@@ -53,8 +54,8 @@ from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import read_json
 
 from .mlflow_ids import SinkIdFiles
-from .mlflow_parent import (LostParent, leave_deleted, lost_parent_line, reattach_orphans, refused_deleted_run,
-                            restore_deleted_parent, restore_meanwhile)
+from .mlflow_parent import (LostParent, fill_new_parent, gone_run, leave_deleted, lost_parent_line, reattach_orphans,
+                            refused_deleted_run, restore_deleted_parent, restore_meanwhile)
 from .mlflow_keys import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, _phase_key  # noqa: F401  (re-exported for importers)
 from .mlflow_keys import (DISABLED, HTTP_RETRY_DEFAULTS, PARENT_FILE, ROLE_OF_KIND, RUNS_FILE, SET_ASIDE_TAG,
                           _numeric, default_tracking_uri, flatten_config)
@@ -85,6 +86,7 @@ class MLflowSink(SinkIdFiles):
     PARENT_ROLE = "sweep"        # the parent run's ``gmpq.role`` tag (a study's sink: "study")
     lost_parent: LostParent | None = None     # what ``connect`` found of a lost parent run (``mlflow_parent``)
     tell_lost_parent = True      # say it in one line (``gmpq sync-mlflow``'s report says it instead)
+    fill_lost_parent = True      # a new parent for a removed one gets the sweep's tables (the sync logs them itself)
 
     def __init__(self, tracking_uri: str | None, sweep_dir: str | Path, *, experiment_name: str | None = None,
                  resolved_config: Mapping[str, Any] | None = None) -> None:
@@ -110,6 +112,8 @@ class MLflowSink(SinkIdFiles):
         state = self.__dict__.copy()
         state["_client"] = None
         state.pop("_deleted_runs", None)        # (a resumed sweep finds them again: ``child_run`` makes new ones)
+        state.pop("_restored_meanwhile", None)
+        state.pop("_made_runs", None)  # (this process's: a resumed sweep may restore its parent again)
         return state
 
     # -- failure handling ---------------------------------------------------------------------
@@ -141,20 +145,26 @@ class MLflowSink(SinkIdFiles):
 
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view). A run deleted
-        while this command logs to it only stops that run's logging (the parent: restored; ``mlflow_parent``)."""
+        in the store (in the UI), or a child run ``mlflow gc`` removed, only stops that run's logging (the parent:
+        restored; ``mlflow_parent``)."""
         if not self.enabled or not self.connect():
             return None
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # MlflowException, requests/sqlalchemy errors, OSError: all mean "cannot log"
-            rid = refused_deleted_run(e)        # but a run deleted meanwhile (in the UI) is that run's loss only
-            if rid is None:
+            rid, gone = refused_deleted_run(e), gone_run(self, e)   # but a deleted or gc'd run is that run's loss only
+            if rid is None and gone is None:
                 self._disable(what, f"{type(e).__name__}: {e}")
                 return None
-        if rid == self.parent_run_id and restore_meanwhile(self):
+        if rid is not None and rid == self.parent_run_id and restore_meanwhile(self):
             return self.call(what, fn, *args, **kwargs)
-        leave_deleted(self, rid)
+        leave_deleted(self, rid or gone, gone=rid is None)
         return None
+
+    @property
+    def made_runs(self) -> set[str]:
+        """Child runs this sink made (they hold only their params: nothing to read back before logging)."""
+        return self.__dict__.setdefault("_made_runs", set())
 
     @property
     def deleted_runs(self) -> set[str]:
@@ -194,8 +204,9 @@ class MLflowSink(SinkIdFiles):
             self._load_ids()
             lost = restore_deleted_parent(self)         # deleted: restored; removed by gc: a new one, runs moved
             self.parent_run_id = self._parent(self._client, reopen=reopen)
-            self.lost_parent = reattach_orphans(self, lost)
-            line = lost_parent_line(self.lost_parent, self.parent_run_id)
+            lost = reattach_orphans(self, lost)
+            self.lost_parent = fill_new_parent(self, lost, reopen=reopen) if self.fill_lost_parent else lost
+            line = lost_parent_line(self.lost_parent, self)
             if line and self.tell_lost_parent:
                 log.warning("%s", line)
         except Exception as e:  # as in open_store
@@ -341,6 +352,7 @@ class MLflowSink(SinkIdFiles):
             run = self._client.create_run(self._experiment_id, run_name=run_name,
                                           tags={"mlflow.parentRunId": self.parent_run_id, **tags})
             rid = run.info.run_id
+            self.made_runs.add(rid)
             self._log_params(rid, flatten_config(dict(params)))
             self.runs[kind][key] = rid
             self._save_ids()

@@ -60,8 +60,10 @@ def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.Da
     for f in [d / "pareto.parquet", png_path, d / POLICIES_PNG, d / TRIALS_FILE, d / LAYERS_FILE]:
         if f is not None and Path(f).is_file():
             sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
-    sink.log_metrics(pid, {"pareto_size": len(pareto_df),
-                           "n_selected": int(pareto_df["selected"].sum()) if "selected" in pareto_df else 0})
+    sizes = {"pareto_size": len(pareto_df),
+             "n_selected": int(pareto_df["selected"].sum()) if "selected" in pareto_df else 0}
+    held = sink.call("reading the parent run", lambda: sink.client.get_run(pid).data.metrics) or {}
+    sink.log_metrics(pid, {k: v for k, v in sizes.items() if held.get(k) != v})     # (a rerun: no point again)
     reasons = _reasons(pareto_df)
     for tid, tag in _pareto_tags(d, pareto_df).items():
         tag_trial(sink, _trial_run(sink, tid), tid, tag, reasons.get(tid))
@@ -366,8 +368,8 @@ def _log_final_metrics(sink: MLflowSink, rid: str | None, row: Mapping, history:
     run holds already with the same value (no point twice in one series)."""
     if not rid:
         return
-    data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data)
-    logged = dict(data.metrics) if data is not None else {}
+    data = None if rid in sink.made_runs else sink.call("reading a fine-tune run", lambda: sink.client.get_run(rid).data)
+    logged = dict(data.metrics) if data is not None else {}       # (a run this sink just made holds nothing)
     step, last = int(row.get("epochs") or 0), {}
     for h in history:
         report = finetune_epoch_metrics(h, logged)

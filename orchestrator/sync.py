@@ -1,12 +1,11 @@
 """Upload to MLflow what a sweep folder holds but the tracking store lacks (``gmpq sync-mlflow``).
 
-Parquet is the sweep's source of truth; MLflow is a view that can miss runs when the tracking server
-was down at the start or went down mid-sweep (the sink warns once and stops logging). Once the server
-is back, ``sync_mlflow(sweep_dir)`` makes the view whole again:
+Parquet is the sweep's source of truth; MLflow is a view that can miss runs when the tracking server was down at the
+start or went down mid-sweep (the sink warns once and stops logging). ``sync_mlflow(sweep_dir)`` makes it whole:
 
-- the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created; one deleted
-  while its child runs stay: restored, or, once ``mlflow gc`` removed it, a new one with those runs moved under it,
-  ``mlflow_parent``, as every command that logs the sweep does);
+- the parent run (reused through ``mlflow_parent.json`` or its ``gmpq.sweep_dir`` tag, else created; one deleted:
+  restored with the runs deleted with it, or, once ``mlflow gc`` removed it, a new one with the runs left under the
+  old one moved under it, ``mlflow_parent``, as every command that logs the sweep does);
 - one child run per row of ``trials.parquet`` (reused through ``mlflow_runs.json`` or its ``trial_id``
   tag, else created) with the trial's params (a created one: its numbers also as ``param_<name>`` metrics), its
   per-epoch metrics (read back from the Ray Tune trial folder's ``result.json`` when the run has none), the final
@@ -55,7 +54,7 @@ from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
 from .sync_guards import SyncError, id_files_kept, refuse_while_running
 
-__all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial"]
+__all__ = ["SyncError", "SyncReport", "sync_mlflow", "trial_histories", "child_runs_by_trial", "parent_step"]
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +83,7 @@ class SyncReport:
     checkpoint_storage: str = ""                          # where their Ray Train checkpoints were looked for
     finetune_runs_recreated: int = 0                      # fine-tune runs made again for rows the store lost
     parent_restored: bool = False                         # the parent run was in the deleted stage: restored
+    runs_restored: int = 0                                # runs under it deleted with it, restored too
     removed_parent_run_id: str | None = None              # the parent run mlflow gc removed (a new one was made)
     runs_reattached: int = 0                              # runs moved from that one under the new parent
     finetune_runs_completed: int = 0                      # fine-tune runs a stopped final stage left unfinished
@@ -289,16 +289,25 @@ class _Syncer:
         return backfill_trial_tags(self.sink, d, pareto, final)
 
 
+def parent_step(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: list[dict], moved: int = 0, *,
+                finish: bool = True, syncer: _Syncer | None = None) -> tuple[_Syncer, list[str]]:
+    """The sync's parent run step (also a live command's for a new parent replacing a removed one,
+    ``mlflow_parent.fill_new_parent``): ended FINISHED once every trial has a row (``finish``: no driver runs the
+    sweep), then the tables it lacks (``_Syncer.tables``). Returns the syncer and the tables logged."""
+    syncer = syncer or _Syncer(sink, cfg, sweep_dir, moved)
+    n_trials = cfg.get("n_trials")
+    if finish and isinstance(n_trials, int) and len(rows) >= n_trials and \
+            sink.client.get_run(sink.parent_run_id).info.status != "FINISHED":
+        sink.finish(sink.parent_run_id, "FINISHED")      # every trial has a row: the sweep is over
+    return syncer, syncer.tables()
+
+
 def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: list[dict], moved: int) -> tuple:
     syncer = _Syncer(sink, cfg, sweep_dir, moved)
     outcomes = {"created": 0, "updated": 0, "unchanged": 0}
     for row in sorted(rows, key=lambda r: str(r["trial_id"])):
         outcomes[syncer.trial(row)] += 1
-    n_trials = cfg.get("n_trials")
-    if isinstance(n_trials, int) and len(rows) >= n_trials and \
-            sink.client.get_run(sink.parent_run_id).info.status != "FINISHED":
-        sink.finish(sink.parent_run_id, "FINISHED")      # every trial has a row: the sweep is over
-    tables = syncer.tables()
+    _, tables = parent_step(sink, cfg, sweep_dir, rows, syncer=syncer)
     final = sweep_dir / FINAL_FILE          # the fine-tune runs just created (and older ones) get their epochs
     series = fill_finetune_series(sink, cfg, sweep_dir, read_table(final).to_pandas()) if final.is_file() \
         else SeriesFill(0, (), "")
@@ -368,7 +377,7 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
         if not sink.open_store():
             raise _cannot_sync(sink, sweep_dir, caught)
         try:
-            sink.tell_lost_parent = False           # (the report says it)
+            sink.tell_lost_parent = sink.fill_lost_parent = False     # (the report says it; _sync_all fills it)
             if not sink.connect():                  # a lost parent: restored, or a new one (``mlflow_parent``)
                 raise _cannot_sync(sink, sweep_dir, caught)
             lost = sink.lost_parent or LostParent()
@@ -386,5 +395,5 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
                       runs_tagged=tagged, finetune_series_logged=series.runs_filled,
                       finetunes_without_history=series.without_history, checkpoint_storage=series.storage,
                       finetune_runs_recreated=made[0], finetune_runs_completed=made[1],
-                      parent_restored=lost.restored is not None,
+                      parent_restored=lost.restored is not None, runs_restored=lost.runs_restored,
                       removed_parent_run_id=lost.removed, runs_reattached=lost.moved)

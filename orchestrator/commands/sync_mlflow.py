@@ -7,7 +7,8 @@ For a sweep whose MLflow server was down at the start or went down mid-sweep (th
 kept going: its results are complete in DIR/trials.parquet). Creates the missing parent and trial
 runs, completes the partial ones, and reuses runs it finds by their saved ids or their trial_id tags:
 running it twice creates nothing new. A fine-tune run deleted from the store (in the MLflow UI, or by
-mlflow gc) is made again from final.parquet. A deleted parent run is restored; one that mlflow gc removed
+mlflow gc) is made again from final.parquet. A deleted parent run is restored, with the runs deleted with
+it (a run deleted on its own before stays deleted and is made again); one that mlflow gc removed
 gets a new parent run, and the runs that were under it are moved under the new one. A fine-tune run that
 lacks its per-epoch series gets them from the fine-tune's Ray Train checkpoint (none left: it keeps its
 final row, and the sync says so in one line).
@@ -44,8 +45,9 @@ def format_report(rep: Any) -> str:
              f"{rep.trials} trials in trials.parquet: {rep.runs_created} runs created, {rep.runs_updated} completed, "
              f"{rep.runs_unchanged} already complete; {rep.duplicates} duplicate runs"]
     if getattr(rep, "parent_restored", False):
-        lines.append(f"parent run {rep.parent_run_id} was deleted (not yet removed by mlflow gc): restored, with the "
-                     "runs under it")
+        k = getattr(rep, "runs_restored", 0)
+        lines.append(f"parent run {rep.parent_run_id} was deleted (not yet removed by mlflow gc): restored"
+                     + (f", with the {k} run{'' if k == 1 else 's'} under it deleted with it" if k else ""))
     removed, n = getattr(rep, "removed_parent_run_id", None), getattr(rep, "runs_reattached", 0)
     if removed:
         lines.append(f"parent run {removed} was removed from the store (mlflow gc): {n} run{'' if n == 1 else 's'} "

@@ -86,8 +86,9 @@ def test_a_resumed_sweep_restores_or_replaces_its_lost_parent_and_keeps_its_tria
     said = [r.getMessage() for r in caplog.records if "parent run" in r.getMessage()]
     if how == "deleted":
         assert new == old and client.get_run(old).info.lifecycle_stage == "active"
-        assert said == [f"MLflow: the sweep's parent run {old} was deleted (not yet removed by mlflow gc): restored "
-                        "it, with the runs under it; nothing is logged twice"]
+        assert len(said) == 1 and said[0].startswith(
+            f"MLflow: the sweep's parent run {old} was deleted (not yet removed by mlflow gc): restored it; nothing "
+            f"is logged twice. To keep it deleted, delete it again and remove {sweep / 'mlflow_parent.json'} and ")
     else:
         assert new != old and len(said) == 1 and f"parent run {old} was removed" in said[0] \
             and "moved the 2 runs" in said[0]
@@ -143,8 +144,8 @@ def test_a_trial_run_deleted_while_the_sweep_logs_is_left_alone_and_the_others_g
     assert client.get_run(ids["b"]).info.status == "FINISHED"
     assert client.get_run(cb.parent_run_id).info.status == "FINISHED"
     said = [r.getMessage() for r in caplog.records if r.name.startswith("orchestrator")]
-    assert len(said) == 1 and f"run {ids['a']} was deleted while this command logged to it" in said[0] \
-        and "gmpq sync-mlflow --sweep" in said[0]
+    assert said == [f"MLflow run {ids['a']} (trial a) is deleted in the store: nothing is logged into it; "
+                    f"'gmpq sync-mlflow --sweep {sweep}' makes it again"]
 
 
 def test_a_parent_run_deleted_while_the_sweep_logs_is_restored(tmp_path, caplog):

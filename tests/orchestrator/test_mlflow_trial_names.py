@@ -31,6 +31,19 @@ def test_names_say_what_the_sweep_varies():
     assert trial_run_name("t1", {"x": 1.0}, SPACE) == "t1"
 
 
+def test_odd_values_make_short_names_and_the_space_varies_as_the_sweep_reads_it():
+    from orchestrator.mlflow_keys import trial_run_name
+
+    assert trial_run_name("t1", {"budget_avg_bits": float("nan"), "proxy_size": 1000}) == "t1 n1000"   # no "bnan"
+    assert trial_run_name("t1", {"proxy_size": [500, 1000]}) == "t1 n500,1000"                  # no "n[500, 1000]"
+    repeats = {"proxy_size": {"type": "categorical", "choices": [3.0, 3]}}     # the sweep refuses it: one value
+    assert trial_run_name("t1", {"proxy_size": 3}, repeats) == "t1"
+    from orchestrator.mlflow_keys import NAME_CHARS, NAME_PART_CHARS, _part
+    assert _part("", "p_mode", "x" * 300) == "x" * (NAME_PART_CHARS - 1) + "~"
+    assert _part("", "p_mode", ["a b", "c"]) == "ab,c"
+    assert len(trial_run_name("t" * 300, {"budget_avg_bits": 3.0})) == NAME_CHARS
+
+
 def test_the_live_sweep_names_new_trial_runs_and_keeps_an_old_runs_name(tmp_path):
     from orchestrator.mlflow_callback import MLflowCallback
     from orchestrator.mlflow_sink import MLflowSink
