@@ -7,9 +7,9 @@ sync-mlflow``):
 - a parent in the deleted stage, not yet removed by ``mlflow gc``, is restored (``restore_deleted_parent``, before
   the sink looks for its parent): same id, nothing is made or logged again; so are the runs under it deleted with
   it (within ``WITH_PARENT_MS`` of it: the UI's delete of a parent with its child runs), while a run deleted on its
-  own before stays deleted (``gmpq sync-mlflow`` makes it again). When that time cannot be read (RunInfo has no
-  ``deleted_time`` in MLflow 3.17, and a server's REST API does not give it; the sweep's SQLite store does), every
-  deleted run under the parent is restored;
+  own (before, or later) stays deleted (``gmpq sync-mlflow`` makes it again). When that time cannot be read (RunInfo
+  has no ``deleted_time`` in MLflow 3.17, and a server's REST API does not give it; the sweep's SQLite store does,
+  read ``_SQL_CHUNK`` ids a query), every deleted run under the parent is restored, and the line says so;
 - a parent that ``mlflow gc`` removed (or a store made anew) is gone: the sink makes a new one, the runs still under
   the removed one get the new one's id as their ``mlflow.parentRunId`` (``reattach_orphans``), so they are found
   under it rather than made again (no duplicate runs, no metric point logged twice), and the new one gets what the
@@ -51,15 +51,17 @@ log = logging.getLogger("orchestrator.mlflow_sink")     # the sink's messages
 PARENT_TAG = "mlflow.parentRunId"
 WITH_PARENT_MS = 60_000      # a child run deleted this close to its parent was deleted with it (one UI action)
 _CHUNK = 100                 # run ids per ``attributes.run_id IN (...)`` search
+_SQL_CHUNK = 500             # run ids per SQLite ``IN (?, ...)`` query (SQLite before 3.32 allows 999 variables)
 _told: set[str] = set()      # runs said deleted or gone in this process (``leave_deleted``: once per run)
 
 
 @dataclass(frozen=True)
 class LostParent:
     """What became of a lost parent run: ``restored`` (its id: it was in the deleted stage) with ``runs_restored``
-    runs under it deleted with it and ``runs_left`` deleted before it (left deleted); or ``removed`` (the id
-    ``mlflow gc`` removed, or a new store lacks) with ``moved`` runs re-attached to the new parent, which
-    ``filled`` says got the sweep's tables (``fill_new_parent``). ``unrecorded``: ``mlflow_parent.json`` named no
+    runs under it deleted with it and ``runs_left`` deleted on their own (left deleted), or, ``times_unknown`` (the
+    store did not say when they were deleted), every deleted run under it; or ``removed`` (the id ``mlflow gc``
+    removed, or a new store lacks) with ``moved`` runs re-attached to the new parent, which ``filled`` says got the
+    sweep's tables (``fill_new_parent``; ``fill_error``: why not). ``unrecorded``: ``mlflow_parent.json`` named no
     parent of this store (the parent was looked for by its tags)."""
     restored: str | None = None
     removed: str | None = None
@@ -67,7 +69,9 @@ class LostParent:
     unrecorded: bool = False
     runs_restored: int = 0
     runs_left: int = 0
+    times_unknown: bool = False
     filled: bool = False
+    fill_error: str = ""
 
 
 def run_stage(sink: MLflowSink, run_id: str) -> str | None:
@@ -123,17 +127,21 @@ def _deleted_by_tags(sink: MLflowSink) -> str | None:
 
 
 def _deleted_times(sink: MLflowSink, ids: list[str]) -> dict[str, int | None] | None:
-    """``run id -> deleted_time`` (ms) from the sink's SQLite store (MLflow's client does not give it); None for
-    another store or when it cannot be read."""
+    """``run id -> deleted_time`` (ms) from the sink's SQLite store (MLflow's client does not give it), ``_SQL_CHUNK``
+    ids a query (fewer if the connection allows fewer variables); None for another store or when it cannot be read."""
     db = sqlite_file(sink.tracking_uri)
     if db is None or not db.is_file() or not ids:
         return None
     try:
         con = sqlite3.connect(f"{Path(db).as_uri()}?mode=ro", uri=True, timeout=30)
         try:
-            marks = ",".join("?" * len(ids))
-            rows = con.execute(f"SELECT run_uuid, deleted_time FROM runs WHERE run_uuid IN ({marks})",  # noqa: S608
-                               ids).fetchall()
+            n = min(_SQL_CHUNK, con.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)) if hasattr(con, "getlimit") \
+                else _SQL_CHUNK                 # (Python 3.11+)
+            rows = []
+            for i in range(0, len(ids), n):
+                chunk = ids[i:i + n]
+                rows += con.execute("SELECT run_uuid, deleted_time FROM runs WHERE run_uuid IN ({})".format(  # noqa: S608
+                    ",".join("?" * len(chunk))), chunk).fetchall()
         finally:
             con.close()
     except sqlite3.Error:
@@ -151,11 +159,13 @@ def _restore(sink: MLflowSink, rid: str) -> tuple[LostParent, list[str]]:
                                                      run_view_type=ViewType.DELETED_ONLY, max_results=50000)]
     times = _deleted_times(sink, [rid, *children]) or {}
     at = times.get(rid)
-    with_it = [r for r in children if at is None or times.get(r) is None or abs(times[r] - at) <= WITH_PARENT_MS]
+    unknown = {r for r in children if at is None or times.get(r) is None}
+    with_it = [r for r in children if r in unknown or abs(times[r] - at) <= WITH_PARENT_MS]
     c.restore_run(rid)
     for r in with_it:
         c.restore_run(r)
-    return LostParent(restored=rid, runs_restored=len(with_it), runs_left=len(children) - len(with_it)), with_it
+    return LostParent(restored=rid, runs_restored=len(with_it), runs_left=len(children) - len(with_it),
+                      times_unknown=bool(unknown)), with_it
 
 
 def restore_deleted_parent(sink: MLflowSink) -> LostParent:
@@ -221,7 +231,9 @@ def reattach_orphans(sink: MLflowSink, lost: LostParent) -> LostParent:
 def fill_new_parent(sink: MLflowSink, lost: LostParent, *, reopen: bool) -> LostParent:
     """A new parent run made for a removed one gets what ``gmpq sync-mlflow``'s parent step logs (``sync.parent_step``:
     the Pareto and final tables it lacks, ended FINISHED once every trial has a row, unless the sweep's driver runs:
-    ``reopen``, this process's sweep, or another process's ``driver.json``) and the description (``note_sweep``)."""
+    ``reopen``, this process's sweep, or another process's ``driver.json``) and the description (``note_sweep``).
+    A failure of it (a damaged table, a refused write) is the fill's only (``fill_error``, said in the sink's line:
+    ``gmpq sync-mlflow`` logs them later): the sink goes on."""
     if not lost.removed or lost.removed == sink.parent_run_id or sink.PARENT_ROLE != "sweep":
         return lost
     from .driver_markers import live_driver
@@ -229,11 +241,18 @@ def fill_new_parent(sink: MLflowSink, lost: LostParent, *, reopen: bool) -> Lost
     from .results import read_trials
     from .sync import parent_step
 
-    rows = read_trials(sink.sweep_dir, missing_ok=True).to_dict("records")
-    parent_step(sink, sink.resolved_config, sink.sweep_dir, rows, lost.moved,
-                finish=not reopen and live_driver(sink.sweep_dir) is None)
-    note_sweep(sink, sink.sweep_dir)
-    return replace(lost, filled=sink.enabled)
+    failed: list[str] = []
+    sink._disable = lambda what, err: failed.append(f"{what} failed: {err}")    # a refused sink.call: the sink
+    try:
+        rows = read_trials(sink.sweep_dir, missing_ok=True).to_dict("records")
+        parent_step(sink, sink.resolved_config, sink.sweep_dir, rows, lost.moved,
+                    finish=not reopen and live_driver(sink.sweep_dir) is None)
+        note_sweep(sink, sink.sweep_dir)
+    except Exception as e:  # noqa: BLE001 - the tables are a view of the folder's: a later sync logs them
+        failed.append(f"{type(e).__name__}: {e}")
+    finally:                                                                    # stays on (MLflowSink._disable)
+        del sink._disable
+    return replace(lost, filled=not failed, fill_error=failed[0] if failed else "")
 
 
 def lost_parent_line(lost: LostParent | None, sink: MLflowSink) -> str | None:
@@ -244,8 +263,12 @@ def lost_parent_line(lost: LostParent | None, sink: MLflowSink) -> str | None:
     if lost.restored:
         n, left = lost.runs_restored, lost.runs_left
         runs = f" and the {n} run{'' if n == 1 else 's'} under it deleted with it" if n else ""
-        kept = (f"; {left} run{'' if left == 1 else 's'} under it deleted before it stay{'s' if left == 1 else ''} "
-                f"deleted ('{sync}' makes {'it' if left == 1 else 'them'} again)") if left else ""
+        if n and lost.times_unknown:        # (every deleted run under it: _restore)
+            runs = f" and the {n} deleted run{'' if n == 1 else 's'} under it (the store does not say which were " \
+                "deleted with it)"
+        kept = (f"; {left} run{'' if left == 1 else 's'} under it deleted on {'its' if left == 1 else 'their'} own "
+                f"stay{'s' if left == 1 else ''} deleted ('{sync}' makes {'it' if left == 1 else 'them'} again)") \
+            if left else ""
         return (f"MLflow: the sweep's parent run {lost.restored} was deleted (not yet removed by mlflow gc): restored "
                 f"it{runs}; nothing is logged twice{kept}. To keep it deleted, delete it again and remove "
                 f"{d / PARENT_FILE} and {d / RUNS_FILE}: later commands then leave it deleted and log the sweep "
@@ -257,6 +280,8 @@ def lost_parent_line(lost: LostParent | None, sink: MLflowSink) -> str | None:
                     f"a new store): made {sink.parent_run_id}; '{sync}' logs the sweep into it")
         tables = " and logged the sweep's tables onto it" if lost.filled else \
             f"; '{sync}' logs the sweep's tables onto it"
+        if lost.fill_error:
+            tables = f"; logging the sweep's tables onto it failed ({lost.fill_error}): '{sync}' logs them"
         return (f"MLflow: the sweep's parent run {lost.removed} was removed from the store (mlflow gc): made a new "
                 f"parent run {sink.parent_run_id}, moved the {n} run{'' if n == 1 else 's'} that were under the old "
                 f"one under it (not made again){tables}")

@@ -46,8 +46,11 @@ def format_report(rep: Any) -> str:
              f"{rep.runs_unchanged} already complete; {rep.duplicates} duplicate runs"]
     if getattr(rep, "parent_restored", False):
         k = getattr(rep, "runs_restored", 0)
-        lines.append(f"parent run {rep.parent_run_id} was deleted (not yet removed by mlflow gc): restored"
-                     + (f", with the {k} run{'' if k == 1 else 's'} under it deleted with it" if k else ""))
+        runs = f", with the {k} run{'' if k == 1 else 's'} under it deleted with it" if k else ""
+        if k and getattr(rep, "runs_restored_unsorted", False):         # (every deleted run under it)
+            runs = f", with the {k} deleted run{'' if k == 1 else 's'} under it (the store does not say which were " \
+                "deleted with it)"
+        lines.append(f"parent run {rep.parent_run_id} was deleted (not yet removed by mlflow gc): restored{runs}")
     removed, n = getattr(rep, "removed_parent_run_id", None), getattr(rep, "runs_reattached", 0)
     if removed:
         lines.append(f"parent run {removed} was removed from the store (mlflow gc): {n} run{'' if n == 1 else 's'} "

@@ -102,7 +102,12 @@ def test_a_pickled_sink_keeps_no_state_of_this_process(tmp_path):
     (sweep / "sweep_config.yaml").write_text("name: p\nmodel: resnet20\n")
     sink = MLflowSink(None, sweep)
     assert sink.connect()
+    rid = sink.child_run("trials", "t1", run_name="t1", params={"x": 1}, tags={"trial_id": "t1"})
+    sink.deleted_runs.add(rid)
     mlflow.MlflowClient(sink.tracking_uri).delete_run(sink.parent_run_id)
     assert restore_meanwhile(sink)
-    state = pickle.loads(pickle.dumps(sink)).__dict__
-    assert not {"_restored_meanwhile", "_deleted_runs", "_client"} & {k for k, v in state.items() if v}
+    assert sink.made_runs == {rid} and sink.__dict__["_restored_meanwhile"] == sink.parent_run_id
+    again = pickle.loads(pickle.dumps(sink))
+    assert not {"_made_runs", "_restored_meanwhile", "_deleted_runs"} & set(again.__dict__)
+    assert again._client is None and not again.made_runs and not again.deleted_runs
+    assert again.runs == {"trials": {"t1": rid}, "finetune": {}}       # the persisted ids stay

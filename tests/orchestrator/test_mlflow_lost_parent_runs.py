@@ -1,8 +1,10 @@
 """A lost parent run as a live command and ``gmpq sync-mlflow`` repair it (``mlflow_parent``), real SQLite stores: a
 parent deleted with its child runs (as the MLflow UI can) comes back with the runs deleted with it, while a run deleted
-on its own before stays deleted; a new parent made for one ``mlflow gc`` removed gets the sweep's tables and status;
-a new store (mlflow.db removed) is said as such; a moved folder that lost mlflow_parent.json finds its deleted
-parent by the folder it was written in; and the restore line's way to keep a parent deleted works."""
+on its own before stays deleted, also past SQLite's limit of SQL variables; when the store does not say when they
+were deleted, every deleted run under it comes back and the line says so; a new parent made for one ``mlflow gc``
+removed gets the sweep's tables and status, and a failure to log them is said and turns nothing off; a new store
+(mlflow.db removed) is said as such; a moved folder that lost mlflow_parent.json finds its deleted parent by the folder
+it was written in; and the restore line's way to keep a parent deleted works."""
 from __future__ import annotations
 
 import json
@@ -10,6 +12,7 @@ import logging
 import shutil
 import sqlite3
 
+import pytest
 import yaml
 
 from test_sync_deleted_finetune_runs import _synced_sweep       # same folder (pytest puts it on sys.path)
@@ -30,9 +33,28 @@ def _deleted_earlier(sweep, rid: str, ms: int = 3_600_000) -> None:
     con.close()
 
 
+def _few_sql_variables(monkeypatch, n: int) -> None:
+    """The store's read-only connections (``mlflow_parent._deleted_times``'s) allow ``n`` SQL variables: a parent with
+    more child runs than SQLite's limit (32,766 by default; 999 before SQLite 3.32)."""
+    if not hasattr(sqlite3.Connection, "setlimit"):
+        pytest.skip("sqlite3.Connection.setlimit needs Python 3.11+")
+    real = sqlite3.connect
+
+    def connect(database, *args, **kwargs):
+        con = real(database, *args, **kwargs)
+        if kwargs.get("uri") and "mode=ro" in str(database):
+            con.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, n)
+        return con
+    monkeypatch.setattr(sqlite3, "connect", connect)
+
+
+@pytest.mark.parametrize("sql_variables", [None, 3])
 def test_a_parent_deleted_with_its_runs_comes_back_with_them_and_a_run_deleted_before_stays_deleted(
-        tmp_path, monkeypatch, caplog):
+        tmp_path, monkeypatch, caplog, sql_variables):
+    """``sql_variables``: the parent and its 4 runs' ids are more than one query may name (read in chunks)."""
     sweep, client = _synced_sweep(tmp_path, monkeypatch, n=2)
+    if sql_variables:
+        _few_sql_variables(monkeypatch, sql_variables)
     parent = _parent(sweep)
     exp_id = client.get_run(parent).info.experiment_id
     children, points = _children(client, exp_id), _state(client, exp_id)
@@ -56,7 +78,7 @@ def test_a_parent_deleted_with_its_runs_comes_back_with_them_and_a_run_deleted_b
     lines = [m for m in _said(caplog) if "parent run" in m]
     assert len(lines) == 1 and lines[0].startswith(
         f"MLflow: the sweep's parent run {parent} was deleted (not yet removed by mlflow gc): restored it and the 3 "
-        "runs under it deleted with it; nothing is logged twice; 1 run under it deleted before it stays deleted "
+        "runs under it deleted with it; nothing is logged twice; 1 run under it deleted on its own stays deleted "
         f"('gmpq sync-mlflow --sweep {sweep}' makes it again). To keep it deleted")
     assert not [m for m in _said(caplog) if "logged to it" in m]
 
@@ -85,10 +107,74 @@ def test_a_new_parent_for_a_gc_removed_one_gets_the_sweeps_tables_and_status(tmp
                     "and logged the sweep's tables onto it")
 
 
+def test_a_failed_fill_of_a_new_parent_is_said_and_mlflow_stays_on(tmp_path, monkeypatch, caplog, recwarn):
+    """The sweep's tables cannot be read (trials.parquet damaged) when a command makes a new parent for one mlflow gc
+    removed: the runs are still moved under it, the line says the tables were not logged and why, and the command
+    goes on logging."""
+    from orchestrator.mlflow_sink import DISABLED, MLflowSink
+
+    sweep, client = _synced_sweep(tmp_path, monkeypatch, n=2)
+    old = _parent(sweep)
+    exp_id = client.get_run(old).info.experiment_id
+    client.delete_run(old)
+    _gc(sweep, old)
+    (sweep / "trials.parquet").write_bytes(b"not a parquet file")
+
+    sink = MLflowSink(None, sweep)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.mlflow_sink"):
+        assert sink.connect()
+    new = sink.parent_run_id
+    assert not [w for w in recwarn if str(w.message).startswith(DISABLED)] and "_disable" not in vars(sink)
+    assert {p for _, _, p in _children(client, exp_id).values()} == {new}
+    (line,) = [m for m in _said(caplog) if "parent run" in m]
+    assert line.startswith(f"MLflow: the sweep's parent run {old} was removed from the store (mlflow gc): made a new "
+                           f"parent run {new}, moved the 4 runs that were under the old one under it (not made "
+                           "again); logging the sweep's tables onto it failed (CheckpointError: ")
+    assert str(sweep / "trials.parquet") in line and line.endswith(f"): 'gmpq sync-mlflow --sweep {sweep}' logs them")
+    sink.log_metrics(new, {"later": 1.0})
+    assert client.get_run(new).data.metrics == {"later": 1.0}
+
+
+@pytest.mark.parametrize("command", ["sink", "sync"])
+def test_a_parent_whose_deletion_time_is_unknown_comes_back_with_every_deleted_run_under_it(
+        tmp_path, monkeypatch, caplog, command):
+    """A parent deleted by an MLflow that kept no ``deleted_time``: which runs were deleted with it is not known, so
+    all the deleted runs under it come back, the one deleted on its own too, and the line and the report say so."""
+    from orchestrator.commands.sync_mlflow import format_report
+    from orchestrator.mlflow_sink import MLflowSink
+    from orchestrator.sync import sync_mlflow
+
+    sweep, client = _synced_sweep(tmp_path, monkeypatch, n=2)
+    parent = _parent(sweep)
+    children = _children(client, client.get_run(parent).info.experiment_id)
+    alone = next(iter(children))
+    client.delete_run(alone)
+    _deleted_earlier(sweep, alone)
+    for rid in [parent, *(r for r in children if r != alone)]:
+        client.delete_run(rid)
+    con = sqlite3.connect(sweep / "mlflow.db")
+    with con:
+        con.execute("UPDATE runs SET deleted_time = NULL WHERE run_uuid = ?", (parent,))
+    con.close()
+
+    runs = "the 4 deleted runs under it (the store does not say which were deleted with it)"
+    if command == "sink":
+        with caplog.at_level(logging.WARNING, logger="orchestrator.mlflow_sink"):
+            assert MLflowSink(None, sweep).connect()
+        (line,) = [m for m in _said(caplog) if "parent run" in m]
+        assert f"restored it and {runs}; nothing is logged twice. To keep it deleted" in line
+    else:
+        rep = sync_mlflow(sweep)
+        assert rep.runs_restored == 4 and rep.runs_restored_unsorted
+        assert f"parent run {parent} was deleted (not yet removed by mlflow gc): restored, with {runs}" in \
+            format_report(rep).splitlines()
+    assert all(client.get_run(r).info.lifecycle_stage == "active" for r in [parent, *children])
+
+
 def test_a_new_store_is_said_as_such_and_its_runs_are_made_not_written_to(tmp_path, monkeypatch, caplog, recwarn):
+    """Every run of the sweep removed by mlflow gc: to the commands, as a new store (mlflow.db removed) is."""
     from orchestrator.mlflow_sink import DISABLED
 
-    """Every run of the sweep removed by mlflow gc: to the commands, as a new store (mlflow.db removed) is."""
     sweep, client = _synced_sweep(tmp_path, monkeypatch, n=2)
     old = _parent(sweep)
     for rid in [old, *_children(client, client.get_run(old).info.experiment_id)]:
