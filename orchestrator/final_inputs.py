@@ -63,40 +63,52 @@ def check_final_args(sweep_dir: Path, cfg: dict, *, counts: dict[str, Any], lr: 
 def _reselect_stale(sweep_dir: Path, cfg: dict, say: Callable[[str], None]) -> bool:
     """Whether pareto.parquet's selection, made from other completed trials than the sweep holds now (a sweep that
     ran on since ``gmpq pareto``: ``pareto_stale``), is made again with the sweep config's settings: yes when it was
-    made with them (said); one made by hand (a --pick, another --top-k or --max-gbitops of gmpq pareto) is kept, its
-    staleness said with the command that selects again."""
-    from .pareto_stale import config_made, stale_selection, stale_text
+    made with them (said); one made otherwise (a --pick, another --top-k or --max-gbitops of gmpq pareto, a config
+    changed since), or where that cannot be told (an older pareto.parquet), is kept, its staleness said with the
+    command that selects again."""
+    from .pareto_stale import CONFIG, PICKED, UNKNOWN, stale_selection, stale_text
     from .results import PARETO_FILE
 
-    stale = stale_selection(sweep_dir)
+    stale = stale_selection(sweep_dir, cfg=cfg)
     if stale is None:
         return False
-    if config_made(sweep_dir, cfg):
-        was = f"{stale.made_from} completed trial(s)" if stale.made_from is not None else "an earlier Pareto front"
-        say(f"{sweep_dir / PARETO_FILE}'s selection was made from {was}, and {stale.completed} have completed now: "
-            "selected again from all of them with the sweep config's settings (finetune.top_k, "
+    how = stale.made.how if stale.made is not None else UNKNOWN
+    if how == CONFIG:
+        was = f"{stale.made_from} completed trial{'' if stale.made_from == 1 else 's'}" \
+            if stale.made_from is not None else "an earlier Pareto front"
+        have = "trial has" if stale.completed == 1 else "trials have"
+        say(f"{sweep_dir / PARETO_FILE}'s selection was made from {was}, and {stale.completed} {have} completed now: "
+            "selected again from all of them with the sweep config's settings (finetune.top_k, budget_buckets, "
             "finetune.max_gbitops), as gmpq pareto would")
         return True
-    say(stale_text(stale, sweep_dir) + " (its selection was made by hand, with --pick or another --top-k or "
-        "--max-gbitops than the sweep config's, so it is fine-tuned as it is)")
+    why = ("pareto.parquet does not record how it was made (an earlier version wrote it) and its front is too small "
+           "to tell whether that was with the sweep config's settings" if how == UNKNOWN else
+           "it was picked by hand (gmpq pareto --pick)" if how == PICKED else
+           "it was made by hand (with --top-k / --max-gbitops other than the sweep config's, or with a config "
+           "changed since)")
+    say(f"{stale_text(stale, sweep_dir)}. Not selected again here: {why}, so it is fine-tuned as it is")
     return False
 
 
 def selected_policies(sweep_dir: Path, cfg: dict, top_k: int | None, limit: float | str | None,
-                      say: Callable[[str], None]) -> pd.DataFrame:
+                      say: Callable[[str], None], *, tracking_uri: str | None = None,
+                      mlflow: bool = False) -> pd.DataFrame:
     """The selected rows of pareto.parquet, selected again (``write_pareto``) with ``top_k``
     (default: the config's finetune.top_k) within ``limit`` (``limit_given``'s; default: the config's
     finetune.max_gbitops) when ``reselects``, else pareto.parquet's selection as it is (a pick or a limit of
     ``gmpq pareto`` carries), or selected again when stale (``_reselect_stale``). GMPQError when none is selected;
-    says so when fewer than asked for were."""
-    from .pareto import DEFAULT_TOP_K, read_pareto, write_pareto
+    says so when fewer than asked for were. A selection made again is logged to MLflow as ``gmpq pareto`` logs it
+    (``commands.pareto.pareto_stage``: the parent run's Pareto table, the trial runs' ``pareto`` tags) when
+    ``mlflow`` (``tracking_uri``: default the sweep's)."""
+    from .commands.pareto import pareto_stage
+    from .pareto import DEFAULT_TOP_K, read_pareto
     from .pareto_pick import fewer_text, limit_in_force, limit_text
     from .results import PARETO_FILE
 
     if reselects(sweep_dir, top_k, limit):
-        pareto = write_pareto(sweep_dir, top_k, max_gbitops=limit)
+        pareto = pareto_stage(sweep_dir, top_k, tracking_uri, mlflow=mlflow, cfg=cfg, max_gbitops=limit)
     elif _reselect_stale(sweep_dir, cfg, say):
-        pareto = write_pareto(sweep_dir)
+        pareto = pareto_stage(sweep_dir, None, tracking_uri, mlflow=mlflow, cfg=cfg)
     else:
         pareto = read_pareto(sweep_dir)
     chosen = pareto[pareto["selected"]] if len(pareto) else pareto

@@ -254,7 +254,8 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
     with final_stage_marker(sweep_dir):   # to the last MLflow write: a sync or another final stage waits for it
         refuse_beside_other_finetune(sweep_dir)     # marked first: of two final stages started at once, one runs
         given = functools.partial(_given, stage)
-        chosen = selected_policies(sweep_dir, cfg, top_k, limit, say)      # pareto.parquet's selected rows
+        chosen = selected_policies(sweep_dir, cfg, top_k, limit, say,     # pareto.parquet's selected rows
+                                   tracking_uri=tracking_uri, mlflow=True)   # (made again: logged as gmpq pareto does)
         workers = given(workers, "workers", 1)
         workers = workers if workers == "auto" else int(workers)
         epochs = int(given(epochs, "epochs", 1))

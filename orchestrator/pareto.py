@@ -243,7 +243,8 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
     ``top_k``, ``buckets`` and ``max_gbitops`` default to the sweep config's ``finetune.top_k``, ``budget_buckets``
     and ``finetune.max_gbitops`` (``max_gbitops="none"``: no limit). ``picks``: exactly those trials are selected
     (``select_policies``); the config's limit does not apply to them, a ``max_gbitops`` given is refused.
-    pareto.parquet has the trials.parquet columns (same types) plus ``selected`` and ``selection_reason``.
+    pareto.parquet has the trials.parquet columns (same types) plus ``selected`` and ``selection_reason``; its schema
+    metadata records the completed trials selected from and the settings used (``pareto_stale.selection_meta``).
     ``cfg`` (the sweep config) and ``table`` (trials.parquet as Arrow) spare reading them again when already read.
     """
     sweep_dir = Path(sweep_dir)
@@ -264,8 +265,10 @@ def write_pareto(sweep_dir: str | Path, top_k: int | None = None, *, buckets: Se
     rows = [dict(by_id[str(t)], selected=bool(s), selection_reason=str(r))
             for t, s, r in zip(sel["trial_id"], sel["selected"], sel["selection_reason"])]
     schema = table.schema.append(pa.field("selected", pa.bool_())).append(pa.field("selection_reason", pa.string()))
-    from .pareto_stale import selected_from_meta       # the trials it selected from: a later look says if stale
-    out = rows_to_table(rows, schema.with_metadata({**(schema.metadata or {}), **selected_from_meta(trials)}))
+    from .pareto_stale import selection_meta     # the trials it selected from, and how: a later look says if stale
+    picked = None if picks is None else [str(t) for t in sel.loc[sel["selected"], "trial_id"]]
+    meta = selection_meta(trials, top_k=top_k, buckets=buckets, max_gbitops=limit, picked=picked)
+    out = rows_to_table(rows, schema.with_metadata({**(schema.metadata or {}), **meta}))
     write_table(sweep_dir / PARETO_FILE, out)
     export_policies(sweep_dir, rows, cfg.get("name"))
     result = out.to_pandas()

@@ -81,13 +81,22 @@ def grow_restored(tune_config: Any, n_trials: int) -> bool:
     return True
 
 
-def check_growth(cfg: Any, saved_n: int, ended: int) -> None:
+def check_growth(cfg: Any, saved_n: int, ended: int, *, tune_saved: bool = False) -> None:
     """ConfigError when a resume's ``n_trials`` (``cfg``) cannot replace the saved ``saved_n``: fewer (``ended`` of
     them have ended: trials.parquet), or more through Ray Client (Tune restores the sweep on the cluster, out of
-    reach of ``grow_restored``), or more than the space holds (``sweep_config.check_trial_count``)."""
+    reach of ``grow_restored``), or more than the space holds (``sweep_config.check_trial_count``). ``tune_saved``:
+    ``saved_n`` is the count Ray Tune saved (``tune_saved_count``), the saved config raised already by a grown
+    resume that stopped before Tune ran it (``sweep_resume.grown_from``)."""
     from .sweep_config import check_trial_count
 
     n, out = cfg.n_trials, cfg.out_dir
+    if n > saved_n and tune_saved and str(cfg.address or "").startswith("ray://"):
+        raise ConfigError(f"The sweep in '{out}' grows from {saved_n} to {n} trials (n_trials {n} in its "
+                          f"sweep_config.yaml, saved by a grown resume that stopped before Ray Tune ran it; Tune's "
+                          f"saved state holds {saved_n}), but through Ray Client ({cfg.address}) Tune restores it on "
+                          f"the cluster, where its trial count cannot be raised. Resume it from the head node "
+                          f"(--address auto) to grow it; to run only its {saved_n} trials through Ray Client, set "
+                          f"n_trials back to {saved_n} in {Path(out) / 'sweep_config.yaml'} first. Nothing was run.")
     if n < saved_n:
         if isinstance(ended, int) and ended >= saved_n:        # all ended: only a larger count runs any more
             how = (f"(all {saved_n} have ended): a resumed sweep can run more trials, not fewer. Resume with "

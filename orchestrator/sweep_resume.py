@@ -225,12 +225,15 @@ def grown_from(cfg: SweepConfig) -> int | None:
     """The trial count a resume of ``cfg`` (resolved) grows the sweep from, None when it does not grow: the saved
     config's when ``cfg`` raises it (``_check_same_config``: its refusals too), or the smaller count Ray Tune saved
     (``sweep_grow.tune_saved_count``: a grown resume stopped before Tune saved its state, the saved config already
-    raised), so a later plain ``--resume`` still says and records the growth."""
-    from .sweep_grow import tune_saved_count
+    raised), so a later plain ``--resume`` still says and records the growth; that one is checked as a grown resume
+    is (``sweep_grow.check_growth``: through Ray Client, refused before Ray starts)."""
+    from .sweep_grow import check_growth, tune_saved_count
 
     old = _check_same_config(cfg)
     tune_n = tune_saved_count(cfg)
     if tune_n is not None and tune_n < cfg.n_trials:
+        if old is None:                                 # (a count the config raised: checked there)
+            check_growth(cfg, tune_n, ended_count(cfg), tune_saved=True)
         return min(tune_n, old) if old is not None else tune_n
     return old
 

@@ -233,7 +233,7 @@ def read_sweep_status(sweep_dir: str | Path, *, own_marker: bool = True) -> Swee
                        trials=trials, driver=driver, driver_alive=alive, finetune_driver=finetune, selected=selected,
                        selected_from=[str(r["trial_id"]) for r in pareto] if (sweep_dir / PARETO_FILE).is_file() else None,
                        front_now=_front_ids(sweep_dir) if (sweep_dir / PARETO_FILE).is_file() else [],
-                       stale_selection=stale_selection(sweep_dir),
+                       stale_selection=stale_selection(sweep_dir, cfg=cfg),
                        final=final,
                        finetune_progress=progress, shared=_read_shared(sweep_dir),
                        mlflow=mlflow_view(sweep_dir, cfg, [t.trial_id for t in trials if t.status in (COMPLETED, PRUNED,

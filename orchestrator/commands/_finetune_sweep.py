@@ -14,6 +14,9 @@ Without --top-k or --max-gbitops it fine-tunes pareto.parquet's selection (a ``g
 finetune.top_k) among the front's policies of at most G GBitOPs (the quantized layers' BitOPs / 1e9, pareto.parquet's
 gbitops, pareto.png's x axis); 'none' lifts the config's limit. Either is for this call: sweep_config.yaml is left as
 it is (gmpq run --out DIR --resume --max-gbitops G changes it). None of the front within G: refused, nothing written.
+A selection made from fewer trials than have completed since (a grown sweep) is made again when it was made with the
+sweep config's settings, and kept when made by hand (--pick, another --top-k / --max-gbitops, a config changed since).
+A selection made again is logged to the sweep's MLflow parent run and trial runs, as gmpq pareto logs it.
 """
 from __future__ import annotations
 

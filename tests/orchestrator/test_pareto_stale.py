@@ -43,8 +43,8 @@ def test_a_selection_made_before_more_trials_completed_is_said_to_be_stale(tmp_p
 
     assert main(["status", "--sweep", str(tmp_path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert (f"The Pareto selection (pareto.parquet) was made from 2 completed trial(s), and 4 have completed now; 1 "
-            f"trial(s) now on the Pareto front are not in it (t3): select again with: gmpq pareto {tmp_path}.") in out
+    assert (f"The Pareto selection (pareto.parquet) was made from 2 completed trials, and 4 trials have completed now; "
+            f"1 trial(s) now on the Pareto front are not in it (t3): select again with: gmpq pareto {tmp_path}.") in out
     assert "Next: gmpq finetune" not in out
 
     from orchestrator.commands.sweep import format_summary
@@ -78,8 +78,8 @@ def test_finetune_sweep_selects_again_a_stale_automatic_selection(tmp_path):
     chosen = selected_policies(tmp_path, load_resolved_config(tmp_path), None, None, said.append)
     assert list(chosen["trial_id"]) == ["t3"] and _selected(tmp_path) == ["t3"]     # the front now is t3 alone
     text = " ".join(" ".join(said).split())
-    assert "selection was made from 2 completed trial(s), and 3 have completed now: selected again from all of them " \
-           "with the sweep config's settings" in text
+    assert "selection was made from 2 completed trials, and 3 trials have completed now: selected again from all of " \
+           "them with the sweep config's settings (finetune.top_k, budget_buckets, finetune.max_gbitops)" in text
     assert stale_selection(tmp_path) is None
 
 
@@ -91,8 +91,9 @@ def test_finetune_sweep_keeps_a_stale_selection_made_by_hand_and_says_so(tmp_pat
     chosen = selected_policies(tmp_path, load_resolved_config(tmp_path), None, None, said.append)
     assert list(chosen["trial_id"]) == ["t2"] and _selected(tmp_path) == ["t2"]     # not replaced
     text = " ".join(" ".join(said).split())
-    assert f"select again with: gmpq pareto {tmp_path} (its selection was made by hand" in text
-    assert "fine-tuned as it is" in text
+    assert (f"pick again with: gmpq pareto {tmp_path} --pick ID[,ID...] (it was picked by hand: t2; without --pick, "
+            "gmpq pareto selects automatically). Not selected again here: it was picked by hand (gmpq pareto --pick), "
+            "so it is fine-tuned as it is") in text
 
     _sweep(tmp_path, ["t1", "t2"])
     write_pareto(tmp_path, plot=False, top_k=1)                        # another --top-k than the config's 3

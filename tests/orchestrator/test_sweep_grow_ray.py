@@ -125,7 +125,7 @@ def test_a_growth_stopped_before_tune_started_is_recorded_by_the_next_plain_resu
     assert "3 trials (1 new), " in err
     out = " ".join(again.stdout.split())
     assert "3 completed, 0 pruned, 0 failed" in out
-    assert ("The Pareto selection (pareto.parquet) was made from 2 completed trial(s), and 3 have completed now"
+    assert ("The Pareto selection (pareto.parquet) was made from 2 completed trials, and 3 trials have completed now"
             in out and f"select again with: gmpq pareto {sweep_dir}." in out), out[-2000:]
     mlflow.set_tracking_uri(f"sqlite:///{sweep_dir}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=["grown"])

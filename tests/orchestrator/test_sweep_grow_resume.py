@@ -45,6 +45,26 @@ def test_a_plain_resume_after_a_grown_one_stopped_before_tune_started_still_grow
     assert grown_from(_demo(tmp_path, n_trials=5).resolved()) == 3          # raised again: from the saved 3
 
 
+def test_a_plain_resume_through_ray_client_of_a_growth_tune_never_ran_is_refused_before_ray_starts(tmp_path):
+    """The growth Tune's saved count shows is checked as a grown resume is: through Ray Client (Tune restores the
+    sweep on the cluster, its count out of reach) refused now, nothing written; it used to end in cannot_grow's
+    'this Ray version' once Tune had restored it."""
+    ray_client = "ray://head:10001"
+    save_resolved_config(_demo(tmp_path, n_trials=3, address=ray_client))     # what the stopped grown resume saved
+    _tune_state(_demo(tmp_path), 2)
+    saved = (tmp_path / "sweep_config.yaml").read_text()
+    with pytest.raises(ConfigError) as e:
+        grown_from(_demo(tmp_path, n_trials=3, address=ray_client).resolved())
+    said = " ".join(str(e.value).split())
+    assert (f"The sweep in '{tmp_path}' grows from 2 to 3 trials (n_trials 3 in its sweep_config.yaml, saved by a "
+            "grown resume that stopped before Ray Tune ran it; Tune's saved state holds 2), but through Ray Client "
+            f"({ray_client})") in said
+    assert "(--address auto) to grow it" in said and f"set n_trials back to 2 in {tmp_path / 'sweep_config.yaml'}" \
+        in said and "this Ray" not in said
+    assert (tmp_path / "sweep_config.yaml").read_text() == saved
+    assert grown_from(_demo(tmp_path, n_trials=3, address="auto").resolved()) == 2       # from the head node: grows
+
+
 def test_the_growth_line_says_how_many_are_new_and_whether_the_sampler_is_guided(tmp_path):
     demo = _demo(tmp_path, n_trials=3)                         # demo: TPE's first 10 trials are random
     said = grown_text(demo, 2, 2)
