@@ -12,22 +12,14 @@ from orchestrator.cli import main
 from orchestrator.final_inputs import selected_policies
 from orchestrator.pareto import write_pareto
 from orchestrator.pareto_stale import stale_selection
-from orchestrator.results import PARETO_FILE, load_resolved_config, trial_row, write_results
-from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+from orchestrator.results import PARETO_FILE, load_resolved_config
+from stale_sweeps import selected, sweep_with  # same folder (pytest puts it on sys.path)
 
 _POINTS = {"t1": (70.0, 4e8), "t2": (60.0, 2e8), "t3": (80.0, 1e8), "t4": (50.0, 9e8)}
 
 
 def _sweep(d, ids, n_trials: int = 4) -> None:
-    save_resolved_config(load_sweep_config(preset="demo", overrides={"out_dir": str(d), "n_trials": n_trials}))
-    write_results(d, [trial_row(trial_id=t, config={"budget_avg_bits": 3.0}, status="completed",
-                                last_result={"transfer_top1": _POINTS[t][0], "bitops": int(_POINTS[t][1]),
-                                             "gbitops": _POINTS[t][1] / 1e9}) for t in ids], [])
-
-
-def _selected(d) -> list[str]:
-    df = pd.read_parquet(d / PARETO_FILE)
-    return sorted(df.loc[df["selected"], "trial_id"])
+    sweep_with(d, ids, _POINTS, n_trials=n_trials)
 
 
 def test_a_selection_made_before_more_trials_completed_is_said_to_be_stale(tmp_path, capsys):
@@ -76,7 +68,7 @@ def test_finetune_sweep_selects_again_a_stale_automatic_selection(tmp_path):
     _sweep(tmp_path, ["t1", "t2", "t3"])
     said: list[str] = []
     chosen = selected_policies(tmp_path, load_resolved_config(tmp_path), None, None, said.append)
-    assert list(chosen["trial_id"]) == ["t3"] and _selected(tmp_path) == ["t3"]     # the front now is t3 alone
+    assert list(chosen["trial_id"]) == ["t3"] and selected(tmp_path) == ["t3"]     # the front now is t3 alone
     text = " ".join(" ".join(said).split())
     assert "selection was made from 2 completed trials, and 3 trials have completed now: selected again from all of " \
            "them with the sweep config's settings (finetune.top_k, budget_buckets, finetune.max_gbitops)" in text
@@ -89,7 +81,7 @@ def test_finetune_sweep_keeps_a_stale_selection_made_by_hand_and_says_so(tmp_pat
     _sweep(tmp_path, ["t1", "t2", "t4"])
     said: list[str] = []
     chosen = selected_policies(tmp_path, load_resolved_config(tmp_path), None, None, said.append)
-    assert list(chosen["trial_id"]) == ["t2"] and _selected(tmp_path) == ["t2"]     # not replaced
+    assert list(chosen["trial_id"]) == ["t2"] and selected(tmp_path) == ["t2"]     # not replaced
     text = " ".join(" ".join(said).split())
     assert (f"pick again with: gmpq pareto {tmp_path} --pick ID[,ID...] (it was picked by hand: t2; without --pick, "
             "gmpq pareto selects automatically). Not selected again here: it was picked by hand (gmpq pareto --pick), "

@@ -5,15 +5,14 @@ same trials as the config's would (the review's cases: a small front); an older 
 its reasons, and kept where it cannot tell. Real Parquet files."""
 from __future__ import annotations
 
-import pandas as pd
 import pyarrow.parquet as pq
 
 from orchestrator.cli import main
 from orchestrator.final_inputs import selected_policies
 from orchestrator.pareto import write_pareto
 from orchestrator.pareto_stale import CONFIG, HAND, PICKED, SELECTED_WITH, UNKNOWN, config_made, made_with
-from orchestrator.results import PARETO_FILE, load_resolved_config, trial_row, write_results
-from orchestrator.sweep_config import load_sweep_config, save_resolved_config
+from orchestrator.results import PARETO_FILE, load_resolved_config
+from stale_sweeps import selected, sweep_with  # same folder (pytest puts it on sys.path)
 
 _POINTS = {f"t{i}": (50.0 + 5 * i, (i + 1) * 1e8) for i in range(8)}     # a front: accuracy up with the cost
 _ALL = list(_POINTS)
@@ -21,16 +20,7 @@ _ALL = list(_POINTS)
 
 def _sweep(d, ids, finetune: dict | None = None) -> None:
     """The demo config (finetune.top_k 2, no GBitOPs limit unless ``finetune`` says) and these trials completed."""
-    over = {"out_dir": str(d), "n_trials": 8, **({"finetune": finetune} if finetune else {})}
-    save_resolved_config(load_sweep_config(preset="demo", overrides=over))
-    write_results(d, [trial_row(trial_id=t, config={"budget_avg_bits": 3.0}, status="completed",
-                                last_result={"transfer_top1": _POINTS[t][0], "bitops": int(_POINTS[t][1]),
-                                             "gbitops": _POINTS[t][1] / 1e9}) for t in ids], [])
-
-
-def _selected(d) -> list[str]:
-    df = pd.read_parquet(d / PARETO_FILE)
-    return sorted(df.loc[df["selected"], "trial_id"])
+    sweep_with(d, ids, _POINTS, n_trials=8, finetune=finetune)
 
 
 def _finetune_inputs(d) -> tuple[list[str], str]:
@@ -49,11 +39,11 @@ def _as_older_file(d) -> None:
 def test_a_top_k_of_the_users_that_selects_the_config_trials_on_a_small_front_is_kept(tmp_path):
     _sweep(tmp_path, ["t0", "t1"])
     write_pareto(tmp_path, plot=False, top_k=6)                       # gmpq pareto --top-k 6: both of 2
-    assert _selected(tmp_path) == ["t0", "t1"]
+    assert selected(tmp_path) == ["t0", "t1"]
     assert not config_made(tmp_path, load_resolved_config(tmp_path))  # (the config's top_k 2 selects them too)
     _sweep(tmp_path, _ALL)                                            # grown to 8
     chosen, said = _finetune_inputs(tmp_path)
-    assert chosen == ["t0", "t1"] and _selected(tmp_path) == ["t0", "t1"]     # not replaced by the config's 2
+    assert chosen == ["t0", "t1"] and selected(tmp_path) == ["t0", "t1"]     # not replaced by the config's 2
     assert (f"select again as it was made with: gmpq pareto {tmp_path} --top-k 6 (or without --top-k for the sweep "
             "config's settings). Not selected again here: it was made by hand") in said
 
