@@ -53,7 +53,8 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get("phase") == "search":
-            self._say(trial, f"search epoch {result.get('epoch')}: proxy_top1 {result.get('proxy_top1', 0):.1f}%, "
+            of = f"/{result['search_epochs']}" if result.get("search_epochs") else ""     # (the trial's epoch count)
+            self._say(trial, f"search epoch {result.get('epoch')}{of}: proxy_top1 {result.get('proxy_top1', 0):.1f}%, "
                              f"{result.get('expected_gbitops', 0):.3f} expected GBitOPs, bucket "
                              f"{bucket_label(result.get('budget_bucket', 0), self.edges)}")
 
