@@ -33,19 +33,25 @@ def _callback(sweep):
     return MLflowCallback(f"sqlite:///{sweep / 'mlflow.db'}", "lp", sweep, CFG, None)
 
 
-def _sweep_stopped_midway(tmp_path):
-    """Trial a completed, trial b stopped after its first epoch (Ctrl-C): the store as a resumed sweep finds it."""
+def _live_sweep(tmp_path):
+    """A sweep folder, its store's client and the sweep's MLflow callback, set up (its parent run made)."""
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "sweep_config.yaml").write_text("name: lp\nmodel: resnet20\n")
     cb = _callback(sweep)
     cb.setup()
+    return sweep, mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}"), cb
+
+
+def _sweep_stopped_midway(tmp_path):
+    """Trial a completed, trial b stopped after its first epoch (Ctrl-C): the store as a resumed sweep finds it."""
+    sweep, client, cb = _live_sweep(tmp_path)
     for tid in ("a", "b"):
         cb.on_trial_start(0, [], _trial(tid))
         cb.on_trial_result(0, [], _trial(tid), {"epoch": 1, "ce": 1.0, "proxy_top1": 10.0})
     cb.on_trial_complete(0, [], _trial("a", done=True, epoch=1, transfer_top1=50.0, proxy_top1=12.0))
     cb.on_experiment_end([])
-    return sweep, mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
+    return sweep, client
 
 
 def _resume(sweep):
@@ -121,12 +127,7 @@ def test_a_new_final_stage_restores_or_replaces_the_lost_parent_without_duplicat
 def test_a_trial_run_deleted_while_the_sweep_logs_is_left_alone_and_the_others_go_on(tmp_path, caplog, recwarn):
     from orchestrator.mlflow_sink import DISABLED
 
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    (sweep / "sweep_config.yaml").write_text("name: lp\nmodel: resnet20\n")
-    client = mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
-    cb = _callback(sweep)
-    cb.setup()
+    sweep, client, cb = _live_sweep(tmp_path)
     for tid in ("a", "b"):
         cb.on_trial_start(0, [], _trial(tid))
         cb.on_trial_result(0, [], _trial(tid), {"epoch": 1, "ce": 1.0, "proxy_top1": 10.0})
@@ -149,12 +150,7 @@ def test_a_trial_run_deleted_while_the_sweep_logs_is_left_alone_and_the_others_g
 
 
 def test_a_parent_run_deleted_while_the_sweep_logs_is_restored(tmp_path, caplog):
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    (sweep / "sweep_config.yaml").write_text("name: lp\nmodel: resnet20\n")
-    client = mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
-    cb = _callback(sweep)
-    cb.setup()
+    sweep, client, cb = _live_sweep(tmp_path)
     cb.on_trial_start(0, [], _trial("a"))
     client.delete_run(cb.parent_run_id)
     with caplog.at_level(logging.WARNING, logger="orchestrator.mlflow_sink"):
