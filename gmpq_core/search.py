@@ -10,7 +10,8 @@ Per batch (single-level: one backward updates weights and architecture together)
     L         = CE(z_q, y) + eta * L_gen(A_q, A_fp; p) + lam * L_comp(E)
 
 After the last epoch: ``derive_policy`` (argmax + budget repair), then the derived policy is
-evaluated (top-1 and ARD against the teacher) on the evaluation data.
+evaluated (top-1 and ARD against the teacher) on the evaluation data. The epoch loop's parts are in
+``search_epoch``; the step's host part (``StepStats``, ``finish_step``) in ``step_stats``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -32,37 +32,24 @@ from .bn_fold import frozen_teacher_
 from .bitops import count_bitops, layer_macs
 from .complexity import Budget, check_budget, complexity_penalty
 from .derive import derive_policy
-from .errors import ConfigError, NonFiniteLossError
+from .errors import ConfigError
 from .fused import resolve_mixture_impl
 from .losses import choose_p, generalization_loss, rank_distance
 from .policy import BitPolicy
 from .reporting import NullReporter, Reporter
 from .search_config import SearchConfig, SearchResult
+from .search_epoch import Progress, _batches, _make_optimizer, _recalibrate_bn, _run_epoch, _steps
+from .step_stats import StepStats, finish_step   # (graph_step and tests import them here)
 from .teacher_pass import TeacherPass, split_teacher, teacher_gradcam, use_compiled_teacher
-from .supernet import (arch_parameters, arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits,
-                       mixed_layers, quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_,
-                       weight_parameters)
-from .precision import at_least_float32, autocast, resolve_precision
-from .train import evaluate, seeded, sgd, training_layout_
+from .supernet import (arch_probs, build_supernet, calibrate_supernet_, discretize, expected_bits, mixed_layers,
+                       quantize_stem_and_classifier_, set_mixture_impl_, set_temperature_)
+from .precision import at_least_float32, resolve_precision
+from .train import evaluate, seeded, training_layout_
 
 __all__ = ["SearchConfig", "SearchResult", "Budget", "search_policy", "build_supernet", "derive_policy",
            "evaluate_policy", "search_step", "StepStats"]
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
-
-
-def _batches(loader: Iterable, limit: int | None):
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            return
-        yield batch
-
-
-def _steps(loader: Any, limit: int | None) -> int:
-    n = len(loader)
-    return n if limit is None else min(n, limit)
 
 
 def _teacher_mode_(teacher: nn.Module, bn_train: bool) -> nn.Module:
@@ -73,34 +60,6 @@ def _teacher_mode_(teacher: nn.Module, bn_train: bool) -> nn.Module:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
     return teacher
-
-
-def _make_optimizer(supernet: nn.Module, cfg: SearchConfig) -> torch.optim.SGD:
-    return sgd([
-        {"params": weight_parameters(supernet), "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "weights"},
-        {"params": arch_parameters(supernet), "lr": cfg.lr_arch, "weight_decay": cfg.arch_weight_decay,
-         "name": "arch"}], lr=cfg.lr, momentum=cfg.momentum)
-
-
-@torch.no_grad()
-def _recalibrate_bn(model: nn.Module, loader: Iterable, n_batches: int, device: str | torch.device) -> None:
-    """Re-estimate BatchNorm running statistics with a cumulative average over ``n_batches``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or n_batches <= 0:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    try:
-        for x, _ in _batches(loader, n_batches):
-            model(x.to(device))
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-        model.train(was_training)
 
 
 def evaluate_policy(supernet: nn.Module, policy: BitPolicy, teacher: nn.Module, loader: Iterable, *, layer: str,
@@ -256,21 +215,6 @@ def search_policy(teacher: nn.Module, train_loader: Any, *, config: SearchConfig
                         arch_probs=arch_probs(supernet))
 
 
-@dataclass(frozen=True)
-class StepStats:
-    """Metrics of one search step on one batch: batch means (``ce``, ``l_gen``, ``penalty``,
-    ``loss`` in nats / loss units; ``ard`` in [0, 2]), the exponent ``p``, and ``correct`` of ``n``
-    images classified right by the supernet (before the update)."""
-    loss: float
-    ce: float
-    l_gen: float
-    penalty: float
-    p: float
-    ard: float
-    correct: int
-    n: int
-
-
 def search_step(supernet: nn.Module, teacher: nn.Module, x: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
                 cfg: SearchConfig, *, layer: str, macs_vec: Tensor, budget_bitops: int | None, first_macs: int,
                 mode: str | None = None, epoch: int = 1, step: int = 1, teacher_stream: bool = False) -> StepStats:
@@ -342,20 +286,6 @@ def _teacher_stream(device: torch.device) -> Any:
     return _TEACHER_STREAMS[device]
 
 
-def finish_step(values: list[float], optimizer: torch.optim.Optimizer, *, n: int, epoch: int, step: int) -> StepStats:
-    """The host part of ``search_step``: check the read scalars (a NaN/inf loss raises NonFiniteLossError
-    naming ``epoch`` and ``step``, before any update), then ``optimizer.step()``."""
-    loss_v, ce_v, l_gen_v, pen_v, correct_v, ard_v, p_v = values
-    if not math.isfinite(loss_v):
-        parts = f"ce={ce_v:.4g}, l_gen={l_gen_v:.4g}, penalty={pen_v:.4g}"
-        raise NonFiniteLossError(
-            f"The search loss became {loss_v} at epoch {epoch}, step {step} ({parts}, "
-            f"lr={optimizer.param_groups[0]['lr']:.3g}). Lower lr / lr_arch or eta, or check the proxy data "
-            "for NaN/inf values.")
-    optimizer.step()
-    return StepStats(loss=loss_v, ce=ce_v, l_gen=l_gen_v, penalty=pen_v, p=p_v, ard=ard_v, correct=int(correct_v), n=n)
-
-
 def _step_function(supernet: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer, cfg: SearchConfig, *,
                    device: str | torch.device, **kw: Any) -> Callable[..., StepStats]:
     """``step(x, y, epoch=, step=)``: ``search_step`` for this search, replayed from a CUDA graph where
@@ -364,30 +294,3 @@ def _step_function(supernet: nn.Module, teacher: nn.Module, optimizer: torch.opt
     if use_cuda_graph(cfg.cuda_graph, device):
         return GraphedSearchStep(supernet, teacher, optimizer, cfg, strict=cfg.cuda_graph == "on", **kw)
     return functools.partial(search_step, supernet, teacher, optimizer=optimizer, cfg=cfg, **kw)
-
-
-def _run_epoch(supernet: nn.Module, loader: Any, step_fn: Callable[..., StepStats], cfg: SearchConfig, *,
-               epoch: int, device: str | torch.device, progress: Progress | None,
-               precision: str = "auto") -> dict[str, float]:
-    """One pass over the proxy (``step_fn``: ``search_step`` per batch, under ``precision``'s autocast: a
-    CUDA graph captures the autocast it is called in); returns per-image means of the epoch."""
-    supernet.train()
-    cast = autocast(precision, device)
-    total = _steps(loader, cfg.max_steps_per_epoch)
-    sums = {"ce": 0.0, "l_gen": 0.0, "penalty": 0.0, "p": 0.0, "ard": 0.0, "loss": 0.0}
-    correct = n = 0
-    for step, (x, y) in enumerate(_batches(loader, cfg.max_steps_per_epoch), start=1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with cast:
-            st = step_fn(x, y, epoch=epoch, step=step)
-        for k in sums:
-            sums[k] += getattr(st, k) * st.n
-        correct += st.correct
-        n += st.n
-        if progress is not None:
-            progress(step, total)
-    if n == 0:
-        raise ConfigError("the search got an empty training loader (0 images); check the proxy size and batch size.")
-    out = {k: v / n for k, v in sums.items()}
-    out["train_top1"] = 100.0 * correct / n
-    return out

@@ -16,6 +16,7 @@ interrupted and errored ones are rerun from scratch, and the sampler keeps its O
 ``resume="auto"`` (``choose_resume``) restores it when the folder holds it, else starts the sweep, as
 ``tune.run(resume="AUTO")`` did: a batch job retried with the same command continues. A resume whose ``n_trials`` is
 larger than the saved one grows the sweep (``sweep_grow``: the restored trial count raised, the same Optuna study).
+The Tuner, new or restored, is built in ``sweep_tuner``; the summary returned in ``sweep_summary``.
 """
 from __future__ import annotations
 
@@ -25,20 +26,16 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import optuna
 import ray
-from ray import tune
 
 
-from .pruning import OptunaPruningScheduler
 from .ray_env import fit_restoring_handlers
-from .results import has_ended
-from .sampling import make_sampler
 from .sweep_searcher import SweepOptunaSearch      # here too: Tune state saved before it moved names it here
 from .sweep_checks import check_sweep_config
 from .sweep_config import SweepConfig, is_local_cpu_sweep, save_resolved_config
@@ -55,7 +52,8 @@ from .tail_threads import TailThreads
 from .sweep_join import (keep_recorded_address, record_joined_address, say_recorded_join, start_text,
                          warn_unshared)
 from .sweep_progress import SweepProgress
-from .trainable import make_trainable
+from .sweep_summary import SweepSummary, _finished_summary, _summary_rows   # (tests import/patch them here)
+from .sweep_tuner import OBJECTIVES, _chain, _make_tuner
 from .trial_status import UNFINISHED, TrialStatusBook
 
 __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "check_not_a_study",
@@ -63,33 +61,6 @@ __all__ = ["SweepSummary", "prepare_shared", "run_sweep", "experiment_path", "ch
            "choose_resume", "resume_choice_text", "refuse_beside_running_sweep"]
 
 log = logging.getLogger(__name__)
-
-OBJECTIVES = (("transfer_top1", "max"), ("bitops", "min"))
-
-
-@dataclass(frozen=True)
-class SweepSummary:
-    sweep_dir: Path
-    n_completed: int
-    n_pruned: int
-    n_failed: int
-    wall_seconds: float
-    resumed: bool = False
-    rows: list[dict] = field(default_factory=list)   # one per trial: id, status, key metrics
-    n_unfinished: int = 0        # trials stopped midway (the sweep interrupted): a resume runs them again
-    n_planned: int | None = None   # the sweep's n_trials
-    terminated: bool = False     # stopped by SIGTERM (exit 143), not Ctrl-C (130)
-    grown_from: int | None = None  # a resume that raised n_trials: the count before (``sweep_grow``)
-
-    @property
-    def n_trials(self) -> int:
-        """Trials that ended: completed, pruned or failed."""
-        return self.n_completed + self.n_pruned + self.n_failed
-
-    @property
-    def interrupted(self) -> bool:
-        """Whether the sweep stopped before all its trials ended (Ctrl-C, a stopped driver)."""
-        return self.n_unfinished > 0 or (self.n_planned is not None and self.n_trials < self.n_planned)
 
 
 def _results_callbacks(cfg: SweepConfig, book: TrialStatusBook) -> list:
@@ -158,61 +129,6 @@ def _tune(cfg: SweepConfig, stores: Any, callbacks: list, book: TrialStatusBook,
             raise restore_failed(cfg, grown_from) from None
 
 
-def _chain(e: BaseException) -> list[BaseException]:
-    """``e`` and the exceptions it was raised from or during (a wrapper's cause)."""
-    seen: list[BaseException] = []
-    while e is not None and e not in seen and len(seen) < 20:
-        seen.append(e)
-        e = e.__cause__ or e.__context__
-    return seen
-
-
-def _make_tuner(cfg: SweepConfig, context: Mapping[str, Any], book: TrialStatusBook, callbacks: list,
-                optuna_storage: Any, *, resume: bool, say, grown_from: int | None = None) -> Any:
-    """The sweep's ``Tuner``: a new one (Optuna sampler on ``optuna_storage``), or the restored experiment, its trial
-    count raised to ``cfg.n_trials`` (``sweep_grow``; ``grown_from``: the saved count, when the resume raises it)."""
-    scheduler = OptunaPruningScheduler(pruner=cfg.pruner.name, pruner_kwargs=cfg.pruner.kwargs, status_book=book,
-                                       storage=cfg.optuna_storage, study_prefix=f"{cfg.name}-prune")
-    trainable = tune.with_resources(make_trainable(context), cfg.resources.to_ray())
-    if resume:
-        exp = experiment_path(cfg)
-        say(f"resuming {exp}")
-        with optuna_storage_now(cfg.optuna_storage):
-            tuner = tune.Tuner.restore(exp, trainable, resume_errored=True, restart_errored=False)
-        _swap_restored(tuner, scheduler, callbacks, cfg, grown_from)
-        return tuner
-    searcher = SweepOptunaSearch(
-        space=cfg.space.define_by_run(), metric=[m for m, _ in OBJECTIVES], mode=[d for _, d in OBJECTIVES],
-        sampler=make_sampler(cfg.sampler.name, cfg.sampler.kwargs, seed=cfg.seed), storage=optuna_storage,
-        study_name=cfg.name)
-    return tune.Tuner(
-        trainable, param_space={},
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=cfg.n_trials,
-                                    max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=cfg.name, storage_path=cfg.storage_path, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                                  callbacks=callbacks))
-
-
-def _swap_restored(tuner: Any, scheduler: Any, callbacks: list, cfg: SweepConfig, grown_from: int | None) -> None:
-    """Give a restored Tuner fresh callbacks and scheduler (Tune restores them by unpickling, which
-    would skip their constructors, where the results callback reloads the rows already written), and its searcher
-    the config's trial count (``sweep_grow.grow_restored``: also after a grown resume stopped before Tune saved it)."""
-    from .sweep_grow import cannot_grow, grow_restored
-
-    internal = getattr(tuner, "_local_tuner", None)
-    if internal is None or not hasattr(internal, "_run_config") or not hasattr(internal, "_tune_config"):
-        if grown_from is not None:
-            raise cannot_grow(cfg, grown_from)
-        log.warning("cannot reach the restored Tuner's config in this Ray version; using the callbacks "
-                    "and scheduler as Tune unpickled them")
-        return
-    internal._run_config.callbacks = callbacks
-    internal._tune_config.scheduler = scheduler
-    if not grow_restored(internal._tune_config, cfg.n_trials) and grown_from is not None:
-        raise cannot_grow(cfg, grown_from)
-
-
 def _preflight(cfg: SweepConfig) -> int:
     """``cluster.preflight``: the Tune storage and the sweep folder must be visible from every host, and
     one trial's resources must fit a node (ConfigError naming the numbers otherwise); returns how many trials the
@@ -227,48 +143,12 @@ def _preflight(cfg: SweepConfig) -> int:
     return pre.resources.max_parallel_trials
 
 
-def _summary_rows(grid: Any, book: TrialStatusBook, sweep_dir: Path) -> list[dict]:
-    """The summary's rows; a stopped trial's proxy_top1 as ``gmpq status`` shows it (its last epoch in
-    trial_events.jsonl, which the trial writes itself: Tune may not have passed that report on before the stop)."""
-    from .sweep_status import last_epoch_proxy_top1
-
-    events = last_epoch_proxy_top1(sweep_dir)
-    rows = []
-    for r in grid:
-        m = r.metrics or {}
-        tid = m.get("trial_id") or (r.path and Path(r.path).name)
-        ended = r.error is not None or has_ended(str(tid), m, book)
-        status = book.status_of(tid, errored=r.error is not None) if ended else UNFINISHED
-        seen = status == UNFINISHED and m.get("proxy_top1") is None
-        rows.append({"trial_id": tid, "status": status, "budget_avg_bits": (r.config or {}).get("budget_avg_bits"),
-                     "proxy_top1": events.get(str(tid)) if seen else m.get("proxy_top1"), "transfer_top1": m.get("transfer_top1"),
-                     "gbitops": m.get("gbitops"), "epoch": m.get("epoch")})
-    return rows
-
-
 def _holds_state_quietly(cfg: SweepConfig) -> bool:
     """``holds_sweep_state``, False when the storage cannot be read (a hint is not worth an error)."""
     try:
         return holds_sweep_state(cfg)
     except Exception:  # noqa: BLE001 - only whether to add a hint
         return False
-
-
-def _finished_summary(cfg: SweepConfig, t0: float) -> SweepSummary | None:
-    """The summary of a sweep whose planned trials all ended, none failed (a resume would do nothing), read from
-    trials.parquet; None otherwise."""
-    from .results import read_trials
-
-    df = read_trials(cfg.out_dir, missing_ok=True)
-    if len(df) < cfg.n_trials or (df["status"] == "failed").any():
-        return None
-    rows = [{"trial_id": r["trial_id"], "status": r["status"], "budget_avg_bits": r.get("param_budget_avg_bits"),
-             **{k: r.get(k) for k in ("proxy_top1", "transfer_top1", "gbitops")}, "epoch": r.get("last_epoch")}
-            for r in df.to_dict("records")]
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "pruned")}
-    return SweepSummary(sweep_dir=Path(cfg.out_dir), n_completed=counts["completed"], n_pruned=counts["pruned"],
-                        n_failed=0, wall_seconds=time.perf_counter() - t0, resumed=True, rows=rows,
-                        n_planned=cfg.n_trials)
 
 
 @dataclass(frozen=True)
