@@ -229,10 +229,14 @@ def bounded(fn: Callable[[], T], default: T, timeout: float = TEXT_S) -> T:
     return box[0] if box else default
 
 
-def exit_lost(text: str, cleanup: Callable[[], None] | None = None) -> NoReturn:
-    """Print ``text`` (the command's last word), run ``cleanup`` for at most ``CLEANUP_S`` seconds (never raising),
-    remove this process's driver markers, and end the process with ``lost_status()``. Called from the watch thread
-    while the main thread is stuck in Ray: ``os._exit``, since nothing would reach the main thread's handlers."""
+def exit_lost(text: str, cleanup: Callable[[], None] | None = None, *, summary: str | None = None) -> NoReturn:
+    """Print ``summary`` where the command's summary goes (stdout: what is kept, the command that continues; as every
+    other end of the command prints it, so ``gmpq sweep ... > log`` keeps it) and ``text``, the paragraph of what
+    happened, on stderr; run ``cleanup`` for at most ``CLEANUP_S`` seconds (never raising), remove this process's
+    driver markers, and end the process with ``lost_status()``. Called from the watch thread while the main thread
+    is stuck in Ray: ``os._exit``, since nothing would reach the main thread's handlers."""
+    if summary:
+        _quietly(lambda: print(summary, flush=True))       # (a closed stdout must not cost the paragraph)
     print(text, file=sys.stderr, flush=True)
     if cleanup is not None:
         worker = threading.Thread(target=_quietly, args=(cleanup,), name="gmpq-lost-cleanup", daemon=True)

@@ -22,7 +22,7 @@ import signal
 import threading
 from typing import Any, Callable, Iterator, Sequence
 
-__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "address_origin",
+__all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "address_origin", "ray_client_text",
            "ctrl_c_signals", "fit_restoring_handlers", "Terminated", "terminated", "clear_terminated", "stop_status",
            "stop_word",
            "ray_map", "OBJECT_STORE_BYTES"]
@@ -150,6 +150,19 @@ def _address_fixes(origin: str | None) -> str:
         return (f"A cluster started again has another address, and --address overrides the recorded one: "
                 f"{_ADDRESS_FIXES}; or start one ('gmpq cluster up')")
     return f"Start one ('gmpq cluster up'), or give the cluster's address: {_ADDRESS_FIXES}"
+
+
+def ray_client_text(address: str | None) -> str | None:
+    """How ``address`` reaches its cluster through Ray Client, for messages: ``ray://HOST:PORT`` itself, or
+    ``--address auto, from $RAY_ADDRESS=ray://HOST:PORT`` (auto follows the variable: ``cluster.connect``); None when
+    it does not go through Ray Client. Nothing is probed."""
+    given = str(address or "").strip()
+    if given.startswith("ray://"):
+        return given
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if given == "auto" and env.startswith("ray://"):
+        return f"--address auto, from $RAY_ADDRESS={env}"
+    return None
 
 
 def check_join_address(address: str) -> None:

@@ -7,20 +7,20 @@ Samplers that are single-objective only (CMA-ES) or need the whole grid up front
 offered either.
 
 A sampler's first trials are random (TPE and GP: ``n_startup_trials``, default 10; NSGA-II: its first
-``population_size`` trials, default 50); ``warmup_text`` says so for a sweep whose trials are all among them
-(unless the config sets that count itself).
+``population_size`` trials, default 50); ``warmup`` says so for a sweep whose trials are all among them (unless
+the config sets that count itself), in two parts (what happens, the fix) that ``warmup_text`` joins.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import optuna
 
 from gmpq_core.errors import ConfigError, did_you_mean
 
-__all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "make_sampler", "sampler_text", "warmup_text", "with_defaults",
-           "random_first_trials"]
+__all__ = ["SAMPLERS", "DEFAULT_SAMPLER", "make_sampler", "sampler_text", "Warmup", "warmup", "warmup_text",
+           "with_defaults", "random_first_trials"]
 
 DEFAULT_SAMPLER = "tpe"
 # name -> (Optuna class name, {argument: accepted type(s)}, what the name means)
@@ -109,10 +109,17 @@ def random_first_trials(name: str, kwargs: Mapping[str, Any]) -> tuple[str, int]
     return None if key is None else (key, int(with_defaults(name, kwargs)[key]))
 
 
-def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | None:
-    """A line when every one of the sweep's ``n_trials`` is among the sampler's random first trials (then the
-    sampler never uses what earlier trials found), else None; None too when ``kwargs`` sets that count (the
-    config chose it knowingly, as the demo preset does)."""
+class Warmup(NamedTuple):
+    """``warmup``'s two parts: ``fact`` (what the sampler does with the sweep's trials, no full stop) and ``fix``
+    (the sentence that makes it guided), each usable alone (``sweep_grow`` says the fact only)."""
+    fact: str
+    fix: str
+
+
+def warmup(name: str, kwargs: Mapping[str, Any], n_trials: int) -> Warmup | None:
+    """When every one of the sweep's ``n_trials`` is among the sampler's random first trials (then the sampler never
+    uses what earlier trials found): what it does and the fix, else None; None too when ``kwargs`` sets that count
+    (the config chose it knowingly, as the demo preset does)."""
     key = _STARTUP_KEY.get(name)
     if key is None or key in kwargs:
         return None
@@ -120,9 +127,16 @@ def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | No
     if n_trials > first:
         return None
     suggested = max(2 if name == "nsga2" else 1, min(first, n_trials // 2))
-    return (f"the {SAMPLERS[name][0]}'s first {first} trials are random ({key}={first}) and this sweep has "
-            f"{n_trials}: every trial is drawn at random, none guided by earlier ones. For guided suggestions set "
-            f"sampler: {{name: {name}, kwargs: {{{key}: {suggested}}}}} or more n_trials.")
+    return Warmup(fact=f"the {SAMPLERS[name][0]}'s first {first} trials are random ({key}={first}) and this sweep "
+                       f"has {n_trials}: every trial is drawn at random, none guided by earlier ones",
+                  fix=f"For guided suggestions set sampler: {{name: {name}, kwargs: {{{key}: {suggested}}}}} or more "
+                      "n_trials.")
+
+
+def warmup_text(name: str, kwargs: Mapping[str, Any], n_trials: int) -> str | None:
+    """``warmup``'s line (its fact and its fix), or None."""
+    said = warmup(name, kwargs, n_trials)
+    return None if said is None else f"{said.fact}. {said.fix}"
 
 
 def with_defaults(name: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Ray Tune restores a sweep's trial count with its searcher's state: ``SearchGenerator.set_state`` sets
 ``total_samples`` from the saved state, whatever ``num_samples`` says now. ``GrowingSearch`` is that
 ``SearchGenerator`` around the sweep's restored searcher, whose restored count is raised to the config's
-``n_trials`` (never lowered); ``grow_restored`` puts it in a restored Tuner's config (``sweep._swap_restored``), the
+``n_trials`` (never lowered); ``grow_restored`` puts it in a restored Tuner's config (``sweep_tuner._swap_restored``), the
 Optuna searcher inside it unchanged: the same study and sampler go on with the trials that ended.
 ``check_growth`` is the resume's check (``sweep_resume._check_same_config``) of a count that changed: more is
 allowed where Tune can be reached, fewer is refused. ``tune_saved_count`` reads the count Tune saved, so a resume
@@ -86,16 +86,22 @@ def check_growth(cfg: Any, saved_n: int, ended: int, *, tune_saved: bool = False
     them have ended: trials.parquet), or more through Ray Client (Tune restores the sweep on the cluster, out of
     reach of ``grow_restored``), or more than the space holds (``sweep_config.check_trial_count``). ``tune_saved``:
     ``saved_n`` is the count Ray Tune saved (``tune_saved_count``), the saved config raised already by a grown
-    resume that stopped before Tune ran it (``sweep_resume.grown_from``)."""
+    resume that stopped before Tune ran it (``sweep_resume.grown_from``). Ray Client: a ``ray://`` address, or
+    ``auto`` that follows ``$RAY_ADDRESS=ray://...`` (``ray_env.ray_client_text``). (The two Ray Client refusals
+    name different fixes: with a raised saved config, --n-trials of the old count is refused as fewer.)"""
+    from .ray_env import ray_client_text
     from .sweep_config import check_trial_count
 
     n, out = cfg.n_trials, cfg.out_dir
-    if n > saved_n and tune_saved and str(cfg.address or "").startswith("ray://"):
+    client = ray_client_text(cfg.address) if n > saved_n else None     # ray://, or auto following $RAY_ADDRESS
+    head = ("(--address auto)" if client == str(cfg.address).strip() else
+            "(--address auto there, with $RAY_ADDRESS unset: a ray:// one goes through Ray Client again)")
+    if client and tune_saved:
         raise ConfigError(f"The sweep in '{out}' grows from {saved_n} to {n} trials (n_trials {n} in its "
                           f"sweep_config.yaml, saved by a grown resume that stopped before Ray Tune ran it; Tune's "
-                          f"saved state holds {saved_n}), but through Ray Client ({cfg.address}) Tune restores it on "
+                          f"saved state holds {saved_n}), but through Ray Client ({client}) Tune restores it on "
                           f"the cluster, where its trial count cannot be raised. Resume it from the head node "
-                          f"(--address auto) to grow it; to run only its {saved_n} trials through Ray Client, set "
+                          f"{head} to grow it; to run only its {saved_n} trials through Ray Client, set "
                           f"n_trials back to {saved_n} in {Path(out) / 'sweep_config.yaml'} first. Nothing was run.")
     if n < saved_n:
         if isinstance(ended, int) and ended >= saved_n:        # all ended: only a larger count runs any more
@@ -106,10 +112,10 @@ def check_growth(cfg: Any, saved_n: int, ended: int, *, tune_saved: bool = False
                    f"with --n-trials {saved_n} or more (or without --n-trials: --out {out} --resume)")
         raise ConfigError(f"--n-trials {n} is fewer than the {saved_n} trials the sweep in '{out}' was given {how}, "
                           "or select among the trials that ended with gmpq pareto / gmpq finetune --sweep.")
-    if n > saved_n and str(cfg.address or "").startswith("ray://"):
+    if client:
         raise ConfigError(f"--n-trials {n} would grow the sweep in '{out}' from {saved_n} trials, but through Ray "
-                          f"Client ({cfg.address}) Tune restores it on the cluster, where its trial count cannot be "
-                          f"raised. Resume it from the head node (--address auto) to grow it, or resume here with "
+                          f"Client ({client}) Tune restores it on the cluster, where its trial count cannot be "
+                          f"raised. Resume it from the head node {head} to grow it, or resume here with "
                           f"--n-trials {saved_n}.")
     if n > saved_n:
         check_trial_count(cfg)
@@ -183,16 +189,16 @@ def more_trials_text(cfg: Any) -> str:
 
 def _guided_text(cfg: Any, n: int) -> str:
     """Whether the sampler of ``cfg`` is guided by the ended trials in a sweep of ``n``: not while all ``n`` are among
-    its random first ones (``sampling.warmup_text``'s words where it has them); nothing said for a sampler without
-    such a count (random, qmc)."""
-    from .sampling import random_first_trials, warmup_text
+    its random first ones (``sampling.warmup``'s fact where it has one); nothing said for a sampler without such a
+    count (random, qmc)."""
+    from .sampling import random_first_trials, warmup
 
     first = random_first_trials(cfg.sampler.name, cfg.sampler.kwargs)
     if first is None:
         return ""
-    warmup = warmup_text(cfg.sampler.name, cfg.sampler.kwargs, n)
-    if warmup is not None:
-        return f", but {warmup.split(' For guided suggestions')[0].rstrip('.')}"
+    said = warmup(cfg.sampler.name, cfg.sampler.kwargs, n)
+    if said is not None:
+        return f", but {said.fact}"
     key, count = first
     if n <= count:
         return (f", but its sampler draws all {n} at random (its first {count} trials are random: {key}={count}), "

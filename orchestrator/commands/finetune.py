@@ -292,6 +292,8 @@ def _run_single_finetune(args: argparse.Namespace, state: dict) -> int:
     if not args.dataset and not fp_info.get("dataset") and meta.get("dataset") and not meta.get("target_dataset"):
         print(f"fine-tuning on '{dataset}', the dataset the policy was searched on (its proxy's source); pass "
               "--dataset NAME to deploy it on another target", file=sys.stderr)
+    from orchestrator.data_roots import check_given_data_root
+    check_given_data_root(args.data_root, dataset or args.default_dataset)   # typed (a recorded one: its fallback)
     args.data_root, data_note = data_root_default(args, policy, dataset or args.default_dataset)
     if data_note:
         print(data_note, file=sys.stderr)

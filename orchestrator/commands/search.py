@@ -241,6 +241,9 @@ def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
     from ._single_run import check_out_paths, file_marks
 
     job = build_job(args)
+    if args.data_root is not None:                     # typed here (a typo: not other data); a config's as before
+        from orchestrator.data_roots import check_given_data_root
+        check_given_data_root(args.data_root, job.dataset)
     job = dataclasses.replace(job, device=resolve_device(job.device))   # a bad or absent GPU: exit 2, not a traceback
     resolve_precision(job.precision, job.device)                        # bf16 on a GPU without it: the same
     if args.target_dataset is not None:

@@ -222,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
 
     from orchestrator.commands import quiet_libraries
 
-    from ._study_store import log_page, say_store
+    from ._study_store import log_page, not_logged_text, say_store
 
     quiet_libraries(getattr(args, "verbose", False))    # no MLflow / Alembic INFO lines between the cells' lines
     gen, ray_run = _experiments()
@@ -249,7 +249,9 @@ def run(args: argparse.Namespace) -> int:
         cfg = _studied_config(cfg, out, gen, ray_run)
     # every input checked before the study runs: a bad one is an error now, not a traceback after hours
     ray_run.check_tracking_uri(cfg.tracking_uri, out)
-    say_store(cfg, out, ray_run)
+    # --analyze-only of a folder without an MLflow run (a copy, docs/study_data) logs nowhere: no store made or named
+    logged = not args.analyze_only or bool(args.tracking_uri) or (out / PARENT_FILE).is_file()
+    say_store(cfg, out, ray_run, logs=logged)
     check_address_arg(args.address)
     if not args.analyze_only:
         ray_run.check_study_dir(out)
@@ -300,8 +302,7 @@ def run(args: argparse.Namespace) -> int:
     write_results_md(df, report, png_path=png, header=_header(cfg, out, config_path, timing, df), notes=notes,
                      target=_dataset_title(cfg.target), fp_top1=(meta or {}).get("top1"), num_classes=num_classes,
                      smoke=smoke)
-    logged = not args.analyze_only or args.tracking_uri or (out / PARENT_FILE).is_file()
-    store = None     # --analyze-only of a folder without an MLflow run (a copy, docs/study_data): no store made
+    store = None
     if logged:       # (quiet: the study's warning said it all, not twice)
         store = log_page(cfg, out, report, png, ray_run, quiet=bool(mlflow_warned))
     print(f"Results page: {report}\nPlots: {png}, {companion_path(png).name} beside it")
@@ -316,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return stop_status(terminated())
     if not logged:
-        print(f"(not logged to MLflow: {out} has no MLflow run of the study; --tracking-uri URI logs the page there)")
+        print(not_logged_text(out))
     if args.print:
         print(report.read_text())
     failed = int((df["status"] != "completed").sum())

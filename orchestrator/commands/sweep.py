@@ -21,12 +21,14 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from . import add_precision_arg, address_help, at_least, help_text, mlflow_ui_hint, quiet_libraries, refuse_empty
-from orchestrator.text import PROXY_NOTE, fmt
+from . import add_precision_arg, address_help, at_least, help_text, quiet_libraries, refuse_empty
+# (the summary and --check live beside this file, named for what they hold; imported here, where callers find them)
+from ._sweep_check import check_only
+from ._sweep_summary import continue_flag, format_summary, interrupted_note, mlflow_line, stopped_note
 
 __all__ = ["register", "add_sweep_args", "check_address_arg", "config_from_args", "overrides_from_args",
-           "format_summary", "mlflow_line", "address_origin_text", "address_named",
-           "continue_flag", "run", "quiet_libraries"]
+           "format_summary", "mlflow_line", "address_origin_text", "address_named", "say_env_tracking_uri",
+           "check_only", "interrupted_note", "stopped_note", "continue_flag", "run", "quiet_libraries"]
 
 
 class ResumeArg(argparse.Action):
@@ -122,73 +124,6 @@ def config_from_args(args: argparse.Namespace, extra_overrides: dict[str, Any] |
     return load_sweep_config(path, preset=args.preset, overrides=overrides)
 
 
-def format_summary(summary: Any, tracking_uri: str | None = None, *, command: str = "gmpq sweep",
-                   logging_off: str | None = None) -> str:
-    """The sweep's trial table and counts; for an interrupted sweep, ``command`` is the one that continues it; with
-    ``tracking_uri``, the MLflow line (``mlflow_line``; ``logging_off``: the sink's warning, if it warned)."""
-    lines = [f"{'trial':<14} {'status':<10} {'budget':>6} {'proxy%':>7} {'transfer%':>9} {'GBitOPs':>8}"]
-    for r in sorted(summary.rows, key=lambda r: (r["status"] != "completed", -(r["transfer_top1"] or 0))):
-        lines.append(f"{r['trial_id']:<14} {r['status']:<10} {fmt(r['budget_avg_bits'], '.2f'):>6} "
-                     f"{fmt(r['proxy_top1'], '.2f'):>7} {fmt(r['transfer_top1'], '.2f'):>9} "
-                     f"{fmt(r['gbitops'], '.4f'):>8}")
-    if summary.rows:
-        lines.append(PROXY_NOTE)
-    lines.append(f"{summary.n_completed} completed, {summary.n_pruned} pruned, {summary.n_failed} failed in "
-                 f"{summary.wall_seconds / 60:.1f} min. {_results_text(summary.sweep_dir)}")
-    if summary.interrupted:
-        lines.append(interrupted_note(summary, command))
-    lines += _selection_lines(summary, command)
-
-    if tracking_uri:
-        lines.append(mlflow_line(summary, tracking_uri, logging_off))
-    return "\n".join(lines)
-
-
-def _selection_lines(summary: Any, command: str) -> list[str]:
-    """What the sweep's trials now mean for its Pareto selection: ``gmpq run`` after a resume that grew the sweep
-    selects again (``sweep_grow.reselect_text``); ``gmpq sweep``: one line when pareto.parquet was selected from
-    other completed trials than there are now (``pareto_stale``: a grown sweep, however many commands it took)."""
-    if command == "gmpq run":
-        if getattr(summary, "grown_from", None) is None:
-            return []
-        from orchestrator.sweep_grow import reselect_text
-        note = reselect_text(summary.sweep_dir, summary.grown_from, summary.n_planned)
-        return [note[0].upper() + note[1:] + "."] if note else []
-    from orchestrator.pareto_stale import stale_selection, stale_text
-
-    stale = stale_selection(summary.sweep_dir)
-    return [] if stale is None else [stale_text(stale, summary.sweep_dir) + "."]
-
-
-def _results_text(sweep_dir: Path) -> str:
-    """Where the summary's results are: trials.parquet, once a trial has ended (its first row writes it)."""
-    from orchestrator.results import TRIALS_FILE
-
-    path = Path(sweep_dir) / TRIALS_FILE
-    if path.exists():
-        return f"Results: {path}"
-    return f"No trial has ended yet, so there are no results ({TRIALS_FILE} is written when the first one ends)."
-
-
-def mlflow_line(summary: Any, tracking_uri: str, logging_off: str | None = None) -> str:
-    """The summary's MLflow line: how to look at the runs; or, when the store lacks them (``logging_off``: the
-    sink's "MLflow logging disabled" warning of this run; or ended trials the folder's id files have no run of),
-    that, and the ``gmpq sync-mlflow`` command that uploads them."""
-    from orchestrator.mlflow_sink import DISABLED
-    from orchestrator.sweep_status import mlflow_gaps_text, mlflow_view
-
-    ended = [str(r["trial_id"]) for r in summary.rows if r.get("status") in ("completed", "pruned", "failed")]
-    view = mlflow_view(summary.sweep_dir, {"tracking_uri": tracking_uri}, ended)
-    if logging_off:
-        why = logging_off.removeprefix(f"{DISABLED}: ").split(". Work goes on", 1)[0]
-        what = "some of this sweep's runs are missing there" if view.get("parent_run") else \
-            "nothing of this sweep is there"
-        return (f"MLflow: logging was off ({why}): {what}; the results are complete in the Parquet tables. Once the "
-                f"store answers, upload them with: gmpq sync-mlflow --sweep {summary.sweep_dir}")
-    gaps = mlflow_gaps_text(view, summary.sweep_dir)
-    return f"MLflow: {mlflow_ui_hint(tracking_uri)}" if gaps is None else gaps
-
-
 def address_origin_text(args: argparse.Namespace, cfg: Any) -> str | None:
     """Where the Ray address a sweep joins came from when no --address was given (None: given, or none): its
     --config file, its preset, or the saved config it resumes from."""
@@ -212,54 +147,6 @@ def address_named(args: argparse.Namespace, cfg: Any) -> Any:
     return address_origin(origin, cfg.address) if origin else contextlib.nullcontext()
 
 
-def interrupted_note(summary: Any, command: str = "gmpq sweep") -> str:
-    """What an interrupted (or SIGTERM-terminated) sweep left undone, and the command that finishes it."""
-    from orchestrator.ray_env import stop_word
-
-    left = summary.n_planned - summary.n_trials if summary.n_planned else summary.n_unfinished
-    return (f"The sweep was {stop_word(getattr(summary, 'terminated', False))}: {summary.n_trials} of "
-            f"{summary.n_planned or '?'} trials finished; {left} still to run ({summary.n_unfinished} stopped midway: "
-            f"{'it starts' if summary.n_unfinished == 1 else 'they start'} again). Finished trials are kept. Continue with: {command} --out {summary.sweep_dir} --resume")
-
-
-def continue_flag(cfg: Any) -> str:
-    """The ``--resume`` flag that continues ``cfg``'s stopped sweep: ``--resume`` once its Tune state exists (the
-    trials started), else ``--resume auto`` (stopped while preparing: it starts the sweep from its saved config)."""
-    from orchestrator.sweep import holds_sweep_state
-
-    return "--resume" if holds_sweep_state(cfg) else "--resume auto"
-
-
-def stopped_note(cfg: Any, by_sigterm: bool, command: str = "gmpq sweep") -> str | None:
-    """The line of a sweep stopped outside its trials (while preparing, or in its last steps once they ended):
-    what is kept and the command (``command``: ``gmpq sweep``, or ``gmpq run`` for its sweep stage) that continues
-    it; None before it saved its config (nothing to continue)."""
-    from orchestrator.ray_env import stop_word
-    from orchestrator.results import CONFIG_FILE, TRIALS_FILE
-
-    cfg = cfg.resolved()
-    out = Path(cfg.out_dir)
-    if not (out / CONFIG_FILE).exists():
-        return None
-    kept = (f"its finished trials are kept ({out / TRIALS_FILE})" if _any_trial_ended(out) else
-            "no trial had finished yet, so nothing was lost")
-    return f"the sweep was {stop_word(by_sigterm)}; {kept}. Continue with: {command} --out {out} {continue_flag(cfg)}"
-
-
-def _any_trial_ended(sweep_dir: Path) -> bool:
-    """Whether the sweep's trials.parquet holds a trial (a row is written as a trial ends); a damaged one: True
-    (it is there to keep; the resumed sweep names what is wrong with it)."""
-    from gmpq_core.errors import CheckpointError
-    from orchestrator.results import TRIALS_FILE, read_trials
-
-    if not (sweep_dir / TRIALS_FILE).is_file():
-        return False
-    try:
-        return len(read_trials(sweep_dir)) > 0
-    except (CheckpointError, OSError):
-        return True
-
-
 def say_env_tracking_uri(cfg: Any, resume: bool, say: Any) -> None:
     """A line when the MLflow store comes from ``$MLFLOW_TRACKING_URI`` (the config and the flags name none): a
     variable set for other work would otherwise send the sweep's runs there unnoticed. A resume keeps its saved one."""
@@ -268,87 +155,6 @@ def say_env_tracking_uri(cfg: Any, resume: bool, say: Any) -> None:
     if not resume and cfg.tracking_uri is None and env_tracking_uri():
         say(f"MLflow tracking URI {env_tracking_uri()} from ${ENV_TRACKING_URI} (--tracking-uri names another store; "
             f"unset the variable to log to the sweep folder's mlflow.db)")
-
-
-def check_only(cfg: Any, resume: bool | str = False) -> str:
-    """``--check``: every check a sweep runs before Ray starts (``sweep.check_sweep``: the folder's state for a start
-    or ``resume``, the --address, the model, data, budget range, search settings and stores), and what the sweep
-    would run, in a few lines. Nothing trains, Ray does not start, nothing is written."""
-    from orchestrator.sampling import sampler_text
-    from orchestrator.sweep import check_sweep
-    from orchestrator.sweep_checks import shown_url
-    from orchestrator.sweep_join import start_text
-
-    checked = check_sweep(cfg, resume, make_folders=False)
-    cfg, facts = checked.cfg, checked.facts
-    if checked.done is not None:
-        from orchestrator.sweep import holds_sweep_state
-        from orchestrator.sweep_grow import more_trials_text
-        more = f"; {more_trials_text(cfg)}" if holds_sweep_state(cfg) else ""
-        return (f"config OK: the sweep '{cfg.name}' in {cfg.out_dir} already ran all its {cfg.n_trials} trials: without "
-                "--check, gmpq sweep has nothing to resume (gmpq run goes on to its Pareto and fine-tune stages)"
-                f"{more}.")
-    (b_lo, b_hi), (g_lo, g_hi) = facts.feasible_avg_bits, facts.feasible_gbitops
-    dims = "; ".join(f"{name} {_dim_text(dim)}" for name, dim in cfg.space.dims.items())
-    kwargs = ", ".join(f"{k}={v}" for k, v in cfg.pruner.kwargs.items())
-    return "\n".join([
-        f"config OK: sweep '{cfg.name}' of {cfg.model} at {facts.input_size} px, proxy {cfg.proxy_dataset}, target "
-        f"{cfg.target_dataset}; {start_text(cfg).split('; from another terminal')[0]}",
-        f"space: {dims}",
-        f"budgets reachable with candidates W{list(cfg.candidates.w_bits)} A{list(cfg.candidates.a_bits)}: "
-        f"{b_lo:.3g}..{b_hi:.3g} average bits ({g_lo:.4g}..{g_hi:.4g} GBitOPs); budget buckets "
-        f"{list(cfg.budget_buckets) or 'none (one bucket)'}",
-        f"Optuna: {sampler_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.seed)}; pruner {cfg.pruner.name}"
-        f"{f' ({kwargs})' if kwargs else ''} within each budget bucket; storage {shown_url(cfg.optuna_storage)}",
-        f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", _final_text(cfg.finetune),
-        *_fits_here(cfg), *_grows_text(cfg, checked.grown_from),
-        f"Nothing was trained. Run the same command without --check to {'resume' if checked.resume else 'start'} the "
-        "sweep."])
-
-
-def _grows_text(cfg: Any, grown_from: int | None) -> list[str]:
-    """``--check`` of a resume that raises n_trials: the line the sweep will say."""
-    if grown_from is None:
-        return []
-    from orchestrator.sweep_grow import grown_text
-    from orchestrator.sweep_resume import ended_count
-
-    return [grown_text(cfg, grown_from, ended_count(cfg))]
-
-
-def _final_text(ft: Any) -> str:
-    """The final fine-tune the config's ``finetune`` section asks for (gmpq run's stage 3, gmpq finetune --sweep)."""
-    steps = f" (at most {ft.max_steps_per_epoch} steps each)" if ft.max_steps_per_epoch else ""
-    limit = f" of at most {ft.max_gbitops:g} GBitOPs (finetune.max_gbitops)" if ft.max_gbitops is not None else ""
-    return (f"final fine-tune (gmpq run, gmpq finetune --sweep): the top {ft.top_k} policies{limit}, {ft.epochs} epoch"
-            f"{'s' * (ft.epochs != 1)}{steps} on {ft.train_size or 'all the'} target training images, " + (
-                "the cluster's CPUs (GPUs) shared out as workers (auto)" if ft.workers == "auto" else
-                f"{ft.workers} worker{'s' * (ft.workers != 1)} each"))
-
-
-def _fits_here(cfg: Any) -> list[str]:
-    """For a sweep on this machine alone: a line when its CPUs run fewer trials at once than the config asks."""
-    import os
-
-    if cfg.address is not None or cfg.resources.gpu:
-        return []
-    cpus = os.cpu_count() or 1
-    fit = max(1, int(cpus // cfg.resources.cpu))
-    asked = min(cfg.max_concurrent_trials, cfg.n_trials)
-    if fit >= asked:
-        return []
-    return [f"note: this machine has {cpus} CPUs, so at most {fit} trial{'s' * (fit != 1)} of "
-            f"{cfg.resources.cpu:g} CPU run at once, not {asked} (max_concurrent_trials); the others wait their turn"]
-
-
-def _dim_text(dim: Any) -> str:
-    """A space dimension in a few words: '2.5..5 (log)', 'one of [500, 1000]', '= 2'."""
-    d = dim.to_dict()
-    if d["type"] == "fixed":
-        return f"= {d['value']}"
-    if d["type"] == "categorical":
-        return f"one of {d['choices']}"
-    return f"{d['type']} {d['low']:g}..{d['high']:g}{' (log)' if d.get('log') else ''}"
 
 
 def _say(msg: str) -> None:

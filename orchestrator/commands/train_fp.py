@@ -266,6 +266,9 @@ def stopped_text(out: Path, marks: dict | None) -> str:
 
 
 def _run(args: argparse.Namespace, state: dict[str, Any]) -> int:
+    from orchestrator.data_roots import check_given_data_root
+
+    check_given_data_root(args.data_root, args.dataset or args.default_dataset)   # a typo: not other data
     out = check_out_arg(args.out)    # a file there fails now, not after the training (the model was lost)
     check_out_paths(out, "gmpq train-fp", files=(FP_WEIGHTS, FP_RESULT))
     _train_config(args)                          # the recipe's and the device's errors before any notice

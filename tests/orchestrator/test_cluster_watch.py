@@ -227,6 +227,50 @@ time.sleep(30)
     assert "the Ray cluster at 10.0.0.1:6379 stopped answering" in done.stderr and "NFS went with" in done.stderr
 
 
+def test_a_lost_cluster_ends_with_the_summary_on_stdout_and_the_paragraph_on_stderr(tmp_path):
+    """`gmpq sweep ... > log`: the log held nothing of a sweep whose cluster was lost (all of it went to stderr); now
+    its summary goes where every other end's goes (stdout: the trials' table, the counts, the command that continues)
+    and the paragraph of what happened to stderr. The same for the final fine-tune. The watch fires in a child
+    process whose main thread waits, as a driver stuck in Ray does."""
+    from orchestrator.final_results import write_final
+
+    sweep, final = tmp_path / "sweep", tmp_path / "final"
+    sweep.mkdir()
+    _sweep_folder(sweep)
+    done = _child(tmp_path, f"""
+from orchestrator.sweep_config import load_sweep_config
+from orchestrator.sweep_lost import sweep_lost_handler
+cfg = load_sweep_config(preset="demo", overrides={{"out_dir": {str(sweep)!r}, "address": "192.0.2.2:6379"}})
+ClusterWatch("192.0.2.2:6379", sweep_lost_handler(cfg, [], "sweep"), lost_after=0.3, interval_s=0.05,
+             probe=lambda *_: False).start()
+time.sleep(30)
+""")
+    assert done.returncode == LOST_STATUS, done.stderr
+    out = done.stdout
+    assert out.startswith("trial ") and "\nt1 " in out and "\nt2 " in out and "\nt3             stopped " in out
+    assert f"1 completed, 0 pruned, 1 failed; 1 stopped midway. Results: {sweep / 'trials.parquet'}" in out
+    assert f"The sweep stopped: its Ray cluster was lost (stderr says how). Continue with: gmpq sweep --out {sweep} " \
+           "--resume auto --address ADDRESS" in out and "stopped answering" not in out
+    assert done.stderr.startswith("gmpq sweep: the Ray cluster at 192.0.2.2:6379 stopped answering")
+    assert "2 trial(s) had ended" in done.stderr and "transfer%" not in done.stderr
+
+    write_final(final, {"t1": {"trial_id": "t1", "transfer_top1": 60.0, "final_top1": 80.0, "final_top5": 99.0,
+                               "gbitops": 0.3, "epochs": 1, "workers": 1, "seconds": 12.0}})
+    done = _child(tmp_path, f"""
+from pathlib import Path
+from orchestrator.sweep_lost import final_lost_handler
+ClusterWatch("192.0.2.2:6379", final_lost_handler(Path({str(final)!r}), local=False), lost_after=0.3,
+             interval_s=0.05, probe=lambda *_: False).start()
+time.sleep(30)
+""")
+    assert done.returncode == LOST_STATUS, done.stderr
+    assert done.stdout.startswith("trial_id") and "\nt1 " in done.stdout and "80.00" in done.stdout
+    assert f"The final fine-tune stopped: its Ray cluster was lost (stderr says how). Continue with: gmpq finetune " \
+           f"--sweep {final} --address ADDRESS" in done.stdout
+    assert done.stderr.startswith("gmpq finetune: the Ray cluster at 192.0.2.2:6379 stopped answering")
+    assert "1 fine-tuned policy is kept" in done.stderr and "final_top1" not in done.stderr
+
+
 def test_bounded_gives_the_default_for_a_slow_or_failing_read():
     from orchestrator.cluster_watch import bounded
 

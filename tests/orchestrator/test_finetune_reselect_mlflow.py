@@ -52,3 +52,24 @@ def test_a_selection_made_again_by_finetune_is_logged_to_the_parent_and_the_tria
     sizes, tags = logged()
     assert sizes["pareto_size"] == 3 and sizes["n_selected"] == 1 and len(sizes["table_selected"]) == 1
     assert sorted(tags.values()) == ["front", "front", "selected"]
+
+
+def test_a_selection_made_again_with_mlflow_down_warns_once(tmp_path, monkeypatch, capsys, recwarn):
+    """gmpq finetune --sweep of a stale selection: the selection's logging and the fine-tunes' each found the store
+    down, and each warned (the same paragraph twice); one warning now, and both still try the store."""
+    from orchestrator.cli import main
+    from orchestrator.commands.pareto import pareto_stage
+    from orchestrator.results import TRIALS_FILE, read_trials
+
+    sweep = tmp_path / "sweep"
+    make_sweep(sweep, bits=((3, 4), (4, 4), (6, 6)), precision="fp32")
+    every = read_trials(sweep)
+    every[every["trial_id"] != "t3"].to_parquet(sweep / TRIALS_FILE)     # t3 not ended yet
+    pareto_stage(sweep, None, None, mlflow=False)                         # gmpq pareto: t1, t2 selected
+    every.to_parquet(sweep / TRIALS_FILE)                                 # t3 completes: the selection is stale
+    _stage(monkeypatch, tmp_path, [])                                     # (the stage without Ray)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main(["finetune", "--sweep", str(sweep), "--tracking-uri", "http://127.0.0.1:9", "--epochs", "1"]) == 0
+    assert "selected again from all of them" in capsys.readouterr().err
+    shown = [str(w.message) for w in recwarn if str(w.message).startswith("MLflow logging disabled")]
+    assert len(shown) == 1 and "connecting failed on tracking URI 'http://127.0.0.1:9'" in shown[0], shown

@@ -59,8 +59,9 @@ def test_the_study_takes_mlflow_tracking_uri_from_the_environment_and_checks_it(
     rc, err = _study(capsys, "--smoke", "--out", str(tmp_path / "study"))
     assert rc == 2 and "$MLFLOW_TRACKING_URI 'bogus://x' has a scheme MLflow does not know" in err
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")     # said in a line, as gmpq sweep says it
-    rc, err = _study(capsys, "--smoke", "--out", str(tmp_path / "study"), "--analyze-only")
-    assert "gmpq study: MLflow tracking URI http://127.0.0.1:1 from $MLFLOW_TRACKING_URI" in err
+    rc, err = _study(capsys, "--smoke", "--out", str(tmp_path / "study"), "--address", "")   # (stops it there)
+    assert rc == 2 and "gmpq study: MLflow tracking URI http://127.0.0.1:1 from $MLFLOW_TRACKING_URI" in err
+    assert not (tmp_path / "study").exists()
 
 
 @pytest.mark.parametrize("flag,bad,says", [

@@ -83,3 +83,17 @@ def test_the_recorded_store_follows_a_moved_study_folder_and_a_missing_record_is
     (new / "mlflow_parent.json").write_text("{trunc")
     assert recorded_tracking_uri(new) is None and study_tracking_uri(cfg, new) == "http://elsewhere:5000"
     assert recorded_tracking_uri(tmp_path / "none") is None
+
+
+def test_analyze_only_of_a_study_without_a_run_says_one_thing_of_the_variables_store(tmp_path, capsys, monkeypatch):
+    """It named the variable's store as the one it logs to, then said it logged nowhere."""
+    d = tmp_path / "study"
+    _fake_study(d)                                     # rows, no MLflow run recorded (a copy, docs/study_data)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", other)
+    assert main(["study", "--out", str(d), "--analyze-only"]) == 0
+    cap = capsys.readouterr()
+    assert "MLflow tracking URI" not in cap.err and not any(line.startswith("MLflow: ") for line in cap.out.split("\n"))
+    assert (f"(not logged to MLflow: {d} has no MLflow run of the study, so $MLFLOW_TRACKING_URI ({other}) is not "
+            "used either; --tracking-uri URI logs the page there)") in cap.out
+    assert not (tmp_path / "other.db").exists() and not (d / "mlflow.db").exists()

@@ -149,6 +149,21 @@ def test_growing_through_ray_client_is_refused(tmp_path):
     assert _check_same_config(_demo(tmp_path, address="ray://head:10001").resolved()) is None   # same count: resumes
 
 
+def test_growing_through_ray_client_named_by_ray_address_is_refused_up_front_too(tmp_path, monkeypatch):
+    """--address auto follows $RAY_ADDRESS: a ray:// one is Ray Client, refused here as --address ray:// is (it used
+    to pass this check and fail only once Ray started); the fix says to unset the variable."""
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    save_resolved_config(_demo(tmp_path, address="auto"))
+    with pytest.raises(ConfigError) as e:
+        _check_same_config(_demo(tmp_path, n_trials=12, address="auto").resolved())
+    said = " ".join(str(e.value).split())
+    assert "--n-trials 12 would grow the sweep" in said and "or resume here with --n-trials 6" in said
+    assert "through Ray Client (--address auto, from $RAY_ADDRESS=ray://head:10001)" in said
+    assert "from the head node (--address auto there, with $RAY_ADDRESS unset" in said
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")                  # a GCS address: a driver there, it grows
+    assert _check_same_config(_demo(tmp_path, n_trials=12, address="auto").resolved()) == 6
+
+
 def test_growing_past_the_spaces_distinct_configurations_is_refused(tmp_path):
     space = {"proxy_size": [100], "search_epochs": 1, "budget_avg_bits": [3.0, 4.0], "eta": 10.0, "lam": 1e-4,
              "p_mode": "fixed", "kappa": 16.0, "lr_arch": 1.0}

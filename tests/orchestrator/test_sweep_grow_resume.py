@@ -81,6 +81,19 @@ def test_the_growth_line_says_how_many_are_new_and_whether_the_sampler_is_guided
     assert grown_text(plain, 2, "?").endswith("(1 new; ? ended so far) in the same Optuna study")
 
 
+def test_the_growth_line_takes_the_samplers_fact_whatever_its_fix_says(tmp_path, monkeypatch):
+    """sampling.warmup gives its fact and its fix apart: the growth line says the fact, without parsing the
+    sentence warmup_text makes of both (it cut it at the fix's first words)."""
+    from orchestrator import sampling
+
+    tpe = replace(_demo(tmp_path, n_trials=3), sampler=SamplerConfig(name="tpe", kwargs={}))
+    said = sampling.warmup("tpe", {}, 3)
+    assert sampling.warmup_text("tpe", {}, 3) == f"{said.fact}. {said.fix}"
+    assert grown_text(tpe, 2, 2).endswith(f"in the same Optuna study, but {said.fact}")
+    monkeypatch.setattr(sampling, "warmup", lambda *a: sampling.Warmup(fact="every trial is random", fix="Reworded."))
+    assert grown_text(tpe, 2, 2).endswith("in the same Optuna study, but every trial is random")
+
+
 def test_the_start_line_of_a_grown_resume_says_how_many_are_new(tmp_path):
     from orchestrator.sweep_join import start_text
 

@@ -1,0 +1,72 @@
+"""A data root typed on the command line (``--data-root DIR`` of ``gmpq train-fp``, ``gmpq search``, ``gmpq
+finetune``) that does not exist: refused, unless the dataset downloads into it.
+
+Loading Fashion-MNIST from a root without its files falls back to another copy (the Debian package's folder,
+``./data/FashionMNIST/raw``) with a warning (``gmpq_core.data.sources.find_fashion_mnist``): that keeps a moved
+sweep's recorded root working, but a typo on the command line (``--data-root /typo``) would train on other data
+than the folder named. ``check_given_data_root`` refuses such a root in one paragraph before any work. A dataset
+that downloads into its root (CIFAR-10; Fashion-MNIST where no copy exists elsewhere) takes a new folder, as
+before. A recorded root (a sweep's ``data_root``, a policy's) is not checked here: its fallback and warning stay.
+(``gmpq evaluate`` only reads, and refuses any root that does not exist: ``common_args.ExistingDataRootArg``.)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from gmpq_core.errors import ConfigError
+
+__all__ = ["check_given_data_root", "downloads_into_root"]
+
+FLAG = "--data-root"
+
+
+def _fashion_elsewhere() -> Path | None:
+    """The folder of a Fashion-MNIST copy found without a root (the Debian package's, ./data), or None."""
+    from gmpq_core.data.sources import find_fashion_mnist
+
+    files = find_fashion_mnist(None)
+    return None if files is None else files["train_images"].parent
+
+
+def downloads_into_root(dataset: str) -> bool:
+    """Whether loading ``dataset`` with a root that does not exist downloads its files into that root
+    (torchvision): CIFAR-10 always; Fashion-MNIST only when no copy is found elsewhere (else that copy is read)."""
+    name = str(dataset).partition(":")[0]
+    if name == "cifar10":
+        return True
+    if name == "fashion_mnist":
+        return _fashion_elsewhere() is None
+    return False
+
+
+def _nearest_existing(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return probe
+
+
+def check_given_data_root(root: Any, dataset: str, flag: str = FLAG) -> None:
+    """ConfigError when ``root``, given as ``flag`` on the command line, is not an existing folder and ``dataset``
+    does not download into it (``downloads_into_root``): one paragraph with the value, what exists (the nearest
+    folder above it; where the dataset would be read from instead) and the fix. Nothing is read or written."""
+    if root is None:
+        return
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(root))))
+    if path.is_dir() or downloads_into_root(dataset):
+        return
+    nearest = _nearest_existing(path)
+    name = str(dataset).partition(":")[0]
+    elsewhere = _fashion_elsewhere() if name == "fashion_mnist" else None
+    if elsewhere is not None:
+        instead = (f"'{dataset}' would be read from {elsewhere} instead, which is other data than a folder you "
+                   f"named. Pass {flag} the folder that holds its files (check the spelling), or drop {flag} to "
+                   f"read it from {elsewhere}.")
+    else:
+        instead = (f"'{dataset}' does not download into a data root, so a folder that does not exist holds nothing "
+                   f"of it. Check the spelling of {flag} (the folder that holds the dataset's files), or drop {flag} "
+                   "to use the dataset's default location.")
+    raise ConfigError(f"{flag} '{root}': no such folder ({path}; the nearest folder that exists is {nearest}). "
+                      f"{instead}")

@@ -1,0 +1,62 @@
+"""A --data-root typed on the command line that does not exist is refused before any work (one paragraph: the value,
+what exists, the fix) unless the dataset downloads into it; it used to be passed over for the system's
+Fashion-MNIST with a warning, training on other data than the folder named. A recorded root keeps that fallback
+(test_finetune_defaults_data_root.py); gmpq evaluate refuses any missing root (test_model_file_hints.py). Real data:
+the Debian package's Fashion-MNIST where it is installed."""
+from __future__ import annotations
+
+import pytest
+
+from gmpq_core.data import sources
+from gmpq_core.errors import ConfigError
+from orchestrator.cli import main
+from orchestrator.data_roots import check_given_data_root, downloads_into_root
+
+TINY = ["--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "16"]
+COMMANDS = {"train-fp": ["train-fp", *TINY, "--proxy-size", "100", "--test-size", "100"],
+            "finetune": ["finetune", "--uniform", "4", "4", *TINY, "--train-size", "100", "--test-size", "100"],
+            "search": ["search", "--proxy-size", "100", "--epochs", "1", "--max-steps-per-epoch", "1"]}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_typed_data_root_that_does_not_exist_is_refused_not_replaced_by_other_data(command, tmp_path, capsys):
+    elsewhere = sources.find_fashion_mnist(None)
+    if elsewhere is None:
+        pytest.skip("no Fashion-MNIST copy outside a data root here (apt-get install dataset-fashion-mnist)")
+    typo = tmp_path / "fashoin" / "data"
+    argv = [*COMMANDS[command], "--dataset", "fashion_mnist", "--data-root", str(typo), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    folder = elsewhere["train_images"].parent
+    assert f"--data-root '{typo}': no such folder ({typo}; the nearest folder that exists is {tmp_path})" in err
+    assert f"'fashion_mnist' would be read from {folder} instead, which is other data than a folder you named" in err
+    assert f"or drop --data-root to read it from {folder}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not typo.parent.exists()
+
+
+def test_a_dataset_that_reads_no_root_refuses_a_missing_one_and_an_existing_root_passes(tmp_path, capsys):
+    assert main([*COMMANDS["train-fp"], "--dataset", "digits", "--data-root", str(tmp_path / "typo"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--data-root '{tmp_path / 'typo'}': no such folder" in err and "'digits' does not download into" in err
+    assert not (tmp_path / "out").exists()
+    check_given_data_root(str(tmp_path), "fashion_mnist")        # a folder that exists: read as before
+    check_given_data_root(None, "digits")
+
+
+def test_a_dataset_that_downloads_into_the_root_takes_a_new_folder(tmp_path, monkeypatch):
+    """CIFAR-10 always downloads into its root; Fashion-MNIST does where no copy exists elsewhere (no Debian
+    package, no ./data): then the typed folder is where its files go, as before."""
+    new = tmp_path / "new" / "cifar"
+    check_given_data_root(str(new), "cifar10")
+    assert downloads_into_root("cifar10") and not downloads_into_root("digits")
+    monkeypatch.chdir(tmp_path)                                  # no ./data/FashionMNIST/raw here
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-package"))
+    assert downloads_into_root("fashion_mnist")
+    check_given_data_root(str(new), "fashion_mnist")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", str(tmp_path))
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"")                       # a copy elsewhere: read instead, so refused
+    with pytest.raises(ConfigError, match=f"would be read from {tmp_path} instead"):
+        check_given_data_root(str(new), "fashion_mnist")
