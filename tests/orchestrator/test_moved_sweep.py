@@ -208,3 +208,19 @@ def test_a_moved_sweep_is_not_resumed_through_ray_client(tmp_path):
     cfg = load_sweep_config(moved / CONFIG_FILE, overrides={"out_dir": str(moved), "address": "ray://head:10001"})
     with pytest.raises(ConfigError, match="Ray Client"):
         run_sweep(cfg, resume=True, progress=False)
+
+
+def test_a_moved_sweep_is_not_resumed_through_ray_client_named_by_ray_address(tmp_path, monkeypatch):
+    """``--address auto`` follows ``$RAY_ADDRESS``: a ``ray://`` one goes through Ray Client just the same."""
+    from gmpq_core.errors import ConfigError
+    from orchestrator.sweep_resume import _check_moved_resume    # reached once grpcio (Ray Client) is installed
+
+    original = _saved_sweep(tmp_path / "a", tmp_path / "cache")
+    moved = tmp_path / "b"
+    original.rename(moved)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    cfg = load_sweep_config(moved / CONFIG_FILE, overrides={"out_dir": str(moved), "address": "auto"})
+    with pytest.raises(ConfigError, match=r"Ray Client \(--address auto, from \$RAY_ADDRESS=ray://head:10001\)"):
+        _check_moved_resume(cfg)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")          # a head node's own address: not Ray Client
+    _check_moved_resume(cfg)
