@@ -152,11 +152,18 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                               f"{' (it holds ' + ', '.join(found) + ')' if found else ''}.")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: '{path}'. Check the path or rerun the stage that writes it.")
+    if not mmap:                             # torch.load checks no checksum: changed bytes load as other weights
+        _check_crc(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises several types for damaged zip/pickle data
         with open(path, "rb") as f:
             head = f.read(64).lstrip()
+        if head.startswith(b"PK\x03\x04") and not _zipfile().is_zipfile(path):
+            raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupted: its end (the zip directory) is "
+                                  f"missing, as after a copy, download or write that did not finish. "
+                                  f"{_damaged_fix(path)}") \
+                from None
         if head[:1] in (b"{", b"[") or path.suffix.lower() in (".json", ".yaml", ".yml", ".txt", ".csv"):
             raise CheckpointError(f"'{path}' is a text file, not a PyTorch checkpoint: {text_hint}.") from None
         kind = next((k for magic, k in _OTHER_FORMATS if head.startswith(magic)), None)
@@ -169,6 +176,39 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(e).__name__}: {reason}). It is not a "
                               "checkpoint gmpq wrote, or it is truncated or corrupted: check the path; if it is one of "
                               "gmpq's own files, delete it and rerun the stage that writes it.") from None
+
+
+def _damaged_fix(path: Path) -> str:
+    """The way back from a damaged file: a model file's own command where the name tells which it is."""
+    how = ("Copy it again from where it came from; if gmpq wrote it, delete it and rerun the stage that writes it")
+    if path.name.endswith(INT_SUFFIX):
+        return how + " ('gmpq export' on its float model file)."
+    if path.parent.name == "models":
+        return how + (" (a sweep's models/<trial_id>.pt: 'gmpq finetune --sweep DIR' writes it again from its "
+                      "fine-tune checkpoint, training nothing).")
+    return how + "."
+
+
+def _zipfile() -> Any:
+    import zipfile
+
+    return zipfile
+
+
+def _check_crc(path: Path) -> None:
+    """CheckpointError when a zip-format checkpoint (torch.save's) has a part whose bytes no longer match the
+    CRC-32 written with them (a flipped or overwritten byte on disk or in transfer): torch.load would read it
+    without a word, and the model would predict from damaged weights."""
+    zipfile = _zipfile()
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        return                               # not a zip checkpoint (or cut short): torch.load's error says more
+    if bad is not None:
+        raise CheckpointError(f"Checkpoint '{path}' is corrupted: its part {bad!r} no longer matches the checksum "
+                              "written with it (bytes changed after torch.save wrote the file: a disk, copy or "
+                              f"transfer error); nothing was loaded from it. {_damaged_fix(path)}")
 
 
 _SHOWN = 3      # example keys per list in a mismatch message

@@ -171,17 +171,27 @@ class BitPolicy:
         layers = searchable_layers(model, **scope)
         missing = [n for n in layers if n not in self.layers]
         extra = [n for n in self.layers if n not in layers]
+        stem, classifier = stem_and_classifier(model)
+        conv_classifier = extra == [classifier] and isinstance(model.get_submodule(classifier), nn.Conv2d)
+        fixed = [] if conv_classifier else [n for n in extra if n in (stem, classifier)]
+        extra = [n for n in extra if n not in fixed]
         problems = []
         if missing:
             problems.append(f"missing layers {missing[:3]}{' ...' if len(missing) > 3 else ''}")
         if extra:
             problems.append(f"layers not in the model {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+        if fixed:                            # in the model, but never one of the policy's layers
+            named = " and ".join(f"{n!r} (its {'stem' if n == stem else 'classifier'})" for n in fixed)
+            problems.append(f"{named} {'is' if len(fixed) == 1 else 'are'} in the network but never among a "
+                            "policy's layers: the stem and classifier stay full precision unless the policy's meta "
+                            "quantizes them at a fixed width; drop them from 'layers' and set include_stem / "
+                            "include_classifier and stem_bits in 'meta' (what 'gmpq search --include-stem "
+                            "--include-classifier --stem-bits B' writes)")
         if not problems and self.fingerprint is not None:
             fp = fingerprint(model, **scope)
             if fp != self.fingerprint:
                 problems.append(f"weight shapes differ (policy fingerprint {self.fingerprint}, model {fp})")
-        _, classifier = stem_and_classifier(model)
-        if extra == [classifier] and isinstance(model.get_submodule(classifier), nn.Conv2d):
+        if conv_classifier:
             problems.append(f"'{classifier}' is this network's classifier (it has no nn.Linear: its last Conv2d "
                             "stays full precision, as a Linear classifier does, since 2026-11-29; a policy searched "
                             "before names it). Search the policy again, or drop that layer from the policy's JSON "
@@ -189,7 +199,8 @@ class BitPolicy:
         if problems:
             raise PolicyMismatchError(
                 "The bit policy does not fit this model: " + "; ".join(problems)
-                + (" " if problems[-1].endswith("...") else ". ") + (fix or "Use a policy "
+                + (" " if problems[-1].endswith("...") else ". ") + ("" if fixed and not (missing or extra)
+                                                                     else fix or "Use a policy "
                 "searched for the same model, input channels and number of classes (see the policy's meta), or "
                 "derive a new one with 'gmpq search'."))
 
@@ -238,7 +249,9 @@ class BitPolicy:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise PolicyMismatchError(f"The policy file '{p}' is not text (a binary file, e.g. a checkpoint or a "
-                                      "pickle?). Policies are JSON only: pass DIR/policy.json from 'gmpq search'.") from None
+                                      "pickle?). Policies are JSON only: pass DIR/policy.json from 'gmpq search', or "
+                                      "a sweep's DIR/policies/<trial_id>.json (one per policy on the front, written "
+                                      f"by 'gmpq pareto'){_sweep_policy_hint(p)}.") from None
         except OSError as e:
             raise PolicyMismatchError(f"Cannot read the policy file '{p}' ({e.strerror}). Check the path; "
                                       "'gmpq search --out DIR' writes DIR/policy.json.") from None
@@ -249,3 +262,14 @@ class BitPolicy:
             if _RESULT_FIX in msg and p.name != beside.name and beside.is_file():
                 msg = msg.replace(_RESULT_FIX, f"pass {beside}, beside it.")
             raise PolicyMismatchError(f"Policy file '{p}': {msg}") from None
+
+
+def _sweep_policy_hint(path: Path) -> str:
+    """``: here, SWEEP/policies/<id>.json`` for a binary file of a sweep folder (its pareto.parquet, a model file
+    models/<id>.pt: that trial's policy when its file is there); else nothing."""
+    for sweep in (path.parent, path.parent.parent):
+        policies = sweep / "policies"
+        if policies.is_dir():
+            own = policies / f"{path.name.split('.')[0]}.json"
+            return f": here, {own if own.is_file() else policies / '<trial_id>.json'}"
+    return ""

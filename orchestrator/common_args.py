@@ -277,8 +277,13 @@ def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *
     meta = policy.meta or {}
     differ = [k for k in ("model", "in_channels", "num_classes")
               if meta.get(k) is not None and meta.get(k) != getattr(opts, k)]
-    if not differ:
-        policy.check_fits(model)
+    if not differ:                      # the model built is the one the meta names (or the flags, without one)
+        policy.check_fits(model, fix=None if not flags else (
+            f"{opts.model} for {opts.num_classes} classes of {opts.in_channels}-channel images is built here ("
+            + ("as the policy's meta names it" if meta.get("model") else "from the flags") + "); a policy gives each "
+            "of its searchable layers bits, and no other layer: correct the policy's layers (or its meta), pass the "
+            "--model (--in-channels, --num-classes) of the network the policy was searched for, or use a policy "
+            f"searched for {opts.model} (gmpq search --model {opts.model})."))
         return
 
     def described(src: Any) -> str:       # the model, and its classes and channels where those differ

@@ -136,6 +136,7 @@ def evaluate_file(path: Path, args: argparse.Namespace, device: str, data: dict)
                           f"of {info.in_channels}-channel images; evaluate it on "
                           f"{recorded or 'the dataset it was fine-tuned on'} (--dataset).")
     same = recorded is not None and _same_dataset(dataset, recorded)
+    _note_other_trial(path, model.results.get("trial_id"))
     if recorded is not None and not same:
         print(f"gmpq evaluate: note: '{path}' was fine-tuned on {recorded}; {dataset} has as many classes "
               f"({info.num_classes}), and its label i is read as the model's class i: top-1 here means something only "
@@ -149,6 +150,17 @@ def evaluate_file(path: Path, args: argparse.Namespace, device: str, data: dict)
             "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
             "recorded_top1": model.results.get("top1") if same else None,
             "recorded_test_images": model.results.get("test_images") if same else None}
+
+
+def _note_other_trial(path: Path, trial_id: Any) -> None:
+    """A note when a sweep's model file (``models/<trial_id>.pt``, ``.int.pt``, a kept ``<trial_id>.<recipe>.pt``)
+    holds another trial's model than its name says (renamed, or copied in from another sweep): its row is that
+    model's, and its recorded top-1 too."""
+    named = path.name.split(".")[0]
+    if trial_id and path.parent.name in ("models", "kept") and named != str(trial_id):
+        print(f"gmpq evaluate: note: '{path}' holds the fine-tuned model of trial {trial_id} (recorded in the file), "
+              f"not of trial {named} as its name says: it was renamed or copied from another sweep; its row and "
+              f"recorded top-1 are trial {trial_id}'s.", file=sys.stderr, flush=True)
 
 
 def _same_dataset(a: str, b: str) -> bool:

@@ -8,7 +8,9 @@ weight codes packed ``w_bits`` to a value plus one step per layer (``gmpq_core.i
 written is read back and run against its float model on a batch of inputs: the command fails if a
 prediction differs. Load one in Python as a float model file is loaded, with
 ``gmpq_core.load_quantized_model(path)`` (it reads both kinds: ``.model``, ``.normalize``, ``.results``), or with
-``gmpq_core.integer_model.load_integer_model(path)``, which reads integer files only.
+``gmpq_core.integer_model.load_integer_model(path)``, which reads integer files only. Either needs only
+torch and this project's ``gmpq_core`` folder on the Python path (copy it beside your script), none of
+gmpq's other dependencies; the command ends with the lines to run (not with --json).
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ def refuse_other_file(path: Path) -> None:
 
 
 def model_files(path: Path) -> list[Path]:
-    """The float model files ``path`` names: itself, or a sweep's ``models/*.pt``, or a folder's ``quantized.pt``."""
+    """The float model files ``path`` names: itself, or a sweep's ``models/*.pt``, or a folder's ``quantized.pt``,
+    or the ``*.pt`` files of a folder that holds them directly (a sweep's ``models/``)."""
     if path.is_file():
         refuse_other_file(path)
         return [path]
@@ -63,6 +66,12 @@ def model_files(path: Path) -> list[Path]:
     found = sorted(p for p in (path / "models").glob("*.pt") if not p.name.endswith(SUFFIX))
     if not found and (path / "quantized.pt").is_file():
         found = [path / "quantized.pt"]
+    if not found:               # a folder of model files itself: a sweep's models/ (or models/kept/), a copy of them
+        found = sorted(p for p in path.glob("*.pt") if not p.name.endswith(SUFFIX))
+    if not found and (path / "sweep_config.yaml").is_file():
+        raise ConfigError(f"'{path}' is a sweep whose final stage has not written a model yet (no models/*.pt): "
+                          f"'gmpq finetune --sweep {path}' fine-tunes its selected policies into "
+                          "models/<trial_id>.pt, then run this again.")
     if not found:
         raise ConfigError(f"'{path}' holds no final model: no models/*.pt (a sweep's, written by 'gmpq finetune "
                           "--sweep' or 'gmpq run') and no quantized.pt ('gmpq finetune --policy'). Fine-tune first, "
@@ -89,13 +98,29 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"'{src}' is an integer model file already (written by 'gmpq export'); pass the float "
                               f"model file it was exported from{_float_beside(src)}.")
     _check_out_folders(pairs, given=args.out is not None)
+    own = False                                     # a model of the user's own builder among them
     for src, out in pairs:
         row = export_one(src, out)
+        own = own or ":" in str(row.get("model", ""))
         if args.json:
             print(json.dumps({k: v for k, v in row.items() if args.layers or k != "layers"}))
         else:
             print(format_row(row, layers=args.layers))
+    if not args.json:
+        print(usage_note(pairs[-1][1], several=len(pairs) > 1, own_builder=own))
     return 0
+
+
+def usage_note(out: Path, *, several: bool = False, own_builder: bool = False) -> str:
+    """How to run an exported file: the loader of ``gmpq_core``, which needs only torch (no gmpq install)."""
+    return (f"Run {'each' if several else 'it'} in Python with torch and this project's gmpq_core folder on the "
+            f"path (no gmpq install, no Ray/Optuna/MLflow):\n"
+            f"  from gmpq_core import load_quantized_model\n"
+            f"  q = load_quantized_model({str(out)!r})\n"
+            f"  logits = q.model(q.normalize(images))   # images: float in [0, 1], [N, C, H, W] at "
+            f"q.preprocess['image_size'] px"
+            + ("\n(a model of your own builder, PATH.py:FUNCTION, also needs that builder file where it was)"
+               if own_builder else ""))
 
 
 def _float_beside(src: Path) -> str:
@@ -154,7 +179,8 @@ def export_one(src: Path, out: Path) -> dict:
     return {"source": str(src), "out": str(out), "source_bytes": src.stat().st_size, "out_bytes": out.stat().st_size,
             "weight_float_bytes": sizes["float_bytes"], "weight_packed_bytes": sizes["packed_bytes"],
             "weight_ratio": sizes["ratio"], "check_inputs": len(x), "check_same_top1": same,
-            "check_max_logit_diff": diff, "top1": model.results.get("top1"), "layers": sizes["layers"]}
+            "check_max_logit_diff": diff, "top1": model.results.get("top1"), "model": model.arch["model"],
+            "layers": sizes["layers"]}
 
 
 def _mb(n: int) -> str:
