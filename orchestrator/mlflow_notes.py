@@ -36,16 +36,20 @@ def final_metrics(row: Mapping[str, Any], status: str, *, legacy: bool = False) 
 
 
 @contextlib.contextmanager
-def noting_mlflow_off() -> Iterator[list[str]]:
+def noting_mlflow_off(*, once: bool = False) -> Iterator[list[str]]:
     """Yields a list that gets the MLflow sink's "logging disabled" warning once it is shown (shown as before, where
     and when it is raised: at a sweep's or study's start, or from the MLflow writer thread), for the command's last
-    lines (a study of hours says at its start that MLflow is down)."""
+    lines (a study of hours says at its start that MLflow is down). ``once``: a command whose stages each connect
+    again (each tries: the store may answer again by then; ``gmpq run``, a ``finetune --sweep`` that selects again)
+    shows the paragraph the first time only; the list still gets each one."""
     shown: list[str] = []
     show = warnings.showwarning
 
     def note(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
         if str(message).startswith(DISABLED):
             shown.append(str(message))
+            if once and len(shown) > 1:
+                return
         show(message, category, *rest, **kw)
 
     warnings.showwarning = note

@@ -21,11 +21,9 @@ A selection made again is logged to the sweep's MLflow parent run and trial runs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from gmpq_core.errors import ConfigError
 
@@ -174,31 +172,6 @@ def check_sweep_folder(sweep_dir: Path) -> None:
                            hint=f"the fine-tunes keep their checkpoints there: make it writable, or {other}")
 
 
-@contextlib.contextmanager
-def mlflow_off_said_once() -> Iterator[list[str]]:
-    """The MLflow sink's "logging disabled" warning shown once while inside (the list gets each one shown): a selection
-    made again is logged before the fine-tunes and they after them, each through a connection of its own (each tries:
-    the store may answer again by then), and with the store down both warned alike."""
-    from orchestrator.mlflow_keys import DISABLED
-
-    shown: list[str] = []
-    show = warnings.showwarning
-
-    def once(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
-        if str(message).startswith(DISABLED):
-            if shown:
-                return
-            shown.append(str(message))
-        show(message, category, *rest, **kw)
-
-    warnings.showwarning = once
-    try:
-        yield shown
-    finally:
-        if warnings.showwarning is once:
-            warnings.showwarning = show
-
-
 def run_sweep_finetune(args: argparse.Namespace) -> int:
     from orchestrator.pareto_pick import limit_arg
     from . import quiet_libraries, refuse_missing_sweep_dir
@@ -218,7 +191,11 @@ def run_sweep_finetune(args: argparse.Namespace) -> int:
         sweep_stopped_text(sweep_dir, "gmpq finetune", f"gmpq finetune --sweep {sweep_dir}")
     if warning is not None:
         print(warning, file=sys.stderr, flush=True)         # an early look is allowed: warned, not refused
-    with mlflow_off_said_once():
+    from orchestrator.mlflow_notes import noting_mlflow_off
+
+    # a selection made again is logged before the fine-tunes and they after them, each through a connection of its
+    # own (each tries): with the store down, its paragraph once
+    with noting_mlflow_off(once=True):
         final = finetune_stage(sweep_dir, args,
                                say=lambda msg: print(f"gmpq finetune: {msg}", file=sys.stderr, flush=True))
     from orchestrator.final_results import final_table_heading

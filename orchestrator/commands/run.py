@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     say_env_tracking_uri(cfg, resume, _say)
     stage = "the sweep"
     try:
-        with noting_mlflow_off() as mlflow_off, address_named(args, cfg), \
+        with noting_mlflow_off(once=True) as mlflow_off, address_named(args, cfg), \
                 _ray_session_said(resolved.address):     # one Ray for the sweep and the fine-tune
             from orchestrator.final_stage import check_final_workers
 
