@@ -6,7 +6,8 @@ Loading Fashion-MNIST from a root without its files falls back to another copy (
 sweep's recorded root working, but a typo on the command line (``--data-root /typo``) would train on other data
 than the folder named. ``check_given_data_root`` refuses such a root in one paragraph before any work. A dataset
 that downloads into its root (CIFAR-10; Fashion-MNIST where no copy exists elsewhere) takes a new folder, as
-before. A recorded root (a sweep's ``data_root``, a policy's) is not checked here: its fallback and warning stay.
+before. A new local sweep's ``data_root`` is typed too (``sweep.check_sweep``); a recorded root (a resumed sweep's
+``data_root``, a policy's) is not checked: its fallback and warning stay.
 (``gmpq evaluate`` only reads, and refuses any root that does not exist: ``common_args.ExistingDataRootArg``.)
 """
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_given_data_root(root: Any, dataset: str, flag: str = FLAG) -> None:
-    """ConfigError when ``root``, given as ``flag`` on the command line, is not an existing folder and ``dataset``
+    """ConfigError when ``root``, given as ``flag`` on the command line (or a config key, e.g. a new sweep's
+    ``data_root``: the fix is worded for it), is not an existing folder and ``dataset``
     does not download into it (``downloads_into_root``): one paragraph with the value, what exists (the nearest
     folder above it; where the dataset would be read from instead) and the fix. Nothing is read or written."""
     if root is None:
@@ -58,15 +60,17 @@ def check_given_data_root(root: Any, dataset: str, flag: str = FLAG) -> None:
     if path.is_dir() or downloads_into_root(dataset):
         return
     nearest = _nearest_existing(path)
+    flagged = flag.startswith("--")               # a flag, or a config key (a new sweep's data_root)
+    give, drop = (f"Pass {flag}", f"drop {flag}") if flagged else (f"Set {flag} to", "leave it out")
     name = str(dataset).partition(":")[0]
     elsewhere = _fashion_elsewhere() if name == "fashion_mnist" else None
     if elsewhere is not None:
         instead = (f"'{dataset}' would be read from {elsewhere} instead, which is other data than a folder you "
-                   f"named. Pass {flag} the folder that holds its files (check the spelling), or drop {flag} to "
+                   f"named. {give} the folder that holds its files (check the spelling), or {drop} to "
                    f"read it from {elsewhere}.")
     else:
         instead = (f"'{dataset}' does not download into a data root, so a folder that does not exist holds nothing "
-                   f"of it. Check the spelling of {flag} (the folder that holds the dataset's files), or drop {flag} "
+                   f"of it. Check the spelling of {flag} (the folder that holds the dataset's files), or {drop} "
                    "to use the dataset's default location.")
     raise ConfigError(f"{flag} '{root}': no such folder ({path}; the nearest folder that exists is {nearest}). "
                       f"{instead}")

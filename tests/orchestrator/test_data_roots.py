@@ -60,3 +60,20 @@ def test_a_dataset_that_downloads_into_the_root_takes_a_new_folder(tmp_path, mon
         (tmp_path / name).write_bytes(b"")                       # a copy elsewhere: read instead, so refused
     with pytest.raises(ConfigError, match=f"would be read from {tmp_path} instead"):
         check_given_data_root(str(new), "fashion_mnist")
+
+
+def test_a_new_sweeps_data_root_that_does_not_exist_is_refused_and_a_resumes_is_not_checked(tmp_path, capsys):
+    """A new sweep's config value is typed (``gmpq sweep --set data_root=...`` / a YAML): a typo is refused before any
+    file; a resumed sweep's root is recorded (a moved sweep): ``check_given_data_root`` is not applied to it."""
+    from orchestrator.sweep import check_sweep
+    from orchestrator.sweep_config import load_sweep_config
+
+    typo = tmp_path / "fashon"
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path / "sweep"), "data_root": str(typo)})
+    with pytest.raises(ConfigError, match=r"data_root in the sweep config '.*fashon': no such folder") as e:
+        check_sweep(cfg, False)
+    assert "Set data_root in the sweep config to the folder that holds its files" in str(e.value)
+    assert not (tmp_path / "sweep").exists()
+    with pytest.raises(ConfigError) as e:              # resume: nothing to resume here, but not the data root's words
+        check_sweep(cfg, True)
+    assert "no such folder" not in str(e.value)
