@@ -200,9 +200,9 @@ class ParamSpec:
 PARAMS: dict[str, ParamSpec] = {
     "budget_avg_bits": ParamSpec(float, "BitOPs budget as an average bitwidth b: sum_l MACs_l * b * b", True),
     "proxy_size": ParamSpec(int, "number of proxy images (stratified subset of the proxy train split)", True),
-    "eta": ParamSpec(float, "attribution (generalization) loss weight, METHOD.md 4.4", True),
-    "lam": ParamSpec(float, "complexity loss weight lambda, METHOD.md 4.4", True),
-    "p_mode": ParamSpec(str, "capacity-aware or fixed attribution power p, METHOD.md 4.3",
+    "eta": ParamSpec(float, "attribution (generalization) loss weight, docs/method.md, section 7", True),
+    "lam": ParamSpec(float, "complexity loss weight lambda, docs/method.md, section 8", True),
+    "p_mode": ParamSpec(str, "capacity-aware or fixed attribution power p, docs/method.md, section 7",
                         choices=("capacity", "fixed")),
     "kappa": ParamSpec(float, "capacity-aware p = kappa * mean_l 1/(E[b_w] E[b_a])", True,
                        only_if=("p_mode", "capacity")),
