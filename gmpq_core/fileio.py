@@ -195,14 +195,28 @@ def _zipfile() -> Any:
     return zipfile
 
 
+def _part_reads(z: Any, info: Any) -> bool:
+    """Whether the part ``info`` of the open zip ``z`` reads to its end with the CRC-32 recorded for it (zipfile
+    checks it at the end; what ``ZipFile.testzip`` does for each part)."""
+    try:
+        with z.open(info) as f:
+            while f.read(1 << 20):
+                pass
+    except _zipfile().BadZipFile:
+        return False
+    return True
+
+
 def _check_crc(path: Path) -> None:
     """CheckpointError when a zip-format checkpoint (torch.save's) has a part whose bytes no longer match the
     CRC-32 written with them (a flipped or overwritten byte on disk or in transfer): torch.load would read it
-    without a word, and the model would predict from damaged weights."""
+    without a word, and the model would predict from damaged weights. A part recorded with CRC 0 is not checked:
+    torch.save writes 0 for every part when its checksums are off (``torch.serialization.set_crc32_options(False)``),
+    and such a file is as torch wrote it."""
     zipfile = _zipfile()
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+            bad = next((i.filename for i in z.infolist() if i.CRC and not _part_reads(z, i)), None)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
         return                               # not a zip checkpoint (or cut short): torch.load's error says more
     if bad is not None:

@@ -23,6 +23,7 @@ import threading
 from typing import Any, Callable, Iterator, Sequence
 
 __all__ = ["quiet_ray_env", "local_cpu_count", "ray_cpus", "init_ray", "ray_session", "address_origin", "ray_client_text",
+           "head_node_text",
            "ctrl_c_signals", "fit_restoring_handlers", "Terminated", "terminated", "clear_terminated", "stop_status",
            "stop_word",
            "ray_map", "OBJECT_STORE_BYTES"]
@@ -163,6 +164,13 @@ def ray_client_text(address: str | None) -> str | None:
     if given == "auto" and env.startswith("ray://"):
         return f"--address auto, from $RAY_ADDRESS={env}"
     return None
+
+
+def head_node_text(address: str | None) -> str:
+    """The --address of a Ray Client refusal's fix, "resume it from the head node (...)": --address auto, and with
+    $RAY_ADDRESS unset where ``address`` is auto following a ray:// one (else auto is Ray Client again)."""
+    return ("(--address auto)" if str(address or "").strip() != "auto" else
+            "(--address auto there, with $RAY_ADDRESS unset: a ray:// one goes through Ray Client again)")
 
 
 def check_join_address(address: str) -> None:

@@ -199,9 +199,8 @@ def check_sweep(cfg: SweepConfig, resume: bool | str, *, say: Callable[[str], No
         from .ray_env import check_join_address                 # (and before the data and model checks' work)
         check_join_address(cfg.address)
     if not resume and cfg.address is None:                # a new sweep's data_root is typed: a typo is not other data
-        from .data_roots import check_given_data_root      # (a resume's is recorded: a moved one falls back, warned)
-        for dataset in dict.fromkeys((cfg.proxy_dataset, cfg.target_dataset)):
-            check_given_data_root(cfg.data_root, dataset, flag="data_root in the sweep config")
+        from .data_roots import check_sweep_data_root      # (a resume's is recorded: a moved one falls back, warned)
+        check_sweep_data_root(cfg.data_root, (cfg.proxy_dataset, cfg.target_dataset))
     from .shared_study import resuming
     with resuming(bool(resume)):                           # a resume's Tune state: check_folder_state's words
         facts = check_sweep_config(cfg, make_folders=make_folders)  # everything that can fail does so before Ray

@@ -89,13 +89,12 @@ def check_growth(cfg: Any, saved_n: int, ended: int, *, tune_saved: bool = False
     resume that stopped before Tune ran it (``sweep_resume.grown_from``). Ray Client: a ``ray://`` address, or
     ``auto`` that follows ``$RAY_ADDRESS=ray://...`` (``ray_env.ray_client_text``). (The two Ray Client refusals
     name different fixes: with a raised saved config, --n-trials of the old count is refused as fewer.)"""
-    from .ray_env import ray_client_text
+    from .ray_env import head_node_text, ray_client_text
     from .sweep_config import check_trial_count
 
     n, out = cfg.n_trials, cfg.out_dir
     client = ray_client_text(cfg.address) if n > saved_n else None     # ray://, or auto following $RAY_ADDRESS
-    head = ("(--address auto)" if client == str(cfg.address).strip() else
-            "(--address auto there, with $RAY_ADDRESS unset: a ray:// one goes through Ray Client again)")
+    head = head_node_text(cfg.address)
     if client and tune_saved:
         raise ConfigError(f"The sweep in '{out}' grows from {saved_n} to {n} trials (n_trials {n} in its "
                           f"sweep_config.yaml, saved by a grown resume that stopped before Ray Tune ran it; Tune's "

@@ -173,14 +173,14 @@ def _check_moved_resume(cfg: SweepConfig) -> None:
     from .moved_sweep import recorded_dir, same_folder
     from .results import load_resolved_config
 
-    from .ray_env import ray_client_text
+    from .ray_env import head_node_text, ray_client_text
 
     old = recorded_dir(load_resolved_config(cfg.out_dir, follow_moves=False))
     client = ray_client_text(cfg.address)     # ray://, or auto following $RAY_ADDRESS=ray://
     if client and old is not None and not same_folder(old, Path(cfg.out_dir)):
         raise ConfigError(f"The sweep folder {cfg.out_dir} was written as {old}; through Ray Client ({client}) "
                           "Tune would restore it on the cluster with the old folder's Optuna storage. Resume it "
-                          f"from the head node (--address auto), or move the folder back to {old}.")
+                          f"from the head node {head_node_text(cfg.address)}, or move the folder back to {old}.")
 
 
 def _check_same_config(cfg: SweepConfig) -> int | None:

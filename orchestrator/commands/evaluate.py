@@ -155,9 +155,12 @@ def evaluate_file(path: Path, args: argparse.Namespace, device: str, data: dict)
 def _note_other_trial(path: Path, trial_id: Any) -> None:
     """A note when a sweep's model file (``models/<trial_id>.pt``, ``.int.pt``, a kept ``<trial_id>.<recipe>.pt``)
     holds another trial's model than its name says (renamed, or copied in from another sweep): its row is that
-    model's, and its recorded top-1 too."""
+    model's, and its recorded top-1 too. Only in a sweep folder (its sweep_config.yaml): a folder of one's own named
+    models/ (models/resnet20.pt) names no trial."""
     named = path.name.split(".")[0]
-    if trial_id and path.parent.name in ("models", "kept") and named != str(trial_id):
+    folder = path.parent.parent if path.parent.name == "models" else path.parent.parent.parent \
+        if path.parent.name == "kept" and path.parent.parent.name == "models" else None
+    if trial_id and folder is not None and (folder / "sweep_config.yaml").is_file() and named != str(trial_id):
         print(f"gmpq evaluate: note: '{path}' holds the fine-tuned model of trial {trial_id} (recorded in the file), "
               f"not of trial {named} as its name says: it was renamed or copied from another sweep; its row and "
               f"recorded top-1 are trial {trial_id}'s.", file=sys.stderr, flush=True)

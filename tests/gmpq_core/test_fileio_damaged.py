@@ -55,3 +55,21 @@ def test_a_model_file_cut_short_says_so(tmp_path):
     assert f"Checkpoint '{cut}' is truncated or corrupted: its end (the zip directory) is missing" in msg
     assert "internal miniz error" not in msg
     assert torch.equal(load_checkpoint(path)["state_dict"]["fc.weight"], load_quantized_model(path).model.fc.weight)
+
+
+def test_a_model_file_torch_saved_with_its_checksums_off_loads(tmp_path):
+    """torch.serialization.set_crc32_options(False) makes torch.save record CRC 0 for every part: such a file is as
+    torch wrote it, not damaged, and loads (only a part whose recorded CRC-32 is not 0 can be checked)."""
+    path = quantized_model_file(tmp_path / "models" / "m.pt")
+    plain = tmp_path / "models" / "plain.pt"
+    was = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(torch.load(path, weights_only=True), plain)
+    finally:
+        torch.serialization.set_crc32_options(was)
+    with zipfile.ZipFile(plain) as z:
+        assert {i.CRC for i in z.infolist()} == {0}                 # no checksum written (Python's testzip fails it)
+    loaded = load_quantized_model(plain)
+    assert loaded.results["top1"] == 81.5
+    assert torch.equal(loaded.model.fc.weight, load_quantized_model(path).model.fc.weight)

@@ -99,10 +99,14 @@ def test_evaluate_and_export_refuse_a_damaged_model_file_before_any_row(tmp_path
 
 def test_evaluate_notes_a_sweep_model_file_that_holds_another_trials_model(tmp_path, capsys):
     sweep = sweep_with_models(tmp_path / "sweep")
+    (sweep / "sweep_config.yaml").write_text("name: demo\n")     # (a sweep folder: the note reads no more of it)
     other = sweep / "models" / "t1.pt"
     other.write_bytes((sweep / "models" / "t0.pt").read_bytes())     # t0's model under t1's name (a copy-in)
-    assert main(["evaluate", str(other), str(sweep / "models" / "t0.pt"), "--test-size", "50"]) == 0
+    own = tmp_path / "deploy" / "models" / "resnet20_fmnist.pt"       # one's own folder named models/: no trial named
+    own.parent.mkdir(parents=True)
+    own.write_bytes(other.read_bytes())
+    assert main(["evaluate", str(other), str(sweep / "models" / "t0.pt"), str(own), "--test-size", "50"]) == 0
     err = _err(capsys)
     assert (f"note: '{other}' holds the fine-tuned model of trial t0 (recorded in the file), not of trial t1 as its "
             "name says") in err
-    assert err.count("note:") == 1                              # t0.pt is t0's: no note
+    assert err.count("note:") == 1                              # t0.pt is t0's, resnet20_fmnist.pt no trial's: none

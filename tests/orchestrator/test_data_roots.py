@@ -10,7 +10,7 @@ import pytest
 from gmpq_core.data import sources
 from gmpq_core.errors import ConfigError
 from orchestrator.cli import main
-from orchestrator.data_roots import check_given_data_root, downloads_into_root
+from orchestrator.data_roots import check_given_data_root, check_sweep_data_root, downloads_into_root
 
 TINY = ["--epochs", "1", "--max-steps-per-epoch", "1", "--batch-size", "16"]
 COMMANDS = {"train-fp": ["train-fp", *TINY, "--proxy-size", "100", "--test-size", "100"],
@@ -34,14 +34,38 @@ def test_a_typed_data_root_that_does_not_exist_is_refused_not_replaced_by_other_
     assert not (tmp_path / "out").exists() and not typo.parent.exists()
 
 
-def test_a_dataset_that_reads_no_root_refuses_a_missing_one_and_an_existing_root_passes(tmp_path, capsys):
-    assert main([*COMMANDS["train-fp"], "--dataset", "digits", "--data-root", str(tmp_path / "typo"),
-                 "--out", str(tmp_path / "out")]) == 2
-    err = " ".join(capsys.readouterr().err.split())
-    assert f"--data-root '{tmp_path / 'typo'}': no such folder" in err and "'digits' does not download into" in err
-    assert not (tmp_path / "out").exists()
+def test_a_dataset_that_reads_no_root_is_not_refused_for_one_the_other_dataset_downloads_into(tmp_path):
+    """digits, mnist5k and imagefolder:PATH read no data root: a new sweep with a MNIST-5k proxy and a CIFAR-10 target
+    names the folder CIFAR-10 downloads into, checked for each dataset (sweep.check_sweep), and is not refused."""
+    new = tmp_path / "new" / "cifar"
+    for dataset in ("mnist5k", "cifar10", "digits", f"imagefolder:{tmp_path}"):
+        check_given_data_root(str(new), dataset, flag="data_root in the sweep config")
+    assert not new.parent.exists()
     check_given_data_root(str(tmp_path), "fashion_mnist")        # a folder that exists: read as before
     check_given_data_root(None, "digits")
+
+
+def test_a_new_sweeps_root_that_its_cifar10_target_downloads_into_is_not_refused_for_its_proxy(tmp_path):
+    """One data_root serves a sweep's proxy and target: a new folder the CIFAR-10 target downloads into is no typo,
+    whatever the proxy (a Fashion-MNIST one reads its copy elsewhere, warned, as before); without such a target a
+    Fashion-MNIST proxy's missing root is refused."""
+    new = tmp_path / "new" / "cifar"
+    for proxy in ("mnist5k", "fashion_mnist"):
+        check_sweep_data_root(str(new), (proxy, "cifar10"))
+    if sources.find_fashion_mnist(None) is not None:                 # a copy elsewhere: read instead, refused
+        with pytest.raises(ConfigError, match=r"data_root in the sweep config '.*cifar': no such folder"):
+            check_sweep_data_root(str(new), ("fashion_mnist", "fashion_mnist"))
+    check_sweep_data_root(None, ("fashion_mnist", "cifar10"))
+    assert not new.parent.exists()
+
+
+def test_a_misspelt_dataset_with_a_new_root_is_refused_for_its_name_not_the_root(tmp_path, capsys):
+    """CIFAR10 is no dataset (cifar10 is, and downloads into the new folder): the refusal lists the datasets."""
+    assert main([*COMMANDS["train-fp"], "--dataset", "CIFAR10", "--data-root", str(tmp_path / "new"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Unknown dataset 'CIFAR10'. Available datasets: cifar10," in err and "no such folder" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_dataset_that_downloads_into_the_root_takes_a_new_folder(tmp_path, monkeypatch):

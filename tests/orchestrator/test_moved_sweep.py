@@ -220,7 +220,9 @@ def test_a_moved_sweep_is_not_resumed_through_ray_client_named_by_ray_address(tm
     original.rename(moved)
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     cfg = load_sweep_config(moved / CONFIG_FILE, overrides={"out_dir": str(moved), "address": "auto"})
-    with pytest.raises(ConfigError, match=r"Ray Client \(--address auto, from \$RAY_ADDRESS=ray://head:10001\)"):
+    with pytest.raises(ConfigError, match=r"Ray Client \(--address auto, from \$RAY_ADDRESS=ray://head:10001\)") as e:
         _check_moved_resume(cfg)
+    # the fix is not the --address auto given: on the head node, with the variable unset
+    assert "from the head node (--address auto there, with $RAY_ADDRESS unset" in " ".join(str(e.value).split())
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")          # a head node's own address: not Ray Client
     _check_moved_resume(cfg)
