@@ -47,14 +47,16 @@ def _whole(v: Any) -> int | None:
     return int(f) if f is not None and f == int(f) else None
 
 
-def checkpoint_history(storage: str | Path, row: Mapping[str, Any]) -> list[dict] | None:
+def checkpoint_history(storage: str | Path, row: Mapping[str, Any], *, run: str | None = None) -> list[dict] | None:
     """The per-epoch reports of the fine-tune that final.parquet's ``row`` reports, epochs 1 to ``row["epochs"]``,
-    from the newest Ray Train checkpoint of ``finetune-<trial_id>`` under ``storage`` (loaded with its tensors left
-    on disk); None when there is none (deleted, remote storage) or it holds another fine-tune: another policy,
-    another recipe, or no epoch ``row["epochs"]`` with the row's ``final_top1`` (a later run with more epochs that
-    continued this one still holds its epochs)."""
+    from the newest Ray Train checkpoint of ``finetune-<trial_id>`` (``run``: that Ray Train run folder, a kept
+    recipe's ``finetune-<trial_id>.<digest>``) under ``storage`` (loaded with its tensors left on disk); None when
+    there is none (deleted, remote storage) or it holds another fine-tune: another policy, another recipe, or no
+    epoch ``row["epochs"]`` with the row's ``final_top1`` (a later run with more epochs that continued this one
+    still holds its epochs)."""
     tid, epochs = str(row["trial_id"]), _whole(row.get("epochs"))
-    state = saved_final_state(storage, tid, STATE_FILE, mmap=True) if epochs is not None else None
+    folder = run.removeprefix("finetune-") if run else tid        # (saved_final_state reads finetune-<this>)
+    state = saved_final_state(storage, folder, STATE_FILE, mmap=True) if epochs is not None else None
     if not isinstance(state, dict) or state.get("trial_id", tid) != tid or \
             (row.get("policy_json") is not None and state.get("policy_json") != row.get("policy_json")):
         return None

@@ -15,7 +15,9 @@ sync-mlflow``):
   under it rather than made again (no duplicate runs, no metric point logged twice), and the new one gets what the
   sync's parent step logs (``fill_new_parent``: the Pareto and final tables, the description, FINISHED once every
   trial has a row and no other process runs the sweep); the persisted ids of runs the store no longer has are
-  dropped (made again, rather than written to and refused).
+  dropped (made again, rather than written to and refused); one removed while a command logs to it is replaced the
+  same way at the first write the store refuses for it (``replace_removed_parent``, once per removed id), and the
+  write goes to the new one, so logging goes on rather than turning itself off.
 
 The sweep's parent run is the one ``mlflow_parent.json`` names (the sink's own store), else the oldest with the
 sweep's ``gmpq.role`` / ``gmpq.sweep_dir`` tags, the folder as now or as the moved folder's store or config recorded
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LostParent", "PARENT_TAG", "WITH_PARENT_MS", "restore_deleted_parent", "reattach_orphans",
            "fill_new_parent", "lost_parent_line", "refused_deleted_run", "gone_run", "run_stage", "restore_meanwhile",
-           "leave_deleted"]
+           "leave_deleted", "removed_parent", "replace_removed_parent", "parent_for"]
 
 log = logging.getLogger("orchestrator.mlflow_sink")     # the sink's messages
 
@@ -305,6 +307,37 @@ def gone_run(sink: MLflowSink, err: BaseException) -> str | None:
     m = _NOT_FOUND.search(str(err)) if getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" else None
     ours = {rid for kind in sink.runs.values() for rid in kind.values()}
     return m.group(1) if m and m.group(1) in ours else None
+
+
+def removed_parent(sink: MLflowSink, err: BaseException) -> bool:
+    """Whether ``err`` is the store lacking the sink's parent run (``RESOURCE_DOES_NOT_EXIST``: ``mlflow gc`` removed
+    it while this command logs to it)."""
+    m = _NOT_FOUND.search(str(err)) if getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" else None
+    return bool(m and sink.parent_run_id and m.group(1) == sink.parent_run_id)
+
+
+def replace_removed_parent(sink: MLflowSink) -> bool:
+    """The parent run was removed by ``mlflow gc`` while this command logs to it (``removed_parent``): once per removed
+    id, the sink connects again as a command starting now does (a new parent run, the runs under the removed one moved
+    under it, a sweep's tables logged onto it: ``connect``; its one line), and the removed id stands for the new one
+    in the calls that still name it (``parent_for``). False when that id was replaced already, or connecting fails
+    (the sink is then off, with its warning, as before)."""
+    old, moved = str(sink.parent_run_id), sink.__dict__.setdefault("_parent_moved", {})
+    if old in moved:
+        return False
+    moved[old] = None
+    sink.parent_run_id = None
+    if not sink.connect():
+        return False
+    moved[old] = sink.parent_run_id
+    return True
+
+
+def parent_for(sink: MLflowSink, value):
+    """``value``, or the new parent run's id when ``value`` is a parent run id replaced by ``replace_removed_parent``
+    (a caller that read ``sink.parent_run_id`` before)."""
+    moved = sink.__dict__.get("_parent_moved")
+    return moved.get(value) or value if moved and isinstance(value, str) else value
 
 
 def restore_meanwhile(sink: MLflowSink) -> bool:

@@ -26,39 +26,42 @@ MLflow is a view: if the tracking store cannot be reached, the sink warns once a
 what is missing later. Runs are found again by their persisted ids, else by their tags (``trial_id``,
 ``gmpq.role``, parent run; ``gmpq.sweep_dir`` for the parent), so a lost or damaged id file does not
 duplicate them. A parent run deleted in the store is restored with the runs deleted with it, one ``mlflow gc``
-removed is made again with the runs that were under it moved under it and the sweep's tables (``mlflow_parent``); a
+removed is made again with the runs that were under it moved under it and the sweep's tables (``mlflow_parent``; also
+when gc removes it while a command logs to it: at the first write the store refuses, ``call``); a
 child run deleted in the store, or removed by gc, is left alone (nothing is logged into it, said once per run and
 process; the others go on; ``gmpq sync-mlflow`` makes it again). Trial runs are named by their trial id and what
 the sweep varies (``mlflow_keys.trial_run_name``). Against an ``http(s)://`` server the client retries a failed
 request at most ``HTTP_RETRY_DEFAULTS`` times (MLflow's own default backs off for about 4 minutes, which would stall
 the sweep driver), unless the ``MLFLOW_HTTP_REQUEST_*`` variables are set.
 
-This module holds the sink (``MLflowSink``: connection, parent and child runs, warn-once) and
-``sweep_experiment_name``; the layout's names and keys (id-file names, run statuses, metric keys, param
-flattening) are ``orchestrator.mlflow_keys``, re-exported here; the persisted ids and the store's identity
-after a move are the sink's mix-in ``orchestrator.mlflow_ids.SinkIdFiles``.
+This module holds the sink (``MLflowSink``: connection, parent run, warn-once) and ``sweep_experiment_name``; the
+layout's names and keys (id-file names, run statuses, metric keys, param flattening) are ``orchestrator.mlflow_keys``,
+re-exported here; the sink's mix-ins are its persisted ids and the store's identity after a move
+(``orchestrator.mlflow_ids.SinkIdFiles``) and its child runs, params, metrics and run ends
+(``orchestrator.mlflow_child_runs.SinkRuns``).
 """
 from __future__ import annotations
 
 import logging
 import os
 import shlex
-import time
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Collection, Mapping
+from typing import Any, Mapping
 
 from gmpq_core.errors import CheckpointError
 from gmpq_core.fileio import read_json
 
+from .mlflow_child_runs import SinkRuns
 from .mlflow_ids import SinkIdFiles
-from .mlflow_parent import (LostParent, fill_new_parent, gone_run, leave_deleted, lost_parent_line, reattach_orphans,
-                            refused_deleted_run, restore_deleted_parent, restore_meanwhile)
+from .mlflow_parent import (LostParent, fill_new_parent, gone_run, leave_deleted, lost_parent_line, parent_for,
+                            reattach_orphans, refused_deleted_run, removed_parent, replace_removed_parent,
+                            restore_deleted_parent, restore_meanwhile)
 from .mlflow_keys import _RAY_KEYS, FINAL_METRICS, RUN_STATUS, _phase_key  # noqa: F401  (re-exported for importers)
-from .mlflow_keys import (DISABLED, HTTP_RETRY_DEFAULTS, PARENT_FILE, ROLE_OF_KIND, RUNS_FILE, SET_ASIDE_TAG,
-                          _numeric, default_tracking_uri, flatten_config)
+from .mlflow_keys import (DISABLED, HTTP_RETRY_DEFAULTS, PARENT_FILE, ROLE_OF_KIND, RUNS_FILE,  # noqa: F401
+                          SET_ASIDE_TAG, _numeric, default_tracking_uri, flatten_config)
 from .moved_sweep import follow_folder, recorded_dir, same_folder, sqlite_file
 from .results import CONFIG_FILE, TRIALS_FILE, load_resolved_config
 
@@ -80,7 +83,7 @@ def _reachable(uri: str, timeout_s: float = 3.0) -> str | None:
     return None
 
 
-class MLflowSink(SinkIdFiles):
+class MLflowSink(SinkIdFiles, SinkRuns):
     """Driver-side MLflow writer of one sweep: parent run, child runs, persisted ids, warn-once on failure."""
 
     PARENT_ROLE = "sweep"        # the parent run's ``gmpq.role`` tag (a study's sink: "study")
@@ -114,6 +117,7 @@ class MLflowSink(SinkIdFiles):
         state.pop("_deleted_runs", None)        # (a resumed sweep finds them again: ``child_run`` makes new ones)
         state.pop("_restored_meanwhile", None)
         state.pop("_made_runs", None)  # (this process's: a resumed sweep may restore its parent again)
+        state.pop("_parent_moved", None)
         return state
 
     # -- failure handling ---------------------------------------------------------------------
@@ -146,30 +150,26 @@ class MLflowSink(SinkIdFiles):
     def call(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         """Run one MLflow call; on any failure warn once and disable the sink (MLflow is only a view). A run deleted
         in the store (in the UI), or a child run ``mlflow gc`` removed, only stops that run's logging (the parent:
-        restored; ``mlflow_parent``)."""
+        restored, or, removed by gc, replaced by a new one as ``connect`` does, and the call made again on it;
+        ``mlflow_parent``)."""
         if not self.enabled or not self.connect():
             return None
+        if "_parent_moved" in self.__dict__:            # a parent replaced meanwhile: its old id names the new one
+            args = tuple(parent_for(self, a) for a in args)
+            kwargs = {k: parent_for(self, v) for k, v in kwargs.items()}
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # MlflowException, requests/sqlalchemy errors, OSError: all mean "cannot log"
             rid, gone = refused_deleted_run(e), gone_run(self, e)   # but a deleted or gc'd run is that run's loss only
             if rid is None and gone is None:
+                if removed_parent(self, e) and replace_removed_parent(self):   # gc'd meanwhile: a new parent, once
+                    return self.call(what, fn, *args, **kwargs)
                 self._disable(what, f"{type(e).__name__}: {e}")
                 return None
         if rid is not None and rid == self.parent_run_id and restore_meanwhile(self):
             return self.call(what, fn, *args, **kwargs)
         leave_deleted(self, rid or gone, gone=rid is None)
         return None
-
-    @property
-    def made_runs(self) -> set[str]:
-        """Child runs this sink made (they hold only their params: nothing to read back before logging)."""
-        return self.__dict__.setdefault("_made_runs", set())
-
-    @property
-    def deleted_runs(self) -> set[str]:
-        """Runs that were deleted in the store while this sink logged to them: nothing more is logged into them."""
-        return self.__dict__.setdefault("_deleted_runs", set())     # (a sink unpickled from an older sweep lacks it)
 
     # -- connection and parent run (persisted ids: SinkIdFiles) --------------------------------
     def open_store(self) -> bool:
@@ -285,94 +285,6 @@ class MLflowSink(SinkIdFiles):
         from .mlflow_links import NOTE_DIGEST_TAG, NOTE_TAG, _digest, sweep_note
         text = sweep_note(self.experiment_name, self.sweep_dir.resolve(), None, None)
         return {NOTE_TAG: text, NOTE_DIGEST_TAG: _digest(text)}
-
-    def find_run(self, tags: Mapping[str, str], *, exclude: Collection[str] = (),
-                 set_aside: bool = False) -> str | None:
-        """The id of the oldest active run of this experiment carrying all ``tags`` and not in ``exclude``
-        (None if none); not a run set aside by a restart of its fine-tune (tag ``SET_ASIDE_TAG``: the live one is
-        the run it names) unless ``set_aside``."""
-        terms = []
-        for k, v in tags.items():
-            v = str(v)
-            q = "'" if "'" not in v else '"'
-            if q in v:                 # both quote kinds: the filter language cannot say it
-                return None
-            terms.append(f"tags.`{k}` = {q}{v}{q}")
-        runs = self._client.search_runs([self._experiment_id], filter_string=" and ".join(terms), max_results=100,
-                                        order_by=["attributes.start_time ASC"])
-        return next((r.info.run_id for r in runs if r.info.run_id not in exclude
-                     and (set_aside or SET_ASIDE_TAG not in r.data.tags)), None)
-
-    def rekey_child(self, kind: str, old: str, new: str) -> str:
-        """The child run persisted under ``old`` is now under ``new`` (saved); returns its id."""
-        rid = self.runs[kind].pop(old)
-        self.runs[kind][new] = rid
-        self._save_ids()
-        return rid
-
-    def log_params(self, run_id: str, params: Mapping[str, str]) -> dict[str, str]:
-        """Log the params the run lacks. MLflow params are immutable (a new value for a logged key is an error
-        that would disable the sink): a key logged with another value keeps it, and is returned with the value
-        not logged (a value that changes belongs in a tag)."""
-        logged = self._client.get_run(run_id).data.params
-        params = {k[:250]: str(v) for k, v in params.items()}
-        kept = {k: v for k, v in params.items() if k in logged and logged[k] != v}
-        if kept:
-            log.info("run %s keeps its params %s (MLflow params cannot change)", run_id, sorted(kept))
-        self._log_params(run_id, {k: v for k, v in params.items() if k not in logged})
-        return kept
-
-    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        from mlflow.entities import Param
-        items = [Param(k[:250], str(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self._client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
-
-    # -- child runs -----------------------------------------------------------------------------
-    def has_child_run(self, kind: str, key: str) -> bool:
-        """Whether the child run ``kind``/``key`` was made (its id persisted) and is still there."""
-        return bool(self.call(f"looking up the {kind} run of {key}", self._run_exists, self.runs[kind].get(key)))
-
-    def child_run(self, kind: str, key: str, *, run_name: str, params: Mapping[str, Any],
-                  tags: Mapping[str, str]) -> str | None:
-        """The child run ``kind``/``key`` (reused if persisted and still there, else created)."""
-        def make() -> str:
-            rid = self.runs[kind].get(key)
-            if not self._run_exists(rid) and "trial_id" in tags:
-                rid = self.find_run({"mlflow.parentRunId": self.parent_run_id, "trial_id": tags["trial_id"],
-                                     "gmpq.role": tags.get("gmpq.role", ROLE_OF_KIND.get(kind, kind)),
-                                     **{k: v for k, v in tags.items() if k == "gmpq.recipe"}},
-                                    exclude=set(self.runs[kind].values()))     # another key's run is not this one
-                if rid is not None:   # persisted ids lost/damaged: reuse the run its tags identify
-                    self.runs[kind][key] = rid
-                    self._save_ids()
-            if self._run_exists(rid):
-                self._client.update_run(rid, status="RUNNING")
-                return rid
-            run = self._client.create_run(self._experiment_id, run_name=run_name,
-                                          tags={"mlflow.parentRunId": self.parent_run_id, **tags})
-            rid = run.info.run_id
-            self.made_runs.add(rid)
-            self._log_params(rid, flatten_config(dict(params)))
-            self.runs[kind][key] = rid
-            self._save_ids()
-            return rid
-        return self.call(f"creating the run {run_name}", make)
-
-    def log_metrics(self, run_id: str | None, metrics: Mapping[str, Any], step: int = 0) -> None:
-        from mlflow.entities import Metric
-        now = int(time.time() * 1000)
-        items = [Metric(k, v, now, int(step)) for k, v in ((k, _numeric(v)) for k, v in metrics.items())
-                 if v is not None]
-        if run_id and items and run_id not in self.deleted_runs:
-            self.call("logging metrics", self._client.log_batch, run_id, metrics=items, synchronous=True)
-
-    def finish(self, run_id: str | None, status: str, tags: Mapping[str, str] = ()) -> None:
-        if not run_id or run_id in self.deleted_runs:
-            return
-        for k, v in dict(tags).items():
-            self.call("tagging a run", self._client.set_tag, run_id, k, v)
-        self.call("ending a run", self._client.set_terminated, run_id, status)
 
 
 def __getattr__(name: str) -> Any:

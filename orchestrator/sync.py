@@ -7,8 +7,9 @@ start or went down mid-sweep (the sink warns once and stops logging). ``sync_mlf
   restored with the runs deleted with it, or, once ``mlflow gc`` removed it, a new one with the runs left under the
   old one moved under it, ``mlflow_parent``, as every command that logs the sweep does);
 - one child run per row of ``trials.parquet`` (reused through ``mlflow_runs.json`` or its ``trial_id``
-  tag, else created) with the trial's params (a created one: its numbers also as ``param_<name>`` metrics), its
-  per-epoch metrics (read back from the Ray Tune trial folder's ``result.json`` when the run has none), the final
+  tag, else created) with the trial's params (a created one: its numbers also as ``param_<name>`` metrics), the
+  per-epoch points it lacks, per metric and step, read back from the Ray Tune trial folder's ``result.json``
+  (``sync_epochs``: a run made by a resumed sweep after the first was deleted holds only the later epochs), the final
   metrics, ``policy.json``, the ``status`` and ``error`` tags and the run status FINISHED / KILLED (pruned) / FAILED;
 - the Pareto and final fine-tune tables on the parent run when the folder has them and the run lacks them (the Pareto
   table, its plots and ``pareto_size`` / ``n_selected`` also when the run's pareto.parquet is another one), and on
@@ -21,6 +22,9 @@ start or went down mid-sweep (the sink warns once and stops logging). ``sync_mlf
   (``_Syncer.finetune_runs``); the runs still there, also those the id file lost, are not logged into again;
 - on a fine-tune run that lacks its per-epoch series (created here from its final.parquet row), the epochs its Ray
   Train checkpoint holds, as the live stage logs them (``finetune_history``; no checkpoint left: the final row only).
+- a fine-tune kept aside (``models/kept/``: a policy's earlier recipe) whose run the store lacks (MLflow down when it
+  ran, or deleted): made as the live stage made it, tagged ``gmpq.kept``, the trial run still pointing to the current
+  recipe's (``sync_kept``).
 
 A run that already holds everything is left alone, so a second sync changes nothing (idempotent). Syncing to another
 store (``--tracking-uri``) leaves the folder's id files naming the sweep's own store (``sync_guards.id_files_kept``).
@@ -31,7 +35,6 @@ to sync: the store is checked (when it exists) and no run is created.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -46,11 +49,13 @@ from requests.exceptions import RequestException
 from .mlflow_keys import config_metrics, legacy_layout, trial_run_name
 from .mlflow_parent import LostParent
 from .mlflow_notes import final_metrics
-from .mlflow_sink import _RAY_KEYS, DISABLED, FINAL_METRICS, RUN_STATUS, MLflowSink, _phase_key, default_tracking_uri
+from .mlflow_sink import DISABLED, FINAL_METRICS, RUN_STATUS, MLflowSink, default_tracking_uri
 from .finetune_history import SeriesFill, complete_final_row, fill_finetune_series, finetune_run
 from .mlflow_stages import backfill_trial_tags, log_final, log_pareto
 from .moved_sweep import sqlite_file
 from .results import CONFIG_FILE, FINAL_FILE, PARETO_FILE, load_resolved_config, read_table, read_trials
+from .sync_epochs import missing_epochs, trial_histories
+from .sync_kept import sync_kept
 from .sync_guards import SyncError, id_files_kept, refuse_while_running
 from .sync_report import SyncReport
 
@@ -63,34 +68,6 @@ PARAM_PREFIX = "param_"
 
 def _present(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v))
-
-
-def trial_histories(cfg: Mapping[str, Any], sweep_dir: Path) -> dict[str, list[dict]]:
-    """Per-epoch reports of every trial from the Tune experiment folder (``<storage_path>/<name>/*/result.json``).
-
-    The last report of each (phase, epoch) wins (a retried trial appends its attempts to the same
-    file); the final ``done`` report is left out (its metrics come from Parquet). Empty when the
-    folder is remote or gone.
-    """
-    from .final_results import local_storage
-
-    storage = local_storage(cfg.get("storage_path") or sweep_dir / "ray_results")
-    exp = storage / str(cfg.get("name") or sweep_dir.name) if storage is not None else None
-    if exp is None or not exp.is_dir():
-        return {}
-    out: dict[str, dict[tuple, dict]] = {}
-    for path in exp.glob("*/result.json"):
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue        # a line cut by a crash: the others still count
-            if not isinstance(r, dict) or r.get("done") or "trial_id" not in r:
-                continue
-            out.setdefault(str(r["trial_id"]), {})[(str(r.get("phase")), r.get("epoch"))] = r
-    def order(key: tuple) -> tuple:
-        return key[0] != "search", key[1] if isinstance(key[1], (int, float)) else -1
-    return {tid: [by_epoch[k] for k in sorted(by_epoch, key=order)] for tid, by_epoch in out.items()}
 
 
 def child_runs_by_trial(sink: MLflowSink, role: str = "trial") -> dict[str, list[str]]:
@@ -114,6 +91,7 @@ class _Syncer:
     def __init__(self, sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, moved: int = 0) -> None:
         self.sink, self.cfg, self.sweep_dir, self.moved = sink, cfg, sweep_dir, moved    # (runs re-attached)
         self._histories: dict[str, list[dict]] | None = None
+        self._epochs: dict[str, list[tuple[int, dict]]] = {}     # run id -> the per-epoch points it lacks
         self.recreated = 0                      # fine-tune runs made again (``finetune_runs``)
         self.completed = 0                      # fine-tune runs a stopped stage left unfinished, completed
 
@@ -147,6 +125,10 @@ class _Syncer:
             need.append("metrics")
         if status == "failed" and _present(row.get("error")) and "error" not in run.data.tags:
             need.append("error")
+        lacking = self._epochs[rid] = missing_epochs(self.sink, rid, self.histories.get(str(row["trial_id"]), []),
+                                                     legacy=legacy_layout(have), logged=have)
+        if lacking:
+            need.append("epochs")
         if _present(row.get("policy_json")) and "policy.json" not in {a.path for a in c.list_artifacts(rid)}:
             need.append("policy")
         return need
@@ -155,11 +137,12 @@ class _Syncer:
         sink, c, tid, status = self.sink, self.sink.client, str(row["trial_id"]), row["status"]
         metrics = c.get_run(rid).data.metrics
         legacy = legacy_layout(metrics)                # an earlier version's run keeps its names
-        if "ce" not in metrics:                        # no per-epoch series yet: replay it from Tune's files
-            for r in self.histories.get(tid, []):
-                step = r.get("epoch", r.get("training_iteration", 0))
-                sink.log_metrics(rid, {_phase_key(r, k, legacy=legacy): v for k, v in r.items()
-                                       if k not in _RAY_KEYS}, step=int(step or 0))
+        lacking = self._epochs.pop(rid, None)          # the per-epoch points it lacks, from Tune's files
+        if lacking is None:
+            lacking = missing_epochs(sink, rid, self.histories.get(tid, []), legacy=legacy, logged=metrics)
+        for step, points in lacking:
+            sink.log_metrics(rid, points, step=step)
+        if lacking:
             metrics = c.get_run(rid).data.metrics
         if "metrics" in need:                          # those the run lacks (a partly logged run: not twice)
             step = row.get("last_epoch") if _present(row.get("last_epoch")) else row.get("epochs_run")
@@ -270,11 +253,12 @@ def _sync_all(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, rows: l
         outcomes[syncer.trial(row)] += 1
     _, tables = parent_step(sink, cfg, sweep_dir, rows, syncer=syncer)
     final = sweep_dir / FINAL_FILE          # the fine-tune runs just created (and older ones) get their epochs
-    series = fill_finetune_series(sink, cfg, sweep_dir, read_table(final).to_pandas()) if final.is_file() \
-        else SeriesFill(0, (), "")
+    final_df = read_table(final).to_pandas() if final.is_file() else None
+    series = fill_finetune_series(sink, cfg, sweep_dir, final_df) if final_df is not None else SeriesFill(0, (), "")
+    kept = sync_kept(sink, cfg, sweep_dir, final_df)        # the recipes kept aside: their runs, not the current
     tagged = syncer.trial_tags()
     dup = sum(len(v) > 1 for v in child_runs_by_trial(sink).values())
-    made = (syncer.recreated, syncer.completed)
+    made = (syncer.recreated, syncer.completed, kept)
     return outcomes, sink.client.get_run(sink.parent_run_id), tables, tagged, dup, series, made
 
 
@@ -356,6 +340,7 @@ def sync_mlflow(sweep_dir: str | Path, *, tracking_uri: str | None = None, while
                       runs_tagged=tagged, finetune_series_logged=series.runs_filled,
                       finetunes_without_history=series.without_history, checkpoint_storage=series.storage,
                       finetune_runs_recreated=made[0], finetune_runs_completed=made[1],
+                      kept_runs_made=made[2].made, kept_runs_tagged=made[2].tagged,
                       parent_restored=lost.restored is not None, runs_restored=lost.runs_restored,
                       runs_restored_unsorted=lost.times_unknown and lost.runs_restored > 0,
                       removed_parent_run_id=lost.removed, runs_reattached=lost.moved)

@@ -35,12 +35,15 @@ class SyncReport:
     removed_parent_run_id: str | None = None              # the parent run mlflow gc removed (a new one was made)
     runs_reattached: int = 0                              # runs moved from that one under the new parent
     finetune_runs_completed: int = 0                      # fine-tune runs a stopped final stage left unfinished
+    kept_runs_made: int = 0                               # runs made for fine-tunes kept aside (models/kept/)
+    kept_runs_tagged: int = 0                             # runs given (kept) or relieved of (restored) gmpq.kept
 
     @property
     def changed(self) -> bool:
         return bool(self.parent_created or self.runs_created or self.runs_updated or self.tables_logged
                     or self.runs_tagged or self.finetune_series_logged or self.finetune_runs_recreated
-                    or self.finetune_runs_completed or self.parent_restored or self.runs_reattached)
+                    or self.finetune_runs_completed or self.parent_restored or self.runs_reattached
+                    or self.kept_runs_made or self.kept_runs_tagged)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: getattr(self, k) for k in self.__dataclass_fields__}, "sweep_dir": str(self.sweep_dir),

@@ -68,6 +68,10 @@ def format_report(rep: Any) -> str:
     if n:
         lines.append(f"{n} fine-tune run{'' if n == 1 else 's'} that a stopped final stage left unfinished given "
                      "the final.parquet row they lacked and ended FINISHED")
+    n, tagged = getattr(rep, "kept_runs_made", 0), getattr(rep, "kept_runs_tagged", 0)
+    if n or tagged:
+        lines.append(f"fine-tunes kept aside (models/kept/): {n} run{'' if n == 1 else 's'} made, {tagged} "
+                     f"run{'' if tagged == 1 else 's'} tagged or untagged gmpq.kept")
     n = getattr(rep, "finetune_series_logged", 0)
     if n:
         its = "its" if n == 1 else "their"

@@ -1,0 +1,55 @@
+"""A sweep's parent run removed by ``mlflow gc`` WHILE a command logs to it (``mlflow_parent.replace_removed_parent``):
+the first write the store refuses for the missing parent makes a new parent, as a command starting now would, with
+the runs under the removed one moved under it, says it in one line and goes on logging (MLflow stays on); a write that
+still names the removed id lands on the new parent. The sweep's Tune callback driven with stand-in trials on a real
+SQLite store (``test_mlflow_lost_parent``)."""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+
+pytest.importorskip("ray")
+
+from test_mlflow_lost_parent import _live_sweep, _trial           # noqa: E402  same folder (pytest puts it on sys.path)
+from test_sync_deleted_parent_run import _gc, _parent             # noqa: E402
+from test_sync_finetune_series import _points                     # noqa: E402
+
+
+def test_a_parent_removed_by_gc_midway_is_replaced_and_the_sweep_goes_on_logging(tmp_path, caplog):
+    sweep, client, cb = _live_sweep(tmp_path)
+    for tid in ("a", "b"):
+        cb.on_trial_start(0, [], _trial(tid))
+        cb.on_trial_result(0, [], _trial(tid), {"epoch": 1, "ce": 1.0, "proxy_top1": 10.0})
+    old = _parent(sweep)
+    exp_id = client.get_run(old).info.experiment_id
+    client.delete_run(old)                          # deleted in the UI, then removed by mlflow gc, as the sweep runs
+    _gc(sweep, old)
+
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        cb.on_trial_complete(0, [], _trial("a", done=True, epoch=1, transfer_top1=50.0, proxy_top1=12.0))
+        cb.on_trial_result(0, [], _trial("b"), {"epoch": 2, "ce": 0.5, "proxy_top1": 20.0})
+        cb.on_trial_complete(0, [], _trial("b", done=True, epoch=2, transfer_top1=60.0, proxy_top1=22.0))
+        cb.on_experiment_end([])                    # ends the parent run: the first write the store refuses
+        cb.sink.call("tagging the parent run", cb.sink.client.set_tag, old, "gmpq.test", "late")   # the old id
+    assert not [str(w.message) for w in caught if "MLflow logging disabled" in str(w.message)]
+    assert cb.sink.enabled
+    new = _parent(sweep)
+    assert new != old and cb.sink.parent_run_id == new
+    parent = client.get_run(new)
+    assert parent.info.status == "FINISHED" and parent.data.tags["gmpq.test"] == "late"
+    parents = client.search_runs([exp_id], "tags.`gmpq.role` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [new]
+    ids = json.loads((sweep / "mlflow_runs.json").read_text())["trials"]
+    for tid, top1 in (("a", 50.0), ("b", 60.0)):
+        run = client.get_run(ids[tid])
+        assert run.data.tags["mlflow.parentRunId"] == new and run.info.status == "FINISHED"
+        assert run.data.metrics["transfer_top1"] == top1
+    assert _points(client, ids["b"])["ce"] == [(1, 1.0), (2, 0.5)]      # each point once
+    lines = [r.getMessage() for r in caplog.records if "parent run" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"MLflow: the sweep's parent run {old} was removed from the store (mlflow gc): made a new parent run {new}, "
+        "moved the 2 runs"), lines
