@@ -6,10 +6,10 @@ Callers can catch ``GMPQError`` for everything the tool raises on purpose, or th
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+from typing import Any, Iterable
 
 __all__ = ["GMPQError", "ConfigError", "BudgetInfeasibleError", "PolicyMismatchError", "DataError",
-           "CheckpointError", "NonFiniteLossError", "did_you_mean"]
+           "DatasetNotDownloadedError", "CheckpointError", "NonFiniteLossError", "did_you_mean"]
 
 
 class GMPQError(Exception):
@@ -30,6 +30,18 @@ class PolicyMismatchError(GMPQError, ValueError):
 
 class DataError(GMPQError, RuntimeError):
     """A dataset cannot be found, read or subset as asked."""
+
+
+class DatasetNotDownloadedError(DataError):
+    """A dataset that downloads into its folder is not there, and ``load_dataset(..., download=False)`` asked for no
+    download (a check that writes nothing). ``title``: the dataset's name in words; ``folder``: the absolute folder
+    the download would create; ``info`` / ``sizes``: the DatasetInfo and (train, test) image counts it will have,
+    filled in by the registry (None when unknown)."""
+
+    def __init__(self, message: str, *, title: str, folder: str, info: Any = None,
+                 sizes: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.title, self.folder, self.info, self.sizes = title, folder, info, sizes
 
 
 class CheckpointError(GMPQError, RuntimeError):

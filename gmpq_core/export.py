@@ -219,6 +219,12 @@ def load_quantized_model(path: str | os.PathLike, *, device: str | torch.device 
         return load_integer_model(path, device=device, blob=blob)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        state_dict = isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values())
+        if state_dict and found is None:               # e.g. fp.pt of 'gmpq train-fp'
+            raise CheckpointError(f"'{path}' is not a gmpq quantized model: it is a full-precision model's state "
+                                  "dict (as 'gmpq train-fp' writes to fp.pt). To get one: 'gmpq search --out S' finds "
+                                  f"a bit policy, then 'gmpq finetune --policy S/policy.json --fp-checkpoint {path} "
+                                  "--out Q' writes Q/quantized.pt; pass that.")
         raise CheckpointError(f"'{path}' is not a gmpq quantized model (format {found!r}, expected {FORMAT!r}). "
                               "Final models are DIR/models/<trial_id>.pt of a sweep after 'gmpq finetune --sweep', "
                               "or DIR/quantized.pt of 'gmpq finetune --policy'.")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import CheckpointError, ConfigError
+from .temp_files import TEMP_SUFFIX, fsync_dir, remove_stale_temps, temp_prefix
 
 if TYPE_CHECKING:   # torch is imported where a checkpoint is read or written: folder readers start without it
     import torch
@@ -77,11 +78,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
 
     A crash at any point leaves either the old file or the new one, never half of one. The file gets the
     permissions a plain ``open`` would give it (0666 less the umask), not the temp file's private 0600, so
-    teammates, ``mlflow ui`` or Ray workers running as another user can read a shared sweep folder.
+    teammates, ``mlflow ui`` or Ray workers running as another user can read a shared sweep folder. The temp file
+    names its writer (``temp_files``): one a killed writer left is removed by the next write of ``path``; the
+    folder is fsynced after the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         try:
             os.fchmod(fd, 0o666 & ~_umask())
@@ -98,6 +102,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, binar
         except FileNotFoundError:
             pass
         raise
+    fsync_dir(path.parent)                   # the rename itself survives a power loss
     return path
 
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:       # torch and what imports it load where they are used: th
 __all__ = ["add_model_args", "add_data_args", "model_help", "dataset_help", "DataRootArg", "ExistingDataRootArg",
            "add_run_args", "add_policy_args", "ModelOptions", "resolve_model_options", "build_seeded_model",
            "resolve_device", "load_policy_arg", "uniform_policy", "check_uniform_bits", "check_policy_fits",
+           "contradicted_meta",
            "policy_meta", "dataset_source", "check_bits", "check_out_arg", "check_input_size_arg", "flag_text",
            "naming_flags", "naming_section", "SMALL_INPUT_MAX_PX", "META_KEYS"]
 
@@ -269,12 +270,15 @@ def check_uniform_bits(w_bits: int, a_bits: int) -> None:
                               "layers are the FP ones outside the policy.")
 
 
-def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *, flags: bool = True) -> None:
+def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *, flags: bool = True,
+                      args: argparse.Namespace | None = None, dataset: Mapping[str, Any] | None = None) -> list[str]:
     """``policy.check_fits(model)``; when it does not fit and the policy's meta names another model, or other input
     channels or classes, than ``opts`` (the model built), the message says which it was searched for and the fix:
     the flags that build that model (``flags=False``: the channels and classes come from the dataset, named
-    instead), or a policy searched for the model built."""
+    instead), or a policy searched for the model built. When it fits: the warning lines (``contradicted_meta``)
+    for each model flag typed in ``args`` that the policy's meta contradicts, for the caller to print."""
     meta = policy.meta or {}
+    warnings = contradicted_meta(meta, opts, args, dataset)
     differ = [k for k in ("model", "in_channels", "num_classes")
               if meta.get(k) is not None and meta.get(k) != getattr(opts, k)]
     if not differ:                      # the model built is the one the meta names (or the flags, without one)
@@ -284,7 +288,7 @@ def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *
             "of its searchable layers bits, and no other layer: correct the policy's layers (or its meta), pass the "
             "--model (--in-channels, --num-classes) of the network the policy was searched for, or use a policy "
             f"searched for {opts.model} (gmpq search --model {opts.model})."))
-        return
+        return warnings
 
     def described(src: Any) -> str:       # the model, and its classes and channels where those differ
         get = src.get if isinstance(src, Mapping) else lambda k: getattr(src, k)
@@ -305,6 +309,29 @@ def check_policy_fits(policy: BitPolicy, model: nn.Module, opts: ModelOptions, *
         policy.check_fits(model, fix=f"The policy was searched for {described(meta)} (its meta), but "
                                      f"{described(opts)} is built here: pass {' and '.join(fixes)}, or use a policy "
                                      f"searched for {opts.model} (gmpq search --model {opts.model}).")
+    return warnings
+
+
+def contradicted_meta(meta: Mapping[str, Any], opts: ModelOptions, args: argparse.Namespace | None,
+                      dataset: Mapping[str, Any] | None = None) -> list[str]:
+    """One warning line per model flag typed in ``args`` (--model, --in-channels, --num-classes, --input-size) whose
+    value the policy's ``meta`` records otherwise: both values, and that the network built is the flags' (a policy
+    fits a network with other classes, say, and was counted or trained on it without a word). Values that came from
+    elsewhere are not flags, and not warned about; nor is a flag that says what ``dataset`` (``dataset_source``: the
+    target a policy is deployed on, whose classes may differ from the proxy's) has anyway."""
+    if args is None:
+        return []
+    out = []
+    for key in ("model", "in_channels", "num_classes", "input_size"):
+        flag, value = "--" + key.replace("_", "-"), getattr(opts, key)
+        if getattr(args, key, None) is None or meta.get(key) is None or meta[key] == value \
+                or (dataset or {}).get(key) == value:
+            continue
+        searched = "the input size it was searched at" if key == "input_size" else "the network it was searched for"
+        out.append(f"{flag} {value} differs from the policy's meta, which records {key} {meta[key]} ({searched}); "
+                   f"the network built here is the one the flags describe ({flag} {value}). Pass {flag} {meta[key]}, "
+                   "or leave it out, for the network the policy was searched for.")
+    return out
 
 
 def uniform_policy(model: nn.Module, w_bits: int, a_bits: int, flags: tuple[str, str] = ("--w-bits", "--a-bits"),

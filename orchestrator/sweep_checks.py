@@ -12,6 +12,7 @@ import logging
 import math
 from pathlib import Path
 from dataclasses import dataclass, fields
+from typing import Any
 
 from gmpq_core.errors import BudgetInfeasibleError, ConfigError, did_you_mean
 
@@ -36,6 +37,7 @@ class SweepFacts:
     target_test_size: int
     feasible_avg_bits: tuple[float, float]
     feasible_gbitops: tuple[float, float]
+    downloads: tuple[str, ...] = ()     # a dataset not there yet (--check downloads nothing): where it will go
 
 
 def _check_writable(cfg: SweepConfig) -> None:
@@ -75,11 +77,13 @@ def check_sweep_writable(sweep_dir: str | Path, command: str, writes: str, *, fo
 
 def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepFacts:
     """Validate what needs the model and the data (before Ray starts); returns the facts found. ``make_folders``:
-    make a missing folder of a sqlite:/// Optuna storage (off for ``gmpq sweep --check``, which writes nothing)."""
+    make a missing folder of a sqlite:/// Optuna storage, and download a dataset not there yet (both off for ``gmpq
+    sweep --check``, which writes nothing: such a dataset is checked by its known shape and sizes, and named in
+    ``SweepFacts.downloads``)."""
     import torch
 
     from gmpq_core.complexity import CANDIDATES_HOW, bitops_range
-    from gmpq_core.data import check_subset_size, load_dataset
+    from gmpq_core.data import check_subset_size
     from gmpq_core.layers import searchable_layers
     from gmpq_core.models import build_model, check_model
     from gmpq_core.precision import resolve_precision
@@ -89,19 +93,18 @@ def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepF
 
     check_model(cfg.model)
     resolve_precision(cfg.precision, trial_device(cfg))         # bf16 on a GPU without it: before Ray starts
-    proxy = load_dataset(cfg.proxy_dataset, root=cfg.data_root, image_size=cfg.image_size)
-    target = load_dataset(cfg.target_dataset, root=cfg.data_root, image_size=cfg.image_size)
-    pi, ti = proxy.info, target.info
+    (pi, proxy_train, _), proxy_note = _dataset_facts(cfg.proxy_dataset, cfg, download=make_folders)
+    (ti, target_train, target_test), target_note = _dataset_facts(cfg.target_dataset, cfg, download=make_folders)
     for size in cfg.proxy_sizes():
-        check_subset_size(size, len(proxy.train), pi.num_classes, "proxy_size", cfg.proxy_dataset, "training",
+        check_subset_size(size, proxy_train, pi.num_classes, "proxy_size", cfg.proxy_dataset, "training",
                           role="proxy")
     tr = cfg.transfer
-    for what, size, split, images in (("transfer.train_size", tr.train_size, target.train, "training"),
-                                      ("transfer.fp_train_size", tr.fp_train_size, target.train, "training"),
-                                      ("transfer.test_size", tr.test_size, target.test, "test"),
-                                      ("finetune.train_size", cfg.finetune.train_size, target.train, "training"),
-                                      ("finetune.test_size", cfg.finetune.test_size, target.test, "test")):
-        check_subset_size(size, len(split), None, what, cfg.target_dataset, images, role="target")
+    for what, size, n, images in (("transfer.train_size", tr.train_size, target_train, "training"),
+                                  ("transfer.fp_train_size", tr.fp_train_size, target_train, "training"),
+                                  ("transfer.test_size", tr.test_size, target_test, "test"),
+                                  ("finetune.train_size", cfg.finetune.train_size, target_train, "training"),
+                                  ("finetune.test_size", cfg.finetune.test_size, target_test, "test")):
+        check_subset_size(size, n, None, what, cfg.target_dataset, images, role="target")
     with torch.random.fork_rng():
         net = build_model(cfg.model, num_classes=pi.num_classes, in_channels=pi.in_channels,
                           small_input=cfg.small_input, input_size=pi.image_size)
@@ -152,9 +155,26 @@ def check_sweep_config(cfg: SweepConfig, *, make_folders: bool = True) -> SweepF
     if make_folders:
         _make_sqlite_folder(cfg)
     return SweepFacts(input_size=pi.image_size, in_channels=pi.in_channels, proxy_num_classes=pi.num_classes,
-                      target_num_classes=ti.num_classes, proxy_train_size=len(proxy.train),
-                      target_train_size=len(target.train), target_test_size=len(target.test),
-                      feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9))
+                      target_num_classes=ti.num_classes, proxy_train_size=proxy_train,
+                      target_train_size=target_train, target_test_size=target_test,
+                      feasible_avg_bits=(b_lo, b_hi), feasible_gbitops=(lo / 1e9, hi / 1e9),
+                      downloads=tuple(dict.fromkeys(n for n in (proxy_note, target_note) if n)))
+
+
+def _dataset_facts(name: str, cfg: SweepConfig, *, download: bool) -> tuple[tuple[Any, int, int], str | None]:
+    """``name``'s (DatasetInfo, train images, test images), loaded; with ``download=False``, a dataset not there
+    yet is not downloaded (nor its folder made): its known info and sizes, and the line saying where it will go."""
+    from gmpq_core.data import load_dataset
+    from gmpq_core.errors import DatasetNotDownloadedError
+
+    try:
+        bundle = load_dataset(name, root=cfg.data_root, image_size=cfg.image_size, download=download)
+    except DatasetNotDownloadedError as e:
+        if e.info is None or e.sizes is None:
+            raise
+        return (e.info, *e.sizes), (f"data: {e.title} is not in {e.folder} yet; the sweep downloads it there when it "
+                                    "starts (torchvision; this machine needs internet access then)")
+    return (bundle.info, len(bundle.train), len(bundle.test)), None
 
 
 def _check_gradcam_layer(cfg: SweepConfig, net, override: str | None, input_size: int, in_channels: int) -> None:

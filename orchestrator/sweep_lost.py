@@ -63,7 +63,7 @@ def sweep_lost_summary(cfg: Any, command: str = "sweep", facts: tuple[Any, str] 
                                "budget_avg_bits": t.budget_avg_bits,
                                "proxy_top1": t.proxy_top1, "transfer_top1": t.transfer_top1, "gbitops": t.gbitops}
                               for t in status.trials])
-        midway = status.count(RUNNING)
+        midway = status.count(RUNNING) + status.count(STOPPED)     # as the table (and a sweep's own summary) has them
         results = f" Results: {out / TRIALS_FILE}" if status.n_ended else ""
         lines.append(f"{status.count(COMPLETED)} completed, {status.count(PRUNED)} pruned, {status.count(FAILED)} "
                      f"failed{f'; {midway} stopped midway' if midway else ''}.{results}")
@@ -74,16 +74,18 @@ def sweep_lost_summary(cfg: Any, command: str = "sweep", facts: tuple[Any, str] 
 
 def _kept_text(out: Path, st: Any) -> str:
     """What the sweep folder holds of the trials (``st``: its ``read_sweep_status``)."""
-    from .sweep_status import COMPLETED, FAILED, PRUNED, RUNNING
+    from .sweep_status import COMPLETED, FAILED, PRUNED, RUNNING, STOPPED
 
     if not st.trials:
         return "No trial had started, so nothing is lost."
     ended = ", ".join(f"{st.count(s)} {s}" for s in (COMPLETED, PRUNED, FAILED) if st.count(s))
-    running = st.count(RUNNING)
+    running, earlier = st.count(RUNNING), st.count(STOPPED)
     parts = [f"{st.n_ended} trial(s) had ended ({ended}), kept in {out / 'trials.parquet'} and MLflow"
              if st.n_ended else "No trial had ended"]
     if running:
         parts.append(f"{running} {'was running and stops' if running == 1 else 'were running and stop'} here")
+    if earlier:             # started by an earlier run that stopped before they ended (no live driver recorded)
+        parts.append(f"{earlier} {'was' if earlier == 1 else 'were'} stopped midway before")
     return "; ".join(parts) + "."
 
 

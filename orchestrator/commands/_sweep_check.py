@@ -38,7 +38,7 @@ def check_only(cfg: Any, resume: bool | str = False) -> str:
         f"Optuna: {sampler_text(cfg.sampler.name, cfg.sampler.kwargs, cfg.seed)}; pruner {cfg.pruner.name}"
         f"{f' ({kwargs})' if kwargs else ''} within each budget bucket; storage {shown_url(cfg.optuna_storage)}",
         f"MLflow: {shown_url(cfg.tracking_uri)}; sweep folder {cfg.out_dir}", _final_text(cfg.finetune),
-        *_fits_here(cfg), *_grows_text(cfg, checked.grown_from),
+        *facts.downloads, *_fits_here(cfg), *_grows_text(cfg, checked.grown_from),
         f"Nothing was trained. Run the same command without --check to {'resume' if checked.resume else 'start'} the "
         "sweep."])
 

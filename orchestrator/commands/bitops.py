@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import TYPE_CHECKING
 
 from gmpq_core.errors import ConfigError
@@ -113,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     if policy is None:
         policy = uniform_policy(model, args.w_bits, args.a_bits)
     else:
-        check_policy_fits(policy, model, opts)
+        for warning in check_policy_fits(policy, model, opts, args=args):   # a typed flag the meta contradicts
+            print(f"gmpq bitops: warning: {warning}", file=sys.stderr, flush=True)
     # shapes only: on the meta device nothing is allocated or computed (a 4096 px input is instant)
     report = count_bitops(model.to("meta"), policy, opts.input_size, opts.in_channels)
     avg_w, avg_a = policy.average_bits()

@@ -24,8 +24,9 @@ from gmpq_core.fileio import INT_SUFFIX as SUFFIX
 from gmpq_core.fileio import integer_path
 
 from . import help_text
+from .train_fp import FP_WEIGHTS
 
-__all__ = ["register", "run", "model_files", "refuse_other_file"]
+__all__ = ["register", "run", "model_files", "refuse_other_file", "fp_model_message"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,7 +57,8 @@ def refuse_other_file(path: Path) -> None:
 
 def model_files(path: Path) -> list[Path]:
     """The float model files ``path`` names: itself, or a sweep's ``models/*.pt``, or a folder's ``quantized.pt``,
-    or the ``*.pt`` files of a folder that holds them directly (a sweep's ``models/``)."""
+    or the ``*.pt`` files of a folder that holds them directly (a sweep's ``models/``), never ``fp.pt`` (the
+    full-precision model of ``gmpq train-fp``, or the one a ``gmpq finetune --policy`` folder starts from)."""
     if path.is_file():
         refuse_other_file(path)
         return [path]
@@ -67,7 +69,13 @@ def model_files(path: Path) -> list[Path]:
     if not found and (path / "quantized.pt").is_file():
         found = [path / "quantized.pt"]
     if not found:               # a folder of model files itself: a sweep's models/ (or models/kept/), a copy of them
-        found = sorted(p for p in path.glob("*.pt") if not p.name.endswith(SUFFIX))
+        found = sorted(p for p in path.glob("*.pt") if not p.name.endswith(SUFFIX) and p.name != FP_WEIGHTS)
+    if not found and (path / FP_WEIGHTS).is_file() and (path / "checkpoints").is_dir():
+        raise ConfigError(f"'{path}' is a 'gmpq finetune --policy' folder whose fine-tune has not finished: no "
+                          f"quantized.pt yet ({FP_WEIGHTS} is the full-precision model it starts from). Run the same "
+                          "'gmpq finetune' command again to resume it from checkpoints/; it writes quantized.pt.")
+    if not found and (path / FP_WEIGHTS).is_file():
+        raise ConfigError(fp_model_message(path / FP_WEIGHTS, folder=path))
     if not found and (path / "sweep_config.yaml").is_file():
         raise ConfigError(f"'{path}' is a sweep whose final stage has not written a model yet (no models/*.pt): "
                           f"'gmpq finetune --sweep {path}' fine-tunes its selected policies into "
@@ -77,6 +85,16 @@ def model_files(path: Path) -> list[Path]:
                           "--sweep' or 'gmpq run') and no quantized.pt ('gmpq finetune --policy'). Fine-tune first, "
                           "or pass the model file.")
     return found
+
+
+def fp_model_message(fp: Path, *, folder: Path | None = None) -> str:
+    """The paragraph for a full-precision model (``fp.pt`` of ``gmpq train-fp``) given where a quantized one is due:
+    what it is and the two commands that make a quantized model of that network."""
+    where = f"'{folder}' holds" if folder is not None else f"'{fp}' is"
+    return (f"{where} a full-precision model ({FP_WEIGHTS}, the state dict 'gmpq train-fp' writes), not a gmpq "
+            "quantized model. To get one: search a bit policy with 'gmpq search --out S' (same --model and "
+            f"--dataset), then 'gmpq finetune --policy S/policy.json --fp-checkpoint {fp} --out Q' writes "
+            "Q/quantized.pt; pass Q (or Q/quantized.pt) here.")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -310,7 +310,9 @@ def _run_single_finetune(args: argparse.Namespace, state: dict) -> int:
         check_resume_state(out / CHECKPOINTS / CHECKPOINT_NAME, resume, config=config, precision=precision,
                            policy=policy)
     if policy is not None:  # fail before a possibly long FP training
-        check_policy_fits(policy, build_seeded_model(opts, args.seed), opts, flags=False)
+        for warning in check_policy_fits(policy, build_seeded_model(opts, args.seed), opts, flags=False, args=args,
+                                         dataset=dataset_source(info)):
+            print(f"gmpq finetune: warning: {warning}", file=sys.stderr, flush=True)
     state["phase"] = "fp"
     fp_model, fp_source, fp_note = _fp_model(args, out, opts, data, fp)
     state["phase"] = "finetune"

@@ -334,3 +334,14 @@ def test_a_well_known_dataset_that_is_not_registered_is_named_as_such(name, says
         load_dataset(name)
     assert str(exc.value).startswith(f"Unknown dataset '{name}'. Available datasets: cifar10, digits, fashion_mnist, "
                                      "imagefolder:PATH, mnist5k.") and says in str(exc.value)
+
+
+def test_load_dataset_without_download_names_the_folder_and_creates_nothing(tmp_path):
+    from gmpq_core.errors import DatasetNotDownloadedError
+
+    root = tmp_path / "cifar"
+    with pytest.raises(DatasetNotDownloadedError, match="CIFAR-10 is not in") as caught:
+        load_dataset("cifar10", root=str(root), image_size=40, download=False)
+    e = caught.value
+    assert e.folder == str(root) and e.sizes == (50_000, 10_000) and not root.exists()
+    assert (e.info.num_classes, e.info.in_channels, e.info.image_size) == (10, 3, 40)     # at the image_size asked

@@ -63,3 +63,32 @@ def test_a_sweeps_binary_files_given_as_a_policy_name_its_policies_folder(tmp_pa
             f"here, {sweep / 'policies' / '6f11f2b1.json'}.") in err
     err = _refused(capsys, ["bitops", "--policy", str(sweep / "pareto.parquet")])
     assert f"here, {sweep / 'policies' / '<trial_id>.json'}." in err
+
+
+def test_a_model_flag_that_contradicts_the_policys_meta_is_warned_about_and_the_flags_network_counted(tmp_path, capsys):
+    path = _policy(tmp_path / "p.json")                  # searched for resnet20, 1 channel, 10 classes, 28 px
+    assert main(["bitops", "--policy", path, "--num-classes", "100"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("resnet20 at 28x28, 1 input channel(s), 100 classes")     # the flags' network
+    err = " ".join(err.split())
+    assert err.count("gmpq bitops: warning:") == 1
+    assert "--num-classes 100 differs from the policy's meta, which records num_classes 10" in err
+    assert "Pass --num-classes 10, or leave it out" in err
+    assert main(["bitops", "--policy", path, "--num-classes", "10", "--in-channels", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err                  # flags that agree with the meta: no word
+    assert main(["bitops", "--policy", path, "--json", "--in-channels", "3", "--input-size", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["in_channels"] == 3 and err.count("gmpq bitops: warning:") == 2
+    assert "--in-channels 3 differs" in err and "--input-size 32 differs" in err
+
+
+def test_a_flag_that_says_what_the_target_dataset_has_is_no_contradiction():
+    # finetune --policy: a policy searched on a 10-class proxy deployed on a 100-class target (its --num-classes)
+    from argparse import Namespace
+
+    from orchestrator.common_args import ModelOptions, contradicted_meta
+
+    opts = ModelOptions(model="resnet20", input_size=28, in_channels=1, num_classes=100, small_input=True)
+    args = Namespace(model=None, in_channels=None, num_classes=100, input_size=None)
+    assert contradicted_meta(META, opts, args, {"num_classes": 100, "in_channels": 1, "input_size": 28}) == []
+    assert len(contradicted_meta(META, opts, args)) == 1 and contradicted_meta(META, opts, None) == []

@@ -139,6 +139,19 @@ def test_the_lost_cluster_paragraph_says_what_is_kept_and_how_to_continue(tmp_pa
     assert "the Ray instance this process started on this machine" in text and "--address" not in text
 
 
+def test_the_lost_summary_counts_the_trials_an_earlier_run_stopped_as_its_table_lists_them(tmp_path):
+    # t3 started under an earlier driver, gone without a row: the table lists it 'stopped'; the totals count it too
+    from orchestrator.sweep_lost import sweep_lost_summary
+
+    _sweep_folder(tmp_path)
+    (tmp_path / "driver.json").unlink()
+    cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "address": "192.0.2.2:6379"})
+    summary = sweep_lost_summary(cfg, "sweep")
+    assert "\nt3             stopped " in summary
+    assert "1 completed, 0 pruned, 1 failed; 1 stopped midway. Results:" in summary
+    assert "1 was stopped midway before" in sweep_lost_text(cfg, "192.0.2.2:6379", 10)
+
+
 def test_the_paragraph_of_a_sweep_lost_before_its_first_trial(tmp_path):
     (tmp_path / "sweep_config.yaml").write_text("name: lost\nn_trials: 4\n")
     cfg = load_sweep_config(preset="demo", overrides={"out_dir": str(tmp_path), "address": "192.0.2.2:6379"})

@@ -101,3 +101,16 @@ def test_a_new_sweeps_data_root_that_does_not_exist_is_refused_and_a_resumes_is_
     with pytest.raises(ConfigError) as e:              # resume: nothing to resume here, but not the data root's words
         check_sweep(cfg, True)
     assert "no such folder" not in str(e.value)
+
+
+@pytest.mark.parametrize("command", ["sweep", "run"])
+def test_check_downloads_nothing_and_says_where_a_cifar10_target_will_be_downloaded(command, tmp_path, capsys):
+    # --check writes nothing: a CIFAR-10 target not in its data_root is checked by its known shape, not downloaded
+    root = tmp_path / "cifar"
+    (tmp_path / "cfg.yaml").write_text(f"preset: demo\nproxy_dataset: mnist5k\ntarget_dataset: cifar10\n"
+                                       f"data_root: {root}\nn_trials: 2\n")
+    argv = [command, "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "out"), "--check"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"data: CIFAR-10 is not in {root} yet; the sweep downloads it there when it starts" in out
+    assert "config OK" in out and not root.exists() and not (tmp_path / "out").exists()

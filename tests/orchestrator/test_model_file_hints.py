@@ -92,3 +92,21 @@ def test_a_fitting_policy_whose_meta_names_no_model_is_accepted():
     policy = BitPolicy(layers=pol.layers, fingerprint=pol.fingerprint, meta={"num_classes": 100})
     check_policy_fits(policy, model, ModelOptions(model="resnet20", input_size=28, in_channels=1, num_classes=10,
                                                   small_input=True))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_a_train_fp_folder_or_its_fp_pt_is_named_a_full_precision_model_with_the_commands_that_quantize_it(
+        tmp_path, capsys, command):
+    from gmpq_core.fileio import atomic_write_json, save_checkpoint
+
+    folder = tmp_path / "fp"                       # what 'gmpq train-fp --out fp' writes
+    save_checkpoint(folder / "fp.pt", build_model("resnet20", in_channels=1).state_dict())
+    atomic_write_json(folder / "fp_result.json", {"top1": 10.0})
+    for given in (folder, folder / "fp.pt"):
+        err = refused(capsys, [command, str(given)])
+        assert "full-precision model" in err and "'gmpq train-fp'" in err and "not a gmpq quantized model" in err
+        assert "'gmpq search --out S'" in err and f"--fp-checkpoint {folder / 'fp.pt'}" in err, err
+        assert "format None" not in err
+    (folder / "checkpoints").mkdir()               # a 'gmpq finetune --policy' folder, interrupted before quantized.pt
+    err = refused(capsys, [command, str(folder)])
+    assert "fine-tune has not finished" in err and "Run the same 'gmpq finetune' command again" in err
