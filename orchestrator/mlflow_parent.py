@@ -329,7 +329,9 @@ def replace_removed_parent(sink: MLflowSink) -> bool:
     sink.parent_run_id = None
     if not sink.connect():
         return False
-    moved[old] = sink.parent_run_id
+    for was, now in moved.items():              # (replaced before: its old ids name the newest one)
+        if now in (old, None):
+            moved[was] = sink.parent_run_id
     return True
 
 

@@ -216,7 +216,11 @@ class MLflowSink(SinkIdFiles, SinkRuns):
 
     @property
     def client(self):
-        return self._client
+        """The MLflow client; once a parent run was replaced (``replace_removed_parent``), one whose calls name the new
+        parent where they name the removed one (a stage took ``parent_run_id`` before, in a closure: ``parent_for``)."""
+        if self._client is None or "_parent_moved" not in self.__dict__:
+            return self._client
+        return _ParentMapped(self, self._client)
 
     def _experiment(self, client) -> str:
         exp = client.get_experiment_by_name(self.experiment_name)
@@ -285,6 +289,22 @@ class MLflowSink(SinkIdFiles, SinkRuns):
         from .mlflow_links import NOTE_DIGEST_TAG, NOTE_TAG, _digest, sweep_note
         text = sweep_note(self.experiment_name, self.sweep_dir.resolve(), None, None)
         return {NOTE_TAG: text, NOTE_DIGEST_TAG: _digest(text)}
+
+
+class _ParentMapped:
+    """An MLflow client whose methods get ``parent_for``'s ids (``MLflowSink.client`` after a parent was replaced)."""
+
+    def __init__(self, sink: MLflowSink, client: Any) -> None:
+        self._sink, self._client = sink, client
+
+    def __getattr__(self, name: str) -> Any:
+        attr, sink = getattr(self._client, name), self._sink
+        if not callable(attr):
+            return attr
+
+        def mapped(*args: Any, **kwargs: Any) -> Any:
+            return attr(*(parent_for(sink, a) for a in args), **{k: parent_for(sink, v) for k, v in kwargs.items()})
+        return mapped
 
 
 def __getattr__(name: str) -> Any:

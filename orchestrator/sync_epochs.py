@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Collection, Mapping
 
-from .mlflow_keys import _RAY_KEYS, _numeric, _phase_key
+from .mlflow_keys import _RAY_KEYS, FINAL_METRICS, _numeric, _phase_key
 
 __all__ = ["trial_histories", "epoch_reports", "missing_epochs", "FINAL_PHASES"]
 
@@ -75,7 +75,8 @@ def missing_epochs(sink: Any, rid: str, history: list[dict], *, legacy: bool = F
     ``[(step, {key: value})]`` in report order (empty: it has them all; a key that has a point at that step is not
     logged again, whatever its value). A run this sink just made holds none. ``logged``: the run's metric keys; a
     phase is looked at through one of them (a key an earlier version did not log does not make a complete run's
-    phase look incomplete)."""
+    phase look incomplete), not through a final metric's key (``p``: the final row's point at the last epoch's step
+    is in it also when the run lacks that epoch, as a replayed trial's new run does)."""
     reports = [r for r in epoch_reports(history, legacy=legacy) if r[2]]
     if not reports:
         return []
@@ -85,6 +86,7 @@ def missing_epochs(sink: Any, rid: str, history: list[dict], *, legacy: bool = F
     for phase in dict.fromkeys(p for p, _, _ in reports):     # one key every report of the phase has: its steps
         mine = [(step, points) for p, step, points in reports if p == phase]
         common = sorted(set.intersection(*(set(points) for _, points in mine)))
+        common = [k for k in common if k not in FINAL_METRICS] or common   # (``p``: also the final row's point)
         common = [k for k in common if k in logged] or common
         if not common or not {step for step, _ in mine} <= _steps(sink, rid, common[0]):
             lacking.add(phase)

@@ -53,3 +53,61 @@ def test_a_parent_removed_by_gc_midway_is_replaced_and_the_sweep_goes_on_logging
     assert len(lines) == 1 and lines[0].startswith(
         f"MLflow: the sweep's parent run {old} was removed from the store (mlflow gc): made a new parent run {new}, "
         "moved the 2 runs"), lines
+
+
+def test_a_stage_that_took_the_parent_id_before_gc_removed_it_goes_on_logging_onto_the_new_one(tmp_path, monkeypatch):
+    """``gmpq pareto``'s logging (``log_pareto``) takes the client and the parent id once, right after its sink
+    connects, and reads and writes the parent through closures naming them; mlflow gc removes the parent just then.
+    The stage's writes land on the new parent, each once, and the sink stays on (no 'MLflow logging disabled')."""
+    import pandas as pd
+
+    from orchestrator import mlflow_sink
+    from orchestrator.mlflow_stages import log_pareto
+
+    sweep, client, cb = _live_sweep(tmp_path)
+    cb.on_trial_start(0, [], _trial("a"))
+    cb.on_trial_complete(0, [], _trial("a", done=True, epoch=1, transfer_top1=50.0, proxy_top1=12.0))
+    cb.on_experiment_end([])
+    old = _parent(sweep)
+    exp_id = client.get_run(old).info.experiment_id
+    connect, removed = mlflow_sink.MLflowSink.connect, []
+
+    def connect_then_gc(self, **kw):               # the stage's sink connected: gc removes the parent now
+        ok = connect(self, **kw)
+        if not removed and self.parent_run_id == old:
+            removed.append(old)
+            client.delete_run(old)
+            _gc(sweep, old)
+        return ok
+    monkeypatch.setattr(mlflow_sink.MLflowSink, "connect", connect_then_gc)
+    front = pd.DataFrame({"trial_id": ["a"], "selected": [True], "transfer_top1": [50.0], "bitops": [1.0]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ok = log_pareto(f"sqlite:///{sweep / 'mlflow.db'}", sweep, front, None)
+    assert removed and ok, [str(w.message) for w in caught]
+    assert not [str(w.message) for w in caught if "MLflow logging disabled" in str(w.message)]
+    new = _parent(sweep)
+    assert [p.info.run_id for p in client.search_runs([exp_id], "tags.`gmpq.role` = 'sweep'")] == [new] != [old]
+    assert _points(client, new)["pareto_size"] == [(0, 1.0)]
+    assert "pareto/pareto_table.json" in {a.path for a in client.list_artifacts(new, "pareto")}
+    trial = json.loads((sweep / "mlflow_runs.json").read_text())["trials"]["a"]
+    assert client.get_run(trial).data.tags["pareto"] == "selected"
+
+
+def test_a_parent_removed_again_and_again_in_one_command_still_takes_writes_naming_the_first(tmp_path):
+    """gc removes the parent, then the ones made for it, three times: a write naming the first id lands on the newest
+    parent (the ids replaced before name it too, not the one replacing them first)."""
+    sweep, client, cb = _live_sweep(tmp_path)
+    sink, first = cb.sink, _parent(sweep)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for n in (1, 2, 3):
+            rid = _parent(sweep)
+            client.delete_run(rid)
+            _gc(sweep, rid)
+            sink.call("tagging the parent run", sink.client.set_tag, first, f"gmpq.test{n}", "x")
+        sink.call("tagging the parent run", sink.client.set_tag, first, "gmpq.test4", "x")   # (replaced 3 times)
+    assert not [str(w.message) for w in caught if "MLflow logging disabled" in str(w.message)] and sink.enabled
+    newest = _parent(sweep)
+    assert sink.parent_run_id == newest and newest != first
+    assert {"gmpq.test3", "gmpq.test4"} <= set(client.get_run(newest).data.tags)

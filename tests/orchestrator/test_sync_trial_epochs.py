@@ -63,7 +63,7 @@ def _live(d: Path, cfg: dict, reports: list[dict], *, end: bool = True):
     trial = SimpleNamespace(trial_id="t1", config=dict(CONFIG), last_result={})
     cb.on_trial_start(0, [], trial)
     for r in reports:
-        r = dict(r, done=r["phase"] == "transfer")     # the trainable reports its final row done (result.json: not)
+        r = dict(r, done=r["phase"] in ("transfer", "replay"))    # the final row: done (result.json: not)
         cb.on_trial_result(0, [], trial, r)
         trial.last_result = r
     if end:
@@ -112,3 +112,34 @@ def test_sync_fills_the_epochs_a_trial_run_lacks_as_the_live_sweep_logs_them_onc
 
     again = sync_mlflow(sweep)
     assert again.runs_unchanged == 1 and not again.changed and _points(client, rid) == got
+
+
+def test_a_replayed_trials_new_run_gets_its_one_epoch_though_the_final_row_logged_p_at_that_step(tmp_path):
+    """A one-epoch trial whose run was removed before ``gmpq sweep --resume``, which replays its finished row (Tune
+    reran it): the new run holds the final metrics at step 1, ``p`` among them (a per-epoch key too). The sync
+    still fills epoch 1's ce, supernet_* ..., as the live sweep logs them, and logs no point twice."""
+    from orchestrator.sync import sync_mlflow
+
+    global EPOCHS
+    EPOCHS, before = 1, EPOCHS
+    try:
+        reference = tmp_path / "reference"
+        ref_sink = _live(reference, _sweep(reference), _reports())
+        want = _points(mlflow.MlflowClient(ref_sink.tracking_uri), ref_sink.runs["trials"]["t1"])
+        sweep = tmp_path / "sweep"
+        cfg = _sweep(sweep)
+        client = mlflow.MlflowClient(f"sqlite:///{sweep / 'mlflow.db'}")
+        first = _live(sweep, cfg, _reports())
+        client.delete_run(first.runs["trials"]["t1"])
+        replay = dict(_reports()[-1], phase="replay", replayed=True)       # (trainable.finished_result)
+        rid = _live(sweep, cfg, [replay]).runs["trials"]["t1"]
+        assert rid != first.runs["trials"]["t1"]
+        assert _points(client, rid)["p"] == [(1, 3.0)] and "ce" not in _points(client, rid)
+
+        rep = sync_mlflow(sweep)
+        got = _points(client, rid)
+        assert rep.runs_updated == 1 and got == want, \
+            {k: (got.get(k), want.get(k)) for k in {*got, *want} if got.get(k) != want.get(k)}
+        assert not sync_mlflow(sweep).changed and _points(client, rid) == got
+    finally:
+        EPOCHS = before
