@@ -280,8 +280,11 @@ def lost_parent_line(lost: LostParent | None, sink: MLflowSink) -> str | None:
         if not n:
             return (f"MLflow: the store no longer has the sweep's parent run {lost.removed} (removed by mlflow gc, or "
                     f"a new store): made {sink.parent_run_id}; '{sync}' logs the sweep into it")
-        tables = " and logged the sweep's tables onto it" if lost.filled else \
-            f"; '{sync}' logs the sweep's tables onto it"
+        from .results import FINAL_FILE, PARETO_FILE
+
+        has_tables = any((d / name).exists() for name in (PARETO_FILE, FINAL_FILE))     # none yet: mid-sweep
+        tables = (" and logged the sweep's tables onto it" if has_tables else " and noted the sweep on it") \
+            if lost.filled else f"; '{sync}' logs the sweep's tables onto it"
         if lost.fill_error:
             tables = f"; logging the sweep's tables onto it failed ({lost.fill_error}): '{sync}' logs them"
         return (f"MLflow: the sweep's parent run {lost.removed} was removed from the store (mlflow gc): made a new "

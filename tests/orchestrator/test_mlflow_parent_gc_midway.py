@@ -53,6 +53,7 @@ def test_a_parent_removed_by_gc_midway_is_replaced_and_the_sweep_goes_on_logging
     assert len(lines) == 1 and lines[0].startswith(
         f"MLflow: the sweep's parent run {old} was removed from the store (mlflow gc): made a new parent run {new}, "
         "moved the 2 runs"), lines
+    assert lines[0].endswith("and noted the sweep on it"), lines   # no Pareto or final table yet: none is claimed
 
 
 def test_a_stage_that_took_the_parent_id_before_gc_removed_it_goes_on_logging_onto_the_new_one(tmp_path, monkeypatch):
