@@ -274,6 +274,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         kept_of = check_not_shorter(jobs, existing, epochs, sweep_dir, local)   # each recipe's kept fine-tune, read once
         todo: list[tuple[int, dict, FinalJob, int]] = []        # (number, pareto row, job, first epoch to run)
         resuming: set[str] = set()         # restored unfinished fine-tunes: their workers continue the checkpoint
+        aside, restored = [], []           # rows of the recipes set aside / restored here: their runs' gmpq.kept
         where = cfg.get("address") if address is None else address
         command = stage_command(sweep_dir) or "finetune"              # "run" when gmpq run runs this stage
         lost = final_lost_handler(sweep_dir, local=where in (None, "local"), command=command)
@@ -295,7 +296,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                         + ("; starting afresh" if earlier is None else
                            "; continuing its unfinished fine-tune with these settings, kept earlier" if earlier.unfinished
                            else "; going back to its fine-tune with these settings, kept earlier"))
-                    set_aside(sweep_dir, local, {**prev, "recipe_json": recorded}, say, tag)
+                    aside.append(set_aside(sweep_dir, local, {**prev, "recipe_json": recorded}, say, tag).row)
                     del final_rows[tid]
                     write_final(sweep_dir, final_rows)
                 elif prev is None and earlier is None:   # a run of another recipe stopped here: kept aside, not replaced
@@ -307,6 +308,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
                             resuming.add(tid)
                     else:
                         prev = final_rows[tid] = existing[tid] = restore_kept(sweep_dir, local, earlier, say, tag)
+                        restored.append(prev)
                         write_final(sweep_dir, final_rows)
                         recorded, same = recorded_recipe(sweep_dir, prev), True
                 if not same:
@@ -380,7 +382,7 @@ def finetune_selected(sweep_dir: str | Path, *, top_k: int | None = None, worker
         ours = final[final["trial_id"].isin(done)].reset_index(drop=True)
         # this call's fine-tunes and refilled model files are logged; an earlier one only if its run is missing
         log_final(tracking_uri or cfg.get("tracking_uri"), sweep_dir, ours, histories=fresh_histories,
-                  png_path=sweep_dir / FINAL_PNG, fresh={*fresh_histories, *refilled})
+                  png_path=sweep_dir / FINAL_PNG, fresh={*fresh_histories, *refilled}, kept=aside, restored=restored)
         if failed is not None:
             raise failed
         return ours

@@ -298,7 +298,8 @@ def _log_model(sink: MLflowSink, rid: str | None, sweep_dir: str | Path, row: Ma
 
 def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.DataFrame, *,
               histories: Mapping[str, list[dict]] | None = None, png_path: str | Path | None = None,
-              fresh: Collection[str] | None = None) -> bool:
+              fresh: Collection[str] | None = None, kept: Collection[Mapping] = (),
+              restored: Collection[Mapping] = ()) -> bool:
     """One child run per policy and fine-tune recipe (its settings but the epochs: a rerun with more epochs
     continues the run, one with another lr or precision gets its own, so both can be compared) with its
     metrics, recipe as params, policy and model file; final.parquet + plot on the parent. A policy's first
@@ -309,10 +310,15 @@ def log_final(tracking_uri: str | None, sweep_dir: str | Path, final_df: pd.Data
     ``gmpq.replaced_by``; the new one is named ``... (restart <n>)`` and tagged ``gmpq.restarted_from``). The
     parent run's ``last_finetune.*`` tags become the settings of ``final_df``'s rows (``stage_tags``; an earlier
     version's ``finetune.*`` tags are dropped), and each policy's trial run points to its fine-tune run
-    (``_point_trial_run``)."""
+    (``_point_trial_run``). The runs of the rows ``kept`` (recipes this stage kept aside) get tag ``gmpq.kept``, those
+    of ``restored`` (kept recipes it brought back) lose it, first (a restored run restarted below keeps none)."""
     sink = MLflowSink(tracking_uri, sweep_dir)
     if not sink.connect():
         return False
+    if kept or restored:
+        from .sync_kept import retag_kept          # (it imports this module)
+
+        retag_kept(sink, kept, restored)
     for row in final_df.to_dict("records"):
         tid = str(row["trial_id"])
         key, recipe_tag, recipe = _recipe_key(row)

@@ -4,7 +4,8 @@
 Live, a recipe's run is made while it is the current one (``mlflow_stages.log_final``: run ``finetune-<tid>``, or one
 naming what differs from the policy's first recipe; key ``<tid>:<digest>`` in ``mlflow_runs.json``; tag
 ``gmpq.recipe`` = the digest; its recipe as ``recipe.*`` params; its epochs, final row, ``policy.json`` and model
-file; tag ``trial_run_id`` and a description) and stays as it is when another recipe replaces it. A recipe that ran
+file; tag ``trial_run_id`` and a description); when another recipe replaces it, the stage tags it ``KEPT_TAG``
+and takes the tag off a recipe it restores (``retag_kept``, from ``log_final``). A recipe that ran
 while MLflow was down, or whose run was deleted (in the UI, by ``mlflow gc``), has no run once it is kept aside, and
 the sync's final stage step reads final.parquet only (the current recipes). ``sync_kept`` makes those runs as
 ``log_final`` makes a current recipe's (its epochs from its kept Ray Train checkpoint, ``finetune_history``; none
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
@@ -30,7 +31,7 @@ from .mlflow_sink import MLflowSink
 from .mlflow_stages import _log_final_metrics, _log_model, _recipe_key, _run_name, _trial_run
 from .results import MODELS_DIR
 
-__all__ = ["KEPT_TAG", "KeptSync", "kept_rows", "sync_kept"]
+__all__ = ["KEPT_TAG", "KeptSync", "kept_rows", "retag_kept", "sync_kept"]
 
 KEPT_TAG = "gmpq.kept"      # "true" on the run of a recipe kept aside (not the policy's current fine-tune)
 
@@ -60,6 +61,20 @@ def _tag(sink: MLflowSink, rid: str, kept: bool) -> bool:
     else:
         sink.call("untagging a restored fine-tune run", sink.client.delete_tag, rid, KEPT_TAG)
     return True
+
+
+def retag_kept(sink: MLflowSink, kept: Iterable[Mapping[str, Any]], current: Iterable[Mapping[str, Any]]) -> int:
+    """``KEPT_TAG`` on the fine-tune runs of the final.parquet rows ``kept`` (recipes kept aside), off those of
+    ``current`` (a policy's current recipe: one restored); how many runs changed. A row without a run is left alone
+    (``sync_kept`` makes a kept recipe's). No rows: no MLflow call. Saves the run ids it found by their tags."""
+    known, changed = dict(sink.runs["finetune"]), 0
+    for rows, flag in ((kept, True), (current, False)):
+        for row in rows:
+            rid = finetune_run(sink, row)
+            changed += rid is not None and _tag(sink, rid, flag)
+    if sink.runs["finetune"] != known:
+        sink._save_ids()
+    return changed
 
 
 def _make(sink: MLflowSink, sweep_dir: Path, storage: Any, kept: KeptFinetune, row: Mapping[str, Any]) -> str | None:
@@ -98,9 +113,7 @@ def sync_kept(sink: MLflowSink, cfg: Mapping[str, Any], sweep_dir: Path, final_d
             made += _make(sink, sweep_dir, storage, kept, row) is not None
         else:
             tagged += _tag(sink, rid, True)
-    for row in current.values():
-        rid = finetune_run(sink, row)
-        tagged += rid is not None and _tag(sink, rid, False)
+    tagged += retag_kept(sink, (), current.values())
     if sink.runs["finetune"] != known:
         sink._save_ids()
     return KeptSync(made, tagged)

@@ -267,7 +267,7 @@ def test_after_ctrl_c_a_policy_being_recorded_is_logged_with_its_row_or_left_for
 
     seen: dict = {}
 
-    def log_final(tracking_uri, sweep_dir, final_df, *, histories=None, png_path=None, fresh=None):
+    def log_final(tracking_uri, sweep_dir, final_df, *, histories=None, png_path=None, fresh=None, **_kept):
         seen.update(logged=sorted(final_df["trial_id"]), fresh=set(fresh or ()), histories=set(histories or {}))
         go_on.set()
         return True

@@ -124,3 +124,31 @@ def test_a_kept_recipes_run_made_by_the_sync_gets_the_epochs_its_kept_ray_train_
     assert got["train_loss"] == [(1, 1.25)] and got["train_top1"] == [(1, 33.0)]
     assert got["final_top1"] == [(1, row["final_top1"])]               # the epoch's and the row's: one point
     assert not sync_mlflow(sweep).changed and _points(client, rid) == got
+
+
+def test_the_live_final_stage_tags_the_recipe_it_sets_aside_and_untags_the_one_it_restores(tmp_path, monkeypatch):
+    """``gmpq finetune --sweep`` with recipe A, then B (A kept aside: its run tagged ``gmpq.kept``, B's not), then A
+    again (restored, no retraining: A's run untagged, B's tagged): the runs say it as the stage moves the recipes, so
+    the sync that follows has nothing to change. A stage that keeps nothing aside makes no call for the tag."""
+    from orchestrator.sync import sync_mlflow
+
+    sweep, client = _two_recipes(tmp_path, monkeypatch, "sweep", a_down=False)
+    runs = {d: r.info.run_id for d, r in _runs(client, sweep).items()}
+    b = _trial_link(client, sweep)
+    ((digest_a, a),) = [(d, r) for d, r in runs.items() if r != b]
+    assert client.get_run(a).data.tags.get("gmpq.kept") == "true"
+    assert "gmpq.kept" not in client.get_run(b).data.tags
+
+    _stage(monkeypatch, tmp_path, []).finetune_selected(sweep, epochs=1, workers=1, **A)   # A comes back
+    assert {d: r.info.run_id for d, r in _runs(client, sweep).items()} == runs            # no new run
+    assert _trial_link(client, sweep) == a and (sweep / "models" / "kept" / f"t1.{digest_a}.json").exists() is False
+    assert "gmpq.kept" not in client.get_run(a).data.tags
+    assert client.get_run(b).data.tags.get("gmpq.kept") == "true"
+
+    rep = sync_mlflow(sweep)
+    assert rep.kept_runs_made == rep.kept_runs_tagged == 0 and not rep.changed
+
+    def no_call(*_args, **_kwargs):
+        raise AssertionError("gmpq.kept looked at though no recipe was kept aside or restored")
+    monkeypatch.setattr("orchestrator.sync_kept.retag_kept", no_call)
+    _stage(monkeypatch, tmp_path, []).finetune_selected(sweep, epochs=1, workers=1, **A)   # done: nothing moves
