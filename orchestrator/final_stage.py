@@ -9,35 +9,36 @@ policies already fine-tuned with the same recipe and epochs, and runs the rest w
 (``max_concurrent`` caps it; ``orchestrator.side_by_side``). After each policy: its ``final.parquet`` row and model file
 (``final_results``); at the end ``final.png`` and the MLflow child runs. A policy that fails does not
 lose the others' results: they are written, plotted and logged before the error is raised.
+The policies' jobs are built in ``final_jobs``, the cluster's room for them is counted in ``final_devices``, the
+progress lines come from ``final_progress``; their names are importable from here too.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import threading
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import pandas as pd
 
-from gmpq_core.errors import CheckpointError, ConfigError
-from gmpq_core.fileio import read_json
-
+from .final_devices import (AUTO_MIN_IMAGES_PER_WORKER, _at_once_text, _ray_devices, auto_workers,  # noqa: F401
+                            check_final_workers, final_slots)
+from .final_jobs import _given, final_job, target_fp_checkpoint
+from .final_progress import _ProgressWatcher
 from .final_results import (check_not_shorter, export_saved_final, final_model_path, finetune_progress_dir,
                             finetune_storage, local_storage, read_final, record_final_run, recorded_recipe,
                             refuse_beside_other_finetune, write_final)
 from .kept_finetunes import (clear_started, keep_unfinished, mark_started, park_leftovers, restore_kept,
                              restore_unfinished, set_aside)
-from .moved_sweep import usable_cache_dir
 from .cluster_watch import lost_after_s, watching_cluster
 from .ray_env import ray_session
 from .recipes import recipe_changes, recipe_precision, same_recipe
 from .results import FINAL_FILE, load_resolved_config
-from .side_by_side import run_side_by_side, side_by_side_slots
+from .side_by_side import run_side_by_side
 from .sweep_join import say_recorded_sweep_join
 from .sweep_lost import final_lost_handler
-from .train_stage import RECIPE_DEFAULTS, STATE_FILE, FinalJob, run_final_job
+from .train_stage import STATE_FILE, FinalJob, run_final_job
 
 __all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint", "check_final_workers", "final_slots", "auto_workers",
            "read_final"]
@@ -45,151 +46,6 @@ __all__ = ["FINAL_PNG", "finetune_selected", "final_job", "target_fp_checkpoint"
 log = logging.getLogger(__name__)
 
 FINAL_PNG = "final.png"
-
-
-class _ProgressWatcher:
-    """Driver thread printing the rank-0 progress file while ``trainer.fit()`` blocks (every ``every_s``); what
-    an earlier run left in the file (there when this watcher started) is not this run's progress: the file is
-    removed as the watcher starts, and its content is not printed if it shows up again (compared by content,
-    not by clock: rank 0 may run on another node)."""
-
-    def __init__(self, path: Path, say: Callable[[str], None], prefix: str, epochs: int, every_s: float = 20.0):
-        self.path, self.say, self.prefix, self.epochs, self.every_s = path, say, prefix, epochs, every_s
-        try:
-            self.stale = read_json(path)
-        except (CheckpointError, OSError):
-            self.stale = None
-        path.unlink(missing_ok=True)   # nor does gmpq status show it while this run starts (rank 0 writes anew)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="finetune-progress", daemon=True)
-
-    def _run(self) -> None:
-        seen = None
-        while not self._stop.wait(self.every_s):
-            try:
-                p = read_json(self.path)
-            except CheckpointError:
-                continue
-            key = (p.get("epoch"), p.get("step"))
-            if key != seen and p != self.stale:
-                seen = key
-                self.say(f"{self.prefix} epoch {p['epoch']}/{self.epochs}: step {p['step']}/{p['steps']}")
-
-    def __enter__(self) -> "_ProgressWatcher":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-def target_fp_checkpoint(sweep_dir: str | Path, *, say: Callable[[str], None] | None = None) -> Path:
-    """The sweep's FP target model (``shared.json`` written by the sweep); trained and cached if absent."""
-    sweep_dir = Path(sweep_dir)
-    shared = sweep_dir / "shared.json"
-    if shared.is_file():
-        path = Path(read_json(shared).get("target_model_path", ""))
-        if path.is_file() and path.with_suffix(".json").is_file():
-            return path
-    from gmpq_core.transfer import prepare_target_model
-    from .sweep_config import SweepConfig, saved_before_precision
-
-    cfg = SweepConfig.from_dict(saved_before_precision(load_resolved_config(sweep_dir, missing_ok=False))).resolved()
-    cfg = replace(cfg, cache_dir=usable_cache_dir(cfg.cache_dir, address=cfg.address, say=say))
-    if say:
-        say(f"no FP target model recorded in {shared}: preparing it ({cfg.model} on {cfg.target_dataset}; "
-            f"read from {cfg.cache_dir} if trained before)")
-    return prepare_target_model(model=cfg.model, dataset=cfg.target_dataset, check=cfg.transfer,
-                                cache_dir=cfg.cache_dir, data_root=cfg.data_root, image_size=cfg.image_size,
-                                small_input=cfg.small_input, precision=cfg.precision).path
-
-
-def final_slots(n_jobs: int, workers: int, use_gpu: bool, cap: int | None) -> int:
-    """How many fine-tunes of ``workers`` workers the Ray cluster holds at once (a Ray Train worker takes
-    1 CPU, or 1 GPU and no CPU with ``use_gpu``), at most ``cap``, at least 1."""
-    import ray
-    res = ray.cluster_resources()
-    return side_by_side_slots(n_jobs, workers, int(res.get("GPU" if use_gpu else "CPU", 0)), cap)
-
-
-AUTO_MIN_IMAGES_PER_WORKER = 16       # workers: auto never splits a global batch finer (BatchNorm per worker)
-
-
-def auto_workers(n_jobs: int, use_gpu: bool, cap: int | None, batch_size: int) -> int:
-    """``finetune.workers: auto``: the cluster's GPUs (CPUs without ``use_gpu``) divided by the policies that
-    run at once (all of them, at most ``cap``), at least 1, and at most ``batch_size // 16`` (each worker
-    gets ``batch_size // workers`` images per step)."""
-    import ray
-    devices = int(ray.cluster_resources().get("GPU" if use_gpu else "CPU", 0))
-    at_once = max(1, min(int(n_jobs), int(cap) if cap is not None else int(n_jobs)))
-    return max(1, min(devices // at_once, int(batch_size) // AUTO_MIN_IMAGES_PER_WORKER))
-
-
-def check_final_workers(workers: int) -> None:
-    """Before a sweep that ends with the final stage (``gmpq run``): its workers fit the running Ray cluster
-    (a ConfigError naming ``--workers`` now, not after the sweep)."""
-    _ray_devices(int(workers), None, lambda _msg: None)
-
-
-def _ray_devices(workers: int, use_gpu: bool | None, say: Callable[[str], None]) -> tuple[int, bool]:
-    import ray
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
-    if use_gpu is None:
-        use_gpu = gpus >= 1
-    if use_gpu and gpus < workers:
-        if gpus < 1:
-            raise ConfigError("use_gpu=True but the Ray cluster has no GPU; drop the GPU request.")
-        say(f"only {gpus} GPU(s) in the Ray cluster: using {gpus} workers instead of {workers}")
-        workers = gpus
-    if not use_gpu and workers > cpus:
-        raise ConfigError(f"workers={workers} needs {workers} CPUs but the Ray cluster has {cpus}; "
-                          f"use --workers {max(cpus, 1)} or fewer.")
-    return workers, use_gpu
-
-
-def _given(stage: dict, value: Any, key: str, default: Any) -> Any:
-    """An explicit value, else the sweep config's ``finetune.<key>``, else ``default``."""
-    return value if value is not None else (stage.get(key) if stage.get(key) is not None else default)
-
-
-def final_job(cfg: dict, row: dict, fp_path: str | Path, *, epochs: int, lr: float | None = None,
-              batch_size: int | None = None, max_steps_per_epoch: int | None = None, train_size: int | None = None,
-              test_size: int | None = None, progress_dir: Path | None = None, precision: str | None = None) -> FinalJob:
-    """The ``FinalJob`` of one selected policy (a pareto.parquet row): the resolved sweep config ``cfg``'s
-    ``finetune`` section and ``precision``, the values given here overriding them; rank 0's progress file in
-    ``progress_dir``."""
-    stage = dict(cfg.get("finetune") or {})
-    given = functools.partial(_given, stage)
-    tid = str(row["trial_id"])
-    return FinalJob(trial_id=tid, policy_json=str(row["policy_json"]), fp_checkpoint=str(fp_path),
-                    dataset=str(cfg.get("target_dataset")), data_root=cfg.get("data_root"),
-                    image_size=cfg.get("image_size"), epochs=epochs, lr=float(given(lr, "lr", RECIPE_DEFAULTS.lr)),
-                    batch_size=int(given(batch_size, "batch_size", RECIPE_DEFAULTS.batch_size)),
-                    distill=bool(stage.get("distill", RECIPE_DEFAULTS.distill)),
-                    nesterov=bool(stage.get("nesterov", RECIPE_DEFAULTS.nesterov)),
-                    seed=int(cfg.get("seed") or 0),
-                    max_steps_per_epoch=given(max_steps_per_epoch, "max_steps_per_epoch", None),
-                    train_size=given(train_size, "train_size", None), test_size=given(test_size, "test_size", None),
-                    precision=str(precision or cfg.get("precision") or "fp32"),  # none saved: an older, float32 sweep
-                    progress_file=str(progress_dir / f"finetune-{tid}.progress.json") if progress_dir else None)
-
-
-def _at_once_text(n: int, slots: int, workers: int, use_gpu: bool, cap: int | None, auto: bool) -> str:
-    """What the stage will run at once, and what limits it."""
-    devices = "GPUs" if use_gpu else "CPUs"
-    if n == 1:                                   # nothing to queue or share with
-        return f"fine-tuning 1 policy on {workers} worker(s)" + (
-            f" (finetune.workers: auto: the cluster's {devices})" if auto else "")
-    how = "one after the other" if slots == 1 else f"{slots} at a time"
-    text = f"fine-tuning {n} policies {how}, {workers} worker(s) each"
-    if auto:
-        text += f" (finetune.workers: auto: the cluster's {devices} shared by the policies at once)"
-    if slots < n:
-        text += (f"; max_concurrent {cap} caps it" if cap is not None and slots == cap
-                 else f"; the cluster's {devices} hold {slots} at a time with {workers} worker(s) each")
-    return text
 
 
 def _one_line_at_a_time(say: Callable[[str], None]) -> Callable[[str], None]:

@@ -14,25 +14,23 @@ on every completed trial's run; a selected one's ``selection_reason``) and, once
 it back. A fine-tune run's per-epoch test figures are final.parquet's ``final_top1`` / ``final_top5`` /
 ``final_loss`` (``mlflow_keys.finetune_epoch_metrics``). Both stages rewrite the runs' descriptions
 (``mlflow_links``).
+The Pareto front's logging lives in ``mlflow_pareto``, the fine-tune runs' keys, names and set-aside runs in
+``mlflow_finetune_runs`` (both importable from here too).
 """
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Collection, Mapping
 
 import pandas as pd
 
-from gmpq_core.errors import CheckpointError
-
-from .kept_finetunes import recipe_digest
+from .mlflow_finetune_runs import (_adopt_older_run, _older_key, _recipe_key, _restart_name, _run_name,  # noqa: F401
+                                   _set_aside)
 from .mlflow_keys import SET_ASIDE_TAG, _numeric, finetune_epoch_metrics
 from .mlflow_links import link_finetune, note_sweep, note_trial, tag_trial
+from .mlflow_pareto import PARETO_TABLE, _pareto_tags, _reasons, _replace_table, _trial_run, log_pareto  # noqa: F401
 from .mlflow_sink import MLflowSink, flatten_config
-from .pareto import POLICIES_PNG
-from .results import LAYERS_FILE, TRIALS_FILE
 
 __all__ = ["log_pareto", "log_final", "stage_tags", "STAGE_TAG_PREFIX", "PARETO_TABLE"]
 
@@ -40,89 +38,6 @@ log = logging.getLogger(__name__)
 
 STAGE_TAG_PREFIX = "last_finetune."      # the parent's tags of the final stage's settings (``stage_tags``)
 OLD_STAGE_TAG_PREFIX = "finetune."       # what earlier versions named them (as the sweep config's params)
-PARETO_TABLE = "pareto/pareto_table.json"   # the parent run's Pareto table (mlflow.load_table), the front as it is now
-
-
-def log_pareto(tracking_uri: str | None, sweep_dir: str | Path, pareto_df: pd.DataFrame,
-               png_path: str | Path | None) -> bool:
-    """Add the Pareto table (JSON table + Parquet), the plots (``png_path``, and ``policies.png`` when the sweep
-    folder has it) and trials/layers Parquet to the parent run.
-
-    Every completed trial's child run gets tag ``pareto`` (``_pareto_tags``): ``selected``, ``front`` or
-    ``dominated``. Returns False when MLflow could not be written (after one warning).
-    """
-    sink = MLflowSink(tracking_uri, sweep_dir)
-    if not sink.connect():
-        return False
-    c, pid, d = sink.client, sink.parent_run_id, Path(sweep_dir)
-    table = pareto_df.drop(columns=[x for x in ("policy_json", "layers_json") if x in pareto_df])
-    _replace_table(sink, pid, table, PARETO_TABLE)
-    for f in [d / "pareto.parquet", png_path, d / POLICIES_PNG, d / TRIALS_FILE, d / LAYERS_FILE]:
-        if f is not None and Path(f).is_file():
-            sink.call(f"logging {Path(f).name}", c.log_artifact, pid, str(f), "results")
-    sizes = {"pareto_size": len(pareto_df),
-             "n_selected": int(pareto_df["selected"].sum()) if "selected" in pareto_df else 0}
-    held = sink.call("reading the parent run", lambda: sink.client.get_run(pid).data.metrics) or {}
-    sink.log_metrics(pid, {k: v for k, v in sizes.items() if held.get(k) != v})     # (a rerun: no point again)
-    reasons = _reasons(pareto_df)
-    for tid, tag in _pareto_tags(d, pareto_df).items():
-        tag_trial(sink, _trial_run(sink, tid), tid, tag, reasons.get(tid))
-    note_sweep(sink, d)
-    return sink.enabled
-
-
-def _reasons(pareto_df: pd.DataFrame) -> dict[str, str]:
-    """``trial_id -> selection_reason`` of the selected rows of ``pareto_df``."""
-    rows = pareto_df.to_dict("records")
-    return {str(r["trial_id"]): str(r.get("selection_reason") or "") for r in rows if r.get("selected")}
-
-
-def _replace_table(sink: MLflowSink, rid: str, table: pd.DataFrame, artifact_file: str) -> None:
-    """``table`` as run ``rid``'s table ``artifact_file``, replacing the one there: ``MlflowClient.log_table`` appends
-    to an existing table (each rerun of ``gmpq pareto`` added the front again), so only a first one goes through it
-    (which also marks the file as a table for the UI); later ones overwrite the file, in the format it writes."""
-    folder, name = artifact_file.rsplit("/", 1)
-    have = sink.call("listing the parent run's artifacts",
-                     lambda: {a.path for a in sink.client.list_artifacts(rid, folder)})
-    if have is None or artifact_file not in have:
-        sink.call("logging the Pareto table", sink.client.log_table, rid, table, artifact_file)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        table.to_json(path, orient="split", index=False, date_format="iso")
-        sink.call("logging the Pareto table", sink.client.log_artifact, rid, str(path), folder)
-
-
-def _pareto_tags(sweep_dir: Path, pareto_df: pd.DataFrame) -> dict[str, str]:
-    """``trial_id -> pareto tag``: ``selected`` / ``front`` for the rows of ``pareto_df``, ``dominated`` for the other
-    completed trials of trials.parquet a front row dominates (``pareto``'s rule; a trial that ended after the front
-    was computed, which none dominates, gets none); pruned and failed trials none."""
-    from .pareto import ACC, COST, completed_trials
-    from .results import read_trials
-
-    tags = {str(t): "selected" if s else "front"
-            for t, s in zip(pareto_df.get("trial_id", []), pareto_df.get("selected", [False] * len(pareto_df)))}
-    try:
-        done = completed_trials(read_trials(sweep_dir, missing_ok=True))
-    except CheckpointError as e:         # the front's tags still go on
-        log.warning("no MLflow tag for the dominated trials: %s", e)
-        return tags
-    if done.empty:
-        return tags
-    front = [(float(a), float(b)) for a, b in zip(pareto_df.get(ACC, []), pareto_df.get(COST, []))]
-    for tid, acc, cost in zip(done["trial_id"].astype(str), done[ACC].astype(float), done[COST].astype(float)):
-        if tid not in tags and any(a >= acc and b <= cost and (a > acc or b < cost) for a, b in front):
-            tags[tid] = "dominated"
-    return tags
-
-
-def _trial_run(sink: MLflowSink, tid: str) -> str | None:
-    """The id of trial ``tid``'s run (persisted, else found by its tags; None: it has none)."""
-    rid = sink.runs["trials"].get(tid)
-    if rid:
-        return rid
-    return sink.call("finding a trial's run", sink.find_run,
-                     {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "trial"})
 
 
 def _point_trial_run(sink: MLflowSink, tid: str, finetune_rid: str | None, final_top1) -> bool:
@@ -170,93 +85,6 @@ def backfill_trial_tags(sink: MLflowSink, sweep_dir: str | Path, pareto_df: pd.D
         if link_finetune(sink, frid, _trial_run(sink, tid), row):
             changed.add(f"finetune {frid}")
     return len(changed) + note_sweep(sink, sweep_dir)
-
-
-def _recipe_key(row: Mapping) -> tuple[str, dict, dict]:
-    """(child-run key, tags, recipe) of a final.parquet row: ``<trial_id>:<recipe hash>`` (the trial id alone
-    for a row from before recipes were recorded)."""
-    from .final_results import row_recipe
-
-    tid, text = str(row["trial_id"]), row_recipe(row)
-    if text is None:
-        return tid, {}, {}
-    digest = recipe_digest(text)
-    return f"{tid}:{digest}", {"gmpq.recipe": digest}, json.loads(text)
-
-
-def _older_key(sink: MLflowSink, row: Mapping, key: str, recipe: Mapping, just_trained: bool) -> str | None:
-    """The key an earlier version kept this row's fine-tune run under, when only that key is there: the trial
-    id alone (before recipes; not for a row retrained in this call, which may have other settings), or the
-    recipe without its precision (before the precision was part of it; for a row that continued a checkpoint,
-    which the workers do only in the same precision)."""
-    tid, runs = str(row["trial_id"]), sink.runs["finetune"]
-    if key == tid or key in runs:
-        return None
-    if tid in runs and not just_trained:
-        return tid
-    resumed = row.get("resumed_from_epoch")
-    if "precision" in recipe and resumed is not None and resumed > 0:   # (NaN > 0 is False: unknown)
-        old = f"{tid}:{recipe_digest(json.dumps({k: v for k, v in recipe.items() if k != 'precision'}, sort_keys=True))}"
-        return old if old in runs else None
-    return None
-
-
-def _adopt_older_run(sink: MLflowSink, old: str, key: str, recipe_tag: Mapping[str, str], params: Mapping) -> None:
-    """A fine-tune run kept under an older key (``_older_key``) is this recipe's (the one final.parquet reports),
-    so it gets the recipe's key, tag and the params it lacks rather than a twin."""
-
-    rid = sink.rekey_child("finetune", old, key)
-    for k, v in recipe_tag.items():
-        sink.call("tagging a fine-tune run", sink.client.set_tag, rid, k, v)
-    sink.call("logging a fine-tune's recipe", sink.log_params, rid, flatten_config(dict(params)))
-
-
-def _run_name(sink: MLflowSink, tid: str, recipe: Mapping, digest: str | None) -> str:
-    """The name of a new fine-tune run of policy ``tid``: ``finetune-<tid>`` for its first recipe (the run most
-    searches and the Ray Train folder ``ray_results/finetune-<tid>`` go by, as before recipes had runs of their
-    own) and for another run of that recipe; another recipe's run adds what differs from the first, e.g.
-    ``finetune-t1 (lr=0.05)``, or its hash (tag ``gmpq.recipe``) when that is more than three settings or the
-    first run's recipe is unknown. Only the settings the first run logged are compared (one from before the
-    precision was in recipes has no ``recipe.precision``: that is unknown, not different); when they are all
-    the same but the recipe is not the first's, the settings it did not log are named."""
-
-    plain = f"finetune-{tid}"
-    first = digest and sink.call("finding a policy's first fine-tune run", sink.find_run,
-                                 {"mlflow.parentRunId": sink.parent_run_id, "trial_id": tid, "gmpq.role": "finetune"},
-                                 set_aside=True)
-    if not first:
-        return plain
-    data = sink.call("reading a fine-tune run", lambda: sink.client.get_run(first).data)
-    logged, tags = (dict(data.params), dict(data.tags)) if data is not None else ({}, {})
-    if not any(k.startswith("recipe.") for k in logged):
-        return f"{plain} (recipe {digest})"
-    mine = flatten_config({f"recipe.{k}": v for k, v in recipe.items()})
-    diff = [f"{k.removeprefix('recipe.')}={v}" for k, v in sorted(mine.items()) if k in logged and logged[k] != v]
-    if not diff and tags.get("gmpq.recipe") not in (None, digest):     # differs in what the first did not log
-        diff = [f"{k.removeprefix('recipe.')}={v}" for k, v in sorted(mine.items()) if k not in logged]
-    if not diff:
-        return plain
-    return f"{plain} ({', '.join(diff)})" if len(diff) <= 3 else f"{plain} (recipe {digest})"
-
-
-def _set_aside(sink: MLflowSink, key: str, tags: Mapping[str, str]) -> str | None:
-    """A fine-tune trained afresh in a recipe that has a run: that run (persisted, else found by ``tags`` when the
-    id file lost it) is kept, with its history, under ``<key>#<its id>``, so the new one gets a run of its own
-    rather than its epochs logged again into the old series; returns the old run's id (None: there is none)."""
-    runs = sink.runs["finetune"]
-    rid = runs[key] if sink.has_child_run("finetune", key) else None      # (a deleted run is no history to keep)
-    if rid is None and "gmpq.recipe" in tags:
-        rid = sink.call("finding a fine-tune run", sink.find_run, tags, exclude=set(runs.values()))
-        if rid is not None:
-            runs[key] = rid
-    return sink.rekey_child("finetune", key, f"{key}#{rid[:8]}") if rid is not None else None
-
-
-def _restart_name(sink: MLflowSink, key: str, name: str) -> str:
-    """``name`` of a run that restarts its recipe from scratch, with how many runs of it came before:
-    ``finetune-t1 (restart 1)``, ``finetune-t1 (lr=0.05, restart 2)``."""
-    n = sum(k.startswith(f"{key}#") for k in sink.runs["finetune"])
-    return f"{name[:-1]}, restart {n})" if name.endswith(")") else f"{name} (restart {n})"
 
 
 def stage_tags(final_df: pd.DataFrame) -> dict[str, str]:

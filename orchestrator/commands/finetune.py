@@ -16,7 +16,8 @@ run (one without the other is not trusted); the sweep's FP target model, for a p
 the model options and the dataset; else trained first (``--fp-epochs``) and kept as ``DIR/fp.pt``.
 
 The resume checks of this folder's checkpoint live in ``_finetune_resume``, the checks of the options, the policy
-and the FP model's dataset in ``_finetune_checks``. The single-policy logic lives in
+and the FP model's dataset in ``_finetune_checks``, the single-policy options in ``_finetune_args``, the result
+files' names, notes and summary record in ``_finetune_notes``. The single-policy logic lives in
 ``run_single_finetune(args)`` so that other modes (a Ray Train
 sweep over many policies) can extend the parser and dispatch from ``run``.
 """
@@ -33,27 +34,23 @@ from gmpq_core.errors import ConfigError, GMPQError
 from gmpq_core.fileio import atomic_write_json
 from gmpq_core.precision import resolve_precision
 
-from ..common_args import (ModelOptions, add_data_args, add_model_args, add_policy_args, add_run_args, naming_flags,
-                           build_seeded_model, check_out_arg, check_policy_fits, dataset_source, policy_meta,
-                           resolve_device, resolve_model_options, uniform_policy)
+from ..common_args import (ModelOptions, build_seeded_model, check_out_arg, check_policy_fits, dataset_source,
+                           naming_flags, policy_meta, resolve_device, resolve_model_options, uniform_policy)
 from ..progress import ProgressReporter, make_progress
-from ._finetune_checks import _DISTILL_DEFAULTS, _check_fp_dataset, _check_single_args, _policy_from_args
+from ._finetune_checks import _check_fp_dataset, _check_single_args, _policy_from_args
 from ._finetune_fp import FPSource, data_root_default, pick_fp_source
 from ._finetune_resume import CHECKPOINTS, check_resume_fp, check_resume_run, checkpoint_run_info
 from ._finetune_sweep import add_sweep_args, add_target_arg, resolve_target, run_sweep_finetune
-from .train_fp import FP_RESULT, FP_WEIGHTS, fp_result_beside, load_data, load_fp_model, loaders, train_fp_stage
-from . import at_least
+from .train_fp import FP_RESULT, FP_WEIGHTS, load_data, load_fp_model, loaders, train_fp_stage
+from ._finetune_args import (_FP_DEFAULTS, SINGLE_DEFAULTS, SWEEP_MODE_OPTIONS,  # noqa: F401 (re-exported)
+                             WITH_SWEEP, _single_mode_options_given, add_single_args)
+from ._finetune_notes import (POLICY, QUANTIZED_WEIGHTS, RESULT, _recipe_note, _resume_note,  # noqa: F401 (re-exported)
+                              finetune_summary)
 
 if TYPE_CHECKING:       # torch and what imports it load where they are used: the parser (the help) stays quick
     from torch import nn
 
-    from gmpq_core.finetune import FinetuneConfig, FinetuneResult
-    from gmpq_core.policy import BitPolicy
-
 log = logging.getLogger(__name__)
-
-QUANTIZED_WEIGHTS, RESULT, POLICY = "quantized.pt", "finetune_result.json", "policy.json"
-_FP_DEFAULTS = {"fp_epochs": 2, "fp_lr": 0.1}                            # the parser's; used only when FP is trained
 
 
 # FinetuneConfig keys a flag of the same name (dashes for underscores) sets: its errors name the flag
@@ -70,61 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_sweep_args(p)
     add_target_arg(p)
     p.set_defaults(func=run, batch_size=None, precision=None)  # None: SINGLE_DEFAULTS, or the sweep config's (--sweep)
-
-
-# where gmpq finetune --sweep takes a value left unset: its help says it after the single-policy default
-WITH_SWEEP = "; with --sweep: the sweep config's"
-
-
-def add_single_args(p: argparse.ArgumentParser) -> None:
-    """The options of a single-policy fine-tune (shared with other fine-tune modes)."""
-    add_policy_args(p)
-    add_model_args(p, default_model="resnet20")
-    add_data_args(p, or_else=WITH_SWEEP)
-    g = p.add_argument_group("FP model")
-    g.add_argument("--fp-checkpoint", default=None, metavar="FILE",
-                   help="FP state dict (fp.pt from 'gmpq train-fp'); without it: DIR/fp.pt of an earlier run, "
-                        "else the sweep's FP target model for a policy exported by a sweep, else trained first")
-    g.add_argument("--fp-epochs", type=int, action=at_least(1), default=_FP_DEFAULTS["fp_epochs"], metavar="E",
-                   help="epochs of the FP training, when it is trained here (default 2); that training uses the "
-                        "fine-tune's --train-size, --test-size, --batch-size and --max-steps-per-epoch too")
-    g.add_argument("--fp-lr", type=float, default=_FP_DEFAULTS["fp_lr"], metavar="LR",
-                   help="peak learning rate of that FP training (default 0.1)")
-    g = p.add_argument_group("fine-tune")
-    g.add_argument("--train-size", type=int, action=at_least(1), default=None, metavar="N",
-                   help=f"fine-tune on a stratified subset of N training images (default: the whole split{WITH_SWEEP})")
-    g.add_argument("--epochs", type=int, action=at_least(1), default=None, metavar="E",
-                   help=f"fine-tune epochs (default 1{WITH_SWEEP})")
-    g.add_argument("--lr", type=float, default=None, metavar="LR",
-                   help=f"peak learning rate (default 0.01{WITH_SWEEP})")
-    g.add_argument("--weight-decay", type=float, default=4e-5, metavar="WD", help="weight decay (default 4e-5)")
-    g.add_argument("--distill", action="store_true", help="distil from the FP model (KL at temperature T + CE)")
-    g.add_argument("--distill-alpha", type=float, default=_DISTILL_DEFAULTS["distill_alpha"], metavar="ALPHA",
-                   help="weight of the distillation term, with --distill (default 0.5)")
-    g.add_argument("--distill-temperature", type=float, default=_DISTILL_DEFAULTS["distill_temperature"],
-                   metavar="T", help="distillation temperature, with --distill (default 4)")
-    g.add_argument("--include-stem", action="store_true", help="quantize the stem too (8 bits unless in the policy)")
-    g.add_argument("--include-classifier", action="store_true",
-                   help="quantize the classifier too (8 bits unless in the policy)")
-    g.add_argument("--max-steps-per-epoch", type=int, action=at_least(1), default=None, metavar="N",
-                   help=f"cap every epoch at N batches (quick checks; default: no cap{WITH_SWEEP})")
-    add_run_args(p, default_out="runs/finetune", or_else=WITH_SWEEP)
-
-
-SINGLE_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 128, "precision": "auto"}
-
-
-SWEEP_MODE_OPTIONS = {"epochs", "lr", "batch_size", "train_size", "test_size", "max_steps_per_epoch",   # both modes
-                      "precision"}
-
-
-def _single_mode_options_given(args: argparse.Namespace) -> list[str]:
-    """The single-policy options set on this command line (``--sweep`` mode does not use them)."""
-    p = argparse.ArgumentParser()
-    add_single_args(p)
-    defaults = vars(p.parse_args([]))
-    return ["--" + k.replace("_", "-") for k, v in sorted(vars(args).items())
-            if k in defaults and k not in SWEEP_MODE_OPTIONS and v != defaults[k]]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,44 +132,6 @@ def _fp_model(args: argparse.Namespace, out: Path, opts: ModelOptions, data,
     model, _ = train_fp_stage(args, out=out, opts=opts, data=data, epochs=args.fp_epochs, lr=args.fp_lr,
                               max_steps_per_epoch=args.max_steps_per_epoch)
     return model, str(out / FP_WEIGHTS), None
-
-
-def _recipe_note(args: argparse.Namespace, kept: Path) -> str:
-    """" (trained with --fp-epochs 2 --fp-lr 0.1; ...)" when this command line asks for another FP recipe than the
-    kept model's (it is not retrained), else ""."""
-    config = fp_result_beside(kept).get("config") or {}
-    was = {"fp_epochs": config.get("epochs"), "fp_lr": config.get("lr")}
-    if all(was[k] is None or was[k] == getattr(args, k) for k in was):
-        return ""
-    return (f" (trained with --fp-epochs {was['fp_epochs']} --fp-lr {was['fp_lr']}; the --fp-epochs "
-            f"{args.fp_epochs} --fp-lr {args.fp_lr} given now apply only when it is trained: pass another --out to "
-            "train it with them)")
-
-
-def _resume_note(out: Path, resume: dict | None, epochs: int) -> str | None:
-    """What this run does with the fine-tune checkpoint it resumes from (None: there is none)."""
-    from gmpq_core.finetune import CHECKPOINT_NAME, resume_epochs
-
-    if resume is None:
-        return None
-    done, was = resume_epochs(resume)
-    path = out / CHECKPOINTS / CHECKPOINT_NAME
-    if epochs > was:
-        return (f"continuing from epoch {done} to {epochs}: the fine-tune in {path} was run with --epochs {was}; its "
-                f"cosine schedule is stretched to {epochs} epochs (as gmpq finetune --sweep does), and "
-                f"{QUANTIZED_WEIGHTS} and {RESULT} are replaced by the {epochs}-epoch result")
-    if done == epochs < was:     # interrupted after exactly --epochs: kept as it is
-        return (f"nothing left to train: the fine-tune in {path} was started with --epochs {was} and has done {done} "
-                f"epoch(s), as many as --epochs {epochs}; writing {QUANTIZED_WEIGHTS} and {RESULT} from it as it is "
-                f"(its weights are those of epoch {done} of the {was}-epoch cosine schedule); --epochs {done + 1} or "
-                f"more continue it (--epochs {was} finishes it as started)")
-    if epochs < was:         # (done < epochs: more done is refused by check_resume_run)
-        return (f"continuing from epoch {done} to {epochs}: the fine-tune in {path} was started with --epochs {was}; "
-                f"its cosine schedule is shortened to {epochs} epochs (as gmpq finetune --sweep does)")
-    if done < epochs:
-        return f"resuming the fine-tune in {path} after epoch {done} of {epochs}"
-    return (f"already fine-tuned for {epochs} epoch(s) ({path}): evaluating it again and rewriting its result files "
-            "(more --epochs continue it)")
 
 
 def run_single_finetune(args: argparse.Namespace) -> int:
@@ -372,21 +276,3 @@ def _run_single_finetune(args: argparse.Namespace, state: dict) -> int:
     print(f"wrote {out / QUANTIZED_WEIGHTS}, {out / POLICY} and {out / RESULT}", file=sys.stderr)
     return 0
 
-
-def finetune_summary(result: FinetuneResult, policy: BitPolicy, opts: ModelOptions, fp_eval: dict, *,
-                     config: FinetuneConfig, dataset: str, policy_source: str, fp_source: str,
-                     train_size: int, test_size: int) -> dict:
-    """The JSON-able record of one fine-tune (no tensors)."""
-    avg_w, avg_a = policy.average_bits()
-    bitops = result.bitops.to_dict()
-    return {"top1": result.top1, "top5": result.top5, "fp_top1": fp_eval["top1"], "fp_top5": fp_eval["top5"],
-            "top1_drop": fp_eval["top1"] - result.top1, "epochs_run": result.epochs_run,
-            "resumed_from_epoch": result.resumed_from_epoch,
-            "seconds": result.seconds,
-            "bitops": {k: bitops[k] for k in ("macs", "bitops_quantized", "bitops_total", "gbitops_quantized",
-                                              "gbitops_total")},
-            "policy": {"name": policy_source, "n_layers": len(policy.layers), "avg_w_bits": avg_w,
-                       "avg_a_bits": avg_a, "fingerprint": policy.fingerprint, "meta": dict(policy.meta)},
-            "layers": bitops["layers"], **opts.to_dict(), "dataset": dataset, "fp_checkpoint": fp_source,
-            "train_size": train_size, "test_size": test_size, "config": config.to_dict(),
-            "history": result.history}
