@@ -80,8 +80,8 @@ def test_gmpq_run_interrupted_in_its_final_stage_says_so_and_removes_its_driver_
 
     import pandas as pd
 
-    from orchestrator import ray_env, sweep
-    from orchestrator.commands import _finetune_sweep, pareto
+    from orchestrator import final_stage, ray_env, sweep  # noqa: F401 (final_stage binds ray_session as it is
+    from orchestrator.commands import _finetune_sweep, pareto  # imported: before the patch, or the fake stays)
 
     out = tmp_path / "run"
     summary = types.SimpleNamespace(rows=[], n_completed=2, n_pruned=0, n_failed=0, wall_seconds=1.0,
