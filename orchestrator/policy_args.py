@@ -92,11 +92,15 @@ def contradicted_meta(meta: Mapping[str, Any], opts: ModelOptions, args: argpars
     value the policy's ``meta`` records otherwise: both values, and that the network built is the flags' (a policy
     fits a network with other classes, say, and was counted or trained on it without a word). Values that came from
     elsewhere are not flags, and not warned about; nor is a flag that says what ``dataset`` (``dataset_source``: the
-    target a policy is deployed on, whose classes may differ from the proxy's) has anyway."""
+    target a policy is deployed on, whose classes may differ from the proxy's) has anyway. Without ``dataset``, a
+    policy whose meta names a ``target_dataset`` other than its ``dataset`` is meant for a network of that target's
+    shape, which the meta does not record: only --model is compared (``gmpq bitops --in-channels 3 --input-size 32``
+    counts a Fashion-MNIST policy on its CIFAR-10 target)."""
     if args is None:
         return []
     out = []
-    for key in ("model", "in_channels", "num_classes", "input_size"):
+    elsewhere = dataset is None and meta.get("target_dataset") not in (None, meta.get("dataset"))
+    for key in ("model",) if elsewhere else ("model", "in_channels", "num_classes", "input_size"):
         flag, value = "--" + key.replace("_", "-"), getattr(opts, key)
         if getattr(args, key, None) is None or meta.get(key) is None or meta[key] == value \
                 or (dataset or {}).get(key) == value:

@@ -93,3 +93,68 @@ def test_the_folder_is_fsynced_after_the_rename(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     atomic_write_text(tmp_path / "a.txt", "x")
     assert synced == [False, True]                  # the temp file, then the folder holding the new name
+
+
+# a writer that stops inside its write and finishes it when told (a line on stdin): it exits 0 once its rename is done
+_PAUSED_WRITER = """
+import sys
+from gmpq_core.fileio import atomic_write
+def write(f):
+    f.write(b'{"from": "the other namespace"}')
+    f.flush()
+    print("writing", flush=True)
+    sys.stdin.readline()
+atomic_write(sys.argv[1], write)
+"""
+
+
+def _pid_free_here(start: int = 30_000) -> int:
+    """A pid no process of this namespace has (the one a writer in another pid namespace will get)."""
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for pid in range(min(start, pid_max - 100), pid_max):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except OSError:
+            continue
+    pytest.skip("no free pid found")
+
+
+def test_a_live_writer_in_another_pid_namespace_of_this_host_keeps_its_temp_file(tmp_path):
+    # containers on one machine (host networking) share its name, not its pids: the writer's pid names no process
+    # here, yet it runs; its temp file was removed by this write, and its rename then failed
+    if not (Path("/proc/sys/kernel/ns_last_pid").exists() and Path("/usr/bin/unshare").exists()):
+        pytest.skip("needs Linux pid namespaces and unshare")
+    probe = subprocess.run(["unshare", "-Urpf", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"unprivileged pid namespaces are not allowed here: {probe.stderr.decode().strip()}")
+    target, pid = tmp_path / "trials.json", _pid_free_here()
+    atomic_write_text(target, '{"v": 1}\n')
+    start = f'echo {pid - 1} > /proc/sys/kernel/ns_last_pid && "$0" -c "$1" "$2"; exit $?'
+    writer = subprocess.Popen(["unshare", "-Urpf", "--mount-proc", "sh", "-c", start, sys.executable, _PAUSED_WRITER,
+                               str(target)], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        theirs = _temps(tmp_path, "trials.json")
+        assert len(theirs) == 1 and f"-{pid}." in theirs[0]              # its pid: none of this namespace's
+        atomic_write_text(target, '{"v": 2}\n')
+        assert _temps(tmp_path, "trials.json") == theirs                  # a live writer's temp file is kept
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.wait(30) == 0                                         # its rename succeeds
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(30)
+    assert read_json(target) == {"from": "the other namespace"} and _temps(tmp_path, "trials.json") == []
+
+
+def test_a_temp_name_whose_pid_no_process_can_have_is_left_alone_and_the_write_succeeds(tmp_path):
+    from gmpq_core.temp_files import temp_prefix
+
+    target = tmp_path / "t.json"
+    odd = tmp_path / f"{temp_prefix(target).rsplit('-', 1)[0]}-99999999999999999999.abcd1234.tmp"
+    odd.write_text("x")
+    atomic_write_text(target, "{}\n")                       # os.kill of that number raised OverflowError
+    assert odd.exists() and read_json(target) == {}

@@ -92,3 +92,11 @@ def test_a_flag_that_says_what_the_target_dataset_has_is_no_contradiction():
     args = Namespace(model=None, in_channels=None, num_classes=100, input_size=None)
     assert contradicted_meta(META, opts, args, {"num_classes": 100, "in_channels": 1, "input_size": 28}) == []
     assert len(contradicted_meta(META, opts, args)) == 1 and contradicted_meta(META, opts, None) == []
+
+
+def test_a_policy_counted_on_the_target_dataset_its_meta_names_is_no_contradiction(tmp_path, capsys):
+    # searched on Fashion-MNIST for CIFAR-10 (gmpq search --target-dataset cifar10): counted there, 3 channels, 32 px
+    path = _policy(tmp_path / "p.json", lambda d: d["meta"].update(dataset="fashion_mnist", target_dataset="cifar10"))
+    assert main(["bitops", "--policy", path, "--json", "--in-channels", "3", "--input-size", "32"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["in_channels"] == 3 and "warning" not in err
