@@ -26,6 +26,16 @@ class _MixedMixin:
     """State and maths shared by the mixed conv and linear layers (see the module docstring)."""
     weight: Tensor
 
+    def _take_float_(self, src: nn.Module, candidates: BitCandidates, clip_init: float):
+        """This layer with ``src``'s weight and bias (a ``skip_init`` one of the same shape) and the mixture's
+        parameters (``_init_mixed``); returns it."""
+        with torch.no_grad():
+            self.weight.copy_(src.weight)
+            if src.bias is not None:
+                self.bias.copy_(src.bias)
+        self._init_mixed(candidates, clip_init)
+        return self
+
     def _init_mixed(self, candidates: BitCandidates, clip_init: float = DEFAULT_CLIP) -> None:
         self.w_candidates = tuple(candidates.w_bits)
         self.a_candidates = tuple(candidates.a_bits)
@@ -131,12 +141,7 @@ class MixedConv2d(_MixedMixin, nn.Conv2d):
                                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                                bias=conv.bias is not None, padding_mode=conv.padding_mode,
                                device=conv.weight.device, dtype=conv.weight.dtype)  # no global-RNG init
-        with torch.no_grad():
-            m.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                m.bias.copy_(conv.bias)
-        m._init_mixed(candidates, clip_init)
-        return m
+        return m._take_float_(conv, candidates, clip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         if (not self.conv_node or self.mixture_impl == "reference" or self._calibrating or not torch.is_grad_enabled()
@@ -159,12 +164,7 @@ class MixedLinear(_MixedMixin, nn.Linear):
     def from_float(cls, lin: nn.Linear, candidates: BitCandidates, clip_init: float = DEFAULT_CLIP) -> "MixedLinear":
         m = nn.utils.skip_init(cls, lin.in_features, lin.out_features, bias=lin.bias is not None,
                                device=lin.weight.device, dtype=lin.weight.dtype)  # no global-RNG init
-        with torch.no_grad():
-            m.weight.copy_(lin.weight)
-            if lin.bias is not None:
-                m.bias.copy_(lin.bias)
-        m._init_mixed(candidates, clip_init)
-        return m
+        return m._take_float_(lin, candidates, clip_init)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.mixed_input(x), self.mixed_weight(), self.bias)
