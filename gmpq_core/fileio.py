@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -164,7 +165,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as e:  # torch raises several types for damaged zip/pickle data
         with open(path, "rb") as f:
             head = f.read(64).lstrip()
-        if head.startswith(b"PK\x03\x04") and not _zipfile().is_zipfile(path):
+        if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
             raise CheckpointError(f"Checkpoint '{path}' is truncated or corrupted: its end (the zip directory) is "
                                   f"missing, as after a copy, download or write that did not finish. "
                                   f"{_damaged_fix(path)}") \
@@ -194,12 +195,6 @@ def _damaged_fix(path: Path) -> str:
     return how + "."
 
 
-def _zipfile() -> Any:
-    import zipfile
-
-    return zipfile
-
-
 def _part_reads(z: Any, info: Any) -> bool:
     """Whether the part ``info`` of the open zip ``z`` reads to its end with the CRC-32 recorded for it (zipfile
     checks it at the end; what ``ZipFile.testzip`` does for each part)."""
@@ -207,7 +202,7 @@ def _part_reads(z: Any, info: Any) -> bool:
         with z.open(info) as f:
             while f.read(1 << 20):
                 pass
-    except _zipfile().BadZipFile:
+    except zipfile.BadZipFile:
         return False
     return True
 
@@ -218,7 +213,6 @@ def _check_crc(path: Path) -> None:
     without a word, and the model would predict from damaged weights. A part recorded with CRC 0 is not checked:
     torch.save writes 0 for every part when its checksums are off (``torch.serialization.set_crc32_options(False)``),
     and such a file is as torch wrote it."""
-    zipfile = _zipfile()
     try:
         with zipfile.ZipFile(path) as z:
             bad = next((i.filename for i in z.infolist() if i.CRC and not _part_reads(z, i)), None)
